@@ -1,0 +1,1 @@
+"""Persistence: item store and blob store adapters, backends and the cache."""

@@ -1,0 +1,1 @@
+"""Concrete storage backends."""

@@ -1,0 +1,347 @@
+"""The storage contract every backend implements and every module uses.
+
+Two adapters keep all durable state, so that a node can die or be added
+without losing anything:
+
+* an item store (SimpleDB-like): namespaces of items, each a name plus
+  attributes and a version used for conditional writes;
+* a blob store (S3-like): keys to byte strings with etags.
+
+Backends see a *namespace* string ("<vhost>/<store>", e.g. "localhost/roster")
+on every call; modules never do: they get an ItemStore / BlobStore handle
+bound to their virtual host and store name (see `ItemStore` below), so two
+domains or two deployments sharing one table or bucket cannot collide.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+AttrValue = str | int | bytes
+Attrs = Mapping[str, AttrValue]
+
+
+class StorageError(Exception):
+    """A backend failed; the message names backend, operation and cause."""
+
+    def __init__(self, backend: str, operation: str, cause: str) -> None:
+        super().__init__(f"{backend}: {operation} failed: {cause}")
+        self.backend = backend
+        self.operation = operation
+        self.cause = cause
+
+
+class ConditionFailed(Exception):
+    """A conditional write lost: the item/blob exists, is absent, or has another version.
+
+    Callers doing read-modify-write catch this, re-read and retry.
+    """
+
+
+class TooLarge(Exception):
+    """A value is over the backend's or the configured size limit."""
+
+
+# Limits every backend enforces, so that data accepted by the embedded default
+# also fits DynamoDB (1024-byte sort keys, 400 KB items) and S3 (1024-byte keys,
+# with room left for the namespace prefix). Over a limit: TooLarge.
+MAX_KEY_BYTES = 768  # item names and blob keys, UTF-8
+MAX_ATTR_NAME_BYTES = 255
+MAX_ITEM_BYTES = 256 * 1024  # item name + attribute names + values
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # attribute ints are signed 64-bit
+
+
+def check_key(key: str) -> None:
+    """Reject names/keys no backend can hold the same way (ValueError, TooLarge)."""
+    if not isinstance(key, str) or not key:
+        raise ValueError("item names and blob keys must be non-empty strings")
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise TooLarge(f"key is over {MAX_KEY_BYTES} bytes")
+
+
+def check_item(name: str, attrs: Attrs) -> None:
+    """Validate an item before writing it: same rules on every backend.
+
+    bool is refused (it would read back as int on some backends and as bool on
+    others); ints must fit 64 bits; str, int and bytes stay distinct types."""
+    check_key(name)
+    size = len(name.encode("utf-8"))
+    for key, value in attrs.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError("attribute names must be non-empty strings")
+        key_size = len(key.encode("utf-8"))
+        if key_size > MAX_ATTR_NAME_BYTES:
+            raise ValueError(f"attribute name over {MAX_ATTR_NAME_BYTES} bytes: {key[:40]!r}")
+        if isinstance(value, bool) or not isinstance(value, str | int | bytes):
+            raise ValueError(
+                f"attribute {key!r}: expected str, int or bytes, got {type(value).__name__}"
+            )
+        if isinstance(value, int):
+            if not INT_MIN <= value <= INT_MAX:
+                raise ValueError(f"attribute {key!r}: integer out of 64-bit range")
+            size += key_size + 8
+        elif isinstance(value, str):
+            size += key_size + len(value.encode("utf-8"))
+        else:
+            size += key_size + len(value)
+    if size > MAX_ITEM_BYTES:
+        raise TooLarge(f"item {name[:40]!r} is {size} bytes, over {MAX_ITEM_BYTES}")
+
+
+def check_writes(writes: Sequence[Write]) -> None:
+    """Validate a transaction: each item at most once (as DynamoDB requires)."""
+    seen: set[tuple[str, str]] = set()
+    for write in writes:
+        if isinstance(write, Put):
+            check_item(write.name, write.attrs)
+            check_condition(write.if_absent, write.if_version)
+        else:
+            check_key(write.name)
+        ident = (write.namespace, write.name)
+        if ident in seen:
+            raise ValueError(f"item {write.name!r} appears twice in one transaction")
+        seen.add(ident)
+
+
+def check_query(query: Query) -> None:
+    if query.limit < 1:
+        raise ValueError("query limit must be at least 1")
+    for key, value in query.where.items():
+        if isinstance(value, bool) or not isinstance(value, str | int | bytes):
+            raise ValueError(f"where {key!r}: expected str, int or bytes")
+
+
+def check_condition(if_absent: bool, if_version: int | None) -> None:
+    if if_absent and if_version is not None:
+        raise ValueError("if_absent and if_version exclude each other")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    name: str
+    attrs: dict[str, AttrValue]
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Item]
+    next_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """One write inside `ItemBackend.transact`."""
+
+    namespace: str
+    name: str
+    attrs: Attrs
+    if_absent: bool = False
+    if_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    namespace: str
+    name: str
+    if_version: int | None = None
+
+
+Write = Put | Delete
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    key: str
+    data: bytes
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobPage:
+    keys: list[str]
+    next_token: str | None = None
+
+
+@dataclass(slots=True)
+class Query:
+    """What `ItemBackend.query` selects, in backend-independent terms.
+
+    * `where`: attribute equality, type-sensitive (1 never matches "1").
+    * `prefix`: item names starting with it.
+    * `order_by`: None or "name" sorts by item name (code point order, which is
+      UTF-8 byte order); an attribute name sorts by (value, item name) and
+      leaves out items without that attribute; values of different types sort
+      int < str < bytes. `descending` reverses the whole order.
+    * `limit` (>= 1) caps a page; a page may hold fewer items even when more
+      follow. `next_token` None means nothing follows (a token may still lead
+      to an empty last page).
+    * `page_token` resumes after the last item of the previous page of the same
+      query, even if items were added or removed in between.
+    """
+
+    where: dict[str, AttrValue] = field(default_factory=dict)
+    prefix: str | None = None
+    order_by: str | None = None  # None or "name": by item name; else an attribute
+    descending: bool = False
+    limit: int = 100
+    page_token: str | None = None
+
+
+class ItemBackend(abc.ABC):
+    """A concrete item store (SQLite, DynamoDB, ...). Every method is a coroutine
+    that never blocks the event loop."""
+
+    name: str = "items"
+
+    @abc.abstractmethod
+    async def get(self, namespace: str, name: str) -> Item | None: ...
+
+    @abc.abstractmethod
+    async def put(
+        self,
+        namespace: str,
+        name: str,
+        attrs: Attrs,
+        *,
+        if_absent: bool = False,
+        if_version: int | None = None,
+    ) -> Item:
+        """Write the whole item (attributes replaced), returning it with its new version.
+
+        Raises ConditionFailed when `if_absent` and the item exists, or when
+        `if_version` is given and differs from the stored version (or the item
+        is absent)."""
+
+    @abc.abstractmethod
+    async def delete(self, namespace: str, name: str, *, if_version: int | None = None) -> bool:
+        """True if an item was deleted. ConditionFailed on a version mismatch."""
+
+    @abc.abstractmethod
+    async def query(self, namespace: str, query: Query) -> Page: ...
+
+    async def batch_get(self, namespace: str, names: Sequence[str]) -> dict[str, Item]:
+        found: dict[str, Item] = {}
+        for name in names:
+            item = await self.get(namespace, name)
+            if item is not None:
+                found[name] = item
+        return found
+
+    async def batch_put(self, namespace: str, items: Mapping[str, Attrs]) -> None:
+        for name, attrs in items.items():
+            await self.put(namespace, name, attrs)
+
+    @abc.abstractmethod
+    async def transact(self, writes: Sequence[Write]) -> None:
+        """All writes or none; ConditionFailed if any condition fails."""
+
+    async def close(self) -> None:
+        return None
+
+
+class BlobBackend(abc.ABC):
+    """A concrete blob store (folder, S3, ...)."""
+
+    name: str = "blobs"
+
+    @abc.abstractmethod
+    async def get(self, namespace: str, key: str) -> Blob | None: ...
+
+    @abc.abstractmethod
+    async def put(
+        self,
+        namespace: str,
+        key: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        """Store `data`, returning the new etag. ConditionFailed when
+        `if_none_match` and the key exists, or `if_match` differs."""
+
+    @abc.abstractmethod
+    async def delete(self, namespace: str, key: str, *, if_match: str | None = None) -> bool: ...
+
+    @abc.abstractmethod
+    async def list(
+        self, namespace: str, prefix: str = "", *, limit: int = 1000, page_token: str | None = None
+    ) -> BlobPage: ...
+
+    async def presign(
+        self, namespace: str, key: str, method: Literal["GET", "PUT"], expires: int = 300
+    ) -> str | None:
+        """A URL a client can use directly, or None when the backend has none."""
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class ItemStore:
+    """An item store as a module sees it: bound to one virtual host and store name."""
+
+    __slots__ = ("backend", "namespace")
+
+    def __init__(self, backend: ItemBackend, vhost: str, store: str) -> None:
+        self.backend = backend
+        self.namespace = f"{vhost}/{store}"
+
+    async def get(self, name: str) -> Item | None:
+        return await self.backend.get(self.namespace, name)
+
+    async def put(
+        self, name: str, attrs: Attrs, *, if_absent: bool = False, if_version: int | None = None
+    ) -> Item:
+        return await self.backend.put(
+            self.namespace, name, attrs, if_absent=if_absent, if_version=if_version
+        )
+
+    async def delete(self, name: str, *, if_version: int | None = None) -> bool:
+        return await self.backend.delete(self.namespace, name, if_version=if_version)
+
+    async def query(self, query: Query | None = None, **kwargs: object) -> Page:
+        return await self.backend.query(self.namespace, query or Query(**kwargs))  # type: ignore[arg-type]
+
+    async def batch_get(self, names: Sequence[str]) -> dict[str, Item]:
+        return await self.backend.batch_get(self.namespace, names)
+
+    async def batch_put(self, items: Mapping[str, Attrs]) -> None:
+        await self.backend.batch_put(self.namespace, items)
+
+
+class BlobStore:
+    """A blob store as a module sees it: bound to one virtual host and store name."""
+
+    __slots__ = ("backend", "namespace")
+
+    def __init__(self, backend: BlobBackend, vhost: str, store: str) -> None:
+        self.backend = backend
+        self.namespace = f"{vhost}/{store}"
+
+    async def get(self, key: str) -> Blob | None:
+        return await self.backend.get(self.namespace, key)
+
+    async def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        return await self.backend.put(
+            self.namespace, key, data, if_none_match=if_none_match, if_match=if_match
+        )
+
+    async def delete(self, key: str, *, if_match: str | None = None) -> bool:
+        return await self.backend.delete(self.namespace, key, if_match=if_match)
+
+    async def list(
+        self, prefix: str = "", *, limit: int = 1000, page_token: str | None = None
+    ) -> BlobPage:
+        return await self.backend.list(self.namespace, prefix, limit=limit, page_token=page_token)
+
+    async def presign(
+        self, key: str, method: Literal["GET", "PUT"], expires: int = 300
+    ) -> str | None:
+        return await self.backend.presign(self.namespace, key, method, expires)

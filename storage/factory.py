@@ -1,0 +1,125 @@
+"""Build the configured stores, wrapped in the configured cache.
+
+The cloud backends are imported only when configured, so the embedded
+default starts without touching boto or memcached code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .base import BlobBackend, ItemBackend
+from .cache import Cache, CachedBlobBackend, CachedItemBackend, MemoryCache, NullCache
+from .config import (
+    BlobsConfig,
+    CacheConfig,
+    DynamoDBItemsConfig,
+    FilesBlobsConfig,
+    ItemsConfig,
+    MemcachedCacheConfig,
+    MemoryCacheConfig,
+    NoCacheConfig,
+    S3BlobsConfig,
+    SQLiteItemsConfig,
+    StorageConfig,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Storage:
+    """The item store, blob store and cache of one server process.
+
+    `items` and `blobs` already read through `cache`; modules reach them only
+    through ItemStore / BlobStore handles."""
+
+    def __init__(self, items: ItemBackend, blobs: BlobBackend, cache: Cache) -> None:
+        self.items = items
+        self.blobs = blobs
+        self.cache = cache
+        self._closed = False
+
+    def describe(self) -> list[str]:
+        """One line per part, for the startup log."""
+        return [
+            f"items: {_describe(self.items)}",
+            f"blobs: {_describe(self.blobs)}",
+            f"cache: {self.cache.describe()}",
+        ]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await _close_all([self.items, self.blobs, self.cache])
+
+
+def _describe(backend: ItemBackend | BlobBackend) -> str:
+    inner = getattr(backend, "backend", backend)  # see through the cache wrapper
+    describe = getattr(inner, "describe", None)
+    return describe() if callable(describe) else inner.name
+
+
+async def _close_all(parts: list[ItemBackend | BlobBackend | Cache]) -> None:
+    for part in parts:
+        try:
+            await part.close()
+        except Exception:
+            log.exception("closing %s failed", type(part).__name__)
+
+
+async def _open_items(cfg: ItemsConfig, data_dir: Path) -> ItemBackend:
+    if isinstance(cfg, SQLiteItemsConfig):
+        from .backends.sqlite import SQLiteItemBackend
+
+        return await SQLiteItemBackend.from_config(cfg, data_dir)
+    assert isinstance(cfg, DynamoDBItemsConfig)
+    from .backends.dynamodb import DynamoDBItemBackend
+
+    return await DynamoDBItemBackend.from_config(cfg)
+
+
+async def _open_blobs(cfg: BlobsConfig, data_dir: Path) -> BlobBackend:
+    if isinstance(cfg, FilesBlobsConfig):
+        from .backends.files import FileBlobBackend
+
+        return await FileBlobBackend.from_config(cfg, data_dir)
+    assert isinstance(cfg, S3BlobsConfig)
+    from .backends.s3 import S3BlobBackend
+
+    return await S3BlobBackend.from_config(cfg)
+
+
+async def _open_cache(cfg: CacheConfig) -> Cache:
+    if isinstance(cfg, MemoryCacheConfig):
+        return await MemoryCache.from_config(cfg)
+    if isinstance(cfg, MemcachedCacheConfig):
+        from .memcached import MemcachedCache
+
+        return await MemcachedCache.from_config(cfg)
+    return NullCache()
+
+
+async def open_storage(cfg: StorageConfig, data_dir: Path) -> Storage:
+    """Open every configured part, or none: on a failure the parts already
+    open are closed before the error propagates."""
+    opened: list[ItemBackend | BlobBackend | Cache] = []
+    try:
+        items = await _open_items(cfg.items, data_dir)
+        opened.append(items)
+        blobs = await _open_blobs(cfg.blobs, data_dir)
+        opened.append(blobs)
+        cache = await _open_cache(cfg.cache)
+        opened.append(cache)
+    except BaseException:
+        await _close_all(opened)
+        raise
+    if isinstance(cfg.cache, NoCacheConfig):
+        return Storage(items, blobs, cache)
+    ttl, max_bytes = cfg.cache.ttl, cfg.cache.max_value_bytes
+    return Storage(
+        CachedItemBackend(items, cache, ttl=ttl, max_value_bytes=max_bytes),
+        CachedBlobBackend(blobs, cache, ttl=ttl, max_value_bytes=max_bytes),
+        cache,
+    )

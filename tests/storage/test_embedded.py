@@ -1,0 +1,174 @@
+"""What the embedded backends promise beyond the shared contract: durability,
+several processes on one file or folder, paths that stay inside the root."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from xmppd.storage.backends.files import FileBlobBackend
+from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
+from xmppd.storage.backends.sqlite import SQLiteItemBackend, prefix_upper_bound
+from xmppd.storage.base import ConditionFailed, Item, StorageError
+
+NS = "example.com/accounts"
+
+
+async def test_sqlite_persists_and_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "items.sqlite3"
+    backend = await SQLiteItemBackend.open(path)
+    await backend.put(NS, "alice", {"key": b"\x00salted", "iterations": 4096})
+    await backend.close()
+    await backend.close()  # closing twice is harmless
+    with pytest.raises(StorageError):
+        await backend.get(NS, "alice")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    again = await SQLiteItemBackend.open(path)
+    try:
+        assert await again.get(NS, "alice") == Item(
+            "alice", {"key": b"\x00salted", "iterations": 4096}, 1
+        )
+    finally:
+        await again.close()
+
+
+async def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "items.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version=99")
+    with pytest.raises(StorageError, match="schema version 99"):
+        await SQLiteItemBackend.open(path)
+
+
+async def test_sqlite_two_processes_lose_no_update(tmp_path: Path) -> None:
+    # two backends = two connections on two threads, as two worker processes would have
+    path = tmp_path / "items.sqlite3"
+    one, two = await SQLiteItemBackend.open(path), await SQLiteItemBackend.open(path)
+    try:
+        await one.put(NS, "counter", {"n": 0})
+
+        async def increment(backend: SQLiteItemBackend) -> None:
+            while True:
+                item = await backend.get(NS, "counter")
+                assert item is not None
+                try:
+                    await backend.put(
+                        NS, "counter", {"n": int(item.attrs["n"]) + 1}, if_version=item.version
+                    )
+                    return
+                except ConditionFailed:
+                    await asyncio.sleep(0)
+
+        await asyncio.gather(*(increment(b) for b in [one, two] * 10))
+        final = await two.get(NS, "counter")
+        assert final is not None and final.attrs["n"] == 20
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_sqlite_bad_path_fails_at_open(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError):
+        await SQLiteItemBackend.open(tmp_path / "file" / "items.sqlite3")
+    (tmp_path / "junk.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError):
+        await SQLiteItemBackend.open(tmp_path / "junk.sqlite3")
+
+
+def test_prefix_upper_bound() -> None:
+    assert prefix_upper_bound("ab") == "ac"
+    assert prefix_upper_bound("a\U0010ffff") == "b"
+    assert prefix_upper_bound("\U0010ffff") is None
+    assert prefix_upper_bound("a\ud7ff") == "a\ue000"
+
+
+async def test_files_two_processes_lose_no_update(tmp_path: Path) -> None:
+    # two backends do not share their in-process locks: only the lock file protects
+    one = await FileBlobBackend.open(tmp_path / "blobs")
+    two = await FileBlobBackend.open(tmp_path / "blobs")
+    await one.put(NS, "counter", b"0")
+
+    async def increment(backend: FileBlobBackend) -> None:
+        while True:
+            blob = await backend.get(NS, "counter")
+            assert blob is not None
+            try:
+                value = str(int(blob.data) + 1).encode()
+                await backend.put(NS, "counter", value, if_match=blob.etag)
+                return
+            except ConditionFailed:
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(increment(b) for b in [one, two] * 10))
+    blob = await one.get(NS, "counter")
+    assert blob is not None and blob.data == b"20"
+
+
+async def test_files_stay_inside_root(tmp_path: Path) -> None:
+    root = tmp_path / "inner" / "blobs"
+    backend = await FileBlobBackend.open(root)
+    for key in ["../../escape", "..", "/abs", "a/../../b", "./x", "~/x", "x\\..\\..\\y"]:
+        await backend.put("../" + NS, key, b"x")
+        await backend.put("..", key, b"x")
+    outside = [
+        Path(dirpath) / name
+        for dirpath, _, files in os.walk(tmp_path)
+        for name in files
+        if not Path(dirpath).is_relative_to(root)
+    ]
+    assert outside == []
+
+
+async def test_files_leave_no_temporary_files_or_empty_dirs(tmp_path: Path) -> None:
+    backend = await FileBlobBackend.open(tmp_path)
+    await backend.put(NS, "alice@example.com/deep/er/1", b"x")
+    await backend.put(NS, "alice@example.com/2", b"y")
+    with pytest.raises(ConditionFailed):
+        await backend.put(NS, "alice@example.com/2", b"z", if_none_match=True)
+    names = [name for _, _, files in os.walk(tmp_path) for name in files]
+    assert sorted(names) == [".lock", "1", "2"]
+    await backend.delete(NS, "alice@example.com/deep/er/1")
+    await backend.delete(NS, "alice@example.com/2")
+    assert [d for d, _, _ in os.walk(tmp_path)] == [str(tmp_path), str(backend._namespace_dir(NS))]
+
+
+async def test_files_ignore_foreign_files(tmp_path: Path) -> None:
+    backend = await FileBlobBackend.open(tmp_path)
+    await backend.put(NS, "k", b"x")
+    ns_dir = backend._namespace_dir(NS)
+    (ns_dir / "not%escaped").write_bytes(b"")
+    (ns_dir / "ümlaut").write_bytes(b"")
+    (ns_dir / ".tmp-left-over").write_bytes(b"")
+    assert (await backend.list(NS)).keys == ["k"]
+
+
+async def test_files_bad_root_fails_at_open(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError):
+        await FileBlobBackend.open(tmp_path / "file" / "blobs")
+
+
+async def test_namespaces_for_migration(tmp_path: Path) -> None:
+    sqlite = await SQLiteItemBackend.open(tmp_path / "db")
+    memory_items = MemoryItemBackend()
+    try:
+        for items in (sqlite, memory_items):
+            await items.put("b.example/roster", "x", {})
+            await items.put("a.example/roster", "x", {})
+            await items.put("c.example/gone", "x", {})
+            await items.delete("c.example/gone", "x")
+            assert await items.namespaces() == ["a.example/roster", "b.example/roster"]
+    finally:
+        await sqlite.close()
+    for blobs in (await FileBlobBackend.open(tmp_path / "blobs"), MemoryBlobBackend()):
+        await blobs.put("b.example/offline", "u/1", b"")
+        await blobs.put("a.example/vcard", "u", b"")
+        await blobs.put("c.example/gone", "x/y", b"")
+        await blobs.delete("c.example/gone", "x/y")
+        assert await blobs.namespaces() == ["a.example/vcard", "b.example/offline"]
