@@ -1,0 +1,231 @@
+"""The account store of one virtual host, kept in the item store as SCRAM salted keys.
+
+One item per account, named by the nodeprep'd user name, with one attribute
+per SCRAM hash ("scram_sha1", "scram_sha256", "scram_sha512") holding
+`ScramKeys.encode()`. The password itself is never stored: SCRAM logins use
+the keys directly and PLAIN logins re-derive them (PBKDF2 at every PLAIN
+login, as ejabberd and Prosody do).
+
+Every key derivation runs in an executor (hashlib.pbkdf2_hmac releases the
+GIL, so threads really run in parallel), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import secrets
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+from slixmpp.jid import JID, InvalidJID
+
+from xmppd.sasl.saslprep import SASLPrepError, saslprep
+from xmppd.sasl.scram import (
+    DEFAULT_ITERATIONS,
+    MAX_ITERATIONS,
+    MIN_ITERATIONS,
+    SCRAM_HASHES,
+    ScramKeys,
+    derive_keys,
+    hashlib_name,
+    verify_password,
+)
+from xmppd.storage.base import MAX_KEY_BYTES, ConditionFailed, ItemStore, Query
+
+KEY_ATTRIBUTES = {name: f"scram_{name}" for name in SCRAM_HASHES.values()}
+"""hashlib name -> item attribute; dict order (sha1 first) is the order PLAIN tries."""
+MAX_PASSWORD_BYTES = 1023
+"""The longest password PLAIN accepts (see xmppd.sasl.plain); longer ones could never log in."""
+MAX_WRITE_RETRIES = 8
+
+_KDF_EXECUTOR = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="xmppd-kdf")
+"""Shared by every Accounts without its own executor; threads start on first use."""
+
+
+class AccountExists(Exception):
+    """register() for a user name that is taken."""
+
+
+class AccountNotFound(Exception):
+    """set_password() for a user name with no account."""
+
+
+class InvalidUsername(ValueError):
+    """The user name is not a valid JID localpart (nodeprep, RFC 6122)."""
+
+
+class InvalidPassword(ValueError):
+    """The password is empty, too long, or rejected by SASLprep."""
+
+
+def normalize_username(username: str) -> str:
+    """The canonical (nodeprep'd, so lower-cased) form of `username`, or InvalidUsername.
+
+    Uses slixmpp's JID rules so that the account name is exactly the
+    localpart of the JID the user will be bound to.
+    """
+    if not username or "@" in username or "/" in username:
+        raise InvalidUsername(f"not a JID localpart: {username!r}")
+    try:
+        jid = JID(f"{username}@example.com")
+    except InvalidJID as e:
+        raise InvalidUsername(f"not a JID localpart: {e}") from None
+    if not jid.user or jid.domain != "example.com" or jid.resource:
+        raise InvalidUsername(f"not a JID localpart: {username!r}")
+    if len(jid.user.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidUsername(f"user name longer than {MAX_KEY_BYTES} bytes (the storage limit)")
+    return jid.user
+
+
+def _check_password(password: str) -> None:
+    if not password:
+        raise InvalidPassword("empty password")
+    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        raise InvalidPassword(f"password longer than {MAX_PASSWORD_BYTES} bytes")
+    try:
+        prepared = saslprep(password)
+    except SASLPrepError:
+        raise InvalidPassword("password contains prohibited characters") from None
+    if not prepared:
+        raise InvalidPassword("password is empty after SASLprep")
+
+
+class Accounts:
+    """Register, check and change accounts of one virtual host.
+
+    User names are normalised with `normalize_username` by every method, so
+    "Alice" and "alice" are one account. Lookups with a name that cannot be
+    an account (invalid) answer "absent" instead of raising, so the SASL path
+    treats it like any unknown user.
+    """
+
+    def __init__(
+        self,
+        store: ItemStore,
+        iterations: int = DEFAULT_ITERATIONS,
+        executor: Executor | None = None,
+    ) -> None:
+        if not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
+            raise ValueError(f"iterations must be in [{MIN_ITERATIONS}, {MAX_ITERATIONS}]")
+        self._store = store
+        self._iterations = iterations
+        self._executor = executor if executor is not None else _KDF_EXECUTOR
+        # Unknown users in verify_plain cost one PBKDF2 too, so timing does not reveal them.
+        self._dummy_keys = ScramKeys(
+            "sha1", secrets.token_bytes(16), iterations, bytes(20), bytes(20)
+        )
+
+    @property
+    def iterations(self) -> int:
+        """The count new keys get; also what ScramServer should claim for unknown users."""
+        return self._iterations
+
+    async def _derive_all(self, password: str) -> dict[str, str]:
+        """The three key attributes for `password`, derived concurrently in the executor."""
+        loop = asyncio.get_running_loop()
+        keys = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._executor, derive_keys, name, password, None, self._iterations
+                )
+                for name in KEY_ATTRIBUTES
+            )
+        )
+        return {KEY_ATTRIBUTES[k.hash_name]: k.encode() for k in keys}
+
+    async def register(self, username: str, password: str) -> None:
+        """Create the account; AccountExists, InvalidUsername, InvalidPassword."""
+        name = normalize_username(username)
+        _check_password(password)
+        if await self._store.get(name) is not None:  # fail before spending the CPU
+            raise AccountExists(name)
+        attrs = await self._derive_all(password)
+        try:
+            await self._store.put(name, attrs, if_absent=True)
+        except ConditionFailed:
+            raise AccountExists(name) from None
+
+    async def set_password(self, username: str, password: str) -> None:
+        """Replace the keys of an existing account; AccountNotFound, InvalidPassword.
+
+        A conditional read-modify-write: other attributes written meanwhile by
+        someone else are kept, and of concurrent password changes the last
+        one wins whole (never a mix of one's SHA-1 and another's SHA-256 keys).
+        """
+        try:
+            name = normalize_username(username)
+        except InvalidUsername:
+            raise AccountNotFound(username) from None
+        _check_password(password)
+        attrs = await self._derive_all(password)
+        for attempt in range(MAX_WRITE_RETRIES):
+            item = await self._store.get(name)
+            if item is None:
+                raise AccountNotFound(name)
+            try:
+                await self._store.put(name, {**item.attrs, **attrs}, if_version=item.version)
+                return
+            except ConditionFailed:
+                if attempt == MAX_WRITE_RETRIES - 1:
+                    raise
+
+    async def unregister(self, username: str) -> bool:
+        """Delete the account; False if there was none."""
+        try:
+            name = normalize_username(username)
+        except InvalidUsername:
+            return False
+        return await self._store.delete(name)
+
+    async def exists(self, username: str) -> bool:
+        try:
+            name = normalize_username(username)
+        except InvalidUsername:
+            return False
+        return await self._store.get(name) is not None
+
+    async def list(
+        self, page_token: str | None = None, limit: int = 1000
+    ) -> tuple[builtins.list[str], str | None]:
+        """One page of user names in name order, and the next page's token (None at the end)."""
+        page = await self._store.query(Query(limit=limit, page_token=page_token))
+        return [item.name for item in page.items], page.next_token
+
+    async def scram_keys(self, username: str, hash_name: str) -> ScramKeys | None:
+        """The stored keys for one hash ("sha256" or "SHA-256"), None for an unknown user.
+
+        ValueError for an unsupported hash or a corrupt stored value.
+        """
+        attribute = KEY_ATTRIBUTES[hashlib_name(hash_name)]
+        try:
+            name = normalize_username(username)
+        except InvalidUsername:
+            return None
+        item = await self._store.get(name)
+        if item is None:
+            return None
+        value = item.attrs.get(attribute)
+        if not isinstance(value, str):
+            return None
+        return ScramKeys.decode(value)
+
+    async def verify_plain(self, username: str, password: str) -> bool:
+        """Check a PLAIN password against the stored keys (SHA-1 first: cheapest PBKDF2)."""
+        keys = self._dummy_keys
+        try:
+            name = normalize_username(username)
+        except InvalidUsername:
+            name = None
+        item = await self._store.get(name) if name is not None else None
+        if item is not None:
+            for attribute in KEY_ATTRIBUTES.values():
+                value = item.attrs.get(attribute)
+                if isinstance(value, str):
+                    keys = ScramKeys.decode(value)
+                    break
+        if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+            return False
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._executor, verify_password, keys, password)
+        return ok and keys is not self._dummy_keys
