@@ -1,0 +1,1 @@
+"""Feature modules loaded by the module host (one file per feature)."""

@@ -1,0 +1,61 @@
+"""Service discovery for the server and for accounts (XEP-0030).
+
+Features and identities are whatever the enabled modules registered with
+the host, so disco always says exactly what this server does.
+"""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from xmppd.modulehost import IqRequest, Module
+from xmppd.stream.errors import StanzaError
+
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
+
+
+class Disco(Module):
+    name = "disco"
+
+    def setup(self) -> None:
+        self.host.add_identity("server", "im", "xmppd")
+        for scope in ("server", "account"):
+            self.host.add_feature(DISCO_INFO, scope)  # type: ignore[arg-type]
+            self.host.add_feature(DISCO_ITEMS, scope)  # type: ignore[arg-type]
+        self.host.iq(DISCO_INFO, "get", self.info, to="both")
+        self.host.iq(DISCO_ITEMS, "get", self.items, to="both")
+
+    async def info(self, request: IqRequest) -> etree._Element:
+        node = request.payload.get("node")
+        if node is not None:
+            raise StanzaError("item-not-found", "no such node")
+        query = etree.Element(f"{{{DISCO_INFO}}}query", nsmap={None: DISCO_INFO})
+        if "@" in request.target:
+            if not request.from_owner:
+                # Without presence subscriptions (roster module) only the owner may look.
+                raise StanzaError("service-unavailable")
+            identities: list[tuple[str, str, str | None]] = [("account", "registered", None)]
+            features = self.host.features["account"]
+        else:
+            identities = self.host.identities
+            features = self.host.features["server"]
+        for category, type_, name in identities:
+            identity = etree.SubElement(query, f"{{{DISCO_INFO}}}identity")
+            identity.set("category", category)
+            identity.set("type", type_)
+            if name:
+                identity.set("name", name)
+        for var in sorted(features):
+            etree.SubElement(query, f"{{{DISCO_INFO}}}feature").set("var", var)
+        return query
+
+    async def items(self, request: IqRequest) -> etree._Element:
+        if request.payload.get("node") is not None:
+            raise StanzaError("item-not-found", "no such node")
+        if "@" in request.target and not request.from_owner:
+            raise StanzaError("service-unavailable")
+        return etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
+
+
+MODULE = Disco

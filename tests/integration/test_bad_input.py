@@ -1,0 +1,291 @@
+"""Abuse over real TLS sockets: each bad input gets its exact error; the state after is checked."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import resource
+import time
+
+import pytest
+from lxml import etree
+from slixmpp import JID
+
+from tests.integration.clients import HEADER, RawClient, close, connect
+from tests.integration.conftest import StartServer
+from xmppd.server import Server
+
+SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+
+
+def stream_error_of(data: bytes) -> str:
+    """The condition of the stream error in everything the server sent, which ends the stream."""
+    assert data.rstrip().endswith(b"</stream:stream>"), data[-200:]
+    start = data.index(b"<stream:error")
+    doc = (
+        b"<s xmlns:stream='http://etherx.jabber.org/streams'>"
+        + data[start : data.rindex(b"</stream:stream>")]
+        + b"</s>"
+    )
+    err = etree.fromstring(doc)[0]
+    return etree.QName(err[0]).localname
+
+
+def plain(user: str, password: str) -> str:
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return f"<auth xmlns='{SASL}' mechanism='PLAIN'>{token}</auth>"
+
+
+async def logged_in(server: Server) -> RawClient:
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(plain("alice", "alice-secret"))
+    await raw.read_until(b"<success")
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(
+        "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+        "<resource>raw</resource></bind></iq>"
+    )
+    await raw.read_until(b"</iq>")
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("payload", "condition"),
+    [
+        ("<message><body>broken</bdy></message>", "not-well-formed"),
+        ("<message><!-- no comments --></message>", "restricted-xml"),
+        ("<?php evil ?>", "restricted-xml"),
+    ],
+)
+async def test_bad_xml_closes_with_exact_error(
+    server: Server, payload: str, condition: str
+) -> None:
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(payload)
+    assert (
+        stream_error_of(await raw.read_to_close()) == condition
+    )  # read_to_close: the server hung up
+
+
+async def test_doctype_and_entity_bomb(server: Server) -> None:
+    entities = "<!ENTITY lol 'lol'>" + "".join(
+        f"<!ENTITY lol{i} '{(f'&lol{i - 1};' if i > 1 else '&lol;') * 10}'>"
+        for i in range(1, 10)
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    raw = await RawClient.open(server)
+    await raw.send(
+        f"<?xml version='1.0'?><!DOCTYPE lolz [{entities}]>"
+        + HEADER[21:]
+        + "<message>&lol9;</message>"
+    )
+    assert stream_error_of(await raw.read_to_close()) == "restricted-xml"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 20_000  # KB
+
+
+async def test_stanza_over_size_limit(server: Server) -> None:
+    raw = await logged_in(server)
+    limit = server.config.limits.max_stanza_bytes
+    await raw.send(
+        "<message to='bob@localhost'><body>" + "x" * (limit + 10_000) + "</body></message>"
+    )
+    assert stream_error_of(await raw.read_to_close()) == "policy-violation"
+    assert "alice@localhost" not in server.router.sessions
+
+
+async def test_small_limit_before_auth(server: Server) -> None:
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(f"<auth xmlns='{SASL}' mechanism='PLAIN'>" + "A" * 20_000 + "</auth>")
+    assert stream_error_of(await raw.read_to_close()) == "policy-violation"
+
+
+async def test_nesting_deeper_than_limit(server: Server) -> None:
+    raw = await logged_in(server)
+    await raw.send("<message>" + "<x>" * 10_000)
+    assert stream_error_of(await raw.read_to_close()) == "policy-violation"
+
+
+@pytest.mark.parametrize(
+    ("header", "condition"),
+    [
+        (
+            HEADER.replace("http://etherx.jabber.org/streams", "http://wrong.example/streams"),
+            "invalid-namespace",
+        ),
+        (HEADER.replace("to='localhost'", "to='elsewhere.example'"), "host-unknown"),
+        (HEADER.replace(" version='1.0'>", ">"), "unsupported-version"),
+    ],
+)
+async def test_bad_stream_header(server: Server, header: str, condition: str) -> None:
+    raw = await RawClient.open(server)
+    await raw.send(header)
+    data = await raw.read_to_close()
+    assert data.startswith(b"<?xml version='1.0'?><stream:stream ")
+    assert stream_error_of(data) == condition
+
+
+async def test_auth_before_starttls_is_refused(server: Server) -> None:
+    raw = await RawClient.open(server, direct_tls=False)
+    await raw.send(HEADER)
+    features = await raw.read_until(b"</stream:features>")
+    assert b"<required/>" in features and b"mechanism" not in features
+    await raw.send(plain("alice", "alice-secret"))
+    reply = await raw.read_until(b"</failure>")
+    assert b"<encryption-required/>" in reply
+    # still open: STARTTLS works after the refusal
+    await raw.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    assert b"<proceed" in await raw.read_until(b"<proceed")
+    await raw.close()
+
+
+async def test_wrong_password_delay_then_lockout(start_server: StartServer) -> None:
+    server = await start_server(
+        limits={
+            "auth_failure_delay": 0.3,
+            "max_auth_failures_per_account": 3,
+            "auth_lockout": 60,
+        }
+    )
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    for _ in range(3):
+        started = time.monotonic()
+        await raw.send(plain("alice", "wrong"))
+        reply = await raw.read_until(b"</failure>")
+        assert b"<not-authorized/>" in reply
+        assert time.monotonic() - started >= 0.3
+    # locked: even the right password is refused now, without checking it
+    await raw.send(plain("alice", "alice-secret"))
+    reply = await raw.read_until(b"</failure>")
+    assert b"<temporary-auth-failure/>" in reply
+    await raw.close()
+    # other accounts from the same address still work
+    bob = await connect(server, "bob@localhost/b", "bob-secret")
+    await close(bob)
+
+
+async def test_stanza_before_auth_and_before_bind(server: Server) -> None:
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send("<message to='bob@localhost'><body>sneaky</body></message>")
+    assert stream_error_of(await raw.read_to_close()) == "not-authorized"
+
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(plain("alice", "alice-secret"))
+    await raw.read_until(b"<success")
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send("<message to='bob@localhost'><body>unbound</body></message>")
+    assert stream_error_of(await raw.read_to_close()) == "not-authorized"
+
+
+async def test_spoofed_from_is_invalid_from(server: Server) -> None:
+    bob = await connect(server, "bob@localhost/b", "bob-secret")
+    bob.send_presence()
+    raw = await logged_in(server)
+    await raw.send(
+        "<message from='bob@localhost/b' to='bob@localhost'><body>I am bob</body></message>"
+    )
+    assert stream_error_of(await raw.read_to_close()) == "invalid-from"
+    await asyncio.sleep(0.2)
+    assert bob.messages.empty()  # nothing forged was delivered
+    await close(bob)
+
+
+async def test_idle_unauthenticated_connection_is_closed(start_server: StartServer) -> None:
+    server = await start_server(limits={"auth_timeout": 0.5})
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    started = time.monotonic()
+    data = await raw.read_to_close(timeout=5)
+    assert stream_error_of(data) == "connection-timeout"
+    assert 0.4 <= time.monotonic() - started < 3
+
+
+async def test_authenticated_connection_outlives_auth_timeout(start_server: StartServer) -> None:
+    server = await start_server(limits={"auth_timeout": 0.5})
+    client = await connect(server, "alice@localhost/a", "alice-secret")
+    await asyncio.sleep(1.0)
+    assert not client.ended.is_set()
+    await close(client)
+
+
+async def test_connections_per_ip_limit(start_server: StartServer) -> None:
+    server = await start_server(limits={"max_connections_per_ip": 2})
+    first = await RawClient.open(server)
+    second = await RawClient.open(server)
+    third = await RawClient.open(server)
+    assert stream_error_of(await third.read_to_close()) == "policy-violation"
+    await first.close()
+    await second.close()
+
+
+def plain_as(authzid: str, user: str, password: str) -> str:
+    token = base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
+    return f"<auth xmlns='{SASL}' mechanism='PLAIN'>{token}</auth>"
+
+
+async def test_authzid_must_be_self_unless_proxy_auth_allows(start_server: StartServer) -> None:
+    server = await start_server(
+        users={"alice": "alice-secret", "bob": "bob-secret", "admin": "admin-secret"},
+        auth={"proxy_auth": ["admin@localhost"]},
+    )
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(plain_as("bob@localhost", "alice", "alice-secret"))
+    assert b"<invalid-authzid/>" in await raw.read_until(b"</failure>")
+    await raw.send(plain_as("alice@localhost", "alice", "alice-secret"))  # itself: fine
+    assert b"<success" in await raw.read_until(b"<success")
+    await raw.close()
+
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(plain_as("nobody@localhost", "admin", "admin-secret"))
+    assert b"<invalid-authzid/>" in await raw.read_until(b"</failure>")
+    await raw.send(plain_as("bob@localhost", "admin", "admin-secret"))
+    await raw.read_until(b"<success")
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+    assert b"<jid>bob@localhost/" in await raw.read_until(b"</iq>")
+    await raw.close()
+
+
+async def test_username_case_is_folded(server: Server) -> None:
+    client = await connect(server, "Alice@localhost/up", "alice-secret")
+    assert client.boundjid.bare == "alice@localhost"
+    await close(client)
+
+
+async def test_client_that_stops_reading_is_disconnected(start_server: StartServer) -> None:
+    server = await start_server(limits={"max_stanza_bytes": 16384})
+    sleeper = await logged_in(server)  # alice/raw, never reads again
+    bob = await connect(server, "bob@localhost/flood", "bob-secret")
+    body = "x" * 10_000
+    sent = 0
+    deadline = asyncio.get_running_loop().time() + 30
+    while "alice@localhost" in server.router.sessions and sent < 5000:
+        for _ in range(20):
+            bob.send_message(mto=JID("alice@localhost/raw"), mbody=body, mtype="chat")
+        sent += 20
+        await asyncio.sleep(0.02)  # let the server read and route what bob sent
+        if asyncio.get_running_loop().time() > deadline:
+            break
+    assert "alice@localhost" not in server.router.sessions, f"still bound after {sent} messages"
+    # the server holds at most its backlog limit for it, not the ~50 MB that was sent
+    assert sent * len(body) > 4 * 16384 + 65536
+    await close(bob)
+    sleeper.writer.transport.abort()

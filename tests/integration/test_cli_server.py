@@ -1,0 +1,70 @@
+"""The `xmppd` command as an operator runs it: startup lines, SIGTERM, bad config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+from tests.integration.clients import HEADER, insecure_context
+from tests.integration.conftest import write_config
+
+
+async def start_xmppd(config: Path) -> tuple[asyncio.subprocess.Process, list[str]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "xmppd", "-c", str(config),
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        while not lines or "xmppd ready" not in lines[-1]:
+            line = (await proc.stderr.readline()).decode()
+            assert line, "xmppd exited during startup:\n" + "".join(lines)
+            lines.append(line)
+    return proc, lines
+
+
+async def test_startup_lines_and_sigterm_closes_streams_with_system_shutdown(tmp_path: Path) -> None:
+    proc, lines = await start_xmppd(write_config(tmp_path))
+    log = "".join(lines)
+    assert "SELF-SIGNED" in log
+    assert "storage: items: sqlite" in log and "storage: blobs: files" in log
+    ports = dict(re.findall(r"listening: c2s (STARTTLS|direct TLS).* port (\d+)", log))
+    assert set(ports) == {"STARTTLS", "direct TLS"}
+
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", int(ports["direct TLS"]), ssl=insecure_context(), server_hostname="localhost"
+    )
+    writer.write(HEADER.encode())
+    buf = b""
+    while b"</stream:features>" not in buf:
+        buf += await asyncio.wait_for(reader.read(65536), 10)
+
+    proc.send_signal(signal.SIGTERM)
+    rest = b""
+    async with asyncio.timeout(15):
+        while chunk := await reader.read(65536):
+            rest += chunk
+    assert b"<system-shutdown" in rest and rest.rstrip().endswith(b"</stream:stream>")
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    assert proc.stderr is not None
+    assert b"xmppd stopped" in await proc.stderr.read()
+
+
+async def test_bad_config_names_file_line_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text("hosts: [localhost]\nlisteners:\n  - type: starttls\n    address: 127.0.0.1\n"
+                   "    port: 52x22\nlimtis: {}\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "xmppd", "-c", str(bad), stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = err.decode()
+    assert proc.returncode == 1
+    assert f"{bad}:5: listeners[0].port:" in text
+    assert f"{bad}:6: " in text and "limtis" in text and "limits" in text  # suggestion
+    assert "Traceback" not in text

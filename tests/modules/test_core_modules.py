@@ -1,0 +1,123 @@
+"""disco, ping, version and time through the module host, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from xmppd.testing import ModuleHarness
+
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+
+@pytest.fixture
+async def harness() -> ModuleHarness:
+    return await ModuleHarness({"disco": {}, "ping": {}, "version": {}, "time": {}}).start()
+
+
+def condition(reply: etree._Element) -> str:
+    assert reply.get("type") == "error"
+    err = reply.find("{jabber:client}error")
+    assert err is not None
+    return next(etree.QName(c).localname for c in err if etree.QName(c).namespace == STANZAS)
+
+
+async def test_disco_info_lists_exactly_the_enabled_features(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    reply = await harness.iq(alice, "get", f"<query xmlns='{DISCO_INFO}'/>", to="localhost")
+    assert reply.get("type") == "result" and reply.get("from") == "localhost"
+    assert reply.get("to") == "alice@localhost/a"
+    features = {f.get("var") for f in reply.iter(f"{{{DISCO_INFO}}}feature")}
+    assert features == {
+        DISCO_INFO,
+        "http://jabber.org/protocol/disco#items",
+        "urn:xmpp:ping",
+        "jabber:iq:version",
+        "urn:xmpp:time",
+    }
+
+
+async def test_disabled_module_is_absent() -> None:
+    harness = await ModuleHarness({"disco": {}, "ping": {}}).start()
+    alice = harness.session("alice@localhost/a")
+    reply = await harness.iq(alice, "get", f"<query xmlns='{DISCO_INFO}'/>", to="localhost")
+    features = {f.get("var") for f in reply.iter(f"{{{DISCO_INFO}}}feature")}
+    assert "jabber:iq:version" not in features
+    reply = await harness.iq(alice, "get", "<query xmlns='jabber:iq:version'/>", to="localhost")
+    assert condition(reply) == "service-unavailable"
+
+
+async def test_ping_and_unknown_namespace(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    reply = await harness.iq(alice, "get", "<ping xmlns='urn:xmpp:ping'/>", to="localhost")
+    assert reply.get("type") == "result" and len(reply) == 0
+    reply = await harness.iq(alice, "get", "<query xmlns='urn:example:nothing'/>", to="localhost")
+    assert condition(reply) == "service-unavailable"
+
+
+async def test_iq_with_two_children_is_bad_request(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    reply = await harness.iq(
+        alice, "get", "<ping xmlns='urn:xmpp:ping'/><ping xmlns='urn:xmpp:ping'/>", to="localhost"
+    )
+    assert condition(reply) == "bad-request"
+
+
+async def test_version_hides_os_by_default_and_shows_it_on_request() -> None:
+    for show_os in (False, True):
+        harness = await ModuleHarness(
+            {"version": {"show_os": show_os, "name": "chat.example"}}
+        ).start()
+        alice = harness.session("alice@localhost/a")
+        reply = await harness.iq(alice, "get", "<query xmlns='jabber:iq:version'/>", to="localhost")
+        assert reply.findtext("{jabber:iq:version}query/{jabber:iq:version}name") == "chat.example"
+        assert (reply.find("{jabber:iq:version}query/{jabber:iq:version}os") is not None) == show_os
+
+
+async def test_time_is_utc(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    reply = await harness.iq(alice, "get", "<time xmlns='urn:xmpp:time'/>", to="localhost")
+    assert reply.findtext("{urn:xmpp:time}time/{urn:xmpp:time}tzo") == "+00:00"
+    assert reply.findtext("{urn:xmpp:time}time/{urn:xmpp:time}utc").endswith("Z")
+
+
+async def test_account_disco_only_for_its_owner(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    own = await harness.iq(alice, "get", f"<query xmlns='{DISCO_INFO}'/>", to="alice@localhost")
+    assert own.get("type") == "result"
+    assert own.find(f"{{{DISCO_INFO}}}query/{{{DISCO_INFO}}}identity").get("category") == "account"
+    other = await harness.iq(bob, "get", f"<query xmlns='{DISCO_INFO}'/>", to="alice@localhost")
+    assert condition(other) == "service-unavailable"
+
+
+async def test_routing_rules_for_messages(harness: ModuleHarness) -> None:
+    """RFC 6121 section 8: highest priority wins, negative never gets bare-JID messages."""
+    alice = harness.session("alice@localhost/a")
+    bob1 = harness.session("bob@localhost/one")
+    bob2 = harness.session("bob@localhost/two")
+    bob1.priority, bob2.priority = 5, 1
+    await harness.send(alice, "<message to='bob@localhost' type='chat'><body>1</body></message>")
+    assert len(bob1.take()) == 1 and bob2.take() == []
+    bob1.priority = -1
+    await harness.send(alice, "<message to='bob@localhost' type='chat'><body>2</body></message>")
+    assert bob1.take() == [] and len(bob2.take()) == 1
+    # full JID: delivered to that resource whatever its priority
+    await harness.send(
+        alice, "<message to='bob@localhost/one' type='chat'><body>3</body></message>"
+    )
+    assert len(bob1.take()) == 1
+    # unknown user: service-unavailable back to the sender
+    replies = await harness.send(
+        alice, "<message to='nobody@localhost' type='chat'><body>4</body></message>"
+    )
+    assert condition(replies[0]) == "service-unavailable"
+    # malformed 'to'
+    replies = await harness.send(alice, "<message to='a@b@c' type='chat'><body>5</body></message>")
+    assert condition(replies[0]) == "jid-malformed"
+    # remote domain: no s2s yet
+    replies = await harness.send(
+        alice, "<message to='x@remote.example' type='chat'><body>6</body></message>"
+    )
+    assert condition(replies[0]) == "remote-server-not-found"

@@ -1,0 +1,281 @@
+"""The sans-IO client stream: every protocol rule without a socket."""
+
+from __future__ import annotations
+
+import base64
+import resource
+
+import pytest
+from lxml import etree
+
+from xmppd.stream import c2s
+from xmppd.xml import ns
+
+HEADER = (
+    b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+    b"xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>"
+)
+CB = {"tls-server-end-point": b"\x01" * 32}
+
+
+def settings(**kw: object) -> c2s.StreamSettings:
+    base: dict[str, object] = dict(
+        hosts={"localhost"},
+        max_stanza_bytes=65536,
+        max_stanza_bytes_unauthenticated=4096,
+        max_depth=16,
+        mechanisms=["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN"],
+    )
+    base.update(kw)
+    return c2s.StreamSettings(**base)  # type: ignore[arg-type]
+
+
+def parse_out(data: bytes) -> etree._Element:
+    """Parse what the server sent as one document (header and close added where missing)."""
+    if not data.startswith(b"<?xml"):
+        data = (
+            b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
+            + data
+        )
+    if not data.rstrip().endswith(b"</stream:stream>"):
+        data += b"</stream:stream>"
+    return etree.fromstring(data)
+
+
+def stream_error(data: bytes) -> str:
+    root = parse_out(data)
+    err = root.find(f"{{{ns.STREAMS}}}error")
+    assert err is not None, data
+    return etree.QName(err[0]).localname
+
+
+def secured() -> c2s.C2SStream:
+    s = c2s.C2SStream(settings(direct_tls=True))
+    s.set_channel_bindings(CB)
+    s.receive(HEADER)
+    s.output()
+    return s
+
+
+def bound(resource: str = "r1") -> c2s.C2SStream:
+    s = secured()
+    s.receive(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+        + base64.b64encode(b"\0alice\0pw")
+        + b"</auth>"
+    )
+    s.sasl_success("alice")
+    s.receive(HEADER)
+    events = s.receive(
+        b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+    )
+    assert isinstance(events[0], c2s.BindRequested)
+    s.bound(events[0].iq, f"alice@localhost/{resource}")
+    s.output()
+    return s
+
+
+def test_starttls_required_and_no_mechanisms_before_tls() -> None:
+    s = c2s.C2SStream(settings())
+    assert s.receive(HEADER) == []
+    root = parse_out(s.output())
+    features = root.find(f"{{{ns.STREAMS}}}features")
+    assert features is not None
+    assert features.find(f"{{{ns.TLS}}}starttls/{{{ns.TLS}}}required") is not None
+    assert features.find(f"{{{ns.SASL}}}mechanisms") is None
+
+
+def test_auth_before_starttls_is_refused_with_encryption_required() -> None:
+    s = c2s.C2SStream(settings())
+    s.receive(HEADER)
+    s.output()
+    events = s.receive(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>"
+    )
+    assert events == []
+    out = s.output()
+    assert b"<encryption-required/>" in out and b"failure" in out
+    assert not s.closed
+
+
+def test_starttls_then_restart_offers_plus_and_xep0440() -> None:
+    s = c2s.C2SStream(settings())
+    s.receive(HEADER)
+    s.output()
+    events = s.receive(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    assert isinstance(events[0], c2s.TLSRequested)
+    assert b"<proceed" in s.output()
+    s.tls_started(CB)
+    s.receive(HEADER)
+    root = parse_out(s.output())
+    mechs = [m.text for m in root.iter(f"{{{ns.SASL}}}mechanism")]
+    assert mechs == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN"]
+    cb_types = [e.get("type") for e in root.iter(f"{{{ns.SASL_CB}}}channel-binding")]
+    assert cb_types == ["tls-server-end-point"]
+
+
+def test_no_plus_without_channel_binding() -> None:
+    s = c2s.C2SStream(settings(direct_tls=True))
+    s.receive(HEADER)
+    root = parse_out(s.output())
+    mechs = [m.text for m in root.iter(f"{{{ns.SASL}}}mechanism")]
+    assert mechs == ["SCRAM-SHA-256", "PLAIN"]
+    assert root.find(f".//{{{ns.SASL_CB}}}sasl-channel-binding") is None
+
+
+@pytest.mark.parametrize(
+    ("data", "condition"),
+    [
+        (b"<message><body>x</bod></message>", "not-well-formed"),
+        (b"<message><!-- hi --></message>", "restricted-xml"),
+        (b"<?evil x?>", "restricted-xml"),
+        (b"<message><body>&custom;</body></message>", "not-well-formed"),
+        (b"<foo/>", "unsupported-stanza-type"),
+    ],
+)
+def test_bad_xml_after_header(data: bytes, condition: str) -> None:
+    s = secured()
+    events = s.receive(data)
+    assert isinstance(events[-1], c2s.StreamEnded)
+    assert stream_error(s.output()) == condition
+    assert s.closed
+
+
+@pytest.mark.parametrize(
+    ("header", "condition"),
+    [
+        (HEADER.replace(b"to='localhost'", b"to='nowhere.example'"), "host-unknown"),
+        (HEADER.replace(b"to='localhost' ", b""), "host-unknown"),
+        (HEADER.replace(b"http://etherx.jabber.org/streams", b"urn:wrong"), "invalid-namespace"),
+        (HEADER.replace(b"xmlns='jabber:client'", b"xmlns='jabber:wrong'"), "invalid-namespace"),
+        (HEADER.replace(b" version='1.0'>", b" version='2.0'>"), "unsupported-version"),
+        (HEADER.replace(b" version='1.0'>", b">"), "unsupported-version"),
+        (
+            HEADER.replace(b"stream:stream", b"s:stream").replace(b"xmlns:stream", b"xmlns:s"),
+            "bad-namespace-prefix",
+        ),
+    ],
+)
+def test_bad_stream_header(header: bytes, condition: str) -> None:
+    s = c2s.C2SStream(settings())
+    s.receive(header)
+    out = s.output()
+    assert out.startswith(
+        b"<?xml version='1.0'?><stream:stream "
+    )  # header first (RFC 6120 4.9.1.1)
+    assert stream_error(out) == condition
+    assert s.closed
+
+
+def test_doctype_and_entity_bomb_are_restricted_xml_with_flat_memory() -> None:
+    bomb = (
+        b"<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'>"
+        + b"".join(
+            b"<!ENTITY lol%d '%s'>" % (i, (b"&lol%d;" % (i - 1) if i else b"&lol;") * 10)
+            for i in range(1, 10)
+        )
+        + b"]>"
+        + HEADER[len(b"<?xml version='1.0'?>") :]
+        + b"<message>&lol9;</message>"
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    s = c2s.C2SStream(settings())
+    events = s.receive(bomb)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert isinstance(events[-1], c2s.StreamEnded)
+    assert stream_error(s.output()) == "restricted-xml"
+    assert after - before < 20_000  # KB: a billion laughs expanded would be gigabytes
+
+
+def test_stanza_over_size_limit_before_auth() -> None:
+    s = secured()
+    events = s.receive(b"<message><body>" + b"x" * 10_000 + b"</body></message>")
+    assert isinstance(events[-1], c2s.StreamEnded)
+    assert stream_error(s.output()) == "policy-violation"
+
+
+def test_size_limit_is_raised_after_auth() -> None:
+    s = bound()
+    big = b"<message to='bob@localhost'><body>" + b"x" * 10_000 + b"</body></message>"
+    events = s.receive(big)
+    assert isinstance(events[0], c2s.StanzaReceived)
+    events = s.receive(b"<message><body>" + b"x" * 70_000 + b"</body></message>")
+    assert stream_error(s.output()) == "policy-violation"
+
+
+def test_nesting_deeper_than_limit() -> None:
+    s = bound()
+    events = s.receive(b"<message>" + b"<a>" * 10_000)
+    assert isinstance(events[-1], c2s.StreamEnded)
+    assert stream_error(s.output()) == "policy-violation"
+
+
+def test_stanzas_before_auth_and_before_bind_are_not_authorized() -> None:
+    s = secured()
+    s.receive(b"<message to='bob@localhost'><body>hi</body></message>")
+    assert stream_error(s.output()) == "not-authorized"
+    s = secured()
+    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>")
+    s.sasl_success("alice")
+    s.receive(HEADER)
+    s.output()
+    s.receive(b"<message to='bob@localhost'><body>hi</body></message>")
+    assert stream_error(s.output()) == "not-authorized"
+
+
+def test_from_is_stamped_and_spoofing_is_invalid_from() -> None:
+    s = bound()
+    (event,) = s.receive(b"<message to='bob@localhost'><body>hi</body></message>")
+    assert isinstance(event, c2s.StanzaReceived)
+    assert event.stanza.get("from") == "alice@localhost/r1"
+    (event,) = s.receive(b"<message from='alice@localhost' to='bob@localhost'/>")
+    assert isinstance(event, c2s.StanzaReceived)
+    assert event.stanza.get("from") == "alice@localhost/r1"
+    events = s.receive(b"<message from='mallory@localhost/x' to='bob@localhost'/>")
+    assert isinstance(events[-1], c2s.StreamEnded)
+    assert stream_error(s.output()) == "invalid-from"
+
+
+def test_session_iq_answered_by_the_stream() -> None:
+    s = bound()
+    events = s.receive(
+        b"<iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>"
+    )
+    assert events == []
+    reply = etree.fromstring(s.output())
+    assert reply.get("type") == "result" and reply.get("id") == "s1"
+
+
+def test_sasl_failures_end_the_stream_after_five() -> None:
+    s = secured()
+    for _ in range(5):
+        s.receive(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>"
+        )
+        s.sasl_failure("not-authorized")
+    assert s.closed
+    assert stream_error(s.output()) == "policy-violation"
+
+
+def test_auth_with_bad_base64_and_unknown_mechanism() -> None:
+    s = secured()
+    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!!</auth>")
+    assert b"<incorrect-encoding/>" in s.output()
+    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'>AA==</auth>")
+    assert b"<invalid-mechanism/>" in s.output()
+
+
+def test_stream_close_by_peer_is_answered() -> None:
+    s = bound()
+    events = s.receive(b"</stream:stream>")
+    assert isinstance(events[-1], c2s.StreamEnded) and events[-1].error is None
+    assert s.output() == b"</stream:stream>"
+    assert s.closed
+
+
+def test_many_stanzas_in_one_read_are_not_summed_against_the_limit() -> None:
+    s = bound()
+    one = b"<message to='bob@localhost'><body>" + b"x" * 3000 + b"</body></message>"
+    events = s.receive(one * 200)  # 600 KB in one read, each stanza far below 64 KB
+    assert len(events) == 200 and all(isinstance(e, c2s.StanzaReceived) for e in events)
+    assert not s.closed

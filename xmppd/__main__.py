@@ -1,0 +1,5 @@
+import sys
+
+from xmppd.cli.server import main
+
+sys.exit(main())

@@ -1,0 +1,700 @@
+"""The server configuration: one YAML file loaded into typed models.
+
+Every value keeps the line it came from (`ConfigSource`), so that any
+problem, found now or later by a module validating its own options, reads
+`FILE:LINE: dotted.key[index]: what is wrong`. The loader checks everything
+before the server starts and reports all problems at once: a server that
+starts half-configured fails later, far from the cause.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import logging
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+from slixmpp.jid import JID, InvalidJID
+
+from xmppd.storage.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+Loc = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
+
+Mechanism = Literal[
+    "SCRAM-SHA-512-PLUS",
+    "SCRAM-SHA-256-PLUS",
+    "SCRAM-SHA-1-PLUS",
+    "SCRAM-SHA-512",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1",
+    "PLAIN",
+]
+MECHANISMS: tuple[Mechanism, ...] = typing.get_args(Mechanism)
+"""Every SASL mechanism the server implements, strongest first (the default order)."""
+
+_DEFAULTS_NAME = "<built-in defaults>"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _problem(reason: str, *at: str | int) -> PydanticCustomError:
+    """A validation error placed `at` a sub-path of the validator's location.
+
+    Pydantic locates a validator's error at the field or model it validates;
+    cross-field checks (a duplicate host, a listener clashing with another)
+    are best reported at the exact item, which this carries in the context.
+    """
+    return PydanticCustomError("xmppd_config", "{reason}", {"reason": reason, "at": at})
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where a configuration came from: the file as named by the operator, the
+    folder its relative paths are resolved against, and the line of each key."""
+
+    file: Path | None
+    base_dir: Path
+    lines: Mapping[Loc, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.file) if self.file is not None else _DEFAULTS_NAME
+
+    def line_of(self, loc: Loc) -> int | None:
+        """The line of `loc`, or of its nearest ancestor written in the file."""
+        for end in range(len(loc), -1, -1):
+            line = self.lines.get(loc[:end])
+            if line is not None:
+                return line
+        return None
+
+    def where(self, loc: Loc) -> str:
+        line = self.line_of(loc)
+        return self.name if line is None else f"{self.name}:{line}"
+
+    def problem(self, loc: Loc, message: str) -> str:
+        """One formatted problem line: `FILE:LINE: dotted.path: message`."""
+        path = format_loc(loc)
+        return f"{self.where(loc)}: {path}: {message}" if path else f"{self.where(loc)}: {message}"
+
+
+def format_loc(loc: Loc) -> str:
+    """("listeners", 1, "port") -> "listeners[1].port"."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _tls_version(value: Any) -> Any:
+    # YAML reads an unquoted 1.2 as a number; accept it for what it obviously means.
+    return str(value) if isinstance(value, float) else value
+
+
+def _domain(value: str) -> str:
+    if not value:
+        raise _problem("a host name cannot be empty")
+    try:
+        jid = JID(value)
+    except InvalidJID as e:
+        raise _problem(f"{json.dumps(value)} is not a valid domain name ({e})") from None
+    if jid.local or jid.resource or not jid.domain:
+        raise _problem(f"{json.dumps(value)} is not a bare domain name (no user@ or /resource)")
+    return str(jid.domain)
+
+
+def _bare_jid(value: str) -> str:
+    try:
+        jid = JID(value)
+    except InvalidJID as e:
+        raise _problem(f"{json.dumps(value)} is not a valid JID ({e})") from None
+    if not jid.local or jid.resource:
+        raise _problem(f"{json.dumps(value)} is not a bare JID like user@example.org")
+    return str(jid.bare)
+
+
+def _address(value: str) -> str:
+    if value.lower() == "localhost":
+        return "localhost"
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _problem(
+            f'expected an IP address (like 127.0.0.1, ::1 or 0.0.0.0) or "localhost", '
+            f"got {json.dumps(value)}"
+        ) from None
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    """Make a relative path absolute against the config file's folder (set by the loader)."""
+    base = (info.context or {}).get("base_dir")
+    if base is None:
+        return path
+    path = path.expanduser()
+    return path if path.is_absolute() else Path(base) / path
+
+
+Domain = Annotated[StrictStr, AfterValidator(_domain)]
+BareJID = Annotated[StrictStr, AfterValidator(_bare_jid)]
+Seconds = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+
+
+def _no_duplicates(values: list[Any], what: str) -> None:
+    first: dict[Any, int] = {}
+    for i, value in enumerate(values):
+        if value in first:
+            raise _problem(f"{json.dumps(value)} is listed twice (also {what}[{first[value]}])", i)
+        first[value] = i
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ListenerConfig(BaseModel):
+    """One listening socket for client connections."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["starttls", "direct_tls"]
+    address: Annotated[StrictStr, AfterValidator(_address)]
+    port: StrictInt = Field(ge=0, le=65535)  # 0: the OS picks a free port (tests)
+    backlog: StrictInt = Field(default=1024, ge=1)
+
+
+class TLSConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cert: Path | None = None
+    key: Path | None = None
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _absolute(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve(value, info)
+        # Only a loaded file is checked against the disk: a model built in code
+        # (tests, tools) may name files that are created later.
+        if info.context is not None and not path.is_file():
+            raise _problem(f"no such file: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert is None) != (self.key is None):
+            given, missing = ("cert", "key") if self.key is None else ("key", "cert")
+            raise _problem(f"{given} is set but {missing} is not: give both or neither", given)
+        return self
+
+
+class LimitsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_stanza_bytes: StrictInt = Field(default=262144, ge=1024)
+    max_stanza_bytes_unauthenticated: StrictInt = Field(default=10240, ge=512)
+    max_xml_depth: StrictInt = Field(default=48, ge=2, le=200)
+    auth_timeout: Seconds = Field(default=30.0, gt=0)
+    max_connections_per_ip: StrictInt = Field(default=200, ge=0)  # 0: unlimited
+    auth_failure_delay: Seconds = Field(default=1.0, ge=0)
+    max_auth_failures_per_account: StrictInt = Field(default=5, ge=1)
+    max_auth_failures_per_ip: StrictInt = Field(default=20, ge=1)
+    auth_failure_window: Seconds = Field(default=300.0, gt=0)
+    auth_lockout: Seconds = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unauthenticated_below_max(self) -> LimitsConfig:
+        if self.max_stanza_bytes_unauthenticated > self.max_stanza_bytes:
+            raise _problem(
+                f"must be at most max_stanza_bytes ({self.max_stanza_bytes}), "
+                f"got {self.max_stanza_bytes_unauthenticated}",
+                "max_stanza_bytes_unauthenticated",
+            )
+        return self
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mechanisms: list[Annotated[Mechanism, BeforeValidator(_upper)]] = Field(
+        default_factory=lambda: list(MECHANISMS), min_length=1
+    )
+    scram_iterations: StrictInt = Field(default=4096, ge=4096, le=10_000_000)
+    allow_unencrypted: StrictBool = False  # SASL before TLS, never PLAIN: tests/debugging only
+    proxy_auth: list[BareJID] = Field(default_factory=list)
+
+    @field_validator("mechanisms")
+    @classmethod
+    def _unique_mechanisms(cls, value: list[str]) -> list[str]:
+        _no_duplicates(value, "mechanisms")
+        return value
+
+    @field_validator("proxy_auth")
+    @classmethod
+    def _unique_proxies(cls, value: list[str]) -> list[str]:
+        _no_duplicates(value, "proxy_auth")
+        return value
+
+
+def _default_listeners() -> list[ListenerConfig]:
+    return [
+        ListenerConfig(type="starttls", address="127.0.0.1", port=5222),
+        ListenerConfig(type="direct_tls", address="127.0.0.1", port=5223),
+    ]
+
+
+def _default_modules() -> dict[str, dict[str, Any] | None]:
+    return {"disco": {}, "ping": {}, "version": {}, "time": {}}
+
+
+_SECTIONS = ("tls", "limits", "auth", "storage", "modules")
+
+
+class Config(BaseModel):
+    """The whole server configuration; `source` says where each value came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: list[Domain] = Field(default_factory=lambda: ["localhost"], min_length=1)
+    data_dir: Path = Field(default=Path("data"), validate_default=True)
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = (
+        "info"
+    )
+    listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    # Raw options per enabled module; the module host validates each against the
+    # module's own model with validate_section(), so errors still carry lines.
+    modules: dict[StrictStr, dict[StrictStr, Any] | None] = Field(default_factory=_default_modules)
+
+    _source: ConfigSource = PrivateAttr(
+        default_factory=lambda: ConfigSource(file=None, base_dir=Path.cwd())
+    )
+
+    @property
+    def source(self) -> ConfigSource:
+        return self._source
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # "limits:" with every line under it commented out is YAML null: it means
+        # "nothing set here", i.e. the section's defaults (no modules for modules).
+        if isinstance(data, dict):
+            data = {k: ({} if k in _SECTIONS and v is None else v) for k, v in data.items()}
+        return data
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique_hosts(cls, value: list[str]) -> list[str]:
+        _no_duplicates(value, "hosts")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+    @field_validator("listeners")
+    @classmethod
+    def _distinct_sockets(cls, value: list[ListenerConfig]) -> list[ListenerConfig]:
+        seen: dict[tuple[str, int], int] = {}
+        for i, listener in enumerate(value):
+            if listener.port == 0:  # each picks its own free port
+                continue
+            where = (listener.address, listener.port)
+            if where in seen:
+                raise _problem(
+                    f"{listener.address} port {listener.port} is already used by "
+                    f"listeners[{seen[where]}]",
+                    i,
+                )
+            seen[where] = i
+        return value
+
+    @model_validator(mode="after")
+    def _proxies_on_own_hosts(self) -> Config:
+        for i, jid in enumerate(self.auth.proxy_auth):
+            domain = jid.rpartition("@")[2]
+            if domain not in self.hosts:
+                raise _problem(
+                    f"{json.dumps(jid)} is not on one of the hosts ({', '.join(self.hosts)})",
+                    "auth",
+                    "proxy_auth",
+                    i,
+                )
+        return self
+
+
+# ------------------------------------------------------------- pydantic errors -> lines
+
+
+def _show(value: Any) -> str:
+    """A bad value as the operator wrote it."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:56] + '..."'
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return str(value)
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+_EXPECTED = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected a whole number",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "finite_number": "expected a finite number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping (key: value)",
+    "model_type": "expected a mapping (key: value)",
+    "model_attributes_type": "expected a mapping (key: value)",
+    "path_type": "expected a file path",
+}
+
+_BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least"),
+    "greater_than": ("gt", "must be greater than"),
+    "less_than_equal": ("le", "must be at most"),
+    "less_than": ("lt", "must be less than"),
+}
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _union_members(tp: Any) -> tuple[Any, ...]:
+    tp = _unwrap(tp)
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+
+
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    """The model `tp` is, or holds as a union member (`X | None`)."""
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for member in _union_members(tp):
+        found = _model_in(member)
+        if found is not None:
+            return found
+    return None
+
+
+def _tagged(tp: Any, part: str | int) -> Any:
+    """The member of a tagged union `tp` whose Tag is `part`, else None."""
+    for member in _union_members(tp):
+        if typing.get_origin(member) is Annotated and any(
+            isinstance(meta, Tag) and meta.tag == part for meta in member.__metadata__
+        ):
+            return member
+    return None
+
+
+def _step(tp: Any, part: str | int) -> Any:
+    """The type found one key or index below `tp` (None when unknown)."""
+    model = _model_in(tp)
+    if model is not None:
+        info = model.model_fields.get(str(part))
+        return info.annotation if info is not None else None
+    tp = _unwrap(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list and isinstance(part, int):
+        return args[0]
+    if origin is dict and isinstance(part, str):
+        return args[1]
+    return None
+
+
+def _walk(root: type[BaseModel], loc: Loc) -> tuple[Loc, Any]:
+    """Follow pydantic's `loc` through the model types: drop the union tags it
+    inserts ("storage.items.dynamodb.table" is "storage.items.table" in the
+    file) and return the type found at the end."""
+    clean: list[str | int] = []
+    tp: Any = root
+    for part in loc:
+        member = _tagged(tp, part) if tp is not None else None
+        if member is not None:
+            tp = member
+            continue
+        clean.append(part)
+        tp = _step(tp, part) if tp is not None else None
+    return tuple(clean), tp
+
+
+def _message(e: ErrorDetails, model: type[BaseModel]) -> tuple[Loc, str]:
+    """One pydantic error as (location in the file, plain words with the bad value)."""
+    kind, value = e["type"], e.get("input")
+    ctx: dict[str, Any] = dict(e.get("ctx") or {})
+    loc, _ = _walk(model, tuple(e["loc"]))
+    if kind == "xmppd_config":
+        return loc + tuple(ctx["at"]), str(ctx["reason"])
+    if kind == "missing":
+        return loc[:-1], f"missing required key {json.dumps(str(loc[-1]))}"
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        message = f"unknown key {json.dumps(key)}"
+        parent = _model_in(_walk(model, tuple(e["loc"])[:-1])[1])
+        close = difflib.get_close_matches(key, list(parent.model_fields) if parent else [], n=1)
+        return loc, message + (f" (did you mean {json.dumps(close[0])}?)" if close else "")
+    if kind in ("invalid_key", "string_type") and loc and loc[-1] == "[key]":
+        return loc[:-2], f"keys must be strings, got {_show(value)}"
+    if kind == "invalid_key":
+        return loc[:-1], f"keys must be strings, got {_show(value)}"
+    if kind == "union_tag_invalid":
+        # Point at the key that chose the variant (e.g. "backend"), not the whole section.
+        keys = [k for k, v in value.items() if v == ctx["tag"]] if isinstance(value, dict) else []
+        expected = str(ctx["expected_tags"]).replace("'", '"')
+        return loc + tuple(keys[:1]), f"expected one of {expected}, got {_show(ctx['tag'])}"
+    if kind == "union_tag_not_found":
+        return loc, f"expected a mapping (key: value), got {_show(value)}"
+    if kind == "value_error":
+        return loc, str(ctx.get("error", e["msg"]))
+    if kind == "literal_error":
+        return loc, f"expected {str(ctx['expected']).replace(chr(39), chr(34))}, got {_show(value)}"
+    if kind in _BOUNDS:
+        key, words = _BOUNDS[kind]
+        return loc, f"{words} {_num(ctx[key])}, got {_show(value)}"
+    if kind in ("too_short", "too_long"):
+        bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        words = "at least" if kind == "too_short" else "at most"
+        plural = "" if bound == 1 else "s"
+        return loc, f"must list {words} {bound} item{plural}, got {ctx.get('actual_length')}"
+    if kind in _EXPECTED:
+        message = f"{_EXPECTED[kind]}, got {_show(value)}"
+        if kind == "list_type" and isinstance(value, str):
+            message += f' (write it as [{value}] or as lines starting with "- ")'
+        return loc, message
+    return loc, f"{e['msg'][:1].lower()}{e['msg'][1:]}, got {_show(value)}"
+
+
+def _translate(
+    err: ValidationError, model: type[BaseModel], source: ConfigSource, base: Loc
+) -> list[tuple[int, str]]:
+    """Pydantic's errors as `(line, "FILE:LINE: path: message")` pairs."""
+    out: list[tuple[int, str]] = []
+    for e in err.errors(include_url=False):
+        loc, message = _message(e, model)
+        full = base + loc
+        out.append((source.line_of(full) or 0, source.problem(full, message)))
+    return out
+
+
+def _error(problems: list[tuple[int, str]]) -> ConfigError:
+    """One error with every problem, in file order."""
+    return ConfigError([text for _, text in sorted(problems, key=lambda p: p[0])])
+
+
+# --------------------------------------------------------------------------- YAML -> data + lines
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _map_lines(
+    node: yaml.Node,
+    loc: Loc,
+    lines: dict[Loc, int],
+    dups: list[tuple[int, str]],
+    source_name: str,
+    merged: bool = False,
+) -> None:
+    """Record the line of every key and list item under `node`; report duplicate keys
+    (PyYAML silently keeps the last one, hiding the operator's mistake).
+
+    `merged`: `node` is merged in with "<<: *anchor", so keys written in the
+    mapping itself (already recorded) win over its keys."""
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        merges: list[yaml.Node] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                merges.append(value_node)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if merged and loc + (key,) in lines:
+                continue
+            if key in seen:
+                where = format_loc(loc + (key,))
+                text = f"{source_name}:{line}: {where}: duplicate key (first on line {seen[key]})"
+                dups.append((line, text))
+                continue
+            seen[key] = line
+            lines[loc + (key,)] = line
+            _map_lines(value_node, loc + (key,), lines, dups, source_name)
+        for value_node in merges:
+            subs = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for sub in subs:  # duplicates inside were reported where the anchor is defined
+                _map_lines(sub, loc, lines, [], source_name, merged=True)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.setdefault(loc + (i,), item.start_mark.line + 1)
+            _map_lines(item, loc + (i,), lines, dups, source_name)
+
+
+def _parse(
+    text: str, name: str, lines: dict[Loc, int], dups: list[tuple[int, str]]
+) -> tuple[yaml.Node | None, Any]:
+    """The document's root node and its data; fills `lines` and `dups` on the way."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        # Lines first: constructing rewrites merge ("<<") mappings in place.
+        _map_lines(node, (), lines, dups, name)
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(name: str, e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}:{mark.line + 1}" if mark is not None else name
+        what = e.problem or "invalid YAML"
+        if e.context:
+            what += f" ({e.context})"
+        syntax = not isinstance(e, yaml.constructor.ConstructorError)
+        return f"{where}: {'YAML syntax error' if syntax else 'YAML error'}: {what}"
+    return f"{name}: YAML error: {e}"
+
+
+def _kind(data: Any) -> str:
+    return "a string" if isinstance(data, str) else _show(data)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Load and fully validate a configuration; None gives the built-in defaults.
+
+    Relative paths in the file are made absolute against the file's folder
+    (the current directory for the defaults). Raises ConfigError listing every
+    problem found."""
+    if path is None:
+        return _build({}, ConfigSource(file=None, base_dir=Path.cwd()), [])
+    path = Path(path)
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{name}: cannot read the file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{name}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    lines: dict[Loc, int] = {}
+    dups: list[tuple[int, str]] = []
+    try:
+        node, data = _parse(text, name, lines, dups)
+    except yaml.YAMLError as e:
+        raise ConfigError([_yaml_problem(name, e)]) from None
+    if node is None or data is None:  # an empty file (or only comments): all defaults
+        data = {}
+    elif not isinstance(data, dict):
+        raise ConfigError(
+            [
+                f"{name}:{node.start_mark.line + 1}: the top level must be a mapping of keys to "
+                f'values (like "hosts: [example.org]"), got {_kind(data)}'
+            ]
+        )
+    return _build(data, ConfigSource(file=path, base_dir=path.absolute().parent, lines=lines), dups)
+
+
+def _build(data: dict[str, Any], source: ConfigSource, problems: list[tuple[int, str]]) -> Config:
+    try:
+        cfg = Config.model_validate(data, context={"base_dir": source.base_dir})
+    except ValidationError as e:
+        raise _error(problems + _translate(e, Config, source, ())) from None
+    if problems:
+        raise _error(problems)
+    cfg._source = source
+    if cfg.auth.allow_unencrypted:
+        log.warning(
+            "%s: auth.allow_unencrypted is on: clients may authenticate before TLS. "
+            "Use this only for tests and debugging, never on a network.",
+            source.where(("auth", "allow_unencrypted")),
+        )
+    return cfg
+
+
+def validate_section(model: type[M], data: Any, source: ConfigSource, path: Loc) -> M:
+    """Validate the sub-tree at `path` (e.g. a module's options) against `model`,
+    raising ConfigError whose lines point into the original file."""
+    try:
+        return model.model_validate(data, context={"base_dir": source.base_dir})
+    except ValidationError as e:
+        raise _error(_translate(e, model, source, path)) from None

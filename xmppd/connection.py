@@ -1,0 +1,364 @@
+"""A client connection: the asyncio transport around one sans-IO C2SStream.
+
+This is the application half: it decides what the stream cannot (TLS
+start, credential checks against storage, resource binding with the
+router) and is the Session the router delivers to. Output is coalesced:
+stanzas delivered during one loop iteration leave in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from lxml import etree
+
+from xmppd.auth.accounts import InvalidUsername, normalize_username
+from xmppd.jid import JID, InvalidJID
+from xmppd.sasl import SASLFailure
+from xmppd.sasl.channel_binding import connection_channel_bindings
+from xmppd.sasl.mechanisms import scram_hash_of
+from xmppd.sasl.plain import parse_plain
+from xmppd.sasl.scram import ScramServer
+from xmppd.storage.base import StorageError
+from xmppd.stream import c2s
+from xmppd.stream.errors import StanzaError, StreamError, error_from
+from xmppd.xml import ns
+
+if TYPE_CHECKING:
+    from xmppd.server import Server
+
+log = logging.getLogger(__name__)
+
+
+class C2SConnection(asyncio.Protocol):
+    def __init__(self, server: Server, direct_tls: bool) -> None:
+        self.server = server
+        self.direct_tls = direct_tls
+        self.transport: asyncio.Transport | None = None
+        self.ip = "?"
+        self.stream = c2s.C2SStream(server.stream_settings(direct_tls))
+        # Session attributes (xmppd.session.Session)
+        self.jid = ""
+        self.bare = ""
+        self.resource = ""
+        self.host = ""
+        self.available = False
+        self.priority = 0
+        self.presence: etree._Element | None = None
+        self._scram: ScramServer | None = None
+        self._pending_mechanism: str | None = None  # <auth/> came without initial response
+        self._auth_task: asyncio.Task[None] | None = None
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
+        self._max_backlog = 4 * server.config.limits.max_stanza_bytes + 65536
+        self._counted = False
+        self._ended = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.ip = peer[0] if peer else "?"
+        loop = asyncio.get_running_loop()
+        self._auth_timer = loop.call_later(
+            self.server.config.limits.auth_timeout, self._auth_timeout
+        )
+        if not self.server.connection_opened(self):
+            self.stream.fail(
+                StreamError("policy-violation", "too many connections from your address")
+            )
+            self._flush()
+            return
+        self._counted = True
+        if self.direct_tls:
+            self.stream.set_channel_bindings(self._channel_bindings())
+
+    def data_received(self, data: bytes) -> None:
+        self._handle(self.stream.receive(data))
+        self._flush()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+        if self._counted:
+            self.server.connection_closed(self)
+            self._counted = False
+        self._end_session()
+        self.transport = None
+
+    # --- Session ----------------------------------------------------------------------
+
+    def deliver(self, stanza: etree._Element) -> None:
+        self.stream.send(stanza)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def terminate(self, error: StreamError) -> None:
+        self.stream.fail(error)
+        self._flush()
+
+    # --- stream events ----------------------------------------------------------------
+
+    def _handle(self, events: list[c2s.Event]) -> None:
+        for event in events:
+            if isinstance(event, c2s.StanzaReceived):
+                self.server.router.route(event.stanza, self)
+            elif isinstance(event, c2s.AuthRequested):
+                self._start_auth(event)
+            elif isinstance(event, c2s.AuthResponse):
+                self._continue_auth(event.data)
+            elif isinstance(event, c2s.AuthAborted):
+                self._abort_auth()
+            elif isinstance(event, c2s.BindRequested):
+                self._bind(event)
+            elif isinstance(event, c2s.TLSRequested):
+                assert self.transport is not None
+                # No plaintext byte may reach the parser after <proceed/>.
+                self.transport.pause_reading()
+                self._flush()
+                asyncio.ensure_future(self._start_tls())
+            elif isinstance(event, c2s.PreAuthIQ):
+                self.server.router.spawn(self._preauth_iq(event.iq))
+            elif isinstance(event, c2s.NonzaReceived):
+                self.stream.fail(
+                    StreamError("unsupported-stanza-type", f"{event.element.tag} is not supported")
+                )
+            # StreamEnded needs nothing here: _flush() closes a closed stream's transport.
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None:
+            return
+        data = self.stream.output()
+        if data:
+            transport.write(data)
+            if transport.get_write_buffer_size() > self._max_backlog and not self.stream.closed:
+                # A client that stops reading must not make us buffer without bound.
+                self.stream.fail(StreamError("policy-violation", "you are not reading your stream"))
+                transport.write(self.stream.output())
+        if self.stream.closed:
+            # The stream is over even if the TLS shutdown takes a while: stop routing here now.
+            self._end_session()
+            if not transport.is_closing():
+                transport.close()
+
+    def _end_session(self) -> None:
+        if self.jid and not self._ended:
+            self._ended = True
+            self.server.session_ended(self)
+
+    async def _start_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await loop.start_tls(
+                transport,
+                self,
+                self.server.tls.context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.config.limits.auth_timeout,
+            )
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.ip, exc)
+            transport.abort()
+            return
+        if new_transport is None:
+            return
+        self.transport = new_transport  # type: ignore[assignment]
+        self.stream.tls_started(self._channel_bindings())
+
+    def _channel_bindings(self) -> dict[str, bytes]:
+        assert self.transport is not None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return {}
+        return connection_channel_bindings(ssl_object, self.server.tls.cert_der)
+
+    def _auth_timeout(self) -> None:
+        if not self.jid and not self.stream.closed:
+            self.stream.fail(StreamError("connection-timeout", "authenticate and bind in time"))
+            self._flush()
+
+    # --- SASL -------------------------------------------------------------------------
+
+    def _start_auth(self, event: c2s.AuthRequested) -> None:
+        if event.data is None:
+            self.stream.sasl_challenge(b"")  # RFC 6120 6.4.2: ask for the initial response
+            self._scram = None
+            self._pending_mechanism = event.mechanism
+            return
+        self._pending_mechanism = None
+        self._auth_task = asyncio.ensure_future(self._auth_first(event.mechanism, event.data))
+
+    def _continue_auth(self, data: bytes) -> None:
+        if self._auth_task is not None and not self._auth_task.done():
+            self._auth_task.cancel()
+            self.stream.sasl_failure("malformed-request", "wait for the server's challenge")
+            return
+        if self._pending_mechanism is not None:
+            mechanism, self._pending_mechanism = self._pending_mechanism, None
+            self._auth_task = asyncio.ensure_future(self._auth_first(mechanism, data))
+        elif self._scram is not None:
+            self._auth_task = asyncio.ensure_future(self._auth_final(data))
+        else:
+            self.stream.sasl_failure("malformed-request")
+
+    def _abort_auth(self) -> None:
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+        self._scram = None
+        self._pending_mechanism = None
+
+    async def _auth_first(self, mechanism: str, data: bytes) -> None:
+        server = self.server
+        host = self.stream.host or ""
+        if server.throttle.locked(self.ip):
+            await self._auth_failed(
+                None, "temporary-auth-failure", "too many failed attempts from your address"
+            )
+            return
+        try:
+            if mechanism == "PLAIN":
+                authzid, username, password = parse_plain(data)
+                username = _account_name(username)
+                if server.throttle.locked(self.ip, f"{username}@{host}"):
+                    await self._auth_failed(
+                        None, "temporary-auth-failure", "account temporarily locked"
+                    )
+                    return
+                if not await server.accounts[host].verify_plain(username, password):
+                    await self._auth_failed(username, "not-authorized")
+                    return
+                await self._authorize(username, authzid, None)
+                return
+            scram = ScramServer(
+                mechanism,
+                self.stream.channel_bindings,
+                plus_offered=any(m.endswith("-PLUS") for m in self.stream.offered),
+                fake_iterations=server.config.auth.scram_iterations,
+                fake_salt_key=server.fake_salt_key,
+            )
+            username = _account_name(scram.start(data))
+            if server.throttle.locked(self.ip, f"{username}@{host}"):
+                await self._auth_failed(
+                    None, "temporary-auth-failure", "account temporarily locked"
+                )
+                return
+            keys = await server.accounts[host].scram_keys(username, scram_hash_of(mechanism))
+            self.stream.sasl_challenge(scram.challenge(keys))
+            self._scram = scram
+        except SASLFailure as failure:
+            await self._auth_failed(None, failure.condition, failure.text)
+        except (StorageError, ValueError) as exc:
+            # Storage down or stored keys unreadable: the client may retry; nothing was changed.
+            log.error("authentication for %s failed on the server side: %s", self.ip, exc)
+            self.stream.sasl_failure("temporary-auth-failure", "try again later")
+        finally:
+            self._flush()
+
+    async def _auth_final(self, data: bytes) -> None:
+        scram, self._scram = self._scram, None
+        assert scram is not None and scram.authcid is not None
+        username = _account_name(scram.authcid)
+        try:
+            server_final = scram.finish(data)
+        except SASLFailure as failure:
+            await self._auth_failed(username, failure.condition, failure.text)
+        else:
+            await self._authorize(username, scram.authzid, server_final)
+        finally:
+            self._flush()
+
+    async def _authorize(
+        self, username: str, authzid: str | None, additional: bytes | None
+    ) -> None:
+        """Authentication passed: may this user act as `authzid`?
+
+        Only as itself, unless auth.proxy_auth lists it, and then only as an
+        existing account of the same host: acting as an arbitrary identity
+        after authenticating as another is a known CVE class.
+        """
+        host = self.stream.host or ""
+        own = f"{username}@{host}"
+        if authzid is not None:
+            try:
+                target = JID(authzid)
+            except InvalidJID:
+                target = None
+            if target is None or target.bare != own:
+                allowed = (
+                    target is not None
+                    and own in self.server.config.auth.proxy_auth
+                    and target.domain == host
+                    and not target.resource
+                    and await self.server.accounts[host].exists(target.user)
+                )
+                if not allowed:
+                    self.stream.sasl_failure("invalid-authzid", "you may not act as another user")
+                    return
+                username = target.user  # type: ignore[union-attr]
+        self.server.throttle.succeeded(self.ip, own)
+        self.stream.sasl_success(username, additional)
+        log.debug("authenticated %s from %s", own, self.ip)
+
+    async def _auth_failed(
+        self, username: str | None, condition: str, text: str | None = None
+    ) -> None:
+        if condition in ("not-authorized", "temporary-auth-failure"):
+            host = self.stream.host or ""
+            if username is not None:
+                self.server.throttle.failed(self.ip, f"{username}@{host}")
+            await asyncio.sleep(self.server.config.limits.auth_failure_delay)
+        self.stream.sasl_failure(condition, text)
+
+    async def _preauth_iq(self, iq: etree._Element) -> None:
+        reply = await self.server.modules.handle_preauth_iq(iq, self.stream.host or "", self.ip)
+        self.stream.send(reply)
+        self._flush()
+
+    # --- binding ----------------------------------------------------------------------
+
+    def _bind(self, event: c2s.BindRequested) -> None:
+        host = self.stream.host or ""
+        bare = f"{self.stream.username}@{host}"
+        try:
+            full = self.server.router.bind(self, bare, event.resource)
+        except StanzaError as exc:
+            self.stream.send(error_from(event.iq, exc))
+            return
+        self.jid, self.bare, self.host = full, bare, host
+        self.resource = full.split("/", 1)[1]
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        self.stream.bound(event.iq, full)
+        self.server.session_started(self)
+
+
+def _account_name(authcid: str) -> str:
+    """The stored account name for a SASL authcid ("Alice" logs in as "alice").
+
+    A name that is no valid localpart is kept as given: it cannot match an
+    account, and it still counts against the failure limit."""
+    try:
+        return normalize_username(authcid)
+    except InvalidUsername:
+        return authcid
+
+
+def unavailable_presence(session_jid: str) -> etree._Element:
+    presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+    presence.set("type", "unavailable")
+    presence.set("from", session_jid)
+    return presence

@@ -1,0 +1,308 @@
+"""The module host: the small API every feature module is written against.
+
+Modelled on Prosody's module host. A module declares what it handles (IQ
+handlers by namespace and type, hooks on events, disco features and
+identities, an options model) and asks the host for storage by name. It
+never writes to a socket and never imports a backend, so it runs the same
+on the embedded default and on a cloud cluster, and tests feed it stanzas
+with no network at all (see xmppd.testing).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict
+
+from xmppd.jid import JID
+from xmppd.storage.base import BlobStore, ItemStore
+from xmppd.stream.errors import StanzaError, error_from, error_reply
+from xmppd.xml import ns
+
+if TYPE_CHECKING:
+    from xmppd.config import Config
+    from xmppd.router import Router
+    from xmppd.storage.factory import Storage
+
+log = logging.getLogger(__name__)
+
+Scope = Literal["server", "account"]
+
+
+@dataclass(slots=True)
+class IqRequest:
+    """An IQ get/set addressed to the server or to an account."""
+
+    stanza: etree._Element
+    payload: etree._Element  # the one child element
+    sender: JID
+    target: str  # the server's domain, or the account's bare JID
+    host: str  # the virtual host that answers
+
+    @property
+    def from_owner(self) -> bool:
+        """True when the account asks about itself (its own roster, vCard, ...)."""
+        return self.sender.bare == self.target
+
+
+@dataclass(slots=True)
+class PreAuthRequest:
+    """An IQ from a client that has not authenticated (XEP-0077 registration)."""
+
+    stanza: etree._Element
+    payload: etree._Element
+    host: str  # the virtual host the stream is for
+    ip: str  # the client's address, for rate limits
+
+
+IqHandler = Callable[[IqRequest], Awaitable[etree._Element | None]]
+PreAuthHandler = Callable[[PreAuthRequest], Awaitable[etree._Element | None]]
+Hook = Callable[..., Awaitable[bool | None]]
+Filter = Callable[..., bool]
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Module:
+    """Base class of feature modules; subclasses register in `setup()`."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, host: ModuleHost, options: BaseModel) -> None:
+        self.host = host
+        self.options = options
+        self.log = logging.getLogger(f"xmppd.modules.{self.name}")
+
+    def setup(self) -> None:
+        """Register handlers, hooks and features. Runs once, before any stanza."""
+
+    async def start(self) -> None:
+        """Async start-up (open stores, start timers)."""
+
+    async def stop(self) -> None:
+        """Release what start() took."""
+
+
+class ModuleHost:
+    def __init__(self, router: Router, storage: Storage, hosts: list[str]) -> None:
+        self.router = router
+        self.storage = storage
+        self.hosts = hosts
+        self.modules: dict[str, Module] = {}
+        self.features: dict[Scope, set[str]] = {"server": set(), "account": set()}
+        self.identities: list[tuple[str, str, str | None]] = []
+        self._iq: dict[tuple[str, str, Scope], IqHandler] = {}
+        self._hooks: dict[str, list[tuple[int, Hook]]] = {}
+        self._filters: dict[str, list[tuple[int, Filter]]] = {}
+        self._preauth_iq: dict[tuple[str, str], PreAuthHandler] = {}
+        self.stream_features: dict[str, list[Callable[[], etree._Element]]] = {
+            "preauth": [],
+            "bound": [],
+        }
+        # The two filter chains on the stanza path, kept as attributes so the
+        # router tests them without a dict lookup per stanza.
+        self.filters_out: list[tuple[int, Filter]] = self._filters.setdefault("stanza/out", [])
+        self.filters_in: list[tuple[int, Filter]] = self._filters.setdefault("stanza/in", [])
+        router.modules = self
+
+    # --- the API modules use ---------------------------------------------------------
+
+    def iq(
+        self,
+        namespace: str,
+        type_: Literal["get", "set"],
+        handler: IqHandler,
+        to: Scope | Literal["both"] = "server",
+    ) -> None:
+        """Handle IQs of `type_` with a payload in `namespace`, sent to the server or an account."""
+        for scope in ("server", "account") if to == "both" else (to,):
+            key = (namespace, type_, scope)
+            if key in self._iq:
+                raise ValueError(f"two handlers for {key}")
+            self._iq[key] = handler  # type: ignore[index]
+
+    def hook(self, event: str, handler: Hook, priority: int = 0) -> None:
+        """Run `handler` on `event`; higher priority first; a True result stops the chain."""
+        handlers = self._hooks.setdefault(event, [])
+        handlers.append((priority, handler))
+        handlers.sort(key=lambda h: -h[0])
+
+    def preauth_iq(
+        self, namespace: str, type_: Literal["get", "set"], handler: PreAuthHandler
+    ) -> None:
+        """Handle IQs in `namespace` on streams that have not authenticated yet.
+
+        Only for what must work before login (in-band registration); the
+        handler gets no sender JID, only the host and the client's address.
+        """
+        self._preauth_iq[(namespace, type_)] = handler
+
+    def add_stream_feature(
+        self, phase: Literal["preauth", "bound"], make: Callable[[], etree._Element]
+    ) -> None:
+        """Advertise an element in <stream:features/> before auth or after it."""
+        self.stream_features[phase].append(make)
+
+    def filter(self, event: str, handler: Filter, priority: int = 0) -> None:
+        """Run a synchronous `handler` on the stanza path; False drops the stanza.
+
+        "stanza/out" (stanza, origin session): every stanza a local client sends,
+        before routing. "stanza/in" (stanza, session): every stanza before it is
+        delivered to a local session. A filter that drops a stanza sends any
+        error itself. Filters must not block: keep what they need in memory.
+        """
+        handlers = self._filters.setdefault(event, [])
+        handlers.append((priority, handler))
+        handlers.sort(key=lambda h: -h[0])
+
+    def run_filters(self, event: str, *args: Any) -> bool:
+        for _, handler in self._filters.get(event, ()):
+            if not handler(*args):
+                return False
+        return True
+
+    def add_feature(self, var: str, to: Scope = "server") -> None:
+        self.features[to].add(var)
+
+    def add_identity(self, category: str, type_: str, name: str | None = None) -> None:
+        self.identities.append((category, type_, name))
+
+    def items(self, vhost: str, store: str) -> ItemStore:
+        return ItemStore(self.storage.items, vhost, store)
+
+    def blobs(self, vhost: str, store: str) -> BlobStore:
+        return BlobStore(self.storage.blobs, vhost, store)
+
+    def route(self, stanza: etree._Element) -> None:
+        self.router.route(stanza)
+
+    # --- what the router and server use ------------------------------------------------
+
+    def has_hook(self, event: str) -> bool:
+        return event in self._hooks
+
+    async def fire(self, event: str, *args: Any) -> bool:
+        """Run the hooks of `event` in order; True if one of them handled it."""
+        for _, handler in self._hooks.get(event, ()):
+            try:
+                if await handler(*args):
+                    return True
+            except Exception:
+                log.exception("hook %s failed in %r", event, handler)
+        return False
+
+    async def handle_iq(self, stanza: etree._Element, target: str, scope: Scope) -> None:
+        type_ = stanza.get("type")
+        if type_ not in ("get", "set"):
+            return  # results and errors addressed to the server: nothing waits for them yet
+        if len(stanza) != 1 or not isinstance(stanza[0].tag, str) or stanza.get("id") is None:
+            self.router.bounce(stanza, "bad-request", "an IQ get/set needs an id and one child")
+            return
+        payload = stanza[0]
+        namespace = payload.tag[1:].split("}", 1)[0] if payload.tag[0] == "{" else ""
+        handler = self._iq.get((namespace, type_, scope))
+        if handler is None:
+            self.router.bounce(stanza, "service-unavailable")
+            return
+        sender = JID(stanza.get("from", ""))
+        host = target.rsplit("@", 1)[-1]
+        request = IqRequest(stanza, payload, sender, target, host)
+        try:
+            result_payload = await handler(request)
+        except StanzaError as exc:
+            self.router.route(error_from(stanza, exc))
+            return
+        except Exception:
+            log.exception("IQ handler for %s failed", namespace)
+            self.router.route(error_reply(stanza, "internal-server-error"))
+            return
+        result = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
+        result.set("type", "result")
+        result.set("id", stanza.get("id", ""))
+        result.set("to", stanza.get("from", ""))
+        result.set("from", target)
+        if result_payload is not None:
+            result.append(result_payload)
+        self.router.route(result)
+
+    @property
+    def preauth_namespaces(self) -> frozenset[str]:
+        return frozenset(namespace for namespace, _ in self._preauth_iq)
+
+    async def handle_preauth_iq(self, stanza: etree._Element, host: str, ip: str) -> etree._Element:
+        """The reply to an IQ sent before authentication (never routed anywhere)."""
+        payload = stanza[0]
+        namespace = payload.tag[1:].split("}", 1)[0]
+        handler = self._preauth_iq.get((namespace, stanza.get("type", "")))
+        if handler is None:
+            return error_reply(stanza, "service-unavailable")
+        try:
+            result_payload = await handler(PreAuthRequest(stanza, payload, host, ip))
+        except StanzaError as exc:
+            return error_from(stanza, exc)
+        except Exception:
+            log.exception("pre-auth IQ handler for %s failed", namespace)
+            return error_reply(stanza, "internal-server-error")
+        result = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
+        result.set("type", "result")
+        result.set("id", stanza.get("id", ""))
+        if result_payload is not None:
+            result.append(result_payload)
+        return result
+
+    def load(self, config: Config) -> None:
+        """Instantiate and set up every module enabled in the config."""
+        for name, options in validate_module_options(config).items():
+            module = module_class(name)(self, options)
+            module.setup()
+            self.modules[name] = module
+
+    async def start(self) -> None:
+        for module in self.modules.values():
+            await module.start()
+
+    async def stop(self) -> None:
+        for module in reversed(list(self.modules.values())):
+            await module.stop()
+
+
+def module_class(name: str) -> type[Module]:
+    """The Module subclass of xmppd.modules.<name> (each module file exports MODULE)."""
+    mod = importlib.import_module(f"xmppd.modules.{name}")
+    cls = getattr(mod, "MODULE", None)
+    if not (isinstance(cls, type) and issubclass(cls, Module)):
+        raise ImportError(f"xmppd.modules.{name} has no MODULE class")
+    return cls
+
+
+def validate_module_options(config: Config) -> dict[str, BaseModel]:
+    """Check every enabled module exists and its options are valid, reporting all problems."""
+    from xmppd.config import ConfigError, validate_section
+
+    options: dict[str, BaseModel] = {}
+    problems: list[str] = []
+    for name, raw in config.modules.items():
+        try:
+            cls = module_class(name)
+        except ImportError:
+            problems.append(
+                f"{config.source.where(('modules', name))}: modules.{name}: no such module"
+            )
+            continue
+        try:
+            options[name] = validate_section(
+                cls.Options, raw or {}, config.source, ("modules", name)
+            )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return options

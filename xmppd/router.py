@@ -1,0 +1,306 @@
+"""The one place that decides where a stanza goes (RFC 6120 section 10, RFC 6121 section 8).
+
+Delivery to a session already bound on this node is synchronous, so a
+client's stanzas keep their order and the message path has no storage round
+trip. Anything that needs storage or a module (an IQ to the server or to an
+account, a message for a user with no available resource) runs as a task.
+Addresses this node does not serve go to `remote`, the seam where cluster
+forwarding and s2s plug in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Protocol
+
+from lxml import etree
+
+from xmppd.jid import JID, parse_jid
+from xmppd.session import Session
+from xmppd.stream.errors import StanzaError, StreamError, error_from, error_reply
+from xmppd.xml import ns
+
+if TYPE_CHECKING:
+    from xmppd.modulehost import ModuleHost
+
+log = logging.getLogger(__name__)
+
+SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
+
+
+class RemoteRoute(Protocol):
+    """Where stanzas for domains this node does not serve go (s2s, later)."""
+
+    def route(self, stanza: etree._Element) -> None: ...
+
+
+class NoRemote:
+    """Until s2s exists: remote domains are unreachable, and the sender is told so."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def route(self, stanza: etree._Element) -> None:
+        self.router.bounce(stanza, "remote-server-not-found", "no server-to-server connectivity")
+
+
+class Router:
+    def __init__(
+        self, hosts: Collection[str], user_exists: Callable[[str, str], Awaitable[bool]]
+    ) -> None:
+        self.hosts = frozenset(hosts)
+        self.user_exists = user_exists  # (host, username) -> bool
+        self.sessions: dict[str, dict[str, Session]] = {}  # bare JID -> resource -> session
+        self.modules: ModuleHost | None = None
+        self.remote: RemoteRoute = NoRemote(self)
+        self._tasks: set[asyncio.Future[object]] = set()
+
+    # --- sessions ----------------------------------------------------------------------
+
+    def bind(self, session: Session, bare: str, resource: str | None) -> str:
+        """Bind `resource` (or a server-made one) for `bare`; returns the full JID.
+
+        An existing session on the same resource is ended with <conflict/>
+        (RFC 6120 section 7.7.2.2, "override"): the newest login wins.
+        """
+        if resource is None:
+            resource = secrets.token_hex(6)
+        try:
+            full = JID(f"{bare}/{resource}")
+        except Exception:
+            raise StanzaError("bad-request", "malformed resource") from None
+        old = self.sessions.get(bare, {}).get(full.resource)
+        if old is not None and old is not session:
+            self.unbind(old)
+            old.terminate(StreamError("conflict", "replaced by a new connection on this resource"))
+        self.sessions.setdefault(bare, {})[full.resource] = session
+        return full.full
+
+    def unbind(self, session: Session) -> None:
+        resources = self.sessions.get(session.bare)
+        if resources is not None and resources.get(session.resource) is session:
+            del resources[session.resource]
+            if not resources:
+                del self.sessions[session.bare]
+
+    def local_sessions(self, bare: str) -> list[Session]:
+        return list(self.sessions.get(bare, {}).values())
+
+    def available_sessions(self, bare: str) -> list[Session]:
+        return [s for s in self.sessions.get(bare, {}).values() if s.available]
+
+    # --- routing -----------------------------------------------------------------------
+
+    def route(self, stanza: etree._Element, origin: Session | None = None) -> None:
+        """Send `stanza` where its 'to' says; errors go back to its sender.
+
+        `origin` is the local session that sent it, None for stanzas the
+        server makes; only the former pass the "stanza/out" filters
+        (privacy lists, carbons of sent messages, directed presence).
+        """
+        modules = self.modules
+        if origin is not None and modules is not None and modules.filters_out:
+            if not modules.run_filters("stanza/out", stanza, origin):
+                return
+        to = stanza.get("to")
+        try:
+            if to is None:
+                self._to_self(stanza, origin)
+                return
+            jid = parse_jid(to)
+        except StanzaError as exc:
+            self.reply_error(stanza, exc)
+            return
+        if jid.domain not in self.hosts:
+            self.remote.route(stanza)
+        elif not jid.user:
+            if jid.resource:
+                self.bounce(stanza, "service-unavailable")
+            else:
+                self._to_server(stanza, jid)
+        elif jid.resource:
+            self._to_full(stanza, jid)
+        else:
+            self._to_bare(stanza, jid)
+
+    def deliver(self, session: Session, stanza: etree._Element) -> None:
+        """Hand a stanza to a local session, through the "stanza/in" filters."""
+        modules = self.modules
+        if modules is not None and modules.filters_in:
+            if not modules.run_filters("stanza/in", stanza, session):
+                return
+        session.deliver(stanza)
+
+    def _to_self(self, stanza: etree._Element, origin: Session | None) -> None:
+        """No 'to': the stanza is for the sender's own account (RFC 6120 section 10.3)."""
+        if stanza.tag == ns.C_PRESENCE and origin is not None:
+            self.broadcast_presence(stanza, origin)
+        elif stanza.tag == ns.C_IQ:
+            sender = stanza.get("from") or ""
+            self.spawn(self._iq_to_account(stanza, JID(sender).bare, sender))
+        elif stanza.tag == ns.C_MESSAGE and origin is not None:
+            # RFC 6120 10.3.1: as if addressed to the sender's bare JID.
+            self._to_bare(stanza, JID(origin.bare))
+
+    def _to_server(self, stanza: etree._Element, jid: JID) -> None:
+        if stanza.tag == ns.C_IQ:
+            self.spawn(self._iq_to_server(stanza, jid.domain))
+        elif self.modules is not None:
+            self.spawn(self._unhandled(stanza, f"{_local(stanza.tag)}/server"))
+
+    def _to_full(self, stanza: etree._Element, jid: JID) -> None:
+        session = self.sessions.get(jid.bare, {}).get(jid.resource)
+        if session is not None:
+            self.deliver(session, stanza)
+            return
+        kind, type_ = stanza.tag, stanza.get("type")
+        if kind == ns.C_MESSAGE:
+            if type_ == "groupchat":
+                self.bounce(stanza, "service-unavailable")
+            elif type_ != "error":
+                self._to_bare(stanza, JID(jid.bare))  # as Prosody and ejabberd do
+        elif kind == ns.C_PRESENCE:
+            if type_ in SUBSCRIPTION_TYPES or type_ == "probe":
+                self._to_bare(stanza, JID(jid.bare))
+        elif type_ in ("get", "set"):
+            self.bounce(stanza, "service-unavailable")
+
+    def _to_bare(self, stanza: etree._Element, jid: JID) -> None:
+        bare = jid.bare
+        if stanza.tag == ns.C_IQ:
+            self.spawn(self._iq_to_account(stanza, bare, stanza.get("from") or ""))
+            return
+        if bare not in self.sessions:
+            self.spawn(self._to_bare_unknown(stanza, jid))
+            return
+        self._deliver_bare(stanza, jid)
+
+    async def _to_bare_unknown(self, stanza: etree._Element, jid: JID) -> None:
+        """Nobody is bound here for that bare JID: does the account exist? (RFC 6121 8.5.1)"""
+        if not await self.user_exists(jid.domain, jid.user):
+            if stanza.tag == ns.C_MESSAGE:
+                self.bounce(stanza, "service-unavailable")
+            return  # presence to no such user is silently ignored
+        self._deliver_bare(stanza, jid)
+
+    def _deliver_bare(self, stanza: etree._Element, jid: JID) -> None:
+        available = [s for s in self.sessions.get(jid.bare, {}).values() if s.available]
+        type_ = stanza.get("type")
+        if stanza.tag == ns.C_PRESENCE:
+            if (
+                (type_ in SUBSCRIPTION_TYPES or type_ == "probe")
+                and self.modules is not None
+                and self.modules.has_hook(f"presence/{type_}")
+            ):
+                self.spawn(self.modules.fire(f"presence/{type_}", stanza, jid.bare))
+                return
+            if type_ != "probe":
+                for session in available:
+                    self.deliver(session, stanza)
+            return
+        # message (RFC 6121 8.5.2.1.1 / 8.5.2.2.1)
+        if type_ == "error":
+            return
+        if type_ == "groupchat":
+            self.bounce(stanza, "service-unavailable")
+            return
+        eligible = [s for s in available if s.priority >= 0]
+        if type_ == "headline":
+            for session in eligible:
+                self.deliver(session, stanza)
+            return
+        if eligible:
+            top = max(s.priority for s in eligible)
+            for session in eligible:
+                if session.priority == top:
+                    self.deliver(session, stanza)
+            return
+        self.spawn(self._unhandled(stanza, "message/offline", jid.bare))
+
+    def broadcast_presence(self, stanza: etree._Element, origin: Session) -> None:
+        """Presence without 'to': the client's own availability (RFC 6121 section 4.2).
+
+        The user's other available resources get it here; the "presence/broadcast"
+        hook (stanza, origin, initial) lets the presence module tell contacts,
+        where `initial` says the resource just became available.
+        """
+        type_ = stanza.get("type")
+        if type_ not in (None, "unavailable"):
+            self.bounce(stanza, "bad-request", "presence of this type needs a 'to'")
+            return
+        initial = type_ is None and not origin.available
+        origin.available = type_ is None
+        origin.presence = stanza if type_ is None else None
+        try:
+            origin.priority = int(stanza.findtext(f"{{{ns.CLIENT}}}priority") or 0)
+        except ValueError:
+            origin.priority = 0
+        for session in self.available_sessions(origin.bare):
+            if session is not origin:
+                self.deliver(session, stanza)
+        if self.modules is not None and self.modules.has_hook("presence/broadcast"):
+            self.spawn(self.modules.fire("presence/broadcast", stanza, origin, initial))
+
+    # --- IQs handled by modules ---------------------------------------------------------
+
+    async def _iq_to_server(self, stanza: etree._Element, domain: str) -> None:
+        if self.modules is None:
+            self.bounce(stanza, "service-unavailable")
+            return
+        await self.modules.handle_iq(stanza, domain, "server")
+
+    async def _iq_to_account(self, stanza: etree._Element, bare: str, sender: str) -> None:
+        """The server answers IQs to a bare JID on the account's behalf (RFC 6121 8.5.2)."""
+        if stanza.get("type") not in ("get", "set"):
+            return
+        if self.modules is None:
+            self.bounce(stanza, "service-unavailable")
+            return
+        await self.modules.handle_iq(stanza, bare, "account")
+
+    async def _unhandled(self, stanza: etree._Element, event: str, *args: object) -> None:
+        """Give modules a chance (offline storage, messages to the server); else tell the sender."""
+        handled = self.modules is not None and await self.modules.fire(event, stanza, *args)
+        if (
+            not handled
+            and event == "message/offline"
+            and stanza.get("type") in (None, "normal", "chat")
+        ):
+            self.bounce(stanza, "service-unavailable", "the recipient is offline")
+
+    # --- errors ------------------------------------------------------------------------
+
+    def bounce(self, stanza: etree._Element, condition: str, text: str | None = None) -> None:
+        """Answer `stanza` with an error, unless it is itself an error (no error loops)."""
+        if stanza.get("type") == "error" or stanza.get("from") is None:
+            return
+        if stanza.tag == ns.C_IQ and stanza.get("type") not in ("get", "set"):
+            return
+        self.route(error_reply(stanza, condition, text))
+
+    def reply_error(self, stanza: etree._Element, exc: StanzaError) -> None:
+        if stanza.get("type") == "error" or stanza.get("from") is None:
+            return
+        self.route(error_from(stanza, exc))
+
+    def spawn(self, coro: Awaitable[object]) -> None:
+        task: asyncio.Future[object] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("routing task failed", exc_info=exc)
+
+    async def drain(self) -> None:
+        """Wait for routing tasks in flight (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]

@@ -1,0 +1,201 @@
+"""One xmppd node: storage, accounts, router, modules and listeners, wired from the config."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+from collections import Counter
+from dataclasses import dataclass
+
+from xmppd.auth.accounts import Accounts
+from xmppd.auth.throttle import AuthThrottle
+from xmppd.config import Config
+from xmppd.connection import C2SConnection, unavailable_presence
+from xmppd.modulehost import ModuleHost
+from xmppd.router import Router
+from xmppd.storage.base import ConditionFailed, ItemStore
+from xmppd.storage.factory import Storage, open_storage
+from xmppd.stream.c2s import StreamSettings
+from xmppd.stream.errors import StreamError
+from xmppd.tls import ServerTLS, ensure_self_signed, server_tls
+
+log = logging.getLogger("xmppd")
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    type: str
+    address: str
+    port: int
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.connections: set[C2SConnection] = set()
+        self.per_ip: Counter[str] = Counter()
+        limits = config.limits
+        self.throttle = AuthThrottle(
+            limits.max_auth_failures_per_ip,
+            limits.max_auth_failures_per_account,
+            limits.auth_failure_window,
+            limits.auth_lockout,
+        )
+        self.listening: list[Listening] = []
+        self._servers: list[asyncio.Server] = []
+        self._settings: dict[bool, StreamSettings] = {}
+        self.storage: Storage
+        self.tls: ServerTLS
+        self.accounts: dict[str, Accounts]
+        self.fake_salt_key: bytes
+        self.router: Router
+        self.modules: ModuleHost
+
+    async def start(self) -> None:
+        config = self.config
+        log.info("xmppd starting: config %s, hosts %s", config.source.name, ", ".join(config.hosts))
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        if config.tls.cert is None or config.tls.key is None:
+            cert, key = ensure_self_signed(config.data_dir, list(config.hosts))
+        else:
+            cert, key = config.tls.cert, config.tls.key
+        self.tls = server_tls(cert, key, config.tls.min_version)
+        log.info("tls: certificate %s, minimum TLS %s", cert, config.tls.min_version)
+        if config.auth.allow_unencrypted:
+            log.warning(
+                "auth.allow_unencrypted is on: SASL is offered before TLS (never in production)"
+            )
+        self.storage = await open_storage(config.storage, config.data_dir)
+        for line in self.storage.describe():
+            log.info("storage: %s", line)
+        self.fake_salt_key = await cluster_secret(self.storage, "scram-fake-salt")
+        self.accounts = {
+            host: Accounts(
+                ItemStore(self.storage.items, host, "accounts"), config.auth.scram_iterations
+            )
+            for host in config.hosts
+        }
+        self.router = Router(config.hosts, self._user_exists)
+        self.modules = ModuleHost(self.router, self.storage, list(config.hosts))
+        self.modules.load(config)
+        await self.modules.start()
+        log.info("modules: %s", ", ".join(self.modules.modules) or "none")
+        loop = asyncio.get_running_loop()
+        for listener in config.listeners:
+            direct = listener.type == "direct_tls"
+            server = await loop.create_server(
+                lambda direct=direct: C2SConnection(self, direct),  # type: ignore[misc]
+                listener.address,
+                listener.port,
+                ssl=self.tls.context if direct else None,
+                backlog=listener.backlog,
+                ssl_handshake_timeout=config.limits.auth_timeout if direct else None,
+                reuse_address=True,
+            )
+            self._servers.append(server)
+            for sock in server.sockets:
+                address, port = sock.getsockname()[:2]
+                self.listening.append(Listening(listener.type, address, port))
+                kind = "direct TLS (XEP-0368)" if direct else "STARTTLS"
+                log.info("listening: c2s %s on %s port %d", kind, address, port)
+        log.info("xmppd ready")
+
+    async def stop(self) -> None:
+        """Close listeners, end every stream with <system-shutdown/>, release storage."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.terminate(StreamError("system-shutdown", "the server is shutting down"))
+        for server in self._servers:
+            await server.wait_closed()
+        await self.router.drain()
+        await self.modules.stop()
+        await self.storage.close()
+        log.info("xmppd stopped")
+
+    # --- what connections ask of the node ------------------------------------------------
+
+    def stream_settings(self, direct_tls: bool) -> StreamSettings:
+        settings = self._settings.get(direct_tls)
+        if settings is None:
+            limits = self.config.limits
+            settings = self._settings[direct_tls] = StreamSettings(
+                hosts=frozenset(self.config.hosts),
+                max_stanza_bytes=limits.max_stanza_bytes,
+                max_stanza_bytes_unauthenticated=limits.max_stanza_bytes_unauthenticated,
+                max_depth=limits.max_xml_depth,
+                mechanisms=list(self.config.auth.mechanisms),
+                allow_unencrypted=self.config.auth.allow_unencrypted,
+                direct_tls=direct_tls,
+                preauth_features=lambda: [
+                    make() for make in self.modules.stream_features["preauth"]
+                ],
+                extra_features=lambda: [make() for make in self.modules.stream_features["bound"]],
+                preauth_iq_namespaces=self.modules.preauth_namespaces,
+            )
+        return settings
+
+    def connection_opened(self, conn: C2SConnection) -> bool:
+        """Count the connection; False when its address is over the per-IP limit."""
+        limit = self.config.limits.max_connections_per_ip
+        if limit and self.per_ip[conn.ip] >= limit:
+            log.warning("refused a connection from %s: %d connections already", conn.ip, limit)
+            return False
+        self.per_ip[conn.ip] += 1
+        self.connections.add(conn)
+        return True
+
+    def connection_closed(self, conn: C2SConnection) -> None:
+        self.connections.discard(conn)
+        self.per_ip[conn.ip] -= 1
+        if self.per_ip[conn.ip] <= 0:
+            del self.per_ip[conn.ip]
+
+    def session_started(self, conn: C2SConnection) -> None:
+        if self.modules.has_hook("session/bound"):
+            self.router.spawn(self.modules.fire("session/bound", conn))
+
+    def session_ended(self, conn: C2SConnection) -> None:
+        """The client is gone (clean close or dropped TCP): others see it go unavailable."""
+        if conn.available:
+            self.router.broadcast_presence(unavailable_presence(conn.jid), conn)
+        self.router.unbind(conn)
+        if self.modules.has_hook("session/closed"):
+            self.router.spawn(self.modules.fire("session/closed", conn))
+
+    async def _user_exists(self, host: str, username: str) -> bool:
+        return await self.accounts[host].exists(username)
+
+
+async def cluster_secret(storage: Storage, name: str) -> bytes:
+    """A random secret every node of the deployment shares: made once, kept in the item store.
+
+    SCRAM answers unknown users with a salt derived from it; were it per
+    node, a user probed on two nodes would get two salts and be unmasked.
+    """
+    store = ItemStore(storage.items, "_cluster", "secrets")
+    item = await store.get(name)
+    if item is None:
+        try:
+            item = await store.put(name, {"value": secrets.token_bytes(32)}, if_absent=True)
+        except ConditionFailed:
+            item = await store.get(name)
+            assert item is not None
+    value = item.attrs["value"]
+    assert isinstance(value, bytes)
+    return value
+
+
+async def serve(config: Config) -> None:
+    """Run a node until SIGTERM or SIGINT, then shut down cleanly."""
+    server = Server(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: shutting down")
+    await server.stop()

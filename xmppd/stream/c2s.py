@@ -1,0 +1,477 @@
+"""The client-to-server stream as a sans-IO state machine (RFC 6120).
+
+`C2SStream` takes bytes in (`receive`) and gives bytes out (`output`) plus
+events that need a decision the stream cannot make alone: start TLS now,
+check these SASL credentials, bind this resource, route this stanza. It
+never touches a socket, the event loop or storage, so every rule of the
+protocol here is testable in microseconds and the same machine serves any
+transport (TCP with STARTTLS, direct TLS, later WebSocket).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from lxml import etree
+
+from xmppd.sasl.mechanisms import offered_mechanisms
+from xmppd.stream.errors import StreamError, error_reply
+from xmppd.xml import ns
+from xmppd.xml.parser import StreamClosed, StreamOpened, StreamParser
+
+_STARTTLS = f"{{{ns.TLS}}}starttls"
+_AUTH = f"{{{ns.SASL}}}auth"
+_RESPONSE = f"{{{ns.SASL}}}response"
+_ABORT = f"{{{ns.SASL}}}abort"
+_BIND = f"{{{ns.BIND}}}bind"
+_SESSION = f"{{{ns.SESSION}}}session"
+_STREAM_TAG = f"{{{ns.STREAMS}}}stream"
+_IQ_TYPES = frozenset({"get", "set", "result", "error"})
+MAX_SASL_FAILURES_PER_STREAM = 5  # RFC 6120 section 6.4.5: "at least 2 and no more than 5"
+
+
+# --- events handed to the transport driver -------------------------------------------
+
+
+@dataclass(slots=True)
+class TLSRequested:
+    """<proceed/> is queued: flush it, then start the TLS handshake and call tls_started()."""
+
+
+@dataclass(slots=True)
+class AuthRequested:
+    mechanism: str
+    data: bytes | None  # None: no initial response was sent
+
+
+@dataclass(slots=True)
+class AuthResponse:
+    data: bytes
+
+
+@dataclass(slots=True)
+class AuthAborted:
+    pass
+
+
+@dataclass(slots=True)
+class BindRequested:
+    iq: etree._Element
+    resource: str | None
+
+
+@dataclass(slots=True)
+class PreAuthIQ:
+    """An IQ before authentication in a namespace that allows it (in-band registration)."""
+
+    iq: etree._Element
+
+
+@dataclass(slots=True)
+class StanzaReceived:
+    """A stanza from the bound client, 'from' already stamped with its full JID."""
+
+    stanza: etree._Element
+
+
+@dataclass(slots=True)
+class NonzaReceived:
+    """A top-level element that is not a stanza (stream management, CSI, ...)."""
+
+    element: etree._Element
+
+
+@dataclass(slots=True)
+class StreamEnded:
+    """The stream is over: flush output() and close the connection."""
+
+    error: StreamError | None
+
+
+Event = (
+    TLSRequested
+    | AuthRequested
+    | AuthResponse
+    | AuthAborted
+    | BindRequested
+    | PreAuthIQ
+    | StanzaReceived
+    | NonzaReceived
+    | StreamEnded
+)
+
+
+class Phase(Enum):
+    CONNECTED = auto()  # before TLS (STARTTLS listener)
+    SECURED = auto()  # TLS up, not authenticated
+    AUTHENTICATED = auto()  # SASL done, no resource bound
+    BOUND = auto()
+    CLOSED = auto()
+
+
+@dataclass(slots=True)
+class StreamSettings:
+    hosts: Collection[str]
+    max_stanza_bytes: int
+    max_stanza_bytes_unauthenticated: int
+    max_depth: int
+    mechanisms: Sequence[str]
+    allow_unencrypted: bool = False
+    direct_tls: bool = False
+    # Stream features modules add: before authentication (e.g. in-band
+    # registration) and after it (e.g. roster versioning, stream management).
+    preauth_features: Callable[[], list[etree._Element]] = field(default=lambda: [])
+    extra_features: Callable[[], list[etree._Element]] = field(default=lambda: [])
+    # IQ payload namespaces a client may use before authenticating (XEP-0077).
+    preauth_iq_namespaces: frozenset[str] = frozenset()
+
+
+class C2SStream:
+    """One client connection's XMPP stream, from the first byte to </stream:stream>."""
+
+    def __init__(self, settings: StreamSettings) -> None:
+        self.settings = settings
+        self.phase = Phase.SECURED if settings.direct_tls else Phase.CONNECTED
+        self.tls = settings.direct_tls
+        self.channel_bindings: dict[str, bytes] = {}
+        self.host: str | None = None  # the virtual host named in the stream header
+        self.username: str | None = None
+        self.jid: str | None = None  # full JID once bound
+        self.bare_jid: str | None = None
+        self.stream_id = ""
+        self.lang = "en"
+        self.offered: list[str] = []
+        self._client_from: str | None = None
+        self._sasl_active = False
+        self._sasl_failures = 0
+        self._header_sent = False
+        self._out: list[bytes] = []
+        self._parser = self._new_parser()
+
+    # --- driver API ------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; returns what the driver must act on."""
+        if self.phase is Phase.CLOSED:
+            return []
+        events: list[Event] = []
+        try:
+            for item in self._parser.feed(data):
+                if isinstance(item, StreamOpened):
+                    self._on_stream_open(item)
+                elif isinstance(item, StreamClosed):
+                    self._close_out()
+                    events.append(StreamEnded(None))
+                    break
+                else:
+                    self._on_element(item, events)
+                if self.phase is Phase.CLOSED:
+                    break
+        except StreamError as exc:
+            self.fail(exc)
+            events.append(StreamEnded(exc))
+        return events
+
+    def output(self) -> bytes:
+        """Bytes queued for the peer since the last call."""
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def tls_started(self, channel_bindings: dict[str, bytes]) -> None:
+        """The TLS handshake finished: the client now restarts the stream."""
+        self.tls = True
+        self.channel_bindings = channel_bindings
+        self.phase = Phase.SECURED
+        self._restart()
+
+    def set_channel_bindings(self, channel_bindings: dict[str, bytes]) -> None:
+        """For direct TLS, where the handshake happened before the stream began."""
+        self.channel_bindings = channel_bindings
+
+    def sasl_challenge(self, data: bytes) -> None:
+        self._send_sasl("challenge", data)
+
+    def sasl_success(self, username: str, additional: bytes | None = None) -> None:
+        self._send_sasl("success", additional)
+        self._sasl_active = False
+        self.username = username
+        self.phase = Phase.AUTHENTICATED
+        self._restart()
+        self._parser.max_stanza_bytes = self.settings.max_stanza_bytes
+
+    def sasl_failure(self, condition: str, text: str | None = None) -> None:
+        """Report a failed attempt; the client may try again on the same stream, a few times."""
+        failure = etree.Element(f"{{{ns.SASL}}}failure", nsmap={None: ns.SASL})
+        etree.SubElement(failure, f"{{{ns.SASL}}}{condition}")
+        if text:
+            etree.SubElement(failure, f"{{{ns.SASL}}}text").text = text
+        self.send(failure)
+        self._sasl_active = False
+        if condition != "aborted":
+            self._sasl_failures += 1
+            if self._sasl_failures >= MAX_SASL_FAILURES_PER_STREAM:
+                self.fail(
+                    StreamError("policy-violation", "too many failed authentication attempts")
+                )
+
+    def bound(self, iq: etree._Element, full_jid: str) -> None:
+        result = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
+        result.set("type", "result")
+        result.set("id", iq.get("id", ""))
+        bind = etree.SubElement(result, _BIND, nsmap={None: ns.BIND})
+        etree.SubElement(bind, f"{{{ns.BIND}}}jid").text = full_jid
+        self.jid = full_jid
+        self.bare_jid = full_jid.split("/", 1)[0]
+        self.phase = Phase.BOUND
+        self.send(result)
+
+    def send(self, element: etree._Element) -> None:
+        if self.phase is not Phase.CLOSED:
+            self._out.append(etree.tostring(element))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue already serialized stanza bytes (forwarding without re-serializing)."""
+        if self.phase is not Phase.CLOSED:
+            self._out.append(data)
+
+    def fail(self, error: StreamError) -> None:
+        """Send a stream error and close (RFC 6120 section 4.9.1.1)."""
+        if self.phase is Phase.CLOSED:
+            return
+        if not self._header_sent:
+            self._send_header()
+        self._out.append(etree.tostring(error.to_element()))
+        self._close_out()
+
+    def close(self) -> None:
+        """Close the stream cleanly from our side."""
+        if self.phase is Phase.CLOSED:
+            return
+        if not self._header_sent:
+            self._send_header()
+        self._close_out()
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    @property
+    def authenticated(self) -> bool:
+        return self.phase in (Phase.AUTHENTICATED, Phase.BOUND)
+
+    # --- stream header and features ----------------------------------------------------
+
+    def _new_parser(self) -> StreamParser:
+        limit = (
+            self.settings.max_stanza_bytes
+            if self.authenticated
+            else self.settings.max_stanza_bytes_unauthenticated
+        )
+        return StreamParser(limit, self.settings.max_depth)
+
+    def _restart(self) -> None:
+        self._parser = self._new_parser()
+        self._header_sent = False
+
+    def _on_stream_open(self, opened: StreamOpened) -> None:
+        self.stream_id = secrets.token_urlsafe(12)
+        host = (opened.attrs.get("to") or "").strip().lower()
+        if host in self.settings.hosts:
+            self.host = host
+        self._client_from = opened.attrs.get("from")
+        self.lang = opened.attrs.get(ns.XML_LANG, self.lang)
+        self._send_header()
+        if opened.tag != _STREAM_TAG:
+            if opened.tag.endswith("}stream"):
+                raise StreamError("invalid-namespace", "the stream namespace must be " + ns.STREAMS)
+            raise StreamError("bad-format", "the root element must be <stream:stream>")
+        if opened.nsmap.get(None) != ns.CLIENT:
+            raise StreamError("invalid-namespace", "the content namespace must be jabber:client")
+        prefix = next((p for p, uri in opened.nsmap.items() if uri == ns.STREAMS), None)
+        if prefix != "stream":
+            raise StreamError("bad-namespace-prefix", "use the prefix 'stream' for " + ns.STREAMS)
+        version = opened.attrs.get("version", "")
+        if version.split(".")[0] != "1":
+            raise StreamError("unsupported-version", "this server speaks XMPP 1.0")
+        if self.host is None:
+            raise StreamError("host-unknown", "this server does not serve that domain")
+        self.send(self._features())
+
+    def _send_header(self) -> None:
+        attrs = [
+            f"xmlns='{ns.CLIENT}'",
+            f"xmlns:stream='{ns.STREAMS}'",
+            f"id='{self.stream_id or secrets.token_urlsafe(12)}'",
+            "version='1.0'",
+            f"xml:lang='{_attr(self.lang)}'",
+        ]
+        if self.host:
+            attrs.append(f"from='{self.host}'")
+        if self._client_from:
+            attrs.append(f"to='{_attr(self._client_from)}'")
+        self._out.append(("<?xml version='1.0'?><stream:stream " + " ".join(attrs) + ">").encode())
+        self._header_sent = True
+
+    def _features(self) -> etree._Element:
+        features = etree.Element(f"{{{ns.STREAMS}}}features", nsmap={"stream": ns.STREAMS})
+        if self.phase is Phase.CONNECTED:
+            starttls = etree.SubElement(features, _STARTTLS, nsmap={None: ns.TLS})
+            if not self.settings.allow_unencrypted:
+                etree.SubElement(starttls, f"{{{ns.TLS}}}required")
+        if self.phase in (Phase.CONNECTED, Phase.SECURED):
+            self.offered = offered_mechanisms(
+                self.settings.mechanisms,
+                tls=self.tls,
+                channel_bindings=self.channel_bindings.keys(),
+                allow_unencrypted=self.settings.allow_unencrypted,
+            )
+            if self.offered:
+                mechs = etree.SubElement(
+                    features, f"{{{ns.SASL}}}mechanisms", nsmap={None: ns.SASL}
+                )
+                for name in self.offered:
+                    etree.SubElement(mechs, f"{{{ns.SASL}}}mechanism").text = name
+            if self.tls or self.settings.allow_unencrypted:
+                for extra in self.settings.preauth_features():
+                    features.append(extra)
+            if self.channel_bindings and any(m.endswith("-PLUS") for m in self.offered):
+                cb = etree.SubElement(
+                    features, f"{{{ns.SASL_CB}}}sasl-channel-binding", nsmap={None: ns.SASL_CB}
+                )
+                for cb_type in self.channel_bindings:
+                    etree.SubElement(cb, f"{{{ns.SASL_CB}}}channel-binding").set("type", cb_type)
+        elif self.phase is Phase.AUTHENTICATED:
+            etree.SubElement(features, _BIND, nsmap={None: ns.BIND})
+            session = etree.SubElement(features, _SESSION, nsmap={None: ns.SESSION})
+            etree.SubElement(session, f"{{{ns.SESSION}}}optional")
+            for extra in self.settings.extra_features():
+                features.append(extra)
+        return features
+
+    def _close_out(self) -> None:
+        self._out.append(b"</stream:stream>")
+        self.phase = Phase.CLOSED
+
+    # --- top-level elements ------------------------------------------------------------
+
+    def _on_element(self, el: etree._Element, events: list[Event]) -> None:
+        tag = el.tag
+        if tag in ns.STANZA_TAGS:
+            self._on_stanza(el, events)
+        elif tag == _STARTTLS:
+            if self.phase is not Phase.CONNECTED:
+                raise StreamError("policy-violation", "TLS is already established")
+            self.send(etree.Element(f"{{{ns.TLS}}}proceed", nsmap={None: ns.TLS}))
+            events.append(TLSRequested())
+        elif tag in (_AUTH, _RESPONSE, _ABORT):
+            self._on_sasl(el, events)
+        elif (
+            self.phase is Phase.BOUND
+            and isinstance(tag, str)
+            and not tag.startswith(("{jabber:", f"{{{ns.STREAMS}}}"))
+        ):
+            events.append(NonzaReceived(el))
+        else:
+            raise StreamError("unsupported-stanza-type", f"unexpected element {el.tag}")
+
+    def _on_sasl(self, el: etree._Element, events: list[Event]) -> None:
+        if self.authenticated:
+            raise StreamError("policy-violation", "already authenticated")
+        if el.tag == _AUTH:
+            if self._sasl_active:
+                self.sasl_failure("aborted")
+                return
+            mechanism = el.get("mechanism", "")
+            if not self.tls and not self.settings.allow_unencrypted:
+                self.sasl_failure("encryption-required", "negotiate TLS first")
+                return
+            if mechanism not in self.offered:
+                self.sasl_failure("invalid-mechanism")
+                return
+            text = (el.text or "").strip()
+            data: bytes | None
+            if not text:
+                data = None
+            elif text == "=":
+                data = b""
+            else:
+                try:
+                    data = base64.b64decode(text, validate=True)
+                except (binascii.Error, ValueError):
+                    self.sasl_failure("incorrect-encoding")
+                    return
+            self._sasl_active = True
+            events.append(AuthRequested(mechanism, data))
+        elif el.tag == _RESPONSE:
+            if not self._sasl_active:
+                self.sasl_failure("malformed-request", "no authentication in progress")
+                return
+            try:
+                decoded = base64.b64decode((el.text or "").strip(), validate=True)
+            except (binascii.Error, ValueError):
+                self.sasl_failure("incorrect-encoding")
+                return
+            events.append(AuthResponse(decoded))
+        else:
+            if self._sasl_active:
+                events.append(AuthAborted())
+            self.sasl_failure("aborted")
+
+    def _on_stanza(self, el: etree._Element, events: list[Event]) -> None:
+        if self.phase is Phase.BOUND:
+            claimed = el.get("from")
+            if claimed is not None and claimed not in (self.jid, self.bare_jid):
+                raise StreamError("invalid-from", "'from' does not match the authenticated JID")
+            el.set("from", self.jid)  # type: ignore[arg-type]
+            if el.tag == ns.C_IQ and self._is_session_setup(el, events):
+                return
+            events.append(StanzaReceived(el))
+            return
+        if self.phase is Phase.SECURED and el.tag == ns.C_IQ and len(el) == 1:
+            child_tag = el[0].tag
+            if isinstance(child_tag, str) and child_tag[1:].split("}", 1)[0] in (
+                self.settings.preauth_iq_namespaces
+            ):
+                events.append(PreAuthIQ(el))
+                return
+        if self.phase is Phase.AUTHENTICATED and el.tag == ns.C_IQ:
+            bind = el.find(_BIND)
+            if el.get("type") == "set" and bind is not None:
+                resource = (bind.findtext(f"{{{ns.BIND}}}resource") or "").strip() or None
+                events.append(BindRequested(el, resource))
+                return
+        raise StreamError("not-authorized", "authenticate and bind a resource first")
+
+    def _is_session_setup(self, iq: etree._Element, events: list[Event]) -> bool:
+        """Answer the legacy session iq and refuse a second bind, in the stream itself."""
+        if iq.get("type") != "set" or len(iq) != 1:
+            return False
+        child = iq[0]
+        if child.tag == _SESSION:
+            reply = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
+            reply.set("type", "result")
+            reply.set("id", iq.get("id", ""))
+            self.send(reply)
+            return True
+        if child.tag == _BIND:
+            self.send(error_reply(iq, "not-allowed", "a resource is already bound"))
+            return True
+        return False
+
+    def _send_sasl(self, name: str, data: bytes | None) -> None:
+        el = etree.Element(f"{{{ns.SASL}}}{name}", nsmap={None: ns.SASL})
+        if data is not None:
+            el.text = base64.b64encode(data).decode() if data else "="
+        self.send(el)
+
+
+def _attr(value: str) -> str:
+    return value.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;")

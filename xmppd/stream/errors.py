@@ -1,0 +1,125 @@
+"""Stream errors (RFC 6120 section 4.9) and stanza errors (section 8.3)."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from xmppd.xml import ns
+
+STREAM_CONDITIONS = frozenset(
+    {
+        "bad-format",
+        "bad-namespace-prefix",
+        "conflict",
+        "connection-timeout",
+        "host-gone",
+        "host-unknown",
+        "improper-addressing",
+        "internal-server-error",
+        "invalid-from",
+        "invalid-namespace",
+        "invalid-xml",
+        "not-authorized",
+        "not-well-formed",
+        "policy-violation",
+        "remote-connection-failed",
+        "reset",
+        "resource-constraint",
+        "restricted-xml",
+        "see-other-host",
+        "system-shutdown",
+        "undefined-condition",
+        "unsupported-encoding",
+        "unsupported-feature",
+        "unsupported-stanza-type",
+        "unsupported-version",
+    }
+)
+
+# RFC 6120 section 8.3.3: each defined condition with its usual error type.
+STANZA_CONDITIONS: dict[str, str] = {
+    "bad-request": "modify",
+    "conflict": "cancel",
+    "feature-not-implemented": "cancel",
+    "forbidden": "auth",
+    "gone": "cancel",
+    "internal-server-error": "cancel",
+    "item-not-found": "cancel",
+    "jid-malformed": "modify",
+    "not-acceptable": "modify",
+    "not-allowed": "cancel",
+    "not-authorized": "auth",
+    "policy-violation": "modify",
+    "recipient-unavailable": "wait",
+    "redirect": "modify",
+    "registration-required": "auth",
+    "remote-server-not-found": "cancel",
+    "remote-server-timeout": "wait",
+    "resource-constraint": "wait",
+    "service-unavailable": "cancel",
+    "subscription-required": "auth",
+    "undefined-condition": "cancel",
+    "unexpected-request": "wait",
+}
+
+
+class StreamError(Exception):
+    """A condition that ends the stream; the transport sends it and closes."""
+
+    def __init__(self, condition: str, text: str | None = None) -> None:
+        assert condition in STREAM_CONDITIONS, condition
+        super().__init__(f"{condition}: {text}" if text else condition)
+        self.condition = condition
+        self.text = text
+
+    def to_element(self) -> etree._Element:
+        err = etree.Element(f"{{{ns.STREAMS}}}error", nsmap={"stream": ns.STREAMS})
+        etree.SubElement(
+            err, f"{{{ns.STREAM_ERRORS}}}{self.condition}", nsmap={None: ns.STREAM_ERRORS}
+        )
+        if self.text:
+            text = etree.SubElement(err, f"{{{ns.STREAM_ERRORS}}}text")
+            text.text = self.text
+        return err
+
+
+class StanzaError(Exception):
+    """Raised by handlers to answer a stanza with an error (RFC 6120 section 8.3)."""
+
+    def __init__(self, condition: str, text: str | None = None, type_: str | None = None) -> None:
+        assert condition in STANZA_CONDITIONS, condition
+        super().__init__(f"{condition}: {text}" if text else condition)
+        self.condition = condition
+        self.text = text
+        self.type = type_ or STANZA_CONDITIONS[condition]
+
+
+def error_reply(
+    stanza: etree._Element,
+    condition: str,
+    text: str | None = None,
+    type_: str | None = None,
+    by: str | None = None,
+) -> etree._Element:
+    """The error answer to `stanza`: addresses swapped, same id, an <error/> child."""
+    tag = stanza.tag if isinstance(stanza.tag, str) else ns.C_MESSAGE
+    reply = etree.Element(tag, nsmap={None: ns.CLIENT})
+    reply.set("type", "error")
+    for src, dst in (("from", "to"), ("to", "from")):
+        value = stanza.get(src)
+        if value is not None:
+            reply.set(dst, value)
+    if (sid := stanza.get("id")) is not None:
+        reply.set("id", sid)
+    err = etree.SubElement(reply, ns.C_ERROR)
+    err.set("type", type_ or STANZA_CONDITIONS[condition])
+    if by:
+        err.set("by", by)
+    etree.SubElement(err, f"{{{ns.STANZA_ERRORS}}}{condition}", nsmap={None: ns.STANZA_ERRORS})
+    if text:
+        etree.SubElement(err, f"{{{ns.STANZA_ERRORS}}}text").text = text
+    return reply
+
+
+def error_from(stanza: etree._Element, exc: StanzaError) -> etree._Element:
+    return error_reply(stanza, exc.condition, exc.text, exc.type)

@@ -1,0 +1,92 @@
+"""TLS for client connections: the server context and the embedded self-signed certificate."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    context: ssl.SSLContext
+    cert_path: Path
+    cert_der: bytes  # what channel binding (tls-server-end-point) is computed from
+
+
+def server_tls(cert: Path, key: Path, min_version: str = "1.2") -> ServerTLS:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["xmpp-client"])  # XEP-0368
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+    return ServerTLS(ctx, cert, der)
+
+
+def ensure_self_signed(data_dir: Path, hosts: list[str]) -> tuple[Path, Path]:
+    """The embedded default's certificate: made once in data_dir, valid for every host."""
+    cert_path = data_dir / "tls" / "selfsigned.crt"
+    key_path = data_dir / "tls" / "selfsigned.key"
+    if cert_path.exists() and key_path.exists() and _covers(cert_path, hosts):
+        return cert_path, key_path
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    alt_names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt_names.append(x509.DNSName(host))
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    log.warning(
+        "made a SELF-SIGNED certificate for %s at %s: clients will not trust it. "
+        "Set tls.cert and tls.key to a real certificate before real users connect.",
+        ", ".join(hosts),
+        cert_path,
+    )
+    return cert_path, key_path
+
+
+def _covers(cert_path: Path, hosts: list[str]) -> bool:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    dns = set(names.get_values_for_type(x509.DNSName))
+    ips = {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+    return all(h in dns or h in ips for h in hosts)
