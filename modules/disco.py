@@ -19,6 +19,8 @@ class Disco(Module):
     name = "disco"
 
     def setup(self) -> None:
+        # Server info nodes that answer like the server itself (XEP-0115 "node#ver").
+        self.server_info_nodes: set[str] = set()
         self.host.add_identity("server", "im", "xmppd")
         for scope in ("server", "account"):
             self.host.add_feature(DISCO_INFO, scope)  # type: ignore[arg-type]
@@ -28,9 +30,11 @@ class Disco(Module):
 
     async def info(self, request: IqRequest) -> etree._Element:
         node = request.payload.get("node")
-        if node is not None:
+        if node is not None and ("@" in request.target or node not in self.server_info_nodes):
             raise StanzaError("item-not-found", "no such node")
         query = etree.Element(f"{{{DISCO_INFO}}}query", nsmap={None: DISCO_INFO})
+        if node is not None:
+            query.set("node", node)
         if "@" in request.target:
             if not request.from_owner:
                 # Without presence subscriptions (roster module) only the owner may look.
@@ -49,6 +53,10 @@ class Disco(Module):
         for var in sorted(features):
             etree.SubElement(query, f"{{{DISCO_INFO}}}feature").set("var", var)
         return query
+
+    def add_server_info_node(self, node: str) -> None:
+        """Answer disco#info for `node` with the server's own info (XEP-0115 caps)."""
+        self.server_info_nodes.add(node)
 
     async def items(self, request: IqRequest) -> etree._Element:
         if request.payload.get("node") is not None:

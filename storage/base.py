@@ -313,6 +313,22 @@ class ItemStore:
     async def batch_put(self, items: Mapping[str, Attrs]) -> None:
         await self.backend.batch_put(self.namespace, items)
 
+    def put_op(
+        self, name: str, attrs: Attrs, *, if_absent: bool = False, if_version: int | None = None
+    ) -> Put:
+        """A put of this store, for `transact`."""
+        return Put(self.namespace, name, attrs, if_absent=if_absent, if_version=if_version)
+
+    def delete_op(self, name: str, *, if_version: int | None = None) -> Delete:
+        """A delete of this store, for `transact`."""
+        return Delete(self.namespace, name, if_version=if_version)
+
+    async def transact(self, writes: Sequence[Write]) -> None:
+        """All of `writes` (made with put_op/delete_op) or none; ConditionFailed if one fails."""
+        if any(w.namespace != self.namespace for w in writes):
+            raise ValueError("a store's transaction may only write to that store")
+        await self.backend.transact(writes)
+
 
 class BlobStore:
     """A blob store as a module sees it: bound to one virtual host and store name."""

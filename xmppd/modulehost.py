@@ -6,6 +6,19 @@ identities, an options model) and asks the host for storage by name. It
 never writes to a socket and never imports a backend, so it runs the same
 on the embedded default and on a cloud cluster, and tests feed it stanzas
 with no network at all (see xmppd.testing).
+
+Events a module can hook (async, `hook`; a True result stops the chain):
+  message/offline (stanza, bare)     a message no available resource takes
+  presence/<type> (stanza, bare)     subscribe, subscribed, unsubscribe,
+                                     unsubscribed, probe to a local user
+  presence/broadcast (stanza, session, initial)
+                                     a client's own presence changed
+  session/bound (session), session/closed (session)
+  message/server, presence/server (stanza)  addressed to the domain itself
+  account/removed (host, username)   fired by whoever deletes an account;
+                                     handlers clean up and return None
+Filters (sync, `filter`; False drops): stanza/out (stanza, origin session),
+stanza/in (stanza, session).
 """
 
 from __future__ import annotations
@@ -13,7 +26,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lxml import etree
@@ -25,6 +38,7 @@ from xmppd.stream.errors import StanzaError, error_from, error_reply
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
+    from xmppd.auth.accounts import Accounts
     from xmppd.config import Config
     from xmppd.router import Router
     from xmppd.storage.factory import Storage
@@ -43,6 +57,8 @@ class IqRequest:
     sender: JID
     target: str  # the server's domain, or the account's bare JID
     host: str  # the virtual host that answers
+    # Run after the reply is routed (e.g. end the sessions of a removed account).
+    after_reply: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def from_owner(self) -> bool:
@@ -97,6 +113,9 @@ class ModuleHost:
         self.storage = storage
         self.hosts = hosts
         self.modules: dict[str, Module] = {}
+        # The server's account stores by virtual host, and its config (set by load()).
+        self.accounts: dict[str, Accounts] = {}
+        self.config: Config | None = None
         self.features: dict[Scope, set[str]] = {"server": set(), "account": set()}
         self.identities: list[tuple[str, str, str | None]] = []
         self._iq: dict[tuple[str, str, Scope], IqHandler] = {}
@@ -232,6 +251,8 @@ class ModuleHost:
         if result_payload is not None:
             result.append(result_payload)
         self.router.route(result)
+        for action in request.after_reply:
+            action()
 
     @property
     def preauth_namespaces(self) -> frozenset[str]:
@@ -260,6 +281,7 @@ class ModuleHost:
 
     def load(self, config: Config) -> None:
         """Instantiate and set up every module enabled in the config."""
+        self.config = config
         for name, options in validate_module_options(config).items():
             module = module_class(name)(self, options)
             module.setup()

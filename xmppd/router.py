@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Protocol
 
@@ -57,6 +58,7 @@ class Router:
         self.modules: ModuleHost | None = None
         self.remote: RemoteRoute = NoRemote(self)
         self._tasks: set[asyncio.Future[object]] = set()
+        self._serial: dict[str, deque[Callable[[], Awaitable[object]]]] = {}
 
     # --- sessions ----------------------------------------------------------------------
 
@@ -173,8 +175,8 @@ class Router:
         if stanza.tag == ns.C_IQ:
             self.spawn(self._iq_to_account(stanza, bare, stanza.get("from") or ""))
             return
-        if bare not in self.sessions:
-            self.spawn(self._to_bare_unknown(stanza, jid))
+        if bare not in self.sessions or bare in self._serial:
+            self._serially(bare, lambda: self._to_bare_unknown(stanza, jid))
             return
         self._deliver_bare(stanza, jid)
 
@@ -195,7 +197,10 @@ class Router:
                 and self.modules is not None
                 and self.modules.has_hook(f"presence/{type_}")
             ):
-                self.spawn(self.modules.fire(f"presence/{type_}", stanza, jid.bare))
+                modules = self.modules
+                self._serially(
+                    jid.bare, lambda: modules.fire(f"presence/{type_}", stanza, jid.bare)
+                )
                 return
             if type_ != "probe":
                 for session in available:
@@ -208,17 +213,41 @@ class Router:
             self.bounce(stanza, "service-unavailable")
             return
         eligible = [s for s in available if s.priority >= 0]
-        if type_ == "headline":
+        if eligible and type_ == "headline":
             for session in eligible:
                 self.deliver(session, stanza)
-            return
-        if eligible:
+        elif eligible:
             top = max(s.priority for s in eligible)
             for session in eligible:
                 if session.priority == top:
                     self.deliver(session, stanza)
-            return
-        self.spawn(self._unhandled(stanza, "message/offline", jid.bare))
+        else:
+            # Offline storage decides, headlines included (a XEP-0334 <store/> hint).
+            self._serially(jid.bare, lambda: self._unhandled(stanza, "message/offline", jid.bare))
+
+    def _serially(self, bare: str, job: Callable[[], Awaitable[object]]) -> None:
+        """Run `job` after the jobs already queued for `bare`.
+
+        Whatever waits on storage for one recipient (is there such an
+        account, store it offline, a subscription request) keeps the order
+        the stanzas arrived in, whatever order the backend answers in.
+        """
+        queue = self._serial.get(bare)
+        if queue is None:
+            queue = self._serial[bare] = deque()
+            self.spawn(self._run_serially(bare, queue))
+        queue.append(job)
+
+    async def _run_serially(self, bare: str, queue: deque[Callable[[], Awaitable[object]]]) -> None:
+        try:
+            while queue:
+                job = queue.popleft()
+                try:
+                    await job()
+                except Exception:
+                    log.exception("routing to %s failed", bare)
+        finally:
+            del self._serial[bare]
 
     def broadcast_presence(self, stanza: etree._Element, origin: Session) -> None:
         """Presence without 'to': the client's own availability (RFC 6121 section 4.2).

@@ -79,6 +79,7 @@ class Server:
         }
         self.router = Router(config.hosts, self._user_exists)
         self.modules = ModuleHost(self.router, self.storage, list(config.hosts))
+        self.modules.accounts = self.accounts
         self.modules.load(config)
         await self.modules.start()
         log.info("modules: %s", ", ".join(self.modules.modules) or "none")

@@ -12,10 +12,12 @@ from typing import Any
 
 from lxml import etree
 
+from xmppd.auth.accounts import Accounts
 from xmppd.config import Config
 from xmppd.modulehost import ModuleHost
 from xmppd.router import Router
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
+from xmppd.storage.base import ItemStore
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
 from xmppd.stream.errors import StreamError
@@ -65,6 +67,9 @@ class ModuleHarness:
         self.storage = Storage(MemoryItemBackend(), MemoryBlobBackend(), NullCache())
         self.router = Router(hosts, self._user_exists)
         self.host = ModuleHost(self.router, self.storage, hosts)
+        self.host.accounts = {
+            vhost: Accounts(ItemStore(self.storage.items, vhost, "accounts")) for vhost in hosts
+        }
         self.config = Config.model_validate({"hosts": hosts, "modules": modules})
 
     async def start(self) -> ModuleHarness:

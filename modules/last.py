@@ -1,0 +1,105 @@
+"""Last Activity (XEP-0012): server uptime, and when an account was last online.
+
+The time and status text of a user's last unavailable presence are kept in
+item store "last" (item "<user>": time in Unix seconds, status text). A
+session that ends while available makes the router broadcast a server-made
+unavailable presence, so one hook ("presence/broadcast") records clean
+logouts and dropped connections alike. Queries to a full JID are the
+client's business (idle time): the router delivers them to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from lxml import etree
+
+from xmppd.jid import JID
+from xmppd.modulehost import IqRequest, Module
+from xmppd.session import Session
+from xmppd.storage.base import ConditionFailed
+from xmppd.stream.errors import StanzaError
+from xmppd.xml import ns
+
+LAST = "jabber:iq:last"
+STORE = "last"
+MAX_TRIES = 10
+
+
+class Last(Module):
+    name = "last"
+    started: float  # time.monotonic() at start: uptime counts from there
+
+    def setup(self) -> None:
+        self.host.add_feature(LAST)
+        self.host.add_feature(LAST, "account")
+        self.host.iq(LAST, "get", self.query, to="both")
+        self.host.hook("presence/broadcast", self.on_broadcast)
+
+    async def start(self) -> None:
+        self.started = time.monotonic()
+
+    def _result(self, seconds: int, status: str = "") -> etree._Element:
+        query = etree.Element(f"{{{LAST}}}query", nsmap={None: LAST})
+        query.set("seconds", str(max(0, seconds)))
+        if status:
+            query.text = status
+        return query
+
+    async def query(self, request: IqRequest) -> etree._Element:
+        if "@" not in request.target:
+            return self._result(int(time.monotonic() - self.started))  # uptime
+        target = JID(request.target)
+        if not await self.host.router.user_exists(target.domain, target.user):
+            raise StanzaError("service-unavailable")  # RFC 6121 8.5.1: no such account
+        if not await self._may_see(request):
+            raise StanzaError("forbidden", "you have no subscription to this user's presence")
+        if self.host.router.available_sessions(target.bare):
+            return self._result(0)  # XEP-0012 section 4: online users are active now
+        item = await self.host.items(target.domain, STORE).get(target.user)
+        if item is None:
+            raise StanzaError("item-not-found", "no last activity recorded for this user")
+        stamp, status = item.attrs.get("time"), item.attrs.get("status", "")
+        seconds = int(time.time()) - stamp if isinstance(stamp, int) else 0
+        return self._result(seconds, status if isinstance(status, str) else "")
+
+    async def _may_see(self, request: IqRequest) -> bool:
+        """The owner, or a contact the owner shares presence with (subscription from/both)."""
+        if request.from_owner:
+            return True
+        roster = self.host.modules.get("roster")
+        if roster is None:
+            return False
+        item = await roster.item(request.target, request.sender.bare)  # type: ignore[attr-defined]
+        return item is not None and item.subscription in ("from", "both")
+
+    async def on_broadcast(self, stanza: etree._Element, session: Session, initial: bool) -> bool:
+        if stanza.get("type") == "unavailable":
+            status = stanza.findtext(f"{{{ns.CLIENT}}}status") or ""
+            await self.record(session.bare, int(time.time()), status)
+        return False  # never stop the chain: presence still goes to contacts
+
+    async def record(self, bare: str, when: int, status: str) -> None:
+        """Keep the latest logout; an older one (another node, a slow task) never wins."""
+        user, _, vhost = bare.partition("@")
+        store = self.host.items(vhost, STORE)
+        attrs: dict[str, str | int] = {"time": when, "status": status}
+        for attempt in range(MAX_TRIES):
+            item = await store.get(user)
+            try:
+                if item is None:
+                    await store.put(user, attrs, if_absent=True)
+                else:
+                    stored = item.attrs.get("time")
+                    if isinstance(stored, int) and stored > when:
+                        return
+                    await store.put(user, attrs, if_version=item.version)
+                return
+            except ConditionFailed:
+                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+        self.log.error("could not record last activity of %s: too many concurrent writers", bare)
+
+
+MODULE = Last

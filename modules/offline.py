@@ -1,0 +1,358 @@
+"""Offline messages (XEP-0160): keep chat/normal messages for a user who is away.
+
+Layout, per virtual host:
+
+* blob store "offline": one blob per message, the stanza as sent plus a
+  XEP-0203 <delay/> stamped by this server, under a random key
+  "<user>/<token>";
+* item store "offline": a counter item "<user>" (next sequence number, count,
+  bytes: the quota) and one index item "<user>/<seq:020d>" per message naming
+  its blob.
+
+A message is accepted by writing its blob first and then committing the
+counter and the index item in one transaction conditional on the counter's
+version. Sequence numbers are therefore handed out in commit order, with no
+gaps a reader could see out of order, by any number of nodes at once; on
+this node a per-recipient lock keeps concurrent writers from even retrying.
+Delivery reads the index in name order, hands each message to the session,
+and only then deletes index items and counter in one transaction (the blobs
+after): a node that dies in between delivers again, never loses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Literal
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field
+
+from xmppd.modulehost import Module
+from xmppd.session import Session
+from xmppd.storage.base import (
+    BlobStore,
+    ConditionFailed,
+    Delete,
+    Item,
+    ItemStore,
+    Put,
+    Query,
+    StorageError,
+    TooLarge,
+)
+from xmppd.xml import ns
+
+DELAY = "urn:xmpp:delay"
+HINTS = "urn:xmpp:hints"
+CHATSTATES = "http://jabber.org/protocol/chatstates"
+FEATURE = "msgoffline"
+STORE = "offline"
+
+MAX_TRIES = 10  # conditional-write attempts before giving up with an error
+PAGE = 50  # messages per delivery round: one transaction deletes a page (DynamoDB allows 100)
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_blank_text=False)
+
+
+class OfflineOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_messages: int = Field(default=100, ge=1)
+    max_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+
+class QuotaExceeded(Exception):
+    """The recipient's queue is full (or one message is larger than the whole quota)."""
+
+
+Decision = Literal["store", "refuse", "discard"]
+
+
+def decide(stanza: etree._Element) -> Decision:
+    """Whether a message for an offline user is stored (XEP-0160, XEP-0334, XEP-0085).
+
+    A bare chat-state notification (typing, gone, ...) is discarded without
+    error: XEP-0085 asks servers not to store them and an error for each
+    would only bother the sender. <no-store/> refuses anything else, so the
+    sender learns it was not delivered (RFC 6121: service-unavailable);
+    <store/> keeps even a bare notification, or a headline.
+    """
+    hints: set[str] = set()
+    content = False
+    for child in stanza:
+        if not isinstance(child.tag, str):
+            continue
+        qname = etree.QName(child)
+        if qname.namespace == HINTS:
+            hints.add(qname.localname)
+        elif qname.namespace != CHATSTATES:
+            content = True
+    if "no-store" in hints:
+        return "refuse" if content else "discard"
+    if stanza.get("type") == "headline":
+        # Only with <store/>; today the router drops headlines before this hook.
+        return "store" if "store" in hints else "discard"
+    if content or "store" in hints:
+        return "store"
+    return "discard"
+
+
+def stamped(stanza: etree._Element, domain: str) -> bytes:
+    """The stanza as it will be delivered: with the <delay/> saying when we took it."""
+    copied = copy.deepcopy(stanza)
+    delay = etree.SubElement(copied, f"{{{DELAY}}}delay", nsmap={None: DELAY})
+    delay.set("from", domain)
+    # Whole seconds: slixmpp, among others, fails on fractional ones.
+    delay.set("stamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    delay.text = "Offline Storage"
+    return etree.tostring(copied)
+
+
+def _int(item: Item | None, attr: str) -> int:
+    value = item.attrs.get(attr, 0) if item is not None else 0
+    return value if isinstance(value, int) else 0
+
+
+class KeyedLocks:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        lock, users = entry if entry is not None else (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class Offline(Module):
+    name = "offline"
+    Options = OfflineOptions
+    options: OfflineOptions
+
+    def setup(self) -> None:
+        self.locks = KeyedLocks()
+        # Sessions whose last broadcast priority was negative: raising it to
+        # >= 0 makes them eligible, like an initial presence (XEP-0160 step 5).
+        self._negative: set[Session] = set()
+        self.host.add_feature(FEATURE)
+        self.host.hook("message/offline", self.on_offline)
+        self.host.hook("presence/broadcast", self.on_broadcast)
+        self.host.hook("session/closed", self.on_closed)
+
+    # --- storing -----------------------------------------------------------------------
+
+    async def on_offline(self, stanza: etree._Element, bare: str) -> bool:
+        decision = decide(stanza)
+        if decision == "discard":
+            return True
+        if decision == "refuse":
+            return False  # the router answers service-unavailable
+        user, _, vhost = bare.partition("@")
+        data = stamped(stanza, vhost)
+        try:
+            async with self.locks.hold(bare):
+                await self.store(vhost, user, data)
+        except QuotaExceeded as exc:
+            # XEP-0160 step 3: a full queue is <service-unavailable/>, the same
+            # answer as "no offline storage", so it says nothing about presence.
+            self.host.router.bounce(stanza, "service-unavailable", str(exc))
+            return True
+        except (StorageError, ConditionFailed) as exc:
+            self.log.error("storing an offline message for %s failed: %s", bare, exc)
+            self.host.router.bounce(
+                stanza, "internal-server-error", "the message could not be stored"
+            )
+            return True
+        # The user may have come online while we wrote: then deliver now.
+        target = self._best_session(bare)
+        if target is not None:
+            self.host.router.spawn(self.deliver_stored(target))
+        return True
+
+    async def store(self, vhost: str, user: str, data: bytes) -> None:
+        """Append one message to `user`'s queue; QuotaExceeded, StorageError or ConditionFailed."""
+        items = self.host.items(vhost, STORE)
+        blobs = self.host.blobs(vhost, STORE)
+        counter = await items.get(user)
+        self._check_quota(counter, len(data))
+        key = f"{user}/{secrets.token_hex(16)}"
+        try:
+            await blobs.put(key, data, if_none_match=True)
+        except TooLarge as exc:
+            raise QuotaExceeded("the message is too large to store") from exc
+        try:
+            for attempt in range(MAX_TRIES):
+                try:
+                    await self._commit(items, user, counter, key, len(data))
+                    return
+                except ConditionFailed:
+                    await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+                    counter = await items.get(user)
+                    self._check_quota(counter, len(data))
+            raise ConditionFailed(f"{items.namespace}/{user}: {MAX_TRIES} writers in a row won")
+        except BaseException:
+            await self._drop_blob(blobs, key)
+            raise
+
+    def _check_quota(self, counter: Item | None, size: int) -> None:
+        if _int(counter, "count") + 1 > self.options.max_messages:
+            raise QuotaExceeded("the recipient's offline message queue is full")
+        if _int(counter, "bytes") + size > self.options.max_bytes:
+            raise QuotaExceeded("the recipient's offline message storage is full")
+
+    async def _commit(
+        self, items: ItemStore, user: str, counter: Item | None, key: str, size: int
+    ) -> None:
+        seq = _int(counter, "next")
+        attrs = {
+            "next": seq + 1,
+            "count": _int(counter, "count") + 1,
+            "bytes": _int(counter, "bytes") + size,
+        }
+        if counter is None:
+            counter_put = items.put_op(user, attrs, if_absent=True)
+        else:
+            counter_put = items.put_op(user, attrs, if_version=counter.version)
+        index_put = items.put_op(f"{user}/{seq:020d}", {"blob": key, "size": size}, if_absent=True)
+        await items.transact([counter_put, index_put])
+
+    async def _drop_blob(self, blobs: BlobStore, key: str) -> None:
+        try:
+            await blobs.delete(key)
+        except Exception as exc:
+            self.log.warning("could not remove unused offline blob %s: %s", key, exc)
+
+    # --- delivering --------------------------------------------------------------------
+
+    async def on_broadcast(self, stanza: etree._Element, session: Session, initial: bool) -> bool:
+        if stanza.get("type") == "unavailable":
+            self._negative.discard(session)
+            return False
+        priority = _priority(stanza)
+        was_negative = session in self._negative
+        if priority < 0:
+            self._negative.add(session)
+            return False
+        self._negative.discard(session)
+        if initial or was_negative:
+            self.host.router.spawn(self.deliver_stored(session))
+        return False  # never stop the chain: presence still goes to contacts
+
+    async def on_closed(self, session: Session) -> bool:
+        self._negative.discard(session)
+        return False
+
+    async def deliver_stored(self, session: Session) -> None:
+        """Hand `session` every stored message, oldest first, then forget them."""
+        user, _, vhost = session.bare.partition("@")
+        try:
+            async with self.locks.hold(session.bare):
+                # The counter is one (cacheable) read; most logins find nothing stored.
+                if _int(await self.host.items(vhost, STORE).get(user), "count") == 0:
+                    return
+                while await self._deliver_page(session):
+                    pass
+        except (StorageError, ConditionFailed) as exc:
+            # What was not removed stays stored and comes at the next login.
+            self.log.error("delivering offline messages to %s failed: %s", session.jid, exc)
+
+    async def _deliver_page(self, session: Session) -> bool:
+        """Deliver and remove up to PAGE messages; False when done or the session left."""
+        user, _, vhost = session.bare.partition("@")
+        items = self.host.items(vhost, STORE)
+        blobs = self.host.blobs(vhost, STORE)
+        page = await items.query(Query(prefix=f"{user}/", limit=PAGE))
+        if not page.items:
+            return False
+        keys = [str(item.attrs.get("blob", "")) for item in page.items]
+        found = await asyncio.gather(*(blobs.get(key) for key in keys if key))
+        data = {blob.key: blob.data for blob in found if blob is not None}
+        if not self._bound(session):
+            return False  # nothing of this page was handed over: all of it stays
+        for item, key in zip(page.items, keys, strict=True):
+            stanza = self._parse(data.get(key), item.name)
+            if stanza is not None:
+                self.host.router.deliver(session, stanza)
+        await self._remove(items, user, page.items)
+        for key in keys:
+            if key:
+                await self._drop_blob(blobs, key)
+        return True
+
+    def _parse(self, data: bytes | None, name: str) -> etree._Element | None:
+        if data is None:
+            self.log.error("offline message %s has no blob: dropped from the index", name)
+            return None
+        try:
+            return etree.fromstring(data, _PARSER)
+        except etree.XMLSyntaxError as exc:
+            self.log.error("offline message %s is unreadable, dropped: %s", name, exc)
+            return None
+
+    async def _remove(self, items: ItemStore, user: str, delivered: list[Item]) -> None:
+        """Delete delivered index items and shrink the counter in one transaction."""
+        names = [item.name for item in delivered]
+        for attempt in range(MAX_TRIES):
+            present = await items.batch_get(names)  # another node may have delivered some
+            if not present:
+                return
+            counter = await items.get(user)
+            writes: list[Put | Delete] = [
+                items.delete_op(item.name, if_version=item.version)
+                for item in present.values()
+            ]
+            if counter is not None:
+                size = sum(_int(item, "size") for item in present.values())
+                attrs = {
+                    "next": _int(counter, "next"),
+                    "count": max(0, _int(counter, "count") - len(present)),
+                    "bytes": max(0, _int(counter, "bytes") - size),
+                }
+                writes.append(items.put_op(user, attrs, if_version=counter.version))
+            try:
+                await items.transact(writes)
+                return
+            except ConditionFailed:
+                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+        raise ConditionFailed(f"{items.namespace}/{user}: could not remove delivered messages")
+
+    def _bound(self, session: Session) -> bool:
+        """Still connected here and available: delivering to it reaches the client."""
+        router = self.host.router
+        return (
+            session.available
+            and router.sessions.get(session.bare, {}).get(session.resource) is session
+        )
+
+    def _best_session(self, bare: str) -> Session | None:
+        eligible = [s for s in self.host.router.available_sessions(bare) if s.priority >= 0]
+        return max(eligible, key=lambda s: s.priority) if eligible else None
+
+
+def _priority(presence: etree._Element) -> int:
+    try:
+        return int(presence.findtext(f"{{{ns.CLIENT}}}priority") or 0)
+    except ValueError:
+        return 0
+
+
+MODULE = Offline

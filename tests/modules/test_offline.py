@@ -1,0 +1,405 @@
+"""Offline messages (XEP-0160) through the module host, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree
+
+from xmppd.modules.offline import PAGE, Offline, decide
+from xmppd.router import Router
+from xmppd.storage.backends.files import FileBlobBackend
+from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
+from xmppd.storage.backends.sqlite import SQLiteItemBackend
+from xmppd.storage.base import BlobStore, ItemStore, StorageError, Write
+from xmppd.storage.cache import NullCache
+from xmppd.storage.factory import Storage
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza
+
+DELAY = "urn:xmpp:delay"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+
+
+def condition(reply: etree._Element) -> str:
+    assert reply.get("type") == "error", etree.tostring(reply)
+    err = reply.find("{jabber:client}error")
+    assert err is not None
+    return next(etree.QName(c).localname for c in err if etree.QName(c).namespace == STANZAS)
+
+
+def bodies(stanzas: list[etree._Element]) -> list[str | None]:
+    return [s.findtext("{jabber:client}body") for s in stanzas]
+
+
+def chat(to: str, body: str, extra: str = "", type_: str = "chat") -> str:
+    return f"<message to='{to}' type='{type_}' id='m-{body}'><body>{body}</body>{extra}</message>"
+
+
+async def make(options: dict[str, Any] | None = None, **modules: Any) -> ModuleHarness:
+    harness = ModuleHarness({"disco": {}, "offline": options or {}, **modules})
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    return await harness.start()
+
+
+def offline_module(harness: ModuleHarness) -> Offline:
+    module = harness.host.modules["offline"]
+    assert isinstance(module, Offline)
+    return module
+
+
+async def stored_count(harness: ModuleHarness, user: str = "bob") -> int:
+    page = await harness.host.items("localhost", "offline").query(prefix=f"{user}/", limit=1000)
+    blobs = await harness.host.blobs("localhost", "offline").list(f"{user}/")
+    assert len(page.items) == len(blobs.keys), "index and blobs disagree"
+    counter = await harness.host.items("localhost", "offline").get(user)
+    if counter is not None:
+        assert counter.attrs["count"] == len(page.items), "counter disagrees with the index"
+    return len(page.items)
+
+
+async def login(harness: ModuleHarness, jid: str, priority: int = 0) -> TestSession:
+    session = harness.session(jid, available=False)
+    # what the session is handed in reply (its offline messages) stays in `received`
+    session.received = await harness.send(
+        session, f"<presence><priority>{priority}</priority></presence>"
+    )
+    return session
+
+
+@pytest.fixture
+async def harness() -> ModuleHarness:
+    return await make()
+
+
+async def test_stored_then_delivered_in_order_with_delay(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    for n in range(5):
+        assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+    assert await stored_count(harness) == 5
+    bob = harness.session("bob@localhost/phone", available=False)
+    got = await harness.send(bob, "<presence/>")
+    assert bodies(got) == [f"m{n}" for n in range(5)]
+    for stanza in got:
+        assert stanza.get("from") == "alice@localhost/a"
+        assert stanza.get("to") == "bob@localhost"
+        delay = stanza.find(f"{{{DELAY}}}delay")
+        assert delay is not None and delay.get("from") == "localhost"
+        assert delay.get("stamp", "").endswith("Z") and "T" in delay.get("stamp", "")
+    assert await stored_count(harness) == 0
+    # a second login gets nothing again
+    bob2 = await login(harness, "bob@localhost/desk")
+    assert bob2.take() == []
+
+
+async def test_message_to_full_jid_of_a_gone_resource_is_stored(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    assert await harness.send(alice, chat("bob@localhost/old", "hi")) == []
+    bob = await login(harness, "bob@localhost/new")
+    assert bodies(bob.take()) == ["hi"]
+
+
+async def test_what_is_not_stored(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    # headline: dropped silently (RFC 6121 8.5.2.2.1); groupchat and unknown user: errors
+    assert await harness.send(alice, chat("bob@localhost", "h", type_="headline")) == []
+    [reply] = await harness.send(alice, chat("bob@localhost", "g", type_="groupchat"))
+    assert condition(reply) == "service-unavailable"
+    [reply] = await harness.send(alice, chat("nobody@localhost", "x"))
+    assert condition(reply) == "service-unavailable"
+    # an error message is never stored, and never answered
+    assert await harness.send(alice, chat("bob@localhost", "e", type_="error")) == []
+    # <no-store/> (XEP-0334): not stored, the sender learns it was not delivered
+    [reply] = await harness.send(
+        alice, chat("bob@localhost", "n", "<no-store xmlns='urn:xmpp:hints'/>")
+    )
+    assert condition(reply) == "service-unavailable"
+    # a bare chat state (XEP-0085): dropped without an error, even with <no-store/>
+    for extra in ("", "<no-store xmlns='urn:xmpp:hints'/>"):
+        replies = await harness.send(
+            alice,
+            "<message to='bob@localhost' type='chat'>"
+            f"<composing xmlns='http://jabber.org/protocol/chatstates'/>{extra}</message>",
+        )
+        assert replies == []
+    assert await stored_count(harness) == 0
+
+
+async def test_store_hint_and_bodyless_payloads_are_stored(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    await harness.send(
+        alice,
+        "<message to='bob@localhost' type='chat' id='s1'>"
+        "<gone xmlns='http://jabber.org/protocol/chatstates'/>"
+        "<store xmlns='urn:xmpp:hints'/></message>",
+    )
+    await harness.send(
+        alice,
+        "<message to='bob@localhost' id='r1'><received xmlns='urn:xmpp:receipts' id='x'/>"
+        "</message>",
+    )
+    assert await stored_count(harness) == 2
+    bob = await login(harness, "bob@localhost/b")
+    assert [s.get("id") for s in bob.take()] == ["s1", "r1"]
+
+
+@pytest.mark.parametrize(
+    ("xml", "decision"),
+    [
+        ("<message type='chat'><body>x</body></message>", "store"),
+        ("<message><thread>t</thread></message>", "store"),
+        ("<message type='chat'/>", "discard"),
+        (
+            "<message type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>",
+            "discard",
+        ),
+        ("<message><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>", "refuse"),
+        ("<message type='headline'><body>x</body></message>", "discard"),
+        (
+            "<message type='headline'><body>x</body><store xmlns='urn:xmpp:hints'/></message>",
+            "store",
+        ),
+    ],
+)
+def test_decide(xml: str, decision: str) -> None:
+    assert decide(parse_stanza(xml)) == decision
+
+
+async def test_negative_priority_waits_until_priority_is_raised(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    await harness.send(alice, chat("bob@localhost", "one"))
+    bob = await login(harness, "bob@localhost/b", priority=-1)
+    assert bob.take() == []
+    assert await stored_count(harness) == 1
+    # while the only resource is negative, messages still go to storage (XEP-0160 step 2)
+    await harness.send(alice, chat("bob@localhost", "two"))
+    assert bob.take() == []
+    got = await harness.send(bob, "<presence><priority>1</priority></presence>")
+    assert bodies(got) == ["one", "two"]
+    assert await stored_count(harness) == 0
+    # a later presence update does not look at storage again
+    assert await harness.send(bob, "<presence><show>away</show></presence>") == []
+
+
+async def test_quota_by_count_answers_service_unavailable() -> None:
+    harness = await make({"max_messages": 3})
+    alice = harness.session("alice@localhost/a")
+    for n in range(3):
+        assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+    [reply] = await harness.send(alice, chat("bob@localhost", "over"))
+    assert condition(reply) == "service-unavailable"
+    assert reply.get("id") == "m-over"
+    assert await stored_count(harness) == 3
+    bob = await login(harness, "bob@localhost/b")
+    assert bodies(bob.take()) == ["m0", "m1", "m2"]
+    # the queue emptied: the quota is free again
+    await harness.send(bob, "<presence type='unavailable'/>")
+    assert await harness.send(alice, chat("bob@localhost", "again")) == []
+    assert await stored_count(harness) == 1
+
+
+async def test_quota_by_bytes() -> None:
+    harness = await make({"max_bytes": 2048})
+    alice = harness.session("alice@localhost/a")
+    assert await harness.send(alice, chat("bob@localhost", "x" * 900)) == []
+    [reply] = await harness.send(alice, chat("bob@localhost", "y" * 1500))
+    assert condition(reply) == "service-unavailable"
+    [reply] = await harness.send(alice, chat("bob@localhost", "z" * 4000))  # bigger than all
+    assert condition(reply) == "service-unavailable"
+    assert await stored_count(harness) == 1
+
+
+class YieldingItems(MemoryItemBackend):
+    """Memory backends never suspend; these do, so concurrent writers really interleave."""
+
+    async def get(self, namespace: str, name: str) -> Any:
+        await asyncio.sleep(0)
+        return await super().get(namespace, name)
+
+    async def transact(self, writes: Sequence[Write]) -> None:
+        await asyncio.sleep(0)
+        await super().transact(writes)
+
+
+class YieldingBlobs(MemoryBlobBackend):
+    async def put(self, namespace: str, key: str, data: bytes, **kwargs: Any) -> str:
+        await asyncio.sleep(0)
+        return await super().put(namespace, key, data, **kwargs)
+
+
+def yielding_storage() -> Storage:
+    return Storage(YieldingItems(), YieldingBlobs(), NullCache())
+
+
+async def test_concurrent_stores_keep_order_and_lose_nothing() -> None:
+    harness = ModuleHarness({"offline": {}})
+    harness.storage = harness.host.storage = yielding_storage()
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    module = offline_module(harness)
+    stanzas = [parse_stanza(chat("bob@localhost", f"c{n}")) for n in range(30)]
+    for stanza in stanzas:
+        stanza.set("from", "alice@localhost/a")
+    results = await asyncio.gather(*(module.on_offline(s, "bob@localhost") for s in stanzas))
+    assert all(results)
+    assert await stored_count(harness) == 30
+    bob = await login(harness, "bob@localhost/b")
+    # tasks started in this order and the per-recipient lock is fair: order is kept
+    assert bodies(bob.take()) == [f"c{n}" for n in range(30)]
+    assert len(module.locks) == 0  # no lock left behind
+
+
+async def test_two_nodes_sharing_storage_lose_nothing() -> None:
+    """Two module hosts over one store: only conditional writes keep them apart."""
+    storage = yielding_storage()
+    nodes = []
+    for _ in range(2):
+        harness = ModuleHarness({"offline": {"max_messages": 1000}})
+        harness.storage = harness.host.storage = storage
+        await harness.start()
+        nodes.append(offline_module(harness))
+    stanzas = []
+    for n in range(40):
+        stanza = parse_stanza(chat("bob@localhost", f"c{n}"))
+        stanza.set("from", "alice@localhost/a")
+        stanzas.append(stanza)
+    results = await asyncio.gather(
+        *(nodes[n % 2].on_offline(s, "bob@localhost") for n, s in enumerate(stanzas))
+    )
+    assert all(results)
+    items = ItemStore(storage.items, "localhost", "offline")
+    index = (await items.query(prefix="bob/", limit=1000)).items
+    assert len(index) == 40
+    counter = await items.get("bob")
+    assert counter is not None and counter.attrs["count"] == 40 and counter.attrs["next"] == 40
+    # each node's own messages keep their relative order (its lock is FIFO)
+    blobs = BlobStore(storage.blobs, "localhost", "offline")
+    order = []
+    for item in index:
+        blob = await blobs.get(str(item.attrs["blob"]))
+        assert blob is not None
+        order.append(int(etree.fromstring(blob.data).findtext("{jabber:client}body")[1:]))
+    assert sorted(order) == list(range(40))
+    for node in range(2):
+        mine = [n for n in order if n % 2 == node]
+        assert mine == sorted(mine)
+
+
+class FailingBlobs(MemoryBlobBackend):
+    async def put(self, namespace: str, key: str, data: bytes, **kwargs: Any) -> str:
+        raise StorageError("test", "put", "disk on fire")
+
+
+class FailingTransactions(MemoryItemBackend):
+    async def transact(self, writes: Sequence[Write]) -> None:
+        raise StorageError("test", "transact", "table on fire")
+
+
+@pytest.mark.parametrize("broken", ["blobs", "items"])
+async def test_store_failure_is_an_error_to_the_sender(broken: str) -> None:
+    harness = ModuleHarness({"offline": {}})
+    if broken == "blobs":
+        harness.storage.blobs = FailingBlobs()
+    else:
+        harness.storage.items = FailingTransactions()
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    [reply] = await harness.send(alice, chat("bob@localhost", "lost?"))
+    assert condition(reply) == "internal-server-error"
+    assert reply.get("id") == "m-lost?"
+    # no blob left behind when the index could not be written
+    assert (await harness.host.blobs("localhost", "offline").list("bob/")).keys == []
+
+
+class SelfDestructingSession(TestSession):
+    """A session whose connection drops after it was handed `limit` stanzas."""
+
+    def __init__(self, jid: str, router: Router, limit: int) -> None:
+        super().__init__(jid)
+        self.router = router
+        self.limit = limit
+
+    def deliver(self, stanza: etree._Element) -> None:
+        super().deliver(stanza)
+        if len(self.received) == self.limit:
+            self.router.unbind(self)
+            self.available = False
+
+
+async def test_session_gone_mid_delivery_keeps_the_rest(harness: ModuleHarness) -> None:
+    module = offline_module(harness)
+    alice = harness.session("alice@localhost/a")
+    total = PAGE + 7
+    for n in range(total):
+        await harness.send(alice, chat("bob@localhost", f"m{n}"))
+    bob = SelfDestructingSession("bob@localhost/b", harness.router, PAGE)
+    harness.router.bind(bob, bob.bare, bob.resource)
+    bob.available = True
+    await module.deliver_stored(bob)
+    assert bodies(bob.take()) == [f"m{n}" for n in range(PAGE)]
+    assert await stored_count(harness) == 7
+    again = await login(harness, "bob@localhost/c")
+    assert bodies(again.take()) == [f"m{n}" for n in range(PAGE, total)]
+
+
+async def test_unbound_session_gets_nothing_and_nothing_is_removed(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    await harness.send(alice, chat("bob@localhost", "keep"))
+    ghost = TestSession("bob@localhost/ghost")
+    ghost.available = True
+    await offline_module(harness).deliver_stored(ghost)
+    assert ghost.take() == [] and await stored_count(harness) == 1
+
+
+async def test_message_stored_while_user_logs_in_is_delivered_at_once(
+    harness: ModuleHarness,
+) -> None:
+    """The router saw nobody available; by the time it was stored, bob was there."""
+    bob = await login(harness, "bob@localhost/b")
+    stanza = parse_stanza(chat("bob@localhost", "late"))
+    stanza.set("from", "alice@localhost/a")
+    assert await offline_module(harness).on_offline(stanza, "bob@localhost")
+    await harness.router.drain()
+    assert bodies(bob.take()) == ["late"]
+    assert await stored_count(harness) == 0
+
+
+async def test_disco_advertises_msgoffline(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    reply = await harness.iq(alice, "get", f"<query xmlns='{DISCO_INFO}'/>", to="localhost")
+    assert "msgoffline" in {f.get("var") for f in reply.iter(f"{{{DISCO_INFO}}}feature")}
+
+
+@pytest.fixture
+async def real_storage(tmp_path: Path) -> AsyncIterator[Storage]:
+    storage = Storage(
+        await SQLiteItemBackend.open(tmp_path / "items.sqlite3"),
+        await FileBlobBackend.open(tmp_path / "blobs"),
+        NullCache(),
+    )
+    yield storage
+    await storage.close()
+
+
+async def test_order_and_quota_on_sqlite_and_files(real_storage: Storage) -> None:
+    harness = ModuleHarness({"offline": {"max_messages": 12}})
+    harness.storage = harness.host.storage = real_storage
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    module = offline_module(harness)
+    stanzas = [parse_stanza(chat("bob@localhost", f"c{n}")) for n in range(15)]
+    for stanza in stanzas:
+        stanza.set("from", "alice@localhost/a")
+    refused: list[etree._Element] = []
+    harness.router.bounce = lambda stanza, *args: refused.append(stanza)  # type: ignore[method-assign]
+    await asyncio.gather(*(module.on_offline(s, "bob@localhost") for s in stanzas))
+    assert [s.findtext("{jabber:client}body") for s in refused] == ["c12", "c13", "c14"]
+    assert await stored_count(harness) == 12
+    bob = await login(harness, "bob@localhost/b")
+    assert bodies(bob.take()) == [f"c{n}" for n in range(12)]
+    assert await stored_count(harness) == 0
