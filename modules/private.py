@@ -1,0 +1,155 @@
+"""Private XML storage (XEP-0049): any XML a client wants back later, readable by its owner only.
+
+One blob per (user, namespace) in the blob store "private", keyed
+"<user>/<namespace, percent-encoded>" so an account's data is one prefix.
+The blob holds the whole <query xmlns='jabber:iq:private'/> the server
+returns for that namespace, so a get is a read with no rebuilding.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+from urllib.parse import quote
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from xmppd.modulehost import IqRequest, Module
+from xmppd.storage.base import MAX_KEY_BYTES, BlobStore, StorageError, TooLarge
+from xmppd.stream.errors import StanzaError
+
+PRIVATE = "jabber:iq:private"
+_QUERY = f"{{{PRIVATE}}}query"
+RESERVED_PREFIXES = ("jabber:", "http://jabber.org/")
+"""XEP-0049 section 2.3: these namespaces (and 'vcard-temp') are reserved; refusing them with
+not-acceptable keeps clients from shadowing server data such as rosters in private storage."""
+RESERVED = frozenset({"vcard-temp"})
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+class PrivateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_bytes: StrictInt = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    """The largest stored XML per namespace (serialized)."""
+
+
+class Private(Module):
+    name = "private"
+    Options = PrivateOptions
+
+    def setup(self) -> None:
+        self.max_bytes = self.options.max_bytes  # type: ignore[attr-defined]
+        self.host.add_feature(PRIVATE)
+        self.host.iq(PRIVATE, "get", self.get, to="account")
+        self.host.iq(PRIVATE, "set", self.set, to="account")
+        self.host.hook("account/removed", self._account_removed)
+
+    async def get(self, request: IqRequest) -> etree._Element:
+        user = _owner(request)
+        children = _elements(request.payload)
+        if not children:
+            raise StanzaError("bad-request", "name the namespace to retrieve with a child element")
+        if len(children) > 1:
+            raise StanzaError("bad-request", "retrieve one namespace per request")
+        namespace = _namespace(children[0])
+        blob = await _storage(self._store(request.host).get(_key(user, namespace)))
+        if blob is not None:
+            try:
+                return etree.fromstring(blob.data, _PARSER)
+            except etree.XMLSyntaxError as exc:
+                log.error("stored private XML %s is corrupt: %s", blob.key, exc)
+                raise StanzaError("internal-server-error", "stored data unreadable") from None
+        query = etree.Element(_QUERY, nsmap={None: PRIVATE})
+        query.append(etree.Element(children[0].tag, nsmap={None: namespace}))
+        return query
+
+    async def set(self, request: IqRequest) -> None:
+        user = _owner(request)
+        children = _elements(request.payload)
+        if not children:
+            raise StanzaError("not-acceptable", "nothing to store: add an element")
+        by_namespace: dict[str, list[etree._Element]] = {}
+        for child in children:
+            by_namespace.setdefault(_namespace(child), []).append(child)
+        # Check everything before writing anything: a refused set changes nothing.
+        blobs: dict[str, bytes] = {}
+        for namespace, elements in by_namespace.items():
+            query = etree.Element(_QUERY, nsmap={None: PRIVATE})
+            for element in elements:
+                query.append(copy.deepcopy(element))
+            data = etree.tostring(query)
+            if len(data) > self.max_bytes:
+                raise StanzaError(
+                    "not-acceptable", f"data for {namespace} is over {self.max_bytes} bytes"
+                )
+            blobs[_key(user, namespace)] = data
+        store = self._store(request.host)
+        for key, data in blobs.items():
+            await _storage(store.put(key, data))
+
+    def _store(self, vhost: str) -> BlobStore:
+        return self.host.blobs(vhost, "private")
+
+    async def _account_removed(self, vhost: str, username: str) -> None:
+        store = self._store(vhost)
+        try:
+            token: str | None = None
+            while True:
+                page = await store.list(f"{username}/", page_token=token)
+                for key in page.keys:
+                    await store.delete(key)
+                if (token := page.next_token) is None:
+                    return
+        except StorageError as exc:
+            log.error("private XML of removed account %s@%s not deleted: %s", username, vhost, exc)
+
+
+def _owner(request: IqRequest) -> str:
+    if not request.from_owner:
+        raise StanzaError("forbidden", "private XML belongs to its owner only")
+    return request.target.split("@", 1)[0]
+
+
+def _elements(query: etree._Element) -> list[etree._Element]:
+    if query.tag != _QUERY:
+        raise StanzaError("bad-request", "the payload must be <query xmlns='jabber:iq:private'/>")
+    return [child for child in query if isinstance(child.tag, str)]
+
+
+def _namespace(element: etree._Element) -> str:
+    namespace = etree.QName(element).namespace
+    if not namespace:
+        raise StanzaError("not-acceptable", "stored elements need their own namespace")
+    if namespace in RESERVED or namespace.startswith(RESERVED_PREFIXES):
+        raise StanzaError("not-acceptable", f"{namespace} is a reserved namespace")
+    return namespace
+
+
+def _key(user: str, namespace: str) -> str:
+    key = f"{user}/{quote(namespace, safe='')}"
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise StanzaError("not-acceptable", "the namespace is too long")
+    return key
+
+
+async def _storage(operation: Awaitable[T]) -> T:
+    """Await a storage call: a backend failure becomes the client's error, never a silent drop."""
+    try:
+        return await operation
+    except TooLarge:
+        raise StanzaError("not-acceptable", "over the storage size limit") from None
+    except StorageError as exc:
+        log.error("private XML storage failed: %s", exc)
+        raise StanzaError(
+            "internal-server-error", "storage is unavailable, try again later", "wait"
+        ) from None
+
+
+MODULE = Private

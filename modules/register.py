@@ -1,0 +1,275 @@
+"""In-band registration (XEP-0077): create an account before logging in, change its password or
+remove it after.
+
+Account creation is off unless `allow_registration` is set, and limited per
+client address (in memory, per node). Password changes and account removal
+work for logged-in users either way (each can be switched off). Removing an
+account ends every session of it on this node with <not-authorized/>
+(XEP-0077 section 3.2) and fires the hook "account/removed" (vhost, username)
+so modules drop the account's data; handlers of it must not return True.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from xmppd.auth.accounts import (
+    AccountExists,
+    AccountNotFound,
+    InvalidPassword,
+    InvalidUsername,
+    normalize_username,
+)
+from xmppd.config import Seconds
+from xmppd.jid import JID
+from xmppd.modulehost import IqRequest, Module, PreAuthRequest
+from xmppd.storage.base import ConditionFailed, StorageError
+from xmppd.stream.errors import StanzaError, StreamError
+
+REGISTER = "jabber:iq:register"
+STREAM_FEATURE = "http://jabber.org/features/iq-register"
+_QUERY = f"{{{REGISTER}}}query"
+_USERNAME = f"{{{REGISTER}}}username"
+_PASSWORD = f"{{{REGISTER}}}password"
+_REMOVE = f"{{{REGISTER}}}remove"
+
+log = logging.getLogger(__name__)
+
+
+class RegisterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    allow_registration: StrictBool = False
+    min_password_length: StrictInt = Field(default=8, ge=1, le=1023)
+    registrations_per_ip: StrictInt = Field(default=3, ge=0)  # 0: no limit
+    registration_window: Seconds = Field(default=3600.0, gt=0)  # seconds
+    allow_password_change: StrictBool = True
+    allow_account_removal: StrictBool = True
+    instructions: StrictStr = "Choose a user name and a password for this server."
+
+
+class RateLimit:
+    """At most `limit` events per `window` seconds per key; a reservation can be given back."""
+
+    def __init__(
+        self, limit: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self._events: dict[str, deque[float]] = {}
+        self._swept = clock()
+
+    def reserve(self, key: str) -> float | None:
+        """Take a slot now (its stamp, to release it) or None when the key is over its limit."""
+        now = self.clock()
+        if not self.limit:
+            return now
+        if now - self._swept > self.window:  # forget idle keys so the dict cannot grow forever
+            self._swept = now
+            for stale in [k for k, q in self._events.items() if now - q[-1] > self.window]:
+                del self._events[stale]
+        events = self._events.setdefault(key, deque())
+        while events and now - events[0] > self.window:
+            events.popleft()
+        if len(events) >= self.limit:
+            return None
+        events.append(now)
+        return now
+
+    def release(self, key: str, stamp: float) -> None:
+        events = self._events.get(key)
+        if events is not None and stamp in events:
+            events.remove(stamp)
+            if not events:
+                del self._events[key]
+
+
+class Register(Module):
+    name = "register"
+    Options = RegisterOptions
+
+    def setup(self) -> None:
+        options: RegisterOptions = self.options  # type: ignore[assignment]
+        self.opts = options
+        self.accounts = self.host.accounts  # the server's own, with its iteration count
+        self.limit = RateLimit(options.registrations_per_ip, options.registration_window)
+        # Always answer pre-auth registration IQs: without a handler the stream would end.
+        self.host.preauth_iq(REGISTER, "get", self._preauth_get)
+        self.host.preauth_iq(REGISTER, "set", self._preauth_set)
+        if options.allow_registration:
+            self.host.add_stream_feature("preauth", _stream_feature)
+        self.host.add_feature(REGISTER)
+        self.host.iq(REGISTER, "get", self._get, to="both")
+        self.host.iq(REGISTER, "set", self._set, to="both")
+
+    # --- before authentication: creating an account -------------------------------------
+
+    async def _preauth_get(self, request: PreAuthRequest) -> etree._Element:
+        if not self.opts.allow_registration:
+            raise StanzaError("service-unavailable", "in-band registration is closed")
+        query = _query()
+        etree.SubElement(query, f"{{{REGISTER}}}instructions").text = self.opts.instructions
+        etree.SubElement(query, _USERNAME)
+        etree.SubElement(query, _PASSWORD)
+        return query
+
+    async def _preauth_set(self, request: PreAuthRequest) -> None:
+        if not self.opts.allow_registration:
+            raise StanzaError("service-unavailable", "in-band registration is closed")
+        query = _checked_query(request.payload)
+        if query.find(_REMOVE) is not None:
+            raise StanzaError("unexpected-request", "log in to remove your account")
+        username = (query.findtext(_USERNAME) or "").strip()
+        password = query.findtext(_PASSWORD) or ""
+        if not username or not password:
+            raise StanzaError("not-acceptable", "a user name and a password are required")
+        try:
+            username = normalize_username(username)
+        except InvalidUsername:
+            raise StanzaError("not-acceptable", "this user name is not allowed") from None
+        self._check_password(password)
+        stamp = self.limit.reserve(request.ip)
+        if stamp is None:
+            # XEP-0077 section 3.1.1: not-acceptable for "too many registrations".
+            raise StanzaError(
+                "not-acceptable", "too many registrations from your address, try later", "wait"
+            )
+        registered = False
+        try:
+            await self.accounts[request.host].register(username, password)
+            registered = True
+        except AccountExists:
+            raise StanzaError("conflict", "this user name is taken") from None
+        except InvalidPassword as exc:
+            raise StanzaError("not-acceptable", str(exc)) from None
+        except (StorageError, ConditionFailed) as exc:
+            raise _storage_error(exc) from None
+        finally:
+            if not registered:  # only accounts made count against the address
+                self.limit.release(request.ip, stamp)
+        log.info("registered %s@%s from %s", username, request.host, request.ip)
+
+    # --- after authentication: the account's own registration -------------------------
+
+    async def _get(self, request: IqRequest) -> etree._Element:
+        username = _own_user(request)
+        query = _query()
+        etree.SubElement(query, f"{{{REGISTER}}}registered")
+        etree.SubElement(query, f"{{{REGISTER}}}instructions").text = (
+            "You are registered: send a new password to change it, or <remove/> to delete "
+            "your account."
+        )
+        etree.SubElement(query, _USERNAME).text = username
+        etree.SubElement(query, _PASSWORD)
+        return query
+
+    async def _set(self, request: IqRequest) -> None:
+        username = _own_user(request)
+        query = _checked_query(request.payload)
+        if query.find(_REMOVE) is not None:
+            if len([c for c in query if isinstance(c.tag, str)]) != 1:
+                raise StanzaError("bad-request", "<remove/> must be the only child")
+            await self._remove(request, username)
+        else:
+            await self._change_password(request.host, username, query)
+
+    async def _change_password(self, vhost: str, username: str, query: etree._Element) -> None:
+        if not self.opts.allow_password_change:
+            raise StanzaError("not-allowed", "in-band password changes are disabled")
+        given = query.findtext(_USERNAME)
+        password = query.findtext(_PASSWORD)
+        if given is None or password is None:
+            raise StanzaError("bad-request", "send <username/> and <password/>")
+        if not _same_user(given.strip(), username, vhost):
+            raise StanzaError("forbidden", "you can only change your own password")
+        if not password:
+            # XEP-0077 section 3.3: never a null password; the old one stays.
+            raise StanzaError("not-acceptable", "the password must not be empty")
+        self._check_password(password)
+        try:
+            await self.accounts[vhost].set_password(username, password)
+        except InvalidPassword as exc:
+            raise StanzaError("not-acceptable", str(exc)) from None
+        except AccountNotFound:
+            raise StanzaError("registration-required", "the account no longer exists") from None
+        except (StorageError, ConditionFailed) as exc:
+            raise _storage_error(exc) from None
+        log.info("password changed for %s@%s", username, vhost)
+
+    async def _remove(self, request: IqRequest, username: str) -> None:
+        vhost = request.host
+        if not self.opts.allow_account_removal:
+            raise StanzaError("not-allowed", "in-band account removal is disabled")
+        try:
+            removed = await self.accounts[vhost].unregister(username)
+        except StorageError as exc:
+            raise _storage_error(exc) from None
+        if not removed:
+            raise StanzaError("registration-required", "the account no longer exists")
+        log.info("account %s@%s removed in-band", username, vhost)
+        bare = f"{username}@{vhost}"
+        # XEP-0077 3.2: the result first, then the account's sessions end.
+        request.after_reply.append(lambda: self._end_sessions(bare))
+        self.host.router.spawn(self.host.fire("account/removed", vhost, username))
+
+    def _end_sessions(self, bare: str) -> None:
+        for session in self.host.router.local_sessions(bare):
+            session.terminate(StreamError("not-authorized", "the account was removed"))
+
+    def _check_password(self, password: str) -> None:
+        if len(password) < self.opts.min_password_length:
+            raise StanzaError(
+                "not-acceptable",
+                f"the password needs at least {self.opts.min_password_length} characters",
+            )
+
+
+def _own_user(request: IqRequest) -> str:
+    """The user name of the account the request is about: the sender's, or forbidden."""
+    sender = request.sender
+    own = request.from_owner if "@" in request.target else sender.domain == request.target
+    if not own or not sender.user:
+        raise StanzaError("forbidden", "you can only manage your own account")
+    return sender.user
+
+
+def _same_user(given: str, username: str, vhost: str) -> bool:
+    """<username/> names the account: as its localpart or its bare JID, in any case."""
+    if "@" in given:
+        try:
+            jid = JID(given)
+        except ValueError:
+            return False
+        return jid.domain == vhost and not jid.resource and jid.user == username
+    try:
+        return normalize_username(given) == username
+    except InvalidUsername:
+        return False
+
+
+def _checked_query(payload: etree._Element) -> etree._Element:
+    if payload.tag != _QUERY:
+        raise StanzaError("bad-request", "the payload must be <query xmlns='jabber:iq:register'/>")
+    return payload
+
+
+def _query() -> etree._Element:
+    return etree.Element(_QUERY, nsmap={None: REGISTER})
+
+
+def _stream_feature() -> etree._Element:
+    return etree.Element(f"{{{STREAM_FEATURE}}}register", nsmap={None: STREAM_FEATURE})
+
+
+def _storage_error(exc: Exception) -> StanzaError:
+    log.error("account storage failed: %s", exc)
+    return StanzaError("internal-server-error", "storage is unavailable, try again later", "wait")
+
+
+MODULE = Register

@@ -1,0 +1,271 @@
+"""vcard-temp (XEP-0054) and the avatar hash in presence (XEP-0153, as XEP-0398 section 4 asks).
+
+Each account's vCard is one blob in the blob store "vcard" (key: the user
+name), world-readable as XEP-0054 says, writable only by its owner. The
+server, not the client, puts the SHA-1 of the vCard photo into the user's
+available presences: a client that just logged in need not download its own
+vCard to learn the hash, and contacts see avatar changes from any resource.
+The hash of each user with a session on this node is kept in memory (loaded
+at session/bound, updated on every vCard set), because the presence filter
+must not wait for storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import copy
+import hashlib
+import logging
+import random
+import weakref
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from xmppd.modulehost import IqRequest, Module
+from xmppd.session import Session
+from xmppd.storage.base import Blob, BlobStore, ConditionFailed, StorageError, TooLarge
+from xmppd.stream.errors import StanzaError
+from xmppd.xml import ns
+
+VCARD = "vcard-temp"
+X_UPDATE = "vcard-temp:x:update"
+_VCARD_TAG = f"{{{VCARD}}}vCard"
+_X_TAG = f"{{{X_UPDATE}}}x"
+_PHOTO_TAG = f"{{{X_UPDATE}}}photo"
+
+MAX_WRITE_RETRIES = 10
+LOAD_TIMEOUT = 5.0  # seconds a held presence waits for the hash before going out as sent
+FILTER_PRIORITY = 10_000
+"""Runs before every other "stanza/out" filter: a presence held while the hash
+loads is routed again afterwards, and filters that ran before this one would
+then see it twice."""
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+class VCardOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_bytes: StrictInt = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class VCard(Module):
+    name = "vcard"
+    Options = VCardOptions
+
+    def setup(self) -> None:
+        self.max_bytes = self.options.max_bytes  # type: ignore[attr-defined]
+        # bare JID -> photo SHA-1 (hex), "" for "no photo", None when it could not be read
+        self._photo: dict[str, str | None] = {}
+        self._loading: set[str] = set()
+        self._held: dict[Session, list[etree._Element]] = {}  # presences waiting for a load
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.host.add_feature(VCARD)
+        self.host.iq(VCARD, "get", self.get, to="account")
+        self.host.iq(VCARD, "set", self.set, to="account")
+        self.host.filter("stanza/out", self._presence_out, FILTER_PRIORITY)
+        self.host.hook("session/bound", self._bound)
+        self.host.hook("session/closed", self._closed)
+        self.host.hook("account/removed", self._account_removed)
+
+    # --- IQ handlers -------------------------------------------------------------------
+
+    async def get(self, request: IqRequest) -> etree._Element:
+        if request.payload.tag != _VCARD_TAG:
+            raise StanzaError("bad-request", "the payload must be <vCard xmlns='vcard-temp'/>")
+        user = request.target.split("@", 1)[0]
+        blob = await _storage(self._store(request.host).get(user))
+        if blob is not None:
+            return _parse(blob)
+        if request.from_owner:
+            # XEP-0054 3.1 allows an empty vCard for one's own: clients handle it best.
+            return etree.Element(_VCARD_TAG, nsmap={None: VCARD})
+        if not await self.host.router.user_exists(request.host, user):
+            raise StanzaError("service-unavailable")
+        raise StanzaError("item-not-found", "this user has no vCard")
+
+    async def set(self, request: IqRequest) -> None:
+        if not request.from_owner:
+            raise StanzaError("forbidden", "you can only set your own vCard")
+        vcard = request.payload
+        if vcard.tag != _VCARD_TAG:
+            raise StanzaError("bad-request", "the payload must be <vCard xmlns='vcard-temp'/>")
+        if (vcard.text or "").strip() or any((child.tail or "").strip() for child in vcard):
+            raise StanzaError("bad-request", "text belongs inside the vCard's fields")
+        photo = photo_hash(vcard)
+        data = b"" if len(vcard) == 0 else etree.tostring(copy.deepcopy(vcard))
+        if len(data) > self.max_bytes:
+            raise StanzaError("not-acceptable", f"the vCard is over {self.max_bytes} bytes")
+        bare = request.target
+        lock = self._locks.get(bare)
+        if lock is None:
+            lock = self._locks[bare] = asyncio.Lock()
+        async with lock:  # this node's writers in arrival order: the cached hash ends up right
+            await _storage(self._write(self._store(request.host), bare.split("@", 1)[0], data))
+            if self.host.router.local_sessions(bare):
+                self._photo[bare] = photo
+
+    def _store(self, vhost: str) -> BlobStore:
+        return self.host.blobs(vhost, "vcard")
+
+    async def _write(self, store: BlobStore, key: str, data: bytes) -> None:
+        """Replace the blob (empty data: delete it), last writer wins even across nodes.
+
+        Each write is conditional on what was just read, so two nodes never
+        interleave; an unchanged vCard (clients re-upload it often) costs no write.
+        """
+        for attempt in range(MAX_WRITE_RETRIES):
+            current = await store.get(key)
+            try:
+                if current is None:
+                    if data:
+                        await store.put(key, data, if_none_match=True)
+                elif not data:
+                    await store.delete(key, if_match=current.etag)
+                elif current.data != data:
+                    await store.put(key, data, if_match=current.etag)
+                return
+            except ConditionFailed:
+                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+        raise StanzaError("resource-constraint", "the vCard is being changed elsewhere, retry")
+
+    # --- the avatar hash in outgoing presence ---------------------------------------------
+
+    def _presence_out(self, stanza: etree._Element, session: Session) -> bool:
+        if stanza.tag != ns.C_PRESENCE:
+            return True
+        held = self._held.get(session)
+        if held is not None:  # keep this session's presences in order behind the held one
+            held.append(stanza)
+            return False
+        if stanza.get("type") is not None:
+            return True
+        bare = session.bare
+        if bare not in self._photo:
+            self._held[session] = [stanza]
+            self._load_soon(session.host, bare)
+            return False
+        stamp(stanza, self._photo[bare])
+        return True
+
+    def _load_soon(self, vhost: str, bare: str) -> None:
+        if bare not in self._loading:
+            self._loading.add(bare)
+            self.host.router.spawn(self._load_and_release(vhost, bare))
+
+    async def _load_and_release(self, vhost: str, bare: str) -> None:
+        try:
+            await self._load(vhost, bare)
+        finally:
+            self._loading.discard(bare)
+            self._release(bare)
+
+    async def _load(self, vhost: str, bare: str) -> None:
+        photo: str | None
+        try:
+            async with asyncio.timeout(LOAD_TIMEOUT):
+                blob = await self._store(vhost).get(bare.split("@", 1)[0])
+            photo = "" if blob is None else photo_hash(_parse(blob))
+        except (StorageError, TimeoutError, StanzaError) as exc:
+            log.warning("avatar hash of %s unavailable: %s", bare, exc)
+            photo = None
+        # A vCard set that finished meanwhile wrote a newer value: keep it.
+        if self._photo.get(bare) is None and self.host.router.local_sessions(bare):
+            self._photo[bare] = photo
+
+    def _release(self, bare: str) -> None:
+        """Route the presences held for `bare`'s sessions, now that the hash is known."""
+        router = self.host.router
+        for session in [s for s in self._held if s.bare == bare]:
+            stanzas = self._held.pop(session)
+            if router.sessions.get(bare, {}).get(session.resource) is not session:
+                continue  # the session ended while its presence waited
+            if bare not in self._photo:
+                self._photo[bare] = None  # never hold again for a load that cannot land
+            for stanza in stanzas:
+                router.route(stanza, session)
+
+    # --- session and account events -----------------------------------------------------
+
+    async def _bound(self, session: Session) -> None:
+        # Spawned, not awaited: a slow store must not hold up other modules' session/bound.
+        if self._photo.get(session.bare) is None:
+            self._load_soon(session.host, session.bare)
+
+    async def _closed(self, session: Session) -> None:
+        self._held.pop(session, None)
+        if not self.host.router.local_sessions(session.bare):
+            self._photo.pop(session.bare, None)
+
+    async def _account_removed(self, vhost: str, username: str) -> None:
+        self._photo.pop(f"{username}@{vhost}", None)
+        try:
+            await self._store(vhost).delete(username)
+        except StorageError as exc:
+            log.error("vCard of removed account %s@%s not deleted: %s", username, vhost, exc)
+
+
+def photo_hash(vcard: etree._Element) -> str:
+    """The XEP-0153 hash: SHA-1 (hex) of the decoded PHOTO/BINVAL, "" for no photo.
+
+    Malformed base64 is the client's bad-request: it could never be shown.
+    """
+    binval = vcard.findtext(f"{{{VCARD}}}PHOTO/{{{VCARD}}}BINVAL")
+    if not binval or not binval.strip():
+        return ""
+    try:
+        image = base64.b64decode("".join(binval.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise StanzaError("bad-request", "PHOTO/BINVAL is not valid base64") from None
+    return hashlib.sha1(image).hexdigest() if image else ""
+
+
+def stamp(presence: etree._Element, photo: str | None) -> None:
+    """Put the server's hash into an available presence (XEP-0398 section 4).
+
+    A client's <photo/> left empty on purpose ("no avatar to advertise") is
+    kept; any other update element is replaced by the hash of the stored vCard,
+    which XEP-0153 makes authoritative. None (hash unknown): left as sent.
+    """
+    if photo is None:
+        return
+    existing = presence.findall(_X_TAG)
+    for x in existing:
+        element = x.find(_PHOTO_TAG)
+        if element is not None and not (element.text or "").strip():
+            return
+    for x in existing:
+        presence.remove(x)
+    x = etree.SubElement(presence, _X_TAG, nsmap={None: X_UPDATE})
+    etree.SubElement(x, _PHOTO_TAG).text = photo or None
+
+
+def _parse(blob: Blob) -> etree._Element:
+    try:
+        return etree.fromstring(blob.data, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        log.error("stored vCard %s is corrupt: %s", blob.key, exc)
+        raise StanzaError("internal-server-error", "the stored vCard is unreadable") from None
+
+
+async def _storage(operation: Awaitable[T]) -> T:
+    """Await a storage call: a backend failure becomes the client's error, never a silent drop."""
+    try:
+        return await operation
+    except TooLarge:
+        raise StanzaError("not-acceptable", "over the storage size limit") from None
+    except StorageError as exc:
+        log.error("vCard storage failed: %s", exc)
+        raise StanzaError(
+            "internal-server-error", "storage is unavailable, try again later", "wait"
+        ) from None
+
+
+MODULE = VCard
