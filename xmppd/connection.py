@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -24,12 +25,14 @@ from xmppd.sasl.scram import ScramServer
 from xmppd.storage.base import StorageError
 from xmppd.stream import c2s
 from xmppd.stream.errors import StanzaError, StreamError, error_from
-from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.server import Server
 
 log = logging.getLogger(__name__)
+
+PARSER_IDLE_SECONDS = 10.0
+"""A stream that received nothing for this long (up to twice as long) frees its XML parser."""
 
 
 class C2SConnection(asyncio.Protocol):
@@ -55,6 +58,7 @@ class C2SConnection(asyncio.Protocol):
         self._max_backlog = 4 * server.config.limits.max_stanza_bytes + 65536
         self._counted = False
         self._ended = False
+        self._received = True  # data came since the last idle sweep
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -73,10 +77,12 @@ class C2SConnection(asyncio.Protocol):
             self._flush()
             return
         self._counted = True
+        _schedule_idle_sweep(self.server)
         if self.direct_tls:
             self.stream.set_channel_bindings(self._channel_bindings())
 
     def data_received(self, data: bytes) -> None:
+        self._received = True
         self._handle(self.stream.receive(data))
         self._flush()
 
@@ -346,6 +352,32 @@ class C2SConnection(asyncio.Protocol):
         self.server.session_started(self)
 
 
+_sweeping: weakref.WeakSet[Server] = weakref.WeakSet()  # nodes whose idle sweep is scheduled
+
+
+def _schedule_idle_sweep(server: Server) -> None:
+    if server not in _sweeping:
+        _sweeping.add(server)
+        asyncio.get_running_loop().call_later(PARSER_IDLE_SECONDS, _idle_sweep, server)
+
+
+def _idle_sweep(server: Server) -> None:
+    """Free the XML parser of every stream that received nothing since the last sweep.
+
+    Idle connections are most of a server's connections, and a libxml2 parser
+    is about 9 KB of each (docs/bench.md); one timer per node rather than one
+    per connection keeps the sweep itself free of per-connection state.
+    """
+    _sweeping.discard(server)
+    for conn in server.connections:
+        if conn._received:
+            conn._received = False
+        else:
+            conn.stream.release_parser()
+    if server.connections:
+        _schedule_idle_sweep(server)
+
+
 def _account_name(authcid: str) -> str:
     """The stored account name for a SASL authcid ("Alice" logs in as "alice").
 
@@ -355,10 +387,3 @@ def _account_name(authcid: str) -> str:
         return normalize_username(authcid)
     except InvalidUsername:
         return authcid
-
-
-def unavailable_presence(session_jid: str) -> etree._Element:
-    presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
-    presence.set("type", "unavailable")
-    presence.set("from", session_jid)
-    return presence

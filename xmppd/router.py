@@ -88,6 +88,17 @@ class Router:
             if not resources:
                 del self.sessions[session.bare]
 
+    def session_ended(self, session: Session) -> None:
+        """The client is gone (clean close or dropped TCP): others see it go unavailable."""
+        if session.available:
+            presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+            presence.set("type", "unavailable")
+            presence.set("from", session.jid)
+            self.broadcast_presence(presence, session)
+        self.unbind(session)
+        if self.modules is not None and self.modules.has_hook("session/closed"):
+            self.spawn(self.modules.fire("session/closed", session))
+
     def local_sessions(self, bare: str) -> list[Session]:
         return list(self.sessions.get(bare, {}).values())
 

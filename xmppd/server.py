@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle
 from xmppd.config import Config
-from xmppd.connection import C2SConnection, unavailable_presence
+from xmppd.connection import C2SConnection
 from xmppd.modulehost import ModuleHost
 from xmppd.router import Router
 from xmppd.storage.base import ConditionFailed, ItemStore
@@ -159,12 +159,7 @@ class Server:
             self.router.spawn(self.modules.fire("session/bound", conn))
 
     def session_ended(self, conn: C2SConnection) -> None:
-        """The client is gone (clean close or dropped TCP): others see it go unavailable."""
-        if conn.available:
-            self.router.broadcast_presence(unavailable_presence(conn.jid), conn)
-        self.router.unbind(conn)
-        if self.modules.has_hook("session/closed"):
-            self.router.spawn(self.modules.fire("session/closed", conn))
+        self.router.session_ended(conn)
 
     async def _user_exists(self, host: str, username: str) -> bool:
         return await self.accounts[host].exists(username)

@@ -87,6 +87,11 @@ class ModuleHarness:
         session.available = available
         return session
 
+    async def end_session(self, session: TestSession) -> None:
+        """The connection went away, exactly as the server handles it."""
+        self.router.session_ended(session)
+        await self.router.drain()
+
     async def send(self, session: TestSession, xml: str | etree._Element) -> list[etree._Element]:
         """Send a stanza as `session` (from stamped, as the stream does); return its replies."""
         stanza = parse_stanza(xml) if isinstance(xml, str) else xml

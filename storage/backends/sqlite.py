@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -123,10 +124,27 @@ class SQLiteItemBackend(ItemBackend):
         return fn(self._conn)
 
     def _connect(self) -> sqlite3.Connection:
+        """Open and set up the file, waiting out another process doing the same.
+
+        Switching a new file to WAL takes an exclusive lock that SQLite does not
+        wait for on its busy timeout, so two nodes starting together on a fresh
+        data_dir would see "database is locked": retry until the timeout.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                return self._open_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)  # on the store's own worker thread, never the event loop
+
+    def _open_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version > SCHEMA_VERSION:
@@ -135,6 +153,7 @@ class SQLiteItemBackend(ItemBackend):
                 )
             if version < SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
+                # CREATE ... IF NOT EXISTS: another process may have just done it.
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)

@@ -8,7 +8,6 @@ from collections.abc import Callable
 import pytest
 from lxml import etree
 
-from xmppd.connection import unavailable_presence
 from xmppd.modules.last import Last
 from xmppd.modules.roster import RosterItem, RosterModule, Subscription
 from xmppd.testing import ModuleHarness
@@ -100,9 +99,7 @@ async def test_dropped_connection_is_recorded(harness: ModuleHarness) -> None:
     """The server's own unavailable presence for a vanished session counts as a logout."""
     alice = harness.session("alice@localhost/a", available=False)
     await harness.send(alice, "<presence/>")
-    harness.router.broadcast_presence(unavailable_presence(alice.jid), alice)
-    harness.router.unbind(alice)
-    await harness.router.drain()
+    await harness.end_session(alice)
     item = await harness.host.items("localhost", "last").get("alice")
     assert item is not None and item.attrs["status"] == ""
     assert abs(int(time.time()) - int(item.attrs["time"])) <= 1

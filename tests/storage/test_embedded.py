@@ -172,3 +172,15 @@ async def test_namespaces_for_migration(tmp_path: Path) -> None:
         await blobs.put("c.example/gone", "x/y", b"")
         await blobs.delete("c.example/gone", "x/y")
         assert await blobs.namespaces() == ["a.example/vcard", "b.example/offline"]
+
+
+async def test_two_backends_opening_one_new_file_at_once(tmp_path: Path) -> None:
+    """Two nodes starting together on a fresh data_dir both get a working store."""
+    for n in range(30):
+        path = tmp_path / f"fresh{n}" / "items.sqlite3"
+        a, b = SQLiteItemBackend(path), SQLiteItemBackend(path)
+        try:
+            assert await asyncio.gather(a.get("ns", "x"), b.get("ns", "x")) == [None, None]
+        finally:
+            await a.close()
+            await b.close()

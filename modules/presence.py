@@ -1,0 +1,425 @@
+"""Presence and presence subscriptions (RFC 6121 sections 3 and 4).
+
+The subscription state machine is the two pure functions `outbound` and
+`inbound` (RFC 6121 Appendix A, pre-approval of section 3.4 included); the
+module applies them to the roster with conditional writes and then routes,
+delivers or drops the stanza as the tables say.
+
+* The user's own subscription presences are caught in the "stanza/out"
+  filter (synchronous), stamped with the user's bare JID and handled in a
+  task: roster change and push first, then routing.
+* Subscription presences addressed to a local user arrive through the
+  "presence/subscribe" ... hooks. A subscribe request to a user with no
+  available resource is kept as `pending_in` in the roster item and
+  delivered at each initial presence until the user answers it.
+* "presence/broadcast": initial presence sends probes to the contacts the
+  user is subscribed to, hands the new resource the presence of the user's
+  other resources and any pending requests; every broadcast goes to the
+  contacts subscribed to the user; unavailable also goes to every entity
+  that got directed presence from that session (section 4.6), including
+  when the connection just drops.
+* "presence/probe": answered with the last presence of each available
+  resource when the prober is subscribed; otherwise silently ignored, and
+  nothing when the user is offline (RFC 6121 4.3.2 allows either).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Literal
+
+from lxml import etree
+
+from xmppd.jid import JID, InvalidJID
+from xmppd.modulehost import Module
+from xmppd.modules.roster import RosterItem, RosterModule, Subscription
+from xmppd.router import SUBSCRIPTION_TYPES
+from xmppd.storage.base import StorageError
+from xmppd.stream.errors import StanzaError, error_reply
+from xmppd.xml import ns
+
+if TYPE_CHECKING:
+    from xmppd.session import Session
+
+PRE_APPROVAL = "urn:xmpp:features:pre-approval"
+MAX_DIRECTED = 1000  # directed-presence targets remembered per session
+
+Kind = Literal["subscribe", "subscribed", "unsubscribe", "unsubscribed"]
+
+
+# --- the state machine (RFC 6121 Appendix A) ------------------------------------------------
+
+
+_WITH_TO: dict[Subscription, Subscription] = {
+    "none": "to",
+    "to": "to",
+    "from": "both",
+    "both": "both",
+}
+_WITHOUT_TO: dict[Subscription, Subscription] = {
+    "none": "none",
+    "to": "none",
+    "from": "from",
+    "both": "from",
+}
+_WITH_FROM: dict[Subscription, Subscription] = {
+    "none": "from",
+    "to": "both",
+    "from": "from",
+    "both": "both",
+}
+_WITHOUT_FROM: dict[Subscription, Subscription] = {
+    "none": "none",
+    "to": "to",
+    "from": "none",
+    "both": "to",
+}
+
+
+def _drop_if_empty(item: RosterItem) -> RosterItem | None:
+    """An entry kept only for a pending request goes when nothing is pending any more."""
+    if not item.in_roster and not (item.pending_in or item.ask or item.approved):
+        if item.subscription == "none":
+            return None
+    return item
+
+
+def outbound(kind: Kind, item: RosterItem | None, contact: str) -> tuple[RosterItem | None, bool]:
+    """The user sent `kind` to `contact`: (new item, route it?). Appendix A.2, section 3.4."""
+    if kind == "subscribe":
+        new = item.copy() if item is not None else RosterItem(jid=contact)
+        new.in_roster = True  # RFC 6121 3.1.2: the contact goes into the roster
+        if new.subscription in ("none", "from"):
+            new.ask = True
+        return new, True
+    if item is None:
+        if kind == "subscribed":  # pre-approval (3.4) of someone not in the roster
+            return RosterItem(jid=contact, approved=True), False
+        return None, kind == "unsubscribe"
+    new = item.copy()
+    if kind == "unsubscribe":
+        new.subscription = _WITHOUT_TO[new.subscription]
+        new.ask = False
+        return new, True
+    if kind == "subscribed":
+        if new.subscription in ("from", "both"):
+            return item, False
+        if new.pending_in:
+            new.subscription = _WITH_FROM[new.subscription]
+            new.pending_in = new.approved = False
+            new.in_roster = True  # RFC 6121 3.1.5
+            return new, True
+        new.approved = True
+        new.in_roster = True
+        return new, False
+    # unsubscribed
+    if new.pending_in or new.subscription in ("from", "both"):
+        new.subscription = _WITHOUT_FROM[new.subscription]
+        new.pending_in = new.approved = False
+        return _drop_if_empty(new), True
+    if new.approved:  # cancels a pre-approval
+        new.approved = False
+        return _drop_if_empty(new), False
+    return item, False
+
+
+def inbound(
+    kind: Kind, item: RosterItem | None, contact: str
+) -> tuple[RosterItem | None, bool, Kind | None]:
+    """`contact` sent `kind` to the user: (new item, deliver it?, automatic reply). Appendix A.3."""
+    if kind == "subscribe":
+        if item is not None and item.subscription in ("from", "both"):
+            return item, False, "subscribed"
+        if item is not None and item.approved:
+            new = item.copy()
+            new.subscription = _WITH_FROM[new.subscription]
+            new.approved = False
+            return new, False, "subscribed"
+        if item is not None and item.pending_in:
+            return item, False, None
+        new = item.copy() if item is not None else RosterItem(jid=contact, in_roster=False)
+        new.pending_in = True
+        return new, True, None
+    if item is None:
+        return None, False, None
+    new = item.copy()
+    if kind == "unsubscribe":
+        if not (new.pending_in or new.subscription in ("from", "both")):
+            return item, False, None
+        new.subscription = _WITHOUT_FROM[new.subscription]
+        new.pending_in = False
+        return _drop_if_empty(new), True, None
+    if kind == "subscribed":
+        if not (new.ask and new.subscription in ("none", "from")):
+            return item, False, None
+        new.subscription = _WITH_TO[new.subscription]
+        new.ask = False
+        return new, True, None
+    # unsubscribed
+    if not (new.ask or new.subscription in ("to", "both")):
+        return item, False, None
+    new.subscription = _WITHOUT_TO[new.subscription]
+    new.ask = False
+    return new, True, None
+
+
+# --- the module --------------------------------------------------------------------------
+
+
+class Presence(Module):
+    name = "presence"
+
+    def setup(self) -> None:
+        self.host.filter("stanza/out", self._on_out, priority=-100)
+        for kind in SUBSCRIPTION_TYPES:
+            self.host.hook(f"presence/{kind}", self._make_inbound(kind))  # type: ignore[arg-type]
+        self.host.hook("presence/probe", self._on_probe)
+        self.host.hook("presence/broadcast", self._on_broadcast)
+        self.host.hook("session/closed", self._on_session_closed)
+        self.host.add_stream_feature("bound", _pre_approval_feature)
+        # Sessions whose availability went to their contacts, and the
+        # entities each session sent directed available presence to.
+        self._announced: set[Session] = set()
+        self._directed: dict[Session, set[str]] = {}
+
+    async def start(self) -> None:
+        roster = self.host.modules.get("roster")
+        if not isinstance(roster, RosterModule):
+            raise RuntimeError("the presence module needs the roster module")
+        self.roster = roster
+
+    # --- what the user sends ---------------------------------------------------------------
+
+    def _on_out(self, stanza: etree._Element, session: Session) -> bool:
+        if stanza.tag != ns.C_PRESENCE:
+            return True
+        to = stanza.get("to")
+        if to is None:
+            return True
+        try:
+            target = JID(to)
+        except InvalidJID:
+            return True  # the router answers jid-malformed
+        type_ = stanza.get("type")
+        if type_ in SUBSCRIPTION_TYPES:
+            if target.bare == session.bare or (
+                not target.user and target.domain in self.host.router.hosts
+            ):
+                return False  # no subscriptions to oneself or to this server
+            self.host.router.spawn(self._outbound(stanza, session, type_, target.bare))  # type: ignore[arg-type]
+            return False
+        if target.bare != session.bare:
+            if type_ is None:
+                directed = self._directed.setdefault(session, set())
+                if len(directed) < MAX_DIRECTED:
+                    directed.add(target.full)
+            elif type_ == "unavailable":
+                self._directed.get(session, set()).discard(target.full)
+        return True
+
+    async def _outbound(
+        self, stanza: etree._Element, session: Session, kind: Kind, contact: str
+    ) -> None:
+        owner = session.bare
+        route = False
+
+        def change(item: RosterItem | None) -> RosterItem | None:
+            nonlocal route
+            new, route = outbound(kind, item, contact)
+            return new
+
+        try:
+            before, after = await self.roster.modify(owner, contact, change)
+        except (StanzaError, StorageError) as exc:
+            condition = exc.condition if isinstance(exc, StanzaError) else "internal-server-error"
+            self.log.warning("%s from %s to %s not processed: %s", kind, owner, contact, exc)
+            self.host.route(error_reply(stanza, condition))
+            return
+        if not route:
+            return
+        out = copy.deepcopy(stanza)
+        out.set("from", owner)  # RFC 6121 3.1.2 etc.: stamped with the bare JID
+        out.set("to", contact)
+        self.host.route(out)
+        was_from = before is not None and before.subscription in ("from", "both")
+        is_from = after is not None and after.subscription in ("from", "both")
+        if is_from and not was_from:
+            self._send_available(owner, contact)  # RFC 6121 3.1.5
+        elif was_from and not is_from:
+            self._send_unavailable(owner, contact)  # RFC 6121 3.2.2
+        if kind == "subscribe":
+            await self._no_such_user(owner, contact)
+
+    async def _no_such_user(self, owner: str, contact: str) -> None:
+        """A request to a local account that does not exist is answered "unsubscribed" (8.5.1)."""
+        jid = JID(contact)
+        if jid.domain in self.host.router.hosts and not await self.host.router.user_exists(
+            jid.domain, jid.user
+        ):
+            self.host.route(_presence("unsubscribed", contact, owner))
+
+    # --- what contacts send ----------------------------------------------------------------
+
+    def _make_inbound(self, kind: Kind) -> Callable[[etree._Element, str], Awaitable[bool]]:
+        async def handler(stanza: etree._Element, owner: str) -> bool:
+            await self._inbound(stanza, owner, kind)
+            return True
+
+        return handler
+
+    async def _inbound(self, stanza: etree._Element, owner: str, kind: Kind) -> None:
+        sender = stanza.get("from")
+        if sender is None:
+            return
+        try:
+            contact = JID(sender).bare
+        except InvalidJID:
+            return
+        if contact == owner:
+            return
+        deliver: bool = False
+        reply: Kind | None = None
+
+        def change(item: RosterItem | None) -> RosterItem | None:
+            nonlocal deliver, reply
+            new, deliver, reply = inbound(kind, item, contact)
+            return new
+
+        try:
+            before, after = await self.roster.modify(owner, contact, change)
+        except (StanzaError, StorageError) as exc:
+            # Too many pending requests or storage down: the request is dropped.
+            self.log.warning("%s from %s to %s dropped: %s", kind, contact, owner, exc)
+            return
+        if deliver:
+            out = copy.deepcopy(stanza)
+            out.set("from", contact)
+            out.set("to", owner)
+            for session in self.host.router.available_sessions(owner):
+                self.host.router.deliver(session, copy.deepcopy(out))
+        if reply is not None:
+            self.host.route(_presence(reply, owner, contact))
+        was_from = before is not None and before.subscription in ("from", "both")
+        is_from = after is not None and after.subscription in ("from", "both")
+        if is_from and not was_from:
+            self._send_available(owner, contact)  # pre-approved: as if approved now
+        elif was_from and not is_from:
+            self._send_unavailable(owner, contact)  # RFC 6121 3.3.3
+
+    async def _on_probe(self, stanza: etree._Element, owner: str) -> bool:
+        prober = stanza.get("from")
+        if prober is None:
+            return True
+        try:
+            prober_bare = JID(prober).bare
+        except InvalidJID:
+            return True
+        if prober_bare != owner:
+            try:
+                item = await self.roster.item(owner, prober_bare)
+            except StorageError as exc:
+                self.log.warning("probe from %s to %s dropped: %s", prober, owner, exc)
+                return True
+            if item is None or item.subscription not in ("from", "both"):
+                return True
+        self._send_available(owner, prober)
+        return True
+
+    # --- the user's own availability -------------------------------------------------------
+
+    async def _on_broadcast(self, stanza: etree._Element, origin: Session, initial: bool) -> bool:
+        owner = origin.bare
+        if stanza.get("type") == "unavailable":
+            # Take the session's state before the first await: "session/closed" may run next.
+            directed = self._directed.pop(origin, set())
+            announced = origin in self._announced
+            self._announced.discard(origin)
+            subscribers: set[str] = set()
+            if announced:
+                subscribers = await self._contacts(owner, ("from", "both"))
+                for contact in subscribers:
+                    self._send_copy(stanza, contact)
+            for target in directed:
+                if JID(target).bare not in subscribers:
+                    self._send_copy(stanza, target)
+            return False
+        self._announced.add(origin)
+        if initial:
+            # RFC 6121 4.2.2: the new resource learns about the user's other resources.
+            for other in self.host.router.available_sessions(owner):
+                if other is not origin and other.presence is not None:
+                    presence = copy.deepcopy(other.presence)
+                    presence.set("from", other.jid)
+                    presence.set("to", origin.jid)
+                    self.host.router.deliver(origin, presence)
+        try:
+            roster = await self.roster.get(owner)
+        except StorageError as exc:
+            self.log.error("presence of %s not broadcast: %s", origin.jid, exc)
+            return False
+        for item in roster.items.values():
+            if item.subscription in ("from", "both"):
+                self._send_copy(stanza, item.jid)
+        if initial:
+            for item in roster.items.values():
+                if item.subscription in ("to", "both"):
+                    self.host.route(_presence("probe", origin.jid, item.jid))
+                if item.pending_in:  # RFC 6121 3.1.3: kept until answered
+                    self.host.router.deliver(origin, _presence("subscribe", item.jid, owner))
+        return False
+
+    async def _on_session_closed(self, session: Session) -> bool:
+        """A session that never went available still owes its directed presences an unavailable.
+
+        One that was available gets the unavailable broadcast the server
+        fires for it, whichever of the two hooks runs first: that one cleans up.
+        """
+        if session in self._announced:
+            return False
+        for target in self._directed.pop(session, ()):
+            self.host.route(_presence("unavailable", session.jid, target))
+        return False
+
+    # --- helpers --------------------------------------------------------------------------
+
+    async def _contacts(self, owner: str, subscriptions: tuple[str, ...]) -> set[str]:
+        try:
+            roster = await self.roster.get(owner)
+        except StorageError as exc:
+            self.log.error("roster of %s unavailable: %s", owner, exc)
+            return set()
+        return {i.jid for i in roster.items.values() if i.subscription in subscriptions}
+
+    def _send_copy(self, stanza: etree._Element, to: str) -> None:
+        out = copy.deepcopy(stanza)
+        out.set("to", to)
+        self.host.route(out)
+
+    def _send_available(self, owner: str, to: str) -> None:
+        """The last presence of each of the user's available resources, to `to`."""
+        for session in self.host.router.available_sessions(owner):
+            if session.presence is not None:
+                presence = copy.deepcopy(session.presence)
+                presence.set("from", session.jid)
+                presence.set("to", to)
+                self.host.route(presence)
+
+    def _send_unavailable(self, owner: str, to: str) -> None:
+        for session in self.host.router.available_sessions(owner):
+            self.host.route(_presence("unavailable", session.jid, to))
+
+
+def _presence(type_: str, from_: str, to: str) -> etree._Element:
+    presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+    presence.set("type", type_)
+    presence.set("from", from_)
+    presence.set("to", to)
+    return presence
+
+
+def _pre_approval_feature() -> etree._Element:
+    return etree.Element(f"{{{PRE_APPROVAL}}}sub", nsmap={None: PRE_APPROVAL})
+
+
+MODULE = Presence

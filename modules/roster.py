@@ -1,0 +1,516 @@
+"""The roster: jabber:iq:roster (RFC 6121 section 2) with roster versioning (XEP-0237).
+
+Storage: one item per user in the store "roster" of the user's virtual host,
+named by the localpart, holding the whole roster compressed (attribute
+"items"), a counter ("n") and an epoch ("epoch"). One item per user keeps a
+roster get to one read, and makes every change one conditional write:
+nodes that change the same roster at the same time re-read and retry, so
+none of their changes is lost. The version a client sees is "<epoch>-<n>";
+the random epoch is made when the roster is first stored, so a roster that
+was deleted and made again never repeats an old version.
+
+Size: at most `max_items` roster items (default 1000) plus `max_pending`
+pending inbound requests from people not in the roster (default 100), and
+the compressed roster must fit one storage item (256 KB). A change beyond
+either limit is refused with resource-constraint, and nothing is written.
+
+Other modules use `RosterModule.get/item/update/subscribe_changes` (the
+presence module for subscription states, privacy lists for groups).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import random
+import secrets
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field
+
+from xmppd.jid import JID, InvalidJID
+from xmppd.modulehost import IqRequest, Module
+from xmppd.storage.base import MAX_ITEM_BYTES, ConditionFailed, Item, StorageError, TooLarge
+from xmppd.stream.errors import StanzaError
+from xmppd.xml import ns
+
+if TYPE_CHECKING:
+    from xmppd.session import Session
+
+ROSTER = "jabber:iq:roster"
+ROSTERVER = "urn:xmpp:features:rosterver"
+Q_QUERY = f"{{{ROSTER}}}query"
+Q_ITEM = f"{{{ROSTER}}}item"
+Q_GROUP = f"{{{ROSTER}}}group"
+
+Subscription = Literal["none", "to", "from", "both"]
+_SUB_CODES: dict[str, Subscription] = {"n": "none", "t": "to", "f": "from", "b": "both"}
+_CODE_OF_SUB = {sub: code for code, sub in _SUB_CODES.items()}
+_ASK, _PENDING_IN, _APPROVED, _HIDDEN = 1, 2, 4, 8
+
+EMPTY_VERSION = "0"  # the version of a roster that was never stored
+MAX_TRIES = 10  # conditional-write attempts before giving up on a busy roster
+# Room left in a storage item for the name and the other attributes.
+MAX_ROSTER_BYTES = MAX_ITEM_BYTES - 4096
+
+
+@dataclass
+class RosterItem:
+    jid: str  # contact bare JID
+    name: str | None = None
+    subscription: Subscription = "none"
+    ask: bool = False  # outbound subscribe pending (ask='subscribe')
+    pending_in: bool = False  # inbound subscribe request not yet answered (not shown in roster)
+    approved: bool = False  # pre-approved inbound (RFC 6121 3.4)
+    groups: list[str] = field(default_factory=list)
+    # False for an entry that only carries a pending inbound request from
+    # someone the user never put in the roster (RFC 6121 3.1.3): kept, but
+    # not shown in roster results or pushes until the user acts on it.
+    in_roster: bool = True
+
+    def copy(self) -> RosterItem:
+        return dataclasses.replace(self, groups=list(self.groups))
+
+
+@dataclass
+class Roster:
+    """A snapshot of one user's roster."""
+
+    version: str
+    items: dict[str, RosterItem]  # by contact bare JID (incl. pending_in-only entries)
+
+
+ChangeCallback = Callable[[str, RosterItem | None, str | None], None]
+
+
+class RosterFull(StanzaError):
+    def __init__(self, text: str) -> None:
+        super().__init__("resource-constraint", text, "cancel")
+
+
+class RosterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_items: int = Field(1000, ge=1, le=10000)
+    max_pending: int = Field(100, ge=0, le=1000)
+    max_name_length: int = Field(256, ge=1, le=3071)  # item names and group names, characters
+    max_groups: int = Field(64, ge=1, le=1000)  # groups per item
+
+
+@dataclass
+class _Stored:
+    """A roster as read from storage, with what a conditional write needs."""
+
+    item: Item | None
+    epoch: str
+    counter: int
+    items: dict[str, RosterItem]
+
+    @property
+    def version(self) -> str:
+        return f"{self.epoch}-{self.counter}" if self.epoch else EMPTY_VERSION
+
+
+class RosterModule(Module):
+    name = "roster"
+    Options = RosterOptions
+
+    def setup(self) -> None:
+        self.host.iq(ROSTER, "get", self._on_get, to="account")
+        self.host.iq(ROSTER, "set", self._on_set, to="account")
+        self.host.add_stream_feature("bound", _rosterver_feature)
+        self.host.hook("session/closed", self._on_session_closed)
+        self.host.hook("account/removed", self._on_account_removed)
+        # Interested resources (RFC 6121 2.1.6): sessions that asked for the
+        # roster, each with whether it uses versioning (gets 'ver' in pushes).
+        self._interested: dict[str, dict[Session, bool]] = {}
+        self._listeners: list[ChangeCallback] = []
+
+    @property
+    def opts(self) -> RosterOptions:
+        return self.options  # type: ignore[return-value]
+
+    # --- the API other modules use ------------------------------------------------------
+
+    async def get(self, owner_bare: str) -> Roster:
+        stored = await self._read(owner_bare)
+        return Roster(stored.version, stored.items)
+
+    async def item(self, owner_bare: str, contact_bare: str) -> RosterItem | None:
+        return (await self._read(owner_bare)).items.get(contact_bare)
+
+    async def update(
+        self,
+        owner_bare: str,
+        contact_bare: str,
+        change: Callable[[RosterItem | None], RosterItem | None],
+    ) -> RosterItem | None:
+        """Apply `change` to one item and store it; None removes the item.
+
+        `change` gets a copy of the current item (or None) and may run more
+        than once when another writer got there first, so it must only
+        compute from its argument. An exception it raises (a StanzaError for
+        a refused change) propagates and nothing is written. Interested
+        resources get a roster push and change listeners are told.
+        """
+        return (await self.modify(owner_bare, contact_bare, change))[1]
+
+    def subscribe_changes(self, callback: ChangeCallback) -> None:
+        """Call `callback(owner_bare, item, removed_jid)` after every stored change.
+
+        `item` is the new item, or None when it was removed; then
+        `removed_jid` names it (else it is None). Runs synchronously: keep
+        it quick (caches of privacy lists, blocking, ...).
+        """
+        self._listeners.append(callback)
+
+    async def modify(
+        self,
+        owner_bare: str,
+        contact_bare: str,
+        change: Callable[[RosterItem | None], RosterItem | None],
+    ) -> tuple[RosterItem | None, RosterItem | None]:
+        """`update`, also returning the item as it was before the change won."""
+        store = self.host.items(_domain(owner_bare), "roster")
+        name = _localpart(owner_bare)
+        for attempt in range(MAX_TRIES):
+            stored = _decode(await store.get(name))
+            before = stored.items.get(contact_bare)
+            after = change(before.copy() if before is not None else None)
+            if after is not None:
+                after.jid = contact_bare
+            if after == before:
+                return before, after
+            items = dict(stored.items)
+            if after is None:
+                del items[contact_bare]
+            else:
+                items[contact_bare] = after
+                self._check_limits(before, after, items)
+            counter = stored.counter + 1
+            epoch = stored.epoch or secrets.token_hex(4)
+            attrs = _encode(epoch, counter, items)
+            try:
+                if stored.item is None:
+                    await store.put(name, attrs, if_absent=True)
+                else:
+                    await store.put(name, attrs, if_version=stored.item.version)
+            except ConditionFailed:
+                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+                continue
+            except TooLarge as exc:
+                raise RosterFull("the roster is too large to store") from exc
+            self._changed(owner_bare, contact_bare, before, after, f"{epoch}-{counter}")
+            return before, after
+        raise StanzaError("resource-constraint", "the roster is busy, try again")
+
+    # --- IQ handlers ---------------------------------------------------------------------
+
+    async def _on_get(self, request: IqRequest) -> etree._Element | None:
+        if not request.from_owner:
+            raise StanzaError("service-unavailable")
+        owner = request.target
+        client_ver = request.payload.get("ver")
+        session = self._session_of(request)
+        if session is not None:
+            self._interested.setdefault(owner, {})[session] = client_ver is not None
+        roster = await self._read_for_client(owner)
+        if client_ver is not None and client_ver == roster.version:
+            return None  # XEP-0237: the client's copy is current; pushes follow
+        query = etree.Element(Q_QUERY, nsmap={None: ROSTER})
+        if client_ver is not None:
+            query.set("ver", roster.version)
+        for item in roster.items.values():
+            if item.in_roster:
+                query.append(item_element(item))
+        return query
+
+    async def _on_set(self, request: IqRequest) -> None:
+        if not request.from_owner:
+            raise StanzaError("forbidden", "only the account itself may change its roster")
+        owner = request.target
+        children = [c for c in request.payload if isinstance(c.tag, str)]
+        if len(children) != 1 or children[0].tag != Q_ITEM:
+            raise StanzaError("bad-request", "a roster set holds exactly one item")
+        element = children[0]
+        contact = self._contact_jid(element.get("jid"), owner)
+        if element.get("subscription") == "remove":
+            await self._remove(owner, contact)
+            return None
+        name = element.get("name") or None
+        groups = self._groups(element)
+        if name is not None and len(name) > self.opts.max_name_length:
+            raise StanzaError("not-acceptable", "the name is too long")
+
+        def set_item(current: RosterItem | None) -> RosterItem:
+            # RFC 6121 2.1.5: the client sets name and groups only; subscription
+            # states are the server's (other 'subscription' values, 'ask' and
+            # 'approved' from a client are ignored).
+            item = current or RosterItem(jid=contact)
+            item.name = name
+            item.groups = groups
+            item.in_roster = True
+            return item
+
+        await self._write(owner, contact, set_item)
+        return None
+
+    def _contact_jid(self, value: str | None, owner: str) -> str:
+        if not value:
+            raise StanzaError("bad-request", "the item has no 'jid'")
+        try:
+            jid = JID(value)
+        except InvalidJID as exc:
+            raise StanzaError("jid-malformed", str(exc)) from None
+        if not jid.domain:
+            raise StanzaError("jid-malformed", "empty address")
+        if jid.resource:
+            raise StanzaError("bad-request", "roster items are bare JIDs")
+        if jid.bare == owner:
+            raise StanzaError("not-allowed", "you cannot add yourself to your roster")
+        return jid.bare
+
+    def _groups(self, element: etree._Element) -> list[str]:
+        options = self.opts
+        groups: list[str] = []
+        for group in element.iterchildren(Q_GROUP):
+            text = group.text or ""
+            if not text.strip():
+                raise StanzaError("not-acceptable", "empty group name")
+            if len(text) > options.max_name_length:
+                raise StanzaError("not-acceptable", "the group name is too long")
+            if text in groups:
+                raise StanzaError("bad-request", f"group {text[:40]!r} appears twice")
+            groups.append(text)
+        if len(groups) > options.max_groups:
+            raise StanzaError("not-acceptable", f"at most {options.max_groups} groups per item")
+        return groups
+
+    async def _remove(self, owner: str, contact: str) -> None:
+        """RFC 6121 2.5.2: remove the item and cancel subscriptions both ways."""
+        before, _ = await self._write(
+            owner, contact, lambda current: None if current and current.in_roster else current
+        )
+        if before is None or not before.in_roster:
+            raise StanzaError("item-not-found", "no such roster item")
+        if before.subscription in ("to", "both") or before.ask:
+            self._send_subscription(owner, contact, "unsubscribe")
+        if before.subscription in ("from", "both") or before.pending_in:
+            self._send_subscription(owner, contact, "unsubscribed")
+        if before.subscription in ("from", "both"):
+            # The contact no longer may see the user's presence.
+            for session in self.host.router.available_sessions(owner):
+                presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+                presence.set("type", "unavailable")
+                presence.set("from", session.jid)
+                presence.set("to", contact)
+                self.host.route(presence)
+
+    def _send_subscription(self, owner: str, contact: str, type_: str) -> None:
+        presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+        presence.set("type", type_)
+        presence.set("from", owner)
+        presence.set("to", contact)
+        self.host.route(presence)
+
+    async def _write(
+        self, owner: str, contact: str, change: Callable[[RosterItem | None], RosterItem | None]
+    ) -> tuple[RosterItem | None, RosterItem | None]:
+        """`modify` for client requests: storage failures become stanza errors."""
+        try:
+            return await self.modify(owner, contact, change)
+        except StorageError as exc:
+            self.log.error("roster of %s: %s", owner, exc)
+            raise StanzaError("internal-server-error", "the roster could not be stored") from None
+
+    async def _read_for_client(self, owner: str) -> Roster:
+        try:
+            return await self.get(owner)
+        except StorageError as exc:
+            self.log.error("roster of %s: %s", owner, exc)
+            raise StanzaError("internal-server-error", "the roster could not be read") from None
+
+    def _session_of(self, request: IqRequest) -> Session | None:
+        resource = request.sender.resource
+        return self.host.router.sessions.get(request.sender.bare, {}).get(resource)
+
+    # --- limits, pushes, listeners --------------------------------------------------------
+
+    def _check_limits(
+        self, before: RosterItem | None, after: RosterItem, items: dict[str, RosterItem]
+    ) -> None:
+        options = self.opts
+        if after.in_roster and not (before is not None and before.in_roster):
+            if sum(1 for i in items.values() if i.in_roster) > options.max_items:
+                raise RosterFull(f"the roster is full ({options.max_items} items)")
+        if before is None and not after.in_roster:
+            if sum(1 for i in items.values() if not i.in_roster) > options.max_pending:
+                raise RosterFull("too many pending subscription requests")
+
+    def _changed(
+        self,
+        owner: str,
+        contact: str,
+        before: RosterItem | None,
+        after: RosterItem | None,
+        version: str,
+    ) -> None:
+        shown_before = before is not None and before.in_roster
+        shown_after = after is not None and after.in_roster
+        if shown_before or shown_after:
+            element = item_element(after) if after is not None and shown_after else None
+            if element is None:
+                element = etree.Element(Q_ITEM)
+                element.set("jid", contact)
+                element.set("subscription", "remove")
+            old = item_element(before) if before is not None and shown_before else None
+            if old is None or etree.tostring(old) != etree.tostring(element):
+                self._push(owner, element, version)
+        for callback in self._listeners:
+            try:
+                callback(owner, after, contact if after is None else None)
+            except Exception:
+                self.log.exception("roster change listener %r failed", callback)
+
+    def _push(self, owner: str, element: etree._Element, version: str) -> None:
+        """A roster push to each interested resource on this node (RFC 6121 2.1.6)."""
+        interested = self._interested.get(owner)
+        if not interested:
+            return
+        bound = self.host.router.sessions.get(owner, {})
+        for session, uses_ver in list(interested.items()):
+            if bound.get(session.resource) is not session:
+                continue
+            iq = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
+            iq.set("type", "set")
+            iq.set("id", "push-" + secrets.token_hex(6))
+            iq.set("to", session.jid)
+            query = etree.SubElement(iq, Q_QUERY, nsmap={None: ROSTER})
+            if uses_ver:
+                query.set("ver", version)
+            query.append(copy.deepcopy(element))
+            self.host.router.deliver(session, iq)
+
+    async def _on_session_closed(self, session: Session) -> None:
+        interested = self._interested.get(session.bare)
+        if interested is not None:
+            interested.pop(session, None)
+            if not interested:
+                del self._interested[session.bare]
+
+    async def _on_account_removed(self, vhost: str, username: str) -> None:
+        """Delete the roster and end the account's subscriptions, so contacts' rosters agree."""
+        owner = f"{username}@{vhost}"
+        store = self.host.items(vhost, "roster")
+        try:
+            stored = _decode(await store.get(username))
+            if stored.item is None:
+                return
+            await store.delete(username)
+        except StorageError as exc:
+            self.log.error("roster of removed account %s not deleted: %s", owner, exc)
+            return
+        for item in stored.items.values():
+            for callback in self._listeners:
+                try:
+                    callback(owner, None, item.jid)
+                except Exception:
+                    self.log.exception("roster change listener %r failed", callback)
+            if item.subscription in ("to", "both") or item.ask:
+                self._send_subscription(owner, item.jid, "unsubscribe")
+            if item.subscription in ("from", "both") or item.pending_in:
+                self._send_subscription(owner, item.jid, "unsubscribed")
+        self._interested.pop(owner, None)
+
+    async def _read(self, owner_bare: str) -> _Stored:
+        store = self.host.items(_domain(owner_bare), "roster")
+        return _decode(await store.get(_localpart(owner_bare)))
+
+
+# --- serialization ------------------------------------------------------------------------
+
+
+def item_element(item: RosterItem) -> etree._Element:
+    """The <item/> a client sees (pending_in is not shown: RFC 6121 3.1.3)."""
+    element = etree.Element(Q_ITEM, nsmap={None: ROSTER})
+    element.set("jid", item.jid)
+    if item.name:
+        element.set("name", item.name)
+    element.set("subscription", item.subscription)
+    if item.ask:
+        element.set("ask", "subscribe")
+    if item.approved:
+        element.set("approved", "true")
+    for group in item.groups:
+        etree.SubElement(element, Q_GROUP).text = group
+    return element
+
+
+def _encode(epoch: str, counter: int, items: dict[str, RosterItem]) -> dict[str, Any]:
+    compact = {
+        item.jid: [
+            item.name,
+            _CODE_OF_SUB[item.subscription],
+            (_ASK if item.ask else 0)
+            | (_PENDING_IN if item.pending_in else 0)
+            | (_APPROVED if item.approved else 0)
+            | (0 if item.in_roster else _HIDDEN),
+            item.groups,
+        ]
+        for item in items.values()
+    }
+    data = zlib.compress(json.dumps(compact, separators=(",", ":")).encode(), 6)
+    if len(data) > MAX_ROSTER_BYTES:
+        raise RosterFull("the roster is too large to store")
+    return {"epoch": epoch, "n": counter, "items": data}
+
+
+def _decode(stored: Item | None) -> _Stored:
+    if stored is None:
+        return _Stored(None, "", 0, {})
+    attrs = stored.attrs
+    raw = attrs.get("items", b"")
+    compact = json.loads(zlib.decompress(raw)) if isinstance(raw, bytes) and raw else {}
+    items = {
+        jid: RosterItem(
+            jid=jid,
+            name=name,
+            subscription=_SUB_CODES[code],
+            ask=bool(flags & _ASK),
+            pending_in=bool(flags & _PENDING_IN),
+            approved=bool(flags & _APPROVED),
+            groups=list(groups),
+            in_roster=not flags & _HIDDEN,
+        )
+        for jid, (name, code, flags, groups) in compact.items()
+    }
+    epoch = attrs.get("epoch", "")
+    counter = attrs.get("n", 0)
+    return _Stored(
+        stored,
+        epoch if isinstance(epoch, str) else "",
+        counter if isinstance(counter, int) else 0,
+        items,
+    )
+
+
+def _rosterver_feature() -> etree._Element:
+    return etree.Element(f"{{{ROSTERVER}}}ver", nsmap={None: ROSTERVER})
+
+
+def _domain(bare: str) -> str:
+    return bare.rsplit("@", 1)[-1]
+
+
+def _localpart(bare: str) -> str:
+    if "@" not in bare:
+        raise ValueError(f"{bare!r} is no user's bare JID")
+    return bare.rsplit("@", 1)[0]
+
+
+MODULE = RosterModule

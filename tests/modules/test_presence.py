@@ -1,0 +1,559 @@
+"""Presence and subscriptions (RFC 6121 sections 3-4) through the module host, without sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from lxml import etree
+
+from xmppd.modules.presence import inbound, outbound
+from xmppd.modules.roster import RosterItem, RosterModule
+from xmppd.testing import ModuleHarness, TestSession
+
+R = "jabber:iq:roster"
+P = "{jabber:client}presence"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+# --- RFC 6121 Appendix A, table by table ------------------------------------------------
+
+STATES: dict[str, dict[str, object]] = {
+    "None": {},
+    "None + Pending Out": {"ask": True},
+    "None + Pending In": {"pending_in": True},
+    "None + Pending Out/In": {"ask": True, "pending_in": True},
+    "To": {"subscription": "to"},
+    "To + Pending In": {"subscription": "to", "pending_in": True},
+    "From": {"subscription": "from"},
+    "From + Pending Out": {"subscription": "from", "ask": True},
+    "Both": {"subscription": "both"},
+}
+SAME = "no state change"
+
+
+def state(name: str, **extra: object) -> RosterItem:
+    return RosterItem("c@x", **{**STATES[name], **extra})  # type: ignore[arg-type]
+
+
+# (existing state, passes on (route / deliver), new state); "+approved" marks pre-approval
+OUTBOUND = {
+    "subscribe": [  # A.2.1
+        ("None", True, "None + Pending Out"),
+        ("None + Pending Out", True, SAME),
+        ("None + Pending In", True, "None + Pending Out/In"),
+        ("None + Pending Out/In", True, SAME),
+        ("To", True, SAME),
+        ("To + Pending In", True, SAME),
+        ("From", True, "From + Pending Out"),
+        ("From + Pending Out", True, SAME),
+        ("Both", True, SAME),
+    ],
+    "unsubscribe": [  # A.2.2
+        ("None", True, SAME),
+        ("None + Pending Out", True, "None"),
+        ("None + Pending In", True, SAME),
+        ("None + Pending Out/In", True, "None + Pending In"),
+        ("To", True, "None"),
+        ("To + Pending In", True, "None + Pending In"),
+        ("From", True, SAME),
+        ("From + Pending Out", True, "From"),
+        ("Both", True, "From"),
+    ],
+    "subscribed": [  # A.2.3, with pre-approval (3.4) where no request is pending
+        ("None", False, "None+approved"),
+        ("None + Pending Out", False, "None + Pending Out+approved"),
+        ("None + Pending In", True, "From"),
+        ("None + Pending Out/In", True, "From + Pending Out"),
+        ("To", False, "To+approved"),
+        ("To + Pending In", True, "Both"),
+        ("From", False, SAME),
+        ("From + Pending Out", False, SAME),
+        ("Both", False, SAME),
+    ],
+    "unsubscribed": [  # A.2.4
+        ("None", False, SAME),
+        ("None + Pending Out", False, SAME),
+        ("None + Pending In", True, "None"),
+        ("None + Pending Out/In", True, "None + Pending Out"),
+        ("To", False, SAME),
+        ("To + Pending In", True, "To"),
+        ("From", True, "None"),
+        ("From + Pending Out", True, "None + Pending Out"),
+        ("Both", True, "To"),
+    ],
+}
+INBOUND = {
+    "subscribe": [  # A.3.1 (no delivery where an automatic "subscribed" answers)
+        ("None", True, "None + Pending In"),
+        ("None + Pending Out", True, "None + Pending Out/In"),
+        ("None + Pending In", False, SAME),
+        ("None + Pending Out/In", False, SAME),
+        ("To", True, "To + Pending In"),
+        ("To + Pending In", False, SAME),
+        ("From", False, SAME),
+        ("From + Pending Out", False, SAME),
+        ("Both", False, SAME),
+    ],
+    "unsubscribe": [  # A.3.2
+        ("None", False, SAME),
+        ("None + Pending Out", False, SAME),
+        ("None + Pending In", True, "None"),
+        ("None + Pending Out/In", True, "None + Pending Out"),
+        ("To", False, SAME),
+        ("To + Pending In", True, "To"),
+        ("From", True, "None"),
+        ("From + Pending Out", True, "None + Pending Out"),
+        ("Both", True, "To"),
+    ],
+    "subscribed": [  # A.3.3
+        ("None", False, SAME),
+        ("None + Pending Out", True, "To"),
+        ("None + Pending In", False, SAME),
+        ("None + Pending Out/In", True, "To + Pending In"),
+        ("To", False, SAME),
+        ("To + Pending In", False, SAME),
+        ("From", False, SAME),
+        ("From + Pending Out", True, "Both"),
+        ("Both", False, SAME),
+    ],
+    "unsubscribed": [  # A.3.4
+        ("None", False, SAME),
+        ("None + Pending Out", True, "None"),
+        ("None + Pending In", False, SAME),
+        ("None + Pending Out/In", True, "None + Pending In"),
+        ("To", True, "None"),
+        ("To + Pending In", True, "None + Pending In"),
+        ("From", False, SAME),
+        ("From + Pending Out", True, "From"),
+        ("Both", True, "From"),
+    ],
+}
+
+
+def expected_item(old: str, new: str) -> RosterItem:
+    if new == SAME:
+        return state(old)
+    name, _, flag = new.partition("+approved")
+    return state(name, approved=True) if new.endswith("+approved") else state(name)
+
+
+@pytest.mark.parametrize(
+    ("kind", "old", "passes", "new"),
+    [(k, *row) for k, rows in OUTBOUND.items() for row in rows],
+)
+def test_outbound_table(kind: str, old: str, passes: bool, new: str) -> None:
+    item, route = outbound(kind, state(old), "c@x")  # type: ignore[arg-type]
+    assert route == passes
+    assert item == expected_item(old, new)
+
+
+@pytest.mark.parametrize(
+    ("kind", "old", "passes", "new"),
+    [(k, *row) for k, rows in INBOUND.items() for row in rows],
+)
+def test_inbound_table(kind: str, old: str, passes: bool, new: str) -> None:
+    item, deliver, reply = inbound(kind, state(old), "c@x")  # type: ignore[arg-type]
+    assert deliver == passes
+    assert item == expected_item(old, new)
+    auto = kind == "subscribe" and STATES[old].get("subscription") in ("from", "both")
+    assert reply == ("subscribed" if auto else None)
+
+
+def test_transitions_without_an_item() -> None:
+    item, route = outbound("subscribe", None, "c@x")
+    assert route and item == RosterItem("c@x", ask=True)
+    assert outbound("unsubscribe", None, "c@x") == (None, True)
+    assert outbound("subscribed", None, "c@x") == (RosterItem("c@x", approved=True), False)
+    assert outbound("unsubscribed", None, "c@x") == (None, False)
+    # a request from someone not in the roster is kept out of sight
+    assert inbound("subscribe", None, "c@x") == (
+        RosterItem("c@x", pending_in=True, in_roster=False),
+        True,
+        None,
+    )
+    for kind in ("subscribed", "unsubscribe", "unsubscribed"):
+        assert inbound(kind, None, "c@x") == (None, False, None)  # type: ignore[arg-type]
+
+
+def test_pre_approval_and_pending_only_entries() -> None:
+    approved = state("None", approved=True)
+    assert inbound("subscribe", approved, "c@x") == (state("From"), False, "subscribed")
+    assert inbound("subscribe", state("To", approved=True), "c@x")[0] == state("Both")
+    assert outbound("unsubscribed", approved, "c@x") == (state("None"), False)
+    hidden = RosterItem("c@x", pending_in=True, in_roster=False)
+    assert outbound("unsubscribed", hidden, "c@x") == (None, True)  # declined: gone
+    assert inbound("unsubscribe", hidden, "c@x") == (None, True, None)  # withdrawn: gone
+    assert outbound("subscribed", hidden, "c@x") == (state("From"), True)  # now in the roster
+    assert outbound("subscribe", hidden, "c@x")[0] == state("None + Pending Out/In")
+
+
+# --- the module with sessions -------------------------------------------------------------
+
+
+@pytest.fixture
+async def harness() -> ModuleHarness:
+    harness = ModuleHarness({"roster": {}, "presence": {}})
+    harness.users.update({"alice@localhost", "bob@localhost", "carol@localhost"})
+    return await harness.start()
+
+
+def roster_of(harness: ModuleHarness) -> RosterModule:
+    module = harness.host.modules["roster"]
+    assert isinstance(module, RosterModule)
+    return module
+
+
+async def login(harness: ModuleHarness, jid: str, presence: str = "<presence/>") -> TestSession:
+    """Bind, fetch the roster (an interested resource), send initial presence.
+
+    What the initial presence brought stays in `session.received`."""
+    session = harness.session(jid, available=False)
+    await harness.iq(session, "get", f"<query xmlns='{R}'/>")
+    got = await harness.send(session, presence)
+    session.received.extend(got)
+    return session
+
+
+async def logout(harness: ModuleHarness, session: TestSession) -> None:
+    """What the server does when a connection ends, cleanly or not."""
+    await harness.end_session(session)
+
+
+def presences(stanzas: Sequence[etree._Element], type_: str | None = "any") -> list[tuple]:
+    return [
+        (s.get("type"), s.get("from"), s.get("to"))
+        for s in stanzas
+        if s.tag == P and (type_ == "any" or s.get("type") == type_)
+    ]
+
+
+def pushed(stanzas: Sequence[etree._Element]) -> list[tuple[str, str, str | None]]:
+    """(jid, subscription, ask) of each roster push."""
+    return [
+        (item.get("jid"), item.get("subscription"), item.get("ask"))
+        for s in stanzas
+        if s.tag == "{jabber:client}iq" and s.get("type") == "set"
+        for item in s.iter(f"{{{R}}}item")
+    ]
+
+
+async def sub_of(harness: ModuleHarness, owner: str, contact: str) -> str | None:
+    item = await roster_of(harness).item(owner, contact)
+    return None if item is None else item.subscription
+
+
+async def subscribe_both_ways(harness: ModuleHarness, a: TestSession, b: TestSession) -> None:
+    for x, y in ((a, b), (b, a)):
+        await harness.send(x, f"<presence type='subscribe' to='{y.bare}'/>")
+        await harness.send(y, f"<presence type='subscribed' to='{x.bare}'/>")
+    a.take()
+    b.take()
+
+
+async def test_mutual_subscription_and_presence(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b", "<presence><show>away</show></presence>")
+    # alice asks: stamped with her bare JID, her roster shows ask='subscribe'
+    replies = await harness.send(alice, "<presence type='subscribe' to='bob@localhost/b' id='s'/>")
+    assert pushed(replies) == [("bob@localhost", "none", "subscribe")]
+    got = bob.take()
+    assert presences(got) == [("subscribe", "alice@localhost", "bob@localhost")]
+    assert got[0].get("id") == "s"
+    assert pushed(got) == []  # a pending inbound request is not a roster change
+    # bob approves: both rosters change, alice gets bob's presence
+    replies = await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+    assert pushed(replies) == [("alice@localhost", "from", None)]
+    got = alice.take()
+    assert ("subscribed", "bob@localhost", "alice@localhost") in presences(got)
+    assert (None, "bob@localhost/b", "alice@localhost") in presences(got)
+    assert [p for p in got if p.tag == P and p.get("type") is None][0].findtext(
+        "{jabber:client}show"
+    ) == "away"
+    assert pushed(got) == [("bob@localhost", "to", None)]
+    # and the other way round
+    await harness.send(bob, "<presence type='subscribe' to='alice@localhost'/>")
+    assert presences(alice.take()) == [("subscribe", "bob@localhost", "alice@localhost")]
+    replies = await harness.send(alice, "<presence type='subscribed' to='bob@localhost'/>")
+    assert pushed(replies) == [("bob@localhost", "both", None)]
+    got = bob.take()
+    assert pushed(got) == [("alice@localhost", "both", None)]
+    assert (None, "alice@localhost/a", "bob@localhost") in presences(got)
+    assert await sub_of(harness, "alice@localhost", "bob@localhost") == "both"
+    assert await sub_of(harness, "bob@localhost", "alice@localhost") == "both"
+    # presence updates now reach the contact
+    await harness.send(alice, "<presence><status>hi</status></presence>")
+    (update,) = [p for p in bob.take() if p.tag == P]
+    assert (
+        update.get("from") == "alice@localhost/a"
+        and update.findtext("{jabber:client}status") == "hi"
+    )
+
+
+async def test_presence_goes_only_to_subscribers(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    carol = await login(harness, "carol@localhost/c")
+    await harness.send(bob, "<presence type='subscribe' to='alice@localhost'/>")
+    await harness.send(alice, "<presence type='subscribed' to='bob@localhost'/>")
+    bob.take()
+    carol.take()
+    await harness.send(alice, "<presence><show>dnd</show></presence>")
+    assert presences(bob.take()) == [(None, "alice@localhost/a", "bob@localhost")]
+    assert carol.take() == []  # not subscribed
+    # alice only has 'from': bob's updates don't reach her
+    await harness.send(bob, "<presence><show>xa</show></presence>")
+    assert alice.take() == []
+
+
+async def test_unsolicited_subscribed_is_dropped(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    # bob "approves" a request alice never made: that is a pre-approval on bob's side
+    replies = await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+    assert pushed(replies) == [("alice@localhost", "none", None)]
+    item = await roster_of(harness).item("bob@localhost", "alice@localhost")
+    assert item is not None and item.approved
+    assert alice.take() == []  # never routed
+    assert await roster_of(harness).item("alice@localhost", "bob@localhost") is None
+    # a forged subscribed reaching alice directly is dropped too (A.3.3, "None")
+    await harness.host.fire(
+        "presence/subscribed",
+        etree.fromstring(
+            "<presence xmlns='jabber:client' type='subscribed' from='carol@localhost'/>"
+        ),
+        "alice@localhost",
+    )
+    assert (
+        alice.take() == [] and await sub_of(harness, "alice@localhost", "carol@localhost") is None
+    )
+
+
+async def test_pre_approval(harness: ModuleHarness) -> None:
+    features = [make() for make in harness.host.stream_features["bound"]]
+    assert any(f.tag == "{urn:xmpp:features:pre-approval}sub" for f in features)
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+    bob.take()
+    got = await harness.send(alice, "<presence type='subscribe' to='bob@localhost'/>")
+    assert presences(bob.take()) == []  # answered by the server, bob is not asked
+    assert ("subscribed", "bob@localhost", "alice@localhost") in presences(got)
+    assert (None, "bob@localhost/b", "alice@localhost") in presences(got)
+    assert await sub_of(harness, "alice@localhost", "bob@localhost") == "to"
+    assert await sub_of(harness, "bob@localhost", "alice@localhost") == "from"
+
+
+async def test_pending_request_is_delivered_at_login(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    await harness.send(alice, "<presence type='subscribe' to='bob@localhost'/>")
+    item = await roster_of(harness).item("bob@localhost", "alice@localhost")
+    assert item is not None and item.pending_in and not item.in_roster
+    bob = harness.session("bob@localhost/b", available=False)
+    roster = await harness.iq(bob, "get", f"<query xmlns='{R}'/>")
+    assert len(roster[0]) == 0  # not a roster item
+    got = await harness.send(bob, "<presence/>")
+    assert presences(got, "subscribe") == [("subscribe", "alice@localhost", "bob@localhost")]
+    # unanswered: again at the next login
+    await logout(harness, bob)
+    bob = await login(harness, "bob@localhost/b2")
+    assert presences(bob.take(), "subscribe") == [("subscribe", "alice@localhost", "bob@localhost")]
+    # answered: no more
+    await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+    await harness.send(bob, "<presence type='unavailable'/>")
+    assert presences(await harness.send(bob, "<presence/>"), "subscribe") == []
+    assert await sub_of(harness, "alice@localhost", "bob@localhost") == "to"
+
+
+async def test_declined_request_from_stranger_leaves_no_trace(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await harness.send(alice, "<presence type='subscribe' to='bob@localhost'/>")
+    bob.take()
+    replies = await harness.send(bob, "<presence type='unsubscribed' to='alice@localhost'/>")
+    assert pushed(replies) == []
+    assert await roster_of(harness).item("bob@localhost", "alice@localhost") is None
+    got = alice.take()
+    assert ("unsubscribed", "bob@localhost", "alice@localhost") in presences(got)
+    assert pushed(got) == [("bob@localhost", "none", None)]
+
+
+async def test_probes_at_initial_presence(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b", "<presence><priority>5</priority></presence>")
+    bob2 = await login(harness, "bob@localhost/b2", "<presence><show>away</show></presence>")
+    await subscribe_both_ways(harness, alice, bob)
+    await logout(harness, alice)
+    bob.take()
+    bob2.take()
+    alice = harness.session("alice@localhost/new", available=False)
+    got = await harness.send(alice, "<presence/>")
+    # the probe answers: the last presence of each of bob's available resources
+    answers = {p.get("from"): p for p in got if p.tag == P and p.get("type") is None}
+    assert set(answers) == {"bob@localhost/b", "bob@localhost/b2"}
+    assert answers["bob@localhost/b"].findtext("{jabber:client}priority") == "5"
+    assert answers["bob@localhost/b2"].findtext("{jabber:client}show") == "away"
+    assert all(p.get("to") == "alice@localhost/new" for p in answers.values())
+    # bob's resources see alice come online once each, and no probe reaches a client
+    for session in (bob, bob2):
+        assert presences(session.take()) == [(None, "alice@localhost/new", "bob@localhost")]
+
+
+async def test_probe_from_non_subscriber_is_ignored(harness: ModuleHarness) -> None:
+    await login(harness, "bob@localhost/b")
+    carol = await login(harness, "carol@localhost/c")
+    assert await harness.send(carol, "<presence type='probe' to='bob@localhost'/>") == []
+    # a subscribed contact may probe (clients should not, but the answer is the same)
+    await roster_of(harness).update(
+        "bob@localhost", "carol@localhost", lambda _: RosterItem("x", subscription="from")
+    )
+    got = await harness.send(carol, "<presence type='probe' to='bob@localhost'/>")
+    assert presences(got) == [(None, "bob@localhost/b", "carol@localhost/c")]
+
+
+async def test_new_resource_gets_presence_of_the_others(harness: ModuleHarness) -> None:
+    one = await login(harness, "alice@localhost/one", "<presence><show>chat</show></presence>")
+    two = harness.session("alice@localhost/two", available=False)
+    got = await harness.send(two, "<presence/>")
+    assert presences(got) == [(None, "alice@localhost/one", "alice@localhost/two")]
+    assert got[0].findtext("{jabber:client}show") == "chat"
+    assert presences(one.take()) == [(None, "alice@localhost/two", None)]
+
+
+async def test_unavailable_on_logout_and_on_dropped_connection(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    # explicit unavailable
+    await harness.send(alice, "<presence type='unavailable'><status>bye</status></presence>")
+    (gone,) = bob.take()
+    assert (gone.get("type"), gone.get("from")) == ("unavailable", "alice@localhost/a")
+    assert gone.findtext("{jabber:client}status") == "bye"
+    # back, then the connection drops: the server's unavailable reaches bob
+    await harness.send(alice, "<presence/>")
+    assert presences(bob.take()) == [(None, "alice@localhost/a", "bob@localhost")]
+    await logout(harness, alice)
+    assert presences(bob.take()) == [("unavailable", "alice@localhost/a", "bob@localhost")]
+
+
+async def test_directed_presence_gets_unavailable_at_session_end(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    carol = await login(harness, "carol@localhost/c")
+    # carol is no contact: directed presence to her bare JID and to bob's full JID
+    await harness.send(alice, "<presence to='carol@localhost'><show>chat</show></presence>")
+    await harness.send(alice, "<presence to='bob@localhost/b'/>")
+    assert presences(carol.take()) == [(None, "alice@localhost/a", "carol@localhost")]
+    assert presences(bob.take()) == [(None, "alice@localhost/a", "bob@localhost/b")]
+    # a broadcast does not reach them (they are not subscribed)
+    await harness.send(alice, "<presence><show>away</show></presence>")
+    assert carol.take() == [] and bob.take() == []
+    # directed unavailable to bob: he is off the list
+    await harness.send(alice, "<presence type='unavailable' to='bob@localhost/b'/>")
+    assert presences(bob.take()) == [("unavailable", "alice@localhost/a", "bob@localhost/b")]
+    await logout(harness, alice)
+    assert presences(carol.take()) == [("unavailable", "alice@localhost/a", "carol@localhost")]
+    assert bob.take() == []
+
+
+async def test_directed_presence_from_unavailable_session(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a", available=False)
+    carol = await login(harness, "carol@localhost/c")
+    await harness.send(alice, "<presence to='carol@localhost'/>")
+    assert presences(carol.take()) == [(None, "alice@localhost/a", "carol@localhost")]
+    await logout(harness, alice)  # never sent broadcast presence
+    assert presences(carol.take()) == [("unavailable", "alice@localhost/a", "carol@localhost")]
+
+
+async def test_unsubscribe_and_cancel(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    # alice no longer wants bob's presence (3.3): bob gets unsubscribe, alice gets his unavailable
+    replies = await harness.send(alice, "<presence type='unsubscribe' to='bob@localhost'/>")
+    assert pushed(replies) == [("bob@localhost", "from", None)]
+    assert presences(replies) == [("unavailable", "bob@localhost/b", "alice@localhost")]
+    got = bob.take()
+    assert ("unsubscribe", "alice@localhost", "bob@localhost") in presences(got)
+    assert pushed(got) == [("alice@localhost", "to", None)]
+    # alice cancels bob's subscription to her (3.2): bob gets her unavailable
+    replies = await harness.send(alice, "<presence type='unsubscribed' to='bob@localhost'/>")
+    assert pushed(replies) == [("bob@localhost", "none", None)]
+    got = bob.take()
+    assert ("unsubscribed", "alice@localhost", "bob@localhost") in presences(got)
+    assert ("unavailable", "alice@localhost/a", "bob@localhost") in presences(got)
+    assert pushed(got) == [("alice@localhost", "none", None)]
+    assert await sub_of(harness, "alice@localhost", "bob@localhost") == "none"
+    assert await sub_of(harness, "bob@localhost", "alice@localhost") == "none"
+
+
+async def test_roster_remove_ends_both_subscriptions(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    reply = await harness.iq(
+        alice,
+        "set",
+        f"<query xmlns='{R}'><item jid='bob@localhost' subscription='remove'/></query>",
+    )
+    assert reply.get("type") == "result"
+    assert await roster_of(harness).item("alice@localhost", "bob@localhost") is None
+    assert await sub_of(harness, "bob@localhost", "alice@localhost") == "none"
+    got = bob.take()
+    assert ("unsubscribe", "alice@localhost", "bob@localhost") in presences(got)
+    assert ("unsubscribed", "alice@localhost", "bob@localhost") in presences(got)
+    assert ("unavailable", "alice@localhost/a", "bob@localhost") in presences(got)
+
+
+async def test_subscribe_to_missing_or_remote_contacts(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    got = await harness.send(alice, "<presence type='subscribe' to='nobody@localhost'/>")
+    # the server answers for the missing account: "unsubscribed", and the ask is gone
+    assert ("unsubscribed", "nobody@localhost", "alice@localhost") in presences(got)
+    assert pushed(got) == [
+        ("nobody@localhost", "none", "subscribe"),
+        ("nobody@localhost", "none", None),
+    ]
+    got = await harness.send(alice, "<presence type='subscribe' to='x@remote.example'/>")
+    assert pushed(got) == [("x@remote.example", "none", "subscribe")]
+    (error,) = [p for p in got if p.tag == P]
+    assert error.get("type") == "error" and error.get("from") == "x@remote.example"
+    assert error.find(f"{{jabber:client}}error/{{{STANZAS}}}remote-server-not-found") is not None
+    # subscriptions to oneself are ignored
+    assert await harness.send(alice, "<presence type='subscribe' to='alice@localhost'/>") == []
+    assert await roster_of(harness).item("alice@localhost", "alice@localhost") is None
+
+
+async def test_full_roster_refuses_new_subscription(harness: ModuleHarness) -> None:
+    limited = ModuleHarness({"roster": {"max_items": 1, "max_pending": 1}, "presence": {}})
+    limited.users.update({"alice@localhost", "bob@localhost", "carol@localhost"})
+    await limited.start()
+    alice = await login(limited, "alice@localhost/a")
+    await limited.send(alice, "<presence type='subscribe' to='bob@localhost'/>")
+    got = await limited.send(alice, "<presence type='subscribe' to='carol@localhost'/>")
+    (error,) = [p for p in got if p.tag == P]
+    assert error.get("type") == "error"
+    assert error.find(f"{{jabber:client}}error/{{{STANZAS}}}resource-constraint") is not None
+    assert await roster_of(limited).item("carol@localhost", "alice@localhost") is None
+    # pending requests from strangers are capped too
+    carol = limited.session("carol@localhost/c", available=False)
+    await limited.send(carol, "<presence type='subscribe' to='bob@localhost'/>")
+    bob = await roster_of(limited).get("bob@localhost")
+    assert list(bob.items) == ["alice@localhost"]
+
+
+async def test_account_removal_deletes_roster_and_ends_subscriptions(
+    harness: ModuleHarness,
+) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    removed: list[tuple[str, str | None]] = []
+    roster_of(harness).subscribe_changes(lambda owner, _, jid: removed.append((owner, jid)))
+    await harness.host.fire("account/removed", "localhost", "alice")
+    await harness.router.drain()
+    assert (await roster_of(harness).get("alice@localhost")).items == {}
+    assert ("alice@localhost", "bob@localhost") in removed
+    got = bob.take()
+    assert ("unsubscribe", "alice@localhost", "bob@localhost") in presences(got)
+    assert ("unsubscribed", "alice@localhost", "bob@localhost") in presences(got)
+    assert await sub_of(harness, "bob@localhost", "alice@localhost") == "none"
