@@ -13,6 +13,8 @@ Events a module can hook (async, `hook`; a True result stops the chain):
                                      unsubscribed, probe to a local user
   presence/broadcast (stanza, session, initial)
                                      a client's own presence changed
+  iq/account (stanza, bare)          an IQ get/set from someone else to an
+                                     account, before its handler (True: refused)
   session/bound (session), session/closed (session)
   message/server, presence/server (stanza)  addressed to the domain itself
   account/removed (host, username)   fired by whoever deletes an account;

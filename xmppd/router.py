@@ -58,7 +58,7 @@ class Router:
         self.modules: ModuleHost | None = None
         self.remote: RemoteRoute = NoRemote(self)
         self._tasks: set[asyncio.Future[object]] = set()
-        self._serial: dict[str, deque[Callable[[], Awaitable[object]]]] = {}
+        self._serial: dict[str, deque[Callable[[], Awaitable[object] | None]]] = {}
 
     # --- sessions ----------------------------------------------------------------------
 
@@ -134,7 +134,15 @@ class Router:
                 self.bounce(stanza, "service-unavailable")
             else:
                 self._to_server(stanza, jid)
-        elif jid.resource:
+        elif jid.bare in self._serial:
+            # Something for this user still waits on storage (a subscription
+            # answer, say): this stanza goes after it, not ahead of it.
+            self._serially(jid.bare, lambda: self._to_user(stanza, jid))
+        else:
+            self._to_user(stanza, jid)
+
+    def _to_user(self, stanza: etree._Element, jid: JID) -> None:
+        if jid.resource:
             self._to_full(stanza, jid)
         else:
             self._to_bare(stanza, jid)
@@ -186,7 +194,7 @@ class Router:
         if stanza.tag == ns.C_IQ:
             self.spawn(self._iq_to_account(stanza, bare, stanza.get("from") or ""))
             return
-        if bare not in self.sessions or bare in self._serial:
+        if bare not in self.sessions:
             self._serially(bare, lambda: self._to_bare_unknown(stanza, jid))
             return
         self._deliver_bare(stanza, jid)
@@ -236,7 +244,7 @@ class Router:
             # Offline storage decides, headlines included (a XEP-0334 <store/> hint).
             self._serially(jid.bare, lambda: self._unhandled(stanza, "message/offline", jid.bare))
 
-    def _serially(self, bare: str, job: Callable[[], Awaitable[object]]) -> None:
+    def _serially(self, bare: str, job: Callable[[], Awaitable[object] | None]) -> None:
         """Run `job` after the jobs already queued for `bare`.
 
         Whatever waits on storage for one recipient (is there such an
@@ -249,12 +257,16 @@ class Router:
             self.spawn(self._run_serially(bare, queue))
         queue.append(job)
 
-    async def _run_serially(self, bare: str, queue: deque[Callable[[], Awaitable[object]]]) -> None:
+    async def _run_serially(
+        self, bare: str, queue: deque[Callable[[], Awaitable[object] | None]]
+    ) -> None:
         try:
             while queue:
                 job = queue.popleft()
                 try:
-                    await job()
+                    pending = job()
+                    if pending is not None:
+                        await pending
                 except Exception:
                     log.exception("routing to %s failed", bare)
         finally:
@@ -299,6 +311,10 @@ class Router:
         if self.modules is None:
             self.bounce(stanza, "service-unavailable")
             return
+        # Another entity asks about this account: privacy and blocking may refuse it.
+        if JID(sender).bare != bare and self.modules.has_hook("iq/account"):
+            if await self.modules.fire("iq/account", stanza, bare):
+                return
         await self.modules.handle_iq(stanza, bare, "account")
 
     async def _unhandled(self, stanza: etree._Element, event: str, *args: object) -> None:

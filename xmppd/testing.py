@@ -87,6 +87,13 @@ class ModuleHarness:
         session.available = available
         return session
 
+    async def login(self, jid: str, available: bool = True) -> TestSession:
+        """A bound session announced to the modules ("session/bound"), as the server does."""
+        session = self.session(jid, available)
+        await self.host.fire("session/bound", session)
+        await self.router.drain()
+        return session
+
     async def end_session(self, session: TestSession) -> None:
         """The connection went away, exactly as the server handles it."""
         self.router.session_ended(session)

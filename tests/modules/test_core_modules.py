@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from lxml import etree
 
-from xmppd.testing import ModuleHarness
+from xmppd.testing import ModuleHarness, parse_stanza
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
@@ -121,3 +123,25 @@ async def test_routing_rules_for_messages(harness: ModuleHarness) -> None:
         alice, "<message to='x@remote.example' type='chat'><body>6</body></message>"
     )
     assert condition(replies[0]) == "remote-server-not-found"
+
+
+async def test_stanzas_for_a_user_keep_order_behind_storage_work() -> None:
+    """A presence sent after a subscription answer must not overtake it while the
+    answer waits on storage (the user's client would see presence from a stranger)."""
+    harness = await ModuleHarness({"disco": {}}).start()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+
+    async def slow_subscribed(stanza: etree._Element, bare: str) -> bool:
+        await asyncio.sleep(0.05)  # a roster write
+        harness.router.deliver(alice, stanza)
+        return True
+
+    harness.host.hook("presence/subscribed", slow_subscribed)
+    bob_presence = "<presence to='alice@localhost/a'><show>chat</show></presence>"
+    stanza = parse_stanza("<presence to='alice@localhost' type='subscribed'/>")
+    stanza.set("from", "bob@localhost")
+    harness.router.route(stanza)
+    await harness.send(bob, bob_presence)
+    got = [(s.get("type"), s.findtext("{jabber:client}show")) for s in alice.take()]
+    assert got == [("subscribed", None), (None, "chat")]

@@ -1,0 +1,953 @@
+"""One model for privacy lists (XEP-0016) and blocking (XEP-0191), and its enforcement.
+
+The model
+---------
+Each user has ONE record in item store "privacy" (item name: the user's bare
+JID), holding everything both protocols manage, so that any change is one
+conditional write and two clients editing at once cannot lose each other's
+update:
+
+* ``lists``: named privacy lists, each an ordered tuple of items (type
+  jid | group | subscription | none for the fall-through, value, allow/deny,
+  order, and the stanza kinds message / iq / presence-in / presence-out it
+  covers, none meaning every stanza both ways);
+* ``default``: the name of the default list, or None;
+* ``blocklist``: the XEP-0191 blocked JIDs.
+
+Active lists are per session and live only in memory, as XEP-0016 says.
+
+The blocklist is a separate part of the record, always applied FIRST, then
+the session's active list or else the default list. XEP-0191 section 3
+suggests (SHOULD) writing blocked JIDs into the default privacy list instead
+(ejabberd does; Prosody keeps its blocklist apart from privacy lists). We do
+not, because that mapping lets a session escape every block just by
+activating another list (XEP-0191 section 3, item 5), and
+turns a block into a default-list change subject to XEP-0016's <conflict/>
+rules while another resource is online. Applying the blocklist in front of
+whatever list applies keeps both promises: a blocked JID is blocked for every
+session, whatever lists say, and a privacy list means exactly what it says
+for everything not blocked. Both protocols still share one back-end record
+(XEP-0191's MUST). Blocked JIDs are not shown as a privacy list.
+
+JIDs match as XEP-0016 section 2.1 / XEP-0191 section 4 say: user@domain/
+resource matches that resource only, user@domain any resource, domain/resource
+that resource at any address of the domain, domain the domain, every address
+at it and its subdomains. Stanzas between a user's own resources and to or
+from the user's own server (a bare hosted domain) are never blocked: the
+former as XEP-0016 requires, the latter so that a "deny everything" list
+cannot cut a session off from its own server (results, pushes).
+
+Enforcement
+-----------
+`PrivacyEngine` (one per module host, shared by modules "privacy" and
+"blocking", whichever are enabled) keeps the record and the roster view of
+every user it may need to judge in memory, so that the synchronous filters
+never wait: users with a session on this node stay loaded (preloaded on
+"session/bound", updated on every change made here and on every roster
+change); others are kept in a bounded LRU. A filter that meets a user it
+has not loaded yet holds the stanza, loads, and replays it in order.
+
+* "stanza/out": the user's own stanzas. Refused ones get <not-acceptable/>
+  (plus <blocked xmlns='urn:xmpp:blocking:errors'/> when the blocklist
+  refused it).
+* "stanza/in": stanzas about to reach a session. The recipient's rules
+  (message / iq / presence-in; others only by items that cover everything):
+  refused messages and IQ get/set get <service-unavailable/>, everything
+  else is dropped silently. For presence sent in a local user's name (the
+  presence module's broadcasts, answers to probes), the SENDER's
+  presence-out rules too, since only the sender's lists know whether that
+  contact may see it.
+* "message/offline", presence subscription and probe hooks: the user's
+  default list and blocklist, so a blocked JID can neither fill the user's
+  offline store nor ask for a subscription or a probe answer. (IQs to the
+  user's bare JID, which the server answers on the user's behalf, reach no
+  filter or hook yet: see .coord/requests-privacy-blocking.md.)
+
+When rules change for a session, contacts that stop (or start) being allowed
+to see its presence get unavailable presence (or its current presence), and
+the session stops (or starts) seeing theirs (XEP-0191 3.3/3.4, XEP-0016
+2.10/2.11), as far as the roster and this node's sessions show them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import json
+import logging
+import random
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from lxml import etree
+
+from xmppd.jid import JID, InvalidJID
+from xmppd.storage.base import AttrValue, ConditionFailed, Item, StorageError, TooLarge
+from xmppd.stream.errors import StanzaError, error_reply
+from xmppd.xml import ns
+
+if TYPE_CHECKING:
+    from xmppd.modulehost import ModuleHost
+    from xmppd.session import Session
+
+log = logging.getLogger("xmppd.modules.privacy")
+
+NS_PRIVACY = "jabber:iq:privacy"
+NS_BLOCKING = "urn:xmpp:blocking"
+NS_BLOCKING_ERRORS = "urn:xmpp:blocking:errors"
+STORE = "privacy"
+
+Kind = Literal["message", "iq", "presence-in", "presence-out"]
+KINDS: tuple[Kind, ...] = ("message", "iq", "presence-in", "presence-out")
+ItemType = Literal["jid", "group", "subscription"]
+SUBSCRIPTIONS = frozenset({"none", "to", "from", "both"})
+
+PRIORITY = 1000  # privacy is the first delivery rule (XEP-0016 2.2 rule 4)
+MAX_CACHED_OFFLINE = 2048  # records kept for users with no session here
+MAX_HELD = 256  # stanzas held per user while their record loads
+WRITE_TRIES = 10
+LOAD_TRIES = 3
+ROSTER_TRIES = 3
+_PRESENCE_HOOKS = ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe")
+
+
+# --- the model --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyItem:
+    """One rule of a privacy list; `pattern` is the parsed JID of jid items."""
+
+    order: int
+    allow: bool
+    type: ItemType | None = None
+    value: str | None = None
+    kinds: frozenset[Kind] = frozenset()  # empty: every stanza, both directions
+    pattern: tuple[str, str, str] | None = field(default=None, compare=False)
+
+    def matches(self, peer: JID, roster: Mapping[str, RosterEntry]) -> bool:
+        if self.type is None:
+            return True
+        if self.type == "jid":
+            assert self.pattern is not None
+            return pattern_matches(self.pattern, peer)
+        entry = roster.get(peer.bare, NOT_IN_ROSTER)
+        if self.type == "subscription":
+            return entry.subscription == self.value
+        return self.value in entry.groups
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"order": self.order, "action": "allow" if self.allow else "deny"}
+        if self.type is not None:
+            out["type"] = self.type
+            out["value"] = self.value
+        if self.kinds:
+            out["kinds"] = [k for k in KINDS if k in self.kinds]
+        return out
+
+
+def make_item(
+    order: int,
+    allow: bool,
+    type_: str | None = None,
+    value: str | None = None,
+    kinds: Iterable[str] = (),
+) -> PrivacyItem:
+    """A validated item; ValueError says what is wrong (the protocol turns it into bad-request)."""
+    if not 0 <= order <= 0xFFFFFFFF:
+        raise ValueError("'order' must be an unsigned 32-bit integer")
+    kind_set = frozenset(kinds)
+    if not kind_set <= frozenset(KINDS):
+        raise ValueError(f"unknown stanza kinds: {sorted(kind_set - frozenset(KINDS))}")
+    if type_ is None:
+        if value is not None:
+            raise ValueError("a fall-through item (no 'type') has no 'value'")
+        return PrivacyItem(order, allow, None, None, kind_set)  # type: ignore[arg-type]
+    if value is None:
+        raise ValueError(f"an item of type {type_!r} needs a 'value'")
+    if type_ == "jid":
+        jid = parse_value_jid(value)
+        return PrivacyItem(order, allow, "jid", jid.full, kind_set, jid_pattern(jid))  # type: ignore[arg-type]
+    if type_ == "subscription":
+        if value not in SUBSCRIPTIONS:
+            raise ValueError("a subscription item's value is none, to, from or both")
+        return PrivacyItem(order, allow, "subscription", value, kind_set)  # type: ignore[arg-type]
+    if type_ == "group":
+        if not value:
+            raise ValueError("a group item needs a group name")
+        return PrivacyItem(order, allow, "group", value, kind_set)  # type: ignore[arg-type]
+    raise ValueError(f"unknown item type {type_!r}")
+
+
+def parse_value_jid(value: str) -> JID:
+    try:
+        jid = JID(value)
+    except InvalidJID as exc:
+        raise ValueError(f"invalid JID {value!r}: {exc}") from None
+    if not jid.domain:
+        raise ValueError("empty JID")
+    return jid
+
+
+def check_list(items: Iterable[PrivacyItem]) -> tuple[PrivacyItem, ...]:
+    """Items sorted by order; duplicate orders are refused (XEP-0016 2.1)."""
+    ordered = tuple(sorted(items, key=lambda i: i.order))
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if a.order == b.order:
+            raise ValueError(f"two items have order {a.order}")
+    return ordered
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyData:
+    """One user's stored record; `version` is the item-store version (0: none stored)."""
+
+    lists: Mapping[str, tuple[PrivacyItem, ...]] = field(default_factory=dict)
+    default: str | None = None
+    blocklist: tuple[str, ...] = ()
+    version: int = 0
+    blocked: BlockSet = field(init=False, compare=False, repr=False)
+    needs_roster: bool = field(init=False, compare=False, repr=False)  # group/subscription items
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blocked", BlockSet(self.blocklist))
+        needs = any(i.type in ("group", "subscription") for lst in self.lists.values() for i in lst)
+        object.__setattr__(self, "needs_roster", needs)
+
+    def same_content(self, other: PrivacyData) -> bool:
+        return (self.lists, self.default, self.blocklist) == (
+            other.lists,
+            other.default,
+            other.blocklist,
+        )
+
+    def with_list(self, name: str, items: tuple[PrivacyItem, ...] | None) -> PrivacyData:
+        """A copy with list `name` set, or removed (None; the default goes with it)."""
+        lists = dict(self.lists)
+        default = self.default
+        if items is None:
+            lists.pop(name, None)
+            if default == name:
+                default = None
+        else:
+            lists[name] = items
+        return replace(self, lists=lists, default=default)
+
+
+def decode(item: Item | None) -> PrivacyData:
+    """The record as stored; ValueError if it is not one we wrote."""
+    if item is None:
+        return EMPTY
+    raw = item.attrs.get("data")
+    if not isinstance(raw, str):
+        raise ValueError(f"privacy record {item.name!r} has no 'data'")
+    doc = json.loads(raw)
+    lists = {
+        name: check_list(
+            make_item(
+                int(i["order"]),
+                i["action"] == "allow",
+                i.get("type"),
+                i.get("value"),
+                i.get("kinds", ()),
+            )
+            for i in items
+        )
+        for name, items in doc.get("lists", {}).items()
+    }
+    default = doc.get("default")
+    if default is not None and default not in lists:
+        default = None
+    blocklist = tuple(str(j) for j in doc.get("blocklist", ()))
+    return PrivacyData(lists, default, blocklist, item.version)
+
+
+def encode(data: PrivacyData) -> dict[str, AttrValue]:
+    doc = {
+        "v": 1,
+        "default": data.default,
+        "lists": {name: [i.to_json() for i in items] for name, items in data.lists.items()},
+        "blocklist": list(data.blocklist),
+    }
+    return {"data": json.dumps(doc, separators=(",", ":"), ensure_ascii=False)}
+
+
+# --- matching and evaluation ----------------------------------------------------------------
+
+
+def jid_pattern(jid: JID) -> tuple[str, str, str]:
+    return (jid.user, jid.domain, jid.resource)
+
+
+def pattern_matches(pattern: tuple[str, str, str], peer: JID) -> bool:
+    """XEP-0016 2.1 / XEP-0191 4: does the item JID `pattern` cover `peer`?"""
+    user, domain, resource = pattern
+    if user:
+        if peer.user != user or peer.domain != domain:
+            return False
+        return not resource or peer.resource == resource
+    if resource:
+        return peer.domain == domain and peer.resource == resource
+    return peer.domain == domain or peer.domain.endswith("." + domain)
+
+
+class BlockSet:
+    """The blocklist indexed so a check costs a few set lookups, however long the list."""
+
+    __slots__ = ("full", "bare", "domain_resource", "domain")
+
+    def __init__(self, jids: Iterable[str]) -> None:
+        self.full: set[str] = set()
+        self.bare: set[str] = set()
+        self.domain_resource: set[tuple[str, str]] = set()
+        self.domain: set[str] = set()
+        for value in jids:
+            user, domain, resource = jid_pattern(JID(value))
+            if user and resource:
+                self.full.add(f"{user}@{domain}/{resource}")
+            elif user:
+                self.bare.add(f"{user}@{domain}")
+            elif resource:
+                self.domain_resource.add((domain, resource))
+            else:
+                self.domain.add(domain)
+
+    def __bool__(self) -> bool:
+        return bool(self.full or self.bare or self.domain_resource or self.domain)
+
+    def matches(self, peer: JID) -> bool:
+        if not self:
+            return False
+        if peer.user:
+            if peer.bare in self.bare:
+                return True
+            if peer.resource and peer.full in self.full:
+                return True
+        if peer.resource and (peer.domain, peer.resource) in self.domain_resource:
+            return True
+        if self.domain:
+            labels = peer.domain.split(".")
+            return any(".".join(labels[i:]) in self.domain for i in range(len(labels)))
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class RosterEntry:
+    subscription: str = "none"
+    groups: frozenset[str] = frozenset()
+
+
+NOT_IN_ROSTER = RosterEntry()
+EMPTY = PrivacyData()
+
+
+class Verdict(enum.Enum):
+    ALLOW = "allow"
+    BLOCKED = "blocked"  # by the XEP-0191 blocklist
+    DENIED = "denied"  # by a privacy list
+
+
+def applied_list(data: PrivacyData, active: str | None) -> str | None:
+    """The list that applies: the session's active list, else the default (no layering)."""
+    if active is not None and active in data.lists:
+        return active
+    return data.default
+
+
+def decide(
+    data: PrivacyData,
+    active: str | None,
+    kind: Kind | None,
+    peer: JID,
+    roster: Mapping[str, RosterEntry],
+) -> Verdict:
+    """Judge one stanza exchanged with `peer`; `kind` None: only all-stanza items apply."""
+    if data.blocked.matches(peer):
+        return Verdict.BLOCKED
+    name = applied_list(data, active)
+    if name is None:
+        return Verdict.ALLOW
+    for item in data.lists.get(name, ()):
+        if item.kinds and kind not in item.kinds:
+            continue
+        if item.matches(peer, roster):
+            return Verdict.ALLOW if item.allow else Verdict.DENIED
+    return Verdict.ALLOW
+
+
+def is_notification(stanza: etree._Element) -> bool:
+    """Presence "notifications" are availability only, not subscriptions or probes."""
+    return stanza.tag == ns.C_PRESENCE and stanza.get("type") in (None, "unavailable")
+
+
+def inbound_kind(stanza: etree._Element) -> Kind | None:
+    if stanza.tag == ns.C_MESSAGE:
+        return "message"
+    if stanza.tag == ns.C_IQ:
+        return "iq"
+    return "presence-in" if is_notification(stanza) else None
+
+
+def outbound_kind(stanza: etree._Element) -> Kind | None:
+    """Only presence-out is a kind of its own outbound; the rest obey all-stanza items."""
+    return "presence-out" if is_notification(stanza) else None
+
+
+# --- enforcement ----------------------------------------------------------------------------
+
+
+class RosterLike(Protocol):
+    """What the engine uses of the roster module (IM-MODULES.md)."""
+
+    async def get(self, owner_bare: str) -> Any: ...
+
+    def subscribe_changes(self, callback: Callable[[str, Any, str | None], None]) -> None: ...
+
+
+@dataclass(slots=True)
+class UserState:
+    data: PrivacyData
+    roster: dict[str, RosterEntry]  # filled only when a list has group/subscription items
+
+
+@dataclass(slots=True)
+class _Held:
+    """A stanza held by a filter until the record of `bare` is loaded."""
+
+    stanza: etree._Element
+    session: Session
+    inbound: bool
+
+
+Policy = tuple[PrivacyData, str | None]
+ENGINE_USERS = ("privacy", "blocking")  # the modules that share one engine per host
+
+
+def roster_view(roster: Any) -> dict[str, RosterEntry]:
+    return {
+        contact: RosterEntry(item.subscription, frozenset(item.groups))
+        for contact, item in roster.items.items()
+    }
+
+
+def unavailable(from_: str, to: str) -> etree._Element:
+    presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+    presence.set("type", "unavailable")
+    presence.set("from", from_)
+    presence.set("to", to)
+    return presence
+
+
+def _holds(stack: list[etree._Element], stanza: etree._Element) -> bool:
+    return any(s is stanza for s in stack)
+
+
+class PrivacyEngine:
+    """The in-memory rules of the users this node serves, and the filters and hooks using them."""
+
+    @classmethod
+    def attach(cls, host: ModuleHost) -> PrivacyEngine:
+        """The engine of the host's privacy or blocking module, whichever was set up first,
+        else a new one (which registers the filters and hooks): one per host, whatever is on."""
+        for name in ENGINE_USERS:
+            engine = getattr(host.modules.get(name), "engine", None)
+            if isinstance(engine, PrivacyEngine):
+                return engine
+        return cls(host)
+
+    def __init__(self, host: ModuleHost) -> None:
+        self.host = host
+        self.roster: RosterLike | None = None
+        self._states: OrderedDict[str, UserState] = OrderedDict()
+        self._active: dict[Session, str] = {}
+        self._held: dict[str, list[_Held]] = {}
+        self._loading: dict[str, asyncio.Future[UserState]] = {}
+        self._roster_loading: dict[str, bool] = {}  # bare -> changed while loading
+        self._pass_all: list[etree._Element] = []  # our own errors and presences: no checks
+        self._pass_sender: list[etree._Element] = []  # unavailable on block: skip sender rules
+        self._last_bounced: etree._Element | None = None
+        self._started = False
+        host.filter("stanza/out", self._filter_out, PRIORITY)
+        host.filter("stanza/in", self._filter_in, PRIORITY)
+        host.hook("session/bound", self._session_bound)
+        host.hook("session/closed", self._session_closed)
+        host.hook("message/offline", self._message_offline, PRIORITY)
+        host.hook("iq/account", self._iq_to_account, PRIORITY)
+
+    async def start(self) -> None:
+        """Find the roster and hook presence subscriptions (runs once, after every setup())."""
+        if self._started:
+            return
+        self._started = True
+        roster = self.host.modules.get("roster")
+        if roster is not None:
+            self.roster = roster  # type: ignore[assignment]
+            self.roster.subscribe_changes(self._roster_changed)  # type: ignore[union-attr]
+        # Hooking these only where another module handles them: with no hook at all
+        # the router delivers subscriptions to available sessions, through stanza/in.
+        for type_ in _PRESENCE_HOOKS:
+            event = f"presence/{type_}"
+            if self.host.has_hook(event):
+                self.host.hook(event, self._presence_to_user, PRIORITY)
+
+    # --- what the protocol modules use -----------------------------------------------------
+
+    async def data(self, bare: str) -> PrivacyData:
+        return (await self.state(bare)).data
+
+    async def state(self, bare: str) -> UserState:
+        """The user's record and roster view, loaded if this node does not hold it."""
+        state = self._states.get(bare)
+        if state is not None:
+            self._states.move_to_end(bare)
+            return state
+        loading = self._loading.get(bare)
+        if loading is None:
+            loading = self._loading[bare] = asyncio.ensure_future(self._load(bare))
+            loading.add_done_callback(lambda _: self._loading.pop(bare, None))
+        return self._install(bare, await asyncio.shield(loading))
+
+    def active(self, session: Session) -> str | None:
+        return self._active.get(session)
+
+    def session(self, full_jid: str) -> Session | None:
+        bare, _, resource = full_jid.partition("/")
+        return self.host.router.sessions.get(bare, {}).get(resource)
+
+    def in_use_elsewhere(
+        self, bare: str, data: PrivacyData, name: str, sender: Session | None
+    ) -> bool:
+        """Does list `name` apply to a connected resource other than `sender`? (XEP-0016 2.2)"""
+        return any(
+            session is not sender and applied_list(data, self._active.get(session)) == name
+            for session in self.host.router.local_sessions(bare)
+        )
+
+    async def update(
+        self, bare: str, change: Callable[[PrivacyData], PrivacyData]
+    ) -> tuple[PrivacyData, PrivacyData]:
+        """Read-modify-write the record; (old, new). `change` may raise StanzaError to refuse,
+        leaving the record as it was; the contacts' view of presence follows the change."""
+        store = self.host.items(bare.rsplit("@", 1)[-1], STORE)
+        for attempt in range(WRITE_TRIES):
+            try:
+                item = await store.get(bare)
+                old = decode(item)
+            except (StorageError, ValueError):
+                log.exception("cannot read the privacy record of %s", bare)
+                raise StanzaError("internal-server-error", "privacy storage failed") from None
+            new = change(old)
+            if new.same_content(old):
+                return old, old
+            try:
+                if item is None:
+                    stored = await store.put(bare, encode(new), if_absent=True)
+                else:
+                    stored = await store.put(bare, encode(new), if_version=item.version)
+            except ConditionFailed:
+                await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
+                continue
+            except TooLarge:
+                raise StanzaError(
+                    "policy-violation", "privacy lists and blocklist are over the size limit"
+                ) from None
+            except StorageError:
+                log.exception("cannot write the privacy record of %s", bare)
+                raise StanzaError("internal-server-error", "privacy storage failed") from None
+            new = replace(new, version=stored.version)
+            before = self._snapshot(bare)
+            # Installed even for users not loaded here: a load in flight may have read
+            # the previous version, and the newer version wins in _install.
+            roster = await self._load_roster(bare) if new.needs_roster else {}
+            self._install(bare, UserState(new, roster))
+            await self._presence_effects(bare, before)
+            return old, new
+        raise StanzaError("resource-constraint", "too many concurrent privacy changes; retry")
+
+    async def set_active(self, session: Session, name: str | None) -> None:
+        """Make `name` the session's active list (None: decline; the default applies)."""
+        state = await self.state(session.bare)
+        if name is not None and name not in state.data.lists:
+            raise StanzaError("item-not-found", "no privacy list by that name")
+        before = self._snapshot(session.bare)
+        if name is None:
+            self._active.pop(session, None)
+        else:
+            self._active[session] = name
+        await self._presence_effects(session.bare, before)
+
+    def forget_active(self, session: Session) -> None:
+        self._active.pop(session, None)
+
+    def push(self, bare: str, payload: etree._Element) -> None:
+        """An IQ-set with `payload` to every connected resource of `bare` (list/block pushes)."""
+        for session in self.host.router.local_sessions(bare):
+            iq = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
+            iq.set("type", "set")
+            iq.set("id", f"push-{secrets.token_hex(6)}")
+            iq.set("from", bare)
+            iq.set("to", session.jid)
+            iq.append(copy.deepcopy(payload))
+            self.host.router.deliver(session, iq)
+
+    async def roster_groups(self, bare: str) -> set[str] | None:
+        """The user's roster groups, or None without a roster module."""
+        if self.roster is None:
+            return None
+        roster = await self.roster.get(bare)
+        return {g for item in roster.items.values() for g in item.groups}
+
+    # --- loading -------------------------------------------------------------------------
+
+    async def _load(self, bare: str) -> UserState:
+        store = self.host.items(bare.rsplit("@", 1)[-1], STORE)
+        for attempt in range(LOAD_TRIES):
+            try:
+                data = decode(await store.get(bare))
+                break
+            except StorageError:
+                if attempt == LOAD_TRIES - 1:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+        roster = await self._load_roster(bare) if data.needs_roster else {}
+        return UserState(data, roster)
+
+    async def _load_roster(self, bare: str) -> dict[str, RosterEntry]:
+        if self.roster is None:
+            return {}
+        view: dict[str, RosterEntry] = {}
+        for _ in range(ROSTER_TRIES):
+            self._roster_loading[bare] = False
+            try:
+                view = roster_view(await self.roster.get(bare))
+            finally:
+                changed = self._roster_loading.pop(bare, False)
+            if not changed:
+                break
+        return view
+
+    def _install(self, bare: str, state: UserState) -> UserState:
+        """Keep the newer of `state` and what is held; release stanzas waiting for it."""
+        current = self._states.get(bare)
+        if current is None or state.data.version > current.data.version:
+            self._states[bare] = current = state
+        self._states.move_to_end(bare)
+        self._evict()
+        for held in self._held.pop(bare, ()):
+            self._replay(held)
+        return current
+
+    def _evict(self) -> None:
+        sessions = self.host.router.sessions
+        excess = len(self._states) - MAX_CACHED_OFFLINE - len(sessions)
+        if excess <= 0:
+            return
+        idle = [b for b in self._states if b not in sessions and b not in self._held]
+        for bare in idle[:excess]:  # least recently used first
+            del self._states[bare]
+
+    def _hold(self, bare: str, held: _Held) -> None:
+        """Keep a stanza until `bare`'s record is loaded (first one starts the load)."""
+        queue = self._held.get(bare)
+        if queue is None:
+            queue = self._held[bare] = []
+            self.host.router.spawn(self._load_held(bare))
+        if len(queue) >= MAX_HELD:
+            self._fail(held, "resource-constraint")
+            return
+        queue.append(held)
+
+    async def _load_held(self, bare: str) -> None:
+        try:
+            await self.state(bare)  # installing releases the held stanzas
+        except Exception:
+            log.exception("cannot load the privacy record of %s", bare)
+            for held in self._held.pop(bare, ()):
+                self._fail(held, "internal-server-error")
+
+    def _replay(self, held: _Held) -> None:
+        """Run a held stanza through the filters again, now that the rules are known.
+        One for a session that closed meanwhile is dropped, as its delivery would have been."""
+        router = self.host.router
+        if not held.inbound:
+            router.route(held.stanza, held.session)
+        elif self.session(held.session.jid) is held.session:
+            router.deliver(held.session, held.stanza)
+
+    def _fail(self, held: _Held, condition: str) -> None:
+        """Unknown rules: refuse rather than deliver what may be blocked, and say so."""
+        stanza = held.stanza
+        if held.inbound:
+            if stanza.tag != ns.C_PRESENCE:
+                self.host.router.bounce(stanza, condition)
+        elif _wants_error(stanza):
+            self._deliver_own(held.session, error_reply(stanza, condition))
+
+    # --- roster and session events ------------------------------------------------------
+
+    def _roster_changed(self, owner: str, item: Any, removed: str | None) -> None:
+        if owner in self._roster_loading:
+            self._roster_loading[owner] = True
+        state = self._states.get(owner)
+        if state is None or not state.data.needs_roster:
+            return
+        if item is not None:
+            state.roster[item.jid] = RosterEntry(item.subscription, frozenset(item.groups))
+        elif removed is not None:
+            state.roster.pop(removed, None)
+
+    async def _session_bound(self, session: Session) -> None:
+        try:
+            await self.state(session.bare)
+        except Exception:
+            log.exception("cannot preload the privacy record of %s", session.bare)
+
+    async def _session_closed(self, session: Session) -> None:
+        self._active.pop(session, None)
+
+    # --- filters ---------------------------------------------------------------------------
+
+    def _filter_out(self, stanza: etree._Element, origin: Session) -> bool:
+        state = self._states.get(origin.bare)
+        to = stanza.get("to")
+        if origin.bare in self._held or (state is None and to is not None):
+            self._hold(origin.bare, _Held(stanza, origin, inbound=False))  # keeps them in order
+            return False
+        if state is None or to is None:
+            return True  # to the user's own account; presence broadcasts are judged per contact
+        active = self._active.get(origin)
+        if active is None and state.data.default is None and not state.data.blocked:
+            return True
+        try:
+            peer = JID(to)
+        except InvalidJID:
+            return True  # the router answers jid-malformed
+        if self._exempt(peer, origin.bare):
+            return True
+        verdict = decide(state.data, active, outbound_kind(stanza), peer, state.roster)
+        if verdict is Verdict.ALLOW:
+            return True
+        if _wants_error(stanza):
+            error = error_reply(stanza, "not-acceptable", type_="cancel")
+            if verdict is Verdict.BLOCKED:
+                etree.SubElement(
+                    error.find(ns.C_ERROR),  # type: ignore[arg-type]
+                    f"{{{NS_BLOCKING_ERRORS}}}blocked",
+                    nsmap={None: NS_BLOCKING_ERRORS},
+                )
+            self._deliver_own(origin, error)
+        return False
+
+    def _filter_in(self, stanza: etree._Element, session: Session) -> bool:
+        if self._pass_all and _holds(self._pass_all, stanza):
+            return True
+        sender = stanza.get("from")
+        if not sender:
+            return True
+        owner = session.bare
+        state = self._states.get(owner)
+        if state is None or owner in self._held:
+            self._hold(owner, _Held(stanza, session, inbound=True))
+            return False
+        active = self._active.get(session)
+        judge_owner = active is not None or state.data.default is not None or state.data.blocked
+        judge_sender = stanza.tag == ns.C_PRESENCE and not (
+            self._pass_sender and _holds(self._pass_sender, stanza)
+        )
+        if not (judge_owner or judge_sender or self._held):
+            return True
+        try:
+            peer = JID(sender)
+        except InvalidJID:
+            return True
+        if self._exempt(peer, owner):
+            return True
+        if judge_owner:
+            verdict = decide(state.data, active, inbound_kind(stanza), peer, state.roster)
+            if verdict is not Verdict.ALLOW:
+                self._refuse_inbound(stanza)
+                return False
+        local_sender = bool(peer.user) and peer.domain in self.host.hosts
+        if local_sender and peer.bare in self._held:
+            self._hold(peer.bare, _Held(stanza, session, inbound=True))  # keeps them in order
+            return False
+        if judge_sender and local_sender:
+            sender_state = self._states.get(peer.bare)
+            if sender_state is None:
+                self._hold(peer.bare, _Held(stanza, session, inbound=True))
+                return False
+            sender_session = self.session(peer.full) if peer.resource else None
+            sender_active = self._active.get(sender_session) if sender_session else None
+            verdict = decide(
+                sender_state.data,
+                sender_active,
+                outbound_kind(stanza),
+                JID(session.jid),
+                sender_state.roster,
+            )
+            if verdict is not Verdict.ALLOW:
+                return False  # presence: never an error
+        return True
+
+    def _exempt(self, peer: JID, owner: str) -> bool:
+        """One's own resources and one's own server are never blocked (XEP-0016 2.1 note)."""
+        if peer.user:
+            return peer.bare == owner
+        return peer.domain in self.host.hosts
+
+    def _refuse_inbound(self, stanza: etree._Element) -> None:
+        """XEP-0016 2.14 / XEP-0191 3.3: presence silently, messages and IQ get/set with
+        <service-unavailable/>; one error per stanza even when several resources refuse it."""
+        if stanza.tag == ns.C_PRESENCE or stanza is self._last_bounced:
+            return
+        self._last_bounced = stanza
+        self.host.router.bounce(stanza, "service-unavailable")
+
+    def _deliver_own(self, session: Session, stanza: etree._Element) -> None:
+        """Hand the user an error we made in a blocked contact's name, past our own filter."""
+        self._pass_all.append(stanza)
+        try:
+            self.host.router.deliver(session, stanza)
+        finally:
+            self._pass_all.pop()
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    async def _message_offline(self, stanza: etree._Element, bare: str) -> bool:
+        """A refused message is not stored offline; the sender is told, as if online."""
+        verdict = await self._judge_for_account(stanza, bare, "message")
+        if verdict is Verdict.ALLOW:
+            return False
+        if verdict is None:  # rules unknown: neither store what may be blocked nor lose it
+            self.host.router.bounce(stanza, "internal-server-error")
+        else:
+            self._refuse_inbound(stanza)
+        return True
+
+    async def _iq_to_account(self, stanza: etree._Element, bare: str) -> bool:
+        """IQs the server answers on the user's behalf (vCard, last activity, disco)."""
+        verdict = await self._judge_for_account(stanza, bare, "iq")
+        if verdict is Verdict.ALLOW:
+            return False
+        if verdict is None:
+            self.host.router.bounce(stanza, "internal-server-error")
+        else:
+            self._refuse_inbound(stanza)
+        return True
+
+    async def _presence_to_user(self, stanza: etree._Element, bare: str) -> bool:
+        """Subscription requests, answers and probes from a refused JID vanish silently."""
+        return await self._judge_for_account(stanza, bare, None) is not Verdict.ALLOW
+
+    async def _judge_for_account(
+        self, stanza: etree._Element, bare: str, kind: Kind | None
+    ) -> Verdict | None:
+        """Judge a stanza for the user as a whole (default list and blocklist);
+        None when the record cannot be read."""
+        try:
+            peer = JID(stanza.get("from", ""))
+        except InvalidJID:
+            return Verdict.ALLOW
+        if not peer.domain or self._exempt(peer, bare):
+            return Verdict.ALLOW
+        try:
+            state = await self.state(bare)
+        except Exception:
+            log.exception("cannot load the privacy record of %s", bare)
+            return None
+        return decide(state.data, None, kind, peer, state.roster)
+
+    # --- presence after a change -------------------------------------------------------------
+
+    def _snapshot(self, bare: str) -> dict[Session, Policy]:
+        state = self._states.get(bare)
+        if state is None:
+            return {}
+        return {
+            s: (state.data, self._active.get(s)) for s in self.host.router.available_sessions(bare)
+        }
+
+    async def _presence_effects(self, bare: str, before: dict[Session, Policy]) -> None:
+        """Contacts who may no longer see a session get unavailable presence, those who may
+        again get its presence; the session likewise stops or starts seeing local contacts."""
+        state = self._states.get(bare)
+        if self.roster is None or state is None or not before:
+            return
+        changed = [
+            (s, old)
+            for s, old in before.items()
+            if s.available
+            and (old[0] is not state.data or old[1] != self._active.get(s))
+            and self.session(s.jid) is s
+        ]
+        if not changed:
+            return
+        try:
+            view = roster_view(await self.roster.get(bare))
+        except Exception:
+            log.exception("cannot read the roster of %s", bare)
+            return
+        for session, (old_data, old_active) in changed:
+            new_data, new_active = state.data, self._active.get(session)
+            for contact, entry in view.items():
+                if entry.subscription in ("from", "both"):
+                    for target in self._contact_addresses(contact):
+                        was = decide(old_data, old_active, "presence-out", target, view)
+                        now = decide(new_data, new_active, "presence-out", target, view)
+                        self._presence_out_changed(session, target, was, now)
+                if entry.subscription in ("to", "both"):
+                    for other in self.host.router.available_sessions(contact):
+                        peer = JID(other.jid)
+                        was = decide(old_data, old_active, "presence-in", peer, view)
+                        now = decide(new_data, new_active, "presence-in", peer, view)
+                        self._presence_in_changed(session, other, was, now)
+
+    def _contact_addresses(self, contact: str) -> list[JID]:
+        """Where a contact sees presence: each online resource here; a remote one's bare JID."""
+        if contact.rsplit("@", 1)[-1] not in self.host.hosts:
+            return [JID(contact)]
+        return [JID(s.jid) for s in self.host.router.available_sessions(contact)]
+
+    def _presence_out_changed(
+        self, session: Session, target: JID, was: Verdict, now: Verdict
+    ) -> None:
+        if (was is Verdict.ALLOW) == (now is Verdict.ALLOW):
+            return
+        if now is not Verdict.ALLOW:
+            presence = unavailable(session.jid, target.full)
+            self._pass_sender.append(presence)
+            try:
+                self.host.route(presence)
+            finally:
+                self._pass_sender.pop()
+        elif session.presence is not None:
+            presence = copy.deepcopy(session.presence)
+            presence.set("from", session.jid)
+            presence.set("to", target.full)
+            self.host.route(presence)
+
+    def _presence_in_changed(
+        self, session: Session, other: Session, was: Verdict, now: Verdict
+    ) -> None:
+        if (was is Verdict.ALLOW) == (now is Verdict.ALLOW):
+            return
+        if now is not Verdict.ALLOW:
+            presence = unavailable(other.jid, session.jid)
+            self._deliver_own(session, presence)
+        elif other.presence is not None:
+            presence = copy.deepcopy(other.presence)
+            presence.set("from", other.jid)
+            presence.set("to", session.jid)
+            self.host.router.deliver(session, presence)
+
+
+def _wants_error(stanza: etree._Element) -> bool:
+    """Errors never answer errors, nor IQ results (RFC 6120 8.3.1)."""
+    type_ = stanza.get("type")
+    if type_ == "error":
+        return False
+    return stanza.tag != ns.C_IQ or type_ in ("get", "set")

@@ -1,0 +1,707 @@
+"""Privacy lists (XEP-0016) through the module host, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree
+
+from xmppd.modules.roster import RosterItem, RosterModule
+from xmppd.storage.backends.memory import MemoryItemBackend
+from xmppd.storage.backends.sqlite import SQLiteItemBackend
+from xmppd.storage.base import Attrs, ConditionFailed, Item, ItemBackend
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza
+
+PRIVACY = "jabber:iq:privacy"
+BLOCKING = "urn:xmpp:blocking"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+P = f"{{{PRIVACY}}}"
+
+
+def condition(reply: etree._Element) -> str:
+    assert reply.get("type") == "error", etree.tostring(reply)
+    err = reply.find("{jabber:client}error")
+    assert err is not None
+    return next(etree.QName(c).localname for c in err if etree.QName(c).namespace == STANZAS)
+
+
+def chat(to: str, body: str = "hi") -> str:
+    return f"<message to='{to}' type='chat' id='m1'><body>{body}</body></message>"
+
+
+def bodies(stanzas: list[etree._Element]) -> list[str | None]:
+    return [s.findtext("{jabber:client}body") for s in stanzas if s.get("type") != "error"]
+
+
+def presences(stanzas: list[etree._Element]) -> list[tuple[str | None, str | None]]:
+    return [(s.get("from"), s.get("type")) for s in stanzas if s.tag == "{jabber:client}presence"]
+
+
+def list_pushes(stanzas: list[etree._Element]) -> list[str | None]:
+    return [
+        lst.get("name")
+        for s in stanzas
+        if s.tag == "{jabber:client}iq" and s.get("type") == "set"
+        for lst in s.iterfind(f"{P}query/{P}list")
+    ]
+
+
+async def iq(
+    harness: ModuleHarness, session: TestSession, type_: str, payload: str, to: str | None = None
+) -> etree._Element:
+    """Send an IQ and return its answer, leaving anything else (pushes) in `session.received`."""
+    to_attr = f" to='{to}'" if to else ""
+    stanzas = await harness.send(session, f"<iq type='{type_}' id='t1'{to_attr}>{payload}</iq>")
+    answers = [s for s in stanzas if s.tag == "{jabber:client}iq" and s.get("id") == "t1"]
+    assert len(answers) == 1, [etree.tostring(s) for s in stanzas]
+    session.received.extend(s for s in stanzas if s is not answers[0])
+    return answers[0]
+
+
+async def privacy(
+    harness: ModuleHarness, session: TestSession, type_: str, inner: str = ""
+) -> etree._Element:
+    return await iq(harness, session, type_, f"<query xmlns='{PRIVACY}'>{inner}</query>")
+
+
+async def set_list(
+    harness: ModuleHarness, session: TestSession, name: str, items: str
+) -> etree._Element:
+    return await privacy(harness, session, "set", f"<list name='{name}'>{items}</list>")
+
+
+def ok(reply: etree._Element) -> None:
+    assert reply.get("type") == "result", etree.tostring(reply)
+
+
+async def make(**modules: Any) -> ModuleHarness:
+    harness = ModuleHarness({"disco": {}, "privacy": {}, **modules})
+    harness.users.update({"alice@localhost", "bob@localhost", "carol@localhost"})
+    return await harness.start()
+
+
+@pytest.fixture
+async def harness() -> ModuleHarness:
+    return await make()
+
+
+def summary(reply: etree._Element) -> dict[str, Any]:
+    query = reply.find(f"{P}query")
+    assert query is not None, etree.tostring(reply)
+    return {
+        "active": [e.get("name") for e in query.iterfind(f"{P}active")],
+        "default": [e.get("name") for e in query.iterfind(f"{P}default")],
+        "lists": [e.get("name") for e in query.iterfind(f"{P}list")],
+    }
+
+
+# --- the protocol ----------------------------------------------------------------------------
+
+
+async def test_create_get_edit_remove_with_pushes(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    other = harness.session("alice@localhost/b", available=False)
+    assert summary(await privacy(harness, alice, "get")) == {
+        "active": [],
+        "default": [],
+        "lists": [],
+    }
+    items = (
+        "<item type='jid' value='Tybalt@Example.com' action='deny' order='3'>"
+        "<presence-out/><message/></item>"
+        "<item type='subscription' value='both' action='allow' order='1'/>"
+        "<item action='deny' order='10'><iq/><presence-in/></item>"
+    )
+    ok(await set_list(harness, alice, "public", items))
+    assert list_pushes(alice.take()) == ["public"]
+    assert list_pushes(other.take()) == ["public"]
+
+    reply = await privacy(harness, alice, "get", "<list name='public'/>")
+    (lst,) = reply.iterfind(f"{P}query/{P}list")
+    assert lst.get("name") == "public"
+    got = [
+        (dict(i.attrib), [etree.QName(c).localname for c in i]) for i in lst.iterfind(f"{P}item")
+    ]
+    assert got == [  # in processing order, JIDs normalized, kinds in schema order
+        ({"type": "subscription", "value": "both", "action": "allow", "order": "1"}, []),
+        (
+            {"type": "jid", "value": "tybalt@example.com", "action": "deny", "order": "3"},
+            ["message", "presence-out"],
+        ),
+        ({"action": "deny", "order": "10"}, ["iq", "presence-in"]),
+    ]
+
+    ok(await set_list(harness, alice, "private", "<item action='deny' order='1'/>"))
+    ok(await privacy(harness, alice, "set", "<default name='public'/>"))
+    ok(await privacy(harness, alice, "set", "<active name='private'/>"))
+    assert summary(await privacy(harness, alice, "get")) == {
+        "active": ["private"],
+        "default": ["public"],
+        "lists": ["public", "private"],
+    }
+    # the active list is per session
+    assert summary(await privacy(harness, other, "get"))["active"] == []
+
+    # replace a list (not a delta)
+    other.take()
+    ok(await set_list(harness, alice, "public", "<item action='allow' order='5'/>"))
+    assert list_pushes(other.take()) == ["public"]
+    reply = await privacy(harness, alice, "get", "<list name='public'/>")
+    assert len(list(reply.iter(f"{P}item"))) == 1
+
+    # remove a list (the sender's own active list may go) and push it
+    ok(await set_list(harness, alice, "private", ""))
+    assert list_pushes(other.take()) == ["private"]
+    assert summary(await privacy(harness, alice, "get")) == {
+        "active": [],
+        "default": ["public"],
+        "lists": ["public"],
+    }
+    reply = await privacy(harness, alice, "get", "<list name='private'/>")
+    assert condition(reply) == "item-not-found"
+
+
+async def test_decline_active_and_default(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    await set_list(harness, alice, "l", "<item action='deny' order='1'><message/></item>")
+    ok(await privacy(harness, alice, "set", "<active name='l'/>"))
+    ok(await privacy(harness, alice, "set", "<default name='l'/>"))
+    ok(await privacy(harness, alice, "set", "<active/>"))
+    ok(await privacy(harness, alice, "set", "<default/>"))
+    assert summary(await privacy(harness, alice, "get")) == {
+        "active": [],
+        "default": [],
+        "lists": ["l"],
+    }
+    # removing the default list also clears the default
+    await privacy(harness, alice, "set", "<default name='l'/>")
+    ok(await set_list(harness, alice, "l", ""))
+    assert summary(await privacy(harness, alice, "get"))["default"] == []
+
+
+BAD_ITEMS = [
+    "<item type='jid' value='a@b' order='1'/>",  # no action
+    "<item type='jid' value='a@b' action='block' order='1'/>",
+    "<item type='jid' value='a@b' action='deny'/>",  # no order
+    "<item type='jid' value='a@b' action='deny' order='-1'/>",
+    "<item type='jid' value='a@b' action='deny' order='x'/>",
+    "<item type='jid' value='a@b' action='deny' order='4294967296'/>",
+    "<item type='jid' action='deny' order='1'/>",  # no value
+    "<item type='jid' value='a@b@c' action='deny' order='1'/>",
+    "<item type='subscription' value='pending' action='deny' order='1'/>",
+    "<item type='group' value='' action='deny' order='1'/>",
+    "<item type='role' value='x' action='deny' order='1'/>",
+    "<item value='a@b' action='deny' order='1'/>",  # value without type
+    "<item action='deny' order='1'><presence/></item>",  # unknown kind
+    "<item action='deny' order='1'><message xmlns='urn:other'/></item>",
+    "<item action='allow' order='1'/><item action='deny' order='1'/>",  # duplicate order
+    "<entry action='deny' order='1'/>",
+]
+
+
+@pytest.mark.parametrize("items", BAD_ITEMS)
+async def test_malformed_list_is_bad_request_and_changes_nothing(
+    harness: ModuleHarness, items: str
+) -> None:
+    alice = harness.session("alice@localhost/a")
+    ok(await set_list(harness, alice, "l", "<item action='allow' order='7'/>"))
+    alice.take()
+    assert condition(await set_list(harness, alice, "l", items)) == "bad-request"
+    assert list_pushes(alice.take()) == []
+    reply = await privacy(harness, alice, "get", "<list name='l'/>")
+    assert [i.get("order") for i in reply.iter(f"{P}item")] == ["7"]
+
+
+@pytest.mark.parametrize(
+    ("type_", "inner", "expected"),
+    [
+        ("get", "<list name='a'/><list name='b'/>", "bad-request"),
+        ("get", "<list/>", "bad-request"),
+        ("get", "<active/>", "bad-request"),
+        ("get", "<list name='missing'/>", "item-not-found"),
+        ("set", "", "bad-request"),
+        ("set", "<active name='l'/><default name='l'/>", "bad-request"),
+        ("set", "<list name='a'/><list name='b'/>", "bad-request"),
+        ("set", "<list/>", "bad-request"),
+        ("set", "<frob/>", "bad-request"),
+        ("set", "<active name=''/>", "bad-request"),
+        ("set", "<active name='missing'/>", "item-not-found"),
+        ("set", "<default name='missing'/>", "item-not-found"),
+        ("set", "<list name='missing'/>", "item-not-found"),  # removing what is not there
+    ],
+)
+async def test_request_errors(
+    harness: ModuleHarness, type_: str, inner: str, expected: str
+) -> None:
+    alice = harness.session("alice@localhost/a")
+    await set_list(harness, alice, "l", "<item action='allow' order='1'/>")
+    await privacy(harness, alice, "set", "<default name='l'/>")
+    alice.take()
+    assert condition(await privacy(harness, alice, type_, inner)) == expected
+    assert list_pushes(alice.take()) == []
+    assert summary(await privacy(harness, alice, "get")) == {
+        "active": [],
+        "default": ["l"],
+        "lists": ["l"],
+    }
+
+
+async def test_wrong_payload_element_is_bad_request(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    reply = await iq(harness, alice, "get", f"<list xmlns='{PRIVACY}' name='x'/>")
+    assert condition(reply) == "bad-request"
+
+
+async def test_other_accounts_lists_are_not_reachable(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await set_list(harness, alice, "l", "<item action='deny' order='1'/>")
+    for type_, inner in (("get", ""), ("get", "<list name='l'/>"), ("set", "<list name='l'/>")):
+        reply = await iq(
+            harness, bob, type_, f"<query xmlns='{PRIVACY}'>{inner}</query>", to="alice@localhost"
+        )
+        assert condition(reply) == "service-unavailable"
+    assert summary(await privacy(harness, alice, "get"))["lists"] == ["l"]
+
+
+async def test_limits() -> None:
+    harness = await make(privacy={"max_lists": 2, "max_items": 2})
+    alice = harness.session("alice@localhost/a")
+    ok(await set_list(harness, alice, "a", "<item action='allow' order='1'/>"))
+    ok(await set_list(harness, alice, "b", "<item action='allow' order='1'/>"))
+    reply = await set_list(harness, alice, "c", "<item action='allow' order='1'/>")
+    assert condition(reply) == "policy-violation"
+    ok(await set_list(harness, alice, "b", "<item action='deny' order='1'/>"))  # an edit
+    three = "".join(f"<item action='allow' order='{i}'/>" for i in range(3))
+    assert condition(await set_list(harness, alice, "a", three)) == "policy-violation"
+    assert summary(await privacy(harness, alice, "get"))["lists"] == ["a", "b"]
+
+
+# --- conflicts (XEP-0016 2.2 rule 11, 2.5, 2.8) --------------------------------------------
+
+
+async def test_conflicts_with_other_resources(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    other = harness.session("alice@localhost/b")
+    await set_list(harness, alice, "one", "<item action='allow' order='1'/>")
+    await set_list(harness, alice, "two", "<item action='allow' order='1'/>")
+    await privacy(harness, alice, "set", "<default name='one'/>")
+
+    # other uses the default list: it may be neither changed, declined nor removed
+    assert condition(await privacy(harness, alice, "set", "<default name='two'/>")) == "conflict"
+    assert condition(await privacy(harness, alice, "set", "<default/>")) == "conflict"
+    assert condition(await set_list(harness, alice, "one", "")) == "conflict"
+    ok(await privacy(harness, alice, "set", "<default name='one'/>"))  # no change: fine
+    # a list active for another resource may not be removed; editing is fine
+    ok(await privacy(harness, other, "set", "<active name='two'/>"))
+    assert condition(await set_list(harness, alice, "two", "")) == "conflict"
+    ok(await set_list(harness, alice, "two", "<item action='deny' order='2'/>"))
+    # now nobody else uses the default: alice may change it
+    ok(await privacy(harness, alice, "set", "<default name='two'/>"))
+    ok(await set_list(harness, alice, "one", ""))  # and remove the old one
+    assert summary(await privacy(harness, alice, "get")) == {
+        "active": [],
+        "default": ["two"],
+        "lists": ["two"],
+    }
+    # when the other resource goes away, its active list is free
+    harness.router.unbind(other)  # type: ignore[arg-type]
+    await harness.host.fire("session/closed", other)
+    ok(await set_list(harness, alice, "two", ""))
+
+
+# --- enforcement -----------------------------------------------------------------------------
+
+
+async def test_message_items_deny_messages_only(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await set_list(
+        harness,
+        alice,
+        "l",
+        "<item type='jid' value='bob@localhost' action='deny' order='1'><message/></item>",
+    )
+    await privacy(harness, alice, "set", "<active name='l'/>")
+    alice.take()
+    replies = await harness.send(bob, chat("alice@localhost/a"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert alice.take() == []
+    replies = await harness.send(
+        bob, "<iq type='get' id='p' to='alice@localhost/a'><ping xmlns='urn:xmpp:ping'/></iq>"
+    )
+    assert replies == [] and len(alice.take()) == 1
+    # message-only items do not cover what alice sends
+    assert await harness.send(alice, chat("bob@localhost", "out")) == []
+    assert bodies(bob.take()) == ["out"]
+
+
+async def test_iq_items_deny_iq_get_set_with_error_and_results_silently(
+    harness: ModuleHarness,
+) -> None:
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await set_list(harness, alice, "l", "<item action='deny' order='1'><iq/></item>")
+    await privacy(harness, alice, "set", "<active name='l'/>")
+    alice.take()
+    replies = await harness.send(
+        bob, "<iq type='set' id='p' to='alice@localhost/a'><x xmlns='urn:x'/></iq>"
+    )
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert await harness.send(bob, "<iq type='result' id='r' to='alice@localhost/a'/>") == []
+    assert alice.take() == []
+    assert await harness.send(bob, chat("alice@localhost/a", "msg")) == []
+    assert bodies(alice.take()) == ["msg"]
+
+
+async def test_presence_in_and_out_items(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await set_list(
+        harness,
+        alice,
+        "l",
+        "<item type='jid' value='bob@localhost' action='deny' order='1'><presence-in/></item>"
+        "<item type='jid' value='carol@localhost' action='deny' order='2'><presence-out/></item>",
+    )
+    await privacy(harness, alice, "set", "<active name='l'/>")
+    carol = harness.session("carol@localhost/c")
+    alice.take()
+    # presence-in: bob's presence never arrives, without an error to bob
+    assert await harness.send(bob, "<presence to='alice@localhost/a'/>") == []
+    assert presences(alice.take()) == []
+    # presence-in covers notifications only: subscription requests still come
+    assert await harness.send(bob, "<presence type='subscribe' to='alice@localhost'/>") == []
+    assert presences(alice.take()) == [("bob@localhost/b", "subscribe")]
+    # presence-out: alice's directed presence to carol is refused, without <blocked/>
+    replies = await harness.send(alice, "<presence to='carol@localhost'/>")
+    assert [condition(r) for r in replies] == ["not-acceptable"]
+    assert replies[0].find("{jabber:client}error/{urn:xmpp:blocking:errors}blocked") is None
+    assert presences(carol.take()) == []
+    # carol's presence to alice and alice's to bob are fine
+    assert await harness.send(carol, "<presence to='alice@localhost/a'/>") == []
+    assert presences(alice.take()) == [("carol@localhost/c", None)]
+    assert await harness.send(alice, "<presence to='bob@localhost'/>") == []
+    assert presences(bob.take()) == [("alice@localhost/a", None)]
+
+
+async def test_item_without_kinds_blocks_everything_both_ways(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await set_list(
+        harness, alice, "l", "<item type='jid' value='bob@localhost' action='deny' order='1'/>"
+    )
+    await privacy(harness, alice, "set", "<active name='l'/>")
+    alice.take()
+    assert await harness.send(bob, "<presence type='subscribe' to='alice@localhost'/>") == []
+    assert [condition(r) for r in await harness.send(bob, chat("alice@localhost/a"))] == [
+        "service-unavailable"
+    ]
+    assert alice.take() == []
+    for stanza in (
+        chat("bob@localhost"),
+        "<iq type='get' id='q' to='bob@localhost/b'><ping xmlns='urn:xmpp:ping'/></iq>",
+        "<presence type='subscribe' to='bob@localhost'/>",
+    ):
+        replies = await harness.send(alice, stanza)
+        assert [condition(r) for r in replies] == ["not-acceptable"], stanza
+    assert bob.take() == []
+
+
+async def test_order_and_fall_through(harness: ModuleHarness) -> None:
+    """Items apply in ascending order; the first match decides; no match: allowed."""
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    carol = harness.session("carol@localhost/c")
+    dave = harness.session("dave@localhost/d")
+    await set_list(
+        harness,
+        alice,
+        "l",
+        "<item action='deny' order='20'><message/></item>"
+        "<item type='jid' value='bob@localhost' action='allow' order='10'><message/></item>",
+    )
+    await set_list(
+        harness,
+        alice,
+        "m",
+        "<item type='jid' value='carol@localhost' action='deny' order='1'><message/></item>",
+    )
+    await privacy(harness, alice, "set", "<active name='l'/>")
+    alice.take()
+    await harness.send(bob, chat("alice@localhost/a", "bob"))
+    assert [condition(r) for r in await harness.send(carol, chat("alice@localhost/a"))] == [
+        "service-unavailable"
+    ]
+    assert bodies(alice.take()) == ["bob"]
+    await privacy(harness, alice, "set", "<active name='m'/>")
+    alice.take()
+    await harness.send(dave, chat("alice@localhost/a", "dave"))  # falls through: allowed
+    assert bodies(alice.take()) == ["dave"]
+
+
+async def test_active_list_replaces_default_for_that_session_only(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    other = harness.session("alice@localhost/b")
+    bob = harness.session("bob@localhost/b")
+    await set_list(harness, alice, "strict", "<item action='deny' order='1'><message/></item>")
+    await set_list(harness, alice, "open", "<item action='allow' order='1'/>")
+    await privacy(harness, alice, "set", "<default name='strict'/>")
+    await privacy(harness, alice, "set", "<active name='open'/>")
+    alice.take(), other.take()
+    await harness.send(bob, chat("alice@localhost/a", "to a"))
+    replies = await harness.send(bob, chat("alice@localhost/b", "to b"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert bodies(alice.take()) == ["to a"] and other.take() == []
+    # an edit of the active list applies at once
+    await set_list(harness, alice, "open", "<item action='deny' order='1'><message/></item>")
+    alice.take()
+    replies = await harness.send(bob, chat("alice@localhost/a", "again"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+
+
+async def test_own_resources_and_server_are_never_blocked(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    other = harness.session("alice@localhost/b")
+    await set_list(harness, alice, "all", "<item action='deny' order='1'/>")
+    await privacy(harness, alice, "set", "<default name='all'/>")
+    alice.take(), other.take()
+    assert await harness.send(other, chat("alice@localhost/a", "mine")) == []
+    assert bodies(alice.take()) == ["mine"]
+    reply = await iq(
+        harness, alice, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>", "localhost"
+    )
+    assert reply.get("type") == "result"
+    # and the lists stay manageable (results come from the user's own account)
+    ok(await privacy(harness, alice, "get"))
+
+
+async def test_blocklist_applies_whatever_the_active_list_says() -> None:
+    harness = await make(blocking={})
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await set_list(harness, alice, "open", "<item action='allow' order='1'/>")
+    await privacy(harness, alice, "set", "<active name='open'/>")
+    await iq(
+        harness, alice, "set", f"<block xmlns='{BLOCKING}'><item jid='bob@localhost'/></block>"
+    )
+    alice.take()
+    replies = await harness.send(bob, chat("alice@localhost/a"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    replies = await harness.send(alice, chat("bob@localhost"))
+    assert [condition(r) for r in replies] == ["not-acceptable"]
+    assert replies[0].find("{jabber:client}error/{urn:xmpp:blocking:errors}blocked") is not None
+    # the blocklist is not shown as a privacy list
+    assert summary(await privacy(harness, alice, "get"))["lists"] == ["open"]
+
+
+async def test_default_list_keeps_denied_messages_out_of_offline_storage() -> None:
+    harness = await make(offline={})
+    alice = harness.session("alice@localhost/a")
+    await set_list(
+        harness,
+        alice,
+        "l",
+        "<item type='jid' value='bob@localhost' action='deny' order='1'><message/></item>",
+    )
+    await privacy(harness, alice, "set", "<default name='l'/>")
+    harness.router.unbind(alice)  # type: ignore[arg-type]
+    await harness.host.fire("session/closed", alice)
+    bob = harness.session("bob@localhost/b")
+    carol = harness.session("carol@localhost/c")
+    replies = await harness.send(bob, chat("alice@localhost", "denied"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert await harness.send(carol, chat("alice@localhost", "kept")) == []
+    alice = harness.session("alice@localhost/back", available=False)
+    assert bodies(await harness.send(alice, "<presence/>")) == ["kept"]
+
+
+# --- roster-based items (the real roster module) ------------------------------------------
+
+
+async def roster_harness(**modules: Any) -> tuple[ModuleHarness, RosterModule]:
+    harness = await make(roster={}, **modules)
+    roster = harness.host.modules["roster"]
+    assert isinstance(roster, RosterModule)
+    return harness, roster
+
+
+async def put_contact(
+    roster: RosterModule, owner: str, contact: str, subscription: str, *groups: str
+) -> None:
+    await roster.update(
+        owner,
+        contact,
+        lambda _: RosterItem(jid=contact, subscription=subscription, groups=list(groups)),  # type: ignore[arg-type]
+    )
+
+
+async def test_group_items_follow_roster_changes() -> None:
+    harness, roster = await roster_harness()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    carol = harness.session("carol@localhost/c")
+    await put_contact(roster, "alice@localhost", "bob@localhost", "none", "Enemies")
+    await put_contact(roster, "alice@localhost", "carol@localhost", "none", "Friends")
+    # a group that is not in the roster: item-not-found, nothing stored
+    reply = await set_list(
+        harness, alice, "g", "<item type='group' value='Nobody' action='deny' order='1'/>"
+    )
+    assert condition(reply) == "item-not-found"
+    ok(
+        await set_list(
+            harness,
+            alice,
+            "g",
+            "<item type='group' value='Enemies' action='deny' order='1'><message/></item>",
+        )
+    )
+    ok(await privacy(harness, alice, "set", "<active name='g'/>"))
+    alice.take()
+    replies = await harness.send(bob, chat("alice@localhost/a", "bob"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    await harness.send(carol, chat("alice@localhost/a", "carol"))
+    assert bodies(alice.take()) == ["carol"]
+    # bob leaves the group, carol joins it: the list follows at once
+    await put_contact(roster, "alice@localhost", "bob@localhost", "none", "Friends")
+    await put_contact(roster, "alice@localhost", "carol@localhost", "none", "Enemies")
+    await harness.send(bob, chat("alice@localhost/a", "bob again"))
+    replies = await harness.send(carol, chat("alice@localhost/a", "carol again"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert bodies(alice.take()) == ["bob again"]
+    # removed from the roster: in no group
+    await roster.update("alice@localhost", "carol@localhost", lambda _: None)
+    await harness.send(carol, chat("alice@localhost/a", "carol gone"))
+    assert bodies(alice.take()) == ["carol gone"]
+
+
+async def test_subscription_items() -> None:
+    """ "none" also covers JIDs not in the roster at all (the heuristic of XEP-0016 2.15)."""
+    harness, roster = await roster_harness()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    stranger = harness.session("stranger@localhost/s")
+    await put_contact(roster, "alice@localhost", "bob@localhost", "both")
+    await set_list(
+        harness, alice, "h", "<item type='subscription' value='none' action='deny' order='437'/>"
+    )
+    await privacy(harness, alice, "set", "<default name='h'/>")
+    alice.take()
+    await harness.send(bob, chat("alice@localhost/a", "friend"))
+    replies = await harness.send(stranger, chat("alice@localhost/a", "spam"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert bodies(alice.take()) == ["friend"]
+    await put_contact(roster, "alice@localhost", "bob@localhost", "none")
+    replies = await harness.send(bob, chat("alice@localhost/a", "now denied"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+
+
+async def test_presence_out_change_sends_unavailable_and_stops_broadcasts() -> None:
+    harness, roster = await roster_harness(presence={})
+    for owner, contact in (
+        ("alice@localhost", "bob@localhost"),
+        ("bob@localhost", "alice@localhost"),
+    ):
+        await put_contact(roster, owner, contact, "both")
+    alice = harness.session("alice@localhost/a", available=False)
+    bob = harness.session("bob@localhost/b", available=False)
+    await harness.send(alice, "<presence/>")
+    await harness.send(bob, "<presence/>")
+    alice.take(), bob.take()
+    await set_list(
+        harness,
+        alice,
+        "quiet",
+        "<item type='jid' value='bob@localhost' action='deny' order='1'><presence-out/></item>",
+    )
+    ok(await privacy(harness, alice, "set", "<active name='quiet'/>"))
+    assert presences(bob.take()) == [("alice@localhost/a", "unavailable")]
+    assert presences(alice.take()) == []  # presence-in is untouched
+    await harness.send(alice, "<presence><show>away</show></presence>")
+    assert presences(bob.take()) == []
+    await harness.send(bob, "<presence><show>chat</show></presence>")
+    assert presences(alice.take()) == [("bob@localhost/b", None)]
+    # declining the active list: bob sees alice's current presence again
+    ok(await privacy(harness, alice, "set", "<active/>"))
+    got = [p for p in bob.take() if p.tag == "{jabber:client}presence"]
+    assert [(p.get("from"), p.findtext("{jabber:client}show")) for p in got] == [
+        ("alice@localhost/a", "away")
+    ]
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+class YieldingBackend(MemoryItemBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conflicts = 0
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        item = await super().get(namespace, name)
+        await asyncio.sleep(0)
+        return item
+
+    async def put(self, namespace: str, name: str, attrs: Attrs, **kw: Any) -> Item:
+        try:
+            return await super().put(namespace, name, attrs, **kw)
+        except ConditionFailed:
+            self.conflicts += 1
+            raise
+
+
+@pytest.fixture
+async def sqlite_backend(tmp_path: Path) -> AsyncIterator[SQLiteItemBackend]:
+    backend = await SQLiteItemBackend.open(tmp_path / "items.sqlite")
+    yield backend
+    await backend.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_concurrent_list_and_block_updates_lose_nothing(
+    kind: str, sqlite_backend: ItemBackend
+) -> None:
+    """Lists and blocklist share one record: concurrent edits of either must all survive."""
+    harness = ModuleHarness({"privacy": {}, "blocking": {}})
+    backend: ItemBackend = YieldingBackend() if kind == "memory" else sqlite_backend
+    harness.storage.items = backend
+    await harness.start()
+    one = harness.session("alice@localhost/one")
+    two = harness.session("alice@localhost/two")
+    for i in range(6):
+        session = (one, two)[i % 2]
+        payload = (
+            f"<query xmlns='{PRIVACY}'><list name='l{i}'><item action='deny' order='{i}'/>"
+            "</list></query>"
+            if i % 3
+            else f"<block xmlns='{BLOCKING}'><item jid='u{i}@example.net'/></block>"
+        )
+        stanza = parse_stanza(f"<iq type='set' id='c{i}'>{payload}</iq>")
+        stanza.set("from", session.jid)
+        harness.router.route(stanza, session)
+    await harness.router.drain()
+    answers = [s for s in one.take() + two.take() if s.get("id", "").startswith("c")]
+    assert sorted(a.get("type") for a in answers) == ["result"] * 6
+    lists = summary(await privacy(harness, one, "get"))["lists"]
+    assert sorted(lists) == ["l1", "l2", "l4", "l5"]
+    reply = await iq(harness, one, "get", f"<blocklist xmlns='{BLOCKING}'/>")
+    assert sorted(i.get("jid") for i in reply.iter(f"{{{BLOCKING}}}item")) == [
+        "u0@example.net",
+        "u3@example.net",
+    ]
+    if isinstance(backend, YieldingBackend):
+        assert backend.conflicts > 0
+
+
+async def test_privacy_and_blocking_share_one_engine() -> None:
+    """Both modules on: one set of filters and hooks, so nothing is judged or refused twice."""
+    harness = ModuleHarness({"privacy": {}, "blocking": {}})
+    await harness.start()
+    privacy_module = harness.host.modules["privacy"]
+    blocking_module = harness.host.modules["blocking"]
+    assert privacy_module.engine is blocking_module.engine  # type: ignore[attr-defined]
+    assert len(harness.host.filters_in) == 1 and len(harness.host.filters_out) == 1
