@@ -46,6 +46,7 @@ class Server:
         self.listening: list[Listening] = []
         self._servers: list[asyncio.Server] = []
         self._settings: dict[bool, StreamSettings] = {}
+        self._stopped = False
         self.storage: Storage
         self.tls: ServerTLS
         self.accounts: dict[str, Accounts]
@@ -105,6 +106,9 @@ class Server:
 
     async def stop(self) -> None:
         """Close listeners, end every stream with <system-shutdown/>, release storage."""
+        if self._stopped:
+            return
+        self._stopped = True
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
