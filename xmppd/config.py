@@ -294,8 +294,27 @@ def _default_listeners() -> list[ListenerConfig]:
     ]
 
 
+DEFAULT_MODULES = (
+    "disco",
+    "caps",
+    "ping",
+    "version",
+    "time",
+    "roster",
+    "presence",
+    "offline",
+    "last",
+    "vcard",
+    "private",
+    "privacy",
+    "blocking",
+    "carbons",
+    "register",
+)
+
+
 def _default_modules() -> dict[str, dict[str, Any] | None]:
-    return {"disco": {}, "ping": {}, "version": {}, "time": {}}
+    return {name: {} for name in DEFAULT_MODULES}
 
 
 _SECTIONS = ("tls", "limits", "auth", "storage", "modules")

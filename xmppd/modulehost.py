@@ -317,9 +317,7 @@ def validate_module_options(config: Config) -> dict[str, BaseModel]:
         try:
             cls = module_class(name)
         except ImportError:
-            problems.append(
-                f"{config.source.where(('modules', name))}: modules.{name}: no such module"
-            )
+            problems.append(config.source.problem(("modules", name), "no such module"))
             continue
         try:
             options[name] = validate_section(

@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.config import (
+    DEFAULT_MODULES,
     MECHANISMS,
     Config,
     ConfigError,
@@ -73,7 +74,8 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.auth.allow_unencrypted is False
     assert cfg.auth.proxy_auth == []
     assert cfg.storage.items.backend == "sqlite"
-    assert cfg.modules == {"disco": {}, "ping": {}, "version": {}, "time": {}}
+    assert cfg.modules == {name: {} for name in DEFAULT_MODULES}
+    assert {"roster", "presence", "offline", "register"} <= set(cfg.modules)
     assert cfg.source.file is None and cfg.source.name == "<built-in defaults>"
 
 

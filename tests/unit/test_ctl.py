@@ -1,0 +1,443 @@
+"""xmppctl against the embedded default (SQLite in a temporary data_dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from xmppd.auth.accounts import Accounts
+from xmppd.cli import ctl
+from xmppd.cli.ctl import main
+from xmppd.config import load_config
+from xmppd.storage.base import BlobStore, ItemStore
+from xmppd.storage.factory import open_storage
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "xmppd.yml"
+    path.write_text("hosts: [localhost, example.org]\ndata_dir: data\n")
+    return path
+
+
+class Stdin(io.StringIO):
+    """Standard input that is (or is not) a terminal."""
+
+    def __init__(self, text: str = "", tty: bool = False) -> None:
+        super().__init__(text)
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def run(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    *argv: str,
+    stdin: str = "",
+) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", Stdin(stdin))
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_password(config: Path, host: str, user: str, password: str) -> bool:
+    cfg = load_config(config)
+
+    async def verify() -> bool:
+        storage = await open_storage(cfg.storage, cfg.data_dir)
+        try:
+            accounts = Accounts(ItemStore(storage.items, host, "accounts"))
+            return await accounts.verify_plain(user, password)
+        finally:
+            await storage.close()
+
+    return asyncio.run(verify())
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+def test_register_list_passwd_unregister_round_trip(
+    config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c = str(config)
+    assert run(capsys, monkeypatch, "-c", c, "register", "Alice@localhost", stdin="s3cret\n") == (
+        0,
+        "registered alice@localhost\n",
+        "",
+    )
+    pw = tmp_path / "pw"
+    pw.write_text("other pass\nignored second line\n")
+    assert (
+        run(capsys, monkeypatch, "-c", c, "register", "bob@localhost", "--password-file", str(pw))[
+            0
+        ]
+        == 0
+    )
+    assert run(capsys, monkeypatch, "-c", c, "register", "carol@example.org", stdin="x\n")[0] == 0
+    assert (tmp_path / "data" / "items.sqlite3").is_file()
+
+    assert run(capsys, monkeypatch, "-c", c, "list", "localhost") == (
+        0,
+        "alice@localhost\nbob@localhost\n",
+        "",
+    )
+    assert run(capsys, monkeypatch, "-c", c, "list", "Example.org")[1] == "carol@example.org\n"
+    assert check_password(config, "localhost", "alice", "s3cret")
+    assert check_password(config, "localhost", "bob", "other pass")
+
+    assert run(capsys, monkeypatch, "-c", c, "passwd", "alice@localhost", stdin="n3w\n") == (
+        0,
+        "password changed for alice@localhost\n",
+        "",
+    )
+    assert check_password(config, "localhost", "alice", "n3w")
+    assert not check_password(config, "localhost", "alice", "s3cret")
+
+    assert run(capsys, monkeypatch, "-c", c, "unregister", "alice@localhost") == (
+        0,
+        "unregistered alice@localhost\n",
+        "",
+    )
+    assert run(capsys, monkeypatch, "-c", c, "list", "localhost")[1] == "bob@localhost\n"
+
+
+def test_account_errors_are_one_line(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = str(config)
+    assert run(capsys, monkeypatch, "-c", c, "register", "alice@localhost", stdin="pw\n")[0] == 0
+    not_served = (
+        f"xmppctl: other.org is not a host of this server ({c} serves localhost, example.org)\n"
+    )
+    cases = [
+        (("register", "alice@localhost"), "pw\n", "xmppctl: alice@localhost already exists\n"),
+        (("passwd", "zoe@localhost"), "pw\n", "xmppctl: zoe@localhost does not exist\n"),
+        (("unregister", "zoe@localhost"), "", "xmppctl: zoe@localhost does not exist\n"),
+        (
+            ("register", "alice@other.org"),
+            "pw\n",
+            not_served,
+        ),
+        (
+            ("list", "other.org"),
+            "",
+            not_served,
+        ),
+        (
+            ("register", "localhost"),
+            "pw\n",
+            "xmppctl: expected an account as USER@HOST, got 'localhost'\n",
+        ),
+        (("register", "bob@localhost"), "\n", "xmppctl: the password is empty\n"),
+        (("register", "bob@localhost"), "", "xmppctl: the password is empty\n"),
+    ]
+    for argv, stdin, err in cases:
+        assert run(capsys, monkeypatch, "-c", c, *argv, stdin=stdin) == (1, "", err), argv
+    code, _, err = run(
+        capsys, monkeypatch, "-c", c, "register", "bob@localhost", "--password-file", "/nonexistent"
+    )
+    assert (code, err) == (1, "xmppctl: cannot read /nonexistent: No such file or directory\n")
+
+
+def test_password_typed_twice_at_a_terminal(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = iter(["typed pw", "typed pw", "one", "two"])
+    monkeypatch.setattr(ctl.getpass, "getpass", lambda prompt: next(answers))
+    monkeypatch.setattr(sys, "stdin", Stdin(tty=True))
+    assert main(["-c", str(config), "register", "dave@localhost"]) == 0
+    assert main(["-c", str(config), "passwd", "dave@localhost"]) == 1
+    assert capsys.readouterr().err == "xmppctl: the passwords do not match\n"
+    assert check_password(config, "localhost", "dave", "typed pw")
+
+
+def test_list_reads_every_page(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (
+        run(capsys, monkeypatch, "-c", str(config), "register-bulk", "localhost", "--count", "12")[
+            0
+        ]
+        == 0
+    )
+    monkeypatch.setattr(ctl, "LIST_PAGE", 5)
+    code, out, _ = run(capsys, monkeypatch, "-c", str(config), "list", "localhost")
+    assert code == 0
+    assert sorted(out.splitlines()) == sorted(f"user{n}@localhost" for n in range(1, 13))
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_check(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run(capsys, monkeypatch, "-c", str(config), "check") == (0, f"{config}: OK\n", "")
+    assert run(capsys, monkeypatch, "check") == (0, "<built-in defaults>: OK\n", "")
+
+
+def test_bad_config_exits_1_with_the_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        "hosts: [localhost]\n"
+        "listeners:\n"
+        "  - {type: starttls, address: 127.0.0.1, port: 52x22}\n"
+        "hostz: 1\n"
+    )
+    expected = (
+        f'xmppctl: {bad}:3: listeners[0].port: expected an integer, got "52x22"\n'
+        f'xmppctl: {bad}:4: hostz: unknown key "hostz" (did you mean "hosts"?)\n'
+    )
+    assert run(capsys, monkeypatch, "-c", str(bad), "check") == (1, "", expected)
+    assert run(capsys, monkeypatch, "-c", str(bad), "register", "a@localhost", stdin="pw\n") == (
+        1,
+        "",
+        expected,
+    )
+    missing = tmp_path / "missing.yml"
+    assert run(capsys, monkeypatch, "-c", str(missing), "check") == (
+        1,
+        "",
+        f"xmppctl: {missing}: cannot read the file: No such file or directory\n",
+    )
+
+
+def test_check_validates_module_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.yml"
+    path.write_text("modules:\n  ping: {}\n  no_such_module: {}\n")
+    code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
+    assert (code, out) == (1, "")
+    assert err == f"xmppctl: {path}:3: modules.no_such_module: no such module\n"
+
+
+# --------------------------------------------------------------------------- register-bulk
+
+
+def test_register_bulk_counts_and_skips_existing(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = str(config)
+    assert run(capsys, monkeypatch, "-c", c, "register", "user3@localhost", stdin="mine\n")[0] == 0
+    assert run(capsys, monkeypatch, "-c", c, "register-bulk", "localhost", "--count", "200") == (
+        0,
+        "localhost: 199 created, 1 already existed, 0 failed\n",
+        "",
+    )
+    argv = ["register-bulk", "localhost", "--count", "10", "--start", "196", "--concurrency", "3"]
+    assert run(capsys, monkeypatch, "-c", c, *argv, "--user-pattern", "user{n}")[1] == (
+        "localhost: 5 created, 5 already existed, 0 failed\n"
+    )
+    code, out, _ = run(capsys, monkeypatch, "-c", c, "list", "localhost")
+    assert len(out.splitlines()) == 205
+    assert check_password(config, "localhost", "user77", "pass77")
+    assert check_password(config, "localhost", "user3", "mine")  # skipped, not overwritten
+
+
+def test_register_bulk_patterns(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = str(config)
+    argv = ["-c", c, "register-bulk", "example.org", "--count", "3", "--start", "0"]
+    extra = ["--user-pattern", "bot-{n:03d}", "--password-pattern", "pw-{n}-x"]
+    assert run(capsys, monkeypatch, *argv, *extra)[0] == 0
+    assert run(capsys, monkeypatch, "-c", c, "list", "example.org")[1] == (
+        "bot-000@example.org\nbot-001@example.org\nbot-002@example.org\n"
+    )
+    assert check_password(config, "example.org", "bot-002", "pw-2-x")
+    assert run(capsys, monkeypatch, *argv, "--user-pattern", "bot") == (
+        1,
+        "",
+        "xmppctl: --user-pattern 'bot' gives one name for every account: add {n}\n",
+    )
+    code, _, err = run(capsys, monkeypatch, *argv, "--user-pattern", "bot{m}")
+    assert code == 1 and err.startswith("xmppctl: bad pattern: KeyError('m')")
+
+
+def test_register_bulk_from_a_file(
+    config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c = str(config)
+    users = tmp_path / "users.txt"
+    users.write_text("# user password\nann pw one\n\n  ben   secret\n")
+    assert run(
+        capsys, monkeypatch, "-c", c, "register-bulk", "localhost", "--file", str(users)
+    ) == (
+        0,
+        "localhost: 2 created, 0 already existed, 0 failed\n",
+        "",
+    )
+    assert check_password(config, "localhost", "ann", "pw one")
+    assert check_password(config, "localhost", "ben", "secret")
+
+    assert run(
+        capsys, monkeypatch, "-c", c, "register-bulk", "localhost", "--file", "-", stdin="cy x\n"
+    )[1] == ("localhost: 1 created, 0 already existed, 0 failed\n")
+
+    users.write_text("dan pw\nlonely\n")
+    assert run(
+        capsys, monkeypatch, "-c", c, "register-bulk", "localhost", "--file", str(users)
+    ) == (
+        1,
+        "",
+        f'xmppctl: {users}:2: expected "user password"\n',
+    )
+    assert (
+        run(capsys, monkeypatch, "-c", c, "list", "localhost")[1]
+        == "ann@localhost\nben@localhost\ncy@localhost\n"
+    )
+
+    users.write_text("ed pw\nbad@name pw\n")
+    code, out, err = run(
+        capsys, monkeypatch, "-c", c, "register-bulk", "localhost", "--file", str(users)
+    )
+    assert (code, out) == (1, "localhost: 1 created, 0 already existed, 1 failed\n")
+    assert err.startswith("xmppctl: 1 accounts could not be created (first: 'bad@name': ")
+    assert err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- a real process
+
+
+def xmppctl(*argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("xmppctl")
+    command = [exe] if exe else [sys.executable, "-m", "xmppd.cli.ctl"]
+    return subprocess.run(
+        [*command, *argv], input=stdin, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_the_installed_command(config: Path, tmp_path: Path) -> None:
+    assert shutil.which("xmppctl"), "pip install -e . declares the xmppctl entry point"
+    done = xmppctl("-c", str(config), "register", "eve@localhost", stdin="piped secret\n")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "registered eve@localhost\n", "")
+    assert check_password(config, "localhost", "eve", "piped secret")
+    done = xmppctl("-c", str(config), "list", "localhost")
+    assert (done.returncode, done.stdout) == (0, "eve@localhost\n")
+
+    done = xmppctl("-c", str(config), "register", "eve@localhost", stdin="again\n")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1,
+        "",
+        "xmppctl: eve@localhost already exists\n",
+    )
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        textwrap.dedent("""\
+        hosts: [localhost]
+        limits:
+          max_xml_depth: 500
+        """)
+    )
+    done = xmppctl("-c", str(bad), "check")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"xmppctl: {bad}:3: limits.max_xml_depth: must be at most 200, got 500\n"
+
+
+def test_storage_failure_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "data").write_text("a file where the data folder should be")
+    path = tmp_path / "x.yml"
+    path.write_text("data_dir: data\n")
+    code, out, err = run(capsys, monkeypatch, "-c", str(path), "list", "localhost")
+    assert (code, out) == (1, "")
+    assert err.startswith("xmppctl: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- migrate
+
+
+def test_migrate_between_embedded_stores(
+    config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c = str(config)
+    assert run(capsys, monkeypatch, "-c", c, "register-bulk", "localhost", "--count", "3")[0] == 0
+    cfg = load_config(config)
+
+    async def put_blob() -> None:
+        storage = await open_storage(cfg.storage, cfg.data_dir)
+        try:
+            await BlobStore(storage.blobs, "localhost", "vcard").put("user1", b"<vCard/>")
+        finally:
+            await storage.close()
+
+    asyncio.run(put_blob())
+    target = tmp_path / "target.yml"
+    target.write_text("hosts: [localhost, example.org]\ndata_dir: elsewhere\n")
+
+    assert run(capsys, monkeypatch, "migrate", "--from", c, "--to", str(target)) == (
+        0,
+        "blobs:localhost/vcard: 1\nitems:localhost/accounts: 3\nmigrated 4 entries in 2 stores\n",
+        "",
+    )
+    assert (tmp_path / "elsewhere" / "items.sqlite3").is_file()
+    assert run(capsys, monkeypatch, "-c", str(target), "list", "localhost")[1] == (
+        "user1@localhost\nuser2@localhost\nuser3@localhost\n"
+    )
+    assert check_password(target, "localhost", "user2", "pass2")
+    # Run again: everything is found equal, nothing breaks.
+    assert run(capsys, monkeypatch, "migrate", "--from", c, "--to", str(target))[0] == 0
+
+    assert run(capsys, monkeypatch, "migrate", "--from", c, "--to", c) == (
+        1,
+        "",
+        f"xmppctl: {c} and {c} name the same storage\n",
+    )
+
+
+def test_unregister_removes_the_accounts_data_too(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like in-band removal: modules drop the user's vCard and roster, contacts are updated."""
+    c = str(config)
+    for user in ("alice", "bob"):
+        assert (
+            run(capsys, monkeypatch, "-c", c, "register", f"{user}@localhost", stdin="pw\n")[0] == 0
+        )
+    cfg = load_config(config)
+
+    async def seed() -> None:
+        storage = await open_storage(cfg.storage, cfg.data_dir)
+        try:
+            await BlobStore(storage.blobs, "localhost", "vcard").put("alice", b"<vCard/>")
+        finally:
+            await storage.close()
+
+    async def left() -> tuple[bool, bool]:
+        storage = await open_storage(cfg.storage, cfg.data_dir)
+        try:
+            vcard = await BlobStore(storage.blobs, "localhost", "vcard").get("alice")
+            bob_vcard = await BlobStore(storage.blobs, "localhost", "vcard").get("bob")
+            return vcard is not None, bob_vcard is not None
+        finally:
+            await storage.close()
+
+    asyncio.run(seed())
+    assert asyncio.run(left()) == (True, False)
+    assert run(capsys, monkeypatch, "-c", c, "unregister", "alice@localhost")[0] == 0
+    assert asyncio.run(left()) == (False, False)
