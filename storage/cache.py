@@ -168,13 +168,23 @@ class MemoryCache(Cache):
         return f"in-process LRU ({self.max_items} items)"
 
 
-def cache_key(kind: Literal["i", "b"], namespace: str, name: str) -> str:
+def cache_key(kind: Literal["i", "b"], namespace: str, name: str, scope: str = "") -> str:
     """A memcached-safe key: printable ASCII without spaces, at most 250 bytes,
-    unambiguous across namespaces; long keys are replaced by their hash."""
-    key = f"{CACHE_SCHEMA}:{kind}:{_escape(namespace)}:{_escape(name)}"
+    unambiguous across namespaces; long keys are replaced by their hash.
+
+    `scope` tells deployments apart (see `store_scope`): two deployments that
+    share a memcached ring but not a table or bucket must never read each
+    other's entries."""
+    key = f"{CACHE_SCHEMA}:{scope}{kind}:{_escape(namespace)}:{_escape(name)}"
     if len(key) <= MAX_KEY_LENGTH:
         return key
-    return f"{CACHE_SCHEMA}:{kind}:#{hashlib.sha256(key.encode('ascii')).hexdigest()}"
+    return f"{CACHE_SCHEMA}:{scope}{kind}:#{hashlib.sha256(key.encode('ascii')).hexdigest()}"
+
+
+def store_scope(identity: str) -> str:
+    """A short cache-key prefix for the store described by `identity` (backend,
+    table or path, endpoint): the same for every node of one deployment."""
+    return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:10] + "."
 
 
 def _escape(text: str) -> str:
@@ -219,8 +229,9 @@ class _CacheUser:
 
     _WARN_EVERY = 60.0
 
-    def __init__(self, cache: Cache, ttl: int, max_value_bytes: int) -> None:
+    def __init__(self, cache: Cache, ttl: int, max_value_bytes: int, scope: str) -> None:
         self.cache = cache
+        self.scope = scope
         self.ttl = ttl
         self.max_value_bytes = max_value_bytes
         self._last_warning = -self._WARN_EVERY
@@ -265,9 +276,15 @@ class CachedItemBackend(_CacheUser, ItemBackend):
     """An ItemBackend with read-through caching of get/batch_get."""
 
     def __init__(
-        self, backend: ItemBackend, cache: Cache, *, ttl: int = 300, max_value_bytes: int = 65536
+        self,
+        backend: ItemBackend,
+        cache: Cache,
+        *,
+        ttl: int = 300,
+        max_value_bytes: int = 65536,
+        scope: str = "",
     ) -> None:
-        super().__init__(cache, ttl, max_value_bytes)
+        super().__init__(cache, ttl, max_value_bytes, scope)
         self.backend = backend
         self.name = backend.name
 
@@ -282,7 +299,7 @@ class CachedItemBackend(_CacheUser, ItemBackend):
             return False, None
 
     async def get(self, namespace: str, name: str) -> Item | None:
-        key = cache_key("i", namespace, name)
+        key = cache_key("i", namespace, name, self.scope)
         raw = (await self._lookup([key])).get(key)
         if raw is not None:
             hit, item = self._cached(name, raw)
@@ -294,7 +311,7 @@ class CachedItemBackend(_CacheUser, ItemBackend):
         return item
 
     async def batch_get(self, namespace: str, names: Sequence[str]) -> dict[str, Item]:
-        keys = {name: cache_key("i", namespace, name) for name in dict.fromkeys(names)}
+        keys = {name: cache_key("i", namespace, name, self.scope) for name in dict.fromkeys(names)}
         cached = await self._lookup(list(keys.values()))
         found: dict[str, Item] = {}
         missing: list[str] = []
@@ -326,13 +343,13 @@ class CachedItemBackend(_CacheUser, ItemBackend):
                 namespace, name, attrs, if_absent=if_absent, if_version=if_version
             )
         finally:
-            await self._invalidate([cache_key("i", namespace, name)])
+            await self._invalidate([cache_key("i", namespace, name, self.scope)])
 
     async def delete(self, namespace: str, name: str, *, if_version: int | None = None) -> bool:
         try:
             return await self.backend.delete(namespace, name, if_version=if_version)
         finally:
-            await self._invalidate([cache_key("i", namespace, name)])
+            await self._invalidate([cache_key("i", namespace, name, self.scope)])
 
     async def query(self, namespace: str, query: Query) -> Page:
         return await self.backend.query(namespace, query)
@@ -341,13 +358,13 @@ class CachedItemBackend(_CacheUser, ItemBackend):
         try:
             await self.backend.batch_put(namespace, items)
         finally:
-            await self._invalidate(cache_key("i", namespace, name) for name in items)
+            await self._invalidate(cache_key("i", namespace, name, self.scope) for name in items)
 
     async def transact(self, writes: Sequence[Write]) -> None:
         try:
             await self.backend.transact(writes)
         finally:
-            await self._invalidate(cache_key("i", w.namespace, w.name) for w in writes)
+            await self._invalidate(cache_key("i", w.namespace, w.name, self.scope) for w in writes)
 
     async def close(self) -> None:
         await self.backend.close()
@@ -358,14 +375,20 @@ class CachedBlobBackend(_CacheUser, BlobBackend):
     max_value_bytes are never cached."""
 
     def __init__(
-        self, backend: BlobBackend, cache: Cache, *, ttl: int = 300, max_value_bytes: int = 65536
+        self,
+        backend: BlobBackend,
+        cache: Cache,
+        *,
+        ttl: int = 300,
+        max_value_bytes: int = 65536,
+        scope: str = "",
     ) -> None:
-        super().__init__(cache, ttl, max_value_bytes)
+        super().__init__(cache, ttl, max_value_bytes, scope)
         self.backend = backend
         self.name = backend.name
 
     async def get(self, namespace: str, key: str) -> Blob | None:
-        ckey = cache_key("b", namespace, key)
+        ckey = cache_key("b", namespace, key, self.scope)
         raw = (await self._lookup([ckey])).get(ckey)
         if raw is not None and raw != _TOMBSTONE:
             try:
@@ -391,13 +414,13 @@ class CachedBlobBackend(_CacheUser, BlobBackend):
                 namespace, key, data, if_none_match=if_none_match, if_match=if_match
             )
         finally:
-            await self._invalidate([cache_key("b", namespace, key)])
+            await self._invalidate([cache_key("b", namespace, key, self.scope)])
 
     async def delete(self, namespace: str, key: str, *, if_match: str | None = None) -> bool:
         try:
             return await self.backend.delete(namespace, key, if_match=if_match)
         finally:
-            await self._invalidate([cache_key("b", namespace, key)])
+            await self._invalidate([cache_key("b", namespace, key, self.scope)])
 
     async def list(
         self, namespace: str, prefix: str = "", *, limit: int = 1000, page_token: str | None = None

@@ -10,7 +10,14 @@ import logging
 from pathlib import Path
 
 from .base import BlobBackend, ItemBackend
-from .cache import Cache, CachedBlobBackend, CachedItemBackend, MemoryCache, NullCache
+from .cache import (
+    Cache,
+    CachedBlobBackend,
+    CachedItemBackend,
+    MemoryCache,
+    NullCache,
+    store_scope,
+)
 from .config import (
     BlobsConfig,
     CacheConfig,
@@ -119,7 +126,11 @@ async def open_storage(cfg: StorageConfig, data_dir: Path) -> Storage:
         return Storage(items, blobs, cache)
     ttl, max_bytes = cfg.cache.ttl, cfg.cache.max_value_bytes
     return Storage(
-        CachedItemBackend(items, cache, ttl=ttl, max_value_bytes=max_bytes),
-        CachedBlobBackend(blobs, cache, ttl=ttl, max_value_bytes=max_bytes),
+        CachedItemBackend(
+            items, cache, ttl=ttl, max_value_bytes=max_bytes, scope=store_scope(_describe(items))
+        ),
+        CachedBlobBackend(
+            blobs, cache, ttl=ttl, max_value_bytes=max_bytes, scope=store_scope(_describe(blobs))
+        ),
         cache,
     )

@@ -1,7 +1,15 @@
-"""A real xmppd node in the test's event loop, on free loopback ports, embedded storage."""
+"""A real xmppd node in the test's event loop, on free loopback ports.
+
+Every integration test runs twice: on the embedded default (SQLite, a
+folder, an in-process cache) and on the cloud backends (DynamoDB on moto's
+server, S3 on SeaweedFS, a three-node memcached ring), each test with its
+own table and bucket. Without those services the cloud runs skip locally and
+fail in CI (tests/storage/services.py).
+"""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -9,8 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.storage.services import (  # noqa: F401  (fixtures)
+    memcached_ring,
+    moto_service,
+    seaweedfs_service,
+)
 from xmppd.config import load_config
 from xmppd.server import Server
+from xmppd.storage import devservices
 
 StartServer = Callable[..., Awaitable[Server]]
 
@@ -39,11 +53,48 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
     return path
 
 
+@pytest.fixture(params=["embedded", "cloud"])
+def storage_section(request: pytest.FixtureRequest) -> dict[str, Any] | None:
+    """None for the embedded default; else the cloud storage keys of the config file."""
+    if request.param == "embedded":
+        return None
+    moto = request.getfixturevalue("moto_service")
+    weed = request.getfixturevalue("seaweedfs_service")
+    ring = request.getfixturevalue("memcached_ring")
+    name = f"it-{uuid.uuid4().hex[:16]}"  # a fresh table and bucket: tests never share data
+    return {
+        "items": {
+            "backend": "dynamodb",
+            "table": name,
+            "create_table": True,
+            "endpoint_url": devservices.moto_endpoint(moto),
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+        },
+        "blobs": {
+            "backend": "s3",
+            "bucket": name,
+            "create_bucket": True,
+            "endpoint_url": devservices.s3_endpoint(weed),
+            "access_key_id": devservices.S3_ACCESS_KEY,
+            "secret_access_key": devservices.S3_SECRET_KEY,
+        },
+        "cache": {
+            "backend": "memcached",
+            "servers": [f"{devservices.HOST}:{node.port}" for node in ring],
+        },
+    }
+
+
 @pytest.fixture
-async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
+async def start_server(
+    tmp_path: Path, storage_section: dict[str, Any] | None
+) -> AsyncIterator[StartServer]:
     servers: list[Server] = []
 
     async def start(users: dict[str, str] | None = None, **sections: Any) -> Server:
+        if storage_section is not None:
+            sections.setdefault("storage", storage_section)
         server = Server(load_config(write_config(tmp_path, **sections)))
         await server.start()
         servers.append(server)

@@ -18,6 +18,7 @@ from xmppd.storage.cache import (
     MemoryCache,
     NullCache,
     cache_key,
+    store_scope,
 )
 
 NS = "example.com/roster"
@@ -415,3 +416,16 @@ async def test_blob_list_goes_to_the_store() -> None:
     await blobs.put(NS, "a/1", b"")
     await store.put(NS, "a/2", b"")
     assert (await blobs.list(NS, "a/")).keys == ["a/1", "a/2"]
+
+
+async def test_deployments_sharing_a_cache_do_not_share_entries() -> None:
+    """Two stores (say two tables) behind one memcached ring: same namespace, same
+    item name, different data — each must read its own, never the other's."""
+    cache = MemoryCache(max_items=100, max_value_bytes=65536)
+    one, two = MemoryItemBackend(), MemoryItemBackend()
+    first = CachedItemBackend(one, cache, scope=store_scope("dynamodb table-a"))
+    second = CachedItemBackend(two, cache, scope=store_scope("dynamodb table-b"))
+    await one.put(NS, "alice", {"v": "from a"})
+    await two.put(NS, "alice", {"v": "from b"})
+    assert (await first.get(NS, "alice")).attrs["v"] == "from a"  # type: ignore[union-attr]
+    assert (await second.get(NS, "alice")).attrs["v"] == "from b"  # type: ignore[union-attr]
