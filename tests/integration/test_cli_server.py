@@ -28,7 +28,9 @@ async def start_xmppd(config: Path) -> tuple[asyncio.subprocess.Process, list[st
     return proc, lines
 
 
-async def test_startup_lines_and_sigterm_closes_streams_with_system_shutdown(tmp_path: Path) -> None:
+async def test_startup_lines_and_sigterm_closes_streams_with_system_shutdown(
+    tmp_path: Path,
+) -> None:
     proc, lines = await start_xmppd(write_config(tmp_path))
     log = "".join(lines)
     assert "SELF-SIGNED" in log

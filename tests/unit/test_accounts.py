@@ -13,9 +13,6 @@ from typing import Any
 
 import pytest
 import scramp
-from xmppd.storage.backends.memory import MemoryItemBackend
-from xmppd.storage.backends.sqlite import SQLiteItemBackend
-from xmppd.storage.base import ConditionFailed, ItemBackend, ItemStore
 
 from xmppd.auth.accounts import (
     KEY_ATTRIBUTES,
@@ -27,6 +24,9 @@ from xmppd.auth.accounts import (
     normalize_username,
 )
 from xmppd.sasl.scram import ScramKeys, ScramServer, verify_password
+from xmppd.storage.backends.memory import MemoryItemBackend
+from xmppd.storage.backends.sqlite import SQLiteItemBackend
+from xmppd.storage.base import ConditionFailed, ItemBackend, ItemStore
 
 PASSWORD = "correct horse battery staple"
 
