@@ -185,6 +185,11 @@ class C2SStream:
         self._out.clear()
         return data
 
+    def release_parser(self) -> bool:
+        """Free the XML parser of an idle stream (between stanzas); the next receive()
+        makes a new one. True if it was freed. See StreamParser.release."""
+        return self._parser.release()
+
     def tls_started(self, channel_bindings: dict[str, bytes]) -> None:
         """The TLS handshake finished: the client now restarts the stream."""
         self.tls = True
@@ -269,16 +274,16 @@ class C2SStream:
 
     # --- stream header and features ----------------------------------------------------
 
+    def _stanza_limit(self) -> int:
+        if self.authenticated:
+            return self.settings.max_stanza_bytes
+        return self.settings.max_stanza_bytes_unauthenticated
+
     def _new_parser(self) -> StreamParser:
-        limit = (
-            self.settings.max_stanza_bytes
-            if self.authenticated
-            else self.settings.max_stanza_bytes_unauthenticated
-        )
-        return StreamParser(limit, self.settings.max_depth)
+        return StreamParser(self._stanza_limit(), self.settings.max_depth)
 
     def _restart(self) -> None:
-        self._parser = self._new_parser()
+        self._parser.restart(self._stanza_limit())
         self._header_sent = False
 
     def _on_stream_open(self, opened: StreamOpened) -> None:
