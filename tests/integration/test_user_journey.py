@@ -110,8 +110,8 @@ async def test_a_new_users_first_days(start_server: StartServer) -> None:
 
     # add each other (slixmpp approves and subscribes back by default)
     alice.send_presence(pto="bob@localhost", ptype="subscribe")
-    await wait_for(lambda: _is(server, "alice@localhost", "bob@localhost", "both"))
-    await wait_for(lambda: _is(server, "bob@localhost", "alice@localhost", "both"))
+    await wait_for(lambda: has_subscription(server, "alice@localhost", "bob@localhost", "both"))
+    await wait_for(lambda: has_subscription(server, "bob@localhost", "alice@localhost", "both"))
     assert alice.client_roster["bob@localhost"]["subscription"] == "both"
 
     # presence and chat
@@ -174,5 +174,5 @@ async def test_a_new_users_first_days(start_server: StartServer) -> None:
     await close(bob)
 
 
-async def _is(server: Server, owner: str, contact: str, state: str) -> bool:
+async def has_subscription(server: Server, owner: str, contact: str, state: str) -> bool:
     return await subscription(server, owner, contact) == state
