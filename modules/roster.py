@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field
 
-from xmppd.jid import JID, InvalidJID
+from xmppd.jid import parse_jid
 from xmppd.modulehost import IqRequest, Module
 from xmppd.storage.base import MAX_ITEM_BYTES, ConditionFailed, Item, StorageError, TooLarge
 from xmppd.stream.errors import StanzaError
@@ -263,12 +263,7 @@ class RosterModule(Module):
     def _contact_jid(self, value: str | None, owner: str) -> str:
         if not value:
             raise StanzaError("bad-request", "the item has no 'jid'")
-        try:
-            jid = JID(value)
-        except InvalidJID as exc:
-            raise StanzaError("jid-malformed", str(exc)) from None
-        if not jid.domain:
-            raise StanzaError("jid-malformed", "empty address")
+        jid = parse_jid(value)
         if jid.resource:
             raise StanzaError("bad-request", "roster items are bare JIDs")
         if jid.bare == owner:

@@ -41,6 +41,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 from slixmpp.jid import JID, InvalidJID
 
+from xmppd.sasl.mechanisms import Mechanism
 from xmppd.storage.config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,6 @@ log = logging.getLogger(__name__)
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
 
-Mechanism = Literal[
-    "SCRAM-SHA-512-PLUS",
-    "SCRAM-SHA-256-PLUS",
-    "SCRAM-SHA-1-PLUS",
-    "SCRAM-SHA-512",
-    "SCRAM-SHA-256",
-    "SCRAM-SHA-1",
-    "PLAIN",
-]
 MECHANISMS: tuple[Mechanism, ...] = typing.get_args(Mechanism)
 """Every SASL mechanism the server implements, strongest first (the default order)."""
 

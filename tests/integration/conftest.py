@@ -25,6 +25,7 @@ from tests.storage.services import (  # noqa: F401  (fixtures)
 from xmppd.config import load_config
 from xmppd.server import Server
 from xmppd.storage import devservices
+from xmppd.storage.devservices import LocalService
 
 StartServer = Callable[..., Awaitable[Server]]
 
@@ -61,7 +62,15 @@ def storage_section(request: pytest.FixtureRequest) -> dict[str, Any] | None:
     moto = request.getfixturevalue("moto_service")
     weed = request.getfixturevalue("seaweedfs_service")
     ring = request.getfixturevalue("memcached_ring")
-    name = f"it-{uuid.uuid4().hex[:16]}"  # a fresh table and bucket: tests never share data
+    return cloud_storage(moto, weed, ring)
+
+
+def cloud_storage(
+    moto: LocalService, weed: LocalService, ring: list[LocalService]
+) -> dict[str, Any]:
+    """The storage keys for DynamoDB on moto, S3 on SeaweedFS and the memcached ring,
+    with a fresh table and bucket (created at start) so that tests never share data."""
+    name = f"it-{uuid.uuid4().hex[:16]}"
     return {
         "items": {
             "backend": "dynamodb",

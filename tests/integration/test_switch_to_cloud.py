@@ -11,44 +11,19 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import yaml
 from slixmpp import JID
 
 from tests.integration.clients import close, connect
-from tests.integration.conftest import write_config
+from tests.integration.conftest import cloud_storage, write_config
 from tests.integration.test_user_journey import has_subscription, sign_in, wait_for
 from xmppd.config import load_config
 from xmppd.server import Server
-from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
 
-MODULES = {name: {} for name in ("disco", "roster", "presence", "offline", "vcard")}
-
-
-def cloud_storage(moto: LocalService, weed: LocalService, ring: list[LocalService]) -> dict:
-    name = f"mig-{uuid.uuid4().hex[:12]}"
-    return {
-        "items": {
-            "backend": "dynamodb",
-            "table": name,
-            "create_table": True,
-            "endpoint_url": devservices.moto_endpoint(moto),
-            "access_key_id": "testing",
-            "secret_access_key": "testing",
-        },
-        "blobs": {
-            "backend": "s3",
-            "bucket": name,
-            "create_bucket": True,
-            "endpoint_url": devservices.s3_endpoint(weed),
-            "access_key_id": devservices.S3_ACCESS_KEY,
-            "secret_access_key": devservices.S3_SECRET_KEY,
-        },
-        "cache": {"backend": "memcached", "servers": [f"127.0.0.1:{n.port}" for n in ring]},
-    }
+MODULES: dict[str, dict[str, object]] = {name: {} for name in ("disco", "roster", "presence", "offline", "vcard")}
 
 
 async def test_switch_a_deployment_to_the_cloud_with_xmppctl_migrate(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Literal, get_args
 
 from xmppd.sasl.scram import SCRAM_HASHES
 
-ALL_MECHANISMS = [
+Mechanism = Literal[
     "SCRAM-SHA-512-PLUS",
     "SCRAM-SHA-256-PLUS",
     "SCRAM-SHA-1-PLUS",
@@ -15,6 +16,7 @@ ALL_MECHANISMS = [
     "SCRAM-SHA-1",
     "PLAIN",
 ]
+ALL_MECHANISMS: list[str] = list(get_args(Mechanism))
 
 
 def offered_mechanisms(
