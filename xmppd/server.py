@@ -72,6 +72,13 @@ class Server:
         self.storage = await open_storage(config.storage, config.data_dir)
         for line in self.storage.describe():
             log.info("storage: %s", line)
+        if config.storage.cache.backend == "memory" and (
+            config.storage.items.backend != "sqlite" or config.storage.blobs.backend != "files"
+        ):
+            log.warning(
+                "storage: the in-process cache is only correct for a single node; when several "
+                "nodes share these stores, use cache.backend memcached (or none)"
+            )
         self.fake_salt_key = await cluster_secret(self.storage, "scram-fake-salt")
         self.accounts = {
             host: Accounts(
