@@ -360,6 +360,7 @@ class C2SConnection(asyncio.BufferedProtocol):
         if self._auth_timer is not None:
             self._auth_timer.cancel()
             self._auth_timer = None
+        self._auth_task = None  # done: its Task and coroutine would stay with every session
         self.stream.bound(event.iq, full)
         self.server.session_started(self)
 

@@ -23,7 +23,9 @@ from xmppd.config import load_config
 from xmppd.server import Server
 from xmppd.storage.devservices import LocalService
 
-MODULES: dict[str, dict[str, object]] = {name: {} for name in ("disco", "roster", "presence", "offline", "vcard")}
+MODULES: dict[str, dict[str, object]] = {
+    name: {} for name in ("disco", "roster", "presence", "offline", "vcard")
+}
 
 
 async def test_switch_a_deployment_to_the_cloud_with_xmppctl_migrate(
