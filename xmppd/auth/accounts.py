@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
+import random
 import secrets
 from concurrent.futures import Executor, ThreadPoolExecutor
 
@@ -37,7 +38,7 @@ KEY_ATTRIBUTES = {name: f"scram_{name}" for name in SCRAM_HASHES.values()}
 """hashlib name -> item attribute; dict order (sha1 first) is the order PLAIN tries."""
 MAX_PASSWORD_BYTES = 1023
 """The longest password PLAIN accepts (see xmppd.sasl.plain); longer ones could never log in."""
-MAX_WRITE_RETRIES = 8
+MAX_WRITE_RETRIES = 16
 
 _KDF_EXECUTOR = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="xmppd-kdf")
 """Shared by every Accounts without its own executor; threads start on first use."""
@@ -169,6 +170,8 @@ class Accounts:
             except ConditionFailed:
                 if attempt == MAX_WRITE_RETRIES - 1:
                     raise
+                # Jittered backoff: a writer looping faster must not starve this one.
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
 
     async def unregister(self, username: str) -> bool:
         """Delete the account; False if there was none."""
