@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar
 from urllib.parse import quote
 
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from xmppd.modulehost import IqRequest, Module
-from xmppd.storage.base import MAX_KEY_BYTES, BlobStore, StorageError, TooLarge
+from xmppd.modulehost import IqRequest, Module, storage_call
+from xmppd.storage.base import MAX_KEY_BYTES, BlobStore, StorageError
 from xmppd.stream.errors import StanzaError
 
 PRIVATE = "jabber:iq:private"
@@ -29,7 +27,6 @@ not-acceptable keeps clients from shadowing server data such as rosters in priva
 RESERVED = frozenset({"vcard-temp"})
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -59,7 +56,9 @@ class Private(Module):
         if len(children) > 1:
             raise StanzaError("bad-request", "retrieve one namespace per request")
         namespace = _namespace(children[0])
-        blob = await _storage(self._store(request.host).get(_key(user, namespace)))
+        blob = await storage_call(
+            self._store(request.host).get(_key(user, namespace)), "private XML"
+        )
         if blob is not None:
             try:
                 return etree.fromstring(blob.data, _PARSER)
@@ -92,7 +91,7 @@ class Private(Module):
             blobs[_key(user, namespace)] = data
         store = self._store(request.host)
         for key, data in blobs.items():
-            await _storage(store.put(key, data))
+            await storage_call(store.put(key, data), "private XML")
 
     def _store(self, vhost: str) -> BlobStore:
         return self.host.blobs(vhost, "private")
@@ -137,19 +136,6 @@ def _key(user: str, namespace: str) -> str:
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise StanzaError("not-acceptable", "the namespace is too long")
     return key
-
-
-async def _storage(operation: Awaitable[T]) -> T:
-    """Await a storage call: a backend failure becomes the client's error, never a silent drop."""
-    try:
-        return await operation
-    except TooLarge:
-        raise StanzaError("not-acceptable", "over the storage size limit") from None
-    except StorageError as exc:
-        log.error("private XML storage failed: %s", exc)
-        raise StanzaError(
-            "internal-server-error", "storage is unavailable, try again later", "wait"
-        ) from None
 
 
 MODULE = Private

@@ -20,15 +20,13 @@ import hashlib
 import logging
 import random
 import weakref
-from collections.abc import Awaitable
-from typing import TypeVar
 
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from xmppd.modulehost import IqRequest, Module
+from xmppd.modulehost import IqRequest, Module, storage_call
 from xmppd.session import Session
-from xmppd.storage.base import Blob, BlobStore, ConditionFailed, StorageError, TooLarge
+from xmppd.storage.base import Blob, BlobStore, ConditionFailed, StorageError
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 
@@ -46,7 +44,6 @@ loads is routed again afterwards, and filters that ran before this one would
 then see it twice."""
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -81,7 +78,7 @@ class VCard(Module):
         if request.payload.tag != _VCARD_TAG:
             raise StanzaError("bad-request", "the payload must be <vCard xmlns='vcard-temp'/>")
         user = request.target.split("@", 1)[0]
-        blob = await _storage(self._store(request.host).get(user))
+        blob = await storage_call(self._store(request.host).get(user), "vCard")
         if blob is not None:
             return _parse(blob)
         if request.from_owner:
@@ -108,7 +105,9 @@ class VCard(Module):
         if lock is None:
             lock = self._locks[bare] = asyncio.Lock()
         async with lock:  # this node's writers in arrival order: the cached hash ends up right
-            await _storage(self._write(self._store(request.host), bare.split("@", 1)[0], data))
+            await storage_call(
+                self._write(self._store(request.host), bare.split("@", 1)[0], data), "vCard"
+            )
             if self.host.router.local_sessions(bare):
                 self._photo[bare] = photo
 
@@ -253,19 +252,6 @@ def _parse(blob: Blob) -> etree._Element:
     except etree.XMLSyntaxError as exc:
         log.error("stored vCard %s is corrupt: %s", blob.key, exc)
         raise StanzaError("internal-server-error", "the stored vCard is unreadable") from None
-
-
-async def _storage(operation: Awaitable[T]) -> T:
-    """Await a storage call: a backend failure becomes the client's error, never a silent drop."""
-    try:
-        return await operation
-    except TooLarge:
-        raise StanzaError("not-acceptable", "over the storage size limit") from None
-    except StorageError as exc:
-        log.error("vCard storage failed: %s", exc)
-        raise StanzaError(
-            "internal-server-error", "storage is unavailable, try again later", "wait"
-        ) from None
 
 
 MODULE = VCard

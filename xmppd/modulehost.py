@@ -29,13 +29,13 @@ import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from lxml import etree
 from pydantic import BaseModel, ConfigDict
 
 from xmppd.jid import JID
-from xmppd.storage.base import BlobStore, ItemStore
+from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
 from xmppd.stream.errors import StanzaError, error_from, error_reply
 from xmppd.xml import ns
 
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Scope = Literal["server", "account"]
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -296,6 +297,20 @@ class ModuleHost:
     async def stop(self) -> None:
         for module in reversed(list(self.modules.values())):
             await module.stop()
+
+
+async def storage_call(operation: Awaitable[T], what: str) -> T:
+    """Await a module's storage call: a backend failure becomes the client's stanza
+    error, never a silent drop (over-size: not-acceptable; outage: wait and retry)."""
+    try:
+        return await operation
+    except TooLarge:
+        raise StanzaError("not-acceptable", "over the storage size limit") from None
+    except StorageError as exc:
+        log.error("%s storage failed: %s", what, exc)
+        raise StanzaError(
+            "internal-server-error", "storage is unavailable, try again later", "wait"
+        ) from None
 
 
 def module_class(name: str) -> type[Module]:
