@@ -504,3 +504,21 @@ def test_scramp_agrees_on_derived_keys() -> None:
             server,
             i,
         )
+
+
+@pytest.mark.parametrize("hash_name", ["sha1", "sha256", "sha512"])
+@pytest.mark.parametrize(
+    "password",
+    ["p", "pencil", "ü" * 40, "x" * 64, "y" * 65, "z" * 128, "w" * 129, "ключ漢字" * 50],
+)
+def test_keys_match_hashlib_pbkdf2(hash_name: str, password: str) -> None:
+    """The fast PBKDF2 must agree with OpenSSL's on every key length edge of HMAC
+    (passwords shorter than, equal to and longer than the hash's block size)."""
+    salt = bytes(range(16))
+    keys = derive_keys(hash_name, password, salt, 4096)
+    salted = hashlib.pbkdf2_hmac(hash_name, password.encode(), salt, 4096)
+    client_key = hmac.new(salted, b"Client Key", hash_name).digest()
+    assert keys.stored_key == hashlib.new(hash_name, client_key).digest()
+    assert keys.server_key == hmac.new(salted, b"Server Key", hash_name).digest()
+    assert verify_password(keys, password)
+    assert not verify_password(keys, password + "!")

@@ -6,7 +6,7 @@ per SCRAM hash ("scram_sha1", "scram_sha256", "scram_sha512") holding
 the keys directly and PLAIN logins re-derive them (PBKDF2 at every PLAIN
 login, as ejabberd and Prosody do).
 
-Every key derivation runs in an executor (hashlib.pbkdf2_hmac releases the
+Every key derivation runs in an executor (the PBKDF2 call releases the
 GIL, so threads really run in parallel), never on the event loop.
 """
 
