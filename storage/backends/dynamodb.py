@@ -70,7 +70,15 @@ from ..base import (
 )
 from ..codec import decode_token, encode_token
 from ..config import DynamoDBItemsConfig
-from ._aws import AwsCaller, ClientSettings, error_code, is_retryable, open_client
+from ._aws import (
+    AwsCaller,
+    AwsClient,
+    ClientSettings,
+    close_on_io_loop,
+    error_code,
+    is_retryable,
+    open_client,
+)
 
 NS, NAME, VERSION, ATTRS, EXPIRES = "ns", "name", "version", "attrs", "expires_at"
 SORT_CAP = 10_000  # items read and sorted in memory for order_by an attribute
@@ -112,8 +120,14 @@ class DynamoDBItemBackend(ItemBackend):
     name = "dynamodb"
 
     def __init__(
-        self, client: Any, stack: contextlib.AsyncExitStack, table: str, caller: AwsCaller
+        self,
+        client: AwsClient,
+        stack: contextlib.AsyncExitStack,
+        table: str,
+        caller: AwsCaller,
     ) -> None:
+        """`client` runs its calls on the AWS I/O loop (see _aws); `stack` holds what
+        open_client entered there."""
         self._client = client
         self._stack = stack
         self.table = table
@@ -143,7 +157,7 @@ class DynamoDBItemBackend(ItemBackend):
             else:
                 await backend._describe_table()
         except BaseException:
-            await stack.aclose()
+            await close_on_io_loop(stack)
             raise
         return backend
 
@@ -534,7 +548,7 @@ class DynamoDBItemBackend(ItemBackend):
             args["ExclusiveStartKey"] = start
 
     async def close(self) -> None:
-        await self._stack.aclose()
+        await close_on_io_loop(self._stack)
 
 
 class _AlreadyThere(Exception):

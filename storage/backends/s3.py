@@ -50,7 +50,16 @@ from botocore.handlers import add_expect_header
 from ..base import Blob, BlobBackend, BlobPage, ConditionFailed, StorageError, TooLarge, check_key
 from ..codec import decode_token, encode_token
 from ..config import S3BlobsConfig
-from ._aws import AwsCaller, ClientSettings, error_code, http_status, is_retryable, open_client
+from ._aws import (
+    AwsCaller,
+    AwsClient,
+    ClientSettings,
+    close_on_io_loop,
+    error_code,
+    http_status,
+    is_retryable,
+    open_client,
+)
 
 MAX_OBJECT_KEY_BYTES = 1024
 MAX_LIST_KEYS = 1000  # S3's page size cap
@@ -137,12 +146,14 @@ class S3BlobBackend(BlobBackend):
 
     def __init__(
         self,
-        client: Any,
+        client: AwsClient,
         stack: contextlib.AsyncExitStack,
         bucket: str,
         caller: AwsCaller,
         max_blob_bytes: int,
     ) -> None:
+        """`client` runs its calls on the AWS I/O loop (see _aws); `stack` holds what
+        open_client entered there."""
         self._client = client
         self._stack = stack
         self.bucket = bucket
@@ -167,9 +178,13 @@ class S3BlobBackend(BlobBackend):
         stack = contextlib.AsyncExitStack()
         try:
             client = await open_client(
-                stack, "s3", settings, s3={"addressing_style": style}, signature_version="s3v4"
+                stack,
+                "s3",
+                settings,
+                setup=_without_expect_header,
+                s3={"addressing_style": style},
+                signature_version="s3v4",
             )
-            client.meta.events.unregister("before-call.s3", add_expect_header)  # see above
             where = f"bucket {cfg.bucket} at {cfg.endpoint_url or 'AWS ' + cfg.region}"
             caller = AwsCaller(cls.name, where, cfg.retries + 1)
             backend = cls(client, stack, cfg.bucket, caller, cfg.max_blob_bytes)
@@ -178,7 +193,7 @@ class S3BlobBackend(BlobBackend):
             else:
                 await backend._call("open", partial(client.head_bucket, Bucket=cfg.bucket))
         except BaseException:
-            await stack.aclose()
+            await close_on_io_loop(stack)
             raise
         return backend
 
@@ -236,12 +251,13 @@ class S3BlobBackend(BlobBackend):
     async def get(self, namespace: str, key: str) -> Blob | None:
         object_key = self._object_key(namespace, key)
 
-        async def fetch() -> tuple[bytes, str]:
-            response = await self._client.get_object(Bucket=self.bucket, Key=object_key)
+        async def fetch(client: Any) -> tuple[bytes, str]:
+            """On the I/O loop, with the bare client: the body streams from there."""
+            response = await client.get_object(Bucket=self.bucket, Key=object_key)
             async with response["Body"] as body:
                 return await body.read(), _etag(response["ETag"])
 
-        found = await self._call("get", fetch, missing=_NOT_FOUND)
+        found = await self._call("get", partial(self._client.run, fetch), missing=_NOT_FOUND)
         if found is _NOT_FOUND:
             return None
         data, etag = found
@@ -455,7 +471,11 @@ class S3BlobBackend(BlobBackend):
         return sorted(found)
 
     async def close(self) -> None:
-        await self._stack.aclose()
+        await close_on_io_loop(self._stack)
+
+
+def _without_expect_header(client: Any) -> None:
+    client.meta.events.unregister("before-call.s3", add_expect_header)  # see the docstring
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -1,0 +1,267 @@
+"""The AWS backends' calls run on the AWS I/O loop (storage/backends/_aws.py), not on
+the loop that asks: botocore's CPU work must not make the serving loop lag.
+
+What must hold: every request is built, signed and sent on the I/O thread; the
+asking thread spends little CPU per call; cancelling the asking task abandons
+the request there; backends opened from different loops share the one thread
+and leave nothing running or connected on it once closed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import aiohttp
+import pytest
+
+from xmppd.storage.backends._aws import (
+    IO_THREAD_NAME,
+    ClientSettings,
+    close_on_io_loop,
+    io_loop,
+    on_io_loop,
+    open_client,
+)
+from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
+from xmppd.storage.backends.s3 import S3BlobBackend
+from xmppd.storage.base import Query
+from xmppd.storage.devservices import HOST, LocalService
+
+from .services import dynamodb_config, s3_config
+
+
+def io_thread() -> threading.Thread:
+    io_loop()
+    (thread,) = [t for t in threading.enumerate() if t.name == IO_THREAD_NAME]
+    return thread
+
+
+def thread_cpu(thread: threading.Thread) -> float:
+    assert thread.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+async def io_loop_state() -> tuple[int, int]:
+    """Tasks (other than this probe) and open aiohttp connectors on the I/O loop."""
+
+    async def probe() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        connectors = [
+            obj
+            for obj in _live(aiohttp.BaseConnector)
+            if not obj.closed and getattr(obj, "_loop", None) is loop
+        ]
+        return len(tasks), len(connectors)
+
+    return await on_io_loop(probe)
+
+
+def _live(kind: type) -> list[Any]:
+    return [obj for obj in gc.get_objects() if isinstance(obj, kind)]
+
+
+async def settled(expected: tuple[int, int]) -> tuple[int, int]:
+    """The I/O loop's state once it stops changing toward `expected` (cleanup there
+    finishes a moment after the asking side has its answer)."""
+    state = await io_loop_state()
+    for _ in range(50):
+        if state == expected:
+            break
+        await asyncio.sleep(0.02)
+        state = await io_loop_state()
+    return state
+
+
+def record_threads(client: Any) -> list[str]:
+    """Names of the threads that sign each request the client sends."""
+    seen: list[str] = []
+
+    def before_sign(**_: Any) -> None:
+        seen.append(threading.current_thread().name)
+
+    client.raw.meta.events.register("before-sign", before_sign)
+    return seen
+
+
+@contextlib.asynccontextmanager
+async def dynamodb(moto_service: LocalService) -> AsyncIterator[DynamoDBItemBackend]:
+    backend = await DynamoDBItemBackend.from_config(dynamodb_config(moto_service))
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+async def test_dynamodb_requests_are_made_on_the_io_thread(moto_service: LocalService) -> None:
+    ns = f"io{uuid.uuid4().hex[:8]}.example/store"
+    async with dynamodb(moto_service) as items:
+        seen = record_threads(items._client)
+        await items.put(ns, "a", {"v": 1})
+        assert (await items.get(ns, "a")) is not None
+        assert len((await items.query(ns, Query())).items) == 1
+        assert sorted(await items.batch_get(ns, ["a", "b"])) == ["a"]
+    assert len(seen) == 4 and set(seen) == {IO_THREAD_NAME}
+    assert threading.current_thread().name != IO_THREAD_NAME
+
+
+async def test_s3_requests_and_presigning_are_done_on_the_io_thread(
+    seaweedfs_service: LocalService,
+) -> None:
+    ns = f"io{uuid.uuid4().hex[:8]}.example/files"
+    blobs = await S3BlobBackend.from_config(s3_config(seaweedfs_service))
+    try:
+        seen = record_threads(blobs._client)
+        await blobs.put(ns, "k", b"data")
+        blob = await blobs.get(ns, "k")  # the streaming body is read there too
+        assert blob is not None and blob.data == b"data"
+        assert await blobs.presign(ns, "k", "GET") is not None
+        assert (await blobs.list(ns)).keys == ["k"]
+    finally:
+        await blobs.close()
+    assert len(seen) == 4 and set(seen) == {IO_THREAD_NAME}
+
+
+async def test_the_asking_thread_spends_little_cpu_per_call(moto_service: LocalService) -> None:
+    """botocore's ~2 ms of CPU per request is spent on the I/O thread; the asking loop
+    pays for the hop only. CPU time, not wall time: other processes cannot skew it."""
+    ns = f"io{uuid.uuid4().hex[:8]}.example/store"
+    calls = 200
+    async with dynamodb(moto_service) as items:
+        await items.put(ns, "a", {"v": 1})
+        gate = asyncio.Semaphore(20)
+
+        async def get() -> None:
+            async with gate:
+                await items.get(ns, "a")
+
+        thread = io_thread()
+        mine, theirs = time.thread_time(), thread_cpu(thread)
+        await asyncio.gather(*(get() for _ in range(calls)))
+        mine, theirs = time.thread_time() - mine, thread_cpu(thread) - theirs
+    assert theirs > 3 * mine, f"asking thread {mine:.3f} s, I/O thread {theirs:.3f} s"
+    assert mine / calls < 0.001, f"{mine / calls * 1000:.2f} ms of the asking loop per call"
+
+
+async def test_cancelling_the_caller_cancels_the_work_on_the_io_loop() -> None:
+    started, cancelled = threading.Event(), threading.Event()
+    where: list[str] = []
+
+    async def forever() -> None:
+        where.append(threading.current_thread().name)
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    task = asyncio.create_task(on_io_loop(forever))
+    assert await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(cancelled.wait, 5)
+    assert where == [IO_THREAD_NAME]
+
+
+@contextlib.asynccontextmanager
+async def black_hole() -> AsyncIterator[tuple[int, asyncio.Event, asyncio.Event]]:
+    """An HTTP endpoint that reads requests and never answers. Yields its port, an
+    event set when a request arrives and one set when the client hangs up."""
+    arrived, hung_up = asyncio.Event(), asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.set()
+        await reader.read()  # until EOF: the client closed the connection
+        hung_up.set()
+        writer.close()
+
+    server = await asyncio.start_server(serve, HOST, 0)
+    try:
+        yield server.sockets[0].getsockname()[1], arrived, hung_up
+    finally:
+        server.close()
+
+
+def black_hole_settings(port: int, connections: int = 4) -> ClientSettings:
+    return ClientSettings(
+        region="us-east-1",
+        endpoint_url=f"http://{HOST}:{port}",
+        access_key_id="testing",
+        secret_access_key="testing",
+        max_pool_connections=connections,
+        connect_timeout=30,
+        read_timeout=30,
+        max_attempts=1,
+    )
+
+
+async def test_a_cancelled_request_is_abandoned_on_the_io_loop() -> None:
+    """The HTTP request itself is given up (its connection closed) while the client
+    stays open: the cancellation reached the task on the I/O loop."""
+    before = await settled((0, 0))
+    async with black_hole() as (port, arrived, hung_up):
+        stack = contextlib.AsyncExitStack()
+        client = await open_client(stack, "dynamodb", black_hole_settings(port))
+        try:
+            task = asyncio.create_task(client.describe_table(TableName="t"))
+            await asyncio.wait_for(arrived.wait(), 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(hung_up.wait(), 5)
+            assert await settled((0, before[1] + 1)) == (0, before[1] + 1)  # client still open
+        finally:
+            await close_on_io_loop(stack)
+    assert await settled(before) == before
+
+
+async def test_calls_beyond_the_pool_wait_before_their_request_is_built() -> None:
+    """Requests are signed only when a connection can take them: queued calls hold
+    no built request (see AwsClient)."""
+    async with black_hole() as (port, arrived, _):
+        stack = contextlib.AsyncExitStack()
+        client = await open_client(stack, "dynamodb", black_hole_settings(port, connections=2))
+        try:
+            signed = record_threads(client)
+            calls = [asyncio.create_task(client.describe_table(TableName="t")) for _ in range(5)]
+            await asyncio.wait_for(arrived.wait(), 5)
+            await asyncio.sleep(0.3)
+            assert len(signed) == 2
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await close_on_io_loop(stack)
+
+
+async def test_backends_from_many_loops_share_one_io_thread_and_leave_nothing(
+    moto_service: LocalService,
+) -> None:
+    before = await settled((0, 0))
+    ns = f"io{uuid.uuid4().hex[:8]}.example/store"
+
+    async def use(name: str) -> str:
+        async with dynamodb(moto_service) as items:
+            await items.put(ns, name, {"loop": name})
+            return (await items.get(ns, name)).attrs["loop"]  # type: ignore[union-attr,return-value]
+
+    def in_own_loop(name: str) -> Callable[[], str]:
+        return lambda: asyncio.run(use(name))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        others = [pool.submit(in_own_loop(f"loop{n}")) for n in range(2)]
+        here = await use("test-loop")
+        results = [await asyncio.wrap_future(f) for f in others]
+    assert [here, *results] == ["test-loop", "loop0", "loop1"]
+    assert [t.name for t in threading.enumerate()].count(IO_THREAD_NAME) == 1
+    assert await settled(before) == before
