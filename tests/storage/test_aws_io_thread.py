@@ -146,8 +146,9 @@ async def test_the_asking_thread_spends_little_cpu_per_call(moto_service: LocalS
         mine, theirs = time.thread_time(), thread_cpu(thread)
         await asyncio.gather(*(get() for _ in range(calls)))
         mine, theirs = time.thread_time() - mine, thread_cpu(thread) - theirs
+    # A ratio of two threads' CPU on the same machine, not a speed target: if the
+    # requests were built or parsed on the asking loop, its share would dominate.
     assert theirs > 3 * mine, f"asking thread {mine:.3f} s, I/O thread {theirs:.3f} s"
-    assert mine / calls < 0.001, f"{mine / calls * 1000:.2f} ms of the asking loop per call"
 
 
 async def test_cancelling_the_caller_cancels_the_work_on_the_io_loop() -> None:
