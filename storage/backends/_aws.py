@@ -213,18 +213,12 @@ async def _finish(coro: Coroutine[Any, Any, T]) -> T:
     return await asyncio.shield(coro)
 
 
-async def close_on_io_loop(stack: contextlib.AsyncExitStack) -> None:
-    """Close what `open_client` entered into `stack`, on the loop it was entered on.
-    The close runs to its end even if the waiting task is cancelled, so a cancelled
-    shutdown leaves no client (and no open connections) behind on the I/O loop."""
-    await on_io_loop(lambda: _finish(stack.aclose()))
-
-
 class AwsClient:
     """An aiobotocore client that lives on the AWS I/O loop. Its API methods, called
     through this from any loop, run there: `await client.get_item(...)`. Their answers
     are plain data, except S3's streaming bodies, which belong to the I/O loop: work
-    that reads one goes through `run`, which hands it the bare client there.
+    that reads one goes through `run`, which hands it the bare client there. `close`
+    closes it on the I/O loop, where it was opened.
 
     At most `limit` calls (the connection pool's size) are under way at once; the
     rest wait for a turn before botocore builds their request, not after: a request
@@ -232,10 +226,11 @@ class AwsClient:
     calls queued behind 32 connections the collector ran 2.5 times as often per
     operation, and a full collection stopped both threads for 70 ms."""
 
-    __slots__ = ("raw", "_turns")
+    __slots__ = ("raw", "_stack", "_turns")
 
-    def __init__(self, raw: Any, limit: int) -> None:
+    def __init__(self, raw: Any, stack: contextlib.AsyncExitStack, limit: int) -> None:
         self.raw = raw
+        self._stack = stack  # what open_client entered on the I/O loop
         self._turns = asyncio.Semaphore(limit)  # only ever awaited on the I/O loop
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
@@ -251,6 +246,11 @@ class AwsClient:
         async with self._turns:
             return await fn(self.raw)
 
+    async def close(self) -> None:
+        """Runs to its end even if the waiting task is cancelled, so a cancelled
+        shutdown leaves no client (and no open connections) behind on the I/O loop."""
+        await on_io_loop(lambda: _finish(self._stack.aclose()))
+
 
 @functools.cache
 def _session() -> aioboto3.Session:
@@ -261,15 +261,15 @@ def _session() -> aioboto3.Session:
 
 
 async def open_client(
-    stack: contextlib.AsyncExitStack,
     service: str,
     settings: ClientSettings,
     *,
     setup: Callable[[Any], None] | None = None,
     **extra: Any,
 ) -> AwsClient:
-    """A client on the AWS I/O loop, entered into `stack` there: close the stack with
-    `close_on_io_loop`. `setup` gets the bare client there before any call."""
+    """A client on the AWS I/O loop; `close()` it when done. `setup` gets the bare
+    client there before any call."""
+    stack = contextlib.AsyncExitStack()
 
     async def enter() -> Any:
         raw = await stack.enter_async_context(
@@ -286,4 +286,9 @@ async def open_client(
             setup(raw)
         return raw
 
-    return AwsClient(await on_io_loop(enter), settings.max_pool_connections)
+    try:
+        raw = await on_io_loop(enter)
+    except BaseException:
+        await on_io_loop(lambda: _finish(stack.aclose()))
+        raise
+    return AwsClient(raw, stack, settings.max_pool_connections)

@@ -74,7 +74,6 @@ from ._aws import (
     AwsCaller,
     AwsClient,
     ClientSettings,
-    close_on_io_loop,
     error_code,
     is_retryable,
     open_client,
@@ -122,14 +121,11 @@ class DynamoDBItemBackend(ItemBackend):
     def __init__(
         self,
         client: AwsClient,
-        stack: contextlib.AsyncExitStack,
         table: str,
         caller: AwsCaller,
     ) -> None:
-        """`client` runs its calls on the AWS I/O loop (see _aws); `stack` holds what
-        open_client entered there."""
+        """`client` runs its calls on the AWS I/O loop (see _aws)."""
         self._client = client
-        self._stack = stack
         self.table = table
         self._caller = caller
 
@@ -147,17 +143,16 @@ class DynamoDBItemBackend(ItemBackend):
             read_timeout=cfg.timeout,
             max_attempts=cfg.retries + 1,
         )
-        stack = contextlib.AsyncExitStack()
+        client = await open_client("dynamodb", settings)
+        where = f"table {cfg.table} at {cfg.endpoint_url or 'AWS ' + cfg.region}"
+        backend = cls(client, cfg.table, AwsCaller(cls.name, where, cfg.retries + 1))
         try:
-            client = await open_client(stack, "dynamodb", settings)
-            where = f"table {cfg.table} at {cfg.endpoint_url or 'AWS ' + cfg.region}"
-            backend = cls(client, stack, cfg.table, AwsCaller(cls.name, where, cfg.retries + 1))
             if cfg.create_table:
                 await backend.create_table()
             else:
                 await backend._describe_table()
         except BaseException:
-            await close_on_io_loop(stack)
+            await client.close()
             raise
         return backend
 
@@ -548,7 +543,7 @@ class DynamoDBItemBackend(ItemBackend):
             args["ExclusiveStartKey"] = start
 
     async def close(self) -> None:
-        await close_on_io_loop(self._stack)
+        await self._client.close()
 
 
 class _AlreadyThere(Exception):

@@ -54,7 +54,6 @@ from ._aws import (
     AwsCaller,
     AwsClient,
     ClientSettings,
-    close_on_io_loop,
     error_code,
     http_status,
     is_retryable,
@@ -147,15 +146,12 @@ class S3BlobBackend(BlobBackend):
     def __init__(
         self,
         client: AwsClient,
-        stack: contextlib.AsyncExitStack,
         bucket: str,
         caller: AwsCaller,
         max_blob_bytes: int,
     ) -> None:
-        """`client` runs its calls on the AWS I/O loop (see _aws); `stack` holds what
-        open_client entered there."""
+        """`client` runs its calls on the AWS I/O loop (see _aws)."""
         self._client = client
-        self._stack = stack
         self.bucket = bucket
         self._caller = caller
         self.max_blob_bytes = max_blob_bytes
@@ -175,25 +171,24 @@ class S3BlobBackend(BlobBackend):
         )
         # S3-compatible servers on an IP or a single host name need path-style URLs.
         style = "path" if cfg.endpoint_url else "auto"
-        stack = contextlib.AsyncExitStack()
+        client = await open_client(
+            "s3",
+            settings,
+            setup=_without_expect_header,
+            s3={"addressing_style": style},
+            signature_version="s3v4",
+        )
+        where = f"bucket {cfg.bucket} at {cfg.endpoint_url or 'AWS ' + cfg.region}"
+        backend = cls(
+            client, cfg.bucket, AwsCaller(cls.name, where, cfg.retries + 1), cfg.max_blob_bytes
+        )
         try:
-            client = await open_client(
-                stack,
-                "s3",
-                settings,
-                setup=_without_expect_header,
-                s3={"addressing_style": style},
-                signature_version="s3v4",
-            )
-            where = f"bucket {cfg.bucket} at {cfg.endpoint_url or 'AWS ' + cfg.region}"
-            caller = AwsCaller(cls.name, where, cfg.retries + 1)
-            backend = cls(client, stack, cfg.bucket, caller, cfg.max_blob_bytes)
             if cfg.create_bucket:
                 await backend.create_bucket(cfg.region)
             else:
                 await backend._call("open", partial(client.head_bucket, Bucket=cfg.bucket))
         except BaseException:
-            await close_on_io_loop(stack)
+            await client.close()
             raise
         return backend
 
@@ -471,7 +466,7 @@ class S3BlobBackend(BlobBackend):
         return sorted(found)
 
     async def close(self) -> None:
-        await close_on_io_loop(self._stack)
+        await self._client.close()
 
 
 def _without_expect_header(client: Any) -> None:

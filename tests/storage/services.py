@@ -13,14 +13,16 @@ per run. Tests that kill or pause servers (test_memcached, test_outage) use
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 import pytest
 
 from xmppd.storage import devservices
+from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
 from xmppd.storage.config import DynamoDBItemsConfig, MemcachedCacheConfig, S3BlobsConfig
 from xmppd.storage.devservices import LocalService, ServiceMissing
 
@@ -159,3 +161,13 @@ def service_factory() -> Iterator[Callable[[Callable[[], LocalService]], LocalSe
 
 
 FIXTURES = ("moto_service", "seaweedfs_service", "memcached_ring", "service_factory")
+
+
+@contextlib.asynccontextmanager
+async def dynamodb(moto_service: LocalService) -> AsyncIterator[DynamoDBItemBackend]:
+    """A DynamoDB backend on moto's server, closed afterwards."""
+    backend = await DynamoDBItemBackend.from_config(dynamodb_config(moto_service))
+    try:
+        yield backend
+    finally:
+        await backend.close()

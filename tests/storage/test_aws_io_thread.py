@@ -25,16 +25,14 @@ import pytest
 from xmppd.storage.backends._aws import (
     IO_THREAD_NAME,
     ClientSettings,
-    close_on_io_loop,
     on_io_loop,
     open_client,
 )
-from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
 from xmppd.storage.backends.s3 import S3BlobBackend
 from xmppd.storage.base import Query
 from xmppd.storage.devservices import HOST, LocalService
 
-from .services import dynamodb_config, s3_config
+from .services import dynamodb, s3_config
 
 
 async def io_loop_state() -> tuple[int, int]:
@@ -78,15 +76,6 @@ def record_threads(client: Any) -> list[str]:
 
     client.raw.meta.events.register("before-sign", before_sign)
     return seen
-
-
-@contextlib.asynccontextmanager
-async def dynamodb(moto_service: LocalService) -> AsyncIterator[DynamoDBItemBackend]:
-    backend = await DynamoDBItemBackend.from_config(dynamodb_config(moto_service))
-    try:
-        yield backend
-    finally:
-        await backend.close()
 
 
 async def test_dynamodb_requests_are_made_on_the_io_thread(moto_service: LocalService) -> None:
@@ -178,8 +167,7 @@ async def test_a_cancelled_request_is_abandoned_on_the_io_loop() -> None:
     stays open: the cancellation reached the task on the I/O loop."""
     before = await settled((0, 0))
     async with black_hole() as (port, arrived, hung_up):
-        stack = contextlib.AsyncExitStack()
-        client = await open_client(stack, "dynamodb", black_hole_settings(port))
+        client = await open_client("dynamodb", black_hole_settings(port))
         try:
             task = asyncio.create_task(client.describe_table(TableName="t"))
             await asyncio.wait_for(arrived.wait(), 5)
@@ -189,7 +177,7 @@ async def test_a_cancelled_request_is_abandoned_on_the_io_loop() -> None:
             await asyncio.wait_for(hung_up.wait(), 5)
             assert await settled((0, before[1] + 1)) == (0, before[1] + 1)  # client still open
         finally:
-            await close_on_io_loop(stack)
+            await client.close()
     assert await settled(before) == before
 
 
@@ -197,8 +185,7 @@ async def test_calls_beyond_the_pool_wait_before_their_request_is_built() -> Non
     """Requests are signed only when a connection can take them: queued calls hold
     no built request (see AwsClient)."""
     async with black_hole() as (port, arrived, _):
-        stack = contextlib.AsyncExitStack()
-        client = await open_client(stack, "dynamodb", black_hole_settings(port, connections=2))
+        client = await open_client("dynamodb", black_hole_settings(port, connections=2))
         try:
             signed = record_threads(client)
             calls = [asyncio.create_task(client.describe_table(TableName="t")) for _ in range(5)]
@@ -209,7 +196,7 @@ async def test_calls_beyond_the_pool_wait_before_their_request_is_built() -> Non
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
         finally:
-            await close_on_io_loop(stack)
+            await client.close()
 
 
 async def test_backends_from_many_loops_share_one_io_thread_and_leave_nothing(

@@ -27,7 +27,7 @@ from xmppd.storage.backends.s3 import (
 from xmppd.storage.base import ConditionFailed, Query, StorageError
 from xmppd.storage.devservices import LocalService
 
-from .services import dynamodb_config, s3_config
+from .services import dynamodb, s3_config
 
 # -- the retry policy (no server needed) ----------------------------------------------
 
@@ -138,7 +138,7 @@ async def test_unprocessed_batch_keys_are_retried(caller: AwsCaller) -> None:
             asked.append(RequestItems)
             return answers.pop(0)
 
-    backend = DynamoDBItemBackend(Client(), contextlib.AsyncExitStack(), "t", caller)
+    backend = DynamoDBItemBackend(Client(), "t", caller)
     found = await backend.batch_get("n/s", ["a", "b"])
     assert sorted(found) == ["a", "b"]
     assert asked[1] == {"t": {"Keys": [key]}}
@@ -242,15 +242,6 @@ async def test_s3_namespaces(s3_service: LocalService) -> None:
         found = [ns for ns in await blobs.namespaces() if ns.startswith(vhost)]
         assert found == [f"{vhost}/files", f"{vhost}/files/nested", f"{vhost}/vcard"]
         assert (await blobs.list(f"{vhost}/files")).keys == ["x" * 600]
-
-
-@contextlib.asynccontextmanager
-async def dynamodb(moto_service: LocalService) -> AsyncIterator[DynamoDBItemBackend]:
-    backend = await DynamoDBItemBackend.from_config(dynamodb_config(moto_service))
-    try:
-        yield backend
-    finally:
-        await backend.close()
 
 
 async def test_order_by_attribute_has_a_cap(
