@@ -29,6 +29,7 @@ one per test); what a backend opens there it closes there.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import os
@@ -36,13 +37,15 @@ import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aioboto3
+import uvloop
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..base import StorageError
+from ..turns import Turns
 
 T = TypeVar("T")
 
@@ -179,11 +182,13 @@ _io: asyncio.AbstractEventLoop | None = None
 
 def io_loop() -> asyncio.AbstractEventLoop:
     """The AWS I/O loop, started on first use. It runs until the process exits: it
-    holds nothing between calls but the clients of open backends."""
+    holds nothing between calls but the clients of open backends. uvloop, like the
+    serving loop: asyncio's socket transport left a reference cycle behind for
+    every connection closed (moto closes one per request)."""
     global _io
     with _io_lock:
         if _io is None:
-            loop = asyncio.new_event_loop()
+            loop = uvloop.new_event_loop()
             threading.Thread(target=loop.run_forever, name=IO_THREAD_NAME, daemon=True).start()
             _io = loop
         return _io
@@ -198,19 +203,76 @@ def _forget_io_loop() -> None:
 os.register_at_fork(after_in_child=_forget_io_loop)
 
 
-async def _await(fn: Callable[[], Awaitable[T]]) -> T:
-    return await fn()
+class _Handover:
+    """A coroutine handed from a caller's loop to the I/O loop, and its outcome handed
+    back. Written out rather than run_coroutine_threadsafe + wrap_future, which keep a
+    concurrent Future (with its Condition and lock) and three closures per call: with
+    1,000 calls in flight, every object a call keeps is one more for each collection
+    to walk, and a collection in either thread stops both."""
+
+    __slots__ = ("coro", "caller", "future", "task")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], caller: asyncio.AbstractEventLoop) -> None:
+        self.coro = coro
+        self.caller = caller
+        self.future: asyncio.Future[Any] = caller.create_future()
+        self.task: asyncio.Task[Any] | None = None
+
+    def start(self) -> None:
+        """On the I/O loop."""
+        self.task = asyncio.get_running_loop().create_task(self.coro)
+        self.task.add_done_callback(self.finished)
+
+    def cancel(self) -> None:
+        """On the I/O loop, always after `start` (call_soon_threadsafe keeps order)."""
+        if self.task is not None:
+            self.task.cancel()
+
+    def finished(self, task: asyncio.Task[Any]) -> None:
+        """On the I/O loop."""
+        try:
+            self.caller.call_soon_threadsafe(self.deliver)
+        except RuntimeError:  # the caller's loop is closed: nobody is waiting
+            if not task.cancelled():
+                task.exception()  # retrieved, so that it is not logged as lost
+
+    def deliver(self) -> None:
+        """On the caller's loop; the task is done, so reading it from here is safe."""
+        task = self.task
+        assert task is not None
+        if task.cancelled():
+            self.future.cancel()
+            return
+        exc = task.exception()
+        if self.future.done():  # the caller gave up meanwhile
+            return
+        if exc is None:
+            self.future.set_result(task.result())
+        else:
+            self.future.set_exception(exc)
 
 
-async def on_io_loop(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run `fn()` on the AWS I/O loop and wait for it from the current one.
+async def on_io_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on the AWS I/O loop and wait for it from the current one.
     Cancelling the waiting task cancels the task on the I/O loop too."""
-    future = asyncio.run_coroutine_threadsafe(_await(fn), io_loop())
-    return await asyncio.wrap_future(future)
+    handover = _Handover(coro, asyncio.get_running_loop())
+    io = io_loop()
+    io.call_soon_threadsafe(handover.start)
+    try:
+        return cast(T, await handover.future)
+    except asyncio.CancelledError:
+        io.call_soon_threadsafe(handover.cancel)
+        raise
+    finally:  # an exception's traceback holds this frame, which holds the exception
+        del handover
 
 
 async def _finish(coro: Coroutine[Any, Any, T]) -> T:
     return await asyncio.shield(coro)
+
+
+async def _invoke(raw: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return await getattr(raw, method)(*args, **kwargs)
 
 
 class AwsClient:
@@ -221,43 +283,51 @@ class AwsClient:
     closes it on the I/O loop, where it was opened.
 
     At most `limit` calls (the connection pool's size) are under way at once; the
-    rest wait for a turn before botocore builds their request, not after: a request
-    built only to wait for a connection keeps dozens of objects alive, and with 1,000
-    calls queued behind 32 connections the collector ran 2.5 times as often per
-    operation, and a full collection stopped both threads for 70 ms."""
+    rest wait for a turn on the caller's loop (see storage/turns.py), before
+    anything is handed over or built: a request built only to wait for a
+    connection keeps dozens of objects alive, and with 1,000 calls queued behind
+    32 connections the collector ran 2.5 times as often per operation, and a full
+    collection stopped both threads for 70 ms."""
 
     __slots__ = ("raw", "_stack", "_turns")
 
     def __init__(self, raw: Any, stack: contextlib.AsyncExitStack, limit: int) -> None:
         self.raw = raw
         self._stack = stack  # what open_client entered on the I/O loop
-        self._turns = asyncio.Semaphore(limit)  # only ever awaited on the I/O loop
+        self._turns = Turns(limit)
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            return await self.run(lambda raw: getattr(raw, name)(*args, **kwargs))
+        return functools.partial(self.call, name)
 
-        return call
+    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """`client.call("get_item", ...)` is `client.get_item(...)`."""
+        async with self._turns():
+            return await on_io_loop(_invoke(self.raw, method, args, kwargs))
 
-    async def run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        return await on_io_loop(lambda: self._in_turn(fn))
-
-    async def _in_turn(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        async with self._turns:
-            return await fn(self.raw)
+    async def run(self, fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        async with self._turns():
+            return await on_io_loop(fn(self.raw))
 
     async def close(self) -> None:
         """Runs to its end even if the waiting task is cancelled, so a cancelled
         shutdown leaves no client (and no open connections) behind on the I/O loop."""
-        await on_io_loop(lambda: _finish(self._stack.aclose()))
+        await on_io_loop(_finish(self._stack.aclose()))
 
 
 @functools.cache
 def _session() -> aioboto3.Session:
     """One session per process: it caches the parsed service models, which makes a
     client cost milliseconds instead of about 100 ms. A session belongs to no event
-    loop; the clients made from it do (all of them to the AWS I/O loop)."""
-    return aioboto3.Session()
+    loop; the clients made from it do (all of them to the AWS I/O loop).
+
+    botocore builds a parser for every response, and by default that parser keeps
+    a bound method of itself (its blob parser, base64 decoding): a reference cycle
+    per request, which only the collector can free. The same function given as the
+    factory's default leaves nothing for it to do."""
+    session = aioboto3.Session()
+    parsers = session._session.get_component("response_parser_factory")
+    parsers.set_parser_defaults(blob_parser=base64.b64decode)
+    return session
 
 
 async def open_client(
@@ -287,8 +357,8 @@ async def open_client(
         return raw
 
     try:
-        raw = await on_io_loop(enter)
+        raw = await on_io_loop(enter())
     except BaseException:
-        await on_io_loop(lambda: _finish(stack.aclose()))
+        await on_io_loop(_finish(stack.aclose()))
         raise
     return AwsClient(raw, stack, settings.max_pool_connections)

@@ -227,15 +227,15 @@ class DynamoDBItemBackend(ItemBackend):
         fn: Callable[[], Awaitable[Any]],
         classify: Callable[[ClientError], BaseException | None] | None = None,
     ) -> Any:
-        def with_size(exc: ClientError) -> BaseException | None:
-            mapped = classify(exc) if classify else None
-            if mapped is None and error_code(exc) == "ValidationException":
-                message = str(exc.response.get("Error", {}).get("Message", ""))
+        try:
+            return await self._caller.call(operation, fn, classify)
+        except StorageError as exc:  # DynamoDB says "too large" only in a message
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and error_code(cause) == "ValidationException":
+                message = str(cause.response.get("Error", {}).get("Message", ""))
                 if "size" in message.lower() and "exceed" in message.lower():
-                    return TooLarge(f"dynamodb: {operation}: {message}")
-            return mapped
-
-        return await self._caller.call(operation, fn, with_size)
+                    raise TooLarge(f"dynamodb: {operation}: {message}") from cause
+            raise
 
     def _key(self, namespace: str, name: str) -> dict[str, Any]:
         return {NS: {"S": namespace}, NAME: {"S": name}}
@@ -284,8 +284,11 @@ class DynamoDBItemBackend(ItemBackend):
         check_key(name)
         response = await self._call(
             "get",
-            lambda: self._client.get_item(
-                TableName=self.table, Key=self._key(namespace, name), ConsistentRead=True
+            partial(
+                self._client.get_item,
+                TableName=self.table,
+                Key=self._key(namespace, name),
+                ConsistentRead=True,
             ),
         )
         row = response.get("Item")
@@ -306,7 +309,7 @@ class DynamoDBItemBackend(ItemBackend):
         args = self._update(namespace, name, attrs, if_absent, if_version)
         response = await self._call(
             "put",
-            lambda: self._client.update_item(**args, ReturnValues="UPDATED_NEW"),
+            partial(self._client.update_item, **args, ReturnValues="UPDATED_NEW"),
             self._condition_failed(f"{namespace}/{name}"),
         )
         return Item(name, attrs, int(response["Attributes"][VERSION]["N"]))
@@ -324,7 +327,7 @@ class DynamoDBItemBackend(ItemBackend):
             args["ExpressionAttributeValues"] = {":expected": {"N": str(if_version)}}
         response = await self._call(
             "delete",
-            lambda: self._client.delete_item(**args),
+            partial(self._client.delete_item, **args),
             self._condition_failed(f"{namespace}/{name}"),
         )
         return bool(response.get("Attributes"))

@@ -215,24 +215,25 @@ class S3BlobBackend(BlobBackend):
         self, operation: str, fn: Any, classify: Any = None, *, missing: Any = None
     ) -> Any:
         """Run one S3 call; 412 becomes ConditionFailed, and 404 becomes `missing`
-        when given (an exception to raise, or a sentinel returned)."""
-
-        def mapped(exc: ClientError) -> BaseException | None:
-            if classify is not None and (result := classify(exc)) is not None:
-                return result
-            status, code = http_status(exc), error_code(exc)
-            if status == 412 or code == "PreconditionFailed":
-                return ConditionFailed(f"s3: {operation}: precondition failed")
-            if missing is not None and (status == 404 or code in ("NoSuchKey", "NotFound")):
-                return missing if isinstance(missing, BaseException) else _Missing()
-            if code in ("KeyTooLongError", "EntityTooLarge"):
-                return TooLarge(f"s3: {operation}: {code}")
-            return None
-
+        when given (an exception to raise, or a sentinel returned). Mapped after the
+        fact, from the StorageError's cause: none of these answers is retried, and a
+        closure built per call for it was one more object per call in flight."""
         try:
-            return await self._caller.call(operation, fn, mapped, _retryable)
-        except _Missing:
-            return missing
+            return await self._caller.call(operation, fn, classify, _retryable)
+        except StorageError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, ClientError):
+                raise
+            status, code = http_status(cause), error_code(cause)
+            if status == 412 or code == "PreconditionFailed":
+                raise ConditionFailed(f"s3: {operation}: precondition failed") from cause
+            if missing is not None and (status == 404 or code in ("NoSuchKey", "NotFound")):
+                if isinstance(missing, BaseException):
+                    raise missing from cause
+                return missing
+            if code in ("KeyTooLongError", "EntityTooLarge"):
+                raise TooLarge(f"s3: {operation}: {code}") from cause
+            raise
 
     def _object_key(self, namespace: str, key: str) -> str:
         check_key(key)
@@ -482,10 +483,6 @@ def _retryable(exc: BaseException) -> bool:
 
 class _AlreadyThere(Exception):
     """Internal: create_bucket found the bucket in place."""
-
-
-class _Missing(Exception):
-    """Internal: a 404 the caller asked to get back as a value."""
 
 
 _NOT_FOUND: Any = object()

@@ -41,6 +41,7 @@ from ..base import (
 )
 from ..codec import decode_attrs, decode_token, encode_attrs, encode_token
 from ..config import SQLiteItemsConfig
+from ..turns import Turns
 
 T = TypeVar("T")
 
@@ -63,6 +64,7 @@ CREATE TABLE IF NOT EXISTS item_attrs (
 CREATE INDEX IF NOT EXISTS item_attrs_by_item ON item_attrs (namespace, name);
 """
 _BATCH = 500  # names per IN (...) list, well under SQLite's variable limit
+HANDED_OVER = 4  # calls queued at the worker at once: enough to keep it busy (storage/turns.py)
 
 
 def prefix_upper_bound(prefix: str) -> str | None:
@@ -85,6 +87,7 @@ class SQLiteItemBackend(ItemBackend):
         self.path = Path(path)
         self._busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmppd-sqlite")
+        self._turns = Turns(HANDED_OVER)
         self._conn: sqlite3.Connection | None = None  # used only on the worker thread
         self._closed = False
 
@@ -114,7 +117,8 @@ class SQLiteItemBackend(ItemBackend):
             raise StorageError(self.name, operation, "backend is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._call, fn)
+            async with self._turns():
+                return await loop.run_in_executor(self._executor, self._call, fn)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(self.name, operation, f"{self.path}: {exc}") from exc
 

@@ -48,7 +48,7 @@ async def io_loop_state() -> tuple[int, int]:
         ]
         return len(tasks), len(connectors)
 
-    return await on_io_loop(probe)
+    return await on_io_loop(probe())
 
 
 def _live(kind: type) -> list[Any]:
@@ -120,7 +120,7 @@ async def test_cancelling_the_caller_cancels_the_work_on_the_io_loop() -> None:
             cancelled.set()
             raise
 
-    task = asyncio.create_task(on_io_loop(forever))
+    task = asyncio.create_task(on_io_loop(forever()))
     assert await asyncio.to_thread(started.wait, 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -183,7 +183,7 @@ async def test_a_cancelled_request_is_abandoned_on_the_io_loop() -> None:
 
 async def test_calls_beyond_the_pool_wait_before_their_request_is_built() -> None:
     """Requests are signed only when a connection can take them: queued calls hold
-    no built request (see AwsClient)."""
+    no built request and are not even handed to the I/O loop (see AwsClient)."""
     async with black_hole() as (port, arrived, _):
         client = await open_client("dynamodb", black_hole_settings(port, connections=2))
         try:
@@ -192,6 +192,8 @@ async def test_calls_beyond_the_pool_wait_before_their_request_is_built() -> Non
             await asyncio.wait_for(arrived.wait(), 5)
             await asyncio.sleep(0.3)
             assert len(signed) == 2
+            tasks_on_io_loop, _ = await io_loop_state()
+            assert tasks_on_io_loop == 2
             for call in calls:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
@@ -220,3 +222,35 @@ async def test_backends_from_many_loops_share_one_io_thread_and_leave_nothing(
     assert [here, *results] == ["test-loop", "loop0", "loop1"]
     assert [t.name for t in threading.enumerate()].count(IO_THREAD_NAME) == 1
     assert await settled(before) == before
+
+
+async def test_a_caller_loop_gone_before_the_answer_leaves_the_io_loop_well(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tool's asyncio.run() may end while its call still runs on the I/O loop: the
+    answer has nowhere to go, and the I/O loop must neither log errors nor stop."""
+    finishing = threading.Event()
+
+    async def outlives_its_caller() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # winding down after the caller's loop has closed
+            finishing.set()
+            raise ValueError("an answer nobody waits for") from None
+        return "unreachable"
+
+    async def caller() -> None:
+        asyncio.create_task(on_io_loop(outlives_its_caller()))
+        await asyncio.sleep(0.1)  # asyncio.run then cancels the call and closes the loop
+
+    with caplog.at_level("ERROR"):
+        await asyncio.to_thread(asyncio.run, caller())
+        assert await asyncio.to_thread(finishing.wait, 5)
+
+        async def still_serving() -> str:
+            return threading.current_thread().name
+
+        assert await on_io_loop(still_serving()) == IO_THREAD_NAME
+        await asyncio.sleep(0.1)
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []

@@ -4,6 +4,8 @@ several processes on one file or folder, paths that stay inside the root."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
 import os
 import sqlite3
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 
 from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
-from xmppd.storage.backends.sqlite import SQLiteItemBackend, prefix_upper_bound
+from xmppd.storage.backends.sqlite import HANDED_OVER, SQLiteItemBackend, prefix_upper_bound
 from xmppd.storage.base import ConditionFailed, Item, StorageError
 
 NS = "example.com/accounts"
@@ -184,3 +186,25 @@ async def test_two_backends_opening_one_new_file_at_once(tmp_path: Path) -> None
         finally:
             await a.close()
             await b.close()
+
+
+async def test_sqlite_hands_its_worker_a_few_calls_at_a_time(tmp_path: Path) -> None:
+    """Calls beyond HANDED_OVER wait on the loop (one future each), not in the
+    executor's queue with its futures, locks and closures (storage/turns.py)."""
+    path = tmp_path / "items.sqlite3"
+    backend = await SQLiteItemBackend.open(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # our writes now wait for this lock
+        writes = [asyncio.create_task(backend.put(NS, f"u{n}", {"n": n})) for n in range(200)]
+        await asyncio.sleep(0.2)
+        queued = [
+            f for f in gc.get_objects() if isinstance(f, concurrent.futures.Future) and not f.done()
+        ]
+        assert 1 <= len(queued) <= HANDED_OVER
+        other.execute("COMMIT")
+        await asyncio.gather(*writes)
+        assert (await backend.get(NS, "u199")) == Item("u199", {"n": 199}, 1)
+    finally:
+        other.close()
+        await backend.close()
