@@ -289,12 +289,13 @@ class AwsClient:
     32 connections the collector ran 2.5 times as often per operation, and a full
     collection stopped both threads for 70 ms."""
 
-    __slots__ = ("raw", "_stack", "_turns")
+    __slots__ = ("raw", "_stack", "_turns", "admission")
 
     def __init__(self, raw: Any, stack: contextlib.AsyncExitStack, limit: int) -> None:
         self.raw = raw
         self._stack = stack  # what open_client entered on the I/O loop
         self._turns = Turns(limit)
+        self.admission = Turns(limit)  # see `admitted`
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         return functools.partial(self.call, name)
@@ -312,6 +313,25 @@ class AwsClient:
         """Runs to its end even if the waiting task is cancelled, so a cancelled
         shutdown leaves no client (and no open connections) behind on the I/O loop."""
         await on_io_loop(_finish(self._stack.aclose()))
+
+
+Method = TypeVar("Method", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def admitted(method: Method) -> Method:
+    """For a backend's public methods: wait for the client's admission before the
+    method builds anything. A call waiting for a turn inside AwsClient already holds
+    its request's arguments and the coroutines of every layer above; waiting here, it
+    holds its own arguments only. Admission is separate from the per-call turns, so
+    a method that makes several calls never waits for a turn its own admission holds;
+    an admitted method must not call another (batch_put, which calls put, is not)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        async with self._client.admission():
+            return await method(self, *args, **kwargs)
+
+    return cast(Method, wrapper)
 
 
 @functools.cache

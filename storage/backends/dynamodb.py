@@ -74,6 +74,7 @@ from ._aws import (
     AwsCaller,
     AwsClient,
     ClientSettings,
+    admitted,
     error_code,
     is_retryable,
     open_client,
@@ -280,6 +281,7 @@ class DynamoDBItemBackend(ItemBackend):
 
     # -- ItemBackend -----------------------------------------------------------
 
+    @admitted
     async def get(self, namespace: str, name: str) -> Item | None:
         check_key(name)
         response = await self._call(
@@ -294,6 +296,7 @@ class DynamoDBItemBackend(ItemBackend):
         row = response.get("Item")
         return decode_item(row) if row else None
 
+    @admitted
     async def put(
         self,
         namespace: str,
@@ -314,6 +317,7 @@ class DynamoDBItemBackend(ItemBackend):
         )
         return Item(name, attrs, int(response["Attributes"][VERSION]["N"]))
 
+    @admitted
     async def delete(self, namespace: str, name: str, *, if_version: int | None = None) -> bool:
         check_key(name)
         args: dict[str, Any] = {
@@ -332,6 +336,7 @@ class DynamoDBItemBackend(ItemBackend):
         )
         return bool(response.get("Attributes"))
 
+    @admitted
     async def query(self, namespace: str, query: Query) -> Page:
         check_query(query)
         if query.order_by in (None, "name"):
@@ -431,6 +436,7 @@ class DynamoDBItemBackend(ItemBackend):
             token = encode_token([page[-1].attrs[attr], page[-1].name])
         return Page(page, token)
 
+    @admitted
     async def batch_get(self, namespace: str, names: Sequence[str]) -> dict[str, Item]:
         wanted = list(dict.fromkeys(names))
         for name in wanted:
@@ -482,6 +488,7 @@ class DynamoDBItemBackend(ItemBackend):
             if isinstance(result, BaseException):
                 raise result
 
+    @admitted
     async def transact(self, writes: Sequence[Write]) -> None:
         check_writes(writes)
         if not writes:
@@ -527,6 +534,7 @@ class DynamoDBItemBackend(ItemBackend):
             retry_if,
         )
 
+    @admitted
     async def namespaces(self) -> list[str]:
         """Every namespace holding an item. A Scan of the key attribute: it reads the whole
         table, which is fine for migration and admin tools, never for serving."""

@@ -54,6 +54,7 @@ from ._aws import (
     AwsCaller,
     AwsClient,
     ClientSettings,
+    admitted,
     error_code,
     http_status,
     is_retryable,
@@ -244,6 +245,7 @@ class S3BlobBackend(BlobBackend):
 
     # -- BlobBackend -----------------------------------------------------------
 
+    @admitted
     async def get(self, namespace: str, key: str) -> Blob | None:
         object_key = self._object_key(namespace, key)
 
@@ -259,6 +261,7 @@ class S3BlobBackend(BlobBackend):
         data, etag = found
         return Blob(key, data, etag)
 
+    @admitted
     async def put(
         self,
         namespace: str,
@@ -369,6 +372,7 @@ class S3BlobBackend(BlobBackend):
         )
         return None if response is _NOT_FOUND else _etag(response["ETag"])
 
+    @admitted
     async def delete(self, namespace: str, key: str, *, if_match: str | None = None) -> bool:
         object_key = self._object_key(namespace, key)
         if if_match is None:
@@ -390,6 +394,7 @@ class S3BlobBackend(BlobBackend):
         )
         return True
 
+    @admitted
     async def list(
         self, namespace: str, prefix: str = "", *, limit: int = 1000, page_token: str | None = None
     ) -> BlobPage:
@@ -422,6 +427,7 @@ class S3BlobBackend(BlobBackend):
             return BlobPage(keys, encode_token([keys[-1]]))
         return BlobPage(keys, None)
 
+    @admitted
     async def presign(
         self, namespace: str, key: str, method: Literal["GET", "PUT"], expires: int = 300
     ) -> str | None:
@@ -433,6 +439,7 @@ class S3BlobBackend(BlobBackend):
         )
         return str(url)
 
+    @admitted
     async def namespaces(self) -> builtins.list[str]:
         """Every namespace holding a blob: a delimiter walk, one listing per level."""
         found: list[str] = []

@@ -164,9 +164,11 @@ FIXTURES = ("moto_service", "seaweedfs_service", "memcached_ring", "service_fact
 
 
 @contextlib.asynccontextmanager
-async def dynamodb(moto_service: LocalService) -> AsyncIterator[DynamoDBItemBackend]:
+async def dynamodb(
+    moto_service: LocalService, **overrides: object
+) -> AsyncIterator[DynamoDBItemBackend]:
     """A DynamoDB backend on moto's server, closed afterwards."""
-    backend = await DynamoDBItemBackend.from_config(dynamodb_config(moto_service))
+    backend = await DynamoDBItemBackend.from_config(dynamodb_config(moto_service, **overrides))
     try:
         yield backend
     finally:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import threading
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +25,13 @@ import pytest
 
 from xmppd.storage.backends._aws import (
     IO_THREAD_NAME,
+    AwsCaller,
     ClientSettings,
     on_io_loop,
     open_client,
 )
-from xmppd.storage.backends.s3 import S3BlobBackend
+from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
+from xmppd.storage.backends.s3 import MULTIPART_THRESHOLD, S3BlobBackend
 from xmppd.storage.base import Query
 from xmppd.storage.devservices import HOST, LocalService
 
@@ -254,3 +257,49 @@ async def test_a_caller_loop_gone_before_the_answer_leaves_the_io_loop_well(
         assert await on_io_loop(still_serving()) == IO_THREAD_NAME
         await asyncio.sleep(0.1)
     assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+async def test_admitted_calls_wait_before_the_backend_method_runs() -> None:
+    """A backend call beyond the pool waits at the door (see `admitted`), holding its
+    arguments only: the method body, its request dicts and the layers below do not
+    exist yet."""
+    async with black_hole() as (port, arrived, _):
+        client = await open_client("dynamodb", black_hole_settings(port, connections=2))
+        items = DynamoDBItemBackend(client, "t", AwsCaller("dynamodb", "black hole", 1))
+        try:
+            calls = [asyncio.create_task(items.get("n/s", f"k{n}")) for n in range(5)]
+            await asyncio.wait_for(arrived.wait(), 5)
+            await asyncio.sleep(0.3)
+            body = DynamoDBItemBackend.get.__wrapped__.__code__  # type: ignore[attr-defined]
+            coroutines = [c for c in gc.get_objects() if isinstance(c, types.CoroutineType)]
+            running = [c for c in coroutines if c.cr_code is body]
+            assert len(running) == 2
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await client.close()
+
+
+async def test_operations_of_several_calls_work_with_one_connection(
+    moto_service: LocalService, seaweedfs_service: LocalService
+) -> None:
+    """An admitted operation that makes several calls (batch writes, paged queries,
+    multipart uploads) takes per-call turns apart from its admission: with a pool
+    of one it still finishes instead of waiting for itself."""
+    ns = f"io{uuid.uuid4().hex[:8]}.example/store"
+    async with asyncio.timeout(60):
+        async with dynamodb(moto_service, max_connections=1) as items:
+            await items.batch_put(ns, {f"k{n}": {"n": n} for n in range(12)})
+            assert len(await items.batch_get(ns, [f"k{n}" for n in range(12)])) == 12
+            assert len((await items.query(ns, Query(limit=5))).items) == 5
+        blobs = await S3BlobBackend.from_config(
+            s3_config(seaweedfs_service, max_connections=1, max_blob_bytes=32 * 1024 * 1024)
+        )
+        try:
+            big = bytes(range(256)) * (MULTIPART_THRESHOLD // 256 + 4096)  # 2 parts at once
+            etag = await blobs.put(ns, "big", big)
+            assert etag.endswith("-2")
+            assert (await blobs.get(ns, "big")).data == big  # type: ignore[union-attr]
+        finally:
+            await blobs.close()

@@ -26,6 +26,7 @@ from xmppd.storage.backends.s3 import (
 )
 from xmppd.storage.base import ConditionFailed, Query, StorageError
 from xmppd.storage.devservices import LocalService
+from xmppd.storage.turns import Turns
 
 from .services import dynamodb, s3_config
 
@@ -134,6 +135,8 @@ async def test_unprocessed_batch_keys_are_retried(caller: AwsCaller) -> None:
     asked: list[Any] = []
 
     class Client:
+        admission = Turns(4)  # what AwsClient offers the backends' admitted methods
+
         async def batch_get_item(self, RequestItems: Any) -> Any:  # noqa: N803 - boto's name
             asked.append(RequestItems)
             return answers.pop(0)
