@@ -45,6 +45,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..base import StorageError
+from ..config import DynamoDBItemsConfig, S3BlobsConfig
 from ..turns import Turns
 
 T = TypeVar("T")
@@ -84,6 +85,19 @@ class ClientSettings:
     connect_timeout: float
     read_timeout: float
     max_attempts: int
+
+    @classmethod
+    def from_config(cls, cfg: DynamoDBItemsConfig | S3BlobsConfig) -> ClientSettings:
+        return cls(
+            region=cfg.region,
+            endpoint_url=cfg.endpoint_url,
+            access_key_id=cfg.access_key_id,
+            secret_access_key=cfg.secret_access_key,
+            max_pool_connections=cfg.max_connections,
+            connect_timeout=cfg.timeout,
+            read_timeout=cfg.timeout,
+            max_attempts=cfg.retries + 1,
+        )
 
 
 def error_code(exc: ClientError) -> str:

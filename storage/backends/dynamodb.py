@@ -134,16 +134,7 @@ class DynamoDBItemBackend(ItemBackend):
     async def from_config(cls, cfg: DynamoDBItemsConfig) -> DynamoDBItemBackend:
         """Connect, then create the table (cfg.create_table) or check that it exists, so a
         wrong table name fails at startup rather than at the first login."""
-        settings = ClientSettings(
-            region=cfg.region,
-            endpoint_url=cfg.endpoint_url,
-            access_key_id=cfg.access_key_id,
-            secret_access_key=cfg.secret_access_key,
-            max_pool_connections=cfg.max_connections,
-            connect_timeout=cfg.timeout,
-            read_timeout=cfg.timeout,
-            max_attempts=cfg.retries + 1,
-        )
+        settings = ClientSettings.from_config(cfg)
         client = await open_client("dynamodb", settings)
         where = f"table {cfg.table} at {cfg.endpoint_url or 'AWS ' + cfg.region}"
         backend = cls(client, cfg.table, AwsCaller(cls.name, where, cfg.retries + 1))

@@ -160,16 +160,7 @@ class S3BlobBackend(BlobBackend):
     @classmethod
     async def from_config(cls, cfg: S3BlobsConfig) -> S3BlobBackend:
         """Connect, then create the bucket (cfg.create_bucket) or check that it exists."""
-        settings = ClientSettings(
-            region=cfg.region,
-            endpoint_url=cfg.endpoint_url,
-            access_key_id=cfg.access_key_id,
-            secret_access_key=cfg.secret_access_key,
-            max_pool_connections=cfg.max_connections,
-            connect_timeout=cfg.timeout,
-            read_timeout=cfg.timeout,
-            max_attempts=cfg.retries + 1,
-        )
+        settings = ClientSettings.from_config(cfg)
         # S3-compatible servers on an IP or a single host name need path-style URLs.
         style = "path" if cfg.endpoint_url else "auto"
         client = await open_client(
