@@ -16,7 +16,7 @@ import gc
 import threading
 import types
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -152,6 +152,24 @@ async def black_hole() -> AsyncIterator[tuple[int, asyncio.Event, asyncio.Event]
         server.close()
 
 
+@contextlib.asynccontextmanager
+async def five_stalled_calls(
+    arrived: asyncio.Event, call: Callable[[], Coroutine[Any, Any, Any]]
+) -> AsyncIterator[None]:
+    """Five calls to a black hole whose pool takes two: the body runs once the first
+    request has arrived and the rest have had time to go as far as they can; the
+    calls are cancelled afterwards."""
+    calls = [asyncio.create_task(call()) for _ in range(5)]
+    try:
+        await asyncio.wait_for(arrived.wait(), 5)
+        await asyncio.sleep(0.3)
+        yield
+    finally:
+        for task in calls:
+            task.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+
+
 def black_hole_settings(port: int, connections: int = 4) -> ClientSettings:
     return ClientSettings(
         region="us-east-1",
@@ -191,15 +209,10 @@ async def test_calls_beyond_the_pool_wait_before_their_request_is_built() -> Non
         client = await open_client("dynamodb", black_hole_settings(port, connections=2))
         try:
             signed = record_threads(client)
-            calls = [asyncio.create_task(client.describe_table(TableName="t")) for _ in range(5)]
-            await asyncio.wait_for(arrived.wait(), 5)
-            await asyncio.sleep(0.3)
-            assert len(signed) == 2
-            tasks_on_io_loop, _ = await io_loop_state()
-            assert tasks_on_io_loop == 2
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*calls, return_exceptions=True)
+            async with five_stalled_calls(arrived, lambda: client.describe_table(TableName="t")):
+                assert len(signed) == 2
+                tasks_on_io_loop, _ = await io_loop_state()
+                assert tasks_on_io_loop == 2
         finally:
             await client.close()
 
@@ -267,16 +280,11 @@ async def test_admitted_calls_wait_before_the_backend_method_runs() -> None:
         client = await open_client("dynamodb", black_hole_settings(port, connections=2))
         items = DynamoDBItemBackend(client, "t", AwsCaller("dynamodb", "black hole", 1))
         try:
-            calls = [asyncio.create_task(items.get("n/s", f"k{n}")) for n in range(5)]
-            await asyncio.wait_for(arrived.wait(), 5)
-            await asyncio.sleep(0.3)
-            body = DynamoDBItemBackend.get.__wrapped__.__code__  # type: ignore[attr-defined]
-            coroutines = [c for c in gc.get_objects() if isinstance(c, types.CoroutineType)]
-            running = [c for c in coroutines if c.cr_code is body]
-            assert len(running) == 2
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*calls, return_exceptions=True)
+            async with five_stalled_calls(arrived, lambda: items.get("n/s", "k")):
+                body = DynamoDBItemBackend.get.__wrapped__.__code__  # type: ignore[attr-defined]
+                coroutines = [c for c in gc.get_objects() if isinstance(c, types.CoroutineType)]
+                running = [c for c in coroutines if c.cr_code is body]
+                assert len(running) == 2
         finally:
             await client.close()
 
