@@ -52,6 +52,7 @@ class _Target:
         "max_depth",
         "stanza_started",
         "priming",
+        "declared",
     )
 
     def __init__(self, max_depth: int) -> None:
@@ -62,10 +63,26 @@ class _Target:
         self.max_depth = max_depth
         self.stanza_started = False  # a top-level element began since the flag was cleared
         self.priming = False  # parsing the stand-in stream header after release()
+        # Namespace declarations of the next start tag, gathered by start_ns().
+        self.declared: dict[str | None, str] = {}
 
-    def start(self, tag: str, attrib: Any, nsmap: dict[str, str] | None = None) -> None:
+    def start_ns(self, prefix: str, uri: str) -> None:
+        self.declared[prefix or None] = uri
+
+    def end_ns(self, prefix: str) -> None:
+        return None
+
+    def start(self, tag: str, attrib: Any, nsmap: Any = None) -> None:
+        # `nsmap` is not read: lxml 6.2 passes an empty mapping for it unless the
+        # target has start_ns(), and what it holds has changed between releases.
+        # start_ns() events, which every lxml since 4 sends just before the
+        # element's start(), are the one source of a tag's declarations.
         self.depth += 1
-        declared = {(k or None): v for k, v in nsmap.items()} if nsmap else {}
+        declared = self.declared
+        if declared:
+            self.declared = {}
+        else:
+            declared = {}  # a fresh one: the stanza's may gain the stream's default below
         if self.depth == 1:
             if not self.priming:
                 self.default_ns = declared.get(None)
@@ -161,6 +178,7 @@ class StreamParser:
         target.depth = 0
         target.builder = None
         target.default_ns = None
+        target.declared = {}
         target.events = []
         target.stanza_started = False
         self.max_stanza_bytes = max_stanza_bytes

@@ -1,0 +1,96 @@
+"""StreamParser namespace handling, independent of what lxml passes as `nsmap`.
+
+lxml 6.2.0 passes an empty mapping as start()'s nsmap argument to a target
+without start_ns(); 5.x and 6.1 passed the tag's declarations. The parser
+must give the same elements under every lxml release CI installs: the
+locked one, the oldest supported one and the newest one.
+"""
+
+from __future__ import annotations
+
+import lxml
+from lxml import etree
+
+from xmppd.xml.parser import StreamClosed, StreamOpened, StreamParser
+
+HEADER = (
+    b"<?xml version='1.0'?><stream:stream xmlns='jabber:client'"
+    b" xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback'"
+    b" to='localhost' version='1.0'>"
+)
+
+
+def parser() -> StreamParser:
+    return StreamParser(max_stanza_bytes=65536, max_depth=32)
+
+
+def test_stream_header_reports_its_namespace_declarations() -> None:
+    events = parser().feed(HEADER)
+    assert len(events) == 1, lxml.__version__
+    opened = events[0]
+    assert isinstance(opened, StreamOpened)
+    assert opened.tag == "{http://etherx.jabber.org/streams}stream"
+    assert opened.nsmap == {
+        None: "jabber:client",
+        "stream": "http://etherx.jabber.org/streams",
+        "db": "jabber:server:dialback",
+    }
+    assert opened.attrs == {"to": "localhost", "version": "1.0"}
+
+
+def test_stanza_inherits_the_stream_default_namespace_and_serializes_alone() -> None:
+    p = parser()
+    p.feed(HEADER)
+    (message,) = p.feed(b"<message to='bob@localhost'><body>hi</body></message>")
+    assert message.tag == "{jabber:client}message"
+    assert message[0].tag == "{jabber:client}body"
+    assert message.nsmap == {None: "jabber:client"}
+    assert etree.tostring(message) == (
+        b'<message xmlns="jabber:client" to="bob@localhost"><body>hi</body></message>'
+    )
+
+
+def test_prefixes_declared_on_the_root_or_inside_a_stanza_resolve() -> None:
+    p = parser()
+    p.feed(HEADER)
+    (first, second, closed) = p.feed(
+        b"<db:result from='a' to='b'>key</db:result>"
+        b"<iq type='get' id='1'><x:q xmlns:x='urn:x'><x:i/></x:q></iq>"
+        b"</stream:stream>"
+    )
+    assert first.tag == "{jabber:server:dialback}result"
+    assert second[0].tag == "{urn:x}q"
+    assert second[0][0].tag == "{urn:x}i"
+    assert isinstance(closed, StreamClosed)
+
+
+def test_a_declaration_does_not_leak_to_the_next_element() -> None:
+    p = parser()
+    p.feed(HEADER)
+    a, b = p.feed(b"<message xmlns='urn:other'/><message/>")
+    assert a.tag == "{urn:other}message"
+    assert b.tag == "{jabber:client}message"
+    assert b.nsmap == {None: "jabber:client"}
+
+
+def test_namespaces_survive_release_and_resume() -> None:
+    p = parser()
+    p.feed(HEADER)
+    p.feed(b"<presence/>")
+    assert p.release()
+    (message,) = p.feed(b"<message><db:x/></message>")
+    assert message.tag == "{jabber:client}message"
+    assert message[0].tag == "{jabber:server:dialback}x"
+
+
+def test_restart_forgets_the_old_stream_declarations() -> None:
+    p = parser()
+    p.feed(HEADER)
+    p.restart(65536)
+    (opened,) = p.feed(
+        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>"
+    )
+    assert isinstance(opened, StreamOpened)
+    assert opened.nsmap == {None: "jabber:server", "stream": "http://etherx.jabber.org/streams"}
+    (message,) = p.feed(b"<message/>")
+    assert message.tag == "{jabber:server}message"
