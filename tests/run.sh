@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Install what the tests need (Debian packages for the services they start,
-# Python packages) and run the whole suite. Extra arguments go to pytest.
+# Install what the tests need and run the whole suite. Extra arguments go to pytest.
+#
+# Debian packages for the services the tests start (.ci/services.sh), then the
+# locked Python packages (requirements/test.txt) into the active virtualenv, or
+# into .venv here when none is active (Debian's own Python refuses pip installs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/services.sh
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
-exec python3 -m pytest "$@"
+if [[ -z "${VIRTUAL_ENV:-}" ]]; then
+    [[ -x .venv/bin/python ]] || python3 -m venv .venv
+    # shellcheck disable=SC1091
+    source .venv/bin/activate
+fi
+python -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
+python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+exec python -m pytest "$@"

@@ -168,7 +168,21 @@ class C2SConnection(asyncio.BufferedProtocol):
             # The stream is over even if the TLS shutdown takes a while: stop routing here now.
             self._end_session()
             if not transport.is_closing():
+                self._log_stream_error()
                 transport.close()
+
+    def _log_stream_error(self) -> None:
+        """One line at the default level for every stream we end with an error, so a
+        refused client (or a server-side regression that refuses them all) shows in
+        the log. A shutdown is the operator's own doing and logs nothing per stream."""
+        error = self.stream.error
+        if error is None or error.condition == "system-shutdown":
+            return
+        who = self.stream.jid or self.stream.host or "?"
+        log.info(
+            "stream from %s (%s) refused: %s%s",
+            self.ip, who, error.condition, f" ({error.text})" if error.text else "",
+        )
 
     def _end_session(self) -> None:
         if self.jid and not self._ended:

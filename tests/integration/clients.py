@@ -74,6 +74,22 @@ async def close(client: Client) -> None:
         await asyncio.wait_for(client.ended.wait(), 10)
 
 
+async def read_until(reader: asyncio.StreamReader, marker: bytes, timeout: float = 10) -> bytes:
+    """Read until `marker` arrives; EOFError (with what came) if the peer closes first.
+
+    `read()` returns b"" at once and forever after EOF, so a loop that only
+    waits for the marker would spin at full CPU once the server hangs up.
+    """
+    buf = b""
+    async with asyncio.timeout(timeout):
+        while marker not in buf:
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise EOFError(buf)
+            buf += chunk
+    return buf
+
+
 class RawClient:
     """A hand-driven stream over TLS, for input no well-behaved client library sends."""
 
@@ -99,14 +115,7 @@ class RawClient:
         await self.writer.drain()
 
     async def read_until(self, marker: bytes, timeout: float = 10) -> bytes:
-        buf = b""
-        async with asyncio.timeout(timeout):
-            while marker not in buf:
-                chunk = await self.reader.read(65536)
-                if not chunk:
-                    raise EOFError(buf)
-                buf += chunk
-        return buf
+        return await read_until(self.reader, marker, timeout)
 
     async def read_to_close(self, timeout: float = 10) -> bytes:
         """Everything until the server closes the connection."""

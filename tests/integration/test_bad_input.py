@@ -289,3 +289,18 @@ async def test_client_that_stops_reading_is_disconnected(start_server: StartServ
     assert sent * len(body) > 4 * 16384 + 65536
     await close(bob)
     sleeper.writer.transport.abort()
+
+
+async def test_a_refused_stream_is_logged_at_the_default_level(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="xmppd")
+    raw = await RawClient.open(server)
+    await raw.send(HEADER.replace("jabber:client", "jabber:server"))
+    assert stream_error_of(await raw.read_to_close()) == "invalid-namespace"
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1, caplog.text
+    assert refused[0].levelname == "INFO"
+    assert "127.0.0.1" in refused[0].getMessage()
+    assert "invalid-namespace" in refused[0].getMessage()
+    await raw.close()

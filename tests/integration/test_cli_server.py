@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.integration.clients import HEADER, insecure_context
+from tests.integration.clients import HEADER, insecure_context, read_until
 from tests.integration.conftest import write_config
 
 
@@ -42,9 +42,7 @@ async def test_startup_lines_and_sigterm_closes_streams_with_system_shutdown(
         "127.0.0.1", int(ports["direct TLS"]), ssl=insecure_context(), server_hostname="localhost"
     )
     writer.write(HEADER.encode())
-    buf = b""
-    while b"</stream:features>" not in buf:
-        buf += await asyncio.wait_for(reader.read(65536), 10)
+    await read_until(reader, b"</stream:features>")
 
     proc.send_signal(signal.SIGTERM)
     rest = b""

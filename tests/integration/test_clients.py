@@ -26,6 +26,7 @@ async def exchange(a: Client, b: Client) -> None:
     assert back["from"] == b.boundjid
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 @pytest.mark.parametrize("direct_tls", [False, True], ids=["starttls", "direct-tls"])
 async def test_login_and_chat(server: Server, mechanism: str, direct_tls: bool) -> None:

@@ -149,6 +149,7 @@ class C2SStream:
         self._client_from: str | None = None
         self._sasl_active = False
         self._sasl_failures = 0
+        self.error: StreamError | None = None  # the stream error we ended the stream with
         self._header_sent = False
         self._out: list[bytes] = []
         self._parser = self._new_parser()
@@ -251,6 +252,7 @@ class C2SStream:
         """Send a stream error and close (RFC 6120 section 4.9.1.1)."""
         if self.phase is Phase.CLOSED:
             return
+        self.error = error
         if not self._header_sent:
             self._send_header()
         self._out.append(etree.tostring(error.to_element()))
