@@ -108,7 +108,7 @@ SUBSCRIPTIONS = frozenset({"none", "to", "from", "both"})
 
 PRIORITY = 1000  # privacy is the first delivery rule (XEP-0016 2.2 rule 4)
 MAX_CACHED_OFFLINE = 2048  # records kept for users with no session here
-MAX_HELD = 256  # stanzas held per user while their record loads
+MAX_HELD = 4096  # stanzas held per user while their record loads (errors are always held)
 WRITE_TRIES = 10
 LOAD_TRIES = 3
 ROSTER_TRIES = 3
@@ -416,11 +416,17 @@ class UserState:
 
 @dataclass(slots=True)
 class _Held:
-    """A stanza held by a filter until the record of `bare` is loaded."""
+    """A stanza held by a filter until the record of `bare` is loaded.
+
+    `release` lets its sender's client be read from again (ModuleHost.slow_sender):
+    while a stanza is held, the client that sent it is not read, so one slow
+    record load cannot pile up more than a read's worth of stanzas per sender.
+    """
 
     stanza: etree._Element
     session: Session
     inbound: bool
+    release: Callable[[], None] | None = None
 
 
 Policy = tuple[PrivacyData, str | None]
@@ -656,9 +662,11 @@ class PrivacyEngine:
         if queue is None:
             queue = self._held[bare] = []
             self.host.router.spawn(self._load_held(bare))
-        if len(queue) >= MAX_HELD:
+        if len(queue) >= MAX_HELD and held.stanza.get("type") != "error":
+            # An error is never answered, so refusing one would lose it silently.
             self._fail(held, "resource-constraint")
             return
+        held.release = self.host.slow_sender()
         queue.append(held)
 
     async def _load_held(self, bare: str) -> None:
@@ -671,15 +679,25 @@ class PrivacyEngine:
 
     def _replay(self, held: _Held) -> None:
         """Run a held stanza through the filters again, now that the rules are known.
-        One for a session that closed meanwhile is dropped, as its delivery would have been."""
+
+        A message for a session that closed meanwhile is routed again from the
+        start, so that it goes to another resource or to offline storage, as it
+        would have if it had come after the session closed; anything else for
+        it is dropped, as its delivery would have been."""
+        if held.release is not None:
+            held.release()
         router = self.host.router
         if not held.inbound:
             router.route(held.stanza, held.session)
         elif self.session(held.session.jid) is held.session:
             router.deliver(held.session, held.stanza)
+        elif held.stanza.tag == ns.C_MESSAGE:
+            router.route(held.stanza)
 
     def _fail(self, held: _Held, condition: str) -> None:
         """Unknown rules: refuse rather than deliver what may be blocked, and say so."""
+        if held.release is not None:
+            held.release()
         stanza = held.stanza
         if held.inbound:
             if stanza.tag != ns.C_PRESENCE:

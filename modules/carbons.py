@@ -194,6 +194,7 @@ class Carbons(Module):
         if msg_id and stanza.get("type") != "error":
             self.recent.add(("sent", owner, peer, msg_id))
         for session in others:
+            self.host.router.ledger.copies += 1
             self.host.router.deliver(session, wrap("sent", stanza, owner, session.jid))
         return True
 
@@ -223,6 +224,7 @@ class Carbons(Module):
         has_original = self._recipients(stanza, session)
         for other in interested:
             if other not in has_original and other.jid != sender:
+                self.host.router.ledger.copies += 1
                 self.host.router.deliver(other, wrap("received", stanza, owner, other.jid))
         # Set after delivering: the copies pass through this filter too.
         self._seen, self._seen_owner = stanza, owner

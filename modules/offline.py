@@ -162,7 +162,9 @@ class Offline(Module):
 
     async def on_offline(self, stanza: etree._Element, bare: str) -> bool:
         decision = decide(stanza)
+        ledger = self.host.router.ledger
         if decision == "discard":
+            ledger.drop("not-stored")
             return True
         if decision == "refuse":
             return False  # the router answers service-unavailable
@@ -182,6 +184,7 @@ class Offline(Module):
                 stanza, "internal-server-error", "the message could not be stored"
             )
             return True
+        ledger.offline += 1
         # The user may have come online while we wrote: then deliver now.
         target = self._best_session(bare)
         if target is not None:
@@ -291,6 +294,7 @@ class Offline(Module):
         for item, key in zip(page.items, keys, strict=True):
             stanza = self._parse(data.get(key), item.name)
             if stanza is not None:
+                self.host.router.ledger.replayed += 1
                 self.host.router.deliver(session, stanza)
         await self._remove(items, user, page.items)
         for key in keys:

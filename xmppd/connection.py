@@ -25,6 +25,7 @@ from xmppd.sasl.scram import ScramServer
 from xmppd.storage.base import StorageError
 from xmppd.stream import c2s
 from xmppd.stream.errors import StanzaError, StreamError, error_from
+from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -61,6 +62,8 @@ class C2SConnection(asyncio.BufferedProtocol):
         self._auth_task: asyncio.Task[None] | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        self._queued_messages = 0  # message stanzas in the stream's output, not yet written
+        self._input_holds = 0  # hold_input() calls not yet released: reading is paused
         self._max_backlog = 4 * server.config.limits.max_stanza_bytes + 65536
         self._counted = False
         self._ended = False
@@ -110,11 +113,20 @@ class C2SConnection(asyncio.BufferedProtocol):
             self.server.connection_closed(self)
             self._counted = False
         self._end_session()
+        if self._queued_messages:
+            self._lost_queued()
         self.transport = None
 
     # --- Session ----------------------------------------------------------------------
 
     def deliver(self, stanza: etree._Element) -> None:
+        if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+            ledger = self.server.router.ledger
+            if self.stream.closed:
+                ledger.drop("recipient-gone")
+                return
+            ledger.delivered += 1
+            self._queued_messages += 1
         self.stream.send(stanza)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -124,12 +136,26 @@ class C2SConnection(asyncio.BufferedProtocol):
         self.stream.fail(error)
         self._flush()
 
+    def hold_input(self) -> None:
+        self._input_holds += 1
+        if self._input_holds == 1 and self.transport is not None:
+            self.transport.pause_reading()
+
+    def release_input(self) -> None:
+        self._input_holds -= 1
+        transport = self.transport
+        if self._input_holds == 0 and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
     # --- stream events ----------------------------------------------------------------
 
     def _handle(self, events: list[c2s.Event]) -> None:
         for event in events:
             if isinstance(event, c2s.StanzaReceived):
-                self.server.router.route(event.stanza, self)
+                stanza = event.stanza
+                if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+                    self.server.router.ledger.received += 1
+                self.server.router.route(stanza, self)
             elif isinstance(event, c2s.AuthRequested):
                 self._start_auth(event)
             elif isinstance(event, c2s.AuthResponse):
@@ -160,6 +186,9 @@ class C2SConnection(asyncio.BufferedProtocol):
         data = self.stream.output()
         if data:
             transport.write(data)
+            if self._queued_messages:
+                self.server.router.ledger.written += self._queued_messages
+                self._queued_messages = 0
             if transport.get_write_buffer_size() > self._max_backlog and not self.stream.closed:
                 # A client that stops reading must not make us buffer without bound.
                 self.stream.fail(StreamError("policy-violation", "you are not reading your stream"))
@@ -183,6 +212,11 @@ class C2SConnection(asyncio.BufferedProtocol):
             "stream from %s (%s) refused: %s%s",
             self.ip, who, error.condition, f" ({error.text})" if error.text else "",
         )
+
+    def _lost_queued(self) -> None:
+        """The connection went before queued messages reached its transport."""
+        self.server.router.ledger.dropped["recipient-gone"] += self._queued_messages
+        self._queued_messages = 0
 
     def _end_session(self) -> None:
         if self.jid and not self._ended:

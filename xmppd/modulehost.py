@@ -191,6 +191,25 @@ class ModuleHost:
                 return False
         return True
 
+    def slow_sender(self) -> Callable[[], None]:
+        """Stop reading from the client whose stanza is being routed, until the
+        returned function is called (once). For a filter that holds a stanza
+        while it waits on storage: the sender's TCP window fills rather than our
+        memory. A no-op for stanzas the server made itself."""
+        origin = self.router.current_origin
+        if origin is None:
+            return _nothing
+        origin.hold_input()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                origin.release_input()
+
+        return release
+
     def add_feature(self, var: str, to: Scope = "server") -> None:
         self.features[to].add(var)
 
@@ -343,3 +362,7 @@ def validate_module_options(config: Config) -> dict[str, BaseModel]:
     if problems:
         raise ConfigError(problems)
     return options
+
+
+def _nothing() -> None:
+    return None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from lxml import etree
 
 from xmppd.jid import JID, parse_jid
+from xmppd.ledger import MessageLedger
 from xmppd.session import Session
 from xmppd.stream.errors import StanzaError, StreamError, error_from, error_reply
 from xmppd.xml import ns
@@ -57,6 +58,10 @@ class Router:
         self.sessions: dict[str, dict[str, Session]] = {}  # bare JID -> resource -> session
         self.modules: ModuleHost | None = None
         self.remote: RemoteRoute = NoRemote(self)
+        self.ledger = MessageLedger()
+        # The local session whose stanza route() is handling now (None: the server's
+        # own), so that a filter that has to wait can slow that client down.
+        self.current_origin: Session | None = None
         self._tasks: set[asyncio.Future[object]] = set()
         self._serial: dict[str, deque[Callable[[], Awaitable[object] | None]]] = {}
 
@@ -114,6 +119,13 @@ class Router:
         server makes; only the former pass the "stanza/out" filters
         (privacy lists, carbons of sent messages, directed presence).
         """
+        previous, self.current_origin = self.current_origin, origin
+        try:
+            self._route(stanza, origin)
+        finally:
+            self.current_origin = previous
+
+    def _route(self, stanza: etree._Element, origin: Session | None) -> None:
         modules = self.modules
         if origin is not None and modules is not None and modules.filters_out:
             if not modules.run_filters("stanza/out", stanza, origin):
@@ -320,12 +332,11 @@ class Router:
     async def _unhandled(self, stanza: etree._Element, event: str, *args: object) -> None:
         """Give modules a chance (offline storage, messages to the server); else tell the sender."""
         handled = self.modules is not None and await self.modules.fire(event, stanza, *args)
-        if (
-            not handled
-            and event == "message/offline"
-            and stanza.get("type") in (None, "normal", "chat")
-        ):
-            self.bounce(stanza, "service-unavailable", "the recipient is offline")
+        if not handled and event == "message/offline":
+            if stanza.get("type") in (None, "normal", "chat"):
+                self.bounce(stanza, "service-unavailable", "the recipient is offline")
+            else:
+                self.ledger.drop("not-stored")  # a headline, with no offline storage
 
     # --- errors ------------------------------------------------------------------------
 
@@ -333,6 +344,8 @@ class Router:
         """Answer `stanza` with an error, unless it is itself an error (no error loops)."""
         if stanza.get("type") == "error" or stanza.get("from") is None:
             return
+        if stanza.tag == ns.C_MESSAGE:
+            self.ledger.bounced += 1
         if stanza.tag == ns.C_IQ and stanza.get("type") not in ("get", "set"):
             return
         self.route(error_reply(stanza, condition, text))
@@ -340,6 +353,8 @@ class Router:
     def reply_error(self, stanza: etree._Element, exc: StanzaError) -> None:
         if stanza.get("type") == "error" or stanza.get("from") is None:
             return
+        if stanza.tag == ns.C_MESSAGE:
+            self.ledger.bounced += 1
         self.route(error_from(stanza, exc))
 
     def spawn(self, coro: Awaitable[object]) -> None:

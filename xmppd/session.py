@@ -30,3 +30,14 @@ class Session(Protocol):
 
     def terminate(self, error: StreamError) -> None:
         """End the session with a stream error (conflict, system-shutdown, ...)."""
+
+    def hold_input(self) -> None:
+        """Stop taking stanzas from the client until as many release_input() calls.
+
+        Backpressure: what the client sent is waiting on something slow (a
+        privacy record loading, say), and reading on would pile its stanzas up
+        in memory until one had to be refused. The client's TCP window fills
+        instead, and it slows down."""
+
+    def release_input(self) -> None:
+        """Undo one hold_input()."""

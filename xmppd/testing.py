@@ -43,12 +43,20 @@ class TestSession:
         self.presence: etree._Element | None = None
         self.received: list[etree._Element] = []
         self.terminated: StreamError | None = None
+        self.input_holds = 0  # hold_input() calls not yet released
 
     def deliver(self, stanza: etree._Element) -> None:
         self.received.append(stanza)
 
     def terminate(self, error: StreamError) -> None:
         self.terminated = error
+
+    def hold_input(self) -> None:
+        self.input_holds += 1
+
+    def release_input(self) -> None:
+        assert self.input_holds > 0, "released more holds than were taken"
+        self.input_holds -= 1
 
     def take(self) -> list[etree._Element]:
         received, self.received = self.received, []
