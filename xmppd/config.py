@@ -240,10 +240,8 @@ class LimitsConfig(BaseModel):
     auth_timeout: Seconds = Field(default=30.0, gt=0)
     max_connections_per_ip: StrictInt = Field(default=200, ge=0)  # 0: unlimited
     auth_failure_delay: Seconds = Field(default=1.0, ge=0)
-    max_auth_failures_per_account: StrictInt = Field(default=5, ge=1)
-    max_auth_failures_per_ip: StrictInt = Field(default=20, ge=1)
-    auth_failure_window: Seconds = Field(default=300.0, gt=0)
-    auth_lockout: Seconds = Field(default=600.0, ge=0)
+    auth_failures_before_ban: StrictInt = Field(default=20, ge=1)
+    auth_ban_seconds: Seconds = Field(default=3600.0, gt=0)
 
     @model_validator(mode="after")
     def _unauthenticated_below_max(self) -> LimitsConfig:
@@ -392,6 +390,21 @@ class Config(BaseModel):
 
 # ------------------------------------------------------------- pydantic errors -> lines
 
+_REPLACED_KEYS: dict[Loc, str] = {
+    ("limits", "max_auth_failures_per_account"): (
+        "accounts are no longer locked (anyone could lock their owner out); failing "
+        'addresses are banned instead: use "limits.auth_failures_before_ban"'
+    ),
+    ("limits", "max_auth_failures_per_ip"): 'renamed: use "limits.auth_failures_before_ban"',
+    ("limits", "auth_lockout"): 'renamed: use "limits.auth_ban_seconds"',
+    ("limits", "auth_failure_window"): (
+        "failures are now remembered until limits.auth_ban_seconds pass without one: "
+        'use "limits.auth_ban_seconds"'
+    ),
+}
+"""Keys an older xmppd read, with what to write instead: an operator's old file
+names them, and "unknown key" alone would not say where the setting went."""
+
 
 def _show(value: Any) -> str:
     """A bad value as the operator wrote it."""
@@ -516,6 +529,8 @@ def _message(e: ErrorDetails, model: type[BaseModel]) -> tuple[Loc, str]:
     if kind == "extra_forbidden":
         key = str(loc[-1])
         message = f"unknown key {json.dumps(key)}"
+        if model is Config and loc in _REPLACED_KEYS:
+            return loc, f"{message}: {_REPLACED_KEYS[loc]}"
         parent = _model_in(_walk(model, tuple(e["loc"])[:-1])[1])
         close = difflib.get_close_matches(key, list(parent.model_fields) if parent else [], n=1)
         return loc, message + (f" (did you mean {json.dumps(close[0])}?)" if close else "")

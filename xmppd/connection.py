@@ -289,19 +289,12 @@ class C2SConnection(asyncio.BufferedProtocol):
     async def _auth_first(self, mechanism: str, data: bytes) -> None:
         server = self.server
         host = self.stream.host or ""
-        if server.throttle.locked(self.ip):
-            await self._auth_failed(
-                None, "temporary-auth-failure", "too many failed attempts from your address"
-            )
-            return
         try:
             if mechanism == "PLAIN":
                 authzid, username, password = parse_plain(data)
                 username = _account_name(username)
-                if server.throttle.locked(self.ip, f"{username}@{host}"):
-                    await self._auth_failed(
-                        None, "temporary-auth-failure", "account temporarily locked"
-                    )
+                if await server.throttle.refused(self.ip, f"{username}@{host}"):
+                    self._refuse_banned()
                     return
                 if not await server.accounts[host].verify_plain(username, password):
                     await self._auth_failed(username, "not-authorized")
@@ -316,10 +309,8 @@ class C2SConnection(asyncio.BufferedProtocol):
                 fake_salt_key=server.fake_salt_key,
             )
             username = _account_name(scram.start(data))
-            if server.throttle.locked(self.ip, f"{username}@{host}"):
-                await self._auth_failed(
-                    None, "temporary-auth-failure", "account temporarily locked"
-                )
+            if await server.throttle.refused(self.ip, f"{username}@{host}"):
+                self._refuse_banned()
                 return
             keys = await server.accounts[host].scram_keys(username, scram_hash_of(mechanism))
             self.stream.sasl_challenge(scram.challenge(keys))
@@ -374,19 +365,42 @@ class C2SConnection(asyncio.BufferedProtocol):
                     self.stream.sasl_failure("invalid-authzid", "you may not act as another user")
                     return
                 username = target.user  # type: ignore[union-attr]
-        self.server.throttle.succeeded(self.ip, own)
+        if not await self.server.throttle.admit(self.ip, own):
+            self._refuse_banned()
+            return
         self.stream.sasl_success(username, additional)
         log.debug("authenticated %s from %s", own, self.ip)
 
     async def _auth_failed(
         self, username: str | None, condition: str, text: str | None = None
     ) -> None:
-        if condition in ("not-authorized", "temporary-auth-failure"):
-            host = self.stream.host or ""
+        """Answer a failed attempt, after a wait that grows with its address's failures.
+
+        Only wrong credentials wait and count; a malformed message waits the
+        base delay but is not counted, since it cost no password check.
+        """
+        if condition == "not-authorized":
+            throttle = self.server.throttle
+            delay = throttle.failure_delay
             if username is not None:
-                self.server.throttle.failed(self.ip, f"{username}@{host}")
-            await asyncio.sleep(self.server.config.limits.auth_failure_delay)
+                delay = await throttle.failed(self.ip, f"{username}@{self.stream.host or ''}")
+            await asyncio.sleep(delay)
         self.stream.sasl_failure(condition, text)
+
+    def _refuse_banned(self) -> None:
+        """Refuse an attempt from a banned address, without checking its credentials.
+
+        `<temporary-auth-failure/>` (RFC 6120 6.5.12: retry later) says what
+        is true: the refusal ends by itself. `<not-authorized/>` (6.5.10)
+        would tell the client the credentials are wrong, and clients then
+        ask their user for another password that cannot help either; a
+        `<policy-violation/>` stream error would end the stream, which the
+        per-stream retry limit already does after a few attempts. The text
+        says why, for the user who reads the client's error.
+        """
+        self.stream.sasl_failure(
+            "temporary-auth-failure", "too many failed logins from your address; try again later"
+        )
 
     async def _preauth_iq(self, iq: etree._Element) -> None:
         reply = await self.server.modules.handle_preauth_iq(iq, self.stream.host or "", self.ip)

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from xmppd.auth.accounts import Accounts
-from xmppd.auth.throttle import AuthThrottle
+from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter
 from xmppd.config import Config
 from xmppd.connection import C2SConnection
 from xmppd.modulehost import ModuleHost
@@ -38,11 +38,12 @@ class Server:
         self.connections: set[C2SConnection] = set()
         self.per_ip: Counter[str] = Counter()
         limits = config.limits
+        # Failed logins per address; `throttle.stats` counts failures, bans and refusals.
         self.throttle = AuthThrottle(
-            limits.max_auth_failures_per_ip,
-            limits.max_auth_failures_per_account,
-            limits.auth_failure_window,
-            limits.auth_lockout,
+            MemoryFailureCounter(limits.auth_ban_seconds),
+            limits.auth_failures_before_ban,
+            limits.auth_ban_seconds,
+            limits.auth_failure_delay,
         )
         self.listening: list[Listening] = []
         self._servers: list[asyncio.Server] = []

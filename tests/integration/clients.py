@@ -99,14 +99,22 @@ class RawClient:
 
     @classmethod
     async def open(
-        cls, server: Server, *, direct_tls: bool = True, tls12: bool = False
+        cls,
+        server: Server,
+        *,
+        direct_tls: bool = True,
+        tls12: bool = False,
+        source: str | None = None,
     ) -> RawClient:
+        """Connect to the server on 127.0.0.1; `source` is the local address to
+        connect from (any of 127.0.0.0/8 on Linux), to act as another client host."""
         port = port_of(server, "direct_tls" if direct_tls else "starttls")
         reader, writer = await asyncio.open_connection(
             "127.0.0.1",
             port,
             ssl=insecure_context(tls12) if direct_tls else None,
             server_hostname="localhost" if direct_tls else None,
+            local_addr=(source, 0) if source is not None else None,
         )
         return cls(reader, writer)
 

@@ -64,10 +64,8 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.limits.auth_timeout == 30.0
     assert cfg.limits.max_connections_per_ip == 200
     assert cfg.limits.auth_failure_delay == 1.0
-    assert cfg.limits.max_auth_failures_per_account == 5
-    assert cfg.limits.max_auth_failures_per_ip == 20
-    assert cfg.limits.auth_failure_window == 300.0
-    assert cfg.limits.auth_lockout == 600.0
+    assert cfg.limits.auth_failures_before_ban == 20
+    assert cfg.limits.auth_ban_seconds == 3600.0
     assert cfg.auth.mechanisms == list(MECHANISMS)
     assert MECHANISMS[0] == "SCRAM-SHA-512-PLUS" and MECHANISMS[-1] == "PLAIN"
     assert cfg.auth.scram_iterations == 4096
@@ -410,9 +408,8 @@ def test_limit_bounds(tmp_path: Path) -> None:
           auth_timeout: 0
           max_connections_per_ip: -1
           auth_failure_delay: -0.5
-          max_auth_failures_per_account: 0
-          max_auth_failures_per_ip: 0
-          auth_failure_window: .nan
+          auth_failures_before_ban: 0
+          auth_ban_seconds: .nan
         """
     assert problems(tmp_path, text) == [
         "x.yml:2: limits.max_stanza_bytes: must be at least 1024, got 1000",
@@ -421,9 +418,32 @@ def test_limit_bounds(tmp_path: Path) -> None:
         "x.yml:5: limits.auth_timeout: must be greater than 0, got 0",
         "x.yml:6: limits.max_connections_per_ip: must be at least 0, got -1",
         "x.yml:7: limits.auth_failure_delay: must be at least 0, got -0.5",
-        "x.yml:8: limits.max_auth_failures_per_account: must be at least 1, got 0",
-        "x.yml:9: limits.max_auth_failures_per_ip: must be at least 1, got 0",
-        "x.yml:10: limits.auth_failure_window: expected a finite number, got nan",
+        "x.yml:8: limits.auth_failures_before_ban: must be at least 1, got 0",
+        "x.yml:9: limits.auth_ban_seconds: expected a finite number, got nan",
+    ]
+
+
+def test_old_failed_login_keys_name_their_replacements(tmp_path: Path) -> None:
+    text = """\
+        limits:
+          max_auth_failures_per_account: 5
+          max_auth_failures_per_ip: 20
+          auth_failure_window: 300.0
+          auth_lockout: 600.0
+          auth_ban_seconds: 0
+        """
+    assert problems(tmp_path, text) == [
+        'x.yml:2: limits.max_auth_failures_per_account: unknown key "max_auth_failures_per_account"'
+        ": accounts are no longer locked (anyone could lock their owner out); failing addresses "
+        'are banned instead: use "limits.auth_failures_before_ban"',
+        'x.yml:3: limits.max_auth_failures_per_ip: unknown key "max_auth_failures_per_ip": '
+        'renamed: use "limits.auth_failures_before_ban"',
+        'x.yml:4: limits.auth_failure_window: unknown key "auth_failure_window": failures are now '
+        "remembered until limits.auth_ban_seconds pass without one: "
+        'use "limits.auth_ban_seconds"',
+        'x.yml:5: limits.auth_lockout: unknown key "auth_lockout": '
+        'renamed: use "limits.auth_ban_seconds"',
+        "x.yml:6: limits.auth_ban_seconds: must be greater than 0, got 0",
     ]
 
 

@@ -1,74 +1,206 @@
-"""Failed-login accounting: lock an account or an address after repeated failures.
+"""Failed-login accounting: slow, then ban, the addresses that guess passwords.
 
 Password guessing is cheap for an attacker and costly for us (every attempt
-is a PBKDF2 run), so failures are counted per IP address and per account
-over a window; past the limit, attempts are refused without checking the
-password until the lockout expires. State is per node and in memory: a lock
-is a brake, not a record worth persisting.
+is a PBKDF2 run). Failures are counted per source address and per (account,
+address) pair, never per account alone: counting per account would let
+anyone who knows a JID lock its owner out (issue 10). Instead, as ejabberd's
+mod_fail2ban does, the address that fails is slowed (the n-th failure from it
+is answered after n x `auth_failure_delay`) and, once it has failed
+`auth_failures_before_ban` times, refused without checking the password until
+`auth_ban_seconds` have passed since its last failure. An account under
+attack from some addresses stays open from every other one.
+
+The counts live behind `FailureCounter` so that a store shared by the nodes
+of a cluster (Redis: INCR and EXPIRE) can replace the in-process one; each
+call is one key, so the hot path of a clean login is one lookup.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-MAX_TRACKED = 100_000  # keys kept before expired entries are swept
+log = logging.getLogger(__name__)
+
+MAX_TRACKED = 100_000
+"""Keys the in-process counter keeps. Past this the oldest are forgotten: many
+addresses (an IPv6 attacker) may cost a ban, never unbounded memory."""
+
+
+class FailureCounter(Protocol):
+    """Failure counts per key that expire a fixed time after the key's last failure.
+
+    The only state the throttle keeps; an implementation on a shared store lets
+    a client that moves between nodes keep its count.
+    """
+
+    async def record_failure(self, key: str) -> int:
+        """Count one failure for `key`, restart its expiry, return the new count."""
+        ...
+
+    async def failures(self, key: str) -> int:
+        """The current count for `key`; 0 when it never failed or has expired."""
+        ...
+
+    async def clear(self, key: str) -> None:
+        """Forget `key`'s failures."""
+        ...
+
+
+class MemoryFailureCounter:
+    """A `FailureCounter` in this process's memory (one node, or per node).
+
+    Every key has the same lifetime, so the dict's order (a key moves to the end
+    when it fails) is also the order of expiry: expired keys are dropped from
+    the front, a few at a time, without ever scanning the live ones.
+    """
+
+    def __init__(
+        self,
+        lifetime: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_tracked: int = MAX_TRACKED,
+    ) -> None:
+        self.lifetime = lifetime
+        self.clock = clock
+        self.max_tracked = max_tracked
+        self._entries: dict[str, tuple[int, float]] = {}  # key -> (count, expires at)
+
+    async def record_failure(self, key: str) -> int:
+        now = self.clock()
+        entry = self._entries.pop(key, None)
+        count = entry[0] + 1 if entry is not None and entry[1] > now else 1
+        self._entries[key] = (count, now + self.lifetime)
+        self._drop_expired(now)
+        return count
+
+    async def failures(self, key: str) -> int:
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0
+        if entry[1] <= self.clock():
+            del self._entries[key]
+            return 0
+        return entry[0]
+
+    async def clear(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _drop_expired(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            oldest = next(iter(entries))
+            if entries[oldest][1] > now and len(entries) <= self.max_tracked:
+                return
+            del entries[oldest]
 
 
 @dataclass(slots=True)
-class _Counter:
-    started: float
-    failures: int = 0
-    locked_until: float = 0.0
+class AuthStats:
+    """Counters since start, for operators and a metrics endpoint (`Server.throttle.stats`)."""
+
+    failures: int = 0  # wrong credentials
+    bans: int = 0  # times an address reached the limit and was banned
+    refusals: int = 0  # attempts refused, unchecked, because their address was banned
+
+
+@functools.lru_cache(maxsize=4096)
+def address_key(ip: str) -> str:
+    """The unit that is counted and banned for a client address.
+
+    An IPv4 address is one key; IPv6 is counted per /64, the smallest network
+    a single customer is usually given, since one host can use any address in
+    it. IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip  # not an IP address (a Unix socket, tests): counted as given
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class AuthThrottle:
+    """Decides, per login attempt, whether to check it, and how long a failure waits."""
+
     def __init__(
         self,
-        max_per_ip: int,
-        max_per_account: int,
-        window: float,
-        lockout: float,
-        clock: Callable[[], float] = time.monotonic,
+        counter: FailureCounter,
+        failures_before_ban: int,
+        ban_seconds: float,
+        failure_delay: float,
     ) -> None:
-        self.max_per_ip = max_per_ip
-        self.max_per_account = max_per_account
-        self.window = window
-        self.lockout = lockout
-        self.clock = clock
-        self._counters: dict[str, _Counter] = {}
+        self.counter = counter
+        self.failures_before_ban = failures_before_ban
+        self.ban_seconds = ban_seconds
+        self.failure_delay = failure_delay
+        self.stats = AuthStats()
 
-    def locked(self, ip: str, account: str | None = None) -> bool:
-        now = self.clock()
-        keys = [f"ip:{ip}"] + ([f"acct:{account}"] if account else [])
-        return any((c := self._counters.get(k)) is not None and c.locked_until > now for k in keys)
+    async def refused(self, ip: str, account: str) -> bool:
+        """True when `ip` is banned: the attempt must be refused without checking it."""
+        address = address_key(ip)
+        if await self.counter.failures(f"ip:{address}") < self.failures_before_ban:
+            return False
+        self._refusal(address, account)
+        return True
 
-    def failed(self, ip: str, account: str | None) -> None:
-        now = self.clock()
-        self._count(f"ip:{ip}", self.max_per_ip, now)
-        if account:
-            self._count(f"acct:{account}", self.max_per_account, now)
-        if len(self._counters) > MAX_TRACKED:
-            self._sweep(now)
+    async def failed(self, ip: str, account: str) -> float:
+        """Count a wrong credential; return how long to wait before saying so.
 
-    def succeeded(self, ip: str, account: str) -> None:
-        self._counters.pop(f"acct:{account}", None)
+        The wait grows with the address's failures, so one mistyped password
+        costs its owner a moment while a guesser slows down with every try.
+        """
+        address = address_key(ip)
+        count = await self.counter.record_failure(f"ip:{address}")
+        await self.counter.record_failure(f"pair:{address}:{account}")
+        self.stats.failures += 1
+        if count == self.failures_before_ban:
+            self.stats.bans += 1
+            log.info(
+                "banned %s for %g s after %d failed logins (the last for %r)",
+                address,
+                self.ban_seconds,
+                count,
+                account,
+            )
+        return self.failure_delay * min(count, self.failures_before_ban)
 
-    def _count(self, key: str, limit: int, now: float) -> None:
-        counter = self._counters.get(key)
-        if counter is None or now - counter.started > self.window:
-            counter = self._counters[key] = _Counter(started=now)
-        counter.failures += 1
-        if counter.failures >= limit:
-            counter.locked_until = now + self.lockout
-            counter.failures = 0
-            counter.started = now
+    async def admit(self, ip: str, account: str) -> bool:
+        """Authentication passed: may it succeed? False when `ip` got banned meanwhile.
 
-    def _sweep(self, now: float) -> None:
-        for key in [
-            k
-            for k, c in self._counters.items()
-            if c.locked_until <= now and now - c.started > self.window
-        ]:
-            del self._counters[key]
+        Checking again here, after the password check, means that many attempts
+        started in parallel before the ban cannot tell a right guess from a
+        wrong one once the address is banned. On success, the pair's failures
+        are forgotten, and the address's too when they were all this account's
+        (its owner mistyped): an address that also failed for other accounts
+        keeps its count, so that logging in to one's own account cannot reset
+        an allowance for guessing others' (ejabberd forgets the address on any
+        success).
+        """
+        address = address_key(ip)
+        ip_failures = await self.counter.failures(f"ip:{address}")
+        if not ip_failures:
+            return True  # the hot path: an address that has not been failing
+        if ip_failures >= self.failures_before_ban:
+            self._refusal(address, account)
+            return False
+        pair = f"pair:{address}:{account}"
+        if await self.counter.failures(pair) >= ip_failures:
+            await self.counter.clear(f"ip:{address}")
+        await self.counter.clear(pair)
+        return True
+
+    def _refusal(self, address: str, account: str) -> None:
+        self.stats.refusals += 1
+        log.info("refused a login for %r from %s: the address is banned", account, address)

@@ -1,0 +1,133 @@
+"""Password guessing over real TLS sockets: the guessing address is slowed and banned, never
+the account, so its owner logs in from elsewhere at once (issue 10)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+
+import pytest
+
+from tests.integration.clients import HEADER, RawClient, close, connect
+from tests.integration.conftest import StartServer
+from xmppd.auth.throttle import AuthStats
+from xmppd.server import Server
+
+SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+OWNER = "127.0.0.1"
+STRANGER = "127.0.0.2"
+WRONG = "guess-1234"  # must never reach a log line
+
+
+def plain(user: str, password: str) -> str:
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return f"<auth xmlns='{SASL}' mechanism='PLAIN'>{token}</auth>"
+
+
+class Guesser:
+    """PLAIN attempts from one address, reconnecting when the server ends a stream
+    after its per-stream limit of failures (RFC 6120 6.4.5)."""
+
+    def __init__(self, server: Server, source: str) -> None:
+        self.server = server
+        self.source = source
+        self.raw: RawClient | None = None
+        self.failures_on_stream = 0
+        self.last_reply = b""
+
+    async def open_stream(self) -> RawClient:
+        """The current stream, opened (TLS, header, features) if there is none."""
+        if self.raw is None:
+            self.raw = await RawClient.open(self.server, source=self.source)
+            await self.raw.send(HEADER)
+            await self.raw.read_until(b"</stream:features>")
+            self.failures_on_stream = 0
+        return self.raw
+
+    async def attempt(self, password: str) -> str:
+        """The outcome of one login as alice: "success" or the SASL failure condition."""
+        raw = await self.open_stream()
+        await raw.send(plain("alice", password))
+        reply = b""
+        async with asyncio.timeout(10):
+            while b"<success" not in reply and b"</failure>" not in reply:
+                chunk = await raw.reader.read(65536)
+                assert chunk, reply  # the server must answer before it closes
+                reply += chunk
+        if b"<success" in reply:
+            await self.close()
+            return "success"
+        match = re.search(rb"<failure[^>]*><([a-z-]+)/>", reply)
+        assert match is not None, reply
+        self.last_reply = reply
+        self.failures_on_stream += 1
+        if self.failures_on_stream == 5:  # the server closes this stream now
+            await self.close()
+        return match.group(1).decode()
+
+    async def close(self) -> None:
+        if self.raw is not None:
+            await self.raw.close()
+            self.raw = None
+
+
+async def test_guessing_bans_the_address_not_the_account(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="xmppd.auth.throttle")
+    delay = 0.04
+    server = await start_server(
+        limits={"auth_failure_delay": delay, "auth_failures_before_ban": 10, "auth_ban_seconds": 60}
+    )
+    stranger = Guesser(server, STRANGER)
+    outcomes = []
+    for n in range(1, 13):
+        started = time.monotonic()
+        outcomes.append(await stranger.attempt(WRONG))
+        if n <= 10:  # the n-th failure from the address waits n delays
+            assert time.monotonic() - started >= n * delay
+    assert outcomes == ["not-authorized"] * 10 + ["temporary-auth-failure"] * 2
+    assert b"too many failed logins from your address" in stranger.last_reply
+
+    # The owner, from an address that has not been failing, gets in at once.
+    owner = Guesser(server, OWNER)
+    await owner.open_stream()
+    started = time.monotonic()
+    assert await owner.attempt("alice-secret") == "success"
+    assert time.monotonic() - started < 10 * delay  # less than the stranger's next wait
+    client = await connect(server, "alice@localhost/phone", "alice-secret")  # SCRAM, slixmpp
+    await close(client)
+
+    # The banned address is refused even with the right password, unchecked.
+    assert await stranger.attempt("alice-secret") == "temporary-auth-failure"
+    await stranger.close()
+
+    assert server.throttle.stats == AuthStats(failures=10, bans=1, refusals=3)
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    bans = [m for m in infos if m.startswith(f"banned {STRANGER} ")]
+    assert len(bans) == 1 and "'alice@localhost'" in bans[0]
+    refusals = [m for m in infos if m.startswith("refused a login")]
+    assert len(refusals) == 3 and all(STRANGER in m for m in refusals)
+    assert WRONG not in caplog.text and "alice-secret" not in caplog.text
+
+
+async def test_banned_address_logs_in_once_the_ban_expires(start_server: StartServer) -> None:
+    ban = 1.0
+    server = await start_server(
+        limits={"auth_failure_delay": 0.01, "auth_failures_before_ban": 3, "auth_ban_seconds": ban}
+    )
+    stranger = Guesser(server, STRANGER)
+    for _ in range(3):
+        assert await stranger.attempt(WRONG) == "not-authorized"
+    last_failure_answered = time.monotonic()  # the failure was counted before this
+    assert await stranger.attempt("alice-secret") == "temporary-auth-failure"
+    await stranger.close()
+
+    # Wait out the ban: it ends `ban` seconds after the failure was counted (plus the
+    # timer's rounding); nothing else signals its end.
+    await asyncio.sleep(last_failure_answered + ban + 0.05 - time.monotonic())
+    assert await stranger.attempt("alice-secret") == "success"
+    assert server.throttle.stats == AuthStats(failures=3, bans=1, refusals=1)
