@@ -292,11 +292,16 @@ class RosterModule(Module):
         )
         if before is None or not before.in_roster:
             raise StanzaError("item-not-found", "no such roster item")
-        if before.subscription in ("to", "both") or before.ask:
+        self._end_subscriptions(owner, before)
+
+    def _end_subscriptions(self, owner: str, item: RosterItem) -> None:
+        """Cancel the subscriptions of a removed item both ways (RFC 6121 2.5.2, 3.2.2)."""
+        contact = item.jid
+        if item.subscription in ("to", "both") or item.ask:
             self._send_subscription(owner, contact, "unsubscribe")
-        if before.subscription in ("from", "both") or before.pending_in:
+        if item.subscription in ("from", "both") or item.pending_in:
             self._send_subscription(owner, contact, "unsubscribed")
-        if before.subscription in ("from", "both"):
+        if item.subscription in ("from", "both"):
             # The contact no longer may see the user's presence.
             for session in self.host.router.available_sessions(owner):
                 presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
@@ -398,9 +403,10 @@ class RosterModule(Module):
                 del self._interested[session.bare]
 
     async def remove_user(self, vhost: str, username: str) -> bool:
-        """Delete the roster and end the account's subscriptions (RFC 6121 2.5.2, as for a
-        removed item): contacts are sent unsubscribe/unsubscribed, so local contacts'
-        rosters no longer show a subscription to or from the removed account."""
+        """Delete the roster and end the account's subscriptions as for a removed item:
+        contacts are sent unsubscribe/unsubscribed, so local contacts' rosters no longer
+        show a subscription to or from the removed account, and those that saw its
+        presence get its available resources' unavailable (RFC 6121 2.5.2, 3.2.2)."""
         owner = f"{username}@{vhost}"
         self._interested.pop(owner, None)
         store = self.host.items(vhost, "roster")
@@ -414,10 +420,7 @@ class RosterModule(Module):
                     callback(owner, None, item.jid)
                 except Exception:
                     self.log.exception("roster change listener %r failed", callback)
-            if item.subscription in ("to", "both") or item.ask:
-                self._send_subscription(owner, item.jid, "unsubscribe")
-            if item.subscription in ("from", "both") or item.pending_in:
-                self._send_subscription(owner, item.jid, "unsubscribed")
+            self._end_subscriptions(owner, item)
         return True
 
     async def _read(self, owner_bare: str) -> _Stored:

@@ -203,6 +203,8 @@ async def test_in_band_removal_leaves_nothing_behind(start_server: StartServer) 
     await zed.plugin["xep_0077"].cancel_registration(timeout=10)
     await asyncio.wait_for(zed.ended.wait(), 10)
     assert zed.stream_errors == ["not-authorized"]
+    # alice, no longer subscribed, is told zed is gone (RFC 6121 3.2.2)
+    await alice.presence_from("zed@localhost/laptop", ("unavailable",))
     # The session ended (after the removal) in the server before the client saw it; its
     # unavailable presence must record no last activity for the removed account.
     await server.router.drain()
