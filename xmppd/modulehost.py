@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from lxml import etree
 from pydantic import BaseModel, ConfigDict
 
+from xmppd.auth.accounts import InvalidUsername, normalize_username
 from xmppd.jid import JID
 from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
 from xmppd.stream.errors import StanzaError, error_from, error_reply
@@ -334,6 +335,10 @@ class ModuleHost:
         one fails; then AccountDataRemains names the ones that failed, and
         calling this again (the account being gone already) finishes the job.
         """
+        try:
+            username = normalize_username(username)  # the name modules store under
+        except InvalidUsername:
+            return "nothing"
         existed = await self.accounts[vhost].unregister(username)
         found = await self.remove_user_data(vhost, username)
         if existed:
