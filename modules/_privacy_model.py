@@ -712,6 +712,12 @@ class PrivacyEngine:
             state.roster.pop(removed, None)
 
     async def _session_bound(self, session: Session) -> None:
+        bare = session.bare
+        if len(self.host.router.local_sessions(bare)) == 1 and bare not in self._held:
+            # The user's first session here: the copy kept since the last one may be
+            # stale, as another node or xmppctl (removing the account) may have changed
+            # or deleted the record meanwhile; one read makes it current.
+            self._states.pop(bare, None)
         try:
             await self.state(session.bare)
         except Exception:

@@ -24,8 +24,9 @@ async def remove_account(
 
     Raises AccountDataRemains when a module failed: the account is gone
     already, and running this again deletes what is left ("leftovers").
-    A running node with an in-process cache or sessions of the account does
-    not learn of a removal made here.
+    A running node sees the removal through a shared cache or none; one
+    with an in-process cache may serve removed data until its entries
+    expire, and sessions of the account on it go on.
     """
     router = Router(cfg.hosts, lambda h, u: accounts.exists(u))
     modules = ModuleHost(router, storage, list(cfg.hosts))

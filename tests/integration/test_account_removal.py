@@ -2,12 +2,12 @@
 
 zed fills every store a module keeps for a user (roster with a contact,
 vCard with a photo, private XML, a privacy list and a block, offline
-messages, one of them large, and last activity), then goes: once with
-`xmppctl unregister` in a process of its own while no node runs, once with
-in-band removal (XEP-0077). A new zed registers and finds nothing: no
-offline message, no last activity, an empty roster, vCard, private storage,
-privacy lists and blocklist; and the stores themselves hold no item or blob
-of zed's. Both on the embedded and the cloud storage.
+messages, one of them large, and last activity), then goes: with `xmppctl
+unregister` in a process of its own while no node runs, with xmppctl while
+the node runs, and with in-band removal (XEP-0077). A new zed registers and
+finds nothing: no offline message, no last activity, an empty roster, vCard,
+private storage, privacy lists and blocklist; and the stores themselves hold
+no item or blob of zed's. Both on the embedded and the cloud storage.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import asyncio
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from slixmpp import JID
 from slixmpp.exceptions import IqError
@@ -186,6 +187,22 @@ async def test_xmppctl_unregister_leaves_nothing_behind(
     node2 = await start_server(users={}, modules=MODULES)  # the same data
     alice = await person(node2, "alice@localhost/desk", "alice-secret")
     await assert_zed_starts_empty(node2, alice)
+    await close(alice)
+
+
+async def test_xmppctl_unregister_while_a_node_runs(
+    start_server: StartServer, storage_section: dict[str, Any] | None, tmp_path: Path
+) -> None:
+    """xmppctl writes through the cache the node reads, memcached on the cloud storage; the
+    embedded run has none, as another process cannot reach an in-process cache. What the
+    node holds in memory for a user with no session (privacy lists) is reloaded at login."""
+    storage = storage_section or {"cache": {"backend": "none"}}
+    server = await start_server(modules=MODULES, storage=storage)
+    alice = await fill_every_store(server)
+
+    code, out, err = await xmppctl("-c", str(tmp_path / "xmppd.yml"), "unregister", "zed@localhost")
+    assert (code, out, err) == (0, "unregistered zed@localhost\n", "")
+    await assert_zed_starts_empty(server, alice)
     await close(alice)
 
 
