@@ -574,6 +574,17 @@ class PrivacyEngine:
             return old, new
         raise StanzaError("resource-constraint", "too many concurrent privacy changes; retry")
 
+    async def remove_user(self, bare: str) -> bool:
+        """Delete the user's lists and blocklist (one record), and hold none here either.
+
+        A user loaded here keeps a state, an empty one: with none, the filters
+        would hold the stanzas to the user's sessions (the removal's own result)
+        until a load that the end of those sessions makes pointless."""
+        found = await self.host.items(bare.rsplit("@", 1)[-1], STORE).delete(bare)
+        if bare in self._states:
+            self._states[bare] = UserState(EMPTY, {})
+        return found
+
     async def set_active(self, session: Session, name: str | None) -> None:
         """Make `name` the session's active list (None: decline; the default applies)."""
         state = await self.state(session.bare)
@@ -719,6 +730,12 @@ class PrivacyEngine:
             state.roster.pop(removed, None)
 
     async def _session_bound(self, session: Session) -> None:
+        bare = session.bare
+        if len(self.host.router.local_sessions(bare)) == 1 and bare not in self._held:
+            # The user's first session here: the copy kept since the last one may be
+            # stale, as another node or xmppctl (removing the account) may have changed
+            # or deleted the record meanwhile; one read makes it current.
+            self._states.pop(bare, None)
         try:
             await self.state(session.bare)
         except Exception:

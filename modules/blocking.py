@@ -41,6 +41,9 @@ class Blocking(Module):
     async def start(self) -> None:
         await self.engine.start()
 
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        return await self.engine.remove_user(f"{username}@{vhost}")
+
     async def get(self, request: IqRequest) -> etree._Element:
         _owner_only(request)
         if request.payload.tag != f"{B}blocklist":

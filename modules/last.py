@@ -81,9 +81,18 @@ class Last(Module):
             await self.record(session.bare, int(time.time()), status)
         return False  # never stop the chain: presence still goes to contacts
 
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        return await self.host.items(vhost, STORE).delete(username)
+
     async def record(self, bare: str, when: int, status: str) -> None:
-        """Keep the latest logout; an older one (another node, a slow task) never wins."""
+        """Keep the latest logout; an older one (another node, a slow task) never wins.
+
+        Nothing is kept for an account that no longer exists: the sessions of a
+        removed account end after its data was deleted, and must not leave a
+        record that a new account of the same name would inherit."""
         user, _, vhost = bare.partition("@")
+        if not await self.host.router.user_exists(vhost, user):
+            return
         store = self.host.items(vhost, STORE)
         attrs: dict[str, str | int] = {"time": when, "status": status}
         for attempt in range(MAX_TRIES):

@@ -244,6 +244,19 @@ class Offline(Module):
         except Exception as exc:
             self.log.warning("could not remove unused offline blob %s: %s", key, exc)
 
+    # --- account removal -----------------------------------------------------------------
+
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """Delete the queue: index items, counter, then every blob under "<user>/" (those of
+        an interrupted store too). This node's writers for the user are held off meanwhile;
+        none start later, as the account is gone and messages to it bounce."""
+        items = self.host.items(vhost, STORE)
+        async with self.locks.hold(f"{username}@{vhost}"):
+            found = await items.delete_prefix(f"{username}/")
+            found += await items.delete(username)
+            found += await self.host.blobs(vhost, STORE).delete_prefix(f"{username}/")
+        return found > 0
+
     # --- delivering --------------------------------------------------------------------
 
     async def on_broadcast(self, stanza: etree._Element, session: Session, initial: bool) -> bool:

@@ -49,6 +49,9 @@ class Privacy(Module):
     async def start(self) -> None:
         await self.engine.start()
 
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        return await self.engine.remove_user(f"{username}@{vhost}")
+
     # --- get ---------------------------------------------------------------------------------
 
     async def get(self, request: IqRequest) -> etree._Element:

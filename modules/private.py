@@ -16,7 +16,7 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from xmppd.modulehost import IqRequest, Module, storage_call
-from xmppd.storage.base import MAX_KEY_BYTES, BlobStore, StorageError
+from xmppd.storage.base import MAX_KEY_BYTES, BlobStore
 from xmppd.stream.errors import StanzaError
 
 PRIVATE = "jabber:iq:private"
@@ -46,7 +46,6 @@ class Private(Module):
         self.host.add_feature(PRIVATE)
         self.host.iq(PRIVATE, "get", self.get, to="account")
         self.host.iq(PRIVATE, "set", self.set, to="account")
-        self.host.hook("account/removed", self._account_removed)
 
     async def get(self, request: IqRequest) -> etree._Element:
         user = _owner(request)
@@ -96,18 +95,9 @@ class Private(Module):
     def _store(self, vhost: str) -> BlobStore:
         return self.host.blobs(vhost, "private")
 
-    async def _account_removed(self, vhost: str, username: str) -> None:
-        store = self._store(vhost)
-        try:
-            token: str | None = None
-            while True:
-                page = await store.list(f"{username}/", page_token=token)
-                for key in page.keys:
-                    await store.delete(key)
-                if (token := page.next_token) is None:
-                    return
-        except StorageError as exc:
-            log.error("private XML of removed account %s@%s not deleted: %s", username, vhost, exc)
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """Delete every namespace the account stored (all under the prefix "<user>/")."""
+        return await self._store(vhost).delete_prefix(f"{username}/") > 0
 
 
 def _owner(request: IqRequest) -> str:

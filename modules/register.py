@@ -4,9 +4,9 @@ remove it after.
 Account creation is off unless `allow_registration` is set, and limited per
 client address (in memory, per node). Password changes and account removal
 work for logged-in users either way (each can be switched off). Removing an
-account ends every session of it on this node with <not-authorized/>
-(XEP-0077 section 3.2) and fires the hook "account/removed" (vhost, username)
-so modules drop the account's data; handlers of it must not return True.
+account deletes it and every module's data of it (`ModuleHost.remove_account`,
+the same removal `xmppctl unregister` runs), answers, and then ends every
+session of it on this node with <not-authorized/> (XEP-0077 section 3.2).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from xmppd.auth.accounts import (
 )
 from xmppd.config import Seconds
 from xmppd.jid import JID
-from xmppd.modulehost import IqRequest, Module, PreAuthRequest
+from xmppd.modulehost import AccountDataRemains, IqRequest, Module, PreAuthRequest
 from xmppd.storage.base import ConditionFailed, StorageError
 from xmppd.stream.errors import StanzaError, StreamError
 
@@ -206,17 +206,21 @@ class Register(Module):
         vhost = request.host
         if not self.opts.allow_account_removal:
             raise StanzaError("not-allowed", "in-band account removal is disabled")
-        try:
-            removed = await self.accounts[vhost].unregister(username)
-        except StorageError as exc:
-            raise _storage_error(exc) from None
-        if not removed:
-            raise StanzaError("registration-required", "the account no longer exists")
-        log.info("account %s@%s removed in-band", username, vhost)
         bare = f"{username}@{vhost}"
+        try:
+            removed = await self.host.remove_account(vhost, username)
+        except StorageError as exc:  # the account itself could not be deleted
+            raise _storage_error(exc) from None
+        except AccountDataRemains as exc:
+            # The account is gone: the client is told so and its sessions end as
+            # usual; what remains is the operator's to finish.
+            log.error("%s; `xmppctl unregister %s` deletes the rest", exc, bare)
+            removed = "account"
+        if removed != "account":
+            raise StanzaError("registration-required", "the account no longer exists")
+        log.info("account %s removed in-band", bare)
         # XEP-0077 3.2: the result first, then the account's sessions end.
         request.after_reply.append(lambda: self._end_sessions(bare))
-        self.host.router.spawn(self.host.fire("account/removed", vhost, username))
 
     def _end_sessions(self, bare: str) -> None:
         for session in self.host.router.local_sessions(bare):

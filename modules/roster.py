@@ -125,7 +125,6 @@ class RosterModule(Module):
         self.host.iq(ROSTER, "set", self._on_set, to="account")
         self.host.add_stream_feature("bound", _rosterver_feature)
         self.host.hook("session/closed", self._on_session_closed)
-        self.host.hook("account/removed", self._on_account_removed)
         # Interested resources (RFC 6121 2.1.6): sessions that asked for the
         # roster, each with whether it uses versioning (gets 'ver' in pushes).
         self._interested: dict[str, dict[Session, bool]] = {}
@@ -293,11 +292,16 @@ class RosterModule(Module):
         )
         if before is None or not before.in_roster:
             raise StanzaError("item-not-found", "no such roster item")
-        if before.subscription in ("to", "both") or before.ask:
+        self._end_subscriptions(owner, before)
+
+    def _end_subscriptions(self, owner: str, item: RosterItem) -> None:
+        """Cancel the subscriptions of a removed item both ways (RFC 6121 2.5.2, 3.2.2)."""
+        contact = item.jid
+        if item.subscription in ("to", "both") or item.ask:
             self._send_subscription(owner, contact, "unsubscribe")
-        if before.subscription in ("from", "both") or before.pending_in:
+        if item.subscription in ("from", "both") or item.pending_in:
             self._send_subscription(owner, contact, "unsubscribed")
-        if before.subscription in ("from", "both"):
+        if item.subscription in ("from", "both"):
             # The contact no longer may see the user's presence.
             for session in self.host.router.available_sessions(owner):
                 presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
@@ -398,29 +402,26 @@ class RosterModule(Module):
             if not interested:
                 del self._interested[session.bare]
 
-    async def _on_account_removed(self, vhost: str, username: str) -> None:
-        """Delete the roster and end the account's subscriptions, so contacts' rosters agree."""
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """Delete the roster and end the account's subscriptions as for a removed item:
+        contacts are sent unsubscribe/unsubscribed, so local contacts' rosters no longer
+        show a subscription to or from the removed account, and those that saw its
+        presence get its available resources' unavailable (RFC 6121 2.5.2, 3.2.2)."""
         owner = f"{username}@{vhost}"
+        self._interested.pop(owner, None)
         store = self.host.items(vhost, "roster")
-        try:
-            stored = _decode(await store.get(username))
-            if stored.item is None:
-                return
-            await store.delete(username)
-        except StorageError as exc:
-            self.log.error("roster of removed account %s not deleted: %s", owner, exc)
-            return
+        stored = _decode(await store.get(username))
+        if stored.item is None:
+            return False
+        await store.delete(username)
         for item in stored.items.values():
             for callback in self._listeners:
                 try:
                     callback(owner, None, item.jid)
                 except Exception:
                     self.log.exception("roster change listener %r failed", callback)
-            if item.subscription in ("to", "both") or item.ask:
-                self._send_subscription(owner, item.jid, "unsubscribe")
-            if item.subscription in ("from", "both") or item.pending_in:
-                self._send_subscription(owner, item.jid, "unsubscribed")
-        self._interested.pop(owner, None)
+            self._end_subscriptions(owner, item)
+        return True
 
     async def _read(self, owner_bare: str) -> _Stored:
         store = self.host.items(_domain(owner_bare), "roster")

@@ -70,7 +70,6 @@ class VCard(Module):
         self.host.filter("stanza/out", self._presence_out, FILTER_PRIORITY)
         self.host.hook("session/bound", self._bound)
         self.host.hook("session/closed", self._closed)
-        self.host.hook("account/removed", self._account_removed)
 
     # --- IQ handlers -------------------------------------------------------------------
 
@@ -203,12 +202,10 @@ class VCard(Module):
         if not self.host.router.local_sessions(session.bare):
             self._photo.pop(session.bare, None)
 
-    async def _account_removed(self, vhost: str, username: str) -> None:
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """Delete the vCard (the avatar is its PHOTO: no other blob) and the cached hash."""
         self._photo.pop(f"{username}@{vhost}", None)
-        try:
-            await self._store(vhost).delete(username)
-        except StorageError as exc:
-            log.error("vCard of removed account %s@%s not deleted: %s", username, vhost, exc)
+        return await self._store(vhost).delete(username)
 
 
 def photo_hash(vcard: etree._Element) -> str:

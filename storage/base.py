@@ -313,6 +313,18 @@ class ItemStore:
     async def batch_put(self, items: Mapping[str, Attrs]) -> None:
         await self.backend.batch_put(self.namespace, items)
 
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every item whose name starts with `prefix` (a user's data when it goes);
+        how many were deleted. Not atomic: a failure leaves the rest for a second run."""
+        deleted = 0
+        token: str | None = None
+        while True:
+            page = await self.query(Query(prefix=prefix, limit=100, page_token=token))
+            for item in page.items:
+                deleted += await self.delete(item.name)
+            if (token := page.next_token) is None:
+                return deleted
+
     def put_op(
         self, name: str, attrs: Attrs, *, if_absent: bool = False, if_version: int | None = None
     ) -> Put:
@@ -356,6 +368,18 @@ class BlobStore:
         self, prefix: str = "", *, limit: int = 1000, page_token: str | None = None
     ) -> BlobPage:
         return await self.backend.list(self.namespace, prefix, limit=limit, page_token=page_token)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every blob whose key starts with `prefix` (a user's data when it goes);
+        how many were deleted. Not atomic: a failure leaves the rest for a second run."""
+        deleted = 0
+        token: str | None = None
+        while True:
+            page = await self.list(prefix, page_token=token)
+            for key in page.keys:
+                deleted += await self.delete(key)
+            if (token := page.next_token) is None:
+                return deleted
 
     async def presign(
         self, key: str, method: Literal["GET", "PUT"], expires: int = 300

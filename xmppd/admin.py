@@ -4,31 +4,37 @@ from __future__ import annotations
 
 from xmppd.auth.accounts import Accounts
 from xmppd.config import Config
-from xmppd.modulehost import ModuleHost
+from xmppd.modulehost import ModuleHost, Removed
 from xmppd.router import Router
 from xmppd.storage.factory import Storage
 
 
 async def remove_account(
     cfg: Config, storage: Storage, accounts: Accounts, host: str, username: str
-) -> bool:
-    """Delete the account, then let every enabled module drop its data.
+) -> Removed:
+    """Delete the account, then every enabled module's data of it, from this process.
 
-    The modules run here, in this process, against the same storage the
-    nodes use, and fire the same "account/removed" event as in-band removal,
-    so a user deleted by `xmppctl` leaves no roster, vCard or offline
-    messages behind (contacts' rosters are updated in storage too).
+    The modules of `cfg` are loaded here, against the same storage the nodes
+    use (writes go through its cache, so a shared cache such as memcached is
+    invalidated), and each deletes what it keeps for the user with the same
+    `Module.remove_user` the in-band removal runs: roster (its contacts are
+    sent unsubscribe/unsubscribed, which updates local contacts' rosters in
+    storage), vCard, private XML, privacy lists and blocklist, offline
+    messages and their blobs, last activity.
+
+    Raises AccountDataRemains when a module failed: the account is gone
+    already, and running this again deletes what is left ("leftovers").
+    A running node sees the removal through a shared cache or none; one
+    with an in-process cache may serve removed data until its entries
+    expire, and sessions of the account on it go on.
     """
-    if not await accounts.unregister(username):
-        return False
     router = Router(cfg.hosts, lambda h, u: accounts.exists(u))
     modules = ModuleHost(router, storage, list(cfg.hosts))
     modules.accounts = {host: accounts}
     modules.load(cfg)
     await modules.start()
     try:
-        await modules.fire("account/removed", host, username)
-        await router.drain()
+        return await modules.remove_account(host, username)
     finally:
+        await router.drain()  # the unsubscriptions sent to contacts, even after a failure
         await modules.stop()
-    return True

@@ -17,10 +17,13 @@ Events a module can hook (async, `hook`; a True result stops the chain):
                                      account, before its handler (True: refused)
   session/bound (session), session/closed (session)
   message/server, presence/server (stanza)  addressed to the domain itself
-  account/removed (host, username)   fired by whoever deletes an account;
-                                     handlers clean up and return None
 Filters (sync, `filter`; False drops): stanza/out (stanza, origin session),
 stanza/in (stanza, session).
+
+Account removal is not an event but a method every module may override,
+`Module.remove_user`: the host calls each one in turn (`ModuleHost.remove_account`)
+and reports the ones that failed, so that a removal can neither half-happen
+silently nor skip a module whose hook raised.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from lxml import etree
 from pydantic import BaseModel, ConfigDict
 
+from xmppd.auth.accounts import InvalidUsername, normalize_username
 from xmppd.jid import JID
 from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
 from xmppd.stream.errors import StanzaError, error_from, error_reply
@@ -48,6 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Scope = Literal["server", "account"]
+Removed = Literal["account", "leftovers", "nothing"]
+"""What an account removal found: the account (and its data), only data that a
+removal which failed part way left behind, or nothing at all."""
 T = TypeVar("T")
 
 
@@ -108,6 +115,32 @@ class Module:
 
     async def stop(self) -> None:
         """Release what start() took."""
+
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """Delete everything this module keeps for the account `username` of `vhost`.
+
+        Called when the account is removed (in-band, by an administrator, or by
+        `xmppctl` in a process of its own with no client connected), after the
+        account itself is gone. Must delete the data from storage, through the
+        host's stores so that caches are invalidated, and drop what this node
+        holds in memory for it. Must be idempotent: a removal that failed part
+        way is finished by running it again. Returns True if anything was
+        found; raises (StorageError, ...) if something could not be deleted.
+        """
+        return False
+
+
+class AccountDataRemains(Exception):
+    """Some modules could not delete an account's data; `failed` maps module name -> reason.
+
+    Whatever the other modules deleted stays deleted: running the removal
+    again finishes the job."""
+
+    def __init__(self, account: str, failed: dict[str, str]) -> None:
+        details = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+        super().__init__(f"data of {account} could not all be deleted ({details})")
+        self.account = account
+        self.failed = failed
 
 
 class ModuleHost:
@@ -312,6 +345,39 @@ class ModuleHost:
     async def start(self) -> None:
         for module in self.modules.values():
             await module.start()
+
+    async def remove_account(self, vhost: str, username: str) -> Removed:
+        """Delete the account, then every module's data of it.
+
+        The account goes first, so nothing new is stored for it meanwhile
+        (stanzas to it bounce, a login fails). Every module is asked even if
+        one fails; then AccountDataRemains names the ones that failed, and
+        calling this again (the account being gone already) finishes the job.
+        """
+        try:
+            username = normalize_username(username)  # the name modules store under
+        except InvalidUsername:
+            return "nothing"
+        existed = await self.accounts[vhost].unregister(username)
+        found = await self.remove_user_data(vhost, username)
+        if existed:
+            return "account"
+        return "leftovers" if found else "nothing"
+
+    async def remove_user_data(self, vhost: str, username: str) -> bool:
+        """Run every module's `remove_user`; True if one found data, AccountDataRemains if
+        one failed."""
+        found = False
+        failed: dict[str, str] = {}
+        for name, module in self.modules.items():
+            try:
+                found = await module.remove_user(vhost, username) or found
+            except Exception as exc:
+                log.error("%s: data of %s@%s not deleted: %s", name, username, vhost, exc)
+                failed[name] = str(exc) or type(exc).__name__
+        if failed:
+            raise AccountDataRemains(f"{username}@{vhost}", failed)
+        return found
 
     async def stop(self) -> None:
         for module in reversed(list(self.modules.values())):

@@ -565,3 +565,19 @@ async def test_blocked_contact_gets_no_answers_on_the_users_behalf() -> None:
     # alice asking about herself is never blocked
     own = await iq(harness, alice, "get", vcard, to="alice@localhost")
     assert own.get("type") == "result"
+
+
+async def test_a_record_changed_elsewhere_is_reloaded_at_the_next_login(
+    harness: ModuleHarness,
+) -> None:
+    """The copy kept while the user has no session here is refreshed when one starts:
+    another process (xmppctl removing the account, another node) may have changed it."""
+    alice = await harness.login("alice@localhost/a")
+    await block(harness, alice, "bob@localhost")
+    await harness.end_session(alice)
+    assert await harness.host.items("localhost", "privacy").delete("alice@localhost")
+    alice = await harness.login("alice@localhost/a")
+    assert await blocklist(harness, alice) == []
+    bob = harness.session("bob@localhost/b")
+    await harness.send(bob, chat("alice@localhost/a", "hello"))
+    assert bodies(alice.take()) == ["hello"]

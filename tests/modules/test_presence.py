@@ -549,7 +549,7 @@ async def test_account_removal_deletes_roster_and_ends_subscriptions(
     await subscribe_both_ways(harness, alice, bob)
     removed: list[tuple[str, str | None]] = []
     roster_of(harness).subscribe_changes(lambda owner, _, jid: removed.append((owner, jid)))
-    await harness.host.fire("account/removed", "localhost", "alice")
+    await harness.host.remove_user_data("localhost", "alice")
     await harness.router.drain()
     assert (await roster_of(harness).get("alice@localhost")).items == {}
     assert ("alice@localhost", "bob@localhost") in removed

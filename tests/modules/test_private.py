@@ -157,7 +157,7 @@ async def test_account_removed_deletes_only_that_accounts_data(harness: ModuleHa
     await harness.iq(alice, "set", query(PREFS + "<s xmlns='storage:bookmarks'/>"))
     await harness.iq(bob, "set", query(PREFS))
     assert len(await all_blobs(harness)) == 3
-    await harness.host.fire("account/removed", "localhost", "alice")
+    await harness.host.remove_user_data("localhost", "alice")
     assert [key.split("/")[0] for key in await all_blobs(harness)] == ["bob"]
 
 

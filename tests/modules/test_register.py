@@ -282,7 +282,7 @@ async def test_remove_account_ends_its_sessions_after_the_result() -> None:
         assert session.terminated.condition == "not-authorized"
     assert bob.terminated is None
     assert not await accounts(harness).exists("alice")
-    # "account/removed" reached the vcard module
+    # the vcard module deleted its data
     assert await harness.host.blobs("localhost", "vcard").get("alice") is None
 
 

@@ -362,5 +362,5 @@ async def test_presence_of_a_session_that_ended_while_held_is_dropped() -> None:
 async def test_account_removed_deletes_the_vcard(harness: ModuleHarness) -> None:
     alice = harness.session("alice@localhost/a")
     await harness.iq(alice, "set", vcard_xml("Alice"))
-    await harness.host.fire("account/removed", "localhost", "alice")
+    await harness.host.remove_user_data("localhost", "alice")
     assert await stored(harness) is None

@@ -11,10 +11,12 @@ from xmppd.storage.base import (
     MAX_ITEM_BYTES,
     MAX_KEY_BYTES,
     BlobBackend,
+    BlobStore,
     ConditionFailed,
     Delete,
     Item,
     ItemBackend,
+    ItemStore,
     Put,
     Query,
     TooLarge,
@@ -712,3 +714,24 @@ async def test_blob_concurrent_if_none_match_has_one_winner(
 async def test_blob_list_rejects_bad_input(blob_backend: BlobBackend, ns: str) -> None:
     with pytest.raises(ValueError):
         await blob_backend.list(ns, limit=0)
+
+
+async def test_store_delete_prefix_pages_through_items(item_backend: ItemBackend, ns: str) -> None:
+    """ItemStore.delete_prefix (a user's data when the account goes) over several pages."""
+    vhost, store = ns.split("/", 1)
+    items = ItemStore(item_backend, vhost, store)
+    await item_backend.batch_put(ns, {f"zed/{n:03d}": {"n": n} for n in range(120)})
+    await item_backend.batch_put(ns, {"zed": {}, "zed2/a": {}, "zec/a": {}})
+    assert await items.delete_prefix("zed/") == 120
+    assert names(await all_pages(item_backend, ns, Query())) == ["zec/a", "zed", "zed2/a"]
+    assert await items.delete_prefix("zed/") == 0
+
+
+async def test_store_delete_prefix_of_blobs(blob_backend: BlobBackend, ns: str) -> None:
+    vhost, store = ns.split("/", 1)
+    blobs = BlobStore(blob_backend, vhost, store)
+    for key in ("zed/a", "zed/b/c", "zed", "zed2/a", "zec/a"):
+        await blob_backend.put(ns, key, b"x")
+    assert await blobs.delete_prefix("zed/") == 2
+    assert sorted((await blob_backend.list(ns)).keys) == ["zec/a", "zed", "zed2/a"]
+    assert await blobs.delete_prefix("zed/") == 0

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -441,3 +442,56 @@ def test_unregister_removes_the_accounts_data_too(
     assert asyncio.run(left()) == (True, False)
     assert run(capsys, monkeypatch, "-c", c, "unregister", "alice@localhost")[0] == 0
     assert asyncio.run(left()) == (False, False)
+
+
+def test_unregister_that_fails_part_way_says_so_and_a_second_run_finishes(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage failure in one module's removal is an error, not a silent half-removal;
+    unregister run again (the account is gone by then) deletes what is left."""
+    from xmppd.storage.backends.files import FileBlobBackend
+    from xmppd.storage.base import StorageError
+
+    c = str(config)
+    assert run(capsys, monkeypatch, "-c", c, "register", "zed@localhost", stdin="pw\n")[0] == 0
+    cfg = load_config(config)
+
+    async def blobs(action: str) -> list[str]:
+        storage = await open_storage(cfg.storage, cfg.data_dir)
+        try:
+            store = BlobStore(storage.blobs, "localhost", "offline")
+            if action == "seed":
+                await store.put("zed/0123", b"<message/>")
+            return (await store.list("zed/")).keys
+        finally:
+            await storage.close()
+
+    assert asyncio.run(blobs("seed")) == ["zed/0123"]
+    delete = FileBlobBackend.delete
+
+    async def broken(self: FileBlobBackend, namespace: str, key: str, **kw: Any) -> bool:
+        if namespace == "localhost/offline":
+            raise StorageError("files", "delete", f"{key!r}: Input/output error")
+        return await delete(self, namespace, key, **kw)
+
+    monkeypatch.setattr(FileBlobBackend, "delete", broken)
+    code, out, err = run(capsys, monkeypatch, "-c", c, "unregister", "zed@localhost")
+    assert (code, out) == (1, "")
+    assert err == (
+        "xmppctl: data of zed@localhost could not all be deleted (offline: files: delete "
+        "failed: 'zed/0123': Input/output error): run unregister again to finish\n"
+    )
+    assert asyncio.run(blobs("list")) == ["zed/0123"]
+
+    monkeypatch.setattr(FileBlobBackend, "delete", delete)
+    assert run(capsys, monkeypatch, "-c", c, "unregister", "zed@localhost") == (
+        0,
+        "zed@localhost did not exist: deleted the data an earlier removal left\n",
+        "",
+    )
+    assert asyncio.run(blobs("list")) == []
+    assert run(capsys, monkeypatch, "-c", c, "unregister", "zed@localhost") == (
+        1,
+        "",
+        "xmppctl: zed@localhost does not exist\n",
+    )

@@ -31,7 +31,7 @@ from xmppd.auth.accounts import (
     InvalidUsername,
 )
 from xmppd.config import Config, ConfigError, load_config
-from xmppd.modulehost import validate_module_options
+from xmppd.modulehost import AccountDataRemains, validate_module_options
 from xmppd.storage.base import ItemStore, StorageError
 from xmppd.storage.factory import open_storage
 from xmppd.storage.migrate import migrate
@@ -170,21 +170,28 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _unregister(cfg: Config, user: str, host: str) -> None:
+async def _unregister(cfg: Config, user: str, host: str) -> str:
+    """Remove the account and its data; what to tell the operator."""
     storage = await open_storage(cfg.storage, cfg.data_dir)
     try:
         accounts = Accounts(ItemStore(storage.items, host, "accounts"), cfg.auth.scram_iterations)
-        if not await remove_account(cfg, storage, accounts, host, user):
-            raise Failure(f"{user}@{host} does not exist")
+        try:
+            removed = await remove_account(cfg, storage, accounts, host, user)
+        except AccountDataRemains as e:
+            raise Failure(f"{e}: run unregister again to finish") from None
     finally:
         await storage.close()
+    if removed == "nothing":
+        raise Failure(f"{user}@{host} does not exist")
+    if removed == "leftovers":
+        return f"{user}@{host} did not exist: deleted the data an earlier removal left"
+    return f"unregistered {user}@{host}"
 
 
 def cmd_unregister(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     user, host = _account_jid(cfg, args.jid)
-    asyncio.run(_unregister(cfg, user, host))
-    print(f"unregistered {user}@{host}")
+    print(asyncio.run(_unregister(cfg, user, host)))
     return 0
 
 

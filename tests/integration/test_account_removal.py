@@ -1,0 +1,228 @@
+"""A removed account leaves nothing behind that a new account of the same name inherits.
+
+zed fills every store a module keeps for a user (roster with a contact,
+vCard with a photo, private XML, a privacy list and a block, offline
+messages, one of them large, and last activity), then goes: with `xmppctl
+unregister` in a process of its own while no node runs, with xmppctl while
+the node runs, and with in-band removal (XEP-0077). A new zed registers and
+finds nothing: no offline message, no last activity, an empty roster, vCard,
+private storage, privacy lists and blocklist; and the stores themselves hold
+no item or blob of zed's. Both on the embedded and the cloud storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from slixmpp import JID
+from slixmpp.exceptions import IqError
+
+from tests.integration.clients import close
+from tests.integration.conftest import StartServer
+from tests.integration.test_user_journey import MODULES, Person, sign_in, wait_for
+from tests.integration.test_vcard_private_register import IMAGE, Prefs
+from xmppd.server import Server
+from xmppd.storage.base import BlobBackend, ItemBackend, Query
+
+PASSWORD = "zed-secret-1"
+LARGE = "z" * 100_000  # larger than a cache entry may be (64 KiB): read from the blob store
+PLUGINS = ("xep_0012", "xep_0016")
+
+
+async def zeds_entries(server: Server) -> dict[str, list[str]]:
+    """Every item and blob of an account named zed, by namespace, read from the stores
+    themselves (behind the cache)."""
+    items: ItemBackend = getattr(server.storage.items, "backend", server.storage.items)
+    blobs: BlobBackend = getattr(server.storage.blobs, "backend", server.storage.blobs)
+    found: dict[str, list[str]] = {}
+    for namespace in await items.namespaces():  # type: ignore[attr-defined]
+        token: str | None = None
+        while True:
+            page = await items.query(namespace, Query(limit=1000, page_token=token))
+            names = [item.name for item in page.items if _is_zeds(item.name)]
+            if names:
+                found.setdefault(f"items:{namespace}", []).extend(names)
+            if (token := page.next_token) is None:
+                break
+    for namespace in await blobs.namespaces():  # type: ignore[attr-defined]
+        token = None
+        while True:
+            listing = await blobs.list(namespace, page_token=token)
+            keys = [key for key in listing.keys if _is_zeds(key)]
+            if keys:
+                found.setdefault(f"blobs:{namespace}", []).extend(keys)
+            if (token := listing.next_token) is None:
+                break
+    return found
+
+
+def _is_zeds(name: str) -> bool:
+    """Named by zed's user name ("zed", "zed/..."), or bare JID (privacy records)."""
+    return name == "zed" or name.startswith(("zed/", "zed@"))
+
+
+async def person(server: Server, jid: str, password: str, register: bool = False) -> Person:
+    client = await sign_in(server, jid, password, register)
+    for plugin in PLUGINS:
+        client.register_plugin(plugin)
+    return client
+
+
+async def fill_every_store(server: Server) -> Person:
+    """zed, with a contact (alice, online, returned), leaves data in every store."""
+    await server.accounts["localhost"].register("zed", PASSWORD)
+    alice = await person(server, "alice@localhost/desk", "alice-secret")
+    alice.send_presence()
+    zed = await person(server, "zed@localhost/laptop", PASSWORD)
+    zed.send_presence()
+    zed.send_presence(pto="alice@localhost", ptype="subscribe")  # alice's client agrees
+    await wait_for(lambda: _has_subscription(server, "zed@localhost", "alice@localhost", "both"))
+
+    vcard = zed.plugin["xep_0054"].make_vcard()
+    vcard["FN"] = "Zed"
+    vcard["PHOTO"]["TYPE"] = "image/png"
+    vcard["PHOTO"]["BINVAL"] = IMAGE
+    await zed.plugin["xep_0054"].publish_vcard(vcard, timeout=10)
+    prefs = Prefs()
+    prefs["nick"] = "zz"
+    await zed.plugin["xep_0049"].store(prefs, timeout=10)
+    rule = {"value": "mallory@localhost", "action": "deny", "order": "1", "type": "jid"}
+    await zed.plugin["xep_0016"].edit_list("strict", [rule], timeout=10)
+    await zed.plugin["xep_0016"].make_default("strict", timeout=10)
+    await zed.plugin["xep_0191"].block(JID("eve@localhost"), timeout=10)
+
+    zed.send_presence(ptype="unavailable", pstatus="gone fishing")
+    await alice.presence_from("zed@localhost/laptop", ("unavailable",))
+    await close(zed)
+    await server.router.drain()  # the hooks of that presence: last activity is written
+    last = await server.modules.items("localhost", "last").get("zed")
+    assert last is not None and last.attrs["status"] == "gone fishing"
+
+    alice.send_message(mto=JID("zed@localhost"), mbody="msg for zed while offline", mtype="chat")
+    alice.send_message(mto=JID("zed@localhost"), mbody=LARGE, mtype="chat")
+    # The server handles alice's stanzas in order: once this is answered, the messages
+    # were routed, and their storing is among the router's tasks.
+    await alice.plugin["xep_0030"].get_info(jid="localhost", timeout=10)
+    await server.router.drain()
+    offline = await server.modules.items("localhost", "offline").get("zed")
+    assert offline is not None and offline.attrs["count"] == 2
+
+    stored = await zeds_entries(server)
+    for store in ("accounts", "roster", "privacy", "offline", "last"):
+        assert f"items:localhost/{store}" in stored, (store, stored)
+    for store in ("vcard", "private", "offline"):
+        assert f"blobs:localhost/{store}" in stored, (store, stored)
+    assert len(stored["blobs:localhost/offline"]) == 2
+    return alice
+
+
+async def _has_subscription(server: Server, owner: str, contact: str, wanted: str) -> bool:
+    item = await server.modules.modules["roster"].item(owner, contact)  # type: ignore[attr-defined]
+    return item is not None and item.subscription == wanted
+
+
+async def xmppctl(*argv: str) -> tuple[int, str, str]:
+    """The installed command in a process of its own, without blocking this loop."""
+    exe = shutil.which("xmppctl", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "xmppd.cli.ctl"]
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def assert_zed_starts_empty(server: Server, alice: Person) -> None:
+    """A new zed registers in-band and finds none of the old zed's data."""
+    assert await zeds_entries(server) == {}
+    # alice's roster keeps zed, but no subscription either way (RFC 6121 2.5.2, 3.3)
+    item = await server.modules.modules["roster"].item(  # type: ignore[attr-defined]
+        "alice@localhost", "zed@localhost"
+    )
+    assert item is None or (item.subscription, item.ask, item.pending_in) == ("none", False, False)
+
+    zed = await person(server, "zed@localhost/new", "another-secret", register=True)
+    try:  # not available yet: the server answers from storage
+        await zed.plugin["xep_0012"].get_last_activity(JID("zed@localhost"), timeout=10)
+        raise AssertionError("the new zed has the old zed's last activity")
+    except IqError as exc:
+        assert exc.condition == "item-not-found"
+    roster = await zed.get_roster(timeout=10)
+    assert not roster["roster"]["items"]
+    card = await zed.plugin["xep_0054"].get_vcard(JID("zed@localhost"), local=False, timeout=10)
+    assert card["vcard_temp"]["FN"] == "" and not card["vcard_temp"]["PHOTO"]["BINVAL"]
+    kept = await zed.plugin["xep_0049"].retrieve("test_prefs", timeout=10)
+    assert kept["private"]["test_prefs"]["nick"] == ""
+    lists = await zed.plugin["xep_0016"].get_privacy_lists(timeout=10)
+    assert [element.tag for element in lists["privacy"].xml] == []
+    assert not (await zed.plugin["xep_0191"].get_blocked(timeout=10))["blocklist"]["items"]
+
+    # no offline message waits: the first message the new zed gets is a new one
+    zed.send_presence()
+    alice.send_message(mto=JID("zed@localhost"), mbody="hello new zed", mtype="chat")
+    assert (await zed.message())["body"] == "hello new zed"
+    await close(zed)
+
+
+async def test_xmppctl_unregister_leaves_nothing_behind(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server(modules=MODULES)
+    alice = await fill_every_store(server)
+    await close(alice)
+    await server.stop()
+
+    code, out, err = await xmppctl("-c", str(tmp_path / "xmppd.yml"), "unregister", "zed@localhost")
+    assert (code, out, err) == (0, "unregistered zed@localhost\n", "")
+
+    node2 = await start_server(users={}, modules=MODULES)  # the same data
+    alice = await person(node2, "alice@localhost/desk", "alice-secret")
+    await assert_zed_starts_empty(node2, alice)
+    await close(alice)
+
+
+async def test_xmppctl_unregister_while_a_node_runs(
+    start_server: StartServer, storage_section: dict[str, Any] | None, tmp_path: Path
+) -> None:
+    """xmppctl writes through the cache the node reads, memcached on the cloud storage; the
+    embedded run has none, as another process cannot reach an in-process cache. What the
+    node holds in memory for a user with no session (privacy lists) is reloaded at login."""
+    storage = storage_section or {"cache": {"backend": "none"}}
+    server = await start_server(modules=MODULES, storage=storage)
+    alice = await fill_every_store(server)
+
+    code, out, err = await xmppctl("-c", str(tmp_path / "xmppd.yml"), "unregister", "zed@localhost")
+    assert (code, out, err) == (0, "unregistered zed@localhost\n", "")
+    await assert_zed_starts_empty(server, alice)
+    await close(alice)
+
+
+async def test_in_band_removal_leaves_nothing_behind(start_server: StartServer) -> None:
+    server = await start_server(modules=MODULES)
+    alice = await fill_every_store(server)
+    zed = await person(server, "zed@localhost/laptop", PASSWORD)
+    zed.send_presence(ppriority=-1)  # available, but the offline messages stay stored
+    await alice.presence_from("zed@localhost/laptop", ("available",))
+    await server.router.drain()
+    offline = await server.modules.items("localhost", "offline").get("zed")
+    assert offline is not None and offline.attrs["count"] == 2
+    await zed.plugin["xep_0077"].cancel_registration(timeout=10)
+    await asyncio.wait_for(zed.ended.wait(), 10)
+    assert zed.stream_errors == ["not-authorized"]
+    # alice, no longer subscribed, is told zed is gone (RFC 6121 3.2.2)
+    await alice.presence_from("zed@localhost/laptop", ("unavailable",))
+    # The session ended (after the removal) in the server before the client saw it; its
+    # unavailable presence must record no last activity for the removed account.
+    await server.router.drain()
+
+    await assert_zed_starts_empty(server, alice)
+    await close(alice)
