@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from xmppd.auth.accounts import Accounts
 from xmppd.config import Config
 from xmppd.modulehost import ModuleHost
@@ -10,7 +12,12 @@ from xmppd.storage.factory import Storage
 
 
 async def remove_account(
-    cfg: Config, storage: Storage, accounts: Accounts, host: str, username: str
+    cfg: Config,
+    storage: Storage,
+    accounts: Accounts,
+    host: str,
+    username: str,
+    removed: Callable[[], Awaitable[object]] | None = None,
 ) -> bool:
     """Delete the account, then let every enabled module drop its data.
 
@@ -18,9 +25,13 @@ async def remove_account(
     nodes use, and fire the same "account/removed" event as in-band removal,
     so a user deleted by `xmppctl` leaves no roster, vCard or offline
     messages behind (contacts' rosters are updated in storage too).
+    `removed` runs between the two: xmppctl ends the account's sessions on
+    the running nodes there, so their goodbye presence still finds the roster.
     """
     if not await accounts.unregister(username):
         return False
+    if removed is not None:
+        await removed()
     router = Router(cfg.hosts, lambda h, u: accounts.exists(u))
     modules = ModuleHost(router, storage, list(cfg.hosts))
     modules.accounts = {host: accounts}

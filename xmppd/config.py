@@ -279,6 +279,31 @@ class AuthConfig(BaseModel):
         return value
 
 
+class AdminConfig(BaseModel):
+    """The node's admin HTTP API (xmppd.adminapi): how xmppctl reaches a running node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: Annotated[StrictStr, AfterValidator(_address)] = "127.0.0.1"
+    port: StrictInt = Field(default=5290, ge=0, le=65535)  # 0: the OS picks a free port (tests)
+    allow_remote: StrictBool = False  # a non-loopback address must be asked for explicitly
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> AdminConfig:
+        if not self.allow_remote and not _is_loopback(self.address):
+            raise _problem(
+                f"{self.address} is not a loopback address: the admin API can end sessions "
+                "and must not be reachable from other machines; set admin.allow_remote: true "
+                "if a firewall keeps it private",
+                "address",
+            )
+        return self
+
+
+def _is_loopback(address: str) -> bool:
+    return address == "localhost" or ipaddress.ip_address(address).is_loopback
+
+
 def _default_listeners() -> list[ListenerConfig]:
     return [
         ListenerConfig(type="starttls", address="127.0.0.1", port=5222),
@@ -309,7 +334,7 @@ def _default_modules() -> dict[str, dict[str, Any] | None]:
     return {name: {} for name in DEFAULT_MODULES}
 
 
-_SECTIONS = ("tls", "limits", "auth", "storage", "modules")
+_SECTIONS = ("tls", "limits", "auth", "admin", "storage", "modules")
 
 
 class Config(BaseModel):
@@ -326,6 +351,7 @@ class Config(BaseModel):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     # Raw options per enabled module; the module host validates each against the
     # module's own model with validate_section(), so errors still carry lines.

@@ -10,12 +10,14 @@ import signal
 from collections import Counter
 from dataclasses import dataclass
 
+from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle
 from xmppd.config import Config
 from xmppd.connection import C2SConnection
 from xmppd.modulehost import ModuleHost
 from xmppd.router import Router
+from xmppd.session import Session
 from xmppd.storage.base import ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
 from xmppd.stream.c2s import StreamSettings
@@ -23,6 +25,9 @@ from xmppd.stream.errors import StreamError
 from xmppd.tls import ServerTLS, ensure_self_signed, server_tls
 
 log = logging.getLogger("xmppd")
+
+ACCOUNT_CHANGE_SETTLE = 10.0
+"""Seconds end_account_sessions waits at most for the presence work it started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ class Server:
         self.fake_salt_key: bytes
         self.router: Router
         self.modules: ModuleHost
+        self.admin = AdminAPI(self)
 
     async def start(self) -> None:
         config = self.config
@@ -81,9 +87,7 @@ class Server:
             )
         self.fake_salt_key = await cluster_secret(self.storage, "scram-fake-salt")
         self.accounts = {
-            host: Accounts(
-                ItemStore(self.storage.items, host, "accounts"), config.auth.scram_iterations
-            )
+            host: Accounts.of(self.storage, host, config.auth.scram_iterations)
             for host in config.hosts
         }
         self.router = Router(config.hosts, self._user_exists)
@@ -110,6 +114,7 @@ class Server:
                 self.listening.append(Listening(listener.type, address, port))
                 kind = "direct TLS (XEP-0368)" if direct else "STARTTLS"
                 log.info("listening: c2s %s on %s port %d", kind, address, port)
+        await self.admin.start()
         log.info("xmppd ready")
 
     async def stop(self) -> None:
@@ -117,6 +122,7 @@ class Server:
         if self._stopped:
             return
         self._stopped = True
+        await self.admin.stop()
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
@@ -172,6 +178,27 @@ class Server:
 
     def session_ended(self, conn: C2SConnection) -> None:
         self.router.session_ended(conn)
+
+    async def end_account_sessions(self, host: str, username: str, error: StreamError) -> int:
+        """End every stream authenticated as the account (bound or not yet) with `error`.
+
+        Each goes the way of any ended stream (router.session_ended: unavailable
+        presence to contacts, "session/closed"); this returns once the work that
+        started has run, so a caller that then deletes the account's data (xmppctl
+        unregister) does not pull the roster from under the presence broadcast.
+        """
+        bare = f"{username}@{host}"
+        doomed: dict[int, Session] = {id(s): s for s in self.router.local_sessions(bare)}
+        for conn in self.connections:
+            if conn.stream.username == username and conn.stream.host == host:
+                doomed.setdefault(id(conn), conn)
+        before = self.router.pending()
+        for session in doomed.values():
+            session.terminate(error)
+        started = self.router.pending() - before
+        if started:
+            await asyncio.wait(started, timeout=ACCOUNT_CHANGE_SETTLE)
+        return len(doomed)
 
     async def _user_exists(self, host: str, username: str) -> bool:
         return await self.accounts[host].exists(username)

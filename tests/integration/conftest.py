@@ -43,6 +43,7 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
             {"type": "direct_tls", "address": "127.0.0.1", "port": 0},
         ],
         "limits": {"auth_failure_delay": 0.05},
+        "admin": {"port": 0},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -364,6 +366,30 @@ def test_storage_failure_is_one_line(
     code, out, err = run(capsys, monkeypatch, "-c", str(path), "list", "localhost")
     assert (code, out) == (1, "")
     assert err.startswith("xmppctl: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_node_that_does_not_answer_is_a_warning(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record left by a node that died: the store is changed all the same."""
+    c = str(config)
+    assert run(capsys, monkeypatch, "-c", c, "register", "eve@localhost", stdin="old pw\n")[0] == 0
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    admin = config.parent / "data" / "admin"
+    admin.mkdir(parents=True)
+    (admin / "token").write_text("secret\n")
+    record = admin / "4242-dead.json"
+    record.write_text(json.dumps({"url": f"http://127.0.0.1:{port}", "pid": 4242}))
+    code, out, err = run(capsys, monkeypatch, "-c", c, "passwd", "eve@localhost", stdin="new pw\n")
+    assert (code, out) == (0, "password changed for eve@localhost\n")
+    assert err.startswith(f"xmppctl: warning: the node at http://127.0.0.1:{port} did not answer")
+    assert err.rstrip().endswith(f"if it is not running, delete {record}")
+    assert err.count("\n") == 1
+    assert check_password(config, "localhost", "eve", "new pw")
+    code, out, err = run(capsys, monkeypatch, "-c", c, "unregister", "eve@localhost")
+    assert (code, out) == (0, "unregistered eve@localhost\n") and "warning" in err
 
 
 # --------------------------------------------------------------------------- migrate

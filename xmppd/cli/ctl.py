@@ -30,9 +30,10 @@ from xmppd.auth.accounts import (
     InvalidPassword,
     InvalidUsername,
 )
+from xmppd.cli.nodes import notify_account_change
 from xmppd.config import Config, ConfigError, load_config
 from xmppd.modulehost import validate_module_options
-from xmppd.storage.base import ItemStore, StorageError
+from xmppd.storage.base import StorageError
 from xmppd.storage.factory import open_storage
 from xmppd.storage.migrate import migrate
 
@@ -104,10 +105,7 @@ async def _accounts_of(cfg: Config) -> AsyncIterator[Callable[[str], Accounts]]:
     """Open the configured storage; yield a factory of per-host account stores."""
     storage = await open_storage(cfg.storage, cfg.data_dir)
     try:
-        yield lambda host: Accounts(
-            ItemStore(storage.items, host, "accounts"),
-            iterations=cfg.auth.scram_iterations,
-        )
+        yield lambda host: Accounts.of(storage, host, cfg.auth.scram_iterations)
     finally:
         await storage.close()
 
@@ -154,28 +152,43 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _tell_nodes(cfg: Config, jid: str, change: str) -> None:
+    """Tell the running nodes (the store is already written); they end the account's
+    sessions. A node that does not answer is a warning: the change itself is made."""
+    outcome = await notify_account_change(cfg.data_dir, jid, change)
+    for line in outcome.done:
+        print(line)
+    for warning in outcome.warnings:
+        print(f"xmppctl: warning: {warning}", file=sys.stderr)
+
+
 async def _passwd(cfg: Config, user: str, host: str, password: str) -> None:
     async with _accounts_of(cfg) as accounts:
         try:
             await accounts(host).set_password(user, password)
         except AccountNotFound:
             raise Failure(f"{user}@{host} does not exist") from None
+    print(f"password changed for {user}@{host}")
+    # Every session ends, the operator's own included: xmppctl has no "current" one.
+    await _tell_nodes(cfg, f"{user}@{host}", "password-changed")
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     user, host = _account_jid(cfg, args.jid)
     asyncio.run(_passwd(cfg, user, host, _read_password(args.password_file, sys.stdin)))
-    print(f"password changed for {user}@{host}")
     return 0
 
 
 async def _unregister(cfg: Config, user: str, host: str) -> None:
     storage = await open_storage(cfg.storage, cfg.data_dir)
     try:
-        accounts = Accounts(ItemStore(storage.items, host, "accounts"), cfg.auth.scram_iterations)
-        if not await remove_account(cfg, storage, accounts, host, user):
-            raise Failure(f"{user}@{host} does not exist")
+        accounts = Accounts.of(storage, host, cfg.auth.scram_iterations)
+        jid = f"{user}@{host}"
+        if not await remove_account(
+            cfg, storage, accounts, host, user, lambda: _tell_nodes(cfg, jid, "removed")
+        ):
+            raise Failure(f"{jid} does not exist")
     finally:
         await storage.close()
 
