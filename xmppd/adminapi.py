@@ -25,12 +25,12 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from xmppd import package_version
 from xmppd.jid import JID, InvalidJID
 from xmppd.stream.errors import StreamError
 
@@ -92,13 +92,6 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
-
-
-def package_version() -> str:
-    try:
-        return version("xmppd")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
 
 
 class AdminAPI:

@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import json
 import logging
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -675,6 +676,28 @@ def _kind(data: Any) -> str:
 
 
 # --------------------------------------------------------------------------- public API
+
+CONFIG_ENV = "XMPPD_CONFIG"
+SYSTEM_CONFIG = Path("/etc/xmppd/xmppd.yml")
+
+
+def find_config() -> tuple[Path, str]:
+    """The file `xmppd` and `xmppctl` use without -c: $XMPPD_CONFIG, else
+    /etc/xmppd/xmppd.yml; ConfigError when neither is there. With the file
+    comes a line saying where it came from, which both commands print.
+
+    Never the built-in defaults: they put data_dir under the current
+    directory, so a command run from the wrong folder would silently work on
+    a new, empty store there instead of the server's."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:  # load_config reports it if it cannot be read
+        return Path(named), f"using the configuration {named} (from ${CONFIG_ENV})"
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG, f"using the configuration {SYSTEM_CONFIG}"
+    raise ConfigError(
+        [f"no configuration file: give -c FILE, set ${CONFIG_ENV}, or create {SYSTEM_CONFIG}"]
+    )
+
 
 
 def load_config(path: Path | str | None) -> Config:

@@ -7,10 +7,14 @@ import os
 import re
 import signal
 import sys
+from importlib.metadata import version
 from pathlib import Path
+
+import pytest
 
 from tests.integration.clients import HEADER, insecure_context, read_until
 from tests.integration.conftest import write_config
+from xmppd.config import SYSTEM_CONFIG
 
 
 async def start_xmppd(config: Path) -> tuple[asyncio.subprocess.Process, list[str]]:
@@ -68,3 +72,39 @@ async def test_bad_config_names_file_line_and_key(tmp_path: Path) -> None:
     assert f"{bad}:5: listeners[0].port:" in text
     assert f"{bad}:6: " in text and "limtis" in text and "limits" in text  # suggestion
     assert "Traceback" not in text
+
+
+async def run_xmppd(*argv: str, cwd: Path, **env: str) -> tuple[int, str, str]:
+    environ = {k: v for k, v in os.environ.items() if k != "XMPPD_CONFIG"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "xmppd", *argv, cwd=cwd, env={**environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:  # e.g. it started serving: never leave it running
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_version(tmp_path: Path) -> None:
+    assert await run_xmppd("--version", cwd=tmp_path) == (0, f"xmppd {version('xmppd')}\n", "")
+
+
+@pytest.mark.skipif(SYSTEM_CONFIG.exists(), reason=f"{SYSTEM_CONFIG} exists on this machine")
+async def test_without_c_the_file_is_xmppd_config_or_a_clear_error(tmp_path: Path) -> None:
+    code, out, err = await run_xmppd(cwd=tmp_path)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"xmppd: no configuration file: give -c FILE, set $XMPPD_CONFIG, or create "
+        f"{SYSTEM_CONFIG}\n"
+    )
+    assert os.listdir(tmp_path) == []  # no data_dir made under the cwd
+    bad = tmp_path / "bad.yml"
+    bad.write_text("hostz: []\n")
+    code, _, err = await run_xmppd(cwd=tmp_path, XMPPD_CONFIG=str(bad))
+    assert code == 1
+    assert err.startswith(f"xmppd: using the configuration {bad} (from $XMPPD_CONFIG)\n{bad}:1: ")

@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
+from xmppd import config as config_module
 from xmppd.auth.accounts import Accounts
 from xmppd.cli import ctl
 from xmppd.cli.ctl import main
@@ -189,7 +191,39 @@ def test_check(
     config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert run(capsys, monkeypatch, "-c", str(config), "check") == (0, f"{config}: OK\n", "")
-    assert run(capsys, monkeypatch, "check") == (0, "<built-in defaults>: OK\n", "")
+
+
+def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(
+    config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("XMPPD_CONFIG", str(config))
+    assert run(capsys, monkeypatch, "check") == (
+        0,
+        f"{config}: OK\n",
+        f"xmppctl: using the configuration {config} (from $XMPPD_CONFIG)\n",
+    )
+    monkeypatch.delenv("XMPPD_CONFIG")
+    system = tmp_path / "etc-xmppd.yml"
+    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", system)
+    # Neither: a clear error, never built-in defaults with a data_dir under the cwd.
+    assert run(capsys, monkeypatch, "list", "localhost") == (
+        1,
+        "",
+        f"xmppctl: no configuration file: give -c FILE, set $XMPPD_CONFIG, or create {system}\n",
+    )
+    assert list(elsewhere.iterdir()) == []
+    system.write_text(config.read_text())
+    assert run(capsys, monkeypatch, "check") == (
+        0,
+        f"{system}: OK\n",
+        f"xmppctl: using the configuration {system}\n",
+    )
 
 
 def test_bad_config_exits_1_with_the_lines(
@@ -355,6 +389,11 @@ def test_the_installed_command(config: Path, tmp_path: Path) -> None:
     done = xmppctl("-c", str(bad), "check")
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == f"xmppctl: {bad}:3: limits.max_xml_depth: must be at most 200, got 500\n"
+
+
+def test_version_is_the_installed_package_version() -> None:
+    done = xmppctl("--version")
+    assert (done.returncode, done.stdout) == (0, f"xmppctl {version('xmppd')}\n")
 
 
 def test_storage_failure_is_one_line(

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from slixmpp.jid import JID, InvalidJID
 from tqdm import tqdm
 
+from xmppd import package_version
 from xmppd.admin import remove_account
 from xmppd.auth.accounts import (
     AccountExists,
@@ -31,7 +32,7 @@ from xmppd.auth.accounts import (
     InvalidUsername,
 )
 from xmppd.cli.nodes import notify_account_change
-from xmppd.config import Config, ConfigError, load_config
+from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load_config
 from xmppd.modulehost import validate_module_options
 from xmppd.storage.base import StorageError
 from xmppd.storage.factory import open_storage
@@ -54,8 +55,13 @@ class Failure(Exception):
 
 
 def _load(path: str | None) -> Config:
+    """The configuration -c names, else the one find_config finds (said on stderr)."""
     try:
-        return load_config(Path(path) if path is not None else None)
+        if path is None:
+            found, why = find_config()
+            print(f"xmppctl: {why}", file=sys.stderr)
+            return load_config(found)
+        return load_config(Path(path))
     except ConfigError as e:
         raise Failure(*e.problems) from None
 
@@ -364,8 +370,9 @@ def _parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         metavar="FILE",
-        help="configuration file (default: the built-in defaults, like the server)",
+        help=f"configuration file (default: ${CONFIG_ENV}, else {SYSTEM_CONFIG})",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", help="validate the configuration")
