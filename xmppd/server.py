@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import secrets
 import signal
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
@@ -22,7 +25,7 @@ from xmppd.storage.base import ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
 from xmppd.stream.c2s import StreamSettings
 from xmppd.stream.errors import StreamError
-from xmppd.tls import ServerTLS, ensure_self_signed, server_tls
+from xmppd.tls import ServerTLS, TLSError, ensure_self_signed, reload_tls, server_tls
 
 log = logging.getLogger("xmppd")
 
@@ -53,6 +56,7 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._settings: dict[bool, StreamSettings] = {}
         self._stopped = False
+        self._tls_files: tuple[Path, Path]
         self.storage: Storage
         self.tls: ServerTLS
         self.accounts: dict[str, Accounts]
@@ -64,11 +68,12 @@ class Server:
     async def start(self) -> None:
         config = self.config
         log.info("xmppd starting: config %s, hosts %s", config.source.name, ", ".join(config.hosts))
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_data_dir(config.data_dir)
         if config.tls.cert is None or config.tls.key is None:
             cert, key = ensure_self_signed(config.data_dir, list(config.hosts))
         else:
             cert, key = config.tls.cert, config.tls.key
+        self._tls_files = cert, key
         self.tls = server_tls(cert, key, config.tls.min_version)
         log.info("tls: certificate %s, minimum TLS %s", cert, config.tls.min_version)
         if config.auth.allow_unencrypted:
@@ -133,6 +138,20 @@ class Server:
         await self.modules.stop()
         await self.storage.close()
         log.info("xmppd stopped")
+
+    def reload_tls(self) -> None:
+        """SIGHUP: read the certificate and key again, for new connections.
+
+        A renewed certificate (certbot and the like replace the files) needs no
+        restart. A bad new pair keeps the old one and logs why, naming the file.
+        """
+        cert, key = self._tls_files
+        try:
+            self.tls = reload_tls(self.tls, cert, key)
+        except TLSError as exc:
+            log.error("tls: kept the previous certificate: %s", exc)
+            return
+        log.info("tls: reloaded certificate %s and key %s for new connections", cert, key)
 
     # --- what connections ask of the node ------------------------------------------------
 
@@ -204,6 +223,24 @@ class Server:
         return await self.accounts[host].exists(username)
 
 
+class StartupError(Exception):
+    """The node cannot start; one line naming what to fix."""
+
+
+def ensure_data_dir(data_dir: Path) -> None:
+    """Make data_dir and check that files can be written in it (StartupError), before
+    a store, the certificate or the admin token fails there with a longer story."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=data_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StartupError(
+            f"data_dir {data_dir} is not writable: {exc.strerror or exc}"
+        ) from None
+
+
 async def cluster_secret(storage: Storage, name: str) -> bytes:
     """A random secret every node of the deployment shares: made once, kept in the item store.
 
@@ -224,7 +261,10 @@ async def cluster_secret(storage: Storage, name: str) -> bytes:
 
 
 async def serve(config: Config) -> None:
-    """Run a node until SIGTERM or SIGINT, then shut down cleanly."""
+    """Run a node until SIGTERM or SIGINT, then shut down cleanly; SIGHUP reloads TLS.
+
+    Logging goes to stderr (the service manager keeps it), so there is no log
+    file to reopen on SIGHUP."""
     server = Server(config)
     await server.start()
     # Startup objects (modules, config, TLS context) live for the whole run: keep
@@ -234,6 +274,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     await stop.wait()
     log.info("signal received: shutting down")
     await server.stop()

@@ -55,6 +55,21 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
     return path
 
 
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A folder this process cannot write in: a chmod 555 one, or (as root, who may
+    write there anyway) a kernel folder that refuses even root; else the test skips."""
+    candidates = [tmp_path / "read-only", Path("/sys/kernel")]
+    candidates[0].mkdir()
+    candidates[0].chmod(0o555)
+    for folder in candidates:
+        try:
+            (folder / ".probe").touch()
+        except OSError:
+            return folder
+        (folder / ".probe").unlink()
+    pytest.skip("no folder here refuses writes to this user")
+
+
 @pytest.fixture(params=["embedded", "cloud"])
 def storage_section(request: pytest.FixtureRequest) -> dict[str, Any] | None:
     """None for the embedded default; else the cloud storage keys of the config file."""

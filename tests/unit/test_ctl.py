@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import unwritable_dir
 from xmppd import config as config_module
 from xmppd.auth.accounts import Accounts
 from xmppd.cli import ctl
@@ -22,6 +23,7 @@ from xmppd.cli.ctl import main
 from xmppd.config import load_config
 from xmppd.storage.base import BlobStore, ItemStore
 from xmppd.storage.factory import open_storage
+from xmppd.tls import ensure_self_signed
 
 
 @pytest.fixture
@@ -191,6 +193,38 @@ def test_check(
     config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert run(capsys, monkeypatch, "-c", str(config), "check") == (0, f"{config}: OK\n", "")
+
+
+def test_check_loads_the_certificate_and_opens_the_stores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = ensure_self_signed(tmp_path / "pair", ["localhost"])
+    path = tmp_path / "tls.yml"
+    path.write_text(f"data_dir: data\ntls: {{cert: {cert}, key: {key}}}\n")
+    assert run(capsys, monkeypatch, "-c", str(path), "check") == (0, f"{path}: OK\n", "")
+    assert (tmp_path / "data" / "items.sqlite3").exists()  # the store was opened
+
+    path.write_text(f"data_dir: data\ntls: {{cert: {key}, key: {cert}}}\n")
+    assert run(capsys, monkeypatch, "-c", str(path), "check") == (
+        1,
+        "",
+        f"xmppctl: certificate {key}: no PEM certificate in the file "
+        "(are tls.cert and tls.key swapped?)\n",
+    )
+    other_cert, other_key = ensure_self_signed(tmp_path / "other", ["localhost"])
+    path.write_text(f"data_dir: data\ntls: {{cert: {cert}, key: {other_key}}}\n")
+    assert run(capsys, monkeypatch, "-c", str(path), "check") == (
+        1,
+        "",
+        f"xmppctl: key {other_key} does not belong to the certificate {cert}\n",
+    )
+
+    read_only = unwritable_dir(tmp_path)
+    path.write_text(f"data_dir: {read_only}\n")
+    code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"xmppctl: data_dir {read_only} is not writable: ")
+    assert err.count("\n") == 1
 
 
 def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(

@@ -34,9 +34,11 @@ from xmppd.auth.accounts import (
 from xmppd.cli.nodes import notify_account_change
 from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load_config
 from xmppd.modulehost import validate_module_options
+from xmppd.server import StartupError, ensure_data_dir
 from xmppd.storage.base import StorageError
 from xmppd.storage.factory import open_storage
 from xmppd.storage.migrate import migrate
+from xmppd.tls import TLSError, self_signed_paths, server_tls
 
 LIST_PAGE = 1000
 """Accounts fetched per storage query by `list`."""
@@ -133,13 +135,38 @@ def _progress(total: int | None, desc: str, unit: str) -> tqdm[Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Everything the server checks before it serves: the file, the module options,
+    the certificate and key, and the stores (opened, data_dir written)."""
     cfg = _load(args.config)
     try:
         validate_module_options(cfg)
     except ConfigError as e:
         raise Failure(*e.problems) from None
+    _check_tls(cfg)
+    asyncio.run(_check_storage(cfg))
     print(f"{cfg.source.name}: OK")
     return 0
+
+
+def _check_tls(cfg: Config) -> None:
+    cert, key = cfg.tls.cert, cfg.tls.key
+    if cert is None or key is None:  # the self-signed pair, once the server has made it
+        cert, key = self_signed_paths(cfg.data_dir)
+        if not (cert.exists() and key.exists()):
+            return
+    try:
+        server_tls(cert, key, cfg.tls.min_version)
+    except TLSError as e:
+        raise Failure(str(e)) from None
+
+
+async def _check_storage(cfg: Config) -> None:
+    try:
+        ensure_data_dir(cfg.data_dir)
+    except StartupError as e:
+        raise Failure(str(e)) from None
+    storage = await open_storage(cfg.storage, cfg.data_dir)
+    await storage.close()
 
 
 async def _register(cfg: Config, user: str, host: str, password: str) -> None:
@@ -375,7 +402,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    check = sub.add_parser("check", help="validate the configuration")
+    check = sub.add_parser(
+        "check", help="validate the configuration, load the certificate, open the stores"
+    )
     check.set_defaults(run=cmd_check)
 
     password_help = (

@@ -13,7 +13,9 @@ import uvloop
 
 from xmppd import package_version
 from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, ConfigError, find_config, load_config
-from xmppd.server import serve
+from xmppd.server import StartupError, serve
+from xmppd.storage.base import StorageError
+from xmppd.tls import TLSError
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         # uvloop: its TLS transport keeps a small buffer per connection (see docs/architecture.md).
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config))
+    except (StartupError, TLSError, StorageError) as exc:
+        print(f"xmppd: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"xmppd: {exc}", file=sys.stderr)
         return 1
