@@ -3,8 +3,9 @@ remove it after.
 
 Account creation is off unless `allow_registration` is set, and limited per
 client address (in memory, per node). Password changes and account removal
-work for logged-in users either way (each can be switched off). Removing an
-account ends every session of it on this node with <not-authorized/>
+work for logged-in users either way (each can be switched off). A password
+change ends the account's other sessions on this node, removing an account
+ends every session of it on this node, both with <not-authorized/>
 (XEP-0077 section 3.2) and fires the hook "account/removed" (vhost, username)
 so modules drop the account's data; handlers of it must not return True.
 """
@@ -178,6 +179,12 @@ class Register(Module):
             await self._remove(request, username)
         else:
             await self._change_password(request.host, username, query)
+            # As ejabberd and Prosody do: the account's other sessions end (the
+            # password that opened them may be what leaked); the asker's stays.
+            bare, asker = f"{username}@{request.host}", str(request.sender)
+            request.after_reply.append(
+                lambda: self._end_sessions(bare, "the password was changed", keep=asker)
+            )
 
     async def _change_password(self, vhost: str, username: str, query: etree._Element) -> None:
         if not self.opts.allow_password_change:
@@ -215,12 +222,13 @@ class Register(Module):
         log.info("account %s@%s removed in-band", username, vhost)
         bare = f"{username}@{vhost}"
         # XEP-0077 3.2: the result first, then the account's sessions end.
-        request.after_reply.append(lambda: self._end_sessions(bare))
+        request.after_reply.append(lambda: self._end_sessions(bare, "the account was removed"))
         self.host.router.spawn(self.host.fire("account/removed", vhost, username))
 
-    def _end_sessions(self, bare: str) -> None:
+    def _end_sessions(self, bare: str, text: str, keep: str | None = None) -> None:
         for session in self.host.router.local_sessions(bare):
-            session.terminate(StreamError("not-authorized", "the account was removed"))
+            if session.jid != keep:
+                session.terminate(StreamError("not-authorized", text))
 
     def _check_password(self, password: str) -> None:
         if len(password) < self.opts.min_password_length:
