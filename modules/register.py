@@ -3,10 +3,11 @@ remove it after.
 
 Account creation is off unless `allow_registration` is set, and limited per
 client address (in memory, per node). Password changes and account removal
-work for logged-in users either way (each can be switched off). Removing an
-account deletes it and every module's data of it (`ModuleHost.remove_account`,
-the same removal `xmppctl unregister` runs), answers, and then ends every
-session of it on this node with <not-authorized/> (XEP-0077 section 3.2).
+work for logged-in users either way (each can be switched off). A password
+change ends the account's other sessions on this node. Removing an account
+deletes it and every module's data of it (`ModuleHost.remove_account`, the
+same removal `xmppctl unregister` runs), answers, and then ends every session
+of it on this node. Both use <not-authorized/> (XEP-0077 section 3.2).
 """
 
 from __future__ import annotations
@@ -178,6 +179,12 @@ class Register(Module):
             await self._remove(request, username)
         else:
             await self._change_password(request.host, username, query)
+            # As ejabberd and Prosody do: the account's other sessions end (the
+            # password that opened them may be what leaked); the asker's stays.
+            bare, asker = f"{username}@{request.host}", str(request.sender)
+            request.after_reply.append(
+                lambda: self._end_sessions(bare, "the password was changed", keep=asker)
+            )
 
     async def _change_password(self, vhost: str, username: str, query: etree._Element) -> None:
         if not self.opts.allow_password_change:
@@ -220,11 +227,12 @@ class Register(Module):
             raise StanzaError("registration-required", "the account no longer exists")
         log.info("account %s removed in-band", bare)
         # XEP-0077 3.2: the result first, then the account's sessions end.
-        request.after_reply.append(lambda: self._end_sessions(bare))
+        request.after_reply.append(lambda: self._end_sessions(bare, "the account was removed"))
 
-    def _end_sessions(self, bare: str) -> None:
+    def _end_sessions(self, bare: str, text: str, keep: str | None = None) -> None:
         for session in self.host.router.local_sessions(bare):
-            session.terminate(StreamError("not-authorized", "the account was removed"))
+            if session.jid != keep:
+                session.terminate(StreamError("not-authorized", text))
 
     def _check_password(self, password: str) -> None:
         if len(password) < self.opts.min_password_length:

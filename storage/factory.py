@@ -39,12 +39,22 @@ class Storage:
     """The item store, blob store and cache of one server process.
 
     `items` and `blobs` already read through `cache`; modules reach them only
-    through ItemStore / BlobStore handles."""
+    through ItemStore / BlobStore handles. `direct_items` is the same item
+    store without the cache, for data another process may change at any
+    time (credentials, changed by xmppctl): the in-process cache cannot be
+    invalidated from outside, so such reads must never be served from it."""
 
-    def __init__(self, items: ItemBackend, blobs: BlobBackend, cache: Cache) -> None:
+    def __init__(
+        self,
+        items: ItemBackend,
+        blobs: BlobBackend,
+        cache: Cache,
+        direct_items: ItemBackend | None = None,
+    ) -> None:
         self.items = items
         self.blobs = blobs
         self.cache = cache
+        self.direct_items = direct_items if direct_items is not None else items
         self._closed = False
 
     def describe(self) -> list[str]:
@@ -133,4 +143,5 @@ async def open_storage(cfg: StorageConfig, data_dir: Path) -> Storage:
             blobs, cache, ttl=ttl, max_value_bytes=max_bytes, scope=store_scope(_describe(blobs))
         ),
         cache,
+        direct_items=items,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from xmppd.auth.accounts import Accounts
 from xmppd.config import Config
 from xmppd.modulehost import ModuleHost, Removed
@@ -10,7 +12,12 @@ from xmppd.storage.factory import Storage
 
 
 async def remove_account(
-    cfg: Config, storage: Storage, accounts: Accounts, host: str, username: str
+    cfg: Config,
+    storage: Storage,
+    accounts: Accounts,
+    host: str,
+    username: str,
+    removed: Callable[[], Awaitable[object]] | None = None,
 ) -> Removed:
     """Delete the account, then every enabled module's data of it, from this process.
 
@@ -22,11 +29,12 @@ async def remove_account(
     storage), vCard, private XML, privacy lists and blocklist, offline
     messages and their blobs, last activity.
 
+    `removed` runs between the account's deletion and the modules': xmppctl
+    ends the account's sessions on the running nodes there (through the
+    admin channel), so their goodbye presence still finds the roster.
+
     Raises AccountDataRemains when a module failed: the account is gone
     already, and running this again deletes what is left ("leftovers").
-    A running node sees the removal through a shared cache or none; one
-    with an in-process cache may serve removed data until its entries
-    expire, and sessions of the account on it go on.
     """
     router = Router(cfg.hosts, lambda h, u: accounts.exists(u))
     modules = ModuleHost(router, storage, list(cfg.hosts))
@@ -34,7 +42,7 @@ async def remove_account(
     modules.load(cfg)
     await modules.start()
     try:
-        return await modules.remove_account(host, username)
+        return await modules.remove_account(host, username, removed)
     finally:
         await router.drain()  # the unsubscriptions sent to contacts, even after a failure
         await modules.stop()

@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import json
 import logging
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -277,6 +278,31 @@ class AuthConfig(BaseModel):
         return value
 
 
+class AdminConfig(BaseModel):
+    """The node's admin HTTP API (xmppd.adminapi): how xmppctl reaches a running node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: Annotated[StrictStr, AfterValidator(_address)] = "127.0.0.1"
+    port: StrictInt = Field(default=5290, ge=0, le=65535)  # 0: the OS picks a free port (tests)
+    allow_remote: StrictBool = False  # a non-loopback address must be asked for explicitly
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> AdminConfig:
+        if not self.allow_remote and not _is_loopback(self.address):
+            raise _problem(
+                f"{self.address} is not a loopback address: the admin API can end sessions "
+                "and must not be reachable from other machines; set admin.allow_remote: true "
+                "if a firewall keeps it private",
+                "address",
+            )
+        return self
+
+
+def _is_loopback(address: str) -> bool:
+    return address == "localhost" or ipaddress.ip_address(address).is_loopback
+
+
 def _default_listeners() -> list[ListenerConfig]:
     return [
         ListenerConfig(type="starttls", address="127.0.0.1", port=5222),
@@ -307,7 +333,7 @@ def _default_modules() -> dict[str, dict[str, Any] | None]:
     return {name: {} for name in DEFAULT_MODULES}
 
 
-_SECTIONS = ("tls", "limits", "auth", "storage", "modules")
+_SECTIONS = ("tls", "limits", "auth", "admin", "storage", "modules")
 
 
 class Config(BaseModel):
@@ -324,6 +350,7 @@ class Config(BaseModel):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     # Raw options per enabled module; the module host validates each against the
     # module's own model with validate_section(), so errors still carry lines.
@@ -664,6 +691,28 @@ def _kind(data: Any) -> str:
 
 
 # --------------------------------------------------------------------------- public API
+
+CONFIG_ENV = "XMPPD_CONFIG"
+SYSTEM_CONFIG = Path("/etc/xmppd/xmppd.yml")
+
+
+def find_config() -> tuple[Path, str]:
+    """The file `xmppd` and `xmppctl` use without -c: $XMPPD_CONFIG, else
+    /etc/xmppd/xmppd.yml; ConfigError when neither is there. With the file
+    comes a line saying where it came from, which both commands print.
+
+    Never the built-in defaults: they put data_dir under the current
+    directory, so a command run from the wrong folder would silently work on
+    a new, empty store there instead of the server's."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:  # load_config reports it if it cannot be read
+        return Path(named), f"using the configuration {named} (from ${CONFIG_ENV})"
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG, f"using the configuration {SYSTEM_CONFIG}"
+    raise ConfigError(
+        [f"no configuration file: give -c FILE, set ${CONFIG_ENV}, or create {SYSTEM_CONFIG}"]
+    )
+
 
 
 def load_config(path: Path | str | None) -> Config:

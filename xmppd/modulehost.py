@@ -346,19 +346,27 @@ class ModuleHost:
         for module in self.modules.values():
             await module.start()
 
-    async def remove_account(self, vhost: str, username: str) -> Removed:
+    async def remove_account(
+        self,
+        vhost: str,
+        username: str,
+        removed: Callable[[], Awaitable[object]] | None = None,
+    ) -> Removed:
         """Delete the account, then every module's data of it.
 
         The account goes first, so nothing new is stored for it meanwhile
-        (stanzas to it bounce, a login fails). Every module is asked even if
-        one fails; then AccountDataRemains names the ones that failed, and
-        calling this again (the account being gone already) finishes the job.
+        (stanzas to it bounce, a login fails); `removed` runs right after that.
+        Every module is asked even if one fails; then AccountDataRemains names
+        the ones that failed, and calling this again (the account being gone
+        already) finishes the job.
         """
         try:
             username = normalize_username(username)  # the name modules store under
         except InvalidUsername:
             return "nothing"
         existed = await self.accounts[vhost].unregister(username)
+        if existed and removed is not None:
+            await removed()
         found = await self.remove_user_data(vhost, username)
         if existed:
             return "account"

@@ -367,6 +367,11 @@ class Router:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("routing task failed", exc_info=exc)
 
+    def pending(self) -> frozenset[asyncio.Future[object]]:
+        """The routing tasks in flight now: the work an action started is what
+        appears after it (Server.end_account_sessions waits for exactly that)."""
+        return frozenset(self._tasks)
+
     async def drain(self) -> None:
         """Wait for routing tasks in flight (tests, shutdown)."""
         while self._tasks:

@@ -5,24 +5,32 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import secrets
 import signal
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
+from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter
 from xmppd.config import Config
 from xmppd.connection import C2SConnection
 from xmppd.modulehost import ModuleHost
 from xmppd.router import Router
+from xmppd.session import Session
 from xmppd.storage.base import ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
 from xmppd.stream.c2s import StreamSettings
 from xmppd.stream.errors import StreamError
-from xmppd.tls import ServerTLS, ensure_self_signed, server_tls
+from xmppd.tls import ServerTLS, TLSError, ensure_self_signed, reload_tls, server_tls
 
 log = logging.getLogger("xmppd")
+
+ACCOUNT_CHANGE_SETTLE = 10.0
+"""Seconds end_account_sessions waits at most for the presence work it started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,21 +57,24 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._settings: dict[bool, StreamSettings] = {}
         self._stopped = False
+        self._tls_files: tuple[Path, Path]
         self.storage: Storage
         self.tls: ServerTLS
         self.accounts: dict[str, Accounts]
         self.fake_salt_key: bytes
         self.router: Router
         self.modules: ModuleHost
+        self.admin = AdminAPI(self)
 
     async def start(self) -> None:
         config = self.config
         log.info("xmppd starting: config %s, hosts %s", config.source.name, ", ".join(config.hosts))
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_data_dir(config.data_dir)
         if config.tls.cert is None or config.tls.key is None:
             cert, key = ensure_self_signed(config.data_dir, list(config.hosts))
         else:
             cert, key = config.tls.cert, config.tls.key
+        self._tls_files = cert, key
         self.tls = server_tls(cert, key, config.tls.min_version)
         log.info("tls: certificate %s, minimum TLS %s", cert, config.tls.min_version)
         if config.auth.allow_unencrypted:
@@ -82,9 +93,7 @@ class Server:
             )
         self.fake_salt_key = await cluster_secret(self.storage, "scram-fake-salt")
         self.accounts = {
-            host: Accounts(
-                ItemStore(self.storage.items, host, "accounts"), config.auth.scram_iterations
-            )
+            host: Accounts.of(self.storage, host, config.auth.scram_iterations)
             for host in config.hosts
         }
         self.router = Router(config.hosts, self._user_exists)
@@ -111,6 +120,7 @@ class Server:
                 self.listening.append(Listening(listener.type, address, port))
                 kind = "direct TLS (XEP-0368)" if direct else "STARTTLS"
                 log.info("listening: c2s %s on %s port %d", kind, address, port)
+        await self.admin.start()
         log.info("xmppd ready")
 
     async def stop(self) -> None:
@@ -118,6 +128,7 @@ class Server:
         if self._stopped:
             return
         self._stopped = True
+        await self.admin.stop()
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
@@ -128,6 +139,20 @@ class Server:
         await self.modules.stop()
         await self.storage.close()
         log.info("xmppd stopped")
+
+    def reload_tls(self) -> None:
+        """SIGHUP: read the certificate and key again, for new connections.
+
+        A renewed certificate (certbot and the like replace the files) needs no
+        restart. A bad new pair keeps the old one and logs why, naming the file.
+        """
+        cert, key = self._tls_files
+        try:
+            self.tls = reload_tls(self.tls, cert, key)
+        except TLSError as exc:
+            log.error("tls: kept the previous certificate: %s", exc)
+            return
+        log.info("tls: reloaded certificate %s and key %s for new connections", cert, key)
 
     # --- what connections ask of the node ------------------------------------------------
 
@@ -174,8 +199,47 @@ class Server:
     def session_ended(self, conn: C2SConnection) -> None:
         self.router.session_ended(conn)
 
+    async def end_account_sessions(self, host: str, username: str, error: StreamError) -> int:
+        """End every stream authenticated as the account (bound or not yet) with `error`.
+
+        Each goes the way of any ended stream (router.session_ended: unavailable
+        presence to contacts, "session/closed"); this returns once the work that
+        started has run, so a caller that then deletes the account's data (xmppctl
+        unregister) does not pull the roster from under the presence broadcast.
+        """
+        bare = f"{username}@{host}"
+        doomed: dict[int, Session] = {id(s): s for s in self.router.local_sessions(bare)}
+        for conn in self.connections:
+            if conn.stream.username == username and conn.stream.host == host:
+                doomed.setdefault(id(conn), conn)
+        before = self.router.pending()
+        for session in doomed.values():
+            session.terminate(error)
+        started = self.router.pending() - before
+        if started:
+            await asyncio.wait(started, timeout=ACCOUNT_CHANGE_SETTLE)
+        return len(doomed)
+
     async def _user_exists(self, host: str, username: str) -> bool:
         return await self.accounts[host].exists(username)
+
+
+class StartupError(Exception):
+    """The node cannot start; one line naming what to fix."""
+
+
+def ensure_data_dir(data_dir: Path) -> None:
+    """Make data_dir and check that files can be written in it (StartupError), before
+    a store, the certificate or the admin token fails there with a longer story."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=data_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StartupError(
+            f"data_dir {data_dir} is not writable: {exc.strerror or exc}"
+        ) from None
 
 
 async def cluster_secret(storage: Storage, name: str) -> bytes:
@@ -198,7 +262,10 @@ async def cluster_secret(storage: Storage, name: str) -> bytes:
 
 
 async def serve(config: Config) -> None:
-    """Run a node until SIGTERM or SIGINT, then shut down cleanly."""
+    """Run a node until SIGTERM or SIGINT, then shut down cleanly; SIGHUP reloads TLS.
+
+    Logging goes to stderr (the service manager keeps it), so there is no log
+    file to reopen on SIGHUP."""
     server = Server(config)
     await server.start()
     # Startup objects (modules, config, TLS context) live for the whole run: keep
@@ -208,6 +275,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     await stop.wait()
     log.info("signal received: shutting down")
     await server.stop()

@@ -17,7 +17,6 @@ from xmppd.config import Config
 from xmppd.modulehost import ModuleHost
 from xmppd.router import Router
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
-from xmppd.storage.base import ItemStore
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
 from xmppd.stream.errors import StreamError
@@ -76,7 +75,7 @@ class ModuleHarness:
         self.router = Router(hosts, self._user_exists)
         self.host = ModuleHost(self.router, self.storage, hosts)
         self.host.accounts = {
-            vhost: Accounts(ItemStore(self.storage.items, vhost, "accounts")) for vhost in hosts
+            vhost: Accounts.of(self.storage, vhost) for vhost in hosts
         }
         self.config = Config.model_validate({"hosts": hosts, "modules": modules})
 

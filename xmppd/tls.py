@@ -25,20 +25,77 @@ class ServerTLS:
     cert_der: bytes  # what channel binding (tls-server-end-point) is computed from
 
 
+class TLSError(Exception):
+    """The certificate or key cannot be used; one line that names the file(s)."""
+
+
 def server_tls(cert: Path, key: Path, min_version: str = "1.2") -> ServerTLS:
+    """A server context for `cert` (PEM chain) and `key`; TLSError says what is wrong."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
+    der = _load_pair(ctx, cert, key)
     ctx.set_alpn_protocols(["xmpp-client"])  # XEP-0368
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
     return ServerTLS(ctx, cert, der)
+
+
+def reload_tls(current: ServerTLS, cert: Path, key: Path) -> ServerTLS:
+    """Put a new certificate and key into the live context (new handshakes get them).
+
+    The pair is first checked in a fresh context, so a bad file (TLSError)
+    leaves the live one as it was; listeners keep their context object, which
+    is why it is updated in place rather than replaced.
+    """
+    _load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
+    der = _load_pair(current.context, cert, key)
+    return ServerTLS(current.context, cert, der)
+
+
+def _load_pair(ctx: ssl.SSLContext, cert: Path, key: Path) -> bytes:
+    """Load the pair into `ctx`; the certificate's DER (for channel binding), or TLSError."""
+    try:
+        ctx.load_cert_chain(cert, key)
+        return x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(
+            serialization.Encoding.DER
+        )
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSError(_diagnose(cert, key, exc)) from None
+
+
+def _diagnose(cert: Path, key: Path, exc: Exception) -> str:
+    """Why OpenSSL refused the pair, in words an operator can act on (not "[SSL] PEM lib")."""
+    try:
+        cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
+    except OSError as e:
+        return f"cannot read {e.filename}: {e.strerror or e}"
+    swapped = " (are tls.cert and tls.key swapped?)"
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        hint = swapped if b"PRIVATE KEY" in cert_pem else ""
+        return f"certificate {cert}: no PEM certificate in the file{hint}"
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        return f"key {key}: the key is encrypted; give it without a passphrase"
+    except ValueError:
+        hint = swapped if b"CERTIFICATE" in key_pem else ""
+        return f"key {key}: no PEM private key in the file{hint}"
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if certificate.public_key().public_bytes(*raw) != private_key.public_key().public_bytes(*raw):
+        return f"key {key} does not belong to the certificate {cert}"
+    reason = getattr(exc, "reason", None) or exc
+    return f"cannot use certificate {cert} with key {key}: {reason}"
+
+
+def self_signed_paths(data_dir: Path) -> tuple[Path, Path]:
+    """Where the embedded default's certificate and key are kept."""
+    return data_dir / "tls" / "selfsigned.crt", data_dir / "tls" / "selfsigned.key"
 
 
 def ensure_self_signed(data_dir: Path, hosts: list[str]) -> tuple[Path, Path]:
     """The embedded default's certificate: made once in data_dir, valid for every host."""
-    cert_path = data_dir / "tls" / "selfsigned.crt"
-    key_path = data_dir / "tls" / "selfsigned.key"
+    cert_path, key_path = self_signed_paths(data_dir)
     if cert_path.exists() and key_path.exists() and _covers(cert_path, hosts):
         return cert_path, key_path
     cert_path.parent.mkdir(parents=True, exist_ok=True)

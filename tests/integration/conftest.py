@@ -43,6 +43,7 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
             {"type": "direct_tls", "address": "127.0.0.1", "port": 0},
         ],
         "limits": {"auth_failure_delay": 0.05},
+        "admin": {"port": 0},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -52,6 +53,21 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
     path = tmp_path / "xmppd.yml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A folder this process cannot write in: a chmod 555 one, or (as root, who may
+    write there anyway) a kernel folder that refuses even root; else the test skips."""
+    candidates = [tmp_path / "read-only", Path("/sys/kernel")]
+    candidates[0].mkdir()
+    candidates[0].chmod(0o555)
+    for folder in candidates:
+        try:
+            (folder / ".probe").touch()
+        except OSError:
+            return folder
+        (folder / ".probe").unlink()
+    pytest.skip("no folder here refuses writes to this user")
 
 
 @pytest.fixture(params=["embedded", "cloud"])

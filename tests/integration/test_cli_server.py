@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from tests.integration.clients import HEADER, insecure_context, read_until
-from tests.integration.conftest import write_config
+from tests.integration.conftest import unwritable_dir, write_config
+from xmppd.config import SYSTEM_CONFIG
+from xmppd.tls import ensure_self_signed
 
 
 async def start_xmppd(config: Path) -> tuple[asyncio.subprocess.Process, list[str]]:
@@ -68,3 +76,110 @@ async def test_bad_config_names_file_line_and_key(tmp_path: Path) -> None:
     assert f"{bad}:5: listeners[0].port:" in text
     assert f"{bad}:6: " in text and "limtis" in text and "limits" in text  # suggestion
     assert "Traceback" not in text
+
+
+async def run_xmppd(*argv: str, cwd: Path, **env: str) -> tuple[int, str, str]:
+    environ = {k: v for k, v in os.environ.items() if k != "XMPPD_CONFIG"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "xmppd", *argv, cwd=cwd, env={**environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:  # e.g. it started serving: never leave it running
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_version(tmp_path: Path) -> None:
+    assert await run_xmppd("--version", cwd=tmp_path) == (0, f"xmppd {version('xmppd')}\n", "")
+
+
+@pytest.mark.skipif(SYSTEM_CONFIG.exists(), reason=f"{SYSTEM_CONFIG} exists on this machine")
+async def test_without_c_the_file_is_xmppd_config_or_a_clear_error(tmp_path: Path) -> None:
+    code, out, err = await run_xmppd(cwd=tmp_path)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"xmppd: no configuration file: give -c FILE, set $XMPPD_CONFIG, or create "
+        f"{SYSTEM_CONFIG}\n"
+    )
+    assert os.listdir(tmp_path) == []  # no data_dir made under the cwd
+    bad = tmp_path / "bad.yml"
+    bad.write_text("hostz: []\n")
+    code, _, err = await run_xmppd(cwd=tmp_path, XMPPD_CONFIG=str(bad))
+    assert code == 1
+    assert err.startswith(f"xmppd: using the configuration {bad} (from $XMPPD_CONFIG)\n{bad}:1: ")
+
+
+async def peer_certificate(port: int) -> bytes:
+    """The certificate a new direct-TLS connection is shown (DER)."""
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=insecure_context(), server_hostname="localhost"
+    )
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return bytes(der)
+
+
+async def log_line(proc: asyncio.subprocess.Process, text: str) -> str:
+    """The next stderr line containing `text` (AssertionError if xmppd exits first)."""
+    assert proc.stderr is not None
+    async with asyncio.timeout(15):
+        while line := (await proc.stderr.readline()).decode():
+            if text in line:
+                return line
+    raise AssertionError(f"xmppd exited (code {await proc.wait()}) before logging {text!r}")
+
+
+def der_of(pem_file: Path) -> bytes:
+    return x509.load_pem_x509_certificate(pem_file.read_bytes()).public_bytes(Encoding.DER)
+
+
+async def test_sighup_reloads_the_certificate_and_keeps_it_on_a_bad_one(tmp_path: Path) -> None:
+    first = ensure_self_signed(tmp_path / "first", ["localhost"])
+    second = ensure_self_signed(tmp_path / "second", ["localhost"])
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    shutil.copy(first[0], cert)
+    shutil.copy(first[1], key)
+    config = write_config(tmp_path, tls={"cert": str(cert), "key": str(key)})
+    proc, lines = await start_xmppd(config)
+    port = int(re.findall(r"listening: c2s direct TLS.* port (\d+)", "".join(lines))[0])
+    assert await peer_certificate(port) == der_of(first[0])
+
+    shutil.copy(second[0], cert)  # a renewed certificate
+    shutil.copy(second[1], key)
+    proc.send_signal(signal.SIGHUP)
+    assert "INFO" in await log_line(proc, "tls: reloaded certificate")
+    assert await peer_certificate(port) == der_of(second[0])
+
+    shutil.copy(second[1], cert)  # a broken renewal: the key where the certificate goes
+    proc.send_signal(signal.SIGHUP)
+    line = await log_line(proc, "tls: kept the previous certificate")
+    assert "ERROR" in line and f"certificate {cert}:" in line
+    assert await peer_certificate(port) == der_of(second[0])
+
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+async def test_bad_certificate_or_data_dir_at_startup_is_one_line(tmp_path: Path) -> None:
+    cert, key = ensure_self_signed(tmp_path / "pair", ["localhost"])
+    swapped = write_config(tmp_path, tls={"cert": str(key), "key": str(cert)})
+    code, _, err = await run_xmppd("-c", str(swapped), cwd=tmp_path)
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        f"xmppd: certificate {key}: no PEM certificate in the file "
+        "(are tls.cert and tls.key swapped?)"
+    )
+    assert "Traceback" not in err and "PEM lib" not in err
+
+    read_only = unwritable_dir(tmp_path)
+    tls = {"cert": str(cert), "key": str(key)}
+    config = write_config(tmp_path, data_dir=str(read_only), tls=tls)
+    code, _, err = await run_xmppd("-c", str(config), cwd=tmp_path)
+    assert code == 1
+    assert err.splitlines()[-1].startswith(f"xmppd: data_dir {read_only} is not writable: ")
+    assert "Traceback" not in err

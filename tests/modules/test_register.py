@@ -214,6 +214,19 @@ async def test_password_change(harness: ModuleHarness, to: str | None) -> None:
     assert not await accounts(harness).verify_plain("alice", "alice-secret")
 
 
+async def test_password_change_ends_the_other_sessions_after_the_result(
+    harness: ModuleHarness,
+) -> None:
+    alice = harness.session("alice@localhost/a")
+    other = harness.session("alice@localhost/other")
+    bob = harness.session("bob@localhost/b")
+    reply = await harness.iq(alice, "set", fields("alice", "new-secret!"))
+    assert reply.get("type") == "result"
+    await asyncio.sleep(0)  # the terminations run right after the result was routed
+    assert other.terminated is not None and other.terminated.condition == "not-authorized"
+    assert alice.terminated is None and bob.terminated is None
+
+
 async def test_username_as_bare_jid(harness: ModuleHarness) -> None:
     alice = harness.session("alice@localhost/a")
     reply = await harness.iq(alice, "set", fields("Alice@localhost", "new-secret!"))

@@ -583,3 +583,20 @@ def test_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
     assert problems(tmp_path, text.replace("{port}", "52x23")) == [
         'x.yml:8: listeners[1].port: expected an integer, got "52x23"'
     ]
+
+
+def test_admin_api_is_loopback_unless_remote_is_allowed(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "")
+    assert (cfg.admin.address, cfg.admin.port, cfg.admin.allow_remote) == ("127.0.0.1", 5290, False)
+    assert load(tmp_path, "admin: {address: '::1', port: 0}\n").admin.address == "::1"
+    assert load(tmp_path, "admin: {address: localhost}\n").admin.address == "localhost"
+    assert problems(tmp_path, "admin:\n  address: 0.0.0.0\n") == [
+        "x.yml:2: admin.address: 0.0.0.0 is not a loopback address: the admin API can end "
+        "sessions and must not be reachable from other machines; set admin.allow_remote: true "
+        "if a firewall keeps it private"
+    ]
+    remote = load(tmp_path, "admin: {address: 10.0.0.5, allow_remote: true}\n")
+    assert remote.admin.address == "10.0.0.5"
+    assert problems(tmp_path, "admin: {port: 70000}\n") == [
+        "x.yml:1: admin.port: must be at most 65535, got 70000"
+    ]

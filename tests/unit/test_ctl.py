@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.conftest import unwritable_dir
+from xmppd import config as config_module
 from xmppd.auth.accounts import Accounts
 from xmppd.cli import ctl
 from xmppd.cli.ctl import main
 from xmppd.config import load_config
 from xmppd.storage.base import BlobStore, ItemStore
 from xmppd.storage.factory import open_storage
+from xmppd.tls import ensure_self_signed
 
 
 @pytest.fixture
@@ -188,7 +194,71 @@ def test_check(
     config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert run(capsys, monkeypatch, "-c", str(config), "check") == (0, f"{config}: OK\n", "")
-    assert run(capsys, monkeypatch, "check") == (0, "<built-in defaults>: OK\n", "")
+
+
+def test_check_loads_the_certificate_and_opens_the_stores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = ensure_self_signed(tmp_path / "pair", ["localhost"])
+    path = tmp_path / "tls.yml"
+    path.write_text(f"data_dir: data\ntls: {{cert: {cert}, key: {key}}}\n")
+    assert run(capsys, monkeypatch, "-c", str(path), "check") == (0, f"{path}: OK\n", "")
+    assert (tmp_path / "data" / "items.sqlite3").exists()  # the store was opened
+
+    path.write_text(f"data_dir: data\ntls: {{cert: {key}, key: {cert}}}\n")
+    assert run(capsys, monkeypatch, "-c", str(path), "check") == (
+        1,
+        "",
+        f"xmppctl: certificate {key}: no PEM certificate in the file "
+        "(are tls.cert and tls.key swapped?)\n",
+    )
+    other_cert, other_key = ensure_self_signed(tmp_path / "other", ["localhost"])
+    path.write_text(f"data_dir: data\ntls: {{cert: {cert}, key: {other_key}}}\n")
+    assert run(capsys, monkeypatch, "-c", str(path), "check") == (
+        1,
+        "",
+        f"xmppctl: key {other_key} does not belong to the certificate {cert}\n",
+    )
+
+    read_only = unwritable_dir(tmp_path)
+    path.write_text(f"data_dir: {read_only}\n")
+    code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"xmppctl: data_dir {read_only} is not writable: ")
+    assert err.count("\n") == 1
+
+
+def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(
+    config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("XMPPD_CONFIG", str(config))
+    assert run(capsys, monkeypatch, "check") == (
+        0,
+        f"{config}: OK\n",
+        f"xmppctl: using the configuration {config} (from $XMPPD_CONFIG)\n",
+    )
+    monkeypatch.delenv("XMPPD_CONFIG")
+    system = tmp_path / "etc-xmppd.yml"
+    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", system)
+    # Neither: a clear error, never built-in defaults with a data_dir under the cwd.
+    assert run(capsys, monkeypatch, "list", "localhost") == (
+        1,
+        "",
+        f"xmppctl: no configuration file: give -c FILE, set $XMPPD_CONFIG, or create {system}\n",
+    )
+    assert list(elsewhere.iterdir()) == []
+    system.write_text(config.read_text())
+    assert run(capsys, monkeypatch, "check") == (
+        0,
+        f"{system}: OK\n",
+        f"xmppctl: using the configuration {system}\n",
+    )
 
 
 def test_bad_config_exits_1_with_the_lines(
@@ -356,6 +426,11 @@ def test_the_installed_command(config: Path, tmp_path: Path) -> None:
     assert done.stderr == f"xmppctl: {bad}:3: limits.max_xml_depth: must be at most 200, got 500\n"
 
 
+def test_version_is_the_installed_package_version() -> None:
+    done = xmppctl("--version")
+    assert (done.returncode, done.stdout) == (0, f"xmppctl {version('xmppd')}\n")
+
+
 def test_storage_failure_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -365,6 +440,30 @@ def test_storage_failure_is_one_line(
     code, out, err = run(capsys, monkeypatch, "-c", str(path), "list", "localhost")
     assert (code, out) == (1, "")
     assert err.startswith("xmppctl: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_node_that_does_not_answer_is_a_warning(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record left by a node that died: the store is changed all the same."""
+    c = str(config)
+    assert run(capsys, monkeypatch, "-c", c, "register", "eve@localhost", stdin="old pw\n")[0] == 0
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    admin = config.parent / "data" / "admin"
+    admin.mkdir(parents=True)
+    (admin / "token").write_text("secret\n")
+    record = admin / "4242-dead.json"
+    record.write_text(json.dumps({"url": f"http://127.0.0.1:{port}", "pid": 4242}))
+    code, out, err = run(capsys, monkeypatch, "-c", c, "passwd", "eve@localhost", stdin="new pw\n")
+    assert (code, out) == (0, "password changed for eve@localhost\n")
+    assert err.startswith(f"xmppctl: warning: the node at http://127.0.0.1:{port} did not answer")
+    assert err.rstrip().endswith(f"if it is not running, delete {record}")
+    assert err.count("\n") == 1
+    assert check_password(config, "localhost", "eve", "new pw")
+    code, out, err = run(capsys, monkeypatch, "-c", c, "unregister", "eve@localhost")
+    assert (code, out) == (0, "unregistered eve@localhost\n") and "warning" in err
 
 
 # --------------------------------------------------------------------------- migrate

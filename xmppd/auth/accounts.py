@@ -6,6 +6,12 @@ per SCRAM hash ("scram_sha1", "scram_sha256", "scram_sha512") holding
 the keys directly and PLAIN logins re-derive them (PBKDF2 at every PLAIN
 login, as ejabberd and Prosody do).
 
+Accounts read the item store directly, never through the cache
+(`Storage.direct_items`): xmppctl changes and removes accounts from another
+process, which cannot invalidate this process's cache, and a changed or
+removed credential must stop working at once. That costs one item read per
+login.
+
 Every key derivation runs in an executor (the PBKDF2 call releases the
 GIL, so threads really run in parallel), never on the event loop.
 """
@@ -33,6 +39,7 @@ from xmppd.sasl.scram import (
     verify_password,
 )
 from xmppd.storage.base import MAX_KEY_BYTES, ConditionFailed, ItemStore, Query
+from xmppd.storage.factory import Storage
 
 KEY_ATTRIBUTES = {name: f"scram_{name}" for name in SCRAM_HASHES.values()}
 """hashlib name -> item attribute; dict order (sha1 first) is the order PLAIN tries."""
@@ -116,6 +123,13 @@ class Accounts:
         self._dummy_keys = ScramKeys(
             "sha1", secrets.token_bytes(16), iterations, bytes(20), bytes(20)
         )
+
+    @classmethod
+    def of(
+        cls, storage: Storage, host: str, iterations: int = DEFAULT_ITERATIONS
+    ) -> Accounts:
+        """The accounts of `host`, read from the item store itself (see the module doc)."""
+        return cls(ItemStore(storage.direct_items, host, "accounts"), iterations)
 
     @property
     def iterations(self) -> int:

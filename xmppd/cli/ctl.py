@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from slixmpp.jid import JID, InvalidJID
 from tqdm import tqdm
 
+from xmppd import package_version
 from xmppd.admin import remove_account
 from xmppd.auth.accounts import (
     AccountExists,
@@ -30,11 +31,14 @@ from xmppd.auth.accounts import (
     InvalidPassword,
     InvalidUsername,
 )
-from xmppd.config import Config, ConfigError, load_config
+from xmppd.cli.nodes import notify_account_change
+from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load_config
 from xmppd.modulehost import AccountDataRemains, validate_module_options
-from xmppd.storage.base import ItemStore, StorageError
+from xmppd.server import StartupError, ensure_data_dir
+from xmppd.storage.base import StorageError
 from xmppd.storage.factory import open_storage
 from xmppd.storage.migrate import migrate
+from xmppd.tls import TLSError, self_signed_paths, server_tls
 
 LIST_PAGE = 1000
 """Accounts fetched per storage query by `list`."""
@@ -53,8 +57,13 @@ class Failure(Exception):
 
 
 def _load(path: str | None) -> Config:
+    """The configuration -c names, else the one find_config finds (said on stderr)."""
     try:
-        return load_config(Path(path) if path is not None else None)
+        if path is None:
+            found, why = find_config()
+            print(f"xmppctl: {why}", file=sys.stderr)
+            return load_config(found)
+        return load_config(Path(path))
     except ConfigError as e:
         raise Failure(*e.problems) from None
 
@@ -104,10 +113,7 @@ async def _accounts_of(cfg: Config) -> AsyncIterator[Callable[[str], Accounts]]:
     """Open the configured storage; yield a factory of per-host account stores."""
     storage = await open_storage(cfg.storage, cfg.data_dir)
     try:
-        yield lambda host: Accounts(
-            ItemStore(storage.items, host, "accounts"),
-            iterations=cfg.auth.scram_iterations,
-        )
+        yield lambda host: Accounts.of(storage, host, cfg.auth.scram_iterations)
     finally:
         await storage.close()
 
@@ -129,13 +135,38 @@ def _progress(total: int | None, desc: str, unit: str) -> tqdm[Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Everything the server checks before it serves: the file, the module options,
+    the certificate and key, and the stores (opened, data_dir written)."""
     cfg = _load(args.config)
     try:
         validate_module_options(cfg)
     except ConfigError as e:
         raise Failure(*e.problems) from None
+    _check_tls(cfg)
+    asyncio.run(_check_storage(cfg))
     print(f"{cfg.source.name}: OK")
     return 0
+
+
+def _check_tls(cfg: Config) -> None:
+    cert, key = cfg.tls.cert, cfg.tls.key
+    if cert is None or key is None:  # the self-signed pair, once the server has made it
+        cert, key = self_signed_paths(cfg.data_dir)
+        if not (cert.exists() and key.exists()):
+            return
+    try:
+        server_tls(cert, key, cfg.tls.min_version)
+    except TLSError as e:
+        raise Failure(str(e)) from None
+
+
+async def _check_storage(cfg: Config) -> None:
+    try:
+        ensure_data_dir(cfg.data_dir)
+    except StartupError as e:
+        raise Failure(str(e)) from None
+    storage = await open_storage(cfg.storage, cfg.data_dir)
+    await storage.close()
 
 
 async def _register(cfg: Config, user: str, host: str, password: str) -> None:
@@ -154,19 +185,31 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _tell_nodes(cfg: Config, jid: str, change: str) -> None:
+    """Tell the running nodes (the store is already written); they end the account's
+    sessions. A node that does not answer is a warning: the change itself is made."""
+    outcome = await notify_account_change(cfg.data_dir, jid, change)
+    for line in outcome.done:
+        print(line)
+    for warning in outcome.warnings:
+        print(f"xmppctl: warning: {warning}", file=sys.stderr)
+
+
 async def _passwd(cfg: Config, user: str, host: str, password: str) -> None:
     async with _accounts_of(cfg) as accounts:
         try:
             await accounts(host).set_password(user, password)
         except AccountNotFound:
             raise Failure(f"{user}@{host} does not exist") from None
+    print(f"password changed for {user}@{host}")
+    # Every session ends, the operator's own included: xmppctl has no "current" one.
+    await _tell_nodes(cfg, f"{user}@{host}", "password-changed")
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     user, host = _account_jid(cfg, args.jid)
     asyncio.run(_passwd(cfg, user, host, _read_password(args.password_file, sys.stdin)))
-    print(f"password changed for {user}@{host}")
     return 0
 
 
@@ -174,9 +217,12 @@ async def _unregister(cfg: Config, user: str, host: str) -> str:
     """Remove the account and its data; what to tell the operator."""
     storage = await open_storage(cfg.storage, cfg.data_dir)
     try:
-        accounts = Accounts(ItemStore(storage.items, host, "accounts"), cfg.auth.scram_iterations)
+        accounts = Accounts.of(storage, host, cfg.auth.scram_iterations)
+        jid = f"{user}@{host}"
         try:
-            removed = await remove_account(cfg, storage, accounts, host, user)
+            removed = await remove_account(
+                cfg, storage, accounts, host, user, lambda: _tell_nodes(cfg, jid, "removed")
+            )
         except AccountDataRemains as e:
             raise Failure(f"{e}: run unregister again to finish") from None
     finally:
@@ -358,11 +404,14 @@ def _parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         metavar="FILE",
-        help="configuration file (default: the built-in defaults, like the server)",
+        help=f"configuration file (default: ${CONFIG_ENV}, else {SYSTEM_CONFIG})",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    check = sub.add_parser("check", help="validate the configuration")
+    check = sub.add_parser(
+        "check", help="validate the configuration, load the certificate, open the stores"
+    )
     check.set_defaults(run=cmd_check)
 
     password_help = (

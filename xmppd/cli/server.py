@@ -11,8 +11,11 @@ from pathlib import Path
 
 import uvloop
 
-from xmppd.config import ConfigError, load_config
-from xmppd.server import serve
+from xmppd import package_version
+from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, ConfigError, find_config, load_config
+from xmppd.server import StartupError, serve
+from xmppd.storage.base import StorageError
+from xmppd.tls import TLSError
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -38,11 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         type=Path,
         default=None,
-        help="YAML config file (default: the embedded default, see config/xmppd.yml)",
+        help=f"YAML config file (default: ${CONFIG_ENV}, else {SYSTEM_CONFIG})",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     args = parser.parse_args(argv)
+    path = args.config
+    if path is None:
+        try:
+            path, why = find_config()
+        except ConfigError as exc:
+            print(f"xmppd: {exc}", file=sys.stderr)
+            return 1
+        print(f"xmppd: {why}", file=sys.stderr)
     try:
-        config = load_config(args.config)
+        config = load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         print("xmppd: the configuration has errors; not starting", file=sys.stderr)
@@ -57,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         # uvloop: its TLS transport keeps a small buffer per connection (see docs/architecture.md).
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config))
+    except (StartupError, TLSError, StorageError) as exc:
+        print(f"xmppd: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"xmppd: {exc}", file=sys.stderr)
         return 1

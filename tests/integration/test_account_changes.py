@@ -1,0 +1,137 @@
+"""`xmppctl passwd` and `xmppctl unregister` against a running node take effect at once.
+
+xmppctl is a real process that writes the stores and tells the node through
+its admin API (xmppd.adminapi); the node ends the account's sessions. Runs on
+the embedded and the cloud storage (where the cache is memcached, and on the
+embedded one an in-process cache the xmppctl process cannot reach).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from pathlib import Path
+
+import aiohttp
+import slixmpp
+
+from tests.integration.clients import Client, close, connect
+from tests.integration.conftest import StartServer
+from xmppd.adminapi import read_token
+from xmppd.server import Server
+
+USERS = {"alice": "alice-secret", "carol": "carol-secret", "dave": "dave-secret"}
+MODULES = {"roster": {}, "presence": {}, "offline": {}}
+
+
+async def xmppctl(server: Server, *argv: str, stdin: str = "") -> tuple[int, str, str]:
+    """Run the installed xmppctl on the node's own config, without blocking the node's loop."""
+    exe = shutil.which("xmppctl")
+    command = [exe] if exe else [sys.executable, "-m", "xmppd.cli.ctl"]
+    config = server.config.source.file
+    assert config is not None
+    proc = await asyncio.create_subprocess_exec(
+        *command, "-c", str(config), *argv,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def start_with_users(start_server: StartServer, *users: str) -> Server:
+    """A node whose accounts xmppctl made, as an operator would: the node's own cache
+    has then seen no write of them (a write it made itself would leave a tombstone)."""
+    server = await start_server({}, modules=MODULES)
+    for user in users:
+        done = await xmppctl(server, "register", f"{user}@localhost", stdin=USERS[user])
+        assert done[0] == 0, done
+    return server
+
+
+async def ended(client: Client) -> list[str]:
+    """The stream errors the client got before the server closed its stream."""
+    await asyncio.wait_for(client.ended.wait(), 10)
+    return client.stream_errors
+
+
+async def test_passwd_ends_sessions_and_the_new_password_works_at_once(
+    start_server: StartServer,
+) -> None:
+    server = await start_with_users(start_server, "dave")
+    dave = await connect(server, "dave@localhost/laptop", "dave-secret")
+    phone = await connect(server, "dave@localhost/phone", "dave-secret", direct_tls=True)
+    # The login above read the account: an in-process cache would now hold it.
+    code, out, err = await xmppctl(server, "passwd", "dave@localhost", stdin="dave-new\n")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "password changed for dave@localhost"
+    assert out.splitlines()[1].startswith("ended 2 session(s) on the node at http://127.0.0.1:")
+    assert await ended(dave) == ["not-authorized"]
+    assert await ended(phone) == ["not-authorized"]
+    assert not server.router.local_sessions("dave@localhost")
+
+    refused = await connect(server, "dave@localhost", "dave-secret", expect_failure=True)
+    await close(refused)
+    for mechanism in ("SCRAM-SHA-256", "PLAIN"):
+        again = await connect(server, "dave@localhost", "dave-new", mechanism=mechanism)
+        await close(again)
+
+
+async def test_unregister_ends_the_session_and_the_account_at_once(
+    start_server: StartServer,
+) -> None:
+    server = await start_with_users(start_server, "alice", "carol")
+    alice = await connect(server, "alice@localhost/desk", "alice-secret")
+    carol = await connect(server, "carol@localhost/desk", "carol-secret")
+    presences: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+    alice.add_event_handler("presence", presences.put_nowait)
+    carol.send_presence()
+    alice.send_presence()
+    alice.send_presence(pto="carol@localhost", ptype="subscribe")  # carol's client approves
+
+    async def presence_from_carol(type_: str) -> None:
+        async with asyncio.timeout(10):
+            while True:
+                presence = await presences.get()
+                if presence["from"] == "carol@localhost/desk" and presence["type"] == type_:
+                    return
+
+    await presence_from_carol("available")
+
+    code, out, err = await xmppctl(server, "unregister", "carol@localhost")
+    assert (code, err) == (0, "")
+    assert "ended 1 session(s) on the node at http://" in out
+    assert out.endswith("unregistered carol@localhost\n")
+    assert await ended(carol) == ["not-authorized"]
+    await presence_from_carol("unavailable")  # the goodbye went out as for any ended session
+
+    refused = await connect(server, "carol@localhost", "carol-secret", expect_failure=True)
+    await close(refused)
+    await close(alice)
+
+
+async def test_admin_api_needs_the_token(server: Server, tmp_path: Path) -> None:
+    url = server.admin.url
+    token = read_token(server.config.data_dir)
+    assert (server.config.data_dir / "admin" / "token").stat().st_mode & 0o777 == 0o600
+    records = list((server.config.data_dir / "admin").glob("*.json"))
+    assert len(records) == 1 and records[0].stat().st_mode & 0o777 == 0o600
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+            async with http.get(f"{url}/status", headers=headers) as response:
+                assert response.status == 401
+            async with http.post(
+                f"{url}/accounts/alice@localhost/removed", headers=headers
+            ) as response:
+                assert response.status == 401
+        good = {"Authorization": f"Bearer {token}"}
+        async with http.get(f"{url}/status", headers=good) as response:
+            assert response.status == 200
+            status = await response.json()
+        assert status["hosts"] == ["localhost"] and status["sessions"] == 0
+        async with http.post(f"{url}/accounts/nobody@elsewhere/removed", headers=good) as r:
+            assert r.status == 404
+    await server.stop()
+    assert not list((server.config.data_dir / "admin").glob("*.json"))  # removed at clean stop

@@ -1,0 +1,188 @@
+"""The node's admin HTTP API: how xmppctl, another process, reaches a running node.
+
+xmppctl changes accounts in the stores directly; a running node must then
+end the sessions of an account whose password changed or that was removed,
+which only the node itself can do. Each node serves this small API (aiohttp)
+on the loopback interface by default (config `admin`), and records its URL in
+`data_dir/admin/<pid>-<id>.json` (mode 0600, removed at a clean stop) so that
+xmppctl, given the same configuration, finds the nodes running on this
+machine (xmppd.cli.nodes). Every request needs `Authorization: Bearer
+<token>`, the token being made at first start in `data_dir/admin/token`
+(mode 0600): whoever can read it can already read the stores.
+
+Endpoints:
+  GET  /status                                  the node: version, pid, hosts, counts
+  POST /accounts/{user@host}/password-changed   end the account's sessions
+  POST /accounts/{user@host}/removed            end the account's sessions
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from xmppd import package_version
+from xmppd.jid import JID, InvalidJID
+from xmppd.stream.errors import StreamError
+
+if TYPE_CHECKING:
+    from xmppd.server import Server
+
+log = logging.getLogger(__name__)
+
+TOKEN_FILE = "token"
+RECORD_SUFFIX = ".json"
+
+ACCOUNT_CHANGES = {
+    # RFC 6120 4.9.3.12 <not-authorized/>: the stream's authentication no longer
+    # holds. Not <reset/> (4.9.3.16, Prosody's choice for a password change):
+    # clients reconnect at once on it, with the old password, and each such
+    # attempt would count as a failed login against their address. Not
+    # <conflict/> (ejabberd's choice for a removal): that means another stream
+    # replaced this one.
+    "password-changed": ("not-authorized", "the password of this account was changed"),
+    "removed": ("not-authorized", "the account was removed"),
+}
+
+
+def admin_dir(data_dir: Path) -> Path:
+    """Where the token and the records of running nodes live."""
+    return data_dir / "admin"
+
+
+def read_token(data_dir: Path) -> str:
+    """The deployment's admin token (OSError when it cannot be read)."""
+    return (admin_dir(data_dir) / TOKEN_FILE).read_text(encoding="ascii").strip()
+
+
+def ensure_token(data_dir: Path) -> str:
+    """The admin token, made on first start (mode 0600).
+
+    Written under a temporary name and linked into place, so two nodes
+    starting at once agree on one token and no reader sees a partial file.
+    """
+    folder = admin_dir(data_dir)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / TOKEN_FILE
+    if not path.exists():
+        temporary = folder / f".{TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        _write_private(temporary, secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(temporary, path)
+            log.info("admin: made the API token %s", path)
+        except FileExistsError:
+            pass  # another node made it first: use theirs
+        finally:
+            temporary.unlink()
+    elif path.stat().st_mode & 0o077:
+        log.warning("admin: %s is readable by other users; chmod 600 it", path)
+    return read_token(data_dir)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+class AdminAPI:
+    """The HTTP server of one node; start() after the node is up, stop() before it goes."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.url = ""
+        self._token = b""
+        self._record: Path | None = None
+        self._runner: web.AppRunner | None = None
+        self._started = time.monotonic()
+
+    async def start(self) -> None:
+        config = self.server.config
+        self._token = ensure_token(config.data_dir).encode()
+        app = web.Application(middlewares=[self._authenticate])
+        app.router.add_get("/status", self._status)
+        app.router.add_post("/accounts/{jid}/{change}", self._account_changed)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, config.admin.address, config.admin.port)
+        await site.start()
+        self.url = _url(self._runner.addresses[0])
+        self._record = admin_dir(config.data_dir) / (
+            f"{os.getpid()}-{secrets.token_hex(4)}{RECORD_SUFFIX}"
+        )
+        record = {"url": self.url, "pid": os.getpid(), "hosts": list(config.hosts)}
+        _write_private(self._record, json.dumps(record) + "\n")
+        log.info("admin: API on %s (recorded in %s)", self.url, self._record)
+
+    async def stop(self) -> None:
+        if self._record is not None:
+            self._record.unlink(missing_ok=True)
+            self._record = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        valid = hmac.compare_digest(given.strip().encode(), self._token)
+        if scheme.lower() != "bearer" or not valid:
+            return web.json_response(
+                {"error": "a valid bearer token is required"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="xmppd"'},
+            )
+        return await handler(request)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        server = self.server
+        return web.json_response(
+            {
+                "version": package_version(),
+                "pid": os.getpid(),
+                "hosts": list(server.config.hosts),
+                "connections": len(server.connections),
+                "sessions": sum(len(r) for r in server.router.sessions.values()),
+                "uptime": round(time.monotonic() - self._started, 1),
+            }
+        )
+
+    async def _account_changed(self, request: web.Request) -> web.Response:
+        change = request.match_info["change"]
+        condition = ACCOUNT_CHANGES.get(change)
+        if condition is None:
+            raise web.HTTPNotFound(text=f"unknown change {change!r}")
+        try:
+            jid = JID(request.match_info["jid"])
+        except InvalidJID:
+            jid = None
+        if jid is None or not jid.user or jid.resource or jid.domain not in self.server.accounts:
+            return web.json_response(
+                {"error": "expected an account of this node as user@host"}, status=404
+            )
+        ended = await self.server.end_account_sessions(
+            jid.domain, jid.user, StreamError(*condition)
+        )
+        log.info("admin: %s %s: ended %d session(s)", jid.bare, change.replace("-", " "), ended)
+        return web.json_response({"ended": ended})
+
+
+def _url(address: object) -> str:
+    """The URL for a bound socket address, a loopback one for a wildcard bind."""
+    host, port = address[0], address[1]  # type: ignore[index]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -1,0 +1,89 @@
+"""xmppctl's side of the admin channel: find the running nodes, tell them what changed.
+
+Each running node records its admin API URL in data_dir/admin/ (see
+xmppd.adminapi), so xmppctl, with the same configuration, finds every node
+on this machine. The stores are always written first: a node that does not
+answer (a record left by a node that died) only gets a warning, and with no
+node running there is nothing to tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
+
+from xmppd.adminapi import RECORD_SUFFIX, admin_dir, read_token
+
+REQUEST_TIMEOUT = 15.0
+"""Seconds per node; a node waits up to 10 s for the sessions it ends to settle."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the nodes said: lines for the operator (stdout) and warnings (stderr)."""
+
+    done: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def node_records(data_dir: Path, outcome: Outcome) -> dict[Path, str]:
+    """Record file -> admin URL of the nodes that run (or ran, if they died) with this
+    data_dir; a file that is no record is a warning in `outcome`."""
+    folder = admin_dir(data_dir)
+    if not folder.is_dir():
+        return {}
+    found: dict[Path, str] = {}
+    for record in sorted(folder.glob(f"*{RECORD_SUFFIX}")):
+        try:
+            found[record] = str(json.loads(record.read_text(encoding="utf-8"))["url"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            outcome.warnings.append(f"{record}: not a node record ({e}); delete it if unused")
+    return found
+
+
+async def notify_account_change(data_dir: Path, jid: str, change: str) -> Outcome:
+    """POST /accounts/{jid}/{change} to every running node ("password-changed", "removed").
+
+    The few small local files are read in place: this runs in xmppctl, not in a node."""
+    outcome = Outcome()
+    nodes = node_records(data_dir, outcome)
+    if not nodes:
+        return outcome
+    try:
+        token = read_token(data_dir)
+    except OSError as e:
+        outcome.warnings.append(
+            f"{len(nodes)} running node(s) not told that {jid} changed: cannot read "
+            f"the admin token {admin_dir(data_dir) / 'token'}: {e.strerror or e}"
+        )
+        return outcome
+    path = f"/accounts/{quote(jid, safe='@')}/{change}"
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+        await asyncio.gather(
+            *(_tell(http, url + path, record, outcome) for record, url in nodes.items())
+        )
+    return outcome
+
+
+async def _tell(http: aiohttp.ClientSession, url: str, record: Path, outcome: Outcome) -> None:
+    node = url.split("/accounts/", 1)[0]
+    try:
+        async with http.post(url) as response:
+            body = await response.json(content_type=None)
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status}: {body}")
+            ended = int(body["ended"])
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+        outcome.warnings.append(
+            f"the node at {node} did not answer ({type(e).__name__}: {e}); "
+            f"if it is not running, delete {record}"
+        )
+        return
+    outcome.done.append(f"ended {ended} session(s) on the node at {node}")
