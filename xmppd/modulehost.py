@@ -20,7 +20,10 @@ Events a module can hook (async, `hook`; a True result stops the chain):
   account/removed (host, username)   fired by whoever deletes an account;
                                      handlers clean up and return None
 Filters (sync, `filter`; False drops): stanza/out (stanza, origin session),
-stanza/in (stanza, session).
+stanza/in (stanza, session), presence/self (stanza, session): a client's own
+broadcast presence as the router applies it, before anyone gets it;
+session/ending (session): the session is about to end, a module routes now
+what it still holds for it (its result is ignored).
 """
 
 from __future__ import annotations
@@ -178,7 +181,12 @@ class ModuleHost:
 
         "stanza/out" (stanza, origin session): every stanza a local client sends,
         before routing. "stanza/in" (stanza, session): every stanza before it is
-        delivered to a local session. A filter that drops a stanza sends any
+        delivered to a local session. "presence/self" (stanza, session): a
+        client's own broadcast presence (or the server's unavailable for a
+        session that ends) as the router applies it, before the echo and
+        before the "presence/broadcast" hooks. "session/ending" (session):
+        before the router ends a session; route what you hold for it now
+        (the result is ignored). A filter that drops a stanza sends any
         error itself. Filters must not block: keep what they need in memory.
         """
         handlers = self._filters.setdefault(event, [])

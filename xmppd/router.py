@@ -89,15 +89,26 @@ class Router:
                 del self.sessions[session.bare]
 
     def session_ended(self, session: Session) -> None:
-        """The client is gone (clean close or dropped TCP): others see it go unavailable."""
+        """The client is gone (clean close or dropped TCP): others see it go unavailable.
+
+        First the "session/ending" filters hand back what modules still hold
+        for the session (a presence waiting for its avatar hash), so that
+        whatever the server accepted before the stream closed is processed
+        now, in order: an unavailable presence sent just before
+        </stream:stream> is the session's last word, with its status. Only a
+        session still available after that gets a server-made unavailable.
+        """
+        modules = self.modules
+        if modules is not None:
+            modules.run_filters("session/ending", session)
+        self.unbind(session)
         if session.available:
             presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
             presence.set("type", "unavailable")
             presence.set("from", session.jid)
             self.broadcast_presence(presence, session)
-        self.unbind(session)
-        if self.modules is not None and self.modules.has_hook("session/closed"):
-            self.spawn(self.modules.fire("session/closed", session))
+        if modules is not None and modules.has_hook("session/closed"):
+            self.spawn(modules.fire("session/closed", session))
 
     def local_sessions(self, bare: str) -> list[Session]:
         return list(self.sessions.get(bare, {}).values())
@@ -275,13 +286,28 @@ class Router:
     def broadcast_presence(self, stanza: etree._Element, origin: Session) -> None:
         """Presence without 'to': the client's own availability (RFC 6121 section 4.2).
 
-        The user's other available resources get it here; the "presence/broadcast"
-        hook (stanza, origin, initial) lets the presence module tell contacts,
+        Every available resource of the user gets it here, the sender itself
+        included while it is connected (RFC 6121 4.2.2 and 4.5.2: an entity
+        is implicitly subscribed to its own presence; clients take the echo
+        as the sign they are online). The "presence/self" filters (stanza,
+        origin) see it synchronously first; the "presence/broadcast" hook
+        (stanza, origin, initial) lets the presence module tell contacts,
         where `initial` says the resource just became available.
+
+        A presence a module held and hands back after the session ended
+        (see `session_ended`) is still processed if it is unavailable (its
+        status is the user's last word), and dropped if it is available: the
+        session is gone, so announcing it would leave it online for good.
         """
         type_ = stanza.get("type")
         if type_ not in (None, "unavailable"):
             self.bounce(stanza, "bad-request", "presence of this type needs a 'to'")
+            return
+        bound = self.sessions.get(origin.bare, {}).get(origin.resource) is origin
+        if type_ is None and not bound:
+            return
+        modules = self.modules
+        if modules is not None and not modules.run_filters("presence/self", stanza, origin):
             return
         initial = type_ is None and not origin.available
         origin.available = type_ is None
@@ -290,11 +316,11 @@ class Router:
             origin.priority = int(stanza.findtext(f"{{{ns.CLIENT}}}priority") or 0)
         except ValueError:
             origin.priority = 0
-        for session in self.available_sessions(origin.bare):
-            if session is not origin:
+        for session in self.local_sessions(origin.bare):
+            if session.available or session is origin:
                 self.deliver(session, stanza)
-        if self.modules is not None and self.modules.has_hook("presence/broadcast"):
-            self.spawn(self.modules.fire("presence/broadcast", stanza, origin, initial))
+        if modules is not None and modules.has_hook("presence/broadcast"):
+            self.spawn(modules.fire("presence/broadcast", stanza, origin, initial))
 
     # --- IQs handled by modules ---------------------------------------------------------
 

@@ -9,7 +9,7 @@ from lxml import etree
 
 from xmppd.modules.presence import inbound, outbound
 from xmppd.modules.roster import RosterItem, RosterModule
-from xmppd.testing import ModuleHarness, TestSession
+from xmppd.testing import ModuleHarness, TestSession, without_echo
 
 R = "jabber:iq:roster"
 P = "{jabber:client}presence"
@@ -206,11 +206,11 @@ def roster_of(harness: ModuleHarness) -> RosterModule:
 async def login(harness: ModuleHarness, jid: str, presence: str = "<presence/>") -> TestSession:
     """Bind, fetch the roster (an interested resource), send initial presence.
 
-    What the initial presence brought stays in `session.received`."""
+    What the initial presence brought, besides its echo, stays in `session.received`."""
     session = harness.session(jid, available=False)
     await harness.iq(session, "get", f"<query xmlns='{R}'/>")
     got = await harness.send(session, presence)
-    session.received.extend(got)
+    session.received.extend(without_echo(session, got))
     return session
 
 
@@ -386,7 +386,7 @@ async def test_probes_at_initial_presence(harness: ModuleHarness) -> None:
     bob.take()
     bob2.take()
     alice = harness.session("alice@localhost/new", available=False)
-    got = await harness.send(alice, "<presence/>")
+    got = without_echo(alice, await harness.send(alice, "<presence/>"))
     # the probe answers: the last presence of each of bob's available resources
     answers = {p.get("from"): p for p in got if p.tag == P and p.get("type") is None}
     assert set(answers) == {"bob@localhost/b", "bob@localhost/b2"}
@@ -410,13 +410,56 @@ async def test_probe_from_non_subscriber_is_ignored(harness: ModuleHarness) -> N
     assert presences(got) == [(None, "bob@localhost/b", "carol@localhost/c")]
 
 
-async def test_new_resource_gets_presence_of_the_others(harness: ModuleHarness) -> None:
-    one = await login(harness, "alice@localhost/one", "<presence><show>chat</show></presence>")
-    two = harness.session("alice@localhost/two", available=False)
-    got = await harness.send(two, "<presence/>")
-    assert presences(got) == [(None, "alice@localhost/one", "alice@localhost/two")]
-    assert got[0].findtext("{jabber:client}show") == "chat"
-    assert presences(one.take()) == [(None, "alice@localhost/two", None)]
+ONE, TWO, IDLE = "alice@localhost/one", "alice@localhost/two", "alice@localhost/idle"
+END = "the connection ends"
+# (who acts, what it does, the presences each of alice's resources then receives, in order)
+OWN_PRESENCE = [
+    # RFC 6121 4.2.2: initial presence goes to every available resource, the sender
+    # included (once), and the new resource gets the presence of the others
+    (TWO, "<presence/>", {TWO: [(None, TWO, None), (None, ONE, TWO)], ONE: [(None, TWO, None)]}),
+    # a later broadcast: the echo again, the others are not sent again
+    (
+        TWO,
+        "<presence><show>away</show></presence>",
+        {TWO: [(None, TWO, None)], ONE: [(None, TWO, None)]},
+    ),
+    # RFC 6121 4.5.2: unavailable too, to the sender while it is connected
+    (
+        TWO,
+        "<presence type='unavailable'/>",
+        {TWO: [("unavailable", TWO, None)], ONE: [("unavailable", TWO, None)]},
+    ),
+    # one more unavailable is broadcast (and echoed) like the first
+    (
+        TWO,
+        "<presence type='unavailable'/>",
+        {TWO: [("unavailable", TWO, None)], ONE: [("unavailable", TWO, None)]},
+    ),
+    # an unavailable resource (like one that never sent presence) gets the others' no more
+    (ONE, "<presence><show>dnd</show></presence>", {ONE: [(None, ONE, None)]}),
+    # a connection that ends: the others get the server's unavailable, the gone one nothing
+    (TWO, "<presence/>", {TWO: [(None, TWO, None), (None, ONE, TWO)], ONE: [(None, TWO, None)]}),
+    (ONE, END, {TWO: [("unavailable", ONE, None)]}),
+]
+
+
+async def test_own_presence_echo_and_other_resources(harness: ModuleHarness) -> None:
+    sessions = {
+        ONE: await login(harness, ONE, "<presence><show>chat</show></presence>"),
+        TWO: harness.session(TWO, available=False),
+        IDLE: harness.session(IDLE, available=False),  # bound, never sent presence
+    }
+    for step, (who, action, expected) in enumerate(OWN_PRESENCE):
+        if action == END:
+            await harness.end_session(sessions[who])
+        else:
+            replies = await harness.send(sessions[who], action)
+            sessions[who].received.extend(replies)
+        for jid, session in sessions.items():
+            got = session.take()
+            assert presences(got) == expected.get(jid, []), (step, jid)
+            if step == 0 and jid == TWO:  # the other resource's last presence, as it sent it
+                assert got[1].findtext("{jabber:client}show") == "chat"
 
 
 async def test_unavailable_on_logout_and_on_dropped_connection(harness: ModuleHarness) -> None:
