@@ -238,13 +238,20 @@ class ModuleHost:
             return
         payload = stanza[0]
         namespace = payload.tag[1:].split("}", 1)[0] if payload.tag[0] == "{" else ""
+        sender = JID(stanza.get("from", ""))
+        host = target.rsplit("@", 1)[-1]
         handler = self._iq.get((namespace, type_, scope))
+        handler_target = target
+        if handler is None and scope == "account" and sender.bare == target:
+            # The account asks its own bare JID, or sends no 'to' at all (RFC 6120
+            # 10.3.3, 8.1.1.1): the server handles it on the account's behalf, so
+            # what only the server implements (ping, version, time) answers too.
+            handler = self._iq.get((namespace, type_, "server"))
+            handler_target = host
         if handler is None:
             self.router.bounce(stanza, "service-unavailable")
             return
-        sender = JID(stanza.get("from", ""))
-        host = target.rsplit("@", 1)[-1]
-        request = IqRequest(stanza, payload, sender, target, host)
+        request = IqRequest(stanza, payload, sender, handler_target, host)
         try:
             result_payload = await handler(request)
         except StanzaError as exc:

@@ -145,3 +145,49 @@ async def test_stanzas_for_a_user_keep_order_behind_storage_work() -> None:
     await harness.send(bob, bob_presence)
     got = [(s.get("type"), s.findtext("{jabber:client}show")) for s in alice.take()]
     assert got == [("subscribed", None), (None, "chat")]
+
+# (payload, to) -> the answer alice gets: RFC 6120 10.3.3 / 8.1.1.1, an IQ with no 'to' is
+# handled by the server for the sender's account, like one to the account's bare JID.
+OWN_ACCOUNT_IQS = [
+    ("<ping xmlns='urn:xmpp:ping'/>", None, "result"),
+    ("<ping xmlns='urn:xmpp:ping'/>", "alice@localhost", "result"),
+    ("<ping xmlns='urn:xmpp:ping'/>", "bob@localhost", "service-unavailable"),
+    ("<query xmlns='jabber:iq:version'/>", None, "result"),
+    ("<query xmlns='jabber:iq:version'/>", "bob@localhost", "service-unavailable"),
+    ("<time xmlns='urn:xmpp:time'/>", None, "result"),
+    ("<time xmlns='urn:xmpp:time'/>", "alice@localhost", "result"),
+    (f"<query xmlns='{DISCO_INFO}'/>", None, "result"),
+    (f"<query xmlns='{DISCO_INFO}'/>", "alice@localhost", "result"),
+    ("<query xmlns='jabber:iq:roster'/>", None, "result"),
+    ("<vCard xmlns='vcard-temp'/>", None, "result"),
+    ("<query xmlns='jabber:iq:private'><x xmlns='urn:t'/></query>", None, "result"),
+    ("<query xmlns='urn:example:nothing'/>", None, "service-unavailable"),
+    ("<query xmlns='urn:example:nothing'/>", "alice@localhost", "service-unavailable"),
+]
+
+
+@pytest.mark.parametrize(("payload", "to", "answer"), OWN_ACCOUNT_IQS)
+async def test_iq_with_no_to_is_for_the_account(payload: str, to: str | None, answer: str) -> None:
+    harness = ModuleHarness(
+        {
+            "disco": {},
+            "ping": {},
+            "version": {},
+            "time": {},
+            "roster": {},
+            "vcard": {},
+            "private": {},
+        }
+    )
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    harness.session("bob@localhost/b")
+    reply = await harness.iq(alice, "get", payload, to=to)
+    assert (reply.get("type") if answer == "result" else condition(reply)) == answer
+    assert reply.get("from") in (None, to or "alice@localhost")
+    if "version" in payload and answer == "result":
+        assert reply.findtext("{jabber:iq:version}query/{jabber:iq:version}name") == "xmppd"
+    if DISCO_INFO in payload:  # the account's own identity, as for its bare JID
+        identity = reply.find(f"{{{DISCO_INFO}}}query/{{{DISCO_INFO}}}identity")
+        assert identity is not None and identity.get("category") == "account"
+
