@@ -17,7 +17,9 @@ delivers or drops the stanza as the tables say.
   other resources and any pending requests; every broadcast goes to the
   contacts subscribed to the user; unavailable also goes to every entity
   that got directed presence from that session (section 4.6), including
-  when the connection just drops.
+  when the connection just drops. The copies to each contact are routed with
+  bounce=False: a remote domain that cannot be reached is reported once,
+  by the error answering the probe at initial presence, not at every change.
 * "presence/probe": answered with the last presence of each available
   resource when the prober is subscribed; otherwise silently ignored, and
   nothing when the user is offline (RFC 6121 4.3.2 allows either).
@@ -378,7 +380,7 @@ class Presence(Module):
         if session in self._announced:
             return False
         for target in self._directed.pop(session, ()):
-            self.host.route(_presence("unavailable", session.jid, target))
+            self.host.route(_presence("unavailable", session.jid, target), bounce=False)
         return False
 
     # --- helpers --------------------------------------------------------------------------
@@ -394,7 +396,7 @@ class Presence(Module):
     def _send_copy(self, stanza: etree._Element, to: str) -> None:
         out = copy.deepcopy(stanza)
         out.set("to", to)
-        self.host.route(out)
+        self.host.route(out, bounce=False)
 
     def _send_available(self, owner: str, to: str) -> None:
         """The last presence of each of the user's available resources, to `to`."""
@@ -403,11 +405,11 @@ class Presence(Module):
                 presence = copy.deepcopy(session.presence)
                 presence.set("from", session.jid)
                 presence.set("to", to)
-                self.host.route(presence)
+                self.host.route(presence, bounce=False)
 
     def _send_unavailable(self, owner: str, to: str) -> None:
         for session in self.host.router.available_sessions(owner):
-            self.host.route(_presence("unavailable", session.jid, to))
+            self.host.route(_presence("unavailable", session.jid, to), bounce=False)
 
 
 def _presence(type_: str, from_: str, to: str) -> etree._Element:

@@ -211,8 +211,9 @@ class ModuleHost:
     def blobs(self, vhost: str, store: str) -> BlobStore:
         return BlobStore(self.storage.blobs, vhost, store)
 
-    def route(self, stanza: etree._Element) -> None:
-        self.router.route(stanza)
+    def route(self, stanza: etree._Element, *, bounce: bool = True) -> None:
+        """Route a stanza the server makes; `bounce` False: see `Router.route`."""
+        self.router.route(stanza, bounce=bounce)
 
     # --- what the router and server use ------------------------------------------------
 

@@ -33,19 +33,33 @@ SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsub
 
 
 class RemoteRoute(Protocol):
-    """Where stanzas for domains this node does not serve go (s2s, later)."""
+    """Where stanzas for domains this node does not serve go (s2s, later).
 
-    def route(self, stanza: etree._Element) -> None: ...
+    `bounce` False: a failure to deliver is not reported to the sender (the
+    copies of a presence broadcast, see `Router.route`).
+    """
+
+    def route(self, stanza: etree._Element, bounce: bool = True) -> None: ...
 
 
 class NoRemote:
-    """Until s2s exists: remote domains are unreachable, and the sender is told so."""
+    """Until s2s exists: remote domains are unreachable, and the sender is told so.
+
+    RFC 6120 10.4.3: every stanza to a remote domain that cannot be delivered
+    is answered with <remote-server-not-found/>: messages, IQ get/set,
+    subscription requests and answers, probes, directed presence. Errors and
+    IQ results are never answered (`Router.bounce`), and presence broadcast
+    copies are routed with bounce=False.
+    """
 
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    def route(self, stanza: etree._Element) -> None:
-        self.router.bounce(stanza, "remote-server-not-found", "no server-to-server connectivity")
+    def route(self, stanza: etree._Element, bounce: bool = True) -> None:
+        if bounce:
+            self.router.bounce(
+                stanza, "remote-server-not-found", "no server-to-server connectivity"
+            )
 
 
 class Router:
@@ -118,12 +132,18 @@ class Router:
 
     # --- routing -----------------------------------------------------------------------
 
-    def route(self, stanza: etree._Element, origin: Session | None = None) -> None:
+    def route(
+        self, stanza: etree._Element, origin: Session | None = None, *, bounce: bool = True
+    ) -> None:
         """Send `stanza` where its 'to' says; errors go back to its sender.
 
         `origin` is the local session that sent it, None for stanzas the
         server makes; only the former pass the "stanza/out" filters
         (privacy lists, carbons of sent messages, directed presence).
+        `bounce` False is for the server's copies of a presence broadcast to
+        each contact: an unreachable remote domain is then not reported, one
+        error per contact at every presence change being noise to the
+        client (the probe at initial presence reports it once).
         """
         modules = self.modules
         if origin is not None and modules is not None and modules.filters_out:
@@ -139,7 +159,7 @@ class Router:
             self.reply_error(stanza, exc)
             return
         if jid.domain not in self.hosts:
-            self.remote.route(stanza)
+            self.remote.route(stanza, bounce)
         elif not jid.user:
             if jid.resource:
                 self.bounce(stanza, "service-unavailable")
@@ -232,6 +252,11 @@ class Router:
                     jid.bare, lambda: modules.fire(f"presence/{type_}", stanza, jid.bare)
                 )
                 return
+            if type_ == "error" and not available:
+                # An error about a subscription request the account sent (stamped
+                # with its bare JID, RFC 6121 3.1.2) reaches the client that sent
+                # it, even one that has not sent presence yet.
+                available = self.local_sessions(jid.bare)
             if type_ != "probe":
                 for session in available:
                     self.deliver(session, stanza)

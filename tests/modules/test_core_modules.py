@@ -191,3 +191,42 @@ async def test_iq_with_no_to_is_for_the_account(payload: str, to: str | None, an
         identity = reply.find(f"{{{DISCO_INFO}}}query/{{{DISCO_INFO}}}identity")
         assert identity is not None and identity.get("category") == "account"
 
+REMOTE = "x@remote.example"
+# RFC 6120 10.4.3: what a client sends to a domain this server cannot reach, and the answer
+REMOTE_STANZAS = [
+    (f"<message to='{REMOTE}' id='i'><body>b</body></message>", "remote-server-not-found"),
+    (f"<message to='{REMOTE}' type='error' id='i'/>", None),  # never an error for an error
+    (f"<iq type='get' to='{REMOTE}' id='i'><q xmlns='urn:q'/></iq>", "remote-server-not-found"),
+    (
+        "<iq type='set' to='remote.example' id='i'><q xmlns='urn:q'/></iq>",
+        "remote-server-not-found",
+    ),
+    (f"<iq type='result' to='{REMOTE}' id='i'/>", None),
+    (f"<iq type='error' to='{REMOTE}' id='i'/>", None),
+    (f"<presence to='{REMOTE}/r' id='i'/>", "remote-server-not-found"),  # directed
+    (f"<presence type='probe' to='{REMOTE}' id='i'/>", "remote-server-not-found"),
+    (f"<presence type='error' to='{REMOTE}' id='i'/>", None),
+]
+
+
+@pytest.mark.parametrize(("xml", "answer"), REMOTE_STANZAS)
+async def test_stanzas_to_an_unreachable_domain(
+    harness: ModuleHarness, xml: str, answer: str | None
+) -> None:
+    alice = harness.session("alice@localhost/a")
+    replies = await harness.send(alice, xml)
+    assert [condition(r) for r in replies] == ([answer] if answer else [])
+    for reply in replies:
+        assert reply.get("id") == "i" and reply.get("to") == alice.jid
+
+
+async def test_routing_without_bounce_reports_nothing(harness: ModuleHarness) -> None:
+    """The presence module's broadcast copies: an unreachable contact is no error each time."""
+    alice = harness.session("alice@localhost/a")
+    copy = parse_stanza(f"<presence from='{alice.jid}' to='{REMOTE}'/>")
+    harness.host.route(copy, bounce=False)
+    await harness.router.drain()
+    assert alice.take() == []
+    harness.host.route(copy)
+    await harness.router.drain()
+    assert [condition(r) for r in alice.take()] == ["remote-server-not-found"]

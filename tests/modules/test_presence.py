@@ -600,3 +600,35 @@ async def test_account_removal_deletes_roster_and_ends_subscriptions(
     assert ("unsubscribe", "alice@localhost", "bob@localhost") in presences(got)
     assert ("unsubscribed", "alice@localhost", "bob@localhost") in presences(got)
     assert await sub_of(harness, "bob@localhost", "alice@localhost") == "none"
+
+# --- a remote domain that cannot be reached (RFC 6120 10.4.3) -----------------------------
+
+
+async def test_subscription_to_a_remote_domain_is_answered_before_any_presence(
+    harness: ModuleHarness,
+) -> None:
+    """The error comes back to the account's bare JID (the request was stamped with it):
+    it reaches a client that has sent no presence yet, as conformance scripts do."""
+    alice = harness.session("alice@localhost/a", available=False)
+    for kind in ("subscribe", "unsubscribe"):
+        got = await harness.send(alice, f"<presence type='{kind}' to='x@remote.example'/>")
+        (error,) = [p for p in got if p.tag == P]
+        assert error.get("type") == "error" and error.get("to") == "alice@localhost"
+        assert (
+            error.find(f"{{jabber:client}}error/{{{STANZAS}}}remote-server-not-found") is not None
+        )
+
+
+async def test_broadcast_to_remote_contacts_is_reported_once_by_the_probe(
+    harness: ModuleHarness,
+) -> None:
+    for contact, sub in (("x@remote.example", "both"), ("y@remote.example", "from")):
+        await roster_of(harness).update(
+            "alice@localhost", contact, lambda _, sub=sub: RosterItem("", subscription=sub)
+        )
+    alice = harness.session("alice@localhost/a", available=False)
+    got = without_echo(alice, await harness.send(alice, "<presence/>"))
+    # x: the probe bounces; y only gets alice's presence, which reports nothing
+    assert presences(got) == [("error", "x@remote.example", "alice@localhost/a")]
+    for xml in ("<presence><show>away</show></presence>", "<presence type='unavailable'/>"):
+        assert without_echo(alice, await harness.send(alice, xml)) == []
