@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 from lxml import etree
@@ -600,6 +600,117 @@ async def test_account_removal_deletes_roster_and_ends_subscriptions(
     assert ("unsubscribe", "alice@localhost", "bob@localhost") in presences(got)
     assert ("unsubscribed", "alice@localhost", "bob@localhost") in presences(got)
     assert await sub_of(harness, "bob@localhost", "alice@localhost") == "none"
+
+
+# --- subscription requests kept whole (RFC 6121 3.1.3) -----------------------------------
+
+NICK = "http://jabber.org/protocol/nick"
+PARS = "urn:xmpp:pars:0"
+REQUEST = (
+    "<presence type='subscribe' to='bob@localhost' id='req'>"
+    f"<nick xmlns='{NICK}'>Al</nick><preauth xmlns='{PARS}' token='tok'/>"
+    "<status>hi bob</status></presence>"
+)
+
+
+async def kept_requests(harness: ModuleHarness, user: str = "bob") -> list[str]:
+    page = await harness.host.items("localhost", "subscription-requests").query(prefix=f"{user}/")
+    return [str(item.attrs["jid"]) for item in page.items]
+
+
+def request_of(stanzas: Sequence[etree._Element]) -> etree._Element:
+    (request,) = [s for s in stanzas if s.tag == P and s.get("type") == "subscribe"]
+    return request
+
+
+async def test_request_for_an_offline_user_comes_whole_to_each_resource(
+    harness: ModuleHarness,
+) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    await harness.send(alice, REQUEST)
+    assert await kept_requests(harness) == ["alice@localhost"]
+    for resource in ("phone", "laptop"):  # every initial presence, until answered
+        bob = await login(harness, f"bob@localhost/{resource}")
+        request = request_of(bob.take())
+        assert (request.get("from"), request.get("to")) == ("alice@localhost", "bob@localhost")
+        assert request.get("id") == "req"
+        assert request.findtext(f"{{{NICK}}}nick") == "Al"
+        assert request.find(f"{{{PARS}}}preauth").get("token") == "tok"  # type: ignore[union-attr]
+        assert request.findtext("{jabber:client}status") == "hi bob"
+
+
+async def test_request_to_an_online_user_is_kept_for_its_next_resources(
+    harness: ModuleHarness,
+) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/phone")
+    await harness.send(alice, REQUEST)
+    assert request_of(bob.take()).findtext(f"{{{NICK}}}nick") == "Al"
+    laptop = await login(harness, "bob@localhost/laptop")
+    assert request_of(laptop.take()).findtext(f"{{{NICK}}}nick") == "Al"
+
+
+async def test_a_request_too_large_to_keep_comes_as_a_plain_one(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    big = REQUEST.replace("hi bob", "x" * 5000)
+    await harness.send(alice, big)
+    assert await kept_requests(harness) == []
+    bob = await login(harness, "bob@localhost/b")
+    request = request_of(bob.take())
+    assert (request.get("from"), len(request)) == ("alice@localhost", 0)
+
+
+async def answer_approve(harness: ModuleHarness, alice: TestSession, bob: TestSession) -> None:
+    await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+
+
+async def answer_deny(harness: ModuleHarness, alice: TestSession, bob: TestSession) -> None:
+    await harness.send(bob, "<presence type='unsubscribed' to='alice@localhost'/>")
+
+
+async def answer_cancel(harness: ModuleHarness, alice: TestSession, bob: TestSession) -> None:
+    await harness.send(alice, "<presence type='unsubscribe' to='bob@localhost'/>")
+
+
+async def answer_roster_remove(
+    harness: ModuleHarness, alice: TestSession, bob: TestSession
+) -> None:
+    # bob first puts alice in his roster (a roster set), then removes her
+    item = "<item jid='alice@localhost' name='Al'/>"
+    await harness.iq(bob, "set", f"<query xmlns='{R}'>{item}</query>")
+    remove = "<item jid='alice@localhost' subscription='remove'/>"
+    await harness.iq(bob, "set", f"<query xmlns='{R}'>{remove}</query>")
+
+
+async def answer_account_removed(
+    harness: ModuleHarness, alice: TestSession, bob: TestSession
+) -> None:
+    await harness.host.fire("account/removed", "localhost", "bob")
+    await harness.router.drain()
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["stranger", "in-roster"])
+@pytest.mark.parametrize(
+    "answer",
+    [answer_approve, answer_deny, answer_cancel, answer_roster_remove, answer_account_removed],
+)
+async def test_a_kept_request_goes_when_answered(
+    harness: ModuleHarness,
+    answer: Callable[[ModuleHarness, TestSession, TestSession], Awaitable[None]],
+    known: bool,
+) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = harness.session("bob@localhost/b", available=False)
+    if known:  # bob has alice in his roster already: the entry outlives the request
+        await harness.iq(bob, "set", f"<query xmlns='{R}'><item jid='alice@localhost'/></query>")
+    await harness.send(alice, REQUEST)
+    assert await kept_requests(harness) == ["alice@localhost"]
+    await answer(harness, alice, bob)
+    await harness.router.drain()
+    assert await kept_requests(harness) == []
+    again = await login(harness, "bob@localhost/again")
+    assert presences(again.take(), "subscribe") == []
+
 
 # --- a remote domain that cannot be reached (RFC 6120 10.4.3) -----------------------------
 
