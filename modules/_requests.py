@@ -54,9 +54,7 @@ class SubscriptionRequests:
         )
         return True
 
-    async def load(
-        self, owner_bare: str, contacts: Iterable[str]
-    ) -> dict[str, etree._Element]:
+    async def load(self, owner_bare: str, contacts: Iterable[str]) -> dict[str, etree._Element]:
         """The kept requests of `contacts` (by bare JID); unknown or unreadable ones are absent."""
         names = {_name(owner_bare, contact): contact for contact in contacts}
         if not names:

@@ -457,7 +457,9 @@ class Presence(Module):
         except StorageError as exc:
             self.log.error(
                 "subscription requests to removed account %s@%s not deleted: %s",
-                username, vhost, exc,
+                username,
+                vhost,
+                exc,
             )
 
     # --- helpers --------------------------------------------------------------------------

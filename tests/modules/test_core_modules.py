@@ -146,6 +146,7 @@ async def test_stanzas_for_a_user_keep_order_behind_storage_work() -> None:
     got = [(s.get("type"), s.findtext("{jabber:client}show")) for s in alice.take()]
     assert got == [("subscribed", None), (None, "chat")]
 
+
 # (payload, to) -> the answer alice gets: RFC 6120 10.3.3 / 8.1.1.1, an IQ with no 'to' is
 # handled by the server for the sender's account, like one to the account's bare JID.
 OWN_ACCOUNT_IQS = [
@@ -190,6 +191,7 @@ async def test_iq_with_no_to_is_for_the_account(payload: str, to: str | None, an
     if DISCO_INFO in payload:  # the account's own identity, as for its bare JID
         identity = reply.find(f"{{{DISCO_INFO}}}query/{{{DISCO_INFO}}}identity")
         assert identity is not None and identity.get("category") == "account"
+
 
 REMOTE = "x@remote.example"
 # RFC 6120 10.4.3: what a client sends to a domain this server cannot reach, and the answer
