@@ -689,10 +689,24 @@ async def answer_account_removed(
     await harness.router.drain()
 
 
+async def answer_requester_removed(
+    harness: ModuleHarness, alice: TestSession, bob: TestSession
+) -> None:
+    await harness.host.fire("account/removed", "localhost", "alice")  # her roster cancels it
+    await harness.router.drain()
+
+
 @pytest.mark.parametrize("known", [False, True], ids=["stranger", "in-roster"])
 @pytest.mark.parametrize(
     "answer",
-    [answer_approve, answer_deny, answer_cancel, answer_roster_remove, answer_account_removed],
+    [
+        answer_approve,
+        answer_deny,
+        answer_cancel,
+        answer_roster_remove,
+        answer_account_removed,
+        answer_requester_removed,
+    ],
 )
 async def test_a_kept_request_goes_when_answered(
     harness: ModuleHarness,
