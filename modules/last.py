@@ -3,8 +3,12 @@
 The time and status text of a user's last unavailable presence are kept in
 item store "last" (item "<user>": time in Unix seconds, status text). A
 session that ends while available makes the router broadcast a server-made
-unavailable presence, so one hook ("presence/broadcast") records clean
-logouts and dropped connections alike. Queries to a full JID are the
+unavailable presence, so one filter ("presence/self") records clean
+logouts and dropped connections alike. It runs synchronously as the router
+applies the presence, and keeps the logout in memory until its write is
+stored: a query that arrives right after the unavailable presence (the
+user's last session gone, the write still in flight) answers from there
+instead of item-not-found or an older logout. Queries to a full JID are the
 client's business (idle time): the router delivers them to it.
 """
 
@@ -19,7 +23,7 @@ from lxml import etree
 from xmppd.jid import JID
 from xmppd.modulehost import IqRequest, Module
 from xmppd.session import Session
-from xmppd.storage.base import ConditionFailed
+from xmppd.storage.base import ConditionFailed, StorageError
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 
@@ -36,7 +40,9 @@ class Last(Module):
         self.host.add_feature(LAST)
         self.host.add_feature(LAST, "account")
         self.host.iq(LAST, "get", self.query, to="both")
-        self.host.hook("presence/broadcast", self.on_broadcast)
+        self.host.filter("presence/self", self.on_presence)
+        # Logouts on this node whose record is still being written: bare -> (time, status).
+        self._writing: dict[str, tuple[int, str]] = {}
 
     async def start(self) -> None:
         self.started = time.monotonic()
@@ -58,6 +64,9 @@ class Last(Module):
             raise StanzaError("forbidden", "you have no subscription to this user's presence")
         if self.host.router.available_sessions(target.bare):
             return self._result(0)  # XEP-0012 section 4: online users are active now
+        writing = self._writing.get(target.bare)
+        if writing is not None:
+            return self._result(int(time.time()) - writing[0], writing[1])
         item = await self.host.items(target.domain, STORE).get(target.user)
         if item is None:
             raise StanzaError("item-not-found", "no last activity recorded for this user")
@@ -75,11 +84,34 @@ class Last(Module):
         item = await roster.item(request.target, request.sender.bare)  # type: ignore[attr-defined]
         return item is not None and item.subscription in ("from", "both")
 
-    async def on_broadcast(self, stanza: etree._Element, session: Session, initial: bool) -> bool:
+    def on_presence(self, stanza: etree._Element, session: Session) -> bool:
         if stanza.get("type") == "unavailable":
             status = stanza.findtext(f"{{{ns.CLIENT}}}status") or ""
-            await self.record(session.bare, int(time.time()), status)
-        return False  # never stop the chain: presence still goes to contacts
+            writer_running = session.bare in self._writing
+            self._writing[session.bare] = (int(time.time()), status)
+            if not writer_running:
+                self.host.router.spawn(self._store(session.bare))
+        return True  # never stop the broadcast: presence still goes to contacts
+
+    async def _store(self, bare: str) -> None:
+        """Write `bare`'s logouts one at a time until the latest is stored.
+
+        One writer per user, so the logout applied last is the one kept even
+        when two come within a second (the server's own unavailable at a
+        stream's end, then the client's, released late by a filter)."""
+        try:
+            while True:
+                logout = self._writing[bare]
+                try:
+                    await self.record(bare, *logout)
+                except StorageError as exc:
+                    self.log.error("last activity of %s not stored: %s", bare, exc)
+                if self._writing.get(bare) is logout:
+                    del self._writing[bare]
+                    return
+        except BaseException:
+            self._writing.pop(bare, None)
+            raise
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         return await self.host.items(vhost, STORE).delete(username)

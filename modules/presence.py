@@ -9,15 +9,21 @@ delivers or drops the stanza as the tables say.
   filter (synchronous), stamped with the user's bare JID and handled in a
   task: roster change and push first, then routing.
 * Subscription presences addressed to a local user arrive through the
-  "presence/subscribe" ... hooks. A subscribe request to a user with no
-  available resource is kept as `pending_in` in the roster item and
-  delivered at each initial presence until the user answers it.
+  "presence/subscribe" ... hooks. A subscribe request not yet answered is
+  `pending_in` in the roster item, and the stanza itself is kept whole
+  (modules/_requests.py: a <nick/>, a XEP-0379 <preauth/> survive) and
+  delivered at each initial presence until the user answers it; it is
+  forgotten when answered, cancelled, removed with the roster item or
+  with the account.
 * "presence/broadcast": initial presence sends probes to the contacts the
   user is subscribed to, hands the new resource the presence of the user's
   other resources and any pending requests; every broadcast goes to the
   contacts subscribed to the user; unavailable also goes to every entity
   that got directed presence from that session (section 4.6), including
-  when the connection just drops.
+  when the connection just drops. One session's broadcasts are handled in
+  the order it sent them. The copies to each contact are routed with
+  bounce=False: a remote domain that cannot be reached is reported once,
+  by the error answering the probe at initial presence, not at every change.
 * "presence/probe": answered with the last presence of each available
   resource when the prober is subscribed; otherwise silently ignored, and
   nothing when the user is offline (RFC 6121 4.3.2 allows either).
@@ -25,7 +31,9 @@ delivers or drops the stanza as the tables say.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
@@ -33,6 +41,7 @@ from lxml import etree
 
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import Module
+from xmppd.modules._requests import SubscriptionRequests
 from xmppd.modules.roster import RosterItem, RosterModule, Subscription
 from xmppd.router import SUBSCRIPTION_TYPES
 from xmppd.storage.base import StorageError
@@ -182,12 +191,18 @@ class Presence(Module):
         # entities each session sent directed available presence to.
         self._announced: set[Session] = set()
         self._directed: dict[Session, set[str]] = {}
+        # One lock per session with a broadcast in hand: its broadcasts go out in order.
+        self._order: weakref.WeakValueDictionary[Session, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self.requests = SubscriptionRequests(self.host)
 
     async def start(self) -> None:
         roster = self.host.modules.get("roster")
         if not isinstance(roster, RosterModule):
             raise RuntimeError("the presence module needs the roster module")
         self.roster = roster
+        roster.subscribe_changes(self._on_roster_change)
 
     # --- what the user sends ---------------------------------------------------------------
 
@@ -236,6 +251,8 @@ class Presence(Module):
             self.log.warning("%s from %s to %s not processed: %s", kind, owner, contact, exc)
             self.host.route(error_reply(stanza, condition))
             return
+        if _answered(before, after):
+            await self._forget_request(owner, contact)
         if not route:
             return
         out = copy.deepcopy(stanza)
@@ -298,6 +315,10 @@ class Presence(Module):
             out.set("to", owner)
             for session in self.host.router.available_sessions(owner):
                 self.host.router.deliver(session, copy.deepcopy(out))
+            if kind == "subscribe":
+                await self._keep_request(owner, contact, out)
+        if _answered(before, after):
+            await self._forget_request(owner, contact)  # cancelled by the requester
         if reply is not None:
             self.host.route(_presence(reply, owner, contact))
         was_from = before is not None and before.subscription in ("from", "both")
@@ -329,6 +350,17 @@ class Presence(Module):
     # --- the user's own availability -------------------------------------------------------
 
     async def _on_broadcast(self, stanza: etree._Element, origin: Session, initial: bool) -> bool:
+        # Each broadcast waits on storage (the roster): without the lock, an
+        # available presence and the unavailable right after it could reach
+        # contacts the other way round and leave the user online for them.
+        lock = self._order.get(origin)
+        if lock is None:
+            lock = self._order[origin] = asyncio.Lock()
+        async with lock:
+            await self._broadcast(stanza, origin, initial)
+        return False
+
+    async def _broadcast(self, stanza: etree._Element, origin: Session, initial: bool) -> None:
         owner = origin.bare
         if stanza.get("type") == "unavailable":
             # Take the session's state before the first await: "session/closed" may run next.
@@ -343,7 +375,7 @@ class Presence(Module):
             for target in directed:
                 if JID(target).bare not in subscribers:
                     self._send_copy(stanza, target)
-            return False
+            return
         self._announced.add(origin)
         if initial:
             # RFC 6121 4.2.2: the new resource learns about the user's other resources.
@@ -357,7 +389,7 @@ class Presence(Module):
             roster = await self.roster.get(owner)
         except StorageError as exc:
             self.log.error("presence of %s not broadcast: %s", origin.jid, exc)
-            return False
+            return
         for item in roster.items.values():
             if item.subscription in ("from", "both"):
                 self._send_copy(stanza, item.jid)
@@ -365,9 +397,25 @@ class Presence(Module):
             for item in roster.items.values():
                 if item.subscription in ("to", "both"):
                     self.host.route(_presence("probe", origin.jid, item.jid))
-                if item.pending_in:  # RFC 6121 3.1.3: kept until answered
-                    self.host.router.deliver(origin, _presence("subscribe", item.jid, owner))
-        return False
+            pending = [item.jid for item in roster.items.values() if item.pending_in]
+            if pending:
+                await self._deliver_requests(origin, pending)
+
+    async def _deliver_requests(self, origin: Session, contacts: list[str]) -> None:
+        """RFC 6121 3.1.3: each request not yet answered, as its sender sent it."""
+        owner = origin.bare
+        try:
+            kept = await self.requests.load(owner, contacts)
+        except StorageError as exc:
+            self.log.warning("subscription requests to %s read as plain ones: %s", owner, exc)
+            kept = {}
+        for contact in contacts:
+            request = kept.get(contact)
+            if request is None:  # too large to keep, or kept before requests were
+                request = _presence("subscribe", contact, owner)
+            request.set("from", contact)
+            request.set("to", owner)
+            self.host.router.deliver(origin, request)
 
     async def _on_session_closed(self, session: Session) -> bool:
         """A session that never went available still owes its directed presences an unavailable.
@@ -378,8 +426,33 @@ class Presence(Module):
         if session in self._announced:
             return False
         for target in self._directed.pop(session, ()):
-            self.host.route(_presence("unavailable", session.jid, target))
+            self.host.route(_presence("unavailable", session.jid, target), bounce=False)
         return False
+
+    # --- kept subscription requests ---------------------------------------------------------
+
+    async def _keep_request(self, owner: str, contact: str, stanza: etree._Element) -> None:
+        try:
+            if not await self.requests.keep(owner, contact, stanza):
+                self.log.info("request from %s to %s too large to keep whole", contact, owner)
+        except StorageError as exc:
+            # The pending flag is stored: the user still gets a plain request at login.
+            self.log.warning("subscription request from %s to %s not kept: %s", contact, owner, exc)
+
+    async def _forget_request(self, owner: str, contact: str) -> None:
+        try:
+            await self.requests.forget(owner, contact)
+        except StorageError as exc:
+            self.log.warning("answered request from %s to %s not deleted: %s", contact, owner, exc)
+
+    def _on_roster_change(self, owner: str, item: RosterItem | None, removed: str | None) -> None:
+        """A roster entry removed (roster remove, the account removed) takes its request along."""
+        if item is None and removed is not None:
+            self.host.router.spawn(self._forget_request(owner, removed))
+
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """The subscription requests kept for the account (RFC 6121 3.1.3)."""
+        return await self.requests.forget_all(vhost, username)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -394,7 +467,7 @@ class Presence(Module):
     def _send_copy(self, stanza: etree._Element, to: str) -> None:
         out = copy.deepcopy(stanza)
         out.set("to", to)
-        self.host.route(out)
+        self.host.route(out, bounce=False)
 
     def _send_available(self, owner: str, to: str) -> None:
         """The last presence of each of the user's available resources, to `to`."""
@@ -403,11 +476,18 @@ class Presence(Module):
                 presence = copy.deepcopy(session.presence)
                 presence.set("from", session.jid)
                 presence.set("to", to)
-                self.host.route(presence)
+                self.host.route(presence, bounce=False)
 
     def _send_unavailable(self, owner: str, to: str) -> None:
         for session in self.host.router.available_sessions(owner):
-            self.host.route(_presence("unavailable", session.jid, to))
+            self.host.route(_presence("unavailable", session.jid, to), bounce=False)
+
+
+def _answered(before: RosterItem | None, after: RosterItem | None) -> bool:
+    """A pending request was approved, denied or cancelled (the entry itself stays).
+
+    An entry removed altogether is seen by `_on_roster_change`."""
+    return before is not None and before.pending_in and after is not None and not after.pending_in
 
 
 def _presence(type_: str, from_: str, to: str) -> etree._Element:

@@ -69,6 +69,7 @@ class VCard(Module):
         self.host.iq(VCARD, "set", self.set, to="account")
         self.host.filter("stanza/out", self._presence_out, FILTER_PRIORITY)
         self.host.hook("session/bound", self._bound)
+        self.host.filter("session/ending", self._ending)
         self.host.hook("session/closed", self._closed)
 
     # --- IQ handlers -------------------------------------------------------------------
@@ -189,6 +190,21 @@ class VCard(Module):
                 self._photo[bare] = None  # never hold again for a load that cannot land
             for stanza in stanzas:
                 router.route(stanza, session)
+
+    def _ending(self, session: Session) -> bool:
+        """The stream closed while presences waited for the hash: route them now, in order.
+
+        The client sent them before it left: an unavailable presence with a
+        status sent just before </stream:stream> must still count (last
+        activity, contacts). Without a known hash they go as the client
+        sent them, as when the hash cannot be read.
+        """
+        stanzas = self._held.pop(session, None)
+        if stanzas:
+            self._photo.setdefault(session.bare, None)  # never hold them again
+            for stanza in stanzas:
+                self.host.router.route(stanza, session)
+        return True
 
     # --- session and account events -----------------------------------------------------
 

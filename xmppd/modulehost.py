@@ -18,7 +18,10 @@ Events a module can hook (async, `hook`; a True result stops the chain):
   session/bound (session), session/closed (session)
   message/server, presence/server (stanza)  addressed to the domain itself
 Filters (sync, `filter`; False drops): stanza/out (stanza, origin session),
-stanza/in (stanza, session).
+stanza/in (stanza, session), presence/self (stanza, session): a client's own
+broadcast presence as the router applies it, before anyone gets it;
+session/ending (session): the session is about to end, a module routes now
+what it still holds for it (its result is ignored).
 
 Account removal is not an event but a method every module may override,
 `Module.remove_user`: the host calls each one in turn (`ModuleHost.remove_account`)
@@ -211,7 +214,12 @@ class ModuleHost:
 
         "stanza/out" (stanza, origin session): every stanza a local client sends,
         before routing. "stanza/in" (stanza, session): every stanza before it is
-        delivered to a local session. A filter that drops a stanza sends any
+        delivered to a local session. "presence/self" (stanza, session): a
+        client's own broadcast presence (or the server's unavailable for a
+        session that ends) as the router applies it, before the echo and
+        before the "presence/broadcast" hooks. "session/ending" (session):
+        before the router ends a session; route what you hold for it now
+        (the result is ignored). A filter that drops a stanza sends any
         error itself. Filters must not block: keep what they need in memory.
         """
         handlers = self._filters.setdefault(event, [])
@@ -255,8 +263,9 @@ class ModuleHost:
     def blobs(self, vhost: str, store: str) -> BlobStore:
         return BlobStore(self.storage.blobs, vhost, store)
 
-    def route(self, stanza: etree._Element) -> None:
-        self.router.route(stanza)
+    def route(self, stanza: etree._Element, *, bounce: bool = True) -> None:
+        """Route a stanza the server makes; `bounce` False: see `Router.route`."""
+        self.router.route(stanza, bounce=bounce)
 
     # --- what the router and server use ------------------------------------------------
 
@@ -282,13 +291,20 @@ class ModuleHost:
             return
         payload = stanza[0]
         namespace = payload.tag[1:].split("}", 1)[0] if payload.tag[0] == "{" else ""
+        sender = JID(stanza.get("from", ""))
+        host = target.rsplit("@", 1)[-1]
         handler = self._iq.get((namespace, type_, scope))
+        handler_target = target
+        if handler is None and scope == "account" and sender.bare == target:
+            # The account asks its own bare JID, or sends no 'to' at all (RFC 6120
+            # 10.3.3, 8.1.1.1): the server handles it on the account's behalf, so
+            # what only the server implements (ping, version, time) answers too.
+            handler = self._iq.get((namespace, type_, "server"))
+            handler_target = host
         if handler is None:
             self.router.bounce(stanza, "service-unavailable")
             return
-        sender = JID(stanza.get("from", ""))
-        host = target.rsplit("@", 1)[-1]
-        request = IqRequest(stanza, payload, sender, target, host)
+        request = IqRequest(stanza, payload, sender, handler_target, host)
         try:
             result_payload = await handler(request)
         except StanzaError as exc:

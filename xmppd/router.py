@@ -34,19 +34,33 @@ SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsub
 
 
 class RemoteRoute(Protocol):
-    """Where stanzas for domains this node does not serve go (s2s, later)."""
+    """Where stanzas for domains this node does not serve go (s2s, later).
 
-    def route(self, stanza: etree._Element) -> None: ...
+    `bounce` False: a failure to deliver is not reported to the sender (the
+    copies of a presence broadcast, see `Router.route`).
+    """
+
+    def route(self, stanza: etree._Element, bounce: bool = True) -> None: ...
 
 
 class NoRemote:
-    """Until s2s exists: remote domains are unreachable, and the sender is told so."""
+    """Until s2s exists: remote domains are unreachable, and the sender is told so.
+
+    RFC 6120 10.4.3: every stanza to a remote domain that cannot be delivered
+    is answered with <remote-server-not-found/>: messages, IQ get/set,
+    subscription requests and answers, probes, directed presence. Errors and
+    IQ results are never answered (`Router.bounce`), and presence broadcast
+    copies are routed with bounce=False.
+    """
 
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    def route(self, stanza: etree._Element) -> None:
-        self.router.bounce(stanza, "remote-server-not-found", "no server-to-server connectivity")
+    def route(self, stanza: etree._Element, bounce: bool = True) -> None:
+        if bounce:
+            self.router.bounce(
+                stanza, "remote-server-not-found", "no server-to-server connectivity"
+            )
 
 
 class Router:
@@ -94,15 +108,26 @@ class Router:
                 del self.sessions[session.bare]
 
     def session_ended(self, session: Session) -> None:
-        """The client is gone (clean close or dropped TCP): others see it go unavailable."""
+        """The client is gone (clean close or dropped TCP): others see it go unavailable.
+
+        First the "session/ending" filters hand back what modules still hold
+        for the session (a presence waiting for its avatar hash), so that
+        whatever the server accepted before the stream closed is processed
+        now, in order: an unavailable presence sent just before
+        </stream:stream> is the session's last word, with its status. Only a
+        session still available after that gets a server-made unavailable.
+        """
+        modules = self.modules
+        if modules is not None:
+            modules.run_filters("session/ending", session)
+        self.unbind(session)
         if session.available:
             presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
             presence.set("type", "unavailable")
             presence.set("from", session.jid)
             self.broadcast_presence(presence, session)
-        self.unbind(session)
-        if self.modules is not None and self.modules.has_hook("session/closed"):
-            self.spawn(self.modules.fire("session/closed", session))
+        if modules is not None and modules.has_hook("session/closed"):
+            self.spawn(modules.fire("session/closed", session))
 
     def local_sessions(self, bare: str) -> list[Session]:
         return list(self.sessions.get(bare, {}).values())
@@ -112,20 +137,26 @@ class Router:
 
     # --- routing -----------------------------------------------------------------------
 
-    def route(self, stanza: etree._Element, origin: Session | None = None) -> None:
+    def route(
+        self, stanza: etree._Element, origin: Session | None = None, *, bounce: bool = True
+    ) -> None:
         """Send `stanza` where its 'to' says; errors go back to its sender.
 
         `origin` is the local session that sent it, None for stanzas the
         server makes; only the former pass the "stanza/out" filters
         (privacy lists, carbons of sent messages, directed presence).
+        `bounce` False is for the server's copies of a presence broadcast to
+        each contact: an unreachable remote domain is then not reported, one
+        error per contact at every presence change being noise to the
+        client (the probe at initial presence reports it once).
         """
         previous, self.current_origin = self.current_origin, origin
         try:
-            self._route(stanza, origin)
+            self._route(stanza, origin, bounce)
         finally:
             self.current_origin = previous
 
-    def _route(self, stanza: etree._Element, origin: Session | None) -> None:
+    def _route(self, stanza: etree._Element, origin: Session | None, bounce: bool) -> None:
         modules = self.modules
         if origin is not None and modules is not None and modules.filters_out:
             if not modules.run_filters("stanza/out", stanza, origin):
@@ -140,7 +171,7 @@ class Router:
             self.reply_error(stanza, exc)
             return
         if jid.domain not in self.hosts:
-            self.remote.route(stanza)
+            self.remote.route(stanza, bounce)
         elif not jid.user:
             if jid.resource:
                 self.bounce(stanza, "service-unavailable")
@@ -233,6 +264,11 @@ class Router:
                     jid.bare, lambda: modules.fire(f"presence/{type_}", stanza, jid.bare)
                 )
                 return
+            if type_ == "error" and not available:
+                # An error about a subscription request the account sent (stamped
+                # with its bare JID, RFC 6121 3.1.2) reaches the client that sent
+                # it, even one that has not sent presence yet.
+                available = self.local_sessions(jid.bare)
             if type_ != "probe":
                 for session in available:
                     self.deliver(session, stanza)
@@ -287,13 +323,28 @@ class Router:
     def broadcast_presence(self, stanza: etree._Element, origin: Session) -> None:
         """Presence without 'to': the client's own availability (RFC 6121 section 4.2).
 
-        The user's other available resources get it here; the "presence/broadcast"
-        hook (stanza, origin, initial) lets the presence module tell contacts,
+        Every available resource of the user gets it here, the sender itself
+        included while it is connected (RFC 6121 4.2.2 and 4.5.2: an entity
+        is implicitly subscribed to its own presence; clients take the echo
+        as the sign they are online). The "presence/self" filters (stanza,
+        origin) see it synchronously first; the "presence/broadcast" hook
+        (stanza, origin, initial) lets the presence module tell contacts,
         where `initial` says the resource just became available.
+
+        A presence a module held and hands back after the session ended
+        (see `session_ended`) is still processed if it is unavailable (its
+        status is the user's last word), and dropped if it is available: the
+        session is gone, so announcing it would leave it online for good.
         """
         type_ = stanza.get("type")
         if type_ not in (None, "unavailable"):
             self.bounce(stanza, "bad-request", "presence of this type needs a 'to'")
+            return
+        bound = self.sessions.get(origin.bare, {}).get(origin.resource) is origin
+        if type_ is None and not bound:
+            return
+        modules = self.modules
+        if modules is not None and not modules.run_filters("presence/self", stanza, origin):
             return
         initial = type_ is None and not origin.available
         origin.available = type_ is None
@@ -302,11 +353,11 @@ class Router:
             origin.priority = int(stanza.findtext(f"{{{ns.CLIENT}}}priority") or 0)
         except ValueError:
             origin.priority = 0
-        for session in self.available_sessions(origin.bare):
-            if session is not origin:
+        for session in self.local_sessions(origin.bare):
+            if session.available or session is origin:
                 self.deliver(session, stanza)
-        if self.modules is not None and self.modules.has_hook("presence/broadcast"):
-            self.spawn(self.modules.fire("presence/broadcast", stanza, origin, initial))
+        if modules is not None and modules.has_hook("presence/broadcast"):
+            self.spawn(modules.fire("presence/broadcast", stanza, origin, initial))
 
     # --- IQs handled by modules ---------------------------------------------------------
 

@@ -125,6 +125,22 @@ class ModuleHarness:
         return answers[0]
 
 
+def without_echo(session: TestSession, stanzas: list[etree._Element]) -> list[etree._Element]:
+    """`stanzas` less the echo of `session`'s own broadcast presence, which must be there once.
+
+    Every presence a client broadcasts comes back to it (RFC 6121 4.2.2,
+    4.5.2): tests of what else a presence brings check the echo here and
+    look at the rest.
+    """
+    echoes = [
+        s
+        for s in stanzas
+        if s.tag == ns.C_PRESENCE and s.get("from") == session.jid and s.get("to") is None
+    ]
+    assert len(echoes) == 1, [etree.tostring(s) for s in stanzas]
+    return [s for s in stanzas if s is not echoes[0]]
+
+
 def parse_stanza(xml: str) -> etree._Element:
     """Parse one stanza as the stream parser would (in jabber:client, no xmlns needed)."""
     parser = StreamParser(max_stanza_bytes=1 << 20, max_depth=64)

@@ -145,3 +145,90 @@ async def test_stanzas_for_a_user_keep_order_behind_storage_work() -> None:
     await harness.send(bob, bob_presence)
     got = [(s.get("type"), s.findtext("{jabber:client}show")) for s in alice.take()]
     assert got == [("subscribed", None), (None, "chat")]
+
+
+# (payload, to) -> the answer alice gets: RFC 6120 10.3.3 / 8.1.1.1, an IQ with no 'to' is
+# handled by the server for the sender's account, like one to the account's bare JID.
+OWN_ACCOUNT_IQS = [
+    ("<ping xmlns='urn:xmpp:ping'/>", None, "result"),
+    ("<ping xmlns='urn:xmpp:ping'/>", "alice@localhost", "result"),
+    ("<ping xmlns='urn:xmpp:ping'/>", "bob@localhost", "service-unavailable"),
+    ("<query xmlns='jabber:iq:version'/>", None, "result"),
+    ("<query xmlns='jabber:iq:version'/>", "bob@localhost", "service-unavailable"),
+    ("<time xmlns='urn:xmpp:time'/>", None, "result"),
+    ("<time xmlns='urn:xmpp:time'/>", "alice@localhost", "result"),
+    (f"<query xmlns='{DISCO_INFO}'/>", None, "result"),
+    (f"<query xmlns='{DISCO_INFO}'/>", "alice@localhost", "result"),
+    ("<query xmlns='jabber:iq:roster'/>", None, "result"),
+    ("<vCard xmlns='vcard-temp'/>", None, "result"),
+    ("<query xmlns='jabber:iq:private'><x xmlns='urn:t'/></query>", None, "result"),
+    ("<query xmlns='urn:example:nothing'/>", None, "service-unavailable"),
+    ("<query xmlns='urn:example:nothing'/>", "alice@localhost", "service-unavailable"),
+]
+
+
+@pytest.mark.parametrize(("payload", "to", "answer"), OWN_ACCOUNT_IQS)
+async def test_iq_with_no_to_is_for_the_account(payload: str, to: str | None, answer: str) -> None:
+    harness = ModuleHarness(
+        {
+            "disco": {},
+            "ping": {},
+            "version": {},
+            "time": {},
+            "roster": {},
+            "vcard": {},
+            "private": {},
+        }
+    )
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    harness.session("bob@localhost/b")
+    reply = await harness.iq(alice, "get", payload, to=to)
+    assert (reply.get("type") if answer == "result" else condition(reply)) == answer
+    assert reply.get("from") in (None, to or "alice@localhost")
+    if "version" in payload and answer == "result":
+        assert reply.findtext("{jabber:iq:version}query/{jabber:iq:version}name") == "xmppd"
+    if DISCO_INFO in payload:  # the account's own identity, as for its bare JID
+        identity = reply.find(f"{{{DISCO_INFO}}}query/{{{DISCO_INFO}}}identity")
+        assert identity is not None and identity.get("category") == "account"
+
+
+REMOTE = "x@remote.example"
+# RFC 6120 10.4.3: what a client sends to a domain this server cannot reach, and the answer
+REMOTE_STANZAS = [
+    (f"<message to='{REMOTE}' id='i'><body>b</body></message>", "remote-server-not-found"),
+    (f"<message to='{REMOTE}' type='error' id='i'/>", None),  # never an error for an error
+    (f"<iq type='get' to='{REMOTE}' id='i'><q xmlns='urn:q'/></iq>", "remote-server-not-found"),
+    (
+        "<iq type='set' to='remote.example' id='i'><q xmlns='urn:q'/></iq>",
+        "remote-server-not-found",
+    ),
+    (f"<iq type='result' to='{REMOTE}' id='i'/>", None),
+    (f"<iq type='error' to='{REMOTE}' id='i'/>", None),
+    (f"<presence to='{REMOTE}/r' id='i'/>", "remote-server-not-found"),  # directed
+    (f"<presence type='probe' to='{REMOTE}' id='i'/>", "remote-server-not-found"),
+    (f"<presence type='error' to='{REMOTE}' id='i'/>", None),
+]
+
+
+@pytest.mark.parametrize(("xml", "answer"), REMOTE_STANZAS)
+async def test_stanzas_to_an_unreachable_domain(
+    harness: ModuleHarness, xml: str, answer: str | None
+) -> None:
+    alice = harness.session("alice@localhost/a")
+    replies = await harness.send(alice, xml)
+    assert [condition(r) for r in replies] == ([answer] if answer else [])
+    for reply in replies:
+        assert reply.get("id") == "i" and reply.get("to") == alice.jid
+
+
+async def test_routing_without_bounce_reports_nothing(harness: ModuleHarness) -> None:
+    """The presence module's broadcast copies: an unreachable contact is no error each time."""
+    alice = harness.session("alice@localhost/a")
+    copy = parse_stanza(f"<presence from='{alice.jid}' to='{REMOTE}'/>")
+    harness.host.route(copy, bounce=False)
+    await harness.router.drain()
+    assert alice.take() == []
+    harness.host.route(copy)
+    await harness.router.drain()
+    assert [condition(r) for r in alice.take()] == ["remote-server-not-found"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ from lxml import etree
 
 from xmppd.modules.last import Last
 from xmppd.modules.roster import RosterItem, RosterModule, Subscription
-from xmppd.testing import ModuleHarness
+from xmppd.testing import ModuleHarness, parse_stanza
 
 LAST = "jabber:iq:last"
 QUERY = f"<query xmlns='{LAST}'/>"
@@ -166,3 +167,58 @@ async def test_disco_feature(harness: ModuleHarness) -> None:
     alice = harness.session("alice@localhost/a")
     reply = await harness.iq(alice, "get", f"<query xmlns='{DISCO_INFO}'/>", to="localhost")
     assert LAST in {f.get("var") for f in reply.iter(f"{{{DISCO_INFO}}}feature")}
+
+
+async def test_logout_in_the_same_write_as_the_stream_close() -> None:
+    """Presence, unavailable with a status, then </stream:stream>: all handled in one go,
+    while vCard still holds the first presence for its avatar hash (issue 10)."""
+    harness = ModuleHarness({"roster": {}, "presence": {}, "vcard": {}, "last": {}})
+    await harness.start()
+    alice = harness.session("alice@localhost/a", available=False)
+    for xml in (
+        "<presence><status>Hello</status></presence>",
+        "<presence type='unavailable'><status>Goodbye</status></presence>",
+    ):
+        stanza = parse_stanza(xml)
+        stanza.set("from", alice.jid)
+        harness.router.route(stanza, alice)  # no await: the stream reads on
+    harness.router.session_ended(alice)
+    # asked right after the close
+    bob = harness.session("alice@localhost/other", available=False)
+    reply = await harness.iq(bob, "get", QUERY, to="alice@localhost")
+    assert status(reply) == "Goodbye"
+    await harness.router.drain()
+    item = await harness.host.items("localhost", "last").get("alice")
+    assert item is not None and item.attrs["status"] == "Goodbye"
+    assert not alice.available
+
+
+async def test_asked_while_the_logout_is_being_written(harness: ModuleHarness) -> None:
+    """A query that arrives while the record is in flight answers from the logout."""
+    alice = harness.session("alice@localhost/a", available=False)
+    await harness.send(alice, "<presence/>")
+    await harness.host.items("localhost", "last").put("alice", {"time": 1, "status": "older"})
+    unavailable = parse_stanza("<presence type='unavailable'><status>newer</status></presence>")
+    unavailable.set("from", alice.jid)
+    harness.router.route(unavailable, alice)
+    store = harness.host.items("localhost", "last")
+    written = asyncio.Event()
+    put = store.backend.put
+
+    async def slow_put(*args: object, **kwargs: object) -> object:
+        await written.wait()  # the write is held until the query has been answered
+        return await put(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.backend.put = slow_put  # type: ignore[method-assign]
+    other = harness.session("alice@localhost/b", available=False)
+    answered = asyncio.Event()
+    other.deliver = lambda stanza: (other.received.append(stanza), answered.set())  # type: ignore[method-assign]
+    query = parse_stanza(f"<iq type='get' id='q' to='alice@localhost'>{QUERY}</iq>")
+    query.set("from", other.jid)
+    harness.router.route(query, other)
+    async with asyncio.timeout(5):
+        await answered.wait()
+    assert status(other.received[0]) == "newer"
+    written.set()
+    await harness.router.drain()
+    assert (await store.get("alice")).attrs["status"] == "newer"  # type: ignore[union-attr]

@@ -18,7 +18,7 @@ from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import BlobStore, ItemStore, StorageError, Write
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
-from xmppd.testing import ModuleHarness, TestSession, parse_stanza
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
 
 DELAY = "urn:xmpp:delay"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
@@ -65,8 +65,9 @@ async def stored_count(harness: ModuleHarness, user: str = "bob") -> int:
 async def login(harness: ModuleHarness, jid: str, priority: int = 0) -> TestSession:
     session = harness.session(jid, available=False)
     # what the session is handed in reply (its offline messages) stays in `received`
-    session.received = await harness.send(
-        session, f"<presence><priority>{priority}</priority></presence>"
+    session.received = without_echo(
+        session,
+        await harness.send(session, f"<presence><priority>{priority}</priority></presence>"),
     )
     return session
 
@@ -82,7 +83,7 @@ async def test_stored_then_delivered_in_order_with_delay(harness: ModuleHarness)
         assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
     assert await stored_count(harness) == 5
     bob = harness.session("bob@localhost/phone", available=False)
-    got = await harness.send(bob, "<presence/>")
+    got = without_echo(bob, await harness.send(bob, "<presence/>"))
     assert bodies(got) == [f"m{n}" for n in range(5)]
     for stanza in got:
         assert stanza.get("from") == "alice@localhost/a"
@@ -178,11 +179,12 @@ async def test_negative_priority_waits_until_priority_is_raised(harness: ModuleH
     # while the only resource is negative, messages still go to storage (XEP-0160 step 2)
     await harness.send(alice, chat("bob@localhost", "two"))
     assert bob.take() == []
-    got = await harness.send(bob, "<presence><priority>1</priority></presence>")
+    got = without_echo(bob, await harness.send(bob, "<presence><priority>1</priority></presence>"))
     assert bodies(got) == ["one", "two"]
     assert await stored_count(harness) == 0
     # a later presence update does not look at storage again
-    assert await harness.send(bob, "<presence><show>away</show></presence>") == []
+    away = await harness.send(bob, "<presence><show>away</show></presence>")
+    assert without_echo(bob, away) == []
 
 
 async def test_quota_by_count_answers_service_unavailable() -> None:

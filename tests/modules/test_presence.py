@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 from lxml import etree
 
 from xmppd.modules.presence import inbound, outbound
 from xmppd.modules.roster import RosterItem, RosterModule
-from xmppd.testing import ModuleHarness, TestSession
+from xmppd.testing import ModuleHarness, TestSession, without_echo
 
 R = "jabber:iq:roster"
 P = "{jabber:client}presence"
@@ -206,11 +206,11 @@ def roster_of(harness: ModuleHarness) -> RosterModule:
 async def login(harness: ModuleHarness, jid: str, presence: str = "<presence/>") -> TestSession:
     """Bind, fetch the roster (an interested resource), send initial presence.
 
-    What the initial presence brought stays in `session.received`."""
+    What the initial presence brought, besides its echo, stays in `session.received`."""
     session = harness.session(jid, available=False)
     await harness.iq(session, "get", f"<query xmlns='{R}'/>")
     got = await harness.send(session, presence)
-    session.received.extend(got)
+    session.received.extend(without_echo(session, got))
     return session
 
 
@@ -386,7 +386,7 @@ async def test_probes_at_initial_presence(harness: ModuleHarness) -> None:
     bob.take()
     bob2.take()
     alice = harness.session("alice@localhost/new", available=False)
-    got = await harness.send(alice, "<presence/>")
+    got = without_echo(alice, await harness.send(alice, "<presence/>"))
     # the probe answers: the last presence of each of bob's available resources
     answers = {p.get("from"): p for p in got if p.tag == P and p.get("type") is None}
     assert set(answers) == {"bob@localhost/b", "bob@localhost/b2"}
@@ -410,13 +410,56 @@ async def test_probe_from_non_subscriber_is_ignored(harness: ModuleHarness) -> N
     assert presences(got) == [(None, "bob@localhost/b", "carol@localhost/c")]
 
 
-async def test_new_resource_gets_presence_of_the_others(harness: ModuleHarness) -> None:
-    one = await login(harness, "alice@localhost/one", "<presence><show>chat</show></presence>")
-    two = harness.session("alice@localhost/two", available=False)
-    got = await harness.send(two, "<presence/>")
-    assert presences(got) == [(None, "alice@localhost/one", "alice@localhost/two")]
-    assert got[0].findtext("{jabber:client}show") == "chat"
-    assert presences(one.take()) == [(None, "alice@localhost/two", None)]
+ONE, TWO, IDLE = "alice@localhost/one", "alice@localhost/two", "alice@localhost/idle"
+END = "the connection ends"
+# (who acts, what it does, the presences each of alice's resources then receives, in order)
+OWN_PRESENCE = [
+    # RFC 6121 4.2.2: initial presence goes to every available resource, the sender
+    # included (once), and the new resource gets the presence of the others
+    (TWO, "<presence/>", {TWO: [(None, TWO, None), (None, ONE, TWO)], ONE: [(None, TWO, None)]}),
+    # a later broadcast: the echo again, the others are not sent again
+    (
+        TWO,
+        "<presence><show>away</show></presence>",
+        {TWO: [(None, TWO, None)], ONE: [(None, TWO, None)]},
+    ),
+    # RFC 6121 4.5.2: unavailable too, to the sender while it is connected
+    (
+        TWO,
+        "<presence type='unavailable'/>",
+        {TWO: [("unavailable", TWO, None)], ONE: [("unavailable", TWO, None)]},
+    ),
+    # one more unavailable is broadcast (and echoed) like the first
+    (
+        TWO,
+        "<presence type='unavailable'/>",
+        {TWO: [("unavailable", TWO, None)], ONE: [("unavailable", TWO, None)]},
+    ),
+    # an unavailable resource (like one that never sent presence) gets the others' no more
+    (ONE, "<presence><show>dnd</show></presence>", {ONE: [(None, ONE, None)]}),
+    # a connection that ends: the others get the server's unavailable, the gone one nothing
+    (TWO, "<presence/>", {TWO: [(None, TWO, None), (None, ONE, TWO)], ONE: [(None, TWO, None)]}),
+    (ONE, END, {TWO: [("unavailable", ONE, None)]}),
+]
+
+
+async def test_own_presence_echo_and_other_resources(harness: ModuleHarness) -> None:
+    sessions = {
+        ONE: await login(harness, ONE, "<presence><show>chat</show></presence>"),
+        TWO: harness.session(TWO, available=False),
+        IDLE: harness.session(IDLE, available=False),  # bound, never sent presence
+    }
+    for step, (who, action, expected) in enumerate(OWN_PRESENCE):
+        if action == END:
+            await harness.end_session(sessions[who])
+        else:
+            replies = await harness.send(sessions[who], action)
+            sessions[who].received.extend(replies)
+        for jid, session in sessions.items():
+            got = session.take()
+            assert presences(got) == expected.get(jid, []), (step, jid)
+            if step == 0 and jid == TWO:  # the other resource's last presence, as it sent it
+                assert got[1].findtext("{jabber:client}show") == "chat"
 
 
 async def test_unavailable_on_logout_and_on_dropped_connection(harness: ModuleHarness) -> None:
@@ -557,3 +600,160 @@ async def test_account_removal_deletes_roster_and_ends_subscriptions(
     assert ("unsubscribe", "alice@localhost", "bob@localhost") in presences(got)
     assert ("unsubscribed", "alice@localhost", "bob@localhost") in presences(got)
     assert await sub_of(harness, "bob@localhost", "alice@localhost") == "none"
+
+
+# --- subscription requests kept whole (RFC 6121 3.1.3) -----------------------------------
+
+NICK = "http://jabber.org/protocol/nick"
+PARS = "urn:xmpp:pars:0"
+REQUEST = (
+    "<presence type='subscribe' to='bob@localhost' id='req'>"
+    f"<nick xmlns='{NICK}'>Al</nick><preauth xmlns='{PARS}' token='tok'/>"
+    "<status>hi bob</status></presence>"
+)
+
+
+async def kept_requests(harness: ModuleHarness, user: str = "bob") -> list[str]:
+    page = await harness.host.items("localhost", "subscription-requests").query(prefix=f"{user}/")
+    return [str(item.attrs["jid"]) for item in page.items]
+
+
+def request_of(stanzas: Sequence[etree._Element]) -> etree._Element:
+    (request,) = [s for s in stanzas if s.tag == P and s.get("type") == "subscribe"]
+    return request
+
+
+async def test_request_for_an_offline_user_comes_whole_to_each_resource(
+    harness: ModuleHarness,
+) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    await harness.send(alice, REQUEST)
+    assert await kept_requests(harness) == ["alice@localhost"]
+    for resource in ("phone", "laptop"):  # every initial presence, until answered
+        bob = await login(harness, f"bob@localhost/{resource}")
+        request = request_of(bob.take())
+        assert (request.get("from"), request.get("to")) == ("alice@localhost", "bob@localhost")
+        assert request.get("id") == "req"
+        assert request.findtext(f"{{{NICK}}}nick") == "Al"
+        assert request.find(f"{{{PARS}}}preauth").get("token") == "tok"  # type: ignore[union-attr]
+        assert request.findtext("{jabber:client}status") == "hi bob"
+
+
+async def test_request_to_an_online_user_is_kept_for_its_next_resources(
+    harness: ModuleHarness,
+) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/phone")
+    await harness.send(alice, REQUEST)
+    assert request_of(bob.take()).findtext(f"{{{NICK}}}nick") == "Al"
+    laptop = await login(harness, "bob@localhost/laptop")
+    assert request_of(laptop.take()).findtext(f"{{{NICK}}}nick") == "Al"
+
+
+async def test_a_request_too_large_to_keep_comes_as_a_plain_one(harness: ModuleHarness) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    big = REQUEST.replace("hi bob", "x" * 5000)
+    await harness.send(alice, big)
+    assert await kept_requests(harness) == []
+    bob = await login(harness, "bob@localhost/b")
+    request = request_of(bob.take())
+    assert (request.get("from"), len(request)) == ("alice@localhost", 0)
+
+
+async def answer_approve(harness: ModuleHarness, alice: TestSession, bob: TestSession) -> None:
+    await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+
+
+async def answer_deny(harness: ModuleHarness, alice: TestSession, bob: TestSession) -> None:
+    await harness.send(bob, "<presence type='unsubscribed' to='alice@localhost'/>")
+
+
+async def answer_cancel(harness: ModuleHarness, alice: TestSession, bob: TestSession) -> None:
+    await harness.send(alice, "<presence type='unsubscribe' to='bob@localhost'/>")
+
+
+async def answer_roster_remove(
+    harness: ModuleHarness, alice: TestSession, bob: TestSession
+) -> None:
+    # bob first puts alice in his roster (a roster set), then removes her
+    item = "<item jid='alice@localhost' name='Al'/>"
+    await harness.iq(bob, "set", f"<query xmlns='{R}'>{item}</query>")
+    remove = "<item jid='alice@localhost' subscription='remove'/>"
+    await harness.iq(bob, "set", f"<query xmlns='{R}'>{remove}</query>")
+
+
+async def answer_account_removed(
+    harness: ModuleHarness, alice: TestSession, bob: TestSession
+) -> None:
+    await harness.host.remove_user_data("localhost", "bob")
+    await harness.router.drain()
+
+
+async def answer_requester_removed(
+    harness: ModuleHarness, alice: TestSession, bob: TestSession
+) -> None:
+    await harness.host.remove_user_data("localhost", "alice")  # her roster cancels it
+    await harness.router.drain()
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["stranger", "in-roster"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        answer_approve,
+        answer_deny,
+        answer_cancel,
+        answer_roster_remove,
+        answer_account_removed,
+        answer_requester_removed,
+    ],
+)
+async def test_a_kept_request_goes_when_answered(
+    harness: ModuleHarness,
+    answer: Callable[[ModuleHarness, TestSession, TestSession], Awaitable[None]],
+    known: bool,
+) -> None:
+    alice = await login(harness, "alice@localhost/a")
+    bob = harness.session("bob@localhost/b", available=False)
+    if known:  # bob has alice in his roster already: the entry outlives the request
+        await harness.iq(bob, "set", f"<query xmlns='{R}'><item jid='alice@localhost'/></query>")
+    await harness.send(alice, REQUEST)
+    assert await kept_requests(harness) == ["alice@localhost"]
+    await answer(harness, alice, bob)
+    await harness.router.drain()
+    assert await kept_requests(harness) == []
+    again = await login(harness, "bob@localhost/again")
+    assert presences(again.take(), "subscribe") == []
+
+
+# --- a remote domain that cannot be reached (RFC 6120 10.4.3) -----------------------------
+
+
+async def test_subscription_to_a_remote_domain_is_answered_before_any_presence(
+    harness: ModuleHarness,
+) -> None:
+    """The error comes back to the account's bare JID (the request was stamped with it):
+    it reaches a client that has sent no presence yet, as conformance scripts do."""
+    alice = harness.session("alice@localhost/a", available=False)
+    for kind in ("subscribe", "unsubscribe"):
+        got = await harness.send(alice, f"<presence type='{kind}' to='x@remote.example'/>")
+        (error,) = [p for p in got if p.tag == P]
+        assert error.get("type") == "error" and error.get("to") == "alice@localhost"
+        assert (
+            error.find(f"{{jabber:client}}error/{{{STANZAS}}}remote-server-not-found") is not None
+        )
+
+
+async def test_broadcast_to_remote_contacts_is_reported_once_by_the_probe(
+    harness: ModuleHarness,
+) -> None:
+    for contact, sub in (("x@remote.example", "both"), ("y@remote.example", "from")):
+        await roster_of(harness).update(
+            "alice@localhost", contact, lambda _, sub=sub: RosterItem("", subscription=sub)
+        )
+    alice = harness.session("alice@localhost/a", available=False)
+    got = without_echo(alice, await harness.send(alice, "<presence/>"))
+    # x: the probe bounces; y only gets alice's presence, which reports nothing
+    assert presences(got) == [("error", "x@remote.example", "alice@localhost/a")]
+    for xml in ("<presence><show>away</show></presence>", "<presence type='unavailable'/>"):
+        assert without_echo(alice, await harness.send(alice, xml)) == []
