@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from xmppd.auth.accounts import Accounts
 from xmppd.config import Config
 from xmppd.modulehost import ModuleHost, Removed
@@ -17,7 +15,6 @@ async def remove_account(
     accounts: Accounts,
     host: str,
     username: str,
-    removed: Callable[[], Awaitable[object]] | None = None,
 ) -> Removed:
     """Delete the account, then every enabled module's data of it, from this process.
 
@@ -29,9 +26,8 @@ async def remove_account(
     storage), vCard, private XML, privacy lists and blocklist, offline
     messages and their blobs, last activity.
 
-    `removed` runs between the account's deletion and the modules': xmppctl
-    ends the account's sessions on the running nodes there (through the
-    admin channel), so their goodbye presence still finds the roster.
+    xmppctl runs this only when no node is running: a running node removes
+    the account itself (xmppd.adminapi), through its own cache.
 
     Raises AccountDataRemains when a module failed: the account is gone
     already, and running this again deletes what is left ("leftovers").
@@ -42,7 +38,7 @@ async def remove_account(
     modules.load(cfg)
     await modules.start()
     try:
-        return await modules.remove_account(host, username, removed)
+        return await modules.remove_account(host, username)
     finally:
         await router.drain()  # the unsubscriptions sent to contacts, even after a failure
         await modules.stop()

@@ -12,8 +12,14 @@ machine (xmppd.cli.nodes). Every request needs `Authorization: Bearer
 
 Endpoints:
   GET  /status                                  the node: version, pid, hosts, counts
+  POST /accounts/{user@host}/remove             remove the account and its data here
   POST /accounts/{user@host}/password-changed   end the account's sessions
   POST /accounts/{user@host}/removed            end the account's sessions
+
+xmppctl unregister asks a running node to remove the account itself: the
+node's modules then delete through the node's own cache, which another
+process cannot reach (the embedded default's in-process cache), so a new
+account of the same name cannot be served the old one's cached data.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from aiohttp import web
 
 from xmppd import package_version
 from xmppd.jid import JID, InvalidJID
+from xmppd.modulehost import AccountDataRemains
+from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StreamError
 
 if TYPE_CHECKING:
@@ -110,6 +118,7 @@ class AdminAPI:
         self._token = ensure_token(config.data_dir).encode()
         app = web.Application(middlewares=[self._authenticate])
         app.router.add_get("/status", self._status)
+        app.router.add_post("/accounts/{jid}/remove", self._remove_account)
         app.router.add_post("/accounts/{jid}/{change}", self._account_changed)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -163,19 +172,44 @@ class AdminAPI:
         condition = ACCOUNT_CHANGES.get(change)
         if condition is None:
             raise web.HTTPNotFound(text=f"unknown change {change!r}")
-        try:
-            jid = JID(request.match_info["jid"])
-        except InvalidJID:
-            jid = None
-        if jid is None or not jid.user or jid.resource or jid.domain not in self.server.accounts:
-            return web.json_response(
-                {"error": "expected an account of this node as user@host"}, status=404
-            )
+        jid = self._account(request)
         ended = await self.server.end_account_sessions(
             jid.domain, jid.user, StreamError(*condition)
         )
         log.info("admin: %s %s: ended %d session(s)", jid.bare, change.replace("-", " "), ended)
         return web.json_response({"ended": ended})
+
+
+    async def _remove_account(self, request: web.Request) -> web.Response:
+        jid = self._account(request)
+        ended = 0
+
+        async def end_sessions() -> None:
+            nonlocal ended
+            ended = await self.server.end_account_sessions(
+                jid.domain, jid.user, StreamError(*ACCOUNT_CHANGES["removed"])
+            )
+
+        try:
+            result = await self.server.modules.remove_account(jid.domain, jid.user, end_sessions)
+        except (AccountDataRemains, StorageError) as e:
+            log.error("admin: removing %s failed: %s", jid.bare, e)
+            return web.json_response({"error": str(e), "ended": ended}, status=500)
+        log.info("admin: %s removed (%s): ended %d session(s)", jid.bare, result, ended)
+        return web.json_response({"result": result, "ended": ended})
+
+    def _account(self, request: web.Request) -> JID:
+        """The account named in the path, one this node serves (else 404)."""
+        try:
+            jid = JID(request.match_info["jid"])
+        except InvalidJID:
+            jid = None
+        if jid is None or not jid.user or jid.resource or jid.domain not in self.server.accounts:
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": "expected an account of this node as user@host"}),
+                content_type="application/json",
+            )
+        return jid
 
 
 def _url(address: object) -> str:

@@ -16,7 +16,6 @@ import asyncio
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 from slixmpp import JID
 from slixmpp.exceptions import IqError
@@ -191,13 +190,13 @@ async def test_xmppctl_unregister_leaves_nothing_behind(
 
 
 async def test_xmppctl_unregister_while_a_node_runs(
-    start_server: StartServer, storage_section: dict[str, Any] | None, tmp_path: Path
+    start_server: StartServer, tmp_path: Path
 ) -> None:
-    """xmppctl writes through the cache the node reads, memcached on the cloud storage; the
-    embedded run has none, as another process cannot reach an in-process cache. What the
-    node holds in memory for a user with no session (privacy lists) is reloaded at login."""
-    storage = storage_section or {"cache": {"backend": "none"}}
-    server = await start_server(modules=MODULES, storage=storage)
+    """xmppctl asks the running node to remove the account, so the node's own cache
+    (in-process on the embedded default, which another process cannot reach) forgets
+    it too. What the node holds in memory for a user with no session (privacy
+    lists) is reloaded at login."""
+    server = await start_server(modules=MODULES)
     alice = await fill_every_store(server)
 
     code, out, err = await xmppctl("-c", str(tmp_path / "xmppd.yml"), "unregister", "zed@localhost")

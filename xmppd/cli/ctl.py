@@ -31,7 +31,7 @@ from xmppd.auth.accounts import (
     InvalidPassword,
     InvalidUsername,
 )
-from xmppd.cli.nodes import notify_account_change
+from xmppd.cli.nodes import NodeRemovalFailed, Outcome, notify_account_change, remove_on_node
 from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load_config
 from xmppd.modulehost import AccountDataRemains, validate_module_options
 from xmppd.server import StartupError, ensure_data_dir
@@ -188,7 +188,10 @@ def cmd_register(args: argparse.Namespace) -> int:
 async def _tell_nodes(cfg: Config, jid: str, change: str) -> None:
     """Tell the running nodes (the store is already written); they end the account's
     sessions. A node that does not answer is a warning: the change itself is made."""
-    outcome = await notify_account_change(cfg.data_dir, jid, change)
+    _report(await notify_account_change(cfg.data_dir, jid, change))
+
+
+def _report(outcome: Outcome) -> None:
     for line in outcome.done:
         print(line)
     for warning in outcome.warnings:
@@ -214,24 +217,32 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 async def _unregister(cfg: Config, user: str, host: str) -> str:
-    """Remove the account and its data; what to tell the operator."""
-    storage = await open_storage(cfg.storage, cfg.data_dir)
+    """Remove the account and its data; what to tell the operator.
+
+    A running node does it when there is one, through its own cache (see
+    xmppd.adminapi); with none, this process removes it from the stores."""
+    jid = f"{user}@{host}"
+    outcome = Outcome()
     try:
-        accounts = Accounts.of(storage, host, cfg.auth.scram_iterations)
-        jid = f"{user}@{host}"
+        removed = await remove_on_node(cfg.data_dir, jid, outcome)
+    except NodeRemovalFailed as e:
+        raise Failure(f"{e}: run unregister again to finish") from None
+    finally:
+        _report(outcome)
+    if removed is None:
+        storage = await open_storage(cfg.storage, cfg.data_dir)
         try:
-            removed = await remove_account(
-                cfg, storage, accounts, host, user, lambda: _tell_nodes(cfg, jid, "removed")
-            )
+            accounts = Accounts.of(storage, host, cfg.auth.scram_iterations)
+            removed = await remove_account(cfg, storage, accounts, host, user)
         except AccountDataRemains as e:
             raise Failure(f"{e}: run unregister again to finish") from None
-    finally:
-        await storage.close()
+        finally:
+            await storage.close()
     if removed == "nothing":
-        raise Failure(f"{user}@{host} does not exist")
+        raise Failure(f"{jid} does not exist")
     if removed == "leftovers":
-        return f"{user}@{host} did not exist: deleted the data an earlier removal left"
-    return f"unregistered {user}@{host}"
+        return f"{jid} did not exist: deleted the data an earlier removal left"
+    return f"unregistered {jid}"
 
 
 def cmd_unregister(args: argparse.Namespace) -> int:

@@ -46,6 +46,51 @@ def node_records(data_dir: Path, outcome: Outcome) -> dict[Path, str]:
     return found
 
 
+class NodeRemovalFailed(Exception):
+    """A running node removed the account but not all of its data (or not at all)."""
+
+
+async def remove_on_node(data_dir: Path, jid: str, outcome: Outcome) -> str | None:
+    """Ask a running node to remove the account (POST /accounts/{jid}/remove), then
+    tell the other nodes to end its sessions. The node's result ("account",
+    "leftovers", "nothing"), or None when no node answered: the caller removes it
+    from the stores itself. NodeRemovalFailed when the node tried and failed."""
+    nodes = node_records(data_dir, outcome)
+    if not nodes:
+        return None
+    try:
+        token = read_token(data_dir)
+    except OSError as e:
+        outcome.warnings.append(
+            f"cannot read the admin token {admin_dir(data_dir) / 'token'}: {e.strerror or e}; "
+            "removing the account from the stores directly"
+        )
+        return None
+    account = f"/accounts/{quote(jid, safe='@')}"
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+        for record, url in nodes.items():
+            try:
+                async with http.post(url + account + "/remove") as response:
+                    body = await response.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                outcome.warnings.append(
+                    f"the node at {url} did not answer ({type(e).__name__}: {e}); "
+                    f"if it is not running, delete {record}"
+                )
+                continue
+            if response.status != 200 or not isinstance(body, dict):
+                raise NodeRemovalFailed(f"the node at {url}: {body.get('error', body)}")
+            outcome.done.append(f"ended {body.get('ended', 0)} session(s) on the node at {url}")
+            others = {r: u for r, u in nodes.items() if r != record}
+            await asyncio.gather(
+                *(_tell(http, u + account + "/removed", r, outcome) for r, u in others.items())
+            )
+            return str(body.get("result"))
+    return None
+
+
 async def notify_account_change(data_dir: Path, jid: str, change: str) -> Outcome:
     """POST /accounts/{jid}/{change} to every running node ("password-changed", "removed").
 
