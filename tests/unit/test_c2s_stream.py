@@ -279,3 +279,12 @@ def test_many_stanzas_in_one_read_are_not_summed_against_the_limit() -> None:
     events = s.receive(one * 200)  # 600 KB in one read, each stanza far below 64 KB
     assert len(events) == 200 and all(isinstance(e, c2s.StanzaReceived) for e in events)
     assert not s.closed
+
+
+def test_a_tls_handshake_on_the_starttls_port_is_named_as_such() -> None:
+    stream = c2s.C2SStream(settings())
+    events = stream.receive(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert isinstance(events[-1], c2s.StreamEnded)
+    error = events[-1].error
+    assert error is not None and error.condition == "not-well-formed"
+    assert "TLS handshake on a STARTTLS port" in (error.text or "")

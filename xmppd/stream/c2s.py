@@ -33,6 +33,10 @@ _SESSION = f"{{{ns.SESSION}}}session"
 _STREAM_TAG = f"{{{ns.STREAMS}}}stream"
 _IQ_TYPES = frozenset({"get", "set", "result", "error"})
 MAX_SASL_FAILURES_PER_STREAM = 5  # RFC 6120 section 6.4.5: "at least 2 and no more than 5"
+TLS_HANDSHAKE = b"\x16\x03"
+"""How a TLS ClientHello record starts: a client that expected direct TLS (XEP-0368)
+sent it to the plaintext port, and the operator is told that rather than "not
+well-formed XML"."""
 
 
 # --- events handed to the transport driver -------------------------------------------
@@ -162,6 +166,11 @@ class C2SStream:
             return []
         events: list[Event] = []
         try:
+            if not self.stream_id and not self.tls and data.startswith(TLS_HANDSHAKE):
+                raise StreamError(
+                    "not-well-formed",
+                    "a TLS handshake on a STARTTLS port: use STARTTLS here, or the direct TLS port",
+                )
             for item in self._parser.feed(data):
                 if isinstance(item, StreamOpened):
                     self._on_stream_open(item)
