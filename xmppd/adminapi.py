@@ -12,6 +12,7 @@ machine (xmppd.cli.nodes). Every request needs `Authorization: Bearer
 
 Endpoints:
   GET  /status                                  the node: version, pid, hosts, counts
+  GET  /metrics                                 Prometheus text format (xmppd.metrics)
   POST /accounts/{user@host}/remove             remove the account and its data here
   POST /accounts/{user@host}/password-changed   end the account's sessions
   POST /accounts/{user@host}/removed            end the account's sessions
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from xmppd import package_version
+from xmppd import metrics, package_version
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import AccountDataRemains
 from xmppd.storage.base import StorageError
@@ -118,6 +119,7 @@ class AdminAPI:
         self._token = ensure_token(config.data_dir).encode()
         app = web.Application(middlewares=[self._authenticate])
         app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/accounts/{jid}/remove", self._remove_account)
         app.router.add_post("/accounts/{jid}/{change}", self._account_changed)
         self._runner = web.AppRunner(app, access_log=None)
@@ -164,7 +166,13 @@ class AdminAPI:
                 "connections": len(server.connections),
                 "sessions": sum(len(r) for r in server.router.sessions.values()),
                 "uptime": round(time.monotonic() - self._started, 1),
+                "messages": server.router.ledger.snapshot(),
             }
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=metrics.exposition(self.server), headers={"Content-Type": metrics.CONTENT_TYPE}
         )
 
     async def _account_changed(self, request: web.Request) -> web.Response:

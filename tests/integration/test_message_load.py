@@ -17,9 +17,13 @@ import sys
 from collections import Counter
 from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import StartServer, port_of
+from xmppd.adminapi import read_token
+from xmppd.server import Server
 
 USERS = {f"load{n:02d}": f"secret-{n}" for n in range(40)}
 MESSAGES_PER_USER = 150
@@ -47,6 +51,20 @@ async def run_loadgen(port: int) -> dict[str, Any]:
     assert proc.returncode == 0, err.decode()[-3000:]
     result: dict[str, Any] = json.loads(out)
     return result
+
+
+async def scrape(server: Server) -> dict[str, float]:
+    """The node's /metrics, as an operator's Prometheus reads them: sample -> value."""
+    headers = {"Authorization": f"Bearer {read_token(server.config.data_dir)}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(f"{server.admin.url}/metrics") as response:
+            assert response.status == 200
+            text = await response.text()
+    return {
+        sample.name + "".join(f"{{{v}}}" for v in sample.labels.values()): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 @pytest.mark.timeout(150)
@@ -104,3 +122,10 @@ async def test_every_message_is_delivered_once_stored_offline_or_bounced(
         sent
     ), ledger
     assert ledger["written"] == ledger["delivered"], ledger
+
+    metrics = await scrape(server)
+    assert metrics["xmppd_messages_received_total"] == len(sent)
+    assert metrics["xmppd_messages_offline_stored_total"] == delayed
+    assert metrics["xmppd_messages_bounced_total"] == bounced
+    assert metrics["xmppd_messages_delivered_total"] == ledger["delivered"]
+    assert not [name for name in metrics if name.startswith("xmppd_messages_dropped")]
