@@ -145,6 +145,40 @@ def chat_table(runs: list[Run]) -> list[str]:
     return rows
 
 
+RECONCILE_NOTE = (
+    "tsung counts a message as sent when it writes it and as received when a client "
+    "reads it with its stamp; xmppd counts what it read, where each went, and what it "
+    "wrote. Where tsung's received falls short of xmppd's written, the messages left "
+    "the server and tsung did not count them (a client that had closed, or a load "
+    "generator behind on its reads); where xmppd's received falls short of tsung's "
+    "sent, they never reached the server's parser; lost is what the server itself "
+    "dropped outside the protocol's rules."
+)
+
+
+def reconcile_table(runs: list[Run]) -> list[str]:
+    """xmppd's own count of each chat run's messages beside tsung's (RECONCILE_NOTE)."""
+    rows = [
+        "| offered msg/s | tsung sent | xmppd received | delivered | written | tsung received | "
+        "offline | replayed at login | bounced | dropped (lost) | sent - received by xmppd | "
+        "written - received by tsung |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in sorted(runs, key=_key):
+        ledger = run.get("xmppd_ledger")
+        if run["scenario"] != "chat" or not ledger:
+            continue
+        sent, got = run.get("msgs_sent") or 0, run.get("msgs_received") or 0
+        dropped = sum((ledger.get("dropped") or {}).values())
+        rows.append(
+            f"| {run['rate']:g} | {sent} | {ledger['received']} | {ledger['delivered']} | "
+            f"{ledger['written']} | {got} | {ledger['offline']} | {ledger['replayed']} | "
+            f"{ledger['bounced']} | {dropped} ({ledger['lost']}) | {sent - ledger['received']} | "
+            f"{ledger['written'] - got} |"
+        )
+    return rows if len(rows) > 2 else []
+
+
 def targets(runs: list[Run]) -> list[str]:
     """Each target: met or missed, by how much, from this run's numbers."""
     out = []
@@ -292,10 +326,18 @@ def brief(line: str) -> str:
     head = f"{run.get('server')} {run['scenario']} {run['users']}u @{run['rate']:g}:"
     if run["scenario"] == "chat":
         lat = run.get("msg_latency_ms") or {}
+        ledger = run.get("xmppd_ledger")
+        own = (
+            f"; xmppd: received {ledger['received']}, written {ledger['written']}, offline "
+            f"{ledger['offline']}, bounced {ledger['bounced']}, lost {ledger['lost']}"
+            if ledger
+            else ""
+        )
         return (
             f"{head} delivered {_fmt(run.get('msg_rate_delivered_per_s'), 0)} msg/s "
             f"(ratio {_fmt(run.get('delivery_ratio'), 4)}), p50/p99 {_fmt(lat.get('p50'), 0)}/"
             f"{_fmt(lat.get('p99'), 0)} ms, CPU {_fmt(run.get('server_cpu_util_pct_steady'), 0)}%"
+            f", sent {run.get('msgs_sent')} received {run.get('msgs_received')}{own}"
         )
     return (
         f"{head} {_logins(run)} logins at {_fmt(run.get('connect_rate_per_s'))}/s, "
@@ -314,6 +356,11 @@ def report(run_dir: Path) -> str:
         lines += ["## Login", ""] + login_table(runs) + [""]
     if any(r["scenario"] == "chat" for r in runs):
         lines += ["## Chat", ""] + chat_table(runs) + [""]
+        reconciled = reconcile_table(runs)
+        if reconciled:
+            lines += ["## Chat: xmppd's own count beside tsung's", ""]
+            lines += [RECONCILE_NOTE, ""]
+            lines += reconciled + [""]
     lines += [f"![{name}]({name})" for name in images]
     text = "\n".join(lines) + "\n"
     (run_dir / "report.md").write_text(text)

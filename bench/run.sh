@@ -29,6 +29,9 @@
 #                                      ones with a counterpart in the peers' configs
 #   XMPPD_ITERATIONS=4096              PBKDF2 rounds of the bench accounts (ejabberd: 4096,
 #                                      Prosody: 10000); accounts are made once per value
+#   NOISE="--cpu 2 --cpu-load 40 --io 1 --vm 1 --vm-bytes 256M"
+#                                      run stress-ng with these arguments for the whole
+#                                      bench: a noisy neighbour, as on a shared cloud host
 #   PROFILE=1                          also record a py-spy profile of xmppd in every run
 #                                      (flame graph + top functions in the run's folder)
 #   BENCH_STATE_DIR                    where the peers' temp dirs are remembered
@@ -147,8 +150,15 @@ run_one() {  # SERVER SCENARIO USERS RATE [KNOB=VALUE...]
     [ -n "$prof" ] && start_profiler "$prof" &
     if env "${env[@]}" "$HARNESS/run.sh" "$peer" "$scenario" "$users" "$rate" > "$out.json" 2> "$out"; then
         line="$(tail -1 "$out.json")"
-        "$PYTHON" -c 'import json,sys; d=json.loads(sys.argv[1]); d["label"]=sys.argv[2]; d["knobs"]=sys.argv[3:]; print(json.dumps(d))' \
-            "$line" "$server" "$@" >> "$OUT/results.jsonl"
+        # xmppd's own account of the run's messages (its last log line before it stopped),
+        # reconciled with tsung's counts in the report
+        ledger="null"
+        if [ "$server" = xmppd ]; then
+            ledger="$(sed -n 's/.*messages since start: //p' "$XWD/log/stdout.log" | tail -1)"
+            [ -n "$ledger" ] || { log "xmppd logged no message ledger (see $XWD/log/stdout.log)"; ledger="null"; }
+        fi
+        "$PYTHON" -c 'import json,sys; d=json.loads(sys.argv[1]); d["label"]=sys.argv[2]; d["xmppd_ledger"]=json.loads(sys.argv[3]); d["knobs"]=sys.argv[4:]; print(json.dumps(d))' \
+            "$line" "$server" "$ledger" "$@" >> "$OUT/results.jsonl"
         "$PYTHON" "$BENCH/report.py" --brief "$line"
     else
         log "run failed (see $out)"; tail -5 "$out" >&2
@@ -180,6 +190,15 @@ log "bench $MODE: servers [$SERVERS], output $OUT, load $(cut -d' ' -f1-3 /proc/
     echo "xmppd_cmd=$XMPPD_CMD"
     echo "xmppd_modules=$(sed -n '/^modules:/,$p' "$XWD/xmppd.yml" 2>/dev/null | tail -n +2 | tr -d ' {}:' | tr '\n' ' ')"
 } > "$OUT/env.txt"
+if [ -n "${NOISE:-}" ]; then
+    command -v stress-ng >/dev/null || die "NOISE needs stress-ng (apt-get install stress-ng)"
+    # shellcheck disable=SC2086
+    stress-ng $NOISE --quiet &
+    noise_pid=$!
+    trap 'kill "$noise_pid" 2>/dev/null || true' EXIT
+    echo "noise=stress-ng $NOISE" >> "$OUT/env.txt"
+    log "noisy neighbour: stress-ng $NOISE (pid $noise_pid)"
+fi
 for step in "${PLAN[@]}"; do
     read -r -a args <<< "$step"
     for s in $SERVERS; do run_one "$s" "${args[@]}"; done
