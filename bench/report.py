@@ -323,7 +323,8 @@ def plots(runs: list[Run], run_dir: Path) -> list[str]:
 
 def brief(line: str) -> str:
     run = json.loads(line)
-    head = f"{run.get('server')} {run['scenario']} {run['users']}u @{run['rate']:g}:"
+    server = run.get("label") or run.get("server")
+    head = f"{server} {run['scenario']} {run['users']}u @{run['rate']:g}:"
     if run["scenario"] == "chat":
         lat = run.get("msg_latency_ms") or {}
         ledger = run.get("xmppd_ledger")

@@ -147,7 +147,8 @@ run_one() {  # SERVER SCENARIO USERS RATE [KNOB=VALUE...]
     fi
     log "=== $server $scenario users=$users rate=$rate ${*:-} (load $(cut -d' ' -f1-3 /proc/loadavg))"
     out="$OUT/run-$server-$scenario-${users}u-$rate.log"
-    [ -n "$prof" ] && start_profiler "$prof" &
+    local prof_pid=""
+    if [ -n "$prof" ]; then start_profiler "$prof" & prof_pid=$!; fi
     if env "${env[@]}" "$HARNESS/run.sh" "$peer" "$scenario" "$users" "$rate" > "$out.json" 2> "$out"; then
         line="$(tail -1 "$out.json")"
         # xmppd's own account of the run's messages (its last log line before it stopped),
@@ -159,11 +160,11 @@ run_one() {  # SERVER SCENARIO USERS RATE [KNOB=VALUE...]
         fi
         "$PYTHON" -c 'import json,sys; d=json.loads(sys.argv[1]); d["label"]=sys.argv[2]; d["xmppd_ledger"]=json.loads(sys.argv[3]); d["knobs"]=sys.argv[4:]; print(json.dumps(d))' \
             "$line" "$server" "$ledger" "$@" >> "$OUT/results.jsonl"
-        "$PYTHON" "$BENCH/report.py" --brief "$line"
+        "$PYTHON" "$BENCH/report.py" --brief "$(tail -1 "$OUT/results.jsonl")"
     else
         log "run failed (see $out)"; tail -5 "$out" >&2
     fi
-    wait 2>/dev/null || true
+    if [ -n "$prof_pid" ]; then wait "$prof_pid" 2>/dev/null || true; fi  # not the NOISE process
 }
 
 # py-spy attaches to xmppd once the harness has started it (pid file in its temp dir)

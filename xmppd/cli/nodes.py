@@ -10,7 +10,9 @@ node running there is nothing to tell.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -50,26 +52,42 @@ class NodeRemovalFailed(Exception):
     """A running node removed the account but not all of its data (or not at all)."""
 
 
+@contextlib.asynccontextmanager
+async def _admin_client(
+    data_dir: Path, outcome: Outcome, unread: str
+) -> AsyncIterator[tuple[dict[Path, str], aiohttp.ClientSession] | None]:
+    """The recorded nodes and an HTTP client carrying the admin token; None when no
+    node is recorded or the token cannot be read (`unread` ends that warning)."""
+    nodes = node_records(data_dir, outcome)
+    if not nodes:
+        yield None
+        return
+    try:
+        token = read_token(data_dir)
+    except OSError as e:
+        outcome.warnings.append(
+            f"cannot read the admin token {admin_dir(data_dir) / 'token'}: "
+            f"{e.strerror or e}; {unread}"
+        )
+        yield None
+        return
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+        yield nodes, http
+
+
 async def remove_on_node(data_dir: Path, jid: str, outcome: Outcome) -> str | None:
     """Ask a running node to remove the account (POST /accounts/{jid}/remove), then
     tell the other nodes to end its sessions. The node's result ("account",
     "leftovers", "nothing"), or None when no node answered: the caller removes it
     from the stores itself. NodeRemovalFailed when the node tried and failed."""
-    nodes = node_records(data_dir, outcome)
-    if not nodes:
-        return None
-    try:
-        token = read_token(data_dir)
-    except OSError as e:
-        outcome.warnings.append(
-            f"cannot read the admin token {admin_dir(data_dir) / 'token'}: {e.strerror or e}; "
-            "removing the account from the stores directly"
-        )
-        return None
     account = f"/accounts/{quote(jid, safe='@')}"
-    headers = {"Authorization": f"Bearer {token}"}
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+    unread = "removing the account from the stores directly"
+    async with _admin_client(data_dir, outcome, unread) as client:
+        if client is None:
+            return None
+        nodes, http = client
         for record, url in nodes.items():
             try:
                 async with http.post(url + account + "/remove") as response:
@@ -96,24 +114,14 @@ async def notify_account_change(data_dir: Path, jid: str, change: str) -> Outcom
 
     The few small local files are read in place: this runs in xmppctl, not in a node."""
     outcome = Outcome()
-    nodes = node_records(data_dir, outcome)
-    if not nodes:
-        return outcome
-    try:
-        token = read_token(data_dir)
-    except OSError as e:
-        outcome.warnings.append(
-            f"{len(nodes)} running node(s) not told that {jid} changed: cannot read "
-            f"the admin token {admin_dir(data_dir) / 'token'}: {e.strerror or e}"
-        )
-        return outcome
     path = f"/accounts/{quote(jid, safe='@')}/{change}"
-    headers = {"Authorization": f"Bearer {token}"}
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
-        await asyncio.gather(
-            *(_tell(http, url + path, record, outcome) for record, url in nodes.items())
-        )
+    unread = f"the running nodes were not told that {jid} changed"
+    async with _admin_client(data_dir, outcome, unread) as client:
+        if client is not None:
+            nodes, http = client
+            await asyncio.gather(
+                *(_tell(http, url + path, record, outcome) for record, url in nodes.items())
+            )
     return outcome
 
 
