@@ -111,6 +111,7 @@ MAX_CACHED_OFFLINE = 2048  # records kept for users with no session here
 MAX_HELD = 4096  # stanzas held per user while their record loads (errors are always held)
 WRITE_TRIES = 10
 LOAD_TRIES = 3
+LOAD_TIMEOUT = 10.0  # seconds a held stanza waits for a record before it is refused
 ROSTER_TRIES = 3
 _PRESENCE_HOOKS = ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe")
 
@@ -655,7 +656,10 @@ class PrivacyEngine:
         self._states.move_to_end(bare)
         self._evict()
         for held in self._held.pop(bare, ()):
-            self._replay(held)
+            try:
+                self._replay(held)  # releases its sender first, whatever happens next
+            except Exception:
+                log.exception("replaying a stanza held for %s failed", bare)
         return current
 
     def _evict(self) -> None:
@@ -681,29 +685,46 @@ class PrivacyEngine:
         queue.append(held)
 
     async def _load_held(self, bare: str) -> None:
+        """Load `bare`'s record, which releases what is held for it; past LOAD_TIMEOUT
+        the held stanzas are refused, so that a hung store cannot keep their senders
+        unread (they are paused while their stanzas are held) for ever."""
         try:
-            await self.state(bare)  # installing releases the held stanzas
-        except Exception:
-            log.exception("cannot load the privacy record of %s", bare)
+            async with asyncio.timeout(LOAD_TIMEOUT):
+                await self.state(bare)  # installing releases the held stanzas
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                log.error("the privacy record of %s took over %g s to load", bare, LOAD_TIMEOUT)
+            else:
+                log.exception("cannot load the privacy record of %s", bare)
             for held in self._held.pop(bare, ()):
-                self._fail(held, "internal-server-error")
+                try:
+                    self._fail(held, "internal-server-error")
+                except Exception:
+                    log.exception("refusing a stanza held for %s failed", bare)
 
     def _replay(self, held: _Held) -> None:
         """Run a held stanza through the filters again, now that the rules are known.
 
         A message for a session that closed meanwhile is routed again from the
         start, so that it goes to another resource or to offline storage, as it
-        would have if it had come after the session closed; anything else for
-        it is dropped, as its delivery would have been."""
+        would have if it had come after the session closed; an IQ request for
+        it is answered with an error; anything else for it is dropped, as its
+        delivery would have been."""
         if held.release is not None:
             held.release()
         router = self.host.router
+        stanza, session = held.stanza, held.session
         if not held.inbound:
-            router.route(held.stanza, held.session)
-        elif self.session(held.session.jid) is held.session:
-            router.deliver(held.session, held.stanza)
-        elif held.stanza.tag == ns.C_MESSAGE:
-            router.route(held.stanza)
+            router.route(stanza, session)
+        elif self.session(session.jid) is session:
+            router.deliver(session, stanza)
+        elif stanza.tag == ns.C_MESSAGE:
+            # Addressed to the bare JID, it was held once per chosen session: the
+            # others had their copy, so only with none left does it go round again.
+            if stanza.get("to") == session.jid or not router.available_sessions(session.bare):
+                router.route(stanza)
+        elif stanza.tag == ns.C_IQ and stanza.get("type") in ("get", "set"):
+            router.bounce(stanza, "service-unavailable")
 
     def _fail(self, held: _Held, condition: str) -> None:
         """Unknown rules: refuse rather than deliver what may be blocked, and say so."""

@@ -5,9 +5,10 @@ Account creation is off unless `allow_registration` is set, and limited per
 client address (in memory, per node). Password changes and account removal
 work for logged-in users either way (each can be switched off). A password
 change ends the account's other sessions on this node. Removing an account
-deletes it and every module's data of it (`ModuleHost.remove_account`, the
-same removal `xmppctl unregister` runs), answers, and then ends every session
-of it on this node. Both use <not-authorized/> (XEP-0077 section 3.2).
+deletes it, ends its other sessions on this node, deletes every module's data
+of it (`ModuleHost.remove_account`, the same removal `xmppctl unregister`
+runs), answers, and then ends the session that asked. Both use
+<not-authorized/> (XEP-0077 section 3.2).
 """
 
 from __future__ import annotations
@@ -213,9 +214,15 @@ class Register(Module):
         vhost = request.host
         if not self.opts.allow_account_removal:
             raise StanzaError("not-allowed", "in-band account removal is disabled")
-        bare = f"{username}@{vhost}"
+        bare, asker = f"{username}@{vhost}", str(request.sender)
+
+        async def end_other_sessions() -> None:
+            # Right after the account is deleted, before the modules delete its data:
+            # another resource must not write a roster or vCard back in between.
+            self._end_sessions(bare, "the account was removed", keep=asker)
+
         try:
-            removed = await self.host.remove_account(vhost, username)
+            removed = await self.host.remove_account(vhost, username, end_other_sessions)
         except StorageError as exc:  # the account itself could not be deleted
             raise _storage_error(exc) from None
         except AccountDataRemains as exc:

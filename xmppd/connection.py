@@ -138,8 +138,9 @@ class C2SConnection(asyncio.BufferedProtocol):
 
     def hold_input(self) -> None:
         self._input_holds += 1
-        if self._input_holds == 1 and self.transport is not None:
-            self.transport.pause_reading()
+        transport = self.transport
+        if self._input_holds == 1 and transport is not None and not transport.is_closing():
+            transport.pause_reading()
 
     def release_input(self) -> None:
         self._input_holds -= 1
@@ -376,8 +377,10 @@ class C2SConnection(asyncio.BufferedProtocol):
     ) -> None:
         """Answer a failed attempt, after a wait that grows with its address's failures.
 
-        Only wrong credentials wait and count; a malformed message waits the
-        base delay but is not counted, since it cost no password check.
+        Only <not-authorized/> waits: counted against the address and account
+        when the user name is known, the base delay uncounted when it is not
+        yet. Other conditions (a malformed message) are answered at once and
+        not counted, since they cost no password check.
         """
         if condition == "not-authorized":
             throttle = self.server.throttle

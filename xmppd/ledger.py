@@ -15,8 +15,10 @@ carbon copies (`copies`) and offline messages at login (`replayed`).
 
 Error messages (bounces, and clients' own error replies) are outside the
 ledger: an error is never answered, and a bounce is counted once, as the fate
-of the message it answers. Messages that privacy lists or blocking discard
-silently are not counted yet.
+of the message it answers. Not counted yet, so the equation holds only
+without them: messages that privacy lists or blocking refuse (their filters
+hold and replay stanzas, and answer the sender themselves), and messages to
+the server's own address that no module takes.
 
 A message leaves the ledger without reaching anyone only under a `dropped`
 reason. Those in RULES are the protocol's own (a chat state nobody stores);

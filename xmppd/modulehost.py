@@ -226,6 +226,15 @@ class ModuleHost:
         handlers.append((priority, handler))
         handlers.sort(key=lambda h: -h[0])
 
+    def run_each(self, event: str, *args: Any) -> None:
+        """Run every handler of `event`, each on its own: results are ignored and a
+        handler that raises is logged without stopping the others."""
+        for _, handler in self._filters.get(event, ()):
+            try:
+                handler(*args)
+            except Exception:
+                log.exception("%s handler %r failed", event, handler)
+
     def run_filters(self, event: str, *args: Any) -> bool:
         for _, handler in self._filters.get(event, ()):
             if not handler(*args):

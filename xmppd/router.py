@@ -118,9 +118,11 @@ class Router:
         session still available after that gets a server-made unavailable.
         """
         modules = self.modules
-        if modules is not None:
-            modules.run_filters("session/ending", session)
-        self.unbind(session)
+        try:
+            if modules is not None:
+                modules.run_each("session/ending", session)
+        finally:
+            self.unbind(session)  # whatever a module did, the session is gone
         if session.available:
             presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
             presence.set("type", "unavailable")

@@ -97,6 +97,7 @@ class Connection:
         )
         await self._expect("iq")
         await self._send("<presence/>")
+        await self._expect("presence")  # our own echo: we are available (RFC 6121 4.2.2)
 
     async def _send(self, data: str) -> None:
         self.writer.write(data.encode())
@@ -160,7 +161,6 @@ async def run(plan: Plan) -> dict[str, Any]:
     names = sorted(plan.users)
     connections = {name: Connection(plan, name, accounts[name]) for name in names}
     await asyncio.gather(*(c.open() for c in connections.values()))
-    await asyncio.sleep(0.2)  # every initial presence has been routed
 
     def ids_for(name: str, first: int, last: int) -> list[tuple[str, str]]:
         out = []

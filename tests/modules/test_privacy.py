@@ -705,3 +705,76 @@ async def test_privacy_and_blocking_share_one_engine() -> None:
     blocking_module = harness.host.modules["blocking"]
     assert privacy_module.engine is blocking_module.engine  # type: ignore[attr-defined]
     assert len(harness.host.filters_in) == 1 and len(harness.host.filters_out) == 1
+
+
+# --------------------------------------------------------------------------- backpressure
+
+
+async def held_while_loading(
+    harness: ModuleHarness, monkeypatch: pytest.MonkeyPatch
+) -> tuple[TestSession, TestSession, asyncio.Event]:
+    """alice and bob online; bob's privacy record is not in memory and its load waits
+    for the returned event, as a slow store would."""
+    alice = await harness.login("alice@localhost/a")
+    bob = await harness.login("bob@localhost/b")
+    engine = harness.host.modules["privacy"].engine  # type: ignore[attr-defined]
+    engine._states.pop("bob@localhost")
+    gate = asyncio.Event()
+    load = engine._load
+
+    async def slow_load(bare: str) -> Any:
+        await gate.wait()
+        return await load(bare)
+
+    monkeypatch.setattr(engine, "_load", slow_load)
+    return alice, bob, gate
+
+
+def route_as(harness: ModuleHarness, session: TestSession, xml: str) -> None:
+    stanza = parse_stanza(xml)
+    stanza.set("from", session.jid)
+    harness.router.route(stanza, session)
+
+
+async def test_a_held_message_stops_its_sender_being_read_until_it_is_released(
+    harness: ModuleHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob, gate = await held_while_loading(harness, monkeypatch)
+    route_as(harness, alice, chat("bob@localhost/b", "one"))
+    route_as(harness, alice, chat("bob@localhost", "two"))
+    await asyncio.sleep(0.01)
+    assert bob.take() == []
+    assert alice.input_holds == 2  # TCP backpressure: the connection stops reading
+    gate.set()
+    await harness.router.drain()
+    assert bodies(bob.take()) == ["one", "two"]
+    assert alice.input_holds == 0
+
+
+async def test_a_held_message_for_a_session_that_ended_goes_offline_and_frees_its_sender(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    harness = await make(offline={})
+    alice, bob, gate = await held_while_loading(harness, monkeypatch)
+    route_as(harness, alice, chat("bob@localhost/b", "while you were going"))
+    await asyncio.sleep(0.01)
+    assert alice.input_holds == 1
+    harness.router.session_ended(bob)
+    gate.set()
+    await harness.router.drain()
+    assert alice.input_holds == 0
+    stored = await harness.host.items("localhost", "offline").get("bob")
+    assert stored is not None and stored.attrs["count"] == 1  # not dropped: kept for bob
+
+
+async def test_a_load_that_hangs_refuses_the_held_stanzas_and_frees_their_sender(
+    harness: ModuleHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("xmppd.modules._privacy_model.LOAD_TIMEOUT", 0.05)
+    alice, bob, _never = await held_while_loading(harness, monkeypatch)
+    route_as(harness, alice, chat("bob@localhost/b", "lost in the store"))
+    await harness.router.drain()
+    assert alice.input_holds == 0
+    assert bob.take() == []
+    errors = [s for s in alice.take() if s.get("type") == "error"]
+    assert [condition(e) for e in errors] == ["internal-server-error"]

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
@@ -34,18 +35,74 @@ class Outcome:
 
 
 def node_records(data_dir: Path, outcome: Outcome) -> dict[Path, str]:
-    """Record file -> admin URL of the nodes that run (or ran, if they died) with this
-    data_dir; a file that is no record is a warning in `outcome`."""
+    """Record file -> admin URL of the nodes running with this data_dir.
+
+    The admin token goes only to a URL whose port is held by the process that
+    wrote the record: a node that died leaves its record behind, and another
+    local user could then listen on its port to collect the token. The record
+    of a process that is gone is deleted; a port held by another process is a
+    warning, and that node is not contacted."""
     folder = admin_dir(data_dir)
     if not folder.is_dir():
         return {}
     found: dict[Path, str] = {}
     for record in sorted(folder.glob(f"*{RECORD_SUFFIX}")):
         try:
-            found[record] = str(json.loads(record.read_text(encoding="utf-8"))["url"])
+            fields = json.loads(record.read_text(encoding="utf-8"))
+            url, pid = str(fields["url"]), int(fields["pid"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             outcome.warnings.append(f"{record}: not a node record ({e}); delete it if unused")
+            continue
+        if not _alive(pid):
+            record.unlink(missing_ok=True)
+            outcome.warnings.append(f"deleted {record}: its node (pid {pid}) is gone")
+            continue
+        port = urlsplit(url).port
+        if port is None or not _listens(pid, port):
+            outcome.warnings.append(
+                f"{url} is not served by the node of {record} (pid {pid}): not contacted"
+            )
+            continue
+        found[record] = url
     return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: _listens decides
+    return True
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Process `pid` holds a TCP socket listening on `port` (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            # local_address is ADDR:PORT in hex; state 0A is LISTEN; column 9 the inode
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = list(os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd.path) in inodes:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 class NodeRemovalFailed(Exception):
@@ -99,7 +156,8 @@ async def remove_on_node(data_dir: Path, jid: str, outcome: Outcome) -> str | No
                 )
                 continue
             if response.status != 200 or not isinstance(body, dict):
-                raise NodeRemovalFailed(f"the node at {url}: {body.get('error', body)}")
+                error = body.get("error", body) if isinstance(body, dict) else body
+                raise NodeRemovalFailed(f"the node at {url}: {error}")
             outcome.done.append(f"ended {body.get('ended', 0)} session(s) on the node at {url}")
             others = {r: u for r, u in nodes.items() if r != record}
             await asyncio.gather(
