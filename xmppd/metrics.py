@@ -11,8 +11,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from xmppd.pauses import BUCKETS, PauseStats
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -59,6 +66,11 @@ class ServerCollector(Collector):
             "xmppd_auth_refusals", "Logins refused because the address was banned.",
             value=stats.refusals,
         )
+        pauses = server.pauses
+        yield _histogram(
+            "xmppd_event_loop_lag_seconds", "How late a 100 ms loop timer fired.", pauses.loop_lag
+        )
+        yield _histogram("xmppd_gc_pause_seconds", "Collections, any generation.", pauses.gc)
         yield GaugeMetricFamily(
             "xmppd_connections", "Open client connections.", value=len(server.connections)
         )
@@ -67,6 +79,14 @@ class ServerCollector(Collector):
             "Bound client sessions on this node.",
             value=sum(len(r) for r in server.router.sessions.values()),
         )
+
+
+def _histogram(name: str, text: str, stats: PauseStats) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for bound, count in zip((*map(str, BUCKETS), "+Inf"), stats.buckets, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return HistogramMetricFamily(name, text, buckets=buckets, sum_value=stats.total)
 
 
 def exposition(server: Server) -> bytes:

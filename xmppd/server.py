@@ -20,6 +20,7 @@ from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter
 from xmppd.config import Config
 from xmppd.connection import C2SConnection
 from xmppd.modulehost import ModuleHost
+from xmppd.pauses import PauseMonitor
 from xmppd.router import Router
 from xmppd.session import Session
 from xmppd.storage.base import ConditionFailed, ItemStore
@@ -66,6 +67,7 @@ class Server:
         self.router: Router
         self.modules: ModuleHost
         self.admin = AdminAPI(self)
+        self.pauses = PauseMonitor()
 
     async def start(self) -> None:
         config = self.config
@@ -122,6 +124,7 @@ class Server:
                 kind = "direct TLS (XEP-0368)" if direct else "STARTTLS"
                 log.info("listening: c2s %s on %s port %d", kind, address, port)
         await self.admin.start()
+        self.pauses.start()
         log.info("xmppd ready")
 
     async def stop(self) -> None:
@@ -130,6 +133,7 @@ class Server:
             return
         self._stopped = True
         await self.admin.stop()
+        self.pauses.stop()
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
@@ -141,6 +145,7 @@ class Server:
         await self.storage.close()
         # One line a benchmark or an operator can reconcile with what clients saw.
         log.info("messages since start: %s", json.dumps(self.router.ledger.snapshot()))
+        log.info("pauses since start: %s", json.dumps(self.pauses.snapshot()))
         log.info("xmppd stopped")
 
     def reload_tls(self) -> None:

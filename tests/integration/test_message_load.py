@@ -129,3 +129,4 @@ async def test_every_message_is_delivered_once_stored_offline_or_bounced(
     assert metrics["xmppd_messages_bounced_total"] == bounced
     assert metrics["xmppd_messages_delivered_total"] == ledger["delivered"]
     assert not [name for name in metrics if name.startswith("xmppd_messages_dropped")]
+    assert metrics["xmppd_event_loop_lag_seconds_count"] > 0  # the pause monitor runs
