@@ -147,14 +147,21 @@ run_one() {  # SERVER SCENARIO USERS RATE [KNOB=VALUE...]
     fi
     log "=== $server $scenario users=$users rate=$rate ${*:-} (load $(cut -d' ' -f1-3 /proc/loadavg))"
     out="$OUT/run-$server-$scenario-${users}u-$rate.log"
-    local prof_pid=""
+    local prof_pid="" sched_pid=""
     if [ -n "$prof" ]; then start_profiler "$prof" & prof_pid=$!; fi
+    if [ "$server" = xmppd ]; then  # run-queue delay per thread, from the kernel
+        rm -f "$XWD/server.pid"
+        "$PYTHON" "$BENCH/schedstat_sample.py" "$XWD/server.pid" "$OUT/schedstat-$scenario-${users}u-$rate.txt" &
+        sched_pid=$!
+    fi
     if env "${env[@]}" "$HARNESS/run.sh" "$peer" "$scenario" "$users" "$rate" > "$out.json" 2> "$out"; then
         line="$(tail -1 "$out.json")"
         # xmppd's own account of the run's messages (its last log line before it stopped),
         # reconciled with tsung's counts in the report
         ledger="null"
         if [ "$server" = xmppd ]; then
+            sed -n 's/.*pauses since start: //p' "$XWD/log/stdout.log" | tail -1 \
+                > "$OUT/pauses-$scenario-${users}u-$rate.json"
             ledger="$(sed -n 's/.*messages since start: //p' "$XWD/log/stdout.log" | tail -1)"
             [ -n "$ledger" ] || { log "xmppd logged no message ledger (see $XWD/log/stdout.log)"; ledger="null"; }
         fi
@@ -165,6 +172,7 @@ run_one() {  # SERVER SCENARIO USERS RATE [KNOB=VALUE...]
         log "run failed (see $out)"; tail -5 "$out" >&2
     fi
     if [ -n "$prof_pid" ]; then wait "$prof_pid" 2>/dev/null || true; fi  # not the NOISE process
+    if [ -n "$sched_pid" ]; then wait "$sched_pid" 2>/dev/null || true; fi
 }
 
 # py-spy attaches to xmppd once the harness has started it (pid file in its temp dir)
