@@ -61,6 +61,12 @@ class StreamSession:
     def terminate(self, error: StreamError) -> None:
         self.stream.fail(error)
 
+    def hold_input(self) -> None:
+        """No transport to pause here: the bench feeds the stream itself."""
+
+    def release_input(self) -> None:
+        """See hold_input."""
+
 
 def bound_stream(user: str) -> c2s.C2SStream:
     """A C2SStream taken to BOUND the way a client does it (TLS only pretended)."""
