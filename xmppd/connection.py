@@ -216,7 +216,7 @@ class C2SConnection(asyncio.BufferedProtocol):
 
     def _lost_queued(self) -> None:
         """The connection went before queued messages reached its transport."""
-        self.server.router.ledger.dropped["recipient-gone"] += self._queued_messages
+        self.server.router.ledger.drop("recipient-gone", self._queued_messages)
         self._queued_messages = 0
 
     def _end_session(self) -> None:

@@ -56,8 +56,8 @@ class MessageLedger:
         self.bounced = 0  # answered with an error stanza instead
         self.dropped: Counter[str] = Counter()  # reason -> count
 
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] += 1
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] += count
 
     def snapshot(self) -> dict[str, object]:
         """The counts as one JSON-able dict (the admin API and tests read this)."""

@@ -68,7 +68,7 @@ class Connection:
         self.writer: asyncio.StreamWriter
         self._parser = etree.XMLPullParser(events=("start", "end"))
         self._depth = 0
-        self._stanzas: asyncio.Queue[etree._Element] = asyncio.Queue()
+        self._stanzas: asyncio.Queue[etree._Element | None] = asyncio.Queue()  # None: EOF
         self._reading: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -106,6 +106,8 @@ class Connection:
     async def _expect(self, local: str) -> etree._Element:
         while True:
             element = await asyncio.wait_for(self._stanzas.get(), 30)
+            if element is None:
+                raise EOFError(f"{self.name}: the server closed the stream awaiting <{local}/>")
             if etree.QName(element).localname == local:
                 return element
             if etree.QName(element).localname == "failure":
@@ -122,6 +124,7 @@ class Connection:
                 if self._depth == 1:
                     self._take(element)
                     element.getparent().remove(element)
+        self._stanzas.put_nowait(None)  # read() gives b"" for ever now: tell _expect
 
     def _take(self, element: etree._Element) -> None:
         if etree.QName(element).localname != "message":
