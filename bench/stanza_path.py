@@ -29,6 +29,7 @@ from typing import Any
 
 from lxml import etree
 
+from xmppd.session import ClientSession
 from xmppd.stream import c2s
 from xmppd.stream.errors import StreamError
 from xmppd.testing import ModuleHarness
@@ -42,30 +43,32 @@ HEADER = (
 DEFAULT_MODULES = "disco,ping,roster,presence,carbons,blocking,privacy,private,vcard,offline,last"
 
 
-class StreamSession:
-    """A bound C2SStream seen by the router as a Session, as C2SConnection is."""
+class StreamTransport:
+    """A bound C2SStream as the Transport of a session, as C2SConnection is, with no socket."""
 
     def __init__(self, stream: c2s.C2SStream) -> None:
-        assert stream.jid is not None
         self.stream = stream
-        self.jid = stream.jid
-        self.bare, _, self.resource = stream.jid.partition("/")
-        self.host = DOMAIN
-        self.available = True
-        self.priority = 0
-        self.presence: etree._Element | None = None
 
-    def deliver(self, stanza: etree._Element) -> None:
+    def send(self, stanza: etree._Element) -> bool:
         self.stream.send(stanza)
+        return True
 
-    def terminate(self, error: StreamError) -> None:
+    def close(self, error: StreamError) -> None:
         self.stream.fail(error)
 
-    def hold_input(self) -> None:
+    def pause_input(self) -> None:
         """No transport to pause here: the bench feeds the stream itself."""
 
-    def release_input(self) -> None:
-        """See hold_input."""
+    def resume_input(self) -> None:
+        """See pause_input."""
+
+
+def stream_session(user: str) -> tuple[ClientSession, c2s.C2SStream]:
+    stream = bound_stream(user)
+    assert stream.jid is not None
+    session = ClientSession(stream.jid, StreamTransport(stream))
+    session.available = True
+    return session, stream
 
 
 def bound_stream(user: str) -> c2s.C2SStream:
@@ -120,10 +123,10 @@ async def run(seconds: float, modules: list[str], body_bytes: int) -> list[dict[
         {name: None for name in modules}, hosts=[DOMAIN], users={f"alice@{DOMAIN}", f"bob@{DOMAIN}"}
     ).start()
     router = harness.router
-    alice = StreamSession(bound_stream("alice"))
-    bob = StreamSession(bound_stream("bob"))
+    alice, alice_stream = stream_session("alice")
+    bob, bob_stream = stream_session("bob")
     for session in (alice, bob):
-        router.bind(session, session.bare, session.resource)
+        router.bind(session)
 
     body = "x" * body_bytes
     message = (
@@ -142,31 +145,31 @@ async def run(seconds: float, modules: list[str], body_bytes: int) -> list[dict[
         parser.feed(message * 10)
 
     def stream_in() -> None:  # parse + stream rules ('from' stamping, phase checks)
-        alice.stream.receive(message)
+        alice_stream.receive(message)
 
     def route() -> None:  # router + module filters + deliver (queues serialized bytes)
         router.route(stanza, alice)
-        bob.stream.output()
+        bob_stream.output()
 
     def serialize() -> None:
         etree.tostring(stanza)
 
     def end_to_end() -> None:  # bytes from alice's socket -> bytes for bob's socket
-        for event in alice.stream.receive(message):
+        for event in alice_stream.receive(message):
             if isinstance(event, c2s.StanzaReceived):
                 router.route(event.stanza, alice)
-        out = bob.stream.output()
+        out = bob_stream.output()
         assert out
 
     # Warm-up: privacy and blocking load the users' lists from storage on first
     # use (a task); from then on the path is synchronous, as on a busy server.
-    for event in alice.stream.receive(message):
+    for event in alice_stream.receive(message):
         if isinstance(event, c2s.StanzaReceived):
             router.route(event.stanza, alice)
     await router.drain()
-    bob.stream.output()
+    bob_stream.output()
     end_to_end()
-    delivered = bob.stream.output()
+    delivered = bob_stream.output()
     rows = []
     for name, fn, per_call in (
         ("parse (StreamParser.feed, 1 stanza)", parse, 1),

@@ -92,7 +92,7 @@ from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.modulehost import ModuleHost
-    from xmppd.session import Session
+    from xmppd.session import ClientSession
 
 log = logging.getLogger("xmppd.modules.privacy")
 
@@ -425,7 +425,7 @@ class _Held:
     """
 
     stanza: etree._Element
-    session: Session
+    session: ClientSession
     inbound: bool
     release: Callable[[], None] | None = None
 
@@ -470,7 +470,7 @@ class PrivacyEngine:
         self.host = host
         self.roster: RosterLike | None = None
         self._states: OrderedDict[str, UserState] = OrderedDict()
-        self._active: dict[Session, str] = {}
+        self._active: dict[ClientSession, str] = {}
         self._held: dict[str, list[_Held]] = {}
         self._loading: dict[str, asyncio.Future[UserState]] = {}
         self._roster_loading: dict[str, bool] = {}  # bare -> changed while loading
@@ -518,20 +518,20 @@ class PrivacyEngine:
             loading.add_done_callback(lambda _: self._loading.pop(bare, None))
         return self._install(bare, await asyncio.shield(loading))
 
-    def active(self, session: Session) -> str | None:
+    def active(self, session: ClientSession) -> str | None:
         return self._active.get(session)
 
-    def session(self, full_jid: str) -> Session | None:
+    def session(self, full_jid: str) -> ClientSession | None:
         bare, _, resource = full_jid.partition("/")
-        return self.host.router.sessions.get(bare, {}).get(resource)
+        return self.host.session(bare, resource)
 
     def in_use_elsewhere(
-        self, bare: str, data: PrivacyData, name: str, sender: Session | None
+        self, bare: str, data: PrivacyData, name: str, sender: ClientSession | None
     ) -> bool:
         """Does list `name` apply to a connected resource other than `sender`? (XEP-0016 2.2)"""
         return any(
             session is not sender and applied_list(data, self._active.get(session)) == name
-            for session in self.host.router.local_sessions(bare)
+            for session in self.host.sessions(bare)
         )
 
     async def update(
@@ -586,7 +586,7 @@ class PrivacyEngine:
             self._states[bare] = UserState(EMPTY, {})
         return found
 
-    async def set_active(self, session: Session, name: str | None) -> None:
+    async def set_active(self, session: ClientSession, name: str | None) -> None:
         """Make `name` the session's active list (None: decline; the default applies)."""
         state = await self.state(session.bare)
         if name is not None and name not in state.data.lists:
@@ -598,19 +598,19 @@ class PrivacyEngine:
             self._active[session] = name
         await self._presence_effects(session.bare, before)
 
-    def forget_active(self, session: Session) -> None:
+    def forget_active(self, session: ClientSession) -> None:
         self._active.pop(session, None)
 
     def push(self, bare: str, payload: etree._Element) -> None:
         """An IQ-set with `payload` to every connected resource of `bare` (list/block pushes)."""
-        for session in self.host.router.local_sessions(bare):
+        for session in self.host.sessions(bare):
             iq = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
             iq.set("type", "set")
             iq.set("id", f"push-{secrets.token_hex(6)}")
             iq.set("from", bare)
             iq.set("to", session.jid)
             iq.append(copy.deepcopy(payload))
-            self.host.router.deliver(session, iq)
+            self.host.deliver(session, iq)
 
     async def roster_groups(self, bare: str) -> set[str] | None:
         """The user's roster groups, or None without a roster module."""
@@ -663,11 +663,10 @@ class PrivacyEngine:
         return current
 
     def _evict(self) -> None:
-        sessions = self.host.router.sessions
-        excess = len(self._states) - MAX_CACHED_OFFLINE - len(sessions)
+        excess = len(self._states) - MAX_CACHED_OFFLINE - self.host.session_count()
         if excess <= 0:
             return
-        idle = [b for b in self._states if b not in sessions and b not in self._held]
+        idle = [b for b in self._states if not self.host.sessions(b) and b not in self._held]
         for bare in idle[:excess]:  # least recently used first
             del self._states[bare]
 
@@ -676,7 +675,7 @@ class PrivacyEngine:
         queue = self._held.get(bare)
         if queue is None:
             queue = self._held[bare] = []
-            self.host.router.spawn(self._load_held(bare))
+            self.host.spawn(self._load_held(bare))
         if len(queue) >= MAX_HELD and held.stanza.get("type") != "error":
             # An error is never answered, so refusing one would lose it silently.
             self._fail(held, "resource-constraint")
@@ -712,19 +711,19 @@ class PrivacyEngine:
         delivery would have been."""
         if held.release is not None:
             held.release()
-        router = self.host.router
+        host = self.host
         stanza, session = held.stanza, held.session
         if not held.inbound:
-            router.route(stanza, session)
+            host.route(stanza, session)
         elif self.session(session.jid) is session:
-            router.deliver(session, stanza)
+            host.deliver(session, stanza)
         elif stanza.tag == ns.C_MESSAGE:
             # Addressed to the bare JID, it was held once per chosen session: the
             # others had their copy, so only with none left does it go round again.
-            if stanza.get("to") == session.jid or not router.available_sessions(session.bare):
-                router.route(stanza)
+            if stanza.get("to") == session.jid or not host.available_sessions(session.bare):
+                host.route(stanza)
         elif stanza.tag == ns.C_IQ and stanza.get("type") in ("get", "set"):
-            router.bounce(stanza, "service-unavailable")
+            host.bounce(stanza, "service-unavailable")
 
     def _fail(self, held: _Held, condition: str) -> None:
         """Unknown rules: refuse rather than deliver what may be blocked, and say so."""
@@ -733,7 +732,7 @@ class PrivacyEngine:
         stanza = held.stanza
         if held.inbound:
             if stanza.tag != ns.C_PRESENCE:
-                self.host.router.bounce(stanza, condition)
+                self.host.bounce(stanza, condition)
         elif _wants_error(stanza):
             self._deliver_own(held.session, error_reply(stanza, condition))
 
@@ -750,9 +749,9 @@ class PrivacyEngine:
         elif removed is not None:
             state.roster.pop(removed, None)
 
-    async def _session_bound(self, session: Session) -> None:
+    async def _session_bound(self, session: ClientSession) -> None:
         bare = session.bare
-        if len(self.host.router.local_sessions(bare)) == 1 and bare not in self._held:
+        if len(self.host.sessions(bare)) == 1 and bare not in self._held:
             # The user's first session here: the copy kept since the last one may be
             # stale, as another node or xmppctl (removing the account) may have changed
             # or deleted the record meanwhile; one read makes it current.
@@ -762,12 +761,12 @@ class PrivacyEngine:
         except Exception:
             log.exception("cannot preload the privacy record of %s", session.bare)
 
-    async def _session_closed(self, session: Session) -> None:
+    async def _session_closed(self, session: ClientSession) -> None:
         self._active.pop(session, None)
 
     # --- filters ---------------------------------------------------------------------------
 
-    def _filter_out(self, stanza: etree._Element, origin: Session) -> bool:
+    def _filter_out(self, stanza: etree._Element, origin: ClientSession) -> bool:
         state = self._states.get(origin.bare)
         to = stanza.get("to")
         if origin.bare in self._held or (state is None and to is not None):
@@ -798,7 +797,7 @@ class PrivacyEngine:
             self._deliver_own(origin, error)
         return False
 
-    def _filter_in(self, stanza: etree._Element, session: Session) -> bool:
+    def _filter_in(self, stanza: etree._Element, session: ClientSession) -> bool:
         if self._pass_all and _holds(self._pass_all, stanza):
             return True
         sender = stanza.get("from")
@@ -861,13 +860,13 @@ class PrivacyEngine:
         if stanza.tag == ns.C_PRESENCE or stanza is self._last_bounced:
             return
         self._last_bounced = stanza
-        self.host.router.bounce(stanza, "service-unavailable")
+        self.host.bounce(stanza, "service-unavailable")
 
-    def _deliver_own(self, session: Session, stanza: etree._Element) -> None:
+    def _deliver_own(self, session: ClientSession, stanza: etree._Element) -> None:
         """Hand the user an error we made in a blocked contact's name, past our own filter."""
         self._pass_all.append(stanza)
         try:
-            self.host.router.deliver(session, stanza)
+            self.host.deliver(session, stanza)
         finally:
             self._pass_all.pop()
 
@@ -879,7 +878,7 @@ class PrivacyEngine:
         if verdict is Verdict.ALLOW:
             return False
         if verdict is None:  # rules unknown: neither store what may be blocked nor lose it
-            self.host.router.bounce(stanza, "internal-server-error")
+            self.host.bounce(stanza, "internal-server-error")
         else:
             self._refuse_inbound(stanza)
         return True
@@ -890,7 +889,7 @@ class PrivacyEngine:
         if verdict is Verdict.ALLOW:
             return False
         if verdict is None:
-            self.host.router.bounce(stanza, "internal-server-error")
+            self.host.bounce(stanza, "internal-server-error")
         else:
             self._refuse_inbound(stanza)
         return True
@@ -919,15 +918,15 @@ class PrivacyEngine:
 
     # --- presence after a change -------------------------------------------------------------
 
-    def _snapshot(self, bare: str) -> dict[Session, Policy]:
+    def _snapshot(self, bare: str) -> dict[ClientSession, Policy]:
         state = self._states.get(bare)
         if state is None:
             return {}
         return {
-            s: (state.data, self._active.get(s)) for s in self.host.router.available_sessions(bare)
+            s: (state.data, self._active.get(s)) for s in self.host.available_sessions(bare)
         }
 
-    async def _presence_effects(self, bare: str, before: dict[Session, Policy]) -> None:
+    async def _presence_effects(self, bare: str, before: dict[ClientSession, Policy]) -> None:
         """Contacts who may no longer see a session get unavailable presence, those who may
         again get its presence; the session likewise stops or starts seeing local contacts."""
         state = self._states.get(bare)
@@ -956,7 +955,7 @@ class PrivacyEngine:
                         now = decide(new_data, new_active, "presence-out", target, view)
                         self._presence_out_changed(session, target, was, now)
                 if entry.subscription in ("to", "both"):
-                    for other in self.host.router.available_sessions(contact):
+                    for other in self.host.available_sessions(contact):
                         peer = JID(other.jid)
                         was = decide(old_data, old_active, "presence-in", peer, view)
                         now = decide(new_data, new_active, "presence-in", peer, view)
@@ -966,10 +965,10 @@ class PrivacyEngine:
         """Where a contact sees presence: each online resource here; a remote one's bare JID."""
         if contact.rsplit("@", 1)[-1] not in self.host.hosts:
             return [JID(contact)]
-        return [JID(s.jid) for s in self.host.router.available_sessions(contact)]
+        return [JID(s.jid) for s in self.host.available_sessions(contact)]
 
     def _presence_out_changed(
-        self, session: Session, target: JID, was: Verdict, now: Verdict
+        self, session: ClientSession, target: JID, was: Verdict, now: Verdict
     ) -> None:
         if (was is Verdict.ALLOW) == (now is Verdict.ALLOW):
             return
@@ -987,7 +986,7 @@ class PrivacyEngine:
             self.host.route(presence)
 
     def _presence_in_changed(
-        self, session: Session, other: Session, was: Verdict, now: Verdict
+        self, session: ClientSession, other: ClientSession, was: Verdict, now: Verdict
     ) -> None:
         if (was is Verdict.ALLOW) == (now is Verdict.ALLOW):
             return
@@ -998,7 +997,7 @@ class PrivacyEngine:
             presence = copy.deepcopy(other.presence)
             presence.set("from", other.jid)
             presence.set("to", session.jid)
-            self.host.router.deliver(session, presence)
+            self.host.deliver(session, presence)
 
 
 def _wants_error(stanza: etree._Element) -> bool:

@@ -29,7 +29,7 @@ from lxml import etree
 
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import IqRequest, Module
-from xmppd.session import Session
+from xmppd.session import ClientSession
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 
@@ -109,7 +109,7 @@ class Carbons(Module):
     name = "carbons"
 
     def setup(self) -> None:
-        self.enabled: dict[str, set[Session]] = {}  # bare JID -> sessions that opted in
+        self.enabled: dict[str, set[ClientSession]] = {}  # bare JID -> sessions that opted in
         self.recent = RecentIds(RECENT_IDS)
         # The last message copied on delivery, and to whom: the same element
         # delivered again (bare JID, several top resources) is not copied twice.
@@ -130,7 +130,7 @@ class Carbons(Module):
         if "@" in request.target and not request.from_owner:
             raise StanzaError("forbidden", "carbons are set for your own account")
         sender = request.sender
-        session = self.host.router.sessions.get(sender.bare, {}).get(sender.resource)
+        session = self.host.session(sender.bare, sender.resource)
         if session is None:
             raise StanzaError("not-allowed", "carbons are for clients of this server")
         if request.payload.tag == ENABLE:
@@ -138,22 +138,22 @@ class Carbons(Module):
         else:
             self._forget(session)
 
-    async def on_closed(self, session: Session) -> bool:
+    async def on_closed(self, session: ClientSession) -> bool:
         self._forget(session)
         return False
 
-    def _forget(self, session: Session) -> None:
+    def _forget(self, session: ClientSession) -> None:
         sessions = self.enabled.get(session.bare)
         if sessions is not None:
             sessions.discard(session)
             if not sessions:
                 del self.enabled[session.bare]
 
-    def _interested(self, owner: str) -> list[Session]:
+    def _interested(self, owner: str) -> list[ClientSession]:
         enabled = self.enabled.get(owner)
         if not enabled:
             return []
-        return [s for s in self.host.router.available_sessions(owner) if s in enabled]
+        return [s for s in self.host.available_sessions(owner) if s in enabled]
 
     # --- eligibility -------------------------------------------------------------------
 
@@ -177,7 +177,7 @@ class Carbons(Module):
 
     # --- sent carbons ------------------------------------------------------------------
 
-    def on_out(self, stanza: etree._Element, origin: Session) -> bool:
+    def on_out(self, stanza: etree._Element, origin: ClientSession) -> bool:
         if stanza.tag != ns.C_MESSAGE:
             return True
         owner = origin.bare
@@ -194,13 +194,13 @@ class Carbons(Module):
         if msg_id and stanza.get("type") != "error":
             self.recent.add(("sent", owner, peer, msg_id))
         for session in others:
-            self.host.router.ledger.copies += 1
-            self.host.router.deliver(session, wrap("sent", stanza, owner, session.jid))
+            self.host.ledger.copies += 1
+            self.host.deliver(session, wrap("sent", stanza, owner, session.jid))
         return True
 
     # --- received carbons --------------------------------------------------------------
 
-    def on_in(self, stanza: etree._Element, session: Session) -> bool:
+    def on_in(self, stanza: etree._Element, session: ClientSession) -> bool:
         if stanza.tag != ns.C_MESSAGE:
             return True
         private = _strip_private(stanza)
@@ -224,19 +224,19 @@ class Carbons(Module):
         has_original = self._recipients(stanza, session)
         for other in interested:
             if other not in has_original and other.jid != sender:
-                self.host.router.ledger.copies += 1
-                self.host.router.deliver(other, wrap("received", stanza, owner, other.jid))
+                self.host.ledger.copies += 1
+                self.host.deliver(other, wrap("received", stanza, owner, other.jid))
         # Set after delivering: the copies pass through this filter too.
         self._seen, self._seen_owner = stanza, owner
         return True
 
-    def _recipients(self, stanza: etree._Element, session: Session) -> set[Session]:
+    def _recipients(self, stanza: etree._Element, session: ClientSession) -> set[ClientSession]:
         """The sessions the router gives this message to (RFC 6121 8.5.2)."""
         to = stanza.get("to") or ""
         if "/" in to and to.split("/", 1)[1] == session.resource:
             return {session}
         # To the bare JID, or to a resource that is gone: highest non-negative priority.
-        eligible = [s for s in self.host.router.available_sessions(session.bare) if s.priority >= 0]
+        eligible = [s for s in self.host.available_sessions(session.bare) if s.priority >= 0]
         if session not in eligible:
             return {session}
         top = max(s.priority for s in eligible)

@@ -22,7 +22,7 @@ from lxml import etree
 
 from xmppd.jid import JID
 from xmppd.modulehost import IqRequest, Module
-from xmppd.session import Session
+from xmppd.session import ClientSession
 from xmppd.storage.base import ConditionFailed, StorageError
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
@@ -58,11 +58,11 @@ class Last(Module):
         if "@" not in request.target:
             return self._result(int(time.monotonic() - self.started))  # uptime
         target = JID(request.target)
-        if not await self.host.router.user_exists(target.domain, target.user):
+        if not await self.host.user_exists(target.domain, target.user):
             raise StanzaError("service-unavailable")  # RFC 6121 8.5.1: no such account
         if not await self._may_see(request):
             raise StanzaError("forbidden", "you have no subscription to this user's presence")
-        if self.host.router.available_sessions(target.bare):
+        if self.host.available_sessions(target.bare):
             return self._result(0)  # XEP-0012 section 4: online users are active now
         writing = self._writing.get(target.bare)
         if writing is not None:
@@ -84,13 +84,13 @@ class Last(Module):
         item = await roster.item(request.target, request.sender.bare)  # type: ignore[attr-defined]
         return item is not None and item.subscription in ("from", "both")
 
-    def on_presence(self, stanza: etree._Element, session: Session) -> bool:
+    def on_presence(self, stanza: etree._Element, session: ClientSession) -> bool:
         if stanza.get("type") == "unavailable":
             status = stanza.findtext(f"{{{ns.CLIENT}}}status") or ""
             writer_running = session.bare in self._writing
             self._writing[session.bare] = (int(time.time()), status)
             if not writer_running:
-                self.host.router.spawn(self._store(session.bare))
+                self.host.spawn(self._store(session.bare))
         return True  # never stop the broadcast: presence still goes to contacts
 
     async def _store(self, bare: str) -> None:
@@ -123,7 +123,7 @@ class Last(Module):
         removed account end after its data was deleted, and must not leave a
         record that a new account of the same name would inherit."""
         user, _, vhost = bare.partition("@")
-        if not await self.host.router.user_exists(vhost, user):
+        if not await self.host.user_exists(vhost, user):
             return
         store = self.host.items(vhost, STORE)
         attrs: dict[str, str | int] = {"time": when, "status": status}

@@ -34,7 +34,7 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.modulehost import Module
-from xmppd.session import Session
+from xmppd.session import ClientSession
 from xmppd.storage.base import (
     BlobStore,
     ConditionFailed,
@@ -152,7 +152,7 @@ class Offline(Module):
         self.locks = KeyedLocks()
         # Sessions whose last broadcast priority was negative: raising it to
         # >= 0 makes them eligible, like an initial presence (XEP-0160 step 5).
-        self._negative: set[Session] = set()
+        self._negative: set[ClientSession] = set()
         self.host.add_feature(FEATURE)
         self.host.hook("message/offline", self.on_offline)
         self.host.hook("presence/broadcast", self.on_broadcast)
@@ -162,7 +162,7 @@ class Offline(Module):
 
     async def on_offline(self, stanza: etree._Element, bare: str) -> bool:
         decision = decide(stanza)
-        ledger = self.host.router.ledger
+        ledger = self.host.ledger
         if decision == "discard":
             ledger.drop("not-stored")
             return True
@@ -176,11 +176,11 @@ class Offline(Module):
         except QuotaExceeded as exc:
             # XEP-0160 step 3: a full queue is <service-unavailable/>, the same
             # answer as "no offline storage", so it says nothing about presence.
-            self.host.router.bounce(stanza, "service-unavailable", str(exc))
+            self.host.bounce(stanza, "service-unavailable", str(exc))
             return True
         except (StorageError, ConditionFailed) as exc:
             self.log.error("storing an offline message for %s failed: %s", bare, exc)
-            self.host.router.bounce(
+            self.host.bounce(
                 stanza, "internal-server-error", "the message could not be stored"
             )
             return True
@@ -188,7 +188,7 @@ class Offline(Module):
         # The user may have come online while we wrote: then deliver now.
         target = self._best_session(bare)
         if target is not None:
-            self.host.router.spawn(self.deliver_stored(target))
+            self.host.spawn(self.deliver_stored(target))
         return True
 
     async def store(self, vhost: str, user: str, data: bytes) -> None:
@@ -259,7 +259,9 @@ class Offline(Module):
 
     # --- delivering --------------------------------------------------------------------
 
-    async def on_broadcast(self, stanza: etree._Element, session: Session, initial: bool) -> bool:
+    async def on_broadcast(
+        self, stanza: etree._Element, session: ClientSession, initial: bool
+    ) -> bool:
         if stanza.get("type") == "unavailable":
             self._negative.discard(session)
             return False
@@ -270,14 +272,14 @@ class Offline(Module):
             return False
         self._negative.discard(session)
         if initial or was_negative:
-            self.host.router.spawn(self.deliver_stored(session))
+            self.host.spawn(self.deliver_stored(session))
         return False  # never stop the chain: presence still goes to contacts
 
-    async def on_closed(self, session: Session) -> bool:
+    async def on_closed(self, session: ClientSession) -> bool:
         self._negative.discard(session)
         return False
 
-    async def deliver_stored(self, session: Session) -> None:
+    async def deliver_stored(self, session: ClientSession) -> None:
         """Hand `session` every stored message, oldest first, then forget them."""
         user, _, vhost = session.bare.partition("@")
         try:
@@ -291,7 +293,7 @@ class Offline(Module):
             # What was not removed stays stored and comes at the next login.
             self.log.error("delivering offline messages to %s failed: %s", session.jid, exc)
 
-    async def _deliver_page(self, session: Session) -> bool:
+    async def _deliver_page(self, session: ClientSession) -> bool:
         """Deliver and remove up to PAGE messages; False when done or the session left."""
         user, _, vhost = session.bare.partition("@")
         items = self.host.items(vhost, STORE)
@@ -307,8 +309,8 @@ class Offline(Module):
         for item, key in zip(page.items, keys, strict=True):
             stanza = self._parse(data.get(key), item.name)
             if stanza is not None:
-                self.host.router.ledger.replayed += 1
-                self.host.router.deliver(session, stanza)
+                self.host.ledger.replayed += 1
+                self.host.deliver(session, stanza)
         await self._remove(items, user, page.items)
         for key in keys:
             if key:
@@ -352,16 +354,12 @@ class Offline(Module):
                 await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise ConditionFailed(f"{items.namespace}/{user}: could not remove delivered messages")
 
-    def _bound(self, session: Session) -> bool:
+    def _bound(self, session: ClientSession) -> bool:
         """Still connected here and available: delivering to it reaches the client."""
-        router = self.host.router
-        return (
-            session.available
-            and router.sessions.get(session.bare, {}).get(session.resource) is session
-        )
+        return session.available and self.host.is_bound(session)
 
-    def _best_session(self, bare: str) -> Session | None:
-        eligible = [s for s in self.host.router.available_sessions(bare) if s.priority >= 0]
+    def _best_session(self, bare: str) -> ClientSession | None:
+        eligible = [s for s in self.host.available_sessions(bare) if s.priority >= 0]
         return max(eligible, key=lambda s: s.priority) if eligible else None
 
 

@@ -43,13 +43,12 @@ from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import Module
 from xmppd.modules._requests import SubscriptionRequests
 from xmppd.modules.roster import RosterItem, RosterModule, Subscription
-from xmppd.router import SUBSCRIPTION_TYPES
 from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
-    from xmppd.session import Session
+    from xmppd.session import ClientSession
 
 PRE_APPROVAL = "urn:xmpp:features:pre-approval"
 MAX_DIRECTED = 1000  # directed-presence targets remembered per session
@@ -181,7 +180,7 @@ class Presence(Module):
 
     def setup(self) -> None:
         self.host.filter("stanza/out", self._on_out, priority=-100)
-        for kind in SUBSCRIPTION_TYPES:
+        for kind in ns.SUBSCRIPTION_TYPES:
             self.host.hook(f"presence/{kind}", self._make_inbound(kind))  # type: ignore[arg-type]
         self.host.hook("presence/probe", self._on_probe)
         self.host.hook("presence/broadcast", self._on_broadcast)
@@ -189,10 +188,10 @@ class Presence(Module):
         self.host.add_stream_feature("bound", _pre_approval_feature)
         # Sessions whose availability went to their contacts, and the
         # entities each session sent directed available presence to.
-        self._announced: set[Session] = set()
-        self._directed: dict[Session, set[str]] = {}
+        self._announced: set[ClientSession] = set()
+        self._directed: dict[ClientSession, set[str]] = {}
         # One lock per session with a broadcast in hand: its broadcasts go out in order.
-        self._order: weakref.WeakValueDictionary[Session, asyncio.Lock] = (
+        self._order: weakref.WeakValueDictionary[ClientSession, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
         self.requests = SubscriptionRequests(self.host)
@@ -206,7 +205,7 @@ class Presence(Module):
 
     # --- what the user sends ---------------------------------------------------------------
 
-    def _on_out(self, stanza: etree._Element, session: Session) -> bool:
+    def _on_out(self, stanza: etree._Element, session: ClientSession) -> bool:
         if stanza.tag != ns.C_PRESENCE:
             return True
         to = stanza.get("to")
@@ -217,12 +216,12 @@ class Presence(Module):
         except InvalidJID:
             return True  # the router answers jid-malformed
         type_ = stanza.get("type")
-        if type_ in SUBSCRIPTION_TYPES:
+        if type_ in ns.SUBSCRIPTION_TYPES:
             if target.bare == session.bare or (
-                not target.user and target.domain in self.host.router.hosts
+                not target.user and self.host.serves(target.domain)
             ):
                 return False  # no subscriptions to oneself or to this server
-            self.host.router.spawn(self._outbound(stanza, session, type_, target.bare))  # type: ignore[arg-type]
+            self.host.spawn(self._outbound(stanza, session, type_, target.bare))  # type: ignore[arg-type]
             return False
         if target.bare != session.bare:
             if type_ is None:
@@ -234,7 +233,7 @@ class Presence(Module):
         return True
 
     async def _outbound(
-        self, stanza: etree._Element, session: Session, kind: Kind, contact: str
+        self, stanza: etree._Element, session: ClientSession, kind: Kind, contact: str
     ) -> None:
         owner = session.bare
         route = False
@@ -271,7 +270,7 @@ class Presence(Module):
     async def _no_such_user(self, owner: str, contact: str) -> None:
         """A request to a local account that does not exist is answered "unsubscribed" (8.5.1)."""
         jid = JID(contact)
-        if jid.domain in self.host.router.hosts and not await self.host.router.user_exists(
+        if self.host.serves(jid.domain) and not await self.host.user_exists(
             jid.domain, jid.user
         ):
             self.host.route(_presence("unsubscribed", contact, owner))
@@ -313,8 +312,8 @@ class Presence(Module):
             out = copy.deepcopy(stanza)
             out.set("from", contact)
             out.set("to", owner)
-            for session in self.host.router.available_sessions(owner):
-                self.host.router.deliver(session, copy.deepcopy(out))
+            for session in self.host.available_sessions(owner):
+                self.host.deliver(session, copy.deepcopy(out))
             if kind == "subscribe":
                 await self._keep_request(owner, contact, out)
         if _answered(before, after):
@@ -349,7 +348,9 @@ class Presence(Module):
 
     # --- the user's own availability -------------------------------------------------------
 
-    async def _on_broadcast(self, stanza: etree._Element, origin: Session, initial: bool) -> bool:
+    async def _on_broadcast(
+        self, stanza: etree._Element, origin: ClientSession, initial: bool
+    ) -> bool:
         # Each broadcast waits on storage (the roster): without the lock, an
         # available presence and the unavailable right after it could reach
         # contacts the other way round and leave the user online for them.
@@ -360,7 +361,9 @@ class Presence(Module):
             await self._broadcast(stanza, origin, initial)
         return False
 
-    async def _broadcast(self, stanza: etree._Element, origin: Session, initial: bool) -> None:
+    async def _broadcast(
+        self, stanza: etree._Element, origin: ClientSession, initial: bool
+    ) -> None:
         owner = origin.bare
         if stanza.get("type") == "unavailable":
             # Take the session's state before the first await: "session/closed" may run next.
@@ -379,12 +382,12 @@ class Presence(Module):
         self._announced.add(origin)
         if initial:
             # RFC 6121 4.2.2: the new resource learns about the user's other resources.
-            for other in self.host.router.available_sessions(owner):
+            for other in self.host.available_sessions(owner):
                 if other is not origin and other.presence is not None:
                     presence = copy.deepcopy(other.presence)
                     presence.set("from", other.jid)
                     presence.set("to", origin.jid)
-                    self.host.router.deliver(origin, presence)
+                    self.host.deliver(origin, presence)
         try:
             roster = await self.roster.get(owner)
         except StorageError as exc:
@@ -401,7 +404,7 @@ class Presence(Module):
             if pending:
                 await self._deliver_requests(origin, pending)
 
-    async def _deliver_requests(self, origin: Session, contacts: list[str]) -> None:
+    async def _deliver_requests(self, origin: ClientSession, contacts: list[str]) -> None:
         """RFC 6121 3.1.3: each request not yet answered, as its sender sent it."""
         owner = origin.bare
         try:
@@ -415,9 +418,9 @@ class Presence(Module):
                 request = _presence("subscribe", contact, owner)
             request.set("from", contact)
             request.set("to", owner)
-            self.host.router.deliver(origin, request)
+            self.host.deliver(origin, request)
 
-    async def _on_session_closed(self, session: Session) -> bool:
+    async def _on_session_closed(self, session: ClientSession) -> bool:
         """A session that never went available still owes its directed presences an unavailable.
 
         One that was available gets the unavailable broadcast the server
@@ -448,7 +451,7 @@ class Presence(Module):
     def _on_roster_change(self, owner: str, item: RosterItem | None, removed: str | None) -> None:
         """A roster entry removed (roster remove, the account removed) takes its request along."""
         if item is None and removed is not None:
-            self.host.router.spawn(self._forget_request(owner, removed))
+            self.host.spawn(self._forget_request(owner, removed))
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         """The subscription requests kept for the account (RFC 6121 3.1.3)."""
@@ -471,7 +474,7 @@ class Presence(Module):
 
     def _send_available(self, owner: str, to: str) -> None:
         """The last presence of each of the user's available resources, to `to`."""
-        for session in self.host.router.available_sessions(owner):
+        for session in self.host.available_sessions(owner):
             if session.presence is not None:
                 presence = copy.deepcopy(session.presence)
                 presence.set("from", session.jid)
@@ -479,7 +482,7 @@ class Presence(Module):
                 self.host.route(presence, bounce=False)
 
     def _send_unavailable(self, owner: str, to: str) -> None:
-        for session in self.host.router.available_sessions(owner):
+        for session in self.host.available_sessions(owner):
             self.host.route(_presence("unavailable", session.jid, to), bounce=False)
 
 

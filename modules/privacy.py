@@ -14,7 +14,7 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.modulehost import IqRequest, Module
-from xmppd.session import Session
+from xmppd.session import ClientSession
 from xmppd.stream.errors import StanzaError
 
 from ._privacy_model import (
@@ -102,7 +102,7 @@ class Privacy(Module):
             raise StanzaError("bad-request", "one <active/>, <default/> or <list/> per request")
         return None
 
-    async def _set_default(self, bare: str, name: str | None, sender: Session | None) -> None:
+    async def _set_default(self, bare: str, name: str | None, sender: ClientSession | None) -> None:
         def change(data: PrivacyData) -> PrivacyData:
             if name is not None and name not in data.lists:
                 raise StanzaError("item-not-found", "no privacy list by that name")
@@ -116,7 +116,9 @@ class Privacy(Module):
 
         await self.engine.update(bare, change)
 
-    async def _set_list(self, bare: str, element: etree._Element, sender: Session | None) -> None:
+    async def _set_list(
+        self, bare: str, element: etree._Element, sender: ClientSession | None
+    ) -> None:
         options: PrivacyOptions = self.options  # type: ignore[assignment]
         name = element.get("name")
         if not name:

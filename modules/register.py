@@ -237,7 +237,7 @@ class Register(Module):
         request.after_reply.append(lambda: self._end_sessions(bare, "the account was removed"))
 
     def _end_sessions(self, bare: str, text: str, keep: str | None = None) -> None:
-        for session in self.host.router.local_sessions(bare):
+        for session in self.host.sessions(bare):
             if session.jid != keep:
                 session.terminate(StreamError("not-authorized", text))
 

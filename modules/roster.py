@@ -41,7 +41,7 @@ from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
-    from xmppd.session import Session
+    from xmppd.session import ClientSession
 
 ROSTER = "jabber:iq:roster"
 ROSTERVER = "urn:xmpp:features:rosterver"
@@ -127,7 +127,7 @@ class RosterModule(Module):
         self.host.hook("session/closed", self._on_session_closed)
         # Interested resources (RFC 6121 2.1.6): sessions that asked for the
         # roster, each with whether it uses versioning (gets 'ver' in pushes).
-        self._interested: dict[str, dict[Session, bool]] = {}
+        self._interested: dict[str, dict[ClientSession, bool]] = {}
         self._listeners: list[ChangeCallback] = []
 
     @property
@@ -303,7 +303,7 @@ class RosterModule(Module):
             self._send_subscription(owner, contact, "unsubscribed")
         if item.subscription in ("from", "both"):
             # The contact no longer may see the user's presence.
-            for session in self.host.router.available_sessions(owner):
+            for session in self.host.available_sessions(owner):
                 presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
                 presence.set("type", "unavailable")
                 presence.set("from", session.jid)
@@ -334,9 +334,9 @@ class RosterModule(Module):
             self.log.error("roster of %s: %s", owner, exc)
             raise StanzaError("internal-server-error", "the roster could not be read") from None
 
-    def _session_of(self, request: IqRequest) -> Session | None:
+    def _session_of(self, request: IqRequest) -> ClientSession | None:
         resource = request.sender.resource
-        return self.host.router.sessions.get(request.sender.bare, {}).get(resource)
+        return self.host.session(request.sender.bare, resource)
 
     # --- limits, pushes, listeners --------------------------------------------------------
 
@@ -381,9 +381,8 @@ class RosterModule(Module):
         interested = self._interested.get(owner)
         if not interested:
             return
-        bound = self.host.router.sessions.get(owner, {})
         for session, uses_ver in list(interested.items()):
-            if bound.get(session.resource) is not session:
+            if not self.host.is_bound(session):
                 continue
             iq = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
             iq.set("type", "set")
@@ -393,9 +392,9 @@ class RosterModule(Module):
             if uses_ver:
                 query.set("ver", version)
             query.append(copy.deepcopy(element))
-            self.host.router.deliver(session, iq)
+            self.host.deliver(session, iq)
 
-    async def _on_session_closed(self, session: Session) -> None:
+    async def _on_session_closed(self, session: ClientSession) -> None:
         interested = self._interested.get(session.bare)
         if interested is not None:
             interested.pop(session, None)

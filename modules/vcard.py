@@ -25,7 +25,7 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from xmppd.modulehost import IqRequest, Module, storage_call
-from xmppd.session import Session
+from xmppd.session import ClientSession
 from xmppd.storage.base import Blob, BlobStore, ConditionFailed, StorageError
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
@@ -62,7 +62,7 @@ class VCard(Module):
         # bare JID -> photo SHA-1 (hex), "" for "no photo", None when it could not be read
         self._photo: dict[str, str | None] = {}
         self._loading: set[str] = set()
-        self._held: dict[Session, list[etree._Element]] = {}  # presences waiting for a load
+        self._held: dict[ClientSession, list[etree._Element]] = {}  # presences waiting for a load
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.host.add_feature(VCARD)
         self.host.iq(VCARD, "get", self.get, to="account")
@@ -84,7 +84,7 @@ class VCard(Module):
         if request.from_owner:
             # XEP-0054 3.1 allows an empty vCard for one's own: clients handle it best.
             return etree.Element(_VCARD_TAG, nsmap={None: VCARD})
-        if not await self.host.router.user_exists(request.host, user):
+        if not await self.host.user_exists(request.host, user):
             raise StanzaError("service-unavailable")
         raise StanzaError("item-not-found", "this user has no vCard")
 
@@ -108,7 +108,7 @@ class VCard(Module):
             await storage_call(
                 self._write(self._store(request.host), bare.split("@", 1)[0], data), "vCard"
             )
-            if self.host.router.local_sessions(bare):
+            if self.host.sessions(bare):
                 self._photo[bare] = photo
 
     def _store(self, vhost: str) -> BlobStore:
@@ -137,7 +137,7 @@ class VCard(Module):
 
     # --- the avatar hash in outgoing presence ---------------------------------------------
 
-    def _presence_out(self, stanza: etree._Element, session: Session) -> bool:
+    def _presence_out(self, stanza: etree._Element, session: ClientSession) -> bool:
         if stanza.tag != ns.C_PRESENCE:
             return True
         held = self._held.get(session)
@@ -157,7 +157,7 @@ class VCard(Module):
     def _load_soon(self, vhost: str, bare: str) -> None:
         if bare not in self._loading:
             self._loading.add(bare)
-            self.host.router.spawn(self._load_and_release(vhost, bare))
+            self.host.spawn(self._load_and_release(vhost, bare))
 
     async def _load_and_release(self, vhost: str, bare: str) -> None:
         try:
@@ -176,22 +176,21 @@ class VCard(Module):
             log.warning("avatar hash of %s unavailable: %s", bare, exc)
             photo = None
         # A vCard set that finished meanwhile wrote a newer value: keep it.
-        if self._photo.get(bare) is None and self.host.router.local_sessions(bare):
+        if self._photo.get(bare) is None and self.host.sessions(bare):
             self._photo[bare] = photo
 
     def _release(self, bare: str) -> None:
         """Route the presences held for `bare`'s sessions, now that the hash is known."""
-        router = self.host.router
         for session in [s for s in self._held if s.bare == bare]:
             stanzas = self._held.pop(session)
-            if router.sessions.get(bare, {}).get(session.resource) is not session:
+            if not self.host.is_bound(session):
                 continue  # the session ended while its presence waited
             if bare not in self._photo:
                 self._photo[bare] = None  # never hold again for a load that cannot land
             for stanza in stanzas:
-                router.route(stanza, session)
+                self.host.route(stanza, session)
 
-    def _ending(self, session: Session) -> bool:
+    def _ending(self, session: ClientSession) -> bool:
         """The stream closed while presences waited for the hash: route them now, in order.
 
         The client sent them before it left: an unavailable presence with a
@@ -203,19 +202,19 @@ class VCard(Module):
         if stanzas:
             self._photo.setdefault(session.bare, None)  # never hold them again
             for stanza in stanzas:
-                self.host.router.route(stanza, session)
+                self.host.route(stanza, session)
         return True
 
     # --- session and account events -----------------------------------------------------
 
-    async def _bound(self, session: Session) -> None:
+    async def _bound(self, session: ClientSession) -> None:
         # Spawned, not awaited: a slow store must not hold up other modules' session/bound.
         if self._photo.get(session.bare) is None:
             self._load_soon(session.host, session.bare)
 
-    async def _closed(self, session: Session) -> None:
+    async def _closed(self, session: ClientSession) -> None:
         self._held.pop(session, None)
-        if not self.host.router.local_sessions(session.bare):
+        if not self.host.sessions(session.bare):
             self._photo.pop(session.bare, None)
 
     async def remove_user(self, vhost: str, username: str) -> bool:

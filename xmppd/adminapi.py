@@ -164,7 +164,7 @@ class AdminAPI:
                 "pid": os.getpid(),
                 "hosts": list(server.config.hosts),
                 "connections": len(server.connections),
-                "sessions": sum(len(r) for r in server.router.sessions.values()),
+                "sessions": server.router.directory.count(),
                 "uptime": round(time.monotonic() - self._started, 1),
                 "messages": server.router.ledger.snapshot(),
             }

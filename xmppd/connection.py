@@ -1,9 +1,10 @@
 """A client connection: the asyncio transport around one sans-IO C2SStream.
 
-This is the application half: it decides what the stream cannot (TLS
-start, credential checks against storage, resource binding with the
-router) and is the Session the router delivers to. Output is coalesced:
-stanzas delivered during one loop iteration leave in one write.
+This is the application half: it starts TLS when the stream asks, hands
+the login to `StreamLogin` (SASL, throttle, bind) and, once bound, is the
+`Transport` of its `ClientSession`: the router delivers to the session, the
+session writes here. Output is coalesced: stanzas delivered during one
+loop iteration leave in one write.
 """
 
 from __future__ import annotations
@@ -15,16 +16,11 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from xmppd.auth.accounts import InvalidUsername, normalize_username
-from xmppd.jid import JID, InvalidJID
-from xmppd.sasl import SASLFailure
+from xmppd.auth.login import StreamLogin
 from xmppd.sasl.channel_binding import connection_channel_bindings
-from xmppd.sasl.mechanisms import scram_hash_of
-from xmppd.sasl.plain import parse_plain
-from xmppd.sasl.scram import ScramServer
-from xmppd.storage.base import StorageError
+from xmppd.session import ClientSession
 from xmppd.stream import c2s
-from xmppd.stream.errors import StanzaError, StreamError, error_from
+from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
@@ -49,21 +45,11 @@ class C2SConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.ip = "?"
         self.stream = c2s.C2SStream(server.stream_settings(direct_tls))
-        # Session attributes (xmppd.session.Session)
-        self.jid = ""
-        self.bare = ""
-        self.resource = ""
-        self.host = ""
-        self.available = False
-        self.priority = 0
-        self.presence: etree._Element | None = None
-        self._scram: ScramServer | None = None
-        self._pending_mechanism: str | None = None  # <auth/> came without initial response
-        self._auth_task: asyncio.Task[None] | None = None
+        self.session: ClientSession | None = None  # once a resource is bound
+        self.login: StreamLogin | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._queued_messages = 0  # message stanzas in the stream's output, not yet written
-        self._input_holds = 0  # hold_input() calls not yet released: reading is paused
         self._max_backlog = 4 * server.config.limits.max_stanza_bytes + 65536
         self._counted = False
         self._ended = False
@@ -75,6 +61,7 @@ class C2SConnection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if peer else "?"
+        self.login = StreamLogin(self.server, self.stream, self.ip, self._flush)
         loop = asyncio.get_running_loop()
         self._auth_timer = loop.call_later(
             self.server.config.limits.auth_timeout, self._auth_timeout
@@ -107,8 +94,8 @@ class C2SConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._auth_timer is not None:
             self._auth_timer.cancel()
-        if self._auth_task is not None:
-            self._auth_task.cancel()
+        if self.login is not None:
+            self.login.cancel()
         if self._counted:
             self.server.connection_closed(self)
             self._counted = False
@@ -117,35 +104,32 @@ class C2SConnection(asyncio.BufferedProtocol):
             self._lost_queued()
         self.transport = None
 
-    # --- Session ----------------------------------------------------------------------
+    # --- Transport (of the bound session) --------------------------------------------
 
-    def deliver(self, stanza: etree._Element) -> None:
+    def send(self, stanza: etree._Element) -> bool:
+        if self.stream.closed:
+            return False
         if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
-            ledger = self.server.router.ledger
-            if self.stream.closed:
-                ledger.drop("recipient-gone")
-                return
-            ledger.delivered += 1
+            self.server.router.ledger.delivered += 1
             self._queued_messages += 1
         self.stream.send(stanza)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+        return True
 
-    def terminate(self, error: StreamError) -> None:
+    def close(self, error: StreamError) -> None:
         self.stream.fail(error)
         self._flush()
 
-    def hold_input(self) -> None:
-        self._input_holds += 1
+    def pause_input(self) -> None:
         transport = self.transport
-        if self._input_holds == 1 and transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing():
             transport.pause_reading()
 
-    def release_input(self) -> None:
-        self._input_holds -= 1
+    def resume_input(self) -> None:
         transport = self.transport
-        if self._input_holds == 0 and transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing():
             transport.resume_reading()
 
     # --- stream events ----------------------------------------------------------------
@@ -156,13 +140,13 @@ class C2SConnection(asyncio.BufferedProtocol):
                 stanza = event.stanza
                 if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
                     self.server.router.ledger.received += 1
-                self.server.router.route(stanza, self)
+                self.server.router.route(stanza, self.session)
             elif isinstance(event, c2s.AuthRequested):
-                self._start_auth(event)
+                self.login.start(event)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthResponse):
-                self._continue_auth(event.data)
+                self.login.respond(event.data)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthAborted):
-                self._abort_auth()
+                self.login.abort()  # type: ignore[union-attr]
             elif isinstance(event, c2s.BindRequested):
                 self._bind(event)
             elif isinstance(event, c2s.TLSRequested):
@@ -214,15 +198,33 @@ class C2SConnection(asyncio.BufferedProtocol):
             self.ip, who, error.condition, f" ({error.text})" if error.text else "",
         )
 
+    async def _preauth_iq(self, iq: etree._Element) -> None:
+        reply = await self.server.modules.handle_preauth_iq(iq, self.stream.host or "", self.ip)
+        self.stream.send(reply)
+        self._flush()
+
+    def _bind(self, event: c2s.BindRequested) -> None:
+        assert self.login is not None
+        session = self.login.bind(event, self)
+        if session is None:
+            return
+        self.session = session
+        self.login = None  # its work is done; it would stay with every session
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        self.server.session_started(session)
+
     def _lost_queued(self) -> None:
         """The connection went before queued messages reached its transport."""
         self.server.router.ledger.drop("recipient-gone", self._queued_messages)
         self._queued_messages = 0
 
     def _end_session(self) -> None:
-        if self.jid and not self._ended:
+        session = self.session
+        if session is not None and not self._ended:
             self._ended = True
-            self.server.session_ended(self)
+            self.server.session_ended(session)
 
     async def _start_tls(self) -> None:
         transport = self.transport
@@ -253,182 +255,9 @@ class C2SConnection(asyncio.BufferedProtocol):
         return connection_channel_bindings(ssl_object, self.server.tls.cert_der)
 
     def _auth_timeout(self) -> None:
-        if not self.jid and not self.stream.closed:
+        if self.session is None and not self.stream.closed:
             self.stream.fail(StreamError("connection-timeout", "authenticate and bind in time"))
             self._flush()
-
-    # --- SASL -------------------------------------------------------------------------
-
-    def _start_auth(self, event: c2s.AuthRequested) -> None:
-        if event.data is None:
-            self.stream.sasl_challenge(b"")  # RFC 6120 6.4.2: ask for the initial response
-            self._scram = None
-            self._pending_mechanism = event.mechanism
-            return
-        self._pending_mechanism = None
-        self._auth_task = asyncio.ensure_future(self._auth_first(event.mechanism, event.data))
-
-    def _continue_auth(self, data: bytes) -> None:
-        if self._auth_task is not None and not self._auth_task.done():
-            self._auth_task.cancel()
-            self.stream.sasl_failure("malformed-request", "wait for the server's challenge")
-            return
-        if self._pending_mechanism is not None:
-            mechanism, self._pending_mechanism = self._pending_mechanism, None
-            self._auth_task = asyncio.ensure_future(self._auth_first(mechanism, data))
-        elif self._scram is not None:
-            self._auth_task = asyncio.ensure_future(self._auth_final(data))
-        else:
-            self.stream.sasl_failure("malformed-request")
-
-    def _abort_auth(self) -> None:
-        if self._auth_task is not None:
-            self._auth_task.cancel()
-        self._scram = None
-        self._pending_mechanism = None
-
-    async def _auth_first(self, mechanism: str, data: bytes) -> None:
-        server = self.server
-        host = self.stream.host or ""
-        try:
-            if mechanism == "PLAIN":
-                authzid, username, password = parse_plain(data)
-                username = _account_name(username)
-                if await server.throttle.refused(self.ip, f"{username}@{host}"):
-                    self._refuse_banned()
-                    return
-                if not await server.accounts[host].verify_plain(username, password):
-                    await self._auth_failed(username, "not-authorized")
-                    return
-                await self._authorize(username, authzid, None)
-                return
-            scram = ScramServer(
-                mechanism,
-                self.stream.channel_bindings,
-                plus_offered=any(m.endswith("-PLUS") for m in self.stream.offered),
-                fake_iterations=server.config.auth.scram_iterations,
-                fake_salt_key=server.fake_salt_key,
-            )
-            username = _account_name(scram.start(data))
-            if await server.throttle.refused(self.ip, f"{username}@{host}"):
-                self._refuse_banned()
-                return
-            keys = await server.accounts[host].scram_keys(username, scram_hash_of(mechanism))
-            self.stream.sasl_challenge(scram.challenge(keys))
-            self._scram = scram
-        except SASLFailure as failure:
-            await self._auth_failed(None, failure.condition, failure.text)
-        except (StorageError, ValueError) as exc:
-            # Storage down or stored keys unreadable: the client may retry; nothing was changed.
-            log.error("authentication for %s failed on the server side: %s", self.ip, exc)
-            self.stream.sasl_failure("temporary-auth-failure", "try again later")
-        finally:
-            self._flush()
-
-    async def _auth_final(self, data: bytes) -> None:
-        scram, self._scram = self._scram, None
-        assert scram is not None and scram.authcid is not None
-        username = _account_name(scram.authcid)
-        try:
-            server_final = scram.finish(data)
-        except SASLFailure as failure:
-            await self._auth_failed(username, failure.condition, failure.text)
-        else:
-            await self._authorize(username, scram.authzid, server_final)
-        finally:
-            self._flush()
-
-    async def _authorize(
-        self, username: str, authzid: str | None, additional: bytes | None
-    ) -> None:
-        """Authentication passed: may this user act as `authzid`?
-
-        Only as itself, unless auth.proxy_auth lists it, and then only as an
-        existing account of the same host: acting as an arbitrary identity
-        after authenticating as another is a known CVE class.
-        """
-        host = self.stream.host or ""
-        own = f"{username}@{host}"
-        if authzid is not None:
-            try:
-                target = JID(authzid)
-            except InvalidJID:
-                target = None
-            if target is None or target.bare != own:
-                allowed = (
-                    target is not None
-                    and own in self.server.config.auth.proxy_auth
-                    and target.domain == host
-                    and not target.resource
-                    and await self.server.accounts[host].exists(target.user)
-                )
-                if not allowed:
-                    self.stream.sasl_failure("invalid-authzid", "you may not act as another user")
-                    return
-                username = target.user  # type: ignore[union-attr]
-        if not await self.server.throttle.admit(self.ip, own):
-            self._refuse_banned()
-            return
-        self.stream.sasl_success(username, additional)
-        log.debug("authenticated %s from %s", own, self.ip)
-
-    async def _auth_failed(
-        self, username: str | None, condition: str, text: str | None = None
-    ) -> None:
-        """Answer a failed attempt, after a wait that grows with its address's failures.
-
-        Only <not-authorized/> waits: counted against the address and account
-        when the user name is known, the base delay uncounted when it is not
-        yet. Other conditions (a malformed message) are answered at once and
-        not counted, since they cost no password check.
-        """
-        if condition == "not-authorized":
-            throttle = self.server.throttle
-            delay = throttle.failure_delay
-            if username is not None:
-                delay = await throttle.failed(self.ip, f"{username}@{self.stream.host or ''}")
-            await asyncio.sleep(delay)
-        self.stream.sasl_failure(condition, text)
-
-    def _refuse_banned(self) -> None:
-        """Refuse an attempt from a banned address, without checking its credentials.
-
-        `<temporary-auth-failure/>` (RFC 6120 6.5.12: retry later) says what
-        is true: the refusal ends by itself. `<not-authorized/>` (6.5.10)
-        would tell the client the credentials are wrong, and clients then
-        ask their user for another password that cannot help either; a
-        `<policy-violation/>` stream error would end the stream, which the
-        per-stream retry limit already does after a few attempts. The text
-        says why, for the user who reads the client's error.
-        """
-        self.stream.sasl_failure(
-            "temporary-auth-failure", "too many failed logins from your address; try again later"
-        )
-
-    async def _preauth_iq(self, iq: etree._Element) -> None:
-        reply = await self.server.modules.handle_preauth_iq(iq, self.stream.host or "", self.ip)
-        self.stream.send(reply)
-        self._flush()
-
-    # --- binding ----------------------------------------------------------------------
-
-    def _bind(self, event: c2s.BindRequested) -> None:
-        host = self.stream.host or ""
-        bare = f"{self.stream.username}@{host}"
-        try:
-            full = self.server.router.bind(self, bare, event.resource)
-        except StanzaError as exc:
-            self.stream.send(error_from(event.iq, exc))
-            return
-        self.jid, self.bare, self.host = full, bare, host
-        self.resource = full.split("/", 1)[1]
-        if self._auth_timer is not None:
-            self._auth_timer.cancel()
-            self._auth_timer = None
-        self._auth_task = None  # done: its Task and coroutine would stay with every session
-        self.stream.bound(event.iq, full)
-        self.server.session_started(self)
-
 
 _sweeping: weakref.WeakSet[Server] = weakref.WeakSet()  # nodes whose idle sweep is scheduled
 
@@ -454,14 +283,3 @@ def _idle_sweep(server: Server) -> None:
             conn.stream.release_parser()
     if server.connections:
         _schedule_idle_sweep(server)
-
-
-def _account_name(authcid: str) -> str:
-    """The stored account name for a SASL authcid ("Alice" logs in as "alice").
-
-    A name that is no valid localpart is kept as given: it cannot match an
-    account, and it still counts against the failure limit."""
-    try:
-        return normalize_username(authcid)
-    except InvalidUsername:
-        return authcid

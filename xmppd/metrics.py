@@ -77,7 +77,7 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily(
             "xmppd_sessions",
             "Bound client sessions on this node.",
-            value=sum(len(r) for r in server.router.sessions.values()),
+            value=server.router.directory.count(),
         )
 
 

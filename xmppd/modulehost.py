@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict
 
 from xmppd.auth.accounts import InvalidUsername, normalize_username
 from xmppd.jid import JID
+from xmppd.ledger import MessageLedger
 from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
 from xmppd.stream.errors import StanzaError, error_from, error_reply
 from xmppd.xml import ns
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from xmppd.auth.accounts import Accounts
     from xmppd.config import Config
     from xmppd.router import Router
+    from xmppd.session import ClientSession
     from xmppd.storage.factory import Storage
 
 log = logging.getLogger(__name__)
@@ -272,9 +274,63 @@ class ModuleHost:
     def blobs(self, vhost: str, store: str) -> BlobStore:
         return BlobStore(self.storage.blobs, vhost, store)
 
-    def route(self, stanza: etree._Element, *, bounce: bool = True) -> None:
-        """Route a stanza the server makes; `bounce` False: see `Router.route`."""
-        self.router.route(stanza, bounce=bounce)
+    # --- sessions, delivery and routing: modules go through these, never the router -----
+
+    def session(self, bare: str, resource: str) -> ClientSession | None:
+        """The session bound on bare/resource, if any."""
+        return self.router.directory.get(bare, resource)
+
+    def sessions(self, bare: str) -> list[ClientSession]:
+        """Every bound session of the account, available or not."""
+        return self.router.directory.resources(bare)
+
+    def available_sessions(self, bare: str) -> list[ClientSession]:
+        """The account's sessions that sent initial presence."""
+        return self.router.directory.available(bare)
+
+    def session_count(self) -> int:
+        """How many sessions are bound."""
+        return self.router.directory.count()
+
+    def is_bound(self, session: ClientSession) -> bool:
+        """True while `session` is the one bound on its resource (not ended or replaced)."""
+        return self.router.directory.get(session.bare, session.resource) is session
+
+    def deliver(self, session: ClientSession, stanza: etree._Element) -> bool:
+        """Give a stanza to one session, through the "stanza/in" filters; see Router.deliver."""
+        return self.router.deliver(session, stanza)
+
+    def route(
+        self,
+        stanza: etree._Element,
+        origin: ClientSession | None = None,
+        *,
+        bounce: bool = True,
+    ) -> None:
+        """Route a stanza: one the server makes (no `origin`), or one a module held
+        for a client and now lets go as that client's (`origin`). `bounce` False:
+        see `Router.route`."""
+        self.router.route(stanza, origin, bounce=bounce)
+
+    def bounce(self, stanza: etree._Element, condition: str, text: str | None = None) -> None:
+        """Answer `stanza` with a stanza error, unless it is itself an error."""
+        self.router.bounce(stanza, condition, text)
+
+    def spawn(self, work: Awaitable[object]) -> None:
+        """Run `work` as a task the node tracks (waited for at shutdown, errors logged)."""
+        self.router.spawn(work)
+
+    async def user_exists(self, domain: str, user: str) -> bool:
+        return await self.router.user_exists(domain, user)
+
+    def serves(self, domain: str) -> bool:
+        """True if `domain` is one of this server's virtual hosts."""
+        return domain in self.router.hosts
+
+    @property
+    def ledger(self) -> MessageLedger:
+        """The node's message accounting (copies made, messages stored or replayed)."""
+        return self.router.ledger
 
     # --- what the router and server use ------------------------------------------------
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Protocol
 
 from lxml import etree
 
+from xmppd.directory import LocalDirectory, SessionDirectory
 from xmppd.jid import JID, parse_jid
 from xmppd.ledger import MessageLedger
-from xmppd.session import Session
+from xmppd.session import ClientSession
 from xmppd.stream.errors import StanzaError, StreamError, error_from, error_reply
 from xmppd.xml import ns
 
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
     from xmppd.modulehost import ModuleHost
 
 log = logging.getLogger(__name__)
-
-SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
-
 
 class RemoteRoute(Protocol):
     """Where stanzas for domains this node does not serve go (s2s, later).
@@ -65,49 +62,39 @@ class NoRemote:
 
 class Router:
     def __init__(
-        self, hosts: Collection[str], user_exists: Callable[[str, str], Awaitable[bool]]
+        self,
+        hosts: Collection[str],
+        user_exists: Callable[[str, str], Awaitable[bool]],
+        directory: SessionDirectory | None = None,
     ) -> None:
         self.hosts = frozenset(hosts)
         self.user_exists = user_exists  # (host, username) -> bool
-        self.sessions: dict[str, dict[str, Session]] = {}  # bare JID -> resource -> session
+        self.directory: SessionDirectory = directory if directory is not None else LocalDirectory()
         self.modules: ModuleHost | None = None
         self.remote: RemoteRoute = NoRemote(self)
         self.ledger = MessageLedger()
         # The local session whose stanza route() is handling now (None: the server's
         # own), so that a filter that has to wait can slow that client down.
-        self.current_origin: Session | None = None
+        self.current_origin: ClientSession | None = None
         self._tasks: set[asyncio.Future[object]] = set()
         self._serial: dict[str, deque[Callable[[], Awaitable[object] | None]]] = {}
 
     # --- sessions ----------------------------------------------------------------------
 
-    def bind(self, session: Session, bare: str, resource: str | None) -> str:
-        """Bind `resource` (or a server-made one) for `bare`; returns the full JID.
+    def bind(self, session: ClientSession) -> None:
+        """Make `session` the one bound on its full JID.
 
         An existing session on the same resource is ended with <conflict/>
         (RFC 6120 section 7.7.2.2, "override"): the newest login wins.
         """
-        if resource is None:
-            resource = secrets.token_hex(6)
-        try:
-            full = JID(f"{bare}/{resource}")
-        except Exception:
-            raise StanzaError("bad-request", "malformed resource") from None
-        old = self.sessions.get(bare, {}).get(full.resource)
-        if old is not None and old is not session:
-            self.unbind(old)
+        old = self.directory.add(session)
+        if old is not None:
             old.terminate(StreamError("conflict", "replaced by a new connection on this resource"))
-        self.sessions.setdefault(bare, {})[full.resource] = session
-        return full.full
 
-    def unbind(self, session: Session) -> None:
-        resources = self.sessions.get(session.bare)
-        if resources is not None and resources.get(session.resource) is session:
-            del resources[session.resource]
-            if not resources:
-                del self.sessions[session.bare]
+    def unbind(self, session: ClientSession) -> None:
+        self.directory.remove(session)
 
-    def session_ended(self, session: Session) -> None:
+    def session_ended(self, session: ClientSession) -> None:
         """The client is gone (clean close or dropped TCP): others see it go unavailable.
 
         First the "session/ending" filters hand back what modules still hold
@@ -131,16 +118,10 @@ class Router:
         if modules is not None and modules.has_hook("session/closed"):
             self.spawn(modules.fire("session/closed", session))
 
-    def local_sessions(self, bare: str) -> list[Session]:
-        return list(self.sessions.get(bare, {}).values())
-
-    def available_sessions(self, bare: str) -> list[Session]:
-        return [s for s in self.sessions.get(bare, {}).values() if s.available]
-
     # --- routing -----------------------------------------------------------------------
 
     def route(
-        self, stanza: etree._Element, origin: Session | None = None, *, bounce: bool = True
+        self, stanza: etree._Element, origin: ClientSession | None = None, *, bounce: bool = True
     ) -> None:
         """Send `stanza` where its 'to' says; errors go back to its sender.
 
@@ -158,7 +139,7 @@ class Router:
         finally:
             self.current_origin = previous
 
-    def _route(self, stanza: etree._Element, origin: Session | None, bounce: bool) -> None:
+    def _route(self, stanza: etree._Element, origin: ClientSession | None, bounce: bool) -> None:
         modules = self.modules
         if origin is not None and modules is not None and modules.filters_out:
             if not modules.run_filters("stanza/out", stanza, origin):
@@ -192,15 +173,35 @@ class Router:
         else:
             self._to_bare(stanza, jid)
 
-    def deliver(self, session: Session, stanza: etree._Element) -> None:
-        """Hand a stanza to a local session, through the "stanza/in" filters."""
+    def deliver(self, session: ClientSession, stanza: etree._Element) -> bool:
+        """Hand a stanza to a local session, through the "stanza/in" filters.
+
+        False when the session could not take it (its stream is closing):
+        then the "delivery/failure" hook (stanza, session) decides, and by
+        default a message goes where one for an offline user goes and an IQ
+        request is answered with an error, so nothing vanishes in the gap
+        between a stream closing and its session ending.
+        """
         modules = self.modules
         if modules is not None and modules.filters_in:
             if not modules.run_filters("stanza/in", stanza, session):
-                return
-        session.deliver(stanza)
+                return True
+        if session.deliver(stanza):
+            return True
+        self._serially(session.bare, lambda: self._undelivered(stanza, session))
+        return False
 
-    def _to_self(self, stanza: etree._Element, origin: Session | None) -> None:
+    async def _undelivered(self, stanza: etree._Element, session: ClientSession) -> None:
+        modules = self.modules
+        if modules is not None and await modules.fire("delivery/failure", stanza, session):
+            return
+        type_ = stanza.get("type")
+        if stanza.tag == ns.C_MESSAGE and type_ not in ("error", "groupchat"):
+            await self._unhandled(stanza, "message/offline", session.bare)
+        elif stanza.tag == ns.C_IQ and type_ in ("get", "set"):
+            self.bounce(stanza, "service-unavailable")
+
+    def _to_self(self, stanza: etree._Element, origin: ClientSession | None) -> None:
         """No 'to': the stanza is for the sender's own account (RFC 6120 section 10.3)."""
         if stanza.tag == ns.C_PRESENCE and origin is not None:
             self.broadcast_presence(stanza, origin)
@@ -218,7 +219,7 @@ class Router:
             self.spawn(self._unhandled(stanza, f"{_local(stanza.tag)}/server"))
 
     def _to_full(self, stanza: etree._Element, jid: JID) -> None:
-        session = self.sessions.get(jid.bare, {}).get(jid.resource)
+        session = self.directory.get(jid.bare, jid.resource)
         if session is not None:
             self.deliver(session, stanza)
             return
@@ -229,7 +230,7 @@ class Router:
             elif type_ != "error":
                 self._to_bare(stanza, JID(jid.bare))  # as Prosody and ejabberd do
         elif kind == ns.C_PRESENCE:
-            if type_ in SUBSCRIPTION_TYPES or type_ == "probe":
+            if type_ in ns.SUBSCRIPTION_TYPES or type_ == "probe":
                 self._to_bare(stanza, JID(jid.bare))
         elif type_ in ("get", "set"):
             self.bounce(stanza, "service-unavailable")
@@ -239,7 +240,7 @@ class Router:
         if stanza.tag == ns.C_IQ:
             self.spawn(self._iq_to_account(stanza, bare, stanza.get("from") or ""))
             return
-        if bare not in self.sessions:
+        if not self.directory.has(bare):
             self._serially(bare, lambda: self._to_bare_unknown(stanza, jid))
             return
         self._deliver_bare(stanza, jid)
@@ -253,11 +254,11 @@ class Router:
         self._deliver_bare(stanza, jid)
 
     def _deliver_bare(self, stanza: etree._Element, jid: JID) -> None:
-        available = [s for s in self.sessions.get(jid.bare, {}).values() if s.available]
+        available = self.directory.available(jid.bare)
         type_ = stanza.get("type")
         if stanza.tag == ns.C_PRESENCE:
             if (
-                (type_ in SUBSCRIPTION_TYPES or type_ == "probe")
+                (type_ in ns.SUBSCRIPTION_TYPES or type_ == "probe")
                 and self.modules is not None
                 and self.modules.has_hook(f"presence/{type_}")
             ):
@@ -270,7 +271,7 @@ class Router:
                 # An error about a subscription request the account sent (stamped
                 # with its bare JID, RFC 6121 3.1.2) reaches the client that sent
                 # it, even one that has not sent presence yet.
-                available = self.local_sessions(jid.bare)
+                available = self.directory.resources(jid.bare)
             if type_ != "probe":
                 for session in available:
                     self.deliver(session, stanza)
@@ -322,7 +323,7 @@ class Router:
         finally:
             del self._serial[bare]
 
-    def broadcast_presence(self, stanza: etree._Element, origin: Session) -> None:
+    def broadcast_presence(self, stanza: etree._Element, origin: ClientSession) -> None:
         """Presence without 'to': the client's own availability (RFC 6121 section 4.2).
 
         Every available resource of the user gets it here, the sender itself
@@ -342,7 +343,7 @@ class Router:
         if type_ not in (None, "unavailable"):
             self.bounce(stanza, "bad-request", "presence of this type needs a 'to'")
             return
-        bound = self.sessions.get(origin.bare, {}).get(origin.resource) is origin
+        bound = self.directory.get(origin.bare, origin.resource) is origin
         if type_ is None and not bound:
             return
         modules = self.modules
@@ -355,7 +356,7 @@ class Router:
             origin.priority = int(stanza.findtext(f"{{{ns.CLIENT}}}priority") or 0)
         except ValueError:
             origin.priority = 0
-        for session in self.local_sessions(origin.bare):
+        for session in self.directory.resources(origin.bare):
             if session.available or session is origin:
                 self.deliver(session, stanza)
         if modules is not None and modules.has_hook("presence/broadcast"):

@@ -22,7 +22,7 @@ from xmppd.connection import C2SConnection
 from xmppd.modulehost import ModuleHost
 from xmppd.pauses import PauseMonitor
 from xmppd.router import Router
-from xmppd.session import Session
+from xmppd.session import ClientSession
 from xmppd.storage.base import ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
 from xmppd.stream.c2s import StreamSettings
@@ -137,7 +137,7 @@ class Server:
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            conn.terminate(StreamError("system-shutdown", "the server is shutting down"))
+            conn.close(StreamError("system-shutdown", "the server is shutting down"))
         for server in self._servers:
             await server.wait_closed()
         await self.router.drain()
@@ -200,12 +200,12 @@ class Server:
         if self.per_ip[conn.ip] <= 0:
             del self.per_ip[conn.ip]
 
-    def session_started(self, conn: C2SConnection) -> None:
+    def session_started(self, session: ClientSession) -> None:
         if self.modules.has_hook("session/bound"):
-            self.router.spawn(self.modules.fire("session/bound", conn))
+            self.router.spawn(self.modules.fire("session/bound", session))
 
-    def session_ended(self, conn: C2SConnection) -> None:
-        self.router.session_ended(conn)
+    def session_ended(self, session: ClientSession) -> None:
+        self.router.session_ended(session)
 
     async def end_account_sessions(self, host: str, username: str, error: StreamError) -> int:
         """End every stream authenticated as the account (bound or not yet) with `error`.
@@ -216,17 +216,23 @@ class Server:
         unregister) does not pull the roster from under the presence broadcast.
         """
         bare = f"{username}@{host}"
-        doomed: dict[int, Session] = {id(s): s for s in self.router.local_sessions(bare)}
-        for conn in self.connections:
-            if conn.stream.username == username and conn.stream.host == host:
-                doomed.setdefault(id(conn), conn)
+        sessions = self.router.directory.resources(bare)
+        unbound = [
+            conn
+            for conn in self.connections
+            if conn.session is None
+            and conn.stream.username == username
+            and conn.stream.host == host
+        ]
         before = self.router.pending()
-        for session in doomed.values():
+        for session in sessions:
             session.terminate(error)
+        for conn in unbound:
+            conn.close(error)
         started = self.router.pending() - before
         if started:
             await asyncio.wait(started, timeout=ACCOUNT_CHANGE_SETTLE)
-        return len(doomed)
+        return len(sessions) + len(unbound)
 
     async def _user_exists(self, host: str, username: str) -> bool:
         return await self.accounts[host].exists(username)

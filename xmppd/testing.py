@@ -1,7 +1,7 @@
 """Run modules with no sockets: the pattern every module test uses.
 
 A `ModuleHarness` is a real router and module host over in-memory stores;
-`TestSession` is a real Session that keeps what it is delivered instead of
+`TestSession` is a real ClientSession whose transport keeps what it is delivered instead of
 writing it to a socket. Tests send stanzas as a session would and read what
 the modules routed, in microseconds.
 """
@@ -16,6 +16,7 @@ from xmppd.auth.accounts import Accounts
 from xmppd.config import Config
 from xmppd.modulehost import ModuleHost
 from xmppd.router import Router
+from xmppd.session import ClientSession
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
@@ -28,37 +29,62 @@ STREAM_HEADER = (
 )
 
 
-class TestSession:
+class RecordingTransport:
+    """A Transport that keeps what it is given instead of writing it to a socket."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.received: list[etree._Element] = []
+        self.terminated: StreamError | None = None
+        self.paused = False
+
+    def send(self, stanza: etree._Element) -> bool:
+        self.received.append(stanza)
+        return True
+
+    def close(self, error: StreamError) -> None:
+        self.terminated = error
+
+    def pause_input(self) -> None:
+        self.paused = True
+
+    def resume_input(self) -> None:
+        self.paused = False
+
+
+class TestSession(ClientSession):
     """A bound client session whose deliveries land in `received`."""
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, jid: str) -> None:
-        self.jid = jid
-        self.bare, _, self.resource = jid.partition("/")
-        self.host = self.bare.split("@", 1)[1]
-        self.available = False
-        self.priority = 0
-        self.presence: etree._Element | None = None
-        self.received: list[etree._Element] = []
-        self.terminated: StreamError | None = None
-        self.input_holds = 0  # hold_input() calls not yet released
+        self.recorder = RecordingTransport()
+        super().__init__(jid, self.recorder)
 
-    def deliver(self, stanza: etree._Element) -> None:
-        self.received.append(stanza)
+    @property
+    def received(self) -> list[etree._Element]:
+        return self.recorder.received
 
-    def terminate(self, error: StreamError) -> None:
-        self.terminated = error
+    @received.setter
+    def received(self, stanzas: list[etree._Element]) -> None:
+        self.recorder.received = stanzas
 
-    def hold_input(self) -> None:
-        self.input_holds += 1
+    @property
+    def terminated(self) -> StreamError | None:
+        return self.recorder.terminated
+
+    @property
+    def input_holds(self) -> int:
+        """hold_input() calls not yet released."""
+        return self._input_holds
 
     def release_input(self) -> None:
-        assert self.input_holds > 0, "released more holds than were taken"
-        self.input_holds -= 1
+        assert self._input_holds > 0, "released more holds than were taken"
+        super().release_input()
 
     def take(self) -> list[etree._Element]:
-        received, self.received = self.received, []
+        received, self.recorder.received = self.recorder.received, []
         return received
 
 
@@ -90,7 +116,7 @@ class ModuleHarness:
     def session(self, jid: str, available: bool = True) -> TestSession:
         session = TestSession(jid)
         self.users.add(session.bare)
-        self.router.bind(session, session.bare, session.resource)
+        self.router.bind(session)
         session.available = available
         return session
 

@@ -70,7 +70,7 @@ async def test_passwd_ends_sessions_and_the_new_password_works_at_once(
     assert out.splitlines()[1].startswith("ended 2 session(s) on the node at http://127.0.0.1:")
     assert await ended(dave) == ["not-authorized"]
     assert await ended(phone) == ["not-authorized"]
-    assert not server.router.local_sessions("dave@localhost")
+    assert not server.router.directory.resources("dave@localhost")
 
     refused = await connect(server, "dave@localhost", "dave-secret", expect_failure=True)
     await close(refused)

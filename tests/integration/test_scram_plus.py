@@ -73,7 +73,7 @@ async def test_plus_with_wrong_binding_data_fails(server: Server) -> None:
     await raw.send(f"<response xmlns='{SASL}'>{final}</response>")
     answer = await raw.read_until(b"</failure>")
     assert b"<not-authorized/>" in answer
-    assert "alice@localhost" not in server.router.sessions
+    assert not server.router.directory.has("alice@localhost")
     await raw.close()
 
 

@@ -326,11 +326,12 @@ class SelfDestructingSession(TestSession):
         self.router = router
         self.limit = limit
 
-    def deliver(self, stanza: etree._Element) -> None:
+    def deliver(self, stanza: etree._Element) -> bool:
         super().deliver(stanza)
         if len(self.received) == self.limit:
             self.router.unbind(self)
             self.available = False
+        return True
 
 
 async def test_session_gone_mid_delivery_keeps_the_rest(harness: ModuleHarness) -> None:
@@ -340,7 +341,7 @@ async def test_session_gone_mid_delivery_keeps_the_rest(harness: ModuleHarness) 
     for n in range(total):
         await harness.send(alice, chat("bob@localhost", f"m{n}"))
     bob = SelfDestructingSession("bob@localhost/b", harness.router, PAGE)
-    harness.router.bind(bob, bob.bare, bob.resource)
+    harness.router.bind(bob)
     bob.available = True
     await module.deliver_stored(bob)
     assert bodies(bob.take()) == [f"m{n}" for n in range(PAGE)]

@@ -19,3 +19,6 @@ C_IQ = f"{{{CLIENT}}}iq"
 C_ERROR = f"{{{CLIENT}}}error"
 STANZA_TAGS = frozenset({C_MESSAGE, C_PRESENCE, C_IQ})
 XML_LANG = f"{{{XML}}}lang"
+
+SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
+"""Presence types that manage a subscription (RFC 6121 section 3), routed to the bare JID."""

@@ -1,0 +1,234 @@
+"""Logging a client in: SASL, the authentication throttle and resource binding.
+
+One place for every transport. A TCP/TLS connection today, a WebSocket
+later, hands the sans-IO stream's events here and gets a bound
+`ClientSession` back; none of them carries its own copy of the rules about
+who may act as whom, how failures slow an attacker down, or which
+resource wins a conflict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from xmppd.auth.accounts import InvalidUsername, normalize_username
+from xmppd.jid import JID, InvalidJID
+from xmppd.sasl import SASLFailure
+from xmppd.sasl.mechanisms import scram_hash_of
+from xmppd.sasl.plain import parse_plain
+from xmppd.sasl.scram import ScramServer
+from xmppd.session import ClientSession, Transport
+from xmppd.storage.base import StorageError
+from xmppd.stream import c2s
+from xmppd.stream.errors import StanzaError, error_from
+
+if TYPE_CHECKING:
+    from xmppd.server import Server
+
+log = logging.getLogger("xmppd.connection")
+
+
+class StreamLogin:
+    """The login of one client stream, from <auth/> to a bound resource.
+
+    `output` is called after every asynchronous step that queued something on
+    the stream (a challenge, a failure after its delay), so the transport
+    writes it.
+    """
+
+    def __init__(
+        self, node: Server, stream: c2s.C2SStream, ip: str, output: Callable[[], None]
+    ) -> None:
+        self.node = node
+        self.stream = stream
+        self.ip = ip
+        self._output = output
+        self._scram: ScramServer | None = None
+        self._pending_mechanism: str | None = None  # <auth/> came without initial response
+        self._auth_task: asyncio.Task[None] | None = None
+
+    def cancel(self) -> None:
+        """The stream is gone: stop whatever exchange is in flight."""
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+            self._auth_task = None
+
+    def start(self, event: c2s.AuthRequested) -> None:
+        if event.data is None:
+            self.stream.sasl_challenge(b"")  # RFC 6120 6.4.2: ask for the initial response
+            self._scram = None
+            self._pending_mechanism = event.mechanism
+            return
+        self._pending_mechanism = None
+        self._auth_task = asyncio.ensure_future(self._auth_first(event.mechanism, event.data))
+
+    def respond(self, data: bytes) -> None:
+        if self._auth_task is not None and not self._auth_task.done():
+            self._auth_task.cancel()
+            self.stream.sasl_failure("malformed-request", "wait for the server's challenge")
+            return
+        if self._pending_mechanism is not None:
+            mechanism, self._pending_mechanism = self._pending_mechanism, None
+            self._auth_task = asyncio.ensure_future(self._auth_first(mechanism, data))
+        elif self._scram is not None:
+            self._auth_task = asyncio.ensure_future(self._auth_final(data))
+        else:
+            self.stream.sasl_failure("malformed-request")
+
+    def abort(self) -> None:
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+        self._scram = None
+        self._pending_mechanism = None
+
+    async def _auth_first(self, mechanism: str, data: bytes) -> None:
+        server = self.node
+        host = self.stream.host or ""
+        try:
+            if mechanism == "PLAIN":
+                authzid, username, password = parse_plain(data)
+                username = _account_name(username)
+                if await server.throttle.refused(self.ip, f"{username}@{host}"):
+                    self._refuse_banned()
+                    return
+                if not await server.accounts[host].verify_plain(username, password):
+                    await self._auth_failed(username, "not-authorized")
+                    return
+                await self._authorize(username, authzid, None)
+                return
+            scram = ScramServer(
+                mechanism,
+                self.stream.channel_bindings,
+                plus_offered=any(m.endswith("-PLUS") for m in self.stream.offered),
+                fake_iterations=server.config.auth.scram_iterations,
+                fake_salt_key=server.fake_salt_key,
+            )
+            username = _account_name(scram.start(data))
+            if await server.throttle.refused(self.ip, f"{username}@{host}"):
+                self._refuse_banned()
+                return
+            keys = await server.accounts[host].scram_keys(username, scram_hash_of(mechanism))
+            self.stream.sasl_challenge(scram.challenge(keys))
+            self._scram = scram
+        except SASLFailure as failure:
+            await self._auth_failed(None, failure.condition, failure.text)
+        except (StorageError, ValueError) as exc:
+            # Storage down or stored keys unreadable: the client may retry; nothing was changed.
+            log.error("authentication for %s failed on the server side: %s", self.ip, exc)
+            self.stream.sasl_failure("temporary-auth-failure", "try again later")
+        finally:
+            self._output()
+
+    async def _auth_final(self, data: bytes) -> None:
+        scram, self._scram = self._scram, None
+        assert scram is not None and scram.authcid is not None
+        username = _account_name(scram.authcid)
+        try:
+            server_final = scram.finish(data)
+        except SASLFailure as failure:
+            await self._auth_failed(username, failure.condition, failure.text)
+        else:
+            await self._authorize(username, scram.authzid, server_final)
+        finally:
+            self._output()
+
+    async def _authorize(
+        self, username: str, authzid: str | None, additional: bytes | None
+    ) -> None:
+        """Authentication passed: may this user act as `authzid`?
+
+        Only as itself, unless auth.proxy_auth lists it, and then only as an
+        existing account of the same host: acting as an arbitrary identity
+        after authenticating as another is a known CVE class.
+        """
+        host = self.stream.host or ""
+        own = f"{username}@{host}"
+        if authzid is not None:
+            try:
+                target = JID(authzid)
+            except InvalidJID:
+                target = None
+            if target is None or target.bare != own:
+                allowed = (
+                    target is not None
+                    and own in self.node.config.auth.proxy_auth
+                    and target.domain == host
+                    and not target.resource
+                    and await self.node.accounts[host].exists(target.user)
+                )
+                if not allowed:
+                    self.stream.sasl_failure("invalid-authzid", "you may not act as another user")
+                    return
+                username = target.user  # type: ignore[union-attr]
+        if not await self.node.throttle.admit(self.ip, own):
+            self._refuse_banned()
+            return
+        self.stream.sasl_success(username, additional)
+        log.debug("authenticated %s from %s", own, self.ip)
+
+    async def _auth_failed(
+        self, username: str | None, condition: str, text: str | None = None
+    ) -> None:
+        """Answer a failed attempt, after a wait that grows with its address's failures.
+
+        Only <not-authorized/> waits: counted against the address and account
+        when the user name is known, the base delay uncounted when it is not
+        yet. Other conditions (a malformed message) are answered at once and
+        not counted, since they cost no password check.
+        """
+        if condition == "not-authorized":
+            throttle = self.node.throttle
+            delay = throttle.failure_delay
+            if username is not None:
+                delay = await throttle.failed(self.ip, f"{username}@{self.stream.host or ''}")
+            await asyncio.sleep(delay)
+        self.stream.sasl_failure(condition, text)
+
+    def _refuse_banned(self) -> None:
+        """Refuse an attempt from a banned address, without checking its credentials.
+
+        `<temporary-auth-failure/>` (RFC 6120 6.5.12: retry later) says what
+        is true: the refusal ends by itself. `<not-authorized/>` (6.5.10)
+        would tell the client the credentials are wrong, and clients then
+        ask their user for another password that cannot help either; a
+        `<policy-violation/>` stream error would end the stream, which the
+        per-stream retry limit already does after a few attempts. The text
+        says why, for the user who reads the client's error.
+        """
+        self.stream.sasl_failure(
+            "temporary-auth-failure", "too many failed logins from your address; try again later"
+        )
+
+    def bind(self, event: c2s.BindRequested, transport: Transport) -> ClientSession | None:
+        """Bind the requested resource (or one the server makes) on `transport`.
+
+        A resource that makes no valid JID is refused with <bad-request/> on
+        the stream; a session already on that resource is replaced (Router.bind).
+        """
+        host = self.stream.host or ""
+        bare = f"{self.stream.username}@{host}"
+        try:
+            full = JID(f"{bare}/{event.resource or secrets.token_hex(6)}").full
+        except InvalidJID:
+            self.stream.send(error_from(event.iq, StanzaError("bad-request", "malformed resource")))
+            return None
+        session = ClientSession(full, transport)
+        self.node.router.bind(session)
+        self._auth_task = None  # done: its Task and coroutine would stay with every session
+        self.stream.bound(event.iq, full)
+        return session
+
+
+def _account_name(authcid: str) -> str:
+    """The stored account name for a SASL authcid ("Alice" logs in as "alice").
+
+    A name that is no valid localpart is kept as given: it cannot match an
+    account, and it still counts against the failure limit."""
+    try:
+        return normalize_username(authcid)
+    except InvalidUsername:
+        return authcid
