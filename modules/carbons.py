@@ -1,15 +1,15 @@
 """Message Carbons (XEP-0280): every resource of a user sees the whole conversation.
 
-A session opts in with <enable/> (state kept in memory, per session: it
-ends with the session). Two filters do the work:
+A session opts in with <enable/> (a flag in the session's own state: it
+ends with the session). Two handlers do the work, each once per message:
 
-* "stanza/out" sees what a client sends: eligible messages are copied,
-  wrapped in <sent/>, to the user's other opted-in resources;
-* "stanza/in" sees every delivery to a local session: eligible messages are
-  copied, wrapped in <received/>, to the user's other opted-in resources
-  that do not get the original themselves. A message to the bare JID is
-  delivered once per top-priority resource; the filter runs for each of
-  those deliveries but sends the copies only on the first.
+* the "stanza/out" filter sees what a client sends: eligible messages are
+  copied, wrapped in <sent/>, to the user's other opted-in resources;
+* "message/delivered" comes after the router delivered a message to a
+  local account, with the resources the delivery rules chose: eligible
+  messages are copied, wrapped in <received/>, to the user's other
+  opted-in resources that did not get the original themselves. Before
+  that, a handler on "message/bare" and "message/full" strips <private/>.
 
 Eligibility follows XEP-0280 section 6: chat messages, normal messages with
 a body or with IM payloads (chat states, receipts, markers, invitations,
@@ -27,8 +27,9 @@ from collections import OrderedDict
 
 from lxml import etree
 
+from xmppd.events import HIGHEST
 from xmppd.jid import JID, InvalidJID
-from xmppd.modulehost import IqRequest, Module
+from xmppd.modulehost import IqRequest, Module, Routed
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
@@ -36,7 +37,6 @@ from xmppd.xml import ns
 CARBONS = "urn:xmpp:carbons:2"
 FORWARD = "urn:xmpp:forward:0"
 HINTS = "urn:xmpp:hints"
-DELAY = "urn:xmpp:delay"
 MUC_USER = "http://jabber.org/protocol/muc#user"
 
 ENABLE, DISABLE = f"{{{CARBONS}}}enable", f"{{{CARBONS}}}disable"
@@ -109,17 +109,17 @@ class Carbons(Module):
     name = "carbons"
 
     def setup(self) -> None:
-        self.enabled: dict[str, set[ClientSession]] = {}  # bare JID -> sessions that opted in
+        # bare JID -> how many of its sessions opted in: the message path asks this
+        # first, so users without carbons cost one dict lookup.
+        self.opted_in: dict[str, int] = {}
         self.recent = RecentIds(RECENT_IDS)
-        # The last message copied on delivery, and to whom: the same element
-        # delivered again (bare JID, several top resources) is not copied twice.
-        self._seen: etree._Element | None = None
-        self._seen_owner = ""
         self.host.add_feature(CARBONS)
         self.host.iq(CARBONS, "set", self.toggle, to="both")
         # Lowest priority: a stanza another filter drops (blocking) is never copied.
         self.host.filter("stanza/out", self.on_out, priority=-100)
-        self.host.filter("stanza/in", self.on_in, priority=-100)
+        self.host.on("message/bare", self.strip_private, priority=HIGHEST)
+        self.host.on("message/full", self.strip_private, priority=HIGHEST)
+        self.host.on("message/delivered", self.on_delivered)
         self.host.hook("session/closed", self.on_closed)
 
     # --- enable / disable --------------------------------------------------------------
@@ -133,27 +133,26 @@ class Carbons(Module):
         session = self.host.session(sender.bare, sender.resource)
         if session is None:
             raise StanzaError("not-allowed", "carbons are for clients of this server")
-        if request.payload.tag == ENABLE:
-            self.enabled.setdefault(session.bare, set()).add(session)
-        else:
-            self._forget(session)
+        self._set(session, request.payload.tag == ENABLE)
 
     async def on_closed(self, session: ClientSession) -> bool:
-        self._forget(session)
+        self._set(session, False)
         return False
 
-    def _forget(self, session: ClientSession) -> None:
-        sessions = self.enabled.get(session.bare)
-        if sessions is not None:
-            sessions.discard(session)
-            if not sessions:
-                del self.enabled[session.bare]
+    def _set(self, session: ClientSession, enabled: bool) -> None:
+        if bool(session.state.get(self.name)) == enabled:
+            return
+        session.state[self.name] = enabled
+        count = self.opted_in.get(session.bare, 0) + (1 if enabled else -1)
+        if count > 0:
+            self.opted_in[session.bare] = count
+        else:
+            self.opted_in.pop(session.bare, None)
 
     def _interested(self, owner: str) -> list[ClientSession]:
-        enabled = self.enabled.get(owner)
-        if not enabled:
+        if owner not in self.opted_in:
             return []
-        return [s for s in self.host.available_sessions(owner) if s in enabled]
+        return [s for s in self.host.available_sessions(owner) if s.state.get(self.name)]
 
     # --- eligibility -------------------------------------------------------------------
 
@@ -200,61 +199,35 @@ class Carbons(Module):
 
     # --- received carbons --------------------------------------------------------------
 
-    def on_in(self, stanza: etree._Element, session: ClientSession) -> bool:
-        if stanza.tag != ns.C_MESSAGE:
-            return True
-        private = _strip_private(stanza)
-        owner = session.bare
-        if stanza is self._seen and owner == self._seen_owner:
-            return True
-        if private:
-            # Mark it: once stripped, a second delivery could not tell it was private.
-            self._seen, self._seen_owner = stanza, owner
-            return True
+    def strip_private(self, routed: Routed) -> bool:
+        """Remove <private/> before any resource sees the message; no copies then."""
+        stanza = routed.stanza
+        for child in stanza:
+            if child.tag == PRIVATE:
+                stanza.remove(child)
+                routed.private = True
+                break
+        return False
+
+    def on_delivered(self, routed: Routed) -> None:
+        if routed.private:
+            return
+        owner = routed.to.bare
         interested = self._interested(owner)
-        if not interested or _replayed(stanza, session.host):
-            return True
+        if not interested:
+            return
+        stanza = routed.stanza
         sender = stanza.get("from")
         peer = _bare(sender) or ""
         msg_id = stanza.get("id") or ""
         if not self._eligible(stanza, ("sent", owner, peer, msg_id)):
-            return True
+            return
         if msg_id and stanza.get("type") != "error":
             self.recent.add(("received", owner, peer, msg_id))
-        has_original = self._recipients(stanza, session)
         for other in interested:
-            if other not in has_original and other.jid != sender:
+            if other not in routed.recipients and other.jid != sender:
                 self.host.ledger.copies += 1
                 self.host.deliver(other, wrap("received", stanza, owner, other.jid))
-        # Set after delivering: the copies pass through this filter too.
-        self._seen, self._seen_owner = stanza, owner
-        return True
-
-    def _recipients(self, stanza: etree._Element, session: ClientSession) -> set[ClientSession]:
-        """The sessions the router gives this message to (RFC 6121 8.5.2)."""
-        to = stanza.get("to") or ""
-        if "/" in to and to.split("/", 1)[1] == session.resource:
-            return {session}
-        # To the bare JID, or to a resource that is gone: highest non-negative priority.
-        eligible = [s for s in self.host.available_sessions(session.bare) if s.priority >= 0]
-        if session not in eligible:
-            return {session}
-        top = max(s.priority for s in eligible)
-        return {s for s in eligible if s.priority == top}
-
-
-def _strip_private(stanza: etree._Element) -> bool:
-    """Remove <private/> (the recipient must not see it); True if there was one."""
-    found = False
-    for child in stanza.findall(PRIVATE):
-        stanza.remove(child)
-        found = True
-    return found
-
-
-def _replayed(stanza: etree._Element, domain: str) -> bool:
-    """Delayed by this server: an offline message delivered at login."""
-    return any(d.get("from") == domain for d in stanza.findall(f"{{{DELAY}}}delay"))
 
 
 MODULE = Carbons

@@ -31,8 +31,10 @@ silently nor skip a module whose hook raised.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
@@ -41,10 +43,12 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict
 
 from xmppd.auth.accounts import InvalidUsername, normalize_username
+from xmppd.events import DEFAULT
 from xmppd.jid import JID
 from xmppd.ledger import MessageLedger
+from xmppd.router import Routed
 from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
-from xmppd.stream.errors import StanzaError, error_from, error_reply
+from xmppd.stream.errors import StanzaError, error_from, error_reply, stanza_error_of
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
@@ -159,19 +163,18 @@ class ModuleHost:
         self.config: Config | None = None
         self.features: dict[Scope, set[str]] = {"server": set(), "account": set()}
         self.identities: list[tuple[str, str, str | None]] = []
+        self.events = router.events
+        self._awaiting: dict[str, tuple[str, asyncio.Future[etree._Element]]] = {}
         self._iq: dict[tuple[str, str, Scope], IqHandler] = {}
-        self._hooks: dict[str, list[tuple[int, Hook]]] = {}
-        self._filters: dict[str, list[tuple[int, Filter]]] = {}
         self._preauth_iq: dict[tuple[str, str], PreAuthHandler] = {}
         self.stream_features: dict[str, list[Callable[[], etree._Element]]] = {
             "preauth": [],
             "bound": [],
         }
-        # The two filter chains on the stanza path, kept as attributes so the
-        # router tests them without a dict lookup per stanza.
-        self.filters_out: list[tuple[int, Filter]] = self._filters.setdefault("stanza/out", [])
-        self.filters_in: list[tuple[int, Filter]] = self._filters.setdefault("stanza/in", [])
-        router.modules = self
+        # IQs to the server and to accounts: dispatched by namespace to the modules,
+        # above the router's own default (service-unavailable).
+        self.events.on("iq/host", self._iq_to_server, DEFAULT + 1)
+        self.events.on("iq/bare", self._iq_to_account, DEFAULT + 1)
 
     # --- the API modules use ---------------------------------------------------------
 
@@ -190,10 +193,19 @@ class ModuleHost:
             self._iq[key] = handler  # type: ignore[index]
 
     def hook(self, event: str, handler: Hook, priority: int = 0) -> None:
-        """Run `handler` on `event`; higher priority first; a True result stops the chain."""
-        handlers = self._hooks.setdefault(event, [])
-        handlers.append((priority, handler))
-        handlers.sort(key=lambda h: -h[0])
+        """Run async `handler` on `event`; higher priority first; a True result stops the chain."""
+        self.events.hook(event, handler, priority)
+
+    def on(self, event: str, handler: Callable[[Routed], bool | None], priority: int = 0) -> None:
+        """Handle a routing event synchronously, before the router's default handler.
+
+        `message/bare`, `message/full`, `message/host` (and the same for
+        `presence` and `iq`) get the `Routed` stanza; True means the handler
+        took it and nothing below runs (the default delivery included).
+        `message/delivered` comes after a message was delivered, once, with
+        `recipients` filled in.
+        """
+        self.events.on(event, handler, priority)
 
     def preauth_iq(
         self, namespace: str, type_: Literal["get", "set"], handler: PreAuthHandler
@@ -224,24 +236,15 @@ class ModuleHost:
         (the result is ignored). A filter that drops a stanza sends any
         error itself. Filters must not block: keep what they need in memory.
         """
-        handlers = self._filters.setdefault(event, [])
-        handlers.append((priority, handler))
-        handlers.sort(key=lambda h: -h[0])
+        self.events.on(event, handler, priority)
 
-    def run_each(self, event: str, *args: Any) -> None:
-        """Run every handler of `event`, each on its own: results are ignored and a
-        handler that raises is logged without stopping the others."""
-        for _, handler in self._filters.get(event, ()):
-            try:
-                handler(*args)
-            except Exception:
-                log.exception("%s handler %r failed", event, handler)
+    @property
+    def filters_in(self) -> list[tuple[int, Filter]]:
+        return self.events.chain("stanza/in")
 
-    def run_filters(self, event: str, *args: Any) -> bool:
-        for _, handler in self._filters.get(event, ()):
-            if not handler(*args):
-                return False
-        return True
+    @property
+    def filters_out(self) -> list[tuple[int, Filter]]:
+        return self.events.chain("stanza/out")
 
     def slow_sender(self) -> Callable[[], None]:
         """Stop reading from the client whose stanza is being routed, until the
@@ -261,6 +264,31 @@ class ModuleHost:
                 origin.release_input()
 
         return release
+
+    async def send_iq(self, iq: etree._Element, timeout: float = 30.0) -> etree._Element:
+        """Send an IQ get/set the server makes and wait for its answer.
+
+        `iq` needs 'to' and 'from' (the server's domain, or an account the
+        module acts for); an id is made when it has none. Returns the result
+        stanza; raises StanzaError with the answer's condition for an error,
+        and TimeoutError when nothing came in `timeout` seconds (the entity
+        may be gone: RFC 6120 does not promise an answer across a failure).
+        """
+        if iq.get("type") not in ("get", "set") or iq.get("to") is None:
+            raise ValueError("send_iq sends an IQ get or set with a 'to'")
+        iq_id = iq.get("id") or secrets.token_hex(8)
+        iq.set("id", iq_id)
+        future: asyncio.Future[etree._Element] = asyncio.get_running_loop().create_future()
+        self._awaiting[iq_id] = (iq.get("to", ""), future)
+        try:
+            self.router.route(iq)
+            async with asyncio.timeout(timeout):
+                answer = await future
+        finally:
+            self._awaiting.pop(iq_id, None)
+        if answer.get("type") == "error":
+            raise stanza_error_of(answer)
+        return answer
 
     def add_feature(self, var: str, to: Scope = "server") -> None:
         self.features[to].add(var)
@@ -335,17 +363,43 @@ class ModuleHost:
     # --- what the router and server use ------------------------------------------------
 
     def has_hook(self, event: str) -> bool:
-        return event in self._hooks
+        return self.events.hooked(event)
 
     async def fire(self, event: str, *args: Any) -> bool:
-        """Run the hooks of `event` in order; True if one of them handled it."""
-        for _, handler in self._hooks.get(event, ()):
-            try:
-                if await handler(*args):
-                    return True
-            except Exception:
-                log.exception("hook %s failed in %r", event, handler)
-        return False
+        """Run the async hooks of `event` in order; True if one of them handled it."""
+        return await self.events.fire_async(event, *args)
+
+    def _iq_to_server(self, routed: Routed) -> bool:
+        if not self._answer(routed.stanza):
+            self.spawn(self.handle_iq(routed.stanza, routed.to.domain, "server"))
+        return True
+
+    def _iq_to_account(self, routed: Routed) -> bool:
+        """The server answers IQs to a bare JID on the account's behalf (RFC 6121 8.5.2)."""
+        stanza = routed.stanza
+        if not self._answer(stanza) and stanza.get("type") in ("get", "set"):
+            self.spawn(self._account_iq(stanza, routed.to.bare))
+        return True
+
+    def _answer(self, stanza: etree._Element) -> bool:
+        """An IQ result or error that answers a `send_iq`: resolve it. True if it was one;
+        results nobody waits for are dropped (RFC 6120 8.2.3: never answered)."""
+        type_ = stanza.get("type")
+        if type_ not in ("result", "error"):
+            return False
+        waiting = self._awaiting.get(stanza.get("id") or "")
+        if waiting is not None and _same_entity(stanza.get("from"), waiting[0]):
+            del self._awaiting[stanza.get("id") or ""]
+            if not waiting[1].done():
+                waiting[1].set_result(stanza)
+        return True
+
+    async def _account_iq(self, stanza: etree._Element, bare: str) -> None:
+        # Another entity asks about this account: privacy and blocking may refuse it.
+        if JID(stanza.get("from") or "").bare != bare and self.events.hooked("iq/account"):
+            if await self.events.fire_async("iq/account", stanza, bare):
+                return
+        await self.handle_iq(stanza, bare, "account")
 
     async def handle_iq(self, stanza: etree._Element, target: str, scope: Scope) -> None:
         type_ = stanza.get("type")
@@ -521,3 +575,12 @@ def validate_module_options(config: Config) -> dict[str, BaseModel]:
 
 def _nothing() -> None:
     return None
+
+
+def _same_entity(answered_by: str | None, asked: str) -> bool:
+    """Is an IQ answer from the entity the request went to? An answer with no 'from'
+    comes from the server itself or an account's bare JID (RFC 6120 10.3.3); else
+    the addresses must match, so another entity cannot answer in its place."""
+    if answered_by is None:
+        return "/" not in asked
+    return answered_by == asked

@@ -1,34 +1,74 @@
 """The one place that decides where a stanza goes (RFC 6120 section 10, RFC 6121 section 8).
 
+The router does not deliver by itself: for each stanza it fires one event
+named by the stanza's kind and address (`message/bare`, `message/full`,
+`message/host`, and the same for `presence` and `iq`; Prosody's
+core_post_stanza is the model), and the rules of RFC 6121 section 8 are
+only the default handlers of those events, at the lowest priority
+(`events.DEFAULT`). A module that handles a kind of stanza differently
+hooks the event above them. Before that, stanzas from local clients pass
+the "stanza/out" filters (privacy, blocking, sent carbons, directed
+presence): the pre-phase. After a message is delivered, "message/delivered"
+tells who got it, once per message (received carbons).
+
 Delivery to a session already bound on this node is synchronous, so a
 client's stanzas keep their order and the message path has no storage round
-trip. Anything that needs storage or a module (an IQ to the server or to an
-account, a message for a user with no available resource) runs as a task.
-Addresses this node does not serve go to `remote`, the seam where cluster
+trip. Anything that needs storage (is there such an account, store it
+offline) runs as a task, in order per recipient. Domains served by a
+component inside the server (`serve_domain`) go to its handler; other
+addresses this node does not serve go to `remote`, the seam where cluster
 forwarding and s2s plug in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from lxml import etree
 
 from xmppd.directory import LocalDirectory, SessionDirectory
+from xmppd.events import DEFAULT, Events
 from xmppd.jid import JID, parse_jid
 from xmppd.ledger import MessageLedger
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StanzaError, StreamError, error_from, error_reply
 from xmppd.xml import ns
 
-if TYPE_CHECKING:
-    from xmppd.modulehost import ModuleHost
-
 log = logging.getLogger(__name__)
+
+_KINDS = {ns.C_MESSAGE: "message", ns.C_PRESENCE: "presence", ns.C_IQ: "iq"}
+_EVENTS = {
+    (tag, address): f"{kind}/{address}"
+    for tag, kind in _KINDS.items()
+    for address in ("bare", "full", "host")
+}
+
+
+@dataclass(slots=True)
+class Routed:
+    """One stanza on its way, as the routing event handlers see it.
+
+    `recipients` are the sessions the delivery rules chose (filled by the
+    default handler before "message/delivered"); `private` is set by a
+    handler when the sender asked that no other resource gets a copy
+    (XEP-0280 <private/>).
+    """
+
+    stanza: etree._Element
+    to: JID
+    origin: ClientSession | None = None
+    bounce: bool = True
+    recipients: list[ClientSession] = field(default_factory=list)
+    private: bool = False
+
+
+ComponentHandler = Callable[[Routed], None]
 
 class RemoteRoute(Protocol):
     """Where stanzas for domains this node does not serve go (s2s, later).
@@ -66,18 +106,34 @@ class Router:
         hosts: Collection[str],
         user_exists: Callable[[str, str], Awaitable[bool]],
         directory: SessionDirectory | None = None,
+        events: Events | None = None,
     ) -> None:
         self.hosts = frozenset(hosts)
         self.user_exists = user_exists  # (host, username) -> bool
         self.directory: SessionDirectory = directory if directory is not None else LocalDirectory()
-        self.modules: ModuleHost | None = None
+        self.events = events if events is not None else Events()
         self.remote: RemoteRoute = NoRemote(self)
+        self.components: dict[str, ComponentHandler] = {}
         self.ledger = MessageLedger()
         # The local session whose stanza route() is handling now (None: the server's
         # own), so that a filter that has to wait can slow that client down.
         self.current_origin: ClientSession | None = None
         self._tasks: set[asyncio.Future[object]] = set()
-        self._serial: dict[str, deque[Callable[[], Awaitable[object] | None]]] = {}
+        self._serial: dict[str, deque[Callable[[], object]]] = {}
+        # The filter chains on the stanza path, held so that no stanza looks them up.
+        self._out = self.events.chain("stanza/out")
+        self._in = self.events.chain("stanza/in")
+        self._delivered = self.events.chain("message/delivered")
+        events = self.events
+        events.on("message/full", self._message_full, DEFAULT)
+        events.on("message/bare", self._message_bare, DEFAULT)
+        events.on("message/host", self._to_host, DEFAULT)
+        events.on("presence/full", self._presence_full, DEFAULT)
+        events.on("presence/bare", self._presence_bare, DEFAULT)
+        events.on("presence/host", self._to_host, DEFAULT)
+        events.on("iq/full", self._iq_full, DEFAULT)
+        events.on("iq/bare", self._iq_unhandled, DEFAULT)
+        events.on("iq/host", self._iq_unhandled, DEFAULT)
 
     # --- sessions ----------------------------------------------------------------------
 
@@ -97,17 +153,15 @@ class Router:
     def session_ended(self, session: ClientSession) -> None:
         """The client is gone (clean close or dropped TCP): others see it go unavailable.
 
-        First the "session/ending" filters hand back what modules still hold
+        First the "session/ending" handlers hand back what modules still hold
         for the session (a presence waiting for its avatar hash), so that
         whatever the server accepted before the stream closed is processed
         now, in order: an unavailable presence sent just before
         </stream:stream> is the session's last word, with its status. Only a
         session still available after that gets a server-made unavailable.
         """
-        modules = self.modules
         try:
-            if modules is not None:
-                modules.run_each("session/ending", session)
+            self.events.notify("session/ending", session)
         finally:
             self.unbind(session)  # whatever a module did, the session is gone
         if session.available:
@@ -115,8 +169,15 @@ class Router:
             presence.set("type", "unavailable")
             presence.set("from", session.jid)
             self.broadcast_presence(presence, session)
-        if modules is not None and modules.has_hook("session/closed"):
-            self.spawn(modules.fire("session/closed", session))
+        if self.events.hooked("session/closed"):
+            self.spawn(self.events.fire_async("session/closed", session))
+
+    def serve_domain(self, domain: str, handler: ComponentHandler) -> None:
+        """Route every stanza addressed to `domain` (a subdomain such as
+        conference.<host>) to `handler`: a component inside the server."""
+        if domain in self.hosts or domain in self.components:
+            raise ValueError(f"{domain} is already served")
+        self.components[domain] = handler
 
     # --- routing -----------------------------------------------------------------------
 
@@ -140,10 +201,10 @@ class Router:
             self.current_origin = previous
 
     def _route(self, stanza: etree._Element, origin: ClientSession | None, bounce: bool) -> None:
-        modules = self.modules
-        if origin is not None and modules is not None and modules.filters_out:
-            if not modules.run_filters("stanza/out", stanza, origin):
-                return
+        if origin is not None and self._out:
+            for _, check in self._out:
+                if not check(stanza, origin):
+                    return
         to = stanza.get("to")
         try:
             if to is None:
@@ -154,24 +215,27 @@ class Router:
             self.reply_error(stanza, exc)
             return
         if jid.domain not in self.hosts:
-            self.remote.route(stanza, bounce)
-        elif not jid.user:
+            component = self.components.get(jid.domain)
+            if component is not None:
+                component(Routed(stanza, jid, origin, bounce))
+            else:
+                self.remote.route(stanza, bounce)
+            return
+        if not jid.user:
             if jid.resource:
                 self.bounce(stanza, "service-unavailable")
-            else:
-                self._to_server(stanza, jid)
-        elif jid.bare in self._serial:
+                return
+            address = "host"
+        else:
+            address = "full" if jid.resource else "bare"
+        event = _EVENTS[(stanza.tag, address)]
+        routed = Routed(stanza, jid, origin, bounce)
+        if jid.user and jid.bare in self._serial:
             # Something for this user still waits on storage (a subscription
             # answer, say): this stanza goes after it, not ahead of it.
-            self._serially(jid.bare, lambda: self._to_user(stanza, jid))
+            self._serially(jid.bare, lambda: self.events.fire(event, routed))
         else:
-            self._to_user(stanza, jid)
-
-    def _to_user(self, stanza: etree._Element, jid: JID) -> None:
-        if jid.resource:
-            self._to_full(stanza, jid)
-        else:
-            self._to_bare(stanza, jid)
+            self.events.fire(event, routed)
 
     def deliver(self, session: ClientSession, stanza: etree._Element) -> bool:
         """Hand a stanza to a local session, through the "stanza/in" filters.
@@ -182,9 +246,8 @@ class Router:
         request is answered with an error, so nothing vanishes in the gap
         between a stream closing and its session ending.
         """
-        modules = self.modules
-        if modules is not None and modules.filters_in:
-            if not modules.run_filters("stanza/in", stanza, session):
+        for _, check in self._in:
+            if not check(stanza, session):
                 return True
         if session.deliver(stanza):
             return True
@@ -192,12 +255,11 @@ class Router:
         return False
 
     async def _undelivered(self, stanza: etree._Element, session: ClientSession) -> None:
-        modules = self.modules
-        if modules is not None and await modules.fire("delivery/failure", stanza, session):
+        if await self.events.fire_async("delivery/failure", stanza, session):
             return
         type_ = stanza.get("type")
         if stanza.tag == ns.C_MESSAGE and type_ not in ("error", "groupchat"):
-            await self._unhandled(stanza, "message/offline", session.bare)
+            await self._offline(stanza, session.bare)
         elif stanza.tag == ns.C_IQ and type_ in ("get", "set"):
             self.bounce(stanza, "service-unavailable")
 
@@ -207,95 +269,128 @@ class Router:
             self.broadcast_presence(stanza, origin)
         elif stanza.tag == ns.C_IQ:
             sender = stanza.get("from") or ""
-            self.spawn(self._iq_to_account(stanza, JID(sender).bare, sender))
+            self.events.fire("iq/bare", Routed(stanza, JID(JID(sender).bare), origin))
         elif stanza.tag == ns.C_MESSAGE and origin is not None:
             # RFC 6120 10.3.1: as if addressed to the sender's bare JID.
-            self._to_bare(stanza, JID(origin.bare))
+            self.events.fire("message/bare", Routed(stanza, JID(origin.bare), origin))
 
-    def _to_server(self, stanza: etree._Element, jid: JID) -> None:
-        if stanza.tag == ns.C_IQ:
-            self.spawn(self._iq_to_server(stanza, jid.domain))
-        elif self.modules is not None:
-            self.spawn(self._unhandled(stanza, f"{_local(stanza.tag)}/server"))
+    # --- the default handlers: RFC 6121 section 8 ----------------------------------------
 
-    def _to_full(self, stanza: etree._Element, jid: JID) -> None:
+    def _to_host(self, routed: Routed) -> bool:
+        """A message or presence to the server's own domain that no module took: dropped."""
+        return True
+
+    def _iq_unhandled(self, routed: Routed) -> bool:
+        self.bounce(routed.stanza, "service-unavailable")
+        return True
+
+    def _message_full(self, routed: Routed) -> bool:
+        stanza, jid = routed.stanza, routed.to
         session = self.directory.get(jid.bare, jid.resource)
         if session is not None:
+            routed.recipients.append(session)
             self.deliver(session, stanza)
-            return
-        kind, type_ = stanza.tag, stanza.get("type")
-        if kind == ns.C_MESSAGE:
-            if type_ == "groupchat":
-                self.bounce(stanza, "service-unavailable")
-            elif type_ != "error":
-                self._to_bare(stanza, JID(jid.bare))  # as Prosody and ejabberd do
-        elif kind == ns.C_PRESENCE:
-            if type_ in ns.SUBSCRIPTION_TYPES or type_ == "probe":
-                self._to_bare(stanza, JID(jid.bare))
-        elif type_ in ("get", "set"):
-            self.bounce(stanza, "service-unavailable")
-
-    def _to_bare(self, stanza: etree._Element, jid: JID) -> None:
-        bare = jid.bare
-        if stanza.tag == ns.C_IQ:
-            self.spawn(self._iq_to_account(stanza, bare, stanza.get("from") or ""))
-            return
-        if not self.directory.has(bare):
-            self._serially(bare, lambda: self._to_bare_unknown(stanza, jid))
-            return
-        self._deliver_bare(stanza, jid)
-
-    async def _to_bare_unknown(self, stanza: etree._Element, jid: JID) -> None:
-        """Nobody is bound here for that bare JID: does the account exist? (RFC 6121 8.5.1)"""
-        if not await self.user_exists(jid.domain, jid.user):
-            if stanza.tag == ns.C_MESSAGE:
-                self.bounce(stanza, "service-unavailable")
-            return  # presence to no such user is silently ignored
-        self._deliver_bare(stanza, jid)
-
-    def _deliver_bare(self, stanza: etree._Element, jid: JID) -> None:
-        available = self.directory.available(jid.bare)
+            if self._delivered:
+                self.events.notify("message/delivered", routed)
+            return True
         type_ = stanza.get("type")
-        if stanza.tag == ns.C_PRESENCE:
-            if (
-                (type_ in ns.SUBSCRIPTION_TYPES or type_ == "probe")
-                and self.modules is not None
-                and self.modules.has_hook(f"presence/{type_}")
-            ):
-                modules = self.modules
-                self._serially(
-                    jid.bare, lambda: modules.fire(f"presence/{type_}", stanza, jid.bare)
-                )
-                return
-            if type_ == "error" and not available:
-                # An error about a subscription request the account sent (stamped
-                # with its bare JID, RFC 6121 3.1.2) reaches the client that sent
-                # it, even one that has not sent presence yet.
-                available = self.directory.resources(jid.bare)
-            if type_ != "probe":
-                for session in available:
-                    self.deliver(session, stanza)
+        if type_ == "groupchat":
+            self.bounce(stanza, "service-unavailable")
+        elif type_ != "error":
+            self._message_bare(routed)  # as Prosody and ejabberd do
+        return True
+
+    def _message_bare(self, routed: Routed) -> bool:
+        bare = routed.to.bare
+        if not self.directory.has(bare):
+            self._serially(bare, lambda: self._message_unknown(routed))
+        else:
+            self._message_to_account(routed)
+        return True
+
+    async def _message_unknown(self, routed: Routed) -> None:
+        """Nobody is bound here for that bare JID: does the account exist? (RFC 6121 8.5.1)"""
+        jid = routed.to
+        if not await self.user_exists(jid.domain, jid.user):
+            self.bounce(routed.stanza, "service-unavailable")
             return
-        # message (RFC 6121 8.5.2.1.1 / 8.5.2.2.1)
+        self._message_to_account(routed)
+
+    def _message_to_account(self, routed: Routed) -> None:
+        """RFC 6121 8.5.2.1.1 / 8.5.2.2.1: the highest non-negative priority resources
+        (every non-negative one for a headline), else offline storage decides."""
+        stanza, bare = routed.stanza, routed.to.bare
+        type_ = stanza.get("type")
         if type_ == "error":
             return
         if type_ == "groupchat":
             self.bounce(stanza, "service-unavailable")
             return
-        eligible = [s for s in available if s.priority >= 0]
-        if eligible and type_ == "headline":
-            for session in eligible:
-                self.deliver(session, stanza)
-        elif eligible:
-            top = max(s.priority for s in eligible)
-            for session in eligible:
-                if session.priority == top:
-                    self.deliver(session, stanza)
-        else:
+        eligible = [s for s in self.directory.available(bare) if s.priority >= 0]
+        if not eligible:
             # Offline storage decides, headlines included (a XEP-0334 <store/> hint).
-            self._serially(jid.bare, lambda: self._unhandled(stanza, "message/offline", jid.bare))
+            self._serially(bare, lambda: self._offline(stanza, bare))
+            return
+        if type_ != "headline":
+            top = max(s.priority for s in eligible)
+            eligible = [s for s in eligible if s.priority == top]
+        routed.recipients.extend(eligible)
+        for session in eligible:
+            self.deliver(session, stanza)
+        if self._delivered:
+            self.events.notify("message/delivered", routed)
 
-    def _serially(self, bare: str, job: Callable[[], Awaitable[object] | None]) -> None:
+    def _presence_full(self, routed: Routed) -> bool:
+        stanza, jid = routed.stanza, routed.to
+        session = self.directory.get(jid.bare, jid.resource)
+        if session is not None:
+            self.deliver(session, stanza)
+        elif stanza.get("type") in ns.SUBSCRIPTION_TYPES or stanza.get("type") == "probe":
+            self._presence_bare(routed)
+        return True
+
+    def _presence_bare(self, routed: Routed) -> bool:
+        bare = routed.to.bare
+        if not self.directory.has(bare):
+            self._serially(bare, lambda: self._presence_unknown(routed))
+        else:
+            self._presence_to_account(routed)
+        return True
+
+    async def _presence_unknown(self, routed: Routed) -> None:
+        jid = routed.to
+        if await self.user_exists(jid.domain, jid.user):
+            self._presence_to_account(routed)
+        # presence to no such user is silently ignored (RFC 6121 8.5.1)
+
+    def _presence_to_account(self, routed: Routed) -> None:
+        stanza, bare = routed.stanza, routed.to.bare
+        type_ = stanza.get("type")
+        if type_ in ns.SUBSCRIPTION_TYPES or type_ == "probe":
+            event = f"presence/{type_}"
+            if self.events.hooked(event):
+                self._serially(bare, lambda: self.events.fire_async(event, stanza, bare))
+                return
+        available = self.directory.available(bare)
+        if type_ == "error" and not available:
+            # An error about a subscription request the account sent (stamped
+            # with its bare JID, RFC 6121 3.1.2) reaches the client that sent
+            # it, even one that has not sent presence yet.
+            available = self.directory.resources(bare)
+        if type_ != "probe":
+            for session in available:
+                self.deliver(session, stanza)
+
+    def _iq_full(self, routed: Routed) -> bool:
+        stanza, jid = routed.stanza, routed.to
+        session = self.directory.get(jid.bare, jid.resource)
+        if session is not None:
+            self.deliver(session, stanza)
+        elif stanza.get("type") in ("get", "set"):
+            self.bounce(stanza, "service-unavailable")
+        return True
+
+    def _serially(self, bare: str, job: Callable[[], object]) -> None:
         """Run `job` after the jobs already queued for `bare`.
 
         Whatever waits on storage for one recipient (is there such an
@@ -309,14 +404,14 @@ class Router:
         queue.append(job)
 
     async def _run_serially(
-        self, bare: str, queue: deque[Callable[[], Awaitable[object] | None]]
+        self, bare: str, queue: deque[Callable[[], object]]
     ) -> None:
         try:
             while queue:
                 job = queue.popleft()
                 try:
                     pending = job()
-                    if pending is not None:
+                    if inspect.isawaitable(pending):
                         await pending
                 except Exception:
                     log.exception("routing to %s failed", bare)
@@ -346,8 +441,7 @@ class Router:
         bound = self.directory.get(origin.bare, origin.resource) is origin
         if type_ is None and not bound:
             return
-        modules = self.modules
-        if modules is not None and not modules.run_filters("presence/self", stanza, origin):
+        if not self.events.passes("presence/self", stanza, origin):
             return
         initial = type_ is None and not origin.available
         origin.available = type_ is None
@@ -359,38 +453,18 @@ class Router:
         for session in self.directory.resources(origin.bare):
             if session.available or session is origin:
                 self.deliver(session, stanza)
-        if modules is not None and modules.has_hook("presence/broadcast"):
-            self.spawn(modules.fire("presence/broadcast", stanza, origin, initial))
+        if self.events.hooked("presence/broadcast"):
+            self.spawn(self.events.fire_async("presence/broadcast", stanza, origin, initial))
 
-    # --- IQs handled by modules ---------------------------------------------------------
-
-    async def _iq_to_server(self, stanza: etree._Element, domain: str) -> None:
-        if self.modules is None:
-            self.bounce(stanza, "service-unavailable")
+    async def _offline(self, stanza: etree._Element, bare: str) -> None:
+        """No resource takes the message: offline storage may ("message/offline");
+        else a chat or normal message bounces and a headline is counted as not stored."""
+        if await self.events.fire_async("message/offline", stanza, bare):
             return
-        await self.modules.handle_iq(stanza, domain, "server")
-
-    async def _iq_to_account(self, stanza: etree._Element, bare: str, sender: str) -> None:
-        """The server answers IQs to a bare JID on the account's behalf (RFC 6121 8.5.2)."""
-        if stanza.get("type") not in ("get", "set"):
-            return
-        if self.modules is None:
-            self.bounce(stanza, "service-unavailable")
-            return
-        # Another entity asks about this account: privacy and blocking may refuse it.
-        if JID(sender).bare != bare and self.modules.has_hook("iq/account"):
-            if await self.modules.fire("iq/account", stanza, bare):
-                return
-        await self.modules.handle_iq(stanza, bare, "account")
-
-    async def _unhandled(self, stanza: etree._Element, event: str, *args: object) -> None:
-        """Give modules a chance (offline storage, messages to the server); else tell the sender."""
-        handled = self.modules is not None and await self.modules.fire(event, stanza, *args)
-        if not handled and event == "message/offline":
-            if stanza.get("type") in (None, "normal", "chat"):
-                self.bounce(stanza, "service-unavailable", "the recipient is offline")
-            else:
-                self.ledger.drop("not-stored")  # a headline, with no offline storage
+        if stanza.get("type") in (None, "normal", "chat"):
+            self.bounce(stanza, "service-unavailable", "the recipient is offline")
+        else:
+            self.ledger.drop("not-stored")  # a headline, with no offline storage
 
     # --- errors ------------------------------------------------------------------------
 
@@ -431,6 +505,3 @@ class Router:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]

@@ -238,9 +238,9 @@ async def test_disable_and_unavailable_and_closed(harness: ModuleHarness) -> Non
     harness.router.unbind(a2)
     await harness.host.fire("session/closed", a2)
     carbons = harness.host.modules["carbons"]
-    assert "alice@localhost" in carbons.enabled  # type: ignore[attr-defined]
+    assert carbons.opted_in == {"alice@localhost": 1}  # type: ignore[attr-defined]
     await harness.host.fire("session/closed", a1)
-    assert carbons.enabled == {}  # type: ignore[attr-defined]
+    assert carbons.opted_in == {}  # type: ignore[attr-defined]
 
 
 async def test_message_to_own_account(harness: ModuleHarness) -> None:

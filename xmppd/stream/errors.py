@@ -123,3 +123,25 @@ def error_reply(
 
 def error_from(stanza: etree._Element, exc: StanzaError) -> etree._Element:
     return error_reply(stanza, exc.condition, exc.text, exc.type)
+
+
+def stanza_error_of(stanza: etree._Element) -> StanzaError:
+    """The StanzaError an error stanza carries (undefined-condition when it names none
+    we know), so a module awaiting an answer handles it like one it raised itself."""
+    error = stanza.find(ns.C_ERROR)
+    condition, text = "undefined-condition", None
+    if error is not None:
+        prefix = f"{{{ns.STANZA_ERRORS}}}"
+        for child in error:
+            if not isinstance(child.tag, str) or not child.tag.startswith(prefix):
+                continue
+            name = child.tag.rsplit("}", 1)[1]
+            if name == "text":
+                text = child.text
+            elif name in STANZA_CONDITIONS:
+                condition = name
+    type_ = error.get("type") if error is not None else None
+    return StanzaError(condition, text, type_ if type_ in _ERROR_TYPES else None)
+
+
+_ERROR_TYPES = frozenset({"auth", "cancel", "continue", "modify", "wait"})
