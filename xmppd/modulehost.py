@@ -65,6 +65,7 @@ Removed = Literal["account", "leftovers", "nothing"]
 """What an account removal found: the account (and its data), only data that a
 removal which failed part way left behind, or nothing at all."""
 T = TypeVar("T")
+M = TypeVar("M", bound="Module")
 
 
 @dataclass(slots=True)
@@ -95,7 +96,18 @@ class PreAuthRequest:
     ip: str  # the client's address, for rate limits
 
 
+@dataclass(slots=True)
+class ElementRequest:
+    """A top-level element that is not a stanza, from a client stream."""
+
+    element: etree._Element
+    session: ClientSession | None  # None: authenticated, no resource bound yet
+    host: str  # the virtual host of the stream
+    reply: Callable[[etree._Element], None]  # write an element on the same stream
+
+
 IqHandler = Callable[[IqRequest], Awaitable[etree._Element | None]]
+ElementHandler = Callable[[ElementRequest], None]
 PreAuthHandler = Callable[[PreAuthRequest], Awaitable[etree._Element | None]]
 Hook = Callable[..., Awaitable[bool | None]]
 Filter = Callable[..., bool]
@@ -106,10 +118,16 @@ class NoOptions(BaseModel):
 
 
 class Module:
-    """Base class of feature modules; subclasses register in `setup()`."""
+    """Base class of feature modules; subclasses register in `setup()`.
+
+    `requires` names the modules this one cannot work without: the config
+    is refused when one is not enabled, and they are set up and started
+    first, so `host.module(Class)` finds them in `setup()` and `start()`.
+    """
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, host: ModuleHost, options: BaseModel) -> None:
         self.host = host
@@ -139,6 +157,27 @@ class Module:
         return False
 
 
+class Repeating:
+    """A callback on a fixed period, on the running loop; `cancel()` stops it.
+    A callback that raises is logged and keeps its schedule."""
+
+    def __init__(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._seconds = seconds
+        self._callback = callback
+        self._handle = self._loop.call_later(seconds, self._tick)
+
+    def _tick(self) -> None:
+        self._handle = self._loop.call_later(self._seconds, self._tick)
+        try:
+            self._callback()
+        except Exception:
+            log.exception("timer %r failed", self._callback)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class AccountDataRemains(Exception):
     """Some modules could not delete an account's data; `failed` maps module name -> reason.
 
@@ -164,6 +203,8 @@ class ModuleHost:
         self.features: dict[Scope, set[str]] = {"server": set(), "account": set()}
         self.identities: list[tuple[str, str, str | None]] = []
         self.events = router.events
+        self._elements: dict[str, tuple[ElementHandler, bool]] = {}
+        self._timers: list[Repeating] = []
         self._awaiting: dict[str, tuple[str, asyncio.Future[etree._Element]]] = {}
         self._iq: dict[tuple[str, str, Scope], IqHandler] = {}
         self._preauth_iq: dict[tuple[str, str], PreAuthHandler] = {}
@@ -264,6 +305,52 @@ class ModuleHost:
                 origin.release_input()
 
         return release
+
+    def module(self, cls: type[M]) -> M:
+        """The enabled module of class `cls` (declare it in `requires`); LookupError if off."""
+        found = self.find_module(cls)
+        if found is None:
+            raise LookupError(f"module {cls.name!r} is not enabled")
+        return found
+
+    def find_module(self, cls: type[M]) -> M | None:
+        """The enabled module of class `cls`, or None: for optional cooperation."""
+        module = self.modules.get(cls.name)
+        return module if isinstance(module, cls) else None
+
+    def element(
+        self, tag: str, handler: ElementHandler, *, before_bind: bool = False
+    ) -> None:
+        """Handle a top-level element that is not a stanza (`{namespace}name`):
+        stream management, client state indication and the like.
+
+        After resource binding by default; `before_bind` also takes it between
+        authentication and bind (a stream management <resume/>). An element no
+        module handles ends the stream with <unsupported-stanza-type/>.
+        """
+        if tag in self._elements:
+            raise ValueError(f"two handlers for the element {tag}")
+        self._elements[tag] = (handler, before_bind)
+
+    def handle_element(self, request: ElementRequest) -> bool:
+        """Give a non-stanza element to its module; False if none takes it here."""
+        entry = self._elements.get(request.element.tag)  # type: ignore[arg-type]
+        if entry is None or (request.session is None and not entry[1]):
+            return False
+        entry[0](request)
+        return True
+
+    def every(self, seconds: float, callback: Callable[[], None]) -> Repeating:
+        """Call `callback` every `seconds` (first after `seconds`) until it is cancelled
+        or the host stops. One that needs to wait on something spawns a task."""
+        timer = Repeating(seconds, callback)
+        self._timers.append(timer)
+        return timer
+
+    def serve_domain(self, domain: str, handler: Callable[[Routed], None]) -> None:
+        """Serve a subdomain (conference.<host>, pubsub.<host>): every stanza to it
+        or to an address at it comes to `handler`, which answers through route()."""
+        self.router.serve_domain(domain, handler)
 
     async def send_iq(self, iq: etree._Element, timeout: float = 30.0) -> etree._Element:
         """Send an IQ get/set the server makes and wait for its answer.
@@ -470,7 +557,8 @@ class ModuleHost:
         return result
 
     def load(self, config: Config) -> None:
-        """Instantiate and set up every module enabled in the config."""
+        """Instantiate and set up every module enabled in the config, each after the
+        modules it requires."""
         self.config = config
         for name, options in validate_module_options(config).items():
             module = module_class(name)(self, options)
@@ -523,6 +611,9 @@ class ModuleHost:
         return found
 
     async def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         for module in reversed(list(self.modules.values())):
             await module.stop()
 
@@ -555,13 +646,19 @@ def validate_module_options(config: Config) -> dict[str, BaseModel]:
     from xmppd.config import ConfigError, validate_section
 
     options: dict[str, BaseModel] = {}
+    classes: dict[str, type[Module]] = {}
     problems: list[str] = []
     for name, raw in config.modules.items():
         try:
-            cls = module_class(name)
+            cls = classes[name] = module_class(name)
         except ImportError:
             problems.append(config.source.problem(("modules", name), "no such module"))
             continue
+        for needed in cls.requires:
+            if needed not in config.modules:
+                problems.append(
+                    config.source.problem(("modules", name), f"needs module {needed!r} enabled too")
+                )
         try:
             options[name] = validate_section(
                 cls.Options, raw or {}, config.source, ("modules", name)
@@ -570,7 +667,28 @@ def validate_module_options(config: Config) -> dict[str, BaseModel]:
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
-    return options
+    return {name: options[name] for name in dependency_order(classes)}
+
+
+def dependency_order(classes: dict[str, type[Module]]) -> list[str]:
+    """Module names with each after the ones it requires, otherwise as configured."""
+    ordered: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        if name in visiting:
+            raise ValueError(f"modules require each other in a circle: {name}")
+        visiting.add(name)
+        for needed in classes[name].requires:
+            visit(needed)
+        visiting.discard(name)
+        ordered.append(name)
+
+    for name in classes:
+        visit(name)
+    return ordered
 
 
 def _nothing() -> None:

@@ -341,12 +341,17 @@ class Router:
             self.events.notify("message/delivered", routed)
 
     def _presence_full(self, routed: Routed) -> bool:
+        """Subscription states and probes concern the account, whatever the resource
+        (RFC 6121 8.5.3.1 -> sections 3 and 4.3); other presence goes to that
+        resource if it is bound, and is ignored if not."""
         stanza, jid = routed.stanza, routed.to
+        type_ = stanza.get("type")
+        if type_ in ns.SUBSCRIPTION_TYPES or type_ == "probe":
+            self._presence_bare(routed)
+            return True
         session = self.directory.get(jid.bare, jid.resource)
         if session is not None:
             self.deliver(session, stanza)
-        elif stanza.get("type") in ns.SUBSCRIPTION_TYPES or stanza.get("type") == "probe":
-            self._presence_bare(routed)
         return True
 
     def _presence_bare(self, routed: Routed) -> bool:
@@ -479,7 +484,9 @@ class Router:
         self.route(error_reply(stanza, condition, text))
 
     def reply_error(self, stanza: etree._Element, exc: StanzaError) -> None:
-        if stanza.get("type") == "error" or stanza.get("from") is None:
+        """Answer `stanza` with `exc`, unless it is an error or an IQ result (RFC 6120
+        8.2.3 and 8.3.1: never answered)."""
+        if stanza.get("type") in ("error", "result") or stanza.get("from") is None:
             return
         if stanza.tag == ns.C_MESSAGE:
             self.ledger.bounced += 1
