@@ -86,6 +86,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from lxml import etree
 
 from xmppd.jid import JID, InvalidJID
+from xmppd.modules.roster import RosterModule
 from xmppd.storage.base import AttrValue, ConditionFailed, Item, StorageError, TooLarge
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
@@ -490,10 +491,10 @@ class PrivacyEngine:
         if self._started:
             return
         self._started = True
-        roster = self.host.modules.get("roster")
+        roster = self.host.find_module(RosterModule)
         if roster is not None:
-            self.roster = roster  # type: ignore[assignment]
-            self.roster.subscribe_changes(self._roster_changed)  # type: ignore[union-attr]
+            self.roster = roster
+            roster.subscribe_changes(self._roster_changed)
         # Hooking these only where another module handles them: with no hook at all
         # the router delivers subscriptions to available sessions, through stanza/in.
         for type_ in _PRESENCE_HOOKS:

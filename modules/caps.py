@@ -19,6 +19,7 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from xmppd.modulehost import Module
+from xmppd.modules.disco import Disco
 
 CAPS = "http://jabber.org/protocol/caps"
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
@@ -84,9 +85,9 @@ class Caps(Module):
 
     async def start(self) -> None:
         self.ver = verification_string(self._identities(), self.host.features["server"])
-        disco = self.host.modules.get("disco")
+        disco = self.host.find_module(Disco)
         if disco is not None:
-            disco.add_server_info_node(f"{self.node}#{self.ver}")  # type: ignore[attr-defined]
+            disco.add_server_info_node(f"{self.node}#{self.ver}")
 
     def _identities(self) -> list[Identity]:
         return [Identity(category, type_, name) for category, type_, name in self.host.identities]

@@ -63,7 +63,16 @@ class Disco(Module):
             raise StanzaError("item-not-found", "no such node")
         if "@" in request.target and not request.from_owner:
             raise StanzaError("service-unavailable")
-        return etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
+        query = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
+        if "@" not in request.target:
+            # The services inside the server under this host (XEP-0030 section 4).
+            for domain, name in sorted(self.host.components.items()):
+                if domain.endswith("." + request.target):
+                    item = etree.SubElement(query, f"{{{DISCO_ITEMS}}}item")
+                    item.set("jid", domain)
+                    if name:
+                        item.set("name", name)
+        return query
 
 
 MODULE = Disco

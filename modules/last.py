@@ -22,6 +22,7 @@ from lxml import etree
 
 from xmppd.jid import JID
 from xmppd.modulehost import IqRequest, Module
+from xmppd.modules.roster import RosterModule
 from xmppd.session import ClientSession
 from xmppd.storage.base import ConditionFailed, StorageError
 from xmppd.stream.errors import StanzaError
@@ -78,10 +79,10 @@ class Last(Module):
         """The owner, or a contact the owner shares presence with (subscription from/both)."""
         if request.from_owner:
             return True
-        roster = self.host.modules.get("roster")
+        roster = self.host.find_module(RosterModule)
         if roster is None:
             return False
-        item = await roster.item(request.target, request.sender.bare)  # type: ignore[attr-defined]
+        item = await roster.item(request.target, request.sender.bare)
         return item is not None and item.subscription in ("from", "both")
 
     def on_presence(self, stanza: etree._Element, session: ClientSession) -> bool:

@@ -177,6 +177,7 @@ def inbound(
 
 class Presence(Module):
     name = "presence"
+    requires = ("roster",)
 
     def setup(self) -> None:
         self.host.filter("stanza/out", self._on_out, priority=-100)
@@ -197,11 +198,8 @@ class Presence(Module):
         self.requests = SubscriptionRequests(self.host)
 
     async def start(self) -> None:
-        roster = self.host.modules.get("roster")
-        if not isinstance(roster, RosterModule):
-            raise RuntimeError("the presence module needs the roster module")
-        self.roster = roster
-        roster.subscribe_changes(self._on_roster_change)
+        self.roster = self.host.module(RosterModule)
+        self.roster.subscribe_changes(self._on_roster_change)
 
     # --- what the user sends ---------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from xmppd.auth.login import StreamLogin
+from xmppd.modulehost import ElementRequest
 from xmppd.sasl.channel_binding import connection_channel_bindings
 from xmppd.session import ClientSession
 from xmppd.stream import c2s
@@ -113,10 +114,19 @@ class C2SConnection(asyncio.BufferedProtocol):
             self.server.router.ledger.delivered += 1
             self._queued_messages += 1
         self.stream.send(stanza)
+        self._schedule_flush()
+        return True
+
+    def _reply(self, element: etree._Element) -> None:
+        """Write a non-stanza element (a module's answer to one), now or later."""
+        self.stream.send(element)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Write at the end of this loop iteration: what is queued meanwhile leaves in one write."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        return True
 
     def close(self, error: StreamError) -> None:
         self.stream.fail(error)
@@ -158,9 +168,7 @@ class C2SConnection(asyncio.BufferedProtocol):
             elif isinstance(event, c2s.PreAuthIQ):
                 self.server.router.spawn(self._preauth_iq(event.iq))
             elif isinstance(event, c2s.NonzaReceived):
-                self.stream.fail(
-                    StreamError("unsupported-stanza-type", f"{event.element.tag} is not supported")
-                )
+                self._element(event.element)
             # StreamEnded needs nothing here: _flush() closes a closed stream's transport.
 
     def _flush(self) -> None:
@@ -202,6 +210,14 @@ class C2SConnection(asyncio.BufferedProtocol):
         reply = await self.server.modules.handle_preauth_iq(iq, self.stream.host or "", self.ip)
         self.stream.send(reply)
         self._flush()
+
+    def _element(self, element: etree._Element) -> None:
+        """A non-stanza element goes to the module that handles it, or ends the stream."""
+        request = ElementRequest(element, self.session, self.stream.host or "", self._reply)
+        if not self.server.modules.handle_element(request):
+            self.stream.fail(
+                StreamError("unsupported-stanza-type", f"{element.tag} is not supported")
+            )
 
     def _bind(self, event: c2s.BindRequested) -> None:
         assert self.login is not None

@@ -204,6 +204,7 @@ class ModuleHost:
         self.identities: list[tuple[str, str, str | None]] = []
         self.events = router.events
         self._elements: dict[str, tuple[ElementHandler, bool]] = {}
+        self.components: dict[str, str | None] = {}  # served subdomain -> its disco name
         self._timers: list[Repeating] = []
         self._awaiting: dict[str, tuple[str, asyncio.Future[etree._Element]]] = {}
         self._iq: dict[tuple[str, str, Scope], IqHandler] = {}
@@ -347,10 +348,14 @@ class ModuleHost:
         self._timers.append(timer)
         return timer
 
-    def serve_domain(self, domain: str, handler: Callable[[Routed], None]) -> None:
+    def serve_domain(
+        self, domain: str, handler: Callable[[Routed], None], name: str | None = None
+    ) -> None:
         """Serve a subdomain (conference.<host>, pubsub.<host>): every stanza to it
-        or to an address at it comes to `handler`, which answers through route()."""
+        or to an address at it comes to `handler`, which answers through route().
+        Disco items of its parent host list it, with `name`."""
         self.router.serve_domain(domain, handler)
+        self.components[domain] = name
 
     async def send_iq(self, iq: etree._Element, timeout: float = 30.0) -> etree._Element:
         """Send an IQ get/set the server makes and wait for its answer.

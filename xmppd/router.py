@@ -251,6 +251,9 @@ class Router:
                 return True
         if session.deliver(stanza):
             return True
+        # Its transport is going: nothing more is routed to it (its end follows), so
+        # the fallback below cannot choose it again.
+        self.directory.remove(session)
         self._serially(session.bare, lambda: self._undelivered(stanza, session))
         return False
 

@@ -163,6 +163,24 @@ async def test_stanza_before_auth_and_before_bind(server: Server) -> None:
     assert stream_error_of(await raw.read_to_close()) == "not-authorized"
 
 
+async def test_an_element_no_module_handles_ends_the_stream(server: Server) -> None:
+    """After bind, and between auth and bind, a top-level element that is not a stanza
+    goes to the modules; one none of them handles ends the stream, named."""
+    raw = await logged_in(server)
+    await raw.send("<enable xmlns='urn:xmpp:nothing-here:0'/>")
+    assert stream_error_of(await raw.read_to_close()) == "unsupported-stanza-type"
+
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(plain("alice", "alice-secret"))
+    await raw.read_until(b"<success")
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send("<resume xmlns='urn:xmpp:nothing-here:0' previd='x' h='0'/>")
+    assert stream_error_of(await raw.read_to_close()) == "unsupported-stanza-type"
+
+
 async def test_spoofed_from_is_invalid_from(server: Server) -> None:
     bob = await connect(server, "bob@localhost/b", "bob-secret")
     bob.send_presence()

@@ -223,6 +223,25 @@ def test_stanzas_before_auth_and_before_bind_are_not_authorized() -> None:
     assert stream_error(s.output()) == "not-authorized"
 
 
+def test_non_stanza_elements_after_auth_are_events_for_modules() -> None:
+    """Stream management's <resume/> comes between auth and bind, <enable/> after bind:
+    the stream hands both on, saying which; before auth one ends the stream."""
+    s = secured()
+    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>")
+    s.sasl_success("alice")
+    s.receive(HEADER)
+    s.output()
+    (event,) = s.receive(b"<resume xmlns='urn:xmpp:sm:3' previd='x' h='0'/>")
+    assert isinstance(event, c2s.NonzaReceived) and not event.bound
+    assert event.element.tag == "{urn:xmpp:sm:3}resume"
+    s = bound()
+    (event,) = s.receive(b"<enable xmlns='urn:xmpp:sm:3'/>")
+    assert isinstance(event, c2s.NonzaReceived) and event.bound
+    s = secured()
+    s.receive(b"<enable xmlns='urn:xmpp:sm:3'/>")
+    assert stream_error(s.output()) == "unsupported-stanza-type"
+
+
 def test_from_is_stamped_and_spoofing_is_invalid_from() -> None:
     s = bound()
     (event,) = s.receive(b"<message to='bob@localhost'><body>hi</body></message>")

@@ -85,9 +85,11 @@ class StanzaReceived:
 
 @dataclass(slots=True)
 class NonzaReceived:
-    """A top-level element that is not a stanza (stream management, CSI, ...)."""
+    """A top-level element that is not a stanza (stream management, CSI, ...), after
+    authentication; `bound` says whether a resource is bound yet."""
 
     element: etree._Element
+    bound: bool
 
 
 @dataclass(slots=True)
@@ -390,11 +392,11 @@ class C2SStream:
         elif tag in (_AUTH, _RESPONSE, _ABORT):
             self._on_sasl(el, events)
         elif (
-            self.phase is Phase.BOUND
+            self.phase in (Phase.AUTHENTICATED, Phase.BOUND)
             and isinstance(tag, str)
             and not tag.startswith(("{jabber:", f"{{{ns.STREAMS}}}"))
         ):
-            events.append(NonzaReceived(el))
+            events.append(NonzaReceived(el, bound=self.phase is Phase.BOUND))
         else:
             raise StreamError("unsupported-stanza-type", f"unexpected element {el.tag}")
 
