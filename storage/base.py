@@ -11,6 +11,10 @@ Backends see a *namespace* string ("<vhost>/<store>", e.g. "localhost/roster")
 on every call; modules never do: they get an ItemStore / BlobStore handle
 bound to their virtual host and store name (see `ItemStore` below), so two
 domains or two deployments sharing one table or bucket cannot collide.
+
+Every read-modify-write of a module goes through `ItemStore.modify` /
+`BlobStore.modify`: one place for the conditional write, the retries and
+their backoff (`backoff`), and one exception when a key stays contended.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class StorageError(Exception):
 class ConditionFailed(Exception):
     """A conditional write lost: the item/blob exists, is absent, or has another version.
 
-    Callers doing read-modify-write catch this, re-read and retry.
+    Read-modify-write then re-reads and retries: `ItemStore.modify` and
+    `BlobStore.modify` do that for their callers.
     """
 
 
@@ -229,6 +234,8 @@ def backoff(attempt: int) -> float:
 
 
 class Unchanged(enum.Enum):
+    """The type of UNCHANGED: a one-member enum, so type checkers can tell it from a value."""
+
     UNCHANGED = "unchanged"
 
 
