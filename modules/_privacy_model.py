@@ -76,7 +76,6 @@ import copy
 import enum
 import json
 import logging
-import random
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -87,7 +86,15 @@ from lxml import etree
 
 from xmppd.jid import JID, InvalidJID
 from xmppd.modules.roster import RosterModule
-from xmppd.storage.base import AttrValue, ConditionFailed, Item, StorageError, TooLarge
+from xmppd.storage.base import (
+    UNCHANGED,
+    AttrValue,
+    Contended,
+    Item,
+    StorageError,
+    TooLarge,
+    Unchanged,
+)
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
 
@@ -110,7 +117,6 @@ SUBSCRIPTIONS = frozenset({"none", "to", "from", "both"})
 PRIORITY = 1000  # privacy is the first delivery rule (XEP-0016 2.2 rule 4)
 MAX_CACHED_OFFLINE = 2048  # records kept for users with no session here
 MAX_HELD = 4096  # stanzas held per user while their record loads (errors are always held)
-WRITE_TRIES = 10
 LOAD_TRIES = 3
 LOAD_TIMEOUT = 10.0  # seconds a held stanza waits for a record before it is refused
 ROSTER_TRIES = 3
@@ -541,40 +547,44 @@ class PrivacyEngine:
         """Read-modify-write the record; (old, new). `change` may raise StanzaError to refuse,
         leaving the record as it was; the contacts' view of presence follows the change."""
         store = self.host.items(bare.rsplit("@", 1)[-1], STORE)
-        for attempt in range(WRITE_TRIES):
+        outcome = (EMPTY, EMPTY)  # (old, new) as computed by the attempt whose write won
+
+        def edit(item: Item | None) -> dict[str, AttrValue] | Unchanged:
+            nonlocal outcome
             try:
-                item = await store.get(bare)
                 old = decode(item)
-            except (StorageError, ValueError):
+            except ValueError:
                 log.exception("cannot read the privacy record of %s", bare)
                 raise StanzaError("internal-server-error", "privacy storage failed") from None
             new = change(old)
-            if new.same_content(old):
-                return old, old
-            try:
-                if item is None:
-                    stored = await store.put(bare, encode(new), if_absent=True)
-                else:
-                    stored = await store.put(bare, encode(new), if_version=item.version)
-            except ConditionFailed:
-                await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
-                continue
-            except TooLarge:
-                raise StanzaError(
-                    "policy-violation", "privacy lists and blocklist are over the size limit"
-                ) from None
-            except StorageError:
-                log.exception("cannot write the privacy record of %s", bare)
-                raise StanzaError("internal-server-error", "privacy storage failed") from None
-            new = replace(new, version=stored.version)
-            before = self._snapshot(bare)
-            # Installed even for users not loaded here: a load in flight may have read
-            # the previous version, and the newer version wins in _install.
-            roster = await self._load_roster(bare) if new.needs_roster else {}
-            self._install(bare, UserState(new, roster))
-            await self._presence_effects(bare, before)
-            return old, new
-        raise StanzaError("resource-constraint", "too many concurrent privacy changes; retry")
+            outcome = (old, new)
+            return UNCHANGED if new.same_content(old) else encode(new)
+
+        try:
+            done = await store.modify(bare, edit, what="privacy record")
+        except Contended:
+            raise StanzaError(
+                "resource-constraint", "too many concurrent privacy changes; retry"
+            ) from None
+        except TooLarge:
+            raise StanzaError(
+                "policy-violation", "privacy lists and blocklist are over the size limit"
+            ) from None
+        except StorageError:
+            log.exception("cannot read or write the privacy record of %s", bare)
+            raise StanzaError("internal-server-error", "privacy storage failed") from None
+        old, new = outcome
+        if not done.written:
+            return old, old
+        assert done.after is not None  # `edit` never deletes
+        new = replace(new, version=done.after.version)
+        before = self._snapshot(bare)
+        # Installed even for users not loaded here: a load in flight may have read
+        # the previous version, and the newer version wins in _install.
+        roster = await self._load_roster(bare) if new.needs_roster else {}
+        self._install(bare, UserState(new, roster))
+        await self._presence_effects(bare, before)
+        return old, new
 
     async def remove_user(self, bare: str) -> bool:
         """Delete the user's lists and blocklist (one record), and hold none here either.

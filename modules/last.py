@@ -14,8 +14,6 @@ client's business (idle time): the router delivers them to it.
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 
 from lxml import etree
@@ -24,13 +22,12 @@ from xmppd.jid import JID
 from xmppd.modulehost import IqRequest, Module
 from xmppd.modules.roster import RosterModule
 from xmppd.session import ClientSession
-from xmppd.storage.base import ConditionFailed, StorageError
+from xmppd.storage.base import UNCHANGED, Contended, Item, StorageError, Unchanged
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 
 LAST = "jabber:iq:last"
 STORE = "last"
-MAX_TRIES = 10
 
 
 class Last(Module):
@@ -126,22 +123,18 @@ class Last(Module):
         user, _, vhost = bare.partition("@")
         if not await self.host.user_exists(vhost, user):
             return
-        store = self.host.items(vhost, STORE)
         attrs: dict[str, str | int] = {"time": when, "status": status}
-        for attempt in range(MAX_TRIES):
-            item = await store.get(user)
-            try:
-                if item is None:
-                    await store.put(user, attrs, if_absent=True)
-                else:
-                    stored = item.attrs.get("time")
-                    if isinstance(stored, int) and stored > when:
-                        return
-                    await store.put(user, attrs, if_version=item.version)
-                return
-            except ConditionFailed:
-                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-        self.log.error("could not record last activity of %s: too many concurrent writers", bare)
+
+        def newer(current: Item | None) -> dict[str, str | int] | Unchanged:
+            stored = current.attrs.get("time") if current is not None else None
+            return UNCHANGED if isinstance(stored, int) and stored > when else attrs
+
+        try:
+            await self.host.items(vhost, STORE).modify(user, newer, what="last activity")
+        except Contended:
+            self.log.error(
+                "could not record last activity of %s: too many concurrent writers", bare
+            )
 
 
 MODULE = Last

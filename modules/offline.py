@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import random
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,15 +35,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from xmppd.modulehost import Module
 from xmppd.session import ClientSession
 from xmppd.storage.base import (
+    UNCHANGED,
     BlobStore,
     ConditionFailed,
-    Delete,
     Item,
     ItemStore,
-    Put,
     Query,
     StorageError,
     TooLarge,
+    Unchanged,
+    WithWrites,
+    Write,
 )
 from xmppd.xml import ns
 
@@ -54,7 +55,6 @@ CHATSTATES = "http://jabber.org/protocol/chatstates"
 FEATURE = "msgoffline"
 STORE = "offline"
 
-MAX_TRIES = 10  # conditional-write attempts before giving up with an error
 PAGE = 50  # messages per delivery round: one transaction deletes a page (DynamoDB allows 100)
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_blank_text=False)
@@ -195,23 +195,18 @@ class Offline(Module):
         """Append one message to `user`'s queue; QuotaExceeded, StorageError or ConditionFailed."""
         items = self.host.items(vhost, STORE)
         blobs = self.host.blobs(vhost, STORE)
-        counter = await items.get(user)
-        self._check_quota(counter, len(data))
+        self._check_quota(await items.get(user), len(data))  # a full queue costs no upload
         key = f"{user}/{secrets.token_hex(16)}"
         try:
             await blobs.put(key, data, if_none_match=True)
         except TooLarge as exc:
             raise QuotaExceeded("the message is too large to store") from exc
         try:
-            for attempt in range(MAX_TRIES):
-                try:
-                    await self._commit(items, user, counter, key, len(data))
-                    return
-                except ConditionFailed:
-                    await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-                    counter = await items.get(user)
-                    self._check_quota(counter, len(data))
-            raise ConditionFailed(f"{items.namespace}/{user}: {MAX_TRIES} writers in a row won")
+            await items.modify(
+                user,
+                lambda counter: self._append(items, user, counter, key, len(data)),
+                what="offline queue",
+            )
         except BaseException:
             await self._drop_blob(blobs, key)
             raise
@@ -222,21 +217,19 @@ class Offline(Module):
         if _int(counter, "bytes") + size > self.options.max_bytes:
             raise QuotaExceeded("the recipient's offline message storage is full")
 
-    async def _commit(
+    def _append(
         self, items: ItemStore, user: str, counter: Item | None, key: str, size: int
-    ) -> None:
+    ) -> WithWrites:
+        """The counter with one more message, written with that message's index item."""
+        self._check_quota(counter, size)
         seq = _int(counter, "next")
         attrs = {
             "next": seq + 1,
             "count": _int(counter, "count") + 1,
             "bytes": _int(counter, "bytes") + size,
         }
-        if counter is None:
-            counter_put = items.put_op(user, attrs, if_absent=True)
-        else:
-            counter_put = items.put_op(user, attrs, if_version=counter.version)
-        index_put = items.put_op(f"{user}/{seq:020d}", {"blob": key, "size": size}, if_absent=True)
-        await items.transact([counter_put, index_put])
+        index = items.put_op(f"{user}/{seq:020d}", {"blob": key, "size": size}, if_absent=True)
+        return WithWrites(attrs, [index])
 
     async def _drop_blob(self, blobs: BlobStore, key: str) -> None:
         try:
@@ -330,29 +323,25 @@ class Offline(Module):
     async def _remove(self, items: ItemStore, user: str, delivered: list[Item]) -> None:
         """Delete delivered index items and shrink the counter in one transaction."""
         names = [item.name for item in delivered]
-        for attempt in range(MAX_TRIES):
+
+        async def shrink(counter: Item | None) -> WithWrites | Unchanged:
             present = await items.batch_get(names)  # another node may have delivered some
             if not present:
-                return
-            counter = await items.get(user)
-            writes: list[Put | Delete] = [
-                items.delete_op(item.name, if_version=item.version)
-                for item in present.values()
+                return UNCHANGED
+            deletes: list[Write] = [
+                items.delete_op(item.name, if_version=item.version) for item in present.values()
             ]
-            if counter is not None:
-                size = sum(_int(item, "size") for item in present.values())
-                attrs = {
-                    "next": _int(counter, "next"),
-                    "count": max(0, _int(counter, "count") - len(present)),
-                    "bytes": max(0, _int(counter, "bytes") - size),
-                }
-                writes.append(items.put_op(user, attrs, if_version=counter.version))
-            try:
-                await items.transact(writes)
-                return
-            except ConditionFailed:
-                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-        raise ConditionFailed(f"{items.namespace}/{user}: could not remove delivered messages")
+            if counter is None:
+                return WithWrites(None, deletes)
+            size = sum(_int(item, "size") for item in present.values())
+            attrs = {
+                "next": _int(counter, "next"),
+                "count": max(0, _int(counter, "count") - len(present)),
+                "bytes": max(0, _int(counter, "bytes") - size),
+            }
+            return WithWrites(attrs, deletes)
+
+        await items.modify(user, shrink, what="offline queue")
 
     def _bound(self, session: ClientSession) -> bool:
         """Still connected here and available: delivering to it reaches the client."""

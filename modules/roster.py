@@ -20,11 +20,9 @@ presence module for subscription states, privacy lists for groups).
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import dataclasses
 import json
-import random
 import secrets
 import zlib
 from collections.abc import Callable
@@ -36,7 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.jid import parse_jid
 from xmppd.modulehost import IqRequest, Module
-from xmppd.storage.base import MAX_ITEM_BYTES, ConditionFailed, Item, StorageError, TooLarge
+from xmppd.storage.base import (
+    MAX_ITEM_BYTES,
+    UNCHANGED,
+    Contended,
+    Item,
+    StorageError,
+    TooLarge,
+    Unchanged,
+)
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 
@@ -55,7 +61,6 @@ _CODE_OF_SUB = {sub: code for code, sub in _SUB_CODES.items()}
 _ASK, _PENDING_IN, _APPROVED, _HIDDEN = 1, 2, 4, 8
 
 EMPTY_VERSION = "0"  # the version of a roster that was never stored
-MAX_TRIES = 10  # conditional-write attempts before giving up on a busy roster
 # Room left in a storage item for the name and the other attributes.
 MAX_ROSTER_BYTES = MAX_ITEM_BYTES - 4096
 
@@ -176,15 +181,19 @@ class RosterModule(Module):
     ) -> tuple[RosterItem | None, RosterItem | None]:
         """`update`, also returning the item as it was before the change won."""
         store = self.host.items(_domain(owner_bare), "roster")
-        name = _localpart(owner_bare)
-        for attempt in range(MAX_TRIES):
-            stored = _decode(await store.get(name))
+        # What the attempt whose write won computed: (before, after, version).
+        outcome: tuple[RosterItem | None, RosterItem | None, str] = (None, None, "")
+
+        def edit(stored_item: Item | None) -> dict[str, Any] | Unchanged:
+            nonlocal outcome
+            stored = _decode(stored_item)
             before = stored.items.get(contact_bare)
             after = change(before.copy() if before is not None else None)
             if after is not None:
                 after.jid = contact_bare
+            outcome = (before, after, "")
             if after == before:
-                return before, after
+                return UNCHANGED
             items = dict(stored.items)
             if after is None:
                 del items[contact_bare]
@@ -193,20 +202,19 @@ class RosterModule(Module):
                 self._check_limits(before, after, items)
             counter = stored.counter + 1
             epoch = stored.epoch or secrets.token_hex(4)
-            attrs = _encode(epoch, counter, items)
-            try:
-                if stored.item is None:
-                    await store.put(name, attrs, if_absent=True)
-                else:
-                    await store.put(name, attrs, if_version=stored.item.version)
-            except ConditionFailed:
-                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-                continue
-            except TooLarge as exc:
-                raise RosterFull("the roster is too large to store") from exc
-            self._changed(owner_bare, contact_bare, before, after, f"{epoch}-{counter}")
-            return before, after
-        raise StanzaError("resource-constraint", "the roster is busy, try again")
+            outcome = (before, after, f"{epoch}-{counter}")
+            return _encode(epoch, counter, items)
+
+        try:
+            done = await store.modify(_localpart(owner_bare), edit, what="roster")
+        except Contended:
+            raise StanzaError("resource-constraint", "the roster is busy, try again") from None
+        except TooLarge as exc:
+            raise RosterFull("the roster is too large to store") from exc
+        before, after, version = outcome
+        if done.written:
+            self._changed(owner_bare, contact_bare, before, after, version)
+        return before, after
 
     # --- IQ handlers ---------------------------------------------------------------------
 

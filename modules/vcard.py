@@ -18,7 +18,6 @@ import binascii
 import copy
 import hashlib
 import logging
-import random
 import weakref
 
 from lxml import etree
@@ -26,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from xmppd.modulehost import IqRequest, Module, storage_call
 from xmppd.session import ClientSession
-from xmppd.storage.base import Blob, BlobStore, ConditionFailed, StorageError
+from xmppd.storage.base import UNCHANGED, Blob, BlobStore, Contended, StorageError, Unchanged
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 
@@ -36,7 +35,6 @@ _VCARD_TAG = f"{{{VCARD}}}vCard"
 _X_TAG = f"{{{X_UPDATE}}}x"
 _PHOTO_TAG = f"{{{X_UPDATE}}}photo"
 
-MAX_WRITE_RETRIES = 10
 LOAD_TIMEOUT = 5.0  # seconds a held presence waits for the hash before going out as sent
 FILTER_PRIORITY = 10_000
 """Runs before every other "stanza/out" filter: a presence held while the hash
@@ -120,20 +118,18 @@ class VCard(Module):
         Each write is conditional on what was just read, so two nodes never
         interleave; an unchanged vCard (clients re-upload it often) costs no write.
         """
-        for attempt in range(MAX_WRITE_RETRIES):
-            current = await store.get(key)
-            try:
-                if current is None:
-                    if data:
-                        await store.put(key, data, if_none_match=True)
-                elif not data:
-                    await store.delete(key, if_match=current.etag)
-                elif current.data != data:
-                    await store.put(key, data, if_match=current.etag)
-                return
-            except ConditionFailed:
-                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-        raise StanzaError("resource-constraint", "the vCard is being changed elsewhere, retry")
+
+        def replace(current: Blob | None) -> bytes | None | Unchanged:
+            if current is not None and current.data == data:
+                return UNCHANGED
+            return data or None
+
+        try:
+            await store.modify(key, replace, what="vCard")
+        except Contended:
+            raise StanzaError(
+                "resource-constraint", "the vCard is being changed elsewhere, retry"
+            ) from None
 
     # --- the avatar hash in outgoing presence ---------------------------------------------
 

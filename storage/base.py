@@ -11,14 +11,22 @@ Backends see a *namespace* string ("<vhost>/<store>", e.g. "localhost/roster")
 on every call; modules never do: they get an ItemStore / BlobStore handle
 bound to their virtual host and store name (see `ItemStore` below), so two
 domains or two deployments sharing one table or bucket cannot collide.
+
+Every read-modify-write of a module goes through `ItemStore.modify` /
+`BlobStore.modify`: one place for the conditional write, the retries and
+their backoff (`backoff`), and one exception when a key stays contended.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import asyncio
+import enum
+import inspect
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 AttrValue = str | int | bytes
 Attrs = Mapping[str, AttrValue]
@@ -37,8 +45,22 @@ class StorageError(Exception):
 class ConditionFailed(Exception):
     """A conditional write lost: the item/blob exists, is absent, or has another version.
 
-    Callers doing read-modify-write catch this, re-read and retry.
+    Read-modify-write then re-reads and retries: `ItemStore.modify` and
+    `BlobStore.modify` do that for their callers.
     """
+
+
+class Contended(ConditionFailed):
+    """`modify` lost the race for one item or blob on every try.
+
+    A ConditionFailed, so code that already treats a lost conditional write as
+    "busy, try later" handles it unchanged; the message names the key."""
+
+    def __init__(self, what: str, namespace: str, key: str, tries: int) -> None:
+        super().__init__(f"{what} {namespace}/{key}: another writer won all {tries} tries")
+        self.namespace = namespace
+        self.key = key
+        self.tries = tries
 
 
 class TooLarge(Exception):
@@ -191,6 +213,97 @@ class Query:
     page_token: str | None = None
 
 
+# --- read-modify-write (`ItemStore.modify`, `BlobStore.modify`) ---------------------------
+
+MODIFY_TRIES = 10
+"""Attempts `modify` makes by default. One key has few real writers (a user's
+resources, a few nodes), so ten lost races in a row means a hot key: better to
+fail the request after about a second than to hold it."""
+BACKOFF_BASE = 0.005  # seconds; a rival's write takes milliseconds
+BACKOFF_CAP = 0.25  # seconds; bounds the wait of one retry
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait after the `attempt`-th (0-based) lost conditional write.
+
+    "Full jitter": uniform over a window that doubles with each loss up to a
+    cap. The writers that lost one race pick different delays instead of
+    colliding again in lockstep, and a key that stays busy gets spread-out
+    retries; the cap keeps MODIFY_TRIES attempts within about a second."""
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+
+
+class Unchanged(enum.Enum):
+    """The type of UNCHANGED: a one-member enum, so type checkers can tell it from a value."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = Unchanged.UNCHANGED
+"""What a `modify` change returns to write nothing: the stored value is already right."""
+
+
+@dataclass(frozen=True, slots=True)
+class WithWrites:
+    """An item change committed in one transaction with other writes of the same store.
+
+    `attrs` means what a plain change return means (None: delete; an absent
+    item then stays absent and only `writes` are made). The item's condition is
+    part of the transaction, so `writes` land only together with the change
+    they were computed from; a condition of theirs that fails is a lost race
+    too, and the change runs again."""
+
+    attrs: Attrs | None
+    writes: Sequence[Write]
+
+
+ItemEdit = Attrs | None | Unchanged | WithWrites
+BlobEdit = bytes | None | Unchanged
+V = TypeVar("V", Item, Blob)
+E = TypeVar("E")
+
+
+@dataclass(frozen=True, slots=True)
+class Modified(Generic[V]):
+    """What `modify` did, as of the attempt whose write won.
+
+    `before`: what that attempt read. `after`: what is stored now, the new item
+    (with its version) or blob (with its etag); None when deleted or left
+    absent, and after a WithWrites change (transactions report no versions);
+    `before` itself when nothing was written (`written` False)."""
+
+    before: V | None
+    after: V | None
+    written: bool
+
+
+async def _edit_of(change: Callable[[V | None], E | Awaitable[E]], current: V | None) -> E:
+    """Call a change that may be a plain or a coroutine function."""
+    edit = change(current)
+    if inspect.isawaitable(edit):
+        return await edit
+    return edit
+
+
+async def _retry(
+    attempt: Callable[[], Awaitable[Modified[V] | None]],
+    tries: int,
+    what: str,
+    namespace: str,
+    key: str,
+) -> Modified[V]:
+    """Run `attempt` (None: its write lost) until it wins, `backoff` between tries."""
+    if tries < 1:
+        raise ValueError("tries must be at least 1")
+    for lost in range(tries):
+        if lost:
+            await asyncio.sleep(backoff(lost - 1))
+        done = await attempt()
+        if done is not None:
+            return done
+    raise Contended(what, namespace, key, tries)
+
+
 class ItemBackend(abc.ABC):
     """A concrete item store (SQLite, DynamoDB, ...). Every method is a coroutine
     that never blocks the event loop."""
@@ -325,6 +438,64 @@ class ItemStore:
             if (token := page.next_token) is None:
                 return deleted
 
+    async def modify(
+        self,
+        name: str,
+        change: Callable[[Item | None], ItemEdit | Awaitable[ItemEdit]],
+        *,
+        tries: int = MODIFY_TRIES,
+        what: str = "item",
+    ) -> Modified[Item]:
+        """Read-modify-write one item without losing a concurrent writer's change.
+
+        `change(current)` gets the item (None when absent) and returns the new
+        attributes, None to delete, UNCHANGED to write nothing, or WithWrites to
+        commit other writes with it; it may be a coroutine function. The write
+        is conditional on what was read. When another writer got there first,
+        `change` runs again on a fresh read after a `backoff`: it must compute
+        only from its argument and what it reads itself. An exception it raises
+        propagates and nothing is written; so do write errors other than a lost
+        race (TooLarge, StorageError). After `tries` lost races: Contended,
+        naming `what` and the item."""
+        return await _retry(
+            lambda: self._modify_once(name, change), tries, what, self.namespace, name
+        )
+
+    async def _modify_once(
+        self, name: str, change: Callable[[Item | None], ItemEdit | Awaitable[ItemEdit]]
+    ) -> Modified[Item] | None:
+        before = await self.get(name)
+        edit: ItemEdit = await _edit_of(change, before)
+        try:
+            return await self._write_edit(name, before, edit)
+        except ConditionFailed:
+            return None
+
+    async def _write_edit(self, name: str, before: Item | None, edit: ItemEdit) -> Modified[Item]:
+        if isinstance(edit, WithWrites):
+            writes = [*self._own_write(name, before, edit.attrs), *edit.writes]
+            if not writes:
+                return Modified(before, before, written=False)
+            await self.transact(writes)
+            return Modified(before, None, written=True)
+        if isinstance(edit, Unchanged) or (edit is None and before is None):
+            return Modified(before, before, written=False)
+        if edit is None:
+            assert before is not None
+            await self.delete(name, if_version=before.version)
+            return Modified(before, None, written=True)
+        if before is None:
+            return Modified(before, await self.put(name, edit, if_absent=True), written=True)
+        return Modified(before, await self.put(name, edit, if_version=before.version), written=True)
+
+    def _own_write(self, name: str, before: Item | None, attrs: Attrs | None) -> list[Write]:
+        """The modified item's own conditional write inside a WithWrites transaction."""
+        if attrs is None:
+            return [] if before is None else [self.delete_op(name, if_version=before.version)]
+        if before is None:
+            return [self.put_op(name, attrs, if_absent=True)]
+        return [self.put_op(name, attrs, if_version=before.version)]
+
     def put_op(
         self, name: str, attrs: Attrs, *, if_absent: bool = False, if_version: int | None = None
     ) -> Put:
@@ -363,6 +534,43 @@ class BlobStore:
 
     async def delete(self, key: str, *, if_match: str | None = None) -> bool:
         return await self.backend.delete(self.namespace, key, if_match=if_match)
+
+    async def modify(
+        self,
+        key: str,
+        change: Callable[[Blob | None], BlobEdit | Awaitable[BlobEdit]],
+        *,
+        tries: int = MODIFY_TRIES,
+        what: str = "blob",
+    ) -> Modified[Blob]:
+        """`ItemStore.modify` for a blob: `change` returns the new data, None to
+        delete, or UNCHANGED; writes are conditional on the etag read."""
+        return await _retry(
+            lambda: self._modify_once(key, change), tries, what, self.namespace, key
+        )
+
+    async def _modify_once(
+        self, key: str, change: Callable[[Blob | None], BlobEdit | Awaitable[BlobEdit]]
+    ) -> Modified[Blob] | None:
+        before = await self.get(key)
+        edit: BlobEdit = await _edit_of(change, before)
+        try:
+            return await self._write_edit(key, before, edit)
+        except ConditionFailed:
+            return None
+
+    async def _write_edit(self, key: str, before: Blob | None, edit: BlobEdit) -> Modified[Blob]:
+        if isinstance(edit, Unchanged) or (edit is None and before is None):
+            return Modified(before, before, written=False)
+        if edit is None:
+            assert before is not None
+            await self.delete(key, if_match=before.etag)
+            return Modified(before, None, written=True)
+        if before is None:
+            etag = await self.put(key, edit, if_none_match=True)
+        else:
+            etag = await self.put(key, edit, if_match=before.etag)
+        return Modified(before, Blob(key, edit, etag), written=True)
 
     async def list(
         self, prefix: str = "", *, limit: int = 1000, page_token: str | None = None

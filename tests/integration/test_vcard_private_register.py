@@ -36,13 +36,17 @@ class Prefs(ElementBase):
 
 
 class PluginClient(Client):
-    """A test client that also records available presences and registration errors."""
+    """A test client that also records available presences, registration and SASL errors."""
 
     def __init__(self, jid: str, password: str) -> None:
         super().__init__(jid, password)
         self.presences: asyncio.Queue[Presence] = asyncio.Queue()
         self.register_errors: list[str] = []
+        self.auth_failures: list[str] = []  # SASL failure conditions, one per mechanism tried
         self.add_event_handler("presence_available", self.presences.put_nowait)
+        self.add_event_handler(
+            "failed_auth", lambda failure: self.auth_failures.append(failure["condition"])
+        )
 
 
 async def login(
@@ -188,11 +192,18 @@ async def test_registration_refused_when_off(start_server: StartServer) -> None:
 async def test_password_change_then_login(start_server: StartServer) -> None:
     server = await start_server(modules=MODULES)
     alice = await login(server, "alice@localhost/desk", "alice-secret")
-    await alice.plugin["xep_0077"].change_password("brand-new-secret", timeout=10)
+    reply = await alice.plugin["xep_0077"].change_password("brand-new-secret", timeout=10)
+    assert reply["type"] == "result"
+    accounts = server.accounts["localhost"]
+    assert await accounts.verify_plain("alice", "brand-new-secret")  # stored before the result
+    assert not await accounts.verify_plain("alice", "alice-secret")
     await close(alice)
     failed = await login(server, "alice@localhost/x", "alice-secret", expect_failure=True)
+    assert failed.auth_failures[0] == "not-authorized"
+    assert not failed.started.is_set()
     failed.abort()
     alice = await login(server, "alice@localhost/desk", "brand-new-secret")
+    assert alice.boundjid.full == "alice@localhost/desk"
     await close(alice)
 
 

@@ -23,6 +23,7 @@ from xmppd.auth.accounts import (
     InvalidUsername,
     normalize_username,
 )
+from xmppd.sasl import SASLFailure
 from xmppd.sasl.scram import ScramKeys, ScramServer, verify_password
 from xmppd.storage.backends.memory import MemoryItemBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
@@ -106,14 +107,26 @@ async def test_salts_differ_per_hash(accounts: Accounts) -> None:
     assert len(salts) == 3
 
 
+async def scram_login(accounts: Accounts, username: str, password: str) -> None:
+    """A SCRAM-SHA-512 exchange of scramp with our server, keys looked up as the
+    server does; SASLFailure when the server refuses the client's proof."""
+    server = ScramServer("SCRAM-SHA-512", {}, plus_offered=False)
+    client = scramp.ScramClient(["SCRAM-SHA-512"], username, password)
+    authcid = server.start(client.get_client_first().encode())
+    keys = await accounts.scram_keys(authcid, "sha512")
+    assert keys is not None, f"no keys found for {authcid!r}"
+    client.set_server_first(server.challenge(keys).decode())
+    final = server.finish(client.get_client_final().encode())
+    # The server signs with the stored server key: what the client derived from its password.
+    assert final == b"v=" + base64.b64encode(client.server_signature)
+
+
 async def test_scram_login_with_stored_keys(accounts: Accounts) -> None:
     await accounts.register("juliet", PASSWORD)
-    server = ScramServer("SCRAM-SHA-512", {}, plus_offered=False)
-    client = scramp.ScramClient(["SCRAM-SHA-512"], "Juliet", PASSWORD)
-    authcid = server.start(client.get_client_first().encode())
-    keys = await accounts.scram_keys(authcid, "sha512")  # "Juliet" finds "juliet"
-    client.set_server_first(server.challenge(keys).decode())
-    client.set_server_final(server.finish(client.get_client_final().encode()).decode())
+    await scram_login(accounts, "Juliet", PASSWORD)  # "Juliet" finds "juliet"
+    with pytest.raises(SASLFailure) as refused:
+        await scram_login(accounts, "juliet", PASSWORD + "!")
+    assert refused.value.condition == "not-authorized"
 
 
 async def test_no_stored_attribute_contains_the_password(

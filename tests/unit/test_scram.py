@@ -91,9 +91,25 @@ def test_username_escapes_and_saslprep() -> None:
 
 
 def test_password_is_saslprepped_like_the_client_does() -> None:
-    keys = derive_keys("sha256", "I\u00adX")  # soft hyphen is mapped to nothing
+    """Stored keys come from the SASLprep'd password, so a client whose different
+    spelling prepares to the same string logs in, and only such a client."""
+    keys = derive_keys("sha256", "I\u00adX")
+    # The soft hyphen is mapped to nothing: the keys are those of "IX".
+    assert keys == derive_keys("sha256", "IX", salt=keys.salt)
+
     server = ScramServer("SCRAM-SHA-256", {}, plus_offered=False)
-    run(server, scramp.ScramClient(["SCRAM-SHA-256"], "user", "\u2168"), keys)  # ROMAN NINE
+    client = scramp.ScramClient(["SCRAM-SHA-256"], "user", "\u2168")  # ROMAN NINE: NFKC "IX"
+    server.start(client.get_client_first().encode())
+    client.set_server_first(server.challenge(keys).decode())
+    final = server.finish(client.get_client_final().encode())
+    # Accepted, and the server proves the same salted password as the client derived.
+    assert final == b"v=" + base64.b64encode(client.server_signature)
+
+    server = ScramServer("SCRAM-SHA-256", {}, plus_offered=False)
+    other = scramp.ScramClient(["SCRAM-SHA-256"], "user", "XI")
+    server.start(other.get_client_first().encode())
+    other.set_server_first(server.challenge(keys).decode())
+    expect_failure("not-authorized", server.finish, other.get_client_final().encode())
 
 
 def test_higher_iteration_count_is_announced() -> None:

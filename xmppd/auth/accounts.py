@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
-import random
 import secrets
 from concurrent.futures import Executor, ThreadPoolExecutor
 
@@ -38,14 +37,13 @@ from xmppd.sasl.scram import (
     hashlib_name,
     verify_password,
 )
-from xmppd.storage.base import MAX_KEY_BYTES, ConditionFailed, ItemStore, Query
+from xmppd.storage.base import MAX_KEY_BYTES, AttrValue, ConditionFailed, Item, ItemStore, Query
 from xmppd.storage.factory import Storage
 
 KEY_ATTRIBUTES = {name: f"scram_{name}" for name in SCRAM_HASHES.values()}
 """hashlib name -> item attribute; dict order (sha1 first) is the order PLAIN tries."""
 MAX_PASSWORD_BYTES = 1023
 """The longest password PLAIN accepts (see xmppd.sasl.plain); longer ones could never log in."""
-MAX_WRITE_RETRIES = 16
 
 _KDF_EXECUTOR = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="xmppd-kdf")
 """Shared by every Accounts without its own executor; threads start on first use."""
@@ -162,7 +160,8 @@ class Accounts:
             raise AccountExists(name) from None
 
     async def set_password(self, username: str, password: str) -> None:
-        """Replace the keys of an existing account; AccountNotFound, InvalidPassword.
+        """Replace the keys of an existing account; AccountNotFound, InvalidPassword, or
+        Contended (a ConditionFailed) when other writers of the account win every try.
 
         A conditional read-modify-write: other attributes written meanwhile by
         someone else are kept, and of concurrent password changes the last
@@ -174,18 +173,13 @@ class Accounts:
             raise AccountNotFound(username) from None
         _check_password(password)
         attrs = await self._derive_all(password)
-        for attempt in range(MAX_WRITE_RETRIES):
-            item = await self._store.get(name)
+
+        def replace_keys(item: Item | None) -> dict[str, AttrValue]:
             if item is None:
                 raise AccountNotFound(name)
-            try:
-                await self._store.put(name, {**item.attrs, **attrs}, if_version=item.version)
-                return
-            except ConditionFailed:
-                if attempt == MAX_WRITE_RETRIES - 1:
-                    raise
-                # Jittered backoff: a writer looping faster must not starve this one.
-                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+            return {**item.attrs, **attrs}
+
+        await self._store.modify(name, replace_keys, what="account")
 
     async def unregister(self, username: str) -> bool:
         """Delete the account; False if there was none."""
