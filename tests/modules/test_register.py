@@ -302,7 +302,9 @@ async def test_remove_account_ends_its_sessions_after_the_result() -> None:
 async def test_result_is_delivered_before_the_session_ends(harness: ModuleHarness) -> None:
     order: list[str] = []
     alice = harness.session("alice@localhost/a")
-    alice.deliver = lambda stanza: order.append(f"deliver {stanza.get('type')}")  # type: ignore[method-assign]
+    alice.deliver = (  # type: ignore[method-assign]
+        lambda stanza: order.append(f"deliver {stanza.get('type')}") or True
+    )
     alice.terminate = lambda error: order.append(f"terminate {error.condition}")  # type: ignore[method-assign]
     stanza = parse_stanza(f"<iq type='set' id='x'><query xmlns='{REGISTER}'><remove/></query></iq>")
     stanza.set("from", alice.jid)
