@@ -116,9 +116,7 @@ SUBSCRIPTIONS = frozenset({"none", "to", "from", "both"})
 
 PRIORITY = 1000  # privacy is the first delivery rule (XEP-0016 2.2 rule 4)
 MAX_CACHED_OFFLINE = 2048  # records kept for users with no session here
-MAX_HELD = 4096  # stanzas held per user while their record loads (errors are always held)
 LOAD_TRIES = 3
-LOAD_TIMEOUT = 10.0  # seconds a held stanza waits for a record before it is refused
 ROSTER_TRIES = 3
 _PRESENCE_HOOKS = ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe")
 
@@ -422,21 +420,6 @@ class UserState:
     roster: dict[str, RosterEntry]  # filled only when a list has group/subscription items
 
 
-@dataclass(slots=True)
-class _Held:
-    """A stanza held by a filter until the record of `bare` is loaded.
-
-    `release` lets its sender's client be read from again (ModuleHost.slow_sender):
-    while a stanza is held, the client that sent it is not read, so one slow
-    record load cannot pile up more than a read's worth of stanzas per sender.
-    """
-
-    stanza: etree._Element
-    session: ClientSession
-    inbound: bool
-    release: Callable[[], None] | None = None
-
-
 Policy = tuple[PrivacyData, str | None]
 ENGINE_USERS = ("privacy", "blocking")  # the modules that share one engine per host
 
@@ -478,7 +461,6 @@ class PrivacyEngine:
         self.roster: RosterLike | None = None
         self._states: OrderedDict[str, UserState] = OrderedDict()
         self._active: dict[ClientSession, str] = {}
-        self._held: dict[str, list[_Held]] = {}
         self._loading: dict[str, asyncio.Future[UserState]] = {}
         self._roster_loading: dict[str, bool] = {}  # bare -> changed while loading
         self._pass_all: list[etree._Element] = []  # our own errors and presences: no checks
@@ -660,92 +642,27 @@ class PrivacyEngine:
         return view
 
     def _install(self, bare: str, state: UserState) -> UserState:
-        """Keep the newer of `state` and what is held; release stanzas waiting for it."""
+        """Keep the newer of `state` and what is held."""
         current = self._states.get(bare)
         if current is None or state.data.version > current.data.version:
             self._states[bare] = current = state
         self._states.move_to_end(bare)
         self._evict()
-        for held in self._held.pop(bare, ()):
-            try:
-                self._replay(held)  # releases its sender first, whatever happens next
-            except Exception:
-                log.exception("replaying a stanza held for %s failed", bare)
         return current
+
+    def _loaded(self, bare: str) -> asyncio.Future[UserState]:
+        """What a filter returns when `bare`'s rules are not in memory: the stanza
+        waits for them (the router's pipeline, see ModuleHost.filter), and the
+        filter runs again once they are."""
+        return self.host.spawn(self.state(bare))
 
     def _evict(self) -> None:
         excess = len(self._states) - MAX_CACHED_OFFLINE - self.host.session_count()
         if excess <= 0:
             return
-        idle = [b for b in self._states if not self.host.sessions(b) and b not in self._held]
+        idle = [b for b in self._states if not self.host.sessions(b)]
         for bare in idle[:excess]:  # least recently used first
             del self._states[bare]
-
-    def _hold(self, bare: str, held: _Held) -> None:
-        """Keep a stanza until `bare`'s record is loaded (first one starts the load)."""
-        queue = self._held.get(bare)
-        if queue is None:
-            queue = self._held[bare] = []
-            self.host.spawn(self._load_held(bare))
-        if len(queue) >= MAX_HELD and held.stanza.get("type") != "error":
-            # An error is never answered, so refusing one would lose it silently.
-            self._fail(held, "resource-constraint")
-            return
-        held.release = self.host.slow_sender()
-        queue.append(held)
-
-    async def _load_held(self, bare: str) -> None:
-        """Load `bare`'s record, which releases what is held for it; past LOAD_TIMEOUT
-        the held stanzas are refused, so that a hung store cannot keep their senders
-        unread (they are paused while their stanzas are held) for ever."""
-        try:
-            async with asyncio.timeout(LOAD_TIMEOUT):
-                await self.state(bare)  # installing releases the held stanzas
-        except Exception as exc:
-            if isinstance(exc, TimeoutError):
-                log.error("the privacy record of %s took over %g s to load", bare, LOAD_TIMEOUT)
-            else:
-                log.exception("cannot load the privacy record of %s", bare)
-            for held in self._held.pop(bare, ()):
-                try:
-                    self._fail(held, "internal-server-error")
-                except Exception:
-                    log.exception("refusing a stanza held for %s failed", bare)
-
-    def _replay(self, held: _Held) -> None:
-        """Run a held stanza through the filters again, now that the rules are known.
-
-        A message for a session that closed meanwhile is routed again from the
-        start, so that it goes to another resource or to offline storage, as it
-        would have if it had come after the session closed; an IQ request for
-        it is answered with an error; anything else for it is dropped, as its
-        delivery would have been."""
-        if held.release is not None:
-            held.release()
-        host = self.host
-        stanza, session = held.stanza, held.session
-        if not held.inbound:
-            host.route(stanza, session)
-        elif self.session(session.jid) is session:
-            host.deliver(session, stanza)
-        elif stanza.tag == ns.C_MESSAGE:
-            # Addressed to the bare JID, it was held once per chosen session: the
-            # others had their copy, so only with none left does it go round again.
-            if stanza.get("to") == session.jid or not host.available_sessions(session.bare):
-                host.route(stanza)
-        elif stanza.tag == ns.C_IQ and stanza.get("type") in ("get", "set"):
-            host.bounce(stanza, "service-unavailable")
-
-    def _fail(self, held: _Held, condition: str) -> None:
-        """Unknown rules: refuse rather than deliver what may be blocked, and say so."""
-        if held.release is not None:
-            held.release()
-        stanza = held.stanza
-        if held.inbound:
-            if stanza.tag != ns.C_PRESENCE:
-                self.host.bounce(stanza, condition)
-        elif _wants_error(stanza):
-            self._deliver_own(held.session, error_reply(stanza, condition))
 
     # --- roster and session events ------------------------------------------------------
 
@@ -762,7 +679,7 @@ class PrivacyEngine:
 
     async def _session_bound(self, session: ClientSession) -> None:
         bare = session.bare
-        if len(self.host.sessions(bare)) == 1 and bare not in self._held:
+        if len(self.host.sessions(bare)) == 1 and bare not in self._loading:
             # The user's first session here: the copy kept since the last one may be
             # stale, as another node or xmppctl (removing the account) may have changed
             # or deleted the record meanwhile; one read makes it current.
@@ -777,12 +694,13 @@ class PrivacyEngine:
 
     # --- filters ---------------------------------------------------------------------------
 
-    def _filter_out(self, stanza: etree._Element, origin: ClientSession) -> bool:
+    def _filter_out(
+        self, stanza: etree._Element, origin: ClientSession
+    ) -> bool | asyncio.Future[UserState]:
         state = self._states.get(origin.bare)
         to = stanza.get("to")
-        if origin.bare in self._held or (state is None and to is not None):
-            self._hold(origin.bare, _Held(stanza, origin, inbound=False))  # keeps them in order
-            return False
+        if state is None and to is not None:
+            return self._loaded(origin.bare)
         if state is None or to is None:
             return True  # to the user's own account; presence broadcasts are judged per contact
         active = self._active.get(origin)
@@ -808,7 +726,9 @@ class PrivacyEngine:
             self._deliver_own(origin, error)
         return False
 
-    def _filter_in(self, stanza: etree._Element, session: ClientSession) -> bool:
+    def _filter_in(
+        self, stanza: etree._Element, session: ClientSession
+    ) -> bool | asyncio.Future[UserState]:
         if self._pass_all and _holds(self._pass_all, stanza):
             return True
         sender = stanza.get("from")
@@ -816,15 +736,14 @@ class PrivacyEngine:
             return True
         owner = session.bare
         state = self._states.get(owner)
-        if state is None or owner in self._held:
-            self._hold(owner, _Held(stanza, session, inbound=True))
-            return False
+        if state is None:
+            return self._loaded(owner)
         active = self._active.get(session)
         judge_owner = active is not None or state.data.default is not None or state.data.blocked
         judge_sender = stanza.tag == ns.C_PRESENCE and not (
             self._pass_sender and _holds(self._pass_sender, stanza)
         )
-        if not (judge_owner or judge_sender or self._held):
+        if not (judge_owner or judge_sender):
             return True
         try:
             peer = JID(sender)
@@ -838,14 +757,10 @@ class PrivacyEngine:
                 self._refuse_inbound(stanza)
                 return False
         local_sender = bool(peer.user) and peer.domain in self.host.hosts
-        if local_sender and peer.bare in self._held:
-            self._hold(peer.bare, _Held(stanza, session, inbound=True))  # keeps them in order
-            return False
         if judge_sender and local_sender:
             sender_state = self._states.get(peer.bare)
             if sender_state is None:
-                self._hold(peer.bare, _Held(stanza, session, inbound=True))
-                return False
+                return self._loaded(peer.bare)
             sender_session = self.session(peer.full) if peer.resource else None
             sender_active = self._active.get(sender_session) if sender_session else None
             verdict = decide(

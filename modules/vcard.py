@@ -35,11 +35,10 @@ _VCARD_TAG = f"{{{VCARD}}}vCard"
 _X_TAG = f"{{{X_UPDATE}}}x"
 _PHOTO_TAG = f"{{{X_UPDATE}}}photo"
 
-LOAD_TIMEOUT = 5.0  # seconds a held presence waits for the hash before going out as sent
+LOAD_TIMEOUT = 5.0  # seconds a presence waits for the hash before going out without one
 FILTER_PRIORITY = 10_000
-"""Runs before every other "stanza/out" filter: a presence held while the hash
-loads is routed again afterwards, and filters that ran before this one would
-then see it twice."""
+"""Runs before every other "stanza/out" filter: they judge the presence as it
+goes out, hash included."""
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +58,13 @@ class VCard(Module):
         self.max_bytes = self.options.max_bytes  # type: ignore[attr-defined]
         # bare JID -> photo SHA-1 (hex), "" for "no photo", None when it could not be read
         self._photo: dict[str, str | None] = {}
-        self._loading: set[str] = set()
-        self._held: dict[ClientSession, list[etree._Element]] = {}  # presences waiting for a load
+        self._loading: dict[str, asyncio.Future[None]] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.host.add_feature(VCARD)
         self.host.iq(VCARD, "get", self.get, to="account")
         self.host.iq(VCARD, "set", self.set, to="account")
         self.host.filter("stanza/out", self._presence_out, FILTER_PRIORITY)
         self.host.hook("session/bound", self._bound)
-        self.host.filter("session/ending", self._ending)
         self.host.hook("session/closed", self._closed)
 
     # --- IQ handlers -------------------------------------------------------------------
@@ -133,36 +130,29 @@ class VCard(Module):
 
     # --- the avatar hash in outgoing presence ---------------------------------------------
 
-    def _presence_out(self, stanza: etree._Element, session: ClientSession) -> bool:
-        if stanza.tag != ns.C_PRESENCE:
-            return True
-        held = self._held.get(session)
-        if held is not None:  # keep this session's presences in order behind the held one
-            held.append(stanza)
-            return False
-        if stanza.get("type") is not None:
+    def _presence_out(
+        self, stanza: etree._Element, session: ClientSession
+    ) -> bool | asyncio.Future[None]:
+        """Stamp the hash into an available presence; if it is not known yet, the
+        presence (and the client's next stanzas) wait for it to load."""
+        if stanza.tag != ns.C_PRESENCE or stanza.get("type") is not None:
             return True
         bare = session.bare
         if bare not in self._photo:
-            self._held[session] = [stanza]
-            self._load_soon(session.host, bare)
-            return False
+            return self._loading_photo(session.host, bare)
         stamp(stanza, self._photo[bare])
         return True
 
-    def _load_soon(self, vhost: str, bare: str) -> None:
-        if bare not in self._loading:
-            self._loading.add(bare)
-            self.host.spawn(self._load_and_release(vhost, bare))
-
-    async def _load_and_release(self, vhost: str, bare: str) -> None:
-        try:
-            await self._load(vhost, bare)
-        finally:
-            self._loading.discard(bare)
-            self._release(bare)
+    def _loading_photo(self, vhost: str, bare: str) -> asyncio.Future[None]:
+        loading = self._loading.get(bare)
+        if loading is None:
+            loading = self._loading[bare] = self.host.spawn(self._load(vhost, bare))
+            loading.add_done_callback(lambda _: self._loading.pop(bare, None))
+        return loading
 
     async def _load(self, vhost: str, bare: str) -> None:
+        """Read the hash; None when the vCard cannot be read (presences then go
+        without one rather than wait again)."""
         photo: str | None
         try:
             async with asyncio.timeout(LOAD_TIMEOUT):
@@ -175,41 +165,14 @@ class VCard(Module):
         if self._photo.get(bare) is None and self.host.sessions(bare):
             self._photo[bare] = photo
 
-    def _release(self, bare: str) -> None:
-        """Route the presences held for `bare`'s sessions, now that the hash is known."""
-        for session in [s for s in self._held if s.bare == bare]:
-            stanzas = self._held.pop(session)
-            if not self.host.is_bound(session):
-                continue  # the session ended while its presence waited
-            if bare not in self._photo:
-                self._photo[bare] = None  # never hold again for a load that cannot land
-            for stanza in stanzas:
-                self.host.route(stanza, session)
-
-    def _ending(self, session: ClientSession) -> bool:
-        """The stream closed while presences waited for the hash: route them now, in order.
-
-        The client sent them before it left: an unavailable presence with a
-        status sent just before </stream:stream> must still count (last
-        activity, contacts). Without a known hash they go as the client
-        sent them, as when the hash cannot be read.
-        """
-        stanzas = self._held.pop(session, None)
-        if stanzas:
-            self._photo.setdefault(session.bare, None)  # never hold them again
-            for stanza in stanzas:
-                self.host.route(stanza, session)
-        return True
-
     # --- session and account events -----------------------------------------------------
 
     async def _bound(self, session: ClientSession) -> None:
-        # Spawned, not awaited: a slow store must not hold up other modules' session/bound.
+        # Not awaited: a slow store must not hold up other modules' session/bound.
         if self._photo.get(session.bare) is None:
-            self._load_soon(session.host, session.bare)
+            self._loading_photo(session.host, session.bare)
 
     async def _closed(self, session: ClientSession) -> None:
-        self._held.pop(session, None)
         if not self.host.sessions(session.bare):
             self._photo.pop(session.bare, None)
 

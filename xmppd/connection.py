@@ -150,7 +150,7 @@ class C2SConnection(asyncio.BufferedProtocol):
                 stanza = event.stanza
                 if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
                     self.server.router.ledger.received += 1
-                self.server.router.route(stanza, self.session)
+                self.session.receive(stanza)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthRequested):
                 self.login.start(event)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthResponse):

@@ -16,12 +16,16 @@ Events a module can hook (async, `hook`; a True result stops the chain):
   iq/account (stanza, bare)          an IQ get/set from someone else to an
                                      account, before its handler (True: refused)
   session/bound (session), session/closed (session)
-  message/server, presence/server (stanza)  addressed to the domain itself
-Filters (sync, `filter`; False drops): stanza/out (stanza, origin session),
-stanza/in (stanza, session), presence/self (stanza, session): a client's own
-broadcast presence as the router applies it, before anyone gets it;
-session/ending (session): the session is about to end, a module routes now
-what it still holds for it (its result is ignored).
+  delivery/failure (stanza, session)  a session's transport could not take it
+Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
+message/full, message/host and the same for presence and iq (a `Routed`),
+with the RFC 6121 rules as the router's handlers at the lowest priority;
+message/delivered (Routed), once per delivered message, recipients known.
+Filters (sync, `filter`; False drops, an awaitable waits): stanza/out (stanza,
+origin session), stanza/in (stanza, session), presence/self (stanza, session):
+a client's own broadcast presence as the router applies it.
+Non-stanza elements: `element`. Timers: `every`. Subdomains: `serve_domain`.
+IQs the server sends: `send_iq`.
 
 Account removal is not an event but a method every module may override,
 `Module.remove_user`: the host calls each one in turn (`ModuleHost.remove_account`)
@@ -110,7 +114,7 @@ IqHandler = Callable[[IqRequest], Awaitable[etree._Element | None]]
 ElementHandler = Callable[[ElementRequest], None]
 PreAuthHandler = Callable[[PreAuthRequest], Awaitable[etree._Element | None]]
 Hook = Callable[..., Awaitable[bool | None]]
-Filter = Callable[..., bool]
+Filter = Callable[..., "bool | Awaitable[object]"]
 
 
 class NoOptions(BaseModel):
@@ -266,17 +270,20 @@ class ModuleHost:
         self.stream_features[phase].append(make)
 
     def filter(self, event: str, handler: Filter, priority: int = 0) -> None:
-        """Run a synchronous `handler` on the stanza path; False drops the stanza.
+        """Run a synchronous `handler` on the stanza path: True passes the stanza on,
+        False drops it (the filter sends any error itself).
 
         "stanza/out" (stanza, origin session): every stanza a local client sends,
         before routing. "stanza/in" (stanza, session): every stanza before it is
-        delivered to a local session. "presence/self" (stanza, session): a
-        client's own broadcast presence (or the server's unavailable for a
-        session that ends) as the router applies it, before the echo and
-        before the "presence/broadcast" hooks. "session/ending" (session):
-        before the router ends a session; route what you hold for it now
-        (the result is ignored). A filter that drops a stanza sends any
-        error itself. Filters must not block: keep what they need in memory.
+        delivered to a local session. These two may also return an awaitable
+        when they cannot judge yet (a record is loading): the stanza waits for
+        it, in order with the sender's next stanzas (whose connection is not
+        read meanwhile) and with everything else for the recipient, and then
+        the same filter runs again; one that asks to wait a second time, or
+        whose wait fails or passes `router.FILTER_WAIT`, has the stanza refused.
+        "presence/self" (stanza, session): a client's own broadcast presence
+        (or the server's unavailable for a session that ends) as the router
+        applies it, before the echo and before the "presence/broadcast" hooks.
         """
         self.events.on(event, handler, priority)
 
@@ -287,25 +294,6 @@ class ModuleHost:
     @property
     def filters_out(self) -> list[tuple[int, Filter]]:
         return self.events.chain("stanza/out")
-
-    def slow_sender(self) -> Callable[[], None]:
-        """Stop reading from the client whose stanza is being routed, until the
-        returned function is called (once). For a filter that holds a stanza
-        while it waits on storage: the sender's TCP window fills rather than our
-        memory. A no-op for stanzas the server made itself."""
-        origin = self.router.current_origin
-        if origin is None:
-            return _nothing
-        origin.hold_input()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                origin.release_input()
-
-        return release
 
     def module(self, cls: type[M]) -> M:
         """The enabled module of class `cls` (declare it in `requires`); LookupError if off."""
@@ -436,9 +424,9 @@ class ModuleHost:
         """Answer `stanza` with a stanza error, unless it is itself an error."""
         self.router.bounce(stanza, condition, text)
 
-    def spawn(self, work: Awaitable[object]) -> None:
+    def spawn(self, work: Awaitable[T]) -> asyncio.Future[T]:
         """Run `work` as a task the node tracks (waited for at shutdown, errors logged)."""
-        self.router.spawn(work)
+        return self.router.spawn(work)
 
     async def user_exists(self, domain: str, user: str) -> bool:
         return await self.router.user_exists(domain, user)
@@ -694,10 +682,6 @@ def dependency_order(classes: dict[str, type[Module]]) -> list[str]:
     for name in classes:
         visit(name)
     return ordered
-
-
-def _nothing() -> None:
-    return None
 
 
 def _same_entity(answered_by: str | None, asked: str) -> bool:

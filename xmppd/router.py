@@ -23,12 +23,14 @@ forwarding and s2s plug in.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from lxml import etree
 
@@ -41,6 +43,12 @@ from xmppd.stream.errors import StanzaError, StreamError, error_from, error_repl
 from xmppd.xml import ns
 
 log = logging.getLogger(__name__)
+
+FILTER_WAIT = 10.0
+"""Seconds a filter may make a stanza wait (a record loading) before it is refused."""
+
+_SERIAL: contextvars.ContextVar[str | None] = contextvars.ContextVar("serial", default=None)
+"""The account whose queued routing jobs the current task runs (Router._run_serially)."""
 
 _KINDS = {ns.C_MESSAGE: "message", ns.C_PRESENCE: "presence", ns.C_IQ: "iq"}
 _EVENTS = {
@@ -115,11 +123,10 @@ class Router:
         self.remote: RemoteRoute = NoRemote(self)
         self.components: dict[str, ComponentHandler] = {}
         self.ledger = MessageLedger()
-        # The local session whose stanza route() is handling now (None: the server's
-        # own), so that a filter that has to wait can slow that client down.
-        self.current_origin: ClientSession | None = None
+        # What the stanza route() is handling now waits for (see deliver), None outside.
+        self._waits: list[asyncio.Future[Any]] | None = None
         self._tasks: set[asyncio.Future[object]] = set()
-        self._serial: dict[str, deque[Callable[[], object]]] = {}
+        self._serial: dict[str, deque[tuple[Callable[[], object], asyncio.Future[None]]]] = {}
         # The filter chains on the stanza path, held so that no stanza looks them up.
         self._out = self.events.chain("stanza/out")
         self._in = self.events.chain("stanza/in")
@@ -153,17 +160,15 @@ class Router:
     def session_ended(self, session: ClientSession) -> None:
         """The client is gone (clean close or dropped TCP): others see it go unavailable.
 
-        First the "session/ending" handlers hand back what modules still hold
-        for the session (a presence waiting for its avatar hash), so that
-        whatever the server accepted before the stream closed is processed
-        now, in order: an unavailable presence sent just before
+        Not before every stanza the client sent is through the router (its
+        pipeline may wait on storage): an unavailable presence sent just before
         </stream:stream> is the session's last word, with its status. Only a
         session still available after that gets a server-made unavailable.
         """
-        try:
-            self.events.notify("session/ending", session)
-        finally:
-            self.unbind(session)  # whatever a module did, the session is gone
+        if session.busy:
+            session.when_idle(lambda: self.session_ended(session))
+            return
+        self.unbind(session)
         if session.available:
             presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
             presence.set("type", "unavailable")
@@ -183,7 +188,7 @@ class Router:
 
     def route(
         self, stanza: etree._Element, origin: ClientSession | None = None, *, bounce: bool = True
-    ) -> None:
+    ) -> Awaitable[object] | None:
         """Send `stanza` where its 'to' says; errors go back to its sender.
 
         `origin` is the local session that sent it, None for stanzas the
@@ -193,18 +198,106 @@ class Router:
         each contact: an unreachable remote domain is then not reported, one
         error per contact at every presence change being noise to the
         client (the probe at initial presence reports it once).
-        """
-        previous, self.current_origin = self.current_origin, origin
-        try:
-            self._route(stanza, origin, bounce)
-        finally:
-            self.current_origin = previous
 
-    def _route(self, stanza: etree._Element, origin: ClientSession | None, bounce: bool) -> None:
+        Returns None when the stanza went its way at once (the message path),
+        else what it still waits for: a filter that needs storage first (a
+        privacy record loading). The sender's session waits for that before
+        routing its next stanza (`ClientSession.receive`), so its stanzas keep
+        their order and its connection is not read meanwhile.
+        """
+        previous, self._waits = self._waits, []
+        try:
+            pending = self._route(stanza, origin, bounce)
+            waits = self._waits
+        finally:
+            self._waits = previous
+        if pending is not None:
+            waits.append(self.spawn(pending))
+        if not waits:
+            return None
+        # A future, not a coroutine: a caller that does not wait loses nothing.
+        return waits[0] if len(waits) == 1 else asyncio.gather(*waits)
+
+    def _route(
+        self, stanza: etree._Element, origin: ClientSession | None, bounce: bool
+    ) -> Coroutine[object, None, None] | None:
         if origin is not None and self._out:
-            for _, check in self._out:
-                if not check(stanza, origin):
-                    return
+            for entry in self._out:
+                verdict = entry[1](stanza, origin)
+                if verdict is True:
+                    continue
+                if verdict is False:
+                    return None
+                return self._route_after(verdict, self._out.index(entry), stanza, origin, bounce)
+        self._dispatch(stanza, origin, bounce)
+        return None
+
+    async def _route_after(
+        self,
+        pending: Awaitable[object],
+        index: int,
+        stanza: etree._Element,
+        origin: ClientSession,
+        bounce: bool,
+    ) -> None:
+        """The "stanza/out" filter at `index` asked to wait: wait, then go on from it."""
+        if not await self._waited(pending, stanza, origin):
+            return
+        for entry in self._out[index:]:
+            verdict = entry[1](stanza, origin)
+            if verdict is True:
+                continue
+            if verdict is not False:
+                # One wait per filter, else a store outage loops.
+                self._refuse_unjudged(stanza, origin)
+            return
+        previous, self._waits = self._waits, []
+        try:
+            self._dispatch(stanza, origin, bounce)
+            later = self._waits
+        finally:
+            self._waits = previous
+        if later:
+            await asyncio.gather(*later)
+
+    async def _waited(
+        self,
+        pending: Awaitable[object],
+        stanza: etree._Element,
+        origin: ClientSession | None = None,
+    ) -> bool:
+        """Wait for what a filter needs, at most FILTER_WAIT seconds; False (and the
+        stanza refused) when it failed or took too long."""
+        try:
+            async with asyncio.timeout(FILTER_WAIT):
+                await pending
+            return True
+        except Exception as exc:
+            log.error("a filter waited in vain (%s) for %s", exc or type(exc).__name__, stanza.tag)
+            self._refuse_unjudged(stanza, origin)
+            return False
+
+    def _refuse_unjudged(
+        self, stanza: etree._Element, origin: ClientSession | None = None
+    ) -> None:
+        """A filter could not judge the stanza (its rules did not load): neither let
+        through what may be blocked nor lose it silently; presence is dropped.
+
+        The error for a local sender (`origin`) goes straight to its session:
+        through the filters it would meet the same unreadable rules."""
+        if stanza.tag == ns.C_PRESENCE:
+            return
+        if origin is None:
+            self.bounce(stanza, "internal-server-error", "try again later")
+            return
+        type_ = stanza.get("type")
+        if type_ == "error" or (stanza.tag == ns.C_IQ and type_ not in ("get", "set")):
+            return
+        if stanza.tag == ns.C_MESSAGE:
+            self.ledger.bounced += 1
+        origin.deliver(error_reply(stanza, "internal-server-error", "try again later"))
+
+    def _dispatch(self, stanza: etree._Element, origin: ClientSession | None, bounce: bool) -> None:
         to = stanza.get("to")
         try:
             if to is None:
@@ -232,23 +325,37 @@ class Router:
         routed = Routed(stanza, jid, origin, bounce)
         if jid.user and jid.bare in self._serial:
             # Something for this user still waits on storage (a subscription
-            # answer, say): this stanza goes after it, not ahead of it.
-            self._serially(jid.bare, lambda: self.events.fire(event, routed))
+            # answer, say): this stanza goes after it, not ahead of it, and its
+            # sender waits with it.
+            done = self._serially(jid.bare, lambda: self.events.fire(event, routed))
+            if self._waits is not None:
+                self._waits.append(done)
         else:
             self.events.fire(event, routed)
 
     def deliver(self, session: ClientSession, stanza: etree._Element) -> bool:
         """Hand a stanza to a local session, through the "stanza/in" filters.
 
-        False when the session could not take it (its stream is closing):
-        then the "delivery/failure" hook (stanza, session) decides, and by
-        default a message goes where one for an offline user goes and an IQ
-        request is answered with an error, so nothing vanishes in the gap
-        between a stream closing and its session ending.
+        A filter that needs storage first returns what to wait for: the
+        delivery then waits, in order with everything else for that account,
+        and the sender of the stanza being routed waits with it. False when
+        the session could not take the stanza (its stream is closing): then
+        the "delivery/failure" hook (stanza, session) decides, and by default
+        a message goes where one for an offline user goes and an IQ request
+        is answered with an error, so nothing vanishes in the gap between a
+        stream closing and its session ending.
         """
-        for _, check in self._in:
-            if not check(stanza, session):
-                return True
+        if session.bare in self._serial and _SERIAL.get() != session.bare:
+            # Something for this account waits (its privacy record, say): after it.
+            self._deliver_later(None, 0, session, stanza)
+            return True
+        for entry in self._in:
+            verdict = entry[1](stanza, session)
+            if verdict is True:
+                continue
+            if verdict is not False:
+                self._deliver_later(verdict, self._in.index(entry), session, stanza)
+            return True
         if session.deliver(stanza):
             return True
         # Its transport is going: nothing more is routed to it (its end follows), so
@@ -256,6 +363,51 @@ class Router:
         self.directory.remove(session)
         self._serially(session.bare, lambda: self._undelivered(stanza, session))
         return False
+
+    def _deliver_later(
+        self,
+        pending: Awaitable[object] | None,
+        index: int,
+        session: ClientSession,
+        stanza: etree._Element,
+    ) -> None:
+        """Queue the rest of a delivery behind what the account waits for; the stanza
+        being routed (and so its sender) waits for it too."""
+        done = self._serially(
+            session.bare, functools.partial(self._deliver_after, pending, index, session, stanza)
+        )
+        if self._waits is not None:
+            self._waits.append(done)
+
+    async def _deliver_after(
+        self,
+        pending: Awaitable[object] | None,
+        index: int,
+        session: ClientSession,
+        stanza: etree._Element,
+    ) -> None:
+        """The "stanza/in" filter at `index` asked to wait (or, with no `pending`,
+        the account had something waiting): wait, then go on from that filter."""
+        if pending is not None and not await self._waited(pending, stanza):
+            return
+        if self.directory.get(session.bare, session.resource) is not session:
+            # It ended meanwhile. A message to the account went to each of its top
+            # resources: if one is left, that one had its copy; else, or if the
+            # message was for this resource, as for any session that just ended.
+            bare_message = stanza.tag == ns.C_MESSAGE and stanza.get("to") != session.jid
+            if not (bare_message and self.directory.available(session.bare)):
+                await self._undelivered(stanza, session)
+            return
+        for entry in self._in[index:]:
+            verdict = entry[1](stanza, session)
+            if verdict is True:
+                continue
+            if verdict is not False:
+                self._refuse_unjudged(stanza)
+            return
+        if not session.deliver(stanza):
+            self.directory.remove(session)
+            await self._undelivered(stanza, session)
 
     async def _undelivered(self, stanza: etree._Element, session: ClientSession) -> None:
         if await self.events.fire_async("delivery/failure", stanza, session):
@@ -398,31 +550,38 @@ class Router:
             self.bounce(stanza, "service-unavailable")
         return True
 
-    def _serially(self, bare: str, job: Callable[[], object]) -> None:
-        """Run `job` after the jobs already queued for `bare`.
+    def _serially(self, bare: str, job: Callable[[], object]) -> asyncio.Future[None]:
+        """Run `job` after the jobs already queued for `bare`; the future is done when it ran.
 
         Whatever waits on storage for one recipient (is there such an
-        account, store it offline, a subscription request) keeps the order
-        the stanzas arrived in, whatever order the backend answers in.
+        account, store it offline, a subscription request, a privacy record)
+        keeps the order the stanzas arrived in, whatever order the backend
+        answers in.
         """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._serial.get(bare)
         if queue is None:
             queue = self._serial[bare] = deque()
             self.spawn(self._run_serially(bare, queue))
-        queue.append(job)
+        queue.append((job, done))
+        return done
 
     async def _run_serially(
-        self, bare: str, queue: deque[Callable[[], object]]
+        self, bare: str, queue: deque[tuple[Callable[[], object], asyncio.Future[None]]]
     ) -> None:
+        _SERIAL.set(bare)  # this task's context: what its jobs deliver to `bare` goes now
         try:
             while queue:
-                job = queue.popleft()
+                job, done = queue.popleft()
                 try:
                     pending = job()
                     if inspect.isawaitable(pending):
                         await pending
                 except Exception:
                     log.exception("routing to %s failed", bare)
+                finally:
+                    if not done.done():
+                        done.set_result(None)
         finally:
             del self._serial[bare]
 
@@ -495,10 +654,12 @@ class Router:
             self.ledger.bounced += 1
         self.route(error_from(stanza, exc))
 
-    def spawn(self, coro: Awaitable[object]) -> None:
-        task: asyncio.Future[object] = asyncio.ensure_future(coro)
+    def spawn(self, coro: Awaitable[object]) -> asyncio.Future[Any]:
+        """Run `coro` as a task the router tracks (drained at shutdown, errors logged)."""
+        task: asyncio.Future[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Future[object]) -> None:
         self._tasks.discard(task)

@@ -115,6 +115,7 @@ class ModuleHarness:
 
     def session(self, jid: str, available: bool = True) -> TestSession:
         session = TestSession(jid)
+        session.router = self.router
         self.users.add(session.bare)
         self.router.bind(session)
         session.available = available
@@ -136,7 +137,7 @@ class ModuleHarness:
         """Send a stanza as `session` (from stamped, as the stream does); return its replies."""
         stanza = parse_stanza(xml) if isinstance(xml, str) else xml
         stanza.set("from", session.jid)
-        self.router.route(stanza, session)
+        session.receive(stanza)
         await self.router.drain()
         return session.take()
 

@@ -731,24 +731,30 @@ async def held_while_loading(
 
 
 def route_as(harness: ModuleHarness, session: TestSession, xml: str) -> None:
+    """`session`'s client sends `xml`, through its session's pipeline as the server does."""
     stanza = parse_stanza(xml)
     stanza.set("from", session.jid)
-    harness.router.route(stanza, session)
+    session.receive(stanza)
 
 
 async def test_a_held_message_stops_its_sender_being_read_until_it_is_released(
     harness: ModuleHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    carol = await harness.login("carol@localhost/c")
     alice, bob, gate = await held_while_loading(harness, monkeypatch)
     route_as(harness, alice, chat("bob@localhost/b", "one"))
     route_as(harness, alice, chat("bob@localhost", "two"))
+    route_as(harness, carol, chat("bob@localhost/b", "three"))
     await asyncio.sleep(0.01)
     assert bob.take() == []
-    assert alice.input_holds == 2  # TCP backpressure: the connection stops reading
+    assert alice.input_holds == 1  # TCP backpressure: the connection stops reading
+    assert carol.input_holds == 1  # her message waits for bob's rules too
     gate.set()
     await harness.router.drain()
-    assert bodies(bob.take()) == ["one", "two"]
-    assert alice.input_holds == 0
+    got = bodies(bob.take())
+    assert sorted(got) == ["one", "three", "two"]
+    assert got.index("one") < got.index("two")  # each sender's order holds
+    assert alice.input_holds == 0 and carol.input_holds == 0
 
 
 async def test_a_held_message_for_a_session_that_ended_goes_offline_and_frees_its_sender(
@@ -770,7 +776,7 @@ async def test_a_held_message_for_a_session_that_ended_goes_offline_and_frees_it
 async def test_a_load_that_hangs_refuses_the_held_stanzas_and_frees_their_sender(
     harness: ModuleHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("xmppd.modules._privacy_model.LOAD_TIMEOUT", 0.05)
+    monkeypatch.setattr("xmppd.router.FILTER_WAIT", 0.05)
     alice, bob, _never = await held_while_loading(harness, monkeypatch)
     route_as(harness, alice, chat("bob@localhost/b", "lost in the store"))
     await harness.router.drain()

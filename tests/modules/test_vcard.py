@@ -316,9 +316,11 @@ async def test_presence_before_the_hash_loads_waits_and_keeps_its_order() -> Non
     ):
         stanza = parse_stanza(xml)
         stanza.set("from", alice.jid)
-        harness.router.route(stanza, alice)
-    assert other.received == []  # held while the hash loads
+        alice.receive(stanza)  # as the connection hands them on, one read
+    assert other.received == []  # the first waits for the hash, the others behind it
+    assert alice.input_holds == 1  # and the connection is not read meanwhile
     await harness.router.drain()
+    assert alice.input_holds == 0
     seen = other.take()
     assert [p.get("type") for p in seen] == [None, "unavailable", None]
     assert photo_of(seen[0]) == IMAGE_HASH and photo_of(seen[2]) == IMAGE_HASH

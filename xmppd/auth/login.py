@@ -216,7 +216,7 @@ class StreamLogin:
         except InvalidJID:
             self.stream.send(error_from(event.iq, StanzaError("bad-request", "malformed resource")))
             return None
-        session = ClientSession(full, transport)
+        session = ClientSession(full, transport, self.node.router)
         self.node.router.bind(session)
         self._auth_task = None  # done: its Task and coroutine would stay with every session
         self.stream.bound(event.iq, full)
