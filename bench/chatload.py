@@ -52,6 +52,7 @@ NS = 1_000_000_000
 TICK_S = 0.001  # the send scheduler wakes this often and sends every message now due
 STEP_TIMEOUT_S = 30.0  # one login step, or the server's answer to our close
 PROGRESS_S = 0.2  # how often a worker tells the parent its counts
+STREAM_END = b"</stream:stream>"
 MARKER = b"chatload:"  # our messages' bodies start with it: MARKER id ':' send-ns
 HEADER = (
     "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
@@ -208,7 +209,8 @@ class Client(asyncio.Protocol):
             pos = end + 10
         else:
             self._between(buf[pos:])
-            self.buf = bytearray(buf[max(pos, len(buf) - 8) :])  # "<messa" may be cut off
+            # "<messa" or "</stream:str" may be cut off: the next read completes them
+            self.buf = bytearray(buf[max(pos, len(buf) - len(STREAM_END)) :])
             return
         self._between(buf[pos:start])
         self.buf = bytearray(buf[start:])
@@ -218,7 +220,7 @@ class Client(asyncio.Protocol):
             return
         if b"stream:error" in text:
             self.stream_error = True
-        if b"</stream:stream>" in text:
+        if STREAM_END in text:
             self.server_closed = True
             if self.transport is not None:
                 self.transport.close()  # we answer the server's close with ours (TCP)
@@ -227,7 +229,7 @@ class Client(asyncio.Protocol):
         """Send our close and read until the server's: how the stream ended."""
         if self.done.done():
             return "lost_before_close"
-        self.send(b"</stream:stream>")
+        self.send(STREAM_END)
         try:
             await asyncio.wait_for(asyncio.shield(self.done), STEP_TIMEOUT_S)
         except TimeoutError:
