@@ -312,6 +312,9 @@ class Worker:
         self.sending = True
         self.lag_ns: list[int] = []  # per message: actual write time - scheduled time
         self.cpu_send_s = 0.0
+        # Writes never wait: what the server has not taken yet queues in our transports.
+        # The latency includes that wait; this says how much was queued at worst.
+        self.backlog_max = 0
 
     async def log_in(self) -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -371,6 +374,9 @@ class Worker:
         self.sending = False
 
     def progress(self) -> dict[str, Any]:
+        backlog = sum(c.transport.get_write_buffer_size() for c in self.clients.values()
+                      if c.transport is not None and not c.done.done())
+        self.backlog_max = max(self.backlog_max, backlog)
         return {"ev": "progress", "sent": len(self.sent_ns), "recv": len(self.tally.got),
                 "bounced": len(self.tally.bounced), "sending": self.sending}
 
@@ -387,6 +393,7 @@ class Worker:
             "got": self.tally.got, "dups": self.tally.dups, "bounced": self.tally.bounced,
             "stale": self.tally.stale, "foreign": self.tally.foreign,
             "unsendable": self.unsendable, "lag_ms": _dist_ms(self.lag_ns),
+            "write_backlog_max_bytes": self.backlog_max,
             "cpu_send_s": round(self.cpu_send_s, 3), "cpu_s": round(_cpu_s(), 3),
             "login_errors": self.login_errors, "streams": streams,
         }
@@ -409,7 +416,7 @@ async def run_worker(plan: Plan) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
     worker = Worker(plan)
     await worker.log_in()
-    _say({"ev": "online", "online": sorted(worker.clients), "errors": worker.login_errors})
+    _say({"ev": "online", "online": sorted(worker.clients)})
     go = json.loads(await commands.readline())
     if go["cmd"] == "go":
         sending = asyncio.ensure_future(worker.send(go["t0"], go["online"]))
@@ -577,6 +584,7 @@ def account(nonce: str, results: list[dict[str, Any]], epoch0: float,
         "delivered_rate_in_send_phase": _delivered_rate(sent, got, duration),
         "send_start_epoch": round(epoch0, 3), "send_end_epoch": round(epoch0 + duration, 3),
         "lag_ms": [r["lag_ms"] for r in results],
+        "write_backlog_max_bytes": [r["write_backlog_max_bytes"] for r in results],
         "worker_cpu_send_s": [r["cpu_send_s"] for r in results],
         "worker_cpu_s": [r["cpu_s"] for r in results],
         "streams": _add(r["streams"] for r in results),
@@ -609,12 +617,14 @@ def human(summary: dict[str, Any]) -> str:
     lag = max((w["max"] for w in summary["lag_ms"] if w), default=None)
     return (
         f"chatload: {summary['users_online']}/{summary['users']} users online in "
-        f"{summary['login_s']} s; sent {summary['sent']} at {summary['send_rate']} msg/s "
+        f"{summary['login_s']} s (failures: {summary['login_errors'] or 'none'}); sent "
+        f"{summary['sent']} at {summary['send_rate']} msg/s "
         f"(offered {summary['offered_rate']:g}), received once {summary['received_once']}, "
         f"duplicates {summary['duplicates']}, missing {summary['missing']}, bounced "
         f"{summary['bounced']}; latency ms p50/p95/p99/max {lat.get('p50')}/{lat.get('p95')}/"
         f"{lat.get('p99')}/{lat.get('max')}; drain {summary['drain_s']} s; generator lag max "
-        f"{lag} ms, CPU in send phase {summary['worker_cpu_send_s']} s; streams "
+        f"{lag} ms, write backlog max {summary['write_backlog_max_bytes']} B, CPU in send "
+        f"phase {summary['worker_cpu_send_s']} s; streams "
         f"{summary['streams']}; {'EXACT' if summary['exact'] else 'NOT EXACT'}"
     )
 

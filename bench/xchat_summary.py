@@ -45,6 +45,7 @@ def summarize(lib: Path, run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "server_cpu_us_per_msg": round(1e4 * util / delivered, 1) if util and delivered else None,
         "loadgen_cpu_util_pct_steady": None if loadgen_util is None else round(loadgen_util, 1),
         "generator_lag_max_ms": max((w["max"] for w in load["lag_ms"] if w), default=None),
+        "generator_write_backlog_max_bytes": max(load["write_backlog_max_bytes"], default=None),
         "errors": {k: v for k, v in load["login_errors"].items() if v},
         "chatload": {k: v for k, v in load.items() if k != "missing_first"},
     })
