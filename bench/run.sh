@@ -53,7 +53,7 @@ export XMPPD_ITERATIONS="${XMPPD_ITERATIONS:-4096}"
 export BENCH_STATE_DIR="${BENCH_STATE_DIR:-$BENCH/results/state}"
 case "$BENCH_STATE_DIR" in /*) ;; *) BENCH_STATE_DIR="$PWD/$BENCH_STATE_DIR" ;; esac
 export DOMAIN="${DOMAIN:-bench.local}"
-OUT="${BENCH_OUT:-$BENCH/results/$(date +%Y%m%d-%H%M%S)-$MODE}"
+OUT="${BENCH_OUT:-$BENCH/results/$(date +%Y%m%d-%H%M%S)-$(basename "$MODE" .plan)}"
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # tsung runs elsewhere: relative paths break
 export RESULTS_DIR="$OUT/harness"
 
