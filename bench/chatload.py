@@ -75,7 +75,7 @@ async def starttls_socket(plan: Plan, header: bytes) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await loop.sock_connect(sock, (plan.host, plan.port))
+        await asyncio.wait_for(loop.sock_connect(sock, (plan.host, plan.port)), STEP_TIMEOUT_S)
         await loop.sock_sendall(sock, header)
         await _read_until(sock, FEATURES)
         await loop.sock_sendall(sock, b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")

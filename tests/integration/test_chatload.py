@@ -44,7 +44,12 @@ async def chatload(server: Server, during: Any = None) -> dict[str, Any]:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     side = asyncio.ensure_future(during(server)) if during else None
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:  # timed out: its workers end when their stdin closes
+            proc.kill()
+            await proc.wait()
     if side is not None:
         await side
     assert out, err.decode()[-2000:]
