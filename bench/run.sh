@@ -5,6 +5,10 @@
 #   bench/run.sh quick     ~10 min: login 1000 users @40/s; chat 1000 users @1000 and @3500 msg/s
 #   bench/run.sh full      ~35 min: login 1000 @200/s (saturation) and 5000 @40/s;
 #                          chat 1000 users @1000, 2000, 3000, 4000 msg/s (30 s each)
+#   bench/run.sh my.plan   lines "SCENARIO USERS RATE [KNOB=VALUE...]"; SCENARIO is
+#                          login or chat (tsung), or xchat: bench/chatload.py, which
+#                          counts every message by id (bench/xchat.sh; knobs DURATION,
+#                          LOGIN_RATE, MSG_SIZE, PROCS, DRAIN_TIMEOUT)
 #
 # Output: bench/results/<stamp>-<mode>/ with results.jsonl (one JSON summary per
 # run, as the harness prints it plus "label"), report.md (tables, ratios, targets),
@@ -49,7 +53,7 @@ export XMPPD_ITERATIONS="${XMPPD_ITERATIONS:-4096}"
 export BENCH_STATE_DIR="${BENCH_STATE_DIR:-$BENCH/results/state}"
 case "$BENCH_STATE_DIR" in /*) ;; *) BENCH_STATE_DIR="$PWD/$BENCH_STATE_DIR" ;; esac
 export DOMAIN="${DOMAIN:-bench.local}"
-OUT="${BENCH_OUT:-$BENCH/results/$(date +%Y%m%d-%H%M%S)-$MODE}"
+OUT="${BENCH_OUT:-$BENCH/results/$(date +%Y%m%d-%H%M%S)-$(basename "$MODE" .plan)}"
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # tsung runs elsewhere: relative paths break
 export RESULTS_DIR="$OUT/harness"
 
@@ -154,7 +158,10 @@ run_one() {  # SERVER SCENARIO USERS RATE [KNOB=VALUE...]
         "$PYTHON" "$BENCH/schedstat_sample.py" "$XWD/server.pid" "$OUT/schedstat-$scenario-${users}u-$rate.txt" &
         sched_pid=$!
     fi
-    if env "${env[@]}" "$HARNESS/run.sh" "$peer" "$scenario" "$users" "$rate" > "$out.json" 2> "$out"; then
+    local load=("$HARNESS/run.sh" "$peer" "$scenario" "$users" "$rate")
+    # xchat: our own exact-count generator on the same peers, cores and sampler (xchat.sh)
+    if [ "$scenario" = xchat ]; then load=("$BENCH/xchat.sh" "$peer" "$users" "$rate"); fi
+    if env "${env[@]}" BENCH_HARNESS="$HARNESS" "${load[@]}" > "$out.json" 2> "$out"; then
         line="$(tail -1 "$out.json")"
         # xmppd's own account of the run's messages (its last log line before it stopped),
         # reconciled with tsung's counts in the report

@@ -55,6 +55,10 @@ class C2SConnection(asyncio.BufferedProtocol):
         self._counted = False
         self._ended = False
         self._received = True  # data came since the last idle sweep
+        # Decrypted bytes that came before start_tls() returned: the client's new stream
+        # header may ride with its TLS Finished, and the event loop may hand it to us
+        # before our coroutine resumes; it must reach the stream after tls_started().
+        self._before_tls: list[bytes] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -85,6 +89,9 @@ class C2SConnection(asyncio.BufferedProtocol):
         self.data_received(_READ_BUFFER[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
+        if self._before_tls is not None:
+            self._before_tls.append(data)
+            return
         self._received = True
         self._handle(self.stream.receive(data))
         self._flush()
@@ -163,6 +170,7 @@ class C2SConnection(asyncio.BufferedProtocol):
                 assert self.transport is not None
                 # No plaintext byte may reach the parser after <proceed/>.
                 self.transport.pause_reading()
+                self._before_tls = []
                 self._flush()
                 asyncio.ensure_future(self._start_tls())
             elif isinstance(event, c2s.PreAuthIQ):
@@ -262,6 +270,9 @@ class C2SConnection(asyncio.BufferedProtocol):
             return
         self.transport = new_transport  # type: ignore[assignment]
         self.stream.tls_started(self._channel_bindings())
+        early, self._before_tls = b"".join(self._before_tls or ()), None
+        if early:
+            self.data_received(early)
 
     def _channel_bindings(self) -> dict[str, bytes]:
         assert self.transport is not None
