@@ -61,11 +61,11 @@ async def chatload(server: Server, during: Any = None) -> dict[str, Any]:
 async def end_victim_midway(server: Server) -> None:
     """Once every user is online and sending has begun, the server ends one session."""
     for _ in range(400):
-        if all(server.router.available_sessions(f"{user}@localhost") for user in USERS):
+        if all(server.router.directory.available(f"{user}@localhost") for user in USERS):
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.0)
-    for session in server.router.local_sessions(VICTIM):
+    for session in server.router.directory.resources(VICTIM):
         session.terminate(StreamError("policy-violation", "ended by the test"))
 
 
