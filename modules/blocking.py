@@ -1,7 +1,7 @@
 """Blocking Command (XEP-0191): the urn:xmpp:blocking protocol over the shared model.
 
 The blocklist is part of the user's privacy record and is enforced by the
-shared engine in `_privacy_model`, ahead of any privacy list. Every change
+shared engine in `_privacy_engine`, ahead of any privacy list. Every change
 is pushed to all the user's connected resources (not only those that fetched
 the blocklist: a resource that never asked simply ignores the push), and the
 engine tells newly blocked contacts the user went unavailable, and unblocked
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from xmppd.modulehost import IqRequest, Module
 from xmppd.stream.errors import StanzaError
 
-from ._privacy_model import NS_BLOCKING, PrivacyData, PrivacyEngine, parse_value_jid
+from ._privacy_engine import NS_BLOCKING, PrivacyData, PrivacyEngine, parse_value_jid
 
 B = f"{{{NS_BLOCKING}}}"
 

@@ -1,6 +1,6 @@
 """Privacy lists (XEP-0016): the jabber:iq:privacy protocol over the shared model.
 
-Storage, evaluation and enforcement live in `_privacy_model` (shared with
+Storage, evaluation and enforcement live in `_privacy_engine` (shared with
 XEP-0191 blocking); this module parses and answers the protocol. Only the
 account itself may read or change its lists: anyone else asking gets
 <service-unavailable/>, as for any namespace the account does not serve.
@@ -17,7 +17,7 @@ from xmppd.modulehost import IqRequest, Module
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StanzaError
 
-from ._privacy_model import (
+from ._privacy_engine import (
     KINDS,
     NS_PRIVACY,
     PrivacyData,

@@ -11,7 +11,7 @@ import pytest
 from lxml import etree
 
 from xmppd.jid import JID
-from xmppd.modules._privacy_model import BlockSet, PrivacyEngine, pattern_matches
+from xmppd.modules._privacy_engine import BlockSet, PrivacyEngine, pattern_matches
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.backends.memory import MemoryItemBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend

@@ -45,7 +45,9 @@ every user it may need to judge in memory, so that the synchronous filters
 never wait: users with a session on this node stay loaded (preloaded on
 "session/bound", updated on every change made here and on every roster
 change); others are kept in a bounded LRU. A filter that meets a user it
-has not loaded yet holds the stanza, loads, and replays it in order.
+has not loaded yet returns the load: the router makes the stanza wait for
+it, in order with the sender's next stanzas and with everything else for
+the recipient, and runs the filter again (ModuleHost.filter).
 
 * "stanza/out": the user's own stanzas. Refused ones get <not-acceptable/>
   (plus <blocked xmlns='urn:xmpp:blocking:errors'/> when the blocklist
@@ -572,8 +574,8 @@ class PrivacyEngine:
         """Delete the user's lists and blocklist (one record), and hold none here either.
 
         A user loaded here keeps a state, an empty one: with none, the filters
-        would hold the stanzas to the user's sessions (the removal's own result)
-        until a load that the end of those sessions makes pointless."""
+        would make the stanzas to the user's sessions (the removal's own result)
+        wait for a load that the end of those sessions makes pointless."""
         found = await self.host.items(bare.rsplit("@", 1)[-1], STORE).delete(bare)
         if bare in self._states:
             self._states[bare] = UserState(EMPTY, {})
