@@ -110,6 +110,7 @@ NS_PRIVACY = "jabber:iq:privacy"
 NS_BLOCKING = "urn:xmpp:blocking"
 NS_BLOCKING_ERRORS = "urn:xmpp:blocking:errors"
 STORE = "privacy"
+ACTIVE = "privacy/active"  # the key of a session's active list name in its state bag
 
 Kind = Literal["message", "iq", "presence-in", "presence-out"]
 KINDS: tuple[Kind, ...] = ("message", "iq", "presence-in", "presence-out")
@@ -462,7 +463,6 @@ class PrivacyEngine:
         self.host = host
         self.roster: RosterLike | None = None
         self._states: OrderedDict[str, UserState] = OrderedDict()
-        self._active: dict[ClientSession, str] = {}
         self._loading: dict[str, asyncio.Future[UserState]] = {}
         self._roster_loading: dict[str, bool] = {}  # bare -> changed while loading
         self._pass_all: list[etree._Element] = []  # our own errors and presences: no checks
@@ -472,7 +472,6 @@ class PrivacyEngine:
         host.filter("stanza/out", self._filter_out, PRIORITY)
         host.filter("stanza/in", self._filter_in, PRIORITY)
         host.hook("session/bound", self._session_bound)
-        host.hook("session/closed", self._session_closed)
         host.hook("message/offline", self._message_offline, PRIORITY)
         host.hook("iq/account", self._iq_to_account, PRIORITY)
 
@@ -510,7 +509,7 @@ class PrivacyEngine:
         return self._install(bare, await asyncio.shield(loading))
 
     def active(self, session: ClientSession) -> str | None:
-        return self._active.get(session)
+        return session.state.get(ACTIVE)
 
     def session(self, full_jid: str) -> ClientSession | None:
         bare, _, resource = full_jid.partition("/")
@@ -521,7 +520,7 @@ class PrivacyEngine:
     ) -> bool:
         """Does list `name` apply to a connected resource other than `sender`? (XEP-0016 2.2)"""
         return any(
-            session is not sender and applied_list(data, self._active.get(session)) == name
+            session is not sender and applied_list(data, session.state.get(ACTIVE)) == name
             for session in self.host.sessions(bare)
         )
 
@@ -588,13 +587,13 @@ class PrivacyEngine:
             raise StanzaError("item-not-found", "no privacy list by that name")
         before = self._snapshot(session.bare)
         if name is None:
-            self._active.pop(session, None)
+            session.state.pop(ACTIVE, None)
         else:
-            self._active[session] = name
+            session.state[ACTIVE] = name
         await self._presence_effects(session.bare, before)
 
     def forget_active(self, session: ClientSession) -> None:
-        self._active.pop(session, None)
+        session.state.pop(ACTIVE, None)
 
     def push(self, bare: str, payload: etree._Element) -> None:
         """An IQ-set with `payload` to every connected resource of `bare` (list/block pushes)."""
@@ -691,9 +690,6 @@ class PrivacyEngine:
         except Exception:
             log.exception("cannot preload the privacy record of %s", session.bare)
 
-    async def _session_closed(self, session: ClientSession) -> None:
-        self._active.pop(session, None)
-
     # --- filters ---------------------------------------------------------------------------
 
     def _filter_out(
@@ -705,7 +701,7 @@ class PrivacyEngine:
             return self._loaded(origin.bare)
         if state is None or to is None:
             return True  # to the user's own account; presence broadcasts are judged per contact
-        active = self._active.get(origin)
+        active = origin.state.get(ACTIVE)
         if active is None and state.data.default is None and not state.data.blocked:
             return True
         try:
@@ -740,7 +736,7 @@ class PrivacyEngine:
         state = self._states.get(owner)
         if state is None:
             return self._loaded(owner)
-        active = self._active.get(session)
+        active = session.state.get(ACTIVE)
         judge_owner = active is not None or state.data.default is not None or state.data.blocked
         judge_sender = stanza.tag == ns.C_PRESENCE and not (
             self._pass_sender and _holds(self._pass_sender, stanza)
@@ -764,7 +760,7 @@ class PrivacyEngine:
             if sender_state is None:
                 return self._loaded(peer.bare)
             sender_session = self.session(peer.full) if peer.resource else None
-            sender_active = self._active.get(sender_session) if sender_session else None
+            sender_active = sender_session.state.get(ACTIVE) if sender_session else None
             verdict = decide(
                 sender_state.data,
                 sender_active,
@@ -851,7 +847,7 @@ class PrivacyEngine:
         if state is None:
             return {}
         return {
-            s: (state.data, self._active.get(s)) for s in self.host.available_sessions(bare)
+            s: (state.data, s.state.get(ACTIVE)) for s in self.host.available_sessions(bare)
         }
 
     async def _presence_effects(self, bare: str, before: dict[ClientSession, Policy]) -> None:
@@ -864,7 +860,7 @@ class PrivacyEngine:
             (s, old)
             for s, old in before.items()
             if s.available
-            and (old[0] is not state.data or old[1] != self._active.get(s))
+            and (old[0] is not state.data or old[1] != s.state.get(ACTIVE))
             and self.session(s.jid) is s
         ]
         if not changed:
@@ -875,7 +871,7 @@ class PrivacyEngine:
             log.exception("cannot read the roster of %s", bare)
             return
         for session, (old_data, old_active) in changed:
-            new_data, new_active = state.data, self._active.get(session)
+            new_data, new_active = state.data, session.state.get(ACTIVE)
             for contact, entry in view.items():
                 if entry.subscription in ("from", "both"):
                     for target in self._contact_addresses(contact):

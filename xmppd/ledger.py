@@ -17,8 +17,8 @@ Error messages (bounces, and clients' own error replies) are outside the
 ledger: an error is never answered, and a bounce is counted once, as the fate
 of the message it answers. Not counted yet, so the equation holds only
 without them: messages that privacy lists or blocking refuse (their filters
-hold and replay stanzas, and answer the sender themselves), and messages to
-the server's own address that no module takes.
+answer the sender themselves), and messages to the server's own address
+that no module takes.
 
 A message leaves the ledger without reaching anyone only under a `dropped`
 reason. Those in RULES are the protocol's own (a chat state nobody stores);

@@ -241,15 +241,7 @@ class Router:
         bounce: bool,
     ) -> None:
         """The "stanza/out" filter at `index` asked to wait: wait, then go on from it."""
-        if not await self._waited(pending, stanza, origin):
-            return
-        for entry in self._out[index:]:
-            verdict = entry[1](stanza, origin)
-            if verdict is True:
-                continue
-            if verdict is not False:
-                # One wait per filter, else a store outage loops.
-                self._refuse_unjudged(stanza, origin)
+        if not await self._pass_after(self._out, index, pending, stanza, origin, origin):
             return
         previous, self._waits = self._waits, []
         try:
@@ -259,6 +251,42 @@ class Router:
             self._waits = previous
         if later:
             await asyncio.gather(*later)
+
+    async def _pass_after(
+        self,
+        chain: list[tuple[int, Callable[..., Any]]],
+        index: int,
+        pending: Awaitable[object] | None,
+        stanza: etree._Element,
+        subject: ClientSession,
+        origin: ClientSession | None,
+    ) -> bool:
+        """Wait for `pending`, then run `chain` on from `index`; True if it passes.
+
+        Each filter may ask to wait once for this stanza: one that asks again
+        after its wait could not judge (its store fails), so the stanza is
+        refused rather than wait for ever. `origin`: the local sender, for
+        the refusal."""
+        waited = -1
+        while True:
+            if pending is not None:
+                if not await self._waited(pending, stanza, origin):
+                    return False
+                waited = index
+            pending = None
+            for position in range(index, len(chain)):
+                verdict = chain[position][1](stanza, subject)
+                if verdict is True:
+                    continue
+                if verdict is False:
+                    return False
+                if position == waited:
+                    self._refuse_unjudged(stanza, origin)
+                    return False
+                index, pending = position, verdict
+                break
+            else:
+                return True
 
     async def _waited(
         self,
@@ -388,7 +416,7 @@ class Router:
     ) -> None:
         """The "stanza/in" filter at `index` asked to wait (or, with no `pending`,
         the account had something waiting): wait, then go on from that filter."""
-        if pending is not None and not await self._waited(pending, stanza):
+        if not await self._pass_after(self._in, index, pending, stanza, session, None):
             return
         if self.directory.get(session.bare, session.resource) is not session:
             # It ended meanwhile. A message to the account went to each of its top
@@ -397,13 +425,6 @@ class Router:
             bare_message = stanza.tag == ns.C_MESSAGE and stanza.get("to") != session.jid
             if not (bare_message and self.directory.available(session.bare)):
                 await self._undelivered(stanza, session)
-            return
-        for entry in self._in[index:]:
-            verdict = entry[1](stanza, session)
-            if verdict is True:
-                continue
-            if verdict is not False:
-                self._refuse_unjudged(stanza)
             return
         if not session.deliver(stanza):
             self.directory.remove(session)
@@ -596,10 +617,11 @@ class Router:
         (stanza, origin, initial) lets the presence module tell contacts,
         where `initial` says the resource just became available.
 
-        A presence a module held and hands back after the session ended
-        (see `session_ended`) is still processed if it is unavailable (its
-        status is the user's last word), and dropped if it is available: the
-        session is gone, so announcing it would leave it online for good.
+        A presence still in the session's pipeline when its stream ended (it
+        waited for a filter; see `session_ended`) is still processed if it is
+        unavailable (its status is the user's last word), and dropped if it is
+        available: the session is gone, so announcing it would leave it
+        online for good.
         """
         type_ = stanza.get("type")
         if type_ not in (None, "unavailable"):

@@ -54,8 +54,8 @@ class ClientSession:
     """One bound resource of an account on this node.
 
     `state` is where modules keep what belongs to the session and must go
-    with it (carbons enabled, the active privacy list, roster interest):
-    keyed by module name, dropped with the session, never shared.
+    with it (carbons enabled, the active privacy list): keyed by a name the
+    module owns, dropped with the session, never shared between sessions.
     """
 
     __slots__ = (

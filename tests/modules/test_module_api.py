@@ -4,6 +4,7 @@ timers, declared dependencies, routing events and failed deliveries. No sockets.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from lxml import etree
@@ -262,3 +263,57 @@ async def test_a_failed_iq_delivery_is_answered() -> None:
     assert error.get("type") == "error" and error.get("id") == "q"
     assert error.find(f"{{{ns.CLIENT}}}error/{{{ns.STANZA_ERRORS}}}service-unavailable") is not None
     assert harness.router.directory.get("bob@localhost", "b") is None  # not chosen again
+
+
+# --- filters that wait ------------------------------------------------------------------------
+
+
+def waiting_filter(loaded: set[str], key: str) -> Callable[..., object]:
+    """A filter that cannot judge until `key` is loaded: it returns the load."""
+
+    async def load() -> None:
+        await asyncio.sleep(0.01)
+        loaded.add(key)
+
+    def check(stanza: etree._Element, session: TestSession) -> object:
+        return True if key in loaded else asyncio.ensure_future(load())
+
+    return check
+
+
+@pytest.mark.parametrize("chain", ["stanza/out", "stanza/in"])
+async def test_each_filter_may_wait_once_and_the_stanza_goes_on(chain: str) -> None:
+    harness = await ModuleHarness({}).start()
+    loaded: set[str] = set()
+    harness.host.filter(chain, waiting_filter(loaded, "first"), priority=2)
+    harness.host.filter(chain, waiting_filter(loaded, "second"), priority=1)
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await harness.send(alice, "<message to='bob@localhost/b' type='chat'><body>x</body></message>")
+    assert loaded == {"first", "second"}
+    assert [s.findtext(f"{{{ns.CLIENT}}}body") for s in bob.take()] == ["x"]
+    assert alice.input_holds == 0
+
+
+@pytest.mark.parametrize("chain", ["stanza/out", "stanza/in"])
+async def test_a_filter_that_cannot_judge_after_its_wait_has_the_stanza_refused(
+    chain: str,
+) -> None:
+    harness = await ModuleHarness({}).start()
+    def never_judges(stanza: etree._Element, session: TestSession) -> object:
+        if stanza.find(f"{{{ns.CLIENT}}}body") is None:
+            return True  # the error that answers the message
+        return asyncio.ensure_future(asyncio.sleep(0))
+
+    harness.host.filter(chain, never_judges)
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    replies = await harness.send(
+        alice, "<message to='bob@localhost/b' type='chat' id='m'><body>x</body></message>"
+    )
+    assert bob.take() == []
+    (error,) = replies
+    assert error.get("id") == "m" and error.get("type") == "error"
+    condition = f"{{{ns.CLIENT}}}error/{{{ns.STANZA_ERRORS}}}internal-server-error"
+    assert error.find(condition) is not None
+    assert harness.router.ledger.bounced == 1
