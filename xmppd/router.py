@@ -477,20 +477,39 @@ class Router:
         return True
 
     def _message_bare(self, routed: Routed) -> bool:
+        return self._to_account(routed, self._message_to_account, self._no_such_user)
+
+    def _to_account(
+        self,
+        routed: Routed,
+        to_account: Callable[[Routed], None],
+        no_account: Callable[[Routed], None] | None,
+    ) -> bool:
+        """Hand a stanza for a bare JID to `to_account`, once the account is known to
+        exist: at once when it has a session here, else after asking storage
+        (RFC 6121 8.5.1), in order with whatever else waits for that account;
+        `no_account` answers it when there is no such account."""
         bare = routed.to.bare
-        if not self.directory.has(bare):
-            self._serially(bare, lambda: self._message_unknown(routed))
+        if self.directory.has(bare):
+            to_account(routed)
         else:
-            self._message_to_account(routed)
+            self._serially(bare, lambda: self._if_account(routed, to_account, no_account))
         return True
 
-    async def _message_unknown(self, routed: Routed) -> None:
-        """Nobody is bound here for that bare JID: does the account exist? (RFC 6121 8.5.1)"""
+    async def _if_account(
+        self,
+        routed: Routed,
+        to_account: Callable[[Routed], None],
+        no_account: Callable[[Routed], None] | None,
+    ) -> None:
         jid = routed.to
-        if not await self.user_exists(jid.domain, jid.user):
-            self.bounce(routed.stanza, "service-unavailable")
-            return
-        self._message_to_account(routed)
+        if await self.user_exists(jid.domain, jid.user):
+            to_account(routed)
+        elif no_account is not None:
+            no_account(routed)
+
+    def _no_such_user(self, routed: Routed) -> None:
+        self.bounce(routed.stanza, "service-unavailable")
 
     def _message_to_account(self, routed: Routed) -> None:
         """RFC 6121 8.5.2.1.1 / 8.5.2.2.1: the highest non-negative priority resources
@@ -531,18 +550,8 @@ class Router:
         return True
 
     def _presence_bare(self, routed: Routed) -> bool:
-        bare = routed.to.bare
-        if not self.directory.has(bare):
-            self._serially(bare, lambda: self._presence_unknown(routed))
-        else:
-            self._presence_to_account(routed)
-        return True
-
-    async def _presence_unknown(self, routed: Routed) -> None:
-        jid = routed.to
-        if await self.user_exists(jid.domain, jid.user):
-            self._presence_to_account(routed)
-        # presence to no such user is silently ignored (RFC 6121 8.5.1)
+        # Presence to no such user is silently ignored (RFC 6121 8.5.1).
+        return self._to_account(routed, self._presence_to_account, None)
 
     def _presence_to_account(self, routed: Routed) -> None:
         stanza, bare = routed.stanza, routed.to.bare

@@ -36,7 +36,8 @@ def plain(user: str, password: str) -> str:
     return f"<auth xmlns='{SASL}' mechanism='PLAIN'>{token}</auth>"
 
 
-async def logged_in(server: Server) -> RawClient:
+async def authenticated(server: Server) -> RawClient:
+    """alice on a raw stream, authenticated and restarted, no resource bound yet."""
     raw = await RawClient.open(server)
     await raw.send(HEADER)
     await raw.read_until(b"</stream:features>")
@@ -44,6 +45,11 @@ async def logged_in(server: Server) -> RawClient:
     await raw.read_until(b"<success")
     await raw.send(HEADER)
     await raw.read_until(b"</stream:features>")
+    return raw
+
+
+async def logged_in(server: Server) -> RawClient:
+    raw = await authenticated(server)
     await raw.send(
         "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
         "<resource>raw</resource></bind></iq>"
@@ -152,13 +158,7 @@ async def test_stanza_before_auth_and_before_bind(server: Server) -> None:
     await raw.send("<message to='bob@localhost'><body>sneaky</body></message>")
     assert stream_error_of(await raw.read_to_close()) == "not-authorized"
 
-    raw = await RawClient.open(server)
-    await raw.send(HEADER)
-    await raw.read_until(b"</stream:features>")
-    await raw.send(plain("alice", "alice-secret"))
-    await raw.read_until(b"<success")
-    await raw.send(HEADER)
-    await raw.read_until(b"</stream:features>")
+    raw = await authenticated(server)
     await raw.send("<message to='bob@localhost'><body>unbound</body></message>")
     assert stream_error_of(await raw.read_to_close()) == "not-authorized"
 
@@ -170,13 +170,7 @@ async def test_an_element_no_module_handles_ends_the_stream(server: Server) -> N
     await raw.send("<enable xmlns='urn:xmpp:nothing-here:0'/>")
     assert stream_error_of(await raw.read_to_close()) == "unsupported-stanza-type"
 
-    raw = await RawClient.open(server)
-    await raw.send(HEADER)
-    await raw.read_until(b"</stream:features>")
-    await raw.send(plain("alice", "alice-secret"))
-    await raw.read_until(b"<success")
-    await raw.send(HEADER)
-    await raw.read_until(b"</stream:features>")
+    raw = await authenticated(server)
     await raw.send("<resume xmlns='urn:xmpp:nothing-here:0' previd='x' h='0'/>")
     assert stream_error_of(await raw.read_to_close()) == "unsupported-stanza-type"
 
