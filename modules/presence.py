@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 
 PRE_APPROVAL = "urn:xmpp:features:pre-approval"
 MAX_DIRECTED = 1000  # directed-presence targets remembered per session
+# In each session's state bag: whether its availability went to its contacts,
+# and the entities it sent directed available presence to (RFC 6121 4.6).
+ANNOUNCED = "presence/announced"
+DIRECTED = "presence/directed"
 
 Kind = Literal["subscribe", "subscribed", "unsubscribe", "unsubscribed"]
 
@@ -187,10 +191,6 @@ class Presence(Module):
         self.host.hook("presence/broadcast", self._on_broadcast)
         self.host.hook("session/closed", self._on_session_closed)
         self.host.add_stream_feature("bound", _pre_approval_feature)
-        # Sessions whose availability went to their contacts, and the
-        # entities each session sent directed available presence to.
-        self._announced: set[ClientSession] = set()
-        self._directed: dict[ClientSession, set[str]] = {}
         # One lock per session with a broadcast in hand: its broadcasts go out in order.
         self._order: weakref.WeakValueDictionary[ClientSession, asyncio.Lock] = (
             weakref.WeakValueDictionary()
@@ -223,11 +223,11 @@ class Presence(Module):
             return False
         if target.bare != session.bare:
             if type_ is None:
-                directed = self._directed.setdefault(session, set())
+                directed = session.state.setdefault(DIRECTED, set())
                 if len(directed) < MAX_DIRECTED:
                     directed.add(target.full)
             elif type_ == "unavailable":
-                self._directed.get(session, set()).discard(target.full)
+                session.state.get(DIRECTED, set()).discard(target.full)
         return True
 
     async def _outbound(
@@ -365,9 +365,8 @@ class Presence(Module):
         owner = origin.bare
         if stanza.get("type") == "unavailable":
             # Take the session's state before the first await: "session/closed" may run next.
-            directed = self._directed.pop(origin, set())
-            announced = origin in self._announced
-            self._announced.discard(origin)
+            directed = origin.state.pop(DIRECTED, set())
+            announced = origin.state.pop(ANNOUNCED, False)
             subscribers: set[str] = set()
             if announced:
                 subscribers = await self._contacts(owner, ("from", "both"))
@@ -377,7 +376,7 @@ class Presence(Module):
                 if JID(target).bare not in subscribers:
                     self._send_copy(stanza, target)
             return
-        self._announced.add(origin)
+        origin.state[ANNOUNCED] = True
         if initial:
             # RFC 6121 4.2.2: the new resource learns about the user's other resources.
             for other in self.host.available_sessions(owner):
@@ -424,9 +423,9 @@ class Presence(Module):
         One that was available gets the unavailable broadcast the server
         fires for it, whichever of the two hooks runs first: that one cleans up.
         """
-        if session in self._announced:
+        if session.state.get(ANNOUNCED):
             return False
-        for target in self._directed.pop(session, ()):
+        for target in session.state.pop(DIRECTED, ()):
             self.host.route(_presence("unavailable", session.jid, target), bounce=False)
         return False
 

@@ -121,6 +121,10 @@ class _Stored:
         return f"{self.epoch}-{self.counter}" if self.epoch else EMPTY_VERSION
 
 
+INTERESTED = "roster/interested"
+"""In a session's state bag once it asked for the roster (RFC 6121 2.1.6: only then
+does it get pushes); True if it uses roster versioning (pushes carry 'ver')."""
+
 class RosterModule(Module):
     name = "roster"
     Options = RosterOptions
@@ -129,10 +133,8 @@ class RosterModule(Module):
         self.host.iq(ROSTER, "get", self._on_get, to="account")
         self.host.iq(ROSTER, "set", self._on_set, to="account")
         self.host.add_stream_feature("bound", _rosterver_feature)
-        self.host.hook("session/closed", self._on_session_closed)
         # Interested resources (RFC 6121 2.1.6): sessions that asked for the
         # roster, each with whether it uses versioning (gets 'ver' in pushes).
-        self._interested: dict[str, dict[ClientSession, bool]] = {}
         self._listeners: list[ChangeCallback] = []
 
     @property
@@ -225,7 +227,7 @@ class RosterModule(Module):
         client_ver = request.payload.get("ver")
         session = self._session_of(request)
         if session is not None:
-            self._interested.setdefault(owner, {})[session] = client_ver is not None
+            session.state[INTERESTED] = client_ver is not None  # pushes carry 'ver' then
         roster = await self._read_for_client(owner)
         if client_ver is not None and client_ver == roster.version:
             return None  # XEP-0237: the client's copy is current; pushes follow
@@ -386,12 +388,10 @@ class RosterModule(Module):
 
     def _push(self, owner: str, element: etree._Element, version: str) -> None:
         """A roster push to each interested resource on this node (RFC 6121 2.1.6)."""
-        interested = self._interested.get(owner)
-        if not interested:
-            return
-        for session, uses_ver in list(interested.items()):
-            if not self.host.is_bound(session):
-                continue
+        for session in self.host.sessions(owner):
+            uses_ver = session.state.get(INTERESTED)
+            if uses_ver is None:
+                continue  # it never asked for the roster: no pushes (RFC 6121 2.1.6)
             iq = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
             iq.set("type", "set")
             iq.set("id", "push-" + secrets.token_hex(6))
@@ -402,20 +402,12 @@ class RosterModule(Module):
             query.append(copy.deepcopy(element))
             self.host.deliver(session, iq)
 
-    async def _on_session_closed(self, session: ClientSession) -> None:
-        interested = self._interested.get(session.bare)
-        if interested is not None:
-            interested.pop(session, None)
-            if not interested:
-                del self._interested[session.bare]
-
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Delete the roster and end the account's subscriptions as for a removed item:
         contacts are sent unsubscribe/unsubscribed, so local contacts' rosters no longer
         show a subscription to or from the removed account, and those that saw its
         presence get its available resources' unavailable (RFC 6121 2.5.2, 3.2.2)."""
         owner = f"{username}@{vhost}"
-        self._interested.pop(owner, None)
         store = self.host.items(vhost, "roster")
         stored = _decode(await store.get(username))
         if stored.item is None:
