@@ -112,7 +112,11 @@ async def test_a_new_users_first_days(start_server: StartServer) -> None:
     alice.send_presence(pto="bob@localhost", ptype="subscribe")
     await wait_for(lambda: has_subscription(server, "alice@localhost", "bob@localhost", "both"))
     await wait_for(lambda: has_subscription(server, "bob@localhost", "alice@localhost", "both"))
-    assert alice.client_roster["bob@localhost"]["subscription"] == "both"
+
+    async def alice_sees_both() -> bool:  # the roster push follows the stored change
+        return bool(alice.client_roster["bob@localhost"]["subscription"] == "both")
+
+    await wait_for(alice_sees_both)
 
     # presence and chat
     bob.send_presence(pshow="away", pstatus="on the train")
