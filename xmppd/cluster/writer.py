@@ -156,6 +156,7 @@ class Writer:
         self._wake.set()
 
     async def _run(self) -> None:
+        failing = False  # logged once per outage, not every retry
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -164,9 +165,14 @@ class Writer:
                 try:
                     results = await self._send(batch)
                 except RedisError as exc:
-                    log.error("cluster: writing to Redis failed (%s); retrying", exc)
+                    if not failing:
+                        log.error("cluster: writing to Redis failed (%s); retrying", exc)
+                    failing = True
                     await asyncio.sleep(RETRY_DELAY)
                     continue
+                if failing:
+                    log.info("cluster: writing to Redis again")
+                    failing = False
                 for _ in batch:
                     self._ops.popleft()
                 if self._refusing and len(self._ops) < MAX_PENDING:
