@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from redis.asyncio import Redis
 
 from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import StartServer
@@ -172,6 +173,22 @@ async def test_a_dead_node_is_reaped_by_the_heartbeat(
     assert not a.router.directory.has("bob@localhost")
     assert await redis.exists(schema.sessions_key("bob@localhost")) == 0
     assert not await redis.sismember(schema.NODES, "node-dead")
+
+
+async def test_a_node_clears_what_an_earlier_process_of_its_name_left(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """A node restarted under the same name after a crash: the sessions of its
+    previous life are not in the table (nobody else would reap them: it beats)."""
+    stale = schema.Entry("bob@localhost/old", "node-a", 0, True)
+    client = Redis.from_url(devservices.redis_url(redis_service))
+    await client.hset(schema.sessions_key("bob@localhost"), "old", stale.encode())
+    await client.sadd(schema.node_sessions_key("node-a"), stale.jid)
+    await client.aclose()
+    a, b = await two_nodes(start_server, redis_service)
+    assert not b.router.directory.has("bob@localhost")
+    assert a.cluster is not None
+    assert await a.cluster.redis.exists(schema.sessions_key("bob@localhost")) == 0
 
 
 async def test_the_replica_is_reloaded_after_redis_restarts(

@@ -53,6 +53,9 @@ class Cluster:
         """Join the cluster; ClusterUnavailable if Redis does not answer."""
         try:
             await self.redis.ping()
+            # A process that ran under this name before and died may have left
+            # sessions in the table, which nobody would reap while this one beats.
+            await self.heartbeat.reap(self.node)
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
