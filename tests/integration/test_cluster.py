@@ -252,3 +252,22 @@ async def test_a_dropped_event_channel_reloads_the_table(
     loads = a.cluster.sync.loads
     await a.cluster.redis.client_kill_filter(_type="pubsub")
     await until(lambda: a.cluster is not None and a.cluster.sync.loads > loads, timeout=10)
+
+
+async def test_a_stanza_forwarded_while_redis_is_down_arrives_when_it_is_back(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """The writer keeps what it could not send, in order, and sends it again."""
+    a, b = await two_nodes(start_server, redis_service)
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    redis_service.stop()
+    for n in range(3):
+        alice.send_message(mto="bob@localhost/phone", mbody=f"during the outage {n}", mtype="chat")
+    await asyncio.sleep(1.5)  # long enough for the writer to fail more than once
+    redis_service.start()
+    for n in range(3):
+        assert await received(bob, timeout=10) == f"during the outage {n}"
+    await close(alice)
+    await close(bob)
