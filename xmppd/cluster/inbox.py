@@ -73,13 +73,19 @@ class Inbox:
                 log.error("cluster: could not read the inbox a last time: %s", exc)
 
     async def _run(self) -> None:
+        failing = False  # logged once per outage, not every retry
         while True:
             try:
                 answer = await self.redis.xread({self.key: self._last}, count=BATCH, block=BLOCK_MS)
             except (RedisError, OSError) as exc:
-                log.error("cluster: reading the inbox failed (%s); retrying", exc)
+                if not failing:
+                    log.error("cluster: reading the inbox failed (%s); retrying", exc)
+                failing = True
                 await asyncio.sleep(RETRY_DELAY)
                 continue
+            if failing:
+                log.info("cluster: reading the inbox again from %s", self._last)
+                failing = False
             self._handle_all(answer)
 
     def _handle_all(self, answer: Any) -> None:
