@@ -1,7 +1,8 @@
 """Start and stop real storage services on 127.0.0.1 for tests and benchmarks.
 
-The contract suite, the outage tests and bench/storage_bench.py all need the
-same real servers (memcached, moto's server, SeaweedFS); this module is the one
+The contract suite, the outage tests, the cluster tests and
+bench/storage_bench.py all need the same real servers (memcached, moto's
+server, SeaweedFS, redis-server); this module is the one
 place that knows their command lines and how to tell when they are ready, so
 that tests and bench never drift apart. It is synchronous on purpose: it runs
 in pytest fixtures and before a benchmark's event loop starts, never on a
@@ -242,6 +243,33 @@ def memcached(port: int | None = None, memory_mb: int = 64) -> LocalService:
     return LocalService(
         "memcached", argv, port, _memcached_ready, workdir, graceful=False, user=user
     )
+
+
+# -- redis ------------------------------------------------------------------------------------
+
+
+def _redis_ready(service: LocalService) -> bool:
+    with socket.create_connection((HOST, service.port), timeout=1) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+def redis_server(port: int | None = None) -> LocalService:
+    """An unstarted redis-server on 127.0.0.1, nothing saved to disk (the cluster's bus)."""
+    binary = find_binary("redis-server")
+    if binary is None:
+        raise ServiceMissing("redis-server is not installed (apt-get install redis-server)")
+    port = port or free_ports(1)[0]
+    workdir = _workdir(f"redis-{port}")
+    argv = [
+        binary, "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no",
+        "--dir", str(workdir), "--daemonize", "no",
+    ]
+    return LocalService("redis", argv, port, _redis_ready, workdir)
+
+
+def redis_url(service: LocalService, db: int = 0) -> str:
+    return f"redis://{HOST}:{service.port}/{db}"
 
 
 # -- moto -------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import ipaddress
 import json
 import logging
 import os
+import re
+import socket
 import types
 import typing
 from collections.abc import Mapping
@@ -299,6 +301,56 @@ class AdminConfig(BaseModel):
         return self
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _default_node_name() -> str:
+    """hostname-pid: unique among the processes of a deployment at any one time."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "node"
+    return f"{host[:50].strip('.-_') or 'node'}-{os.getpid()}"
+
+
+def _node_name(value: str) -> str:
+    if not _NODE_NAME.fullmatch(value):
+        raise _problem(
+            "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            f"(it names Redis keys), got {json.dumps(value)}"
+        )
+    return value
+
+
+def _redis_url(value: str) -> str:
+    scheme = value.partition("://")[0]
+    if scheme not in ("redis", "rediss", "unix") or "://" not in value:
+        raise _problem(
+            f"must be a redis://, rediss:// or unix:// URL, got {json.dumps(redact_url(value))}"
+        )
+    return value
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user + ':***' if user else '***'}@{hostpart}"
+
+
+class ClusterConfig(BaseModel):
+    """Nodes that share their session table through Redis (xmppd.cluster).
+
+    Without this section a node is alone and touches no Redis."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: Annotated[StrictStr, AfterValidator(_redis_url)]
+    node_name: Annotated[StrictStr, AfterValidator(_node_name)] = Field(
+        default_factory=_default_node_name
+    )
+
+
 def _is_loopback(address: str) -> bool:
     return address == "localhost" or ipaddress.ip_address(address).is_loopback
 
@@ -352,6 +404,7 @@ class Config(BaseModel):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    cluster: ClusterConfig | None = None
     # Raw options per enabled module; the module host validates each against the
     # module's own model with validate_section(), so errors still carry lines.
     modules: dict[StrictStr, dict[StrictStr, Any] | None] = Field(default_factory=_default_modules)

@@ -34,8 +34,12 @@ class SessionDirectory(Protocol):
     def remove(self, session: ClientSession) -> bool:
         """Unbind `session` if it is the one bound on its resource; True if it was."""
 
+    def presence_changed(self, session: ClientSession) -> None:
+        """The router changed a bound session's availability or priority (a cluster
+        directory tells the other nodes; a node alone has nothing to do)."""
+
     def count(self) -> int:
-        """How many sessions are bound."""
+        """How many sessions are bound on this node."""
 
     def accounts(self) -> Iterator[str]:
         """The bare JIDs with at least one session."""
@@ -84,6 +88,9 @@ class LocalDirectory:
         if not resources:
             del self._by_bare[session.bare]
         return True
+
+    def presence_changed(self, session: ClientSession) -> None:
+        pass
 
     def count(self) -> int:
         return self._count

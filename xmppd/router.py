@@ -648,6 +648,7 @@ class Router:
             origin.priority = int(stanza.findtext(f"{{{ns.CLIENT}}}priority") or 0)
         except ValueError:
             origin.priority = 0
+        self.directory.presence_changed(origin)
         for session in self.directory.resources(origin.bare):
             if session.available or session is origin:
                 self.deliver(session, stanza)

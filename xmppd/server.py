@@ -17,6 +17,7 @@ from pathlib import Path
 from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter
+from xmppd.cluster import Cluster, ClusterUnavailable
 from xmppd.config import Config
 from xmppd.connection import C2SConnection
 from xmppd.modulehost import ModuleHost
@@ -65,6 +66,7 @@ class Server:
         self.accounts: dict[str, Accounts]
         self.fake_salt_key: bytes
         self.router: Router
+        self.cluster: Cluster | None = None
         self.modules: ModuleHost
         self.admin = AdminAPI(self)
         self.pauses = PauseMonitor()
@@ -99,7 +101,18 @@ class Server:
             host: Accounts.of(self.storage, host, config.auth.scram_iterations)
             for host in config.hosts
         }
-        self.router = Router(config.hosts, self._user_exists)
+        self.cluster = Cluster(config.cluster) if config.cluster is not None else None
+        self.router = Router(
+            config.hosts,
+            self._user_exists,
+            directory=self.cluster.directory if self.cluster is not None else None,
+        )
+        if self.cluster is not None:
+            try:
+                await self.cluster.start(self.router)
+            except ClusterUnavailable as exc:
+                await self.storage.close()
+                raise StartupError(str(exc)) from None
         self.modules = ModuleHost(self.router, self.storage, list(config.hosts))
         self.modules.accounts = self.accounts
         self.modules.load(config)
@@ -141,6 +154,11 @@ class Server:
         for server in self._servers:
             await server.wait_closed()
         await self.router.drain()
+        if self.cluster is not None:
+            # What the other nodes forwarded until they saw this node's sessions go
+            # is routed (to offline storage), which needs the modules still running.
+            await self.cluster.stop()
+            await self.router.drain()
         await self.modules.stop()
         await self.storage.close()
         # One line a benchmark or an operator can reconcile with what clients saw.

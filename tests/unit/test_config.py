@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from xmppd.config import (
     ConfigSource,
     ListenerConfig,
     load_config,
+    redact_url,
     validate_section,
 )
 
@@ -202,11 +204,11 @@ def test_unknown_key_with_and_without_a_suggestion(tmp_path: Path) -> None:
             address: 127.0.0.1
             port: 5222
             backlg: 5
-        colour: blue
+        flavour: blue
         """
     assert problems(tmp_path, text) == [
         'x.yml:5: listeners[0].backlg: unknown key "backlg" (did you mean "backlog"?)',
-        'x.yml:6: colour: unknown key "colour"',
+        'x.yml:6: flavour: unknown key "flavour"',
     ]
 
 
@@ -600,3 +602,43 @@ def test_admin_api_is_loopback_unless_remote_is_allowed(tmp_path: Path) -> None:
     assert problems(tmp_path, "admin: {port: 70000}\n") == [
         "x.yml:1: admin.port: must be at most 65535, got 70000"
     ]
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def test_no_cluster_section_means_a_single_node(tmp_path: Path) -> None:
+    assert load(tmp_path, "hosts: [localhost]\n").cluster is None
+    assert load(tmp_path, "cluster:\n#  redis_url: redis://h\n").cluster is None
+
+
+def test_cluster_section(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "cluster:\n  redis_url: redis://127.0.0.1:6379/2\n  node_name: a-1\n")
+    assert cfg.cluster is not None
+    assert (cfg.cluster.redis_url, cfg.cluster.node_name) == ("redis://127.0.0.1:6379/2", "a-1")
+
+
+def test_cluster_node_names_default_to_distinct_values(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "cluster:\n  redis_url: redis://127.0.0.1/0\n")
+    assert cfg.cluster is not None
+    assert cfg.cluster.node_name.endswith(f"-{os.getpid()}")
+
+
+def test_cluster_problems_name_their_line(tmp_path: Path) -> None:
+    assert problems(tmp_path, "cluster:\n  node_name: a\n") == [
+        'x.yml:1: cluster: missing required key "redis_url"'
+    ]
+    assert problems(tmp_path, "cluster:\n  redis_url: http://u:secret@h\n") == [
+        'x.yml:2: cluster.redis_url: must be a redis://, rediss:// or unix:// URL, '
+        'got "http://u:***@h"'
+    ]
+    assert problems(tmp_path, "cluster:\n  redis_url: redis://h\n  node_name: a b\n") == [
+        "x.yml:3: cluster.node_name: must be 1-64 letters, digits, '.', '_' or '-', starting "
+        'with a letter or digit (it names Redis keys), got "a b"'
+    ]
+
+
+def test_redact_url_hides_only_the_password() -> None:
+    assert redact_url("redis://:pw@h:1/0") == "redis://***@h:1/0"
+    assert redact_url("rediss://user:pw@h/0") == "rediss://user:***@h/0"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"

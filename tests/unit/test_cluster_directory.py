@@ -1,0 +1,118 @@
+"""ClusterDirectory's replica rules, without Redis: what the router sees after each event."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from xmppd.cluster.directory import ClusterDirectory, RemoteTransport
+from xmppd.cluster.schema import Entry
+from xmppd.session import ClientSession
+from xmppd.stream.errors import StreamError
+
+
+class Recorder:
+    """The directory's Outbox, writing down what would go to Redis."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def bound(self, session: ClientSession, known_owner: str | None) -> None:
+        self.calls.append(("bound", session.jid, str(known_owner)))
+
+    def updated(self, session: ClientSession) -> None:
+        self.calls.append(("updated", session.jid, str(session.available), str(session.priority)))
+
+    def unbound(self, session: ClientSession) -> None:
+        self.calls.append(("unbound", session.jid))
+
+    def forward(self, node: str, jid: str, stanza: etree._Element) -> bool:
+        self.calls.append(("forward", node, jid))
+        return True
+
+    def terminate(self, node: str, jid: str, error: StreamError) -> None:
+        self.calls.append(("terminate", node, jid, error.condition))
+
+
+def directory() -> tuple[ClusterDirectory, Recorder]:
+    outbox = Recorder()
+    return ClusterDirectory("me", outbox), outbox
+
+
+def test_remote_sessions_are_sessions_whose_transport_forwards() -> None:
+    d, outbox = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 3, True))
+    session = d.get("bob@x", "phone")
+    assert session is not None and isinstance(session.transport, RemoteTransport)
+    assert (session.available, session.priority) == (True, 3)
+    assert d.has("bob@x") and d.available("bob@x") == [session] and d.count() == 0
+    assert session.deliver(etree.Element("message"))
+    assert outbox.calls == [("forward", "other", "bob@x/phone")]
+
+
+def test_an_unbind_from_a_node_that_no_longer_holds_the_resource_is_ignored() -> None:
+    d, _ = directory()
+    d.apply_set(Entry("bob@x/phone", "old", 0, True))
+    d.apply_set(Entry("bob@x/phone", "new", 0, True))
+    d.apply_unbind("old", "bob@x/phone")
+    session = d.get("bob@x", "phone")
+    assert session is not None and session.transport.node == "new"  # type: ignore[union-attr]
+    d.apply_unbind("new", "bob@x/phone")
+    assert not d.has("bob@x")
+
+
+def test_a_dropped_session_refuses_delivery_so_the_router_falls_back() -> None:
+    d, outbox = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 0, True))
+    session = d.get("bob@x", "phone")
+    assert session is not None
+    d.apply_node_gone("other")
+    assert not d.has("bob@x")
+    assert not session.deliver(etree.Element("message"))
+    assert outbox.calls == []
+
+
+def test_a_local_bind_replaces_the_remote_session_and_names_its_node() -> None:
+    d, outbox = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 0, True))
+    remote = d.get("bob@x", "phone")
+    local = ClientSession("bob@x/phone")
+    assert d.add(local) is remote
+    assert d.get("bob@x", "phone") is local
+    assert outbox.calls == [("bound", "bob@x/phone", "other")]
+    assert remote is not None
+    remote.terminate(StreamError("conflict"))
+    assert outbox.calls[-1] == ("terminate", "other", "bob@x/phone", "conflict")
+
+
+def test_only_real_changes_of_a_local_session_are_written() -> None:
+    d, outbox = directory()
+    session = ClientSession("bob@x/phone")
+    d.add(session)
+    d.presence_changed(session)  # nothing changed
+    session.available, session.priority = True, 5
+    d.presence_changed(session)
+    d.presence_changed(session)
+    assert d.remove(session)
+    d.presence_changed(session)  # no longer bound
+    assert outbox.calls == [
+        ("bound", "bob@x/phone", "None"),
+        ("updated", "bob@x/phone", "True", "5"),
+        ("unbound", "bob@x/phone"),
+    ]
+
+
+def test_events_about_this_node_do_not_enter_the_replica() -> None:
+    d, _ = directory()
+    d.apply_set(Entry("bob@x/phone", "me", 0, True))
+    assert not d.has("bob@x")
+
+
+def test_a_load_replaces_the_replica() -> None:
+    d, _ = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 0, True))
+    d.apply_set(Entry("carol@x/pc", "other", 0, True))
+    kept = d.get("carol@x", "pc")
+    d.load([Entry("carol@x/pc", "other", 2, False), Entry("dave@x/pad", "third", 0, True)])
+    assert not d.has("bob@x")
+    assert d.get("carol@x", "pc") is kept and kept is not None and kept.priority == 2
+    assert d.has("dave@x") and sorted(d.accounts()) == ["carol@x", "dave@x"]

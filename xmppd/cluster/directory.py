@@ -1,0 +1,231 @@
+"""The session directory of a cluster node: its own sessions and a replica of everyone else's.
+
+`ClusterDirectory` answers the router from memory, with no network round
+trip: local sessions are the node's real `ClientSession`s (a
+`LocalDirectory` inside); a session bound on another node is a
+`ClientSession` whose transport is a `RemoteTransport`, which forwards
+stanzas to that node. So the router and the modules deliver to a remote
+resource exactly as to a local one, and need no change.
+
+Every change to the local sessions (bind, unbind, availability or
+priority) goes to the `Outbox` (written to Redis and published, in order;
+xmppd.cluster.writer); the replica of the other nodes' sessions is changed
+only by what comes back from Redis (xmppd.cluster.sync): the table loaded
+at start and after a reconnect, then the events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from lxml import etree
+
+from xmppd.cluster.schema import Entry
+from xmppd.directory import LocalDirectory
+from xmppd.session import ClientSession
+from xmppd.stream.errors import StreamError
+
+log = logging.getLogger(__name__)
+
+
+class Outbox(Protocol):
+    """What the directory asks to be written to Redis or sent to other nodes (never waits)."""
+
+    def bound(self, session: ClientSession, known_owner: str | None) -> None:
+        """A local bind; `known_owner`: the node the replica had on that resource (ended
+        already), so that a conflict Redis reports with that node is not ended twice."""
+
+    def updated(self, session: ClientSession) -> None:
+        """A local session's availability or priority changed."""
+
+    def unbound(self, session: ClientSession) -> None: ...
+
+    def forward(self, node: str, jid: str, stanza: etree._Element) -> bool:
+        """Send `stanza` to the session `jid` on `node`; False if it cannot be taken."""
+
+    def terminate(self, node: str, jid: str, error: StreamError) -> None:
+        """Ask `node` to end the stream of its session `jid` with `error`."""
+
+
+class RemoteTransport:
+    """The transport of a session bound on another node: stanzas go to that node's inbox.
+
+    `send` returns False once the replica has dropped the session (its node
+    unbound it, stopped or died), so the router falls back (offline storage
+    for a message) instead of sending into the void."""
+
+    __slots__ = ("outbox", "node", "jid", "gone")
+
+    def __init__(self, outbox: Outbox, node: str, jid: str) -> None:
+        self.outbox = outbox
+        self.node = node
+        self.jid = jid
+        self.gone = False
+
+    def send(self, stanza: etree._Element) -> bool:
+        if self.gone:
+            return False
+        return self.outbox.forward(self.node, self.jid, stanza)
+
+    def close(self, error: StreamError) -> None:
+        # Also once gone: the router ends the session a new bind replaced after the
+        # replica dropped it; the node checks it still has that session.
+        self.outbox.terminate(self.node, self.jid, error)
+
+    def pause_input(self) -> None:
+        """Its client's input is its own node's to pause."""
+
+    def resume_input(self) -> None:
+        """Its client's input is its own node's to resume."""
+
+
+def node_of(session: ClientSession) -> str | None:
+    """The node a replica session is bound on; None for a local session."""
+    transport = session.transport
+    return transport.node if isinstance(transport, RemoteTransport) else None
+
+
+class ClusterDirectory:
+    """A `SessionDirectory` over the whole cluster, answered from memory.
+
+    `count()` is this node's sessions (what /status and the metrics report
+    per node); the other questions are about the whole cluster.
+    """
+
+    def __init__(self, node: str, outbox: Outbox) -> None:
+        self.node = node
+        self.outbox = outbox
+        self.local = LocalDirectory()
+        # Other nodes' sessions: bare -> resource -> replica session.
+        self._remote: dict[str, dict[str, ClientSession]] = {}
+        # What was last written for each local session (available, priority).
+        self._written: dict[ClientSession, tuple[bool, int]] = {}
+
+    # --- SessionDirectory --------------------------------------------------------------
+
+    def get(self, bare: str, resource: str) -> ClientSession | None:
+        session = self.local.get(bare, resource)
+        if session is not None:
+            return session
+        resources = self._remote.get(bare)
+        return resources.get(resource) if resources is not None else None
+
+    def resources(self, bare: str) -> list[ClientSession]:
+        found = self.local.resources(bare)
+        remote = self._remote.get(bare)
+        if remote:
+            taken = {s.resource for s in found}
+            found.extend(s for r, s in remote.items() if r not in taken)
+        return found
+
+    def available(self, bare: str) -> list[ClientSession]:
+        return [s for s in self.resources(bare) if s.available]
+
+    def has(self, bare: str) -> bool:
+        return self.local.has(bare) or bare in self._remote
+
+    def add(self, session: ClientSession) -> ClientSession | None:
+        """Bind a local session. The session it replaces may be on another node: the
+        router ends it with <conflict/> through its RemoteTransport."""
+        replaced = self.local.add(session)
+        remote = self._drop_remote(session.bare, session.resource)
+        self._written[session] = (session.available, session.priority)
+        self.outbox.bound(session, node_of(remote) if remote is not None else None)
+        return replaced if replaced is not None else remote
+
+    def remove(self, session: ClientSession) -> bool:
+        if not self.local.remove(session):
+            return False
+        del self._written[session]
+        self.outbox.unbound(session)
+        return True
+
+    def count(self) -> int:
+        return self.local.count()
+
+    def accounts(self) -> Iterator[str]:
+        return iter(set(self.local.accounts()) | set(self._remote))
+
+    # --- local changes the router reports ----------------------------------------------
+
+    def presence_changed(self, session: ClientSession) -> None:
+        """The router set a local session's availability and priority: the other nodes
+        need them to pick resources; only a change is written."""
+        written = self._written.get(session)
+        now = (session.available, session.priority)
+        if written is None or written == now:
+            return
+        self._written[session] = now
+        self.outbox.updated(session)
+
+    def local_sessions(self) -> list[ClientSession]:
+        """Every session bound here (written again after Redis lost them)."""
+        return [s for bare in self.local.accounts() for s in self.local.resources(bare)]
+
+    # --- the replica: what the other nodes wrote ---------------------------------------
+
+    def apply_set(self, entry: Entry) -> None:
+        """Another node bound a resource, or changed its availability or priority."""
+        if entry.node == self.node:
+            return
+        bare, _, resource = entry.jid.partition("/")
+        resources = self._remote.setdefault(bare, {})
+        session = resources.get(resource)
+        if session is None or node_of(session) != entry.node:
+            if session is not None:
+                _gone(session)
+            session = ClientSession(entry.jid, RemoteTransport(self.outbox, entry.node, entry.jid))
+            resources[resource] = session
+        session.available = entry.available
+        session.priority = entry.priority
+
+    def apply_unbind(self, node: str, jid: str) -> None:
+        """`node` unbound `jid`; ignored if the replica has it on another node since."""
+        bare, _, resource = jid.partition("/")
+        session = self._remote.get(bare, {}).get(resource)
+        if session is not None and node_of(session) == node:
+            self._drop_remote(bare, resource)
+
+    def apply_node_gone(self, node: str) -> None:
+        """`node` stopped or died: none of its sessions is bound any more."""
+        dropped = [
+            (bare, resource)
+            for bare, resources in self._remote.items()
+            for resource, session in resources.items()
+            if node_of(session) == node
+        ]
+        for bare, resource in dropped:
+            self._drop_remote(bare, resource)
+        if dropped:
+            log.info("cluster: node %s is gone with %d sessions", node, len(dropped))
+
+    def load(self, table: Iterable[Entry]) -> None:
+        """Replace the replica with the table as read from Redis (start, reconnect)."""
+        entries = list(table)
+        fresh = {(e.jid, e.node) for e in entries if e.node != self.node}
+        for bare, resources in list(self._remote.items()):
+            for resource, session in list(resources.items()):
+                if (session.jid, node_of(session)) not in fresh:
+                    self._drop_remote(bare, resource)
+        for entry in entries:
+            self.apply_set(entry)
+
+    def _drop_remote(self, bare: str, resource: str) -> ClientSession | None:
+        resources = self._remote.get(bare)
+        if resources is None:
+            return None
+        session = resources.pop(resource, None)
+        if not resources:
+            del self._remote[bare]
+        if session is not None:
+            _gone(session)
+        return session
+
+
+def _gone(session: ClientSession) -> None:
+    """A replica session left the table: what still holds it gets False from deliver."""
+    transport = session.transport
+    if isinstance(transport, RemoteTransport):
+        transport.gone = True

@@ -1,0 +1,147 @@
+"""Keeping a node's replica of the cluster's session table up to date.
+
+Subscribe to the events channel first, then read the whole table (SCAN the
+session hashes), then apply the events in the order they come. Each event
+carries the full new state of one resource (or says it is gone), so an
+event that was already reflected in the table read is applied again
+harmlessly: replica and table converge.
+
+Why pub/sub is enough here, though it delivers at most once: an event is
+only ever lost while this node's connection to Redis is broken, and every
+reconnect (redis-py reconnects the subscription by itself; we hook that)
+reads the whole table again, which holds the truth, before applying what
+comes next. So the replica is stale for at most the time the connection is
+down plus one table read: during that window this node may still route to
+a resource that left (the stanza then reaches its old node, which no longer
+has it and routes it as any stanza for an absent resource: other resources
+or offline storage) or not know a resource that arrived (a message to the
+bare JID goes to the account's other resources or offline storage).
+Redis' own health checks (a PING every few seconds on an idle subscription)
+bound how long a silently dead connection goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from xmppd.cluster import schema
+from xmppd.cluster.directory import ClusterDirectory
+from xmppd.cluster.schema import Entry
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAY = 0.5
+SCAN_COUNT = 1000
+
+
+async def read_table(redis: Redis) -> list[Entry]:
+    """Every bound resource of the cluster, as Redis has it now."""
+    entries: list[Entry] = []
+    keys: list[bytes] = []
+    async for key in redis.scan_iter(match=schema.SESSIONS_PREFIX + "*", count=SCAN_COUNT):
+        keys.append(key)
+    for start in range(0, len(keys), SCAN_COUNT):
+        chunk = keys[start : start + SCAN_COUNT]
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in chunk:
+                pipe.hgetall(key)
+            tables: list[dict[bytes, bytes]] = await pipe.execute()
+        for key, table in zip(chunk, tables, strict=True):
+            bare = key.decode()[len(schema.SESSIONS_PREFIX) :]
+            for resource, value in table.items():
+                entries.append(Entry.decode(f"{bare}/{resource.decode()}", value))
+    return entries
+
+
+class ReplicaSync:
+    """The task that loads the table and applies the events to a `ClusterDirectory`.
+
+    `on_load` runs after each load (start and every reconnect): the node
+    writes its own sessions again, in case Redis lost them.
+    """
+
+    def __init__(self, redis: Redis, directory: ClusterDirectory, on_load: Any) -> None:
+        self.redis = redis
+        self.directory = directory
+        self.on_load = on_load
+        self.loads = 0  # how many times the table was read (tests, logs)
+        self._reload = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Subscribe and load the table once; raises if Redis cannot be reached."""
+        pubsub = await self._subscribe()
+        self._task = asyncio.create_task(self._run(pubsub), name="cluster-sync")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _subscribe(self) -> PubSub:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(schema.EVENTS)
+            assert pubsub.connection is not None
+            pubsub.connection.register_connect_callback(self._reconnected)
+            await self._load()
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        return pubsub
+
+    async def _reconnected(self, connection: object) -> None:
+        """redis-py reconnected the subscription by itself: events may have been lost."""
+        self._reload = True
+
+    async def _load(self) -> None:
+        self._reload = False
+        self.directory.load(await read_table(self.redis))
+        self.loads += 1
+        self.on_load()
+
+    async def _run(self, pubsub: PubSub) -> None:
+        while True:
+            try:
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if self._reload:
+                        log.info("cluster: reconnected to Redis; reloading the session table")
+                        await self._load()
+                    if message is not None:
+                        self._apply(message["data"])
+            except (RedisError, OSError) as exc:
+                log.error("cluster: lost the Redis event channel (%s); reconnecting", exc)
+                await pubsub.aclose()
+                while True:
+                    await asyncio.sleep(RETRY_DELAY)
+                    try:
+                        pubsub = await self._subscribe()
+                        break
+                    except (RedisError, OSError):
+                        continue
+                log.info("cluster: event channel back; session table reloaded")
+
+    def _apply(self, data: bytes) -> None:
+        try:
+            event = json.loads(data)
+            op = event["op"]
+            if op == "set":
+                entry = Entry(
+                    event["jid"], event["node"], int(event["priority"]), bool(event["available"])
+                )
+                self.directory.apply_set(entry)
+            elif op == "unbind":
+                self.directory.apply_unbind(event["node"], event["jid"])
+            elif op == "gone":
+                self.directory.apply_node_gone(event["node"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("cluster: ignored a malformed event (%s): %r", exc, data[:200])
