@@ -115,7 +115,9 @@ class C2SConnection(asyncio.BufferedProtocol):
     # --- Transport (of the bound session) --------------------------------------------
 
     def send(self, stanza: etree._Element) -> bool:
-        if self.stream.closed:
+        if self.stream.closed or self.transport is None:
+            # Closing, or the TCP connection is gone while the session's last
+            # stanzas are still in the router: the router falls back.
             return False
         if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
             self.server.router.ledger.delivered += 1

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 FILTER_WAIT = 10.0
 """Seconds a filter may make a stanza wait (a record loading) before it is refused."""
+WAITS_PER_FILTER = 2
+"""How often one filter may ask one stanza to wait: twice, as a privacy check may
+need the recipient's record and then the sender's. Past that it cannot judge
+(its store fails) and the stanza is refused rather than wait for ever."""
 
 _SERIAL: contextvars.ContextVar[str | None] = contextvars.ContextVar("serial", default=None)
 """The account whose queued routing jobs the current task runs (Router._run_serially)."""
@@ -125,6 +129,8 @@ class Router:
         self.ledger = MessageLedger()
         # What the stanza route() is handling now waits for (see deliver), None outside.
         self._waits: list[asyncio.Future[Any]] | None = None
+        # The sessions the delivery rules chose for the message being delivered now.
+        self._chosen: list[ClientSession] = []
         self._tasks: set[asyncio.Future[object]] = set()
         self._serial: dict[str, deque[tuple[Callable[[], object], asyncio.Future[None]]]] = {}
         # The filter chains on the stanza path, held so that no stanza looks them up.
@@ -267,12 +273,12 @@ class Router:
         after its wait could not judge (its store fails), so the stanza is
         refused rather than wait for ever. `origin`: the local sender, for
         the refusal."""
-        waited = -1
+        waits: dict[int, int] = {}  # filter position -> waits it asked for
         while True:
             if pending is not None:
                 if not await self._waited(pending, stanza, origin):
                     return False
-                waited = index
+                waits[index] = waits.get(index, 0) + 1
             pending = None
             for position in range(index, len(chain)):
                 verdict = chain[position][1](stanza, subject)
@@ -280,7 +286,7 @@ class Router:
                     continue
                 if verdict is False:
                     return False
-                if position == waited:
+                if waits.get(position, 0) >= WAITS_PER_FILTER:
                     self._refuse_unjudged(stanza, origin)
                     return False
                 index, pending = position, verdict
@@ -401,8 +407,10 @@ class Router:
     ) -> None:
         """Queue the rest of a delivery behind what the account waits for; the stanza
         being routed (and so its sender) waits for it too."""
+        chosen = [s for s in self._chosen if s is not session]
         done = self._serially(
-            session.bare, functools.partial(self._deliver_after, pending, index, session, stanza)
+            session.bare,
+            functools.partial(self._deliver_after, pending, index, session, stanza, chosen),
         )
         if self._waits is not None:
             self._waits.append(done)
@@ -413,22 +421,35 @@ class Router:
         index: int,
         session: ClientSession,
         stanza: etree._Element,
+        chosen: list[ClientSession],
     ) -> None:
         """The "stanza/in" filter at `index` asked to wait (or, with no `pending`,
-        the account had something waiting): wait, then go on from that filter."""
+        the account had something waiting): wait, then go on from that filter.
+        `chosen`: the other sessions the rules gave the same message to."""
         if not await self._pass_after(self._in, index, pending, stanza, session, None):
             return
         if self.directory.get(session.bare, session.resource) is not session:
-            # It ended meanwhile. A message to the account went to each of its top
-            # resources: if one is left, that one had its copy; else, or if the
-            # message was for this resource, as for any session that just ended.
-            bare_message = stanza.tag == ns.C_MESSAGE and stanza.get("to") != session.jid
-            if not (bare_message and self.directory.available(session.bare)):
+            # It ended meanwhile. If another session chosen for the same message is
+            # still bound, that one has it; else a message is routed again as if it
+            # had just come (other resources, or offline storage), the rest as for
+            # any session that just ended.
+            if stanza.tag != ns.C_MESSAGE:
                 await self._undelivered(stanza, session)
+            elif not any(self.directory.get(s.bare, s.resource) is s for s in chosen):
+                self._route_again(stanza, session)
             return
         if not session.deliver(stanza):
             self.directory.remove(session)
             await self._undelivered(stanza, session)
+
+    def _route_again(self, stanza: etree._Element, session: ClientSession) -> None:
+        """A message its chosen session could not take: the rules again, now without it."""
+        if stanza.get("type") in ("error", "groupchat"):
+            return  # an error is never answered; groupchat is not an account's
+        to = stanza.get("to")
+        jid = JID(session.bare) if to is None else parse_jid(to)
+        event = "message/full" if jid.resource else "message/bare"
+        self.events.fire(event, Routed(stanza, jid))
 
     async def _undelivered(self, stanza: etree._Element, session: ClientSession) -> None:
         if await self.events.fire_async("delivery/failure", stanza, session):
@@ -530,10 +551,22 @@ class Router:
             top = max(s.priority for s in eligible)
             eligible = [s for s in eligible if s.priority == top]
         routed.recipients.extend(eligible)
-        for session in eligible:
-            self.deliver(session, stanza)
+        previous, self._chosen = self._chosen, eligible
+        try:
+            for session in eligible:
+                self._deliver_guarded(session, stanza)
+        finally:
+            self._chosen = previous
         if self._delivered:
             self.events.notify("message/delivered", routed)
+
+    def _deliver_guarded(self, session: ClientSession, stanza: etree._Element) -> None:
+        """deliver() to one of several sessions: a module's filter that raises for this
+        one is logged, and the others still get the stanza."""
+        try:
+            self.deliver(session, stanza)
+        except Exception:
+            log.exception("delivering to %s failed", session.jid)
 
     def _presence_full(self, routed: Routed) -> bool:
         """Subscription states and probes concern the account, whatever the resource
@@ -614,6 +647,9 @@ class Router:
                         done.set_result(None)
         finally:
             del self._serial[bare]
+            for _, done in queue:  # cancelled: whoever waits for these must not hang
+                if not done.done():
+                    done.set_result(None)
 
     def broadcast_presence(self, stanza: etree._Element, origin: ClientSession) -> None:
         """Presence without 'to': the client's own availability (RFC 6121 section 4.2).
@@ -651,7 +687,7 @@ class Router:
         self.directory.presence_changed(origin)
         for session in self.directory.resources(origin.bare):
             if session.available or session is origin:
-                self.deliver(session, stanza)
+                self._deliver_guarded(session, stanza)
         if self.events.hooked("presence/broadcast"):
             self.spawn(self.events.fire_async("presence/broadcast", stanza, origin, initial))
 
@@ -688,7 +724,15 @@ class Router:
 
     def spawn(self, coro: Awaitable[object]) -> asyncio.Future[Any]:
         """Run `coro` as a task the router tracks (drained at shutdown, errors logged)."""
-        task: asyncio.Future[Any] = asyncio.ensure_future(coro)
+        task: asyncio.Future[Any]
+        if asyncio.iscoroutine(coro):
+            # Not in the account queue's context (_SERIAL) of a job that starts it: what
+            # the task delivers later must queue like anything else.
+            context = contextvars.copy_context()
+            context.run(_SERIAL.set, None)
+            task = asyncio.get_running_loop().create_task(coro, context=context)
+        else:
+            task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task

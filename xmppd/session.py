@@ -10,6 +10,7 @@ the modules see only the session, so a new transport changes neither.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,11 @@ class Transport(Protocol):
 
 
 log = logging.getLogger(__name__)
+
+SENDER_WAIT = 15.0
+"""Seconds a client's next stanzas wait behind one the router is not done with
+(a filter's own wait is at most router.FILTER_WAIT, 10 s; storage work queued
+for the recipient has no bound of its own)."""
 
 
 class SessionRouter(Protocol):
@@ -123,12 +129,20 @@ class ClientSession:
         try:
             while waiting is not None:
                 try:
-                    await waiting
+                    async with asyncio.timeout(SENDER_WAIT):
+                        await asyncio.shield(waiting)
+                except TimeoutError:
+                    # Stuck storage must not stop this client for good: its next
+                    # stanzas go on (each recipient's queue still keeps their order).
+                    log.warning("%s: a stanza still waits after %g s", self.jid, SENDER_WAIT)
                 except Exception:
                     log.exception("routing a stanza from %s failed", self.jid)
                 waiting = None
                 while self._backlog and waiting is None:
-                    waiting = self.router.route(self._backlog.popleft(), self)
+                    try:
+                        waiting = self.router.route(self._backlog.popleft(), self)
+                    except Exception:  # a module's bug: the stanzas behind it still go
+                        log.exception("routing a stanza from %s failed", self.jid)
         finally:
             self._backlog = None
             self.release_input()

@@ -317,3 +317,60 @@ async def test_a_filter_that_cannot_judge_after_its_wait_has_the_stanza_refused(
     condition = f"{{{ns.CLIENT}}}error/{{{ns.STANZA_ERRORS}}}internal-server-error"
     assert error.find(condition) is not None
     assert harness.router.ledger.bounced == 1
+
+
+# --- nothing lost while the router waits ---------------------------------------------------
+
+
+def slow_messages(gate: asyncio.Future[None]) -> Callable[..., object]:
+    """A "stanza/in" filter that makes messages wait for `gate`, as a record load would."""
+
+    def check(stanza: etree._Element, session: TestSession) -> object:
+        if stanza.tag == ns.C_MESSAGE and not gate.done():
+            return gate
+        return True
+
+    return check
+
+
+async def test_a_bare_message_whose_chosen_resource_ends_during_a_wait_goes_to_the_others() -> None:
+    harness = await ModuleHarness({}).start()
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    harness.host.filter("stanza/in", slow_messages(gate))
+    balcony = harness.session("juliet@localhost/balcony")
+    balcony.priority = 5
+    garden = harness.session("juliet@localhost/garden")
+    romeo = harness.session("romeo@localhost/orchard")
+    stanza = parse_stanza("<message to='juliet@localhost' type='chat'><body>hi</body></message>")
+    stanza.set("from", romeo.jid)
+    romeo.receive(stanza)  # chosen: balcony alone (top priority); its delivery waits
+    harness.router.session_ended(balcony)  # and balcony leaves meanwhile
+    gate.set_result(None)
+    await harness.router.drain()
+    got = [s.findtext(f"{{{ns.CLIENT}}}body") for s in garden.take() if s.tag == ns.C_MESSAGE]
+    assert got == ["hi"]  # besides balcony's unavailable presence
+    assert romeo.take() == []
+
+
+async def test_a_routing_bug_loses_none_of_the_stanzas_queued_behind() -> None:
+    harness = await ModuleHarness({}).start()
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def buggy(stanza: etree._Element, session: TestSession) -> object:
+        if stanza.get("id") == "m1" and not gate.done():
+            return gate
+        if stanza.get("id") == "m2":
+            raise RuntimeError("a module's bug")
+        return True
+
+    harness.host.filter("stanza/out", buggy)
+    juliet = harness.session("juliet@localhost/balcony")
+    romeo = harness.session("romeo@localhost/orchard")
+    for n in (1, 2, 3, 4):
+        stanza = parse_stanza(f"<message to='{juliet.jid}' type='chat' id='m{n}'><body/></message>")
+        stanza.set("from", romeo.jid)
+        romeo.receive(stanza)
+    gate.set_result(None)
+    await harness.router.drain()
+    assert [s.get("id") for s in juliet.take()] == ["m1", "m3", "m4"]
+    assert romeo.input_holds == 0
