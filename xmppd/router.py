@@ -269,8 +269,8 @@ class Router:
     ) -> bool:
         """Wait for `pending`, then run `chain` on from `index`; True if it passes.
 
-        Each filter may ask to wait once for this stanza: one that asks again
-        after its wait could not judge (its store fails), so the stanza is
+        Each filter may ask this stanza to wait WAITS_PER_FILTER times; one that
+        asks again after that cannot judge (its store fails), so the stanza is
         refused rather than wait for ever. `origin`: the local sender, for
         the refusal."""
         waits: dict[int, int] = {}  # filter position -> waits it asked for
@@ -383,13 +383,19 @@ class Router:
             # Something for this account waits (its privacy record, say): after it.
             self._deliver_later(None, 0, session, stanza)
             return True
-        for entry in self._in:
-            verdict = entry[1](stanza, session)
-            if verdict is True:
-                continue
-            if verdict is not False:
-                self._deliver_later(verdict, self._in.index(entry), session, stanza)
-            return True
+        try:
+            for entry in self._in:
+                verdict = entry[1](stanza, session)
+                if verdict is True:
+                    continue
+                if verdict is not False:
+                    self._deliver_later(verdict, self._in.index(entry), session, stanza)
+                return True
+        except Exception:
+            # A module's bug: this delivery cannot be judged, the others still go.
+            log.exception("a stanza/in filter failed delivering to %s", session.jid)
+            self._refuse_unjudged(stanza)
+            return False
         if session.deliver(stanza):
             return True
         # Its transport is going: nothing more is routed to it (its end follows), so
@@ -554,19 +560,11 @@ class Router:
         previous, self._chosen = self._chosen, eligible
         try:
             for session in eligible:
-                self._deliver_guarded(session, stanza)
+                self.deliver(session, stanza)
         finally:
             self._chosen = previous
         if self._delivered:
             self.events.notify("message/delivered", routed)
-
-    def _deliver_guarded(self, session: ClientSession, stanza: etree._Element) -> None:
-        """deliver() to one of several sessions: a module's filter that raises for this
-        one is logged, and the others still get the stanza."""
-        try:
-            self.deliver(session, stanza)
-        except Exception:
-            log.exception("delivering to %s failed", session.jid)
 
     def _presence_full(self, routed: Routed) -> bool:
         """Subscription states and probes concern the account, whatever the resource
@@ -687,7 +685,7 @@ class Router:
         self.directory.presence_changed(origin)
         for session in self.directory.resources(origin.bare):
             if session.available or session is origin:
-                self._deliver_guarded(session, stanza)
+                self.deliver(session, stanza)
         if self.events.hooked("presence/broadcast"):
             self.spawn(self.events.fire_async("presence/broadcast", stanza, origin, initial))
 

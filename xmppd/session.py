@@ -116,15 +116,25 @@ class ClientSession:
         if self._backlog is not None:
             self._backlog.append(stanza)
             return
-        assert self.router is not None
-        pending = self.router.route(stanza, self)
+        pending = self._route(stanza)
         if pending is not None:
+            assert self.router is not None
             self._backlog = deque()
             self.hold_input()
             self.router.spawn(self._run(pending))
 
+    def _route(self, stanza: etree._Element) -> Awaitable[object] | None:
+        """Route one stanza of the client's. A module's bug that raises is logged:
+        it costs that stanza, never the client's connection or the ones behind it."""
+        assert self.router is not None
+        try:
+            return self.router.route(stanza, self)
+        except Exception:
+            log.exception("routing a stanza from %s failed", self.jid)
+            return None
+
     async def _run(self, pending: Awaitable[object]) -> None:
-        assert self.router is not None and self._backlog is not None
+        assert self._backlog is not None
         waiting: Awaitable[object] | None = pending
         try:
             while waiting is not None:
@@ -139,10 +149,7 @@ class ClientSession:
                     log.exception("routing a stanza from %s failed", self.jid)
                 waiting = None
                 while self._backlog and waiting is None:
-                    try:
-                        waiting = self.router.route(self._backlog.popleft(), self)
-                    except Exception:  # a module's bug: the stanzas behind it still go
-                        log.exception("routing a stanza from %s failed", self.jid)
+                    waiting = self._route(self._backlog.popleft())
         finally:
             self._backlog = None
             self.release_input()

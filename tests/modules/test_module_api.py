@@ -374,3 +374,25 @@ async def test_a_routing_bug_loses_none_of_the_stanzas_queued_behind() -> None:
     await harness.router.drain()
     assert [s.get("id") for s in juliet.take()] == ["m1", "m3", "m4"]
     assert romeo.input_holds == 0
+
+
+async def test_a_filter_that_raises_for_one_recipient_spares_the_others() -> None:
+    harness = await ModuleHarness({}).start()
+
+    def broken_for_balcony(stanza: etree._Element, session: TestSession) -> bool:
+        if session.resource == "balcony" and stanza.tag == ns.C_MESSAGE:
+            raise RuntimeError("a module's bug")
+        return True
+
+    harness.host.filter("stanza/in", broken_for_balcony)
+    balcony = harness.session("juliet@localhost/balcony")
+    garden = harness.session("juliet@localhost/garden")
+    romeo = harness.session("romeo@localhost/orchard")
+    replies = await harness.send(
+        romeo, "<message to='juliet@localhost' type='chat' id='m'><body>hi</body></message>"
+    )
+    assert [s.findtext(f"{{{ns.CLIENT}}}body") for s in garden.take()] == ["hi"]
+    assert balcony.take() == []
+    (error,) = replies  # the delivery that could not be judged is answered, not lost
+    condition = f"{{{ns.CLIENT}}}error/{{{ns.STANZA_ERRORS}}}internal-server-error"
+    assert error.get("id") == "m" and error.find(condition) is not None
