@@ -16,10 +16,10 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, ...]] = []
 
-    def bound(self, session: ClientSession, known_owner: str | None) -> None:
+    def bound(self, session: ClientSession, sid: str, known_owner: str | None) -> None:
         self.calls.append(("bound", session.jid, str(known_owner)))
 
-    def updated(self, session: ClientSession) -> None:
+    def updated(self, session: ClientSession, sid: str) -> None:
         self.calls.append(("updated", session.jid, str(session.available), str(session.priority)))
 
     def unbound(self, session: ClientSession) -> None:
@@ -29,8 +29,8 @@ class Recorder:
         self.calls.append(("forward", node, jid))
         return True
 
-    def terminate(self, node: str, jid: str, error: StreamError) -> None:
-        self.calls.append(("terminate", node, jid, error.condition))
+    def terminate(self, node: str, jid: str, sid: str, error: StreamError) -> None:
+        self.calls.append(("terminate", node, jid, sid, error.condition))
 
 
 def directory() -> tuple[ClusterDirectory, Recorder]:
@@ -73,7 +73,7 @@ def test_a_dropped_session_refuses_delivery_so_the_router_falls_back() -> None:
 
 def test_a_local_bind_replaces_the_remote_session_and_names_its_node() -> None:
     d, outbox = directory()
-    d.apply_set(Entry("bob@x/phone", "other", 0, True))
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, "s1"))
     remote = d.get("bob@x", "phone")
     local = ClientSession("bob@x/phone")
     assert d.add(local) is remote
@@ -81,7 +81,19 @@ def test_a_local_bind_replaces_the_remote_session_and_names_its_node() -> None:
     assert outbox.calls == [("bound", "bob@x/phone", "other")]
     assert remote is not None
     remote.terminate(StreamError("conflict"))
-    assert outbox.calls[-1] == ("terminate", "other", "bob@x/phone", "conflict")
+    assert outbox.calls[-1] == ("terminate", "other", "bob@x/phone", "s1", "conflict")
+
+
+def test_a_new_session_on_the_same_node_and_resource_is_a_new_replica_session() -> None:
+    """A request to end the old one names the old one's id, not the new one's."""
+    d, _ = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, "s1"))
+    old = d.get("bob@x", "phone")
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, "s2"))
+    new = d.get("bob@x", "phone")
+    assert new is not old and new is not None and old is not None
+    assert new.transport.sid == "s2"  # type: ignore[union-attr]
+    assert not old.deliver(etree.Element("message"))  # the old one is gone
 
 
 def test_only_real_changes_of_a_local_session_are_written() -> None:

@@ -17,6 +17,7 @@ at start and after a reconnect, then the events.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -33,11 +34,12 @@ log = logging.getLogger(__name__)
 class Outbox(Protocol):
     """What the directory asks to be written to Redis or sent to other nodes (never waits)."""
 
-    def bound(self, session: ClientSession, known_owner: str | None) -> None:
-        """A local bind; `known_owner`: the node the replica had on that resource (ended
-        already), so that a conflict Redis reports with that node is not ended twice."""
+    def bound(self, session: ClientSession, sid: str, known_owner: str | None) -> None:
+        """A local bind of the session `sid`; `known_owner`: the node the replica had on
+        that resource (ended already), so that a conflict Redis reports with that node
+        is not ended twice."""
 
-    def updated(self, session: ClientSession) -> None:
+    def updated(self, session: ClientSession, sid: str) -> None:
         """A local session's availability or priority changed."""
 
     def unbound(self, session: ClientSession) -> None: ...
@@ -45,8 +47,9 @@ class Outbox(Protocol):
     def forward(self, node: str, jid: str, stanza: etree._Element) -> bool:
         """Send `stanza` to the session `jid` on `node`; False if it cannot be taken."""
 
-    def terminate(self, node: str, jid: str, error: StreamError) -> None:
-        """Ask `node` to end the stream of its session `jid` with `error`."""
+    def terminate(self, node: str, jid: str, sid: str, error: StreamError) -> None:
+        """Ask `node` to end the stream of its session `sid` on `jid` with `error` (not
+        a newer session bound there since)."""
 
 
 class RemoteTransport:
@@ -56,12 +59,13 @@ class RemoteTransport:
     unbound it, stopped or died), so the router falls back (offline storage
     for a message) instead of sending into the void."""
 
-    __slots__ = ("outbox", "node", "jid", "gone")
+    __slots__ = ("outbox", "node", "jid", "sid", "gone")
 
-    def __init__(self, outbox: Outbox, node: str, jid: str) -> None:
+    def __init__(self, outbox: Outbox, node: str, jid: str, sid: str) -> None:
         self.outbox = outbox
         self.node = node
         self.jid = jid
+        self.sid = sid
         self.gone = False
 
     def send(self, stanza: etree._Element) -> bool:
@@ -72,7 +76,7 @@ class RemoteTransport:
     def close(self, error: StreamError) -> None:
         # Also once gone: the router ends the session a new bind replaced after the
         # replica dropped it; the node checks it still has that session.
-        self.outbox.terminate(self.node, self.jid, error)
+        self.outbox.terminate(self.node, self.jid, self.sid, error)
 
     def pause_input(self) -> None:
         """Its client's input is its own node's to pause."""
@@ -102,6 +106,8 @@ class ClusterDirectory:
         self._remote: dict[str, dict[str, ClientSession]] = {}
         # What was last written for each local session (available, priority).
         self._written: dict[ClientSession, tuple[bool, int]] = {}
+        # Each local session's id, unique in the cluster (Entry.sid).
+        self._sids: dict[ClientSession, str] = {}
 
     # --- SessionDirectory --------------------------------------------------------------
 
@@ -132,13 +138,15 @@ class ClusterDirectory:
         replaced = self.local.add(session)
         remote = self._drop_remote(session.bare, session.resource)
         self._written[session] = (session.available, session.priority)
-        self.outbox.bound(session, node_of(remote) if remote is not None else None)
+        sid = self._sids[session] = secrets.token_hex(8)
+        self.outbox.bound(session, sid, node_of(remote) if remote is not None else None)
         return replaced if replaced is not None else remote
 
     def remove(self, session: ClientSession) -> bool:
         if not self.local.remove(session):
             return False
         del self._written[session]
+        del self._sids[session]
         self.outbox.unbound(session)
         return True
 
@@ -158,11 +166,16 @@ class ClusterDirectory:
         if written is None or written == now:
             return
         self._written[session] = now
-        self.outbox.updated(session)
+        self.outbox.updated(session, self._sids[session])
 
-    def local_sessions(self) -> list[ClientSession]:
-        """Every session bound here (written again after Redis lost them)."""
-        return [s for bare in self.local.accounts() for s in self.local.resources(bare)]
+    def sid_of(self, session: ClientSession) -> str | None:
+        """The id of a session bound here; None for any other."""
+        return self._sids.get(session)
+
+    def rewrite_local(self) -> None:
+        """Write every session bound here again (Redis may have lost them)."""
+        for session, sid in list(self._sids.items()):
+            self.outbox.updated(session, sid)
 
     # --- the replica: what the other nodes wrote ---------------------------------------
 
@@ -173,10 +186,12 @@ class ClusterDirectory:
         bare, _, resource = entry.jid.partition("/")
         resources = self._remote.setdefault(bare, {})
         session = resources.get(resource)
-        if session is None or node_of(session) != entry.node:
+        if session is None or _where(session) != (entry.node, entry.sid):
             if session is not None:
                 _gone(session)
-            session = ClientSession(entry.jid, RemoteTransport(self.outbox, entry.node, entry.jid))
+            session = ClientSession(
+                entry.jid, RemoteTransport(self.outbox, entry.node, entry.jid, entry.sid)
+            )
             resources[resource] = session
         session.available = entry.available
         session.priority = entry.priority
@@ -204,10 +219,10 @@ class ClusterDirectory:
     def load(self, table: Iterable[Entry]) -> None:
         """Replace the replica with the table as read from Redis (start, reconnect)."""
         entries = list(table)
-        fresh = {(e.jid, e.node) for e in entries if e.node != self.node}
+        fresh = {(e.jid, (e.node, e.sid)) for e in entries if e.node != self.node}
         for bare, resources in list(self._remote.items()):
             for resource, session in list(resources.items()):
-                if (session.jid, node_of(session)) not in fresh:
+                if (session.jid, _where(session)) not in fresh:
                     self._drop_remote(bare, resource)
         for entry in entries:
             self.apply_set(entry)
@@ -222,6 +237,14 @@ class ClusterDirectory:
         if session is not None:
             _gone(session)
         return session
+
+
+def _where(session: ClientSession) -> tuple[str, str] | None:
+    """The node and session id of a replica session."""
+    transport = session.transport
+    if isinstance(transport, RemoteTransport):
+        return transport.node, transport.sid
+    return None
 
 
 def _gone(session: ClientSession) -> None:

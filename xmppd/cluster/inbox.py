@@ -8,22 +8,34 @@ happened to its connection in between. One stream per target node, written
 by each sender in its own order (xmppd.cluster.writer), keeps the order of
 the stanzas one node sends to one recipient.
 
-The stream is emptied when the node starts: what it holds was for the
-sessions of an earlier process of the same name, which are gone.
+The stream holds only what this node has not handled yet: after handling a
+batch the reader trims it (XTRIM MINID, sent in the same round trip as the
+next read). So when a node dies, what is left in its inbox is what it never
+handled, plus at most the one batch it handled and had not trimmed yet; the
+node that reaps it moves all that into its own inbox, marked "orphan"
+(schema.REAP), and routes it again. That batch is the only thing routed
+twice: at least once, never lost. The same happens to what an earlier
+process of this node's name left: it reaps itself at start.
 
-An entry is either a stanza for a full JID bound here ("stanza") or a
-request to end that session's stream ("end", a <conflict/> from a newer
-login on another node). A stanza whose session is gone is routed again as
-if it had just arrived (`Router.route` without an origin: the stanza/out
-filters ran on the sender's node), unless it was a message to the bare JID
-and the account still has an available resource: each of those got its
-copy from the sender's node.
+An entry is either a stanza for a full JID bound here ("stanza", with
+"hops": how many times it was forwarded) or a request to end that session's
+stream ("end", a <conflict/> from a newer login on another node, naming the
+session by its id: a newer session on the same resource is not ended). A
+stanza whose session is gone is routed again as if it had just arrived
+(`Router.route` without an origin: the stanza/out filters ran on the
+sender's node), unless it was a message to the bare JID and the account
+still has an available resource: each of those got its copy from the
+sender's node. An orphan is always routed again (its session was on the
+dead node; the account's other resources may be of lower priority and
+never got it): a bare-JID message may then reach a resource that also got
+its own copy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
@@ -32,7 +44,6 @@ from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
-from xmppd.router import Router
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
@@ -44,59 +55,83 @@ RETRY_DELAY = 0.5
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
+Reroute = Callable[[etree._Element, int], None]
+"""Route a stanza again on this node: (stanza, how many times it was forwarded)."""
+
 
 class Inbox:
     def __init__(
-        self, redis: Redis, node: str, directory: ClusterDirectory, router: Router
+        self, redis: Redis, node: str, directory: ClusterDirectory, reroute: Reroute
     ) -> None:
         self.redis = redis
         self.key = schema.inbox_key(node)
         self.directory = directory
-        self.router = router
-        self._last = "0-0"
+        self.reroute = reroute
+        self._last = "0-0"  # the last entry handled
+        self._trimmed = "0-0"  # the last entry trimmed from the stream
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.redis.delete(self.key)
+    def start(self) -> None:
+        """Read from the first entry: what is there now is an earlier process's, moved
+        here by reaping it (orphans), or came after this node was listed."""
         self._task = asyncio.create_task(self._run(), name="cluster-inbox")
 
-    async def stop(self) -> None:
-        """Stop reading, after routing what came until now (the other nodes learn this
-        one's sessions are gone only from the events its stop publishes first)."""
+    async def pause(self) -> None:
+        """Stop reading and trim what was handled (a clean stop, before this node reaps
+        itself: that moves only what was not handled)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-            try:
-                self._handle_all(await self.redis.xread({self.key: self._last}, count=BATCH))
-            except (RedisError, OSError) as exc:
-                log.error("cluster: could not read the inbox a last time: %s", exc)
+            await self._trim()
+
+    async def finish(self) -> None:
+        """Route what is left (after this node reaped itself: no more comes)."""
+        await self.pause()
+        while answer := await self.redis.xread({self.key: self._last}, count=BATCH):
+            self._handle_all(answer)
+        await self._trim()
+
+    async def _trim(self) -> None:
+        if self._trimmed != self._last:
+            await self.redis.xtrim(self.key, minid=_after(self._last), approximate=False)
+            self._trimmed = self._last
 
     async def _run(self) -> None:
         failing = False  # logged once per outage, not every retry
         while True:
+            last = self._last
             try:
-                answer = await self.redis.xread({self.key: self._last}, count=BATCH, block=BLOCK_MS)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    if self._trimmed != last:
+                        pipe.xtrim(self.key, minid=_after(last), approximate=False)
+                    pipe.xread({self.key: last}, count=BATCH, block=BLOCK_MS)
+                    results = await pipe.execute()
             except (RedisError, OSError) as exc:
                 if not failing:
                     log.error("cluster: reading the inbox failed (%s); retrying", exc)
                 failing = True
                 await asyncio.sleep(RETRY_DELAY)
                 continue
+            self._trimmed = last
             if failing:
-                log.info("cluster: reading the inbox again from %s", self._last)
+                log.info("cluster: reading the inbox again from %s", last)
                 failing = False
-            self._handle_all(answer)
+            self._handle_all(results[-1])
 
     def _handle_all(self, answer: Any) -> None:
         """XREAD's answer (RESP2): [(stream, [(id, {field: value}), ...])]."""
         for _, entries in answer:
+            # The sessions of a reaped node leave this replica by an event that may
+            # come after its orphans: drop them first, or the orphans would go back.
+            for dead in {f[b"orphan"] for _, f in entries if b"orphan" in f}:
+                self.directory.apply_node_gone(dead.decode())
             for entry_id, fields in entries:
                 self._last = entry_id.decode()
                 try:
                     self._handle(fields)
                 except Exception:
-                    log.exception("cluster: an inbox entry failed: %r", fields)
+                    log.exception("cluster: an inbox entry failed (to %r)", fields.get(b"to"))
 
     def _handle(self, fields: dict[bytes, bytes]) -> None:
         jid = fields[b"to"].decode()
@@ -104,16 +139,24 @@ class Inbox:
         session = self.directory.local.get(bare, resource)
         end = fields.get(b"end")
         if end is not None:
-            if session is not None:
+            sid = fields.get(b"sid", b"").decode()
+            if session is not None and self.directory.sid_of(session) == sid:
                 session.terminate(StreamError(end.decode(), fields[b"text"].decode() or None))
             return
         stanza = etree.fromstring(fields[b"stanza"], _PARSER)
         if session is not None and session.deliver(stanza):
             return
         if (
-            stanza.tag == ns.C_MESSAGE
+            b"orphan" not in fields
+            and stanza.tag == ns.C_MESSAGE
             and stanza.get("to") != jid
             and self.directory.available(bare)
         ):
             return
-        self.router.route(stanza)
+        self.reroute(stanza, int(fields.get(b"hops", b"1")))
+
+
+def _after(entry_id: str) -> str:
+    """The smallest stream id after `entry_id` (XTRIM MINID keeps ids >= it)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq) + 1}"

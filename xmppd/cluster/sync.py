@@ -136,7 +136,11 @@ class ReplicaSync:
             op = event["op"]
             if op == "set":
                 entry = Entry(
-                    event["jid"], event["node"], int(event["priority"]), bool(event["available"])
+                    event["jid"],
+                    event["node"],
+                    int(event["priority"]),
+                    bool(event["available"]),
+                    str(event.get("sid", "")),
                 )
                 self.directory.apply_set(entry)
             elif op == "unbind":
