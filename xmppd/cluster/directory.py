@@ -95,7 +95,11 @@ class ClusterDirectory:
     """A `SessionDirectory` over the whole cluster, answered from memory.
 
     `count()` is this node's sessions (what /status and the metrics report
-    per node); the other questions are about the whole cluster.
+    per node); the other questions are about the whole cluster, except while
+    cut off (`cut`): Redis has not answered for cluster.forward_wait, so
+    nothing reaches the other nodes' sessions, and they count as gone (a
+    message goes to this node's resources or offline storage, a request gets
+    an error) instead of each stanza waiting in turn.
     """
 
     def __init__(self, node: str, outbox: Outbox) -> None:
@@ -108,19 +112,20 @@ class ClusterDirectory:
         self._written: dict[ClientSession, tuple[bool, int]] = {}
         # Each local session's id, unique in the cluster (Entry.sid).
         self._sids: dict[ClientSession, str] = {}
+        self._cut_off = False
 
     # --- SessionDirectory --------------------------------------------------------------
 
     def get(self, bare: str, resource: str) -> ClientSession | None:
         session = self.local.get(bare, resource)
-        if session is not None:
+        if session is not None or self._cut_off:
             return session
         resources = self._remote.get(bare)
         return resources.get(resource) if resources is not None else None
 
     def resources(self, bare: str) -> list[ClientSession]:
         found = self.local.resources(bare)
-        remote = self._remote.get(bare)
+        remote = self._remote.get(bare) if not self._cut_off else None
         if remote:
             taken = {s.resource for s in found}
             found.extend(s for r, s in remote.items() if r not in taken)
@@ -130,7 +135,7 @@ class ClusterDirectory:
         return [s for s in self.resources(bare) if s.available]
 
     def has(self, bare: str) -> bool:
-        return self.local.has(bare) or bare in self._remote
+        return self.local.has(bare) or (bare in self._remote and not self._cut_off)
 
     def add(self, session: ClientSession) -> ClientSession | None:
         """Bind a local session. The session it replaces may be on another node: the
@@ -154,7 +159,13 @@ class ClusterDirectory:
         return self.local.count()
 
     def accounts(self) -> Iterator[str]:
+        if self._cut_off:
+            return self.local.accounts()
         return iter(set(self.local.accounts()) | set(self._remote))
+
+    def cut(self, cut_off: bool) -> None:
+        """Redis has not answered for cluster.forward_wait (True), or answers again."""
+        self._cut_off = cut_off
 
     # --- local changes the router reports ----------------------------------------------
 

@@ -65,6 +65,7 @@ class Cluster:
             await self.redis.ping()
             self._router = router
             self.writer.reroute = self.reroute
+            self.writer.on_cut_off = self.directory.cut
             # A process that ran under this name before and died may have left
             # sessions in the table, which nobody would reap while this one beats,
             # and stanzas in its inbox (moved to the front of it, to route again).
@@ -117,8 +118,8 @@ class Cluster:
         """Route `stanza` again here, as if it had just arrived without a sender
         session (the stanza/out filters ran on the node it came from): `hops` is how
         many times it was forwarded so far (the writer forwards it no more past
-        writer.MAX_HOPS), `avoid` a node (or writer.ALL) not to forward it to: a
-        session there counts as gone (a message goes to the other resources or
+        writer.MAX_HOPS), `avoid` a node not to forward it to: a session there
+        counts as gone (a message goes to the other resources or
         offline storage, a request is answered with an error)."""
         assert self._router is not None
         writer = self.writer

@@ -76,14 +76,12 @@ answers nothing and raises nothing)."""
 
 RETRY_DELAY = 0.5
 
-ALL = "*"
-"""`Writer.avoid` value: forward to no node at all."""
 
 Fields = dict[FieldT, EncodableT]
 """An inbox entry (xmppd.cluster.inbox reads it)."""
 
-Reroute = Callable[[etree._Element, int, str], None]
-"""Route a stanza again on this node: (stanza, hops so far, node to avoid or ALL)."""
+Reroute = Callable[[etree._Element, int, str | None], None]
+"""Route a stanza again on this node: (stanza, hops so far, a node not to forward it to)."""
 
 
 @dataclass(slots=True)
@@ -104,8 +102,16 @@ class Writer:
     """The node's `Outbox`: table writes, events, forwarded stanzas, in order.
 
     `reroute` (set by the cluster once the router exists) routes a stanza again
-    on this node; while it runs, `hops` and `avoid` say how far that stanza
-    came and which node (or ALL) not to forward it to.
+    on this node; while it runs (synchronously), `hops` and `avoid` say how far
+    that stanza came and which node not to forward it to. Only while: what the
+    router defers (behind storage work for the same account) is forwarded as
+    any stanza, and if refused again, routed again again; the replica drops the
+    refused node's sessions within milliseconds (its "gone" event).
+
+    `on_cut_off(True)` when a stanza has waited `forward_wait` for Redis: the
+    directory then hides the other nodes' sessions, so that everything routes
+    as if they were gone (offline storage, errors) instead of waiting in turn;
+    `on_cut_off(False)` once a write succeeds again.
     """
 
     def __init__(
@@ -116,8 +122,10 @@ class Writer:
         self.forward_wait = forward_wait
         self.ttl = ttl
         self.reroute: Reroute | None = None
+        self.on_cut_off: Callable[[bool], None] = lambda cut_off: None
         self.hops = 0
         self.avoid: str | None = None
+        self.cut_off = False
         self._ops: deque[Op] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -214,12 +222,13 @@ class Writer:
         self._put(Op(lambda pipe: pipe.delete(schema.gone_key(self.node))))
 
     def forward(self, node: str, jid: str, stanza: etree._Element) -> bool:
-        if self.avoid in (ALL, node):
+        hops = self.hops
+        if self.cut_off or self.avoid == node:
             return False
-        if self.hops >= MAX_HOPS:
+        if hops >= MAX_HOPS:
             log.warning(
                 "cluster: a %s for %s was forwarded %d times between nodes whose tables "
-                "disagree; handled here", etree.QName(stanza).localname, jid, self.hops,
+                "disagree; handled here", etree.QName(stanza).localname, jid, hops,
             )
             return False
         if len(self._ops) >= MAX_PENDING:
@@ -227,7 +236,7 @@ class Writer:
                 self._refusing = True
                 log.error("cluster: %d writes wait for Redis; refusing stanzas", MAX_PENDING)
             return False
-        hops = self.hops + 1
+        hops += 1
         fields: list[EncodableT] = ["to", jid, "stanza", etree.tostring(stanza), "hops", hops]
 
         def refused(answer: Any) -> None:
@@ -295,6 +304,10 @@ class Writer:
                 if failing:
                     log.info("cluster: writing to Redis again")
                     failing = False
+                if self.cut_off:
+                    self.cut_off = False
+                    log.info("cluster: Redis answers again; forwarding to other nodes again")
+                    self.on_cut_off(False)
                 for _ in batch:
                     self._ops.popleft()
                 if self._refusing and len(self._ops) < MAX_PENDING:
@@ -305,23 +318,31 @@ class Writer:
             self._idle.set()
 
     def _expire(self) -> None:
-        """Route again here the stanzas for other nodes that waited `forward_wait` for
-        Redis (the other operations keep waiting, in order)."""
+        """Once a stanza for another node has waited `forward_wait` for Redis: cut off
+        (the other nodes' sessions count as gone until Redis answers), and route again
+        here every stanza still waiting (the other operations keep waiting, in order)."""
         now = time.monotonic()
-        expired = [op for op in self._ops if op.stanza is not None and op.expires <= now]
-        if not expired:
+        if not any(op.stanza is not None and op.expires <= now for op in self._ops):
             return
-        self._ops = deque(op for op in self._ops if op.stanza is None or op.expires > now)
+        expired = [op for op in self._ops if op.stanza is not None]
+        self._ops = deque(op for op in self._ops if op.stanza is None)
+        if not self._ops:
+            # Something to retry, so that the first answer from Redis ends the cut.
+            self._ops.append(Op(lambda pipe: pipe.ping()))
         log.error(
-            "cluster: Redis unreachable: %d stanzas for other nodes waited %g s; routed "
-            "again here (messages to offline storage, requests answered with an error)",
+            "cluster: Redis unreachable: %d stanzas for other nodes waited up to %g s; "
+            "routed again here (messages to offline storage, requests answered with an "
+            "error), and so is what comes for other nodes until Redis answers",
             len(expired), self.forward_wait,
         )
+        if not self.cut_off:
+            self.cut_off = True
+            self.on_cut_off(True)
         if self.reroute is None:
             return
         for op in expired:
             assert op.stanza is not None
-            self.reroute(op.stanza, op.hops, ALL)
+            self.reroute(op.stanza, op.hops, None)
 
     async def _send(self, batch: list[Op]) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
