@@ -121,6 +121,8 @@ async def cluster(
                 data_dir=str(tmp_path / "data"),
                 log_level="info",
                 storage={"cache": {"backend": "none"}},
+                # Room for every message the test sends: a full queue would bounce them.
+                modules={"offline": {"max_messages": 10_000, "max_bytes": 1 << 24}},
                 cluster={
                     "redis_url": devservices.redis_url(redis_service),
                     "node_name": name,
@@ -238,10 +240,10 @@ async def test_a_node_killed_under_load_loses_no_message(
     async def send(connection: Connection) -> None:
         n = 0
         while sending:
-            batch = [(f"{connection.name}-{n + k}", recipients[(n + k) % 4]) for k in range(10)]
-            n += 10
+            batch = [(f"{connection.name}-{n + k}", recipients[(n + k) % 4]) for k in range(5)]
+            n += 5
             await connection.send_messages(batch)
-            await asyncio.sleep(0.02)  # a steady load, not a flood
+            await asyncio.sleep(0.05)  # a steady load (~400 messages/s), not a flood
 
     load = [asyncio.create_task(send(c)) for c in on_a]
     await asyncio.sleep(1.0)
@@ -269,6 +271,7 @@ async def test_a_node_killed_under_load_loses_no_message(
         f"{took_over.strip()}"
     )
     assert how["offline"] > 0  # the kill really cut messages off from their sessions
+    assert how["error"] == 0  # every recipient exists and has room offline
     assert lost == [], f"{len(lost)} of {len(sent)} messages lost, e.g. {lost[:5]}"
 
 

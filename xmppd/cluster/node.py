@@ -66,6 +66,7 @@ class Cluster:
             self._router = router
             self.writer.reroute = self.reroute
             self.writer.on_cut_off = self.directory.cut
+            self.writer.on_gone = self.node_gone
             # A process that ran under this name before and died may have left
             # sessions in the table, which nobody would reap while this one beats,
             # and stanzas in its inbox (moved to the front of it, to route again).
@@ -113,6 +114,12 @@ class Cluster:
         after listing this node again (forwards to it are refused until it is)."""
         self.writer.listed()
         self.directory.rewrite_local()
+
+    def node_gone(self, node: str) -> None:
+        """A forward to `node` was refused: it was reaped, and this replica had not
+        heard yet (or it came back meanwhile: the table is read again to be sure)."""
+        self.directory.apply_node_gone(node)
+        self.sync.reload_soon()
 
     def reroute(self, stanza: etree._Element, hops: int, avoid: str | None = None) -> None:
         """Route `stanza` again here, as if it had just arrived without a sender

@@ -105,8 +105,10 @@ class Writer:
     on this node; while it runs (synchronously), `hops` and `avoid` say how far
     that stanza came and which node not to forward it to. Only while: what the
     router defers (behind storage work for the same account) is forwarded as
-    any stanza, and if refused again, routed again again; the replica drops the
-    refused node's sessions within milliseconds (its "gone" event).
+    any stanza.
+
+    `on_gone(node)` when a forward was refused because `node` was reaped: this
+    node's replica may not have heard yet.
 
     `on_cut_off(True)` when a stanza has waited `forward_wait` for Redis: the
     directory then hides the other nodes' sessions, so that everything routes
@@ -123,6 +125,7 @@ class Writer:
         self.ttl = ttl
         self.reroute: Reroute | None = None
         self.on_cut_off: Callable[[bool], None] = lambda cut_off: None
+        self.on_gone: Callable[[str], None] = lambda node: None
         self.hops = 0
         self.avoid: str | None = None
         self.cut_off = False
@@ -240,10 +243,13 @@ class Writer:
         fields: list[EncodableT] = ["to", jid, "stanza", etree.tostring(stanza), "hops", hops]
 
         def refused(answer: Any) -> None:
-            if answer != schema.FORWARDED and self.reroute is not None:
-                if answer == schema.INBOX_FULL:
-                    log.error("cluster: the inbox of node %s is full; routing here", node)
-                self.reroute(stanza, hops - 1, node)
+            if answer == schema.FORWARDED or self.reroute is None:
+                return
+            if answer == schema.INBOX_FULL:
+                log.error("cluster: the inbox of node %s is full; routing here", node)
+            else:
+                self.on_gone(node)
+            self.reroute(stanza, hops - 1, node)
 
         self._put(
             Op(
