@@ -128,3 +128,20 @@ def test_a_load_replaces_the_replica() -> None:
     assert not d.has("bob@x")
     assert d.get("carol@x", "pc") is kept and kept is not None and kept.priority == 2
     assert d.has("dave@x") and sorted(d.accounts()) == ["carol@x", "dave@x"]
+
+
+def test_cut_off_from_redis_the_other_nodes_sessions_count_as_gone() -> None:
+    """Nothing reaches them while Redis does not answer: the router must not choose
+    them (offline storage, errors), and sees them again once Redis answers."""
+    d, _ = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 0, True))
+    local = ClientSession("bob@x/desk")
+    d.add(local)
+    d.cut(True)
+    assert d.get("bob@x", "phone") is None
+    assert d.resources("bob@x") == [local]
+    assert not d.has("carol@x") and list(d.accounts()) == ["bob@x"]
+    d.remove(local)
+    assert not d.has("bob@x")
+    d.cut(False)
+    assert d.get("bob@x", "phone") is not None and d.has("bob@x")
