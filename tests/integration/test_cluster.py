@@ -361,3 +361,30 @@ async def until_async(value: Callable[[], Awaitable[object]], expected: object) 
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+async def test_a_hung_redis_sends_cross_node_messages_offline_within_the_bound(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Redis frozen (SIGSTOP: connections stay open, nothing answers): a message for a
+    session on the other node goes to offline storage after cluster.forward_wait plus
+    at most one write timeout, and one sent after that goes there at once."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(cluster={"redis_url": url, "node_name": "node-a", "forward_wait": 1})
+    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    redis_service.pause()
+    try:
+        started = time.monotonic()
+        alice.send_message(mto="bob@localhost", mbody="while redis hangs", mtype="chat")
+        await until(lambda: a.router.ledger.offline == 1, timeout=10)
+        waited = time.monotonic() - started
+        alice.send_message(mto="bob@localhost", mbody="and at once", mtype="chat")
+        await until(lambda: a.router.ledger.offline == 2, timeout=1)
+    finally:
+        redis_service.resume()
+    assert waited < 1 + 2 + 0.5 + 0.5  # forward_wait, SEND_TIMEOUT, RETRY_DELAY, slack
+    await close(alice)
+    await close(bob)
