@@ -11,6 +11,7 @@ import secrets
 import signal
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,11 @@ class Listening:
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reuse_port: bool = False) -> None:
         self.config = config
+        # SO_REUSEPORT on the client listeners: `xmppd --workers` runs several nodes
+        # on the same ports and the kernel spreads connections over them.
+        self.reuse_port = reuse_port
         self.connections: set[C2SConnection] = set()
         self.per_ip: Counter[str] = Counter()
         limits = config.limits
@@ -129,6 +133,7 @@ class Server:
                 backlog=listener.backlog,
                 ssl_handshake_timeout=config.limits.auth_timeout if direct else None,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
             self._servers.append(server)
             for sock in server.sockets:
@@ -293,13 +298,18 @@ async def cluster_secret(storage: Storage, name: str) -> bytes:
     return value
 
 
-async def serve(config: Config) -> None:
+async def serve(
+    config: Config, reuse_port: bool = False, on_ready: Callable[[], None] | None = None
+) -> None:
     """Run a node until SIGTERM or SIGINT, then shut down cleanly; SIGHUP reloads TLS.
 
     Logging goes to stderr (the service manager keeps it), so there is no log
-    file to reopen on SIGHUP."""
-    server = Server(config)
+    file to reopen on SIGHUP. `on_ready` runs once the node serves (a worker
+    tells its supervisor, xmppd.cli.workers)."""
+    server = Server(config, reuse_port)
     await server.start()
+    if on_ready is not None:
+        on_ready()
     # Startup objects (modules, config, TLS context) live for the whole run: keep
     # them out of the collector's generations so full collections stay short.
     gc.freeze()

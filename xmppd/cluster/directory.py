@@ -180,6 +180,8 @@ class ClusterDirectory:
             resources[resource] = session
         session.available = entry.available
         session.priority = entry.priority
+        session.since = entry.since
+        session.address = entry.address
 
     def apply_unbind(self, node: str, jid: str) -> None:
         """`node` unbound `jid`; ignored if the replica has it on another node since."""

@@ -136,7 +136,12 @@ class ReplicaSync:
             op = event["op"]
             if op == "set":
                 entry = Entry(
-                    event["jid"], event["node"], int(event["priority"]), bool(event["available"])
+                    event["jid"],
+                    event["node"],
+                    int(event["priority"]),
+                    bool(event["available"]),
+                    float(event.get("since", 0.0)),
+                    str(event.get("address", "")),
                 )
                 self.directory.apply_set(entry)
             elif op == "unbind":

@@ -196,7 +196,9 @@ class Writer:
 
 
 def _entry(session: ClientSession, node: str) -> Entry:
-    return Entry(session.jid, node, session.priority, session.available)
+    return Entry(
+        session.jid, node, session.priority, session.available, session.since, session.address
+    )
 
 
 def _xadd(pipe: Pipeline, node: str, fields: Fields) -> None:
