@@ -14,9 +14,8 @@ Endpoints:
   GET  /status                                  the node: version, pid, hosts, counts
   GET  /metrics                                 Prometheus text format (xmppd.metrics)
   GET  /sessions[?host=H]                       this node's sessions: JID, node, since, address
-  POST /sessions/{jid}/kick                     end a full JID's session, or all of a bare
+  POST /kick  {"jid": J, "reason": R}           end a full JID's session, or all of a bare
                                                 JID's, on whichever node of the cluster it is
-                                                (JSON body {"reason": "..."} optional)
   POST /accounts/{user@host}/remove             remove the account and its data here
   POST /accounts/{user@host}/password-changed   end the account's sessions
   POST /accounts/{user@host}/removed            end the account's sessions
@@ -129,7 +128,7 @@ class AdminAPI:
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/sessions", self._sessions)
-        app.router.add_post("/sessions/{jid}/kick", self._kick)
+        app.router.add_post("/kick", self._kick)
         app.router.add_post("/accounts/{jid}/remove", self._remove_account)
         app.router.add_post("/accounts/{jid}/{change}", self._account_changed)
         self._runner = web.AppRunner(app, access_log=None)
@@ -206,21 +205,14 @@ class AdminAPI:
         """End the named session(s) with <policy-violation/> and the reason, wherever they
         are: a session on another node is ended by that node (the cluster directory)."""
         try:
-            jid = JID(request.match_info["jid"])
-        except InvalidJID:
-            raise web.HTTPNotFound(
-                text=json.dumps({"error": "not a JID"}), content_type="application/json"
+            body = await request.json()
+            jid = JID(str(body["jid"]))
+            reason = str(body.get("reason") or KICK_REASON)
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidJID) as e:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": f'expected {{"jid": JID, "reason": TEXT}}: {e}'}),
+                content_type="application/json",
             ) from None
-        reason = KICK_REASON
-        if request.can_read_body:
-            try:
-                body = await request.json()
-                reason = str(body.get("reason") or KICK_REASON)
-            except (ValueError, AttributeError):
-                raise web.HTTPBadRequest(
-                    text=json.dumps({"error": 'expected a JSON body {"reason": "..."}'}),
-                    content_type="application/json",
-                ) from None
         directory = self.server.router.directory
         if jid.resource:
             found = directory.get(jid.bare, jid.resource)

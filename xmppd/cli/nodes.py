@@ -219,11 +219,10 @@ async def node_sessions(
 async def kick_on_nodes(
     data_dir: Path, jid: str, reason: str | None, everywhere: bool, outcome: Outcome
 ) -> list[dict[str, object]] | None:
-    """Ask running nodes to end `jid`'s session(s) (POST /sessions/{jid}/kick); the
+    """Ask running nodes to end `jid`'s session(s) (POST /kick); the
     sessions ended, or None when no node answered. A cluster node ends them on any
     node, so one that answers is enough; else (`everywhere`) every node is asked, each
     knowing only its own sessions."""
-    path = f"/sessions/{quote(jid, safe='@/')}/kick"
     unread = "no session was ended"
     ended: list[dict[str, object]] = []
     answered = False
@@ -233,7 +232,8 @@ async def kick_on_nodes(
         nodes, http = client
         for record, url in nodes.items():
             try:
-                async with http.post(url + path, json={"reason": reason or ""}) as response:
+                request = {"jid": jid, "reason": reason or ""}
+                async with http.post(url + "/kick", json=request) as response:
                     body = await response.json(content_type=None)
                     if response.status != 200 or not isinstance(body, dict):
                         raise ValueError(f"HTTP {response.status}: {body}")
