@@ -308,8 +308,6 @@ async def serve(
     tells its supervisor, xmppd.cli.workers)."""
     server = Server(config, reuse_port)
     await server.start()
-    if on_ready is not None:
-        on_ready()
     # Startup objects (modules, config, TLS context) live for the whole run: keep
     # them out of the collector's generations so full collections stay short.
     gc.freeze()
@@ -318,6 +316,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    if on_ready is not None:
+        on_ready()  # only now: a stop signal from here on is a clean stop
     await stop.wait()
     log.info("signal received: shutting down")
     await server.stop()

@@ -91,9 +91,9 @@ class Workers:
                 if found:
                     return found
 
-    async def stop(self) -> int:
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         assert self.proc.stderr is not None
         _, rest = await asyncio.wait_for(self.proc.communicate(), 40)
         self.lines.extend(rest.decode().splitlines(keepends=True) if rest else [])
@@ -225,7 +225,11 @@ async def test_a_worker_that_dies_is_started_again(
         found = await workers.line(r"worker 2 \(w-2\) ready, pid (\d+)")
         assert int(found[1]) != pids["2"]
     finally:
-        assert await workers.stop() == 0
+        # SIGINT (a Ctrl-C) to the supervisor alone: it stops both workers cleanly
+        assert await workers.stop(signal.SIGINT) == 0
+    log = "".join(workers.lines)
+    assert log.count("xmppd stopped") == 2 and "workers: all stopped" in log
+    assert "exited (exit status 0)" not in log
 
 
 async def test_workers_need_a_cluster_and_fixed_ports(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ RESTART_WINDOW = 60.0
 STOP_TIMEOUT = 30.0
 
 PR_SET_PDEATHSIG = 1
+FIRST = asyncio.FIRST_COMPLETED
 
 
 def worker_problems(config: Config, workers: int) -> list[str]:
@@ -153,13 +154,21 @@ class Supervisor:
             sys.executable, "-m", "xmppd", "-c", str(self.config_path),
             "--worker", str(worker.index), "--node-name", worker.node,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            # Its own process group: a Ctrl-C at the terminal reaches the supervisor
+            # only, which then stops the workers in order.
+            start_new_session=True,
         )
         worker.process = process
         assert process.stdout is not None
-        try:
-            line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT)
-        except TimeoutError:
-            line = b""
+        ready = asyncio.ensure_future(process.stdout.readline())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait([ready, stopping], timeout=START_TIMEOUT, return_when=FIRST)
+        stopping.cancel()
+        if not ready.done():
+            ready.cancel()
+            if self._stopping.is_set():
+                return True  # stopped while starting: _stop_all ends it
+        line = ready.result() if ready.done() and not ready.cancelled() else b""
         if line != READY:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
