@@ -242,6 +242,8 @@ def report(one: dict[str, Any], two: dict[str, Any]) -> str:
     cross = (mixed - (1 - f) * local) / f if f else float("nan")
     redis_cross = two["redis_cpu_us_per_msg"] / f if f else float("nan")
     login_ratio = two["logins_per_s"] / one["logins_per_s"]
+    # What the workers could take with a core each, from their CPU per login alone.
+    capacity = [r["workers"] * 1000 / r["server_cpu_ms_per_login"] for r in (one, two)]
     lines = [
         "# One worker against two (bench/cluster_bench.py)",
         "",
@@ -268,7 +270,9 @@ def report(one: dict[str, Any], two: dict[str, Any]) -> str:
         f"{'met' if cross <= 1.5 * local else 'NOT met'}); plus {redis_cross:.1f} us in Redis.",
         f"- Logins: {two['logins_per_s']} users/s with 2 workers against "
         f"{one['logins_per_s']} with 1 = {login_ratio:.2f}x (target >= 1.8x: "
-        f"{'met' if login_ratio >= 1.8 else 'NOT met'}).",
+        f"{'met' if login_ratio >= 1.8 else 'NOT met'}). From the CPU per login, with a "
+        f"core per worker: {capacity[0]:.0f} users/s with 1 worker, {capacity[1]:.0f} with 2 "
+        f"= {capacity[1] / capacity[0]:.2f}x.",
         "",
         "Caveat: chatload runs on the same cores as the workers, and other work on the "
         "machine shares them too; the CPU per message and per login are the steadier "
