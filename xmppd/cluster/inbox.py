@@ -23,6 +23,7 @@ copy from the sender's node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -122,7 +123,8 @@ class Inbox:
         stats.forwards_in += 1
         sent = fields.get(b"t")
         if sent is not None:
-            stats.forward_latency.add(max(0.0, time.time() - float(sent)))
+            with contextlib.suppress(ValueError):  # a figure, never a reason to lose a stanza
+                stats.forward_latency.add(max(0.0, time.time() - float(sent)))
         stanza = etree.fromstring(fields[b"stanza"], _PARSER)
         if session is not None and session.deliver(stanza):
             return
