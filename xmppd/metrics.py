@@ -20,6 +20,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from xmppd.pauses import PauseStats
+from xmppd.storage.timing import BOUNDS as TIMING_BOUNDS
+from xmppd.storage.timing import OpStats, StorageStats
 
 if TYPE_CHECKING:
     from xmppd.cluster import Cluster
@@ -85,8 +87,32 @@ class ServerCollector(Collector):
             "Time to route one stanza (sampled, one in 64; waits on storage excluded).",
             server.router.route_time,
         )
+        yield from _storage(server.storage_stats)
         if server.cluster is not None:
             yield from _cluster(server.cluster)
+
+
+def _storage(stats: StorageStats) -> Iterator[Metric]:
+    """Every call of the item store, the blob store and the cache (xmppd.storage.timing)."""
+    latency = HistogramMetricFamily(
+        "xmppd_storage_seconds",
+        "Duration of each call to a part of the storage: items and blobs (the stores, "
+        "beneath the cache: misses and writes), cache (every cache call).",
+        labels=["part"],
+    )
+    errors = CounterMetricFamily(
+        "xmppd_storage_errors", "Calls that failed, by part of the storage.", labels=["part"]
+    )
+    for part in ("items", "blobs", "cache"):
+        ops: OpStats = getattr(stats, part)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, TIMING_BOUNDS), "+Inf"), ops.buckets, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        latency.add_metric([part], buckets, sum_value=ops.total)
+        errors.add_metric([part], ops.errors)
+    yield latency
+    yield errors
 
 
 def _cluster(cluster: Cluster) -> Iterator[Metric]:

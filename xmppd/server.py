@@ -27,6 +27,7 @@ from xmppd.router import Router
 from xmppd.session import ClientSession
 from xmppd.storage.base import ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
+from xmppd.storage.timing import StorageStats, instrument
 from xmppd.stream.c2s import StreamSettings
 from xmppd.stream.errors import StreamError
 from xmppd.tls import ServerTLS, TLSError, ensure_self_signed, reload_tls, server_tls
@@ -66,6 +67,7 @@ class Server:
         self._stopped = False
         self._tls_files: tuple[Path, Path]
         self.storage: Storage
+        self.storage_stats = StorageStats()
         self.tls: ServerTLS
         self.accounts: dict[str, Accounts]
         self.fake_salt_key: bytes
@@ -93,6 +95,7 @@ class Server:
         self.storage = await open_storage(config.storage, config.data_dir)
         for line in self.storage.describe():
             log.info("storage: %s", line)
+        self.storage_stats = instrument(self.storage)  # latency and errors for /metrics
         if config.storage.cache.backend == "memory" and (
             config.storage.items.backend != "sqlite" or config.storage.blobs.backend != "files"
         ):
