@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -73,6 +74,8 @@ class ClientSession:
         "priority",
         "presence",
         "state",
+        "since",
+        "address",
         "transport",
         "router",
         "_input_holds",
@@ -91,6 +94,10 @@ class ClientSession:
         self.priority = 0
         self.presence: etree._Element | None = None  # last broadcast presence
         self.state: dict[str, Any] = {}
+        # What operators see of it (xmppctl sessions): when it was bound (Unix time)
+        # and its client's address ("" for the server's own and unknown ones).
+        self.since = time.time()
+        self.address = ""
         self.transport = transport
         self.router = router
         self._input_holds = 0

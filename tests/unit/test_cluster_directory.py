@@ -116,3 +116,16 @@ def test_a_load_replaces_the_replica() -> None:
     assert not d.has("bob@x")
     assert d.get("carol@x", "pc") is kept and kept is not None and kept.priority == 2
     assert d.has("dave@x") and sorted(d.accounts()) == ["carol@x", "dave@x"]
+
+
+def test_the_replica_carries_since_and_address_and_old_entries_still_decode() -> None:
+    entry = Entry("bob@x/phone", "other", 1, True, 1765000000.5, "192.0.2.7")
+    assert Entry.decode(entry.jid, entry.encode()) == entry
+    d, _ = directory()
+    d.apply_set(entry)
+    session = d.get("bob@x", "phone")
+    assert session is not None
+    assert (session.since, session.address) == (1765000000.5, "192.0.2.7")
+    # written by a node from before these fields: decoded with "unknown" values
+    old = Entry.decode("bob@x/pc", b'{"node": "n", "priority": 0, "available": true}')
+    assert (old.since, old.address) == (0.0, "")

@@ -475,6 +475,10 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--from", dest="source", required=True, metavar="A.yml")
     migrate.add_argument("--to", dest="destination", required=True, metavar="B.yml")
     migrate.set_defaults(run=cmd_migrate)
+
+    from xmppd.cli import ctl_sessions  # it uses this module's helpers
+
+    ctl_sessions.add_parsers(sub)
     return parser
 
 

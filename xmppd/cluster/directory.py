@@ -148,6 +148,10 @@ class ClusterDirectory:
     def accounts(self) -> Iterator[str]:
         return iter(set(self.local.accounts()) | set(self._remote))
 
+    def remote_count(self) -> int:
+        """Sessions of other nodes in the replica (read at scrape time: /metrics)."""
+        return sum(len(resources) for resources in self._remote.values())
+
     # --- local changes the router reports ----------------------------------------------
 
     def presence_changed(self, session: ClientSession) -> None:
@@ -180,6 +184,8 @@ class ClusterDirectory:
             resources[resource] = session
         session.available = entry.available
         session.priority = entry.priority
+        session.since = entry.since
+        session.address = entry.address
 
     def apply_unbind(self, node: str, jid: str) -> None:
         """`node` unbound `jid`; ignored if the replica has it on another node since."""

@@ -23,7 +23,9 @@ copy from the sender's node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import Any
 
 from lxml import etree
@@ -32,6 +34,7 @@ from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
+from xmppd.cluster.stats import ClusterStats
 from xmppd.router import Router
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
@@ -47,9 +50,15 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 
 class Inbox:
     def __init__(
-        self, redis: Redis, node: str, directory: ClusterDirectory, router: Router
+        self,
+        redis: Redis,
+        node: str,
+        directory: ClusterDirectory,
+        router: Router,
+        stats: ClusterStats,
     ) -> None:
         self.redis = redis
+        self.stats = stats
         self.key = schema.inbox_key(node)
         self.directory = directory
         self.router = router
@@ -81,11 +90,13 @@ class Inbox:
                 if not failing:
                     log.error("cluster: reading the inbox failed (%s); retrying", exc)
                 failing = True
+                self.stats.failed("inbox")
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             if failing:
                 log.info("cluster: reading the inbox again from %s", self._last)
                 failing = False
+                self.stats.recovered("inbox")
             self._handle_all(answer)
 
     def _handle_all(self, answer: Any) -> None:
@@ -104,9 +115,16 @@ class Inbox:
         session = self.directory.local.get(bare, resource)
         end = fields.get(b"end")
         if end is not None:
+            self.stats.ends_in += 1
             if session is not None:
                 session.terminate(StreamError(end.decode(), fields[b"text"].decode() or None))
             return
+        stats = self.stats
+        stats.forwards_in += 1
+        sent = fields.get(b"t")
+        if sent is not None:
+            with contextlib.suppress(ValueError):  # a figure, never a reason to lose a stanza
+                stats.forward_latency.add(max(0.0, time.time() - float(sent)))
         stanza = etree.fromstring(fields[b"stanza"], _PARSER)
         if session is not None and session.deliver(stanza):
             return

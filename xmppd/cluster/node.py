@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.heartbeat import Heartbeat
 from xmppd.cluster.inbox import Inbox
+from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
 from xmppd.cluster.writer import Writer
 from xmppd.config import ClusterConfig, redact_url
@@ -43,10 +44,11 @@ class Cluster:
             socket_connect_timeout=CONNECT_TIMEOUT,
             health_check_interval=HEALTH_CHECK_INTERVAL,
         )
-        self.writer = Writer(self.redis, self.node)
+        self.stats = ClusterStats()
+        self.writer = Writer(self.redis, self.node, self.stats)
         self.directory = ClusterDirectory(self.node, self.writer)
-        self.heartbeat = Heartbeat(self.redis, self.node, self.rewrite_local)
-        self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local)
+        self.heartbeat = Heartbeat(self.redis, self.node, self.rewrite_local, self.stats)
+        self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.inbox: Inbox | None = None
 
     async def start(self, router: Router) -> None:
@@ -59,7 +61,7 @@ class Cluster:
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
-            self.inbox = Inbox(self.redis, self.node, self.directory, router)
+            self.inbox = Inbox(self.redis, self.node, self.directory, router, self.stats)
             await self.inbox.start()
         except (RedisError, OSError) as exc:
             await self.stop()

@@ -7,7 +7,7 @@ and the reaper cannot disagree about them.
 Keys (a deployment owns its Redis database; pick one with the URL's /db):
 
 - `xmppd:sessions:<bare>`: a hash, resource -> entry (JSON: node, priority,
-  available). The truth about where each resource is bound.
+  available, since, address). The truth about where each resource is bound.
 - `xmppd:node:<node>:sessions`: a set of the full JIDs a node wrote into the
   hashes, so that its sessions can be removed when it dies.
 - `xmppd:node:<node>:alive`: the node's heartbeat, a key with a TTL.
@@ -52,16 +52,33 @@ class Entry:
     node: str
     priority: int
     available: bool
+    # For operators (xmppctl sessions), not for routing: when the session was bound
+    # (Unix time) and its client's address. Absent in entries written before them.
+    since: float = 0.0
+    address: str = ""
 
     def encode(self) -> str:
         return json.dumps(
-            {"node": self.node, "priority": self.priority, "available": self.available}
+            {
+                "node": self.node,
+                "priority": self.priority,
+                "available": self.available,
+                "since": self.since,
+                "address": self.address,
+            }
         )
 
     @classmethod
     def decode(cls, jid: str, value: str | bytes) -> Entry:
         data = json.loads(value)
-        return cls(jid, str(data["node"]), int(data["priority"]), bool(data["available"]))
+        return cls(
+            jid,
+            str(data["node"]),
+            int(data["priority"]),
+            bool(data["available"]),
+            float(data.get("since", 0.0)),
+            str(data.get("address", "")),
+        )
 
 
 # --- events on the channel: {"op": "set" | "unbind" | "gone", ...} ----------------------
@@ -75,6 +92,8 @@ def set_event(entry: Entry) -> str:
             "node": entry.node,
             "priority": entry.priority,
             "available": entry.available,
+            "since": entry.since,
+            "address": entry.address,
         }
     )
 

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.schema import Entry
+from xmppd.cluster.stats import ClusterStats
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,11 @@ class ReplicaSync:
     writes its own sessions again, in case Redis lost them.
     """
 
-    def __init__(self, redis: Redis, directory: ClusterDirectory, on_load: Any) -> None:
+    def __init__(
+        self, redis: Redis, directory: ClusterDirectory, on_load: Any, stats: ClusterStats
+    ) -> None:
         self.redis = redis
+        self.stats = stats
         self.directory = directory
         self.on_load = on_load
         self.loads = 0  # how many times the table was read (tests, logs)
@@ -101,6 +105,7 @@ class ReplicaSync:
     async def _reconnected(self, connection: object) -> None:
         """redis-py reconnected the subscription by itself: events may have been lost."""
         self._reload = True
+        self.stats.reconnects += 1
 
     async def _load(self) -> None:
         self._reload = False
@@ -120,6 +125,7 @@ class ReplicaSync:
                         self._apply(message["data"])
             except (RedisError, OSError) as exc:
                 log.error("cluster: lost the Redis event channel (%s); reconnecting", exc)
+                self.stats.failed("events")
                 await pubsub.aclose()
                 while True:
                     await asyncio.sleep(RETRY_DELAY)
@@ -127,7 +133,9 @@ class ReplicaSync:
                         pubsub = await self._subscribe()
                         break
                     except (RedisError, OSError):
+                        self.stats.redis_errors += 1
                         continue
+                self.stats.recovered("events")
                 log.info("cluster: event channel back; session table reloaded")
 
     def _apply(self, data: bytes) -> None:
@@ -136,7 +144,12 @@ class ReplicaSync:
             op = event["op"]
             if op == "set":
                 entry = Entry(
-                    event["jid"], event["node"], int(event["priority"]), bool(event["available"])
+                    event["jid"],
+                    event["node"],
+                    int(event["priority"]),
+                    bool(event["available"]),
+                    float(event.get("since", 0.0)),
+                    str(event.get("address", "")),
                 )
                 self.directory.apply_set(entry)
             elif op == "unbind":

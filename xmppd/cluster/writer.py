@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ from redis.typing import EncodableT, FieldT
 
 from xmppd.cluster import schema
 from xmppd.cluster.schema import Entry
+from xmppd.cluster.stats import LATENCY_SAMPLE, ClusterStats
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StreamError
 
@@ -54,9 +56,10 @@ result (None: nothing)."""
 class Writer:
     """The node's `Outbox`: table writes, events, forwarded stanzas, in order."""
 
-    def __init__(self, redis: Redis, node: str) -> None:
+    def __init__(self, redis: Redis, node: str, stats: ClusterStats) -> None:
         self.redis = redis
         self.node = node
+        self.stats = stats
         self._ops: deque[Op] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -66,6 +69,11 @@ class Writer:
         self._update = redis.register_script(schema.UPDATE)
         self._unbind = redis.register_script(schema.UNBIND)
         self._refusing = False
+
+    @property
+    def queued(self) -> int:
+        """Operations waiting to be written (a gauge in /metrics)."""
+        return len(self._ops)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cluster-writer")
@@ -137,13 +145,19 @@ class Writer:
             if not self._refusing:
                 self._refusing = True
                 log.error("cluster: %d writes wait for Redis; refusing stanzas", MAX_PENDING)
+            self.stats.forwards_refused += 1
             return False
         fields: Fields = {"to": jid, "stanza": etree.tostring(stanza)}
+        stats = self.stats
+        stats.forwards_out += 1
+        if not stats.forwards_out % LATENCY_SAMPLE:
+            fields["t"] = repr(time.time())  # xmppd.cluster.stats: the forward latency
         self._put(lambda pipe: _xadd(pipe, node, fields))
         return True
 
     def terminate(self, node: str, jid: str, error: StreamError) -> None:
         fields: Fields = {"to": jid, "end": error.condition, "text": error.text or ""}
+        self.stats.ends_out += 1
         self._put(lambda pipe: _xadd(pipe, node, fields))
 
     # --- the task ----------------------------------------------------------------------
@@ -168,11 +182,13 @@ class Writer:
                     if not failing:
                         log.error("cluster: writing to Redis failed (%s); retrying", exc)
                     failing = True
+                    self.stats.failed("writer")
                     await asyncio.sleep(RETRY_DELAY)
                     continue
                 if failing:
                     log.info("cluster: writing to Redis again")
                     failing = False
+                    self.stats.recovered("writer")
                 for _ in batch:
                     self._ops.popleft()
                 if self._refusing and len(self._ops) < MAX_PENDING:
@@ -196,7 +212,9 @@ class Writer:
 
 
 def _entry(session: ClientSession, node: str) -> Entry:
-    return Entry(session.jid, node, session.priority, session.available)
+    return Entry(
+        session.jid, node, session.priority, session.available, session.since, session.address
+    )
 
 
 def _xadd(pipe: Pipeline, node: str, fields: Fields) -> None:
