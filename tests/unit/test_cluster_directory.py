@@ -15,12 +15,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, ...]] = []
+        self.entries: list[Entry] = []
 
-    def bound(self, session: ClientSession, known_owner: str | None) -> None:
+    def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
         self.calls.append(("bound", session.jid, str(known_owner)))
+        self.entries.append(entry)
 
-    def updated(self, session: ClientSession) -> None:
-        self.calls.append(("updated", session.jid, str(session.available), str(session.priority)))
+    def updated(self, session: ClientSession, entry: Entry) -> None:
+        self.calls.append(("updated", session.jid, str(entry.available), str(entry.priority)))
+        self.entries.append(entry)
 
     def unbound(self, session: ClientSession) -> None:
         self.calls.append(("unbound", session.jid))
@@ -116,3 +119,49 @@ def test_a_load_replaces_the_replica() -> None:
     assert not d.has("bob@x")
     assert d.get("carol@x", "pc") is kept and kept is not None and kept.priority == 2
     assert d.has("dave@x") and sorted(d.accounts()) == ["carol@x", "dave@x"]
+
+
+def test_presence_and_shared_state_go_with_the_entry_and_into_the_replica() -> None:
+    """What one node writes of its session (last presence, shared state) is what the
+    other node's replica session has: `presence` parsed, `state` as written."""
+    d, outbox = directory()
+    session = ClientSession("bob@x/phone")
+    d.add(session)
+    session.available, session.priority = True, 1
+    session.presence = etree.fromstring(
+        "<presence xmlns='jabber:client'><show>away</show><priority>1</priority></presence>"
+    )
+    d.presence_changed(session)
+    session.state["carbons"] = True
+    d.state_changed(session, "carbons")
+    d.state_changed(session, "carbons")  # unchanged: not written again
+    del session.state["carbons"]
+    session.state["privacy/active"] = "work"
+    d.state_changed(session, "carbons")
+    d.state_changed(session, "privacy/active")
+    written = outbox.entries[-1]
+    assert [e.state for e in outbox.entries] == [
+        {}, {}, {"carbons": True}, {}, {"privacy/active": "work"}
+    ]
+    assert written.presence is not None and "away" in written.presence
+    # the same entry, through its JSON, on another node
+    other = ClusterDirectory("elsewhere", Recorder())
+    moved = Entry.decode(written.jid, written.encode())
+    other.apply_set(moved)
+    replica = other.get("bob@x", "phone")
+    assert replica is not None and replica.state == {"privacy/active": "work"}
+    assert replica.presence is not None
+    assert replica.presence.findtext("{jabber:client}show") == "away"
+    parsed = replica.presence
+    other.apply_set(Entry(moved.jid, "me", 1, True, moved.presence, {}))
+    assert replica.presence is parsed and replica.state == {}  # parsed once per change
+    other.apply_set(Entry(moved.jid, "me", 1, False, None, {}))
+    assert replica.presence is None and not replica.available
+
+
+def test_a_state_change_of_a_session_not_bound_is_not_written() -> None:
+    d, outbox = directory()
+    session = ClientSession("bob@x/phone")
+    session.state["carbons"] = True
+    d.state_changed(session, "carbons")
+    assert outbox.calls == []

@@ -84,5 +84,5 @@ class Cluster:
 
     def rewrite_local(self) -> None:
         """Write every local session into the table again (Redis may have lost them)."""
-        for session in self.directory.local_sessions():
-            self.writer.updated(session)
+        for session, entry in self.directory.local_entries():
+            self.writer.updated(session, entry)

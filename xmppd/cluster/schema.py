@@ -7,7 +7,9 @@ and the reaper cannot disagree about them.
 Keys (a deployment owns its Redis database; pick one with the URL's /db):
 
 - `xmppd:sessions:<bare>`: a hash, resource -> entry (JSON: node, priority,
-  available). The truth about where each resource is bound.
+  available, and when set: presence, the last available presence as XML;
+  state, the session's shared module state). The truth about where each
+  resource is bound and what other nodes need of it.
 - `xmppd:node:<node>:sessions`: a set of the full JIDs a node wrote into the
   hashes, so that its sessions can be removed when it dies.
 - `xmppd:node:<node>:alive`: the node's heartbeat, a key with a TTL.
@@ -20,7 +22,8 @@ Keys (a deployment owns its Redis database; pick one with the URL's /db):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 PREFIX = "xmppd:"
 EVENTS = PREFIX + "events"
@@ -46,37 +49,62 @@ def inbox_key(node: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """Where one resource is bound and what the router needs to know of it."""
+    """Where one resource is bound and what the router and the modules of other nodes
+    need to know of it.
+
+    `presence` is the session's last available presence (`ClientSession.presence`)
+    serialised, None while it is unavailable: other nodes answer probes and a new
+    resource's question about its siblings with it. `state` holds the session's
+    shared module state, the `session.state` keys modules declare in
+    `Module.shared_state` (JSON values); keys absent are unset. Both are left out of
+    the JSON when empty, so an entry without them is what it was before they existed.
+    """
 
     jid: str
     node: str
     priority: int
     available: bool
+    presence: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        """The JSON object stored in the table (and carried by a "set" event)."""
+        data: dict[str, Any] = {
+            "node": self.node, "priority": self.priority, "available": self.available
+        }
+        if self.presence is not None:
+            data["presence"] = self.presence
+        if self.state:
+            data["state"] = self.state
+        return data
 
     def encode(self) -> str:
-        return json.dumps(
-            {"node": self.node, "priority": self.priority, "available": self.available}
+        return json.dumps(self.fields())
+
+    @classmethod
+    def from_fields(cls, jid: str, data: dict[str, Any]) -> Entry:
+        presence = data.get("presence")
+        state = data.get("state")
+        return cls(
+            jid,
+            str(data["node"]),
+            int(data["priority"]),
+            bool(data["available"]),
+            str(presence) if presence is not None else None,
+            dict(state) if isinstance(state, dict) else {},
         )
 
     @classmethod
     def decode(cls, jid: str, value: str | bytes) -> Entry:
-        data = json.loads(value)
-        return cls(jid, str(data["node"]), int(data["priority"]), bool(data["available"]))
+        return cls.from_fields(jid, json.loads(value))
 
 
 # --- events on the channel: {"op": "set" | "unbind" | "gone", ...} ----------------------
 
 
 def set_event(entry: Entry) -> str:
-    return json.dumps(
-        {
-            "op": "set",
-            "jid": entry.jid,
-            "node": entry.node,
-            "priority": entry.priority,
-            "available": entry.available,
-        }
-    )
+    """The new entry whole: a node applies it as it would the table's."""
+    return json.dumps({"op": "set", "jid": entry.jid, **entry.fields()})
 
 
 def unbind_event(node: str, jid: str) -> str:

@@ -135,10 +135,7 @@ class ReplicaSync:
             event = json.loads(data)
             op = event["op"]
             if op == "set":
-                entry = Entry(
-                    event["jid"], event["node"], int(event["priority"]), bool(event["available"])
-                )
-                self.directory.apply_set(entry)
+                self.directory.apply_set(Entry.from_fields(event["jid"], event))
             elif op == "unbind":
                 self.directory.apply_unbind(event["node"], event["jid"])
             elif op == "gone":

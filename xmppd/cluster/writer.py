@@ -83,8 +83,7 @@ class Writer:
 
     # --- Outbox ------------------------------------------------------------------------
 
-    def bound(self, session: ClientSession, known_owner: str | None) -> None:
-        entry = _entry(session, self.node)
+    def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
         jid = session.jid
 
         def conflict(previous: Any) -> None:
@@ -104,10 +103,9 @@ class Writer:
             conflict,
         )
 
-    def updated(self, session: ClientSession) -> None:
+    def updated(self, session: ClientSession, entry: Entry) -> None:
         """Also what writes every local session again after a reconnect: Redis may have
         lost them (restarted empty), or another node reaped this one."""
-        entry = _entry(session, self.node)
         self._put(
             lambda pipe: self._update(
                 keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
@@ -193,10 +191,6 @@ class Writer:
             if isinstance(value, Exception):
                 log.error("cluster: a write to Redis was refused: %s", value)
         return results
-
-
-def _entry(session: ClientSession, node: str) -> Entry:
-    return Entry(session.jid, node, session.priority, session.available)
 
 
 def _xadd(pipe: Pipeline, node: str, fields: Fields) -> None:
