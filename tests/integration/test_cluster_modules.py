@@ -267,3 +267,30 @@ async def test_a_bare_jid_message_finds_the_top_resource_anywhere_and_offline_on
     assert phone.messages.empty() and desk.messages.qsize() == 0
     for client in (alice, phone, desk, later):
         await close(client)
+
+
+async def test_a_forwarded_stanza_waits_for_the_change_its_sender_made_before_it(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's new presence reaches B twice: her entry through pub/sub, the broadcast to
+    bob through B's inbox. Even with B's event channel slow, B hands bob the broadcast
+    only once its replica has the new presence (what a probe on B would answer)."""
+    a, b, _ = await three_nodes(start_server, redis_service)
+    await befriend(a, "alice@localhost", "bob@localhost")
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    bob_in = presences(bob)
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(has_presence(b, "alice@localhost/desk"))
+    assert b.cluster is not None
+    sync = b.cluster.sync
+    apply, loop = sync._apply, asyncio.get_running_loop()
+    monkeypatch.setattr(sync, "_apply", lambda data: loop.call_later(0.3, apply, data))
+    alice.send_presence(pshow="dnd")
+    # (bob may get her first presence twice: broadcast, and the answer to his probe)
+    while (await presence_from(bob_in, "alice@localhost/desk"))["show"] != "dnd":
+        pass
+    session = replica(b, "alice@localhost/desk")
+    assert session.presence is not None
+    assert session.presence.findtext("{jabber:client}show") == "dnd"
+    for client in (alice, bob):
+        await close(client)

@@ -18,6 +18,9 @@ if it had just arrived (`Router.route` without an origin: the stanza/out
 filters ran on the sender's node), unless it was a message to the bare JID
 and the account still has an available resource: each of those got its
 copy from the sender's node.
+
+A stanza waits until the changes its sender's node made to the table before
+forwarding it are applied here (`ReplicaSync.caught_up`; schema, "Order").
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
+from xmppd.cluster.sync import ReplicaSync
 from xmppd.router import Router
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
@@ -47,11 +51,17 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 
 class Inbox:
     def __init__(
-        self, redis: Redis, node: str, directory: ClusterDirectory, router: Router
+        self,
+        redis: Redis,
+        node: str,
+        directory: ClusterDirectory,
+        router: Router,
+        sync: ReplicaSync,
     ) -> None:
         self.redis = redis
         self.key = schema.inbox_key(node)
         self.directory = directory
+        self.sync = sync
         self.router = router
         self._last = "0-0"
         self._task: asyncio.Task[None] | None = None
@@ -68,7 +78,9 @@ class Inbox:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
             try:
-                self._handle_all(await self.redis.xread({self.key: self._last}, count=BATCH))
+                await self._handle_all(
+                    await self.redis.xread({self.key: self._last}, count=BATCH)
+                )
             except (RedisError, OSError) as exc:
                 log.error("cluster: could not read the inbox a last time: %s", exc)
 
@@ -86,13 +98,17 @@ class Inbox:
             if failing:
                 log.info("cluster: reading the inbox again from %s", self._last)
                 failing = False
-            self._handle_all(answer)
+            await self._handle_all(answer)
 
-    def _handle_all(self, answer: Any) -> None:
+    async def _handle_all(self, answer: Any) -> None:
         """XREAD's answer (RESP2): [(stream, [(id, {field: value}), ...])]."""
         for _, entries in answer:
             for entry_id, fields in entries:
                 self._last = entry_id.decode()
+                origin, seq = fields.get(b"from"), fields.get(b"seq")
+                if origin is not None and seq is not None:
+                    if self.sync.behind(origin.decode(), int(seq)):
+                        await self.sync.caught_up(origin.decode(), int(seq))
                 try:
                     self._handle(fields)
                 except Exception:

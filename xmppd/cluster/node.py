@@ -59,7 +59,7 @@ class Cluster:
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
-            self.inbox = Inbox(self.redis, self.node, self.directory, router)
+            self.inbox = Inbox(self.redis, self.node, self.directory, router, self.sync)
             await self.inbox.start()
         except (RedisError, OSError) as exc:
             await self.stop()

@@ -17,6 +17,20 @@ Keys (a deployment owns its Redis database; pick one with the URL's /db):
 - `xmppd:inbox:<node>`: a stream, the stanzas (and stream ends) other nodes
   send to sessions on that node.
 - `xmppd:events`: the pub/sub channel of table changes.
+- `xmppd:seqs`: a hash, node -> the sequence number of its last table change
+  (see "Order" below).
+
+Order. A node's table changes reach the others through pub/sub, its stanzas
+through their inboxes (streams): two channels, so a node could hand a
+forwarded stanza to its client before it applied the change the sender made
+first (a resource's new presence, or its carbons enabled, before the
+broadcast or message that follows it). So each change a node writes carries
+a sequence number, its events and `xmppd:seqs` say which one it reached, and
+each stanza it forwards carries the number of its last change before it; a
+receiving node hands the stanza on only once it applied that change
+(xmppd.cluster.sync, `ReplicaSync.caught_up`). The numbers start at the
+node's clock in microseconds, so a restarted node's numbers are above its
+previous life's.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from typing import Any
 PREFIX = "xmppd:"
 EVENTS = PREFIX + "events"
 NODES = PREFIX + "nodes"
+SEQS = PREFIX + "seqs"
 SESSIONS_PREFIX = PREFIX + "sessions:"
 
 
@@ -99,16 +114,22 @@ class Entry:
         return cls.from_fields(jid, json.loads(value))
 
 
-# --- events on the channel: {"op": "set" | "unbind" | "gone", ...} ----------------------
+# --- events on the channel: {"op": "set" | "unbind" | "seq" | "gone", ...} --------------
 
 
-def set_event(entry: Entry) -> str:
+def set_event(entry: Entry, seq: int) -> str:
     """The new entry whole: a node applies it as it would the table's."""
-    return json.dumps({"op": "set", "jid": entry.jid, **entry.fields()})
+    return json.dumps({"op": "set", "jid": entry.jid, "seq": seq, **entry.fields()})
 
 
-def unbind_event(node: str, jid: str) -> str:
-    return json.dumps({"op": "unbind", "node": node, "jid": jid})
+def unbind_event(node: str, jid: str, seq: int) -> str:
+    return json.dumps({"op": "unbind", "node": node, "jid": jid, "seq": seq})
+
+
+def seq_event(node: str, seq: int) -> str:
+    """A change that did not apply (another node holds the resource now): only its
+    number, so that nobody waits for it."""
+    return json.dumps({"op": "seq", "node": node, "seq": seq})
 
 
 def gone_event(node: str) -> str:
@@ -118,10 +139,12 @@ def gone_event(node: str) -> str:
 # --- scripts: each change of the table and its event in one atomic step ----------------
 
 BIND = """
--- KEYS[1] sessions hash, KEYS[2] node's set; ARGV resource, entry, full JID, channel, event
+-- KEYS[1] sessions hash, KEYS[2] node's set, KEYS[3] seqs; ARGV resource, entry, full JID,
+-- channel, event, node, seq
 local previous = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[6], ARGV[7])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 if previous then return cjson.decode(previous)['node'] end
 return false
@@ -129,13 +152,16 @@ return false
 """Bind a resource; returns the node that held it before (a conflict to end), or nil."""
 
 UPDATE = """
--- KEYS[1] sessions hash, KEYS[2] node's set; ARGV resource, entry, full JID, node, channel,
--- event
+-- KEYS[1] sessions hash, KEYS[2] node's set, KEYS[3] seqs; ARGV resource, entry, full JID,
+-- node, channel, event, seq, event when it does not apply
 local current = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[7])
 if (not current) or cjson.decode(current)['node'] == ARGV[4] then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
   redis.call('PUBLISH', ARGV[5], ARGV[6])
+else
+  redis.call('PUBLISH', ARGV[5], ARGV[8])
 end
 return false
 """
@@ -143,12 +169,14 @@ return false
 unless another node has taken the resource since: that one is the newer login."""
 
 UNBIND = """
--- KEYS[1] sessions hash, KEYS[2] node's set; ARGV resource, node, full JID, channel, event
+-- KEYS[1] sessions hash, KEYS[2] node's set, KEYS[3] seqs; ARGV resource, node, full JID,
+-- channel, event, seq
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current and cjson.decode(current)['node'] == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
 redis.call('SREM', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[6])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return false
 """

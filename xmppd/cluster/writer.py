@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,9 @@ class Writer:
         self._update = redis.register_script(schema.UPDATE)
         self._unbind = redis.register_script(schema.UNBIND)
         self._refusing = False
+        # The number of the last table change queued (schema: "Order"); 0: none yet.
+        self._seq = time.time_ns() // 1000
+        self._last_change = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cluster-writer")
@@ -92,11 +96,17 @@ class Writer:
                 # Bound there too, and our replica did not know yet: newest login wins.
                 self.terminate(owner, jid, _conflict())
 
+        seq = self._next()
         self._put(
             lambda pipe: self._bind(
-                keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
+                keys=[
+                    schema.sessions_key(session.bare),
+                    schema.node_sessions_key(self.node),
+                    schema.SEQS,
+                ],
                 args=[
-                    session.resource, entry.encode(), jid, schema.EVENTS, schema.set_event(entry)
+                    session.resource, entry.encode(), jid, schema.EVENTS,
+                    schema.set_event(entry, seq), self.node, seq,
                 ],
                 client=pipe,
             ),
@@ -106,12 +116,17 @@ class Writer:
     def updated(self, session: ClientSession, entry: Entry) -> None:
         """Also what writes every local session again after a reconnect: Redis may have
         lost them (restarted empty), or another node reaped this one."""
+        seq = self._next()
         self._put(
             lambda pipe: self._update(
-                keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
+                keys=[
+                    schema.sessions_key(session.bare),
+                    schema.node_sessions_key(self.node),
+                    schema.SEQS,
+                ],
                 args=[
                     session.resource, entry.encode(), session.jid, self.node, schema.EVENTS,
-                    schema.set_event(entry),
+                    schema.set_event(entry, seq), seq, schema.seq_event(self.node, seq),
                 ],
                 client=pipe,
             )
@@ -119,12 +134,17 @@ class Writer:
 
     def unbound(self, session: ClientSession) -> None:
         jid = session.jid
+        seq = self._next()
         self._put(
             lambda pipe: self._unbind(
-                keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
+                keys=[
+                    schema.sessions_key(session.bare),
+                    schema.node_sessions_key(self.node),
+                    schema.SEQS,
+                ],
                 args=[
                     session.resource, self.node, jid, schema.EVENTS,
-                    schema.unbind_event(self.node, jid),
+                    schema.unbind_event(self.node, jid, seq), seq,
                 ],
                 client=pipe,
             )
@@ -136,13 +156,21 @@ class Writer:
                 self._refusing = True
                 log.error("cluster: %d writes wait for Redis; refusing stanzas", MAX_PENDING)
             return False
-        fields: Fields = {"to": jid, "stanza": etree.tostring(stanza)}
+        # The receiver applies this node's changes up to `seq` before it hands this on.
+        fields: Fields = {
+            "to": jid, "stanza": etree.tostring(stanza), "from": self.node, "seq": self._last_change
+        }
         self._put(lambda pipe: _xadd(pipe, node, fields))
         return True
 
     def terminate(self, node: str, jid: str, error: StreamError) -> None:
         fields: Fields = {"to": jid, "end": error.condition, "text": error.text or ""}
         self._put(lambda pipe: _xadd(pipe, node, fields))
+
+    def _next(self) -> int:
+        self._seq += 1
+        self._last_change = self._seq
+        return self._seq
 
     # --- the task ----------------------------------------------------------------------
 
