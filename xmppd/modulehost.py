@@ -345,8 +345,9 @@ class ModuleHost:
         """Declare `key` of `session.state` shared: the other nodes of a cluster need it
         (a flag that decides who gets a stanza, routed on the sender's node). Change it
         with `set_state`, with JSON values; a replica session of another node has it in
-        its `state`, as its own node last wrote it. Prosody has no cluster; this is the
-        part of ejabberd's session table that modules add to (its `info` list)."""
+        its `state`, as its own node last wrote it (on a cluster node, `set_state` raises
+        TypeError for a value JSON cannot encode). Prosody has no cluster; ejabberd's
+        session table has an `info` list modules add to, the model here."""
         self._shared.add(key)
 
     def set_state(self, session: ClientSession, key: str, value: Any) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from lxml import etree
+from redis.asyncio import Redis
 
 from xmppd.cluster.directory import ClusterDirectory, RemoteTransport
 from xmppd.cluster.schema import Entry
+from xmppd.cluster.writer import Writer
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StreamError
 
@@ -165,3 +168,20 @@ def test_a_state_change_of_a_session_not_bound_is_not_written() -> None:
     session.state["carbons"] = True
     d.state_changed(session, "carbons")
     assert outbox.calls == []
+
+
+def test_shared_state_json_cannot_encode_fails_its_setter_not_the_writer() -> None:
+    """The writer encodes when it queues, so the module that set the value gets the
+    TypeError, the entry keeps its last good state and nothing broken is queued."""
+    writer = Writer(Redis.from_url("redis://127.0.0.1:1/0"), "me")  # never connects here
+    d = ClusterDirectory("me", writer)
+    session = ClientSession("bob@x/phone")
+    d.add(session)
+    queued = len(writer._ops)
+    session.state["carbons"] = {1, 2}  # a set: not JSON
+    with pytest.raises(TypeError):
+        d.state_changed(session, "carbons")
+    assert len(writer._ops) == queued
+    session.state["carbons"] = True
+    d.state_changed(session, "carbons")
+    assert len(writer._ops) == queued + 1

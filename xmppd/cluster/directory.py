@@ -189,8 +189,8 @@ class ClusterDirectory:
 
     def _write(self, session: ClientSession, entry: Entry) -> None:
         if entry != self._written[session]:
+            self.outbox.updated(session, entry)  # first: it raises for a value not JSON
             self._written[session] = entry
-            self.outbox.updated(session, entry)
 
     def local_entries(self) -> list[tuple[ClientSession, Entry]]:
         """Every session bound here and its entry (written again after Redis lost them)."""

@@ -96,7 +96,9 @@ class Writer:
                 # Bound there too, and our replica did not know yet: newest login wins.
                 self.terminate(owner, jid, _conflict())
 
+        value = entry.encode()
         seq = self._next()
+        event = schema.set_event(entry, seq)
         self._put(
             lambda pipe: self._bind(
                 keys=[
@@ -104,10 +106,7 @@ class Writer:
                     schema.node_sessions_key(self.node),
                     schema.SEQS,
                 ],
-                args=[
-                    session.resource, entry.encode(), jid, schema.EVENTS,
-                    schema.set_event(entry, seq), self.node, seq,
-                ],
+                args=[session.resource, value, jid, schema.EVENTS, event, self.node, seq],
                 client=pipe,
             ),
             conflict,
@@ -115,8 +114,13 @@ class Writer:
 
     def updated(self, session: ClientSession, entry: Entry) -> None:
         """Also what writes every local session again after a reconnect: Redis may have
-        lost them (restarted empty), or another node reaped this one."""
+        lost them (restarted empty), or another node reaped this one.
+
+        Encoded here, not in the task: shared state that JSON cannot encode raises
+        in the module that set it (`ModuleHost.set_state`)."""
+        value = entry.encode()
         seq = self._next()
+        event = schema.set_event(entry, seq)
         self._put(
             lambda pipe: self._update(
                 keys=[
@@ -125,8 +129,8 @@ class Writer:
                     schema.SEQS,
                 ],
                 args=[
-                    session.resource, entry.encode(), session.jid, self.node, schema.EVENTS,
-                    schema.set_event(entry, seq), seq, schema.seq_event(self.node, seq),
+                    session.resource, value, session.jid, self.node, schema.EVENTS, event, seq,
+                    schema.seq_event(self.node, seq),
                 ],
                 client=pipe,
             )
