@@ -32,8 +32,8 @@ under a key it owns. In a cluster, a session bound on another node is a
 replica whose `state` holds only the keys declared with `share_state` (in
 setup()) and changed with `set_state`: the session's node writes them with
 its directory entry and every other node's replica gets them. Their values
-must be JSON values (str, int, bool, None, lists, dicts); other keys stay on
-the session's own node. A node alone pays one set lookup per `set_state`.
+must be JSON values (str, int, bool, lists, dicts; None removes the key);
+other keys stay on the session's own node. A node alone pays one set lookup per `set_state`.
 
 Account removal is not an event but a method every module may override,
 `Module.remove_user`: the host calls each one in turn (`ModuleHost.remove_account`)
