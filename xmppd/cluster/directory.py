@@ -9,9 +9,10 @@ resource exactly as to a local one, and need no change.
 
 Every change to the local sessions (bind, unbind, availability, priority,
 last presence, shared module state) goes to the `Outbox` (written to Redis
-and published, in order; xmppd.cluster.writer); the replica of the other nodes' sessions is changed
-only by what comes back from Redis (xmppd.cluster.sync): the table loaded
-at start and after a reconnect, then the events.
+and published, in order; xmppd.cluster.writer); the replica of the other
+nodes' sessions is changed only by what comes back from Redis
+(xmppd.cluster.sync): the table loaded at start and after a reconnect, then
+the events.
 """
 
 from __future__ import annotations
