@@ -186,7 +186,7 @@ class AdminAPI:
         node = cluster.node if cluster is not None else None
         local = self.server.router.directory
         sessions = (
-            cluster.directory.local_sessions()
+            [s for s, _ in cluster.directory.local_entries()]
             if cluster is not None
             else [s for bare in local.accounts() for s in local.resources(bare)]
         )

@@ -27,6 +27,14 @@ a client's own broadcast presence as the router applies it.
 Non-stanza elements: `element`. Timers: `every`. Subdomains: `serve_domain`.
 IQs the server sends: `send_iq`.
 
+Session state: a module keeps what belongs to one session in `session.state`
+under a key it owns. In a cluster, a session bound on another node is a
+replica whose `state` holds only the keys declared with `share_state` (in
+setup()) and changed with `set_state`: the session's node writes them with
+its directory entry and every other node's replica gets them. Their values
+must be JSON values (str, int, bool, lists, dicts; None removes the key);
+other keys stay on the session's own node. A node alone pays one set lookup per `set_state`.
+
 Account removal is not an event but a method every module may override,
 `Module.remove_user`: the host calls each one in turn (`ModuleHost.remove_account`)
 and reports the ones that failed, so that a removal can neither half-happen
@@ -47,6 +55,7 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict
 
 from xmppd.auth.accounts import InvalidUsername, normalize_username
+from xmppd.directory import LocalDirectory
 from xmppd.events import DEFAULT
 from xmppd.jid import JID
 from xmppd.ledger import MessageLedger
@@ -212,6 +221,9 @@ class ModuleHost:
         self._timers: list[Repeating] = []
         self._awaiting: dict[str, tuple[str, asyncio.Future[etree._Element]]] = {}
         self._iq: dict[tuple[str, str, Scope], IqHandler] = {}
+        self._shared: set[str] = set()
+        # Sessions may be replicas of other nodes' sessions (xmppd.cluster).
+        self.clustered = not isinstance(router.directory, LocalDirectory)
         self._preauth_iq: dict[tuple[str, str], PreAuthHandler] = {}
         self.stream_features: dict[str, list[Callable[[], etree._Element]]] = {
             "preauth": [],
@@ -328,6 +340,25 @@ class ModuleHost:
             return False
         entry[0](request)
         return True
+
+    def share_state(self, key: str) -> None:
+        """Declare `key` of `session.state` shared: the other nodes of a cluster need it
+        (a flag that decides who gets a stanza, routed on the sender's node). Change it
+        with `set_state`, with JSON values; a replica session of another node has it in
+        its `state`, as its own node last wrote it (on a cluster node, `set_state` raises
+        TypeError for a value JSON cannot encode). Prosody has no cluster; ejabberd's
+        session table has an `info` list modules add to, the model here."""
+        self._shared.add(key)
+
+    def set_state(self, session: ClientSession, key: str, value: Any) -> None:
+        """Set `key` of a local session's state to `value` (None removes it); a shared
+        key (`share_state`) goes to the other nodes with the session's entry."""
+        if value is None:
+            session.state.pop(key, None)
+        else:
+            session.state[key] = value
+        if key in self._shared:
+            self.router.directory.state_changed(session, key)
 
     def every(self, seconds: float, callback: Callable[[], None]) -> Repeating:
         """Call `callback` every `seconds` (first after `seconds`) until it is cancelled

@@ -63,6 +63,8 @@ class ClientSession:
     `state` is where modules keep what belongs to the session and must go
     with it (carbons enabled, the active privacy list): keyed by a name the
     module owns, dropped with the session, never shared between sessions.
+    On a replica of another cluster node's session it holds only the keys
+    modules declared shared (`ModuleHost.share_state`).
     """
 
     __slots__ = (

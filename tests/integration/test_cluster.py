@@ -166,7 +166,7 @@ async def test_a_dead_node_is_reaped_by_the_heartbeat(
     await redis.hset(schema.sessions_key("bob@localhost"), "ghost", ghost.encode())
     await redis.sadd(schema.node_sessions_key("node-dead"), ghost.jid)
     await redis.sadd(schema.NODES, "node-dead")
-    await redis.publish(schema.EVENTS, schema.set_event(ghost))
+    await redis.publish(schema.EVENTS, schema.set_event(ghost, 1))
     await until(lambda: b.router.directory.get("bob@localhost", "ghost") is not None)
     await a.cluster.heartbeat.beat()
     await until(lambda: not b.router.directory.has("bob@localhost"))

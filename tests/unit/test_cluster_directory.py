@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from lxml import etree
+from redis.asyncio import Redis
 
 from xmppd.cluster.directory import ClusterDirectory, RemoteTransport
 from xmppd.cluster.schema import Entry
+from xmppd.cluster.stats import ClusterStats
+from xmppd.cluster.writer import Writer
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StreamError
 
@@ -15,12 +19,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, ...]] = []
+        self.entries: list[Entry] = []
 
-    def bound(self, session: ClientSession, known_owner: str | None) -> None:
+    def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
         self.calls.append(("bound", session.jid, str(known_owner)))
+        self.entries.append(entry)
 
-    def updated(self, session: ClientSession) -> None:
-        self.calls.append(("updated", session.jid, str(session.available), str(session.priority)))
+    def updated(self, session: ClientSession, entry: Entry) -> None:
+        self.calls.append(("updated", session.jid, str(entry.available), str(entry.priority)))
+        self.entries.append(entry)
 
     def unbound(self, session: ClientSession) -> None:
         self.calls.append(("unbound", session.jid))
@@ -129,3 +136,66 @@ def test_the_replica_carries_since_and_address_and_old_entries_still_decode() ->
     # written by a node from before these fields: decoded with "unknown" values
     old = Entry.decode("bob@x/pc", b'{"node": "n", "priority": 0, "available": true}')
     assert (old.since, old.address) == (0.0, "")
+
+
+def test_presence_and_shared_state_go_with_the_entry_and_into_the_replica() -> None:
+    """What one node writes of its session (last presence, shared state) is what the
+    other node's replica session has: `presence` parsed, `state` as written."""
+    d, outbox = directory()
+    session = ClientSession("bob@x/phone")
+    d.add(session)
+    session.available, session.priority = True, 1
+    session.presence = etree.fromstring(
+        "<presence xmlns='jabber:client'><show>away</show><priority>1</priority></presence>"
+    )
+    d.presence_changed(session)
+    session.state["carbons"] = True
+    d.state_changed(session, "carbons")
+    d.state_changed(session, "carbons")  # unchanged: not written again
+    del session.state["carbons"]
+    session.state["privacy/active"] = "work"
+    d.state_changed(session, "carbons")
+    d.state_changed(session, "privacy/active")
+    written = outbox.entries[-1]
+    assert [e.state for e in outbox.entries] == [
+        {}, {}, {"carbons": True}, {}, {"privacy/active": "work"}
+    ]
+    assert written.presence is not None and "away" in written.presence
+    # the same entry, through its JSON, on another node
+    other = ClusterDirectory("elsewhere", Recorder())
+    moved = Entry.decode(written.jid, written.encode())
+    other.apply_set(moved)
+    replica = other.get("bob@x", "phone")
+    assert replica is not None and replica.state == {"privacy/active": "work"}
+    assert replica.presence is not None
+    assert replica.presence.findtext("{jabber:client}show") == "away"
+    parsed = replica.presence
+    other.apply_set(Entry(moved.jid, "me", 1, True, presence=moved.presence))
+    assert replica.presence is parsed and replica.state == {}  # parsed once per change
+    other.apply_set(Entry(moved.jid, "me", 1, False))
+    assert replica.presence is None and not replica.available
+
+
+def test_a_state_change_of_a_session_not_bound_is_not_written() -> None:
+    d, outbox = directory()
+    session = ClientSession("bob@x/phone")
+    session.state["carbons"] = True
+    d.state_changed(session, "carbons")
+    assert outbox.calls == []
+
+
+def test_shared_state_json_cannot_encode_fails_its_setter_not_the_writer() -> None:
+    """The writer encodes when it queues, so the module that set the value gets the
+    TypeError, the entry keeps its last good state and nothing broken is queued."""
+    writer = Writer(Redis.from_url("redis://127.0.0.1:1/0"), "me", ClusterStats())  # never connects here
+    d = ClusterDirectory("me", writer)
+    session = ClientSession("bob@x/phone")
+    d.add(session)
+    queued = len(writer._ops)
+    session.state["carbons"] = {1, 2}  # a set: not JSON
+    with pytest.raises(TypeError):
+        d.state_changed(session, "carbons")
+    assert len(writer._ops) == queued
+    session.state["carbons"] = True
+    d.state_changed(session, "carbons")
+    assert len(writer._ops) == queued + 1

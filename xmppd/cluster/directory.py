@@ -7,17 +7,19 @@ trip: local sessions are the node's real `ClientSession`s (a
 stanzas to that node. So the router and the modules deliver to a remote
 resource exactly as to a local one, and need no change.
 
-Every change to the local sessions (bind, unbind, availability or
-priority) goes to the `Outbox` (written to Redis and published, in order;
-xmppd.cluster.writer); the replica of the other nodes' sessions is changed
-only by what comes back from Redis (xmppd.cluster.sync): the table loaded
-at start and after a reconnect, then the events.
+Every change to the local sessions (bind, unbind, availability, priority,
+last presence, shared module state) goes to the `Outbox` (written to Redis
+and published, in order; xmppd.cluster.writer); the replica of the other
+nodes' sessions is changed only by what comes back from Redis
+(xmppd.cluster.sync): the table loaded at start and after a reconnect, then
+the events.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Protocol
 
 from lxml import etree
@@ -33,12 +35,12 @@ log = logging.getLogger(__name__)
 class Outbox(Protocol):
     """What the directory asks to be written to Redis or sent to other nodes (never waits)."""
 
-    def bound(self, session: ClientSession, known_owner: str | None) -> None:
+    def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
         """A local bind; `known_owner`: the node the replica had on that resource (ended
         already), so that a conflict Redis reports with that node is not ended twice."""
 
-    def updated(self, session: ClientSession) -> None:
-        """A local session's availability or priority changed."""
+    def updated(self, session: ClientSession, entry: Entry) -> None:
+        """A local session's entry changed (availability, priority, presence, state)."""
 
     def unbound(self, session: ClientSession) -> None: ...
 
@@ -54,15 +56,19 @@ class RemoteTransport:
 
     `send` returns False once the replica has dropped the session (its node
     unbound it, stopped or died), so the router falls back (offline storage
-    for a message) instead of sending into the void."""
+    for a message) instead of sending into the void.
 
-    __slots__ = ("outbox", "node", "jid", "gone")
+    `presence` is the serialised presence the replica session's `presence` was
+    parsed from: an entry that changed something else is not parsed again."""
+
+    __slots__ = ("outbox", "node", "jid", "gone", "presence")
 
     def __init__(self, outbox: Outbox, node: str, jid: str) -> None:
         self.outbox = outbox
         self.node = node
         self.jid = jid
         self.gone = False
+        self.presence: str | None = None
 
     def send(self, stanza: etree._Element) -> bool:
         if self.gone:
@@ -100,8 +106,8 @@ class ClusterDirectory:
         self.local = LocalDirectory()
         # Other nodes' sessions: bare -> resource -> replica session.
         self._remote: dict[str, dict[str, ClientSession]] = {}
-        # What was last written for each local session (available, priority).
-        self._written: dict[ClientSession, tuple[bool, int]] = {}
+        # What was last written for each local session.
+        self._written: dict[ClientSession, Entry] = {}
 
     # --- SessionDirectory --------------------------------------------------------------
 
@@ -131,8 +137,16 @@ class ClusterDirectory:
         router ends it with <conflict/> through its RemoteTransport."""
         replaced = self.local.add(session)
         remote = self._drop_remote(session.bare, session.resource)
-        self._written[session] = (session.available, session.priority)
-        self.outbox.bound(session, node_of(remote) if remote is not None else None)
+        entry = self._written[session] = Entry(
+            session.jid,
+            self.node,
+            session.priority,
+            session.available,
+            since=session.since,
+            address=session.address,
+            presence=_xml(session.presence),
+        )
+        self.outbox.bound(session, entry, node_of(remote) if remote is not None else None)
         return replaced if replaced is not None else remote
 
     def remove(self, session: ClientSession) -> bool:
@@ -155,18 +169,43 @@ class ClusterDirectory:
     # --- local changes the router reports ----------------------------------------------
 
     def presence_changed(self, session: ClientSession) -> None:
-        """The router set a local session's availability and priority: the other nodes
-        need them to pick resources; only a change is written."""
+        """The router set a local session's availability, priority and last presence: the
+        other nodes need them to pick resources and answer probes; only a change is
+        written."""
         written = self._written.get(session)
-        now = (session.available, session.priority)
-        if written is None or written == now:
+        if written is None:
             return
-        self._written[session] = now
-        self.outbox.updated(session)
+        self._write(
+            session,
+            replace(
+                written,
+                priority=session.priority,
+                available=session.available,
+                presence=_xml(session.presence),
+            ),
+        )
 
-    def local_sessions(self) -> list[ClientSession]:
-        """Every session bound here (written again after Redis lost them)."""
-        return [s for bare in self.local.accounts() for s in self.local.resources(bare)]
+    def state_changed(self, session: ClientSession, key: str) -> None:
+        """A module set (or removed) a shared key of a local session's state: written
+        with the entry, so the other nodes' replica of the session has it too."""
+        written = self._written.get(session)
+        if written is None:
+            return  # not bound (yet, or any more): nobody else may see the session
+        state = dict(written.state)
+        if key in session.state:
+            state[key] = session.state[key]
+        else:
+            state.pop(key, None)
+        self._write(session, replace(written, state=state))
+
+    def _write(self, session: ClientSession, entry: Entry) -> None:
+        if entry != self._written[session]:
+            self.outbox.updated(session, entry)  # first: it raises for a value not JSON
+            self._written[session] = entry
+
+    def local_entries(self) -> list[tuple[ClientSession, Entry]]:
+        """Every session bound here and its entry (written again after Redis lost them)."""
+        return list(self._written.items())
 
     # --- the replica: what the other nodes wrote ---------------------------------------
 
@@ -186,6 +225,12 @@ class ClusterDirectory:
         session.priority = entry.priority
         session.since = entry.since
         session.address = entry.address
+        session.state = dict(entry.state)
+        transport = session.transport
+        assert isinstance(transport, RemoteTransport)
+        if entry.presence != transport.presence:
+            transport.presence = entry.presence
+            session.presence = _parse(entry.presence)
 
     def apply_unbind(self, node: str, jid: str) -> None:
         """`node` unbound `jid`; ignored if the replica has it on another node since."""
@@ -228,6 +273,24 @@ class ClusterDirectory:
         if session is not None:
             _gone(session)
         return session
+
+
+def _xml(presence: etree._Element | None) -> str | None:
+    return etree.tostring(presence, encoding="unicode") if presence is not None else None
+
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+def _parse(presence: str | None) -> etree._Element | None:
+    """The presence another node wrote; one that does not parse counts as none (logged)."""
+    if presence is None:
+        return None
+    try:
+        return etree.fromstring(presence, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        log.error("cluster: ignored an unparsable presence in the table (%s)", exc)
+        return None
 
 
 def _gone(session: ClientSession) -> None:

@@ -18,6 +18,9 @@ if it had just arrived (`Router.route` without an origin: the stanza/out
 filters ran on the sender's node), unless it was a message to the bare JID
 and the account still has an available resource: each of those got its
 copy from the sender's node.
+
+A stanza waits until the changes its sender's node made to the table before
+forwarding it are applied here (`ReplicaSync.caught_up`; schema, "Order").
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from redis.exceptions import RedisError
 from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.stats import ClusterStats
+from xmppd.cluster.sync import ReplicaSync
 from xmppd.router import Router
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
@@ -42,6 +46,8 @@ from xmppd.xml import ns
 log = logging.getLogger(__name__)
 
 BLOCK_MS = 1000
+STOP_WAIT = 2.0
+"""Seconds `stop` waits for the reader to notice it should stop, before cancelling it."""
 BATCH = 500
 RETRY_DELAY = 0.5
 
@@ -56,13 +62,16 @@ class Inbox:
         directory: ClusterDirectory,
         router: Router,
         stats: ClusterStats,
+        sync: ReplicaSync,
     ) -> None:
         self.redis = redis
         self.stats = stats
         self.key = schema.inbox_key(node)
         self.directory = directory
+        self.sync = sync
         self.router = router
         self._last = "0-0"
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -73,17 +82,35 @@ class Inbox:
         """Stop reading, after routing what came until now (the other nodes learn this
         one's sessions are gone only from the events its stop publishes first)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._stop_reader(self._task)
             self._task = None
             try:
-                self._handle_all(await self.redis.xread({self.key: self._last}, count=BATCH))
+                await self._handle_all(
+                    await self.redis.xread({self.key: self._last}, count=BATCH)
+                )
             except (RedisError, OSError) as exc:
                 log.error("cluster: could not read the inbox a last time: %s", exc)
 
+    async def _stop_reader(self, task: asyncio.Task[None]) -> None:
+        """End the reader between two reads: an entry of our own ends its blocking XREAD
+        at once. Not by cancelling the XREAD: redis-py (8.2) may swallow a cancellation
+        that arrives while it reads a reply and go on reading, and `stop` then never
+        returns (seen in tests, and alone with redis-py). Cancelled only as a last resort."""
+        self._stopping = True
+        try:
+            await self.redis.xadd(self.key, {"wake": b""})
+        except (RedisError, OSError):
+            pass  # then it notices at the end of its current XREAD, or is cancelled
+        done, _ = await asyncio.wait({task}, timeout=STOP_WAIT)
+        if not done:
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=STOP_WAIT)
+            if not done:
+                log.error("cluster: the inbox reader did not stop; left behind")
+
     async def _run(self) -> None:
         failing = False  # logged once per outage, not every retry
-        while True:
+        while not self._stopping:
             try:
                 answer = await self.redis.xread({self.key: self._last}, count=BATCH, block=BLOCK_MS)
             except (RedisError, OSError) as exc:
@@ -97,13 +124,19 @@ class Inbox:
                 log.info("cluster: reading the inbox again from %s", self._last)
                 failing = False
                 self.stats.recovered("inbox")
-            self._handle_all(answer)
+            await self._handle_all(answer)
 
-    def _handle_all(self, answer: Any) -> None:
+    async def _handle_all(self, answer: Any) -> None:
         """XREAD's answer (RESP2): [(stream, [(id, {field: value}), ...])]."""
         for _, entries in answer:
             for entry_id, fields in entries:
                 self._last = entry_id.decode()
+                if b"to" not in fields:
+                    continue  # the entry `stop` writes to end a blocking XREAD
+                origin, seq = fields.get(b"from"), fields.get(b"seq")
+                if origin is not None and seq is not None:
+                    if self.sync.behind(origin.decode(), int(seq)):
+                        await self.sync.caught_up(origin.decode(), int(seq))
                 try:
                     self._handle(fields)
                 except Exception:

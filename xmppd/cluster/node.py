@@ -61,7 +61,9 @@ class Cluster:
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
-            self.inbox = Inbox(self.redis, self.node, self.directory, router, self.stats)
+            self.inbox = Inbox(
+                self.redis, self.node, self.directory, router, self.stats, self.sync
+            )
             await self.inbox.start()
         except (RedisError, OSError) as exc:
             await self.stop()
@@ -86,5 +88,5 @@ class Cluster:
 
     def rewrite_local(self) -> None:
         """Write every local session into the table again (Redis may have lost them)."""
-        for session in self.directory.local_sessions():
-            self.writer.updated(session)
+        for session, entry in self.directory.local_entries():
+            self.writer.updated(session, entry)

@@ -69,6 +69,9 @@ class Writer:
         self._update = redis.register_script(schema.UPDATE)
         self._unbind = redis.register_script(schema.UNBIND)
         self._refusing = False
+        # The number of the last table change queued (schema: "Order"); 0: none yet.
+        self._seq = time.time_ns() // 1000
+        self._last_change = 0
 
     @property
     def queued(self) -> int:
@@ -91,8 +94,7 @@ class Writer:
 
     # --- Outbox ------------------------------------------------------------------------
 
-    def bound(self, session: ClientSession, known_owner: str | None) -> None:
-        entry = _entry(session, self.node)
+    def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
         jid = session.jid
 
         def conflict(previous: Any) -> None:
@@ -101,27 +103,41 @@ class Writer:
                 # Bound there too, and our replica did not know yet: newest login wins.
                 self.terminate(owner, jid, _conflict())
 
+        value = entry.encode()
+        seq = self._next()
+        event = schema.set_event(entry, seq)
         self._put(
             lambda pipe: self._bind(
-                keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
-                args=[
-                    session.resource, entry.encode(), jid, schema.EVENTS, schema.set_event(entry)
+                keys=[
+                    schema.sessions_key(session.bare),
+                    schema.node_sessions_key(self.node),
+                    schema.SEQS,
                 ],
+                args=[session.resource, value, jid, schema.EVENTS, event, self.node, seq],
                 client=pipe,
             ),
             conflict,
         )
 
-    def updated(self, session: ClientSession) -> None:
+    def updated(self, session: ClientSession, entry: Entry) -> None:
         """Also what writes every local session again after a reconnect: Redis may have
-        lost them (restarted empty), or another node reaped this one."""
-        entry = _entry(session, self.node)
+        lost them (restarted empty), or another node reaped this one.
+
+        Encoded here, not in the task: shared state that JSON cannot encode raises
+        in the module that set it (`ModuleHost.set_state`)."""
+        value = entry.encode()
+        seq = self._next()
+        event = schema.set_event(entry, seq)
         self._put(
             lambda pipe: self._update(
-                keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
+                keys=[
+                    schema.sessions_key(session.bare),
+                    schema.node_sessions_key(self.node),
+                    schema.SEQS,
+                ],
                 args=[
-                    session.resource, entry.encode(), session.jid, self.node, schema.EVENTS,
-                    schema.set_event(entry),
+                    session.resource, value, session.jid, self.node, schema.EVENTS, event, seq,
+                    schema.seq_event(self.node, seq),
                 ],
                 client=pipe,
             )
@@ -129,12 +145,17 @@ class Writer:
 
     def unbound(self, session: ClientSession) -> None:
         jid = session.jid
+        seq = self._next()
         self._put(
             lambda pipe: self._unbind(
-                keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
+                keys=[
+                    schema.sessions_key(session.bare),
+                    schema.node_sessions_key(self.node),
+                    schema.SEQS,
+                ],
                 args=[
                     session.resource, self.node, jid, schema.EVENTS,
-                    schema.unbind_event(self.node, jid),
+                    schema.unbind_event(self.node, jid, seq), seq,
                 ],
                 client=pipe,
             )
@@ -147,7 +168,10 @@ class Writer:
                 log.error("cluster: %d writes wait for Redis; refusing stanzas", MAX_PENDING)
             self.stats.forwards_refused += 1
             return False
-        fields: Fields = {"to": jid, "stanza": etree.tostring(stanza)}
+        # The receiver applies this node's changes up to `seq` before it hands this on.
+        fields: Fields = {
+            "to": jid, "stanza": etree.tostring(stanza), "from": self.node, "seq": self._last_change
+        }
         stats = self.stats
         stats.forwards_out += 1
         if not stats.forwards_out % LATENCY_SAMPLE:
@@ -159,6 +183,11 @@ class Writer:
         fields: Fields = {"to": jid, "end": error.condition, "text": error.text or ""}
         self.stats.ends_out += 1
         self._put(lambda pipe: _xadd(pipe, node, fields))
+
+    def _next(self) -> int:
+        self._seq += 1
+        self._last_change = self._seq
+        return self._seq
 
     # --- the task ----------------------------------------------------------------------
 
@@ -209,12 +238,6 @@ class Writer:
             if isinstance(value, Exception):
                 log.error("cluster: a write to Redis was refused: %s", value)
         return results
-
-
-def _entry(session: ClientSession, node: str) -> Entry:
-    return Entry(
-        session.jid, node, session.priority, session.available, session.since, session.address
-    )
 
 
 def _xadd(pipe: Pipeline, node: str, fields: Fields) -> None:
