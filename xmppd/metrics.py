@@ -79,6 +79,8 @@ class ServerCollector(Collector):
             "Bound client sessions on this node.",
             value=server.router.directory.count(),
         )
+        for module in server.modules.modules.values():
+            yield from module.metrics()
 
 
 def _histogram(name: str, text: str, stats: PauseStats) -> HistogramMetricFamily:

@@ -153,6 +153,7 @@ class Server:
             conn.close(StreamError("system-shutdown", "the server is shutting down"))
         for server in self._servers:
             await server.wait_closed()
+        await self.modules.fire("server/stopping")
         await self.router.drain()
         if self.cluster is not None:
             # What the other nodes forwarded until they saw this node's sessions go

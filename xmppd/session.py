@@ -78,6 +78,7 @@ class ClientSession:
         "_input_holds",
         "_backlog",
         "_when_idle",
+        "keep",
         "__weakref__",
     )
 
@@ -97,6 +98,10 @@ class ClientSession:
         # Stanzas from the client waiting behind one the router is not done with.
         self._backlog: deque[etree._Element] | None = None
         self._when_idle: list[Callable[[], None]] = []
+        # Stream management sets this: asked when a transport of this session ends
+        # (the transport, and whether its stream was closed or the TCP connection just
+        # dropped); True keeps the session bound, waiting to be resumed on another one.
+        self.keep: Callable[[Transport, bool], bool] | None = None
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.jid}>"

@@ -1,0 +1,458 @@
+"""Stream Management (XEP-0198): acks both ways, and resumption of a dropped stream.
+
+A client that enables stream management gets its session wrapped in an
+`SMTransport`: every stanza to the client is counted and kept until the
+client acknowledges it (<a h=''/>). When its TCP connection drops, the
+session stays bound (still routable, still available to its contacts) and
+what is sent to it queues, until the client comes back with <resume/> on a
+new stream, authenticated as the same account, and gets the unacknowledged
+stanzas again; or until the resume timeout, when the session ends and what
+it never acknowledged is handled as for any session that ends: messages are
+routed again (another resource, else offline storage), IQ requests are
+answered with an error, the rest is dropped.
+
+The session is the node's `ClientSession` all along: the router and the other
+modules never learn that its stream changed. The core only gives this module
+two seams: `ClientSession.keep` (asked when a stream ends) and
+`ElementRequest.attach` (a new stream takes over a session). It fires
+"session/detached" (session) when a session starts waiting to be resumed.
+
+Known gap: the stream itself answers a legacy session IQ and a second bind
+(xmppd.stream.c2s); sent after <enable/>, they are counted by neither side
+of this module, so the client sees them as not handled (harmless: it would
+resend them on a resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from typing import Any
+
+from lxml import etree
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pydantic import BaseModel, ConfigDict, Field
+
+from xmppd.modulehost import ElementRequest, Module
+from xmppd.session import ClientSession, Transport
+from xmppd.stream.errors import StreamError
+from xmppd.xml import ns
+
+SM = "urn:xmpp:sm:3"
+KEY = "sm"
+"""The session.state key of a session's `SMState`."""
+COUNTER = 2**32
+"""h counts modulo 2^32 (XEP-0198 section 4)."""
+EXPIRED_REMEMBERED = 10_000
+"""How many ended resumable sessions are remembered to answer a late <resume/> with
+<failed h=''/> (so the client learns which of its stanzas the server handled)."""
+
+
+class SMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    resume_timeout: float = Field(300.0, gt=0)
+    """Seconds a session waits to be resumed when the client asks for no 'max'."""
+    max_resume_timeout: float = Field(600.0, gt=0)
+    """The most a client may ask for with 'max'."""
+    max_unacked: int = Field(1000, ge=1)
+    """Stanzas the client may leave unacknowledged; one more ends the stream
+    (<resource-constraint/>), or the waiting session."""
+    ack_every: int = Field(5, ge=1)
+    """Ask for an ack (<r/>) once this many stanzas are unacknowledged..."""
+    ack_delay: float = Field(1.0, gt=0)
+    """...or this many seconds after the first unacknowledged one."""
+    location: str | None = None
+    """'host:port' a client should resume at (the <enabled location=''/>); None: any."""
+
+
+class Stats:
+    """Counts for /metrics (xmppd.metrics)."""
+
+    def __init__(self) -> None:
+        self.enabled = 0
+        self.resumed = 0
+        self.resume_failed = 0
+        self.timed_out = 0  # sessions that waited in vain
+        self.rerouted = 0  # unacked messages routed again (offline storage, other resources)
+        self.errored = 0  # unacked IQ requests answered with an error
+        self.clamped = 0  # acks one over what was sent (xmpp.js)
+
+
+class SMState:
+    """The stream management state of one session: counters, unacked queue, token."""
+
+    __slots__ = (
+        "session", "id", "resumable", "max", "inner", "handled", "sent", "queue",
+        "requested", "timer", "closed", "since",
+    )
+
+    def __init__(self, session: ClientSession, inner: Transport | None, resumable: bool,
+                 max_: float) -> None:
+        self.session = session
+        self.id = secrets.token_urlsafe(18) if resumable else ""
+        self.resumable = resumable
+        self.max = max_
+        self.inner = inner  # the stream now, None while waiting to be resumed
+        self.handled = 0  # stanzas from the client handled (our h)
+        self.sent = 0  # stanzas sent to the client (mod 2^32)
+        self.queue: deque[etree._Element] = deque()  # the last len(queue) of `sent`, unacked
+        self.requested = False  # an <r/> is out
+        self.timer: asyncio.TimerHandle | None = None  # ack request or resume timeout
+        self.closed = False
+        self.since = 0.0  # when the stream was lost (monotonic)
+
+
+class SMTransport:
+    """The session's transport once stream management is on: counts and keeps what
+    goes to the client, and queues it while there is no stream."""
+
+    __slots__ = ("sm", "module")
+
+    def __init__(self, sm: SMState, module: StreamManagement) -> None:
+        self.sm = sm
+        self.module = module
+
+    def send(self, stanza: etree._Element) -> bool:
+        sm = self.sm
+        if sm.closed:
+            return False
+        if sm.inner is not None and not sm.inner.send(stanza):
+            return False
+        sm.queue.append(stanza)
+        sm.sent = (sm.sent + 1) % COUNTER
+        if len(sm.queue) > self.module.options.max_unacked:
+            self.module.overflow(sm)
+        elif sm.inner is not None:
+            self.module.ask_ack(sm)
+        return True
+
+    def close(self, error: StreamError) -> None:
+        sm = self.sm
+        if sm.inner is not None:
+            sm.inner.close(error)
+        elif not sm.closed:
+            # Ended while waiting (replaced on its resource, kicked, removed account).
+            self.module.end(sm)
+
+    def pause_input(self) -> None:
+        if self.sm.inner is not None:
+            self.sm.inner.pause_input()
+
+    def resume_input(self) -> None:
+        if self.sm.inner is not None:
+            self.sm.inner.resume_input()
+
+
+def _element(name: str, **attrs: Any) -> etree._Element:
+    el = etree.Element(f"{{{SM}}}{name}", nsmap={None: SM})
+    for key, value in attrs.items():
+        if value is not None:
+            el.set(key, str(value))
+    return el
+
+
+def _failed(condition: str, h: int | None = None) -> etree._Element:
+    failed = _element("failed", h=h)
+    etree.SubElement(failed, f"{{{ns.STANZA_ERRORS}}}{condition}",
+                     nsmap={None: ns.STANZA_ERRORS})
+    return failed
+
+
+class StreamManagement(Module):
+    name = "stream_management"
+    Options = SMOptions
+    options: SMOptions
+
+    def setup(self) -> None:
+        self.stats = Stats()
+        self.active: set[SMState] = set()  # every SM session of this node
+        self.resumable: dict[str, SMState] = {}  # id -> state of a resumable session
+        self.expired: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (bare, h)
+        self.host.add_stream_feature("bound", lambda: _element("sm"))
+        self.host.element(f"{{{SM}}}enable", self.on_enable, before_bind=True)
+        self.host.element(f"{{{SM}}}resume", self.on_resume, before_bind=True)
+        self.host.element(f"{{{SM}}}r", self.on_request, before_bind=True)
+        self.host.element(f"{{{SM}}}a", self.on_ack, before_bind=True)
+        # Counting what the client sends comes before any filter may drop it.
+        self.host.filter("stanza/out", self.count_in, priority=10_000)
+        self.host.hook("session/closed", self.on_closed)
+        self.host.hook("server/stopping", self.on_stopping)
+
+    # --- counting and acks ----------------------------------------------------------
+
+    def count_in(self, stanza: etree._Element, origin: ClientSession) -> bool:
+        sm: SMState | None = origin.state.get(KEY)
+        if sm is not None:
+            sm.handled = (sm.handled + 1) % COUNTER
+        return True
+
+    def ask_ack(self, sm: SMState) -> None:
+        """The policy: <r/> at once when `ack_every` stanzas wait, else `ack_delay` after
+        the first; one request out at a time."""
+        if sm.requested:
+            return
+        if len(sm.queue) >= self.options.ack_every:
+            self._request(sm)
+        elif sm.timer is None:
+            sm.timer = asyncio.get_running_loop().call_later(
+                self.options.ack_delay, self._request, sm
+            )
+
+    def _request(self, sm: SMState) -> None:
+        if sm.timer is not None:
+            sm.timer.cancel()
+            sm.timer = None
+        if sm.inner is not None and sm.queue and not sm.closed:
+            sm.requested = True
+            sm.inner.send(_element("r"))
+
+    def on_request(self, request: ElementRequest) -> None:
+        sm = self._state(request)
+        if sm is None:
+            request.reply(_failed("unexpected-request"))
+            return
+        request.reply(_element("a", h=sm.handled))
+
+    def on_ack(self, request: ElementRequest) -> None:
+        sm = self._state(request)
+        if sm is None:
+            request.reply(_failed("unexpected-request"))
+            return
+        sm.requested = False
+        self._acked(sm, request.element.get("h"))
+        if sm.closed:
+            return
+        if sm.queue:
+            self.ask_ack(sm)
+        elif sm.timer is not None:
+            sm.timer.cancel()
+            sm.timer = None
+
+    def _acked(self, sm: SMState, h_attr: str | None) -> None:
+        """Drop what the client says it handled. An h one over what was sent (xmpp.js
+        0.14 does that) counts as all of it; more over than that ends the stream."""
+        try:
+            h = int(h_attr or "")
+            if not 0 <= h < COUNTER:
+                raise ValueError
+        except ValueError:
+            self._fail_stream(sm, StreamError("bad-format", "h must be a 32-bit number"))
+            return
+        acked_before = (sm.sent - len(sm.queue)) % COUNTER
+        new = (h - acked_before) % COUNTER
+        if new > COUNTER // 2:
+            return  # an old ack, overtaken by a later one: nothing new
+        if new > len(sm.queue):
+            if new == len(sm.queue) + 1:
+                self.stats.clamped += 1
+                self.log.warning(
+                    "%s acknowledged %d stanzas, one more than sent: taken as all of them",
+                    sm.session.jid, h,
+                )
+                new = len(sm.queue)
+            else:
+                self._fail_stream(
+                    sm,
+                    StreamError(
+                        "undefined-condition",
+                        f"you acknowledged {h} stanzas, only {sm.sent} were sent",
+                    ),
+                )
+                return
+        for _ in range(new):
+            sm.queue.popleft()
+
+    def _fail_stream(self, sm: SMState, error: StreamError) -> None:
+        if sm.inner is not None:
+            sm.inner.close(error)
+
+    def overflow(self, sm: SMState) -> None:
+        """Over `max_unacked`: the stream ends (it cannot be resumed), or a waiting
+        session ends; either way what it holds is handled as for any ended session."""
+        self.log.info("%s: over %d unacknowledged stanzas", sm.session.jid,
+                      self.options.max_unacked)
+        if sm.inner is not None:
+            sm.resumable = False
+            sm.inner.close(StreamError("resource-constraint", "too many unacknowledged stanzas"))
+        else:
+            asyncio.get_running_loop().call_soon(self.end, sm)
+
+    # --- enable ------------------------------------------------------------------------
+
+    def _state(self, request: ElementRequest) -> SMState | None:
+        session = request.session
+        return session.state.get(KEY) if session is not None else None
+
+    def on_enable(self, request: ElementRequest) -> None:
+        session = request.session
+        if session is None or KEY in session.state:  # before bind, or a second time
+            request.reply(_failed("unexpected-request"))
+            return
+        resumable = request.element.get("resume") in ("true", "1")
+        max_ = self.options.resume_timeout
+        try:
+            asked = int(request.element.get("max") or 0)
+        except ValueError:
+            asked = 0
+        if asked > 0:
+            max_ = min(float(asked), self.options.max_resume_timeout)
+        sm = SMState(session, session.transport, resumable, max_)
+        session.state[KEY] = sm
+        session.transport = SMTransport(sm, self)
+        session.keep = lambda transport, clean: self.keep(sm, transport, clean)
+        self.active.add(sm)
+        self.stats.enabled += 1
+        if resumable:
+            self.resumable[sm.id] = sm
+            request.reply(_element(
+                "enabled", id=sm.id, resume="true", max=int(max_), location=self.options.location,
+            ))
+        else:
+            request.reply(_element("enabled"))
+
+    # --- losing the stream, waiting, resuming ---------------------------------------------
+
+    def keep(self, sm: SMState, transport: Transport, clean: bool) -> bool:
+        """A stream of an SM session ended: keep the session if the TCP connection
+        dropped (not a closed stream) and it can be resumed; also when it is the old
+        stream of a session already resumed on a new one."""
+        if sm.inner is not transport:
+            return True  # a stream this session no longer uses: it goes on elsewhere
+        if clean or not sm.resumable or sm.closed:
+            return False
+        sm.inner = None
+        sm.requested = False
+        sm.since = time.monotonic()
+        if sm.timer is not None:
+            sm.timer.cancel()
+        sm.timer = asyncio.get_running_loop().call_later(sm.max, self._timeout, sm)
+        self.log.debug("%s: stream lost, waiting %g s to be resumed", sm.session.jid, sm.max)
+        if self.host.has_hook("session/detached"):
+            self.host.spawn(self.host.fire("session/detached", sm.session))
+        return True
+
+    def _timeout(self, sm: SMState) -> None:
+        sm.timer = None
+        if sm.inner is None and not sm.closed:
+            self.stats.timed_out += 1
+            self.log.info("%s: not resumed in %g s", sm.session.jid, sm.max)
+            self.end(sm)
+
+    def end(self, sm: SMState) -> None:
+        """End a session that has no stream: the router unbinds it, then "session/closed"
+        handles its queue."""
+        if not sm.closed:
+            self.host.end_session(sm.session)
+
+    def on_resume(self, request: ElementRequest) -> None:
+        element = request.element
+        previd = element.get("previd") or ""
+        if request.session is not None or request.attach is None:
+            request.reply(_failed("unexpected-request"))
+            return
+        sm = self.resumable.get(previd)
+        if sm is None or sm.closed or sm.session.bare != request.account:
+            # Someone else's id is as unknown as an expired one.
+            self.stats.resume_failed += 1
+            known = self.expired.get(previd)
+            h = known[1] if known is not None and known[0] == request.account else None
+            request.reply(_failed("item-not-found", h))
+            return
+        old = sm.inner
+        sm.inner = None  # from now on the old stream (if any) ends without ending the session
+        if old is not None:
+            old.close(StreamError("conflict", "the session was resumed on another stream"))
+        if sm.timer is not None:
+            sm.timer.cancel()
+            sm.timer = None
+        session = sm.session
+        inner = request.attach(session)
+        sm.inner = inner
+        sm.requested = False
+        if session.input_held:
+            inner.pause_input()
+        self._acked(sm, element.get("h"))
+        if sm.inner is not inner:
+            return  # the h was refused: the stream ends
+        self.stats.resumed += 1
+        request.reply(_element("resumed", previd=sm.id, h=sm.handled))
+        for stanza in sm.queue:
+            if not inner.send(stanza):
+                break
+        if sm.queue:
+            self._request(sm)
+        self.log.debug("%s: resumed, %d stanzas sent again", session.jid, len(sm.queue))
+
+    # --- the end ------------------------------------------------------------------------
+
+    async def on_closed(self, session: ClientSession) -> None:
+        """The session ended for good: what the client never acknowledged is handled
+        as for a session that ends (messages routed again, IQ requests answered)."""
+        sm: SMState | None = session.state.get(KEY)
+        if sm is None or sm.closed:
+            return
+        sm.closed = True
+        self.active.discard(sm)
+        if sm.timer is not None:
+            sm.timer.cancel()
+            sm.timer = None
+        if sm.resumable:
+            self.resumable.pop(sm.id, None)
+            self.expired[sm.id] = (session.bare, sm.handled)
+            while len(self.expired) > EXPIRED_REMEMBERED:
+                self.expired.popitem(last=False)
+        queue, sm.queue = sm.queue, deque()
+        for stanza in queue:
+            self._unacked(stanza)
+
+    def _unacked(self, stanza: etree._Element) -> None:
+        type_ = stanza.get("type")
+        if stanza.tag == ns.C_MESSAGE and type_ not in ("error", "groupchat"):
+            self.stats.rerouted += 1
+            self.host.route(copy.deepcopy(stanza))
+        elif stanza.tag == ns.C_IQ and type_ in ("get", "set"):
+            self.stats.errored += 1
+            self.host.bounce(stanza, "service-unavailable", "the recipient's stream was lost")
+
+    async def on_stopping(self) -> bool:
+        """The node stops: sessions still waiting for their client cannot be resumed
+        here any more; end them, so their messages go to offline storage."""
+        for sm in list(self.resumable.values()):
+            if sm.inner is None and not sm.closed:
+                self.end(sm)
+        return False
+
+    def metrics(self) -> Iterator[Metric]:
+        stats = self.stats
+        for name, text, value in (
+            ("enabled", "Sessions that enabled stream management.", stats.enabled),
+            ("resumed", "Sessions resumed on this node.", stats.resumed),
+            ("resume_failed", "Resumptions refused (<failed/>).", stats.resume_failed),
+            ("timed_out", "Sessions not resumed in time.", stats.timed_out),
+            ("rerouted", "Unacknowledged messages of ended sessions routed again "
+             "(to offline storage or another resource).", stats.rerouted),
+            ("errored", "Unacknowledged IQ requests of ended sessions answered with an error.",
+             stats.errored),
+            ("clamped", "Acks one over what was sent, taken as all (xmpp.js).", stats.clamped),
+        ):
+            yield CounterMetricFamily(f"xmppd_sm_{name}", text, value=value)
+        waiting = sum(1 for sm in self.active if sm.inner is None)
+        yield GaugeMetricFamily(
+            "xmppd_sm_waiting", "SM sessions waiting to be resumed.", value=waiting
+        )
+        depths = [len(sm.queue) for sm in self.active]
+        yield GaugeMetricFamily(
+            "xmppd_sm_unacked", "Unacknowledged stanzas held, all SM sessions.", value=sum(depths)
+        )
+        yield GaugeMetricFamily(
+            "xmppd_sm_unacked_max", "The longest unacked queue of one session.",
+            value=max(depths, default=0),
+        )
+
+
+MODULE = StreamManagement
