@@ -15,8 +15,8 @@ from typing import Any
 
 from lxml import etree
 
-from tests.integration.clients import HEADER, RawClient
-from tests.integration.conftest import USERS, StartServer
+from tests.integration.clients import HEADER, Client, RawClient, close, insecure_context
+from tests.integration.conftest import USERS, StartServer, port_of
 from xmppd.config import DEFAULT_MODULES
 from xmppd.modules.stream_management import StreamManagement
 from xmppd.server import Server
@@ -292,4 +292,202 @@ async def test_resume_after_a_dropped_connection(start_server: StartServer) -> N
     assert await again.ack_count() == 3
     assert sm_module(server).stats.resumed == 1
     await again.close()
+    await bob.close()
+
+
+async def test_resume_refused_for_another_account_or_an_unknown_id(
+    start_server: StartServer,
+) -> None:
+    server = await start_server()
+    alice = await Stream.login(server, "alice")
+    previd = (await alice.enable()).get("id")
+    waiting = detached(server)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    mallory = await Stream.auth(server, "bob")  # logged in, but not as alice
+    await mallory.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    failed = await mallory.next("failed")
+    assert failed[0].tag == "{urn:ietf:params:xml:ns:xmpp-stanzas}item-not-found"
+    assert failed.get("h") is None
+    await mallory.send(f"<resume xmlns='{SM}' previd='no-such-id' h='0'/>")
+    assert (await mallory.next("failed"))[0].tag.endswith("item-not-found")
+    # Refused resumptions leave the stream usable: it binds a resource of its own.
+    await mallory.send(
+        "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+    )
+    await mallory.next("bind")
+    # ...and alice's session still waits for alice.
+    again = await Stream.auth(server, "alice")
+    await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    await again.next("resumed")
+    assert sm_module(server).stats.resume_failed == 2
+    await mallory.close()
+    await again.close()
+
+
+async def test_resume_takes_over_a_stream_not_yet_seen_dead(start_server: StartServer) -> None:
+    """The client's old TCP connection is still open as far as the server knows."""
+    server = await start_server()
+    alice = await Stream.login(server, "alice")
+    bob = await Stream.login(server, "bob")
+    previd = (await alice.enable()).get("id")
+    await bob.send(message("alice@localhost/phone", "unacked"))
+    await alice.next("unacked")
+    again = await Stream.auth(server, "alice")
+    await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    await again.next("resumed")
+    assert await messages(again, 1) == ["unacked"]
+    assert await alice.error() == "conflict"  # the old stream is ended...
+    await bob.send(message("alice@localhost/phone", "after"))
+    assert await messages(again, 1) == ["after"]  # ...the session lives on
+    assert server.router.directory.count() == 2
+    await again.close()
+    await bob.close()
+
+
+async def test_timeout_then_failed_and_offline_storage(start_server: StartServer) -> None:
+    server = await start_server(modules=modules(resume_timeout=0.3))
+    alice = await Stream.login(server, "alice")
+    bob = await Stream.login(server, "bob")
+    previd = (await alice.enable()).get("id")
+    await alice.send(message("bob@localhost/phone", "hi"))
+    await bob.next("hi")
+    await bob.send(message("alice@localhost/phone", "sent, never acked"))
+    await alice.next("never acked")
+    waiting = detached(server)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    closed = await session_closed(server)
+    await bob.send(message("alice@localhost/phone", "queued"))
+    await bob.send("<iq type='get' id='ask' to='alice@localhost/phone'>"
+                   "<query xmlns='jabber:iq:version'/></iq>")
+    await asyncio.wait_for(closed.wait(), 10)  # the timeout ended the session
+    error = await bob.next('id="ask"')
+    assert error.get("type") == "error"
+    again = await Stream.auth(server, "alice")
+    await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    failed = await again.next("failed")
+    assert failed[0].tag.endswith("item-not-found")
+    assert failed.get("h") == "1"  # the server had handled alice's one message
+    await again.send(
+        "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+    )
+    await again.next("bind")
+    await again.send("<presence/>")
+    assert sorted(await messages(again, 2)) == ["queued", "sent, never acked"]
+    stats = sm_module(server).stats
+    assert (stats.timed_out, stats.rerouted, stats.errored) == (1, 2, 1)
+    await again.close()
+    await bob.close()
+
+
+async def test_too_many_unacked_ends_the_stream(start_server: StartServer) -> None:
+    server = await start_server(modules=modules(max_unacked=3, ack_every=100))
+    alice = await Stream.login(server, "alice")
+    bob = await Stream.login(server, "bob")
+    await alice.enable()
+    closed = await session_closed(server)
+    for n in range(4):
+        await bob.send(message("alice@localhost/phone", f"m{n}"))
+    assert await alice.error() == "resource-constraint"
+    await asyncio.wait_for(closed.wait(), 10)
+    # Not resumable: every unacked message went to offline storage.
+    again = await Stream.login(server, "alice")
+    await again.send("<presence/>")
+    assert sorted(await messages(again, 4)) == ["m0", "m1", "m2", "m3"]
+    await again.close()
+    await bob.close()
+
+
+async def test_without_resume_a_drop_ends_the_session(start_server: StartServer) -> None:
+    server = await start_server()
+    alice = await Stream.login(server, "alice")
+    bob = await Stream.login(server, "bob")
+    await alice.enable("")
+    await bob.send(message("alice@localhost/phone", "unacked"))
+    await alice.next("unacked")
+    closed = await session_closed(server)
+    alice.drop()
+    await asyncio.wait_for(closed.wait(), 10)
+    assert server.router.directory.get("alice@localhost", "phone") is None
+    again = await Stream.login(server, "alice")
+    await again.send("<presence/>")
+    assert await messages(again, 1) == ["unacked"]
+    await again.close()
+    await bob.close()
+
+
+async def test_clean_close_sends_unacked_messages_offline(start_server: StartServer) -> None:
+    server = await start_server()
+    alice = await Stream.login(server, "alice")
+    bob = await Stream.login(server, "bob")
+    await alice.enable()
+    await bob.send(message("alice@localhost/phone", "unacked"))
+    await alice.next("unacked")
+    closed = await session_closed(server)
+    await alice.send("</stream:stream>")
+    await asyncio.wait_for(closed.wait(), 10)
+    assert not sm_module(server).resumable  # a closed stream cannot be resumed
+    again = await Stream.login(server, "alice")
+    await again.send("<presence/>")
+    assert await messages(again, 1) == ["unacked"]
+    await again.close()
+    await bob.close()
+
+
+async def test_stop_sends_waiting_sessions_offline(start_server: StartServer) -> None:
+    """SIGTERM on a single node: a session waiting to be resumed cannot be resumed
+    after the node is gone; its messages are in offline storage for the next login."""
+    server = await start_server()
+    alice = await Stream.login(server, "alice")
+    bob = await Stream.login(server, "bob")
+    await alice.enable()
+    await bob.send(message("alice@localhost/phone", "unacked"))
+    await alice.next("unacked")
+    waiting = detached(server)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    await bob.send(message("alice@localhost/phone", "queued"))
+    await roundtrip(bob)
+    await bob.close()
+    await server.stop()
+    restarted = await start_server(users={})
+    again = await Stream.login(restarted, "alice")
+    await again.send("<presence/>")
+    assert sorted(await messages(again, 2)) == ["queued", "unacked"]
+    await again.close()
+
+
+async def test_slixmpp_resumes_after_a_dropped_connection(server: Server) -> None:
+    """slixmpp's own XEP-0198 plugin: enable, lose TCP, reconnect, resume, receive
+    what was sent meanwhile, and the session (same full JID) goes on."""
+    client = Client("alice@localhost/laptop", USERS["alice"])
+    client.register_plugin("xep_0198")
+    client.ssl_context = insecure_context()
+    client.enable_direct_tls = True
+    client.enable_plaintext = False
+    enabled, resumed = asyncio.Event(), asyncio.Event()
+    client.add_event_handler("sm_enabled", lambda _: enabled.set())
+    client.add_event_handler("session_resumed", lambda _: resumed.set())
+    client.connect("127.0.0.1", port_of(server, "direct_tls"))
+    await asyncio.wait_for(enabled.wait(), 15)
+    client.send_presence()
+    bob = await Stream.login(server, "bob")
+    await bob.send(message("alice@localhost/laptop", "before"))
+    assert (await asyncio.wait_for(client.messages.get(), 10))["body"] == "before"
+    waiting = detached(server)
+    client.ended.clear()
+    assert client.transport is not None
+    client.transport.abort()
+    await asyncio.wait_for(client.ended.wait(), 10)
+    await asyncio.wait_for(waiting.get(), 10)
+    await bob.send(message("alice@localhost/laptop", "while away"))
+    await roundtrip(bob)
+    client.connect("127.0.0.1", port_of(server, "direct_tls"))
+    await asyncio.wait_for(resumed.wait(), 15)
+    assert (await asyncio.wait_for(client.messages.get(), 10))["body"] == "while away"
+    client.send_message(mto="bob@localhost/phone", mbody="resumed", mtype="chat")
+    await bob.next("resumed")
+    assert sm_module(server).stats.resumed == 1
+    await close(client)
     await bob.close()
