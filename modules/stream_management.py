@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lxml import etree
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 
+from xmppd.cluster.smstore import Change, SMStore
 from xmppd.modulehost import ElementRequest, Module
 from xmppd.session import ClientSession, Transport
 from xmppd.stream.errors import StreamError
@@ -47,6 +50,15 @@ KEY = "sm"
 """The session.state key of a session's `SMState`."""
 COUNTER = 2**32
 """h counts modulo 2^32 (XEP-0198 section 4)."""
+TAKEOVER = "the session was resumed on another node"
+"""The text of the <conflict/> a node that resumed a session sends to its old node: that
+node ends it without routing its queue again (the new node delivers it)."""
+HANDOVER_WAIT = 5.0
+"""Seconds a draining node waits for its sessions' state to reach Redis."""
+TTL_REFRESH = 30.0
+"""Seconds between writes of every session's record again, so none expires in Redis
+(each lives its resume timeout + xmppd.cluster.smstore.TTL_SLACK past its last write)."""
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 EXPIRED_REMEMBERED = 10_000
 """How many ended resumable sessions are remembered to answer a late <resume/> with
 <failed h=''/> (so the client learns which of its stanzas the server handled)."""
@@ -76,6 +88,8 @@ class Stats:
     def __init__(self) -> None:
         self.enabled = 0
         self.resumed = 0
+        self.resumed_elsewhere = 0  # taken over from another node (clustered)
+        self.handed_over = 0  # given to other nodes by a drain
         self.resume_failed = 0
         self.timed_out = 0  # sessions that waited in vain
         self.rerouted = 0  # unacked messages routed again (offline storage, other resources)
@@ -88,7 +102,8 @@ class SMState:
 
     __slots__ = (
         "session", "id", "resumable", "max", "inner", "handled", "sent", "queue",
-        "requested", "timer", "closed", "since",
+        "requested", "timer", "closed", "handed", "since", "stored_sent", "stored_acked",
+        "change",
     )
 
     def __init__(self, session: ClientSession, inner: Transport | None, resumable: bool,
@@ -98,13 +113,21 @@ class SMState:
         self.resumable = resumable
         self.max = max_
         self.inner = inner  # the stream now, None while waiting to be resumed
-        self.handled = 0  # stanzas from the client handled (our h)
-        self.sent = 0  # stanzas sent to the client (mod 2^32)
+        self.handled = 0  # stanzas from the client handled (our h, mod 2^32)
+        self.sent = 0  # stanzas sent to the client, ever (h is this mod 2^32)
         self.queue: deque[etree._Element] = deque()  # the last len(queue) of `sent`, unacked
         self.requested = False  # an <r/> is out
         self.timer: asyncio.TimerHandle | None = None  # ack request or resume timeout
         self.closed = False
+        # Another node has it now (resumed there, or handed over by a drain): its queue
+        # is that node's to deliver, never this one's to route again.
+        self.handed = False
         self.since = 0.0  # when the stream was lost (monotonic)
+        # What Redis holds (clustered): `sent` and the acked count at the last write;
+        # -1: unknown, the next write is whole.
+        self.stored_sent = -1
+        self.stored_acked = -1
+        self.change: Callable[[bool], Change] | None = None  # this session's Redis write
 
 
 class SMTransport:
@@ -119,12 +142,13 @@ class SMTransport:
 
     def send(self, stanza: etree._Element) -> bool:
         sm = self.sm
-        if sm.closed:
+        if sm.closed or sm.handed:
             return False
         if sm.inner is not None and not sm.inner.send(stanza):
             return False
         sm.queue.append(stanza)
-        sm.sent = (sm.sent + 1) % COUNTER
+        sm.sent += 1
+        self.module.save(sm)
         if len(sm.queue) > self.module.options.max_unacked:
             self.module.overflow(sm)
         elif sm.inner is not None:
@@ -133,7 +157,9 @@ class SMTransport:
 
     def close(self, error: StreamError) -> None:
         sm = self.sm
-        if sm.inner is not None:
+        if error.text == TAKEOVER:
+            self.module.taken(sm)
+        elif sm.inner is not None:
             sm.inner.close(error)
         elif not sm.closed:
             # Ended while waiting (replaced on its resource, kicked, removed account).
@@ -146,6 +172,10 @@ class SMTransport:
     def resume_input(self) -> None:
         if self.sm.inner is not None:
             self.sm.inner.resume_input()
+
+    def drop(self) -> None:
+        if self.sm.inner is not None:
+            self.sm.inner.drop()
 
 
 def _element(name: str, **attrs: Any) -> etree._Element:
@@ -182,6 +212,75 @@ class StreamManagement(Module):
         self.host.filter("stanza/out", self.count_in, priority=10_000)
         self.host.hook("session/closed", self.on_closed)
         self.host.hook("server/stopping", self.on_stopping)
+        self.store: SMStore | None = None
+
+    async def start(self) -> None:
+        cluster = self.host.cluster
+        if cluster is not None:
+            self.store = SMStore(cluster.redis, cluster.node)
+            self.store.start(self.lost)
+            # Records expire unless written: write every waiting or idle one again in time.
+            self.host.every(TTL_REFRESH, self.refresh)
+
+    async def stop(self) -> None:
+        if self.store is not None:
+            await self.store.stop()
+
+    # --- the state in Redis (clustered) -------------------------------------------------
+
+    def save(self, sm: SMState) -> None:
+        """Have the session's state written to Redis with the next batch (clustered)."""
+        if self.store is not None and sm.resumable and not sm.handed and not sm.closed:
+            if sm.change is None:
+                sm.change = functools.partial(self._change, sm)
+            self.store.dirty(sm.id, sm.change)
+
+    def _change(self, sm: SMState, full: bool) -> Change:
+        """What Redis needs to hold the session's state now: the stanzas sent since the
+        last write appended, the ones acknowledged since trimmed (or all, `full`)."""
+        acked = sm.sent - len(sm.queue)
+        reset = full or sm.stored_sent < 0 or acked >= sm.stored_sent
+        if reset:
+            trim, new = 0, list(sm.queue)
+        else:
+            fresh = sm.sent - sm.stored_sent
+            trim = acked - sm.stored_acked
+            new = [sm.queue[i] for i in range(len(sm.queue) - fresh, len(sm.queue))]
+        sm.stored_sent, sm.stored_acked = sm.sent, acked
+        session = sm.session
+        return Change(
+            bare=session.bare,
+            jid=session.jid,
+            handled=sm.handled,
+            sent=sm.sent,
+            max=sm.max,
+            presence=etree.tostring(session.presence) if session.presence is not None else b"",
+            reset=reset,
+            trim=trim,
+            append=[etree.tostring(stanza) for stanza in new],
+        )
+
+    def refresh(self) -> None:
+        for sm in self.resumable.values():
+            self.save(sm)
+
+    def lost(self, sm_id: str) -> None:
+        """A write found that another node owns the session now: it was resumed there."""
+        sm = self.resumable.get(sm_id)
+        if sm is not None:
+            self.taken(sm)
+
+    def taken(self, sm: SMState) -> None:
+        """Another node resumed the session: end it here without routing its queue again
+        and without telling contacts it went offline (it did not)."""
+        if sm.handed or sm.closed:
+            return
+        sm.handed = True
+        sm.session.available = False
+        if sm.inner is not None:
+            sm.inner.close(StreamError("conflict", "the session was resumed on another stream"))
+        else:
+            self.end(sm)
 
     # --- counting and acks ----------------------------------------------------------
 
@@ -189,6 +288,7 @@ class StreamManagement(Module):
         sm: SMState | None = origin.state.get(KEY)
         if sm is not None:
             sm.handled = (sm.handled + 1) % COUNTER
+            self.save(sm)
         return True
 
     def ask_ack(self, sm: SMState) -> None:
@@ -266,6 +366,8 @@ class StreamManagement(Module):
                 return
         for _ in range(new):
             sm.queue.popleft()
+        if new:
+            self.save(sm)
 
     def _fail_stream(self, sm: SMState, error: StreamError) -> None:
         if sm.inner is not None:
@@ -309,6 +411,7 @@ class StreamManagement(Module):
         self.stats.enabled += 1
         if resumable:
             self.resumable[sm.id] = sm
+            self.save(sm)
             request.reply(_element(
                 "enabled", id=sm.id, resume="true", max=int(max_), location=self.options.location,
             ))
@@ -323,7 +426,7 @@ class StreamManagement(Module):
         stream of a session already resumed on a new one."""
         if sm.inner is not transport:
             return True  # a stream this session no longer uses: it goes on elsewhere
-        if clean or not sm.resumable or sm.closed:
+        if clean or not sm.resumable or sm.closed or sm.handed:
             return False
         sm.inner = None
         sm.requested = False
@@ -356,7 +459,10 @@ class StreamManagement(Module):
             request.reply(_failed("unexpected-request"))
             return
         sm = self.resumable.get(previd)
-        if sm is None or sm.closed or sm.session.bare != request.account:
+        if sm is None and self.store is not None and request.account is not None:
+            self.host.spawn(self._resume_remote(request, previd, request.account))
+            return
+        if sm is None or sm.closed or sm.handed or sm.session.bare != request.account:
             # Someone else's id is as unknown as an expired one.
             self.stats.resume_failed += 1
             known = self.expired.get(previd)
@@ -370,16 +476,24 @@ class StreamManagement(Module):
         if sm.timer is not None:
             sm.timer.cancel()
             sm.timer = None
+        inner = request.attach(sm.session)
+        if inner is None:  # the new stream ended meanwhile: the session waits on
+            sm.timer = asyncio.get_running_loop().call_later(sm.max, self._timeout, sm)
+            return
+        if self._resumed(sm, inner, request):
+            self.stats.resumed += 1
+
+    def _resumed(self, sm: SMState, inner: Transport, request: ElementRequest) -> bool:
+        """`inner` carries the session now: <resumed/>, and what the client has not
+        acknowledged, again. False if the client's h was refused (the stream ends)."""
         session = sm.session
-        inner = request.attach(session)
         sm.inner = inner
         sm.requested = False
         if session.input_held:
             inner.pause_input()
-        self._acked(sm, element.get("h"))
+        self._acked(sm, request.element.get("h"))
         if sm.inner is not inner:
-            return  # the h was refused: the stream ends
-        self.stats.resumed += 1
+            return False
         request.reply(_element("resumed", previd=sm.id, h=sm.handled))
         for stanza in sm.queue:
             if not inner.send(stanza):
@@ -387,6 +501,53 @@ class StreamManagement(Module):
         if sm.queue:
             self._request(sm)
         self.log.debug("%s: resumed, %d stanzas sent again", session.jid, len(sm.queue))
+        return True
+
+    async def _resume_remote(self, request: ElementRequest, previd: str, account: str) -> None:
+        """Resume a session this node does not have: take it over from Redis (its node
+        may be alive, draining, or dead), bind its full JID here, replay its queue."""
+        assert self.store is not None and request.bind_resumed is not None
+        try:
+            claimed = await self.store.claim(previd, account)
+        except (RedisError, OSError) as exc:
+            self.log.error("sm: resuming %s failed: Redis: %s", account, exc)
+            self.stats.resume_failed += 1
+            request.reply(_failed("internal-server-error"))
+            return
+        if claimed is None:
+            self.stats.resume_failed += 1
+            request.reply(_failed("item-not-found"))
+            return
+        cluster = self.host.cluster
+        if cluster is not None and claimed.previous not in ("", cluster.node):
+            # Before the bind's own <conflict/>: the old node must not route the queue.
+            cluster.writer.terminate(claimed.previous, claimed.jid,
+                                     StreamError("conflict", TAKEOVER))
+        session = request.bind_resumed(claimed.jid)
+        if session is None:
+            return  # the stream ended meanwhile; the record stays for another try
+        sm = SMState(session, session.transport, True, claimed.max)
+        sm.id = previd
+        sm.handled = claimed.handled
+        sm.sent = claimed.sent
+        sm.queue.extend(etree.fromstring(data, _PARSER) for data in claimed.queue)
+        session.state[KEY] = sm
+        session.transport = SMTransport(sm, self)
+        session.keep = lambda transport, clean: self.keep(sm, transport, clean)
+        self.active.add(sm)
+        self.resumable[sm.id] = sm
+        assert sm.inner is not None
+        if not self._resumed(sm, sm.inner, request):
+            return
+        self.stats.resumed_elsewhere += 1
+        if claimed.presence:
+            # Available again, as it was: contacts saw it go when its old node let it go.
+            # The client did not send this presence now: it does not count as handled.
+            handled = sm.handled
+            self.host.route(etree.fromstring(claimed.presence, _PARSER), session)
+            sm.handled = handled
+        self.save(sm)
+        self.log.info("%s: resumed from node %s", session.jid, claimed.previous or "?")
 
     # --- the end ------------------------------------------------------------------------
 
@@ -401,11 +562,16 @@ class StreamManagement(Module):
         if sm.timer is not None:
             sm.timer.cancel()
             sm.timer = None
+        if sm.resumable and self.resumable.get(sm.id) is sm:
+            del self.resumable[sm.id]
+        if sm.handed:
+            return  # another node has it, queue and all
         if sm.resumable:
-            self.resumable.pop(sm.id, None)
             self.expired[sm.id] = (session.bare, sm.handled)
             while len(self.expired) > EXPIRED_REMEMBERED:
                 self.expired.popitem(last=False)
+            if self.store is not None:
+                self.store.drop(sm.id)
         queue, sm.queue = sm.queue, deque()
         for stanza in queue:
             self._unacked(stanza)
@@ -420,18 +586,52 @@ class StreamManagement(Module):
             self.host.bounce(stanza, "service-unavailable", "the recipient's stream was lost")
 
     async def on_stopping(self) -> bool:
-        """The node stops: sessions still waiting for their client cannot be resumed
-        here any more; end them, so their messages go to offline storage."""
+        """The node stops (SIGTERM, drain). Clustered, its resumable sessions are handed
+        over: their state written to Redis, their connections cut, so that their clients
+        resume on another node. Alone (or if Redis fails), sessions waiting for their
+        client end, their messages to offline storage; the server then ends the other
+        streams with <system-shutdown/>, and their unacked messages go the same way."""
+        if self.store is not None and await self._hand_over():
+            return False
         for sm in list(self.resumable.values()):
             if sm.inner is None and not sm.closed:
                 self.end(sm)
         return False
 
+    async def _hand_over(self) -> bool:
+        assert self.store is not None
+        sessions = [sm for sm in self.resumable.values() if not sm.closed and not sm.handed]
+        for sm in sessions:
+            self.save(sm)
+        for sm in sessions:
+            sm.handed = True  # what comes for them now is refused: offline storage
+        try:
+            async with asyncio.timeout(HANDOVER_WAIT):
+                await self.store.flush()
+        except TimeoutError:
+            self.log.error("sm: the state of %d sessions did not reach Redis; "
+                           "ending them here instead", len(sessions))
+            for sm in sessions:
+                sm.handed = False
+            return False
+        for sm in sessions:
+            sm.session.available = False  # it goes on elsewhere: no unavailable to contacts
+            if sm.inner is not None:
+                sm.inner.drop()
+            else:
+                self.end(sm)
+        self.stats.handed_over += len(sessions)
+        self.log.info("sm: %d sessions handed over to the other nodes", len(sessions))
+        return True
+
     def metrics(self) -> Iterator[Metric]:
         stats = self.stats
         for name, text, value in (
             ("enabled", "Sessions that enabled stream management.", stats.enabled),
-            ("resumed", "Sessions resumed on this node.", stats.resumed),
+            ("resumed", "Sessions resumed on the node they were on.", stats.resumed),
+            ("resumed_elsewhere", "Sessions resumed here, taken over from another node.",
+             stats.resumed_elsewhere),
+            ("handed_over", "Sessions handed to other nodes by a drain.", stats.handed_over),
             ("resume_failed", "Resumptions refused (<failed/>).", stats.resume_failed),
             ("timed_out", "Sessions not resumed in time.", stats.timed_out),
             ("rerouted", "Unacknowledged messages of ended sessions routed again "
@@ -449,6 +649,12 @@ class StreamManagement(Module):
         yield GaugeMetricFamily(
             "xmppd_sm_unacked", "Unacknowledged stanzas held, all SM sessions.", value=sum(depths)
         )
+        if self.store is not None:
+            yield GaugeMetricFamily(
+                "xmppd_sm_redis_lag_max_seconds",
+                "The longest a change waited for Redis (first change of a batch to its answer).",
+                value=self.store.max_lag,
+            )
         yield GaugeMetricFamily(
             "xmppd_sm_unacked_max", "The longest unacked queue of one session.",
             value=max(depths, default=0),

@@ -231,6 +231,7 @@ class C2SConnection(asyncio.BufferedProtocol):
             self._reply,
             account=f"{self.stream.username}@{host}" if self.stream.authenticated else None,
             attach=self._attach if self.session is None else None,
+            bind_resumed=self._bind_resumed if self.session is None else None,
         )
         if not self.server.modules.handle_element(request):
             self.stream.fail(
@@ -249,9 +250,12 @@ class C2SConnection(asyncio.BufferedProtocol):
             self._auth_timer = None
         self.server.session_started(session)
 
-    def _attach(self, session: ClientSession) -> C2SConnection:
+    def _attach(self, session: ClientSession) -> C2SConnection | None:
         """Carry `session`, bound on an earlier stream, from now on (XEP-0198 resumption);
-        the caller makes this connection its transport."""
+        the caller makes this connection its transport. None if this stream cannot any
+        more (it ended, or bound a resource, while the resumption was looked up)."""
+        if self.session is not None or self.stream.closed or self.transport is None:
+            return None
         self.session = session
         self.login = None
         if self._auth_timer is not None:
@@ -259,6 +263,23 @@ class C2SConnection(asyncio.BufferedProtocol):
             self._auth_timer = None
         self.stream.resumed(session.jid)
         return self
+
+    def _bind_resumed(self, jid: str) -> ClientSession | None:
+        """Bind `jid` on this stream with no bind request: a session resumed from another
+        node (XEP-0198), whose resource this node now takes over. None as for _attach."""
+        if self.session is not None or self.stream.closed or self.transport is None:
+            return None
+        session = ClientSession(jid, self, self.server.router)
+        self.server.router.bind(session)
+        self._attach(session)
+        self.server.session_started(session)
+        return session
+
+    def drop(self) -> None:
+        """Cut the connection with no stream end: the client sees it drop and resumes its
+        session, on another node when this one drains."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def _lost_queued(self) -> None:
         """The connection went before queued messages reached its transport."""

@@ -16,8 +16,8 @@ Events a module can hook (async, `hook`; a True result stops the chain):
   iq/account (stanza, bare)          an IQ get/set from someone else to an
                                      account, before its handler (True: refused)
   session/bound (session), session/closed (session)
-  server/stopping ()                 the node stops: listeners and streams are
-                                     closed, modules and storage still run
+  server/stopping ()                 the node stops: listeners are closed, client
+                                     streams not yet; modules and storage still run
   delivery/failure (stanza, session)  a session's transport could not take it
 Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
 message/full, message/host and the same for presence and iq (a `Routed`),
@@ -60,6 +60,7 @@ from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.auth.accounts import Accounts
+    from xmppd.cluster import Cluster
     from xmppd.config import Config
     from xmppd.router import Router
     from xmppd.session import ClientSession, Transport
@@ -114,7 +115,10 @@ class ElementRequest:
     account: str | None = None  # the bare JID the stream authenticated as
     # Before bind only: make this stream carry a session bound on an earlier one
     # (stream management resumption); returns the stream's transport.
-    attach: Callable[[ClientSession], Transport] | None = None
+    attach: Callable[[ClientSession], Transport | None] | None = None
+    # Before bind only: bind this full JID on this stream, taking it over from another
+    # node (a session resumed there); returns the new session. None: the stream ended.
+    bind_resumed: Callable[[str], ClientSession | None] | None = None
 
 
 IqHandler = Callable[[IqRequest], Awaitable[etree._Element | None]]
@@ -216,6 +220,9 @@ class ModuleHost:
         # The server's account stores by virtual host, and its config (set by load()).
         self.accounts: dict[str, Accounts] = {}
         self.config: Config | None = None
+        # The node's cluster membership (Redis), None for a node alone: for modules that
+        # keep state every node must reach (stream management).
+        self.cluster: Cluster | None = None
         self.features: dict[Scope, set[str]] = {"server": set(), "account": set()}
         self.identities: list[tuple[str, str, str | None]] = []
         self.events = router.events

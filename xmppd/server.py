@@ -115,6 +115,7 @@ class Server:
                 raise StartupError(str(exc)) from None
         self.modules = ModuleHost(self.router, self.storage, list(config.hosts))
         self.modules.accounts = self.accounts
+        self.modules.cluster = self.cluster
         self.modules.load(config)
         await self.modules.start()
         log.info("modules: %s", ", ".join(self.modules.modules) or "none")
@@ -149,11 +150,13 @@ class Server:
         self.pauses.stop()
         for server in self._servers:
             server.close()
+        # Stream management hands its sessions over first (to Redis, when clustered)
+        # and cuts their connections, so their clients resume on another node.
+        await self.modules.fire("server/stopping")
         for conn in list(self.connections):
             conn.close(StreamError("system-shutdown", "the server is shutting down"))
         for server in self._servers:
             await server.wait_closed()
-        await self.modules.fire("server/stopping")
         await self.router.drain()
         if self.cluster is not None:
             # What the other nodes forwarded until they saw this node's sessions go

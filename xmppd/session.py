@@ -37,6 +37,9 @@ class Transport(Protocol):
     def resume_input(self) -> None:
         """Read from the client again."""
 
+    def drop(self) -> None:
+        """Cut the connection with no stream end, so the client resumes (XEP-0198)."""
+
 
 log = logging.getLogger(__name__)
 
