@@ -208,8 +208,9 @@ class StreamManagement(Module):
         self.host.element(f"{{{SM}}}resume", self.on_resume, before_bind=True)
         self.host.element(f"{{{SM}}}r", self.on_request, before_bind=True)
         self.host.element(f"{{{SM}}}a", self.on_ack, before_bind=True)
-        # Counting what the client sends comes before any filter may drop it.
-        self.host.filter("stanza/out", self.count_in, priority=10_000)
+        # Counting what the client sends comes before any filter may drop it or make it
+        # wait (vcard's runs at 10000): at once, synchronously, as the client sent it.
+        self.host.filter("stanza/out", self.count_in, priority=1_000_000)
         self.host.hook("session/closed", self.on_closed)
         self.host.hook("server/stopping", self.on_stopping)
         self.store: SMStore | None = None
