@@ -70,6 +70,8 @@ class Server:
         self.modules: ModuleHost
         self.admin = AdminAPI(self)
         self.pauses = PauseMonitor()
+        # Set by SIGTERM/SIGINT and by a drain (xmppctl drain): serve() then stops the node.
+        self.stop_requested = asyncio.Event()
 
     async def start(self) -> None:
         config = self.config
@@ -307,11 +309,10 @@ async def serve(config: Config) -> None:
     # Startup objects (modules, config, TLS context) live for the whole run: keep
     # them out of the collector's generations so full collections stay short.
     gc.freeze()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, server.stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
-    await stop.wait()
-    log.info("signal received: shutting down")
+    await server.stop_requested.wait()
+    log.info("signal or drain received: shutting down")
     await server.stop()

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from tests.integration.clients import HEADER, RawClient, insecure_context
 from tests.integration.conftest import USERS, StartServer
+from tests.integration.test_account_changes import xmppctl
 from tests.integration.test_cluster import redis_service, until  # noqa: F401  (fixture)
 from tests.integration.test_stream_management import (
     SASL,
@@ -102,8 +103,8 @@ async def test_resume_on_another_node_while_the_first_lives(
 async def test_drain_hands_sessions_over(
     redis_service: LocalService, start_server: StartServer  # noqa: F811
 ) -> None:
-    """A node that stops cleanly (SIGTERM, drain) writes its SM sessions to Redis and
-    cuts their connections; the clients resume on another node, nothing lost."""
+    """`xmppctl drain node-a`: the node stops as on SIGTERM, writes its SM sessions to
+    Redis and cuts their connections; the clients resume on another node, nothing lost."""
     a = await start_server(cluster=cluster(redis_service, "node-a"))
     b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
     alice = await Stream.login(a, "alice")
@@ -115,7 +116,12 @@ async def test_drain_hands_sessions_over(
     for n in range(2):
         await bob.send(message("alice@localhost/phone", f"unacked {n}"))
     assert await messages(alice, 2) == ["unacked 0", "unacked 1"]
-    await a.stop()
+    code, out, err = await xmppctl(a, "drain", "node-a")
+    assert code == 0, err
+    assert "draining node node-a" in out
+    await asyncio.wait_for(a.stop_requested.wait(), 10)
+    assert not b.stop_requested.is_set()
+    await a.stop()  # what xmppd.server.serve does once stop_requested is set
     with pytest.raises(EOFError):
         await alice.next("stream:error")  # cut, no <system-shutdown/>: resume elsewhere
     again = await resume_at(b, "alice", previd, 1)
