@@ -260,3 +260,36 @@ async def test_resume_on_another_node_after_sigkill(
     await redis.aclose()
     await again.close()
     await bob.close()
+
+
+async def test_redis_writes_are_batched_and_the_window_is_measured(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """Steady chat does not cost a Redis round trip per stanza; the time a change waits
+    for Redis (the window SIGKILL can lose, docs/cluster.md) is measured."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    await alice.enable()
+    count = 500
+    for n in range(count):
+        await bob.send(message("alice@localhost/phone", f"m{n}"))
+    await messages(alice, count)
+    await alice.send(f"<a xmlns='{SM}' h='{count}'/>")
+    await alice.ack_count()
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    burst = store.batches
+    print(f"\nburst of {count}: {burst} batches, longest wait {store.max_lag * 1000:.1f} ms")
+    assert burst < count / 2  # one round trip per burst, not per stanza
+    store.max_lag = 0.0
+    for n in range(100):  # one at a time: each is written on its own
+        await bob.send(message("alice@localhost/phone", f"p{n}"))
+        await alice.next(f"<body>p{n}<")
+    await store.flush()
+    print(f"100 one by one: {store.batches - burst} batches, "
+          f"longest wait {store.max_lag * 1000:.1f} ms")
+    assert store.max_lag < 0.5
+    await alice.close()
+    await bob.close()
