@@ -278,10 +278,19 @@ class StreamManagement(Module):
             return
         sm.handed = True
         sm.session.available = False
+        # What this node queued after its last write to Redis, the new node does not
+        # have: routed again once the session here is gone (to the new node, else
+        # offline storage), so a live takeover loses nothing.
+        unstored = len(sm.queue) if sm.stored_sent < 0 else min(
+            len(sm.queue), sm.sent - sm.stored_sent
+        )
+        later = [sm.queue[i] for i in range(len(sm.queue) - unstored, len(sm.queue))]
         if sm.inner is not None:
             sm.inner.close(StreamError("conflict", "the session was resumed on another stream"))
         else:
             self.end(sm)
+        for stanza in later:
+            self._unacked(stanza)
 
     # --- counting and acks ----------------------------------------------------------
 
@@ -334,9 +343,11 @@ class StreamManagement(Module):
             sm.timer.cancel()
             sm.timer = None
 
-    def _acked(self, sm: SMState, h_attr: str | None) -> None:
+    def _acked(self, sm: SMState, h_attr: str | None, taken_over: bool = False) -> None:
         """Drop what the client says it handled. An h one over what was sent (xmpp.js
-        0.14 does that) counts as all of it; more over than that ends the stream."""
+        0.14 does that) counts as all of it; more over than that ends the stream, except
+        for a session `taken_over` from Redis: its old node may have sent stanzas its last
+        write did not record (docs/cluster.md), which the client has; `sent` catches up."""
         try:
             h = int(h_attr or "")
             if not 0 <= h < COUNTER:
@@ -349,7 +360,12 @@ class StreamManagement(Module):
         if new > COUNTER // 2:
             return  # an old ack, overtaken by a later one: nothing new
         if new > len(sm.queue):
-            if new == len(sm.queue) + 1:
+            if taken_over:
+                self.log.info("%s: %d stanzas its old node sent were not in Redis yet",
+                              sm.session.jid, new - len(sm.queue))
+                sm.sent += new - len(sm.queue)
+                new = len(sm.queue)
+            elif new == len(sm.queue) + 1:
                 self.stats.clamped += 1
                 self.log.warning(
                     "%s acknowledged %d stanzas, one more than sent: taken as all of them",
@@ -484,7 +500,9 @@ class StreamManagement(Module):
         if self._resumed(sm, inner, request):
             self.stats.resumed += 1
 
-    def _resumed(self, sm: SMState, inner: Transport, request: ElementRequest) -> bool:
+    def _resumed(
+        self, sm: SMState, inner: Transport, request: ElementRequest, taken_over: bool = False
+    ) -> bool:
         """`inner` carries the session now: <resumed/>, and what the client has not
         acknowledged, again. False if the client's h was refused (the stream ends)."""
         session = sm.session
@@ -492,7 +510,7 @@ class StreamManagement(Module):
         sm.requested = False
         if session.input_held:
             inner.pause_input()
-        self._acked(sm, request.element.get("h"))
+        self._acked(sm, request.element.get("h"), taken_over)
         if sm.inner is not inner:
             return False
         request.reply(_element("resumed", previd=sm.id, h=sm.handled))
@@ -538,7 +556,7 @@ class StreamManagement(Module):
         self.active.add(sm)
         self.resumable[sm.id] = sm
         assert sm.inner is not None
-        if not self._resumed(sm, sm.inner, request):
+        if not self._resumed(sm, sm.inner, request, taken_over=True):
             return
         self.stats.resumed_elsewhere += 1
         if claimed.presence:

@@ -293,3 +293,43 @@ async def test_redis_writes_are_batched_and_the_window_is_measured(
     assert store.max_lag < 0.5
     await alice.close()
     await bob.close()
+
+
+async def test_takeover_when_redis_lags_the_old_node(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """The old node got further than its last write to Redis: the client acknowledges
+    stanzas Redis never saw (taken as delivered, not an error), and what the old node
+    queued after its last write is routed again from there, to the new node."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(b, "bob")
+    previd = (await alice.enable()).get("id", "")
+    await alice.send("<presence/>")
+    await alice.next("<presence")
+    await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
+    await bob.send(message("alice@localhost/phone", "stored"))
+    assert await messages(alice, 1) == ["stored"]
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    await store.stop()  # node A's writes stop here: Redis lags it from now on
+    await bob.send(message("alice@localhost/phone", "seen 1"))
+    await bob.send(message("alice@localhost/phone", "seen 2"))
+    assert await messages(alice, 2) == ["seen 1", "seen 2"]
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    await bob.send(message("alice@localhost/phone", "queued, never stored"))
+    await until(lambda: len(sm_module(a).resumable[previd].queue) == 5)
+    # Redis says 2 were sent (the echo, "stored"); the client has 4: two over.
+    again = await resume_at(b, "alice", previd, 4)
+    await again.next("resumed")
+    # Node A cannot know the client had the first two: duplicates, as XEP-0198 allows.
+    assert await messages(again, 3) == ["seen 1", "seen 2", "queued, never stored"]
+    await again.send(message("bob@localhost/phone", "still counting"))
+    await bob.next("still counting")
+    assert await again.ack_count() == 2  # its presence (on A), this message (on B)
+    await again.close()
+    await bob.close()
