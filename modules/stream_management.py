@@ -78,6 +78,8 @@ class SMOptions(BaseModel):
     """Ask for an ack (<r/>) once this many stanzas are unacknowledged..."""
     ack_delay: float = Field(1.0, gt=0)
     """...or this many seconds after the first unacknowledged one."""
+    orphan_sweep: float = Field(10.0, gt=0)
+    """Clustered: seconds between looks for sessions of dead nodes that nobody resumed."""
     location: str | None = None
     """'host:port' a client should resume at (the <enabled location=''/>); None: any."""
 
@@ -222,6 +224,8 @@ class StreamManagement(Module):
             self.store.start(self.lost)
             # Records expire unless written: write every waiting or idle one again in time.
             self.host.every(TTL_REFRESH, self.refresh)
+            self.host.every(self.options.orphan_sweep, self.sweep)
+            self._sweeping = False
 
     async def stop(self) -> None:
         if self.store is not None:
@@ -264,6 +268,29 @@ class StreamManagement(Module):
     def refresh(self) -> None:
         for sm in self.resumable.values():
             self.save(sm)
+
+    def sweep(self) -> None:
+        if not self._sweeping:
+            self._sweeping = True
+            self.host.spawn(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Sessions whose node died and whose client did not come back in time end
+        here, as they would have there: unacked messages routed again (offline storage),
+        unacked IQ requests answered."""
+        assert self.store is not None
+        try:
+            orphans = await self.store.orphans()
+        except (RedisError, OSError) as exc:
+            self.log.error("sm: looking for sessions of dead nodes failed: %s", exc)
+            return
+        finally:
+            self._sweeping = False
+        for jid, queue in orphans:
+            self.stats.timed_out += 1
+            self.log.info("%s: its node is gone and it was not resumed in time", jid)
+            for data in queue:
+                self._unacked(etree.fromstring(data, _PARSER))
 
     def lost(self, sm_id: str) -> None:
         """A write found that another node owns the session now: it was resumed there."""

@@ -8,6 +8,7 @@ the raw protocol over TLS (tests/integration/test_stream_management.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import signal
@@ -32,6 +33,7 @@ from tests.integration.test_stream_management import (
     detached,
     message,
     messages,
+    modules,
     roundtrip,
     sm_module,
 )
@@ -180,6 +182,23 @@ class NodeProcess:
         )
         return RawClient(reader, writer)
 
+    async def login(self, user: str) -> Stream:
+        """A raw stream logged in as `user` on resource "phone"."""
+        stream = Stream(await self.raw(), b"")
+        await stream.raw.send(HEADER)
+        await stream.raw.read_until(b"</stream:features>")
+        token = base64.b64encode(f"\0{user}\0{USERS[user]}".encode()).decode()
+        await stream.raw.send(f"<auth xmlns='{SASL}' mechanism='PLAIN'>{token}</auth>")
+        await stream.raw.read_until(b"<success")
+        await stream.raw.send(HEADER)
+        await stream.raw.read_until(b"</stream:features>")
+        await stream.send(
+            "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+            "<resource>phone</resource></bind></iq>"
+        )
+        await stream.next("bind")
+        return stream
+
     async def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         await self.process.wait()
@@ -212,19 +231,7 @@ async def test_resume_on_another_node_after_sigkill(
     if storage_section is not None:
         sections["storage"] = storage_section
     a: NodeProcess = await node_process(tmp_path, **sections)
-    alice = Stream(await a.raw(), b"")
-    await alice.raw.send(HEADER)
-    await alice.raw.read_until(b"</stream:features>")
-    token = __import__("base64").b64encode(f"\0alice\0{USERS['alice']}".encode()).decode()
-    await alice.raw.send(f"<auth xmlns='{SASL}' mechanism='PLAIN'>{token}</auth>")
-    await alice.raw.read_until(b"<success")
-    await alice.raw.send(HEADER)
-    await alice.raw.read_until(b"</stream:features>")
-    await alice.send(
-        "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
-        "<resource>phone</resource></bind></iq>"
-    )
-    await alice.next("bind")
+    alice = await a.login("alice")
     previd = (await alice.enable()).get("id", "")
     bob = await Stream.login(b, "bob")
     await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
@@ -331,5 +338,47 @@ async def test_takeover_when_redis_lags_the_old_node(
     await again.send(message("bob@localhost/phone", "still counting"))
     await bob.next("still counting")
     assert await again.ack_count() == 2  # its presence (on A), this message (on B)
+    await again.close()
+    await bob.close()
+
+
+async def test_a_dead_node_s_waiting_session_times_out_on_another_node(
+    redis_service: LocalService,  # noqa: F811
+    start_server: StartServer,
+    node_process: Callable[..., Any],
+    tmp_path: Path,
+    storage_section: dict[str, Any] | None,
+) -> None:
+    """Its node killed while the session waited for its client, and the client never
+    comes back: a surviving node ends it after the resume timeout, and its queued
+    message is in offline storage."""
+    sm_options = {"orphan_sweep": 0.2}
+    b = await start_server(
+        cluster=cluster(redis_service, "node-b"), modules=modules(**sm_options)
+    )
+    sections: dict[str, Any] = {"cluster": cluster(redis_service, "node-a")}
+    if storage_section is not None:
+        sections["storage"] = storage_section
+    a: NodeProcess = await node_process(tmp_path, **sections)
+    alice = await a.login("alice")
+    previd = (await alice.enable("resume='true' max='1'")).get("id", "")
+    bob = await Stream.login(b, "bob")
+    await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
+    alice.drop()
+    await bob.send(message("alice@localhost/phone", "for the offline store"))
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    queue = (PREFIX + previd).replace("sm:", "smq:")
+    deadline = time.monotonic() + 5
+    while await redis.llen(queue) != 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await a.kill()
+    module = sm_module(b)
+    await until(lambda: module.stats.timed_out == 1, timeout=30)
+    assert await redis.exists(PREFIX + previd) == 0
+    again = await Stream.login(b, "alice")
+    await again.send("<presence/>")
+    assert await messages(again, 1) == ["for the offline store"]
+    await redis.aclose()
     await again.close()
     await bob.close()

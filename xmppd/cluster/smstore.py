@@ -24,9 +24,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from xmppd.cluster import schema
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ QUEUE_PREFIX = "xmppd:smq:"
 TTL_SLACK = 60
 """Seconds a record outlives its resume timeout (refreshed at every write)."""
 RETRY_DELAY = 0.5
+SWEEP_PAGE = 500
+"""Records looked at per SCAN page and per pipeline by an orphan sweep."""
 
 SAVE = """
 -- KEYS hash, list; ARGV node, bare, jid, handled, sent, max, presence, ttl, reset, trim,
@@ -73,6 +78,32 @@ return false
 """Forget a session that ended for good, unless another node owns it now."""
 
 
+ORPHAN = """
+-- KEYS hash, list; ARGV now, the nodes set
+local owner = redis.call('HGET', KEYS[1], 'node')
+if not owner then return false end
+if redis.call('SISMEMBER', ARGV[2], owner) == 1 then
+  redis.call('HDEL', KEYS[1], 'orphaned')
+  return false
+end
+local since = redis.call('HGET', KEYS[1], 'orphaned')
+if not since then
+  redis.call('HSET', KEYS[1], 'orphaned', ARGV[1])
+  return false
+end
+local max = tonumber(redis.call('HGET', KEYS[1], 'max') or '0')
+if tonumber(ARGV[1]) - tonumber(since) < max then return false end
+local queue = redis.call('LRANGE', KEYS[2], 0, -1)
+local jid = redis.call('HGET', KEYS[1], 'jid')
+redis.call('DEL', KEYS[1], KEYS[2])
+return {jid, queue}
+"""
+"""A session whose node is gone (stopped, or reaped after its heartbeat stopped: no
+longer in the nodes set, so no replica routes to it any more) and that nobody resumed
+in its resume timeout, counted from when a sweep first saw it so: taken (deleted) for
+the sweeping node to route its queue; nil while its node is a member or time is left."""
+
+
 @dataclass(slots=True)
 class Change:
     """What one session's SAVE writes (made by the module when the batch leaves)."""
@@ -108,6 +139,7 @@ class SMStore:
         self._save = redis.register_script(SAVE)
         self._claim = redis.register_script(CLAIM)
         self._drop = redis.register_script(DROP)
+        self._orphan = redis.register_script(ORPHAN)
         # id -> makes the session's change when the batch leaves (True: all of it, not
         # only what changed since the last write); None: drop the record.
         self._dirty: dict[str, Callable[[bool], Change] | None] = {}
@@ -171,6 +203,37 @@ class SMStore:
             presence=fields.get("presence", b""),
             queue=list(queue),
         )
+
+    async def orphans(self) -> list[tuple[str, list[bytes]]]:
+        """The sessions of dead nodes whose time is up, taken out of Redis: (full JID,
+        unacked stanzas) for this node to route (a SCAN of every record: one sweep)."""
+        found: list[tuple[str, list[bytes]]] = []
+        now = str(int(time.time()))
+        page: list[str] = []
+        async for key in self.redis.scan_iter(match=PREFIX + "*", count=SWEEP_PAGE):
+            page.append(key.decode()[len(PREFIX):])
+            if len(page) >= SWEEP_PAGE:
+                found.extend(await self._orphan_page(page, now))
+                page = []
+        if page:
+            found.extend(await self._orphan_page(page, now))
+        return found
+
+    async def _orphan_page(self, ids: list[str], now: str) -> list[tuple[str, list[bytes]]]:
+        """One pipeline of ORPHAN for a page of ids."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sm_id in ids:
+                await self._orphan(
+                    keys=[PREFIX + sm_id, QUEUE_PREFIX + sm_id],
+                    args=[now, schema.NODES],
+                    client=pipe,
+                )
+            answers: list[Any] = await pipe.execute(raise_on_error=False)
+        return [
+            (answer[0].decode(), list(answer[1]))
+            for answer in answers
+            if answer and not isinstance(answer, Exception)
+        ]
 
     async def _run(self) -> None:
         failing = False
