@@ -91,7 +91,8 @@ async def test_resume_on_another_node_while_the_first_lives(
     await until(lambda: a.router.directory.count() == 0)
     assert a.router.ledger.offline == 0 and b.router.ledger.offline == 0
     session = b.router.directory.get("alice@localhost", "phone")
-    assert session is not None and session.available  # its presence came along
+    assert session is not None
+    await until(lambda: session.available)  # its presence came along (after its filters)
     await bob.send(message("alice@localhost", "to the bare JID, on B now"))
     assert await messages(again, 1) == ["to the bare JID, on B now"]
     await again.send(message("bob@localhost/phone", "from B"))
