@@ -95,6 +95,7 @@ class Stats:
         self.resume_failed = 0
         self.timed_out = 0  # sessions that waited in vain
         self.rerouted = 0  # unacked messages routed again (offline storage, other resources)
+        self.timeout_messages = 0  # of those, of sessions not resumed in time
         self.errored = 0  # unacked IQ requests answered with an error
         self.clamped = 0  # acks one over what was sent (xmpp.js)
 
@@ -104,8 +105,8 @@ class SMState:
 
     __slots__ = (
         "session", "id", "resumable", "max", "inner", "handled", "sent", "queue",
-        "requested", "timer", "closed", "handed", "since", "stored_sent", "stored_acked",
-        "change",
+        "requested", "timer", "closed", "handed", "timed_out", "since", "stored_sent",
+        "stored_acked", "change",
     )
 
     def __init__(self, session: ClientSession, inner: Transport | None, resumable: bool,
@@ -124,6 +125,7 @@ class SMState:
         # Another node has it now (resumed there, or handed over by a drain): its queue
         # is that node's to deliver, never this one's to route again.
         self.handed = False
+        self.timed_out = False  # ended because nobody resumed it in time
         self.since = 0.0  # when the stream was lost (monotonic)
         # What Redis holds (clustered): `sent` and the acked count at the last write;
         # -1: unknown, the next write is whole.
@@ -290,7 +292,7 @@ class StreamManagement(Module):
             self.stats.timed_out += 1
             self.log.info("%s: its node is gone and it was not resumed in time", jid)
             for data in queue:
-                self._unacked(etree.fromstring(data, _PARSER))
+                self._unacked(etree.fromstring(data, _PARSER), timed_out=True)
 
     def lost(self, sm_id: str) -> None:
         """A write found that another node owns the session now: it was resumed there."""
@@ -487,6 +489,7 @@ class StreamManagement(Module):
         sm.timer = None
         if sm.inner is None and not sm.closed:
             self.stats.timed_out += 1
+            sm.timed_out = True
             self.log.info("%s: not resumed in %g s", sm.session.jid, sm.max)
             self.end(sm)
 
@@ -620,12 +623,14 @@ class StreamManagement(Module):
                 self.store.drop(sm.id)
         queue, sm.queue = sm.queue, deque()
         for stanza in queue:
-            self._unacked(stanza)
+            self._unacked(stanza, sm.timed_out)
 
-    def _unacked(self, stanza: etree._Element) -> None:
+    def _unacked(self, stanza: etree._Element, timed_out: bool = False) -> None:
         type_ = stanza.get("type")
         if stanza.tag == ns.C_MESSAGE and type_ not in ("error", "groupchat"):
             self.stats.rerouted += 1
+            if timed_out:
+                self.stats.timeout_messages += 1
             self.host.route(copy.deepcopy(stanza))
         elif stanza.tag == ns.C_IQ and type_ in ("get", "set"):
             self.stats.errored += 1
@@ -682,6 +687,8 @@ class StreamManagement(Module):
             ("timed_out", "Sessions not resumed in time.", stats.timed_out),
             ("rerouted", "Unacknowledged messages of ended sessions routed again "
              "(to offline storage or another resource).", stats.rerouted),
+            ("timeout_messages", "Of those, the ones of sessions not resumed in time (offline "
+             "storage unless the account has another resource).", stats.timeout_messages),
             ("errored", "Unacknowledged IQ requests of ended sessions answered with an error.",
              stats.errored),
             ("clamped", "Acks one over what was sent, taken as all (xmpp.js).", stats.clamped),

@@ -17,6 +17,7 @@ from lxml import etree
 
 from tests.integration.clients import HEADER, Client, RawClient, close, insecure_context
 from tests.integration.conftest import USERS, StartServer, port_of
+from xmppd import metrics
 from xmppd.config import DEFAULT_MODULES
 from xmppd.modules.stream_management import StreamManagement
 from xmppd.server import Server
@@ -377,6 +378,15 @@ async def test_timeout_then_failed_and_offline_storage(start_server: StartServer
     assert sorted(await messages(again, 2)) == ["queued", "sent, never acked"]
     stats = sm_module(server).stats
     assert (stats.timed_out, stats.rerouted, stats.errored) == (1, 2, 1)
+    scraped = metrics.exposition(server).decode()
+    for line in (
+        "xmppd_sm_timed_out_total 1.0",
+        "xmppd_sm_timeout_messages_total 2.0",
+        "xmppd_sm_errored_total 1.0",
+        "xmppd_sm_resume_failed_total 1.0",  # the late <resume/>
+        "xmppd_sm_waiting 0.0",
+    ):
+        assert line in scraped, line
     await again.close()
     await bob.close()
 
