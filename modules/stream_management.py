@@ -12,10 +12,18 @@ routed again (another resource, else offline storage), IQ requests are
 answered with an error, the rest is dropped.
 
 The session is the node's `ClientSession` all along: the router and the other
-modules never learn that its stream changed. The core only gives this module
-two seams: `ClientSession.keep` (asked when a stream ends) and
-`ElementRequest.attach` (a new stream takes over a session). It fires
-"session/detached" (session) when a session starts waiting to be resumed.
+modules never learn that its stream changed. The core gives this module a few
+seams: `ClientSession.keep` (asked when a stream ends), `ElementRequest.attach`
+and `bind_resumed` (a new stream takes over a session), `Transport.drop`,
+`ModuleHost.end_session`, `ModuleHost.cluster` and the "server/stopping"
+event. It fires "session/detached" (session) when a session starts waiting.
+
+Clustered, the state of every resumable session is also kept in Redis
+(xmppd.cluster.smstore, batched writes), so that any node can resume it: a
+<resume/> this node does not know is taken over from there (the old node is
+told, binds move, the queue is replayed); a drain hands sessions over; a
+sweep ends the sessions of dead nodes nobody resumed. docs/cluster.md says
+what that can lose or repeat.
 
 Known gap: the stream itself answers a legacy session IQ and a second bind
 (xmppd.stream.c2s); sent after <enable/>, they are counted by neither side
@@ -29,7 +37,6 @@ import asyncio
 import copy
 import functools
 import secrets
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -105,7 +112,7 @@ class SMState:
 
     __slots__ = (
         "session", "id", "resumable", "max", "inner", "handled", "sent", "queue",
-        "requested", "timer", "closed", "handed", "timed_out", "since", "stored_sent",
+        "requested", "timer", "closed", "handed", "timed_out", "stored_sent",
         "stored_acked", "change",
     )
 
@@ -126,7 +133,6 @@ class SMState:
         # is that node's to deliver, never this one's to route again.
         self.handed = False
         self.timed_out = False  # ended because nobody resumed it in time
-        self.since = 0.0  # when the stream was lost (monotonic)
         # What Redis holds (clustered): `sent` and the acked count at the last write;
         # -1: unknown, the next write is whole.
         self.stored_sent = -1
@@ -476,7 +482,6 @@ class StreamManagement(Module):
             return False
         sm.inner = None
         sm.requested = False
-        sm.since = time.monotonic()
         if sm.timer is not None:
             sm.timer.cancel()
         sm.timer = asyncio.get_running_loop().call_later(sm.max, self._timeout, sm)
