@@ -45,6 +45,19 @@ RETRY_DELAY = 0.5
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
+async def cancel_for_sure(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait until it is done, cancelling again as long as it runs.
+
+    A cancellation can be swallowed on Python 3.11 when it lands as redis-py's read
+    completes (seen under load: a node's stop then hung for good in Inbox.stop), and
+    the task goes on looping; asking again ends it at its next await."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.2)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure was logged where it happened
+
+
 class Inbox:
     def __init__(
         self, redis: Redis, node: str, directory: ClusterDirectory, router: Router
@@ -64,8 +77,7 @@ class Inbox:
         """Stop reading, after routing what came until now (the other nodes learn this
         one's sessions are gone only from the events its stop publishes first)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_for_sure(self._task)
             self._task = None
             try:
                 self._handle_all(await self.redis.xread({self.key: self._last}, count=BATCH))

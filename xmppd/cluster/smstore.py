@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
+from xmppd.cluster.inbox import cancel_for_sure
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,7 @@ class SMStore:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_for_sure(self._task)
             self._task = None
 
     def dirty(self, sm_id: str, change: Callable[[bool], Change]) -> None:
