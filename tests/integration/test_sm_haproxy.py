@@ -243,14 +243,14 @@ async def lost_messages(
         for receiver in receivers:
             assert receiver.stream is not None
             await receiver.stream.send("</stream:stream>")  # unacked ones: offline too
-        await until(lambda: all(
-            last.router.directory.get(f"{u}@localhost", "phone") is None for u in RECEIVERS
-        ))
+        await until(lambda: not sm_module(last).active)  # their queues routed again...
+        await last.router.drain()  # ...and stored
         stored = sum(node.router.ledger.offline for node in nodes)
         streams = [await login_at(port, user, "laptop") for user in RECEIVERS]
         for again in streams:
             await again.send("<presence/>")
-        await until(lambda: sum(node.router.ledger.replayed for node in nodes) >= stored)
+            await again.next("<presence")  # the echo: its broadcast (and replay) started
+        await last.router.drain()  # the replays of offline messages are done
         for again in streams:
             # A round trip: what its node replayed before the answer is read by then.
             await again.send("<iq type='get' id='done'><ping xmlns='urn:xmpp:ping'/></iq>")
@@ -265,3 +265,65 @@ async def lost_messages(
           f"(read back {sum(offline.values())}), lost {len(lost)}, duplicated live {duplicated}, "
           f"resumed {sum(r.resumed for r in receivers)}")
     return lost
+
+
+async def test_scale_one_to_three_to_one_under_load_behind_haproxy(
+    redis_service: LocalService,  # noqa: F811
+    start_server: StartServer,
+    haproxy: Any,
+    storage_section: dict[str, Any] | None,
+) -> None:
+    """One node; two more join (HAProxy sees them come up); the first two are drained in
+    turn while the chat goes on. Every receiver ends on the last node, nothing lost."""
+    ports = [free_port() for _ in range(3)]
+    extra: dict[str, Any] = {}
+    if storage_section is None:
+        extra["storage"] = {"cache": {"backend": "none"}}
+
+    async def node(i: int, users: dict[str, str] | None = None) -> Server:
+        return await start_server(
+            users=users if users is not None else {},
+            cluster=cluster(redis_service, f"node-{i}"),
+            listeners=[{"type": "direct_tls", "address": "127.0.0.1", "port": ports[i]}],
+            **extra,
+        )
+
+    nodes = [await node(0, {name: PASSWORD for name in [*RECEIVERS, "sender"]})]
+    port = await haproxy(ports)  # the two others are down for now: HAProxy skips them
+    receivers = [Receiver(port, user) for user in RECEIVERS]
+    for receiver in receivers:
+        await receiver.start()
+    tasks = [asyncio.create_task(r.run()) for r in receivers]
+    sender = await login_at(ports[0], "sender", "desk")
+    sent: list[str] = []
+
+    async def chat(rounds: int, start: int) -> None:
+        for n in range(start, start + rounds):
+            for user in RECEIVERS:
+                body = f"{user}-{n}"
+                await sender.send(message(f"{user}@localhost/phone", body))
+                sent.append(body)
+            await asyncio.sleep(0.01)  # a steady chat rate, not a wait for anything
+
+    await chat(10, 0)
+    nodes += [await node(1), await node(2)]  # scale up
+    # The sender moves to the node that stays, after a round trip (all it sent is routed).
+    await sender.send("<iq type='get' id='moved'><ping xmlns='urn:xmpp:ping'/></iq>")
+    await sender.next('id="moved"')
+    await sender.send("</stream:stream>")
+    sender = await login_at(ports[2], "sender", "desk")
+    await chat(10, 10)
+    first = asyncio.create_task(nodes[0].stop())  # scale down: drain node 0 under load
+    await chat(10, 20)
+    await first
+    second = asyncio.create_task(nodes[1].stop())  # and node 1
+    await chat(10, 30)
+    await second
+    await chat(5, 40)
+    await finish(receivers, sender, tasks)
+    last = nodes[2]
+    assert all(last.router.directory.local.get(f"{u}@localhost", "phone") is not None  # type: ignore[attr-defined]
+               for u in RECEIVERS)
+    assert sum(r.resumed for r in receivers) >= len(RECEIVERS)  # each moved at least once
+    lost = await lost_messages(port, receivers, nodes, sent, last)
+    assert lost == []
