@@ -19,6 +19,8 @@ Endpoints:
   POST /accounts/{user@host}/remove             remove the account and its data here
   POST /accounts/{user@host}/password-changed   end the account's sessions
   POST /accounts/{user@host}/removed            end the account's sessions
+  POST /drain                                   stop the node as SIGTERM does (stream
+                                                management sessions resume elsewhere)
 
 xmppctl unregister asks a running node to remove the account itself: the
 node's modules then delete through the node's own cache, which another
@@ -28,6 +30,7 @@ account of the same name cannot be served the old one's cached data.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -131,6 +134,7 @@ class AdminAPI:
         app.router.add_post("/kick", self._kick)
         app.router.add_post("/accounts/{jid}/remove", self._remove_account)
         app.router.add_post("/accounts/{jid}/{change}", self._account_changed)
+        app.router.add_post("/drain", self._drain)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.admin.address, config.admin.port)
@@ -171,6 +175,7 @@ class AdminAPI:
             {
                 "version": package_version(),
                 "pid": os.getpid(),
+                "node": server.cluster.node if server.cluster is not None else None,
                 "hosts": list(server.config.hosts),
                 "connections": len(server.connections),
                 "sessions": server.router.directory.count(),
@@ -237,6 +242,13 @@ class AdminAPI:
         return web.Response(
             body=metrics.exposition(self.server), headers={"Content-Type": metrics.CONTENT_TYPE}
         )
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        """Stop this node as SIGTERM would (xmppd.server.serve does the stopping): the
+        answer leaves first, then the node stops taking connections and hands over."""
+        log.info("admin: drain requested")
+        asyncio.get_running_loop().call_soon(self.server.stop_requested.set)
+        return web.json_response({"draining": True, "pid": os.getpid()})
 
     async def _account_changed(self, request: web.Request) -> web.Response:
         change = request.match_info["change"]

@@ -378,6 +378,7 @@ DEFAULT_MODULES = (
     "blocking",
     "carbons",
     "register",
+    "stream_management",
 )
 
 

@@ -87,6 +87,8 @@ class ServerCollector(Collector):
             "Time to route one stanza (sampled, one in 64; waits on storage excluded).",
             server.router.route_time,
         )
+        for module in server.modules.modules.values():
+            yield from module.metrics()
         yield from _storage(server.storage_stats)
         if server.cluster is not None:
             yield from _cluster(server.cluster)

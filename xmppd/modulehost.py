@@ -16,6 +16,8 @@ Events a module can hook (async, `hook`; a True result stops the chain):
   iq/account (stanza, bare)          an IQ get/set from someone else to an
                                      account, before its handler (True: refused)
   session/bound (session), session/closed (session)
+  server/stopping ()                 the node stops: listeners are closed, client
+                                     streams not yet; modules and storage still run
   delivery/failure (stanza, session)  a session's transport could not take it
 Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
 message/full, message/host and the same for presence and iq (a `Routed`),
@@ -47,11 +49,12 @@ import asyncio
 import importlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from lxml import etree
+from prometheus_client.core import Metric
 from pydantic import BaseModel, ConfigDict
 
 from xmppd.auth.accounts import InvalidUsername, normalize_username
@@ -66,9 +69,10 @@ from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.auth.accounts import Accounts
+    from xmppd.cluster import Cluster
     from xmppd.config import Config
     from xmppd.router import Router
-    from xmppd.session import ClientSession
+    from xmppd.session import ClientSession, Transport
     from xmppd.storage.factory import Storage
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,13 @@ class ElementRequest:
     session: ClientSession | None  # None: authenticated, no resource bound yet
     host: str  # the virtual host of the stream
     reply: Callable[[etree._Element], None]  # write an element on the same stream
+    account: str | None = None  # the bare JID the stream authenticated as
+    # Before bind only: make this stream carry a session bound on an earlier one
+    # (stream management resumption); returns the stream's transport.
+    attach: Callable[[ClientSession], Transport | None] | None = None
+    # Before bind only: bind this full JID on this stream, taking it over from another
+    # node (a session resumed there); returns the new session. None: the stream ended.
+    bind_resumed: Callable[[str], ClientSession | None] | None = None
 
 
 IqHandler = Callable[[IqRequest], Awaitable[etree._Element | None]]
@@ -155,6 +166,11 @@ class Module:
 
     async def stop(self) -> None:
         """Release what start() took."""
+
+    def metrics(self) -> Iterable[Metric]:
+        """The module's own metrics for /metrics (prometheus_client metric families),
+        read when scraped."""
+        return ()
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Delete everything this module keeps for the account `username` of `vhost`.
@@ -213,6 +229,9 @@ class ModuleHost:
         # The server's account stores by virtual host, and its config (set by load()).
         self.accounts: dict[str, Accounts] = {}
         self.config: Config | None = None
+        # The node's cluster membership (Redis), None for a node alone: for modules that
+        # keep state every node must reach (stream management).
+        self.cluster: Cluster | None = None
         self.features: dict[Scope, set[str]] = {"server": set(), "account": set()}
         self.identities: list[tuple[str, str, str | None]] = []
         self.events = router.events
@@ -434,6 +453,11 @@ class ModuleHost:
     def is_bound(self, session: ClientSession) -> bool:
         """True while `session` is the one bound on its resource (not ended or replaced)."""
         return self.router.directory.get(session.bare, session.resource) is session
+
+    def end_session(self, session: ClientSession) -> None:
+        """End a session that has no stream any more (one stream management kept for
+        resumption): unbound, contacts see it go, "session/closed" runs."""
+        self.router.session_ended(session)
 
     def deliver(self, session: ClientSession, stanza: etree._Element) -> bool:
         """Give a stanza to one session, through the "stanza/in" filters; see Router.deliver."""

@@ -76,6 +76,8 @@ class Server:
         self.modules: ModuleHost
         self.admin = AdminAPI(self)
         self.pauses = PauseMonitor()
+        # Set by SIGTERM/SIGINT and by a drain (xmppctl drain): serve() then stops the node.
+        self.stop_requested = asyncio.Event()
 
     async def start(self) -> None:
         config = self.config
@@ -122,6 +124,7 @@ class Server:
                 raise StartupError(str(exc)) from None
         self.modules = ModuleHost(self.router, self.storage, list(config.hosts))
         self.modules.accounts = self.accounts
+        self.modules.cluster = self.cluster
         self.modules.load(config)
         await self.modules.start()
         log.info("modules: %s", ", ".join(self.modules.modules) or "none")
@@ -157,6 +160,9 @@ class Server:
         self.pauses.stop()
         for server in self._servers:
             server.close()
+        # Stream management hands its sessions over first (to Redis, when clustered)
+        # and cuts their connections, so their clients resume on another node.
+        await self.modules.fire("server/stopping")
         for conn in list(self.connections):
             conn.close(StreamError("system-shutdown", "the server is shutting down"))
         for server in self._servers:
@@ -314,13 +320,12 @@ async def serve(
     # Startup objects (modules, config, TLS context) live for the whole run: keep
     # them out of the collector's generations so full collections stay short.
     gc.freeze()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, server.stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     if on_ready is not None:
         on_ready()  # only now: a stop signal from here on is a clean stop
-    await stop.wait()
-    log.info("signal received: shutting down")
+    await server.stop_requested.wait()
+    log.info("signal or drain received: shutting down")
     await server.stop()

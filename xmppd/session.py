@@ -38,6 +38,9 @@ class Transport(Protocol):
     def resume_input(self) -> None:
         """Read from the client again."""
 
+    def drop(self) -> None:
+        """Cut the connection with no stream end, so the client resumes (XEP-0198)."""
+
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,7 @@ class ClientSession:
         "_input_holds",
         "_backlog",
         "_when_idle",
+        "keep",
         "__weakref__",
     )
 
@@ -106,6 +110,10 @@ class ClientSession:
         # Stanzas from the client waiting behind one the router is not done with.
         self._backlog: deque[etree._Element] | None = None
         self._when_idle: list[Callable[[], None]] = []
+        # Stream management sets this: asked when a transport of this session ends
+        # (the transport, and whether its stream was closed or the TCP connection just
+        # dropped); True keeps the session bound, waiting to be resumed on another one.
+        self.keep: Callable[[Transport, bool], bool] | None = None
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.jid}>"

@@ -187,7 +187,8 @@ def test_a_state_change_of_a_session_not_bound_is_not_written() -> None:
 def test_shared_state_json_cannot_encode_fails_its_setter_not_the_writer() -> None:
     """The writer encodes when it queues, so the module that set the value gets the
     TypeError, the entry keeps its last good state and nothing broken is queued."""
-    writer = Writer(Redis.from_url("redis://127.0.0.1:1/0"), "me", ClusterStats())  # never connects here
+    # never connects here
+    writer = Writer(Redis.from_url("redis://127.0.0.1:1/0"), "me", ClusterStats())
     d = ClusterDirectory("me", writer)
     session = ClientSession("bob@x/phone")
     d.add(session)

@@ -272,3 +272,34 @@ async def _get_all(
                 continue
             answers.append((url, body))
     return answers
+
+
+async def drain_nodes(data_dir: Path, node: str | None) -> Outcome:
+    """Ask the running nodes of this data_dir (only the one named `node`, by its cluster
+    node name or pid, if given) to drain: each stops as on SIGTERM (POST /drain)."""
+    outcome = Outcome()
+    unread = "no node was drained"
+    async with _admin_client(data_dir, outcome, unread) as client:
+        if client is None:
+            return outcome
+        nodes, http = client
+        for record, url in nodes.items():
+            try:
+                async with http.get(url + "/status") as response:
+                    status = await response.json(content_type=None)
+                name, pid = status.get("node"), str(status.get("pid"))
+                if node is not None and node not in (name, pid):
+                    continue
+                async with http.post(url + "/drain") as response:
+                    if response.status != 200:
+                        raise ValueError(f"HTTP {response.status}")
+            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as e:
+                outcome.warnings.append(
+                    f"the node at {url} did not answer ({type(e).__name__}: {e}); "
+                    f"if it is not running, delete {record}"
+                )
+                continue
+            outcome.done.append(f"draining node {name or '-'} (pid {pid}) at {url}")
+    if node is not None and not outcome.done and not outcome.warnings:
+        outcome.warnings.append(f"no running node here is named {node}")
+    return outcome

@@ -86,6 +86,9 @@ class RemoteTransport:
     def resume_input(self) -> None:
         """Its client's input is its own node's to resume."""
 
+    def drop(self) -> None:
+        """Its client's connection is its own node's to cut."""
+
 
 def node_of(session: ClientSession) -> str | None:
     """The node a replica session is bound on; None for a local session."""

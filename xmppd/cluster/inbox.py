@@ -54,6 +54,19 @@ RETRY_DELAY = 0.5
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
+async def cancel_for_sure(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait until it is done, cancelling again as long as it runs.
+
+    A cancellation can be swallowed on Python 3.11 when it lands as redis-py's read
+    completes (seen under load: a node's stop then hung for good in Inbox.stop), and
+    the task goes on looping; asking again ends it at its next await."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.2)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure was logged where it happened
+
+
 class Inbox:
     def __init__(
         self,
@@ -103,10 +116,7 @@ class Inbox:
             pass  # then it notices at the end of its current XREAD, or is cancelled
         done, _ = await asyncio.wait({task}, timeout=STOP_WAIT)
         if not done:
-            task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=STOP_WAIT)
-            if not done:
-                log.error("cluster: the inbox reader did not stop; left behind")
+            await cancel_for_sure(task)
 
     async def _run(self) -> None:
         failing = False  # logged once per outage, not every retry
