@@ -26,7 +26,7 @@ from tests.integration.conftest import StartServer, port_of
 from tests.integration.test_cluster import redis_service, until  # noqa: F401  (fixture)
 from tests.integration.test_sm_cluster import cluster
 from tests.integration.test_stream_management import SASL, SM, Stream, message, sm_module
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
+from tests.storage.services import service_factory, unavailable  # noqa: F401  (fixture)
 from xmppd.server import Server
 from xmppd.storage.devservices import LocalService
 
@@ -47,7 +47,7 @@ def free_port() -> int:
 @pytest.fixture
 async def haproxy(tmp_path: Path) -> AsyncIterator[Any]:
     if shutil.which("haproxy") is None:
-        pytest.skip("haproxy is not installed (.ci/services.sh installs it)")
+        unavailable("haproxy is not installed (.ci/services.sh installs it)")
     started: list[asyncio.subprocess.Process] = []
 
     async def start(ports: list[int]) -> int:
