@@ -474,6 +474,8 @@ class PrivacyEngine:
         host.hook("session/bound", self._session_bound)
         host.hook("message/offline", self._message_offline, PRIORITY)
         host.hook("iq/account", self._iq_to_account, PRIORITY)
+        # The stanza/in filter runs on the sender's node, for recipients on any node.
+        host.share_state(ACTIVE)
 
     async def start(self) -> None:
         """Find the roster and hook presence subscriptions (runs once, after every setup())."""
@@ -586,14 +588,11 @@ class PrivacyEngine:
         if name is not None and name not in state.data.lists:
             raise StanzaError("item-not-found", "no privacy list by that name")
         before = self._snapshot(session.bare)
-        if name is None:
-            session.state.pop(ACTIVE, None)
-        else:
-            session.state[ACTIVE] = name
+        self.host.set_state(session, ACTIVE, name)
         await self._presence_effects(session.bare, before)
 
     def forget_active(self, session: ClientSession) -> None:
-        session.state.pop(ACTIVE, None)
+        self.host.set_state(session, ACTIVE, None)
 
     def push(self, bare: str, payload: etree._Element) -> None:
         """An IQ-set with `payload` to every connected resource of `bare` (list/block pushes)."""

@@ -1,7 +1,9 @@
 """Message Carbons (XEP-0280): every resource of a user sees the whole conversation.
 
 A session opts in with <enable/> (a flag in the session's own state: it
-ends with the session). Two handlers do the work, each once per message:
+ends with the session; shared, so that in a cluster the node routing a
+message copies it to opted-in resources on other nodes too). Two handlers
+do the work, each once per message:
 
 * the "stanza/out" filter sees what a client sends: eligible messages are
   copied, wrapped in <sent/>, to the user's other opted-in resources;
@@ -121,6 +123,8 @@ class Carbons(Module):
         self.host.on("message/full", self.strip_private, priority=HIGHEST)
         self.host.on("message/delivered", self.on_delivered)
         self.host.hook("session/closed", self.on_closed)
+        # A message is copied on the node that routes it, to resources on any node.
+        self.host.share_state(self.name)
 
     # --- enable / disable --------------------------------------------------------------
 
@@ -142,7 +146,7 @@ class Carbons(Module):
     def _set(self, session: ClientSession, enabled: bool) -> None:
         if bool(session.state.get(self.name)) == enabled:
             return
-        session.state[self.name] = enabled
+        self.host.set_state(session, self.name, True if enabled else None)
         count = self.opted_in.get(session.bare, 0) + (1 if enabled else -1)
         if count > 0:
             self.opted_in[session.bare] = count
@@ -150,7 +154,8 @@ class Carbons(Module):
             self.opted_in.pop(session.bare, None)
 
     def _interested(self, owner: str) -> list[ClientSession]:
-        if owner not in self.opted_in:
+        # `opted_in` counts this node's sessions; in a cluster another node's may have.
+        if owner not in self.opted_in and not self.host.clustered:
             return []
         return [s for s in self.host.available_sessions(owner) if s.state.get(self.name)]
 

@@ -133,6 +133,8 @@ class RosterModule(Module):
         self.host.iq(ROSTER, "get", self._on_get, to="account")
         self.host.iq(ROSTER, "set", self._on_set, to="account")
         self.host.add_stream_feature("bound", _rosterver_feature)
+        # Pushes go from the node where the roster changed to every interested resource.
+        self.host.share_state(INTERESTED)
         # Interested resources (RFC 6121 2.1.6): sessions that asked for the
         # roster, each with whether it uses versioning (gets 'ver' in pushes).
         self._listeners: list[ChangeCallback] = []
@@ -227,7 +229,8 @@ class RosterModule(Module):
         client_ver = request.payload.get("ver")
         session = self._session_of(request)
         if session is not None:
-            session.state[INTERESTED] = client_ver is not None  # pushes carry 'ver' then
+            # Pushes carry 'ver' when it was given.
+            self.host.set_state(session, INTERESTED, client_ver is not None)
         roster = await self._read_for_client(owner)
         if client_ver is not None and client_ver == roster.version:
             return None  # XEP-0237: the client's copy is current; pushes follow
@@ -387,7 +390,7 @@ class RosterModule(Module):
                 self.log.exception("roster change listener %r failed", callback)
 
     def _push(self, owner: str, element: etree._Element, version: str) -> None:
-        """A roster push to each interested resource on this node (RFC 6121 2.1.6)."""
+        """A roster push to each interested resource, on any node (RFC 6121 2.1.6)."""
         for session in self.host.sessions(owner):
             uses_ver = session.state.get(INTERESTED)
             if uses_ver is None:

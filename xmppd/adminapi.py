@@ -13,9 +13,14 @@ machine (xmppd.cli.nodes). Every request needs `Authorization: Bearer
 Endpoints:
   GET  /status                                  the node: version, pid, hosts, counts
   GET  /metrics                                 Prometheus text format (xmppd.metrics)
+  GET  /sessions[?host=H]                       this node's sessions: JID, node, since, address
+  POST /kick  {"jid": J, "reason": R}           end a full JID's session, or all of a bare
+                                                JID's, on whichever node of the cluster it is
   POST /accounts/{user@host}/remove             remove the account and its data here
   POST /accounts/{user@host}/password-changed   end the account's sessions
   POST /accounts/{user@host}/removed            end the account's sessions
+  POST /drain                                   stop the node as SIGTERM does (stream
+                                                management sessions resume elsewhere)
 
 xmppctl unregister asks a running node to remove the account itself: the
 node's modules then delete through the node's own cache, which another
@@ -25,6 +30,7 @@ account of the same name cannot be served the old one's cached data.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -38,8 +44,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from xmppd import metrics, package_version
+from xmppd.cluster.directory import node_of
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import AccountDataRemains
+from xmppd.session import ClientSession
 from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StreamError
 
@@ -50,6 +58,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_FILE = "token"
 RECORD_SUFFIX = ".json"
+
+KICK_REASON = "ended by an administrator"
 
 ACCOUNT_CHANGES = {
     # RFC 6120 4.9.3.12 <not-authorized/>: the stream's authentication no longer
@@ -120,8 +130,11 @@ class AdminAPI:
         app = web.Application(middlewares=[self._authenticate])
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/sessions", self._sessions)
+        app.router.add_post("/kick", self._kick)
         app.router.add_post("/accounts/{jid}/remove", self._remove_account)
         app.router.add_post("/accounts/{jid}/{change}", self._account_changed)
+        app.router.add_post("/drain", self._drain)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.admin.address, config.admin.port)
@@ -162,6 +175,7 @@ class AdminAPI:
             {
                 "version": package_version(),
                 "pid": os.getpid(),
+                "node": server.cluster.node if server.cluster is not None else None,
                 "hosts": list(server.config.hosts),
                 "connections": len(server.connections),
                 "sessions": server.router.directory.count(),
@@ -170,10 +184,71 @@ class AdminAPI:
             }
         )
 
+    async def _sessions(self, request: web.Request) -> web.Response:
+        """This node's own sessions (in a cluster, xmppctl reads the others' from Redis)."""
+        host = request.query.get("host")
+        cluster = self.server.cluster
+        node = cluster.node if cluster is not None else None
+        local = self.server.router.directory
+        sessions = (
+            [s for s, _ in cluster.directory.local_entries()]
+            if cluster is not None
+            else [s for bare in local.accounts() for s in local.resources(bare)]
+        )
+        return web.json_response(
+            {
+                "node": node,
+                "sessions": [
+                    session_view(s, node)
+                    for s in sorted(sessions, key=lambda s: s.jid)
+                    if host is None or s.host == host
+                ],
+            }
+        )
+
+    async def _kick(self, request: web.Request) -> web.Response:
+        """End the named session(s) with <policy-violation/> and the reason, wherever they
+        are: a session on another node is ended by that node (the cluster directory)."""
+        try:
+            body = await request.json()
+            jid = JID(str(body["jid"]))
+            reason = str(body.get("reason") or KICK_REASON)
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidJID) as e:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": f'expected {{"jid": JID, "reason": TEXT}}: {e}'}),
+                content_type="application/json",
+            ) from None
+        directory = self.server.router.directory
+        if jid.resource:
+            found = directory.get(jid.bare, jid.resource)
+            sessions = [found] if found is not None else []
+        else:
+            sessions = directory.resources(jid.bare)
+        error = StreamError("policy-violation", reason)
+        ended = []
+        for session in sessions:
+            ended.append(session_view(session, self._node_of(session)))
+            session.terminate(error)
+        log.info("admin: kicked %s: ended %d session(s)", jid.full, len(ended))
+        return web.json_response({"ended": ended})
+
+    def _node_of(self, session: ClientSession) -> str | None:
+        cluster = self.server.cluster
+        if cluster is None:
+            return None
+        return node_of(session) or cluster.node
+
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
             body=metrics.exposition(self.server), headers={"Content-Type": metrics.CONTENT_TYPE}
         )
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        """Stop this node as SIGTERM would (xmppd.server.serve does the stopping): the
+        answer leaves first, then the node stops taking connections and hands over."""
+        log.info("admin: drain requested")
+        asyncio.get_running_loop().call_soon(self.server.stop_requested.set)
+        return web.json_response({"draining": True, "pid": os.getpid()})
 
     async def _account_changed(self, request: web.Request) -> web.Response:
         change = request.match_info["change"]
@@ -218,6 +293,11 @@ class AdminAPI:
                 content_type="application/json",
             )
         return jid
+
+
+def session_view(session: ClientSession, node: str | None) -> dict[str, object]:
+    """What xmppctl shows of a session (the same fields as a cluster table entry)."""
+    return {"jid": session.jid, "node": node, "since": session.since, "address": session.address}
 
 
 def _url(address: object) -> str:

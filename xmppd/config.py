@@ -381,6 +381,7 @@ DEFAULT_MODULES = (
     "blocking",
     "carbons",
     "register",
+    "stream_management",
 )
 
 

@@ -223,7 +223,16 @@ class C2SConnection(asyncio.BufferedProtocol):
 
     def _element(self, element: etree._Element) -> None:
         """A non-stanza element goes to the module that handles it, or ends the stream."""
-        request = ElementRequest(element, self.session, self.stream.host or "", self._reply)
+        host = self.stream.host or ""
+        request = ElementRequest(
+            element,
+            self.session,
+            host,
+            self._reply,
+            account=f"{self.stream.username}@{host}" if self.stream.authenticated else None,
+            attach=self._attach if self.session is None else None,
+            bind_resumed=self._bind_resumed if self.session is None else None,
+        )
         if not self.server.modules.handle_element(request):
             self.stream.fail(
                 StreamError("unsupported-stanza-type", f"{element.tag} is not supported")
@@ -241,6 +250,37 @@ class C2SConnection(asyncio.BufferedProtocol):
             self._auth_timer = None
         self.server.session_started(session)
 
+    def _attach(self, session: ClientSession) -> C2SConnection | None:
+        """Carry `session`, bound on an earlier stream, from now on (XEP-0198 resumption);
+        the caller makes this connection its transport. None if this stream cannot any
+        more (it ended, or bound a resource, while the resumption was looked up)."""
+        if self.session is not None or self.stream.closed or self.transport is None:
+            return None
+        self.session = session
+        self.login = None
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        self.stream.resumed(session.jid)
+        return self
+
+    def _bind_resumed(self, jid: str) -> ClientSession | None:
+        """Bind `jid` on this stream with no bind request: a session resumed from another
+        node (XEP-0198), whose resource this node now takes over. None as for _attach."""
+        if self.session is not None or self.stream.closed or self.transport is None:
+            return None
+        session = ClientSession(jid, self, self.server.router)
+        self.server.router.bind(session)
+        self._attach(session)
+        self.server.session_started(session)
+        return session
+
+    def drop(self) -> None:
+        """Cut the connection with no stream end: the client sees it drop and resumes its
+        session, on another node when this one drains."""
+        if self.transport is not None:
+            self.transport.abort()
+
     def _lost_queued(self) -> None:
         """The connection went before queued messages reached its transport."""
         self.server.router.ledger.drop("recipient-gone", self._queued_messages)
@@ -250,6 +290,8 @@ class C2SConnection(asyncio.BufferedProtocol):
         session = self.session
         if session is not None and not self._ended:
             self._ended = True
+            if session.keep is not None and session.keep(self, self.stream.closed):
+                return  # stream management keeps it, waiting to be resumed
             self.server.session_ended(session)
 
     async def _start_tls(self) -> None:

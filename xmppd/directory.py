@@ -38,6 +38,11 @@ class SessionDirectory(Protocol):
         """The router changed a bound session's availability or priority (a cluster
         directory tells the other nodes; a node alone has nothing to do)."""
 
+    def state_changed(self, session: ClientSession, key: str) -> None:
+        """A module changed `key` of a bound session's state, a key it declared shared
+        (`Module.shared_state`): a cluster directory tells the other nodes, whose
+        replica of the session gets it; a node alone has nothing to do."""
+
     def count(self) -> int:
         """How many sessions are bound on this node."""
 
@@ -90,6 +95,9 @@ class LocalDirectory:
         return True
 
     def presence_changed(self, session: ClientSession) -> None:
+        pass
+
+    def state_changed(self, session: ClientSession, key: str) -> None:
         pass
 
     def count(self) -> int:

@@ -19,9 +19,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from xmppd.pauses import BUCKETS, PauseStats
+from xmppd.pauses import PauseStats
+from xmppd.storage.timing import BOUNDS as TIMING_BOUNDS
+from xmppd.storage.timing import OpStats, StorageStats
 
 if TYPE_CHECKING:
+    from xmppd.cluster import Cluster
     from xmppd.server import Server
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -79,11 +82,99 @@ class ServerCollector(Collector):
             "Bound client sessions on this node.",
             value=server.router.directory.count(),
         )
+        yield _histogram(
+            "xmppd_routing_seconds",
+            "Time to route one stanza (sampled, one in 64; waits on storage excluded).",
+            server.router.route_time,
+        )
+        for module in server.modules.modules.values():
+            yield from module.metrics()
+        yield from _storage(server.storage_stats)
+        if server.cluster is not None:
+            yield from _cluster(server.cluster)
+
+
+def _storage(stats: StorageStats) -> Iterator[Metric]:
+    """Every call of the item store, the blob store and the cache (xmppd.storage.timing)."""
+    latency = HistogramMetricFamily(
+        "xmppd_storage_seconds",
+        "Duration of each call to a part of the storage: items and blobs (the stores, "
+        "beneath the cache: misses and writes), cache (every cache call).",
+        labels=["part"],
+    )
+    errors = CounterMetricFamily(
+        "xmppd_storage_errors", "Calls that failed, by part of the storage.", labels=["part"]
+    )
+    for part in ("items", "blobs", "cache"):
+        ops: OpStats = getattr(stats, part)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, TIMING_BOUNDS), "+Inf"), ops.buckets, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        latency.add_metric([part], buckets, sum_value=ops.total)
+        errors.add_metric([part], ops.errors)
+    yield latency
+    yield errors
+
+
+def _cluster(cluster: Cluster) -> Iterator[Metric]:
+    """The node's side of the cluster (xmppd.cluster.stats); only on a cluster node."""
+    stats = cluster.stats
+    forwards = CounterMetricFamily(
+        "xmppd_cluster_forwards",
+        "Stanzas passed between nodes: out (queued for another node), in (taken from "
+        "this node's inbox), refused (routed on this node instead: Redis unreachable "
+        "or too many writes waiting, the node gone, its inbox full, the hop limit).",
+        labels=["direction"],
+    )
+    forwards.add_metric(["out"], stats.forwards_out)
+    forwards.add_metric(["in"], stats.forwards_in)
+    forwards.add_metric(["refused"], stats.forwards_refused)
+    yield forwards
+    ends = CounterMetricFamily(
+        "xmppd_cluster_session_ends",
+        "Requests to end a session on its node (conflict, kick): out and in.",
+        labels=["direction"],
+    )
+    ends.add_metric(["out"], stats.ends_out)
+    ends.add_metric(["in"], stats.ends_in)
+    yield ends
+    yield _histogram(
+        "xmppd_cluster_forward_latency_seconds",
+        "From a stanza queued on the sending node to its node taking it from the inbox "
+        "(sampled, one in 16; assumes the nodes' clocks agree).",
+        stats.forward_latency,
+    )
+    yield GaugeMetricFamily(
+        "xmppd_cluster_redis_up",
+        "1 when every part of the node (writer, inbox, events, heartbeat) reaches Redis.",
+        value=int(stats.redis_up),
+    )
+    yield CounterMetricFamily(
+        "xmppd_cluster_redis_reconnects",
+        "Times a part of the node got Redis back after losing it.",
+        value=stats.reconnects,
+    )
+    yield CounterMetricFamily(
+        "xmppd_cluster_redis_errors",
+        "Redis operations that failed (each retry counts).",
+        value=stats.redis_errors,
+    )
+    yield GaugeMetricFamily(
+        "xmppd_cluster_write_queue",
+        "Writes (table changes, forwarded stanzas) waiting to be sent to Redis.",
+        value=cluster.writer.queued,
+    )
+    yield GaugeMetricFamily(
+        "xmppd_cluster_remote_sessions",
+        "Sessions of other nodes in this node's replica of the table.",
+        value=cluster.directory.remote_count(),
+    )
 
 
 def _histogram(name: str, text: str, stats: PauseStats) -> HistogramMetricFamily:
     cumulative, buckets = 0, []
-    for bound, count in zip((*map(str, BUCKETS), "+Inf"), stats.buckets, strict=True):
+    for bound, count in zip((*map(str, stats.bounds), "+Inf"), stats.buckets, strict=True):
         cumulative += count
         buckets.append((bound, cumulative))
     return HistogramMetricFamily(name, text, buckets=buckets, sum_value=stats.total)

@@ -16,6 +16,8 @@ Events a module can hook (async, `hook`; a True result stops the chain):
   iq/account (stanza, bare)          an IQ get/set from someone else to an
                                      account, before its handler (True: refused)
   session/bound (session), session/closed (session)
+  server/stopping ()                 the node stops: listeners are closed, client
+                                     streams not yet; modules and storage still run
   delivery/failure (stanza, session)  a session's transport could not take it
 Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
 message/full, message/host and the same for presence and iq (a `Routed`),
@@ -26,6 +28,14 @@ origin session), stanza/in (stanza, session), presence/self (stanza, session):
 a client's own broadcast presence as the router applies it.
 Non-stanza elements: `element`. Timers: `every`. Subdomains: `serve_domain`.
 IQs the server sends: `send_iq`.
+
+Session state: a module keeps what belongs to one session in `session.state`
+under a key it owns. In a cluster, a session bound on another node is a
+replica whose `state` holds only the keys declared with `share_state` (in
+setup()) and changed with `set_state`: the session's node writes them with
+its directory entry and every other node's replica gets them. Their values
+must be JSON values (str, int, bool, lists, dicts; None removes the key);
+other keys stay on the session's own node. A node alone pays one set lookup per `set_state`.
 
 Account removal is not an event but a method every module may override,
 `Module.remove_user`: the host calls each one in turn (`ModuleHost.remove_account`)
@@ -39,14 +49,16 @@ import asyncio
 import importlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from lxml import etree
+from prometheus_client.core import Metric
 from pydantic import BaseModel, ConfigDict
 
 from xmppd.auth.accounts import InvalidUsername, normalize_username
+from xmppd.directory import LocalDirectory
 from xmppd.events import DEFAULT
 from xmppd.jid import JID
 from xmppd.ledger import MessageLedger
@@ -57,9 +69,10 @@ from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.auth.accounts import Accounts
+    from xmppd.cluster import Cluster
     from xmppd.config import Config
     from xmppd.router import Router
-    from xmppd.session import ClientSession
+    from xmppd.session import ClientSession, Transport
     from xmppd.storage.factory import Storage
 
 log = logging.getLogger(__name__)
@@ -108,6 +121,13 @@ class ElementRequest:
     session: ClientSession | None  # None: authenticated, no resource bound yet
     host: str  # the virtual host of the stream
     reply: Callable[[etree._Element], None]  # write an element on the same stream
+    account: str | None = None  # the bare JID the stream authenticated as
+    # Before bind only: make this stream carry a session bound on an earlier one
+    # (stream management resumption); returns the stream's transport.
+    attach: Callable[[ClientSession], Transport | None] | None = None
+    # Before bind only: bind this full JID on this stream, taking it over from another
+    # node (a session resumed there); returns the new session. None: the stream ended.
+    bind_resumed: Callable[[str], ClientSession | None] | None = None
 
 
 IqHandler = Callable[[IqRequest], Awaitable[etree._Element | None]]
@@ -146,6 +166,11 @@ class Module:
 
     async def stop(self) -> None:
         """Release what start() took."""
+
+    def metrics(self) -> Iterable[Metric]:
+        """The module's own metrics for /metrics (prometheus_client metric families),
+        read when scraped."""
+        return ()
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Delete everything this module keeps for the account `username` of `vhost`.
@@ -204,6 +229,9 @@ class ModuleHost:
         # The server's account stores by virtual host, and its config (set by load()).
         self.accounts: dict[str, Accounts] = {}
         self.config: Config | None = None
+        # The node's cluster membership (Redis), None for a node alone: for modules that
+        # keep state every node must reach (stream management).
+        self.cluster: Cluster | None = None
         self.features: dict[Scope, set[str]] = {"server": set(), "account": set()}
         self.identities: list[tuple[str, str, str | None]] = []
         self.events = router.events
@@ -212,6 +240,9 @@ class ModuleHost:
         self._timers: list[Repeating] = []
         self._awaiting: dict[str, tuple[str, asyncio.Future[etree._Element]]] = {}
         self._iq: dict[tuple[str, str, Scope], IqHandler] = {}
+        self._shared: set[str] = set()
+        # Sessions may be replicas of other nodes' sessions (xmppd.cluster).
+        self.clustered = not isinstance(router.directory, LocalDirectory)
         self._preauth_iq: dict[tuple[str, str], PreAuthHandler] = {}
         self.stream_features: dict[str, list[Callable[[], etree._Element]]] = {
             "preauth": [],
@@ -329,6 +360,25 @@ class ModuleHost:
         entry[0](request)
         return True
 
+    def share_state(self, key: str) -> None:
+        """Declare `key` of `session.state` shared: the other nodes of a cluster need it
+        (a flag that decides who gets a stanza, routed on the sender's node). Change it
+        with `set_state`, with JSON values; a replica session of another node has it in
+        its `state`, as its own node last wrote it (on a cluster node, `set_state` raises
+        TypeError for a value JSON cannot encode). Prosody has no cluster; ejabberd's
+        session table has an `info` list modules add to, the model here."""
+        self._shared.add(key)
+
+    def set_state(self, session: ClientSession, key: str, value: Any) -> None:
+        """Set `key` of a local session's state to `value` (None removes it); a shared
+        key (`share_state`) goes to the other nodes with the session's entry."""
+        if value is None:
+            session.state.pop(key, None)
+        else:
+            session.state[key] = value
+        if key in self._shared:
+            self.router.directory.state_changed(session, key)
+
     def every(self, seconds: float, callback: Callable[[], None]) -> Repeating:
         """Call `callback` every `seconds` (first after `seconds`) until it is cancelled
         or the host stops. One that needs to wait on something spawns a task."""
@@ -403,6 +453,11 @@ class ModuleHost:
     def is_bound(self, session: ClientSession) -> bool:
         """True while `session` is the one bound on its resource (not ended or replaced)."""
         return self.router.directory.get(session.bare, session.resource) is session
+
+    def end_session(self, session: ClientSession) -> None:
+        """End a session that has no stream any more (one stream management kept for
+        resumption): unbound, contacts see it go, "session/closed" runs."""
+        self.router.session_ended(session)
 
     def deliver(self, session: ClientSession, stanza: etree._Element) -> bool:
         """Give a stanza to one session, through the "stanza/in" filters; see Router.deliver."""

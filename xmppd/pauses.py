@@ -26,26 +26,28 @@ BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)  # seconds; a Prometheus his
 
 
 class PauseStats:
-    """A histogram of one kind of pause, in seconds: counts per bucket, total, worst."""
+    """A histogram of one kind of pause (or latency), in seconds: counts per bucket
+    (`bounds`, default BUCKETS), total, worst."""
 
-    __slots__ = ("buckets", "count", "total", "worst")
+    __slots__ = ("bounds", "buckets", "count", "total", "worst")
 
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(BUCKETS) + 1)  # the last one: above every bound
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # the last one: above every bound
         self.count = 0
         self.total = 0.0
         self.worst = 0.0
 
     def add(self, seconds: float) -> None:
-        self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.buckets[bisect.bisect_left(self.bounds, seconds)] += 1
         self.count += 1
         self.total += seconds
         if seconds > self.worst:
             self.worst = seconds
 
     def over(self, seconds: float) -> int:
-        """How many pauses were longer than `seconds` (one of BUCKETS)."""
-        return sum(self.buckets[BUCKETS.index(seconds) + 1 :])
+        """How many pauses were longer than `seconds` (one of the bounds)."""
+        return sum(self.buckets[self.bounds.index(seconds) + 1 :])
 
     def snapshot(self) -> dict[str, float]:
         return {

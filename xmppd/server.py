@@ -11,6 +11,7 @@ import secrets
 import signal
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from xmppd.router import Router
 from xmppd.session import ClientSession
 from xmppd.storage.base import ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
+from xmppd.storage.timing import StorageStats, instrument
 from xmppd.stream.c2s import StreamSettings
 from xmppd.stream.errors import StreamError
 from xmppd.tls import ServerTLS, TLSError, ensure_self_signed, reload_tls, server_tls
@@ -44,8 +46,11 @@ class Listening:
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reuse_port: bool = False) -> None:
         self.config = config
+        # SO_REUSEPORT on the client listeners: `xmppd --workers` runs several nodes
+        # on the same ports and the kernel spreads connections over them.
+        self.reuse_port = reuse_port
         self.connections: set[C2SConnection] = set()
         self.per_ip: Counter[str] = Counter()
         limits = config.limits
@@ -62,6 +67,7 @@ class Server:
         self._stopped = False
         self._tls_files: tuple[Path, Path]
         self.storage: Storage
+        self.storage_stats = StorageStats()
         self.tls: ServerTLS
         self.accounts: dict[str, Accounts]
         self.fake_salt_key: bytes
@@ -70,6 +76,8 @@ class Server:
         self.modules: ModuleHost
         self.admin = AdminAPI(self)
         self.pauses = PauseMonitor()
+        # Set by SIGTERM/SIGINT and by a drain (xmppctl drain): serve() then stops the node.
+        self.stop_requested = asyncio.Event()
 
     async def start(self) -> None:
         config = self.config
@@ -89,6 +97,7 @@ class Server:
         self.storage = await open_storage(config.storage, config.data_dir)
         for line in self.storage.describe():
             log.info("storage: %s", line)
+        self.storage_stats = instrument(self.storage)  # latency and errors for /metrics
         if config.storage.cache.backend == "memory" and (
             config.storage.items.backend != "sqlite" or config.storage.blobs.backend != "files"
         ):
@@ -115,6 +124,7 @@ class Server:
                 raise StartupError(str(exc)) from None
         self.modules = ModuleHost(self.router, self.storage, list(config.hosts))
         self.modules.accounts = self.accounts
+        self.modules.cluster = self.cluster
         self.modules.load(config)
         await self.modules.start()
         if self.cluster is not None:
@@ -131,6 +141,7 @@ class Server:
                 backlog=listener.backlog,
                 ssl_handshake_timeout=config.limits.auth_timeout if direct else None,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
             self._servers.append(server)
             for sock in server.sockets:
@@ -151,6 +162,9 @@ class Server:
         self.pauses.stop()
         for server in self._servers:
             server.close()
+        # Stream management hands its sessions over first (to Redis, when clustered)
+        # and cuts their connections, so their clients resume on another node.
+        await self.modules.fire("server/stopping")
         for conn in list(self.connections):
             conn.close(StreamError("system-shutdown", "the server is shutting down"))
         for server in self._servers:
@@ -295,21 +309,25 @@ async def cluster_secret(storage: Storage, name: str) -> bytes:
     return value
 
 
-async def serve(config: Config) -> None:
+async def serve(
+    config: Config, reuse_port: bool = False, on_ready: Callable[[], None] | None = None
+) -> None:
     """Run a node until SIGTERM or SIGINT, then shut down cleanly; SIGHUP reloads TLS.
 
     Logging goes to stderr (the service manager keeps it), so there is no log
-    file to reopen on SIGHUP."""
-    server = Server(config)
+    file to reopen on SIGHUP. `on_ready` runs once the node serves (a worker
+    tells its supervisor, xmppd.cli.workers)."""
+    server = Server(config, reuse_port)
     await server.start()
     # Startup objects (modules, config, TLS context) live for the whole run: keep
     # them out of the collector's generations so full collections stay short.
     gc.freeze()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, server.stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
-    await stop.wait()
-    log.info("signal received: shutting down")
+    if on_ready is not None:
+        on_ready()  # only now: a stop signal from here on is a clean stop
+    await server.stop_requested.wait()
+    log.info("signal or drain received: shutting down")
     await server.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -36,6 +37,9 @@ class Transport(Protocol):
 
     def resume_input(self) -> None:
         """Read from the client again."""
+
+    def drop(self) -> None:
+        """Cut the connection with no stream end, so the client resumes (XEP-0198)."""
 
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,8 @@ class ClientSession:
     `state` is where modules keep what belongs to the session and must go
     with it (carbons enabled, the active privacy list): keyed by a name the
     module owns, dropped with the session, never shared between sessions.
+    On a replica of another cluster node's session it holds only the keys
+    modules declared shared (`ModuleHost.share_state`).
     """
 
     __slots__ = (
@@ -73,11 +79,14 @@ class ClientSession:
         "priority",
         "presence",
         "state",
+        "since",
+        "address",
         "transport",
         "router",
         "_input_holds",
         "_backlog",
         "_when_idle",
+        "keep",
         "__weakref__",
     )
 
@@ -91,12 +100,20 @@ class ClientSession:
         self.priority = 0
         self.presence: etree._Element | None = None  # last broadcast presence
         self.state: dict[str, Any] = {}
+        # What operators see of it (xmppctl sessions): when it was bound (Unix time)
+        # and its client's address ("" for the server's own and unknown ones).
+        self.since = time.time()
+        self.address = ""
         self.transport = transport
         self.router = router
         self._input_holds = 0
         # Stanzas from the client waiting behind one the router is not done with.
         self._backlog: deque[etree._Element] | None = None
         self._when_idle: list[Callable[[], None]] = []
+        # Stream management sets this: asked when a transport of this session ends
+        # (the transport, and whether its stream was closed or the TCP connection just
+        # dropped); True keeps the session bound, waiting to be resumed on another one.
+        self.keep: Callable[[Transport, bool], bool] | None = None
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.jid}>"

@@ -38,6 +38,7 @@ class RecordingTransport:
         self.received: list[etree._Element] = []
         self.terminated: StreamError | None = None
         self.paused = False
+        self.dropped = False
 
     def send(self, stanza: etree._Element) -> bool:
         self.received.append(stanza)
@@ -51,6 +52,9 @@ class RecordingTransport:
 
     def resume_input(self) -> None:
         self.paused = False
+
+    def drop(self) -> None:
+        self.dropped = True
 
 
 class TestSession(ClientSession):

@@ -155,6 +155,27 @@ async def test_a_stopped_node_s_sessions_are_gone_and_messages_go_offline(
     bob.abort()
 
 
+async def test_a_clean_stop_leaves_the_inbox_empty(
+    redis_service: LocalService, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The entry a stopping node writes to its own inbox to end its blocking read is
+    skipped, not routed as a stanza, and trimmed like a handled one: the stop reads its
+    inbox to the end at once and leaves nothing for the next process of its name."""
+    a, b = await two_nodes(start_server, redis_service)
+    assert a.cluster is not None
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    alice.send_message(mto="bob@localhost/phone", mbody="before the stop", mtype="chat")
+    assert await received(bob) == "before the stop"
+    await b.stop()
+    assert await a.cluster.redis.xlen(schema.inbox_key("node-b")) == 0
+    assert "inbox entry failed" not in caplog.text
+    assert "could not read the inbox" not in caplog.text
+    await close(alice)
+    bob.abort()
+
+
 async def test_a_dead_node_is_reaped_by_the_heartbeat(
     redis_service: LocalService, start_server: StartServer
 ) -> None:
@@ -167,7 +188,7 @@ async def test_a_dead_node_is_reaped_by_the_heartbeat(
     await redis.hset(schema.sessions_key("bob@localhost"), "ghost", ghost.encode())
     await redis.sadd(schema.node_sessions_key("node-dead"), ghost.jid)
     await redis.sadd(schema.NODES, "node-dead")
-    await redis.publish(schema.EVENTS, schema.set_event(ghost))
+    await redis.publish(schema.EVENTS, schema.set_event(ghost, 1))
     await until(lambda: b.router.directory.get("bob@localhost", "ghost") is not None)
     await a.cluster.heartbeat.beat()
     await until(lambda: not b.router.directory.has("bob@localhost"))
@@ -282,8 +303,8 @@ async def test_a_stanza_between_replicas_that_disagree_stops_at_the_hop_limit(
     storage), where bob finds it at his next login."""
     a, b = await two_nodes(start_server, redis_service)
     assert a.cluster is not None and b.cluster is not None
-    a.cluster.directory.apply_set(schema.Entry("bob@localhost/phone", "node-b", 0, True, "x"))
-    b.cluster.directory.apply_set(schema.Entry("bob@localhost/phone", "node-a", 0, True, "y"))
+    a.cluster.directory.apply_set(schema.Entry("bob@localhost/phone", "node-b", 0, True, sid="x"))
+    b.cluster.directory.apply_set(schema.Entry("bob@localhost/phone", "node-a", 0, True, sid="y"))
     alice = await online(a, "alice@localhost/desk", "alice-secret")
     alice.send_message(mto="bob@localhost/phone", mbody="round and round", mtype="chat")
     await until(lambda: "forwarded 3 times between nodes" in caplog.text)
@@ -330,11 +351,11 @@ async def test_what_a_dead_node_left_in_its_inbox_is_routed_again_by_its_reaper(
     a, b = await two_nodes(start_server, redis_service)
     assert a.cluster is not None and b.cluster is not None
     redis = a.cluster.redis
-    ghost = schema.Entry("bob@localhost/ghost", "node-dead", 0, True, "g")
+    ghost = schema.Entry("bob@localhost/ghost", "node-dead", 0, True, sid="g")
     await redis.hset(schema.sessions_key("bob@localhost"), "ghost", ghost.encode())
     await redis.sadd(schema.node_sessions_key("node-dead"), ghost.jid)
     await redis.sadd(schema.NODES, "node-dead")
-    await redis.publish(schema.EVENTS, schema.set_event(ghost))
+    await redis.publish(schema.EVENTS, schema.set_event(ghost, 1))
     await until(lambda: b.router.directory.get("bob@localhost", "ghost") is not None)
     alice = await online(b, "alice@localhost/desk", "alice-secret")
     alice.send_message(mto="bob@localhost/ghost", mbody="before the reap", mtype="chat")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from lxml import etree
+from redis.asyncio import Redis
 
 from xmppd.cluster.directory import ClusterDirectory, RemoteTransport
 from xmppd.cluster.schema import Entry
+from xmppd.cluster.stats import ClusterStats
+from xmppd.cluster.writer import Writer
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StreamError
 
@@ -15,12 +19,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, ...]] = []
+        self.entries: list[Entry] = []
 
-    def bound(self, session: ClientSession, sid: str, known_owner: str | None) -> None:
+    def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
         self.calls.append(("bound", session.jid, str(known_owner)))
+        self.entries.append(entry)
 
-    def updated(self, session: ClientSession, sid: str) -> None:
-        self.calls.append(("updated", session.jid, str(session.available), str(session.priority)))
+    def updated(self, session: ClientSession, entry: Entry) -> None:
+        self.calls.append(("updated", session.jid, str(entry.available), str(entry.priority)))
+        self.entries.append(entry)
 
     def unbound(self, session: ClientSession) -> None:
         self.calls.append(("unbound", session.jid))
@@ -73,7 +80,7 @@ def test_a_dropped_session_refuses_delivery_so_the_router_falls_back() -> None:
 
 def test_a_local_bind_replaces_the_remote_session_and_names_its_node() -> None:
     d, outbox = directory()
-    d.apply_set(Entry("bob@x/phone", "other", 0, True, "s1"))
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, sid="s1"))
     remote = d.get("bob@x", "phone")
     local = ClientSession("bob@x/phone")
     assert d.add(local) is remote
@@ -87,9 +94,9 @@ def test_a_local_bind_replaces_the_remote_session_and_names_its_node() -> None:
 def test_a_new_session_on_the_same_node_and_resource_is_a_new_replica_session() -> None:
     """A request to end the old one names the old one's id, not the new one's."""
     d, _ = directory()
-    d.apply_set(Entry("bob@x/phone", "other", 0, True, "s1"))
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, sid="s1"))
     old = d.get("bob@x", "phone")
-    d.apply_set(Entry("bob@x/phone", "other", 0, True, "s2"))
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, sid="s2"))
     new = d.get("bob@x", "phone")
     assert new is not old and new is not None and old is not None
     assert new.transport.sid == "s2"  # type: ignore[union-attr]
@@ -145,3 +152,80 @@ def test_cut_off_from_redis_the_other_nodes_sessions_count_as_gone() -> None:
     assert not d.has("bob@x")
     d.cut(False)
     assert d.get("bob@x", "phone") is not None and d.has("bob@x")
+
+
+def test_the_replica_carries_since_and_address_and_old_entries_still_decode() -> None:
+    entry = Entry("bob@x/phone", "other", 1, True, since=1765000000.5, address="192.0.2.7")
+    assert Entry.decode(entry.jid, entry.encode()) == entry
+    d, _ = directory()
+    d.apply_set(entry)
+    session = d.get("bob@x", "phone")
+    assert session is not None
+    assert (session.since, session.address) == (1765000000.5, "192.0.2.7")
+    # written by a node from before these fields: decoded with "unknown" values
+    old = Entry.decode("bob@x/pc", b'{"node": "n", "priority": 0, "available": true}')
+    assert (old.since, old.address) == (0.0, "")
+
+
+def test_presence_and_shared_state_go_with_the_entry_and_into_the_replica() -> None:
+    """What one node writes of its session (last presence, shared state) is what the
+    other node's replica session has: `presence` parsed, `state` as written."""
+    d, outbox = directory()
+    session = ClientSession("bob@x/phone")
+    d.add(session)
+    session.available, session.priority = True, 1
+    session.presence = etree.fromstring(
+        "<presence xmlns='jabber:client'><show>away</show><priority>1</priority></presence>"
+    )
+    d.presence_changed(session)
+    session.state["carbons"] = True
+    d.state_changed(session, "carbons")
+    d.state_changed(session, "carbons")  # unchanged: not written again
+    del session.state["carbons"]
+    session.state["privacy/active"] = "work"
+    d.state_changed(session, "carbons")
+    d.state_changed(session, "privacy/active")
+    written = outbox.entries[-1]
+    assert [e.state for e in outbox.entries] == [
+        {}, {}, {"carbons": True}, {}, {"privacy/active": "work"}
+    ]
+    assert written.presence is not None and "away" in written.presence
+    # the same entry, through its JSON, on another node
+    other = ClusterDirectory("elsewhere", Recorder())
+    moved = Entry.decode(written.jid, written.encode())
+    other.apply_set(moved)
+    replica = other.get("bob@x", "phone")
+    assert replica is not None and replica.state == {"privacy/active": "work"}
+    assert replica.presence is not None
+    assert replica.presence.findtext("{jabber:client}show") == "away"
+    parsed = replica.presence
+    other.apply_set(Entry(moved.jid, "me", 1, True, presence=moved.presence, sid=moved.sid))
+    assert replica.presence is parsed and replica.state == {}  # parsed once per change
+    other.apply_set(Entry(moved.jid, "me", 1, False, sid=moved.sid))
+    assert replica.presence is None and not replica.available
+
+
+def test_a_state_change_of_a_session_not_bound_is_not_written() -> None:
+    d, outbox = directory()
+    session = ClientSession("bob@x/phone")
+    session.state["carbons"] = True
+    d.state_changed(session, "carbons")
+    assert outbox.calls == []
+
+
+def test_shared_state_json_cannot_encode_fails_its_setter_not_the_writer() -> None:
+    """The writer encodes when it queues, so the module that set the value gets the
+    TypeError, the entry keeps its last good state and nothing broken is queued."""
+    # never connects here
+    writer = Writer(Redis.from_url("redis://127.0.0.1:1/0"), "me", ClusterStats())
+    d = ClusterDirectory("me", writer)
+    session = ClientSession("bob@x/phone")
+    d.add(session)
+    queued = len(writer._ops)
+    session.state["carbons"] = {1, 2}  # a set: not JSON
+    with pytest.raises(TypeError):
+        d.state_changed(session, "carbons")
+    assert len(writer._ops) == queued
+    session.state["carbons"] = True
+    d.state_changed(session, "carbons")
+    assert len(writer._ops) == queued + 1

@@ -217,6 +217,7 @@ class StreamLogin:
             self.stream.send(error_from(event.iq, StanzaError("bad-request", "malformed resource")))
             return None
         session = ClientSession(full, transport, self.node.router)
+        session.address = self.ip
         self.node.router.bind(session)
         self._auth_task = None  # done: its Task and coroutine would stay with every session
         self.stream.bound(event.iq, full)

@@ -31,7 +31,13 @@ from xmppd.auth.accounts import (
     InvalidPassword,
     InvalidUsername,
 )
-from xmppd.cli.nodes import NodeRemovalFailed, Outcome, notify_account_change, remove_on_node
+from xmppd.cli.nodes import (
+    NodeRemovalFailed,
+    Outcome,
+    drain_nodes,
+    notify_account_change,
+    remove_on_node,
+)
 from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load_config
 from xmppd.modulehost import AccountDataRemains, validate_module_options
 from xmppd.server import StartupError, ensure_data_dir
@@ -245,6 +251,15 @@ async def _unregister(cfg: Config, user: str, host: str) -> str:
     return f"unregistered {jid}"
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Drain the running nodes of this configuration (or the one named): each stops as
+    on SIGTERM, its stream management sessions resuming on the other nodes."""
+    cfg = _load(args.config)
+    outcome = asyncio.run(drain_nodes(cfg.data_dir, args.node))
+    _report(outcome)
+    return 0 if outcome.done else 1
+
+
 def cmd_unregister(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     user, host = _account_jid(cfg, args.jid)
@@ -443,6 +458,12 @@ def _parser() -> argparse.ArgumentParser:
     unregister.add_argument("jid", metavar="USER@HOST")
     unregister.set_defaults(run=cmd_unregister)
 
+    drain = sub.add_parser(
+        "drain", help="stop running nodes as SIGTERM does; their clients resume elsewhere"
+    )
+    drain.add_argument("node", nargs="?", metavar="NODE", help="cluster node name or pid")
+    drain.set_defaults(run=cmd_drain)
+
     listing = sub.add_parser("list", help="list the accounts of a host, one JID per line")
     listing.add_argument("host", metavar="HOST")
     listing.set_defaults(run=cmd_list)
@@ -475,6 +496,10 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--from", dest="source", required=True, metavar="A.yml")
     migrate.add_argument("--to", dest="destination", required=True, metavar="B.yml")
     migrate.set_defaults(run=cmd_migrate)
+
+    from xmppd.cli import ctl_sessions  # it uses this module's helpers
+
+    ctl_sessions.add_parsers(sub)
     return parser
 
 

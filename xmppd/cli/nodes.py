@@ -198,3 +198,108 @@ async def _tell(http: aiohttp.ClientSession, url: str, record: Path, outcome: Ou
         )
         return
     outcome.done.append(f"ended {ended} session(s) on the node at {node}")
+
+
+async def node_statuses(data_dir: Path, outcome: Outcome) -> list[tuple[str, dict[str, object]]]:
+    """(URL, GET /status) of every node running here that answers."""
+    return [(url, body) for url, body in await _get_all(data_dir, "/status", outcome)]
+
+
+async def node_sessions(
+    data_dir: Path, host: str | None, outcome: Outcome
+) -> list[dict[str, object]] | None:
+    """The sessions of every node running here (GET /sessions); None when none answers."""
+    path = "/sessions" + (f"?host={quote(host)}" if host else "")
+    answers = await _get_all(data_dir, path, outcome)
+    if not answers:
+        return None
+    return [s for _, body in answers for s in body.get("sessions", [])]  # type: ignore[attr-defined]
+
+
+async def kick_on_nodes(
+    data_dir: Path, jid: str, reason: str | None, everywhere: bool, outcome: Outcome
+) -> list[dict[str, object]] | None:
+    """Ask running nodes to end `jid`'s session(s) (POST /kick); the
+    sessions ended, or None when no node answered. A cluster node ends them on any
+    node, so one that answers is enough; else (`everywhere`) every node is asked, each
+    knowing only its own sessions."""
+    unread = "no session was ended"
+    ended: list[dict[str, object]] = []
+    answered = False
+    async with _admin_client(data_dir, outcome, unread) as client:
+        if client is None:
+            return None
+        nodes, http = client
+        for record, url in nodes.items():
+            try:
+                request = {"jid": jid, "reason": reason or ""}
+                async with http.post(url + "/kick", json=request) as response:
+                    body = await response.json(content_type=None)
+                    if response.status != 200 or not isinstance(body, dict):
+                        raise ValueError(f"HTTP {response.status}: {body}")
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                outcome.warnings.append(
+                    f"the node at {url} did not answer ({type(e).__name__}: {e}); "
+                    f"if it is not running, delete {record}"
+                )
+                continue
+            answered = True
+            ended.extend(body.get("ended", []))
+            if not everywhere:
+                break
+    return ended if answered else None
+
+
+async def _get_all(
+    data_dir: Path, path: str, outcome: Outcome
+) -> list[tuple[str, dict[str, object]]]:
+    answers: list[tuple[str, dict[str, object]]] = []
+    async with _admin_client(data_dir, outcome, "no node was asked") as client:
+        if client is None:
+            return answers
+        nodes, http = client
+        for record, url in nodes.items():
+            try:
+                async with http.get(url + path) as response:
+                    body = await response.json(content_type=None)
+                    if response.status != 200 or not isinstance(body, dict):
+                        raise ValueError(f"HTTP {response.status}: {body}")
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                outcome.warnings.append(
+                    f"the node at {url} did not answer ({type(e).__name__}: {e}); "
+                    f"if it is not running, delete {record}"
+                )
+                continue
+            answers.append((url, body))
+    return answers
+
+
+async def drain_nodes(data_dir: Path, node: str | None) -> Outcome:
+    """Ask the running nodes of this data_dir (only the one named `node`, by its cluster
+    node name or pid, if given) to drain: each stops as on SIGTERM (POST /drain)."""
+    outcome = Outcome()
+    unread = "no node was drained"
+    async with _admin_client(data_dir, outcome, unread) as client:
+        if client is None:
+            return outcome
+        nodes, http = client
+        for record, url in nodes.items():
+            try:
+                async with http.get(url + "/status") as response:
+                    status = await response.json(content_type=None)
+                name, pid = status.get("node"), str(status.get("pid"))
+                if node is not None and node not in (name, pid):
+                    continue
+                async with http.post(url + "/drain") as response:
+                    if response.status != 200:
+                        raise ValueError(f"HTTP {response.status}")
+            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as e:
+                outcome.warnings.append(
+                    f"the node at {url} did not answer ({type(e).__name__}: {e}); "
+                    f"if it is not running, delete {record}"
+                )
+                continue
+            outcome.done.append(f"draining node {name or '-'} (pid {pid}) at {url}")
+    if node is not None and not outcome.done and not outcome.warnings:
+        outcome.warnings.append(f"no running node here is named {node}")
+    return outcome

@@ -1,4 +1,4 @@
-"""`xmppd -c FILE`: run one node in the foreground."""
+"""`xmppd -c FILE`: run one node in the foreground; with `--workers N`, N of them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import uvloop
 
 from xmppd import package_version
+from xmppd.cli import workers
 from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, ConfigError, find_config, load_config
 from xmppd.server import StartupError, serve
 from xmppd.storage.base import StorageError
@@ -43,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"YAML config file (default: ${CONFIG_ENV}, else {SYSTEM_CONFIG})",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        default=None,
+        help="run N processes sharing the listening ports, each a node of the cluster "
+        "(needs a cluster section; docs/cluster.md)",
+    )
+    # How the --workers parent starts each worker (xmppd.cli.workers); not for operators.
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--node-name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     args = parser.parse_args(argv)
     path = args.config
@@ -59,16 +71,39 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         print("xmppd: the configuration has errors; not starting", file=sys.stderr)
         return 1
+    if args.workers is not None:
+        problems = workers.worker_problems(config, args.workers)
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
+            print("xmppd: the configuration has errors; not starting", file=sys.stderr)
+            return 1
+    tag = ""
+    if args.worker is not None and args.node_name is not None and config.cluster is not None:
+        workers.die_with_parent()
+        config = workers.worker_config(config, args.worker, args.node_name)
+        tag = f"[{args.node_name}] "
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.workers is not None:
+        try:
+            return asyncio.run(workers.Supervisor(path, config, args.workers).run())
+        except KeyboardInterrupt:
+            return 0
     _tune_malloc()
+    is_worker = args.worker is not None
     try:
         # uvloop: its TLS transport keeps a small buffer per connection (see docs/architecture.md).
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config))
+            runner.run(
+                serve(
+                    config,
+                    reuse_port=is_worker,
+                    on_ready=workers.announce_ready if is_worker else None,
+                )
+            )
     except (StartupError, TLSError, StorageError) as exc:
         print(f"xmppd: {exc}", file=sys.stderr)
         return 1

@@ -7,11 +7,12 @@ trip: local sessions are the node's real `ClientSession`s (a
 stanzas to that node. So the router and the modules deliver to a remote
 resource exactly as to a local one, and need no change.
 
-Every change to the local sessions (bind, unbind, availability or
-priority) goes to the `Outbox` (written to Redis and published, in order;
-xmppd.cluster.writer); the replica of the other nodes' sessions is changed
-only by what comes back from Redis (xmppd.cluster.sync): the table loaded
-at start and after a reconnect, then the events.
+Every change to the local sessions (bind, unbind, availability, priority,
+last presence, shared module state) goes to the `Outbox` (written to Redis
+and published, in order; xmppd.cluster.writer); the replica of the other
+nodes' sessions is changed only by what comes back from Redis
+(xmppd.cluster.sync): the table loaded at start and after a reconnect, then
+the events.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Protocol
 
 from lxml import etree
@@ -34,13 +36,13 @@ log = logging.getLogger(__name__)
 class Outbox(Protocol):
     """What the directory asks to be written to Redis or sent to other nodes (never waits)."""
 
-    def bound(self, session: ClientSession, sid: str, known_owner: str | None) -> None:
-        """A local bind of the session `sid`; `known_owner`: the node the replica had on
-        that resource (ended already), so that a conflict Redis reports with that node
-        is not ended twice."""
+    def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
+        """A local bind (`entry.sid` names the new session); `known_owner`: the node the
+        replica had on that resource (ended already), so that a conflict Redis reports
+        with that node is not ended twice."""
 
-    def updated(self, session: ClientSession, sid: str) -> None:
-        """A local session's availability or priority changed."""
+    def updated(self, session: ClientSession, entry: Entry) -> None:
+        """A local session's entry changed (availability, priority, presence, state)."""
 
     def unbound(self, session: ClientSession) -> None: ...
 
@@ -57,9 +59,13 @@ class RemoteTransport:
 
     `send` returns False once the replica has dropped the session (its node
     unbound it, stopped or died), so the router falls back (offline storage
-    for a message) instead of sending into the void."""
+    for a message) instead of sending into the void.
 
-    __slots__ = ("outbox", "node", "jid", "sid", "gone")
+    `sid` is the session's id on its node (Entry.sid): a request to end it names
+    it. `presence` is the serialised presence the replica session's `presence`
+    was parsed from: an entry that changed something else is not parsed again."""
+
+    __slots__ = ("outbox", "node", "jid", "sid", "gone", "presence")
 
     def __init__(self, outbox: Outbox, node: str, jid: str, sid: str) -> None:
         self.outbox = outbox
@@ -67,6 +73,7 @@ class RemoteTransport:
         self.jid = jid
         self.sid = sid
         self.gone = False
+        self.presence: str | None = None
 
     def send(self, stanza: etree._Element) -> bool:
         if self.gone:
@@ -83,6 +90,9 @@ class RemoteTransport:
 
     def resume_input(self) -> None:
         """Its client's input is its own node's to resume."""
+
+    def drop(self) -> None:
+        """Its client's connection is its own node's to cut."""
 
 
 def node_of(session: ClientSession) -> str | None:
@@ -108,10 +118,8 @@ class ClusterDirectory:
         self.local = LocalDirectory()
         # Other nodes' sessions: bare -> resource -> replica session.
         self._remote: dict[str, dict[str, ClientSession]] = {}
-        # What was last written for each local session (available, priority).
-        self._written: dict[ClientSession, tuple[bool, int]] = {}
-        # Each local session's id, unique in the cluster (Entry.sid).
-        self._sids: dict[ClientSession, str] = {}
+        # What was last written for each local session (its id, Entry.sid, included).
+        self._written: dict[ClientSession, Entry] = {}
         self._cut_off = False
 
     # --- SessionDirectory --------------------------------------------------------------
@@ -142,16 +150,23 @@ class ClusterDirectory:
         router ends it with <conflict/> through its RemoteTransport."""
         replaced = self.local.add(session)
         remote = self._drop_remote(session.bare, session.resource)
-        self._written[session] = (session.available, session.priority)
-        sid = self._sids[session] = secrets.token_hex(8)
-        self.outbox.bound(session, sid, node_of(remote) if remote is not None else None)
+        entry = self._written[session] = Entry(
+            session.jid,
+            self.node,
+            session.priority,
+            session.available,
+            since=session.since,
+            address=session.address,
+            presence=_xml(session.presence),
+            sid=secrets.token_hex(8),
+        )
+        self.outbox.bound(session, entry, node_of(remote) if remote is not None else None)
         return replaced if replaced is not None else remote
 
     def remove(self, session: ClientSession) -> bool:
         if not self.local.remove(session):
             return False
         del self._written[session]
-        del self._sids[session]
         self.outbox.unbound(session)
         return True
 
@@ -163,6 +178,10 @@ class ClusterDirectory:
             return self.local.accounts()
         return iter(set(self.local.accounts()) | set(self._remote))
 
+    def remote_count(self) -> int:
+        """Sessions of other nodes in the replica (read at scrape time: /metrics)."""
+        return sum(len(resources) for resources in self._remote.values())
+
     def cut(self, cut_off: bool) -> None:
         """Redis has not answered for cluster.forward_wait (True), or answers again."""
         self._cut_off = cut_off
@@ -170,23 +189,48 @@ class ClusterDirectory:
     # --- local changes the router reports ----------------------------------------------
 
     def presence_changed(self, session: ClientSession) -> None:
-        """The router set a local session's availability and priority: the other nodes
-        need them to pick resources; only a change is written."""
+        """The router set a local session's availability, priority and last presence: the
+        other nodes need them to pick resources and answer probes; only a change is
+        written."""
         written = self._written.get(session)
-        now = (session.available, session.priority)
-        if written is None or written == now:
+        if written is None:
             return
-        self._written[session] = now
-        self.outbox.updated(session, self._sids[session])
+        self._write(
+            session,
+            replace(
+                written,
+                priority=session.priority,
+                available=session.available,
+                presence=_xml(session.presence),
+            ),
+        )
+
+    def state_changed(self, session: ClientSession, key: str) -> None:
+        """A module set (or removed) a shared key of a local session's state: written
+        with the entry, so the other nodes' replica of the session has it too."""
+        written = self._written.get(session)
+        if written is None:
+            return  # not bound (yet, or any more): nobody else may see the session
+        state = dict(written.state)
+        if key in session.state:
+            state[key] = session.state[key]
+        else:
+            state.pop(key, None)
+        self._write(session, replace(written, state=state))
+
+    def _write(self, session: ClientSession, entry: Entry) -> None:
+        if entry != self._written[session]:
+            self.outbox.updated(session, entry)  # first: it raises for a value not JSON
+            self._written[session] = entry
 
     def sid_of(self, session: ClientSession) -> str | None:
         """The id of a session bound here; None for any other."""
-        return self._sids.get(session)
+        entry = self._written.get(session)
+        return entry.sid if entry is not None else None
 
-    def rewrite_local(self) -> None:
-        """Write every session bound here again (Redis may have lost them)."""
-        for session, sid in list(self._sids.items()):
-            self.outbox.updated(session, sid)
+    def local_entries(self) -> list[tuple[ClientSession, Entry]]:
+        """Every session bound here and its entry (written again after Redis lost them)."""
+        return list(self._written.items())
 
     # --- the replica: what the other nodes wrote ---------------------------------------
 
@@ -206,6 +250,14 @@ class ClusterDirectory:
             resources[resource] = session
         session.available = entry.available
         session.priority = entry.priority
+        session.since = entry.since
+        session.address = entry.address
+        session.state = dict(entry.state)
+        transport = session.transport
+        assert isinstance(transport, RemoteTransport)
+        if entry.presence != transport.presence:
+            transport.presence = entry.presence
+            session.presence = _parse(entry.presence)
 
     def apply_unbind(self, node: str, jid: str) -> None:
         """`node` unbound `jid`; ignored if the replica has it on another node since."""
@@ -256,6 +308,24 @@ def _where(session: ClientSession) -> tuple[str, str] | None:
     if isinstance(transport, RemoteTransport):
         return transport.node, transport.sid
     return None
+
+
+def _xml(presence: etree._Element | None) -> str | None:
+    return etree.tostring(presence, encoding="unicode") if presence is not None else None
+
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+def _parse(presence: str | None) -> etree._Element | None:
+    """The presence another node wrote; one that does not parse counts as none (logged)."""
+    if presence is None:
+        return None
+    try:
+        return etree.fromstring(presence, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        log.error("cluster: ignored an unparsable presence in the table (%s)", exc)
+        return None
 
 
 def _gone(session: ClientSession) -> None:

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
+from xmppd.cluster.stats import ClusterStats
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Heartbeat:
         redis: Redis,
         node: str,
         on_reaped_self: Callable[[], None],
+        stats: ClusterStats,
         ttl: int = TTL,
         interval: float = INTERVAL,
     ) -> None:
@@ -49,6 +51,7 @@ class Heartbeat:
         self.ttl = ttl
         self.interval = interval
         self.on_reaped_self = on_reaped_self
+        self.stats = stats
         self._reap = redis.register_script(schema.REAP)
         self._task: asyncio.Task[None] | None = None
 
@@ -117,3 +120,6 @@ class Heartbeat:
                 await self.beat()
             except (RedisError, OSError) as exc:
                 log.error("cluster: heartbeat failed (%s)", exc)
+                self.stats.failed("heartbeat")
+                continue
+            self.stats.recovered("heartbeat")

@@ -28,13 +28,20 @@ still has an available resource: each of those got its copy from the
 sender's node. An orphan is always routed again (its session was on the
 dead node; the account's other resources may be of lower priority and
 never got it): a bare-JID message may then reach a resource that also got
-its own copy.
+its own copy. A third kind, "wake", is the entry this node writes to its
+own inbox to end its blocking read when it stops: skipped (and trimmed as
+handled), also when it comes back as an orphan.
+
+A stanza waits until the changes its sender's node made to the table before
+forwarding it are applied here (`ReplicaSync.caught_up`; schema, "Order").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,12 +51,16 @@ from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
+from xmppd.cluster.stats import ClusterStats
+from xmppd.cluster.sync import ReplicaSync
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
 log = logging.getLogger(__name__)
 
 BLOCK_MS = 1000
+STOP_WAIT = 2.0
+"""Seconds `pause` waits for the reader to notice it should stop, before cancelling it."""
 BATCH = 500
 RETRY_DELAY = 0.5
 
@@ -59,16 +70,38 @@ Reroute = Callable[[etree._Element, int], None]
 """Route a stanza again on this node: (stanza, how many times it was forwarded)."""
 
 
+async def cancel_for_sure(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait until it is done, cancelling again as long as it runs.
+
+    A cancellation can be swallowed on Python 3.11 when it lands as redis-py's read
+    completes (seen under load: a node's stop then hung for good stopping the inbox), and
+    the task goes on looping; asking again ends it at its next await."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.2)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure was logged where it happened
+
+
 class Inbox:
     def __init__(
-        self, redis: Redis, node: str, directory: ClusterDirectory, reroute: Reroute
+        self,
+        redis: Redis,
+        node: str,
+        directory: ClusterDirectory,
+        reroute: Reroute,
+        stats: ClusterStats,
+        sync: ReplicaSync,
     ) -> None:
         self.redis = redis
+        self.stats = stats
         self.key = schema.inbox_key(node)
         self.directory = directory
+        self.sync = sync
         self.reroute = reroute
         self._last = "0-0"  # the last entry handled
         self._trimmed = "0-0"  # the last entry trimmed from the stream
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -80,8 +113,7 @@ class Inbox:
         """Stop reading and trim what was handled (a clean stop, before this node reaps
         itself: that moves only what was not handled)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._stop_reader(self._task)
             self._task = None
             await self._trim()
 
@@ -89,7 +121,7 @@ class Inbox:
         """Route what is left (after this node reaped itself: no more comes)."""
         await self.pause()
         while answer := await self.redis.xread({self.key: self._last}, count=BATCH):
-            self._handle_all(answer)
+            await self._handle_all(answer)
         await self._trim()
 
     async def _trim(self) -> None:
@@ -97,9 +129,24 @@ class Inbox:
             await self.redis.xtrim(self.key, minid=_after(self._last), approximate=False)
             self._trimmed = self._last
 
+    async def _stop_reader(self, task: asyncio.Task[None]) -> None:
+        """End the reader between two reads: an entry of our own ends its blocking XREAD
+        at once. Not by cancelling the XREAD: redis-py (8.2) may swallow a cancellation
+        that arrives while it reads a reply and go on reading, and the node's stop
+        then never returns (seen in tests, and alone with redis-py). Cancelled only as
+        a last resort."""
+        self._stopping = True
+        try:
+            await self.redis.xadd(self.key, {"wake": b""})
+        except (RedisError, OSError):
+            pass  # then it notices at the end of its current XREAD, or is cancelled
+        done, _ = await asyncio.wait({task}, timeout=STOP_WAIT)
+        if not done:
+            await cancel_for_sure(task)
+
     async def _run(self) -> None:
         failing = False  # logged once per outage, not every retry
-        while True:
+        while not self._stopping:
             last = self._last
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -111,27 +158,39 @@ class Inbox:
                 if not failing:
                     log.error("cluster: reading the inbox failed (%s); retrying", exc)
                 failing = True
+                self.stats.failed("inbox")
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             self._trimmed = last
             if failing:
                 log.info("cluster: reading the inbox again from %s", last)
                 failing = False
-            self._handle_all(results[-1])
+                self.stats.recovered("inbox")
+            await self._handle_all(results[-1])
 
-    def _handle_all(self, answer: Any) -> None:
+    async def _handle_all(self, answer: Any) -> None:
         """XREAD's answer (RESP2): [(stream, [(id, {field: value}), ...])]."""
         for _, entries in answer:
             # The sessions of a reaped node leave this replica by an event that may
             # come after its orphans: drop them first, or the orphans would go back.
-            for dead in {f[b"orphan"] for _, f in entries if b"orphan" in f}:
+            for dead in {f[b"orphan"] for _, f in entries if b"orphan" in f and b"to" in f}:
                 self.directory.apply_node_gone(dead.decode())
             for entry_id, fields in entries:
+                # Without "to": "wake", what `pause` writes to end a blocking XREAD.
+                if b"to" in fields:
+                    origin, seq = fields.get(b"from"), fields.get(b"seq")
+                    if origin is not None and seq is not None:
+                        if self.sync.behind(origin.decode(), int(seq)):
+                            await self.sync.caught_up(origin.decode(), int(seq))
+                    try:
+                        self._handle(fields)
+                    except Exception:
+                        log.exception(
+                            "cluster: an inbox entry failed (to %r)", fields.get(b"to")
+                        )
+                # Handled (or skipped) only now: a reader cancelled while it waits above
+                # must not have the entry trimmed.
                 self._last = entry_id.decode()
-                try:
-                    self._handle(fields)
-                except Exception:
-                    log.exception("cluster: an inbox entry failed (to %r)", fields.get(b"to"))
 
     def _handle(self, fields: dict[bytes, bytes]) -> None:
         jid = fields[b"to"].decode()
@@ -139,10 +198,17 @@ class Inbox:
         session = self.directory.local.get(bare, resource)
         end = fields.get(b"end")
         if end is not None:
+            self.stats.ends_in += 1
             sid = fields.get(b"sid", b"").decode()
             if session is not None and self.directory.sid_of(session) == sid:
                 session.terminate(StreamError(end.decode(), fields[b"text"].decode() or None))
             return
+        stats = self.stats
+        stats.forwards_in += 1
+        sent = fields.get(b"t")
+        if sent is not None:
+            with contextlib.suppress(ValueError):  # a figure, never a reason to lose a stanza
+                stats.forward_latency.add(max(0.0, time.time() - float(sent)))
         stanza = etree.fromstring(fields[b"stanza"], _PARSER)
         if session is not None and session.deliver(stanza):
             return

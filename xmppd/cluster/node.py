@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.heartbeat import TTL, Heartbeat
 from xmppd.cluster.inbox import Inbox
+from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
 from xmppd.cluster.writer import Writer
 from xmppd.config import ClusterConfig, redact_url
@@ -52,10 +53,11 @@ class Cluster:
             socket_connect_timeout=CONNECT_TIMEOUT,
             health_check_interval=HEALTH_CHECK_INTERVAL,
         )
-        self.writer = Writer(self.redis, self.node, config.forward_wait, TTL)
+        self.stats = ClusterStats()
+        self.writer = Writer(self.redis, self.node, self.stats, config.forward_wait, TTL)
         self.directory = ClusterDirectory(self.node, self.writer)
-        self.heartbeat = Heartbeat(self.redis, self.node, self.rewrite_local)
-        self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local)
+        self.heartbeat = Heartbeat(self.redis, self.node, self.rewrite_local, self.stats)
+        self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.inbox: Inbox | None = None
         self._router: Router | None = None
 
@@ -74,7 +76,9 @@ class Cluster:
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
-            self.inbox = Inbox(self.redis, self.node, self.directory, self.reroute)
+            self.inbox = Inbox(
+                self.redis, self.node, self.directory, self.reroute, self.stats, self.sync
+            )
         except (RedisError, OSError) as exc:
             await self.stop()
             raise ClusterUnavailable(
@@ -113,7 +117,8 @@ class Cluster:
         """Write every local session into the table again (Redis may have lost them),
         after listing this node again (forwards to it are refused until it is)."""
         self.writer.listed()
-        self.directory.rewrite_local()
+        for session, entry in self.directory.local_entries():
+            self.writer.updated(session, entry)
 
     def node_gone(self, node: str) -> None:
         """A forward to `node` was refused: it was reaped, and this replica had not

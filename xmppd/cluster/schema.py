@@ -7,7 +7,9 @@ and the reaper cannot disagree about them.
 Keys (a deployment owns its Redis database; pick one with the URL's /db):
 
 - `xmppd:sessions:<bare>`: a hash, resource -> entry (JSON: node, priority,
-  available). The truth about where each resource is bound.
+  available, since, address, sid, and when set: presence, the last available
+  presence as XML; state, the session's shared module state). The truth
+  about where each resource is bound and what other nodes need of it.
 - `xmppd:node:<node>:sessions`: a set of the full JIDs a node wrote into the
   hashes, so that its sessions can be removed when it dies.
 - `xmppd:node:<node>:alive`: the node's heartbeat, a key with a TTL.
@@ -20,16 +22,32 @@ Keys (a deployment owns its Redis database; pick one with the URL's /db):
   yet: the reader trims what it handled (xmppd.cluster.inbox), and the node
   that reaps a dead node moves what is left into its own inbox.
 - `xmppd:events`: the pub/sub channel of table changes.
+- `xmppd:seqs`: a hash, node -> the sequence number of its last table change
+  (see "Order" below).
+
+Order. A node's table changes reach the others through pub/sub, its stanzas
+through their inboxes (streams): two channels, so a node could hand a
+forwarded stanza to its client before it applied the change the sender made
+first (a resource's new presence, or its carbons enabled, before the
+broadcast or message that follows it). So each change a node writes carries
+a sequence number, its events and `xmppd:seqs` say which one it reached, and
+each stanza it forwards carries the number of its last change before it; a
+receiving node hands the stanza on only once it applied that change
+(xmppd.cluster.sync, `ReplicaSync.caught_up`). The numbers start at the
+node's clock in microseconds, so a restarted node's numbers are above its
+previous life's.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 PREFIX = "xmppd:"
 EVENTS = PREFIX + "events"
 NODES = PREFIX + "nodes"
+SEQS = PREFIX + "seqs"
 SESSIONS_PREFIX = PREFIX + "sessions:"
 
 
@@ -60,56 +78,87 @@ def inbox_key(node: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """Where one resource is bound and what the router needs to know of it."""
+    """Where one resource is bound and what the router and the modules of other nodes
+    need to know of it.
+
+    `presence` is the session's last available presence (`ClientSession.presence`)
+    serialised, None while it is unavailable: other nodes answer probes and a new
+    resource's question about its siblings with it. `state` holds the session's
+    shared module state, the `session.state` keys modules declare in
+    `Module.shared_state` (JSON values); keys absent are unset. Both are left out of
+    the JSON when empty, so an entry without them is what it was before they existed.
+    """
 
     jid: str
     node: str
     priority: int
     available: bool
+    # For operators (xmppctl sessions), not for routing: when the session was bound
+    # (Unix time) and its client's address. Absent in entries written before them.
+    since: float = 0.0
+    address: str = ""
+    presence: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)
     sid: str = ""
     """The session's id on its node: a request to end a session names it, so that a
     newer session bound on the same resource is not ended by a stale request."""
 
+    def fields(self) -> dict[str, Any]:
+        """The JSON object stored in the table (and carried by a "set" event)."""
+        data: dict[str, Any] = {
+            "node": self.node,
+            "priority": self.priority,
+            "available": self.available,
+            "since": self.since,
+            "address": self.address,
+            "sid": self.sid,
+        }
+        if self.presence is not None:
+            data["presence"] = self.presence
+        if self.state:
+            data["state"] = self.state
+        return data
+
     def encode(self) -> str:
-        return json.dumps(
-            {
-                "node": self.node,
-                "priority": self.priority,
-                "available": self.available,
-                "sid": self.sid,
-            }
-        )
+        return json.dumps(self.fields())
 
     @classmethod
-    def decode(cls, jid: str, value: str | bytes) -> Entry:
-        data = json.loads(value)
+    def from_fields(cls, jid: str, data: dict[str, Any]) -> Entry:
+        presence = data.get("presence")
+        state = data.get("state")
         return cls(
             jid,
             str(data["node"]),
             int(data["priority"]),
             bool(data["available"]),
-            str(data.get("sid", "")),
+            since=float(data.get("since", 0.0)),
+            address=str(data.get("address", "")),
+            presence=str(presence) if presence is not None else None,
+            state=dict(state) if isinstance(state, dict) else {},
+            sid=str(data.get("sid", "")),
         )
 
-
-# --- events on the channel: {"op": "set" | "unbind" | "gone", ...} ----------------------
-
-
-def set_event(entry: Entry) -> str:
-    return json.dumps(
-        {
-            "op": "set",
-            "jid": entry.jid,
-            "node": entry.node,
-            "priority": entry.priority,
-            "available": entry.available,
-            "sid": entry.sid,
-        }
-    )
+    @classmethod
+    def decode(cls, jid: str, value: str | bytes) -> Entry:
+        return cls.from_fields(jid, json.loads(value))
 
 
-def unbind_event(node: str, jid: str) -> str:
-    return json.dumps({"op": "unbind", "node": node, "jid": jid})
+# --- events on the channel: {"op": "set" | "unbind" | "seq" | "gone", ...} --------------
+
+
+def set_event(entry: Entry, seq: int) -> str:
+    """The new entry whole: a node applies it as it would the table's."""
+    return json.dumps({"op": "set", "jid": entry.jid, "seq": seq, **entry.fields()})
+
+
+def unbind_event(node: str, jid: str, seq: int) -> str:
+    return json.dumps({"op": "unbind", "node": node, "jid": jid, "seq": seq})
+
+
+def seq_event(node: str, seq: int) -> str:
+    """A change that did not apply (another node holds the resource now): only its
+    number, so that nobody waits for it."""
+    return json.dumps({"op": "seq", "node": node, "seq": seq})
 
 
 def gone_event(node: str) -> str:
@@ -119,10 +168,12 @@ def gone_event(node: str) -> str:
 # --- scripts: each change of the table and its event in one atomic step ----------------
 
 BIND = """
--- KEYS[1] sessions hash, KEYS[2] node's set; ARGV resource, entry, full JID, channel, event
+-- KEYS[1] sessions hash, KEYS[2] node's set, KEYS[3] seqs; ARGV resource, entry, full JID,
+-- channel, event, node, seq
 local previous = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[6], ARGV[7])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 if previous then
   local old = cjson.decode(previous)
@@ -134,13 +185,16 @@ return false
 end), or nil."""
 
 UPDATE = """
--- KEYS[1] sessions hash, KEYS[2] node's set; ARGV resource, entry, full JID, node, channel,
--- event
+-- KEYS[1] sessions hash, KEYS[2] node's set, KEYS[3] seqs; ARGV resource, entry, full JID,
+-- node, channel, event, seq, event when it does not apply
 local current = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[7])
 if (not current) or cjson.decode(current)['node'] == ARGV[4] then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
   redis.call('PUBLISH', ARGV[5], ARGV[6])
+else
+  redis.call('PUBLISH', ARGV[5], ARGV[8])
 end
 return false
 """
@@ -148,12 +202,14 @@ return false
 unless another node has taken the resource since: that one is the newer login."""
 
 UNBIND = """
--- KEYS[1] sessions hash, KEYS[2] node's set; ARGV resource, node, full JID, channel, event
+-- KEYS[1] sessions hash, KEYS[2] node's set, KEYS[3] seqs; ARGV resource, node, full JID,
+-- channel, event, seq
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current and cjson.decode(current)['node'] == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
 redis.call('SREM', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[6])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return false
 """

@@ -18,6 +18,15 @@ or offline storage) or not know a resource that arrived (a message to the
 bare JID goes to the account's other resources or offline storage).
 Redis' own health checks (a PING every few seconds on an idle subscription)
 bound how long a silently dead connection goes unnoticed.
+
+Order with the inboxes (xmppd.cluster.schema, "Order"): `applied` is, for
+each node, the number of its last change this replica reflects: from the
+events, and from `xmppd:seqs`, read before the table (what the table shows
+is at least that recent; later changes come as events, subscribed first).
+The inbox asks `caught_up` before it hands on a stanza another node
+forwarded, so a client never sees a stanza before the change its sender's
+node made first. The wait is bounded (`ORDER_WAIT`): an event lost with a
+broken connection is made up for by the reload, not waited for.
 """
 
 from __future__ import annotations
@@ -34,11 +43,14 @@ from redis.exceptions import RedisError
 from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.schema import Entry
+from xmppd.cluster.stats import ClusterStats
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 0.5
 SCAN_COUNT = 1000
+ORDER_WAIT = 1.0
+"""Seconds a forwarded stanza waits at most for the change its sender made before it."""
 
 
 async def read_table(redis: Redis) -> list[Entry]:
@@ -67,11 +79,16 @@ class ReplicaSync:
     writes its own sessions again, in case Redis lost them.
     """
 
-    def __init__(self, redis: Redis, directory: ClusterDirectory, on_load: Any) -> None:
+    def __init__(
+        self, redis: Redis, directory: ClusterDirectory, on_load: Any, stats: ClusterStats
+    ) -> None:
         self.redis = redis
+        self.stats = stats
         self.directory = directory
         self.on_load = on_load
         self.loads = 0  # how many times the table was read (tests, logs)
+        self.applied: dict[str, int] = {}  # node -> its last change applied here
+        self._advanced = asyncio.Event()  # set (and replaced) when `applied` moves
         self._reload = False
         self._task: asyncio.Task[None] | None = None
 
@@ -105,10 +122,34 @@ class ReplicaSync:
     async def _reconnected(self, connection: object) -> None:
         """redis-py reconnected the subscription by itself: events may have been lost."""
         self._reload = True
+        self.stats.reconnects += 1
+
+    def behind(self, node: str, seq: int) -> bool:
+        """True if `node`'s change number `seq` is not applied here yet."""
+        return self.applied.get(node, 0) < seq
+
+    async def caught_up(self, node: str, seq: int) -> None:
+        """Return once `node`'s changes up to `seq` are applied, or after ORDER_WAIT."""
+        try:
+            async with asyncio.timeout(ORDER_WAIT):
+                while self.behind(node, seq):
+                    await self._advanced.wait()
+        except TimeoutError:
+            log.warning("cluster: change %d of node %s did not arrive; going on", seq, node)
+            self._advance(node, seq)
+
+    def _advance(self, node: str, seq: int) -> None:
+        if seq > self.applied.get(node, 0):
+            self.applied[node] = seq
+            self._advanced.set()
+            self._advanced = asyncio.Event()
 
     async def _load(self) -> None:
         self._reload = False
+        seqs = await self.redis.hgetall(schema.SEQS)
         self.directory.load(await read_table(self.redis))
+        for node, seq in seqs.items():
+            self._advance(node.decode() if isinstance(node, bytes) else node, int(seq))
         self.loads += 1
         self.on_load()
 
@@ -124,6 +165,7 @@ class ReplicaSync:
                         self._apply(message["data"])
             except (RedisError, OSError) as exc:
                 log.error("cluster: lost the Redis event channel (%s); reconnecting", exc)
+                self.stats.failed("events")
                 await pubsub.aclose()
                 while True:
                     await asyncio.sleep(RETRY_DELAY)
@@ -131,7 +173,9 @@ class ReplicaSync:
                         pubsub = await self._subscribe()
                         break
                     except (RedisError, OSError):
+                        self.stats.redis_errors += 1
                         continue
+                self.stats.recovered("events")
                 log.info("cluster: event channel back; session table reloaded")
 
     def _apply(self, data: bytes) -> None:
@@ -139,17 +183,12 @@ class ReplicaSync:
             event = json.loads(data)
             op = event["op"]
             if op == "set":
-                entry = Entry(
-                    event["jid"],
-                    event["node"],
-                    int(event["priority"]),
-                    bool(event["available"]),
-                    str(event.get("sid", "")),
-                )
-                self.directory.apply_set(entry)
+                self.directory.apply_set(Entry.from_fields(event["jid"], event))
             elif op == "unbind":
                 self.directory.apply_unbind(event["node"], event["jid"])
             elif op == "gone":
                 self.directory.apply_node_gone(event["node"])
+            if "seq" in event:
+                self._advance(event["node"], int(event["seq"]))
         except (ValueError, KeyError, TypeError) as exc:
             log.error("cluster: ignored a malformed event (%s): %r", exc, data[:200])

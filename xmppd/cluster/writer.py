@@ -48,6 +48,7 @@ from redis.typing import EncodableT, FieldT
 
 from xmppd.cluster import schema
 from xmppd.cluster.schema import Entry
+from xmppd.cluster.stats import LATENCY_SAMPLE, ClusterStats
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StreamError
 
@@ -117,10 +118,16 @@ class Writer:
     """
 
     def __init__(
-        self, redis: Redis, node: str, forward_wait: float = FORWARD_WAIT, ttl: int = 10
+        self,
+        redis: Redis,
+        node: str,
+        stats: ClusterStats,
+        forward_wait: float = FORWARD_WAIT,
+        ttl: int = 10,
     ) -> None:
         self.redis = redis
         self.node = node
+        self.stats = stats
         self.forward_wait = forward_wait
         self.ttl = ttl
         self.reroute: Reroute | None = None
@@ -139,6 +146,14 @@ class Writer:
         self._unbind = redis.register_script(schema.UNBIND)
         self._forward = redis.register_script(schema.FORWARD)
         self._refusing = False
+        # The number of the last table change queued (schema: "Order"); 0: none yet.
+        self._seq = time.time_ns() // 1000
+        self._last_change = 0
+
+    @property
+    def queued(self) -> int:
+        """Operations waiting to be written (a gauge in /metrics)."""
+        return len(self._ops)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cluster-writer")
@@ -156,8 +171,7 @@ class Writer:
 
     # --- Outbox ------------------------------------------------------------------------
 
-    def bound(self, session: ClientSession, sid: str, known_owner: str | None) -> None:
-        entry = _entry(session, self.node, sid)
+    def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
         jid = session.jid
 
         def conflict(previous: Any) -> None:
@@ -168,31 +182,44 @@ class Writer:
                 # Bound there too, and our replica did not know yet: newest login wins.
                 self.terminate(owner, jid, old_sid, _conflict())
 
+        value = entry.encode()
+        seq = self._next()
+        event = schema.set_event(entry, seq)
         self._put(
             Op(
                 lambda pipe: self._bind(
-                    keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
-                    args=[
-                        session.resource, entry.encode(), jid, schema.EVENTS,
-                        schema.set_event(entry),
+                    keys=[
+                        schema.sessions_key(session.bare),
+                        schema.node_sessions_key(self.node),
+                        schema.SEQS,
                     ],
+                    args=[session.resource, value, jid, schema.EVENTS, event, self.node, seq],
                     client=pipe,
                 ),
                 conflict,
             )
         )
 
-    def updated(self, session: ClientSession, sid: str) -> None:
+    def updated(self, session: ClientSession, entry: Entry) -> None:
         """Also what writes every local session again after a reconnect: Redis may have
-        lost them (restarted empty), or another node reaped this one."""
-        entry = _entry(session, self.node, sid)
+        lost them (restarted empty), or another node reaped this one.
+
+        Encoded here, not in the task: shared state that JSON cannot encode raises
+        in the module that set it (`ModuleHost.set_state`)."""
+        value = entry.encode()
+        seq = self._next()
+        event = schema.set_event(entry, seq)
         self._put(
             Op(
                 lambda pipe: self._update(
-                    keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
+                    keys=[
+                        schema.sessions_key(session.bare),
+                        schema.node_sessions_key(self.node),
+                        schema.SEQS,
+                    ],
                     args=[
-                        session.resource, entry.encode(), session.jid, self.node, schema.EVENTS,
-                        schema.set_event(entry),
+                        session.resource, value, session.jid, self.node, schema.EVENTS, event,
+                        seq, schema.seq_event(self.node, seq),
                     ],
                     client=pipe,
                 )
@@ -201,13 +228,18 @@ class Writer:
 
     def unbound(self, session: ClientSession) -> None:
         jid = session.jid
+        seq = self._next()
         self._put(
             Op(
                 lambda pipe: self._unbind(
-                    keys=[schema.sessions_key(session.bare), schema.node_sessions_key(self.node)],
+                    keys=[
+                        schema.sessions_key(session.bare),
+                        schema.node_sessions_key(self.node),
+                        schema.SEQS,
+                    ],
                     args=[
                         session.resource, self.node, jid, schema.EVENTS,
-                        schema.unbind_event(self.node, jid),
+                        schema.unbind_event(self.node, jid, seq), seq,
                     ],
                     client=pipe,
                 )
@@ -226,24 +258,40 @@ class Writer:
 
     def forward(self, node: str, jid: str, stanza: etree._Element) -> bool:
         hops = self.hops
-        if self.cut_off or self.avoid == node:
+        stats = self.stats
+        if self.avoid == node:
+            return False  # refused there already (counted then)
+        if self.cut_off:
+            stats.forwards_refused += 1
             return False
         if hops >= MAX_HOPS:
             log.warning(
                 "cluster: a %s for %s was forwarded %d times between nodes whose tables "
                 "disagree; handled here", etree.QName(stanza).localname, jid, hops,
             )
+            stats.forwards_refused += 1
             return False
         if len(self._ops) >= MAX_PENDING:
             if not self._refusing:
                 self._refusing = True
                 log.error("cluster: %d writes wait for Redis; refusing stanzas", MAX_PENDING)
+            stats.forwards_refused += 1
             return False
         hops += 1
-        fields: list[EncodableT] = ["to", jid, "stanza", etree.tostring(stanza), "hops", hops]
+        # The receiver applies this node's changes up to `seq` before it hands this on.
+        fields: list[EncodableT] = [
+            "to", jid, "stanza", etree.tostring(stanza), "hops", hops,
+            "from", self.node, "seq", self._last_change,
+        ]
+        stats.forwards_out += 1
+        if not stats.forwards_out % LATENCY_SAMPLE:
+            fields += ["t", repr(time.time())]  # xmppd.cluster.stats: the forward latency
 
         def refused(answer: Any) -> None:
-            if answer == schema.FORWARDED or self.reroute is None:
+            if answer == schema.FORWARDED:
+                return
+            stats.forwards_refused += 1
+            if self.reroute is None:
                 return
             if answer == schema.INBOX_FULL:
                 log.error("cluster: the inbox of node %s is full; routing here", node)
@@ -270,6 +318,7 @@ class Writer:
         fields: list[EncodableT] = [
             "to", jid, "sid", sid, "end", error.condition, "text", error.text or ""
         ]
+        self.stats.ends_out += 1
         self._put(
             Op(
                 lambda pipe: self._forward(
@@ -279,6 +328,11 @@ class Writer:
                 )
             )
         )
+
+    def _next(self) -> int:
+        self._seq += 1
+        self._last_change = self._seq
+        return self._seq
 
     # --- the task ----------------------------------------------------------------------
 
@@ -304,12 +358,14 @@ class Writer:
                             exc or type(exc).__name__,
                         )
                     failing = True
+                    self.stats.failed("writer")
                     self._expire()
                     await asyncio.sleep(RETRY_DELAY)
                     continue
                 if failing:
                     log.info("cluster: writing to Redis again")
                     failing = False
+                    self.stats.recovered("writer")
                 if self.cut_off:
                     self.cut_off = False
                     log.info("cluster: Redis answers again; forwarding to other nodes again")
@@ -344,6 +400,7 @@ class Writer:
         if not self.cut_off:
             self.cut_off = True
             self.on_cut_off(True)
+        self.stats.forwards_refused += len(expired)
         if self.reroute is None:
             return
         for op in expired:
@@ -361,10 +418,6 @@ class Writer:
             if isinstance(value, Exception):
                 log.error("cluster: a write to Redis was refused: %s", value)
         return results
-
-
-def _entry(session: ClientSession, node: str, sid: str) -> Entry:
-    return Entry(session.jid, node, session.priority, session.available, sid)
 
 
 def _conflict() -> StreamError:

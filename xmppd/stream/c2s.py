@@ -250,6 +250,13 @@ class C2SStream:
         self.phase = Phase.BOUND
         self.send(result)
 
+    def resumed(self, full_jid: str) -> None:
+        """A session bound on an earlier stream now continues on this one (XEP-0198
+        resumption): stanzas flow as after bind, with no bind result of its own."""
+        self.jid = full_jid
+        self.bare_jid = full_jid.split("/", 1)[0]
+        self.phase = Phase.BOUND
+
     def send(self, element: etree._Element) -> None:
         if self.phase is not Phase.CLOSED:
             self._out.append(etree.tostring(element))

@@ -1,0 +1,385 @@
+"""Stream management across nodes: a session resumed on another node, with a real Redis.
+
+Node B runs in this process; node A either too (resume while A lives, drain)
+or as a real `python -m xmppd` process, killed with SIGKILL. Clients speak
+the raw protocol over TLS (tests/integration/test_stream_management.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from redis.asyncio import Redis
+
+from tests.integration.clients import HEADER, RawClient, insecure_context
+from tests.integration.conftest import USERS, StartServer
+from tests.integration.test_account_changes import xmppctl
+from tests.integration.test_cluster import redis_service, until  # noqa: F401  (fixture)
+from tests.integration.test_stream_management import (
+    SASL,
+    SM,
+    Stream,
+    detached,
+    message,
+    messages,
+    modules,
+    roundtrip,
+    sm_module,
+)
+from tests.storage.services import service_factory  # noqa: F401  (fixture)
+from xmppd.cluster.smstore import PREFIX
+from xmppd.server import Server
+from xmppd.storage import devservices
+from xmppd.storage.devservices import LocalService
+
+pytestmark = pytest.mark.timeout(60)
+
+RESUME_WITHIN = 5.0
+"""Seconds from a node's death to its client resumed on another (issue 14)."""
+
+
+def cluster(redis: LocalService, node: str) -> dict[str, Any]:
+    return {"redis_url": devservices.redis_url(redis), "node_name": node}
+
+
+async def resume_at(server: Server, user: str, previd: str, h: int) -> Stream:
+    stream = await Stream.auth(server, user)
+    await stream.send(f"<resume xmlns='{SM}' previd='{previd}' h='{h}'/>")
+    return stream
+
+
+async def test_resume_on_another_node_while_the_first_lives(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(b, "bob")
+    previd = (await alice.enable()).get("id", "")
+    await alice.send("<presence/>")
+    await alice.next("<presence")
+    await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
+    for n in range(3):
+        await bob.send(message("alice@localhost/phone", f"before {n}"))
+    assert await messages(alice, 3) == ["before 0", "before 1", "before 2"]
+    await alice.send(f"<a xmlns='{SM}' h='2'/>")  # the presence echo and the first
+    await alice.ack_count()
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    await bob.send(message("alice@localhost/phone", "while away"))
+    store = sm_module(a).store
+    assert store is not None
+    await until(lambda: len(sm_module(a).resumable[previd].queue) == 3)
+    await store.flush()
+    again = await resume_at(b, "alice", previd, 2)
+    resumed = await again.next("resumed")
+    assert resumed.get("h") == "1"  # alice's presence
+    assert await messages(again, 3) == ["before 1", "before 2", "while away"]
+    # B has the session now; A ended its own without storing the queue offline.
+    await until(lambda: a.router.directory.count() == 0)
+    assert a.router.ledger.offline == 0 and b.router.ledger.offline == 0
+    session = b.router.directory.get("alice@localhost", "phone")
+    assert session is not None
+    await until(lambda: session.available)  # its presence came along (after its filters)
+    await bob.send(message("alice@localhost", "to the bare JID, on B now"))
+    assert await messages(again, 1) == ["to the bare JID, on B now"]
+    await again.send(message("bob@localhost/phone", "from B"))
+    await bob.next("from B")
+    assert await again.ack_count() == 2
+    assert sm_module(b).stats.resumed_elsewhere == 1
+    await again.close()
+    await bob.close()
+
+
+async def test_drain_hands_sessions_over(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """`xmppctl drain node-a`: the node stops as on SIGTERM, writes its SM sessions to
+    Redis and cuts their connections; the clients resume on another node, nothing lost."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(b, "bob")
+    previd = (await alice.enable()).get("id", "")
+    await alice.send("<presence/>")
+    await alice.next("<presence")
+    await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
+    for n in range(2):
+        await bob.send(message("alice@localhost/phone", f"unacked {n}"))
+    assert await messages(alice, 2) == ["unacked 0", "unacked 1"]
+    code, out, err = await xmppctl(a, "drain", "node-a")
+    assert code == 0, err
+    assert "draining node node-a" in out
+    await asyncio.wait_for(a.stop_requested.wait(), 10)
+    assert not b.stop_requested.is_set()
+    await a.stop()  # what xmppd.server.serve does once stop_requested is set
+    with pytest.raises(EOFError):
+        await alice.next("stream:error")  # cut, no <system-shutdown/>: resume elsewhere
+    again = await resume_at(b, "alice", previd, 1)
+    await again.next("resumed")
+    assert await messages(again, 2) == ["unacked 0", "unacked 1"]
+    assert a.router.ledger.offline == 0 and b.router.ledger.offline == 0
+    assert sm_module(a).stats.handed_over == 1
+    await bob.send(message("alice@localhost", "after the drain"))
+    assert await messages(again, 1) == ["after the drain"]
+    await again.close()
+    await bob.close()
+
+
+# --- a node killed with SIGKILL: a real process -------------------------------------------
+
+
+class NodeProcess:
+    """`python -m xmppd` on a config file; its direct TLS port read from its log."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+
+    @classmethod
+    async def start(cls, tmp_path: Path, **sections: Any) -> NodeProcess:
+        config: dict[str, Any] = {
+            "hosts": ["localhost"],
+            "data_dir": str(tmp_path / "data"),
+            "log_level": "info",
+            "listeners": [{"type": "direct_tls", "address": "127.0.0.1", "port": 0}],
+            "admin": {"port": 0},
+            **sections,
+        }
+        path = tmp_path / "node-a.yml"
+        path.write_text(yaml.safe_dump(config))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "xmppd", "-c", str(path),
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert process.stderr is not None
+        port = 0
+        async with asyncio.timeout(30):
+            while True:
+                line = (await process.stderr.readline()).decode()
+                if not line:
+                    raise RuntimeError("node-a exited before it was ready")
+                if found := re.search(r"direct TLS \(XEP-0368\) on \S+ port (\d+)", line):
+                    port = int(found.group(1))
+                if "xmppd ready" in line:
+                    break
+        return cls(process, port)
+
+    async def raw(self) -> RawClient:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, ssl=insecure_context(), server_hostname="localhost"
+        )
+        return RawClient(reader, writer)
+
+    async def login(self, user: str) -> Stream:
+        """A raw stream logged in as `user` on resource "phone"."""
+        stream = Stream(await self.raw(), b"")
+        await stream.raw.send(HEADER)
+        await stream.raw.read_until(b"</stream:features>")
+        token = base64.b64encode(f"\0{user}\0{USERS[user]}".encode()).decode()
+        await stream.raw.send(f"<auth xmlns='{SASL}' mechanism='PLAIN'>{token}</auth>")
+        await stream.raw.read_until(b"<success")
+        await stream.raw.send(HEADER)
+        await stream.raw.read_until(b"</stream:features>")
+        await stream.send(
+            "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+            "<resource>phone</resource></bind></iq>"
+        )
+        await stream.next("bind")
+        return stream
+
+    async def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+
+@pytest.fixture
+async def node_process() -> AsyncIterator[Callable[..., Any]]:
+    started: list[NodeProcess] = []
+
+    async def start(tmp_path: Path, **sections: Any) -> NodeProcess:
+        node = await NodeProcess.start(tmp_path, **sections)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        if node.process.returncode is None:
+            await node.kill()
+
+
+async def test_resume_on_another_node_after_sigkill(
+    redis_service: LocalService,  # noqa: F811
+    start_server: StartServer,
+    node_process: Callable[..., Any],
+    tmp_path: Path,
+    storage_section: dict[str, Any] | None,
+) -> None:
+    b = await start_server(cluster=cluster(redis_service, "node-b"))
+    sections: dict[str, Any] = {"cluster": cluster(redis_service, "node-a")}
+    if storage_section is not None:
+        sections["storage"] = storage_section
+    a: NodeProcess = await node_process(tmp_path, **sections)
+    alice = await a.login("alice")
+    previd = (await alice.enable()).get("id", "")
+    bob = await Stream.login(b, "bob")
+    await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
+    for n in range(3):
+        await bob.send(message("alice@localhost/phone", f"m{n}"))
+    assert await messages(alice, 3) == ["m0", "m1", "m2"]
+    await alice.send(f"<a xmlns='{SM}' h='1'/>")
+    await alice.ack_count()
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    # What node A wrote in its last batch before it dies: 3 sent, 1 acked.
+    record = PREFIX + previd
+
+    async def stored() -> list[Any]:
+        return list(await redis.hmget(record, ["sent"])) + [
+            await redis.llen(record.replace("sm:", "smq:"))
+        ]
+
+    deadline = time.monotonic() + 5
+    while await stored() != [b"3", 2]:
+        assert time.monotonic() < deadline, await stored()
+        await asyncio.sleep(0.01)
+    await a.kill()
+    killed = time.monotonic()
+    with pytest.raises(EOFError):
+        await alice.next("never")
+    again = await resume_at(b, "alice", previd, 1)
+    await again.next("resumed")
+    assert time.monotonic() - killed < RESUME_WITHIN
+    assert await messages(again, 2) == ["m1", "m2"]
+    await bob.send(message("alice@localhost/phone", "on B"))
+    assert await messages(again, 1) == ["on B"]
+    await roundtrip(again)
+    await redis.aclose()
+    await again.close()
+    await bob.close()
+
+
+async def test_redis_writes_are_batched_and_the_window_is_measured(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """Steady chat does not cost a Redis round trip per stanza; the time a change waits
+    for Redis (the window SIGKILL can lose, docs/cluster.md) is measured."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    await alice.enable()
+    count = 500
+    for n in range(count):
+        await bob.send(message("alice@localhost/phone", f"m{n}"))
+    await messages(alice, count)
+    await alice.send(f"<a xmlns='{SM}' h='{count}'/>")
+    await alice.ack_count()
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    burst = store.batches
+    print(f"\nburst of {count}: {burst} batches, longest wait {store.max_lag * 1000:.1f} ms")
+    assert burst < count / 2  # one round trip per burst, not per stanza
+    store.max_lag = 0.0
+    for n in range(100):  # one at a time: each is written on its own
+        await bob.send(message("alice@localhost/phone", f"p{n}"))
+        await alice.next(f"<body>p{n}<")
+    await store.flush()
+    print(f"100 one by one: {store.batches - burst} batches, "
+          f"longest wait {store.max_lag * 1000:.1f} ms")
+    assert store.max_lag < 0.5
+    await alice.close()
+    await bob.close()
+
+
+async def test_takeover_when_redis_lags_the_old_node(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """The old node got further than its last write to Redis: the client acknowledges
+    stanzas Redis never saw (taken as delivered, not an error), and what the old node
+    queued after its last write is routed again from there, to the new node."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(b, "bob")
+    previd = (await alice.enable()).get("id", "")
+    await alice.send("<presence/>")
+    await alice.next("<presence")
+    await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
+    await bob.send(message("alice@localhost/phone", "stored"))
+    assert await messages(alice, 1) == ["stored"]
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    await store.stop()  # node A's writes stop here: Redis lags it from now on
+    await bob.send(message("alice@localhost/phone", "seen 1"))
+    await bob.send(message("alice@localhost/phone", "seen 2"))
+    assert await messages(alice, 2) == ["seen 1", "seen 2"]
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    await bob.send(message("alice@localhost/phone", "queued, never stored"))
+    await until(lambda: len(sm_module(a).resumable[previd].queue) == 5)
+    # Redis says 2 were sent (the echo, "stored"); the client has 4: two over.
+    again = await resume_at(b, "alice", previd, 4)
+    await again.next("resumed")
+    # Node A cannot know the client had the first two: duplicates, as XEP-0198 allows.
+    assert await messages(again, 3) == ["seen 1", "seen 2", "queued, never stored"]
+    await again.send(message("bob@localhost/phone", "still counting"))
+    await bob.next("still counting")
+    assert await again.ack_count() == 2  # its presence (on A), this message (on B)
+    await again.close()
+    await bob.close()
+
+
+async def test_a_dead_node_s_waiting_session_times_out_on_another_node(
+    redis_service: LocalService,  # noqa: F811
+    start_server: StartServer,
+    node_process: Callable[..., Any],
+    tmp_path: Path,
+    storage_section: dict[str, Any] | None,
+) -> None:
+    """Its node killed while the session waited for its client, and the client never
+    comes back: a surviving node ends it after the resume timeout, and its queued
+    message is in offline storage."""
+    sm_options = {"orphan_sweep": 0.2}
+    b = await start_server(
+        cluster=cluster(redis_service, "node-b"), modules=modules(**sm_options)
+    )
+    sections: dict[str, Any] = {"cluster": cluster(redis_service, "node-a")}
+    if storage_section is not None:
+        sections["storage"] = storage_section
+    a: NodeProcess = await node_process(tmp_path, **sections)
+    alice = await a.login("alice")
+    previd = (await alice.enable("resume='true' max='1'")).get("id", "")
+    bob = await Stream.login(b, "bob")
+    await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
+    alice.drop()
+    await bob.send(message("alice@localhost/phone", "for the offline store"))
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    queue = (PREFIX + previd).replace("sm:", "smq:")
+    deadline = time.monotonic() + 5
+    while await redis.llen(queue) != 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await a.kill()
+    module = sm_module(b)
+    await until(lambda: module.stats.timed_out == 1, timeout=30)
+    assert await redis.exists(PREFIX + previd) == 0
+    again = await Stream.login(b, "alice")
+    await again.send("<presence/>")
+    assert await messages(again, 1) == ["for the offline store"]
+    await redis.aclose()
+    await again.close()
+    await bob.close()

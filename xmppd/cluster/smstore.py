@@ -1,0 +1,297 @@
+"""Stream management state in Redis, so that any node can resume a session (XEP-0198).
+
+Per resumable session (its SM id):
+  xmppd:sm:<id>   hash: node (the owner), bare, jid, sid (the session's id on its
+                  node, Entry.sid), handled, sent, max, presence
+  xmppd:smq:<id>  list: the unacknowledged stanzas to the client, oldest first
+
+Writes are batched, as the cluster writer batches its own (xmppd.cluster.writer):
+a session whose state changed is marked dirty and returns at once; one task
+sends every dirty session's change as one pipeline, and what changes while
+that round trip is on its way goes in the next. So steady chat costs one
+round trip per burst, not per stanza, and the window in which Redis lags the
+node is one pipeline round trip plus what waits for it (docs/cluster.md,
+"Stream management": what that window can lose or repeat, and its measure).
+
+Only the owner writes: the SAVE script refuses a node that is not the owner
+any more (another node resumed the session), and CLAIM, which hands the
+record to the node that resumes it, is atomic with reading it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from xmppd.cluster import schema
+from xmppd.cluster.inbox import cancel_for_sure
+
+log = logging.getLogger(__name__)
+
+PREFIX = "xmppd:sm:"
+QUEUE_PREFIX = "xmppd:smq:"
+TTL_SLACK = 60
+"""Seconds a record outlives its resume timeout (refreshed at every write)."""
+RETRY_DELAY = 0.5
+SWEEP_PAGE = 500
+"""Records looked at per SCAN page and per pipeline by an orphan sweep."""
+
+SAVE = """
+-- KEYS hash, list; ARGV node, bare, jid, handled, sent, max, presence, ttl, reset, trim,
+-- sid, stanzas to append...
+local owner = redis.call('HGET', KEYS[1], 'node')
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'bare', ARGV[2], 'jid', ARGV[3],
+           'handled', ARGV[4], 'sent', ARGV[5], 'max', ARGV[6], 'presence', ARGV[7],
+           'sid', ARGV[11])
+if ARGV[9] == '1' then redis.call('DEL', KEYS[2]) end
+local trim = tonumber(ARGV[10])
+if trim > 0 then redis.call('LTRIM', KEYS[2], trim, -1) end
+for i = 12, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+return 1
+"""
+"""Write a session's change, unless another node owns it now (0: this node lost it)."""
+
+CLAIM = """
+-- KEYS hash, list; ARGV node, bare
+local bare = redis.call('HGET', KEYS[1], 'bare')
+if bare ~= ARGV[2] then return false end
+local previous = redis.call('HGET', KEYS[1], 'node')
+redis.call('HSET', KEYS[1], 'node', ARGV[1])
+return {previous, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
+"""Take a session over for a node resuming it, if it is the account's; its state."""
+
+DROP = """
+-- KEYS hash, list; ARGV node
+if redis.call('HGET', KEYS[1], 'node') == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+return false
+"""
+"""Forget a session that ended for good, unless another node owns it now."""
+
+
+ORPHAN = """
+-- KEYS hash, list; ARGV now, the nodes set
+local owner = redis.call('HGET', KEYS[1], 'node')
+if not owner then return false end
+if redis.call('SISMEMBER', ARGV[2], owner) == 1 then
+  redis.call('HDEL', KEYS[1], 'orphaned')
+  return false
+end
+local since = redis.call('HGET', KEYS[1], 'orphaned')
+if not since then
+  redis.call('HSET', KEYS[1], 'orphaned', ARGV[1])
+  return false
+end
+local max = tonumber(redis.call('HGET', KEYS[1], 'max') or '0')
+if tonumber(ARGV[1]) - tonumber(since) < max then return false end
+local queue = redis.call('LRANGE', KEYS[2], 0, -1)
+local jid = redis.call('HGET', KEYS[1], 'jid')
+redis.call('DEL', KEYS[1], KEYS[2])
+return {jid, queue}
+"""
+"""A session whose node is gone (stopped, or reaped after its heartbeat stopped: no
+longer in the nodes set, so no replica routes to it any more) and that nobody resumed
+in its resume timeout, counted from when a sweep first saw it so: taken (deleted) for
+the sweeping node to route its queue; nil while its node is a member or time is left."""
+
+
+@dataclass(slots=True)
+class Change:
+    """What one session's SAVE writes (made by the module when the batch leaves)."""
+
+    bare: str
+    jid: str
+    sid: str  # the session's id on this node (Entry.sid): a takeover ends that one only
+    handled: int
+    sent: int
+    max: float
+    presence: bytes
+    reset: bool
+    trim: int
+    append: list[bytes]
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A session's state as read when a node took it over."""
+
+    previous: str  # the node that owned it
+    jid: str
+    sid: str  # the session's id on that node ("" if it wrote none)
+    handled: int
+    sent: int
+    max: float
+    presence: bytes
+    queue: list[bytes]
+
+
+class SMStore:
+    def __init__(self, redis: Redis, node: str) -> None:
+        self.redis = redis
+        self.node = node
+        self._save = redis.register_script(SAVE)
+        self._claim = redis.register_script(CLAIM)
+        self._drop = redis.register_script(DROP)
+        self._orphan = redis.register_script(ORPHAN)
+        # id -> makes the session's change when the batch leaves (True: all of it, not
+        # only what changed since the last write); None: drop the record.
+        self._dirty: dict[str, Callable[[bool], Change] | None] = {}
+        self._full: set[str] = set()  # ids whose last batch failed: written whole next
+        self._lost: Callable[[str], None] = lambda _id: None
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.lag = 0.0  # seconds the last batch took, from its first change to Redis' answer
+        self.max_lag = 0.0
+        self._first_dirty = 0.0
+
+    def start(self, lost: Callable[[str], None]) -> None:
+        """`lost(id)` is called when a write finds another node owns that session now."""
+        self._lost = lost
+        self._task = asyncio.create_task(self._run(), name="sm-store")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await cancel_for_sure(self._task)
+            self._task = None
+
+    def dirty(self, sm_id: str, change: Callable[[bool], Change]) -> None:
+        """Write this session's state with the next batch (never waits)."""
+        if not self._dirty:
+            self._first_dirty = time.monotonic()
+        self._dirty[sm_id] = change
+        self._idle.clear()
+        self._wake.set()
+
+    def drop(self, sm_id: str) -> None:
+        """Forget the session's record with the next batch (it ended for good here)."""
+        if not self._dirty:
+            self._first_dirty = time.monotonic()
+        self._dirty[sm_id] = None
+        self._idle.clear()
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until every change made so far is in Redis (drain, shutdown, tests)."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    async def claim(self, sm_id: str, bare: str) -> Claimed | None:
+        """Take the session over for this node, if it exists and is `bare`'s."""
+        answer = await self._claim(keys=[PREFIX + sm_id, QUEUE_PREFIX + sm_id],
+                                   args=[self.node, bare])
+        if not answer:
+            return None
+        previous, flat, queue = answer
+        fields = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+        return Claimed(
+            previous=previous.decode() if previous else "",
+            jid=fields["jid"].decode(),
+            sid=fields.get("sid", b"").decode(),
+            handled=int(fields["handled"]),
+            sent=int(fields["sent"]),
+            max=float(fields["max"]),
+            presence=fields.get("presence", b""),
+            queue=list(queue),
+        )
+
+    async def orphans(self) -> list[tuple[str, list[bytes]]]:
+        """The sessions of dead nodes whose time is up, taken out of Redis: (full JID,
+        unacked stanzas) for this node to route (a SCAN of every record: one sweep)."""
+        found: list[tuple[str, list[bytes]]] = []
+        now = str(int(time.time()))
+        page: list[str] = []
+        async for key in self.redis.scan_iter(match=PREFIX + "*", count=SWEEP_PAGE):
+            page.append(key.decode()[len(PREFIX):])
+            if len(page) >= SWEEP_PAGE:
+                found.extend(await self._orphan_page(page, now))
+                page = []
+        if page:
+            found.extend(await self._orphan_page(page, now))
+        return found
+
+    async def _orphan_page(self, ids: list[str], now: str) -> list[tuple[str, list[bytes]]]:
+        """One pipeline of ORPHAN for a page of ids."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sm_id in ids:
+                await self._orphan(
+                    keys=[PREFIX + sm_id, QUEUE_PREFIX + sm_id],
+                    args=[now, schema.NODES],
+                    client=pipe,
+                )
+            answers: list[Any] = await pipe.execute(raise_on_error=False)
+        return [
+            (answer[0].decode(), list(answer[1]))
+            for answer in answers
+            if answer and not isinstance(answer, Exception)
+        ]
+
+    async def _run(self) -> None:
+        failing = False
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty:
+                started = self._first_dirty
+                batch, self._dirty = self._dirty, {}
+                try:
+                    results = await self._send(batch)
+                except (RedisError, OSError) as exc:
+                    if not failing:
+                        log.error("sm: writing to Redis failed (%s); retrying", exc)
+                    failing = True
+                    # Put the batch back in front of what changed meanwhile; a change
+                    # made meanwhile supersedes the one retried (it is built anew), and
+                    # each is written whole, since Redis may have any part of the last.
+                    self._full.update(batch)
+                    self._dirty = {**batch, **self._dirty}
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
+                failing = False
+                self._full.difference_update(batch)
+                self.batches += 1
+                self.lag = time.monotonic() - started
+                self.max_lag = max(self.max_lag, self.lag)
+                if self._dirty:
+                    self._first_dirty = time.monotonic()
+                for sm_id, result in zip(batch, results, strict=True):
+                    if result == 0:
+                        self._lost(sm_id)
+            self._idle.set()
+
+    async def _send(self, batch: dict[str, Callable[[bool], Change] | None]) -> list[object]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sm_id, make in batch.items():
+                keys = [PREFIX + sm_id, QUEUE_PREFIX + sm_id]
+                if make is None:
+                    await self._drop(keys=keys, args=[self.node], client=pipe)
+                    continue
+                change = make(sm_id in self._full)
+                await self._save(
+                    keys=keys,
+                    args=[
+                        self.node, change.bare, change.jid, change.handled, change.sent,
+                        change.max, change.presence, int(change.max) + TTL_SLACK,
+                        "1" if change.reset else "0", change.trim, change.sid, *change.append,
+                    ],
+                    client=pipe,
+                )
+            results: list[object] = await pipe.execute(raise_on_error=False)
+        for value in results:
+            if isinstance(value, Exception):
+                log.error("sm: a write to Redis was refused: %s", value)
+        return results
