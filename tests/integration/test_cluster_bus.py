@@ -10,6 +10,7 @@ node, the login throttle counted in Redis, last activity across nodes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from typing import Any
 
@@ -28,7 +29,14 @@ from tests.integration.test_cluster import (
 )
 from tests.integration.test_privacy_blocking import error_of, friends, privacy_iq, settle
 from tests.integration.test_privacy_blocking import online as blocking_client
-from tests.integration.test_vcard_private_register import Prefs, login, publish_vcard, vcard_of
+from tests.integration.test_vcard_private_register import (
+    IMAGE,
+    Prefs,
+    login,
+    photo_of,
+    publish_vcard,
+    vcard_of,
+)
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.adminapi import admin_dir
 from xmppd.server import Server
@@ -139,6 +147,27 @@ async def test_a_write_through_one_node_is_not_served_stale_by_the_other(
     assert await nick_on_b() == "two"
     items = (await bob_b.get_roster(timeout=10))["roster"]["items"]
     assert items[JID("carol@localhost")]["name"] == "Carol"
+    for client in (bob_a, bob_b, alice_b):
+        await close(client)
+
+
+async def test_an_avatar_set_through_one_node_is_in_presence_sent_through_the_other(
+    redis_service: LocalService,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    """Node B stamps bob's presence with the avatar hash it holds; bob changes his
+    vCard through node A."""
+    a, b = await nodes(start_server, redis_service)
+    bob_a = await login(a, "bob@localhost/desk", "bob-secret")
+    bob_b = await login(b, "bob@localhost/phone", "bob-secret")
+    alice_b = await login(b, "alice@localhost/desk", "alice-secret")
+    bob_b.send_presence(pto=alice_b.boundjid.full)  # B now holds bob's hash: no avatar
+    assert not photo_of(await asyncio.wait_for(alice_b.presences.get(), 10))
+
+    await publish_vcard(bob_a, "Bob", IMAGE)
+    bob_b.send_presence(pto=alice_b.boundjid.full)
+    presence = await asyncio.wait_for(alice_b.presences.get(), 10)
+    assert photo_of(presence) == hashlib.sha1(IMAGE).hexdigest()
     for client in (bob_a, bob_b, alice_b):
         await close(client)
 
