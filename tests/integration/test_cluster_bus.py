@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from slixmpp import JID
 
 from tests.integration.clients import Client, close, connect
@@ -39,8 +40,13 @@ from tests.integration.test_vcard_private_register import (
 )
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.adminapi import admin_dir
+from xmppd.auth.throttle import MemoryFailureCounter
+from xmppd.cluster.bus import RedisBus
+from xmppd.cluster.caches import share_memory_cache
+from xmppd.cluster.throttle import RETRY_AFTER, RedisFailureCounter, count_key
 from xmppd.server import Server
 from xmppd.storage import devservices
+from xmppd.storage.cache import MemoryCache
 from xmppd.storage.devservices import LocalService
 
 pytestmark = pytest.mark.timeout(60)
@@ -292,3 +298,55 @@ async def test_last_activity_across_nodes(
     assert (await last_activity(watcher, "bob@localhost"))[1] == "second"
     for client in (alice, watcher):
         await close(client)
+
+
+async def test_the_embedded_cache_is_invalidated_on_the_other_node_and_flushed_after_a_reconnect(
+    redis_service: LocalService,  # noqa: F811
+) -> None:
+    """The bus and two in-process caches, without servers: a write (a tombstone) on
+    one is applied on the other; a node whose subscription broke forgets everything."""
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    buses = [RedisBus(redis, "n1"), RedisBus(redis, "n2")]
+    caches = [MemoryCache(), MemoryCache()]
+    for bus, cache in zip(buses, caches, strict=True):
+        assert share_memory_cache(bus, cache)
+        await bus.start()
+    try:
+        await caches[1].add("k", b"old", 300)
+        await caches[0].set("k", b"T", 5)  # what a write through the cache does
+        await until(lambda: caches[1]._live("k") == b"T")
+        await caches[1].add("other", b"cached", 300)
+        await redis.client_kill_filter(_type="pubsub")  # both subscriptions drop
+        await until(lambda: buses[1].resets > 0 and len(caches[1]) == 0, timeout=10)
+        # and the bus works again after the reconnect
+        await caches[1].delete("k")
+        await caches[0].add("k", b"x", 300)
+        await caches[1].set("k", b"T", 5)
+        await until(lambda: caches[0]._live("k") == b"T")
+    finally:
+        for bus in buses:
+            await bus.stop()
+        await redis.aclose()
+
+
+async def test_the_throttle_falls_back_to_the_node_s_own_count_while_redis_fails(
+    redis_service: LocalService,  # noqa: F811
+) -> None:
+    now = [0.0]
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    counter = RedisFailureCounter(redis, 60.0, MemoryFailureCounter(60.0), clock=lambda: now[0])
+    try:
+        assert await counter.record_failure("ip:1") == 1
+        assert await counter.record_failure("ip:1") == 2
+        assert await redis.pttl(count_key("ip:1")) > 59_000  # expires after the last failure
+        redis_service.stop()
+        # neither a lockout nor an exception: this node counts on its own
+        assert await counter.record_failure("ip:1") == 1
+        assert await counter.failures("ip:1") == 1
+        redis_service.start()
+        assert await counter.failures("ip:1") == 1  # not asking Redis again so soon
+        now[0] += RETRY_AFTER
+        assert await counter.failures("ip:1") == 0  # Redis restarted empty: its count
+        await counter.clear("ip:1")
+    finally:
+        await redis.aclose()
