@@ -582,6 +582,7 @@ class PrivacyEngine:
         if not done.written:
             return old, old
         self.host.notify_cluster(NOTICE, {"bare": bare})
+        await self.host.cluster_notices_sent()  # before the client hears "done"
         assert done.after is not None  # `edit` never deletes
         new = replace(new, version=done.after.version)
         before = self._snapshot(bare)
