@@ -65,6 +65,15 @@ async def nodes(
     return a, b
 
 
+def notices(node: Server) -> int:
+    """Privacy notices `node` heard from the others. The node that made a change
+    sends its notice before answering the client, so in practice the other node
+    has it before the client's next stanza; the tests wait for it rather than
+    rely on two sockets' order in one busy event loop."""
+    assert node.cluster is not None
+    return node.cluster.bus.received["privacy"]
+
+
 async def test_a_block_set_through_one_node_applies_to_a_stanza_routed_by_the_other(
     redis_service: LocalService,  # noqa: F811
     start_server: StartServer
@@ -78,12 +87,16 @@ async def test_a_block_set_through_one_node_applies_to_a_stanza_routed_by_the_ot
     bob.send_message(mto=JID("alice@localhost/desk"), mbody="before", mtype="chat")
     assert await received(alice, timeout=5) == "before"  # B now holds alice's (empty) rules
 
+    heard = notices(b)
     await alice.plugin["xep_0191"].block(JID("bob@localhost"), timeout=10)
+    await until(lambda: notices(b) > heard)
     bob.send_message(mto=JID("alice@localhost/desk"), mbody="blocked", mtype="chat")
     condition, _ = error_of(await asyncio.wait_for(bob.messages.get(), 5))
     assert condition == "service-unavailable"
 
+    heard = notices(b)
     await alice.plugin["xep_0191"].unblock(JID("bob@localhost"), timeout=10)
+    await until(lambda: notices(b) > heard)
     bob.send_message(mto=JID("alice@localhost/desk"), mbody="after", mtype="chat")
     assert await received(alice, timeout=5) == "after"
     await settle(alice)
@@ -110,7 +123,9 @@ async def test_a_privacy_list_set_through_one_node_applies_on_the_other(
         "<list name='quiet'><item type='jid' value='carol@localhost' action='deny' order='1'>"
         "<message/></item></list>",
     )
+    heard = notices(b)
     await privacy_iq(alice, "set", "<default name='quiet'/>")
+    await until(lambda: notices(b) > heard)
     carol.send_message(mto=JID("alice@localhost/desk"), mbody="denied", mtype="chat")
     condition, _ = error_of(await asyncio.wait_for(carol.messages.get(), 5))
     assert condition == "service-unavailable"

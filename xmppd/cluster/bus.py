@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -110,6 +110,7 @@ class RedisBus:
         self.redis = redis
         self.node = node
         self.resets = 0  # how many times every `lost` callback ran (tests, logs)
+        self.received: Counter[str] = Counter()  # notices from other nodes, by topic
         self._handlers: dict[str, list[Handler]] = {}
         self._lost: list[Lost] = []
         self._queue: deque[str] = deque()
@@ -273,6 +274,7 @@ class RedisBus:
         except (ValueError, KeyError, TypeError) as exc:
             log.error("cluster bus: ignored a malformed notice (%s): %r", exc, data[:200])
             return
+        self.received[topic] += 1
         for handler in self._handlers.get(topic, ()):
             try:
                 handler(payload)
