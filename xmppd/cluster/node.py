@@ -2,8 +2,9 @@
 
 `Cluster` owns the parts (each in its own module, one job each) and their
 order: connect (a clear error if Redis is unreachable), then the
-heartbeat, the replica of the session table, the inbox; at stop, the
-writes still queued, the node's own sessions removed from the table
+heartbeat, the replica of the session table, the bus (xmppd.cluster.bus),
+the inbox; at stop, the writes and notices still queued, the node's own
+sessions removed from the table
 (others stop routing here), the inbox read a last time, then the rest.
 """
 
@@ -15,6 +16,7 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from xmppd.cluster.bus import RedisBus
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.heartbeat import Heartbeat
 from xmppd.cluster.inbox import Inbox
@@ -50,6 +52,7 @@ class Cluster:
         self.heartbeat = Heartbeat(self.redis, self.node, self.rewrite_local, self.stats)
         self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.inbox: Inbox | None = None
+        self.bus = RedisBus(self.redis, self.node)
 
     async def start(self, router: Router) -> None:
         """Join the cluster; ClusterUnavailable if Redis does not answer."""
@@ -61,6 +64,7 @@ class Cluster:
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
+            await self.bus.start()
             self.inbox = Inbox(
                 self.redis, self.node, self.directory, router, self.stats, self.sync
             )
@@ -77,12 +81,14 @@ class Cluster:
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT):
                 await self.writer.flush()
+                await self.bus.flush()
                 await self.heartbeat.stop()
         except (RedisError, OSError, TimeoutError) as exc:
             log.error("cluster: could not remove this node's sessions from Redis: %s", exc)
         if self.inbox is not None:
             await self.inbox.stop()
         await self.sync.stop()
+        await self.bus.stop()
         await self.writer.stop()
         await self.redis.aclose()
 
