@@ -69,6 +69,15 @@ When rules change for a session, contacts that stop (or start) being allowed
 to see its presence get unavailable presence (or its current presence), and
 the session stops (or starts) seeing theirs (XEP-0191 3.3/3.4, XEP-0016
 2.10/2.11), as far as the roster and this node's sessions show them.
+
+In a cluster every node holds the rules of the users it judges stanzas for
+(the sender's and the recipient's; the node that routes a stanza runs
+"stanza/in" for a recipient on another node). A node that changes a record
+(or a user's roster, which rules by group or subscription read) tells the
+others over the cluster bus (`NOTICE`), which drop their copy and read the
+record again at the next stanza for that user; a node that may have missed
+notices drops every copy. So a privacy list or a block set through one node
+applies on every node from the next stanza on.
 """
 
 from __future__ import annotations
@@ -79,6 +88,7 @@ import enum
 import json
 import logging
 import secrets
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -120,6 +130,8 @@ SUBSCRIPTIONS = frozenset({"none", "to", "from", "both"})
 PRIORITY = 1000  # privacy is the first delivery rule (XEP-0016 2.2 rule 4)
 MAX_CACHED_OFFLINE = 2048  # records kept for users with no session here
 LOAD_TRIES = 3
+NOTICE = "privacy"
+"""Cluster bus topic: {"bare": ...} whose record or roster another node changed."""
 ROSTER_TRIES = 3
 _PRESENCE_HOOKS = ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe")
 
@@ -464,6 +476,8 @@ class PrivacyEngine:
         self.roster: RosterLike | None = None
         self._states: OrderedDict[str, UserState] = OrderedDict()
         self._loading: dict[str, asyncio.Future[UserState]] = {}
+        # Loads that may have read a record another node changed since: read again.
+        self._superseded: weakref.WeakSet[asyncio.Future[UserState]] = weakref.WeakSet()
         self._roster_loading: dict[str, bool] = {}  # bare -> changed while loading
         self._pass_all: list[etree._Element] = []  # our own errors and presences: no checks
         self._pass_sender: list[etree._Element] = []  # unavailable on block: skip sender rules
@@ -476,6 +490,7 @@ class PrivacyEngine:
         host.hook("iq/account", self._iq_to_account, PRIORITY)
         # The stanza/in filter runs on the sender's node, for recipients on any node.
         host.share_state(ACTIVE)
+        host.on_cluster_notice(NOTICE, self._changed_elsewhere, self._forget_all)
 
     async def start(self) -> None:
         """Find the roster and hook presence subscriptions (runs once, after every setup())."""
@@ -500,15 +515,22 @@ class PrivacyEngine:
 
     async def state(self, bare: str) -> UserState:
         """The user's record and roster view, loaded if this node does not hold it."""
-        state = self._states.get(bare)
-        if state is not None:
-            self._states.move_to_end(bare)
-            return state
-        loading = self._loading.get(bare)
-        if loading is None:
-            loading = self._loading[bare] = asyncio.ensure_future(self._load(bare))
-            loading.add_done_callback(lambda _: self._loading.pop(bare, None))
-        return self._install(bare, await asyncio.shield(loading))
+        while True:
+            state = self._states.get(bare)
+            if state is not None:
+                self._states.move_to_end(bare)
+                return state
+            loading = self._loading.get(bare)
+            if loading is None:
+                loading = self._loading[bare] = asyncio.ensure_future(self._load(bare))
+                loading.add_done_callback(lambda done: self._done_loading(bare, done))
+            loaded = await asyncio.shield(loading)
+            if loading not in self._superseded:
+                return self._install(bare, loaded)
+
+    def _done_loading(self, bare: str, done: asyncio.Future[UserState]) -> None:
+        if self._loading.get(bare) is done:
+            del self._loading[bare]
 
     def active(self, session: ClientSession) -> str | None:
         return session.state.get(ACTIVE)
@@ -561,6 +583,8 @@ class PrivacyEngine:
         old, new = outcome
         if not done.written:
             return old, old
+        self.host.notify_cluster(NOTICE, {"bare": bare})
+        await self.host.cluster_notices_sent()  # before the client hears "done"
         assert done.after is not None  # `edit` never deletes
         new = replace(new, version=done.after.version)
         before = self._snapshot(bare)
@@ -578,6 +602,8 @@ class PrivacyEngine:
         would make the stanzas to the user's sessions (the removal's own result)
         wait for a load that the end of those sessions makes pointless."""
         found = await self.host.items(bare.rsplit("@", 1)[-1], STORE).delete(bare)
+        self.host.notify_cluster(NOTICE, {"bare": bare})
+        await self.host.cluster_notices_sent()
         if bare in self._states:
             self._states[bare] = UserState(EMPTY, {})
         return found
@@ -667,6 +693,8 @@ class PrivacyEngine:
     # --- roster and session events ------------------------------------------------------
 
     def _roster_changed(self, owner: str, item: Any, removed: str | None) -> None:
+        # Another node may hold rules by group or subscription for the owner.
+        self.host.notify_cluster(NOTICE, {"bare": owner})
         if owner in self._roster_loading:
             self._roster_loading[owner] = True
         state = self._states.get(owner)
@@ -676,6 +704,21 @@ class PrivacyEngine:
             state.roster[item.jid] = RosterEntry(item.subscription, frozenset(item.groups))
         elif removed is not None:
             state.roster.pop(removed, None)
+
+    def _changed_elsewhere(self, notice: dict[str, Any]) -> None:
+        """Another node changed the user's record or roster: read it again when needed."""
+        self._forget(str(notice["bare"]))
+
+    def _forget_all(self) -> None:
+        """Notices from other nodes may have been lost: hold nothing that could be stale."""
+        for bare in list(self._states) + list(self._loading):
+            self._forget(bare)
+
+    def _forget(self, bare: str) -> None:
+        self._states.pop(bare, None)
+        loading = self._loading.pop(bare, None)
+        if loading is not None:
+            self._superseded.add(loading)
 
     async def _session_bound(self, session: ClientSession) -> None:
         bare = session.bare

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import logging
 import weakref
+from typing import Any
 
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -39,6 +40,8 @@ LOAD_TIMEOUT = 5.0  # seconds a presence waits for the hash before going out wit
 FILTER_PRIORITY = 10_000
 """Runs before every other "stanza/out" filter: they judge the presence as it
 goes out, hash included."""
+PHOTO_NOTICE = "vcard-photo"
+"""Cluster bus topic: {"bare": ...} whose vCard another node changed."""
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class VCard(Module):
         self.host.filter("stanza/out", self._presence_out, FILTER_PRIORITY)
         self.host.hook("session/bound", self._bound)
         self.host.hook("session/closed", self._closed)
+        # Another node changed a vCard: its avatar hash is read again when needed.
+        self.host.on_cluster_notice(PHOTO_NOTICE, self._changed_elsewhere, self._photo.clear)
 
     # --- IQ handlers -------------------------------------------------------------------
 
@@ -105,6 +110,8 @@ class VCard(Module):
             )
             if self.host.sessions(bare):
                 self._photo[bare] = photo
+            self.host.notify_cluster(PHOTO_NOTICE, {"bare": bare})
+            await self.host.cluster_notices_sent()
 
     def _store(self, vhost: str) -> BlobStore:
         return self.host.blobs(vhost, "vcard")
@@ -167,6 +174,9 @@ class VCard(Module):
 
     # --- session and account events -----------------------------------------------------
 
+    def _changed_elsewhere(self, notice: dict[str, Any]) -> None:
+        self._photo.pop(str(notice["bare"]), None)
+
     async def _bound(self, session: ClientSession) -> None:
         # Not awaited: a slow store must not hold up other modules' session/bound.
         if self._photo.get(session.bare) is None:
@@ -178,8 +188,11 @@ class VCard(Module):
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Delete the vCard (the avatar is its PHOTO: no other blob) and the cached hash."""
-        self._photo.pop(f"{username}@{vhost}", None)
-        return await self._store(vhost).delete(username)
+        bare = f"{username}@{vhost}"
+        self._photo.pop(bare, None)
+        found = await self._store(vhost).delete(username)
+        self.host.notify_cluster(PHOTO_NOTICE, {"bare": bare})
+        return found
 
 
 def photo_hash(vcard: etree._Element) -> str:

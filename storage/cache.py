@@ -23,7 +23,7 @@ import math
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 from .base import (
@@ -109,8 +109,11 @@ class NullCache(Cache):
 
 
 class MemoryCache(Cache):
-    """An in-process LRU with TTLs. Right for one node; with several nodes each
-    would miss the others' invalidations, so use memcached there."""
+    """An in-process LRU with TTLs. Right for one node; several nodes that share
+    the stores must each hear the others' invalidations: a cluster node sets
+    `on_write` to pass every `set` and `delete` to the other nodes, which
+    `apply` it (xmppd.cluster.caches), and `clear`s when some may have been lost.
+    Several nodes without a cluster: use memcached."""
 
     def __init__(
         self,
@@ -123,6 +126,8 @@ class MemoryCache(Cache):
         self.max_value_bytes = max_value_bytes
         self._clock = clock
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # value, deadline
+        # Awaited with (key, value, ttl) after a local set, (key, None, 0) after a delete.
+        self.on_write: Callable[[str, bytes | None, int], Awaitable[None]] | None = None
 
     def _live(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
@@ -140,6 +145,19 @@ class MemoryCache(Cache):
 
     async def set(self, key: str, value: bytes, ttl: int) -> None:
         self._set(key, value, ttl)
+        if self.on_write is not None:
+            await self.on_write(key, value, ttl)
+
+    def apply(self, key: str, value: bytes | None, ttl: int) -> None:
+        """Another node's `set` (or, with None, `delete`) of `key`; not passed on."""
+        if value is None:
+            self._entries.pop(key, None)
+        else:
+            self._set(key, value, ttl)
+
+    def clear(self) -> None:
+        """Forget everything (invalidations from other nodes may have been lost)."""
+        self._entries.clear()
 
     def _set(self, key: str, value: bytes, ttl: int) -> None:
         if len(value) > self.max_value_bytes:
@@ -156,6 +174,8 @@ class MemoryCache(Cache):
 
     async def delete(self, key: str) -> None:
         self._entries.pop(key, None)
+        if self.on_write is not None:
+            await self.on_write(key, None, 0)
 
     @classmethod
     async def from_config(cls, cfg: MemoryCacheConfig) -> MemoryCache:

@@ -27,7 +27,9 @@ Filters (sync, `filter`; False drops, an awaitable waits): stanza/out (stanza,
 origin session), stanza/in (stanza, session), presence/self (stanza, session):
 a client's own broadcast presence as the router applies it.
 Non-stanza elements: `element`. Timers: `every`. Subdomains: `serve_domain`.
-IQs the server sends: `send_iq`.
+IQs the server sends: `send_iq`. The other nodes of a cluster: `notify_cluster`
+and `on_cluster_notice` (a module that keeps per-user state in memory drops it
+when another node changes what it was read from).
 
 Session state: a module keeps what belongs to one session in `session.state`
 under a key it owns. In a cluster, a session bound on another node is a
@@ -58,6 +60,7 @@ from prometheus_client.core import Metric
 from pydantic import BaseModel, ConfigDict
 
 from xmppd.auth.accounts import InvalidUsername, normalize_username
+from xmppd.cluster.bus import Bus, Handler, LocalBus, Lost, Payload
 from xmppd.directory import LocalDirectory
 from xmppd.events import DEFAULT
 from xmppd.jid import JID
@@ -221,10 +224,13 @@ class AccountDataRemains(Exception):
 
 
 class ModuleHost:
-    def __init__(self, router: Router, storage: Storage, hosts: list[str]) -> None:
+    def __init__(
+        self, router: Router, storage: Storage, hosts: list[str], bus: Bus | None = None
+    ) -> None:
         self.router = router
         self.storage = storage
         self.hosts = hosts
+        self.bus: Bus = bus if bus is not None else LocalBus()
         self.modules: dict[str, Module] = {}
         # The server's account stores by virtual host, and its config (set by load()).
         self.accounts: dict[str, Accounts] = {}
@@ -425,6 +431,25 @@ class ModuleHost:
 
     def add_identity(self, category: str, type_: str, name: str | None = None) -> None:
         self.identities.append((category, type_, name))
+
+    def notify_cluster(self, topic: str, payload: Payload) -> None:
+        """Tell every other node of the cluster (`on_cluster_notice`): a small JSON object,
+        typically "drop what you hold for this user". Never waits; does nothing on a
+        single node. Notices may be lost; a node that may have missed some is told so
+        (the `lost` callback), so use them to forget, never to carry data."""
+        self.bus.publish(topic, payload)
+
+    async def cluster_notices_sent(self) -> None:
+        """Return once the notices sent so far are in Redis (at most about a second;
+        at once on a single node or while Redis fails): await it before answering a
+        client whose change another node must apply from its next stanza on."""
+        await self.bus.sent()
+
+    def on_cluster_notice(self, topic: str, handler: Handler, lost: Lost) -> None:
+        """Call `handler(payload)` for each `topic` notice another node sends, and
+        `lost()` when notices may have been missed (this node's connection to Redis
+        broke): forget everything then. Neither is ever called on a single node."""
+        self.bus.subscribe(topic, handler, lost)
 
     def items(self, vhost: str, store: str) -> ItemStore:
         return ItemStore(self.storage.items, vhost, store)

@@ -571,7 +571,7 @@ class Router:
             # Offline storage decides, headlines included (a XEP-0334 <store/> hint).
             self._serially(bare, lambda: self._offline(stanza, bare))
             return
-        if type_ != "headline":
+        if type_ != "headline" and len(eligible) > 1:  # one resource: nothing to choose
             top = max(s.priority for s in eligible)
             eligible = [s for s in eligible if s.priority == top]
         routed.recipients.extend(eligible)

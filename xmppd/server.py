@@ -14,11 +14,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter
 from xmppd.cluster import Cluster, ClusterUnavailable
+from xmppd.cluster.caches import share_memory_cache
+from xmppd.cluster.throttle import RedisFailureCounter
 from xmppd.config import Config
 from xmppd.connection import C2SConnection
 from xmppd.modulehost import ModuleHost
@@ -36,6 +39,8 @@ log = logging.getLogger("xmppd")
 
 ACCOUNT_CHANGE_SETTLE = 10.0
 """Seconds end_account_sessions waits at most for the presence work it started."""
+ACCOUNT_ENDED = "account-ended"
+"""The cluster bus topic of end_account_sessions."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +103,16 @@ class Server:
         for line in self.storage.describe():
             log.info("storage: %s", line)
         self.storage_stats = instrument(self.storage)  # latency and errors for /metrics
-        if config.storage.cache.backend == "memory" and (
-            config.storage.items.backend != "sqlite" or config.storage.blobs.backend != "files"
+        if (
+            config.cluster is None
+            and config.storage.cache.backend == "memory"
+            and (
+                config.storage.items.backend != "sqlite" or config.storage.blobs.backend != "files"
+            )
         ):
             log.warning(
                 "storage: the in-process cache is only correct for a single node; when several "
-                "nodes share these stores, use cache.backend memcached (or none)"
+                "nodes share these stores, make them a cluster or use cache.backend memcached"
             )
         self.fake_salt_key = await cluster_secret(self.storage, "scram-fake-salt")
         self.accounts = {
@@ -122,7 +131,19 @@ class Server:
             except ClusterUnavailable as exc:
                 await self.storage.close()
                 raise StartupError(str(exc)) from None
-        self.modules = ModuleHost(self.router, self.storage, list(config.hosts))
+            share_memory_cache(self.cluster.bus, self.storage.cache)
+            # Nothing to flush when notices were lost: the directory ended the sessions
+            # the other node knew of; see end_account_sessions.
+            self.cluster.bus.subscribe(ACCOUNT_ENDED, self._account_ended, lambda: None)
+            self.throttle.counter = RedisFailureCounter(
+                self.cluster.redis, config.limits.auth_ban_seconds, self.throttle.counter
+            )
+        self.modules = ModuleHost(
+            self.router,
+            self.storage,
+            list(config.hosts),
+            self.cluster.bus if self.cluster is not None else None,
+        )
         self.modules.accounts = self.accounts
         self.modules.cluster = self.cluster
         self.modules.load(config)
@@ -246,18 +267,21 @@ class Server:
 
         Each goes the way of any ended stream (router.session_ended: unavailable
         presence to contacts, "session/closed"); this returns once the work that
-        started has run, so a caller that then deletes the account's data (xmppctl
-        unregister) does not pull the roster from under the presence broadcast.
+        started here has run, so a caller that then deletes the account's data
+        (xmppctl unregister) does not pull the roster from under the presence
+        broadcast. In a cluster the sessions this node knows on other nodes are
+        ended through the directory (their node's inbox), and a notice on the
+        cluster bus ends on every node the streams this node cannot know of: not
+        bound yet, or bound too recently for its replica (`_account_ended`).
         """
         bare = f"{username}@{host}"
         sessions = self.router.directory.resources(bare)
-        unbound = [
-            conn
-            for conn in self.connections
-            if conn.session is None
-            and conn.stream.username == username
-            and conn.stream.host == host
-        ]
+        unbound = self._account_streams(host, username, bound=False)
+        if self.cluster is not None:
+            self.cluster.bus.publish(
+                ACCOUNT_ENDED,
+                {"host": host, "user": username, "condition": error.condition, "text": error.text},
+            )
         before = self.router.pending()
         for session in sessions:
             session.terminate(error)
@@ -267,6 +291,23 @@ class Server:
         if started:
             await asyncio.wait(started, timeout=ACCOUNT_CHANGE_SETTLE)
         return len(sessions) + len(unbound)
+
+    def _account_streams(self, host: str, username: str, *, bound: bool) -> list[C2SConnection]:
+        """This node's streams authenticated as the account: all, or only the unbound."""
+        return [
+            conn
+            for conn in self.connections
+            if (bound or conn.session is None)
+            and conn.stream.username == username
+            and conn.stream.host == host
+        ]
+
+    def _account_ended(self, notice: dict[str, Any]) -> None:
+        """Another node ended an account's sessions (password changed, account removed):
+        end its streams here too, bound or not (ending one twice does nothing)."""
+        error = StreamError(str(notice["condition"]), notice.get("text"))
+        for conn in self._account_streams(str(notice["host"]), str(notice["user"]), bound=True):
+            conn.close(error)
 
     async def _user_exists(self, host: str, username: str) -> bool:
         return await self.accounts[host].exists(username)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import lxml
 from lxml import etree
 
+from xmppd.stream.errors import StreamError
 from xmppd.xml.parser import StreamClosed, StreamOpened, StreamParser
 
 HEADER = (
@@ -94,3 +95,50 @@ def test_restart_forgets_the_old_stream_declarations() -> None:
     assert opened.nsmap == {None: "jabber:server", "stream": "http://etherx.jabber.org/streams"}
     (message,) = p.feed(b"<message/>")
     assert message.tag == "{jabber:server}message"
+
+
+def test_a_doctype_split_between_reads_is_refused() -> None:
+    p = parser()
+    p.feed(b"<?xml version='1.0'?><")
+    try:
+        p.feed(b"!DOCTYPE s [<!ENTITY e 'x'>]>" + HEADER[len(b"<?xml version='1.0'?>") :])
+    except StreamError as exc:
+        assert exc.condition == "restricted-xml"
+    else:
+        raise AssertionError("a DOCTYPE was accepted")
+
+
+def test_text_after_a_stanza_in_a_later_read_is_bad_format_and_keepalives_pass() -> None:
+    p = parser()
+    p.feed(HEADER)
+    p.feed(b"<message/> ")
+    assert p.feed(b"  \n") == []
+    (presence,) = p.feed(b"<presence/>")
+    assert etree.tostring(presence) == b'<presence xmlns="jabber:client"/>'
+    try:
+        p.feed(b"hello<iq/>")
+    except StreamError as exc:
+        assert exc.condition == "bad-format"
+    else:
+        raise AssertionError("text between stanzas was accepted")
+
+
+def test_cdata_and_predefined_entities_are_text() -> None:
+    p = parser()
+    p.feed(HEADER)
+    (message,) = p.feed(
+        b"<message><body><![CDATA[a &x; <b>]]> &amp; &#65;</body></message>"
+    )
+    assert message[0].text == "a &x; <b> & A"
+    assert message.tail is None
+
+
+def test_nesting_past_libxml2s_own_limit_in_one_read_is_a_policy_violation() -> None:
+    p = parser()
+    p.feed(HEADER)
+    try:
+        p.feed(b"<message>" + b"<a>" * 300)
+    except StreamError as exc:
+        assert exc.condition == "policy-violation"
+    else:
+        raise AssertionError("nesting past the limit was accepted")

@@ -2,12 +2,13 @@
 
 `Cluster` owns the parts (each in its own module, one job each) and their
 order: connect (a clear error if Redis is unreachable), then the
-heartbeat, the replica of the session table; the inbox is read once the
-modules are loaded (`serve`: what it holds may need offline storage). At
-stop: the writes still queued, the inbox trimmed of what was handled, the
-node's own sessions removed from the table and the node marked gone (others
-stop routing here, and what they forward after is refused), the inbox read
-a last time, what that routed written, then the rest.
+heartbeat, the replica of the session table, the bus (xmppd.cluster.bus);
+the inbox is read once the modules are loaded (`serve`: what it holds may
+need offline storage). At stop: the writes and notices still queued, the
+inbox trimmed of what was handled, the node's own sessions removed from the
+table and the node marked gone (others stop routing here, and what they
+forward after is refused), the inbox read a last time, what that routed
+written, then the rest.
 
 Whatever cannot reach the node it was forwarded to (that node was reaped,
 its inbox was full, Redis did not answer in time, the stanza passed the hop
@@ -24,6 +25,7 @@ from lxml import etree
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from xmppd.cluster.bus import RedisBus
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.heartbeat import TTL, Heartbeat
 from xmppd.cluster.inbox import Inbox
@@ -60,6 +62,7 @@ class Cluster:
         self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.inbox: Inbox | None = None
         self._router: Router | None = None
+        self.bus = RedisBus(self.redis, self.node)
 
     async def start(self, router: Router) -> None:
         """Join the cluster; ClusterUnavailable if Redis does not answer."""
@@ -67,7 +70,7 @@ class Cluster:
             await self.redis.ping()
             self._router = router
             self.writer.reroute = self.reroute
-            self.writer.on_cut_off = self.directory.cut
+            self.writer.on_cut_off = self.cut
             self.writer.on_gone = self.node_gone
             # A process that ran under this name before and died may have left
             # sessions in the table, which nobody would reap while this one beats,
@@ -76,6 +79,7 @@ class Cluster:
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
+            await self.bus.start()
             self.inbox = Inbox(
                 self.redis, self.node, self.directory, self.reroute, self.stats, self.sync
             )
@@ -96,6 +100,7 @@ class Cluster:
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT):
                 await self.writer.flush()
+                await self.bus.flush()
                 if self.inbox is not None:
                     await self.inbox.pause()
                 await self.heartbeat.stop()
@@ -110,6 +115,7 @@ class Cluster:
                 # Left in the inbox: the next process of this name routes it again.
                 log.error("cluster: could not read the inbox a last time: %s", exc)
         await self.sync.stop()
+        await self.bus.stop()
         await self.writer.stop()
         await self.redis.aclose()
 
@@ -119,6 +125,12 @@ class Cluster:
         self.writer.listed()
         for session, entry in self.directory.local_entries():
             self.writer.updated(session, entry)
+
+    def cut(self, cut_off: bool) -> None:
+        """Redis has not answered for forward_wait (True), or answers again: the other
+        nodes' sessions count as gone, and writes stop waiting for bus notices."""
+        self.directory.cut(cut_off)
+        self.bus.cut_off = cut_off
 
     def node_gone(self, node: str) -> None:
         """A forward to `node` was refused: it was reaped, and this replica had not

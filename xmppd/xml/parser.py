@@ -1,11 +1,23 @@
 """Incremental, restricted XML parsing of one XMPP stream.
 
-lxml's SAX-target interface is used rather than a pull parser because it
-lets us refuse input *while* libxml2 parses it: a DOCTYPE, comment or
-processing instruction raises at once (RFC 6120 section 11.1), and a start
-tag past the depth limit stops the parser before it builds anything deeper.
-Each top-level child of the stream becomes its own small lxml element, so
-nothing accumulates under the stream root.
+libxml2 builds the stanzas itself (lxml's pull parser: a tree under the
+stream root, with start/end/comment/pi events read after each chunk fed);
+each top-level child of the stream is copied out as its own small lxml
+document and removed from the root once its end tag is parsed, so nothing
+accumulates under the stream root. This replaced a SAX target that built
+each stanza through a Python TreeBuilder: the same elements for less than
+half the CPU (docs/bench.md, Profile), because libxml2 makes the nodes,
+attributes and namespaces without a Python call per element.
+
+The restrictions of RFC 6120 section 11.1 are kept without a callback per
+event: a DOCTYPE or comment can only start with "<!" in the prolog, which is
+refused before libxml2 sees it; a comment or processing instruction inside
+the stream is an event; entities are never loaded from outside and an
+undeclared one is a syntax error (`resolve_entities="internal"`, with no
+DOCTYPE there is nothing internal either). Depth is checked from the events
+of each chunk, so at most one chunk (FEED_CHUNK bytes) of nesting is built
+before a stanza too deep is refused, and libxml2's own limit (256 levels)
+is reported as the same policy violation.
 
 A libxml2 push parser holds about 9 KB, much of an idle connection's memory
 besides TLS. `release()` ends its document between stanzas, which frees
@@ -17,7 +29,6 @@ when a stream has been idle long enough).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from lxml import etree
@@ -25,6 +36,7 @@ from lxml import etree
 from xmppd.stream.errors import StreamError
 
 FEED_CHUNK = 4096  # bytes fed per call: bounds how far a stanza can overshoot the size limit
+_EVENTS = ("start", "end", "comment", "pi")
 
 
 @dataclass(slots=True)
@@ -41,93 +53,6 @@ class StreamClosed:
     """The peer sent </stream:stream>."""
 
 
-class _Target:
-    """SAX target: builds one element per top-level child, enforces restrictions."""
-
-    __slots__ = (
-        "depth",
-        "builder",
-        "default_ns",
-        "events",
-        "max_depth",
-        "stanza_started",
-        "priming",
-        "declared",
-    )
-
-    def __init__(self, max_depth: int) -> None:
-        self.depth = 0
-        self.builder: Any = None  # etree.TreeBuilder of the stanza being parsed
-        self.default_ns: str | None = None
-        self.events: list[StreamOpened | StreamClosed | etree._Element] = []
-        self.max_depth = max_depth
-        self.stanza_started = False  # a top-level element began since the flag was cleared
-        self.priming = False  # parsing the stand-in stream header after release()
-        # Namespace declarations of the next start tag, gathered by start_ns().
-        self.declared: dict[str | None, str] = {}
-
-    def start_ns(self, prefix: str, uri: str) -> None:
-        self.declared[prefix or None] = uri
-
-    def end_ns(self, prefix: str) -> None:
-        return None
-
-    def start(self, tag: str, attrib: Any, nsmap: Any = None) -> None:
-        # `nsmap` is not read: lxml 6.2 passes an empty mapping for it unless the
-        # target has start_ns(), and what it holds has changed between releases.
-        # start_ns() events, which every lxml since 4 sends just before the
-        # element's start(), are the one source of a tag's declarations.
-        self.depth += 1
-        declared = self.declared
-        if declared:
-            self.declared = {}
-        else:
-            declared = {}  # a fresh one: the stanza's may gain the stream's default below
-        if self.depth == 1:
-            if not self.priming:
-                self.default_ns = declared.get(None)
-                self.events.append(StreamOpened(tag, dict(attrib), declared))
-            return
-        if self.depth > self.max_depth:
-            raise StreamError("policy-violation", f"XML nesting deeper than {self.max_depth}")
-        if self.depth == 2:
-            self.stanza_started = True
-            self.builder = etree.TreeBuilder()
-            # Re-declare the stream's default namespace on the stanza so it
-            # serializes as <message xmlns='jabber:client'> on its own.
-            if self.default_ns is not None and None not in declared:
-                declared[None] = self.default_ns
-        self.builder.start(tag, attrib, declared or None)
-
-    def end(self, tag: str) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            self.events.append(StreamClosed())
-            return
-        self.builder.end(tag)
-        if self.depth == 1:
-            self.events.append(self.builder.close())
-            self.builder = None
-
-    def data(self, text: str) -> None:
-        if self.builder is not None:
-            self.builder.data(text)
-        elif text.strip():
-            raise StreamError("bad-format", "text is not allowed between stanzas")
-
-    def comment(self, text: str) -> None:
-        raise StreamError("restricted-xml", "XML comments are not allowed")
-
-    def pi(self, target: str, data: str | None = None) -> None:
-        raise StreamError("restricted-xml", "processing instructions are not allowed")
-
-    def doctype(self, *args: Any) -> None:
-        raise StreamError("restricted-xml", "a DOCTYPE is not allowed")
-
-    def close(self) -> None:
-        return None
-
-
 class StreamParser:
     """Turns the bytes of one stream into StreamOpened, elements and StreamClosed.
 
@@ -136,57 +61,58 @@ class StreamParser:
     """
 
     __slots__ = (
-        "_target",
         "_parser",
+        "_root",
+        "_depth",
+        "max_depth",
         "max_stanza_bytes",
         "_pending",
         "_closed",
         "_header",
         "_releasable",
         "_released",
+        "_priming",
+        "_prolog_tail",
     )
 
     def __init__(self, max_stanza_bytes: int, max_depth: int) -> None:
-        self._target = _Target(max_depth)
-        self._parser = etree.XMLParser(
-            target=self._target,
-            resolve_entities=False,
+        self._parser = etree.XMLPullParser(
+            events=_EVENTS,
+            resolve_entities="internal",
             no_network=True,
             load_dtd=False,
             huge_tree=False,
         )
+        self._root: etree._Element | None = None  # the stream root, once its start tag is parsed
+        self._depth = 0
+        self.max_depth = max_depth
         self.max_stanza_bytes = max_stanza_bytes
         self._pending = 0  # bytes of the stanza now open (an upper bound, see feed)
         self._closed = False
         self._header: bytes | None = None  # stand-in stream header that restarts the parser
         self._releasable = False  # libxml2 holds no unparsed input
         self._released = False
+        self._priming = False  # parsing the stand-in stream header after release()
+        self._prolog_tail = b""  # the last byte fed before the root opened (a split "<!")
 
     def restart(self, max_stanza_bytes: int) -> None:
         """Start over for a new stream on the same connection (after STARTTLS or SASL).
 
-        Reuses the libxml2 parser: a new lxml target parser costs about 50 us
-        and leaves a reference cycle behind, so its ~9 KB wait for the
-        garbage collector. Whatever the old stream left unparsed is dropped.
+        Reuses the libxml2 parser: a new lxml parser costs about 50 us and
+        leaves a reference cycle behind, so its ~9 KB wait for the garbage
+        collector. Whatever the old stream left unparsed is dropped.
         """
         if not self._released:
-            try:
-                self._parser.close()
-            except (etree.XMLSyntaxError, StreamError):
-                pass  # the old stream's root is still open, or it left garbage behind
-        target = self._target
-        target.depth = 0
-        target.builder = None
-        target.default_ns = None
-        target.declared = {}
-        target.events = []
-        target.stanza_started = False
+            self._end_document()
+        self._root = None
+        self._depth = 0
         self.max_stanza_bytes = max_stanza_bytes
         self._pending = 0
         self._closed = False
         self._header = None
         self._releasable = False
         self._released = False
+        self._prolog_tail = b""
 
     def release(self) -> bool:
         """Free most of the libxml2 parser's memory if the stream is between stanzas.
@@ -197,13 +123,19 @@ class StreamParser:
         """
         if self._released or not self._releasable or self._header is None or self._closed:
             return False
-        try:
-            self._parser.close()  # ends the document: libxml2 frees its input buffers
-        except etree.XMLSyntaxError:
-            pass  # "premature end of data": the stream root is still open, as expected
+        self._end_document()  # libxml2 frees its input buffers
+        self._root = None
         self._released = True
         self._releasable = False
         return True
+
+    def _end_document(self) -> None:
+        try:
+            self._parser.close()
+        except (etree.XMLSyntaxError, StreamError):
+            pass  # the stream root is still open (as expected), or it left garbage behind
+        for _ in self._parser.read_events():
+            pass  # a new document starts with no events of the old one
 
     def feed(self, data: bytes) -> list[StreamOpened | StreamClosed | etree._Element]:
         """Parse `data`; raise StreamError on bad or over-limit input."""
@@ -211,48 +143,107 @@ class StreamParser:
             if data.strip():
                 raise StreamError("not-well-formed", "data after the end of the stream")
             return []
-        target = self._target
         if self._released:
             self._resume()
+        out: list[StreamOpened | StreamClosed | etree._Element] = []
+        parser = self._parser
         for start in range(0, len(data), FEED_CHUNK):
             chunk = data[start : start + FEED_CHUNK]
-            target.stanza_started = False
+            if self._root is None:
+                self._check_prolog(chunk)
             try:
-                self._parser.feed(chunk)
-            except StreamError:
-                raise
+                parser.feed(chunk)
             except etree.XMLSyntaxError as exc:
+                # What was parsed before the error may be the reason (nesting past
+                # libxml2's own limit is a policy violation, as past ours).
+                self._take_events(out)
                 raise StreamError("not-well-formed", _syntax_message(exc)) from None
-            if target.depth > 1:
+            started = self._take_events(out)
+            if self._depth > 1:
                 # The open stanza began in this chunk (count the chunk, an upper
                 # bound) or earlier (add the chunk to what it already had).
-                self._pending = len(chunk) + (0 if target.stanza_started else self._pending)
+                self._pending = len(chunk) + (0 if started else self._pending)
                 if self._pending > self.max_stanza_bytes:
                     raise StreamError(
                         "policy-violation", f"stanza larger than {self.max_stanza_bytes} bytes"
                     )
             else:
                 self._pending = 0
-            if target.events and isinstance(target.events[-1], StreamClosed):
-                self._closed = True
+            if self._closed:
                 break
-        events, target.events = target.events, []
-        if events and self._header is None and isinstance(events[0], StreamOpened):
-            self._header = _stand_in_header(events[0])
-        self._releasable = target.depth == 1 and _ends_cleanly(data)
-        return events
+        root = self._root
+        if root is not None and self._depth == 1 and root.text is not None:
+            _between_stanzas(root.text)  # whitespace keepalives: checked, then dropped
+            root.text = None
+        if out and self._header is None and isinstance(out[0], StreamOpened):
+            self._header = _stand_in_header(out[0])
+        self._releasable = self._depth == 1 and _ends_cleanly(data)
+        return out
+
+    def _take_events(self, out: list[StreamOpened | StreamClosed | etree._Element]) -> bool:
+        """Turn the parser's events into `out`; True if a stanza started among them."""
+        started = False
+        depth = self._depth
+        try:
+            for event, el in self._parser.read_events():
+                if event == "start":
+                    depth += 1
+                    if depth == 2:
+                        started = True
+                    elif depth > self.max_depth:
+                        raise StreamError(
+                            "policy-violation", f"XML nesting deeper than {self.max_depth}"
+                        )
+                    elif depth == 1:
+                        self._root = el
+                        if not self._priming:
+                            out.append(StreamOpened(el.tag, dict(el.attrib), el.nsmap))
+                elif event == "end":
+                    depth -= 1
+                    if depth == 1:
+                        tail = el.tail
+                        if tail is not None:
+                            _between_stanzas(tail)
+                            el.tail = None
+                        out.append(el.__copy__())  # its own document, namespaces declared on it
+                        self._root.remove(el)  # type: ignore[union-attr]
+                    elif depth == 0:
+                        out.append(StreamClosed())
+                        self._closed = True
+                        break
+                elif event == "comment":
+                    raise StreamError("restricted-xml", "XML comments are not allowed")
+                else:
+                    raise StreamError("restricted-xml", "processing instructions are not allowed")
+        finally:
+            self._depth = depth
+        return started
+
+    def _check_prolog(self, chunk: bytes) -> None:
+        """Before the stream root only the XML declaration and whitespace may come: a
+        "<!" there starts a DOCTYPE or a comment, refused before libxml2 reads it."""
+        if b"<!" in self._prolog_tail + chunk:
+            if b"<!--" in self._prolog_tail + chunk:
+                raise StreamError("restricted-xml", "XML comments are not allowed")
+            raise StreamError("restricted-xml", "a DOCTYPE is not allowed")
+        self._prolog_tail = chunk[-1:]
 
     def _resume(self) -> None:
         """Put the parser back where release() found it: inside the stream root."""
         assert self._header is not None
-        target = self._target
-        target.depth = 0
-        target.priming = True
+        self._depth = 0
+        self._priming = True
         try:
             self._parser.feed(self._header)
+            self._take_events([])
         finally:
-            target.priming = False
+            self._priming = False
         self._released = False
+
+
+def _between_stanzas(text: str) -> None:
+    if text.strip():
+        raise StreamError("bad-format", "text is not allowed between stanzas")
 
 
 def _ends_cleanly(data: bytes) -> bool:
