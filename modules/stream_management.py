@@ -261,9 +261,12 @@ class StreamManagement(Module):
             new = [sm.queue[i] for i in range(len(sm.queue) - fresh, len(sm.queue))]
         sm.stored_sent, sm.stored_acked = sm.sent, acked
         session = sm.session
+        cluster = self.host.cluster
+        sid = cluster.directory.sid_of(session) if cluster is not None else None
         return Change(
             bare=session.bare,
             jid=session.jid,
+            sid=sid or "",
             handled=sm.handled,
             sent=sm.sent,
             max=sm.max,
@@ -575,7 +578,10 @@ class StreamManagement(Module):
         cluster = self.host.cluster
         if cluster is not None and claimed.previous not in ("", cluster.node):
             # Before the bind's own <conflict/>: the old node must not route the queue.
-            cluster.writer.terminate(claimed.previous, claimed.jid,
+            # It names the session resumed (its id, written with its state), so that it
+            # ends that one only: not a newer login on that resource on the old node, nor
+            # (moved as an orphan when the old node died) this node's resumed session.
+            cluster.writer.terminate(claimed.previous, claimed.jid, claimed.sid,
                                      StreamError("conflict", TAKEOVER))
         session = request.bind_resumed(claimed.jid)
         if session is None:

@@ -349,6 +349,9 @@ class ClusterConfig(BaseModel):
     node_name: Annotated[StrictStr, AfterValidator(_node_name)] = Field(
         default_factory=_default_node_name
     )
+    forward_wait: float = Field(default=5.0, gt=0, le=300)
+    """Seconds a stanza for another node waits for an unreachable Redis before it is
+    routed again on this node (offline storage, an error)."""
 
 
 def _is_loopback(address: str) -> bool:

@@ -123,7 +123,8 @@ def _cluster(cluster: Cluster) -> Iterator[Metric]:
     forwards = CounterMetricFamily(
         "xmppd_cluster_forwards",
         "Stanzas passed between nodes: out (queued for another node), in (taken from "
-        "this node's inbox), refused (too many writes waiting for Redis).",
+        "this node's inbox), refused (routed on this node instead: Redis unreachable "
+        "or too many writes waiting, the node gone, its inbox full, the hop limit).",
         labels=["direction"],
     )
     forwards.add_metric(["out"], stats.forwards_out)

@@ -148,6 +148,8 @@ class Server:
         self.modules.cluster = self.cluster
         self.modules.load(config)
         await self.modules.start()
+        if self.cluster is not None:
+            self.cluster.serve()  # what the inbox holds may need the modules (offline)
         log.info("modules: %s", ", ".join(self.modules.modules) or "none")
         loop = asyncio.get_running_loop()
         for listener in config.listeners:

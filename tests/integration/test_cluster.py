@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -21,6 +21,7 @@ from xmppd.cluster import RemoteTransport, schema
 from xmppd.server import Server, StartupError
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
+from xmppd.stream.errors import StreamError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,6 +155,27 @@ async def test_a_stopped_node_s_sessions_are_gone_and_messages_go_offline(
     bob.abort()
 
 
+async def test_a_clean_stop_leaves_the_inbox_empty(
+    redis_service: LocalService, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The entry a stopping node writes to its own inbox to end its blocking read is
+    skipped, not routed as a stanza, and trimmed like a handled one: the stop reads its
+    inbox to the end at once and leaves nothing for the next process of its name."""
+    a, b = await two_nodes(start_server, redis_service)
+    assert a.cluster is not None
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    alice.send_message(mto="bob@localhost/phone", mbody="before the stop", mtype="chat")
+    assert await received(bob) == "before the stop"
+    await b.stop()
+    assert await a.cluster.redis.xlen(schema.inbox_key("node-b")) == 0
+    assert "inbox entry failed" not in caplog.text
+    assert "could not read the inbox" not in caplog.text
+    await close(alice)
+    bob.abort()
+
+
 async def test_a_dead_node_is_reaped_by_the_heartbeat(
     redis_service: LocalService, start_server: StartServer
 ) -> None:
@@ -269,5 +291,121 @@ async def test_a_stanza_forwarded_while_redis_is_down_arrives_when_it_is_back(
     redis_service.start()
     for n in range(3):
         assert await received(bob, timeout=10) == f"during the outage {n}"
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_stanza_between_replicas_that_disagree_stops_at_the_hop_limit(
+    redis_service: LocalService, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A believes bob/phone is on B, B believes it is on A: the message goes back and
+    forth writer.MAX_HOPS times, then is handled as for a session that is gone (offline
+    storage), where bob finds it at his next login."""
+    a, b = await two_nodes(start_server, redis_service)
+    assert a.cluster is not None and b.cluster is not None
+    a.cluster.directory.apply_set(schema.Entry("bob@localhost/phone", "node-b", 0, True, sid="x"))
+    b.cluster.directory.apply_set(schema.Entry("bob@localhost/phone", "node-a", 0, True, sid="y"))
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    alice.send_message(mto="bob@localhost/phone", mbody="round and round", mtype="chat")
+    await until(lambda: "forwarded 3 times between nodes" in caplog.text)
+    for node in (a, b):
+        await node.router.drain()
+    # the phone is still a ghost on both replicas: log in as another resource
+    a.cluster.directory.apply_node_gone("node-b")
+    later = await online(a, "bob@localhost/laptop", "bob-secret")
+    assert await received(later, timeout=5) == "round and round"
+    await close(later)
+    await close(alice)
+
+
+async def test_a_stale_request_to_end_a_session_spares_the_newer_one(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """The request to end a replaced session names that session: arriving after the
+    resource was bound again on its node, it ends nothing."""
+    a, b = await two_nodes(start_server, redis_service)
+    first = await online(b, "bob@localhost/phone", "bob-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    old = a.router.directory.get("bob@localhost", "phone")
+    second = await online(b, "bob@localhost/phone", "bob-secret")  # replaces it on B
+    await asyncio.wait_for(first.ended.wait(), 5)
+    await until(lambda: a.router.directory.get("bob@localhost", "phone") not in (None, old))
+    assert old is not None
+    old.terminate(StreamError("conflict", "a stale request"))
+    # what A sends next reaches B's inbox after the request: when it arrives, the
+    # request was handled
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    alice.send_message(mto="bob@localhost/phone", mbody="still there?", mtype="chat")
+    assert await received(second) == "still there?"
+    assert not second.ended.is_set()
+    await close(alice)
+    await close(second)
+
+
+async def test_what_a_dead_node_left_in_its_inbox_is_routed_again_by_its_reaper(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Stanzas forwarded to a node that died before handling them are routed again by
+    the node that reaps it (bob's session is gone: offline storage); a forward after
+    the reap is refused and routed again by its sender, not left in a dead inbox."""
+    a, b = await two_nodes(start_server, redis_service)
+    assert a.cluster is not None and b.cluster is not None
+    redis = a.cluster.redis
+    ghost = schema.Entry("bob@localhost/ghost", "node-dead", 0, True, sid="g")
+    await redis.hset(schema.sessions_key("bob@localhost"), "ghost", ghost.encode())
+    await redis.sadd(schema.node_sessions_key("node-dead"), ghost.jid)
+    await redis.sadd(schema.NODES, "node-dead")
+    await redis.publish(schema.EVENTS, schema.set_event(ghost, 1))
+    await until(lambda: b.router.directory.get("bob@localhost", "ghost") is not None)
+    alice = await online(b, "alice@localhost/desk", "alice-secret")
+    alice.send_message(mto="bob@localhost/ghost", mbody="before the reap", mtype="chat")
+    await until_async(lambda: redis.xlen(schema.inbox_key("node-dead")), 1)
+    # B does not hear of the reap: it still forwards to the dead node's session
+    await b.cluster.sync.stop()
+    await a.cluster.heartbeat.beat()
+    await until(lambda: a.router.ledger.offline == 1)  # A took it over and stored it
+    alice.send_message(mto="bob@localhost/ghost", mbody="after the reap", mtype="chat")
+    await until(lambda: b.router.ledger.offline == 1)  # refused, routed again by B
+    assert await redis.exists(schema.inbox_key("node-dead")) == 0
+    # on B, which stored last: A's in-process cache does not see B's write (yet)
+    later = await online(b, "bob@localhost/laptop", "bob-secret")
+    got = {await received(later, timeout=5), await received(later, timeout=5)}
+    assert got == {"before the reap", "after the reap"}
+    await close(later)
+    await close(alice)
+
+
+async def until_async(value: Callable[[], Awaitable[object]], expected: object) -> None:
+    """Until what `value` answers (from Redis) is `expected`."""
+    deadline = time.monotonic() + 5.0
+    while await value() != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_hung_redis_sends_cross_node_messages_offline_within_the_bound(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Redis frozen (SIGSTOP: connections stay open, nothing answers): a message for a
+    session on the other node goes to offline storage after cluster.forward_wait plus
+    at most one write timeout, and one sent after that goes there at once."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(cluster={"redis_url": url, "node_name": "node-a", "forward_wait": 1})
+    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    redis_service.pause()
+    try:
+        started = time.monotonic()
+        alice.send_message(mto="bob@localhost", mbody="while redis hangs", mtype="chat")
+        await until(lambda: a.router.ledger.offline == 1, timeout=10)
+        waited = time.monotonic() - started
+        alice.send_message(mto="bob@localhost", mbody="and at once", mtype="chat")
+        await until(lambda: a.router.ledger.offline == 2, timeout=1)
+    finally:
+        redis_service.resume()
+    assert waited < 1 + 2 + 0.5 + 0.5  # forward_wait, SEND_TIMEOUT, RETRY_DELAY, slack
     await close(alice)
     await close(bob)

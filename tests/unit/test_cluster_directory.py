@@ -36,8 +36,8 @@ class Recorder:
         self.calls.append(("forward", node, jid))
         return True
 
-    def terminate(self, node: str, jid: str, error: StreamError) -> None:
-        self.calls.append(("terminate", node, jid, error.condition))
+    def terminate(self, node: str, jid: str, sid: str, error: StreamError) -> None:
+        self.calls.append(("terminate", node, jid, sid, error.condition))
 
 
 def directory() -> tuple[ClusterDirectory, Recorder]:
@@ -80,7 +80,7 @@ def test_a_dropped_session_refuses_delivery_so_the_router_falls_back() -> None:
 
 def test_a_local_bind_replaces_the_remote_session_and_names_its_node() -> None:
     d, outbox = directory()
-    d.apply_set(Entry("bob@x/phone", "other", 0, True))
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, sid="s1"))
     remote = d.get("bob@x", "phone")
     local = ClientSession("bob@x/phone")
     assert d.add(local) is remote
@@ -88,7 +88,19 @@ def test_a_local_bind_replaces_the_remote_session_and_names_its_node() -> None:
     assert outbox.calls == [("bound", "bob@x/phone", "other")]
     assert remote is not None
     remote.terminate(StreamError("conflict"))
-    assert outbox.calls[-1] == ("terminate", "other", "bob@x/phone", "conflict")
+    assert outbox.calls[-1] == ("terminate", "other", "bob@x/phone", "s1", "conflict")
+
+
+def test_a_new_session_on_the_same_node_and_resource_is_a_new_replica_session() -> None:
+    """A request to end the old one names the old one's id, not the new one's."""
+    d, _ = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, sid="s1"))
+    old = d.get("bob@x", "phone")
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, sid="s2"))
+    new = d.get("bob@x", "phone")
+    assert new is not old and new is not None and old is not None
+    assert new.transport.sid == "s2"  # type: ignore[union-attr]
+    assert not old.deliver(etree.Element("message"))  # the old one is gone
 
 
 def test_only_real_changes_of_a_local_session_are_written() -> None:
@@ -125,8 +137,25 @@ def test_a_load_replaces_the_replica() -> None:
     assert d.has("dave@x") and sorted(d.accounts()) == ["carol@x", "dave@x"]
 
 
+def test_cut_off_from_redis_the_other_nodes_sessions_count_as_gone() -> None:
+    """Nothing reaches them while Redis does not answer: the router must not choose
+    them (offline storage, errors), and sees them again once Redis answers."""
+    d, _ = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 0, True))
+    local = ClientSession("bob@x/desk")
+    d.add(local)
+    d.cut(True)
+    assert d.get("bob@x", "phone") is None
+    assert d.resources("bob@x") == [local]
+    assert not d.has("carol@x") and list(d.accounts()) == ["bob@x"]
+    d.remove(local)
+    assert not d.has("bob@x")
+    d.cut(False)
+    assert d.get("bob@x", "phone") is not None and d.has("bob@x")
+
+
 def test_the_replica_carries_since_and_address_and_old_entries_still_decode() -> None:
-    entry = Entry("bob@x/phone", "other", 1, True, 1765000000.5, "192.0.2.7")
+    entry = Entry("bob@x/phone", "other", 1, True, since=1765000000.5, address="192.0.2.7")
     assert Entry.decode(entry.jid, entry.encode()) == entry
     d, _ = directory()
     d.apply_set(entry)
@@ -170,9 +199,9 @@ def test_presence_and_shared_state_go_with_the_entry_and_into_the_replica() -> N
     assert replica.presence is not None
     assert replica.presence.findtext("{jabber:client}show") == "away"
     parsed = replica.presence
-    other.apply_set(Entry(moved.jid, "me", 1, True, presence=moved.presence))
+    other.apply_set(Entry(moved.jid, "me", 1, True, presence=moved.presence, sid=moved.sid))
     assert replica.presence is parsed and replica.state == {}  # parsed once per change
-    other.apply_set(Entry(moved.jid, "me", 1, False))
+    other.apply_set(Entry(moved.jid, "me", 1, False, sid=moved.sid))
     assert replica.presence is None and not replica.available
 
 

@@ -26,8 +26,10 @@ other nodes can hear it (a cache invalidation, a privacy change) awaits
 `sent()`: Redis then has the notice, so a client told "done" that turns to
 another node finds it there already in practice (that node reads the notice
 from its socket as it reads the client's request; no stronger promise). It
-waits at most `SENT_WAIT`, and not at all while publishing fails: an outage
-delays notices, it does not stall writes.
+waits at most `SENT_WAIT`, and not at all while publishing fails or the node
+is cut off from Redis (`cut_off`, set from the cluster writer: a hung Redis
+raises nothing, so publishing alone would not know): an outage delays
+notices, it does not stall writes.
 
 On one node (no `cluster` section) the module API holds a `LocalBus`, which
 does nothing: there is nobody to tell.
@@ -125,6 +127,7 @@ class RedisBus:
         self._idle.set()
         self._reset = False
         self._tasks: list[asyncio.Task[None]] = []
+        self.cut_off = False  # Redis has not answered the writer for forward_wait
 
     # --- Bus -------------------------------------------------------------------------
 
@@ -146,7 +149,7 @@ class RedisBus:
 
     async def sent(self) -> None:
         target = self._queued
-        if self._failing or self._done >= target:
+        if self._failing or self.cut_off or self._done >= target:
             return
         try:
             async with asyncio.timeout(SENT_WAIT), self._progress:

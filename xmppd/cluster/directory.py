@@ -18,6 +18,7 @@ the events.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Protocol
@@ -36,8 +37,9 @@ class Outbox(Protocol):
     """What the directory asks to be written to Redis or sent to other nodes (never waits)."""
 
     def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
-        """A local bind; `known_owner`: the node the replica had on that resource (ended
-        already), so that a conflict Redis reports with that node is not ended twice."""
+        """A local bind (`entry.sid` names the new session); `known_owner`: the node the
+        replica had on that resource (ended already), so that a conflict Redis reports
+        with that node is not ended twice."""
 
     def updated(self, session: ClientSession, entry: Entry) -> None:
         """A local session's entry changed (availability, priority, presence, state)."""
@@ -47,8 +49,9 @@ class Outbox(Protocol):
     def forward(self, node: str, jid: str, stanza: etree._Element) -> bool:
         """Send `stanza` to the session `jid` on `node`; False if it cannot be taken."""
 
-    def terminate(self, node: str, jid: str, error: StreamError) -> None:
-        """Ask `node` to end the stream of its session `jid` with `error`."""
+    def terminate(self, node: str, jid: str, sid: str, error: StreamError) -> None:
+        """Ask `node` to end the stream of its session `sid` on `jid` with `error` (not
+        a newer session bound there since)."""
 
 
 class RemoteTransport:
@@ -58,15 +61,17 @@ class RemoteTransport:
     unbound it, stopped or died), so the router falls back (offline storage
     for a message) instead of sending into the void.
 
-    `presence` is the serialised presence the replica session's `presence` was
-    parsed from: an entry that changed something else is not parsed again."""
+    `sid` is the session's id on its node (Entry.sid): a request to end it names
+    it. `presence` is the serialised presence the replica session's `presence`
+    was parsed from: an entry that changed something else is not parsed again."""
 
-    __slots__ = ("outbox", "node", "jid", "gone", "presence")
+    __slots__ = ("outbox", "node", "jid", "sid", "gone", "presence")
 
-    def __init__(self, outbox: Outbox, node: str, jid: str) -> None:
+    def __init__(self, outbox: Outbox, node: str, jid: str, sid: str) -> None:
         self.outbox = outbox
         self.node = node
         self.jid = jid
+        self.sid = sid
         self.gone = False
         self.presence: str | None = None
 
@@ -78,7 +83,7 @@ class RemoteTransport:
     def close(self, error: StreamError) -> None:
         # Also once gone: the router ends the session a new bind replaced after the
         # replica dropped it; the node checks it still has that session.
-        self.outbox.terminate(self.node, self.jid, error)
+        self.outbox.terminate(self.node, self.jid, self.sid, error)
 
     def pause_input(self) -> None:
         """Its client's input is its own node's to pause."""
@@ -100,7 +105,11 @@ class ClusterDirectory:
     """A `SessionDirectory` over the whole cluster, answered from memory.
 
     `count()` is this node's sessions (what /status and the metrics report
-    per node); the other questions are about the whole cluster.
+    per node); the other questions are about the whole cluster, except while
+    cut off (`cut`): Redis has not answered for cluster.forward_wait, so
+    nothing reaches the other nodes' sessions, and they count as gone (a
+    message goes to this node's resources or offline storage, a request gets
+    an error) instead of each stanza waiting in turn.
     """
 
     def __init__(self, node: str, outbox: Outbox) -> None:
@@ -109,21 +118,22 @@ class ClusterDirectory:
         self.local = LocalDirectory()
         # Other nodes' sessions: bare -> resource -> replica session.
         self._remote: dict[str, dict[str, ClientSession]] = {}
-        # What was last written for each local session.
+        # What was last written for each local session (its id, Entry.sid, included).
         self._written: dict[ClientSession, Entry] = {}
+        self._cut_off = False
 
     # --- SessionDirectory --------------------------------------------------------------
 
     def get(self, bare: str, resource: str) -> ClientSession | None:
         session = self.local.get(bare, resource)
-        if session is not None:
+        if session is not None or self._cut_off:
             return session
         resources = self._remote.get(bare)
         return resources.get(resource) if resources is not None else None
 
     def resources(self, bare: str) -> list[ClientSession]:
         found = self.local.resources(bare)
-        remote = self._remote.get(bare)
+        remote = self._remote.get(bare) if not self._cut_off else None
         if remote:
             taken = {s.resource for s in found}
             found.extend(s for r, s in remote.items() if r not in taken)
@@ -133,7 +143,7 @@ class ClusterDirectory:
         return [s for s in self.resources(bare) if s.available]
 
     def has(self, bare: str) -> bool:
-        return self.local.has(bare) or bare in self._remote
+        return self.local.has(bare) or (bare in self._remote and not self._cut_off)
 
     def add(self, session: ClientSession) -> ClientSession | None:
         """Bind a local session. The session it replaces may be on another node: the
@@ -148,6 +158,7 @@ class ClusterDirectory:
             since=session.since,
             address=session.address,
             presence=_xml(session.presence),
+            sid=secrets.token_hex(8),
         )
         self.outbox.bound(session, entry, node_of(remote) if remote is not None else None)
         return replaced if replaced is not None else remote
@@ -163,11 +174,17 @@ class ClusterDirectory:
         return self.local.count()
 
     def accounts(self) -> Iterator[str]:
+        if self._cut_off:
+            return self.local.accounts()
         return iter(set(self.local.accounts()) | set(self._remote))
 
     def remote_count(self) -> int:
         """Sessions of other nodes in the replica (read at scrape time: /metrics)."""
         return sum(len(resources) for resources in self._remote.values())
+
+    def cut(self, cut_off: bool) -> None:
+        """Redis has not answered for cluster.forward_wait (True), or answers again."""
+        self._cut_off = cut_off
 
     # --- local changes the router reports ----------------------------------------------
 
@@ -206,6 +223,11 @@ class ClusterDirectory:
             self.outbox.updated(session, entry)  # first: it raises for a value not JSON
             self._written[session] = entry
 
+    def sid_of(self, session: ClientSession) -> str | None:
+        """The id of a session bound here; None for any other."""
+        entry = self._written.get(session)
+        return entry.sid if entry is not None else None
+
     def local_entries(self) -> list[tuple[ClientSession, Entry]]:
         """Every session bound here and its entry (written again after Redis lost them)."""
         return list(self._written.items())
@@ -219,10 +241,12 @@ class ClusterDirectory:
         bare, _, resource = entry.jid.partition("/")
         resources = self._remote.setdefault(bare, {})
         session = resources.get(resource)
-        if session is None or node_of(session) != entry.node:
+        if session is None or _where(session) != (entry.node, entry.sid):
             if session is not None:
                 _gone(session)
-            session = ClientSession(entry.jid, RemoteTransport(self.outbox, entry.node, entry.jid))
+            session = ClientSession(
+                entry.jid, RemoteTransport(self.outbox, entry.node, entry.jid, entry.sid)
+            )
             resources[resource] = session
         session.available = entry.available
         session.priority = entry.priority
@@ -258,10 +282,10 @@ class ClusterDirectory:
     def load(self, table: Iterable[Entry]) -> None:
         """Replace the replica with the table as read from Redis (start, reconnect)."""
         entries = list(table)
-        fresh = {(e.jid, e.node) for e in entries if e.node != self.node}
+        fresh = {(e.jid, (e.node, e.sid)) for e in entries if e.node != self.node}
         for bare, resources in list(self._remote.items()):
             for resource, session in list(resources.items()):
-                if (session.jid, node_of(session)) not in fresh:
+                if (session.jid, _where(session)) not in fresh:
                     self._drop_remote(bare, resource)
         for entry in entries:
             self.apply_set(entry)
@@ -276,6 +300,14 @@ class ClusterDirectory:
         if session is not None:
             _gone(session)
         return session
+
+
+def _where(session: ClientSession) -> tuple[str, str] | None:
+    """The node and session id of a replica session."""
+    transport = session.transport
+    if isinstance(transport, RemoteTransport):
+        return transport.node, transport.sid
+    return None
 
 
 def _xml(presence: etree._Element | None) -> str | None:

@@ -8,10 +8,13 @@ reaping at once do no harm). A node that stops cleanly reaps itself.
 
 The bound: a node's sessions stay in the table at most TTL + INTERVAL
 seconds after its last heartbeat (13 s with the defaults). Meanwhile the
-other nodes forward stanzas for those sessions into the dead node's inbox,
-where they are lost: messages sent to a crashed node's users in that window
-do not reach offline storage. A node stalled longer than TTL (a frozen
-process) is reaped as if dead; its next heartbeat writes its sessions back
+other nodes forward stanzas for those sessions into the dead node's inbox;
+the reaper moves what that inbox still holds (forwarded, never handled)
+into its own inbox, which routes it again (the sessions are gone: other
+resources, offline storage, an error for a request), and from the reap on
+forwards to the dead node are refused (its "gone" mark, schema.FORWARD) and routed again on
+the sender's node. A node stalled longer than TTL (a frozen process) is
+reaped as if dead; its next heartbeat writes its sessions back
 (`Cluster.rewrite_local`).
 """
 
@@ -70,8 +73,9 @@ class Heartbeat:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(schema.alive_key(self.node), "1", ex=self.ttl, get=True)
             pipe.sadd(schema.NODES, self.node)
+            pipe.delete(schema.gone_key(self.node))  # forwards to this node are taken again
             pipe.smembers(schema.NODES)
-            was_alive, _, members = await pipe.execute()
+            was_alive, _, _, members = await pipe.execute()
         if was_alive is None and self._task is not None:
             # Our key had expired: another node may have reaped us meanwhile.
             log.warning("cluster: this node's heartbeat had expired; writing its sessions again")
@@ -89,10 +93,25 @@ class Heartbeat:
                 await self.reap(other)
 
     async def reap(self, node: str) -> None:
-        await self._reap(
-            keys=[schema.node_sessions_key(node), schema.NODES],
-            args=[node, schema.SESSIONS_PREFIX, schema.EVENTS, schema.gone_event(node)],
+        """Remove `node`'s sessions; what its inbox still holds moves into this node's."""
+        moved = await self._reap(
+            keys=[
+                schema.node_sessions_key(node),
+                schema.NODES,
+                schema.inbox_key(node),
+                schema.inbox_key(self.node),
+                schema.gone_key(node),
+            ],
+            args=[
+                node, schema.SESSIONS_PREFIX, schema.EVENTS, schema.gone_event(node),
+                schema.GONE_TTL,
+            ],
         )
+        if moved:
+            log.warning(
+                "cluster: took over %d stanzas node %s had not handled; routing them again",
+                moved, node,
+            )
 
     async def _run(self) -> None:
         while True:

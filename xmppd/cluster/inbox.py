@@ -8,16 +8,29 @@ happened to its connection in between. One stream per target node, written
 by each sender in its own order (xmppd.cluster.writer), keeps the order of
 the stanzas one node sends to one recipient.
 
-The stream is emptied when the node starts: what it holds was for the
-sessions of an earlier process of the same name, which are gone.
+The stream holds only what this node has not handled yet: after handling a
+batch the reader trims it (XTRIM MINID, sent in the same round trip as the
+next read). So when a node dies, what is left in its inbox is what it never
+handled, plus at most the one batch it handled and had not trimmed yet; the
+node that reaps it moves all that into its own inbox, marked "orphan"
+(schema.REAP), and routes it again. That batch is the only thing routed
+twice: at least once, never lost. The same happens to what an earlier
+process of this node's name left: it reaps itself at start.
 
-An entry is either a stanza for a full JID bound here ("stanza") or a
-request to end that session's stream ("end", a <conflict/> from a newer
-login on another node). A stanza whose session is gone is routed again as
-if it had just arrived (`Router.route` without an origin: the stanza/out
-filters ran on the sender's node), unless it was a message to the bare JID
-and the account still has an available resource: each of those got its
-copy from the sender's node.
+An entry is either a stanza for a full JID bound here ("stanza", with
+"hops": how many times it was forwarded) or a request to end that session's
+stream ("end", a <conflict/> from a newer login on another node, naming the
+session by its id: a newer session on the same resource is not ended). A
+stanza whose session is gone is routed again as if it had just arrived
+(`Router.route` without an origin: the stanza/out filters ran on the
+sender's node), unless it was a message to the bare JID and the account
+still has an available resource: each of those got its copy from the
+sender's node. An orphan is always routed again (its session was on the
+dead node; the account's other resources may be of lower priority and
+never got it): a bare-JID message may then reach a resource that also got
+its own copy. A third kind, "wake", is the entry this node writes to its
+own inbox to end its blocking read when it stops: skipped (and trimmed as
+handled), also when it comes back as an orphan.
 
 A stanza waits until the changes its sender's node made to the table before
 forwarding it are applied here (`ReplicaSync.caught_up`; schema, "Order").
@@ -29,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
@@ -39,7 +53,6 @@ from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
-from xmppd.router import Router
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
@@ -47,18 +60,21 @@ log = logging.getLogger(__name__)
 
 BLOCK_MS = 1000
 STOP_WAIT = 2.0
-"""Seconds `stop` waits for the reader to notice it should stop, before cancelling it."""
+"""Seconds `pause` waits for the reader to notice it should stop, before cancelling it."""
 BATCH = 500
 RETRY_DELAY = 0.5
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+Reroute = Callable[[etree._Element, int], None]
+"""Route a stanza again on this node: (stanza, how many times it was forwarded)."""
 
 
 async def cancel_for_sure(task: asyncio.Task[None]) -> None:
     """Cancel `task` and wait until it is done, cancelling again as long as it runs.
 
     A cancellation can be swallowed on Python 3.11 when it lands as redis-py's read
-    completes (seen under load: a node's stop then hung for good in Inbox.stop), and
+    completes (seen under load: a node's stop then hung for good stopping the inbox), and
     the task goes on looping; asking again ends it at its next await."""
     while not task.done():
         task.cancel()
@@ -73,7 +89,7 @@ class Inbox:
         redis: Redis,
         node: str,
         directory: ClusterDirectory,
-        router: Router,
+        reroute: Reroute,
         stats: ClusterStats,
         sync: ReplicaSync,
     ) -> None:
@@ -82,33 +98,43 @@ class Inbox:
         self.key = schema.inbox_key(node)
         self.directory = directory
         self.sync = sync
-        self.router = router
-        self._last = "0-0"
+        self.reroute = reroute
+        self._last = "0-0"  # the last entry handled
+        self._trimmed = "0-0"  # the last entry trimmed from the stream
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.redis.delete(self.key)
+    def start(self) -> None:
+        """Read from the first entry: what is there now is an earlier process's, moved
+        here by reaping it (orphans), or came after this node was listed."""
         self._task = asyncio.create_task(self._run(), name="cluster-inbox")
 
-    async def stop(self) -> None:
-        """Stop reading, after routing what came until now (the other nodes learn this
-        one's sessions are gone only from the events its stop publishes first)."""
+    async def pause(self) -> None:
+        """Stop reading and trim what was handled (a clean stop, before this node reaps
+        itself: that moves only what was not handled)."""
         if self._task is not None:
             await self._stop_reader(self._task)
             self._task = None
-            try:
-                await self._handle_all(
-                    await self.redis.xread({self.key: self._last}, count=BATCH)
-                )
-            except (RedisError, OSError) as exc:
-                log.error("cluster: could not read the inbox a last time: %s", exc)
+            await self._trim()
+
+    async def finish(self) -> None:
+        """Route what is left (after this node reaped itself: no more comes)."""
+        await self.pause()
+        while answer := await self.redis.xread({self.key: self._last}, count=BATCH):
+            await self._handle_all(answer)
+        await self._trim()
+
+    async def _trim(self) -> None:
+        if self._trimmed != self._last:
+            await self.redis.xtrim(self.key, minid=_after(self._last), approximate=False)
+            self._trimmed = self._last
 
     async def _stop_reader(self, task: asyncio.Task[None]) -> None:
         """End the reader between two reads: an entry of our own ends its blocking XREAD
         at once. Not by cancelling the XREAD: redis-py (8.2) may swallow a cancellation
-        that arrives while it reads a reply and go on reading, and `stop` then never
-        returns (seen in tests, and alone with redis-py). Cancelled only as a last resort."""
+        that arrives while it reads a reply and go on reading, and the node's stop
+        then never returns (seen in tests, and alone with redis-py). Cancelled only as
+        a last resort."""
         self._stopping = True
         try:
             await self.redis.xadd(self.key, {"wake": b""})
@@ -121,8 +147,13 @@ class Inbox:
     async def _run(self) -> None:
         failing = False  # logged once per outage, not every retry
         while not self._stopping:
+            last = self._last
             try:
-                answer = await self.redis.xread({self.key: self._last}, count=BATCH, block=BLOCK_MS)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    if self._trimmed != last:
+                        pipe.xtrim(self.key, minid=_after(last), approximate=False)
+                    pipe.xread({self.key: last}, count=BATCH, block=BLOCK_MS)
+                    results = await pipe.execute()
             except (RedisError, OSError) as exc:
                 if not failing:
                     log.error("cluster: reading the inbox failed (%s); retrying", exc)
@@ -130,27 +161,36 @@ class Inbox:
                 self.stats.failed("inbox")
                 await asyncio.sleep(RETRY_DELAY)
                 continue
+            self._trimmed = last
             if failing:
-                log.info("cluster: reading the inbox again from %s", self._last)
+                log.info("cluster: reading the inbox again from %s", last)
                 failing = False
                 self.stats.recovered("inbox")
-            await self._handle_all(answer)
+            await self._handle_all(results[-1])
 
     async def _handle_all(self, answer: Any) -> None:
         """XREAD's answer (RESP2): [(stream, [(id, {field: value}), ...])]."""
         for _, entries in answer:
+            # The sessions of a reaped node leave this replica by an event that may
+            # come after its orphans: drop them first, or the orphans would go back.
+            for dead in {f[b"orphan"] for _, f in entries if b"orphan" in f and b"to" in f}:
+                self.directory.apply_node_gone(dead.decode())
             for entry_id, fields in entries:
+                # Without "to": "wake", what `pause` writes to end a blocking XREAD.
+                if b"to" in fields:
+                    origin, seq = fields.get(b"from"), fields.get(b"seq")
+                    if origin is not None and seq is not None:
+                        if self.sync.behind(origin.decode(), int(seq)):
+                            await self.sync.caught_up(origin.decode(), int(seq))
+                    try:
+                        self._handle(fields)
+                    except Exception:
+                        log.exception(
+                            "cluster: an inbox entry failed (to %r)", fields.get(b"to")
+                        )
+                # Handled (or skipped) only now: a reader cancelled while it waits above
+                # must not have the entry trimmed.
                 self._last = entry_id.decode()
-                if b"to" not in fields:
-                    continue  # the entry `stop` writes to end a blocking XREAD
-                origin, seq = fields.get(b"from"), fields.get(b"seq")
-                if origin is not None and seq is not None:
-                    if self.sync.behind(origin.decode(), int(seq)):
-                        await self.sync.caught_up(origin.decode(), int(seq))
-                try:
-                    self._handle(fields)
-                except Exception:
-                    log.exception("cluster: an inbox entry failed: %r", fields)
 
     def _handle(self, fields: dict[bytes, bytes]) -> None:
         jid = fields[b"to"].decode()
@@ -159,7 +199,8 @@ class Inbox:
         end = fields.get(b"end")
         if end is not None:
             self.stats.ends_in += 1
-            if session is not None:
+            sid = fields.get(b"sid", b"").decode()
+            if session is not None and self.directory.sid_of(session) == sid:
                 session.terminate(StreamError(end.decode(), fields[b"text"].decode() or None))
             return
         stats = self.stats
@@ -172,9 +213,16 @@ class Inbox:
         if session is not None and session.deliver(stanza):
             return
         if (
-            stanza.tag == ns.C_MESSAGE
+            b"orphan" not in fields
+            and stanza.tag == ns.C_MESSAGE
             and stanza.get("to") != jid
             and self.directory.available(bare)
         ):
             return
-        self.router.route(stanza)
+        self.reroute(stanza, int(fields.get(b"hops", b"1")))
+
+
+def _after(entry_id: str) -> str:
+    """The smallest stream id after `entry_id` (XTRIM MINID keeps ids >= it)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq) + 1}"

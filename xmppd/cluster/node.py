@@ -2,10 +2,18 @@
 
 `Cluster` owns the parts (each in its own module, one job each) and their
 order: connect (a clear error if Redis is unreachable), then the
-heartbeat, the replica of the session table, the bus (xmppd.cluster.bus),
-the inbox; at stop, the writes and notices still queued, the node's own
-sessions removed from the table
-(others stop routing here), the inbox read a last time, then the rest.
+heartbeat, the replica of the session table, the bus (xmppd.cluster.bus);
+the inbox is read once the modules are loaded (`serve`: what it holds may
+need offline storage). At stop: the writes and notices still queued, the
+inbox trimmed of what was handled, the node's own sessions removed from the
+table and the node marked gone (others stop routing here, and what they
+forward after is refused), the inbox read a last time, what that routed
+written, then the rest.
+
+Whatever cannot reach the node it was forwarded to (that node was reaped,
+its inbox was full, Redis did not answer in time, the stanza passed the hop
+limit) or was taken over from a dead node is routed again here by
+`reroute`, as if its session were gone.
 """
 
 from __future__ import annotations
@@ -13,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from lxml import etree
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from xmppd.cluster.bus import RedisBus
 from xmppd.cluster.directory import ClusterDirectory
-from xmppd.cluster.heartbeat import Heartbeat
+from xmppd.cluster.heartbeat import TTL, Heartbeat
 from xmppd.cluster.inbox import Inbox
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
@@ -47,28 +56,33 @@ class Cluster:
             health_check_interval=HEALTH_CHECK_INTERVAL,
         )
         self.stats = ClusterStats()
-        self.writer = Writer(self.redis, self.node, self.stats)
+        self.writer = Writer(self.redis, self.node, self.stats, config.forward_wait, TTL)
         self.directory = ClusterDirectory(self.node, self.writer)
         self.heartbeat = Heartbeat(self.redis, self.node, self.rewrite_local, self.stats)
         self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.inbox: Inbox | None = None
+        self._router: Router | None = None
         self.bus = RedisBus(self.redis, self.node)
 
     async def start(self, router: Router) -> None:
         """Join the cluster; ClusterUnavailable if Redis does not answer."""
         try:
             await self.redis.ping()
+            self._router = router
+            self.writer.reroute = self.reroute
+            self.writer.on_cut_off = self.cut
+            self.writer.on_gone = self.node_gone
             # A process that ran under this name before and died may have left
-            # sessions in the table, which nobody would reap while this one beats.
+            # sessions in the table, which nobody would reap while this one beats,
+            # and stanzas in its inbox (moved to the front of it, to route again).
             await self.heartbeat.reap(self.node)
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
             await self.bus.start()
             self.inbox = Inbox(
-                self.redis, self.node, self.directory, router, self.stats, self.sync
+                self.redis, self.node, self.directory, self.reroute, self.stats, self.sync
             )
-            await self.inbox.start()
         except (RedisError, OSError) as exc:
             await self.stop()
             raise ClusterUnavailable(
@@ -76,23 +90,68 @@ class Cluster:
             ) from None
         log.info("cluster: node %s joined through Redis at %s", self.node, self.url)
 
+    def serve(self) -> None:
+        """Start reading the inbox (the modules that route what it holds are loaded)."""
+        if self.inbox is not None:
+            self.inbox.start()
+
     async def stop(self) -> None:
         """Leave the cluster: this node's sessions leave the table first."""
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT):
                 await self.writer.flush()
                 await self.bus.flush()
+                if self.inbox is not None:
+                    await self.inbox.pause()
                 await self.heartbeat.stop()
         except (RedisError, OSError, TimeoutError) as exc:
             log.error("cluster: could not remove this node's sessions from Redis: %s", exc)
         if self.inbox is not None:
-            await self.inbox.stop()
+            try:
+                async with asyncio.timeout(FLUSH_TIMEOUT):
+                    await self.inbox.finish()
+                    await self.writer.flush()
+            except (RedisError, OSError, TimeoutError) as exc:
+                # Left in the inbox: the next process of this name routes it again.
+                log.error("cluster: could not read the inbox a last time: %s", exc)
         await self.sync.stop()
         await self.bus.stop()
         await self.writer.stop()
         await self.redis.aclose()
 
     def rewrite_local(self) -> None:
-        """Write every local session into the table again (Redis may have lost them)."""
+        """Write every local session into the table again (Redis may have lost them),
+        after listing this node again (forwards to it are refused until it is)."""
+        self.writer.listed()
         for session, entry in self.directory.local_entries():
             self.writer.updated(session, entry)
+
+    def cut(self, cut_off: bool) -> None:
+        """Redis has not answered for forward_wait (True), or answers again: the other
+        nodes' sessions count as gone, and writes stop waiting for bus notices."""
+        self.directory.cut(cut_off)
+        self.bus.cut_off = cut_off
+
+    def node_gone(self, node: str) -> None:
+        """A forward to `node` was refused: it was reaped, and this replica had not
+        heard yet (or it came back meanwhile: the table is read again to be sure)."""
+        self.directory.apply_node_gone(node)
+        self.sync.reload_soon()
+
+    def reroute(self, stanza: etree._Element, hops: int, avoid: str | None = None) -> None:
+        """Route `stanza` again here, as if it had just arrived without a sender
+        session (the stanza/out filters ran on the node it came from): `hops` is how
+        many times it was forwarded so far (the writer forwards it no more past
+        writer.MAX_HOPS), `avoid` a node not to forward it to: a session there
+        counts as gone (a message goes to the other resources or
+        offline storage, a request is answered with an error)."""
+        assert self._router is not None
+        writer = self.writer
+        saved = writer.hops, writer.avoid
+        writer.hops, writer.avoid = hops, avoid
+        try:
+            self._router.route(stanza)
+        except Exception:
+            log.exception("cluster: routing a %s again failed", etree.QName(stanza).localname)
+        finally:
+            writer.hops, writer.avoid = saved

@@ -7,15 +7,20 @@ and the reaper cannot disagree about them.
 Keys (a deployment owns its Redis database; pick one with the URL's /db):
 
 - `xmppd:sessions:<bare>`: a hash, resource -> entry (JSON: node, priority,
-  available, since, address, and when set: presence, the last available
+  available, since, address, sid, and when set: presence, the last available
   presence as XML; state, the session's shared module state). The truth
   about where each resource is bound and what other nodes need of it.
 - `xmppd:node:<node>:sessions`: a set of the full JIDs a node wrote into the
   hashes, so that its sessions can be removed when it dies.
 - `xmppd:node:<node>:alive`: the node's heartbeat, a key with a TTL.
 - `xmppd:nodes`: the set of node names that may still have sessions.
+- `xmppd:node:<node>:gone`: set when the node is reaped (for GONE_TTL
+  seconds), cleared by its next heartbeat: while it is there, forwards to
+  the node are refused.
 - `xmppd:inbox:<node>`: a stream, the stanzas (and stream ends) other nodes
-  send to sessions on that node.
+  send to sessions on that node. It holds only what the node has not handled
+  yet: the reader trims what it handled (xmppd.cluster.inbox), and the node
+  that reaps a dead node moves what is left into its own inbox.
 - `xmppd:events`: the pub/sub channel of table changes.
 - `xmppd:seqs`: a hash, node -> the sequence number of its last table change
   (see "Order" below).
@@ -58,6 +63,15 @@ def alive_key(node: str) -> str:
     return f"{PREFIX}node:{node}:alive"
 
 
+def gone_key(node: str) -> str:
+    return f"{PREFIX}node:{node}:gone"
+
+
+GONE_TTL = 300
+"""Seconds a reaped node's forwards are refused, unless it beats again first: longer
+than any replica keeps a reaped node's sessions (the "gone" event, or a reload)."""
+
+
 def inbox_key(node: str) -> str:
     return f"{PREFIX}inbox:{node}"
 
@@ -85,6 +99,9 @@ class Entry:
     address: str = ""
     presence: str | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    sid: str = ""
+    """The session's id on its node: a request to end a session names it, so that a
+    newer session bound on the same resource is not ended by a stale request."""
 
     def fields(self) -> dict[str, Any]:
         """The JSON object stored in the table (and carried by a "set" event)."""
@@ -94,6 +111,7 @@ class Entry:
             "available": self.available,
             "since": self.since,
             "address": self.address,
+            "sid": self.sid,
         }
         if self.presence is not None:
             data["presence"] = self.presence
@@ -117,6 +135,7 @@ class Entry:
             address=str(data.get("address", "")),
             presence=str(presence) if presence is not None else None,
             state=dict(state) if isinstance(state, dict) else {},
+            sid=str(data.get("sid", "")),
         )
 
     @classmethod
@@ -156,10 +175,14 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[6], ARGV[7])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
-if previous then return cjson.decode(previous)['node'] end
+if previous then
+  local old = cjson.decode(previous)
+  return {old['node'], old['sid'] or ''}
+end
 return false
 """
-"""Bind a resource; returns the node that held it before (a conflict to end), or nil."""
+"""Bind a resource; returns the node and session id that held it before (a conflict to
+end), or nil."""
 
 UPDATE = """
 -- KEYS[1] sessions hash, KEYS[2] node's set, KEYS[3] seqs; ARGV resource, entry, full JID,
@@ -193,7 +216,9 @@ return false
 """Unbind a resource, unless another node has taken it since (newest login wins)."""
 
 REAP = """
--- KEYS[1] the node's set, KEYS[2] the nodes set; ARGV node, sessions prefix, channel, event
+-- KEYS[1] the node's set, KEYS[2] the nodes set, KEYS[3] the node's inbox, KEYS[4] the
+-- reaper's inbox, KEYS[5] the node's gone key; ARGV node, sessions prefix, channel,
+-- event, gone TTL
 for _, full in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local slash = string.find(full, '/', 1, true)
   local hash = ARGV[2] .. string.sub(full, 1, slash - 1)
@@ -205,7 +230,40 @@ for _, full in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[5], '1', 'EX', ARGV[5])
+local unhandled = redis.call('XRANGE', KEYS[3], '-', '+')
+redis.call('DEL', KEYS[3])
+for _, entry in ipairs(unhandled) do
+  local fields = entry[2]
+  table.insert(fields, 'orphan')
+  table.insert(fields, ARGV[1])
+  redis.call('XADD', KEYS[4], '*', unpack(fields))
+end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
-return false
+return #unhandled
 """
-"""Remove every session of a node (stopped, or its heartbeat expired) and say so."""
+"""Remove every session of a node (stopped, or its heartbeat expired) and say so; move
+what its inbox still holds (forwarded to it, not handled) into the reaper's inbox,
+marked 'orphan', to be routed again there. Returns how many entries moved.
+
+In one script, so that no forward lands between the two: FORWARD refuses once the
+node's gone mark is set."""
+
+FORWARD = """
+-- KEYS[1] the target's inbox, KEYS[2] its gone key; ARGV max length, then the entry's
+-- fields
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+return 1
+"""
+"""Add an entry to a node's inbox unless that node was reaped: 1 added, 0 the node is
+gone (the sender routes the stanza again without it), -1 the inbox is full (its reader
+fell that far behind; the sender routes it again too). A forward after the reap must
+not recreate an inbox that nobody reads.
+
+Why a "gone" mark and not "is the node listed": Redis restarted empty lists no node
+until each beats again, and stanzas that waited for it in the writers' queues would
+all be refused; the mark is only ever set by a reap."""
+
+FORWARDED, NODE_GONE, INBOX_FULL = 1, 0, -1

@@ -1,7 +1,8 @@
 """Stream management state in Redis, so that any node can resume a session (XEP-0198).
 
 Per resumable session (its SM id):
-  xmppd:sm:<id>   hash: node (the owner), bare, jid, handled, sent, max, presence
+  xmppd:sm:<id>   hash: node (the owner), bare, jid, sid (the session's id on its
+                  node, Entry.sid), handled, sent, max, presence
   xmppd:smq:<id>  list: the unacknowledged stanzas to the client, oldest first
 
 Writes are batched, as the cluster writer batches its own (xmppd.cluster.writer):
@@ -44,15 +45,16 @@ SWEEP_PAGE = 500
 
 SAVE = """
 -- KEYS hash, list; ARGV node, bare, jid, handled, sent, max, presence, ttl, reset, trim,
--- stanzas to append...
+-- sid, stanzas to append...
 local owner = redis.call('HGET', KEYS[1], 'node')
 if owner and owner ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'bare', ARGV[2], 'jid', ARGV[3],
-           'handled', ARGV[4], 'sent', ARGV[5], 'max', ARGV[6], 'presence', ARGV[7])
+           'handled', ARGV[4], 'sent', ARGV[5], 'max', ARGV[6], 'presence', ARGV[7],
+           'sid', ARGV[11])
 if ARGV[9] == '1' then redis.call('DEL', KEYS[2]) end
 local trim = tonumber(ARGV[10])
 if trim > 0 then redis.call('LTRIM', KEYS[2], trim, -1) end
-for i = 11, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 12, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
 return 1
@@ -111,6 +113,7 @@ class Change:
 
     bare: str
     jid: str
+    sid: str  # the session's id on this node (Entry.sid): a takeover ends that one only
     handled: int
     sent: int
     max: float
@@ -126,6 +129,7 @@ class Claimed:
 
     previous: str  # the node that owned it
     jid: str
+    sid: str  # the session's id on that node ("" if it wrote none)
     handled: int
     sent: int
     max: float
@@ -197,6 +201,7 @@ class SMStore:
         return Claimed(
             previous=previous.decode() if previous else "",
             jid=fields["jid"].decode(),
+            sid=fields.get("sid", b"").decode(),
             handled=int(fields["handled"]),
             sent=int(fields["sent"]),
             max=float(fields["max"]),
@@ -281,7 +286,7 @@ class SMStore:
                     args=[
                         self.node, change.bare, change.jid, change.handled, change.sent,
                         change.max, change.presence, int(change.max) + TTL_SLACK,
-                        "1" if change.reset else "0", change.trim, *change.append,
+                        "1" if change.reset else "0", change.trim, change.sid, *change.append,
                     ],
                     client=pipe,
                 )

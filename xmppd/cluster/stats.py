@@ -35,7 +35,10 @@ class ClusterStats:
 
     def __init__(self) -> None:
         self.forwards_out = 0  # stanzas queued for another node's inbox
-        self.forwards_refused = 0  # refused: too many writes waiting for Redis
+        # Not taken into another node's inbox, routed here instead: too many writes
+        # waiting for Redis, cut off from it or waited forward_wait, the node reaped, its
+        # inbox full, the hop limit (xmppd.cluster.writer).
+        self.forwards_refused = 0
         self.forwards_in = 0  # stanzas taken from this node's inbox
         self.ends_out = 0  # requests to end a session on another node
         self.ends_in = 0

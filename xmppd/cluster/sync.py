@@ -115,6 +115,10 @@ class ReplicaSync:
             raise
         return pubsub
 
+    def reload_soon(self) -> None:
+        """Read the table again within a second (the replica may be wrong)."""
+        self._reload = True
+
     async def _reconnected(self, connection: object) -> None:
         """redis-py reconnected the subscription by itself: events may have been lost."""
         self._reload = True
@@ -155,7 +159,7 @@ class ReplicaSync:
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if self._reload:
-                        log.info("cluster: reconnected to Redis; reloading the session table")
+                        log.info("cluster: reading the session table again")
                         await self._load()
                     if message is not None:
                         self._apply(message["data"])

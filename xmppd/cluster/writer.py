@@ -8,10 +8,26 @@ unbind of the same session, and the stanzas for one node in the order the
 router handed them over (one stream per target node keeps that order to
 the reader).
 
+A stanza is added to a node's inbox only while that node is not marked
+gone by a reap (schema.FORWARD): one refused (the node was reaped, or its inbox is full)
+is routed again here as if the session were gone, never added to an inbox
+nobody reads.
+
 If Redis fails, the batch is sent again after a pause, in order; a batch
-cut off mid-way may then be applied twice (a stanza forwarded twice). What
-queues meanwhile is bounded: past `MAX_PENDING` operations, forwarding
-refuses stanzas (the router falls back: a message goes to offline storage).
+cut off mid-way may then be applied twice (a stanza forwarded twice). A
+stanza for another node waits at most `forward_wait` seconds
+(cluster.forward_wait, FORWARD_WAIT by default) for Redis: then it is
+routed again here without forwarding (a message to the other resources on
+this node or offline storage, an IQ answered with an error), and a log line
+says how many. What queues meanwhile is bounded too: past `MAX_PENDING`
+operations, forwarding refuses stanzas (the router falls back: a message
+goes to offline storage).
+
+Hops: a stanza the inbox routes again (its session left) may be forwarded
+again, to where this node's replica says the session is now. Two replicas
+that disagree for a moment would pass it back and forth; each entry carries
+how many times it was forwarded, and past `MAX_HOPS` it is not forwarded
+again but handled here as for a session that is gone.
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from lxml import etree
@@ -41,25 +58,84 @@ MAX_PENDING = 100_000
 """Operations queued while Redis does not answer, before stanzas are refused."""
 
 INBOX_MAXLEN = 100_000
-"""Entries a node's inbox keeps (approximately) if its reader falls that far behind."""
+"""Entries a node's inbox holds at most (its reader fell that far behind): a forward
+past that is refused and the stanza routed again on the sender's node."""
+
+FORWARD_WAIT = 5.0
+"""Seconds a stanza for another node waits for Redis before it is routed again here
+(cluster.forward_wait overrides it)."""
+
+MAX_HOPS = 3
+"""Times one stanza may be forwarded between nodes (replicas that disagree)."""
+
+BATCH = 1000
+"""Operations sent in one pipeline: a bound on how long one round trip may take."""
+
+SEND_TIMEOUT = 2.0
+"""Seconds one pipeline may take before Redis counts as unreachable (a hung server
+answers nothing and raises nothing)."""
 
 RETRY_DELAY = 0.5
+
 
 Fields = dict[FieldT, EncodableT]
 """An inbox entry (xmppd.cluster.inbox reads it)."""
 
-Op = tuple[Callable[[Pipeline], Any], Callable[[Any], None] | None]
-"""Queue commands on the pipeline (may be a coroutine, for scripts); what to do with the
-result (None: nothing)."""
+Reroute = Callable[[etree._Element, int, str | None], None]
+"""Route a stanza again on this node: (stanza, hops so far, a node not to forward it to)."""
+
+
+@dataclass(slots=True)
+class Op:
+    """One queued write: `add` queues its one command on the pipeline (may return a
+    coroutine, for scripts); `on_result` gets what Redis answered. A forwarded
+    stanza also has its `stanza`, `hops` and the time after which it is routed
+    again here (`expires`)."""
+
+    add: Callable[[Pipeline], Any]
+    on_result: Callable[[Any], None] | None = None
+    stanza: etree._Element | None = None
+    hops: int = 0
+    expires: float = 0.0
 
 
 class Writer:
-    """The node's `Outbox`: table writes, events, forwarded stanzas, in order."""
+    """The node's `Outbox`: table writes, events, forwarded stanzas, in order.
 
-    def __init__(self, redis: Redis, node: str, stats: ClusterStats) -> None:
+    `reroute` (set by the cluster once the router exists) routes a stanza again
+    on this node; while it runs (synchronously), `hops` and `avoid` say how far
+    that stanza came and which node not to forward it to. Only while: what the
+    router defers (behind storage work for the same account) is forwarded as
+    any stanza.
+
+    `on_gone(node)` when a forward was refused because `node` was reaped: this
+    node's replica may not have heard yet.
+
+    `on_cut_off(True)` when a stanza has waited `forward_wait` for Redis: the
+    directory then hides the other nodes' sessions, so that everything routes
+    as if they were gone (offline storage, errors) instead of waiting in turn;
+    `on_cut_off(False)` once a write succeeds again.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        node: str,
+        stats: ClusterStats,
+        forward_wait: float = FORWARD_WAIT,
+        ttl: int = 10,
+    ) -> None:
         self.redis = redis
         self.node = node
         self.stats = stats
+        self.forward_wait = forward_wait
+        self.ttl = ttl
+        self.reroute: Reroute | None = None
+        self.on_cut_off: Callable[[bool], None] = lambda cut_off: None
+        self.on_gone: Callable[[str], None] = lambda node: None
+        self.hops = 0
+        self.avoid: str | None = None
+        self.cut_off = False
         self._ops: deque[Op] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -68,6 +144,7 @@ class Writer:
         self._bind = redis.register_script(schema.BIND)
         self._update = redis.register_script(schema.UPDATE)
         self._unbind = redis.register_script(schema.UNBIND)
+        self._forward = redis.register_script(schema.FORWARD)
         self._refusing = False
         # The number of the last table change queued (schema: "Order"); 0: none yet.
         self._seq = time.time_ns() // 1000
@@ -98,25 +175,29 @@ class Writer:
         jid = session.jid
 
         def conflict(previous: Any) -> None:
-            owner = previous.decode() if isinstance(previous, bytes) else previous
-            if owner and owner not in (self.node, known_owner):
+            if not previous:
+                return
+            owner, old_sid = (v.decode() if isinstance(v, bytes) else str(v) for v in previous)
+            if owner not in (self.node, known_owner):
                 # Bound there too, and our replica did not know yet: newest login wins.
-                self.terminate(owner, jid, _conflict())
+                self.terminate(owner, jid, old_sid, _conflict())
 
         value = entry.encode()
         seq = self._next()
         event = schema.set_event(entry, seq)
         self._put(
-            lambda pipe: self._bind(
-                keys=[
-                    schema.sessions_key(session.bare),
-                    schema.node_sessions_key(self.node),
-                    schema.SEQS,
-                ],
-                args=[session.resource, value, jid, schema.EVENTS, event, self.node, seq],
-                client=pipe,
-            ),
-            conflict,
+            Op(
+                lambda pipe: self._bind(
+                    keys=[
+                        schema.sessions_key(session.bare),
+                        schema.node_sessions_key(self.node),
+                        schema.SEQS,
+                    ],
+                    args=[session.resource, value, jid, schema.EVENTS, event, self.node, seq],
+                    client=pipe,
+                ),
+                conflict,
+            )
         )
 
     def updated(self, session: ClientSession, entry: Entry) -> None:
@@ -129,17 +210,19 @@ class Writer:
         seq = self._next()
         event = schema.set_event(entry, seq)
         self._put(
-            lambda pipe: self._update(
-                keys=[
-                    schema.sessions_key(session.bare),
-                    schema.node_sessions_key(self.node),
-                    schema.SEQS,
-                ],
-                args=[
-                    session.resource, value, session.jid, self.node, schema.EVENTS, event, seq,
-                    schema.seq_event(self.node, seq),
-                ],
-                client=pipe,
+            Op(
+                lambda pipe: self._update(
+                    keys=[
+                        schema.sessions_key(session.bare),
+                        schema.node_sessions_key(self.node),
+                        schema.SEQS,
+                    ],
+                    args=[
+                        session.resource, value, session.jid, self.node, schema.EVENTS, event,
+                        seq, schema.seq_event(self.node, seq),
+                    ],
+                    client=pipe,
+                )
             )
         )
 
@@ -147,42 +230,104 @@ class Writer:
         jid = session.jid
         seq = self._next()
         self._put(
-            lambda pipe: self._unbind(
-                keys=[
-                    schema.sessions_key(session.bare),
-                    schema.node_sessions_key(self.node),
-                    schema.SEQS,
-                ],
-                args=[
-                    session.resource, self.node, jid, schema.EVENTS,
-                    schema.unbind_event(self.node, jid, seq), seq,
-                ],
-                client=pipe,
+            Op(
+                lambda pipe: self._unbind(
+                    keys=[
+                        schema.sessions_key(session.bare),
+                        schema.node_sessions_key(self.node),
+                        schema.SEQS,
+                    ],
+                    args=[
+                        session.resource, self.node, jid, schema.EVENTS,
+                        schema.unbind_event(self.node, jid, seq), seq,
+                    ],
+                    client=pipe,
+                )
             )
         )
 
+    def listed(self) -> None:
+        """Say this node is alive, listed and not gone, ahead of what is queued after (its
+        sessions written again: Redis restarted empty, or another node reaped this one):
+        forwards to a node marked gone are refused, and a listed node without its
+        heartbeat key would be reaped."""
+
+        self._put(Op(lambda pipe: pipe.set(schema.alive_key(self.node), "1", ex=self.ttl)))
+        self._put(Op(lambda pipe: pipe.sadd(schema.NODES, self.node)))
+        self._put(Op(lambda pipe: pipe.delete(schema.gone_key(self.node))))
+
     def forward(self, node: str, jid: str, stanza: etree._Element) -> bool:
+        hops = self.hops
+        stats = self.stats
+        if self.avoid == node:
+            return False  # refused there already (counted then)
+        if self.cut_off:
+            stats.forwards_refused += 1
+            return False
+        if hops >= MAX_HOPS:
+            log.warning(
+                "cluster: a %s for %s was forwarded %d times between nodes whose tables "
+                "disagree; handled here", etree.QName(stanza).localname, jid, hops,
+            )
+            stats.forwards_refused += 1
+            return False
         if len(self._ops) >= MAX_PENDING:
             if not self._refusing:
                 self._refusing = True
                 log.error("cluster: %d writes wait for Redis; refusing stanzas", MAX_PENDING)
-            self.stats.forwards_refused += 1
+            stats.forwards_refused += 1
             return False
+        hops += 1
         # The receiver applies this node's changes up to `seq` before it hands this on.
-        fields: Fields = {
-            "to": jid, "stanza": etree.tostring(stanza), "from": self.node, "seq": self._last_change
-        }
-        stats = self.stats
+        fields: list[EncodableT] = [
+            "to", jid, "stanza", etree.tostring(stanza), "hops", hops,
+            "from", self.node, "seq", self._last_change,
+        ]
         stats.forwards_out += 1
         if not stats.forwards_out % LATENCY_SAMPLE:
-            fields["t"] = repr(time.time())  # xmppd.cluster.stats: the forward latency
-        self._put(lambda pipe: _xadd(pipe, node, fields))
+            fields += ["t", repr(time.time())]  # xmppd.cluster.stats: the forward latency
+
+        def refused(answer: Any) -> None:
+            if answer == schema.FORWARDED:
+                return
+            stats.forwards_refused += 1
+            if self.reroute is None:
+                return
+            if answer == schema.INBOX_FULL:
+                log.error("cluster: the inbox of node %s is full; routing here", node)
+            else:
+                self.on_gone(node)
+            self.reroute(stanza, hops - 1, node)
+
+        self._put(
+            Op(
+                lambda pipe: self._forward(
+                    keys=[schema.inbox_key(node), schema.gone_key(node)],
+                    args=[INBOX_MAXLEN, *fields],
+                    client=pipe,
+                ),
+                refused,
+                stanza,
+                hops - 1,
+                time.monotonic() + self.forward_wait,
+            )
+        )
         return True
 
-    def terminate(self, node: str, jid: str, error: StreamError) -> None:
-        fields: Fields = {"to": jid, "end": error.condition, "text": error.text or ""}
+    def terminate(self, node: str, jid: str, sid: str, error: StreamError) -> None:
+        fields: list[EncodableT] = [
+            "to", jid, "sid", sid, "end", error.condition, "text", error.text or ""
+        ]
         self.stats.ends_out += 1
-        self._put(lambda pipe: _xadd(pipe, node, fields))
+        self._put(
+            Op(
+                lambda pipe: self._forward(
+                    keys=[schema.inbox_key(node), schema.gone_key(node)],
+                    args=[INBOX_MAXLEN, *fields],
+                    client=pipe,
+                )
+            )
+        )
 
     def _next(self) -> int:
         self._seq += 1
@@ -191,10 +336,8 @@ class Writer:
 
     # --- the task ----------------------------------------------------------------------
 
-    def _put(
-        self, add: Callable[[Pipeline], Any], result: Callable[[Any], None] | None = None
-    ) -> None:
-        self._ops.append((add, result))
+    def _put(self, op: Op) -> None:
+        self._ops.append(op)
         self._idle.clear()
         self._wake.set()
 
@@ -204,33 +347,70 @@ class Writer:
             await self._wake.wait()
             self._wake.clear()
             while self._ops:
-                batch = list(self._ops)
+                batch = [self._ops[n] for n in range(min(BATCH, len(self._ops)))]
                 try:
-                    results = await self._send(batch)
-                except RedisError as exc:
+                    async with asyncio.timeout(SEND_TIMEOUT):
+                        results = await self._send(batch)
+                except (RedisError, OSError, TimeoutError) as exc:
                     if not failing:
-                        log.error("cluster: writing to Redis failed (%s); retrying", exc)
+                        log.error(
+                            "cluster: writing to Redis failed (%s); retrying",
+                            exc or type(exc).__name__,
+                        )
                     failing = True
                     self.stats.failed("writer")
+                    self._expire()
                     await asyncio.sleep(RETRY_DELAY)
                     continue
                 if failing:
                     log.info("cluster: writing to Redis again")
                     failing = False
                     self.stats.recovered("writer")
+                if self.cut_off:
+                    self.cut_off = False
+                    log.info("cluster: Redis answers again; forwarding to other nodes again")
+                    self.on_cut_off(False)
                 for _ in batch:
                     self._ops.popleft()
                 if self._refusing and len(self._ops) < MAX_PENDING:
                     self._refusing = False
-                for (_, on_result), value in zip(batch, results, strict=True):
-                    if on_result is not None and not isinstance(value, Exception):
-                        on_result(value)
+                for op, value in zip(batch, results, strict=True):
+                    if op.on_result is not None and not isinstance(value, Exception):
+                        op.on_result(value)
             self._idle.set()
+
+    def _expire(self) -> None:
+        """Once a stanza for another node has waited `forward_wait` for Redis: cut off
+        (the other nodes' sessions count as gone until Redis answers), and route again
+        here every stanza still waiting (the other operations keep waiting, in order)."""
+        now = time.monotonic()
+        if not any(op.stanza is not None and op.expires <= now for op in self._ops):
+            return
+        expired = [op for op in self._ops if op.stanza is not None]
+        self._ops = deque(op for op in self._ops if op.stanza is None)
+        if not self._ops:
+            # Something to retry, so that the first answer from Redis ends the cut.
+            self._ops.append(Op(lambda pipe: pipe.ping()))
+        log.error(
+            "cluster: Redis unreachable: %d stanzas for other nodes waited up to %g s; "
+            "routed again here (messages to offline storage, requests answered with an "
+            "error), and so is what comes for other nodes until Redis answers",
+            len(expired), self.forward_wait,
+        )
+        if not self.cut_off:
+            self.cut_off = True
+            self.on_cut_off(True)
+        self.stats.forwards_refused += len(expired)
+        if self.reroute is None:
+            return
+        for op in expired:
+            assert op.stanza is not None
+            self.reroute(op.stanza, op.hops, None)
 
     async def _send(self, batch: list[Op]) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for add, _ in batch:
-                queued = add(pipe)
+            for op in batch:
+                queued = op.add(pipe)
                 if asyncio.iscoroutine(queued):
                     await queued
             results: list[Any] = await pipe.execute(raise_on_error=False)
@@ -238,10 +418,6 @@ class Writer:
             if isinstance(value, Exception):
                 log.error("cluster: a write to Redis was refused: %s", value)
         return results
-
-
-def _xadd(pipe: Pipeline, node: str, fields: Fields) -> None:
-    pipe.xadd(schema.inbox_key(node), fields, maxlen=INBOX_MAXLEN, approximate=True)
 
 
 def _conflict() -> StreamError:
