@@ -213,6 +213,8 @@ class StreamManagement(Module):
         self.active: set[SMState] = set()  # every SM session of this node
         self.resumable: dict[str, SMState] = {}  # id -> state of a resumable session
         self.expired: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (bare, h)
+        self.stopping = False  # the node stops: sessions resumed from now on go on elsewhere
+        self.late_handovers: set[asyncio.Future[bool]] = set()  # of those, being handed over
         self.host.add_stream_feature("bound", lambda: _element("sm"))
         self.host.element(f"{{{SM}}}enable", self.on_enable, before_bind=True)
         self.host.element(f"{{{SM}}}resume", self.on_resume, before_bind=True)
@@ -608,6 +610,15 @@ class StreamManagement(Module):
             sm.handled = handled
         self.save(sm)
         self.log.info("%s: resumed from node %s", session.jid, claimed.previous or "?")
+        if self.stopping:
+            # The node began to drain while this resume was under way, after it handed its
+            # sessions over: hand this one over too, or it would end here with the node,
+            # and its client, cut off, would find nothing to resume elsewhere.
+            # The node's streams end once "server/stopping" returns: it waits for this.
+            handover = asyncio.ensure_future(self._hand_over([sm]))
+            self.late_handovers.add(handover)
+            handover.add_done_callback(self.late_handovers.discard)
+            await handover
 
     # --- the end ------------------------------------------------------------------------
 
@@ -653,16 +664,19 @@ class StreamManagement(Module):
         resume on another node. Alone (or if Redis fails), sessions waiting for their
         client end, their messages to offline storage; the server then ends the other
         streams with <system-shutdown/>, and their unacked messages go the same way."""
-        if self.store is not None and await self._hand_over():
+        self.stopping = True
+        sessions = [sm for sm in self.resumable.values() if not sm.closed and not sm.handed]
+        if self.store is not None and await self._hand_over(sessions):
+            while self.late_handovers:  # resumes that completed during the hand-over
+                await asyncio.wait(set(self.late_handovers))
             return False
         for sm in list(self.resumable.values()):
             if sm.inner is None and not sm.closed:
                 self.end(sm)
         return False
 
-    async def _hand_over(self) -> bool:
+    async def _hand_over(self, sessions: list[SMState]) -> bool:
         assert self.store is not None
-        sessions = [sm for sm in self.resumable.values() if not sm.closed and not sm.handed]
         for sm in sessions:
             self.save(sm)
         for sm in sessions:

@@ -138,6 +138,59 @@ async def test_drain_hands_sessions_over(
     await bob.close()
 
 
+async def test_a_resume_that_a_drain_overtakes_is_handed_over_too(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """alice resumes on node B just as B begins to drain (after B handed its sessions
+    over): her resumed session is handed over as well, not ended with the node, so she
+    resumes again on A. (Seen behind HAProxy under load: <failed/> after a scale-down.)"""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    previd = (await alice.enable()).get("id", "")
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    bob = await Stream.login(b, "bob")
+    await bob.enable()  # B has a session of its own to hand over when it drains
+    await until(lambda: a.router.directory.get("bob@localhost", "phone") is not None)
+    await bob.send(message("alice@localhost/phone", "while away"))
+    await until(lambda: len(sm_module(a).resumable[previd].queue) == 1)
+    store_a, sm_b = sm_module(a).store, sm_module(b)
+    assert store_a is not None and sm_b.store is not None
+    await store_a.flush()
+    # B's claim completes and waits until B's drain is handing its sessions over (bob's);
+    # that hand-over's write to Redis waits until alice's resume is through: the order
+    # a busy machine produced by chance, made certain here.
+    real_claim, real_flush = sm_b.store.claim, sm_b.store.flush
+    claimed, draining = asyncio.Event(), asyncio.Event()
+
+    async def claim_then_wait(sm_id: str, bare: str) -> Any:
+        result = await real_claim(sm_id, bare)
+        claimed.set()
+        await draining.wait()
+        return result
+
+    async def flush_after_the_resume() -> None:
+        draining.set()
+        await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
+        await real_flush()
+
+    sm_b.store.claim = claim_then_wait  # type: ignore[method-assign]
+    sm_b.store.flush = flush_after_the_resume  # type: ignore[method-assign]
+    on_b = await resume_at(b, "alice", previd, 0)
+    await asyncio.wait_for(claimed.wait(), 10)
+    await asyncio.wait_for(b.stop(), 20)
+    await on_b.next("resumed")
+    with pytest.raises(EOFError):
+        await on_b.next("stream:error")  # cut, no <system-shutdown/>: resume elsewhere
+    again = await resume_at(a, "alice", previd, 0)
+    await again.next("resumed")
+    assert "while away" in await messages(again, 1)
+    assert a.router.ledger.offline == 0
+    await again.close()
+
+
 # --- a node killed with SIGKILL: a real process -------------------------------------------
 
 
