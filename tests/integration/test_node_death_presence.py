@@ -153,3 +153,28 @@ async def test_a_resumable_session_is_announced_gone_at_its_timeout_not_at_the_r
     await bob.close()
     for stream in (alice, carol):
         stream.drop()
+
+
+async def test_a_node_restarted_at_once_announces_its_previous_process_s_users_gone(
+    redis_service: LocalService,  # noqa: F811
+    start_server: StartServer,
+    node_process: Callable[..., Any],  # noqa: F811
+    tmp_path: Path,
+    storage_section: dict[str, Any] | None,
+) -> None:
+    """Node A killed and started again under its name before anyone reaped it: it reaps
+    its previous process itself at start, and tells alice's contacts she went."""
+    b, a = await start(redis_service, start_server, node_process, tmp_path, storage_section)
+    bob = await online(port_of(b, "direct_tls"), "bob", "desk")
+    alice = await online(a.port, "alice", "phone")
+    await bob.next('from="alice@localhost/phone"')
+    await until(lambda: (s := b.router.directory.get("alice@localhost", "phone")) is not None
+                and s.available)
+    await a.kill()
+    killed = time.monotonic()
+    storage = storage_section if storage_section is not None else {"cache": {"backend": "none"}}
+    await node_process(tmp_path, cluster=cluster(redis_service, "node-a"), storage=storage)
+    gone = await unavailable_from(bob, "alice@localhost/phone", TTL - 1)  # before a reap
+    print(f"\nbob heard alice go {gone - killed:.1f} s after the kill (node A restarted)")
+    await bob.close()
+    alice.drop()
