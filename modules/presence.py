@@ -24,6 +24,9 @@ delivers or drops the stanza as the tables say.
   the order it sent them. The copies to each contact are routed with
   bounce=False: a remote domain that cannot be reached is reported once,
   by the error answering the probe at initial presence, not at every change.
+* "session/lost": an available session whose cluster node died (the node
+  that reaped it fires it) gets the unavailable its node owed, to contacts
+  and the user's other resources; only that node knew its directed presences.
 * "presence/probe": answered with the last presence of each available
   resource when the prober is subscribed; otherwise silently ignored, and
   nothing when the user is offline (RFC 6121 4.3.2 allows either).
@@ -190,6 +193,7 @@ class Presence(Module):
         self.host.hook("presence/probe", self._on_probe)
         self.host.hook("presence/broadcast", self._on_broadcast)
         self.host.hook("session/closed", self._on_session_closed)
+        self.host.hook("session/lost", self._on_session_lost)
         self.host.add_stream_feature("bound", _pre_approval_feature)
         # One lock per session with a broadcast in hand: its broadcasts go out in order.
         self._order: weakref.WeakValueDictionary[ClientSession, asyncio.Lock] = (
@@ -427,6 +431,22 @@ class Presence(Module):
             return False
         for target in session.state.pop(DIRECTED, ()):
             self.host.route(_presence("unavailable", session.jid, target), bounce=False)
+        return False
+
+    async def _on_session_lost(self, jid: str) -> bool:
+        """A session of a node that died: the unavailable presence its node would have
+        broadcast (RFC 6121 4.5.2), to the contacts subscribed to the user and the
+        user's other available resources. Its directed presences died with its node."""
+        owner = jid.partition("/")[0]
+        stanza = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+        stanza.set("type", "unavailable")
+        stanza.set("from", jid)
+        for session in self.host.available_sessions(owner):
+            copied = copy.deepcopy(stanza)
+            copied.set("to", session.jid)
+            self.host.deliver(session, copied)
+        for contact in await self._contacts(owner, ("from", "both")):
+            self._send_copy(stanza, contact)
         return False
 
     # --- kept subscription requests ---------------------------------------------------------

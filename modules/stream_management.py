@@ -46,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
+from xmppd.cluster import schema
 from xmppd.cluster.smstore import Change, SMStore
 from xmppd.modulehost import ElementRequest, Module
 from xmppd.session import ClientSession, Transport
@@ -216,6 +217,7 @@ class StreamManagement(Module):
         self.stopping = False  # the node stops: sessions resumed from now on go on elsewhere
         self.late_handovers: set[asyncio.Future[bool]] = set()  # of those, being handed over
         self.host.add_stream_feature("bound", lambda: _element("sm"))
+        self.host.share_state(schema.RESUMABLE)
         self.host.element(f"{{{SM}}}enable", self.on_enable, before_bind=True)
         self.host.element(f"{{{SM}}}resume", self.on_resume, before_bind=True)
         self.host.element(f"{{{SM}}}r", self.on_request, before_bind=True)
@@ -299,11 +301,15 @@ class StreamManagement(Module):
             return
         finally:
             self._sweeping = False
-        for jid, queue in orphans:
+        cluster = self.host.cluster
+        for orphan in orphans:
             self.stats.timed_out += 1
-            self.log.info("%s: its node is gone and it was not resumed in time", jid)
-            for data in queue:
+            self.log.info("%s: its node is gone and it was not resumed in time", orphan.jid)
+            for data in orphan.queue:
                 self._unacked(etree.fromstring(data, _PARSER), timed_out=True)
+            if orphan.presence and cluster is not None:
+                # The unavailable its node did not send while it awaited resumption.
+                cluster.session_lost(orphan.jid, orphan.node)
 
     def lost(self, sm_id: str) -> None:
         """A write found that another node owns the session now: it was resumed there."""
@@ -468,6 +474,8 @@ class StreamManagement(Module):
         self.stats.enabled += 1
         if resumable:
             self.resumable[sm.id] = sm
+            # Its node's death is then no end for contacts to hear of (schema.RESUMABLE).
+            self.host.set_state(session, schema.RESUMABLE, True)
             self.save(sm)
             request.reply(_element(
                 "enabled", id=sm.id, resume="true", max=int(max_), location=self.options.location,
@@ -598,6 +606,7 @@ class StreamManagement(Module):
         session.keep = lambda transport, clean: self.keep(sm, transport, clean)
         self.active.add(sm)
         self.resumable[sm.id] = sm
+        self.host.set_state(session, schema.RESUMABLE, True)
         assert sm.inner is not None
         if not self._resumed(sm, sm.inner, request, taken_over=True):
             return

@@ -16,6 +16,9 @@ Events a module can hook (async, `hook`; a True result stops the chain):
   iq/account (stanza, bare)          an IQ get/set from someone else to an
                                      account, before its handler (True: refused)
   session/bound (session), session/closed (session)
+  session/lost (jid)                 an available session of another node ended
+                                     with that node (killed; reaped): the
+                                     unavailable presence it owed its contacts
   server/stopping ()                 the node stops: listeners are closed, client
                                      streams not yet; modules and storage still run
   delivery/failure (stanza, session)  a session's transport could not take it

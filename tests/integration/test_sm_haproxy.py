@@ -232,10 +232,13 @@ async def finish(receivers: list[Receiver], sender: Stream, tasks: list[Any]) ->
 
 
 async def lost_messages(
-    port: int, receivers: list[Receiver], nodes: list[Server], sent: list[str], last: Server
+    port: int, receivers: list[Receiver], nodes: list[Server], sent: list[str], last: Server,
+    survivors: list[Server] | None = None,
 ) -> list[str]:
     """The messages sent that no receiver got live nor finds in offline storage (printed
-    with the counts: sent, live, stored offline, duplicates)."""
+    with the counts: sent, live, stored offline, duplicates). `survivors`: the nodes
+    that may hold the receivers' sessions (`last` alone unless given)."""
+    holding = survivors if survivors is not None else [last]
     live = Counter(body for r in receivers for body in r.bodies)
     stored = sum(node.router.ledger.offline for node in nodes)
     offline: Counter[str] = Counter()
@@ -243,14 +246,16 @@ async def lost_messages(
         for receiver in receivers:
             assert receiver.stream is not None
             await receiver.stream.send("</stream:stream>")  # unacked ones: offline too
-        await until(lambda: not sm_module(last).active)  # their queues routed again...
-        await last.router.drain()  # ...and stored
+        await until(lambda: not any(sm_module(n).active for n in holding))  # queues routed...
+        for node in holding:
+            await node.router.drain()  # ...and stored
         stored = sum(node.router.ledger.offline for node in nodes)
         streams = [await login_at(port, user, "laptop") for user in RECEIVERS]
         for again in streams:
             await again.send("<presence/>")
             await again.next("<presence")  # the echo: its broadcast (and replay) started
-        await last.router.drain()  # the replays of offline messages are done
+        for node in holding:
+            await node.router.drain()  # the replays of offline messages are done
         for again in streams:
             # A round trip: what its node replayed before the answer is read by then.
             await again.send("<iq type='get' id='done'><ping xmlns='urn:xmpp:ping'/></iq>")

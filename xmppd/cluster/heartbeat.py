@@ -4,7 +4,9 @@ Each node sets `xmppd:node:<name>:alive` with a TTL of `TTL` seconds every
 `INTERVAL` seconds, and on the same tick looks at every other node in
 `xmppd:nodes`: one whose key has expired is reaped (its sessions removed
 from the table, the "gone" event published; the REAP script, so two nodes
-reaping at once do no harm). A node that stops cleanly reaps itself.
+reaping at once do no harm). A node that stops cleanly reaps itself. The
+reaper hands the sessions it removed to `on_lost` (their contacts are owed the
+unavailable presence their dead node never sent: `Cluster.sessions_lost`).
 
 The bound: a node's sessions stay in the table at most TTL + INTERVAL
 seconds after its last heartbeat (13 s with the defaults). Meanwhile the
@@ -43,6 +45,7 @@ class Heartbeat:
         node: str,
         on_reaped_self: Callable[[], None],
         stats: ClusterStats,
+        on_lost: Callable[[list[schema.Entry]], None] = lambda entries: None,
         ttl: int = TTL,
         interval: float = INTERVAL,
     ) -> None:
@@ -51,6 +54,7 @@ class Heartbeat:
         self.ttl = ttl
         self.interval = interval
         self.on_reaped_self = on_reaped_self
+        self.on_lost = on_lost
         self.stats = stats
         self._reap = redis.register_script(schema.REAP)
         self._task: asyncio.Task[None] | None = None
@@ -90,11 +94,12 @@ class Heartbeat:
         for other, exists in zip(others, alive, strict=True):
             if not exists:
                 log.warning("cluster: node %s missed its heartbeats; removing its sessions", other)
-                await self.reap(other)
+                self.on_lost(await self.reap(other))
 
-    async def reap(self, node: str) -> None:
-        """Remove `node`'s sessions; what its inbox still holds moves into this node's."""
-        moved = await self._reap(
+    async def reap(self, node: str) -> list[schema.Entry]:
+        """Remove `node`'s sessions; what its inbox still holds moves into this node's.
+        Returns the sessions removed (none if another node reaped it first)."""
+        moved, removed = await self._reap(
             keys=[
                 schema.node_sessions_key(node),
                 schema.NODES,
@@ -112,6 +117,10 @@ class Heartbeat:
                 "cluster: took over %d stanzas node %s had not handled; routing them again",
                 moved, node,
             )
+        return [
+            schema.Entry.decode(removed[i].decode(), removed[i + 1])
+            for i in range(0, len(removed), 2)
+        ]
 
     async def _run(self) -> None:
         while True:

@@ -14,6 +14,10 @@ Whatever cannot reach the node it was forwarded to (that node was reaped,
 its inbox was full, Redis did not answer in time, the stanza passed the hop
 limit) or was taken over from a dead node is routed again here by
 `reroute`, as if its session were gone.
+
+A session whose node died (reaped) ends without the unavailable presence its
+node would have sent: `sessions_lost` has the reaper send it (the
+"session/lost" hook: the presence module tells the contacts).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from lxml import etree
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from xmppd.cluster import schema
 from xmppd.cluster.bus import RedisBus
-from xmppd.cluster.directory import ClusterDirectory
+from xmppd.cluster.directory import ClusterDirectory, node_of
 from xmppd.cluster.heartbeat import TTL, Heartbeat
 from xmppd.cluster.inbox import Inbox
 from xmppd.cluster.stats import ClusterStats
@@ -58,11 +63,14 @@ class Cluster:
         self.stats = ClusterStats()
         self.writer = Writer(self.redis, self.node, self.stats, config.forward_wait, TTL)
         self.directory = ClusterDirectory(self.node, self.writer)
-        self.heartbeat = Heartbeat(self.redis, self.node, self.rewrite_local, self.stats)
+        self.heartbeat = Heartbeat(
+            self.redis, self.node, self.rewrite_local, self.stats, self.sessions_lost
+        )
         self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.inbox: Inbox | None = None
         self._router: Router | None = None
         self.bus = RedisBus(self.redis, self.node)
+        self._lost_before: list[schema.Entry] = []
 
     async def start(self, router: Router) -> None:
         """Join the cluster; ClusterUnavailable if Redis does not answer."""
@@ -75,7 +83,7 @@ class Cluster:
             # A process that ran under this name before and died may have left
             # sessions in the table, which nobody would reap while this one beats,
             # and stanzas in its inbox (moved to the front of it, to route again).
-            await self.heartbeat.reap(self.node)
+            self._lost_before = await self.heartbeat.reap(self.node)
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
@@ -94,6 +102,8 @@ class Cluster:
         """Start reading the inbox (the modules that route what it holds are loaded)."""
         if self.inbox is not None:
             self.inbox.start()
+        lost, self._lost_before = self._lost_before, []
+        self.sessions_lost(lost)  # the previous process's: the modules can tell contacts now
 
     async def stop(self) -> None:
         """Leave the cluster: this node's sessions leave the table first."""
@@ -125,6 +135,30 @@ class Cluster:
         self.writer.listed()
         for session, entry in self.directory.local_entries():
             self.writer.updated(session, entry)
+
+    def sessions_lost(self, entries: list[schema.Entry]) -> None:
+        """Sessions a reap removed (their node died): each that was available gets the
+        unavailable presence its node owed, unless it may still be resumed (a
+        resumable stream management session: its timeout on another node does it)."""
+        for entry in entries:
+            if entry.available and not entry.state.get(schema.RESUMABLE):
+                self.session_lost(entry.jid, entry.node)
+
+    def session_lost(self, jid: str, node: str) -> None:
+        """`jid`, bound on `node`, ended with its node, not by its client: fire
+        "session/lost" (the presence module sends the unavailable presence that node
+        would have), unless the resource is bound again elsewhere (a newer login or
+        a resumption: its presence is the current one). Directed presences only the
+        dead node knew stay unanswered."""
+        router = self._router
+        if router is None:
+            return
+        bare, _, resource = jid.partition("/")
+        bound = router.directory.get(bare, resource)
+        if bound is not None and node_of(bound) != node:
+            return  # bound again, here or on another node
+        if router.events.hooked("session/lost"):
+            router.spawn(router.events.fire_async("session/lost", jid))
 
     def cut(self, cut_off: bool) -> None:
         """Redis has not answered for forward_wait (True), or answers again: the other

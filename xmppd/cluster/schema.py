@@ -72,6 +72,13 @@ GONE_TTL = 300
 than any replica keeps a reaped node's sessions (the "gone" event, or a reload)."""
 
 
+RESUMABLE = "sm/resumable"
+"""The shared session state key (`Entry.state`) the stream management module sets on a
+resumable session: when its node dies, the node that reaps it does not announce it
+gone, since its client may resume it elsewhere (XEP-0198: no unavailable while a session
+awaits resumption); the stream management timeout does, if nobody resumes it."""
+
+
 def inbox_key(node: str) -> str:
     return f"{PREFIX}inbox:{node}"
 
@@ -219,6 +226,7 @@ REAP = """
 -- KEYS[1] the node's set, KEYS[2] the nodes set, KEYS[3] the node's inbox, KEYS[4] the
 -- reaper's inbox, KEYS[5] the node's gone key; ARGV node, sessions prefix, channel,
 -- event, gone TTL
+local removed = {}
 for _, full in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local slash = string.find(full, '/', 1, true)
   local hash = ARGV[2] .. string.sub(full, 1, slash - 1)
@@ -226,6 +234,8 @@ for _, full in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local current = redis.call('HGET', hash, resource)
   if current and cjson.decode(current)['node'] == ARGV[1] then
     redis.call('HDEL', hash, resource)
+    table.insert(removed, full)
+    table.insert(removed, current)
   end
 end
 redis.call('DEL', KEYS[1])
@@ -240,11 +250,13 @@ for _, entry in ipairs(unhandled) do
   redis.call('XADD', KEYS[4], '*', unpack(fields))
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
-return #unhandled
+return {#unhandled, removed}
 """
 """Remove every session of a node (stopped, or its heartbeat expired) and say so; move
 what its inbox still holds (forwarded to it, not handled) into the reaper's inbox,
-marked 'orphan', to be routed again there. Returns how many entries moved.
+marked 'orphan', to be routed again there. Returns how many entries moved, and the
+entries it removed (full JID, entry, ...): the reaper tells their contacts they left.
+Only one reaper gets them, however many reap at once (the node's set is gone after).
 
 In one script, so that no forward lands between the two: FORWARD refuses once the
 node's gone mark is set."""

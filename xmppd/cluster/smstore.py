@@ -98,13 +98,15 @@ local max = tonumber(redis.call('HGET', KEYS[1], 'max') or '0')
 if tonumber(ARGV[1]) - tonumber(since) < max then return false end
 local queue = redis.call('LRANGE', KEYS[2], 0, -1)
 local jid = redis.call('HGET', KEYS[1], 'jid')
+local presence = redis.call('HGET', KEYS[1], 'presence') or ''
 redis.call('DEL', KEYS[1], KEYS[2])
-return {jid, queue}
+return {jid, queue, presence, owner}
 """
 """A session whose node is gone (stopped, or reaped after its heartbeat stopped: no
 longer in the nodes set, so no replica routes to it any more) and that nobody resumed
 in its resume timeout, counted from when a sweep first saw it so: taken (deleted) for
-the sweeping node to route its queue; nil while its node is a member or time is left."""
+the sweeping node to route its queue and announce it gone if it was available (its
+last presence; its owner); nil while its node is a member or time is left."""
 
 
 @dataclass(slots=True)
@@ -135,6 +137,16 @@ class Claimed:
     max: float
     presence: bytes
     queue: list[bytes]
+
+
+@dataclass(slots=True)
+class Orphan:
+    """A session of a dead node that nobody resumed in time, taken out of Redis."""
+
+    jid: str
+    queue: list[bytes]  # the unacknowledged stanzas to the client
+    presence: bytes  # its last broadcast presence; empty: it was not available
+    node: str  # the node it was on
 
 
 class SMStore:
@@ -209,10 +221,10 @@ class SMStore:
             queue=list(queue),
         )
 
-    async def orphans(self) -> list[tuple[str, list[bytes]]]:
-        """The sessions of dead nodes whose time is up, taken out of Redis: (full JID,
-        unacked stanzas) for this node to route (a SCAN of every record: one sweep)."""
-        found: list[tuple[str, list[bytes]]] = []
+    async def orphans(self) -> list[Orphan]:
+        """The sessions of dead nodes whose time is up, taken out of Redis, for this
+        node to end (a SCAN of every record: one sweep)."""
+        found: list[Orphan] = []
         now = str(int(time.time()))
         page: list[str] = []
         async for key in self.redis.scan_iter(match=PREFIX + "*", count=SWEEP_PAGE):
@@ -224,7 +236,7 @@ class SMStore:
             found.extend(await self._orphan_page(page, now))
         return found
 
-    async def _orphan_page(self, ids: list[str], now: str) -> list[tuple[str, list[bytes]]]:
+    async def _orphan_page(self, ids: list[str], now: str) -> list[Orphan]:
         """One pipeline of ORPHAN for a page of ids."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for sm_id in ids:
@@ -235,7 +247,7 @@ class SMStore:
                 )
             answers: list[Any] = await pipe.execute(raise_on_error=False)
         return [
-            (answer[0].decode(), list(answer[1]))
+            Orphan(answer[0].decode(), list(answer[1]), answer[2], answer[3].decode())
             for answer in answers
             if answer and not isinstance(answer, Exception)
         ]
