@@ -54,6 +54,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
+from xmppd.cluster.channel import Channel
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
@@ -115,6 +116,7 @@ class Inbox:
         self._trim_by = 0.0  # when what is handled is trimmed at the latest (monotonic)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._channel = Channel(redis)
 
     def start(self) -> None:
         """Read from the first entry: what is there now is an earlier process's, moved
@@ -173,14 +175,17 @@ class Inbox:
         while not self._stopping:
             last = self._last
             trim = self._trim_due()
+            read = ("XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", self.key, last)
             try:
                 if trim:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.xtrim(self.key, minid=_after(last), approximate=False)
-                        pipe.xread({self.key: last}, count=BATCH, block=BLOCK_MS)
-                        answer = (await pipe.execute())[-1]
+                    answers = await self._channel.call(
+                        [("XTRIM", self.key, "MINID", _after(last)), read]
+                    )
                 else:
-                    answer = await self.redis.xread({self.key: last}, count=BATCH, block=BLOCK_MS)
+                    answers = await self._channel.call([read])
+                for answer in answers:
+                    if isinstance(answer, Exception):
+                        raise answer
             except (RedisError, OSError) as exc:
                 if not failing:
                     log.error("cluster: reading the inbox failed (%s); retrying", exc)
@@ -194,7 +199,8 @@ class Inbox:
                 log.info("cluster: reading the inbox again from %s", last)
                 failing = False
                 self.stats.recovered("inbox")
-            await self._handle_all(answer)
+            await self._handle_all(_entries(answers[-1]))
+        await self._channel.release()
 
     async def _handle_all(self, answer: Any) -> None:
         """XREAD's answer (RESP2): [(stream, [(id, {field: value}), ...])]."""
@@ -249,6 +255,19 @@ class Inbox:
         ):
             return
         self.reroute(stanza, int(fields.get(b"hops", b"1")))
+
+
+def _entries(raw: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """A raw XREAD answer in the shape redis-py's `xread` gives (`Inbox._handle_all`):
+    None when nothing came, else {stream: [[id, [field, value, ...]], ...]} (RESP3,
+    redis-py's default) or [[stream, [...]]] (RESP2)."""
+    if raw is None:
+        return []
+    streams = raw.items() if isinstance(raw, dict) else raw
+    return [
+        (stream, [(entry_id, dict(zip(f[::2], f[1::2], strict=True))) for entry_id, f in entries])
+        for stream, entries in streams
+    ]
 
 
 def _after(entry_id: str) -> str:

@@ -47,6 +47,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT, FieldT
 
 from xmppd.cluster import schema
+from xmppd.cluster.channel import Channel, Command
 from xmppd.cluster.schema import Entry
 from xmppd.cluster.stats import LATENCY_SAMPLE, ClusterStats
 from xmppd.session import ClientSession
@@ -81,18 +82,15 @@ RETRY_DELAY = 0.5
 Fields = dict[FieldT, EncodableT]
 """An inbox entry (xmppd.cluster.inbox reads it)."""
 
-Command = tuple[EncodableT, ...]
-"""One Redis command: its name and arguments."""
-
 Reroute = Callable[[etree._Element, int, str | None], None]
 """Route a stanza again on this node: (stanza, hops so far, a node not to forward it to)."""
 
 
 @dataclass(slots=True)
 class Op:
-    """One queued write: its one `command`; `on_result` gets what Redis answered.
-    A forwarded stanza also has its `stanza`, `hops` and the time after which it is
-    routed again here (`expires`)."""
+    """One queued write: its one `command`; `on_result` gets what Redis answered
+    (raw: bytes, ints, lists). A forwarded stanza also has its `stanza`, `hops` and
+    the time after which it is routed again here (`expires`)."""
 
     command: Command
     on_result: Callable[[Any], None] | None = None
@@ -147,6 +145,7 @@ class Writer:
         self._update = redis.register_script(schema.UPDATE)
         self._unbind = redis.register_script(schema.UNBIND)
         self._forward = redis.register_script(schema.FORWARD)
+        self._channel = Channel(redis)
         self._refusing = False
         # The number of the last table change queued (schema: "Order"); 0: none yet.
         self._seq = time.time_ns() // 1000
@@ -170,6 +169,7 @@ class Writer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+            await self._channel.release()
 
     # --- Outbox ------------------------------------------------------------------------
 
@@ -429,11 +429,7 @@ class Writer:
         return results
 
     async def _execute(self, batch: list[Op]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for op in batch:
-                pipe.execute_command(*op.command)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+        return await self._channel.call([op.command for op in batch])
 
 
 def _evalsha(script: AsyncScript, keys: list[str], args: list[EncodableT]) -> Command:
