@@ -8,14 +8,18 @@ happened to its connection in between. One stream per target node, written
 by each sender in its own order (xmppd.cluster.writer), keeps the order of
 the stanzas one node sends to one recipient.
 
-The stream holds only what this node has not handled yet: after handling a
-batch the reader trims it (XTRIM MINID, sent in the same round trip as the
-next read). So when a node dies, what is left in its inbox is what it never
-handled, plus at most the one batch it handled and had not trimmed yet; the
-node that reaps it moves all that into its own inbox, marked "orphan"
-(schema.REAP), and routes it again. That batch is the only thing routed
-twice: at least once, never lost. The same happens to what an earlier
-process of this node's name left: it reaps itself at start.
+The stream holds only what this node has not handled yet, plus what it
+handled recently: the reader trims what it handled (XTRIM MINID, sent in
+the same round trip as the next read) once TRIM_EVERY entries or
+TRIM_INTERVAL seconds have passed since the last trim, not after every read
+(that would be a second command for most reads). So when a node dies, what
+is left in its inbox is what it never handled, plus at most what it handled
+since its last trim (up to TRIM_EVERY entries, or a second's worth, plus
+one batch); the node that reaps it moves all that into its own inbox,
+marked "orphan" (schema.REAP), and routes it again. Those entries are the
+only ones routed twice: at least once, never lost. The same happens to what
+an earlier process of this node's name left: it reaps itself at start. A
+clean stop trims everything handled (`pause`).
 
 An entry is either a stanza for a full JID bound here ("stanza", with
 "hops": how many times it was forwarded) or a request to end that session's
@@ -50,6 +54,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
+from xmppd.cluster.channel import Channel
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
@@ -63,6 +68,12 @@ STOP_WAIT = 2.0
 """Seconds `pause` waits for the reader to notice it should stop, before cancelling it."""
 BATCH = 500
 RETRY_DELAY = 0.5
+TRIM_EVERY = 200
+"""Entries handled before they are trimmed from the stream (with the next read)..."""
+TRIM_INTERVAL = 1.0
+"""... or seconds since the last trim, whichever comes first: a trim per read would be
+a second command per read (most reads return one or two entries), and what is handled
+but not trimmed yet is only routed twice if this node dies (at least once)."""
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -101,8 +112,11 @@ class Inbox:
         self.reroute = reroute
         self._last = "0-0"  # the last entry handled
         self._trimmed = "0-0"  # the last entry trimmed from the stream
+        self._untrimmed = 0  # entries handled since that trim
+        self._trim_by = 0.0  # when what is handled is trimmed at the latest (monotonic)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._channel = Channel(redis)
 
     def start(self) -> None:
         """Read from the first entry: what is there now is an earlier process's, moved
@@ -126,8 +140,20 @@ class Inbox:
 
     async def _trim(self) -> None:
         if self._trimmed != self._last:
-            await self.redis.xtrim(self.key, minid=_after(self._last), approximate=False)
-            self._trimmed = self._last
+            last = self._last
+            await self.redis.xtrim(self.key, minid=_after(last), approximate=False)
+            self._trimmed_to(last)
+
+    def _trimmed_to(self, last: str) -> None:
+        """Called with the reader between two reads: `last` is all it handled."""
+        self._untrimmed = 0
+        self._trimmed = last
+        self._trim_by = time.monotonic() + TRIM_INTERVAL
+
+    def _trim_due(self) -> bool:
+        return self._trimmed != self._last and (
+            self._untrimmed >= TRIM_EVERY or time.monotonic() >= self._trim_by
+        )
 
     async def _stop_reader(self, task: asyncio.Task[None]) -> None:
         """End the reader between two reads: an entry of our own ends its blocking XREAD
@@ -148,12 +174,18 @@ class Inbox:
         failing = False  # logged once per outage, not every retry
         while not self._stopping:
             last = self._last
+            trim = self._trim_due()
+            read = ("XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", self.key, last)
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    if self._trimmed != last:
-                        pipe.xtrim(self.key, minid=_after(last), approximate=False)
-                    pipe.xread({self.key: last}, count=BATCH, block=BLOCK_MS)
-                    results = await pipe.execute()
+                if trim:
+                    answers = await self._channel.call(
+                        [("XTRIM", self.key, "MINID", _after(last)), read]
+                    )
+                else:
+                    answers = await self._channel.call([read])
+                for answer in answers:
+                    if isinstance(answer, Exception):
+                        raise answer
             except (RedisError, OSError) as exc:
                 if not failing:
                     log.error("cluster: reading the inbox failed (%s); retrying", exc)
@@ -161,12 +193,14 @@ class Inbox:
                 self.stats.failed("inbox")
                 await asyncio.sleep(RETRY_DELAY)
                 continue
-            self._trimmed = last
+            if trim:
+                self._trimmed_to(last)
             if failing:
                 log.info("cluster: reading the inbox again from %s", last)
                 failing = False
                 self.stats.recovered("inbox")
-            await self._handle_all(results[-1])
+            await self._handle_all(_entries(answers[-1]))
+        await self._channel.release()
 
     async def _handle_all(self, answer: Any) -> None:
         """XREAD's answer (RESP2): [(stream, [(id, {field: value}), ...])]."""
@@ -191,6 +225,7 @@ class Inbox:
                 # Handled (or skipped) only now: a reader cancelled while it waits above
                 # must not have the entry trimmed.
                 self._last = entry_id.decode()
+                self._untrimmed += 1
 
     def _handle(self, fields: dict[bytes, bytes]) -> None:
         jid = fields[b"to"].decode()
@@ -220,6 +255,19 @@ class Inbox:
         ):
             return
         self.reroute(stanza, int(fields.get(b"hops", b"1")))
+
+
+def _entries(raw: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """A raw XREAD answer in the shape redis-py's `xread` gives (`Inbox._handle_all`):
+    None when nothing came, else {stream: [[id, [field, value, ...]], ...]} (RESP3,
+    redis-py's default) or [[stream, [...]]] (RESP2)."""
+    if raw is None:
+        return []
+    streams = raw.items() if isinstance(raw, dict) else raw
+    return [
+        (stream, [(entry_id, dict(zip(f[::2], f[1::2], strict=True))) for entry_id, f in entries])
+        for stream, entries in streams
+    ]
 
 
 def _after(entry_id: str) -> str:

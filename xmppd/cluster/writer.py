@@ -42,11 +42,12 @@ from typing import Any
 
 from lxml import etree
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT, FieldT
 
 from xmppd.cluster import schema
+from xmppd.cluster.channel import Channel, Command
 from xmppd.cluster.schema import Entry
 from xmppd.cluster.stats import LATENCY_SAMPLE, ClusterStats
 from xmppd.session import ClientSession
@@ -87,12 +88,11 @@ Reroute = Callable[[etree._Element, int, str | None], None]
 
 @dataclass(slots=True)
 class Op:
-    """One queued write: `add` queues its one command on the pipeline (may return a
-    coroutine, for scripts); `on_result` gets what Redis answered. A forwarded
-    stanza also has its `stanza`, `hops` and the time after which it is routed
-    again here (`expires`)."""
+    """One queued write: its one `command`; `on_result` gets what Redis answered
+    (raw: bytes, ints, lists). A forwarded stanza also has its `stanza`, `hops` and
+    the time after which it is routed again here (`expires`)."""
 
-    add: Callable[[Pipeline], Any]
+    command: Command
     on_result: Callable[[Any], None] | None = None
     stanza: etree._Element | None = None
     hops: int = 0
@@ -145,6 +145,7 @@ class Writer:
         self._update = redis.register_script(schema.UPDATE)
         self._unbind = redis.register_script(schema.UNBIND)
         self._forward = redis.register_script(schema.FORWARD)
+        self._channel = Channel(redis)
         self._refusing = False
         # The number of the last table change queued (schema: "Order"); 0: none yet.
         self._seq = time.time_ns() // 1000
@@ -168,6 +169,7 @@ class Writer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+            await self._channel.release()
 
     # --- Outbox ------------------------------------------------------------------------
 
@@ -187,14 +189,14 @@ class Writer:
         event = schema.set_event(entry, seq)
         self._put(
             Op(
-                lambda pipe: self._bind(
-                    keys=[
+                _evalsha(
+                    self._bind,
+                    [
                         schema.sessions_key(session.bare),
                         schema.node_sessions_key(self.node),
                         schema.SEQS,
                     ],
-                    args=[session.resource, value, jid, schema.EVENTS, event, self.node, seq],
-                    client=pipe,
+                    [session.resource, value, jid, schema.EVENTS, event, self.node, seq],
                 ),
                 conflict,
             )
@@ -211,17 +213,17 @@ class Writer:
         event = schema.set_event(entry, seq)
         self._put(
             Op(
-                lambda pipe: self._update(
-                    keys=[
+                _evalsha(
+                    self._update,
+                    [
                         schema.sessions_key(session.bare),
                         schema.node_sessions_key(self.node),
                         schema.SEQS,
                     ],
-                    args=[
+                    [
                         session.resource, value, session.jid, self.node, schema.EVENTS, event,
                         seq, schema.seq_event(self.node, seq),
                     ],
-                    client=pipe,
                 )
             )
         )
@@ -231,17 +233,17 @@ class Writer:
         seq = self._next()
         self._put(
             Op(
-                lambda pipe: self._unbind(
-                    keys=[
+                _evalsha(
+                    self._unbind,
+                    [
                         schema.sessions_key(session.bare),
                         schema.node_sessions_key(self.node),
                         schema.SEQS,
                     ],
-                    args=[
+                    [
                         session.resource, self.node, jid, schema.EVENTS,
                         schema.unbind_event(self.node, jid, seq), seq,
                     ],
-                    client=pipe,
                 )
             )
         )
@@ -252,9 +254,9 @@ class Writer:
         forwards to a node marked gone are refused, and a listed node without its
         heartbeat key would be reaped."""
 
-        self._put(Op(lambda pipe: pipe.set(schema.alive_key(self.node), "1", ex=self.ttl)))
-        self._put(Op(lambda pipe: pipe.sadd(schema.NODES, self.node)))
-        self._put(Op(lambda pipe: pipe.delete(schema.gone_key(self.node))))
+        self._put(Op(("SET", schema.alive_key(self.node), "1", "EX", self.ttl)))
+        self._put(Op(("SADD", schema.NODES, self.node)))
+        self._put(Op(("DEL", schema.gone_key(self.node))))
 
     def forward(self, node: str, jid: str, stanza: etree._Element) -> bool:
         hops = self.hops
@@ -301,10 +303,10 @@ class Writer:
 
         self._put(
             Op(
-                lambda pipe: self._forward(
-                    keys=[schema.inbox_key(node), schema.gone_key(node)],
-                    args=[INBOX_MAXLEN, *fields],
-                    client=pipe,
+                _evalsha(
+                    self._forward,
+                    [schema.inbox_key(node), schema.gone_key(node)],
+                    [INBOX_MAXLEN, *fields],
                 ),
                 refused,
                 stanza,
@@ -321,10 +323,10 @@ class Writer:
         self.stats.ends_out += 1
         self._put(
             Op(
-                lambda pipe: self._forward(
-                    keys=[schema.inbox_key(node), schema.gone_key(node)],
-                    args=[INBOX_MAXLEN, *fields],
-                    client=pipe,
+                _evalsha(
+                    self._forward,
+                    [schema.inbox_key(node), schema.gone_key(node)],
+                    [INBOX_MAXLEN, *fields],
                 )
             )
         )
@@ -390,7 +392,7 @@ class Writer:
         self._ops = deque(op for op in self._ops if op.stanza is None)
         if not self._ops:
             # Something to retry, so that the first answer from Redis ends the cut.
-            self._ops.append(Op(lambda pipe: pipe.ping()))
+            self._ops.append(Op(("PING",)))
         log.error(
             "cluster: Redis unreachable: %d stanzas for other nodes waited up to %g s; "
             "routed again here (messages to offline storage, requests answered with an "
@@ -408,16 +410,31 @@ class Writer:
             self.reroute(op.stanza, op.hops, None)
 
     async def _send(self, batch: list[Op]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for op in batch:
-                queued = op.add(pipe)
-                if asyncio.iscoroutine(queued):
-                    await queued
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+        """One round trip for the batch. Scripts go as plain EVALSHA: redis-py's own
+        script calls ask Redis whether they exist (SCRIPT EXISTS) before every
+        pipeline, a second round trip per batch. When Redis does not know them (it
+        restarted empty, or was flushed), the batch is sent again from the first
+        script it refused, once they are loaded: what came after that one in the
+        batch and was applied (another node may have loaded some scripts) is
+        applied twice, as when a batch is cut off mid-way."""
+        results = await self._execute(batch)
+        first = next((n for n, v in enumerate(results) if isinstance(v, NoScriptError)), None)
+        if first is not None:
+            for script in (self._bind, self._update, self._unbind, self._forward):
+                await self.redis.script_load(script.script)
+            results[first:] = await self._execute(batch[first:])
         for value in results:
             if isinstance(value, Exception):
                 log.error("cluster: a write to Redis was refused: %s", value)
         return results
+
+    async def _execute(self, batch: list[Op]) -> list[Any]:
+        return await self._channel.call([op.command for op in batch])
+
+
+def _evalsha(script: AsyncScript, keys: list[str], args: list[EncodableT]) -> Command:
+    """`script` by its hash alone (Writer._send loads it when Redis does not know it)."""
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def _conflict() -> StreamError:
