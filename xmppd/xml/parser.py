@@ -37,6 +37,7 @@ from xmppd.stream.errors import StreamError
 
 FEED_CHUNK = 4096  # bytes fed per call: bounds how far a stanza can overshoot the size limit
 _EVENTS = ("start", "end", "comment", "pi")
+MAX_DECLARATION = 256  # bytes of an XML declaration kept while it is split across reads
 
 
 @dataclass(slots=True)
@@ -73,6 +74,7 @@ class StreamParser:
         "_released",
         "_priming",
         "_prolog_tail",
+        "_in_prolog",
     )
 
     def __init__(self, max_stanza_bytes: int, max_depth: int) -> None:
@@ -93,7 +95,8 @@ class StreamParser:
         self._releasable = False  # libxml2 holds no unparsed input
         self._released = False
         self._priming = False  # parsing the stand-in stream header after release()
-        self._prolog_tail = b""  # the last byte fed before the root opened (a split "<!")
+        self._prolog_tail = b""  # an unfinished "<" or declaration ending the prolog fed so far
+        self._in_prolog = True  # the root's start tag has not begun yet
 
     def restart(self, max_stanza_bytes: int) -> None:
         """Start over for a new stream on the same connection (after STARTTLS or SASL).
@@ -113,6 +116,7 @@ class StreamParser:
         self._releasable = False
         self._released = False
         self._prolog_tail = b""
+        self._in_prolog = True
 
     def release(self) -> bool:
         """Free most of the libxml2 parser's memory if the stream is between stanzas.
@@ -149,7 +153,7 @@ class StreamParser:
         parser = self._parser
         for start in range(0, len(data), FEED_CHUNK):
             chunk = data[start : start + FEED_CHUNK]
-            if self._root is None:
+            if self._in_prolog:
                 self._check_prolog(chunk)
             try:
                 parser.feed(chunk)
@@ -221,12 +225,33 @@ class StreamParser:
 
     def _check_prolog(self, chunk: bytes) -> None:
         """Before the stream root only the XML declaration and whitespace may come: a
-        "<!" there starts a DOCTYPE or a comment, refused before libxml2 reads it."""
-        if b"<!" in self._prolog_tail + chunk:
-            if b"<!--" in self._prolog_tail + chunk:
-                raise StreamError("restricted-xml", "XML comments are not allowed")
-            raise StreamError("restricted-xml", "a DOCTYPE is not allowed")
-        self._prolog_tail = chunk[-1:]
+        "<!" there starts a DOCTYPE or a comment, refused before libxml2 reads it.
+        Only up to the root's "<": what follows it in the same read is stanzas, where a
+        CDATA section also starts with "<!" (libxml2 refuses a DOCTYPE there itself)."""
+        data = self._prolog_tail + chunk
+        at = data.find(b"<")
+        while at != -1:
+            mark = data[at + 1 : at + 2]
+            if mark == b"!":
+                if data.startswith(b"<!--", at):
+                    raise StreamError("restricted-xml", "XML comments are not allowed")
+                raise StreamError("restricted-xml", "a DOCTYPE is not allowed")
+            if mark == b"":
+                self._prolog_tail = b"<"  # split: the next read says what it starts
+                return
+            if mark != b"?":
+                self._in_prolog = False  # the root's start tag
+                return
+            # The XML declaration (or a PI, refused by its event): a "<" inside it
+            # is not the root's; the prolog goes on after its "?>".
+            end = data.find(b"?>", at + 2)
+            if end == -1:
+                if len(data) - at > MAX_DECLARATION:
+                    raise StreamError("not-well-formed", "XML declaration too long")
+                self._prolog_tail = data[at:]
+                return
+            at = data.find(b"<", end + 2)
+        self._prolog_tail = b""
 
     def _resume(self) -> None:
         """Put the parser back where release() found it: inside the stream root."""
