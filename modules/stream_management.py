@@ -622,11 +622,13 @@ class StreamManagement(Module):
         if sm.timer is not None:
             sm.timer.cancel()
             sm.timer = None
-        if sm.resumable and self.resumable.get(sm.id) is sm:
+        # By its id, not `resumable`: an overflow clears that flag on a session that was
+        # resumable, and its record must go too (its queue is routed below).
+        if sm.id and self.resumable.get(sm.id) is sm:
             del self.resumable[sm.id]
         if sm.handed:
             return  # another node has it, queue and all
-        if sm.resumable:
+        if sm.id:
             self.expired[sm.id] = (session.bare, sm.handled)
             while len(self.expired) > EXPIRED_REMEMBERED:
                 self.expired.popitem(last=False)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from lxml import etree
 from redis.asyncio import Redis
 
 from tests.integration.clients import HEADER, RawClient, insecure_context
@@ -35,6 +36,7 @@ from tests.integration.test_stream_management import (
     messages,
     modules,
     roundtrip,
+    session_closed,
     sm_module,
 )
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
@@ -381,5 +383,34 @@ async def test_a_dead_node_s_waiting_session_times_out_on_another_node(
     await again.send("<presence/>")
     assert await messages(again, 1) == ["for the offline store"]
     await redis.aclose()
+    await again.close()
+    await bob.close()
+
+
+async def test_a_session_ended_for_too_many_unacked_cannot_be_resumed_elsewhere(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """Its unacked messages went to offline storage when it ended: its record must go
+    from Redis too, or another node resumes it and delivers them a second time."""
+    a = await start_server(
+        modules=modules(max_unacked=3, ack_every=100), cluster=cluster(redis_service, "node-a")
+    )
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    previd = (await alice.enable()).get("id", "")
+    closed = await session_closed(a)
+    for n in range(4):
+        await bob.send(message("alice@localhost/phone", f"m{n}"))
+    assert await alice.error() == "resource-constraint"
+    await asyncio.wait_for(closed.wait(), 10)
+    await until(lambda: a.router.ledger.offline == 4)
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    again = await resume_at(b, "alice", previd, 0)
+    answer = await again.next(SM)
+    assert etree.QName(answer).localname == "failed", etree.tostring(answer)
+    assert previd not in sm_module(a).resumable  # nor kept on A, ended
     await again.close()
     await bob.close()
