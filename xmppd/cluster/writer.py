@@ -9,7 +9,8 @@ router handed them over (one stream per target node keeps that order to
 the reader).
 
 A stanza is added to a node's inbox only while that node is not marked
-gone by a reap (schema.FORWARD): one refused (the node was reaped, or its inbox is full)
+gone by a reap (schema.FORWARD): one refused (the node was reaped, its inbox is full,
+or Redis answered the command with an error: OOM, READONLY)
 is routed again here as if the session were gone, never added to an inbox
 nobody reads.
 
@@ -88,7 +89,8 @@ Reroute = Callable[[etree._Element, int, str | None], None]
 @dataclass(slots=True)
 class Op:
     """One queued write: `add` queues its one command on the pipeline (may return a
-    coroutine, for scripts); `on_result` gets what Redis answered. A forwarded
+    coroutine, for scripts); `on_result` gets what Redis answered (an error reply
+    only if it has a `stanza`). A forwarded
     stanza also has its `stanza`, `hops` and the time after which it is routed
     again here (`expires`)."""
 
@@ -293,7 +295,9 @@ class Writer:
             stats.forwards_refused += 1
             if self.reroute is None:
                 return
-            if answer == schema.INBOX_FULL:
+            if isinstance(answer, Exception):
+                pass  # an error reply (OOM, READONLY), logged by _send: not added
+            elif answer == schema.INBOX_FULL:
                 log.error("cluster: the inbox of node %s is full; routing here", node)
             else:
                 self.on_gone(node)
@@ -375,7 +379,10 @@ class Writer:
                 if self._refusing and len(self._ops) < MAX_PENDING:
                     self._refusing = False
                 for op, value in zip(batch, results, strict=True):
-                    if op.on_result is not None and not isinstance(value, Exception):
+                    # An error reply to a forward is a refusal: its stanza is routed again.
+                    if op.on_result is not None and (
+                        op.stanza is not None or not isinstance(value, Exception)
+                    ):
                         op.on_result(value)
             self._idle.set()
 
