@@ -432,3 +432,26 @@ async def test_a_forward_redis_refuses_with_an_error_goes_offline_not_nowhere(
         await admin.aclose()
     await close(alice)
     await close(bob)
+
+
+async def test_a_node_stopped_while_redis_is_down_keeps_what_it_had_to_forward(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """A message for a session on another node still waits for Redis when this node
+    stops (forward_wait longer than the stop's flush): it goes to offline storage,
+    not away with the writer task."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(cluster={"redis_url": url, "node_name": "node-a", "forward_wait": 60})
+    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    assert a.cluster is not None
+    stats = a.cluster.stats
+    forwarded = stats.forwards_out
+    redis_service.stop()
+    alice.send_message(mto="bob@localhost/phone", mbody="queued at the stop", mtype="chat")
+    await until(lambda: stats.forwards_out > forwarded)
+    await a.stop()
+    assert a.router.ledger.offline == 1
+    await close(bob)

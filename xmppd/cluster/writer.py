@@ -166,10 +166,28 @@ class Writer:
             await self._idle.wait()
 
     async def stop(self) -> None:
+        """End the task. Stanzas for other nodes it never got into Redis (it stops
+        while Redis is unreachable) are routed again here, as when `forward_wait`
+        expires: a message to offline storage, not away with the task. One in the
+        pipeline the cancel cut may have been added too: at least once."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        stranded = [op for op in self._ops if op.stanza is not None]
+        self._ops.clear()
+        if not stranded:
+            return
+        log.error("cluster: stopping with %d stanzas for other nodes not sent to Redis; "
+                  "routed again here", len(stranded))
+        if not self.cut_off:
+            self.cut_off = True  # nothing forwards now: what routes again stays here
+            self.on_cut_off(True)
+        self.stats.forwards_refused += len(stranded)
+        if self.reroute is not None:
+            for op in stranded:
+                assert op.stanza is not None
+                self.reroute(op.stanza, op.hops, None)
 
     # --- Outbox ------------------------------------------------------------------------
 
