@@ -172,3 +172,19 @@ def test_a_doctype_after_a_declaration_split_across_reads_is_refused() -> None:
         assert exc.condition == "restricted-xml"
     else:
         raise AssertionError("a DOCTYPE was accepted")
+
+
+def test_a_start_tag_too_long_to_finish_counts_against_the_stanza_limit() -> None:
+    """libxml2 gives no event until a start tag ends: its bytes still count, or one
+    endless tag would be buffered up to libxml2's own 10 MB limit."""
+    p = StreamParser(max_stanza_bytes=10_000, max_depth=32)
+    p.feed(HEADER)
+    p.feed(b"<message/>  ")
+    try:
+        p.feed(b"<message to='a@b' x='")
+        for _ in range(5):
+            p.feed(b"x" * 4096)
+    except StreamError as exc:
+        assert exc.condition == "policy-violation"
+    else:
+        raise AssertionError("an endless start tag was buffered")

@@ -163,7 +163,12 @@ class StreamParser:
                 self._take_events(out)
                 raise StreamError("not-well-formed", _syntax_message(exc)) from None
             started = self._take_events(out)
-            if self._depth > 1:
+            # Between stanzas, a chunk that does not end cleanly leaves a start tag
+            # libxml2 holds back with no event yet: it counts towards the next stanza.
+            held = self._depth <= 1 and not _ends_cleanly(chunk) and (
+                self._pending > 0 or bool(chunk.strip())
+            )
+            if self._depth > 1 or held:
                 # The open stanza began in this chunk (count the chunk, an upper
                 # bound) or earlier (add the chunk to what it already had).
                 self._pending = len(chunk) + (0 if started else self._pending)
@@ -185,7 +190,8 @@ class StreamParser:
         return out
 
     def _take_events(self, out: list[StreamOpened | StreamClosed | etree._Element]) -> bool:
-        """Turn the parser's events into `out`; True if a stanza started among them."""
+        """Turn the parser's events into `out`; True if a stanza (or the stream root)
+        started or a stanza ended among them: what is open now began in this chunk."""
         started = False
         depth = self._depth
         try:
@@ -199,12 +205,14 @@ class StreamParser:
                             "policy-violation", f"XML nesting deeper than {self.max_depth}"
                         )
                     elif depth == 1:
+                        started = True
                         self._root = el
                         if not self._priming:
                             out.append(StreamOpened(el.tag, dict(el.attrib), el.nsmap))
                 elif event == "end":
                     depth -= 1
                     if depth == 1:
+                        started = True
                         tail = el.tail
                         if tail is not None:
                             _between_stanzas(tail)
