@@ -585,7 +585,15 @@ class StreamManagement(Module):
                                      StreamError("conflict", TAKEOVER))
         session = request.bind_resumed(claimed.jid)
         if session is None:
-            return  # the stream ended meanwhile; the record stays for another try
+            # The stream ended meanwhile. The record is this live node's now (no sweep
+            # takes it) and its old node let the session go: it ends here, as one not
+            # resumed (unacked messages routed again), or it would expire in Redis.
+            self.stats.resume_failed += 1
+            self.expired[previd] = (account, claimed.handled)
+            self.store.drop(previd)
+            for data in claimed.queue:
+                self._unacked(etree.fromstring(data, _PARSER))
+            return
         sm = SMState(session, session.transport, True, claimed.max)
         sm.id = previd
         sm.handled = claimed.handled

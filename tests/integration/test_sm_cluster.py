@@ -414,3 +414,35 @@ async def test_a_session_ended_for_too_many_unacked_cannot_be_resumed_elsewhere(
     assert previd not in sm_module(a).resumable  # nor kept on A, ended
     await again.close()
     await bob.close()
+
+
+async def test_a_resume_whose_stream_ends_while_redis_answers_loses_nothing(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """The new node claims the session (its old node lets it go, queue and all), then
+    finds the resuming stream gone: the claimed queue is routed (offline storage), not
+    left in a record no node would ever end."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    previd = (await alice.enable()).get("id", "")
+    for n in range(3):
+        await bob.send(message("alice@localhost/phone", f"unacked {n}"))
+    assert len(await messages(alice, 3)) == 3
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    again = await Stream.auth(b, "alice")
+    redis_service.pause()  # the claim waits for Redis while the stream ends
+    try:
+        await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+        again.drop()
+        await until(lambda: not b.connections)
+    finally:
+        redis_service.resume()
+    await until(lambda: b.router.ledger.offline + a.router.ledger.offline == 3, timeout=10)
+    await bob.close()
