@@ -595,7 +595,15 @@ class StreamManagement(Module):
                                      StreamError("conflict", TAKEOVER))
         session = request.bind_resumed(claimed.jid)
         if session is None:
-            return  # the stream ended meanwhile; the record stays for another try
+            # The stream ended meanwhile. The record is this live node's now (no sweep
+            # takes it) and its old node let the session go: it ends here, as one not
+            # resumed (unacked messages routed again), or it would expire in Redis.
+            self.stats.resume_failed += 1
+            self.expired[previd] = (account, claimed.handled)
+            self.store.drop(previd)
+            for data in claimed.queue:
+                self._unacked(etree.fromstring(data, _PARSER))
+            return
         sm = SMState(session, session.transport, True, claimed.max)
         sm.id = previd
         sm.handled = claimed.handled
@@ -642,11 +650,13 @@ class StreamManagement(Module):
         if sm.timer is not None:
             sm.timer.cancel()
             sm.timer = None
-        if sm.resumable and self.resumable.get(sm.id) is sm:
+        # By its id, not `resumable`: an overflow clears that flag on a session that was
+        # resumable, and its record must go too (its queue is routed below).
+        if sm.id and self.resumable.get(sm.id) is sm:
             del self.resumable[sm.id]
         if sm.handed:
             return  # another node has it, queue and all
-        if sm.resumable:
+        if sm.id:
             self.expired[sm.id] = (session.bare, sm.handled)
             while len(self.expired) > EXPIRED_REMEMBERED:
                 self.expired.popitem(last=False)

@@ -112,6 +112,16 @@ async def test_small_limit_before_auth(server: Server) -> None:
     assert stream_error_of(await raw.read_to_close()) == "policy-violation"
 
 
+async def test_endless_start_tag_before_auth_is_over_the_limit(server: Server) -> None:
+    """A start tag that never ends gives libxml2 nothing to report: its bytes must still
+    count against the unauthenticated stanza limit, not pile up to libxml2's 10 MB."""
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(f"<auth xmlns='{SASL}' mechanism='PLAIN' x='" + "A" * 200_000)
+    assert stream_error_of(await raw.read_to_close()) == "policy-violation"
+
+
 async def test_nesting_deeper_than_limit(server: Server) -> None:
     raw = await logged_in(server)
     await raw.send("<message>" + "<x>" * 10_000)

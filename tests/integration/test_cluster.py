@@ -409,3 +409,49 @@ async def test_a_hung_redis_sends_cross_node_messages_offline_within_the_bound(
     assert waited < 1 + 2 + 0.5 + 0.5  # forward_wait, SEND_TIMEOUT, RETRY_DELAY, slack
     await close(alice)
     await close(bob)
+
+
+async def test_a_forward_redis_refuses_with_an_error_goes_offline_not_nowhere(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Redis answers the forward with an error (here OOM past maxmemory; a replica made
+    read-only by a failover answers READONLY the same way): the pipeline succeeds, that
+    one command failed, and its message must still go somewhere (offline storage)."""
+    a, b = await two_nodes(start_server, redis_service)
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    admin = Redis.from_url(devservices.redis_url(redis_service))
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", 1)
+    try:
+        alice.send_message(mto="bob@localhost/phone", mbody="refused by redis", mtype="chat")
+        await until(lambda: a.router.ledger.offline == 1)
+    finally:
+        await admin.config_set("maxmemory", 0)
+        await admin.aclose()
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_node_stopped_while_redis_is_down_keeps_what_it_had_to_forward(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """A message for a session on another node still waits for Redis when this node
+    stops (forward_wait longer than the stop's flush): it goes to offline storage,
+    not away with the writer task."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(cluster={"redis_url": url, "node_name": "node-a", "forward_wait": 60})
+    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    assert a.cluster is not None
+    stats = a.cluster.stats
+    forwarded = stats.forwards_out
+    redis_service.stop()
+    alice.send_message(mto="bob@localhost/phone", mbody="queued at the stop", mtype="chat")
+    await until(lambda: stats.forwards_out > forwarded)
+    await a.stop()
+    assert a.router.ledger.offline == 1
+    await close(bob)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from lxml import etree
 from redis.asyncio import Redis
 
 from tests.integration.clients import HEADER, RawClient, insecure_context
@@ -35,6 +36,7 @@ from tests.integration.test_stream_management import (
     messages,
     modules,
     roundtrip,
+    session_closed,
     sm_module,
 )
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
@@ -435,4 +437,65 @@ async def test_a_dead_node_s_waiting_session_times_out_on_another_node(
     assert await messages(again, 1) == ["for the offline store"]
     await redis.aclose()
     await again.close()
+    await bob.close()
+
+
+async def test_a_session_ended_for_too_many_unacked_cannot_be_resumed_elsewhere(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """Its unacked messages went to offline storage when it ended: its record must go
+    from Redis too, or another node resumes it and delivers them a second time."""
+    a = await start_server(
+        modules=modules(max_unacked=3, ack_every=100), cluster=cluster(redis_service, "node-a")
+    )
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    previd = (await alice.enable()).get("id", "")
+    closed = await session_closed(a)
+    for n in range(4):
+        await bob.send(message("alice@localhost/phone", f"m{n}"))
+    assert await alice.error() == "resource-constraint"
+    await asyncio.wait_for(closed.wait(), 10)
+    await until(lambda: a.router.ledger.offline == 4)
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    again = await resume_at(b, "alice", previd, 0)
+    answer = await again.next(SM)
+    assert etree.QName(answer).localname == "failed", etree.tostring(answer)
+    assert previd not in sm_module(a).resumable  # nor kept on A, ended
+    await again.close()
+    await bob.close()
+
+
+async def test_a_resume_whose_stream_ends_while_redis_answers_loses_nothing(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """The new node claims the session (its old node lets it go, queue and all), then
+    finds the resuming stream gone: the claimed queue is routed (offline storage), not
+    left in a record no node would ever end."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    previd = (await alice.enable()).get("id", "")
+    for n in range(3):
+        await bob.send(message("alice@localhost/phone", f"unacked {n}"))
+    assert len(await messages(alice, 3)) == 3
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    again = await Stream.auth(b, "alice")
+    redis_service.pause()  # the claim waits for Redis while the stream ends
+    try:
+        await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+        again.drop()
+        await until(lambda: not b.connections)
+    finally:
+        redis_service.resume()
+    await until(lambda: b.router.ledger.offline + a.router.ledger.offline == 3, timeout=10)
     await bob.close()

@@ -142,3 +142,49 @@ def test_nesting_past_libxml2s_own_limit_in_one_read_is_a_policy_violation() -> 
         assert exc.condition == "policy-violation"
     else:
         raise AssertionError("nesting past the limit was accepted")
+
+
+def test_cdata_in_the_same_read_as_the_stream_header_is_accepted() -> None:
+    """Only the prolog is checked for "<!": a stanza pipelined with the header may hold
+    a CDATA section (after SASL a client may send header and stanzas in one write)."""
+    p = parser()
+    opened, message = p.feed(HEADER + b"<message><body><![CDATA[<hi>]]></body></message>")
+    assert isinstance(opened, StreamOpened)
+    assert message[0].text == "<hi>"
+
+
+def test_a_doctype_or_comment_between_declaration_and_root_is_refused() -> None:
+    for data in (b"<!DOCTYPE s>", b"<!-- c -->", b"<?pi <x ?><!DOCTYPE s>"):
+        try:
+            StreamParser(65536, 32).feed(b"<?xml version='1.0'?>" + data + HEADER[21:])
+        except StreamError as exc:
+            assert exc.condition == "restricted-xml"
+        else:
+            raise AssertionError(f"{data!r} was accepted")
+
+
+def test_a_doctype_after_a_declaration_split_across_reads_is_refused() -> None:
+    p = parser()
+    p.feed(b"<?xml version='1.0'")
+    try:
+        p.feed(b"?><!DOCTYPE s [<!ENTITY e 'x'>]>" + HEADER[21:])
+    except StreamError as exc:
+        assert exc.condition == "restricted-xml"
+    else:
+        raise AssertionError("a DOCTYPE was accepted")
+
+
+def test_a_start_tag_too_long_to_finish_counts_against_the_stanza_limit() -> None:
+    """libxml2 gives no event until a start tag ends: its bytes still count, or one
+    endless tag would be buffered up to libxml2's own 10 MB limit."""
+    p = StreamParser(max_stanza_bytes=10_000, max_depth=32)
+    p.feed(HEADER)
+    p.feed(b"<message/>  ")
+    try:
+        p.feed(b"<message to='a@b' x='")
+        for _ in range(5):
+            p.feed(b"x" * 4096)
+    except StreamError as exc:
+        assert exc.condition == "policy-violation"
+    else:
+        raise AssertionError("an endless start tag was buffered")

@@ -9,7 +9,8 @@ router handed them over (one stream per target node keeps that order to
 the reader).
 
 A stanza is added to a node's inbox only while that node is not marked
-gone by a reap (schema.FORWARD): one refused (the node was reaped, or its inbox is full)
+gone by a reap (schema.FORWARD): one refused (the node was reaped, its inbox is full,
+or Redis answered the command with an error: OOM, READONLY)
 is routed again here as if the session were gone, never added to an inbox
 nobody reads.
 
@@ -89,8 +90,9 @@ Reroute = Callable[[etree._Element, int, str | None], None]
 @dataclass(slots=True)
 class Op:
     """One queued write: its one `command`; `on_result` gets what Redis answered
-    (raw: bytes, ints, lists). A forwarded stanza also has its `stanza`, `hops` and
-    the time after which it is routed again here (`expires`)."""
+    (raw: bytes, ints, lists; an error reply only if it has a `stanza`). A
+    forwarded stanza also has its `stanza`, `hops` and the time after which it is
+    routed again here (`expires`)."""
 
     command: Command
     on_result: Callable[[Any], None] | None = None
@@ -165,11 +167,29 @@ class Writer:
             await self._idle.wait()
 
     async def stop(self) -> None:
+        """End the task. Stanzas for other nodes it never got into Redis (it stops
+        while Redis is unreachable) are routed again here, as when `forward_wait`
+        expires: a message to offline storage, not away with the task. One in the
+        pipeline the cancel cut may have been added too: at least once."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
             await self._channel.release()
+        stranded = [op for op in self._ops if op.stanza is not None]
+        self._ops.clear()
+        if not stranded:
+            return
+        log.error("cluster: stopping with %d stanzas for other nodes not sent to Redis; "
+                  "routed again here", len(stranded))
+        if not self.cut_off:
+            self.cut_off = True  # nothing forwards now: what routes again stays here
+            self.on_cut_off(True)
+        self.stats.forwards_refused += len(stranded)
+        if self.reroute is not None:
+            for op in stranded:
+                assert op.stanza is not None
+                self.reroute(op.stanza, op.hops, None)
 
     # --- Outbox ------------------------------------------------------------------------
 
@@ -295,7 +315,9 @@ class Writer:
             stats.forwards_refused += 1
             if self.reroute is None:
                 return
-            if answer == schema.INBOX_FULL:
+            if isinstance(answer, Exception):
+                pass  # an error reply (OOM, READONLY), logged by _send: not added
+            elif answer == schema.INBOX_FULL:
                 log.error("cluster: the inbox of node %s is full; routing here", node)
             else:
                 self.on_gone(node)
@@ -377,7 +399,10 @@ class Writer:
                 if self._refusing and len(self._ops) < MAX_PENDING:
                     self._refusing = False
                 for op, value in zip(batch, results, strict=True):
-                    if op.on_result is not None and not isinstance(value, Exception):
+                    # An error reply to a forward is a refusal: its stanza is routed again.
+                    if op.on_result is not None and (
+                        op.stanza is not None or not isinstance(value, Exception)
+                    ):
                         op.on_result(value)
             self._idle.set()
 

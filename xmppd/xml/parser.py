@@ -37,6 +37,7 @@ from xmppd.stream.errors import StreamError
 
 FEED_CHUNK = 4096  # bytes fed per call: bounds how far a stanza can overshoot the size limit
 _EVENTS = ("start", "end", "comment", "pi")
+MAX_DECLARATION = 256  # bytes of an XML declaration kept while it is split across reads
 
 
 @dataclass(slots=True)
@@ -73,6 +74,7 @@ class StreamParser:
         "_released",
         "_priming",
         "_prolog_tail",
+        "_in_prolog",
     )
 
     def __init__(self, max_stanza_bytes: int, max_depth: int) -> None:
@@ -93,7 +95,8 @@ class StreamParser:
         self._releasable = False  # libxml2 holds no unparsed input
         self._released = False
         self._priming = False  # parsing the stand-in stream header after release()
-        self._prolog_tail = b""  # the last byte fed before the root opened (a split "<!")
+        self._prolog_tail = b""  # an unfinished "<" or declaration ending the prolog fed so far
+        self._in_prolog = True  # the root's start tag has not begun yet
 
     def restart(self, max_stanza_bytes: int) -> None:
         """Start over for a new stream on the same connection (after STARTTLS or SASL).
@@ -113,6 +116,7 @@ class StreamParser:
         self._releasable = False
         self._released = False
         self._prolog_tail = b""
+        self._in_prolog = True
 
     def release(self) -> bool:
         """Free most of the libxml2 parser's memory if the stream is between stanzas.
@@ -149,7 +153,7 @@ class StreamParser:
         parser = self._parser
         for start in range(0, len(data), FEED_CHUNK):
             chunk = data[start : start + FEED_CHUNK]
-            if self._root is None:
+            if self._in_prolog:
                 self._check_prolog(chunk)
             try:
                 parser.feed(chunk)
@@ -159,7 +163,12 @@ class StreamParser:
                 self._take_events(out)
                 raise StreamError("not-well-formed", _syntax_message(exc)) from None
             started = self._take_events(out)
-            if self._depth > 1:
+            # Between stanzas, a chunk that does not end cleanly leaves a start tag
+            # libxml2 holds back with no event yet: it counts towards the next stanza.
+            held = self._depth <= 1 and not _ends_cleanly(chunk) and (
+                self._pending > 0 or bool(chunk.strip())
+            )
+            if self._depth > 1 or held:
                 # The open stanza began in this chunk (count the chunk, an upper
                 # bound) or earlier (add the chunk to what it already had).
                 self._pending = len(chunk) + (0 if started else self._pending)
@@ -181,7 +190,8 @@ class StreamParser:
         return out
 
     def _take_events(self, out: list[StreamOpened | StreamClosed | etree._Element]) -> bool:
-        """Turn the parser's events into `out`; True if a stanza started among them."""
+        """Turn the parser's events into `out`; True if a stanza (or the stream root)
+        started or a stanza ended among them: what is open now began in this chunk."""
         started = False
         depth = self._depth
         try:
@@ -195,12 +205,14 @@ class StreamParser:
                             "policy-violation", f"XML nesting deeper than {self.max_depth}"
                         )
                     elif depth == 1:
+                        started = True
                         self._root = el
                         if not self._priming:
                             out.append(StreamOpened(el.tag, dict(el.attrib), el.nsmap))
                 elif event == "end":
                     depth -= 1
                     if depth == 1:
+                        started = True
                         tail = el.tail
                         if tail is not None:
                             _between_stanzas(tail)
@@ -221,12 +233,33 @@ class StreamParser:
 
     def _check_prolog(self, chunk: bytes) -> None:
         """Before the stream root only the XML declaration and whitespace may come: a
-        "<!" there starts a DOCTYPE or a comment, refused before libxml2 reads it."""
-        if b"<!" in self._prolog_tail + chunk:
-            if b"<!--" in self._prolog_tail + chunk:
-                raise StreamError("restricted-xml", "XML comments are not allowed")
-            raise StreamError("restricted-xml", "a DOCTYPE is not allowed")
-        self._prolog_tail = chunk[-1:]
+        "<!" there starts a DOCTYPE or a comment, refused before libxml2 reads it.
+        Only up to the root's "<": what follows it in the same read is stanzas, where a
+        CDATA section also starts with "<!" (libxml2 refuses a DOCTYPE there itself)."""
+        data = self._prolog_tail + chunk
+        at = data.find(b"<")
+        while at != -1:
+            mark = data[at + 1 : at + 2]
+            if mark == b"!":
+                if data.startswith(b"<!--", at):
+                    raise StreamError("restricted-xml", "XML comments are not allowed")
+                raise StreamError("restricted-xml", "a DOCTYPE is not allowed")
+            if mark == b"":
+                self._prolog_tail = b"<"  # split: the next read says what it starts
+                return
+            if mark != b"?":
+                self._in_prolog = False  # the root's start tag
+                return
+            # The XML declaration (or a PI, refused by its event): a "<" inside it
+            # is not the root's; the prolog goes on after its "?>".
+            end = data.find(b"?>", at + 2)
+            if end == -1:
+                if len(data) - at > MAX_DECLARATION:
+                    raise StreamError("not-well-formed", "XML declaration too long")
+                self._prolog_tail = data[at:]
+                return
+            at = data.find(b"<", end + 2)
+        self._prolog_tail = b""
 
     def _resume(self) -> None:
         """Put the parser back where release() found it: inside the stream root."""
