@@ -16,6 +16,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -150,10 +151,7 @@ async def remove_on_node(data_dir: Path, jid: str, outcome: Outcome) -> str | No
                 async with http.post(url + account + "/remove") as response:
                     body = await response.json(content_type=None)
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                outcome.warnings.append(
-                    f"the node at {url} did not answer ({type(e).__name__}: {e}); "
-                    f"if it is not running, delete {record}"
-                )
+                _did_not_answer(outcome, url, record, e)
                 continue
             if response.status != 200 or not isinstance(body, dict):
                 error = body.get("error", body) if isinstance(body, dict) else body
@@ -192,10 +190,7 @@ async def _tell(http: aiohttp.ClientSession, url: str, record: Path, outcome: Ou
                 raise ValueError(f"HTTP {response.status}: {body}")
             ended = int(body["ended"])
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
-        outcome.warnings.append(
-            f"the node at {node} did not answer ({type(e).__name__}: {e}); "
-            f"if it is not running, delete {record}"
-        )
+        _did_not_answer(outcome, node, record, e)
         return
     outcome.done.append(f"ended {ended} session(s) on the node at {node}")
 
@@ -233,15 +228,9 @@ async def kick_on_nodes(
         for record, url in nodes.items():
             try:
                 request = {"jid": jid, "reason": reason or ""}
-                async with http.post(url + "/kick", json=request) as response:
-                    body = await response.json(content_type=None)
-                    if response.status != 200 or not isinstance(body, dict):
-                        raise ValueError(f"HTTP {response.status}: {body}")
+                body = await _json(http, "POST", url + "/kick", request)
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                outcome.warnings.append(
-                    f"the node at {url} did not answer ({type(e).__name__}: {e}); "
-                    f"if it is not running, delete {record}"
-                )
+                _did_not_answer(outcome, url, record, e)
                 continue
             answered = True
             ended.extend(body.get("ended", []))
@@ -260,15 +249,9 @@ async def _get_all(
         nodes, http = client
         for record, url in nodes.items():
             try:
-                async with http.get(url + path) as response:
-                    body = await response.json(content_type=None)
-                    if response.status != 200 or not isinstance(body, dict):
-                        raise ValueError(f"HTTP {response.status}: {body}")
+                body = await _json(http, "GET", url + path)
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                outcome.warnings.append(
-                    f"the node at {url} did not answer ({type(e).__name__}: {e}); "
-                    f"if it is not running, delete {record}"
-                )
+                _did_not_answer(outcome, url, record, e)
                 continue
             answers.append((url, body))
     return answers
@@ -294,12 +277,27 @@ async def drain_nodes(data_dir: Path, node: str | None) -> Outcome:
                     if response.status != 200:
                         raise ValueError(f"HTTP {response.status}")
             except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as e:
-                outcome.warnings.append(
-                    f"the node at {url} did not answer ({type(e).__name__}: {e}); "
-                    f"if it is not running, delete {record}"
-                )
+                _did_not_answer(outcome, url, record, e)
                 continue
             outcome.done.append(f"draining node {name or '-'} (pid {pid}) at {url}")
     if node is not None and not outcome.done and not outcome.warnings:
         outcome.warnings.append(f"no running node here is named {node}")
     return outcome
+
+
+async def _json(
+    http: aiohttp.ClientSession, method: str, url: str, request: object = None
+) -> dict[str, Any]:
+    """A node's JSON answer; ValueError for any status but 200 or a body not an object."""
+    async with http.request(method, url, json=request) as response:
+        body = await response.json(content_type=None)
+        if response.status != 200 or not isinstance(body, dict):
+            raise ValueError(f"HTTP {response.status}: {body}")
+        return body
+
+
+def _did_not_answer(outcome: Outcome, url: str, record: object, error: Exception) -> None:
+    outcome.warnings.append(
+        f"the node at {url} did not answer ({type(error).__name__}: {error}); "
+        f"if it is not running, delete {record}"
+    )
