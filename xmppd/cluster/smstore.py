@@ -297,8 +297,9 @@ class SMStore:
         return settled
 
     async def orphans(self) -> list[Orphan]:
-        """The sessions of dead nodes whose time is up, taken out of Redis, for this
-        node to end (a SCAN of every record: one sweep)."""
+        """The sessions of dead nodes whose time is up, made this node's in Redis, for
+        it to end and drop (a SCAN of every record: one sweep). TimeoutError if a step
+        waits REDIS_WAIT seconds for Redis."""
         found: list[Orphan] = []
         now = str(int(time.time()))
         cursor: int = 0
