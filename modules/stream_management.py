@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
-from xmppd.cluster.smstore import Change, SMStore
+from xmppd.cluster.smstore import RETRY_DELAY, Change, SMStore
 from xmppd.modulehost import ElementRequest, Module
 from xmppd.session import ClientSession, Transport
 from xmppd.stream.errors import StreamError
@@ -228,6 +228,8 @@ class StreamManagement(Module):
         self.host.hook("session/closed", self.on_closed)
         self.host.hook("server/stopping", self.on_stopping)
         self.store: SMStore | None = None
+        self.claiming: set[str] = set()  # ids whose claim (a resume from Redis) is under way
+        self._settling = False
 
     async def start(self) -> None:
         cluster = self.host.cluster
@@ -296,8 +298,9 @@ class StreamManagement(Module):
         assert self.store is not None
         try:
             orphans = await self.store.orphans()
-        except (RedisError, OSError) as exc:
-            self.log.error("sm: looking for sessions of dead nodes failed: %s", exc)
+        except (RedisError, OSError) as exc:  # TimeoutError too: Redis hangs
+            self.log.error("sm: looking for sessions of dead nodes failed: %r", exc)
+            self._settle_later()  # what it took, if Redis still runs it, is ended then
             return
         finally:
             self._sweeping = False
@@ -305,11 +308,58 @@ class StreamManagement(Module):
         for orphan in orphans:
             self.stats.timed_out += 1
             self.log.info("%s: its node is gone and it was not resumed in time", orphan.jid)
+            self.store.drop(orphan.id)  # the sweep made it this node's
             for data in orphan.queue:
                 self._unacked(etree.fromstring(data, _PARSER), timed_out=True)
             if orphan.presence and cluster is not None:
                 # The unavailable its node did not send while it awaited resumption.
                 cluster.session_lost(orphan.jid, orphan.node)
+
+    def _settle_later(self) -> None:
+        if not self._settling:
+            self._settling = True
+            self.host.spawn(self._settle())
+
+    async def _settle(self) -> None:
+        """Settle the claims and sweep pages that timed out, once Redis answers again
+        (retrying until it does): a session one of them took over, which this node does
+        not hold, ends here as one not resumed (unacked messages routed again: offline
+        storage), its record dropped, as when the resuming stream ends after the claim
+        (`_resume_remote`). Otherwise the record would stay this live node's, which no
+        sweep takes, and its messages expire with it."""
+        assert self.store is not None
+        try:
+            while self.store.uncertain:
+                try:
+                    settled = await self.store.settle(
+                        self.resumable.__contains__, self.claiming.__contains__
+                    )
+                except (RedisError, OSError) as exc:
+                    self.log.debug("sm: settling timed-out claims: Redis: %r", exc)
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
+                cluster = self.host.cluster
+                for sm_id, claimed, orphan in settled:
+                    self.log.info("sm: %s: a timed-out %s took it over; ended here",
+                                  claimed.jid, "sweep" if orphan else "resume")
+                    if cluster is not None and claimed.previous not in ("", cluster.node):
+                        if not orphan:
+                            # Its old node lets it go at once (routing again what it
+                            # queued after its last write), saying nothing to contacts.
+                            cluster.writer.terminate(
+                                claimed.previous, claimed.jid, claimed.sid,
+                                StreamError("conflict", TAKEOVER),
+                            )
+                        if claimed.presence:  # their unavailable, said here
+                            cluster.session_lost(claimed.jid, claimed.previous)
+                    self.expired[sm_id] = (claimed.jid.partition("/")[0], claimed.handled)
+                    self.store.drop(sm_id)
+                    for data in claimed.queue:
+                        self._unacked(etree.fromstring(data, _PARSER))
+                if self.store.uncertain:  # ids claimed again meanwhile: after that claim
+                    await asyncio.sleep(RETRY_DELAY)
+        finally:
+            self._settling = False
 
     def lost(self, sm_id: str) -> None:
         """A write found that another node owns the session now: it was resumed there."""
@@ -574,13 +624,19 @@ class StreamManagement(Module):
         """Resume a session this node does not have: take it over from Redis (its node
         may be alive, draining, or dead), bind its full JID here, replay its queue."""
         assert self.store is not None and request.bind_resumed is not None
+        self.claiming.add(previd)
         try:
             claimed = await self.store.claim(previd, account)
-        except (RedisError, OSError) as exc:
-            self.log.error("sm: resuming %s failed: Redis: %s", account, exc)
+        except (RedisError, OSError) as exc:  # TimeoutError too: Redis hangs
+            # The client can start a new session at once. The claim may still run: once
+            # Redis answers, `_settle` ends the session here if it did.
+            self.log.error("sm: resuming %s failed: Redis: %r", account, exc)
             self.stats.resume_failed += 1
             request.reply(_failed("internal-server-error"))
+            self._settle_later()
             return
+        finally:
+            self.claiming.discard(previd)
         if claimed is None:
             self.stats.resume_failed += 1
             request.reply(_failed("item-not-found"))

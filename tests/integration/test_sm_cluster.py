@@ -40,6 +40,7 @@ from tests.integration.test_stream_management import (
     sm_module,
 )
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
+from xmppd.cluster import smstore
 from xmppd.cluster.smstore import PREFIX
 from xmppd.server import Server
 from xmppd.storage import devservices
@@ -431,6 +432,8 @@ async def test_a_dead_node_s_waiting_session_times_out_on_another_node(
     await a.kill()
     module = sm_module(b)
     await until(lambda: module.stats.timed_out == 1, timeout=30)
+    assert module.store is not None
+    await module.store.flush()  # the sweep made the record B's, then dropped it
     assert await redis.exists(PREFIX + previd) == 0
     again = await Stream.login(b, "alice")
     await again.send("<presence/>")
@@ -498,4 +501,66 @@ async def test_a_resume_whose_stream_ends_while_redis_answers_loses_nothing(
     finally:
         redis_service.resume()
     await until(lambda: b.router.ledger.offline + a.router.ledger.offline == 3, timeout=10)
+    await bob.close()
+
+
+async def test_a_resume_while_redis_hangs_is_answered_in_time_and_loses_nothing(
+    redis_service: LocalService, start_server: StartServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis stopped (SIGSTOP: no error, no answer) while a client resumes on the other
+    node: it gets <failed/> within the bound, not silence. Redis then runs the claim it
+    had queued, leaving the record node B's while B holds nothing of it: B ends the
+    session once Redis answers, its unacked messages to offline storage, none lost."""
+    monkeypatch.setattr(smstore, "REDIS_WAIT", 1.0, raising=False)
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    previd = (await alice.enable()).get("id", "")
+    for n in range(3):
+        await bob.send(message("alice@localhost/phone", f"unacked {n}"))
+    assert len(await messages(alice, 3)) == 3
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    await sm_module(a).store.flush()  # type: ignore[union-attr]
+    # B's store on a client of its own with a connection open and CLAIM loaded, as on a
+    # node that has claimed before: the claim reaches Redis at once and waits there, to
+    # run when Redis goes on (on the shared client it may wait for a connection instead).
+    module = sm_module(b)
+    await module.store.stop()  # type: ignore[union-attr]
+    own = Redis.from_url(devservices.redis_url(redis_service))
+    await own.script_load(smstore.CLAIM)
+    store = smstore.SMStore(own, "node-b")
+    store.start(module.lost)
+    module.store = store
+    settle_later = getattr(module, "_settle_later", lambda: None)
+    monkeypatch.setattr(module, "_settle_later", lambda: None, raising=False)  # till it ran
+    redis_service.pause()
+    try:
+        started = time.monotonic()
+        again = await resume_at(b, "alice", previd, 0)
+        answer = await again.next(SM, timeout=3)
+        assert time.monotonic() - started < 3
+        assert etree.QName(answer).localname == "failed", etree.tostring(answer)
+        assert answer[0].tag == "{urn:ietf:params:xml:ns:xmpp-stanzas}internal-server-error"
+        assert store.uncertain
+    finally:
+        redis_service.resume()
+    check = Redis.from_url(devservices.redis_url(redis_service))
+    for _ in range(100):  # Redis has no event for it: look until it ran (at most 5 s)
+        if await check.hget(PREFIX + previd, "node") == b"node-b":
+            break
+        await asyncio.sleep(0.05)
+    assert await check.hget(PREFIX + previd, "node") == b"node-b"  # the claim ran late
+    settle_later()
+    await until(lambda: not store.uncertain, timeout=10)
+    await until(lambda: a.router.ledger.offline + b.router.ledger.offline == 3, timeout=10)
+    await store.flush()
+    assert not await check.exists(PREFIX + previd)
+    await store.stop()
+    await own.aclose()
+    await check.aclose()
+    await again.close()
     await bob.close()

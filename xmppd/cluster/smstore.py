@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ TTL_SLACK = 60
 RETRY_DELAY = 0.5
 SWEEP_PAGE = 500
 """Records looked at per SCAN page and per pipeline by an orphan sweep."""
+REDIS_WAIT = 5.0
+"""Seconds a claim, a batch of writes or a step of a sweep waits for Redis: a hung Redis
+(no error, no answer) fails them then, as an unreachable one does."""
+FENCE_PREFIX = "xmppd:smfence:"
+FENCE_TTL = 3600
+"""Seconds a claim's fence outlives it: longer than Redis takes to run what it had queued
+once it answers again."""
 
 SAVE = """
 -- KEYS hash, list; ARGV node, bare, jid, handled, sent, max, presence, ttl, reset, trim,
@@ -62,14 +70,30 @@ return 1
 """Write a session's change, unless another node owns it now (0: this node lost it)."""
 
 CLAIM = """
--- KEYS hash, list; ARGV node, bare
+-- KEYS hash, list, fence; ARGV node, bare, fence ttl
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+local previous = redis.call('HGET', KEYS[1], 'node')
+redis.call('SET', KEYS[3], 'ran:' .. (previous or ''), 'EX', ARGV[3])
 local bare = redis.call('HGET', KEYS[1], 'bare')
 if bare ~= ARGV[2] then return false end
-local previous = redis.call('HGET', KEYS[1], 'node')
 redis.call('HSET', KEYS[1], 'node', ARGV[1])
 return {previous, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
-"""Take a session over for a node resuming it, if it is the account's; its state."""
+"""Take a session over for a node resuming it, if it is the account's; its state.
+Nothing if the claim's fence says SETTLE ran first (the node gave up waiting for it)."""
+
+SETTLE = """
+-- KEYS fence, hash, list; ARGV node, fence ttl
+local fence = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], 'settled', 'EX', ARGV[2])
+if not fence or fence == 'settled' then return false end
+if redis.call('HGET', KEYS[2], 'node') ~= ARGV[1] then return false end
+return {fence, redis.call('HGETALL', KEYS[2]), redis.call('LRANGE', KEYS[3], 0, -1)}
+"""
+"""After a claim that timed out: make sure it never runs from now on, and if it ran and
+the record is still this node's, its state and the fence ('ran:' and the node a claim
+took it from, 'gone:' and the dead node a sweep took it from), for the node to end it: it
+holds nothing of it. Only reads the record: run again, it answers the same."""
 
 DROP = """
 -- KEYS hash, list; ARGV node
@@ -82,7 +106,7 @@ return false
 
 
 ORPHAN = """
--- KEYS hash, list; ARGV now, the nodes set
+-- KEYS hash, list, fence; ARGV now, the nodes set, node, fence ttl
 local owner = redis.call('HGET', KEYS[1], 'node')
 if not owner then return false end
 if redis.call('SISMEMBER', ARGV[2], owner) == 1 then
@@ -96,17 +120,21 @@ if not since then
 end
 local max = tonumber(redis.call('HGET', KEYS[1], 'max') or '0')
 if tonumber(ARGV[1]) - tonumber(since) < max then return false end
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+redis.call('SET', KEYS[3], 'gone:' .. owner, 'EX', ARGV[4])
 local queue = redis.call('LRANGE', KEYS[2], 0, -1)
 local jid = redis.call('HGET', KEYS[1], 'jid')
 local presence = redis.call('HGET', KEYS[1], 'presence') or ''
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'node', ARGV[3])
+redis.call('HDEL', KEYS[1], 'orphaned')
 return {jid, queue, presence, owner}
 """
 """A session whose node is gone (stopped, or reaped after its heartbeat stopped: no
 longer in the nodes set, so no replica routes to it any more) and that nobody resumed
-in its resume timeout, counted from when a sweep first saw it so: taken (deleted) for
-the sweeping node to route its queue and announce it gone if it was available (its
-last presence; its owner); nil while its node is a member or time is left."""
+in its resume timeout, counted from when a sweep first saw it so: taken (made the
+sweeping node's, which drops it) for that node to route its queue and announce it gone
+if it was available (its last presence; its owner); nil while its node is a member or
+time is left, or if the fence says SETTLE ran first (the sweep gave up waiting)."""
 
 
 @dataclass(slots=True)
@@ -141,12 +169,29 @@ class Claimed:
 
 @dataclass(slots=True)
 class Orphan:
-    """A session of a dead node that nobody resumed in time, taken out of Redis."""
+    """A session of a dead node that nobody resumed in time, taken over in Redis by the
+    sweeping node (which drops its record)."""
 
+    id: str
     jid: str
     queue: list[bytes]  # the unacknowledged stanzas to the client
     presence: bytes  # its last broadcast presence; empty: it was not available
     node: str  # the node it was on
+
+
+def _claimed(previous: bytes | None, flat: list[bytes], queue: list[bytes]) -> Claimed:
+    """A record as CLAIM or SETTLE read it."""
+    fields = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+    return Claimed(
+        previous=previous.decode() if previous else "",
+        jid=fields["jid"].decode(),
+        sid=fields.get("sid", b"").decode(),
+        handled=int(fields["handled"]),
+        sent=int(fields["sent"]),
+        max=float(fields["max"]),
+        presence=fields.get("presence", b""),
+        queue=list(queue),
+    )
 
 
 class SMStore:
@@ -157,6 +202,10 @@ class SMStore:
         self._claim = redis.register_script(CLAIM)
         self._drop = redis.register_script(DROP)
         self._orphan = redis.register_script(ORPHAN)
+        self._settle = redis.register_script(SETTLE)
+        # Claims that timed out, fence -> SM id: they may still run in Redis, leaving
+        # the record this node's while it holds nothing of it (see `settle`).
+        self.uncertain: dict[str, str] = {}
         # id -> makes the session's change when the batch leaves (True: all of it, not
         # only what changed since the last write); None: drop the record.
         self._dirty: dict[str, Callable[[bool], Change] | None] = {}
@@ -203,52 +252,89 @@ class SMStore:
             await self._idle.wait()
 
     async def claim(self, sm_id: str, bare: str) -> Claimed | None:
-        """Take the session over for this node, if it exists and is `bare`'s."""
-        answer = await self._claim(keys=[PREFIX + sm_id, QUEUE_PREFIX + sm_id],
-                                   args=[self.node, bare])
+        """Take the session over for this node, if it exists and is `bare`'s.
+        TimeoutError after REDIS_WAIT seconds; the claim is then uncertain (`settle`)."""
+        fence = FENCE_PREFIX + secrets.token_urlsafe(12)
+        try:
+            async with asyncio.timeout(REDIS_WAIT):
+                answer = await self._claim(
+                    keys=[PREFIX + sm_id, QUEUE_PREFIX + sm_id, fence],
+                    args=[self.node, bare, FENCE_TTL],
+                )
+        except BaseException:
+            # Sent, perhaps, and run or not: an error says as little as a timeout.
+            self.uncertain[fence] = sm_id
+            raise
         if not answer:
             return None
-        previous, flat, queue = answer
-        fields = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
-        return Claimed(
-            previous=previous.decode() if previous else "",
-            jid=fields["jid"].decode(),
-            sid=fields.get("sid", b"").decode(),
-            handled=int(fields["handled"]),
-            sent=int(fields["sent"]),
-            max=float(fields["max"]),
-            presence=fields.get("presence", b""),
-            queue=list(queue),
-        )
+        return _claimed(*answer)
+
+    async def settle(
+        self, held: Callable[[str], bool], busy: Callable[[str], bool]
+    ) -> list[tuple[str, Claimed, bool]]:
+        """Settle the uncertain claims, but those of ids `busy` (claimed again right now:
+        left for later): each either never runs from now on, or ran; of
+        those that ran, the records still this node's and not `held` here are returned
+        (their queue is for the node to route, their record for it to drop), each with
+        True if a sweep took it from a dead node (False: a claim, `previous` may live). Raises
+        (RedisError, OSError, TimeoutError) if Redis does not answer: the rest waits."""
+        settled: list[tuple[str, Claimed, bool]] = []
+        # Each is settled even if held: a claim run later could take the record from
+        # whichever node has it then.
+        for fence, sm_id in list(self.uncertain.items()):
+            if busy(sm_id):
+                continue
+            async with asyncio.timeout(REDIS_WAIT):
+                answer = await self._settle(
+                    keys=[fence, PREFIX + sm_id, QUEUE_PREFIX + sm_id],
+                    args=[self.node, FENCE_TTL],
+                )
+            del self.uncertain[fence]
+            if answer and not held(sm_id):
+                fence_value, flat, queue = answer
+                kind, _, previous = fence_value.partition(b":")
+                settled.append((sm_id, _claimed(previous, flat, queue), kind == b"gone"))
+        return settled
 
     async def orphans(self) -> list[Orphan]:
-        """The sessions of dead nodes whose time is up, taken out of Redis, for this
-        node to end (a SCAN of every record: one sweep)."""
+        """The sessions of dead nodes whose time is up, made this node's in Redis, for
+        it to end and drop (a SCAN of every record: one sweep). TimeoutError if a step
+        waits REDIS_WAIT seconds for Redis."""
         found: list[Orphan] = []
         now = str(int(time.time()))
-        page: list[str] = []
-        async for key in self.redis.scan_iter(match=PREFIX + "*", count=SWEEP_PAGE):
-            page.append(key.decode()[len(PREFIX):])
-            if len(page) >= SWEEP_PAGE:
-                found.extend(await self._orphan_page(page, now))
-                page = []
-        if page:
-            found.extend(await self._orphan_page(page, now))
-        return found
+        cursor: int = 0
+        while True:
+            async with asyncio.timeout(REDIS_WAIT):
+                cursor, keys = await self.redis.scan(cursor, match=PREFIX + "*",
+                                                     count=SWEEP_PAGE)
+            if keys:
+                found.extend(await self._orphan_page(
+                    [(key if isinstance(key, str) else key.decode())[len(PREFIX):]
+                     for key in keys], now
+                ))
+            if not cursor:
+                return found
 
     async def _orphan_page(self, ids: list[str], now: str) -> list[Orphan]:
-        """One pipeline of ORPHAN for a page of ids."""
+        """One pipeline of ORPHAN for a page of ids. TimeoutError after REDIS_WAIT
+        seconds; each of the page is then uncertain, as a claim (`settle`)."""
+        fence = FENCE_PREFIX + secrets.token_urlsafe(12) + ":"
         async with self.redis.pipeline(transaction=False) as pipe:
             for sm_id in ids:
                 await self._orphan(
-                    keys=[PREFIX + sm_id, QUEUE_PREFIX + sm_id],
-                    args=[now, schema.NODES],
+                    keys=[PREFIX + sm_id, QUEUE_PREFIX + sm_id, fence + sm_id],
+                    args=[now, schema.NODES, self.node, FENCE_TTL],
                     client=pipe,
                 )
-            answers: list[Any] = await pipe.execute(raise_on_error=False)
+            try:
+                async with asyncio.timeout(REDIS_WAIT):
+                    answers: list[Any] = await pipe.execute(raise_on_error=False)
+            except BaseException:
+                self.uncertain.update((fence + sm_id, sm_id) for sm_id in ids)
+                raise
         return [
-            Orphan(answer[0].decode(), list(answer[1]), answer[2], answer[3].decode())
-            for answer in answers
+            Orphan(sm_id, answer[0].decode(), list(answer[1]), answer[2], answer[3].decode())
+            for sm_id, answer in zip(ids, answers, strict=True)
             if answer and not isinstance(answer, Exception)
         ]
 
@@ -302,7 +388,9 @@ class SMStore:
                     ],
                     client=pipe,
                 )
-            results: list[object] = await pipe.execute(raise_on_error=False)
+            # A batch that times out is retried whole, as one that failed (`_run`).
+            async with asyncio.timeout(REDIS_WAIT):
+                results: list[object] = await pipe.execute(raise_on_error=False)
         for value in results:
             if isinstance(value, Exception):
                 log.error("sm: a write to Redis was refused: %s", value)
