@@ -193,6 +193,11 @@ class Writer:
 
     # --- Outbox ------------------------------------------------------------------------
 
+    def _table_keys(self, session: ClientSession) -> list[str]:
+        """The keys BIND, UPDATE and UNBIND change: the account's hash, this node's set,
+        the change numbers."""
+        return [schema.sessions_key(session.bare), schema.node_sessions_key(self.node), schema.SEQS]
+
     def bound(self, session: ClientSession, entry: Entry, known_owner: str | None) -> None:
         jid = session.jid
 
@@ -211,11 +216,7 @@ class Writer:
             Op(
                 _evalsha(
                     self._bind,
-                    [
-                        schema.sessions_key(session.bare),
-                        schema.node_sessions_key(self.node),
-                        schema.SEQS,
-                    ],
+                    self._table_keys(session),
                     [session.resource, value, jid, schema.EVENTS, event, self.node, seq],
                 ),
                 conflict,
@@ -235,11 +236,7 @@ class Writer:
             Op(
                 _evalsha(
                     self._update,
-                    [
-                        schema.sessions_key(session.bare),
-                        schema.node_sessions_key(self.node),
-                        schema.SEQS,
-                    ],
+                    self._table_keys(session),
                     [
                         session.resource, value, session.jid, self.node, schema.EVENTS, event,
                         seq, schema.seq_event(self.node, seq),
@@ -255,11 +252,7 @@ class Writer:
             Op(
                 _evalsha(
                     self._unbind,
-                    [
-                        schema.sessions_key(session.bare),
-                        schema.node_sessions_key(self.node),
-                        schema.SEQS,
-                    ],
+                    self._table_keys(session),
                     [
                         session.resource, self.node, jid, schema.EVENTS,
                         schema.unbind_event(self.node, jid, seq), seq,
