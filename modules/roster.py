@@ -14,6 +14,12 @@ pending inbound requests from people not in the roster (default 100), and
 the compressed roster must fit one storage item (256 KB). A change beyond
 either limit is refused with resource-constraint, and nothing is written.
 
+Pushes: two changes to one roster can finish their writes in one order and
+push in the other. A push's id carries the roster version it shows, and a
+session drops a push older than one it already had for the same contact.
+Two nodes pushing to a session on a third still race: each node only knows
+what it pushed itself.
+
 Other modules use `RosterModule.get/item/update/subscribe_changes` (the
 presence module for subscription states, privacy lists for groups).
 """
@@ -125,6 +131,12 @@ INTERESTED = "roster/interested"
 """In a session's state bag once it asked for the roster (RFC 6121 2.1.6: only then
 does it get pushes); True if it uses roster versioning (pushes carry 'ver')."""
 
+PUSHED = "roster/pushed"
+"""In a session's (local) state bag: contact -> (epoch, counter) of the newest push
+it was given for that contact, so that an older push arriving late is dropped."""
+PUSH_ID = "push-"
+
+
 class RosterModule(Module):
     name = "roster"
     Options = RosterOptions
@@ -135,6 +147,10 @@ class RosterModule(Module):
         self.host.add_stream_feature("bound", _rosterver_feature)
         # Pushes go from the node where the roster changed to every interested resource.
         self.host.share_state(INTERESTED)
+        # Two changes to one roster can finish their writes in one order and
+        # push in the other (two tasks, or two nodes): the client must end on
+        # the newer item, so each session drops pushes older than one it had.
+        self.host.filter("stanza/in", _drop_stale_push)
         # Interested resources (RFC 6121 2.1.6): sessions that asked for the
         # roster, each with whether it uses versioning (gets 'ver' in pushes).
         self._listeners: list[ChangeCallback] = []
@@ -397,7 +413,8 @@ class RosterModule(Module):
                 continue  # it never asked for the roster: no pushes (RFC 6121 2.1.6)
             iq = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
             iq.set("type", "set")
-            iq.set("id", "push-" + secrets.token_hex(6))
+            # The id carries the version whether the client uses it or not.
+            iq.set("id", f"{PUSH_ID}{version}-{secrets.token_hex(4)}")
             iq.set("to", session.jid)
             query = etree.SubElement(iq, Q_QUERY, nsmap={None: ROSTER})
             if uses_ver:
@@ -431,6 +448,28 @@ class RosterModule(Module):
 
 
 # --- serialization ------------------------------------------------------------------------
+
+
+def _drop_stale_push(stanza: etree._Element, session: ClientSession) -> bool:
+    """The "stanza/in" filter: False for a roster push older than the session's last
+    push for the same contact. Only the server's own pushes (no 'from', which the
+    router stamps on everything else) are judged."""
+    if stanza.tag != ns.C_IQ or stanza.get("from") is not None:
+        return True
+    push_id = stanza.get("id") or ""
+    if not push_id.startswith(PUSH_ID) or stanza.get("type") != "set":
+        return True
+    parts = push_id.split("-")
+    item = stanza.find(f"{Q_QUERY}/{Q_ITEM}")
+    if len(parts) != 4 or not parts[2].isdigit() or item is None:
+        return True
+    epoch, counter, contact = parts[1], int(parts[2]), item.get("jid", "")
+    pushed: dict[str, tuple[str, int]] = session.state.setdefault(PUSHED, {})
+    last = pushed.get(contact)
+    if last is not None and last[0] == epoch and last[1] > counter:
+        return False
+    pushed[contact] = (epoch, counter)
+    return True
 
 
 def item_element(item: RosterItem) -> etree._Element:

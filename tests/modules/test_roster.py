@@ -417,3 +417,46 @@ async def test_concurrent_updates_lose_nothing_sqlite(tmp_path: Path) -> None:
     finally:
         for backend in backends:
             await backend.close()
+
+
+class FirstWriteReturnsLate(MemoryItemBackend):
+    """The first write lands at once but its caller hears of it only after `release`,
+    as when a storage round trip is slow to answer: a later change then pushes first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.first_written = asyncio.Event()
+        self.writes = 0
+
+    async def put(self, namespace: str, name: str, attrs: Attrs, **kwargs: object) -> Item:
+        written = await super().put(namespace, name, attrs, **kwargs)  # type: ignore[arg-type]
+        self.writes += 1
+        if self.writes == 1:
+            self.first_written.set()
+            await self.release.wait()
+        return written
+
+
+async def test_a_late_push_never_undoes_a_newer_one() -> None:
+    backend = FirstWriteReturnsLate()
+    harness = ModuleHarness({"roster": {}})
+    harness.storage.items = backend
+    await harness.start()
+    module = roster_module(harness)
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "get", f"<query xmlns='{R}'/>")
+    older = asyncio.ensure_future(
+        module.update("alice@localhost", "bob@localhost", lambda _: RosterItem("bob@localhost"))
+    )
+    await asyncio.wait_for(backend.first_written.wait(), 5)
+    await module.update(
+        "alice@localhost",
+        "bob@localhost",
+        lambda item: RosterItem("bob@localhost", name="Bob", subscription="to"),
+    )
+    backend.release.set()
+    await older
+    seen = [items_of(p)["bob@localhost"] for p in pushes(alice.take())]
+    assert seen and seen[-1].get("subscription") == "to" and seen[-1].get("name") == "Bob"
+    assert len(seen) == 1  # the older push was dropped, not delivered after the newer one
