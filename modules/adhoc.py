@@ -106,6 +106,7 @@ class AdHoc(Module):
         # requester full JID -> session id -> session, oldest first
         self._sessions: dict[str, OrderedDict[str, _Session]] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
+        self.clock: Callable[[], float] = time.monotonic  # tests move time on
         self.host.add_feature(COMMANDS)
         self.host.iq(COMMANDS, "set", self._execute)
         self.host.module(Disco).serve_nodes(self._node_info, self._node_items)
@@ -197,7 +198,7 @@ class AdHoc(Module):
         """The requester's open session `sessionid` for `node`, or the XEP's error."""
         sessions = self._sessions.get(requester)
         session = sessions.get(sessionid) if sessions is not None else None
-        if session is not None and session.expires <= time.monotonic():
+        if session is not None and session.expires <= self.clock():
             self._end(requester, sessionid)
             session = None
         if session is None:
@@ -213,7 +214,7 @@ class AdHoc(Module):
         return session
 
     def _keep(self, requester: str, sessionid: str, session: _Session) -> None:
-        session.expires = time.monotonic() + self.opts.session_timeout
+        session.expires = self.clock() + self.opts.session_timeout
         sessions = self._sessions.setdefault(requester, OrderedDict())
         sessions[sessionid] = session
         sessions.move_to_end(sessionid)
@@ -231,7 +232,7 @@ class AdHoc(Module):
             self._ended.popitem(last=False)
 
     def _expire(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for requester, sessions in list(self._sessions.items()):
             for sessionid, session in list(sessions.items()):
                 if session.expires <= now and not session.busy:
