@@ -63,8 +63,6 @@ class AdminCommands(Module):
     requires = ("adhoc",)
 
     def setup(self) -> None:
-        config = self.host.config
-        self.admins = frozenset(config.admins if config is not None else ())
         adhoc = self.host.module(AdHoc)
         commands: list[tuple[str, str, Callable[[Step], Awaitable[Stage]]]] = [
             ("add-user", "Add a user", self._add_user),
@@ -79,8 +77,10 @@ class AdminCommands(Module):
             adhoc.add_command(Command(f"{ADMIN}#{node}", label, self.is_admin, run))
 
     def is_admin(self, sender: JID, host: str) -> bool:
-        """An admin of `host`: listed in `admins` with a JID of that host."""
-        return sender.domain == host and sender.bare in self.admins
+        """An admin of `host`: listed in `admins` with a JID of that host. Read from the
+        host's config at each check, so a reload that replaces the config applies."""
+        config = self.host.config
+        return config is not None and sender.domain == host and sender.bare in config.admins
 
     # --- accounts ------------------------------------------------------------------
 
