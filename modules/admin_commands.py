@@ -182,7 +182,7 @@ class AdminCommands(Module):
     # --- who is online, and telling them -----------------------------------------------
 
     def _online(self, host: str) -> list[str]:
-        return sorted(bare for bare in self.host.online_accounts() if JID(bare).domain == host)
+        return sorted(b for b in self.host.online_accounts() if b.rpartition("@")[2] == host)
 
     async def _online_count(self, step: Step) -> Stage:
         count = Field(
