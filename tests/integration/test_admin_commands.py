@@ -64,7 +64,8 @@ class Admin(Client):
             self.register_plugin(plugin)
 
     async def execute(self, node: str, to: str = "localhost", **kwargs: Any) -> Iq:
-        """Run the first stage of the command `node` (a short name: "add-user")."""
+        """Send one stage of the command `node` (a short name: "add-user"); `action`,
+        `sessionid` and `payload` as xep_0050 takes them (none: the first stage)."""
         return await self.plugin["xep_0050"].send_command(
             JID(to), f"{ADMIN}#{node}", timeout=10, **kwargs
         )
