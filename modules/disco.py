@@ -1,10 +1,16 @@
 """Service discovery for the server and for accounts (XEP-0030).
 
 Features and identities are whatever the enabled modules registered with
-the host, so disco always says exactly what this server does.
+the host, so disco always says exactly what this server does. Other modules
+answer for nodes of the server's own (`serve_nodes`): ad-hoc commands list
+theirs under "http://jabber.org/protocol/commands" (XEP-0050), and what a
+node shows may depend on who asks (an administrator sees more).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from lxml import etree
 
@@ -14,6 +20,31 @@ from xmppd.stream.errors import StanzaError
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 
+Identity = tuple[str, str, str | None]  # category, type, name
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    """What disco#info on a node of the server answers."""
+
+    identities: list[Identity]
+    features: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class NodeItem:
+    """One item of disco#items on a node of the server."""
+
+    jid: str
+    node: str | None = None
+    name: str | None = None
+
+
+# A module's answer for a node of the server, or None when the node is not its own.
+# Either may raise StanzaError (forbidden: the asker may not see the node).
+InfoProvider = Callable[[IqRequest, str], NodeInfo | None]
+ItemsProvider = Callable[[IqRequest, str], list[NodeItem] | None]
+
 
 class Disco(Module):
     name = "disco"
@@ -21,6 +52,8 @@ class Disco(Module):
     def setup(self) -> None:
         # Server info nodes that answer like the server itself (XEP-0115 "node#ver").
         self.server_info_nodes: set[str] = set()
+        self._info_providers: list[InfoProvider] = []
+        self._items_providers: list[ItemsProvider] = []
         self.host.add_identity("server", "im", "xmppd")
         for scope in ("server", "account"):
             self.host.add_feature(DISCO_INFO, scope)  # type: ignore[arg-type]
@@ -30,16 +63,18 @@ class Disco(Module):
 
     async def info(self, request: IqRequest) -> etree._Element:
         node = request.payload.get("node")
-        if node is not None and ("@" in request.target or node not in self.server_info_nodes):
-            raise StanzaError("item-not-found", "no such node")
         query = etree.Element(f"{{{DISCO_INFO}}}query", nsmap={None: DISCO_INFO})
         if node is not None:
             query.set("node", node)
-        if "@" in request.target:
+        identities: list[Identity]
+        if node is not None and ("@" in request.target or node not in self.server_info_nodes):
+            answer = self._node_info(request, node)
+            identities, features = answer.identities, set(answer.features)
+        elif "@" in request.target:
             if not request.from_owner:
                 # Without presence subscriptions (roster module) only the owner may look.
                 raise StanzaError("service-unavailable")
-            identities: list[tuple[str, str, str | None]] = [("account", "registered", None)]
+            identities = [("account", "registered", None)]
             features = self.host.features["account"]
         else:
             identities = self.host.identities
@@ -58,13 +93,35 @@ class Disco(Module):
         """Answer disco#info for `node` with the server's own info (XEP-0115 caps)."""
         self.server_info_nodes.add(node)
 
+    def serve_nodes(self, info: InfoProvider, items: ItemsProvider) -> None:
+        """Let a module answer disco#info and disco#items on nodes of the server (not of
+        accounts): each provider returns None for a node that is not its own."""
+        self._info_providers.append(info)
+        self._items_providers.append(items)
+
+    def _node_info(self, request: IqRequest, node: str) -> NodeInfo:
+        if "@" not in request.target:
+            for provider in self._info_providers:
+                answer = provider(request, node)
+                if answer is not None:
+                    return answer
+        raise StanzaError("item-not-found", "no such node")
+
     async def items(self, request: IqRequest) -> etree._Element:
-        if request.payload.get("node") is not None:
-            raise StanzaError("item-not-found", "no such node")
+        node = request.payload.get("node")
         if "@" in request.target and not request.from_owner:
             raise StanzaError("service-unavailable")
         query = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
-        if "@" not in request.target:
+        if node is not None:
+            query.set("node", node)
+            for found in self._node_items(request, node):
+                item = etree.SubElement(query, f"{{{DISCO_ITEMS}}}item")
+                item.set("jid", found.jid)
+                if found.node is not None:
+                    item.set("node", found.node)
+                if found.name:
+                    item.set("name", found.name)
+        elif "@" not in request.target:
             # The services inside the server under this host (XEP-0030 section 4).
             for domain, name in sorted(self.host.components.items()):
                 if domain.endswith("." + request.target):
@@ -73,6 +130,14 @@ class Disco(Module):
                     if name:
                         item.set("name", name)
         return query
+
+    def _node_items(self, request: IqRequest, node: str) -> list[NodeItem]:
+        if "@" not in request.target:
+            for provider in self._items_providers:
+                answer = provider(request, node)
+                if answer is not None:
+                    return answer
+        raise StanzaError("item-not-found", "no such node")
 
 
 MODULE = Disco

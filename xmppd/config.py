@@ -382,6 +382,8 @@ DEFAULT_MODULES = (
     "carbons",
     "register",
     "stream_management",
+    "adhoc",
+    "admin_commands",
 )
 
 
@@ -398,6 +400,8 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hosts: list[Domain] = Field(default_factory=lambda: ["localhost"], min_length=1)
+    # Accounts that may run the XEP-0133 admin commands of their own host.
+    admins: list[BareJID] = Field(default_factory=list)
     data_dir: Path = Field(default=Path("data"), validate_default=True)
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = (
         "info"
@@ -436,6 +440,12 @@ class Config(BaseModel):
         _no_duplicates(value, "hosts")
         return value
 
+    @field_validator("admins")
+    @classmethod
+    def _unique_admins(cls, value: list[str]) -> list[str]:
+        _no_duplicates(value, "admins")
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path, info: ValidationInfo) -> Path:
@@ -467,6 +477,19 @@ class Config(BaseModel):
                     f"{json.dumps(jid)} is not on one of the hosts ({', '.join(self.hosts)})",
                     "auth",
                     "proxy_auth",
+                    i,
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _admins_on_own_hosts(self) -> Config:
+        # An admin administers the host of their JID: one of another server would
+        # administer nothing, which is a mistake worth stopping for.
+        for i, jid in enumerate(self.admins):
+            if jid.rpartition("@")[2] not in self.hosts:
+                raise _problem(
+                    f"{json.dumps(jid)} is not on one of the hosts ({', '.join(self.hosts)})",
+                    "admins",
                     i,
                 )
         return self

@@ -70,7 +70,13 @@ from xmppd.jid import JID
 from xmppd.ledger import MessageLedger
 from xmppd.router import Routed
 from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
-from xmppd.stream.errors import StanzaError, error_from, error_reply, stanza_error_of
+from xmppd.stream.errors import (
+    StanzaError,
+    StreamError,
+    error_from,
+    error_reply,
+    stanza_error_of,
+)
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
@@ -241,6 +247,11 @@ class ModuleHost:
         # The node's cluster membership (Redis), None for a node alone: for modules that
         # keep state every node must reach (stream management).
         self.cluster: Cluster | None = None
+        # How the node ends every stream of an account, on every node of a cluster
+        # (Server.end_account_sessions; set by the server): see end_account_sessions.
+        self.account_streams_ender: (
+            Callable[[str, str, StreamError], Awaitable[int]] | None
+        ) = None
         self.features: dict[Scope, set[str]] = {"server": set(), "account": set()}
         self.identities: list[tuple[str, str, str | None]] = []
         self.events = router.events
@@ -477,6 +488,24 @@ class ModuleHost:
     def session_count(self) -> int:
         """How many sessions are bound."""
         return self.router.directory.count()
+
+    def online_accounts(self) -> list[str]:
+        """The bare JIDs with at least one bound session, on any node of a cluster."""
+        return list(self.router.directory.accounts())
+
+    async def end_account_sessions(self, vhost: str, username: str, error: StreamError) -> int:
+        """End every stream authenticated as the account with `error`, on every node of
+        a cluster, bound or not yet (a password change, an administrator's removal);
+        returns how many this node ended or asked others to end. Returns once the
+        presence work that started here has run, as `Server.end_account_sessions`
+        does. A host that runs without a node (the module test harness) ends the
+        account's bound sessions only, having no streams of its own."""
+        if self.account_streams_ender is not None:
+            return await self.account_streams_ender(vhost, username, error)
+        sessions = self.sessions(f"{username}@{vhost}")
+        for session in sessions:
+            session.terminate(error)
+        return len(sessions)
 
     def is_bound(self, session: ClientSession) -> bool:
         """True while `session` is the one bound on its resource (not ended or replaced)."""

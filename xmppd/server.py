@@ -146,6 +146,7 @@ class Server:
         )
         self.modules.accounts = self.accounts
         self.modules.cluster = self.cluster
+        self.modules.account_streams_ender = self.end_account_sessions
         self.modules.load(config)
         await self.modules.start()
         if self.cluster is not None:

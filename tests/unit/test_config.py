@@ -500,6 +500,25 @@ def test_proxy_auth(tmp_path: Path) -> None:
     ]
 
 
+def test_admins(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "hosts: [example.org, other.org]\nadmins: [Boss@Example.org]\n")
+    assert cfg.admins == ["boss@example.org"]
+    assert load(tmp_path, "hosts: [example.org]\n").admins == []
+    text = "hosts: [example.org]\nadmins:\n  - boss@example.org\n  - boss@other.org\n"
+    assert problems(tmp_path, text) == [
+        'x.yml:4: admins[1]: "boss@other.org" is not on one of the hosts (example.org)'
+    ]
+    text = "hosts: [example.org]\nadmins:\n  - example.org\n  - boss@example.org/pc\n"
+    assert problems(tmp_path, text) == [
+        'x.yml:3: admins[0]: "example.org" is not a bare JID like user@example.org',
+        'x.yml:4: admins[1]: "boss@example.org/pc" is not a bare JID like user@example.org',
+    ]
+    text = "hosts: [example.org]\nadmins: [boss@example.org, BOSS@example.org]\n"
+    assert problems(tmp_path, text) == [
+        'x.yml:2: admins[1]: "boss@example.org" is listed twice (also admins[0])'
+    ]
+
+
 def test_allow_unencrypted_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="xmppd.config"):
         cfg = load(tmp_path, "auth:\n  allow_unencrypted: true\n")
