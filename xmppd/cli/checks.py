@@ -469,10 +469,11 @@ def _ports(ports: set[int]) -> str:
 
 def run_checks(cfg: Config, out: TextIO, *, dns_server: str | None, with_dns: bool) -> Report:
     """Every check above, in the order an operator fixes things."""
+    resolver = make_resolver(dns_server) if with_dns else None  # a bad address fails first
     report = Report(out)
     check_certificates(cfg, report, datetime.datetime.now(datetime.UTC))
     asyncio.run(check_stores(cfg, report))
-    if with_dns:
-        check_dns(cfg, report, make_resolver(dns_server))
+    if resolver is not None:
+        check_dns(cfg, report, resolver)
     return report
 
