@@ -210,7 +210,7 @@ async def check_stores(cfg: Config, report: Report) -> None:
         for server in storage.cache.servers:
             await _probe(report, f"cache memcached {server}", partial(_memcached, server))
     else:
-        await _probe(report, "cache", lambda: _open_cache(cfg))
+        await _probe(report, "cache", lambda: _read_cache(cfg))
     if cfg.cluster is not None:
         url = cfg.cluster.redis_url
         await _probe(report, f"cluster redis {redact_url(url)}", lambda: _redis(url))
@@ -248,7 +248,7 @@ async def _read_blobs(cfg: Config) -> str:
         await backend.close()
 
 
-async def _open_cache(cfg: Config) -> str:
+async def _read_cache(cfg: Config) -> str:
     cache = await open_cache(cfg.storage.cache)
     try:
         await cache.get(f"{PROBE_NAMESPACE}:probe")
