@@ -3,8 +3,9 @@
 usage: python bench/report.py RUN_DIR          writes RUN_DIR/report.md and RUN_DIR/*.png
        python bench/report.py --brief JSON     one line about one harness summary
 
-RUN_DIR/results.jsonl holds one harness summary per line (tsung harness
-`run.sh` output plus "label", the server's name). Servers are compared
+RUN_DIR/results.jsonl holds one harness summary per line
+(bench/harness/tsung_summary.py's, or bench/xchat_summary.py's, plus "label", the
+server's name). Servers are compared
 only within one RUN_DIR: the same machine, scenarios and time.
 """
 

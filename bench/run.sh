@@ -14,9 +14,10 @@
 # run, as the harness prints it plus "label"), report.md (tables, ratios, targets),
 # *.png (plots) and harness/raw/<run>/ (tsung logs). bench/results/ is gitignored.
 #
-# The load generator and the peers come from the shared tsung harness
-# (BENCH_HARNESS, default ../shared/bench beside the project); xmppd is run
-# through its SERVER=custom target. Environment knobs:
+# The harness is bench/harness/ (README there): the peers' configurations and
+# start scripts, the tsung scenarios, the sampler and the summaries; xmppd is run
+# through its `command` peer. Needs tsung, taskset and openssl (and ejabberd and
+# Prosody for those peers). Environment knobs:
 #   SERVERS="xmppd ejabberd prosody"   which servers (in this interleaved order)
 #   SERVER_CPU=0 TSUNG_CPU=1           cores (taskset) for the server and tsung
 #   XMPPD_PORT=15422                   xmppd's c2s port during the bench
@@ -44,8 +45,7 @@ set -euo pipefail
 BENCH="$(cd "$(dirname "$0")" && pwd)"
 PROJECT="$(dirname "$BENCH")"
 MODE="${1:-quick}"
-HARNESS="${BENCH_HARNESS:-$PROJECT/../shared/bench}"
-HARNESS="$(cd "$HARNESS" 2>/dev/null && pwd)" || { echo "no tsung harness at ${BENCH_HARNESS:-$PROJECT/../shared/bench}" >&2; exit 1; }
+HARNESS="$BENCH/harness"
 SERVERS="${SERVERS:-xmppd ejabberd prosody}"
 PYTHON="$(python3 -c 'import sys; print(sys.executable)')"
 export XMPPD_PORT="${XMPPD_PORT:-15422}"
@@ -109,8 +109,8 @@ if [ ! -f "$CERT/server.pem" ]; then
 fi
 peer_workdir() {  # the harness's temp dir for a server (created on first use)
     case "$1" in
-        xmppd) CUSTOM_NAME="xmppd-i$XMPPD_ITERATIONS" TARGET_PORT="$XMPPD_PORT" "$HARNESS/peers/custom.sh" workdir ;;
-        *) "$HARNESS/peers/$1.sh" workdir ;;
+        xmppd) PEER_NAME="xmppd-i$XMPPD_ITERATIONS" TARGET_PORT="$XMPPD_PORT" "$HARNESS/peers/command.sh" dir ;;
+        *) "$HARNESS/peers/$1.sh" dir ;;
     esac
 }
 for s in $SERVERS; do   # the harness makes a certificate only where none is; give it ours
@@ -144,8 +144,8 @@ run_one() {  # SERVER SCENARIO USERS RATE [KNOB=VALUE...]
     local server="$1" scenario="$2" users="$3" rate="$4"; shift 4
     local env=("$@") peer="$server" out line prof=""
     if [ "$server" = xmppd ]; then
-        peer=custom
-        env+=(CUSTOM_NAME="xmppd-i$XMPPD_ITERATIONS" TARGET_PORT="$XMPPD_PORT" START_CMD="$XMPPD_CMD"
+        peer=command
+        env+=(PEER_NAME="xmppd-i$XMPPD_ITERATIONS" TARGET_PORT="$XMPPD_PORT" START_CMD="$XMPPD_CMD"
               REGISTER_CMD="'$PYTHON' -m xmppd.cli.ctl -c '$XWD/xmppd.yml' register-bulk '$DOMAIN' --count \"\$NUSERS\" --user-pattern \"\${USER_PREFIX}{n}\" --password-pattern \"\${PASS_PREFIX}{n}\"")
         [ "${PROFILE:-0}" = 1 ] && prof="$OUT/profile-$scenario-${users}u-$rate"
     fi
@@ -158,10 +158,10 @@ run_one() {  # SERVER SCENARIO USERS RATE [KNOB=VALUE...]
         "$PYTHON" "$BENCH/schedstat_sample.py" "$XWD/server.pid" "$OUT/schedstat-$scenario-${users}u-$rate.txt" &
         sched_pid=$!
     fi
-    local load=("$HARNESS/run.sh" "$peer" "$scenario" "$users" "$rate")
+    local load=("$PYTHON" "$HARNESS/tsung_run.py" "$peer" "$scenario" "$users" "$rate")
     # xchat: our own exact-count generator on the same peers, cores and sampler (xchat.sh)
     if [ "$scenario" = xchat ]; then load=("$BENCH/xchat.sh" "$peer" "$users" "$rate"); fi
-    if env "${env[@]}" BENCH_HARNESS="$HARNESS" "${load[@]}" > "$out.json" 2> "$out"; then
+    if env "${env[@]}" "${load[@]}" > "$out.json" 2> "$out"; then
         line="$(tail -1 "$out.json")"
         # xmppd's own account of the run's messages (its last log line before it stopped),
         # reconciled with tsung's counts in the report

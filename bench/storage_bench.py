@@ -15,7 +15,7 @@ server's loop. Three parts:
 3. Event-loop lag with 1,000 operations kept in flight (1,000 clients, each
    starting its next op when the last ends; 10% writes) over the ring, for
    the SQLite and the DynamoDB item stores. Target: worst lag under 10 ms.
-   As in ../shared/bench (server on one core, load on the other), this process
+   As in bench/harness (server on one core, load on the other), this process
    runs on CPU 0 and the servers it talks to on CPU 1 (--no-pin to let them
    share): moto is a Python program that burns a core of its own, and sharing
    cores with it put the bench process off the CPU for half of its longest

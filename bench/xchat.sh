@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # bench/xchat.sh PEER USERS RATE: one chat run with bench/chatload.py instead of tsung.
 #
-# What the harness's run.sh does for a tsung run, with the harness's own parts:
-# peers/PEER.sh stops, starts (pinned to SERVER_CPU) and registers the server,
-# lib/sample.py samples its CPU and RSS (and the generator's), and lib/summarize.py's
-# helpers cut the samples to the send phase. chatload runs pinned to TSUNG_CPU.
+# What bench/harness/tsung_run.py does for a tsung run, with the harness's own parts:
+# harness/peers/PEER.sh stops, starts (pinned to SERVER_CPU) and registers the server,
+# harness/samples.py samples its CPU and RSS (and the generator's) and cuts the
+# samples to the send phase. chatload runs pinned to TSUNG_CPU.
 # Prints one JSON line in the shape of the harness's chat summaries (scenario
 # "xchat"), with chatload's exact count beside it. Called by bench/run.sh for plan
 # steps "xchat USERS RATE [KNOB=VALUE...]"; the peer's environment (custom target's
@@ -12,11 +12,11 @@
 #
 # Knobs: DURATION=20 (s of sending), LOGIN_RATE=200 (users/s), MSG_SIZE=64,
 # PROCS=1 (chatload worker processes; all on TSUNG_CPU, which may list several
-# cores), DRAIN_TIMEOUT=60, KEEP_SERVER=0, BENCH_HARNESS, RESULTS_DIR.
+# cores), DRAIN_TIMEOUT=60, KEEP_SERVER=0, RESULTS_DIR.
 set -euo pipefail
 BENCH="$(cd "$(dirname "$0")" && pwd)"
-HARNESS="$(cd "${BENCH_HARNESS:-$BENCH/../../shared/bench}" && pwd)"
-. "$HARNESS/lib/common.sh"
+HARNESS="$BENCH/harness"
+. "$HARNESS/common.sh"
 
 SERVER="${1:?usage: xchat.sh PEER USERS RATE}"; USERS="${2:?}"; RATE="${3:?}"
 PEER="$HARNESS/peers/$SERVER.sh"
@@ -37,7 +37,7 @@ trap cleanup EXIT
 [ "${KEEP_SERVER:-0}" = 1 ] || "$PEER" stop   # a fresh server for every run, as tsung's
 "$PEER" start >&2
 "$PEER" register "$USERS" >&2
-HOST="$("$PEER" host)"; PORT="$("$PEER" port)"; SPID="$("$PEER" pid)"
+HOST=127.0.0.1; PORT="$("$PEER" port)"; SPID="$("$PEER" pid)"
 [ -n "$SPID" ] || die "server pid unknown: nothing to sample"
 sleep 2   # let the server settle after registration, as the harness does
 
@@ -49,7 +49,7 @@ taskset -c "$TSUNG_CPU" "$PYTHON" "$BENCH/chatload.py" --host "$HOST" --port "$P
     --duration "${DURATION:-20}" --size "${MSG_SIZE:-64}" --procs "${PROCS:-1}" \
     --drain-timeout "${DRAIN_TIMEOUT:-60}" > "$RUN_DIR/chatload.json" 2> "$RUN_DIR/chatload.log" &
 LOADGEN_PID=$!
-python3 "$HARNESS/lib/sample.py" "$SPID" "$LOADGEN_PID" "$PORT" "$RUN_DIR/samples.csv" 0.5 &
+python3 "$HARNESS/samples.py" "$SPID" "$LOADGEN_PID" "$PORT" "$RUN_DIR/samples.csv" 0.5 &
 SAMPLER_PID=$!
 wait "$LOADGEN_PID" || true   # 1: the count is not exact, which the summary says
 wait "$SAMPLER_PID" 2>/dev/null || true
@@ -57,7 +57,7 @@ SAMPLER_PID=""
 tail -1 "$RUN_DIR/chatload.log" >&2
 [ -s "$RUN_DIR/chatload.json" ] || die "chatload wrote no result (see $RUN_DIR/chatload.log)"
 
-"$PYTHON" "$BENCH/xchat_summary.py" "$HARNESS/lib" "$RUN_DIR" \
+"$PYTHON" "$BENCH/xchat_summary.py" "$RUN_DIR" \
     "{\"server\": \"$SERVER\", \"users\": $USERS, \"rate\": $RATE, \"target\": \"$HOST:$PORT\",
       \"run_id\": \"$(basename "$RUN_DIR")\", \"loadavg_before\": \"$LOAD_BEFORE\",
       \"loadavg_after\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}" | tee "$RUN_DIR/summary.json"

@@ -1,12 +1,12 @@
 """One xchat run (bench/xchat.sh) as one JSON line, in the shape of the harness's chat
 summaries, so that bench/report.py puts it beside the tsung runs.
 
-usage: python bench/xchat_summary.py HARNESS_LIB RUN_DIR META_JSON
+usage: python bench/xchat_summary.py RUN_DIR META_JSON
 
-RUN_DIR holds chatload.json (bench/chatload.py's account) and samples.csv (the
-harness's lib/sample.py). The steady window is chatload's send phase: the barrier
+RUN_DIR holds chatload.json (bench/chatload.py's account) and samples.csv
+(bench/harness/samples.py). The steady window is chatload's send phase: the barrier
 kept everybody online before it, so there is no ramp inside it to trim. The
-samples are read and cut with the harness's own summarize.py helpers.
+samples are read and cut with the sampler's own helpers.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 
-def summarize(lib: Path, run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    sys.path.insert(0, str(lib))
-    from summarize import cpu_between, read_samples  # the harness's, not a copy
+def summarize(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "harness"))
+    from samples import cpu_between, read_samples  # the sampler's, not a copy
 
     load = json.loads((run_dir / "chatload.json").read_text())
     rows = read_samples(str(run_dir / "samples.csv"))
@@ -59,10 +59,10 @@ def summarize(lib: Path, run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 4:
+    if len(argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
-    print(json.dumps(summarize(Path(argv[1]), Path(argv[2]), json.loads(argv[3]))))
+    print(json.dumps(summarize(Path(argv[1]), json.loads(argv[2]))))
     return 0
 
 

@@ -60,8 +60,8 @@ class Storage:
     def describe(self) -> list[str]:
         """One line per part, for the startup log."""
         return [
-            f"items: {_describe(self.items)}",
-            f"blobs: {_describe(self.blobs)}",
+            f"items: {describe_backend(self.items)}",
+            f"blobs: {describe_backend(self.blobs)}",
             f"cache: {self.cache.describe()}",
         ]
 
@@ -72,7 +72,8 @@ class Storage:
         await _close_all([self.items, self.blobs, self.cache])
 
 
-def _describe(backend: ItemBackend | BlobBackend) -> str:
+def describe_backend(backend: ItemBackend | BlobBackend) -> str:
+    """One line that names a store and where it is (through a cache wrapper)."""
     inner = getattr(backend, "backend", backend)  # see through the cache wrapper
     describe = getattr(inner, "describe", None)
     return describe() if callable(describe) else inner.name
@@ -86,7 +87,8 @@ async def _close_all(parts: list[ItemBackend | BlobBackend | Cache]) -> None:
             log.exception("closing %s failed", type(part).__name__)
 
 
-async def _open_items(cfg: ItemsConfig, data_dir: Path) -> ItemBackend:
+async def open_items(cfg: ItemsConfig, data_dir: Path) -> ItemBackend:
+    """The configured item store alone (xmppctl check opens each part on its own)."""
     if isinstance(cfg, SQLiteItemsConfig):
         from .backends.sqlite import SQLiteItemBackend
 
@@ -97,7 +99,8 @@ async def _open_items(cfg: ItemsConfig, data_dir: Path) -> ItemBackend:
     return await DynamoDBItemBackend.from_config(cfg)
 
 
-async def _open_blobs(cfg: BlobsConfig, data_dir: Path) -> BlobBackend:
+async def open_blobs(cfg: BlobsConfig, data_dir: Path) -> BlobBackend:
+    """The configured blob store alone."""
     if isinstance(cfg, FilesBlobsConfig):
         from .backends.files import FileBlobBackend
 
@@ -108,7 +111,8 @@ async def _open_blobs(cfg: BlobsConfig, data_dir: Path) -> BlobBackend:
     return await S3BlobBackend.from_config(cfg)
 
 
-async def _open_cache(cfg: CacheConfig) -> Cache:
+async def open_cache(cfg: CacheConfig) -> Cache:
+    """The configured cache alone."""
     if isinstance(cfg, MemoryCacheConfig):
         return await MemoryCache.from_config(cfg)
     if isinstance(cfg, MemcachedCacheConfig):
@@ -123,11 +127,11 @@ async def open_storage(cfg: StorageConfig, data_dir: Path) -> Storage:
     open are closed before the error propagates."""
     opened: list[ItemBackend | BlobBackend | Cache] = []
     try:
-        items = await _open_items(cfg.items, data_dir)
+        items = await open_items(cfg.items, data_dir)
         opened.append(items)
-        blobs = await _open_blobs(cfg.blobs, data_dir)
+        blobs = await open_blobs(cfg.blobs, data_dir)
         opened.append(blobs)
-        cache = await _open_cache(cfg.cache)
+        cache = await open_cache(cfg.cache)
         opened.append(cache)
     except BaseException:
         await _close_all(opened)
@@ -137,10 +141,18 @@ async def open_storage(cfg: StorageConfig, data_dir: Path) -> Storage:
     ttl, max_bytes = cfg.cache.ttl, cfg.cache.max_value_bytes
     return Storage(
         CachedItemBackend(
-            items, cache, ttl=ttl, max_value_bytes=max_bytes, scope=store_scope(_describe(items))
+            items,
+            cache,
+            ttl=ttl,
+            max_value_bytes=max_bytes,
+            scope=store_scope(describe_backend(items)),
         ),
         CachedBlobBackend(
-            blobs, cache, ttl=ttl, max_value_bytes=max_bytes, scope=store_scope(_describe(blobs))
+            blobs,
+            cache,
+            ttl=ttl,
+            max_value_bytes=max_bytes,
+            scope=store_scope(describe_backend(blobs)),
         ),
         cache,
         direct_items=items,

@@ -122,6 +122,7 @@ class C2SConnection(asyncio.BufferedProtocol):
         if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
             self.server.router.ledger.delivered += 1
             self._queued_messages += 1
+        self.server.traffic.sent(stanza.tag)
         self.stream.send(stanza)
         self._schedule_flush()
         return True
@@ -159,6 +160,7 @@ class C2SConnection(asyncio.BufferedProtocol):
                 stanza = event.stanza
                 if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
                     self.server.router.ledger.received += 1
+                self.server.traffic.received(stanza.tag)
                 self.session.receive(stanza)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthRequested):
                 self.login.start(event)  # type: ignore[union-attr]

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from xmppd.pauses import PauseStats
 from xmppd.storage.timing import BOUNDS as TIMING_BOUNDS
 from xmppd.storage.timing import OpStats, StorageStats
+from xmppd.traffic import Traffic
 
 if TYPE_CHECKING:
     from xmppd.cluster import Cluster
@@ -77,6 +78,7 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily(
             "xmppd_connections", "Open client connections.", value=len(server.connections)
         )
+        yield from _traffic(server.traffic)
         yield GaugeMetricFamily(
             "xmppd_sessions",
             "Bound client sessions on this node.",
@@ -92,6 +94,37 @@ class ServerCollector(Collector):
         yield from _storage(server.storage_stats)
         if server.cluster is not None:
             yield from _cluster(server.cluster)
+
+
+def _traffic(traffic: Traffic) -> Iterator[Metric]:
+    """Connections accepted, logins and their failures, stanzas by kind (xmppd.traffic)."""
+    yield CounterMetricFamily(
+        "xmppd_connections_accepted",
+        "Client connections accepted (not those refused by the per-address limit).",
+        value=traffic.connections,
+    )
+    yield CounterMetricFamily(
+        "xmppd_logins", "Successful logins (SASL success).", value=traffic.logins
+    )
+    failures = CounterMetricFamily(
+        "xmppd_login_failures",
+        "Failed login attempts, by the SASL condition sent (RFC 6120 6.5): not-authorized "
+        "for wrong credentials, temporary-auth-failure for a banned address or a store "
+        "error, aborted, invalid-mechanism, encryption-required, ...",
+        labels=["reason"],
+    )
+    for reason in sorted({"not-authorized", *traffic.login_failures}):
+        failures.add_metric([reason], traffic.login_failures[reason])
+    yield failures
+    stanzas = CounterMetricFamily(
+        "xmppd_stanzas",
+        "Stanzas from bound clients (in) and written to their streams (out), by kind.",
+        labels=["direction", "kind"],
+    )
+    for direction, counts in (("in", traffic.stanzas_in), ("out", traffic.stanzas_out)):
+        for kind, count in counts.items():
+            stanzas.add_metric([direction, kind], count)
+    yield stanzas
 
 
 def _storage(stats: StorageStats) -> Iterator[Metric]:

@@ -34,6 +34,7 @@ from xmppd.storage.timing import StorageStats, instrument
 from xmppd.stream.c2s import StreamSettings
 from xmppd.stream.errors import StreamError
 from xmppd.tls import ServerTLS, TLSError, ensure_self_signed, reload_tls, server_tls
+from xmppd.traffic import Traffic
 
 log = logging.getLogger("xmppd")
 
@@ -73,6 +74,7 @@ class Server:
         self._tls_files: tuple[Path, Path]
         self.storage: Storage
         self.storage_stats = StorageStats()
+        self.traffic = Traffic()  # stanzas by kind, connections, logins (xmppd.metrics)
         self.tls: ServerTLS
         self.accounts: dict[str, Accounts]
         self.fake_salt_key: bytes
@@ -237,6 +239,7 @@ class Server:
                 ],
                 extra_features=lambda: [make() for make in self.modules.stream_features["bound"]],
                 preauth_iq_namespaces=self.modules.preauth_namespaces,
+                on_sasl_outcome=self.traffic.sasl_outcome,
             )
         return settings
 
@@ -248,6 +251,7 @@ class Server:
             return False
         self.per_ip[conn.ip] += 1
         self.connections.add(conn)
+        self.traffic.connections += 1
         return True
 
     def connection_closed(self, conn: C2SConnection) -> None:

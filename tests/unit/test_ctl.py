@@ -193,7 +193,17 @@ def test_list_reads_every_page(
 def test_check(
     config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert run(capsys, monkeypatch, "-c", str(config), "check") == (0, f"{config}: OK\n", "")
+    code, out, err = run(capsys, monkeypatch, "-c", str(config), "check")
+    assert (code, err) == (0, "")
+    data = config.parent / "data"
+    assert out.startswith(
+        "certificate: warning: tls.cert and tls.key are not set: the server will make a "
+        f"self-signed certificate in {data / 'tls'} at first start, which clients will not trust\n"
+        f"items: ok: sqlite {data / 'items.sqlite3'}, answered in "
+    )
+    assert f"\nblobs: ok: files {data / 'blobs'}, answered in " in out
+    assert "\ncache: ok: in-process LRU (100000 items), answered in " in out
+    assert out.endswith(f"\n{config}: OK (1 warning)\n")
 
 
 def test_check_loads_the_certificate_and_opens_the_stores(
@@ -202,23 +212,25 @@ def test_check_loads_the_certificate_and_opens_the_stores(
     cert, key = ensure_self_signed(tmp_path / "pair", ["localhost"])
     path = tmp_path / "tls.yml"
     path.write_text(f"data_dir: data\ntls: {{cert: {cert}, key: {key}}}\n")
-    assert run(capsys, monkeypatch, "-c", str(path), "check") == (0, f"{path}: OK\n", "")
+    code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
+    assert (code, err) == (0, "")
+    assert f"certificate {cert}: localhost: ok: covered by DNS:localhost\n" in out
+    assert out.endswith(f"\n{path}: OK (1 warning)\n")  # self-signed
     assert (tmp_path / "data" / "items.sqlite3").exists()  # the store was opened
 
     path.write_text(f"data_dir: data\ntls: {{cert: {key}, key: {cert}}}\n")
-    assert run(capsys, monkeypatch, "-c", str(path), "check") == (
-        1,
-        "",
-        f"xmppctl: certificate {key}: no PEM certificate in the file "
-        "(are tls.cert and tls.key swapped?)\n",
+    code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
+    assert out.startswith(
+        f"tls: error: certificate {key}: no PEM certificate in the file "
+        "(are tls.cert and tls.key swapped?)\n"
     )
+    assert (code, err) == (1, f"xmppctl: {path}: 1 error\n")
     other_cert, other_key = ensure_self_signed(tmp_path / "other", ["localhost"])
     path.write_text(f"data_dir: data\ntls: {{cert: {cert}, key: {other_key}}}\n")
-    assert run(capsys, monkeypatch, "-c", str(path), "check") == (
-        1,
-        "",
-        f"xmppctl: key {other_key} does not belong to the certificate {cert}\n",
-    )
+    code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
+    mismatch = f"key {other_key} does not belong to the certificate {cert}"
+    assert out.startswith(f"tls: error: {mismatch}\n")
+    assert (code, err) == (1, f"xmppctl: {path}: 1 error\n")
 
     read_only = unwritable_dir(tmp_path)
     path.write_text(f"data_dir: {read_only}\n")
@@ -238,11 +250,9 @@ def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("XMPPD_CONFIG", str(config))
-    assert run(capsys, monkeypatch, "check") == (
-        0,
-        f"{config}: OK\n",
-        f"xmppctl: using the configuration {config} (from $XMPPD_CONFIG)\n",
-    )
+    code, out, err = run(capsys, monkeypatch, "check")
+    assert (code, err) == (0, f"xmppctl: using the configuration {config} (from $XMPPD_CONFIG)\n")
+    assert out.endswith(f"\n{config}: OK (1 warning)\n")
     monkeypatch.delenv("XMPPD_CONFIG")
     system = tmp_path / "etc-xmppd.yml"
     monkeypatch.setattr(config_module, "SYSTEM_CONFIG", system)
@@ -254,11 +264,9 @@ def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(
     )
     assert list(elsewhere.iterdir()) == []
     system.write_text(config.read_text())
-    assert run(capsys, monkeypatch, "check") == (
-        0,
-        f"{system}: OK\n",
-        f"xmppctl: using the configuration {system}\n",
-    )
+    code, out, err = run(capsys, monkeypatch, "check")
+    assert (code, err) == (0, f"xmppctl: using the configuration {system}\n")
+    assert out.endswith(f"\n{system}: OK (1 warning)\n")
 
 
 def test_bad_config_exits_1_with_the_lines(

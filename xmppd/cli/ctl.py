@@ -31,6 +31,7 @@ from xmppd.auth.accounts import (
     InvalidPassword,
     InvalidUsername,
 )
+from xmppd.cli import checks
 from xmppd.cli.nodes import (
     NodeRemovalFailed,
     Outcome,
@@ -44,7 +45,6 @@ from xmppd.server import StartupError, ensure_data_dir
 from xmppd.storage.base import StorageError
 from xmppd.storage.factory import open_storage
 from xmppd.storage.migrate import migrate
-from xmppd.tls import TLSError, self_signed_paths, server_tls
 
 LIST_PAGE = 1000
 """Accounts fetched per storage query by `list`."""
@@ -141,38 +141,27 @@ def _progress(total: int | None, desc: str, unit: str) -> tqdm[Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Everything the server checks before it serves: the file, the module options,
-    the certificate and key, and the stores (opened, data_dir written)."""
+    """Everything the server checks before it serves (the file, the module options,
+    data_dir written), then the certificate, each store and, with --dns, the DNS
+    records (xmppd.cli.checks): errors make the exit code 1, warnings do not."""
     cfg = _load(args.config)
     try:
         validate_module_options(cfg)
+        ensure_data_dir(cfg.data_dir)
     except ConfigError as e:
         raise Failure(*e.problems) from None
-    _check_tls(cfg)
-    asyncio.run(_check_storage(cfg))
-    print(f"{cfg.source.name}: OK")
+    except StartupError as e:
+        raise Failure(str(e)) from None
+    report = checks.run_checks(cfg, sys.stdout, dns_server=args.dns_server, with_dns=args.dns)
+    if report.errors:
+        raise Failure(f"{cfg.source.name}: {_count(report.errors, 'error')}")
+    warned = f" ({_count(report.warnings, 'warning')})" if report.warnings else ""
+    print(f"{cfg.source.name}: OK{warned}")
     return 0
 
 
-def _check_tls(cfg: Config) -> None:
-    cert, key = cfg.tls.cert, cfg.tls.key
-    if cert is None or key is None:  # the self-signed pair, once the server has made it
-        cert, key = self_signed_paths(cfg.data_dir)
-        if not (cert.exists() and key.exists()):
-            return
-    try:
-        server_tls(cert, key, cfg.tls.min_version)
-    except TLSError as e:
-        raise Failure(str(e)) from None
-
-
-async def _check_storage(cfg: Config) -> None:
-    try:
-        ensure_data_dir(cfg.data_dir)
-    except StartupError as e:
-        raise Failure(str(e)) from None
-    storage = await open_storage(cfg.storage, cfg.data_dir)
-    await storage.close()
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
 
 
 async def _register(cfg: Config, user: str, host: str, password: str) -> None:
@@ -436,7 +425,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser(
-        "check", help="validate the configuration, load the certificate, open the stores"
+        "check",
+        help="validate the configuration, check the certificate's hosts and expiry, "
+        "open every store",
+    )
+    check.add_argument(
+        "--dns", action="store_true", help="also check each host's SRV, A and AAAA records"
+    )
+    check.add_argument(
+        "--dns-server", metavar="ADDRESS[:PORT]", help="ask this DNS server (default: the system's)"
     )
     check.set_defaults(run=cmd_check)
 

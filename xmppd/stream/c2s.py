@@ -135,6 +135,9 @@ class StreamSettings:
     extra_features: Callable[[], list[etree._Element]] = field(default=lambda: [])
     # IQ payload namespaces a client may use before authenticating (XEP-0077).
     preauth_iq_namespaces: frozenset[str] = frozenset()
+    # Told the outcome of each SASL attempt (None: success, else the failure condition
+    # sent), for the node's counts (xmppd.traffic); the stream itself keeps none.
+    on_sasl_outcome: Callable[[str | None], None] = field(default=lambda _: None)
 
 
 class C2SStream:
@@ -219,6 +222,7 @@ class C2SStream:
     def sasl_success(self, username: str, additional: bytes | None = None) -> None:
         self._send_sasl("success", additional)
         self._sasl_active = False
+        self.settings.on_sasl_outcome(None)
         self.username = username
         self.phase = Phase.AUTHENTICATED
         self._restart()
@@ -232,6 +236,7 @@ class C2SStream:
             etree.SubElement(failure, f"{{{ns.SASL}}}text").text = text
         self.send(failure)
         self._sasl_active = False
+        self.settings.on_sasl_outcome(condition)
         if condition != "aborted":
             self._sasl_failures += 1
             if self._sasl_failures >= MAX_SASL_FAILURES_PER_STREAM:
