@@ -125,12 +125,13 @@ async def _accounts_of(cfg: Config) -> AsyncIterator[Callable[[str], Accounts]]:
 
 
 def _progress(total: int | None, desc: str, unit: str) -> tqdm[Any]:
-    """A progress bar on a terminal's stderr; nothing when output is redirected."""
+    """A progress bar on a terminal's stderr; nothing when output is redirected (a
+    script reads the summary on stdout then)."""
     return tqdm(
         total=total,
         desc=desc,
         file=sys.stderr,
-        disable=not sys.stderr.isatty(),
+        disable=not (sys.stdout.isatty() and sys.stderr.isatty()),
         unit=unit,
         leave=True,
         dynamic_ncols=True,
@@ -500,6 +501,9 @@ def _parser() -> argparse.ArgumentParser:
     from xmppd.cli import ctl_sessions  # it uses this module's helpers
 
     ctl_sessions.add_parsers(sub)
+    from xmppd.cli import ctl_xep227
+
+    ctl_xep227.add_parsers(sub)
     return parser
 
 
