@@ -44,6 +44,9 @@ DEFAULT_MAX_BYTES = 1 << 30
 MAX_PROBLEMS = 25
 """Problems listed in full; the rest are counted."""
 MAX_INCLUDE_DEPTH = 2
+PROLOG_BYTES = 1 << 16
+"""Searched for a DOCTYPE before the parser sees the file."""
+NO_DTD = "XEP-0227 files have none (entity declarations are refused)"
 MAX_MAIN_FILE = 1 << 20
 """A file of a folder this small is read first for the xi:include lines of a main file."""
 SUBSCRIPTIONS = ("none", "to", "from", "both")
@@ -130,13 +133,17 @@ class _Budget:
 def _parse_file(path: Path, budget: _Budget, depth: int = 0) -> etree._Element:
     try:
         budget.take(path)
+        with path.open("rb") as f:
+            head = f.read(PROLOG_BYTES)
+        if b"<!DOCTYPE" in head:  # checked again after parsing, for other encodings
+            raise BadExport([f"{path}: has a DOCTYPE; {NO_DTD}"])
         tree = etree.parse(str(path), _parser())
     except OSError as e:
         raise BadExport([f"{path}: {e.strerror or e}"]) from None
     except etree.XMLSyntaxError as e:
         raise BadExport([f"{path}: not well-formed XML: {e}"]) from None
     if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
-        raise BadExport([f"{path}: has a DOCTYPE; XEP-0227 files have none (entities refused)"])
+        raise BadExport([f"{path}: has a DOCTYPE; {NO_DTD}"])
     root = tree.getroot()
     for include in root.iter(f"{{{XINCLUDE}}}include"):
         _include(path, include, budget, depth)
