@@ -118,6 +118,46 @@ async def test_ejabberd_users_log_in_with_their_old_passwords_and_find_their_dat
 
 
 @pytest.mark.timeout(90)
+async def test_an_export_of_imported_users_imports_into_an_empty_xmppd_and_they_log_in(
+    tmp_path: Path,
+    start_server: StartServer,
+    storage_section: dict[str, Any] | None,
+    ejabberd_main_file: Path,
+) -> None:
+    """The round trip: ejabberd -> deployment A -> `xmppctl export` -> empty deployment B,
+    where alice logs in with her ejabberd password and finds her contact."""
+    folder_a = tmp_path / "a"
+    folder_a.mkdir()
+    sections: dict[str, Any] = {"hosts": [EJ]}
+    if storage_section is not None:  # A gets its own table and bucket
+        sections["storage"] = {
+            **storage_section,
+            "items": {**storage_section["items"], "table": storage_section["items"]["table"] + "a"},
+            "blobs": {
+                **storage_section["blobs"],
+                "bucket": storage_section["blobs"]["bucket"] + "a",
+            },
+        }
+    config_a = write_config(folder_a, **sections)
+    code, _, err = await xmppctl("-c", str(config_a), "import", str(ejabberd_main_file))
+    assert code == 0, err
+    exported = tmp_path / "a.xml"
+    code, out, err = await xmppctl("-c", str(config_a), "export", str(exported))
+    assert code == 0, err
+    assert "accounts: 2 copied" in out and "roster: 2 copied" in out
+    server, out = await import_then_start(tmp_path, start_server, storage_section, EJ, exported)
+    assert "accounts: 2 copied, 0 skipped, 0 failed" in out
+    assert "offline: 1 copied, 0 skipped, 0 failed" in out
+    alice = await connect(server, f"alice@{EJ}/laptop", peers.PASSWORDS["alice"])
+    try:
+        assert await roster_of(alice) == {
+            f"bob@{EJ}": {"name": "Bobby", "subscription": "both", "groups": ["Friends"]}
+        }
+    finally:
+        await close(alice)
+
+
+@pytest.mark.timeout(90)
 async def test_prosody_users_log_in_with_their_old_passwords_and_find_their_data(
     tmp_path: Path,
     start_server: StartServer,

@@ -169,6 +169,25 @@ def test_an_include_outside_the_files_folder_is_refused(
     assert accounts_of(config) == []
 
 
+def test_a_folder_with_a_main_file_imports_each_included_file_once(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As ejabberd writes it: the main file includes the host file beside it."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "1_localhost.xml").write_text(
+        f"<host xmlns='{PIE}' jid='localhost'>{GOOD_USER}</host>"
+    )
+    (folder / "1.xml").write_text(
+        f"<server-data xmlns='{PIE}' xmlns:xi='http://www.w3.org/2001/XInclude'>"
+        "<xi:include href='1_localhost.xml'/></server-data>"
+    )
+    code, out, err = run(capsys, "-c", str(config), "import", str(folder))
+    assert (code, err) == (0, "")
+    assert "accounts: 1 copied, 0 skipped, 0 failed" in out
+    assert accounts_of(config) == ["ok"]
+
+
 # --------------------------------------------------------------------------- the peers' keys
 
 

@@ -239,8 +239,7 @@ class _Importer:
             try:
                 await privacy.set(_request(user.jid, query, "set"))
             except (StanzaError, StorageError) as e:
-                self.summary.failures.append(f"{user.jid}: privacy: default list not set: {e}")
-                self._count("privacy", "failed", 0)
+                self._fail("privacy", user, f"the default list was not set: {e}")
 
     async def _blocking(self, user: UserData) -> None:
         blocking = self._module(Blocking, "blocking", user)
