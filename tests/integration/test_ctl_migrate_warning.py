@@ -1,4 +1,4 @@
-"""`xmppctl migrate` warns when a node is running on the source storage."""
+"""`xmppctl migrate` and `import` warn when a node is running on the storage they use."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from tests.integration.conftest import StartServer
 
 
 async def migrate(source: Path, target: Path) -> tuple[int, str, str]:
+    return await xmppctl("migrate", "--from", str(source), "--to", str(target))
+
+
+async def xmppctl(*argv: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "xmppd.cli.ctl",
-        "migrate",
-        "--from",
-        str(source),
-        "--to",
-        str(target),
+        *argv,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -43,3 +43,19 @@ async def test_migrate_warns_when_a_node_runs_on_the_source(
     code, out, err = await migrate(source, target)
     assert (code, err) == (0, "")
     assert "items:localhost/accounts: 0 copied, 2 already there, 0 failed" in out
+
+
+async def test_import_warns_when_a_node_runs_on_the_storage(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    await start_server()
+    config = tmp_path / "xmppd.yml"
+    export = tmp_path / "carol.xml"
+    export.write_text(
+        "<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'>"
+        "<user name='carol' password='carol pw'/></host></server-data>"
+    )
+    code, out, err = await xmppctl("-c", str(config), "import", str(export))
+    assert code == 0, err
+    assert "a node is running on this storage: the import writes the stores directly" in err
+    assert "accounts: 1 copied, 0 skipped, 0 failed" in out

@@ -169,6 +169,25 @@ def test_an_include_outside_the_files_folder_is_refused(
     assert accounts_of(config) == []
 
 
+def test_a_plaintext_password_in_the_file_makes_keys_for_every_hash(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """XEP-0227 allows password='...' (servers that kept plaintext): all hashes at once."""
+    source = export_file(tmp_path / "plain.xml", "<user name='old' password='old secret'/>")
+    assert run(capsys, "-c", str(config), "import", str(source))[0] == 0
+    cfg = load_config(config)
+
+    async def hashes() -> list[str]:
+        storage = await open_storage(cfg.storage, cfg.data_dir)
+        try:
+            return sorted(await Accounts.of(storage, "localhost").credentials("old") or {})
+        finally:
+            await storage.close()
+
+    assert asyncio.run(hashes()) == ["sha1", "sha256", "sha512"]
+    assert check_password(config, "old", "old secret")
+
+
 def test_a_folder_with_a_main_file_imports_each_included_file_once(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
