@@ -321,6 +321,23 @@ def test_export_then_import_into_an_empty_server_gives_the_same_data(
     assert "skipped: alice@localhost exists already: left as it is" in out
 
 
+def test_data_of_a_disabled_module_is_skipped_and_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "novcard.yml"
+    config.write_text(
+        "hosts: [localhost]\ndata_dir: data\n"
+        "modules: {roster: {}, presence: {}, private: {}, privacy: {}, blocking: {},"
+        " offline: {}}\n"
+    )
+    source = export_file(tmp_path / "rich.xml", RICH)
+    code, out, _ = run(capsys, "-c", str(config), "import", str(source))
+    assert code == 0
+    assert "vcard: 0 copied, 1 skipped, 0 failed" in out
+    assert "skipped: alice@localhost: vcard: module not enabled (1 skipped)" in out
+    assert "roster: 4 copied, 0 skipped, 0 failed" in out
+
+
 def check_password(config: Path, user: str, password: str) -> bool:
     cfg = load_config(config)
 

@@ -182,17 +182,16 @@ class _Importer:
             self.summary.skips.append(f"{user.jid}: {store}: module not enabled ({n} skipped)")
         return module
 
-    async def _ask(self, store: str, user: UserData, call: Awaitable[object], n: int = 1) -> bool:
+    async def _ask(self, store: str, user: UserData, call: Awaitable[object], n: int = 1) -> None:
+        """Run one module request; count its `n` entries as copied or failed (with why)."""
         try:
             await call
         except StanzaError as e:
             self._fail(store, user, f"{e.condition}: {e.text or ''}".rstrip(": "), n)
-            return False
         except StorageError as e:
             self._fail(store, user, f"storage: {e}", n)
-            return False
-        self._count(store, "copied", n)
-        return True
+        else:
+            self._count(store, "copied", n)
 
     async def _roster(self, user: UserData) -> None:
         roster = self._module(RosterModule, "roster", user)
