@@ -19,7 +19,8 @@ stopped: it reads a consistent source only if nobody writes to it meanwhile.
 
 The result counts, per namespace, the items ("items:<namespace>") and blobs
 ("blobs:<namespace>") the destination holds from the source (copied now or
-found equal).
+found equal); a caller that passes `unchanged` learns how many of those were
+found equal (not written), so it can say what this run really copied.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ async def migrate(
     dst: StorageConfig,
     dst_data_dir: Path,
     progress: Progress | None = None,
+    unchanged: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Copy everything from `src` to `dst` (see the module docstring)."""
     report = progress or _no_progress
@@ -78,7 +80,9 @@ async def migrate(
     try:
         target = await open_storage(dst, Path(dst_data_dir))
         try:
-            return await copy_all(source.items, source.blobs, target.items, target.blobs, report)
+            return await copy_all(
+                source.items, source.blobs, target.items, target.blobs, report, unchanged
+            )
         finally:
             await target.close()
     finally:
@@ -91,17 +95,30 @@ async def copy_all(
     dst_items: ItemBackend,
     dst_blobs: BlobBackend,
     progress: Progress,
+    unchanged: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """`migrate` on backends that are already open."""
     counts: dict[str, int] = {}
+    equal = unchanged if unchanged is not None else {}
     for namespace in await _namespaces(_raw(src_items)):
-        counts[f"items:{namespace}"] = await copy_items(src_items, dst_items, namespace, progress)
+        store = f"items:{namespace}"
+        equal[store] = 0
+        counts[store] = await copy_items(src_items, dst_items, namespace, progress, equal, store)
     for namespace in await _namespaces(_raw(src_blobs)):
-        counts[f"blobs:{namespace}"] = await copy_blobs(src_blobs, dst_blobs, namespace, progress)
+        store = f"blobs:{namespace}"
+        equal[store] = 0
+        counts[store] = await copy_blobs(src_blobs, dst_blobs, namespace, progress, equal, store)
     return counts
 
 
-async def copy_items(src: ItemBackend, dst: ItemBackend, namespace: str, progress: Progress) -> int:
+async def copy_items(
+    src: ItemBackend,
+    dst: ItemBackend,
+    namespace: str,
+    progress: Progress,
+    unchanged: dict[str, int] | None = None,
+    store: str = "",
+) -> int:
     source = _raw(src)
     check = _raw(dst)
     assert isinstance(source, ItemBackend) and isinstance(check, ItemBackend)
@@ -116,6 +133,8 @@ async def copy_items(src: ItemBackend, dst: ItemBackend, namespace: str, progres
             for name, attrs in wanted.items()
             if name not in present or present[name].attrs != attrs
         }
+        if unchanged is not None:
+            unchanged[store] += len(wanted) - len(stale)
         if stale:
             await dst.batch_put(namespace, stale)
             written = await check.batch_get(namespace, list(stale))
@@ -131,7 +150,14 @@ async def copy_items(src: ItemBackend, dst: ItemBackend, namespace: str, progres
         query.page_token = page.next_token
 
 
-async def copy_blobs(src: BlobBackend, dst: BlobBackend, namespace: str, progress: Progress) -> int:
+async def copy_blobs(
+    src: BlobBackend,
+    dst: BlobBackend,
+    namespace: str,
+    progress: Progress,
+    unchanged: dict[str, int] | None = None,
+    store: str = "",
+) -> int:
     source = _raw(src)
     check = _raw(dst)
     assert isinstance(source, BlobBackend) and isinstance(check, BlobBackend)
@@ -144,6 +170,8 @@ async def copy_blobs(src: BlobBackend, dst: BlobBackend, namespace: str, progres
                 return 0
             there = await check.get(namespace, key)
             if there is not None and there.data == blob.data:
+                if unchanged is not None:
+                    unchanged[store] += 1
                 return 1
             await dst.put(namespace, key, blob.data)
             there = await check.get(namespace, key)

@@ -538,7 +538,9 @@ def test_migrate_between_embedded_stores(
 
     assert run(capsys, monkeypatch, "migrate", "--from", c, "--to", str(target)) == (
         0,
-        "blobs:localhost/vcard: 1\nitems:localhost/accounts: 3\nmigrated 4 entries in 2 stores\n",
+        "blobs:localhost/vcard: 1 copied, 0 already there, 0 failed\n"
+        "items:localhost/accounts: 3 copied, 0 already there, 0 failed\n"
+        "migrated 4 entries in 2 stores\n",
         "",
     )
     assert (tmp_path / "elsewhere" / "items.sqlite3").is_file()
@@ -546,8 +548,13 @@ def test_migrate_between_embedded_stores(
         "user1@localhost\nuser2@localhost\nuser3@localhost\n"
     )
     assert check_password(target, "localhost", "user2", "pass2")
-    # Run again: everything is found equal, nothing breaks.
-    assert run(capsys, monkeypatch, "migrate", "--from", c, "--to", str(target))[0] == 0
+    # Run again: everything is found equal, nothing is copied twice, and it says so.
+    assert run(capsys, monkeypatch, "migrate", "--from", c, "--to", str(target))[:2] == (
+        0,
+        "blobs:localhost/vcard: 0 copied, 1 already there, 0 failed\n"
+        "items:localhost/accounts: 0 copied, 3 already there, 0 failed\n"
+        "migrated 4 entries in 2 stores\n",
+    )
 
     assert run(capsys, monkeypatch, "migrate", "--from", c, "--to", c) == (
         1,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import os
 import secrets
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -37,13 +38,23 @@ from xmppd.sasl.scram import (
     hashlib_name,
     verify_password,
 )
-from xmppd.storage.base import MAX_KEY_BYTES, AttrValue, ConditionFailed, Item, ItemStore, Query
+from xmppd.storage.base import (
+    MAX_KEY_BYTES,
+    AttrValue,
+    ConditionFailed,
+    Item,
+    ItemStore,
+    Query,
+    StorageError,
+)
 from xmppd.storage.factory import Storage
 
 KEY_ATTRIBUTES = {name: f"scram_{name}" for name in SCRAM_HASHES.values()}
 """hashlib name -> item attribute; dict order (sha1 first) is the order PLAIN tries."""
 MAX_PASSWORD_BYTES = 1023
 """The longest password PLAIN accepts (see xmppd.sasl.plain); longer ones could never log in."""
+
+log = logging.getLogger("xmppd.accounts")
 
 _KDF_EXECUTOR = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="xmppd-kdf")
 """Shared by every Accounts without its own executor; threads start on first use."""
@@ -181,6 +192,41 @@ class Accounts:
 
         await self._store.modify(name, replace_keys, what="account")
 
+    async def import_keys(self, username: str, keys: builtins.list[ScramKeys]) -> None:
+        """Create the account from salted keys another server made (XEP-0227 import).
+
+        No password is needed: SCRAM logins with these hashes work at once, PLAIN
+        verifies against them, and the hashes missing here are added at the next
+        PLAIN login (`verify_plain`). AccountExists, InvalidUsername, ValueError
+        (no keys).
+        """
+        name = normalize_username(username)
+        if not keys:
+            raise ValueError("no SCRAM keys")
+        attrs: dict[str, AttrValue] = {KEY_ATTRIBUTES[k.hash_name]: k.encode() for k in keys}
+        try:
+            await self._store.put(name, attrs, if_absent=True)
+        except ConditionFailed:
+            raise AccountExists(name) from None
+
+    async def credentials(self, username: str) -> dict[str, ScramKeys] | None:
+        """hashlib name -> stored keys, for every hash the account has; None: no account.
+
+        ValueError for a corrupt stored value."""
+        try:
+            name = normalize_username(username)
+        except InvalidUsername:
+            return None
+        item = await self._store.get(name)
+        if item is None:
+            return None
+        found: dict[str, ScramKeys] = {}
+        for hash_name, attribute in KEY_ATTRIBUTES.items():
+            value = item.attrs.get(attribute)
+            if isinstance(value, str):
+                found[hash_name] = ScramKeys.decode(value)
+        return found
+
     async def unregister(self, username: str) -> bool:
         """Delete the account; False if there was none."""
         try:
@@ -229,14 +275,46 @@ class Accounts:
         except InvalidUsername:
             name = None
         item = await self._store.get(name) if name is not None else None
+        missing: builtins.list[str] = []
         if item is not None:
-            for attribute in KEY_ATTRIBUTES.values():
+            for hash_name, attribute in KEY_ATTRIBUTES.items():
                 value = item.attrs.get(attribute)
-                if isinstance(value, str):
+                if not isinstance(value, str):
+                    missing.append(hash_name)
+                elif keys is self._dummy_keys:
                     keys = ScramKeys.decode(value)
-                    break
         if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
             return False
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._executor, verify_password, keys, password)
-        return ok and keys is not self._dummy_keys
+        ok = ok and keys is not self._dummy_keys
+        if ok and missing and name is not None:
+            await self._add_missing(name, password, missing)
+        return ok
+
+    async def _add_missing(self, name: str, password: str, missing: builtins.list[str]) -> None:
+        """Give an imported account (keys for one hash only) the other hashes' keys, now
+        that a PLAIN login has the password. Best effort: the login succeeds anyway, and
+        the next PLAIN login tries again; keys someone wrote meanwhile are kept."""
+        loop = asyncio.get_running_loop()
+        try:
+            derived = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        self._executor, derive_keys, h, password, None, self._iterations
+                    )
+                    for h in missing
+                )
+            )
+            added = {KEY_ATTRIBUTES[k.hash_name]: k.encode() for k in derived}
+
+            def add(item: Item | None) -> dict[str, AttrValue]:
+                if item is None:
+                    raise AccountNotFound(name)
+                return {**added, **item.attrs}
+
+            await self._store.modify(name, add, what="account")
+        except (StorageError, ConditionFailed, AccountNotFound, ValueError) as e:
+            log.warning("could not add %s keys for %s: %s", ", ".join(missing), name, e)
+        else:
+            log.info("added %s keys for %s at its PLAIN login", ", ".join(missing), name)

@@ -20,7 +20,7 @@ from xmppd.jid import JID, InvalidJID
 from xmppd.sasl import SASLFailure
 from xmppd.sasl.mechanisms import scram_hash_of
 from xmppd.sasl.plain import parse_plain
-from xmppd.sasl.scram import ScramServer
+from xmppd.sasl.scram import ScramKeys, ScramServer
 from xmppd.session import ClientSession, Transport
 from xmppd.storage.base import StorageError
 from xmppd.stream import c2s
@@ -111,7 +111,11 @@ class StreamLogin:
             if await server.throttle.refused(self.ip, f"{username}@{host}"):
                 self._refuse_banned()
                 return
-            keys = await server.accounts[host].scram_keys(username, scram_hash_of(mechanism))
+            credentials = await server.accounts[host].credentials(username)
+            keys = None if credentials is None else credentials.get(scram_hash_of(mechanism))
+            if credentials is not None and keys is None:
+                self._refuse_missing_hash(mechanism, credentials)
+                return
             self.stream.sasl_challenge(scram.challenge(keys))
             self._scram = scram
         except SASLFailure as failure:
@@ -201,6 +205,25 @@ class StreamLogin:
         """
         self.stream.sasl_failure(
             "temporary-auth-failure", "too many failed logins from your address; try again later"
+        )
+
+    def _refuse_missing_hash(self, mechanism: str, credentials: dict[str, ScramKeys]) -> None:
+        """The account exists but has no keys for this mechanism's hash: an account
+        imported from ejabberd or Prosody (XEP-0227) has SHA-1 keys only until a PLAIN
+        login gives it the others.
+
+        Mechanisms are offered before the user name is known (RFC 6120 6.4.1), so
+        the offer cannot leave this one out. <invalid-mechanism/> (6.5.6) says what is
+        true, at once and without counting a failed login: the client should try
+        another mechanism, and its user is not told the password is wrong (which
+        <not-authorized/> would say). See docs/operations.md for what this reveals.
+        """
+        usable = [
+            m for m in self.stream.offered if m == "PLAIN" or scram_hash_of(m) in credentials
+        ]
+        self.stream.sasl_failure(
+            "invalid-mechanism",
+            f"this account has no {mechanism} credentials yet; it can use {', '.join(usable)}",
         )
 
     def bind(self, event: c2s.BindRequested, transport: Transport) -> ClientSession | None:

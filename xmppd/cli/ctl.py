@@ -36,6 +36,7 @@ from xmppd.cli.nodes import (
     NodeRemovalFailed,
     Outcome,
     drain_nodes,
+    node_records,
     notify_account_change,
     remove_on_node,
 )
@@ -125,12 +126,13 @@ async def _accounts_of(cfg: Config) -> AsyncIterator[Callable[[str], Accounts]]:
 
 
 def _progress(total: int | None, desc: str, unit: str) -> tqdm[Any]:
-    """A progress bar on a terminal's stderr; nothing when output is redirected."""
+    """A progress bar on a terminal's stderr; nothing when output is redirected (a
+    script reads the summary on stdout then)."""
     return tqdm(
         total=total,
         desc=desc,
         file=sys.stderr,
-        disable=not sys.stderr.isatty(),
+        disable=not (sys.stdout.isatty() and sys.stderr.isatty()),
         unit=unit,
         leave=True,
         dynamic_ncols=True,
@@ -377,7 +379,7 @@ def cmd_register_bulk(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- migrate
 
 
-async def _migrate(src: Config, dst: Config) -> dict[str, int]:
+async def _migrate(src: Config, dst: Config, unchanged: dict[str, int]) -> dict[str, int]:
     """Copy all data, a progress bar per namespace; the counts per store."""
     bars: dict[str, tqdm[Any]] = {}
 
@@ -391,7 +393,9 @@ async def _migrate(src: Config, dst: Config) -> dict[str, int]:
         bar.update(done - bar.n)
 
     try:
-        return await migrate(src.storage, src.data_dir, dst.storage, dst.data_dir, progress)
+        return await migrate(
+            src.storage, src.data_dir, dst.storage, dst.data_dir, progress, unchanged
+        )
     finally:
         for bar in bars.values():
             bar.close()
@@ -401,9 +405,26 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     src, dst = _load(args.source), _load(args.destination)
     if (src.storage, src.data_dir) == (dst.storage, dst.data_dir):
         raise Failure(f"{src.source.name} and {dst.source.name} name the same storage")
-    counts = asyncio.run(_migrate(src, dst))
+    outcome = Outcome()
+    if node_records(src.data_dir, outcome):
+        outcome.warnings.append(
+            f"a node is running on the source storage of {src.source.name}: what it writes "
+            "meanwhile may be missed; stop it, or run migrate again once it is stopped"
+        )
+    _report(outcome)
+    unchanged: dict[str, int] = {}
+    try:
+        counts = asyncio.run(_migrate(src, dst, unchanged))
+    except StorageError as e:
+        done = ", ".join(f"{store} ({n} already there)" for store, n in unchanged.items())
+        raise Failure(
+            f"storage: {e}",
+            f"stopped part way (stores reached: {done or 'none'}); run migrate again: "
+            "what is already there is checked, not copied twice",
+        ) from None
     for store in sorted(counts):
-        print(f"{store}: {counts[store]}")
+        same = unchanged.get(store, 0)
+        print(f"{store}: {counts[store] - same} copied, {same} already there, 0 failed")
     print(f"migrated {sum(counts.values())} entries in {len(counts)} stores")
     return 0
 
@@ -497,6 +518,9 @@ def _parser() -> argparse.ArgumentParser:
     from xmppd.cli import ctl_sessions  # it uses this module's helpers
 
     ctl_sessions.add_parsers(sub)
+    from xmppd.cli import ctl_xep227
+
+    ctl_xep227.add_parsers(sub)
     return parser
 
 
