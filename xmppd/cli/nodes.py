@@ -257,6 +257,47 @@ async def _get_all(
     return answers
 
 
+class NodeRefused(Exception):
+    """A running node answered with a refusal (HTTP 4xx); the message is its reason."""
+
+
+async def ask_nodes(
+    data_dir: Path,
+    method: str,
+    path: str,
+    outcome: Outcome,
+    request: object = None,
+    *,
+    everywhere: bool = False,
+) -> list[tuple[str, dict[str, Any]]] | None:
+    """Send one request to the nodes running here: to the first that answers, or to
+    each (`everywhere`). Their (URL, JSON answer), or None when none answered (none
+    runs, or none could be reached: the warnings are in `outcome`). NodeRefused when
+    a node refuses: the request is wrong, whichever node it goes to."""
+    answers: list[tuple[str, dict[str, Any]]] = []
+    async with _admin_client(data_dir, outcome, "no node was asked") as client:
+        if client is None:
+            return None
+        nodes, http = client
+        for record, url in nodes.items():
+            try:
+                async with http.request(method, url + path, json=request) as response:
+                    body = await response.json(content_type=None)
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                _did_not_answer(outcome, url, record, e)
+                continue
+            if 400 <= status < 500 and isinstance(body, dict) and "error" in body:
+                raise NodeRefused(str(body["error"]))
+            if status != 200 or not isinstance(body, dict):
+                _did_not_answer(outcome, url, record, ValueError(f"HTTP {status}: {body}"))
+                continue
+            answers.append((url, body))
+            if not everywhere:
+                break
+    return answers or None
+
+
 async def drain_nodes(data_dir: Path, node: str | None) -> Outcome:
     """Ask the running nodes of this data_dir (only the one named `node`, by its cluster
     node name or pid, if given) to drain: each stops as on SIGTERM (POST /drain)."""
