@@ -25,10 +25,16 @@ import slixmpp
 from tests.integration.clients import Client, close, connect, insecure_context
 from tests.integration.conftest import StartServer, port_of, write_config
 from tests.integration.test_account_changes import xmppctl
+from tests.integration.test_cluster import online, redis_service, seen_on, two_nodes, until
+from tests.integration.test_cluster_modules import has_state
+from tests.storage.services import service_factory
 from xmppd.adminapi import read_token
 from xmppd.cli.ctl import main
 from xmppd.modules.roster import RosterModule
 from xmppd.server import Server
+from xmppd.storage.devservices import LocalService
+
+__all__ = ["redis_service", "service_factory"]  # fixtures, used by name
 
 WAIT = 10
 
@@ -308,3 +314,46 @@ async def test_the_new_routes_need_the_token_and_the_api_is_on_loopback(server: 
             assert (await response.json())["error"] == "nobody@localhost does not exist"
     # /ban only ends the sessions: the ban itself is xmppctl's write to the account store
     assert await server.accounts["localhost"].ban_of("alice") is None
+
+
+async def test_ban_announce_and_roster_set_reach_sessions_on_another_cluster_node(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """xmppctl reaches node A only (B's record is gone, as for a node on another
+    machine); the sessions on B are ended, announced to and pushed to all the same."""
+    a, b = await two_nodes(start_server, redis_service)
+    for record in (b.config.data_dir / "admin").glob("*.json"):
+        if b.admin.url in record.read_text():
+            record.unlink()
+    alice = await online(b, "alice@localhost/far", "alice-secret")
+    bob = await online(b, "bob@localhost/far", "bob-secret")
+    pushes: asyncio.Queue[slixmpp.Iq] = asyncio.Queue()
+    bob.add_event_handler(
+        "roster_update", lambda iq: pushes.put_nowait(iq) if iq["type"] == "set" else None
+    )
+    await bob.get_roster(timeout=WAIT)
+    await until(seen_on(a, "alice@localhost/far"))
+    await until(has_state(a, "bob@localhost/far", "roster/interested"))
+
+    code, out, err = await ctl(a, "status")
+    assert code == 0, err
+    assert out.count("\nnode http://") + out.startswith("node http://") == 1
+    assert "cluster: 2 node(s), 2 session(s)" in out
+
+    code, out, err = await ctl(a, "announce", "localhost", "cluster-wide")
+    assert (code, err) == (0, "") and out.startswith("sent to 2 session(s) through the node at")
+    for client in (alice, bob):
+        message = await asyncio.wait_for(client.messages.get(), WAIT)
+        assert (message["from"], message["body"]) == ("localhost", "cluster-wide")
+
+    code, out, err = await ctl(a, "roster-set", "bob@localhost", "dave@localhost", "--name", "D")
+    assert (code, err) == (0, "")
+    push = await asyncio.wait_for(pushes.get(), WAIT)
+    assert push["roster"]["items"]["dave@localhost"]["name"] == "D"
+
+    code, out, err = await ctl(a, "ban", "alice@localhost")
+    assert (code, err) == (0, "")
+    await asyncio.wait_for(alice.ended.wait(), WAIT)
+    assert alice.stream_errors == ["policy-violation"]
+    assert await failed_login(b, "alice@localhost", "alice-secret") == "account-disabled"
+    await close(bob)
