@@ -13,7 +13,7 @@ as RFC 6121 2.5.2 asks for a client's removal.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar, cast, get_args
 
 from lxml import etree
 
@@ -76,7 +76,7 @@ async def roster_set(
         if checked is not None:
             item.groups = list(checked)
         if subscription is not None:
-            item.subscription = subscription  # type: ignore[assignment]
+            item.subscription = cast(Subscription, subscription)
             if subscription in ("to", "both"):
                 item.ask = False
             if subscription in ("from", "both"):

@@ -246,6 +246,8 @@ async def _stats(cfg: Config, window: float) -> list[str]:
         if then is None or then.get("pid") != now.get("pid"):
             continue  # it started in between
         lines += _node_stats(url, then, now)
+    if not lines:
+        raise Failure("no node answered the second reading: run stats again")
     if cfg.cluster is not None:
         lines += await _cluster_lines(cfg)
     return lines
