@@ -23,7 +23,7 @@ import pytest
 import slixmpp
 
 from tests.integration.clients import Client, close, connect, insecure_context
-from tests.integration.conftest import StartServer, port_of, write_config
+from tests.integration.conftest import StartServer, port_of, unwritable_dir, write_config
 from tests.integration.test_account_changes import xmppctl
 from tests.integration.test_cluster import online, redis_service, seen_on, two_nodes, until
 from tests.integration.test_cluster_modules import has_state
@@ -281,6 +281,14 @@ async def test_every_command_without_a_running_node(
     assert await failed_login(server, "bob@localhost", "bob-secret") == "account-disabled"
     alice = await connect(server, "alice@localhost/desk", "alice-secret")
     await close(alice)
+
+
+async def test_status_fails_only_when_the_stores_cannot_be_opened(tmp_path: Path) -> None:
+    path = write_config(tmp_path, data_dir=str(unwritable_dir(tmp_path) / "data"))
+    code, out, err = await ctl(path, "status")
+    assert (code, out) == (1, "")
+    assert "no node is running on this machine" in err
+    assert "and the stores cannot be opened: " in err
 
 
 async def test_the_new_routes_need_the_token_and_the_api_is_on_loopback(server: Server) -> None:

@@ -190,7 +190,10 @@ async def _stored_accounts(cfg: Config) -> list[str]:
     try:
         storage = await open_storage(cfg.storage, cfg.data_dir)
     except (StorageError, OSError) as e:
-        raise Failure(f"the stores cannot be opened: {e}") from None
+        raise Failure(
+            f"no node is running on this machine with data_dir {cfg.data_dir}, "
+            f"and the stores cannot be opened: {e}"
+        ) from None
     lines = ["stores: " + "; ".join(storage.describe())]
     try:
         for host in cfg.hosts:
