@@ -19,7 +19,7 @@ The ban itself is in the account store, which xmppctl writes before it calls
 a cluster (Server.end_account_sessions). The user data routes run
 xmppd.userdata on the node's own modules, so pushes reach online clients and
 the node's caches see the change. A refused change answers 400 with
-{"error": why}.
+{"error": why}, a store failure 503.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from lxml import etree
 
 from xmppd import userdata
 from xmppd.jid import JID, InvalidJID
+from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
@@ -191,6 +192,11 @@ class AdminRoutes:
             return await work
         except userdata.UserDataError as e:
             raise _bad(str(e)) from None
+        except StorageError as e:
+            log.error("admin: a request for an account's data failed: %s", e)
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": f"storage: {e}"}), content_type="application/json"
+            ) from None
 
     def _account(self, request: web.Request) -> JID:
         """The account named in the path, of a host this node serves (else 404)."""

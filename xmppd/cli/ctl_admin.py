@@ -135,6 +135,25 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     offline.set_defaults(run=cmd_offline_count)
 
 
+async def _ask(
+    cfg: Config,
+    method: str,
+    path: str,
+    outcome: Outcome,
+    request: object = None,
+    *,
+    everywhere: bool = False,
+) -> list[tuple[str, dict[str, Any]]] | None:
+    """ask_nodes, a node's error being the command's failure."""
+    try:
+        return await ask_nodes(
+            cfg.data_dir, method, path, outcome, request, everywhere=everywhere
+        )
+    except NodeRefused as e:
+        _report(outcome)
+        raise Failure(str(e)) from None
+
+
 # --------------------------------------------------------------------------- status
 
 
@@ -147,7 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 async def _status(cfg: Config) -> list[str]:
     outcome = Outcome()
-    answers = await ask_nodes(cfg.data_dir, "GET", "/status", outcome, everywhere=True)
+    answers = await _ask(cfg, "GET", "/status", outcome, everywhere=True)
     _report(outcome)
     lines: list[str] = []
     for url, status in answers or []:
@@ -232,10 +251,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 async def _stats(cfg: Config, window: float) -> list[str]:
     outcome = Outcome()
-    first = await ask_nodes(cfg.data_dir, "GET", "/stats", outcome, everywhere=True)
+    first = await _ask(cfg, "GET", "/stats", outcome, everywhere=True)
     if first is not None:
         await asyncio.sleep(window)
-        second = await ask_nodes(cfg.data_dir, "GET", "/stats", outcome, everywhere=True)
+        second = await _ask(cfg, "GET", "/stats", outcome, everywhere=True)
     _report(outcome)
     if first is None:
         raise Failure(
@@ -342,10 +361,14 @@ async def _ban(cfg: Config, user: str, host: str, reason: str) -> None:
         await storage.close()
     print(f"banned {jid}" + (f" ({reason})" if reason else ""))
     outcome = Outcome()
-    answers = await ask_nodes(
-        cfg.data_dir, "POST", f"/accounts/{quote(jid, safe='@')}/ban", outcome,
-        {"reason": reason}, everywhere=True,
-    )
+    try:
+        answers = await ask_nodes(
+            cfg.data_dir, "POST", f"/accounts/{quote(jid, safe='@')}/ban", outcome,
+            {"reason": reason}, everywhere=True,
+        )
+    except NodeRefused as e:
+        _report(outcome)
+        raise Failure(f"the ban is stored, but its sessions may go on: {e}") from None
     for url, body in answers or []:
         outcome.done.append(f"ended {body.get('ended', 0)} session(s) on the node at {url}")
     _report(outcome)

@@ -258,7 +258,8 @@ async def _get_all(
 
 
 class NodeRefused(Exception):
-    """A running node answered with a refusal (HTTP 4xx); the message is its reason."""
+    """A running node answered with an error; the message is its reason. Not a node
+    that is gone: the caller must not go around it to the stores."""
 
 
 async def ask_nodes(
@@ -273,7 +274,7 @@ async def ask_nodes(
     """Send one request to the nodes running here: to the first that answers, or to
     each (`everywhere`). Their (URL, JSON answer), or None when none answered (none
     runs, or none could be reached: the warnings are in `outcome`). NodeRefused when
-    a node refuses: the request is wrong, whichever node it goes to."""
+    a node answers with an error (the request is wrong, or the node's stores fail)."""
     answers: list[tuple[str, dict[str, Any]]] = []
     async with _admin_client(data_dir, outcome, "no node was asked") as client:
         if client is None:
@@ -287,11 +288,9 @@ async def ask_nodes(
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
                 _did_not_answer(outcome, url, record, e)
                 continue
-            if 400 <= status < 500 and isinstance(body, dict) and "error" in body:
-                raise NodeRefused(str(body["error"]))
             if status != 200 or not isinstance(body, dict):
-                _did_not_answer(outcome, url, record, ValueError(f"HTTP {status}: {body}"))
-                continue
+                error = body.get("error") if isinstance(body, dict) else None
+                raise NodeRefused(f"the node at {url}: {error or f'HTTP {status}: {body}'}")
             answers.append((url, body))
             if not everywhere:
                 break
