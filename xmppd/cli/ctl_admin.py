@@ -371,6 +371,12 @@ async def _ban(cfg: Config, user: str, host: str, reason: str) -> None:
         raise Failure(f"the ban is stored, but its sessions may go on: {e}") from None
     for url, body in answers or []:
         outcome.done.append(f"ended {body.get('ended', 0)} session(s) on the node at {url}")
+    if answers is None and cfg.cluster is not None:
+        outcome.warnings.append(
+            "no node of the cluster was reached from this machine: sessions of "
+            f"{jid} on other machines go on (its next login is refused); run ban "
+            "where a node runs to end them"
+        )
     _report(outcome)
 
 
