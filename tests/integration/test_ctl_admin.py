@@ -1,10 +1,10 @@
 """xmppctl's everyday commands (xmppd.cli.ctl_admin) as an operator runs them.
 
-xmppctl is a real process with the node's configuration file. With a node
-running (in this process, real slixmpp clients on it) the commands go through
-its admin API; without one, they work on the stores, and a node started
-afterwards sees what they did. Each test runs on the embedded and the cloud
-storage.
+xmppctl runs with the node's configuration file: as the real command for the
+ban, else its main() in a thread of its own (`ctl`). With a node running (in
+this process, real slixmpp clients on it) the commands go through its admin
+API; without one, they work on the stores, and a node started afterwards sees
+what they did. Each test runs on the embedded and the cloud storage.
 """
 
 from __future__ import annotations
