@@ -237,6 +237,10 @@ class Offline(Module):
         except Exception as exc:
             self.log.warning("could not remove unused offline blob %s: %s", key, exc)
 
+    async def count(self, vhost: str, user: str) -> int:
+        """How many messages wait for user@vhost (its counter: one read)."""
+        return _int(await self.host.items(vhost, STORE).get(user), "count")
+
     # --- account removal -----------------------------------------------------------------
 
     async def remove_user(self, vhost: str, username: str) -> bool:

@@ -266,14 +266,13 @@ class RosterModule(Module):
         if len(children) != 1 or children[0].tag != Q_ITEM:
             raise StanzaError("bad-request", "a roster set holds exactly one item")
         element = children[0]
-        contact = self._contact_jid(element.get("jid"), owner)
+        contact = self.check_contact(element.get("jid"), owner)
         if element.get("subscription") == "remove":
-            await self._remove(owner, contact)
+            await self.remove(owner, contact)
             return None
         name = element.get("name") or None
-        groups = self._groups(element)
-        if name is not None and len(name) > self.opts.max_name_length:
-            raise StanzaError("not-acceptable", "the name is too long")
+        groups = self.check_groups([group.text or "" for group in element.iterchildren(Q_GROUP)])
+        self.check_name(name)
 
         def set_item(current: RosterItem | None) -> RosterItem:
             # RFC 6121 2.1.5: the client sets name and groups only; subscription
@@ -288,7 +287,8 @@ class RosterModule(Module):
         await self._write(owner, contact, set_item)
         return None
 
-    def _contact_jid(self, value: str | None, owner: str) -> str:
+    def check_contact(self, value: str | None, owner: str) -> str:
+        """The bare JID of a contact `owner` may have in the roster (else StanzaError)."""
         if not value:
             raise StanzaError("bad-request", "the item has no 'jid'")
         jid = parse_jid(value)
@@ -298,11 +298,16 @@ class RosterModule(Module):
             raise StanzaError("not-allowed", "you cannot add yourself to your roster")
         return jid.bare
 
-    def _groups(self, element: etree._Element) -> list[str]:
+    def check_name(self, name: str | None) -> None:
+        """A contact's name as the options allow it (StanzaError not-acceptable)."""
+        if name is not None and len(name) > self.opts.max_name_length:
+            raise StanzaError("not-acceptable", "the name is too long")
+
+    def check_groups(self, texts: list[str]) -> list[str]:
+        """An item's groups as the options allow them (StanzaError), in the given order."""
         options = self.opts
         groups: list[str] = []
-        for group in element.iterchildren(Q_GROUP):
-            text = group.text or ""
+        for text in texts:
             if not text.strip():
                 raise StanzaError("not-acceptable", "empty group name")
             if len(text) > options.max_name_length:
@@ -314,8 +319,9 @@ class RosterModule(Module):
             raise StanzaError("not-acceptable", f"at most {options.max_groups} groups per item")
         return groups
 
-    async def _remove(self, owner: str, contact: str) -> None:
-        """RFC 6121 2.5.2: remove the item and cancel subscriptions both ways."""
+    async def remove(self, owner: str, contact: str) -> None:
+        """RFC 6121 2.5.2: remove the item and cancel subscriptions both ways (a client's
+        removal, and xmppctl roster-remove); StanzaError item-not-found if there is none."""
         before, _ = await self._write(
             owner, contact, lambda current: None if current and current.in_roster else current
         )

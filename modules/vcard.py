@@ -78,9 +78,9 @@ class VCard(Module):
         if request.payload.tag != _VCARD_TAG:
             raise StanzaError("bad-request", "the payload must be <vCard xmlns='vcard-temp'/>")
         user = request.target.split("@", 1)[0]
-        blob = await storage_call(self._store(request.host).get(user), "vCard")
-        if blob is not None:
-            return _parse(blob)
+        vcard = await self.load(request.host, user)
+        if vcard is not None:
+            return vcard
         if request.from_owner:
             # XEP-0054 3.1 allows an empty vCard for one's own: clients handle it best.
             return etree.Element(_VCARD_TAG, nsmap={None: VCARD})
@@ -91,7 +91,19 @@ class VCard(Module):
     async def set(self, request: IqRequest) -> None:
         if not request.from_owner:
             raise StanzaError("forbidden", "you can only set your own vCard")
-        vcard = request.payload
+        await self.store(request.target, request.payload)
+
+    # --- the API xmppctl uses (xmppd.userdata), the IQ handlers too ---------------------
+
+    async def load(self, vhost: str, user: str) -> etree._Element | None:
+        """The stored vCard of user@vhost, None when there is none (StanzaError when the
+        store fails or the stored one is unreadable)."""
+        blob = await storage_call(self._store(vhost).get(user), "vCard")
+        return _parse(blob) if blob is not None else None
+
+    async def store(self, bare: str, vcard: etree._Element) -> None:
+        """Replace the account's vCard (an empty one deletes it), with the checks a
+        client's set gets (StanzaError), and keep the avatar hash of its sessions right."""
         if vcard.tag != _VCARD_TAG:
             raise StanzaError("bad-request", "the payload must be <vCard xmlns='vcard-temp'/>")
         if (vcard.text or "").strip() or any((child.tail or "").strip() for child in vcard):
@@ -100,13 +112,13 @@ class VCard(Module):
         data = b"" if len(vcard) == 0 else etree.tostring(copy.deepcopy(vcard))
         if len(data) > self.max_bytes:
             raise StanzaError("not-acceptable", f"the vCard is over {self.max_bytes} bytes")
-        bare = request.target
+        vhost = bare.rsplit("@", 1)[1]
         lock = self._locks.get(bare)
         if lock is None:
             lock = self._locks[bare] = asyncio.Lock()
         async with lock:  # this node's writers in arrival order: the cached hash ends up right
             await storage_call(
-                self._write(self._store(request.host), bare.split("@", 1)[0], data), "vCard"
+                self._write(self._store(vhost), bare.split("@", 1)[0], data), "vCard"
             )
             if self.host.sessions(bare):
                 self._photo[bare] = photo

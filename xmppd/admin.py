@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from xmppd.auth.accounts import Accounts
 from xmppd.config import Config
 from xmppd.modulehost import ModuleHost, Removed
@@ -32,13 +35,29 @@ async def remove_account(
     Raises AccountDataRemains when a module failed: the account is gone
     already, and running this again deletes what is left ("leftovers").
     """
-    router = Router(cfg.hosts, lambda h, u: accounts.exists(u))
+    async with offline_modules(cfg, storage, {host: accounts}) as modules:
+        return await modules.remove_account(host, username)
+
+
+@asynccontextmanager
+async def offline_modules(
+    cfg: Config, storage: Storage, accounts: dict[str, Accounts] | None = None
+) -> AsyncIterator[ModuleHost]:
+    """The enabled modules of `cfg`, loaded in this process over `storage`, with no
+    session and no listener: what xmppctl changes user data through when no node runs
+    (xmppd.userdata), so the modules' own rules apply. On the way out, what they
+    routed meanwhile (presences to local contacts, which update their rosters in
+    storage) is handled, even after a failure. `accounts` replaces the account
+    stores of some hosts."""
+    stores = {h: Accounts.of(storage, h, cfg.auth.scram_iterations) for h in cfg.hosts}
+    stores.update(accounts or {})
+    router = Router(cfg.hosts, lambda h, u: stores[h].exists(u))
     modules = ModuleHost(router, storage, list(cfg.hosts))
-    modules.accounts = {host: accounts}
+    modules.accounts = stores
     modules.load(cfg)
     await modules.start()
     try:
-        return await modules.remove_account(host, username)
+        yield modules
     finally:
-        await router.drain()  # the unsubscriptions sent to contacts, even after a failure
+        await router.drain()
         await modules.stop()

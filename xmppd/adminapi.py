@@ -11,7 +11,7 @@ machine (xmppd.cli.nodes). Every request needs `Authorization: Bearer
 (mode 0600): whoever can read it can already read the stores.
 
 Endpoints:
-  GET  /status                                  the node: version, pid, hosts, counts
+  GET  /status                                  the node: version, pid, hosts, storage, counts
   GET  /metrics                                 Prometheus text format (xmppd.metrics)
   GET  /sessions[?host=H]                       this node's sessions: JID, node, since, address
   POST /kick  {"jid": J, "reason": R}           end a full JID's session, or all of a bare
@@ -21,6 +21,8 @@ Endpoints:
   POST /accounts/{user@host}/removed            end the account's sessions
   POST /drain                                   stop the node as SIGTERM does (stream
                                                 management sessions resume elsewhere)
+  ... and the everyday commands' routes (stats, announce, ban, roster, vCard,
+  offline count): xmppd.adminroutes
 
 xmppctl unregister asks a running node to remove the account itself: the
 node's modules then delete through the node's own cache, which another
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from xmppd import metrics, package_version
+from xmppd.adminroutes import add_routes
 from xmppd.cluster.directory import node_of
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import AccountDataRemains
@@ -128,6 +131,7 @@ class AdminAPI:
         config = self.server.config
         self._token = ensure_token(config.data_dir).encode()
         app = web.Application(middlewares=[self._authenticate])
+        add_routes(app, self.server)  # stats, announce, ban, user data: xmppd.adminroutes
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/sessions", self._sessions)
@@ -177,6 +181,7 @@ class AdminAPI:
                 "pid": os.getpid(),
                 "node": server.cluster.node if server.cluster is not None else None,
                 "hosts": list(server.config.hosts),
+                "storage": server.storage.describe(),
                 "connections": len(server.connections),
                 "sessions": server.router.directory.count(),
                 "uptime": round(time.monotonic() - self._started, 1),

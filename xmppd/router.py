@@ -203,6 +203,12 @@ class Router:
             raise ValueError(f"{domain} is already served")
         self.components[domain] = handler
 
+    @property
+    def routed(self) -> int:
+        """Stanzas routed since start, of every kind, the server's own included (xmppctl
+        stats shows their rate)."""
+        return self._routed
+
     # --- routing -----------------------------------------------------------------------
 
     def route(

@@ -374,3 +374,24 @@ def test_iteration_bounds(store: ItemStore) -> None:
     with pytest.raises(ValueError):
         Accounts(store, iterations=1000)
     assert Accounts(store, iterations=10_000).iterations == 10_000
+
+
+async def test_a_ban_is_kept_with_the_account_until_lifted(accounts: Accounts) -> None:
+    await accounts.register("Alice", PASSWORD)
+    assert await accounts.ban_of("alice") is None
+    before = time.time()
+    ban = await accounts.ban("ALICE", "spam")
+    assert ban.reason == "spam" and before - 1 <= ban.since <= time.time()
+    assert await accounts.ban_of("alice") == ban
+    # the credentials stay, and a new password keeps the ban
+    assert await accounts.verify_plain("alice", PASSWORD)
+    await accounts.set_password("alice", "another one")
+    assert await accounts.ban_of("alice") == ban
+    assert await accounts.unban("alice")
+    assert await accounts.ban_of("alice") is None
+    assert not await accounts.unban("alice")
+    assert await accounts.verify_plain("alice", "another one")
+    for missing in (accounts.ban("nobody", ""), accounts.unban("nobody")):
+        with pytest.raises(AccountNotFound):
+            await missing
+    assert await accounts.ban_of("nobody") is None

@@ -10,7 +10,12 @@ Accounts read the item store directly, never through the cache
 (`Storage.direct_items`): xmppctl changes and removes accounts from another
 process, which cannot invalidate this process's cache, and a changed or
 removed credential must stop working at once. That costs one item read per
-login.
+login, and one more for the ban (below) once the credentials are checked.
+
+A ban (`xmppctl ban`) is two attributes of the account item, "banned" (when,
+Unix seconds) and "ban_reason": stored with the credentials, it holds on every
+node and after restarts, and the account keeps its data. Changing the
+password keeps it (`set_password` keeps the other attributes).
 
 Every key derivation runs in an executor (the PBKDF2 call releases the
 GIL, so threads really run in parallel), never on the event loop.
@@ -23,7 +28,9 @@ import builtins
 import logging
 import os
 import secrets
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from slixmpp.jid import JID, InvalidJID
 
@@ -40,12 +47,14 @@ from xmppd.sasl.scram import (
 )
 from xmppd.storage.base import (
     MAX_KEY_BYTES,
+    UNCHANGED,
     AttrValue,
     ConditionFailed,
     Item,
     ItemStore,
     Query,
     StorageError,
+    Unchanged,
 )
 from xmppd.storage.factory import Storage
 
@@ -66,6 +75,17 @@ class AccountExists(Exception):
 
 class AccountNotFound(Exception):
     """set_password() for a user name with no account."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """Why and since when an account may not log in."""
+
+    since: int  # Unix seconds
+    reason: str  # "" when none was given
+
+
+BAN_ATTRIBUTES = ("banned", "ban_reason")
 
 
 class InvalidUsername(ValueError):
@@ -234,6 +254,57 @@ class Accounts:
         except InvalidUsername:
             return False
         return await self._store.delete(name)
+
+    async def ban(self, username: str, reason: str) -> Ban:
+        """Ban the account (AccountNotFound); banning it again replaces the reason and time.
+
+        Only logins are refused here: the caller ends the account's sessions."""
+        try:
+            name = normalize_username(username)
+        except InvalidUsername:
+            raise AccountNotFound(username) from None
+        ban = Ban(int(time.time()), reason)
+
+        def add_ban(item: Item | None) -> dict[str, AttrValue]:
+            if item is None:
+                raise AccountNotFound(name)
+            return {**item.attrs, "banned": ban.since, "ban_reason": ban.reason}
+
+        await self._store.modify(name, add_ban, what="account")
+        return ban
+
+    async def unban(self, username: str) -> bool:
+        """Lift the account's ban; False if it had none (AccountNotFound: no account)."""
+        try:
+            name = normalize_username(username)
+        except InvalidUsername:
+            raise AccountNotFound(username) from None
+        lifted = False
+
+        def lift(item: Item | None) -> dict[str, AttrValue] | Unchanged:
+            nonlocal lifted
+            if item is None:
+                raise AccountNotFound(name)
+            lifted = "banned" in item.attrs
+            if not lifted:
+                return UNCHANGED
+            return {k: v for k, v in item.attrs.items() if k not in BAN_ATTRIBUTES}
+
+        await self._store.modify(name, lift, what="account")
+        return lifted
+
+    async def ban_of(self, username: str) -> Ban | None:
+        """The account's ban, None when it has none (or there is no such account)."""
+        try:
+            name = normalize_username(username)
+        except InvalidUsername:
+            return None
+        item = await self._store.get(name)
+        since = item.attrs.get("banned") if item is not None else None
+        if item is None or not isinstance(since, int):
+            return None
+        reason = item.attrs.get("ban_reason", "")
+        return Ban(since, reason if isinstance(reason, str) else "")
 
     async def exists(self, username: str) -> bool:
         try:

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from xmppd.auth.accounts import InvalidUsername, normalize_username
+from xmppd.auth.accounts import Ban, InvalidUsername, normalize_username
 from xmppd.jid import JID, InvalidJID
 from xmppd.sasl import SASLFailure
 from xmppd.sasl.mechanisms import scram_hash_of
@@ -171,6 +171,19 @@ class StreamLogin:
         if not await self.node.throttle.admit(self.ip, own):
             self._refuse_banned()
             return
+        # Last, with no wait between this read and the success: a ban written
+        # after it finds the stream authenticated, and `xmppctl ban` ends it.
+        accounts = self.node.accounts[host]
+        for name in dict.fromkeys((own.rsplit("@", 1)[0], username)):
+            try:
+                ban = await accounts.ban_of(name)
+            except StorageError as exc:
+                log.error("authentication for %s failed on the server side: %s", self.ip, exc)
+                self.stream.sasl_failure("temporary-auth-failure", "try again later")
+                return
+            if ban is not None:
+                self._refuse_disabled(f"{name}@{host}", ban)
+                return
         self.stream.sasl_success(username, additional)
         log.debug("authenticated %s from %s", own, self.ip)
 
@@ -225,6 +238,13 @@ class StreamLogin:
             "invalid-mechanism",
             f"this account has no {mechanism} credentials yet; it can use {', '.join(usable)}",
         )
+    def _refuse_disabled(self, account: str, ban: Ban) -> None:
+        """RFC 6120 6.5.1 <account-disabled/>: the credentials were right, the account is
+        banned (`xmppctl ban`). Only who knows the password learns it; the text gives
+        the operator's reason."""
+        log.info("refused the login of %s from %s: the account is banned", account, self.ip)
+        text = "this account is disabled" + (f": {ban.reason}" if ban.reason else "")
+        self.stream.sasl_failure("account-disabled", text)
 
     def bind(self, event: c2s.BindRequested, transport: Transport) -> ClientSession | None:
         """Bind the requested resource (or one the server makes) on `transport`.

@@ -515,12 +515,13 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", dest="destination", required=True, metavar="B.yml")
     migrate.set_defaults(run=cmd_migrate)
 
-    from xmppd.cli import ctl_sessions  # it uses this module's helpers
+    from xmppd.cli import ctl_admin, ctl_sessions  # they use this module's helpers
 
     ctl_sessions.add_parsers(sub)
     from xmppd.cli import ctl_xep227
 
     ctl_xep227.add_parsers(sub)
+    ctl_admin.add_parsers(sub)
     return parser
 
 
@@ -553,4 +554,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as xmppd.cli.ctl, not as __main__: the commands of ctl_sessions and
+    # ctl_admin raise that module's Failure, which main() must recognise.
+    from xmppd.cli import ctl
+
+    sys.exit(ctl.main())

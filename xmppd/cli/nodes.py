@@ -257,6 +257,46 @@ async def _get_all(
     return answers
 
 
+class NodeRefused(Exception):
+    """A running node answered with an error; the message is its reason. Not a node
+    that is gone: the caller must not go around it to the stores."""
+
+
+async def ask_nodes(
+    data_dir: Path,
+    method: str,
+    path: str,
+    outcome: Outcome,
+    request: object = None,
+    *,
+    everywhere: bool = False,
+) -> list[tuple[str, dict[str, Any]]] | None:
+    """Send one request to the nodes running here: to the first that answers, or to
+    each (`everywhere`). Their (URL, JSON answer), or None when none answered (none
+    runs, or none could be reached: the warnings are in `outcome`). NodeRefused when
+    a node answers with an error (the request is wrong, or the node's stores fail)."""
+    answers: list[tuple[str, dict[str, Any]]] = []
+    async with _admin_client(data_dir, outcome, "no node was asked") as client:
+        if client is None:
+            return None
+        nodes, http = client
+        for record, url in nodes.items():
+            try:
+                async with http.request(method, url + path, json=request) as response:
+                    body = await response.json(content_type=None)
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                _did_not_answer(outcome, url, record, e)
+                continue
+            if status != 200 or not isinstance(body, dict):
+                error = body.get("error") if isinstance(body, dict) else None
+                raise NodeRefused(f"the node at {url}: {error or f'HTTP {status}: {body}'}")
+            answers.append((url, body))
+            if not everywhere:
+                break
+    return answers or None
+
+
 async def drain_nodes(data_dir: Path, node: str | None) -> Outcome:
     """Ask the running nodes of this data_dir (only the one named `node`, by its cluster
     node name or pid, if given) to drain: each stops as on SIGTERM (POST /drain)."""
