@@ -21,6 +21,8 @@ class Disco(Module):
     def setup(self) -> None:
         # Server info nodes that answer like the server itself (XEP-0115 "node#ver").
         self.server_info_nodes: set[str] = set()
+        # Identities of every account besides account/registered (PEP: pubsub/pep).
+        self.account_identities: list[tuple[str, str, str | None]] = []
         self.host.add_identity("server", "im", "xmppd")
         for scope in ("server", "account"):
             self.host.add_feature(DISCO_INFO, scope)  # type: ignore[arg-type]
@@ -39,7 +41,7 @@ class Disco(Module):
             if not request.from_owner:
                 # Without presence subscriptions (roster module) only the owner may look.
                 raise StanzaError("service-unavailable")
-            identities: list[tuple[str, str, str | None]] = [("account", "registered", None)]
+            identities = [("account", "registered", None), *self.account_identities]
             features = self.host.features["account"]
         else:
             identities = self.host.identities
@@ -53,6 +55,10 @@ class Disco(Module):
         for var in sorted(features):
             etree.SubElement(query, f"{{{DISCO_INFO}}}feature").set("var", var)
         return query
+
+    def add_account_identity(self, category: str, type_: str) -> None:
+        """Announce an identity on every account's bare JID (XEP-0163: pubsub/pep)."""
+        self.account_identities.append((category, type_, None))
 
     def add_server_info_node(self, node: str) -> None:
         """Answer disco#info for `node` with the server's own info (XEP-0115 caps)."""

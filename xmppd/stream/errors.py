@@ -86,12 +86,21 @@ class StreamError(Exception):
 class StanzaError(Exception):
     """Raised by handlers to answer a stanza with an error (RFC 6120 section 8.3)."""
 
-    def __init__(self, condition: str, text: str | None = None, type_: str | None = None) -> None:
+    def __init__(
+        self,
+        condition: str,
+        text: str | None = None,
+        type_: str | None = None,
+        app: etree._Element | None = None,
+    ) -> None:
         assert condition in STANZA_CONDITIONS, condition
         super().__init__(f"{condition}: {text}" if text else condition)
         self.condition = condition
         self.text = text
         self.type = type_ or STANZA_CONDITIONS[condition]
+        # An application-specific condition (RFC 6120 8.3.4), e.g. XEP-0060's
+        # <precondition-not-met xmlns='http://jabber.org/protocol/pubsub#errors'/>.
+        self.app = app
 
 
 def error_reply(
@@ -100,8 +109,10 @@ def error_reply(
     text: str | None = None,
     type_: str | None = None,
     by: str | None = None,
+    app: etree._Element | None = None,
 ) -> etree._Element:
-    """The error answer to `stanza`: addresses swapped, same id, an <error/> child."""
+    """The error answer to `stanza`: addresses swapped, same id, an <error/> child
+    (with `app`, an application-specific condition, after the text)."""
     tag = stanza.tag if isinstance(stanza.tag, str) else ns.C_MESSAGE
     reply = etree.Element(tag, nsmap={None: ns.CLIENT})
     reply.set("type", "error")
@@ -118,11 +129,13 @@ def error_reply(
     etree.SubElement(err, f"{{{ns.STANZA_ERRORS}}}{condition}", nsmap={None: ns.STANZA_ERRORS})
     if text:
         etree.SubElement(err, f"{{{ns.STANZA_ERRORS}}}text").text = text
+    if app is not None:
+        err.append(app)
     return reply
 
 
 def error_from(stanza: etree._Element, exc: StanzaError) -> etree._Element:
-    return error_reply(stanza, exc.condition, exc.text, exc.type)
+    return error_reply(stanza, exc.condition, exc.text, exc.type, app=exc.app)
 
 
 def stanza_error_of(stanza: etree._Element) -> StanzaError:

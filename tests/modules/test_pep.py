@@ -1,0 +1,535 @@
+"""PEP (XEP-0163) and the pubsub engine under it (XEP-0060), without sockets.
+
+The stanzas are the XEPs' examples (XEP-0163 section 4 and 6, XEP-0060
+sections 6-8, XEP-0223, XEP-0172); each test names the example it follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import pytest
+from lxml import etree
+
+from xmppd.modules._pubsub_engine import PubSubService
+from xmppd.modules.caps import Identity, verification_string
+from xmppd.modules.pep import Pep
+from xmppd.modules.roster import RosterItem, RosterModule
+from xmppd.storage.base import Query
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza
+
+PS = "http://jabber.org/protocol/pubsub"
+OWNER = f"{PS}#owner"
+EVENT = f"{PS}#event"
+ERRORS = f"{PS}#errors"
+NICK = "http://jabber.org/protocol/nick"
+CAPS = "http://jabber.org/protocol/caps"
+INFO = "http://jabber.org/protocol/disco#info"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+M = "{jabber:client}message"
+IQ = "{jabber:client}iq"
+
+
+@pytest.fixture
+async def harness() -> ModuleHarness:
+    limits = {"max_nodes": 5, "max_item_bytes": 4096, "inline_item_bytes": 1024}
+    harness = ModuleHarness({"disco": {}, "roster": {}, "presence": {}, "pep": limits})
+    harness.users.update({"alice@localhost", "bob@localhost", "carol@localhost"})
+    return await harness.start()
+
+
+def pep(harness: ModuleHarness) -> Pep:
+    module = harness.host.modules["pep"]
+    assert isinstance(module, Pep)
+    return module
+
+
+async def befriend(harness: ModuleHarness, owner: str, contact: str, sub: str = "both") -> None:
+    """Put `contact` in `owner`'s roster with `sub`, and the mirror item in the contact's."""
+    roster = harness.host.modules["roster"]
+    assert isinstance(roster, RosterModule)
+    mirror = {"both": "both", "from": "to", "to": "from"}[sub]
+    for a, b, s in ((owner, contact, sub), (contact, owner, mirror)):
+        await roster.update(a, b, lambda _, b=b, s=s: RosterItem(b, subscription=s))  # type: ignore[misc]
+
+
+def caps_ver(notify: Iterable[str]) -> tuple[list[str], str]:
+    features = [INFO, *(f"{node}+notify" for node in notify)]
+    return features, verification_string([Identity("client", "pc", "t")], features)
+
+
+async def online(
+    harness: ModuleHarness,
+    jid: str,
+    notify: Iterable[str] = (),
+    asked_before: list[bool] | None = None,
+) -> TestSession:
+    """A session that sends initial presence with caps asking for `notify`; it answers
+    the server's disco#info like a client (whether it was asked is appended to
+    `asked_before`). What came besides the presence echo and the disco#info stays
+    received."""
+    asked_before = [] if asked_before is None else asked_before
+    features, ver = caps_ver(notify)
+    session = harness.session(jid, available=False)
+    presence = parse_stanza(
+        f"<presence><c xmlns='{CAPS}' hash='sha-1' node='https://t.example' ver='{ver}'/>"
+        "</presence>"
+    )
+    presence.set("from", session.jid)
+    session.receive(presence)
+    # The disco#info is sent while the presence is handled: answer it meanwhile, as a
+    # client does (draining first would wait for the answer). Caps this server verified
+    # before are not asked again.
+    asked: list[etree._Element] = []
+    for _ in range(300):
+        asked = [s for s in session.received if s.tag == IQ]
+        if asked:
+            break
+        await asyncio.sleep(0)
+    asked_before.append(bool(asked))
+    if asked:
+        session.received.remove(asked[0])
+        query = "".join(f"<feature var='{f}'/>" for f in features)
+        result = parse_stanza(
+            f"<iq type='result' id='{asked[0].get('id')}' to='{asked[0].get('from')}'>"
+            f"<query xmlns='{INFO}' node='{asked[0][0].get('node')}'>"
+            f"<identity category='client' type='pc' name='t'/>{query}</query></iq>"
+        )
+        result.set("from", session.jid)
+        session.receive(result)
+    await settle(harness)
+    session.received = [s for s in session.received if s.tag != "{jabber:client}presence"]
+    return session
+
+
+async def ask(
+    harness: ModuleHarness, session: TestSession, type_: str, payload: str, to: str | None = None
+) -> etree._Element:
+    """Send an IQ; return its answer and leave what else came (notifications) received."""
+    to_attr = f" to='{to}'" if to else ""
+    got = await harness.send(session, f"<iq type='{type_}' id='t1'{to_attr}>{payload}</iq>")
+    answers = [r for r in got if r.tag == IQ and r.get("id") == "t1"]
+    assert len(answers) == 1, [etree.tostring(r) for r in got]
+    session.received.extend(r for r in got if r is not answers[0])
+    return answers[0]
+
+
+async def settle(harness: ModuleHarness) -> None:
+    for _ in range(5):
+        await harness.router.drain()
+        await asyncio.sleep(0)
+
+
+def publish_nick(nick: str, item_id: str = "current", options: str = "") -> str:
+    """XEP-0172 example 3 (publishing a nickname), with optional publish-options."""
+    return (
+        f"<pubsub xmlns='{PS}'><publish node='{NICK}'><item id='{item_id}'>"
+        f"<nick xmlns='{NICK}'>{nick}</nick></item></publish>{options}</pubsub>"
+    )
+
+
+def options_form(fields: dict[str, str], form_type: str = f"{PS}#publish-options") -> str:
+    values = "".join(f"<field var='{k}'><value>{v}</value></field>" for k, v in fields.items())
+    return (
+        f"<publish-options><x xmlns='jabber:x:data' type='submit'>"
+        f"<field var='FORM_TYPE' type='hidden'><value>{form_type}</value></field>{values}"
+        "</x></publish-options>"
+    )
+
+
+def publish_to(node: str, *, open_: bool = False) -> str:
+    options = options_form({"pubsub#access_model": "open"}) if open_ else ""
+    return (
+        f"<pubsub xmlns='{PS}'><publish node='{node}'><item><a xmlns='x'/></item></publish>"
+        f"{options}</pubsub>"
+    )
+
+
+def subscription(action: str, node: str, jid: str) -> str:
+    return f"<pubsub xmlns='{PS}'><{action} node='{node}' jid='{jid}'/></pubsub>"
+
+
+def events(stanzas: Iterable[etree._Element]) -> list[tuple[str | None, str | None, str]]:
+    """(from, to, what) of each pubsub notification: what = 'item <id> <payload text>',
+    'retract <id>', 'delete', 'purge'."""
+    found = []
+    for stanza in stanzas:
+        event = stanza.find(f"{{{EVENT}}}event") if stanza.tag == M else None
+        if event is None:
+            continue
+        for child in event:
+            name = child.tag.split("}")[1]
+            if name == "items":
+                for entry in child:
+                    kind = entry.tag.split("}")[1]
+                    text = "".join(entry.itertext())
+                    found.append((stanza.get("from"), stanza.get("to"),
+                                  f"{kind} {entry.get('id')} {text}".strip()))
+            else:
+                found.append((stanza.get("from"), stanza.get("to"), name))
+    return found
+
+
+def error_of(reply: etree._Element) -> tuple[str, str | None, str | None]:
+    """(type, condition, pubsub#errors condition) of an error reply."""
+    assert reply.get("type") == "error", etree.tostring(reply)
+    error = reply.find("{jabber:client}error")
+    assert error is not None
+    condition = app = None
+    for child in error:
+        if child.tag.startswith(f"{{{STANZAS}}}") and not child.tag.endswith("text"):
+            condition = child.tag.split("}")[1]
+        elif child.tag.startswith(f"{{{ERRORS}}}"):
+            app = child.tag.split("}")[1]
+    return error.get("type") or "", condition, app
+
+
+async def stored_names(harness: ModuleHarness, store: str = "pep") -> list[str]:
+    page = await harness.host.items("localhost", store).query(Query(limit=1000))
+    return [item.name for item in page.items]
+
+
+# --- XEP-0163 section 4 and 6: publish, auto-create, notifications ----------------------------
+
+
+async def test_publish_auto_creates_and_notifies_interested_resources(
+    harness: ModuleHarness,
+) -> None:
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    alice = await online(harness, "alice@localhost/a", [NICK])
+    alice_other = await online(harness, "alice@localhost/b", [NICK])
+    bob = await online(harness, "bob@localhost/b", [NICK])
+    bob_deaf = await online(harness, "bob@localhost/deaf", [])  # no +notify: filtered
+    carol = await online(harness, "carol@localhost/c", [NICK])  # no subscription
+    reply = await ask(harness, alice, "set", publish_nick("Alice"))
+    assert reply.get("type") == "result"
+    assert reply.find(f"{{{PS}}}pubsub/{{{PS}}}publish/{{{PS}}}item").get("id") == "current"
+    await settle(harness)
+    assert events(alice.take()) == [("alice@localhost", "alice@localhost/a", "item current Alice")]
+    assert events(alice_other.take()) == [
+        ("alice@localhost", "alice@localhost/b", "item current Alice")
+    ]
+    assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "item current Alice")]
+    assert events(bob_deaf.take()) == []
+    assert events(carol.take()) == []
+
+
+async def test_last_item_at_login_and_caps_asked_once(harness: ModuleHarness) -> None:
+    """XEP-0163 6.2: a contact's resource that comes online gets the last item; the
+    same caps a second time are known without asking the client again."""
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("Alice"))
+    asked: list[bool] = []
+    bob = await online(harness, "bob@localhost/b", [NICK], asked)
+    assert asked == [True]
+    assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "item current Alice")]
+    # Same caps again: not asked again, the item comes anyway.
+    asked.clear()
+    bob2 = await online(harness, "bob@localhost/b2", [NICK], asked)
+    assert asked == [False]
+    received = bob2.take()
+    assert events(received) == [("alice@localhost", "bob@localhost/b2", "item current Alice")]
+
+
+async def test_last_item_on_new_presence_subscription(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("Alice"))
+    carol = await online(harness, "carol@localhost/c", [NICK])
+    assert events(carol.take()) == []
+    await befriend(harness, "alice@localhost", "carol@localhost", "from")
+    await settle(harness)
+    assert events(carol.take()) == [("alice@localhost", "carol@localhost/c", "item current Alice")]
+
+
+async def test_retract_and_items_and_access(harness: ModuleHarness) -> None:
+    """XEP-0060 6.5 (items), 7.2 (retract with notification), 6.1.3.2 (presence
+    subscription required)."""
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("Alice"))
+    bob = await online(harness, "bob@localhost/b", [NICK])
+    bob.take()
+    carol = harness.session("carol@localhost/c")
+    items = f"<pubsub xmlns='{PS}'><items node='{NICK}'/></pubsub>"
+    reply = await harness.iq(bob, "get", items, to="alice@localhost")
+    assert [i.get("id") for i in reply.iter(f"{{{PS}}}item")] == ["current"]
+    reply = await harness.iq(carol, "get", items, to="alice@localhost")
+    assert error_of(reply) == ("auth", "not-authorized", "presence-subscription-required")
+    retract = f"<pubsub xmlns='{PS}'><retract node='{NICK}' notify='true'><item id='current'/>"
+    reply = await harness.iq(alice, "set", retract + "</retract></pubsub>")
+    assert reply.get("type") == "result"
+    await settle(harness)
+    assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "retract current")]
+    reply = await harness.iq(bob, "get", items, to="alice@localhost")
+    assert list(reply.iter(f"{{{PS}}}item")) == []
+    # Retracting it again: item-not-found.
+    reply = await harness.iq(alice, "set", retract + "</retract></pubsub>")
+    assert error_of(reply)[1] == "item-not-found"
+
+
+async def test_only_the_account_publishes(harness: ModuleHarness) -> None:
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    bob = harness.session("bob@localhost/b")
+    reply = await harness.iq(bob, "set", publish_nick("Mallory"), to="alice@localhost")
+    assert error_of(reply)[1] == "forbidden"
+    assert await stored_names(harness) == []
+
+
+# --- XEP-0223 private storage and publish-options ---------------------------------------------
+
+
+async def test_private_storage_with_publish_options(harness: ModuleHarness) -> None:
+    """XEP-0223 example 1; XEP-0060 7.1.5 (precondition-not-met)."""
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    alice = harness.session("alice@localhost/a")
+    bob = await online(harness, "bob@localhost/b", ["storage:bookmarks"])
+    private = options_form({"pubsub#persist_items": "true", "pubsub#access_model": "whitelist"})
+    publish = (
+        f"<pubsub xmlns='{PS}'><publish node='storage:bookmarks'><item id='current'>"
+        "<storage xmlns='storage:bookmarks'><conference jid='a@b' autojoin='true'/></storage>"
+        f"</item></publish>{private}</pubsub>"
+    )
+    assert (await harness.iq(alice, "set", publish)).get("type") == "result"
+    await settle(harness)
+    assert events(bob.take()) == []  # whitelist: contacts get nothing
+    items = f"<pubsub xmlns='{PS}'><items node='storage:bookmarks'/></pubsub>"
+    reply = await harness.iq(bob, "get", items, to="alice@localhost")
+    assert error_of(reply) == ("cancel", "not-allowed", "closed-node")
+    reply = await harness.iq(alice, "get", items)
+    assert [i.get("id") for i in reply.iter(f"{{{PS}}}item")] == ["current"]
+    # A publish whose options do not match the node: conflict, nothing changed.
+    public = options_form({"pubsub#access_model": "open"})
+    reply = await harness.iq(alice, "set", publish.replace(private, public))
+    assert error_of(reply) == ("cancel", "conflict", "precondition-not-met")
+    reply = await harness.iq(bob, "get", items, to="alice@localhost")
+    assert error_of(reply)[2] == "closed-node"
+
+
+async def test_public_data_xep0222(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    carol = harness.session("carol@localhost/c")
+    reply = await harness.iq(
+        alice, "set", publish_nick("Alice", options=options_form({"pubsub#access_model": "open"}))
+    )
+    assert reply.get("type") == "result"
+    items = f"<pubsub xmlns='{PS}'><items node='{NICK}'/></pubsub>"
+    reply = await harness.iq(carol, "get", items, to="alice@localhost")
+    assert [i.get("id") for i in reply.iter(f"{{{PS}}}item")] == ["current"]
+
+
+async def test_malformed_forms_change_nothing(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    bad_type = options_form({"pubsub#access_model": "open"}, form_type="urn:wrong")
+    reply = await harness.iq(alice, "set", publish_nick("A", options=bad_type))
+    assert error_of(reply)[1] == "bad-request"
+    unknown = options_form({"pubsub#no_such_option": "1"})
+    reply = await harness.iq(alice, "set", publish_nick("A", options=unknown))
+    assert error_of(reply) == ("cancel", "conflict", "precondition-not-met")
+    two_items = (
+        f"<pubsub xmlns='{PS}'><publish node='n'><item id='1'><a xmlns='x'/></item>"
+        "<item id='2'><a xmlns='x'/></item></publish></pubsub>"
+    )
+    reply = await harness.iq(alice, "set", two_items)
+    assert error_of(reply) == ("modify", "bad-request", "invalid-payload")
+    assert await stored_names(harness) == []
+    await harness.iq(alice, "set", publish_nick("A"))
+    configure = (
+        f"<pubsub xmlns='{OWNER}'><configure node='{NICK}'><x xmlns='jabber:x:data' "
+        f"type='submit'><field var='FORM_TYPE' type='hidden'><value>{PS}#node_config</value>"
+        "</field><field var='pubsub#max_items'><value>lots</value></field></x></configure>"
+        "</pubsub>"
+    )
+    reply = await harness.iq(alice, "set", configure)
+    assert error_of(reply)[1] == "not-acceptable"
+    node = await pep(harness).service("alice@localhost").node(NICK)
+    assert node is not None and node.config["pubsub#max_items"] == 1
+
+
+# --- XEP-0060 section 8: configure, max_items, delete, purge -----------------------------------
+
+
+def configure_form(fields: dict[str, str]) -> str:
+    values = "".join(f"<field var='{k}'><value>{v}</value></field>" for k, v in fields.items())
+    return (
+        f"<pubsub xmlns='{OWNER}'><configure node='{NICK}'><x xmlns='jabber:x:data' "
+        f"type='submit'><field var='FORM_TYPE' type='hidden'><value>{PS}#node_config</value>"
+        f"</field>{values}</x></configure></pubsub>"
+    )
+
+
+async def test_max_items_and_configure(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("A", "1"))
+    get = f"<pubsub xmlns='{OWNER}'><configure node='{NICK}'/></pubsub>"
+    form = await harness.iq(alice, "get", get)
+    fields = {
+        f.get("var"): f.findtext("{jabber:x:data}value")
+        for f in form.iter("{jabber:x:data}field")
+    }
+    assert fields["pubsub#max_items"] == "1" and fields["pubsub#access_model"] == "presence"
+    reply = await harness.iq(alice, "set", configure_form({"pubsub#max_items": "2"}))
+    assert reply.get("type") == "result"
+    for item_id in ("2", "3"):
+        await harness.iq(alice, "set", publish_nick("A" + item_id, item_id))
+    items = f"<pubsub xmlns='{PS}'><items node='{NICK}'/></pubsub>"
+    reply = await harness.iq(alice, "get", items)
+    assert [i.get("id") for i in reply.iter(f"{{{PS}}}item")] == ["2", "3"]
+    # max_items='1' in the request: the newest.
+    reply = await harness.iq(alice, "get", items.replace("/>", " max_items='1'/>"))
+    assert [i.get("id") for i in reply.iter(f"{{{PS}}}item")] == ["3"]
+    # 'max': as many as the service allows (256 by default).
+    await harness.iq(alice, "set", configure_form({"pubsub#max_items": "max"}))
+    for item_id in ("4", "5"):
+        await harness.iq(alice, "set", publish_nick("A" + item_id, item_id))
+    reply = await harness.iq(alice, "get", items)
+    assert [i.get("id") for i in reply.iter(f"{{{PS}}}item")] == ["2", "3", "4", "5"]
+    # Down to one: the older item records are deleted too, not only unlisted.
+    await harness.iq(alice, "set", configure_form({"pubsub#max_items": "1"}))
+    assert [n for n in await stored_names(harness) if "/i/" in n] == [
+        "alice/i/http%3A%2F%2Fjabber.org%2Fprotocol%2Fnick/5"
+    ]
+
+
+async def test_delete_and_purge_notify(harness: ModuleHarness) -> None:
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("A"))
+    bob = await online(harness, "bob@localhost/b", [NICK])
+    bob.take()
+    purge = f"<pubsub xmlns='{OWNER}'><purge node='{NICK}'/></pubsub>"
+    assert (await harness.iq(alice, "set", purge)).get("type") == "result"
+    await settle(harness)
+    assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "purge")]
+    delete = f"<pubsub xmlns='{OWNER}'><delete node='{NICK}'/></pubsub>"
+    assert (await harness.iq(alice, "set", delete)).get("type") == "result"
+    await settle(harness)
+    assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "delete")]
+    assert await stored_names(harness) == []
+    reply = await harness.iq(alice, "set", delete)
+    assert error_of(reply)[1] == "item-not-found"
+    reply = await harness.iq(bob, "set", delete, to="alice@localhost")
+    assert error_of(reply)[1] == "forbidden"
+
+
+# --- explicit subscriptions (XEP-0060 6.1, 6.2) -------------------------------------------------
+
+
+async def test_subscribe_gets_last_item_and_notifications(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(
+        alice, "set", publish_nick("A", options=options_form({"pubsub#access_model": "open"}))
+    )
+    carol = harness.session("carol@localhost/c")
+    subscribe = subscription("subscribe", NICK, "carol@localhost/c")
+    reply = await ask(harness, carol, "set", subscribe, to="alice@localhost")
+    sub = reply.find(f"{{{PS}}}pubsub/{{{PS}}}subscription")
+    assert sub is not None and sub.get("subscription") == "subscribed" and sub.get("subid")
+    await settle(harness)
+    assert events(carol.take()) == [("alice@localhost", "carol@localhost/c", "item current A")]
+    await harness.iq(alice, "set", publish_nick("B", "new"))
+    await settle(harness)
+    assert events(carol.take()) == [("alice@localhost", "carol@localhost/c", "item new B")]
+    # Someone else's JID: invalid-jid (XEP-0060 6.1.3.1).
+    other = subscribe.replace("carol@localhost/c", "bob@localhost")
+    reply = await harness.iq(carol, "set", other, to="alice@localhost")
+    assert error_of(reply)[2] == "invalid-jid"
+    unsubscribe = subscription("unsubscribe", NICK, "carol@localhost/c")
+    reply = await harness.iq(carol, "set", unsubscribe, to="alice@localhost")
+    assert reply.get("type") == "result"
+    reply = await harness.iq(carol, "set", unsubscribe, to="alice@localhost")
+    assert error_of(reply) == ("cancel", "unexpected-request", "not-subscribed")
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+
+async def test_limits(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    big = "x" * 5000
+    reply = await harness.iq(alice, "set", publish_nick(big))
+    assert error_of(reply) == ("modify", "not-acceptable", "payload-too-big")
+    assert await stored_names(harness) == []
+    for n in range(5):
+        reply = await harness.iq(alice, "set", publish_to(f"n{n}"))
+        assert reply.get("type") == "result"
+    reply = await harness.iq(alice, "set", publish_nick("A"))
+    assert error_of(reply) == ("cancel", "not-allowed", "max-nodes-exceeded")
+    assert len([n for n in await stored_names(harness) if "/n/" in n]) == 5
+
+
+async def test_subscriptions_per_user_limit() -> None:
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {"max_subscriptions": 1}})
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    for node in ("one", "two"):
+        await harness.iq(alice, "set", publish_to(node, open_=True))
+    carol = harness.session("carol@localhost/c")
+    one = subscription("subscribe", "one", "carol@localhost")
+    ok = await harness.iq(carol, "set", one, to="alice@localhost")
+    assert ok.get("type") == "result"
+    two = subscription("subscribe", "two", "carol@localhost")
+    refused = await harness.iq(carol, "set", two, to="alice@localhost")
+    assert error_of(refused) == ("cancel", "not-allowed", "too-many-subscriptions")
+
+
+# --- storage: large items, concurrent publishers, removal ------------------------------------
+
+
+async def test_large_item_in_the_blob_store(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    data = "d" * 2000  # over inline_item_bytes (1024), under max_item_bytes (4096)
+    await harness.iq(alice, "set", publish_nick(data, "big"))
+    blobs = await harness.host.blobs("localhost", "pep").list("alice/")
+    assert len(blobs.keys) == 1
+    reply = await harness.iq(alice, "get", f"<pubsub xmlns='{PS}'><items node='{NICK}'/></pubsub>")
+    assert "".join(reply.itertext()) == data
+    await harness.iq(alice, "set", publish_nick("small", "big"))  # replaced: the blob goes
+    assert (await harness.host.blobs("localhost", "pep").list("alice/")).keys == []
+
+
+async def test_two_publishers_at_once_lose_nothing(harness: ModuleHarness) -> None:
+    """Six publishes to one node at once (as from six cluster nodes): the conditional
+    write of the node record makes the losers retry, so every item is listed."""
+    service: PubSubService = pep(harness).service("alice@localhost")
+    await service.create("alice@localhost", "n", etree.fromstring(
+        f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>{PS}#node_config"
+        "</value></field><field var='pubsub#max_items'><value>10</value></field></x>"
+    ))
+
+    def item(i: int) -> etree._Element:
+        return etree.fromstring(f"<item xmlns='{PS}' id='{i}'><a xmlns='x'/></item>")
+
+    await asyncio.gather(*(
+        service.publish("alice@localhost", "n", item(i), {}, auto_create=False) for i in range(6)
+    ))
+    node = await service.existing("n")
+    assert sorted(entry[0] for entry in node.items) == [str(i) for i in range(6)]
+
+
+async def test_account_removal_leaves_nothing(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("d" * 2000))  # a blob too
+    await harness.iq(alice, "set", publish_to("other", open_=True))
+    carol = harness.session("carol@localhost/c")
+    subscribe = subscription("subscribe", "other", "carol@localhost")
+    assert (await harness.iq(carol, "set", subscribe, to="alice@localhost")).get("type") == "result"
+    await harness.iq(carol, "set", publish_nick("C"))
+    assert await pep(harness).remove_user("localhost", "alice") is True
+    left = await stored_names(harness)
+    assert left and all(n.startswith(("carol/", "/u/")) for n in left)
+    assert (await harness.host.blobs("localhost", "pep").list("alice/")).keys == []
+    # Carol's subscription to alice's node is in carol's index; removing carol clears it.
+    assert await pep(harness).remove_user("localhost", "carol") is True
+    assert await stored_names(harness) == []
+    assert await pep(harness).remove_user("localhost", "carol") is False
+
+
+async def test_disco_says_pep(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    reply = await harness.iq(alice, "get", f"<query xmlns='{INFO}'/>", to="alice@localhost")
+    identities = [(i.get("category"), i.get("type")) for i in reply.iter(f"{{{INFO}}}identity")]
+    assert ("pubsub", "pep") in identities
+    features = {f.get("var") for f in reply.iter(f"{{{INFO}}}feature")}
+    assert {f"{PS}#publish", f"{PS}#publish-options", f"{PS}#auto-create"} <= features
