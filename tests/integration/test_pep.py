@@ -1,0 +1,170 @@
+"""PEP (XEP-0163) with real slixmpp clients: avatars (XEP-0084) and nicknames (XEP-0172)
+published from one client reach the user's other client and a contact's, through
+entity capabilities (XEP-0115), on both storage profiles and across a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+
+from slixmpp import JID, Message
+from slixmpp.exceptions import IqError
+
+from tests.integration.clients import Client, close, insecure_context
+from tests.integration.conftest import StartServer, port_of
+from xmppd.modules.roster import RosterItem, RosterModule
+from xmppd.server import Server
+
+MODULES = {"disco": {}, "caps": {}, "roster": {}, "presence": {}, "pep": {}}
+PLUGINS = ("xep_0030", "xep_0115", "xep_0060", "xep_0163", "xep_0084", "xep_0172")
+NICK = "http://jabber.org/protocol/nick"
+AVATAR_DATA = "urn:xmpp:avatar:data"
+# Over the default inline_item_bytes (32 KiB): kept in the blob store.
+IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 160
+
+
+class PepClient(Client):
+    """A client interested in nicknames and avatar metadata, recording the notifications."""
+
+    def __init__(self, jid: str, password: str) -> None:
+        super().__init__(jid, password)
+        self.nicks: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # (from, nick)
+        self.avatars: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # (from, item id)
+        self.add_event_handler("user_nick_publish", self._nick)
+        self.add_event_handler("avatar_metadata_publish", self._avatar)
+
+    def _nick(self, msg: Message) -> None:
+        item = msg["pubsub_event"]["items"]["item"]
+        self.nicks.put_nowait((str(msg["from"]), item["nick"]["nick"]))
+
+    def _avatar(self, msg: Message) -> None:
+        item = msg["pubsub_event"]["items"]["item"]
+        self.avatars.put_nowait((str(msg["from"]), item["id"]))
+
+
+async def online(server: Server, jid: str, password: str) -> PepClient:
+    """Log in, compute caps with the +notify features, then send initial presence."""
+    client = PepClient(jid, password)
+    for plugin in PLUGINS:
+        client.register_plugin(plugin)
+    client.ssl_context = insecure_context()
+    client.enable_direct_tls = True
+    client.enable_starttls = False
+    client.enable_plaintext = False
+    client.connect("127.0.0.1", port_of(server, "direct_tls"))
+    await asyncio.wait_for(client.started.wait(), 15)
+    await client.plugin["xep_0115"].update_caps(broadcast=False)
+    client.send_presence()
+    return client
+
+
+async def befriend(server: Server, one: str, other: str) -> None:
+    """A mutual presence subscription, written before anyone logs in."""
+    roster = server.modules.module(RosterModule)
+
+    def both(contact: str) -> Callable[[RosterItem | None], RosterItem]:
+        return lambda _: RosterItem(jid=contact, subscription="both")
+
+    await roster.modify(one, other, both(other))
+    await roster.modify(other, one, both(one))
+
+
+async def next_of(queue: asyncio.Queue[tuple[str, str]]) -> tuple[str, str]:
+    return await asyncio.wait_for(queue.get(), 10)
+
+
+async def publish_avatar(client: PepClient) -> str:
+    avatar_id = hashlib.sha1(IMAGE).hexdigest()
+    await client.plugin["xep_0084"].publish_avatar(IMAGE, timeout=10)
+    await client.plugin["xep_0084"].publish_avatar_metadata(
+        [{"id": avatar_id, "type": "image/png", "bytes": len(IMAGE)}], timeout=10
+    )
+    return avatar_id
+
+
+async def test_avatar_and_nick_reach_other_clients_and_survive_a_restart(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(modules=MODULES)
+    await befriend(server, "alice@localhost", "bob@localhost")
+    desk = await online(server, "alice@localhost/desk", "alice-secret")
+    await desk.plugin["xep_0172"].publish_nick("Alice", timeout=10)
+    avatar_id = await publish_avatar(desk)
+
+    # Logging in brings the last items (XEP-0163 6.2), the user's own and a contact's.
+    phone = await online(server, "alice@localhost/phone", "alice-secret")
+    bob = await online(server, "bob@localhost/home", "bob-secret")
+    for client in (phone, bob):
+        assert await next_of(client.nicks) == ("alice@localhost", "Alice")
+        assert await next_of(client.avatars) == ("alice@localhost", avatar_id)
+
+    # A new nickname: every interested resource is notified, the publisher's too.
+    await phone.plugin["xep_0172"].publish_nick("Alice L.", timeout=10)
+    for client in (desk, phone, bob):
+        while (got := await next_of(client.nicks))[1] != "Alice L.":
+            assert got == ("alice@localhost", "Alice")  # the earlier one, late
+        assert got == ("alice@localhost", "Alice L.")
+
+    # The contact fetches the avatar's data (XEP-0084 example 4) by the metadata's id.
+    result = await bob.plugin["xep_0084"].retrieve_avatar(
+        JID("alice@localhost"), avatar_id, timeout=10
+    )
+    assert result["pubsub"]["items"]["item"]["avatar_data"]["value"] == IMAGE
+
+    # Not alice: bob cannot publish to her nodes.
+    try:
+        payload = desk.plugin["xep_0172"].stanza.UserNick().xml
+        await bob.plugin["xep_0060"].publish(
+            JID("alice@localhost"), NICK, payload=payload, timeout=10
+        )
+        raise AssertionError("bob published to alice's PEP")
+    except IqError as exc:
+        assert exc.condition == "forbidden"
+    for client in (desk, phone, bob):
+        await close(client)
+
+    await server.stop()
+    server = await start_server(users={}, modules=MODULES)
+    bob = await online(server, "bob@localhost/home", "bob-secret")
+    assert await next_of(bob.nicks) == ("alice@localhost", "Alice L.")
+    assert await next_of(bob.avatars) == ("alice@localhost", avatar_id)
+    result = await bob.plugin["xep_0084"].retrieve_avatar(
+        JID("alice@localhost"), avatar_id, timeout=10
+    )
+    assert result["pubsub"]["items"]["item"]["avatar_data"]["value"] == IMAGE
+    await close(bob)
+
+
+async def test_private_data_stays_private(start_server: StartServer) -> None:
+    """XEP-0223: publish-options whitelist + persist_items; a contact gets no notification
+    and cannot read it, the owner's other client reads it back."""
+    server = await start_server(modules=MODULES)
+    await befriend(server, "alice@localhost", "bob@localhost")
+    desk = await online(server, "alice@localhost/desk", "alice-secret")
+    options = desk.plugin["xep_0004"].make_form("submit")
+    options.add_field(
+        "FORM_TYPE", ftype="hidden", value="http://jabber.org/protocol/pubsub#publish-options"
+    )
+    options.add_field("pubsub#persist_items", value=True)
+    options.add_field("pubsub#access_model", value="whitelist")
+    nick = desk.plugin["xep_0172"].stanza.UserNick()
+    nick["nick"] = "secret"
+    await desk.plugin["xep_0163"].publish(
+        nick, node="urn:test:private", options=options, timeout=10
+    )
+    bob = await online(server, "bob@localhost/home", "bob-secret")
+    try:
+        await bob.plugin["xep_0060"].get_items(
+            JID("alice@localhost"), "urn:test:private", timeout=10
+        )
+        raise AssertionError("bob read alice's private node")
+    except IqError as exc:
+        assert exc.condition == "not-allowed"
+    phone = await online(server, "alice@localhost/phone", "alice-secret")
+    result = await phone.plugin["xep_0060"].get_items(
+        JID("alice@localhost"), "urn:test:private", timeout=10
+    )
+    assert result.xml.findtext(f".//{{{NICK}}}nick") == "secret"
+    for client in (desk, bob, phone):
+        await close(client)
