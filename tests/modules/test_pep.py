@@ -164,8 +164,13 @@ def events(stanzas: Iterable[etree._Element]) -> list[tuple[str | None, str | No
                 for entry in child:
                     kind = entry.tag.split("}")[1]
                     text = "".join(entry.itertext())
-                    found.append((stanza.get("from"), stanza.get("to"),
-                                  f"{kind} {entry.get('id')} {text}".strip()))
+                    found.append(
+                        (
+                            stanza.get("from"),
+                            stanza.get("to"),
+                            f"{kind} {entry.get('id')} {text}".strip(),
+                        )
+                    )
             else:
                 found.append((stanza.get("from"), stanza.get("to"), name))
     return found
@@ -365,8 +370,7 @@ async def test_max_items_and_configure(harness: ModuleHarness) -> None:
     get = f"<pubsub xmlns='{OWNER}'><configure node='{NICK}'/></pubsub>"
     form = await harness.iq(alice, "get", get)
     fields = {
-        f.get("var"): f.findtext("{jabber:x:data}value")
-        for f in form.iter("{jabber:x:data}field")
+        f.get("var"): f.findtext("{jabber:x:data}value") for f in form.iter("{jabber:x:data}field")
     }
     assert fields["pubsub#max_items"] == "1" and fields["pubsub#access_model"] == "presence"
     reply = await harness.iq(alice, "set", configure_form({"pubsub#max_items": "2"}))
@@ -493,17 +497,21 @@ async def test_two_publishers_at_once_lose_nothing(harness: ModuleHarness) -> No
     """Six publishes to one node at once (as from six cluster nodes): the conditional
     write of the node record makes the losers retry, so every item is listed."""
     service: PubSubService = pep(harness).service("alice@localhost")
-    await service.create("alice@localhost", "n", etree.fromstring(
-        f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>{PS}#node_config"
-        "</value></field><field var='pubsub#max_items'><value>10</value></field></x>"
-    ))
+    await service.create(
+        "alice@localhost",
+        "n",
+        etree.fromstring(
+            f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>{PS}#node_config"
+            "</value></field><field var='pubsub#max_items'><value>10</value></field></x>"
+        ),
+    )
 
     def item(i: int) -> etree._Element:
         return etree.fromstring(f"<item xmlns='{PS}' id='{i}'><a xmlns='x'/></item>")
 
-    await asyncio.gather(*(
-        service.publish("alice@localhost", "n", item(i), {}, auto_create=False) for i in range(6)
-    ))
+    await asyncio.gather(
+        *(service.publish("alice@localhost", "n", item(i), {}, auto_create=False) for i in range(6))
+    )
     node = await service.existing("n")
     assert sorted(entry[0] for entry in node.items) == [str(i) for i in range(6)]
 
