@@ -168,3 +168,61 @@ async def test_private_data_stays_private(start_server: StartServer) -> None:
     assert result.xml.findtext(f".//{{{NICK}}}nick") == "secret"
     for client in (desk, bob, phone):
         await close(client)
+
+
+def listen(client: PepClient) -> dict[str, asyncio.Queue[str]]:
+    """Queues of the item ids published and retracted and the nodes deleted that
+    `client` is told of."""
+    queues: dict[str, asyncio.Queue[str]] = {k: asyncio.Queue() for k in ("publish", "retract")}
+    queues["delete"] = asyncio.Queue()
+    for kind in ("publish", "retract"):
+        key = "item" if kind == "publish" else "retract"
+        client.add_event_handler(
+            f"pubsub_{kind}",
+            lambda msg, kind=kind, key=key: queues[kind].put_nowait(
+                msg["pubsub_event"]["items"][key]["id"]
+            ),
+        )
+    client.add_event_handler(
+        "pubsub_delete",
+        lambda msg: queues["delete"].put_nowait(msg["pubsub_event"]["delete"]["node"]),
+    )
+    return queues
+
+
+async def test_pubsub_service_with_slixmpp(start_server: StartServer) -> None:
+    """XEP-0060 at pubsub.localhost: create, subscribe, publish with notification,
+    disco of nodes; after a restart the item is still there, and retract and delete
+    notify the subscriber."""
+    modules = {**MODULES, "pubsub": {}}
+    server = await start_server(modules=modules)
+    alice = await online(server, "alice@localhost/desk", "alice-secret")
+    bob = await online(server, "bob@localhost/home", "bob-secret")
+    heard = listen(bob)
+    service = JID("pubsub.localhost")
+    await alice.plugin["xep_0060"].create_node(service, "news", timeout=10)
+    await bob.plugin["xep_0060"].subscribe(service, "news", timeout=10)
+    nick = alice.plugin["xep_0172"].stanza.UserNick()
+    nick["nick"] = "hello"
+    await alice.plugin["xep_0060"].publish(
+        service, "news", id="first", payload=nick.xml, timeout=10
+    )
+    assert await asyncio.wait_for(heard["publish"].get(), 10) == "first"
+    nodes = await alice.plugin["xep_0030"].get_items(jid=service, timeout=10)
+    assert [node for _, node, _ in nodes["disco_items"]["items"]] == ["news"]
+    for client in (alice, bob):
+        await close(client)
+
+    await server.stop()
+    server = await start_server(users={}, modules=modules)
+    alice = await online(server, "alice@localhost/desk", "alice-secret")
+    bob = await online(server, "bob@localhost/home", "bob-secret")
+    heard = listen(bob)
+    items = await bob.plugin["xep_0060"].get_items(service, "news", timeout=10)
+    assert items.xml.findtext(f".//{{{NICK}}}nick") == "hello"
+    await alice.plugin["xep_0060"].retract(service, "news", "first", notify=True, timeout=10)
+    assert await asyncio.wait_for(heard["retract"].get(), 10) == "first"
+    await alice.plugin["xep_0060"].delete_node(service, "news", timeout=10)
+    assert await asyncio.wait_for(heard["delete"].get(), 10) == "news"
+    for client in (alice, bob):
+        await close(client)
