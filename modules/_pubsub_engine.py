@@ -69,7 +69,7 @@ from ._pubsub_forms import (
 _ITEM = f"{{{PUBSUB}}}item"
 LAST_INLINE_BYTES = 8 * 1024
 """A last item up to this size rides in its node record (and so in the cache)."""
-MAX_NAME_CHARS = 256  # node names and item ids
+MAX_NAME_BYTES = 300  # node names and item ids, as escaped in keys (URL-quoted)
 TRANSACTION_DELETES = 90
 Affiliation = Literal["owner", "publisher", "publish-only", "member", "none", "outcast"]
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
@@ -225,7 +225,9 @@ class PubSubService:
         names: list[str] = []
         token: str | None = None
         while len(names) < limit:
-            page = await self.items.query(Query(prefix=start, limit=100, page_token=token))
+            page = await self.items.query(
+                Query(prefix=start, limit=min(1000, limit), page_token=token)
+            )
             names.extend(unquote(item.name[len(start):]) for item in page.items)
             if (token := page.next_token) is None:
                 break
@@ -267,29 +269,13 @@ class PubSubService:
     async def check_access(self, node: Node, requester: str) -> None:
         """May `requester` subscribe to `node` and read its items? XEP-0060 6.1.3 errors."""
         bare = _bare(requester)
-        affiliation = node.affiliation(bare)
-        if affiliation == "outcast":
-            raise StanzaError("forbidden", "you are banned from this node")
-        if affiliation in ("owner", "publisher", "member") or bare == self.owner:
+        if judge(node, bare, self.owner, None) is None:
             return
-        model = node.config.get("pubsub#access_model", "open")
-        if model == "open":
-            return
-        if model == "whitelist":
-            raise pubsub_error("not-allowed", "closed-node")
         owners = [self.owner] if self.owner else node.owners
-        for owner in owners:
-            relation = await self.relation(owner, bare)
-            if relation is None or relation[0] not in ("from", "both"):
-                continue
-            if model == "presence":
-                return
-            allowed = set(node.config.get("pubsub#roster_groups_allowed", []))
-            if allowed & set(relation[1]):
-                return
-        if model == "presence":
-            raise pubsub_error("not-authorized", "presence-subscription-required")
-        raise pubsub_error("not-authorized", "not-in-roster-group")
+        relations = [await self.relation(owner, bare) for owner in owners]
+        refusal = judge(node, bare, self.owner, relations)
+        if refusal is not None:
+            raise refusal
 
     async def may_access(self, node: Node, requester: str) -> bool:
         try:
@@ -308,9 +294,10 @@ class PubSubService:
         config = default_config(self.limits.default_access_model, self.limits.default_max_items)
         return Node(name, config, {_bare(creator): "owner"}, {}, [], None)
 
-    def check_name(self, name: str) -> None:
-        if not name or len(name) > MAX_NAME_CHARS:
-            raise StanzaError("not-acceptable", f"node names are 1 to {MAX_NAME_CHARS} characters")
+    def check_name(self, name: str, what: str = "node names") -> None:
+        """Names are escaped into storage keys; these fit every backend's key size."""
+        if not name or len(_q(name)) > MAX_NAME_BYTES:
+            raise StanzaError("not-acceptable", f"{what} are 1 to {MAX_NAME_BYTES} bytes escaped")
 
     async def check_node_count(self) -> None:
         names = await self.node_names(self.limits.max_nodes)
@@ -439,8 +426,7 @@ class PubSubService:
         self.check_name(name)
         item = etree.Element(_ITEM, nsmap={None: PUBSUB}) if item is None else item
         item_id = item.get("id") or secrets.token_hex(8)
-        if len(item_id) > MAX_NAME_CHARS:
-            raise StanzaError("not-acceptable", f"item ids are at most {MAX_NAME_CHARS} characters")
+        self.check_name(item_id, "item ids")
         item.set("id", item_id)
         payloads = [child for child in item if isinstance(child.tag, str)]
         if len(payloads) > 1:
@@ -665,6 +651,39 @@ class PubSubService:
             await self.items.modify(service.node_key(name), change, what="node")
         found = await self.items.delete(self.index_key(bare))
         return found or bool(entries)
+
+
+def judge(
+    node: Node,
+    bare: str,
+    owner: str | None,
+    relations: list[tuple[str, list[str]] | None] | None,
+) -> StanzaError | None:
+    """The access model's verdict on `bare` (None: allowed), XEP-0060 6.1.3's error
+    otherwise. `relations`: the requester in each owner's roster (subscription,
+    groups); None when not read yet, and then only a verdict that needs none is
+    final (a refusal for lack of a roster entry is returned as not-authorized).
+    Sync, so that a fan-out that holds the owner's roster judges each contact
+    without a read."""
+    affiliation = node.affiliation(bare)
+    if affiliation == "outcast":
+        return StanzaError("forbidden", "you are banned from this node")
+    if affiliation in ("owner", "publisher", "member") or bare == owner:
+        return None
+    model = node.config.get("pubsub#access_model", "open")
+    if model == "open":
+        return None
+    if model == "whitelist":
+        return pubsub_error("not-allowed", "closed-node")
+    allowed = set(node.config.get("pubsub#roster_groups_allowed", []))
+    for relation in relations or ():
+        if relation is None or relation[0] not in ("from", "both"):
+            continue
+        if model == "presence" or allowed & set(relation[1]):
+            return None
+    if model == "presence":
+        return pubsub_error("not-authorized", "presence-subscription-required")
+    return pubsub_error("not-authorized", "not-in-roster-group")
 
 
 def _trim(node: Node, limits: Limits) -> list[list[str]]:

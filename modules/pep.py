@@ -43,13 +43,14 @@ from xmppd.session import ClientSession
 from xmppd.storage.base import Contended, StorageError
 from xmppd.stream.errors import StanzaError
 
-from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node
+from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
 from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
 
 NOTIFY = "pep/notify"
 """In a session's (shared) state: the node names it wants notifications of."""
 CAPS_TIMEOUT = 10.0  # seconds to wait for a client's disco#info
+MAX_CAPS_KEPT = 10_000  # verified caps kept in memory (each client version is one)
 _CAPS_C = f"{{{CAPS}}}c"
 _INFO = f"{{{DISCO_INFO}}}"
 
@@ -169,7 +170,8 @@ class Pep(Module):
                     s for s in self.host.available_sessions(item.jid)
                     if node.name in s.state.get(NOTIFY, ())
                 ]
-                if sessions and await service.may_access(node, item.jid):
+                relation = (item.subscription, list(item.groups))
+                if sessions and judge(node, item.jid, owner, [relation]) is None:
                     wanted.update((s.jid, None) for s in sessions)
         for jid in node.subscriptions:
             if await service.may_access(node, jid):
@@ -271,6 +273,8 @@ class Pep(Module):
         if item is None:
             return None
         features: list[str] = json.loads(str(item.attrs["f"]))
+        if len(self._caps) >= MAX_CAPS_KEPT:
+            self._caps.clear()
         self._caps[key] = features
         return features
 
@@ -299,6 +303,8 @@ class Pep(Module):
         ]
         forms = query.findall(f"{{{DATA}}}x")
         if hash_ == "sha-1" and verification_string(identities, features, forms) == ver:
+            if len(self._caps) >= MAX_CAPS_KEPT:
+                self._caps.clear()  # the store still has them
             self._caps[key] = features
             try:
                 await self.host.items(session.host, "caps").put(

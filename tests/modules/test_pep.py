@@ -7,7 +7,7 @@ sections 6-8, XEP-0223, XEP-0172); each test names the example it follows.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import pytest
 from lxml import etree
@@ -16,7 +16,8 @@ from xmppd.modules._pubsub_engine import PubSubService
 from xmppd.modules.caps import Identity, verification_string
 from xmppd.modules.pep import Pep
 from xmppd.modules.roster import RosterItem, RosterModule
-from xmppd.storage.base import Query
+from xmppd.storage.backends.memory import MemoryItemBackend
+from xmppd.storage.base import ConditionFailed, Item, Query, Write
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
 PS = "http://jabber.org/protocol/pubsub"
@@ -493,18 +494,38 @@ async def test_large_item_in_the_blob_store(harness: ModuleHarness) -> None:
     assert (await harness.host.blobs("localhost", "pep").list("alice/")).keys == []
 
 
-async def test_two_publishers_at_once_lose_nothing(harness: ModuleHarness) -> None:
-    """Six publishes to one node at once (as from six cluster nodes): the conditional
-    write of the node record makes the losers retry, so every item is listed."""
+class InterleavingItems(MemoryItemBackend):
+    """An item store whose reads yield to the loop, as a networked one does: concurrent
+    read-modify-writes then really read the same version before either writes."""
+
+    lost = 0  # conditional writes refused
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        found = await super().get(namespace, name)
+        await asyncio.sleep(0)  # the answer travels back while others read too
+        return found
+
+    async def transact(self, writes: Sequence[Write]) -> None:
+        try:
+            await super().transact(writes)
+        except ConditionFailed:
+            self.lost += 1
+            raise
+
+
+async def test_concurrent_publishers_lose_nothing() -> None:
+    """Six publishes to one node at once (as from six cluster nodes): all read the
+    same record; the conditional write makes the losers retry, so every item is
+    listed and stored."""
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {}})
+    harness.storage.items = items = InterleavingItems()
+    await harness.start()
     service: PubSubService = pep(harness).service("alice@localhost")
-    await service.create(
-        "alice@localhost",
-        "n",
-        etree.fromstring(
-            f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>{PS}#node_config"
-            "</value></field><field var='pubsub#max_items'><value>10</value></field></x>"
-        ),
+    form = etree.fromstring(
+        f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>{PS}#node_config"
+        "</value></field><field var='pubsub#max_items'><value>10</value></field></x>"
     )
+    await service.create("alice@localhost", "n", form)
 
     def item(i: int) -> etree._Element:
         return etree.fromstring(f"<item xmlns='{PS}' id='{i}'><a xmlns='x'/></item>")
@@ -514,6 +535,8 @@ async def test_two_publishers_at_once_lose_nothing(harness: ModuleHarness) -> No
     )
     node = await service.existing("n")
     assert sorted(entry[0] for entry in node.items) == [str(i) for i in range(6)]
+    assert len(await service.item_elements(node, [str(i) for i in range(6)])) == 6
+    assert items.lost >= 5  # they did collide: at least one loser per winner but the last
 
 
 async def test_account_removal_leaves_nothing(harness: ModuleHarness) -> None:
@@ -541,3 +564,51 @@ async def test_disco_says_pep(harness: ModuleHarness) -> None:
     assert ("pubsub", "pep") in identities
     features = {f.get("var") for f in reply.iter(f"{{{INFO}}}feature")}
     assert {f"{PS}#publish", f"{PS}#publish-options", f"{PS}#auto-create"} <= features
+
+
+async def test_roster_access_model_by_group(harness: ModuleHarness) -> None:
+    """XEP-0060 6.1.3.3 (not-in-roster-group) and notifications by group."""
+    roster = harness.host.modules["roster"]
+    assert isinstance(roster, RosterModule)
+    for contact, group in (("bob@localhost", "friends"), ("carol@localhost", "work")):
+        await befriend(harness, "alice@localhost", contact)
+        await roster.update(
+            "alice@localhost",
+            contact,
+            lambda _, c=contact, g=group: RosterItem(c, subscription="both", groups=[g]),  # type: ignore[misc]
+        )
+    bob = await online(harness, "bob@localhost/b", [NICK])
+    carol = await online(harness, "carol@localhost/c", [NICK])
+    alice = harness.session("alice@localhost/a")
+    options = options_form(
+        {"pubsub#access_model": "roster", "pubsub#roster_groups_allowed": "friends"}
+    )
+    assert (await ask(harness, alice, "set", publish_nick("A", options=options))).get(
+        "type"
+    ) == "result"
+    await settle(harness)
+    assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "item current A")]
+    assert events(carol.take()) == []
+    items = f"<pubsub xmlns='{PS}'><items node='{NICK}'/></pubsub>"
+    reply = await harness.iq(carol, "get", items, to="alice@localhost")
+    assert error_of(reply) == ("auth", "not-authorized", "not-in-roster-group")
+
+
+async def test_notifications_without_payloads(harness: ModuleHarness) -> None:
+    """XEP-0060 7.1.2.2: pubsub#deliver_payloads false sends the item id only."""
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    bob = await online(harness, "bob@localhost/b", [NICK])
+    alice = harness.session("alice@localhost/a")
+    options = options_form({"pubsub#deliver_payloads": "false"})
+    await ask(harness, alice, "set", publish_nick("Alice", options=options))
+    await settle(harness)
+    assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "item current")]
+
+
+async def test_names_that_fit_no_key_are_refused(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    reply = await harness.iq(alice, "set", publish_to("\u00e9" * 60))  # 360 bytes escaped
+    assert error_of(reply)[1] == "not-acceptable"
+    reply = await harness.iq(alice, "set", publish_nick("A", item_id="i" * 301))
+    assert error_of(reply)[1] == "not-acceptable"
+    assert await stored_names(harness) == []
