@@ -18,6 +18,7 @@ from xmppd.modules.pep import Pep
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.backends.memory import MemoryItemBackend
 from xmppd.storage.base import ConditionFailed, Item, Query, Write
+from xmppd.storage.cache import TOMBSTONE_TTL, CachedItemBackend, MemoryCache
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
 PS = "http://jabber.org/protocol/pubsub"
@@ -612,3 +613,58 @@ async def test_names_that_fit_no_key_are_refused(harness: ModuleHarness) -> None
     reply = await harness.iq(alice, "set", publish_nick("A", item_id="i" * 301))
     assert error_of(reply)[1] == "not-acceptable"
     assert await stored_names(harness) == []
+
+
+class CountingItems(MemoryItemBackend):
+    """Counts the PEP node and item records read from the store itself (behind any cache)."""
+
+    node_reads = 0
+    item_reads = 0
+
+    def _count(self, namespace: str, names: Iterable[str]) -> None:
+        if namespace.endswith("/pep"):
+            for name in names:
+                self.node_reads += "/n/" in name
+                self.item_reads += "/i/" in name
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        self._count(namespace, [name])
+        return await super().get(namespace, name)
+
+    # batch_get is the base class's loop over get: counted there, once per name.
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_login_storm_reads_last_items_through_the_cache(cached: bool) -> None:
+    """Ten users with the same twenty contacts (each with a nickname and avatar
+    metadata) log in: with the shared cache, the contacts' node records (which hold
+    the last items) are read from the store once in all, not once per login."""
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {}})
+    store = CountingItems()
+    now = [0.0]
+    cache = MemoryCache(clock=lambda: now[0])
+    harness.storage.items = CachedItemBackend(store, cache) if cached else store
+    await harness.start()
+    avatar = "urn:xmpp:avatar:metadata"
+    contacts = [f"c{i}@localhost" for i in range(20)]
+    for contact in contacts:
+        service = pep(harness).service(contact)
+        for node in (NICK, avatar):
+            item = etree.fromstring(f"<item xmlns='{PS}' id='1'><x xmlns='{node}'/></item>")
+            await service.publish(contact, node, item, {}, auto_create=True)
+    viewers = [f"v{i}@localhost" for i in range(10)]
+    for viewer in viewers:
+        for contact in contacts:
+            await befriend(harness, viewer, contact)
+    now[0] += TOMBSTONE_TTL + 1  # the writes' tombstones are gone: reads fill the cache
+    store.node_reads = 0
+    for viewer in viewers:
+        session = await online(harness, f"{viewer}/r", [NICK, avatar])
+        assert len(events(session.take())) == 2 * len(contacts)
+    # Each login asks for the viewer's own two nodes (none: every viewer's are
+    # different keys) and the contacts' forty (the same for all).
+    assert store.item_reads == 0  # the last items ride in the node records
+    if cached:
+        assert store.node_reads == 2 * len(contacts) + 2 * len(viewers)
+    else:
+        assert store.node_reads == (2 * len(contacts) + 2) * len(viewers)
