@@ -27,6 +27,7 @@ contact publishes knows who wants it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterable
@@ -96,6 +97,10 @@ class Pep(Module):
             disco.add_account_identity("pubsub", "pep")
         # Per caps (hash, ver) verified on this node, what the store said.
         self._caps: dict[str, list[str]] = {}
+        # disco#info questions under way: every one, and the first per caps hash.
+        self._asks: set[asyncio.Future[list[str] | None]] = set()
+        self._asking: dict[str, asyncio.Future[list[str] | None]] = {}
+        self.host.hook("server/stopping", self._stopping)
 
     async def start(self) -> None:
         self.roster = self.host.module(RosterModule)
@@ -260,10 +265,41 @@ class Pep(Module):
         if features is None:
             features = await self._stored_caps(session.host, key)
         if features is None:
-            features = await self._ask_caps(session, f"{node}#{ver}", hash_, ver, key)
+            features = await self._asked_caps(session, f"{node}#{ver}", hash_, ver, key)
         if features is None:
             return None
         return {f[: -len("+notify")] for f in features if f.endswith("+notify")}
+
+    async def _asked_caps(
+        self, session: ClientSession, node: str, hash_: str | None, ver: str, key: str
+    ) -> list[str] | None:
+        """Ask the resource, or wait for the answer of another resource with the same
+        caps being asked already (a login storm of one client version asks once)."""
+        shared = hash_ == "sha-1"
+        try:
+            pending = self._asking.get(key) if shared else None
+            if pending is not None:
+                await asyncio.shield(pending)
+                if key in self._caps:  # verified; else this resource is asked too
+                    return self._caps[key]
+            ask = asyncio.ensure_future(self._ask_caps(session, node, hash_, ver, key))
+            self._asks.add(ask)
+            ask.add_done_callback(self._asks.discard)
+            if shared and key not in self._asking:
+                self._asking[key] = ask
+                ask.add_done_callback(lambda _: self._asking.pop(key, None))
+            return await asyncio.shield(ask)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return None  # the node stops: the question was cancelled, not this presence
+
+    async def _stopping(self) -> bool:
+        """Questions to clients are not waited for at shutdown (they may never answer)."""
+        for ask in list(self._asks):
+            ask.cancel()
+        return False
 
     async def _stored_caps(self, vhost: str, key: str) -> list[str] | None:
         try:
@@ -281,7 +317,8 @@ class Pep(Module):
     async def _ask_caps(
         self, session: ClientSession, node: str, hash_: str | None, ver: str, key: str
     ) -> list[str] | None:
-        """disco#info of the resource; kept (shared) only when it matches its hash."""
+        """disco#info of the resource; kept (shared) only when it matches its hash.
+        An answer that does not match serves this resource only."""
         iq = etree.Element("{jabber:client}iq", nsmap={None: "jabber:client"})
         iq.set("type", "get")
         iq.set("from", session.bare)

@@ -668,3 +668,57 @@ async def test_login_storm_reads_last_items_through_the_cache(cached: bool) -> N
         assert store.node_reads == 2 * len(contacts) + 2 * len(viewers)
     else:
         assert store.node_reads == (2 * len(contacts) + 2) * len(viewers)
+
+
+def caps_presence(session: TestSession, notify: Iterable[str]) -> etree._Element:
+    _features, ver = caps_ver(notify)
+    presence = parse_stanza(
+        f"<presence><c xmlns='{CAPS}' hash='sha-1' node='https://t.example' ver='{ver}'/>"
+        "</presence>"
+    )
+    presence.set("from", session.jid)
+    return presence
+
+
+async def test_one_question_for_a_login_storm_of_one_client(harness: ModuleHarness) -> None:
+    """Three resources with the same new caps come online at once: one disco#info; the
+    other two take its verified answer and get the last item too."""
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("Alice"))
+    sessions = [harness.session(f"alice@localhost/r{i}", available=False) for i in range(3)]
+    for session in sessions:
+        session.receive(caps_presence(session, [NICK]))
+    for _ in range(300):
+        asked = [(s, q) for s in sessions for q in s.received if q.tag == IQ]
+        if asked:
+            break
+        await asyncio.sleep(0)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    asked = [(s, q) for s in sessions for q in s.received if q.tag == IQ]
+    assert len(asked) == 1
+    session, question = asked[0]
+    features, _ver = caps_ver([NICK])
+    query = "".join(f"<feature var='{f}'/>" for f in features)
+    answer = parse_stanza(
+        f"<iq type='result' id='{question.get('id')}' to='alice@localhost'>"
+        f"<query xmlns='{INFO}'><identity category='client' type='pc' name='t'/>{query}"
+        "</query></iq>"
+    )
+    answer.set("from", session.jid)
+    session.receive(answer)
+    await settle(harness)
+    for session in sessions:
+        assert events(session.take()) == [("alice@localhost", session.jid, "item current Alice")]
+
+
+async def test_shutdown_does_not_wait_for_a_silent_client(harness: ModuleHarness) -> None:
+    session = harness.session("bob@localhost/b", available=False)
+    session.receive(caps_presence(session, [NICK]))
+    for _ in range(300):
+        if [s for s in session.received if s.tag == IQ]:
+            break
+        await asyncio.sleep(0)
+    assert [s for s in session.received if s.tag == IQ]  # asked, never answers
+    await harness.host.fire("server/stopping")
+    await asyncio.wait_for(harness.router.drain(), 1)  # not the 10 s of the question
