@@ -195,7 +195,10 @@ class Pep(Module):
         self, owners: Iterable[str], session: ClientSession, names: Iterable[str]
     ) -> None:
         """The last item of each node `names` of each of `owners` that `session` may
-        see: one batch read per virtual host (through the shared cache)."""
+        see: one batch read per virtual host (through the shared cache). `owners`
+        other than the session's account are ones it has a presence subscription
+        to, which is all the presence model asks: only the roster model reads the
+        owner's roster."""
         names = list(names)
         by_vhost: dict[str, list[str]] = {}
         for owner in owners:
@@ -217,12 +220,20 @@ class Pep(Module):
                 if node.config.get("pubsub#send_last_published_item") != "on_sub_and_presence":
                     continue
                 service = self.service(owner)
-                if owner != session.bare and not await service.may_access(node, session.bare):
+                if owner != session.bare and not await self._may_see(service, node, session.bare):
                     continue
                 try:
                     await self._send_last(service, node, session.jid)
                 except StorageError as exc:
                     log.warning("last item of %s %s not sent: %s", owner, name, exc)
+
+    @staticmethod
+    async def _may_see(service: PubSubService, node: Node, subscriber: str) -> bool:
+        """Access for a `subscriber` known to have a presence subscription to the owner."""
+        if judge(node, subscriber, service.owner, [("from", [])]) is None:
+            return True
+        roster_model = node.config.get("pubsub#access_model") == "roster"
+        return roster_model and await service.may_access(node, subscriber)
 
     # --- presence: what each resource wants --------------------------------------------------
 

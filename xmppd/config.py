@@ -382,6 +382,7 @@ DEFAULT_MODULES = (
     "carbons",
     "register",
     "stream_management",
+    "pep",
 )
 
 

@@ -593,6 +593,11 @@ async def test_roster_access_model_by_group(harness: ModuleHarness) -> None:
     items = f"<pubsub xmlns='{PS}'><items node='{NICK}'/></pubsub>"
     reply = await harness.iq(carol, "get", items, to="alice@localhost")
     assert error_of(reply) == ("auth", "not-authorized", "not-in-roster-group")
+    # At login too: the allowed group's resource gets the last item, the other not.
+    bob2 = await online(harness, "bob@localhost/b2", [NICK])
+    assert events(bob2.take()) == [("alice@localhost", "bob@localhost/b2", "item current A")]
+    carol2 = await online(harness, "carol@localhost/c2", [NICK])
+    assert events(carol2.take()) == []
 
 
 async def test_notifications_without_payloads(harness: ModuleHarness) -> None:
