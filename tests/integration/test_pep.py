@@ -13,8 +13,15 @@ from slixmpp.exceptions import IqError
 
 from tests.integration.clients import Client, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
+from tests.integration.test_cluster import redis_service, until
+from tests.storage.services import service_factory
+from xmppd.modules.pep import NOTIFY
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.server import Server
+from xmppd.storage import devservices
+from xmppd.storage.devservices import LocalService
+
+__all__ = ["redis_service", "service_factory"]  # fixtures, used by name
 
 MODULES = {"disco": {}, "caps": {}, "roster": {}, "presence": {}, "pep": {}}
 PLUGINS = ("xep_0030", "xep_0115", "xep_0060", "xep_0163", "xep_0084", "xep_0172")
@@ -224,5 +231,32 @@ async def test_pubsub_service_with_slixmpp(start_server: StartServer) -> None:
     assert await asyncio.wait_for(heard["retract"].get(), 10) == "first"
     await alice.plugin["xep_0060"].delete_node(service, "news", timeout=10)
     assert await asyncio.wait_for(heard["delete"].get(), 10) == "news"
+    for client in (alice, bob):
+        await close(client)
+
+
+async def test_publish_on_one_node_notifies_a_contact_on_another(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Two nodes on one Redis: bob's client on B asks for nicknames; alice publishes on
+    A, whose replica of bob's session carries what it asked for (shared state)."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(modules=MODULES, cluster={"redis_url": url, "node_name": "node-a"})
+    b = await start_server(
+        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "node-b"}
+    )
+    await befriend(a, "alice@localhost", "bob@localhost")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await alice.plugin["xep_0172"].publish_nick("Alice", timeout=10)
+    bob = await online(b, "bob@localhost/home", "bob-secret")
+    assert await next_of(bob.nicks) == ("alice@localhost", "Alice")  # from B, at login
+
+    def a_knows_bobs_interests() -> bool:
+        replica = a.router.directory.get("bob@localhost", "home")
+        return replica is not None and NICK in replica.state.get(NOTIFY, ())
+
+    await until(a_knows_bobs_interests)
+    await alice.plugin["xep_0172"].publish_nick("Alice on A", timeout=10)
+    assert await next_of(bob.nicks) == ("alice@localhost", "Alice on A")
     for client in (alice, bob):
         await close(client)
