@@ -6,6 +6,8 @@ the host, so disco always says exactly what this server does.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from lxml import etree
 
 from xmppd.modulehost import IqRequest, Module
@@ -13,6 +15,9 @@ from xmppd.stream.errors import StanzaError
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
+
+AccountItems = Callable[[IqRequest], Awaitable[etree._Element | None]]
+"""Answers disco#items to an account (PEP: its nodes), or None to leave it to others."""
 
 
 class Disco(Module):
@@ -23,6 +28,7 @@ class Disco(Module):
         self.server_info_nodes: set[str] = set()
         # Identities of every account besides account/registered (PEP: pubsub/pep).
         self.account_identities: list[tuple[str, str, str | None]] = []
+        self.account_items: list[AccountItems] = []
         self.host.add_identity("server", "im", "xmppd")
         for scope in ("server", "account"):
             self.host.add_feature(DISCO_INFO, scope)  # type: ignore[arg-type]
@@ -60,11 +66,20 @@ class Disco(Module):
         """Announce an identity on every account's bare JID (XEP-0163: pubsub/pep)."""
         self.account_identities.append((category, type_, None))
 
+    def add_account_items(self, provider: AccountItems) -> None:
+        """Let `provider` answer disco#items to accounts first (XEP-0163: PEP nodes)."""
+        self.account_items.append(provider)
+
     def add_server_info_node(self, node: str) -> None:
         """Answer disco#info for `node` with the server's own info (XEP-0115 caps)."""
         self.server_info_nodes.add(node)
 
     async def items(self, request: IqRequest) -> etree._Element:
+        if "@" in request.target:
+            for provider in self.account_items:
+                answer = await provider(request)
+                if answer is not None:
+                    return answer
         if request.payload.get("node") is not None:
             raise StanzaError("item-not-found", "no such node")
         if "@" in request.target and not request.from_owner:

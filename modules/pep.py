@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from xmppd.modulehost import IqRequest, Module, storage_call
 from xmppd.modules.caps import CAPS, DISCO_INFO, Identity, verification_string
-from xmppd.modules.disco import Disco
+from xmppd.modules.disco import DISCO_ITEMS, Disco
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.session import ClientSession
 from xmppd.storage.base import Contended, StorageError
@@ -51,6 +51,7 @@ from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
 NOTIFY = "pep/notify"
 """In a session's (shared) state: the node names it wants notifications of."""
 CAPS_TIMEOUT = 10.0  # seconds to wait for a client's disco#info
+MAX_DISCO_ITEMS = 1000  # nodes or item ids in one disco#items answer
 MAX_CAPS_KEPT = 10_000  # verified caps kept in memory (each client version is one)
 _CAPS_C = f"{{{CAPS}}}c"
 _INFO = f"{{{DISCO_INFO}}}"
@@ -95,6 +96,7 @@ class Pep(Module):
         disco = self.host.find_module(Disco)
         if disco is not None:
             disco.add_account_identity("pubsub", "pep")
+            disco.add_account_items(self._disco_items)
         # Per caps (hash, ver) verified on this node, what the store said.
         self._caps: dict[str, list[str]] = {}
         # disco#info questions under way: every one, and the first per caps hash.
@@ -141,6 +143,25 @@ class Pep(Module):
             return await storage_call(work, "pep")
         except Contended:
             raise StanzaError("resource-constraint", "the node is busy, retry", "wait") from None
+
+    async def _disco_items(self, request: IqRequest) -> etree._Element | None:
+        """The owner's nodes, or a node's item ids (XEP-0060 5.2, 5.5 on PEP)."""
+        if not request.from_owner:
+            return None
+        service = self.service(request.target)
+        name = request.payload.get("node")
+        answer = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
+        if name is None:
+            for node in await storage_call(service.node_names(MAX_DISCO_ITEMS), "pep"):
+                etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=request.target, node=node)
+            return answer
+        found = await storage_call(service.node(name), "pep")
+        if found is None:
+            raise StanzaError("item-not-found", "no such node")
+        answer.set("node", name)
+        for item_id, _blob in found.items[-MAX_DISCO_ITEMS:]:
+            etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=request.target, name=item_id)
+        return answer
 
     # --- notifications -----------------------------------------------------------------------
 

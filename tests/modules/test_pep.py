@@ -727,3 +727,21 @@ async def test_shutdown_does_not_wait_for_a_silent_client(harness: ModuleHarness
     assert [s for s in session.received if s.tag == IQ]  # asked, never answers
     await harness.host.fire("server/stopping")
     await asyncio.wait_for(harness.router.drain(), 1)  # not the 10 s of the question
+
+
+async def test_disco_items_lists_own_nodes_and_items(harness: ModuleHarness) -> None:
+    """XEP-0060 5.2 and 5.5 on the account's bare JID (owner only)."""
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("A"))
+    items = "http://jabber.org/protocol/disco#items"
+    reply = await harness.iq(alice, "get", f"<query xmlns='{items}'/>", to="alice@localhost")
+    assert [(i.get("jid"), i.get("node")) for i in reply.iter(f"{{{items}}}item")] == [
+        ("alice@localhost", NICK)
+    ]
+    reply = await harness.iq(
+        alice, "get", f"<query xmlns='{items}' node='{NICK}'/>", to="alice@localhost"
+    )
+    assert [i.get("name") for i in reply.iter(f"{{{items}}}item")] == ["current"]
+    bob = harness.session("bob@localhost/b")
+    reply = await harness.iq(bob, "get", f"<query xmlns='{items}'/>", to="alice@localhost")
+    assert error_of(reply)[1] == "service-unavailable"
