@@ -58,7 +58,6 @@ from xmppd.stream.errors import StanzaError
 
 from ._pubsub_forms import (
     ACCESS_MODELS,
-    PUBSUB,
     Config,
     apply_form,
     check_preconditions,
@@ -66,7 +65,6 @@ from ._pubsub_forms import (
     pubsub_error,
 )
 
-_ITEM = f"{{{PUBSUB}}}item"
 LAST_INLINE_BYTES = 8 * 1024
 """A last item up to this size rides in its node record (and so in the cache)."""
 MAX_NAME_BYTES = 300  # node names and item ids, as escaped in keys (URL-quoted)
@@ -424,13 +422,16 @@ class PubSubService:
         (PEP, XEP-0163 3) with the publish-options as its configuration; otherwise
         the options are preconditions."""
         self.check_name(name)
-        item = etree.Element(_ITEM, nsmap={None: PUBSUB}) if item is None else item
+        if item is None:  # every node here persists items and delivers payloads
+            raise pubsub_error("bad-request", "item-required", "publish one <item/>")
         item_id = item.get("id") or secrets.token_hex(8)
         self.check_name(item_id, "item ids")
         item.set("id", item_id)
         payloads = [child for child in item if isinstance(child.tag, str)]
-        if len(payloads) > 1:
-            raise pubsub_error("bad-request", "invalid-payload", "one payload per item")
+        if len(payloads) > 1 or (item.text or "").strip():
+            raise pubsub_error("bad-request", "invalid-payload", "one payload element per item")
+        if not payloads:
+            raise pubsub_error("bad-request", "payload-required", "the item needs a payload")
         data = etree.tostring(item)
         if len(data) > self.limits.max_item_bytes:
             raise pubsub_error("not-acceptable", "payload-too-big",

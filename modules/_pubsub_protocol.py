@@ -32,6 +32,7 @@ _PS = f"{{{PUBSUB}}}"
 _OWNER = f"{{{PUBSUB_OWNER}}}"
 _EV = f"{{{PUBSUB_EVENT}}}"
 _X = f"{{{DATA}}}x"
+RSM = "http://jabber.org/protocol/rsm"
 
 Notify = Callable[[PubSubService, Event], Awaitable[None]]
 SendLast = Callable[[PubSubService, Node, str], Awaitable[None]]
@@ -139,11 +140,52 @@ class PubSubProtocol:
             if not raw.isdigit():
                 raise StanzaError("bad-request", "max_items is a number")
             max_items = int(raw)
+        page = _option(rest, "set", RSM)
+        if page is not None and not ids:
+            return await self._items_page(request, name, max_items, page)
         _node_, found = await request.service.get_items(request.requester, name, ids, max_items)
         reply = _pubsub(PUBSUB)
         items = etree.SubElement(reply, f"{_PS}items", node=name)
         for item in found:
             items.append(item)
+        return reply
+
+    async def _items_page(
+        self, request: Request, name: str, max_items: int | None, page: etree._Element
+    ) -> etree._Element:
+        """One page of a node's items, oldest first (XEP-0060 6.5.4, XEP-0059)."""
+        service = request.service
+        node = await service.existing(name)
+        await service.check_access(node, request.requester)
+        ids = [entry[0] for entry in node.items]
+        if max_items is not None:
+            ids = ids[-max_items:] if max_items else []
+        limit_text = page.findtext(f"{{{RSM}}}max")
+        if limit_text is not None and not limit_text.strip().isdigit():
+            raise StanzaError("bad-request", "RSM max is a number")
+        limit = int(limit_text) if limit_text is not None else len(ids)
+        after, before = page.findtext(f"{{{RSM}}}after"), page.findtext(f"{{{RSM}}}before")
+        start, end = 0, len(ids)
+        for bound, is_after in ((after, True), (before, False)):
+            if bound:
+                if bound not in ids:
+                    raise StanzaError("item-not-found", "no such item to page from")
+                if is_after:
+                    start = ids.index(bound) + 1
+                else:
+                    end = ids.index(bound)
+        chosen = ids[start:end]
+        chosen = chosen[-limit:] if before is not None and limit else chosen[:limit]
+        reply = _pubsub(PUBSUB)
+        items = etree.SubElement(reply, f"{_PS}items", node=name)
+        for item in await service.item_elements(node, chosen):
+            items.append(item)
+        answer = etree.SubElement(reply, f"{{{RSM}}}set", nsmap={None: RSM})
+        if chosen:
+            first = etree.SubElement(answer, f"{{{RSM}}}first", index=str(ids.index(chosen[0])))
+            first.text = chosen[0]
+            etree.SubElement(answer, f"{{{RSM}}}last").text = chosen[-1]
+        etree.SubElement(answer, f"{{{RSM}}}count").text = str(len(ids))
         return reply
 
     async def _create(
@@ -309,6 +351,7 @@ FEATURES = (
     "instant-nodes", "item-ids", "last-published", "manage-affiliations",
     "meta-data", "modify-affiliations", "multi-items", "outcast-affiliation",
     "persistent-items", "presence-notifications", "publish", "publish-options",
+    "rsm",
     "publisher-affiliation", "purge-nodes", "retract-items", "retrieve-affiliations",
     "retrieve-default", "retrieve-items", "retrieve-subscriptions", "subscribe",
     "config-node-max",
@@ -327,8 +370,12 @@ def _node(action: etree._Element) -> str:
     return name
 
 
-def _option(rest: list[etree._Element], name: str) -> etree._Element | None:
-    found = [c for c in rest if c.tag in (f"{_PS}{name}", f"{_OWNER}{name}")]
+def _option(
+    rest: list[etree._Element], name: str, namespace: str | None = None
+) -> etree._Element | None:
+    """The request's sibling element `name` (in `namespace`, else in pubsub's)."""
+    tags = (f"{{{namespace}}}{name}",) if namespace else (f"{_PS}{name}", f"{_OWNER}{name}")
+    found = [c for c in rest if c.tag in tags]
     return found[0] if found else None
 
 

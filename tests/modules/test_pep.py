@@ -340,6 +340,16 @@ async def test_malformed_forms_change_nothing(harness: ModuleHarness) -> None:
     )
     reply = await harness.iq(alice, "set", two_items)
     assert error_of(reply) == ("modify", "bad-request", "invalid-payload")
+    # XEP-0060 7.1.3.4 to 7.1.3.6: no item, no payload, two payloads in one item.
+    no_item = f"<pubsub xmlns='{PS}'><publish node='n'/></pubsub>"
+    assert error_of(await harness.iq(alice, "set", no_item))[2] == "item-required"
+    empty = f"<pubsub xmlns='{PS}'><publish node='n'><item id='1'/></publish></pubsub>"
+    assert error_of(await harness.iq(alice, "set", empty))[2] == "payload-required"
+    two = (
+        f"<pubsub xmlns='{PS}'><publish node='n'><item><a xmlns='x'/><b xmlns='x'/></item>"
+        "</publish></pubsub>"
+    )
+    assert error_of(await harness.iq(alice, "set", two))[2] == "invalid-payload"
     assert await stored_names(harness) == []
     await harness.iq(alice, "set", publish_nick("A"))
     configure = (

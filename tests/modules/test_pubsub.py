@@ -264,3 +264,29 @@ async def test_account_removal(harness: ModuleHarness) -> None:
     node = page.items[0]
     assert "hamlet" not in str(node.attrs)  # neither affiliation nor subscription
     assert await module.remove_user("localhost", "hamlet") is False
+
+
+async def test_items_in_pages(harness: ModuleHarness) -> None:
+    """6.5.4: RSM paging (XEP-0059) of a node's items, oldest first."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "n", **{"pubsub#max_items": "10"})
+    for item_id in "abcde":
+        await ask(harness, hamlet, "set", publish("n", item_id))
+    rsm = "http://jabber.org/protocol/rsm"
+
+    async def page(query: str) -> tuple[list[str | None], str | None, str | None]:
+        payload = f"<pubsub xmlns='{PS}'><items node='n'/><set xmlns='{rsm}'>{query}</set></pubsub>"
+        reply = await ask(harness, hamlet, "get", payload)
+        first = reply.find(f".//{{{rsm}}}first")
+        index = None if first is None else first.get("index")
+        return ids(reply), index, reply.findtext(f".//{{{rsm}}}count")
+
+    assert await page("<max>2</max>") == (["a", "b"], "0", "5")
+    assert await page("<max>2</max><after>b</after>") == (["c", "d"], "2", "5")
+    assert await page("<max>2</max><before/>") == (["d", "e"], "3", "5")
+    assert await page("<max>2</max><before>d</before>") == (["b", "c"], "1", "5")
+    assert await page("<max>2</max><after>e</after>") == ([], None, "5")
+    payload = (
+        f"<pubsub xmlns='{PS}'><items node='n'/><set xmlns='{rsm}'><after>zz</after></set></pubsub>"
+    )
+    assert error_of(await ask(harness, hamlet, "get", payload))[1] == "item-not-found"
