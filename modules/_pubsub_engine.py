@@ -356,17 +356,19 @@ class PubSubService:
         """Delete a node with its items (XEP-0060 8.4)."""
         deleted: list[Node] = []
 
-        def change(current: Item | None) -> None:
+        def change(current: Item | None) -> WithWrites:
             if current is None:
                 raise StanzaError("item-not-found", "no such node")
             node = decode_node(name, current)
             self._require_owner(node, requester)
             deleted[:] = [node]
-            return None
+            return WithWrites(None, self._deletes(name, node.items))
 
         await self.items.modify(self.node_key(name), change, what="node")
         node = deleted[0]
-        await self._drop_items(node, node.items)
+        # Items deleted in the transaction: a node made again at once keeps its own.
+        await self._drop_items(node, node.items[TRANSACTION_DELETES:])
+        await self._delete_blobs(node.items[:TRANSACTION_DELETES])
         return Event("delete", node)
 
     async def purge(self, requester: str, name: str) -> Event:
@@ -380,11 +382,12 @@ class PubSubService:
             self._require_owner(node, requester)
             purged[:] = node.items
             node.items, node.last = [], None
-            return WithWrites(encode_node(node), [])
+            return WithWrites(encode_node(node), self._deletes(name, purged))
 
         await self.items.modify(self.node_key(name), change, what="node")
         node = await self.existing(name)
-        await self._drop_items(node, purged)
+        await self._drop_items(node, purged[TRANSACTION_DELETES:])
+        await self._delete_blobs(purged[:TRANSACTION_DELETES])
         return Event("purge", node)
 
     async def _drop_items(self, node: Node, entries: list[list[str]]) -> None:

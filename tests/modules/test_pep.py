@@ -755,3 +755,27 @@ async def test_disco_items_lists_own_nodes_and_items(harness: ModuleHarness) -> 
     bob = harness.session("bob@localhost/b")
     reply = await harness.iq(bob, "get", f"<query xmlns='{items}'/>", to="alice@localhost")
     assert error_of(reply)[1] == "service-unavailable"
+
+
+async def test_more_items_than_one_transaction_takes(harness: ModuleHarness) -> None:
+    """A hundred items dropped at once (max_items lowered, then the node deleted):
+    ninety go in the node's transaction (DynamoDB takes 100 writes), the rest after."""
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("0", "0"))
+    await harness.iq(alice, "set", configure_form({"pubsub#max_items": "max"}))
+    for i in range(1, 101):
+        await harness.iq(alice, "set", publish_nick(str(i), str(i)))
+
+    def item_records(names: list[str]) -> list[str]:
+        return [n for n in names if "/i/" in n]
+
+    assert len(item_records(await stored_names(harness))) == 101
+    await harness.iq(alice, "set", configure_form({"pubsub#max_items": "1"}))
+    assert item_records(await stored_names(harness)) == [
+        "alice/i/http%3A%2F%2Fjabber.org%2Fprotocol%2Fnick/100"
+    ]
+    await harness.iq(alice, "set", configure_form({"pubsub#max_items": "max"}))
+    for i in range(101, 201):
+        await harness.iq(alice, "set", publish_nick(str(i), str(i)))
+    await harness.iq(alice, "set", f"<pubsub xmlns='{OWNER}'><delete node='{NICK}'/></pubsub>")
+    assert await stored_names(harness) == []
