@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 from slixmpp import JID, Message
 from slixmpp.exceptions import IqError
 
 from tests.integration.clients import Client, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
+from tests.integration.test_account_removal import xmppctl, zeds_entries
 from tests.integration.test_cluster import redis_service, until
 from tests.storage.services import service_factory
-from xmppd.modules.pep import NOTIFY
+from xmppd.modules.pep import NOTIFY, Pep
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.server import Server
 from xmppd.storage import devservices
@@ -260,3 +262,36 @@ async def test_publish_on_one_node_notifies_a_contact_on_another(
     assert await next_of(bob.nicks) == ("alice@localhost", "Alice on A")
     for client in (alice, bob):
         await close(client)
+
+
+async def test_xmppctl_unregister_leaves_no_pep_data(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """zed publishes an avatar (a blob) and a nickname and subscribes to alice's node;
+    `xmppctl unregister` (no node running, the modules loaded by xmppctl) deletes all
+    of it: nothing of zed's in the stores, and alice's node no longer lists zed."""
+    users = {"alice": "alice-secret", "zed": "zed-secret"}
+    server = await start_server(users=users, modules=MODULES)
+    await befriend(server, "alice@localhost", "zed@localhost")
+    alice = await online(server, "alice@localhost/desk", "alice-secret")
+    await alice.plugin["xep_0172"].publish_nick("Alice", timeout=10)
+    zed = await online(server, "zed@localhost/pc", "zed-secret")
+    await zed.plugin["xep_0172"].publish_nick("Zed", timeout=10)
+    await publish_avatar(zed)
+    await zed.plugin["xep_0060"].subscribe(JID("alice@localhost"), NICK, timeout=10)
+    stored = await zeds_entries(server)
+    assert len(stored["blobs:localhost/pep"]) == 1
+    assert await server.modules.items("localhost", "pep").get("/u/zed%40localhost")
+    for client in (alice, zed):
+        await close(client)
+    await server.stop()
+
+    code, _out, err = await xmppctl(
+        "-c", str(tmp_path / "xmppd.yml"), "unregister", "zed@localhost"
+    )
+    assert code == 0, err
+    server = await start_server(users={}, modules=MODULES)
+    assert await zeds_entries(server) == {}
+    assert await server.modules.items("localhost", "pep").get("/u/zed%40localhost") is None
+    node = await server.modules.module(Pep).service("alice@localhost").existing(NICK)
+    assert node.subscriptions == {}
