@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from slixmpp import JID, Message
 from slixmpp.exceptions import IqError
@@ -28,6 +29,8 @@ __all__ = ["redis_service", "service_factory"]  # fixtures, used by name
 MODULES = {"disco": {}, "caps": {}, "roster": {}, "presence": {}, "pep": {}}
 PLUGINS = ("xep_0030", "xep_0115", "xep_0060", "xep_0163", "xep_0084", "xep_0172")
 NICK = "http://jabber.org/protocol/nick"
+BOOKMARKS = "urn:xmpp:bookmarks:1"
+PUBSUB = "http://jabber.org/protocol/pubsub"
 AVATAR_DATA = "urn:xmpp:avatar:data"
 # Over the default inline_item_bytes (32 KiB): kept in the blob store.
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 160
@@ -52,8 +55,11 @@ class PepClient(Client):
         self.avatars.put_nowait((str(msg["from"]), item["id"]))
 
 
-async def online(server: Server, jid: str, password: str) -> PepClient:
-    """Log in, compute caps with the +notify features, then send initial presence."""
+async def online(
+    server: Server, jid: str, password: str, interests: tuple[str, ...] = ()
+) -> PepClient:
+    """Log in, compute caps with the +notify features (those of the plugins and
+    `interests`), then send initial presence."""
     client = PepClient(jid, password)
     for plugin in PLUGINS:
         client.register_plugin(plugin)
@@ -63,6 +69,8 @@ async def online(server: Server, jid: str, password: str) -> PepClient:
     client.enable_plaintext = False
     client.connect("127.0.0.1", port_of(server, "direct_tls"))
     await asyncio.wait_for(client.started.wait(), 15)
+    for namespace in interests:
+        client.plugin["xep_0030"].add_feature(f"{namespace}+notify")
     await client.plugin["xep_0115"].update_caps(broadcast=False)
     client.send_presence()
     return client
@@ -295,3 +303,58 @@ async def test_xmppctl_unregister_leaves_no_pep_data(
     assert await server.modules.items("localhost", "pep").get("/u/zed%40localhost") is None
     node = await server.modules.module(Pep).service("alice@localhost").existing(NICK)
     assert node.subscriptions == {}
+
+
+async def test_bookmarks_xep0402(start_server: StartServer) -> None:
+    """XEP-0402 with slixmpp's stanzas: a bookmark published with the XEP's
+    publish-options reaches the user's other client (not a contact's), is read back
+    whole by a new client, and its removal is notified."""
+    server = await start_server(modules=MODULES)
+    await befriend(server, "alice@localhost", "bob@localhost")
+    desk = await online(server, "alice@localhost/desk", "alice-secret", (BOOKMARKS,))
+    phone = await online(server, "alice@localhost/phone", "alice-secret", (BOOKMARKS,))
+    bob = await online(server, "bob@localhost/home", "bob-secret", (BOOKMARKS,))
+    heard, bob_heard = listen(phone), listen(bob)
+    desk.register_plugin("xep_0402")
+    for room, name in (("council@conference.localhost", "Council"), ("tea@conf.localhost", "Tea")):
+        conference = desk.plugin["xep_0402"].stanza.Conference()
+        conference["name"] = name
+        conference["autojoin"] = True
+        conference["nick"] = "alice"
+        await desk.plugin["xep_0060"].publish(
+            JID("alice@localhost"),
+            BOOKMARKS,
+            id=room,
+            payload=conference.xml,
+            options=bookmark_options(desk),
+            timeout=10,
+        )
+        assert await asyncio.wait_for(heard["publish"].get(), 10) == room
+    # A new client reads them all (send_last_published_item is never for bookmarks).
+    laptop = await online(server, "alice@localhost/laptop", "alice-secret")
+    items = await laptop.plugin["xep_0060"].get_items(JID("alice@localhost"), BOOKMARKS, timeout=10)
+    stored = {item.get("id"): item for item in items.xml.iter(f"{{{PUBSUB}}}item")}
+    assert set(stored) == {"council@conference.localhost", "tea@conf.localhost"}
+    council = stored["council@conference.localhost"].find(f"{{{BOOKMARKS}}}conference")
+    assert council is not None and council.get("name") == "Council"
+    assert council.findtext(f"{{{BOOKMARKS}}}nick") == "alice"
+    await desk.plugin["xep_0060"].retract(
+        JID("alice@localhost"), BOOKMARKS, "tea@conf.localhost", notify=True, timeout=10
+    )
+    assert await asyncio.wait_for(heard["retract"].get(), 10) == "tea@conf.localhost"
+    assert bob_heard["publish"].empty() and bob_heard["retract"].empty()
+    for client in (desk, phone, bob, laptop):
+        await close(client)
+
+
+def bookmark_options(client: PepClient) -> Any:
+    """XEP-0402 section 5.2's publish-options."""
+    form = client.plugin["xep_0004"].make_form("submit")
+    form.add_field(
+        "FORM_TYPE", ftype="hidden", value="http://jabber.org/protocol/pubsub#publish-options"
+    )
+    form.add_field("pubsub#persist_items", value="true")
+    form.add_field("pubsub#max_items", value="max")
+    form.add_field("pubsub#send_last_published_item", value="never")
+    form.add_field("pubsub#access_model", value="whitelist")
+    return form
