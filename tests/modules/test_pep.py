@@ -779,3 +779,32 @@ async def test_more_items_than_one_transaction_takes(harness: ModuleHarness) -> 
         await harness.iq(alice, "set", publish_nick(str(i), str(i)))
     await harness.iq(alice, "set", f"<pubsub xmlns='{OWNER}'><delete node='{NICK}'/></pubsub>")
     assert await stored_names(harness) == []
+
+
+async def test_a_new_interest_later_brings_the_last_item(harness: ModuleHarness) -> None:
+    """A client that starts asking for a node later (new caps in a later presence)
+    gets that node's last item then, and nothing again for nodes it had."""
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("Alice"))
+    await harness.iq(alice, "set", publish_to("urn:other"))
+    bob = await online(harness, "bob@localhost/b", ["urn:other"])
+    assert len(events(bob.take())) == 1  # urn:other's item, at login
+    bob.receive(caps_presence(bob, ["urn:other", NICK]))
+    questions: list[etree._Element] = []
+    for _ in range(300):
+        questions = [s for s in bob.received if s.tag == IQ]
+        if questions:
+            break
+        await asyncio.sleep(0)
+    features, _ver = caps_ver(["urn:other", NICK])
+    query = "".join(f"<feature var='{f}'/>" for f in features)
+    answer = parse_stanza(
+        f"<iq type='result' id='{questions[0].get('id')}' to='bob@localhost'>"
+        f"<query xmlns='{INFO}'><identity category='client' type='pc' name='t'/>{query}"
+        "</query></iq>"
+    )
+    answer.set("from", bob.jid)
+    bob.receive(answer)
+    await settle(harness)
+    assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "item current Alice")]
