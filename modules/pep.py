@@ -132,8 +132,11 @@ class Pep(Module):
         )
         joining = action is not None and action.tag in (
             f"{{{PUBSUB}}}subscribe", f"{{{PUBSUB}}}unsubscribe")
-        if not request.from_owner and not (reading or joining):
-            raise StanzaError("forbidden", "only the account may change its PEP nodes")
+        if not request.from_owner:
+            if not await self.host.user_exists(request.host, request.target.split("@", 1)[0]):
+                raise StanzaError("service-unavailable")  # RFC 6121 8.5.1: no such account
+            if not (reading or joining):
+                raise StanzaError("forbidden", "only the account may change its PEP nodes")
         requester = request.stanza.get("from") or request.target
         work = self.protocol.handle(
             Request(self.service(request.target), requester,

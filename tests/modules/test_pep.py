@@ -808,3 +808,11 @@ async def test_a_new_interest_later_brings_the_last_item(harness: ModuleHarness)
     bob.receive(answer)
     await settle(harness)
     assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "item current Alice")]
+
+
+async def test_no_such_account(harness: ModuleHarness) -> None:
+    """RFC 6121 8.5.1: an IQ to an account that does not exist: service-unavailable."""
+    bob = harness.session("bob@localhost/b")
+    items = f"<pubsub xmlns='{PS}'><items node='{NICK}'/></pubsub>"
+    reply = await harness.iq(bob, "get", items, to="nobody@localhost")
+    assert error_of(reply)[1] == "service-unavailable"
