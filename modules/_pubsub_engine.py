@@ -610,6 +610,29 @@ class PubSubService:
         current = await self.items.get(self.index_key(bare))
         return json.loads(str(current.attrs["s"])) if current else []
 
+    async def set_subscriptions(self, requester: str, name: str, changes: dict[str, str]) -> None:
+        """Owner subscribes (`subscribed`) or unsubscribes (`none`) others (XEP-0060
+        8.8.2), each subscriber's index written in the same transaction."""
+
+        async def change(current: Item | None) -> WithWrites:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            self._require_owner(node, requester)
+            writes: list[Write] = []
+            for jid, state in changes.items():
+                add = state == "subscribed"
+                if add == (jid in node.subscriptions):
+                    continue
+                if add:
+                    node.subscriptions[jid] = secrets.token_hex(8)
+                else:
+                    del node.subscriptions[jid]
+                writes += await self._index_change(_bare(jid), name, jid, add=add)
+            return WithWrites(encode_node(node), writes)
+
+        await self.items.modify(self.node_key(name), change, what="node")
+
     # --- affiliations (owner use cases) ----------------------------------------------------
 
     async def set_affiliations(self, requester: str, name: str, changes: dict[str, str]) -> None:

@@ -304,6 +304,19 @@ class PubSubProtocol:
             changes[jid] = affiliation
         await request.service.set_affiliations(request.requester, _node(action), changes)
 
+    async def _owner_subscriptions_set(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        changes: dict[str, str] = {}
+        for entry in action.findall(f"{_OWNER}subscription"):
+            jid, state = entry.get("jid"), entry.get("subscription")
+            if not jid or state not in ("subscribed", "none") or jid in changes:
+                raise StanzaError("bad-request", "each subscription: a jid, subscribed or none")
+            changes[jid] = state
+        if len({_bare_of(jid) for jid in changes}) != len(changes):
+            raise StanzaError("bad-request", "one change per account in a request")
+        await request.service.set_subscriptions(request.requester, _node(action), changes)
+
     async def _owner_subscriptions_get(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
     ) -> etree._Element:
@@ -338,6 +351,7 @@ _HANDLERS: dict[tuple[bool, str, str], Action] = {
     (True, "get", "affiliations"): PubSubProtocol._owner_affiliations_get,
     (True, "set", "affiliations"): PubSubProtocol._owner_affiliations_set,
     (True, "get", "subscriptions"): PubSubProtocol._owner_subscriptions_get,
+    (True, "set", "subscriptions"): PubSubProtocol._owner_subscriptions_set,
 }
 _FEATURE_OF = {
     "options": "subscription-options",
@@ -354,9 +368,14 @@ FEATURES = (
     "rsm",
     "publisher-affiliation", "purge-nodes", "retract-items", "retrieve-affiliations",
     "retrieve-default", "retrieve-items", "retrieve-subscriptions", "subscribe",
+    "manage-subscriptions",
     "config-node-max",
 )
 """XEP-0060 features (pubsub#<name>) the engine implements, for disco."""
+
+
+def _bare_of(jid: str) -> str:
+    return jid.split("/", 1)[0]
 
 
 def _pubsub(namespace: str) -> etree._Element:

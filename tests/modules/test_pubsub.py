@@ -290,3 +290,35 @@ async def test_items_in_pages(harness: ModuleHarness) -> None:
         f"<pubsub xmlns='{PS}'><items node='n'/><set xmlns='{rsm}'><after>zz</after></set></pubsub>"
     )
     assert error_of(await ask(harness, hamlet, "get", payload))[1] == "item-not-found"
+
+
+async def test_owner_manages_subscriptions(harness: ModuleHarness) -> None:
+    """8.8: the owner lists, adds and removes subscriptions."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    await create(harness, hamlet, "n")
+
+    def change(state: str) -> str:
+        return (
+            f"<pubsub xmlns='{OWNER}'><subscriptions node='n'>"
+            f"<subscription jid='bernardo@localhost/pda' subscription='{state}'/>"
+            "</subscriptions></pubsub>"
+        )
+
+    assert error_of(await ask(harness, bernardo, "set", change("subscribed")))[1] == "forbidden"
+    assert (await ask(harness, hamlet, "set", change("subscribed"))).get("type") == "result"
+    listing = f"<pubsub xmlns='{OWNER}'><subscriptions node='n'/></pubsub>"
+    reply = await ask(harness, hamlet, "get", listing)
+    assert [s.get("jid") for s in reply.iter(f"{{{OWNER}}}subscription")] == [
+        "bernardo@localhost/pda"
+    ]
+    await ask(harness, hamlet, "set", publish("n", "1"))
+    assert events(bernardo.take()) == [(SERVICE, "bernardo@localhost/pda", "item 1 Soliloquy")]
+    assert (await ask(harness, hamlet, "set", change("none"))).get("type") == "result"
+    await ask(harness, hamlet, "set", publish("n", "2"))
+    assert events(bernardo.take()) == []
+    # bernardo's own view agrees: no subscription left.
+    mine = f"<pubsub xmlns='{PS}'><subscriptions/></pubsub>"
+    reply = await ask(harness, bernardo, "get", mine)
+    assert list(reply.iter(f"{{{PS}}}subscription")) == []
+    assert error_of(await ask(harness, hamlet, "set", change("pending")))[1] == "bad-request"
