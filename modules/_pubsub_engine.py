@@ -69,7 +69,6 @@ LAST_INLINE_BYTES = 8 * 1024
 """A last item up to this size rides in its node record (and so in the cache)."""
 MAX_NAME_BYTES = 300  # node names and item ids, as escaped in keys (URL-quoted)
 TRANSACTION_DELETES = 90
-Affiliation = Literal["owner", "publisher", "publish-only", "member", "none", "outcast"]
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -97,7 +96,6 @@ class Node:
     subscriptions: dict[str, str]  # subscribed JID (bare or full) -> subid
     items: list[list[str]]  # [id, blob key or ""], oldest first
     last: bytes | None  # the last item's <item/> XML when small, else None
-    version: int = 0
 
     def affiliation(self, bare: str) -> str:
         return self.affiliations.get(bare, "none")
@@ -160,7 +158,6 @@ def decode_node(name: str, item: Item) -> Node:
         subscriptions=json.loads(str(attrs["s"])),
         items=json.loads(str(attrs["i"])),
         last=last if isinstance(last, bytes) else None,
-        version=item.version,
     )
 
 
@@ -314,10 +311,9 @@ class PubSubService:
         if form is not None:
             node.config = self._validated(apply_form(node.config, form, self.limits.max_items))
         await self.check_node_count()
-        stored = await self.items.modify(
+        await self.items.modify(
             self.node_key(name), lambda current: self._create_change(current, node), what="node"
         )
-        node.version = stored.after.version if stored.after is not None else 0
         return node
 
     @staticmethod

@@ -196,9 +196,7 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def config_form(
-    node: str, config: Mapping[str, Any], form_type: str = NODE_CONFIG
-) -> etree._Element:
+def config_form(config: Mapping[str, Any], form_type: str = NODE_CONFIG) -> etree._Element:
     """The owner's configuration form (XEP-0060 8.2.1) with the current values."""
     x = etree.Element(_X, nsmap={None: DATA})
     x.set("type", "form")

@@ -19,7 +19,6 @@ from xmppd.stream.errors import StanzaError
 from ._pubsub_engine import AFFILIATIONS, Event, Node, PubSubService
 from ._pubsub_forms import (
     DATA,
-    NODE_CONFIG,
     PUBSUB,
     PUBSUB_EVENT,
     PUBSUB_OWNER,
@@ -244,7 +243,7 @@ class PubSubProtocol:
         node = await request.service.owner_node(request.requester, name)
         reply = _pubsub(PUBSUB_OWNER)
         configure = etree.SubElement(reply, f"{_OWNER}configure", node=name)
-        configure.append(config_form(name, node.config))
+        configure.append(config_form(node.config))
         return reply
 
     async def _default_get(
@@ -252,7 +251,7 @@ class PubSubProtocol:
     ) -> etree._Element:
         node = request.service.new_node("default", request.requester)
         reply = _pubsub(PUBSUB_OWNER)
-        etree.SubElement(reply, f"{_OWNER}default").append(config_form("", node.config))
+        etree.SubElement(reply, f"{_OWNER}default").append(config_form(node.config))
         return reply
 
     async def _configure_set(
@@ -442,5 +441,3 @@ def event_message(
         etree.SubElement(ev, f"{_EV}{event.kind}", node=name)
     return message
 
-
-__all__ = ["FEATURES", "NODE_CONFIG", "PubSubProtocol", "Request", "event_message"]
