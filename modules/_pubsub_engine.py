@@ -69,6 +69,7 @@ LAST_INLINE_BYTES = 8 * 1024
 """A last item up to this size rides in its node record (and so in the cache)."""
 MAX_NAME_BYTES = 300  # node names and item ids, as escaped in keys (URL-quoted)
 TRANSACTION_DELETES = 90
+"""Writes of items besides the node's own in one transaction (DynamoDB takes 100)."""
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -81,6 +82,7 @@ class Limits:
     max_items: int = 256  # per node; what pubsub#max_items 'max' means
     max_nodes: int = 100  # per PEP account, or per service
     max_subscriptions: int = 1000  # per subscribing account
+    max_subscribers: int = 2000  # per node: they are kept in its record (256 KB at most)
     inline_item_bytes: int = 32 * 1024  # larger items go to the blob store
     default_max_items: int | str = 1
     default_access_model: str = "presence"
@@ -551,6 +553,7 @@ class PubSubService:
             if jid in node.subscriptions:
                 subid[:] = [node.subscriptions[jid]]
                 return UNCHANGED
+            self._check_room(node)
             subid[:] = [secrets.token_hex(8)]
             node.subscriptions[jid] = subid[0]
             index = await self._index_change(_bare(jid), name, jid, add=True)
@@ -558,6 +561,12 @@ class PubSubService:
 
         await self.items.modify(self.node_key(name), change, what="node")
         return await self.existing(name), subid[0]
+
+    def _check_room(self, node: Node) -> None:
+        if len(node.subscriptions) >= self.limits.max_subscribers:
+            raise StanzaError(
+                "not-allowed", f"this node has its {self.limits.max_subscribers} subscribers"
+            )
 
     async def unsubscribe(self, requester: str, name: str, jid: str, subid: str | None) -> None:
         """End a subscription (XEP-0060 6.2)."""
@@ -608,7 +617,12 @@ class PubSubService:
 
     async def set_subscriptions(self, requester: str, name: str, changes: dict[str, str]) -> None:
         """Owner subscribes (`subscribed`) or unsubscribes (`none`) others (XEP-0060
-        8.8.2), each subscriber's index written in the same transaction."""
+        8.8.2), each subscriber's index written in the same transaction (so at most
+        `TRANSACTION_DELETES` changes a request)."""
+        if len(changes) > TRANSACTION_DELETES:
+            raise StanzaError(
+                "not-acceptable", f"at most {TRANSACTION_DELETES} subscription changes at once"
+            )
 
         async def change(current: Item | None) -> WithWrites:
             if current is None:
@@ -621,6 +635,7 @@ class PubSubService:
                 if add == (jid in node.subscriptions):
                     continue
                 if add:
+                    self._check_room(node)
                     node.subscriptions[jid] = secrets.token_hex(8)
                 else:
                     del node.subscriptions[jid]

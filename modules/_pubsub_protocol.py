@@ -9,7 +9,8 @@ which know who the subscribers are (PEP adds the owner's contacts).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from lxml import etree
@@ -405,6 +406,19 @@ def _form(element: etree._Element | None) -> etree._Element | None:
     if len(forms) > 1:
         raise StanzaError("bad-request", "one form at most")
     return forms[0] if forms else None
+
+
+FAN_OUT_BATCH = 256
+"""Notifications routed between two turns of the event loop."""
+
+
+async def fan_out(send: Callable[[str], None], recipients: Iterable[str]) -> None:
+    """`send` to each recipient, letting the loop run every `FAN_OUT_BATCH`: a node
+    with thousands of subscribers does not hold up every other stream meanwhile."""
+    for count, jid in enumerate(recipients, 1):
+        send(jid)
+        if count % FAN_OUT_BATCH == 0:
+            await asyncio.sleep(0)
 
 
 def event_message(

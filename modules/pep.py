@@ -46,7 +46,7 @@ from xmppd.stream.errors import StanzaError
 
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out
 
 NOTIFY = "pep/notify"
 """In a session's (shared) state: the node names it wants notifications of."""
@@ -65,6 +65,7 @@ class PepOptions(BaseModel):
     max_items: StrictInt = Field(default=256, ge=1, le=10_000)  # per node; 'max'
     max_nodes: StrictInt = Field(default=100, ge=1, le=10_000)  # per account
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
+    max_subscribers: StrictInt = Field(default=2000, ge=1, le=3000)  # per node
     inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
 
 
@@ -80,6 +81,7 @@ class Pep(Module):
             max_items=opts.max_items,
             max_nodes=opts.max_nodes,
             max_subscriptions=opts.max_subscriptions,
+            max_subscribers=opts.max_subscribers,
             inline_item_bytes=opts.inline_item_bytes,
             default_max_items=1,
             default_access_model="presence",
@@ -175,8 +177,12 @@ class Pep(Module):
             return
         payload = bool(node.config.get("pubsub#deliver_payloads", True))
         owner = service.owner or ""
-        for jid in await self._recipients(service, node, owner):
-            self.host.route(event_message(owner, jid, event, payload=payload), bounce=False)
+        await fan_out(
+            lambda jid: self.host.route(
+                event_message(owner, jid, event, payload=payload), bounce=False
+            ),
+            await self._recipients(service, node, owner),
+        )
 
     async def _recipients(self, service: PubSubService, node: Node, owner: str) -> list[str]:
         """Full JIDs (and bare JIDs of explicit subscriptions) to notify, each once."""

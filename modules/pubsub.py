@@ -25,7 +25,7 @@ from xmppd.stream.errors import StanzaError, error_from, error_reply
 
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, encode_node
 from ._pubsub_forms import PUBSUB, PUBSUB_OWNER
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
@@ -41,6 +41,7 @@ class PubSubOptions(BaseModel):
     default_max_items: StrictInt = Field(default=10, ge=1, le=10_000)
     max_nodes: StrictInt = Field(default=10_000, ge=1, le=1_000_000)  # per service
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
+    max_subscribers: StrictInt = Field(default=2000, ge=1, le=3000)  # per node
     inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
 
 
@@ -55,6 +56,7 @@ class PubSub(Module):
             max_items=opts.max_items,
             max_nodes=opts.max_nodes,
             max_subscriptions=opts.max_subscriptions,
+            max_subscribers=opts.max_subscribers,
             inline_item_bytes=opts.inline_item_bytes,
             default_max_items=opts.default_max_items,
             default_access_model="open",
@@ -182,9 +184,16 @@ class PubSub(Module):
             return
         payload = bool(node.config.get("pubsub#deliver_payloads", True))
         domain = service.items.namespace.rsplit("/", 1)[0]
-        for jid in node.subscriptions:
-            if event.kind in ("delete", "purge") or await service.may_access(node, jid):
-                self.host.route(event_message(domain, jid, event, payload=payload), bounce=False)
+        recipients = [
+            jid for jid in node.subscriptions
+            if event.kind in ("delete", "purge") or await service.may_access(node, jid)
+        ]
+        await fan_out(
+            lambda jid: self.host.route(
+                event_message(domain, jid, event, payload=payload), bounce=False
+            ),
+            recipients,
+        )
 
     async def _send_last(self, service: PubSubService, node: Node, to: str) -> None:
         item = await service.last_item(node)

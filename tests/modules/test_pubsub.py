@@ -3,10 +3,13 @@ sections 5-8 with their examples' stanzas, errors included."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from lxml import etree
 
 from tests.modules.test_pep import ERRORS, IQ, OWNER, PS, error_of, events, settle
+from xmppd.modules._pubsub_engine import encode_node
 from xmppd.storage.base import Query
 from xmppd.testing import ModuleHarness, TestSession
 
@@ -322,3 +325,39 @@ async def test_owner_manages_subscriptions(harness: ModuleHarness) -> None:
     reply = await ask(harness, bernardo, "get", mine)
     assert list(reply.iter(f"{{{PS}}}subscription")) == []
     assert error_of(await ask(harness, hamlet, "set", change("pending")))[1] == "bad-request"
+
+
+async def test_fan_out_to_two_thousand_subscribers_lets_the_loop_run(
+    harness: ModuleHarness,
+) -> None:
+    """A publish to a node with 2,000 subscribers (the per-node maximum by default)
+    reaches each once, in batches between which the event loop runs other work."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "big")
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    subscribers = [harness.session(f"u{i}@localhost/r") for i in range(2000)]
+    node = await service.existing("big")  # subscribed in bulk, straight into the record
+    node.subscriptions = {s.jid: f"sub{i}" for i, s in enumerate(subscribers)}
+    await service.items.put(service.node_key("big"), encode_node(node))
+    turns = 0
+    seen_at: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    for session in subscribers:
+        session.recorder.send = lambda stanza: seen_at.append(turns) or True  # type: ignore[method-assign]
+    ticking = asyncio.ensure_future(ticker())
+    try:
+        await ask(harness, hamlet, "set", publish("big", "1"))
+    finally:
+        ticking.cancel()
+    assert len(seen_at) == 2000
+    assert len(set(seen_at)) >= 2000 // 256  # the loop ran between the batches
+    # One more subscriber than the node holds: refused, nothing stored.
+    one_more = "<pubsub xmlns='{0}'><subscribe node='big' jid='hamlet@localhost'/></pubsub>"
+    reply = await ask(harness, hamlet, "set", one_more.format(PS))
+    assert error_of(reply)[1] == "not-allowed"
