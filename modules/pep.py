@@ -95,10 +95,6 @@ class Pep(Module):
             self.host.add_feature(f"{PUBSUB}#{feature}", "account")
         self.host.share_state(NOTIFY)
         self.host.hook("presence/broadcast", self._on_presence, priority=-10)
-        disco = self.host.find_module(Disco)
-        if disco is not None:
-            disco.add_account_identity("pubsub", "pep")
-            disco.add_account_items(self._disco_items)
         # Per caps (hash, ver) verified on this node, what the store said.
         self._caps: dict[str, list[str]] = {}
         # disco#info questions under way: every one, and the first per caps hash.
@@ -109,6 +105,11 @@ class Pep(Module):
     async def start(self) -> None:
         self.roster = self.host.module(RosterModule)
         self.roster.subscribe_changes(self._on_roster_change)
+        # Here, not in setup(): every module is set up by now, whatever the config's order.
+        disco = self.host.find_module(Disco)
+        if disco is not None:
+            disco.add_account_identity("pubsub", "pep")
+            disco.add_account_items(self._disco_items)
 
     # --- the account's service ---------------------------------------------------------------
 

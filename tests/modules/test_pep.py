@@ -36,7 +36,7 @@ IQ = "{jabber:client}iq"
 @pytest.fixture
 async def harness() -> ModuleHarness:
     limits = {"max_nodes": 5, "max_item_bytes": 4096, "inline_item_bytes": 1024}
-    harness = ModuleHarness({"disco": {}, "roster": {}, "presence": {}, "pep": limits})
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": limits, "disco": {}})
     harness.users.update({"alice@localhost", "bob@localhost", "carol@localhost"})
     return await harness.start()
 
