@@ -45,7 +45,9 @@ _ENDED_KEPT = 4096  # ended session ids remembered, to answer session-expired
 
 def command_error(condition: str, specific: str, text: str) -> StanzaError:
     """A stanza error with XEP-0050's specific condition (bad-sessionid, ...)."""
-    return StanzaError(condition, text, app=f"{{{COMMANDS}}}{specific}")
+    return StanzaError(
+        condition, text, app=etree.Element(f"{{{COMMANDS}}}{specific}", nsmap={None: COMMANDS})
+    )
 
 
 @dataclass(slots=True)

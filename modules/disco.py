@@ -9,7 +9,7 @@ node shows may depend on who asks (an administrator sees more).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from lxml import etree
@@ -44,6 +44,8 @@ class NodeItem:
 # Either may raise StanzaError (forbidden: the asker may not see the node).
 InfoProvider = Callable[[IqRequest, str], NodeInfo | None]
 ItemsProvider = Callable[[IqRequest, str], list[NodeItem] | None]
+AccountItems = Callable[[IqRequest], Awaitable[etree._Element | None]]
+"""Answers disco#items to an account (PEP: its nodes), or None to leave it to others."""
 
 
 class Disco(Module):
@@ -54,6 +56,9 @@ class Disco(Module):
         self.server_info_nodes: set[str] = set()
         self._info_providers: list[InfoProvider] = []
         self._items_providers: list[ItemsProvider] = []
+        # Identities of every account besides account/registered (PEP: pubsub/pep).
+        self.account_identities: list[tuple[str, str, str | None]] = []
+        self.account_items: list[AccountItems] = []
         self.host.add_identity("server", "im", "xmppd")
         for scope in ("server", "account"):
             self.host.add_feature(DISCO_INFO, scope)  # type: ignore[arg-type]
@@ -74,7 +79,7 @@ class Disco(Module):
             if not request.from_owner:
                 # Without presence subscriptions (roster module) only the owner may look.
                 raise StanzaError("service-unavailable")
-            identities = [("account", "registered", None)]
+            identities = [("account", "registered", None), *self.account_identities]
             features = self.host.features["account"]
         else:
             identities = self.host.identities
@@ -88,6 +93,14 @@ class Disco(Module):
         for var in sorted(features):
             etree.SubElement(query, f"{{{DISCO_INFO}}}feature").set("var", var)
         return query
+
+    def add_account_identity(self, category: str, type_: str) -> None:
+        """Announce an identity on every account's bare JID (XEP-0163: pubsub/pep)."""
+        self.account_identities.append((category, type_, None))
+
+    def add_account_items(self, provider: AccountItems) -> None:
+        """Let `provider` answer disco#items to accounts first (XEP-0163: PEP nodes)."""
+        self.account_items.append(provider)
 
     def add_server_info_node(self, node: str) -> None:
         """Answer disco#info for `node` with the server's own info (XEP-0115 caps)."""
@@ -108,7 +121,14 @@ class Disco(Module):
         raise StanzaError("item-not-found", "no such node")
 
     async def items(self, request: IqRequest) -> etree._Element:
+        if "@" in request.target:
+            for provider in self.account_items:
+                answer = await provider(request)
+                if answer is not None:
+                    return answer
         node = request.payload.get("node")
+        if node is not None and "@" in request.target:
+            raise StanzaError("item-not-found", "no such node")
         if "@" in request.target and not request.from_owner:
             raise StanzaError("service-unavailable")
         query = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})

@@ -384,6 +384,7 @@ DEFAULT_MODULES = (
     "stream_management",
     "adhoc",
     "admin_commands",
+    "pep",
 )
 
 

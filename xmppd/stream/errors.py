@@ -91,15 +91,16 @@ class StanzaError(Exception):
         condition: str,
         text: str | None = None,
         type_: str | None = None,
-        app: str | None = None,
+        app: etree._Element | None = None,
     ) -> None:
         assert condition in STANZA_CONDITIONS, condition
         super().__init__(f"{condition}: {text}" if text else condition)
         self.condition = condition
         self.text = text
         self.type = type_ or STANZA_CONDITIONS[condition]
-        # An application-specific condition ("{namespace}name", RFC 6120 8.3.4), such
-        # as XEP-0050's <bad-sessionid/>, that says more than the general one.
+        # An application-specific condition (RFC 6120 8.3.4) that says more than the
+        # general one, e.g. XEP-0060's <precondition-not-met
+        # xmlns='http://jabber.org/protocol/pubsub#errors'/> or XEP-0050's <bad-sessionid/>.
         self.app = app
 
 
@@ -109,10 +110,10 @@ def error_reply(
     text: str | None = None,
     type_: str | None = None,
     by: str | None = None,
-    app: str | None = None,
+    app: etree._Element | None = None,
 ) -> etree._Element:
     """The error answer to `stanza`: addresses swapped, same id, an <error/> child
-    (with the application-specific condition `app`, "{namespace}name", if given)."""
+    (with `app`, an application-specific condition, after the text)."""
     tag = stanza.tag if isinstance(stanza.tag, str) else ns.C_MESSAGE
     reply = etree.Element(tag, nsmap={None: ns.CLIENT})
     reply.set("type", "error")
@@ -129,8 +130,8 @@ def error_reply(
     etree.SubElement(err, f"{{{ns.STANZA_ERRORS}}}{condition}", nsmap={None: ns.STANZA_ERRORS})
     if text:
         etree.SubElement(err, f"{{{ns.STANZA_ERRORS}}}text").text = text
-    if app:
-        etree.SubElement(err, app, nsmap={None: app[1:].split("}", 1)[0]})
+    if app is not None:
+        err.append(app)
     return reply
 
 

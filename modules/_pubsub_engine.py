@@ -1,0 +1,733 @@
+"""The publish-subscribe engine (XEP-0060) that both PEP (modules/pep.py, one service
+per account) and the pubsub.<host> service (modules/pubsub.py) run on.
+
+It knows nodes, affiliations, subscriptions, items and access models, and
+keeps them in the item and blob stores; it knows nothing of who hosts it,
+of sessions or of routing. Every operation returns what happened (an `Event`
+for notifications); the hosting module decides who gets them.
+
+Storage, under the `prefix` of one service (PEP: "<user>/", so an account's
+nodes go with one prefix deletion; the pubsub service: ""), in one item
+store:
+
+* `<prefix>n/<node>`: the node record: configuration, affiliations,
+  explicit subscriptions, the item ids in publish order, and the last item
+  itself when it is small (`LAST_INLINE_BYTES`). Contacts' last items are
+  what a login needs, and this record reads through the shared cache like
+  every item, so a login storm reads the cache, not the store, once per
+  contact and node.
+* `<prefix>i/<node>/<item id>`: one published item: its XML when at most
+  `inline_item_bytes`, else the key of a blob (blob store, same namespace
+  name) holding it. Avatars' data nodes are the large ones.
+* `/u/<bare JID>`: the nodes a user subscribed to, for the per-user
+  subscription limit and so that an account's removal finds its
+  subscriptions (no user prefix starts with "/").
+
+Every change of a node is one `ItemStore.modify` of its record, with the
+item writes in the same transaction (`WithWrites`), so two nodes of a
+cluster publishing to one node at once both land, and an item is never
+stored without the record listing it. Blobs are written before that
+transaction (a new key each time) and the replaced ones deleted after it.
+Names (node names, item ids, JIDs) are escaped in keys so that none can
+reach another's key space.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+from lxml import etree
+
+from xmppd.storage.base import (
+    UNCHANGED,
+    BlobStore,
+    Item,
+    ItemStore,
+    Query,
+    Unchanged,
+    WithWrites,
+    Write,
+)
+from xmppd.stream.errors import StanzaError
+
+from ._pubsub_forms import (
+    ACCESS_MODELS,
+    Config,
+    apply_form,
+    check_preconditions,
+    default_config,
+    pubsub_error,
+)
+
+LAST_INLINE_BYTES = 8 * 1024
+"""A last item up to this size rides in its node record (and so in the cache)."""
+MAX_NAME_BYTES = 300  # node names and item ids, as escaped in keys (URL-quoted)
+TRANSACTION_DELETES = 90
+"""Writes of items besides the node's own in one transaction (DynamoDB takes 100)."""
+AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one service allows (module options)."""
+
+    max_item_bytes: int = 256 * 1024
+    max_items: int = 256  # per node; what pubsub#max_items 'max' means
+    max_nodes: int = 100  # per PEP account, or per service
+    max_subscriptions: int = 1000  # per subscribing account
+    max_subscribers: int = 2000  # per node: they are kept in its record (256 KB at most)
+    inline_item_bytes: int = 32 * 1024  # larger items go to the blob store
+    default_max_items: int | str = 1
+    default_access_model: str = "presence"
+
+
+@dataclass(slots=True)
+class Node:
+    """One node as stored."""
+
+    name: str
+    config: Config
+    affiliations: dict[str, str]  # bare JID -> affiliation (none: absent)
+    subscriptions: dict[str, str]  # subscribed JID (bare or full) -> subid
+    items: list[list[str]]  # [id, blob key or ""], oldest first
+    last: bytes | None  # the last item's <item/> XML when small, else None
+
+    def affiliation(self, bare: str) -> str:
+        return self.affiliations.get(bare, "none")
+
+    @property
+    def owners(self) -> list[str]:
+        return [jid for jid, aff in self.affiliations.items() if aff == "owner"]
+
+    def max_items(self, limits: Limits) -> int:
+        if not self.config.get("pubsub#persist_items", True):
+            return 1  # a transient node keeps only what "last item" needs
+        value = self.config.get("pubsub#max_items", 1)
+        return limits.max_items if value == "max" else min(int(value), limits.max_items)
+
+
+@dataclass(slots=True)
+class Event:
+    """What a change means to subscribers: `kind` is the XEP-0060 event child
+    (items, retract, delete, purge, configuration)."""
+
+    kind: Literal["items", "retract", "delete", "purge", "configuration"]
+    node: Node
+    item: etree._Element | None = None  # the published <item/> (items)
+    item_id: str | None = None  # (items, retract)
+    publisher: str | None = None
+
+
+Relation = Callable[[str, str], Awaitable[tuple[str, list[str]] | None]]
+"""(owner bare, requester bare) -> (subscription, roster groups) of the requester in
+the owner's roster, or None: what the presence and roster access models judge."""
+
+
+def _q(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _bare(jid: str) -> str:
+    return jid.split("/", 1)[0]
+
+
+def encode_node(node: Node) -> dict[str, str | bytes | int]:
+    attrs: dict[str, str | bytes | int] = {
+        "c": json.dumps(node.config, separators=(",", ":")),
+        "a": json.dumps(node.affiliations, separators=(",", ":")),
+        "s": json.dumps(node.subscriptions, separators=(",", ":")),
+        "i": json.dumps(node.items, separators=(",", ":")),
+    }
+    if node.last is not None:
+        attrs["l"] = node.last
+    return attrs
+
+
+def decode_node(name: str, item: Item) -> Node:
+    attrs = item.attrs
+    last = attrs.get("l")
+    return Node(
+        name=name,
+        config=json.loads(str(attrs["c"])),
+        affiliations=json.loads(str(attrs["a"])),
+        subscriptions=json.loads(str(attrs["s"])),
+        items=json.loads(str(attrs["i"])),
+        last=last if isinstance(last, bytes) else None,
+    )
+
+
+def parse_item(data: bytes) -> etree._Element:
+    return etree.fromstring(data, _PARSER)
+
+
+class PubSubService:
+    """One pubsub service (an account's PEP or a pubsub.<host>) over the stores.
+
+    `owner` is the account whose PEP this is (None for the pubsub service,
+    where each node has its own owners); `relation` answers the presence
+    and roster access models."""
+
+    def __init__(
+        self,
+        items: ItemStore,
+        blobs: BlobStore,
+        prefix: str,
+        limits: Limits,
+        relation: Relation,
+        owner: str | None = None,
+    ) -> None:
+        self.items = items
+        self.blobs = blobs
+        self.prefix = prefix
+        self.limits = limits
+        self.relation = relation
+        self.owner = owner
+
+    # --- keys -------------------------------------------------------------------------
+
+    def node_key(self, node: str) -> str:
+        return f"{self.prefix}n/{_q(node)}"
+
+    def item_key(self, node: str, item_id: str) -> str:
+        return f"{self.prefix}i/{_q(node)}/{_q(item_id)}"
+
+    @staticmethod
+    def index_key(bare: str) -> str:
+        return f"/u/{_q(bare)}"
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def node(self, name: str) -> Node | None:
+        item = await self.items.get(self.node_key(name))
+        return None if item is None else decode_node(name, item)
+
+    async def existing(self, name: str) -> Node:
+        node = await self.node(name)
+        if node is None:
+            raise StanzaError("item-not-found", "no such node")
+        return node
+
+    async def node_names(self, limit: int = 1000) -> list[str]:
+        """The service's nodes, by name (at most `limit`)."""
+        from urllib.parse import unquote
+
+        start = f"{self.prefix}n/"
+        names: list[str] = []
+        token: str | None = None
+        while len(names) < limit:
+            page = await self.items.query(
+                Query(prefix=start, limit=min(1000, limit), page_token=token)
+            )
+            names.extend(unquote(item.name[len(start):]) for item in page.items)
+            if (token := page.next_token) is None:
+                break
+        return names[:limit]
+
+    async def item_elements(self, node: Node, ids: Sequence[str]) -> list[etree._Element]:
+        """The stored <item/> elements of `ids` (those that exist), in that order."""
+        blob_of = {entry[0]: entry[1] for entry in node.items}
+        wanted = [i for i in ids if i in blob_of]
+        if not wanted:
+            return []
+        if len(wanted) == 1 and node.last is not None and node.items[-1][0] == wanted[0]:
+            return [parse_item(node.last)]
+        found = await self.items.batch_get([self.item_key(node.name, i) for i in wanted])
+        elements = []
+        for item_id in wanted:
+            record = found.get(self.item_key(node.name, item_id))
+            if record is None:
+                continue
+            data = record.attrs.get("x")
+            if not isinstance(data, bytes):
+                blob = await self.blobs.get(str(record.attrs.get("b", "")))
+                if blob is None:
+                    continue
+                data = blob.data
+            elements.append(parse_item(data))
+        return elements
+
+    async def last_item(self, node: Node) -> etree._Element | None:
+        if not node.items:
+            return None
+        if node.last is not None:
+            return parse_item(node.last)
+        found = await self.item_elements(node, [node.items[-1][0]])
+        return found[0] if found else None
+
+    # --- access -------------------------------------------------------------------------
+
+    async def check_access(self, node: Node, requester: str) -> None:
+        """May `requester` subscribe to `node` and read its items? XEP-0060 6.1.3 errors."""
+        bare = _bare(requester)
+        if judge(node, bare, self.owner, None) is None:
+            return
+        owners = [self.owner] if self.owner else node.owners
+        relations = [await self.relation(owner, bare) for owner in owners]
+        refusal = judge(node, bare, self.owner, relations)
+        if refusal is not None:
+            raise refusal
+
+    async def may_access(self, node: Node, requester: str) -> bool:
+        try:
+            await self.check_access(node, requester)
+        except StanzaError:
+            return False
+        return True
+
+    def _require_owner(self, node: Node, requester: str) -> None:
+        if node.affiliation(_bare(requester)) != "owner":
+            raise StanzaError("forbidden", "only an owner may do this")
+
+    # --- node lifecycle --------------------------------------------------------------------
+
+    def new_node(self, name: str, creator: str) -> Node:
+        config = default_config(self.limits.default_access_model, self.limits.default_max_items)
+        return Node(name, config, {_bare(creator): "owner"}, {}, [], None)
+
+    def check_name(self, name: str, what: str = "node names") -> None:
+        """Names are escaped into storage keys; these fit every backend's key size."""
+        if not name or len(_q(name)) > MAX_NAME_BYTES:
+            raise StanzaError("not-acceptable", f"{what} are 1 to {MAX_NAME_BYTES} bytes escaped")
+
+    async def check_node_count(self) -> None:
+        names = await self.node_names(self.limits.max_nodes)
+        if len(names) >= self.limits.max_nodes:
+            raise pubsub_error("not-allowed", "max-nodes-exceeded",
+                               f"at most {self.limits.max_nodes} nodes")
+
+    async def create(
+        self, creator: str, name: str | None, form: etree._Element | None
+    ) -> Node:
+        """Create a node (XEP-0060 8.1); an instant node gets a unique name."""
+        if name is None:
+            name = secrets.token_hex(8)
+        self.check_name(name)
+        node = self.new_node(name, creator)
+        if form is not None:
+            node.config = self._validated(apply_form(node.config, form, self.limits.max_items))
+        await self.check_node_count()
+        await self.items.modify(
+            self.node_key(name), lambda current: self._create_change(current, node), what="node"
+        )
+        return node
+
+    @staticmethod
+    def _create_change(current: Item | None, node: Node) -> dict[str, Any]:
+        if current is not None:
+            raise StanzaError("conflict", "the node exists already")
+        return encode_node(node)
+
+    @staticmethod
+    def _validated(config: Config) -> Config:
+        if config.get("pubsub#access_model") not in ACCESS_MODELS:
+            raise pubsub_error("not-acceptable", "unsupported", feature="access-authorize")
+        return config
+
+    async def configure(self, requester: str, name: str, form: etree._Element) -> Event:
+        """Apply the owner's node_config form (XEP-0060 8.2.4); fewer max_items drops
+        the oldest items."""
+        dropped: list[list[str]] = []
+
+        async def change(current: Item | None) -> WithWrites:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            self._require_owner(node, requester)
+            node.config = self._validated(apply_form(node.config, form, self.limits.max_items))
+            dropped[:] = _trim(node, self.limits)
+            return WithWrites(encode_node(node), self._deletes(name, dropped))
+
+        await self.items.modify(self.node_key(name), change, what="node")
+        node = await self.existing(name)
+        await self._drop_items(node, dropped[TRANSACTION_DELETES:])
+        await self._delete_blobs(dropped[:TRANSACTION_DELETES])
+        return Event("configuration", node)
+
+    async def delete(self, requester: str, name: str) -> Event:
+        """Delete a node with its items (XEP-0060 8.4)."""
+        deleted: list[Node] = []
+
+        def change(current: Item | None) -> WithWrites:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            self._require_owner(node, requester)
+            deleted[:] = [node]
+            return WithWrites(None, self._deletes(name, node.items))
+
+        await self.items.modify(self.node_key(name), change, what="node")
+        node = deleted[0]
+        # Items deleted in the transaction: a node made again at once keeps its own.
+        await self._drop_items(node, node.items[TRANSACTION_DELETES:])
+        await self._delete_blobs(node.items[:TRANSACTION_DELETES])
+        return Event("delete", node)
+
+    async def purge(self, requester: str, name: str) -> Event:
+        """Remove every item of a node (XEP-0060 8.5)."""
+        purged: list[list[str]] = []
+
+        def change(current: Item | None) -> WithWrites:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            self._require_owner(node, requester)
+            purged[:] = node.items
+            node.items, node.last = [], None
+            return WithWrites(encode_node(node), self._deletes(name, purged))
+
+        await self.items.modify(self.node_key(name), change, what="node")
+        node = await self.existing(name)
+        await self._drop_items(node, purged[TRANSACTION_DELETES:])
+        await self._delete_blobs(purged[:TRANSACTION_DELETES])
+        return Event("purge", node)
+
+    async def _drop_items(self, node: Node, entries: list[list[str]]) -> None:
+        """Delete item records and blobs a committed change no longer lists."""
+        for item_id, _blob in entries:
+            await self.items.delete(self.item_key(node.name, item_id))
+        await self._delete_blobs(entries)
+
+    async def _delete_blobs(self, entries: list[list[str]]) -> None:
+        for _item_id, blob in entries:
+            if blob:
+                await self.blobs.delete(blob)
+
+    def _deletes(self, name: str, entries: list[list[str]]) -> list[Write]:
+        """Deletes of item records for a node's transaction: at most
+        `TRANSACTION_DELETES` (DynamoDB takes 100 writes a transaction); the caller
+        deletes the rest after the commit (`_drop_items`), unlisted by then."""
+        return [
+            self.items.delete_op(self.item_key(name, item_id))
+            for item_id, _ in entries[:TRANSACTION_DELETES]
+        ]
+
+    # --- publishing ------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        publisher: str,
+        name: str,
+        item: etree._Element | None,
+        wanted: Config,
+        *,
+        auto_create: bool,
+    ) -> Event:
+        """Publish one item (XEP-0060 7.1), creating the node first when `auto_create`
+        (PEP, XEP-0163 3) with the publish-options as its configuration; otherwise
+        the options are preconditions."""
+        self.check_name(name)
+        if item is None:  # every node here persists items and delivers payloads
+            raise pubsub_error("bad-request", "item-required", "publish one <item/>")
+        item_id = item.get("id") or secrets.token_hex(8)
+        self.check_name(item_id, "item ids")
+        item.set("id", item_id)
+        payloads = [child for child in item if isinstance(child.tag, str)]
+        if len(payloads) > 1 or (item.text or "").strip():
+            raise pubsub_error("bad-request", "invalid-payload", "one payload element per item")
+        if not payloads:
+            raise pubsub_error("bad-request", "payload-required", "the item needs a payload")
+        data = etree.tostring(item)
+        if len(data) > self.limits.max_item_bytes:
+            raise pubsub_error("not-acceptable", "payload-too-big",
+                               f"items are at most {self.limits.max_item_bytes} bytes")
+        blob = ""
+        if len(data) > self.limits.inline_item_bytes:
+            blob = f"{self.prefix}{_q(name)}/{_q(item_id)}/{secrets.token_hex(6)}"
+            await self.blobs.put(blob, data)
+        record: dict[str, str | bytes | int] = {"p": _bare(publisher), "t": int(time.time())}
+        record["b" if blob else "x"] = blob or data
+        dropped: list[list[str]] = []
+        created: list[bool] = []
+
+        async def change(current: Item | None) -> WithWrites:
+            if current is None:
+                if not auto_create:
+                    raise StanzaError("item-not-found", "no such node")
+                if not created:
+                    await self.check_node_count()
+                created[:] = [True]
+                node = self.new_node(name, publisher)
+                node.config = self._validated({**node.config, **wanted})
+            else:
+                node = decode_node(name, current)
+                check_preconditions(node.config, wanted)
+            self._check_publisher(node, publisher)
+            previous = [entry for entry in node.items if entry[0] == item_id]
+            node.items = [entry for entry in node.items if entry[0] != item_id]
+            node.items.append([item_id, blob])
+            node.last = data if len(data) <= LAST_INLINE_BYTES else None
+            trimmed = _trim(node, self.limits)
+            dropped[:] = [*(entry for entry in previous if entry[1]), *trimmed]
+            writes: list[Write] = [self.items.put_op(self.item_key(name, item_id), record)]
+            writes += self._deletes(name, trimmed)
+            return WithWrites(encode_node(node), writes)
+
+        try:
+            await self.items.modify(self.node_key(name), change, what="node")
+        except BaseException:
+            if blob:
+                await self.blobs.delete(blob)
+            raise
+        node = await self.existing(name)
+        await self._drop_items(node, dropped[TRANSACTION_DELETES:])
+        stale = [entry for entry in dropped[:TRANSACTION_DELETES] if entry[1] != blob]
+        await self._delete_blobs(stale)
+        return Event("items", node, item, item_id, _bare(publisher))
+
+    def _check_publisher(self, node: Node, publisher: str) -> None:
+        affiliation = node.affiliation(_bare(publisher))
+        if affiliation in ("owner", "publisher", "publish-only"):
+            return
+        model = node.config.get("pubsub#publish_model", "publishers")
+        if affiliation != "outcast" and (
+            model == "open"
+            or (model == "subscribers" and any(
+                _bare(jid) == _bare(publisher) for jid in node.subscriptions))
+        ):
+            return
+        raise StanzaError("forbidden", "you may not publish to this node")
+
+    async def retract(self, requester: str, name: str, item_id: str) -> Event:
+        """Delete one item (XEP-0060 7.2); the node's new last item is read back."""
+        removed: list[list[str]] = []
+
+        async def change(current: Item | None) -> WithWrites:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            affiliation = node.affiliation(_bare(requester))
+            if affiliation not in ("owner", "publisher"):
+                raise StanzaError("forbidden", "you may not retract from this node")
+            removed[:] = [entry for entry in node.items if entry[0] == item_id]
+            if not removed:
+                raise StanzaError("item-not-found", "no such item")
+            was_last = node.items[-1][0] == item_id
+            node.items = [entry for entry in node.items if entry[0] != item_id]
+            if was_last:
+                node.last = None
+                if node.items:
+                    newest = await self.item_elements(node, [node.items[-1][0]])
+                    if newest:
+                        data = etree.tostring(newest[0])
+                        node.last = data if len(data) <= LAST_INLINE_BYTES else None
+            return WithWrites(encode_node(node), self._deletes(name, removed))
+
+        await self.items.modify(self.node_key(name), change, what="node")
+        await self._delete_blobs(removed)
+        return Event("retract", await self.existing(name), item_id=item_id)
+
+    # --- retrieval -------------------------------------------------------------------------
+
+    async def get_items(
+        self, requester: str, name: str, ids: Sequence[str], max_items: int | None
+    ) -> tuple[Node, list[etree._Element]]:
+        """Items by id or the newest `max_items` (XEP-0060 6.5), newest last."""
+        node = await self.existing(name)
+        await self.check_access(node, requester)
+        if ids:
+            return node, await self.item_elements(node, ids)
+        entries = node.items if max_items is None else node.items[-max_items:] if max_items else []
+        return node, await self.item_elements(node, [entry[0] for entry in entries])
+
+    # --- subscriptions ---------------------------------------------------------------------
+
+    async def subscribe(self, requester: str, name: str, jid: str) -> tuple[Node, str]:
+        """Subscribe `jid` (XEP-0060 6.1); the subid."""
+        if _bare(jid) != _bare(requester):
+            raise pubsub_error("bad-request", "invalid-jid", "subscribe your own JID")
+        node = await self.existing(name)
+        await self.check_access(node, requester)
+        subid: list[str] = []
+
+        async def change(current: Item | None) -> WithWrites | Unchanged:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            if jid in node.subscriptions:
+                subid[:] = [node.subscriptions[jid]]
+                return UNCHANGED
+            self._check_room(node)
+            subid[:] = [secrets.token_hex(8)]
+            node.subscriptions[jid] = subid[0]
+            index = await self._index_change(_bare(jid), name, jid, add=True)
+            return WithWrites(encode_node(node), index)
+
+        await self.items.modify(self.node_key(name), change, what="node")
+        return await self.existing(name), subid[0]
+
+    def _check_room(self, node: Node) -> None:
+        if len(node.subscriptions) >= self.limits.max_subscribers:
+            raise StanzaError(
+                "not-allowed", f"this node has its {self.limits.max_subscribers} subscribers"
+            )
+
+    async def unsubscribe(self, requester: str, name: str, jid: str, subid: str | None) -> None:
+        """End a subscription (XEP-0060 6.2)."""
+        if _bare(jid) != _bare(requester):
+            node = await self.existing(name)
+            if node.affiliation(_bare(requester)) != "owner":
+                raise pubsub_error("bad-request", "invalid-jid", "unsubscribe your own JID")
+
+        async def change(current: Item | None) -> WithWrites:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            if jid not in node.subscriptions:
+                raise pubsub_error("unexpected-request", "not-subscribed", type_="cancel")
+            if subid is not None and node.subscriptions[jid] != subid:
+                raise pubsub_error("not-acceptable", "invalid-subid")
+            del node.subscriptions[jid]
+            index = await self._index_change(_bare(jid), name, jid, add=False)
+            return WithWrites(encode_node(node), index)
+
+        await self.items.modify(self.node_key(name), change, what="node")
+
+    async def _index_change(self, bare: str, name: str, jid: str, *, add: bool) -> list[Write]:
+        """The conditional write of the subscriber's index, for the node's transaction."""
+        key = self.index_key(bare)
+        current = await self.items.get(key)
+        entries: list[list[str]] = json.loads(str(current.attrs["s"])) if current else []
+        entry = [self.prefix, name, jid]
+        entries = [e for e in entries if e != entry]
+        if add:
+            if len(entries) >= self.limits.max_subscriptions:
+                raise pubsub_error("not-allowed", "too-many-subscriptions",
+                                   f"at most {self.limits.max_subscriptions} subscriptions")
+            entries.append(entry)
+        if not entries:
+            if current is None:
+                return []
+            return [self.items.delete_op(key, if_version=current.version)]
+        attrs = {"s": json.dumps(entries, separators=(",", ":"))}
+        if current is None:
+            return [self.items.put_op(key, attrs, if_absent=True)]
+        return [self.items.put_op(key, attrs, if_version=current.version)]
+
+    async def subscriptions_of(self, bare: str) -> list[list[str]]:
+        """[prefix, node, jid] of every subscription `bare` holds in this store."""
+        current = await self.items.get(self.index_key(bare))
+        return json.loads(str(current.attrs["s"])) if current else []
+
+    async def set_subscriptions(self, requester: str, name: str, changes: dict[str, str]) -> None:
+        """Owner subscribes (`subscribed`) or unsubscribes (`none`) others (XEP-0060
+        8.8.2), each subscriber's index written in the same transaction (so at most
+        `TRANSACTION_DELETES` changes a request)."""
+        if len(changes) > TRANSACTION_DELETES:
+            raise StanzaError(
+                "not-acceptable", f"at most {TRANSACTION_DELETES} subscription changes at once"
+            )
+
+        async def change(current: Item | None) -> WithWrites:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            self._require_owner(node, requester)
+            writes: list[Write] = []
+            for jid, state in changes.items():
+                add = state == "subscribed"
+                if add == (jid in node.subscriptions):
+                    continue
+                if add:
+                    self._check_room(node)
+                    node.subscriptions[jid] = secrets.token_hex(8)
+                else:
+                    del node.subscriptions[jid]
+                writes += await self._index_change(_bare(jid), name, jid, add=add)
+            return WithWrites(encode_node(node), writes)
+
+        await self.items.modify(self.node_key(name), change, what="node")
+
+    # --- affiliations (owner use cases) ----------------------------------------------------
+
+    async def set_affiliations(self, requester: str, name: str, changes: dict[str, str]) -> None:
+        """Owner changes affiliations (XEP-0060 8.9.2); the last owner cannot be removed."""
+
+        def change(current: Item | None) -> dict[str, Any]:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            self._require_owner(node, requester)
+            for jid, affiliation in changes.items():
+                if affiliation == "none":
+                    node.affiliations.pop(jid, None)
+                else:
+                    node.affiliations[jid] = affiliation
+            if not node.owners:
+                raise StanzaError("not-acceptable", "a node needs an owner")
+            return encode_node(node)
+
+        await self.items.modify(self.node_key(name), change, what="node")
+
+    async def owner_node(self, requester: str, name: str) -> Node:
+        node = await self.existing(name)
+        self._require_owner(node, requester)
+        return node
+
+    # --- removal ---------------------------------------------------------------------------
+
+    async def drop_subscriptions_of(self, bare: str) -> bool:
+        """Remove every subscription `bare` holds here, and its index (account removal)."""
+        entries = await self.subscriptions_of(bare)
+        for prefix, name, jid in entries:
+            service = PubSubService(self.items, self.blobs, prefix, self.limits, self.relation)
+
+            def change(current: Item | None, jid: str = jid, name: str = name) -> Any:
+                if current is None:
+                    return UNCHANGED
+                node = decode_node(name, current)
+                if node.subscriptions.pop(jid, None) is None:
+                    return UNCHANGED
+                return encode_node(node)
+
+            await self.items.modify(service.node_key(name), change, what="node")
+        found = await self.items.delete(self.index_key(bare))
+        return found or bool(entries)
+
+
+def judge(
+    node: Node,
+    bare: str,
+    owner: str | None,
+    relations: list[tuple[str, list[str]] | None] | None,
+) -> StanzaError | None:
+    """The access model's verdict on `bare` (None: allowed), XEP-0060 6.1.3's error
+    otherwise. `relations`: the requester in each owner's roster (subscription,
+    groups); None when not read yet, and then only a verdict that needs none is
+    final (a refusal for lack of a roster entry is returned as not-authorized).
+    Sync, so that a fan-out that holds the owner's roster judges each contact
+    without a read."""
+    affiliation = node.affiliation(bare)
+    if affiliation == "outcast":
+        return StanzaError("forbidden", "you are banned from this node")
+    if affiliation in ("owner", "publisher", "member") or bare == owner:
+        return None
+    model = node.config.get("pubsub#access_model", "open")
+    if model == "open":
+        return None
+    if model == "whitelist":
+        return pubsub_error("not-allowed", "closed-node")
+    allowed = set(node.config.get("pubsub#roster_groups_allowed", []))
+    for relation in relations or ():
+        if relation is None or relation[0] not in ("from", "both"):
+            continue
+        if model == "presence" or allowed & set(relation[1]):
+            return None
+    if model == "presence":
+        return pubsub_error("not-authorized", "presence-subscription-required")
+    return pubsub_error("not-authorized", "not-in-roster-group")
+
+
+def _trim(node: Node, limits: Limits) -> list[list[str]]:
+    """Drop the oldest items over the node's max_items; the dropped entries."""
+    keep = node.max_items(limits)
+    if len(node.items) <= keep:
+        return []
+    dropped, node.items = node.items[:-keep], node.items[-keep:]
+    return dropped

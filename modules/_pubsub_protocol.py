@@ -1,0 +1,457 @@
+"""XEP-0060's wire protocol over the engine: request parsing, replies, errors and the
+notification messages, for PEP and for the pubsub service alike.
+
+The hosting module gives a request's <pubsub/> element, the requester and the
+service; `PubSubProtocol.handle` returns the reply payload and hands each
+`Event` and each "send the last item to this JID" to the module's callbacks,
+which know who the subscribers are (PEP adds the owner's contacts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from lxml import etree
+
+from xmppd.stream.errors import StanzaError
+
+from ._pubsub_engine import AFFILIATIONS, Event, Node, PubSubService
+from ._pubsub_forms import (
+    DATA,
+    PUBSUB,
+    PUBSUB_EVENT,
+    PUBSUB_OWNER,
+    config_form,
+    publish_options,
+    pubsub_error,
+)
+
+_PS = f"{{{PUBSUB}}}"
+_OWNER = f"{{{PUBSUB_OWNER}}}"
+_EV = f"{{{PUBSUB_EVENT}}}"
+_X = f"{{{DATA}}}x"
+RSM = "http://jabber.org/protocol/rsm"
+
+Notify = Callable[[PubSubService, Event], Awaitable[None]]
+SendLast = Callable[[PubSubService, Node, str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    service: PubSubService
+    requester: str  # full JID of the asker
+    type: str  # get | set
+    payload: etree._Element  # <pubsub/> in PUBSUB or PUBSUB_OWNER
+
+
+class PubSubProtocol:
+    """Answers XEP-0060 requests; `auto_create` is PEP's create-on-publish."""
+
+    def __init__(self, notify: Notify, send_last: SendLast, *, auto_create: bool) -> None:
+        self.notify = notify
+        self.send_last = send_last
+        self.auto_create = auto_create
+
+    async def handle(self, request: Request) -> etree._Element | None:
+        children = [c for c in request.payload if isinstance(c.tag, str)]
+        if not children:
+            raise StanzaError("bad-request", "no pubsub action")
+        action = children[0]
+        owner = request.payload.tag == f"{_OWNER}pubsub"
+        key = (owner, request.type, action.tag.split("}", 1)[-1])
+        handler = _HANDLERS.get(key)
+        if handler is None:
+            raise pubsub_error("feature-not-implemented", "unsupported",
+                               feature=_FEATURE_OF.get(key[2], key[2]))
+        return await handler(self, request, action, children[1:])
+
+    # --- entity use cases (XEP-0060 section 6, 7) -------------------------------------------
+
+    async def _publish(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        name = _node(action)
+        items = [c for c in action if isinstance(c.tag, str)]
+        if len(items) > 1 or any(c.tag != f"{_PS}item" for c in items):
+            raise pubsub_error("bad-request", "invalid-payload", "publish one <item/>")
+        options = _option(rest, "publish-options")
+        wanted = publish_options(_form(options), request.service.limits.max_items)
+        service = request.service
+        item = items[0] if items else None
+        if item is not None:
+            item = etree.fromstring(etree.tostring(item))  # detached, own namespaces
+        event = await service.publish(
+            request.requester, name, item, wanted, auto_create=self.auto_create
+        )
+        await self.notify(service, event)
+        reply = _pubsub(PUBSUB)
+        publish = etree.SubElement(reply, f"{_PS}publish", node=name)
+        etree.SubElement(publish, f"{_PS}item", id=event.item_id or "")
+        return reply
+
+    async def _retract(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        name = _node(action)
+        items = action.findall(f"{_PS}item")
+        if len(items) != 1 or not items[0].get("id"):
+            raise pubsub_error("bad-request", "item-required", "retract one item by id")
+        event = await request.service.retract(request.requester, name, items[0].get("id") or "")
+        if action.get("notify") in ("1", "true") or event.node.config.get("pubsub#notify_retract"):
+            await self.notify(request.service, event)
+
+    async def _subscribe(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        name = _node(action)
+        jid = action.get("jid")
+        if not jid:
+            raise pubsub_error("bad-request", "invalid-jid", "subscribe needs a jid")
+        node, subid = await request.service.subscribe(request.requester, name, jid)
+        if node.config.get("pubsub#send_last_published_item", "never") != "never":
+            await self.send_last(request.service, node, jid)
+        reply = _pubsub(PUBSUB)
+        subscription = etree.SubElement(reply, f"{_PS}subscription", node=name, jid=jid)
+        subscription.set("subscription", "subscribed")
+        subscription.set("subid", subid)
+        return reply
+
+    async def _unsubscribe(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        jid = action.get("jid")
+        if not jid:
+            raise pubsub_error("bad-request", "invalid-jid", "unsubscribe needs a jid")
+        await request.service.unsubscribe(
+            request.requester, _node(action), jid, action.get("subid")
+        )
+
+    async def _items(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        name = _node(action)
+        ids = [i.get("id") or "" for i in action.findall(f"{_PS}item")]
+        if any(not i for i in ids):
+            raise pubsub_error("bad-request", "item-required", "an <item/> needs an id")
+        max_items = None
+        if (raw := action.get("max_items")) is not None:
+            if not raw.isdigit():
+                raise StanzaError("bad-request", "max_items is a number")
+            max_items = int(raw)
+        page = _option(rest, "set", RSM)
+        if page is not None and not ids:
+            return await self._items_page(request, name, max_items, page)
+        _node_, found = await request.service.get_items(request.requester, name, ids, max_items)
+        reply = _pubsub(PUBSUB)
+        items = etree.SubElement(reply, f"{_PS}items", node=name)
+        for item in found:
+            items.append(item)
+        return reply
+
+    async def _items_page(
+        self, request: Request, name: str, max_items: int | None, page: etree._Element
+    ) -> etree._Element:
+        """One page of a node's items, oldest first (XEP-0060 6.5.4, XEP-0059)."""
+        service = request.service
+        node = await service.existing(name)
+        await service.check_access(node, request.requester)
+        ids = [entry[0] for entry in node.items]
+        if max_items is not None:
+            ids = ids[-max_items:] if max_items else []
+        limit_text = page.findtext(f"{{{RSM}}}max")
+        if limit_text is not None and not limit_text.strip().isdigit():
+            raise StanzaError("bad-request", "RSM max is a number")
+        limit = int(limit_text) if limit_text is not None else len(ids)
+        after, before = page.findtext(f"{{{RSM}}}after"), page.findtext(f"{{{RSM}}}before")
+        start, end = 0, len(ids)
+        for bound, is_after in ((after, True), (before, False)):
+            if bound:
+                if bound not in ids:
+                    raise StanzaError("item-not-found", "no such item to page from")
+                if is_after:
+                    start = ids.index(bound) + 1
+                else:
+                    end = ids.index(bound)
+        chosen = ids[start:end]
+        chosen = chosen[-limit:] if before is not None and limit else chosen[:limit]
+        reply = _pubsub(PUBSUB)
+        items = etree.SubElement(reply, f"{_PS}items", node=name)
+        for item in await service.item_elements(node, chosen):
+            items.append(item)
+        answer = etree.SubElement(reply, f"{{{RSM}}}set", nsmap={None: RSM})
+        if chosen:
+            first = etree.SubElement(answer, f"{{{RSM}}}first", index=str(ids.index(chosen[0])))
+            first.text = chosen[0]
+            etree.SubElement(answer, f"{{{RSM}}}last").text = chosen[-1]
+        etree.SubElement(answer, f"{{{RSM}}}count").text = str(len(ids))
+        return reply
+
+    async def _create(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element | None:
+        name = action.get("node")
+        configure = _option(rest, "configure")
+        node = await request.service.create(request.requester, name, _form(configure))
+        if name is not None:
+            return None
+        reply = _pubsub(PUBSUB)  # an instant node: its name (XEP-0060 8.1.2)
+        etree.SubElement(reply, f"{_PS}create", node=node.name)
+        return reply
+
+    async def _subscriptions(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        bare = request.requester.split("/", 1)[0]
+        wanted = action.get("node")
+        reply = _pubsub(PUBSUB)
+        listing = etree.SubElement(reply, f"{_PS}subscriptions")
+        if wanted is not None:
+            listing.set("node", wanted)
+        for prefix, name, jid in await request.service.subscriptions_of(bare):
+            if prefix != request.service.prefix or wanted not in (None, name):
+                continue
+            node = await request.service.node(name)
+            if node is None or jid not in node.subscriptions:
+                continue
+            sub = etree.SubElement(listing, f"{_PS}subscription", node=name, jid=jid)
+            sub.set("subscription", "subscribed")
+            sub.set("subid", node.subscriptions[jid])
+        return reply
+
+    async def _affiliations(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        bare = request.requester.split("/", 1)[0]
+        wanted = action.get("node")
+        reply = _pubsub(PUBSUB)
+        listing = etree.SubElement(reply, f"{_PS}affiliations")
+        names = [wanted] if wanted is not None else await request.service.node_names()
+        for name in names:
+            node = await request.service.node(name)
+            if node is not None and node.affiliation(bare) != "none":
+                entry = etree.SubElement(listing, f"{_PS}affiliation", node=name)
+                entry.set("affiliation", node.affiliation(bare))
+        return reply
+
+    # --- owner use cases (XEP-0060 section 8) ---------------------------------------------
+
+    async def _configure_get(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        name = _node(action)
+        node = await request.service.owner_node(request.requester, name)
+        reply = _pubsub(PUBSUB_OWNER)
+        configure = etree.SubElement(reply, f"{_OWNER}configure", node=name)
+        configure.append(config_form(node.config))
+        return reply
+
+    async def _default_get(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        node = request.service.new_node("default", request.requester)
+        reply = _pubsub(PUBSUB_OWNER)
+        etree.SubElement(reply, f"{_OWNER}default").append(config_form(node.config))
+        return reply
+
+    async def _configure_set(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        name = _node(action)
+        form = action.find(_X)
+        if form is None:
+            raise StanzaError("bad-request", "configure needs a form")
+        if form.get("type") == "cancel":
+            return
+        event = await request.service.configure(request.requester, name, form)
+        if event.node.config.get("pubsub#notify_config"):
+            await self.notify(request.service, event)
+
+    async def _delete(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        event = await request.service.delete(request.requester, _node(action))
+        if event.node.config.get("pubsub#notify_delete", True):
+            await self.notify(request.service, event)
+
+    async def _purge(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        event = await request.service.purge(request.requester, _node(action))
+        if event.node.config.get("pubsub#notify_retract", True):
+            await self.notify(request.service, event)
+
+    async def _owner_affiliations_get(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        name = _node(action)
+        node = await request.service.owner_node(request.requester, name)
+        reply = _pubsub(PUBSUB_OWNER)
+        listing = etree.SubElement(reply, f"{_OWNER}affiliations", node=name)
+        for jid, affiliation in sorted(node.affiliations.items()):
+            etree.SubElement(listing, f"{_OWNER}affiliation", jid=jid, affiliation=affiliation)
+        return reply
+
+    async def _owner_affiliations_set(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        changes: dict[str, str] = {}
+        for entry in action.findall(f"{_OWNER}affiliation"):
+            jid, affiliation = entry.get("jid"), entry.get("affiliation")
+            if not jid or "/" in jid or affiliation not in AFFILIATIONS:
+                raise StanzaError("bad-request", "an affiliation needs a bare jid and a value")
+            changes[jid] = affiliation
+        await request.service.set_affiliations(request.requester, _node(action), changes)
+
+    async def _owner_subscriptions_set(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        changes: dict[str, str] = {}
+        for entry in action.findall(f"{_OWNER}subscription"):
+            jid, state = entry.get("jid"), entry.get("subscription")
+            if not jid or state not in ("subscribed", "none") or jid in changes:
+                raise StanzaError("bad-request", "each subscription: a jid, subscribed or none")
+            changes[jid] = state
+        if len({_bare_of(jid) for jid in changes}) != len(changes):
+            raise StanzaError("bad-request", "one change per account in a request")
+        await request.service.set_subscriptions(request.requester, _node(action), changes)
+
+    async def _owner_subscriptions_get(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        name = _node(action)
+        node = await request.service.owner_node(request.requester, name)
+        reply = _pubsub(PUBSUB_OWNER)
+        listing = etree.SubElement(reply, f"{_OWNER}subscriptions", node=name)
+        for jid, subid in sorted(node.subscriptions.items()):
+            entry = etree.SubElement(listing, f"{_OWNER}subscription", jid=jid, subid=subid)
+            entry.set("subscription", "subscribed")
+        return reply
+
+
+Action = Callable[
+    [PubSubProtocol, Request, etree._Element, list[etree._Element]],
+    Awaitable[etree._Element | None],
+]
+_HANDLERS: dict[tuple[bool, str, str], Action] = {
+    (False, "set", "publish"): PubSubProtocol._publish,
+    (False, "set", "retract"): PubSubProtocol._retract,
+    (False, "set", "subscribe"): PubSubProtocol._subscribe,
+    (False, "set", "unsubscribe"): PubSubProtocol._unsubscribe,
+    (False, "set", "create"): PubSubProtocol._create,
+    (False, "get", "items"): PubSubProtocol._items,
+    (False, "get", "subscriptions"): PubSubProtocol._subscriptions,
+    (False, "get", "affiliations"): PubSubProtocol._affiliations,
+    (True, "get", "configure"): PubSubProtocol._configure_get,
+    (True, "get", "default"): PubSubProtocol._default_get,
+    (True, "set", "configure"): PubSubProtocol._configure_set,
+    (True, "set", "delete"): PubSubProtocol._delete,
+    (True, "set", "purge"): PubSubProtocol._purge,
+    (True, "get", "affiliations"): PubSubProtocol._owner_affiliations_get,
+    (True, "set", "affiliations"): PubSubProtocol._owner_affiliations_set,
+    (True, "get", "subscriptions"): PubSubProtocol._owner_subscriptions_get,
+    (True, "set", "subscriptions"): PubSubProtocol._owner_subscriptions_set,
+}
+_FEATURE_OF = {
+    "options": "subscription-options",
+    "subscriptions": "manage-subscriptions",
+}
+
+FEATURES = (
+    "access-open", "access-presence", "access-roster", "access-whitelist",
+    "auto-create", "auto-subscribe", "config-node", "create-and-configure", "create-nodes",
+    "delete-items", "delete-nodes", "filtered-notifications", "get-pending",
+    "instant-nodes", "item-ids", "last-published", "manage-affiliations",
+    "meta-data", "modify-affiliations", "multi-items", "outcast-affiliation",
+    "persistent-items", "presence-notifications", "publish", "publish-options",
+    "rsm",
+    "publisher-affiliation", "purge-nodes", "retract-items", "retrieve-affiliations",
+    "retrieve-default", "retrieve-items", "retrieve-subscriptions", "subscribe",
+    "manage-subscriptions",
+    "config-node-max",
+)
+"""XEP-0060 features (pubsub#<name>) the engine implements, for disco."""
+
+
+def _bare_of(jid: str) -> str:
+    return jid.split("/", 1)[0]
+
+
+def _pubsub(namespace: str) -> etree._Element:
+    return etree.Element(f"{{{namespace}}}pubsub", nsmap={None: namespace})
+
+
+def _node(action: etree._Element) -> str:
+    name = action.get("node")
+    if not name:
+        raise pubsub_error("bad-request", "nodeid-required", "this needs a node")
+    return name
+
+
+def _option(
+    rest: list[etree._Element], name: str, namespace: str | None = None
+) -> etree._Element | None:
+    """The request's sibling element `name` (in `namespace`, else in pubsub's)."""
+    tags = (f"{{{namespace}}}{name}",) if namespace else (f"{_PS}{name}", f"{_OWNER}{name}")
+    found = [c for c in rest if c.tag in tags]
+    return found[0] if found else None
+
+
+def _form(element: etree._Element | None) -> etree._Element | None:
+    """The data form inside <publish-options/> or <configure/>, if any."""
+    if element is None:
+        return None
+    forms = element.findall(_X)
+    if len(forms) > 1:
+        raise StanzaError("bad-request", "one form at most")
+    return forms[0] if forms else None
+
+
+FAN_OUT_BATCH = 256
+"""Notifications routed between two turns of the event loop."""
+
+
+async def fan_out(send: Callable[[str], None], recipients: Iterable[str]) -> None:
+    """`send` to each recipient, letting the loop run every `FAN_OUT_BATCH`: a node
+    with thousands of subscribers does not hold up every other stream meanwhile."""
+    for count, jid in enumerate(recipients, 1):
+        send(jid)
+        if count % FAN_OUT_BATCH == 0:
+            await asyncio.sleep(0)
+
+
+def event_message(
+    from_: str, to: str, event: Event, *, payload: bool, item: etree._Element | None = None
+) -> etree._Element:
+    """The notification of `event` to one recipient (XEP-0060 7.1.2, 7.2.2, 8.2.5,
+    8.4.2, 8.5.2). `item` overrides the event's item (the last item sent on
+    subscribe or presence); `payload` False sends the item id only."""
+    message = etree.Element("{jabber:client}message", nsmap={None: "jabber:client"})
+    message.set("from", from_)
+    message.set("to", to)
+    kind = event.node.config.get("pubsub#notification_type", "headline")
+    message.set("type", kind if kind in ("headline", "normal") else "headline")
+    ev = etree.SubElement(message, f"{_EV}event", nsmap={None: PUBSUB_EVENT})
+    name = event.node.name
+    if event.kind == "items":
+        items = etree.SubElement(ev, f"{_EV}items", node=name)
+        source = item if item is not None else event.item
+        entry = etree.SubElement(items, f"{_EV}item")
+        if source is not None:
+            entry.set("id", source.get("id") or "")
+            if payload:
+                for child in source:
+                    if isinstance(child.tag, str):
+                        entry.append(etree.fromstring(etree.tostring(child)))
+        if event.publisher:
+            entry.set("publisher", event.publisher)
+    elif event.kind == "retract":
+        items = etree.SubElement(ev, f"{_EV}items", node=name)
+        etree.SubElement(items, f"{_EV}retract", id=event.item_id or "")
+    elif event.kind == "configuration":
+        etree.SubElement(ev, f"{_EV}configuration", node=name)
+    else:
+        etree.SubElement(ev, f"{_EV}{event.kind}", node=name)
+    return message
+

@@ -1,0 +1,417 @@
+"""Personal Eventing Protocol (XEP-0163): a pubsub service on every account.
+
+Avatars (XEP-0084), nicknames (XEP-0172), bookmarks (XEP-0402), OMEMO keys
+and private storage (XEP-0223) all ride on it. The engine is
+modules/_pubsub_engine.py; this module adds what makes PEP personal:
+
+* nodes are created by the account's first publish to them, with the
+  publish-options as configuration (so XEP-0223's whitelist + persist_items
+  and XEP-0222's open model are set in one request);
+* notifications go to the owner's and its contacts' resources that asked
+  for them with "<node>+notify" in their entity capabilities (XEP-0115);
+  those the contacts get are the ones the node's access model lets see it
+  (presence: a presence subscription; roster: the allowed groups; whitelist:
+  affiliations); explicit XEP-0060 subscribers get them too;
+* the last item of each node a resource asked for comes when that resource
+  becomes available (its own and its contacts' nodes) and when a contact
+  gains a presence subscription.
+
+What each resource asked for (its "+notify" node names) is computed from its
+caps when its presence changes: a caps hash seen before (on any node: the
+verified disco#info is kept in the item store "caps", read through the
+shared cache) costs no round trip; a new one is asked of the client with
+disco#info and checked against the hash before it is kept. The names are
+kept in the session's shared state, so in a cluster the node where a
+contact publishes knows who wants it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable
+from urllib.parse import quote
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from xmppd.modulehost import IqRequest, Module, storage_call
+from xmppd.modules.caps import CAPS, DISCO_INFO, Identity, verification_string
+from xmppd.modules.disco import DISCO_ITEMS, Disco
+from xmppd.modules.roster import RosterItem, RosterModule
+from xmppd.session import ClientSession
+from xmppd.storage.base import Contended, StorageError
+from xmppd.stream.errors import StanzaError
+
+from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
+from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out
+
+NOTIFY = "pep/notify"
+"""In a session's (shared) state: the node names it wants notifications of."""
+CAPS_TIMEOUT = 10.0  # seconds to wait for a client's disco#info
+MAX_DISCO_ITEMS = 1000  # nodes or item ids in one disco#items answer
+MAX_CAPS_KEPT = 10_000  # verified caps kept in memory (each client version is one)
+_CAPS_C = f"{{{CAPS}}}c"
+_INFO = f"{{{DISCO_INFO}}}"
+
+log = logging.getLogger(__name__)
+
+
+class PepOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_item_bytes: StrictInt = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_items: StrictInt = Field(default=256, ge=1, le=10_000)  # per node; 'max'
+    max_nodes: StrictInt = Field(default=100, ge=1, le=10_000)  # per account
+    max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
+    max_subscribers: StrictInt = Field(default=2000, ge=1, le=3000)  # per node
+    inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
+
+
+class Pep(Module):
+    name = "pep"
+    Options = PepOptions
+    requires = ("roster", "presence")
+
+    def setup(self) -> None:
+        opts: PepOptions = self.options  # type: ignore[assignment]
+        self.limits = Limits(
+            max_item_bytes=opts.max_item_bytes,
+            max_items=opts.max_items,
+            max_nodes=opts.max_nodes,
+            max_subscriptions=opts.max_subscriptions,
+            max_subscribers=opts.max_subscribers,
+            inline_item_bytes=opts.inline_item_bytes,
+            default_max_items=1,
+            default_access_model="presence",
+        )
+        self.protocol = PubSubProtocol(self._notify, self._send_last, auto_create=True)
+        for namespace in (PUBSUB, PUBSUB_OWNER):
+            self.host.iq(namespace, "get", self._iq, to="account")
+            self.host.iq(namespace, "set", self._iq, to="account")
+        self.host.add_feature(PUBSUB, "account")
+        for feature in FEATURES:
+            self.host.add_feature(f"{PUBSUB}#{feature}", "account")
+        self.host.share_state(NOTIFY)
+        self.host.hook("presence/broadcast", self._on_presence, priority=-10)
+        # Per caps (hash, ver) verified on this node, what the store said.
+        self._caps: dict[str, list[str]] = {}
+        # disco#info questions under way: every one, and the first per caps hash.
+        self._asks: set[asyncio.Future[list[str] | None]] = set()
+        self._asking: dict[str, asyncio.Future[list[str] | None]] = {}
+        self.host.hook("server/stopping", self._stopping)
+
+    async def start(self) -> None:
+        self.roster = self.host.module(RosterModule)
+        self.roster.subscribe_changes(self._on_roster_change)
+        # Here, not in setup(): every module is set up by now, whatever the config's order.
+        disco = self.host.find_module(Disco)
+        if disco is not None:
+            disco.add_account_identity("pubsub", "pep")
+            disco.add_account_items(self._disco_items)
+
+    # --- the account's service ---------------------------------------------------------------
+
+    def service(self, bare: str) -> PubSubService:
+        user, vhost = bare.split("@", 1)
+        return PubSubService(
+            self.host.items(vhost, "pep"),
+            self.host.blobs(vhost, "pep"),
+            f"{user}/",
+            self.limits,
+            self._relation,
+            owner=bare,
+        )
+
+    async def _relation(self, owner: str, contact: str) -> tuple[str, list[str]] | None:
+        item = await self.roster.item(owner, contact)
+        return None if item is None else (item.subscription, list(item.groups))
+
+    async def _iq(self, request: IqRequest) -> etree._Element | None:
+        action = next((c for c in request.payload if isinstance(c.tag, str)), None)
+        reading = (
+            request.stanza.get("type") == "get" and request.payload.tag == f"{{{PUBSUB}}}pubsub"
+        )
+        joining = action is not None and action.tag in (
+            f"{{{PUBSUB}}}subscribe", f"{{{PUBSUB}}}unsubscribe")
+        if not request.from_owner:
+            if not await self.host.user_exists(request.host, request.target.split("@", 1)[0]):
+                raise StanzaError("service-unavailable")  # RFC 6121 8.5.1: no such account
+            if not (reading or joining):
+                raise StanzaError("forbidden", "only the account may change its PEP nodes")
+        requester = request.stanza.get("from") or request.target
+        work = self.protocol.handle(
+            Request(self.service(request.target), requester,
+                    request.stanza.get("type", ""), request.payload)
+        )
+        try:
+            return await storage_call(work, "pep")
+        except Contended:
+            raise StanzaError("resource-constraint", "the node is busy, retry", "wait") from None
+
+    async def _disco_items(self, request: IqRequest) -> etree._Element | None:
+        """The owner's nodes, or a node's item ids (XEP-0060 5.2, 5.5 on PEP)."""
+        if not request.from_owner:
+            return None
+        service = self.service(request.target)
+        name = request.payload.get("node")
+        answer = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
+        if name is None:
+            for node in await storage_call(service.node_names(MAX_DISCO_ITEMS), "pep"):
+                etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=request.target, node=node)
+            return answer
+        found = await storage_call(service.node(name), "pep")
+        if found is None:
+            raise StanzaError("item-not-found", "no such node")
+        answer.set("node", name)
+        for item_id, _blob in found.items[-MAX_DISCO_ITEMS:]:
+            etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=request.target, name=item_id)
+        return answer
+
+    # --- notifications -----------------------------------------------------------------------
+
+    async def _notify(self, service: PubSubService, event: Event) -> None:
+        """Send `event` to everyone who should see it (see the module docstring)."""
+        node = event.node
+        if not node.config.get("pubsub#deliver_notifications", True):
+            return
+        payload = bool(node.config.get("pubsub#deliver_payloads", True))
+        owner = service.owner or ""
+        await fan_out(
+            lambda jid: self.host.route(
+                event_message(owner, jid, event, payload=payload), bounce=False
+            ),
+            await self._recipients(service, node, owner),
+        )
+
+    async def _recipients(self, service: PubSubService, node: Node, owner: str) -> list[str]:
+        """Full JIDs (and bare JIDs of explicit subscriptions) to notify, each once."""
+        wanted: dict[str, None] = {}
+        for session in self.host.available_sessions(owner):
+            if node.name in session.state.get(NOTIFY, ()):
+                wanted[session.jid] = None
+        try:
+            roster = await self.roster.get(owner)
+        except StorageError as exc:
+            log.warning("notifications of %s to contacts not sent: %s", owner, exc)
+            roster = None
+        if roster is not None:
+            for item in roster.items.values():
+                if item.subscription not in ("from", "both") or not self.host.serves(
+                    item.jid.rsplit("@", 1)[-1]
+                ):
+                    continue
+                sessions = [
+                    s for s in self.host.available_sessions(item.jid)
+                    if node.name in s.state.get(NOTIFY, ())
+                ]
+                relation = (item.subscription, list(item.groups))
+                if sessions and judge(node, item.jid, owner, [relation]) is None:
+                    wanted.update((s.jid, None) for s in sessions)
+        for jid in node.subscriptions:
+            if await service.may_access(node, jid):
+                wanted[jid] = None
+        return list(wanted)
+
+    async def _send_last(self, service: PubSubService, node: Node, to: str) -> None:
+        item = await service.last_item(node)
+        if item is not None:
+            event = Event("items", node, item, item.get("id"))
+            payload = bool(node.config.get("pubsub#deliver_payloads", True))
+            self.host.route(event_message(service.owner or "", to, event, payload=payload),
+                            bounce=False)
+
+    async def send_last_items(
+        self, owners: Iterable[str], session: ClientSession, names: Iterable[str]
+    ) -> None:
+        """The last item of each node `names` of each of `owners` that `session` may
+        see: one batch read per virtual host (through the shared cache). `owners`
+        other than the session's account are ones it has a presence subscription
+        to, which is all the presence model asks: only the roster model reads the
+        owner's roster."""
+        names = list(names)
+        by_vhost: dict[str, list[str]] = {}
+        for owner in owners:
+            by_vhost.setdefault(owner.rsplit("@", 1)[-1], []).append(owner)
+        for vhost, vhost_owners in by_vhost.items():
+            keys: dict[str, tuple[str, str]] = {}
+            for owner in vhost_owners:
+                service = self.service(owner)
+                for name in names:
+                    keys[service.node_key(name)] = (owner, name)
+            try:
+                found = await self.host.items(vhost, "pep").batch_get(list(keys))
+            except StorageError as exc:
+                log.warning("last items for %s not sent: %s", session.jid, exc)
+                continue
+            for key, record in found.items():
+                owner, name = keys[key]
+                node = decode_node(name, record)
+                if node.config.get("pubsub#send_last_published_item") != "on_sub_and_presence":
+                    continue
+                service = self.service(owner)
+                if owner != session.bare and not await self._may_see(service, node, session.bare):
+                    continue
+                try:
+                    await self._send_last(service, node, session.jid)
+                except StorageError as exc:
+                    log.warning("last item of %s %s not sent: %s", owner, name, exc)
+
+    @staticmethod
+    async def _may_see(service: PubSubService, node: Node, subscriber: str) -> bool:
+        """Access for a `subscriber` known to have a presence subscription to the owner."""
+        if judge(node, subscriber, service.owner, [("from", [])]) is None:
+            return True
+        roster_model = node.config.get("pubsub#access_model") == "roster"
+        return roster_model and await service.may_access(node, subscriber)
+
+    # --- presence: what each resource wants --------------------------------------------------
+
+    async def _on_presence(
+        self, stanza: etree._Element, session: ClientSession, initial: bool
+    ) -> bool:
+        if stanza.get("type") == "unavailable":
+            return False
+        before = set(session.state.get(NOTIFY, ()))
+        names = await self._interests(stanza, session)
+        if names is None:
+            return False
+        if sorted(names) != sorted(before):
+            self.host.set_state(session, NOTIFY, sorted(names) or None)
+        new = names if initial else names - before
+        if not new or not self.host.is_bound(session):
+            return False
+        try:
+            roster = await self.roster.get(session.bare)
+        except StorageError as exc:
+            log.warning("last items for %s not sent: %s", session.jid, exc)
+            return False
+        contacts = [
+            item.jid for item in roster.items.values()
+            if item.subscription in ("to", "both") and self.host.serves(item.jid.rsplit("@", 1)[-1])
+        ]
+        await self.send_last_items([session.bare, *contacts], session, new)
+        return False
+
+    async def _interests(self, stanza: etree._Element, session: ClientSession) -> set[str] | None:
+        """The "+notify" node names of the resource's caps (None: keep what it had)."""
+        c = stanza.find(_CAPS_C)
+        if c is None:
+            return set()
+        ver, hash_, node = c.get("ver"), c.get("hash"), c.get("node")
+        if not ver or not node:
+            return set()
+        key = f"{hash_ or 'legacy'}/{quote(ver, safe='')}"
+        features = self._caps.get(key)
+        if features is None:
+            features = await self._stored_caps(session.host, key)
+        if features is None:
+            features = await self._asked_caps(session, f"{node}#{ver}", hash_, ver, key)
+        if features is None:
+            return None
+        return {f[: -len("+notify")] for f in features if f.endswith("+notify")}
+
+    async def _asked_caps(
+        self, session: ClientSession, node: str, hash_: str | None, ver: str, key: str
+    ) -> list[str] | None:
+        """Ask the resource, or wait for the answer of another resource with the same
+        caps being asked already (a login storm of one client version asks once)."""
+        shared = hash_ == "sha-1"
+        try:
+            pending = self._asking.get(key) if shared else None
+            if pending is not None:
+                await asyncio.shield(pending)
+                if key in self._caps:  # verified; else this resource is asked too
+                    return self._caps[key]
+            ask = asyncio.ensure_future(self._ask_caps(session, node, hash_, ver, key))
+            self._asks.add(ask)
+            ask.add_done_callback(self._asks.discard)
+            if shared and key not in self._asking:
+                self._asking[key] = ask
+                ask.add_done_callback(lambda _: self._asking.pop(key, None))
+            return await asyncio.shield(ask)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return None  # the node stops: the question was cancelled, not this presence
+
+    async def _stopping(self) -> bool:
+        """Questions to clients are not waited for at shutdown (they may never answer)."""
+        for ask in list(self._asks):
+            ask.cancel()
+        return False
+
+    async def _stored_caps(self, vhost: str, key: str) -> list[str] | None:
+        try:
+            item = await self.host.items(vhost, "caps").get(key)
+        except StorageError:
+            return None
+        if item is None:
+            return None
+        features: list[str] = json.loads(str(item.attrs["f"]))
+        if len(self._caps) >= MAX_CAPS_KEPT:
+            self._caps.clear()
+        self._caps[key] = features
+        return features
+
+    async def _ask_caps(
+        self, session: ClientSession, node: str, hash_: str | None, ver: str, key: str
+    ) -> list[str] | None:
+        """disco#info of the resource; kept (shared) only when it matches its hash.
+        An answer that does not match serves this resource only."""
+        iq = etree.Element("{jabber:client}iq", nsmap={None: "jabber:client"})
+        iq.set("type", "get")
+        iq.set("from", session.bare)
+        iq.set("to", session.jid)
+        etree.SubElement(iq, f"{_INFO}query", nsmap={None: DISCO_INFO}, node=node)
+        try:
+            answer = await self.host.send_iq(iq, CAPS_TIMEOUT)
+        except (StanzaError, TimeoutError) as exc:
+            log.debug("caps of %s unknown: %s", session.jid, exc)
+            return None
+        query = answer.find(f"{_INFO}query")
+        if query is None:
+            return None
+        features = [f.get("var") or "" for f in query.findall(f"{_INFO}feature")]
+        identities = [
+            Identity(i.get("category") or "", i.get("type") or "", i.get("name"),
+                     i.get("{http://www.w3.org/XML/1998/namespace}lang"))
+            for i in query.findall(f"{_INFO}identity")
+        ]
+        forms = query.findall(f"{{{DATA}}}x")
+        if hash_ == "sha-1" and verification_string(identities, features, forms) == ver:
+            if len(self._caps) >= MAX_CAPS_KEPT:
+                self._caps.clear()  # the store still has them
+            self._caps[key] = features
+            try:
+                await self.host.items(session.host, "caps").put(
+                    key, {"f": json.dumps(features, separators=(",", ":"))}
+                )
+            except StorageError as exc:
+                log.warning("caps %s not stored: %s", key, exc)
+        return features
+
+    # --- a new presence subscription: the contact gets the last items ------------------------
+
+    def _on_roster_change(self, owner: str, item: RosterItem | None, removed: str | None) -> None:
+        if item is None or item.subscription not in ("from", "both"):
+            return
+        for session in self.host.available_sessions(item.jid):
+            names = session.state.get(NOTIFY)
+            if names and self.host.is_bound(session):
+                self.host.spawn(self.send_last_items([owner], session, names))
+
+    # --- account removal ---------------------------------------------------------------------
+
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """Delete the account's nodes, items and blobs, and its subscriptions to others'."""
+        service = self.service(f"{username}@{vhost}")
+        found = await service.drop_subscriptions_of(f"{username}@{vhost}")
+        found = await self.host.items(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
+        found = await self.host.blobs(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
+        return found
+
+
+MODULE = Pep

@@ -1,0 +1,248 @@
+"""The XEP-0060 publish-subscribe service at pubsub.<host>, one per virtual host.
+
+The same engine as PEP (modules/_pubsub_engine.py) with a service's rules:
+any account of the virtual host may create nodes (and owns them), nodes
+default to the open access model and `default_max_items` items, and
+notifications go to the explicit subscribers the node's access model
+still admits. Disco#info describes the service and each node; disco#items
+lists the nodes, and a node's items.
+
+The service's data is in the item and blob stores "pubsub" of its own
+domain (namespace "pubsub.<host>/pubsub").
+"""
+
+from __future__ import annotations
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from xmppd.jid import JID, InvalidJID
+from xmppd.modulehost import Module, storage_call
+from xmppd.modules.roster import RosterModule
+from xmppd.router import Routed
+from xmppd.storage.base import Contended, Item
+from xmppd.stream.errors import StanzaError, error_from, error_reply
+
+from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, encode_node
+from ._pubsub_forms import PUBSUB, PUBSUB_OWNER
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out
+
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
+MAX_DISCO_ITEMS = 1000  # nodes or items listed in one disco#items answer
+
+
+class PubSubOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subdomain: StrictStr = Field(default="pubsub", pattern=r"^[a-z0-9-]{1,63}$")
+    name: StrictStr = "Publish-Subscribe"
+    max_item_bytes: StrictInt = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_items: StrictInt = Field(default=1000, ge=1, le=10_000)  # per node; 'max'
+    default_max_items: StrictInt = Field(default=10, ge=1, le=10_000)
+    max_nodes: StrictInt = Field(default=10_000, ge=1, le=1_000_000)  # per service
+    max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
+    max_subscribers: StrictInt = Field(default=2000, ge=1, le=3000)  # per node
+    inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
+
+
+class PubSub(Module):
+    name = "pubsub"
+    Options = PubSubOptions
+
+    def setup(self) -> None:
+        opts: PubSubOptions = self.options  # type: ignore[assignment]
+        self.limits = Limits(
+            max_item_bytes=opts.max_item_bytes,
+            max_items=opts.max_items,
+            max_nodes=opts.max_nodes,
+            max_subscriptions=opts.max_subscriptions,
+            max_subscribers=opts.max_subscribers,
+            inline_item_bytes=opts.inline_item_bytes,
+            default_max_items=opts.default_max_items,
+            default_access_model="open",
+        )
+        self.protocol = PubSubProtocol(self._notify, self._send_last, auto_create=False)
+        self.domains = {f"{opts.subdomain}.{vhost}": vhost for vhost in self.host.hosts}
+        for domain in self.domains:
+            self.host.serve_domain(domain, self._stanza, opts.name)
+
+    async def start(self) -> None:
+        self.roster = self.host.find_module(RosterModule)
+
+    def service(self, domain: str) -> PubSubService:
+        return PubSubService(
+            self.host.items(domain, "pubsub"),
+            self.host.blobs(domain, "pubsub"),
+            "",
+            self.limits,
+            self._relation,
+        )
+
+    async def _relation(self, owner: str, contact: str) -> tuple[str, list[str]] | None:
+        if self.roster is None:
+            return None
+        item = await self.roster.item(owner, contact)
+        return None if item is None else (item.subscription, list(item.groups))
+
+    # --- stanzas to the service ------------------------------------------------------------
+
+    def _stanza(self, routed: Routed) -> None:
+        stanza = routed.stanza
+        if stanza.tag != "{jabber:client}iq" or stanza.get("type") not in ("get", "set"):
+            return  # presence, messages and IQ answers to the service: nothing to do
+        self.host.spawn(self._iq(stanza, routed.to.domain))
+
+    async def _iq(self, stanza: etree._Element, domain: str) -> None:
+        try:
+            payload = await self._answer(stanza, domain)
+        except StanzaError as exc:
+            self.host.route(error_from(stanza, exc))
+            return
+        except Exception:
+            self.log.exception("pubsub request failed")
+            self.host.route(error_reply(stanza, "internal-server-error"))
+            return
+        result = etree.Element("{jabber:client}iq", nsmap={None: "jabber:client"})
+        result.set("type", "result")
+        result.set("id", stanza.get("id", ""))
+        result.set("from", stanza.get("to", domain))
+        result.set("to", stanza.get("from", ""))
+        if payload is not None:
+            result.append(payload)
+        self.host.route(result)
+
+    async def _answer(self, stanza: etree._Element, domain: str) -> etree._Element | None:
+        if len(stanza) != 1 or not isinstance(stanza[0].tag, str) or not stanza.get("id"):
+            raise StanzaError("bad-request", "an IQ get/set needs an id and one child")
+        payload = stanza[0]
+        requester = stanza.get("from") or ""
+        try:
+            sender = JID(requester)
+        except InvalidJID:
+            raise StanzaError("jid-malformed") from None
+        if JID(stanza.get("to") or domain).user:
+            raise StanzaError("service-unavailable")
+        service = self.service(domain)
+        type_ = stanza.get("type", "")
+        if payload.tag in (f"{{{PUBSUB}}}pubsub", f"{{{PUBSUB_OWNER}}}pubsub"):
+            if not self.host.serves(sender.domain):
+                raise StanzaError("forbidden", "only accounts of this server use this service")
+            work = self.protocol.handle(Request(service, requester, type_, payload))
+            try:
+                return await storage_call(work, "pubsub")
+            except Contended:
+                raise StanzaError("resource-constraint", "the node is busy", "wait") from None
+        if type_ == "get" and payload.tag == f"{{{DISCO_INFO}}}query":
+            return await storage_call(self._disco_info(service, payload), "pubsub")
+        if type_ == "get" and payload.tag == f"{{{DISCO_ITEMS}}}query":
+            return await storage_call(
+                self._disco_items(service, domain, requester, payload), "pubsub"
+            )
+        raise StanzaError("service-unavailable")
+
+    # --- disco ----------------------------------------------------------------------------
+
+    async def _disco_info(
+        self, service: PubSubService, query: etree._Element
+    ) -> etree._Element:
+        name = query.get("node")
+        answer = etree.Element(f"{{{DISCO_INFO}}}query", nsmap={None: DISCO_INFO})
+        if name is None:
+            _identity(answer, "service", self.options.name)  # type: ignore[attr-defined]
+            features = [DISCO_INFO, DISCO_ITEMS, PUBSUB, *(f"{PUBSUB}#{f}" for f in FEATURES)]
+        else:
+            await service.existing(name)
+            answer.set("node", name)
+            _identity(answer, "leaf", None)
+            features = [DISCO_INFO, DISCO_ITEMS, PUBSUB]
+        for var in features:
+            etree.SubElement(answer, f"{{{DISCO_INFO}}}feature", var=var)
+        return answer
+
+    async def _disco_items(
+        self, service: PubSubService, domain: str, requester: str, query: etree._Element
+    ) -> etree._Element:
+        """The nodes (XEP-0060 5.2), or a node's item ids (5.5) for those who may read it."""
+        name = query.get("node")
+        answer = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
+        if name is None:
+            for node_name in await service.node_names(MAX_DISCO_ITEMS):
+                etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=domain, node=node_name)
+            return answer
+        node = await service.existing(name)
+        await service.check_access(node, requester)
+        answer.set("node", name)
+        for item_id, _blob in node.items[-MAX_DISCO_ITEMS:]:
+            etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=domain, name=item_id)
+        return answer
+
+    # --- notifications ---------------------------------------------------------------------
+
+    async def _notify(self, service: PubSubService, event: Event) -> None:
+        node = event.node
+        if not node.config.get("pubsub#deliver_notifications", True):
+            return
+        payload = bool(node.config.get("pubsub#deliver_payloads", True))
+        domain = service.items.namespace.rsplit("/", 1)[0]
+        recipients = [
+            jid for jid in node.subscriptions
+            if event.kind in ("delete", "purge") or await service.may_access(node, jid)
+        ]
+        await fan_out(
+            lambda jid: self.host.route(
+                event_message(domain, jid, event, payload=payload), bounce=False
+            ),
+            recipients,
+        )
+
+    async def _send_last(self, service: PubSubService, node: Node, to: str) -> None:
+        item = await service.last_item(node)
+        if item is not None:
+            domain = service.items.namespace.rsplit("/", 1)[0]
+            event = Event("items", node, item, item.get("id"))
+            payload = bool(node.config.get("pubsub#deliver_payloads", True))
+            self.host.route(event_message(domain, to, event, payload=payload), bounce=False)
+
+    # --- account removal -------------------------------------------------------------------
+
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """Drop the account's subscriptions and affiliations; delete the nodes it alone
+        owned, with their items."""
+        bare = f"{username}@{vhost}"
+        found = False
+        for domain, served in self.domains.items():
+            if served != vhost:
+                continue
+            service = self.service(domain)
+            found = await service.drop_subscriptions_of(bare) or found
+            for name in await service.node_names(self.limits.max_nodes):
+                node = await service.node(name)
+                if node is None or bare not in node.affiliations:
+                    continue
+                found = True
+                if node.owners == [bare]:
+                    await service.delete(bare, name)
+                else:
+                    await service.items.modify(
+                        service.node_key(name), lambda item, n=name: _without(n, item, bare),
+                        what="node",
+                    )
+        return found
+
+
+def _without(name: str, item: Item | None, bare: str) -> dict[str, str | bytes | int] | None:
+    if item is None:
+        return None
+    node = decode_node(name, item)
+    node.affiliations.pop(bare, None)
+    return encode_node(node)
+
+
+def _identity(query: etree._Element, type_: str, name: str | None) -> None:
+    identity = etree.SubElement(query, f"{{{DISCO_INFO}}}identity", category="pubsub")
+    identity.set("type", type_)
+    if name:
+        identity.set("name", name)
+
+
+MODULE = PubSub

@@ -1,0 +1,363 @@
+"""The XEP-0060 service at pubsub.<host>, without sockets: the use cases of XEP-0060
+sections 5-8 with their examples' stanzas, errors included."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from lxml import etree
+
+from tests.modules.test_pep import ERRORS, IQ, OWNER, PS, error_of, events, settle
+from xmppd.modules._pubsub_engine import encode_node
+from xmppd.storage.base import Query
+from xmppd.testing import ModuleHarness, TestSession
+
+SERVICE = "pubsub.localhost"
+INFO = "http://jabber.org/protocol/disco#info"
+ITEMS = "http://jabber.org/protocol/disco#items"
+ENTRY = "<entry xmlns='http://www.w3.org/2005/Atom'><title>Soliloquy</title></entry>"
+
+
+@pytest.fixture
+async def harness() -> ModuleHarness:
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_nodes": 3}})
+    harness.users.update({"hamlet@localhost", "bernardo@localhost", "horatio@localhost"})
+    return await harness.start()
+
+
+async def ask(
+    harness: ModuleHarness, session: TestSession, type_: str, payload: str
+) -> etree._Element:
+    """An IQ to the service; its answer. Notifications stay in `session.received`."""
+    got = await harness.send(session, f"<iq type='{type_}' id='t1' to='{SERVICE}'>{payload}</iq>")
+    await settle(harness)
+    got += session.take()
+    answers = [r for r in got if r.tag == IQ and r.get("id") == "t1"]
+    assert len(answers) == 1, [etree.tostring(r) for r in got]
+    session.received.extend(r for r in got if r is not answers[0])
+    return answers[0]
+
+
+def publish(node: str, item_id: str, body: str = ENTRY) -> str:
+    return (
+        f"<pubsub xmlns='{PS}'><publish node='{node}'><item id='{item_id}'>{body}</item>"
+        "</publish></pubsub>"
+    )
+
+
+def configure(node: str, fields: dict[str, str], tag: str = "configure") -> str:
+    values = "".join(f"<field var='{k}'><value>{v}</value></field>" for k, v in fields.items())
+    return (
+        f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'>"
+        f"<value>{PS}#node_config</value></field>{values}</x>"
+    )
+
+
+async def create(harness: ModuleHarness, owner: TestSession, node: str, **fields: str) -> None:
+    form = f"<configure>{configure(node, fields)}</configure>" if fields else "<configure/>"
+    reply = await ask(
+        harness, owner, "set", f"<pubsub xmlns='{PS}'><create node='{node}'/>{form}</pubsub>"
+    )
+    assert reply.get("type") == "result", etree.tostring(reply)
+
+
+def ids(reply: etree._Element) -> list[str | None]:
+    return [i.get("id") for i in reply.iter(f"{{{PS}}}item")]
+
+
+async def test_create_publish_subscribe_and_notify(harness: ModuleHarness) -> None:
+    """XEP-0060 8.1.1 (create), 6.1 (subscribe), 7.1 (publish with notification)."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    await create(harness, hamlet, "princely_musings")
+    # 8.1.3.5 (exists): conflict.
+    reply = await ask(
+        harness, hamlet, "set", f"<pubsub xmlns='{PS}'><create node='princely_musings'/></pubsub>"
+    )
+    assert error_of(reply)[1] == "conflict"
+    sub = (
+        f"<pubsub xmlns='{PS}'><subscribe node='princely_musings'"
+        " jid='bernardo@localhost/pda'/></pubsub>"
+    )
+    reply = await ask(harness, bernardo, "set", sub)
+    subscription = reply.find(f"{{{PS}}}pubsub/{{{PS}}}subscription")
+    assert subscription is not None and subscription.get("subscription") == "subscribed"
+    assert events(bernardo.take()) == []  # nothing published yet
+    reply = await ask(
+        harness, hamlet, "set", publish("princely_musings", "ae890ac52d0df67ed7cfdf51b644e901")
+    )
+    assert ids(reply) == ["ae890ac52d0df67ed7cfdf51b644e901"]
+    assert events(bernardo.take()) == [
+        (SERVICE, "bernardo@localhost/pda", "item ae890ac52d0df67ed7cfdf51b644e901 Soliloquy")
+    ]
+    # 7.1.3.1: a non-publisher may not publish.
+    reply = await ask(harness, bernardo, "set", publish("princely_musings", "x"))
+    assert error_of(reply)[1] == "forbidden"
+    # 7.1.3.3: no such node (the service does not auto-create).
+    reply = await ask(harness, hamlet, "set", publish("no_such_node", "x"))
+    assert error_of(reply)[1] == "item-not-found"
+
+
+async def test_instant_node_and_last_item_on_subscribe(harness: ModuleHarness) -> None:
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    reply = await ask(harness, hamlet, "set", f"<pubsub xmlns='{PS}'><create/></pubsub>")
+    name = reply.find(f"{{{PS}}}pubsub/{{{PS}}}create").get("node")
+    assert name
+    await ask(harness, hamlet, "set", publish(name, "1"))
+    horatio = harness.session("horatio@localhost/h")
+    sub = f"<pubsub xmlns='{PS}'><subscribe node='{name}' jid='horatio@localhost'/></pubsub>"
+    await ask(harness, horatio, "set", sub)
+    assert events(horatio.take()) == [(SERVICE, "horatio@localhost", "item 1 Soliloquy")]
+
+
+async def test_items_retract_purge_delete(harness: ModuleHarness) -> None:
+    """6.5 (items, max_items, by id), 7.2 (retract), 8.5 (purge), 8.4 (delete)."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    await create(harness, hamlet, "n")
+    await ask(
+        harness,
+        bernardo,
+        "set",
+        f"<pubsub xmlns='{PS}'><subscribe node='n' jid='bernardo@localhost/pda'/></pubsub>",
+    )
+    for i in ("a", "b", "c"):
+        await ask(harness, hamlet, "set", publish("n", i))
+    bernardo.take()
+    items = f"<pubsub xmlns='{PS}'><items node='n'/></pubsub>"
+    assert ids(await ask(harness, bernardo, "get", items)) == ["a", "b", "c"]
+    assert ids(await ask(harness, bernardo, "get", items.replace("/>", " max_items='2'/>"))) == [
+        "b",
+        "c",
+    ]
+    by_id = f"<pubsub xmlns='{PS}'><items node='n'><item id='a'/></items></pubsub>"
+    assert ids(await ask(harness, bernardo, "get", by_id)) == ["a"]
+    retract = f"<pubsub xmlns='{PS}'><retract node='n'><item id='b'/></retract></pubsub>"
+    assert (await ask(harness, bernardo, "set", retract)).get("type") == "error"
+    assert (await ask(harness, hamlet, "set", retract)).get("type") == "result"
+    assert events(bernardo.take()) == [(SERVICE, "bernardo@localhost/pda", "retract b")]
+    purge = f"<pubsub xmlns='{OWNER}'><purge node='n'/></pubsub>"
+    assert error_of(await ask(harness, bernardo, "set", purge))[1] == "forbidden"
+    assert (await ask(harness, hamlet, "set", purge)).get("type") == "result"
+    assert events(bernardo.take()) == [(SERVICE, "bernardo@localhost/pda", "purge")]
+    assert ids(await ask(harness, bernardo, "get", items)) == []
+    delete = f"<pubsub xmlns='{OWNER}'><delete node='n'/></pubsub>"
+    assert (await ask(harness, hamlet, "set", delete)).get("type") == "result"
+    assert events(bernardo.take()) == [(SERVICE, "bernardo@localhost/pda", "delete")]
+    assert error_of(await ask(harness, bernardo, "get", items))[1] == "item-not-found"
+    page = await harness.host.items(SERVICE, "pubsub").query(Query(prefix="n/"))
+    assert page.items == []
+
+
+async def test_configure_and_notify_config(harness: ModuleHarness) -> None:
+    """8.2 (configure form, submit, bad values), 8.3 (default options)."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "n", **{"pubsub#max_items": "2", "pubsub#title": "Musings"})
+    reply = await ask(
+        harness, hamlet, "get", f"<pubsub xmlns='{OWNER}'><configure node='n'/></pubsub>"
+    )
+    values = {
+        f.get("var"): f.findtext("{jabber:x:data}value") for f in reply.iter("{jabber:x:data}field")
+    }
+    assert values["pubsub#max_items"] == "2" and values["pubsub#title"] == "Musings"
+    assert values["pubsub#access_model"] == "open"
+    reply = await ask(harness, hamlet, "get", f"<pubsub xmlns='{OWNER}'><default/></pubsub>")
+    values = {
+        f.get("var"): f.findtext("{jabber:x:data}value") for f in reply.iter("{jabber:x:data}field")
+    }
+    assert values["pubsub#max_items"] == "10"
+    form = configure("n", {"pubsub#access_model": "authorize"})
+    bad = f"<pubsub xmlns='{OWNER}'><configure node='n'>{form}</configure></pubsub>"
+    assert error_of(await ask(harness, hamlet, "set", bad))[1] == "not-acceptable"
+    bernardo = harness.session("bernardo@localhost/pda")
+    bad_owner = bad.replace("authorize", "whitelist")
+    assert error_of(await ask(harness, bernardo, "set", bad_owner))[1] == "forbidden"
+    assert (await ask(harness, hamlet, "set", bad_owner)).get("type") == "result"
+    sub = f"<pubsub xmlns='{PS}'><subscribe node='n' jid='bernardo@localhost/pda'/></pubsub>"
+    assert error_of(await ask(harness, bernardo, "set", sub)) == (
+        "cancel",
+        "not-allowed",
+        "closed-node",
+    )
+
+
+async def test_affiliations_let_others_publish(harness: ModuleHarness) -> None:
+    """8.9 (manage affiliations): a publisher publishes, a member reads a whitelist node."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    await create(harness, hamlet, "n", **{"pubsub#access_model": "whitelist"})
+    affiliations = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='bernardo@localhost' affiliation='publisher'/>"
+        "</affiliations></pubsub>"
+    )
+    assert error_of(await ask(harness, bernardo, "set", affiliations))[1] == "forbidden"
+    assert (await ask(harness, hamlet, "set", affiliations)).get("type") == "result"
+    assert (await ask(harness, bernardo, "set", publish("n", "1"))).get("type") == "result"
+    reply = await ask(
+        harness, hamlet, "get", f"<pubsub xmlns='{OWNER}'><affiliations node='n'/></pubsub>"
+    )
+    listed = {(a.get("jid"), a.get("affiliation")) for a in reply.iter(f"{{{OWNER}}}affiliation")}
+    assert listed == {("hamlet@localhost", "owner"), ("bernardo@localhost", "publisher")}
+    # The last owner cannot go.
+    demote = affiliations.replace("bernardo@localhost", "hamlet@localhost").replace(
+        "publisher", "none"
+    )
+    assert error_of(await ask(harness, hamlet, "set", demote))[1] == "not-acceptable"
+
+
+async def test_disco_lists_nodes_and_items(harness: ModuleHarness) -> None:
+    """5.1 (service info), 5.2 (nodes), 5.3 (node info), 5.5 (items)."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    reply = await ask(harness, hamlet, "get", f"<query xmlns='{INFO}'/>")
+    identity = reply.find(f"{{{INFO}}}query/{{{INFO}}}identity")
+    assert (identity.get("category"), identity.get("type")) == ("pubsub", "service")
+    await create(harness, hamlet, "a")
+    await create(harness, hamlet, "b")
+    await ask(harness, hamlet, "set", publish("a", "368866411b877c30064a5f62b917cffe"))
+    reply = await ask(harness, hamlet, "get", f"<query xmlns='{ITEMS}'/>")
+    assert [i.get("node") for i in reply.iter(f"{{{ITEMS}}}item")] == ["a", "b"]
+    reply = await ask(harness, hamlet, "get", f"<query xmlns='{ITEMS}' node='a'/>")
+    assert [i.get("name") for i in reply.iter(f"{{{ITEMS}}}item")] == [
+        "368866411b877c30064a5f62b917cffe"
+    ]
+    reply = await ask(harness, hamlet, "get", f"<query xmlns='{INFO}' node='a'/>")
+    identity = reply.find(f"{{{INFO}}}query/{{{INFO}}}identity")
+    assert identity.get("type") == "leaf"
+    assert (
+        error_of(await ask(harness, hamlet, "get", f"<query xmlns='{INFO}' node='zz'/>"))[1]
+        == "item-not-found"
+    )
+    # The server's own disco#items lists the service.
+    reply = await harness.iq(hamlet, "get", f"<query xmlns='{ITEMS}'/>", to="localhost")
+    assert SERVICE in [i.get("jid") for i in reply.iter(f"{{{ITEMS}}}item")]
+
+
+async def test_limits_and_unsupported(harness: ModuleHarness) -> None:
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    for name in ("a", "b", "c"):
+        await create(harness, hamlet, name)
+    reply = await ask(harness, hamlet, "set", f"<pubsub xmlns='{PS}'><create node='d'/></pubsub>")
+    assert error_of(reply) == ("cancel", "not-allowed", "max-nodes-exceeded")
+    options = f"<pubsub xmlns='{PS}'><options node='a' jid='hamlet@localhost'/></pubsub>"
+    reply = await ask(harness, hamlet, "get", options)
+    assert error_of(reply) == ("cancel", "feature-not-implemented", "unsupported")
+    error = reply.find("{jabber:client}error")
+    assert error.find(f"{{{ERRORS}}}unsupported").get("feature") == "subscription-options"
+
+
+async def test_account_removal(harness: ModuleHarness) -> None:
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    await create(harness, hamlet, "mine")
+    await create(harness, bernardo, "theirs")
+    await ask(harness, hamlet, "set", publish("mine", "1"))
+    await ask(
+        harness,
+        hamlet,
+        "set",
+        f"<pubsub xmlns='{PS}'><subscribe node='theirs' jid='hamlet@localhost'/></pubsub>",
+    )
+    module = harness.host.modules["pubsub"]
+    assert await module.remove_user("localhost", "hamlet") is True
+    page = await harness.host.items(SERVICE, "pubsub").query(Query())
+    names = [item.name for item in page.items]
+    assert names == ["n/theirs"]
+    node = page.items[0]
+    assert "hamlet" not in str(node.attrs)  # neither affiliation nor subscription
+    assert await module.remove_user("localhost", "hamlet") is False
+
+
+async def test_items_in_pages(harness: ModuleHarness) -> None:
+    """6.5.4: RSM paging (XEP-0059) of a node's items, oldest first."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "n", **{"pubsub#max_items": "10"})
+    for item_id in "abcde":
+        await ask(harness, hamlet, "set", publish("n", item_id))
+    rsm = "http://jabber.org/protocol/rsm"
+
+    async def page(query: str) -> tuple[list[str | None], str | None, str | None]:
+        payload = f"<pubsub xmlns='{PS}'><items node='n'/><set xmlns='{rsm}'>{query}</set></pubsub>"
+        reply = await ask(harness, hamlet, "get", payload)
+        first = reply.find(f".//{{{rsm}}}first")
+        index = None if first is None else first.get("index")
+        return ids(reply), index, reply.findtext(f".//{{{rsm}}}count")
+
+    assert await page("<max>2</max>") == (["a", "b"], "0", "5")
+    assert await page("<max>2</max><after>b</after>") == (["c", "d"], "2", "5")
+    assert await page("<max>2</max><before/>") == (["d", "e"], "3", "5")
+    assert await page("<max>2</max><before>d</before>") == (["b", "c"], "1", "5")
+    assert await page("<max>2</max><after>e</after>") == ([], None, "5")
+    payload = (
+        f"<pubsub xmlns='{PS}'><items node='n'/><set xmlns='{rsm}'><after>zz</after></set></pubsub>"
+    )
+    assert error_of(await ask(harness, hamlet, "get", payload))[1] == "item-not-found"
+
+
+async def test_owner_manages_subscriptions(harness: ModuleHarness) -> None:
+    """8.8: the owner lists, adds and removes subscriptions."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    await create(harness, hamlet, "n")
+
+    def change(state: str) -> str:
+        return (
+            f"<pubsub xmlns='{OWNER}'><subscriptions node='n'>"
+            f"<subscription jid='bernardo@localhost/pda' subscription='{state}'/>"
+            "</subscriptions></pubsub>"
+        )
+
+    assert error_of(await ask(harness, bernardo, "set", change("subscribed")))[1] == "forbidden"
+    assert (await ask(harness, hamlet, "set", change("subscribed"))).get("type") == "result"
+    listing = f"<pubsub xmlns='{OWNER}'><subscriptions node='n'/></pubsub>"
+    reply = await ask(harness, hamlet, "get", listing)
+    assert [s.get("jid") for s in reply.iter(f"{{{OWNER}}}subscription")] == [
+        "bernardo@localhost/pda"
+    ]
+    await ask(harness, hamlet, "set", publish("n", "1"))
+    assert events(bernardo.take()) == [(SERVICE, "bernardo@localhost/pda", "item 1 Soliloquy")]
+    assert (await ask(harness, hamlet, "set", change("none"))).get("type") == "result"
+    await ask(harness, hamlet, "set", publish("n", "2"))
+    assert events(bernardo.take()) == []
+    # bernardo's own view agrees: no subscription left.
+    mine = f"<pubsub xmlns='{PS}'><subscriptions/></pubsub>"
+    reply = await ask(harness, bernardo, "get", mine)
+    assert list(reply.iter(f"{{{PS}}}subscription")) == []
+    assert error_of(await ask(harness, hamlet, "set", change("pending")))[1] == "bad-request"
+
+
+async def test_fan_out_to_two_thousand_subscribers_lets_the_loop_run(
+    harness: ModuleHarness,
+) -> None:
+    """A publish to a node with 2,000 subscribers (the per-node maximum by default)
+    reaches each once, in batches between which the event loop runs other work."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "big")
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    subscribers = [harness.session(f"u{i}@localhost/r") for i in range(2000)]
+    node = await service.existing("big")  # subscribed in bulk, straight into the record
+    node.subscriptions = {s.jid: f"sub{i}" for i, s in enumerate(subscribers)}
+    await service.items.put(service.node_key("big"), encode_node(node))
+    turns = 0
+    seen_at: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    for session in subscribers:
+        session.recorder.send = lambda stanza: seen_at.append(turns) or True  # type: ignore[method-assign]
+    ticking = asyncio.ensure_future(ticker())
+    try:
+        await ask(harness, hamlet, "set", publish("big", "1"))
+    finally:
+        ticking.cancel()
+    assert len(seen_at) == 2000
+    assert len(set(seen_at)) >= 2000 // 256  # the loop ran between the batches
+    # One more subscriber than the node holds: refused, nothing stored.
+    one_more = "<pubsub xmlns='{0}'><subscribe node='big' jid='hamlet@localhost'/></pubsub>"
+    reply = await ask(harness, hamlet, "set", one_more.format(PS))
+    assert error_of(reply)[1] == "not-allowed"
