@@ -76,6 +76,7 @@ class CapsOptions(BaseModel):
 class Caps(Module):
     name = "caps"
     Options = CapsOptions
+    fixed_options = ("node",)  # in the verification string clients cached
 
     def setup(self) -> None:
         self.node: str = self.options.node  # type: ignore[attr-defined]

@@ -41,8 +41,12 @@ class Private(Module):
     name = "private"
     Options = PrivateOptions
 
-    def setup(self) -> None:
+    def reconfigure(self, options: BaseModel) -> None:
+        super().reconfigure(options)
         self.max_bytes = self.options.max_bytes  # type: ignore[attr-defined]
+
+    def setup(self) -> None:
+        self.reconfigure(self.options)
         self.host.add_feature(PRIVATE)
         self.host.iq(PRIVATE, "get", self.get, to="account")
         self.host.iq(PRIVATE, "set", self.set, to="account")

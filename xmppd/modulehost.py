@@ -158,6 +158,8 @@ class Module:
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
     requires: ClassVar[tuple[str, ...]] = ()
+    fixed_options: ClassVar[tuple[str, ...]] = ()
+    """Options the module reads once (in setup()): a reload that changes one is refused."""
 
     def __init__(self, host: ModuleHost, options: BaseModel) -> None:
         self.host = host
@@ -169,6 +171,12 @@ class Module:
 
     async def start(self) -> None:
         """Async start-up (open stores, start timers)."""
+
+    def reconfigure(self, options: BaseModel) -> None:
+        """A reload changed the module's options (none of `fixed_options`): use them from
+        now on. Right as it is for a module that reads `self.options` where it needs
+        them; one that keeps values derived from them updates those too."""
+        self.options = options
 
     async def stop(self) -> None:
         """Release what start() took."""
@@ -308,6 +316,13 @@ class ModuleHost:
     ) -> None:
         """Advertise an element in <stream:features/> before auth or after it."""
         self.stream_features[phase].append(make)
+
+    def remove_stream_feature(
+        self, phase: Literal["preauth", "bound"], make: Callable[[], etree._Element]
+    ) -> None:
+        """Stop advertising what `add_stream_feature` added (a reload turned it off)."""
+        if make in self.stream_features[phase]:
+            self.stream_features[phase].remove(make)
 
     def filter(self, event: str, handler: Filter, priority: int = 0) -> None:
         """Run a synchronous `handler` on the stanza path: True passes the stanza on,
@@ -644,6 +659,48 @@ class ModuleHost:
     async def start(self) -> None:
         for module in self.modules.values():
             await module.start()
+
+    def reload_problems(self, config: Config, options: dict[str, BaseModel]) -> list[str]:
+        """Why the reloaded `config` (whose module `options` are valid) cannot be applied
+        to the running modules: one config-style line per module or key.
+
+        Enabling or disabling a module is refused: a module registers handlers, hooks,
+        timers and per-session state in setup() that nothing can take back cleanly, and
+        one enabled mid-run would have missed the sessions already bound."""
+        problems: list[str] = []
+        for name in [n for n in options if n not in self.modules]:
+            problems.append(
+                config.source.problem(
+                    ("modules", name), "cannot be enabled by a reload; restart the node"
+                )
+            )
+        for name in [n for n in self.modules if n not in options]:
+            problems.append(
+                config.source.problem(
+                    ("modules",), f"{name}: cannot be disabled by a reload; restart the node"
+                )
+            )
+        for name, module in self.modules.items():
+            new = options.get(name)
+            for key in module.fixed_options if new is not None else ():
+                if getattr(new, key) != getattr(module.options, key):
+                    problems.append(
+                        config.source.problem(
+                            ("modules", name, key),
+                            "cannot be changed by a reload (the module reads it once, at "
+                            "start); restart the node",
+                        )
+                    )
+        return problems
+
+    def reconfigure(self, config: Config, options: dict[str, BaseModel]) -> None:
+        """Apply a reload that `reload_problems` accepted: the changed options to their
+        modules, and the new hosts."""
+        self.config = config
+        self.hosts[:] = config.hosts
+        for name, module in self.modules.items():
+            if options[name] != module.options:
+                module.reconfigure(options[name])
 
     async def remove_account(
         self,

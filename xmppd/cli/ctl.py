@@ -497,9 +497,10 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", dest="destination", required=True, metavar="B.yml")
     migrate.set_defaults(run=cmd_migrate)
 
-    from xmppd.cli import ctl_sessions  # it uses this module's helpers
+    from xmppd.cli import ctl_reload, ctl_sessions  # they use this module's helpers
 
     ctl_sessions.add_parsers(sub)
+    ctl_reload.add_parsers(sub)
     return parser
 
 

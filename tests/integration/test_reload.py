@@ -1,0 +1,196 @@
+"""Reload as an operator does it: edit the file, then SIGHUP or `xmppctl reload`.
+
+A real xmppd process, real slixmpp clients: new connections see the change
+while a session that was already up stays up (with the settings it started
+with); what a running node cannot change is refused by key, file and line,
+and then nothing changes at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.clients import Client, close
+from tests.integration.nodeproc import Node, login, register, write_yaml
+from tests.integration.test_cli_server import der_of, peer_certificate
+from tests.integration.test_workers import xmppctl
+from xmppd.tls import ensure_self_signed
+
+pytestmark = pytest.mark.timeout(90)
+
+BIG = "x" * 4000
+"""A message body over the reloaded max_stanza_bytes (2048), well under the default."""
+
+
+def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "hosts": ["localhost"],
+        "data_dir": str(tmp_path / "data"),
+        "log_level": "info",
+        "listeners": [
+            {"type": "starttls", "address": "127.0.0.1", "port": 0},
+            {"type": "direct_tls", "address": "127.0.0.1", "port": 0},
+        ],
+        "limits": {"auth_failure_delay": 0.05},
+        "admin": {"port": 0},
+    }
+    config.update(sections)
+    return config
+
+
+async def echo(client: Client, body: str) -> str:
+    """Send a message to the client's own JID; the body that comes back."""
+    client.send_message(mto=client.boundjid.full, mbody=body)
+    message = await asyncio.wait_for(client.messages.get(), 10)
+    return str(message["body"])
+
+
+async def refused_for_size(port: int, jid: str, password: str) -> list[str]:
+    """Log in anew and send a big message: the stream errors the new client got."""
+    client = await login(port, jid, password)
+    client.send_message(mto=client.boundjid.full, mbody=BIG)
+    await asyncio.wait_for(client.ended.wait(), 10)
+    return client.stream_errors
+
+
+async def test_sighup_applies_a_limit_and_a_certificate_to_new_connections_only(
+    tmp_path: Path,
+) -> None:
+    first = ensure_self_signed(tmp_path / "first", ["localhost"])
+    second = ensure_self_signed(tmp_path / "second", ["localhost"])
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    shutil.copy(first[0], cert)
+    shutil.copy(first[1], key)
+    config = base_config(tmp_path, tls={"cert": str(cert), "key": str(key)})
+    path = write_yaml(tmp_path / "xmppd.yml", config)
+    await register(path, "localhost", {"alice": "alice-secret", "bob": "bob-secret"})
+    node = await Node.start(path)
+    alice = await login(node.ports["STARTTLS"], "alice@localhost/desk", "alice-secret")
+    try:
+        assert await peer_certificate(node.ports["direct TLS"]) == der_of(first[0])
+
+        shutil.copy(second[0], cert)  # a renewed certificate, and a smaller limit
+        shutil.copy(second[1], key)
+        config["limits"].update(max_stanza_bytes=2048, max_stanza_bytes_unauthenticated=1024)
+        write_yaml(path, config)
+        line = await node.line("reload", since=node.hangup())
+        assert line.string.split(" ")[2] == "INFO"
+        assert (
+            "reloaded: changed limits.max_stanza_bytes, limits.max_stanza_bytes_unauthenticated, "
+            f"certificate {cert} (renewed)" in line.string
+        )
+
+        assert await peer_certificate(node.ports["direct TLS"]) == der_of(second[0])
+        port = node.ports["STARTTLS"]
+        assert await refused_for_size(port, "bob@localhost/r", "bob-secret") == [
+            "policy-violation"
+        ]
+        # the session that was up before the reload stays up, with its own limits
+        assert not alice.ended.is_set()
+        assert await echo(alice, BIG) == BIG
+    finally:
+        await close(alice)
+        await node.stop()
+
+
+async def test_xmppctl_reload_adds_a_host_and_prints_each_nodes_answer(tmp_path: Path) -> None:
+    config = base_config(tmp_path)
+    path = write_yaml(tmp_path / "xmppd.yml", config)
+    await register(path, "localhost", {"alice": "alice-secret"})
+    node = await Node.start(path)
+    port = node.ports["STARTTLS"]
+    alice = await login(port, "alice@localhost/desk", "alice-secret")
+    try:
+        config["hosts"] = ["localhost", "example.net"]
+        config["limits"].update(max_stanza_bytes=2048, max_stanza_bytes_unauthenticated=1024)
+        write_yaml(path, config)
+        code, out, err = await xmppctl(path, "reload")
+        assert code == 0, err
+        assert out.startswith(f"- (pid {node.proc.pid}) at http://127.0.0.1:")
+        assert out.endswith(
+            ": reloaded: changed hosts (+example.net), limits.max_stanza_bytes, "
+            "limits.max_stanza_bytes_unauthenticated\n"
+        )
+        assert "reloaded: changed hosts (+example.net)" in node.text()
+
+        password = tmp_path / "password"
+        password.write_text("carol-secret\n")
+        code, _, err = await xmppctl(
+            path, "register", "carol@example.net", "--password-file", str(password)
+        )
+        assert code == 0, err
+        carol = await login(port, "carol@example.net/phone", "carol-secret")
+        assert carol.boundjid.full == "carol@example.net/phone"
+        await close(carol)
+        assert await refused_for_size(port, "alice@localhost/new", "alice-secret") == [
+            "policy-violation"
+        ]
+        assert not alice.ended.is_set() and await echo(alice, BIG) == BIG
+    finally:
+        await close(alice)
+        await node.stop()
+
+
+async def test_a_key_a_node_cannot_change_refuses_the_whole_reload(tmp_path: Path) -> None:
+    config = base_config(tmp_path)
+    path = write_yaml(tmp_path / "xmppd.yml", config)
+    await register(path, "localhost", {"alice": "alice-secret"})
+    node = await Node.start(path)
+    try:
+        changed = copy.deepcopy(config)
+        # would be fine alone
+        changed["limits"].update(max_stanza_bytes=2048, max_stanza_bytes_unauthenticated=1024)
+        changed["listeners"][0]["port"] = 5299
+        changed["storage"] = {"items": {"backend": "sqlite", "path": str(tmp_path / "other.db")}}
+        changed["modules"] = {"disco": {}, "roster": {}, "presence": {}}
+        write_yaml(path, changed)
+        code, out, err = await xmppctl(path, "reload")
+        assert code == 1
+        assert "1 node(s) refused the reload" in err
+        lines = out.splitlines()
+        assert lines[0].endswith(": reload refused, nothing changed:")
+        problems = "\n".join(lines[1:])
+        assert f"  {path}:" in problems
+        assert "listeners[0].port: cannot be changed by a reload" in problems
+        assert "storage.items.path: cannot be changed by a reload" in problems
+        assert "modules: version: cannot be disabled by a reload" in problems
+        assert "limits" not in problems
+        line = await node.line("reload refused")
+        assert line.string.split(" ")[2] == "ERROR" and "listeners[0].port" in line.string
+
+        # nothing changed: the limit the same file lowered is not applied
+        alice = await login(node.ports["STARTTLS"], "alice@localhost/r", "alice-secret")
+        assert await echo(alice, BIG) == BIG
+        await close(alice)
+    finally:
+        await node.stop()
+
+
+async def test_an_invalid_file_is_refused_and_the_node_keeps_serving(tmp_path: Path) -> None:
+    config = base_config(tmp_path)
+    path = write_yaml(tmp_path / "xmppd.yml", config)
+    await register(path, "localhost", {"alice": "alice-secret"})
+    node = await Node.start(path)
+    try:
+        text = path.read_text()
+        path.write_text(text.replace("auth_failure_delay: 0.05", "auth_failure_delay: soon"))
+        line = await node.line("reload", since=node.hangup())
+        assert line.string.split(" ")[2] == "ERROR"
+        assert "reload refused, nothing changed:" in line.string
+        assert f"{path}:" in line.string and "limits.auth_failure_delay: expected a number" in (
+            line.string
+        )
+        code, out, err = await xmppctl(path, "reload")  # checked before any node is asked
+        assert (code, out) == (1, "") and "limits.auth_failure_delay" in err
+
+        alice = await login(node.ports["STARTTLS"], "alice@localhost/r", "alice-secret")
+        assert await echo(alice, "still here") == "still here"
+        await close(alice)
+    finally:
+        await node.stop()
