@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration.clients import Client, close
+from tests.integration.clients import HEADER, Client, close, insecure_context, read_until
 from tests.integration.nodeproc import Node, login, register, write_yaml
 from tests.integration.test_cli_server import der_of, peer_certificate
 from tests.integration.test_workers import xmppctl
+from xmppd.config import DEFAULT_MODULES
 from xmppd.tls import ensure_self_signed
 
 pytestmark = pytest.mark.timeout(90)
@@ -148,7 +149,8 @@ async def test_a_key_a_node_cannot_change_refuses_the_whole_reload(tmp_path: Pat
         changed["limits"].update(max_stanza_bytes=2048, max_stanza_bytes_unauthenticated=1024)
         changed["listeners"][0]["port"] = 5299
         changed["storage"] = {"items": {"backend": "sqlite", "path": str(tmp_path / "other.db")}}
-        changed["modules"] = {"disco": {}, "roster": {}, "presence": {}}
+        changed["modules"] = {name: {} for name in DEFAULT_MODULES if name != "version"}
+        changed["modules"]["caps"] = {"node": "https://elsewhere.example/caps"}
         write_yaml(path, changed)
         code, out, err = await xmppctl(path, "reload")
         assert code == 1
@@ -160,6 +162,7 @@ async def test_a_key_a_node_cannot_change_refuses_the_whole_reload(tmp_path: Pat
         assert "listeners[0].port: cannot be changed by a reload" in problems
         assert "storage.items.path: cannot be changed by a reload" in problems
         assert "modules: version: cannot be disabled by a reload" in problems
+        assert "modules.caps.node: cannot be changed by a reload" in problems
         assert "limits" not in problems
         line = await node.line("reload refused")
         assert line.string.split(" ")[2] == "ERROR" and "listeners[0].port" in line.string
@@ -192,5 +195,33 @@ async def test_an_invalid_file_is_refused_and_the_node_keeps_serving(tmp_path: P
         alice = await login(node.ports["STARTTLS"], "alice@localhost/r", "alice-secret")
         assert await echo(alice, "still here") == "still here"
         await close(alice)
+    finally:
+        await node.stop()
+
+
+async def stream_features(port: int) -> bytes:
+    """The features a new direct-TLS stream is offered before it authenticates."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=insecure_context(), server_hostname="localhost"
+    )
+    writer.write(HEADER.encode())
+    features = await read_until(reader, b"</stream:features>")
+    writer.close()
+    return features
+
+
+async def test_module_options_change_on_reload(tmp_path: Path) -> None:
+    config = base_config(tmp_path)
+    config["modules"] = {name: {} for name in DEFAULT_MODULES}
+    path = write_yaml(tmp_path / "xmppd.yml", config)
+    node = await Node.start(path)
+    try:
+        register_feature = b"http://jabber.org/features/iq-register"
+        assert register_feature not in await stream_features(node.ports["direct TLS"])
+        config["modules"]["register"] = {"allow_registration": True}
+        write_yaml(path, config)
+        line = await node.line("reload", since=node.hangup())
+        assert "reloaded: changed modules.register.allow_registration" in line.string
+        assert register_feature in await stream_features(node.ports["direct TLS"])
     finally:
         await node.stop()
