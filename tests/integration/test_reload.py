@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.integration.clients import HEADER, Client, close, insecure_context, read_until
 from tests.integration.nodeproc import Node, login, register, write_yaml
 from tests.integration.test_cli_server import der_of, peer_certificate
-from tests.integration.test_workers import xmppctl
+from tests.integration.test_workers import (  # noqa: F401  (redis_service: a fixture)
+    redis_service,
+    start_workers,
+    workers_config,
+    xmppctl,
+)
+from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.config import DEFAULT_MODULES
+from xmppd.storage.devservices import LocalService
 from xmppd.tls import ensure_self_signed
 
 pytestmark = pytest.mark.timeout(90)
@@ -225,3 +235,36 @@ async def test_module_options_change_on_reload(tmp_path: Path) -> None:
         assert register_feature in await stream_features(node.ports["direct TLS"])
     finally:
         await node.stop()
+
+
+async def test_every_worker_reloads_as_itself(
+    tmp_path: Path, redis_service: LocalService  # noqa: F811
+) -> None:
+    """`xmppd --workers 2`: each worker reads the file again as its own config (node
+    name, admin port: not a refused change), and xmppctl prints both answers."""
+    path = workers_config(tmp_path, redis_service)
+    workers = await start_workers(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+        config["limits"].update(max_stanza_bytes=4096, max_stanza_bytes_unauthenticated=1024)
+        write_yaml(path, config)
+        code, out, err = await xmppctl(path, "reload")
+        assert code == 0, err
+        answers = [
+            re.fullmatch(
+                r"(w-\d) \(pid \d+\) at http://127\.0\.0\.1:\d+: reloaded: changed "
+                r"limits\.max_stanza_bytes, limits\.max_stanza_bytes_unauthenticated",
+                line,
+            )
+            for line in out.splitlines()
+        ]
+        assert sorted(a.group(1) for a in answers if a) == ["w-1", "w-2"], out
+
+        workers.proc.send_signal(signal.SIGHUP)  # the parent passes it on
+        reloaded = {
+            (await workers.line(r"\[(w-\d)\] xmppd: reloaded: nothing changed")).group(1)
+            for _ in range(2)
+        }
+        assert reloaded == {"w-1", "w-2"}
+    finally:
+        assert await workers.stop() == 0
