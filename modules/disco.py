@@ -54,6 +54,9 @@ class Disco(Module):
             etree.SubElement(query, f"{{{DISCO_INFO}}}feature").set("var", var)
         return query
 
+    def remove_server_info_node(self, node: str) -> None:
+        self.server_info_nodes.discard(node)
+
     def add_server_info_node(self, node: str) -> None:
         """Answer disco#info for `node` with the server's own info (XEP-0115 caps)."""
         self.server_info_nodes.add(node)

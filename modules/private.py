@@ -39,6 +39,7 @@ class PrivateOptions(BaseModel):
 
 class Private(Module):
     name = "private"
+    toggleable = True  # a reload may enable or disable it
     Options = PrivateOptions
 
     def reconfigure(self, options: BaseModel) -> None:

@@ -94,6 +94,7 @@ class RateLimit:
 
 class Register(Module):
     name = "register"
+    toggleable = True  # a reload may enable or disable it
     Options = RegisterOptions
 
     def setup(self) -> None:

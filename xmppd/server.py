@@ -256,6 +256,8 @@ class Server:
             try:
                 new, options, pair = await asyncio.to_thread(self._check_reload, old)
                 renewed = self._apply_reload(old, new, options, pair)
+                await self.modules.toggle(options)
+                self._settings.clear()  # the stream features of the modules now enabled
             except ConfigError as exc:
                 result = ReloadResult(False, problems=exc.problems)
                 log.error("%s", result.summary())

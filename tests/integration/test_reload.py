@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from slixmpp.exceptions import IqError
 
 from tests.integration.clients import HEADER, Client, close, insecure_context, read_until
 from tests.integration.nodeproc import Node, login, register, write_yaml
@@ -30,6 +31,7 @@ from tests.integration.test_workers import (  # noqa: F401  (redis_service: a fi
 )
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.config import DEFAULT_MODULES
+from xmppd.modules.caps import Identity, verification_string
 from xmppd.storage.devservices import LocalService
 from xmppd.tls import ensure_self_signed
 
@@ -159,7 +161,7 @@ async def test_a_key_a_node_cannot_change_refuses_the_whole_reload(tmp_path: Pat
         changed["limits"].update(max_stanza_bytes=2048, max_stanza_bytes_unauthenticated=1024)
         changed["listeners"][0]["port"] = 5299
         changed["storage"] = {"items": {"backend": "sqlite", "path": str(tmp_path / "other.db")}}
-        changed["modules"] = {name: {} for name in DEFAULT_MODULES if name != "version"}
+        changed["modules"] = {name: {} for name in DEFAULT_MODULES if name != "carbons"}
         changed["modules"]["caps"] = {"node": "https://elsewhere.example/caps"}
         write_yaml(path, changed)
         code, out, err = await xmppctl(path, "reload")
@@ -171,7 +173,7 @@ async def test_a_key_a_node_cannot_change_refuses_the_whole_reload(tmp_path: Pat
         assert f"  {path}:" in problems
         assert "listeners[0].port: cannot be changed by a reload" in problems
         assert "storage.items.path: cannot be changed by a reload" in problems
-        assert "modules: version: cannot be disabled by a reload" in problems
+        assert "modules: carbons: cannot be disabled by a reload" in problems
         assert "modules.caps.node: cannot be changed by a reload" in problems
         assert "limits" not in problems
         line = await node.line("reload refused")
@@ -268,3 +270,56 @@ async def test_every_worker_reloads_as_itself(
         assert reloaded == {"w-1", "w-2"}
     finally:
         assert await workers.stop() == 0
+
+
+PING, VERSION = "urn:xmpp:ping", "jabber:iq:version"
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+
+
+async def answered(client: Client, namespace: str) -> str:
+    """"result", or the error condition, of an IQ get to the server in `namespace`."""
+    iq = client.make_iq_get(queryxmlns=namespace, ito="localhost")
+    try:
+        await iq.send(timeout=10)
+    except IqError as e:
+        return str(e.iq["error"]["condition"])
+    return "result"
+
+
+async def test_a_reload_enables_and_disables_the_modules_that_allow_it(tmp_path: Path) -> None:
+    config = base_config(tmp_path)
+    config["modules"] = {name: {} for name in DEFAULT_MODULES if name != "ping"}
+    path = write_yaml(tmp_path / "xmppd.yml", config)
+    await register(path, "localhost", {"alice": "alice-secret"})
+    node = await Node.start(path)
+    alice = await login(node.ports["STARTTLS"], "alice@localhost/desk", "alice-secret")
+    try:
+        assert await answered(alice, PING) == "service-unavailable"
+        assert await answered(alice, VERSION) == "result"
+
+        config["modules"]["ping"] = {}
+        del config["modules"]["version"]
+        write_yaml(path, config)
+        line = await node.line("reload", since=node.hangup())
+        assert "reloaded: changed modules.version, modules.ping" in line.string
+
+        # the session that was up sees the node's modules as they are now
+        assert await answered(alice, PING) == "result"
+        assert await answered(alice, VERSION) == "service-unavailable"
+        info = await alice.make_iq_get(queryxmlns=DISCO_INFO, ito="localhost").send(timeout=10)
+        features = {f.get("var") for f in info.xml.iter(f"{{{DISCO_INFO}}}feature")}
+        assert PING in features and VERSION not in features
+        # the server's entity capabilities (XEP-0115) follow its features
+        ver = verification_string(
+            [Identity(i.get("category", ""), i.get("type", ""), i.get("name"))
+             for i in info.xml.iter(f"{{{DISCO_INFO}}}identity")],
+            features,
+        )
+        node_info = alice.make_iq_get(queryxmlns=DISCO_INFO, ito="localhost")
+        node_info.xml.find(f"{{{DISCO_INFO}}}query").set(
+            "node", f"https://xmppd.example/caps#{ver}"
+        )
+        await node_info.send(timeout=10)  # IqError (item-not-found) for a stale hash
+    finally:
+        await close(alice)
+        await node.stop()
