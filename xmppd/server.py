@@ -96,7 +96,6 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._settings: dict[bool, StreamSettings] = {}
         self._stopped = False
-        self._tls_files: tuple[Path, Path]
         self.storage: Storage
         self.storage_stats = StorageStats()
         self.tls: ServerTLS
@@ -118,7 +117,6 @@ class Server:
             cert, key = ensure_self_signed(config.data_dir, list(config.hosts))
         else:
             cert, key = config.tls.cert, config.tls.key
-        self._tls_files = cert, key
         self.tls = server_tls(cert, key, config.tls.min_version)
         log.info("tls: certificate %s, minimum TLS %s", cert, config.tls.min_version)
         if config.auth.allow_unencrypted:
@@ -306,7 +304,6 @@ class Server:
             self.tls = reload_tls(self.tls, *pair, new.tls.min_version)
         except TLSError as exc:  # the files changed again since they were checked
             raise ConfigError([new.source.problem(("tls", "cert"), str(exc))]) from None
-        self._tls_files = pair
         self.config = new
         self.modules.reconfigure(new, options)
         iterations = new.auth.scram_iterations
