@@ -358,7 +358,10 @@ class Server:
         """Count the connection; False when its address is over the per-IP limit."""
         limit = self.config.limits.max_connections_per_ip
         if limit and self.per_ip[conn.ip] >= limit:
-            log.warning("refused a connection from %s: %d connections already", conn.ip, limit)
+            log.warning(
+                "refused a connection from %s: %d connections already conn=%s",
+                conn.ip, limit, conn.id,
+            )
             return False
         self.per_ip[conn.ip] += 1
         self.connections.add(conn)

@@ -169,6 +169,7 @@ class StreamLogin:
                     and await self.node.accounts[host].exists(target.user)
                 )
                 if not allowed:
+                    self._log_failed(own, "invalid-authzid")
                     self.stream.sasl_failure("invalid-authzid", "you may not act as another user")
                     return
                 username = target.user  # type: ignore[union-attr]
@@ -204,6 +205,18 @@ class StreamLogin:
         not counted, since they cost no password check.
         """
         account = f"{username}@{self.stream.host or ''}" if username is not None else None
+        self._log_failed(account, condition)
+        if condition == "not-authorized":
+            throttle = self.node.throttle
+            delay = throttle.failure_delay
+            if account is not None:
+                delay = await throttle.failed(self.ip, account, self.conn)
+            await asyncio.sleep(delay)
+        self.stream.sasl_failure(condition, text)
+
+    def _log_failed(self, account: str | None, condition: str) -> None:
+        """One INFO line per failed login: the account as given (never the password),
+        the address, the mechanism and the SASL condition."""
         log.info(
             "failed login: %s from %s with %s: %s conn=%s",
             repr(account) if account is not None else "(no user name)",
@@ -220,13 +233,6 @@ class StreamLogin:
                 "conn": self.conn,
             },
         )
-        if condition == "not-authorized":
-            throttle = self.node.throttle
-            delay = throttle.failure_delay
-            if account is not None:
-                delay = await throttle.failed(self.ip, account, self.conn)
-            await asyncio.sleep(delay)
-        self.stream.sasl_failure(condition, text)
 
     def _refuse_banned(self) -> None:
         """Refuse an attempt from a banned address, without checking its credentials.
