@@ -102,8 +102,11 @@ class AdHoc(Module):
     Options = AdHocOptions
     requires = ("disco",)
 
+    @property
+    def opts(self) -> AdHocOptions:
+        return self.options  # type: ignore[return-value]  # a reload may replace it
+
     def setup(self) -> None:
-        self.opts: AdHocOptions = self.options  # type: ignore[assignment]
         self.commands: dict[str, Command] = {}
         # requester full JID -> session id -> session, oldest first
         self._sessions: dict[str, OrderedDict[str, _Session]] = {}

@@ -76,6 +76,7 @@ class CapsOptions(BaseModel):
 class Caps(Module):
     name = "caps"
     Options = CapsOptions
+    fixed_options = ("node",)  # in the verification string clients cached
 
     def setup(self) -> None:
         self.node: str = self.options.node  # type: ignore[attr-defined]
@@ -84,10 +85,20 @@ class Caps(Module):
         self.host.add_stream_feature("bound", self._stream_feature)
 
     async def start(self) -> None:
-        self.ver = verification_string(self._identities(), self.host.features["server"])
+        self._advertise()
+        # A reload that enables or disables modules changes the features hashed.
+        self.host.on("modules/changed", self._modules_changed)
+
+    def _advertise(self) -> None:
         disco = self.host.find_module(Disco)
+        if disco is not None and self.ver:
+            disco.remove_server_info_node(f"{self.node}#{self.ver}")
+        self.ver = verification_string(self._identities(), self.host.features["server"])
         if disco is not None:
             disco.add_server_info_node(f"{self.node}#{self.ver}")
+
+    def _modules_changed(self) -> None:
+        self._advertise()
 
     def _identities(self) -> list[Identity]:
         return [Identity(category, type_, name) for category, type_, name in self.host.identities]

@@ -102,6 +102,9 @@ class Disco(Module):
         """Let `provider` answer disco#items to accounts first (XEP-0163: PEP nodes)."""
         self.account_items.append(provider)
 
+    def remove_server_info_node(self, node: str) -> None:
+        self.server_info_nodes.discard(node)
+
     def add_server_info_node(self, node: str) -> None:
         """Answer disco#info for `node` with the server's own info (XEP-0115 caps)."""
         self.server_info_nodes.add(node)

@@ -32,6 +32,7 @@ STORE = "last"
 
 class Last(Module):
     name = "last"
+    toggleable = True  # a reload may enable or disable it
     started: float  # time.monotonic() at start: uptime counts from there
 
     def setup(self) -> None:

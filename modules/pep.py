@@ -69,23 +69,30 @@ class PepOptions(BaseModel):
     inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
 
 
+def _limits(opts: PepOptions) -> Limits:
+    return Limits(
+        max_item_bytes=opts.max_item_bytes,
+        max_items=opts.max_items,
+        max_nodes=opts.max_nodes,
+        max_subscriptions=opts.max_subscriptions,
+        max_subscribers=opts.max_subscribers,
+        inline_item_bytes=opts.inline_item_bytes,
+        default_max_items=1,
+        default_access_model="presence",
+    )
+
+
 class Pep(Module):
     name = "pep"
     Options = PepOptions
     requires = ("roster", "presence")
 
+    def reconfigure(self, options: BaseModel) -> None:
+        super().reconfigure(options)
+        self.limits = _limits(options)  # type: ignore[arg-type]
+
     def setup(self) -> None:
-        opts: PepOptions = self.options  # type: ignore[assignment]
-        self.limits = Limits(
-            max_item_bytes=opts.max_item_bytes,
-            max_items=opts.max_items,
-            max_nodes=opts.max_nodes,
-            max_subscriptions=opts.max_subscriptions,
-            max_subscribers=opts.max_subscribers,
-            inline_item_bytes=opts.inline_item_bytes,
-            default_max_items=1,
-            default_access_model="presence",
-        )
+        self.limits = _limits(self.options)  # type: ignore[arg-type]
         self.protocol = PubSubProtocol(self._notify, self._send_last, auto_create=True)
         for namespace in (PUBSUB, PUBSUB_OWNER):
             self.host.iq(namespace, "get", self._iq, to="account")

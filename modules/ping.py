@@ -9,6 +9,7 @@ PING = "urn:xmpp:ping"
 
 class Ping(Module):
     name = "ping"
+    toggleable = True  # a reload may enable or disable it
 
     def setup(self) -> None:
         self.host.add_feature(PING)

@@ -39,10 +39,15 @@ class PrivateOptions(BaseModel):
 
 class Private(Module):
     name = "private"
+    toggleable = True  # a reload may enable or disable it
     Options = PrivateOptions
 
-    def setup(self) -> None:
+    def reconfigure(self, options: BaseModel) -> None:
+        super().reconfigure(options)
         self.max_bytes = self.options.max_bytes  # type: ignore[attr-defined]
+
+    def setup(self) -> None:
+        self.reconfigure(self.options)
         self.host.add_feature(PRIVATE)
         self.host.iq(PRIVATE, "get", self.get, to="account")
         self.host.iq(PRIVATE, "set", self.set, to="account")

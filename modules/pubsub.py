@@ -45,22 +45,33 @@ class PubSubOptions(BaseModel):
     inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
 
 
+def _limits(opts: PubSubOptions) -> Limits:
+    return Limits(
+        max_item_bytes=opts.max_item_bytes,
+        max_items=opts.max_items,
+        max_nodes=opts.max_nodes,
+        max_subscriptions=opts.max_subscriptions,
+        max_subscribers=opts.max_subscribers,
+        inline_item_bytes=opts.inline_item_bytes,
+        default_max_items=opts.default_max_items,
+        default_access_model="open",
+    )
+
+
 class PubSub(Module):
     name = "pubsub"
     Options = PubSubOptions
+    # Its domains are served from setup(), one under each host of that moment.
+    fixed_options = ("subdomain", "name")
+    hosts_fixed = True
+
+    def reconfigure(self, options: BaseModel) -> None:
+        super().reconfigure(options)
+        self.limits = _limits(options)  # type: ignore[arg-type]
 
     def setup(self) -> None:
         opts: PubSubOptions = self.options  # type: ignore[assignment]
-        self.limits = Limits(
-            max_item_bytes=opts.max_item_bytes,
-            max_items=opts.max_items,
-            max_nodes=opts.max_nodes,
-            max_subscriptions=opts.max_subscriptions,
-            max_subscribers=opts.max_subscribers,
-            inline_item_bytes=opts.inline_item_bytes,
-            default_max_items=opts.default_max_items,
-            default_access_model="open",
-        )
+        self.limits = _limits(opts)
         self.protocol = PubSubProtocol(self._notify, self._send_last, auto_create=False)
         self.domains = {f"{opts.subdomain}.{vhost}": vhost for vhost in self.host.hosts}
         for domain in self.domains:

@@ -94,6 +94,7 @@ class RateLimit:
 
 class Register(Module):
     name = "register"
+    toggleable = True  # a reload may enable or disable it
     Options = RegisterOptions
 
     def setup(self) -> None:
@@ -109,6 +110,16 @@ class Register(Module):
         self.host.add_feature(REGISTER)
         self.host.iq(REGISTER, "get", self._get, to="both")
         self.host.iq(REGISTER, "set", self._set, to="both")
+
+    def reconfigure(self, options: BaseModel) -> None:
+        """A reload: the rate limit keeps its counts, the stream feature follows the switch."""
+        super().reconfigure(options)
+        new: RegisterOptions = options  # type: ignore[assignment]
+        self.opts = new
+        self.limit.limit, self.limit.window = new.registrations_per_ip, new.registration_window
+        self.host.remove_stream_feature("preauth", _stream_feature)
+        if new.allow_registration:
+            self.host.add_stream_feature("preauth", _stream_feature)
 
     # --- before authentication: creating an account -------------------------------------
 

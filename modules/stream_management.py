@@ -208,6 +208,7 @@ class StreamManagement(Module):
     name = "stream_management"
     Options = SMOptions
     options: SMOptions
+    fixed_options = ("orphan_sweep",)  # the period of a timer started once
 
     def setup(self) -> None:
         self.stats = Stats()

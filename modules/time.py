@@ -15,6 +15,7 @@ TIME = "urn:xmpp:time"
 
 class Time(Module):
     name = "time"
+    toggleable = True  # a reload may enable or disable it
 
     def setup(self) -> None:
         self.host.add_feature(TIME)

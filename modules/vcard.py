@@ -57,8 +57,12 @@ class VCard(Module):
     name = "vcard"
     Options = VCardOptions
 
-    def setup(self) -> None:
+    def reconfigure(self, options: BaseModel) -> None:
+        super().reconfigure(options)
         self.max_bytes = self.options.max_bytes  # type: ignore[attr-defined]
+
+    def setup(self) -> None:
+        self.reconfigure(self.options)
         # bare JID -> photo SHA-1 (hex), "" for "no photo", None when it could not be read
         self._photo: dict[str, str | None] = {}
         self._loading: dict[str, asyncio.Future[None]] = {}

@@ -22,6 +22,7 @@ class VersionOptions(BaseModel):
 
 class Version(Module):
     name = "version"
+    toggleable = True  # a reload may enable or disable it
     Options = VersionOptions
 
     def setup(self) -> None:

@@ -21,6 +21,9 @@ Endpoints:
   POST /accounts/{user@host}/removed            end the account's sessions
   POST /drain                                   stop the node as SIGTERM does (stream
                                                 management sessions resume elsewhere)
+  POST /reload                                  read the config file again and apply it,
+                                                all or nothing (xmppd.reload), as SIGHUP
+  POST /log-level  {"level": L}                 log from L up until a restart (not saved)
   ... and the everyday commands' routes (stats, announce, ban, roster, vCard,
   offline count): xmppd.adminroutes
 
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from xmppd import metrics, package_version
+from xmppd import logs, metrics, package_version
 from xmppd.adminroutes import add_routes
 from xmppd.cluster.directory import node_of
 from xmppd.jid import JID, InvalidJID
@@ -139,6 +142,8 @@ class AdminAPI:
         app.router.add_post("/accounts/{jid}/remove", self._remove_account)
         app.router.add_post("/accounts/{jid}/{change}", self._account_changed)
         app.router.add_post("/drain", self._drain)
+        app.router.add_post("/reload", self._reload)
+        app.router.add_post("/log-level", self._log_level)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.admin.address, config.admin.port)
@@ -254,6 +259,47 @@ class AdminAPI:
         log.info("admin: drain requested")
         asyncio.get_running_loop().call_soon(self.server.stop_requested.set)
         return web.json_response({"draining": True, "pid": os.getpid()})
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        """Reload as SIGHUP does (the log file is not reopened: nothing moved it). A
+        refused reload is an answer too (200), naming each key that stopped it."""
+        log.info("admin: reload requested")
+        result = await self.server.reload()
+        return web.json_response(
+            {
+                "pid": os.getpid(),
+                "node": self._this_node(),
+                "reloaded": result.reloaded,
+                "changed": result.changed,
+                "problems": result.problems,
+                "summary": result.summary(),
+            }
+        )
+
+    async def _log_level(self, request: web.Request) -> web.Response:
+        """Change the log level of this process until it restarts (the file is not changed;
+        a reload that changes log_level sets the file's)."""
+        try:
+            level = str((await request.json())["level"]).lower()
+        except (ValueError, KeyError, TypeError) as e:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": f'expected {{"level": LEVEL}}: {e}'}),
+                content_type="application/json",
+            ) from None
+        if level not in logs.LEVELS:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": f"level must be one of {', '.join(logs.LEVELS)}"}),
+                content_type="application/json",
+            )
+        previous = logs.current_level()
+        logs.set_level(level)
+        log.warning("admin: log level %s (was %s) until restart; not saved", level, previous)
+        return web.json_response(
+            {"pid": os.getpid(), "node": self._this_node(), "level": level, "previous": previous}
+        )
+
+    def _this_node(self) -> str | None:
+        return self.server.cluster.node if self.server.cluster is not None else None
 
     async def _account_changed(self, request: web.Request) -> web.Response:
         change = request.match_info["change"]

@@ -301,6 +301,20 @@ class AdminConfig(BaseModel):
         return self
 
 
+class LogConfig(BaseModel):
+    """Where log lines go and in what form (xmppd.logs); `log_level` says which."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: Path | None = None  # None: standard error, which the service manager keeps
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("file")
+    @classmethod
+    def _absolute(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -392,7 +406,7 @@ def _default_modules() -> dict[str, dict[str, Any] | None]:
     return {name: {} for name in DEFAULT_MODULES}
 
 
-_SECTIONS = ("tls", "limits", "auth", "admin", "storage", "modules")
+_SECTIONS = ("log", "tls", "limits", "auth", "admin", "storage", "modules")
 
 
 class Config(BaseModel):
@@ -407,6 +421,7 @@ class Config(BaseModel):
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = (
         "info"
     )
+    log: LogConfig = Field(default_factory=LogConfig)
     listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

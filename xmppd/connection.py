@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import weakref
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,9 @@ class C2SConnection(asyncio.BufferedProtocol):
     def __init__(self, server: Server, direct_tls: bool) -> None:
         self.server = server
         self.direct_tls = direct_tls
+        # In every log line about this connection (login, logout, refusal), so that
+        # one grep finds its story; random, so ids from several nodes do not clash.
+        self.id = secrets.token_hex(4)
         self.transport: asyncio.Transport | None = None
         self.ip = "?"
         self.stream = c2s.C2SStream(server.stream_settings(direct_tls))
@@ -66,7 +70,7 @@ class C2SConnection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if peer else "?"
-        self.login = StreamLogin(self.server, self.stream, self.ip, self._flush)
+        self.login = StreamLogin(self.server, self.stream, self.ip, self._flush, self.id)
         loop = asyncio.get_running_loop()
         self._auth_timer = loop.call_later(
             self.server.config.limits.auth_timeout, self._auth_timeout
@@ -107,6 +111,8 @@ class C2SConnection(asyncio.BufferedProtocol):
         if self._counted:
             self.server.connection_closed(self)
             self._counted = False
+        if self.stream.username is not None:  # it logged in (the stream may be closed now)
+            self._log_logout(exc)
         self._end_session()
         if self._queued_messages:
             self._lost_queued()
@@ -214,8 +220,34 @@ class C2SConnection(asyncio.BufferedProtocol):
             return
         who = self.stream.jid or self.stream.host or "?"
         log.info(
-            "stream from %s (%s) refused: %s%s",
-            self.ip, who, error.condition, f" ({error.text})" if error.text else "",
+            "stream from %s (%s) refused: %s%s conn=%s",
+            self.ip, who, error.condition, f" ({error.text})" if error.text else "", self.id,
+            extra={
+                "event": "stream-refused",
+                "address": self.ip,
+                "jid": who,
+                "reason": error.condition,
+                "conn": self.id,
+            },
+        )
+
+    def _log_logout(self, exc: Exception | None) -> None:
+        """The end of an authenticated connection, with why it ended."""
+        error = self.stream.error
+        if error is not None:
+            why = f"stream error {error.condition}"
+        elif self.stream.closed:
+            why = "stream closed"
+        else:
+            why = f"connection lost ({exc})" if exc is not None else "connection closed"
+        jid = self.stream.jid or f"{self.stream.username}@{self.stream.host}"
+        if self.session is not None:
+            jid = self.session.jid
+        log.info(
+            "logout: %s from %s: %s conn=%s",
+            jid, self.ip, why, self.id,
+            extra={"event": "logout", "jid": jid, "address": self.ip, "reason": why,
+                   "conn": self.id},
         )
 
     async def _preauth_iq(self, iq: etree._Element) -> None:
@@ -309,7 +341,7 @@ class C2SConnection(asyncio.BufferedProtocol):
                 ssl_handshake_timeout=self.server.config.limits.auth_timeout,
             )
         except (TimeoutError, OSError, ConnectionError) as exc:
-            log.info("TLS handshake with %s failed: %s", self.ip, exc)
+            log.info("TLS handshake with %s failed: %s conn=%s", self.ip, exc, self.id)
             transport.abort()
             return
         if new_transport is None:

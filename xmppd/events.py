@@ -56,6 +56,23 @@ class Events:
         """True if an async handler is registered for `event`."""
         return bool(self._async.get(event))
 
+    def entries(self) -> dict[int, tuple[str, str, tuple[int, Any]]]:
+        """Every registered handler entry by identity, with its kind ("sync", "async") and
+        event: a module host compares two of these to see what one module registered."""
+        out: dict[int, tuple[str, str, tuple[int, Any]]] = {}
+        for kind, table in (("sync", self._sync), ("async", self._async)):
+            for event, handlers in table.items():
+                for entry in handlers:
+                    out[id(entry)] = (kind, event, entry)
+        return out
+
+    def remove(self, kind: str, event: str, entry: tuple[int, Any]) -> None:
+        """Take back one entry of `entries()`, in place (callers may hold the list)."""
+        table: dict[str, list[tuple[int, Any]]] = self._sync if kind == "sync" else self._async
+        handlers = table.get(event)
+        if handlers is not None:
+            handlers[:] = [h for h in handlers if h is not entry]
+
     # --- firing ------------------------------------------------------------------------
 
     def fire(self, event: str, *args: Any) -> bool:

@@ -22,6 +22,8 @@ Events a module can hook (async, `hook`; a True result stops the chain):
   server/stopping ()                 the node stops: listeners are closed, client
                                      streams not yet; modules and storage still run
   delivery/failure (stanza, session)  a session's transport could not take it
+A sync event (`on`; results ignored): modules/changed ()  a reload enabled or
+disabled modules, so the server's disco features may have changed.
 Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
 message/full, message/host and the same for presence and iq (a `Routed`),
 with the RFC 6121 rules as the router's handlers at the lowest priority;
@@ -164,6 +166,15 @@ class Module:
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
     requires: ClassVar[tuple[str, ...]] = ()
+    fixed_options: ClassVar[tuple[str, ...]] = ()
+    """Options the module reads once (in setup()): a reload that changes one is refused."""
+    hosts_fixed: ClassVar[bool] = False
+    """The module set something up per host once (a service domain under each): a
+    reload that adds or removes a host is refused while it is enabled."""
+    toggleable: ClassVar[bool] = False
+    """A reload may enable or disable the module: it keeps no state per session and
+    needs no event from before it was enabled. The host takes back what its setup()
+    and start() registered (`ModuleHost.disable`)."""
 
     def __init__(self, host: ModuleHost, options: BaseModel) -> None:
         self.host = host
@@ -175,6 +186,12 @@ class Module:
 
     async def start(self) -> None:
         """Async start-up (open stores, start timers)."""
+
+    def reconfigure(self, options: BaseModel) -> None:
+        """A reload changed the module's options (none of `fixed_options`): use them from
+        now on. Right as it is for a module that reads `self.options` where it needs
+        them; one that keeps values derived from them updates those too."""
+        self.options = options
 
     async def stop(self) -> None:
         """Release what start() took."""
@@ -232,6 +249,37 @@ class AccountDataRemains(Exception):
         self.failed = failed
 
 
+@dataclass(slots=True)
+class _Snapshot:
+    """What is registered with a host at one moment: two of them, taken around a
+    module's setup() and start(), tell what that module registered."""
+
+    events: dict[int, tuple[str, str, tuple[int, Any]]]
+    iq: set[tuple[str, str, Scope]]
+    preauth_iq: set[tuple[str, str]]
+    elements: set[str]
+    stream_features: list[tuple[str, Callable[[], etree._Element]]]
+    features: set[tuple[Scope, str]]
+    identities: list[tuple[str, str, str | None]]
+    timers: list[Repeating]
+    fixed: int  # shared state keys and subdomains: nothing takes those back
+
+
+@dataclass(slots=True)
+class _Registered:
+    """What one module registered, to take back when a reload disables it."""
+
+    events: list[tuple[str, str, tuple[int, Any]]] = field(default_factory=list)
+    iq: list[tuple[str, str, Scope]] = field(default_factory=list)
+    preauth_iq: list[tuple[str, str]] = field(default_factory=list)
+    elements: list[str] = field(default_factory=list)
+    stream_features: list[tuple[str, Callable[[], etree._Element]]] = field(default_factory=list)
+    features: list[tuple[Scope, str]] = field(default_factory=list)
+    identities: list[tuple[str, str, str | None]] = field(default_factory=list)
+    timers: list[Repeating] = field(default_factory=list)
+    undoable: bool = True
+
+
 class ModuleHost:
     def __init__(
         self, router: Router, storage: Storage, hosts: list[str], bus: Bus | None = None
@@ -261,6 +309,7 @@ class ModuleHost:
         self._awaiting: dict[str, tuple[str, asyncio.Future[etree._Element]]] = {}
         self._iq: dict[tuple[str, str, Scope], IqHandler] = {}
         self._shared: set[str] = set()
+        self._registered: dict[str, _Registered] = {}  # module name -> what it registered
         # Sessions may be replicas of other nodes' sessions (xmppd.cluster).
         self.clustered = not isinstance(router.directory, LocalDirectory)
         self._preauth_iq: dict[tuple[str, str], PreAuthHandler] = {}
@@ -293,14 +342,15 @@ class ModuleHost:
         """Run async `handler` on `event`; higher priority first; a True result stops the chain."""
         self.events.hook(event, handler, priority)
 
-    def on(self, event: str, handler: Callable[[Routed], bool | None], priority: int = 0) -> None:
+    def on(self, event: str, handler: Callable[..., bool | None], priority: int = 0) -> None:
         """Handle a routing event synchronously, before the router's default handler.
 
         `message/bare`, `message/full`, `message/host` (and the same for
         `presence` and `iq`) get the `Routed` stanza; True means the handler
         took it and nothing below runs (the default delivery included).
         `message/delivered` comes after a message was delivered, once, with
-        `recipients` filled in.
+        `recipients` filled in. `modules/changed` (no arguments) comes after a reload
+        enabled or disabled modules.
         """
         self.events.on(event, handler, priority)
 
@@ -319,6 +369,13 @@ class ModuleHost:
     ) -> None:
         """Advertise an element in <stream:features/> before auth or after it."""
         self.stream_features[phase].append(make)
+
+    def remove_stream_feature(
+        self, phase: Literal["preauth", "bound"], make: Callable[[], etree._Element]
+    ) -> None:
+        """Stop advertising what `add_stream_feature` added (a reload turned it off)."""
+        if make in self.stream_features[phase]:
+            self.stream_features[phase].remove(make)
 
     def filter(self, event: str, handler: Filter, priority: int = 0) -> None:
         """Run a synchronous `handler` on the stanza path: True passes the stanza on,
@@ -666,13 +723,165 @@ class ModuleHost:
         modules it requires."""
         self.config = config
         for name, options in validate_module_options(config).items():
+            before = self._snapshot()
             module = module_class(name)(self, options)
             module.setup()
             self.modules[name] = module
+            self._registered[name] = self._since(before)
 
     async def start(self) -> None:
-        for module in self.modules.values():
+        for name, module in self.modules.items():
+            before = self._snapshot()
             await module.start()
+            self._add(name, self._since(before))
+
+    def _snapshot(self) -> _Snapshot:
+        return _Snapshot(
+            events=self.events.entries(),
+            iq=set(self._iq),
+            preauth_iq=set(self._preauth_iq),
+            elements=set(self._elements),
+            stream_features=[(p, m) for p, makes in self.stream_features.items() for m in makes],
+            features={(scope, var) for scope, vars_ in self.features.items() for var in vars_},
+            identities=list(self.identities),
+            timers=list(self._timers),
+            fixed=len(self._shared) + len(self.components),
+        )
+
+    def _since(self, before: _Snapshot) -> _Registered:
+        now = self._snapshot()
+        return _Registered(
+            events=[e for key, e in now.events.items() if key not in before.events],
+            iq=[k for k in now.iq if k not in before.iq],
+            preauth_iq=[k for k in now.preauth_iq if k not in before.preauth_iq],
+            elements=[k for k in now.elements if k not in before.elements],
+            stream_features=[f for f in now.stream_features if f not in before.stream_features],
+            features=[f for f in now.features if f not in before.features],
+            identities=[i for i in now.identities if i not in before.identities],
+            timers=[t for t in now.timers if t not in before.timers],
+            undoable=now.fixed == before.fixed,
+        )
+
+    def _add(self, name: str, more: _Registered) -> None:
+        registered = self._registered.setdefault(name, _Registered())
+        for key in _Registered.__slots__:
+            if key == "undoable":
+                registered.undoable = registered.undoable and more.undoable
+            else:
+                getattr(registered, key).extend(getattr(more, key))
+
+    async def enable(self, name: str, options: BaseModel) -> None:
+        """Set up and start a module a reload enabled (its `requires` are running)."""
+        before = self._snapshot()
+        module = module_class(name)(self, options)
+        self.modules[name] = module
+        try:
+            module.setup()
+            await module.start()
+        finally:  # what a failed setup registered is taken back with the rest
+            self._registered[name] = self._since(before)
+
+    async def disable(self, name: str) -> None:
+        """Take back what a module a reload disabled registered, then stop it."""
+        module = self.modules.pop(name)
+        done = self._registered.pop(name, _Registered())
+        for kind, event, entry in done.events:
+            self.events.remove(kind, event, entry)
+        for iq in done.iq:
+            self._iq.pop(iq, None)
+        for preauth in done.preauth_iq:
+            self._preauth_iq.pop(preauth, None)
+        for tag in done.elements:
+            self._elements.pop(tag, None)
+        for phase, make in done.stream_features:
+            self.remove_stream_feature(phase, make)  # type: ignore[arg-type]
+        for scope, var in done.features:
+            self.features[scope].discard(var)
+        for identity in done.identities:
+            if identity in self.identities:
+                self.identities.remove(identity)
+        for timer in done.timers:
+            timer.cancel()
+            if timer in self._timers:
+                self._timers.remove(timer)
+        await module.stop()
+
+    def reload_problems(self, config: Config, options: dict[str, BaseModel]) -> list[str]:
+        """Why the reloaded `config` (whose module `options` are valid) cannot be applied
+        to the running modules: one config-style line per module or key.
+
+        Only a `toggleable` module may be enabled or disabled: another keeps state per
+        session (or shares it through the cluster), which one enabled mid-run would
+        lack for the sessions already bound and one disabled would leave behind."""
+        problems: list[str] = []
+        why = "it keeps state per session or in the cluster; restart the node"
+        for name in [n for n in options if n not in self.modules]:
+            if not module_class(name).toggleable:
+                problems.append(
+                    config.source.problem(
+                        ("modules", name), f"cannot be enabled by a reload ({why})"
+                    )
+                )
+        for name, module in self.modules.items():
+            registered = self._registered.get(name)
+            toggleable = module.toggleable and registered is not None and registered.undoable
+            if name not in options and not toggleable:
+                problems.append(
+                    config.source.problem(
+                        ("modules",), f"{name}: cannot be disabled by a reload ({why})"
+                    )
+                )
+        if list(config.hosts) != list(self.hosts):
+            for name, module in self.modules.items():
+                if module.hosts_fixed:
+                    problems.append(
+                        config.source.problem(
+                            ("hosts",),
+                            f"cannot change while the module {name} is enabled (it serves"
+                            " a domain under each host from its start); restart the node",
+                        )
+                    )
+        for name, module in self.modules.items():
+            new = options.get(name)
+            for key in module.fixed_options if new is not None else ():
+                if getattr(new, key) != getattr(module.options, key):
+                    problems.append(
+                        config.source.problem(
+                            ("modules", name, key),
+                            "cannot be changed by a reload (the module reads it once, at "
+                            "start); restart the node",
+                        )
+                    )
+        return problems
+
+    def reconfigure(self, config: Config, options: dict[str, BaseModel]) -> None:
+        """Apply a reload that `reload_problems` accepted: the changed options to their
+        modules, and the new hosts (`toggle` then enables and disables modules)."""
+        self.config = config
+        self.hosts[:] = config.hosts
+        for name, module in self.modules.items():
+            if name in options and options[name] != module.options:
+                module.reconfigure(options[name])
+
+    async def toggle(self, options: dict[str, BaseModel]) -> None:
+        """Disable the modules `options` (in dependency order) leaves out, enable the
+        ones it adds; then "modules/changed". A module that fails to set up or start
+        is logged and left out."""
+        gone = [name for name in self.modules if name not in options]
+        added = [name for name in options if name not in self.modules]
+        for name in reversed(gone):
+            await self.disable(name)
+        for name in added:
+            try:
+                await self.enable(name, options[name])
+            except Exception:
+                log.exception("module %s could not be enabled; left disabled", name)
+                try:
+                    await self.disable(name)
+                except Exception:
+                    log.exception("module %s did not stop cleanly", name)
+        if gone or added:
+            self.events.notify("modules/changed")
 
     async def remove_account(
         self,

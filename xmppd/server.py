@@ -22,10 +22,12 @@ from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter
 from xmppd.cluster import Cluster, ClusterUnavailable
 from xmppd.cluster.caches import share_memory_cache
 from xmppd.cluster.throttle import RedisFailureCounter
-from xmppd.config import Config
+from xmppd.config import Config, ConfigError, load_config
 from xmppd.connection import C2SConnection
-from xmppd.modulehost import ModuleHost
+from xmppd.logs import LogOutput, set_level
+from xmppd.modulehost import ModuleHost, validate_module_options
 from xmppd.pauses import PauseMonitor
+from xmppd.reload import ReloadResult, describe_changes, refused_changes
 from xmppd.router import Router
 from xmppd.session import ClientSession
 from xmppd.storage.base import ConditionFailed, ItemStore
@@ -33,7 +35,14 @@ from xmppd.storage.factory import Storage, open_storage
 from xmppd.storage.timing import StorageStats, instrument
 from xmppd.stream.c2s import StreamSettings
 from xmppd.stream.errors import StreamError
-from xmppd.tls import ServerTLS, TLSError, ensure_self_signed, reload_tls, server_tls
+from xmppd.tls import (
+    ServerTLS,
+    TLSError,
+    check_pair,
+    ensure_self_signed,
+    reload_tls,
+    server_tls,
+)
 from xmppd.traffic import Traffic
 
 log = logging.getLogger("xmppd")
@@ -52,8 +61,25 @@ class Listening:
 
 
 class Server:
-    def __init__(self, config: Config, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reuse_port: bool = False,
+        load: Callable[[], Config] | None = None,
+        log_output: LogOutput | None = None,
+    ) -> None:
         self.config = config
+        # How a reload reads the configuration again (a worker's adds its node name);
+        # None for a config made in code, which has no file to read.
+        file = config.source.file
+        self.load = load if load is not None else (
+            (lambda: load_config(file)) if file is not None else None
+        )
+        # The log handler a reload changes and SIGHUP reopens; None when the caller
+        # (a test) set logging up itself.
+        self.log_output = log_output
+        self._reloading = asyncio.Lock()
+        self.ready = False  # start() is done: "xmppd ready" was logged
         # SO_REUSEPORT on the client listeners: `xmppd --workers` runs several nodes
         # on the same ports and the kernel spreads connections over them.
         self.reuse_port = reuse_port
@@ -71,7 +97,6 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._settings: dict[bool, StreamSettings] = {}
         self._stopped = False
-        self._tls_files: tuple[Path, Path]
         self.storage: Storage
         self.storage_stats = StorageStats()
         self.traffic = Traffic()  # stanzas by kind, connections, logins (xmppd.metrics)
@@ -94,7 +119,6 @@ class Server:
             cert, key = ensure_self_signed(config.data_dir, list(config.hosts))
         else:
             cert, key = config.tls.cert, config.tls.key
-        self._tls_files = cert, key
         self.tls = server_tls(cert, key, config.tls.min_version)
         log.info("tls: certificate %s, minimum TLS %s", cert, config.tls.min_version)
         if config.auth.allow_unencrypted:
@@ -175,6 +199,7 @@ class Server:
                 log.info("listening: c2s %s on %s port %d", kind, address, port)
         await self.admin.start()
         self.pauses.start()
+        self.ready = True
         log.info("xmppd ready")
 
     async def stop(self) -> None:
@@ -206,19 +231,109 @@ class Server:
         log.info("pauses since start: %s", json.dumps(self.pauses.snapshot()))
         log.info("xmppd stopped")
 
-    def reload_tls(self) -> None:
-        """SIGHUP: read the certificate and key again, for new connections.
+    # --- reload (SIGHUP, xmppctl reload) ------------------------------------------------
 
-        A renewed certificate (certbot and the like replace the files) needs no
-        restart. A bad new pair keeps the old one and logs why, naming the file.
-        """
-        cert, key = self._tls_files
-        try:
-            self.tls = reload_tls(self.tls, cert, key)
-        except TLSError as exc:
-            log.error("tls: kept the previous certificate: %s", exc)
+    def hangup(self) -> None:
+        """SIGHUP: reopen the log file (logrotate moved it), then reload the configuration."""
+        if not self.ready or self._stopped:
+            log.warning("SIGHUP ignored: the node is starting or stopping")
             return
-        log.info("tls: reloaded certificate %s and key %s for new connections", cert, key)
+        if self.log_output is not None:
+            try:
+                self.log_output.reopen()
+            except OSError as exc:
+                log.error("logs: cannot reopen the log file, still writing the old one: %s", exc)
+        self.router.spawn(self.reload())
+
+    async def reload(self) -> ReloadResult:
+        """Read the configuration file again and apply it, all or nothing (xmppd.reload).
+
+        New connections see the change; existing sessions keep the stream settings
+        and certificate they started with, except that the streams of a host no
+        longer served end with <host-gone/>. One log line says what changed, or
+        why nothing did."""
+        async with self._reloading:
+            old = self.config
+            try:
+                new, options, pair = await asyncio.to_thread(self._check_reload, old)
+                renewed = self._apply_reload(old, new, options, pair)
+                await self.modules.toggle(options)
+                self._settings.clear()  # the stream features of the modules now enabled
+            except ConfigError as exc:
+                result = ReloadResult(False, problems=exc.problems)
+                log.error("%s", result.summary())
+                return result
+            result = ReloadResult(True, describe_changes(old, new) + renewed)
+            log.info("%s", result.summary())
+            return result
+
+    def _check_reload(self, old: Config) -> tuple[Config, dict[str, Any], tuple[Path, Path]]:
+        """Load and check the file against the running node (in a thread: it reads files);
+        ConfigError lists every reason it cannot be applied."""
+        if self.load is None:
+            raise ConfigError(["this node was not started from a file: there is nothing to reload"])
+        new = self.load()
+        problems = refused_changes(old, new)
+        options: dict[str, Any] = {}
+        try:
+            options = validate_module_options(new)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        else:
+            problems.extend(self.modules.reload_problems(new, options))
+        if self.log_output is not None:
+            unusable = self.log_output.check(new)
+            if unusable is not None:
+                problems.append(new.source.problem(("log", "file"), unusable))
+        if problems:
+            raise ConfigError(problems)
+        try:
+            if new.tls.cert is None or new.tls.key is None:
+                pair = ensure_self_signed(new.data_dir, list(new.hosts))
+            else:
+                pair = new.tls.cert, new.tls.key
+            check_pair(*pair)
+        except (TLSError, OSError) as exc:
+            raise ConfigError([new.source.problem(("tls", "cert"), str(exc))]) from None
+        return new, options, pair
+
+    def _apply_reload(
+        self, old: Config, new: Config, options: dict[str, Any], pair: tuple[Path, Path]
+    ) -> list[str]:
+        """Make the checked `new` config the node's; what changed that the config does
+        not show (a renewed certificate)."""
+        before = self.tls.cert_der
+        try:
+            self.tls = reload_tls(self.tls, *pair, new.tls.min_version)
+        except TLSError as exc:  # the files changed again since they were checked
+            raise ConfigError([new.source.problem(("tls", "cert"), str(exc))]) from None
+        self.config = new
+        self.modules.reconfigure(new, options)
+        iterations = new.auth.scram_iterations
+        for host in new.hosts:
+            account = self.accounts.get(host)
+            if account is None or account.iterations != iterations:
+                self.accounts[host] = Accounts.of(self.storage, host, iterations)
+        gone = [host for host in self.accounts if host not in new.hosts]
+        for host in gone:
+            del self.accounts[host]
+        self.router.hosts = frozenset(new.hosts)
+        limits = new.limits
+        self.throttle.reconfigure(
+            limits.auth_failures_before_ban, limits.auth_ban_seconds, limits.auth_failure_delay
+        )
+        self._settings.clear()  # new streams get the new limits, hosts and mechanisms
+        if gone:
+            error = StreamError("host-gone", "this server no longer serves the host")
+            for conn in [c for c in self.connections if c.stream.host in gone]:
+                conn.close(error)
+        if new.log_level != old.log_level:
+            set_level(new.log_level)  # else a level set by xmppctl log-level stays
+        if self.log_output is not None:
+            self.log_output.apply(old, new)
+        if self.tls.cert_der != before and pair == (old.tls.cert, old.tls.key):
+            return [f"certificate {pair[0]} (renewed)"]
+        return []
 
     # --- what connections ask of the node ------------------------------------------------
 
@@ -247,7 +362,10 @@ class Server:
         """Count the connection; False when its address is over the per-IP limit."""
         limit = self.config.limits.max_connections_per_ip
         if limit and self.per_ip[conn.ip] >= limit:
-            log.warning("refused a connection from %s: %d connections already", conn.ip, limit)
+            log.warning(
+                "refused a connection from %s: %d connections already conn=%s",
+                conn.ip, limit, conn.id,
+            )
             return False
         self.per_ip[conn.ip] += 1
         self.connections.add(conn)
@@ -356,22 +474,28 @@ async def cluster_secret(storage: Storage, name: str) -> bytes:
 
 
 async def serve(
-    config: Config, reuse_port: bool = False, on_ready: Callable[[], None] | None = None
+    config: Config,
+    reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    load: Callable[[], Config] | None = None,
+    log_output: LogOutput | None = None,
 ) -> None:
-    """Run a node until SIGTERM or SIGINT, then shut down cleanly; SIGHUP reloads TLS.
+    """Run a node until SIGTERM or SIGINT, then shut down cleanly; SIGHUP reopens the
+    log file and reloads the configuration (`load` reads it again).
 
-    Logging goes to stderr (the service manager keeps it), so there is no log
-    file to reopen on SIGHUP. `on_ready` runs once the node serves (a worker
-    tells its supervisor, xmppd.cli.workers)."""
-    server = Server(config, reuse_port)
+    `on_ready` runs once the node serves (a worker tells its supervisor,
+    xmppd.cli.workers)."""
+    server = Server(config, reuse_port, load, log_output)
+    # SIGHUP's before start(): one sent once "xmppd ready" is logged must find it (the
+    # default action ends the process); until then it is ignored (Server.hangup).
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, server.hangup)
     await server.start()
     # Startup objects (modules, config, TLS context) live for the whole run: keep
     # them out of the collector's generations so full collections stay short.
     gc.freeze()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop_requested.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     if on_ready is not None:
         on_ready()  # only now: a stop signal from here on is a clean stop
     await server.stop_requested.wait()

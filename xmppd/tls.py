@@ -32,23 +32,34 @@ class TLSError(Exception):
 def server_tls(cert: Path, key: Path, min_version: str = "1.2") -> ServerTLS:
     """A server context for `cert` (PEM chain) and `key`; TLSError says what is wrong."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = _version(min_version)
     der = _load_pair(ctx, cert, key)
     ctx.set_alpn_protocols(["xmpp-client"])  # XEP-0368
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     return ServerTLS(ctx, cert, der)
 
 
-def reload_tls(current: ServerTLS, cert: Path, key: Path) -> ServerTLS:
-    """Put a new certificate and key into the live context (new handshakes get them).
+def check_pair(cert: Path, key: Path) -> bytes:
+    """The certificate's DER if the pair can be used, else TLSError (nothing live changes)."""
+    return _load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
+
+
+def reload_tls(current: ServerTLS, cert: Path, key: Path, min_version: str) -> ServerTLS:
+    """Put a new certificate, key and minimum version into the live context (new
+    handshakes get them).
 
     The pair is first checked in a fresh context, so a bad file (TLSError)
     leaves the live one as it was; listeners keep their context object, which
     is why it is updated in place rather than replaced.
     """
-    _load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
+    check_pair(cert, key)
     der = _load_pair(current.context, cert, key)
+    current.context.minimum_version = _version(min_version)
     return ServerTLS(current.context, cert, der)
+
+
+def _version(min_version: str) -> ssl.TLSVersion:
+    return ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
 
 
 def _load_pair(ctx: ssl.SSLContext, cert: Path, key: Path) -> bytes:

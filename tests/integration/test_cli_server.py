@@ -152,13 +152,14 @@ async def test_sighup_reloads_the_certificate_and_keeps_it_on_a_bad_one(tmp_path
     shutil.copy(second[0], cert)  # a renewed certificate
     shutil.copy(second[1], key)
     proc.send_signal(signal.SIGHUP)
-    assert "INFO" in await log_line(proc, "tls: reloaded certificate")
+    line = await log_line(proc, "reloaded: ")
+    assert "INFO" in line and f"changed certificate {cert} (renewed)" in line
     assert await peer_certificate(port) == der_of(second[0])
 
     shutil.copy(second[1], cert)  # a broken renewal: the key where the certificate goes
     proc.send_signal(signal.SIGHUP)
-    line = await log_line(proc, "tls: kept the previous certificate")
-    assert "ERROR" in line and f"certificate {cert}:" in line
+    line = await log_line(proc, "reload refused, nothing changed: ")
+    assert "ERROR" in line and f"tls.cert: certificate {cert}:" in line
     assert await peer_certificate(port) == der_of(second[0])
 
     proc.send_signal(signal.SIGTERM)

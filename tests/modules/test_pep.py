@@ -475,6 +475,15 @@ async def test_limits(harness: ModuleHarness) -> None:
     assert len([n for n in await stored_names(harness) if "/n/" in n]) == 5
 
 
+async def test_a_reload_applies_new_limits(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    assert (await harness.iq(alice, "set", publish_nick("x" * 3000))).get("type") == "result"
+    pep = harness.host.modules["pep"]
+    pep.reconfigure(pep.options.model_copy(update={"max_item_bytes": 2048}))
+    reply = await harness.iq(alice, "set", publish_nick("x" * 3000))
+    assert error_of(reply) == ("modify", "not-acceptable", "payload-too-big")
+
+
 async def test_subscriptions_per_user_limit() -> None:
     harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {"max_subscriptions": 1}})
     await harness.start()

@@ -37,16 +37,23 @@ class StreamLogin:
 
     `output` is called after every asynchronous step that queued something on
     the stream (a challenge, a failure after its delay), so the transport
-    writes it.
+    writes it. `conn` is the connection's id, in every log line about it.
     """
 
     def __init__(
-        self, node: Server, stream: c2s.C2SStream, ip: str, output: Callable[[], None]
+        self,
+        node: Server,
+        stream: c2s.C2SStream,
+        ip: str,
+        output: Callable[[], None],
+        conn: str = "-",
     ) -> None:
         self.node = node
         self.stream = stream
         self.ip = ip
+        self.conn = conn
         self._output = output
+        self._mechanism = ""
         self._scram: ScramServer | None = None
         self._pending_mechanism: str | None = None  # <auth/> came without initial response
         self._auth_task: asyncio.Task[None] | None = None
@@ -88,11 +95,12 @@ class StreamLogin:
     async def _auth_first(self, mechanism: str, data: bytes) -> None:
         server = self.node
         host = self.stream.host or ""
+        self._mechanism = mechanism
         try:
             if mechanism == "PLAIN":
                 authzid, username, password = parse_plain(data)
                 username = _account_name(username)
-                if await server.throttle.refused(self.ip, f"{username}@{host}"):
+                if await server.throttle.refused(self.ip, f"{username}@{host}", self.conn):
                     self._refuse_banned()
                     return
                 if not await server.accounts[host].verify_plain(username, password):
@@ -108,7 +116,7 @@ class StreamLogin:
                 fake_salt_key=server.fake_salt_key,
             )
             username = _account_name(scram.start(data))
-            if await server.throttle.refused(self.ip, f"{username}@{host}"):
+            if await server.throttle.refused(self.ip, f"{username}@{host}", self.conn):
                 self._refuse_banned()
                 return
             credentials = await server.accounts[host].credentials(username)
@@ -165,10 +173,11 @@ class StreamLogin:
                     and await self.node.accounts[host].exists(target.user)
                 )
                 if not allowed:
+                    self._log_failed(own, "invalid-authzid")
                     self.stream.sasl_failure("invalid-authzid", "you may not act as another user")
                     return
                 username = target.user  # type: ignore[union-attr]
-        if not await self.node.throttle.admit(self.ip, own):
+        if not await self.node.throttle.admit(self.ip, own, self.conn):
             self._refuse_banned()
             return
         # Last, with no wait between this read and the success: a ban written
@@ -185,7 +194,22 @@ class StreamLogin:
                 self._refuse_disabled(f"{name}@{host}", ban)
                 return
         self.stream.sasl_success(username, additional)
-        log.debug("authenticated %s from %s", own, self.ip)
+        jid = f"{username}@{host}"
+        log.info(
+            "login: %s from %s with %s%s conn=%s",
+            jid,
+            self.ip,
+            self._mechanism,
+            f" (authenticated as {own})" if jid != own else "",
+            self.conn,
+            extra={
+                "event": "login",
+                "jid": jid,
+                "address": self.ip,
+                "mechanism": self._mechanism,
+                "conn": self.conn,
+            },
+        )
 
     async def _auth_failed(
         self, username: str | None, condition: str, text: str | None = None
@@ -197,13 +221,35 @@ class StreamLogin:
         yet. Other conditions (a malformed message) are answered at once and
         not counted, since they cost no password check.
         """
+        account = f"{username}@{self.stream.host or ''}" if username is not None else None
+        self._log_failed(account, condition)
         if condition == "not-authorized":
             throttle = self.node.throttle
             delay = throttle.failure_delay
-            if username is not None:
-                delay = await throttle.failed(self.ip, f"{username}@{self.stream.host or ''}")
+            if account is not None:
+                delay = await throttle.failed(self.ip, account, self.conn)
             await asyncio.sleep(delay)
         self.stream.sasl_failure(condition, text)
+
+    def _log_failed(self, account: str | None, condition: str) -> None:
+        """One INFO line per failed login: the account as given (never the password),
+        the address, the mechanism and the SASL condition."""
+        log.info(
+            "failed login: %s from %s with %s: %s conn=%s",
+            repr(account) if account is not None else "(no user name)",
+            self.ip,
+            self._mechanism,
+            condition,
+            self.conn,
+            extra={
+                "event": "login-failed",
+                "account": account,
+                "address": self.ip,
+                "mechanism": self._mechanism,
+                "reason": condition,
+                "conn": self.conn,
+            },
+        )
 
     def _refuse_banned(self) -> None:
         """Refuse an attempt from a banned address, without checking its credentials.

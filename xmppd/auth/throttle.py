@@ -51,6 +51,10 @@ class FailureCounter(Protocol):
         """Forget `key`'s failures."""
         ...
 
+    def set_lifetime(self, lifetime: float) -> None:
+        """Failures counted from now on expire `lifetime` seconds after the key's last."""
+        ...
+
 
 class MemoryFailureCounter:
     """A `FailureCounter` in this process's memory (one node, or per node).
@@ -90,6 +94,12 @@ class MemoryFailureCounter:
 
     async def clear(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    def set_lifetime(self, lifetime: float) -> None:
+        # A shorter lifetime breaks "dict order is expiry order" for a while: a key
+        # behind an older one may expire first. Counts stay right (each entry carries
+        # its own expiry); only its removal waits until the keys before it expire.
+        self.lifetime = lifetime
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -147,15 +157,26 @@ class AuthThrottle:
         self.failure_delay = failure_delay
         self.stats = AuthStats()
 
-    async def refused(self, ip: str, account: str) -> bool:
-        """True when `ip` is banned: the attempt must be refused without checking it."""
+    def reconfigure(
+        self, failures_before_ban: int, ban_seconds: float, failure_delay: float
+    ) -> None:
+        """A reload changed the limits: counts already made keep their expiry, new
+        failures expire after the new `ban_seconds`."""
+        self.failures_before_ban = failures_before_ban
+        self.ban_seconds = ban_seconds
+        self.failure_delay = failure_delay
+        self.counter.set_lifetime(ban_seconds)
+
+    async def refused(self, ip: str, account: str, conn: str = "-") -> bool:
+        """True when `ip` is banned: the attempt must be refused without checking it.
+        `conn` (the connection id) only goes into the log line."""
         address = address_key(ip)
         if await self.counter.failures(f"ip:{address}") < self.failures_before_ban:
             return False
-        self._refusal(address, account)
+        self._refusal(address, account, conn)
         return True
 
-    async def failed(self, ip: str, account: str) -> float:
+    async def failed(self, ip: str, account: str, conn: str = "-") -> float:
         """Count a wrong credential; return how long to wait before saying so.
 
         The wait grows with the address's failures, so one mistyped password
@@ -168,15 +189,17 @@ class AuthThrottle:
         if count == self.failures_before_ban:
             self.stats.bans += 1
             log.info(
-                "banned %s for %g s after %d failed logins (the last for %r)",
+                "banned %s for %g s after %d failed logins (the last for %r) conn=%s",
                 address,
                 self.ban_seconds,
                 count,
                 account,
+                conn,
+                extra={"event": "ban", "address": address, "account": account, "conn": conn},
             )
         return self.failure_delay * min(count, self.failures_before_ban)
 
-    async def admit(self, ip: str, account: str) -> bool:
+    async def admit(self, ip: str, account: str, conn: str = "-") -> bool:
         """Authentication passed: may it succeed? False when `ip` got banned meanwhile.
 
         Checking again here, after the password check, means that many attempts
@@ -193,7 +216,7 @@ class AuthThrottle:
         if not ip_failures:
             return True  # the hot path: an address that has not been failing
         if ip_failures >= self.failures_before_ban:
-            self._refusal(address, account)
+            self._refusal(address, account, conn)
             return False
         pair = f"pair:{address}:{account}"
         if await self.counter.failures(pair) >= ip_failures:
@@ -201,6 +224,12 @@ class AuthThrottle:
         await self.counter.clear(pair)
         return True
 
-    def _refusal(self, address: str, account: str) -> None:
+    def _refusal(self, address: str, account: str, conn: str) -> None:
         self.stats.refusals += 1
-        log.info("refused a login for %r from %s: the address is banned", account, address)
+        log.info(
+            "refused a login for %r from %s: the address is banned conn=%s",
+            account,
+            address,
+            conn,
+            extra={"event": "login-refused", "address": address, "account": account, "conn": conn},
+        )

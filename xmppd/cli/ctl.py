@@ -515,11 +515,15 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", dest="destination", required=True, metavar="B.yml")
     migrate.set_defaults(run=cmd_migrate)
 
-    from xmppd.cli import ctl_admin, ctl_sessions  # they use this module's helpers
+    from xmppd.cli import (  # they use this module's helpers
+        ctl_admin,
+        ctl_reload,
+        ctl_sessions,
+        ctl_xep227,
+    )
 
     ctl_sessions.add_parsers(sub)
-    from xmppd.cli import ctl_xep227
-
+    ctl_reload.add_parsers(sub)
     ctl_xep227.add_parsers(sub)
     ctl_admin.add_parsers(sub)
     return parser

@@ -341,3 +341,21 @@ def _did_not_answer(outcome: Outcome, url: str, record: object, error: Exception
         f"the node at {url} did not answer ({type(error).__name__}: {error}); "
         f"if it is not running, delete {record}"
     )
+
+
+async def post_to_nodes(
+    data_dir: Path, path: str, request: object, outcome: Outcome
+) -> list[tuple[str, dict[str, Any]]]:
+    """POST `request` to `path` on every node running here: (URL, answer) of each that
+    answered; the others are warnings in `outcome`."""
+    answers: list[tuple[str, dict[str, Any]]] = []
+    async with _admin_client(data_dir, outcome, "no node was asked") as client:
+        if client is None:
+            return answers
+        nodes, http = client
+        for record, url in nodes.items():
+            try:
+                answers.append((url, await _json(http, "POST", url + path, request)))
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                _did_not_answer(outcome, url, record, e)
+    return answers

@@ -5,15 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
 
 from xmppd import package_version
 from xmppd.cli import workers
-from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, ConfigError, find_config, load_config
+from xmppd.config import (
+    CONFIG_ENV,
+    SYSTEM_CONFIG,
+    Config,
+    ConfigError,
+    find_config,
+    load_config,
+)
+from xmppd.logs import LogOutput
 from xmppd.server import StartupError, serve
 from xmppd.storage.base import StorageError
 from xmppd.tls import TLSError
@@ -33,6 +41,11 @@ def _tune_malloc() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
+
+
+def _worker_loader(path: Path, index: int, node: str) -> Callable[[], Config]:
+    """How a worker reads the file again on reload: as its own config (node name, port)."""
+    return lambda: workers.worker_config(load_config(path), index, node)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,19 +90,23 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(problems), file=sys.stderr)
             print("xmppd: the configuration has errors; not starting", file=sys.stderr)
             return 1
-    tag = ""
+    node = None
+    load = None
     if args.worker is not None and args.node_name is not None and config.cluster is not None:
         workers.die_with_parent()
-        config = workers.worker_config(config, args.worker, args.node_name)
-        tag = f"[{args.node_name}] "
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+        node = args.node_name
+        config = workers.worker_config(config, args.worker, node)
+        load = _worker_loader(path, args.worker, node)
+
+    try:
+        log_output = LogOutput(config, node)
+    except OSError as exc:
+        print(f"xmppd: cannot open the log file {config.log.file}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
     if args.workers is not None:
         try:
-            return asyncio.run(workers.Supervisor(path, config, args.workers).run())
+            return asyncio.run(workers.Supervisor(path, config, args.workers, log_output).run())
         except KeyboardInterrupt:
             return 0
     _tune_malloc()
@@ -102,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                     config,
                     reuse_port=is_worker,
                     on_ready=workers.announce_ready if is_worker else None,
+                    load=load,
+                    log_output=log_output,
                 )
             )
     except (StartupError, TLSError, StorageError) as exc:

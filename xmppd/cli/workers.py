@@ -23,8 +23,9 @@ Supervision (the policy docs/cluster.md states):
   (exit status 1): a crash loop needs an operator.
 - SIGTERM or SIGINT: every worker gets SIGTERM and stops cleanly (its
   clients get <system-shutdown/>, its sessions leave the table); one still
-  running after `STOP_TIMEOUT` is killed. Exit status 0. SIGHUP is passed
-  to every worker (certificate reload).
+  running after `STOP_TIMEOUT` is killed. Exit status 0. SIGHUP reopens the
+  parent's log file and is passed to every worker (each reopens its own and
+  reloads the configuration, xmppd.reload).
 
 Workers get SIGTERM if the parent dies (PR_SET_PDEATHSIG), so a killed
 parent leaves no orphan listening.
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xmppd.config import Config
+from xmppd.logs import LogOutput
 
 log = logging.getLogger("xmppd.workers")
 
@@ -126,9 +128,12 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, config_path: Path, config: Config, count: int) -> None:
+    def __init__(
+        self, config_path: Path, config: Config, count: int, log_output: LogOutput | None = None
+    ) -> None:
         assert config.cluster is not None
         self.config_path = config_path
+        self.log_output = log_output
         base = config.cluster.node_name
         self.workers = [Worker(i, worker_node_name(base, i)) for i in range(1, count + 1)]
         self._stopping = asyncio.Event()
@@ -137,7 +142,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
         started = await asyncio.gather(*(self._start(w) for w in self.workers))
         if not all(started):
             await self._stop_all()
@@ -225,6 +230,14 @@ class Supervisor:
             return True
         log.info("workers: starting worker %d (%s) again", worker.index, worker.node)
         return await self._start(worker)
+
+    def _hangup(self) -> None:
+        if self.log_output is not None:
+            try:
+                self.log_output.reopen()
+            except OSError as exc:
+                log.error("logs: cannot reopen the log file, still writing the old one: %s", exc)
+        self._signal_all(signal.SIGHUP)
 
     def _signal_all(self, sig: int) -> None:
         for worker in self.workers:

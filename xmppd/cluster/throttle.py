@@ -86,6 +86,10 @@ class RedisFailureCounter:
             lambda: self.redis.delete(count_key(key)), lambda: self.fallback.clear(key)
         )
 
+    def set_lifetime(self, lifetime: float) -> None:
+        self.lifetime_ms = max(1, int(lifetime * 1000))
+        self.fallback.set_lifetime(lifetime)
+
     async def _call(
         self, shared: Callable[[], Awaitable[T]], local: Callable[[], Awaitable[T]]
     ) -> T:
