@@ -322,9 +322,9 @@ class Room:
         if self.locked:
             codes.append("201")
         out += self._broadcast_presence(occupant, codes=codes)
-        if not self.locked:
-            out += self._history_for(occupant, x, now)
-            out.append(self._subject_message(str(occupant.jid)))
+        # The subject ends every join, a new room's too: clients wait for it.
+        out += self._history_for(occupant, x, now)
+        out.append(self._subject_message(str(occupant.jid)))
         return out
 
     def _change_nick(self, occupant: Occupant, nick: str) -> Out:
@@ -727,9 +727,6 @@ class Room:
                 for code in codes:
                     etree.SubElement(x_el, f"{{{MUC_USER}}}status").set("code", code)
                 out.append(message)
-        else:
-            for occupant in self.occupants.values():
-                out.append(self._subject_message(str(occupant.jid)))
         return out
 
     def destroy(self, stanza: etree._Element, element: etree._Element) -> Out:

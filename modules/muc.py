@@ -399,7 +399,12 @@ class Muc(Module):
             stanza.tag == ns.C_IQ and stanza.get("type") == "result"
         ):
             return
-        self.host.route(error_reply(stanza, exc.condition, exc.text, exc.type))
+        reply = error_reply(stanza, exc.condition, exc.text, exc.type)
+        if stanza.tag == ns.C_PRESENCE:
+            # As XEP-0045's examples do: clients match a join error by it (never
+            # echo the join's own <x/>, which may hold a password).
+            reply.insert(0, etree.Element(f"{{{MUC}}}x", nsmap={None: MUC}))
+        self.host.route(reply)
 
 
 MODULE = Muc
