@@ -52,6 +52,10 @@ AFFILIATIONS = ("outcast", "none", "member", "admin", "owner")
 _RANK = {name: rank for rank, name in enumerate(AFFILIATIONS)}
 
 Out = list[etree._Element]
+# Error conditions that say an occupant's client cannot be reached any more.
+# (Not service-unavailable: a client refusing one private message answers with it.)
+_GONE = frozenset({"gone", "recipient-unavailable", "redirect", "remote-server-not-found",
+                   "remote-server-timeout"})
 
 
 def _stamp(when: float) -> str:
@@ -422,6 +426,23 @@ class Room:
             raise StanzaError("resource-constraint", "too many messages, slow down")
         sender.tokens -= 1
 
+    def _stamp_occupant_id(self, stanza: etree._Element, occupant: Occupant) -> None:
+        etree.SubElement(stanza, f"{{{OCCUPANT_ID}}}occupant-id", nsmap={None: OCCUPANT_ID}).set(
+            "id", self.occupant_id(occupant.jid.bare)
+        )
+
+    def bounced(self, stanza: etree._Element) -> Out:
+        """An error from an occupant's address: its client is gone (the router bounced
+        what the room sent it), so it leaves, with 333 (removed for a technical reason)."""
+        occupant = self.by_jid.get(stanza.get("from", ""))
+        error = stanza.find(f"{{{ns.CLIENT}}}error")
+        if occupant is None or error is None:
+            return []
+        conditions = {etree.QName(c).localname for c in error}
+        if not conditions & _GONE:
+            return []
+        return self._leave(occupant, None, codes=["333"])
+
     def groupchat(self, stanza: etree._Element, now: float) -> Out:
         sender = self.by_jid.get(stanza.get("from", ""))
         if sender is None:
@@ -443,9 +464,7 @@ class Room:
         for child in stanza:
             if child.tag != f"{{{OCCUPANT_ID}}}occupant-id":  # never trust a client's
                 template.append(_copy(child))
-        etree.SubElement(template, f"{{{OCCUPANT_ID}}}occupant-id", nsmap={None: OCCUPANT_ID}).set(
-            "id", self.occupant_id(sender.jid.bare)
-        )
+        self._stamp_occupant_id(template, sender)
         if body is not None and self.history.maxlen:
             xml = etree.tostring(template, encoding="unicode")
             self.history.append(HistoryEntry(now, xml, len(xml)))
@@ -467,11 +486,15 @@ class Room:
         target = self.occupants.get(nick)
         if target is None:
             raise StanzaError("item-not-found", "no such occupant")
-        message = _copy(stanza)
-        message.set("from", f"{self.jid}/{sender.nick}")
-        message.set("to", str(target.jid))
-        if message.find(f"{{{MUC_USER}}}x") is None:
-            etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
+        message = _stanza("message", f"{self.jid}/{sender.nick}", str(target.jid),
+                          stanza.get("type"))
+        if stanza.get("id") is not None:
+            message.set("id", stanza.get("id", ""))
+        for child in stanza:
+            if isinstance(child.tag, str) and child.tag not in _NOT_RELAYED:
+                message.append(_copy(child))
+        etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
+        self._stamp_occupant_id(message, sender)
         return [message]
 
     def message_to_room(self, stanza: etree._Element, now: float) -> Out:
@@ -858,8 +881,12 @@ def _status_of(stanza: etree._Element) -> str | None:
     return stanza.findtext(f"{{{ns.CLIENT}}}status")
 
 
+# What a client's presence or private message may not carry into the room: the
+# join element, and an occupant id of its own making (XEP-0421: the room's only).
+_NOT_RELAYED = frozenset({f"{{{MUC}}}x", f"{{{MUC_USER}}}x", f"{{{OCCUPANT_ID}}}occupant-id"})
+
+
 def _presence_payload(stanza: etree._Element) -> tuple[list[etree._Element], str | None]:
     """What an occupant's presence carries to the others: all but the MUC join element."""
-    kept = [_copy(c) for c in stanza if c.tag not in (f"{{{MUC}}}x", f"{{{MUC_USER}}}x")
-            and isinstance(c.tag, str)]
+    kept = [_copy(c) for c in stanza if isinstance(c.tag, str) and c.tag not in _NOT_RELAYED]
     return kept, stanza.findtext(f"{{{ns.CLIENT}}}show")

@@ -90,6 +90,11 @@ class Muc(Module):
             self.services[domain] = vhost
             self.host.serve_domain(domain, self._handle, options.name)
         self.host.hook("session/closed", self._session_closed)
+        if self.host.clustered:
+            # Each node would hold its own copy of every room: occupants on two nodes
+            # would not meet. The owner-per-room layer (docs/architecture.md,
+            # "Multi-user chat") is what makes it work; until then, refuse.
+            raise RuntimeError("muc: not available on a cluster yet (one node only)")
 
     async def stop(self) -> None:
         """Write what is not written yet (history waits up to HISTORY_WRITE)."""
@@ -104,7 +109,10 @@ class Muc(Module):
     def _handle(self, routed: Routed) -> None:
         stanza, to = routed.stanza, routed.to
         if stanza.get("type") == "error":
-            return  # an occupant's client bounced something: nothing to answer
+            room = self.rooms.get(to.bare)
+            if room is not None and to.user:  # never answered; perhaps a client gone
+                self._apply(room, room.bounced(stanza))
+            return
         if not to.user:
             self._service(routed)
             return
@@ -171,6 +179,9 @@ class Muc(Module):
         except StanzaError as exc:
             self._error(stanza, exc)
             return
+        self._apply(room, out)
+
+    def _apply(self, room: Room, out: Out) -> None:
         for element in out:
             self.host.route(element)
         self._after(room)
@@ -374,9 +385,7 @@ class Muc(Module):
         jid = str(getattr(session, "jid", ""))
         for room in list(self.rooms.values()):
             if room.occupant_of(jid) is not None:
-                for element in room.session_gone(jid):
-                    self.host.route(element)
-                self._after(room)
+                self._apply(room, room.session_gone(jid))
         return False
 
     # --- replies -------------------------------------------------------------------------

@@ -120,7 +120,10 @@ async def instant_room(
 async def test_creating_a_room_locks_it_until_the_owner_configures_it() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
-    (self_presence,) = presences(await join(h, alice, "Alice"))
+    got = await join(h, alice, "Alice")
+    (self_presence,) = presences(got)
+    # The (empty) subject ends the join, also of a new room: clients wait for it.
+    assert got[-1].find(f"{{{ns.CLIENT}}}subject") is not None
     assert self_presence.get("from") == f"{ROOM}/Alice"
     assert codes(self_presence) == {"110", "201"}
     assert (item(self_presence).get("affiliation"), item(self_presence).get("role")) == (
@@ -139,8 +142,7 @@ async def test_creating_a_room_locks_it_until_the_owner_configures_it() -> None:
         f"<iq type='set' id='c' to='{ROOM}'><query xmlns='{MUC_OWNER}'>"
         f"{submit(roomname='Lobby')}</query></iq>",
     )
-    assert [s.tag for s in got] == [ns.C_IQ, ns.C_MESSAGE]  # the result, then the subject
-    assert got[0].get("type") == "result" and got[1].find(f"{{{ns.CLIENT}}}subject") is not None
+    assert [(s.tag, s.get("type")) for s in got] == [(ns.C_IQ, "result")]
     joined = await join(h, bob, "Bob")
     assert codes(presences(joined)[-1]) == {"110"}
 
@@ -273,6 +275,36 @@ async def test_a_session_that_ends_leaves_its_rooms() -> None:
     await h.end_session(bob)
     (gone,) = alice.take()
     assert gone.get("type") == "unavailable" and gone.get("from") == f"{ROOM}/Bob"
+
+
+async def test_an_occupant_whose_client_is_gone_is_removed_with_333() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    refused = f"<error type='cancel'><service-unavailable xmlns='{STANZAS}'/></error>"
+    await h.send(bob, f"<message to='{ROOM}/Alice' type='error'>{refused}</message>")
+    assert alice.take() == []  # one refused message is no reason to go
+    gone = f"<error type='wait'><recipient-unavailable xmlns='{STANZAS}'/></error>"
+    await h.send(bob, f"<presence to='{ROOM}/Bob' type='error'>{gone}</presence>")
+    (left,) = alice.take()
+    assert left.get("type") == "unavailable" and codes(left) == {"333"}
+
+
+async def test_clients_cannot_forge_occupant_ids() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    forged = f"<occupant-id xmlns='{OCCUPANT_ID}' id='forged'/>"
+    await h.send(bob, f"<presence to='{ROOM}/Bob'><x xmlns='{MUC}'/>{forged}</presence>")
+    await h.send(bob, f"<message to='{ROOM}' type='groupchat'><body>x</body>{forged}</message>")
+    await h.send(bob, f"<message to='{ROOM}/Alice' type='chat'><body>x</body>{forged}</message>")
+    got = alice.take()
+    assert len(got) == 3
+    for stanza in got:
+        (oid,) = stanza.iterfind(f"{{{OCCUPANT_ID}}}occupant-id")
+        assert oid.get("id") == h.host.module(Muc).rooms[ROOM].occupant_id("bob@localhost")
 
 
 async def test_private_messages_between_occupants() -> None:
