@@ -457,6 +457,26 @@ async def test_affiliation_rules() -> None:
     assert {i.get("nick") for i in moderators.iter(f"{{{MUC_ADMIN}}}item")} == {"Alice", "Bob"}
 
 
+async def test_configuration_changes_are_announced_and_members_only_removes_others() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    await join(h, carol, "Carol")
+    await admin_iq(h, alice, "set", "<item affiliation='member' jid='bob@localhost'/>")
+    bob.take()
+    carol.take()
+    await owner_iq(h, alice, "set", submit(whois="anyone"))
+    (notice,) = bob.take()
+    assert notice.get("type") == "groupchat" and codes(notice) == {"104", "172"}
+    carol.take()
+    await owner_iq(h, alice, "set", submit(membersonly="1"))
+    removed = [p for p in carol.take() if p.tag == ns.C_PRESENCE]
+    assert codes(removed[0]) == {"110", "322"} and removed[0].get("type") == "unavailable"
+    assert [codes(s) for s in bob.take()] == [{"322"}, {"104"}]
+
+
 async def test_destroying_a_room_names_the_alternate_venue() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
@@ -615,6 +635,15 @@ async def test_a_persistent_room_survives_a_restart_and_a_destroyed_one_does_not
     assert room.config.name == "Kept" and room.occupant_id("bob@localhost") == occupant_id
     (refused,) = await join(again, again.session("carol@localhost/c"), "Carol")
     assert condition(refused) == "registration-required"
+    third = ModuleHarness({"disco": {}, "muc": {}})
+    third.storage = third.host.storage = h.storage
+    await third.start()
+    directory = await third.iq(
+        third.session("dave@localhost/d"), "get",
+        "<query xmlns='http://jabber.org/protocol/disco#items'/>", to="conference.localhost",
+    )
+    # A stored public room is listed before anything loaded it.
+    assert [(i.get("jid"), i.get("name")) for i in directory.iter("{*}item")] == [(ROOM, "Kept")]
     # Persistent rooms stay when they empty; destroying one removes it from the stores.
     alice2 = again.session("alice@localhost/a")
     await join(again, alice2, "Alice")
