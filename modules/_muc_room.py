@@ -609,7 +609,7 @@ class Room:
                 out += self._set_role(self.occupants[item.get("nick", "")], item.get("role", ""),
                                       actor_nick, reason)
             else:
-                out += self._set_affiliation(parse_jid(item.get("jid", "")).bare,
+                out += self._set_affiliation(self._affiliation_target(item),
                                              item.get("affiliation", ""), actor_nick, reason)
         return out
 
@@ -635,17 +635,12 @@ class Room:
         affiliation = item.get("affiliation", "")
         if affiliation not in AFFILIATIONS:
             raise StanzaError("bad-request", "no such affiliation")
-        try:
-            target = parse_jid(item.get("jid", ""))
-        except Exception:
-            raise StanzaError("jid-malformed", "an affiliation item needs a jid") from None
-        if not item.get("jid"):
-            raise StanzaError("bad-request", "an affiliation item needs a jid")
-        current = self.affiliation(target.bare)
+        target = self._affiliation_target(item)
+        current = self.affiliation(target)
         if actor_aff == "owner":
             if current == "owner" and affiliation != "owner":
                 owners = [j for j, a in self.affiliations.items() if a == "owner"]
-                if owners == [target.bare]:
+                if owners == [target]:
                     raise StanzaError("conflict", "a room keeps at least one owner")
             return
         if actor_aff == "admin":
@@ -653,6 +648,15 @@ class Room:
                 raise StanzaError("not-allowed", "only owners change admins and owners")
             return
         raise StanzaError("forbidden", "only admins and owners change affiliations")
+
+    def _affiliation_target(self, item: etree._Element) -> str:
+        """The bare JID an affiliation item names: its jid, or an occupant's nick."""
+        if item.get("jid"):
+            return parse_jid(item.get("jid", "")).bare
+        occupant = self.occupants.get(item.get("nick", ""))
+        if occupant is None:
+            raise StanzaError("bad-request", "an affiliation item needs a jid or a nick")
+        return occupant.jid.bare
 
     def _set_role(self, target: Occupant, role: str, actor: str | None, reason: str | None) -> Out:
         if role == "none":

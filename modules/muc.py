@@ -45,13 +45,14 @@ from xmppd.modules._muc_room import (
     Out,
     Room,
 )
-from xmppd.storage.base import Query
+from xmppd.storage.base import Item, Query
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 HISTORY_WRITE = 1.0  # seconds between two writes of one room's history
+MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
 
 
 class MucOptions(BaseModel):
@@ -158,10 +159,22 @@ class Muc(Module):
 
     async def _stored_rooms_of(self, vhost: str, creator: str) -> set[str]:
         options: MucOptions = self.options  # type: ignore[assignment]
-        page = await self.host.items(vhost, "muc_rooms").query(
-            Query(where={"creator": creator}, limit=options.max_rooms_per_user + 1)
-        )
-        return {item.name for item in page.items}
+        found = await self._query(vhost, {"creator": creator}, options.max_rooms_per_user + 1)
+        return {item.name for item in found}
+
+    async def _query(self, vhost: str, where: dict[str, str | int], enough: int) -> list[Item]:
+        """Stored rooms matching `where`, at most `enough`. Pages are followed: a
+        backend that filters after reading (DynamoDB) may return short or empty pages
+        before the end."""
+        store = self.host.items(vhost, "muc_rooms")
+        found: list[Item] = []
+        token: str | None = None
+        while len(found) < enough:
+            page = await store.query(Query(where=where, limit=100, page_token=token))
+            found += page.items
+            if (token := page.next_token) is None:
+                break
+        return found[:enough]
 
     def _vhost(self, room_jid: str) -> str:
         return self.services[room_jid.split("@", 1)[1]]
@@ -178,6 +191,11 @@ class Muc(Module):
             out = self._dispatch(room, routed)
         except StanzaError as exc:
             self._error(stanza, exc)
+            return
+        except Exception:
+            # A bug must cost this stanza only, not the ones queued behind it.
+            self.log.exception("muc: %s to %s failed", stanza.tag, room_jid)
+            self._error(stanza, StanzaError("internal-server-error"))
             return
         self._apply(room, out)
 
@@ -360,14 +378,12 @@ class Muc(Module):
             if room.jid.endswith(f"@{domain}") and room.config.public and not room.locked:
                 names[room.jid] = room.config.name
         try:
-            page = await self.host.items(vhost, "muc_rooms").query(
-                Query(where={"public": 1}, limit=1000)
-            )
+            stored = await self._query(vhost, {"public": 1}, MAX_LISTED)
         except Exception:
             self.log.exception("muc: could not list the rooms of %s", domain)
             self._error(stanza, StanzaError("internal-server-error", "try again"))
             return
-        for item in page.items:
+        for item in stored:
             jid = f"{item.name}@{domain}"
             if jid not in self.rooms:
                 names[jid] = json.loads(str(item.attrs["state"]))["config"]["name"]

@@ -455,6 +455,13 @@ async def test_affiliation_rules() -> None:
     assert condition(await owner_iq(h, bob, "get", "")) == "forbidden"
     moderators = await admin_iq(h, bob, "get", "<item role='moderator'/>")
     assert {i.get("nick") for i in moderators.iter(f"{{{MUC_ADMIN}}}item")} == {"Alice", "Bob"}
+    # An affiliation item may name an occupant by nick (slixmpp's set_affiliation does).
+    await join(h, h.session("carol@localhost/c"), "Carol")
+    reply = await admin_iq(h, bob, "set", "<item affiliation='outcast' nick='Carol'/>")
+    assert reply.get("type") == "result"
+    assert h.host.module(Muc).rooms[ROOM].affiliation("carol@localhost") == "outcast"
+    reply = await admin_iq(h, bob, "set", "<item affiliation='member' nick='Nobody'/>")
+    assert condition(reply) == "bad-request"
 
 
 async def test_configuration_changes_are_announced_and_members_only_removes_others() -> None:
