@@ -86,16 +86,23 @@ class Muc(Module):
         self._loading: dict[str, list[Routed]] = {}  # room bare JID -> stanzas waiting
         self._saving: dict[str, tuple[Room, asyncio.Future[None]]] = {}
         self.services: dict[str, str] = {}  # service domain -> virtual host
+        # On a cluster each node would hold its own copy of every room, and occupants
+        # on two nodes would never meet. The owner-per-room layer (docs/architecture.md,
+        # "Multi-user chat") is what makes it work; until then the service refuses.
+        handler = self._handle if not self.host.clustered else self._refuse
+        if self.host.clustered:
+            self.log.error("muc: not available on a cluster yet; the service refuses joins")
         for vhost in self.host.hosts:
             domain = f"{options.subdomain}.{vhost}"
             self.services[domain] = vhost
-            self.host.serve_domain(domain, self._handle, options.name)
+            self.host.serve_domain(domain, handler, options.name)
         self.host.hook("session/closed", self._session_closed)
-        if self.host.clustered:
-            # Each node would hold its own copy of every room: occupants on two nodes
-            # would not meet. The owner-per-room layer (docs/architecture.md,
-            # "Multi-user chat") is what makes it work; until then, refuse.
-            raise RuntimeError("muc: not available on a cluster yet (one node only)")
+
+    def _refuse(self, routed: Routed) -> None:
+        self._error(
+            routed.stanza,
+            StanzaError("service-unavailable", "multi-user chat is not available on a cluster yet"),
+        )
 
     async def stop(self) -> None:
         """Write what is not written yet (history waits up to HISTORY_WRITE)."""

@@ -10,6 +10,7 @@ is still there after the node restarts on the same stores.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +20,10 @@ from slixmpp.exceptions import PresenceError
 from tests.integration.clients import Client, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
 from tests.integration.test_user_journey import MODULES as JOURNEY_MODULES
+from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.server import Server
+from xmppd.storage import devservices
+from xmppd.storage.devservices import LocalService
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -180,3 +184,25 @@ async def test_a_persistent_room_survives_a_restart(start_server: StartServer) -
     assert ("conference", "text", None, "Kept") in info["disco_info"]["identities"]
     await close(bob)
     await close(carol)
+
+
+@pytest.fixture
+def redis_service(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+) -> Iterator[LocalService]:
+    yield service_factory(devservices.redis_server)
+
+
+async def test_a_cluster_node_refuses_muc_until_rooms_have_an_owner_node(
+    start_server: StartServer, redis_service: LocalService
+) -> None:
+    # Each node would hold its own copy of every room: occupants on two nodes would
+    # never meet. The service says so rather than half work.
+    cluster = {"redis_url": devservices.redis_url(redis_service), "node_name": "muc-a"}
+    node = await start_server(users=USERS, modules=MODULES, cluster=cluster)
+    alice = await chatter(node, "alice@localhost/desk")
+    with pytest.raises(PresenceError) as refused:
+        await alice.muc.join_muc_wait(ROOM, "Alice", timeout=10)
+    assert refused.value.condition == "service-unavailable"
+    assert "cluster" in refused.value.text
+    await close(alice)
