@@ -46,6 +46,8 @@ ROOMINFO = f"{MUC}#roominfo"
 OCCUPANT_ID = "urn:xmpp:occupant-id:0"
 DELAY = "urn:xmpp:delay"
 PING = "urn:xmpp:ping"
+REGISTER = "jabber:iq:register"
+MUC_REGISTER = f"{MUC}#register"
 
 ROLES = ("none", "visitor", "participant", "moderator")
 AFFILIATIONS = ("outcast", "none", "member", "admin", "owner")
@@ -144,6 +146,7 @@ class Room:
         self.secret = secret or secrets.token_hex(16)  # occupant ids: stable, unguessable
         self.config = Config()
         self.affiliations: dict[str, str] = {}  # bare JID -> affiliation other than none
+        self.registered: dict[str, str] = {}  # bare JID -> its registered nick (7.10)
         self.occupants: dict[str, Occupant] = {}  # nick -> occupant
         self.by_jid: dict[str, Occupant] = {}  # real full JID -> occupant
         self.subject = ""
@@ -166,6 +169,7 @@ class Room:
             "subject_nick": self.subject_nick,
             "secret": self.secret,
             "creator": self.creator,
+            "registered": self.registered,
         }
 
     @classmethod
@@ -175,6 +179,7 @@ class Room:
         room.affiliations = dict(state["affiliations"])
         room.subject = state["subject"]
         room.subject_nick = state["subject_nick"]
+        room.registered = dict(state.get("registered", {}))
         room.history = deque(maxlen=room._history_cap())
         room.stored = True
         return room
@@ -313,6 +318,7 @@ class Room:
         taken = self.occupants.get(nick)
         if taken is not None:
             raise StanzaError("conflict", "that nickname is in use")
+        self._check_reserved(nick, sender.bare)
         occupant = Occupant(nick, sender, self._default_role(affiliation))
         occupant.presence, occupant.show = _presence_payload(stanza)
         out: Out = [
@@ -331,9 +337,85 @@ class Room:
         out.append(self._subject_message(str(occupant.jid)))
         return out
 
+    def _check_reserved(self, nick: str, bare: str) -> None:
+        """A nick registered with the room is its registrant's alone (7.10)."""
+        for owner, registered in self.registered.items():
+            if registered == nick and owner != bare:
+                raise StanzaError("conflict", "that nickname is registered to someone else")
+
+    # --- nickname registration (7.10, 7.12) --------------------------------------------
+
+    def registration_form(self, stanza: etree._Element) -> etree._Element:
+        bare = parse_jid(stanza.get("from", "")).bare
+        query = _el(f"{{{REGISTER}}}query")
+        if bare in self.registered:
+            etree.SubElement(query, f"{{{REGISTER}}}registered")
+            etree.SubElement(query, f"{{{REGISTER}}}username").text = self.registered[bare]
+            return query
+        self._may_register(bare)
+        etree.SubElement(query, f"{{{REGISTER}}}instructions").text = (
+            "Choose the nickname to keep for you in this room."
+        )
+        query.append(form("form", MUC_REGISTER, [
+            Field("muc#register_roomnick", label="Nickname", required=True),
+        ], title=f"Register with {self.jid}"))
+        return query
+
+    def _may_register(self, bare: str) -> None:
+        affiliation = self.affiliation(bare)
+        if affiliation == "outcast":
+            raise StanzaError("forbidden", "you are banned from this room")
+        if self.config.members_only and affiliation == "none":
+            raise StanzaError("registration-required", "only members register in this room")
+
+    def register(self, stanza: etree._Element, query: etree._Element) -> Out:
+        """Register (or change) the sender's nick, which makes it a member; or
+        <remove/> it, which ends the membership it gave."""
+        bare = parse_jid(stanza.get("from", "")).bare
+        if query.find(f"{{{REGISTER}}}remove") is not None:
+            if self.registered.pop(bare, None) is None:
+                raise StanzaError("item-not-found", "you have no nickname registered here")
+            self.persistent_changed = True
+            if self.affiliation(bare) == "member":
+                return self._set_affiliation(bare, "none", None, None)
+            return []
+        self._may_register(bare)
+        submitted = Submitted.find(query, MUC_REGISTER)
+        if submitted is None:
+            raise StanzaError("bad-request", "expected the registration form")
+        nick = submitted.one("muc#register_roomnick")
+        if not nick:
+            raise StanzaError("not-acceptable", "a nickname is required")
+        try:
+            nick = parse_jid(f"{self.jid}/{nick}").resource
+        except StanzaError:
+            raise StanzaError("not-acceptable", "that nickname is not allowed") from None
+        self._check_reserved(nick, bare)
+        holder = self.occupants.get(nick)
+        if holder is not None and holder.jid.bare != bare:
+            raise StanzaError("conflict", "that nickname is in use")
+        self.registered[bare] = nick
+        self.persistent_changed = True
+        if self.affiliation(bare) == "none":
+            return self._set_affiliation(bare, "member", None, None)
+        return []
+
+    def reserved_nick(self, stanza: etree._Element) -> etree._Element:
+        """disco#info on node x-roomuser-item: the asker's registered nick (7.12)."""
+        query = _el("{http://jabber.org/protocol/disco#info}query")
+        query.set("node", "x-roomuser-item")
+        nick = self.registered.get(parse_jid(stanza.get("from", "")).bare)
+        if nick is not None:
+            identity = etree.SubElement(query, "{http://jabber.org/protocol/disco#info}identity")
+            identity.set("category", "conference")
+            identity.set("type", "text")
+            identity.set("name", nick)
+        return query
+
     def _change_nick(self, occupant: Occupant, nick: str) -> Out:
         if nick in self.occupants:
             raise StanzaError("conflict", "that nickname is in use")
+        self._check_reserved(nick, occupant.jid.bare)
         out = self._broadcast_presence(
             occupant, unavailable=True, codes=["303"], item_extra={"nick": nick}
         )
@@ -784,7 +866,7 @@ class Room:
         identity.set("name", self.config.name or self.jid.split("@")[0])
         c = self.config
         features = [
-            MUC, OCCUPANT_ID, PING,
+            MUC, OCCUPANT_ID, PING, REGISTER,
             "muc_persistent" if c.persistent else "muc_temporary",
             "muc_public" if c.public else "muc_hidden",
             "muc_membersonly" if c.members_only else "muc_open",

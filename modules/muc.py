@@ -41,6 +41,7 @@ from xmppd.modules._muc_room import (
     MUC_OWNER,
     OCCUPANT_ID,
     PING,
+    REGISTER,
     Limits,
     Out,
     Room,
@@ -263,6 +264,12 @@ class Muc(Module):
             raise StanzaError("feature-not-implemented", "IQs to occupants are not relayed")
         if kind == (f"{{{DISCO_INFO}}}query", "get") and query.get("node") is None:
             return [self._result(stanza, room.disco_info())]
+        if kind == (f"{{{DISCO_INFO}}}query", "get") and query.get("node") == "x-roomuser-item":
+            return [self._result(stanza, room.reserved_nick(stanza))]
+        if kind == (f"{{{REGISTER}}}query", "get"):
+            return [self._result(stanza, room.registration_form(stanza))]
+        if kind == (f"{{{REGISTER}}}query", "set"):
+            return [self._result(stanza), *room.register(stanza, query)]
         if kind == (f"{{{DISCO_ITEMS}}}query", "get") and query.get("node") is None:
             return [self._result(stanza, room.disco_items(stanza.get("from", "")))]
         if kind == (f"{{{MUC_ADMIN}}}query", "get"):

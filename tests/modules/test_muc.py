@@ -552,6 +552,55 @@ async def test_direct_invitations_pass_between_users() -> None:
     assert invite.find("{jabber:x:conference}x").get("jid") == ROOM
 
 
+async def test_nickname_registration_reserves_the_nick_and_makes_a_member() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice", moderatedroom="1")
+    await join(h, bob, "Bob")
+    register = "<query xmlns='jabber:iq:register'/>"
+    form = await h.iq(bob, "get", register, to=ROOM)
+    assert "muc#register_roomnick" in etree.tostring(form).decode()
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>{}</value></field></x></query>"
+    )
+    # Alice's nick is in use by her: not Bob's to register.
+    assert condition(await h.iq(bob, "set", nick_form.format("Alice"), to=ROOM)) == "conflict"
+    got = await h.send(bob, f"<iq type='set' id='r' to='{ROOM}'>{nick_form.format('bobby')}</iq>")
+    assert got[0].get("type") == "result"
+    # A member of a moderated room gets voice at once.
+    assert item(got[1]).get("affiliation") == "member" and item(got[1]).get("role") == "participant"
+    again = await h.iq(bob, "get", register, to=ROOM)
+    assert again.findtext("{*}query/{*}username") == "bobby"
+    reserved = await h.iq(
+        bob, "get",
+        "<query xmlns='http://jabber.org/protocol/disco#info' node='x-roomuser-item'/>", to=ROOM,
+    )
+    assert reserved.find("{*}query/{*}identity").get("name") == "bobby"
+    # Nobody else may take a registered nick, by joining or by changing to it.
+    (refused,) = await join(h, carol, "bobby")
+    assert condition(refused) == "conflict"
+    await join(h, carol, "Carol")
+    (refused,) = await h.send(carol, f"<presence to='{ROOM}/bobby'/>")
+    assert condition(refused) == "conflict"
+    bob.take()
+    assert [s.get("from") for s in presences(await h.send(bob, f"<presence to='{ROOM}/bobby'/>"))] \
+        == [f"{ROOM}/Bob", f"{ROOM}/bobby"]
+    # Removing the registration frees the nick and ends the membership it gave.
+    removed = await h.send(
+        bob, f"<iq type='set' id='x' to='{ROOM}'><query xmlns='jabber:iq:register'><remove/>"
+        "</query></iq>"
+    )
+    assert removed[0].get("type") == "result"
+    assert item(removed[1]).get("affiliation") == "none"
+    assert item(removed[1]).get("role") == "visitor"
+    banned = h.session("eve@localhost/e")
+    await admin_iq(h, alice, "set", "<item affiliation='outcast' jid='eve@localhost'/>")
+    assert condition(await h.iq(banned, "get", register, to=ROOM)) == "forbidden"
+
+
 async def test_self_ping() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
@@ -621,6 +670,12 @@ async def test_a_persistent_room_survives_a_restart_and_a_destroyed_one_does_not
     alice = h.session("alice@localhost/a")
     await instant_room(h, alice, "Alice", persistentroom="1", roomname="Kept", membersonly="1")
     await admin_iq(h, alice, "set", "<item affiliation='member' jid='bob@localhost'/>")
+    registered = await h.iq(
+        h.session("bob@localhost/b"), "set",
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='muc#register_roomnick'><value>Bobby</value></field></x></query>", to=ROOM,
+    )
+    assert registered.get("type") == "result"
     await say(h, alice, subject="Topic")
     clock.now += 1
     await say(h, alice, "remember me")
@@ -640,6 +695,7 @@ async def test_a_persistent_room_survives_a_restart_and_a_destroyed_one_does_not
     assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)[:-1]] == ["remember me"]
     room = again.host.module(Muc).rooms[ROOM]
     assert room.config.name == "Kept" and room.occupant_id("bob@localhost") == occupant_id
+    assert room.registered == {"bob@localhost": "Bobby"}
     (refused,) = await join(again, again.session("carol@localhost/c"), "Carol")
     assert condition(refused) == "registration-required"
     third = ModuleHarness({"disco": {}, "muc": {}})
