@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from slixmpp import JID, Message, Presence
 from slixmpp.exceptions import PresenceError
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
 
 from tests.integration.clients import Client, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
@@ -184,6 +186,48 @@ async def test_a_persistent_room_survives_a_restart(start_server: StartServer) -
     assert ("conference", "text", None, "Kept") in info["disco_info"]["identities"]
     await close(bob)
     await close(carol)
+
+
+async def test_invitations_mediated_and_direct_with_a_decline(start_server: StartServer) -> None:
+    server = await start_server(users=USERS, modules=MODULES)
+    alice = await chatter(server, "alice@localhost/desk")
+    bob = await chatter(server, "bob@localhost/phone")
+    carol = await chatter(server, "carol@localhost/laptop")
+    for client in (alice, bob, carol):
+        client.register_plugin("xep_0249")
+        # Available, as a real client is: mediated invitations go to the bare JID.
+        client.send_presence()
+        await client.plugin["xep_0199"].ping(JID("localhost"), timeout=10)  # presence applied
+    invites: asyncio.Queue[Message] = asyncio.Queue()
+    direct: asyncio.Queue[Message] = asyncio.Queue()
+    bob.add_event_handler("groupchat_invite", invites.put_nowait)
+    carol.add_event_handler("groupchat_direct_invite", direct.put_nowait)
+    await create_room(alice, "Alice", membersonly=True, roomname="Club")
+
+    alice.muc.invite(ROOM, JID("bob@localhost"), reason="join us")
+    invite = await asyncio.wait_for(invites.get(), 10)
+    assert invite["from"] == ROOM
+    assert invite["muc"]["invite"]["from"] == JID("alice@localhost/desk")
+    assert invite["muc"]["invite"]["reason"] == "join us"
+    await bob.muc.join_muc_wait(ROOM, "Bob", timeout=10)  # the invitation made him a member
+
+    # XEP-0249: the invitation goes from user to user; carol declines through the room.
+    alice.plugin["xep_0249"].send_invitation(JID("carol@localhost/laptop"), ROOM, reason="too")
+    assert (await asyncio.wait_for(direct.get(), 10))["groupchat_invite"]["jid"] == ROOM
+    # (slixmpp's groupchat_decline event fires only for components: a handler of our own.)
+    declines: asyncio.Queue[Message] = asyncio.Queue()
+    alice.register_handler(
+        Callback("decline", StanzaPath("message/muc/decline"), declines.put_nowait)
+    )
+    carol.muc.decline(ROOM, JID("alice@localhost"), reason="busy")
+    message = await asyncio.wait_for(declines.get(), 10)
+    assert message["from"] == ROOM
+    assert message["muc"]["decline"]["from"] == JID("carol@localhost")
+    assert message["muc"]["decline"]["reason"] == "busy"
+    rooms = await carol.plugin["xep_0030"].get_items(jid=JID("conference.localhost"), timeout=10)
+    assert [(i[0], i[2]) for i in rooms["disco_items"]["items"]] == [(ROOM, "Club")]
+    for client in (alice, bob, carol):
+        await close(client)
 
 
 @pytest.fixture
