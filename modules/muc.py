@@ -87,6 +87,9 @@ class Muc(Module):
         self._loading: dict[str, list[Routed]] = {}  # room bare JID -> stanzas waiting
         self._saving: dict[str, tuple[Room, asyncio.Future[None]]] = {}
         self.services: dict[str, str] = {}  # service domain -> virtual host
+        # Full JID -> the rooms it sent presence to while its session lives: where to
+        # look when the session ends (stale entries cost a lookup, nothing more).
+        self._visited: dict[str, set[str]] = {}
         # On a cluster each node would hold its own copy of every room, and occupants
         # on two nodes would never meet. The owner-per-room layer (docs/architecture.md,
         # "Multi-user chat") is what makes it work; until then the service refuses.
@@ -126,6 +129,8 @@ class Muc(Module):
             self._service(routed)
             return
         room_jid = to.bare
+        if stanza.tag == ns.C_PRESENCE and stanza.get("type") is None and routed.origin:
+            self._visited.setdefault(routed.origin.jid, set()).add(room_jid)
         room = self.rooms.get(room_jid)
         if room is not None:
             self._to_room(room_jid, room, routed, None)
@@ -413,8 +418,9 @@ class Muc(Module):
         """A session that ended without leaving its rooms leaves them now (the presence
         module's unavailable to directed-presence targets usually came first)."""
         jid = str(getattr(session, "jid", ""))
-        for room in list(self.rooms.values()):
-            if room.occupant_of(jid) is not None:
+        for room_jid in self._visited.pop(jid, ()):
+            room = self.rooms.get(room_jid)
+            if room is not None and room.occupant_of(jid) is not None:
                 self._apply(room, room.session_gone(jid))
         return False
 
