@@ -123,10 +123,11 @@ class Limits:
 @dataclass(slots=True)
 class Occupant:
     nick: str
-    jid: JID  # the real full JID
+    jid: JID  # the real full JID (of its first session)
     role: str
     presence: list[etree._Element] = field(default_factory=list)  # show, status, ...
     show: str | None = None
+    others: list[JID] = field(default_factory=list)  # more sessions of that user, same nick
     tokens: float = -1.0  # message rate bucket; -1: full, set at the first message
     refilled: float = 0.0
 
@@ -235,11 +236,12 @@ class Room:
         actor: str | None = None,
         reason: str | None = None,
         destroy: etree._Element | None = None,
+        to: str | None = None,
     ) -> etree._Element:
         stanza = _stanza(
             "presence",
             f"{self.jid}/{occupant.nick}",
-            str(viewer.jid),
+            to or str(viewer.jid),
             "unavailable" if unavailable else None,
         )
         if not unavailable:
@@ -269,15 +271,25 @@ class Room:
         )
         return stanza
 
+    def _sessions(self, occupant: Occupant, stanza: etree._Element) -> Out:
+        """`stanza` (addressed to the occupant's first session) for each of its sessions."""
+        out = [stanza]
+        for other in occupant.others:
+            copy_ = _copy(stanza)
+            copy_.set("to", str(other))
+            out.append(copy_)
+        return out
+
     def _broadcast_presence(self, occupant: Occupant, **kwargs: Any) -> Out:
         """`occupant`'s presence to everyone, the occupant itself last."""
         out = [
-            self._presence_of(occupant, viewer, **kwargs)
+            stanza
             for viewer in self.occupants.values()
             if viewer is not occupant
+            for stanza in self._sessions(viewer, self._presence_of(occupant, viewer, **kwargs))
         ]
         if occupant.jid.full in self.by_jid or kwargs.get("unavailable"):
-            out.append(self._presence_of(occupant, occupant, **kwargs))
+            out += self._sessions(occupant, self._presence_of(occupant, occupant, **kwargs))
         return out
 
     def presence(self, stanza: etree._Element, nick: str, now: float) -> Out:
@@ -287,6 +299,8 @@ class Room:
         if stanza.get("type") == "unavailable":
             if occupant is None:
                 return []
+            if occupant.others:
+                return self._leave_session(occupant, sender, _status_of(stanza))
             return self._leave(occupant, _status_of(stanza))
         if stanza.get("type") not in (None, "available"):
             return []
@@ -306,24 +320,26 @@ class Room:
             raise StanzaError("forbidden", "you are banned from this room")
         if self.config.members_only and affiliation == "none":
             raise StanzaError("registration-required", "the room is members-only")
+        taken = self.occupants.get(nick)
+        another_session = taken is not None and taken.jid.bare == sender.bare
         cap = self.limits.max_occupants
         if self.config.max_users:
             cap = min(cap, self.config.max_users)
-        if len(self.occupants) >= cap and affiliation not in ("owner", "admin"):
+        full = len(self.occupants) >= cap and not another_session
+        if full and affiliation not in ("owner", "admin"):
             raise StanzaError("service-unavailable", "the room is full")
         if self.config.password and affiliation != "owner":
             given = x.findtext(f"{{{MUC}}}password") if x is not None else None
             if given != self.config.password:
                 raise StanzaError("not-authorized", "a password is required")
-        taken = self.occupants.get(nick)
+        if taken is not None and another_session:
+            return self._join_session(taken, sender, x, now)
         if taken is not None:
             raise StanzaError("conflict", "that nickname is in use")
         self._check_reserved(nick, sender.bare)
         occupant = Occupant(nick, sender, self._default_role(affiliation))
         occupant.presence, occupant.show = _presence_payload(stanza)
-        out: Out = [
-            self._presence_of(other, occupant) for other in self.occupants.values()
-        ]
+        out: Out = [self._presence_of(other, occupant) for other in self.occupants.values()]
         self.occupants[nick] = occupant
         self.by_jid[sender.full] = occupant
         codes = []
@@ -333,9 +349,40 @@ class Room:
             codes.append("201")
         out += self._broadcast_presence(occupant, codes=codes)
         # The subject ends every join, a new room's too: clients wait for it.
-        out += self._history_for(occupant, x, now)
+        out += self._history_for(str(occupant.jid), x, now)
         out.append(self._subject_message(str(occupant.jid)))
         return out
+
+    def _join_session(
+        self, occupant: Occupant, sender: JID, x: etree._Element | None, now: float
+    ) -> Out:
+        """The user is in the room under this nick from another client: this session
+        joins the same occupant (one nick, several devices). It alone is told; the
+        others see no change."""
+        occupant.others.append(sender)
+        self.by_jid[sender.full] = occupant
+        to = str(sender)
+        out: Out = []
+        for other in self.occupants.values():
+            if other is not occupant:
+                out.append(self._presence_of(other, occupant, to=to))
+        codes = ["100"] if self.config.whois == "anyone" else []
+        out.append(self._presence_of(occupant, occupant, codes=codes, to=to))
+        out += self._history_for(to, x, now)
+        out.append(self._subject_message(to))
+        return out
+
+    def _leave_session(self, occupant: Occupant, session: JID, status: str | None) -> Out:
+        """One of several sessions of an occupant leaves; the occupant stays."""
+        del self.by_jid[session.full]
+        if occupant.jid == session:
+            occupant.jid = occupant.others.pop(0)
+        else:
+            occupant.others.remove(session)
+        goodbye = self._presence_of(occupant, occupant, unavailable=True, to=str(session))
+        if status:
+            goodbye.insert(0, _el(f"{{{ns.CLIENT}}}status", text=status))
+        return [goodbye]
 
     def _check_reserved(self, nick: str, bare: str) -> None:
         """A nick registered with the room is its registrant's alone (7.10)."""
@@ -436,11 +483,14 @@ class Room:
         reason: str | None = None,
     ) -> Out:
         del self.occupants[occupant.nick]
-        del self.by_jid[occupant.jid.full]
+        for session in (occupant.jid, *occupant.others):
+            del self.by_jid[session.full]
         out = [
-            self._presence_of(occupant, viewer, unavailable=True, codes=codes, actor=actor,
-                              reason=reason)
+            stanza
             for viewer in [*self.occupants.values(), occupant]
+            for stanza in self._sessions(viewer, self._presence_of(
+                occupant, viewer, unavailable=True, codes=codes, actor=actor, reason=reason
+            ))
         ]
         if status:
             for stanza in out:
@@ -450,11 +500,15 @@ class Room:
     def session_gone(self, jid: str) -> Out:
         """The user's session ended without saying goodbye to the room."""
         occupant = self.by_jid.get(jid)
-        return [] if occupant is None else self._leave(occupant, None)
+        if occupant is None:
+            return []
+        if occupant.others:
+            return self._leave_session(occupant, parse_jid(jid), None)
+        return self._leave(occupant, None)
 
     # --- messages ------------------------------------------------------------------------
 
-    def _history_for(self, occupant: Occupant, x: etree._Element | None, now: float) -> Out:
+    def _history_for(self, to: str, x: etree._Element | None, now: float) -> Out:
         spec = x.find(f"{{{MUC}}}history") if x is not None else None
         entries = list(self.history)
         max_chars: int | None = None
@@ -470,7 +524,7 @@ class Room:
         messages = []
         for entry in entries:
             message = etree.fromstring(entry.xml)
-            message.set("to", str(occupant.jid))
+            message.set("to", to)
             delay = etree.SubElement(message, f"{{{DELAY}}}delay", nsmap={None: DELAY})
             delay.set("from", self.jid)
             delay.set("stamp", _stamp(entry.when))
@@ -523,6 +577,8 @@ class Room:
         conditions = {etree.QName(c).localname for c in error}
         if not conditions & _GONE:
             return []
+        if occupant.others:
+            return self._leave_session(occupant, parse_jid(stanza.get("from", "")), None)
         return self._leave(occupant, None, codes=["333"])
 
     def groupchat(self, stanza: etree._Element, now: float) -> Out:
@@ -555,7 +611,7 @@ class Room:
         for occupant in self.occupants.values():
             message = _copy(template)
             message.set("to", str(occupant.jid))
-            out.append(message)
+            out += self._sessions(occupant, message)
         return out
 
     def private_message(self, stanza: etree._Element, nick: str, now: float) -> Out:
@@ -577,7 +633,7 @@ class Room:
                 message.append(_copy(child))
         etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
         self._stamp_occupant_id(message, sender)
-        return [message]
+        return self._sessions(target, message)
 
     def message_to_room(self, stanza: etree._Element, now: float) -> Out:
         """A message to the room's bare JID that is not groupchat: invitations, declines."""
@@ -835,7 +891,7 @@ class Room:
                 x_el = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
                 for code in codes:
                     etree.SubElement(x_el, f"{{{MUC_USER}}}status").set("code", code)
-                out.append(message)
+                out += self._sessions(occupant, message)
         return out
 
     def destroy(self, stanza: etree._Element, element: etree._Element) -> Out:
@@ -851,9 +907,12 @@ class Room:
                 destroy.set("jid", venue)
             if reason:
                 etree.SubElement(destroy, f"{{{MUC_USER}}}reason").text = reason
-            out.append(self._presence_of(occupant, occupant, unavailable=True, destroy=destroy))
+            out += self._sessions(
+                occupant, self._presence_of(occupant, occupant, unavailable=True, destroy=destroy)
+            )
             del self.occupants[occupant.nick]
-            del self.by_jid[occupant.jid.full]
+            for session in (occupant.jid, *occupant.others):
+                del self.by_jid[session.full]
         return out
 
     # --- discovery -----------------------------------------------------------------------

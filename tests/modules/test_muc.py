@@ -218,6 +218,51 @@ async def test_nick_conflict_and_nick_change_keep_the_occupant_id() -> None:
     assert condition(refused) == "conflict"
 
 
+async def test_one_user_in_a_room_from_two_clients_under_one_nick() -> None:
+    h, _ = await harness(max_occupants=2)
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    phone = h.session("bob@localhost/phone")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    bob.take()
+    # The room is full (2), but the second client of an occupant is not a newcomer.
+    got = await join(h, phone, "Bob")
+    assert [(s.tag, s.get("from")) for s in got] == [
+        (ns.C_PRESENCE, f"{ROOM}/Alice"),
+        (ns.C_PRESENCE, f"{ROOM}/Bob"),
+        (ns.C_MESSAGE, ROOM),
+    ]
+    assert codes(got[1]) == {"110"}
+    assert alice.take() == [] and bob.take() == []  # nobody else sees a change
+    # Both clients get the room's messages and the occupant's private messages.
+    await say(h, alice, "to all")
+    await say(h, alice, "to bob", to=f"{ROOM}/Bob", type_="chat")
+    for client in (bob, phone):
+        assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in client.take()] == ["to all", "to bob"]
+    # Either client speaks as the one occupant.
+    await say(h, phone, "from the phone")
+    (heard,) = alice.take()
+    assert heard.get("from") == f"{ROOM}/Bob"
+    bob.take()
+    phone.take()
+    # One client leaving: it alone is told; the occupant stays.
+    (left,) = await h.send(bob, f"<presence to='{ROOM}/Bob' type='unavailable'/>")
+    assert left.get("type") == "unavailable" and codes(left) == {"110"}
+    assert alice.take() == []
+    await say(h, alice, "still here?")
+    assert len(phone.take()) == 1 and bob.take() == []
+    # A kick removes the occupant with every client it has.
+    await join(h, bob, "Bob")
+    bob.take()
+    phone.take()
+    await admin_iq(h, alice, "set", "<item nick='Bob' role='none'/>")
+    for client in (bob, phone):
+        (kicked,) = client.take()
+        assert codes(kicked) == {"110", "307"}
+    assert h.host.module(Muc).rooms[ROOM].by_jid.keys() == {"alice@localhost/a"}
+
+
 async def test_groupchat_subject_and_leaving() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
