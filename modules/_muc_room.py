@@ -185,6 +185,20 @@ class Room:
         room.stored = True
         return room
 
+    def forget(self, bare: str) -> bool:
+        """The account is removed: its affiliation and registered nick go, so that a
+        new account of that name inherits nothing. True if there was something."""
+        found = self.affiliations.pop(bare, None) is not None
+        found = self.registered.pop(bare, None) is not None or found
+        self.persistent_changed = self.persistent_changed or found
+        return found
+
+    @staticmethod
+    def forget_stored(state: dict[str, Any], bare: str) -> bool:
+        """`forget` on a stored snapshot (a room not live here)."""
+        found = state["affiliations"].pop(bare, None) is not None
+        return state.get("registered", {}).pop(bare, None) is not None or found
+
     def history_json(self) -> bytes:
         return json.dumps([[e.when, e.xml] for e in self.history]).encode()
 

@@ -46,7 +46,7 @@ from xmppd.modules._muc_room import (
     Out,
     Room,
 )
-from xmppd.storage.base import Item, Query
+from xmppd.storage.base import UNCHANGED, Item, Query, Unchanged
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
 
@@ -115,6 +115,42 @@ class Muc(Module):
                 self._save(room, at_once=True)
         while self._saving:
             await asyncio.gather(*(w for _, w in self._saving.values()), return_exceptions=True)
+
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """Drop the account's affiliations and registered nicks from every room of the
+        host, live and stored (an owner's rooms stay, without that owner)."""
+        bare = f"{username}@{vhost}"
+        found = False
+        for room in list(self.rooms.values()):
+            if self.services[room.jid.split("@", 1)[1]] == vhost and room.forget(bare):
+                found = True
+                self._after(room)
+        domain = next(d for d, v in self.services.items() if v == vhost)
+        store = self.host.items(vhost, "muc_rooms")
+        token: str | None = None
+        while True:
+            page = await store.query(Query(limit=100, page_token=token))
+            for item in page.items:
+                if bare not in str(item.attrs.get("state", "")):
+                    continue
+                if f"{item.name}@{domain}" in self.rooms:
+                    continue  # live: done above, and written from there
+
+                def change(current: Item | None) -> dict[str, object] | Unchanged:
+                    if current is None:
+                        return UNCHANGED
+                    state = json.loads(str(current.attrs["state"]))
+                    if not Room.forget_stored(state, bare):
+                        return UNCHANGED
+                    return {**current.attrs, "state": json.dumps(state)}
+
+                if (await store.modify(item.name, change, what="muc room")).written:
+                    found = True
+                live = self.rooms.get(f"{item.name}@{domain}")
+                if live is not None and live.forget(bare):  # loaded meanwhile
+                    self._after(live)
+            if (token := page.next_token) is None:
+                return found
 
     # --- routing -------------------------------------------------------------------------
 

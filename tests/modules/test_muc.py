@@ -760,3 +760,28 @@ async def test_a_persistent_room_survives_a_restart_and_a_destroyed_one_does_not
     items = again.host.items("localhost", "muc_rooms")
     assert await items.get("room") is None
     assert await again.host.blobs("localhost", "muc_history").get("room") is None
+
+
+async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> None:
+    h, _ = await harness()
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice", persistentroom="1")
+    stored = "stored@conference.localhost"
+    await instant_room(h, alice, "Alice", stored, persistentroom="1")
+    for room in (ROOM, stored):
+        await admin_iq(h, alice, "set", "<item affiliation='admin' jid='bob@localhost'/>", room)
+        await admin_iq(h, alice, "set", "<item affiliation='member' jid='carol@localhost'/>", room)
+    await h.send(alice, f"<presence to='{stored}/Alice' type='unavailable'/>")
+    muc = h.host.module(Muc)
+    await muc.stop()  # every write done
+    del muc.rooms[stored]  # as on a node where that room is not live
+
+    assert await muc.remove_user("localhost", "bob") is True
+    assert muc.rooms[ROOM].affiliation("bob@localhost") == "none"
+    await muc.stop()
+    for name in ("room", "stored"):
+        item = await h.host.items("localhost", "muc_rooms").get(name)
+        assert item is not None
+        assert "bob@localhost" not in str(item.attrs["state"])
+        assert "carol@localhost" in str(item.attrs["state"])
+    assert await muc.remove_user("localhost", "bob") is False  # nothing left
