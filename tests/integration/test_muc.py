@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from tests.integration.clients import Client, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
+from tests.integration.test_account_removal import xmppctl
 from tests.integration.test_user_journey import MODULES as JOURNEY_MODULES
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.server import Server
@@ -228,6 +230,32 @@ async def test_invitations_mediated_and_direct_with_a_decline(start_server: Star
     assert [(i[0], i[2]) for i in rooms["disco_items"]["items"]] == [(ROOM, "Club")]
     for client in (alice, bob, carol):
         await close(client)
+
+
+async def test_xmppctl_unregister_takes_the_account_out_of_its_rooms(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # With no node running, xmppctl loads the configured modules itself: muc among them.
+    first = await start_server(users=USERS, modules=MODULES)
+    alice = await chatter(first, "alice@localhost/desk")
+    await create_room(alice, "Alice", persistentroom=True, membersonly=True)
+    await alice.muc.set_affiliation(ROOM, "admin", jid=JID("bob@localhost"))
+    await close(alice)
+    await first.stop()
+    code, out, err = await xmppctl("-c", str(tmp_path / "xmppd.yml"), "unregister", "bob@localhost")
+    assert (code, out, err) == (0, "unregistered bob@localhost\n", "")
+
+    # A new bob is a stranger to the members-only room, not its admin.
+    second = await start_server(users={"bob": "new-secret"}, modules=MODULES)
+    bob = Chatter("bob@localhost/phone", "new-secret")
+    bob.ssl_context = insecure_context()
+    bob.enable_plaintext = False
+    bob.connect("127.0.0.1", port_of(second, "starttls"))
+    await asyncio.wait_for(bob.started.wait(), 15)
+    with pytest.raises(PresenceError) as refused:
+        await bob.muc.join_muc_wait(ROOM, "Bob", timeout=10)
+    assert refused.value.condition == "registration-required"
+    await close(bob)
 
 
 @pytest.fixture
