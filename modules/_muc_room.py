@@ -694,11 +694,28 @@ class Room:
             etree.SubElement(forwarded, f"{{{MUC_USER}}}reason").text = reason
         return [message]
 
-    def self_ping(self, stanza: etree._Element, nick: str) -> None:
-        """XEP-0410: a ping to one's own occupant JID succeeds only while joined."""
-        occupant = self.by_jid.get(stanza.get("from", ""))
-        if occupant is None or occupant.nick != nick:
-            raise StanzaError("not-acceptable", "you are not joined under that nickname")
+    def iq_to_occupant(self, stanza: etree._Element, nick: str) -> Out:
+        """An IQ between occupants (a vCard or a ping), relayed between their real JIDs
+        under their nicks; a ping to one's own nick is answered here (XEP-0410: the
+        caller answers when this returns []). Results and errors are relayed the
+        same way and never answered."""
+        request = stanza.get("type") in ("get", "set")
+        sender = self.by_jid.get(stanza.get("from", ""))
+        if sender is None:
+            if request:
+                raise StanzaError("not-acceptable", "only occupants reach occupants")
+            return []
+        if request and sender.nick == nick and stanza.find(f"{{{PING}}}ping") is not None:
+            return []
+        target = self.occupants.get(nick)
+        if target is None:
+            if request:
+                raise StanzaError("item-not-found", "no such occupant")
+            return []
+        relayed = _copy(stanza)
+        relayed.set("from", f"{self.jid}/{sender.nick}")
+        relayed.set("to", str(target.jid))
+        return [relayed]
 
     # --- administration (muc#admin) ------------------------------------------------------
 

@@ -158,8 +158,11 @@ class Muc(Module):
         stanza, to = routed.stanza, routed.to
         if stanza.get("type") == "error":
             room = self.rooms.get(to.bare)
-            if room is not None and to.user:  # never answered; perhaps a client gone
-                self._apply(room, room.bounced(stanza))
+            if room is not None and to.user:  # never answered
+                if stanza.tag == ns.C_IQ and to.resource:
+                    self._apply(room, room.iq_to_occupant(stanza, to.resource))
+                else:  # perhaps a client gone
+                    self._apply(room, room.bounced(stanza))
             return
         if not to.user:
             self._service(routed)
@@ -292,17 +295,17 @@ class Muc(Module):
         return self._room_iq(room, stanza, nick)
 
     def _room_iq(self, room: Room, stanza: etree._Element, nick: str) -> Out:
+        if nick:
+            relayed = room.iq_to_occupant(stanza, nick)
+            if relayed or stanza.get("type") not in ("get", "set"):
+                return relayed
+            return [self._result(stanza)]  # the self-ping
         if stanza.get("type") not in ("get", "set"):
             return []
         if len(stanza) != 1:
             raise StanzaError("bad-request", "an IQ request has one child")
         query = stanza[0]
         kind = (query.tag, stanza.get("type"))
-        if nick:
-            if kind == (f"{{{PING}}}ping", "get"):
-                room.self_ping(stanza, nick)
-                return [self._result(stanza)]
-            raise StanzaError("feature-not-implemented", "IQs to occupants are not relayed")
         if kind == (f"{{{DISCO_INFO}}}query", "get") and query.get("node") is None:
             return [self._result(stanza, room.disco_info())]
         if kind == (f"{{{DISCO_INFO}}}query", "get") and query.get("node") == "x-roomuser-item":

@@ -646,6 +646,41 @@ async def test_nickname_registration_reserves_the_nick_and_makes_a_member() -> N
     assert condition(await h.iq(banned, "get", register, to=ROOM)) == "forbidden"
 
 
+async def test_iqs_between_occupants_are_relayed_under_their_nicks() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    await h.send(bob, f"<iq type='get' id='v1' to='{ROOM}/Alice'><vCard xmlns='vcard-temp'/></iq>")
+    (asked,) = alice.take()
+    assert (asked.get("from"), asked.get("to"), asked.get("id")) == (
+        f"{ROOM}/Bob", "alice@localhost/a", "v1"
+    )
+    assert asked.find("{vcard-temp}vCard") is not None
+    await h.send(alice, f"<iq type='result' id='v1' to='{ROOM}/Bob'><vCard xmlns='vcard-temp'>"
+                        "<FN>Alice</FN></vCard></iq>")
+    (answer,) = bob.take()
+    assert (answer.get("from"), answer.get("type"), answer.get("id")) == (
+        f"{ROOM}/Alice", "result", "v1"
+    )
+    assert answer.findtext("{vcard-temp}vCard/{vcard-temp}FN") == "Alice"
+    # Errors are relayed too, and never answered.
+    await h.send(alice, f"<iq type='error' id='v2' to='{ROOM}/Bob'><error type='cancel'>"
+                        f"<item-not-found xmlns='{STANZAS}'/></error></iq>")
+    (error,) = bob.take()
+    assert error.get("from") == f"{ROOM}/Alice" and condition(error) == "item-not-found"
+    assert alice.take() == []
+    assert condition(await h.iq(bob, "get", "<vCard xmlns='vcard-temp'/>", to=f"{ROOM}/Nobody")) \
+        == "item-not-found"
+    eve = h.session("eve@localhost/e")
+    assert condition(await h.iq(eve, "get", "<vCard xmlns='vcard-temp'/>", to=f"{ROOM}/Alice")) \
+        == "not-acceptable"
+    # A result from someone not in the room is dropped, not answered.
+    assert await h.send(eve, f"<iq type='result' id='x' to='{ROOM}/Alice'/>") == []
+    assert alice.take() == []
+
+
 async def test_self_ping() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
