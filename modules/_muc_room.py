@@ -48,6 +48,7 @@ DELAY = "urn:xmpp:delay"
 PING = "urn:xmpp:ping"
 REGISTER = "jabber:iq:register"
 MUC_REGISTER = f"{MUC}#register"
+MUC_REQUEST = f"{MUC}#request"
 
 ROLES = ("none", "visitor", "participant", "moderator")
 AFFILIATIONS = ("outcast", "none", "member", "admin", "owner")
@@ -650,7 +651,13 @@ class Room:
         return self._sessions(target, message)
 
     def message_to_room(self, stanza: etree._Element, now: float) -> Out:
-        """A message to the room's bare JID that is not groupchat: invitations, declines."""
+        """A message to the room's bare JID that is not groupchat: invitations, declines,
+        voice requests and their approvals."""
+        request = Submitted.find(stanza, MUC_REQUEST) if stanza.find(
+            "{jabber:x:data}x/{jabber:x:data}field[@var='FORM_TYPE']"
+        ) is not None else None
+        if request is not None:
+            return self._voice(stanza, request, now)
         x = stanza.find(f"{{{MUC_USER}}}x")
         if x is not None:
             invite = x.find(f"{{{MUC_USER}}}invite")
@@ -660,6 +667,42 @@ class Room:
             if decline is not None:
                 return self._decline(stanza, decline)
         raise StanzaError("bad-request", "send groupchat messages to the room")
+
+    def _voice(self, stanza: etree._Element, request: Submitted, now: float) -> Out:
+        """A visitor asks for voice (7.13): each moderator gets the form; a moderator
+        who submits it with muc#request_allow true grants it (8.6)."""
+        sender = self.by_jid.get(stanza.get("from", ""))
+        if sender is None:
+            raise StanzaError("not-acceptable", "only occupants ask for voice")
+        if "muc#request_allow" in request.values:
+            if sender.role != "moderator":
+                raise StanzaError("forbidden", "only moderators grant voice")
+            target = self.occupants.get(request.one("muc#roomnick"))
+            if not _truth(request.one("muc#request_allow")) or target is None:
+                return []
+            if target.role != "visitor":
+                return []
+            return self._set_role(target, "participant", sender.nick, None)
+        if sender.role != "visitor" or request.one("muc#role") not in ("", "participant"):
+            raise StanzaError("not-acceptable", "only visitors ask for voice")
+        self._admit(sender, stanza, now)
+        out: Out = []
+        for moderator in self.occupants.values():
+            if moderator.role != "moderator":
+                continue
+            fields = [
+                Field("muc#role", "list-single", "Requested role", values=("participant",),
+                      options=(("Participant", "participant"),)),
+                Field("muc#roomnick", "text-single", "Nickname", values=(sender.nick,)),
+                Field("muc#request_allow", "boolean", "Grant voice?", values=("false",)),
+            ]
+            if self._sees_jids(moderator):
+                fields.insert(1, Field("muc#jid", "jid-single", "User", values=(str(sender.jid),)))
+            message = _stanza("message", self.jid, str(moderator.jid))
+            message.append(form("form", MUC_REQUEST, fields, title="Voice request",
+                                instructions=f"Grant {sender.nick} voice in this room?"))
+            out += self._sessions(moderator, message)
+        return out
 
     def _invite(self, stanza: etree._Element, invite: etree._Element) -> Out:
         sender = self.by_jid.get(stanza.get("from", ""))

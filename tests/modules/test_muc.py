@@ -478,6 +478,41 @@ async def test_kick_voice_and_ban_with_status_codes() -> None:
     assert [i.get("jid") for i in banned.iter(f"{{{MUC_ADMIN}}}item")] == ["bob@localhost"]
 
 
+async def test_voice_request_and_approval() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice", moderatedroom="1")
+    await join(h, bob, "Bob")
+    alice.take()
+    ask = (
+        f"<message to='{ROOM}'><x xmlns='{DATA}' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#request</value></field>"
+        "<field var='muc#role'><value>participant</value></field></x></message>"
+    )
+    assert await h.send(bob, ask) == []
+    (request,) = alice.take()
+    assert request.get("from") == ROOM
+    values = {
+        f.get("var"): f.findtext(f"{{{DATA}}}value") for f in request.iter(f"{{{DATA}}}field")
+    }
+    assert values["muc#roomnick"] == "Bob" and values["muc#jid"] == "bob@localhost/b"
+    assert values["muc#request_allow"] == "false"
+    approve = (
+        f"<message to='{ROOM}'><x xmlns='{DATA}' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#request</value></field>"
+        "<field var='muc#role'><value>participant</value></field>"
+        "<field var='muc#roomnick'><value>Bob</value></field>"
+        "<field var='muc#request_allow'><value>true</value></field></x></message>"
+    )
+    (refused,) = await h.send(bob, approve)  # not a moderator
+    assert condition(refused) == "forbidden"
+    await h.send(alice, approve)
+    (voiced,) = bob.take()
+    assert item(voiced).get("role") == "participant"
+    (refused,) = await h.send(bob, ask)  # has voice already
+    assert condition(refused) == "not-acceptable"
+
+
 async def test_affiliation_rules() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
