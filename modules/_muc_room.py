@@ -1,0 +1,1111 @@
+"""One multi-user chat room (XEP-0045) as plain state: stanzas in, stanzas out.
+
+A `Room` holds the occupants with their roles, the affiliations, the
+configuration, the subject and the discussion history, and turns each
+stanza an entity sends it into the stanzas to route (`Out`), or raises
+`StanzaError`. It does no I/O, reads no clock (callers pass `now`) and
+never routes anything itself, so that:
+
+- module tests drive every XEP-0045 use case in microseconds;
+- the module (modules/muc.py) decides where a room lives and when its
+  state is written: today the one node that serves the room, later the
+  room's owner node in a cluster, which rebuilds it from `snapshot()`
+  (what is stored) after a handover.
+
+`persistent_changed` tells the host that something stored changed
+(configuration, affiliations, subject); `history_changed` that history did.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import secrets
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from lxml import etree
+
+from xmppd.jid import JID, parse_jid
+from xmppd.modules._dataforms import Field, Submitted, form
+from xmppd.stream.errors import StanzaError
+from xmppd.xml import ns
+
+MUC = "http://jabber.org/protocol/muc"
+MUC_USER = f"{MUC}#user"
+MUC_ADMIN = f"{MUC}#admin"
+MUC_OWNER = f"{MUC}#owner"
+ROOMCONFIG = f"{MUC}#roomconfig"
+ROOMINFO = f"{MUC}#roominfo"
+OCCUPANT_ID = "urn:xmpp:occupant-id:0"
+DELAY = "urn:xmpp:delay"
+PING = "urn:xmpp:ping"
+REGISTER = "jabber:iq:register"
+MUC_REGISTER = f"{MUC}#register"
+MUC_REQUEST = f"{MUC}#request"
+
+ROLES = ("none", "visitor", "participant", "moderator")
+AFFILIATIONS = ("outcast", "none", "member", "admin", "owner")
+_RANK = {name: rank for rank, name in enumerate(AFFILIATIONS)}
+
+Out = list[etree._Element]
+# Error conditions that say an occupant's client cannot be reached any more.
+# (Not service-unavailable: a client refusing one private message answers with it.)
+_GONE = frozenset({"gone", "recipient-unavailable", "redirect", "remote-server-not-found",
+                   "remote-server-timeout"})
+
+
+def _stamp(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_stamp(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _el(tag: str, attrs: dict[str, str] | None = None, text: str | None = None) -> etree._Element:
+    element = etree.Element(tag, nsmap={None: tag[1 : tag.index("}")]})
+    for key, value in (attrs or {}).items():
+        element.set(key, value)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def _stanza(tag: str, frm: str, to: str | None, type_: str | None = None) -> etree._Element:
+    stanza = etree.Element(f"{{{ns.CLIENT}}}{tag}", nsmap={None: ns.CLIENT})
+    stanza.set("from", frm)
+    if to is not None:
+        stanza.set("to", to)
+    if type_:
+        stanza.set("type", type_)
+    return stanza
+
+
+@dataclass(slots=True)
+class Config:
+    """The room configuration form's values (muc#roomconfig)."""
+
+    name: str = ""
+    description: str = ""
+    persistent: bool = False
+    public: bool = True
+    members_only: bool = False
+    moderated: bool = False
+    password: str = ""  # empty: not password-protected
+    whois: str = "moderators"  # "anyone": non-anonymous; "moderators": semi-anonymous
+    max_users: int = 0  # 0: the service's limit
+    change_subject: bool = False  # participants may change the subject
+    allow_invites: bool = False  # participants may invite to a members-only room
+    allow_private_messages: bool = True
+    history_length: int = 20
+
+
+@dataclass(slots=True)
+class Limits:
+    """What the service allows every room (module options)."""
+
+    max_occupants: int = 200
+    max_history: int = 50
+    max_message_bytes: int = 16384
+    messages_per_second: float = 2.0  # per occupant, groupchat and private together
+    message_burst: int = 10
+
+
+@dataclass(slots=True)
+class Occupant:
+    nick: str
+    jid: JID  # the real full JID (of its first session)
+    role: str
+    presence: list[etree._Element] = field(default_factory=list)  # show, status, ...
+    show: str | None = None
+    others: list[JID] = field(default_factory=list)  # more sessions of that user, same nick
+    tokens: float = -1.0  # message rate bucket; -1: full, set at the first message
+    refilled: float = 0.0
+
+
+@dataclass(slots=True)
+class HistoryEntry:
+    when: float
+    xml: str  # the message as occupants got it, 'to' left out
+    chars: int
+
+
+class Room:
+    def __init__(self, jid: str, limits: Limits, creator: str, secret: str | None = None) -> None:
+        self.jid = jid  # room@service
+        self.limits = limits
+        self.creator = creator  # bare JID; counts against its rooms-per-user limit
+        self.secret = secret or secrets.token_hex(16)  # occupant ids: stable, unguessable
+        self.config = Config()
+        self.affiliations: dict[str, str] = {}  # bare JID -> affiliation other than none
+        self.registered: dict[str, str] = {}  # bare JID -> its registered nick (7.10)
+        self.occupants: dict[str, Occupant] = {}  # nick -> occupant
+        self.by_jid: dict[str, Occupant] = {}  # real full JID -> occupant
+        self.subject = ""
+        self.subject_nick = ""
+        self.history: deque[HistoryEntry] = deque(maxlen=self._history_cap())
+        self.locked = False  # created, waiting for its owner's configuration (201)
+        self.destroyed = False
+        self.persistent_changed = False
+        self.history_changed = False
+        self.stored = False  # the stores hold this room (the host sets it)
+
+    # --- stored state -------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a persistent room keeps across restarts (history apart)."""
+        return {
+            "config": asdict(self.config),
+            "affiliations": self.affiliations,
+            "subject": self.subject,
+            "subject_nick": self.subject_nick,
+            "secret": self.secret,
+            "creator": self.creator,
+            "registered": self.registered,
+        }
+
+    @classmethod
+    def restore(cls, jid: str, limits: Limits, state: dict[str, Any]) -> Room:
+        room = cls(jid, limits, state["creator"], state["secret"])
+        room.config = Config(**state["config"])
+        room.affiliations = dict(state["affiliations"])
+        room.subject = state["subject"]
+        room.subject_nick = state["subject_nick"]
+        room.registered = dict(state.get("registered", {}))
+        room.history = deque(maxlen=room._history_cap())
+        room.stored = True
+        return room
+
+    def forget(self, bare: str) -> bool:
+        """The account is removed: its affiliation and registered nick go, so that a
+        new account of that name inherits nothing. True if there was something."""
+        found = self.affiliations.pop(bare, None) is not None
+        found = self.registered.pop(bare, None) is not None or found
+        self.persistent_changed = self.persistent_changed or found
+        return found
+
+    @staticmethod
+    def forget_stored(state: dict[str, Any], bare: str) -> bool:
+        """`forget` on a stored snapshot (a room not live here)."""
+        found = state["affiliations"].pop(bare, None) is not None
+        return state.get("registered", {}).pop(bare, None) is not None or found
+
+    def history_json(self) -> bytes:
+        return json.dumps([[e.when, e.xml] for e in self.history]).encode()
+
+    def load_history(self, data: bytes) -> None:
+        for when, xml in json.loads(data):
+            self.history.append(HistoryEntry(when, xml, len(xml)))
+
+    def _history_cap(self) -> int:
+        return max(0, min(self.config.history_length, self.limits.max_history))
+
+    # --- who is who -----------------------------------------------------------------------
+
+    def affiliation(self, bare: str) -> str:
+        return self.affiliations.get(bare, "none")
+
+    def occupant_id(self, bare: str) -> str:
+        """XEP-0421: the same for every session and nick of one user, here, and
+        revealing nothing of the real JID (a keyed hash with this room's secret)."""
+        digest = hmac.new(self.secret.encode(), bare.encode(), hashlib.sha256).digest()
+        return base64.b64encode(digest[:18]).decode()
+
+    def _default_role(self, affiliation: str) -> str:
+        if affiliation in ("owner", "admin"):
+            return "moderator"
+        if self.config.moderated and affiliation != "member":
+            return "visitor"
+        return "participant"
+
+    def _sees_jids(self, viewer: Occupant) -> bool:
+        return self.config.whois == "anyone" or viewer.role == "moderator"
+
+    def occupant_of(self, jid: str) -> Occupant | None:
+        return self.by_jid.get(jid)
+
+    @property
+    def empty(self) -> bool:
+        return not self.occupants
+
+    # --- presence ------------------------------------------------------------------------
+
+    def _presence_of(
+        self,
+        occupant: Occupant,
+        viewer: Occupant,
+        *,
+        unavailable: bool = False,
+        codes: Iterable[str] = (),
+        item_extra: dict[str, str] | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
+        destroy: etree._Element | None = None,
+        to: str | None = None,
+    ) -> etree._Element:
+        stanza = _stanza(
+            "presence",
+            f"{self.jid}/{occupant.nick}",
+            to or str(viewer.jid),
+            "unavailable" if unavailable else None,
+        )
+        if not unavailable:
+            for child in occupant.presence:
+                stanza.append(_copy(child))
+        x = etree.SubElement(stanza, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
+        item = etree.SubElement(x, f"{{{MUC_USER}}}item")
+        item.set("affiliation", self.affiliation(occupant.jid.bare))
+        item.set("role", "none" if unavailable else occupant.role)
+        if self._sees_jids(viewer):
+            item.set("jid", str(occupant.jid))
+        for key, value in (item_extra or {}).items():
+            item.set(key, value)
+        if actor is not None:
+            etree.SubElement(item, f"{{{MUC_USER}}}actor").set("nick", actor)
+        if reason:
+            etree.SubElement(item, f"{{{MUC_USER}}}reason").text = reason
+        if destroy is not None:
+            x.append(destroy)
+        self_codes = list(codes)
+        if viewer is occupant:
+            self_codes.insert(0, "110")
+        for code in self_codes:
+            etree.SubElement(x, f"{{{MUC_USER}}}status").set("code", code)
+        etree.SubElement(stanza, f"{{{OCCUPANT_ID}}}occupant-id", nsmap={None: OCCUPANT_ID}).set(
+            "id", self.occupant_id(occupant.jid.bare)
+        )
+        return stanza
+
+    def _sessions(self, occupant: Occupant, stanza: etree._Element) -> Out:
+        """`stanza` (addressed to the occupant's first session) for each of its sessions."""
+        out = [stanza]
+        for other in occupant.others:
+            copy_ = _copy(stanza)
+            copy_.set("to", str(other))
+            out.append(copy_)
+        return out
+
+    def _broadcast_presence(self, occupant: Occupant, **kwargs: Any) -> Out:
+        """`occupant`'s presence to everyone, the occupant itself last."""
+        out = [
+            stanza
+            for viewer in self.occupants.values()
+            if viewer is not occupant
+            for stanza in self._sessions(viewer, self._presence_of(occupant, viewer, **kwargs))
+        ]
+        if occupant.jid.full in self.by_jid or kwargs.get("unavailable"):
+            out += self._sessions(occupant, self._presence_of(occupant, occupant, **kwargs))
+        return out
+
+    def presence(self, stanza: etree._Element, nick: str, now: float) -> Out:
+        """A presence from a user to room/nick: join, nick change, update or leave."""
+        sender = parse_jid(stanza.get("from", ""))
+        occupant = self.by_jid.get(sender.full)
+        if stanza.get("type") == "unavailable":
+            if occupant is None:
+                return []
+            if occupant.others:
+                return self._leave_session(occupant, sender, _status_of(stanza))
+            return self._leave(occupant, _status_of(stanza))
+        if stanza.get("type") not in (None, "available"):
+            return []
+        if occupant is None:
+            return self._join(stanza, sender, nick, now)
+        if nick != occupant.nick:
+            return self._change_nick(occupant, nick)
+        occupant.presence, occupant.show = _presence_payload(stanza)
+        return self._broadcast_presence(occupant)
+
+    def _join(self, stanza: etree._Element, sender: JID, nick: str, now: float) -> Out:
+        x = stanza.find(f"{{{MUC}}}x")
+        affiliation = self.affiliation(sender.bare)
+        if self.locked and affiliation != "owner":
+            raise StanzaError("item-not-found", "the room is being created")
+        if affiliation == "outcast":
+            raise StanzaError("forbidden", "you are banned from this room")
+        if self.config.members_only and affiliation == "none":
+            raise StanzaError("registration-required", "the room is members-only")
+        taken = self.occupants.get(nick)
+        another_session = taken is not None and taken.jid.bare == sender.bare
+        cap = self.limits.max_occupants
+        if self.config.max_users:
+            cap = min(cap, self.config.max_users)
+        full = len(self.occupants) >= cap and not another_session
+        if full and affiliation not in ("owner", "admin"):
+            raise StanzaError("service-unavailable", "the room is full")
+        if self.config.password and affiliation != "owner":
+            given = x.findtext(f"{{{MUC}}}password") if x is not None else None
+            if given != self.config.password:
+                raise StanzaError("not-authorized", "a password is required")
+        if taken is not None and another_session:
+            return self._join_session(taken, sender, x, now)
+        if taken is not None:
+            raise StanzaError("conflict", "that nickname is in use")
+        self._check_reserved(nick, sender.bare)
+        occupant = Occupant(nick, sender, self._default_role(affiliation))
+        occupant.presence, occupant.show = _presence_payload(stanza)
+        out: Out = [self._presence_of(other, occupant) for other in self.occupants.values()]
+        self.occupants[nick] = occupant
+        self.by_jid[sender.full] = occupant
+        codes = []
+        if self.config.whois == "anyone":
+            codes.append("100")
+        if self.locked:
+            codes.append("201")
+        out += self._broadcast_presence(occupant, codes=codes)
+        # The subject ends every join, a new room's too: clients wait for it.
+        out += self._history_for(str(occupant.jid), x, now)
+        out.append(self._subject_message(str(occupant.jid)))
+        return out
+
+    def _join_session(
+        self, occupant: Occupant, sender: JID, x: etree._Element | None, now: float
+    ) -> Out:
+        """The user is in the room under this nick from another client: this session
+        joins the same occupant (one nick, several devices). It alone is told; the
+        others see no change."""
+        occupant.others.append(sender)
+        self.by_jid[sender.full] = occupant
+        to = str(sender)
+        out: Out = []
+        for other in self.occupants.values():
+            if other is not occupant:
+                out.append(self._presence_of(other, occupant, to=to))
+        codes = ["100"] if self.config.whois == "anyone" else []
+        out.append(self._presence_of(occupant, occupant, codes=codes, to=to))
+        out += self._history_for(to, x, now)
+        out.append(self._subject_message(to))
+        return out
+
+    def _leave_session(self, occupant: Occupant, session: JID, status: str | None) -> Out:
+        """One of several sessions of an occupant leaves; the occupant stays."""
+        del self.by_jid[session.full]
+        if occupant.jid == session:
+            occupant.jid = occupant.others.pop(0)
+        else:
+            occupant.others.remove(session)
+        goodbye = self._presence_of(occupant, occupant, unavailable=True, to=str(session))
+        if status:
+            goodbye.insert(0, _el(f"{{{ns.CLIENT}}}status", text=status))
+        return [goodbye]
+
+    def _check_reserved(self, nick: str, bare: str) -> None:
+        """A nick registered with the room is its registrant's alone (7.10)."""
+        for owner, registered in self.registered.items():
+            if registered == nick and owner != bare:
+                raise StanzaError("conflict", "that nickname is registered to someone else")
+
+    # --- nickname registration (7.10, 7.12) --------------------------------------------
+
+    def registration_form(self, stanza: etree._Element) -> etree._Element:
+        bare = parse_jid(stanza.get("from", "")).bare
+        query = _el(f"{{{REGISTER}}}query")
+        if bare in self.registered:
+            etree.SubElement(query, f"{{{REGISTER}}}registered")
+            etree.SubElement(query, f"{{{REGISTER}}}username").text = self.registered[bare]
+            return query
+        self._may_register(bare)
+        etree.SubElement(query, f"{{{REGISTER}}}instructions").text = (
+            "Choose the nickname to keep for you in this room."
+        )
+        query.append(form("form", MUC_REGISTER, [
+            Field("muc#register_roomnick", label="Nickname", required=True),
+        ], title=f"Register with {self.jid}"))
+        return query
+
+    def _may_register(self, bare: str) -> None:
+        affiliation = self.affiliation(bare)
+        if affiliation == "outcast":
+            raise StanzaError("forbidden", "you are banned from this room")
+        if self.config.members_only and affiliation == "none":
+            raise StanzaError("registration-required", "only members register in this room")
+
+    def register(self, stanza: etree._Element, query: etree._Element) -> Out:
+        """Register (or change) the sender's nick, which makes it a member; or
+        <remove/> it, which ends the membership it gave."""
+        bare = parse_jid(stanza.get("from", "")).bare
+        if query.find(f"{{{REGISTER}}}remove") is not None:
+            if self.registered.pop(bare, None) is None:
+                raise StanzaError("item-not-found", "you have no nickname registered here")
+            self.persistent_changed = True
+            if self.affiliation(bare) == "member":
+                return self._set_affiliation(bare, "none", None, None)
+            return []
+        self._may_register(bare)
+        submitted = Submitted.find(query, MUC_REGISTER)
+        if submitted is None:
+            raise StanzaError("bad-request", "expected the registration form")
+        nick = submitted.one("muc#register_roomnick")
+        if not nick:
+            raise StanzaError("not-acceptable", "a nickname is required")
+        try:
+            nick = parse_jid(f"{self.jid}/{nick}").resource
+        except StanzaError:
+            raise StanzaError("not-acceptable", "that nickname is not allowed") from None
+        self._check_reserved(nick, bare)
+        holder = self.occupants.get(nick)
+        if holder is not None and holder.jid.bare != bare:
+            raise StanzaError("conflict", "that nickname is in use")
+        self.registered[bare] = nick
+        self.persistent_changed = True
+        if self.affiliation(bare) == "none":
+            return self._set_affiliation(bare, "member", None, None)
+        return []
+
+    def reserved_nick(self, stanza: etree._Element) -> etree._Element:
+        """disco#info on node x-roomuser-item: the asker's registered nick (7.12)."""
+        query = _el("{http://jabber.org/protocol/disco#info}query")
+        query.set("node", "x-roomuser-item")
+        nick = self.registered.get(parse_jid(stanza.get("from", "")).bare)
+        if nick is not None:
+            identity = etree.SubElement(query, "{http://jabber.org/protocol/disco#info}identity")
+            identity.set("category", "conference")
+            identity.set("type", "text")
+            identity.set("name", nick)
+        return query
+
+    def _change_nick(self, occupant: Occupant, nick: str) -> Out:
+        if nick in self.occupants:
+            raise StanzaError("conflict", "that nickname is in use")
+        self._check_reserved(nick, occupant.jid.bare)
+        out = self._broadcast_presence(
+            occupant, unavailable=True, codes=["303"], item_extra={"nick": nick}
+        )
+        # 'role' in the 303 item is the occupant's current role, not none.
+        for stanza in out:
+            stanza.find(f"{{{MUC_USER}}}x/{{{MUC_USER}}}item").set("role", occupant.role)
+        del self.occupants[occupant.nick]
+        occupant.nick = nick
+        self.occupants[nick] = occupant
+        return out + self._broadcast_presence(occupant)
+
+    def _leave(
+        self,
+        occupant: Occupant,
+        status: str | None,
+        codes: Iterable[str] = (),
+        actor: str | None = None,
+        reason: str | None = None,
+    ) -> Out:
+        del self.occupants[occupant.nick]
+        for session in (occupant.jid, *occupant.others):
+            del self.by_jid[session.full]
+        out = [
+            stanza
+            for viewer in [*self.occupants.values(), occupant]
+            for stanza in self._sessions(viewer, self._presence_of(
+                occupant, viewer, unavailable=True, codes=codes, actor=actor, reason=reason
+            ))
+        ]
+        if status:
+            for stanza in out:
+                stanza.insert(0, _el(f"{{{ns.CLIENT}}}status", text=status))
+        return out
+
+    def session_gone(self, jid: str) -> Out:
+        """The user's session ended without saying goodbye to the room."""
+        occupant = self.by_jid.get(jid)
+        if occupant is None:
+            return []
+        if occupant.others:
+            return self._leave_session(occupant, parse_jid(jid), None)
+        return self._leave(occupant, None)
+
+    # --- messages ------------------------------------------------------------------------
+
+    def _history_for(self, to: str, x: etree._Element | None, now: float) -> Out:
+        spec = x.find(f"{{{MUC}}}history") if x is not None else None
+        entries = list(self.history)
+        max_chars: int | None = None
+        if spec is not None:
+            since = _parse_stamp(spec.get("since", "")) if spec.get("since") else None
+            if since is not None:
+                entries = [e for e in entries if e.when > since]
+            if (seconds := _int(spec.get("seconds"))) is not None:
+                entries = [e for e in entries if e.when >= now - seconds]
+            if (count := _int(spec.get("maxstanzas"))) is not None:
+                entries = entries[len(entries) - count :] if count else []
+            max_chars = _int(spec.get("maxchars"))
+        messages = []
+        for entry in entries:
+            message = etree.fromstring(entry.xml)
+            message.set("to", to)
+            delay = etree.SubElement(message, f"{{{DELAY}}}delay", nsmap={None: DELAY})
+            delay.set("from", self.jid)
+            delay.set("stamp", _stamp(entry.when))
+            messages.append(message)
+        if max_chars is not None:
+            # The newest ones that fit, counting each message's full XML.
+            kept: Out = []
+            total = 0
+            for message in reversed(messages):
+                total += len(etree.tostring(message, encoding="unicode"))
+                if total > max_chars:
+                    break
+                kept.insert(0, message)
+            messages = kept
+        return messages
+
+    def _subject_message(self, to: str) -> etree._Element:
+        frm = f"{self.jid}/{self.subject_nick}" if self.subject_nick else self.jid
+        message = _stanza("message", frm, to, "groupchat")
+        etree.SubElement(message, f"{{{ns.CLIENT}}}subject").text = self.subject
+        return message
+
+    def _admit(self, sender: Occupant, stanza: etree._Element, now: float) -> None:
+        """The service's message size and per-occupant rate limits."""
+        if len(etree.tostring(stanza)) > self.limits.max_message_bytes:
+            raise StanzaError("policy-violation", "the message is too large")
+        burst = float(self.limits.message_burst)
+        if sender.tokens < 0:
+            sender.tokens, sender.refilled = burst, now
+        sender.tokens = min(
+            burst, sender.tokens + (now - sender.refilled) * self.limits.messages_per_second
+        )
+        sender.refilled = now
+        if sender.tokens < 1:
+            raise StanzaError("resource-constraint", "too many messages, slow down")
+        sender.tokens -= 1
+
+    def _stamp_occupant_id(self, stanza: etree._Element, occupant: Occupant) -> None:
+        etree.SubElement(stanza, f"{{{OCCUPANT_ID}}}occupant-id", nsmap={None: OCCUPANT_ID}).set(
+            "id", self.occupant_id(occupant.jid.bare)
+        )
+
+    def bounced(self, stanza: etree._Element) -> Out:
+        """An error from an occupant's address: its client is gone (the router bounced
+        what the room sent it), so it leaves, with 333 (removed for a technical reason)."""
+        occupant = self.by_jid.get(stanza.get("from", ""))
+        error = stanza.find(f"{{{ns.CLIENT}}}error")
+        if occupant is None or error is None:
+            return []
+        conditions = {etree.QName(c).localname for c in error}
+        if not conditions & _GONE:
+            return []
+        if occupant.others:
+            return self._leave_session(occupant, parse_jid(stanza.get("from", "")), None)
+        return self._leave(occupant, None, codes=["333"])
+
+    def groupchat(self, stanza: etree._Element, now: float) -> Out:
+        sender = self.by_jid.get(stanza.get("from", ""))
+        if sender is None:
+            raise StanzaError("not-acceptable", "only occupants may send to the room")
+        self._admit(sender, stanza, now)
+        if sender.role == "visitor":
+            raise StanzaError("forbidden", "you have no voice in this room")
+        subject = stanza.find(f"{{{ns.CLIENT}}}subject")
+        body = stanza.find(f"{{{ns.CLIENT}}}body")
+        if subject is not None and body is None:
+            if sender.role != "moderator" and not self.config.change_subject:
+                raise StanzaError("forbidden", "you may not change the subject")
+            self.subject = subject.text or ""
+            self.subject_nick = sender.nick
+            self.persistent_changed = True
+        template = _stanza("message", f"{self.jid}/{sender.nick}", None, "groupchat")
+        if stanza.get("id") is not None:
+            template.set("id", stanza.get("id", ""))
+        for child in stanza:
+            if child.tag != f"{{{OCCUPANT_ID}}}occupant-id":  # never trust a client's
+                template.append(_copy(child))
+        self._stamp_occupant_id(template, sender)
+        if body is not None and self.history.maxlen:
+            xml = etree.tostring(template, encoding="unicode")
+            self.history.append(HistoryEntry(now, xml, len(xml)))
+            self.history_changed = True
+        out = []
+        for occupant in self.occupants.values():
+            message = _copy(template)
+            message.set("to", str(occupant.jid))
+            out += self._sessions(occupant, message)
+        return out
+
+    def private_message(self, stanza: etree._Element, nick: str, now: float) -> Out:
+        sender = self.by_jid.get(stanza.get("from", ""))
+        if sender is None:
+            raise StanzaError("not-acceptable", "only occupants may send private messages")
+        self._admit(sender, stanza, now)
+        if not self.config.allow_private_messages and sender.role != "moderator":
+            raise StanzaError("forbidden", "private messages are not allowed here")
+        target = self.occupants.get(nick)
+        if target is None:
+            raise StanzaError("item-not-found", "no such occupant")
+        message = _stanza("message", f"{self.jid}/{sender.nick}", str(target.jid),
+                          stanza.get("type"))
+        if stanza.get("id") is not None:
+            message.set("id", stanza.get("id", ""))
+        for child in stanza:
+            if isinstance(child.tag, str) and child.tag not in _NOT_RELAYED:
+                message.append(_copy(child))
+        etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
+        self._stamp_occupant_id(message, sender)
+        return self._sessions(target, message)
+
+    def message_to_room(self, stanza: etree._Element, now: float) -> Out:
+        """A message to the room's bare JID that is not groupchat: invitations, declines,
+        voice requests and their approvals."""
+        request = Submitted.find(stanza, MUC_REQUEST) if stanza.find(
+            "{jabber:x:data}x/{jabber:x:data}field[@var='FORM_TYPE']"
+        ) is not None else None
+        if request is not None:
+            return self._voice(stanza, request, now)
+        x = stanza.find(f"{{{MUC_USER}}}x")
+        if x is not None:
+            invite = x.find(f"{{{MUC_USER}}}invite")
+            if invite is not None:
+                return self._invite(stanza, invite)
+            decline = x.find(f"{{{MUC_USER}}}decline")
+            if decline is not None:
+                return self._decline(stanza, decline)
+        raise StanzaError("bad-request", "send groupchat messages to the room")
+
+    def _voice(self, stanza: etree._Element, request: Submitted, now: float) -> Out:
+        """A visitor asks for voice (7.13): each moderator gets the form; a moderator
+        who submits it with muc#request_allow true grants it (8.6)."""
+        sender = self.by_jid.get(stanza.get("from", ""))
+        if sender is None:
+            raise StanzaError("not-acceptable", "only occupants ask for voice")
+        if "muc#request_allow" in request.values:
+            if sender.role != "moderator":
+                raise StanzaError("forbidden", "only moderators grant voice")
+            target = self.occupants.get(request.one("muc#roomnick"))
+            if not _truth(request.one("muc#request_allow")) or target is None:
+                return []
+            if target.role != "visitor":
+                return []
+            return self._set_role(target, "participant", sender.nick, None)
+        if sender.role != "visitor" or request.one("muc#role") not in ("", "participant"):
+            raise StanzaError("not-acceptable", "only visitors ask for voice")
+        self._admit(sender, stanza, now)
+        out: Out = []
+        for moderator in self.occupants.values():
+            if moderator.role != "moderator":
+                continue
+            fields = [
+                Field("muc#role", "list-single", "Requested role", values=("participant",),
+                      options=(("Participant", "participant"),)),
+                Field("muc#roomnick", "text-single", "Nickname", values=(sender.nick,)),
+                Field("muc#request_allow", "boolean", "Grant voice?", values=("false",)),
+            ]
+            if self._sees_jids(moderator):
+                fields.insert(1, Field("muc#jid", "jid-single", "User", values=(str(sender.jid),)))
+            message = _stanza("message", self.jid, str(moderator.jid))
+            message.append(form("form", MUC_REQUEST, fields, title="Voice request",
+                                instructions=f"Grant {sender.nick} voice in this room?"))
+            out += self._sessions(moderator, message)
+        return out
+
+    def _invite(self, stanza: etree._Element, invite: etree._Element) -> Out:
+        sender = self.by_jid.get(stanza.get("from", ""))
+        if sender is None:
+            raise StanzaError("not-acceptable", "only occupants may invite")
+        invitee = parse_jid(invite.get("to", ""))
+        if self.config.members_only:
+            rank = _RANK[self.affiliation(sender.jid.bare)]
+            may = rank >= _RANK["admin"] or (self.config.allow_invites and rank >= _RANK["member"])
+            if not may:
+                raise StanzaError("forbidden", "you may not invite to this members-only room")
+            if self.affiliation(invitee.bare) == "none":
+                self.affiliations[invitee.bare] = "member"
+                self.persistent_changed = True
+        message = _stanza("message", self.jid, str(invitee))
+        x = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
+        forwarded = etree.SubElement(x, f"{{{MUC_USER}}}invite")
+        forwarded.set("from", str(sender.jid))
+        if (reason := invite.findtext(f"{{{MUC_USER}}}reason")) is not None:
+            etree.SubElement(forwarded, f"{{{MUC_USER}}}reason").text = reason
+        if self.config.password:
+            etree.SubElement(x, f"{{{MUC_USER}}}password").text = self.config.password
+        return [message]
+
+    def _decline(self, stanza: etree._Element, decline: etree._Element) -> Out:
+        to = parse_jid(decline.get("to", ""))
+        message = _stanza("message", self.jid, str(to))
+        x = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
+        forwarded = etree.SubElement(x, f"{{{MUC_USER}}}decline")
+        forwarded.set("from", parse_jid(stanza.get("from", "")).bare)
+        if (reason := decline.findtext(f"{{{MUC_USER}}}reason")) is not None:
+            etree.SubElement(forwarded, f"{{{MUC_USER}}}reason").text = reason
+        return [message]
+
+    def iq_to_occupant(self, stanza: etree._Element, nick: str) -> Out:
+        """An IQ between occupants (a vCard or a ping), relayed between their real JIDs
+        under their nicks; a ping to one's own nick is answered here (XEP-0410: the
+        caller answers when this returns []). Results and errors are relayed the
+        same way and never answered."""
+        request = stanza.get("type") in ("get", "set")
+        sender = self.by_jid.get(stanza.get("from", ""))
+        if sender is None:
+            if request:
+                raise StanzaError("not-acceptable", "only occupants reach occupants")
+            return []
+        if request and sender.nick == nick and stanza.find(f"{{{PING}}}ping") is not None:
+            return []
+        target = self.occupants.get(nick)
+        if target is None:
+            if request:
+                raise StanzaError("item-not-found", "no such occupant")
+            return []
+        relayed = _copy(stanza)
+        relayed.set("from", f"{self.jid}/{sender.nick}")
+        relayed.set("to", str(target.jid))
+        return [relayed]
+
+    # --- administration (muc#admin) ------------------------------------------------------
+
+    def admin_get(self, stanza: etree._Element, query: etree._Element) -> etree._Element:
+        actor = self._actor(stanza)
+        answer = _el(f"{{{MUC_ADMIN}}}query")
+        for item in query.iterchildren(f"{{{MUC_ADMIN}}}item"):
+            if (affiliation := item.get("affiliation")) is not None:
+                if affiliation not in AFFILIATIONS or affiliation == "none":
+                    raise StanzaError("bad-request", "no such affiliation list")
+                if _RANK[actor[1]] < _RANK["admin"]:
+                    raise StanzaError("forbidden", "only admins and owners see that list")
+                for bare, value in sorted(self.affiliations.items()):
+                    if value == affiliation:
+                        element = etree.SubElement(answer, f"{{{MUC_ADMIN}}}item")
+                        element.set("affiliation", value)
+                        element.set("jid", bare)
+            elif (role := item.get("role")) is not None:
+                if role not in ROLES or role == "none":
+                    raise StanzaError("bad-request", "no such role list")
+                if actor[0] is None or actor[0].role != "moderator":
+                    raise StanzaError("forbidden", "only moderators see that list")
+                for occupant in self.occupants.values():
+                    if occupant.role == role:
+                        element = etree.SubElement(answer, f"{{{MUC_ADMIN}}}item")
+                        element.set("role", role)
+                        element.set("nick", occupant.nick)
+                        element.set("affiliation", self.affiliation(occupant.jid.bare))
+                        if self._sees_jids(actor[0]):
+                            element.set("jid", str(occupant.jid))
+            else:
+                raise StanzaError("bad-request", "an item needs a role or an affiliation")
+        return answer
+
+    def _actor(self, stanza: etree._Element) -> tuple[Occupant | None, str]:
+        sender = parse_jid(stanza.get("from", ""))
+        return self.by_jid.get(sender.full), self.affiliation(sender.bare)
+
+    def admin_set(self, stanza: etree._Element, query: etree._Element) -> Out:
+        """Role and affiliation changes, all or none (XEP-0045 9.x, 10.x)."""
+        actor, actor_affiliation = self._actor(stanza)
+        items = list(query.iterchildren(f"{{{MUC_ADMIN}}}item"))
+        if not items:
+            raise StanzaError("bad-request", "no item")
+        changes: list[tuple[str, etree._Element]] = []
+        for item in items:
+            if item.get("affiliation") is not None:
+                self._check_affiliation(item, actor_affiliation)
+                changes.append(("affiliation", item))
+            elif item.get("role") is not None:
+                self._check_role(item, actor, actor_affiliation)
+                changes.append(("role", item))
+            else:
+                raise StanzaError("bad-request", "an item needs a role or an affiliation")
+        out: Out = []
+        actor_nick = actor.nick if actor is not None else None
+        for kind, item in changes:
+            reason = item.findtext(f"{{{MUC_ADMIN}}}reason")
+            if kind == "role":
+                out += self._set_role(self.occupants[item.get("nick", "")], item.get("role", ""),
+                                      actor_nick, reason)
+            else:
+                out += self._set_affiliation(self._affiliation_target(item),
+                                             item.get("affiliation", ""), actor_nick, reason)
+        return out
+
+    def _check_role(self, item: etree._Element, actor: Occupant | None, actor_aff: str) -> None:
+        role = item.get("role", "")
+        if role not in ROLES:
+            raise StanzaError("bad-request", "no such role")
+        if actor is None or actor.role != "moderator":
+            raise StanzaError("forbidden", "only moderators change roles")
+        target = self.occupants.get(item.get("nick", ""))
+        if target is None:
+            raise StanzaError("item-not-found", "no such occupant")
+        target_aff = self.affiliation(target.jid.bare)
+        if role == "moderator" and _RANK[actor_aff] < _RANK["admin"]:
+            raise StanzaError("not-allowed", "only admins and owners grant moderation")
+        if role in ("none", "visitor", "participant") and target_aff in ("admin", "owner"):
+            # Nobody demotes or kicks an admin or owner through a role (9.1, 9.6).
+            raise StanzaError("not-allowed", "that occupant's affiliation protects it")
+        if target.role == "moderator" and role != "moderator" and _RANK[actor_aff] < _RANK["admin"]:
+            raise StanzaError("not-allowed", "only admins and owners revoke moderation")
+
+    def _check_affiliation(self, item: etree._Element, actor_aff: str) -> None:
+        affiliation = item.get("affiliation", "")
+        if affiliation not in AFFILIATIONS:
+            raise StanzaError("bad-request", "no such affiliation")
+        target = self._affiliation_target(item)
+        current = self.affiliation(target)
+        if actor_aff == "owner":
+            if current == "owner" and affiliation != "owner":
+                owners = [j for j, a in self.affiliations.items() if a == "owner"]
+                if owners == [target]:
+                    raise StanzaError("conflict", "a room keeps at least one owner")
+            return
+        if actor_aff == "admin":
+            if affiliation in ("admin", "owner") or current in ("admin", "owner"):
+                raise StanzaError("not-allowed", "only owners change admins and owners")
+            return
+        raise StanzaError("forbidden", "only admins and owners change affiliations")
+
+    def _affiliation_target(self, item: etree._Element) -> str:
+        """The bare JID an affiliation item names: its jid, or an occupant's nick."""
+        if item.get("jid"):
+            return parse_jid(item.get("jid", "")).bare
+        occupant = self.occupants.get(item.get("nick", ""))
+        if occupant is None:
+            raise StanzaError("bad-request", "an affiliation item needs a jid or a nick")
+        return occupant.jid.bare
+
+    def _set_role(self, target: Occupant, role: str, actor: str | None, reason: str | None) -> Out:
+        if role == "none":
+            return self._leave(target, None, codes=["307"], actor=actor, reason=reason)
+        target.role = role
+        return self._broadcast_presence(target, actor=actor, reason=reason)
+
+    def _set_affiliation(
+        self, bare: str, affiliation: str, actor: str | None, reason: str | None
+    ) -> Out:
+        if affiliation == "none":
+            self.affiliations.pop(bare, None)
+        else:
+            self.affiliations[bare] = affiliation
+        self.persistent_changed = True
+        out: Out = []
+        for occupant in [o for o in self.occupants.values() if o.jid.bare == bare]:
+            if affiliation == "outcast":
+                out += self._leave(occupant, None, codes=["301"], actor=actor, reason=reason)
+            elif affiliation == "none" and self.config.members_only:
+                out += self._leave(occupant, None, codes=["321"], actor=actor, reason=reason)
+            else:
+                occupant.role = self._default_role(affiliation)
+                out += self._broadcast_presence(occupant, actor=actor, reason=reason)
+        return out
+
+    # --- ownership (muc#owner) -----------------------------------------------------------
+
+    def _require_owner(self, stanza: etree._Element) -> None:
+        if self._actor(stanza)[1] != "owner":
+            raise StanzaError("forbidden", "only owners may do that")
+
+    def config_form(self, stanza: etree._Element) -> etree._Element:
+        self._require_owner(stanza)
+        c = self.config
+        fields = [
+            Field("muc#roomconfig_roomname", label="Name", values=(c.name,)),
+            Field("muc#roomconfig_roomdesc", label="Description", values=(c.description,)),
+            _bool("muc#roomconfig_persistentroom", "Persistent", c.persistent),
+            _bool("muc#roomconfig_publicroom", "Listed in the directory", c.public),
+            _bool("muc#roomconfig_membersonly", "Members only", c.members_only),
+            _bool("muc#roomconfig_moderatedroom", "Moderated", c.moderated),
+            _bool("muc#roomconfig_passwordprotectedroom", "Password protected",
+                  bool(c.password)),
+            Field("muc#roomconfig_roomsecret", "text-private", "Password",
+                  values=(c.password,)),
+            Field("muc#roomconfig_whois", "list-single", "Who may see real JIDs",
+                  values=(c.whois,),
+                  options=(("Moderators", "moderators"), ("Anyone", "anyone"))),
+            Field("muc#roomconfig_maxusers", "text-single",
+                  f"Max occupants (0: {self.limits.max_occupants})", values=(str(c.max_users),)),
+            _bool("muc#roomconfig_changesubject", "Participants may change the subject",
+                  c.change_subject),
+            _bool("muc#roomconfig_allowinvites", "Participants may invite", c.allow_invites),
+            Field("muc#roomconfig_allowpm", "list-single", "Private messages",
+                  values=("anyone" if c.allow_private_messages else "moderators",),
+                  options=(("Anyone", "anyone"), ("Moderators", "moderators"))),
+            Field("muc#maxhistoryfetch", "text-single",
+                  f"History messages kept (at most {self.limits.max_history})",
+                  values=(str(c.history_length),)),
+        ]
+        query = _el(f"{{{MUC_OWNER}}}query")
+        query.append(form("form", ROOMCONFIG, fields, title=f"Configuration of {self.jid}"))
+        return query
+
+    def configure(self, stanza: etree._Element, query: etree._Element) -> Out:
+        """An owner submits the form (or an empty one: an instant room) or cancels it."""
+        self._require_owner(stanza)
+        x = query.find("{jabber:x:data}x")
+        if x is not None and x.get("type") == "cancel":
+            if self.locked:
+                self.destroyed = True
+                return self._destroy_all(None, None)
+            return []
+        submitted = Submitted.find(query, ROOMCONFIG)
+        if submitted is None:
+            raise StanzaError("bad-request", "expected a configuration form")
+        before = Config(**asdict(self.config))
+        self.config = _apply_form(self.config, submitted, self.limits)
+        self.history = deque(self.history, maxlen=self._history_cap())
+        self.persistent_changed = True
+        was_locked, self.locked = self.locked, False
+        out: Out = []
+        if self.config.members_only:
+            for occupant in list(self.occupants.values()):
+                if self.affiliation(occupant.jid.bare) == "none":
+                    out += self._leave(occupant, None, codes=["322"])
+        if not was_locked:
+            codes = ["104"]
+            if before.whois != self.config.whois:
+                codes.append("172" if self.config.whois == "anyone" else "173")
+            for occupant in self.occupants.values():
+                message = _stanza("message", self.jid, str(occupant.jid), "groupchat")
+                x_el = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
+                for code in codes:
+                    etree.SubElement(x_el, f"{{{MUC_USER}}}status").set("code", code)
+                out += self._sessions(occupant, message)
+        return out
+
+    def destroy(self, stanza: etree._Element, element: etree._Element) -> Out:
+        self._require_owner(stanza)
+        self.destroyed = True
+        return self._destroy_all(element.get("jid"), element.findtext(f"{{{MUC_OWNER}}}reason"))
+
+    def _destroy_all(self, venue: str | None, reason: str | None) -> Out:
+        out: Out = []
+        for occupant in list(self.occupants.values()):
+            destroy = etree.Element(f"{{{MUC_USER}}}destroy")
+            if venue:
+                destroy.set("jid", venue)
+            if reason:
+                etree.SubElement(destroy, f"{{{MUC_USER}}}reason").text = reason
+            out += self._sessions(
+                occupant, self._presence_of(occupant, occupant, unavailable=True, destroy=destroy)
+            )
+            del self.occupants[occupant.nick]
+            for session in (occupant.jid, *occupant.others):
+                del self.by_jid[session.full]
+        return out
+
+    # --- discovery -----------------------------------------------------------------------
+
+    def disco_info(self) -> etree._Element:
+        query = _el("{http://jabber.org/protocol/disco#info}query")
+        identity = etree.SubElement(query, "{http://jabber.org/protocol/disco#info}identity")
+        identity.set("category", "conference")
+        identity.set("type", "text")
+        identity.set("name", self.config.name or self.jid.split("@")[0])
+        c = self.config
+        features = [
+            MUC, OCCUPANT_ID, PING, REGISTER,
+            "muc_persistent" if c.persistent else "muc_temporary",
+            "muc_public" if c.public else "muc_hidden",
+            "muc_membersonly" if c.members_only else "muc_open",
+            "muc_moderated" if c.moderated else "muc_unmoderated",
+            "muc_nonanonymous" if c.whois == "anyone" else "muc_semianonymous",
+            "muc_passwordprotected" if c.password else "muc_unsecured",
+        ]
+        for var in features:
+            etree.SubElement(query, "{http://jabber.org/protocol/disco#info}feature").set(
+                "var", var
+            )
+        query.append(form("result", ROOMINFO, [
+            Field("muc#roominfo_description", label="Description", values=(c.description,)),
+            Field("muc#roominfo_subject", label="Subject", values=(self.subject,)),
+            Field("muc#roominfo_occupants", label="Occupants",
+                  values=(str(len(self.occupants)),)),
+        ]))
+        return query
+
+    def disco_items(self, asker: str) -> etree._Element:
+        """Occupants are listed to anyone in a public room, to occupants in a hidden one."""
+        query = _el("{http://jabber.org/protocol/disco#items}query")
+        if self.config.public or asker in self.by_jid:
+            for nick in self.occupants:
+                etree.SubElement(query, "{http://jabber.org/protocol/disco#items}item").set(
+                    "jid", f"{self.jid}/{nick}"
+                )
+        return query
+
+
+def _bool(var: str, label: str, value: bool) -> Field:
+    return Field(var, "boolean", label, values=("1" if value else "0",))
+
+
+def _truth(value: str) -> bool:
+    return value in ("1", "true")
+
+
+def _apply_form(config: Config, form_: Submitted, limits: Limits) -> Config:
+    new = Config(**asdict(config))
+    v = form_.values
+
+    def has(var: str) -> bool:
+        return f"muc#roomconfig_{var}" in v
+
+    def one(var: str) -> str:
+        return form_.one(f"muc#roomconfig_{var}")
+
+    if has("roomname"):
+        new.name = one("roomname")
+    if has("roomdesc"):
+        new.description = one("roomdesc")
+    for var, attr in (("persistentroom", "persistent"), ("publicroom", "public"),
+                      ("membersonly", "members_only"), ("moderatedroom", "moderated"),
+                      ("changesubject", "change_subject"), ("allowinvites", "allow_invites")):
+        if has(var):
+            setattr(new, attr, _truth(one(var)))
+    if has("roomsecret"):
+        new.password = form_.one("muc#roomconfig_roomsecret", strip=False)
+    if has("passwordprotectedroom") and not _truth(one("passwordprotectedroom")):
+        new.password = ""
+    if has("passwordprotectedroom") and _truth(one("passwordprotectedroom")) and not new.password:
+        raise StanzaError("not-acceptable", "a password-protected room needs a password")
+    if has("whois"):
+        if one("whois") not in ("anyone", "moderators"):
+            raise StanzaError("not-acceptable", "whois is 'anyone' or 'moderators'")
+        new.whois = one("whois")
+    if has("allowpm"):
+        new.allow_private_messages = one("allowpm") != "moderators" and one("allowpm") != "none"
+    if has("maxusers"):
+        value = _int(one("maxusers") or "0")
+        if value is None or value < 0 or value > limits.max_occupants:
+            raise StanzaError("not-acceptable", f"max users is 0 to {limits.max_occupants}")
+        new.max_users = value
+    if "muc#maxhistoryfetch" in v:
+        value = _int(form_.one("muc#maxhistoryfetch") or "0")
+        if value is None or value < 0 or value > limits.max_history:
+            raise StanzaError("not-acceptable", f"history length is 0 to {limits.max_history}")
+        new.history_length = value
+    return new
+
+
+def _int(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _copy(element: etree._Element) -> etree._Element:
+    return copy.deepcopy(element)
+
+
+def _status_of(stanza: etree._Element) -> str | None:
+    return stanza.findtext(f"{{{ns.CLIENT}}}status")
+
+
+# What a client's presence or private message may not carry into the room: the
+# join element, and an occupant id of its own making (XEP-0421: the room's only).
+_NOT_RELAYED = frozenset({f"{{{MUC}}}x", f"{{{MUC_USER}}}x", f"{{{OCCUPANT_ID}}}occupant-id"})
+
+
+def _presence_payload(stanza: etree._Element) -> tuple[list[etree._Element], str | None]:
+    """What an occupant's presence carries to the others: all but the MUC join element."""
+    kept = [_copy(c) for c in stanza if isinstance(c.tag, str) and c.tag not in _NOT_RELAYED]
+    return kept, stanza.findtext(f"{{{ns.CLIENT}}}show")

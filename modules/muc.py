@@ -1,0 +1,504 @@
+"""Multi-user chat (XEP-0045) at conference.<host>, with XEP-0410 and XEP-0421.
+
+This module is the room's host: it serves the service domain, finds or
+loads the room a stanza is for, hands the stanza to the room
+(modules/_muc_room.py, pure state transitions), routes what the room
+answers, and writes what the room marked changed. Rooms live in this
+node's memory while it runs; persistent ones are read from the stores the
+first time a stanza names them (stanzas for a room that is loading wait in
+order) and written back after each change.
+
+Storage (per virtual host):
+- item store "muc_rooms": one item per persistent room, named by the
+  room's local part: its configuration, affiliations, subject, creator and
+  occupant-id secret as JSON, plus `public` and `creator` attributes so the
+  room directory and the rooms-per-user limit are one query each. Written
+  with `modify` (conditional on what was read).
+- blob store "muc_history": one blob per persistent room, the last
+  `history_length` messages. A join reads nothing from storage (the room
+  is in memory); the blob is read once when the room loads and written at
+  most once per HISTORY_WRITE seconds while people talk, and at stop.
+
+The choice of one live owner per room (and why not shared state in Redis)
+is in docs/architecture.md, "Multi-user chat".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field
+
+from xmppd.jid import JID
+from xmppd.modulehost import Module, Routed
+from xmppd.modules._muc_room import (
+    MUC,
+    MUC_ADMIN,
+    MUC_OWNER,
+    OCCUPANT_ID,
+    PING,
+    REGISTER,
+    Limits,
+    Out,
+    Room,
+)
+from xmppd.storage.base import UNCHANGED, Item, Query, Unchanged
+from xmppd.stream.errors import StanzaError, error_reply
+from xmppd.xml import ns
+
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
+HISTORY_WRITE = 1.0  # seconds between two writes of one room's history
+MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
+
+
+class MucOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subdomain: str = "conference"  # the service is <subdomain>.<host> for every host
+    name: str = "Chatrooms"
+    max_rooms_per_user: int = Field(10, ge=0)  # rooms a user created that still exist
+    max_occupants: int = Field(200, ge=1)  # per room; a room's max users is at most this
+    max_history: int = Field(50, ge=0)  # messages a room keeps for joins
+    max_message_bytes: int = Field(16384, ge=256)
+    messages_per_second: float = Field(2.0, gt=0)  # per occupant, sustained
+    message_burst: int = Field(10, ge=1)
+
+
+class Muc(Module):
+    name = "muc"
+    Options = MucOptions
+    # Its domains are served from setup(), one under each host of that moment.
+    fixed_options = ("subdomain", "name")
+    hosts_fixed = True
+
+    def setup(self) -> None:
+        options: MucOptions = self.options  # type: ignore[assignment]
+        self.limits = Limits()  # shared by every room: a reload changes it in place
+        self._set_limits(options)
+        self.clock: Callable[[], float] = time.time
+        self.rooms: dict[str, Room] = {}  # room bare JID -> live room
+        self._loading: dict[str, list[Routed]] = {}  # room bare JID -> stanzas waiting
+        self._saving: dict[str, tuple[Room, asyncio.Future[None]]] = {}
+        self.services: dict[str, str] = {}  # service domain -> virtual host
+        # Full JID -> the rooms it sent presence to while its session lives: where to
+        # look when the session ends (stale entries cost a lookup, nothing more).
+        self._visited: dict[str, set[str]] = {}
+        # On a cluster each node would hold its own copy of every room, and occupants
+        # on two nodes would never meet. The owner-per-room layer (docs/architecture.md,
+        # "Multi-user chat") is what makes it work; until then the service refuses.
+        handler = self._handle if not self.host.clustered else self._refuse
+        if self.host.clustered:
+            self.log.error("muc: not available on a cluster yet; the service refuses joins")
+        for vhost in self.host.hosts:
+            domain = f"{options.subdomain}.{vhost}"
+            self.services[domain] = vhost
+            self.host.serve_domain(domain, handler, options.name)
+        self.host.hook("session/closed", self._session_closed)
+
+    def reconfigure(self, options: BaseModel) -> None:
+        super().reconfigure(options)
+        self._set_limits(options)  # type: ignore[arg-type]
+
+    def _set_limits(self, options: MucOptions) -> None:
+        limits = self.limits
+        limits.max_occupants = options.max_occupants
+        limits.max_history = options.max_history
+        limits.max_message_bytes = options.max_message_bytes
+        limits.messages_per_second = options.messages_per_second
+        limits.message_burst = options.message_burst
+
+    def _refuse(self, routed: Routed) -> None:
+        self._error(
+            routed.stanza,
+            StanzaError("service-unavailable", "multi-user chat is not available on a cluster yet"),
+        )
+
+    async def stop(self) -> None:
+        """Write what is not written yet (history waits up to HISTORY_WRITE)."""
+        for room in self.rooms.values():
+            if room.history_changed or room.persistent_changed:
+                self._save(room, at_once=True)
+        while self._saving:
+            await asyncio.gather(*(w for _, w in self._saving.values()), return_exceptions=True)
+
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        """Drop the account's affiliations and registered nicks from every room of the
+        host, live and stored (an owner's rooms stay, without that owner)."""
+        bare = f"{username}@{vhost}"
+        found = False
+        for room in list(self.rooms.values()):
+            if self.services[room.jid.split("@", 1)[1]] == vhost and room.forget(bare):
+                found = True
+                self._after(room)
+        domain = next(d for d, v in self.services.items() if v == vhost)
+        store = self.host.items(vhost, "muc_rooms")
+        token: str | None = None
+        while True:
+            page = await store.query(Query(limit=100, page_token=token))
+            for item in page.items:
+                if bare not in str(item.attrs.get("state", "")):
+                    continue
+                if f"{item.name}@{domain}" in self.rooms:
+                    continue  # live: done above, and written from there
+
+                def change(current: Item | None) -> dict[str, object] | Unchanged:
+                    if current is None:
+                        return UNCHANGED
+                    state = json.loads(str(current.attrs["state"]))
+                    if not Room.forget_stored(state, bare):
+                        return UNCHANGED
+                    return {**current.attrs, "state": json.dumps(state)}
+
+                if (await store.modify(item.name, change, what="muc room")).written:
+                    found = True
+                live = self.rooms.get(f"{item.name}@{domain}")
+                if live is not None and live.forget(bare):  # loaded meanwhile
+                    self._after(live)
+            if (token := page.next_token) is None:
+                return found
+
+    # --- routing -------------------------------------------------------------------------
+
+    def _handle(self, routed: Routed) -> None:
+        stanza, to = routed.stanza, routed.to
+        if stanza.get("type") == "error":
+            room = self.rooms.get(to.bare)
+            if room is not None and to.user:  # never answered
+                if stanza.tag == ns.C_IQ and to.resource:
+                    self._apply(room, room.iq_to_occupant(stanza, to.resource))
+                else:  # perhaps a client gone
+                    self._apply(room, room.bounced(stanza))
+            return
+        if not to.user:
+            self._service(routed)
+            return
+        room_jid = to.bare
+        if stanza.tag == ns.C_PRESENCE and stanza.get("type") is None and routed.origin:
+            self._visited.setdefault(routed.origin.jid, set()).add(room_jid)
+        room = self.rooms.get(room_jid)
+        if room is not None:
+            self._to_room(room_jid, room, routed, None)
+            return
+        waiting = self._loading.get(room_jid)
+        if waiting is not None:
+            waiting.append(routed)
+            return
+        self._loading[room_jid] = [routed]
+        self.host.spawn(self._load(room_jid, routed))
+
+    async def _load(self, room_jid: str, first: Routed) -> None:
+        """Read a persistent room (and its history) before handling what waits for it."""
+        room: Room | None = None
+        owned: set[str] | None = None
+        try:
+            if (pending := self._saving.get(room_jid)) is not None:
+                await asyncio.gather(pending[1], return_exceptions=True)  # a deletion, say
+            vhost = self._vhost(room_jid)
+            local = room_jid.split("@", 1)[0]
+            item = await self.host.items(vhost, "muc_rooms").get(local)
+            if item is not None:
+                room = Room.restore(room_jid, self.limits, json.loads(item.attrs["state"]))
+                blob = await self.host.blobs(vhost, "muc_history").get(local)
+                if blob is not None:
+                    room.load_history(blob.data)
+            elif first.stanza.tag == ns.C_PRESENCE and first.stanza.get("type") is None:
+                owned = await self._stored_rooms_of(vhost, JID(first.stanza.get("from")).bare)
+        except Exception:
+            self.log.exception("muc: could not load %s", room_jid)
+            for routed in self._loading.pop(room_jid, []):
+                self._error(routed.stanza, StanzaError("internal-server-error", "try again"))
+            return
+        waiting = self._loading.pop(room_jid, [])
+        if room is not None:
+            self.rooms[room_jid] = room
+        for routed in waiting:
+            self._to_room(room_jid, self.rooms.get(room_jid), routed, owned)
+
+    async def _stored_rooms_of(self, vhost: str, creator: str) -> set[str]:
+        options: MucOptions = self.options  # type: ignore[assignment]
+        found = await self._query(vhost, {"creator": creator}, options.max_rooms_per_user + 1)
+        return {item.name for item in found}
+
+    async def _query(self, vhost: str, where: dict[str, str | int], enough: int) -> list[Item]:
+        """Stored rooms matching `where`, at most `enough`. Pages are followed: a
+        backend that filters after reading (DynamoDB) may return short or empty pages
+        before the end."""
+        store = self.host.items(vhost, "muc_rooms")
+        found: list[Item] = []
+        token: str | None = None
+        while len(found) < enough:
+            page = await store.query(Query(where=where, limit=100, page_token=token))
+            found += page.items
+            if (token := page.next_token) is None:
+                break
+        return found[:enough]
+
+    def _vhost(self, room_jid: str) -> str:
+        return self.services[room_jid.split("@", 1)[1]]
+
+    def _to_room(
+        self, room_jid: str, room: Room | None, routed: Routed, owned: set[str] | None
+    ) -> None:
+        stanza = routed.stanza
+        try:
+            if room is None:
+                room = self._create(room_jid, routed, owned)
+                if room is None:
+                    return
+            out = self._dispatch(room, routed)
+        except StanzaError as exc:
+            self._error(stanza, exc)
+            return
+        except Exception:
+            # A bug must cost this stanza only, not the ones queued behind it.
+            self.log.exception("muc: %s to %s failed", stanza.tag, room_jid)
+            self._error(stanza, StanzaError("internal-server-error"))
+            return
+        self._apply(room, out)
+
+    def _apply(self, room: Room, out: Out) -> None:
+        for element in out:
+            self.host.route(element)
+        self._after(room)
+
+    def _create(self, room_jid: str, routed: Routed, owned: set[str] | None) -> Room | None:
+        """A presence to a room that does not exist creates it (its sender the owner)."""
+        stanza = routed.stanza
+        if stanza.tag != ns.C_PRESENCE:
+            raise StanzaError("item-not-found", "no such room")
+        if stanza.get("type") not in (None, "available"):
+            return None
+        if not routed.to.resource:
+            raise StanzaError("jid-malformed", "join with room@service/nickname")
+        creator = JID(stanza.get("from")).bare
+        mine = {r.jid.split("@", 1)[0] for r in self.rooms.values() if r.creator == creator}
+        options: MucOptions = self.options  # type: ignore[assignment]
+        if len(mine | (owned or set())) >= options.max_rooms_per_user:
+            raise StanzaError("not-allowed", "you have created as many rooms as allowed")
+        room = Room(room_jid, self.limits, creator)
+        room.affiliations[creator] = "owner"
+        # A client that speaks MUC gets a locked room to configure (reserved room,
+        # or an empty form: instant); a legacy join gets an instant room.
+        room.locked = stanza.find(f"{{{MUC}}}x") is not None
+        self.rooms[room_jid] = room
+        return room
+
+    def _dispatch(self, room: Room, routed: Routed) -> Out:
+        stanza, nick, now = routed.stanza, routed.to.resource, self.clock()
+        if stanza.tag == ns.C_PRESENCE:
+            if not nick:
+                raise StanzaError("jid-malformed", "join with room@service/nickname")
+            return room.presence(stanza, nick, now)
+        if stanza.tag == ns.C_MESSAGE:
+            if nick:
+                if stanza.get("type") == "groupchat":
+                    raise StanzaError("bad-request", "send groupchat to the room's address")
+                return room.private_message(stanza, nick, now)
+            if stanza.get("type") == "groupchat":
+                return room.groupchat(stanza, now)
+            return room.message_to_room(stanza, now)
+        return self._room_iq(room, stanza, nick)
+
+    def _room_iq(self, room: Room, stanza: etree._Element, nick: str) -> Out:
+        if nick:
+            relayed = room.iq_to_occupant(stanza, nick)
+            if relayed or stanza.get("type") not in ("get", "set"):
+                return relayed
+            return [self._result(stanza)]  # the self-ping
+        if stanza.get("type") not in ("get", "set"):
+            return []
+        if len(stanza) != 1:
+            raise StanzaError("bad-request", "an IQ request has one child")
+        query = stanza[0]
+        kind = (query.tag, stanza.get("type"))
+        if kind == (f"{{{DISCO_INFO}}}query", "get") and query.get("node") is None:
+            return [self._result(stanza, room.disco_info())]
+        if kind == (f"{{{DISCO_INFO}}}query", "get") and query.get("node") == "x-roomuser-item":
+            return [self._result(stanza, room.reserved_nick(stanza))]
+        if kind == (f"{{{REGISTER}}}query", "get"):
+            return [self._result(stanza, room.registration_form(stanza))]
+        if kind == (f"{{{REGISTER}}}query", "set"):
+            return [self._result(stanza), *room.register(stanza, query)]
+        if kind == (f"{{{DISCO_ITEMS}}}query", "get") and query.get("node") is None:
+            return [self._result(stanza, room.disco_items(stanza.get("from", "")))]
+        if kind == (f"{{{MUC_ADMIN}}}query", "get"):
+            return [self._result(stanza, room.admin_get(stanza, query))]
+        if kind == (f"{{{MUC_ADMIN}}}query", "set"):
+            out = room.admin_set(stanza, query)
+            return [self._result(stanza), *out]
+        if kind == (f"{{{MUC_OWNER}}}query", "get"):
+            return [self._result(stanza, room.config_form(stanza))]
+        if kind == (f"{{{MUC_OWNER}}}query", "set"):
+            destroy = query.find(f"{{{MUC_OWNER}}}destroy")
+            if destroy is not None:
+                out = room.destroy(stanza, destroy)
+            else:
+                out = room.configure(stanza, query)
+            return [self._result(stanza), *out]
+        raise StanzaError("service-unavailable")
+
+    def _after(self, room: Room) -> None:
+        """Keep what the transition changed: write it, or let the room go."""
+        if room.destroyed or (room.empty and not room.config.persistent):
+            self.rooms.pop(room.jid, None)
+            room.destroyed = True
+            if room.stored or room.config.persistent:
+                self._save(room, at_once=True)  # deletes what was stored
+            return
+        if room.persistent_changed and (room.config.persistent or room.stored):
+            self._save(room, at_once=True)
+        elif room.history_changed and room.config.persistent:
+            self._save(room, at_once=False)
+
+    # --- storage -------------------------------------------------------------------------
+
+    def _save(self, room: Room, at_once: bool) -> None:
+        """Write the room's stored state: one writer per room name at a time, so a
+        room destroyed and created again is written in that order."""
+        pending = self._saving.get(room.jid)
+        if pending is not None and pending[0] is room:
+            return  # its writer picks the change up
+        before = pending[1] if pending is not None else None
+        writer = self.host.spawn(self._writer(room, at_once, before))
+        self._saving[room.jid] = (room, writer)
+
+    async def _writer(
+        self, room: Room, at_once: bool, before: asyncio.Future[None] | None
+    ) -> None:
+        try:
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)
+            if not at_once:
+                await asyncio.sleep(HISTORY_WRITE)  # many messages, one write
+            while room.persistent_changed or room.history_changed or (
+                room.destroyed and room.stored
+            ):
+                await self._write(room)
+        except Exception:
+            self.log.exception("muc: could not store %s", room.jid)
+        finally:
+            current = self._saving.get(room.jid)
+            if current is not None and current[0] is room:
+                del self._saving[room.jid]
+
+    async def _write(self, room: Room) -> None:
+        vhost = self._vhost(room.jid)
+        local = room.jid.split("@", 1)[0]
+        items, blobs = self.host.items(vhost, "muc_rooms"), self.host.blobs(vhost, "muc_history")
+        if room.destroyed or not room.config.persistent:
+            room.persistent_changed = room.history_changed = False
+            await items.modify(local, lambda _: None, what="muc room")
+            await blobs.delete(local)
+            room.stored = False
+            return
+        if room.persistent_changed:
+            room.persistent_changed = False
+            attrs = {
+                "state": json.dumps(room.snapshot()),
+                "public": int(room.config.public),
+                "creator": room.creator,
+            }
+            await items.modify(local, lambda _: attrs, what="muc room")
+            room.stored = True
+        if room.history_changed:
+            room.history_changed = False
+            await blobs.put(local, room.history_json())
+
+    # --- the service itself --------------------------------------------------------------
+
+    def _service(self, routed: Routed) -> None:
+        stanza = routed.stanza
+        if stanza.tag != ns.C_IQ:
+            if stanza.tag == ns.C_MESSAGE:
+                self._error(stanza, StanzaError("service-unavailable"))
+            return
+        if stanza.get("type") not in ("get", "set"):
+            return
+        query = stanza[0] if len(stanza) == 1 else None
+        if query is None or stanza.get("type") != "get" or query.get("node") is not None:
+            self._error(stanza, StanzaError("service-unavailable"))
+        elif query.tag == f"{{{DISCO_INFO}}}query":
+            info = etree.Element(f"{{{DISCO_INFO}}}query", nsmap={None: DISCO_INFO})
+            identity = etree.SubElement(info, f"{{{DISCO_INFO}}}identity")
+            identity.set("category", "conference")
+            identity.set("type", "text")
+            identity.set("name", self.options.name)  # type: ignore[attr-defined]
+            for var in (DISCO_INFO, DISCO_ITEMS, MUC, OCCUPANT_ID, PING):
+                etree.SubElement(info, f"{{{DISCO_INFO}}}feature").set("var", var)
+            self.host.route(self._result(stanza, info))
+        elif query.tag == f"{{{DISCO_ITEMS}}}query":
+            self.host.spawn(self._directory(stanza, routed.to.domain))
+        elif query.tag == f"{{{PING}}}ping":
+            self.host.route(self._result(stanza))
+        else:
+            self._error(stanza, StanzaError("service-unavailable"))
+
+    async def _directory(self, stanza: etree._Element, domain: str) -> None:
+        """The public rooms: live ones and stored ones (one query)."""
+        vhost = self.services[domain]
+        names: dict[str, str] = {}
+        for room in self.rooms.values():
+            if room.jid.endswith(f"@{domain}") and room.config.public and not room.locked:
+                names[room.jid] = room.config.name
+        try:
+            stored = await self._query(vhost, {"public": 1}, MAX_LISTED)
+        except Exception:
+            self.log.exception("muc: could not list the rooms of %s", domain)
+            self._error(stanza, StanzaError("internal-server-error", "try again"))
+            return
+        for item in stored:
+            jid = f"{item.name}@{domain}"
+            if jid not in self.rooms:
+                names[jid] = json.loads(str(item.attrs["state"]))["config"]["name"]
+        query = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
+        for jid, name in sorted(names.items()):
+            element = etree.SubElement(query, f"{{{DISCO_ITEMS}}}item")
+            element.set("jid", jid)
+            if name:
+                element.set("name", name)
+        self.host.route(self._result(stanza, query))
+
+    async def _session_closed(self, session: object) -> bool:
+        """A session that ended without leaving its rooms leaves them now (the presence
+        module's unavailable to directed-presence targets usually came first)."""
+        jid = str(getattr(session, "jid", ""))
+        for room_jid in self._visited.pop(jid, ()):
+            room = self.rooms.get(room_jid)
+            if room is not None and room.occupant_of(jid) is not None:
+                self._apply(room, room.session_gone(jid))
+        return False
+
+    # --- replies -------------------------------------------------------------------------
+
+    def _result(
+        self, stanza: etree._Element, payload: etree._Element | None = None
+    ) -> etree._Element:
+        reply = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
+        reply.set("type", "result")
+        reply.set("from", stanza.get("to", ""))
+        reply.set("to", stanza.get("from", ""))
+        if stanza.get("id") is not None:
+            reply.set("id", stanza.get("id", ""))
+        if payload is not None:
+            reply.append(payload)
+        return reply
+
+    def _error(self, stanza: etree._Element, exc: StanzaError) -> None:
+        if stanza.get("type") == "error" or (
+            stanza.tag == ns.C_IQ and stanza.get("type") == "result"
+        ):
+            return
+        reply = error_reply(stanza, exc.condition, exc.text, exc.type)
+        if stanza.tag == ns.C_PRESENCE:
+            # As XEP-0045's examples do: clients match a join error by it (never
+            # echo the join's own <x/>, which may hold a password).
+            reply.insert(0, etree.Element(f"{{{MUC}}}x", nsmap={None: MUC}))
+        self.host.route(reply)
+
+
+MODULE = Muc

@@ -1,0 +1,868 @@
+"""Multi-user chat (XEP-0045, XEP-0410, XEP-0421) without sockets.
+
+Each test drives the muc module through a real router and module host with
+TestSessions as the users' clients, and reads what each client was sent:
+the XEP's use cases (join, nick change, leave, messages, subject, private
+messages, history, room creation and configuration, moderation, destruction,
+invitations, disco) and its errors, the service's limits, and rooms kept
+across a restart of the module (the same stores, a new host).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lxml import etree
+
+from xmppd.modules._muc_room import MUC, MUC_ADMIN, MUC_OWNER, MUC_USER, OCCUPANT_ID
+from xmppd.modules.muc import Muc
+from xmppd.testing import ModuleHarness, TestSession
+from xmppd.xml import ns
+
+ROOM = "room@conference.localhost"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+U = f"{{{MUC_USER}}}"
+DATA = "jabber:x:data"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def harness(**options: Any) -> tuple[ModuleHarness, Clock]:
+    h = await ModuleHarness({"disco": {}, "muc": options}).start()
+    clock = Clock()
+    h.host.module(Muc).clock = clock
+    return h, clock
+
+
+def condition(stanza: etree._Element) -> str:
+    assert stanza.get("type") == "error", etree.tostring(stanza)
+    error = stanza.find(f"{{{ns.CLIENT}}}error")
+    assert error is not None
+    return next(etree.QName(c).localname for c in error if etree.QName(c).namespace == STANZAS)
+
+
+def codes(stanza: etree._Element) -> set[str]:
+    return {s.get("code", "") for s in stanza.iterfind(f"{U}x/{U}status")}
+
+
+def item(stanza: etree._Element) -> etree._Element:
+    found = stanza.find(f"{U}x/{U}item")
+    assert found is not None, etree.tostring(stanza)
+    return found
+
+
+def presences(stanzas: list[etree._Element]) -> list[etree._Element]:
+    return [s for s in stanzas if s.tag == ns.C_PRESENCE]
+
+
+def messages(stanzas: list[etree._Element]) -> list[etree._Element]:
+    return [s for s in stanzas if s.tag == ns.C_MESSAGE]
+
+
+async def join(
+    h: ModuleHarness,
+    session: TestSession,
+    nick: str,
+    room: str = ROOM,
+    extra: str = "",
+    muc: bool = True,
+) -> list[etree._Element]:
+    x = f"<x xmlns='{MUC}'>{extra}</x>" if muc else ""
+    return await h.send(session, f"<presence to='{room}/{nick}'>{x}</presence>")
+
+
+async def owner_iq(
+    h: ModuleHarness, session: TestSession, type_: str, payload: str, room: str = ROOM
+) -> etree._Element:
+    return await h.iq(session, type_, f"<query xmlns='{MUC_OWNER}'>{payload}</query>", to=room)
+
+
+async def admin_iq(
+    h: ModuleHarness, session: TestSession, type_: str, items: str, room: str = ROOM
+) -> etree._Element:
+    return await h.iq(session, type_, f"<query xmlns='{MUC_ADMIN}'>{items}</query>", to=room)
+
+
+async def say(
+    h: ModuleHarness, session: TestSession, body: str = "", subject: str | None = None,
+    to: str = ROOM, type_: str = "groupchat",
+) -> list[etree._Element]:
+    """Send a message to the room (or an occupant); return what came back to the sender."""
+    payload = f"<body>{body}</body>" if subject is None else f"<subject>{subject}</subject>"
+    return await h.send(session, f"<message to='{to}' type='{type_}'>{payload}</message>")
+
+
+def submit(**fields: str) -> str:
+    body = "".join(
+        f"<field var='{var if var.startswith('muc#') else 'muc#roomconfig_' + var}'>"
+        f"<value>{value}</value></field>"
+        for var, value in fields.items()
+    )
+    return f"<x xmlns='{DATA}' type='submit'>{body}</x>"
+
+
+async def instant_room(
+    h: ModuleHarness, owner: TestSession, nick: str = "owner", room: str = ROOM, **config: str
+) -> None:
+    """Create `room` with `owner` in it and submit `config` (none: an instant room)."""
+    await join(h, owner, nick, room)
+    reply = await owner_iq(h, owner, "set", submit(**config), room)
+    assert reply.get("type") == "result", etree.tostring(reply)
+    owner.take()
+
+
+async def test_creating_a_room_locks_it_until_the_owner_configures_it() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    got = await join(h, alice, "Alice")
+    (self_presence,) = presences(got)
+    # The (empty) subject ends the join, also of a new room: clients wait for it.
+    assert got[-1].find(f"{{{ns.CLIENT}}}subject") is not None
+    assert self_presence.get("from") == f"{ROOM}/Alice"
+    assert codes(self_presence) == {"110", "201"}
+    assert (item(self_presence).get("affiliation"), item(self_presence).get("role")) == (
+        "owner",
+        "moderator",
+    )
+    # Locked: nobody else gets in (XEP-0045 10.1.1) until the configuration is submitted.
+    (refused,) = await join(h, bob, "Bob")
+    assert condition(refused) == "item-not-found"
+    form = await owner_iq(h, alice, "get", "")
+    fields = {f.get("var") for f in form.iter(f"{{{DATA}}}field")}
+    assert {"muc#roomconfig_persistentroom", "muc#roomconfig_membersonly",
+            "muc#roomconfig_whois", "muc#roomconfig_maxusers"} <= fields
+    got = await h.send(
+        alice,
+        f"<iq type='set' id='c' to='{ROOM}'><query xmlns='{MUC_OWNER}'>"
+        f"{submit(roomname='Lobby')}</query></iq>",
+    )
+    assert [(s.tag, s.get("type")) for s in got] == [(ns.C_IQ, "result")]
+    joined = await join(h, bob, "Bob")
+    assert codes(presences(joined)[-1]) == {"110"}
+
+
+async def test_cancelling_the_form_of_a_new_room_destroys_it() -> None:
+    h, _ = await harness()
+    alice = h.session("alice@localhost/a")
+    await join(h, alice, "Alice")
+    reply = await owner_iq(h, alice, "set", f"<x xmlns='{DATA}' type='cancel'/>")
+    assert reply.get("type") == "result"
+    assert ROOM not in h.host.module(Muc).rooms
+
+
+async def test_a_join_without_the_muc_element_makes_an_instant_room() -> None:
+    h, _ = await harness()
+    alice = h.session("alice@localhost/a")
+    joined = await join(h, alice, "Alice", muc=False)
+    assert codes(presences(joined)[0]) == {"110"}
+    assert not h.host.module(Muc).rooms[ROOM].locked
+
+
+async def test_join_presence_order_and_occupant_ids() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    got = await join(h, bob, "Bob", extra="<password>ignored</password>")
+    # Existing occupants first, then the newcomer's own presence (110), then the subject.
+    kinds = [(s.tag, s.get("from")) for s in got]
+    assert kinds == [
+        (ns.C_PRESENCE, f"{ROOM}/Alice"),
+        (ns.C_PRESENCE, f"{ROOM}/Bob"),
+        (ns.C_MESSAGE, ROOM),
+    ]
+    assert codes(got[1]) == {"110"}
+    # Semi-anonymous by default: bob sees no JID, alice (a moderator) sees his.
+    assert item(got[0]).get("jid") is None
+    (seen,) = alice.take()
+    assert item(seen).get("jid") == "bob@localhost/b"
+    ids = {s.find(f"{{{OCCUPANT_ID}}}occupant-id").get("id") for s in (got[1], seen)}
+    assert len(ids) == 1 and "bob" not in next(iter(ids))
+
+
+async def test_non_anonymous_rooms_show_jids_to_all_with_status_100() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice", whois="anyone")
+    got = await join(h, bob, "Bob")
+    assert item(got[0]).get("jid") == "alice@localhost/a"
+    assert codes(got[1]) == {"110", "100"}
+
+
+async def test_nick_conflict_and_nick_change_keep_the_occupant_id() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/Alice'/>")
+    assert condition(refused) == "conflict"
+    before = next(iter(alice.take()), None)
+    assert before is None
+    got = await h.send(bob, f"<presence to='{ROOM}/Robert'/>")
+    gone, back = got
+    assert gone.get("type") == "unavailable" and codes(gone) == {"110", "303"}
+    assert item(gone).get("nick") == "Robert" and item(gone).get("role") == "participant"
+    assert back.get("from") == f"{ROOM}/Robert" and codes(back) == {"110"}
+    seen_gone, seen_back = alice.take()
+    assert codes(seen_gone) == {"303"}
+    oid = f"{{{OCCUPANT_ID}}}occupant-id"
+    assert seen_gone.find(oid).get("id") == seen_back.find(oid).get("id")
+    # A third user may not take a nick through a join either.
+    (refused,) = await join(h, h.session("carol@localhost/c"), "Robert")
+    assert condition(refused) == "conflict"
+
+
+async def test_one_user_in_a_room_from_two_clients_under_one_nick() -> None:
+    h, _ = await harness(max_occupants=2)
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    phone = h.session("bob@localhost/phone")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    bob.take()
+    # The room is full (2), but the second client of an occupant is not a newcomer.
+    got = await join(h, phone, "Bob")
+    assert [(s.tag, s.get("from")) for s in got] == [
+        (ns.C_PRESENCE, f"{ROOM}/Alice"),
+        (ns.C_PRESENCE, f"{ROOM}/Bob"),
+        (ns.C_MESSAGE, ROOM),
+    ]
+    assert codes(got[1]) == {"110"}
+    assert alice.take() == [] and bob.take() == []  # nobody else sees a change
+    # Both clients get the room's messages and the occupant's private messages.
+    await say(h, alice, "to all")
+    await say(h, alice, "to bob", to=f"{ROOM}/Bob", type_="chat")
+    for client in (bob, phone):
+        assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in client.take()] == ["to all", "to bob"]
+    # Either client speaks as the one occupant.
+    await say(h, phone, "from the phone")
+    (heard,) = alice.take()
+    assert heard.get("from") == f"{ROOM}/Bob"
+    bob.take()
+    phone.take()
+    # One client leaving: it alone is told; the occupant stays.
+    (left,) = await h.send(bob, f"<presence to='{ROOM}/Bob' type='unavailable'/>")
+    assert left.get("type") == "unavailable" and codes(left) == {"110"}
+    assert alice.take() == []
+    await say(h, alice, "still here?")
+    assert len(phone.take()) == 1 and bob.take() == []
+    # A kick removes the occupant with every client it has.
+    await join(h, bob, "Bob")
+    bob.take()
+    phone.take()
+    await admin_iq(h, alice, "set", "<item nick='Bob' role='none'/>")
+    for client in (bob, phone):
+        (kicked,) = client.take()
+        assert codes(kicked) == {"110", "307"}
+    assert h.host.module(Muc).rooms[ROOM].by_jid.keys() == {"alice@localhost/a"}
+
+
+async def test_groupchat_subject_and_leaving() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    got = await h.send(
+        bob, f"<message to='{ROOM}' type='groupchat' id='m1'><body>hi</body></message>"
+    )
+    (echo,) = got
+    (copy,) = alice.take()
+    for m in (echo, copy):
+        assert m.get("from") == f"{ROOM}/Bob" and m.get("id") == "m1"
+        assert m.findtext(f"{{{ns.CLIENT}}}body") == "hi"
+    # Participants may not change the subject by default; moderators may.
+    (refused,) = await say(h, bob, subject="x")
+    assert condition(refused) == "forbidden"
+    await say(h, alice, subject="News")
+    (subject,) = bob.take()
+    assert subject.findtext(f"{{{ns.CLIENT}}}subject") == "News"
+    # A newcomer gets the subject, from the nick that set it, after the history.
+    got = messages(await join(h, h.session("carol@localhost/c"), "Carol"))
+    assert got[-1].findtext(f"{{{ns.CLIENT}}}subject") == "News"
+    assert got[-1].get("from") == f"{ROOM}/Alice"
+    assert got[0].findtext(f"{{{ns.CLIENT}}}body") == "hi"
+    alice.take()
+    bob.take()
+    left = await h.send(
+        bob, f"<presence to='{ROOM}/Bob' type='unavailable'><status>bye</status></presence>"
+    )
+    assert left[0].get("type") == "unavailable" and codes(left[0]) == {"110"}
+    (seen,) = [p for p in alice.take() if p.get("from") == f"{ROOM}/Bob"]
+    assert seen.findtext(f"{{{ns.CLIENT}}}status") == "bye"
+    # Not an occupant any more: no more messages.
+    (refused,) = await say(h, bob, "x")
+    assert condition(refused) == "not-acceptable"
+
+
+async def test_a_temporary_room_vanishes_when_it_empties() -> None:
+    h, _ = await harness()
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice")
+    await h.send(alice, f"<presence to='{ROOM}/Alice' type='unavailable'/>")
+    assert ROOM not in h.host.module(Muc).rooms
+    # Joining again creates a new room, locked again.
+    assert "201" in codes(presences(await join(h, alice, "Alice"))[0])
+
+
+async def test_a_session_that_ends_leaves_its_rooms() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    await h.end_session(bob)
+    (gone,) = alice.take()
+    assert gone.get("type") == "unavailable" and gone.get("from") == f"{ROOM}/Bob"
+
+
+async def test_an_occupant_whose_client_is_gone_is_removed_with_333() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    refused = f"<error type='cancel'><service-unavailable xmlns='{STANZAS}'/></error>"
+    await h.send(bob, f"<message to='{ROOM}/Alice' type='error'>{refused}</message>")
+    assert alice.take() == []  # one refused message is no reason to go
+    gone = f"<error type='wait'><recipient-unavailable xmlns='{STANZAS}'/></error>"
+    await h.send(bob, f"<presence to='{ROOM}/Bob' type='error'>{gone}</presence>")
+    (left,) = alice.take()
+    assert left.get("type") == "unavailable" and codes(left) == {"333"}
+
+
+async def test_clients_cannot_forge_occupant_ids() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    forged = f"<occupant-id xmlns='{OCCUPANT_ID}' id='forged'/>"
+    await h.send(bob, f"<presence to='{ROOM}/Bob'><x xmlns='{MUC}'/>{forged}</presence>")
+    await h.send(bob, f"<message to='{ROOM}' type='groupchat'><body>x</body>{forged}</message>")
+    await h.send(bob, f"<message to='{ROOM}/Alice' type='chat'><body>x</body>{forged}</message>")
+    got = alice.take()
+    assert len(got) == 3
+    for stanza in got:
+        (oid,) = stanza.iterfind(f"{{{OCCUPANT_ID}}}occupant-id")
+        assert oid.get("id") == h.host.module(Muc).rooms[ROOM].occupant_id("bob@localhost")
+
+
+async def test_private_messages_between_occupants() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    assert await say(h, bob, "psst", to=f"{ROOM}/Alice", type_="chat") == []
+    (pm,) = alice.take()
+    assert pm.get("from") == f"{ROOM}/Bob" and pm.findtext(f"{{{ns.CLIENT}}}body") == "psst"
+    assert pm.find(f"{U}x") is not None
+    (refused,) = await say(h, bob, "x", to=f"{ROOM}/Nobody", type_="chat")
+    assert condition(refused) == "item-not-found"
+    outsider = h.session("eve@localhost/e")
+    (refused,) = await say(h, outsider, "x", to=f"{ROOM}/Alice", type_="chat")
+    assert condition(refused) == "not-acceptable"
+
+
+async def test_history_on_join_honours_maxstanzas_maxchars_seconds_and_since() -> None:
+    h, clock = await harness()
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice")
+    for n in range(5):
+        clock.now += 10
+        await say(h, alice, f"m{n}")
+
+    async def history(spec: str) -> list[str]:
+        bob = h.session("bob@localhost/b")
+        got = messages(await join(h, bob, "Bob", extra=spec))
+        await h.send(bob, f"<presence to='{ROOM}/Bob' type='unavailable'/>")
+        bodies = [m.findtext(f"{{{ns.CLIENT}}}body") for m in got[:-1]]
+        for m in got[:-1]:
+            assert m.find("{urn:xmpp:delay}delay").get("from") == ROOM
+        return bodies
+
+    assert await history("") == ["m0", "m1", "m2", "m3", "m4"]
+    assert await history("<history maxstanzas='2'/>") == ["m3", "m4"]
+    assert await history("<history maxstanzas='0'/>") == []
+    assert await history("<history seconds='15'/>") == ["m3", "m4"]
+    assert await history("<history since='1970-01-12T13:46:50Z'/>") == ["m1", "m2", "m3", "m4"]
+    bob = h.session("bob@localhost/b")
+    one = len(etree.tostring(messages(await join(h, bob, "Bob"))[0], encoding="unicode"))
+    await h.send(bob, f"<presence to='{ROOM}/Bob' type='unavailable'/>")
+    assert await history(f"<history maxchars='{one + 1}'/>") == ["m4"]
+    assert await history("<history maxchars='0'/>") == []
+
+
+async def test_history_keeps_at_most_the_configured_length() -> None:
+    h, clock = await harness(max_history=3)
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice")
+    for n in range(5):
+        clock.now += 10
+        await say(h, alice, f"m{n}")
+    got = messages(await join(h, h.session("bob@localhost/b"), "Bob"))
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in got[:-1]] == ["m2", "m3", "m4"]
+    (refused,) = [await owner_iq(h, alice, "set", submit(**{"muc#maxhistoryfetch": "9"}))]
+    assert condition(refused) == "not-acceptable"
+
+
+async def test_members_only_password_ban_and_max_users_refuse_joins() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice", membersonly="1")
+    (refused,) = await join(h, bob, "Bob")
+    assert condition(refused) == "registration-required"
+    reply = await admin_iq(h, alice, "set", "<item affiliation='member' jid='bob@localhost'/>")
+    assert reply.get("type") == "result"
+    assert codes(presences(await join(h, bob, "Bob"))[-1]) == {"110"}
+
+    room2 = "secret@conference.localhost"
+    await instant_room(h, alice, "Alice", room2, passwordprotectedroom="1", roomsecret="pw",
+                       maxusers="2")
+    (refused,) = await join(h, bob, "Bob", room2)
+    assert condition(refused) == "not-authorized"
+    assert codes(presences(await join(h, bob, "Bob", room2, "<password>pw</password>"))[-1]) == {
+        "110"
+    }
+    (refused,) = await join(h, h.session("carol@localhost/c"), "Carol", room2,
+                            "<password>pw</password>")
+    assert condition(refused) == "service-unavailable"
+
+    await admin_iq(h, alice, "set", "<item affiliation='outcast' jid='carol@localhost'/>", room2)
+    await h.send(bob, f"<presence to='{room2}/Bob' type='unavailable'/>")
+    (refused,) = await join(h, h.session("carol@localhost/c"), "Carol", room2,
+                            "<password>pw</password>")
+    assert condition(refused) == "forbidden"
+
+
+async def test_kick_voice_and_ban_with_status_codes() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice", moderatedroom="1")
+    visitor = presences(await join(h, bob, "Bob"))[-1]
+    assert item(visitor).get("role") == "visitor"
+    (refused,) = await say(h, bob, "x")
+    assert condition(refused) == "forbidden"
+    await admin_iq(h, alice, "set", "<item nick='Bob' role='participant'/>")
+    assert item(bob.take()[0]).get("role") == "participant"
+    assert len(await say(h, bob, "x")) == 1
+    # A participant may not kick; the owner may not be kicked.
+    await join(h, carol, "Carol")
+    reply = await admin_iq(h, bob, "set", "<item nick='Carol' role='none'/>")
+    assert condition(reply) == "forbidden"
+    reply = await admin_iq(h, alice, "set", "<item nick='Alice' role='none'/>")
+    assert condition(reply) == "not-allowed"
+    alice.take()
+    bob.take()
+    reply = await admin_iq(
+        h, alice, "set", "<item nick='Carol' role='none'><reason>spam</reason></item>"
+    )
+    assert reply.get("type") == "result"
+    kicked = [p for p in carol.take() if p.get("type") == "unavailable"]
+    assert codes(kicked[0]) == {"110", "307"}
+    assert item(kicked[0]).find(f"{U}actor").get("nick") == "Alice"
+    assert item(kicked[0]).findtext(f"{U}reason") == "spam"
+    assert codes(bob.take()[0]) == {"307"}
+    # Banning an occupant removes it (301) and keeps it out.
+    reply = await admin_iq(h, alice, "set", "<item affiliation='outcast' jid='bob@localhost'/>")
+    assert codes(bob.take()[0]) == {"110", "301"}
+    (refused,) = await join(h, bob, "Bob")
+    assert condition(refused) == "forbidden"
+    banned = await admin_iq(h, alice, "get", "<item affiliation='outcast'/>")
+    assert [i.get("jid") for i in banned.iter(f"{{{MUC_ADMIN}}}item")] == ["bob@localhost"]
+
+
+async def test_voice_request_and_approval() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice", moderatedroom="1")
+    await join(h, bob, "Bob")
+    alice.take()
+    ask = (
+        f"<message to='{ROOM}'><x xmlns='{DATA}' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#request</value></field>"
+        "<field var='muc#role'><value>participant</value></field></x></message>"
+    )
+    assert await h.send(bob, ask) == []
+    (request,) = alice.take()
+    assert request.get("from") == ROOM
+    values = {
+        f.get("var"): f.findtext(f"{{{DATA}}}value") for f in request.iter(f"{{{DATA}}}field")
+    }
+    assert values["muc#roomnick"] == "Bob" and values["muc#jid"] == "bob@localhost/b"
+    assert values["muc#request_allow"] == "false"
+    approve = (
+        f"<message to='{ROOM}'><x xmlns='{DATA}' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#request</value></field>"
+        "<field var='muc#role'><value>participant</value></field>"
+        "<field var='muc#roomnick'><value>Bob</value></field>"
+        "<field var='muc#request_allow'><value>true</value></field></x></message>"
+    )
+    (refused,) = await h.send(bob, approve)  # not a moderator
+    assert condition(refused) == "forbidden"
+    await h.send(alice, approve)
+    (voiced,) = bob.take()
+    assert item(voiced).get("role") == "participant"
+    (refused,) = await h.send(bob, ask)  # has voice already
+    assert condition(refused) == "not-acceptable"
+
+
+async def test_affiliation_rules() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    # The last owner stays.
+    reply = await admin_iq(h, alice, "set", "<item affiliation='member' jid='alice@localhost'/>")
+    assert condition(reply) == "conflict"
+    await admin_iq(h, alice, "set", "<item affiliation='admin' jid='bob@localhost'/>")
+    assert item(bob.take()[-1]).get("role") == "moderator"
+    # An admin may not touch owners nor make admins.
+    reply = await admin_iq(h, bob, "set", "<item affiliation='outcast' jid='alice@localhost'/>")
+    assert condition(reply) == "not-allowed"
+    reply = await admin_iq(h, bob, "set", "<item affiliation='admin' jid='carol@localhost'/>")
+    assert condition(reply) == "not-allowed"
+    reply = await admin_iq(h, bob, "set", "<item affiliation='member' jid='carol@localhost'/>")
+    assert reply.get("type") == "result"
+    owners = await admin_iq(h, bob, "get", "<item affiliation='owner'/>")
+    assert [i.get("jid") for i in owners.iter(f"{{{MUC_ADMIN}}}item")] == ["alice@localhost"]
+    assert condition(await owner_iq(h, bob, "get", "")) == "forbidden"
+    moderators = await admin_iq(h, bob, "get", "<item role='moderator'/>")
+    assert {i.get("nick") for i in moderators.iter(f"{{{MUC_ADMIN}}}item")} == {"Alice", "Bob"}
+    # An affiliation item may name an occupant by nick (slixmpp's set_affiliation does).
+    await join(h, h.session("carol@localhost/c"), "Carol")
+    reply = await admin_iq(h, bob, "set", "<item affiliation='outcast' nick='Carol'/>")
+    assert reply.get("type") == "result"
+    assert h.host.module(Muc).rooms[ROOM].affiliation("carol@localhost") == "outcast"
+    reply = await admin_iq(h, bob, "set", "<item affiliation='member' nick='Nobody'/>")
+    assert condition(reply) == "bad-request"
+
+
+async def test_configuration_changes_are_announced_and_members_only_removes_others() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    await join(h, carol, "Carol")
+    await admin_iq(h, alice, "set", "<item affiliation='member' jid='bob@localhost'/>")
+    bob.take()
+    carol.take()
+    await owner_iq(h, alice, "set", submit(whois="anyone"))
+    (notice,) = bob.take()
+    assert notice.get("type") == "groupchat" and codes(notice) == {"104", "172"}
+    carol.take()
+    await owner_iq(h, alice, "set", submit(membersonly="1"))
+    removed = [p for p in carol.take() if p.tag == ns.C_PRESENCE]
+    assert codes(removed[0]) == {"110", "322"} and removed[0].get("type") == "unavailable"
+    assert [codes(s) for s in bob.take()] == [{"322"}, {"104"}]
+
+
+async def test_destroying_a_room_names_the_alternate_venue() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    reply = await owner_iq(h, bob, "set", "<destroy/>")
+    assert condition(reply) == "forbidden"
+    bob.take()
+    reply = await owner_iq(
+        h,
+        alice,
+        "set",
+        "<destroy jid='other@conference.localhost'><reason>moved</reason></destroy>",
+    )
+    assert reply.get("type") == "result"
+    (gone,) = bob.take()
+    destroy = gone.find(f"{U}x/{U}destroy")
+    assert gone.get("type") == "unavailable"
+    assert destroy.get("jid") == "other@conference.localhost"
+    assert destroy.findtext(f"{U}reason") == "moved"
+    assert ROOM not in h.host.module(Muc).rooms
+
+
+async def test_mediated_invitations_and_declines() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice", membersonly="1")
+    reply = await h.send(
+        alice,
+        f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='bob@localhost'>"
+        "<reason>come</reason></invite></x></message>",
+    )
+    assert reply == []
+    (invite,) = bob.take()
+    assert invite.get("from") == ROOM
+    assert invite.find(f"{U}x/{U}invite").get("from") == "alice@localhost/a"
+    assert invite.findtext(f"{U}x/{U}invite/{U}reason") == "come"
+    # Inviting to a members-only room made bob a member: he may join.
+    assert codes(presences(await join(h, bob, "Bob"))[-1]) == {"110"}
+    carol = h.session("carol@localhost/c")
+    await h.send(
+        carol,
+        f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><decline to='alice@localhost'>"
+        "<reason>busy</reason></decline></x></message>",
+    )
+    (decline,) = alice.take()[-1:]
+    assert decline.find(f"{U}x/{U}decline").get("from") == "carol@localhost"
+    # A member may not invite to a members-only room unless the owner allows it.
+    reply = await h.send(
+        bob,
+        f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='carol@localhost'/></x>"
+        "</message>",
+    )
+    assert condition(reply[0]) == "forbidden"
+
+
+async def test_direct_invitations_pass_between_users() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await h.send(
+        alice,
+        f"<message to='bob@localhost/b'><x xmlns='jabber:x:conference' jid='{ROOM}'/>"
+        "</message>",
+    )
+    (invite,) = bob.take()
+    assert invite.find("{jabber:x:conference}x").get("jid") == ROOM
+
+
+async def test_nickname_registration_reserves_the_nick_and_makes_a_member() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice", moderatedroom="1")
+    await join(h, bob, "Bob")
+    register = "<query xmlns='jabber:iq:register'/>"
+    form = await h.iq(bob, "get", register, to=ROOM)
+    assert "muc#register_roomnick" in etree.tostring(form).decode()
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>{}</value></field></x></query>"
+    )
+    # Alice's nick is in use by her: not Bob's to register.
+    assert condition(await h.iq(bob, "set", nick_form.format("Alice"), to=ROOM)) == "conflict"
+    got = await h.send(bob, f"<iq type='set' id='r' to='{ROOM}'>{nick_form.format('bobby')}</iq>")
+    assert got[0].get("type") == "result"
+    # A member of a moderated room gets voice at once.
+    assert item(got[1]).get("affiliation") == "member" and item(got[1]).get("role") == "participant"
+    again = await h.iq(bob, "get", register, to=ROOM)
+    assert again.findtext("{*}query/{*}username") == "bobby"
+    reserved = await h.iq(
+        bob, "get",
+        "<query xmlns='http://jabber.org/protocol/disco#info' node='x-roomuser-item'/>", to=ROOM,
+    )
+    assert reserved.find("{*}query/{*}identity").get("name") == "bobby"
+    # Nobody else may take a registered nick, by joining or by changing to it.
+    (refused,) = await join(h, carol, "bobby")
+    assert condition(refused) == "conflict"
+    await join(h, carol, "Carol")
+    (refused,) = await h.send(carol, f"<presence to='{ROOM}/bobby'/>")
+    assert condition(refused) == "conflict"
+    bob.take()
+    assert [s.get("from") for s in presences(await h.send(bob, f"<presence to='{ROOM}/bobby'/>"))] \
+        == [f"{ROOM}/Bob", f"{ROOM}/bobby"]
+    # Removing the registration frees the nick and ends the membership it gave.
+    removed = await h.send(
+        bob, f"<iq type='set' id='x' to='{ROOM}'><query xmlns='jabber:iq:register'><remove/>"
+        "</query></iq>"
+    )
+    assert removed[0].get("type") == "result"
+    assert item(removed[1]).get("affiliation") == "none"
+    assert item(removed[1]).get("role") == "visitor"
+    banned = h.session("eve@localhost/e")
+    await admin_iq(h, alice, "set", "<item affiliation='outcast' jid='eve@localhost'/>")
+    assert condition(await h.iq(banned, "get", register, to=ROOM)) == "forbidden"
+
+
+async def test_iqs_between_occupants_are_relayed_under_their_nicks() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    await h.send(bob, f"<iq type='get' id='v1' to='{ROOM}/Alice'><vCard xmlns='vcard-temp'/></iq>")
+    (asked,) = alice.take()
+    assert (asked.get("from"), asked.get("to"), asked.get("id")) == (
+        f"{ROOM}/Bob", "alice@localhost/a", "v1"
+    )
+    assert asked.find("{vcard-temp}vCard") is not None
+    await h.send(alice, f"<iq type='result' id='v1' to='{ROOM}/Bob'><vCard xmlns='vcard-temp'>"
+                        "<FN>Alice</FN></vCard></iq>")
+    (answer,) = bob.take()
+    assert (answer.get("from"), answer.get("type"), answer.get("id")) == (
+        f"{ROOM}/Alice", "result", "v1"
+    )
+    assert answer.findtext("{vcard-temp}vCard/{vcard-temp}FN") == "Alice"
+    # Errors are relayed too, and never answered.
+    await h.send(alice, f"<iq type='error' id='v2' to='{ROOM}/Bob'><error type='cancel'>"
+                        f"<item-not-found xmlns='{STANZAS}'/></error></iq>")
+    (error,) = bob.take()
+    assert error.get("from") == f"{ROOM}/Alice" and condition(error) == "item-not-found"
+    assert alice.take() == []
+    assert condition(await h.iq(bob, "get", "<vCard xmlns='vcard-temp'/>", to=f"{ROOM}/Nobody")) \
+        == "item-not-found"
+    eve = h.session("eve@localhost/e")
+    assert condition(await h.iq(eve, "get", "<vCard xmlns='vcard-temp'/>", to=f"{ROOM}/Alice")) \
+        == "not-acceptable"
+    # A result from someone not in the room is dropped, not answered.
+    assert await h.send(eve, f"<iq type='result' id='x' to='{ROOM}/Alice'/>") == []
+    assert alice.take() == []
+
+
+async def test_self_ping() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    ping = "<ping xmlns='urn:xmpp:ping'/>"
+    assert (await h.iq(alice, "get", ping, to=f"{ROOM}/Alice")).get("type") == "result"
+    assert condition(await h.iq(bob, "get", ping, to=f"{ROOM}/Alice")) == "not-acceptable"
+
+
+async def test_disco_of_service_rooms_and_occupants() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice", roomname="Lobby")
+    await instant_room(h, alice, "Alice", "hidden@conference.localhost", publicroom="0")
+    info = await h.iq(bob, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+                      to="conference.localhost")
+    assert "conference" in etree.tostring(info).decode()
+    items = await h.iq(bob, "get", "<query xmlns='http://jabber.org/protocol/disco#items'/>",
+                       to="conference.localhost")
+    listed = [(i.get("jid"), i.get("name")) for i in items.iter("{*}item")]
+    assert listed == [(ROOM, "Lobby")]
+    info = await h.iq(bob, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+                      to=ROOM)
+    features = {f.get("var") for f in info.iter("{*}feature")}
+    assert {"muc_public", "muc_temporary", "muc_open", "muc_semianonymous", OCCUPANT_ID} <= features
+    occupants = await h.iq(bob, "get", "<query xmlns='http://jabber.org/protocol/disco#items'/>",
+                           to=ROOM)
+    assert [i.get("jid") for i in occupants.iter("{*}item")] == [f"{ROOM}/Alice"]
+    hidden = await h.iq(bob, "get", "<query xmlns='http://jabber.org/protocol/disco#items'/>",
+                        to="hidden@conference.localhost")
+    assert len(hidden[0]) == 0
+    missing = await h.iq(bob, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+                         to="nothere@conference.localhost")
+    assert condition(missing) == "item-not-found"
+
+
+async def test_limits_rooms_per_user_message_size_and_rate() -> None:
+    h, clock = await harness(max_rooms_per_user=1, max_message_bytes=300, message_burst=2,
+                             messages_per_second=1.0)
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice")
+    (refused,) = await join(h, alice, "Alice", "second@conference.localhost")
+    assert condition(refused) == "not-allowed"
+    big = "x" * 400
+    (refused,) = await say(h, alice, big)
+    assert condition(refused) == "policy-violation"
+    for _ in range(2):
+        assert len(await say(h, alice, "a")) == 1
+    (refused,) = await say(h, alice, "a")
+    assert condition(refused) == "resource-constraint"
+    clock.now += 1.0
+    assert len(await say(h, alice, "a")) == 1
+
+
+async def test_a_reload_changes_the_limits_of_rooms_already_live() -> None:
+    h, _ = await harness()
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice")
+    assert len(await say(h, alice, "x" * 400)) == 1
+    muc = h.host.modules["muc"]
+    muc.reconfigure(muc.options.model_copy(update={"max_message_bytes": 300}))
+    (refused,) = await say(h, alice, "x" * 400)
+    assert condition(refused) == "policy-violation"
+
+
+async def test_max_occupants_of_the_service() -> None:
+    h, _ = await harness(max_occupants=1)
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    (refused,) = await join(h, bob, "Bob")
+    assert condition(refused) == "service-unavailable"
+    reply = await owner_iq(h, alice, "set", submit(maxusers="5"))
+    assert condition(reply) == "not-acceptable"
+
+
+async def test_a_persistent_room_survives_a_restart_and_a_destroyed_one_does_not() -> None:
+    h, clock = await harness()
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice", persistentroom="1", roomname="Kept", membersonly="1")
+    await admin_iq(h, alice, "set", "<item affiliation='member' jid='bob@localhost'/>")
+    registered = await h.iq(
+        h.session("bob@localhost/b"), "set",
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='muc#register_roomnick'><value>Bobby</value></field></x></query>", to=ROOM,
+    )
+    assert registered.get("type") == "result"
+    await say(h, alice, subject="Topic")
+    clock.now += 1
+    await say(h, alice, "remember me")
+    occupant_id = h.host.module(Muc).rooms[ROOM].occupant_id("bob@localhost")
+    await h.send(alice, f"<presence to='{ROOM}/Alice' type='unavailable'/>")
+    await h.host.stop()
+
+    # A new host on the same stores: the room is read back on first use.
+    again = ModuleHarness({"disco": {}, "muc": {}})
+    again.storage = h.storage
+    again.host.storage = h.storage
+    await again.start()
+    bob = again.session("bob@localhost/b")
+    got = await join(again, bob, "Bob")
+    assert codes(presences(got)[-1]) == {"110"}
+    assert got[-1].findtext(f"{{{ns.CLIENT}}}subject") == "Topic"
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)[:-1]] == ["remember me"]
+    room = again.host.module(Muc).rooms[ROOM]
+    assert room.config.name == "Kept" and room.occupant_id("bob@localhost") == occupant_id
+    assert room.registered == {"bob@localhost": "Bobby"}
+    (refused,) = await join(again, again.session("carol@localhost/c"), "Carol")
+    assert condition(refused) == "registration-required"
+    third = ModuleHarness({"disco": {}, "muc": {}})
+    third.storage = third.host.storage = h.storage
+    await third.start()
+    directory = await third.iq(
+        third.session("dave@localhost/d"), "get",
+        "<query xmlns='http://jabber.org/protocol/disco#items'/>", to="conference.localhost",
+    )
+    # A stored public room is listed before anything loaded it.
+    assert [(i.get("jid"), i.get("name")) for i in directory.iter("{*}item")] == [(ROOM, "Kept")]
+    # Persistent rooms stay when they empty; destroying one removes it from the stores.
+    alice2 = again.session("alice@localhost/a")
+    await join(again, alice2, "Alice")
+    await owner_iq(again, alice2, "set", "<destroy/>")
+    await again.host.stop()
+    items = again.host.items("localhost", "muc_rooms")
+    assert await items.get("room") is None
+    assert await again.host.blobs("localhost", "muc_history").get("room") is None
+
+
+async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> None:
+    h, _ = await harness()
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice", persistentroom="1")
+    stored = "stored@conference.localhost"
+    await instant_room(h, alice, "Alice", stored, persistentroom="1")
+    for room in (ROOM, stored):
+        await admin_iq(h, alice, "set", "<item affiliation='admin' jid='bob@localhost'/>", room)
+        await admin_iq(h, alice, "set", "<item affiliation='member' jid='carol@localhost'/>", room)
+    await h.send(alice, f"<presence to='{stored}/Alice' type='unavailable'/>")
+    muc = h.host.module(Muc)
+    await muc.stop()  # every write done
+    del muc.rooms[stored]  # as on a node where that room is not live
+
+    assert await muc.remove_user("localhost", "bob") is True
+    assert muc.rooms[ROOM].affiliation("bob@localhost") == "none"
+    await muc.stop()
+    for name in ("room", "stored"):
+        item = await h.host.items("localhost", "muc_rooms").get(name)
+        assert item is not None
+        assert "bob@localhost" not in str(item.attrs["state"])
+        assert "carol@localhost" in str(item.attrs["state"])
+    assert await muc.remove_user("localhost", "bob") is False  # nothing left
