@@ -321,6 +321,45 @@ def test_export_then_import_into_an_empty_server_gives_the_same_data(
     assert "skipped: alice@localhost exists already: left as it is" in out
 
 
+def ban_of(config: Path, user: str) -> tuple[int, str] | None:
+    cfg = load_config(config)
+
+    async def read() -> tuple[int, str] | None:
+        storage = await open_storage(cfg.storage, cfg.data_dir)
+        try:
+            ban = await Accounts.of(storage, "localhost").ban_of(user)
+        finally:
+            await storage.close()
+        return None if ban is None else (ban.since, ban.reason)
+
+    return asyncio.run(read())
+
+
+def test_a_banned_account_stays_banned_through_export_and_import(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An export that dropped the ban would lift it on the server it is imported into:
+    the banned user would log in there with their old password."""
+    source = export_file(tmp_path / "rich.xml", RICH)
+    assert run(capsys, "-c", str(config), "import", str(source))[0] == 0
+    assert run(capsys, "-c", str(config), "ban", "alice@localhost", "spam")[0] == 0
+    banned = ban_of(config, "alice")
+    assert banned is not None and banned[1] == "spam"
+    first = tmp_path / "first.xml"
+    assert run(capsys, "-c", str(config), "export", "--host", "localhost", str(first))[0] == 0
+
+    empty = tmp_path / "empty.yml"
+    empty.write_text("hosts: [localhost]\ndata_dir: empty-data\n")
+    code, out, err = run(capsys, "-c", str(empty), "import", str(first))
+    assert (code, err) == (0, ""), out
+    assert "not imported" not in out
+    assert ban_of(empty, "alice") == banned  # reason and time
+    assert ban_of(empty, "bob") is None
+    second = tmp_path / "second.xml"
+    assert run(capsys, "-c", str(empty), "export", str(second))[0] == 0
+    assert second.read_bytes() == first.read_bytes()
+
+
 def test_data_of_a_disabled_module_is_skipped_and_said(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from xmppd.auth.accounts import InvalidUsername, normalize_username
+from xmppd.auth.accounts import Ban, InvalidUsername, normalize_username
 from xmppd.jid import JID, InvalidJID
 from xmppd.sasl.scram import ScramKeys
 from xmppd.xep227 import vcard4
@@ -38,6 +38,9 @@ VCARD = "vcard-temp"
 PUBSUB = "http://jabber.org/protocol/pubsub"
 PUBSUB_OWNER = "http://jabber.org/protocol/pubsub#owner"
 VCARD4_NODE = "urn:xmpp:vcard4"
+BAN = "urn:xmppd:ban:0"
+"""xmppd's own <banned since='UNIX SECONDS'>REASON</banned> in a <user/> (`xmppctl ban`):
+XEP-0227 has no place for a ban, and an export must not lift one."""
 
 DEFAULT_MAX_BYTES = 1 << 30
 """All files of one import together (1 GiB); --max-bytes changes it."""
@@ -89,6 +92,7 @@ class UserData:
     privacy_lists: list[etree._Element] = field(default_factory=list)
     blocklist: list[str] = field(default_factory=list)
     offline: list[etree._Element] = field(default_factory=list)
+    ban: Ban | None = None
 
     @property
     def jid(self) -> str:
@@ -325,6 +329,11 @@ def _child(user: UserData, child: etree._Element, notes: Counter[str]) -> None:
     elif tag == f"{{{PIE}}}offline-messages":
         for message in child.iterchildren(f"{{{CLIENT}}}message"):
             user.offline.append(copy.deepcopy(message))
+    elif tag == f"{{{BAN}}}banned":
+        since = child.get("since", "")
+        if not (since.isascii() and since.isdigit()):
+            raise ValueError(f"since {since[:20]!r} is not Unix seconds")
+        user.ban = Ban(int(since), child.text or "")
     else:
         qname = etree.QName(child)
         notes[f"not imported: <{qname.localname} xmlns='{qname.namespace}'/>"] += 1

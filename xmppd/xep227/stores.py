@@ -39,6 +39,7 @@ from xmppd.storage.factory import Storage
 from xmppd.stream.errors import StanzaError
 from xmppd.xep227.credentials import scram_element
 from xmppd.xep227.reader import (
+    BAN,
     BLOCKING,
     CLIENT,
     PIE,
@@ -145,10 +146,12 @@ class _Importer:
         accounts = self.modules.accounts[user.host]
         try:
             if user.keys:
-                await accounts.import_keys(user.name, user.keys)
+                await accounts.import_keys(user.name, user.keys, user.ban)
             else:
                 assert user.password is not None
                 await accounts.register(user.name, user.password)
+                if user.ban is not None:
+                    await accounts.ban(user.name, user.ban.reason, user.ban.since)
         except AccountExists:
             self._count("accounts", "skipped")
             for store, n in self._sizes(user).items():
@@ -313,6 +316,11 @@ async def export_user(
     for hash_name in SCRAM_HASHES.values():
         if hash_name in credentials:
             user.append(scram_element(credentials[hash_name]))
+    ban = await modules.accounts[host].ban_of(name)
+    if ban is not None:  # xmppd's own element: an import must not lift the ban
+        banned = etree.SubElement(user, f"{{{BAN}}}banned", nsmap={None: BAN})
+        banned.set("since", str(ban.since))
+        banned.text = ban.reason
     summary.counts["accounts"].copied += 1
     roster = modules.find_module(RosterModule)
     if roster is not None:
