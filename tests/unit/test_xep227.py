@@ -169,6 +169,21 @@ def test_an_include_outside_the_files_folder_is_refused(
     assert accounts_of(config) == []
 
 
+def test_a_file_that_is_only_an_include_is_refused_with_a_clear_error(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An <xi:include/> as the root has no parent to be replaced in."""
+    export_file(tmp_path / "host.xml", GOOD_USER)
+    main_file = tmp_path / "main.xml"
+    main_file.write_text(
+        "<xi:include xmlns:xi='http://www.w3.org/2001/XInclude' href='host.xml'/>"
+    )
+    code, _, err = run(capsys, "-c", str(config), "import", str(main_file))
+    assert code == 1 and "nothing was imported" in err
+    assert "<xi:include href='host.xml'/> as the root" in err
+    assert accounts_of(config) == []
+
+
 def test_a_plaintext_password_in_the_file_makes_keys_for_every_hash(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

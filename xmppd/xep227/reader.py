@@ -166,9 +166,10 @@ def _include(path: Path, include: etree._Element, budget: _Budget, depth: int) -
         or include.get("parse", "xml") != "xml"
     ):
         raise BadExport([f"{path}: refused <xi:include href={href!r}/> (only files beside it)"])
-    included = _parse_file(target, budget, depth + 1)
     parent = include.getparent()
-    assert parent is not None
+    if parent is None:
+        raise BadExport([f"{path}: refused <xi:include href={href!r}/> as the root element"])
+    included = _parse_file(target, budget, depth + 1)
     parent.replace(include, included)
 
 
