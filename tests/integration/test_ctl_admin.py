@@ -194,6 +194,24 @@ async def test_user_data_through_a_running_node_reaches_the_online_client(
     await close(alice)
 
 
+async def test_roster_set_refuses_a_name_or_group_xml_cannot_carry(
+    start_server: StartServer,
+) -> None:
+    """A control character (or an undecodable byte of the command line) stored in a roster
+    item would make every later roster answer to the account fail."""
+    server = await start_server()
+    for option in (["--name", "a\x01b"], ["--group", "g\x1b"], ["--name", "\udcff"]):
+        code, out, err = await ctl(server, "roster-set", "alice@localhost", "bob@localhost",
+                                   *option)
+        assert (code, out) == (1, ""), option
+        assert "characters XML cannot carry" in err, err
+        assert "did not answer" not in err
+    alice = await connect(server, "alice@localhost/desk", "alice-secret")
+    await alice.get_roster(timeout=WAIT)
+    assert list(alice.client_roster.keys()) == []
+    await close(alice)
+
+
 async def test_status_and_stats_of_a_running_node(start_server: StartServer) -> None:
     server = await start_server()
     alice = await connect(server, "alice@localhost/desk", "alice-secret")
