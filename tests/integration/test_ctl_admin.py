@@ -135,6 +135,22 @@ async def test_announce_reaches_every_online_session_of_the_host(
         await close(client)
 
 
+async def test_announce_refuses_text_xml_cannot_carry_before_sending_any(
+    start_server: StartServer,
+) -> None:
+    server = await start_server()
+    alice = await connect(server, "alice@localhost/desk", "alice-secret")
+    for argv in (["bell\x07"], ["hi", "--subject", "\x1b[31mred"]):
+        code, out, err = await ctl(server, "announce", "localhost", *argv)
+        assert (code, out) == (1, ""), argv
+        assert "characters XML cannot carry" in err, err
+    code, out, err = await ctl(server, "announce", "localhost", "still here")
+    assert code == 0, err
+    message: slixmpp.Message = await asyncio.wait_for(alice.messages.get(), WAIT)
+    assert message["body"] == "still here"  # the first one that went out
+    await close(alice)
+
+
 async def test_user_data_through_a_running_node_reaches_the_online_client(
     start_server: StartServer,
 ) -> None:
