@@ -428,6 +428,33 @@ def test_what_fails_while_writing_is_named_and_the_rest_is_written(
     assert accounts_of(config) == ["alice", "ok"]
 
 
+def test_roster_items_get_the_roster_modules_limits_on_names_and_groups(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the docs promise: imported data gets the limits a client's own request gets."""
+    source = export_file(
+        tmp_path / "roster.xml",
+        f"<user name='alice'>{scram('pw')}<query xmlns='jabber:iq:roster'>"
+        f"<item jid='long@localhost' name='{'n' * 300}' subscription='both'/>"
+        "<item jid='blank@localhost' subscription='both'><group>  </group></item>"
+        "<item jid='twice@localhost' subscription='both'><group>A</group><group>A</group></item>"
+        "<item jid='fine@localhost' name='Fine' subscription='both'><group>A</group></item>"
+        "</query></user>",
+    )
+    code, out, err = run(capsys, "-c", str(config), "import", str(source))
+    assert code == 1
+    assert "roster: 1 copied, 0 skipped, 3 failed" in out
+    failures = [line for line in err.splitlines() if "roster:" in line]
+    assert failures == [
+        "xmppctl: failed: alice@localhost: roster: long@localhost: not-acceptable: "
+        "the name is too long",
+        "xmppctl: failed: alice@localhost: roster: blank@localhost: not-acceptable: "
+        "empty group name",
+        "xmppctl: failed: alice@localhost: roster: twice@localhost: bad-request: "
+        "group 'A' appears twice",
+    ]
+
+
 # --------------------------------------------------------------------------- progress
 
 

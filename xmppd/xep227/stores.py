@@ -210,6 +210,12 @@ class _Importer:
                 self._count("roster", "skipped")
                 self.summary.skips.append(f"{user.jid}: roster: itself as a contact")
                 continue
+            try:  # what a client's roster set is checked for (writing goes around it)
+                roster.check_name(item.name)
+                roster.check_groups(item.groups)
+            except StanzaError as e:
+                self._fail("roster", user, f"{contact}: {e.condition}: {e.text}")
+                continue
             await self._ask("roster", user, roster.update(user.jid, contact, _replace_with(item)))
 
     async def _vcard(self, user: UserData) -> None:
