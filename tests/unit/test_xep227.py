@@ -455,6 +455,27 @@ def test_roster_items_get_the_roster_modules_limits_on_names_and_groups(
     ]
 
 
+def test_a_pre_approved_contact_stays_pre_approved_through_export_and_import(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RFC 6121 3.4 pre-approval is the roster item's approved='true': a round trip that
+    dropped it would make the contact's next request wait for an answer again."""
+    source = export_file(
+        tmp_path / "approved.xml",
+        f"<user name='alice'>{scram('pw')}<query xmlns='jabber:iq:roster'>"
+        "<item jid='bob@localhost' subscription='none' approved='true'/>"
+        "<item jid='carol@localhost' subscription='none'/></query></user>",
+    )
+    assert run(capsys, "-c", str(config), "import", str(source))[0] == 0
+    exported = tmp_path / "out.xml"
+    assert run(capsys, "-c", str(config), "export", "--host", "localhost", str(exported))[0] == 0
+    items = {
+        item.get("jid"): item.get("approved")
+        for item in etree.parse(str(exported)).iter("{jabber:iq:roster}item")
+    }
+    assert items == {"bob@localhost": "true", "carol@localhost": None}
+
+
 # --------------------------------------------------------------------------- progress
 
 

@@ -73,6 +73,7 @@ class RosterEntry:
     subscription: str
     ask: bool
     groups: list[str]
+    approved: bool = False  # RFC 6121 3.4 pre-approval
 
 
 @dataclass(slots=True)
@@ -349,6 +350,7 @@ def _roster_item(item: etree._Element) -> RosterEntry:
         name=item.get("name") or None,
         subscription=subscription,
         ask=item.get("ask") == "subscribe",
+        approved=item.get("approved") in ("true", "1"),
         groups=[g.text for g in item.iterchildren(f"{{{ROSTER}}}group") if g.text],
     )
 

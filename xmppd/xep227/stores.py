@@ -291,6 +291,7 @@ def _roster_item(entry: RosterEntry) -> RosterItem:
         name=entry.name,
         subscription=entry.subscription,  # type: ignore[arg-type]
         ask=entry.ask,
+        approved=entry.approved,
         groups=list(entry.groups),
     )
 
@@ -390,6 +391,8 @@ def _item_element(item: RosterItem) -> etree._Element:
     element.set("subscription", item.subscription)
     if item.ask:
         element.set("ask", "subscribe")
+    if item.approved:
+        element.set("approved", "true")
     for group in item.groups:
         etree.SubElement(element, f"{{{ROSTER}}}group").text = group
     return element
