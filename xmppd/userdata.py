@@ -122,6 +122,11 @@ async def vcard_set(modules: ModuleHost, bare: str, xml: str) -> None:
         element = etree.fromstring(xml.encode(), _PARSER)
     except etree.XMLSyntaxError as e:
         raise UserDataError(f"not well-formed XML: {e}") from None
+    docinfo = element.getroottree().docinfo
+    if docinfo.doctype or docinfo.internalDTD is not None:
+        # Its entities are not expanded: the stored copy would refer to entities it
+        # no longer declares, and every later read of the vCard would fail.
+        raise UserDataError("a vCard has no DOCTYPE (entity declarations are refused)")
     try:
         await vcard.store(bare, element)
     except StanzaError as e:

@@ -228,6 +228,24 @@ async def test_roster_set_refuses_a_name_or_group_xml_cannot_carry(
     await close(alice)
 
 
+async def test_vcard_set_refuses_a_doctype_which_would_leave_the_vcard_unreadable(
+    start_server: StartServer,
+) -> None:
+    """Entities are not expanded: the stored vCard would keep a reference to an entity
+    its own copy no longer declares, and every later read of it would fail."""
+    server = await start_server()
+    vcard = server.config.data_dir.parent / "alice.vcf"
+    vcard.write_text(
+        '<!DOCTYPE vCard [<!ENTITY name "Alice">]>'
+        "<vCard xmlns='vcard-temp'><FN>&name;</FN></vCard>"
+    )
+    code, out, err = await ctl(server, "vcard-set", "alice@localhost", str(vcard))
+    assert (code, out) == (1, "")
+    assert "DOCTYPE" in err, err
+    code, _, err = await ctl(server, "vcard", "alice@localhost")
+    assert code == 1 and "alice@localhost has no vCard" in err
+
+
 async def test_status_and_stats_of_a_running_node(start_server: StartServer) -> None:
     server = await start_server()
     alice = await connect(server, "alice@localhost/desk", "alice-secret")
