@@ -120,7 +120,7 @@ async def vcard_set(modules: ModuleHost, bare: str, xml: str) -> None:
     await _account(modules, bare)
     try:
         element = etree.fromstring(xml.encode(), _PARSER)
-    except etree.XMLSyntaxError as e:
+    except (etree.XMLSyntaxError, UnicodeEncodeError) as e:  # a lone surrogate: no text
         raise UserDataError(f"not well-formed XML: {e}") from None
     docinfo = element.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None:

@@ -376,6 +376,18 @@ async def test_the_new_routes_need_the_token_and_the_api_is_on_loopback(server: 
     assert await server.accounts["localhost"].ban_of("alice") is None
 
 
+async def test_a_vcard_that_is_not_unicode_text_is_a_clear_refusal(server: Server) -> None:
+    """JSON can carry a lone surrogate; the node answered it with a 500 and a traceback."""
+    token = read_token(server.config.data_dir)
+    url = f"{server.admin.url}/accounts/alice@localhost/vcard"
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        body = '{"vcard": "<vCard xmlns=\'vcard-temp\'><FN>\\udcff</FN></vCard>"}'
+        async with http.put(url, data=body, headers=headers) as response:
+            assert response.status == 400
+            assert "not well-formed XML" in (await response.json())["error"]
+
+
 async def test_ban_announce_and_roster_set_reach_sessions_on_another_cluster_node(
     redis_service: LocalService, start_server: StartServer
 ) -> None:
