@@ -375,6 +375,29 @@ def test_a_banned_account_stays_banned_through_export_and_import(
     assert second.read_bytes() == first.read_bytes()
 
 
+def test_the_export_is_private_even_over_a_file_left_at_its_temporary_name(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Opening an existing file keeps its mode and owner: a world-readable file (or one
+    another user made, or a link) at the temporary name would have received every
+    account's keys."""
+    source = export_file(tmp_path / "rich.xml", RICH)
+    assert run(capsys, "-c", str(config), "import", str(source))[0] == 0
+    target = tmp_path / "out.xml"
+    left = tmp_path / ".out.xml.partial"
+    left.write_text("left over")
+    left.chmod(0o644)
+    elsewhere = tmp_path / "elsewhere.xml"
+    for planted in ("file", "link"):
+        if planted == "link":
+            left.unlink(missing_ok=True)
+            left.symlink_to(elsewhere)
+        assert run(capsys, "-c", str(config), "export", str(target))[0] == 0
+        assert target.stat().st_mode & 0o777 == 0o600, planted
+        assert not target.is_symlink()
+    assert not elsewhere.exists()
+
+
 def test_data_of_a_disabled_module_is_skipped_and_said(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
