@@ -499,6 +499,22 @@ def test_a_pre_approved_contact_stays_pre_approved_through_export_and_import(
     assert items == {"bob@localhost": "true", "carol@localhost": None}
 
 
+def test_a_default_privacy_list_that_cannot_be_set_is_a_failure_not_silence(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A <default/> naming a list the file does not hold was dropped without a word
+    when the user had no list at all."""
+    source = export_file(
+        tmp_path / "default.xml",
+        f"<user name='alice'>{scram('pw')}"
+        "<query xmlns='jabber:iq:privacy'><default name='gone'/></query></user>",
+    )
+    code, out, err = run(capsys, "-c", str(config), "import", str(source))
+    assert code == 1
+    assert "privacy: 0 copied, 0 skipped, 1 failed" in out
+    assert "xmppctl: failed: alice@localhost: privacy: the default list was not set" in err
+
+
 # --------------------------------------------------------------------------- progress
 
 

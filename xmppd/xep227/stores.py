@@ -174,7 +174,8 @@ class _Importer:
             ("blocking", self._blocking),
             ("offline", self._offline),
         ):
-            if sizes[store]:
+            # A default privacy list alone is written too: it fails, and says so.
+            if sizes[store] or (store == "privacy" and user.privacy_default is not None):
                 await write(user)
 
     def _module(self, cls: type[M], store: str, user: UserData) -> M | None:
