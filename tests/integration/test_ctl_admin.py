@@ -22,9 +22,10 @@ import aiohttp
 import pytest
 import slixmpp
 
-from tests.integration.clients import Client, close, connect, insecure_context
+from tests.integration.clients import HEADER, Client, RawClient, close, connect, insecure_context
 from tests.integration.conftest import StartServer, port_of, unwritable_dir, write_config
 from tests.integration.test_account_changes import xmppctl
+from tests.integration.test_bad_input import plain_as
 from tests.integration.test_cluster import online, redis_service, seen_on, two_nodes, until
 from tests.integration.test_cluster_modules import has_state
 from tests.storage.services import service_factory
@@ -107,6 +108,45 @@ async def test_ban_ends_the_session_refuses_the_login_and_unban_lets_it_in(
     assert (code, out, err) == (1, "", "xmppctl: nobody@localhost does not exist\n")
     for client in (again, bob):
         await close(client)
+
+
+async def proxied(server: Server, bind: bool) -> RawClient:
+    """A stream authenticated with admin's credentials acting as bob (auth.proxy_auth),
+    with bob's resource bound or not yet."""
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(plain_as("bob@localhost", "admin", "admin-secret"))
+    await raw.read_until(b"<success")
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    if bind:
+        await raw.send(
+            "<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+        )
+        assert b"<jid>bob@localhost/" in await raw.read_until(b"</iq>")
+    return raw
+
+
+async def test_ban_of_a_proxy_account_ends_the_streams_its_credentials_opened(
+    start_server: StartServer,
+) -> None:
+    """A stream that authenticated as admin and acts as bob is admin's doing: banning
+    admin must end it, as banning bob would, or the banned credentials go on acting."""
+    server = await start_server(
+        users={"admin": "admin-secret", "bob": "bob-secret"},
+        auth={"proxy_auth": ["admin@localhost"]},
+    )
+    streams = [await proxied(server, bind=True), await proxied(server, bind=False)]
+    bob = await connect(server, "bob@localhost/own", "bob-secret")  # bob's own login
+    code, out, err = await xmppctl(server, "ban", "admin@localhost", "leaked")
+    assert (code, err) == (0, "")
+    assert "ended 2 session(s)" in out
+    for raw in streams:
+        assert b"<policy-violation" in await raw.read_to_close()
+        raw.writer.close()
+    assert not bob.ended.is_set()
+    await close(bob)
 
 
 async def test_announce_reaches_every_online_session_of_the_host(
