@@ -205,8 +205,11 @@ class AdminCommands(Module):
             )
             return _blank("Listing online users", limit)
         chosen = submitted.one("max_items") or "none"
-        if chosen != "none" and not chosen.isdigit():
-            raise command_error("bad-request", "bad-payload", "max_items is a number or none")
+        # isdigit() alone takes "²" and other scripts' digits, which int() refuses.
+        if chosen != "none" and not (chosen.isascii() and chosen.isdigit() and len(chosen) < 10):
+            raise command_error(
+                "bad-request", "bad-payload", "max_items is none or a number (at most 9 digits)"
+            )
         online = self._online(step.host)
         if chosen != "none":
             online = online[: int(chosen)]

@@ -104,6 +104,10 @@ class AdminRoutes:
         subject = str(body.get("subject") or "")
         if host not in self.server.config.hosts or not text:
             raise _bad(f'expected {{"host": one of {list(self.server.config.hosts)}, "body"}}')
+        try:  # control characters, lone surrogates: refused before any session gets one
+            etree.Element("x").set("v", text + subject)
+        except ValueError:
+            raise _bad("the body or subject has characters XML cannot carry") from None
         directory = self.server.router.directory
         targets = [
             session.jid

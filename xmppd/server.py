@@ -386,7 +386,8 @@ class Server:
         self.router.session_ended(session)
 
     async def end_account_sessions(self, host: str, username: str, error: StreamError) -> int:
-        """End every stream authenticated as the account (bound or not yet) with `error`.
+        """End every stream authenticated as the account (bound or not yet), or with its
+        credentials as another (auth.proxy_auth), with `error`.
 
         Each goes the way of any ended stream (router.session_ended: unavailable
         presence to contacts, "session/closed"); this returns once the work that
@@ -399,7 +400,12 @@ class Server:
         """
         bare = f"{username}@{host}"
         sessions = self.router.directory.resources(bare)
-        unbound = self._account_streams(host, username, bound=False)
+        # Not bound yet, or bound as another account with this one's credentials (proxy).
+        streams = [
+            conn
+            for conn in self._account_streams(host, username)
+            if conn.session is None or conn.stream.username != username
+        ]
         if self.cluster is not None:
             self.cluster.bus.publish(
                 ACCOUNT_ENDED,
@@ -408,20 +414,20 @@ class Server:
         before = self.router.pending()
         for session in sessions:
             session.terminate(error)
-        for conn in unbound:
+        for conn in streams:
             conn.close(error)
         started = self.router.pending() - before
         if started:
             await asyncio.wait(started, timeout=ACCOUNT_CHANGE_SETTLE)
-        return len(sessions) + len(unbound)
+        return len(sessions) + len(streams)
 
-    def _account_streams(self, host: str, username: str, *, bound: bool) -> list[C2SConnection]:
-        """This node's streams authenticated as the account: all, or only the unbound."""
+    def _account_streams(self, host: str, username: str) -> list[C2SConnection]:
+        """This node's streams authenticated as the account, or with its credentials
+        acting as another (auth.proxy_auth), bound or not."""
         return [
             conn
             for conn in self.connections
-            if (bound or conn.session is None)
-            and conn.stream.username == username
+            if username in (conn.stream.username, conn.stream.authcid)
             and conn.stream.host == host
         ]
 
@@ -429,7 +435,7 @@ class Server:
         """Another node ended an account's sessions (password changed, account removed):
         end its streams here too, bound or not (ending one twice does nothing)."""
         error = StreamError(str(notice["condition"]), notice.get("text"))
-        for conn in self._account_streams(str(notice["host"]), str(notice["user"]), bound=True):
+        for conn in self._account_streams(str(notice["host"]), str(notice["user"])):
             conn.close(error)
 
     async def _user_exists(self, host: str, username: str) -> bool:

@@ -61,6 +61,9 @@ async def roster_set(
     await _account(modules, bare)
     if subscription is not None and subscription not in SUBSCRIPTIONS:
         raise UserDataError(f"subscription must be one of {', '.join(SUBSCRIPTIONS)}")
+    for text, what in ((name, "the name"), *((g, f"the group {g!r}") for g in groups or ())):
+        if text is not None:
+            _xml_text(text, what)
     try:
         jid = roster.check_contact(contact, bare)
         roster.check_name(name or None)
@@ -117,8 +120,13 @@ async def vcard_set(modules: ModuleHost, bare: str, xml: str) -> None:
     await _account(modules, bare)
     try:
         element = etree.fromstring(xml.encode(), _PARSER)
-    except etree.XMLSyntaxError as e:
+    except (etree.XMLSyntaxError, UnicodeEncodeError) as e:  # a lone surrogate: no text
         raise UserDataError(f"not well-formed XML: {e}") from None
+    docinfo = element.getroottree().docinfo
+    if docinfo.doctype or docinfo.internalDTD is not None:
+        # Its entities are not expanded: the stored copy would refer to entities it
+        # no longer declares, and every later read of the vCard would fail.
+        raise UserDataError("a vCard has no DOCTYPE (entity declarations are refused)")
     try:
         await vcard.store(bare, element)
     except StanzaError as e:
@@ -158,6 +166,16 @@ async def _account(modules: ModuleHost, bare: str) -> tuple[str, str]:
     if not user or accounts is None or not await accounts.exists(user):
         raise UserDataError(f"{bare} does not exist")
     return user, host
+
+
+def _xml_text(text: str, what: str) -> None:
+    """Refuse what XML cannot carry (control characters, lone surrogates from a command
+    line's undecodable bytes): a client's roster set cannot hold them, and stored they
+    would make every later roster answer to the account fail."""
+    try:
+        etree.Element("x").set("v", text)
+    except ValueError:  # UnicodeEncodeError included
+        raise UserDataError(f"{what} has characters XML cannot carry") from None
 
 
 def _refused(error: StanzaError) -> UserDataError:

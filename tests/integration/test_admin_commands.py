@@ -345,6 +345,21 @@ async def test_the_online_users_and_their_count(start_server: StartServer) -> No
     await close(boss)
 
 
+async def test_a_max_items_that_is_no_plain_number_is_a_bad_payload(
+    start_server: StartServer,
+) -> None:
+    """str.isdigit() accepts "²" and digits of other scripts, and int() refuses them (and
+    numbers over 4300 digits): such a value got internal-server-error and a traceback."""
+    server = await start(start_server)
+    boss = await login(server, "boss@localhost/console", "boss-secret")
+    for value in ("\u00b2", "\u0663", "9" * 5000):
+        with pytest.raises(IqError) as refused:
+            await boss.submit("get-online-users-list", {"max_items": value})
+        assert refused.value.condition == "bad-request", value
+        assert app_condition(refused.value) == "bad-payload", value
+    await close(boss)
+
+
 async def test_an_announcement_reaches_every_online_session(start_server: StartServer) -> None:
     server = await start(start_server)
     boss = await login(server, "boss@localhost/console", "boss-secret")

@@ -22,9 +22,10 @@ import aiohttp
 import pytest
 import slixmpp
 
-from tests.integration.clients import Client, close, connect, insecure_context
+from tests.integration.clients import HEADER, Client, RawClient, close, connect, insecure_context
 from tests.integration.conftest import StartServer, port_of, unwritable_dir, write_config
 from tests.integration.test_account_changes import xmppctl
+from tests.integration.test_bad_input import plain_as
 from tests.integration.test_cluster import online, redis_service, seen_on, two_nodes, until
 from tests.integration.test_cluster_modules import has_state
 from tests.storage.services import service_factory
@@ -109,6 +110,45 @@ async def test_ban_ends_the_session_refuses_the_login_and_unban_lets_it_in(
         await close(client)
 
 
+async def proxied(server: Server, bind: bool) -> RawClient:
+    """A stream authenticated with admin's credentials acting as bob (auth.proxy_auth),
+    with bob's resource bound or not yet."""
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(plain_as("bob@localhost", "admin", "admin-secret"))
+    await raw.read_until(b"<success")
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    if bind:
+        await raw.send(
+            "<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+        )
+        assert b"<jid>bob@localhost/" in await raw.read_until(b"</iq>")
+    return raw
+
+
+async def test_ban_of_a_proxy_account_ends_the_streams_its_credentials_opened(
+    start_server: StartServer,
+) -> None:
+    """A stream that authenticated as admin and acts as bob is admin's doing: banning
+    admin must end it, as banning bob would, or the banned credentials go on acting."""
+    server = await start_server(
+        users={"admin": "admin-secret", "bob": "bob-secret"},
+        auth={"proxy_auth": ["admin@localhost"]},
+    )
+    streams = [await proxied(server, bind=True), await proxied(server, bind=False)]
+    bob = await connect(server, "bob@localhost/own", "bob-secret")  # bob's own login
+    code, out, err = await xmppctl(server, "ban", "admin@localhost", "leaked")
+    assert (code, err) == (0, "")
+    assert "ended 2 session(s)" in out
+    for raw in streams:
+        assert b"<policy-violation" in await raw.read_to_close()
+        raw.writer.close()
+    assert not bob.ended.is_set()
+    await close(bob)
+
+
 async def test_announce_reaches_every_online_session_of_the_host(
     start_server: StartServer,
 ) -> None:
@@ -133,6 +173,22 @@ async def test_announce_reaches_every_online_session_of_the_host(
     assert code == 1 and "elsewhere.example is not a host of this server" in err
     for client in clients:
         await close(client)
+
+
+async def test_announce_refuses_text_xml_cannot_carry_before_sending_any(
+    start_server: StartServer,
+) -> None:
+    server = await start_server()
+    alice = await connect(server, "alice@localhost/desk", "alice-secret")
+    for argv in (["bell\x07"], ["hi", "--subject", "\x1b[31mred"]):
+        code, out, err = await ctl(server, "announce", "localhost", *argv)
+        assert (code, out) == (1, ""), argv
+        assert "characters XML cannot carry" in err, err
+    code, out, err = await ctl(server, "announce", "localhost", "still here")
+    assert code == 0, err
+    message: slixmpp.Message = await asyncio.wait_for(alice.messages.get(), WAIT)
+    assert message["body"] == "still here"  # the first one that went out
+    await close(alice)
 
 
 async def test_user_data_through_a_running_node_reaches_the_online_client(
@@ -192,6 +248,42 @@ async def test_user_data_through_a_running_node_reaches_the_online_client(
     code, out, err = await ctl(server, "offline-count", "bob@localhost")
     assert (code, out, err) == (0, "2\n", "")
     await close(alice)
+
+
+async def test_roster_set_refuses_a_name_or_group_xml_cannot_carry(
+    start_server: StartServer,
+) -> None:
+    """A control character (or an undecodable byte of the command line) stored in a roster
+    item would make every later roster answer to the account fail."""
+    server = await start_server()
+    for option in (["--name", "a\x01b"], ["--group", "g\x1b"], ["--name", "\udcff"]):
+        code, out, err = await ctl(server, "roster-set", "alice@localhost", "bob@localhost",
+                                   *option)
+        assert (code, out) == (1, ""), option
+        assert "characters XML cannot carry" in err, err
+        assert "did not answer" not in err
+    alice = await connect(server, "alice@localhost/desk", "alice-secret")
+    await alice.get_roster(timeout=WAIT)
+    assert list(alice.client_roster.keys()) == []
+    await close(alice)
+
+
+async def test_vcard_set_refuses_a_doctype_which_would_leave_the_vcard_unreadable(
+    start_server: StartServer,
+) -> None:
+    """Entities are not expanded: the stored vCard would keep a reference to an entity
+    its own copy no longer declares, and every later read of it would fail."""
+    server = await start_server()
+    vcard = server.config.data_dir.parent / "alice.vcf"
+    vcard.write_text(
+        '<!DOCTYPE vCard [<!ENTITY name "Alice">]>'
+        "<vCard xmlns='vcard-temp'><FN>&name;</FN></vCard>"
+    )
+    code, out, err = await ctl(server, "vcard-set", "alice@localhost", str(vcard))
+    assert (code, out) == (1, "")
+    assert "DOCTYPE" in err, err
+    code, _, err = await ctl(server, "vcard", "alice@localhost")
+    assert code == 1 and "alice@localhost has no vCard" in err
 
 
 async def test_status_and_stats_of_a_running_node(start_server: StartServer) -> None:
@@ -322,6 +414,18 @@ async def test_the_new_routes_need_the_token_and_the_api_is_on_loopback(server: 
             assert (await response.json())["error"] == "nobody@localhost does not exist"
     # /ban only ends the sessions: the ban itself is xmppctl's write to the account store
     assert await server.accounts["localhost"].ban_of("alice") is None
+
+
+async def test_a_vcard_that_is_not_unicode_text_is_a_clear_refusal(server: Server) -> None:
+    """JSON can carry a lone surrogate; the node answered it with a 500 and a traceback."""
+    token = read_token(server.config.data_dir)
+    url = f"{server.admin.url}/accounts/alice@localhost/vcard"
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        body = '{"vcard": "<vCard xmlns=\'vcard-temp\'><FN>\\udcff</FN></vCard>"}'
+        async with http.put(url, data=body, headers=headers) as response:
+            assert response.status == 400
+            assert "not well-formed XML" in (await response.json())["error"]
 
 
 async def test_ban_announce_and_roster_set_reach_sessions_on_another_cluster_node(

@@ -169,6 +169,21 @@ def test_an_include_outside_the_files_folder_is_refused(
     assert accounts_of(config) == []
 
 
+def test_a_file_that_is_only_an_include_is_refused_with_a_clear_error(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An <xi:include/> as the root has no parent to be replaced in."""
+    export_file(tmp_path / "host.xml", GOOD_USER)
+    main_file = tmp_path / "main.xml"
+    main_file.write_text(
+        "<xi:include xmlns:xi='http://www.w3.org/2001/XInclude' href='host.xml'/>"
+    )
+    code, _, err = run(capsys, "-c", str(config), "import", str(main_file))
+    assert code == 1 and "nothing was imported" in err
+    assert "<xi:include href='host.xml'/> as the root" in err
+    assert accounts_of(config) == []
+
+
 def test_a_plaintext_password_in_the_file_makes_keys_for_every_hash(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -321,6 +336,68 @@ def test_export_then_import_into_an_empty_server_gives_the_same_data(
     assert "skipped: alice@localhost exists already: left as it is" in out
 
 
+def ban_of(config: Path, user: str) -> tuple[int, str] | None:
+    cfg = load_config(config)
+
+    async def read() -> tuple[int, str] | None:
+        storage = await open_storage(cfg.storage, cfg.data_dir)
+        try:
+            ban = await Accounts.of(storage, "localhost").ban_of(user)
+        finally:
+            await storage.close()
+        return None if ban is None else (ban.since, ban.reason)
+
+    return asyncio.run(read())
+
+
+def test_a_banned_account_stays_banned_through_export_and_import(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An export that dropped the ban would lift it on the server it is imported into:
+    the banned user would log in there with their old password."""
+    source = export_file(tmp_path / "rich.xml", RICH)
+    assert run(capsys, "-c", str(config), "import", str(source))[0] == 0
+    assert run(capsys, "-c", str(config), "ban", "alice@localhost", "spam")[0] == 0
+    banned = ban_of(config, "alice")
+    assert banned is not None and banned[1] == "spam"
+    first = tmp_path / "first.xml"
+    assert run(capsys, "-c", str(config), "export", "--host", "localhost", str(first))[0] == 0
+
+    empty = tmp_path / "empty.yml"
+    empty.write_text("hosts: [localhost]\ndata_dir: empty-data\n")
+    code, out, err = run(capsys, "-c", str(empty), "import", str(first))
+    assert (code, err) == (0, ""), out
+    assert "not imported" not in out
+    assert ban_of(empty, "alice") == banned  # reason and time
+    assert ban_of(empty, "bob") is None
+    second = tmp_path / "second.xml"
+    assert run(capsys, "-c", str(empty), "export", str(second))[0] == 0
+    assert second.read_bytes() == first.read_bytes()
+
+
+def test_the_export_is_private_even_over_a_file_left_at_its_temporary_name(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Opening an existing file keeps its mode and owner: a world-readable file (or one
+    another user made, or a link) at the temporary name would have received every
+    account's keys."""
+    source = export_file(tmp_path / "rich.xml", RICH)
+    assert run(capsys, "-c", str(config), "import", str(source))[0] == 0
+    target = tmp_path / "out.xml"
+    left = tmp_path / ".out.xml.partial"
+    left.write_text("left over")
+    left.chmod(0o644)
+    elsewhere = tmp_path / "elsewhere.xml"
+    for planted in ("file", "link"):
+        if planted == "link":
+            left.unlink(missing_ok=True)
+            left.symlink_to(elsewhere)
+        assert run(capsys, "-c", str(config), "export", str(target))[0] == 0
+        assert target.stat().st_mode & 0o777 == 0o600, planted
+        assert not target.is_symlink()
+    assert not elsewhere.exists()
+
+
 def test_data_of_a_disabled_module_is_skipped_and_said(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -372,6 +449,70 @@ def test_what_fails_while_writing_is_named_and_the_rest_is_written(
         "xmppctl: 1 entries failed (listed above); everything else was written",
     ]
     assert accounts_of(config) == ["alice", "ok"]
+
+
+def test_roster_items_get_the_roster_modules_limits_on_names_and_groups(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the docs promise: imported data gets the limits a client's own request gets."""
+    source = export_file(
+        tmp_path / "roster.xml",
+        f"<user name='alice'>{scram('pw')}<query xmlns='jabber:iq:roster'>"
+        f"<item jid='long@localhost' name='{'n' * 300}' subscription='both'/>"
+        "<item jid='blank@localhost' subscription='both'><group>  </group></item>"
+        "<item jid='twice@localhost' subscription='both'><group>A</group><group>A</group></item>"
+        "<item jid='fine@localhost' name='Fine' subscription='both'><group>A</group></item>"
+        "</query></user>",
+    )
+    code, out, err = run(capsys, "-c", str(config), "import", str(source))
+    assert code == 1
+    assert "roster: 1 copied, 0 skipped, 3 failed" in out
+    failures = [line for line in err.splitlines() if "roster:" in line]
+    assert failures == [
+        "xmppctl: failed: alice@localhost: roster: long@localhost: not-acceptable: "
+        "the name is too long",
+        "xmppctl: failed: alice@localhost: roster: blank@localhost: not-acceptable: "
+        "empty group name",
+        "xmppctl: failed: alice@localhost: roster: twice@localhost: bad-request: "
+        "group 'A' appears twice",
+    ]
+
+
+def test_a_pre_approved_contact_stays_pre_approved_through_export_and_import(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RFC 6121 3.4 pre-approval is the roster item's approved='true': a round trip that
+    dropped it would make the contact's next request wait for an answer again."""
+    source = export_file(
+        tmp_path / "approved.xml",
+        f"<user name='alice'>{scram('pw')}<query xmlns='jabber:iq:roster'>"
+        "<item jid='bob@localhost' subscription='none' approved='true'/>"
+        "<item jid='carol@localhost' subscription='none'/></query></user>",
+    )
+    assert run(capsys, "-c", str(config), "import", str(source))[0] == 0
+    exported = tmp_path / "out.xml"
+    assert run(capsys, "-c", str(config), "export", "--host", "localhost", str(exported))[0] == 0
+    items = {
+        item.get("jid"): item.get("approved")
+        for item in etree.parse(str(exported)).iter("{jabber:iq:roster}item")
+    }
+    assert items == {"bob@localhost": "true", "carol@localhost": None}
+
+
+def test_a_default_privacy_list_that_cannot_be_set_is_a_failure_not_silence(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A <default/> naming a list the file does not hold was dropped without a word
+    when the user had no list at all."""
+    source = export_file(
+        tmp_path / "default.xml",
+        f"<user name='alice'>{scram('pw')}"
+        "<query xmlns='jabber:iq:privacy'><default name='gone'/></query></user>",
+    )
+    code, out, err = run(capsys, "-c", str(config), "import", str(source))
+    assert code == 1
+    assert "privacy: 0 copied, 0 skipped, 1 failed" in out
+    assert "xmppctl: failed: alice@localhost: privacy: the default list was not set" in err
 
 
 # --------------------------------------------------------------------------- progress

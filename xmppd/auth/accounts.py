@@ -212,18 +212,23 @@ class Accounts:
 
         await self._store.modify(name, replace_keys, what="account")
 
-    async def import_keys(self, username: str, keys: builtins.list[ScramKeys]) -> None:
+    async def import_keys(
+        self, username: str, keys: builtins.list[ScramKeys], ban: Ban | None = None
+    ) -> None:
         """Create the account from salted keys another server made (XEP-0227 import).
 
         No password is needed: SCRAM logins with these hashes work at once, PLAIN
         verifies against them, and the hashes missing here are added at the next
-        PLAIN login (`verify_plain`). AccountExists, InvalidUsername, ValueError
-        (no keys).
+        PLAIN login (`verify_plain`). A `ban` (from xmppd's own export) is written
+        with the keys, so the account never exists unbanned. AccountExists,
+        InvalidUsername, ValueError (no keys).
         """
         name = normalize_username(username)
         if not keys:
             raise ValueError("no SCRAM keys")
         attrs: dict[str, AttrValue] = {KEY_ATTRIBUTES[k.hash_name]: k.encode() for k in keys}
+        if ban is not None:
+            attrs.update({"banned": ban.since, "ban_reason": ban.reason})
         try:
             await self._store.put(name, attrs, if_absent=True)
         except ConditionFailed:
@@ -255,15 +260,16 @@ class Accounts:
             return False
         return await self._store.delete(name)
 
-    async def ban(self, username: str, reason: str) -> Ban:
-        """Ban the account (AccountNotFound); banning it again replaces the reason and time.
+    async def ban(self, username: str, reason: str, since: int | None = None) -> Ban:
+        """Ban the account (AccountNotFound); banning it again replaces the reason and time
+        (`since`, Unix seconds: now unless given, as by an import).
 
         Only logins are refused here: the caller ends the account's sessions."""
         try:
             name = normalize_username(username)
         except InvalidUsername:
             raise AccountNotFound(username) from None
-        ban = Ban(int(time.time()), reason)
+        ban = Ban(int(time.time()) if since is None else since, reason)
 
         def add_ban(item: Item | None) -> dict[str, AttrValue]:
             if item is None:

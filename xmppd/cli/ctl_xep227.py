@@ -129,7 +129,11 @@ async def _export(cfg: Config, hosts: list[str], target: Path) -> Summary:
     try:
         async with loaded_modules(cfg, storage) as modules:
             names = {host: await _names(modules.accounts[host]) for host in hosts}
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # A new file, never one found there: an existing file keeps its mode and
+            # owner, and a link leads elsewhere (both would get everyone's keys).
+            partial.unlink(missing_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            fd = os.open(partial, flags, 0o600)
             with (
                 os.fdopen(fd, "wb") as out,
                 _progress(sum(map(len, names.values())), "export", " accounts") as bar,

@@ -283,11 +283,17 @@ async def ask_nodes(
         for record, url in nodes.items():
             try:
                 async with http.request(method, url + path, json=request) as response:
-                    body = await response.json(content_type=None)
                     status = response.status
+                    text = await response.text()
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
                 _did_not_answer(outcome, url, record, e)
                 continue
+            # It answered, so it runs: an answer that is no JSON (aiohttp's own page
+            # for an unexpected error) is its failure too, never a reason to go around it.
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = " ".join(text.split())[:200]
             if status != 200 or not isinstance(body, dict):
                 error = body.get("error") if isinstance(body, dict) else None
                 raise NodeRefused(f"the node at {url}: {error or f'HTTP {status}: {body}'}")

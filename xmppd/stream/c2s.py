@@ -150,6 +150,9 @@ class C2SStream:
         self.channel_bindings: dict[str, bytes] = {}
         self.host: str | None = None  # the virtual host named in the stream header
         self.username: str | None = None
+        # The account whose credentials authenticated the stream: `username`, unless it
+        # acts as another (auth.proxy_auth). Set by the login before sasl_success.
+        self.authcid: str | None = None
         self.jid: str | None = None  # full JID once bound
         self.bare_jid: str | None = None
         self.stream_id = ""

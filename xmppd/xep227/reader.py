@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from xmppd.auth.accounts import InvalidUsername, normalize_username
+from xmppd.auth.accounts import Ban, InvalidUsername, normalize_username
 from xmppd.jid import JID, InvalidJID
 from xmppd.sasl.scram import ScramKeys
 from xmppd.xep227 import vcard4
@@ -38,6 +38,9 @@ VCARD = "vcard-temp"
 PUBSUB = "http://jabber.org/protocol/pubsub"
 PUBSUB_OWNER = "http://jabber.org/protocol/pubsub#owner"
 VCARD4_NODE = "urn:xmpp:vcard4"
+BAN = "urn:xmppd:ban:0"
+"""xmppd's own <banned since='UNIX SECONDS'>REASON</banned> in a <user/> (`xmppctl ban`):
+XEP-0227 has no place for a ban, and an export must not lift one."""
 
 DEFAULT_MAX_BYTES = 1 << 30
 """All files of one import together (1 GiB); --max-bytes changes it."""
@@ -70,6 +73,7 @@ class RosterEntry:
     subscription: str
     ask: bool
     groups: list[str]
+    approved: bool = False  # RFC 6121 3.4 pre-approval
 
 
 @dataclass(slots=True)
@@ -89,6 +93,7 @@ class UserData:
     privacy_lists: list[etree._Element] = field(default_factory=list)
     blocklist: list[str] = field(default_factory=list)
     offline: list[etree._Element] = field(default_factory=list)
+    ban: Ban | None = None
 
     @property
     def jid(self) -> str:
@@ -162,9 +167,10 @@ def _include(path: Path, include: etree._Element, budget: _Budget, depth: int) -
         or include.get("parse", "xml") != "xml"
     ):
         raise BadExport([f"{path}: refused <xi:include href={href!r}/> (only files beside it)"])
-    included = _parse_file(target, budget, depth + 1)
     parent = include.getparent()
-    assert parent is not None
+    if parent is None:
+        raise BadExport([f"{path}: refused <xi:include href={href!r}/> as the root element"])
+    included = _parse_file(target, budget, depth + 1)
     parent.replace(include, included)
 
 
@@ -325,6 +331,11 @@ def _child(user: UserData, child: etree._Element, notes: Counter[str]) -> None:
     elif tag == f"{{{PIE}}}offline-messages":
         for message in child.iterchildren(f"{{{CLIENT}}}message"):
             user.offline.append(copy.deepcopy(message))
+    elif tag == f"{{{BAN}}}banned":
+        since = child.get("since", "")
+        if not (since.isascii() and since.isdigit()):
+            raise ValueError(f"since {since[:20]!r} is not Unix seconds")
+        user.ban = Ban(int(since), child.text or "")
     else:
         qname = etree.QName(child)
         notes[f"not imported: <{qname.localname} xmlns='{qname.namespace}'/>"] += 1
@@ -339,6 +350,7 @@ def _roster_item(item: etree._Element) -> RosterEntry:
         name=item.get("name") or None,
         subscription=subscription,
         ask=item.get("ask") == "subscribe",
+        approved=item.get("approved") in ("true", "1"),
         groups=[g.text for g in item.iterchildren(f"{{{ROSTER}}}group") if g.text],
     )
 

@@ -39,6 +39,7 @@ from xmppd.storage.factory import Storage
 from xmppd.stream.errors import StanzaError
 from xmppd.xep227.credentials import scram_element
 from xmppd.xep227.reader import (
+    BAN,
     BLOCKING,
     CLIENT,
     PIE,
@@ -145,10 +146,12 @@ class _Importer:
         accounts = self.modules.accounts[user.host]
         try:
             if user.keys:
-                await accounts.import_keys(user.name, user.keys)
+                await accounts.import_keys(user.name, user.keys, user.ban)
             else:
                 assert user.password is not None
                 await accounts.register(user.name, user.password)
+                if user.ban is not None:
+                    await accounts.ban(user.name, user.ban.reason, user.ban.since)
         except AccountExists:
             self._count("accounts", "skipped")
             for store, n in self._sizes(user).items():
@@ -171,7 +174,8 @@ class _Importer:
             ("blocking", self._blocking),
             ("offline", self._offline),
         ):
-            if sizes[store]:
+            # A default privacy list alone is written too: it fails, and says so.
+            if sizes[store] or (store == "privacy" and user.privacy_default is not None):
                 await write(user)
 
     def _module(self, cls: type[M], store: str, user: UserData) -> M | None:
@@ -206,6 +210,12 @@ class _Importer:
             if contact == user.jid:
                 self._count("roster", "skipped")
                 self.summary.skips.append(f"{user.jid}: roster: itself as a contact")
+                continue
+            try:  # what a client's roster set is checked for (writing goes around it)
+                roster.check_name(item.name)
+                roster.check_groups(item.groups)
+            except StanzaError as e:
+                self._fail("roster", user, f"{contact}: {e.condition}: {e.text}")
                 continue
             await self._ask("roster", user, roster.update(user.jid, contact, _replace_with(item)))
 
@@ -282,6 +292,7 @@ def _roster_item(entry: RosterEntry) -> RosterItem:
         name=entry.name,
         subscription=entry.subscription,  # type: ignore[arg-type]
         ask=entry.ask,
+        approved=entry.approved,
         groups=list(entry.groups),
     )
 
@@ -313,6 +324,11 @@ async def export_user(
     for hash_name in SCRAM_HASHES.values():
         if hash_name in credentials:
             user.append(scram_element(credentials[hash_name]))
+    ban = await modules.accounts[host].ban_of(name)
+    if ban is not None:  # xmppd's own element: an import must not lift the ban
+        banned = etree.SubElement(user, f"{{{BAN}}}banned", nsmap={None: BAN})
+        banned.set("since", str(ban.since))
+        banned.text = ban.reason
     summary.counts["accounts"].copied += 1
     roster = modules.find_module(RosterModule)
     if roster is not None:
@@ -376,6 +392,8 @@ def _item_element(item: RosterItem) -> etree._Element:
     element.set("subscription", item.subscription)
     if item.ask:
         element.set("ask", "subscribe")
+    if item.approved:
+        element.set("approved", "true")
     for group in item.groups:
         etree.SubElement(element, f"{{{ROSTER}}}group").text = group
     return element
