@@ -87,6 +87,20 @@ class Limits:
     default_max_items: int | str = 1
     default_access_model: str = "presence"
 
+    @classmethod
+    def of(cls, options: Any, default_max_items: int | str, default_access_model: str) -> Limits:
+        """The limits a module's options set (pep's and pubsub's share these names)."""
+        return cls(
+            max_item_bytes=options.max_item_bytes,
+            max_items=options.max_items,
+            max_nodes=options.max_nodes,
+            max_subscriptions=options.max_subscriptions,
+            max_subscribers=options.max_subscribers,
+            inline_item_bytes=options.inline_item_bytes,
+            default_max_items=default_max_items,
+            default_access_model=default_access_model,
+        )
+
 
 @dataclass(slots=True)
 class Node:

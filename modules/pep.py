@@ -70,16 +70,7 @@ class PepOptions(BaseModel):
 
 
 def _limits(opts: PepOptions) -> Limits:
-    return Limits(
-        max_item_bytes=opts.max_item_bytes,
-        max_items=opts.max_items,
-        max_nodes=opts.max_nodes,
-        max_subscriptions=opts.max_subscriptions,
-        max_subscribers=opts.max_subscribers,
-        inline_item_bytes=opts.inline_item_bytes,
-        default_max_items=1,
-        default_access_model="presence",
-    )
+    return Limits.of(opts, 1, "presence")
 
 
 class Pep(Module):

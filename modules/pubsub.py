@@ -46,16 +46,7 @@ class PubSubOptions(BaseModel):
 
 
 def _limits(opts: PubSubOptions) -> Limits:
-    return Limits(
-        max_item_bytes=opts.max_item_bytes,
-        max_items=opts.max_items,
-        max_nodes=opts.max_nodes,
-        max_subscriptions=opts.max_subscriptions,
-        max_subscribers=opts.max_subscribers,
-        inline_item_bytes=opts.inline_item_bytes,
-        default_max_items=opts.default_max_items,
-        default_access_model="open",
-    )
+    return Limits.of(opts, opts.default_max_items, "open")
 
 
 class PubSub(Module):
