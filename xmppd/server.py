@@ -27,6 +27,7 @@ from xmppd.connection import C2SConnection
 from xmppd.modulehost import ModuleHost
 from xmppd.pauses import PauseMonitor
 from xmppd.router import Router
+from xmppd.s2s.service import S2SService
 from xmppd.session import ClientSession
 from xmppd.storage.base import ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
@@ -81,6 +82,7 @@ class Server:
         self.router: Router
         self.cluster: Cluster | None = None
         self.modules: ModuleHost
+        self.s2s: S2SService | None = None  # federation, with an s2s section (docs/s2s.md)
         self.admin = AdminAPI(self)
         self.pauses = PauseMonitor()
         # Set by SIGTERM/SIGINT and by a drain (xmppctl drain): serve() then stops the node.
@@ -173,6 +175,10 @@ class Server:
                 self.listening.append(Listening(listener.type, address, port))
                 kind = "direct TLS (XEP-0368)" if direct else "STARTTLS"
                 log.info("listening: c2s %s on %s port %d", kind, address, port)
+        if config.s2s is not None:
+            self.s2s = S2SService(self, config.s2s)
+            self.router.remote = self.s2s
+            await self.s2s.start(cert, key)
         await self.admin.start()
         self.pauses.start()
         log.info("xmppd ready")
@@ -186,6 +192,8 @@ class Server:
         self.pauses.stop()
         for server in self._servers:
             server.close()
+        if self.s2s is not None:
+            await self.s2s.stop()
         # Stream management hands its sessions over first (to Redis, when clustered)
         # and cuts their connections, so their clients resume on another node.
         await self.modules.fire("server/stopping")

@@ -1,0 +1,215 @@
+"""Federation with a real Prosody: users of xmppd (b.test) and of Prosody (a.test) talk.
+
+Prosody runs on 127.0.18.2, xmppd on 127.0.18.3, each with a certificate from
+a CA this test makes and trusts on both sides; streams are authenticated
+with SASL EXTERNAL in both directions (Prosody's s2s_secure_auth on, so a
+certificate that did not validate would fail the test rather than fall back
+to dialback). The peers' setup is in tests/integration/s2s_peers.py and
+docs/s2s.md. In CI a missing Prosody fails; elsewhere the test skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import slixmpp
+
+from tests.integration.clients import Client, close, insecure_context
+from tests.integration.conftest import StartServer, port_of
+from tests.integration.s2s_peers import (
+    CA,
+    PROSODY,
+    PROSODY_ADDRESS,
+    XMPPD_ADDRESS,
+    Prosody,
+    free_port,
+    issue,
+    make_ca,
+    start_dns,
+    start_prosody,
+)
+from xmppd.server import Server
+
+if not Path(PROSODY).exists():
+    if os.environ.get("CI"):
+        raise RuntimeError("CI needs Prosody (apt-get install prosody) for the s2s tests")
+    pytest.skip("prosody is not installed", allow_module_level=True)
+
+
+class Peer(Client):
+    """A slixmpp client that also records presences, subscription requests included."""
+
+    def __init__(self, jid: str, password: str) -> None:
+        super().__init__(jid, password)
+        self.available: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+        self.add_event_handler("presence_available", self.available.put_nowait)
+        self.errors: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+        self.add_event_handler("message_error", self.errors.put_nowait)
+        # The subscription states the server pushed (RFC 6121 2.1.6), latest last.
+        self.pushed: dict[str, str] = {}
+        self.pushes = asyncio.Event()
+        self.add_event_handler("roster_update", self._on_push)
+
+    def _on_push(self, iq: slixmpp.Iq) -> None:
+        for jid, item in iq["roster"]["items"].items():
+            self.pushed[str(jid)] = item["subscription"]
+        self.pushes.set()
+
+    async def subscription_both(self, contact: str) -> None:
+        """Wait until the server pushed the roster item of `contact` as 'both'."""
+        while self.pushed.get(contact) != "both":
+            self.pushes.clear()
+            await self.pushes.wait()
+
+
+@dataclass
+class Federation:
+    ca: CA
+    prosody: Prosody
+    xmppd: Server
+
+
+@pytest.fixture
+async def federation(tmp_path: Path, start_server: StartServer) -> AsyncIterator[Federation]:
+    ca = make_ca(tmp_path)
+    cert, key = issue(ca, tmp_path, "b.test")
+    s2s_port = free_port(XMPPD_ADDRESS)
+    prosody = await start_prosody(
+        tmp_path / "prosody",
+        ca,
+        users={"anna": "anna-secret"},
+        peers={"b.test": (XMPPD_ADDRESS, s2s_port)},
+    )
+    dns = await start_dns({})  # knows no domain: anything not overridden does not exist
+    try:
+        server = await start_server(
+            users={},
+            hosts=["b.test"],
+            tls={"cert": str(cert), "key": str(key)},
+            s2s={
+                "listeners": [{"address": XMPPD_ADDRESS, "port": s2s_port}],
+                "ca_file": str(ca.path),
+                "connect_timeout": 10.0,
+                "dns_servers": [f"127.0.18.1:{dns.port}"],
+                "domains": {"a.test": {"host": PROSODY_ADDRESS, "port": prosody.s2s_port}},
+            },
+        )
+        await server.accounts["b.test"].register("bob", "bob-secret")
+        yield Federation(ca, prosody, server)
+    finally:
+        assert dns.transport is not None
+        dns.transport.close()
+        await prosody.stop()
+
+
+async def xmppd_user(server: Server, jid: str, password: str) -> Peer:
+    client = Peer(jid, password)
+    client.ssl_context = insecure_context()
+    client.enable_direct_tls = False
+    client.enable_plaintext = False
+    client.connect("127.0.0.1", port_of(server, "starttls"))
+    await asyncio.wait_for(client.started.wait(), 15)
+    await client.get_roster()  # an interested resource: it gets roster pushes
+    client.send_presence()
+    return client
+
+
+async def prosody_user(prosody: Prosody, jid: str, password: str) -> Peer:
+    client = Peer(jid, password)
+    client.ssl_context = insecure_context()
+    client.enable_direct_tls = False
+    client.enable_plaintext = False
+    client.connect(prosody.address, prosody.c2s_port)
+    await asyncio.wait_for(client.started.wait(), 15)
+    await client.get_roster()  # an interested resource: it gets roster pushes
+    client.send_presence()
+    return client
+
+
+async def next_message(client: Peer, timeout: float = 20) -> slixmpp.Message:
+    return await asyncio.wait_for(client.messages.get(), timeout)
+
+
+def _diagnose(fed: Federation) -> str:
+    return "prosody log:\n" + fed.prosody.log[-6000:]
+
+
+async def test_messages_both_ways(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        bob.send_message(mto="anna@a.test", mbody="hello from b.test", mtype="chat")
+        try:
+            got = await next_message(anna)
+        except TimeoutError:
+            pytest.fail("anna got nothing\n" + _diagnose(federation))
+        assert got["body"] == "hello from b.test"
+        assert str(got["from"]) == "bob@b.test/desk"
+        anna.send_message(mto="bob@b.test/desk", mbody="hello from a.test", mtype="chat")
+        try:
+            back = await next_message(bob)
+        except TimeoutError:
+            pytest.fail("bob got nothing\n" + _diagnose(federation))
+        assert back["body"] == "hello from a.test"
+        assert str(back["from"]) == "anna@a.test/home"
+        # One connection each way, reused: a second message opens none.
+        outgoing = [c for c in federation.xmppd.s2s.connections if c.outgoing]  # type: ignore[union-attr]
+        bob.send_message(mto="anna@a.test", mbody="again", mtype="chat")
+        assert (await next_message(anna))["body"] == "again"
+        assert [c for c in federation.xmppd.s2s.connections if c.outgoing] == outgoing  # type: ignore[union-attr]
+        assert len(outgoing) == 1 and outgoing[0].stream.mechanism == "EXTERNAL"
+        incoming = [c for c in federation.xmppd.s2s.connections if not c.outgoing]  # type: ignore[union-attr]
+        assert [c.stream.authenticated_domain for c in incoming] == ["a.test"]
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_presence_subscription_both_ways(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        # slixmpp approves a request and asks back (auto_authorize, auto_subscribe).
+        bob.send_presence(pto="anna@a.test", ptype="subscribe")
+
+        async def presence_from(client: Peer, bare: str) -> None:
+            while True:
+                presence = await client.available.get()
+                if presence["from"].bare == bare:
+                    return
+
+        try:
+            await asyncio.wait_for(presence_from(bob, "anna@a.test"), 20)
+            await asyncio.wait_for(presence_from(anna, "bob@b.test"), 20)
+            await asyncio.wait_for(bob.subscription_both("anna@a.test"), 20)
+            await asyncio.wait_for(anna.subscription_both("bob@b.test"), 20)
+        except TimeoutError:
+            pytest.fail(
+                f"no presence or roster push across: bob sees "
+                f"{bob.pushed}, anna sees {anna.pushed}\n" + _diagnose(federation)
+            )
+        assert bob.pushed == {"anna@a.test": "both"}
+        assert anna.pushed == {"bob@b.test": "both"}
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_no_such_domain_bounces(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    try:
+        message = bob.make_message(mto="someone@nowhere.test", mbody="anyone?", mtype="chat")
+        message["id"] = "m1"
+        message.send()
+        error = await asyncio.wait_for(bob.errors.get(), 15)
+        assert error["type"] == "error"
+        assert error["id"] == "m1"
+        assert error["error"]["condition"] == "remote-server-not-found"
+        assert str(error["from"]) == "someone@nowhere.test"
+    finally:
+        await close(bob)
