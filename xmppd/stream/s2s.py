@@ -27,6 +27,7 @@ import secrets
 from collections.abc import Collection, Container
 from dataclasses import dataclass
 from enum import Enum, auto
+from typing import NoReturn
 
 from lxml import etree
 
@@ -303,27 +304,25 @@ class S2SStream:
         peer's domain, given or (empty, '=') the stream header's 'from'."""
         if el.get("mechanism") != "EXTERNAL" or not self._offered_external:
             self._sasl_failure("invalid-mechanism")
-            return
         text = (el.text or "").strip()
         try:
             given = text not in ("", "=")
             authzid = base64.b64decode(text, validate=True).decode() if given else ""
         except (binascii.Error, ValueError):
             self._sasl_failure("incorrect-encoding")
-            return
         domain = (authzid or self.remote or "").lower()
         if domain != self.remote or domain not in self._identities:
             self._sasl_failure("not-authorized")
-            return
         success = etree.Element(_SUCCESS, nsmap={None: ns.SASL})
         self._out.append(etree.tostring(success))
         self._authenticated(domain, "EXTERNAL", events)
 
-    def _sasl_failure(self, condition: str) -> None:
+    def _sasl_failure(self, condition: str) -> NoReturn:
         failure = etree.Element(_FAILURE, nsmap={None: ns.SASL})
         etree.SubElement(failure, f"{{{ns.SASL}}}{condition}")
         self._out.append(etree.tostring(failure))
-        self.fail(StreamError("not-authorized", "SASL EXTERNAL failed"))
+        # One attempt per stream: a peer whose certificate does not do cannot try another.
+        raise StreamError("not-authorized", "SASL EXTERNAL failed")
 
     def _authenticated(self, domain: str, mechanism: str, events: list[Event]) -> None:
         self.authenticated_domain = domain
