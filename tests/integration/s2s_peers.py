@@ -311,6 +311,7 @@ class DNSServer(asyncio.DatagramProtocol):
 
     def __init__(self, records: dict[tuple[str, str], list[str]]) -> None:
         self.records = records
+        self.queries: list[tuple[str, str]] = []  # (name, type) asked, in order
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
 
@@ -323,6 +324,7 @@ class DNSServer(asyncio.DatagramProtocol):
         response.flags |= dns.flags.AA
         question = query.question[0]
         name = question.name.to_text(omit_final_dot=True).lower()
+        self.queries.append((name, dns.rdatatype.to_text(question.rdtype)))
         answers = self.records.get((name, dns.rdatatype.to_text(question.rdtype)))
         if answers:
             response.answer.append(

@@ -23,6 +23,7 @@ from tests.integration.clients import Client, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
 from tests.integration.s2s_peers import (
     CA,
+    DNSServer,
     PROSODY,
     PROSODY_ADDRESS,
     XMPPD_ADDRESS,
@@ -72,6 +73,7 @@ class Federation:
     ca: CA
     prosody: Prosody
     xmppd: Server
+    dns: DNSServer
 
 
 @pytest.fixture
@@ -100,7 +102,7 @@ async def federation(tmp_path: Path, start_server: StartServer) -> AsyncIterator
             },
         )
         await server.accounts["b.test"].register("bob", "bob-secret")
-        yield Federation(ca, prosody, server)
+        yield Federation(ca, prosody, server, dns)
     finally:
         assert dns.transport is not None
         dns.transport.close()
@@ -211,5 +213,11 @@ async def test_no_such_domain_bounces(federation: Federation) -> None:
         assert error["id"] == "m1"
         assert error["error"]["condition"] == "remote-server-not-found"
         assert str(error["from"]) == "someone@nowhere.test"
+        # Found out through DNS: SRV first, then the domain's address (RFC 6120 3.2).
+        assert federation.dns.queries == [
+            ("_xmpp-server._tcp.nowhere.test", "SRV"),
+            ("nowhere.test", "A"),
+        ]
+        assert "nowhere.test does not exist" in error["error"]["text"]
     finally:
         await close(bob)
