@@ -23,10 +23,10 @@ from tests.integration.clients import Client, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
 from tests.integration.s2s_peers import (
     CA,
-    DNSServer,
     PROSODY,
     PROSODY_ADDRESS,
     XMPPD_ADDRESS,
+    DNSServer,
     Prosody,
     free_port,
     issue,
