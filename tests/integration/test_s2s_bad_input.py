@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import slixmpp
 
 from tests.integration.clients import Client, close, insecure_context, read_until
 from tests.integration.conftest import StartServer, port_of
-from tests.integration.s2s_peers import CA, XMPPD_ADDRESS, issue, make_ca
+from tests.integration.s2s_peers import CA, PROSODY_ADDRESS, XMPPD_ADDRESS, issue, make_ca
 from xmppd.server import Server
 
+PEER_ADDRESS = PROSODY_ADDRESS  # where a.test is, played here by a fake
 _FEATURES = re.compile(rb"<stream:features[^>]*/>|</stream:features>")
 
 
@@ -89,8 +91,7 @@ class Setup:
         return reader, writer
 
 
-@pytest.fixture
-async def setup(tmp_path: Path, start_server: StartServer) -> Setup:
+async def make_setup(tmp_path: Path, start_server: StartServer, **s2s: object) -> Setup:
     ca = make_ca(tmp_path)
     cert, key = issue(ca, tmp_path, "b.test")
     server = await start_server(
@@ -102,10 +103,16 @@ async def setup(tmp_path: Path, start_server: StartServer) -> Setup:
             "ca_file": str(ca.path),
             "auth_timeout": 1.0,
             "max_stanza_bytes": 10240,
+            **s2s,
         },
     )
     await server.accounts["b.test"].register("bob", "bob-secret")
     return Setup(server, ca, tmp_path)
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, start_server: StartServer) -> Setup:
+    return await make_setup(tmp_path, start_server)
 
 
 async def bob(server: Server) -> Client:
@@ -188,3 +195,112 @@ async def test_oversized_stanza_is_a_policy_violation(setup: Setup) -> None:
         writer.close()
     finally:
         await close(client)
+
+
+async def test_idle_stream_is_closed(tmp_path: Path, start_server: StartServer) -> None:
+    setup = await make_setup(tmp_path, start_server, idle_timeout=0.5)
+    reader, writer = await setup.authenticated("a.test")
+    rest = await read_to_end(reader)  # the server closes it: nothing to wait for but that
+    assert rest.endswith(b"</stream:stream>")
+    assert b"error" not in rest
+    writer.close()
+
+
+class FakePeer:
+    """A server for a.test that answers STARTTLS with `cert`, or stays silent."""
+
+    def __init__(self, cert: tuple[Path, Path] | None) -> None:
+        self.cert = cert
+        self.handshakes = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, PEER_ADDRESS, 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if self.cert is None:
+                await reader.read()  # never answers
+                return
+            await read_until(reader, b">")
+            writer.write(
+                b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                b"xmlns:stream='http://etherx.jabber.org/streams' from='a.test' id='f' "
+                b"version='1.0'><stream:features><starttls "
+                b"xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
+                b"</stream:features>"
+            )
+            await read_until(reader, b"<starttls")
+            writer.write(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.cert)
+            self.handshakes += 1
+            await writer.start_tls(ctx)
+            await reader.read()
+        except (OSError, ssl.SSLError, EOFError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def bounced(
+    tmp_path: Path, start_server: StartServer, peer: FakePeer, **s2s: object
+) -> tuple[str, str]:
+    """Bob's message to anna@a.test, with a.test at `peer`: the error's condition, text."""
+    port = await peer.start()
+    try:
+        setup = await make_setup(
+            tmp_path,
+            start_server,
+            domains={"a.test": {"host": PEER_ADDRESS, "port": port}},
+            **s2s,
+        )
+        client = await bob(setup.server)
+        errors: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+        client.add_event_handler("message_error", errors.put_nowait)
+        try:
+            client.send_message(mto="anna@a.test", mbody="hello?", mtype="chat")
+            error = await asyncio.wait_for(errors.get(), 15)
+            return error["error"]["condition"], error["error"]["text"]
+        finally:
+            await close(client)
+    finally:
+        peer.close()
+
+
+async def test_peer_certificate_from_an_untrusted_ca_bounces(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    folder = tmp_path / "other"
+    folder.mkdir()
+    peer = FakePeer(issue(make_ca(folder, "another CA"), folder, "a.test"))
+    condition, text = await bounced(tmp_path, start_server, peer)
+    assert peer.handshakes == 1
+    assert condition == "remote-server-not-found"
+    assert "certificate verify failed" in text
+
+
+async def test_peer_certificate_for_another_domain_bounces(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    folder = tmp_path / "peer"
+    folder.mkdir()
+    ca = make_ca(folder)
+    peer = FakePeer(issue(ca, folder, "evil.test"))
+    # A CA xmppd trusts (make_setup makes its own: this one is trusted instead).
+    condition, text = await bounced(tmp_path, start_server, peer, ca_file=str(ca.path))
+    assert peer.handshakes == 1
+    assert condition == "remote-server-not-found"
+    assert "not valid for a.test" in text
+
+
+async def test_silent_peer_bounces_with_a_timeout(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    condition, _ = await bounced(tmp_path, start_server, FakePeer(None), connect_timeout=1.0)
+    assert condition == "remote-server-timeout"
