@@ -178,7 +178,7 @@ class Server:
         if config.s2s is not None:
             self.s2s = S2SService(self, config.s2s)
             self.router.remote = self.s2s
-            await self.s2s.start(cert, key)
+            await self.s2s.start(cert, key, await cluster_secret(self.storage, "s2s-dialback"))
         await self.admin.start()
         self.pauses.start()
         log.info("xmppd ready")

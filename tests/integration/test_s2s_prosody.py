@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,37 +76,57 @@ class Federation:
     dns: DNSServer
 
 
+Federate = Callable[..., Awaitable[Federation]]
+
+
 @pytest.fixture
-async def federation(tmp_path: Path, start_server: StartServer) -> AsyncIterator[Federation]:
-    ca = make_ca(tmp_path)
-    cert, key = issue(ca, tmp_path, "b.test")
-    s2s_port = free_port(XMPPD_ADDRESS)
-    prosody = await start_prosody(
-        tmp_path / "prosody",
-        ca,
-        users={"anna": "anna-secret"},
-        peers={"b.test": (XMPPD_ADDRESS, s2s_port)},
-    )
-    dns = await start_dns({})  # knows no domain: anything not overridden does not exist
-    try:
-        server = await start_server(
+async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[Federate]:
+    """Starts Prosody (a.test) and xmppd (b.test) federated; stops them after the test."""
+    started: list[Federation] = []
+
+    async def start(*, xmppd_ca: CA | None = None, secure_auth: bool = True) -> Federation:
+        """`xmppd_ca`: the CA of xmppd's certificate, default the one Prosody trusts;
+        `secure_auth`: Prosody's s2s_secure_auth (off: it accepts dialback)."""
+        ca = make_ca(tmp_path)
+        own = tmp_path / "xmppd-cert"
+        own.mkdir()
+        cert, key = issue(xmppd_ca or ca, own, "b.test")
+        s2s_port = free_port(XMPPD_ADDRESS)
+        prosody = await start_prosody(
+            tmp_path / "prosody",
+            ca,
+            users={"anna": "anna-secret"},
+            peers={"b.test": (XMPPD_ADDRESS, s2s_port)},
+            secure_auth=secure_auth,
+        )
+        dns = await start_dns({})  # knows no domain: anything not overridden does not exist
+        fed = Federation(ca, prosody, None, dns)  # type: ignore[arg-type]
+        started.append(fed)
+        fed.xmppd = await start_server(
             users={},
             hosts=["b.test"],
             tls={"cert": str(cert), "key": str(key)},
             s2s={
                 "listeners": [{"address": XMPPD_ADDRESS, "port": s2s_port}],
-                "ca_file": str(ca.path),
+                "ca_file": str(ca.path),  # Prosody's certificate is from the test CA
                 "connect_timeout": 10.0,
                 "dns_servers": [f"127.0.18.1:{dns.port}"],
                 "domains": {"a.test": {"host": PROSODY_ADDRESS, "port": prosody.s2s_port}},
             },
         )
-        await server.accounts["b.test"].register("bob", "bob-secret")
-        yield Federation(ca, prosody, server, dns)
-    finally:
-        assert dns.transport is not None
-        dns.transport.close()
-        await prosody.stop()
+        await fed.xmppd.accounts["b.test"].register("bob", "bob-secret")
+        return fed
+
+    yield start
+    for fed in started:
+        assert fed.dns.transport is not None
+        fed.dns.transport.close()
+        await fed.prosody.stop()
+
+
+@pytest.fixture
+async def federation(federate: Federate) -> Federation:
+    return await federate()
 
 
 async def xmppd_user(server: Server, jid: str, password: str) -> Peer:
@@ -221,3 +241,30 @@ async def test_no_such_domain_bounces(federation: Federation) -> None:
         assert "nowhere.test does not exist" in error["error"]["text"]
     finally:
         await close(bob)
+
+
+async def test_dialback_when_our_certificate_does_not_validate(
+    tmp_path: Path, federate: Federate
+) -> None:
+    # xmppd's certificate comes from a CA Prosody does not know: no SASL EXTERNAL for
+    # us, so xmppd authenticates with dialback, and Prosody checks the key by asking
+    # b.test (xmppd again, on the stream Prosody opens to it).
+    folder = tmp_path / "unknown-ca"
+    folder.mkdir()
+    federation = await federate(xmppd_ca=make_ca(folder, "unknown CA"), secure_auth=False)
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        bob.send_message(mto="anna@a.test", mbody="via dialback", mtype="chat")
+        try:
+            got = await next_message(anna)
+        except TimeoutError:
+            pytest.fail("anna got nothing\n" + _diagnose(federation))
+        assert (got["body"], str(got["from"])) == ("via dialback", "bob@b.test/desk")
+        assert federation.xmppd.s2s is not None
+        outgoing = [c for c in federation.xmppd.s2s.connections if c.outgoing]
+        assert [c.stream.mechanism for c in outgoing] == ["dialback"]
+        assert "Accepting SASL EXTERNAL identity from b.test" not in federation.prosody.log
+    finally:
+        await close(bob)
+        await close(anna)

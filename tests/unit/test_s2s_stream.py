@@ -128,3 +128,57 @@ def test_outgoing_gives_up_without_external() -> None:
     events = stream.receive(HEADER + b"<stream:features/>")
     assert isinstance(events[0], s2s.AuthFailed)
     assert stream.closed
+
+
+def _key(receiving: str, originating: str, stream_id: str) -> str:
+    return f"key:{receiving}:{originating}:{stream_id}"
+
+
+DIALBACK = s2s.S2SSettings(
+    hosts={"b.test"},
+    max_stanza_bytes=524288,
+    max_stanza_bytes_unauthenticated=10240,
+    max_depth=48,
+    dialback_key=_key,
+)
+
+
+def test_outgoing_falls_back_to_dialback() -> None:
+    stream = s2s.S2SStream(DIALBACK, outgoing=True, local="b.test", remote="a.test", dialback=True)
+    stream.start()
+    stream.receive(
+        HEADER + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        b"</stream:features><proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+    )
+    stream.tls_started()
+    stream.output()
+    restarted = HEADER.replace(b"to='b.test'", b"to='b.test' id='sid-2'")
+    events = stream.receive(
+        restarted + b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/>"
+        b"</stream:features>"
+    )
+    assert events == []
+    sent = stream.output()
+    assert b"<db:result" in sent and b">key:a.test:b.test:sid-2</db:result>" in sent
+    events = stream.receive(
+        b"<db:result xmlns:db='jabber:server:dialback' from='a.test' to='b.test' type='valid'/>"
+    )
+    assert events == [s2s.Authenticated("a.test", "dialback")]
+
+
+def test_incoming_vouches_only_for_its_own_keys() -> None:
+    for key, verdict in [(b"key:a.test:b.test:s1", b"valid"), (b"forged", b"invalid")]:
+        stream = s2s.S2SStream(DIALBACK)
+        stream.receive(HEADER)
+        stream.receive(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        stream.tls_started(set())
+        stream.receive(HEADER)
+        stream.output()
+        stream.receive(
+            b"<db:verify xmlns:db='jabber:server:dialback' from='a.test' to='b.test' id='s1'>"
+            + key
+            + b"</db:verify>"
+        )
+        answer = stream.output()
+        assert b'type="' + verdict + b'"' in answer
+        assert b'from="b.test" to="a.test" id="s1"' in answer

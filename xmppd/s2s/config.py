@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -86,6 +87,9 @@ class DomainPolicy(BaseModel):
     host: StrictStr | None = None  # connect here instead of asking DNS (with port)
     port: StrictInt = Field(default=5269, ge=1, le=65535)
     ca_file: Path | None = None  # the CAs its certificate must chain to
+    # Authenticate to it with dialback when it does not accept our certificate; None:
+    # as `s2s.dialback` says.
+    dialback: StrictBool | None = None
 
     _file = field_validator("ca_file")(_file)
 
@@ -105,6 +109,8 @@ class S2SConfig(BaseModel):
     auth_timeout: Seconds = 30.0  # a stream must be authenticated within this
     idle_timeout: Seconds = 600.0  # a stream that carries nothing this long is closed
     connect_timeout: Seconds = 15.0  # DNS, TCP, TLS and authentication of an outgoing stream
+    # Dialback (XEP-0220) when a peer does not accept our certificate (always over TLS).
+    dialback: StrictBool = True
     max_queue: StrictInt = Field(default=1000, ge=1)  # stanzas waiting per remote domain
     # DNS servers for SRV and address lookups ("IP" or "IP:port"); none: /etc/resolv.conf.
     dns_servers: list[Annotated[StrictStr, AfterValidator(_dns_server)]] = Field(
@@ -118,6 +124,10 @@ class S2SConfig(BaseModel):
 
     def policy(self, domain: str) -> DomainPolicy:
         return self.domains.get(domain) or _NO_POLICY
+
+    def dialback_to(self, domain: str) -> bool:
+        allowed = self.policy(domain).dialback
+        return self.dialback if allowed is None else allowed
 
 
 _NO_POLICY = DomainPolicy()

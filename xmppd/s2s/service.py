@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import logging
 import ssl
 from collections import deque
@@ -89,8 +91,18 @@ class S2SService:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def start(self, cert: Path, key: Path) -> None:
+    async def start(self, cert: Path, key: Path, dialback_secret: bytes) -> None:
+        """Listen; `dialback_secret` is shared by every node of a cluster (any of them
+        may be asked to vouch for a key another sent)."""
         self._cert = cert, key
+        secret = hashlib.sha256(dialback_secret).digest()
+
+        def dialback_key(receiving: str, originating: str, stream_id: str) -> str:
+            # XEP-0185: HMAC-SHA256(SHA256(secret), receiving ' ' originating ' ' id)
+            message = f"{receiving} {originating} {stream_id}".encode()
+            return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+        self.settings.dialback_key = dialback_key
         self._server_context = self._make_server_context()
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
@@ -158,7 +170,11 @@ class S2SService:
                 problem: Exception = NoService(f"{link.remote}: nowhere to connect")
                 for target in targets:
                     stream = S2SStream(
-                        self.settings, outgoing=True, local=link.local, remote=link.remote
+                        self.settings,
+                        outgoing=True,
+                        local=link.local,
+                        remote=link.remote,
+                        dialback=self.config.dialback_to(link.remote),
                     )
                     context = self._client_context(link.remote)
                     try:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import secrets
-from collections.abc import Collection, Container
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import NoReturn
@@ -46,6 +47,9 @@ _SUCCESS = f"{{{ns.SASL}}}success"
 _FAILURE = f"{{{ns.SASL}}}failure"
 _MECHANISMS = f"{{{ns.SASL}}}mechanisms"
 _STREAM_TAG = f"{{{ns.STREAMS}}}stream"
+_DB_RESULT = f"{{{ns.DIALBACK}}}result"
+_DB_VERIFY = f"{{{ns.DIALBACK}}}verify"
+_DB_FEATURE = f"{{{ns.DIALBACK_FEATURE}}}dialback"
 _S_STANZAS = frozenset(f"{{{ns.SERVER}}}{name}" for name in ("message", "presence", "iq"))
 
 
@@ -104,6 +108,9 @@ class S2SSettings:
     max_stanza_bytes: int
     max_stanza_bytes_unauthenticated: int
     max_depth: int
+    # Dialback keys (XEP-0220, XEP-0185): (receiving domain, originating domain, stream
+    # id) -> key. None: no dialback, neither to authenticate us nor to vouch for keys.
+    dialback_key: Callable[[str, str, str], str] | None = None
 
 
 class S2SStream:
@@ -116,9 +123,13 @@ class S2SStream:
         outgoing: bool = False,
         local: str | None = None,
         remote: str | None = None,
+        dialback: bool = False,
     ) -> None:
         self.settings = settings
         self.outgoing = outgoing
+        # Outgoing: authenticate with dialback when the peer will not take our certificate.
+        self.dialback = dialback and settings.dialback_key is not None
+        self.peer_stream_id = ""  # outgoing: the id the peer gave our stream (dialback key)
         self.phase = Phase.CONNECTED
         self.local = local  # our domain on this stream (incoming: from the header's 'to')
         self.remote = remote  # the peer's domain (incoming: claimed, then authenticated)
@@ -129,6 +140,7 @@ class S2SStream:
         self._identities: frozenset[str] = frozenset()
         self._offered_external = False
         self._ready = False  # outgoing: authenticated and the restarted stream's features came
+        self._dialback_sent = False
         self._header_sent = False
         self._out: list[bytes] = []
         self._parser = StreamParser(self._stanza_limit(), settings.max_depth)
@@ -227,6 +239,7 @@ class S2SStream:
         attrs = [
             f"xmlns='{ns.SERVER}'",
             f"xmlns:stream='{ns.STREAMS}'",
+            f"xmlns:db='{ns.DIALBACK}'",
             "version='1.0'",
         ]
         if not self.outgoing:
@@ -260,6 +273,7 @@ class S2SStream:
         if opened.attrs.get("version", "").split(".")[0] != "1":
             raise StreamError("unsupported-version", "this server speaks XMPP 1.0")
         if self.outgoing:
+            self.peer_stream_id = opened.attrs.get("id", "")
             return
         if self.local is None:
             raise StreamError("host-unknown", "this server does not serve that domain")
@@ -296,6 +310,8 @@ class S2SStream:
             events.append(TLSRequested())
         elif tag == _AUTH and self.phase is Phase.SECURED:
             self._on_external(el, events)
+        elif tag == _DB_VERIFY and self.phase is not Phase.CONNECTED:
+            self._vouch(el)
         else:
             raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
 
@@ -316,6 +332,25 @@ class S2SStream:
         success = etree.Element(_SUCCESS, nsmap={None: ns.SASL})
         self._out.append(etree.tostring(success))
         self._authenticated(domain, "EXTERNAL", events)
+
+    def _vouch(self, el: etree._Element) -> None:
+        """XEP-0220 2.3: a receiving server asks whether a key one of our domains sent it
+        (on another stream) is ours; answered on this stream, which it opened to us."""
+        key_of = self.settings.dialback_key
+        receiving, originating, sid = el.get("from"), el.get("to"), el.get("id")
+        if not receiving or not originating or not sid:
+            raise StreamError("improper-addressing", "db:verify needs 'from', 'to' and 'id'")
+        if originating not in self.settings.hosts:
+            raise StreamError("host-unknown", "this server does not serve that domain")
+        valid = key_of is not None and hmac.compare_digest(
+            (el.text or "").strip(), key_of(receiving, originating, sid)
+        )
+        answer = etree.Element(_DB_VERIFY, nsmap={"db": ns.DIALBACK})
+        answer.set("from", originating)
+        answer.set("to", receiving)
+        answer.set("id", sid)
+        answer.set("type", "valid" if valid else "invalid")
+        self._out.append(etree.tostring(answer))
 
     def _sasl_failure(self, condition: str) -> NoReturn:
         failure = etree.Element(_FAILURE, nsmap={None: ns.SASL})
@@ -361,12 +396,37 @@ class S2SStream:
             self.phase = Phase.AUTHENTICATED
             self._restart()
             self._send_header()
+        elif tag == _DB_RESULT and self._dialback_sent and not self.authenticated:
+            if el.get("type") != "valid" or el.get("from") != self.remote:
+                self.close()
+                events.append(AuthFailed(f"dialback refused ({el.get('type')})"))
+                events.append(StreamEnded(None))
+                return
+            # Dialback does not restart the stream: stanzas may follow at once.
+            self.authenticated_domain = self.remote
+            self.mechanism = "dialback"
+            self.phase = Phase.AUTHENTICATED
+            self._parser.max_stanza_bytes = self.settings.max_stanza_bytes
+            self._ready = True
+            events.append(Authenticated(self.remote or "", "dialback"))
         elif tag in (_FAILURE, _TLS_FAILURE):
             self.close()
             events.append(AuthFailed(f"{el.tag} from the peer"))
             events.append(StreamEnded(None))
         else:
             raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
+
+    def _send_dialback(self) -> None:
+        """XEP-0220 2.1: offer the peer a key it will check with our authoritative server
+        (which is us again: `_vouch` on the stream it opens to us)."""
+        key_of = self.settings.dialback_key
+        assert key_of is not None and self.local and self.remote
+        result = etree.Element(_DB_RESULT, nsmap={"db": ns.DIALBACK})
+        result.set("from", self.local)
+        result.set("to", self.remote)
+        result.text = key_of(self.remote, self.local, self.peer_stream_id)
+        self._out.append(etree.tostring(result))
+        self._dialback_sent = True
 
     def _outgoing_features(self, features: etree._Element, events: list[Event]) -> None:
         if self.phase is Phase.CONNECTED:
@@ -379,6 +439,9 @@ class S2SStream:
         elif self.phase is Phase.SECURED:
             mechanisms = features.find(_MECHANISMS)
             names = [] if mechanisms is None else [(m.text or "").strip() for m in mechanisms]
+            if "EXTERNAL" not in names and self.dialback and features.find(_DB_FEATURE) is not None:
+                self._send_dialback()
+                return
             if "EXTERNAL" not in names:
                 self.close()
                 events.append(AuthFailed("the peer does not accept our certificate (no EXTERNAL)"))
