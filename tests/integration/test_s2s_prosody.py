@@ -268,3 +268,52 @@ async def test_dialback_when_our_certificate_does_not_validate(
     finally:
         await close(bob)
         await close(anna)
+
+
+async def subscribe_both_ways(fed: Federation, bob: Peer, anna: Peer) -> None:
+    bob.send_presence(pto="anna@a.test", ptype="subscribe")
+    try:
+        await asyncio.wait_for(bob.subscription_both("anna@a.test"), 20)
+        await asyncio.wait_for(anna.subscription_both("bob@b.test"), 20)
+    except TimeoutError:
+        pytest.fail(f"no subscription: {bob.pushed}, {anna.pushed}\n" + _diagnose(fed))
+
+
+async def test_remote_contact_offline_message_probe_and_disco(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+    anna.add_event_handler("presence_unavailable", gone.put_nowait)
+    try:
+        await subscribe_both_ways(federation, bob, anna)
+        await close(bob)
+        # Bob's contact on a.test is told he left (the broadcast copies, bounce=False).
+        left = await asyncio.wait_for(gone.get(), 20)
+        assert str(left["from"]) == "bob@b.test/desk"
+
+        anna.send_message(mto="bob@b.test", mbody="while you were away", mtype="chat")
+        # A disco#info query to b.test itself, on the same stream after the message:
+        # answered once the message was routed (to offline storage).
+        info = anna.make_iq_get(queryxmlns="http://jabber.org/protocol/disco#info", ito="b.test")
+        result = await info.send(timeout=20)
+        features = {
+            f.get("var") for f in result.xml.iter("{http://jabber.org/protocol/disco#info}feature")
+        }
+        assert "urn:xmpp:ping" in features
+        await federation.xmppd.router.drain()
+        assert federation.xmppd.router.ledger.offline == 1
+
+        while not anna.available.empty():
+            anna.available.get_nowait()
+        bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+        stored = await next_message(bob)
+        assert (stored["body"], stored["from"].bare) == ("while you were away", "anna@a.test")
+        # Bob's initial presence probes anna on a.test (Prosody answers), and reaches her.
+        async with asyncio.timeout(20):
+            while (await bob.available.get())["from"].bare != "anna@a.test":
+                pass
+            while (await anna.available.get())["from"].bare != "bob@b.test":
+                pass
+    finally:
+        await close(bob)
+        await close(anna)
