@@ -289,6 +289,16 @@ async def start_prosody(
         stderr=subprocess.DEVNULL,  # it logs to prosody.log
     )
     prosody = Prosody(domain, address, c2s_port, s2s_port, folder, process)
+    try:
+        await _listening(prosody)
+    except BaseException:
+        await prosody.stop()  # not left running when it never came up
+        raise
+    return prosody
+
+
+async def _listening(prosody: Prosody) -> None:
+    process, address, c2s_port = prosody.process, prosody.address, prosody.c2s_port
     async with asyncio.timeout(15):
         while True:
             if process.returncode is not None:
@@ -300,7 +310,6 @@ async def start_prosody(
                 continue
             writer.close()
             break
-    return prosody
 
 
 # --- a DNS server ----------------------------------------------------------------------
