@@ -192,8 +192,6 @@ class Server:
         self.pauses.stop()
         for server in self._servers:
             server.close()
-        if self.s2s is not None:
-            await self.s2s.stop()
         # Stream management hands its sessions over first (to Redis, when clustered)
         # and cuts their connections, so their clients resume on another node.
         await self.modules.fire("server/stopping")
@@ -202,6 +200,9 @@ class Server:
         for server in self._servers:
             await server.wait_closed()
         await self.router.drain()
+        if self.s2s is not None:
+            # After the sessions ended: their unavailable presence reaches remote contacts.
+            await self.s2s.stop()
         if self.cluster is not None:
             # What the other nodes forwarded until they saw this node's sessions go
             # is routed (to offline storage), which needs the modules still running.

@@ -317,3 +317,20 @@ async def test_remote_contact_offline_message_probe_and_disco(federation: Federa
     finally:
         await close(bob)
         await close(anna)
+
+
+async def test_shutdown_tells_remote_contacts(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+    anna.add_event_handler("presence_unavailable", gone.put_nowait)
+    try:
+        await subscribe_both_ways(federation, bob, anna)
+        # The node's s2s streams close only after its sessions ended: the unavailable
+        # presence of each still reaches its remote contacts.
+        await federation.xmppd.stop()
+        left = await asyncio.wait_for(gone.get(), 20)
+        assert str(left["from"]) == "bob@b.test/desk"
+    finally:
+        await close(bob)
+        await close(anna)

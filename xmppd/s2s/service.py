@@ -88,6 +88,7 @@ class S2SService:
         self._client_contexts: dict[Path | None, ssl.SSLContext] = {}
         self._server_context: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None
+        self._stopped = False
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -117,6 +118,7 @@ class S2SService:
         self._schedule_sweep()
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._sweep is not None:
             self._sweep.cancel()
         for server in self._servers:
@@ -133,6 +135,12 @@ class S2SService:
     # --- the router's seam (RemoteRoute) ------------------------------------------------
 
     def route(self, stanza: etree._Element, bounce: bool = True) -> None:
+        if self._stopped:  # no new connections while the node stops
+            if bounce:
+                self.server.router.bounce(
+                    stanza, "remote-server-timeout", "the server is shutting down"
+                )
+            return
         try:
             remote = parse_jid(stanza.get("to") or "").domain
             local = parse_jid(stanza.get("from") or "").domain
