@@ -34,6 +34,7 @@ from tests.integration.s2s_peers import (
     start_dns,
     start_prosody,
 )
+from xmppd.metrics import exposition
 from xmppd.server import Server
 
 if not Path(PROSODY).exists():
@@ -187,6 +188,10 @@ async def test_messages_both_ways(federation: Federation) -> None:
         assert len(outgoing) == 1 and outgoing[0].stream.mechanism == "EXTERNAL"
         incoming = [c for c in federation.xmppd.s2s.connections if not c.outgoing]  # type: ignore[union-attr]
         assert [c.stream.authenticated_domain for c in incoming] == ["a.test"]
+        metrics = exposition(federation.xmppd).decode()
+        for direction in ("in", "out"):
+            line = f'xmppd_s2s_connections{{direction="{direction}",mechanism="EXTERNAL"}} 1.0'
+            assert line in metrics
     finally:
         await close(bob)
         await close(anna)
@@ -239,6 +244,8 @@ async def test_no_such_domain_bounces(federation: Federation) -> None:
             ("nowhere.test", "A"),
         ]
         assert "nowhere.test does not exist" in error["error"]["text"]
+        metrics = exposition(federation.xmppd).decode()
+        assert 'xmppd_s2s_link_failures_total{condition="remote-server-not-found"} 1.0' in metrics
     finally:
         await close(bob)
 

@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import logging
 import ssl
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +89,8 @@ class S2SService:
         self._server_context: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None
         self._stopped = False
+        # Outgoing streams that could not be set up, by bounce condition (/metrics).
+        self.failures: Counter[str] = Counter()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -223,6 +225,7 @@ class S2SService:
 
     def _fail(self, link: Link, condition: str, text: str) -> None:
         log.info("s2s: %s -> %s failed: %s: %s", link.local, link.remote, condition, text)
+        self.failures[condition] += 1
         if self.links.get((link.local, link.remote)) is link:
             del self.links[(link.local, link.remote)]
         while link.queue:
