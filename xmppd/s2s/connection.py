@@ -41,6 +41,8 @@ class S2SConnection(asyncio.Protocol):
         self.last_active = 0.0  # loop time of the last byte in or out (idle timeout)
         # Set once the stream is authenticated (outgoing: ready for stanzas) or ended.
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Its failure may come after the service stopped waiting (a timeout): not an error.
+        self.ready.add_done_callback(_seen)
         self._auth_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._before_tls: list[bytes] | None = None
@@ -209,3 +211,8 @@ class S2SConnection(asyncio.Protocol):
         self._auth_timer = None
         if not self.stream.authenticated and not self.stream.closed:
             self.close(StreamError("connection-timeout", "authenticate in time"))
+
+
+def _seen(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
