@@ -85,9 +85,12 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
     """Starts Prosody (a.test) and xmppd (b.test) federated; stops them after the test."""
     started: list[Federation] = []
 
-    async def start(*, xmppd_ca: CA | None = None, secure_auth: bool = True) -> Federation:
+    async def start(
+        *, xmppd_ca: CA | None = None, secure_auth: bool = True, srv: bool = False
+    ) -> Federation:
         """`xmppd_ca`: the CA of xmppd's certificate, default the one Prosody trusts;
-        `secure_auth`: Prosody's s2s_secure_auth (off: it accepts dialback)."""
+        `secure_auth`: Prosody's s2s_secure_auth (off: it accepts dialback); `srv`: xmppd
+        finds a.test through SRV and A records instead of a static override."""
         ca = make_ca(tmp_path)
         own = tmp_path / "xmppd-cert"
         own.mkdir()
@@ -100,7 +103,13 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
             peers={"b.test": (XMPPD_ADDRESS, s2s_port)},
             secure_auth=secure_auth,
         )
-        dns = await start_dns({})  # knows no domain: anything not overridden does not exist
+        records = {
+            ("_xmpp-server._tcp.a.test", "SRV"): [f"0 5 {prosody.s2s_port} a.test."],
+            ("a.test", "A"): [PROSODY_ADDRESS],
+        }
+        # Without `srv` it knows no domain: anything not overridden does not exist.
+        dns = await start_dns(records if srv else {})
+        domains = {} if srv else {"a.test": {"host": PROSODY_ADDRESS, "port": prosody.s2s_port}}
         fed = Federation(ca, prosody, None, dns)  # type: ignore[arg-type]
         started.append(fed)
         fed.xmppd = await start_server(
@@ -112,7 +121,7 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
                 "ca_file": str(ca.path),  # Prosody's certificate is from the test CA
                 "connect_timeout": 10.0,
                 "dns_servers": [f"127.0.18.1:{dns.port}"],
-                "domains": {"a.test": {"host": PROSODY_ADDRESS, "port": prosody.s2s_port}},
+                "domains": domains,
             },
         )
         await fed.xmppd.accounts["b.test"].register("bob", "bob-secret")
@@ -338,6 +347,28 @@ async def test_shutdown_tells_remote_contacts(federation: Federation) -> None:
         await federation.xmppd.stop()
         left = await asyncio.wait_for(gone.get(), 20)
         assert str(left["from"]) == "bob@b.test/desk"
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_srv_discovery(federate: Federate) -> None:
+    federation = await federate(srv=True)
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        bob.send_message(mto="anna@a.test", mbody="found you", mtype="chat")
+        try:
+            got = await next_message(anna)
+        except TimeoutError:
+            pytest.fail("anna got nothing\n" + _diagnose(federation))
+        assert got["body"] == "found you"
+        # The SRV record's target and port, its address from the same DNS server.
+        assert federation.dns.queries == [
+            ("_xmpp-server._tcp.a.test", "SRV"),
+            ("a.test", "A"),
+            ("a.test", "AAAA"),
+        ]
     finally:
         await close(bob)
         await close(anna)

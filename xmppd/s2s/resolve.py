@@ -9,6 +9,7 @@ offers no XMPP service.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from dataclasses import dataclass
 
@@ -59,6 +60,23 @@ class Resolver:
         if len(records) == 1 and records[0].target.to_text() == ".":
             raise NoService(f"{domain} offers no server-to-server service (SRV target '.')")
         return [Target(r.target.to_text(omit_final_dot=True), r.port) for r in _srv_order(records)]
+
+    async def addresses(self, host: str) -> list[str]:
+        """The addresses of an SRV target (or an override's host), asked of the same DNS
+        servers as the SRV records: A first, then AAAA. An address stays as it is."""
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        found: list[str] = []
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await self._dns.resolve(f"{host}.", rdtype)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
+                continue
+            found += [record.to_text() for record in answer]
+        return found
 
     async def _fallback(self, domain: str) -> list[Target]:
         """No SRV records: the domain's own addresses on the default port, if it has any."""

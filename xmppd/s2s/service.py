@@ -172,44 +172,28 @@ class S2SService:
             link.task = self.server.router.spawn(self._connect(link))
 
     async def _connect(self, link: Link) -> None:
-        loop = asyncio.get_running_loop()
         conn: S2SConnection | None = None
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                targets = await self.resolver.targets(link.remote)
                 problem: Exception = NoService(f"{link.remote}: nowhere to connect")
-                for target in targets:
-                    stream = S2SStream(
-                        self.settings,
-                        outgoing=True,
-                        local=link.local,
-                        remote=link.remote,
-                        dialback=self.config.dialback_to(link.remote),
-                    )
-                    context = self._client_context(link.remote)
-                    try:
-                        _, conn = await loop.create_connection(
-                            functools.partial(S2SConnection, self, stream, context),
-                            target.host,
-                            target.port,
-                        )
-                        await conn.ready
-                    except (OSError, ConnectionError) as exc:
-                        problem = exc
-                        if conn is not None:
-                            conn.abort()
-                        conn = None
-                        log.info(
-                            "s2s: %s at %s port %d: %s", link.remote, target.host, target.port, exc
-                        )
-                        continue
-                    break
-                else:
+                # SRV targets in order, each one's addresses in turn (RFC 6120 3.2.1).
+                for target in await self.resolver.targets(link.remote):
+                    for address in await self.resolver.addresses(target.host):
+                        try:
+                            conn = await self._open(link, address, target.port)
+                        except (OSError, ConnectionError) as exc:
+                            problem = exc
+                            log.info(
+                                "s2s: %s at %s port %d: %s", link.remote, address, target.port, exc
+                            )
+                            continue
+                        break
+                    if conn is not None:
+                        break
+                if conn is None:
                     raise problem
         except (TimeoutError, dns.exception.Timeout):
             link.task = None
-            if conn is not None:
-                conn.abort()
             self._fail(link, "remote-server-timeout", f"no connection to {link.remote} in time")
             return
         except (NoService, OSError, ConnectionError, dns.exception.DNSException) as exc:
@@ -217,11 +201,31 @@ class S2SService:
             self._fail(link, "remote-server-not-found", str(exc) or type(exc).__name__)
             return
         link.task = None
-        assert conn is not None
         link.connection = conn
         while link.queue:
             stanza, _ = link.queue.popleft()
             conn.send(stanza)
+
+    async def _open(self, link: Link, address: str, port: int) -> S2SConnection:
+        """One outgoing stream, connected and authenticated; cut if that fails or the
+        caller stops waiting (the connect timeout)."""
+        stream = S2SStream(
+            self.settings,
+            outgoing=True,
+            local=link.local,
+            remote=link.remote,
+            dialback=self.config.dialback_to(link.remote),
+        )
+        context = self._client_context(link.remote)
+        _, conn = await asyncio.get_running_loop().create_connection(
+            functools.partial(S2SConnection, self, stream, context), address, port
+        )
+        try:
+            await conn.ready
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
 
     def _fail(self, link: Link, condition: str, text: str) -> None:
         log.info("s2s: %s -> %s failed: %s: %s", link.local, link.remote, condition, text)
