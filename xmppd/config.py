@@ -44,6 +44,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 from slixmpp.jid import JID, InvalidJID
 
+from xmppd.s2s.config import S2SConfig
 from xmppd.sasl.mechanisms import Mechanism
 from xmppd.storage.config import StorageConfig
 
@@ -429,6 +430,7 @@ class Config(BaseModel):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     cluster: ClusterConfig | None = None
+    s2s: S2SConfig | None = None  # federation (xmppd/s2s, docs/s2s.md); none without it
     # Raw options per enabled module; the module host validates each against the
     # module's own model with validate_section(), so errors still carry lines.
     modules: dict[StrictStr, dict[StrictStr, Any] | None] = Field(default_factory=_default_modules)

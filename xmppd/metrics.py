@@ -7,6 +7,7 @@ scrapes and a message costs no lock. prometheus_client writes the format.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from xmppd.traffic import Traffic
 
 if TYPE_CHECKING:
     from xmppd.cluster import Cluster
+    from xmppd.s2s.service import S2SService
     from xmppd.server import Server
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -94,6 +96,8 @@ class ServerCollector(Collector):
         yield from _storage(server.storage_stats)
         if server.cluster is not None:
             yield from _cluster(server.cluster)
+        if server.s2s is not None:
+            yield from _s2s(server.s2s)
 
 
 def _traffic(traffic: Traffic) -> Iterator[Metric]:
@@ -203,6 +207,31 @@ def _cluster(cluster: Cluster) -> Iterator[Metric]:
         "Sessions of other nodes in this node's replica of the table.",
         value=cluster.directory.remote_count(),
     )
+
+
+def _s2s(service: S2SService) -> Iterator[Metric]:
+    """Federation (xmppd.s2s); only with an s2s section."""
+    connections = GaugeMetricFamily(
+        "xmppd_s2s_connections",
+        "Server-to-server streams open now, by direction and how the peer (in) or this "
+        "server (out) authenticated: EXTERNAL, dialback, or none yet.",
+        labels=["direction", "mechanism"],
+    )
+    counts = Counter(
+        ("out" if c.outgoing else "in", c.stream.mechanism or "none") for c in service.connections
+    )
+    for (direction, mechanism), count in sorted(counts.items()):
+        connections.add_metric([direction, mechanism], count)
+    yield connections
+    failures = CounterMetricFamily(
+        "xmppd_s2s_link_failures",
+        "Outgoing streams that could not be set up, by the condition their stanzas bounced "
+        "with (remote-server-not-found, remote-server-timeout).",
+        labels=["condition"],
+    )
+    for condition, count in sorted(service.failures.items()):
+        failures.add_metric([condition], count)
+    yield failures
 
 
 def _histogram(name: str, text: str, stats: PauseStats) -> HistogramMetricFamily:

@@ -21,6 +21,7 @@ FIXED: dict[str, str] = {
     "admin": "the admin API is bound at start",
     "storage": "the stores are opened at start",
     "cluster": "the node joins its cluster at start",
+    "s2s": "the federation listeners and links are set up at start",
 }
 """Top-level keys a reload refuses to change, with why."""
 

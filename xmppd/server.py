@@ -29,6 +29,7 @@ from xmppd.modulehost import ModuleHost, validate_module_options
 from xmppd.pauses import PauseMonitor
 from xmppd.reload import ReloadResult, describe_changes, refused_changes
 from xmppd.router import Router
+from xmppd.s2s.service import S2SService
 from xmppd.session import ClientSession
 from xmppd.storage.base import ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
@@ -106,6 +107,7 @@ class Server:
         self.router: Router
         self.cluster: Cluster | None = None
         self.modules: ModuleHost
+        self.s2s: S2SService | None = None  # federation, with an s2s section (docs/s2s.md)
         self.admin = AdminAPI(self)
         self.pauses = PauseMonitor()
         # Set by SIGTERM/SIGINT and by a drain (xmppctl drain): serve() then stops the node.
@@ -197,6 +199,10 @@ class Server:
                 self.listening.append(Listening(listener.type, address, port))
                 kind = "direct TLS (XEP-0368)" if direct else "STARTTLS"
                 log.info("listening: c2s %s on %s port %d", kind, address, port)
+        if config.s2s is not None:
+            self.s2s = S2SService(self, config.s2s)
+            self.router.remote = self.s2s
+            await self.s2s.start(cert, key, await cluster_secret(self.storage, "s2s-dialback"))
         await self.admin.start()
         self.pauses.start()
         self.ready = True
@@ -219,6 +225,9 @@ class Server:
         for server in self._servers:
             await server.wait_closed()
         await self.router.drain()
+        if self.s2s is not None:
+            # After the sessions ended: their unavailable presence reaches remote contacts.
+            await self.s2s.stop()
         if self.cluster is not None:
             # What the other nodes forwarded until they saw this node's sessions go
             # is routed (to offline storage), which needs the modules still running.

@@ -163,6 +163,7 @@ async def test_a_key_a_node_cannot_change_refuses_the_whole_reload(tmp_path: Pat
         changed["storage"] = {"items": {"backend": "sqlite", "path": str(tmp_path / "other.db")}}
         changed["modules"] = {name: {} for name in DEFAULT_MODULES if name != "carbons"}
         changed["modules"]["caps"] = {"node": "https://elsewhere.example/caps"}
+        changed["s2s"] = {"listeners": [{"address": "127.0.0.1", "port": 0}]}
         write_yaml(path, changed)
         code, out, err = await xmppctl(path, "reload")
         assert code == 1
@@ -175,6 +176,7 @@ async def test_a_key_a_node_cannot_change_refuses_the_whole_reload(tmp_path: Pat
         assert "storage.items.path: cannot be changed by a reload" in problems
         assert "modules: carbons: cannot be disabled by a reload" in problems
         assert "modules.caps.node: cannot be changed by a reload" in problems
+        assert "s2s: cannot be changed by a reload" in problems
         assert "limits" not in problems
         line = await node.line("reload refused")
         assert line.string.split(" ")[2] == "ERROR" and "listeners[0].port" in line.string

@@ -1,0 +1,356 @@
+"""Real federation peers for the s2s tests: a test CA, a Prosody server, a tiny DNS server.
+
+Each server runs on its own loopback address with its own domain (Prosody:
+a.test on 127.0.18.2; xmppd: b.test on 127.0.18.3), on free ports, with
+certificates from a CA made for the test. Name resolution needs neither
+/etc/hosts nor the network: xmppd is given static overrides (or the DNS
+server here), Prosody a small plugin (tests/fixtures/prosody/) that maps
+domains to addresses in its config, since it has no such option itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from xmppd.s2s.identity import ID_ON_XMPPADDR
+
+PROSODY = "/usr/bin/prosody"
+PROSODYCTL = "/usr/bin/prosodyctl"
+PLUGINS = Path(__file__).resolve().parent.parent / "fixtures" / "prosody"
+PROSODY_ADDRESS = "127.0.18.2"
+XMPPD_ADDRESS = "127.0.18.3"
+DNS_ADDRESS = "127.0.18.1"
+
+
+# --- certificates ----------------------------------------------------------------------
+
+
+@dataclass
+class CA:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    path: Path  # the CA certificate, PEM
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_ca(folder: Path, name: str = "xmppd test CA") -> CA:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    path = folder / f"{name.replace(' ', '-')}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return CA(cert, key, path)
+
+
+def _utf8string(text: str) -> bytes:
+    data = text.encode()
+    assert len(data) < 128
+    return bytes([0x0C, len(data)]) + data
+
+
+def issue(
+    ca: CA,
+    folder: Path,
+    domain: str,
+    *,
+    dns_names: list[str] | None = None,
+    xmpp_addrs: list[str] | None = None,
+    common_name: str | None = None,
+) -> tuple[Path, Path]:
+    """A certificate and key (PEM files) signed by `ca`, naming `domain` as both a
+    dNSName and an XmppAddr unless told otherwise."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    names: list[x509.GeneralName] = [
+        x509.DNSName(n) for n in (dns_names if dns_names is not None else [domain])
+    ]
+    names += [
+        x509.OtherName(ID_ON_XMPPADDR, _utf8string(n))
+        for n in (xmpp_addrs if xmpp_addrs is not None else [domain])
+    ]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name or domain))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca.key, hashes.SHA256())
+    stem = common_name or domain
+    cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def free_port(address: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+# --- Prosody ---------------------------------------------------------------------------
+
+
+@dataclass
+class Prosody:
+    domain: str
+    address: str
+    c2s_port: int
+    s2s_port: int
+    folder: Path
+    process: asyncio.subprocess.Process
+
+    @property
+    def log(self) -> str:
+        path = self.folder / "prosody.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+def _lua(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{ " + " ".join(f"[{_lua(k)}] = {_lua(v)};" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "{ " + " ".join(f"{_lua(v)};" for v in value) + " }"
+    raise TypeError(value)
+
+
+def write_prosody_config(
+    folder: Path,
+    ca: CA,
+    domain: str,
+    address: str,
+    peers: dict[str, tuple[str, int]],
+    secure_auth: bool,
+) -> tuple[Path, int, int]:
+    """The config file (and certificate) of a Prosody; returns it and its c2s, s2s ports."""
+    if not Path(PROSODY).exists():
+        raise FileNotFoundError(f"{PROSODY} is not installed (Debian package prosody)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data").mkdir(exist_ok=True)
+    cert, key = issue(ca, folder, domain)
+    c2s_port, s2s_port = free_port(address), free_port(address)
+    options = {
+        "run_as_root": True,
+        "daemonize": False,
+        "pidfile": str(folder / "prosody.pid"),
+        "data_path": str(folder / "data"),
+        "plugin_paths": [str(PLUGINS)],
+        "interfaces": [address],
+        "local_interfaces": [address],
+        "c2s_ports": [c2s_port],
+        "s2s_ports": [s2s_port],
+        "c2s_direct_tls_ports": [],
+        "s2s_direct_tls_ports": [],
+        "http_ports": [],
+        "https_ports": [],
+        "component_ports": [],
+        "modules_enabled": [
+            "roster",
+            "saslauth",
+            "tls",
+            "dialback",
+            "disco",
+            "ping",
+            "test_s2s_hosts",
+        ],
+        "modules_disabled": ["s2s_bidi"],
+        "authentication": "internal_plain",
+        "storage": "internal",
+        "c2s_require_encryption": True,
+        "s2s_require_encryption": True,
+        "s2s_secure_auth": secure_auth,
+        "s2s_timeout": 20,
+        "use_ipv6": False,
+        "test_s2s_hosts": {peer: [ip, port] for peer, (ip, port) in peers.items()},
+        "ssl": {"certificate": str(cert), "key": str(key), "cafile": str(ca.path)},
+        "log": {"debug": str(folder / "prosody.log")},
+    }
+    lines = [f"{name} = {_lua(value)}" for name, value in options.items()]
+    lines.append(f'VirtualHost "{domain}"')
+    config = folder / "prosody.cfg.lua"
+    config.write_text("\n".join(lines) + "\n")
+    return config, c2s_port, s2s_port
+
+
+async def start_prosody(
+    folder: Path,
+    ca: CA,
+    *,
+    domain: str = "a.test",
+    address: str = PROSODY_ADDRESS,
+    users: dict[str, str],
+    peers: dict[str, tuple[str, int]],
+    secure_auth: bool = True,
+) -> Prosody:
+    """Prosody serving `domain` on `address`, trusting `ca`, reaching each of `peers`
+    (domain -> (address, port)) there; its users registered with prosodyctl."""
+    config, c2s_port, s2s_port = write_prosody_config(
+        folder, ca, domain, address, peers, secure_auth
+    )
+    ctl = shutil.which("prosodyctl") or PROSODYCTL
+    for user, password in users.items():
+        done = await asyncio.create_subprocess_exec(
+            ctl,
+            "--config",
+            str(config),
+            "register",
+            user,
+            domain,
+            password,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out, _ = await done.communicate()
+        if done.returncode != 0:
+            raise RuntimeError(f"prosodyctl register failed: {out.decode(errors='replace')}")
+    process = await asyncio.create_subprocess_exec(
+        PROSODY,
+        "--config",
+        str(config),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # it logs to prosody.log
+    )
+    prosody = Prosody(domain, address, c2s_port, s2s_port, folder, process)
+    try:
+        await _listening(prosody)
+    except BaseException:
+        await prosody.stop()  # not left running when it never came up
+        raise
+    return prosody
+
+
+async def _listening(prosody: Prosody) -> None:
+    process, address, c2s_port = prosody.process, prosody.address, prosody.c2s_port
+    async with asyncio.timeout(15):
+        while True:
+            if process.returncode is not None:
+                raise RuntimeError(f"prosody exited:\n{prosody.log}")
+            try:
+                _, writer = await asyncio.open_connection(address, c2s_port)
+            except OSError:
+                await asyncio.sleep(0.05)  # polling a port: nothing to await until it listens
+                continue
+            writer.close()
+            break
+
+
+# --- a DNS server ----------------------------------------------------------------------
+
+
+class DNSServer(asyncio.DatagramProtocol):
+    """Answers from `records` ((name, type) -> [text of rdata]); NXDOMAIN for the rest."""
+
+    def __init__(self, records: dict[tuple[str, str], list[str]]) -> None:
+        self.records = records
+        self.queries: list[tuple[str, str]] = []  # (name, type) asked, in order
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        query = dns.message.from_wire(data)
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        question = query.question[0]
+        name = question.name.to_text(omit_final_dot=True).lower()
+        self.queries.append((name, dns.rdatatype.to_text(question.rdtype)))
+        answers = self.records.get((name, dns.rdatatype.to_text(question.rdtype)))
+        if answers:
+            response.answer.append(
+                dns.rrset.from_text_list(
+                    question.name, 60, dns.rdataclass.IN, question.rdtype, answers
+                )
+            )
+        elif not any(known == name for known, _ in self.records):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        assert self.transport is not None
+        self.transport.sendto(response.to_wire(), addr)
+
+
+async def start_dns(records: dict[tuple[str, str], list[str]]) -> DNSServer:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: DNSServer(records), local_addr=(DNS_ADDRESS, 0)
+    )
+    protocol.port = transport.get_extra_info("sockname")[1]
+    return protocol

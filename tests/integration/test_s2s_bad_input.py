@@ -1,0 +1,306 @@
+"""Server streams that misbehave: each gets the RFC 6120 stream error, nothing is delivered.
+
+The peer here is a hand-driven stream (asyncio streams with STARTTLS and a
+client certificate from the test CA), since no real server sends these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import slixmpp
+
+from tests.integration.clients import Client, close, insecure_context, read_until
+from tests.integration.conftest import StartServer, port_of
+from tests.integration.s2s_peers import CA, PROSODY_ADDRESS, XMPPD_ADDRESS, issue, make_ca
+from xmppd.server import Server
+
+PEER_ADDRESS = PROSODY_ADDRESS  # where a.test is, played here by a fake
+_FEATURES = re.compile(rb"<stream:features[^>]*/>|</stream:features>")
+
+
+def header(sender: str) -> bytes:
+    return (
+        "<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+        f"xmlns:stream='http://etherx.jabber.org/streams' from='{sender}' to='b.test' "
+        "version='1.0'>"
+    ).encode()
+
+
+async def read_features(reader: asyncio.StreamReader) -> bytes:
+    buf = b""
+    async with asyncio.timeout(10):
+        while not _FEATURES.search(buf):
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise EOFError(buf)
+            buf += chunk
+    return buf
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the server closes the connection."""
+    buf = b""
+    async with asyncio.timeout(10):
+        while chunk := await reader.read(65536):
+            buf += chunk
+    return buf
+
+
+@dataclass
+class Setup:
+    server: Server
+    ca: CA
+    folder: Path
+
+    @property
+    def port(self) -> int:
+        assert self.server.s2s is not None
+        return self.server.s2s.listening[0][1]
+
+    async def secured(
+        self, sender: str, cert_domain: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        """A stream from `sender` after STARTTLS, presenting a certificate for
+        `cert_domain`; returns the features the server offered then."""
+        reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, self.port)
+        writer.write(header(sender))
+        await read_features(reader)
+        writer.write(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        await read_until(reader, b"<proceed")
+        ctx = ssl.create_default_context(cafile=str(self.ca.path))
+        ctx.load_cert_chain(*issue(self.ca, self.folder, cert_domain))
+        await writer.start_tls(ctx, server_hostname="b.test")
+        writer.write(header(sender))
+        return reader, writer, await read_features(reader)
+
+    async def authenticated(self, domain: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer, features = await self.secured(domain, domain)
+        assert b"<mechanism>EXTERNAL</mechanism>" in features
+        writer.write(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+        )
+        await read_until(reader, b"<success")
+        writer.write(header(domain))
+        await read_features(reader)
+        return reader, writer
+
+
+async def make_setup(tmp_path: Path, start_server: StartServer, **s2s: object) -> Setup:
+    ca = make_ca(tmp_path)
+    cert, key = issue(ca, tmp_path, "b.test")
+    server = await start_server(
+        users={},
+        hosts=["b.test"],
+        tls={"cert": str(cert), "key": str(key)},
+        s2s={
+            "listeners": [{"address": XMPPD_ADDRESS, "port": 0}],
+            "ca_file": str(ca.path),
+            "auth_timeout": 1.0,
+            "max_stanza_bytes": 10240,
+            **s2s,
+        },
+    )
+    await server.accounts["b.test"].register("bob", "bob-secret")
+    return Setup(server, ca, tmp_path)
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, start_server: StartServer) -> Setup:
+    return await make_setup(tmp_path, start_server)
+
+
+async def bob(server: Server) -> Client:
+    client = Client("bob@b.test/desk", "bob-secret")
+    client.ssl_context = insecure_context()
+    client.enable_direct_tls = False
+    client.enable_plaintext = False
+    client.connect("127.0.0.1", port_of(server, "starttls"))
+    await asyncio.wait_for(client.started.wait(), 15)
+    client.send_presence()
+    return client
+
+
+async def nothing_more_for(client: Client) -> None:
+    """The client's next message is one it sends itself now: nothing came before it."""
+    client.send_message(mto="bob@b.test/desk", mbody="marker")
+    got = await asyncio.wait_for(client.messages.get(), 10)
+    assert got["body"] == "marker", f"delivered: {got}"
+
+
+def message(sender: str, body: str) -> bytes:
+    return (
+        f"<message from='{sender}' to='bob@b.test/desk' type='chat'><body>{body}</body></message>"
+    ).encode()
+
+
+async def test_spoofed_from_is_a_stream_error(setup: Setup) -> None:
+    client = await bob(setup.server)
+    try:
+        reader, writer = await setup.authenticated("a.test")
+        writer.write(message("anna@a.test/home", "genuine"))
+        got = await asyncio.wait_for(client.messages.get(), 10)
+        assert (got["body"], str(got["from"])) == ("genuine", "anna@a.test/home")
+        writer.write(message("mallory@c.test/x", "spoofed"))
+        rest = await read_to_end(reader)
+        assert b"<invalid-from xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest.replace(
+            b'"', b"'"
+        )
+        assert rest.endswith(b"</stream:stream>")
+        await nothing_more_for(client)
+        writer.close()
+    finally:
+        await close(client)
+
+
+async def test_certificate_for_another_domain_is_refused(setup: Setup) -> None:
+    client = await bob(setup.server)
+    try:
+        reader, writer, features = await setup.secured("a.test", "evil.test")
+        assert b"EXTERNAL" not in features  # not offered: the certificate names evil.test
+        writer.write(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+        )
+        writer.write(message("anna@a.test/home", "sneaking in"))
+        rest = (await read_to_end(reader)).replace(b'"', b"'")
+        assert b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>" in rest
+        assert b"<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest
+        await nothing_more_for(client)
+        writer.close()
+    finally:
+        await close(client)
+
+
+async def test_stream_that_never_authenticates_is_closed(setup: Setup) -> None:
+    reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, setup.port)
+    writer.write(header("a.test"))
+    rest = (await read_to_end(reader)).replace(b'"', b"'")
+    assert b"<connection-timeout xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest
+    writer.close()
+
+
+async def test_oversized_stanza_is_a_policy_violation(setup: Setup) -> None:
+    client = await bob(setup.server)
+    try:
+        reader, writer = await setup.authenticated("a.test")
+        writer.write(message("anna@a.test/home", "x" * 20000))
+        rest = (await read_to_end(reader)).replace(b'"', b"'")
+        assert b"<policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest
+        await nothing_more_for(client)
+        writer.close()
+    finally:
+        await close(client)
+
+
+async def test_idle_stream_is_closed(tmp_path: Path, start_server: StartServer) -> None:
+    setup = await make_setup(tmp_path, start_server, idle_timeout=0.5)
+    reader, writer = await setup.authenticated("a.test")
+    rest = await read_to_end(reader)  # the server closes it: nothing to wait for but that
+    assert rest.endswith(b"</stream:stream>")
+    assert b"error" not in rest
+    writer.close()
+
+
+class FakePeer:
+    """A server for a.test that answers STARTTLS with `cert`, or stays silent."""
+
+    def __init__(self, cert: tuple[Path, Path] | None) -> None:
+        self.cert = cert
+        self.handshakes = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, PEER_ADDRESS, 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if self.cert is None:
+                await reader.read()  # never answers
+                return
+            await read_until(reader, b">")
+            writer.write(
+                b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                b"xmlns:stream='http://etherx.jabber.org/streams' from='a.test' id='f' "
+                b"version='1.0'><stream:features><starttls "
+                b"xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
+                b"</stream:features>"
+            )
+            await read_until(reader, b"<starttls")
+            writer.write(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.cert)
+            self.handshakes += 1
+            await writer.start_tls(ctx)
+            await reader.read()
+        except (OSError, ssl.SSLError, EOFError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def bounced(
+    tmp_path: Path, start_server: StartServer, peer: FakePeer, **s2s: object
+) -> tuple[str, str]:
+    """Bob's message to anna@a.test, with a.test at `peer`: the error's condition, text."""
+    port = await peer.start()
+    try:
+        setup = await make_setup(
+            tmp_path,
+            start_server,
+            domains={"a.test": {"host": PEER_ADDRESS, "port": port}},
+            **s2s,
+        )
+        client = await bob(setup.server)
+        errors: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+        client.add_event_handler("message_error", errors.put_nowait)
+        try:
+            client.send_message(mto="anna@a.test", mbody="hello?", mtype="chat")
+            error = await asyncio.wait_for(errors.get(), 15)
+            return error["error"]["condition"], error["error"]["text"]
+        finally:
+            await close(client)
+    finally:
+        peer.close()
+
+
+async def test_peer_certificate_from_an_untrusted_ca_bounces(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    folder = tmp_path / "other"
+    folder.mkdir()
+    peer = FakePeer(issue(make_ca(folder, "another CA"), folder, "a.test"))
+    condition, text = await bounced(tmp_path, start_server, peer)
+    assert peer.handshakes == 1
+    assert condition == "remote-server-not-found"
+    assert "certificate verify failed" in text
+
+
+async def test_peer_certificate_for_another_domain_bounces(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    folder = tmp_path / "peer"
+    folder.mkdir()
+    ca = make_ca(folder)
+    peer = FakePeer(issue(ca, folder, "evil.test"))
+    # A CA xmppd trusts (make_setup makes its own: this one is trusted instead).
+    condition, text = await bounced(tmp_path, start_server, peer, ca_file=str(ca.path))
+    assert peer.handshakes == 1
+    assert condition == "remote-server-not-found"
+    assert "not valid for a.test" in text
+
+
+async def test_silent_peer_bounces_with_a_timeout(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    condition, _ = await bounced(tmp_path, start_server, FakePeer(None), connect_timeout=1.0)
+    assert condition == "remote-server-timeout"

@@ -1,0 +1,374 @@
+"""Federation with a real Prosody: users of xmppd (b.test) and of Prosody (a.test) talk.
+
+Prosody runs on 127.0.18.2, xmppd on 127.0.18.3, each with a certificate from
+a CA this test makes and trusts on both sides; streams are authenticated
+with SASL EXTERNAL in both directions (Prosody's s2s_secure_auth on, so a
+certificate that did not validate would fail the test rather than fall back
+to dialback). The peers' setup is in tests/integration/s2s_peers.py and
+docs/s2s.md. In CI a missing Prosody fails; elsewhere the test skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import slixmpp
+
+from tests.integration.clients import Client, close, insecure_context
+from tests.integration.conftest import StartServer, port_of
+from tests.integration.s2s_peers import (
+    CA,
+    PROSODY,
+    PROSODY_ADDRESS,
+    XMPPD_ADDRESS,
+    DNSServer,
+    Prosody,
+    free_port,
+    issue,
+    make_ca,
+    start_dns,
+    start_prosody,
+)
+from xmppd.metrics import exposition
+from xmppd.server import Server
+
+if not Path(PROSODY).exists():
+    if os.environ.get("CI"):
+        raise RuntimeError("CI needs Prosody (apt-get install prosody) for the s2s tests")
+    pytest.skip("prosody is not installed", allow_module_level=True)
+
+
+class Peer(Client):
+    """A slixmpp client that also records presences, subscription requests included."""
+
+    def __init__(self, jid: str, password: str) -> None:
+        super().__init__(jid, password)
+        self.available: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+        self.add_event_handler("presence_available", self.available.put_nowait)
+        self.errors: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+        self.add_event_handler("message_error", self.errors.put_nowait)
+        # The subscription states the server pushed (RFC 6121 2.1.6), latest last.
+        self.pushed: dict[str, str] = {}
+        self.pushes = asyncio.Event()
+        self.add_event_handler("roster_update", self._on_push)
+
+    def _on_push(self, iq: slixmpp.Iq) -> None:
+        for jid, item in iq["roster"]["items"].items():
+            self.pushed[str(jid)] = item["subscription"]
+        self.pushes.set()
+
+    async def subscription_both(self, contact: str) -> None:
+        """Wait until the server pushed the roster item of `contact` as 'both'."""
+        while self.pushed.get(contact) != "both":
+            self.pushes.clear()
+            await self.pushes.wait()
+
+
+@dataclass
+class Federation:
+    ca: CA
+    prosody: Prosody
+    xmppd: Server
+    dns: DNSServer
+
+
+Federate = Callable[..., Awaitable[Federation]]
+
+
+@pytest.fixture
+async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[Federate]:
+    """Starts Prosody (a.test) and xmppd (b.test) federated; stops them after the test."""
+    started: list[Federation] = []
+
+    async def start(
+        *, xmppd_ca: CA | None = None, secure_auth: bool = True, srv: bool = False
+    ) -> Federation:
+        """`xmppd_ca`: the CA of xmppd's certificate, default the one Prosody trusts;
+        `secure_auth`: Prosody's s2s_secure_auth (off: it accepts dialback); `srv`: xmppd
+        finds a.test through SRV and A records instead of a static override."""
+        ca = make_ca(tmp_path)
+        own = tmp_path / "xmppd-cert"
+        own.mkdir()
+        cert, key = issue(xmppd_ca or ca, own, "b.test")
+        s2s_port = free_port(XMPPD_ADDRESS)
+        prosody = await start_prosody(
+            tmp_path / "prosody",
+            ca,
+            users={"anna": "anna-secret"},
+            peers={"b.test": (XMPPD_ADDRESS, s2s_port)},
+            secure_auth=secure_auth,
+        )
+        records = {
+            ("_xmpp-server._tcp.a.test", "SRV"): [f"0 5 {prosody.s2s_port} a.test."],
+            ("a.test", "A"): [PROSODY_ADDRESS],
+        }
+        # Without `srv` it knows no domain: anything not overridden does not exist.
+        dns = await start_dns(records if srv else {})
+        domains = {} if srv else {"a.test": {"host": PROSODY_ADDRESS, "port": prosody.s2s_port}}
+        fed = Federation(ca, prosody, None, dns)  # type: ignore[arg-type]
+        started.append(fed)
+        fed.xmppd = await start_server(
+            users={},
+            hosts=["b.test"],
+            tls={"cert": str(cert), "key": str(key)},
+            s2s={
+                "listeners": [{"address": XMPPD_ADDRESS, "port": s2s_port}],
+                "ca_file": str(ca.path),  # Prosody's certificate is from the test CA
+                "connect_timeout": 10.0,
+                "dns_servers": [f"127.0.18.1:{dns.port}"],
+                "domains": domains,
+            },
+        )
+        await fed.xmppd.accounts["b.test"].register("bob", "bob-secret")
+        return fed
+
+    yield start
+    for fed in started:
+        assert fed.dns.transport is not None
+        fed.dns.transport.close()
+        await fed.prosody.stop()
+
+
+@pytest.fixture
+async def federation(federate: Federate) -> Federation:
+    return await federate()
+
+
+async def xmppd_user(server: Server, jid: str, password: str) -> Peer:
+    client = Peer(jid, password)
+    client.ssl_context = insecure_context()
+    client.enable_direct_tls = False
+    client.enable_plaintext = False
+    client.connect("127.0.0.1", port_of(server, "starttls"))
+    await asyncio.wait_for(client.started.wait(), 15)
+    await client.get_roster()  # an interested resource: it gets roster pushes
+    client.send_presence()
+    return client
+
+
+async def prosody_user(prosody: Prosody, jid: str, password: str) -> Peer:
+    client = Peer(jid, password)
+    client.ssl_context = insecure_context()
+    client.enable_direct_tls = False
+    client.enable_plaintext = False
+    client.connect(prosody.address, prosody.c2s_port)
+    await asyncio.wait_for(client.started.wait(), 15)
+    await client.get_roster()  # an interested resource: it gets roster pushes
+    client.send_presence()
+    return client
+
+
+async def next_message(client: Peer, timeout: float = 20) -> slixmpp.Message:
+    return await asyncio.wait_for(client.messages.get(), timeout)
+
+
+def _diagnose(fed: Federation) -> str:
+    return "prosody log:\n" + fed.prosody.log[-6000:]
+
+
+async def test_messages_both_ways(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        bob.send_message(mto="anna@a.test", mbody="hello from b.test", mtype="chat")
+        try:
+            got = await next_message(anna)
+        except TimeoutError:
+            pytest.fail("anna got nothing\n" + _diagnose(federation))
+        assert got["body"] == "hello from b.test"
+        assert str(got["from"]) == "bob@b.test/desk"
+        anna.send_message(mto="bob@b.test/desk", mbody="hello from a.test", mtype="chat")
+        try:
+            back = await next_message(bob)
+        except TimeoutError:
+            pytest.fail("bob got nothing\n" + _diagnose(federation))
+        assert back["body"] == "hello from a.test"
+        assert str(back["from"]) == "anna@a.test/home"
+        # One connection each way, reused: a second message opens none.
+        outgoing = [c for c in federation.xmppd.s2s.connections if c.outgoing]  # type: ignore[union-attr]
+        bob.send_message(mto="anna@a.test", mbody="again", mtype="chat")
+        assert (await next_message(anna))["body"] == "again"
+        assert [c for c in federation.xmppd.s2s.connections if c.outgoing] == outgoing  # type: ignore[union-attr]
+        assert len(outgoing) == 1 and outgoing[0].stream.mechanism == "EXTERNAL"
+        incoming = [c for c in federation.xmppd.s2s.connections if not c.outgoing]  # type: ignore[union-attr]
+        assert [c.stream.authenticated_domain for c in incoming] == ["a.test"]
+        metrics = exposition(federation.xmppd).decode()
+        for direction in ("in", "out"):
+            line = f'xmppd_s2s_connections{{direction="{direction}",mechanism="EXTERNAL"}} 1.0'
+            assert line in metrics
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_presence_subscription_both_ways(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        # slixmpp approves a request and asks back (auto_authorize, auto_subscribe).
+        bob.send_presence(pto="anna@a.test", ptype="subscribe")
+
+        async def presence_from(client: Peer, bare: str) -> None:
+            while True:
+                presence = await client.available.get()
+                if presence["from"].bare == bare:
+                    return
+
+        try:
+            await asyncio.wait_for(presence_from(bob, "anna@a.test"), 20)
+            await asyncio.wait_for(presence_from(anna, "bob@b.test"), 20)
+            await asyncio.wait_for(bob.subscription_both("anna@a.test"), 20)
+            await asyncio.wait_for(anna.subscription_both("bob@b.test"), 20)
+        except TimeoutError:
+            pytest.fail(
+                f"no presence or roster push across: bob sees "
+                f"{bob.pushed}, anna sees {anna.pushed}\n" + _diagnose(federation)
+            )
+        assert bob.pushed == {"anna@a.test": "both"}
+        assert anna.pushed == {"bob@b.test": "both"}
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_no_such_domain_bounces(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    try:
+        message = bob.make_message(mto="someone@nowhere.test", mbody="anyone?", mtype="chat")
+        message["id"] = "m1"
+        message.send()
+        error = await asyncio.wait_for(bob.errors.get(), 15)
+        assert error["type"] == "error"
+        assert error["id"] == "m1"
+        assert error["error"]["condition"] == "remote-server-not-found"
+        assert str(error["from"]) == "someone@nowhere.test"
+        # Found out through DNS: SRV first, then the domain's address (RFC 6120 3.2).
+        assert federation.dns.queries == [
+            ("_xmpp-server._tcp.nowhere.test", "SRV"),
+            ("nowhere.test", "A"),
+        ]
+        assert "nowhere.test does not exist" in error["error"]["text"]
+        metrics = exposition(federation.xmppd).decode()
+        assert 'xmppd_s2s_link_failures_total{condition="remote-server-not-found"} 1.0' in metrics
+    finally:
+        await close(bob)
+
+
+async def test_dialback_when_our_certificate_does_not_validate(
+    tmp_path: Path, federate: Federate
+) -> None:
+    # xmppd's certificate comes from a CA Prosody does not know: no SASL EXTERNAL for
+    # us, so xmppd authenticates with dialback, and Prosody checks the key by asking
+    # b.test (xmppd again, on the stream Prosody opens to it).
+    folder = tmp_path / "unknown-ca"
+    folder.mkdir()
+    federation = await federate(xmppd_ca=make_ca(folder, "unknown CA"), secure_auth=False)
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        bob.send_message(mto="anna@a.test", mbody="via dialback", mtype="chat")
+        try:
+            got = await next_message(anna)
+        except TimeoutError:
+            pytest.fail("anna got nothing\n" + _diagnose(federation))
+        assert (got["body"], str(got["from"])) == ("via dialback", "bob@b.test/desk")
+        assert federation.xmppd.s2s is not None
+        outgoing = [c for c in federation.xmppd.s2s.connections if c.outgoing]
+        assert [c.stream.mechanism for c in outgoing] == ["dialback"]
+        assert "Accepting SASL EXTERNAL identity from b.test" not in federation.prosody.log
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def subscribe_both_ways(fed: Federation, bob: Peer, anna: Peer) -> None:
+    bob.send_presence(pto="anna@a.test", ptype="subscribe")
+    try:
+        await asyncio.wait_for(bob.subscription_both("anna@a.test"), 20)
+        await asyncio.wait_for(anna.subscription_both("bob@b.test"), 20)
+    except TimeoutError:
+        pytest.fail(f"no subscription: {bob.pushed}, {anna.pushed}\n" + _diagnose(fed))
+
+
+async def test_remote_contact_offline_message_probe_and_disco(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+    anna.add_event_handler("presence_unavailable", gone.put_nowait)
+    try:
+        await subscribe_both_ways(federation, bob, anna)
+        await close(bob)
+        # Bob's contact on a.test is told he left (the broadcast copies, bounce=False).
+        left = await asyncio.wait_for(gone.get(), 20)
+        assert str(left["from"]) == "bob@b.test/desk"
+
+        anna.send_message(mto="bob@b.test", mbody="while you were away", mtype="chat")
+        # A disco#info query to b.test itself, on the same stream after the message:
+        # answered once the message was routed (to offline storage).
+        info = anna.make_iq_get(queryxmlns="http://jabber.org/protocol/disco#info", ito="b.test")
+        result = await info.send(timeout=20)
+        features = {
+            f.get("var") for f in result.xml.iter("{http://jabber.org/protocol/disco#info}feature")
+        }
+        assert "urn:xmpp:ping" in features
+        await federation.xmppd.router.drain()
+        assert federation.xmppd.router.ledger.offline == 1
+
+        while not anna.available.empty():
+            anna.available.get_nowait()
+        bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+        stored = await next_message(bob)
+        assert (stored["body"], stored["from"].bare) == ("while you were away", "anna@a.test")
+        # Bob's initial presence probes anna on a.test (Prosody answers), and reaches her.
+        async with asyncio.timeout(20):
+            while (await bob.available.get())["from"].bare != "anna@a.test":
+                pass
+            while (await anna.available.get())["from"].bare != "bob@b.test":
+                pass
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_shutdown_tells_remote_contacts(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+    anna.add_event_handler("presence_unavailable", gone.put_nowait)
+    try:
+        await subscribe_both_ways(federation, bob, anna)
+        # The node's s2s streams close only after its sessions ended: the unavailable
+        # presence of each still reaches its remote contacts.
+        await federation.xmppd.stop()
+        left = await asyncio.wait_for(gone.get(), 20)
+        assert str(left["from"]) == "bob@b.test/desk"
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_srv_discovery(federate: Federate) -> None:
+    federation = await federate(srv=True)
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        bob.send_message(mto="anna@a.test", mbody="found you", mtype="chat")
+        try:
+            got = await next_message(anna)
+        except TimeoutError:
+            pytest.fail("anna got nothing\n" + _diagnose(federation))
+        assert got["body"] == "found you"
+        # The SRV record's target and port, its address from the same DNS server.
+        assert federation.dns.queries == [
+            ("_xmpp-server._tcp.a.test", "SRV"),
+            ("a.test", "A"),
+            ("a.test", "AAAA"),
+        ]
+    finally:
+        await close(bob)
+        await close(anna)

@@ -1,0 +1,184 @@
+"""The server stream without I/O: both directions, authentication and stanza checks."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from xmppd.stream import s2s
+
+SETTINGS = s2s.S2SSettings(
+    hosts={"b.test"},
+    max_stanza_bytes=524288,
+    max_stanza_bytes_unauthenticated=10240,
+    max_depth=48,
+)
+HEADER = (
+    b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+    b"xmlns:stream='http://etherx.jabber.org/streams' from='a.test' to='b.test' version='1.0'>"
+)
+EXTERNAL = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+
+
+def incoming_authenticated(identities: set[str]) -> tuple[s2s.S2SStream, list[s2s.Event]]:
+    stream = s2s.S2SStream(SETTINGS)
+    stream.receive(HEADER)
+    events = stream.receive(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    assert isinstance(events[0], s2s.TLSRequested)
+    stream.tls_started(identities)
+    stream.receive(HEADER)
+    stream.output()
+    return stream, stream.receive(EXTERNAL)
+
+
+def test_incoming_external_with_a_valid_certificate() -> None:
+    stream, events = incoming_authenticated({"a.test"})
+    assert events == [s2s.Authenticated("a.test", "EXTERNAL")]
+    assert b"<success" in stream.output()
+    stream.receive(HEADER)
+    received = stream.receive(
+        b"<message from='anna@a.test/x' to='bob@b.test'><body>hi</body></message>"
+    )
+    assert isinstance(received[0], s2s.StanzaReceived)
+    stanza = received[0].stanza
+    assert stanza.tag == "{jabber:client}message"
+    assert stanza.findtext("{jabber:client}body") == "hi"
+
+
+def test_no_external_without_a_certificate_for_the_domain() -> None:
+    stream = s2s.S2SStream(SETTINGS)
+    stream.receive(HEADER)
+    stream.receive(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    stream.tls_started(set())
+    stream.output()
+    stream.receive(HEADER)
+    assert b"EXTERNAL" not in stream.output()
+    events = stream.receive(EXTERNAL)
+    assert isinstance(events[-1], s2s.StreamEnded)
+    out = stream.output()
+    assert b"<invalid-mechanism/>" in out and b"not-authorized" in out
+
+
+def test_stanza_checks_after_authentication() -> None:
+    for stanza, condition in [
+        (b"<message from='m@c.test' to='bob@b.test'/>", "invalid-from"),
+        (b"<message from='anna@a.test' to='bob@elsewhere.test'/>", "host-unknown"),
+        (b"<message to='bob@b.test'/>", "improper-addressing"),
+    ]:
+        stream, _ = incoming_authenticated({"a.test"})
+        stream.receive(HEADER)
+        stream.output()
+        events = stream.receive(stanza)
+        assert isinstance(events[-1], s2s.StreamEnded)
+        assert events[-1].error is not None and events[-1].error.condition == condition
+        assert not any(isinstance(e, s2s.StanzaReceived) for e in events)
+
+
+def test_stanzas_before_authentication_are_refused() -> None:
+    stream = s2s.S2SStream(SETTINGS)
+    stream.receive(HEADER)
+    events = stream.receive(b"<message from='anna@a.test' to='bob@b.test'/>")
+    assert isinstance(events[-1], s2s.StreamEnded)
+    assert events[-1].error is not None and events[-1].error.condition == "not-authorized"
+
+
+def test_outgoing_negotiates_tls_then_external() -> None:
+    stream = s2s.S2SStream(SETTINGS, outgoing=True, local="b.test", remote="a.test")
+    stream.start()
+    assert b"from='b.test'" in stream.output()
+    peer_header = HEADER.replace(b"from='a.test' to='b.test'", b"from='a.test' to='b.test' id='x'")
+    features_tls = (
+        b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>"
+        b"<required/></starttls></stream:features>"
+    )
+    assert stream.receive(peer_header + features_tls) == []
+    assert b"<starttls" in stream.output()
+    events = stream.receive(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    assert events == [s2s.TLSRequested()]
+    stream.tls_started()
+    assert b"<stream:stream" in stream.output()
+    features_sasl = (
+        b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+        b"<mechanism>EXTERNAL</mechanism></mechanisms></stream:features>"
+    )
+    stream.receive(peer_header + features_sasl)
+    assert b'mechanism="EXTERNAL"' in stream.output()
+    assert stream.receive(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>") == []
+    assert b"<stream:stream" in stream.output()
+    events = stream.receive(peer_header + b"<stream:features/>")
+    assert events == [s2s.Authenticated("a.test", "EXTERNAL")]
+    message = etree.fromstring(
+        b"<message xmlns='jabber:client' from='bob@b.test' to='anna@a.test'>"
+        b"<body>x</body></message>"
+    )
+    stream.send(message)
+    assert stream.output() == (
+        b'<message xmlns="jabber:server" from="bob@b.test" to="anna@a.test">'
+        b"<body>x</body></message>"
+    )
+
+
+def test_outgoing_gives_up_without_external() -> None:
+    stream = s2s.S2SStream(SETTINGS, outgoing=True, local="b.test", remote="a.test")
+    stream.start()
+    stream.receive(
+        HEADER + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        b"</stream:features><proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+    )
+    stream.tls_started()
+    events = stream.receive(HEADER + b"<stream:features/>")
+    assert isinstance(events[0], s2s.AuthFailed)
+    assert stream.closed
+
+
+def _key(receiving: str, originating: str, stream_id: str) -> str:
+    return f"key:{receiving}:{originating}:{stream_id}"
+
+
+DIALBACK = s2s.S2SSettings(
+    hosts={"b.test"},
+    max_stanza_bytes=524288,
+    max_stanza_bytes_unauthenticated=10240,
+    max_depth=48,
+    dialback_key=_key,
+)
+
+
+def test_outgoing_falls_back_to_dialback() -> None:
+    stream = s2s.S2SStream(DIALBACK, outgoing=True, local="b.test", remote="a.test", dialback=True)
+    stream.start()
+    stream.receive(
+        HEADER + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        b"</stream:features><proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+    )
+    stream.tls_started()
+    stream.output()
+    restarted = HEADER.replace(b"to='b.test'", b"to='b.test' id='sid-2'")
+    events = stream.receive(
+        restarted + b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/>"
+        b"</stream:features>"
+    )
+    assert events == []
+    sent = stream.output()
+    assert b"<db:result" in sent and b">key:a.test:b.test:sid-2</db:result>" in sent
+    events = stream.receive(
+        b"<db:result xmlns:db='jabber:server:dialback' from='a.test' to='b.test' type='valid'/>"
+    )
+    assert events == [s2s.Authenticated("a.test", "dialback")]
+
+
+def test_incoming_vouches_only_for_its_own_keys() -> None:
+    for key, verdict in [(b"key:a.test:b.test:s1", b"valid"), (b"forged", b"invalid")]:
+        stream = s2s.S2SStream(DIALBACK)
+        stream.receive(HEADER)
+        stream.receive(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        stream.tls_started(set())
+        stream.receive(HEADER)
+        stream.output()
+        stream.receive(
+            b"<db:verify xmlns:db='jabber:server:dialback' from='a.test' to='b.test' id='s1'>"
+            + key
+            + b"</db:verify>"
+        )
+        answer = stream.output()
+        assert b'type="' + verdict + b'"' in answer
+        assert b'from="b.test" to="a.test" id="s1"' in answer

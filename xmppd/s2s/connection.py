@@ -1,0 +1,218 @@
+"""One server-to-server connection: the asyncio protocol around one `S2SStream`.
+
+Incoming (a peer connected to our s2s listener) and outgoing (we connected
+to deliver stanzas) differ only in who starts TLS and what authentication
+means; the service (xmppd/s2s/service.py) owns the connections and decides
+what a failure means for the stanzas waiting on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import TYPE_CHECKING
+
+from lxml import etree
+
+from xmppd.s2s.identity import certificate_covers
+from xmppd.stream import s2s
+from xmppd.stream.errors import StreamError
+
+if TYPE_CHECKING:
+    from xmppd.s2s.service import S2SService
+
+log = logging.getLogger("xmppd.s2s")
+
+
+class S2SConnection(asyncio.Protocol):
+    def __init__(
+        self,
+        service: S2SService,
+        stream: s2s.S2SStream,
+        tls_context: ssl.SSLContext,
+    ) -> None:
+        self.service = service
+        self.stream = stream
+        self.outgoing = stream.outgoing
+        self.tls_context = tls_context
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.last_active = 0.0  # loop time of the last byte in or out (idle timeout)
+        # Set once the stream is authenticated (outgoing: ready for stanzas) or ended.
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Its failure may come after the service stopped waiting (a timeout): not an error.
+        self.ready.add_done_callback(_seen)
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
+        self._before_tls: list[bytes] | None = None
+
+    @property
+    def remote(self) -> str:
+        return self.stream.authenticated_domain or self.stream.remote or "?"
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        self.service.connection_opened(self)
+        if not self.outgoing:
+            self._auth_timer = loop.call_later(self.service.config.auth_timeout, self._auth_timeout)
+        else:
+            self.stream.start()
+            self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._before_tls is not None:
+            self._before_tls.append(data)
+            return
+        self.last_active = asyncio.get_running_loop().time()
+        self._handle(self.stream.receive(data))
+        self._flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        self.transport = None
+        if not self.ready.done():
+            if self.outgoing:  # awaited by the service, which then fails the link
+                self.ready.set_exception(ConnectionError(f"connection to {self.remote} lost"))
+            else:
+                self.ready.cancel()
+        self.service.connection_closed(self)
+
+    # --- sending ----------------------------------------------------------------------
+
+    def send(self, stanza: etree._Element) -> bool:
+        """Queue a stanza for the peer (outgoing, authenticated); False once closing."""
+        if self.stream.closed or self.transport is None or not self.stream.authenticated:
+            return False
+        self.service.server.traffic.sent(stanza.tag)
+        self.stream.send(stanza)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return True
+
+    def close(self, error: StreamError | None = None) -> None:
+        if error is None:
+            self.stream.close()
+        else:
+            self.stream.fail(error)
+        self._flush()
+
+    def abort(self) -> None:
+        """Cut the connection with no stream end (given up on while being set up)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None:
+            return
+        data = self.stream.output()
+        if data:
+            self.last_active = asyncio.get_running_loop().time()
+            transport.write(data)
+        if self.stream.closed and not transport.is_closing():
+            if self.stream.error is not None and self.stream.error.condition != "system-shutdown":
+                error = self.stream.error
+                log.info(
+                    "s2s: %s stream %s %s (%s) ended: %s%s",
+                    "outgoing" if self.outgoing else "incoming",
+                    "to" if self.outgoing else "from",
+                    self.remote,
+                    self.peer,
+                    error.condition,
+                    f" ({error.text})" if error.text else "",
+                )
+            transport.close()
+
+    # --- stream events ----------------------------------------------------------------
+
+    def _handle(self, events: list[s2s.Event]) -> None:
+        for event in events:
+            if isinstance(event, s2s.StanzaReceived):
+                self.service.received(event.stanza)
+            elif isinstance(event, s2s.TLSRequested):
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self._before_tls = []
+                self._flush()
+                asyncio.ensure_future(self._start_tls())
+            elif isinstance(event, s2s.Authenticated):
+                if self._auth_timer is not None:
+                    self._auth_timer.cancel()
+                    self._auth_timer = None
+                log.info(
+                    "s2s: %s stream %s %s (%s) authenticated with %s",
+                    "outgoing" if self.outgoing else "incoming",
+                    "to" if self.outgoing else "from",
+                    event.domain,
+                    self.peer,
+                    event.mechanism,
+                )
+                if not self.ready.done():
+                    self.ready.set_result(None)
+            elif isinstance(event, s2s.AuthFailed):
+                log.info("s2s: %s (%s) refused us: %s", self.remote, self.peer, event.reason)
+                if not self.ready.done():
+                    self.ready.set_exception(ConnectionRefusedError(event.reason))
+
+    async def _start_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await loop.start_tls(
+                transport,
+                self,
+                self.tls_context,
+                server_side=not self.outgoing,
+                server_hostname=self.stream.remote if self.outgoing else None,
+                ssl_handshake_timeout=self.service.config.auth_timeout,
+            )
+        except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as exc:
+            log.info("s2s: TLS with %s (%s) failed: %s", self.remote, self.peer, exc)
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionRefusedError(f"TLS failed: {exc}"))
+            transport.abort()
+            return
+        if new_transport is None:
+            return
+        self.transport = new_transport  # type: ignore[assignment]
+        ssl_object = new_transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        remote = self.stream.remote or ""
+        # OpenSSL validated the chain (or there is no certificate); the name is ours to check.
+        covered = der is not None and bool(remote) and certificate_covers(der, remote)
+        if self.outgoing and not covered:
+            reason = f"its certificate is not valid for {remote}"
+            log.info("s2s: outgoing stream to %s (%s) refused: %s", remote, self.peer, reason)
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionRefusedError(reason))
+            self.close(StreamError("policy-violation", reason))
+            return
+        self.stream.tls_started({remote} if covered else ())
+        self._flush()
+        early, self._before_tls = b"".join(self._before_tls or ()), None
+        if early:
+            self.data_received(early)
+
+    def _auth_timeout(self) -> None:
+        self._auth_timer = None
+        if not self.stream.authenticated and not self.stream.closed:
+            self.close(StreamError("connection-timeout", "authenticate in time"))
+
+
+def _seen(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

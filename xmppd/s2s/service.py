@@ -1,0 +1,321 @@
+"""Federation for one node: the s2s listeners, the outgoing links, and the router's seam.
+
+`S2SService` is the router's `remote` (xmppd/router.py, `RemoteRoute`): a
+stanza to a domain this node does not serve comes here. One outgoing link
+per (our domain, remote domain) pair carries them (RFC 6120 streams are
+one-way); while its connection is set up (DNS, TCP, STARTTLS, SASL
+EXTERNAL) stanzas wait in its queue, in order, and leave when it is ready.
+If it cannot be set up they are answered with <remote-server-timeout/>
+(took longer than `s2s.connect_timeout`) or <remote-server-not-found/>
+(anything else: no such domain, no route, a certificate that does not
+validate, authentication refused). A ready link is reused until it closes
+or stays idle for `s2s.idle_timeout`.
+
+Incoming streams authenticate their peer's domain (xmppd/stream/s2s.py
+checks every stanza's 'from' against it) and hand stanzas to the router as
+if a local component had sent them: no "stanza/out" filters, which are for
+local clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import hmac
+import logging
+import ssl
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import dns.exception
+from lxml import etree
+
+from xmppd.jid import parse_jid
+from xmppd.s2s.config import S2SConfig
+from xmppd.s2s.connection import S2SConnection
+from xmppd.s2s.resolve import NoService, Resolver
+from xmppd.stream.errors import StanzaError, StreamError
+from xmppd.stream.s2s import S2SSettings, S2SStream
+
+if TYPE_CHECKING:
+    from xmppd.server import Server
+
+log = logging.getLogger("xmppd.s2s")
+
+
+class _Served:
+    """The domains a peer may address: the node's hosts and its served subdomains,
+    read live (a module may serve a subdomain after start)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def __contains__(self, domain: object) -> bool:
+        router = self.server.router
+        return domain in router.hosts or domain in router.components
+
+
+@dataclass(slots=True)
+class Link:
+    """The outgoing stream from one of our domains to one remote domain."""
+
+    local: str
+    remote: str
+    queue: deque[tuple[etree._Element, bool]] = field(default_factory=deque)
+    connection: S2SConnection | None = None  # set once ready
+    task: asyncio.Future[None] | None = None  # the connection being set up
+
+
+class S2SService:
+    def __init__(self, server: Server, config: S2SConfig) -> None:
+        self.server = server
+        self.config = config
+        self.settings = S2SSettings(
+            hosts=_Served(server),
+            max_stanza_bytes=config.max_stanza_bytes,
+            max_stanza_bytes_unauthenticated=config.max_stanza_bytes_unauthenticated,
+            max_depth=server.config.limits.max_xml_depth,
+        )
+        self.resolver = Resolver(config, config.connect_timeout)
+        self.links: dict[tuple[str, str], Link] = {}
+        self.connections: set[S2SConnection] = set()
+        self.listening: list[tuple[str, int]] = []
+        self._servers: list[asyncio.Server] = []
+        self._client_contexts: dict[Path | None, ssl.SSLContext] = {}
+        self._server_context: ssl.SSLContext | None = None
+        self._sweep: asyncio.TimerHandle | None = None
+        self._stopped = False
+        # Outgoing streams that could not be set up, by bounce condition (/metrics).
+        self.failures: Counter[str] = Counter()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, cert: Path, key: Path, dialback_secret: bytes) -> None:
+        """Listen; `dialback_secret` is shared by every node of a cluster (any of them
+        may be asked to vouch for a key another sent)."""
+        self._cert = cert, key
+        secret = hashlib.sha256(dialback_secret).digest()
+
+        def dialback_key(receiving: str, originating: str, stream_id: str) -> str:
+            # XEP-0185: HMAC-SHA256(SHA256(secret), receiving ' ' originating ' ' id)
+            message = f"{receiving} {originating} {stream_id}".encode()
+            return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+        self.settings.dialback_key = dialback_key
+        self._server_context = self._make_server_context()
+        loop = asyncio.get_running_loop()
+        for listener in self.config.listeners:
+            server = await loop.create_server(
+                self._incoming, listener.address, listener.port, reuse_address=True
+            )
+            self._servers.append(server)
+            for sock in server.sockets:
+                address, port = sock.getsockname()[:2]
+                self.listening.append((address, port))
+                log.info("listening: s2s STARTTLS on %s port %d", address, port)
+        self._schedule_sweep()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+        for server in self._servers:
+            server.close()
+        for link in list(self.links.values()):
+            if link.task is not None:
+                link.task.cancel()
+            self._fail(link, "remote-server-timeout", "the server is shutting down")
+        for conn in list(self.connections):
+            conn.close(StreamError("system-shutdown", "the server is shutting down"))
+        for server in self._servers:
+            await server.wait_closed()
+
+    # --- the router's seam (RemoteRoute) ------------------------------------------------
+
+    def route(self, stanza: etree._Element, bounce: bool = True) -> None:
+        if self._stopped:  # no new connections while the node stops
+            if bounce:
+                self.server.router.bounce(
+                    stanza, "remote-server-timeout", "the server is shutting down"
+                )
+            return
+        try:
+            remote = parse_jid(stanza.get("to") or "").domain
+            local = parse_jid(stanza.get("from") or "").domain
+        except StanzaError:
+            if bounce:
+                self.server.router.bounce(stanza, "jid-malformed")
+            return
+        if local not in self.settings.hosts:
+            # Not from one of our domains (no 'from', or relayed): we may not send it.
+            if bounce:
+                self.server.router.bounce(stanza, "remote-server-not-found")
+            return
+        link = self.links.get((local, remote))
+        if link is None:
+            link = self.links[(local, remote)] = Link(local, remote)
+        if link.connection is not None and link.connection.send(stanza):
+            return
+        if len(link.queue) >= self.config.max_queue:
+            if bounce:
+                self.server.router.bounce(
+                    stanza, "resource-constraint", f"too many stanzas waiting for {remote}"
+                )
+            return
+        link.queue.append((stanza, bounce))
+        if link.task is None:
+            link.connection = None
+            link.task = self.server.router.spawn(self._connect(link))
+
+    async def _connect(self, link: Link) -> None:
+        conn: S2SConnection | None = None
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                problem: Exception = NoService(f"{link.remote}: nowhere to connect")
+                # SRV targets in order, each one's addresses in turn (RFC 6120 3.2.1).
+                for target in await self.resolver.targets(link.remote):
+                    for address in await self.resolver.addresses(target.host):
+                        try:
+                            conn = await self._open(link, address, target.port)
+                        except (OSError, ConnectionError) as exc:
+                            problem = exc
+                            log.info(
+                                "s2s: %s at %s port %d: %s", link.remote, address, target.port, exc
+                            )
+                            continue
+                        break
+                    if conn is not None:
+                        break
+                if conn is None:
+                    raise problem
+        except (TimeoutError, dns.exception.Timeout):
+            link.task = None
+            self._fail(link, "remote-server-timeout", f"no connection to {link.remote} in time")
+            return
+        except (NoService, OSError, ConnectionError, dns.exception.DNSException) as exc:
+            link.task = None
+            self._fail(link, "remote-server-not-found", str(exc) or type(exc).__name__)
+            return
+        link.task = None
+        link.connection = conn
+        while link.queue:
+            stanza, _ = link.queue.popleft()
+            conn.send(stanza)
+
+    async def _open(self, link: Link, address: str, port: int) -> S2SConnection:
+        """One outgoing stream, connected and authenticated; cut if that fails or the
+        caller stops waiting (the connect timeout)."""
+        stream = S2SStream(
+            self.settings,
+            outgoing=True,
+            local=link.local,
+            remote=link.remote,
+            dialback=self.config.dialback_to(link.remote),
+        )
+        context = self._client_context(link.remote)
+        _, conn = await asyncio.get_running_loop().create_connection(
+            functools.partial(S2SConnection, self, stream, context), address, port
+        )
+        try:
+            await conn.ready
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    def _fail(self, link: Link, condition: str, text: str) -> None:
+        log.info("s2s: %s -> %s failed: %s: %s", link.local, link.remote, condition, text)
+        self.failures[condition] += 1
+        if self.links.get((link.local, link.remote)) is link:
+            del self.links[(link.local, link.remote)]
+        while link.queue:
+            stanza, bounce = link.queue.popleft()
+            if bounce:
+                self.server.router.bounce(stanza, condition, text)
+
+    # --- connections --------------------------------------------------------------------
+
+    def _incoming(self) -> S2SConnection:
+        assert self._server_context is not None
+        return S2SConnection(self, S2SStream(self.settings), self._server_context)
+
+    def connection_opened(self, conn: S2SConnection) -> None:
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: S2SConnection) -> None:
+        self.connections.discard(conn)
+        if not conn.outgoing:
+            return
+        stream = conn.stream
+        link = self.links.get((stream.local or "", stream.remote or ""))
+        if link is not None and link.connection is conn:
+            # The next stanza for that domain sets up a new connection.
+            link.connection = None
+            if link.queue and link.task is None:
+                link.task = self.server.router.spawn(self._connect(link))
+            elif not link.queue:
+                del self.links[(link.local, link.remote)]
+
+    def received(self, stanza: etree._Element) -> None:
+        """A stanza from an authenticated peer, checked by its stream: route it here."""
+        self.server.traffic.received(stanza.tag)
+        self.server.router.route(stanza)
+
+    def outgoing(self) -> Iterator[S2SConnection]:
+        return (c for c in self.connections if c.outgoing)
+
+    # --- idle streams -------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        delay = min(30.0, self.config.idle_timeout / 2)
+        self._sweep = asyncio.get_running_loop().call_later(delay, self._close_idle)
+
+    def _close_idle(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for conn in list(self.connections):
+            if now - conn.last_active > self.config.idle_timeout:
+                log.info("s2s: closing the idle stream with %s (%s)", conn.remote, conn.peer)
+                conn.close()
+        self._schedule_sweep()
+
+    # --- TLS ----------------------------------------------------------------------------
+
+    def _make_server_context(self) -> ssl.SSLContext:
+        """Incoming: our certificate, and the peer's asked for. OpenSSL validates a
+        certificate the peer sends against every CA we trust for any peer (which peer
+        it is, we learn only from the stream header); its names are checked after."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(*self._cert)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        files = {p.ca_file for p in self.config.domains.values() if p.ca_file is not None}
+        if self.config.ca_file is not None:
+            files.add(self.config.ca_file)
+        else:
+            ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+        for path in files:
+            ctx.load_verify_locations(cafile=str(path))
+        return ctx
+
+    def _client_context(self, remote: str) -> ssl.SSLContext:
+        """Outgoing: the peer's certificate must chain to its CAs (the domain's
+        `ca_file`, else `s2s.ca_file`, else the system's); we present ours for
+        SASL EXTERNAL. The name is checked by us (RFC 9525), not by OpenSSL."""
+        ca_file = self.config.policy(remote).ca_file or self.config.ca_file
+        ctx = self._client_contexts.get(ca_file)
+        if ctx is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            if ca_file is not None:
+                ctx.load_verify_locations(cafile=str(ca_file))
+            else:
+                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            ctx.load_cert_chain(*self._cert)
+            self._client_contexts[ca_file] = ctx
+        return ctx

@@ -1,0 +1,497 @@
+"""The server-to-server stream as a sans-IO state machine (RFC 6120, 'jabber:server').
+
+One class for both ends of a server connection, like `C2SStream` for
+clients: bytes in (`receive`), bytes out (`output`), events for what the
+stream cannot decide alone (start TLS now, this domain is authenticated,
+route this stanza). It shares the restricted XML parser and its limits
+(`StreamParser`) with the client stream and never touches a socket.
+
+- An *incoming* stream (a peer connected to us) offers STARTTLS, then SASL
+  EXTERNAL when the driver found the peer's certificate valid for the
+  domain the peer names (`tls_started(identities)`); after that it accepts
+  stanzas whose 'from' is that domain and whose 'to' is one of ours.
+- An *outgoing* stream (we connected) asks for STARTTLS, authenticates
+  with SASL EXTERNAL, and then carries our stanzas; RFC 6120 streams are
+  one-way, so a stanza the peer sends back on it is a stream error.
+
+Inside the server every stanza is in 'jabber:client' (the router and the
+modules know only that); `to_client` and `to_server` move a stanza between
+the two content namespaces at this boundary.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import secrets
+from collections.abc import Callable, Collection, Container
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import NoReturn
+
+from lxml import etree
+
+from xmppd.jid import parse_jid
+from xmppd.stream.errors import StanzaError, StreamError
+from xmppd.xml import ns
+from xmppd.xml.parser import StreamClosed, StreamOpened, StreamParser
+
+_STARTTLS = f"{{{ns.TLS}}}starttls"
+_PROCEED = f"{{{ns.TLS}}}proceed"
+_TLS_FAILURE = f"{{{ns.TLS}}}failure"
+_FEATURES = f"{{{ns.STREAMS}}}features"
+_STREAM_ERROR = f"{{{ns.STREAMS}}}error"
+_AUTH = f"{{{ns.SASL}}}auth"
+_SUCCESS = f"{{{ns.SASL}}}success"
+_FAILURE = f"{{{ns.SASL}}}failure"
+_MECHANISMS = f"{{{ns.SASL}}}mechanisms"
+_STREAM_TAG = f"{{{ns.STREAMS}}}stream"
+_DB_RESULT = f"{{{ns.DIALBACK}}}result"
+_DB_VERIFY = f"{{{ns.DIALBACK}}}verify"
+_DB_FEATURE = f"{{{ns.DIALBACK_FEATURE}}}dialback"
+_S_STANZAS = frozenset(f"{{{ns.SERVER}}}{name}" for name in ("message", "presence", "iq"))
+
+
+# --- events handed to the transport driver -------------------------------------------
+
+
+@dataclass(slots=True)
+class TLSRequested:
+    """Incoming: <proceed/> is queued, flush it and start TLS as the server.
+    Outgoing: the peer sent <proceed/>, start TLS as the client. Then call tls_started()."""
+
+
+@dataclass(slots=True)
+class Authenticated:
+    """The peer's domain is authenticated: `domain` (incoming: the peer's; outgoing: the
+    remote domain we connected to, which may now be sent stanzas)."""
+
+    domain: str
+    mechanism: str
+
+
+@dataclass(slots=True)
+class AuthFailed:
+    """Outgoing only: the peer would not authenticate us; the stream is being closed."""
+
+    reason: str
+
+
+@dataclass(slots=True)
+class StanzaReceived:
+    """Incoming only: a stanza from the authenticated domain, now in 'jabber:client'."""
+
+    stanza: etree._Element
+
+
+@dataclass(slots=True)
+class StreamEnded:
+    """The stream is over: flush output() and close the connection."""
+
+    error: StreamError | None
+
+
+Event = TLSRequested | Authenticated | AuthFailed | StanzaReceived | StreamEnded
+
+
+class Phase(Enum):
+    CONNECTED = auto()  # before TLS
+    SECURED = auto()  # TLS up, not authenticated
+    AUTHENTICATED = auto()
+    CLOSED = auto()
+
+
+@dataclass(slots=True)
+class S2SSettings:
+    hosts: Container[str]  # the domains this server serves (and its served subdomains)
+    max_stanza_bytes: int
+    max_stanza_bytes_unauthenticated: int
+    max_depth: int
+    # Dialback keys (XEP-0220, XEP-0185): (receiving domain, originating domain, stream
+    # id) -> key. None: no dialback, neither to authenticate us nor to vouch for keys.
+    dialback_key: Callable[[str, str, str], str] | None = None
+
+
+class S2SStream:
+    """One server connection's XMPP stream, in either direction."""
+
+    def __init__(
+        self,
+        settings: S2SSettings,
+        *,
+        outgoing: bool = False,
+        local: str | None = None,
+        remote: str | None = None,
+        dialback: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.outgoing = outgoing
+        # Outgoing: authenticate with dialback when the peer will not take our certificate.
+        self.dialback = dialback and settings.dialback_key is not None
+        self.peer_stream_id = ""  # outgoing: the id the peer gave our stream (dialback key)
+        self.phase = Phase.CONNECTED
+        self.local = local  # our domain on this stream (incoming: from the header's 'to')
+        self.remote = remote  # the peer's domain (incoming: claimed, then authenticated)
+        self.authenticated_domain: str | None = None
+        self.mechanism = ""
+        self.stream_id = ""
+        self.error: StreamError | None = None
+        self._identities: frozenset[str] = frozenset()
+        self._offered_external = False
+        self._ready = False  # outgoing: authenticated and the restarted stream's features came
+        self._dialback_sent = False
+        self._header_sent = False
+        self._out: list[bytes] = []
+        self._parser = StreamParser(self._stanza_limit(), settings.max_depth)
+
+    # --- driver API ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Outgoing: open the stream."""
+        assert self.outgoing
+        self._send_header()
+
+    def receive(self, data: bytes) -> list[Event]:
+        if self.phase is Phase.CLOSED:
+            return []
+        events: list[Event] = []
+        try:
+            for item in self._parser.feed(data):
+                if isinstance(item, StreamOpened):
+                    self._on_stream_open(item)
+                elif isinstance(item, StreamClosed):
+                    self._close_out()
+                    events.append(StreamEnded(None))
+                    break
+                else:
+                    self._on_element(item, events)
+                if self.phase is Phase.CLOSED:
+                    break
+        except StreamError as exc:
+            self.fail(exc)
+            events.append(StreamEnded(exc))
+        return events
+
+    def output(self) -> bytes:
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def release_parser(self) -> bool:
+        return self._parser.release()
+
+    def tls_started(self, identities: Collection[str] = ()) -> None:
+        """The TLS handshake finished. Incoming: `identities` are the domains the peer's
+        certificate was validated for (PKIX chain and RFC 9525 identity), empty when it
+        sent none or one that did not validate."""
+        self._identities = frozenset(identities)
+        self.phase = Phase.SECURED
+        self._restart()
+        if self.outgoing:
+            self._send_header()
+
+    def send(self, stanza: etree._Element) -> None:
+        """Queue a 'jabber:client' stanza for the peer (outgoing, authenticated)."""
+        if self.phase is not Phase.CLOSED:
+            self._out.append(etree.tostring(to_server(stanza)))
+
+    def fail(self, error: StreamError) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.error = error
+        if not self._header_sent:
+            self._send_header()
+        self._out.append(etree.tostring(error.to_element()))
+        self._close_out()
+
+    def close(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if not self._header_sent:
+            self._send_header()
+        self._close_out()
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    @property
+    def authenticated(self) -> bool:
+        return self.phase is Phase.AUTHENTICATED
+
+    # --- stream header and features ----------------------------------------------------
+
+    def _stanza_limit(self) -> int:
+        if self.phase is Phase.AUTHENTICATED:
+            return self.settings.max_stanza_bytes
+        return self.settings.max_stanza_bytes_unauthenticated
+
+    def _restart(self) -> None:
+        self._parser.restart(self._stanza_limit())
+        self._header_sent = False
+
+    def _send_header(self) -> None:
+        if not self.stream_id:
+            self.stream_id = secrets.token_urlsafe(12)
+        attrs = [
+            f"xmlns='{ns.SERVER}'",
+            f"xmlns:stream='{ns.STREAMS}'",
+            f"xmlns:db='{ns.DIALBACK}'",
+            "version='1.0'",
+        ]
+        if not self.outgoing:
+            attrs.append(f"id='{self.stream_id}'")
+        if self.local:
+            attrs.append(f"from='{_attr(self.local)}'")
+        if self.remote:
+            attrs.append(f"to='{_attr(self.remote)}'")
+        self._out.append(("<?xml version='1.0'?><stream:stream " + " ".join(attrs) + ">").encode())
+        self._header_sent = True
+
+    def _on_stream_open(self, opened: StreamOpened) -> None:
+        if not self.outgoing:
+            self.stream_id = secrets.token_urlsafe(12)
+            to = (opened.attrs.get("to") or "").strip().lower()
+            if to in self.settings.hosts:
+                self.local = to
+            claimed = (opened.attrs.get("from") or "").strip().lower()
+            if claimed and self.remote is None:
+                self.remote = claimed
+            self._send_header()
+        if opened.tag != _STREAM_TAG:
+            if opened.tag.endswith("}stream"):
+                raise StreamError("invalid-namespace", "the stream namespace must be " + ns.STREAMS)
+            raise StreamError("bad-format", "the root element must be <stream:stream>")
+        if opened.nsmap.get(None) != ns.SERVER:
+            raise StreamError("invalid-namespace", "the content namespace must be jabber:server")
+        prefix = next((p for p, uri in opened.nsmap.items() if uri == ns.STREAMS), None)
+        if prefix != "stream":
+            raise StreamError("bad-namespace-prefix", "use the prefix 'stream' for " + ns.STREAMS)
+        if opened.attrs.get("version", "").split(".")[0] != "1":
+            raise StreamError("unsupported-version", "this server speaks XMPP 1.0")
+        if self.outgoing:
+            self.peer_stream_id = opened.attrs.get("id", "")
+            return
+        if self.local is None:
+            raise StreamError("host-unknown", "this server does not serve that domain")
+        self._out.append(etree.tostring(self._features()))
+
+    def _features(self) -> etree._Element:
+        features = etree.Element(_FEATURES, nsmap={"stream": ns.STREAMS})
+        if self.phase is Phase.CONNECTED:
+            starttls = etree.SubElement(features, _STARTTLS, nsmap={None: ns.TLS})
+            etree.SubElement(starttls, f"{{{ns.TLS}}}required")
+        elif self.phase is Phase.SECURED and self.remote in self._identities:
+            self._offered_external = True
+            mechs = etree.SubElement(features, _MECHANISMS, nsmap={None: ns.SASL})
+            etree.SubElement(mechs, f"{{{ns.SASL}}}mechanism").text = "EXTERNAL"
+        return features
+
+    def _close_out(self) -> None:
+        self._out.append(b"</stream:stream>")
+        self.phase = Phase.CLOSED
+
+    # --- top-level elements ------------------------------------------------------------
+
+    def _on_element(self, el: etree._Element, events: list[Event]) -> None:
+        tag = el.tag
+        if tag == _STREAM_ERROR:
+            self._close_out()
+            events.append(StreamEnded(None))
+        elif self.outgoing:
+            self._outgoing_element(el, events)
+        elif tag in _S_STANZAS:
+            self._on_stanza(el, events)
+        elif tag == _STARTTLS and self.phase is Phase.CONNECTED:
+            self._out.append(etree.tostring(etree.Element(_PROCEED, nsmap={None: ns.TLS})))
+            events.append(TLSRequested())
+        elif tag == _AUTH and self.phase is Phase.SECURED:
+            self._on_external(el, events)
+        elif tag == _DB_VERIFY and self.phase is not Phase.CONNECTED:
+            self._vouch(el)
+        else:
+            raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
+
+    def _on_external(self, el: etree._Element, events: list[Event]) -> None:
+        """SASL EXTERNAL (RFC 6120 6.4, XEP-0178): the authorization identity is the
+        peer's domain, given or (empty, '=') the stream header's 'from'."""
+        if el.get("mechanism") != "EXTERNAL" or not self._offered_external:
+            self._sasl_failure("invalid-mechanism")
+        text = (el.text or "").strip()
+        try:
+            given = text not in ("", "=")
+            authzid = base64.b64decode(text, validate=True).decode() if given else ""
+        except (binascii.Error, ValueError):
+            self._sasl_failure("incorrect-encoding")
+        domain = (authzid or self.remote or "").lower()
+        if domain != self.remote or domain not in self._identities:
+            self._sasl_failure("not-authorized")
+        success = etree.Element(_SUCCESS, nsmap={None: ns.SASL})
+        self._out.append(etree.tostring(success))
+        self._authenticated(domain, "EXTERNAL", events)
+
+    def _vouch(self, el: etree._Element) -> None:
+        """XEP-0220 2.3: a receiving server asks whether a key one of our domains sent it
+        (on another stream) is ours; answered on this stream, which it opened to us."""
+        key_of = self.settings.dialback_key
+        receiving, originating, sid = el.get("from"), el.get("to"), el.get("id")
+        if not receiving or not originating or not sid:
+            raise StreamError("improper-addressing", "db:verify needs 'from', 'to' and 'id'")
+        if originating not in self.settings.hosts:
+            raise StreamError("host-unknown", "this server does not serve that domain")
+        valid = key_of is not None and hmac.compare_digest(
+            (el.text or "").strip(), key_of(receiving, originating, sid)
+        )
+        answer = etree.Element(_DB_VERIFY, nsmap={"db": ns.DIALBACK})
+        answer.set("from", originating)
+        answer.set("to", receiving)
+        answer.set("id", sid)
+        answer.set("type", "valid" if valid else "invalid")
+        self._out.append(etree.tostring(answer))
+
+    def _sasl_failure(self, condition: str) -> NoReturn:
+        failure = etree.Element(_FAILURE, nsmap={None: ns.SASL})
+        etree.SubElement(failure, f"{{{ns.SASL}}}{condition}")
+        self._out.append(etree.tostring(failure))
+        # One attempt per stream: a peer whose certificate does not do cannot try another.
+        raise StreamError("not-authorized", "SASL EXTERNAL failed")
+
+    def _authenticated(self, domain: str, mechanism: str, events: list[Event]) -> None:
+        self.authenticated_domain = domain
+        self.mechanism = mechanism
+        self.phase = Phase.AUTHENTICATED
+        self._restart()
+        events.append(Authenticated(domain, mechanism))
+
+    def _on_stanza(self, el: etree._Element, events: list[Event]) -> None:
+        if self.phase is not Phase.AUTHENTICATED:
+            raise StreamError("not-authorized", "authenticate first")
+        sender, to = el.get("from"), el.get("to")
+        if not sender or not to:
+            raise StreamError("improper-addressing", "a stanza needs 'from' and 'to'")
+        try:
+            sender_domain = parse_jid(sender).domain
+            to_domain = parse_jid(to).domain
+        except StanzaError:
+            raise StreamError("improper-addressing", "malformed 'from' or 'to'") from None
+        if sender_domain != self.authenticated_domain:
+            raise StreamError("invalid-from", "'from' is not the authenticated domain")
+        if to_domain not in self.settings.hosts:
+            raise StreamError("host-unknown", "this server does not serve that domain")
+        events.append(StanzaReceived(to_client(el)))
+
+    def _outgoing_element(self, el: etree._Element, events: list[Event]) -> None:
+        tag = el.tag
+        if tag == _FEATURES:
+            self._outgoing_features(el, events)
+        elif tag == _PROCEED and self.phase is Phase.CONNECTED:
+            events.append(TLSRequested())
+        elif tag == _SUCCESS and self.phase is Phase.SECURED and self.remote:
+            # Ready once the restarted stream's features arrive (RFC 6120 6.4.6).
+            self.authenticated_domain = self.remote
+            self.mechanism = "EXTERNAL"
+            self.phase = Phase.AUTHENTICATED
+            self._restart()
+            self._send_header()
+        elif tag == _DB_RESULT and self._dialback_sent and not self.authenticated:
+            if el.get("type") != "valid" or el.get("from") != self.remote:
+                self.close()
+                events.append(AuthFailed(f"dialback refused ({el.get('type')})"))
+                events.append(StreamEnded(None))
+                return
+            # Dialback does not restart the stream: stanzas may follow at once.
+            self.authenticated_domain = self.remote
+            self.mechanism = "dialback"
+            self.phase = Phase.AUTHENTICATED
+            self._parser.max_stanza_bytes = self.settings.max_stanza_bytes
+            self._ready = True
+            events.append(Authenticated(self.remote or "", "dialback"))
+        elif tag in (_FAILURE, _TLS_FAILURE):
+            self.close()
+            events.append(AuthFailed(f"{el.tag} from the peer"))
+            events.append(StreamEnded(None))
+        else:
+            raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
+
+    def _send_dialback(self) -> None:
+        """XEP-0220 2.1: offer the peer a key it will check with our authoritative server
+        (which is us again: `_vouch` on the stream it opens to us)."""
+        key_of = self.settings.dialback_key
+        assert key_of is not None and self.local and self.remote
+        result = etree.Element(_DB_RESULT, nsmap={"db": ns.DIALBACK})
+        result.set("from", self.local)
+        result.set("to", self.remote)
+        result.text = key_of(self.remote, self.local, self.peer_stream_id)
+        self._out.append(etree.tostring(result))
+        self._dialback_sent = True
+
+    def _outgoing_features(self, features: etree._Element, events: list[Event]) -> None:
+        if self.phase is Phase.CONNECTED:
+            if features.find(_STARTTLS) is None:
+                self.close()
+                events.append(AuthFailed("the peer does not offer TLS"))
+                events.append(StreamEnded(None))
+                return
+            self._out.append(etree.tostring(etree.Element(_STARTTLS, nsmap={None: ns.TLS})))
+        elif self.phase is Phase.SECURED:
+            mechanisms = features.find(_MECHANISMS)
+            names = [] if mechanisms is None else [(m.text or "").strip() for m in mechanisms]
+            if "EXTERNAL" not in names and self.dialback and features.find(_DB_FEATURE) is not None:
+                self._send_dialback()
+                return
+            if "EXTERNAL" not in names:
+                self.close()
+                events.append(AuthFailed("the peer does not accept our certificate (no EXTERNAL)"))
+                events.append(StreamEnded(None))
+                return
+            auth = etree.Element(_AUTH, nsmap={None: ns.SASL}, mechanism="EXTERNAL")
+            auth.text = "="  # the authorization identity is the stream's 'from'
+            self._out.append(etree.tostring(auth))
+        elif self.authenticated_domain is not None and not self._ready:
+            self._ready = True  # the features after the restart carry nothing we use yet
+            events.append(Authenticated(self.authenticated_domain, self.mechanism))
+
+
+def _rename(tag: object, old: str, new: str) -> object:
+    if isinstance(tag, str) and tag.startswith(old):
+        return new + tag[len(old) :]
+    return tag
+
+
+def _renamespace(el: etree._Element, old_ns: str, new_ns: str) -> etree._Element:
+    """A copy of `el` whose elements in `old_ns` are in `new_ns`, declared as default."""
+    old, new = f"{{{old_ns}}}", f"{{{new_ns}}}"
+
+    def copy(src: etree._Element, parent: etree._Element | None) -> etree._Element:
+        nsmap = {p: (new_ns if u == old_ns else u) for p, u in src.nsmap.items()}
+        tag = _rename(src.tag, old, new)
+        dst = (
+            etree.Element(tag, src.attrib, nsmap=nsmap)  # type: ignore[arg-type]
+            if parent is None
+            else etree.SubElement(parent, tag, src.attrib, nsmap=nsmap)  # type: ignore[arg-type]
+        )
+        dst.text = src.text
+        dst.tail = src.tail if parent is not None else None
+        for child in src:
+            if isinstance(child.tag, str):
+                copy(child, dst)
+        return dst
+
+    return copy(el, None)
+
+
+def to_client(stanza: etree._Element) -> etree._Element:
+    """A stanza read from a server stream, in the namespace the router speaks."""
+    return _renamespace(stanza, ns.SERVER, ns.CLIENT)
+
+
+def to_server(stanza: etree._Element) -> etree._Element:
+    """A stanza of the router, in the namespace of a server stream."""
+    return _renamespace(stanza, ns.CLIENT, ns.SERVER)
+
+
+def _attr(value: str) -> str:
+    return value.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;")
