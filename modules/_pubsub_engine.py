@@ -432,10 +432,12 @@ class PubSubService:
         wanted: Config,
         *,
         auto_create: bool,
+        preconditions: bool = True,
     ) -> Event:
         """Publish one item (XEP-0060 7.1), creating the node first when `auto_create`
-        (PEP, XEP-0163 3) with the publish-options as its configuration; otherwise
-        the options are preconditions."""
+        (PEP, XEP-0163 3) with the publish-options as its configuration; on an
+        existing node the options are preconditions (unless not `preconditions`:
+        the server's own publishes, which must not fail on a client's choices)."""
         self.check_name(name)
         if item is None:  # every node here persists items and delivers payloads
             raise pubsub_error("bad-request", "item-required", "publish one <item/>")
@@ -471,7 +473,8 @@ class PubSubService:
                 node.config = self._validated({**node.config, **wanted})
             else:
                 node = decode_node(name, current)
-                check_preconditions(node.config, wanted)
+                if preconditions:
+                    check_preconditions(node.config, wanted)
             self._check_publisher(node, publisher)
             previous = [entry for entry in node.items if entry[0] == item_id]
             node.items = [entry for entry in node.items if entry[0] != item_id]

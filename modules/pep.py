@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from xmppd.modulehost import IqRequest, Module, storage_call
 from xmppd.modules.caps import CAPS, DISCO_INFO, Identity, verification_string
 from xmppd.modules.disco import DISCO_ITEMS, Disco
+from xmppd.modules.private import Private
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.modules.vcard import VCard
 from xmppd.session import ClientSession
@@ -46,6 +47,8 @@ from xmppd.storage.base import Contended, StorageError
 from xmppd.stream.errors import StanzaError
 
 from ._pep_avatar import CONVERSION, AvatarConversion
+from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
+from ._pep_bookmarks import BookmarksConversion
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
 from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out
@@ -61,8 +64,8 @@ _INFO = f"{{{DISCO_INFO}}}"
 log = logging.getLogger(__name__)
 
 PublishListener = Callable[[str, Event], Awaitable[None]]
-"""(owner bare JID, event) after a client published to its own PEP node; the
-conversions of XEP-0398 and XEP-0411 listen."""
+"""(owner bare JID, event) after a client published to or retracted from its own
+PEP node (only the account may); the conversions of XEP-0398 and XEP-0411 listen."""
 
 
 class PepOptions(BaseModel):
@@ -109,6 +112,9 @@ class Pep(Module):
         if self.host.config is not None and "vcard" in self.host.config.modules:
             self.host.add_feature(CONVERSION, "server")
             self.host.add_feature(CONVERSION, "account")
+        if self.host.config is not None and "private" in self.host.config.modules:
+            for feature in BOOKMARK_FEATURES:
+                self.host.add_feature(feature, "account")
 
     async def start(self) -> None:
         self.roster = self.host.module(RosterModule)
@@ -123,10 +129,16 @@ class Pep(Module):
             avatars = AvatarConversion(self, vcard)
             self.listen(avatars.published)
             vcard.listen(avatars.vcard_set)
+        private = self.host.find_module(Private)
+        if private is not None:
+            bookmarks = BookmarksConversion(self)
+            self.listen(bookmarks.published)
+            private.listen(bookmarks.private_set)
 
     def listen(self, listener: PublishListener) -> None:
-        """Call `listener` after each item a client publishes to its own PEP (not
-        after `publish`, so that a conversion never triggers the reverse one)."""
+        """Call `listener` after each item a client publishes to or retracts from its
+        own PEP (not after `publish` and `retract`, so that a conversion never
+        triggers the reverse one)."""
         self._listeners.append(listener)
 
     async def publish(
@@ -136,9 +148,17 @@ class Pep(Module):
         with `options` when new), notifying as a client's publish does; listeners
         are not called."""
         service = self.service(bare)
-        event = await service.publish(bare, name, item, dict(options or {}), auto_create=True)
+        event = await service.publish(
+            bare, name, item, dict(options or {}), auto_create=True, preconditions=False
+        )
         await self._deliver(service, event)
         return event
+
+    async def retract(self, bare: str, name: str, item_id: str) -> None:
+        """Retract an item of the account's node as the account, notified to all who
+        may see the node; listeners are not called."""
+        service = self.service(bare)
+        await self._deliver(service, await service.retract(bare, name, item_id))
 
     # --- the account's service ---------------------------------------------------------------
 
@@ -203,7 +223,7 @@ class Pep(Module):
     async def _notify(self, service: PubSubService, event: Event) -> None:
         """A client's change: delivered, then told to the listeners (items only)."""
         await self._deliver(service, event)
-        if event.kind == "items" and service.owner and event.publisher == service.owner:
+        if event.kind in ("items", "retract") and service.owner:
             for listener in self._listeners:
                 await listener(service.owner, event)
 
