@@ -28,8 +28,10 @@ _X = f"{{{DATA}}}x"
 _FIELD = f"{{{DATA}}}field"
 _VALUE = f"{{{DATA}}}value"
 
-ACCESS_MODELS = ("open", "presence", "roster", "whitelist")
-"""Supported; 'authorize' (owner approval of each subscriber) is not yet."""
+ACCESS_MODELS = ("open", "presence", "roster", "whitelist", "authorize")
+"""Supported ('authorize', an owner's approval of each subscriber, by the pubsub
+service only)."""
+SUBSCRIBE_AUTHORIZATION = f"{PUBSUB}#subscribe_authorization"
 Config = dict[str, Any]
 
 

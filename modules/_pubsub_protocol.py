@@ -36,6 +36,8 @@ RSM = "http://jabber.org/protocol/rsm"
 
 Notify = Callable[[PubSubService, Event], Awaitable[None]]
 SendLast = Callable[[PubSubService, Node, str], Awaitable[None]]
+AskOwners = Callable[[PubSubService, Node, str, str], Awaitable[None]]
+"""(service, node, subscriber JID, subid): a subscription awaits the owners' approval."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +51,18 @@ class Request:
 class PubSubProtocol:
     """Answers XEP-0060 requests; `auto_create` is PEP's create-on-publish."""
 
-    def __init__(self, notify: Notify, send_last: SendLast, *, auto_create: bool) -> None:
+    def __init__(
+        self,
+        notify: Notify,
+        send_last: SendLast,
+        *,
+        auto_create: bool,
+        ask_owners: AskOwners | None = None,
+    ) -> None:
         self.notify = notify
         self.send_last = send_last
         self.auto_create = auto_create
+        self.ask_owners = ask_owners
 
     async def handle(self, request: Request) -> etree._Element | None:
         children = [c for c in request.payload if isinstance(c.tag, str)]
@@ -109,12 +119,15 @@ class PubSubProtocol:
         jid = action.get("jid")
         if not jid:
             raise pubsub_error("bad-request", "invalid-jid", "subscribe needs a jid")
-        node, subid = await request.service.subscribe(request.requester, name, jid)
-        if node.config.get("pubsub#send_last_published_item", "never") != "never":
+        node, subid, state = await request.service.subscribe(request.requester, name, jid)
+        if state == "pending":  # XEP-0060 6.1.6 (authorize): the owners are asked
+            if self.ask_owners is not None:
+                await self.ask_owners(request.service, node, jid, subid)
+        elif node.config.get("pubsub#send_last_published_item", "never") != "never":
             await self.send_last(request.service, node, jid)
         reply = _pubsub(PUBSUB)
         subscription = etree.SubElement(reply, f"{_PS}subscription", node=name, jid=jid)
-        subscription.set("subscription", "subscribed")
+        subscription.set("subscription", state)
         subscription.set("subid", subid)
         return reply
 
@@ -213,11 +226,13 @@ class PubSubProtocol:
             if prefix != request.service.prefix or wanted not in (None, name):
                 continue
             node = await request.service.node(name)
-            if node is None or jid not in node.subscriptions:
+            if node is None:
                 continue
-            sub = etree.SubElement(listing, f"{_PS}subscription", node=name, jid=jid)
-            sub.set("subscription", "subscribed")
-            sub.set("subid", node.subscriptions[jid])
+            for state, states in (("subscribed", node.subscriptions), ("pending", node.pending)):
+                if jid in states:
+                    sub = etree.SubElement(listing, f"{_PS}subscription", node=name, jid=jid)
+                    sub.set("subscription", state)
+                    sub.set("subid", states[jid])
         return reply
 
     async def _affiliations(
@@ -324,9 +339,10 @@ class PubSubProtocol:
         node = await request.service.owner_node(request.requester, name)
         reply = _pubsub(PUBSUB_OWNER)
         listing = etree.SubElement(reply, f"{_OWNER}subscriptions", node=name)
-        for jid, subid in sorted(node.subscriptions.items()):
-            entry = etree.SubElement(listing, f"{_OWNER}subscription", jid=jid, subid=subid)
-            entry.set("subscription", "subscribed")
+        for state, states in (("subscribed", node.subscriptions), ("pending", node.pending)):
+            for jid, subid in sorted(states.items()):
+                entry = etree.SubElement(listing, f"{_OWNER}subscription", jid=jid, subid=subid)
+                entry.set("subscription", state)
         return reply
 
 

@@ -167,11 +167,11 @@ async def test_configure_and_notify_config(harness: ModuleHarness) -> None:
         f.get("var"): f.findtext("{jabber:x:data}value") for f in reply.iter("{jabber:x:data}field")
     }
     assert values["pubsub#max_items"] == "10"
-    form = configure("n", {"pubsub#access_model": "authorize"})
+    form = configure("n", {"pubsub#access_model": "bogus"})
     bad = f"<pubsub xmlns='{OWNER}'><configure node='n'>{form}</configure></pubsub>"
     assert error_of(await ask(harness, hamlet, "set", bad))[1] == "not-acceptable"
     bernardo = harness.session("bernardo@localhost/pda")
-    bad_owner = bad.replace("authorize", "whitelist")
+    bad_owner = bad.replace("bogus", "whitelist")
     assert error_of(await ask(harness, bernardo, "set", bad_owner))[1] == "forbidden"
     assert (await ask(harness, hamlet, "set", bad_owner)).get("type") == "result"
     sub = f"<pubsub xmlns='{PS}'><subscribe node='n' jid='bernardo@localhost/pda'/></pubsub>"
