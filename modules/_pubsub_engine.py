@@ -58,6 +58,7 @@ from xmppd.stream.errors import StanzaError
 
 from ._pubsub_forms import (
     ACCESS_MODELS,
+    SUBSCRIPTION_DEFAULTS,
     Config,
     apply_form,
     check_preconditions,
@@ -114,9 +115,14 @@ class Node:
     last: bytes | None  # the last item's <item/> XML when small, else None
     # subscriptions awaiting an owner's approval (access model authorize): JID -> subid
     pending: dict[str, str] = field(default_factory=dict)
+    # subscription options (XEP-0060 6.3) that differ from the defaults: JID -> values
+    options: dict[str, dict[str, bool]] = field(default_factory=dict)
 
     def affiliation(self, bare: str) -> str:
         return self.affiliations.get(bare, "none")
+
+    def subscription_options(self, jid: str) -> dict[str, bool]:
+        return {**SUBSCRIPTION_DEFAULTS, **self.options.get(jid, {})}
 
     @property
     def owners(self) -> list[str]:
@@ -165,6 +171,8 @@ def encode_node(node: Node) -> dict[str, str | bytes | int]:
         attrs["l"] = node.last
     if node.pending:
         attrs["p"] = json.dumps(node.pending, separators=(",", ":"))
+    if node.options:
+        attrs["o"] = json.dumps(node.options, separators=(",", ":"))
     return attrs
 
 
@@ -179,6 +187,7 @@ def decode_node(name: str, item: Item) -> Node:
         items=json.loads(str(attrs["i"])),
         last=last if isinstance(last, bytes) else None,
         pending=json.loads(str(attrs["p"])) if "p" in attrs else {},
+        options=json.loads(str(attrs["o"])) if "o" in attrs else {},
     )
 
 
@@ -612,6 +621,7 @@ class PubSubService:
             if subid is None:
                 raise StanzaError("item-not-found", "no such pending subscription")
             if not allow:
+                node.options.pop(jid, None)
                 index = await self._index_change(_bare(jid), name, jid, add=False)
                 return WithWrites(encode_node(node), index)
             node.subscriptions[jid] = subid
@@ -619,6 +629,46 @@ class PubSubService:
 
         await self.items.modify(self.node_key(name), change, what="node")
         return "subscribed" if allow else "none"
+
+    async def get_options(
+        self, requester: str, name: str, jid: str, subid: str | None
+    ) -> dict[str, bool]:
+        """A subscription's options (XEP-0060 6.3.2), with the 6.3.4 errors."""
+        node = await self.existing(name)
+        self._check_subscription(node, requester, jid, subid)
+        return node.subscription_options(jid)
+
+    async def set_options(
+        self, requester: str, name: str, jid: str, subid: str | None, values: dict[str, bool]
+    ) -> None:
+        """Change a subscription's options (XEP-0060 6.3.5); only those that differ
+        from the defaults are kept."""
+
+        def change(current: Item | None) -> dict[str, Any]:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            self._check_subscription(node, requester, jid, subid)
+            merged = {**node.subscription_options(jid), **values}
+            differing = {k: v for k, v in merged.items() if SUBSCRIPTION_DEFAULTS.get(k) != v}
+            if differing:
+                node.options[jid] = differing
+            else:
+                node.options.pop(jid, None)
+            return encode_node(node)
+
+        await self.items.modify(self.node_key(name), change, what="node")
+
+    def _check_subscription(
+        self, node: Node, requester: str, jid: str, subid: str | None
+    ) -> None:
+        if _bare(jid) != _bare(requester) and node.affiliation(_bare(requester)) != "owner":
+            raise StanzaError("forbidden", "not your subscription")
+        states = node.subscriptions if jid in node.subscriptions else node.pending
+        if jid not in states:
+            raise pubsub_error("unexpected-request", "not-subscribed", type_="cancel")
+        if subid is not None and states[jid] != subid:
+            raise pubsub_error("not-acceptable", "invalid-subid")
 
     def _check_room(self, node: Node) -> None:
         if len(node.subscriptions) + len(node.pending) >= self.limits.max_subscribers:
@@ -643,6 +693,7 @@ class PubSubService:
             if subid is not None and states[jid] != subid:
                 raise pubsub_error("not-acceptable", "invalid-subid")
             del states[jid]
+            node.options.pop(jid, None)
             index = await self._index_change(_bare(jid), name, jid, add=False)
             return WithWrites(encode_node(node), index)
 
@@ -705,6 +756,7 @@ class PubSubService:
                     node.subscriptions[jid] = secrets.token_hex(8)
                 else:
                     del node.subscriptions[jid]
+                    node.options.pop(jid, None)
                 writes += await self._index_change(_bare(jid), name, jid, add=add)
             return WithWrites(encode_node(node), writes)
 
@@ -752,6 +804,7 @@ class PubSubService:
                     jid, None
                 ) is None:
                     return UNCHANGED
+                node.options.pop(jid, None)
                 return encode_node(node)
 
             await self.items.modify(service.node_key(name), change, what="node")

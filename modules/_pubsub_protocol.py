@@ -24,8 +24,10 @@ from ._pubsub_forms import (
     PUBSUB_EVENT,
     PUBSUB_OWNER,
     config_form,
+    parse_subscription_form,
     publish_options,
     pubsub_error,
+    subscription_form,
 )
 
 _PS = f"{{{PUBSUB}}}"
@@ -130,6 +132,33 @@ class PubSubProtocol:
         subscription.set("subscription", state)
         subscription.set("subid", subid)
         return reply
+
+    async def _options_get(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        """A subscription's options form (XEP-0060 6.3.2)."""
+        name, jid = _node(action), _jid(action)
+        values = await request.service.get_options(
+            request.requester, name, jid, action.get("subid")
+        )
+        reply = _pubsub(PUBSUB)
+        options = etree.SubElement(reply, f"{_PS}options", node=name, jid=jid)
+        if action.get("subid"):
+            options.set("subid", action.get("subid") or "")
+        options.append(subscription_form(values))
+        return reply
+
+    async def _options_set(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        """Submit a subscription's options (XEP-0060 6.3.5)."""
+        name, jid = _node(action), _jid(action)
+        form = action.find(_X)
+        if form is None:
+            raise pubsub_error("bad-request", "invalid-options", "the options need a form")
+        await request.service.set_options(
+            request.requester, name, jid, action.get("subid"), parse_subscription_form(form)
+        )
 
     async def _unsubscribe(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
@@ -355,6 +384,8 @@ _HANDLERS: dict[tuple[bool, str, str], Action] = {
     (False, "set", "retract"): PubSubProtocol._retract,
     (False, "set", "subscribe"): PubSubProtocol._subscribe,
     (False, "set", "unsubscribe"): PubSubProtocol._unsubscribe,
+    (False, "get", "options"): PubSubProtocol._options_get,
+    (False, "set", "options"): PubSubProtocol._options_set,
     (False, "set", "create"): PubSubProtocol._create,
     (False, "get", "items"): PubSubProtocol._items,
     (False, "get", "subscriptions"): PubSubProtocol._subscriptions,
@@ -370,7 +401,7 @@ _HANDLERS: dict[tuple[bool, str, str], Action] = {
     (True, "set", "subscriptions"): PubSubProtocol._owner_subscriptions_set,
 }
 _FEATURE_OF = {
-    "options": "subscription-options",
+    "default": "retrieve-default-sub",  # the owner's <default/> is answered
     "subscriptions": "manage-subscriptions",
 }
 
@@ -385,7 +416,7 @@ FEATURES = (
     "publisher-affiliation", "purge-nodes", "retract-items", "retrieve-affiliations",
     "retrieve-default", "retrieve-items", "retrieve-subscriptions", "subscribe",
     "manage-subscriptions",
-    "config-node-max",
+    "config-node-max", "subscription-options",
 )
 """XEP-0060 features (pubsub#<name>) the engine implements, for disco."""
 
@@ -396,6 +427,18 @@ def _bare_of(jid: str) -> str:
 
 def _pubsub(namespace: str) -> etree._Element:
     return etree.Element(f"{{{namespace}}}pubsub", nsmap={None: namespace})
+
+
+def _jid(action: etree._Element) -> str:
+    jid = action.get("jid")
+    if not jid:
+        raise pubsub_error("bad-request", "jid-required", "name the subscribed JID")
+    return jid
+
+
+def wants(node: Node, jid: str) -> bool:
+    """Whether an explicit subscriber gets notifications (pubsub#deliver, 6.3)."""
+    return node.subscription_options(jid)["pubsub#deliver"]
 
 
 def _node(action: etree._Element) -> str:
@@ -437,19 +480,34 @@ async def fan_out(send: Callable[[str], None], recipients: Iterable[str]) -> Non
             await asyncio.sleep(0)
 
 
+BODY_CHARS = 1000  # the most of an item's text a pubsub#include_body body carries
+
+
 def event_message(
     from_: str, to: str, event: Event, *, payload: bool, item: etree._Element | None = None
 ) -> etree._Element:
     """The notification of `event` to one recipient (XEP-0060 7.1.2, 7.2.2, 8.2.5,
     8.4.2, 8.5.2). `item` overrides the event's item (the last item sent on
-    subscribe or presence); `payload` False sends the item id only."""
+    subscribe or presence); `payload` False sends the item id only. A recipient
+    whose subscription has pubsub#include_body (6.3) gets a <body/> too: the
+    item's text (when payloads are delivered), else what happened."""
     message = etree.Element("{jabber:client}message", nsmap={None: "jabber:client"})
     message.set("from", from_)
     message.set("to", to)
     kind = event.node.config.get("pubsub#notification_type", "headline")
     message.set("type", kind if kind in ("headline", "normal") else "headline")
-    ev = etree.SubElement(message, f"{_EV}event", nsmap={None: PUBSUB_EVENT})
     name = event.node.name
+    if to in event.node.subscriptions and event.node.subscription_options(to)[
+        "pubsub#include_body"
+    ]:
+        source = item if item is not None else event.item
+        text = (
+            " ".join("".join(source.itertext()).split())
+            if source is not None and payload else ""
+        )
+        body = etree.SubElement(message, "{jabber:client}body")
+        body.text = text[:BODY_CHARS] or f"{event.kind} {event.item_id or ''} on {name}".strip()
+    ev = etree.SubElement(message, f"{_EV}event", nsmap={None: PUBSUB_EVENT})
     if event.kind == "items":
         items = etree.SubElement(ev, f"{_EV}items", node=name)
         source = item if item is not None else event.item

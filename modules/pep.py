@@ -51,7 +51,7 @@ from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
 from ._pep_bookmarks import BookmarksConversion
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out, wants
 
 NOTIFY = "pep/notify"
 """In a session's (shared) state: the node names it wants notifications of."""
@@ -183,7 +183,7 @@ class Pep(Module):
             request.stanza.get("type") == "get" and request.payload.tag == f"{{{PUBSUB}}}pubsub"
         )
         joining = action is not None and action.tag in (
-            f"{{{PUBSUB}}}subscribe", f"{{{PUBSUB}}}unsubscribe")
+            f"{{{PUBSUB}}}subscribe", f"{{{PUBSUB}}}unsubscribe", f"{{{PUBSUB}}}options")
         if not request.from_owner:
             if not await self.host.user_exists(request.host, request.target.split("@", 1)[0]):
                 raise StanzaError("service-unavailable")  # RFC 6121 8.5.1: no such account
@@ -266,7 +266,7 @@ class Pep(Module):
                 if sessions and judge(node, item.jid, owner, [relation]) is None:
                     wanted.update((s.jid, None) for s in sessions)
         for jid in node.subscriptions:
-            if await service.may_access(node, jid):
+            if wants(node, jid) and await service.may_access(node, jid):
                 wanted[jid] = None
         return list(wanted)
 

@@ -30,7 +30,7 @@ from xmppd.stream.errors import StanzaError, error_from, error_reply
 
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, encode_node
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_EVENT, PUBSUB_OWNER, SUBSCRIBE_AUTHORIZATION
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out, wants
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
@@ -278,7 +278,8 @@ class PubSub(Module):
         domain = service.items.namespace.rsplit("/", 1)[0]
         recipients = [
             jid for jid in node.subscriptions
-            if event.kind in ("delete", "purge") or await service.may_access(node, jid)
+            if wants(node, jid)
+            and (event.kind in ("delete", "purge") or await service.may_access(node, jid))
         ]
         await fan_out(
             lambda jid: self.host.route(
