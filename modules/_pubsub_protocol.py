@@ -408,9 +408,9 @@ _FEATURE_OF = {
 FEATURES = (
     "access-open", "access-presence", "access-roster", "access-whitelist",
     "auto-create", "auto-subscribe", "config-node", "create-and-configure", "create-nodes",
-    "delete-items", "delete-nodes", "filtered-notifications", "get-pending",
+    "delete-items", "delete-nodes", "filtered-notifications",
     "instant-nodes", "item-ids", "last-published", "manage-affiliations",
-    "meta-data", "modify-affiliations", "multi-items", "outcast-affiliation",
+    "modify-affiliations", "multi-items", "outcast-affiliation",
     "persistent-items", "presence-notifications", "publish", "publish-options",
     "rsm",
     "publisher-affiliation", "purge-nodes", "retract-items", "retrieve-affiliations",
@@ -418,7 +418,8 @@ FEATURES = (
     "manage-subscriptions",
     "config-node-max", "subscription-options",
 )
-"""XEP-0060 features (pubsub#<name>) the engine implements, for disco."""
+"""XEP-0060 features (pubsub#<name>) the engine implements, for disco (not get-pending,
+8.7's ad-hoc command, nor meta-data, the node meta-data form: not built)."""
 
 
 def _bare_of(jid: str) -> str:
