@@ -38,7 +38,7 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -58,6 +58,7 @@ from xmppd.stream.errors import StanzaError
 
 from ._pubsub_forms import (
     ACCESS_MODELS,
+    SUBSCRIPTION_DEFAULTS,
     Config,
     apply_form,
     check_preconditions,
@@ -112,9 +113,16 @@ class Node:
     subscriptions: dict[str, str]  # subscribed JID (bare or full) -> subid
     items: list[list[str]]  # [id, blob key or ""], oldest first
     last: bytes | None  # the last item's <item/> XML when small, else None
+    # subscriptions awaiting an owner's approval (access model authorize): JID -> subid
+    pending: dict[str, str] = field(default_factory=dict)
+    # subscription options (XEP-0060 6.3) that differ from the defaults: JID -> values
+    options: dict[str, dict[str, bool]] = field(default_factory=dict)
 
     def affiliation(self, bare: str) -> str:
         return self.affiliations.get(bare, "none")
+
+    def subscription_options(self, jid: str) -> dict[str, bool]:
+        return {**SUBSCRIPTION_DEFAULTS, **self.options.get(jid, {})}
 
     @property
     def owners(self) -> list[str]:
@@ -161,6 +169,10 @@ def encode_node(node: Node) -> dict[str, str | bytes | int]:
     }
     if node.last is not None:
         attrs["l"] = node.last
+    if node.pending:
+        attrs["p"] = json.dumps(node.pending, separators=(",", ":"))
+    if node.options:
+        attrs["o"] = json.dumps(node.options, separators=(",", ":"))
     return attrs
 
 
@@ -174,6 +186,8 @@ def decode_node(name: str, item: Item) -> Node:
         subscriptions=json.loads(str(attrs["s"])),
         items=json.loads(str(attrs["i"])),
         last=last if isinstance(last, bytes) else None,
+        pending=json.loads(str(attrs["p"])) if "p" in attrs else {},
+        options=json.loads(str(attrs["o"])) if "o" in attrs else {},
     )
 
 
@@ -338,9 +352,11 @@ class PubSubService:
             raise StanzaError("conflict", "the node exists already")
         return encode_node(node)
 
-    @staticmethod
-    def _validated(config: Config) -> Config:
-        if config.get("pubsub#access_model") not in ACCESS_MODELS:
+    def _validated(self, config: Config) -> Config:
+        """PEP (a service with an `owner`) offers no authorize model: the owner's
+        approvals would be messages to its own JID, which its clients get."""
+        model = config.get("pubsub#access_model")
+        if model not in ACCESS_MODELS or (model == "authorize" and self.owner is not None):
             raise pubsub_error("not-acceptable", "unsupported", feature="access-authorize")
         return config
 
@@ -432,10 +448,12 @@ class PubSubService:
         wanted: Config,
         *,
         auto_create: bool,
+        preconditions: bool = True,
     ) -> Event:
         """Publish one item (XEP-0060 7.1), creating the node first when `auto_create`
-        (PEP, XEP-0163 3) with the publish-options as its configuration; otherwise
-        the options are preconditions."""
+        (PEP, XEP-0163 3) with the publish-options as its configuration; on an
+        existing node the options are preconditions (unless not `preconditions`:
+        the server's own publishes, which must not fail on a client's choices)."""
         self.check_name(name)
         if item is None:  # every node here persists items and delivers payloads
             raise pubsub_error("bad-request", "item-required", "publish one <item/>")
@@ -471,7 +489,8 @@ class PubSubService:
                 node.config = self._validated({**node.config, **wanted})
             else:
                 node = decode_node(name, current)
-                check_preconditions(node.config, wanted)
+                if preconditions:
+                    check_preconditions(node.config, wanted)
             self._check_publisher(node, publisher)
             previous = [entry for entry in node.items if entry[0] == item_id]
             node.items = [entry for entry in node.items if entry[0] != item_id]
@@ -552,32 +571,107 @@ class PubSubService:
 
     # --- subscriptions ---------------------------------------------------------------------
 
-    async def subscribe(self, requester: str, name: str, jid: str) -> tuple[Node, str]:
-        """Subscribe `jid` (XEP-0060 6.1); the subid."""
+    async def subscribe(
+        self, requester: str, name: str, jid: str
+    ) -> tuple[Node, str, Literal["subscribed", "pending"]]:
+        """Subscribe `jid` (XEP-0060 6.1): the subid and the state, pending when an
+        owner must approve it first (access model authorize, 6.1.6)."""
         if _bare(jid) != _bare(requester):
             raise pubsub_error("bad-request", "invalid-jid", "subscribe your own JID")
         node = await self.existing(name)
-        await self.check_access(node, requester)
-        subid: list[str] = []
+        pending = False
+        if node.config.get("pubsub#access_model") == "authorize":
+            refusal = judge(node, _bare(requester), self.owner, None)
+            if refusal is not None and refusal.condition == "forbidden":
+                raise refusal
+            pending = refusal is not None
+        else:
+            await self.check_access(node, requester)
+        outcome: list[Any] = []
 
         async def change(current: Item | None) -> WithWrites | Unchanged:
             if current is None:
                 raise StanzaError("item-not-found", "no such node")
             node = decode_node(name, current)
             if jid in node.subscriptions:
-                subid[:] = [node.subscriptions[jid]]
+                outcome[:] = [node.subscriptions[jid], "subscribed"]
+                return UNCHANGED
+            if jid in node.pending:
+                outcome[:] = [node.pending[jid], "pending"]
                 return UNCHANGED
             self._check_room(node)
-            subid[:] = [secrets.token_hex(8)]
-            node.subscriptions[jid] = subid[0]
+            outcome[:] = [secrets.token_hex(8), "pending" if pending else "subscribed"]
+            (node.pending if pending else node.subscriptions)[jid] = outcome[0]
             index = await self._index_change(_bare(jid), name, jid, add=True)
             return WithWrites(encode_node(node), index)
 
         await self.items.modify(self.node_key(name), change, what="node")
-        return await self.existing(name), subid[0]
+        return await self.existing(name), outcome[0], outcome[1]
+
+    async def authorize(self, approver: str, name: str, jid: str, allow: bool) -> str:
+        """An owner's answer to a pending subscription (XEP-0060 8.6): subscribed or
+        none, the state the subscriber is told of."""
+
+        async def change(current: Item | None) -> WithWrites:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            self._require_owner(node, approver)
+            subid = node.pending.pop(jid, None)
+            if subid is None:
+                raise StanzaError("item-not-found", "no such pending subscription")
+            if not allow:
+                node.options.pop(jid, None)
+                index = await self._index_change(_bare(jid), name, jid, add=False)
+                return WithWrites(encode_node(node), index)
+            node.subscriptions[jid] = subid
+            return WithWrites(encode_node(node), [])
+
+        await self.items.modify(self.node_key(name), change, what="node")
+        return "subscribed" if allow else "none"
+
+    async def get_options(
+        self, requester: str, name: str, jid: str, subid: str | None
+    ) -> dict[str, bool]:
+        """A subscription's options (XEP-0060 6.3.2), with the 6.3.4 errors."""
+        node = await self.existing(name)
+        self._check_subscription(node, requester, jid, subid)
+        return node.subscription_options(jid)
+
+    async def set_options(
+        self, requester: str, name: str, jid: str, subid: str | None, values: dict[str, bool]
+    ) -> None:
+        """Change a subscription's options (XEP-0060 6.3.5); only those that differ
+        from the defaults are kept."""
+
+        def change(current: Item | None) -> dict[str, Any]:
+            if current is None:
+                raise StanzaError("item-not-found", "no such node")
+            node = decode_node(name, current)
+            self._check_subscription(node, requester, jid, subid)
+            merged = {**node.subscription_options(jid), **values}
+            differing = {k: v for k, v in merged.items() if SUBSCRIPTION_DEFAULTS.get(k) != v}
+            if differing:
+                node.options[jid] = differing
+            else:
+                node.options.pop(jid, None)
+            return encode_node(node)
+
+        await self.items.modify(self.node_key(name), change, what="node")
+
+    def _check_subscription(
+        self, node: Node, requester: str, jid: str, subid: str | None
+    ) -> None:
+        if _bare(jid) != _bare(requester) and node.affiliation(_bare(requester)) != "owner":
+            raise StanzaError("forbidden", "not your subscription")
+        states = node.subscriptions if jid in node.subscriptions else node.pending
+        if jid not in states:
+            raise pubsub_error("unexpected-request", "not-subscribed", type_="cancel")
+        if subid is not None and states[jid] != subid:
+            raise pubsub_error("not-acceptable", "invalid-subid")
 
     def _check_room(self, node: Node) -> None:
-        if len(node.subscriptions) >= self.limits.max_subscribers:
+        if len(node.subscriptions) + len(node.pending) >= self.limits.max_subscribers:
             raise StanzaError(
                 "not-allowed", f"this node has its {self.limits.max_subscribers} subscribers"
             )
@@ -593,11 +687,13 @@ class PubSubService:
             if current is None:
                 raise StanzaError("item-not-found", "no such node")
             node = decode_node(name, current)
-            if jid not in node.subscriptions:
+            states = node.subscriptions if jid in node.subscriptions else node.pending
+            if jid not in states:
                 raise pubsub_error("unexpected-request", "not-subscribed", type_="cancel")
-            if subid is not None and node.subscriptions[jid] != subid:
+            if subid is not None and states[jid] != subid:
                 raise pubsub_error("not-acceptable", "invalid-subid")
-            del node.subscriptions[jid]
+            del states[jid]
+            node.options.pop(jid, None)
             index = await self._index_change(_bare(jid), name, jid, add=False)
             return WithWrites(encode_node(node), index)
 
@@ -646,6 +742,13 @@ class PubSubService:
             writes: list[Write] = []
             for jid, state in changes.items():
                 add = state == "subscribed"
+                if jid in node.pending:  # the owner's answer to a pending request
+                    subid = node.pending.pop(jid)
+                    if add:
+                        node.subscriptions[jid] = subid
+                    else:
+                        writes += await self._index_change(_bare(jid), name, jid, add=False)
+                    continue
                 if add == (jid in node.subscriptions):
                     continue
                 if add:
@@ -653,6 +756,7 @@ class PubSubService:
                     node.subscriptions[jid] = secrets.token_hex(8)
                 else:
                     del node.subscriptions[jid]
+                    node.options.pop(jid, None)
                 writes += await self._index_change(_bare(jid), name, jid, add=add)
             return WithWrites(encode_node(node), writes)
 
@@ -696,8 +800,11 @@ class PubSubService:
                 if current is None:
                     return UNCHANGED
                 node = decode_node(name, current)
-                if node.subscriptions.pop(jid, None) is None:
+                if node.subscriptions.pop(jid, None) is None and node.pending.pop(
+                    jid, None
+                ) is None:
                     return UNCHANGED
+                node.options.pop(jid, None)
                 return encode_node(node)
 
             await self.items.modify(service.node_key(name), change, what="node")
@@ -727,6 +834,12 @@ def judge(
         return None
     if model == "whitelist":
         return pubsub_error("not-allowed", "closed-node")
+    if model == "authorize":  # approved subscribers only (XEP-0060 6.5.7.x)
+        if any(_bare(jid) == bare for jid in node.subscriptions):
+            return None
+        if any(_bare(jid) == bare for jid in node.pending):
+            return pubsub_error("not-authorized", "pending-subscription")
+        return pubsub_error("not-authorized", "not-subscribed")
     allowed = set(node.config.get("pubsub#roster_groups_allowed", []))
     for relation in relations or ():
         if relation is None or relation[0] not in ("from", "both"):

@@ -28,8 +28,17 @@ _X = f"{{{DATA}}}x"
 _FIELD = f"{{{DATA}}}field"
 _VALUE = f"{{{DATA}}}value"
 
-ACCESS_MODELS = ("open", "presence", "roster", "whitelist")
-"""Supported; 'authorize' (owner approval of each subscriber) is not yet."""
+ACCESS_MODELS = ("open", "presence", "roster", "whitelist", "authorize")
+"""Supported ('authorize', an owner's approval of each subscriber, by the pubsub
+service only)."""
+SUBSCRIBE_AUTHORIZATION = f"{PUBSUB}#subscribe_authorization"
+SUBSCRIBE_OPTIONS = f"{PUBSUB}#subscribe_options"
+SUBSCRIPTION_FIELDS = {
+    "pubsub#deliver": "Enable delivery?",
+    "pubsub#include_body": "Receive message body in addition to payload?",
+}
+"""The subscription options (XEP-0060 6.3) this service knows, all boolean."""
+SUBSCRIPTION_DEFAULTS = {"pubsub#deliver": True, "pubsub#include_body": False}
 Config = dict[str, Any]
 
 
@@ -212,3 +221,32 @@ def config_form(config: Mapping[str, Any], form_type: str = NODE_CONFIG) -> etre
         for option in field.options:
             etree.SubElement(etree.SubElement(element, f"{{{DATA}}}option"), _VALUE).text = option
     return x
+
+
+def subscription_form(values: Mapping[str, bool]) -> etree._Element:
+    """The subscription options form (XEP-0060 6.3.2) with the current values."""
+    x = etree.Element(_X, nsmap={None: DATA})
+    x.set("type", "form")
+    hidden = etree.SubElement(x, _FIELD, var="FORM_TYPE", type="hidden")
+    etree.SubElement(hidden, _VALUE).text = SUBSCRIBE_OPTIONS
+    for var, label in SUBSCRIPTION_FIELDS.items():
+        element = etree.SubElement(x, _FIELD, var=var, type="boolean", label=label)
+        etree.SubElement(element, _VALUE).text = _text(values[var])
+    return x
+
+
+def parse_subscription_form(x: etree._Element) -> dict[str, bool]:
+    """A submitted subscription options form; anything this service does not know or
+    a value that is not a boolean is <bad-request/> with <invalid-options/> (6.3.5.2)."""
+    try:
+        values = _form_values(x, SUBSCRIBE_OPTIONS)
+    except StanzaError as exc:
+        raise pubsub_error("bad-request", "invalid-options", exc.text) from None
+    parsed: dict[str, bool] = {}
+    for var, raw in values.items():
+        if var not in SUBSCRIPTION_FIELDS or len(raw) != 1 or raw[0] not in (
+            "1", "true", "0", "false"
+        ):
+            raise pubsub_error("bad-request", "invalid-options", f"{var} is not an option here")
+        parsed[var] = raw[0] in ("1", "true")
+    return parsed

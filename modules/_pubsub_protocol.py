@@ -24,8 +24,10 @@ from ._pubsub_forms import (
     PUBSUB_EVENT,
     PUBSUB_OWNER,
     config_form,
+    parse_subscription_form,
     publish_options,
     pubsub_error,
+    subscription_form,
 )
 
 _PS = f"{{{PUBSUB}}}"
@@ -36,6 +38,8 @@ RSM = "http://jabber.org/protocol/rsm"
 
 Notify = Callable[[PubSubService, Event], Awaitable[None]]
 SendLast = Callable[[PubSubService, Node, str], Awaitable[None]]
+AskOwners = Callable[[PubSubService, Node, str, str], Awaitable[None]]
+"""(service, node, subscriber JID, subid): a subscription awaits the owners' approval."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +53,18 @@ class Request:
 class PubSubProtocol:
     """Answers XEP-0060 requests; `auto_create` is PEP's create-on-publish."""
 
-    def __init__(self, notify: Notify, send_last: SendLast, *, auto_create: bool) -> None:
+    def __init__(
+        self,
+        notify: Notify,
+        send_last: SendLast,
+        *,
+        auto_create: bool,
+        ask_owners: AskOwners | None = None,
+    ) -> None:
         self.notify = notify
         self.send_last = send_last
         self.auto_create = auto_create
+        self.ask_owners = ask_owners
 
     async def handle(self, request: Request) -> etree._Element | None:
         children = [c for c in request.payload if isinstance(c.tag, str)]
@@ -109,14 +121,44 @@ class PubSubProtocol:
         jid = action.get("jid")
         if not jid:
             raise pubsub_error("bad-request", "invalid-jid", "subscribe needs a jid")
-        node, subid = await request.service.subscribe(request.requester, name, jid)
-        if node.config.get("pubsub#send_last_published_item", "never") != "never":
+        node, subid, state = await request.service.subscribe(request.requester, name, jid)
+        if state == "pending":  # XEP-0060 6.1.6 (authorize): the owners are asked
+            if self.ask_owners is not None:
+                await self.ask_owners(request.service, node, jid, subid)
+        elif node.config.get("pubsub#send_last_published_item", "never") != "never":
             await self.send_last(request.service, node, jid)
         reply = _pubsub(PUBSUB)
         subscription = etree.SubElement(reply, f"{_PS}subscription", node=name, jid=jid)
-        subscription.set("subscription", "subscribed")
+        subscription.set("subscription", state)
         subscription.set("subid", subid)
         return reply
+
+    async def _options_get(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> etree._Element:
+        """A subscription's options form (XEP-0060 6.3.2)."""
+        name, jid = _node(action), _jid(action)
+        values = await request.service.get_options(
+            request.requester, name, jid, action.get("subid")
+        )
+        reply = _pubsub(PUBSUB)
+        options = etree.SubElement(reply, f"{_PS}options", node=name, jid=jid)
+        if action.get("subid"):
+            options.set("subid", action.get("subid") or "")
+        options.append(subscription_form(values))
+        return reply
+
+    async def _options_set(
+        self, request: Request, action: etree._Element, rest: list[etree._Element]
+    ) -> None:
+        """Submit a subscription's options (XEP-0060 6.3.5)."""
+        name, jid = _node(action), _jid(action)
+        form = action.find(_X)
+        if form is None:
+            raise pubsub_error("bad-request", "invalid-options", "the options need a form")
+        await request.service.set_options(
+            request.requester, name, jid, action.get("subid"), parse_subscription_form(form)
+        )
 
     async def _unsubscribe(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
@@ -213,11 +255,13 @@ class PubSubProtocol:
             if prefix != request.service.prefix or wanted not in (None, name):
                 continue
             node = await request.service.node(name)
-            if node is None or jid not in node.subscriptions:
+            if node is None:
                 continue
-            sub = etree.SubElement(listing, f"{_PS}subscription", node=name, jid=jid)
-            sub.set("subscription", "subscribed")
-            sub.set("subid", node.subscriptions[jid])
+            for state, states in (("subscribed", node.subscriptions), ("pending", node.pending)):
+                if jid in states:
+                    sub = etree.SubElement(listing, f"{_PS}subscription", node=name, jid=jid)
+                    sub.set("subscription", state)
+                    sub.set("subid", states[jid])
         return reply
 
     async def _affiliations(
@@ -324,9 +368,10 @@ class PubSubProtocol:
         node = await request.service.owner_node(request.requester, name)
         reply = _pubsub(PUBSUB_OWNER)
         listing = etree.SubElement(reply, f"{_OWNER}subscriptions", node=name)
-        for jid, subid in sorted(node.subscriptions.items()):
-            entry = etree.SubElement(listing, f"{_OWNER}subscription", jid=jid, subid=subid)
-            entry.set("subscription", "subscribed")
+        for state, states in (("subscribed", node.subscriptions), ("pending", node.pending)):
+            for jid, subid in sorted(states.items()):
+                entry = etree.SubElement(listing, f"{_OWNER}subscription", jid=jid, subid=subid)
+                entry.set("subscription", state)
         return reply
 
 
@@ -339,6 +384,8 @@ _HANDLERS: dict[tuple[bool, str, str], Action] = {
     (False, "set", "retract"): PubSubProtocol._retract,
     (False, "set", "subscribe"): PubSubProtocol._subscribe,
     (False, "set", "unsubscribe"): PubSubProtocol._unsubscribe,
+    (False, "get", "options"): PubSubProtocol._options_get,
+    (False, "set", "options"): PubSubProtocol._options_set,
     (False, "set", "create"): PubSubProtocol._create,
     (False, "get", "items"): PubSubProtocol._items,
     (False, "get", "subscriptions"): PubSubProtocol._subscriptions,
@@ -354,24 +401,25 @@ _HANDLERS: dict[tuple[bool, str, str], Action] = {
     (True, "set", "subscriptions"): PubSubProtocol._owner_subscriptions_set,
 }
 _FEATURE_OF = {
-    "options": "subscription-options",
+    "default": "retrieve-default-sub",  # the owner's <default/> is answered
     "subscriptions": "manage-subscriptions",
 }
 
 FEATURES = (
     "access-open", "access-presence", "access-roster", "access-whitelist",
     "auto-create", "auto-subscribe", "config-node", "create-and-configure", "create-nodes",
-    "delete-items", "delete-nodes", "filtered-notifications", "get-pending",
+    "delete-items", "delete-nodes", "filtered-notifications",
     "instant-nodes", "item-ids", "last-published", "manage-affiliations",
-    "meta-data", "modify-affiliations", "multi-items", "outcast-affiliation",
+    "modify-affiliations", "multi-items", "outcast-affiliation",
     "persistent-items", "presence-notifications", "publish", "publish-options",
     "rsm",
     "publisher-affiliation", "purge-nodes", "retract-items", "retrieve-affiliations",
     "retrieve-default", "retrieve-items", "retrieve-subscriptions", "subscribe",
     "manage-subscriptions",
-    "config-node-max",
+    "config-node-max", "subscription-options",
 )
-"""XEP-0060 features (pubsub#<name>) the engine implements, for disco."""
+"""XEP-0060 features (pubsub#<name>) the engine implements, for disco (not get-pending,
+8.7's ad-hoc command, nor meta-data, the node meta-data form: not built)."""
 
 
 def _bare_of(jid: str) -> str:
@@ -380,6 +428,18 @@ def _bare_of(jid: str) -> str:
 
 def _pubsub(namespace: str) -> etree._Element:
     return etree.Element(f"{{{namespace}}}pubsub", nsmap={None: namespace})
+
+
+def _jid(action: etree._Element) -> str:
+    jid = action.get("jid")
+    if not jid:
+        raise pubsub_error("bad-request", "jid-required", "name the subscribed JID")
+    return jid
+
+
+def wants(node: Node, jid: str) -> bool:
+    """Whether an explicit subscriber gets notifications (pubsub#deliver, 6.3)."""
+    return node.subscription_options(jid)["pubsub#deliver"]
 
 
 def _node(action: etree._Element) -> str:
@@ -421,19 +481,34 @@ async def fan_out(send: Callable[[str], None], recipients: Iterable[str]) -> Non
             await asyncio.sleep(0)
 
 
+BODY_CHARS = 1000  # the most of an item's text a pubsub#include_body body carries
+
+
 def event_message(
     from_: str, to: str, event: Event, *, payload: bool, item: etree._Element | None = None
 ) -> etree._Element:
     """The notification of `event` to one recipient (XEP-0060 7.1.2, 7.2.2, 8.2.5,
     8.4.2, 8.5.2). `item` overrides the event's item (the last item sent on
-    subscribe or presence); `payload` False sends the item id only."""
+    subscribe or presence); `payload` False sends the item id only. A recipient
+    whose subscription has pubsub#include_body (6.3) gets a <body/> too: the
+    item's text (when payloads are delivered), else what happened."""
     message = etree.Element("{jabber:client}message", nsmap={None: "jabber:client"})
     message.set("from", from_)
     message.set("to", to)
     kind = event.node.config.get("pubsub#notification_type", "headline")
     message.set("type", kind if kind in ("headline", "normal") else "headline")
-    ev = etree.SubElement(message, f"{_EV}event", nsmap={None: PUBSUB_EVENT})
     name = event.node.name
+    if to in event.node.subscriptions and event.node.subscription_options(to)[
+        "pubsub#include_body"
+    ]:
+        source = item if item is not None else event.item
+        text = (
+            " ".join("".join(source.itertext()).split())
+            if source is not None and payload else ""
+        )
+        body = etree.SubElement(message, "{jabber:client}body")
+        body.text = text[:BODY_CHARS] or f"{event.kind} {event.item_id or ''} on {name}".strip()
+    ev = etree.SubElement(message, f"{_EV}event", nsmap={None: PUBSUB_EVENT})
     if event.kind == "items":
         items = etree.SubElement(ev, f"{_EV}items", node=name)
         source = item if item is not None else event.item

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import quote
 
 from lxml import etree
@@ -39,14 +39,19 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from xmppd.modulehost import IqRequest, Module, storage_call
 from xmppd.modules.caps import CAPS, DISCO_INFO, Identity, verification_string
 from xmppd.modules.disco import DISCO_ITEMS, Disco
+from xmppd.modules.private import Private
 from xmppd.modules.roster import RosterItem, RosterModule
+from xmppd.modules.vcard import VCard
 from xmppd.session import ClientSession
 from xmppd.storage.base import Contended, StorageError
 from xmppd.stream.errors import StanzaError
 
+from ._pep_avatar import CONVERSION, AvatarConversion
+from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
+from ._pep_bookmarks import BookmarksConversion
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out, wants
 
 NOTIFY = "pep/notify"
 """In a session's (shared) state: the node names it wants notifications of."""
@@ -57,6 +62,10 @@ _CAPS_C = f"{{{CAPS}}}c"
 _INFO = f"{{{DISCO_INFO}}}"
 
 log = logging.getLogger(__name__)
+
+PublishListener = Callable[[str, Event], Awaitable[None]]
+"""(owner bare JID, event) after a client published to or retracted from its own
+PEP node (only the account may); the conversions of XEP-0398 and XEP-0411 listen."""
 
 
 class PepOptions(BaseModel):
@@ -99,6 +108,13 @@ class Pep(Module):
         self._asks: set[asyncio.Future[list[str] | None]] = set()
         self._asking: dict[str, asyncio.Future[list[str] | None]] = {}
         self.host.hook("server/stopping", self._stopping)
+        self._listeners: list[PublishListener] = []
+        if self.host.config is not None and "vcard" in self.host.config.modules:
+            self.host.add_feature(CONVERSION, "server")
+            self.host.add_feature(CONVERSION, "account")
+        if self.host.config is not None and "private" in self.host.config.modules:
+            for feature in BOOKMARK_FEATURES:
+                self.host.add_feature(feature, "account")
 
     async def start(self) -> None:
         self.roster = self.host.module(RosterModule)
@@ -108,6 +124,41 @@ class Pep(Module):
         if disco is not None:
             disco.add_account_identity("pubsub", "pep")
             disco.add_account_items(self._disco_items)
+        vcard = self.host.find_module(VCard)
+        if vcard is not None:
+            avatars = AvatarConversion(self, vcard)
+            self.listen(avatars.published)
+            vcard.listen(avatars.vcard_set)
+        private = self.host.find_module(Private)
+        if private is not None:
+            bookmarks = BookmarksConversion(self)
+            self.listen(bookmarks.published)
+            private.listen(bookmarks.private_set)
+
+    def listen(self, listener: PublishListener) -> None:
+        """Call `listener` after each item a client publishes to or retracts from its
+        own PEP (not after `publish` and `retract`, so that a conversion never
+        triggers the reverse one)."""
+        self._listeners.append(listener)
+
+    async def publish(
+        self, bare: str, name: str, item: etree._Element, options: dict[str, object] | None = None
+    ) -> Event:
+        """Publish `item` to the account's node `name` as the account itself (made
+        with `options` when new), notifying as a client's publish does; listeners
+        are not called."""
+        service = self.service(bare)
+        event = await service.publish(
+            bare, name, item, dict(options or {}), auto_create=True, preconditions=False
+        )
+        await self._deliver(service, event)
+        return event
+
+    async def retract(self, bare: str, name: str, item_id: str) -> None:
+        """Retract an item of the account's node as the account, notified to all who
+        may see the node; listeners are not called."""
+        service = self.service(bare)
+        await self._deliver(service, await service.retract(bare, name, item_id))
 
     # --- the account's service ---------------------------------------------------------------
 
@@ -132,7 +183,7 @@ class Pep(Module):
             request.stanza.get("type") == "get" and request.payload.tag == f"{{{PUBSUB}}}pubsub"
         )
         joining = action is not None and action.tag in (
-            f"{{{PUBSUB}}}subscribe", f"{{{PUBSUB}}}unsubscribe")
+            f"{{{PUBSUB}}}subscribe", f"{{{PUBSUB}}}unsubscribe", f"{{{PUBSUB}}}options")
         if not request.from_owner:
             if not await self.host.user_exists(request.host, request.target.split("@", 1)[0]):
                 raise StanzaError("service-unavailable")  # RFC 6121 8.5.1: no such account
@@ -170,6 +221,13 @@ class Pep(Module):
     # --- notifications -----------------------------------------------------------------------
 
     async def _notify(self, service: PubSubService, event: Event) -> None:
+        """A client's change: delivered, then told to the listeners (items only)."""
+        await self._deliver(service, event)
+        if event.kind in ("items", "retract") and service.owner:
+            for listener in self._listeners:
+                await listener(service.owner, event)
+
+    async def _deliver(self, service: PubSubService, event: Event) -> None:
         """Send `event` to everyone who should see it (see the module docstring)."""
         node = event.node
         if not node.config.get("pubsub#deliver_notifications", True):
@@ -208,7 +266,7 @@ class Pep(Module):
                 if sessions and judge(node, item.jid, owner, [relation]) is None:
                     wanted.update((s.jid, None) for s in sessions)
         for jid in node.subscriptions:
-            if await service.may_access(node, jid):
+            if wants(node, jid) and await service.may_access(node, jid):
                 wanted[jid] = None
         return list(wanted)
 

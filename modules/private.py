@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from lxml import etree
@@ -27,6 +28,10 @@ not-acceptable keeps clients from shadowing server data such as rosters in priva
 RESERVED = frozenset({"vcard-temp"})
 
 log = logging.getLogger(__name__)
+
+Listener = Callable[[str, str, etree._Element], Awaitable[None]]
+"""(bare JID, namespace, the stored <query/>) after a client's set was stored (the
+XEP-0402/XEP-0411 bookmarks conversion listens)."""
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -51,6 +56,12 @@ class Private(Module):
         self.host.add_feature(PRIVATE)
         self.host.iq(PRIVATE, "get", self.get, to="account")
         self.host.iq(PRIVATE, "set", self.set, to="account")
+        self._listeners: list[Listener] = []
+
+    def listen(self, listener: Listener) -> None:
+        """Call `listener` after each namespace a client stored (not after `store`, so
+        that a conversion never triggers the reverse one)."""
+        self._listeners.append(listener)
 
     async def get(self, request: IqRequest) -> etree._Element:
         user = _owner(request)
@@ -96,6 +107,27 @@ class Private(Module):
         store = self._store(request.host)
         for key, data in blobs.items():
             await storage_call(store.put(key, data), "private XML")
+        for namespace in by_namespace:
+            query = etree.fromstring(blobs[_key(user, namespace)], _PARSER)
+            for listener in self._listeners:
+                await listener(request.target, namespace, query)
+
+    async def load(self, bare: str, namespace: str) -> etree._Element | None:
+        """The stored <query/> of `namespace`, None when there is none."""
+        user, vhost = bare.split("@", 1)
+        blob = await self._store(vhost).get(_key(user, namespace))
+        return None if blob is None else etree.fromstring(blob.data, _PARSER)
+
+    async def store(self, bare: str, element: etree._Element) -> None:
+        """Store `element` as its namespace's data, with a client's checks
+        (StanzaError); listeners are not called."""
+        user, vhost = bare.split("@", 1)
+        query = etree.Element(_QUERY, nsmap={None: PRIVATE})
+        query.append(copy.deepcopy(element))
+        data = etree.tostring(query)
+        if len(data) > self.max_bytes:
+            raise StanzaError("not-acceptable", f"the data is over {self.max_bytes} bytes")
+        await self._store(vhost).put(_key(user, _namespace(element)), data)
 
     def _store(self, vhost: str) -> BlobStore:
         return self.host.blobs(vhost, "private")

@@ -5,13 +5,18 @@ any account of the virtual host may create nodes (and owns them), nodes
 default to the open access model and `default_max_items` items, and
 notifications go to the explicit subscribers the node's access model
 still admits. Disco#info describes the service and each node; disco#items
-lists the nodes, and a node's items.
+lists the nodes, and a node's items. Nodes may use the authorize access
+model (XEP-0060 6.1.6, 8.6): a subscription waits, pending, for an owner to
+submit the authorization form the service sent each owner in a message, and
+the subscriber is told the outcome (subscribed or none).
 
 The service's data is in the item and blob stores "pubsub" of its own
 domain (namespace "pubsub.<host>/pubsub").
 """
 
 from __future__ import annotations
+
+import secrets
 
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
@@ -20,16 +25,21 @@ from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import Module, storage_call
 from xmppd.modules.roster import RosterModule
 from xmppd.router import Routed
-from xmppd.storage.base import Contended, Item
+from xmppd.storage.base import Contended, Item, StorageError
 from xmppd.stream.errors import StanzaError, error_from, error_reply
 
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, encode_node
-from ._pubsub_forms import PUBSUB, PUBSUB_OWNER
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out
+from ._pubsub_forms import DATA, PUBSUB, PUBSUB_EVENT, PUBSUB_OWNER, SUBSCRIBE_AUTHORIZATION
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out, wants
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 MAX_DISCO_ITEMS = 1000  # nodes or items listed in one disco#items answer
+SERVICE_FEATURES = (*FEATURES, "access-authorize", "subscription-notifications")
+"""PEP has no authorize model; this service has."""
+_X = f"{{{DATA}}}x"
+_FIELD = f"{{{DATA}}}field"
+_VALUE = f"{{{DATA}}}value"
 
 
 class PubSubOptions(BaseModel):
@@ -63,7 +73,9 @@ class PubSub(Module):
     def setup(self) -> None:
         opts: PubSubOptions = self.options  # type: ignore[assignment]
         self.limits = _limits(opts)
-        self.protocol = PubSubProtocol(self._notify, self._send_last, auto_create=False)
+        self.protocol = PubSubProtocol(
+            self._notify, self._send_last, auto_create=False, ask_owners=self._ask_owners
+        )
         self.domains = {f"{opts.subdomain}.{vhost}": vhost for vhost in self.host.hosts}
         for domain in self.domains:
             self.host.serve_domain(domain, self._stanza, opts.name)
@@ -90,8 +102,13 @@ class PubSub(Module):
 
     def _stanza(self, routed: Routed) -> None:
         stanza = routed.stanza
+        if stanza.tag == "{jabber:client}message" and stanza.get("type") != "error":
+            form = stanza.find(_X)
+            if form is not None and _field(form, "FORM_TYPE") == SUBSCRIBE_AUTHORIZATION:
+                self.host.spawn(self._authorization(stanza, form, routed.to.domain))
+            return
         if stanza.tag != "{jabber:client}iq" or stanza.get("type") not in ("get", "set"):
-            return  # presence, messages and IQ answers to the service: nothing to do
+            return  # presence, other messages and IQ answers to the service: nothing to do
         self.host.spawn(self._iq(stanza, routed.to.domain))
 
     async def _iq(self, stanza: etree._Element, domain: str) -> None:
@@ -151,7 +168,9 @@ class PubSub(Module):
         answer = etree.Element(f"{{{DISCO_INFO}}}query", nsmap={None: DISCO_INFO})
         if name is None:
             _identity(answer, "service", self.options.name)  # type: ignore[attr-defined]
-            features = [DISCO_INFO, DISCO_ITEMS, PUBSUB, *(f"{PUBSUB}#{f}" for f in FEATURES)]
+            features = [
+                DISCO_INFO, DISCO_ITEMS, PUBSUB, *(f"{PUBSUB}#{f}" for f in SERVICE_FEATURES)
+            ]
         else:
             await service.existing(name)
             answer.set("node", name)
@@ -178,6 +197,77 @@ class PubSub(Module):
             etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=domain, name=item_id)
         return answer
 
+    # --- the authorize access model (XEP-0060 6.1.6, 8.6) ------------------------------------
+
+    async def _ask_owners(self, service: PubSubService, node: Node, jid: str, subid: str) -> None:
+        """Send each owner the subscription authorization form (XEP-0060 8.6.1)."""
+        domain = service.items.namespace.rsplit("/", 1)[0]
+        for owner in node.owners:
+            message = etree.Element("{jabber:client}message", nsmap={None: "jabber:client"})
+            message.set("from", domain)
+            message.set("to", owner)
+            message.set("id", secrets.token_hex(8))
+            x = etree.SubElement(message, _X, nsmap={None: DATA}, type="form")
+            etree.SubElement(x, f"{{{DATA}}}title").text = "PubSub subscriber request"
+            etree.SubElement(x, f"{{{DATA}}}instructions").text = (
+                "To approve this entity's subscription request, click the OK button. "
+                "To deny the request, click the cancel button."
+            )
+            for var, type_, label, value in (
+                ("FORM_TYPE", "hidden", None, SUBSCRIBE_AUTHORIZATION),
+                ("pubsub#subid", "hidden", None, subid),
+                ("pubsub#node", "text-single", "Node ID", node.name),
+                ("pubsub#subscriber_jid", "jid-single", "Subscriber Address", jid),
+                ("pubsub#allow", "boolean",
+                 "Allow this JID to subscribe to this pubsub node?", "false"),
+            ):
+                field = etree.SubElement(x, _FIELD, var=var, type=type_)
+                if label:
+                    field.set("label", label)
+                etree.SubElement(field, _VALUE).text = value
+            self.host.route(message, bounce=False)
+
+    async def _authorization(self, stanza: etree._Element, form: etree._Element,
+                             domain: str) -> None:
+        """An owner's submitted authorization form: approve or deny, then tell the
+        subscriber (XEP-0060 8.6.2). A form that cannot be applied gets a message
+        error back."""
+        try:
+            if form.get("type") == "cancel":
+                return
+            if form.get("type") != "submit":
+                raise StanzaError("bad-request", "submit the authorization form")
+            name = _field(form, "pubsub#node")
+            jid = _field(form, "pubsub#subscriber_jid")
+            allow = _field(form, "pubsub#allow")
+            if not name or not jid or allow not in ("1", "true", "0", "false"):
+                raise StanzaError("bad-request", "the form needs the node, the JID and allow")
+            service = self.service(domain)
+            work = service.authorize(stanza.get("from") or "", name, jid, allow in ("1", "true"))
+            try:
+                state = await storage_call(work, "pubsub")
+            except Contended:
+                raise StanzaError("resource-constraint", "the node is busy", "wait") from None
+        except StanzaError as exc:
+            self.host.route(error_from(stanza, exc), bounce=False)
+            return
+        message = etree.Element("{jabber:client}message", nsmap={None: "jabber:client"})
+        message.set("from", domain)
+        message.set("to", jid)
+        event = etree.SubElement(message, f"{{{PUBSUB_EVENT}}}event", nsmap={None: PUBSUB_EVENT})
+        etree.SubElement(event, f"{{{PUBSUB_EVENT}}}subscription", node=name, jid=jid,
+                         subscription=state)
+        self.host.route(message, bounce=False)
+        if state == "subscribed":
+            try:
+                node = await service.node(name)
+                if node is not None and node.config.get(
+                    "pubsub#send_last_published_item", "never"
+                ) != "never":
+                    await self._send_last(service, node, jid)
+            except StorageError as exc:
+                self.log.warning("last item of %s not sent to %s: %s", name, jid, exc)
+
     # --- notifications ---------------------------------------------------------------------
 
     async def _notify(self, service: PubSubService, event: Event) -> None:
@@ -188,7 +278,8 @@ class PubSub(Module):
         domain = service.items.namespace.rsplit("/", 1)[0]
         recipients = [
             jid for jid in node.subscriptions
-            if event.kind in ("delete", "purge") or await service.may_access(node, jid)
+            if wants(node, jid)
+            and (event.kind in ("delete", "purge") or await service.may_access(node, jid))
         ]
         await fan_out(
             lambda jid: self.host.route(
@@ -238,6 +329,13 @@ def _without(name: str, item: Item | None, bare: str) -> dict[str, str | bytes |
     node = decode_node(name, item)
     node.affiliations.pop(bare, None)
     return encode_node(node)
+
+
+def _field(form: etree._Element, var: str) -> str | None:
+    for field in form.findall(_FIELD):
+        if field.get("var") == var:
+            return field.findtext(_VALUE)
+    return None
 
 
 def _identity(query: etree._Element, type_: str, name: str | None) -> None:

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lxml import etree
@@ -45,6 +46,10 @@ PHOTO_NOTICE = "vcard-photo"
 
 log = logging.getLogger(__name__)
 
+Listener = Callable[[str, etree._Element], Awaitable[None]]
+"""(bare JID, new vCard) after a client's vCard set was stored (XEP-0398's conversion
+to the PEP avatar listens)."""
+
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
@@ -67,6 +72,7 @@ class VCard(Module):
         self._photo: dict[str, str | None] = {}
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._listeners: list[Listener] = []
         self.host.add_feature(VCARD)
         self.host.iq(VCARD, "get", self.get, to="account")
         self.host.iq(VCARD, "set", self.set, to="account")
@@ -96,6 +102,13 @@ class VCard(Module):
         if not request.from_owner:
             raise StanzaError("forbidden", "you can only set your own vCard")
         await self.store(request.target, request.payload)
+        for listener in self._listeners:
+            await listener(request.target, request.payload)
+
+    def listen(self, listener: Listener) -> None:
+        """Call `listener` after each vCard a client set (not after `store` calls of
+        other modules, so that a conversion never triggers the reverse one)."""
+        self._listeners.append(listener)
 
     # --- the API xmppctl uses (xmppd.userdata), the IQ handlers too ---------------------
 

@@ -1,0 +1,172 @@
+"""XEP-0402 5.3 and XEP-0411: the same bookmarks through XEP-0402 PEP items, XEP-0048 in
+private XML storage and XEP-0048 in PEP, whichever a client writes, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from tests.modules.test_pep import events, online
+from xmppd.testing import ModuleHarness, TestSession
+
+PS = "http://jabber.org/protocol/pubsub"
+NATIVE = "urn:xmpp:bookmarks:1"
+LEGACY = "storage:bookmarks"
+PRIVATE = "jabber:iq:private"
+INFO = "http://jabber.org/protocol/disco#info"
+EXTENSIONS = "<extensions><x xmlns='urn:e'/></extensions>"
+
+
+@pytest.fixture
+async def harness() -> ModuleHarness:
+    modules = {"roster": {}, "presence": {}, "pep": {}, "private": {}, "disco": {}}
+    harness = ModuleHarness(modules, users={"alice@localhost"})
+    return await harness.start()
+
+
+async def ok(harness: ModuleHarness, session: TestSession, type_: str, payload: str,
+             to: str | None = None) -> etree._Element:
+    reply = await harness.iq(session, type_, payload, to)
+    assert reply.get("type") == "result", etree.tostring(reply)
+    return reply
+
+
+NATIVE_OPTIONS = (
+    "<publish-options><x xmlns='jabber:x:data' type='submit'>"
+    f"<field var='FORM_TYPE' type='hidden'><value>{PS}#publish-options</value></field>"
+    "<field var='pubsub#persist_items'><value>true</value></field>"
+    "<field var='pubsub#max_items'><value>max</value></field>"
+    "<field var='pubsub#send_last_published_item'><value>never</value></field>"
+    "<field var='pubsub#access_model'><value>whitelist</value></field>"
+    "</x></publish-options>"
+)
+
+
+def publish_native(room: str, conference: str) -> str:
+    """XEP-0402 example 3."""
+    return (f"<pubsub xmlns='{PS}'><publish node='{NATIVE}'><item id='{room}'>"
+            f"<conference xmlns='{NATIVE}' {conference}</conference></item></publish>"
+            f"{NATIVE_OPTIONS}</pubsub>")
+
+
+async def native(harness: ModuleHarness, session: TestSession) -> dict[str, str]:
+    """Room -> the XEP-0402 conference, canonical XML."""
+    reply = await ok(harness, session, "get",
+                     f"<pubsub xmlns='{PS}'><items node='{NATIVE}'/></pubsub>")
+    return {item.get("id") or "": _canonical(item[0]) for item in reply.iter(f"{{{PS}}}item")}
+
+
+async def private(harness: ModuleHarness, session: TestSession) -> etree._Element:
+    reply = await ok(harness, session, "get",
+                     f"<query xmlns='{PRIVATE}'><storage xmlns='{LEGACY}'/></query>")
+    storage = reply.find(f"{{{PRIVATE}}}query/{{{LEGACY}}}storage")
+    assert storage is not None
+    return storage
+
+
+async def legacy_pep(harness: ModuleHarness, session: TestSession) -> etree._Element:
+    reply = await ok(harness, session, "get",
+                     f"<pubsub xmlns='{PS}'><items node='{LEGACY}'/></pubsub>")
+    storage = reply.find(f".//{{{PS}}}item/{{{LEGACY}}}storage")
+    assert storage is not None
+    return storage
+
+
+def rooms(storage: etree._Element) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """Room -> (name, autojoin, nick) of a XEP-0048 <storage/>."""
+    return {c.get("jid") or "": (c.get("name"), c.get("autojoin"), c.findtext(f"{{{LEGACY}}}nick"))
+            for c in storage.findall(f"{{{LEGACY}}}conference")}
+
+
+def _canonical(element: etree._Element) -> str:
+    return etree.tostring(etree.fromstring(etree.tostring(element)), method="c14n").decode()
+
+
+def conference(attrs: str, inner: str = "") -> str:
+    xml = f"<conference xmlns='{NATIVE}' {attrs}>{inner}</conference>"
+    return _canonical(etree.fromstring(xml))
+
+
+async def test_conversion_is_advertised_on_the_account(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    reply = await ok(harness, alice, "get", f"<query xmlns='{INFO}'/>", "alice@localhost")
+    features = {f.get("var") for f in reply.iter(f"{{{INFO}}}feature")}
+    assert {f"{NATIVE}#compat", f"{NATIVE}#compat-pep",
+            "urn:xmpp:bookmarks-conversion:0"} <= features
+
+
+async def test_native_bookmarks_appear_in_both_legacy_stores(harness: ModuleHarness) -> None:
+    alice = harness.session("alice@localhost/a")
+    # A URL bookmark a legacy client keeps: XEP-0402 has no place for it, it stays.
+    await ok(harness, alice, "set", f"<query xmlns='{PRIVATE}'><storage xmlns='{LEGACY}'>"
+             "<url name='Site' url='https://a.example/'/></storage></query>")
+    await ok(harness, alice, "set", publish_native(
+        "theplay@conference.shakespeare.lit",
+        f"name='The Play' autojoin='true'><nick>JC</nick>{EXTENSIONS}"))
+    await ok(harness, alice, "set", publish_native("orchard@conference.shakespeare.lit",
+                                                   "name='Orchard'>"))
+    expected = {"theplay@conference.shakespeare.lit": ("The Play", "true", "JC"),
+                "orchard@conference.shakespeare.lit": ("Orchard", "false", None)}
+    stored = await private(harness, alice)
+    assert rooms(stored) == expected
+    assert [u.get("url") for u in stored.findall(f"{{{LEGACY}}}url")] == ["https://a.example/"]
+    assert rooms(await legacy_pep(harness, alice)) == expected
+    # A retraction (XEP-0402 example 6) leaves it out of both.
+    await ok(harness, alice, "set", f"<pubsub xmlns='{PS}'><retract node='{NATIVE}' notify='true'>"
+             "<item id='orchard@conference.shakespeare.lit'/></retract></pubsub>")
+    del expected["orchard@conference.shakespeare.lit"]
+    assert rooms(await private(harness, alice)) == expected
+    assert rooms(await legacy_pep(harness, alice)) == expected
+
+
+async def test_private_storage_bookmarks_become_native_items(harness: ModuleHarness) -> None:
+    alice = await online(harness, "alice@localhost/a", [NATIVE])
+    await ok(harness, alice, "set", publish_native(
+        "theplay@conference.shakespeare.lit",
+        f"name='The Play' autojoin='true'><nick>JC</nick>{EXTENSIONS}"))
+    await ok(harness, alice, "set", publish_native("gone@conference.shakespeare.lit", "name='G'>"))
+    # XEP-0048 example 3 in private storage: the play renamed, gone dropped, one new.
+    stanza = (f"<query xmlns='{PRIVATE}'><storage xmlns='{LEGACY}'>"
+              "<conference name='Play' autojoin='1' jid='theplay@conference.shakespeare.lit'>"
+              "<nick>JC</nick></conference>"
+              "<conference jid='new@conference.shakespeare.lit' autojoin='false'>"
+              "<password>pw</password></conference>"
+              "<url name='Site' url='https://a.example/'/></storage></query>")
+    alice.take()
+    got = await harness.send(alice, f"<iq type='set' id='p1'>{stanza}</iq>")
+    assert [r.get("type") for r in got if r.get("id") == "p1"] == ["result"]
+    # The client's other resources hear of it as of any XEP-0402 change.
+    assert sorted(what for _, _, what in events(got)) == [
+        "item new@conference.shakespeare.lit pw",
+        "item theplay@conference.shakespeare.lit JC",
+        "retract gone@conference.shakespeare.lit",
+    ]
+    assert await native(harness, alice) == {
+        # The client's <extensions/> kept (XEP-0402 5.3.2).
+        "theplay@conference.shakespeare.lit": conference(
+            "name='Play' autojoin='true'", f"<nick>JC</nick>{EXTENSIONS}"),
+        "new@conference.shakespeare.lit": conference("", "<password>pw</password>"),
+    }
+    # The other XEP-0048 store has the same, and the stored private data is the client's.
+    assert rooms(await legacy_pep(harness, alice)) == {
+        "theplay@conference.shakespeare.lit": ("Play", "1", "JC"),
+        "new@conference.shakespeare.lit": (None, "false", None),
+    }
+    assert len((await private(harness, alice)).findall(f"{{{LEGACY}}}url")) == 1
+    # A <storage/> with nothing changed writes nothing new.
+    got = await harness.send(alice, f"<iq type='set' id='p2'>{stanza}</iq>")
+    assert [r.get("type") for r in got if r.get("id") == "p2"] == ["result"]
+    assert events(got) == []
+
+
+async def test_legacy_pep_bookmarks_become_native_items_and_private(
+    harness: ModuleHarness,
+) -> None:
+    alice = harness.session("alice@localhost/a")
+    await ok(harness, alice, "set",
+             f"<pubsub xmlns='{PS}'><publish node='{LEGACY}'><item id='current'>"
+             f"<storage xmlns='{LEGACY}'><conference jid='a@c.example' name='A' autojoin='true'>"
+             "<nick>al</nick></conference></storage></item></publish></pubsub>")
+    assert await native(harness, alice) == {
+        "a@c.example": conference("name='A' autojoin='true'", "<nick>al</nick>")}
+    assert rooms(await private(harness, alice)) == {"a@c.example": ("A", "true", "al")}
