@@ -1,0 +1,151 @@
+"""Multi-user chat across cluster nodes: one live owner per room (docs/architecture.md).
+
+Three nodes on one Redis and the same stores, in this process; slixmpp clients
+with xep_0045 spread over them. The room's name is chosen so that its owner
+(rendezvous hashing over the live nodes, `owner_of`) is a node no client is
+on, so that every stanza to the room crosses nodes and every stanza from it
+crosses back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from slixmpp import JID, Iq
+from slixmpp.exceptions import IqError
+
+from tests.integration.clients import close
+from tests.integration.conftest import StartServer
+from tests.integration.test_cluster import redis_service  # noqa: F401  (fixture)
+from tests.integration.test_muc import MODULES, USERS, Chatter, chatter
+from tests.storage.services import service_factory  # noqa: F401  (fixture)
+from xmppd.modules.muc import owner_of
+from xmppd.server import Server
+from xmppd.storage import devservices
+from xmppd.storage.devservices import LocalService
+
+pytestmark = pytest.mark.timeout(60)
+
+NODES = ("muc-a", "muc-b", "muc-c")
+WAIT = 10.0
+
+
+def room_owned_by(node: str, nodes: tuple[str, ...] = NODES) -> JID:
+    """A room JID whose owner among `nodes` is `node`."""
+    for n in range(1000):
+        jid = f"room{n}@conference.localhost"
+        if owner_of(jid, frozenset(nodes)) == node:
+            return JID(jid)
+    raise AssertionError("no such room")
+
+
+async def three_nodes(start_server: StartServer, redis: LocalService) -> list[Server]:
+    url = devservices.redis_url(redis)
+    nodes = []
+    for i, name in enumerate(NODES):
+        cluster = {"redis_url": url, "node_name": name}
+        nodes.append(
+            await start_server(users=USERS if i == 0 else {}, modules=MODULES, cluster=cluster)
+        )
+    for node in nodes:  # each has seen the others' heartbeats
+        assert node.cluster is not None
+        while node.cluster.nodes != frozenset(NODES):
+            await node.cluster.heartbeat.beat()
+    return nodes
+
+
+async def create(owner: Chatter, room: JID, nick: str, **config: Any) -> None:
+    own, _subject, _occupants, _history = await owner.muc.join_muc_wait(room, nick, timeout=WAIT)
+    assert 201 in own["muc"]["status_codes"]
+    form = await owner.muc.get_room_config(room)
+    form.set_values({f"muc#roomconfig_{var}": value for var, value in config.items()})
+    await owner.muc.set_room_config(room, form)
+
+
+async def self_ping(client: Chatter, occupant: JID) -> str | None:
+    """XEP-0410: ping our own occupant JID; None if answered, else the error condition."""
+    iq = Iq(client, stype="get", sto=occupant)
+    iq.enable("ping")
+    try:
+        await iq.send(timeout=WAIT)
+    except IqError as exc:
+        return str(exc.condition)
+    return None
+
+
+async def test_occupants_on_three_nodes_share_one_room(
+    start_server: StartServer, redis_service: LocalService  # noqa: F811
+) -> None:
+    a, b, _c = await three_nodes(start_server, redis_service)
+    room = room_owned_by("muc-c")
+    alice = await chatter(a, "alice@localhost/desk")
+    bob = await chatter(b, "bob@localhost/phone")
+    carol = await chatter(a, "carol@localhost/laptop")
+    await create(alice, room, "Alice", roomname="Spread")
+    _own, _subject, occupants, _ = await bob.muc.join_muc_wait(room, "Bob", timeout=WAIT)
+    assert [p["from"].resource for p in occupants] == ["Alice", "Bob"]
+    _own, _subject, occupants, _ = await carol.muc.join_muc_wait(room, "Carol", timeout=WAIT)
+    assert [p["from"].resource for p in occupants] == ["Alice", "Bob", "Carol"]
+    await alice.presence_of("Carol")
+    await bob.presence_of("Carol")
+
+    # Two senders on two nodes, interleaved as fast as they go: one order for all
+    # (within the room's burst of 10 messages per occupant).
+    for n in range(8):
+        alice.send_message(mto=room, mbody=f"alice {n}", mtype="groupchat")
+        bob.send_message(mto=room, mbody=f"bob {n}", mtype="groupchat")
+    seen = []
+    for client in (alice, bob, carol):
+        seen.append([str((await client.said())["body"]) for _ in range(16)])
+    assert seen[0] == seen[1] == seen[2]
+    sent = [f"{who} {n}" for who in ("alice", "bob") for n in range(8)]
+    assert sorted(seen[0]) == sorted(sent)
+
+    for client in (alice, bob, carol):  # the subject on join (empty)
+        await asyncio.wait_for(client.subjects.get(), WAIT)
+    await alice.muc.set_role(room, "Bob", "moderator")  # a moderator changes the subject
+    bob.muc.set_subject(room, "Across nodes")  # from node b, via c, to a
+    for client in (alice, carol):
+        subject = await asyncio.wait_for(client.subjects.get(), WAIT)
+        assert (subject["subject"], subject["from"]) == ("Across nodes", JID(f"{room}/Bob"))
+    for client in (alice, bob, carol):
+        await close(client)
+
+
+async def test_a_room_carries_on_when_its_owner_node_stops(
+    start_server: StartServer, redis_service: LocalService  # noqa: F811
+) -> None:
+    a, b, c = await three_nodes(start_server, redis_service)
+    room = room_owned_by("muc-c")
+    alice = await chatter(a, "alice@localhost/desk")
+    bob = await chatter(b, "bob@localhost/phone")
+    await create(alice, room, "Alice", persistentroom=True, roomname="Kept")
+    await bob.muc.join_muc_wait(room, "Bob", timeout=WAIT)
+    alice.muc.set_subject(room, "Still here")
+    await asyncio.wait_for(bob.subjects.get(), WAIT)  # his join's (none)
+    await asyncio.wait_for(bob.subjects.get(), WAIT)
+    alice.send_message(mto=room, mbody="before the stop", mtype="groupchat")
+    assert (await bob.said())["body"] == "before the stop"
+    assert await self_ping(bob, JID(f"{room}/Bob")) is None  # an occupant
+
+    await c.stop()  # the owner, cleanly: the room moves to a or b
+
+    # The new owner's room has no occupants: the self-ping says so, and they rejoin.
+    assert await self_ping(bob, JID(f"{room}/Bob")) == "not-acceptable"
+    bob.muc.rooms.pop(room, None)  # slixmpp's own record of the room
+    _own, subject, _occupants, history = await bob.muc.join_muc_wait(room, "Bob", timeout=WAIT)
+    assert subject["subject"] == "Still here"
+    assert [m["body"] for m in history] == ["before the stop"]
+    info = await bob.plugin["xep_0030"].get_info(jid=room, timeout=WAIT)
+    assert ("conference", "text", None, "Kept") in info["disco_info"]["identities"]
+    assert await self_ping(alice, JID(f"{room}/Alice")) == "not-acceptable"
+    alice.muc.rooms.pop(room, None)
+    _own, _subject, occupants, _ = await alice.muc.join_muc_wait(room, "Alice", timeout=WAIT)
+    assert [p["from"].resource for p in occupants] == ["Bob", "Alice"]  # Bob rejoined first
+    alice.send_message(mto=room, mbody="after the stop", mtype="groupchat")
+    assert (await bob.said())["body"] == "before the stop"  # the history of his rejoin
+    assert (await bob.said())["body"] == "after the stop"
+    for client in (alice, bob):
+        await close(client)
