@@ -233,3 +233,50 @@ async def test_a_room_carries_on_when_its_owner_node_is_killed(
     assert (await bob.said())["body"] == "after the kill"
     for client in (alice, bob):
         await close(client)
+
+
+async def test_a_node_that_joins_takes_over_the_rooms_it_now_owns(
+    start_server: StartServer, redis_service: LocalService  # noqa: F811
+) -> None:
+    """A room owned by b among {a, b} whose owner among {a, b, c} is c: when c joins, b
+    lets it go (written), c loads it from the stores at its next stanza; the occupants
+    learn it by self-ping and rejoin, to the stored subject."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(
+        users=USERS, modules=MODULES, cluster={"redis_url": url, "node_name": "muc-a"}
+    )
+    b = await start_server(
+        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "muc-b"}
+    )
+    for node in (a, b):
+        assert node.cluster is not None
+        while node.cluster.nodes != {"muc-a", "muc-b"}:
+            await node.cluster.heartbeat.beat()
+    room = next(
+        JID(jid) for n in range(1000)
+        if owner_of(jid := f"room{n}@conference.localhost", frozenset({"muc-a", "muc-b"}))
+        == "muc-b" and owner_of(jid, frozenset(NODES)) == "muc-c"
+    )
+    alice = await chatter(a, "alice@localhost/desk")
+    await create(alice, room, "Alice", persistentroom=True)
+    alice.muc.set_subject(room, "Moving")
+    await asyncio.wait_for(alice.subjects.get(), WAIT)  # the join's (none)
+    await asyncio.wait_for(alice.subjects.get(), WAIT)
+    assert room.bare in b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+
+    c = await start_server(
+        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "muc-c"}
+    )
+    for node in (a, b, c):  # the next heartbeat of each, without waiting for it
+        assert node.cluster is not None
+        while node.cluster.nodes != frozenset(NODES):
+            await node.cluster.heartbeat.beat()
+    assert room.bare not in b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+
+    assert await self_ping(alice, JID(f"{room}/Alice")) == "not-acceptable"
+    alice.muc.rooms.pop(room, None)
+    _own, subject, occupants, _ = await alice.muc.join_muc_wait(room, "Alice", timeout=WAIT)
+    assert subject["subject"] == "Moving"
+    assert [p["from"].resource for p in occupants] == ["Alice"]
+    assert room.bare in c.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    await close(alice)
