@@ -236,8 +236,8 @@ class Muc(Module):
 
     async def _stopping(self) -> bool:
         """A clean stop: the other nodes stop counting this one as an owner first, then
-        its rooms are written (`stop` waits for the writes) and dropped, and stanzas that
-        still come here go to the new owners."""
+        its rooms are dropped and written (returns once written: before the cluster
+        membership ends), and stanzas that still come here go to the new owners."""
         me = self.host.node_name
         assert me is not None
         self._leaving.add(me)
