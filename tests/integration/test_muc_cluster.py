@@ -170,25 +170,30 @@ async def test_a_room_carries_on_when_its_owner_node_is_killed(
     storage_section: dict[str, Any] | None,
 ) -> None:
     """The room's owner is a real process, killed (SIGKILL) mid-conversation; its
-    occupants are on the node that lives. What the owner had stored (configuration,
-    subject, history) is there on the new owner once the dead node is reaped; the
-    occupants' self-ping, sent right after the kill, is answered then (the reaper routes
-    what the dead node's inbox held), with not-acceptable, and they rejoin."""
+    occupants are on the two nodes that live (in this process). What the owner had
+    stored (configuration, subject, history) is there on the new owner once the dead
+    node is reaped; the occupants' self-ping, sent right after the kill, is answered
+    then (the reaper routes what the dead node's inbox held), with not-acceptable, and
+    they rejoin."""
     storage: dict[str, Any] = (
         storage_section if storage_section is not None else {"cache": {"backend": "none"}}
     )
     b = await start_server(
         users=USERS, modules=MODULES, cluster=cluster(redis_service, "node-b"), storage=storage
     )
+    c = await start_server(
+        users={}, modules=MODULES, cluster=cluster(redis_service, "node-c"), storage=storage
+    )
     a: NodeProcess = await node_process(
         tmp_path, cluster=cluster(redis_service, "node-a"), storage=storage, modules=MODULES
     )
-    assert b.cluster is not None
-    while b.cluster.nodes != {"node-a", "node-b"}:
-        await b.cluster.heartbeat.beat()
-    room = room_owned_by("node-a", ("node-a", "node-b"))
+    for node in (b, c):
+        assert node.cluster is not None
+        while node.cluster.nodes != {"node-a", "node-b", "node-c"}:
+            await node.cluster.heartbeat.beat()
+    room = room_owned_by("node-a", ("node-a", "node-b", "node-c"))
     alice = await chatter(b, "alice@localhost/desk")
-    bob = await chatter(b, "bob@localhost/phone")
+    bob = await chatter(c, "bob@localhost/phone")
     await create(alice, room, "Alice", persistentroom=True, roomname="Survivor")
     await bob.muc.join_muc_wait(room, "Bob", timeout=WAIT)
     alice.muc.set_subject(room, "Before the kill")
