@@ -19,6 +19,20 @@ Storage (per virtual host):
   is in memory); the blob is read once when the room loads and written at
   most once per HISTORY_WRITE seconds while people talk, and at stop.
 
+On a cluster, each room has one live owner node: the live node with the
+highest rendezvous weight for the room's JID (`owner_of`), which every node
+computes alike from the heartbeats' node set. A stanza for a room that
+arrives elsewhere is forwarded to its owner's router (`forward_to_node`,
+through the owner's inbox, keeping each node's order); the owner runs the
+room as a node alone would, and its output reaches occupants on any node
+through the session table. When the node set changes, a node drops the
+rooms it no longer owns (writing what is not stored yet first); the new
+owner reads persistent rooms from the stores when the next stanza comes.
+Occupants are not carried over: the new owner's room has none, so their
+XEP-0410 self-ping is answered `<not-acceptable/>` and they rejoin. A node
+that stops cleanly tells the others first (a cluster notice, "muc"), so they
+stop counting it as an owner before its rooms are written and dropped.
+
 The choice of one live owner per room (and why not shared state in Redis)
 is in docs/architecture.md, "Multi-user chat".
 """
@@ -26,6 +40,7 @@ is in docs/architecture.md, "Multi-user chat".
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -54,6 +69,20 @@ DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 HISTORY_WRITE = 1.0  # seconds between two writes of one room's history
 MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
+
+
+NOTICE = "muc"
+"""Cluster notice topic: {"leaving": node}, sent by a node that stops, before it
+writes and drops its rooms."""
+
+
+def owner_of(room_jid: str, nodes: frozenset[str]) -> str:
+    """The room's owner among `nodes` by rendezvous (highest random weight) hashing:
+    every node that sees the same set picks the same owner, and a node joining or
+    leaving moves only the rooms whose highest weight it has or had."""
+    return max(
+        nodes, key=lambda node: hashlib.sha256(f"{node}\0{room_jid}".encode()).digest()
+    )
 
 
 class MucOptions(BaseModel):
@@ -87,18 +116,18 @@ class Muc(Module):
         self.services: dict[str, str] = {}  # service domain -> virtual host
         # Full JID -> the rooms it sent presence to while its session lives: where to
         # look when the session ends (stale entries cost a lookup, nothing more).
-        self._visited: dict[str, set[str]] = {}
-        # On a cluster each node would hold its own copy of every room, and occupants
-        # on two nodes would never meet. The owner-per-room layer (docs/architecture.md,
-        # "Multi-user chat") is what makes it work; until then the service refuses.
-        handler = self._handle if not self.host.clustered else self._refuse
-        if self.host.clustered:
-            self.log.error("muc: not available on a cluster yet; the service refuses joins")
+        self._visited: dict[str, dict[str, str]] = {}  # full JID -> room -> nick
+        # Nodes that said they are stopping and may still be listed (cluster).
+        self._leaving: set[str] = set()
         for vhost in self.host.hosts:
             domain = f"{options.subdomain}.{vhost}"
             self.services[domain] = vhost
-            self.host.serve_domain(domain, handler, options.name)
+            self.host.serve_domain(domain, self._route, options.name)
         self.host.hook("session/closed", self._session_closed)
+        if self.host.clustered:
+            self.host.on_cluster_nodes(self._nodes_changed)
+            self.host.on_cluster_notice(NOTICE, self._notice, lambda: None)
+            self.host.hook("server/stopping", self._stopping)
 
     def reconfigure(self, options: BaseModel) -> None:
         super().reconfigure(options)
@@ -111,12 +140,6 @@ class Muc(Module):
         limits.max_message_bytes = options.max_message_bytes
         limits.messages_per_second = options.messages_per_second
         limits.message_burst = options.message_burst
-
-    def _refuse(self, routed: Routed) -> None:
-        self._error(
-            routed.stanza,
-            StanzaError("service-unavailable", "multi-user chat is not available on a cluster yet"),
-        )
 
     async def stop(self) -> None:
         """Write what is not written yet (history waits up to HISTORY_WRITE)."""
@@ -162,6 +185,69 @@ class Muc(Module):
             if (token := page.next_token) is None:
                 return found
 
+    # --- the cluster: one owner per room --------------------------------------------------
+
+    def owner(self, room_jid: str) -> str | None:
+        """The node that runs the room: None on a node alone."""
+        nodes = self.host.cluster_nodes() - self._leaving
+        if not nodes:
+            return None
+        return owner_of(room_jid, nodes)
+
+    def _route(self, routed: Routed) -> None:
+        """The service's handler: a stanza for a room another node owns goes there
+        (handled here if it cannot: Redis cut off, or passed back and forth while two
+        nodes' views of the node set differ, past the hop limit)."""
+        to = routed.to
+        stanza = routed.stanza
+        if to.user and stanza.tag == ns.C_PRESENCE and stanza.get("type") is None:
+            if routed.origin:  # the session's own node: where it ends
+                self._visited.setdefault(routed.origin.jid, {})[to.bare] = to.resource
+        if to.user and self.host.clustered:
+            owner = self.owner(to.bare)
+            if owner not in (None, self.host.node_name) and self.host.forward_to_node(
+                owner, routed.stanza
+            ):
+                return
+        self._handle(routed)
+
+    def _nodes_changed(self, nodes: frozenset[str]) -> None:
+        """The live nodes changed: let go of the rooms another node owns now."""
+        self._leaving &= nodes  # gone for good (a node of that name may come back later)
+        self._let_go()
+
+    def _notice(self, payload: dict[str, object]) -> None:
+        leaving = payload.get("leaving")
+        if isinstance(leaving, str) and leaving != self.host.node_name:
+            self._leaving.add(leaving)
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Drop every live room this node does not own any more, after writing what it
+        has not stored yet (a room that loads on its new owner waits for nothing here:
+        the new owner may read the stores before this write; see docs/architecture.md).
+        Its occupants find out by self-ping (XEP-0410) and rejoin there."""
+        me = self.host.node_name
+        for room_jid in [jid for jid in self.rooms if self.owner(jid) != me]:
+            room = self.rooms.pop(room_jid)
+            if room.config.persistent and (room.history_changed or room.persistent_changed):
+                self._save(room, at_once=True)
+            self.log.info("muc: %s moves to node %s", room_jid, self.owner(room_jid))
+
+    async def _stopping(self) -> bool:
+        """A clean stop: the other nodes stop counting this one as an owner first, then
+        its rooms are dropped and written (returns once written: before the cluster
+        membership ends), and stanzas that still come here go to the new owners."""
+        me = self.host.node_name
+        assert me is not None
+        self._leaving.add(me)
+        self.host.notify_cluster(NOTICE, {"leaving": me})
+        await self.host.cluster_notices_sent()
+        self._let_go()
+        while self._saving:
+            await asyncio.gather(*(w for _, w in self._saving.values()), return_exceptions=True)
+        return False
+
     # --- routing -------------------------------------------------------------------------
 
     def _handle(self, routed: Routed) -> None:
@@ -178,8 +264,6 @@ class Muc(Module):
             self._service(routed)
             return
         room_jid = to.bare
-        if stanza.tag == ns.C_PRESENCE and stanza.get("type") is None and routed.origin:
-            self._visited.setdefault(routed.origin.jid, set()).add(room_jid)
         room = self.rooms.get(room_jid)
         if room is not None:
             self._to_room(room_jid, room, routed, None)
@@ -214,6 +298,12 @@ class Muc(Module):
                 self._error(routed.stanza, StanzaError("internal-server-error", "try again"))
             return
         waiting = self._loading.pop(room_jid, [])
+        owner = self.owner(room_jid) if self.host.clustered else None
+        if owner not in (None, self.host.node_name):
+            # The room moved while it loaded: to its new owner (here what cannot go).
+            waiting = [r for r in waiting if not self.host.forward_to_node(owner, r.stanza)]
+            if not waiting:
+                return
         if room is not None:
             self.rooms[room_jid] = room
         for routed in waiting:
@@ -467,10 +557,19 @@ class Muc(Module):
         """A session that ended without leaving its rooms leaves them now (the presence
         module's unavailable to directed-presence targets usually came first)."""
         jid = str(getattr(session, "jid", ""))
-        for room_jid in self._visited.pop(jid, ()):
+        for room_jid, nick in self._visited.pop(jid, {}).items():
             room = self.rooms.get(room_jid)
-            if room is not None and room.occupant_of(jid) is not None:
-                self._apply(room, room.session_gone(jid))
+            if room is not None:
+                if room.occupant_of(jid) is not None:
+                    self._apply(room, room.session_gone(jid))
+            elif self.host.clustered and self.owner(room_jid) != self.host.node_name:
+                # Run on another node: tell it as the client would have (a room that
+                # does not know the JID ignores it).
+                gone = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+                gone.set("type", "unavailable")
+                gone.set("from", jid)
+                gone.set("to", f"{room_jid}/{nick}")
+                self.host.route(gone)
         return False
 
     # --- replies -------------------------------------------------------------------------

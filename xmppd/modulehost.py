@@ -522,6 +522,35 @@ class ModuleHost:
         broke): forget everything then. Neither is ever called on a single node."""
         self.bus.subscribe(topic, handler, lost)
 
+    @property
+    def node_name(self) -> str | None:
+        """This node's name in the cluster; None on a node alone."""
+        return self.cluster.node if self.cluster is not None else None
+
+    def cluster_nodes(self) -> frozenset[str]:
+        """The live nodes of the cluster as this node sees them (itself included; a
+        node joining or leaving shows within the heartbeat interval, 3 s); empty on
+        a node alone. Every node sees the same set once the heartbeats agree: a
+        module that places work on one node (a room's owner) computes it from this."""
+        return self.cluster.nodes if self.cluster is not None else frozenset()
+
+    def on_cluster_nodes(self, handler: Callable[[frozenset[str]], None]) -> None:
+        """Call `handler(nodes)` when the set of live nodes changes (never on a node
+        alone). Synchronous, on the heartbeat's task: spawn what waits."""
+        if self.cluster is not None:
+            self.cluster.on_nodes_changed(handler)
+
+    def forward_to_node(self, node: str, stanza: etree._Element) -> bool:
+        """Hand `stanza` to `node`'s router, as if it had arrived there without a
+        sender session (through its inbox, in order with what this node forwards
+        there): for a stanza to a service that one node handles (a room's owner).
+        False when it cannot go (no cluster, Redis cut off, the hop limit, the
+        writer's queue full): handle it here then. Once queued, a refusal by Redis
+        (the node was reaped) routes it again here, with that node avoided."""
+        if self.cluster is None or node == self.cluster.node:
+            return False
+        return self.cluster.writer.forward(node, stanza.get("to", ""), stanza)
+
     def items(self, vhost: str, store: str) -> ItemStore:
         return ItemStore(self.storage.items, vhost, store)
 

@@ -10,7 +10,6 @@ is still there after the node restarts on the same stores.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ from tests.integration.test_account_removal import xmppctl
 from tests.integration.test_user_journey import MODULES as JOURNEY_MODULES
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.server import Server
-from xmppd.storage import devservices
-from xmppd.storage.devservices import LocalService
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -256,25 +253,3 @@ async def test_xmppctl_unregister_takes_the_account_out_of_its_rooms(
         await bob.muc.join_muc_wait(ROOM, "Bob", timeout=10)
     assert refused.value.condition == "registration-required"
     await close(bob)
-
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
-
-
-async def test_a_cluster_node_refuses_muc_until_rooms_have_an_owner_node(
-    start_server: StartServer, redis_service: LocalService
-) -> None:
-    # Each node would hold its own copy of every room: occupants on two nodes would
-    # never meet. The service says so rather than half work.
-    cluster = {"redis_url": devservices.redis_url(redis_service), "node_name": "muc-a"}
-    node = await start_server(users=USERS, modules=MODULES, cluster=cluster)
-    alice = await chatter(node, "alice@localhost/desk")
-    with pytest.raises(PresenceError) as refused:
-        await alice.muc.join_muc_wait(ROOM, "Alice", timeout=10)
-    assert refused.value.condition == "service-unavailable"
-    assert "cluster" in refused.value.text
-    await close(alice)

@@ -8,6 +8,10 @@ reaping at once do no harm). A node that stops cleanly reaps itself. The
 reaper hands the sessions it removed to `on_lost` (their contacts are owed the
 unavailable presence their dead node never sent: `Cluster.sessions_lost`).
 
+Each beat also tells `on_nodes` the live nodes (this one and every listed node
+whose key has not expired): what modules that place work on nodes read
+(`Cluster.nodes`; multi-user chat picks each room's owner among them).
+
 The bound: a node's sessions stay in the table at most TTL + INTERVAL
 seconds after its last heartbeat (13 s with the defaults). Meanwhile the
 other nodes forward stanzas for those sessions into the dead node's inbox;
@@ -46,6 +50,7 @@ class Heartbeat:
         on_reaped_self: Callable[[], None],
         stats: ClusterStats,
         on_lost: Callable[[list[schema.Entry]], None] = lambda entries: None,
+        on_nodes: Callable[[frozenset[str]], None] = lambda nodes: None,
         ttl: int = TTL,
         interval: float = INTERVAL,
     ) -> None:
@@ -55,6 +60,7 @@ class Heartbeat:
         self.interval = interval
         self.on_reaped_self = on_reaped_self
         self.on_lost = on_lost
+        self.on_nodes = on_nodes
         self.stats = stats
         self._reap = redis.register_script(schema.REAP)
         self._task: asyncio.Task[None] | None = None
@@ -85,12 +91,14 @@ class Heartbeat:
             log.warning("cluster: this node's heartbeat had expired; writing its sessions again")
             self.on_reaped_self()
         others = sorted(m.decode() for m in members if m.decode() != self.node)
-        if not others:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for other in others:
-                pipe.exists(schema.alive_key(other))
-            alive = await pipe.execute()
+        alive: list[int] = []
+        if others:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for other in others:
+                    pipe.exists(schema.alive_key(other))
+                alive = await pipe.execute()
+        live = {other for other, exists in zip(others, alive, strict=True) if exists}
+        self.on_nodes(frozenset({self.node, *live}))  # before the reaps: orphans go there
         for other, exists in zip(others, alive, strict=True):
             if not exists:
                 log.warning("cluster: node %s missed its heartbeats; removing its sessions", other)

@@ -15,6 +15,11 @@ its inbox was full, Redis did not answer in time, the stanza passed the hop
 limit) or was taken over from a dead node is routed again here by
 `reroute`, as if its session were gone.
 
+`nodes` is the set of live nodes as this node last saw it (its heartbeat
+reads it every INTERVAL seconds; a forward refused because its target was
+reaped drops that node at once); `on_nodes_changed` listeners hear each
+change (multi-user chat moves rooms between owners on it).
+
 A session whose node died (reaped) ends without the unavailable presence its
 node would have sent: `sessions_lost` has the reaper send it (the
 "session/lost" hook: the presence module tells the contacts).
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from lxml import etree
 from redis.asyncio import Redis
@@ -63,8 +69,11 @@ class Cluster:
         self.stats = ClusterStats()
         self.writer = Writer(self.redis, self.node, self.stats, config.forward_wait, TTL)
         self.directory = ClusterDirectory(self.node, self.writer)
+        self.nodes: frozenset[str] = frozenset({self.node})
+        self._nodes_listeners: list[Callable[[frozenset[str]], None]] = []
         self.heartbeat = Heartbeat(
-            self.redis, self.node, self.rewrite_local, self.stats, self.sessions_lost
+            self.redis, self.node, self.rewrite_local, self.stats, self.sessions_lost,
+            self._nodes_seen,
         )
         self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.inbox: Inbox | None = None
@@ -136,6 +145,21 @@ class Cluster:
         for session, entry in self.directory.local_entries():
             self.writer.updated(session, entry)
 
+    def on_nodes_changed(self, listener: Callable[[frozenset[str]], None]) -> None:
+        """Call `listener(nodes)` whenever the set of live nodes this node sees changes."""
+        self._nodes_listeners.append(listener)
+
+    def _nodes_seen(self, nodes: frozenset[str]) -> None:
+        if nodes == self.nodes:
+            return
+        log.info("cluster: live nodes: %s", " ".join(sorted(nodes)))
+        self.nodes = nodes
+        for listener in list(self._nodes_listeners):
+            try:
+                listener(nodes)
+            except Exception:  # a module's bug must not stop the heartbeat
+                log.exception("cluster: a listener of the node set failed")
+
     def sessions_lost(self, entries: list[schema.Entry]) -> None:
         """Sessions a reap removed (their node died): each that was available gets the
         unavailable presence its node owed, unless it may still be resumed (a
@@ -171,6 +195,8 @@ class Cluster:
         heard yet (or it came back meanwhile: the table is read again to be sure)."""
         self.directory.apply_node_gone(node)
         self.sync.reload_soon()
+        if node != self.node:
+            self._nodes_seen(self.nodes - {node})
 
     def reroute(self, stanza: etree._Element, hops: int, avoid: str | None = None) -> None:
         """Route `stanza` again here, as if it had just arrived without a sender
