@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import logging
 import os
@@ -105,11 +106,37 @@ def self_signed_paths(data_dir: Path) -> tuple[Path, Path]:
 
 
 def ensure_self_signed(data_dir: Path, hosts: list[str]) -> tuple[Path, Path]:
-    """The embedded default's certificate: made once in data_dir, valid for every host."""
+    """The embedded default's certificate: made once in data_dir, valid for every host.
+
+    The workers of `xmppd --workers N` start at once on one data_dir: a lock file
+    lets one of them make the pair while the others wait and then use it (two
+    writers could leave a key that is not the certificate's), and each file is
+    written whole under another name first, so no reader sees half of one.
+    """
     cert_path, key_path = self_signed_paths(data_dir)
-    if cert_path.exists() and key_path.exists() and _covers(cert_path, hosts):
-        return cert_path, key_path
     cert_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cert_path.parent / ".selfsigned.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if cert_path.exists() and key_path.exists() and _covers(cert_path, hosts):
+            return cert_path, key_path
+        key, certificate = _self_signed(hosts)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_whole(key_path, key_pem, 0o600)
+        _write_whole(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    log.warning(
+        "made a SELF-SIGNED certificate for %s at %s: clients will not trust it. "
+        "Set tls.cert and tls.key to a real certificate before real users connect.",
+        ", ".join(hosts),
+        cert_path,
+    )
+    return cert_path, key_path
+
+
+def _self_signed(hosts: list[str]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
     now = datetime.datetime.now(datetime.UTC)
@@ -130,23 +157,16 @@ def ensure_self_signed(data_dir: Path, hosts: list[str]) -> tuple[Path, Path]:
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .sign(key, hashes.SHA256())
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return key, certificate
+
+
+def _write_whole(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` under a temporary name in its folder, then rename it into place."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    log.warning(
-        "made a SELF-SIGNED certificate for %s at %s: clients will not trust it. "
-        "Set tls.cert and tls.key to a real certificate before real users connect.",
-        ", ".join(hosts),
-        cert_path,
-    )
-    return cert_path, key_path
+        f.write(data)
+    os.replace(partial, path)
 
 
 def _covers(cert_path: Path, hosts: list[str]) -> bool:
