@@ -195,9 +195,9 @@ async def _tell(http: aiohttp.ClientSession, url: str, record: Path, outcome: Ou
     outcome.done.append(f"ended {ended} session(s) on the node at {node}")
 
 
-async def node_statuses(data_dir: Path, outcome: Outcome) -> list[tuple[str, dict[str, object]]]:
+async def node_statuses(data_dir: Path, outcome: Outcome) -> list[tuple[str, dict[str, Any]]]:
     """(URL, GET /status) of every node running here that answers."""
-    return [(url, body) for url, body in await _get_all(data_dir, "/status", outcome)]
+    return await _each_node(data_dir, "GET", "/status", outcome)
 
 
 async def node_sessions(
@@ -205,7 +205,7 @@ async def node_sessions(
 ) -> list[dict[str, object]] | None:
     """The sessions of every node running here (GET /sessions); None when none answers."""
     path = "/sessions" + (f"?host={quote(host)}" if host else "")
-    answers = await _get_all(data_dir, path, outcome)
+    answers = await _each_node(data_dir, "GET", path, outcome)
     if not answers:
         return None
     return [s for _, body in answers for s in body.get("sessions", [])]  # type: ignore[attr-defined]
@@ -237,24 +237,6 @@ async def kick_on_nodes(
             if not everywhere:
                 break
     return ended if answered else None
-
-
-async def _get_all(
-    data_dir: Path, path: str, outcome: Outcome
-) -> list[tuple[str, dict[str, object]]]:
-    answers: list[tuple[str, dict[str, object]]] = []
-    async with _admin_client(data_dir, outcome, "no node was asked") as client:
-        if client is None:
-            return answers
-        nodes, http = client
-        for record, url in nodes.items():
-            try:
-                body = await _json(http, "GET", url + path)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                _did_not_answer(outcome, url, record, e)
-                continue
-            answers.append((url, body))
-    return answers
 
 
 class NodeRefused(Exception):
@@ -354,6 +336,15 @@ async def post_to_nodes(
 ) -> list[tuple[str, dict[str, Any]]]:
     """POST `request` to `path` on every node running here: (URL, answer) of each that
     answered; the others are warnings in `outcome`."""
+    return await _each_node(data_dir, "POST", path, outcome, request)
+
+
+async def _each_node(
+    data_dir: Path, method: str, path: str, outcome: Outcome, request: object = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """(URL, JSON answer) of every node running here that answers; a node that fails
+    or answers with an error is a warning in `outcome`, unlike in ask_nodes: these
+    requests only read or notify, so one node's failure must not hide the others."""
     answers: list[tuple[str, dict[str, Any]]] = []
     async with _admin_client(data_dir, outcome, "no node was asked") as client:
         if client is None:
@@ -361,7 +352,7 @@ async def post_to_nodes(
         nodes, http = client
         for record, url in nodes.items():
             try:
-                answers.append((url, await _json(http, "POST", url + path, request)))
+                answers.append((url, await _json(http, method, url + path, request)))
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
                 _did_not_answer(outcome, url, record, e)
     return answers
