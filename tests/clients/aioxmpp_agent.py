@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import functools
 import json
 import sys
@@ -29,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aioxmpp
+import aioxmpp.avatar
+import aioxmpp.bookmarks
 import aioxmpp.forms
 import aioxmpp.muc
 import aioxmpp.muc.xso
@@ -82,9 +85,16 @@ def trusting(cafile: str) -> Any:
 class Agent:
     """One logged-in aioxmpp client and the requests it serves."""
 
-    def __init__(self, client: aioxmpp.PresenceManagedClient, notify: list[str]) -> None:
+    def __init__(
+        self, client: aioxmpp.PresenceManagedClient, notify: list[str], avatars: bool
+    ) -> None:
         self.client = client
         self.pubsub = client.summon(aioxmpp.PubSubClient)
+        self.bookmarks = client.summon(aioxmpp.bookmarks.BookmarkClient)
+        if avatars:  # its PEP claim (metadata +notify) changes the caps: only when asked
+            self.avatar = client.summon(aioxmpp.avatar.AvatarService)
+            self.avatar.synchronize_vcard = False
+            self.avatar.on_metadata_changed.connect(self._avatar)
         self.pep = client.summon(aioxmpp.pep.PEPClient)
         self.muc = client.summon(aioxmpp.MUCClient)
         self.rooms: dict[str, aioxmpp.muc.Room] = {}
@@ -120,6 +130,15 @@ class Agent:
 
     def _pubsub_retract(self, jid: aioxmpp.JID, node: str, id_: str, **_: Any) -> None:
         emit({"event": "pubsub_retract", "from": str(jid), "node": node, "item": id_})
+
+    def _avatar(self, jid: aioxmpp.JID, metadata: Any) -> None:
+        emit(
+            {
+                "event": "avatar",
+                "from": str(jid),
+                "ids": [descriptor.normalized_id for descriptor in metadata],
+            }
+        )
 
     # --- PEP and pubsub
 
@@ -157,6 +176,26 @@ class Agent:
 
     async def op_pubsub_nodes(self, service: str) -> list[str]:
         return [node for node, _name in await self.pubsub.get_nodes(aioxmpp.JID.fromstr(service))]
+
+    async def op_avatar_publish(self, png_base64: str) -> str:
+        """XEP-0084 through aioxmpp's AvatarService: data, then metadata; the id."""
+        avatar = aioxmpp.avatar.AvatarSet()
+        avatar.add_avatar_image("image/png", image_bytes=base64.b64decode(png_base64))
+        await self.avatar.publish_avatar_set(avatar)
+        return str(avatar.png_id)
+
+    # --- bookmarks (aioxmpp 0.13: XEP-0048 in XEP-0049 private storage)
+
+    async def op_bookmark_add(self, room: str, name: str, nick: str) -> None:
+        bookmark = aioxmpp.bookmarks.Conference(name, aioxmpp.JID.fromstr(room), nick=nick)
+        await self.bookmarks.add_bookmark(bookmark)
+
+    async def op_bookmarks(self) -> list[list[Any]]:
+        return sorted(
+            [str(mark.jid), mark.name, mark.nick]
+            for mark in await self.bookmarks.get_bookmarks()
+            if isinstance(mark, aioxmpp.bookmarks.Conference)
+        )
 
     # --- MUC
 
@@ -264,6 +303,7 @@ async def main() -> int:
     parser.add_argument("--direct-tls", action="store_true")
     parser.add_argument("--cafile", required=True)
     parser.add_argument("--notify", action="append", default=[], help="PEP node to claim")
+    parser.add_argument("--avatars", action="store_true", help="XEP-0084 (AvatarService)")
     args = parser.parse_args()
     security = aioxmpp.make_security_layer(
         args.password, ssl_context_factory=functools.partial(trusting, args.cafile)
@@ -274,7 +314,7 @@ async def main() -> int:
         security,
         override_peer=[("127.0.0.1", args.port, connector)],
     )
-    agent = Agent(client, args.notify)
+    agent = Agent(client, args.notify, args.avatars)
     try:
         async with client.connected():
             emit({"event": "online", "jid": str(client.local_jid)})

@@ -142,6 +142,7 @@ async def start_agent(
     *,
     direct_tls: bool = False,
     notify: tuple[str, ...] = (),
+    avatars: bool = False,
     cafile: Path | None = None,
 ) -> Aioxmpp:
     """Log `jid` in with aioxmpp; return once its stream is up (AgentError if it fails)."""
@@ -158,6 +159,7 @@ async def start_agent(
         str(cafile or certificate_of(server)),
     ]
     arguments += ["--direct-tls"] if direct_tls else []
+    arguments += ["--avatars"] if avatars else []
     for node in notify:
         arguments += ["--notify", node]
     process = await asyncio.create_subprocess_exec(

@@ -1,12 +1,15 @@
 """aioxmpp, a second real client library, against a real node: TLS with the
-certificate checked, PEP (XEP-0163), the pubsub service (XEP-0060) and multi-user
-chat (XEP-0045) with aioxmpp and slixmpp occupants in one room, on the embedded
-and the cloud storage. The clients run in their own virtualenv
+certificate checked, PEP (XEP-0163), avatars (XEP-0084) and bookmarks (XEP-0048
+against slixmpp's XEP-0402) across the two libraries, the pubsub service
+(XEP-0060), and multi-user chat (XEP-0045) with aioxmpp and slixmpp occupants in
+one room, on the embedded and the cloud storage. The clients run in their own virtualenv
 (tests/integration/aioxmpp_client.py says why and how)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 from typing import Any
 
 import certifi
@@ -17,7 +20,16 @@ from tests.integration.aioxmpp_client import AgentError, Connect, aioxmpp, start
 from tests.integration.clients import close
 from tests.integration.conftest import StartServer
 from tests.integration.test_muc import USERS, chatter
-from tests.integration.test_pep import befriend
+from tests.integration.test_pep import (
+    BOOKMARKS,
+    IMAGE,
+    PUBSUB,
+    befriend,
+    bookmark_options,
+    next_of,
+    online,
+    publish_avatar,
+)
 
 __all__ = ["aioxmpp"]  # fixture, used by name
 
@@ -74,6 +86,63 @@ async def test_pep_notifies_contacts_and_sends_the_last_item(
     phone = await aioxmpp(server, "bob@localhost/phone", "bob-secret", notify=(NOTE,))
     last = await phone.expect("pep", node=NOTE, **{"from": "alice@localhost"})
     assert (last["item"], last["text"]) == ("mood", "back home")
+
+
+async def test_avatars_between_aioxmpp_and_slixmpp(
+    start_server: StartServer, aioxmpp: Connect
+) -> None:
+    """XEP-0084 both ways between two libraries: aioxmpp's AvatarService publishes,
+    a slixmpp contact (xep_0084) is notified; slixmpp publishes, aioxmpp is."""
+    server = await start_server(modules=MODULES)
+    await befriend(server, "alice@localhost", "bob@localhost")
+    alice = await aioxmpp(server, "alice@localhost/desk", "alice-secret", avatars=True)
+    bob = await online(server, "bob@localhost/home", "bob-secret")  # slixmpp
+
+    image = base64.b64encode(IMAGE).decode()
+    avatar_id = await alice.request("avatar_publish", png_base64=image)
+    assert avatar_id == hashlib.sha1(IMAGE).hexdigest()
+    assert await next_of(bob.avatars) == ("alice@localhost", avatar_id)
+
+    bob_id = await publish_avatar(bob)
+    heard = await alice.expect("avatar", **{"from": "bob@localhost"})
+    assert heard["ids"] == [bob_id]
+    await close(bob)
+
+
+async def test_aioxmpp_bookmarks_are_the_xep0402_bookmarks(
+    start_server: StartServer, aioxmpp: Connect
+) -> None:
+    """aioxmpp 0.13 keeps bookmarks the XEP-0048 way, in private storage; slixmpp
+    reads and writes XEP-0402 ones in PEP. With `private` and `pep`, each sees the
+    other's (XEP-0411)."""
+    server = await start_server(modules={**MODULES, "private": {}})
+    old = await aioxmpp(server, "alice@localhost/old", "alice-secret")
+    await old.request(
+        "bookmark_add", room="council@conference.localhost", name="Council", nick="alice"
+    )
+    new = await online(server, "alice@localhost/new", "alice-secret", (BOOKMARKS,))
+    new.register_plugin("xep_0402")
+    items = await new.plugin["xep_0060"].get_items(JID("alice@localhost"), BOOKMARKS, timeout=10)
+    stored = {item.get("id"): item for item in items.xml.iter(f"{{{PUBSUB}}}item")}
+    council = stored["council@conference.localhost"].find(f"{{{BOOKMARKS}}}conference")
+    assert council is not None and council.get("name") == "Council"
+    assert council.findtext(f"{{{BOOKMARKS}}}nick") == "alice"
+
+    conference = new.plugin["xep_0402"].stanza.Conference()
+    conference["name"], conference["nick"] = "Tea", "al"
+    await new.plugin["xep_0060"].publish(
+        JID("alice@localhost"),
+        BOOKMARKS,
+        id="tea@conference.localhost",
+        payload=conference.xml,
+        options=bookmark_options(new),
+        timeout=10,
+    )
+    assert await old.request("bookmarks") == [
+        ["council@conference.localhost", "Council", "alice"],
+        ["tea@conference.localhost", "Tea", "al"],
+    ]
+    await close(new)
 
 
 async def test_pubsub_service_create_subscribe_publish_items_retract(
