@@ -15,7 +15,8 @@ from slixmpp import JID
 from tests.integration.clients import close
 from tests.integration.conftest import StartServer, port_of
 from tests.integration.profanity import Profanity, log_in, start_profanity
-from tests.integration.test_muc import MODULES, USERS, chatter
+from tests.integration.test_muc import MODULES, USERS, chatter, create_room
+from tests.integration.test_muc import ROOM as LOBBY  # the room create_room makes
 from tests.storage.services import unavailable
 from xmppd.server import Server
 from xmppd.tls import self_signed_paths
@@ -95,3 +96,51 @@ async def test_profanity_joins_talks_and_sets_the_subject(
     await alice.shows("Alice has set the room subject: Terminal talk")
     await close(bob)
     await alice.shows("Bob has left the room")
+
+
+async def test_profanity_joins_a_room_with_history_and_changes_nick(
+    start_server: StartServer, profanity: Callable[[], Awaitable[Profanity]], tmp_path: Path
+) -> None:
+    """The other way round: a slixmpp owner's room with a subject and history, which
+    profanity shows on joining as a participant; its nick change reaches slixmpp
+    (status 303), and its subject change is refused as the room's default says."""
+    server = await start_server(users=USERS, modules=MODULES)
+    bob = await chatter(server, "bob@localhost/phone")  # slixmpp
+    await create_room(bob, "Bob", roomname="Plans")
+    assert not (await asyncio.wait_for(bob.subjects.get(), 10))["subject"]  # his join's
+    bob.muc.set_subject(LOBBY, "Weekend plans")
+    assert (await asyncio.wait_for(bob.subjects.get(), 10))["subject"] == "Weekend plans"
+    for line in ("first idea", "second idea"):
+        bob.send_message(mto=LOBBY, mbody=line, mtype="groupchat")
+        await bob.said()
+
+    alice = await profanity()
+    await log_in(
+        alice,
+        "alice@localhost",
+        USERS["alice"],
+        port_of(server, "starttls"),
+        await trusted_folder(server, tmp_path / "ca"),
+    )
+    await alice.type(f"/join {LOBBY} nick Alice")
+    await alice.shows("You have joined the room as Alice, role: participant, affiliation: none")
+    await alice.shows("Bob has set the room subject: Weekend plans")  # at the join
+    screen = await alice.shows("Bob: second idea")
+    assert screen.index("Bob: first idea") < screen.index("Bob: second idea")
+    await bob.presence_of("Alice")
+
+    await alice.type("/nick Ally")
+    gone = await bob.presence_of("Alice", "unavailable")
+    assert 303 in gone["muc"]["status_codes"] and gone["muc"]["item_nick"] == "Ally"
+    await bob.presence_of("Ally")
+    await alice.shows("Ally")  # in its occupants list (it prints no line for its own change)
+    await alice.type("still me")
+    heard = await bob.said()
+    assert (heard["from"], heard["body"]) == (JID(f"{LOBBY}/Ally"), "still me")
+
+    await alice.type("/subject set Mine now")
+    await alice.shows(f"Error from {LOBBY}")  # profanity prints the error's text
+    bob.send_message(mto=LOBBY, mbody="subject unchanged?", mtype="groupchat")
+    await bob.said()  # anything sent before it has arrived: no subject change came
+    assert bob.subjects.empty()
+    await close(bob)
