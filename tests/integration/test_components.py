@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from slixmpp.exceptions import IqError
 from tests.integration.clients import Client, close, connect, read_until
 from tests.integration.conftest import StartServer
 from tests.integration.test_cluster import redis_service  # noqa: F401  (fixture)
+from tests.integration.test_workers import xmppctl
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.metrics import exposition
 from xmppd.server import Server
@@ -201,6 +203,25 @@ async def test_not_connected_bounces_service_unavailable(start_server: StartServ
         await close(alice)
 
 
+async def test_xmppctl_components_lists_them(start_server: StartServer, tmp_path: Path) -> None:
+    section = components_section()
+    section["domains"]["other.localhost"] = {"secret": "another-secret-0123456789"}
+    server = await start(start_server, components=section)
+    component = await gateway(server)
+    try:
+        code, out, err = await xmppctl(tmp_path / "xmppd.yml", "components")
+        assert code == 0, err
+        rows = [line.split("\t") for line in out.splitlines()]
+        assert [r[:3] for r in rows] == [
+            [DOMAIN, "connected", "-"],
+            ["other.localhost", "not-connected"],
+        ]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rows[0][3])
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", rows[0][4])  # the component's address
+    finally:
+        await stop(component)
+
+
 # --- misbehaving component streams ------------------------------------------------------------
 
 
@@ -357,7 +378,7 @@ async def test_second_connection_for_a_domain_is_refused_with_conflict(
 
 
 async def test_component_on_another_cluster_node(
-    start_server: StartServer, redis_service: LocalService  # noqa: F811
+    start_server: StartServer, redis_service: LocalService, tmp_path: Path  # noqa: F811
 ) -> None:
     url = devservices.redis_url(redis_service)
     a = await start(start_server, cluster={"redis_url": url, "node_name": "comp-a"})
@@ -381,6 +402,10 @@ async def test_component_on_another_cluster_node(
         iq.enable("disco_info")
         answer = await iq.send(timeout=WAIT)
         assert answer["type"] == "result"
+
+        code, out, err = await xmppctl(tmp_path / "xmppd.yml", "components")
+        assert code == 0, err
+        assert out.startswith(f"{DOMAIN}\tconnected\tcomp-b\t")
 
         # A node started later learns it from Redis; a second connection to it conflicts.
         c = await start(start_server, users={}, cluster={"redis_url": url, "node_name": "comp-c"})
