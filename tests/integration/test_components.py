@@ -28,6 +28,7 @@ from tests.integration.conftest import StartServer
 from tests.integration.test_cluster import redis_service  # noqa: F401  (fixture)
 from tests.integration.test_workers import xmppctl
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
+from xmppd.components.service import TABLE
 from xmppd.metrics import exposition
 from xmppd.server import Server
 from xmppd.storage import devservices
@@ -419,6 +420,15 @@ async def test_component_on_another_cluster_node(
         await until(lambda: DOMAIN not in seen.elsewhere)
         alice.send_message(mto=f"bot@{DOMAIN}", mbody="anyone?", mtype="chat")
         assert (await next_message(alice))["error"]["condition"] == "service-unavailable"
+
+        # Node b stopping with the component connected takes it out of the table.
+        component = await gateway(b)
+        await until(lambda: seen.elsewhere.get(DOMAIN) == "comp-b")
+        await b.stop()
+        await asyncio.wait_for(component.ended.wait(), WAIT)
+        assert c.cluster is not None
+        assert await c.cluster.redis.hgetall(TABLE) == {}
+        await until(lambda: DOMAIN not in seen.elsewhere)
     finally:
         await close(alice)
         await stop(component)

@@ -114,6 +114,12 @@ class ComponentService:
         components first."""
         for server in self._servers:
             server.close()
+        # Out of the cluster's table now, while Redis is still there (their
+        # connection_lost may come after the cluster stopped).
+        served, self.serving = self.serving, {}
+        for domain in served:
+            log.info("component %s disconnected (the server is shutting down)", domain)
+            await self._announce(domain, False)
         for conn in list(self.connections):
             conn.close(StreamError("system-shutdown", "the server is shutting down"))
         for server in self._servers:
@@ -139,7 +145,7 @@ class ComponentService:
         conn.since = time.time()
         self.serving[domain] = conn
         log.info("component %s connected (%s)", domain, conn.peer)
-        self._announce(domain, True)
+        self.server.router.spawn(self._announce(domain, True))
 
     def connection_closed(self, conn: ComponentConnection) -> None:
         self.connections.discard(conn)
@@ -147,7 +153,7 @@ class ComponentService:
         if domain is not None and self.serving.get(domain) is conn:
             del self.serving[domain]
             log.info("component %s disconnected (%s)", domain, conn.peer)
-            self._announce(domain, False)
+            self.server.router.spawn(self._announce(domain, False))
 
     def refused(self, condition: str) -> None:
         self.refusals[condition] += 1
@@ -177,17 +183,14 @@ class ComponentService:
 
     # --- the cluster's table --------------------------------------------------------------
 
-    def _announce(self, domain: str, up: bool) -> None:
+    async def _announce(self, domain: str, up: bool) -> None:
+        """Tell the other nodes (a bus notice now) and the table (for nodes that start
+        later or lose notices) that `domain` is connected here, or no longer."""
         cluster = self.server.cluster
         if cluster is None:
             return
-        node = cluster.node
-        cluster.bus.publish(TOPIC, {"domain": domain, "node": node if up else None})
-        self.server.router.spawn(self._write(domain, node if up else None))
-
-    async def _write(self, domain: str, node: str | None) -> None:
-        cluster = self.server.cluster
-        assert cluster is not None
+        node = cluster.node if up else None
+        cluster.bus.publish(TOPIC, {"domain": domain, "node": node})
         try:
             if node is not None:
                 await cluster.redis.hset(TABLE, domain, node)
