@@ -64,8 +64,8 @@ def port(server: Server) -> int:
 class Gateway(slixmpp.ComponentXMPP):
     """A component that records what reaches it and answers disco#info itself."""
 
-    def __init__(self, secret: str = SECRET) -> None:
-        super().__init__(DOMAIN, secret)
+    def __init__(self, domain: str = DOMAIN, secret: str = SECRET) -> None:
+        super().__init__(domain, secret)
         self.register_plugin("xep_0030")
         self.register_plugin("xep_0199")
         self.messages: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
@@ -79,8 +79,8 @@ class Gateway(slixmpp.ComponentXMPP):
         self.plugin["xep_0030"].add_identity(category="gateway", itype="irc", name="Test gateway")
 
 
-async def gateway(server: Server) -> Gateway:
-    component = Gateway()
+async def gateway(server: Server, domain: str = DOMAIN) -> Gateway:
+    component = Gateway(domain)
     component.connect("127.0.0.1", port(server))
     await asyncio.wait_for(component.started.wait(), WAIT)
     return component
