@@ -172,6 +172,55 @@ async def test_component_exchanges_messages_presence_and_iq_with_users(
         await stop(component)
 
 
+async def test_presence_subscription_with_a_component_contact(start_server: StartServer) -> None:
+    server = await start(start_server)
+    component = await gateway(server)
+    subscriptions: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+    unavailable: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+    for event in ("presence_subscribe", "presence_subscribed"):
+        component.add_event_handler(event, subscriptions.put_nowait)
+    component.add_event_handler("presence_unavailable", unavailable.put_nowait)
+    alice = await user(server, "alice@localhost/desk", "alice-secret")
+    pushed: dict[str, str] = {}
+    pushes = asyncio.Event()
+
+    def on_push(iq: slixmpp.Iq) -> None:
+        for jid, item in iq["roster"]["items"].items():
+            pushed[str(jid)] = item["subscription"]
+        pushes.set()
+
+    async def pushed_as(state: str) -> None:
+        async with asyncio.timeout(WAIT):
+            while pushed.get(f"bot@{DOMAIN}") != state:
+                pushes.clear()
+                await pushes.wait()
+
+    alice.add_event_handler("roster_update", on_push)
+    try:
+        await alice.get_roster()
+        alice.send_presence()
+        # She asks; the component approves and asks back; her client approves
+        # (slixmpp's auto_authorize): both, with roster pushes from the server.
+        alice.send_presence(pto=f"bot@{DOMAIN}", ptype="subscribe")
+        request = await asyncio.wait_for(subscriptions.get(), WAIT)
+        assert (request["type"], request["from"]) == ("subscribe", JID("alice@localhost"))
+        component.send_presence(pto="alice@localhost", pfrom=f"bot@{DOMAIN}", ptype="subscribed")
+        await pushed_as("to")
+        component.send_presence(pto="alice@localhost", pfrom=f"bot@{DOMAIN}", ptype="subscribe")
+        # (Her client may also ask again first: auto_subscribe.)
+        while (answer := await asyncio.wait_for(subscriptions.get(), WAIT))["type"] != "subscribed":
+            assert answer["type"] == "subscribe"
+        assert answer["from"] == JID("alice@localhost")
+        await pushed_as("both")
+        # Her going offline reaches the component, a contact with a subscription.
+        await close(alice)
+        gone = await asyncio.wait_for(unavailable.get(), WAIT)
+        assert gone["from"] == JID("alice@localhost/desk")
+    finally:
+        await close(alice)
+        await stop(component)
+
+
 async def metrics_text(server: Server) -> str:
     return exposition(server).decode()
 

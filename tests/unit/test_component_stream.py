@@ -136,3 +136,12 @@ def test_wrong_namespace_is_invalid_namespace() -> None:
     stream = new_stream()
     stream.receive(HEADER.replace(b"jabber:component:accept", b"jabber:client"))
     assert condition(stream) == "invalid-namespace"
+
+
+def test_nesting_past_the_limit_is_a_policy_violation() -> None:
+    stream = new_stream()  # max_depth 16, the stream root included
+    stream.receive(HEADER)
+    handshake(stream)
+    nested = b"<x>" * 20 + b"</x>" * 20
+    stream.receive(b"<message from='gw.example.org' to='a@example.org'>" + nested + b"</message>")
+    assert condition(stream) == "policy-violation"
