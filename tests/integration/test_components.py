@@ -225,7 +225,7 @@ async def metrics_text(server: Server) -> str:
     return exposition(server).decode()
 
 
-async def test_not_connected_bounces_service_unavailable(start_server: StartServer) -> None:
+async def test_not_connected_bounces_remote_server_timeout(start_server: StartServer) -> None:
     server = await start(start_server)
     alice = await user(server, "alice@localhost/desk", "alice-secret")
     alice.register_plugin("xep_0030")
@@ -233,11 +233,11 @@ async def test_not_connected_bounces_service_unavailable(start_server: StartServ
         alice.send_message(mto=f"bot@{DOMAIN}", mbody="anyone?", mtype="chat")
         got = await next_message(alice)
         assert got["type"] == "error"
-        assert got["error"]["condition"] == "service-unavailable"
+        assert got["error"]["condition"] == "remote-server-timeout"
         assert got["error"]["type"] == "wait"
         with pytest.raises(IqError) as exc:
             await alice.plugin["xep_0030"].get_info(jid=DOMAIN, timeout=WAIT)
-        assert exc.value.condition == "service-unavailable"
+        assert exc.value.condition == "remote-server-timeout"
 
         # Once it connects, the same address works; once it leaves, it bounces again.
         component = await gateway(server)
@@ -248,7 +248,7 @@ async def test_not_connected_bounces_service_unavailable(start_server: StartServ
         assert components is not None
         await until(lambda: DOMAIN not in components.serving)  # its connection_lost
         alice.send_message(mto=f"bot@{DOMAIN}", mbody="gone?", mtype="chat")
-        assert (await next_message(alice))["error"]["condition"] == "service-unavailable"
+        assert (await next_message(alice))["error"]["condition"] == "remote-server-timeout"
     finally:
         await close(alice)
 
@@ -468,7 +468,7 @@ async def test_component_on_another_cluster_node(
         await stop(component)
         await until(lambda: DOMAIN not in seen.elsewhere)
         alice.send_message(mto=f"bot@{DOMAIN}", mbody="anyone?", mtype="chat")
-        assert (await next_message(alice))["error"]["condition"] == "service-unavailable"
+        assert (await next_message(alice))["error"]["condition"] == "remote-server-timeout"
 
         # Node b stopping with the component connected takes it out of the table.
         component = await gateway(b)

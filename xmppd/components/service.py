@@ -7,9 +7,9 @@ Prosody lists its components) whether or not the component is connected:
 - connected here: the stanza goes down its stream;
 - connected to another node of the cluster: forwarded to that node's inbox
   (`Writer.forward`), whose router does the same there;
-- not connected: answered with <service-unavailable/> of type 'wait'
-  (Prosody's answer: the component may come back; ejabberd, which does not
-  know the domain then, gives <remote-server-not-found/> after trying s2s).
+- not connected: answered with <remote-server-timeout/> of type 'wait', as
+  Prosody's mod_component does (RFC 6120 8.3.3.14: a service named by the
+  JID's domain that could not be reached; 'wait': it may come back).
 
 Stanzas from a component are routed like those from a server peer: no
 "stanza/out" filters (those are for local clients). The stream already
@@ -178,7 +178,7 @@ class ComponentService:
                 return
         if routed.bounce:
             self.server.router.reply_error(
-                stanza, StanzaError("service-unavailable", f"{domain} is not connected", "wait")
+                stanza, StanzaError("remote-server-timeout", f"{domain} is not connected", "wait")
             )
 
     # --- the cluster's table --------------------------------------------------------------

@@ -173,7 +173,7 @@ class ComponentStream(StreamCore[Event]):
 
     def _on_stanza(self, el: etree._Element, events: list[Event]) -> None:
         """'from' must be the component's domain or an address at it (RFC 6120 4.9.3.9
-        <invalid-from/>, as Prosody and ejabberd end such a stream); 'from' and 'to'
+        <invalid-from/>, as Prosody ends such a stream); 'from' and 'to'
         are required, as between servers (4.9.3.11 <improper-addressing/>)."""
         sender, to = el.get("from"), el.get("to")
         if not sender or not to:
