@@ -25,7 +25,7 @@ Endpoints:
                                                 all or nothing (xmppd.reload), as SIGHUP
   POST /log-level  {"level": L}                 log from L up until a restart (not saved)
   ... and the everyday commands' routes (stats, announce, ban, roster, vCard,
-  offline count): xmppd.adminroutes
+  offline count, components): xmppd.adminroutes
 
 xmppctl unregister asks a running node to remove the account itself: the
 node's modules then delete through the node's own cache, which another

@@ -55,6 +55,7 @@ def add_routes(app: web.Application, server: Server) -> None:
     routes = AdminRoutes(server)
     add = app.router.add_route
     add("GET", "/stats", routes.stats)
+    add("GET", "/components", routes.components)
     add("POST", "/announce", routes.announce)
     add("POST", "/accounts/{jid}/ban", routes.ban)
     add("GET", "/accounts/{jid}/roster", routes.roster)
@@ -93,6 +94,22 @@ class AdminRoutes:
                 },
             }
         )
+
+    async def components(self, request: web.Request) -> web.Response:
+        """The configured external components: those connected to this node (since,
+        address), and those this node knows are connected to another (clustered)."""
+        service = self.server.components
+        if service is None:
+            return web.json_response({"components": []})
+        rows: list[dict[str, Any]] = []
+        for domain in sorted(service.config.domains):
+            conn = service.serving.get(domain)
+            row: dict[str, Any] = {"domain": domain, "node": service.elsewhere.get(domain)}
+            if conn is not None:
+                node = self.server.cluster.node if self.server.cluster is not None else None
+                row.update(node=node, here=True, since=conn.since, address=conn.peer)
+            rows.append(row)
+        return web.json_response({"components": rows})
 
     async def announce(self, request: web.Request) -> web.Response:
         """XEP-0133 4.23 "send announcement to online users": a headline from the host

@@ -44,6 +44,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 from slixmpp.jid import JID, InvalidJID
 
+from xmppd.components.config import ComponentsConfig
 from xmppd.s2s.config import S2SConfig
 from xmppd.sasl.mechanisms import Mechanism
 from xmppd.storage.config import StorageConfig
@@ -431,6 +432,8 @@ class Config(BaseModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     cluster: ClusterConfig | None = None
     s2s: S2SConfig | None = None  # federation (xmppd/s2s, docs/s2s.md); none without it
+    # External components (XEP-0114, docs/components.md); none without it.
+    components: ComponentsConfig | None = None
     # Raw options per enabled module; the module host validates each against the
     # module's own model with validate_section(), so errors still carry lines.
     modules: dict[StrictStr, dict[StrictStr, Any] | None] = Field(default_factory=_default_modules)
@@ -496,6 +499,19 @@ class Config(BaseModel):
                     "auth",
                     "proxy_auth",
                     i,
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _components_not_hosts(self) -> Config:
+        for domain in self.components.domains if self.components is not None else ():
+            if domain in self.hosts:
+                raise _problem(
+                    f"{json.dumps(domain)} is one of the hosts: a component serves a domain "
+                    "of its own (like gateway.example.org)",
+                    "components",
+                    "domains",
+                    domain,
                 )
         return self
 

@@ -27,6 +27,7 @@ from xmppd.traffic import Traffic
 
 if TYPE_CHECKING:
     from xmppd.cluster import Cluster
+    from xmppd.components.service import ComponentService
     from xmppd.s2s.service import S2SService
     from xmppd.server import Server
 
@@ -98,6 +99,8 @@ class ServerCollector(Collector):
             yield from _cluster(server.cluster)
         if server.s2s is not None:
             yield from _s2s(server.s2s)
+        if server.components is not None:
+            yield from _components(server.components)
 
 
 def _traffic(traffic: Traffic) -> Iterator[Metric]:
@@ -232,6 +235,32 @@ def _s2s(service: S2SService) -> Iterator[Metric]:
     for condition, count in sorted(service.failures.items()):
         failures.add_metric([condition], count)
     yield failures
+
+
+def _components(service: ComponentService) -> Iterator[Metric]:
+    """External components (xmppd.components); only with a components section."""
+    connected = GaugeMetricFamily(
+        "xmppd_component_connected",
+        "1 for each configured component domain connected to this node, else 0.",
+        labels=["domain"],
+    )
+    for domain in sorted(service.config.domains):
+        connected.add_metric([domain], 1 if domain in service.serving else 0)
+    yield connected
+    yield GaugeMetricFamily(
+        "xmppd_component_connections",
+        "Component connections open now on this node, authenticated or not yet.",
+        value=len(service.connections),
+    )
+    refusals = CounterMetricFamily(
+        "xmppd_component_refusals",
+        "Component streams this node ended with a stream error, by condition "
+        "(not-authorized: a wrong secret; host-unknown; conflict; connection-timeout; ...).",
+        labels=["condition"],
+    )
+    for condition, count in sorted(service.refusals.items()):
+        refusals.add_metric([condition], count)
+    yield refusals
 
 
 def _histogram(name: str, text: str, stats: PauseStats) -> HistogramMetricFamily:

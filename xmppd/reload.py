@@ -22,6 +22,7 @@ FIXED: dict[str, str] = {
     "storage": "the stores are opened at start",
     "cluster": "the node joins its cluster at start",
     "s2s": "the federation listeners and links are set up at start",
+    "components": "the component listeners and domains are set up at start",
 }
 """Top-level keys a reload refuses to change, with why."""
 

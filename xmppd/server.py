@@ -22,6 +22,7 @@ from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter
 from xmppd.cluster import Cluster, ClusterUnavailable
 from xmppd.cluster.caches import share_memory_cache
 from xmppd.cluster.throttle import RedisFailureCounter
+from xmppd.components.service import ComponentService
 from xmppd.config import Config, ConfigError, load_config
 from xmppd.connection import C2SConnection
 from xmppd.logs import LogOutput, set_level
@@ -108,6 +109,8 @@ class Server:
         self.cluster: Cluster | None = None
         self.modules: ModuleHost
         self.s2s: S2SService | None = None  # federation, with an s2s section (docs/s2s.md)
+        # External components (XEP-0114), with a components section (docs/components.md).
+        self.components: ComponentService | None = None
         self.admin = AdminAPI(self)
         self.pauses = PauseMonitor()
         # Set by SIGTERM/SIGINT and by a drain (xmppctl drain): serve() then stops the node.
@@ -177,6 +180,13 @@ class Server:
         self.modules.account_streams_ender = self.end_account_sessions
         self.modules.load(config)
         await self.modules.start()
+        if config.components is not None:
+            self.components = ComponentService(self, config.components)
+            try:
+                await self.components.start()
+            except ValueError as exc:  # a module serves that domain already
+                await self.stop()
+                raise StartupError(f"components: {exc}") from None
         if self.cluster is not None:
             self.cluster.serve()  # what the inbox holds may need the modules (offline)
         log.info("modules: %s", ", ".join(self.modules.modules) or "none")
@@ -225,6 +235,9 @@ class Server:
         for server in self._servers:
             await server.wait_closed()
         await self.router.drain()
+        if self.components is not None:
+            # After the sessions ended: their unavailable presence reached the components.
+            await self.components.stop()
         if self.s2s is not None:
             # After the sessions ended: their unavailable presence reaches remote contacts.
             await self.s2s.stop()

@@ -164,6 +164,7 @@ async def test_a_key_a_node_cannot_change_refuses_the_whole_reload(tmp_path: Pat
         changed["modules"] = {name: {} for name in DEFAULT_MODULES if name != "carbons"}
         changed["modules"]["caps"] = {"node": "https://elsewhere.example/caps"}
         changed["s2s"] = {"listeners": [{"address": "127.0.0.1", "port": 0}]}
+        changed["components"] = {"domains": {"gw.localhost": {"secret": "0123456789abcdef"}}}
         write_yaml(path, changed)
         code, out, err = await xmppctl(path, "reload")
         assert code == 1
@@ -177,6 +178,8 @@ async def test_a_key_a_node_cannot_change_refuses_the_whole_reload(tmp_path: Pat
         assert "modules: carbons: cannot be disabled by a reload" in problems
         assert "modules.caps.node: cannot be changed by a reload" in problems
         assert "s2s: cannot be changed by a reload" in problems
+        assert "components: cannot be changed by a reload" in problems
+        assert "0123456789abcdef" not in problems
         assert "limits" not in problems
         line = await node.line("reload refused")
         assert line.string.split(" ")[2] == "ERROR" and "listeners[0].port" in line.string

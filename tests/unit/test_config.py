@@ -661,3 +661,79 @@ def test_redact_url_hides_only_the_password() -> None:
     assert redact_url("redis://:pw@h:1/0") == "redis://***@h:1/0"
     assert redact_url("rediss://user:pw@h/0") == "rediss://user:***@h/0"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+# --------------------------------------------------------------------------- components
+
+
+def test_components_section(tmp_path: Path) -> None:
+    assert load(tmp_path, "hosts: [example.org]\n").components is None
+    cfg = load(
+        tmp_path,
+        """\
+        hosts: [example.org]
+        components:
+          domains:
+            gateway.example.org: {secret: "0123456789abcdef0123", name: IRC}
+        """,
+    )
+    assert cfg.components is not None
+    assert [(x.address, x.port) for x in cfg.components.listeners] == [("127.0.0.1", 5347)]
+    entry = cfg.components.domains["gateway.example.org"]
+    assert entry.secret.get_secret_value() == "0123456789abcdef0123"
+    assert (entry.name, entry.disco) == ("IRC", True)
+    assert "0123456789abcdef0123" not in repr(cfg)  # never in a log line or a dump
+
+
+def test_component_problems_name_the_line_and_never_the_secret(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        """\
+        hosts: [example.org]
+        components:
+          listeners: [{address: 0.0.0.0, port: 5347}]
+          domains:
+            gateway.example.org: {secret: "tooshort"}
+            example.org: {secret: "0123456789abcdef0123"}
+            spaced.example.org: {secret: " 0123456789abcdef0123"}
+            number.example.org: {secret: 12345678901234567890}
+        """,
+    )
+    assert found == [
+        "x.yml:5: components.domains.gateway.example.org.secret: too short: at least 16 "
+        "characters (e.g. the output of `openssl rand -hex 16`)",
+        "x.yml:7: components.domains.spaced.example.org.secret: has leading or trailing "
+        "spaces (a copy-paste slip?)",
+        "x.yml:8: components.domains.number.example.org.secret: expected a string (quote it "
+        "if it looks like a number)",
+    ]
+    assert not any("tooshort" in p for p in found)
+    assert problems(
+        tmp_path,
+        """\
+        hosts: [example.org]
+        components:
+          listeners: [{address: 0.0.0.0, port: 5347}]
+          domains:
+            example.org: {secret: "0123456789abcdef0123"}
+        """,
+    ) == [
+        "x.yml:3: components.listeners[0].address: 0.0.0.0 is not a loopback address: the "
+        "component protocol (XEP-0114) is not encrypted; set components.allow_remote: true "
+        "if a private network protects it",
+    ]
+    assert problems(
+        tmp_path,
+        """\
+        hosts: [example.org]
+        components:
+          domains:
+            example.org: {secret: "0123456789abcdef0123"}
+        """,
+    ) == [
+        'x.yml:4: components.domains.example.org: "example.org" is one of the hosts: a '
+        "component serves a domain of its own (like gateway.example.org)",
+    ]
+    assert problems(tmp_path, "components: {domains: {}}\n") == [
+        "x.yml:1: components.domains: must list at least 1 item, got 0"
+    ]

@@ -517,6 +517,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from xmppd.cli import (  # they use this module's helpers
         ctl_admin,
+        ctl_components,
         ctl_reload,
         ctl_sessions,
         ctl_xep227,
@@ -526,6 +527,7 @@ def _parser() -> argparse.ArgumentParser:
     ctl_reload.add_parsers(sub)
     ctl_xep227.add_parsers(sub)
     ctl_admin.add_parsers(sub)
+    ctl_components.add_parsers(sub)
     return parser
 
 

@@ -211,6 +211,15 @@ async def node_sessions(
     return [s for _, body in answers for s in body.get("sessions", [])]  # type: ignore[attr-defined]
 
 
+async def node_components(data_dir: Path, outcome: Outcome) -> list[dict[str, object]] | None:
+    """What every node running here says of its components (GET /components); None
+    when none answers."""
+    answers = await _get_all(data_dir, "/components", outcome)
+    if not answers:
+        return None
+    return [c for _, body in answers for c in body.get("components", [])]  # type: ignore[attr-defined]
+
+
 async def kick_on_nodes(
     data_dir: Path, jid: str, reason: str | None, everywhere: bool, outcome: Outcome
 ) -> list[dict[str, object]] | None:

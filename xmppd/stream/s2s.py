@@ -33,9 +33,10 @@ from typing import NoReturn
 from lxml import etree
 
 from xmppd.jid import parse_jid
+from xmppd.stream.base import StreamCore, StreamEnded, attr, renamespace
 from xmppd.stream.errors import StanzaError, StreamError
 from xmppd.xml import ns
-from xmppd.xml.parser import StreamClosed, StreamOpened, StreamParser
+from xmppd.xml.parser import StreamOpened
 
 _STARTTLS = f"{{{ns.TLS}}}starttls"
 _PROCEED = f"{{{ns.TLS}}}proceed"
@@ -85,13 +86,6 @@ class StanzaReceived:
     stanza: etree._Element
 
 
-@dataclass(slots=True)
-class StreamEnded:
-    """The stream is over: flush output() and close the connection."""
-
-    error: StreamError | None
-
-
 Event = TLSRequested | Authenticated | AuthFailed | StanzaReceived | StreamEnded
 
 
@@ -113,7 +107,7 @@ class S2SSettings:
     dialback_key: Callable[[str, str, str], str] | None = None
 
 
-class S2SStream:
+class S2SStream(StreamCore[Event]):
     """One server connection's XMPP stream, in either direction."""
 
     def __init__(
@@ -136,14 +130,11 @@ class S2SStream:
         self.authenticated_domain: str | None = None
         self.mechanism = ""
         self.stream_id = ""
-        self.error: StreamError | None = None
         self._identities: frozenset[str] = frozenset()
         self._offered_external = False
         self._ready = False  # outgoing: authenticated and the restarted stream's features came
         self._dialback_sent = False
-        self._header_sent = False
-        self._out: list[bytes] = []
-        self._parser = StreamParser(self._stanza_limit(), settings.max_depth)
+        super().__init__(self._stanza_limit(), settings.max_depth)
 
     # --- driver API ------------------------------------------------------------------
 
@@ -151,37 +142,6 @@ class S2SStream:
         """Outgoing: open the stream."""
         assert self.outgoing
         self._send_header()
-
-    def receive(self, data: bytes) -> list[Event]:
-        if self.phase is Phase.CLOSED:
-            return []
-        events: list[Event] = []
-        try:
-            for item in self._parser.feed(data):
-                if isinstance(item, StreamOpened):
-                    self._on_stream_open(item)
-                elif isinstance(item, StreamClosed):
-                    self._close_out()
-                    events.append(StreamEnded(None))
-                    break
-                else:
-                    self._on_element(item, events)
-                if self.phase is Phase.CLOSED:
-                    break
-        except StreamError as exc:
-            self.fail(exc)
-            events.append(StreamEnded(exc))
-        return events
-
-    def output(self) -> bytes:
-        if not self._out:
-            return b""
-        data = b"".join(self._out)
-        self._out.clear()
-        return data
-
-    def release_parser(self) -> bool:
-        return self._parser.release()
 
     def tls_started(self, identities: Collection[str] = ()) -> None:
         """The TLS handshake finished. Incoming: `identities` are the domains the peer's
@@ -198,22 +158,6 @@ class S2SStream:
         if self.phase is not Phase.CLOSED:
             self._out.append(etree.tostring(to_server(stanza)))
 
-    def fail(self, error: StreamError) -> None:
-        if self.phase is Phase.CLOSED:
-            return
-        self.error = error
-        if not self._header_sent:
-            self._send_header()
-        self._out.append(etree.tostring(error.to_element()))
-        self._close_out()
-
-    def close(self) -> None:
-        if self.phase is Phase.CLOSED:
-            return
-        if not self._header_sent:
-            self._send_header()
-        self._close_out()
-
     @property
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED
@@ -229,10 +173,6 @@ class S2SStream:
             return self.settings.max_stanza_bytes
         return self.settings.max_stanza_bytes_unauthenticated
 
-    def _restart(self) -> None:
-        self._parser.restart(self._stanza_limit())
-        self._header_sent = False
-
     def _send_header(self) -> None:
         if not self.stream_id:
             self.stream_id = secrets.token_urlsafe(12)
@@ -245,9 +185,9 @@ class S2SStream:
         if not self.outgoing:
             attrs.append(f"id='{self.stream_id}'")
         if self.local:
-            attrs.append(f"from='{_attr(self.local)}'")
+            attrs.append(f"from='{attr(self.local)}'")
         if self.remote:
-            attrs.append(f"to='{_attr(self.remote)}'")
+            attrs.append(f"to='{attr(self.remote)}'")
         self._out.append(("<?xml version='1.0'?><stream:stream " + " ".join(attrs) + ">").encode())
         self._header_sent = True
 
@@ -290,8 +230,7 @@ class S2SStream:
             etree.SubElement(mechs, f"{{{ns.SASL}}}mechanism").text = "EXTERNAL"
         return features
 
-    def _close_out(self) -> None:
-        self._out.append(b"</stream:stream>")
+    def _mark_closed(self) -> None:
         self.phase = Phase.CLOSED
 
     # --- top-level elements ------------------------------------------------------------
@@ -455,43 +394,12 @@ class S2SStream:
             events.append(Authenticated(self.authenticated_domain, self.mechanism))
 
 
-def _rename(tag: object, old: str, new: str) -> object:
-    if isinstance(tag, str) and tag.startswith(old):
-        return new + tag[len(old) :]
-    return tag
-
-
-def _renamespace(el: etree._Element, old_ns: str, new_ns: str) -> etree._Element:
-    """A copy of `el` whose elements in `old_ns` are in `new_ns`, declared as default."""
-    old, new = f"{{{old_ns}}}", f"{{{new_ns}}}"
-
-    def copy(src: etree._Element, parent: etree._Element | None) -> etree._Element:
-        nsmap = {p: (new_ns if u == old_ns else u) for p, u in src.nsmap.items()}
-        tag = _rename(src.tag, old, new)
-        dst = (
-            etree.Element(tag, src.attrib, nsmap=nsmap)  # type: ignore[arg-type]
-            if parent is None
-            else etree.SubElement(parent, tag, src.attrib, nsmap=nsmap)  # type: ignore[arg-type]
-        )
-        dst.text = src.text
-        dst.tail = src.tail if parent is not None else None
-        for child in src:
-            if isinstance(child.tag, str):
-                copy(child, dst)
-        return dst
-
-    return copy(el, None)
-
-
 def to_client(stanza: etree._Element) -> etree._Element:
     """A stanza read from a server stream, in the namespace the router speaks."""
-    return _renamespace(stanza, ns.SERVER, ns.CLIENT)
+    return renamespace(stanza, ns.SERVER, ns.CLIENT)
 
 
 def to_server(stanza: etree._Element) -> etree._Element:
     """A stanza of the router, in the namespace of a server stream."""
-    return _renamespace(stanza, ns.CLIENT, ns.SERVER)
+    return renamespace(stanza, ns.CLIENT, ns.SERVER)
 
-
-def _attr(value: str) -> str:
-    return value.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;")

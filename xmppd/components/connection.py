@@ -1,0 +1,109 @@
+"""One external component's connection: the asyncio protocol around a `ComponentStream`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from lxml import etree
+
+from xmppd.stream import component
+from xmppd.stream.errors import StreamError
+
+if TYPE_CHECKING:
+    from xmppd.components.service import ComponentService
+
+log = logging.getLogger("xmppd.components")
+
+
+class ComponentConnection(asyncio.Protocol):
+    def __init__(self, service: ComponentService) -> None:
+        self.service = service
+        self.stream = component.ComponentStream(service.settings)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.since = 0.0  # wall-clock time of the handshake (xmppctl components)
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
+
+    @property
+    def domain(self) -> str | None:
+        """The domain it serves, once authenticated."""
+        return self.stream.domain if self.stream.authenticated else None
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.service.connection_opened(self)
+        self._auth_timer = asyncio.get_running_loop().call_later(
+            self.service.config.auth_timeout, self._auth_timeout
+        )
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.stream.receive(data):
+            if isinstance(event, component.StanzaReceived):
+                self.service.received(event.stanza)
+            elif isinstance(event, component.Authenticated):
+                if self._auth_timer is not None:
+                    self._auth_timer.cancel()
+                    self._auth_timer = None
+                self.service.authenticated(self)
+        self._flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        self.transport = None
+        self.service.connection_closed(self)
+
+    # --- sending ----------------------------------------------------------------------
+
+    def send(self, stanza: etree._Element) -> bool:
+        """Queue a stanza for the component; False once its stream is closing."""
+        if self.transport is None or not self.stream.authenticated:
+            return False
+        self.stream.send(stanza)
+        if not self._flush_scheduled:  # one write for what one loop iteration routed here
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return True
+
+    def close(self, error: StreamError | None = None) -> None:
+        if error is None:
+            self.stream.close()
+        else:
+            self.stream.fail(error)
+        self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None:
+            return
+        data = self.stream.output()
+        if data:
+            transport.write(data)
+        if self.stream.closed and not transport.is_closing():
+            error = self.stream.error
+            if error is not None and error.condition != "system-shutdown":
+                self.service.refused(error.condition)
+                log.info(
+                    "component stream for %s (%s) ended: %s%s",
+                    self.stream.domain or "?",
+                    self.peer,
+                    error.condition,
+                    f" ({error.text})" if error.text else "",
+                )
+            transport.close()
+
+    def _auth_timeout(self) -> None:
+        self._auth_timer = None
+        if not self.stream.authenticated and not self.stream.closed:
+            self.close(StreamError("connection-timeout", "send the handshake in time"))
