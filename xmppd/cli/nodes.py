@@ -208,16 +208,16 @@ async def node_sessions(
     answers = await _each_node(data_dir, "GET", path, outcome)
     if not answers:
         return None
-    return [s for _, body in answers for s in body.get("sessions", [])]  # type: ignore[attr-defined]
+    return [s for _, body in answers for s in body.get("sessions", [])]
 
 
 async def node_components(data_dir: Path, outcome: Outcome) -> list[dict[str, object]] | None:
     """What every node running here says of its components (GET /components); None
     when none answers."""
-    answers = await _get_all(data_dir, "/components", outcome)
+    answers = await _each_node(data_dir, "GET", "/components", outcome)
     if not answers:
         return None
-    return [c for _, body in answers for c in body.get("components", [])]  # type: ignore[attr-defined]
+    return [c for _, body in answers for c in body.get("components", [])]
 
 
 async def kick_on_nodes(
