@@ -328,23 +328,28 @@ class DNSServer(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        query = dns.message.from_wire(data)
-        response = dns.message.make_response(query)
-        response.flags |= dns.flags.AA
-        question = query.question[0]
-        name = question.name.to_text(omit_final_dot=True).lower()
-        self.queries.append((name, dns.rdatatype.to_text(question.rdtype)))
-        answers = self.records.get((name, dns.rdatatype.to_text(question.rdtype)))
-        if answers:
-            response.answer.append(
-                dns.rrset.from_text_list(
-                    question.name, 60, dns.rdataclass.IN, question.rdtype, answers
-                )
-            )
-        elif not any(known == name for known, _ in self.records):
-            response.set_rcode(dns.rcode.NXDOMAIN)
         assert self.transport is not None
-        self.transport.sendto(response.to_wire(), addr)
+        self.transport.sendto(answer(self.records, data, self.queries), addr)
+
+
+def answer(
+    records: dict[tuple[str, str], list[str]], data: bytes, queries: list[tuple[str, str]]
+) -> bytes:
+    """The response to one DNS query, from `records`; NXDOMAIN for names not in it."""
+    query = dns.message.from_wire(data)
+    response = dns.message.make_response(query)
+    response.flags |= dns.flags.AA
+    question = query.question[0]
+    name = question.name.to_text(omit_final_dot=True).lower()
+    queries.append((name, dns.rdatatype.to_text(question.rdtype)))
+    answers = records.get((name, dns.rdatatype.to_text(question.rdtype)))
+    if answers:
+        response.answer.append(
+            dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN, question.rdtype, answers)
+        )
+    elif not any(known == name for known, _ in records):
+        response.set_rcode(dns.rcode.NXDOMAIN)
+    return bytes(response.to_wire())
 
 
 async def start_dns(records: dict[tuple[str, str], list[str]]) -> DNSServer:

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import slixmpp
 
-from tests.integration.clients import Client, close, insecure_context
-from tests.integration.conftest import StartServer, port_of
+from tests.integration.clients import close
+from tests.integration.conftest import StartServer
+from tests.integration.s2s_clients import Peer, next_message, user_at, xmppd_user
 from tests.integration.s2s_peers import (
     CA,
     PROSODY,
@@ -41,32 +42,6 @@ if not Path(PROSODY).exists():
     if os.environ.get("CI"):
         raise RuntimeError("CI needs Prosody (apt-get install prosody) for the s2s tests")
     pytest.skip("prosody is not installed", allow_module_level=True)
-
-
-class Peer(Client):
-    """A slixmpp client that also records presences, subscription requests included."""
-
-    def __init__(self, jid: str, password: str) -> None:
-        super().__init__(jid, password)
-        self.available: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
-        self.add_event_handler("presence_available", self.available.put_nowait)
-        self.errors: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
-        self.add_event_handler("message_error", self.errors.put_nowait)
-        # The subscription states the server pushed (RFC 6121 2.1.6), latest last.
-        self.pushed: dict[str, str] = {}
-        self.pushes = asyncio.Event()
-        self.add_event_handler("roster_update", self._on_push)
-
-    def _on_push(self, iq: slixmpp.Iq) -> None:
-        for jid, item in iq["roster"]["items"].items():
-            self.pushed[str(jid)] = item["subscription"]
-        self.pushes.set()
-
-    async def subscription_both(self, contact: str) -> None:
-        """Wait until the server pushed the roster item of `contact` as 'both'."""
-        while self.pushed.get(contact) != "both":
-            self.pushes.clear()
-            await self.pushes.wait()
 
 
 @dataclass
@@ -139,32 +114,8 @@ async def federation(federate: Federate) -> Federation:
     return await federate()
 
 
-async def xmppd_user(server: Server, jid: str, password: str) -> Peer:
-    client = Peer(jid, password)
-    client.ssl_context = insecure_context()
-    client.enable_direct_tls = False
-    client.enable_plaintext = False
-    client.connect("127.0.0.1", port_of(server, "starttls"))
-    await asyncio.wait_for(client.started.wait(), 15)
-    await client.get_roster()  # an interested resource: it gets roster pushes
-    client.send_presence()
-    return client
-
-
 async def prosody_user(prosody: Prosody, jid: str, password: str) -> Peer:
-    client = Peer(jid, password)
-    client.ssl_context = insecure_context()
-    client.enable_direct_tls = False
-    client.enable_plaintext = False
-    client.connect(prosody.address, prosody.c2s_port)
-    await asyncio.wait_for(client.started.wait(), 15)
-    await client.get_roster()  # an interested resource: it gets roster pushes
-    client.send_presence()
-    return client
-
-
-async def next_message(client: Peer, timeout: float = 20) -> slixmpp.Message:
-    return await asyncio.wait_for(client.messages.get(), timeout)
+    return await user_at(prosody.address, prosody.c2s_port, jid, password)
 
 
 def _diagnose(fed: Federation) -> str:

@@ -166,6 +166,61 @@ def test_outgoing_falls_back_to_dialback() -> None:
     assert events == [s2s.Authenticated("a.test", "dialback")]
 
 
+def test_outgoing_tries_dialback_when_external_fails() -> None:
+    # ejabberd offers EXTERNAL to every peer and checks the certificate only when asked:
+    # its <failure/> leaves the stream open, and dialback (offered too) follows on it.
+    stream = s2s.S2SStream(DIALBACK, outgoing=True, local="b.test", remote="a.test", dialback=True)
+    stream.start()
+    stream.receive(
+        HEADER + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        b"</stream:features><proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+    )
+    stream.tls_started()
+    stream.output()
+    restarted = HEADER.replace(b"to='b.test'", b"to='b.test' id='sid-3'")
+    stream.receive(
+        restarted + b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+        b"<mechanism>EXTERNAL</mechanism></mechanisms>"
+        b"<dialback xmlns='urn:xmpp:features:dialback'/></stream:features>"
+    )
+    assert b'mechanism="EXTERNAL"' in stream.output()
+    events = stream.receive(
+        b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>"
+    )
+    assert events == [] and not stream.closed
+    assert b">key:a.test:b.test:sid-3</db:result>" in stream.output()
+    events = stream.receive(
+        b"<db:result xmlns:db='jabber:server:dialback' from='a.test' to='b.test' type='valid'/>"
+    )
+    assert events == [s2s.Authenticated("a.test", "dialback")]
+
+
+DIALBACK_FEATURE = b"<dialback xmlns='urn:xmpp:features:dialback'/>"
+
+
+def test_outgoing_gives_up_when_external_fails_without_dialback() -> None:
+    for settings, offered in ((DIALBACK, b""), (SETTINGS, DIALBACK_FEATURE)):
+        # Dialback not offered by the peer, or not allowed here.
+        stream = s2s.S2SStream(
+            settings, outgoing=True, local="b.test", remote="a.test", dialback=True
+        )
+        stream.start()
+        stream.receive(
+            HEADER + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+            b"</stream:features><proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        )
+        stream.tls_started()
+        stream.receive(
+            HEADER + b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+            b"<mechanism>EXTERNAL</mechanism></mechanisms>" + offered + b"</stream:features>"
+        )
+        events = stream.receive(
+            b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>"
+        )
+        assert isinstance(events[0], s2s.AuthFailed) and stream.closed
+        assert b"<db:result" not in stream.output()
+
+
 def test_incoming_vouches_only_for_its_own_keys() -> None:
     for key, verdict in [(b"key:a.test:b.test:s1", b"valid"), (b"forged", b"invalid")]:
         stream = s2s.S2SStream(DIALBACK)

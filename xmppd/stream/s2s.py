@@ -141,6 +141,7 @@ class S2SStream:
         self._offered_external = False
         self._ready = False  # outgoing: authenticated and the restarted stream's features came
         self._dialback_sent = False
+        self._dialback_offered = False  # outgoing: the peer's features listed dialback
         self._header_sent = False
         self._out: list[bytes] = []
         self._parser = StreamParser(self._stanza_limit(), settings.max_depth)
@@ -409,6 +410,11 @@ class S2SStream:
             self._parser.max_stanza_bytes = self.settings.max_stanza_bytes
             self._ready = True
             events.append(Authenticated(self.remote or "", "dialback"))
+        elif tag == _FAILURE and self._dialback_offered and not self._dialback_sent:
+            # It did not take our certificate after all (ejabberd offers EXTERNAL to any
+            # peer and checks the certificate only then): dialback on the same stream,
+            # which a SASL failure leaves open (RFC 6120 6.4.5, XEP-0178 3).
+            self._send_dialback()
         elif tag in (_FAILURE, _TLS_FAILURE):
             self.close()
             events.append(AuthFailed(f"{el.tag} from the peer"))
@@ -439,7 +445,8 @@ class S2SStream:
         elif self.phase is Phase.SECURED:
             mechanisms = features.find(_MECHANISMS)
             names = [] if mechanisms is None else [(m.text or "").strip() for m in mechanisms]
-            if "EXTERNAL" not in names and self.dialback and features.find(_DB_FEATURE) is not None:
+            self._dialback_offered = self.dialback and features.find(_DB_FEATURE) is not None
+            if "EXTERNAL" not in names and self._dialback_offered:
                 self._send_dialback()
                 return
             if "EXTERNAL" not in names:
