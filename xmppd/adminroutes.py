@@ -1,10 +1,11 @@
-"""The admin API's everyday commands: stats, announce, ban, and an account's data.
+"""The admin API's everyday commands: stats, s2s, announce, ban, and an account's data.
 
 Routes of the node's admin HTTP API (xmppd.adminapi, which authenticates every
-request with the token) for xmppctl stats, announce, ban, roster, roster-set,
+request with the token) for xmppctl stats, s2s, announce, ban, roster, roster-set,
 roster-remove, vcard, vcard-set and offline-count:
 
   GET    /stats                               counters xmppctl turns into rates
+  GET    /s2s                                 the node's server-to-server streams
   POST   /announce {"host", "body", "subject"}  a headline to every session of host
   POST   /accounts/{user@host}/ban {"reason"}  end the banned account's sessions
   GET    /accounts/{user@host}/roster          the roster items
@@ -55,6 +56,7 @@ def add_routes(app: web.Application, server: Server) -> None:
     routes = AdminRoutes(server)
     add = app.router.add_route
     add("GET", "/stats", routes.stats)
+    add("GET", "/s2s", routes.s2s)
     add("POST", "/announce", routes.announce)
     add("POST", "/accounts/{jid}/ban", routes.ban)
     add("GET", "/accounts/{jid}/roster", routes.roster)
@@ -93,6 +95,15 @@ class AdminRoutes:
                 },
             }
         )
+
+    async def s2s(self, request: web.Request) -> web.Response:
+        """This node's server-to-server streams, both ways (`xmppctl s2s`); `enabled`
+        false without an `s2s` section."""
+        service = self.server.s2s
+        links = [] if service is None else [c.view() for c in service.connections]
+        links.sort(key=lambda v: (str(v["remote"]), str(v["direction"]), float(v["since"])))  # type: ignore[arg-type]
+        node = self.server.cluster.node if self.server.cluster is not None else None
+        return web.json_response({"node": node, "enabled": service is not None, "s2s": links})
 
     async def announce(self, request: web.Request) -> web.Response:
         """XEP-0133 4.23 "send announcement to online users": a headline from the host

@@ -160,6 +160,7 @@ class Prosody:
     address: str
     c2s_port: int
     s2s_port: int
+    direct_tls_port: int | None  # its direct TLS s2s port (XEP-0368), if it has one
     folder: Path
     process: asyncio.subprocess.Process
 
@@ -197,16 +198,19 @@ def write_prosody_config(
     ca: CA,
     domain: str,
     address: str,
-    peers: dict[str, tuple[str, int]],
+    peers: dict[str, tuple[int | str, ...]],
     secure_auth: bool,
-) -> tuple[Path, int, int]:
-    """The config file (and certificate) of a Prosody; returns it and its c2s, s2s ports."""
+    direct_tls: bool = False,
+) -> tuple[Path, int, int, int | None]:
+    """The config file (and certificate) of a Prosody; returns it and its c2s, s2s and
+    direct TLS s2s ports."""
     if not Path(PROSODY).exists():
         raise FileNotFoundError(f"{PROSODY} is not installed (Debian package prosody)")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
     cert, key = issue(ca, folder, domain)
     c2s_port, s2s_port = free_port(address), free_port(address)
+    direct_port = free_port(address) if direct_tls else None
     options = {
         "run_as_root": True,
         "daemonize": False,
@@ -218,7 +222,7 @@ def write_prosody_config(
         "c2s_ports": [c2s_port],
         "s2s_ports": [s2s_port],
         "c2s_direct_tls_ports": [],
-        "s2s_direct_tls_ports": [],
+        "s2s_direct_tls_ports": [direct_port] if direct_port else [],
         "http_ports": [],
         "https_ports": [],
         "component_ports": [],
@@ -239,7 +243,7 @@ def write_prosody_config(
         "s2s_secure_auth": secure_auth,
         "s2s_timeout": 20,
         "use_ipv6": False,
-        "test_s2s_hosts": {peer: [ip, port] for peer, (ip, port) in peers.items()},
+        "test_s2s_hosts": {peer: list(target) for peer, target in peers.items()},
         "ssl": {"certificate": str(cert), "key": str(key), "cafile": str(ca.path)},
         "log": {"debug": str(folder / "prosody.log")},
     }
@@ -247,7 +251,7 @@ def write_prosody_config(
     lines.append(f'VirtualHost "{domain}"')
     config = folder / "prosody.cfg.lua"
     config.write_text("\n".join(lines) + "\n")
-    return config, c2s_port, s2s_port
+    return config, c2s_port, s2s_port, direct_port
 
 
 async def start_prosody(
@@ -257,13 +261,15 @@ async def start_prosody(
     domain: str = "a.test",
     address: str = PROSODY_ADDRESS,
     users: dict[str, str],
-    peers: dict[str, tuple[str, int]],
+    peers: dict[str, tuple[int | str, ...]],
     secure_auth: bool = True,
+    direct_tls: bool = False,
 ) -> Prosody:
     """Prosody serving `domain` on `address`, trusting `ca`, reaching each of `peers`
-    (domain -> (address, port)) there; its users registered with prosodyctl."""
-    config, c2s_port, s2s_port = write_prosody_config(
-        folder, ca, domain, address, peers, secure_auth
+    (domain -> (address, port[, direct TLS port])) there; its users registered with
+    prosodyctl. `direct_tls`: it also listens for direct TLS s2s (XEP-0368)."""
+    config, c2s_port, s2s_port, direct_port = write_prosody_config(
+        folder, ca, domain, address, peers, secure_auth, direct_tls
     )
     ctl = shutil.which("prosodyctl") or PROSODYCTL
     for user, password in users.items():
@@ -288,7 +294,7 @@ async def start_prosody(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,  # it logs to prosody.log
     )
-    prosody = Prosody(domain, address, c2s_port, s2s_port, folder, process)
+    prosody = Prosody(domain, address, c2s_port, s2s_port, direct_port, folder, process)
     try:
         await _listening(prosody)
     except BaseException:

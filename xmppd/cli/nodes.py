@@ -211,6 +211,20 @@ async def node_sessions(
     return [s for _, body in answers for s in body.get("sessions", [])]  # type: ignore[attr-defined]
 
 
+async def node_s2s(data_dir: Path, outcome: Outcome) -> list[dict[str, object]] | None:
+    """The server-to-server streams of every node running here (GET /s2s), each with
+    its node's name as "node" (None outside a cluster); None when no node answers, []
+    when none of them federates (no `s2s` section)."""
+    answers = await _get_all(data_dir, "/s2s", outcome)
+    if not answers:
+        return None
+    return [
+        {**link, "node": body.get("node")}
+        for _, body in answers
+        for link in body.get("s2s", [])  # type: ignore[attr-defined]
+    ]
+
+
 async def kick_on_nodes(
     data_dir: Path, jid: str, reason: str | None, everywhere: bool, outcome: Outcome
 ) -> list[dict[str, object]] | None:

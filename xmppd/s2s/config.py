@@ -71,12 +71,14 @@ Seconds = Annotated[StrictFloat, Field(allow_inf_nan=False, gt=0)]
 
 
 class S2SListener(BaseModel):
-    """A socket where other servers connect (STARTTLS on it, RFC 6120)."""
+    """A socket where other servers connect: STARTTLS on it (RFC 6120), or TLS from the
+    first byte with `direct_tls` (XEP-0368, the `_xmpps-server` SRV record's port)."""
 
     model_config = ConfigDict(extra="forbid")
 
     address: Annotated[StrictStr, AfterValidator(_address)]
     port: StrictInt = Field(ge=0, le=65535)  # 0: the OS picks (tests)
+    direct_tls: StrictBool = False
 
 
 class DomainPolicy(BaseModel):
@@ -86,6 +88,7 @@ class DomainPolicy(BaseModel):
 
     host: StrictStr | None = None  # connect here instead of asking DNS (with port)
     port: StrictInt = Field(default=5269, ge=1, le=65535)
+    direct_tls: StrictBool = False  # that host and port take TLS from the first byte
     ca_file: Path | None = None  # the CAs its certificate must chain to
     # Authenticate to it with dialback when it does not accept our certificate; None:
     # as `s2s.dialback` says.

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xmppd.s2s")
 
+ALPN = "xmpp-server"  # the ALPN protocol of direct TLS server streams (XEP-0368)
+
 
 class _Served:
     """The domains a peer may address: the node's hosts and its served subdomains,
@@ -85,8 +87,9 @@ class S2SService:
         self.connections: set[S2SConnection] = set()
         self.listening: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
-        self._client_contexts: dict[Path | None, ssl.SSLContext] = {}
+        self._client_contexts: dict[tuple[Path | None, bool], ssl.SSLContext] = {}
         self._server_context: ssl.SSLContext | None = None
+        self._direct_server_context: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None
         self._stopped = False
         # Outgoing streams that could not be set up, by bounce condition (/metrics).
@@ -107,16 +110,32 @@ class S2SService:
 
         self.settings.dialback_key = dialback_key
         self._server_context = self._make_server_context()
+        self._direct_server_context = self._make_server_context(alpn=True)
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
-            server = await loop.create_server(
-                self._incoming, listener.address, listener.port, reuse_address=True
-            )
+            if listener.direct_tls:
+                server = await loop.create_server(
+                    self._incoming_direct,
+                    listener.address,
+                    listener.port,
+                    reuse_address=True,
+                    ssl=self._direct_server_context,
+                    ssl_handshake_timeout=self.config.auth_timeout,
+                )
+            else:
+                server = await loop.create_server(
+                    self._incoming, listener.address, listener.port, reuse_address=True
+                )
             self._servers.append(server)
             for sock in server.sockets:
                 address, port = sock.getsockname()[:2]
                 self.listening.append((address, port))
-                log.info("listening: s2s STARTTLS on %s port %d", address, port)
+                log.info(
+                    "listening: s2s %s on %s port %d",
+                    "direct TLS" if listener.direct_tls else "STARTTLS",
+                    address,
+                    port,
+                )
         self._schedule_sweep()
 
     async def stop(self) -> None:
@@ -180,7 +199,7 @@ class S2SService:
                 for target in await self.resolver.targets(link.remote):
                     for address in await self.resolver.addresses(target.host):
                         try:
-                            conn = await self._open(link, address, target.port)
+                            conn = await self._open(link, address, target.port, target.direct_tls)
                         except (OSError, ConnectionError) as exc:
                             problem = exc
                             log.info(
@@ -206,9 +225,13 @@ class S2SService:
             stanza, _ = link.queue.popleft()
             conn.send(stanza)
 
-    async def _open(self, link: Link, address: str, port: int) -> S2SConnection:
+    async def _open(
+        self, link: Link, address: str, port: int, direct_tls: bool = False
+    ) -> S2SConnection:
         """One outgoing stream, connected and authenticated; cut if that fails or the
-        caller stops waiting (the connect timeout)."""
+        caller stops waiting (the connect timeout). `direct_tls`: TLS from the first
+        byte (XEP-0368), with the remote domain as SNI and ALPN 'xmpp-server'; OpenSSL
+        validates the chain in the handshake, the name is checked as after STARTTLS."""
         stream = S2SStream(
             self.settings,
             outgoing=True,
@@ -217,9 +240,19 @@ class S2SService:
             dialback=self.config.dialback_to(link.remote),
         )
         context = self._client_context(link.remote)
-        _, conn = await asyncio.get_running_loop().create_connection(
-            functools.partial(S2SConnection, self, stream, context), address, port
-        )
+        factory = functools.partial(S2SConnection, self, stream, context, direct_tls)
+        loop = asyncio.get_running_loop()
+        if direct_tls:
+            _, conn = await loop.create_connection(
+                factory,
+                address,
+                port,
+                ssl=self._client_context(link.remote, alpn=True),
+                server_hostname=link.remote,
+                ssl_handshake_timeout=self.config.connect_timeout,
+            )
+        else:
+            _, conn = await loop.create_connection(factory, address, port)
         try:
             await conn.ready
         except BaseException:
@@ -242,6 +275,11 @@ class S2SService:
     def _incoming(self) -> S2SConnection:
         assert self._server_context is not None
         return S2SConnection(self, S2SStream(self.settings), self._server_context)
+
+    def _incoming_direct(self) -> S2SConnection:
+        assert self._direct_server_context is not None
+        stream = S2SStream(self.settings)
+        return S2SConnection(self, stream, self._direct_server_context, direct_tls=True)
 
     def connection_opened(self, conn: S2SConnection) -> None:
         self.connections.add(conn)
@@ -284,11 +322,15 @@ class S2SService:
 
     # --- TLS ----------------------------------------------------------------------------
 
-    def _make_server_context(self) -> ssl.SSLContext:
+    def _make_server_context(self, alpn: bool = False) -> ssl.SSLContext:
         """Incoming: our certificate, and the peer's asked for. OpenSSL validates a
         certificate the peer sends against every CA we trust for any peer (which peer
-        it is, we learn only from the stream header); its names are checked after."""
+        it is, we learn only from the stream header); its names are checked after.
+        `alpn`: the direct TLS listeners' context, which selects 'xmpp-server' when the
+        peer offers it (XEP-0368; a peer that offers no ALPN is served too)."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if alpn:
+            ctx.set_alpn_protocols([ALPN])
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(*self._cert)
         ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -301,14 +343,17 @@ class S2SService:
             ctx.load_verify_locations(cafile=str(path))
         return ctx
 
-    def _client_context(self, remote: str) -> ssl.SSLContext:
+    def _client_context(self, remote: str, alpn: bool = False) -> ssl.SSLContext:
         """Outgoing: the peer's certificate must chain to its CAs (the domain's
         `ca_file`, else `s2s.ca_file`, else the system's); we present ours for
-        SASL EXTERNAL. The name is checked by us (RFC 9525), not by OpenSSL."""
+        SASL EXTERNAL. The name is checked by us (RFC 9525), not by OpenSSL.
+        `alpn`: for direct TLS, which offers 'xmpp-server' (XEP-0368)."""
         ca_file = self.config.policy(remote).ca_file or self.config.ca_file
-        ctx = self._client_contexts.get(ca_file)
+        ctx = self._client_contexts.get((ca_file, alpn))
         if ctx is None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if alpn:
+                ctx.set_alpn_protocols([ALPN])
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_REQUIRED
@@ -317,5 +362,5 @@ class S2SService:
             else:
                 ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
             ctx.load_cert_chain(*self._cert)
-            self._client_contexts[ca_file] = ctx
+            self._client_contexts[(ca_file, alpn)] = ctx
         return ctx

@@ -25,7 +25,7 @@ import base64
 import binascii
 import hmac
 import secrets
-from collections.abc import Callable, Collection, Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import NoReturn
@@ -137,7 +137,7 @@ class S2SStream:
         self.mechanism = ""
         self.stream_id = ""
         self.error: StreamError | None = None
-        self._identities: frozenset[str] = frozenset()
+        self._identities: Container[str] = frozenset()
         self._offered_external = False
         self._ready = False  # outgoing: authenticated and the restarted stream's features came
         self._dialback_sent = False
@@ -184,11 +184,12 @@ class S2SStream:
     def release_parser(self) -> bool:
         return self._parser.release()
 
-    def tls_started(self, identities: Collection[str] = ()) -> None:
-        """The TLS handshake finished. Incoming: `identities` are the domains the peer's
-        certificate was validated for (PKIX chain and RFC 9525 identity), empty when it
-        sent none or one that did not validate."""
-        self._identities = frozenset(identities)
+    def tls_started(self, identities: Container[str] = ()) -> None:
+        """The TLS handshake finished (after STARTTLS, or at once on a direct TLS
+        connection). Incoming: `identities` holds the domains the peer's certificate was
+        validated for (PKIX chain and RFC 9525 identity), none when it sent none or one
+        that did not validate; asked only once the stream header named the peer."""
+        self._identities = identities
         self.phase = Phase.SECURED
         self._restart()
         if self.outgoing:
