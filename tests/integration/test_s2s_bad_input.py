@@ -304,3 +304,32 @@ async def test_silent_peer_bounces_with_a_timeout(
 ) -> None:
     condition, _ = await bounced(tmp_path, start_server, FakePeer(None), connect_timeout=1.0)
     assert condition == "remote-server-timeout"
+
+
+async def test_a_stream_over_its_byte_rate_is_read_slower(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    setup = await make_setup(tmp_path, start_server, max_bytes_per_second=4096)
+    client = await bob(setup.server)
+    reader, writer = await setup.authenticated("a.test")
+    try:
+        # About 9 KiB at once against 4 KiB per second (a bucket of one second's worth):
+        # what was read is delivered, then the stream is not read for about 1.2 s.
+        batch = b"".join(message("anna@a.test/home", f"{i}" + "x" * 3000) for i in range(3))
+        writer.write(batch)
+        for i in range(3):
+            got = await asyncio.wait_for(client.messages.get(), 10)
+            assert got["body"].startswith(f"{i}x")
+        assert setup.server.s2s is not None
+        (incoming,) = [c for c in setup.server.s2s.connections if not c.outgoing]
+        assert incoming.transport is not None and not incoming.transport.is_reading()
+        # A stanza sent now waits in the socket (TCP backpressure) until reading resumes.
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        writer.write(message("anna@a.test/home", "after the pause"))
+        got = await asyncio.wait_for(client.messages.get(), 10)
+        assert got["body"] == "after the pause"
+        assert loop.time() - sent > 0.8
+    finally:
+        writer.close()
+        await close(client)

@@ -111,6 +111,9 @@ class S2SConfig(BaseModel):
     max_stanza_bytes_unauthenticated: StrictInt = Field(default=10240, ge=1024)
     auth_timeout: Seconds = 30.0  # a stream must be authenticated within this
     idle_timeout: Seconds = 600.0  # a stream that carries nothing this long is closed
+    # Bytes read per second from one stream (a token bucket holding one second's worth);
+    # past it the stream stops being read for a while (TCP backpressure). 0: no limit.
+    max_bytes_per_second: StrictInt = Field(default=1048576, ge=0)
     connect_timeout: Seconds = 15.0  # DNS, TCP, TLS and authentication of an outgoing stream
     # Dialback (XEP-0220) when a peer does not accept our certificate (always over TLS).
     dialback: StrictBool = True

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from xmppd.ratelimit import TokenBucket
 from xmppd.s2s.identity import certificate_covers
 from xmppd.stream import s2s
 from xmppd.stream.errors import StreamError
@@ -52,6 +53,9 @@ class S2SConnection(asyncio.Protocol):
         self._auth_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._before_tls: list[bytes] | None = None
+        rate = service.config.max_bytes_per_second
+        self._bucket = TokenBucket(rate, rate) if rate else None
+        self._rate_pause: asyncio.TimerHandle | None = None  # reading stopped until then
 
     @property
     def remote(self) -> str:
@@ -94,16 +98,32 @@ class S2SConnection(asyncio.Protocol):
         if self._before_tls is not None:
             self._before_tls.append(data)
             return
-        self.last_active = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
         self._handle(self.stream.receive(data))
         self._flush()
+        if self._bucket is None:
+            return
+        delay = self._bucket.take(len(data), self.last_active)
+        if delay > 0 and self._rate_pause is None:
+            if self.transport is not None and not self.transport.is_closing():
+                # Over `s2s.max_bytes_per_second`: stop reading until the debt is paid.
+                self.transport.pause_reading()
+                self._rate_pause = loop.call_later(delay, self._resume_reading)
 
     def eof_received(self) -> bool:
         return False
 
+    def _resume_reading(self) -> None:
+        self._rate_pause = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        if self._rate_pause is not None:
+            self._rate_pause.cancel()
         self.transport = None
         if not self.ready.done():
             if self.outgoing:  # awaited by the service, which then fails the link
