@@ -201,6 +201,7 @@ def write_prosody_config(
     peers: dict[str, tuple[int | str, ...]],
     secure_auth: bool,
     direct_tls: bool = False,
+    bidi: bool = False,
 ) -> tuple[Path, int, int, int | None]:
     """The config file (and certificate) of a Prosody; returns it and its c2s, s2s and
     direct TLS s2s ports."""
@@ -234,8 +235,9 @@ def write_prosody_config(
             "disco",
             "ping",
             "test_s2s_hosts",
+            *(["s2s_bidi"] if bidi else []),
         ],
-        "modules_disabled": ["s2s_bidi"],
+        "modules_disabled": [] if bidi else ["s2s_bidi"],
         "authentication": "internal_plain",
         "storage": "internal",
         "c2s_require_encryption": True,
@@ -264,12 +266,14 @@ async def start_prosody(
     peers: dict[str, tuple[int | str, ...]],
     secure_auth: bool = True,
     direct_tls: bool = False,
+    bidi: bool = False,
 ) -> Prosody:
     """Prosody serving `domain` on `address`, trusting `ca`, reaching each of `peers`
     (domain -> (address, port[, direct TLS port])) there; its users registered with
-    prosodyctl. `direct_tls`: it also listens for direct TLS s2s (XEP-0368)."""
+    prosodyctl. `direct_tls`: it also listens for direct TLS s2s (XEP-0368); `bidi`:
+    it loads mod_s2s_bidi (XEP-0288), which the other tests leave out."""
     config, c2s_port, s2s_port, direct_port = write_prosody_config(
-        folder, ca, domain, address, peers, secure_auth, direct_tls
+        folder, ca, domain, address, peers, secure_auth, direct_tls, bidi
     )
     ctl = shutil.which("prosodyctl") or PROSODYCTL
     for user, password in users.items():

@@ -68,13 +68,15 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
         secure_auth: bool = True,
         srv: bool = False,
         direct_tls: bool = False,
+        bidi: bool = False,
     ) -> Federation:
         """`xmppd_ca`: the CA of xmppd's certificate, default the one Prosody trusts;
         `secure_auth`: Prosody's s2s_secure_auth (off: it accepts dialback); `srv`: xmppd
         finds a.test through SRV and A records instead of a static override;
         `direct_tls`: both also listen for direct TLS (XEP-0368), which each prefers:
         the `_xmpps-server` record of a.test has the better priority, and Prosody
-        tries b.test's direct TLS port first."""
+        tries b.test's direct TLS port first; `bidi`: Prosody loads mod_s2s_bidi
+        (XEP-0288; xmppd offers and asks for it always)."""
         ca = make_ca(tmp_path)
         own = tmp_path / "xmppd-cert"
         own.mkdir()
@@ -93,6 +95,7 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
             peers={"b.test": target},
             secure_auth=secure_auth,
             direct_tls=direct_tls,
+            bidi=bidi,
         )
         records = {
             ("_xmpp-server._tcp.a.test", "SRV"): [f"10 5 {prosody.s2s_port} a.test."],
@@ -399,10 +402,10 @@ async def test_xmppctl_s2s_lists_the_live_streams(federation: Federation) -> Non
         code, out, err = await xmppctl(federation.xmppd, "s2s")
         assert code == 0, err
         rows = sorted(line.split("\t") for line in out.splitlines())
-        # DIRECTION REMOTE LOCAL AUTH TLS SINCE IN OUT PEER NODE
+        # DIRECTION REMOTE LOCAL AUTH TLS SINCE IN OUT PEER NODE BIDI
         assert [r[:5] + r[6:8] + r[9:] for r in rows] == [
-            ["in", "a.test", "b.test", "EXTERNAL", "starttls", "1", "0", "-"],
-            ["out", "a.test", "b.test", "EXTERNAL", "starttls", "0", "2", "-"],
+            ["in", "a.test", "b.test", "EXTERNAL", "starttls", "1", "0", "-", "-"],
+            ["out", "a.test", "b.test", "EXTERNAL", "starttls", "0", "2", "-", "-"],
         ]
         assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r[5]) for r in rows)
         assert rows[1][8] == f"{PROSODY_ADDRESS}:{federation.prosody.s2s_port}"
@@ -410,6 +413,43 @@ async def test_xmppctl_s2s_lists_the_live_streams(federation: Federation) -> Non
 
         code, out, err = await xmppctl(federation.xmppd, "s2s", "elsewhere.test")
         assert (code, out) == (0, ""), err
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+def _streams(server: Server) -> list[tuple[str, str, bool, int, int]]:
+    """(direction, remote, bidi, stanzas in, out) of each s2s stream of `server`."""
+    assert server.s2s is not None
+    return sorted(
+        ("out" if c.outgoing else "in", c.remote, c.stream.bidi, c.stanzas_in, c.stanzas_out)
+        for c in server.s2s.connections
+    )
+
+
+@pytest.mark.parametrize("first", ["xmppd", "prosody"])
+async def test_bidirectional_stream(federate: Federate, first: str) -> None:
+    # XEP-0288: whoever opens the stream asks for bidi (Prosody's mod_s2s_bidi or
+    # xmppd), the other offers it; the answer then comes back on the same stream.
+    federation = await federate(bidi=True)
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        if first == "xmppd":
+            bob.send_message(mto="anna@a.test", mbody="one stream", mtype="chat")
+            got = await next_message(anna)
+            anna.send_message(mto="bob@b.test/desk", mbody="both ways", mtype="chat")
+            back = await next_message(bob)
+        else:
+            anna.send_message(mto="bob@b.test/desk", mbody="one stream", mtype="chat")
+            got = await next_message(bob)
+            bob.send_message(mto="anna@a.test", mbody="both ways", mtype="chat")
+            back = await next_message(anna)
+        assert (got["body"], back["body"]) == ("one stream", "both ways")
+        direction = "out" if first == "xmppd" else "in"
+        assert _streams(federation.xmppd) == [(direction, "a.test", True, 1, 1)]
+    except TimeoutError:
+        pytest.fail("no message across\n" + _diagnose(federation))
     finally:
         await close(bob)
         await close(anna)

@@ -4,13 +4,14 @@ Each node reports its own streams through its admin API (GET /s2s); in a
 cluster each node opens its own, so the list is per node. One line per
 stream, fields separated by tabs, for scripts (`cut -f2`):
 
-    DIRECTION  REMOTE  LOCAL  AUTH  TLS  SINCE  IN  OUT  PEER  NODE
+    DIRECTION  REMOTE  LOCAL  AUTH  TLS  SINCE  IN  OUT  PEER  NODE  BIDI
 
 DIRECTION is `out` (we opened it, to send) or `in` (the peer did); AUTH is
 how the remote side (in) or we (out) authenticated: EXTERNAL, dialback, or
 none while not yet; TLS is starttls or direct (XEP-0368); SINCE is when the
 connection was made (UTC, ISO 8601); IN and OUT count stanzas; PEER is the
-remote address; NODE the node's name in a cluster, else `-`.
+remote address; NODE the node's name in a cluster, else `-`; BIDI is `bidi`
+when the stream carries stanzas both ways (XEP-0288), else `-`.
 """
 
 from __future__ import annotations
@@ -64,5 +65,6 @@ def _row(link: dict[str, object]) -> str:
         link["stanzas_out"],
         link["peer"],
         link["node"] or "-",
+        "bidi" if link.get("bidi") else "-",
     ]
     return "\t".join(str(f) for f in fields)

@@ -117,6 +117,8 @@ class S2SConfig(BaseModel):
     connect_timeout: Seconds = 15.0  # DNS, TCP, TLS and authentication of an outgoing stream
     # Dialback (XEP-0220) when a peer does not accept our certificate (always over TLS).
     dialback: StrictBool = True
+    # Bidirectional streams (XEP-0288): one stream carries stanzas both ways.
+    bidi: StrictBool = True
     max_queue: StrictInt = Field(default=1000, ge=1)  # stanzas waiting per remote domain
     # DNS servers for SRV and address lookups ("IP" or "IP:port"); none: /etc/resolv.conf.
     dns_servers: list[Annotated[StrictStr, AfterValidator(_dns_server)]] = Field(

@@ -69,6 +69,7 @@ class S2SConnection(asyncio.Protocol):
             "remote": self.remote,
             "mechanism": self.stream.mechanism or "none",
             "tls": "direct" if self.direct_tls else "starttls",
+            "bidi": self.stream.bidi,
             "since": self.since,
             "peer": self.peer,
             "stanzas_in": self.stanzas_in,
@@ -208,6 +209,8 @@ class S2SConnection(asyncio.Protocol):
                 )
                 if not self.ready.done():
                     self.ready.set_result(None)
+                if not self.outgoing and self.stream.bidi:
+                    self.service.bidi_ready(self)
             elif isinstance(event, s2s.AuthFailed):
                 log.info("s2s: %s (%s) refused us: %s", self.remote, self.peer, event.reason)
                 if not self.ready.done():

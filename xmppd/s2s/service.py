@@ -1,9 +1,10 @@
 """Federation for one node: the s2s listeners, the outgoing links, and the router's seam.
 
 `S2SService` is the router's `remote` (xmppd/router.py, `RemoteRoute`): a
-stanza to a domain this node does not serve comes here. One outgoing link
-per (our domain, remote domain) pair carries them (RFC 6120 streams are
-one-way); while its connection is set up (DNS, TCP, STARTTLS, SASL
+stanza to a domain this node does not serve comes here. One link per (our
+domain, remote domain) pair carries them: a stream we open (RFC 6120 streams
+are one-way), or one the peer opened and made bidirectional (XEP-0288,
+`bidi_ready`); while its connection is set up (DNS, TCP, STARTTLS, SASL
 EXTERNAL) stanzas wait in its queue, in order, and leave when it is ready.
 If it cannot be set up they are answered with <remote-server-timeout/>
 (took longer than `s2s.connect_timeout`) or <remote-server-not-found/>
@@ -81,6 +82,7 @@ class S2SService:
             max_stanza_bytes=config.max_stanza_bytes,
             max_stanza_bytes_unauthenticated=config.max_stanza_bytes_unauthenticated,
             max_depth=server.config.limits.max_xml_depth,
+            bidi=config.bidi,
         )
         self.resolver = Resolver(config, config.connect_timeout)
         self.links: dict[tuple[str, str], Link] = {}
@@ -284,12 +286,26 @@ class S2SService:
     def connection_opened(self, conn: S2SConnection) -> None:
         self.connections.add(conn)
 
+    def bidi_ready(self, conn: S2SConnection) -> None:
+        """An incoming stream the peer made bidirectional (XEP-0288) is authenticated:
+        it carries our stanzas to that domain too, unless a stream of ours already does
+        (then both stay, each until it closes)."""
+        stream = conn.stream
+        key = (stream.local or "", stream.authenticated_domain or "")
+        link = self.links.get(key)
+        if link is None:
+            link = self.links[key] = Link(*key)
+        if link.connection is None:
+            link.connection = conn
+            while link.queue:
+                stanza, _ = link.queue.popleft()
+                conn.send(stanza)
+
     def connection_closed(self, conn: S2SConnection) -> None:
         self.connections.discard(conn)
-        if not conn.outgoing:
-            return
         stream = conn.stream
-        link = self.links.get((stream.local or "", stream.remote or ""))
+        remote = stream.remote if conn.outgoing else stream.authenticated_domain
+        link = self.links.get((stream.local or "", remote or ""))
         if link is not None and link.connection is conn:
             # The next stanza for that domain sets up a new connection.
             link.connection = None
