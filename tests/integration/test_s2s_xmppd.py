@@ -97,6 +97,14 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
         # One TCP connection: b.test opened it (direct TLS), d.test answered on it.
         assert streams(b) == [("out", "d.test", "EXTERNAL", "direct", True, 1, 1)]
         assert streams(d) == [("in", "b.test", "EXTERNAL", "direct", True, 1, 1)]
+        # XEP-0368: SNI the remote domain, ALPN 'xmpp-server' offered and selected.
+        assert b.s2s is not None and d.s2s is not None
+        for conn in (*b.s2s.connections, *d.s2s.connections):
+            assert conn.transport is not None
+            tls = conn.transport.get_extra_info("ssl_object")
+            assert tls.selected_alpn_protocol() == "xmpp-server"
+            if conn.outgoing:
+                assert tls.server_hostname == "d.test"
 
         # Presence subscriptions both ways ride the same stream.
         bob.send_presence(pto="dora@d.test", ptype="subscribe")
