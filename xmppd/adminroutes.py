@@ -100,8 +100,9 @@ class AdminRoutes:
         """This node's server-to-server streams, both ways (`xmppctl s2s`); `enabled`
         false without an `s2s` section."""
         service = self.server.s2s
-        links = [] if service is None else [c.view() for c in service.connections]
-        links.sort(key=lambda v: (str(v["remote"]), str(v["direction"]), float(v["since"])))  # type: ignore[arg-type]
+        conns = [] if service is None else list(service.connections)
+        conns.sort(key=lambda c: (c.remote, not c.outgoing, c.since))
+        links = [c.view() for c in conns]
         node = self.server.cluster.node if self.server.cluster is not None else None
         return web.json_response({"node": node, "enabled": service is not None, "s2s": links})
 
