@@ -1,10 +1,11 @@
-"""The admin API's everyday commands: stats, announce, ban, and an account's data.
+"""The admin API's everyday commands: stats, s2s, announce, ban, and an account's data.
 
 Routes of the node's admin HTTP API (xmppd.adminapi, which authenticates every
-request with the token) for xmppctl stats, announce, ban, roster, roster-set,
+request with the token) for xmppctl stats, s2s, announce, ban, roster, roster-set,
 roster-remove, vcard, vcard-set and offline-count:
 
   GET    /stats                               counters xmppctl turns into rates
+  GET    /s2s                                 the node's server-to-server streams
   POST   /announce {"host", "body", "subject"}  a headline to every session of host
   POST   /accounts/{user@host}/ban {"reason"}  end the banned account's sessions
   GET    /accounts/{user@host}/roster          the roster items
@@ -56,6 +57,7 @@ def add_routes(app: web.Application, server: Server) -> None:
     add = app.router.add_route
     add("GET", "/stats", routes.stats)
     add("GET", "/components", routes.components)
+    add("GET", "/s2s", routes.s2s)
     add("POST", "/announce", routes.announce)
     add("POST", "/accounts/{jid}/ban", routes.ban)
     add("GET", "/accounts/{jid}/roster", routes.roster)
@@ -110,6 +112,16 @@ class AdminRoutes:
                 row.update(node=node, here=True, since=conn.since, address=conn.peer)
             rows.append(row)
         return web.json_response({"components": rows})
+
+    async def s2s(self, request: web.Request) -> web.Response:
+        """This node's server-to-server streams, both ways (`xmppctl s2s`); `enabled`
+        false without an `s2s` section."""
+        service = self.server.s2s
+        conns = [] if service is None else list(service.connections)
+        conns.sort(key=lambda c: (c.remote, not c.outgoing, c.since))
+        links = [c.view() for c in conns]
+        node = self.server.cluster.node if self.server.cluster is not None else None
+        return web.json_response({"node": node, "enabled": service is not None, "s2s": links})
 
     async def announce(self, request: web.Request) -> web.Response:
         """XEP-0133 4.23 "send announcement to online users": a headline from the host

@@ -160,6 +160,7 @@ class Prosody:
     address: str
     c2s_port: int
     s2s_port: int
+    direct_tls_port: int | None  # its direct TLS s2s port (XEP-0368), if it has one
     folder: Path
     process: asyncio.subprocess.Process
 
@@ -197,16 +198,20 @@ def write_prosody_config(
     ca: CA,
     domain: str,
     address: str,
-    peers: dict[str, tuple[str, int]],
+    peers: dict[str, tuple[int | str, ...]],
     secure_auth: bool,
-) -> tuple[Path, int, int]:
-    """The config file (and certificate) of a Prosody; returns it and its c2s, s2s ports."""
+    direct_tls: bool = False,
+    bidi: bool = False,
+) -> tuple[Path, int, int, int | None]:
+    """The config file (and certificate) of a Prosody; returns it and its c2s, s2s and
+    direct TLS s2s ports."""
     if not Path(PROSODY).exists():
         raise FileNotFoundError(f"{PROSODY} is not installed (Debian package prosody)")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
     cert, key = issue(ca, folder, domain)
     c2s_port, s2s_port = free_port(address), free_port(address)
+    direct_port = free_port(address) if direct_tls else None
     options = {
         "run_as_root": True,
         "daemonize": False,
@@ -218,7 +223,7 @@ def write_prosody_config(
         "c2s_ports": [c2s_port],
         "s2s_ports": [s2s_port],
         "c2s_direct_tls_ports": [],
-        "s2s_direct_tls_ports": [],
+        "s2s_direct_tls_ports": [direct_port] if direct_port else [],
         "http_ports": [],
         "https_ports": [],
         "component_ports": [],
@@ -230,8 +235,9 @@ def write_prosody_config(
             "disco",
             "ping",
             "test_s2s_hosts",
+            *(["s2s_bidi"] if bidi else []),
         ],
-        "modules_disabled": ["s2s_bidi"],
+        "modules_disabled": [] if bidi else ["s2s_bidi"],
         "authentication": "internal_plain",
         "storage": "internal",
         "c2s_require_encryption": True,
@@ -239,7 +245,7 @@ def write_prosody_config(
         "s2s_secure_auth": secure_auth,
         "s2s_timeout": 20,
         "use_ipv6": False,
-        "test_s2s_hosts": {peer: [ip, port] for peer, (ip, port) in peers.items()},
+        "test_s2s_hosts": {peer: list(target) for peer, target in peers.items()},
         "ssl": {"certificate": str(cert), "key": str(key), "cafile": str(ca.path)},
         "log": {"debug": str(folder / "prosody.log")},
     }
@@ -247,7 +253,7 @@ def write_prosody_config(
     lines.append(f'VirtualHost "{domain}"')
     config = folder / "prosody.cfg.lua"
     config.write_text("\n".join(lines) + "\n")
-    return config, c2s_port, s2s_port
+    return config, c2s_port, s2s_port, direct_port
 
 
 async def start_prosody(
@@ -257,13 +263,17 @@ async def start_prosody(
     domain: str = "a.test",
     address: str = PROSODY_ADDRESS,
     users: dict[str, str],
-    peers: dict[str, tuple[str, int]],
+    peers: dict[str, tuple[int | str, ...]],
     secure_auth: bool = True,
+    direct_tls: bool = False,
+    bidi: bool = False,
 ) -> Prosody:
     """Prosody serving `domain` on `address`, trusting `ca`, reaching each of `peers`
-    (domain -> (address, port)) there; its users registered with prosodyctl."""
-    config, c2s_port, s2s_port = write_prosody_config(
-        folder, ca, domain, address, peers, secure_auth
+    (domain -> (address, port[, direct TLS port])) there; its users registered with
+    prosodyctl. `direct_tls`: it also listens for direct TLS s2s (XEP-0368); `bidi`:
+    it loads mod_s2s_bidi (XEP-0288), which the other tests leave out."""
+    config, c2s_port, s2s_port, direct_port = write_prosody_config(
+        folder, ca, domain, address, peers, secure_auth, direct_tls, bidi
     )
     ctl = shutil.which("prosodyctl") or PROSODYCTL
     for user, password in users.items():
@@ -288,7 +298,7 @@ async def start_prosody(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,  # it logs to prosody.log
     )
-    prosody = Prosody(domain, address, c2s_port, s2s_port, folder, process)
+    prosody = Prosody(domain, address, c2s_port, s2s_port, direct_port, folder, process)
     try:
         await _listening(prosody)
     except BaseException:
@@ -328,23 +338,28 @@ class DNSServer(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        query = dns.message.from_wire(data)
-        response = dns.message.make_response(query)
-        response.flags |= dns.flags.AA
-        question = query.question[0]
-        name = question.name.to_text(omit_final_dot=True).lower()
-        self.queries.append((name, dns.rdatatype.to_text(question.rdtype)))
-        answers = self.records.get((name, dns.rdatatype.to_text(question.rdtype)))
-        if answers:
-            response.answer.append(
-                dns.rrset.from_text_list(
-                    question.name, 60, dns.rdataclass.IN, question.rdtype, answers
-                )
-            )
-        elif not any(known == name for known, _ in self.records):
-            response.set_rcode(dns.rcode.NXDOMAIN)
         assert self.transport is not None
-        self.transport.sendto(response.to_wire(), addr)
+        self.transport.sendto(answer(self.records, data, self.queries), addr)
+
+
+def answer(
+    records: dict[tuple[str, str], list[str]], data: bytes, queries: list[tuple[str, str]]
+) -> bytes:
+    """The response to one DNS query, from `records`; NXDOMAIN for names not in it."""
+    query = dns.message.from_wire(data)
+    response = dns.message.make_response(query)
+    response.flags |= dns.flags.AA
+    question = query.question[0]
+    name = question.name.to_text(omit_final_dot=True).lower()
+    queries.append((name, dns.rdatatype.to_text(question.rdtype)))
+    answers = records.get((name, dns.rdatatype.to_text(question.rdtype)))
+    if answers:
+        response.answer.append(
+            dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN, question.rdtype, answers)
+        )
+    elif not any(known == name for known, _ in records):
+        response.set_rcode(dns.rcode.NXDOMAIN)
+    return bytes(response.to_wire())
 
 
 async def start_dns(records: dict[tuple[str, str], list[str]]) -> DNSServer:

@@ -176,6 +176,52 @@ async def test_certificate_for_another_domain_is_refused(setup: Setup) -> None:
         await close(client)
 
 
+async def test_direct_tls_checks_the_certificate_for_the_domain_the_header_names(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    # On a direct TLS listener (XEP-0368) the handshake comes before the stream header,
+    # so the certificate's names are checked against the 'from' that follows: a.test
+    # with a certificate for a.test gets EXTERNAL, with one for evil.test it does not.
+    setup = await make_setup(
+        tmp_path,
+        start_server,
+        listeners=[{"address": XMPPD_ADDRESS, "port": 0, "direct_tls": True}],
+    )
+    client = await bob(setup.server)
+    try:
+        for cert_domain, offered in (("a.test", True), ("evil.test", False)):
+            ctx = ssl.create_default_context(cafile=str(setup.ca.path))
+            ctx.load_cert_chain(*issue(setup.ca, setup.folder, cert_domain))
+            ctx.set_alpn_protocols(["xmpp-server"])
+            reader, writer = await asyncio.open_connection(
+                XMPPD_ADDRESS, setup.port, ssl=ctx, server_hostname="b.test"
+            )
+            tls = writer.get_extra_info("ssl_object")
+            assert tls.selected_alpn_protocol() == "xmpp-server"
+            writer.write(header("a.test"))
+            features = await read_features(reader)
+            assert b"starttls" not in features  # already TLS
+            assert (b"<mechanism>EXTERNAL</mechanism>" in features) is offered, cert_domain
+            writer.write(
+                b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+            )
+            if offered:
+                await read_until(reader, b"<success")
+                writer.write(header("a.test"))
+                await read_features(reader)
+                writer.write(message("anna@a.test/home", "over direct TLS"))
+                got = await asyncio.wait_for(client.messages.get(), 10)
+                assert got["body"] == "over direct TLS"
+            else:
+                writer.write(message("anna@a.test/home", "sneaking in"))
+                rest = (await read_to_end(reader)).replace(b'"', b"'")
+                assert b"<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest
+                await nothing_more_for(client)
+            writer.close()
+    finally:
+        await close(client)
+
+
 async def test_stream_that_never_authenticates_is_closed(setup: Setup) -> None:
     reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, setup.port)
     writer.write(header("a.test"))
@@ -304,3 +350,32 @@ async def test_silent_peer_bounces_with_a_timeout(
 ) -> None:
     condition, _ = await bounced(tmp_path, start_server, FakePeer(None), connect_timeout=1.0)
     assert condition == "remote-server-timeout"
+
+
+async def test_a_stream_over_its_byte_rate_is_read_slower(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    setup = await make_setup(tmp_path, start_server, max_bytes_per_second=4096)
+    client = await bob(setup.server)
+    reader, writer = await setup.authenticated("a.test")
+    try:
+        # About 9 KiB at once against 4 KiB per second (a bucket of one second's worth):
+        # what was read is delivered, then the stream is not read for about 1.2 s.
+        batch = b"".join(message("anna@a.test/home", f"{i}" + "x" * 3000) for i in range(3))
+        writer.write(batch)
+        for i in range(3):
+            got = await asyncio.wait_for(client.messages.get(), 10)
+            assert got["body"].startswith(f"{i}x")
+        assert setup.server.s2s is not None
+        (incoming,) = [c for c in setup.server.s2s.connections if not c.outgoing]
+        assert incoming.transport is not None and not incoming.transport.is_reading()
+        # A stanza sent now waits in the socket (TCP backpressure) until reading resumes.
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        writer.write(message("anna@a.test/home", "after the pause"))
+        got = await asyncio.wait_for(client.messages.get(), 10)
+        assert got["body"] == "after the pause"
+        assert loop.time() - sent > 0.8
+    finally:
+        writer.close()
+        await close(client)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 import slixmpp
 
-from tests.integration.clients import Client, close, insecure_context
-from tests.integration.conftest import StartServer, port_of
+from tests.integration.clients import close
+from tests.integration.conftest import StartServer
+from tests.integration.s2s_clients import Peer, next_message, user_at, xmppd_user
 from tests.integration.s2s_peers import (
     CA,
     PROSODY,
@@ -34,6 +36,7 @@ from tests.integration.s2s_peers import (
     start_dns,
     start_prosody,
 )
+from tests.integration.test_account_changes import xmppctl
 from xmppd.metrics import exposition
 from xmppd.server import Server
 
@@ -41,32 +44,6 @@ if not Path(PROSODY).exists():
     if os.environ.get("CI"):
         raise RuntimeError("CI needs Prosody (apt-get install prosody) for the s2s tests")
     pytest.skip("prosody is not installed", allow_module_level=True)
-
-
-class Peer(Client):
-    """A slixmpp client that also records presences, subscription requests included."""
-
-    def __init__(self, jid: str, password: str) -> None:
-        super().__init__(jid, password)
-        self.available: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
-        self.add_event_handler("presence_available", self.available.put_nowait)
-        self.errors: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
-        self.add_event_handler("message_error", self.errors.put_nowait)
-        # The subscription states the server pushed (RFC 6121 2.1.6), latest last.
-        self.pushed: dict[str, str] = {}
-        self.pushes = asyncio.Event()
-        self.add_event_handler("roster_update", self._on_push)
-
-    def _on_push(self, iq: slixmpp.Iq) -> None:
-        for jid, item in iq["roster"]["items"].items():
-            self.pushed[str(jid)] = item["subscription"]
-        self.pushes.set()
-
-    async def subscription_both(self, contact: str) -> None:
-        """Wait until the server pushed the roster item of `contact` as 'both'."""
-        while self.pushed.get(contact) != "both":
-            self.pushes.clear()
-            await self.pushes.wait()
 
 
 @dataclass
@@ -86,27 +63,47 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
     started: list[Federation] = []
 
     async def start(
-        *, xmppd_ca: CA | None = None, secure_auth: bool = True, srv: bool = False
+        *,
+        xmppd_ca: CA | None = None,
+        secure_auth: bool = True,
+        srv: bool = False,
+        direct_tls: bool = False,
+        bidi: bool = False,
     ) -> Federation:
         """`xmppd_ca`: the CA of xmppd's certificate, default the one Prosody trusts;
         `secure_auth`: Prosody's s2s_secure_auth (off: it accepts dialback); `srv`: xmppd
-        finds a.test through SRV and A records instead of a static override."""
+        finds a.test through SRV and A records instead of a static override;
+        `direct_tls`: both also listen for direct TLS (XEP-0368), which each prefers:
+        the `_xmpps-server` record of a.test has the better priority, and Prosody
+        tries b.test's direct TLS port first; `bidi`: Prosody loads mod_s2s_bidi
+        (XEP-0288; xmppd offers and asks for it always)."""
         ca = make_ca(tmp_path)
         own = tmp_path / "xmppd-cert"
         own.mkdir()
         cert, key = issue(xmppd_ca or ca, own, "b.test")
         s2s_port = free_port(XMPPD_ADDRESS)
+        listeners = [{"address": XMPPD_ADDRESS, "port": s2s_port}]
+        target: tuple[int | str, ...] = (XMPPD_ADDRESS, s2s_port)
+        if direct_tls:
+            direct_port = free_port(XMPPD_ADDRESS)
+            listeners.append({"address": XMPPD_ADDRESS, "port": direct_port, "direct_tls": True})
+            target += (direct_port,)
         prosody = await start_prosody(
             tmp_path / "prosody",
             ca,
             users={"anna": "anna-secret"},
-            peers={"b.test": (XMPPD_ADDRESS, s2s_port)},
+            peers={"b.test": target},
             secure_auth=secure_auth,
+            direct_tls=direct_tls,
+            bidi=bidi,
         )
         records = {
-            ("_xmpp-server._tcp.a.test", "SRV"): [f"0 5 {prosody.s2s_port} a.test."],
+            ("_xmpp-server._tcp.a.test", "SRV"): [f"10 5 {prosody.s2s_port} a.test."],
             ("a.test", "A"): [PROSODY_ADDRESS],
         }
+        if direct_tls:
+            srv_direct = f"0 5 {prosody.direct_tls_port} a.test."
+            records[("_xmpps-server._tcp.a.test", "SRV")] = [srv_direct]
         # Without `srv` it knows no domain: anything not overridden does not exist.
         dns = await start_dns(records if srv else {})
         domains = {} if srv else {"a.test": {"host": PROSODY_ADDRESS, "port": prosody.s2s_port}}
@@ -117,7 +114,7 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
             hosts=["b.test"],
             tls={"cert": str(cert), "key": str(key)},
             s2s={
-                "listeners": [{"address": XMPPD_ADDRESS, "port": s2s_port}],
+                "listeners": listeners,
                 "ca_file": str(ca.path),  # Prosody's certificate is from the test CA
                 "connect_timeout": 10.0,
                 "dns_servers": [f"127.0.18.1:{dns.port}"],
@@ -139,32 +136,8 @@ async def federation(federate: Federate) -> Federation:
     return await federate()
 
 
-async def xmppd_user(server: Server, jid: str, password: str) -> Peer:
-    client = Peer(jid, password)
-    client.ssl_context = insecure_context()
-    client.enable_direct_tls = False
-    client.enable_plaintext = False
-    client.connect("127.0.0.1", port_of(server, "starttls"))
-    await asyncio.wait_for(client.started.wait(), 15)
-    await client.get_roster()  # an interested resource: it gets roster pushes
-    client.send_presence()
-    return client
-
-
 async def prosody_user(prosody: Prosody, jid: str, password: str) -> Peer:
-    client = Peer(jid, password)
-    client.ssl_context = insecure_context()
-    client.enable_direct_tls = False
-    client.enable_plaintext = False
-    client.connect(prosody.address, prosody.c2s_port)
-    await asyncio.wait_for(client.started.wait(), 15)
-    await client.get_roster()  # an interested resource: it gets roster pushes
-    client.send_presence()
-    return client
-
-
-async def next_message(client: Peer, timeout: float = 20) -> slixmpp.Message:
-    return await asyncio.wait_for(client.messages.get(), timeout)
+    return await user_at(prosody.address, prosody.c2s_port, jid, password)
 
 
 def _diagnose(fed: Federation) -> str:
@@ -247,11 +220,14 @@ async def test_no_such_domain_bounces(federation: Federation) -> None:
         assert error["id"] == "m1"
         assert error["error"]["condition"] == "remote-server-not-found"
         assert str(error["from"]) == "someone@nowhere.test"
-        # Found out through DNS: SRV first, then the domain's address (RFC 6120 3.2).
-        assert federation.dns.queries == [
+        # Found out through DNS: both kinds of SRV record at once (XEP-0368), then the
+        # domain's address (RFC 6120 3.2).
+        queries = federation.dns.queries
+        assert sorted(queries[:2]) == [
             ("_xmpp-server._tcp.nowhere.test", "SRV"),
-            ("nowhere.test", "A"),
+            ("_xmpps-server._tcp.nowhere.test", "SRV"),
         ]
+        assert queries[2:] == [("nowhere.test", "A")]
         assert "nowhere.test does not exist" in error["error"]["text"]
         metrics = exposition(federation.xmppd).decode()
         assert 'xmppd_s2s_link_failures_total{condition="remote-server-not-found"} 1.0' in metrics
@@ -364,11 +340,116 @@ async def test_srv_discovery(federate: Federate) -> None:
             pytest.fail("anna got nothing\n" + _diagnose(federation))
         assert got["body"] == "found you"
         # The SRV record's target and port, its address from the same DNS server.
-        assert federation.dns.queries == [
+        queries = federation.dns.queries
+        assert sorted(queries[:2]) == [
             ("_xmpp-server._tcp.a.test", "SRV"),
-            ("a.test", "A"),
-            ("a.test", "AAAA"),
+            ("_xmpps-server._tcp.a.test", "SRV"),
         ]
+        assert queries[2:] == [("a.test", "A"), ("a.test", "AAAA")]
+        assert federation.xmppd.s2s is not None
+        assert [c.direct_tls for c in federation.xmppd.s2s.outgoing()] == [False]
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_direct_tls_both_ways(federate: Federate) -> None:
+    federation = await federate(srv=True, direct_tls=True)
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        bob.send_message(mto="anna@a.test", mbody="over direct TLS", mtype="chat")
+        anna.send_message(mto="bob@b.test/desk", mbody="and back", mtype="chat")
+        try:
+            got, back = await next_message(anna), await next_message(bob)
+        except TimeoutError:
+            pytest.fail("no message across\n" + _diagnose(federation))
+        assert (got["body"], back["body"]) == ("over direct TLS", "and back")
+        s2s = federation.xmppd.s2s
+        assert s2s is not None
+        # xmppd took a.test's _xmpps-server record (the better priority): TLS from the
+        # first byte to Prosody's direct TLS port, SNI a.test, ALPN offered.
+        (out,) = s2s.outgoing()
+        assert out.direct_tls and out.stream.mechanism == "EXTERNAL"
+        assert out.peer.endswith(f":{federation.prosody.direct_tls_port}")
+        ssl_object = out.transport.get_extra_info("ssl_object")  # type: ignore[union-attr]
+        assert ssl_object.server_hostname == "a.test"
+        # Prosody came to xmppd's direct TLS listener and authenticated there.
+        (incoming,) = [c for c in s2s.connections if not c.outgoing]
+        assert incoming.direct_tls
+        assert (incoming.stream.authenticated_domain, incoming.stream.mechanism) == (
+            "a.test",
+            "EXTERNAL",
+        )
+        assert "Stream encrypted" in federation.prosody.log
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_xmppctl_s2s_lists_the_live_streams(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        code, out, err = await xmppctl(federation.xmppd, "s2s")
+        assert (code, out) == (0, ""), err  # no stream yet
+        bob.send_message(mto="anna@a.test", mbody="one", mtype="chat")
+        bob.send_message(mto="anna@a.test", mbody="two", mtype="chat")
+        assert [(await next_message(anna))["body"] for _ in range(2)] == ["one", "two"]
+        anna.send_message(mto="bob@b.test/desk", mbody="three", mtype="chat")
+        assert (await next_message(bob))["body"] == "three"
+
+        code, out, err = await xmppctl(federation.xmppd, "s2s")
+        assert code == 0, err
+        rows = sorted(line.split("\t") for line in out.splitlines())
+        # DIRECTION REMOTE LOCAL AUTH TLS SINCE IN OUT PEER NODE BIDI
+        assert [r[:5] + r[6:8] + r[9:] for r in rows] == [
+            ["in", "a.test", "b.test", "EXTERNAL", "starttls", "1", "0", "-", "-"],
+            ["out", "a.test", "b.test", "EXTERNAL", "starttls", "0", "2", "-", "-"],
+        ]
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r[5]) for r in rows)
+        assert rows[1][8] == f"{PROSODY_ADDRESS}:{federation.prosody.s2s_port}"
+        assert re.fullmatch(r"127\.[\d.]+:\d+", rows[0][8])  # Prosody's source address
+
+        code, out, err = await xmppctl(federation.xmppd, "s2s", "elsewhere.test")
+        assert (code, out) == (0, ""), err
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+def _streams(server: Server) -> list[tuple[str, str, bool, int, int]]:
+    """(direction, remote, bidi, stanzas in, out) of each s2s stream of `server`."""
+    assert server.s2s is not None
+    return sorted(
+        ("out" if c.outgoing else "in", c.remote, c.stream.bidi, c.stanzas_in, c.stanzas_out)
+        for c in server.s2s.connections
+    )
+
+
+@pytest.mark.parametrize("first", ["xmppd", "prosody"])
+async def test_bidirectional_stream(federate: Federate, first: str) -> None:
+    # XEP-0288: whoever opens the stream asks for bidi (Prosody's mod_s2s_bidi or
+    # xmppd), the other offers it; the answer then comes back on the same stream.
+    federation = await federate(bidi=True)
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        if first == "xmppd":
+            bob.send_message(mto="anna@a.test", mbody="one stream", mtype="chat")
+            got = await next_message(anna)
+            anna.send_message(mto="bob@b.test/desk", mbody="both ways", mtype="chat")
+            back = await next_message(bob)
+        else:
+            anna.send_message(mto="bob@b.test/desk", mbody="one stream", mtype="chat")
+            got = await next_message(bob)
+            bob.send_message(mto="anna@a.test", mbody="both ways", mtype="chat")
+            back = await next_message(anna)
+        assert (got["body"], back["body"]) == ("one stream", "both ways")
+        direction = "out" if first == "xmppd" else "in"
+        assert _streams(federation.xmppd) == [(direction, "a.test", True, 1, 1)]
+    except TimeoutError:
+        pytest.fail("no message across\n" + _diagnose(federation))
     finally:
         await close(bob)
         await close(anna)

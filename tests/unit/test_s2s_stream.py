@@ -166,6 +166,61 @@ def test_outgoing_falls_back_to_dialback() -> None:
     assert events == [s2s.Authenticated("a.test", "dialback")]
 
 
+def test_outgoing_tries_dialback_when_external_fails() -> None:
+    # ejabberd offers EXTERNAL to every peer and checks the certificate only when asked:
+    # its <failure/> leaves the stream open, and dialback (offered too) follows on it.
+    stream = s2s.S2SStream(DIALBACK, outgoing=True, local="b.test", remote="a.test", dialback=True)
+    stream.start()
+    stream.receive(
+        HEADER + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        b"</stream:features><proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+    )
+    stream.tls_started()
+    stream.output()
+    restarted = HEADER.replace(b"to='b.test'", b"to='b.test' id='sid-3'")
+    stream.receive(
+        restarted + b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+        b"<mechanism>EXTERNAL</mechanism></mechanisms>"
+        b"<dialback xmlns='urn:xmpp:features:dialback'/></stream:features>"
+    )
+    assert b'mechanism="EXTERNAL"' in stream.output()
+    events = stream.receive(
+        b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>"
+    )
+    assert events == [] and not stream.closed
+    assert b">key:a.test:b.test:sid-3</db:result>" in stream.output()
+    events = stream.receive(
+        b"<db:result xmlns:db='jabber:server:dialback' from='a.test' to='b.test' type='valid'/>"
+    )
+    assert events == [s2s.Authenticated("a.test", "dialback")]
+
+
+DIALBACK_FEATURE = b"<dialback xmlns='urn:xmpp:features:dialback'/>"
+
+
+def test_outgoing_gives_up_when_external_fails_without_dialback() -> None:
+    for settings, offered in ((DIALBACK, b""), (SETTINGS, DIALBACK_FEATURE)):
+        # Dialback not offered by the peer, or not allowed here.
+        stream = s2s.S2SStream(
+            settings, outgoing=True, local="b.test", remote="a.test", dialback=True
+        )
+        stream.start()
+        stream.receive(
+            HEADER + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+            b"</stream:features><proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        )
+        stream.tls_started()
+        stream.receive(
+            HEADER + b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+            b"<mechanism>EXTERNAL</mechanism></mechanisms>" + offered + b"</stream:features>"
+        )
+        events = stream.receive(
+            b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>"
+        )
+        assert isinstance(events[0], s2s.AuthFailed) and stream.closed
+        assert b"<db:result" not in stream.output()
+
+
 def test_incoming_vouches_only_for_its_own_keys() -> None:
     for key, verdict in [(b"key:a.test:b.test:s1", b"valid"), (b"forged", b"invalid")]:
         stream = s2s.S2SStream(DIALBACK)
@@ -182,3 +237,86 @@ def test_incoming_vouches_only_for_its_own_keys() -> None:
         answer = stream.output()
         assert b'type="' + verdict + b'"' in answer
         assert b'from="b.test" to="a.test" id="s1"' in answer
+
+
+BIDI = s2s.S2SSettings(
+    hosts={"b.test"},
+    max_stanza_bytes=524288,
+    max_stanza_bytes_unauthenticated=10240,
+    max_depth=48,
+    bidi=True,
+)
+MESSAGE = etree.fromstring(
+    b"<message xmlns='jabber:client' from='bob@b.test' to='anna@a.test'><body>x</body></message>"
+)
+
+
+def test_incoming_offers_bidi_and_then_sends_on_the_stream() -> None:
+    stream = s2s.S2SStream(BIDI)
+    stream.receive(HEADER + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    stream.tls_started({"a.test"})
+    stream.receive(HEADER)
+    assert b"<bidi xmlns=\"urn:xmpp:features:bidi\"/>" in stream.output()
+    assert not stream.bidi
+    # XEP-0288 3: asked for before authentication, with no answer.
+    assert stream.receive(b"<bidi xmlns='urn:xmpp:bidi'/>") == []
+    assert stream.output() == b"" and stream.bidi
+    assert stream.receive(EXTERNAL) == [s2s.Authenticated("a.test", "EXTERNAL")]
+    stream.output()
+    stream.send(MESSAGE)
+    assert stream.output().startswith(b'<message xmlns="jabber:server" from="bob@b.test"')
+
+
+def test_bidi_is_neither_offered_nor_taken_when_off() -> None:
+    stream = s2s.S2SStream(SETTINGS)
+    stream.receive(HEADER + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    stream.tls_started({"a.test"})
+    stream.receive(HEADER)
+    assert b"bidi" not in stream.output()
+    events = stream.receive(b"<bidi xmlns='urn:xmpp:bidi'/>")
+    assert isinstance(events[0], s2s.StreamEnded) and not stream.bidi
+
+
+def outgoing_bidi(offered: bool) -> tuple[s2s.S2SStream, bytes]:
+    """An outgoing stream up to EXTERNAL success and the restarted stream's features;
+    what it sent after TLS."""
+    stream = s2s.S2SStream(BIDI, outgoing=True, local="b.test", remote="a.test")
+    stream.start()
+    stream.receive(
+        HEADER + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        b"</stream:features><proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+    )
+    stream.tls_started()
+    stream.output()
+    bidi = b"<bidi xmlns='urn:xmpp:features:bidi'/>" if offered else b""
+    stream.receive(
+        HEADER + b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+        b"<mechanism>EXTERNAL</mechanism></mechanisms>" + bidi + b"</stream:features>"
+    )
+    sent = stream.output()
+    stream.receive(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+    events = stream.receive(HEADER + b"<stream:features/>")
+    assert events == [s2s.Authenticated("a.test", "EXTERNAL")]
+    return stream, sent
+
+
+def test_outgoing_asks_for_bidi_and_takes_the_peers_stanzas() -> None:
+    stream, sent = outgoing_bidi(offered=True)
+    assert sent.index(b'<bidi xmlns="urn:xmpp:bidi"/>') < sent.index(b"<auth")
+    events = stream.receive(
+        b"<message from='anna@a.test/home' to='bob@b.test'><body>back</body></message>"
+    )
+    assert len(events) == 1 and isinstance(events[0], s2s.StanzaReceived)
+    assert events[0].stanza.get("from") == "anna@a.test/home"
+    # Still only from the authenticated domain.
+    events = stream.receive(b"<message from='eve@evil.test' to='bob@b.test'/>")
+    assert isinstance(events[0], s2s.StreamEnded) and events[0].error is not None
+    assert events[0].error.condition == "invalid-from"
+
+
+def test_outgoing_without_bidi_refuses_the_peers_stanzas() -> None:
+    stream, sent = outgoing_bidi(offered=False)
+    assert b"bidi" not in sent and not stream.bidi
+    events = stream.receive(b"<message from='anna@a.test/home' to='bob@b.test'/>")
+    assert isinstance(events[0], s2s.StreamEnded) and events[0].error is not None
+    assert events[0].error.condition == "unsupported-stanza-type"

@@ -519,11 +519,13 @@ def _parser() -> argparse.ArgumentParser:
         ctl_admin,
         ctl_components,
         ctl_reload,
+        ctl_s2s,
         ctl_sessions,
         ctl_xep227,
     )
 
     ctl_sessions.add_parsers(sub)
+    ctl_s2s.add_parsers(sub)
     ctl_reload.add_parsers(sub)
     ctl_xep227.add_parsers(sub)
     ctl_admin.add_parsers(sub)

@@ -220,6 +220,20 @@ async def node_components(data_dir: Path, outcome: Outcome) -> list[dict[str, ob
     return [c for _, body in answers for c in body.get("components", [])]
 
 
+async def node_s2s(data_dir: Path, outcome: Outcome) -> list[dict[str, object]] | None:
+    """The server-to-server streams of every node running here (GET /s2s), each with
+    its node's name as "node" (None outside a cluster); None when no node answers, []
+    when none of them federates (no `s2s` section)."""
+    answers = await _each_node(data_dir, "GET", "/s2s", outcome)
+    if not answers:
+        return None
+    return [
+        {**link, "node": body.get("node")}
+        for _, body in answers
+        for link in body.get("s2s", [])
+    ]
+
+
 async def kick_on_nodes(
     data_dir: Path, jid: str, reason: str | None, everywhere: bool, outcome: Outcome
 ) -> list[dict[str, object]] | None:

@@ -71,12 +71,14 @@ Seconds = Annotated[StrictFloat, Field(allow_inf_nan=False, gt=0)]
 
 
 class S2SListener(BaseModel):
-    """A socket where other servers connect (STARTTLS on it, RFC 6120)."""
+    """A socket where other servers connect: STARTTLS on it (RFC 6120), or TLS from the
+    first byte with `direct_tls` (XEP-0368, the `_xmpps-server` SRV record's port)."""
 
     model_config = ConfigDict(extra="forbid")
 
     address: Annotated[StrictStr, AfterValidator(_address)]
     port: StrictInt = Field(ge=0, le=65535)  # 0: the OS picks (tests)
+    direct_tls: StrictBool = False
 
 
 class DomainPolicy(BaseModel):
@@ -86,6 +88,7 @@ class DomainPolicy(BaseModel):
 
     host: StrictStr | None = None  # connect here instead of asking DNS (with port)
     port: StrictInt = Field(default=5269, ge=1, le=65535)
+    direct_tls: StrictBool = False  # that host and port take TLS from the first byte
     ca_file: Path | None = None  # the CAs its certificate must chain to
     # Authenticate to it with dialback when it does not accept our certificate; None:
     # as `s2s.dialback` says.
@@ -108,9 +111,14 @@ class S2SConfig(BaseModel):
     max_stanza_bytes_unauthenticated: StrictInt = Field(default=10240, ge=1024)
     auth_timeout: Seconds = 30.0  # a stream must be authenticated within this
     idle_timeout: Seconds = 600.0  # a stream that carries nothing this long is closed
+    # Bytes read per second from one stream (a token bucket holding one second's worth);
+    # past it the stream stops being read for a while (TCP backpressure). 0: no limit.
+    max_bytes_per_second: StrictInt = Field(default=1048576, ge=0)
     connect_timeout: Seconds = 15.0  # DNS, TCP, TLS and authentication of an outgoing stream
     # Dialback (XEP-0220) when a peer does not accept our certificate (always over TLS).
     dialback: StrictBool = True
+    # Bidirectional streams (XEP-0288): one stream carries stanzas both ways.
+    bidi: StrictBool = True
     max_queue: StrictInt = Field(default=1000, ge=1)  # stanzas waiting per remote domain
     # DNS servers for SRV and address lookups ("IP" or "IP:port"); none: /etc/resolv.conf.
     dns_servers: list[Annotated[StrictStr, AfterValidator(_dns_server)]] = Field(

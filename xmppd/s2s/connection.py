@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from xmppd.ratelimit import TokenBucket
 from xmppd.s2s.identity import certificate_covers
 from xmppd.stream import s2s
 from xmppd.stream.errors import StreamError
@@ -31,14 +33,19 @@ class S2SConnection(asyncio.Protocol):
         service: S2SService,
         stream: s2s.S2SStream,
         tls_context: ssl.SSLContext,
+        direct_tls: bool = False,
     ) -> None:
         self.service = service
         self.stream = stream
         self.outgoing = stream.outgoing
-        self.tls_context = tls_context
+        self.tls_context = tls_context  # for STARTTLS
+        self.direct_tls = direct_tls  # TLS from the first byte (XEP-0368): done by asyncio
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.last_active = 0.0  # loop time of the last byte in or out (idle timeout)
+        self.since = 0.0  # wall-clock time the connection was made (xmppctl s2s)
+        self.stanzas_in = 0
+        self.stanzas_out = 0
         # Set once the stream is authenticated (outgoing: ready for stanzas) or ended.
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Its failure may come after the service stopped waiting (a timeout): not an error.
@@ -46,10 +53,28 @@ class S2SConnection(asyncio.Protocol):
         self._auth_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._before_tls: list[bytes] | None = None
+        rate = service.config.max_bytes_per_second
+        self._bucket = TokenBucket(rate, rate) if rate else None
+        self._rate_pause: asyncio.TimerHandle | None = None  # reading stopped until then
 
     @property
     def remote(self) -> str:
         return self.stream.authenticated_domain or self.stream.remote or "?"
+
+    def view(self) -> dict[str, object]:
+        """What `xmppctl s2s` shows of it (GET /s2s on the admin API)."""
+        return {
+            "direction": "out" if self.outgoing else "in",
+            "local": self.stream.local or "",
+            "remote": self.remote,
+            "mechanism": self.stream.mechanism or "none",
+            "tls": "direct" if self.direct_tls else "starttls",
+            "bidi": self.stream.bidi,
+            "since": self.since,
+            "peer": self.peer,
+            "stanzas_in": self.stanzas_in,
+            "stanzas_out": self.stanzas_out,
+        }
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -59,10 +84,14 @@ class S2SConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         loop = asyncio.get_running_loop()
         self.last_active = loop.time()
+        self.since = time.time()
         self.service.connection_opened(self)
         if not self.outgoing:
             self._auth_timer = loop.call_later(self.service.config.auth_timeout, self._auth_timeout)
-        else:
+        if self.direct_tls:
+            # asyncio finished the handshake before calling us: the stream starts secured.
+            self._secured(transport)  # type: ignore[arg-type]
+        elif self.outgoing:
             self.stream.start()
             self._flush()
 
@@ -70,16 +99,32 @@ class S2SConnection(asyncio.Protocol):
         if self._before_tls is not None:
             self._before_tls.append(data)
             return
-        self.last_active = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
         self._handle(self.stream.receive(data))
         self._flush()
+        if self._bucket is None:
+            return
+        delay = self._bucket.take(len(data), self.last_active)
+        if delay > 0 and self._rate_pause is None:
+            if self.transport is not None and not self.transport.is_closing():
+                # Over `s2s.max_bytes_per_second`: stop reading until the debt is paid.
+                self.transport.pause_reading()
+                self._rate_pause = loop.call_later(delay, self._resume_reading)
 
     def eof_received(self) -> bool:
         return False
 
+    def _resume_reading(self) -> None:
+        self._rate_pause = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        if self._rate_pause is not None:
+            self._rate_pause.cancel()
         self.transport = None
         if not self.ready.done():
             if self.outgoing:  # awaited by the service, which then fails the link
@@ -95,6 +140,7 @@ class S2SConnection(asyncio.Protocol):
         if self.stream.closed or self.transport is None or not self.stream.authenticated:
             return False
         self.service.server.traffic.sent(stanza.tag)
+        self.stanzas_out += 1
         self.stream.send(stanza)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -141,6 +187,7 @@ class S2SConnection(asyncio.Protocol):
     def _handle(self, events: list[s2s.Event]) -> None:
         for event in events:
             if isinstance(event, s2s.StanzaReceived):
+                self.stanzas_in += 1
                 self.service.received(event.stanza)
             elif isinstance(event, s2s.TLSRequested):
                 assert self.transport is not None
@@ -162,6 +209,8 @@ class S2SConnection(asyncio.Protocol):
                 )
                 if not self.ready.done():
                     self.ready.set_result(None)
+                if not self.outgoing and self.stream.bidi:
+                    self.service.bidi_ready(self)
             elif isinstance(event, s2s.AuthFailed):
                 log.info("s2s: %s (%s) refused us: %s", self.remote, self.peer, event.reason)
                 if not self.ready.done():
@@ -189,28 +238,53 @@ class S2SConnection(asyncio.Protocol):
         if new_transport is None:
             return
         self.transport = new_transport  # type: ignore[assignment]
-        ssl_object = new_transport.get_extra_info("ssl_object")
+        if self._secured(new_transport):  # type: ignore[arg-type]
+            early, self._before_tls = b"".join(self._before_tls or ()), None
+            if early:
+                self.data_received(early)
+
+    def _secured(self, transport: asyncio.Transport) -> bool:
+        """TLS is up: check the peer's certificate names and tell the stream. OpenSSL
+        validated the chain (or there is no certificate); the name is ours to check:
+        outgoing, here, for the domain we connected to; incoming, by the stream, for the
+        domain its header names (after a direct TLS handshake it has not come yet)."""
+        ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not self.outgoing:
+            self.stream.tls_started(_CertificateNames(der))
+            self._flush()
+            return True
         remote = self.stream.remote or ""
-        # OpenSSL validated the chain (or there is no certificate); the name is ours to check.
-        covered = der is not None and bool(remote) and certificate_covers(der, remote)
-        if self.outgoing and not covered:
+        if der is None or not remote or not certificate_covers(der, remote):
             reason = f"its certificate is not valid for {remote}"
             log.info("s2s: outgoing stream to %s (%s) refused: %s", remote, self.peer, reason)
             if not self.ready.done():
                 self.ready.set_exception(ConnectionRefusedError(reason))
             self.close(StreamError("policy-violation", reason))
-            return
-        self.stream.tls_started({remote} if covered else ())
+            return False
+        self.stream.tls_started({remote})
         self._flush()
-        early, self._before_tls = b"".join(self._before_tls or ()), None
-        if early:
-            self.data_received(early)
+        return True
 
     def _auth_timeout(self) -> None:
         self._auth_timer = None
         if not self.stream.authenticated and not self.stream.closed:
             self.close(StreamError("connection-timeout", "authenticate in time"))
+
+
+class _CertificateNames:
+    """The domains a peer's certificate is valid for (RFC 9525), asked one at a time."""
+
+    def __init__(self, der: bytes | None) -> None:
+        self.der = der
+
+    def __contains__(self, domain: object) -> bool:
+        return (
+            self.der is not None
+            and isinstance(domain, str)
+            and bool(domain)
+            and certificate_covers(self.der, domain)
+        )
 
 
 def _seen(future: asyncio.Future[None]) -> None:

@@ -1,14 +1,16 @@
 """Where to connect for a remote domain (RFC 6120 3.2): a static override, else DNS.
 
 DNS is asked with dnspython's asyncio resolver, so a slow name server never
-blocks the loop: `_xmpp-server._tcp.<domain>` SRV records in priority order
-(weighted at random within a priority, RFC 2782), and without any the domain
-itself on port 5269. A single SRV record with target "." says the domain
-offers no XMPP service.
+blocks the loop: `_xmpps-server._tcp.<domain>` (direct TLS, XEP-0368) and
+`_xmpp-server._tcp.<domain>` (STARTTLS) SRV records, ordered together by
+priority (weighted at random within a priority, RFC 2782), and without any
+the domain itself on port 5269. A single SRV record with target "." says
+the domain does not offer that kind of connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ DEFAULT_PORT = 5269
 class Target:
     host: str  # a name or an address, for loop.create_connection
     port: int
+    direct_tls: bool = False  # TLS from the first byte (XEP-0368), not STARTTLS
 
 
 class NoService(Exception):
@@ -47,19 +50,38 @@ class Resolver:
         self._dns.lifetime = lifetime
 
     async def targets(self, domain: str) -> list[Target]:
+        """Where to try, in order. `_xmpps-server` (direct TLS, XEP-0368) and
+        `_xmpp-server` (STARTTLS) records are asked at once and ordered together, as one
+        RFC 2782 record set (XEP-0368 3): the domain's priorities and weights decide
+        which kind is tried first. A lone '.' target says that kind is not offered; only
+        when neither kind has any record is the domain itself tried on 5269 (a '.' rules
+        that out too)."""
         policy = self.config.policy(domain)
         if policy.host is not None:
-            return [Target(policy.host, policy.port)]
+            return [Target(policy.host, policy.port, policy.direct_tls)]
+        direct, starttls = await asyncio.gather(
+            self._srv(f"_xmpps-server._tcp.{domain}."), self._srv(f"_xmpp-server._tcp.{domain}.")
+        )
+        if direct is None and starttls is None:
+            return await self._fallback(domain)
+        records = [(r, True) for r in direct or ()] + [(r, False) for r in starttls or ()]
+        if not records:
+            raise NoService(f"{domain} offers no server-to-server service (SRV target '.')")
+        return [
+            Target(r.target.to_text(omit_final_dot=True), r.port, tls)
+            for r, tls in _srv_order(records)
+        ]
+
+    async def _srv(self, name: str) -> list[dns.rdtypes.IN.SRV.SRV] | None:
+        """The SRV records at `name`: None if there are none, [] for a lone '.'."""
         try:
-            answer = await self._dns.resolve(f"_xmpp-server._tcp.{domain}.", "SRV")
-        except dns.resolver.NXDOMAIN:
-            return await self._fallback(domain)
-        except (dns.resolver.NoAnswer, dns.resolver.NoNameservers):
-            return await self._fallback(domain)
+            answer = await self._dns.resolve(name, "SRV")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
+            return None
         records: list[dns.rdtypes.IN.SRV.SRV] = list(answer)  # type: ignore[arg-type]
         if len(records) == 1 and records[0].target.to_text() == ".":
-            raise NoService(f"{domain} offers no server-to-server service (SRV target '.')")
-        return [Target(r.target.to_text(omit_final_dot=True), r.port) for r in _srv_order(records)]
+            return []
+        return records
 
     async def addresses(self, host: str) -> list[str]:
         """The addresses of an SRV target (or an override's host), asked of the same DNS
@@ -91,18 +113,20 @@ class Resolver:
         raise NoService(f"{domain} has no SRV record and no address")
 
 
-def _srv_order(records: list[dns.rdtypes.IN.SRV.SRV]) -> list[dns.rdtypes.IN.SRV.SRV]:
+def _srv_order(
+    records: list[tuple[dns.rdtypes.IN.SRV.SRV, bool]],
+) -> list[tuple[dns.rdtypes.IN.SRV.SRV, bool]]:
     """RFC 2782: lowest priority first; within one, weighted random order."""
-    ordered: list[dns.rdtypes.IN.SRV.SRV] = []
-    for priority in sorted({r.priority for r in records}):
-        group = [r for r in records if r.priority == priority]
+    ordered: list[tuple[dns.rdtypes.IN.SRV.SRV, bool]] = []
+    for priority in sorted({r.priority for r, _ in records}):
+        group = [entry for entry in records if entry[0].priority == priority]
         while group:
-            total = sum(r.weight for r in group)
+            total = sum(r.weight for r, _ in group)
             pick = random.uniform(0, total) if total else 0.0
-            for r in group:
-                pick -= r.weight
+            for entry in group:
+                pick -= entry[0].weight
                 if pick <= 0:
                     break
-            group.remove(r)
-            ordered.append(r)
+            group.remove(entry)
+            ordered.append(entry)
     return ordered

@@ -1,9 +1,10 @@
 """Federation for one node: the s2s listeners, the outgoing links, and the router's seam.
 
 `S2SService` is the router's `remote` (xmppd/router.py, `RemoteRoute`): a
-stanza to a domain this node does not serve comes here. One outgoing link
-per (our domain, remote domain) pair carries them (RFC 6120 streams are
-one-way); while its connection is set up (DNS, TCP, STARTTLS, SASL
+stanza to a domain this node does not serve comes here. One link per (our
+domain, remote domain) pair carries them: a stream we open (RFC 6120 streams
+are one-way), or one the peer opened and made bidirectional (XEP-0288,
+`bidi_ready`); while its connection is set up (DNS, TCP, STARTTLS, SASL
 EXTERNAL) stanzas wait in its queue, in order, and leave when it is ready.
 If it cannot be set up they are answered with <remote-server-timeout/>
 (took longer than `s2s.connect_timeout`) or <remote-server-not-found/>
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xmppd.s2s")
 
+ALPN = "xmpp-server"  # the ALPN protocol of direct TLS server streams (XEP-0368)
+
 
 class _Served:
     """The domains a peer may address: the node's hosts and its served subdomains,
@@ -79,14 +82,16 @@ class S2SService:
             max_stanza_bytes=config.max_stanza_bytes,
             max_stanza_bytes_unauthenticated=config.max_stanza_bytes_unauthenticated,
             max_depth=server.config.limits.max_xml_depth,
+            bidi=config.bidi,
         )
         self.resolver = Resolver(config, config.connect_timeout)
         self.links: dict[tuple[str, str], Link] = {}
         self.connections: set[S2SConnection] = set()
         self.listening: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
-        self._client_contexts: dict[Path | None, ssl.SSLContext] = {}
+        self._client_contexts: dict[tuple[Path | None, bool], ssl.SSLContext] = {}
         self._server_context: ssl.SSLContext | None = None
+        self._direct_server_context: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None
         self._stopped = False
         # Outgoing streams that could not be set up, by bounce condition (/metrics).
@@ -107,16 +112,32 @@ class S2SService:
 
         self.settings.dialback_key = dialback_key
         self._server_context = self._make_server_context()
+        self._direct_server_context = self._make_server_context(alpn=True)
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
-            server = await loop.create_server(
-                self._incoming, listener.address, listener.port, reuse_address=True
-            )
+            if listener.direct_tls:
+                server = await loop.create_server(
+                    self._incoming_direct,
+                    listener.address,
+                    listener.port,
+                    reuse_address=True,
+                    ssl=self._direct_server_context,
+                    ssl_handshake_timeout=self.config.auth_timeout,
+                )
+            else:
+                server = await loop.create_server(
+                    self._incoming, listener.address, listener.port, reuse_address=True
+                )
             self._servers.append(server)
             for sock in server.sockets:
                 address, port = sock.getsockname()[:2]
                 self.listening.append((address, port))
-                log.info("listening: s2s STARTTLS on %s port %d", address, port)
+                log.info(
+                    "listening: s2s %s on %s port %d",
+                    "direct TLS" if listener.direct_tls else "STARTTLS",
+                    address,
+                    port,
+                )
         self._schedule_sweep()
 
     async def stop(self) -> None:
@@ -180,7 +201,7 @@ class S2SService:
                 for target in await self.resolver.targets(link.remote):
                     for address in await self.resolver.addresses(target.host):
                         try:
-                            conn = await self._open(link, address, target.port)
+                            conn = await self._open(link, address, target.port, target.direct_tls)
                         except (OSError, ConnectionError) as exc:
                             problem = exc
                             log.info(
@@ -206,9 +227,13 @@ class S2SService:
             stanza, _ = link.queue.popleft()
             conn.send(stanza)
 
-    async def _open(self, link: Link, address: str, port: int) -> S2SConnection:
+    async def _open(
+        self, link: Link, address: str, port: int, direct_tls: bool = False
+    ) -> S2SConnection:
         """One outgoing stream, connected and authenticated; cut if that fails or the
-        caller stops waiting (the connect timeout)."""
+        caller stops waiting (the connect timeout). `direct_tls`: TLS from the first
+        byte (XEP-0368), with the remote domain as SNI and ALPN 'xmpp-server'; OpenSSL
+        validates the chain in the handshake, the name is checked as after STARTTLS."""
         stream = S2SStream(
             self.settings,
             outgoing=True,
@@ -217,9 +242,19 @@ class S2SService:
             dialback=self.config.dialback_to(link.remote),
         )
         context = self._client_context(link.remote)
-        _, conn = await asyncio.get_running_loop().create_connection(
-            functools.partial(S2SConnection, self, stream, context), address, port
-        )
+        factory = functools.partial(S2SConnection, self, stream, context, direct_tls)
+        loop = asyncio.get_running_loop()
+        if direct_tls:
+            _, conn = await loop.create_connection(
+                factory,
+                address,
+                port,
+                ssl=self._client_context(link.remote, alpn=True),
+                server_hostname=link.remote,
+                ssl_handshake_timeout=self.config.connect_timeout,
+            )
+        else:
+            _, conn = await loop.create_connection(factory, address, port)
         try:
             await conn.ready
         except BaseException:
@@ -243,15 +278,34 @@ class S2SService:
         assert self._server_context is not None
         return S2SConnection(self, S2SStream(self.settings), self._server_context)
 
+    def _incoming_direct(self) -> S2SConnection:
+        assert self._direct_server_context is not None
+        stream = S2SStream(self.settings)
+        return S2SConnection(self, stream, self._direct_server_context, direct_tls=True)
+
     def connection_opened(self, conn: S2SConnection) -> None:
         self.connections.add(conn)
 
+    def bidi_ready(self, conn: S2SConnection) -> None:
+        """An incoming stream the peer made bidirectional (XEP-0288) is authenticated:
+        it carries our stanzas to that domain too, unless a stream of ours already does
+        (then both stay, each until it closes)."""
+        stream = conn.stream
+        key = (stream.local or "", stream.authenticated_domain or "")
+        link = self.links.get(key)
+        if link is None:
+            link = self.links[key] = Link(*key)
+        if link.connection is None:
+            link.connection = conn
+            while link.queue:
+                stanza, _ = link.queue.popleft()
+                conn.send(stanza)
+
     def connection_closed(self, conn: S2SConnection) -> None:
         self.connections.discard(conn)
-        if not conn.outgoing:
-            return
         stream = conn.stream
-        link = self.links.get((stream.local or "", stream.remote or ""))
+        remote = stream.remote if conn.outgoing else stream.authenticated_domain
+        link = self.links.get((stream.local or "", remote or ""))
         if link is not None and link.connection is conn:
             # The next stanza for that domain sets up a new connection.
             link.connection = None
@@ -284,11 +338,15 @@ class S2SService:
 
     # --- TLS ----------------------------------------------------------------------------
 
-    def _make_server_context(self) -> ssl.SSLContext:
+    def _make_server_context(self, alpn: bool = False) -> ssl.SSLContext:
         """Incoming: our certificate, and the peer's asked for. OpenSSL validates a
         certificate the peer sends against every CA we trust for any peer (which peer
-        it is, we learn only from the stream header); its names are checked after."""
+        it is, we learn only from the stream header); its names are checked after.
+        `alpn`: the direct TLS listeners' context, which selects 'xmpp-server' when the
+        peer offers it (XEP-0368; a peer that offers no ALPN is served too)."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if alpn:
+            ctx.set_alpn_protocols([ALPN])
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(*self._cert)
         ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -301,14 +359,17 @@ class S2SService:
             ctx.load_verify_locations(cafile=str(path))
         return ctx
 
-    def _client_context(self, remote: str) -> ssl.SSLContext:
+    def _client_context(self, remote: str, alpn: bool = False) -> ssl.SSLContext:
         """Outgoing: the peer's certificate must chain to its CAs (the domain's
         `ca_file`, else `s2s.ca_file`, else the system's); we present ours for
-        SASL EXTERNAL. The name is checked by us (RFC 9525), not by OpenSSL."""
+        SASL EXTERNAL. The name is checked by us (RFC 9525), not by OpenSSL.
+        `alpn`: for direct TLS, which offers 'xmpp-server' (XEP-0368)."""
         ca_file = self.config.policy(remote).ca_file or self.config.ca_file
-        ctx = self._client_contexts.get(ca_file)
+        ctx = self._client_contexts.get((ca_file, alpn))
         if ctx is None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if alpn:
+                ctx.set_alpn_protocols([ALPN])
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_REQUIRED
@@ -317,5 +378,5 @@ class S2SService:
             else:
                 ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
             ctx.load_cert_chain(*self._cert)
-            self._client_contexts[ca_file] = ctx
+            self._client_contexts[(ca_file, alpn)] = ctx
         return ctx

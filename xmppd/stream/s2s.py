@@ -12,7 +12,9 @@ route this stanza). It shares the restricted XML parser and its limits
   stanzas whose 'from' is that domain and whose 'to' is one of ours.
 - An *outgoing* stream (we connected) asks for STARTTLS, authenticates
   with SASL EXTERNAL, and then carries our stanzas; RFC 6120 streams are
-  one-way, so a stanza the peer sends back on it is a stream error.
+  one-way, so a stanza the peer sends back on it is a stream error, unless
+  the stream was made bidirectional (XEP-0288: `<bidi/>` asked for before
+  authentication when the peer offers it; an incoming stream offers it).
 
 Inside the server every stanza is in 'jabber:client' (the router and the
 modules know only that); `to_client` and `to_server` move a stanza between
@@ -25,7 +27,7 @@ import base64
 import binascii
 import hmac
 import secrets
-from collections.abc import Callable, Collection, Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import NoReturn
@@ -51,6 +53,10 @@ _STREAM_TAG = f"{{{ns.STREAMS}}}stream"
 _DB_RESULT = f"{{{ns.DIALBACK}}}result"
 _DB_VERIFY = f"{{{ns.DIALBACK}}}verify"
 _DB_FEATURE = f"{{{ns.DIALBACK_FEATURE}}}dialback"
+_NS_BIDI_FEATURE = "urn:xmpp:features:bidi"  # XEP-0288
+_NS_BIDI = "urn:xmpp:bidi"
+_BIDI_FEATURE = f"{{{_NS_BIDI_FEATURE}}}bidi"
+_BIDI = f"{{{_NS_BIDI}}}bidi"
 _S_STANZAS = frozenset(f"{{{ns.SERVER}}}{name}" for name in ("message", "presence", "iq"))
 
 
@@ -105,6 +111,9 @@ class S2SSettings:
     # Dialback keys (XEP-0220, XEP-0185): (receiving domain, originating domain, stream
     # id) -> key. None: no dialback, neither to authenticate us nor to vouch for keys.
     dialback_key: Callable[[str, str, str], str] | None = None
+    # Bidirectional streams (XEP-0288): offered on incoming streams, asked for on
+    # outgoing ones when the peer offers them.
+    bidi: bool = False
 
 
 class S2SStream(StreamCore[Event]):
@@ -130,10 +139,14 @@ class S2SStream(StreamCore[Event]):
         self.authenticated_domain: str | None = None
         self.mechanism = ""
         self.stream_id = ""
-        self._identities: frozenset[str] = frozenset()
+        self._identities: Container[str] = frozenset()
         self._offered_external = False
         self._ready = False  # outgoing: authenticated and the restarted stream's features came
         self._dialback_sent = False
+        self._dialback_offered = False  # outgoing: the peer's features listed dialback
+        # XEP-0288 agreed: stanzas go both ways on this stream once it is authenticated
+        # (incoming: we may send to the peer's domain; outgoing: it may send to ours).
+        self.bidi = False
         super().__init__(self._stanza_limit(), settings.max_depth)
 
     # --- driver API ------------------------------------------------------------------
@@ -143,11 +156,12 @@ class S2SStream(StreamCore[Event]):
         assert self.outgoing
         self._send_header()
 
-    def tls_started(self, identities: Collection[str] = ()) -> None:
-        """The TLS handshake finished. Incoming: `identities` are the domains the peer's
-        certificate was validated for (PKIX chain and RFC 9525 identity), empty when it
-        sent none or one that did not validate."""
-        self._identities = frozenset(identities)
+    def tls_started(self, identities: Container[str] = ()) -> None:
+        """The TLS handshake finished (after STARTTLS, or at once on a direct TLS
+        connection). Incoming: `identities` holds the domains the peer's certificate was
+        validated for (PKIX chain and RFC 9525 identity), none when it sent none or one
+        that did not validate; asked only once the stream header named the peer."""
+        self._identities = identities
         self.phase = Phase.SECURED
         self._restart()
         if self.outgoing:
@@ -224,10 +238,13 @@ class S2SStream(StreamCore[Event]):
         if self.phase is Phase.CONNECTED:
             starttls = etree.SubElement(features, _STARTTLS, nsmap={None: ns.TLS})
             etree.SubElement(starttls, f"{{{ns.TLS}}}required")
-        elif self.phase is Phase.SECURED and self.remote in self._identities:
-            self._offered_external = True
-            mechs = etree.SubElement(features, _MECHANISMS, nsmap={None: ns.SASL})
-            etree.SubElement(mechs, f"{{{ns.SASL}}}mechanism").text = "EXTERNAL"
+        elif self.phase is Phase.SECURED:
+            if self.remote in self._identities:
+                self._offered_external = True
+                mechs = etree.SubElement(features, _MECHANISMS, nsmap={None: ns.SASL})
+                etree.SubElement(mechs, f"{{{ns.SASL}}}mechanism").text = "EXTERNAL"
+            if self.settings.bidi:
+                etree.SubElement(features, _BIDI_FEATURE, nsmap={None: _NS_BIDI_FEATURE})
         return features
 
     def _mark_closed(self) -> None:
@@ -249,6 +266,8 @@ class S2SStream(StreamCore[Event]):
             events.append(TLSRequested())
         elif tag == _AUTH and self.phase is Phase.SECURED:
             self._on_external(el, events)
+        elif tag == _BIDI and self.phase is Phase.SECURED and self.settings.bidi:
+            self.bidi = True  # XEP-0288 3: asked for before authentication, no answer
         elif tag == _DB_VERIFY and self.phase is not Phase.CONNECTED:
             self._vouch(el)
         else:
@@ -348,6 +367,13 @@ class S2SStream(StreamCore[Event]):
             self._parser.max_stanza_bytes = self.settings.max_stanza_bytes
             self._ready = True
             events.append(Authenticated(self.remote or "", "dialback"))
+        elif tag == _FAILURE and self._dialback_offered and not self._dialback_sent:
+            # It did not take our certificate after all (ejabberd offers EXTERNAL to any
+            # peer and checks the certificate only then): dialback on the same stream,
+            # which a SASL failure leaves open (RFC 6120 6.4.5, XEP-0178 3).
+            self._send_dialback()
+        elif tag in _S_STANZAS and self.bidi and self._ready:
+            self._on_stanza(el, events)  # XEP-0288: the peer's stanzas on our stream
         elif tag in (_FAILURE, _TLS_FAILURE):
             self.close()
             events.append(AuthFailed(f"{el.tag} from the peer"))
@@ -378,7 +404,12 @@ class S2SStream(StreamCore[Event]):
         elif self.phase is Phase.SECURED:
             mechanisms = features.find(_MECHANISMS)
             names = [] if mechanisms is None else [(m.text or "").strip() for m in mechanisms]
-            if "EXTERNAL" not in names and self.dialback and features.find(_DB_FEATURE) is not None:
+            self._dialback_offered = self.dialback and features.find(_DB_FEATURE) is not None
+            if self.settings.bidi and features.find(_BIDI_FEATURE) is not None:
+                # XEP-0288 3: asked for before authenticating; the peer does not answer.
+                self._out.append(etree.tostring(etree.Element(_BIDI, nsmap={None: _NS_BIDI})))
+                self.bidi = True
+            if "EXTERNAL" not in names and self._dialback_offered:
                 self._send_dialback()
                 return
             if "EXTERNAL" not in names:

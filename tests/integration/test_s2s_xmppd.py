@@ -1,0 +1,119 @@
+"""Federation between two xmppd servers: b.test on 127.0.18.3 and d.test on 127.0.18.5.
+
+Both run in this process, each with its own data folder, certificate (from a
+CA this test makes, trusted by both) and s2s listeners: STARTTLS and direct
+TLS (XEP-0368). Each reaches the other through a static override naming the
+other's direct TLS port, so the one stream between them is direct TLS, and
+bidirectional (XEP-0288): both offer and ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.integration.clients import close
+from tests.integration.conftest import StartServer
+from tests.integration.s2s_clients import next_message, xmppd_user
+from tests.integration.s2s_peers import XMPPD_ADDRESS, free_port, issue, make_ca
+from xmppd.server import Server
+
+OTHER_ADDRESS = "127.0.18.5"  # d.test
+
+
+def streams(server: Server) -> list[tuple[str, str, str, str, bool, int, int]]:
+    """(direction, remote, mechanism, tls, bidi, stanzas in, out) of each s2s stream."""
+    assert server.s2s is not None
+    return sorted(
+        (
+            "out" if c.outgoing else "in",
+            c.remote,
+            c.stream.mechanism,
+            "direct" if c.direct_tls else "starttls",
+            c.stream.bidi,
+            c.stanzas_in,
+            c.stanzas_out,
+        )
+        for c in server.s2s.connections
+    )
+
+
+async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    ca = make_ca(tmp_path)
+    ports = {
+        (address, kind): free_port(address)
+        for address in (XMPPD_ADDRESS, OTHER_ADDRESS)
+        for kind in ("starttls", "direct")
+    }
+
+    async def start(domain: str, address: str, other: str, other_address: str) -> Server:
+        folder = tmp_path / domain
+        folder.mkdir()
+        cert, key = issue(ca, folder, domain)
+        server = await start_server(
+            users={},
+            hosts=[domain],
+            data_dir=str(folder / "data"),
+            tls={"cert": str(cert), "key": str(key)},
+            s2s={
+                "listeners": [
+                    {"address": address, "port": ports[(address, "starttls")]},
+                    {
+                        "address": address,
+                        "port": ports[(address, "direct")],
+                        "direct_tls": True,
+                    },
+                ],
+                "ca_file": str(ca.path),
+                "connect_timeout": 10.0,
+                "domains": {
+                    other: {
+                        "host": other_address,
+                        "port": ports[(other_address, "direct")],
+                        "direct_tls": True,
+                    }
+                },
+            },
+        )
+        return server
+
+    b = await start("b.test", XMPPD_ADDRESS, "d.test", OTHER_ADDRESS)
+    d = await start("d.test", OTHER_ADDRESS, "b.test", XMPPD_ADDRESS)
+    await b.accounts["b.test"].register("bob", "bob-secret")
+    await d.accounts["d.test"].register("dora", "dora-secret")
+    bob = await xmppd_user(b, "bob@b.test/desk", "bob-secret")
+    dora = await xmppd_user(d, "dora@d.test/home", "dora-secret")
+    try:
+        bob.send_message(mto="dora@d.test", mbody="hello d.test", mtype="chat")
+        got = await next_message(dora)
+        assert (got["body"], str(got["from"])) == ("hello d.test", "bob@b.test/desk")
+        dora.send_message(mto="bob@b.test/desk", mbody="hello b.test", mtype="chat")
+        back = await next_message(bob)
+        assert (back["body"], str(back["from"])) == ("hello b.test", "dora@d.test/home")
+        # One TCP connection: b.test opened it (direct TLS), d.test answered on it.
+        assert streams(b) == [("out", "d.test", "EXTERNAL", "direct", True, 1, 1)]
+        assert streams(d) == [("in", "b.test", "EXTERNAL", "direct", True, 1, 1)]
+        # XEP-0368: SNI the remote domain, ALPN 'xmpp-server' offered and selected.
+        assert b.s2s is not None and d.s2s is not None
+        for conn in (*b.s2s.connections, *d.s2s.connections):
+            assert conn.transport is not None
+            tls = conn.transport.get_extra_info("ssl_object")
+            assert tls.selected_alpn_protocol() == "xmpp-server"
+            if conn.outgoing:
+                assert tls.server_hostname == "d.test"
+
+        # Presence subscriptions both ways ride the same stream.
+        bob.send_presence(pto="dora@d.test", ptype="subscribe")
+        try:
+            await asyncio.wait_for(bob.subscription_both("dora@d.test"), 20)
+            await asyncio.wait_for(dora.subscription_both("bob@b.test"), 20)
+        except TimeoutError:
+            pytest.fail(f"no subscription: {bob.pushed}, {dora.pushed}")
+        assert len(streams(b)) == 1 and len(streams(d)) == 1
+    finally:
+        await close(bob)
+        await close(dora)
