@@ -42,6 +42,7 @@ from xmppd.modules.disco import DISCO_ITEMS, Disco
 from xmppd.modules.private import Private
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.modules.vcard import VCard
+from xmppd.router import Routed
 from xmppd.session import ClientSession
 from xmppd.storage.base import Contended, StorageError
 from xmppd.stream.errors import StanzaError
@@ -50,8 +51,9 @@ from ._pep_avatar import CONVERSION, AvatarConversion
 from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
 from ._pep_bookmarks import BookmarksConversion
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
+from ._pubsub_fanout import FAN_OUT_BATCH, FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out, wants
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
 
 NOTIFY = "pep/notify"
 """In a session's (shared) state: the node names it wants notifications of."""
@@ -74,7 +76,7 @@ class PepOptions(BaseModel):
     max_items: StrictInt = Field(default=256, ge=1, le=10_000)  # per node; 'max'
     max_nodes: StrictInt = Field(default=100, ge=1, le=10_000)  # per account
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
-    max_subscribers: StrictInt = Field(default=2000, ge=1, le=3000)  # per node
+    max_subscribers: StrictInt = Field(default=100_000, ge=1, le=1_000_000)  # per node
     inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
 
 
@@ -94,6 +96,9 @@ class Pep(Module):
     def setup(self) -> None:
         self.limits = _limits(self.options)  # type: ignore[arg-type]
         self.protocol = PubSubProtocol(self._notify, self._send_last, auto_create=True)
+        self.fanout = FanOut(self.host)
+        # Another node's notifications for sessions here (FanOut.send), to a virtual host.
+        self.host.on("message/host", self._fanout_in, priority=10)
         for namespace in (PUBSUB, PUBSUB_OWNER):
             self.host.iq(namespace, "get", self._iq, to="account")
             self.host.iq(namespace, "set", self._iq, to="account")
@@ -228,32 +233,36 @@ class Pep(Module):
                 await listener(service.owner, event)
 
     async def _deliver(self, service: PubSubService, event: Event) -> None:
-        """Send `event` to everyone who should see it (see the module docstring)."""
+        """Send `event` to everyone who should see it (see the module docstring),
+        through the fan-out: in batches, one forward per cluster node."""
         node = event.node
         if not node.config.get("pubsub#deliver_notifications", True):
             return
         payload = bool(node.config.get("pubsub#deliver_payloads", True))
         owner = service.owner or ""
-        await fan_out(
-            lambda jid: self.host.route(
-                event_message(owner, jid, event, payload=payload), bounce=False
-            ),
+        await self.fanout.send(
+            owner.rsplit("@", 1)[-1],
+            lambda body: event_message(owner, "", event, payload=payload, include_body=body),
             await self._recipients(service, node, owner),
         )
 
-    async def _recipients(self, service: PubSubService, node: Node, owner: str) -> list[str]:
-        """Full JIDs (and bare JIDs of explicit subscriptions) to notify, each once."""
-        wanted: dict[str, None] = {}
+    async def _recipients(
+        self, service: PubSubService, node: Node, owner: str
+    ) -> list[Recipient]:
+        """The resources (and bare JIDs of explicit subscriptions) to notify, each once."""
+        wanted: dict[str, Recipient] = {}
         for session in self.host.available_sessions(owner):
             if node.name in session.state.get(NOTIFY, ()):
-                wanted[session.jid] = None
+                wanted[session.jid] = Recipient(session.jid, session)
         try:
             roster = await self.roster.get(owner)
         except StorageError as exc:
             log.warning("notifications of %s to contacts not sent: %s", owner, exc)
             roster = None
         if roster is not None:
-            for item in roster.items.values():
+            for count, item in enumerate(roster.items.values(), 1):
+                if count % FAN_OUT_BATCH == 0:
+                    await asyncio.sleep(0)
                 if item.subscription not in ("from", "both") or not self.host.serves(
                     item.jid.rsplit("@", 1)[-1]
                 ):
@@ -264,11 +273,20 @@ class Pep(Module):
                 ]
                 relation = (item.subscription, list(item.groups))
                 if sessions and judge(node, item.jid, owner, [relation]) is None:
-                    wanted.update((s.jid, None) for s in sessions)
-        for jid in node.subscriptions:
-            if wants(node, jid) and await service.may_access(node, jid):
-                wanted[jid] = None
-        return list(wanted)
+                    wanted.update((s.jid, Recipient(s.jid, s)) for s in sessions)
+        subs = [
+            s for s in await service.subscribers(node)
+            if s.state == "subscribed" and s.option("pubsub#deliver")
+        ]
+        for sub in await service.audience(node, subs):
+            wanted[sub.jid] = Recipient(sub.jid, include_body=sub.option("pubsub#include_body"))
+        return list(wanted.values())
+
+    def _fanout_in(self, routed: Routed) -> bool:
+        if not FanOut.is_fanout(routed):
+            return False
+        self.host.spawn(self.fanout.expand(routed.stanza))
+        return True
 
     async def _send_last(self, service: PubSubService, node: Node, to: str) -> None:
         item = await service.last_item(node)

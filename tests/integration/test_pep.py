@@ -301,8 +301,9 @@ async def test_xmppctl_unregister_leaves_no_pep_data(
     server = await start_server(users={}, modules=MODULES)
     assert await zeds_entries(server) == {}
     assert await server.modules.items("localhost", "pep").get("/u/zed%40localhost") is None
-    node = await server.modules.module(Pep).service("alice@localhost").existing(NICK)
-    assert node.subscriptions == {}
+    service = server.modules.module(Pep).service("alice@localhost")
+    node = await service.existing(NICK)
+    assert await service.subscribers(node) == [] and node.count == 0
 
 
 async def test_bookmarks_xep0402(start_server: StartServer) -> None:
@@ -358,3 +359,49 @@ def bookmark_options(client: PepClient) -> Any:
     form.add_field("pubsub#send_last_published_item", value="never")
     form.add_field("pubsub#access_model", value="whitelist")
     return form
+
+
+async def test_notifications_to_another_node_go_in_one_forward(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Two nodes on one Redis: three subscribers of a pubsub.localhost node are bound
+    on B (two full JIDs and one bare JID); a publish on A reaches each of them once,
+    through one forward from A to B carrying the three recipients, not three."""
+    url = devservices.redis_url(redis_service)
+    modules = {**MODULES, "pubsub": {}}
+    users = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret"}
+    a = await start_server(
+        users=users, modules=modules, cluster={"redis_url": url, "node_name": "node-a"}
+    )
+    b = await start_server(
+        users={}, modules=modules, cluster={"redis_url": url, "node_name": "node-b"}
+    )
+    service = JID("pubsub.localhost")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await alice.plugin["xep_0060"].create_node(service, "news", timeout=10)
+    clients = [
+        await online(b, "bob@localhost/home", "bob-secret"),
+        await online(b, "bob@localhost/work", "bob-secret"),
+        await online(b, "carol@localhost/home", "carol-secret"),
+    ]
+    heard = [listen(client) for client in clients]
+    for client, bare in zip(clients, (False, False, True), strict=True):
+        await client.plugin["xep_0060"].subscribe(service, "news", bare=bare, timeout=10)
+    await until(lambda: all(
+        a.router.directory.get(jid.split("/")[0], jid.split("/")[1]) is not None
+        for jid in ("bob@localhost/home", "bob@localhost/work", "carol@localhost/home")
+    ))
+    assert a.cluster is not None
+    before = a.cluster.stats.forwards_out
+    nick = alice.plugin["xep_0172"].stanza.UserNick()
+    nick["nick"] = "hello"
+    await alice.plugin["xep_0060"].publish(service, "news", id="1", payload=nick.xml, timeout=10)
+    for queues in heard:
+        assert await asyncio.wait_for(queues["publish"].get(), 10) == "1"
+    assert a.cluster.stats.forwards_out - before == 1
+    # Exactly once: the next thing each hears is the next item.
+    await alice.plugin["xep_0060"].publish(service, "news", id="2", payload=nick.xml, timeout=10)
+    for queues in heard:
+        assert await asyncio.wait_for(queues["publish"].get(), 10) == "2"
+    for client in (alice, *clients):
+        await close(client)
