@@ -44,7 +44,7 @@ from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.modules.vcard import VCard
 from xmppd.router import Routed
 from xmppd.session import ClientSession
-from xmppd.storage.base import Contended, StorageError
+from xmppd.storage.base import Contended, Item, StorageError
 from xmppd.stream.errors import StanzaError
 
 from ._pep_avatar import CONVERSION, AvatarConversion
@@ -112,6 +112,10 @@ class Pep(Module):
         # disco#info questions under way: every one, and the first per caps hash.
         self._asks: set[asyncio.Future[list[str] | None]] = set()
         self._asking: dict[str, asyncio.Future[list[str] | None]] = {}
+        # Node records being read for last items, shared by the logins that want them.
+        self._reading: dict[tuple[str, str], asyncio.Future[dict[str, Item]]] = {}
+        # Caps being read from the store, shared likewise.
+        self._caps_reading: dict[str, asyncio.Future[list[str] | None]] = {}
         self.host.hook("server/stopping", self._stopping)
         self._listeners: list[PublishListener] = []
         if self.host.config is not None and "vcard" in self.host.config.modules:
@@ -315,7 +319,7 @@ class Pep(Module):
                 for name in names:
                     keys[service.node_key(name)] = (owner, name)
             try:
-                found = await self.host.items(vhost, "pep").batch_get(list(keys))
+                found = await self._node_records(vhost, list(keys))
             except StorageError as exc:
                 log.warning("last items for %s not sent: %s", session.jid, exc)
                 continue
@@ -331,6 +335,34 @@ class Pep(Module):
                     await self._send_last(service, node, session.jid)
                 except StorageError as exc:
                     log.warning("last item of %s %s not sent: %s", owner, name, exc)
+
+    async def _node_records(self, vhost: str, keys: list[str]) -> dict[str, Item]:
+        """`batch_get` of node records, sharing the reads under way: the logins of a
+        storm ask for the same contacts' records at once, before the first answer
+        has filled the shared cache, so without this each would read them all from
+        the store. A record read for one login is waited for by the others."""
+        futures: dict[str, asyncio.Future[dict[str, Item]]] = {}
+        mine = [key for key in keys if (vhost, key) not in self._reading]
+        if mine:
+            read = asyncio.ensure_future(self.host.items(vhost, "pep").batch_get(mine))
+            for key in mine:
+                self._reading[(vhost, key)] = read
+            read.add_done_callback(lambda _: self._done_reading(vhost, mine, read))
+        for key in keys:
+            futures[key] = self._reading[(vhost, key)]
+        found: dict[str, Item] = {}
+        for read in {id(f): f for f in futures.values()}.values():
+            found.update(await asyncio.shield(read))
+        return {key: found[key] for key in keys if key in found}
+
+    def _done_reading(
+        self, vhost: str, keys: list[str], read: asyncio.Future[dict[str, Item]]
+    ) -> None:
+        for key in keys:
+            if self._reading.get((vhost, key)) is read:
+                del self._reading[(vhost, key)]
+        if not read.cancelled():
+            read.exception()  # retrieved: each waiter has it raised
 
     @staticmethod
     async def _may_see(service: PubSubService, node: Node, subscriber: str) -> bool:
@@ -418,6 +450,15 @@ class Pep(Module):
         return False
 
     async def _stored_caps(self, vhost: str, key: str) -> list[str] | None:
+        """The caps from the store, one read however many logins bring a hash at once."""
+        read = self._caps_reading.get(key)
+        if read is None:
+            read = asyncio.ensure_future(self._read_caps(vhost, key))
+            self._caps_reading[key] = read
+            read.add_done_callback(lambda _: self._caps_reading.pop(key, None))
+        return await asyncio.shield(read)
+
+    async def _read_caps(self, vhost: str, key: str) -> list[str] | None:
         try:
             item = await self.host.items(vhost, "caps").get(key)
         except StorageError:

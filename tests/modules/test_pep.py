@@ -694,6 +694,47 @@ async def test_login_storm_reads_last_items_through_the_cache(cached: bool) -> N
         assert store.node_reads == (2 * len(contacts) + 2) * len(viewers)
 
 
+class NetworkedCountingItems(CountingItems):
+    """Counting, and each read yields to the loop as a networked store's does."""
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        await asyncio.sleep(0)
+        return await super().get(namespace, name)
+
+
+async def test_a_login_storm_at_once_reads_each_record_once() -> None:
+    """Ten users with the same twenty contacts log in at the same moment, before any
+    read has filled the cache: each contact's node record is still read from the
+    store once in all (the reads under way are shared), not once per login."""
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {}})
+    store = NetworkedCountingItems()
+    now = [0.0]
+    harness.storage.items = CachedItemBackend(store, MemoryCache(clock=lambda: now[0]))
+    await harness.start()
+    avatar = "urn:xmpp:avatar:metadata"
+    contacts = [f"c{i}@localhost" for i in range(20)]
+    for contact in contacts:
+        service = pep(harness).service(contact)
+        for node in (NICK, avatar):
+            item = etree.fromstring(f"<item xmlns='{PS}' id='1'><x xmlns='{node}'/></item>")
+            await service.publish(contact, node, item, {}, auto_create=True)
+    viewers = [f"v{i}@localhost" for i in range(10)]
+    for viewer in viewers:
+        for contact in contacts:
+            await befriend(harness, viewer, contact)
+    await online(harness, "v0@localhost/first", [NICK, avatar])  # the caps are known now
+    now[0] += TOMBSTONE_TTL + 1
+    harness.storage.items = CachedItemBackend(store, MemoryCache(clock=lambda: now[0]))
+    store.node_reads = 0
+    sessions = [harness.session(f"{viewer}/r", available=False) for viewer in viewers]
+    for session in sessions:
+        session.receive(caps_presence(session, [NICK, avatar]))
+    await settle(harness)
+    for session in sessions:
+        assert len(events(session.take())) == 2 * len(contacts)
+    assert store.node_reads == 2 * len(contacts) + 2 * len(viewers)
+
+
 def caps_presence(session: TestSession, notify: Iterable[str]) -> etree._Element:
     _features, ver = caps_ver(notify)
     presence = parse_stanza(
