@@ -13,9 +13,12 @@ gets the last item of both nodes of each of its 50 contacts and its own:
 
 The store reads counted are those that reach SQLite (behind the cache):
 round trips (get, batch_get, query calls) and records, split by store.
-The cache starts empty at the storm, as after a restart.
+The cache starts empty at the storm, as after a restart. `--wave N` logs
+in N users at once, then the next N once those are done (the cache then
+serves the later waves; all at once, the reads under way are shared).
 
-    .venv/bin/python bench/pep_login_storm.py [--users 1000] [--contacts 50] [--cache on|off]
+    .venv/bin/python bench/pep_login_storm.py [--users 1000] [--contacts 50]
+        [--cache on|off] [--wave N]
 
 Prints one JSON object on stdout.
 """
@@ -93,7 +96,9 @@ class Counting(ItemBackend):
         await self.backend.close()
 
 
-async def run(users: int, contacts: int, cached: bool, data_dir: Path) -> dict[str, Any]:
+async def run(
+    users: int, contacts: int, cached: bool, wave: int, data_dir: Path
+) -> dict[str, Any]:
     sqlite = await SQLiteItemBackend.open(data_dir / "items.db")
     harness = ModuleHarness({"roster": {}, "presence": {}, "caps": {}, "disco": {}, "pep": {}})
     harness.storage.items = sqlite
@@ -133,16 +138,18 @@ async def run(users: int, contacts: int, cached: bool, data_dir: Path) -> dict[s
 
     sessions: list[TestSession] = [harness.session(f"{n}/r", available=False) for n in names]
     cpu, started = time.process_time(), time.perf_counter()
-    for session in sessions:
-        presence = parse_stanza(
-            f"<presence><c xmlns='{CAPS}' hash='sha-1' node='https://bench' ver='{ver}'/>"
-            "</presence>"
-        )
-        presence.set("from", session.jid)
-        session.receive(presence)
-    for _ in range(10):
-        await harness.router.drain()
-        await asyncio.sleep(0)
+    wave = wave or users
+    for start in range(0, users, wave):
+        for session in sessions[start:start + wave]:
+            presence = parse_stanza(
+                f"<presence><c xmlns='{CAPS}' hash='sha-1' node='https://bench' ver='{ver}'/>"
+                "</presence>"
+            )
+            presence.set("from", session.jid)
+            session.receive(presence)
+        for _ in range(10):
+            await harness.router.drain()
+            await asyncio.sleep(0)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     got = [sum(1 for s in session.received if s.find(EVENT) is not None) for session in sessions]
     expected = 2 * (contacts + 1)
@@ -152,6 +159,7 @@ async def run(users: int, contacts: int, cached: bool, data_dir: Path) -> dict[s
         "users": users,
         "contacts": contacts,
         "cache": "on" if cached else "off",
+        "wave": wave,
         "seconds": round(elapsed, 2),
         "logins_per_s": round(users / elapsed, 1),
         "cpu_s": round(cpu, 2),
@@ -171,9 +179,13 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--contacts", type=int, default=50)
     parser.add_argument("--cache", choices=("on", "off"), default="on")
+    parser.add_argument("--wave", type=int, default=0,
+                        help="log in this many at once, then the next (0: all at once)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(run(args.users, args.contacts, args.cache == "on", Path(tmp)))
+        result = asyncio.run(
+            run(args.users, args.contacts, args.cache == "on", args.wave, Path(tmp))
+        )
     print(json.dumps(result, indent=1))
 
 

@@ -380,6 +380,8 @@ class PubSubService:
         """Every subscription to `node` (of JIDs whose escaped form starts with
         `prefix`): one query a thousand subscriptions."""
         found = [s for jid, s in node.legacy.items() if _q(jid).startswith(prefix)]
+        if not node.count:  # exact (kept in the record's transactions): no query
+            return found
         start = self.subscriptions_prefix(node) + prefix
         token: str | None = None
         while True:
@@ -449,11 +451,13 @@ class PubSubService:
         batches, a node may have 10,000s."""
         verdicts: dict[str, bool] = {}
         admitted: list[Subscription] = []
+        model = node.config.get("pubsub#access_model")
         for count, sub in enumerate(subs, 1):
             bare = _bare(sub.jid)
             if bare not in verdicts:
-                if judge(node, bare, self.owner, None, ("subscribed",)) is None:
-                    verdicts[bare] = True
+                verdict = judge(node, bare, self.owner, None, ("subscribed",))
+                if verdict is None or model not in ("presence", "roster"):
+                    verdicts[bare] = verdict is None  # final without the owners' rosters
                 else:
                     owners = [self.owner] if self.owner else node.owners
                     relations = [await self.relation(owner, bare) for owner in owners]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lxml import etree
 from slixmpp import JID, Message
 from slixmpp.exceptions import IqError
 
@@ -18,7 +19,9 @@ from tests.integration.conftest import StartServer, port_of
 from tests.integration.test_account_removal import xmppctl, zeds_entries
 from tests.integration.test_cluster import redis_service, until
 from tests.storage.services import service_factory
+from xmppd.modules._pubsub_engine import PubSubService
 from xmppd.modules.pep import NOTIFY, Pep
+from xmppd.modules.pubsub import PubSub
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.server import Server
 from xmppd.storage import devservices
@@ -405,3 +408,35 @@ async def test_notifications_to_another_node_go_in_one_forward(
         assert await asyncio.wait_for(queues["publish"].get(), 10) == "2"
     for client in (alice, *clients):
         await close(client)
+
+
+async def test_two_nodes_subscribing_and_publishing_at_once_lose_nothing(
+    start_server: StartServer,
+) -> None:
+    """Two servers on the same stores (each with its own cache) subscribe thirty
+    accounts each to one pubsub node while one of them publishes: every
+    subscription is stored once, the node's count agrees, every item is listed."""
+    modules = {**MODULES, "pubsub": {}}
+    a = await start_server(modules=modules)
+    b = await start_server(users={}, modules=modules)
+    on_a = a.modules.module(PubSub).service("pubsub.localhost")
+    on_b = b.modules.module(PubSub).service("pubsub.localhost")
+    await on_a.create("alice@localhost", "hot", None)
+
+    async def subscribe(service: PubSubService, prefix: str) -> None:
+        for n in range(30):
+            jid = f"{prefix}{n}@localhost"
+            await service.subscribe(jid, "hot", jid)
+
+    async def publish() -> None:
+        for n in range(10):
+            item = etree.fromstring(f"<item xmlns='{PUBSUB}' id='{n}'><x xmlns='urn:x'/></item>")
+            await on_a.publish("alice@localhost", "hot", item, {}, auto_create=False)
+
+    await asyncio.gather(subscribe(on_a, "a"), subscribe(on_b, "b"), publish())
+    node = await on_b.existing("hot")
+    subscribers = await on_b.subscribers(node)
+    expected = {f"{p}{n}@localhost" for p in "ab" for n in range(30)}
+    assert sorted(s.jid for s in subscribers) == sorted(expected)
+    assert node.count == 60
+    assert [entry[0] for entry in node.items] == [str(n) for n in range(10)]
