@@ -28,6 +28,7 @@ contact publishes knows who wants it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -55,12 +56,15 @@ from ._pubsub_fanout import FAN_OUT_BATCH, FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
 from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
 
+AVATAR_NOTICE = "pep/avatar"
+"""Cluster notice: an account's avatar hash changed; each node re-sends its sessions' presence."""
 NOTIFY = "pep/notify"
 """In a session's (shared) state: the node names it wants notifications of."""
 CAPS_TIMEOUT = 10.0  # seconds to wait for a client's disco#info
 MAX_DISCO_ITEMS = 1000  # nodes or item ids in one disco#items answer
 MAX_CAPS_KEPT = 10_000  # verified caps kept in memory (each client version is one)
 _CAPS_C = f"{{{CAPS}}}c"
+_X_UPDATE = "{vcard-temp:x:update}x"
 _INFO = f"{{{DISCO_INFO}}}"
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,9 @@ class Pep(Module):
         # Caps being read from the store, shared likewise.
         self._caps_reading: dict[str, asyncio.Future[list[str] | None]] = {}
         self.host.hook("server/stopping", self._stopping)
+        self.host.on_cluster_notice(
+            AVATAR_NOTICE, lambda notice: self._resend_here(str(notice["bare"])), lambda: None
+        )
         self._listeners: list[PublishListener] = []
         if self.host.config is not None and "vcard" in self.host.config.modules:
             self.host.add_feature(CONVERSION, "server")
@@ -143,6 +150,29 @@ class Pep(Module):
             bookmarks = BookmarksConversion(self)
             self.listen(bookmarks.published)
             private.listen(bookmarks.private_set)
+
+    def resend_presence(self, bare: str) -> None:
+        """Every available resource of `bare`, on every node, broadcasts its last
+        presence again: the vcard module stamps the new avatar hash into it, so
+        contacts of an account whose XEP-0084 avatar changed see it at once
+        (XEP-0153 clients learn a new avatar only from presence; a client that
+        published through PEP does not send one for it)."""
+        self._resend_here(bare)
+        self.host.notify_cluster(AVATAR_NOTICE, {"bare": bare})
+
+    def _resend_here(self, bare: str) -> None:
+        """The last presence of each of `bare`'s resources bound here, without its
+        avatar hash (the stamp of the old one, which an empty <photo/> would keep)."""
+        for session in self.host.available_sessions(bare):
+            if (
+                session.presence is not None
+                and self.host.node_of(session) is None
+                and self.host.is_bound(session)
+            ):
+                presence = copy.deepcopy(session.presence)
+                for update in presence.findall(_X_UPDATE):
+                    presence.remove(update)
+                self.host.route(presence, session)
 
     def listen(self, listener: PublishListener) -> None:
         """Call `listener` after each item a client publishes to or retracts from its
