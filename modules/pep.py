@@ -377,17 +377,18 @@ class Pep(Module):
             read = asyncio.ensure_future(self.host.items(vhost, "pep").batch_get(mine))
             for key in mine:
                 self._reading[(vhost, key)] = read
-            read.add_done_callback(lambda _: self._done_reading(vhost, mine, read))
+            read.add_done_callback(lambda done: self._done_reading(vhost, mine, done))
         for key in keys:
             futures[key] = self._reading[(vhost, key)]
         found: dict[str, Item] = {}
-        for read in {id(f): f for f in futures.values()}.values():
-            found.update(await asyncio.shield(read))
+        for shared in {id(f): f for f in futures.values()}.values():
+            found.update(await asyncio.shield(shared))
         return {key: found[key] for key in keys if key in found}
 
     def _done_reading(
         self, vhost: str, keys: list[str], read: asyncio.Future[dict[str, Item]]
     ) -> None:
+        """A read is over: later logins read afresh (through the cache)."""
         for key in keys:
             if self._reading.get((vhost, key)) is read:
                 del self._reading[(vhost, key)]
