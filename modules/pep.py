@@ -156,7 +156,10 @@ class Pep(Module):
         presence again: the vcard module stamps the new avatar hash into it, so
         contacts of an account whose XEP-0084 avatar changed see it at once
         (XEP-0153 clients learn a new avatar only from presence; a client that
-        published through PEP does not send one for it)."""
+        published through PEP does not send one for it). The other nodes hear of it
+        through the cluster bus, after the vcard module's own notice (one channel,
+        in order); a notice lost costs only the early update: the hash goes out
+        with the user's next presence, as without this."""
         self._resend_here(bare)
         self.host.notify_cluster(AVATAR_NOTICE, {"bare": bare})
 
