@@ -36,7 +36,7 @@ from typing import Any
 
 from lxml import etree
 
-from xmppd.modules._pubsub_engine import Subscription, encode_node, encode_subscription
+from xmppd.modules._pubsub_engine import Subscription, encode_subscription
 from xmppd.storage.config import StorageConfig
 from xmppd.storage.factory import open_storage
 from xmppd.testing import ModuleHarness, TestSession
@@ -81,8 +81,7 @@ async def run(subscribers: int, publishes: int, data_dir: Path) -> dict[str, Any
             service.subscription_key(node, s.jid): encode_subscription(Subscription(s.jid, f"s{i}"))
             for i, s in enumerate(sessions[start:start + 500], start)
         })
-    node.count = subscribers
-    await service.items.put(service.node_key("big"), encode_node(node))
+    await service.items.put(service.counter_key(node), {"n": subscribers})
     gc.collect()
     gc.freeze()  # as the server does once started (xmppd/server.py): setup is not garbage
     results = []

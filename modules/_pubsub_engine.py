@@ -12,8 +12,8 @@ store:
 
 * `<prefix>n/<node>`: the node record: configuration, affiliations, the
   item ids in publish order, the last item itself when it is small
-  (`LAST_INLINE_BYTES`), the node's generation (a token new at each
-  creation) and how many subscriptions it has. Contacts' last items are
+  (`LAST_INLINE_BYTES`), and the node's generation (a token new at each
+  creation). Contacts' last items are
   what a login needs, and this record reads through the shared cache like
   every item, so a login storm reads the cache, not the store, once per
   contact and node.
@@ -26,6 +26,10 @@ store:
   inline ("s", "p", "o"): they are read as they are and moved out, a batch
   per transaction, by the first subscription change of that node
   (`_migrate`).
+* `<prefix>c/<node>/<generation>`: how many subscriptions the node has
+  (absent: none), written in the transaction of each subscription change,
+  so that the count is exact, `max_subscribers` holds, and a publish to a
+  node without subscribers queries none.
 * `<prefix>i/<node>/<item id>`: one published item: its XML when at most
   `inline_item_bytes`, else the key of a blob (blob store, same namespace
   name) holding it. Avatars' data nodes are the large ones.
@@ -33,13 +37,17 @@ store:
   subscription limit and so that an account's removal finds its
   subscriptions (no user prefix starts with "/").
 
-Every change of a node is one `ItemStore.modify` of its record, with the
-item and subscription writes in the same transaction (`WithWrites`), so two
-nodes of a cluster publishing to or subscribing to one node at once both
-land, an item is never stored without the record listing it, and the
-record's subscription count stays exact (the record's condition fails for
-the loser, which runs again). Subscription options change the subscription
-item alone, conditional on its version. Blobs are written before that
+Every change of a node's items or configuration is one `ItemStore.modify`
+of its record, with the item writes in the same transaction (`WithWrites`),
+so two nodes of a cluster publishing to one node at once both land and an
+item is never stored without the record listing it. Every subscription
+change is one `modify` of the node's count, with the subscription and the
+subscriber's index in the same transaction: subscribing never contends
+with publishing (a hot node's record would otherwise make both retry), and
+two nodes subscribing at once both land. A subscription written while its
+node is being deleted is left under the deleted generation, where no one
+reads it; the subscriber is told the node is gone. Subscription options
+change the subscription item alone, conditional on its version. Blobs are written before that
 transaction (a new key each time) and the replaced ones deleted after it.
 Names (node names, item ids, JIDs) are escaped in keys so that none can
 reach another's key space.
@@ -149,7 +157,6 @@ class Node:
     items: list[list[str]]  # [id, blob key or ""], oldest first
     last: bytes | None  # the last item's <item/> XML when small, else None
     generation: str = ""  # new at each creation: the subscriptions' key space
-    count: int = 0  # subscriptions (subscribed or pending) stored as items
     # subscriptions still inline in a record of the earlier format, until _migrate
     legacy: dict[str, Subscription] = field(default_factory=dict)
 
@@ -159,10 +166,6 @@ class Node:
     @property
     def owners(self) -> list[str]:
         return [jid for jid, aff in self.affiliations.items() if aff == "owner"]
-
-    @property
-    def subscription_count(self) -> int:
-        return self.count + len(self.legacy)
 
     def max_items(self, limits: Limits) -> int:
         if not self.config.get("pubsub#persist_items", True):
@@ -202,7 +205,6 @@ def encode_node(node: Node) -> dict[str, str | bytes | int]:
         "a": json.dumps(node.affiliations, separators=(",", ":")),
         "i": json.dumps(node.items, separators=(",", ":")),
         "g": node.generation,
-        "n": node.count,
     }
     if node.last is not None:
         attrs["l"] = node.last
@@ -221,7 +223,6 @@ def encode_node(node: Node) -> dict[str, str | bytes | int]:
 def decode_node(name: str, item: Item) -> Node:
     attrs = item.attrs
     last = attrs.get("l")
-    count = attrs.get("n", 0)
     return Node(
         name=name,
         config=json.loads(str(attrs["c"])),
@@ -229,7 +230,6 @@ def decode_node(name: str, item: Item) -> Node:
         items=json.loads(str(attrs["i"])),
         last=last if isinstance(last, bytes) else None,
         generation=str(attrs.get("g", "")),
-        count=count if isinstance(count, int) else 0,
         legacy=_legacy_subscriptions(attrs),
     )
 
@@ -310,6 +310,9 @@ class PubSubService:
     def subscription_key(self, node: Node, jid: str) -> str:
         return f"{self.subscriptions_prefix(node)}{_q(jid)}"
 
+    def counter_key(self, node: Node) -> str:
+        return f"{self.prefix}c/{_q(node.name)}/{node.generation}"
+
     # --- reading ------------------------------------------------------------------------
 
     async def node(self, name: str) -> Node | None:
@@ -380,8 +383,8 @@ class PubSubService:
         """Every subscription to `node` (of JIDs whose escaped form starts with
         `prefix`): one query a thousand subscriptions."""
         found = [s for jid, s in node.legacy.items() if _q(jid).startswith(prefix)]
-        if not node.count:  # exact (kept in the record's transactions): no query
-            return found
+        if not _count_of(await self.items.get(self.counter_key(node))):
+            return found  # the count is exact: nothing to query
         start = self.subscriptions_prefix(node) + prefix
         token: str | None = None
         while True:
@@ -389,6 +392,18 @@ class PubSubService:
             found.extend(decode_subscription(item) for item in page.items)
             if (token := page.next_token) is None:
                 return found
+            await asyncio.sleep(0)  # a store that answers without yielding holds no longer
+
+    async def subscription_count(self, node: Node) -> int:
+        """How many subscriptions (subscribed or pending) `node` has."""
+        return len(node.legacy) + _count_of(await self.items.get(self.counter_key(node)))
+
+    def _count_write(self, node: Node, counter: Item | None, count: int) -> Write:
+        """The conditional write of `node`'s count, for a transaction not on it."""
+        key = self.counter_key(node)
+        if counter is None:
+            return self.items.put_op(key, {"n": count}, if_absent=True)
+        return self.items.put_op(key, {"n": count}, if_version=counter.version)
 
     async def subscriptions_of_account(self, node: Node, bare: str) -> list[Subscription]:
         """The subscriptions of `bare` and of its full JIDs to `node`."""
@@ -407,7 +422,7 @@ class PubSubService:
         the record or as an item), before a subscription change of that node."""
         moved: list[int] = []
 
-        def change(current: Item | None) -> WithWrites | Unchanged:
+        async def change(current: Item | None) -> WithWrites | Unchanged:
             if current is None:
                 return UNCHANGED
             node = decode_node(name, current)
@@ -415,10 +430,12 @@ class PubSubService:
             moved[:] = [len(batch)]
             if not batch:
                 return UNCHANGED
-            writes: list[Write] = []
+            counter = await self.items.get(self.counter_key(node))
+            writes: list[Write] = [
+                self._count_write(node, counter, _count_of(counter) + len(batch))
+            ]
             for sub in batch:
                 del node.legacy[sub.jid]
-                node.count += 1
                 writes.append(self.items.put_op(
                     self.subscription_key(node, sub.jid), encode_subscription(sub)
                 ))
@@ -569,6 +586,7 @@ class PubSubService:
         """Delete a deleted node's subscriptions (its generation's key space, which a
         node made again under its name does not share), once they were notified."""
         await self.items.delete_prefix(self.subscriptions_prefix(node))
+        await self.items.delete(self.counter_key(node))
 
     async def purge(self, requester: str, name: str) -> Event:
         """Remove every item of a node (XEP-0060 8.5)."""
@@ -760,58 +778,64 @@ class PubSubService:
             pending = refusal is not None
         else:
             await self.check_access(node, requester)
-        await self._migrate(name)
+        node = await self._migrated(name)
         outcome: list[Any] = []
 
-        async def change(current: Item | None) -> WithWrites | Unchanged:
-            if current is None:
-                raise StanzaError("item-not-found", "no such node")
-            node = decode_node(name, current)
+        async def change(counter: Item | None) -> WithWrites | Unchanged:
             existing = await self.subscription(node, jid)
             if existing is not None:
                 outcome[:] = [existing.subid, existing.state]
                 return UNCHANGED
-            self._check_room(node)
+            self._check_room(_count_of(counter))
             sub = Subscription(jid, secrets.token_hex(8), "pending" if pending else "subscribed")
             outcome[:] = [sub.subid, sub.state]
-            node.count += 1
             key = self.subscription_key(node, jid)
             writes: list[Write] = [self.items.put_op(key, encode_subscription(sub), if_absent=True)]
             writes += await self._index_change(_bare(jid), name, jid, add=True)
-            return WithWrites(encode_node(node), writes)
+            return WithWrites(_count_attrs(_count_of(counter) + 1), writes)
 
-        await self.items.modify(self.node_key(name), change, what="node")
-        return await self.existing(name), outcome[0], outcome[1]
+        await self.items.modify(self.counter_key(node), change, what="node subscriptions")
+        return await self._still(node), outcome[0], outcome[1]
+
+    async def _migrated(self, name: str) -> Node:
+        """The node, its subscriptions all items of their own (`_migrate`)."""
+        await self._migrate(name)
+        return await self.existing(name)
+
+    async def _still(self, node: Node) -> Node:
+        """The node after a subscription change: item-not-found when it was deleted
+        (or made again) meanwhile, its subscriptions left where no one reads them."""
+        now = await self.node(node.name)
+        if now is None or now.generation != node.generation:
+            raise StanzaError("item-not-found", "the node was deleted")
+        return now
 
     async def authorize(self, approver: str, name: str, jid: str, allow: bool) -> str:
         """An owner's answer to a pending subscription (XEP-0060 8.6): subscribed or
         none, the state the subscriber is told of."""
-        await self._migrate(name)
+        node = await self._migrated(name)
+        self._require_owner(node, approver)
 
-        async def change(current: Item | None) -> WithWrites:
-            if current is None:
-                raise StanzaError("item-not-found", "no such node")
-            node = decode_node(name, current)
-            self._require_owner(node, approver)
+        async def change(counter: Item | None) -> WithWrites:
             item = await self.items.get(self.subscription_key(node, jid))
             if item is None or decode_subscription(item).state != "pending":
                 raise StanzaError("item-not-found", "no such pending subscription")
-            return WithWrites(encode_node(node), await self._answer(node, item, allow))
+            writes, delta = await self._answer(node, item, allow)
+            return WithWrites(_count_attrs(_count_of(counter) + delta), writes)
 
-        await self.items.modify(self.node_key(name), change, what="node")
+        await self.items.modify(self.counter_key(node), change, what="node subscriptions")
         return "subscribed" if allow else "none"
 
-    async def _answer(self, node: Node, item: Item, allow: bool) -> list[Write]:
+    async def _answer(self, node: Node, item: Item, allow: bool) -> tuple[list[Write], int]:
         """The writes that approve (subscribed) or deny (removed) a pending
-        subscription `item`; `node.count` follows."""
+        subscription `item`, and the change of the node's count."""
         sub = decode_subscription(item)
         if allow:
             sub.state = "subscribed"
-            return [self.items.put_op(item.name, encode_subscription(sub),
-                                      if_version=item.version)]
-        node.count -= 1
+            put = self.items.put_op(item.name, encode_subscription(sub), if_version=item.version)
+            return [put], 0
         index = await self._index_change(_bare(sub.jid), node.name, sub.jid, add=False)
-        return [self.items.delete_op(item.name, if_version=item.version), *index]
+        return [self.items.delete_op(item.name, if_version=item.version), *index], -1
 
     async def get_options(
         self, requester: str, name: str, jid: str, subid: str | None
@@ -828,8 +852,7 @@ class PubSubService:
     ) -> None:
         """Change a subscription's options (XEP-0060 6.3.5); only those that differ
         from the defaults are kept. The subscription's item alone is written."""
-        await self._migrate(name)
-        node = await self.existing(name)
+        node = await self._migrated(name)
 
         def change(current: Item | None) -> dict[str, Any]:
             sub = None if current is None else decode_subscription(current)
@@ -851,35 +874,29 @@ class PubSubService:
         if subid is not None and sub.subid != subid:
             raise pubsub_error("not-acceptable", "invalid-subid")
 
-    def _check_room(self, node: Node) -> None:
-        if node.subscription_count >= self.limits.max_subscribers:
+    def _check_room(self, count: int) -> None:
+        if count >= self.limits.max_subscribers:
             raise StanzaError(
                 "not-allowed", f"this node has its {self.limits.max_subscribers} subscribers"
             )
 
     async def unsubscribe(self, requester: str, name: str, jid: str, subid: str | None) -> None:
         """End a subscription (XEP-0060 6.2)."""
-        if _bare(jid) != _bare(requester):
-            node = await self.existing(name)
-            if node.affiliation(_bare(requester)) != "owner":
-                raise pubsub_error("bad-request", "invalid-jid", "unsubscribe your own JID")
-        await self._migrate(name)
+        node = await self._migrated(name)
+        if _bare(jid) != _bare(requester) and node.affiliation(_bare(requester)) != "owner":
+            raise pubsub_error("bad-request", "invalid-jid", "unsubscribe your own JID")
 
-        async def change(current: Item | None) -> WithWrites:
-            if current is None:
-                raise StanzaError("item-not-found", "no such node")
-            node = decode_node(name, current)
+        async def change(counter: Item | None) -> WithWrites:
             item = await self.items.get(self.subscription_key(node, jid))
             if item is None:
                 raise pubsub_error("unexpected-request", "not-subscribed", type_="cancel")
             if subid is not None and decode_subscription(item).subid != subid:
                 raise pubsub_error("not-acceptable", "invalid-subid")
-            node.count -= 1
             writes: list[Write] = [self.items.delete_op(item.name, if_version=item.version)]
             writes += await self._index_change(_bare(jid), name, jid, add=False)
-            return WithWrites(encode_node(node), writes)
+            return WithWrites(_count_attrs(_count_of(counter) - 1), writes)
 
-        await self.items.modify(self.node_key(name), change, what="node")
+        await self.items.modify(self.counter_key(node), change, what="node subscriptions")
 
     async def _index_change(self, bare: str, name: str, jid: str, *, add: bool) -> list[Write]:
         """The conditional write of the subscriber's index, for the node's transaction."""
@@ -915,35 +932,36 @@ class PubSubService:
             raise StanzaError(
                 "not-acceptable", f"at most {SUBSCRIPTION_CHANGES} subscription changes at once"
             )
-        await self._migrate(name)
+        node = await self._migrated(name)
+        self._require_owner(node, requester)
 
-        async def change(current: Item | None) -> WithWrites:
-            if current is None:
-                raise StanzaError("item-not-found", "no such node")
-            node = decode_node(name, current)
-            self._require_owner(node, requester)
+        async def change(counter: Item | None) -> WithWrites:
+            count = _count_of(counter)
             writes: list[Write] = []
             for jid, state in changes.items():
                 add = state == "subscribed"
                 key = self.subscription_key(node, jid)
                 item = await self.items.get(key)
                 if item is not None and decode_subscription(item).state == "pending":
-                    writes += await self._answer(node, item, add)  # the owner's answer
+                    answer, delta = await self._answer(node, item, add)  # the owner's answer
+                    writes += answer
+                    count += delta
                     continue
                 if add == (item is not None):
                     continue
                 if item is None:
-                    self._check_room(node)
-                    node.count += 1
+                    self._check_room(count)
+                    count += 1
                     sub = Subscription(jid, secrets.token_hex(8))
                     writes.append(self.items.put_op(key, encode_subscription(sub), if_absent=True))
                 else:
-                    node.count -= 1
+                    count -= 1
                     writes.append(self.items.delete_op(key, if_version=item.version))
                 writes += await self._index_change(_bare(jid), name, jid, add=add)
-            return WithWrites(encode_node(node), writes)
+            return WithWrites(_count_attrs(count), writes)
 
-        await self.items.modify(self.node_key(name), change, what="node")
+        await self.items.modify(self.counter_key(node), change, what="node subscriptions")
+        await self._still(node)
 
     # --- affiliations (owner use cases) ----------------------------------------------------
 
@@ -978,26 +996,22 @@ class PubSubService:
         entries = await self.subscriptions_of(bare)
         for prefix, name, jid in entries:
             service = PubSubService(self.items, self.blobs, prefix, self.limits, self.relation)
-            await service._migrate(name)
+            if await service.node(name) is None:
+                continue
+            node = await service._migrated(name)
 
             async def change(
-                current: Item | None,
-                jid: str = jid,
-                name: str = name,
-                service: PubSubService = service,
-            ) -> Any:
-                if current is None:
-                    return UNCHANGED
-                node = decode_node(name, current)
-                item = await self.items.get(service.subscription_key(node, jid))
+                counter: Item | None, key: str = service.subscription_key(node, jid)
+            ) -> WithWrites | Unchanged:
+                item = await self.items.get(key)
                 if item is None:
                     return UNCHANGED
-                node.count -= 1
                 return WithWrites(
-                    encode_node(node), [self.items.delete_op(item.name, if_version=item.version)]
+                    _count_attrs(_count_of(counter) - 1),
+                    [self.items.delete_op(item.name, if_version=item.version)],
                 )
 
-            await self.items.modify(service.node_key(name), change, what="node")
+            await self.items.modify(service.counter_key(node), change, what="node subscriptions")
         found = await self.items.delete(self.index_key(bare))
         return found or bool(entries)
 
@@ -1041,6 +1055,17 @@ def judge(
     if model == "presence":
         return pubsub_error("not-authorized", "presence-subscription-required")
     return pubsub_error("not-authorized", "not-in-roster-group")
+
+
+def _count_attrs(count: int) -> dict[str, int] | None:
+    """A node's count item as written: none at 0 (a node without subscribers has none)."""
+    return {"n": count} if count > 0 else None
+
+
+def _count_of(counter: Item | None) -> int:
+    """The number a node's count item holds (absent: 0)."""
+    value = counter.attrs.get("n", 0) if counter is not None else 0
+    return value if isinstance(value, int) else 0
 
 
 def _trim(node: Node, limits: Limits) -> list[list[str]]:

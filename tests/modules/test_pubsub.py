@@ -4,7 +4,9 @@ sections 5-8 with their examples' stanzas, errors included."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -15,7 +17,6 @@ from tests.modules.test_pep import ERRORS, IQ, OWNER, PS, error_of, events, sett
 from xmppd.modules._pubsub_engine import (
     PubSubService,
     Subscription,
-    encode_node,
     encode_subscription,
 )
 from xmppd.storage.base import Query
@@ -343,8 +344,8 @@ async def subscribe_in_bulk(service: PubSubService, name: str, jids: list[str]) 
         service.subscription_key(node, jid): encode_subscription(Subscription(jid, f"sub{i}"))
         for i, jid in enumerate(jids)
     })
-    node.count += len(jids)
-    await service.items.put(service.node_key(name), encode_node(node))
+    count = await service.subscription_count(node)
+    await service.items.put(service.counter_key(node), {"n": count + len(jids)})
 
 
 async def test_fan_out_to_five_thousand_subscribers_lets_the_loop_run(
@@ -366,13 +367,14 @@ async def test_fan_out_to_five_thousand_subscribers_lets_the_loop_run(
     seen_at: dict[str, list[int]] = {}
 
     async def ticker() -> None:
+        # The loop thread's CPU time between two turns: the work done without letting
+        # other tasks run (the machine's other processes do not count).
         nonlocal turns, longest
-        loop = asyncio.get_running_loop()
-        last = loop.time()
+        last = time.thread_time()
         while True:
             turns += 1
             await asyncio.sleep(0)
-            now = loop.time()
+            now = time.thread_time()
             longest, last = max(longest, now - last), now
 
     def recorder(jid: str) -> Callable[[etree._Element], bool]:
@@ -380,21 +382,24 @@ async def test_fan_out_to_five_thousand_subscribers_lets_the_loop_run(
 
     for session in subscribers:
         session.recorder.send = recorder(session.jid)  # type: ignore[method-assign]
+    gc.collect()
+    gc.freeze()  # as the server does once started: the collector's passes are not ours
     ticking = asyncio.ensure_future(ticker())
     try:
         await ask(harness, hamlet, "set", publish("big", "1"))
     finally:
         ticking.cancel()
+        gc.unfreeze()
     assert sorted(seen_at) == sorted(s.jid for s in subscribers)
     assert all(len(turns_seen) == 1 for turns_seen in seen_at.values())  # exactly once
     all_turns = [t for turns_seen in seen_at.values() for t in turns_seen]
     assert len(set(all_turns)) >= 5000 // 256  # the loop ran between the batches
-    assert longest < 0.25, f"the loop was held {longest * 1000:.0f} ms"
+    assert longest < 0.05, f"the loop was held {longest * 1000:.0f} ms"
     # One more subscriber than the node may have: refused, nothing stored.
     one_more = "<pubsub xmlns='{0}'><subscribe node='big' jid='hamlet@localhost'/></pubsub>"
     reply = await ask(harness, hamlet, "set", one_more.format(PS))
     assert error_of(reply)[1] == "not-allowed"
-    assert (await service.existing("big")).count == 5000
+    assert await service.subscription_count(await service.existing("big")) == 5000
 
 
 async def test_a_record_of_the_earlier_format_is_read_and_migrated(
@@ -422,7 +427,7 @@ async def test_a_record_of_the_earlier_format_is_read_and_migrated(
     sub = f"<pubsub xmlns='{PS}'><subscribe node='old' jid='hamlet@localhost'/></pubsub>"
     assert (await ask(harness, hamlet, "set", sub)).get("type") == "result"
     node = await service.existing("old")
-    assert node.legacy == {} and node.count == 203
+    assert node.legacy == {} and await service.subscription_count(node) == 203
     assert "s" not in (await service.items.get(service.node_key("old"))).attrs
     stored = {s.jid: s for s in await service.subscribers(node)}
     assert len(stored) == 203
@@ -434,4 +439,4 @@ async def test_a_record_of_the_earlier_format_is_read_and_migrated(
         "subid='b1'/></pubsub>"
     )
     assert (await ask(harness, bernardo, "set", unsub)).get("type") == "result"
-    assert (await service.existing("old")).count == 202
+    assert await service.subscription_count(await service.existing("old")) == 202
