@@ -448,3 +448,38 @@ async def test_two_nodes_subscribing_and_publishing_at_once_lose_nothing(
     assert sorted(s.jid for s in subscribers) == sorted(expected)
     assert await stored.subscription_count(node) == 60
     assert [entry[0] for entry in node.items] == [str(n) for n in range(10)]
+
+
+async def test_a_new_avatar_is_in_the_presence_of_each_resource_on_each_node(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """XEP-0398 on a cluster: alice publishes an avatar from her client on A; her
+    other resource, on B, broadcasts its presence again with the new vCard hash
+    (B hears of it through the cluster), so bob sees it from both resources."""
+    url = devservices.redis_url(redis_service)
+    modules = {**MODULES, "vcard": {}}
+    a = await start_server(modules=modules, cluster={"redis_url": url, "node_name": "node-a"})
+    b = await start_server(
+        users={}, modules=modules, cluster={"redis_url": url, "node_name": "node-b"}
+    )
+    await befriend(a, "alice@localhost", "bob@localhost")
+    bob = await online(a, "bob@localhost/home", "bob-secret")
+    hashes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    def seen(presence: Any) -> None:
+        photo = presence.xml.findtext("{vcard-temp:x:update}x/{vcard-temp:x:update}photo")
+        if photo:
+            hashes.put_nowait((str(presence["from"]), photo))
+
+    bob.add_event_handler("presence_available", seen)
+    phone = await online(b, "alice@localhost/phone", "alice-secret")
+    desk = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(lambda: a.router.directory.get("alice@localhost", "phone") is not None)
+    avatar_id = await publish_avatar(desk)
+    heard: set[str] = set()
+    while heard != {"alice@localhost/desk", "alice@localhost/phone"}:
+        sender, photo = await asyncio.wait_for(hashes.get(), 10)
+        if photo == avatar_id:
+            heard.add(sender)
+    for client in (bob, phone, desk):
+        await close(client)
