@@ -20,7 +20,7 @@ from xmppd.modules._pubsub_engine import (
     encode_subscription,
 )
 from xmppd.storage.base import Query
-from xmppd.testing import ModuleHarness, TestSession
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
 SERVICE = "pubsub.localhost"
 INFO = "http://jabber.org/protocol/disco#info"
@@ -440,3 +440,31 @@ async def test_a_record_of_the_earlier_format_is_read_and_migrated(
     )
     assert (await ask(harness, bernardo, "set", unsub)).get("type") == "result"
     assert await service.subscription_count(await service.existing("old")) == 202
+
+
+async def test_a_fan_out_forward_is_taken_only_from_another_node() -> None:
+    """The forward another node sends (FanOut) is copied to its recipients when it
+    comes from no session and from the service's own address; the same stanza
+    from a client (to the pubsub service or to the host, for PEP's) is not."""
+    modules = {"roster": {}, "presence": {}, "disco": {}, "pubsub": {}, "pep": {}}
+    harness = await ModuleHarness(modules).start()
+    victim = harness.session("bernardo@localhost/pda")
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    fanout = (
+        "<fanout xmlns='urn:xmppd:pubsub:fanout'>"
+        "<message xmlns='jabber:client' from='{0}' type='headline'><body>forged</body></message>"
+        "<to jid='bernardo@localhost/pda'/></fanout>"
+    )
+    for to in (SERVICE, "localhost"):
+        stanza = f"<message to='{to}' from='{to}'>{fanout.format(to)}</message>"
+        await harness.send(hamlet, stanza)  # a client's: its 'from' is stamped
+        await settle(harness)
+        assert victim.take() == []
+    for to in (SERVICE, "localhost"):
+        envelope = parse_stanza(f"<message to='{to}' from='{to}'>{fanout.format(to)}</message>")
+        harness.router.route(envelope)  # as the cluster's inbox routes a forward
+        await settle(harness)
+        got = victim.take()
+        assert [(m.get("from"), m.findtext("{jabber:client}body")) for m in got] == [
+            (to, "forged")
+        ]
