@@ -12,6 +12,10 @@ No loops: each side tells only of changes its clients made (`Pep.listen`,
 server API (`VCard.store`, `Pep.publish`), which tells nobody. A conversion
 that would change nothing (the same hash on both sides) writes nothing.
 A conversion that fails is logged: the client's own write stands.
+When a PEP avatar changed the vCard's photo, the account's resources
+broadcast their presence again (`Pep.resend_presence`), which the vcard
+module stamps with the new hash: XEP-0153 clients among the contacts learn
+of the avatar without waiting for the user's next presence change.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class AvatarConversion:
             etree.SubElement(photo, f"{_V}TYPE").text = image[1]
             etree.SubElement(photo, f"{_V}BINVAL").text = base64.b64encode(image[0]).decode()
         await self.vcard.store(owner, vcard)
+        self.pep.resend_presence(owner)  # the new hash, to contacts now
 
     async def _image(self, owner: str, infos: list[etree._Element]) -> tuple[bytes, str] | None:
         """The image of the first <info/> (PNG preferred, XEP-0084 4.2.1) whose data is

@@ -10,12 +10,26 @@ Storage, under the `prefix` of one service (PEP: "<user>/", so an account's
 nodes go with one prefix deletion; the pubsub service: ""), in one item
 store:
 
-* `<prefix>n/<node>`: the node record: configuration, affiliations,
-  explicit subscriptions, the item ids in publish order, and the last item
-  itself when it is small (`LAST_INLINE_BYTES`). Contacts' last items are
+* `<prefix>n/<node>`: the node record: configuration, affiliations, the
+  item ids in publish order, the last item itself when it is small
+  (`LAST_INLINE_BYTES`), and the node's generation (a token new at each
+  creation). Contacts' last items are
   what a login needs, and this record reads through the shared cache like
   every item, so a login storm reads the cache, not the store, once per
   contact and node.
+* `<prefix>s/<node>/<generation>/<JID>`: one subscription (subscribed or
+  pending an owner's approval, its subid and options), so that a node has
+  as many subscribers as `max_subscribers` allows (10,000s), read with one
+  query by node. The generation keeps a node made again under a deleted
+  one's name from inheriting its subscriptions while they are deleted.
+  Records written before subscriptions had items of their own carry them
+  inline ("s", "p", "o"): they are read as they are and moved out, a batch
+  per transaction, by the first subscription change of that node
+  (`_migrate`).
+* `<prefix>c/<node>/<generation>`: how many subscriptions the node has
+  (absent: none), written in the transaction of each subscription change,
+  so that the count is exact, `max_subscribers` holds, and a publish to a
+  node without subscribers queries none.
 * `<prefix>i/<node>/<item id>`: one published item: its XML when at most
   `inline_item_bytes`, else the key of a blob (blob store, same namespace
   name) holding it. Avatars' data nodes are the large ones.
@@ -23,10 +37,17 @@ store:
   subscription limit and so that an account's removal finds its
   subscriptions (no user prefix starts with "/").
 
-Every change of a node is one `ItemStore.modify` of its record, with the
-item writes in the same transaction (`WithWrites`), so two nodes of a
-cluster publishing to one node at once both land, and an item is never
-stored without the record listing it. Blobs are written before that
+Every change of a node's items or configuration is one `ItemStore.modify`
+of its record, with the item writes in the same transaction (`WithWrites`),
+so two nodes of a cluster publishing to one node at once both land and an
+item is never stored without the record listing it. Every subscription
+change is one `modify` of the node's count, with the subscription and the
+subscriber's index in the same transaction: subscribing never contends
+with publishing (a hot node's record would otherwise make both retry), and
+two nodes subscribing at once both land. A subscription written while its
+node is being deleted is left under the deleted generation, where no one
+reads it; the subscriber is told the node is gone. Subscription options
+change the subscription item alone, conditional on its version. Blobs are written before that
 transaction (a new key each time) and the replaced ones deleted after it.
 Names (node names, item ids, JIDs) are escaped in keys so that none can
 reach another's key space.
@@ -34,6 +55,7 @@ reach another's key space.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -71,6 +93,10 @@ LAST_INLINE_BYTES = 8 * 1024
 MAX_NAME_BYTES = 300  # node names and item ids, as escaped in keys (URL-quoted)
 TRANSACTION_DELETES = 90
 """Writes of items besides the node's own in one transaction (DynamoDB takes 100)."""
+SUBSCRIPTION_CHANGES = TRANSACTION_DELETES // 2
+"""An owner's subscription changes in one request: each writes a subscription and an index."""
+MIGRATE_BATCH = 80
+"""Inline subscriptions of an earlier-format record moved out in one transaction."""
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -83,7 +109,7 @@ class Limits:
     max_items: int = 256  # per node; what pubsub#max_items 'max' means
     max_nodes: int = 100  # per PEP account, or per service
     max_subscriptions: int = 1000  # per subscribing account
-    max_subscribers: int = 2000  # per node: they are kept in its record (256 KB at most)
+    max_subscribers: int = 100_000  # per node (each an item of its own)
     inline_item_bytes: int = 32 * 1024  # larger items go to the blob store
     default_max_items: int | str = 1
     default_access_model: str = "presence"
@@ -104,25 +130,38 @@ class Limits:
 
 
 @dataclass(slots=True)
+class Subscription:
+    """One subscription to a node: subscribed, or pending an owner's approval
+    (access model authorize, XEP-0060 6.1.6)."""
+
+    jid: str  # the subscribed JID, bare or full
+    subid: str
+    state: Literal["subscribed", "pending"] = "subscribed"
+    # subscription options (XEP-0060 6.3) that differ from the defaults
+    options: dict[str, bool] = field(default_factory=dict)
+
+    def option(self, name: str) -> bool:
+        return self.options.get(name, SUBSCRIPTION_DEFAULTS[name])
+
+    def values(self) -> dict[str, bool]:
+        return {**SUBSCRIPTION_DEFAULTS, **self.options}
+
+
+@dataclass(slots=True)
 class Node:
-    """One node as stored."""
+    """One node as stored (its subscriptions are items of their own: `subscribers`)."""
 
     name: str
     config: Config
     affiliations: dict[str, str]  # bare JID -> affiliation (none: absent)
-    subscriptions: dict[str, str]  # subscribed JID (bare or full) -> subid
     items: list[list[str]]  # [id, blob key or ""], oldest first
     last: bytes | None  # the last item's <item/> XML when small, else None
-    # subscriptions awaiting an owner's approval (access model authorize): JID -> subid
-    pending: dict[str, str] = field(default_factory=dict)
-    # subscription options (XEP-0060 6.3) that differ from the defaults: JID -> values
-    options: dict[str, dict[str, bool]] = field(default_factory=dict)
+    generation: str = ""  # new at each creation: the subscriptions' key space
+    # subscriptions still inline in a record of the earlier format, until _migrate
+    legacy: dict[str, Subscription] = field(default_factory=dict)
 
     def affiliation(self, bare: str) -> str:
         return self.affiliations.get(bare, "none")
-
-    def subscription_options(self, jid: str) -> dict[str, bool]:
-        return {**SUBSCRIPTION_DEFAULTS, **self.options.get(jid, {})}
 
     @property
     def owners(self) -> list[str]:
@@ -164,15 +203,20 @@ def encode_node(node: Node) -> dict[str, str | bytes | int]:
     attrs: dict[str, str | bytes | int] = {
         "c": json.dumps(node.config, separators=(",", ":")),
         "a": json.dumps(node.affiliations, separators=(",", ":")),
-        "s": json.dumps(node.subscriptions, separators=(",", ":")),
         "i": json.dumps(node.items, separators=(",", ":")),
+        "g": node.generation,
     }
     if node.last is not None:
         attrs["l"] = node.last
-    if node.pending:
-        attrs["p"] = json.dumps(node.pending, separators=(",", ":"))
-    if node.options:
-        attrs["o"] = json.dumps(node.options, separators=(",", ":"))
+    if node.legacy:  # not moved out yet (_migrate): kept in the earlier format
+        subscribed = {s.jid: s.subid for s in node.legacy.values() if s.state == "subscribed"}
+        pending = {s.jid: s.subid for s in node.legacy.values() if s.state == "pending"}
+        options = {s.jid: s.options for s in node.legacy.values() if s.options}
+        attrs["s"] = json.dumps(subscribed, separators=(",", ":"))
+        if pending:
+            attrs["p"] = json.dumps(pending, separators=(",", ":"))
+        if options:
+            attrs["o"] = json.dumps(options, separators=(",", ":"))
     return attrs
 
 
@@ -183,12 +227,42 @@ def decode_node(name: str, item: Item) -> Node:
         name=name,
         config=json.loads(str(attrs["c"])),
         affiliations=json.loads(str(attrs["a"])),
-        subscriptions=json.loads(str(attrs["s"])),
         items=json.loads(str(attrs["i"])),
         last=last if isinstance(last, bytes) else None,
-        pending=json.loads(str(attrs["p"])) if "p" in attrs else {},
-        options=json.loads(str(attrs["o"])) if "o" in attrs else {},
+        generation=str(attrs.get("g", "")),
+        legacy=_legacy_subscriptions(attrs),
     )
+
+
+def _legacy_subscriptions(attrs: dict[str, Any]) -> dict[str, Subscription]:
+    """The subscriptions a record of the earlier format holds inline ("s"
+    subscribed, "p" pending, "o" options: JID -> subid or options)."""
+    if "s" not in attrs:
+        return {}
+    options: dict[str, dict[str, bool]] = json.loads(str(attrs["o"])) if "o" in attrs else {}
+    found: dict[str, Subscription] = {}
+    states: tuple[tuple[str, Literal["subscribed", "pending"]], ...] = (
+        ("s", "subscribed"), ("p", "pending"))
+    for key, state in states:
+        for jid, subid in (json.loads(str(attrs[key])) if key in attrs else {}).items():
+            found[jid] = Subscription(jid, subid, state, options.get(jid, {}))
+    return found
+
+
+def encode_subscription(sub: Subscription) -> dict[str, str | bytes | int]:
+    attrs: dict[str, str | bytes | int] = {"j": sub.jid, "i": sub.subid, "s": sub.state}
+    if sub.options:
+        attrs["o"] = json.dumps(sub.options, separators=(",", ":"))
+    return attrs
+
+
+def decode_subscription(item: Item) -> Subscription:
+    attrs = item.attrs
+    state: Literal["subscribed", "pending"] = (
+        "pending" if attrs.get("s") == "pending" else "subscribed"
+    )
+    options = json.loads(str(attrs["o"])) if "o" in attrs else {}
+    return Subscription(str(attrs["j"]), str(attrs["i"]), state, options)
 
 
 def parse_item(data: bytes) -> etree._Element:
@@ -229,6 +303,15 @@ class PubSubService:
     @staticmethod
     def index_key(bare: str) -> str:
         return f"/u/{_q(bare)}"
+
+    def subscriptions_prefix(self, node: Node) -> str:
+        return f"{self.prefix}s/{_q(node.name)}/{node.generation}/"
+
+    def subscription_key(self, node: Node, jid: str) -> str:
+        return f"{self.subscriptions_prefix(node)}{_q(jid)}"
+
+    def counter_key(self, node: Node) -> str:
+        return f"{self.prefix}c/{_q(node.name)}/{node.generation}"
 
     # --- reading ------------------------------------------------------------------------
 
@@ -289,18 +372,118 @@ class PubSubService:
         found = await self.item_elements(node, [node.items[-1][0]])
         return found[0] if found else None
 
+    async def subscription(self, node: Node, jid: str) -> Subscription | None:
+        """`jid`'s subscription to `node` (subscribed or pending), if any."""
+        if jid in node.legacy:
+            return node.legacy[jid]
+        item = await self.items.get(self.subscription_key(node, jid))
+        return None if item is None else decode_subscription(item)
+
+    async def subscribers(self, node: Node, prefix: str = "") -> list[Subscription]:
+        """Every subscription to `node` (of JIDs whose escaped form starts with
+        `prefix`): one query a thousand subscriptions."""
+        found = [s for jid, s in node.legacy.items() if _q(jid).startswith(prefix)]
+        if not _count_of(await self.items.get(self.counter_key(node))):
+            return found  # the count is exact: nothing to query
+        start = self.subscriptions_prefix(node) + prefix
+        token: str | None = None
+        while True:
+            page = await self.items.query(Query(prefix=start, limit=1000, page_token=token))
+            found.extend(decode_subscription(item) for item in page.items)
+            if (token := page.next_token) is None:
+                return found
+            await asyncio.sleep(0)  # a store that answers without yielding holds no longer
+
+    async def subscription_count(self, node: Node) -> int:
+        """How many subscriptions (subscribed or pending) `node` has."""
+        return len(node.legacy) + _count_of(await self.items.get(self.counter_key(node)))
+
+    def _count_write(self, node: Node, counter: Item | None, count: int) -> Write:
+        """The conditional write of `node`'s count, for a transaction not on it."""
+        key = self.counter_key(node)
+        if counter is None:
+            return self.items.put_op(key, {"n": count}, if_absent=True)
+        return self.items.put_op(key, {"n": count}, if_version=counter.version)
+
+    async def subscriptions_of_account(self, node: Node, bare: str) -> list[Subscription]:
+        """The subscriptions of `bare` and of its full JIDs to `node`."""
+        return [s for s in await self.subscribers(node, _q(bare)) if _bare(s.jid) == bare]
+
+    async def _held(self, node: Node, bare: str) -> list[str]:
+        """The states of `bare`'s subscriptions, when the access model asks for them."""
+        if node.config.get("pubsub#access_model") != "authorize":
+            return []
+        return [s.state for s in await self.subscriptions_of_account(node, bare)]
+
+    async def _migrate(self, name: str) -> None:
+        """Move the subscriptions of a record of the earlier format into items of
+        their own, `MIGRATE_BATCH` in each transaction with the record that no
+        longer lists them (so a concurrent reader sees each one exactly once, in
+        the record or as an item), before a subscription change of that node."""
+        moved: list[int] = []
+
+        async def change(current: Item | None) -> WithWrites | Unchanged:
+            if current is None:
+                return UNCHANGED
+            node = decode_node(name, current)
+            batch = list(node.legacy.values())[:MIGRATE_BATCH]
+            moved[:] = [len(batch)]
+            if not batch:
+                return UNCHANGED
+            counter = await self.items.get(self.counter_key(node))
+            writes: list[Write] = [
+                self._count_write(node, counter, _count_of(counter) + len(batch))
+            ]
+            for sub in batch:
+                del node.legacy[sub.jid]
+                writes.append(self.items.put_op(
+                    self.subscription_key(node, sub.jid), encode_subscription(sub)
+                ))
+            return WithWrites(encode_node(node), writes)
+
+        while True:
+            moved.clear()
+            await self.items.modify(self.node_key(name), change, what="node")
+            if not moved or not moved[0]:
+                return
+
     # --- access -------------------------------------------------------------------------
 
     async def check_access(self, node: Node, requester: str) -> None:
         """May `requester` subscribe to `node` and read its items? XEP-0060 6.1.3 errors."""
         bare = _bare(requester)
-        if judge(node, bare, self.owner, None) is None:
+        held = await self._held(node, bare)
+        if judge(node, bare, self.owner, None, held) is None:
             return
         owners = [self.owner] if self.owner else node.owners
         relations = [await self.relation(owner, bare) for owner in owners]
-        refusal = judge(node, bare, self.owner, relations)
+        refusal = judge(node, bare, self.owner, relations, held)
         if refusal is not None:
             raise refusal
+
+    async def audience(self, node: Node, subs: Sequence[Subscription]) -> list[Subscription]:
+        """Those of `subs` (subscribed ones) the node's access model still admits: no
+        read for the open, authorize and whitelist models, one roster read per owner
+        and subscribing account for presence and roster; the loop runs between
+        batches, a node may have 10,000s."""
+        verdicts: dict[str, bool] = {}
+        admitted: list[Subscription] = []
+        model = node.config.get("pubsub#access_model")
+        for count, sub in enumerate(subs, 1):
+            bare = _bare(sub.jid)
+            if bare not in verdicts:
+                verdict = judge(node, bare, self.owner, None, ("subscribed",))
+                if verdict is None or model not in ("presence", "roster"):
+                    verdicts[bare] = verdict is None  # final without the owners' rosters
+                else:
+                    owners = [self.owner] if self.owner else node.owners
+                    relations = [await self.relation(owner, bare) for owner in owners]
+                    verdicts[bare] = judge(node, bare, self.owner, relations) is None
+            if verdicts[bare]:
+                admitted.append(sub)
+            if count % 1024 == 0:
+                await asyncio.sleep(0)
+        return admitted
 
     async def may_access(self, node: Node, requester: str) -> bool:
         try:
@@ -317,7 +500,7 @@ class PubSubService:
 
     def new_node(self, name: str, creator: str) -> Node:
         config = default_config(self.limits.default_access_model, self.limits.default_max_items)
-        return Node(name, config, {_bare(creator): "owner"}, {}, [], None)
+        return Node(name, config, {_bare(creator): "owner"}, [], None, secrets.token_hex(4))
 
     def check_name(self, name: str, what: str = "node names") -> None:
         """Names are escaped into storage keys; these fit every backend's key size."""
@@ -398,6 +581,12 @@ class PubSubService:
         await self._drop_items(node, node.items[TRANSACTION_DELETES:])
         await self._delete_blobs(node.items[:TRANSACTION_DELETES])
         return Event("delete", node)
+
+    async def drop_subscribers(self, node: Node) -> None:
+        """Delete a deleted node's subscriptions (its generation's key space, which a
+        node made again under its name does not share), once they were notified."""
+        await self.items.delete_prefix(self.subscriptions_prefix(node))
+        await self.items.delete(self.counter_key(node))
 
     async def purge(self, requester: str, name: str) -> Event:
         """Remove every item of a node (XEP-0060 8.5)."""
@@ -491,7 +680,7 @@ class PubSubService:
                 node = decode_node(name, current)
                 if preconditions:
                     check_preconditions(node.config, wanted)
-            self._check_publisher(node, publisher)
+            await self._check_publisher(node, publisher)
             previous = [entry for entry in node.items if entry[0] == item_id]
             node.items = [entry for entry in node.items if entry[0] != item_id]
             node.items.append([item_id, blob])
@@ -514,7 +703,7 @@ class PubSubService:
         await self._delete_blobs(stale)
         return Event("items", node, item, item_id, _bare(publisher))
 
-    def _check_publisher(self, node: Node, publisher: str) -> None:
+    async def _check_publisher(self, node: Node, publisher: str) -> None:
         affiliation = node.affiliation(_bare(publisher))
         if affiliation in ("owner", "publisher", "publish-only"):
             return
@@ -522,7 +711,8 @@ class PubSubService:
         if affiliation != "outcast" and (
             model == "open"
             or (model == "subscribers" and any(
-                _bare(jid) == _bare(publisher) for jid in node.subscriptions))
+                s.state == "subscribed"
+                for s in await self.subscriptions_of_account(node, _bare(publisher))))
         ):
             return
         raise StanzaError("forbidden", "you may not publish to this node")
@@ -581,123 +771,132 @@ class PubSubService:
         node = await self.existing(name)
         pending = False
         if node.config.get("pubsub#access_model") == "authorize":
-            refusal = judge(node, _bare(requester), self.owner, None)
+            held = await self._held(node, _bare(requester))
+            refusal = judge(node, _bare(requester), self.owner, None, held)
             if refusal is not None and refusal.condition == "forbidden":
                 raise refusal
             pending = refusal is not None
         else:
             await self.check_access(node, requester)
+        node = await self._migrated(name)
         outcome: list[Any] = []
 
-        async def change(current: Item | None) -> WithWrites | Unchanged:
-            if current is None:
-                raise StanzaError("item-not-found", "no such node")
-            node = decode_node(name, current)
-            if jid in node.subscriptions:
-                outcome[:] = [node.subscriptions[jid], "subscribed"]
+        async def change(counter: Item | None) -> WithWrites | Unchanged:
+            existing = await self.subscription(node, jid)
+            if existing is not None:
+                outcome[:] = [existing.subid, existing.state]
                 return UNCHANGED
-            if jid in node.pending:
-                outcome[:] = [node.pending[jid], "pending"]
-                return UNCHANGED
-            self._check_room(node)
-            outcome[:] = [secrets.token_hex(8), "pending" if pending else "subscribed"]
-            (node.pending if pending else node.subscriptions)[jid] = outcome[0]
-            index = await self._index_change(_bare(jid), name, jid, add=True)
-            return WithWrites(encode_node(node), index)
+            self._check_room(_count_of(counter))
+            sub = Subscription(jid, secrets.token_hex(8), "pending" if pending else "subscribed")
+            outcome[:] = [sub.subid, sub.state]
+            key = self.subscription_key(node, jid)
+            writes: list[Write] = [self.items.put_op(key, encode_subscription(sub), if_absent=True)]
+            writes += await self._index_change(_bare(jid), name, jid, add=True)
+            return WithWrites(_count_attrs(_count_of(counter) + 1), writes)
 
-        await self.items.modify(self.node_key(name), change, what="node")
-        return await self.existing(name), outcome[0], outcome[1]
+        await self.items.modify(self.counter_key(node), change, what="node subscriptions")
+        return await self._still(node), outcome[0], outcome[1]
+
+    async def _migrated(self, name: str) -> Node:
+        """The node, its subscriptions all items of their own (`_migrate`)."""
+        await self._migrate(name)
+        return await self.existing(name)
+
+    async def _still(self, node: Node) -> Node:
+        """The node after a subscription change: item-not-found when it was deleted
+        (or made again) meanwhile, its subscriptions left where no one reads them."""
+        now = await self.node(node.name)
+        if now is None or now.generation != node.generation:
+            raise StanzaError("item-not-found", "the node was deleted")
+        return now
 
     async def authorize(self, approver: str, name: str, jid: str, allow: bool) -> str:
         """An owner's answer to a pending subscription (XEP-0060 8.6): subscribed or
         none, the state the subscriber is told of."""
+        node = await self._migrated(name)
+        self._require_owner(node, approver)
 
-        async def change(current: Item | None) -> WithWrites:
-            if current is None:
-                raise StanzaError("item-not-found", "no such node")
-            node = decode_node(name, current)
-            self._require_owner(node, approver)
-            subid = node.pending.pop(jid, None)
-            if subid is None:
+        async def change(counter: Item | None) -> WithWrites:
+            item = await self.items.get(self.subscription_key(node, jid))
+            if item is None or decode_subscription(item).state != "pending":
                 raise StanzaError("item-not-found", "no such pending subscription")
-            if not allow:
-                node.options.pop(jid, None)
-                index = await self._index_change(_bare(jid), name, jid, add=False)
-                return WithWrites(encode_node(node), index)
-            node.subscriptions[jid] = subid
-            return WithWrites(encode_node(node), [])
+            writes, delta = await self._answer(node, item, allow)
+            return WithWrites(_count_attrs(_count_of(counter) + delta), writes)
 
-        await self.items.modify(self.node_key(name), change, what="node")
+        await self.items.modify(self.counter_key(node), change, what="node subscriptions")
         return "subscribed" if allow else "none"
+
+    async def _answer(self, node: Node, item: Item, allow: bool) -> tuple[list[Write], int]:
+        """The writes that approve (subscribed) or deny (removed) a pending
+        subscription `item`, and the change of the node's count."""
+        sub = decode_subscription(item)
+        if allow:
+            sub.state = "subscribed"
+            put = self.items.put_op(item.name, encode_subscription(sub), if_version=item.version)
+            return [put], 0
+        index = await self._index_change(_bare(sub.jid), node.name, sub.jid, add=False)
+        return [self.items.delete_op(item.name, if_version=item.version), *index], -1
 
     async def get_options(
         self, requester: str, name: str, jid: str, subid: str | None
     ) -> dict[str, bool]:
         """A subscription's options (XEP-0060 6.3.2), with the 6.3.4 errors."""
         node = await self.existing(name)
-        self._check_subscription(node, requester, jid, subid)
-        return node.subscription_options(jid)
+        sub = await self.subscription(node, jid)
+        self._check_subscription(node, sub, requester, jid, subid)
+        assert sub is not None
+        return sub.values()
 
     async def set_options(
         self, requester: str, name: str, jid: str, subid: str | None, values: dict[str, bool]
     ) -> None:
         """Change a subscription's options (XEP-0060 6.3.5); only those that differ
-        from the defaults are kept."""
+        from the defaults are kept. The subscription's item alone is written."""
+        node = await self._migrated(name)
 
         def change(current: Item | None) -> dict[str, Any]:
-            if current is None:
-                raise StanzaError("item-not-found", "no such node")
-            node = decode_node(name, current)
-            self._check_subscription(node, requester, jid, subid)
-            merged = {**node.subscription_options(jid), **values}
-            differing = {k: v for k, v in merged.items() if SUBSCRIPTION_DEFAULTS.get(k) != v}
-            if differing:
-                node.options[jid] = differing
-            else:
-                node.options.pop(jid, None)
-            return encode_node(node)
+            sub = None if current is None else decode_subscription(current)
+            self._check_subscription(node, sub, requester, jid, subid)
+            assert sub is not None
+            merged = {**sub.values(), **values}
+            sub.options = {k: v for k, v in merged.items() if SUBSCRIPTION_DEFAULTS.get(k) != v}
+            return encode_subscription(sub)
 
-        await self.items.modify(self.node_key(name), change, what="node")
+        await self.items.modify(self.subscription_key(node, jid), change, what="subscription")
 
     def _check_subscription(
-        self, node: Node, requester: str, jid: str, subid: str | None
+        self, node: Node, sub: Subscription | None, requester: str, jid: str, subid: str | None
     ) -> None:
         if _bare(jid) != _bare(requester) and node.affiliation(_bare(requester)) != "owner":
             raise StanzaError("forbidden", "not your subscription")
-        states = node.subscriptions if jid in node.subscriptions else node.pending
-        if jid not in states:
+        if sub is None:
             raise pubsub_error("unexpected-request", "not-subscribed", type_="cancel")
-        if subid is not None and states[jid] != subid:
+        if subid is not None and sub.subid != subid:
             raise pubsub_error("not-acceptable", "invalid-subid")
 
-    def _check_room(self, node: Node) -> None:
-        if len(node.subscriptions) + len(node.pending) >= self.limits.max_subscribers:
+    def _check_room(self, count: int) -> None:
+        if count >= self.limits.max_subscribers:
             raise StanzaError(
                 "not-allowed", f"this node has its {self.limits.max_subscribers} subscribers"
             )
 
     async def unsubscribe(self, requester: str, name: str, jid: str, subid: str | None) -> None:
         """End a subscription (XEP-0060 6.2)."""
-        if _bare(jid) != _bare(requester):
-            node = await self.existing(name)
-            if node.affiliation(_bare(requester)) != "owner":
-                raise pubsub_error("bad-request", "invalid-jid", "unsubscribe your own JID")
+        node = await self._migrated(name)
+        if _bare(jid) != _bare(requester) and node.affiliation(_bare(requester)) != "owner":
+            raise pubsub_error("bad-request", "invalid-jid", "unsubscribe your own JID")
 
-        async def change(current: Item | None) -> WithWrites:
-            if current is None:
-                raise StanzaError("item-not-found", "no such node")
-            node = decode_node(name, current)
-            states = node.subscriptions if jid in node.subscriptions else node.pending
-            if jid not in states:
+        async def change(counter: Item | None) -> WithWrites:
+            item = await self.items.get(self.subscription_key(node, jid))
+            if item is None:
                 raise pubsub_error("unexpected-request", "not-subscribed", type_="cancel")
-            if subid is not None and states[jid] != subid:
+            if subid is not None and decode_subscription(item).subid != subid:
                 raise pubsub_error("not-acceptable", "invalid-subid")
-            del states[jid]
-            node.options.pop(jid, None)
-            index = await self._index_change(_bare(jid), name, jid, add=False)
-            return WithWrites(encode_node(node), index)
+            writes: list[Write] = [self.items.delete_op(item.name, if_version=item.version)]
+            writes += await self._index_change(_bare(jid), name, jid, add=False)
+            return WithWrites(_count_attrs(_count_of(counter) - 1), writes)
 
-        await self.items.modify(self.node_key(name), change, what="node")
+        await self.items.modify(self.counter_key(node), change, what="node subscriptions")
 
     async def _index_change(self, bare: str, name: str, jid: str, *, add: bool) -> list[Write]:
         """The conditional write of the subscriber's index, for the node's transaction."""
@@ -727,40 +926,42 @@ class PubSubService:
 
     async def set_subscriptions(self, requester: str, name: str, changes: dict[str, str]) -> None:
         """Owner subscribes (`subscribed`) or unsubscribes (`none`) others (XEP-0060
-        8.8.2), each subscriber's index written in the same transaction (so at most
-        `TRANSACTION_DELETES` changes a request)."""
-        if len(changes) > TRANSACTION_DELETES:
+        8.8.2), each subscription and its subscriber's index written in the same
+        transaction (so at most `SUBSCRIPTION_CHANGES` changes a request)."""
+        if len(changes) > SUBSCRIPTION_CHANGES:
             raise StanzaError(
-                "not-acceptable", f"at most {TRANSACTION_DELETES} subscription changes at once"
+                "not-acceptable", f"at most {SUBSCRIPTION_CHANGES} subscription changes at once"
             )
+        node = await self._migrated(name)
+        self._require_owner(node, requester)
 
-        async def change(current: Item | None) -> WithWrites:
-            if current is None:
-                raise StanzaError("item-not-found", "no such node")
-            node = decode_node(name, current)
-            self._require_owner(node, requester)
+        async def change(counter: Item | None) -> WithWrites:
+            count = _count_of(counter)
             writes: list[Write] = []
             for jid, state in changes.items():
                 add = state == "subscribed"
-                if jid in node.pending:  # the owner's answer to a pending request
-                    subid = node.pending.pop(jid)
-                    if add:
-                        node.subscriptions[jid] = subid
-                    else:
-                        writes += await self._index_change(_bare(jid), name, jid, add=False)
+                key = self.subscription_key(node, jid)
+                item = await self.items.get(key)
+                if item is not None and decode_subscription(item).state == "pending":
+                    answer, delta = await self._answer(node, item, add)  # the owner's answer
+                    writes += answer
+                    count += delta
                     continue
-                if add == (jid in node.subscriptions):
+                if add == (item is not None):
                     continue
-                if add:
-                    self._check_room(node)
-                    node.subscriptions[jid] = secrets.token_hex(8)
+                if item is None:
+                    self._check_room(count)
+                    count += 1
+                    sub = Subscription(jid, secrets.token_hex(8))
+                    writes.append(self.items.put_op(key, encode_subscription(sub), if_absent=True))
                 else:
-                    del node.subscriptions[jid]
-                    node.options.pop(jid, None)
+                    count -= 1
+                    writes.append(self.items.delete_op(key, if_version=item.version))
                 writes += await self._index_change(_bare(jid), name, jid, add=add)
-            return WithWrites(encode_node(node), writes)
+            return WithWrites(_count_attrs(count), writes)
 
-        await self.items.modify(self.node_key(name), change, what="node")
+        await self.items.modify(self.counter_key(node), change, what="node subscriptions")
+        await self._still(node)
 
     # --- affiliations (owner use cases) ----------------------------------------------------
 
@@ -795,19 +996,22 @@ class PubSubService:
         entries = await self.subscriptions_of(bare)
         for prefix, name, jid in entries:
             service = PubSubService(self.items, self.blobs, prefix, self.limits, self.relation)
+            if await service.node(name) is None:
+                continue
+            node = await service._migrated(name)
 
-            def change(current: Item | None, jid: str = jid, name: str = name) -> Any:
-                if current is None:
+            async def change(
+                counter: Item | None, key: str = service.subscription_key(node, jid)
+            ) -> WithWrites | Unchanged:
+                item = await self.items.get(key)
+                if item is None:
                     return UNCHANGED
-                node = decode_node(name, current)
-                if node.subscriptions.pop(jid, None) is None and node.pending.pop(
-                    jid, None
-                ) is None:
-                    return UNCHANGED
-                node.options.pop(jid, None)
-                return encode_node(node)
+                return WithWrites(
+                    _count_attrs(_count_of(counter) - 1),
+                    [self.items.delete_op(item.name, if_version=item.version)],
+                )
 
-            await self.items.modify(service.node_key(name), change, what="node")
+            await self.items.modify(service.counter_key(node), change, what="node subscriptions")
         found = await self.items.delete(self.index_key(bare))
         return found or bool(entries)
 
@@ -817,13 +1021,15 @@ def judge(
     bare: str,
     owner: str | None,
     relations: list[tuple[str, list[str]] | None] | None,
+    held: Sequence[str] = (),
 ) -> StanzaError | None:
     """The access model's verdict on `bare` (None: allowed), XEP-0060 6.1.3's error
     otherwise. `relations`: the requester in each owner's roster (subscription,
     groups); None when not read yet, and then only a verdict that needs none is
     final (a refusal for lack of a roster entry is returned as not-authorized).
-    Sync, so that a fan-out that holds the owner's roster judges each contact
-    without a read."""
+    `held`: the states of `bare`'s subscriptions to the node, which only the
+    authorize model asks for (`PubSubService._held`). Sync, so that a fan-out
+    that holds the owner's roster judges each contact without a read."""
     affiliation = node.affiliation(bare)
     if affiliation == "outcast":
         return StanzaError("forbidden", "you are banned from this node")
@@ -835,9 +1041,9 @@ def judge(
     if model == "whitelist":
         return pubsub_error("not-allowed", "closed-node")
     if model == "authorize":  # approved subscribers only (XEP-0060 6.5.7.x)
-        if any(_bare(jid) == bare for jid in node.subscriptions):
+        if "subscribed" in held:
             return None
-        if any(_bare(jid) == bare for jid in node.pending):
+        if "pending" in held:
             return pubsub_error("not-authorized", "pending-subscription")
         return pubsub_error("not-authorized", "not-subscribed")
     allowed = set(node.config.get("pubsub#roster_groups_allowed", []))
@@ -849,6 +1055,17 @@ def judge(
     if model == "presence":
         return pubsub_error("not-authorized", "presence-subscription-required")
     return pubsub_error("not-authorized", "not-in-roster-group")
+
+
+def _count_attrs(count: int) -> dict[str, int] | None:
+    """A node's count item as written: none at 0 (a node without subscribers has none)."""
+    return {"n": count} if count > 0 else None
+
+
+def _count_of(counter: Item | None) -> int:
+    """The number a node's count item holds (absent: 0)."""
+    value = counter.attrs.get("n", 0) if counter is not None else 0
+    return value if isinstance(value, int) else 0
 
 
 def _trim(node: Node, limits: Limits) -> list[list[str]]:

@@ -9,8 +9,7 @@ which know who the subscribers are (PEP adds the owner's contacts).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from lxml import etree
@@ -255,13 +254,11 @@ class PubSubProtocol:
             if prefix != request.service.prefix or wanted not in (None, name):
                 continue
             node = await request.service.node(name)
-            if node is None:
-                continue
-            for state, states in (("subscribed", node.subscriptions), ("pending", node.pending)):
-                if jid in states:
-                    sub = etree.SubElement(listing, f"{_PS}subscription", node=name, jid=jid)
-                    sub.set("subscription", state)
-                    sub.set("subid", states[jid])
+            found = None if node is None else await request.service.subscription(node, jid)
+            if found is not None:
+                sub = etree.SubElement(listing, f"{_PS}subscription", node=name, jid=jid)
+                sub.set("subscription", found.state)
+                sub.set("subid", found.subid)
         return reply
 
     async def _affiliations(
@@ -316,8 +313,11 @@ class PubSubProtocol:
         self, request: Request, action: etree._Element, rest: list[etree._Element]
     ) -> None:
         event = await request.service.delete(request.requester, _node(action))
-        if event.node.config.get("pubsub#notify_delete", True):
-            await self.notify(request.service, event)
+        try:
+            if event.node.config.get("pubsub#notify_delete", True):
+                await self.notify(request.service, event)
+        finally:
+            await request.service.drop_subscribers(event.node)
 
     async def _purge(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
@@ -368,10 +368,10 @@ class PubSubProtocol:
         node = await request.service.owner_node(request.requester, name)
         reply = _pubsub(PUBSUB_OWNER)
         listing = etree.SubElement(reply, f"{_OWNER}subscriptions", node=name)
-        for state, states in (("subscribed", node.subscriptions), ("pending", node.pending)):
-            for jid, subid in sorted(states.items()):
-                entry = etree.SubElement(listing, f"{_OWNER}subscription", jid=jid, subid=subid)
-                entry.set("subscription", state)
+        subscribers = await request.service.subscribers(node)
+        for sub in sorted(subscribers, key=lambda s: (s.state != "subscribed", s.jid)):
+            entry = etree.SubElement(listing, f"{_OWNER}subscription", jid=sub.jid, subid=sub.subid)
+            entry.set("subscription", sub.state)
         return reply
 
 
@@ -437,11 +437,6 @@ def _jid(action: etree._Element) -> str:
     return jid
 
 
-def wants(node: Node, jid: str) -> bool:
-    """Whether an explicit subscriber gets notifications (pubsub#deliver, 6.3)."""
-    return node.subscription_options(jid)["pubsub#deliver"]
-
-
 def _node(action: etree._Element) -> str:
     name = action.get("node")
     if not name:
@@ -468,39 +463,32 @@ def _form(element: etree._Element | None) -> etree._Element | None:
     return forms[0] if forms else None
 
 
-FAN_OUT_BATCH = 256
-"""Notifications routed between two turns of the event loop."""
-
-
-async def fan_out(send: Callable[[str], None], recipients: Iterable[str]) -> None:
-    """`send` to each recipient, letting the loop run every `FAN_OUT_BATCH`: a node
-    with thousands of subscribers does not hold up every other stream meanwhile."""
-    for count, jid in enumerate(recipients, 1):
-        send(jid)
-        if count % FAN_OUT_BATCH == 0:
-            await asyncio.sleep(0)
-
-
 BODY_CHARS = 1000  # the most of an item's text a pubsub#include_body body carries
 
 
 def event_message(
-    from_: str, to: str, event: Event, *, payload: bool, item: etree._Element | None = None
+    from_: str,
+    to: str,
+    event: Event,
+    *,
+    payload: bool,
+    item: etree._Element | None = None,
+    include_body: bool = False,
 ) -> etree._Element:
     """The notification of `event` to one recipient (XEP-0060 7.1.2, 7.2.2, 8.2.5,
     8.4.2, 8.5.2). `item` overrides the event's item (the last item sent on
     subscribe or presence); `payload` False sends the item id only. A recipient
-    whose subscription has pubsub#include_body (6.3) gets a <body/> too: the
-    item's text (when payloads are delivered), else what happened."""
+    whose subscription has pubsub#include_body (6.3) gets a <body/> too
+    (`include_body`): the item's text (when payloads are delivered), else what
+    happened."""
     message = etree.Element("{jabber:client}message", nsmap={None: "jabber:client"})
     message.set("from", from_)
-    message.set("to", to)
+    if to:  # none: a template the fan-out copies for each recipient
+        message.set("to", to)
     kind = event.node.config.get("pubsub#notification_type", "headline")
     message.set("type", kind if kind in ("headline", "normal") else "headline")
     name = event.node.name
-    if to in event.node.subscriptions and event.node.subscription_options(to)[
-        "pubsub#include_body"
-    ]:
+    if include_body:
         source = item if item is not None else event.item
         text = (
             " ".join("".join(source.itertext()).split())

@@ -28,6 +28,7 @@ contact publishes knows who wants it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -42,23 +43,28 @@ from xmppd.modules.disco import DISCO_ITEMS, Disco
 from xmppd.modules.private import Private
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.modules.vcard import VCard
+from xmppd.router import Routed
 from xmppd.session import ClientSession
-from xmppd.storage.base import Contended, StorageError
+from xmppd.storage.base import Contended, Item, StorageError
 from xmppd.stream.errors import StanzaError
 
 from ._pep_avatar import CONVERSION, AvatarConversion
 from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
 from ._pep_bookmarks import BookmarksConversion
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
+from ._pubsub_fanout import FAN_OUT_BATCH, FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out, wants
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
 
+AVATAR_NOTICE = "pep/avatar"
+"""Cluster notice: an account's avatar hash changed; each node re-sends its sessions' presence."""
 NOTIFY = "pep/notify"
 """In a session's (shared) state: the node names it wants notifications of."""
 CAPS_TIMEOUT = 10.0  # seconds to wait for a client's disco#info
 MAX_DISCO_ITEMS = 1000  # nodes or item ids in one disco#items answer
 MAX_CAPS_KEPT = 10_000  # verified caps kept in memory (each client version is one)
 _CAPS_C = f"{{{CAPS}}}c"
+_X_UPDATE = "{vcard-temp:x:update}x"
 _INFO = f"{{{DISCO_INFO}}}"
 
 log = logging.getLogger(__name__)
@@ -74,7 +80,7 @@ class PepOptions(BaseModel):
     max_items: StrictInt = Field(default=256, ge=1, le=10_000)  # per node; 'max'
     max_nodes: StrictInt = Field(default=100, ge=1, le=10_000)  # per account
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
-    max_subscribers: StrictInt = Field(default=2000, ge=1, le=3000)  # per node
+    max_subscribers: StrictInt = Field(default=100_000, ge=1, le=1_000_000)  # per node
     inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
 
 
@@ -94,6 +100,9 @@ class Pep(Module):
     def setup(self) -> None:
         self.limits = _limits(self.options)  # type: ignore[arg-type]
         self.protocol = PubSubProtocol(self._notify, self._send_last, auto_create=True)
+        self.fanout = FanOut(self.host)
+        # Another node's notifications for sessions here (FanOut.send), to a virtual host.
+        self.host.on("message/host", self._fanout_in, priority=10)
         for namespace in (PUBSUB, PUBSUB_OWNER):
             self.host.iq(namespace, "get", self._iq, to="account")
             self.host.iq(namespace, "set", self._iq, to="account")
@@ -107,7 +116,14 @@ class Pep(Module):
         # disco#info questions under way: every one, and the first per caps hash.
         self._asks: set[asyncio.Future[list[str] | None]] = set()
         self._asking: dict[str, asyncio.Future[list[str] | None]] = {}
+        # Node records being read for last items, shared by the logins that want them.
+        self._reading: dict[tuple[str, str], asyncio.Future[dict[str, Item]]] = {}
+        # Caps being read from the store, shared likewise.
+        self._caps_reading: dict[str, asyncio.Future[list[str] | None]] = {}
         self.host.hook("server/stopping", self._stopping)
+        self.host.on_cluster_notice(
+            AVATAR_NOTICE, lambda notice: self._resend_here(str(notice["bare"])), lambda: None
+        )
         self._listeners: list[PublishListener] = []
         if self.host.config is not None and "vcard" in self.host.config.modules:
             self.host.add_feature(CONVERSION, "server")
@@ -134,6 +150,32 @@ class Pep(Module):
             bookmarks = BookmarksConversion(self)
             self.listen(bookmarks.published)
             private.listen(bookmarks.private_set)
+
+    def resend_presence(self, bare: str) -> None:
+        """Every available resource of `bare`, on every node, broadcasts its last
+        presence again: the vcard module stamps the new avatar hash into it, so
+        contacts of an account whose XEP-0084 avatar changed see it at once
+        (XEP-0153 clients learn a new avatar only from presence; a client that
+        published through PEP does not send one for it). The other nodes hear of it
+        through the cluster bus, after the vcard module's own notice (one channel,
+        in order); a notice lost costs only the early update: the hash goes out
+        with the user's next presence, as without this."""
+        self._resend_here(bare)
+        self.host.notify_cluster(AVATAR_NOTICE, {"bare": bare})
+
+    def _resend_here(self, bare: str) -> None:
+        """The last presence of each of `bare`'s resources bound here, without its
+        avatar hash (the stamp of the old one, which an empty <photo/> would keep)."""
+        for session in self.host.available_sessions(bare):
+            if (
+                session.presence is not None
+                and self.host.node_of(session) is None
+                and self.host.is_bound(session)
+            ):
+                presence = copy.deepcopy(session.presence)
+                for update in presence.findall(_X_UPDATE):
+                    presence.remove(update)
+                self.host.route(presence, session)
 
     def listen(self, listener: PublishListener) -> None:
         """Call `listener` after each item a client publishes to or retracts from its
@@ -228,32 +270,36 @@ class Pep(Module):
                 await listener(service.owner, event)
 
     async def _deliver(self, service: PubSubService, event: Event) -> None:
-        """Send `event` to everyone who should see it (see the module docstring)."""
+        """Send `event` to everyone who should see it (see the module docstring),
+        through the fan-out: in batches, one forward per cluster node."""
         node = event.node
         if not node.config.get("pubsub#deliver_notifications", True):
             return
         payload = bool(node.config.get("pubsub#deliver_payloads", True))
         owner = service.owner or ""
-        await fan_out(
-            lambda jid: self.host.route(
-                event_message(owner, jid, event, payload=payload), bounce=False
-            ),
+        await self.fanout.send(
+            owner.rsplit("@", 1)[-1],
+            lambda body: event_message(owner, "", event, payload=payload, include_body=body),
             await self._recipients(service, node, owner),
         )
 
-    async def _recipients(self, service: PubSubService, node: Node, owner: str) -> list[str]:
-        """Full JIDs (and bare JIDs of explicit subscriptions) to notify, each once."""
-        wanted: dict[str, None] = {}
+    async def _recipients(
+        self, service: PubSubService, node: Node, owner: str
+    ) -> list[Recipient]:
+        """The resources (and bare JIDs of explicit subscriptions) to notify, each once."""
+        wanted: dict[str, Recipient] = {}
         for session in self.host.available_sessions(owner):
             if node.name in session.state.get(NOTIFY, ()):
-                wanted[session.jid] = None
+                wanted[session.jid] = Recipient(session.jid, session)
         try:
             roster = await self.roster.get(owner)
         except StorageError as exc:
             log.warning("notifications of %s to contacts not sent: %s", owner, exc)
             roster = None
         if roster is not None:
-            for item in roster.items.values():
+            for count, item in enumerate(roster.items.values(), 1):
+                if count % FAN_OUT_BATCH == 0:
+                    await asyncio.sleep(0)
                 if item.subscription not in ("from", "both") or not self.host.serves(
                     item.jid.rsplit("@", 1)[-1]
                 ):
@@ -264,11 +310,20 @@ class Pep(Module):
                 ]
                 relation = (item.subscription, list(item.groups))
                 if sessions and judge(node, item.jid, owner, [relation]) is None:
-                    wanted.update((s.jid, None) for s in sessions)
-        for jid in node.subscriptions:
-            if wants(node, jid) and await service.may_access(node, jid):
-                wanted[jid] = None
-        return list(wanted)
+                    wanted.update((s.jid, Recipient(s.jid, s)) for s in sessions)
+        subs = [
+            s for s in await service.subscribers(node)
+            if s.state == "subscribed" and s.option("pubsub#deliver")
+        ]
+        for sub in await service.audience(node, subs):
+            wanted[sub.jid] = Recipient(sub.jid, include_body=sub.option("pubsub#include_body"))
+        return list(wanted.values())
+
+    def _fanout_in(self, routed: Routed) -> bool:
+        if not FanOut.is_fanout(routed):
+            return False
+        self.host.spawn(self.fanout.expand(routed.stanza))
+        return True
 
     async def _send_last(self, service: PubSubService, node: Node, to: str) -> None:
         item = await service.last_item(node)
@@ -297,7 +352,7 @@ class Pep(Module):
                 for name in names:
                     keys[service.node_key(name)] = (owner, name)
             try:
-                found = await self.host.items(vhost, "pep").batch_get(list(keys))
+                found = await self._node_records(vhost, list(keys))
             except StorageError as exc:
                 log.warning("last items for %s not sent: %s", session.jid, exc)
                 continue
@@ -313,6 +368,35 @@ class Pep(Module):
                     await self._send_last(service, node, session.jid)
                 except StorageError as exc:
                     log.warning("last item of %s %s not sent: %s", owner, name, exc)
+
+    async def _node_records(self, vhost: str, keys: list[str]) -> dict[str, Item]:
+        """`batch_get` of node records, sharing the reads under way: the logins of a
+        storm ask for the same contacts' records at once, before the first answer
+        has filled the shared cache, so without this each would read them all from
+        the store. A record read for one login is waited for by the others."""
+        futures: dict[str, asyncio.Future[dict[str, Item]]] = {}
+        mine = [key for key in keys if (vhost, key) not in self._reading]
+        if mine:
+            read = asyncio.ensure_future(self.host.items(vhost, "pep").batch_get(mine))
+            for key in mine:
+                self._reading[(vhost, key)] = read
+            read.add_done_callback(lambda done: self._done_reading(vhost, mine, done))
+        for key in keys:
+            futures[key] = self._reading[(vhost, key)]
+        found: dict[str, Item] = {}
+        for shared in {id(f): f for f in futures.values()}.values():
+            found.update(await asyncio.shield(shared))
+        return {key: found[key] for key in keys if key in found}
+
+    def _done_reading(
+        self, vhost: str, keys: list[str], read: asyncio.Future[dict[str, Item]]
+    ) -> None:
+        """A read is over: later logins read afresh (through the cache)."""
+        for key in keys:
+            if self._reading.get((vhost, key)) is read:
+                del self._reading[(vhost, key)]
+        if not read.cancelled():
+            read.exception()  # retrieved: each waiter has it raised
 
     @staticmethod
     async def _may_see(service: PubSubService, node: Node, subscriber: str) -> bool:
@@ -400,6 +484,15 @@ class Pep(Module):
         return False
 
     async def _stored_caps(self, vhost: str, key: str) -> list[str] | None:
+        """The caps from the store, one read however many logins bring a hash at once."""
+        read = self._caps_reading.get(key)
+        if read is None:
+            read = asyncio.ensure_future(self._read_caps(vhost, key))
+            self._caps_reading[key] = read
+            read.add_done_callback(lambda _: self._caps_reading.pop(key, None))
+        return await asyncio.shield(read)
+
+    async def _read_caps(self, vhost: str, key: str) -> list[str] | None:
         try:
             item = await self.host.items(vhost, "caps").get(key)
         except StorageError:

@@ -29,8 +29,9 @@ from xmppd.storage.base import Contended, Item, StorageError
 from xmppd.stream.errors import StanzaError, error_from, error_reply
 
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, encode_node
+from ._pubsub_fanout import FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_EVENT, PUBSUB_OWNER, SUBSCRIBE_AUTHORIZATION
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message, fan_out, wants
+from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
@@ -51,7 +52,7 @@ class PubSubOptions(BaseModel):
     default_max_items: StrictInt = Field(default=10, ge=1, le=10_000)
     max_nodes: StrictInt = Field(default=10_000, ge=1, le=1_000_000)  # per service
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
-    max_subscribers: StrictInt = Field(default=2000, ge=1, le=3000)  # per node
+    max_subscribers: StrictInt = Field(default=100_000, ge=1, le=1_000_000)  # per node
     inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
 
 
@@ -76,6 +77,7 @@ class PubSub(Module):
         self.protocol = PubSubProtocol(
             self._notify, self._send_last, auto_create=False, ask_owners=self._ask_owners
         )
+        self.fanout = FanOut(self.host)
         self.domains = {f"{opts.subdomain}.{vhost}": vhost for vhost in self.host.hosts}
         for domain in self.domains:
             self.host.serve_domain(domain, self._stanza, opts.name)
@@ -102,6 +104,9 @@ class PubSub(Module):
 
     def _stanza(self, routed: Routed) -> None:
         stanza = routed.stanza
+        if FanOut.is_fanout(routed):  # another node's notifications, for sessions here
+            self.host.spawn(self.fanout.expand(stanza))
+            return
         if stanza.tag == "{jabber:client}message" and stanza.get("type") != "error":
             form = stanza.find(_X)
             if form is not None and _field(form, "FORM_TYPE") == SUBSCRIBE_AUTHORIZATION:
@@ -271,21 +276,23 @@ class PubSub(Module):
     # --- notifications ---------------------------------------------------------------------
 
     async def _notify(self, service: PubSubService, event: Event) -> None:
+        """To the subscribers the access model admits (all of them for a delete or
+        purge), through the fan-out: in batches, one forward per cluster node."""
         node = event.node
         if not node.config.get("pubsub#deliver_notifications", True):
             return
         payload = bool(node.config.get("pubsub#deliver_payloads", True))
         domain = service.items.namespace.rsplit("/", 1)[0]
-        recipients = [
-            jid for jid in node.subscriptions
-            if wants(node, jid)
-            and (event.kind in ("delete", "purge") or await service.may_access(node, jid))
+        subs = [
+            s for s in await service.subscribers(node)
+            if s.state == "subscribed" and s.option("pubsub#deliver")
         ]
-        await fan_out(
-            lambda jid: self.host.route(
-                event_message(domain, jid, event, payload=payload), bounce=False
-            ),
-            recipients,
+        if event.kind not in ("delete", "purge"):
+            subs = await service.audience(node, subs)
+        await self.fanout.send(
+            domain,
+            lambda body: event_message(domain, "", event, payload=payload, include_body=body),
+            [Recipient(s.jid, include_body=s.option("pubsub#include_body")) for s in subs],
         )
 
     async def _send_last(self, service: PubSubService, node: Node, to: str) -> None:
@@ -315,6 +322,7 @@ class PubSub(Module):
                 found = True
                 if node.owners == [bare]:
                     await service.delete(bare, name)
+                    await service.drop_subscribers(node)
                 else:
                     await service.items.modify(
                         service.node_key(name), lambda item, n=name: _without(n, item, bare),

@@ -66,6 +66,7 @@ from pydantic import BaseModel, ConfigDict
 
 from xmppd.auth.accounts import InvalidUsername, normalize_username
 from xmppd.cluster.bus import Bus, Handler, LocalBus, Lost, Payload
+from xmppd.cluster.directory import node_of
 from xmppd.directory import LocalDirectory
 from xmppd.events import DEFAULT
 from xmppd.jid import JID
@@ -550,6 +551,13 @@ class ModuleHost:
         if self.cluster is None or node == self.cluster.node:
             return False
         return self.cluster.writer.forward(node, stanza.get("to", ""), stanza)
+
+    def node_of(self, session: ClientSession) -> str | None:
+        """The cluster node `session` is bound on; None for this node's own sessions
+        (and on a node alone). A module that sends one stanza to many sessions groups
+        those of other nodes by it, to hand each node one `forward_to_node` that it
+        expands there, rather than one forward per session (pubsub's fan-out)."""
+        return node_of(session)
 
     def items(self, vhost: str, store: str) -> ItemStore:
         return ItemStore(self.storage.items, vhost, store)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lxml import etree
 from slixmpp import JID, Message
 from slixmpp.exceptions import IqError
 
@@ -18,10 +19,13 @@ from tests.integration.conftest import StartServer, port_of
 from tests.integration.test_account_removal import xmppctl, zeds_entries
 from tests.integration.test_cluster import redis_service, until
 from tests.storage.services import service_factory
+from xmppd.modules._pubsub_engine import PubSubService
 from xmppd.modules.pep import NOTIFY, Pep
+from xmppd.modules.pubsub import PubSub
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.server import Server
 from xmppd.storage import devservices
+from xmppd.storage.base import ItemStore
 from xmppd.storage.devservices import LocalService
 
 __all__ = ["redis_service", "service_factory"]  # fixtures, used by name
@@ -301,8 +305,10 @@ async def test_xmppctl_unregister_leaves_no_pep_data(
     server = await start_server(users={}, modules=MODULES)
     assert await zeds_entries(server) == {}
     assert await server.modules.items("localhost", "pep").get("/u/zed%40localhost") is None
-    node = await server.modules.module(Pep).service("alice@localhost").existing(NICK)
-    assert node.subscriptions == {}
+    service = server.modules.module(Pep).service("alice@localhost")
+    node = await service.existing(NICK)
+    assert await service.subscribers(node) == []
+    assert await service.subscription_count(node) == 0
 
 
 async def test_bookmarks_xep0402(start_server: StartServer) -> None:
@@ -358,3 +364,122 @@ def bookmark_options(client: PepClient) -> Any:
     form.add_field("pubsub#send_last_published_item", value="never")
     form.add_field("pubsub#access_model", value="whitelist")
     return form
+
+
+async def test_notifications_to_another_node_go_in_one_forward(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Two nodes on one Redis: three subscribers of a pubsub.localhost node are bound
+    on B (two full JIDs and one bare JID); a publish on A reaches each of them once,
+    through one forward from A to B carrying the three recipients, not three."""
+    url = devservices.redis_url(redis_service)
+    modules = {**MODULES, "pubsub": {}}
+    users = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret"}
+    a = await start_server(
+        users=users, modules=modules, cluster={"redis_url": url, "node_name": "node-a"}
+    )
+    b = await start_server(
+        users={}, modules=modules, cluster={"redis_url": url, "node_name": "node-b"}
+    )
+    service = JID("pubsub.localhost")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await alice.plugin["xep_0060"].create_node(service, "news", timeout=10)
+    clients = [
+        await online(b, "bob@localhost/home", "bob-secret"),
+        await online(b, "bob@localhost/work", "bob-secret"),
+        await online(b, "carol@localhost/home", "carol-secret"),
+    ]
+    heard = [listen(client) for client in clients]
+    for client, bare in zip(clients, (False, False, True), strict=True):
+        await client.plugin["xep_0060"].subscribe(service, "news", bare=bare, timeout=10)
+    await until(lambda: all(
+        a.router.directory.get(jid.split("/")[0], jid.split("/")[1]) is not None
+        for jid in ("bob@localhost/home", "bob@localhost/work", "carol@localhost/home")
+    ))
+    assert a.cluster is not None
+    before = a.cluster.stats.forwards_out
+    nick = alice.plugin["xep_0172"].stanza.UserNick()
+    nick["nick"] = "hello"
+    await alice.plugin["xep_0060"].publish(service, "news", id="1", payload=nick.xml, timeout=10)
+    for queues in heard:
+        assert await asyncio.wait_for(queues["publish"].get(), 10) == "1"
+    assert a.cluster.stats.forwards_out - before == 1
+    # Exactly once: the next thing each hears is the next item.
+    await alice.plugin["xep_0060"].publish(service, "news", id="2", payload=nick.xml, timeout=10)
+    for queues in heard:
+        assert await asyncio.wait_for(queues["publish"].get(), 10) == "2"
+    for client in (alice, *clients):
+        await close(client)
+
+
+async def test_two_nodes_subscribing_and_publishing_at_once_lose_nothing(
+    start_server: StartServer,
+) -> None:
+    """Two servers on the same stores (each with its own cache) subscribe thirty
+    accounts each to one pubsub node while one of them publishes: every
+    subscription is stored once, the node's count agrees, every item is listed."""
+    modules = {**MODULES, "pubsub": {}}
+    a = await start_server(modules=modules)
+    b = await start_server(users={}, modules=modules)
+    on_a = a.modules.module(PubSub).service("pubsub.localhost")
+    on_b = b.modules.module(PubSub).service("pubsub.localhost")
+    await on_a.create("alice@localhost", "hot", None)
+
+    async def subscribe(service: PubSubService, prefix: str) -> None:
+        for n in range(30):
+            jid = f"{prefix}{n}@localhost"
+            await service.subscribe(jid, "hot", jid)
+
+    async def publish() -> None:
+        for n in range(10):
+            item = etree.fromstring(f"<item xmlns='{PUBSUB}' id='{n}'><x xmlns='urn:x'/></item>")
+            await on_a.publish("alice@localhost", "hot", item, {}, auto_create=False)
+
+    await asyncio.gather(subscribe(on_a, "a"), subscribe(on_b, "b"), publish())
+    # What the store holds, past either server's cache (the embedded profile's is
+    # in-process: two servers on one database without a cluster do not share it).
+    stored = PubSubService(
+        ItemStore(a.storage.direct_items, "pubsub.localhost", "pubsub"),
+        on_a.blobs, "", on_a.limits, on_a.relation,
+    )
+    node = await stored.existing("hot")
+    subscribers = await stored.subscribers(node)
+    expected = {f"{p}{n}@localhost" for p in "ab" for n in range(30)}
+    assert sorted(s.jid for s in subscribers) == sorted(expected)
+    assert await stored.subscription_count(node) == 60
+    assert [entry[0] for entry in node.items] == [str(n) for n in range(10)]
+
+
+async def test_a_new_avatar_is_in_the_presence_of_each_resource_on_each_node(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """XEP-0398 on a cluster: alice publishes an avatar from her client on A; her
+    other resource, on B, broadcasts its presence again with the new vCard hash
+    (B hears of it through the cluster), so bob sees it from both resources."""
+    url = devservices.redis_url(redis_service)
+    modules = {**MODULES, "vcard": {}}
+    a = await start_server(modules=modules, cluster={"redis_url": url, "node_name": "node-a"})
+    b = await start_server(
+        users={}, modules=modules, cluster={"redis_url": url, "node_name": "node-b"}
+    )
+    await befriend(a, "alice@localhost", "bob@localhost")
+    bob = await online(a, "bob@localhost/home", "bob-secret")
+    hashes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    def seen(presence: Any) -> None:
+        photo = presence.xml.findtext("{vcard-temp:x:update}x/{vcard-temp:x:update}photo")
+        if photo:
+            hashes.put_nowait((str(presence["from"]), photo))
+
+    bob.add_event_handler("presence_available", seen)
+    phone = await online(b, "alice@localhost/phone", "alice-secret")
+    desk = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(lambda: a.router.directory.get("alice@localhost", "phone") is not None)
+    avatar_id = await publish_avatar(desk)
+    heard: set[str] = set()
+    while heard != {"alice@localhost/desk", "alice@localhost/phone"}:
+        sender, photo = await asyncio.wait_for(hashes.get(), 10)
+        if photo == avatar_id:
+            heard.add(sender)
+    for client in (bob, phone, desk):
+        await close(client)

@@ -694,6 +694,89 @@ async def test_login_storm_reads_last_items_through_the_cache(cached: bool) -> N
         assert store.node_reads == (2 * len(contacts) + 2) * len(viewers)
 
 
+class NetworkedCountingItems(CountingItems):
+    """Counting, and each read yields to the loop as a networked store's does."""
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        await asyncio.sleep(0)
+        return await super().get(namespace, name)
+
+
+class GatedItems(MemoryItemBackend):
+    """Reads of names ending in "slow" wait for `gate`; others yield once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        if name.endswith("slow"):
+            await self.gate.wait()
+        else:
+            await asyncio.sleep(0)
+        return await super().get(namespace, name)
+
+
+async def test_a_shared_read_is_forgotten_when_it_ends_whoever_waits_for_it() -> None:
+    """Two logins share a slow read; the second's own read ends first: it is
+    forgotten at once (a later login reads afresh), not when the slow one ends."""
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {}})
+    harness.storage.items = store = GatedItems()
+    await harness.start()
+    module = pep(harness)
+    first = asyncio.ensure_future(module._node_records("localhost", ["a/slow"]))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(module._node_records("localhost", ["a/slow", "b/fast"]))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert set(module._reading) == {("localhost", "a/slow")}
+    store.gate.set()
+    assert await first == {} and await second == {}
+    assert module._reading == {}
+
+
+async def test_a_login_storm_at_once_reads_each_record_once() -> None:
+    """Ten users with the same twenty contacts log in at the same moment, before any
+    read has filled the cache: each contact's node record is still read from the
+    store once in all (the reads under way are shared), not once per login."""
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {}})
+    store = NetworkedCountingItems()
+    now = [0.0]
+    harness.storage.items = CachedItemBackend(store, MemoryCache(clock=lambda: now[0]))
+    await harness.start()
+    avatar = "urn:xmpp:avatar:metadata"
+    contacts = [f"c{i}@localhost" for i in range(20)]
+    for contact in contacts:
+        service = pep(harness).service(contact)
+        for node in (NICK, avatar):
+            item = etree.fromstring(f"<item xmlns='{PS}' id='1'><x xmlns='{node}'/></item>")
+            await service.publish(contact, node, item, {}, auto_create=True)
+    viewers = [f"v{i}@localhost" for i in range(10)]
+    for viewer in viewers:
+        for contact in contacts:
+            await befriend(harness, viewer, contact)
+    await online(harness, "v0@localhost/first", [NICK, avatar])  # the caps are known now
+    now[0] += TOMBSTONE_TTL + 1
+    harness.storage.items = CachedItemBackend(store, MemoryCache(clock=lambda: now[0]))
+    store.node_reads = 0
+    errors: list[dict[str, object]] = []  # what callbacks raised, the loop would only log
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+    sessions = [harness.session(f"{viewer}/r", available=False) for viewer in viewers]
+    for session in sessions:
+        session.receive(caps_presence(session, [NICK, avatar]))
+    await settle(harness)
+    for session in sessions:
+        assert len(events(session.take())) == 2 * len(contacts)
+    assert store.node_reads == 2 * len(contacts) + 2 * len(viewers)
+    assert pep(harness)._reading == {}  # nothing kept once read: later logins read afresh
+    assert errors == []
+    nick = etree.fromstring(f"<item xmlns='{PS}' id='2'><nick xmlns='{NICK}'>new</nick></item>")
+    await pep(harness).service("c0@localhost").publish("c0@localhost", NICK, nick, {},
+                                                       auto_create=True)
+    late = await online(harness, "v1@localhost/late", [NICK])
+    assert ("c0@localhost", "v1@localhost/late", "item 2 new") in events(late.take())
+
+
 def caps_presence(session: TestSession, notify: Iterable[str]) -> etree._Element:
     _features, ver = caps_ver(notify)
     presence = parse_stanza(

@@ -9,12 +9,14 @@ import hashlib
 import pytest
 from lxml import etree
 
+from xmppd.modules.roster import RosterItem
 from xmppd.testing import ModuleHarness, TestSession
 
 PS = "http://jabber.org/protocol/pubsub"
 DATA = "urn:xmpp:avatar:data"
 METADATA = "urn:xmpp:avatar:metadata"
 VCARD = "vcard-temp"
+UPDATE = "vcard-temp:x:update"
 INFO = "http://jabber.org/protocol/disco#info"
 CONVERSION = "urn:xmpp:pep-vcard-conversion:0"
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(200))
@@ -158,3 +160,29 @@ async def test_vcard_photo_becomes_the_pep_avatar(harness: ModuleHarness) -> Non
     items = await pep_items(harness, alice, "alice@localhost", METADATA)
     assert items[-1].find(f"{{{METADATA}}}metadata") is not None
     assert items[-1].findall(f".//{{{METADATA}}}info") == []
+
+
+async def test_a_new_pep_avatar_is_broadcast_in_presence(harness: ModuleHarness) -> None:
+    """XEP-0398 with XEP-0153 contacts: once a published avatar became the vCard's
+    photo, the user's resource broadcasts its presence again with the new hash, so
+    a contact sees the avatar change at once; the same avatar again sends nothing."""
+    roster = harness.host.modules["roster"]
+    for owner, contact in (("alice@localhost", "bob@localhost"),
+                           ("bob@localhost", "alice@localhost")):
+        await roster.update(  # type: ignore[attr-defined]
+            owner, contact, lambda _, c=contact: RosterItem(c, subscription="both")
+        )
+    bob = harness.session("bob@localhost/b", available=False)
+    alice = harness.session("alice@localhost/a", available=False)
+    for session in (bob, alice):
+        await harness.send(session, "<presence><status>here</status></presence>")
+    bob.take()
+    await publish_avatar(harness, alice, IMAGE)
+    await harness.router.drain()
+    presences = [s for s in bob.take() if s.tag == "{jabber:client}presence"]
+    assert [p.get("from") for p in presences] == ["alice@localhost/a"]
+    assert presences[0].findtext(f"{{{UPDATE}}}x/{{{UPDATE}}}photo") == IMAGE_ID
+    assert presences[0].findtext("{jabber:client}status") == "here"
+    await publish_avatar(harness, alice, IMAGE)
+    await harness.router.drain()
+    assert [s for s in bob.take() if s.tag == "{jabber:client}presence"] == []
