@@ -8,8 +8,11 @@ and the same redis-server, started for the test on a free port.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+import types
 from collections.abc import Awaitable, Callable, Iterator
+from typing import ClassVar
 
 import pytest
 from redis.asyncio import Redis
@@ -18,6 +21,8 @@ from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import StartServer
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import RemoteTransport, schema
+from xmppd.config import DEFAULT_MODULES
+from xmppd.modulehost import Module
 from xmppd.server import Server, StartupError
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
@@ -243,6 +248,59 @@ async def test_an_unreachable_redis_stops_the_start_with_a_clear_error(
         )
     assert f"redis://user:***@127.0.0.1:{port}/0 is unreachable" in str(info.value)
     assert "secret" not in str(info.value)
+
+
+class Exploding(Module):
+    """A module that fails as the node starts: in setup() or in start(), as `failing` says
+    (a bug, a resource it cannot get)."""
+
+    name = "exploding"
+    failing: ClassVar[str] = "setup"
+
+    def setup(self) -> None:
+        if self.failing == "setup":
+            raise RuntimeError("exploding: cannot setup")
+
+    async def start(self) -> None:
+        if self.failing == "start":
+            raise RuntimeError("exploding: cannot start")
+
+
+@pytest.mark.parametrize("failing", ["setup", "start"])
+async def test_a_start_that_fails_after_joining_the_cluster_leaves_it(
+    redis_service: LocalService,
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    """A module that raises as the node starts, once the node has joined the cluster:
+    the start raises that error, after leaving the cluster as a stop would (the
+    other nodes must not see it alive, nor route to it) and ending every task it
+    started (they kept an in-process caller such as this test from ending)."""
+    module = types.ModuleType("xmppd.modules.exploding")
+    module.MODULE = Exploding  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "xmppd.modules.exploding", module)
+    monkeypatch.setattr(Exploding, "failing", failing)
+    url = devservices.redis_url(redis_service)
+    before = asyncio.all_tasks()
+    with pytest.raises(RuntimeError, match=f"exploding: cannot {failing}"):
+        async with asyncio.timeout(10):
+            await start_server(
+                cluster={"redis_url": url, "node_name": "node-a"},
+                modules={**{name: {} for name in DEFAULT_MODULES}, "exploding": {}},
+            )
+    left = {task for task in asyncio.all_tasks() - before if not task.done()}
+    admin = Redis.from_url(url)
+    try:
+        assert sorted(task.get_name() for task in left) == []
+        assert not await admin.sismember(schema.NODES, "node-a")
+        assert not await admin.exists(schema.alive_key("node-a"))
+    finally:
+        await admin.aclose()
+        for task in left:  # failed: end them while Redis runs, or the run hangs at exit
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=5)
 
 
 async def test_a_bind_the_replica_did_not_know_of_still_ends_the_older_session(
