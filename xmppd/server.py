@@ -11,7 +11,7 @@ import secrets
 import signal
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,7 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._settings: dict[bool, StreamSettings] = {}
         self._stopped = False
+        self._modules_loaded = False  # start() got to the modules: there are some to stop
         self.storage: Storage
         self.storage_stats = StorageStats()
         self.traffic = Traffic()  # stanzas by kind, connections, logins (xmppd.metrics)
@@ -117,6 +118,29 @@ class Server:
         self.stop_requested = asyncio.Event()
 
     async def start(self) -> None:
+        """Open the stores, join the cluster, load the modules, listen.
+
+        If a step fails, what the steps before it started is stopped again (in the
+        order `stop` would: listeners, the cluster, the modules, the stores) and the
+        error goes on: a node that did not start leaves no cluster membership behind
+        (a heartbeat, table entries, an inbox reader: the other nodes would route to
+        it, and the tasks would keep an in-process caller from ending), nor open
+        stores or bound ports. A failure while undoing is logged, not raised: the
+        caller gets the error that stopped the start."""
+        undo: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        try:
+            await self._start(undo)
+        except BaseException:
+            self._stopped = True  # stop() has nothing more to do
+            for what, step in reversed(undo):
+                try:
+                    await step()
+                except Exception:
+                    log.exception("the start failed, and stopping %s again failed too", what)
+            raise
+
+    async def _start(self, undo: list[tuple[str, Callable[[], Awaitable[object]]]]) -> None:
+        """`start`'s steps; each that started something appends how to stop it to `undo`."""
         config = self.config
         log.info("xmppd starting: config %s, hosts %s", config.source.name, ", ".join(config.hosts))
         ensure_data_dir(config.data_dir)
@@ -131,6 +155,7 @@ class Server:
                 "auth.allow_unencrypted is on: SASL is offered before TLS (never in production)"
             )
         self.storage = await open_storage(config.storage, config.data_dir)
+        undo.append(("the storage", self.storage.close))
         for line in self.storage.describe():
             log.info("storage: %s", line)
         self.storage_stats = instrument(self.storage)  # latency and errors for /metrics
@@ -156,12 +181,15 @@ class Server:
             self._user_exists,
             directory=self.cluster.directory if self.cluster is not None else None,
         )
+        # Stopped after the cluster (undone later, appended first): what the cluster
+        # routes again as it stops (its inbox) may need the modules (offline storage).
+        undo.append(("the modules", self._stop_modules))
         if self.cluster is not None:
             try:
                 await self.cluster.start(self.router)
             except ClusterUnavailable as exc:
-                await self.storage.close()
                 raise StartupError(str(exc)) from None
+            undo.append(("the cluster membership", self._leave_cluster))
             share_memory_cache(self.cluster.bus, self.storage.cache)
             # Nothing to flush when notices were lost: the directory ended the sessions
             # the other node knew of; see end_account_sessions.
@@ -178,6 +206,7 @@ class Server:
         self.modules.accounts = self.accounts
         self.modules.cluster = self.cluster
         self.modules.account_streams_ender = self.end_account_sessions
+        self._modules_loaded = True
         self.modules.load(config)
         await self.modules.start()
         if config.components is not None:
@@ -191,6 +220,7 @@ class Server:
             self.cluster.serve()  # what the inbox holds may need the modules (offline)
         log.info("modules: %s", ", ".join(self.modules.modules) or "none")
         loop = asyncio.get_running_loop()
+        undo.append(("the listeners", self._close_listeners))
         for listener in config.listeners:
             direct = listener.type == "direct_tls"
             server = await loop.create_server(
@@ -212,11 +242,34 @@ class Server:
         if config.s2s is not None:
             self.s2s = S2SService(self, config.s2s)
             self.router.remote = self.s2s
+            undo.append(("server-to-server", self.s2s.stop))
             await self.s2s.start(cert, key, await cluster_secret(self.storage, "s2s-dialback"))
+        undo.append(("the admin API", self.admin.stop))
         await self.admin.start()
         self.pauses.start()
         self.ready = True
         log.info("xmppd ready")
+
+    async def _stop_modules(self) -> None:
+        """Undo a start: stop the modules set up (nothing if none was yet)."""
+        if self._modules_loaded:
+            await self.router.drain()
+            await self.modules.stop()
+
+    async def _leave_cluster(self) -> None:
+        """Undo a start: leave the cluster as `stop` does."""
+        assert self.cluster is not None
+        await self.cluster.stop()
+        await self.router.drain()
+
+    async def _close_listeners(self) -> None:
+        """Undo a start: stop listening, and end what connected meanwhile."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.close(StreamError("system-shutdown", "the server is shutting down"))
+        for server in self._servers:
+            await server.wait_closed()
 
     async def stop(self) -> None:
         """Close listeners, end every stream with <system-shutdown/>, release storage."""

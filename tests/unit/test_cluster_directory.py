@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from xmppd.cluster import directory as directory_module
+from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory, RemoteTransport
 from xmppd.cluster.schema import Entry
 from xmppd.cluster.stats import ClusterStats
@@ -229,3 +232,76 @@ def test_shared_state_json_cannot_encode_fails_its_setter_not_the_writer() -> No
     session.state["carbons"] = True
     d.state_changed(session, "carbons")
     assert len(writer._ops) == queued + 1
+
+
+class Clock:
+    """The directory's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_session_whose_node_refused_a_forward_counts_as_gone_for_a_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What routes a refused stanza again, now or later, must not choose that session
+    again (it would be refused again: a loop while Redis refuses writes); the
+    account's other resources are still chosen, and the session counts again after
+    HOLD seconds."""
+    clock = Clock()
+    monkeypatch.setattr(directory_module, "monotonic", clock)
+    d, _ = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 0, True))
+    d.apply_set(Entry("bob@x/pad", "third", 0, True))
+    phone, pad = d.get("bob@x", "phone"), d.get("bob@x", "pad")
+    d.hold("other", "bob@x/phone")
+    assert d.get("bob@x", "phone") is None
+    assert d.resources("bob@x") == [pad] and d.available("bob@x") == [pad]
+    assert d.has("bob@x")  # the account still has sessions: no storage read to route
+    clock.now += directory_module.HOLD - 0.01
+    assert d.get("bob@x", "phone") is None
+    clock.now += 0.02
+    assert d.get("bob@x", "phone") is phone and d.resources("bob@x") == [phone, pad]
+
+
+def test_a_hold_names_the_node_and_ends_with_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal from a node the replica no longer has the resource on changes nothing;
+    a table reload keeps the hold on the same session (same node and id), and a new
+    session on the resource is not held."""
+    monkeypatch.setattr(directory_module, "monotonic", Clock())
+    d, _ = directory()
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, sid="s1"))
+    phone = d.get("bob@x", "phone")
+    d.hold("elsewhere", "bob@x/phone")
+    d.hold("other", "carol@x/pc")
+    assert d.get("bob@x", "phone") is phone
+    d.hold("other", "bob@x/phone")
+    d.load([Entry("bob@x/phone", "other", 0, True, sid="s1")])
+    assert d.get("bob@x", "phone") is None
+    d.apply_set(Entry("bob@x/phone", "other", 0, True, sid="s2"))
+    renewed = d.get("bob@x", "phone")
+    assert renewed is not None and renewed is not phone
+
+
+def test_a_forward_redis_refuses_holds_the_session_before_it_is_routed_again() -> None:
+    """An error reply or a full inbox: `on_refused` first, so that routing it again
+    already sees the session gone; a reaped node: `on_gone` instead."""
+    # never connects here
+    writer = Writer(Redis.from_url("redis://127.0.0.1:1/0"), "me", ClusterStats())
+    calls: list[tuple[str, ...]] = []
+    writer.on_refused = lambda node, jid: calls.append(("refused", node, jid))
+    writer.on_gone = lambda node: calls.append(("gone", node))
+    writer.reroute = lambda stanza, hops, avoid: calls.append(("reroute", str(hops), str(avoid)))
+    for answer in (ResponseError("OOM command not allowed"), schema.INBOX_FULL, schema.NODE_GONE):
+        calls.clear()
+        assert writer.forward("other", "bob@x/phone", etree.Element("message"))
+        op = writer._ops.pop()
+        assert op.on_result is not None
+        op.on_result(answer)
+        gone = answer == schema.NODE_GONE
+        first = ("gone", "other") if gone else ("refused", "other", "bob@x/phone")
+        assert calls == [first, ("reroute", "0", "other")]
+    assert writer.stats.forwards_refused == 3

@@ -21,6 +21,7 @@ import logging
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from time import monotonic
 from typing import Protocol
 
 from lxml import etree
@@ -31,6 +32,9 @@ from xmppd.session import ClientSession
 from xmppd.stream.errors import StreamError
 
 log = logging.getLogger(__name__)
+
+HOLD = 1.0
+"""Seconds a replica session whose node refused a forward to it counts as gone."""
 
 
 class Outbox(Protocol):
@@ -110,6 +114,13 @@ class ClusterDirectory:
     nothing reaches the other nodes' sessions, and they count as gone (a
     message goes to this node's resources or offline storage, a request gets
     an error) instead of each stanza waiting in turn.
+
+    A replica session whose node refused a forward (`hold`: Redis answered
+    with an error, its inbox was full) counts as gone the same way, alone,
+    for HOLD seconds: the stanza refused is routed again without it, and so
+    is whatever comes for it meanwhile, at no cost to Redis. After that the
+    next stanza tries again: one refused forward per HOLD, not a loop, while
+    Redis refuses. Checked on lookup, with nothing to do while nothing is held.
     """
 
     def __init__(self, node: str, outbox: Outbox) -> None:
@@ -121,6 +132,8 @@ class ClusterDirectory:
         # What was last written for each local session (its id, Entry.sid, included).
         self._written: dict[ClientSession, Entry] = {}
         self._cut_off = False
+        # Replica sessions whose node refused a forward -> when they count again.
+        self._held: dict[ClientSession, float] = {}
 
     # --- SessionDirectory --------------------------------------------------------------
 
@@ -129,14 +142,23 @@ class ClusterDirectory:
         if session is not None or self._cut_off:
             return session
         resources = self._remote.get(bare)
-        return resources.get(resource) if resources is not None else None
+        if resources is None:
+            return None
+        session = resources.get(resource)
+        if session is not None and self._held and self._is_held(session):
+            return None
+        return session
 
     def resources(self, bare: str) -> list[ClientSession]:
         found = self.local.resources(bare)
         remote = self._remote.get(bare) if not self._cut_off else None
         if remote:
             taken = {s.resource for s in found}
-            found.extend(s for r, s in remote.items() if r not in taken)
+            held = self._held
+            found.extend(
+                s for r, s in remote.items()
+                if r not in taken and not (held and self._is_held(s))
+            )
         return found
 
     def available(self, bare: str) -> list[ClientSession]:
@@ -185,6 +207,24 @@ class ClusterDirectory:
     def cut(self, cut_off: bool) -> None:
         """Redis has not answered for cluster.forward_wait (True), or answers again."""
         self._cut_off = cut_off
+
+    def hold(self, node: str, jid: str) -> None:
+        """`node` refused a forward to its session `jid`: that session counts as gone
+        for HOLD seconds (see the class). Nothing if the replica has the resource on
+        another node or not at all."""
+        bare, _, resource = jid.partition("/")
+        session = self._remote.get(bare, {}).get(resource)
+        if session is not None and node_of(session) == node:
+            self._held[session] = monotonic() + HOLD
+
+    def _is_held(self, session: ClientSession) -> bool:
+        until = self._held.get(session)
+        if until is None:
+            return False
+        if monotonic() < until:
+            return True
+        del self._held[session]
+        return False
 
     # --- local changes the router reports ----------------------------------------------
 
@@ -243,6 +283,7 @@ class ClusterDirectory:
         session = resources.get(resource)
         if session is None or _where(session) != (entry.node, entry.sid):
             if session is not None:
+                self._held.pop(session, None)
                 _gone(session)
             session = ClientSession(
                 entry.jid, RemoteTransport(self.outbox, entry.node, entry.jid, entry.sid)
@@ -298,6 +339,7 @@ class ClusterDirectory:
         if not resources:
             del self._remote[bare]
         if session is not None:
+            self._held.pop(session, None)
             _gone(session)
         return session
 

@@ -89,6 +89,7 @@ class Cluster:
             self.writer.reroute = self.reroute
             self.writer.on_cut_off = self.cut
             self.writer.on_gone = self.node_gone
+            self.writer.on_refused = self.directory.hold
             # A process that ran under this name before and died may have left
             # sessions in the table, which nobody would reap while this one beats,
             # and stanzas in its inbox (moved to the front of it, to route again).

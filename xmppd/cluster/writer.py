@@ -113,6 +113,16 @@ class Writer:
     `on_gone(node)` when a forward was refused because `node` was reaped: this
     node's replica may not have heard yet.
 
+    `on_refused(node, jid)` when a forward to the session `jid` on `node` was
+    refused while that node lives (an error reply from Redis, its inbox full),
+    before the stanza is routed again: the directory then counts that session
+    as gone for a moment (`ClusterDirectory.hold`). `avoid` alone would not
+    do: it holds only while the stanza is routed again synchronously, and what
+    happens later (the offline module handing a message it just stored to the
+    session it still sees, a delivery queued behind the account) would forward
+    it there again, be refused again, store it again: a loop for as long as
+    Redis refuses.
+
     `on_cut_off(True)` when a stanza has waited `forward_wait` for Redis: the
     directory then hides the other nodes' sessions, so that everything routes
     as if they were gone (offline storage, errors) instead of waiting in turn;
@@ -135,6 +145,7 @@ class Writer:
         self.reroute: Reroute | None = None
         self.on_cut_off: Callable[[bool], None] = lambda cut_off: None
         self.on_gone: Callable[[str], None] = lambda node: None
+        self.on_refused: Callable[[str, str], None] = lambda node, jid: None
         self.hops = 0
         self.avoid: str | None = None
         self.cut_off = False
@@ -306,15 +317,16 @@ class Writer:
             if answer == schema.FORWARDED:
                 return
             stats.forwards_refused += 1
-            if self.reroute is None:
-                return
             if isinstance(answer, Exception):
-                pass  # an error reply (OOM, READONLY), logged by _send: not added
+                # An error reply (OOM, READONLY), logged by _send: not added.
+                self.on_refused(node, jid)
             elif answer == schema.INBOX_FULL:
                 log.error("cluster: the inbox of node %s is full; routing here", node)
+                self.on_refused(node, jid)
             else:
                 self.on_gone(node)
-            self.reroute(stanza, hops - 1, node)
+            if self.reroute is not None:
+                self.reroute(stanza, hops - 1, node)
 
         self._put(
             Op(
