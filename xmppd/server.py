@@ -211,10 +211,10 @@ class Server:
         await self.modules.start()
         if config.components is not None:
             self.components = ComponentService(self, config.components)
+            undo.append(("the components", self.components.stop))
             try:
                 await self.components.start()
             except ValueError as exc:  # a module serves that domain already
-                await self.stop()
                 raise StartupError(f"components: {exc}") from None
         if self.cluster is not None:
             self.cluster.serve()  # what the inbox holds may need the modules (offline)
