@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.jid import JID
 from xmppd.modulehost import Module, Routed
+from xmppd.modules._muc_live import LiveRooms
 from xmppd.modules._muc_room import (
     MUC,
     MUC_ADMIN,
@@ -69,11 +70,13 @@ DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 HISTORY_WRITE = 1.0  # seconds between two writes of one room's history
 MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
+CLAIM_RETRY = 1.0  # seconds between two claims of a room another node still runs
 
 
 NOTICE = "muc"
 """Cluster notice topic: {"leaving": node}, sent by a node that stops, before it
-writes and drops its rooms."""
+writes and drops its rooms; {"released": room JID}, sent by a node that let go of a
+room's lease (the new owner, waiting to claim it, tries again at once)."""
 
 
 def owner_of(room_jid: str, nodes: frozenset[str]) -> str:
@@ -119,6 +122,13 @@ class Muc(Module):
         self._visited: dict[str, dict[str, str]] = {}  # full JID -> room -> nick
         # Nodes that said they are stopping and may still be listed (cluster).
         self._leaving: set[str] = set()
+        # The live rooms' lease and state in Redis (cluster): modules/_muc_live.py.
+        self.live: LiveRooms | None = None
+        self._released: dict[str, asyncio.Event] = {}  # room -> wakes its claim
+        self._handing: set[asyncio.Future[None]] = set()  # rooms being handed over
+        redis, node = self.host.cluster_redis, self.host.node_name
+        if redis is not None and node is not None:
+            self.live = LiveRooms(redis, node, self._nodes_of, self._lost)
         for vhost in self.host.hosts:
             domain = f"{options.subdomain}.{vhost}"
             self.services[domain] = vhost
@@ -143,11 +153,15 @@ class Muc(Module):
 
     async def stop(self) -> None:
         """Write what is not written yet (history waits up to HISTORY_WRITE)."""
+        if self.live is not None:
+            self.live.closing = True
         for room in self.rooms.values():
             if room.history_changed or room.persistent_changed:
                 self._save(room, at_once=True)
         while self._saving:
             await asyncio.gather(*(w for _, w in self._saving.values()), return_exceptions=True)
+        if self.live is not None:
+            await self.live.flush()
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Drop the account's affiliations and registered nicks from every room of the
@@ -212,15 +226,41 @@ class Muc(Module):
         self._handle(routed)
 
     def _nodes_changed(self, nodes: frozenset[str]) -> None:
-        """The live nodes changed: let go of the rooms another node owns now."""
+        """The live nodes changed: let go of the rooms another node owns now, and take
+        out of the others the occupants whose sessions died with a node."""
         self._leaving &= nodes  # gone for good (a node of that name may come back later)
         self._let_go()
+        for room in list(self.rooms.values()):
+            self._purge(room)
 
     def _notice(self, payload: dict[str, object]) -> None:
         leaving = payload.get("leaving")
         if isinstance(leaving, str) and leaving != self.host.node_name:
             self._leaving.add(leaving)
             self._let_go()
+        released = payload.get("released")
+        if isinstance(released, str) and (event := self._released.get(released)):
+            event.set()
+
+    def _nodes_of(self, jids: list[str]) -> dict[str, str | None]:
+        """The node each session (full JID) is bound on; None: not bound."""
+        return {jid: self.host.session_node(*jid.split("/", 1)) for jid in jids}
+
+    def _purge(self, room: Room) -> None:
+        """Sessions bound on no live node leave the room, the others told (a node was
+        killed: its sessions never said goodbye)."""
+        nodes = self.host.cluster_nodes()
+        gone = [jid for jid, node in self._nodes_of(list(room.by_jid)).items()
+                if node not in nodes]
+        for jid in gone:
+            if room.occupant_of(jid) is not None:
+                self.log.info("muc: a session left %s with its node", room.jid)
+                self._apply(room, room.session_gone(jid))
+
+    def _lost(self, room_jid: str) -> None:
+        """Another node holds the room's lease now (this one was taken for dead): the
+        room here is stale; stanzas for it wait for the lease again."""
+        self.rooms.pop(room_jid, None)
 
     def _let_go(self) -> None:
         """Drop every live room this node does not own any more, after writing what it
@@ -233,6 +273,26 @@ class Muc(Module):
             if room.config.persistent and (room.history_changed or room.persistent_changed):
                 self._save(room, at_once=True)
             self.log.info("muc: %s moves to node %s", room_jid, self.owner(room_jid))
+            self._hand_over(room_jid, room)
+
+    def _hand_over(self, room_jid: str, room: Room | None) -> None:
+        """Let go of the room's lease once what this node wrote to the stores is there,
+        and say so: the new owner claims it then, and reads the stores and Redis after
+        every write of this node (so it misses nothing, and never runs the room while
+        this node still does)."""
+        live = self.live
+        if live is None:
+            return
+
+        async def hand_over() -> None:
+            while (pending := self._saving.get(room_jid)) is not None:
+                await asyncio.gather(pending[1], return_exceptions=True)
+            await live.release(room_jid, room)
+            self.host.notify_cluster(NOTICE, {"released": room_jid})
+
+        future = self.host.spawn(hand_over())
+        self._handing.add(future)
+        future.add_done_callback(self._handing.discard)
 
     async def _stopping(self) -> bool:
         """A clean stop: the other nodes stop counting this one as an owner first, then
@@ -241,11 +301,18 @@ class Muc(Module):
         me = self.host.node_name
         assert me is not None
         self._leaving.add(me)
+        if self.live is not None:
+            self.live.closing = True
         self.host.notify_cluster(NOTICE, {"leaving": me})
         await self.host.cluster_notices_sent()
         self._let_go()
-        while self._saving:
-            await asyncio.gather(*(w for _, w in self._saving.values()), return_exceptions=True)
+        while self._saving or self._handing:
+            await asyncio.gather(
+                *(w for _, w in self._saving.values()), *self._handing, return_exceptions=True
+            )
+        if self.live is not None:
+            await self.live.flush()
+        await self.host.cluster_notices_sent()
         return False
 
     # --- routing -------------------------------------------------------------------------
@@ -276,38 +343,102 @@ class Muc(Module):
         self.host.spawn(self._load(room_jid, routed))
 
     async def _load(self, room_jid: str, first: Routed) -> None:
-        """Read a persistent room (and its history) before handling what waits for it."""
+        """Read the room before handling what waits for it: on a cluster, once this
+        node holds its lease, from Redis (occupants included) and the stores; on a
+        node alone, a persistent room from the stores."""
         room: Room | None = None
         owned: set[str] | None = None
+        claimed = self.live is None
         try:
             if (pending := self._saving.get(room_jid)) is not None:
                 await asyncio.gather(pending[1], return_exceptions=True)  # a deletion, say
-            vhost = self._vhost(room_jid)
-            local = room_jid.split("@", 1)[0]
+            record: dict[str, str] = {}
+            if self.live is not None:
+                got = await self._claim(room_jid)
+                claimed, record = got is not None, got or {}
+            if claimed:
+                room = await self._read(room_jid, record)
+                if room is None and (
+                    first.stanza.tag == ns.C_PRESENCE and first.stanza.get("type") is None
+                ):
+                    creator = JID(first.stanza.get("from")).bare
+                    owned = await self._stored_rooms_of(self._vhost(room_jid), creator)
+        except Exception:
+            self.log.exception("muc: could not load %s", room_jid)
+            for routed in self._loading.pop(room_jid, []):
+                self._error(routed.stanza, StanzaError("internal-server-error", "try again"))
+            if claimed:
+                self._hand_over(room_jid, None)
+            return
+        waiting = self._loading.pop(room_jid, [])
+        owner = self.owner(room_jid) if self.host.clustered else None
+        if owner not in (None, self.host.node_name) or not claimed:
+            # The room moved while it loaded: to its new owner (here what cannot go).
+            if claimed:
+                self._hand_over(room_jid, None)
+            waiting = [
+                r for r in waiting
+                if owner is None or not self.host.forward_to_node(owner, r.stanza)
+            ]
+            if not waiting:
+                return
+        if room is not None:
+            self.rooms[room_jid] = room
+            if self.live is not None:
+                self._purge(room)  # sessions that died with the node that ran it
+                self._after(room)
+        for routed in waiting:
+            self._to_room(room_jid, self.rooms.get(room_jid), routed, owned)
+        if self.live is not None and room_jid not in self.rooms:
+            self.live.drop(room_jid)  # never made, or gone already: no record left behind
+
+    async def _claim(self, room_jid: str) -> dict[str, str] | None:
+        """Take the room's lease, waiting while another live node runs the room (it lets
+        go at its next heartbeat, once it sees that this node owns the room): the
+        room's record, or None if this node stopped being its owner meanwhile."""
+        assert self.live is not None
+        while True:
+            claimed = await self.live.claim(room_jid)
+            if claimed.ok:
+                if claimed.holder not in ("", self.host.node_name):
+                    self.log.info("muc: %s taken over from node %s", room_jid, claimed.holder)
+                return claimed.record
+            if self.owner(room_jid) != self.host.node_name:
+                return None
+            event = self._released.setdefault(room_jid, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), CLAIM_RETRY)
+            except TimeoutError:
+                pass  # the notice may have been lost: ask again
+            finally:
+                self._released.pop(room_jid, None)
+
+    async def _read(self, room_jid: str, record: dict[str, str]) -> Room | None:
+        """The room as Redis (`record`: a live room another node ran, occupants
+        included) and the stores have it; None if it does not exist."""
+        vhost = self._vhost(room_jid)
+        local = room_jid.split("@", 1)[0]
+        room: Room | None = None
+        if "state" in record:  # the node that ran it was killed, or it is temporary
+            room = Room.restore_live(room_jid, self.limits, json.loads(record["state"]))
+            if "history" in record:
+                room.load_history(record["history"].encode())
+            # What the stores may lack (written at most a second late), written there.
+            room.persistent_changed = room.history_changed = room.config.persistent
+        else:
             item = await self.host.items(vhost, "muc_rooms").get(local)
             if item is not None:
                 room = Room.restore(room_jid, self.limits, json.loads(item.attrs["state"]))
                 blob = await self.host.blobs(vhost, "muc_history").get(local)
                 if blob is not None:
                     room.load_history(blob.data)
-            elif first.stanza.tag == ns.C_PRESENCE and first.stanza.get("type") is None:
-                owned = await self._stored_rooms_of(vhost, JID(first.stanza.get("from")).bare)
-        except Exception:
-            self.log.exception("muc: could not load %s", room_jid)
-            for routed in self._loading.pop(room_jid, []):
-                self._error(routed.stanza, StanzaError("internal-server-error", "try again"))
-            return
-        waiting = self._loading.pop(room_jid, [])
-        owner = self.owner(room_jid) if self.host.clustered else None
-        if owner not in (None, self.host.node_name):
-            # The room moved while it loaded: to its new owner (here what cannot go).
-            waiting = [r for r in waiting if not self.host.forward_to_node(owner, r.stanza)]
-            if not waiting:
-                return
         if room is not None:
-            self.rooms[room_jid] = room
-        for routed in waiting:
-            self._to_room(room_jid, self.rooms.get(room_jid), routed, owned)
+            room.add_occupants(
+                json.loads(value) for key, value in record.items() if key.startswith("o:")
+            )
+            if "seen" in record:
+                room.load_seen(json.loads(record["seen"]))
+        return room
 
     async def _stored_rooms_of(self, vhost: str, creator: str) -> set[str]:
         options: MucOptions = self.options  # type: ignore[assignment]
@@ -375,6 +506,7 @@ class Muc(Module):
         # A client that speaks MUC gets a locked room to configure (reserved room,
         # or an empty form: instant); a legacy join gets an instant room.
         room.locked = stanza.find(f"{{{MUC}}}x") is not None
+        room.persistent_changed = True  # its state, for the live copy (on a cluster)
         self.rooms[room_jid] = room
         return room
 
@@ -435,15 +567,23 @@ class Muc(Module):
     def _after(self, room: Room) -> None:
         """Keep what the transition changed: write it, or let the room go."""
         if room.destroyed or (room.empty and not room.config.persistent):
-            self.rooms.pop(room.jid, None)
+            jid = room.jid
+            if jid in self.rooms and self.rooms[jid] is room:
+                del self.rooms[jid]
+                if self.live is not None:
+                    self.live.drop(jid)
             room.destroyed = True
             if room.stored or room.config.persistent:
                 self._save(room, at_once=True)  # deletes what was stored
             return
+        if self.live is not None:
+            self.live.changed(room, room.persistent_changed, room.history_changed)
         if room.persistent_changed and (room.config.persistent or room.stored):
             self._save(room, at_once=True)
         elif room.history_changed and room.config.persistent:
             self._save(room, at_once=False)
+        elif not room.config.persistent and not room.stored:
+            room.persistent_changed = room.history_changed = False  # in Redis alone
 
     # --- storage -------------------------------------------------------------------------
 
@@ -529,7 +669,8 @@ class Muc(Module):
             self._error(stanza, StanzaError("service-unavailable"))
 
     async def _directory(self, stanza: etree._Element, domain: str) -> None:
-        """The public rooms: live ones and stored ones (one query)."""
+        """The public rooms: live ones (here, and on a cluster those Redis lists) and
+        stored ones (one query each)."""
         vhost = self.services[domain]
         names: dict[str, str] = {}
         for room in self.rooms.values():
@@ -537,6 +678,9 @@ class Muc(Module):
                 names[room.jid] = room.config.name
         try:
             stored = await self._query(vhost, {"public": 1}, MAX_LISTED)
+            if self.live is not None:  # live ones on other nodes (temporary ones, say)
+                for jid, name in (await self.live.public_rooms(domain)).items():
+                    names.setdefault(jid, name)
         except Exception:
             self.log.exception("muc: could not list the rooms of %s", domain)
             self._error(stanza, StanzaError("internal-server-error", "try again"))
