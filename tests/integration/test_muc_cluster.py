@@ -381,3 +381,33 @@ async def test_messages_sent_while_a_node_joins_appear_once_in_one_order(
     assert room.bare not in b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
     for client in (alice, bob, carol):
         await close(client)
+
+
+async def test_the_room_directory_lists_the_live_rooms_of_every_node(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """disco#items on the service, asked on a node that runs no room, lists a public
+    temporary room that runs on another node (Redis lists it), not a hidden one, and
+    no longer once the room is gone (its last occupant left)."""
+    a, b, _c = await three_nodes(start_server, redis_service)
+    room, hidden = room_owned_by("muc-c"), room_owned_by("muc-a")
+    alice = await chatter(a, "alice@localhost/desk")
+    bob = await chatter(b, "bob@localhost/phone")
+    await create(alice, room, "Alice", roomname="Elsewhere")
+    await create(alice, hidden, "Alice", roomname="Hidden", publicroom=False)
+    assert not b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+
+    async def listed() -> dict[str, str]:
+        """What the directory lists: one query (what the room's node wrote a moment
+        ago may not be in Redis yet, so callers ask until they see it)."""
+        items = await bob.plugin["xep_0030"].get_items(jid="conference.localhost", timeout=WAIT)
+        return {str(jid): name for jid, _node, name in items["disco_items"]["items"]}
+
+    deadline = time.monotonic() + WAIT
+    while (found := await listed()) != {room.bare: "Elsewhere"}:
+        assert time.monotonic() < deadline, f"the directory lists {found}"
+    alice.muc.leave_muc(room, "Alice")
+    while room.bare in (found := await listed()):
+        assert time.monotonic() < deadline, f"the directory still lists {found}"
+    for client in (alice, bob):
+        await close(client)
