@@ -8,9 +8,10 @@ never routes anything itself, so that:
 
 - module tests drive every XEP-0045 use case in microseconds;
 - the module (modules/muc.py) decides where a room lives and when its
-  state is written: today the one node that serves the room, later the
-  room's owner node in a cluster, which rebuilds it from `snapshot()`
-  (what is stored) after a handover.
+  state is written: the node that serves the room, on a cluster the
+  room's owner node, which rebuilds it after a handover from `snapshot()`
+  (what is stored) or `live_state()` and the occupants' records (what
+  the previous owner kept in Redis).
 
 `persistent_changed` tells the host that something stored changed
 (configuration, affiliations, subject); `history_changed` that history did.

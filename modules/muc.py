@@ -25,13 +25,16 @@ computes alike from the heartbeats' node set. A stanza for a room that
 arrives elsewhere is forwarded to its owner's router (`forward_to_node`,
 through the owner's inbox, keeping each node's order); the owner runs the
 room as a node alone would, and its output reaches occupants on any node
-through the session table. When the node set changes, a node drops the
-rooms it no longer owns (writing what is not stored yet first); the new
-owner reads persistent rooms from the stores when the next stanza comes.
-Occupants are not carried over: the new owner's room has none, so their
-XEP-0410 self-ping is answered `<not-acceptable/>` and they rejoin. A node
-that stops cleanly tells the others first (a cluster notice, "muc"), so they
-stop counting it as an owner before its rooms are written and dropped.
+through the session table. A node runs a room only while it holds the
+room's lease in Redis (modules/_muc_live.py), where it also keeps what the
+next owner needs: the room's state, history, last message ids and
+occupants. When the node set changes, a node hands over the rooms it no
+longer owns (stores written, then the last change and the lease let go in
+Redis); the new owner, which kept their stanzas waiting meanwhile, claims
+the lease and runs the room on with its occupants (sessions that died with
+a node leave). A node that stops cleanly tells the others first (a cluster
+notice, "muc"), so they stop counting it as an owner before it hands its
+rooms over.
 
 The choice of one live owner per room (and why not shared state in Redis)
 is in docs/architecture.md, "Multi-user chat".
