@@ -79,7 +79,9 @@ CLAIM_RETRY = 1.0  # seconds between two claims of a room another node still run
 NOTICE = "muc"
 """Cluster notice topic: {"leaving": node}, sent by a node that stops, before it
 writes and drops its rooms; {"released": room JID}, sent by a node that let go of a
-room's lease (the new owner, waiting to claim it, tries again at once)."""
+room's lease (the new owner, waiting to claim it, tries again at once);
+{"release": room JID, "holder": node}, sent by an owner that waits for the lease:
+the holder lets go at once if it does not run the room."""
 
 
 def owner_of(room_jid: str, nodes: frozenset[str]) -> str:
@@ -128,7 +130,7 @@ class Muc(Module):
         # The live rooms' lease and state in Redis (cluster): modules/_muc_live.py.
         self.live: LiveRooms | None = None
         self._released: dict[str, asyncio.Event] = {}  # room -> wakes its claim
-        self._handing: set[asyncio.Future[None]] = set()  # rooms being handed over
+        self._handing: dict[str, asyncio.Future[None]] = {}  # rooms being handed over
         redis, node = self.host.cluster_redis, self.host.node_name
         if redis is not None and node is not None:
             self.live = LiveRooms(redis, node, self._nodes_of, self._lost)
@@ -244,6 +246,14 @@ class Muc(Module):
         released = payload.get("released")
         if isinstance(released, str) and (event := self._released.get(released)):
             event.set()
+        release = payload.get("release")
+        if isinstance(release, str) and payload.get("holder") == self.host.node_name and not (
+            release in self.rooms or release in self._loading or release in self._handing
+        ):
+            # A lease this node holds for a room it does not run: left by an earlier
+            # process of this node's name, which died (or a hand-over that failed).
+            self.log.info("muc: letting go of %s, which this node does not run", release)
+            self._hand_over(release, None)
 
     def _nodes_of(self, jids: list[str]) -> dict[str, str | None]:
         """The node each session (full JID) is bound on; None: not bound."""
@@ -294,8 +304,11 @@ class Muc(Module):
             self.host.notify_cluster(NOTICE, {"released": room_jid})
 
         future = self.host.spawn(hand_over())
-        self._handing.add(future)
-        future.add_done_callback(self._handing.discard)
+        self._handing[room_jid] = future
+        future.add_done_callback(
+            lambda done: self._handing.pop(room_jid) if self._handing.get(room_jid) is done
+            else None
+        )
 
     async def _stopping(self) -> bool:
         """A clean stop: the other nodes stop counting this one as an owner first, then
@@ -311,7 +324,8 @@ class Muc(Module):
         self._let_go()
         while self._saving or self._handing:
             await asyncio.gather(
-                *(w for _, w in self._saving.values()), *self._handing, return_exceptions=True
+                *(w for _, w in self._saving.values()), *self._handing.values(),
+                return_exceptions=True,
             )
         if self.live is not None:
             await self.live.flush()
@@ -408,6 +422,8 @@ class Muc(Module):
                 return claimed.record
             if self.owner(room_jid) != self.host.node_name:
                 return None
+            # It lets go at its next heartbeat; or at once if it does not run the room.
+            self.host.notify_cluster(NOTICE, {"release": room_jid, "holder": claimed.holder})
             event = self._released.setdefault(room_jid, asyncio.Event())
             try:
                 await asyncio.wait_for(event.wait(), CLAIM_RETRY)

@@ -411,3 +411,28 @@ async def test_the_room_directory_lists_the_live_rooms_of_every_node(
         assert time.monotonic() < deadline, f"the directory still lists {found}"
     for client in (alice, bob):
         await close(client)
+
+
+async def test_a_lease_left_by_an_earlier_process_is_let_go(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """A room's lease held by a live node that does not run the room (an earlier
+    process of that node's name died holding it, and the name came back before its
+    heartbeat expired): the room's owner asks that node, which lets go, and the room
+    runs; a join does not wait for ever."""
+    url = devservices.redis_url(redis_service)
+    a, _b = await two_nodes(start_server, url)
+    room = next(
+        JID(jid) for n in range(1000)
+        if owner_of(jid := f"room{n}@conference.localhost", frozenset({"muc-a", "muc-b"}))
+        == "muc-a"
+    )
+    redis = Redis.from_url(url)
+    try:
+        await redis.hset(f"xmppd:muc:room:{room.bare}", "node", "muc-b")
+    finally:
+        await redis.aclose()
+    alice = await chatter(a, "alice@localhost/desk")
+    await create(alice, room, "Alice", roomname="Fresh")
+    assert await self_ping(alice, JID(f"{room}/Alice")) is None
+    await close(alice)
