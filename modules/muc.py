@@ -256,15 +256,16 @@ class Muc(Module):
             self._hand_over(release, None)
 
     def _nodes_of(self, jids: list[str]) -> dict[str, str | None]:
-        """The node each session (full JID) is bound on; None: not bound."""
-        return {jid: self.host.session_node(*jid.split("/", 1)) for jid in jids}
+        """The node each session (full JID) is bound on; None: not bound here (or a
+        user of another server)."""
+        return {jid: self.host.session_node(*jid.partition("/")[::2]) for jid in jids}
 
     def _purge(self, room: Room) -> None:
         """Sessions bound on no live node leave the room, the others told (a node was
         killed: its sessions never said goodbye)."""
         nodes = self.host.cluster_nodes()
-        gone = [jid for jid, node in self._nodes_of(list(room.by_jid)).items()
-                if node not in nodes]
+        ours = [jid for jid in room.by_jid if self.host.serves(JID(jid).domain)]  # not s2s
+        gone = [jid for jid, node in self._nodes_of(ours).items() if node not in nodes]
         for jid in gone:
             if room.occupant_of(jid) is not None:
                 self.log.info("muc: a session left %s with its node", room.jid)
@@ -434,29 +435,33 @@ class Muc(Module):
 
     async def _read(self, room_jid: str, record: dict[str, str]) -> Room | None:
         """The room as Redis (`record`: a live room another node ran, occupants
-        included) and the stores have it; None if it does not exist."""
+        included) and the stores have it; None if it does not exist. What Redis has
+        is newer than the stores (written within a round trip, the stores up to a
+        second late): what the stores lack is written there."""
         vhost = self._vhost(room_jid)
         local = room_jid.split("@", 1)[0]
         room: Room | None = None
         if "state" in record:  # the node that ran it was killed, or it is temporary
             room = Room.restore_live(room_jid, self.limits, json.loads(record["state"]))
-            if "history" in record:
-                room.load_history(record["history"].encode())
-            # What the stores may lack (written at most a second late), written there.
-            room.persistent_changed = room.history_changed = room.config.persistent
+            room.persistent_changed = room.config.persistent
         else:
             item = await self.host.items(vhost, "muc_rooms").get(local)
             if item is not None:
                 room = Room.restore(room_jid, self.limits, json.loads(item.attrs["state"]))
-                blob = await self.host.blobs(vhost, "muc_history").get(local)
-                if blob is not None:
-                    room.load_history(blob.data)
-        if room is not None:
-            room.add_occupants(
-                json.loads(value) for key, value in record.items() if key.startswith("o:")
-            )
-            if "seen" in record:
-                room.load_seen(json.loads(record["seen"]))
+        if room is None:
+            return None
+        if "history" in record:
+            room.load_history(record["history"].encode())
+            room.history_changed = room.config.persistent
+        elif room.config.persistent:
+            blob = await self.host.blobs(vhost, "muc_history").get(local)
+            if blob is not None:
+                room.load_history(blob.data)
+        room.add_occupants(
+            json.loads(value) for key, value in record.items() if key.startswith("o:")
+        )
+        if "seen" in record:
+            room.load_seen(json.loads(record["seen"]))
         return room
 
     async def _stored_rooms_of(self, vhost: str, creator: str) -> set[str]:
