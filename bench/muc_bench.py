@@ -174,6 +174,7 @@ async def run_load(
     join_s = time.monotonic() - started
     print(f"{len(clients)} in the room in {join_s:.1f} s; talking ...", file=sys.stderr)
     await before_talk()
+    connected = sum(not c.done.done() for c in clients)
 
     count = int(args.rate * args.duration)
     sent_ns: list[int] = []
@@ -213,11 +214,14 @@ async def run_load(
         max(o.got[k] for o in occupants) - sent_ns[k]
         for k in range(count) if all(k in o.got for o in occupants)
     )
+    still = sum(not c.done.done() for c in clients)
     for client in clients:
         if client.transport is not None:
             client.transport.close()
     return {
         "occupants": len(clients),
+        "connected_at_talk": connected,
+        "connected_at_end": still,
         "login_s": round(login_s, 1),
         "join_s": round(join_s, 1),
         "messages": count,
@@ -242,7 +246,9 @@ def dist_ms(values_ns: list[int]) -> dict[str, float] | None:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)}
 
 
-def run(args: argparse.Namespace, config: Path, port: int, redis_pid: int) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, config: Path, port: int, redis_pid: int, out: Path
+) -> dict[str, Any]:
     data_dir = config.parent / "data"
     server = subprocess.Popen(
         [sys.executable, "-m", "xmppd", "-c", str(config), "--workers", "2"],
@@ -258,8 +264,14 @@ def run(args: argparse.Namespace, config: Path, port: int, redis_pid: int) -> di
         else:
             raise SystemExit("xmppd --workers 2 did not start")
         watchdog.cancel()
-        threading.Thread(target=lambda: server.stderr.read() if server.stderr else None,
-                         daemon=True).start()
+        log = open(out / "server.log", "w")  # noqa: SIM115 (closed by the thread)
+
+        def keep_log() -> None:
+            with log:
+                for line in server.stderr or ():
+                    log.write(line)
+
+        threading.Thread(target=keep_log, daemon=True).start()
         found = worker_pids(data_dir)
         urls = [u for _, u in found]
         workers, redis = Sampler([p for p, _ in found]), Sampler([redis_pid])
@@ -320,7 +332,9 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"{r['server_cpu_us_per_delivery']} | {r['server_cpu_ms_per_message']} | "
         f"{r['redis_cpu_us_per_delivery']} | {r['cross_node_stanzas']} |",
         "",
-        f"Logins took {r['login_s']} s, the joins {r['join_s']} s (not measured further).",
+        f"Logins took {r['login_s']} s, the joins {r['join_s']} s (not measured further); "
+        f"clients connected when the talk began: {r['connected_at_talk']}, at the end: "
+        f"{r['connected_at_end']}.",
         "",
         "Caveat: the load generator (one process) runs on the same cores as the two "
         "workers; latencies include its queueing, and CPU per delivery is the steadier "
@@ -349,7 +363,7 @@ def main() -> int:
             print(f"registering {args.occupants} users ...", file=sys.stderr)
             register(config, args.occupants)
             assert redis.proc is not None
-            result = run(args, config, port, redis.proc.pid)
+            result = run(args, config, port, redis.proc.pid, out)
     finally:
         redis.stop()
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
