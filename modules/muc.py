@@ -74,6 +74,9 @@ DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 HISTORY_WRITE = 1.0  # seconds between two writes of one room's history
 MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
 CLAIM_RETRY = 1.0  # seconds between two claims of a room another node still runs
+ASK_AFTER = 4.0
+"""Seconds a claim waits for the holder to let go at its heartbeat (every 3 s) before it
+asks the holder to let go at once (a lease left by an earlier process of its name)."""
 
 
 NOTICE = "muc"
@@ -415,6 +418,7 @@ class Muc(Module):
         go at its next heartbeat, once it sees that this node owns the room): the
         room's record, or None if this node stopped being its owner meanwhile."""
         assert self.live is not None
+        since = time.monotonic()
         while True:
             claimed = await self.live.claim(room_jid)
             if claimed.ok:
@@ -423,8 +427,9 @@ class Muc(Module):
                 return claimed.record
             if self.owner(room_jid) != self.host.node_name:
                 return None
-            # It lets go at its next heartbeat; or at once if it does not run the room.
-            self.host.notify_cluster(NOTICE, {"release": room_jid, "holder": claimed.holder})
+            if time.monotonic() - since > ASK_AFTER:
+                # It has not let go at its heartbeat: perhaps it does not run the room.
+                self.host.notify_cluster(NOTICE, {"release": room_jid, "holder": claimed.holder})
             event = self._released.setdefault(room_jid, asyncio.Event())
             try:
                 await asyncio.wait_for(event.wait(), CLAIM_RETRY)
