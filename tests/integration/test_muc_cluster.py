@@ -436,3 +436,40 @@ async def test_a_lease_left_by_an_earlier_process_is_let_go(
     await create(alice, room, "Alice", roomname="Fresh")
     assert await self_ping(alice, JID(f"{room}/Alice")) is None
     await close(alice)
+
+
+async def test_a_copy_whose_lease_another_node_took_stops_and_the_room_goes_on(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """The room's lease taken by another node (as when the room's node, its event loop
+    stalled past the heartbeat's TTL, was taken for dead): the old copy's next write
+    is refused and it stops; the room's next stanza waits for the lease, which the
+    node holding it lets go when asked (it does not run the room), and the room goes
+    on from Redis with its occupant."""
+    url = devservices.redis_url(redis_service)
+    a, b = await two_nodes(start_server, url)
+    room = next(
+        JID(jid) for n in range(1000)
+        if owner_of(jid := f"room{n}@conference.localhost", frozenset({"muc-a", "muc-b"}))
+        == "muc-b"
+    )
+    alice = await chatter(a, "alice@localhost/desk")
+    await create(alice, room, "Alice", roomname="Fenced")
+    rooms = b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    assert room.bare in rooms
+    redis = Redis.from_url(url)
+    try:
+        await redis.hset(f"xmppd:muc:room:{room.bare}", "node", "muc-a")
+    finally:
+        await redis.aclose()
+    alice.send_message(mto=room, mbody="before", mtype="groupchat")
+    assert (await alice.said())["body"] == "before"  # handled, then its write refused
+    deadline = time.monotonic() + WAIT
+    while room.bare in rooms:
+        assert time.monotonic() < deadline, "the old copy went on"
+        await asyncio.sleep(0.01)
+    alice.send_message(mto=room, mbody="after", mtype="groupchat")
+    assert (await alice.said())["body"] == "after"
+    assert room.bare in rooms
+    assert await self_ping(alice, JID(f"{room}/Alice")) is None
+    await close(alice)
