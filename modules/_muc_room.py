@@ -8,9 +8,10 @@ never routes anything itself, so that:
 
 - module tests drive every XEP-0045 use case in microseconds;
 - the module (modules/muc.py) decides where a room lives and when its
-  state is written: today the one node that serves the room, later the
-  room's owner node in a cluster, which rebuilds it from `snapshot()`
-  (what is stored) after a handover.
+  state is written: the node that serves the room, on a cluster the
+  room's owner node, which rebuilds it after a handover from `snapshot()`
+  (what is stored) or `live_state()` and the occupants' records (what
+  the previous owner kept in Redis).
 
 `persistent_changed` tells the host that something stored changed
 (configuration, affiliations, subject); `history_changed` that history did.
@@ -49,6 +50,9 @@ PING = "urn:xmpp:ping"
 REGISTER = "jabber:iq:register"
 MUC_REGISTER = f"{MUC}#register"
 MUC_REQUEST = f"{MUC}#request"
+
+SID = "urn:xmpp:sid:0"
+SEEN = 200  # message ids a room remembers to drop a message handled twice
 
 ROLES = ("none", "visitor", "participant", "moderator")
 AFFILIATIONS = ("outcast", "none", "member", "admin", "owner")
@@ -131,6 +135,7 @@ class Occupant:
     others: list[JID] = field(default_factory=list)  # more sessions of that user, same nick
     tokens: float = -1.0  # message rate bucket; -1: full, set at the first message
     refilled: float = 0.0
+    seq: int = 0  # its place in `Room.occupants` (join order; a nick change moves it last)
 
 
 @dataclass(slots=True)
@@ -159,6 +164,15 @@ class Room:
         self.persistent_changed = False
         self.history_changed = False
         self.stored = False  # the stores hold this room (the host sets it)
+        # Nicks whose occupant changed (joined, left, renamed, role, presence, sessions)
+        # since the host last took them: what its live copy (Redis, on a cluster) rewrites.
+        self.touched: set[str] = set()
+        # The last messages' (sender, origin-id or id): a message handled again (a
+        # dead node's inbox replayed by its reaper) is dropped, not delivered twice.
+        self.seen: deque[str] = deque(maxlen=SEEN)
+        self._seen: set[str] = set()
+        self.seen_changed = False
+        self._seq = 0  # the next occupant's `seq`
 
     # --- stored state -------------------------------------------------------------------
 
@@ -199,6 +213,65 @@ class Room:
         """`forget` on a stored snapshot (a room not live here)."""
         found = state["affiliations"].pop(bare, None) is not None
         return state.get("registered", {}).pop(bare, None) is not None or found
+
+    # --- live state (what another node needs to run the room on with its occupants) -----
+
+    def live_state(self) -> dict[str, Any]:
+        """`snapshot()` and what only a live room has (a temporary room is nowhere else)."""
+        return {**self.snapshot(), "locked": self.locked}
+
+    @classmethod
+    def restore_live(cls, jid: str, limits: Limits, state: dict[str, Any]) -> Room:
+        room = cls.restore(jid, limits, state)
+        room.locked = bool(state.get("locked"))
+        room.stored = room.config.persistent
+        return room
+
+    def occupant_record(self, nick: str) -> dict[str, Any] | None:
+        """The occupant as another node restores it (`add_occupant`); None if gone."""
+        occupant = self.occupants.get(nick)
+        if occupant is None:
+            return None
+        return {
+            "nick": nick,
+            "jid": occupant.jid.full,
+            "others": [other.full for other in occupant.others],
+            "role": occupant.role,
+            "presence": [etree.tostring(child, encoding="unicode") for child in occupant.presence],
+            "show": occupant.show,
+            "seq": occupant.seq,
+        }
+
+    def add_occupants(self, records: Iterable[dict[str, Any]]) -> None:
+        """Occupants as `occupant_record` gave them, back in the room in their order
+        (no stanza sent: the occupants know each other already)."""
+        for record in sorted(records, key=lambda r: int(r["seq"])):
+            self._add_occupant(record)
+
+    def _add_occupant(self, record: dict[str, Any]) -> None:
+        occupant = Occupant(
+            record["nick"], parse_jid(record["jid"]), record["role"],
+            [etree.fromstring(xml) for xml in record["presence"]], record["show"],
+            [parse_jid(other) for other in record["others"]], seq=int(record["seq"]),
+        )
+        self._seq = max(self._seq, occupant.seq + 1)
+        self.occupants[occupant.nick] = occupant
+        for session in (occupant.jid, *occupant.others):
+            self.by_jid[session.full] = occupant
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq - 1
+
+    def load_seen(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._remember(key)
+
+    def _remember(self, key: str) -> None:
+        if len(self.seen) == self.seen.maxlen:
+            self._seen.discard(self.seen[0])
+        self.seen.append(key)
+        self._seen.add(key)
 
     def history_json(self) -> bytes:
         return json.dumps([[e.when, e.xml] for e in self.history]).encode()
@@ -324,6 +397,7 @@ class Room:
         if nick != occupant.nick:
             return self._change_nick(occupant, nick)
         occupant.presence, occupant.show = _presence_payload(stanza)
+        self.touched.add(nick)
         return self._broadcast_presence(occupant)
 
     def _join(self, stanza: etree._Element, sender: JID, nick: str, now: float) -> Out:
@@ -352,11 +426,12 @@ class Room:
         if taken is not None:
             raise StanzaError("conflict", "that nickname is in use")
         self._check_reserved(nick, sender.bare)
-        occupant = Occupant(nick, sender, self._default_role(affiliation))
+        occupant = Occupant(nick, sender, self._default_role(affiliation), seq=self._next())
         occupant.presence, occupant.show = _presence_payload(stanza)
         out: Out = [self._presence_of(other, occupant) for other in self.occupants.values()]
         self.occupants[nick] = occupant
         self.by_jid[sender.full] = occupant
+        self.touched.add(nick)
         codes = []
         if self.config.whois == "anyone":
             codes.append("100")
@@ -376,6 +451,7 @@ class Room:
         others see no change."""
         occupant.others.append(sender)
         self.by_jid[sender.full] = occupant
+        self.touched.add(occupant.nick)
         to = str(sender)
         out: Out = []
         for other in self.occupants.values():
@@ -390,6 +466,7 @@ class Room:
     def _leave_session(self, occupant: Occupant, session: JID, status: str | None) -> Out:
         """One of several sessions of an occupant leaves; the occupant stays."""
         del self.by_jid[session.full]
+        self.touched.add(occupant.nick)
         if occupant.jid == session:
             occupant.jid = occupant.others.pop(0)
         else:
@@ -485,7 +562,9 @@ class Room:
         for stanza in out:
             stanza.find(f"{{{MUC_USER}}}x/{{{MUC_USER}}}item").set("role", occupant.role)
         del self.occupants[occupant.nick]
+        self.touched.update((occupant.nick, nick))
         occupant.nick = nick
+        occupant.seq = self._next()
         self.occupants[nick] = occupant
         return out + self._broadcast_presence(occupant)
 
@@ -498,6 +577,7 @@ class Room:
         reason: str | None = None,
     ) -> Out:
         del self.occupants[occupant.nick]
+        self.touched.add(occupant.nick)
         for session in (occupant.jid, *occupant.others):
             del self.by_jid[session.full]
         out = [
@@ -600,9 +680,17 @@ class Room:
         sender = self.by_jid.get(stanza.get("from", ""))
         if sender is None:
             raise StanzaError("not-acceptable", "only occupants may send to the room")
+        origin = stanza.find(f"{{{SID}}}origin-id")
+        stanza_id = origin.get("id") if origin is not None else stanza.get("id")
+        key = f"{stanza.get('from', '')}\0{stanza_id}" if stanza_id else None
+        if key is not None and key in self._seen:
+            return []  # handled already: delivered and kept once is enough
         self._admit(sender, stanza, now)
         if sender.role == "visitor":
             raise StanzaError("forbidden", "you have no voice in this room")
+        if key is not None:
+            self._remember(key)
+            self.seen_changed = True
         subject = stanza.find(f"{{{ns.CLIENT}}}subject")
         body = stanza.find(f"{{{ns.CLIENT}}}body")
         if subject is not None and body is None:
@@ -874,6 +962,7 @@ class Room:
         if role == "none":
             return self._leave(target, None, codes=["307"], actor=actor, reason=reason)
         target.role = role
+        self.touched.add(target.nick)
         return self._broadcast_presence(target, actor=actor, reason=reason)
 
     def _set_affiliation(
@@ -892,6 +981,7 @@ class Room:
                 out += self._leave(occupant, None, codes=["321"], actor=actor, reason=reason)
             else:
                 occupant.role = self._default_role(affiliation)
+                self.touched.add(occupant.nick)
                 out += self._broadcast_presence(occupant, actor=actor, reason=reason)
         return out
 
@@ -985,6 +1075,7 @@ class Room:
                 occupant, self._presence_of(occupant, occupant, unavailable=True, destroy=destroy)
             )
             del self.occupants[occupant.nick]
+            self.touched.add(occupant.nick)
             for session in (occupant.jid, *occupant.others):
                 del self.by_jid[session.full]
         return out

@@ -25,13 +25,16 @@ computes alike from the heartbeats' node set. A stanza for a room that
 arrives elsewhere is forwarded to its owner's router (`forward_to_node`,
 through the owner's inbox, keeping each node's order); the owner runs the
 room as a node alone would, and its output reaches occupants on any node
-through the session table. When the node set changes, a node drops the
-rooms it no longer owns (writing what is not stored yet first); the new
-owner reads persistent rooms from the stores when the next stanza comes.
-Occupants are not carried over: the new owner's room has none, so their
-XEP-0410 self-ping is answered `<not-acceptable/>` and they rejoin. A node
-that stops cleanly tells the others first (a cluster notice, "muc"), so they
-stop counting it as an owner before its rooms are written and dropped.
+through the session table. A node runs a room only while it holds the
+room's lease in Redis (modules/_muc_live.py), where it also keeps what the
+next owner needs: the room's state, history, last message ids and
+occupants. When the node set changes, a node hands over the rooms it no
+longer owns (stores written, then the last change and the lease let go in
+Redis); the new owner, which kept their stanzas waiting meanwhile, claims
+the lease and runs the room on with its occupants (sessions that died with
+a node leave). A node that stops cleanly tells the others first (a cluster
+notice, "muc"), so they stop counting it as an owner before it hands its
+rooms over.
 
 The choice of one live owner per room (and why not shared state in Redis)
 is in docs/architecture.md, "Multi-user chat".
@@ -50,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.jid import JID
 from xmppd.modulehost import Module, Routed
+from xmppd.modules._muc_live import LiveRooms
 from xmppd.modules._muc_room import (
     MUC,
     MUC_ADMIN,
@@ -69,11 +73,18 @@ DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 HISTORY_WRITE = 1.0  # seconds between two writes of one room's history
 MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
+CLAIM_RETRY = 1.0  # seconds between two claims of a room another node still runs
+ASK_AFTER = 4.0
+"""Seconds a claim waits for the holder to let go at its heartbeat (every 3 s) before it
+asks the holder to let go at once (a lease left by an earlier process of its name)."""
 
 
 NOTICE = "muc"
 """Cluster notice topic: {"leaving": node}, sent by a node that stops, before it
-writes and drops its rooms."""
+writes and drops its rooms; {"released": room JID}, sent by a node that let go of a
+room's lease (the new owner, waiting to claim it, tries again at once);
+{"release": room JID, "holder": node}, sent by an owner that waits for the lease:
+the holder lets go at once if it does not run the room."""
 
 
 def owner_of(room_jid: str, nodes: frozenset[str]) -> str:
@@ -119,6 +130,13 @@ class Muc(Module):
         self._visited: dict[str, dict[str, str]] = {}  # full JID -> room -> nick
         # Nodes that said they are stopping and may still be listed (cluster).
         self._leaving: set[str] = set()
+        # The live rooms' lease and state in Redis (cluster): modules/_muc_live.py.
+        self.live: LiveRooms | None = None
+        self._released: dict[str, asyncio.Event] = {}  # room -> wakes its claim
+        self._handing: dict[str, asyncio.Future[None]] = {}  # rooms being handed over
+        redis, node = self.host.cluster_redis, self.host.node_name
+        if redis is not None and node is not None:
+            self.live = LiveRooms(redis, node, self._nodes_of, self._lost)
         for vhost in self.host.hosts:
             domain = f"{options.subdomain}.{vhost}"
             self.services[domain] = vhost
@@ -143,11 +161,15 @@ class Muc(Module):
 
     async def stop(self) -> None:
         """Write what is not written yet (history waits up to HISTORY_WRITE)."""
+        if self.live is not None:
+            self.live.closing = True
         for room in self.rooms.values():
             if room.history_changed or room.persistent_changed:
                 self._save(room, at_once=True)
         while self._saving:
             await asyncio.gather(*(w for _, w in self._saving.values()), return_exceptions=True)
+        if self.live is not None:
+            await self.live.flush()
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Drop the account's affiliations and registered nicks from every room of the
@@ -212,15 +234,50 @@ class Muc(Module):
         self._handle(routed)
 
     def _nodes_changed(self, nodes: frozenset[str]) -> None:
-        """The live nodes changed: let go of the rooms another node owns now."""
+        """The live nodes changed: let go of the rooms another node owns now, and take
+        out of the others the occupants whose sessions died with a node."""
         self._leaving &= nodes  # gone for good (a node of that name may come back later)
         self._let_go()
+        for room in list(self.rooms.values()):
+            self._purge(room)
 
     def _notice(self, payload: dict[str, object]) -> None:
         leaving = payload.get("leaving")
         if isinstance(leaving, str) and leaving != self.host.node_name:
             self._leaving.add(leaving)
             self._let_go()
+        released = payload.get("released")
+        if isinstance(released, str) and (event := self._released.get(released)):
+            event.set()
+        release = payload.get("release")
+        if isinstance(release, str) and payload.get("holder") == self.host.node_name and not (
+            release in self.rooms or release in self._loading or release in self._handing
+        ):
+            # A lease this node holds for a room it does not run: left by an earlier
+            # process of this node's name, which died (or a hand-over that failed).
+            self.log.info("muc: letting go of %s, which this node does not run", release)
+            self._hand_over(release, None)
+
+    def _nodes_of(self, jids: list[str]) -> dict[str, str | None]:
+        """The node each session (full JID) is bound on; None: not bound here (or a
+        user of another server)."""
+        return {jid: self.host.session_node(*jid.partition("/")[::2]) for jid in jids}
+
+    def _purge(self, room: Room) -> None:
+        """Sessions bound on no live node leave the room, the others told (a node was
+        killed: its sessions never said goodbye)."""
+        nodes = self.host.cluster_nodes()
+        ours = [jid for jid in room.by_jid if self.host.serves(JID(jid).domain)]  # not s2s
+        gone = [jid for jid, node in self._nodes_of(ours).items() if node not in nodes]
+        for jid in gone:
+            if room.occupant_of(jid) is not None:
+                self.log.info("muc: a session left %s with its node", room.jid)
+                self._apply(room, room.session_gone(jid))
+
+    def _lost(self, room_jid: str) -> None:
+        """Another node holds the room's lease now (this one was taken for dead): the
+        room here is stale; stanzas for it wait for the lease again."""
+        self.rooms.pop(room_jid, None)
 
     def _let_go(self) -> None:
         """Drop every live room this node does not own any more, after writing what it
@@ -233,6 +290,29 @@ class Muc(Module):
             if room.config.persistent and (room.history_changed or room.persistent_changed):
                 self._save(room, at_once=True)
             self.log.info("muc: %s moves to node %s", room_jid, self.owner(room_jid))
+            self._hand_over(room_jid, room)
+
+    def _hand_over(self, room_jid: str, room: Room | None) -> None:
+        """Let go of the room's lease once what this node wrote to the stores is there,
+        and say so: the new owner claims it then, and reads the stores and Redis after
+        every write of this node (so it misses nothing, and never runs the room while
+        this node still does)."""
+        live = self.live
+        if live is None:
+            return
+
+        async def hand_over() -> None:
+            while (pending := self._saving.get(room_jid)) is not None:
+                await asyncio.gather(pending[1], return_exceptions=True)
+            await live.release(room_jid, room)
+            self.host.notify_cluster(NOTICE, {"released": room_jid})
+
+        future = self.host.spawn(hand_over())
+        self._handing[room_jid] = future
+        future.add_done_callback(
+            lambda done: self._handing.pop(room_jid) if self._handing.get(room_jid) is done
+            else None
+        )
 
     async def _stopping(self) -> bool:
         """A clean stop: the other nodes stop counting this one as an owner first, then
@@ -241,11 +321,19 @@ class Muc(Module):
         me = self.host.node_name
         assert me is not None
         self._leaving.add(me)
+        if self.live is not None:
+            self.live.closing = True
         self.host.notify_cluster(NOTICE, {"leaving": me})
         await self.host.cluster_notices_sent()
         self._let_go()
-        while self._saving:
-            await asyncio.gather(*(w for _, w in self._saving.values()), return_exceptions=True)
+        while self._saving or self._handing:
+            await asyncio.gather(
+                *(w for _, w in self._saving.values()), *self._handing.values(),
+                return_exceptions=True,
+            )
+        if self.live is not None:
+            await self.live.flush()
+        await self.host.cluster_notices_sent()
         return False
 
     # --- routing -------------------------------------------------------------------------
@@ -276,38 +364,110 @@ class Muc(Module):
         self.host.spawn(self._load(room_jid, routed))
 
     async def _load(self, room_jid: str, first: Routed) -> None:
-        """Read a persistent room (and its history) before handling what waits for it."""
+        """Read the room before handling what waits for it: on a cluster, once this
+        node holds its lease, from Redis (occupants included) and the stores; on a
+        node alone, a persistent room from the stores."""
         room: Room | None = None
         owned: set[str] | None = None
+        claimed = self.live is None
         try:
             if (pending := self._saving.get(room_jid)) is not None:
                 await asyncio.gather(pending[1], return_exceptions=True)  # a deletion, say
-            vhost = self._vhost(room_jid)
-            local = room_jid.split("@", 1)[0]
-            item = await self.host.items(vhost, "muc_rooms").get(local)
-            if item is not None:
-                room = Room.restore(room_jid, self.limits, json.loads(item.attrs["state"]))
-                blob = await self.host.blobs(vhost, "muc_history").get(local)
-                if blob is not None:
-                    room.load_history(blob.data)
-            elif first.stanza.tag == ns.C_PRESENCE and first.stanza.get("type") is None:
-                owned = await self._stored_rooms_of(vhost, JID(first.stanza.get("from")).bare)
+            record: dict[str, str] = {}
+            if self.live is not None:
+                got = await self._claim(room_jid)
+                claimed, record = got is not None, got or {}
+            if claimed:
+                room = await self._read(room_jid, record)
+                if room is None and (
+                    first.stanza.tag == ns.C_PRESENCE and first.stanza.get("type") is None
+                ):
+                    creator = JID(first.stanza.get("from")).bare
+                    owned = await self._stored_rooms_of(self._vhost(room_jid), creator)
         except Exception:
             self.log.exception("muc: could not load %s", room_jid)
             for routed in self._loading.pop(room_jid, []):
                 self._error(routed.stanza, StanzaError("internal-server-error", "try again"))
+            if claimed:
+                self._hand_over(room_jid, None)
             return
         waiting = self._loading.pop(room_jid, [])
         owner = self.owner(room_jid) if self.host.clustered else None
-        if owner not in (None, self.host.node_name):
+        if owner not in (None, self.host.node_name) or not claimed:
             # The room moved while it loaded: to its new owner (here what cannot go).
-            waiting = [r for r in waiting if not self.host.forward_to_node(owner, r.stanza)]
+            if claimed:
+                self._hand_over(room_jid, None)
+            waiting = [
+                r for r in waiting
+                if owner is None or not self.host.forward_to_node(owner, r.stanza)
+            ]
             if not waiting:
                 return
         if room is not None:
             self.rooms[room_jid] = room
+            if self.live is not None:
+                self._purge(room)  # sessions that died with the node that ran it
+                self._after(room)
         for routed in waiting:
             self._to_room(room_jid, self.rooms.get(room_jid), routed, owned)
+        if self.live is not None and room_jid not in self.rooms:
+            self.live.drop(room_jid)  # never made, or gone already: no record left behind
+
+    async def _claim(self, room_jid: str) -> dict[str, str] | None:
+        """Take the room's lease, waiting while another live node runs the room (it lets
+        go at its next heartbeat, once it sees that this node owns the room): the
+        room's record, or None if this node stopped being its owner meanwhile."""
+        assert self.live is not None
+        since = time.monotonic()
+        while True:
+            claimed = await self.live.claim(room_jid)
+            if claimed.ok:
+                if claimed.holder not in ("", self.host.node_name):
+                    self.log.info("muc: %s taken over from node %s", room_jid, claimed.holder)
+                return claimed.record
+            if self.owner(room_jid) != self.host.node_name:
+                return None
+            if time.monotonic() - since > ASK_AFTER:
+                # It has not let go at its heartbeat: perhaps it does not run the room.
+                self.host.notify_cluster(NOTICE, {"release": room_jid, "holder": claimed.holder})
+            event = self._released.setdefault(room_jid, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), CLAIM_RETRY)
+            except TimeoutError:
+                pass  # the notice may have been lost: ask again
+            finally:
+                self._released.pop(room_jid, None)
+
+    async def _read(self, room_jid: str, record: dict[str, str]) -> Room | None:
+        """The room as Redis (`record`: a live room another node ran, occupants
+        included) and the stores have it; None if it does not exist. What Redis has
+        is newer than the stores (written within a round trip, the stores up to a
+        second late): what the stores lack is written there."""
+        vhost = self._vhost(room_jid)
+        local = room_jid.split("@", 1)[0]
+        room: Room | None = None
+        if "state" in record:  # the node that ran it was killed, or it is temporary
+            room = Room.restore_live(room_jid, self.limits, json.loads(record["state"]))
+            room.persistent_changed = room.config.persistent
+        else:
+            item = await self.host.items(vhost, "muc_rooms").get(local)
+            if item is not None:
+                room = Room.restore(room_jid, self.limits, json.loads(item.attrs["state"]))
+        if room is None:
+            return None
+        if "history" in record:
+            room.load_history(record["history"].encode())
+            room.history_changed = room.config.persistent
+        elif room.config.persistent:
+            blob = await self.host.blobs(vhost, "muc_history").get(local)
+            if blob is not None:
+                room.load_history(blob.data)
+        room.add_occupants(
+            json.loads(value) for key, value in record.items() if key.startswith("o:")
+        )
+        if "seen" in record:
+            room.load_seen(json.loads(record["seen"]))
+        return room
 
     async def _stored_rooms_of(self, vhost: str, creator: str) -> set[str]:
         options: MucOptions = self.options  # type: ignore[assignment]
@@ -375,6 +535,7 @@ class Muc(Module):
         # A client that speaks MUC gets a locked room to configure (reserved room,
         # or an empty form: instant); a legacy join gets an instant room.
         room.locked = stanza.find(f"{{{MUC}}}x") is not None
+        room.persistent_changed = True  # its state, for the live copy (on a cluster)
         self.rooms[room_jid] = room
         return room
 
@@ -435,15 +596,23 @@ class Muc(Module):
     def _after(self, room: Room) -> None:
         """Keep what the transition changed: write it, or let the room go."""
         if room.destroyed or (room.empty and not room.config.persistent):
-            self.rooms.pop(room.jid, None)
+            jid = room.jid
+            if jid in self.rooms and self.rooms[jid] is room:
+                del self.rooms[jid]
+                if self.live is not None:
+                    self.live.drop(jid)
             room.destroyed = True
             if room.stored or room.config.persistent:
                 self._save(room, at_once=True)  # deletes what was stored
             return
+        if self.live is not None:
+            self.live.changed(room, room.persistent_changed, room.history_changed)
         if room.persistent_changed and (room.config.persistent or room.stored):
             self._save(room, at_once=True)
         elif room.history_changed and room.config.persistent:
             self._save(room, at_once=False)
+        elif not room.config.persistent and not room.stored:
+            room.persistent_changed = room.history_changed = False  # in Redis alone
 
     # --- storage -------------------------------------------------------------------------
 
@@ -529,7 +698,8 @@ class Muc(Module):
             self._error(stanza, StanzaError("service-unavailable"))
 
     async def _directory(self, stanza: etree._Element, domain: str) -> None:
-        """The public rooms: live ones and stored ones (one query)."""
+        """The public rooms: live ones (here, and on a cluster those Redis lists) and
+        stored ones (one query each)."""
         vhost = self.services[domain]
         names: dict[str, str] = {}
         for room in self.rooms.values():
@@ -537,6 +707,9 @@ class Muc(Module):
                 names[room.jid] = room.config.name
         try:
             stored = await self._query(vhost, {"public": 1}, MAX_LISTED)
+            if self.live is not None:  # live ones on other nodes (temporary ones, say)
+                for jid, name in (await self.live.public_rooms(domain)).items():
+                    names.setdefault(jid, name)
         except Exception:
             self.log.exception("muc: could not list the rooms of %s", domain)
             self._error(stanza, StanzaError("internal-server-error", "try again"))

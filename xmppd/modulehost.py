@@ -83,6 +83,8 @@ from xmppd.stream.errors import (
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from xmppd.auth.accounts import Accounts
     from xmppd.cluster import Cluster
     from xmppd.config import Config
@@ -558,6 +560,23 @@ class ModuleHost:
         those of other nodes by it, to hand each node one `forward_to_node` that it
         expands there, rather than one forward per session (pubsub's fan-out)."""
         return node_of(session)
+
+    @property
+    def cluster_redis(self) -> Redis | None:
+        """The cluster's Redis client (None on a node alone), for a module's transient
+        state that any node must read after another let go of it (multi-user chat's
+        live rooms). Keys go under `xmppd:<module>:`; never wait on it in a handler."""
+        return self.cluster.redis if self.cluster is not None else None
+
+    def session_node(self, bare: str, resource: str) -> str | None:
+        """The node the session bare/resource is bound on (this node's name for a local
+        one; None if it is not bound, or on a node alone)."""
+        if self.cluster is None:
+            return None
+        session = self.router.directory.get(bare, resource)
+        if session is None:
+            return None
+        return node_of(session) or self.cluster.node
 
     def items(self, vhost: str, store: str) -> ItemStore:
         return ItemStore(self.storage.items, vhost, store)

@@ -14,7 +14,7 @@ from typing import Any
 
 from lxml import etree
 
-from xmppd.modules._muc_room import MUC, MUC_ADMIN, MUC_OWNER, MUC_USER, OCCUPANT_ID
+from xmppd.modules._muc_room import MUC, MUC_ADMIN, MUC_OWNER, MUC_USER, OCCUPANT_ID, Room
 from xmppd.modules.muc import Muc
 from xmppd.testing import ModuleHarness, TestSession
 from xmppd.xml import ns
@@ -866,3 +866,71 @@ async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> N
         assert "bob@localhost" not in str(item.attrs["state"])
         assert "carol@localhost" in str(item.attrs["state"])
     assert await muc.remove_user("localhost", "bob") is False  # nothing left
+
+
+async def test_a_message_handled_twice_is_delivered_and_kept_once() -> None:
+    """A groupchat message whose sender and id (origin-id first) the room has seen is
+    dropped: a dead cluster node's inbox routed again by its reaper replays what that
+    node had handled (docs/architecture.md, "Node killed")."""
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    first = f"<message to='{ROOM}' type='groupchat' id='m1'><body>once</body></message>"
+    assert len(await h.send(bob, first)) == 1
+    assert len(alice.take()) == 1
+    assert await h.send(bob, first) == []
+    assert alice.take() == []
+    # The same id from another sender is another message; origin-id wins over id.
+    assert len(await h.send(
+        alice, f"<message to='{ROOM}' type='groupchat' id='m1'><body>mine</body></message>"
+    )) == 1
+    bob.take()
+    with_origin = (
+        f"<message to='{ROOM}' type='groupchat' id='{{}}'><body>tagged</body>"
+        "<origin-id xmlns='urn:xmpp:sid:0' id='o1'/></message>"
+    )
+    assert len(await h.send(bob, with_origin.format("x1"))) == 1
+    assert await h.send(bob, with_origin.format("x2")) == []
+    history = messages(await join(h, h.session("carol@localhost/c"), "Carol"))[:-1]
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in history] == ["once", "mine", "tagged"]
+
+
+async def test_occupants_restored_from_their_records_are_the_same_occupants() -> None:
+    """What a cluster node keeps in Redis for the next owner (live state, one record
+    per occupant, the ids seen) makes a room with the same occupants, in the same
+    order, with their roles, presence and sessions: no stanza to anyone."""
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    bob2 = h.session("bob@localhost/b2")
+    await instant_room(h, alice, "Alice")
+    await h.send(bob, f"<presence to='{ROOM}/Bob'><show>away</show></presence>")
+    await join(h, bob2, "Bob")
+    await h.send(bob, f"<message to='{ROOM}' type='groupchat' id='m1'><body>x</body></message>")
+    room = h.host.module(Muc).rooms[ROOM]
+    assert room.touched >= {"Alice", "Bob"}
+    again = Room.restore_live(ROOM, room.limits, room.live_state())
+    again.add_occupants(
+        record for nick in reversed(room.occupants)
+        if (record := room.occupant_record(nick)) is not None
+    )
+    again.load_seen(room.seen)
+    assert list(again.occupants) == ["Alice", "Bob"]
+    for nick, occupant in room.occupants.items():
+        copy = again.occupants[nick]
+        assert (copy.jid, copy.others, copy.role, copy.show) == (
+            occupant.jid, occupant.others, occupant.role, occupant.show
+        )
+        assert again.occupant_id(copy.jid.bare) == room.occupant_id(occupant.jid.bare)
+    assert again.occupant_of("bob@localhost/b2") is again.occupants["Bob"]
+    replayed = etree.fromstring(
+        f"<message xmlns='jabber:client' from='bob@localhost/b' to='{ROOM}' type='groupchat'"
+        " id='m1'><body>x</body></message>"
+    )
+    assert again.groupchat(replayed, 0.0) == []
+    # A newcomer of the restored room is placed after them.
+    joined = again.presence(etree.fromstring(
+        f"<presence xmlns='jabber:client' from='carol@localhost/c' to='{ROOM}/Carol'/>"
+    ), "Carol", 0.0)
+    assert joined and list(again.occupants) == ["Alice", "Bob", "Carol"]

@@ -1,0 +1,286 @@
+"""Multi-user chat's live rooms in Redis (on a cluster): which node runs each room,
+and what another node needs to run it on with its occupants.
+
+One hash per room, `xmppd:muc:room:<room JID>`:
+
+    node      the node that runs the room, "" once it let go: a lease. A node
+              runs a room only after CLAIM gave it the lease, which it does
+              only if no other live node holds it (alive key,
+              xmppd.cluster.schema.alive_key), and every write is fenced by it
+              (SAVE writes nothing for a node that does not hold it).
+    state     Room.live_state() as JSON: configuration, affiliations, subject,
+              occupant-id secret, locked (a temporary room is nowhere else).
+    history   the discussion history as JSON (Room.history_json).
+    seen      the ids of the last messages handled (Room.seen): a message a
+              dead node's reaper routes again is dropped by the next owner.
+    o:<nick>  one occupant (Room.occupant_record) and `nodes`, the node of each
+              of its sessions.
+
+A persistent room that is handed over cleanly leaves no `state` or `history`
+(the stores have them, written before the lease is let go); a node killed
+leaves all of it, at most one pipeline round trip behind the room.
+
+One hash per service, `xmppd:muc:public:<service>`: room JID -> name of every
+live public room (not locked), on whichever node it runs: the room directory.
+
+Writes are batched as the cluster writer's are: a room that changed is marked
+and the call returns; one task writes every marked room in one pipeline, and
+what changes meanwhile goes in the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from xmppd.cluster import schema
+from xmppd.modules._muc_room import Room
+
+KEY = "xmppd:muc:room:"
+PUBLIC = "xmppd:muc:public:"
+TTL = 86400
+"""Seconds a record lives after its last write: a room nobody touched for a day."""
+REDIS_WAIT = 5.0
+RETRY_DELAY = 0.5
+_ALIVE_BEFORE, _ALIVE_AFTER = schema.alive_key("\0").split("\0")
+
+CLAIM = """
+-- KEYS record; ARGV node, ttl, alive key prefix, alive key suffix
+local holder = redis.call('HGET', KEYS[1], 'node')
+if holder and holder ~= '' and holder ~= ARGV[1]
+   and redis.call('EXISTS', ARGV[3] .. holder .. ARGV[4]) == 1 then
+  return {0, holder, {}}
+end
+redis.call('HSET', KEYS[1], 'node', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {1, holder or '', redis.call('HGETALL', KEYS[1])}
+"""
+"""Take the room's lease unless another live node holds it: {1, previous holder, the
+record} or {0, holder, {}}."""
+
+SAVE = """
+-- KEYS record, public; ARGV node, ttl, release, room, list ('1', '0', ''), name, ndel,
+-- fields to delete..., field, value, ...
+if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then return 0 end
+local ndel = tonumber(ARGV[7])
+for i = 8, 7 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
+for i = 8 + ndel, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[5] == '1' then redis.call('HSET', KEYS[2], ARGV[4], ARGV[6])
+elseif ARGV[5] == '0' then redis.call('HDEL', KEYS[2], ARGV[4]) end
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'node', '') end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+"""Write what changed (and let go of the lease if asked), if this node holds it."""
+
+DROP = """
+-- KEYS record, public; ARGV node, room
+local holder = redis.call('HGET', KEYS[1], 'node')
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[2])
+return 1
+"""
+"""The room is gone (destroyed, a temporary room emptied, never created)."""
+
+
+@dataclass
+class Claimed:
+    ok: bool
+    holder: str  # the node that holds the lease (ok: the one that held it before, or "")
+    record: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Change:
+    room_jid: str
+    room: Room | None  # None: only the lease to let go, or the record to drop
+    state: bool = False
+    history: bool = False
+    release: bool = False
+    drop: bool = False
+    done: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def record_key(room_jid: str) -> str:
+    return KEY + room_jid
+
+
+class LiveRooms:
+    def __init__(
+        self,
+        redis: Redis,
+        node: str,
+        nodes_of: Callable[[list[str]], dict[str, str | None]],
+        lost: Callable[[str], None],
+    ) -> None:
+        """`nodes_of(full JIDs)`: the node each session is bound on; `lost(room)`: a
+        write was refused, another node holds the room's lease now."""
+        self.redis = redis
+        self.node = node
+        self.nodes_of = nodes_of
+        self.lost = lost
+        self._claim = redis.register_script(CLAIM)
+        self._save = redis.register_script(SAVE)
+        self._drop = redis.register_script(DROP)
+        self._pending: list[_Change] = []
+        self._last: dict[str, _Change] = {}  # room JID -> its change in _pending
+        self._task: asyncio.Task[None] | None = None
+        self.closing = False  # the node stops: a failed write is not tried again
+        self.log = logging.getLogger("xmppd.modules.muc")
+
+    async def claim(self, room_jid: str) -> Claimed:
+        async with asyncio.timeout(REDIS_WAIT):
+            ok, holder, flat = await self._claim(
+                keys=[record_key(room_jid)],
+                args=[self.node, TTL, _ALIVE_BEFORE, _ALIVE_AFTER],
+            )
+        record = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+        return Claimed(bool(ok), holder.decode() if isinstance(holder, bytes) else "", record)
+
+    def changed(self, room: Room, state: bool, history: bool) -> None:
+        """Write what the room's last transition changed (with the next batch)."""
+        if not (state or history or room.touched or room.seen_changed):
+            return
+        change = self._change(room.jid, room)
+        change.state |= state
+        change.history |= history
+
+    def release(self, room_jid: str, room: Room | None) -> asyncio.Future[None]:
+        """Write the room's last change and let go of its lease: done once written."""
+        change = self._change(room_jid, room)
+        change.release = True
+        return self._done(change)
+
+    def drop(self, room_jid: str) -> asyncio.Future[None]:
+        """The room is gone: its record and its directory entry go."""
+        change = self._change(room_jid, None)
+        change.drop = True
+        return self._done(change)
+
+    async def flush(self) -> None:
+        """Return once what was marked so far is written (or given up on)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.gather(asyncio.shield(self._task), return_exceptions=True)
+
+    async def public_rooms(self, service: str) -> dict[str, str]:
+        """Room JID -> name of the live public rooms of `service`, on any node."""
+        async with asyncio.timeout(REDIS_WAIT):
+            listed = await self.redis.hgetall(PUBLIC + service)
+            rooms = {_text(jid): _text(name) for jid, name in listed.items()}
+            if not rooms:
+                return {}
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for jid in rooms:
+                    pipe.exists(record_key(jid))
+                exists = await pipe.execute()
+        gone = [jid for jid, there in zip(rooms, exists, strict=True) if not there]
+        if gone:  # a record expired (its node died and nobody came back to the room)
+            await self.redis.hdel(PUBLIC + service, *gone)
+        return {jid: name for jid, name in rooms.items() if jid not in gone}
+
+    # --- the batch writer ----------------------------------------------------------------
+
+    def _change(self, room_jid: str, room: Room | None) -> _Change:
+        """The room's pending change to add to: its last one, unless that one ends
+        something (a release, a drop) or was another Room of that name; changes
+        are written in the order they were made."""
+        change = self._last.get(room_jid)
+        if change is None or change.release or change.drop or room is None or (
+            change.room is not room
+        ):
+            change = _Change(room_jid, room)
+            self._pending.append(change)
+            self._last[room_jid] = change
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return change
+
+    @staticmethod
+    def _done(change: _Change) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        change.done.append(future)
+        return future
+
+    async def _run(self) -> None:
+        while self._pending:
+            batch, self._pending, self._last = self._pending, [], {}
+            try:
+                await self._write(batch)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not self.closing:
+                    self.log.error("muc: could not write live rooms to Redis (%s); retrying", exc)
+                    self._pending = batch + self._pending  # older than what came meanwhile
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
+                # Stopping: given up (a lease left behind goes with this node's alive key).
+                self.log.error("muc: could not write live rooms to Redis (%s)", exc)
+            for change in batch:
+                for future in change.done:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _write(self, batch: list[_Change]) -> None:
+        async with asyncio.timeout(REDIS_WAIT):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for change in batch:
+                    room_jid = change.room_jid
+                    keys = [record_key(room_jid), PUBLIC + room_jid.split("@", 1)[1]]
+                    if change.drop:
+                        await self._drop(keys=keys, args=[self.node, room_jid], client=pipe)
+                    else:
+                        args = self._args(change)
+                        await self._save(keys=keys, args=args, client=pipe)
+                results = await pipe.execute()
+        for change, written in zip(batch, results, strict=True):
+            if not written and change.room is not None and not change.release:
+                self.log.warning("muc: %s is run by another node now; letting go",
+                                 change.room_jid)
+                self.lost(change.room_jid)
+
+    def _args(self, change: _Change) -> list[Any]:
+        room_jid, room = change.room_jid, change.room
+        delete: list[str] = []
+        fields: list[str] = []
+        listed = ""
+        name = ""
+        if room is not None:
+            touched, room.touched = room.touched, set()
+            records = {nick: room.occupant_record(nick) for nick in touched}
+            jids = [
+                jid for r in records.values() if r is not None for jid in (r["jid"], *r["others"])
+            ]
+            nodes = self.nodes_of(jids) if jids else {}
+            for nick, occupant in records.items():
+                if occupant is None:
+                    delete.append(f"o:{nick}")
+                    continue
+                sessions = (occupant["jid"], *occupant["others"])
+                occupant["nodes"] = {jid: nodes.get(jid) for jid in sessions}
+                fields += [f"o:{nick}", json.dumps(occupant)]
+            if change.release and room.config.persistent:
+                delete += ["state", "history"]  # the stores have them (written first)
+            else:
+                if change.state:
+                    fields += ["state", json.dumps(room.live_state())]
+                if change.history:
+                    fields += ["history", room.history_json().decode()]
+            if room.seen_changed:
+                room.seen_changed = False
+                fields += ["seen", json.dumps(list(room.seen))]
+            if change.state:
+                listed = "1" if room.config.public and not room.locked else "0"
+                name = room.config.name
+        release = "1" if change.release else "0"
+        return [self.node, TTL, release, room_jid, listed, name, len(delete), *delete, *fields]
