@@ -543,7 +543,13 @@ class Muc(Module):
         stanza, nick, now = routed.stanza, routed.to.resource, self.clock()
         if stanza.tag == ns.C_PRESENCE:
             if not nick:
-                raise StanzaError("jid-malformed", "join with room@service/nickname")
+                # An occupant's presence to the bare room is meant for its own nick
+                # (aioxmpp leaves that way; Prosody takes it so too); only a join
+                # needs the nick spelled out.
+                occupant = room.occupant_of(stanza.get("from", ""))
+                if occupant is None:
+                    raise StanzaError("jid-malformed", "join with room@service/nickname")
+                nick = occupant.nick
             return room.presence(stanza, nick, now)
         if stanza.tag == ns.C_MESSAGE:
             if nick:

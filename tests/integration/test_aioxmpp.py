@@ -226,14 +226,6 @@ async def test_muc_with_aioxmpp_and_slixmpp_occupants(
     await close(carol)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aioxmpp's Room.leave sends its unavailable presence to the bare room JID; "
-    "xmppd answers jid-malformed and keeps the occupant, where Prosody "
-    "(muc.lib.lua handle_presence_to_room) takes a presence from an occupant to the "
-    "room as sent to its nick. A 5-line fix in modules/muc.py _dispatch, left to the "
-    "MUC work (tests/clients/README.md)",
-)
 async def test_aioxmpp_leaves_a_room(start_server: StartServer, aioxmpp: Connect) -> None:
     server = await start_server(users=USERS, modules=MODULES)
     alice = await aioxmpp(server, "alice@localhost/desk", "alice-secret")

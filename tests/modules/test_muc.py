@@ -301,6 +301,23 @@ async def test_groupchat_subject_and_leaving() -> None:
     assert condition(refused) == "not-acceptable"
 
 
+async def test_an_occupant_may_leave_by_presence_to_the_bare_room() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}'/>")
+    assert condition(refused) == "jid-malformed"  # a join must name its nick
+    await join(h, bob, "Bob")
+    alice.take()
+    (left,) = await h.send(bob, f"<presence to='{ROOM}' type='unavailable'/>")
+    assert left.get("type") == "unavailable" and codes(left) == {"110"}
+    assert left.get("from") == f"{ROOM}/Bob"
+    (seen,) = [p for p in alice.take() if p.get("from") == f"{ROOM}/Bob"]
+    assert seen.get("type") == "unavailable"
+    (refused,) = await say(h, bob, "x")
+    assert condition(refused) == "not-acceptable"
+
+
 async def test_a_temporary_room_vanishes_when_it_empties() -> None:
     h, _ = await harness()
     alice = h.session("alice@localhost/a")
