@@ -453,3 +453,47 @@ async def test_bidirectional_stream(federate: Federate, first: str) -> None:
     finally:
         await close(bob)
         await close(anna)
+
+
+def _reconciles(ledger: dict[str, object]) -> bool:
+    """The ledger's equation (xmppd/ledger.py), federation included."""
+    counts = {k: v for k, v in ledger.items() if isinstance(v, int)}
+    dropped = ledger["dropped"]
+    assert isinstance(dropped, dict)
+    return counts["received"] + counts["from_remote"] == (
+        counts["delivered"]
+        - counts["copies"]
+        - counts["replayed"]
+        + counts["offline"]
+        + counts["bounced"]
+        + counts["to_remote"]
+        + sum(dropped.values())
+    )
+
+
+async def test_the_ledger_counts_federated_messages(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    ledger = federation.xmppd.router.ledger
+    try:
+        # Queued while the stream to a.test is set up, then handed to it.
+        bob.send_message(mto="anna@a.test", mbody="one", mtype="chat")
+        bob.send_message(mto="anna@a.test", mbody="two", mtype="chat")
+        assert [(await next_message(anna))["body"] for _ in range(2)] == ["one", "two"]
+        anna.send_message(mto="bob@b.test/desk", mbody="three", mtype="chat")
+        assert (await next_message(bob))["body"] == "three"
+        # Queued for a domain whose stream cannot be set up: bounced, counted so.
+        bob.send_message(mto="someone@nowhere.test", mbody="anyone?", mtype="chat")
+        error = await asyncio.wait_for(bob.errors.get(), 15)
+        assert error["error"]["condition"] == "remote-server-not-found"
+        await federation.xmppd.router.drain()
+        snapshot = ledger.snapshot()
+        assert (snapshot["received"], snapshot["to_remote"], snapshot["bounced"]) == (3, 2, 1)
+        assert (snapshot["from_remote"], snapshot["delivered"]) == (1, 1)
+        assert snapshot["lost"] == 0 and _reconciles(snapshot), snapshot
+        metrics = exposition(federation.xmppd).decode()
+        assert "xmppd_messages_to_remote_total 2.0" in metrics
+        assert "xmppd_messages_from_remote_total 1.0" in metrics
+    finally:
+        await close(bob)
+        await close(anna)

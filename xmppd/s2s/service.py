@@ -41,6 +41,7 @@ from xmppd.s2s.connection import S2SConnection
 from xmppd.s2s.resolve import NoService, Resolver
 from xmppd.stream.errors import StanzaError, StreamError
 from xmppd.stream.s2s import S2SSettings, S2SStream
+from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -223,9 +224,7 @@ class S2SService:
             return
         link.task = None
         link.connection = conn
-        while link.queue:
-            stanza, _ = link.queue.popleft()
-            conn.send(stanza)
+        self._send_queue(link, conn)
 
     async def _open(
         self, link: Link, address: str, port: int, direct_tls: bool = False
@@ -262,6 +261,16 @@ class S2SService:
             raise
         return conn
 
+    def _send_queue(self, link: Link, conn: S2SConnection) -> None:
+        """Send what waited for the link, in order. A stream that closes meanwhile takes
+        no more: the rest bounce (never lost without a word, nor counted as sent)."""
+        while link.queue:
+            stanza, bounce = link.queue.popleft()
+            if not conn.send(stanza) and bounce:
+                self.server.router.bounce(
+                    stanza, "remote-server-timeout", f"the stream to {link.remote} closed"
+                )
+
     def _fail(self, link: Link, condition: str, text: str) -> None:
         log.info("s2s: %s -> %s failed: %s: %s", link.local, link.remote, condition, text)
         self.failures[condition] += 1
@@ -297,9 +306,7 @@ class S2SService:
             link = self.links[key] = Link(*key)
         if link.connection is None:
             link.connection = conn
-            while link.queue:
-                stanza, _ = link.queue.popleft()
-                conn.send(stanza)
+            self._send_queue(link, conn)
 
     def connection_closed(self, conn: S2SConnection) -> None:
         self.connections.discard(conn)
@@ -317,6 +324,8 @@ class S2SService:
     def received(self, stanza: etree._Element) -> None:
         """A stanza from an authenticated peer, checked by its stream: route it here."""
         self.server.traffic.received(stanza.tag)
+        if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+            self.server.router.ledger.from_remote += 1
         self.server.router.route(stanza)
 
     def outgoing(self) -> Iterator[S2SConnection]:
