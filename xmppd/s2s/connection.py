@@ -86,7 +86,12 @@ class S2SConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.last_active = loop.time()
         self.since = time.time()
-        self.service.connection_opened(self)
+        if not self.service.connection_opened(self, peer[0] if peer else "?"):
+            self.stream.fail(
+                StreamError("policy-violation", "too many connections from your address")
+            )
+            self._flush()
+            return
         if not self.outgoing:
             self._auth_timer = loop.call_later(self.service.config.auth_timeout, self._auth_timeout)
         if self.direct_tls:

@@ -88,6 +88,9 @@ class S2SService:
         self.resolver = Resolver(config, config.connect_timeout)
         self.links: dict[tuple[str, str], Link] = {}
         self.connections: set[S2SConnection] = set()
+        # Incoming connections open now per peer IP address (s2s.max_connections_per_address).
+        self.per_address: Counter[str] = Counter()
+        self._addresses: dict[S2SConnection, str] = {}
         self.listening: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
         self._client_contexts: dict[tuple[Path | None, bool], ssl.SSLContext] = {}
@@ -292,8 +295,24 @@ class S2SService:
         stream = S2SStream(self.settings)
         return S2SConnection(self, stream, self._direct_server_context, direct_tls=True)
 
-    def connection_opened(self, conn: S2SConnection) -> None:
+    def connection_opened(self, conn: S2SConnection, address: str) -> bool:
+        """Count the connection; False for an incoming one from an address that already
+        has `s2s.max_connections_per_address` open (one peer cannot take every socket;
+        a peer server needs one or two per domain pair)."""
+        if not conn.outgoing:
+            limit = self.config.max_connections_per_address
+            if limit and self.per_address[address] >= limit:
+                log.warning(
+                    "s2s: refused an incoming stream from %s: %d streams from that address"
+                    " already",
+                    conn.peer,
+                    limit,
+                )
+                return False
+            self.per_address[address] += 1
+            self._addresses[conn] = address
         self.connections.add(conn)
+        return True
 
     def bidi_ready(self, conn: S2SConnection) -> None:
         """An incoming stream the peer made bidirectional (XEP-0288) is authenticated:
@@ -310,6 +329,11 @@ class S2SService:
 
     def connection_closed(self, conn: S2SConnection) -> None:
         self.connections.discard(conn)
+        address = self._addresses.pop(conn, None)
+        if address is not None:
+            self.per_address[address] -= 1
+            if self.per_address[address] <= 0:
+                del self.per_address[address]
         stream = conn.stream
         remote = stream.remote if conn.outgoing else stream.authenticated_domain
         link = self.links.get((stream.local or "", remote or ""))
