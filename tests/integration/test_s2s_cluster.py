@@ -12,6 +12,7 @@ the cluster directory and node B's inbox like any other.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,16 @@ async def test_users_on_both_nodes_talk_with_prosody(
             ("out", "a.test", "EXTERNAL"),
         ]
         assert _streams(fed.b) == [("out", "a.test", "EXTERNAL")]
+        # The message ledger over both nodes: what came from clients and from a.test
+        # was handed to a.test's streams or delivered (on the node of the session).
+        totals: Counter[str] = Counter()
+        for node in (fed.a, fed.b):
+            await node.router.drain()
+            snapshot = node.router.ledger.snapshot()
+            totals.update({k: v for k, v in snapshot.items() if isinstance(v, int)})
+        assert (totals["received"], totals["from_remote"]) == (2, 3)
+        assert (totals["to_remote"], totals["delivered"], totals["lost"]) == (2, 3, 0)
+        assert fed.b.router.ledger.delivered == 2  # carol's, forwarded by node A
     except TimeoutError:
         pytest.fail("no message across\n" + _diagnose(fed))
     finally:
