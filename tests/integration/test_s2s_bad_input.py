@@ -312,6 +312,10 @@ async def bounced(
         try:
             client.send_message(mto="anna@a.test", mbody="hello?", mtype="chat")
             error = await asyncio.wait_for(errors.get(), 15)
+            # It waited in the link's queue, which failed: bounced, and counted so.
+            ledger = setup.server.router.ledger.snapshot()
+            assert (ledger["received"], ledger["bounced"], ledger["to_remote"]) == (1, 1, 0)
+            assert ledger["lost"] == 0, ledger
             return error["error"]["condition"], error["error"]["text"]
         finally:
             await close(client)
