@@ -5,13 +5,21 @@ cannot tell by itself whether the server lost them, stored them offline,
 bounced them, or whether the load generator miscounted. These counts let it
 reconcile. Once the server is idle, for the messages clients sent:
 
-    received == delivered - copies - replayed + offline + bounced + sum(dropped)
+    received + from_remote
+        == delivered - copies - replayed + offline + bounced + to_remote + sum(dropped)
 
 `delivered` counts messages handed to a client session, one per session
 (a message to a bare JID with two top-priority resources counts two, the one
 exception to the equation), and `written` those of them that reached the
 session's transport. Besides the messages clients sent, sessions are handed
 carbon copies (`copies`) and offline messages at login (`replayed`).
+
+Federation (xmppd/s2s): `from_remote` counts the messages that arrived on an
+authenticated server-to-server stream (they then meet the same fates as a
+client's), `to_remote` those handed to the stream of a remote domain (its
+server answers for them from there, as a client does for a delivered one).
+A message waiting for a remote domain's stream to be set up is in neither
+yet; if the stream cannot be set up, or the node stops first, it bounces.
 
 Error messages (bounces, and clients' own error replies) are outside the
 ledger: an error is never answered, and a bounce is counted once, as the fate
@@ -43,7 +51,16 @@ RULES = frozenset(
 
 class MessageLedger:
     __slots__ = (
-        "received", "delivered", "written", "copies", "offline", "replayed", "bounced", "dropped"
+        "received",
+        "delivered",
+        "written",
+        "copies",
+        "offline",
+        "replayed",
+        "bounced",
+        "from_remote",
+        "to_remote",
+        "dropped",
     )
 
     def __init__(self) -> None:
@@ -54,6 +71,8 @@ class MessageLedger:
         self.offline = 0  # stored for an offline recipient
         self.replayed = 0  # stored ones handed to the recipient's session later
         self.bounced = 0  # answered with an error stanza instead
+        self.from_remote = 0  # received from a remote domain's server (s2s)
+        self.to_remote = 0  # handed to the stream of a remote domain's server (s2s)
         self.dropped: Counter[str] = Counter()  # reason -> count
 
     def drop(self, reason: str, count: int = 1) -> None:
@@ -69,6 +88,8 @@ class MessageLedger:
             "offline": self.offline,
             "replayed": self.replayed,
             "bounced": self.bounced,
+            "from_remote": self.from_remote,
+            "to_remote": self.to_remote,
             "dropped": dict(self.dropped),
             "lost": sum(n for reason, n in self.dropped.items() if reason not in RULES),
         }

@@ -312,6 +312,10 @@ async def bounced(
         try:
             client.send_message(mto="anna@a.test", mbody="hello?", mtype="chat")
             error = await asyncio.wait_for(errors.get(), 15)
+            # It waited in the link's queue, which failed: bounced, and counted so.
+            ledger = setup.server.router.ledger.snapshot()
+            assert (ledger["received"], ledger["bounced"], ledger["to_remote"]) == (1, 1, 0)
+            assert ledger["lost"] == 0, ledger
             return error["error"]["condition"], error["error"]["text"]
         finally:
             await close(client)
@@ -378,4 +382,49 @@ async def test_a_stream_over_its_byte_rate_is_read_slower(
         assert loop.time() - sent > 0.8
     finally:
         writer.close()
+        await close(client)
+
+
+async def test_too_many_streams_from_one_address_are_refused(
+    tmp_path: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    setup = await make_setup(tmp_path, start_server, max_connections_per_address=2)
+    client = await bob(setup.server)
+    try:
+        reader, writer = await setup.authenticated("a.test")
+        second = await asyncio.open_connection(XMPPD_ADDRESS, setup.port)
+        second[1].write(header("a.test"))
+        await read_features(second[0])
+        # A third from the same address: a stream error before anything else, closed.
+        third_reader, third_writer = await asyncio.open_connection(XMPPD_ADDRESS, setup.port)
+        refused = (await read_to_end(third_reader)).replace(b'"', b"'")
+        assert b"<policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in refused
+        assert refused.endswith(b"</stream:stream>")
+        third_writer.close()
+        assert any(
+            "refused an incoming stream from" in r.getMessage() and r.levelname == "WARNING"
+            for r in caplog.records
+        )
+        # Another address is not counted with it.
+        other = await asyncio.open_connection(
+            XMPPD_ADDRESS, setup.port, local_addr=("127.0.18.9", 0)
+        )
+        other[1].write(header("c.test"))
+        await read_features(other[0])
+        other[1].close()
+        # The streams already open go on; once one closes, a new one is taken.
+        writer.write(message("anna@a.test/home", "still here"))
+        got = await asyncio.wait_for(client.messages.get(), 10)
+        assert got["body"] == "still here"
+        second[1].write(b"</stream:stream>")
+        await read_to_end(second[0])  # the server closed it (counted off before the FIN)
+        second[1].close()
+        assert setup.server.s2s is not None
+        assert sum(setup.server.s2s.per_address.values()) == 1
+        again = await asyncio.open_connection(XMPPD_ADDRESS, setup.port)
+        again[1].write(header("a.test"))
+        assert b"starttls" in await read_features(again[0])
+        again[1].close()
+        writer.close()
+    finally:
         await close(client)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -450,6 +451,155 @@ async def test_bidirectional_stream(federate: Federate, first: str) -> None:
         assert _streams(federation.xmppd) == [(direction, "a.test", True, 1, 1)]
     except TimeoutError:
         pytest.fail("no message across\n" + _diagnose(federation))
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+def _reconciles(ledger: dict[str, object]) -> bool:
+    """The ledger's equation (xmppd/ledger.py), federation included."""
+    counts = {k: v for k, v in ledger.items() if isinstance(v, int)}
+    dropped = ledger["dropped"]
+    assert isinstance(dropped, dict)
+    return counts["received"] + counts["from_remote"] == (
+        counts["delivered"]
+        - counts["copies"]
+        - counts["replayed"]
+        + counts["offline"]
+        + counts["bounced"]
+        + counts["to_remote"]
+        + sum(dropped.values())
+    )
+
+
+async def test_the_ledger_counts_federated_messages(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    ledger = federation.xmppd.router.ledger
+    try:
+        # Queued while the stream to a.test is set up, then handed to it.
+        bob.send_message(mto="anna@a.test", mbody="one", mtype="chat")
+        bob.send_message(mto="anna@a.test", mbody="two", mtype="chat")
+        assert [(await next_message(anna))["body"] for _ in range(2)] == ["one", "two"]
+        anna.send_message(mto="bob@b.test/desk", mbody="three", mtype="chat")
+        assert (await next_message(bob))["body"] == "three"
+        # Queued for a domain whose stream cannot be set up: bounced, counted so.
+        bob.send_message(mto="someone@nowhere.test", mbody="anyone?", mtype="chat")
+        error = await asyncio.wait_for(bob.errors.get(), 15)
+        assert error["error"]["condition"] == "remote-server-not-found"
+        await federation.xmppd.router.drain()
+        snapshot = ledger.snapshot()
+        assert (snapshot["received"], snapshot["to_remote"], snapshot["bounced"]) == (3, 2, 1)
+        assert (snapshot["from_remote"], snapshot["delivered"]) == (1, 1)
+        assert snapshot["lost"] == 0 and _reconciles(snapshot), snapshot
+        metrics = exposition(federation.xmppd).decode()
+        assert "xmppd_messages_to_remote_total 2.0" in metrics
+        assert "xmppd_messages_from_remote_total 1.0" in metrics
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+PRIVACY = "jabber:iq:privacy"
+
+
+def _condition(error: slixmpp.Message) -> str:
+    assert error["type"] == "error", error
+    return str(error["error"]["condition"])
+
+
+async def _refused_in_order(anna: Peer, bob: Peer, status: str) -> None:
+    """anna changes her presence, then writes to bob: the message comes back as
+    <service-unavailable/>, so xmppd had handled the presence before it (one stream,
+    in order), and bob got neither."""
+    anna.send_presence(pstatus=status)
+    message = anna.make_message(mto="bob@b.test", mbody=f"{status}: refused", mtype="chat")
+    message["id"] = f"refused-{status}"
+    message.send()
+    error = await asyncio.wait_for(anna.errors.get(), 20)
+    assert (error["id"], _condition(error)) == (f"refused-{status}", "service-unavailable")
+    assert str(error["from"]) == "bob@b.test"
+    # A round trip for bob: whatever xmppd wrote to him before has arrived.
+    await bob.make_iq_get(queryxmlns="http://jabber.org/protocol/disco#info", ito="b.test").send(
+        timeout=10
+    )
+    assert bob.messages.empty()
+    seen = []
+    while not bob.available.empty():
+        seen.append(bob.available.get_nowait())
+    # (Her earlier presences may still be in the queue: this one has the status.)
+    assert not [p for p in seen if p["status"] == status], seen
+
+
+async def test_blocking_a_remote_contact(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+    anna.add_event_handler("presence_unavailable", gone.put_nowait)
+    bob.register_plugin("xep_0191")
+    try:
+        await subscribe_both_ways(federation, bob, anna)
+        # XEP-0191 3.3: blocking a contact who sees bob's presence sends them bob's
+        # unavailable presence, across to a.test.
+        await bob.plugin["xep_0191"].block(slixmpp.JID("anna@a.test"), timeout=10)
+        left = await asyncio.wait_for(gone.get(), 20)
+        assert str(left["from"]) == "bob@b.test/desk"
+        # Her presence and messages from a.test stop at xmppd; the message is answered.
+        await _refused_in_order(anna, bob, "blocked")
+        # bob's own message to her is refused by his server, with <blocked/>.
+        bob.send_message(mto="anna@a.test", mbody="to a blocked contact", mtype="chat")
+        error = await asyncio.wait_for(bob.errors.get(), 10)
+        assert _condition(error) == "not-acceptable"
+        assert error.xml.find(".//{urn:xmpp:blocking:errors}blocked") is not None
+        # Unblocked: she sees bob again, and her messages arrive.
+        while not anna.available.empty():
+            anna.available.get_nowait()
+        await bob.plugin["xep_0191"].unblock(slixmpp.JID("anna@a.test"), timeout=10)
+        async with asyncio.timeout(20):
+            while (await anna.available.get())["from"] != "bob@b.test/desk":
+                pass
+        anna.send_message(mto="bob@b.test", mbody="unblocked", mtype="chat")
+        got = await next_message(bob)
+        assert (got["body"], str(got["from"])) == ("unblocked", "anna@a.test/home")
+    except TimeoutError:
+        pytest.fail("timed out\n" + _diagnose(federation))
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_privacy_list_denying_a_remote_contact(federation: Federation) -> None:
+    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
+    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+    anna.add_event_handler("presence_unavailable", gone.put_nowait)
+    try:
+        await subscribe_both_ways(federation, bob, anna)
+
+        async def privacy(inner: str) -> None:
+            iq = bob.make_iq_set()
+            iq.append(ET.fromstring(f"<query xmlns='{PRIVACY}'>{inner}</query>"))
+            await iq.send(timeout=10)
+
+        # XEP-0016: a list denying anna@a.test messages and presence both ways.
+        await privacy(
+            "<list name='no-anna'>"
+            "<item type='jid' value='anna@a.test' action='deny' order='1'>"
+            "<message/><presence-in/><presence-out/></item>"
+            "<item action='allow' order='2'/></list>"
+        )
+        await privacy("<default name='no-anna'/>")
+        # Made the default, it hides bob from her: she is sent his unavailable presence.
+        left = await asyncio.wait_for(gone.get(), 20)
+        assert str(left["from"]) == "bob@b.test/desk"
+        await _refused_in_order(anna, bob, "denied")
+        # Declined (no default list): her messages arrive again.
+        await privacy("<default/>")
+        anna.send_message(mto="bob@b.test", mbody="allowed again", mtype="chat")
+        got = await next_message(bob)
+        assert (got["body"], str(got["from"])) == ("allowed again", "anna@a.test/home")
+    except TimeoutError:
+        pytest.fail("timed out\n" + _diagnose(federation))
     finally:
         await close(bob)
         await close(anna)

@@ -120,6 +120,9 @@ class S2SConfig(BaseModel):
     # Bidirectional streams (XEP-0288): one stream carries stanzas both ways.
     bidi: StrictBool = True
     max_queue: StrictInt = Field(default=1000, ge=1)  # stanzas waiting per remote domain
+    # Incoming streams open at once from one IP address; past it a new one is refused
+    # with <policy-violation/>. 0: no limit.
+    max_connections_per_address: StrictInt = Field(default=32, ge=0)
     # DNS servers for SRV and address lookups ("IP" or "IP:port"); none: /etc/resolv.conf.
     dns_servers: list[Annotated[StrictStr, AfterValidator(_dns_server)]] = Field(
         default_factory=list

@@ -20,6 +20,7 @@ from xmppd.ratelimit import TokenBucket
 from xmppd.s2s.identity import certificate_covers
 from xmppd.stream import s2s
 from xmppd.stream.errors import StreamError
+from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.s2s.service import S2SService
@@ -85,7 +86,12 @@ class S2SConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.last_active = loop.time()
         self.since = time.time()
-        self.service.connection_opened(self)
+        if not self.service.connection_opened(self, peer[0] if peer else "?"):
+            self.stream.fail(
+                StreamError("policy-violation", "too many connections from your address")
+            )
+            self._flush()
+            return
         if not self.outgoing:
             self._auth_timer = loop.call_later(self.service.config.auth_timeout, self._auth_timeout)
         if self.direct_tls:
@@ -139,7 +145,10 @@ class S2SConnection(asyncio.Protocol):
         """Queue a stanza for the peer (outgoing, authenticated); False once closing."""
         if self.stream.closed or self.transport is None or not self.stream.authenticated:
             return False
-        self.service.server.traffic.sent(stanza.tag)
+        server = self.service.server
+        server.traffic.sent(stanza.tag)
+        if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+            server.router.ledger.to_remote += 1  # its fate: the remote server's now
         self.stanzas_out += 1
         self.stream.send(stanza)
         if not self._flush_scheduled:

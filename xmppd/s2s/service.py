@@ -41,6 +41,7 @@ from xmppd.s2s.connection import S2SConnection
 from xmppd.s2s.resolve import NoService, Resolver
 from xmppd.stream.errors import StanzaError, StreamError
 from xmppd.stream.s2s import S2SSettings, S2SStream
+from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -87,6 +88,9 @@ class S2SService:
         self.resolver = Resolver(config, config.connect_timeout)
         self.links: dict[tuple[str, str], Link] = {}
         self.connections: set[S2SConnection] = set()
+        # Incoming connections open now per peer IP address (s2s.max_connections_per_address).
+        self.per_address: Counter[str] = Counter()
+        self._addresses: dict[S2SConnection, str] = {}
         self.listening: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
         self._client_contexts: dict[tuple[Path | None, bool], ssl.SSLContext] = {}
@@ -223,9 +227,7 @@ class S2SService:
             return
         link.task = None
         link.connection = conn
-        while link.queue:
-            stanza, _ = link.queue.popleft()
-            conn.send(stanza)
+        self._send_queue(link, conn)
 
     async def _open(
         self, link: Link, address: str, port: int, direct_tls: bool = False
@@ -262,6 +264,16 @@ class S2SService:
             raise
         return conn
 
+    def _send_queue(self, link: Link, conn: S2SConnection) -> None:
+        """Send what waited for the link, in order. A stream that closes meanwhile takes
+        no more: the rest bounce (never lost without a word, nor counted as sent)."""
+        while link.queue:
+            stanza, bounce = link.queue.popleft()
+            if not conn.send(stanza) and bounce:
+                self.server.router.bounce(
+                    stanza, "remote-server-timeout", f"the stream to {link.remote} closed"
+                )
+
     def _fail(self, link: Link, condition: str, text: str) -> None:
         log.info("s2s: %s -> %s failed: %s: %s", link.local, link.remote, condition, text)
         self.failures[condition] += 1
@@ -283,8 +295,24 @@ class S2SService:
         stream = S2SStream(self.settings)
         return S2SConnection(self, stream, self._direct_server_context, direct_tls=True)
 
-    def connection_opened(self, conn: S2SConnection) -> None:
+    def connection_opened(self, conn: S2SConnection, address: str) -> bool:
+        """Count the connection; False for an incoming one from an address that already
+        has `s2s.max_connections_per_address` open (one peer cannot take every socket;
+        a peer server needs one or two per domain pair)."""
+        if not conn.outgoing:
+            limit = self.config.max_connections_per_address
+            if limit and self.per_address[address] >= limit:
+                log.warning(
+                    "s2s: refused an incoming stream from %s: %d streams from that address"
+                    " already",
+                    conn.peer,
+                    limit,
+                )
+                return False
+            self.per_address[address] += 1
+            self._addresses[conn] = address
         self.connections.add(conn)
+        return True
 
     def bidi_ready(self, conn: S2SConnection) -> None:
         """An incoming stream the peer made bidirectional (XEP-0288) is authenticated:
@@ -297,12 +325,15 @@ class S2SService:
             link = self.links[key] = Link(*key)
         if link.connection is None:
             link.connection = conn
-            while link.queue:
-                stanza, _ = link.queue.popleft()
-                conn.send(stanza)
+            self._send_queue(link, conn)
 
     def connection_closed(self, conn: S2SConnection) -> None:
         self.connections.discard(conn)
+        address = self._addresses.pop(conn, None)
+        if address is not None:
+            self.per_address[address] -= 1
+            if self.per_address[address] <= 0:
+                del self.per_address[address]
         stream = conn.stream
         remote = stream.remote if conn.outgoing else stream.authenticated_domain
         link = self.links.get((stream.local or "", remote or ""))
@@ -317,6 +348,8 @@ class S2SService:
     def received(self, stanza: etree._Element) -> None:
         """A stanza from an authenticated peer, checked by its stream: route it here."""
         self.server.traffic.received(stanza.tag)
+        if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+            self.server.router.ledger.from_remote += 1
         self.server.router.route(stanza)
 
     def outgoing(self) -> Iterator[S2SConnection]:
