@@ -18,6 +18,8 @@ Federation (xmppd/s2s): `from_remote` counts the messages that arrived on an
 authenticated server-to-server stream (they then meet the same fates as a
 client's), `to_remote` those handed to the stream of a remote domain (its
 server answers for them from there, as a client does for a delivered one).
+External components (XEP-0114) count the same way: messages from one are
+`from_remote`, messages written to one are `to_remote`.
 A message waiting for a remote domain's stream to be set up is in neither
 yet; if the stream cannot be set up, or the node stops first, it bounces.
 

@@ -167,6 +167,11 @@ async def test_component_exchanges_messages_presence_and_iq_with_users(
         assert server.components is not None and DOMAIN in server.components.serving
         metrics = await metrics_text(server)
         assert f'xmppd_component_connected{{domain="{DOMAIN}"}} 1.0' in metrics
+        # The ledger: her message went to the component, the component's came to her.
+        ledger = server.router.ledger
+        assert (ledger.received, ledger.to_remote) == (1, 1)
+        assert (ledger.from_remote, ledger.delivered) == (1, 1)
+        assert ledger.snapshot()["lost"] == 0
     finally:
         await close(alice)
         await stop(component)

@@ -49,6 +49,7 @@ from xmppd.components.connection import ComponentConnection
 from xmppd.router import Routed
 from xmppd.stream.component import ComponentSettings
 from xmppd.stream.errors import StanzaError, StreamError
+from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -159,8 +160,11 @@ class ComponentService:
         self.refusals[condition] += 1
 
     def received(self, stanza: etree._Element) -> None:
-        """A stanza from a component, its 'from' checked by the stream."""
+        """A stanza from a component, its 'from' checked by the stream. Its messages
+        enter the ledger as a remote server's do: the component answers for them."""
         self.server.traffic.received(stanza.tag)
+        if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+            self.server.router.ledger.from_remote += 1
         self.server.router.route(stanza)
 
     # --- routing to a component -----------------------------------------------------------
@@ -170,6 +174,8 @@ class ComponentService:
         conn = self.serving.get(domain)
         if conn is not None and conn.send(stanza):
             self.server.traffic.sent(stanza.tag)
+            if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+                self.server.router.ledger.to_remote += 1  # its fate: the component's now
             return
         node = self.elsewhere.get(domain)
         cluster = self.server.cluster
