@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import slixmpp
+from lxml import etree
 from slixmpp import JID, Iq
 from slixmpp.exceptions import IqError
 
@@ -269,6 +270,34 @@ async def test_xmppctl_components_lists_them(start_server: StartServer, tmp_path
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rows[0][3])
         assert re.fullmatch(r"127\.0\.0\.1:\d+", rows[0][4])  # the component's address
     finally:
+        await stop(component)
+
+
+async def test_stanzas_queued_when_the_connection_drops_are_bounced(
+    start_server: StartServer,
+) -> None:
+    """A message routed to the component in the loop iteration its connection drops
+    (a reset: connection_lost comes before the write) is bounced, not lost."""
+    server = await start(start_server)
+    alice = await user(server, "alice@localhost/desk", "alice-secret")
+    component = await gateway(server)
+    try:
+        assert server.components is not None
+        conn = server.components.serving[DOMAIN]
+        assert conn.transport is not None
+        conn.transport.abort()
+        server.router.route(
+            etree.fromstring(
+                "<message xmlns='jabber:client' from='alice@localhost/desk' "
+                f"to='bot@{DOMAIN}' type='chat' id='m1'><body>in flight</body></message>"
+            )
+        )
+        got = await next_message(alice)
+        assert (got["type"], got["id"]) == ("error", "m1")
+        assert got["error"]["condition"] == "remote-server-timeout"
+        await asyncio.wait_for(component.ended.wait(), WAIT)
+    finally:
+        await close(alice)
         await stop(component)
 
 

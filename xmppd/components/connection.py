@@ -26,6 +26,10 @@ class ComponentConnection(asyncio.Protocol):
         self.since = 0.0  # wall-clock time of the handshake (xmppctl components)
         self._auth_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        # Stanzas queued for the stream and not yet written (the flush comes in the next
+        # loop iteration), with whether each may be bounced: if the connection is lost
+        # before that write, connection_lost hands them back to be routed again.
+        self._unwritten: list[tuple[etree._Element, bool]] = []
 
     @property
     def domain(self) -> str | None:
@@ -62,14 +66,18 @@ class ComponentConnection(asyncio.Protocol):
             self._auth_timer.cancel()
         self.transport = None
         self.service.connection_closed(self)
+        unwritten, self._unwritten = self._unwritten, []
+        if unwritten:
+            self.service.not_written(self.stream.domain or "", unwritten)
 
     # --- sending ----------------------------------------------------------------------
 
-    def send(self, stanza: etree._Element) -> bool:
+    def send(self, stanza: etree._Element, bounce: bool = True) -> bool:
         """Queue a stanza for the component; False once its stream is closing."""
         if self.transport is None or not self.stream.authenticated:
             return False
         self.stream.send(stanza)
+        self._unwritten.append((stanza, bounce))
         if not self._flush_scheduled:  # one write for what one loop iteration routed here
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -88,6 +96,7 @@ class ComponentConnection(asyncio.Protocol):
         if transport is None:
             return
         data = self.stream.output()
+        self._unwritten.clear()
         if data:
             transport.write(data)
         if self.stream.closed and not transport.is_closing():

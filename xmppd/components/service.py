@@ -46,6 +46,7 @@ from redis.exceptions import RedisError
 from xmppd.cluster import schema
 from xmppd.components.config import ComponentsConfig
 from xmppd.components.connection import ComponentConnection
+from xmppd.jid import parse_jid
 from xmppd.router import Routed
 from xmppd.stream.component import ComponentSettings
 from xmppd.stream.errors import StanzaError, StreamError
@@ -168,7 +169,7 @@ class ComponentService:
     def _route(self, domain: str, routed: Routed) -> None:
         stanza = routed.stanza
         conn = self.serving.get(domain)
-        if conn is not None and conn.send(stanza):
+        if conn is not None and conn.send(stanza, routed.bounce):
             self.server.traffic.sent(stanza.tag)
             return
         node = self.elsewhere.get(domain)
@@ -180,6 +181,12 @@ class ComponentService:
             self.server.router.reply_error(
                 stanza, StanzaError("remote-server-timeout", f"{domain} is not connected", "wait")
             )
+
+    def not_written(self, domain: str, stanzas: list[tuple[etree._Element, bool]]) -> None:
+        """Stanzas queued for a connection lost before they were written: routed again,
+        now that it no longer serves `domain` (bounced, never silently lost)."""
+        for stanza, bounce in stanzas:
+            self._route(domain, Routed(stanza, parse_jid(stanza.get("to", "")), None, bounce))
 
     # --- the cluster's table --------------------------------------------------------------
 
