@@ -510,3 +510,32 @@ async def test_component_on_another_cluster_node(
     finally:
         await close(alice)
         await stop(component)
+
+
+async def test_a_restarted_node_clears_what_its_killed_predecessor_left_in_the_table(
+    start_server: StartServer, redis_service: LocalService  # noqa: F811
+) -> None:
+    """A node killed with a component connected leaves its entry in the hash; started
+    again under the same name (a worker restarted by `--workers`, a container with a
+    fixed name), it is live again and that entry must not keep its component away
+    from the other nodes."""
+    url = devservices.redis_url(redis_service)
+    a = await start(start_server, cluster={"redis_url": url, "node_name": "comp-a"})
+    assert a.cluster is not None and a.components is not None
+    # What the killed comp-b left: its entry, and a's copy of it (comp-b came back
+    # before its heartbeat expired, so a never saw it leave the live set).
+    await a.cluster.redis.hset(TABLE, DOMAIN, "comp-b")
+    a.components.elsewhere[DOMAIN] = "comp-b"
+    b = await start(start_server, users={}, cluster={"redis_url": url, "node_name": "comp-b"})
+    assert await a.cluster.redis.hgetall(TABLE) == {}
+    seen = a.components
+    await until(lambda: DOMAIN not in seen.elsewhere)  # b's bus notice
+    assert b.components is not None and not b.components.serving
+    c = await start(start_server, users={}, cluster={"redis_url": url, "node_name": "comp-c"})
+    assert c.components is not None and c.components.elsewhere == {}
+    component = await gateway(c)  # not refused with <conflict/>
+    try:
+        await until(lambda: seen.elsewhere == {DOMAIN: "comp-c"})
+    finally:
+        await stop(component)
+

@@ -27,8 +27,10 @@ In a cluster, who serves which domain is a Redis hash (`xmppd:components`,
 domain -> node) that every node reads at start and after a lost bus
 notice, with bus notices for each change; a domain whose node is no longer
 live counts as not connected (the node died: the component reconnects
-anywhere). Two nodes taking the same domain at the same instant are not
-prevented (each checks its own copy): the later write wins the hash.
+anywhere); a node started again under the name of a killed one first deletes
+what that one left (`_forget_previous_life`). Two nodes taking the same
+domain at the same instant are not prevented (each checks its own copy):
+the later write wins the hash.
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ TABLE = schema.PREFIX + "components"
 """Redis hash: component domain -> the node it is connected to."""
 TOPIC = "components"
 """Bus topic: {"domain": d, "node": n} (connected there) or {"domain": d, "node": null}."""
+FORGET = """
+local gone = {}
+local table = redis.call('HGETALL', KEYS[1])
+for i = 1, #table, 2 do
+  if table[i + 1] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], table[i])
+    gone[#gone + 1] = table[i]
+  end
+end
+return gone
+"""
+"""KEYS[1]: TABLE, ARGV[1]: a node. Delete the entries naming that node (in one step: not
+one another node wrote since) and return their domains."""
 
 
 class ComponentService:
@@ -97,6 +112,7 @@ class ComponentService:
         if cluster is not None:
             cluster.bus.subscribe(TOPIC, self._notice, self._lost)
             cluster.on_nodes_changed(self._nodes_changed)
+            await self._forget_previous_life()
             await self._load()
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
@@ -206,6 +222,23 @@ class ComponentService:
                 await cluster.redis.hdel(TABLE, domain)
         except (RedisError, OSError) as exc:
             log.error("components: cannot record %s in Redis: %s", domain, exc)
+
+    async def _forget_previous_life(self) -> None:
+        """At start nothing is connected here, but a node killed under this name (a
+        worker restarted by `--workers`, a container with a fixed hostname) left its
+        entries: live again under the name, they would make the other nodes forward
+        to this one and refuse the component with <conflict/>. Delete them and tell
+        the nodes that kept a copy."""
+        cluster = self.server.cluster
+        assert cluster is not None
+        try:
+            gone = await cluster.redis.register_script(FORGET)(keys=[TABLE], args=[cluster.node])
+        except (RedisError, OSError) as exc:
+            log.error("components: cannot clear this node's old entries in Redis: %s", exc)
+            return
+        for domain in map(_text, gone):
+            log.info("component %s: the entry of this node's previous run removed", domain)
+            cluster.bus.publish(TOPIC, {"domain": domain, "node": None})
 
     def _notice(self, payload: dict[str, Any]) -> None:
         domain, node = payload.get("domain"), payload.get("node")
