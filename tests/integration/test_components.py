@@ -25,15 +25,16 @@ from slixmpp import JID, Iq
 from slixmpp.exceptions import IqError
 
 from tests.integration.clients import Client, close, connect, read_until
-from tests.integration.conftest import StartServer
+from tests.integration.conftest import StartServer, write_config
 from tests.integration.test_cluster import redis_service  # noqa: F401  (fixture)
 from tests.integration.test_workers import xmppctl
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.components.service import TABLE
+from xmppd.config import load_config
 from xmppd.metrics import exposition
 from xmppd.server import Server
 from xmppd.storage import devservices
-from xmppd.storage.devservices import LocalService
+from xmppd.storage.devservices import LocalService, free_ports
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -538,4 +539,30 @@ async def test_a_restarted_node_clears_what_its_killed_predecessor_left_in_the_t
         await until(lambda: seen.elsewhere == {DOMAIN: "comp-c"})
     finally:
         await stop(component)
+
+
+async def test_workers_share_the_component_port(
+    tmp_path: Path, redis_service: LocalService  # noqa: F811
+) -> None:
+    """`xmppd --workers N` starts N nodes with reuse_port (xmppd.cli.server): each binds
+    the component port as it binds the client ports, and the component may land on
+    any of them."""
+    fixed = free_ports(1)[0]
+    section = components_section(listeners=[{"address": "127.0.0.1", "port": fixed}])
+    url = devservices.redis_url(redis_service)
+    workers: list[Server] = []
+    try:
+        for node in ("w-1", "w-2"):
+            path = write_config(
+                tmp_path, components=section, cluster={"redis_url": url, "node_name": node}
+            )
+            worker = Server(load_config(path), reuse_port=True)
+            await worker.start()
+            workers.append(worker)
+        assert [port(w) for w in workers] == [fixed, fixed]
+        component = await gateway(workers[1])
+        await stop(component)
+    finally:
+        for worker in workers:
+            await worker.stop()
 

@@ -119,6 +119,8 @@ class ComponentService:
             server = await loop.create_server(
                 lambda: ComponentConnection(self), listener.address, listener.port,
                 reuse_address=True,
+                # The workers of `xmppd --workers` all bind it, as the client ports.
+                reuse_port=self.server.reuse_port or None,
             )
             self._servers.append(server)
             for sock in server.sockets:
