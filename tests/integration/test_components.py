@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -381,13 +382,19 @@ async def test_wrong_secret_is_not_authorized(start_server: StartServer) -> None
         await close(alice)
 
 
-async def test_unknown_domain_is_host_unknown(start_server: StartServer) -> None:
+async def test_unknown_domain_is_host_unknown(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="xmppd.components")
     server = await start(start_server)
     raw, sid = await RawComponent.open(server, "other.localhost")
     # The secret of another component does not open an unconfigured domain either.
     raw.send(handshake(sid))
     assert stream_error(await raw.read_to_close()) == "host-unknown"
     assert server.components is not None and not server.components.serving
+    # The operator reads which domain was asked for (a typo in the component's config).
+    logged = [r.getMessage() for r in caplog.records if r.name == "xmppd.components"]
+    assert any("host-unknown" in line and '"other.localhost"' in line for line in logged), logged
 
 
 async def test_spoofed_from_is_invalid_from_and_not_delivered(start_server: StartServer) -> None:
