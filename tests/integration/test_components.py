@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,29 @@ async def test_stanzas_queued_when_the_connection_drops_are_bounced(
         await asyncio.wait_for(component.ended.wait(), WAIT)
     finally:
         await close(alice)
+        await stop(component)
+
+
+async def test_a_dead_component_host_is_noticed_without_traffic(
+    start_server: StartServer,
+) -> None:
+    """A component whose host died (power cut, network cut) leaves a half-open
+    connection; the domain stays taken and every reconnect is refused with <conflict/>
+    until the server notices. With nothing to send it never would: the component
+    socket has TCP keepalive probes, after a minute of silence."""
+    server = await start(start_server)
+    component = await gateway(server)
+    try:
+        assert server.components is not None
+        conn = server.components.serving[DOMAIN]
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux: noticed within 60 + 3 * 10 s
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    finally:
         await stop(component)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -15,6 +16,21 @@ if TYPE_CHECKING:
     from xmppd.components.service import ComponentService
 
 log = logging.getLogger("xmppd.components")
+
+# TCP keepalive of a component connection: probes after KEEPIDLE s of silence, every
+# KEEPINTVL s, dead after KEEPCNT unanswered (Linux; elsewhere the system's timers).
+KEEPIDLE, KEEPINTVL, KEEPCNT = 60, 10, 3
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """A component whose host died leaves a half-open connection that keeps its domain
+    (a reconnect is refused with <conflict/>) until the server notices; with nothing
+    to send to it, only keepalive probes make it notice."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPIDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPINTVL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPCNT)
 
 
 class ComponentConnection(asyncio.Protocol):
@@ -42,6 +58,9 @@ class ComponentConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _keepalive(sock)
         self.service.connection_opened(self)
         self._auth_timer = asyncio.get_running_loop().call_later(
             self.service.config.auth_timeout, self._auth_timeout
