@@ -597,3 +597,20 @@ async def test_workers_share_the_component_port(
         for worker in workers:
             await worker.stop()
 
+
+async def test_table_follows_a_disconnect_and_a_reconnect_announced_back_to_back(
+    start_server: StartServer, redis_service: LocalService  # noqa: F811
+) -> None:
+    """A component that leaves and connects again to the node at once: the node
+    announces "gone" then "here" as two tasks (connection_closed, authenticated), and
+    the hash must end as "here" (the "gone" task's read and delete must not straddle
+    the "here" write)."""
+    url = devservices.redis_url(redis_service)
+    a = await start(start_server, cluster={"redis_url": url, "node_name": "comp-a"})
+    assert a.cluster is not None and a.components is not None
+    service = a.components
+    await service._announce(DOMAIN, True)
+    assert await a.cluster.redis.hgetall(TABLE) == {DOMAIN.encode(): b"comp-a"}
+    await asyncio.gather(service._announce(DOMAIN, False), service._announce(DOMAIN, True))
+    assert await a.cluster.redis.hgetall(TABLE) == {DOMAIN.encode(): b"comp-a"}
+

@@ -95,6 +95,9 @@ class ComponentService:
         # Streams refused or ended by us with a stream error, by condition (/metrics).
         self.refusals: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
+        # One announcement's table write at a time, in the order they were made: a
+        # "gone" (read, then delete) interleaved with the next "here" would delete it.
+        self._table_writes = asyncio.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -216,14 +219,15 @@ class ComponentService:
             return
         node = cluster.node if up else None
         cluster.bus.publish(TOPIC, {"domain": domain, "node": node})
-        try:
-            if node is not None:
-                await cluster.redis.hset(TABLE, domain, node)
-            elif await cluster.redis.hget(TABLE, domain) == cluster.node.encode():
-                # Not a newer node's entry (a race the docstring admits).
-                await cluster.redis.hdel(TABLE, domain)
-        except (RedisError, OSError) as exc:
-            log.error("components: cannot record %s in Redis: %s", domain, exc)
+        async with self._table_writes:
+            try:
+                if node is not None:
+                    await cluster.redis.hset(TABLE, domain, node)
+                elif await cluster.redis.hget(TABLE, domain) == cluster.node.encode():
+                    # Not a newer node's entry (a race the docstring admits).
+                    await cluster.redis.hdel(TABLE, domain)
+            except (RedisError, OSError) as exc:
+                log.error("components: cannot record %s in Redis: %s", domain, exc)
 
     async def _forget_previous_life(self) -> None:
         """At start nothing is connected here, but a node killed under this name (a
