@@ -392,6 +392,33 @@ def stream_error(data: bytes) -> str:
     return found.group(1).decode() if found else data.decode(errors="replace")
 
 
+async def test_a_component_that_stops_reading_is_cut_off(start_server: StartServer) -> None:
+    """A hung component (it no longer reads its socket) must not make the server buffer
+    every stanza for its domain without bound: past the backlog limit its stream ends
+    with <policy-violation/>, and what comes next for the domain is bounced."""
+    server = await start(start_server)
+    assert server.components is not None
+    service = server.components
+    raw, sid = await RawComponent.open(server)
+    raw.send(handshake(sid))
+    await raw.handshake_accepted()  # and from now on it reads nothing
+    body = "x" * 8000
+    routed = 0
+    while DOMAIN in service.serving and routed < 5000:  # 40 MB at most
+        server.router.route(
+            etree.fromstring(
+                "<message xmlns='jabber:client' from='nobody@localhost/r' "
+                f"to='bot@{DOMAIN}' type='chat'><body>{body}</body></message>"
+            )
+        )
+        routed += 1
+        if routed % 20 == 0:
+            await asyncio.sleep(0)  # the flush: the transport writes what it can
+    assert DOMAIN not in service.serving, f"still connected after {routed} messages"
+    assert service.refusals["policy-violation"] == 1
+    raw.writer.close()
+
+
 async def test_wrong_secret_is_not_authorized(start_server: StartServer) -> None:
     server = await start(start_server)
     alice = await user(server, "alice@localhost/desk", "alice-secret")

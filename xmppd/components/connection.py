@@ -46,6 +46,10 @@ class ComponentConnection(asyncio.Protocol):
         # loop iteration), with whether each may be bounced: if the connection is lost
         # before that write, connection_lost hands them back to be routed again.
         self._unwritten: list[tuple[etree._Element, bool]] = []
+        # What may wait in the transport for a component that does not read: 8 MiB with
+        # the default max_stanza_bytes, room for a burst (a presence broadcast to a
+        # gateway's many contacts) but not for a hung component's whole traffic.
+        self._max_backlog = 16 * service.config.max_stanza_bytes + 65536
 
     @property
     def domain(self) -> str | None:
@@ -116,8 +120,15 @@ class ComponentConnection(asyncio.Protocol):
             return
         data = self.stream.output()
         self._unwritten.clear()
+        hung = False
         if data:
             transport.write(data)
+            if transport.get_write_buffer_size() > self._max_backlog and not self.stream.closed:
+                # A component that stops reading must not make us buffer without bound;
+                # it would not read the stream error either: abort, so the domain is free
+                # now (close() would wait for the buffer to drain, holding it).
+                self.stream.fail(StreamError("policy-violation", "you are not reading your stream"))
+                hung = True
         if self.stream.closed and not transport.is_closing():
             error = self.stream.error
             if error is not None and error.condition != "system-shutdown":
@@ -129,7 +140,10 @@ class ComponentConnection(asyncio.Protocol):
                     error.condition,
                     f" ({error.text})" if error.text else "",
                 )
-            transport.close()
+            if hung:
+                transport.abort()
+            else:
+                transport.close()
 
     def _auth_timeout(self) -> None:
         self._auth_timer = None
