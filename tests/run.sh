@@ -4,7 +4,8 @@
 # Debian packages for the services the tests start (.ci/services.sh), then the
 # locked Python packages (requirements/test.txt) into the active virtualenv, or
 # into .venv here when none is active (Debian's own Python refuses pip installs),
-# and the aioxmpp test client's own virtualenv (.venv-aioxmpp, requirements/aioxmpp.txt:
+# and the aioxmpp test client's own virtualenv (.venv-aioxmpp, or the one of
+# $XMPPD_AIOXMPP_PYTHON; requirements/aioxmpp.txt:
 # it needs an lxml that xmppd's lock excludes; tests/clients/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,11 @@ if [[ -z "${VIRTUAL_ENV:-}" ]]; then
 fi
 python -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
 python -m pip install --quiet --disable-pip-version-check --no-deps -e .
-[[ -x .venv-aioxmpp/bin/python ]] || python3 -m venv .venv-aioxmpp
-.venv-aioxmpp/bin/python -m pip install --quiet --disable-pip-version-check \
+# The interpreter the tests run aioxmpp with (tests/integration/aioxmpp_client.py):
+# $XMPPD_AIOXMPP_PYTHON when set (.ci/run points it into its empty work folder), so the
+# lock goes where the tests look.
+aioxmpp_python=${XMPPD_AIOXMPP_PYTHON:-.venv-aioxmpp/bin/python}
+[[ -x $aioxmpp_python ]] || python3 -m venv "$(dirname "$(dirname "$aioxmpp_python")")"
+"$aioxmpp_python" -m pip install --quiet --disable-pip-version-check \
     --require-hashes -r requirements/aioxmpp.txt
 exec python -m pytest "$@"

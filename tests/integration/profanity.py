@@ -88,7 +88,11 @@ async def start_profanity(folder: Path) -> Profanity:
         "TERM=xterm-256color",
         binary,
     )
-    await client.shows("Type '/help' to show complete help.")
+    try:
+        await client.shows("Type '/help' to show complete help.")
+    except BaseException:
+        await client.close()  # the caller never gets the client to close: no tmux left over
+        raise
     return client
 
 

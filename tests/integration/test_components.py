@@ -13,26 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import slixmpp
+from lxml import etree
 from slixmpp import JID, Iq
 from slixmpp.exceptions import IqError
 
 from tests.integration.clients import Client, close, connect, read_until
-from tests.integration.conftest import StartServer
+from tests.integration.conftest import StartServer, write_config
 from tests.integration.test_cluster import redis_service  # noqa: F401  (fixture)
 from tests.integration.test_workers import xmppctl
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.components.service import TABLE
+from xmppd.config import load_config
 from xmppd.metrics import exposition
 from xmppd.server import Server
 from xmppd.storage import devservices
-from xmppd.storage.devservices import LocalService
+from xmppd.storage.devservices import LocalService, free_ports
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -277,6 +281,57 @@ async def test_xmppctl_components_lists_them(start_server: StartServer, tmp_path
         await stop(component)
 
 
+async def test_stanzas_queued_when_the_connection_drops_are_bounced(
+    start_server: StartServer,
+) -> None:
+    """A message routed to the component in the loop iteration its connection drops
+    (a reset: connection_lost comes before the write) is bounced, not lost."""
+    server = await start(start_server)
+    alice = await user(server, "alice@localhost/desk", "alice-secret")
+    component = await gateway(server)
+    try:
+        assert server.components is not None
+        conn = server.components.serving[DOMAIN]
+        assert conn.transport is not None
+        conn.transport.abort()
+        server.router.route(
+            etree.fromstring(
+                "<message xmlns='jabber:client' from='alice@localhost/desk' "
+                f"to='bot@{DOMAIN}' type='chat' id='m1'><body>in flight</body></message>"
+            )
+        )
+        got = await next_message(alice)
+        assert (got["type"], got["id"]) == ("error", "m1")
+        assert got["error"]["condition"] == "remote-server-timeout"
+        await asyncio.wait_for(component.ended.wait(), WAIT)
+    finally:
+        await close(alice)
+        await stop(component)
+
+
+async def test_a_dead_component_host_is_noticed_without_traffic(
+    start_server: StartServer,
+) -> None:
+    """A component whose host died (power cut, network cut) leaves a half-open
+    connection; the domain stays taken and every reconnect is refused with <conflict/>
+    until the server notices. With nothing to send it never would: the component
+    socket has TCP keepalive probes, after a minute of silence."""
+    server = await start(start_server)
+    component = await gateway(server)
+    try:
+        assert server.components is not None
+        conn = server.components.serving[DOMAIN]
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux: noticed within 60 + 3 * 10 s
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    finally:
+        await stop(component)
+
+
 # --- misbehaving component streams ------------------------------------------------------------
 
 
@@ -342,6 +397,33 @@ def stream_error(data: bytes) -> str:
     return found.group(1).decode() if found else data.decode(errors="replace")
 
 
+async def test_a_component_that_stops_reading_is_cut_off(start_server: StartServer) -> None:
+    """A hung component (it no longer reads its socket) must not make the server buffer
+    every stanza for its domain without bound: past the backlog limit its stream ends
+    with <policy-violation/>, and what comes next for the domain is bounced."""
+    server = await start(start_server)
+    assert server.components is not None
+    service = server.components
+    raw, sid = await RawComponent.open(server)
+    raw.send(handshake(sid))
+    await raw.handshake_accepted()  # and from now on it reads nothing
+    body = "x" * 8000
+    routed = 0
+    while DOMAIN in service.serving and routed < 5000:  # 40 MB at most
+        server.router.route(
+            etree.fromstring(
+                "<message xmlns='jabber:client' from='nobody@localhost/r' "
+                f"to='bot@{DOMAIN}' type='chat'><body>{body}</body></message>"
+            )
+        )
+        routed += 1
+        if routed % 20 == 0:
+            await asyncio.sleep(0)  # the flush: the transport writes what it can
+    assert DOMAIN not in service.serving, f"still connected after {routed} messages"
+    assert service.refusals["policy-violation"] == 1
+    raw.writer.close()
+
+
 async def test_wrong_secret_is_not_authorized(start_server: StartServer) -> None:
     server = await start(start_server)
     alice = await user(server, "alice@localhost/desk", "alice-secret")
@@ -356,13 +438,19 @@ async def test_wrong_secret_is_not_authorized(start_server: StartServer) -> None
         await close(alice)
 
 
-async def test_unknown_domain_is_host_unknown(start_server: StartServer) -> None:
+async def test_unknown_domain_is_host_unknown(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="xmppd.components")
     server = await start(start_server)
     raw, sid = await RawComponent.open(server, "other.localhost")
     # The secret of another component does not open an unconfigured domain either.
     raw.send(handshake(sid))
     assert stream_error(await raw.read_to_close()) == "host-unknown"
     assert server.components is not None and not server.components.serving
+    # The operator reads which domain was asked for (a typo in the component's config).
+    logged = [r.getMessage() for r in caplog.records if r.name == "xmppd.components"]
+    assert any("host-unknown" in line and '"other.localhost"' in line for line in logged), logged
 
 
 async def test_spoofed_from_is_invalid_from_and_not_delivered(start_server: StartServer) -> None:
@@ -486,3 +574,75 @@ async def test_component_on_another_cluster_node(
     finally:
         await close(alice)
         await stop(component)
+
+
+async def test_a_restarted_node_clears_what_its_killed_predecessor_left_in_the_table(
+    start_server: StartServer, redis_service: LocalService  # noqa: F811
+) -> None:
+    """A node killed with a component connected leaves its entry in the hash; started
+    again under the same name (a worker restarted by `--workers`, a container with a
+    fixed name), it is live again and that entry must not keep its component away
+    from the other nodes."""
+    url = devservices.redis_url(redis_service)
+    a = await start(start_server, cluster={"redis_url": url, "node_name": "comp-a"})
+    assert a.cluster is not None and a.components is not None
+    # What the killed comp-b left: its entry, and a's copy of it (comp-b came back
+    # before its heartbeat expired, so a never saw it leave the live set).
+    await a.cluster.redis.hset(TABLE, DOMAIN, "comp-b")
+    a.components.elsewhere[DOMAIN] = "comp-b"
+    b = await start(start_server, users={}, cluster={"redis_url": url, "node_name": "comp-b"})
+    assert await a.cluster.redis.hgetall(TABLE) == {}
+    seen = a.components
+    await until(lambda: DOMAIN not in seen.elsewhere)  # b's bus notice
+    assert b.components is not None and not b.components.serving
+    c = await start(start_server, users={}, cluster={"redis_url": url, "node_name": "comp-c"})
+    assert c.components is not None and c.components.elsewhere == {}
+    component = await gateway(c)  # not refused with <conflict/>
+    try:
+        await until(lambda: seen.elsewhere == {DOMAIN: "comp-c"})
+    finally:
+        await stop(component)
+
+
+async def test_workers_share_the_component_port(
+    tmp_path: Path, redis_service: LocalService  # noqa: F811
+) -> None:
+    """`xmppd --workers N` starts N nodes with reuse_port (xmppd.cli.server): each binds
+    the component port as it binds the client ports, and the component may land on
+    any of them."""
+    fixed = free_ports(1)[0]
+    section = components_section(listeners=[{"address": "127.0.0.1", "port": fixed}])
+    url = devservices.redis_url(redis_service)
+    workers: list[Server] = []
+    try:
+        for node in ("w-1", "w-2"):
+            path = write_config(
+                tmp_path, components=section, cluster={"redis_url": url, "node_name": node}
+            )
+            worker = Server(load_config(path), reuse_port=True)
+            await worker.start()
+            workers.append(worker)
+        assert [port(w) for w in workers] == [fixed, fixed]
+        component = await gateway(workers[1])
+        await stop(component)
+    finally:
+        for worker in workers:
+            await worker.stop()
+
+
+async def test_table_follows_a_disconnect_and_a_reconnect_announced_back_to_back(
+    start_server: StartServer, redis_service: LocalService  # noqa: F811
+) -> None:
+    """A component that leaves and connects again to the node at once: the node
+    announces "gone" then "here" as two tasks (connection_closed, authenticated), and
+    the hash must end as "here" (the "gone" task's read and delete must not straddle
+    the "here" write)."""
+    url = devservices.redis_url(redis_service)
+    a = await start(start_server, cluster={"redis_url": url, "node_name": "comp-a"})
+    assert a.cluster is not None and a.components is not None
+    service = a.components
+    await service._announce(DOMAIN, True)
+    assert await a.cluster.redis.hgetall(TABLE) == {DOMAIN.encode(): b"comp-a"}
+    await asyncio.gather(service._announce(DOMAIN, False), service._announce(DOMAIN, True))
+    assert await a.cluster.redis.hgetall(TABLE) == {DOMAIN.encode(): b"comp-a"}
+

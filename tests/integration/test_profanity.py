@@ -5,6 +5,7 @@ profanity's screen."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from slixmpp import JID
 
+import tests.integration.profanity as profanity_module
 from tests.integration.clients import close
 from tests.integration.conftest import StartServer, port_of
 from tests.integration.profanity import Profanity, log_in, start_profanity
@@ -144,3 +146,26 @@ async def test_profanity_joins_a_room_with_history_and_changes_nick(
     await bob.said()  # anything sent before it has arrived: no subject change came
     assert bob.subjects.empty()
     await close(bob)
+
+
+async def test_a_profanity_that_never_starts_leaves_no_tmux_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_profanity timing out (a profanity that shows no banner) closes its tmux
+    server: the caller never got the client, so nothing else would."""
+    if shutil.which("tmux") is None:
+        unavailable("tmux is not installed (bash .ci/services.sh installs it)")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "profanity").write_text("#!/bin/sh\nexec sleep 60\n")
+    (fake / "profanity").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setattr(profanity_module, "TIMEOUT", 0.5)
+    folder = tmp_path / "p"
+    with pytest.raises(TimeoutError):
+        await start_profanity(folder)
+    tmux = await asyncio.create_subprocess_exec(
+        "tmux", "-S", str(folder / "tmux.sock"), "list-sessions",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await asyncio.wait_for(tmux.wait(), 10) != 0  # no server on that socket

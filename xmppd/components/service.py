@@ -27,8 +27,10 @@ In a cluster, who serves which domain is a Redis hash (`xmppd:components`,
 domain -> node) that every node reads at start and after a lost bus
 notice, with bus notices for each change; a domain whose node is no longer
 live counts as not connected (the node died: the component reconnects
-anywhere). Two nodes taking the same domain at the same instant are not
-prevented (each checks its own copy): the later write wins the hash.
+anywhere); a node started again under the name of a killed one first deletes
+what that one left (`_forget_previous_life`). Two nodes taking the same
+domain at the same instant are not prevented (each checks its own copy):
+the later write wins the hash.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from redis.exceptions import RedisError
 from xmppd.cluster import schema
 from xmppd.components.config import ComponentsConfig
 from xmppd.components.connection import ComponentConnection
+from xmppd.jid import parse_jid
 from xmppd.router import Routed
 from xmppd.stream.component import ComponentSettings
 from xmppd.stream.errors import StanzaError, StreamError
@@ -60,6 +63,19 @@ TABLE = schema.PREFIX + "components"
 """Redis hash: component domain -> the node it is connected to."""
 TOPIC = "components"
 """Bus topic: {"domain": d, "node": n} (connected there) or {"domain": d, "node": null}."""
+FORGET = """
+local gone = {}
+local table = redis.call('HGETALL', KEYS[1])
+for i = 1, #table, 2 do
+  if table[i + 1] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], table[i])
+    gone[#gone + 1] = table[i]
+  end
+end
+return gone
+"""
+"""KEYS[1]: TABLE, ARGV[1]: a node. Delete the entries naming that node (in one step: not
+one another node wrote since) and return their domains."""
 
 
 class ComponentService:
@@ -80,6 +96,9 @@ class ComponentService:
         # Streams refused or ended by us with a stream error, by condition (/metrics).
         self.refusals: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
+        # One announcement's table write at a time, in the order they were made: a
+        # "gone" (read, then delete) interleaved with the next "here" would delete it.
+        self._table_writes = asyncio.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -97,12 +116,15 @@ class ComponentService:
         if cluster is not None:
             cluster.bus.subscribe(TOPIC, self._notice, self._lost)
             cluster.on_nodes_changed(self._nodes_changed)
+            await self._forget_previous_life()
             await self._load()
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
             server = await loop.create_server(
                 lambda: ComponentConnection(self), listener.address, listener.port,
                 reuse_address=True,
+                # The workers of `xmppd --workers` all bind it, as the client ports.
+                reuse_port=self.server.reuse_port or None,
             )
             self._servers.append(server)
             for sock in server.sockets:
@@ -172,7 +194,7 @@ class ComponentService:
     def _route(self, domain: str, routed: Routed) -> None:
         stanza = routed.stanza
         conn = self.serving.get(domain)
-        if conn is not None and conn.send(stanza):
+        if conn is not None and conn.send(stanza, routed.bounce):
             self.server.traffic.sent(stanza.tag)
             if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
                 self.server.router.ledger.to_remote += 1  # its fate: the component's now
@@ -187,6 +209,12 @@ class ComponentService:
                 stanza, StanzaError("remote-server-timeout", f"{domain} is not connected", "wait")
             )
 
+    def not_written(self, domain: str, stanzas: list[tuple[etree._Element, bool]]) -> None:
+        """Stanzas queued for a connection lost before they were written: routed again,
+        now that it no longer serves `domain` (bounced, never silently lost)."""
+        for stanza, bounce in stanzas:
+            self._route(domain, Routed(stanza, parse_jid(stanza.get("to", "")), None, bounce))
+
     # --- the cluster's table --------------------------------------------------------------
 
     async def _announce(self, domain: str, up: bool) -> None:
@@ -197,14 +225,32 @@ class ComponentService:
             return
         node = cluster.node if up else None
         cluster.bus.publish(TOPIC, {"domain": domain, "node": node})
+        async with self._table_writes:
+            try:
+                if node is not None:
+                    await cluster.redis.hset(TABLE, domain, node)
+                elif await cluster.redis.hget(TABLE, domain) == cluster.node.encode():
+                    # Not a newer node's entry (a race the docstring admits).
+                    await cluster.redis.hdel(TABLE, domain)
+            except (RedisError, OSError) as exc:
+                log.error("components: cannot record %s in Redis: %s", domain, exc)
+
+    async def _forget_previous_life(self) -> None:
+        """At start nothing is connected here, but a node killed under this name (a
+        worker restarted by `--workers`, a container with a fixed hostname) left its
+        entries: live again under the name, they would make the other nodes forward
+        to this one and refuse the component with <conflict/>. Delete them and tell
+        the nodes that kept a copy."""
+        cluster = self.server.cluster
+        assert cluster is not None
         try:
-            if node is not None:
-                await cluster.redis.hset(TABLE, domain, node)
-            elif await cluster.redis.hget(TABLE, domain) == cluster.node.encode():
-                # Not a newer node's entry (a race the docstring admits).
-                await cluster.redis.hdel(TABLE, domain)
+            gone = await cluster.redis.register_script(FORGET)(keys=[TABLE], args=[cluster.node])
         except (RedisError, OSError) as exc:
-            log.error("components: cannot record %s in Redis: %s", domain, exc)
+            log.error("components: cannot clear this node's old entries in Redis: %s", exc)
+            return
+        for domain in map(_text, gone):
+            log.info("component %s: the entry of this node's previous run removed", domain)
+            cluster.bus.publish(TOPIC, {"domain": domain, "node": None})
 
     def _notice(self, payload: dict[str, Any]) -> None:
         domain, node = payload.get("domain"), payload.get("node")

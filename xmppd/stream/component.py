@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,7 +139,9 @@ class ComponentStream(StreamCore[Event]):
         if prefix != "stream":
             raise StreamError("bad-namespace-prefix", "use the prefix 'stream' for " + ns.STREAMS)
         if not known:
-            raise StreamError("host-unknown", "no component is configured for that domain")
+            # Named (quoted, cut short: the peer chose it) for the log line of the refusal.
+            asked = json.dumps(domain[:100])
+            raise StreamError("host-unknown", f"no component is configured for {asked}")
         self.phase = Phase.OPENED
 
     def _on_element(self, el: etree._Element, events: list[Event]) -> None:
