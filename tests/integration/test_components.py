@@ -303,6 +303,8 @@ async def test_stanzas_queued_when_the_connection_drops_are_bounced(
         got = await next_message(alice)
         assert (got["type"], got["id"]) == ("error", "m1")
         assert got["error"]["condition"] == "remote-server-timeout"
+        # Its one fate in the ledger is the bounce: it never reached the component.
+        assert (server.router.ledger.bounced, server.router.ledger.to_remote) == (1, 0)
         await asyncio.wait_for(component.ended.wait(), WAIT)
     finally:
         await close(alice)

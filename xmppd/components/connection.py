@@ -11,6 +11,7 @@ from lxml import etree
 
 from xmppd.stream import component
 from xmppd.stream.errors import StreamError
+from xmppd.xml import ns
 
 if TYPE_CHECKING:
     from xmppd.components.service import ComponentService
@@ -119,6 +120,12 @@ class ComponentConnection(asyncio.Protocol):
         if transport is None:
             return
         data = self.stream.output()
+        # Written now: the messages' fate is the component's (the ledger's to_remote);
+        # until here a lost connection bounces them instead (connection_lost).
+        written = sum(
+            1 for s, _ in self._unwritten if s.tag == ns.C_MESSAGE and s.get("type") != "error"
+        )
+        self.service.server.router.ledger.to_remote += written
         self._unwritten.clear()
         hung = False
         if data:

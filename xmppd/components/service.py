@@ -196,8 +196,6 @@ class ComponentService:
         conn = self.serving.get(domain)
         if conn is not None and conn.send(stanza, routed.bounce):
             self.server.traffic.sent(stanza.tag)
-            if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
-                self.server.router.ledger.to_remote += 1  # its fate: the component's now
             return
         node = self.elsewhere.get(domain)
         cluster = self.server.cluster
