@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.integration.clients import close
-from tests.integration.conftest import StartServer
+from tests.integration.conftest import StartServer, write_config
 from tests.integration.s2s_clients import next_message, xmppd_user
 from tests.integration.s2s_peers import XMPPD_ADDRESS, free_port, issue, make_ca
+from xmppd.config import load_config
 from xmppd.server import Server
 
 OTHER_ADDRESS = "127.0.18.5"  # d.test
@@ -117,3 +118,27 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
     finally:
         await close(bob)
         await close(dora)
+
+
+async def test_workers_share_the_s2s_ports(tmp_path: Path) -> None:
+    """`xmppd --workers N` starts N nodes with reuse_port (xmppd.cli.server): each binds
+    the s2s ports, STARTTLS and direct TLS, as it binds the client ports."""
+    starttls, direct = free_port(XMPPD_ADDRESS), free_port(XMPPD_ADDRESS)
+    section = {
+        "listeners": [
+            {"address": XMPPD_ADDRESS, "port": starttls},
+            {"address": XMPPD_ADDRESS, "port": direct, "direct_tls": True},
+        ]
+    }
+    workers: list[Server] = []
+    try:
+        for _ in range(2):
+            worker = Server(load_config(write_config(tmp_path, s2s=section)), reuse_port=True)
+            await worker.start()
+            workers.append(worker)
+        for worker in workers:
+            assert worker.s2s is not None
+            assert sorted(port for _, port in worker.s2s.listening) == sorted([starttls, direct])
+    finally:
+        for worker in workers:
+            await worker.stop()

@@ -125,12 +125,17 @@ class S2SService:
                     listener.address,
                     listener.port,
                     reuse_address=True,
+                    reuse_port=self.server.reuse_port or None,  # xmppd --workers
                     ssl=self._direct_server_context,
                     ssl_handshake_timeout=self.config.auth_timeout,
                 )
             else:
                 server = await loop.create_server(
-                    self._incoming, listener.address, listener.port, reuse_address=True
+                    self._incoming,
+                    listener.address,
+                    listener.port,
+                    reuse_address=True,
+                    reuse_port=self.server.reuse_port or None,
                 )
             self._servers.append(server)
             for sock in server.sockets:
