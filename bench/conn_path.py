@@ -130,8 +130,18 @@ def login_steps(n: int) -> list[bytes]:
     ]
 
 
+class PlainConnection(C2SConnection):
+    """A direct TLS stream whose handshake is taken as done: without --tls, conn_path
+    measures what xmppd does above TLS, on a transport that only counts bytes."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._tls = None
+        self._open()
+
+
 async def login(server: Server, n: int) -> C2SConnection:
-    conn = C2SConnection(server, direct_tls=True)
+    conn = PlainConnection(server, direct_tls=True)
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
     header, auth, header2, bind, presence = login_steps(n)
     conn.data_received(header)
