@@ -1,6 +1,6 @@
 """CPU per chat message of xmppd's own Python, connection layer included, no sockets.
 
-usage: python bench/conn_path.py [--users N] [--messages M] [--repeat R] [--batch B]
+usage: python bench/conn_path.py [--users N] [--messages M] [--repeat R] [--batch B] [--tls]
 
 A real node (`Server` with the bench's module set, SQLite in a temporary
 folder) and N real `C2SConnection`s on fake transports (direct TLS assumed,
@@ -17,6 +17,18 @@ keeps: everything xmppd's Python does per read and per write, over as many
 connections as the live benchmark, so the A/B comparison of a change to
 that path is deterministic enough on a busy machine where the live
 benchmark's CPU per message moves with the batching the machine allows.
+
+With --tls the same messages go over real loopback TCP connections to a
+direct TLS listener, so the transport is in (uvloop, TLS records, socket
+syscalls, the kernel's loopback TCP): the users log in over TLS 1.3, each
+message is encrypted by its sender's client-side `ssl.SSLObject` before the
+timing starts, and in the timed part the bench only sends each message's
+record with one `send()` and lets the loop run until the server has
+written the delivery (the ledger's `written` count); nothing is read on the
+client side (30,000 deliveries fit in the sockets' buffers). So the time is
+the server's whole per-message work plus one client `send()`, with one read
+per loop iteration as above: comparable between two builds of the
+transport, which plain conn_path cannot see.
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ import argparse
 import asyncio
 import base64
 import random
+import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -35,6 +49,7 @@ import uvloop
 
 from xmppd.config import load_config
 from xmppd.connection import C2SConnection
+from xmppd.ledger import MessageLedger
 from xmppd.server import Server
 
 DOMAIN = "bench.local"
@@ -85,7 +100,8 @@ def write_config(folder: Path) -> Path:
     path = folder / "xmppd.yml"
     path.write_text(
         f"hosts: [{DOMAIN}]\ndata_dir: {folder}/data\nlog_level: warning\n"
-        "listeners:\n  - type: starttls\n    address: 127.0.0.1\n    port: 0\n"
+        "listeners:\n  - type: direct_tls\n    address: 127.0.0.1\n    port: 0\n"
+        "    backlog: 4096\n"
         "admin:\n  port: 0\n"
         "limits:\n  max_connections_per_ip: 0\n"
         "auth:\n  mechanisms: [PLAIN]\n  scram_iterations: 4096\n"
@@ -102,24 +118,203 @@ async def until(predicate: Any, what: str) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-async def login(server: Server, n: int) -> C2SConnection:
-    conn = C2SConnection(server, direct_tls=True)
-    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
-    conn.data_received(HEADER)
+def login_steps(n: int) -> list[bytes]:
     token = base64.b64encode(f"\0user{n}\0pass{n}".encode()).decode()
-    conn.data_received(
-        f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>".encode()
-    )
-    await until(lambda: conn.stream.authenticated, "authentication")
-    conn.data_received(HEADER)
-    conn.data_received(
+    return [
+        HEADER,
+        f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>".encode(),
+        HEADER,
         b"<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
-        b"<resource>r</resource></bind></iq>"
-    )
+        b"<resource>r</resource></bind></iq>",
+        b"<presence/>",
+    ]
+
+
+class PlainConnection(C2SConnection):
+    """A direct TLS stream whose handshake is taken as done: without --tls, conn_path
+    measures what xmppd does above TLS, on a transport that only counts bytes."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._tls = None
+        self._open()
+
+
+async def login(server: Server, n: int) -> C2SConnection:
+    conn = PlainConnection(server, direct_tls=True)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    header, auth, header2, bind, presence = login_steps(n)
+    conn.data_received(header)
+    conn.data_received(auth)
+    await until(lambda: conn.stream.authenticated, "authentication")
+    conn.data_received(header2)
+    conn.data_received(bind)
     await until(lambda: conn.session is not None, "bind")
-    conn.data_received(b"<presence/>")
+    conn.data_received(presence)
     await until(lambda: conn.session is not None and conn.session.available, "presence")
     return conn
+
+
+class TLSClient:
+    """One user over a real loopback socket, TLS done by hand on memory BIOs so that
+    its records can be made before the timed part and sent with one send() each."""
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = self.context.wrap_bio(self.incoming, self.outgoing, server_side=False)
+        self.text = b""
+
+    async def pump(self) -> None:
+        """Send what TLS has for the server, then wait for and take in its answer."""
+        loop = asyncio.get_running_loop()
+        out = self.outgoing.read()
+        if out:
+            await loop.sock_sendall(self.sock, out)
+        data = await loop.sock_recv(self.sock, 65536)
+        if not data:
+            raise SystemExit("the server closed a connection during login")
+        self.incoming.write(data)
+        while True:
+            try:
+                self.text += self.tls.read(65536)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                return
+
+    async def until(self, marker: bytes) -> None:
+        while marker not in self.text:
+            await self.pump()
+        self.text = b""
+
+    def record(self, data: bytes) -> bytes:
+        self.tls.write(data)
+        return self.outgoing.read()
+
+
+async def tls_login(port: int, n: int) -> TLSClient:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    client = TLSClient(sock)
+    while True:
+        try:
+            client.tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            await client.pump()
+    header, auth, header2, bind, presence = login_steps(n)
+    for data, marker in ((header, b"</stream:features>"), (auth, b"<success"),
+                         (header2, b"</stream:features>"), (bind, b"</iq>")):
+        await loop.sock_sendall(sock, client.record(data))
+        await client.until(marker)
+    await loop.sock_sendall(sock, client.record(presence))
+    return client
+
+
+def drain(clients: list[TLSClient]) -> None:
+    """Read and drop what the server sent (presence, tickets): empty buffers to start."""
+    for client in clients:
+        while True:
+            try:
+                if not client.sock.recv(65536):
+                    break
+            except BlockingIOError:
+                break
+
+
+class WatchedLedger(MessageLedger):
+    """The server's ledger, calling `hook` when a delivery is written to a transport:
+    the bench waits for that in epoll, not by spinning the loop (which would count)."""
+
+    __slots__ = ("_written", "hook")
+
+    def __init__(self) -> None:
+        self._written = 0
+        self.hook: Any = None
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def written(self) -> int:
+        return self._written
+
+    @written.setter
+    def written(self, value: int) -> None:
+        self._written = value
+        if self.hook is not None:
+            self.hook()
+
+
+def send_each(
+    reads: list[tuple[socket.socket, bytes]], ledger: WatchedLedger
+) -> asyncio.Future[None]:
+    """Send each record, then wait until the server has written its delivery before
+    the next: one read per loop iteration, as feed() does without sockets."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    it = iter(reads)
+
+    def step() -> None:
+        for sock, data in it:
+            sock.send(data)
+            return
+        ledger.hook = None
+        done.set_result(None)
+
+    ledger.hook = lambda: loop.call_soon(step)
+    step()
+    return done
+
+
+async def run_tls(args: argparse.Namespace) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(load_config(write_config(Path(tmp))))
+        await server.start()
+        try:
+            accounts = server.accounts[DOMAIN]
+            for n in range(1, args.users + 1):
+                await accounts.register(f"user{n}", f"pass{n}")
+            port = server.listening[0].port
+            ledger = server.router.ledger = WatchedLedger()
+            clients = [await tls_login(port, n) for n in range(1, args.users + 1)]
+            await until(
+                lambda: sum(1 for c in server.connections
+                            if c.session is not None and c.session.available) == args.users,
+                "presence",
+            )
+            await server.router.drain()
+            await asyncio.sleep(0.2)
+            rng = random.Random(1)
+            body = "x" * 64
+            plan = []
+            for i in range(args.messages):
+                a = rng.randrange(args.users)
+                b = rng.randrange(args.users - 1)
+                b += b >= a
+                plan.append((clients[a], (
+                    f"<message type='chat' to='user{b + 1}@{DOMAIN}' id='{i}'>"
+                    f"<body>chatload:{i}:{body}</body></message>"
+                ).encode()))
+            results = []
+            for _ in range(args.repeat + 1):  # the first pass warms caches and lists up
+                drain(clients)
+                reads = [(c.sock, c.record(data)) for c, data in plan]
+                delivered = server.router.ledger.delivered
+                start = time.process_time()
+                await send_each(reads, ledger)
+                elapsed = time.process_time() - start
+                got = server.router.ledger.delivered - delivered
+                assert got == len(plan), (got, len(plan))
+                results.append(elapsed / got * 1e6)
+            for c in clients:
+                c.sock.close()
+            return results[1:]
+        finally:
+            await server.stop()
 
 
 def feed(reads: list[tuple[C2SConnection, bytes]]) -> asyncio.Future[None]:
@@ -185,10 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=30000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="messages per read (default 1)")
+    parser.add_argument("--tls", action="store_true", help="over loopback TLS (see above)")
     args = parser.parse_args(argv)
-    results = uvloop.run(run(args))
+    results = uvloop.run(run_tls(args) if args.tls else run(args))
+    how = "over TLS" if args.tls else f"{args.batch} per read"
     sys.stdout.write(
-        f"conn_path: {args.users} users, {args.messages} messages, {args.batch} per read: "
+        f"conn_path: {args.users} users, {args.messages} messages, {how}: "
         f"us CPU per message {' '.join(f'{r:.2f}' for r in results)} (best {min(results):.2f})\n"
     )
     return 0

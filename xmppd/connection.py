@@ -1,10 +1,14 @@
 """A client connection: the asyncio transport around one sans-IO C2SStream.
 
-This is the application half: it starts TLS when the stream asks, hands
-the login to `StreamLogin` (SASL, throttle, bind) and, once bound, is the
-`Transport` of its `ClientSession`: the router delivers to the session, the
-session writes here. Output is coalesced: stanzas delivered during one
-loop iteration leave in one write.
+This is the application half: it runs TLS itself on a plain TCP transport
+(direct TLS from the first byte, or STARTTLS when the stream asks: the same
+connection switches in place), hands the login to `StreamLogin` (SASL,
+throttle, bind) and, once bound, is the `Transport` of its `ClientSession`:
+the router delivers to the session, the session writes here. Output is
+coalesced: stanzas delivered during one loop iteration leave in one write,
+encrypted with one call.
+
+Why TLS here and not in uvloop's SSL transport: see xmppd/tlslayer.py.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 import weakref
 from typing import TYPE_CHECKING
 
@@ -23,6 +28,7 @@ from xmppd.sasl.channel_binding import connection_channel_bindings
 from xmppd.session import ClientSession
 from xmppd.stream import c2s
 from xmppd.stream.errors import StreamError
+from xmppd.tlslayer import TLSLayer
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
@@ -33,8 +39,11 @@ log = logging.getLogger(__name__)
 _READ_BUFFER = memoryview(bytearray(65536))
 """Where every connection's reads land (BufferedProtocol). Each read is consumed
 by buffer_updated before the loop starts another, so one buffer serves all
-connections, and the TLS layer decrypts into it instead of allocating a
-256 KiB bytes object per read (uvloop's copying path)."""
+connections; TLS records go from it into the connection's TLS layer."""
+
+TLS_SHUTDOWN_SECONDS = 30.0
+"""After our close_notify, how long the peer has to answer with its own (or close)
+before the TCP connection is cut; uvloop's SSL transport waited as long."""
 
 PARSER_IDLE_SECONDS = 10.0
 """A stream that received nothing for this long (up to twice as long) frees its XML parser."""
@@ -47,22 +56,21 @@ class C2SConnection(asyncio.BufferedProtocol):
         # In every log line about this connection (login, logout, refusal), so that
         # one grep finds its story; random, so ids from several nodes do not clash.
         self.id = secrets.token_hex(4)
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport | None = None  # TCP; TLS is self._tls
+        self._tls: TLSLayer | None = None
+        self._closing = False  # our TLS close_notify is sent: the transport closes next
         self.ip = "?"
         self.stream = c2s.C2SStream(server.stream_settings(direct_tls))
         self.session: ClientSession | None = None  # once a resource is bound
         self.login: StreamLogin | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
+        self._shutdown_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._queued_messages = 0  # message stanzas in the stream's output, not yet written
         self._max_backlog = 4 * server.config.limits.max_stanza_bytes + 65536
         self._counted = False
         self._ended = False
         self._received = True  # data came since the last idle sweep
-        # Decrypted bytes that came before start_tls() returned: the client's new stream
-        # header may ride with its TLS Finished, and the event loop may hand it to us
-        # before our coroutine resumes; it must reach the stream after tls_started().
-        self._before_tls: list[bytes] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -70,11 +78,18 @@ class C2SConnection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if peer else "?"
-        self.login = StreamLogin(self.server, self.stream, self.ip, self._flush, self.id)
-        loop = asyncio.get_running_loop()
-        self._auth_timer = loop.call_later(
+        # From TCP accept to bound (docs/config.md), the TLS handshake included.
+        self._auth_timer = asyncio.get_running_loop().call_later(
             self.server.config.limits.auth_timeout, self._auth_timeout
         )
+        if self.direct_tls:
+            self._tls = TLSLayer(self.server.tls.context)  # the stream opens after the handshake
+        else:
+            self._open()
+
+    def _open(self) -> None:
+        """The stream may begin: at accept, or after the handshake of direct TLS."""
+        self.login = StreamLogin(self.server, self.stream, self.ip, self._flush, self.id)
         if not self.server.connection_opened(self):
             self.stream.fail(
                 StreamError("policy-violation", "too many connections from your address")
@@ -90,12 +105,40 @@ class C2SConnection(asyncio.BufferedProtocol):
         return _READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_BUFFER[:nbytes].tobytes())
+        tls = self._tls
+        if tls is None:
+            self.data_received(_READ_BUFFER[:nbytes].tobytes())
+            return
+        try:
+            if tls.ready:
+                data = tls.receive(_READ_BUFFER[:nbytes])
+            else:
+                data = self._handshake(tls, _READ_BUFFER[:nbytes])
+        except ssl.SSLError as exc:
+            self._tls_failed(exc)
+            return
+        if data:
+            if not self._closing:  # after our close_notify, what comes is dropped
+                self.data_received(data)
+        elif data is None:
+            self._peer_closed(tls)
+            return
+        if tls.has_output():  # a handshake message or a key update's answer
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(tls.output())
+
+    def _peer_closed(self, tls: TLSLayer) -> None:
+        """The client's close_notify: answer ours (unless it answers ours) and close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self._closing:
+            transport.write(tls.shutdown())
+        transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._before_tls is not None:
-            self._before_tls.append(data)
-            return
+        """Plaintext from the client (decrypted when TLS is on)."""
         self._received = True
         self._handle(self.stream.receive(data))
         self._flush()
@@ -106,6 +149,8 @@ class C2SConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        if self._shutdown_timer is not None:
+            self._shutdown_timer.cancel()
         if self.login is not None:
             self.login.cancel()
         if self._counted:
@@ -177,12 +222,9 @@ class C2SConnection(asyncio.BufferedProtocol):
             elif isinstance(event, c2s.BindRequested):
                 self._bind(event)
             elif isinstance(event, c2s.TLSRequested):
-                assert self.transport is not None
-                # No plaintext byte may reach the parser after <proceed/>.
-                self.transport.pause_reading()
-                self._before_tls = []
+                # <proceed/> leaves in plaintext; every byte read after it is TLS.
                 self._flush()
-                asyncio.ensure_future(self._start_tls())
+                self._tls = TLSLayer(self.server.tls.context)
             elif isinstance(event, c2s.PreAuthIQ):
                 self.server.router.spawn(self._preauth_iq(event.iq))
             elif isinstance(event, c2s.NonzaReceived):
@@ -192,24 +234,77 @@ class C2SConnection(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         transport = self.transport
-        if transport is None:
+        if transport is None or self._closing:
+            return
+        tls = self._tls
+        if tls is not None and not tls.ready:
+            # Mid-handshake (STARTTLS after <proceed/>): nothing may be written but TLS,
+            # so a stream that ends now (timeout, shutdown) just drops the connection.
+            self.stream.output()
+            if self.stream.closed:
+                self._end_session()
+                transport.abort()
             return
         data = self.stream.output()
         if data:
-            transport.write(data)
+            transport.write(data if tls is None else tls.encrypt(data))
             if self._queued_messages:
                 self.server.router.ledger.written += self._queued_messages
                 self._queued_messages = 0
             if transport.get_write_buffer_size() > self._max_backlog and not self.stream.closed:
                 # A client that stops reading must not make us buffer without bound.
                 self.stream.fail(StreamError("policy-violation", "you are not reading your stream"))
-                transport.write(self.stream.output())
+                data = self.stream.output()
+                transport.write(data if tls is None else tls.encrypt(data))
         if self.stream.closed:
             # The stream is over even if the TLS shutdown takes a while: stop routing here now.
             self._end_session()
             if not transport.is_closing():
                 self._log_stream_error()
-                transport.close()
+                self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close the connection; with TLS, send close_notify and give the client
+        TLS_SHUTDOWN_SECONDS to answer with its own or close (what it sends
+        meanwhile is read and dropped), so that its last reads are not cut by a reset."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._closing:
+            return
+        tls = self._tls
+        if tls is None or not tls.ready:
+            transport.close()
+            return
+        self._closing = True
+        transport.write(tls.shutdown())
+        self._shutdown_timer = asyncio.get_running_loop().call_later(
+            TLS_SHUTDOWN_SECONDS, transport.abort
+        )
+
+    def _handshake(self, tls: TLSLayer, data: memoryview) -> bytes | None:
+        """Advance the TLS handshake with `data`; once it is complete, start (direct
+        TLS) or restart (STARTTLS) the stream and return what application data came
+        with the client's Finished (the restarted stream's header often does)."""
+        if not tls.handshake(data):
+            return b""
+        if self.direct_tls:  # the stream begins now
+            self._open()
+            if self.transport is None or self.stream.closed:
+                return b""
+        else:
+            self.stream.tls_started(self._channel_bindings())
+        return tls.receive(b"")
+
+    def _tls_failed(self, exc: ssl.SSLError) -> None:
+        """A refused handshake or a bad record: nothing more can be read, cut the connection."""
+        tls = self._tls
+        if tls is not None and not tls.ready:
+            log.info("TLS handshake with %s failed: %s conn=%s", self.ip, exc, self.id)
+        else:
+            log.info("TLS error from %s: %s conn=%s", self.ip, exc, self.id)
+        if self.transport is not None:
+            if tls is not None and tls.has_output():  # the alert that says why
+                self.transport.write(tls.output())
+            self.transport.abort()
 
     def _log_stream_error(self) -> None:
         """One line at the default level for every stream we end with an error, so a
@@ -328,38 +423,18 @@ class C2SConnection(asyncio.BufferedProtocol):
                 return  # stream management keeps it, waiting to be resumed
             self.server.session_ended(session)
 
-    async def _start_tls(self) -> None:
-        transport = self.transport
-        assert transport is not None
-        loop = asyncio.get_running_loop()
-        try:
-            new_transport = await loop.start_tls(
-                transport,
-                self,
-                self.server.tls.context,
-                server_side=True,
-                ssl_handshake_timeout=self.server.config.limits.auth_timeout,
-            )
-        except (TimeoutError, OSError, ConnectionError) as exc:
-            log.info("TLS handshake with %s failed: %s conn=%s", self.ip, exc, self.id)
-            transport.abort()
-            return
-        if new_transport is None:
-            return
-        self.transport = new_transport  # type: ignore[assignment]
-        self.stream.tls_started(self._channel_bindings())
-        early, self._before_tls = b"".join(self._before_tls or ()), None
-        if early:
-            self.data_received(early)
-
     def _channel_bindings(self) -> dict[str, bytes]:
-        assert self.transport is not None
-        ssl_object = self.transport.get_extra_info("ssl_object")
-        if ssl_object is None:
+        if self._tls is None:
             return {}
-        return connection_channel_bindings(ssl_object, self.server.tls.cert_der)
+        return connection_channel_bindings(self._tls.ssl_object, self.server.tls.cert_der)
 
     def _auth_timeout(self) -> None:
+        self._auth_timer = None
+        if self._tls is not None and not self._tls.ready and self.transport is not None:
+            # Nothing can be written mid-handshake: no stream error, just the cut.
+            log.info("TLS handshake with %s timed out conn=%s", self.ip, self.id)
+            self.transport.abort()
+            return
         if self.session is None and not self.stream.closed:
             self.stream.fail(StreamError("connection-timeout", "authenticate and bind in time"))
             self._flush()

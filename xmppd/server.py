@@ -227,9 +227,7 @@ class Server:
                 lambda direct=direct: C2SConnection(self, direct),  # type: ignore[misc]
                 listener.address,
                 listener.port,
-                ssl=self.tls.context if direct else None,
-                backlog=listener.backlog,
-                ssl_handshake_timeout=config.limits.auth_timeout if direct else None,
+                backlog=listener.backlog,  # TLS, direct or not, is the connection's own
                 reuse_address=True,
                 reuse_port=self.reuse_port or None,
             )
