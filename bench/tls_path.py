@@ -136,7 +136,8 @@ class LayerTLS(Forwarder, asyncio.BufferedProtocol):
 async def serve(mode: str, size: int, port_file: Path, cert: Path, key: Path) -> None:
     context = server_tls(cert, key).context
     loop = asyncio.get_running_loop()
-    factory: type[Forwarder] = {"uvloop": UvloopTLS, "layer": LayerTLS, "plain": Plain}[mode]
+    kinds: dict[str, type[Forwarder]] = {"uvloop": UvloopTLS, "layer": LayerTLS, "plain": Plain}
+    factory = kinds[mode]
     LayerTLS.context = context
     server = await loop.create_server(
         lambda: factory(size),  # type: ignore[arg-type,return-value]
