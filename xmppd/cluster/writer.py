@@ -67,7 +67,8 @@ MAX_PENDING = 100_000
 
 INBOX_MAXLEN = 100_000
 """Entries a node's inbox holds at most (its reader fell that far behind): a forward
-past that is refused and the stanza routed again on the sender's node."""
+past that is refused and its stanzas routed again on the sender's node. An entry
+holds one stanza at ordinary rates, up to PER_ENTRY in bursts."""
 
 FORWARD_WAIT = 5.0
 """Seconds a stanza for another node waits for Redis before it is routed again here
