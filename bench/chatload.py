@@ -19,6 +19,13 @@ barrier, gives every worker the same start time, decides when the drain is
 over and merges the per-id accounts, so a message sent by one worker and
 received by another is reconciled exactly.
 
+With --ports P1,P2,... (several nodes of a cluster, each on its own port)
+user i connects to the port numbered i modulo their count, and --pairs says
+whom each message goes to: `any` user, one on the `same` port as its
+sender (nothing crosses nodes), or one on an `other` port (everything
+does): bench/cluster_bench.py measures a local and a cross-node message
+that way, on the same nodes under the same load.
+
 The client is small on purpose: stanzas are written as preformatted bytes
 and incoming data is scanned for `<message` ... `</message>` and our marker
 in the body, not parsed as XML, so the generator's core goes to the load.
@@ -65,7 +72,7 @@ ID_ATTR = re.compile(rb"""\sid=['"]([^'"]*)['"]""")
 # ------------------------------------------------------------------ one client
 
 
-async def starttls_socket(plan: Plan, header: bytes) -> socket.socket:
+async def starttls_socket(plan: Plan, port: int, header: bytes) -> socket.socket:
     """A socket on which the server has said <proceed/> to STARTTLS.
 
     The plain-text part is done on the bare socket so that TLS is set up by
@@ -75,7 +82,7 @@ async def starttls_socket(plan: Plan, header: bytes) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, (plan.host, plan.port)), STEP_TIMEOUT_S)
+        await asyncio.wait_for(loop.sock_connect(sock, (plan.host, port)), STEP_TIMEOUT_S)
         await loop.sock_sendall(sock, header)
         await _read_until(sock, FEATURES)
         await loop.sock_sendall(sock, b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
@@ -158,7 +165,7 @@ class Client(asyncio.Protocol):
     async def login(self, plan: Plan, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         header = HEADER.format(domain=plan.domain).encode()
-        sock = await starttls_socket(plan, header)
+        sock = await starttls_socket(plan, plan.ports[self.index % len(plan.ports)], header)
         await loop.create_connection(lambda: self, sock=sock, ssl=ctx,
                                      server_hostname=plan.domain)
         self.send(header)
@@ -247,7 +254,8 @@ class Plan:
     """What a worker is told on its command line."""
 
     host: str
-    port: int
+    ports: list[int]  # user i connects to ports[i % len(ports)]
+    pairs: str  # a message goes to "any" user, one on the "same" port, one on an "other"
     domain: str
     user_prefix: str
     pass_prefix: str
@@ -352,13 +360,22 @@ class Worker:
         prefix = plan.nonce.encode() + b"." + str(plan.worker).encode() + b"."
         end, due = t0 + int(plan.duration * NS), t0 + int(rng.expovariate(plan.rate) * NS)
         await asyncio.sleep(max(0, t0 - time.monotonic_ns()) / NS)
+        ports = len(plan.ports)
+
+        def pair(sender: int, to: int) -> bool:
+            if plan.pairs == "same":
+                return sender % ports == to % ports
+            if plan.pairs == "other":
+                return sender % ports != to % ports
+            return True
+
         cpu0 = _cpu_s()
         while due < end and senders and len(online) > 1:
             now = time.monotonic_ns()
             while due <= now and due < end:
                 sender = senders[rng.randrange(len(senders))]
                 to = online[rng.randrange(len(online))]
-                while to == sender.index:
+                while to == sender.index or not pair(sender.index, to):
                     to = online[rng.randrange(len(online))]
                 if sender.done.done():
                     self.unsendable += 1
@@ -415,8 +432,10 @@ async def run_worker(plan: Plan) -> None:
     commands = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
     worker = Worker(plan)
+    cpu0, start = _cpu_s(), time.time()
     await worker.log_in()
-    _say({"ev": "online", "online": sorted(worker.clients)})
+    _say({"ev": "online", "online": sorted(worker.clients), "cpu_login_s": _cpu_s() - cpu0,
+          "login_start_epoch": start, "login_end_epoch": time.time()})
     go = json.loads(await commands.readline())
     if go["cmd"] == "go":
         sending = asyncio.ensure_future(worker.send(go["t0"], go["online"]))
@@ -470,7 +489,8 @@ async def spawn(args: argparse.Namespace, nonce: str) -> list[Child]:
     children = []
     for worker, block in enumerate(split(args.users, args.procs)):
         share = len(block) / args.users
-        plan = Plan(args.host, args.port, args.domain, args.user_prefix, args.pass_prefix,
+        plan = Plan(args.host, args.ports, args.pairs, args.domain, args.user_prefix,
+                    args.pass_prefix,
                     block, args.arrival_rate * share, args.rate * share, args.duration,
                     args.size, nonce, worker, args.seed * 1000 + worker)
         proc = await asyncio.create_subprocess_exec(
@@ -533,6 +553,13 @@ async def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         "drain_s": None if drained is None else round(drained, 2),
         "drain_timed_out": bool(ready) and drained is None,
         "generator_cpu_s": round(_cpu_s() + _children_cpu_s(), 3),
+        # The workers' CPU while their users logged in: near login_s per worker process
+        # means the generator, not the server, set the login rate.
+        "generator_login_cpu_s": round(sum(r["cpu_login_s"] for r in ready or []), 3),
+        # From the first login to the last user online, without the workers' start
+        # (login_s counts from their spawn: interpreter and imports, 0.3-0.6 s here).
+        "login_start_epoch": min((r["login_start_epoch"] for r in ready or []), default=None),
+        "login_end_epoch": max((r["login_end_epoch"] for r in ready or []), default=None),
     })
     return summary
 
@@ -633,6 +660,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5222)
+    p.add_argument("--ports", default="",
+                   help="P1,P2,...: user i connects to the port numbered i modulo their count")
+    p.add_argument("--pairs", choices=("any", "same", "other"), default="any",
+                   help="recipients: any user, one on the sender's port, one on another port")
     p.add_argument("--domain", default=os.environ.get("DOMAIN", "bench.local"))
     p.add_argument("--user-prefix", default=os.environ.get("USER_PREFIX", "user"))
     p.add_argument("--pass-prefix", default=os.environ.get("PASS_PREFIX", "pass"))
@@ -647,6 +678,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=1, help="worker processes")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    args.ports = [int(port) for port in args.ports.split(",")] if args.ports else [args.port]
+    if args.pairs == "other" and len(args.ports) < 2:
+        p.error("--pairs other needs at least two --ports")
     if args.users < 2 or args.procs < 1 or args.procs > args.users or args.rate <= 0:
         p.error("need --users >= 2, 1 <= --procs <= --users and --rate > 0")
     return args

@@ -23,6 +23,16 @@ reported beside it (it is the cluster's cost too, though not a node's).
 
 Targets (issue 13): X <= 1.5 L; two workers log in >= 1.8x the users/s of one.
 
+Then (unless --no-placed) two nodes again, one worker each on a port of its
+own, user i on node i % 2 (chatload --ports): once with every message
+between users of the same node (`--pairs same`: the local cost L2 on two
+nodes, under the same load as the cross-node run), once with every message
+crossing (`--pairs other`: X measured directly, no subtraction). L2 against
+L says what splitting the load over two processes costs by itself; X
+against L2 what the crossing costs. The users split exactly in two there,
+where SO_REUSEPORT spreads them as the kernel hashes them: the logins/s of
+these runs against the `--workers 2` run say whether the spread matters.
+
 Caveats it prints: the load generator runs on the same cores as the
 workers (a 2-core machine cannot separate them), so login throughput with
 two workers is bounded by what the generator leaves them; the CPU per
@@ -44,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +81,28 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-class Sampler(threading.Thread):
-    """(wall time, CPU seconds summed over `pids`) every SAMPLE_S, until stopped."""
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine spent busy so far (every process's: this
+    machine is shared), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / TICKS
 
-    def __init__(self, pids: list[int]) -> None:
+
+class Sampler(threading.Thread):
+    """(wall time, CPU seconds summed over `pids`, or what `measure` says) every
+    SAMPLE_S, until stopped."""
+
+    def __init__(self, pids: list[int], measure: Callable[[], float] | None = None) -> None:
         super().__init__(daemon=True)
-        self.pids = pids
+        self.measure = measure or (lambda: sum(cpu_s(p) for p in pids))
         self.samples: list[tuple[float, float]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            self.samples.append((time.time(), sum(cpu_s(p) for p in self.pids)))
+            self.samples.append((time.time(), self.measure()))
             self.done.wait(SAMPLE_S)
 
     def at(self, when: float) -> float:
@@ -96,8 +117,11 @@ class Sampler(threading.Thread):
         return c0 if t1 == t0 else c0 + (c1 - c0) * (when - t0) / (t1 - t0)
 
 
-def write_config(workdir: Path, port: int, redis_url: str, iterations: int) -> Path:
-    path = workdir / "xmppd.yml"
+def write_config(
+    workdir: Path, port: int, redis_url: str, iterations: int, node: str = "bench",
+    name: str = "xmppd.yml",
+) -> Path:
+    path = workdir / name
     path.write_text(
         f"""\
 hosts: [{DOMAIN}]
@@ -116,7 +140,7 @@ storage:
   cache: {{backend: none}}   # shared by the workers: no in-process copy to go stale
 cluster:
   redis_url: {redis_url}
-  node_name: bench
+  node_name: {node}
 """
     )
     return path
@@ -140,24 +164,25 @@ def worker_pids(data_dir: Path) -> list[tuple[int, str]]:
 
 
 async def scrape(data_dir: Path, urls: list[str]) -> dict[str, float]:
-    """The workers' /metrics, summed over workers: sample name -> value."""
+    """The workers' /metrics, summed over workers: sample name -> value; and each
+    worker's count of logins as "xmppd_logins_total@N" (how the users were spread)."""
     total: dict[str, float] = {}
     headers = {"Authorization": f"Bearer {read_token(data_dir)}"}
     async with aiohttp.ClientSession(headers=headers) as http:
-        for url in urls:
+        for n, url in enumerate(urls):
             async with http.get(url + "/metrics") as response:
                 text = await response.text()
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
                     key = sample.name + "".join(f"{{{v}}}" for v in sample.labels.values())
                     total[key] = total.get(key, 0.0) + sample.value
+                    if key == "xmppd_logins_total":
+                        total[f"{key}@{n}"] = sample.value
     return total
 
 
-def run_one(
-    args: argparse.Namespace, config: Path, port: int, workers: int, redis_pid: int
-) -> dict[str, Any]:
-    data_dir = config.parent / "data"
+def start(config: Path, workers: int) -> subprocess.Popen[str]:
+    """`xmppd --workers N`, once all its workers are ready."""
     server = subprocess.Popen(
         [sys.executable, "-m", "xmppd", "-c", str(config), "--workers", str(workers)],
         stderr=subprocess.PIPE, text=True,
@@ -171,19 +196,36 @@ def run_one(
                 break
         else:
             raise SystemExit(f"xmppd --workers {workers} did not start")
+    finally:
         watchdog.cancel()
-        threading.Thread(target=lambda: server.stderr.read() if server.stderr else None,
-                         daemon=True).start()
+    threading.Thread(target=lambda: server.stderr.read() if server.stderr else None,
+                     daemon=True).start()
+    return server
+
+
+def run_one(
+    args: argparse.Namespace, configs: list[Path], ports: list[int], workers: int,
+    redis_pid: int, pairs: str = "any",
+) -> dict[str, Any]:
+    """One run: `xmppd --workers N` (one config), or one single-worker node per config,
+    each on its own port (user i on ports[i % len]; `pairs`: chatload's --pairs)."""
+    data_dir = configs[0].parent / "data"
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        for config in configs:
+            servers.append(start(config, workers if len(configs) == 1 else 1))
         found = worker_pids(data_dir)
         pids, urls = [p for p, _ in found], [u for _, u in found]
         sampler = Sampler(pids)
         redis = Sampler([redis_pid])
+        machine = Sampler([], machine_busy_s)
         sampler.start()
         redis.start()
+        machine.start()
         before = asyncio.run(scrape(data_dir, urls))
-        started = time.time()
         chat = subprocess.run(
-            [sys.executable, str(BENCH / "chatload.py"), "--port", str(port),
+            [sys.executable, str(BENCH / "chatload.py"),
+             "--ports", ",".join(str(port) for port in ports), "--pairs", pairs,
              "--domain", DOMAIN, "--user-prefix", "user", "--pass-prefix", "pass",
              "--users", str(args.users), "--arrival-rate", str(args.login_rate),
              "--rate", str(args.rate), "--duration", str(args.duration),
@@ -193,16 +235,22 @@ def run_one(
         after = asyncio.run(scrape(data_dir, urls))
         sampler.done.set()
         redis.done.set()
+        machine.done.set()
         sampler.join()
         redis.join()
+        machine.join()
     finally:
-        watchdog.cancel()
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+        for server in servers:
+            server.wait(60)
     if not chat.stdout.strip():
         raise SystemExit(f"chatload wrote nothing:\n{chat.stderr[-3000:]}")
     load = json.loads(chat.stdout)
-    login_end = started + load["login_s"]
+    # The logins proper: from the first to the last user online (chatload's own start,
+    # interpreter and imports, is not the server's time).
+    started, login_end = load["login_start_epoch"], load["login_end_epoch"]
+    login_span = login_end - started
     send_start = load["send_start_epoch"]
     chat_end = load["send_end_epoch"] + (load["drain_s"] or 0.0)
     delivered = after["xmppd_messages_delivered_total"] - before["xmppd_messages_delivered_total"]
@@ -212,12 +260,20 @@ def run_one(
     chat_cpu = sampler.at(chat_end) - sampler.at(send_start)
     login_cpu = sampler.at(login_end) - sampler.at(started)
     return {
-        "workers": workers,
+        "workers": len(pids),
+        "placed": len(configs) > 1,
+        "pairs": pairs,
         "users": args.users,
         "users_online": load["users_online"],
-        "login_s": load["login_s"],
-        "logins_per_s": round(load["users_online"] / load["login_s"], 1),
+        "login_s": round(login_span, 2),
+        "logins_per_s": round(load["users_online"] / login_span, 1),
+        # As reported before: over chatload's login_s, which includes its start.
+        "logins_per_s_with_start": round(load["users_online"] / load["login_s"], 1),
         "server_cpu_ms_per_login": round(1000 * login_cpu / max(1, load["users_online"]), 3),
+        "logins_per_worker": [
+            int(after[f"xmppd_logins_total@{n}"] - before.get(f"xmppd_logins_total@{n}", 0.0))
+            for n in range(len(urls))
+        ],
         "sent": load["sent"],
         "delivered": int(delivered),
         "exact": load["exact"],
@@ -231,11 +287,26 @@ def run_one(
         ) if delivered else None,
         "latency_ms": load["latency_ms"],
         "generator_cpu_s": load["generator_cpu_s"],
+        "generator_login_cpu_s": load.get("generator_login_cpu_s"),
+        # Fraction of a core the workers used while the users logged in.
+        "server_login_cores": round(login_cpu / login_span, 2),
+        # ... and every process of the machine (of os.cpu_count() cores).
+        "machine_login_cores": round(
+            (machine.at(login_end) - machine.at(started)) / login_span, 2
+        ),
         "loadavg": open("/proc/loadavg").read().split()[:3],
     }
 
 
-def report(one: dict[str, Any], two: dict[str, Any]) -> str:
+def _cores(run: dict[str, Any]) -> str:
+    """The generator's CPU over the login phase, in cores."""
+    return f"{run['generator_login_cpu_s'] / run['login_s']:.2f}"
+
+
+def report(
+    one: dict[str, Any], two: dict[str, Any], same: dict[str, Any] | None = None,
+    other: dict[str, Any] | None = None,
+) -> str:
     local = one["server_cpu_us_per_msg"]
     f = two["cross_fraction"]
     mixed = two["server_cpu_us_per_msg"]
@@ -272,7 +343,48 @@ def report(one: dict[str, Any], two: dict[str, Any]) -> str:
         f"{one['logins_per_s']} with 1 = {login_ratio:.2f}x (target >= 1.8x: "
         f"{'met' if login_ratio >= 1.8 else 'NOT met'}). From the CPU per login, with a "
         f"core per worker: {capacity[0]:.0f} users/s with 1 worker, {capacity[1]:.0f} with 2 "
-        f"= {capacity[1] / capacity[0]:.2f}x.",
+        f"= {capacity[1] / capacity[0]:.2f}x. While the users logged in, the workers used "
+        f"{one['server_login_cores']} and {two['server_login_cores']} cores, the generator "
+        f"{_cores(one)} and {_cores(two)} (one process: at most 1), the whole machine "
+        f"{one['machine_login_cores']} and {two['machine_login_cores']} of its "
+        f"{os.cpu_count()}. Users per worker with 2: {two['logins_per_worker']}.",
+    ]
+    if same is not None and other is not None:
+        local2, cross2 = same["server_cpu_us_per_msg"], other["server_cpu_us_per_msg"]
+        f_other = other["cross_fraction"]
+        # Every message crossed in `other` (f = 1 but for any routed on the sender's node).
+        direct = (cross2 - (1 - f_other) * local2) / f_other if f_other else float("nan")
+        lines += [
+            "",
+            "Placed: two nodes (one worker each, each on its own port), user i on node i % 2;",
+            "chatload's --pairs same (no message crosses) then other (every one does):",
+            "",
+            "| pairs | logins/s | server CPU ms/login | delivered | exact | crossed nodes | "
+            "server CPU us/msg | Redis CPU us/msg | latency ms p50/p99 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in (same, other):
+            lat = r["latency_ms"] or {}
+            lines.append(
+                f"| {r['pairs']} | {r['logins_per_s']} | {r['server_cpu_ms_per_login']} | "
+                f"{r['delivered']} | {r['exact']} | {r['cross_node']} "
+                f"({100 * r['cross_fraction']:.0f} %) | {r['server_cpu_us_per_msg']} | "
+                f"{r['redis_cpu_us_per_msg']} | {lat.get('p50')}/{lat.get('p99')} |"
+            )
+        lines += [
+            "",
+            f"- Local message on two nodes: {local2} us ({local2 / local:.2f}x the local "
+            f"message on one worker).",
+            f"- Cross-node message, every message crossing: {direct:.1f} us = "
+            f"{direct / local2:.2f}x the local message on the same two nodes, "
+            f"{direct / local:.2f}x the one on one worker; plus "
+            f"{other['redis_cpu_us_per_msg'] / max(f_other, 1e-9):.1f} us in Redis.",
+            f"- Logins, the users split exactly in two: {same['logins_per_s']} and "
+            f"{other['logins_per_s']} users/s = "
+            f"{same['logins_per_s'] / one['logins_per_s']:.2f}x and "
+            f"{other['logins_per_s'] / one['logins_per_s']:.2f}x one worker.",
+        ]
+    lines += [
         "",
         "Caveat: chatload runs on the same cores as the workers, and other work on the "
         "machine shares them too; the CPU per message and per login are the steadier "
@@ -291,24 +403,37 @@ def main() -> int:
     p.add_argument("--procs", type=int, default=1, help="chatload processes")
     p.add_argument("--iterations", type=int, default=4096, help="PBKDF2 rounds of the accounts")
     p.add_argument("--out", type=Path, default=None, help="results folder")
+    p.add_argument("--no-placed", dest="placed", action="store_false",
+                   help="skip the runs on two nodes with the users placed (~1 min less)")
     args = p.parse_args()
     out = args.out or BENCH / "results" / time.strftime("cluster-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     redis = devservices.redis_server().start()
     try:
         with tempfile.TemporaryDirectory(prefix="xmppd-cluster-bench-") as tmp:
-            port = free_ports(1)[0]
-            config = write_config(
-                Path(tmp), port, devservices.redis_url(redis), args.iterations
-            )
+            port, port_a, port_b = free_ports(3)
+            url = devservices.redis_url(redis)
+            config = write_config(Path(tmp), port, url, args.iterations)
             print(f"registering {args.users} users ...", file=sys.stderr)
             register(config, args.users)
             assert redis.proc is not None
             results = []
             for workers in (1, 2):
                 print(f"xmppd --workers {workers} ...", file=sys.stderr)
-                results.append(run_one(args, config, port, workers, redis.proc.pid))
+                results.append(run_one(args, [config], [port], workers, redis.proc.pid))
                 print(json.dumps(results[-1]), file=sys.stderr)
+            if args.placed:
+                nodes = [
+                    write_config(Path(tmp), p, url, args.iterations, f"bench-{n}", f"{n}.yml")
+                    for p, n in ((port_a, "a"), (port_b, "b"))
+                ]
+                for pairs in ("same", "other"):
+                    print(f"two nodes, each on its own port, --pairs {pairs} ...",
+                          file=sys.stderr)
+                    results.append(run_one(
+                        args, nodes, [port_a, port_b], 1, redis.proc.pid, pairs
+                    ))
+                    print(json.dumps(results[-1]), file=sys.stderr)
     finally:
         redis.stop()
     with open(out / "results.jsonl", "w") as f:

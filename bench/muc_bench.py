@@ -137,7 +137,11 @@ async def run_load(
     """Log in, join, talk, wait for every copy: the clients' side of the figures
     (`before_talk` is awaited once everyone is in the room)."""
     nonce = f"{int(time.time())}-".encode()
-    plan = Plan("127.0.0.1", port, DOMAIN, "user", "pass", [], 0, 0, 0, 0, "", 0, 0)
+    plan = Plan(
+        host="127.0.0.1", ports=[port], pairs="any", domain=DOMAIN, user_prefix="user",
+        pass_prefix="pass", users=[], arrival_rate=0, rate=0, duration=0, size=0, nonce="",
+        worker=0, seed=0,
+    )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

@@ -433,6 +433,44 @@ async def test_what_a_dead_node_left_in_its_inbox_is_routed_again_by_its_reaper(
     await close(alice)
 
 
+async def test_stanzas_sent_at_once_to_a_node_share_an_entry_and_keep_their_order(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """A client's burst for sessions on one node is one inbox entry (xmppd.cluster.writer),
+    not one per stanza; read back, here by the reaper of a node that died before it read
+    it, its stanzas are routed again one by one, in order, as any orphan."""
+    a, b = await two_nodes(start_server, redis_service)
+    assert a.cluster is not None and b.cluster is not None
+    redis = a.cluster.redis
+    ghost = schema.Entry("bob@localhost/ghost", "node-dead", 0, True, sid="g")
+    await redis.hset(schema.sessions_key("bob@localhost"), "ghost", ghost.encode())
+    await redis.sadd(schema.node_sessions_key("node-dead"), ghost.jid)
+    await redis.sadd(schema.NODES, "node-dead")
+    await redis.publish(schema.EVENTS, schema.set_event(ghost, 1))
+    await until(lambda: b.router.directory.get("bob@localhost", "ghost") is not None)
+    alice = await online(b, "alice@localhost/desk", "alice-secret")
+    # The first may wait for storage (bob's privacy list), and those behind it with it.
+    alice.send_message(mto="bob@localhost/ghost", mbody="zero", mtype="chat")
+    await until(lambda: b.cluster is not None and b.cluster.stats.forwards_out == 1)
+    await b.cluster.writer.flush()
+    bodies = ["one", "two", "three"]
+    alice.send_raw("".join(
+        f"<message xmlns='jabber:client' type='chat' to='bob@localhost/ghost'>"
+        f"<body>{body}</body></message>"
+        for body in bodies
+    ))  # one write: the server routes the three in one go
+    await until(lambda: b.cluster is not None and b.cluster.stats.forwards_out == 4)
+    await b.cluster.writer.flush()
+    assert await redis.xlen(schema.inbox_key("node-dead")) == 2
+    await a.cluster.heartbeat.beat()
+    await until(lambda: a.router.ledger.offline == 4)
+    bodies.insert(0, "zero")
+    later = await online(a, "bob@localhost/laptop", "bob-secret")
+    assert [await received(later, timeout=5) for _ in bodies] == bodies
+    await close(later)
+    await close(alice)
+
+
 async def until_async(value: Callable[[], Awaitable[object]], expected: object) -> None:
     """Until what `value` answers (from Redis) is `expected`."""
     deadline = time.monotonic() + 5.0

@@ -21,8 +21,12 @@ only ones routed twice: at least once, never lost. The same happens to what
 an earlier process of this node's name left: it reaps itself at start. A
 clean stop trims everything handled (`pause`).
 
-An entry is either a stanza for a full JID bound here ("stanza", with
-"hops": how many times it was forwarded) or a request to end that session's
+An entry holds one or more items, each starting with its "to" (a full JID
+bound here), in the order the sending node queued them (xmppd.cluster.writer
+puts what it queued in a row for this node in one entry), then the sender's
+"from" and "seq" (see the end of this docstring) and, when a reaper moved
+it, "orphan". An item is either a stanza ("stanza", with "hops": how many
+times it was forwarded) or a request to end that session's
 stream ("end", a <conflict/> from a newer login on another node, naming the
 session by its id: a newer session on the same resource is not ended). A
 stanza whose session is gone is routed again as if it had just arrived
@@ -32,7 +36,7 @@ still has an available resource: each of those got its copy from the
 sender's node. An orphan is always routed again (its session was on the
 dead node; the account's other resources may be of lower priority and
 never got it): a bare-JID message may then reach a resource that also got
-its own copy. A third kind, "wake", is the entry this node writes to its
+its own copy. An entry without items, "wake", is what this node writes to its
 own inbox to end its blocking read when it stops: skipped (and trimmed as
 handled), also when it comes back as an orphan.
 
@@ -134,8 +138,13 @@ class Inbox:
     async def finish(self) -> None:
         """Route what is left (after this node reaped itself: no more comes)."""
         await self.pause()
-        while answer := await self.redis.xread({self.key: self._last}, count=BATCH):
-            await self._handle_all(answer)
+        # On the channel: redis-py's xread makes each entry a dict, one field per name.
+        read = ("XREAD", "COUNT", BATCH, "STREAMS", self.key)
+        try:
+            while answer := _entries((await self._channel.call([(*read, self._last)]))[0]):
+                await self._handle_all(answer)
+        finally:
+            await self._channel.release()
         await self._trim()
 
     async def _trim(self) -> None:
@@ -202,32 +211,36 @@ class Inbox:
             await self._handle_all(_entries(answers[-1]))
         await self._channel.release()
 
-    async def _handle_all(self, answer: Any) -> None:
-        """XREAD's answer (RESP2): [(stream, [(id, {field: value}), ...])]."""
+    async def _handle_all(self, answer: Entries) -> None:
+        """XREAD's answer, as `_entries` gives it."""
         for _, entries in answer:
+            split = [(entry_id, *_split(fields)) for entry_id, fields in entries]
             # The sessions of a reaped node leave this replica by an event that may
             # come after its orphans: drop them first, or the orphans would go back.
-            for dead in {f[b"orphan"] for _, f in entries if b"orphan" in f and b"to" in f}:
+            orphans = {head[b"orphan"] for _, head, items in split if items and b"orphan" in head}
+            for dead in orphans:
                 self.directory.apply_node_gone(dead.decode())
-            for entry_id, fields in entries:
-                # Without "to": "wake", what `pause` writes to end a blocking XREAD.
-                if b"to" in fields:
-                    origin, seq = fields.get(b"from"), fields.get(b"seq")
+            for entry_id, head, items in split:
+                # Without items: "wake", what `pause` writes to end a blocking XREAD.
+                if items:
+                    origin, seq = head.get(b"from"), head.get(b"seq")
                     if origin is not None and seq is not None:
                         if self.sync.behind(origin.decode(), int(seq)):
                             await self.sync.caught_up(origin.decode(), int(seq))
-                    try:
-                        self._handle(fields)
-                    except Exception:
-                        log.exception(
-                            "cluster: an inbox entry failed (to %r)", fields.get(b"to")
-                        )
+                    orphan = b"orphan" in head
+                    for item in items:
+                        try:
+                            self._handle(item, orphan)
+                        except Exception:
+                            log.exception(
+                                "cluster: an inbox entry failed (to %r)", item.get(b"to")
+                            )
                 # Handled (or skipped) only now: a reader cancelled while it waits above
                 # must not have the entry trimmed.
                 self._last = entry_id.decode()
                 self._untrimmed += 1
 
-    def _handle(self, fields: dict[bytes, bytes]) -> None:
+    def _handle(self, fields: dict[bytes, bytes], orphan: bool) -> None:
         jid = fields[b"to"].decode()
         bare, _, resource = jid.partition("/")
         session = self.directory.local.get(bare, resource)
@@ -248,7 +261,7 @@ class Inbox:
         if session is not None and session.deliver(stanza):
             return
         if (
-            b"orphan" not in fields
+            not orphan
             and stanza.tag == ns.C_MESSAGE
             and stanza.get("to") != jid
             and self.directory.available(bare)
@@ -257,15 +270,38 @@ class Inbox:
         self.reroute(stanza, int(fields.get(b"hops", b"1")))
 
 
-def _entries(raw: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
-    """A raw XREAD answer in the shape redis-py's `xread` gives (`Inbox._handle_all`):
-    None when nothing came, else {stream: [[id, [field, value, ...]], ...]} (RESP3,
-    redis-py's default) or [[stream, [...]]] (RESP2)."""
+Entries = list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]
+"""XREAD's answer: [(stream, [(entry id, [field, value, ...]), ...])]."""
+
+ENTRY_FIELDS = frozenset((b"from", b"seq", b"orphan", b"wake"))
+"""The fields of an entry as a whole; any other belongs to the item before it."""
+
+
+def _split(fields: list[bytes]) -> tuple[dict[bytes, bytes], list[dict[bytes, bytes]]]:
+    """An entry's fields: (those of the entry as a whole, its items in order). An item
+    starts at each "to"; a field name repeats once per item, so the fields cannot be
+    one dict."""
+    head: dict[bytes, bytes] = {}
+    items: list[dict[bytes, bytes]] = []
+    for name, value in zip(fields[::2], fields[1::2], strict=True):
+        if name == b"to":
+            items.append({name: value})
+        elif name in ENTRY_FIELDS or not items:
+            head[name] = value
+        else:
+            items[-1][name] = value
+    return head, items
+
+
+def _entries(raw: Any) -> Entries:
+    """A raw XREAD answer (xmppd.cluster.channel): None when nothing came, else
+    {stream: [[id, [field, value, ...]], ...]} (RESP3, redis-py's default) or
+    [[stream, [...]]] (RESP2)."""
     if raw is None:
         return []
     streams = raw.items() if isinstance(raw, dict) else raw
     return [
-        (stream, [(entry_id, dict(zip(f[::2], f[1::2], strict=True))) for entry_id, f in entries])
+        (stream, [(entry_id, list(fields)) for entry_id, fields in entries])
         for stream, entries in streams
     ]
 

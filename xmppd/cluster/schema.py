@@ -18,7 +18,8 @@ Keys (a deployment owns its Redis database; pick one with the URL's /db):
   seconds), cleared by its next heartbeat: while it is there, forwards to
   the node are refused.
 - `xmppd:inbox:<node>`: a stream, the stanzas (and stream ends) other nodes
-  send to sessions on that node. It holds only what the node has not handled
+  send to sessions on that node, several in one entry when a node sends them
+  in a row (xmppd.cluster.writer). It holds only what the node has not handled
   yet: the reader trims what it handled (xmppd.cluster.inbox), and the node
   that reaps a dead node moves what is left into its own inbox.
 - `xmppd:events`: the pub/sub channel of table changes.
@@ -269,10 +270,10 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
 redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
 return 1
 """
-"""Add an entry to a node's inbox unless that node was reaped: 1 added, 0 the node is
-gone (the sender routes the stanza again without it), -1 the inbox is full (its reader
-fell that far behind; the sender routes it again too). A forward after the reap must
-not recreate an inbox that nobody reads.
+"""Add an entry (one stanza or several) to a node's inbox unless that node was reaped:
+1 added, 0 the node is gone (the sender routes the entry's stanzas again without it),
+-1 the inbox is full (its reader fell that far behind; the sender routes them again
+too). A forward after the reap must not recreate an inbox that nobody reads.
 
 Why a "gone" mark and not "is the node listed": Redis restarted empty lists no node
 until each beats again, and stanzas that waited for it in the writers' queues would

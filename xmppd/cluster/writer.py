@@ -8,6 +8,12 @@ unbind of the same session, and the stanzas for one node in the order the
 router handed them over (one stream per target node keeps that order to
 the reader).
 
+Stanzas (and stream ends) queued one after the other for the same node go
+as one inbox entry, one FORWARD, of up to PER_ENTRY of them (`_commands`):
+Redis' work and the reader's are per entry and per command more than per
+stanza. Only consecutive ones: a table write queued between two stanzas is
+still written between them.
+
 A stanza is added to a node's inbox only while that node is not marked
 gone by a reap (schema.FORWARD): one refused (the node was reaped, its inbox is full,
 or Redis answered the command with an error: OOM, READONLY)
@@ -61,7 +67,8 @@ MAX_PENDING = 100_000
 
 INBOX_MAXLEN = 100_000
 """Entries a node's inbox holds at most (its reader fell that far behind): a forward
-past that is refused and the stanza routed again on the sender's node."""
+past that is refused and its stanzas routed again on the sender's node. An entry
+holds one stanza at ordinary rates, up to PER_ENTRY in bursts."""
 
 FORWARD_WAIT = 5.0
 """Seconds a stanza for another node waits for Redis before it is routed again here
@@ -72,6 +79,10 @@ MAX_HOPS = 3
 
 BATCH = 1000
 """Operations sent in one pipeline: a bound on how long one round trip may take."""
+
+PER_ENTRY = 64
+"""Stanzas (and stream ends) at most in one inbox entry: one FORWARD call, whose
+arguments Lua unpacks at once (it has a limit, near 8000 values)."""
 
 SEND_TIMEOUT = 2.0
 """Seconds one pipeline may take before Redis counts as unreachable (a hung server
@@ -92,13 +103,21 @@ class Op:
     """One queued write: its one `command`; `on_result` gets what Redis answered
     (raw: bytes, ints, lists; an error reply only if it has a `stanza`). A
     forwarded stanza also has its `stanza`, `hops` and the time after which it is
-    routed again here (`expires`)."""
+    routed again here (`expires`).
 
-    command: Command
+    A stanza or stream end for another node has no command of its own but the
+    `node` whose inbox it goes to and its `item`, its part of the inbox entry
+    (and `seq`, the last table change before it): consecutive ones for a node
+    share one entry (`_commands`), and each gets that entry's answer."""
+
+    command: Command | None
     on_result: Callable[[Any], None] | None = None
     stanza: etree._Element | None = None
     hops: int = 0
     expires: float = 0.0
+    node: str | None = None
+    item: list[EncodableT] | None = None
+    seq: int | None = None
 
 
 class Writer:
@@ -304,14 +323,10 @@ class Writer:
             stats.forwards_refused += 1
             return False
         hops += 1
-        # The receiver applies this node's changes up to `seq` before it hands this on.
-        fields: list[EncodableT] = [
-            "to", jid, "stanza", etree.tostring(stanza), "hops", hops,
-            "from", self.node, "seq", self._last_change,
-        ]
+        item: list[EncodableT] = ["to", jid, "stanza", etree.tostring(stanza), "hops", hops]
         stats.forwards_out += 1
         if not stats.forwards_out % LATENCY_SAMPLE:
-            fields += ["t", repr(time.time())]  # xmppd.cluster.stats: the forward latency
+            item += ["t", repr(time.time())]  # xmppd.cluster.stats: the forward latency
 
         def refused(answer: Any) -> None:
             if answer == schema.FORWARDED:
@@ -330,33 +345,25 @@ class Writer:
 
         self._put(
             Op(
-                _evalsha(
-                    self._forward,
-                    [schema.inbox_key(node), schema.gone_key(node)],
-                    [INBOX_MAXLEN, *fields],
-                ),
+                None,
                 refused,
                 stanza,
                 hops - 1,
                 time.monotonic() + self.forward_wait,
+                node,
+                item,
+                # The receiver applies this node's changes up to it before it hands this on.
+                self._last_change,
             )
         )
         return True
 
     def terminate(self, node: str, jid: str, sid: str, error: StreamError) -> None:
-        fields: list[EncodableT] = [
+        item: list[EncodableT] = [
             "to", jid, "sid", sid, "end", error.condition, "text", error.text or ""
         ]
         self.stats.ends_out += 1
-        self._put(
-            Op(
-                _evalsha(
-                    self._forward,
-                    [schema.inbox_key(node), schema.gone_key(node)],
-                    [INBOX_MAXLEN, *fields],
-                )
-            )
-        )
+        self._put(Op(None, node=node, item=item))
 
     def _next(self) -> int:
         self._seq += 1
@@ -459,7 +466,64 @@ class Writer:
         return results
 
     async def _execute(self, batch: list[Op]) -> list[Any]:
-        return await self._channel.call([op.command for op in batch])
+        """The batch's answers, one per op: an op in a shared inbox entry gets the
+        entry's."""
+        commands, owners = self._commands(batch)
+        answers = await self._channel.call(commands)
+        results: list[Any] = [None] * len(batch)
+        for answer, ops in zip(answers, owners, strict=True):
+            for n in ops:
+                results[n] = answer
+        return results
+
+    def _commands(self, batch: list[Op]) -> tuple[list[Command], list[list[int]]]:
+        """The commands for `batch`, and which of its ops each one carries.
+
+        A run of consecutive ops for other nodes becomes one FORWARD per target node
+        (per PER_ENTRY ops), in the order of its first op: each inbox receives them in
+        the order they were queued; inboxes of different nodes have no order between
+        them. The entry is the ops' items one after the other, then this node's name
+        and the highest `seq` among them (xmppd.cluster.inbox reads it)."""
+        commands: list[Command] = []
+        owners: list[list[int]] = []
+        groups: dict[str, list[int]] = {}
+
+        def close(node: str) -> None:
+            ops = groups.pop(node)
+            fields: list[EncodableT] = []
+            seqs = [seq for n in ops if (seq := batch[n].seq) is not None]
+            for n in ops:
+                fields += batch[n].item or ()
+            fields += ["from", self.node]
+            if seqs:
+                fields += ["seq", max(seqs)]
+            commands[index[node]] = _evalsha(
+                self._forward,
+                [schema.inbox_key(node), schema.gone_key(node)],
+                [INBOX_MAXLEN, *fields],
+            )
+            owners[index[node]] = ops
+
+        index: dict[str, int] = {}
+        for n, op in enumerate(batch):
+            if op.node is None:
+                for node in list(groups):
+                    close(node)
+                assert op.command is not None
+                commands.append(op.command)
+                owners.append([n])
+                continue
+            if op.node not in groups:
+                index[op.node] = len(commands)
+                commands.append(())  # filled by close()
+                owners.append([])
+                groups[op.node] = []
+            groups[op.node].append(n)
+            if len(groups[op.node]) >= PER_ENTRY:
+                close(op.node)
+        for node in list(groups):
+            close(node)
+        return commands, owners
 
 
 def _evalsha(script: AsyncScript, keys: list[str], args: list[EncodableT]) -> Command:
