@@ -25,8 +25,11 @@ delivers or drops the stanza as the tables say.
   bounce=False: a remote domain that cannot be reached is reported once,
   by the error answering the probe at initial presence, not at every change.
 * "session/lost": an available session whose cluster node died (the node
-  that reaped it fires it) gets the unavailable its node owed, to contacts
-  and the user's other resources; only that node knew its directed presences.
+  that reaped it fires it) gets the unavailable its node owed, to contacts,
+  the user's other resources and the entities it sent directed presence to:
+  on a cluster each session's directed-presence targets are kept in Redis
+  (`xmppd:presence:directed:<full JID>`, written when the set changes, deleted
+  when the session ends) for the reaping node to read.
 * "presence/probe": answered with the last presence of each available
   resource when the prober is subscribed; otherwise silently ignored, and
   nothing when the user is offline (RFC 6121 4.3.2 allows either).
@@ -36,11 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
 from lxml import etree
+from redis.exceptions import RedisError
 
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import Module
@@ -59,6 +64,12 @@ MAX_DIRECTED = 1000  # directed-presence targets remembered per session
 # and the entities it sent directed available presence to (RFC 6121 4.6).
 ANNOUNCED = "presence/announced"
 DIRECTED = "presence/directed"
+# On a cluster, a session's directed-presence targets as a JSON list, for the node that
+# reaps it if its own dies. The expiry only clears what a lost delete left behind; it
+# is renewed at each change, so a session whose targets stay the same for longer
+# than that is reaped without their unavailable.
+DIRECTED_KEY = "xmppd:presence:directed:"
+DIRECTED_TTL = 7 * 86400
 
 Kind = Literal["subscribe", "subscribed", "unsubscribe", "unsubscribed"]
 
@@ -200,6 +211,9 @@ class Presence(Module):
             weakref.WeakValueDictionary()
         )
         self.requests = SubscriptionRequests(self.host)
+        # Sessions whose targets are being written to Redis -> changed again meanwhile
+        # (one write at a time per session, so they land in the order of the changes).
+        self._writing: dict[ClientSession, bool] = {}
 
     async def start(self) -> None:
         self.roster = self.host.module(RosterModule)
@@ -226,12 +240,14 @@ class Presence(Module):
             self.host.spawn(self._outbound(stanza, session, type_, target.bare))  # type: ignore[arg-type]
             return False
         if target.bare != session.bare:
+            directed = session.state.setdefault(DIRECTED, set())
             if type_ is None:
-                directed = session.state.setdefault(DIRECTED, set())
-                if len(directed) < MAX_DIRECTED:
+                if target.full not in directed and len(directed) < MAX_DIRECTED:
                     directed.add(target.full)
-            elif type_ == "unavailable":
-                session.state.get(DIRECTED, set()).discard(target.full)
+                    self._save_directed(session)
+            elif type_ == "unavailable" and target.full in directed:
+                directed.discard(target.full)
+                self._save_directed(session)
         return True
 
     async def _outbound(
@@ -371,6 +387,8 @@ class Presence(Module):
             # Take the session's state before the first await: "session/closed" may run next.
             directed = origin.state.pop(DIRECTED, set())
             announced = origin.state.pop(ANNOUNCED, False)
+            if directed:
+                self._save_directed(origin)  # now none: the key goes
             subscribers: set[str] = set()
             if announced:
                 subscribers = await self._contacts(owner, ("from", "both"))
@@ -429,14 +447,18 @@ class Presence(Module):
         """
         if session.state.get(ANNOUNCED):
             return False
-        for target in session.state.pop(DIRECTED, ()):
+        directed = session.state.pop(DIRECTED, set())
+        if directed:
+            self._save_directed(session)
+        for target in directed:
             self.host.route(_presence("unavailable", session.jid, target), bounce=False)
         return False
 
     async def _on_session_lost(self, jid: str) -> bool:
         """A session of a node that died: the unavailable presence its node would have
-        broadcast (RFC 6121 4.5.2), to the contacts subscribed to the user and the
-        user's other available resources. Its directed presences died with its node."""
+        broadcast (RFC 6121 4.5.2), to the contacts subscribed to the user, the
+        user's other available resources and the entities it sent directed presence
+        to (4.6.3; only its node knew them, so they come from Redis)."""
         owner = jid.partition("/")[0]
         stanza = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
         stanza.set("type", "unavailable")
@@ -445,9 +467,77 @@ class Presence(Module):
             copied = copy.deepcopy(stanza)
             copied.set("to", session.jid)
             self.host.deliver(session, copied)
-        for contact in await self._contacts(owner, ("from", "both")):
+        subscribers = await self._contacts(owner, ("from", "both"))
+        for contact in subscribers:
             self._send_copy(stanza, contact)
+        for target in await self._take_directed(jid):
+            if JID(target).bare not in subscribers:
+                self._send_copy(stanza, target)
         return False
+
+    # --- directed presence in Redis (cluster) -------------------------------------------
+
+    def _save_directed(self, session: ClientSession) -> None:
+        """Write the session's directed-presence targets to Redis (on a cluster), or
+        delete them when none are left; a write under way for the session writes again
+        once done, with what its state holds then."""
+        if self.host.cluster_redis is None:
+            return
+        if session in self._writing:
+            self._writing[session] = True
+            return
+        self._writing[session] = False
+        self.host.spawn(self._write_directed(session))
+
+    async def _write_directed(self, session: ClientSession) -> None:
+        redis = self.host.cluster_redis
+        assert redis is not None
+        key = DIRECTED_KEY + session.jid
+        try:
+            while True:
+                targets = sorted(session.state.get(DIRECTED, ()))
+                try:
+                    if targets:
+                        await redis.set(key, json.dumps(targets), ex=DIRECTED_TTL)
+                    else:
+                        await redis.delete(key)
+                except (RedisError, OSError) as exc:  # TimeoutError too: Redis hangs
+                    self.log.warning(
+                        "directed presence targets of %s not saved: %s", session.jid, exc
+                    )
+                if not self._writing[session]:
+                    return
+                self._writing[session] = False
+        finally:
+            del self._writing[session]
+
+    async def _take_directed(self, jid: str) -> list[str]:
+        """The targets a lost session `jid` kept in Redis, deleted as they are read."""
+        redis = self.host.cluster_redis
+        if redis is None:
+            return []
+        key = DIRECTED_KEY + jid
+        try:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.get(key)
+                pipe.delete(key)
+                raw, _ = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.log.warning("directed presence targets of %s not read: %s", jid, exc)
+            return []
+        if raw is None:
+            return []
+        try:
+            targets = json.loads(raw)
+        except ValueError:
+            return []
+        valid = []
+        for target in targets if isinstance(targets, list) else ():
+            try:
+                valid.append(JID(target).full)
+            except (InvalidJID, TypeError):
+                continue
+        return valid
 
     # --- kept subscription requests ---------------------------------------------------------
 

@@ -2,7 +2,8 @@
 remove it after.
 
 Account creation is off unless `allow_registration` is set, and limited per
-client address (in memory, per node). Password changes and account removal
+client address (in memory on a node alone; in Redis on a cluster, so the limit
+holds across the nodes: modules/_register_limit.py). Password changes and account removal
 work for logged-in users either way (each can be switched off). A password
 change ends the account's other sessions on this node. Removing an account
 deletes it, ends its other sessions on this node, deletes every module's data
@@ -31,6 +32,7 @@ from xmppd.auth.accounts import (
 from xmppd.config import Seconds
 from xmppd.jid import JID
 from xmppd.modulehost import AccountDataRemains, IqRequest, Module, PreAuthRequest
+from xmppd.modules._register_limit import SharedRateLimit
 from xmppd.storage.base import ConditionFailed, StorageError
 from xmppd.stream.errors import StanzaError, StreamError
 
@@ -102,6 +104,7 @@ class Register(Module):
         self.opts = options
         self.accounts = self.host.accounts  # the server's own, with its iteration count
         self.limit = RateLimit(options.registrations_per_ip, options.registration_window)
+        self.shared = SharedRateLimit(self.limit, self.host.cluster_redis)
         # Always answer pre-auth registration IQs: without a handler the stream would end.
         self.host.preauth_iq(REGISTER, "get", self._preauth_get)
         self.host.preauth_iq(REGISTER, "set", self._preauth_set)
@@ -147,8 +150,8 @@ class Register(Module):
         except InvalidUsername:
             raise StanzaError("not-acceptable", "this user name is not allowed") from None
         self._check_password(password)
-        stamp = self.limit.reserve(request.ip)
-        if stamp is None:
+        slot = await self.shared.reserve(request.ip)
+        if slot is None:
             # XEP-0077 section 3.1.1: not-acceptable for "too many registrations".
             raise StanzaError(
                 "not-acceptable", "too many registrations from your address, try later", "wait"
@@ -165,7 +168,7 @@ class Register(Module):
             raise _storage_error(exc) from None
         finally:
             if not registered:  # only accounts made count against the address
-                self.limit.release(request.ip, stamp)
+                await self.shared.release(slot)
         log.info("registered %s@%s from %s", username, request.host, request.ip)
 
     # --- after authentication: the account's own registration -------------------------

@@ -231,7 +231,8 @@ def _s2s(service: S2SService) -> Iterator[Metric]:
     failures = CounterMetricFamily(
         "xmppd_s2s_link_failures",
         "Outgoing streams that could not be set up, by the condition their stanzas bounced "
-        "with (remote-server-not-found, remote-server-timeout).",
+        "with (remote-server-not-found, remote-server-timeout); policy-violation: streams cut "
+        "because the peer stopped reading.",
         labels=["condition"],
     )
     for condition, count in sorted(service.failures.items()):

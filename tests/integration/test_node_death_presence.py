@@ -178,3 +178,37 @@ async def test_a_node_restarted_at_once_announces_its_previous_process_s_users_g
     print(f"\nbob heard alice go {gone - killed:.1f} s after the kill (node A restarted)")
     await bob.close()
     alice.drop()
+
+
+async def test_entities_that_got_directed_presence_hear_a_killed_node_s_user_go(
+    redis_service: LocalService,  # noqa: F811
+    start_server: StartServer,
+    node_process: Callable[..., Any],  # noqa: F811
+    tmp_path: Path,
+    storage_section: dict[str, Any] | None,
+) -> None:
+    """carol on node A sends directed presence to alice on node B (not her contact),
+    then node A is killed: alice gets carol's unavailable from the node that reaps A
+    (RFC 6121 4.6.3), which read the session's directed-presence targets from Redis."""
+    b, a = await start(redis_service, start_server, node_process, tmp_path, storage_section)
+    alice = await online(port_of(b, "direct_tls"), "alice", "desk")
+    carol = await online(a.port, "carol", "phone")
+    await carol.send("<presence to='alice@localhost/desk'/>")
+    await alice.next('from="carol@localhost/phone"')
+    await until(lambda: (s := b.router.directory.get("carol@localhost", "phone")) is not None
+                and s.available)
+    # Node A wrote the target to Redis (in a task of its own, after routing it).
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    key = "xmppd:presence:directed:carol@localhost/phone"
+    try:
+        deadline = time.monotonic() + 5
+        while await redis.get(key) is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await a.kill()
+        await unavailable_from(alice, "carol@localhost/phone", REAPED_WITHIN)
+        assert await redis.get(key) is None  # taken by the reaping node
+    finally:
+        await redis.aclose()
+    await alice.close()
+    carol.drop()

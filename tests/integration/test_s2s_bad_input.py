@@ -7,6 +7,7 @@ client certificate from the test CA), since no real server sends these.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import ssl
 from dataclasses import dataclass
@@ -428,3 +429,114 @@ async def test_too_many_streams_from_one_address_are_refused(
         writer.close()
     finally:
         await close(client)
+
+
+class HungPeer:
+    """A server for a.test that authenticates xmppd's outgoing stream (STARTTLS, SASL
+    EXTERNAL) and then reads nothing more: a peer that hangs."""
+
+    def __init__(self, cert: tuple[Path, Path]) -> None:
+        self.cert = cert
+        self.server: asyncio.Server | None = None
+        self.authenticated = asyncio.Event()
+        self.ended = asyncio.Event()  # xmppd closed the connection
+        self.resume = asyncio.Event()  # read again, until the connection ends
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, PEER_ADDRESS, 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def _features(self, features: bytes) -> bytes:
+        return (
+            b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+            b"xmlns:stream='http://etherx.jabber.org/streams' from='a.test' to='b.test' "
+            b"id='hung' version='1.0'><stream:features>" + features + b"</stream:features>"
+        )
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_until(reader, b">")
+            writer.write(
+                self._features(
+                    b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
+                )
+            )
+            await read_until(reader, b"<starttls")
+            writer.write(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.cert)
+            await writer.start_tls(ctx)
+            await read_until(reader, b"<stream:stream")
+            writer.write(
+                self._features(
+                    b"<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                    b"<mechanism>EXTERNAL</mechanism></mechanisms>"
+                )
+            )
+            await read_until(reader, b"</auth>")
+            writer.write(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+            await read_until(reader, b"<stream:stream")
+            writer.write(self._features(b""))
+            self.authenticated.set()
+            await self.resume.wait()  # meanwhile nothing is read: the buffers fill up
+            while await reader.read(65536):
+                pass
+        except (OSError, ssl.SSLError, EOFError, TimeoutError):
+            pass
+        finally:
+            self.ended.set()
+            writer.close()
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_peer_that_stops_reading_is_cut_off(
+    tmp_path: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A remote server that no longer reads its socket must not make us buffer what our
+    users send it without bound: past the backlog limit the stream ends with
+    <policy-violation/> (logged, counted as a link failure) and the connection is cut."""
+    caplog.set_level(logging.INFO, logger="xmppd.s2s")
+    folder = tmp_path / "peer"
+    folder.mkdir()
+    ca = make_ca(folder)  # trusted by xmppd instead of make_setup's own
+    peer = HungPeer(issue(ca, folder, "a.test"))
+    port = await peer.start()
+    try:
+        setup = await make_setup(
+            tmp_path,
+            start_server,
+            ca_file=str(ca.path),
+            domains={"a.test": {"host": PEER_ADDRESS, "port": port}},
+        )
+        service = setup.server.s2s
+        assert service is not None
+        client = await bob(setup.server)
+        try:
+            client.send_message(mto="anna@a.test", mbody="hello", mtype="chat")
+            await asyncio.wait_for(peer.authenticated.wait(), 15)
+            (hung,) = [c for c in service.connections if c.outgoing]
+            body = "x" * 8000
+            sent = 0
+            # 16 MB at most, in batches each followed by a message to bob himself: once
+            # it arrives the batch before it was routed (a client's stanzas in order).
+            while not service.failures["policy-violation"] and sent < 2000:
+                for _ in range(50):
+                    client.send_message(mto="anna@a.test", mbody=body, mtype="chat")
+                sent += 50
+                await nothing_more_for(client)
+            assert service.failures["policy-violation"] == 1, f"not cut after {sent} messages"
+            peer.resume.set()
+            await asyncio.wait_for(peer.ended.wait(), 10)  # the connection is gone
+            assert hung not in service.connections and hung.transport is None
+            logged = [r.getMessage() for r in caplog.records if r.name == "xmppd.s2s"]
+            assert any(
+                "outgoing stream to a.test" in line and "ended: policy-violation" in line
+                for line in logged
+            ), logged
+        finally:
+            await close(client)
+    finally:
+        peer.close()

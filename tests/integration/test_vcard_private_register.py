@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import Iterable
 
 from slixmpp import JID, Iq, Presence
@@ -12,7 +13,13 @@ from slixmpp.xmlstream import ElementBase
 
 from tests.integration.clients import HEADER, Client, RawClient, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
+from tests.integration.test_cluster import redis_service
+from tests.storage.services import service_factory
 from xmppd.server import Server
+from xmppd.storage import devservices
+from xmppd.storage.devservices import LocalService
+
+__all__ = ["redis_service", "service_factory"]  # fixtures, used by name
 
 MODULES = {
     "disco": {},
@@ -293,3 +300,44 @@ async def test_avatar_hash_reaches_contacts_with_broadcast_presence(
     assert photo_of(presence) == hashlib.sha1(IMAGE).hexdigest()
     await close(alice)
     await close(bob)
+
+
+async def register_raw(server: Server, username: str) -> bytes:
+    """An in-band registration before login (from 127.0.0.1): the server's reply."""
+    raw = await RawClient.open(server)
+    try:
+        await raw.send(HEADER)
+        await raw.read_until(b"</stream:features>")
+        await raw.send(
+            "<iq type='set' id='r1'><query xmlns='jabber:iq:register'>"
+            f"<username>{username}</username><password>fresh-password</password>"
+            "</query></iq>"
+        )
+        reply = b""
+        async with asyncio.timeout(10):
+            while not re.search(rb"<iq[^>]*/>|</iq>", reply):  # a result is empty
+                reply += await raw.reader.read(65536)
+        return reply.replace(b'"', b"'")
+    finally:
+        await raw.close()
+
+
+async def test_the_registration_limit_per_address_holds_across_a_cluster(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Two nodes behind one address (a load balancer): the address gets
+    `registrations_per_ip` accounts from the cluster, not that many from each node."""
+    url = devservices.redis_url(redis_service)
+    modules = {**MODULES, "register": {**MODULES["register"], "registrations_per_ip": 2}}
+    a = await start_server(modules=modules, cluster={"redis_url": url, "node_name": "node-a"})
+    b = await start_server(
+        users={}, modules=modules, cluster={"redis_url": url, "node_name": "node-b"}
+    )
+    assert b"type='result'" in await register_raw(a, "first")
+    # A refused registration (a taken name) does not count: its slot is given back.
+    assert b"conflict" in await register_raw(b, "first")
+    assert b"type='result'" in await register_raw(b, "second")
+    for node, name in ((a, "third"), (b, "fourth")):
+        reply = await register_raw(node, name)
+        assert b"type='error'" in reply and b"too many registrations" in reply, reply
+        assert not await node.accounts["localhost"].exists(name)

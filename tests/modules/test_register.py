@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from typing import Any
 
 import pytest
 from lxml import etree
+from redis.asyncio import Redis
 
 from xmppd.auth.accounts import Accounts
+from xmppd.modules._register_limit import SharedRateLimit
 from xmppd.modules.register import RateLimit
 from xmppd.storage.base import StorageError
 from xmppd.testing import ModuleHarness, parse_stanza
@@ -160,6 +164,28 @@ def test_rate_limit_forgets_idle_addresses() -> None:
     limit.reserve("late")
     assert set(limit._events) == {"late"}
     assert RateLimit(0, 10.0).reserve("x") is not None  # 0: no limit
+
+
+async def test_the_shared_limit_falls_back_to_the_node_s_counter_when_redis_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A Redis that refuses connections (a port nothing listens on): registration stays
+    # possible, limited by this node's own count, and the operator is told.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    redis = Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    try:
+        shared = SharedRateLimit(RateLimit(1, 60.0), redis)
+        with caplog.at_level(logging.WARNING, logger="xmppd.modules.register"):
+            slot = await shared.reserve("192.0.2.1")
+            assert slot is not None and slot.stamp is not None
+            assert await shared.reserve("192.0.2.1") is None
+            await shared.release(slot)
+            assert await shared.reserve("192.0.2.1") is not None
+        assert "counted on this node only" in caplog.text
+    finally:
+        await redis.aclose()
 
 
 async def test_concurrent_registrations_of_one_name() -> None:

@@ -57,6 +57,10 @@ class S2SConnection(asyncio.Protocol):
         rate = service.config.max_bytes_per_second
         self._bucket = TokenBucket(rate, rate) if rate else None
         self._rate_pause: asyncio.TimerHandle | None = None  # reading stopped until then
+        # What may wait in the transport for a peer that does not read: 8.5 MiB with the
+        # default s2s.max_stanza_bytes, room for a burst (a presence broadcast to a
+        # domain's many contacts) but not for a hung peer's whole traffic.
+        self._max_backlog = 16 * service.config.max_stanza_bytes + 65536
 
     @property
     def remote(self) -> str:
@@ -174,9 +178,17 @@ class S2SConnection(asyncio.Protocol):
         if transport is None:
             return
         data = self.stream.output()
+        hung = False
         if data:
             self.last_active = asyncio.get_running_loop().time()
             transport.write(data)
+            if transport.get_write_buffer_size() > self._max_backlog and not self.stream.closed:
+                # A peer that stops reading must not make us buffer what our users send
+                # it without bound; it would not read the stream error either: abort
+                # (close() would wait for a buffer that never drains).
+                self.stream.fail(StreamError("policy-violation", "you are not reading your stream"))
+                self.service.failures["policy-violation"] += 1
+                hung = True
         if self.stream.closed and not transport.is_closing():
             if self.stream.error is not None and self.stream.error.condition != "system-shutdown":
                 error = self.stream.error
@@ -189,7 +201,10 @@ class S2SConnection(asyncio.Protocol):
                     error.condition,
                     f" ({error.text})" if error.text else "",
                 )
-            transport.close()
+            if hung:
+                transport.abort()
+            else:
+                transport.close()
 
     # --- stream events ----------------------------------------------------------------
 
