@@ -271,7 +271,8 @@ def run(
                 for line in server.stderr or ():
                     log.write(line)
 
-        threading.Thread(target=keep_log, daemon=True).start()
+        keeper = threading.Thread(target=keep_log, daemon=True)
+        keeper.start()
         found = worker_pids(data_dir)
         urls = [u for _, u in found]
         workers, redis = Sampler([p for p, _ in found]), Sampler([redis_pid])
@@ -295,6 +296,8 @@ def run(
         watchdog.cancel()
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+    keeper.join(10)
+    logged = (out / "server.log").read_text()
     start, end = result["send_start_epoch"], result["drain_end_epoch"]
     cpu = workers.at(end) - workers.at(start)
     redis_cpu = redis.at(end) - redis.at(start)
@@ -308,6 +311,8 @@ def run(
         "server_cpu_ms_per_message": round(1e3 * cpu / max(1, result["messages"]), 2),
         "redis_cpu_us_per_delivery": round(1e6 * redis_cpu / deliveries, 1),
         "cross_node_stanzas": int(forwards),
+        # A node taken for dead by the other (its heartbeat expired), from the log.
+        "reaps": logged.count("missed its heartbeats"),
         "loadavg": open("/proc/loadavg").read().split()[:3],
     })
     return result
@@ -334,7 +339,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"Logins took {r['login_s']} s, the joins {r['join_s']} s (not measured further); "
         f"clients connected when the talk began: {r['connected_at_talk']}, at the end: "
-        f"{r['connected_at_end']}.",
+        f"{r['connected_at_end']}. Nodes reaped by the other (a stalled heartbeat): "
+        f"{r['reaps']}.",
         "",
         "Caveat: the load generator (one process) runs on the same cores as the two "
         "workers; latencies include its queueing, and CPU per delivery is the steadier "
