@@ -313,9 +313,24 @@ def run(
         "cross_node_stanzas": int(forwards),
         # A node taken for dead by the other (its heartbeat expired), from the log.
         "reaps": logged.count("missed its heartbeats"),
+        # Loop stalls (a 100 ms timer late by more than 0.1 s / 1 s), both workers:
+        # from the start to the talk (logins and joins), then during the talk.
+        "loop_lags_joins": lags(before),
+        "loop_lags_talk": {k: v - lags(before)[k] for k, v in lags(after).items()},
         "loadavg": open("/proc/loadavg").read().split()[:3],
     })
     return result
+
+
+def lags(metrics: dict[str, float]) -> dict[str, int]:
+    """How many times the workers' loops were late by more than 0.1 s and 1 s."""
+    count = metrics.get("xmppd_event_loop_lag_seconds_count", 0.0)
+    return {
+        f"over_{bound}s": int(
+            count - metrics.get(f"xmppd_event_loop_lag_seconds_bucket{{{bound}}}", 0.0)
+        )
+        for bound in ("0.1", "1.0")
+    }
 
 
 def report(r: dict[str, Any], args: argparse.Namespace) -> str:
@@ -340,7 +355,9 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"Logins took {r['login_s']} s, the joins {r['join_s']} s (not measured further); "
         f"clients connected when the talk began: {r['connected_at_talk']}, at the end: "
         f"{r['connected_at_end']}. Nodes reaped by the other (a stalled heartbeat): "
-        f"{r['reaps']}.",
+        f"{r['reaps']}. Loop stalls over 0.1 s / 1 s (both workers): logins and joins "
+        f"{r['loop_lags_joins']['over_0.1s']} / {r['loop_lags_joins']['over_1.0s']}, "
+        f"talk {r['loop_lags_talk']['over_0.1s']} / {r['loop_lags_talk']['over_1.0s']}.",
         "",
         "Caveat: the load generator (one process) runs on the same cores as the two "
         "workers; latencies include its queueing, and CPU per delivery is the steadier "
