@@ -275,7 +275,8 @@ def run(
                 for line in server.stderr or ():
                     log.write(line)
 
-        threading.Thread(target=keep_log, daemon=True).start()
+        keeper = threading.Thread(target=keep_log, daemon=True)
+        keeper.start()
         found = worker_pids(data_dir)
         urls = [u for _, u in found]
         workers, redis = Sampler([p for p, _ in found]), Sampler([redis_pid])
@@ -299,6 +300,8 @@ def run(
         watchdog.cancel()
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+    keeper.join(10)
+    logged = (out / "server.log").read_text()
     start, end = result["send_start_epoch"], result["drain_end_epoch"]
     cpu = workers.at(end) - workers.at(start)
     redis_cpu = redis.at(end) - redis.at(start)
@@ -312,9 +315,26 @@ def run(
         "server_cpu_ms_per_message": round(1e3 * cpu / max(1, result["messages"]), 2),
         "redis_cpu_us_per_delivery": round(1e6 * redis_cpu / deliveries, 1),
         "cross_node_stanzas": int(forwards),
+        # A node taken for dead by the other (its heartbeat expired), from the log.
+        "reaps": logged.count("missed its heartbeats"),
+        # Loop stalls (a 100 ms timer late by more than 0.1 s / 1 s), both workers:
+        # from the start to the talk (logins and joins), then during the talk.
+        "loop_lags_joins": lags(before),
+        "loop_lags_talk": {k: v - lags(before)[k] for k, v in lags(after).items()},
         "loadavg": open("/proc/loadavg").read().split()[:3],
     })
     return result
+
+
+def lags(metrics: dict[str, float]) -> dict[str, int]:
+    """How many times the workers' loops were late by more than 0.1 s and 1 s."""
+    count = metrics.get("xmppd_event_loop_lag_seconds_count", 0.0)
+    return {
+        f"over_{bound}s": int(
+            count - metrics.get(f"xmppd_event_loop_lag_seconds_bucket{{{bound}}}", 0.0)
+        )
+        for bound in ("0.1", "1.0")
+    }
 
 
 def report(r: dict[str, Any], args: argparse.Namespace) -> str:
@@ -338,7 +358,10 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"Logins took {r['login_s']} s, the joins {r['join_s']} s (not measured further); "
         f"clients connected when the talk began: {r['connected_at_talk']}, at the end: "
-        f"{r['connected_at_end']}.",
+        f"{r['connected_at_end']}. Nodes reaped by the other (a stalled heartbeat): "
+        f"{r['reaps']}. Loop stalls over 0.1 s / 1 s (both workers): logins and joins "
+        f"{r['loop_lags_joins']['over_0.1s']} / {r['loop_lags_joins']['over_1.0s']}, "
+        f"talk {r['loop_lags_talk']['over_0.1s']} / {r['loop_lags_talk']['over_1.0s']}.",
         "",
         "Caveat: the load generator (one process) runs on the same cores as the two "
         "workers; latencies include its queueing, and CPU per delivery is the steadier "

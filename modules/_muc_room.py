@@ -58,7 +58,11 @@ ROLES = ("none", "visitor", "participant", "moderator")
 AFFILIATIONS = ("outcast", "none", "member", "admin", "owner")
 _RANK = {name: rank for rank, name in enumerate(AFFILIATIONS)}
 
-Out = list[etree._Element]
+Copy = tuple[etree._Element, str]
+"""A copy of the stanza addressed to the JID, made by the host when it routes it: a
+big room's fan-out is one build and a copy per recipient, the copies made a slice
+at a time (modules/_muc_send.py). The stanza is not changed once returned."""
+Out = list[etree._Element | Copy]
 # Error conditions that say an occupant's client cannot be reached any more.
 # (Not service-unavailable: a client refusing one private message answers with it.)
 _GONE = frozenset({"gone", "recipient-unavailable", "redirect", "remote-server-not-found",
@@ -136,6 +140,8 @@ class Occupant:
     tokens: float = -1.0  # message rate bucket; -1: full, set at the first message
     refilled: float = 0.0
     seq: int = 0  # its place in `Room.occupants` (join order; a nick change moves it last)
+    # Its presence as a newcomer gets it, and what that was built from (Room._shown).
+    shown: tuple[tuple[Any, ...], etree._Element] | None = None
 
 
 @dataclass(slots=True)
@@ -173,6 +179,7 @@ class Room:
         self._seen: set[str] = set()
         self.seen_changed = False
         self._seq = 0  # the next occupant's `seq`
+        self._ids: dict[str, str] = {}  # bare JID -> occupant id (an HMAC each time is dear)
 
     # --- stored state -------------------------------------------------------------------
 
@@ -291,8 +298,13 @@ class Room:
     def occupant_id(self, bare: str) -> str:
         """XEP-0421: the same for every session and nick of one user, here, and
         revealing nothing of the real JID (a keyed hash with this room's secret)."""
-        digest = hmac.new(self.secret.encode(), bare.encode(), hashlib.sha256).digest()
-        return base64.b64encode(digest[:18]).decode()
+        found = self._ids.get(bare)
+        if found is None:
+            if len(self._ids) > 4 * len(self.occupants) + 64:
+                self._ids.clear()  # ids of users long gone
+            digest = hmac.new(self.secret.encode(), bare.encode(), hashlib.sha256).digest()
+            found = self._ids[bare] = base64.b64encode(digest[:18]).decode()
+        return found
 
     def _default_role(self, affiliation: str) -> str:
         if affiliation in ("owner", "admin"):
@@ -368,14 +380,42 @@ class Room:
             out.append(copy_)
         return out
 
+    def _presence_to(
+        self, occupant: Occupant, viewers: Iterable[Occupant], **kwargs: Any
+    ) -> Out:
+        """`occupant`'s presence to each of `viewers` (each of their sessions). Built
+        once for those who see real JIDs and once for those who do not, and copied:
+        a big room's fan-out is a copy per occupant, not a build."""
+        built: dict[bool, etree._Element] = {}
+        out: Out = []
+        for viewer in viewers:
+            if viewer is occupant:  # its own carries 110
+                out += self._sessions(viewer, self._presence_of(occupant, viewer, **kwargs))
+                continue
+            sees = self._sees_jids(viewer)
+            template = built.get(sees)
+            if template is None:
+                template = built[sees] = self._presence_of(occupant, viewer, **kwargs)
+            out += _copies(viewer, template)
+        return out
+
+    def _shown(self, occupant: Occupant, newcomer: Occupant) -> Copy:
+        """`occupant`'s presence to a `newcomer`, built again only when something it
+        shows changed: a burst of joins into a big room builds each occupant's once,
+        not once per join."""
+        key = (
+            self._sees_jids(newcomer), occupant.nick, occupant.jid.full, occupant.role,
+            occupant.presence, self.affiliation(occupant.jid.bare),
+        )
+        if occupant.shown is None or occupant.shown[0] != key:
+            occupant.shown = (key, self._presence_of(occupant, newcomer))
+        return occupant.shown[1], str(newcomer.jid)
+
     def _broadcast_presence(self, occupant: Occupant, **kwargs: Any) -> Out:
         """`occupant`'s presence to everyone, the occupant itself last."""
-        out = [
-            stanza
-            for viewer in self.occupants.values()
-            if viewer is not occupant
-            for stanza in self._sessions(viewer, self._presence_of(occupant, viewer, **kwargs))
-        ]
+        out = self._presence_to(
+            occupant, (v for v in self.occupants.values() if v is not occupant), **kwargs
+        )
         if occupant.jid.full in self.by_jid or kwargs.get("unavailable"):
             out += self._sessions(occupant, self._presence_of(occupant, occupant, **kwargs))
         return out
@@ -428,7 +468,7 @@ class Room:
         self._check_reserved(nick, sender.bare)
         occupant = Occupant(nick, sender, self._default_role(affiliation), seq=self._next())
         occupant.presence, occupant.show = _presence_payload(stanza)
-        out: Out = [self._presence_of(other, occupant) for other in self.occupants.values()]
+        out: Out = [self._shown(other, occupant) for other in self.occupants.values()]
         self.occupants[nick] = occupant
         self.by_jid[sender.full] = occupant
         self.touched.add(nick)
@@ -559,7 +599,7 @@ class Room:
             occupant, unavailable=True, codes=["303"], item_extra={"nick": nick}
         )
         # 'role' in the 303 item is the occupant's current role, not none.
-        for stanza in out:
+        for stanza in _built(out):
             stanza.find(f"{{{MUC_USER}}}x/{{{MUC_USER}}}item").set("role", occupant.role)
         del self.occupants[occupant.nick]
         self.touched.update((occupant.nick, nick))
@@ -580,15 +620,12 @@ class Room:
         self.touched.add(occupant.nick)
         for session in (occupant.jid, *occupant.others):
             del self.by_jid[session.full]
-        out = [
-            stanza
-            for viewer in [*self.occupants.values(), occupant]
-            for stanza in self._sessions(viewer, self._presence_of(
-                occupant, viewer, unavailable=True, codes=codes, actor=actor, reason=reason
-            ))
-        ]
+        out = self._presence_to(
+            occupant, [*self.occupants.values(), occupant],
+            unavailable=True, codes=codes, actor=actor, reason=reason,
+        )
         if status:
-            for stanza in out:
+            for stanza in _built(out):
                 stanza.insert(0, _el(f"{{{ns.CLIENT}}}status", text=status))
         return out
 
@@ -626,7 +663,7 @@ class Room:
             messages.append(message)
         if max_chars is not None:
             # The newest ones that fit, counting each message's full XML.
-            kept: Out = []
+            kept: list[etree._Element] = []
             total = 0
             for message in reversed(messages):
                 total += len(etree.tostring(message, encoding="unicode"))
@@ -710,11 +747,9 @@ class Room:
             xml = etree.tostring(template, encoding="unicode")
             self.history.append(HistoryEntry(now, xml, len(xml)))
             self.history_changed = True
-        out = []
+        out: Out = []
         for occupant in self.occupants.values():
-            message = _copy(template)
-            message.set("to", str(occupant.jid))
-            out += self._sessions(occupant, message)
+            out += _copies(occupant, template)
         return out
 
     def private_message(self, stanza: etree._Element, nick: str, now: float) -> Out:
@@ -1050,12 +1085,12 @@ class Room:
             codes = ["104"]
             if before.whois != self.config.whois:
                 codes.append("172" if self.config.whois == "anyone" else "173")
+            message = _stanza("message", self.jid, None, "groupchat")
+            x_el = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
+            for code in codes:
+                etree.SubElement(x_el, f"{{{MUC_USER}}}status").set("code", code)
             for occupant in self.occupants.values():
-                message = _stanza("message", self.jid, str(occupant.jid), "groupchat")
-                x_el = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
-                for code in codes:
-                    etree.SubElement(x_el, f"{{{MUC_USER}}}status").set("code", code)
-                out += self._sessions(occupant, message)
+                out += _copies(occupant, message)
         return out
 
     def destroy(self, stanza: etree._Element, element: etree._Element) -> Out:
@@ -1185,6 +1220,30 @@ def _int(text: str | None) -> int | None:
 
 def _copy(element: etree._Element) -> etree._Element:
     return copy.deepcopy(element)
+
+
+def _copies(occupant: Occupant, template: etree._Element) -> Out:
+    """`template` to each session of `occupant`, copied when routed."""
+    return [(template, str(session)) for session in (occupant.jid, *occupant.others)]
+
+
+def _built(out: Out) -> list[etree._Element]:
+    """The stanzas `out` routes or copies, each once (to change them all before they go)."""
+    seen: dict[int, etree._Element] = {}
+    for sent in out:
+        element = sent if isinstance(sent, etree._Element) else sent[0]
+        seen.setdefault(id(element), element)
+    return list(seen.values())
+
+
+def materialize(sent: etree._Element | Copy) -> etree._Element:
+    """The stanza to route for one entry of `Out`."""
+    if isinstance(sent, etree._Element):
+        return sent
+    template, to = sent
+    stanza = copy.deepcopy(template)
+    stanza.set("to", to)
+    return stanza
 
 
 def _status_of(stanza: etree._Element) -> str | None:

@@ -65,6 +65,7 @@ from xmppd.modules._muc_room import (
     Out,
     Room,
 )
+from xmppd.modules._muc_send import Outbox
 from xmppd.storage.base import UNCHANGED, Item, Query, Unchanged
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
@@ -122,6 +123,7 @@ class Muc(Module):
         self._set_limits(options)
         self.clock: Callable[[], float] = time.time
         self.rooms: dict[str, Room] = {}  # room bare JID -> live room
+        self.outbox = Outbox(self.host)  # each room's output, in slices, in order
         self._loading: dict[str, list[Routed]] = {}  # room bare JID -> stanzas waiting
         self._saving: dict[str, tuple[Room, asyncio.Future[None]]] = {}
         self.services: dict[str, str] = {}  # service domain -> virtual host
@@ -168,6 +170,7 @@ class Muc(Module):
                 self._save(room, at_once=True)
         while self._saving:
             await asyncio.gather(*(w for _, w in self._saving.values()), return_exceptions=True)
+        await self.outbox.all_sent()
         if self.live is not None:
             await self.live.flush()
 
@@ -304,6 +307,7 @@ class Muc(Module):
         async def hand_over() -> None:
             while (pending := self._saving.get(room_jid)) is not None:
                 await asyncio.gather(pending[1], return_exceptions=True)
+            await self.outbox.sent(room_jid)  # the next owner's output comes after
             await live.release(room_jid, room)
             self.host.notify_cluster(NOTICE, {"released": room_jid})
 
@@ -387,7 +391,9 @@ class Muc(Module):
         except Exception:
             self.log.exception("muc: could not load %s", room_jid)
             for routed in self._loading.pop(room_jid, []):
-                self._error(routed.stanza, StanzaError("internal-server-error", "try again"))
+                self._error(
+                    routed.stanza, StanzaError("internal-server-error", "try again"), room_jid
+                )
             if claimed:
                 self._hand_over(room_jid, None)
             return
@@ -502,18 +508,17 @@ class Muc(Module):
                     return
             out = self._dispatch(room, routed)
         except StanzaError as exc:
-            self._error(stanza, exc)
+            self._error(stanza, exc, room_jid)
             return
         except Exception:
             # A bug must cost this stanza only, not the ones queued behind it.
             self.log.exception("muc: %s to %s failed", stanza.tag, room_jid)
-            self._error(stanza, StanzaError("internal-server-error"))
+            self._error(stanza, StanzaError("internal-server-error"), room_jid)
             return
         self._apply(room, out)
 
     def _apply(self, room: Room, out: Out) -> None:
-        for element in out:
-            self.host.route(element)
+        self.outbox.send(room.jid, out)
         self._after(room)
 
     def _create(self, room_jid: str, routed: Routed, owned: set[str] | None) -> Room | None:
@@ -766,7 +771,11 @@ class Muc(Module):
             reply.append(payload)
         return reply
 
-    def _error(self, stanza: etree._Element, exc: StanzaError) -> None:
+    def _error(
+        self, stanza: etree._Element, exc: StanzaError, room_jid: str | None = None
+    ) -> None:
+        """Answer `stanza` with `exc`; for a room's stanza, after what the room sent
+        before (its sender may be waiting for both, in order)."""
         if stanza.get("type") == "error" or (
             stanza.tag == ns.C_IQ and stanza.get("type") == "result"
         ):
@@ -776,7 +785,10 @@ class Muc(Module):
             # As XEP-0045's examples do: clients match a join error by it (never
             # echo the join's own <x/>, which may hold a password).
             reply.insert(0, etree.Element(f"{{{MUC}}}x", nsmap={None: MUC}))
-        self.host.route(reply)
+        if room_jid is not None:
+            self.outbox.send(room_jid, [reply])
+        else:
+            self.host.route(reply)
 
 
 MODULE = Muc

@@ -10,13 +10,16 @@ across a restart of the module (the same stores, a new host).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import pytest
 from lxml import etree
 
+from xmppd.modules import _muc_send
 from xmppd.modules._muc_room import MUC, MUC_ADMIN, MUC_OWNER, MUC_USER, OCCUPANT_ID, Room
 from xmppd.modules.muc import Muc
-from xmppd.testing import ModuleHarness, TestSession
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 from xmppd.xml import ns
 
 ROOM = "room@conference.localhost"
@@ -951,3 +954,86 @@ async def test_occupants_restored_from_their_records_are_the_same_occupants() ->
         f"<presence xmlns='jabber:client' from='carol@localhost/c' to='{ROOM}/Carol'/>"
     ), "Carol", 0.0)
     assert joined and list(again.occupants) == ["Alice", "Bob", "Carol"]
+
+
+async def big_room(h: ModuleHarness, count: int) -> list[TestSession]:
+    """`count` occupants (u0 created it, instant), what they were sent taken."""
+    sessions = [await h.login(f"u{n}@localhost/r") for n in range(count)]
+    for n, session in enumerate(sessions):
+        await join(h, session, f"n{n}", muc=False)
+    for session in sessions:
+        session.take()
+    return sessions
+
+
+async def test_a_big_rooms_fan_out_lets_the_loop_run_between_slices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A join, a message, a nick change and a leave in a room bigger than a slice are
+    routed a slice at a time, the event loop turning between slices (so that the
+    heartbeat and other streams are not held up behind a big room)."""
+    monkeypatch.setattr(_muc_send, "SLICE", 16)
+    h, _ = await harness(max_occupants=100)
+    sessions = await big_room(h, 40)
+    newcomer = await h.login("new@localhost/r")
+    everyone = [*sessions, newcomer]
+    turns: list[int] = []
+    running = True
+
+    async def ticker() -> None:
+        while running:
+            turns.append(sum(len(s.received) for s in everyone))
+            await asyncio.sleep(0)
+
+    ticking = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    for session, xml in [
+        (newcomer, f"<presence to='{ROOM}/new'/>"),  # 81 presences, the subject
+        (sessions[1], f"<message to='{ROOM}' type='groupchat'><body>hi</body></message>"),
+        (sessions[2], f"<presence to='{ROOM}/renamed'/>"),  # 82 presences
+        (sessions[3], f"<presence to='{ROOM}/n3' type='unavailable'/>"),  # 41
+    ]:
+        mark, before = len(turns), sum(len(s.received) for s in everyone)
+        stanza = parse_stanza(xml)
+        stanza.set("from", session.jid)
+        session.receive(stanza)
+        await h.router.drain()
+        during = [before, *turns[mark:], sum(len(s.received) for s in everyone)]
+        steps = [b - a for a, b in zip(during, during[1:], strict=False)]
+        assert max(steps) <= 16, steps
+        assert sum(steps) > 40 and len([s for s in steps if s]) >= 3, steps
+    running = False
+    await ticking
+    got = newcomer.take()
+    assert len(presences(got)) == 41 + 2 + 1  # the room, the nick change, the leave
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == [None, "hi"]
+
+
+async def test_a_big_rooms_output_keeps_the_rooms_one_order() -> None:
+    """Stanzas for a big room arriving while the output of the one before is still
+    being sent wait behind it: every occupant gets the newcomer's presence before the
+    message sent after the join, and the messages in the order the room took them;
+    the newcomer gets the occupants, the subject, then the messages."""
+    h, _ = await harness(max_occupants=700)
+    sessions = await big_room(h, 300)
+    newcomer = await h.login("new@localhost/r")
+    stanzas = [(newcomer, f"<presence to='{ROOM}/new'/>")] + [
+        (sessions[n], f"<message to='{ROOM}' type='groupchat'><body>m{n}</body></message>")
+        for n in range(5)
+    ] + [(sessions[5], f"<presence to='{ROOM}/n5' type='unavailable'/>")]
+    for session, xml in stanzas:  # in one turn of the loop, as from one inbox read
+        stanza = parse_stanza(xml)
+        stanza.set("from", session.jid)
+        session.receive(stanza)
+    await h.router.drain()
+    bodies = [f"m{n}" for n in range(5)]
+    for session in [sessions[0], *sessions[6:]]:
+        got = session.take()
+        assert [s.get("from") for s in got] == (
+            [f"{ROOM}/new"] + [f"{ROOM}/n{n}" for n in range(5)] + [f"{ROOM}/n5"]
+        )
+        assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == bodies
+    got = newcomer.take()
+    assert len(presences(got)) == 301 + 1
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == [None, *bodies]
+    assert got[-1].get("type") == "unavailable"

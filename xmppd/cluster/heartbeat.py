@@ -22,14 +22,28 @@ forwards to the dead node are refused (its "gone" mark, schema.FORWARD) and rout
 the sender's node. A node stalled longer than TTL (a frozen process) is
 reaped as if dead; its next heartbeat writes its sessions back
 (`Cluster.rewrite_local`).
+
+A busy event loop is not a dead node: the alive key is also set every
+INTERVAL by a thread of the node's own (`KeepAlive`, its own Redis
+connection), so a loop held up for longer than TTL (a burst of work, an
+overloaded machine) keeps its node alive, its sessions and its rooms. The
+thread only does so while the loop turns: the loop stamps the time at every
+TICK, and once it has not turned for WEDGED seconds the thread stops setting
+the key, so a hung node is still reaped, at most WEDGED + TTL + INTERVAL
+seconds after its loop last ran (43 s). A process that dies takes the
+thread with it: reaped within TTL + INTERVAL as before. docs/cluster.md,
+"Heartbeats and a busy event loop", says why a thread and not a longer TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable
 
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -40,6 +54,87 @@ log = logging.getLogger(__name__)
 
 TTL = 10
 INTERVAL = 3.0
+WEDGED = 30.0
+"""Seconds without a turn of the event loop after which the node stops saying it is
+alive (its loop is hung, not busy)."""
+TICK = 1.0  # seconds between two stamps of the loop's watchdog
+
+
+class KeepAlive:
+    """The thread that sets the node's alive key while its event loop turns.
+
+    The loop calls `tick()` every TICK seconds; the thread, every `interval`,
+    sets the key with a TTL of `ttl` seconds if the last tick is less than
+    `wedged` seconds old. A key found expired (the node may have been reaped
+    meanwhile) is reported to `on_expired` on the loop."""
+
+    def __init__(
+        self, url: str, node: str, ttl: int, interval: float, wedged: float,
+        on_expired: Callable[[], None],
+    ) -> None:
+        self.url = url
+        self.key = schema.alive_key(node)
+        self.ttl = ttl
+        self.interval = interval
+        self.wedged = wedged
+        self.on_expired = on_expired
+        self.ticked = time.monotonic()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.tick()
+        self._thread = threading.Thread(
+            target=self._run, name=f"heartbeat-{self.key}", daemon=True
+        )
+        self._thread.start()
+
+    def tick(self) -> None:
+        """The loop turns (called on it every TICK seconds)."""
+        self.ticked = time.monotonic()
+        assert self._loop is not None
+        self._ticker = self._loop.call_later(TICK, self.tick)
+
+    async def stop(self) -> None:
+        """Stop the thread; the key is not set again after this returns."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        self._halt.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def _run(self) -> None:
+        client = SyncRedis.from_url(
+            self.url, socket_timeout=self.interval, socket_connect_timeout=self.interval
+        )
+        hung = False
+        try:
+            while not self._halt.wait(self.interval):
+                stalled = time.monotonic() - self.ticked
+                if stalled > self.wedged:
+                    if not hung:
+                        log.error(
+                            "cluster: the event loop has not run for %.0f s; no longer "
+                            "saying this node is alive (the others will reap it)", stalled,
+                        )
+                    hung = True
+                    continue
+                if hung:
+                    log.warning("cluster: the event loop runs again; heartbeating again")
+                    hung = False
+                try:
+                    was_alive = client.set(self.key, "1", ex=self.ttl, get=True)
+                except (RedisError, OSError):
+                    continue  # the loop's own beat reports Redis' failures
+                if was_alive is None and self._loop is not None and not self._halt.is_set():
+                    self._loop.call_soon_threadsafe(self.on_expired)
+        finally:
+            client.close()
 
 
 class Heartbeat:
@@ -51,23 +146,35 @@ class Heartbeat:
         stats: ClusterStats,
         on_lost: Callable[[list[schema.Entry]], None] = lambda entries: None,
         on_nodes: Callable[[frozenset[str]], None] = lambda nodes: None,
-        ttl: int = TTL,
-        interval: float = INTERVAL,
+        url: str | None = None,
     ) -> None:
         self.redis = redis
         self.node = node
-        self.ttl = ttl
-        self.interval = interval
+        # Read when made, not at import: a test's node process shortens them.
+        self.ttl = TTL
+        self.interval = INTERVAL
         self.on_reaped_self = on_reaped_self
         self.on_lost = on_lost
         self.on_nodes = on_nodes
         self.stats = stats
         self._reap = redis.register_script(schema.REAP)
         self._task: asyncio.Task[None] | None = None
+        # `url`: Redis for the thread that keeps the node alive while its loop is busy.
+        self.keep_alive = (
+            None if url is None
+            else KeepAlive(url, node, self.ttl, self.interval, WEDGED, self._expired)
+        )
 
     async def start(self) -> None:
         await self.beat()
         self._task = asyncio.create_task(self._run(), name="cluster-heartbeat")
+        if self.keep_alive is not None:
+            self.keep_alive.start()
+
+    def _expired(self) -> None:
+        if self._task is not None:
+            log.warning("cluster: this node's heartbeat had expired; writing its sessions again")
+            self.on_reaped_self()
 
     async def stop(self) -> None:
         """Stop beating and remove this node's sessions from the table (a clean stop)."""
@@ -75,6 +182,8 @@ class Heartbeat:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self.keep_alive is not None:
+            await self.keep_alive.stop()
         await self.reap(self.node)
         await self.redis.delete(schema.alive_key(self.node))
 
@@ -86,10 +195,9 @@ class Heartbeat:
             pipe.delete(schema.gone_key(self.node))  # forwards to this node are taken again
             pipe.smembers(schema.NODES)
             was_alive, _, _, members = await pipe.execute()
-        if was_alive is None and self._task is not None:
+        if was_alive is None:
             # Our key had expired: another node may have reaped us meanwhile.
-            log.warning("cluster: this node's heartbeat had expired; writing its sessions again")
-            self.on_reaped_self()
+            self._expired()
         others = sorted(m.decode() for m in members if m.decode() != self.node)
         alive: list[int] = []
         if others:

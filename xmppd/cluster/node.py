@@ -73,7 +73,7 @@ class Cluster:
         self._nodes_listeners: list[Callable[[frozenset[str]], None]] = []
         self.heartbeat = Heartbeat(
             self.redis, self.node, self.rewrite_local, self.stats, self.sessions_lost,
-            self._nodes_seen,
+            self._nodes_seen, config.redis_url,
         )
         self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.inbox: Inbox | None = None
