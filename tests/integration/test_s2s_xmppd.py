@@ -19,6 +19,7 @@ from tests.integration.conftest import StartServer, write_config
 from tests.integration.s2s_clients import next_message, xmppd_user
 from tests.integration.s2s_peers import XMPPD_ADDRESS, free_port, issue, make_ca
 from xmppd.config import load_config
+from xmppd.s2s.tlsaccept import TLSAcceptTransport
 from xmppd.server import Server
 
 OTHER_ADDRESS = "127.0.18.5"  # d.test
@@ -102,10 +103,13 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
         assert b.s2s is not None and d.s2s is not None
         for conn in (*b.s2s.connections, *d.s2s.connections):
             assert conn.transport is not None
+            if not conn.outgoing:  # xmppd's own TLS layer for incoming streams
+                assert isinstance(conn.transport, TLSAcceptTransport)
+                assert conn.transport.layer.alpn() == b"xmpp-server"
+                continue
             tls = conn.transport.get_extra_info("ssl_object")
             assert tls.selected_alpn_protocol() == "xmpp-server"
-            if conn.outgoing:
-                assert tls.server_hostname == "d.test"
+            assert tls.server_hostname == "d.test"
 
         # Presence subscriptions both ways ride the same stream.
         bob.send_presence(pto="dora@d.test", ptype="subscribe")
