@@ -202,14 +202,15 @@ def write_prosody_config(
     secure_auth: bool,
     direct_tls: bool = False,
     bidi: bool = False,
+    cert_ca: CA | None = None,
 ) -> tuple[Path, int, int, int | None]:
-    """The config file (and certificate) of a Prosody; returns it and its c2s, s2s and
-    direct TLS s2s ports."""
+    """The config file (and certificate, from `cert_ca`, default `ca`) of a Prosody;
+    returns it and its c2s, s2s and direct TLS s2s ports."""
     if not Path(PROSODY).exists():
         raise FileNotFoundError(f"{PROSODY} is not installed (Debian package prosody)")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
-    cert, key = issue(ca, folder, domain)
+    cert, key = issue(cert_ca or ca, folder, domain)
     c2s_port, s2s_port = free_port(address), free_port(address)
     direct_port = free_port(address) if direct_tls else None
     options = {
@@ -267,13 +268,15 @@ async def start_prosody(
     secure_auth: bool = True,
     direct_tls: bool = False,
     bidi: bool = False,
+    cert_ca: CA | None = None,
 ) -> Prosody:
     """Prosody serving `domain` on `address`, trusting `ca`, reaching each of `peers`
     (domain -> (address, port[, direct TLS port])) there; its users registered with
     prosodyctl. `direct_tls`: it also listens for direct TLS s2s (XEP-0368); `bidi`:
-    it loads mod_s2s_bidi (XEP-0288), which the other tests leave out."""
+    it loads mod_s2s_bidi (XEP-0288), which the other tests leave out; `cert_ca`: the CA
+    of its own certificate (default `ca`)."""
     config, c2s_port, s2s_port, direct_port = write_prosody_config(
-        folder, ca, domain, address, peers, secure_auth, direct_tls, bidi
+        folder, ca, domain, address, peers, secure_auth, direct_tls, bidi, cert_ca
     )
     ctl = shutil.which("prosodyctl") or PROSODYCTL
     for user, password in users.items():

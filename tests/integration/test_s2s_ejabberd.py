@@ -103,9 +103,13 @@ Federate = Callable[..., Awaitable[Federation]]
 async def federate(
     tmp_path: Path, start_server: StartServer, peers: Peers
 ) -> AsyncIterator[Federate]:
-    async def start(*, xmppd_ca: CA | None = None) -> Federation:
+    async def start(
+        *, xmppd_ca: CA | None = None, trusted_ca: CA | None = None, accept_dialback: bool = False
+    ) -> Federation:
         """xmppd (b.test) federating with the module's ejabberd; `xmppd_ca`: the CA of
-        xmppd's certificate, default the one ejabberd trusts."""
+        xmppd's certificate, default the one ejabberd trusts; `trusted_ca`: the CA xmppd
+        trusts, default the one of ejabberd's certificate; `accept_dialback`: xmppd's
+        s2s.accept_dialback."""
         own = tmp_path / "xmppd-cert"
         own.mkdir()
         # dNSName only: ejabberd 23.01 (p1_xmpp 1.6.1) crashes on an XmppAddr in a
@@ -117,9 +121,10 @@ async def federate(
             tls={"cert": str(cert), "key": str(key)},
             s2s={
                 "listeners": [{"address": XMPPD_ADDRESS, "port": peers.xmppd_port}],
-                "ca_file": str(peers.ca.path),
+                "ca_file": str((trusted_ca or peers.ca).path),
                 "connect_timeout": 10.0,
                 "dns_servers": [f"127.0.18.1:{peers.dns.port}"],
+                "accept_dialback": accept_dialback,
             },
         )
         await server.accounts["b.test"].register("bob", "bob-secret")
@@ -297,6 +302,30 @@ async def test_dialback_when_our_certificate_does_not_validate(
         outgoing, _ = _mechanisms(federation.xmppd)
         # ejabberd answered our key type='valid' after checking it with b.test.
         assert outgoing == ["dialback"]
+    finally:
+        await close(bob)
+        await close(carl)
+
+
+async def test_ejabberd_authenticates_by_dialback_when_its_certificate_does_not_validate(
+    federate: Federate, tmp_path: Path
+) -> None:
+    """xmppd trusts another CA than the one of ejabberd's certificate: the TLS handshake
+    still succeeds, xmppd offers dialback (s2s.accept_dialback), ejabberd sends a key,
+    xmppd verifies it with ejabberd (db:verify) and the message arrives. (ejabberd has no
+    XEP-0288, so the answer cannot go back on that stream: xmppd's own stream to a
+    server whose certificate it does not trust fails.)"""
+    fed = await federate(trusted_ca=make_ca(tmp_path, "another CA"), accept_dialback=True)
+    bob = await xmppd_user(fed.xmppd, "bob@b.test/desk", "bob-secret")
+    carl = await ejabberd_user(fed.ejabberd, "carl")
+    try:
+        carl.send_message(mto="bob@b.test/desk", mbody="hello by dialback", mtype="chat")
+        try:
+            got = await next_message(bob)
+        except TimeoutError:
+            pytest.fail("bob got nothing\n" + _diagnose(fed))
+        assert (got["body"], got["from"]) == ("hello by dialback", carl.boundjid)
+        assert _mechanisms(fed.xmppd)[1] == ["dialback"]
     finally:
         await close(bob)
         await close(carl)

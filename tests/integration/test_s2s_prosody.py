@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import slixmpp
 
-from tests.integration.clients import close
+from tests.integration.clients import close, read_until
 from tests.integration.conftest import StartServer
 from tests.integration.s2s_clients import Peer, next_message, user_at, xmppd_user
 from tests.integration.s2s_peers import (
@@ -38,6 +39,7 @@ from tests.integration.s2s_peers import (
     start_prosody,
 )
 from tests.integration.test_account_changes import xmppctl
+from tests.integration.test_s2s_bad_input import header, read_features, read_to_end
 from xmppd.metrics import exposition
 from xmppd.server import Server
 
@@ -70,6 +72,8 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
         srv: bool = False,
         direct_tls: bool = False,
         bidi: bool = False,
+        prosody_ca: CA | None = None,
+        accept_dialback: bool = False,
     ) -> Federation:
         """`xmppd_ca`: the CA of xmppd's certificate, default the one Prosody trusts;
         `secure_auth`: Prosody's s2s_secure_auth (off: it accepts dialback); `srv`: xmppd
@@ -77,7 +81,9 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
         `direct_tls`: both also listen for direct TLS (XEP-0368), which each prefers:
         the `_xmpps-server` record of a.test has the better priority, and Prosody
         tries b.test's direct TLS port first; `bidi`: Prosody loads mod_s2s_bidi
-        (XEP-0288; xmppd offers and asks for it always)."""
+        (XEP-0288; xmppd offers and asks for it always); `prosody_ca`: the CA of
+        Prosody's certificate, default the one xmppd trusts; `accept_dialback`: xmppd's
+        s2s.accept_dialback."""
         ca = make_ca(tmp_path)
         own = tmp_path / "xmppd-cert"
         own.mkdir()
@@ -97,6 +103,7 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
             secure_auth=secure_auth,
             direct_tls=direct_tls,
             bidi=bidi,
+            cert_ca=prosody_ca,
         )
         records = {
             ("_xmpp-server._tcp.a.test", "SRV"): [f"10 5 {prosody.s2s_port} a.test."],
@@ -120,6 +127,7 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
                 "connect_timeout": 10.0,
                 "dns_servers": [f"127.0.18.1:{dns.port}"],
                 "domains": domains,
+                "accept_dialback": accept_dialback,
             },
         )
         await fed.xmppd.accounts["b.test"].register("bob", "bob-secret")
@@ -603,3 +611,79 @@ async def test_privacy_list_denying_a_remote_contact(federation: Federation) -> 
     finally:
         await close(bob)
         await close(anna)
+
+
+async def test_prosody_authenticates_by_dialback_when_its_certificate_does_not_validate(
+    federate: Federate, tmp_path: Path
+) -> None:
+    """Prosody's certificate is from a CA xmppd does not trust: the TLS handshake still
+    succeeds, xmppd offers dialback instead of EXTERNAL (s2s.accept_dialback), asks
+    a.test's authoritative server (Prosody) about the key with db:verify, and takes the
+    stream; being bidirectional (XEP-0288), it also carries bob's answer back (xmppd
+    could not open a stream of its own to a server whose certificate it does not trust)."""
+    fed = await federate(
+        prosody_ca=make_ca(tmp_path, "untrusted CA"),
+        secure_auth=False,
+        bidi=True,
+        accept_dialback=True,
+    )
+    bob = await xmppd_user(fed.xmppd, "bob@b.test/desk", "bob-secret")
+    anna = await prosody_user(fed.prosody, "anna@a.test/home", "anna-secret")
+    try:
+        anna.send_message(mto="bob@b.test/desk", mbody="hello by dialback", mtype="chat")
+        try:
+            got = await next_message(bob)
+        except TimeoutError:
+            pytest.fail("bob got nothing\n" + _diagnose(fed))
+        assert (got["body"], str(got["from"])) == ("hello by dialback", "anna@a.test/home")
+        code, out, err = await xmppctl(fed.xmppd, "s2s")
+        assert code == 0, err
+        rows = [line.split("\t") for line in out.splitlines()]
+        assert [r[:4] for r in rows] == [["in", "a.test", "b.test", "dialback"]]
+        bob.send_message(mto="anna@a.test/home", mbody="hello back", mtype="chat")
+        try:
+            back = await next_message(anna)
+        except TimeoutError:
+            pytest.fail("anna got nothing\n" + _diagnose(fed))
+        assert (back["body"], str(back["from"])) == ("hello back", "bob@b.test/desk")
+    finally:
+        await close(bob)
+        await close(anna)
+
+
+async def test_a_dialback_key_that_does_not_verify_is_refused(federate: Federate) -> None:
+    """A stream that claims a.test (no certificate) and gives a made-up key: xmppd asks
+    a.test's authoritative server (Prosody), which says invalid; the peer gets
+    db:result type='invalid' and <not-authorized/>, and its stanza reaches nobody."""
+    fed = await federate(secure_auth=False, accept_dialback=True)
+    bob = await xmppd_user(fed.xmppd, "bob@b.test/desk", "bob-secret")
+    assert fed.xmppd.s2s is not None
+    reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, fed.xmppd.s2s.listening[0][1])
+    try:
+        writer.write(header("a.test"))
+        await read_features(reader)
+        writer.write(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        await read_until(reader, b"<proceed")
+        await writer.start_tls(
+            ssl.create_default_context(cafile=str(fed.ca.path)), server_hostname="b.test"
+        )
+        writer.write(header("a.test"))
+        features = await read_features(reader)
+        assert b"urn:xmpp:features:dialback" in features
+        assert b"EXTERNAL" not in features
+        writer.write(
+            b"<db:result xmlns:db='jabber:server:dialback' from='a.test' to='b.test'>"
+            b"0123456789abcdef</db:result>"
+        )
+        rest = await read_to_end(reader)
+        assert re.search(rb"<db:result [^>]*type=.invalid", rest), rest
+        assert b"<not-authorized" in rest
+        assert "dialback" in fed.prosody.log  # Prosody was asked (db:verify)
+        incoming = [c for c in fed.xmppd.s2s.connections if not c.outgoing]
+        assert all(c.stream.authenticated_domain is None for c in incoming)
+        # Nothing from the refused stream reached bob: his next message is his own.
+        bob.send_message(mto="bob@b.test/desk", mbody="marker", mtype="chat")
+        assert (await next_message(bob))["body"] == "marker"
+    finally:
+        writer.close()
+        await close(bob)

@@ -17,8 +17,9 @@ import pytest
 from tests.integration.clients import close
 from tests.integration.conftest import StartServer, write_config
 from tests.integration.s2s_clients import next_message, xmppd_user
-from tests.integration.s2s_peers import XMPPD_ADDRESS, free_port, issue, make_ca
+from tests.integration.s2s_peers import CA, XMPPD_ADDRESS, free_port, issue, make_ca
 from xmppd.config import load_config
+from xmppd.s2s.tlsaccept import TLSAcceptTransport
 from xmppd.server import Server
 
 OTHER_ADDRESS = "127.0.18.5"  # d.test
@@ -102,10 +103,13 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
         assert b.s2s is not None and d.s2s is not None
         for conn in (*b.s2s.connections, *d.s2s.connections):
             assert conn.transport is not None
+            if not conn.outgoing:  # xmppd's own TLS layer for incoming streams
+                assert isinstance(conn.transport, TLSAcceptTransport)
+                assert conn.transport.layer.alpn() == b"xmpp-server"
+                continue
             tls = conn.transport.get_extra_info("ssl_object")
             assert tls.selected_alpn_protocol() == "xmpp-server"
-            if conn.outgoing:
-                assert tls.server_hostname == "d.test"
+            assert tls.server_hostname == "d.test"
 
         # Presence subscriptions both ways ride the same stream.
         bob.send_presence(pto="dora@d.test", ptype="subscribe")
@@ -142,3 +146,61 @@ async def test_workers_share_the_s2s_ports(tmp_path: Path) -> None:
     finally:
         for worker in workers:
             await worker.stop()
+
+
+async def test_dialback_between_two_xmppd_servers_per_domain_policy(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """d.test's certificate is from a CA b.test does not trust; b.test lets d.test (and
+    only it: `domains."d.test".accept_dialback`) use dialback. d.test's stream to b.test
+    (direct TLS) authenticates with dialback: b.test checks the key with d.test on a
+    db:verify stream of its own, d.test vouches for it, and the answer goes back on the
+    same (XEP-0288) stream."""
+    ca, other_ca = make_ca(tmp_path), make_ca(tmp_path, "untrusted CA")
+    ports = {address: free_port(address) for address in (XMPPD_ADDRESS, OTHER_ADDRESS)}
+
+    async def start(
+        domain: str, address: str, other: str, cert_ca: CA, policy: dict[str, object]
+    ) -> Server:
+        folder = tmp_path / domain
+        folder.mkdir()
+        cert, key = issue(cert_ca, folder, domain)
+        other_address = OTHER_ADDRESS if address == XMPPD_ADDRESS else XMPPD_ADDRESS
+        server = await start_server(
+            users={},
+            hosts=[domain],
+            data_dir=str(folder / "data"),
+            tls={"cert": str(cert), "key": str(key)},
+            s2s={
+                "listeners": [{"address": address, "port": ports[address], "direct_tls": True}],
+                "ca_file": str(ca.path),
+                "connect_timeout": 10.0,
+                "domains": {
+                    other: {
+                        "host": other_address,
+                        "port": ports[other_address],
+                        "direct_tls": True,
+                        **policy,
+                    }
+                },
+            },
+        )
+        await server.accounts[domain].register(domain[0] * 3, "secret")
+        return server
+
+    b = await start("b.test", XMPPD_ADDRESS, "d.test", ca, {"accept_dialback": True})
+    d = await start("d.test", OTHER_ADDRESS, "b.test", other_ca, {})
+    bbb = await xmppd_user(b, "bbb@b.test/desk", "secret")
+    ddd = await xmppd_user(d, "ddd@d.test/home", "secret")
+    try:
+        ddd.send_message(mto="bbb@b.test/desk", mbody="hello b.test", mtype="chat")
+        got = await next_message(bbb)
+        assert (got["body"], str(got["from"])) == ("hello b.test", "ddd@d.test/home")
+        bbb.send_message(mto="ddd@d.test/home", mbody="hello d.test", mtype="chat")
+        back = await next_message(ddd)
+        assert (back["body"], str(back["from"])) == ("hello d.test", "bbb@b.test/desk")
+        assert streams(b) == [("in", "d.test", "dialback", "direct", True, 1, 1)]
+        assert streams(d) == [("out", "b.test", "dialback", "direct", True, 1, 1)]
+    finally:
+        await close(bbb)
+        await close(ddd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from lxml import etree
 
 from xmppd.stream import s2s
@@ -320,3 +322,92 @@ def test_outgoing_without_bidi_refuses_the_peers_stanzas() -> None:
     events = stream.receive(b"<message from='anna@a.test/home' to='bob@b.test'/>")
     assert isinstance(events[0], s2s.StreamEnded) and events[0].error is not None
     assert events[0].error.condition == "unsupported-stanza-type"
+
+
+def dialback_stream(allowed: set[str]) -> tuple[s2s.S2SStream, bytes]:
+    """An incoming stream from a.test after TLS with no valid certificate; dialback
+    allowed for the domains in `allowed`; returns it and the features it offered."""
+    settings = dataclasses.replace(
+        SETTINGS, dialback_key=_key, accept_dialback=allowed.__contains__
+    )
+    stream = s2s.S2SStream(settings)
+    stream.receive(HEADER)
+    stream.receive(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    stream.tls_started(set())
+    stream.output()
+    stream.receive(HEADER)
+    return stream, stream.output()
+
+
+DB_RESULT = (
+    b"<db:result xmlns:db='jabber:server:dialback' from='a.test' to='b.test'>k3y</db:result>"
+)
+
+
+def test_incoming_dialback_offered_only_where_allowed() -> None:
+    _, features = dialback_stream({"a.test"})
+    assert b"urn:xmpp:features:dialback" in features and b"EXTERNAL" not in features
+    stream, features = dialback_stream({"other.test"})
+    assert b"urn:xmpp:features:dialback" not in features
+    events = stream.receive(DB_RESULT)  # not offered: refused
+    assert isinstance(events[-1], s2s.StreamEnded)
+    assert not any(isinstance(e, s2s.DialbackRequested) for e in events)
+
+
+def test_incoming_dialback_valid_authenticates() -> None:
+    stream, _ = dialback_stream({"a.test"})
+    events = stream.receive(DB_RESULT)
+    assert events == [s2s.DialbackRequested("a.test", "b.test", "k3y", stream.stream_id)]
+    assert not stream.authenticated
+    assert stream.dialback_checked("a.test", True) == [s2s.Authenticated("a.test", "dialback")]
+    assert b"type=\"valid\"" in stream.output()
+    received = stream.receive(b"<message from='anna@a.test/x' to='bob@b.test'/>")
+    assert isinstance(received[0], s2s.StanzaReceived)
+
+
+def test_incoming_dialback_invalid_or_unanswered() -> None:
+    stream, _ = dialback_stream({"a.test"})
+    stream.receive(DB_RESULT)
+    events = stream.dialback_checked("a.test", False)
+    assert isinstance(events[-1], s2s.StreamEnded) and stream.closed
+    out = stream.output()
+    assert b"type=\"invalid\"" in out and b"<not-authorized" in out
+    stream, _ = dialback_stream({"a.test"})
+    stream.receive(DB_RESULT)
+    assert stream.dialback_checked("a.test", None) == []
+    out = stream.output()
+    assert b"type=\"error\"" in out and b"remote-connection-failed" in out
+    assert not stream.authenticated and not stream.closed
+
+
+def test_incoming_dialback_for_another_domain_is_refused() -> None:
+    for result, condition in [
+        (DB_RESULT.replace(b"from='a.test'", b"from='c.test'"), "invalid-from"),
+        (DB_RESULT.replace(b"to='b.test'", b"to='x.test'"), "host-unknown"),
+    ]:
+        stream, _ = dialback_stream({"a.test", "c.test"})
+        events = stream.receive(result)
+        assert isinstance(events[-1], s2s.StreamEnded)
+        assert events[-1].error is not None and events[-1].error.condition == condition
+
+
+def test_verify_stream_sends_db_verify_and_reports_the_answer() -> None:
+    stream = s2s.S2SStream(
+        SETTINGS, outgoing=True, local="b.test", remote="a.test", verify=("k3y", "sid1")
+    )
+    stream.start()
+    stream.receive(HEADER.replace(b"from='a.test' to='b.test'", b"from='a.test' id='x'"))
+    stream.receive(
+        b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/></stream:features>"
+        b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+    )
+    stream.tls_started({"a.test"})
+    stream.output()
+    stream.receive(HEADER + b"<stream:features/>")
+    out = stream.output()
+    assert b"<db:verify" in out and b"id=\"sid1\"" in out and b">k3y<" in out
+    events = stream.receive(
+        b"<db:verify xmlns:db='jabber:server:dialback' from='a.test' to='b.test' id='sid1'"
+        b" type='valid'/>"
+    )
+    assert s2s.DialbackVerified(True) in events

@@ -93,6 +93,9 @@ class DomainPolicy(BaseModel):
     # Authenticate to it with dialback when it does not accept our certificate; None:
     # as `s2s.dialback` says.
     dialback: StrictBool | None = None
+    # Let it authenticate to us with dialback when its certificate does not validate
+    # for it (over TLS always); None: as `s2s.accept_dialback` says.
+    accept_dialback: StrictBool | None = None
 
     _file = field_validator("ca_file")(_file)
 
@@ -117,6 +120,10 @@ class S2SConfig(BaseModel):
     connect_timeout: Seconds = 15.0  # DNS, TCP, TLS and authentication of an outgoing stream
     # Dialback (XEP-0220) when a peer does not accept our certificate (always over TLS).
     dialback: StrictBool = True
+    # Incoming dialback (XEP-0220): a peer whose certificate does not validate for its
+    # domain may authenticate with dialback instead (over TLS always). Off: valid
+    # certificates (SASL EXTERNAL) only.
+    accept_dialback: StrictBool = False
     # Bidirectional streams (XEP-0288): one stream carries stanzas both ways.
     bidi: StrictBool = True
     max_queue: StrictInt = Field(default=1000, ge=1)  # stanzas waiting per remote domain
@@ -139,6 +146,10 @@ class S2SConfig(BaseModel):
     def dialback_to(self, domain: str) -> bool:
         allowed = self.policy(domain).dialback
         return self.dialback if allowed is None else allowed
+
+    def dialback_from(self, domain: str) -> bool:
+        allowed = self.policy(domain).accept_dialback
+        return self.accept_dialback if allowed is None else allowed
 
 
 _NO_POLICY = DomainPolicy()

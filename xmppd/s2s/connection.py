@@ -18,6 +18,7 @@ from lxml import etree
 
 from xmppd.ratelimit import TokenBucket
 from xmppd.s2s.identity import certificate_covers
+from xmppd.s2s.tlsaccept import TLSAcceptLayer, TLSAcceptProtocol, TLSAcceptTransport
 from xmppd.stream import s2s
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
@@ -33,14 +34,19 @@ class S2SConnection(asyncio.Protocol):
         self,
         service: S2SService,
         stream: s2s.S2SStream,
-        tls_context: ssl.SSLContext,
+        tls_context: ssl.SSLContext | None,
         direct_tls: bool = False,
     ) -> None:
         self.service = service
         self.stream = stream
         self.outgoing = stream.outgoing
-        self.tls_context = tls_context  # for STARTTLS
-        self.direct_tls = direct_tls  # TLS from the first byte (XEP-0368): done by asyncio
+        # Outgoing STARTTLS (stdlib); None for incoming streams, whose TLS is the
+        # service's pyOpenSSL layer (xmppd/s2s/tlsaccept.py: any client certificate).
+        self.tls_context = tls_context
+        # TLS from the first byte (XEP-0368): outgoing, done by asyncio before
+        # connection_made; incoming, started there over the plain TCP transport.
+        self.direct_tls = direct_tls
+        self.verdict: bool | None = None  # a db:verify stream: the authoritative server's answer
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.last_active = 0.0  # loop time of the last byte in or out (idle timeout)
@@ -98,7 +104,10 @@ class S2SConnection(asyncio.Protocol):
             return
         if not self.outgoing:
             self._auth_timer = loop.call_later(self.service.config.auth_timeout, self._auth_timeout)
-        if self.direct_tls:
+        if self.direct_tls and not self.outgoing:
+            self._before_tls = []
+            self._accept_tls()
+        elif self.direct_tls:
             # asyncio finished the handshake before calling us: the stream starts secured.
             self._secured(transport)  # type: ignore[arg-type]
         elif self.outgoing:
@@ -218,7 +227,10 @@ class S2SConnection(asyncio.Protocol):
                 self.transport.pause_reading()
                 self._before_tls = []
                 self._flush()
-                asyncio.ensure_future(self._start_tls())
+                if self.outgoing:
+                    asyncio.ensure_future(self._start_tls())
+                else:
+                    self._accept_tls()
             elif isinstance(event, s2s.Authenticated):
                 if self._auth_timer is not None:
                     self._auth_timer.cancel()
@@ -235,14 +247,58 @@ class S2SConnection(asyncio.Protocol):
                     self.ready.set_result(None)
                 if not self.outgoing and self.stream.bidi:
                     self.service.bidi_ready(self)
+            elif isinstance(event, s2s.DialbackRequested):
+                self.service.check_dialback(self, event)
+            elif isinstance(event, s2s.DialbackVerified):
+                self.verdict = event.valid
+                if not self.ready.done():
+                    self.ready.set_result(None)
             elif isinstance(event, s2s.AuthFailed):
                 log.info("s2s: %s (%s) refused us: %s", self.remote, self.peer, event.reason)
                 if not self.ready.done():
                     self.ready.set_exception(ConnectionRefusedError(event.reason))
 
+    def dialback_checked(self, domain: str, valid: bool | None) -> None:
+        """The authoritative server's answer on the key `domain` gave us (None: it
+        could not be asked); the stream answers the peer (XEP-0220 2.4)."""
+        if self.transport is None or self.stream.closed:
+            return
+        self._handle(self.stream.dialback_checked(domain, valid))
+        self._flush()
+
+    def _accept_tls(self) -> None:
+        """Incoming TLS (after <proceed/>, or from the first byte) with any client
+        certificate taken in the handshake and judged after it (xmppd/s2s/tlsaccept.py)."""
+        raw = self.transport
+        assert raw is not None and not isinstance(raw, TLSAcceptTransport)
+        layer = TLSAcceptLayer(self.service.accept_context(self.direct_tls))
+        loop = asyncio.get_running_loop()
+
+        def timeout() -> None:
+            log.info("s2s: TLS with %s timed out", self.peer)
+            raw.abort()
+
+        timer = loop.call_later(self.service.config.auth_timeout, timeout)
+
+        def done(transport: TLSAcceptTransport | None, exc: Exception | None) -> None:
+            timer.cancel()
+            if transport is None:
+                log.info("s2s: TLS with %s failed: %s", self.peer, exc)
+                return
+            self.transport = transport
+            self._secured(transport)
+
+        tls = TLSAcceptProtocol(raw, layer, self, done)
+        raw.set_protocol(tls)
+        early, self._before_tls = b"".join(self._before_tls or ()), None
+        if early:
+            tls.data_received(early)
+        if not raw.is_closing():
+            raw.resume_reading()
+
     async def _start_tls(self) -> None:
         transport = self.transport
-        assert transport is not None
+        assert transport is not None and self.tls_context is not None
         loop = asyncio.get_running_loop()
         try:
             new_transport = await loop.start_tls(
@@ -272,10 +328,16 @@ class S2SConnection(asyncio.Protocol):
         validated the chain (or there is no certificate); the name is ours to check:
         outgoing, here, for the domain we connected to; incoming, by the stream, for the
         domain its header names (after a direct TLS handshake it has not come yet)."""
+        if isinstance(transport, TLSAcceptTransport):  # incoming
+            self.stream.tls_started(_CertificateNames(transport.layer.peer_certificate()))
+            self._flush()
+            return True
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        if not self.outgoing:
-            self.stream.tls_started(_CertificateNames(der))
+        if self.stream.verify_only:
+            # A db:verify stream asks the peer's authoritative server, found through
+            # DNS (or the config), about a key: its certificate proves nothing more there.
+            self.stream.tls_started({self.stream.remote or ""})
             self._flush()
             return True
         remote = self.stream.remote or ""

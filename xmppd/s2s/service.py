@@ -34,13 +34,15 @@ from typing import TYPE_CHECKING
 
 import dns.exception
 from lxml import etree
+from OpenSSL import SSL
 
 from xmppd.jid import parse_jid
 from xmppd.s2s.config import S2SConfig
 from xmppd.s2s.connection import S2SConnection
 from xmppd.s2s.resolve import NoService, Resolver
+from xmppd.s2s.tlsaccept import server_context
 from xmppd.stream.errors import StanzaError, StreamError
-from xmppd.stream.s2s import S2SSettings, S2SStream
+from xmppd.stream.s2s import DialbackRequested, S2SSettings, S2SStream
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
@@ -84,6 +86,7 @@ class S2SService:
             max_stanza_bytes_unauthenticated=config.max_stanza_bytes_unauthenticated,
             max_depth=server.config.limits.max_xml_depth,
             bidi=config.bidi,
+            accept_dialback=config.dialback_from,
         )
         self.resolver = Resolver(config, config.connect_timeout)
         self.links: dict[tuple[str, str], Link] = {}
@@ -94,8 +97,8 @@ class S2SService:
         self.listening: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
         self._client_contexts: dict[tuple[Path | None, bool], ssl.SSLContext] = {}
-        self._server_context: ssl.SSLContext | None = None
-        self._direct_server_context: ssl.SSLContext | None = None
+        self._accept_contexts: dict[bool, SSL.Context] = {}
+        self._verify_context: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None
         self._stopped = False
         # Outgoing streams that could not be set up, by bounce condition (/metrics).
@@ -115,28 +118,18 @@ class S2SService:
             return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
         self.settings.dialback_key = dialback_key
-        self._server_context = self._make_server_context()
-        self._direct_server_context = self._make_server_context(alpn=True)
+        for direct in (False, True):
+            self._accept_contexts[direct] = self._make_server_context(alpn=direct)
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
-            if listener.direct_tls:
-                server = await loop.create_server(
-                    self._incoming_direct,
-                    listener.address,
-                    listener.port,
-                    reuse_address=True,
-                    reuse_port=self.server.reuse_port or None,  # xmppd --workers
-                    ssl=self._direct_server_context,
-                    ssl_handshake_timeout=self.config.auth_timeout,
-                )
-            else:
-                server = await loop.create_server(
-                    self._incoming,
-                    listener.address,
-                    listener.port,
-                    reuse_address=True,
-                    reuse_port=self.server.reuse_port or None,
-                )
+            # Plain TCP either way: the connection runs TLS itself (xmppd/s2s/tlsaccept.py).
+            server = await loop.create_server(
+                functools.partial(self._incoming, listener.direct_tls),
+                listener.address,
+                listener.port,
+                reuse_address=True,
+                reuse_port=self.server.reuse_port or None,  # xmppd --workers
+            )
             self._servers.append(server)
             for sock in server.sockets:
                 address, port = sock.getsockname()[:2]
@@ -291,14 +284,86 @@ class S2SService:
 
     # --- connections --------------------------------------------------------------------
 
-    def _incoming(self) -> S2SConnection:
-        assert self._server_context is not None
-        return S2SConnection(self, S2SStream(self.settings), self._server_context)
+    def _incoming(self, direct_tls: bool) -> S2SConnection:
+        return S2SConnection(self, S2SStream(self.settings), None, direct_tls=direct_tls)
 
-    def _incoming_direct(self) -> S2SConnection:
-        assert self._direct_server_context is not None
-        stream = S2SStream(self.settings)
-        return S2SConnection(self, stream, self._direct_server_context, direct_tls=True)
+    def accept_context(self, direct_tls: bool) -> SSL.Context:
+        return self._accept_contexts[direct_tls]
+
+    # --- incoming dialback (XEP-0220) ---------------------------------------------------
+
+    def check_dialback(self, conn: S2SConnection, request: DialbackRequested) -> None:
+        """Ask the peer's authoritative server about the key its stream gave us (on a
+        stream of its own, in the background), then let the stream answer."""
+
+        async def check() -> None:
+            verdict: bool | None = None
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    verdict = await self._verify_key(request)
+            except (TimeoutError, dns.exception.DNSException, NoService, OSError) as exc:
+                log.info("s2s: could not verify %s's dialback key: %s", request.domain, exc)
+            log.info(
+                "s2s: dialback key of %s (%s): %s",
+                request.domain,
+                conn.peer,
+                {None: "not verified", True: "valid", False: "invalid"}[verdict],
+            )
+            conn.dialback_checked(request.domain, verdict)
+
+        self.server.router.spawn(check())
+
+    async def _verify_key(self, request: DialbackRequested) -> bool:
+        """db:verify (XEP-0220 2.3) on a new stream to the authoritative server of
+        `request.domain`, found like any outgoing connection's (config, SRV, A)."""
+        problem: Exception = NoService(f"{request.domain}: nowhere to connect")
+        for target in await self.resolver.targets(request.domain):
+            for address in await self.resolver.addresses(target.host):
+                try:
+                    return await self._ask(request, address, target.port, target.direct_tls)
+                except (OSError, ConnectionError) as exc:
+                    problem = exc
+        raise problem
+
+    async def _ask(
+        self, request: DialbackRequested, address: str, port: int, direct_tls: bool
+    ) -> bool:
+        stream = S2SStream(
+            self.settings,
+            outgoing=True,
+            local=request.local,
+            remote=request.domain,
+            verify=(request.key, request.stream_id),
+        )
+        context = self._verify_tls_context()
+        factory = functools.partial(S2SConnection, self, stream, context, direct_tls)
+        loop = asyncio.get_running_loop()
+        if direct_tls:
+            _, conn = await loop.create_connection(
+                factory, address, port, ssl=context, server_hostname=request.domain
+            )
+        else:
+            _, conn = await loop.create_connection(factory, address, port)
+        try:
+            await conn.ready
+        finally:
+            conn.close()
+        if conn.verdict is None:
+            raise ConnectionError(f"{request.domain} did not answer db:verify")
+        return conn.verdict
+
+    def _verify_tls_context(self) -> ssl.SSLContext:
+        """TLS for db:verify streams: encrypted, the server not authenticated by its
+        certificate (dialback trusts DNS for that, XEP-0220 3; a peer that needs
+        dialback usually has no certificate we trust), ours presented."""
+        if self._verify_context is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.load_cert_chain(*self._cert)
+            self._verify_context = ctx
+        return self._verify_context
 
     def connection_opened(self, conn: S2SConnection, address: str) -> bool:
         """Count the connection; False for an incoming one from an address that already
@@ -376,26 +441,22 @@ class S2SService:
 
     # --- TLS ----------------------------------------------------------------------------
 
-    def _make_server_context(self, alpn: bool = False) -> ssl.SSLContext:
-        """Incoming: our certificate, and the peer's asked for. OpenSSL validates a
+    def _make_server_context(self, alpn: bool = False) -> SSL.Context:
+        """Incoming: our certificate, and the peer's asked for. OpenSSL judges a
         certificate the peer sends against every CA we trust for any peer (which peer
-        it is, we learn only from the stream header); its names are checked after.
+        it is, we learn only from the stream header) without failing the handshake
+        (a peer we do not trust may still use dialback); its names are checked after.
         `alpn`: the direct TLS listeners' context, which selects 'xmpp-server' when the
         peer offers it (XEP-0368; a peer that offers no ALPN is served too)."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        if alpn:
-            ctx.set_alpn_protocols([ALPN])
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(*self._cert)
-        ctx.verify_mode = ssl.CERT_OPTIONAL
         files = {p.ca_file for p in self.config.domains.values() if p.ca_file is not None}
         if self.config.ca_file is not None:
             files.add(self.config.ca_file)
-        else:
-            ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
-        for path in files:
-            ctx.load_verify_locations(cafile=str(path))
-        return ctx
+        return server_context(
+            *self._cert,
+            files,
+            system_cas=self.config.ca_file is None,
+            alpn=ALPN.encode() if alpn else None,
+        )
 
     def _client_context(self, remote: str, alpn: bool = False) -> ssl.SSLContext:
         """Outgoing: the peer's certificate must chain to its CAs (the domain's

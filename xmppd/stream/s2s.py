@@ -92,7 +92,33 @@ class StanzaReceived:
     stanza: etree._Element
 
 
-Event = TLSRequested | Authenticated | AuthFailed | StanzaReceived | StreamEnded
+@dataclass(slots=True)
+class DialbackRequested:
+    """Incoming: the peer asks to be `domain` by dialback (XEP-0220 2.1) with `key`;
+    ask its authoritative server (db:verify), then call dialback_checked()."""
+
+    domain: str  # the originating domain
+    local: str  # the receiving domain (ours)
+    key: str
+    stream_id: str  # the id we gave this stream
+
+
+@dataclass(slots=True)
+class DialbackVerified:
+    """A db:verify stream: the authoritative server's answer (XEP-0220 2.3)."""
+
+    valid: bool
+
+
+Event = (
+    TLSRequested
+    | Authenticated
+    | AuthFailed
+    | StanzaReceived
+    | DialbackRequested
+    | DialbackVerified
+    | StreamEnded
+)
 
 
 class Phase(Enum):
@@ -114,6 +140,9 @@ class S2SSettings:
     # Bidirectional streams (XEP-0288): offered on incoming streams, asked for on
     # outgoing ones when the peer offers them.
     bidi: bool = False
+    # Incoming: whether a peer domain whose certificate did not validate may
+    # authenticate with dialback (`s2s.accept_dialback`, per domain).
+    accept_dialback: Callable[[str], bool] | None = None
 
 
 class S2SStream(StreamCore[Event]):
@@ -127,8 +156,12 @@ class S2SStream(StreamCore[Event]):
         local: str | None = None,
         remote: str | None = None,
         dialback: bool = False,
+        verify: tuple[str, str] | None = None,
     ) -> None:
         self.settings = settings
+        # Outgoing, only to ask the authoritative server about (key, stream id) with
+        # db:verify (XEP-0220 2.3): no authentication, no stanzas.
+        self.verify = verify
         self.outgoing = outgoing
         # Outgoing: authenticate with dialback when the peer will not take our certificate.
         self.dialback = dialback and settings.dialback_key is not None
@@ -144,6 +177,8 @@ class S2SStream(StreamCore[Event]):
         self._ready = False  # outgoing: authenticated and the restarted stream's features came
         self._dialback_sent = False
         self._dialback_offered = False  # outgoing: the peer's features listed dialback
+        self._dialback_pending: str | None = None  # incoming: the domain being checked
+        self._offered_dialback = False  # incoming: our features listed dialback
         # XEP-0288 agreed: stanzas go both ways on this stream once it is authenticated
         # (incoming: we may send to the peer's domain; outgoing: it may send to ours).
         self.bidi = False
@@ -171,6 +206,42 @@ class S2SStream(StreamCore[Event]):
         """Queue a 'jabber:client' stanza for the peer (outgoing, authenticated)."""
         if self.phase is not Phase.CLOSED:
             self._out.append(etree.tostring(to_server(stanza)))
+
+    @property
+    def verify_only(self) -> bool:
+        return self.verify is not None
+
+    def dialback_checked(self, domain: str, valid: bool | None) -> list[Event]:
+        """Incoming: the authoritative server's verdict on the key the peer gave for
+        `domain` (None: it could not be asked in time). XEP-0220 2.4: valid
+        authenticates the stream (no restart); invalid is answered and the stream
+        ends with <not-authorized/>; no answer is a db:result error the peer may
+        retry after."""
+        events: list[Event] = []
+        if self.phase is not Phase.SECURED or domain != self._dialback_pending:
+            return events
+        self._dialback_pending = None
+        result = etree.Element(_DB_RESULT, nsmap={"db": ns.DIALBACK})
+        result.set("from", self.local or "")
+        result.set("to", domain)
+        if valid is None:
+            result.set("type", "error")
+            error = etree.SubElement(result, "error", type="cancel")
+            etree.SubElement(error, f"{{{ns.STANZA_ERRORS}}}remote-connection-failed")
+            self._out.append(etree.tostring(result))
+            return events
+        result.set("type", "valid" if valid else "invalid")
+        self._out.append(etree.tostring(result))
+        if not valid:
+            self.fail(StreamError("not-authorized", "the dialback key did not verify"))
+            events.append(StreamEnded(None))
+            return events
+        self.authenticated_domain = domain
+        self.mechanism = "dialback"
+        self.phase = Phase.AUTHENTICATED
+        self._parser.max_stanza_bytes = self.settings.max_stanza_bytes
+        events.append(Authenticated(domain, "dialback"))
+        return events
 
     @property
     def closed(self) -> bool:
@@ -243,6 +314,11 @@ class S2SStream(StreamCore[Event]):
                 self._offered_external = True
                 mechs = etree.SubElement(features, _MECHANISMS, nsmap={None: ns.SASL})
                 etree.SubElement(mechs, f"{{{ns.SASL}}}mechanism").text = "EXTERNAL"
+            elif self._may_dialback(self.remote):
+                self._offered_dialback = True
+                nsmap = {None: ns.DIALBACK_FEATURE}
+                dialback = etree.SubElement(features, _DB_FEATURE, nsmap=nsmap)
+                etree.SubElement(dialback, f"{{{ns.DIALBACK_FEATURE}}}errors")
             if self.settings.bidi:
                 etree.SubElement(features, _BIDI_FEATURE, nsmap={None: _NS_BIDI_FEATURE})
         return features
@@ -270,6 +346,8 @@ class S2SStream(StreamCore[Event]):
             self.bidi = True  # XEP-0288 3: asked for before authentication, no answer
         elif tag == _DB_VERIFY and self.phase is not Phase.CONNECTED:
             self._vouch(el)
+        elif tag == _DB_RESULT and self.phase is Phase.SECURED and self._offered_dialback:
+            self._on_dialback(el, events)
         else:
             raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
 
@@ -290,6 +368,32 @@ class S2SStream(StreamCore[Event]):
         success = etree.Element(_SUCCESS, nsmap={None: ns.SASL})
         self._out.append(etree.tostring(success))
         self._authenticated(domain, "EXTERNAL", events)
+
+    def _may_dialback(self, domain: str | None) -> bool:
+        allowed = self.settings.accept_dialback
+        return (
+            bool(domain)
+            and self.settings.dialback_key is not None
+            and allowed is not None
+            and allowed(domain or "")
+        )
+
+    def _on_dialback(self, el: etree._Element, events: list[Event]) -> None:
+        """XEP-0220 2.1: the peer gives a key for its domain; one check at a time, for
+        the domain its stream header named (one domain pair per stream)."""
+        originating = (el.get("from") or "").lower()
+        receiving = (el.get("to") or "").lower()
+        key = (el.text or "").strip()
+        if not originating or not receiving or not key:
+            raise StreamError("improper-addressing", "db:result needs 'from', 'to' and a key")
+        if receiving != self.local:
+            raise StreamError("host-unknown", "this stream is not to that domain")
+        if originating != self.remote:
+            raise StreamError("invalid-from", "'from' is not the stream header's domain")
+        if not self._may_dialback(originating) or self._dialback_pending is not None:
+            raise StreamError("not-authorized", "dialback is not allowed here")
+        self._dialback_pending = originating
+        events.append(DialbackRequested(originating, receiving, key, self.stream_id))
 
     def _vouch(self, el: etree._Element) -> None:
         """XEP-0220 2.3: a receiving server asks whether a key one of our domains sent it
@@ -372,6 +476,15 @@ class S2SStream(StreamCore[Event]):
             # peer and checks the certificate only then): dialback on the same stream,
             # which a SASL failure leaves open (RFC 6120 6.4.5, XEP-0178 3).
             self._send_dialback()
+        elif tag == _DB_VERIFY and self.verify is not None and self.phase is Phase.SECURED:
+            valid = (
+                el.get("type") == "valid"
+                and el.get("from") == self.remote
+                and el.get("id") == self.verify[1]
+            )
+            self.close()
+            events.append(DialbackVerified(valid))
+            events.append(StreamEnded(None))
         elif tag in _S_STANZAS and self.bidi and self._ready:
             self._on_stanza(el, events)  # XEP-0288: the peer's stanzas on our stream
         elif tag in (_FAILURE, _TLS_FAILURE):
@@ -401,6 +514,16 @@ class S2SStream(StreamCore[Event]):
                 events.append(StreamEnded(None))
                 return
             self._out.append(etree.tostring(etree.Element(_STARTTLS, nsmap={None: ns.TLS})))
+        elif self.phase is Phase.SECURED and self.verify is not None:
+            if self._dialback_sent:
+                return
+            verify = etree.Element(_DB_VERIFY, nsmap={"db": ns.DIALBACK})
+            verify.set("from", self.local or "")
+            verify.set("to", self.remote or "")
+            verify.set("id", self.verify[1])
+            verify.text = self.verify[0]
+            self._out.append(etree.tostring(verify))
+            self._dialback_sent = True
         elif self.phase is Phase.SECURED:
             mechanisms = features.find(_MECHANISMS)
             names = [] if mechanisms is None else [(m.text or "").strip() for m in mechanisms]
