@@ -727,6 +727,7 @@ class StreamManagement(Module):
         type_ = stanza.get("type")
         if stanza.tag == ns.C_MESSAGE and type_ not in ("error", "groupchat"):
             self.stats.rerouted += 1
+            self.host.ledger.rerouted += 1  # its delivery is taken back; a new fate follows
             if timed_out:
                 self.stats.timeout_messages += 1
             self.host.route(copy.deepcopy(stanza))

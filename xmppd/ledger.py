@@ -6,13 +6,18 @@ bounced them, or whether the load generator miscounted. These counts let it
 reconcile. Once the server is idle, for the messages clients sent:
 
     received + from_remote
-        == delivered - copies - replayed + offline + bounced + to_remote + sum(dropped)
+        == delivered - copies - replayed - rerouted
+           + offline + bounced + to_remote + sum(dropped)
 
 `delivered` counts messages handed to a client session, one per session
 (a message to a bare JID with two top-priority resources counts two, the one
 exception to the equation), and `written` those of them that reached the
 session's transport. Besides the messages clients sent, sessions are handed
-carbon copies (`copies`) and offline messages at login (`replayed`).
+carbon copies (`copies`) and offline messages at login (`replayed`). A
+delivered message that a stream-managed session (XEP-0198) never acknowledged
+is routed again when that session ends (`rerouted`): it then meets a second
+fate (another resource, offline storage), so its first delivery is taken
+back out of the sum.
 
 Federation (xmppd/s2s): `from_remote` counts the messages that arrived on an
 authenticated server-to-server stream (they then meet the same fates as a
@@ -60,6 +65,7 @@ class MessageLedger:
         "offline",
         "replayed",
         "bounced",
+        "rerouted",
         "from_remote",
         "to_remote",
         "dropped",
@@ -73,6 +79,7 @@ class MessageLedger:
         self.offline = 0  # stored for an offline recipient
         self.replayed = 0  # stored ones handed to the recipient's session later
         self.bounced = 0  # answered with an error stanza instead
+        self.rerouted = 0  # delivered ones a session never acknowledged, routed again (SM)
         self.from_remote = 0  # received from a remote domain's server (s2s)
         self.to_remote = 0  # handed to the stream of a remote domain's server (s2s)
         self.dropped: Counter[str] = Counter()  # reason -> count
@@ -90,6 +97,7 @@ class MessageLedger:
             "offline": self.offline,
             "replayed": self.replayed,
             "bounced": self.bounced,
+            "rerouted": self.rerouted,
             "from_remote": self.from_remote,
             "to_remote": self.to_remote,
             "dropped": dict(self.dropped),

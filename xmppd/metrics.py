@@ -42,6 +42,10 @@ MESSAGE_COUNTS = {
     "offline": ("xmppd_messages_offline_stored", "Messages stored for offline users."),
     "replayed": ("xmppd_messages_offline_replayed", "Stored messages delivered at login."),
     "bounced": ("xmppd_messages_bounced", "Messages answered with an error instead."),
+    "rerouted": (
+        "xmppd_messages_rerouted",
+        "Delivered messages a stream-managed session never acknowledged, routed again.",
+    ),
     "from_remote": ("xmppd_messages_from_remote", "Messages received from remote servers."),
     "to_remote": ("xmppd_messages_to_remote", "Messages handed to a remote server's stream."),
 }

@@ -473,6 +473,7 @@ def _reconciles(ledger: dict[str, object]) -> bool:
         counts["delivered"]
         - counts["copies"]
         - counts["replayed"]
+        - counts["rerouted"]
         + counts["offline"]
         + counts["bounced"]
         + counts["to_remote"]

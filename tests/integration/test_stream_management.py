@@ -443,6 +443,16 @@ async def test_clean_close_sends_unacked_messages_offline(start_server: StartSer
     assert await messages(again, 1) == ["unacked"]
     await again.close()
     await bob.close()
+    # The ledger: delivered twice (live, then from storage), stored once, and the
+    # unacknowledged first delivery taken back, so the equation holds.
+    await server.router.drain()
+    ledger = server.router.ledger.snapshot()
+    fates = {k: ledger[k] for k in ("received", "delivered", "rerouted", "offline", "replayed")}
+    assert fates == {"received": 1, "delivered": 2, "rerouted": 1, "offline": 1, "replayed": 1}
+    assert ledger["received"] == (
+        ledger["delivered"] - ledger["copies"] - ledger["replayed"] - ledger["rerouted"]
+        + ledger["offline"] + ledger["bounced"]
+    )
 
 
 async def test_stop_sends_waiting_sessions_offline(start_server: StartServer) -> None:
