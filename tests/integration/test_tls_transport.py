@@ -57,7 +57,7 @@ class HandTLS:
                 self.tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                await self.pump()
+                assert await self.pump(), "closed during the handshake"
         self.writer.write(self.outgoing.read())
 
     async def pump(self) -> bool:

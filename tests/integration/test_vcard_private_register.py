@@ -316,7 +316,9 @@ async def register_raw(server: Server, username: str) -> bytes:
         reply = b""
         async with asyncio.timeout(10):
             while not re.search(rb"<iq[^>]*/>|</iq>", reply):  # a result is empty
-                reply += await raw.reader.read(65536)
+                chunk = await raw.reader.read(65536)
+                assert chunk, f"closed before the answer: {reply!r}"
+                reply += chunk
         return reply.replace(b'"', b"'")
     finally:
         await raw.close()
