@@ -35,7 +35,14 @@ store:
   name) holding it. Avatars' data nodes are the large ones.
 * `/u/<bare JID>`: the nodes a user subscribed to, for the per-user
   subscription limit and so that an account's removal finds its
-  subscriptions (no user prefix starts with "/").
+  subscriptions (no user prefix starts with "/"). An entry whose node is
+  gone is dropped when the limit is reached and when the user lists its
+  subscriptions (`live_entries`): the safety net under the deletion's own
+  clearing (below).
+* `/d/<prefix>/<node>/<generation>`: a deleted node whose subscriptions (and
+  their subscribers' index entries) are still to be cleared, written in the
+  deletion's transaction; modules/_pubsub_cleanup.py clears them in
+  batches after the owner's answer, and again at start-up after a crash.
 
 Every change of a node's items or configuration is one `ItemStore.modify`
 of its record, with the item writes in the same transaction (`WithWrites`),
@@ -76,6 +83,7 @@ from xmppd.storage.base import (
     WithWrites,
     Write,
 )
+from xmppd.storage.codec import name_token
 from xmppd.stream.errors import StanzaError
 
 from ._pubsub_forms import (
@@ -97,6 +105,8 @@ SUBSCRIPTION_CHANGES = TRANSACTION_DELETES // 2
 """An owner's subscription changes in one request: each writes a subscription and an index."""
 MIGRATE_BATCH = 80
 """Inline subscriptions of an earlier-format record moved out in one transaction."""
+TOMBSTONES = "/d/"
+"""Where deleted nodes wait for their subscriptions to be cleared (no prefix starts with "/")."""
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -292,6 +302,13 @@ class PubSubService:
         self.relation = relation
         self.owner = owner
 
+    def at(self, prefix: str) -> PubSubService:
+        """The service of another prefix in the same stores (the index and the
+        tombstones of a PEP store name the nodes of every account in it)."""
+        return PubSubService(
+            self.items, self.blobs, prefix, self.limits, self.relation, self.owner
+        )
+
     # --- keys -------------------------------------------------------------------------
 
     def node_key(self, node: str) -> str:
@@ -312,6 +329,13 @@ class PubSubService:
 
     def counter_key(self, node: Node) -> str:
         return f"{self.prefix}c/{_q(node.name)}/{node.generation}"
+
+    def tombstones_prefix(self) -> str:
+        """Where this service's deleted nodes wait for their subscriptions to go."""
+        return f"{TOMBSTONES}{_q(self.prefix)}/"
+
+    def tombstone_key(self, node: Node) -> str:
+        return f"{self.tombstones_prefix()}{_q(node.name)}/{node.generation}"
 
     # --- reading ------------------------------------------------------------------------
 
@@ -393,6 +417,23 @@ class PubSubService:
             if (token := page.next_token) is None:
                 return found
             await asyncio.sleep(0)  # a store that answers without yielding holds no longer
+
+    async def subscribers_page(
+        self, node: Node, after: str | None, before: str | None, limit: int
+    ) -> list[Subscription]:
+        """One page of `node`'s subscriptions in the order of their keys (escaped
+        JIDs): the first `limit` after the JID `after` (None: from the start), or
+        with `before` (not None) the last `limit` before that JID ("": the last
+        page). One query, however many the node has. The node has no inline
+        subscriptions left (`_migrated`)."""
+        start = self.subscriptions_prefix(node)
+        bound = before if before is not None else after
+        token = name_token(start + _q(bound)) if bound else None
+        page = await self.items.query(Query(
+            prefix=start, limit=limit, page_token=token, descending=before is not None
+        ))
+        items = list(reversed(page.items)) if before is not None else page.items
+        return [decode_subscription(item) for item in items]
 
     async def subscription_count(self, node: Node) -> int:
         """How many subscriptions (subscribed or pending) `node` has."""
@@ -563,17 +604,27 @@ class PubSubService:
         await self._delete_blobs(dropped[:TRANSACTION_DELETES])
         return Event("configuration", node)
 
-    async def delete(self, requester: str, name: str) -> Event:
-        """Delete a node with its items (XEP-0060 8.4)."""
+    async def delete(self, requester: str | None, name: str) -> Event:
+        """Delete a node with its items (XEP-0060 8.4): an owner's request, or the
+        server's (`requester` None: its account goes). It leaves a tombstone: its
+        subscriptions stay where the notification of the deletion reads them, until
+        `_pubsub_cleanup.clear_deleted` clears them with their subscribers' index
+        entries."""
         deleted: list[Node] = []
 
         def change(current: Item | None) -> WithWrites:
             if current is None:
                 raise StanzaError("item-not-found", "no such node")
             node = decode_node(name, current)
-            self._require_owner(node, requester)
+            if requester is not None:
+                self._require_owner(node, requester)
             deleted[:] = [node]
-            return WithWrites(None, self._deletes(name, node.items))
+            tombstone: dict[str, str | bytes | int] = {
+                "p": self.prefix, "n": name, "g": node.generation,
+                "l": json.dumps(sorted(node.legacy), separators=(",", ":")),
+            }
+            writes: list[Write] = [self.items.put_op(self.tombstone_key(node), tombstone)]
+            return WithWrites(None, [*writes, *self._deletes(name, node.items)])
 
         await self.items.modify(self.node_key(name), change, what="node")
         node = deleted[0]
@@ -581,12 +632,6 @@ class PubSubService:
         await self._drop_items(node, node.items[TRANSACTION_DELETES:])
         await self._delete_blobs(node.items[:TRANSACTION_DELETES])
         return Event("delete", node)
-
-    async def drop_subscribers(self, node: Node) -> None:
-        """Delete a deleted node's subscriptions (its generation's key space, which a
-        node made again under its name does not share), once they were notified."""
-        await self.items.delete_prefix(self.subscriptions_prefix(node))
-        await self.items.delete(self.counter_key(node))
 
     async def purge(self, requester: str, name: str) -> Event:
         """Remove every item of a node (XEP-0060 8.5)."""
@@ -795,7 +840,11 @@ class PubSubService:
             return WithWrites(_count_attrs(_count_of(counter) + 1), writes)
 
         await self.items.modify(self.counter_key(node), change, what="node subscriptions")
-        return await self._still(node), outcome[0], outcome[1]
+        try:
+            return await self._still(node), outcome[0], outcome[1]
+        except StanzaError:
+            await self._forget(node, jid)  # the deletion's clearing may be over already
+            raise
 
     async def _migrated(self, name: str) -> Node:
         """The node, its subscriptions all items of their own (`_migrate`)."""
@@ -809,6 +858,20 @@ class PubSubService:
         if now is None or now.generation != node.generation:
             raise StanzaError("item-not-found", "the node was deleted")
         return now
+
+    async def _forget(self, node: Node, jid: str) -> None:
+        """Take back `jid`'s subscription to `node`, deleted meanwhile, and its index
+        entry: what subscribing wrote after the deletion's clearing."""
+
+        async def change(counter: Item | None) -> WithWrites | Unchanged:
+            item = await self.items.get(self.subscription_key(node, jid))
+            if item is None:
+                return UNCHANGED
+            writes: list[Write] = [self.items.delete_op(item.name, if_version=item.version)]
+            writes += await self._index_change(_bare(jid), node.name, jid, add=False)
+            return WithWrites(_count_attrs(_count_of(counter) - 1), writes)
+
+        await self.items.modify(self.counter_key(node), change, what="node subscriptions")
 
     async def authorize(self, approver: str, name: str, jid: str, allow: bool) -> str:
         """An owner's answer to a pending subscription (XEP-0060 8.6): subscribed or
@@ -905,6 +968,8 @@ class PubSubService:
         entries: list[list[str]] = json.loads(str(current.attrs["s"])) if current else []
         entry = [self.prefix, name, jid]
         entries = [e for e in entries if e != entry]
+        if add and len(entries) >= self.limits.max_subscriptions:
+            entries = await self.live_entries(entries)  # those of deleted nodes go
         if add:
             if len(entries) >= self.limits.max_subscriptions:
                 raise pubsub_error("not-allowed", "too-many-subscriptions",
@@ -918,6 +983,33 @@ class PubSubService:
         if current is None:
             return [self.items.put_op(key, attrs, if_absent=True)]
         return [self.items.put_op(key, attrs, if_version=current.version)]
+
+    async def live_entries(self, entries: list[list[str]]) -> list[list[str]]:
+        """Those of a subscriber's index `entries` ([prefix, node, JID]) whose node
+        exists and holds the subscription: one batch read of the nodes and one of
+        the subscriptions (an entry of a deleted node is gone; one of a node deleted
+        and made again under its name, left from the deleted one, too)."""
+        keys = {self.at(p).node_key(n) for p, n, _jid in entries}
+        records = await self.items.batch_get(sorted(keys))
+        nodes: dict[tuple[str, str], Node] = {}
+        for prefix, name, _jid in entries:
+            record = records.get(self.at(prefix).node_key(name))
+            if record is not None:
+                nodes[(prefix, name)] = decode_node(name, record)
+        wanted: dict[str, list[str]] = {}
+        live: list[list[str]] = []
+        for entry in entries:
+            node = nodes.get((entry[0], entry[1]))
+            if node is None:
+                continue
+            if entry[2] in node.legacy:
+                live.append(entry)
+            else:
+                wanted[self.at(entry[0]).subscription_key(node, entry[2])] = entry
+        held = await self.items.batch_get(list(wanted)) if wanted else {}
+        live += [entry for key, entry in wanted.items() if key in held]
+        kept = {tuple(entry) for entry in live}
+        return [entry for entry in entries if tuple(entry) in kept]
 
     async def subscriptions_of(self, bare: str) -> list[list[str]]:
         """[prefix, node, jid] of every subscription `bare` holds in this store."""

@@ -9,6 +9,7 @@ which know who the subscribers are (PEP adds the owner's contacts).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from lxml import etree
 
 from xmppd.stream.errors import StanzaError
 
+from ._pubsub_cleanup import prune_index
 from ._pubsub_engine import AFFILIATIONS, Event, Node, PubSubService
 from ._pubsub_forms import (
     DATA,
@@ -34,11 +36,18 @@ _OWNER = f"{{{PUBSUB_OWNER}}}"
 _EV = f"{{{PUBSUB_EVENT}}}"
 _X = f"{{{DATA}}}x"
 RSM = "http://jabber.org/protocol/rsm"
+OWNER_PAGE = 100
+"""Subscriptions or affiliations in an owner's list asked for without <set/>: the
+first page, with a <set/> whose count says how many there are (XEP-0059 2.1)."""
+MAX_PAGE = 1000  # the most of them one page holds, whatever <max/> asks
 
 Notify = Callable[[PubSubService, Event], Awaitable[None]]
 SendLast = Callable[[PubSubService, Node, str], Awaitable[None]]
 AskOwners = Callable[[PubSubService, Node, str, str], Awaitable[None]]
 """(service, node, subscriber JID, subid): a subscription awaits the owners' approval."""
+Deleted = Callable[[PubSubService, Node], None]
+"""(service, node): a node was deleted and its deletion notified; its subscriptions
+are to be cleared (`_pubsub_cleanup.clear_deleted`), off the owner's request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +65,14 @@ class PubSubProtocol:
         self,
         notify: Notify,
         send_last: SendLast,
+        deleted: Deleted,
         *,
         auto_create: bool,
         ask_owners: AskOwners | None = None,
     ) -> None:
         self.notify = notify
         self.send_last = send_last
+        self.deleted = deleted
         self.auto_create = auto_create
         self.ask_owners = ask_owners
 
@@ -250,7 +261,7 @@ class PubSubProtocol:
         listing = etree.SubElement(reply, f"{_PS}subscriptions")
         if wanted is not None:
             listing.set("node", wanted)
-        for prefix, name, jid in await request.service.subscriptions_of(bare):
+        for prefix, name, jid in await prune_index(request.service, bare):
             if prefix != request.service.prefix or wanted not in (None, name):
                 continue
             node = await request.service.node(name)
@@ -317,7 +328,7 @@ class PubSubProtocol:
             if event.node.config.get("pubsub#notify_delete", True):
                 await self.notify(request.service, event)
         finally:
-            await request.service.drop_subscribers(event.node)
+            self.deleted(request.service, event.node)
 
     async def _purge(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
@@ -329,12 +340,25 @@ class PubSubProtocol:
     async def _owner_affiliations_get(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
     ) -> etree._Element:
+        """The node's affiliations (XEP-0060 8.9.1), by JID, a page at a time (XEP-0059)."""
         name = _node(action)
         node = await request.service.owner_node(request.requester, name)
+        limit, after, before = _page_of(rest)
+        jids = sorted(node.affiliations)
+        if before is not None:
+            end = bisect.bisect_left(jids, before) if before else len(jids)
+            start = max(0, end - limit)
+        else:
+            start = bisect.bisect_right(jids, after) if after else 0
+            end = start + limit
+        chosen = jids[start:end]
         reply = _pubsub(PUBSUB_OWNER)
         listing = etree.SubElement(reply, f"{_OWNER}affiliations", node=name)
-        for jid, affiliation in sorted(node.affiliations.items()):
-            etree.SubElement(listing, f"{_OWNER}affiliation", jid=jid, affiliation=affiliation)
+        for jid in chosen:
+            etree.SubElement(
+                listing, f"{_OWNER}affiliation", jid=jid, affiliation=node.affiliations[jid]
+            )
+        reply.append(_result_set(chosen, len(jids), start))
         return reply
 
     async def _owner_affiliations_set(
@@ -364,14 +388,21 @@ class PubSubProtocol:
     async def _owner_subscriptions_get(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
     ) -> etree._Element:
+        """The node's subscriptions (XEP-0060 8.8.1), a page at a time (XEP-0059):
+        one query of `limit` however many the node has (10,000s)."""
         name = _node(action)
-        node = await request.service.owner_node(request.requester, name)
+        service = request.service
+        node = await service.owner_node(request.requester, name)
+        if node.legacy:
+            node = await service._migrated(name)  # paged by key: all of them items
+        limit, after, before = _page_of(rest)
+        subs = await service.subscribers_page(node, after, before, limit) if limit else []
         reply = _pubsub(PUBSUB_OWNER)
         listing = etree.SubElement(reply, f"{_OWNER}subscriptions", node=name)
-        subscribers = await request.service.subscribers(node)
-        for sub in sorted(subscribers, key=lambda s: (s.state != "subscribed", s.jid)):
+        for sub in subs:
             entry = etree.SubElement(listing, f"{_OWNER}subscription", jid=sub.jid, subid=sub.subid)
             entry.set("subscription", sub.state)
+        reply.append(_result_set([s.jid for s in subs], await service.subscription_count(node)))
         return reply
 
 
@@ -420,6 +451,35 @@ FEATURES = (
 )
 """XEP-0060 features (pubsub#<name>) the engine implements, for disco (not get-pending,
 8.7's ad-hoc command, nor meta-data, the node meta-data form: not built)."""
+
+
+def _page_of(rest: list[etree._Element]) -> tuple[int, str | None, str | None]:
+    """The page an owner's list request asks for with XEP-0059 <set/>: (max,
+    after, before); before "" is the last page. Without <set/>, the first
+    `OWNER_PAGE`."""
+    page = _option(rest, "set", RSM)
+    if page is None:
+        return OWNER_PAGE, None, None
+    raw = page.findtext(f"{{{RSM}}}max")
+    if raw is not None and not raw.strip().isdigit():
+        raise StanzaError("bad-request", "RSM max is a number")
+    limit = min(int(raw), MAX_PAGE) if raw is not None else OWNER_PAGE
+    before = page.findtext(f"{{{RSM}}}before")
+    return limit, page.findtext(f"{{{RSM}}}after"), before
+
+
+def _result_set(chosen: list[str], count: int, index: int | None = None) -> etree._Element:
+    """The <set/> of a page of an owner's list (XEP-0059 2.1): its first and last
+    JIDs (the keys to page on from) and how many the list has."""
+    answer = etree.Element(f"{{{RSM}}}set", nsmap={None: RSM})
+    if chosen:
+        first = etree.SubElement(answer, f"{{{RSM}}}first")
+        first.text = chosen[0]
+        if index is not None:
+            first.set("index", str(index))
+        etree.SubElement(answer, f"{{{RSM}}}last").text = chosen[-1]
+    etree.SubElement(answer, f"{{{RSM}}}count").text = str(count)
+    return answer
 
 
 def _bare_of(jid: str) -> str:

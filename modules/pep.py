@@ -51,10 +51,11 @@ from xmppd.stream.errors import StanzaError
 from ._pep_avatar import CONVERSION, AvatarConversion
 from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
 from ._pep_bookmarks import BookmarksConversion
+from ._pubsub_cleanup import clear_deleted, finish_deletions
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
 from ._pubsub_fanout import FAN_OUT_BATCH, FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
+from ._pubsub_protocol import FEATURES, RSM, PubSubProtocol, Request, event_message
 
 AVATAR_NOTICE = "pep/avatar"
 """Cluster notice: an account's avatar hash changed; each node re-sends its sessions' presence."""
@@ -99,7 +100,9 @@ class Pep(Module):
 
     def setup(self) -> None:
         self.limits = _limits(self.options)  # type: ignore[arg-type]
-        self.protocol = PubSubProtocol(self._notify, self._send_last, auto_create=True)
+        self.protocol = PubSubProtocol(
+            self._notify, self._send_last, self._deleted, auto_create=True
+        )
         self.fanout = FanOut(self.host)
         # Another node's notifications for sessions here (FanOut.send), to a virtual host.
         self.host.on("message/host", self._fanout_in, priority=10)
@@ -107,6 +110,7 @@ class Pep(Module):
             self.host.iq(namespace, "get", self._iq, to="account")
             self.host.iq(namespace, "set", self._iq, to="account")
         self.host.add_feature(PUBSUB, "account")
+        self.host.add_feature(RSM, "account")  # items and the owner's lists come in pages
         for feature in FEATURES:
             self.host.add_feature(f"{PUBSUB}#{feature}", "account")
         self.host.share_state(NOTIFY)
@@ -150,6 +154,16 @@ class Pep(Module):
             bookmarks = BookmarksConversion(self)
             self.listen(bookmarks.published)
             private.listen(bookmarks.private_set)
+        self.host.spawn(self._resume())
+
+    async def _resume(self) -> None:
+        """Clear what node deletions a stopped or dead node left (their tombstones)."""
+        for vhost in self.host.hosts:
+            await finish_deletions(self.store(vhost))
+
+    def _deleted(self, service: PubSubService, node: Node) -> None:
+        """A node is gone: its subscriptions are cleared in the background, in batches."""
+        self.host.spawn(clear_deleted(service, service.tombstone_key(node)))
 
     def resend_presence(self, bare: str) -> None:
         """Every available resource of `bare`, on every node, broadcasts its last
@@ -203,6 +217,13 @@ class Pep(Module):
         await self._deliver(service, await service.retract(bare, name, item_id))
 
     # --- the account's service ---------------------------------------------------------------
+
+    def store(self, vhost: str) -> PubSubService:
+        """The PEP store of `vhost` as a whole: its subscribers' index, its tombstones."""
+        return PubSubService(
+            self.host.items(vhost, "pep"), self.host.blobs(vhost, "pep"), "", self.limits,
+            self._relation,
+        )
 
     def service(self, bare: str) -> PubSubService:
         user, vhost = bare.split("@", 1)
@@ -555,9 +576,21 @@ class Pep(Module):
     # --- account removal ---------------------------------------------------------------------
 
     async def remove_user(self, vhost: str, username: str) -> bool:
-        """Delete the account's nodes, items and blobs, and its subscriptions to others'."""
-        service = self.service(f"{username}@{vhost}")
-        found = await service.drop_subscriptions_of(f"{username}@{vhost}")
+        """Delete the account's subscriptions to the nodes of the accounts of every
+        host, and its own nodes with their items, blobs and subscriptions, and the
+        subscribers' index entries of them (cleared here rather than in the
+        background: nothing is left once this returns; a removal that failed part
+        way left tombstones, which running it again clears)."""
+        bare = f"{username}@{vhost}"
+        found = False
+        for host in self.host.hosts:
+            found = await self.store(host).drop_subscriptions_of(bare) or found
+        service = self.service(bare)
+        await finish_deletions(service, service.prefix)
+        for name in await service.node_names(self.limits.max_nodes):
+            deleted = await service.delete(None, name)
+            await clear_deleted(service, service.tombstone_key(deleted.node))
+            found = True
         found = await self.host.items(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
         found = await self.host.blobs(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
         return found

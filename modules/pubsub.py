@@ -28,10 +28,11 @@ from xmppd.router import Routed
 from xmppd.storage.base import Contended, Item, StorageError
 from xmppd.stream.errors import StanzaError, error_from, error_reply
 
+from ._pubsub_cleanup import clear_deleted, finish_deletions
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, encode_node
 from ._pubsub_fanout import FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_EVENT, PUBSUB_OWNER, SUBSCRIBE_AUTHORIZATION
-from ._pubsub_protocol import FEATURES, PubSubProtocol, Request, event_message
+from ._pubsub_protocol import FEATURES, RSM, PubSubProtocol, Request, event_message
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
@@ -75,7 +76,8 @@ class PubSub(Module):
         opts: PubSubOptions = self.options  # type: ignore[assignment]
         self.limits = _limits(opts)
         self.protocol = PubSubProtocol(
-            self._notify, self._send_last, auto_create=False, ask_owners=self._ask_owners
+            self._notify, self._send_last, self._deleted, auto_create=False,
+            ask_owners=self._ask_owners,
         )
         self.fanout = FanOut(self.host)
         self.domains = {f"{opts.subdomain}.{vhost}": vhost for vhost in self.host.hosts}
@@ -84,6 +86,16 @@ class PubSub(Module):
 
     async def start(self) -> None:
         self.roster = self.host.find_module(RosterModule)
+        self.host.spawn(self._resume())
+
+    async def _resume(self) -> None:
+        """Clear what node deletions a stopped or dead node left (their tombstones)."""
+        for domain in self.domains:
+            await finish_deletions(self.service(domain))
+
+    def _deleted(self, service: PubSubService, node: Node) -> None:
+        """A node is gone: its subscriptions are cleared in the background, in batches."""
+        self.host.spawn(clear_deleted(service, service.tombstone_key(node)))
 
     def service(self, domain: str) -> PubSubService:
         return PubSubService(
@@ -173,14 +185,15 @@ class PubSub(Module):
         answer = etree.Element(f"{{{DISCO_INFO}}}query", nsmap={None: DISCO_INFO})
         if name is None:
             _identity(answer, "service", self.options.name)  # type: ignore[attr-defined]
-            features = [
-                DISCO_INFO, DISCO_ITEMS, PUBSUB, *(f"{PUBSUB}#{f}" for f in SERVICE_FEATURES)
+            features = [  # RSM: items and the owner's lists come in pages (XEP-0059 8)
+                DISCO_INFO, DISCO_ITEMS, PUBSUB, RSM,
+                *(f"{PUBSUB}#{f}" for f in SERVICE_FEATURES),
             ]
         else:
             await service.existing(name)
             answer.set("node", name)
             _identity(answer, "leaf", None)
-            features = [DISCO_INFO, DISCO_ITEMS, PUBSUB]
+            features = [DISCO_INFO, DISCO_ITEMS, PUBSUB, RSM]
         for var in features:
             etree.SubElement(answer, f"{{{DISCO_INFO}}}feature", var=var)
         return answer
@@ -306,14 +319,17 @@ class PubSub(Module):
     # --- account removal -------------------------------------------------------------------
 
     async def remove_user(self, vhost: str, username: str) -> bool:
-        """Drop the account's subscriptions and affiliations; delete the nodes it alone
-        owned, with their items."""
+        """Drop the account's subscriptions and affiliations on the service of every
+        host (an account of one may use another's); delete the nodes it alone owned,
+        with their items, their subscriptions and the subscribers' index entries of
+        them, cleared here rather than in the background, so that nothing is left
+        once this returns (a removal that failed part way left a tombstone, which
+        running it again clears)."""
         bare = f"{username}@{vhost}"
         found = False
-        for domain, served in self.domains.items():
-            if served != vhost:
-                continue
+        for domain in self.domains:
             service = self.service(domain)
+            await finish_deletions(service)
             found = await service.drop_subscriptions_of(bare) or found
             for name in await service.node_names(self.limits.max_nodes):
                 node = await service.node(name)
@@ -321,8 +337,8 @@ class PubSub(Module):
                     continue
                 found = True
                 if node.owners == [bare]:
-                    await service.delete(bare, name)
-                    await service.drop_subscribers(node)
+                    deleted = await service.delete(None, name)
+                    await clear_deleted(service, service.tombstone_key(deleted.node))
                 else:
                     await service.items.modify(
                         service.node_key(name), lambda item, n=name: _without(n, item, bare),

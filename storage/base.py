@@ -202,7 +202,8 @@ class Query:
       follow. `next_token` None means nothing follows (a token may still lead
       to an empty last page).
     * `page_token` resumes after the last item of the previous page of the same
-      query, even if items were added or removed in between.
+      query, even if items were added or removed in between; in name order,
+      `storage.codec.name_token(name)` starts right after any name.
     """
 
     where: dict[str, AttrValue] = field(default_factory=dict)

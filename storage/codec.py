@@ -102,6 +102,14 @@ def encode_token(values: Iterable[AttrValue]) -> str:
     return base64.urlsafe_b64encode(encode_values(values)).decode("ascii").rstrip("=")
 
 
+def name_token(name: str) -> str:
+    """The page token that starts a query in name order right after the item name
+    `name`, whether an item has that name or not: each backend's name-order token is
+    the last name of the page (`encode_token([name])`). What pages by a key a client
+    holds (an XEP-0059 <after/> or, descending, <before/>) resume from."""
+    return encode_token([name])
+
+
 def decode_token(token: str, count: int) -> list[AttrValue]:
     """The sort key inside `token`; ValueError if it is not one we made."""
     try:

@@ -22,6 +22,7 @@ from xmppd.storage.base import (
     TooLarge,
     Write,
 )
+from xmppd.storage.codec import name_token
 
 from .conftest import TEST_MAX_BLOB_BYTES
 
@@ -261,6 +262,24 @@ async def test_query_prefix(item_backend: ItemBackend, ns: str) -> None:
     assert names(await all_pages(item_backend, ns, Query(prefix="z"))) == []
     desc = Query(prefix="al", descending=True)
     assert names(await all_pages(item_backend, ns, desc)) == ["alice", "al"]
+
+
+async def test_a_name_token_starts_a_query_after_any_name(
+    item_backend: ItemBackend, ns: str
+) -> None:
+    """`name_token(name)` resumes a name-order query right after `name`, in either
+    direction, whether an item has that name or not (XEP-0059 pages by a key)."""
+    await fill(item_backend, ns)
+    for start, forward, backward in (
+        ("bob", ["carol", "dave"], ["alice", "al"]),
+        ("bz", ["carol", "dave"], ["bob", "alice"]),
+    ):
+        query = Query(limit=2, page_token=name_token(start))
+        assert names((await item_backend.query(ns, query)).items) == forward
+        query = Query(limit=2, page_token=name_token(start), descending=True)
+        assert names((await item_backend.query(ns, query)).items) == backward
+    query = Query(prefix="al", page_token=name_token("al"))
+    assert names(await all_pages(item_backend, ns, query)) == ["alice"]
 
 
 async def test_query_prefix_with_unicode_edges(item_backend: ItemBackend, ns: str) -> None:
