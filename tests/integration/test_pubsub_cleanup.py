@@ -143,3 +143,41 @@ async def test_xmppctl_unregister_leaves_nothing_in_pubsub_stores(
     answer = await alice.plugin["xep_0060"].get_node_subscriptions(SERVICE, "news", timeout=10)
     assert not list(answer["pubsub_owner"]["subscriptions"])
     await close(alice)
+
+
+async def test_a_removed_account_leaves_nothing_on_another_hosts_services(
+    start_server: StartServer,
+) -> None:
+    """zed@localhost subscribed to a node of pubsub.example.net, where dora made it a
+    publisher, and to dora@example.net's PEP nickname: its removal takes all of it
+    out of example.net's stores, and dora's nodes list no subscription of zed."""
+    server = await start_server(
+        users={"zed": "zed-secret"},
+        modules={**MODULES, "pubsub": {}},
+        hosts=["localhost", "example.net"],
+    )
+    await server.accounts["example.net"].register("dora", "dora-secret")
+    await befriend(server, "dora@example.net", "zed@localhost")
+    dora = await online(server, "dora@example.net/desk", "dora-secret")
+    zed = await online(server, "zed@localhost/pc", "zed-secret")
+    far = JID("pubsub.example.net")
+    await dora.plugin["xep_0172"].publish_nick("Dora", timeout=10)
+    await dora.plugin["xep_0060"].create_node(far, "far", timeout=10)
+    await dora.plugin["xep_0060"].modify_affiliations(
+        far, "far", [(JID("zed@localhost"), "publisher")], timeout=10
+    )
+    await zed.plugin["xep_0060"].subscribe(far, "far", timeout=10)
+    await zed.plugin["xep_0060"].subscribe(JID("dora@example.net"), NICK, timeout=10)
+    await close(zed)
+
+    await server.modules.remove_account("localhost", "zed")
+    for namespace in ("example.net/pep", "pubsub.example.net/pubsub"):
+        names = await stored(server, namespace)
+        assert not [n for n in names if "zed" in n], (namespace, names)
+    for service, node in ((far, "far"), (JID("dora@example.net"), NICK)):
+        answer = await dora.plugin["xep_0060"].get_node_subscriptions(service, node, timeout=10)
+        assert not list(answer["pubsub_owner"]["subscriptions"])
+    answer = await dora.plugin["xep_0060"].get_node_affiliations(far, "far", timeout=10)
+    affiliations = answer["pubsub_owner"]["affiliations"]
+    assert [str(a["jid"]) for a in affiliations] == ["dora@example.net"]
+    await close(dora)
