@@ -1,14 +1,16 @@
-"""What a deleted pubsub or PEP node leaves to clear: its subscriptions, and each
-subscriber's index entry naming it (`/u/<bare JID>`, modules/_pubsub_engine.py).
+"""What a deleted pubsub or PEP node leaves to clear: its subscriptions, each
+subscriber's index entry naming it (`/u/<bare JID>`, modules/_pubsub_engine.py)
+and, on PEP, the index entry of each JID it gave an affiliation (`/a/<bare JID>`).
 
 A node with 10,000 subscribers takes 10,000 subscription deletes and as many
 index writes; the owner's delete does not wait for them. The deletion's own
 transaction writes a tombstone, `/d/<prefix>/<node>/<generation>`, and the
 subscriptions stay where the notification of the deletion reads them; then
 `clear_deleted` (a task of the hosting module, or the account removal itself)
-clears them `CLEAR_BATCH` at a time, each batch one transaction with an update
-of the tombstone, so a node of a cluster that dies part way leaves a tombstone
-and subscriptions that are all still to clear, never half of a batch.
+clears them `CLEAR_BATCH` at a time (the affiliations' entries last), each batch
+one transaction with an update of the tombstone, so a node of a cluster that
+dies part way leaves a tombstone and subscriptions that are all still to clear,
+never half of a batch.
 `finish_deletions` takes up what a dead node left, at start-up. Two nodes
 clearing one tombstone at once only make each other retry.
 
@@ -26,7 +28,15 @@ import asyncio
 import json
 from collections import defaultdict
 
-from xmppd.storage.base import UNCHANGED, Item, Query, Unchanged, WithWrites, Write
+from xmppd.storage.base import (
+    UNCHANGED,
+    AttrValue,
+    Item,
+    Query,
+    Unchanged,
+    WithWrites,
+    Write,
+)
 
 from ._pubsub_engine import TOMBSTONES, Node, PubSubService, decode_subscription
 
@@ -70,12 +80,15 @@ async def _batch(service: PubSubService, tombstone: Item, done: list[int]) -> Wi
     here = service.at(prefix)
     gone = Node(name, {}, {}, [], None, generation)  # what the keys are made of
     legacy: list[str] = json.loads(str(attrs.get("l", "[]")))
+    affiliated: list[str] = json.loads(str(attrs.get("a", "[]")))
     page = await service.items.query(
         Query(prefix=here.subscriptions_prefix(gone), limit=CLEAR_BATCH)
     )
     inline = legacy[: CLEAR_BATCH - len(page.items)]
     if not page.items and not inline:
-        return WithWrites(None, [service.items.delete_op(here.counter_key(gone))])
+        if not affiliated:
+            return WithWrites(None, [service.items.delete_op(here.counter_key(gone))])
+        return await _affiliations_batch(here, name, attrs, affiliated, done)
     writes: list[Write] = [
         service.items.delete_op(item.name, if_version=item.version) for item in page.items
     ]
@@ -87,6 +100,39 @@ async def _batch(service: PubSubService, tombstone: Item, done: list[int]) -> Wi
     done[:] = [len(page.items) + len(inline)]
     rest = {**attrs, "l": json.dumps(legacy[len(inline):], separators=(",", ":"))}
     return WithWrites(rest, writes)
+
+
+async def _affiliations_batch(
+    here: PubSubService,
+    name: str,
+    attrs: dict[str, AttrValue],
+    affiliated: list[str],
+    done: list[int],
+) -> WithWrites:
+    """The writes that take the deleted node out of the `/a/` index of the next
+    batch of JIDs it gave an affiliation (PEP), unless a node made again under the
+    name gave them one too (read after the index, as in `_unindexed`)."""
+    batch, rest = affiliated[:CLEAR_BATCH], affiliated[CLEAR_BATCH:]
+    writes: list[Write] = []
+    for jid in batch:
+        key = here.affiliations_key(jid)
+        index = await here.items.get(key)
+        if index is None:
+            continue
+        current = await here.node(name)
+        if current is not None and jid in current.affiliations:
+            continue
+        entries: list[list[str]] = json.loads(str(index.attrs["s"]))
+        kept = [e for e in entries if e != [here.prefix, name]]
+        if len(kept) == len(entries):
+            continue
+        if not kept:
+            writes.append(here.items.delete_op(key, if_version=index.version))
+        else:
+            kept_attrs = {"s": json.dumps(kept, separators=(",", ":"))}
+            writes.append(here.items.put_op(key, kept_attrs, if_version=index.version))
+    done[:] = [0]
+    return WithWrites({**attrs, "a": json.dumps(rest, separators=(",", ":"))}, writes)
 
 
 async def _unindexed(here: PubSubService, bare: str, name: str, jids: set[str]) -> list[Write]:

@@ -39,6 +39,11 @@ store:
   gone is dropped when the limit is reached and when the user lists its
   subscriptions (`live_entries`): the safety net under the deletion's own
   clearing (below).
+* `/a/<bare JID>`: on PEP, the other accounts' nodes where that JID has an
+  affiliation an owner gave it ([prefix, node]), written in the
+  transaction of the change, so that an account's removal finds them
+  without reading every node of the host (the pubsub service reads its
+  nodes instead: its creators' affiliations are not changes).
 * `/d/<prefix>/<node>/<generation>`: a deleted node whose subscriptions (and
   their subscribers' index entries) are still to be cleared, written in the
   deletion's transaction; modules/_pubsub_cleanup.py clears them in
@@ -320,6 +325,10 @@ class PubSubService:
     @staticmethod
     def index_key(bare: str) -> str:
         return f"/u/{_q(bare)}"
+
+    @staticmethod
+    def affiliations_key(bare: str) -> str:
+        return f"/a/{_q(bare)}"
 
     def subscriptions_prefix(self, node: Node) -> str:
         return f"{self.prefix}s/{_q(node.name)}/{node.generation}/"
@@ -622,6 +631,7 @@ class PubSubService:
             tombstone: dict[str, str | bytes | int] = {
                 "p": self.prefix, "n": name, "g": node.generation,
                 "l": json.dumps(sorted(node.legacy), separators=(",", ":")),
+                "a": json.dumps(self._indexed(node.affiliations), separators=(",", ":")),
             }
             writes: list[Write] = [self.items.put_op(self.tombstone_key(node), tombstone)]
             return WithWrites(None, [*writes, *self._deletes(name, node.items)])
@@ -1058,13 +1068,20 @@ class PubSubService:
     # --- affiliations (owner use cases) ----------------------------------------------------
 
     async def set_affiliations(self, requester: str, name: str, changes: dict[str, str]) -> None:
-        """Owner changes affiliations (XEP-0060 8.9.2); the last owner cannot be removed."""
+        """Owner changes affiliations (XEP-0060 8.9.2); the last owner cannot be removed.
+        On PEP, each JID that gains or loses one has its `/a/` index written in the
+        same transaction (so at most `SUBSCRIPTION_CHANGES` changes a request)."""
+        if self.owner is not None and len(changes) > SUBSCRIPTION_CHANGES:
+            raise StanzaError(
+                "not-acceptable", f"at most {SUBSCRIPTION_CHANGES} affiliation changes at once"
+            )
 
-        def change(current: Item | None) -> dict[str, Any]:
+        async def change(current: Item | None) -> WithWrites:
             if current is None:
                 raise StanzaError("item-not-found", "no such node")
             node = decode_node(name, current)
             self._require_owner(node, requester)
+            before = set(self._indexed(node.affiliations))
             for jid, affiliation in changes.items():
                 if affiliation == "none":
                     node.affiliations.pop(jid, None)
@@ -1072,9 +1089,36 @@ class PubSubService:
                     node.affiliations[jid] = affiliation
             if not node.owners:
                 raise StanzaError("not-acceptable", "a node needs an owner")
-            return encode_node(node)
+            after = set(self._indexed(node.affiliations))
+            writes: list[Write] = []
+            for jid in sorted(before ^ after):
+                writes += await self.affiliation_index_change(jid, name, add=jid in after)
+            return WithWrites(encode_node(node), writes)
 
         await self.items.modify(self.node_key(name), change, what="node")
+
+    def _indexed(self, affiliations: dict[str, str]) -> list[str]:
+        """The JIDs of `affiliations` that the `/a/` index lists: on PEP, all but the
+        account's own (its nodes go with its prefix); none on the pubsub service."""
+        if self.owner is None:
+            return []
+        return sorted(jid for jid in affiliations if jid != self.owner)
+
+    async def affiliation_index_change(self, bare: str, name: str, *, add: bool) -> list[Write]:
+        """The conditional write of `bare`'s `/a/` index with or without this node."""
+        key = self.affiliations_key(bare)
+        current = await self.items.get(key)
+        entries: list[list[str]] = json.loads(str(current.attrs["s"])) if current else []
+        entry = [self.prefix, name]
+        kept = [e for e in entries if e != entry] + ([entry] if add else [])
+        if kept == entries:
+            return []
+        if not kept:
+            return [self.items.delete_op(key, if_version=current.version)] if current else []
+        attrs = {"s": json.dumps(kept, separators=(",", ":"))}
+        if current is None:
+            return [self.items.put_op(key, attrs, if_absent=True)]
+        return [self.items.put_op(key, attrs, if_version=current.version)]
 
     async def owner_node(self, requester: str, name: str) -> Node:
         node = await self.existing(name)
@@ -1082,6 +1126,27 @@ class PubSubService:
         return node
 
     # --- removal ---------------------------------------------------------------------------
+
+    async def drop_affiliations_of(self, bare: str) -> bool:
+        """Remove `bare`'s affiliations with the nodes its `/a/` index lists here, and
+        the index (account removal)."""
+        current = await self.items.get(self.affiliations_key(bare))
+        entries: list[list[str]] = json.loads(str(current.attrs["s"])) if current else []
+        for prefix, name in entries:
+            service = self.at(prefix)
+
+            def change(
+                item: Item | None, name: str = name
+            ) -> dict[str, str | bytes | int] | Unchanged:
+                if item is None:
+                    return UNCHANGED
+                node = decode_node(name, item)
+                if node.affiliations.pop(bare, None) is None:
+                    return UNCHANGED
+                return encode_node(node)
+
+            await self.items.modify(service.node_key(name), change, what="node")
+        return await self.items.delete(self.affiliations_key(bare)) or bool(entries)
 
     async def drop_subscriptions_of(self, bare: str) -> bool:
         """Remove every subscription `bare` holds here, and its index (account removal)."""

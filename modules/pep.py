@@ -576,15 +576,16 @@ class Pep(Module):
     # --- account removal ---------------------------------------------------------------------
 
     async def remove_user(self, vhost: str, username: str) -> bool:
-        """Delete the account's subscriptions to the nodes of the accounts of every
-        host, and its own nodes with their items, blobs and subscriptions, and the
-        subscribers' index entries of them (cleared here rather than in the
-        background: nothing is left once this returns; a removal that failed part
-        way left tombstones, which running it again clears)."""
+        """Delete the account's subscriptions to and affiliations with the nodes of the accounts of
+        every host, and its own nodes with their items, blobs and subscriptions, and the
+        subscribers' index entries of them (cleared here rather than in the background:
+        nothing is left once this returns; a removal that failed part way left
+        tombstones, which running it again clears)."""
         bare = f"{username}@{vhost}"
         found = False
         for host in self.host.hosts:
             found = await self.store(host).drop_subscriptions_of(bare) or found
+            found = await self.store(host).drop_affiliations_of(bare) or found
         service = self.service(bare)
         await finish_deletions(service, service.prefix)
         for name in await service.node_names(self.limits.max_nodes):

@@ -96,11 +96,13 @@ async def test_a_deletion_cut_short_is_finished_at_the_next_start(
 async def test_xmppctl_unregister_leaves_nothing_in_pubsub_stores(
     start_server: StartServer, tmp_path: Path
 ) -> None:
-    """zed owns a service node and a PEP node, bob subscribed to both; zed subscribed
-    to alice's service node and PEP node and is a publisher of the former. After
-    `xmppctl unregister zed` (no node running), nothing of zed is stored, bob's
-    subscription lists are gone from both stores, no tombstone waits, and alice's
-    node lists neither zed's affiliation nor its subscription."""
+    """zed owns a service node and a PEP node, bob subscribed to both and is a
+    member of the latter; zed subscribed to alice's service node and PEP node and
+    is a publisher of the former and a member of the latter. After `xmppctl
+    unregister zed` (no node running), nothing of zed is stored, bob's
+    subscription and affiliation lists are gone from both stores, no tombstone
+    waits, and alice's nodes list neither zed's affiliations nor its
+    subscription."""
     users = {"alice": "alice-secret", "bob": "bob-secret", "zed": "zed-secret"}
     modules = {**MODULES, "pubsub": {}}
     server = await start_server(users=users, modules=modules)
@@ -120,6 +122,11 @@ async def test_xmppctl_unregister_leaves_nothing_in_pubsub_stores(
     await zed.plugin["xep_0060"].subscribe(JID("alice@localhost"), NICK, timeout=10)
     await bob.plugin["xep_0060"].subscribe(SERVICE, "zeds", timeout=10)
     await bob.plugin["xep_0060"].subscribe(JID("zed@localhost"), NICK, timeout=10)
+    for owner, other in ((zed, "bob@localhost"), (alice, "zed@localhost")):
+        await owner.plugin["xep_0060"].modify_affiliations(
+            owner.boundjid.bare, NICK, [(JID(other), "member")], timeout=10
+        )
+    assert await server.modules.items("localhost", "pep").get("/a/bob%40localhost")
     for client in (alice, bob, zed):
         await close(client)
     await server.stop()
@@ -132,7 +139,7 @@ async def test_xmppctl_unregister_leaves_nothing_in_pubsub_stores(
     assert await zeds_entries(server) == {}
     for namespace in (PEP_STORE, PUBSUB_STORE):
         names = await stored(server, namespace)
-        assert not [n for n in names if n.startswith(("/u/", "/d/"))], (namespace, names)
+        assert not [n for n in names if n.startswith(("/u/", "/a/", "/d/"))], (namespace, names)
         assert not [n for n in names if "zed" in n], (namespace, names)
     alice = await online(server, "alice@localhost/desk", "alice-secret")
     answer = await alice.plugin["xep_0060"].get_node_affiliations(SERVICE, "news", timeout=10)
@@ -142,6 +149,12 @@ async def test_xmppctl_unregister_leaves_nothing_in_pubsub_stores(
     ]
     answer = await alice.plugin["xep_0060"].get_node_subscriptions(SERVICE, "news", timeout=10)
     assert not list(answer["pubsub_owner"]["subscriptions"])
+    answer = await alice.plugin["xep_0060"].get_node_affiliations(
+        JID("alice@localhost"), NICK, timeout=10
+    )
+    assert [str(a["jid"]) for a in answer["pubsub_owner"]["affiliations"]] == [
+        "alice@localhost"
+    ]
     await close(alice)
 
 
