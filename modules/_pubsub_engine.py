@@ -1120,10 +1120,12 @@ class PubSubService:
             return [self.items.put_op(key, attrs, if_absent=True)]
         return [self.items.put_op(key, attrs, if_version=current.version)]
 
-    async def owner_node(self, requester: str, name: str) -> Node:
+    async def owner_node(self, requester: str, name: str, *, migrated: bool = False) -> Node:
+        """The node, for one of its owners; `migrated`: with no inline subscriptions
+        left (`_migrate`), as what reads them by key needs."""
         node = await self.existing(name)
         self._require_owner(node, requester)
-        return node
+        return await self._migrated(name) if migrated and node.legacy else node
 
     # --- removal ---------------------------------------------------------------------------
 

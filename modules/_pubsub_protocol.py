@@ -392,9 +392,7 @@ class PubSubProtocol:
         one query of `limit` however many the node has (10,000s)."""
         name = _node(action)
         service = request.service
-        node = await service.owner_node(request.requester, name)
-        if node.legacy:
-            node = await service._migrated(name)  # paged by key: all of them items
+        node = await service.owner_node(request.requester, name, migrated=True)
         limit, after, before = _page_of(rest)
         subs = await service.subscribers_page(node, after, before, limit) if limit else []
         reply = _pubsub(PUBSUB_OWNER)

@@ -468,3 +468,41 @@ async def test_a_fan_out_forward_is_taken_only_from_another_node() -> None:
         assert [(m.get("from"), m.findtext("{jabber:client}body")) for m in got] == [
             (to, "forged")
         ]
+
+
+async def test_a_record_of_the_earlier_format_pages_and_clears_its_inline_subscribers(
+    harness: ModuleHarness,
+) -> None:
+    """A node whose subscriptions are still inline: the owner's paged list moves
+    them out first (it reads them by key), and deleting a node that still holds
+    some inline clears their subscribers' index entries too (the tombstone names
+    them)."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    for name in ("paged", "gone"):
+        await create(harness, hamlet, name)
+        record = await service.items.get(service.node_key(name))
+        attrs = dict(record.attrs)
+        attrs["s"] = json.dumps({f"u{i}@localhost": f"s{i}" for i in range(3)})
+        await service.items.put(service.node_key(name), attrs)
+    for i in range(3):  # the index entries inline subscriptions had
+        entries = [["", name, f"u{i}@localhost"] for name in ("paged", "gone")]
+        await service.items.put(service.index_key(f"u{i}@localhost"), {"s": json.dumps(entries)})
+    owner = f"{PS}#owner"
+    page = (
+        f"<pubsub xmlns='{owner}'><subscriptions node='paged'/>"
+        "<set xmlns='http://jabber.org/protocol/rsm'><max>2</max></set></pubsub>"
+    )
+    reply = await ask(harness, hamlet, "get", page)
+    listed = [s.get("jid") for s in reply.iter(f"{{{owner}}}subscription")]
+    assert listed == ["u0@localhost", "u1@localhost"]
+    assert reply.findtext(".//{http://jabber.org/protocol/rsm}count") == "3"
+    assert (await service.existing("paged")).legacy == {}
+
+    delete = f"<pubsub xmlns='{owner}'><delete node='gone'/></pubsub>"
+    assert (await ask(harness, hamlet, "set", delete)).get("type") == "result"
+    await settle(harness)  # the clearing the delete spawned
+    for i in range(3):
+        index = await service.items.get(service.index_key(f"u{i}@localhost"))
+        assert json.loads(str(index.attrs["s"])) == [["", "paged", f"u{i}@localhost"]]
+    assert (await service.items.query(Query(prefix="/d/"))).items == []
