@@ -506,3 +506,23 @@ async def test_a_record_of_the_earlier_format_pages_and_clears_its_inline_subscr
         index = await service.items.get(service.index_key(f"u{i}@localhost"))
         assert json.loads(str(index.attrs["s"])) == [["", "paged", f"u{i}@localhost"]]
     assert (await service.items.query(Query(prefix="/d/"))).items == []
+
+
+async def test_an_entry_of_a_vanished_node_does_not_count_against_the_limit() -> None:
+    """A subscriber at its limit of one subscription, whose node was deleted with no
+    clearing after it (the node that deleted it died): subscribing to another node
+    drops the stale entry and succeeds."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_subscriptions": 1}})
+    harness.users.update({"hamlet@localhost", "bernardo@localhost"})
+    await harness.start()
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    for name in ("old", "new"):
+        await create(harness, hamlet, name)
+    sub = "<pubsub xmlns='{0}'><subscribe node='{1}' jid='bernardo@localhost'/></pubsub>"
+    assert (await ask(harness, bernardo, "set", sub.format(PS, "old"))).get("type") == "result"
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    await service.delete("hamlet@localhost", "old")  # the deletion alone, no clearing
+    assert (await ask(harness, bernardo, "set", sub.format(PS, "new"))).get("type") == "result"
+    index = await service.items.get(service.index_key("bernardo@localhost"))
+    assert json.loads(str(index.attrs["s"])) == [["", "new", "bernardo@localhost"]]
