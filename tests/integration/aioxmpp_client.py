@@ -60,6 +60,10 @@ class Aioxmpp:
         self.name = name
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.skipped: list[dict[str, Any]] = []  # events `expect` passed over
+        # "online" or "failed" apart from the other events: what the server pushes
+        # during the login (a PEP last item, say) may come before the agent says it
+        # is online, and must stay queued for `expect`.
+        self.started: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.stderr = bytearray()
         self._answers: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._numbers = itertools.count(1)
@@ -69,13 +73,15 @@ class Aioxmpp:
         assert self.process.stdout is not None
         while line := await self.process.stdout.readline():
             message = json.loads(line)
-            if "event" in message:
+            if message.get("event") in ("online", "failed") and not self.started.done():
+                self.started.set_result(message)
+            elif "event" in message:
                 self.events.put_nowait(message)
             else:
                 future = self._answers.pop(message["id"])
                 if not future.done():
                     future.set_result(message)
-        for future in self._answers.values():
+        for future in [self.started, *self._answers.values()]:
             if not future.done():
                 future.set_exception(EOFError(f"{self.name}: the agent exited\n{self.log()}"))
 
@@ -171,8 +177,9 @@ async def start_agent(
     )
     client = Aioxmpp(process, jid)
     try:
-        first = await asyncio.wait_for(client.events.get(), TIMEOUT)
+        first = await asyncio.wait_for(asyncio.shield(client.started), TIMEOUT)
     except TimeoutError:
+        client.started.cancel()
         await client.close()
         raise TimeoutError(f"{jid}: aioxmpp did not come online\n{client.log()}") from None
     if first["event"] != "online":
