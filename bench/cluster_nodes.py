@@ -220,32 +220,52 @@ class CpuCaps:
     """
 
     PERIOD_US = 100_000
+    WEIGHT = 10
+    """How many times the default CPU weight the bench's groups get: on a machine
+    shared with other jobs, a quota is a ceiling, not a share; the weight makes the
+    others yield, so a worker gets its quota and the generator what it needs."""
 
     def __init__(self, cores: float) -> None:
         self.cores = cores
         self.root, self.v2 = _cpu_cgroup_root()
         self.groups: dict[int, Path] = {}  # pid -> its cgroup
 
+    def favour(self, pids: list[int]) -> None:
+        """`pids` (and what they start from now on) in one group, weighted but not
+        capped: this script (so the generator it starts) and Redis."""
+        self._group(pids, "rest", None)
+
     def apply(self, pids: list[int]) -> None:
-        quota = int(self.cores * self.PERIOD_US)
+        """Each of `pids` (the workers) in a group of its own, capped at `cores`."""
         for pid in pids:
-            group = self.root / f"xmppd-bench-{os.getpid()}-{pid}"
-            try:
-                group.mkdir(exist_ok=True)
-                if self.v2:
+            self._group([pid], str(pid), int(self.cores * self.PERIOD_US))
+
+    def _group(self, pids: list[int], name: str, quota: int | None) -> None:
+        group = self.root / f"xmppd-bench-{os.getpid()}-{name}"
+        try:
+            group.mkdir(exist_ok=True)
+            if self.v2:
+                (group / "cpu.weight").write_text(str(100 * self.WEIGHT))
+                if quota is not None:
                     (group / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
-                else:
+            else:
+                (group / "cpu.shares").write_text(str(1024 * self.WEIGHT))
+                if quota is not None:
                     (group / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
                     (group / "cpu.cfs_quota_us").write_text(str(quota))
+            for pid in pids:
                 (group / "cgroup.procs").write_text(str(pid))  # every thread of it
-            except OSError as exc:
-                raise SystemExit(f"--worker-cpu: cannot set up the cgroup {group}: {exc}") from exc
+        except OSError as exc:
+            raise SystemExit(f"--worker-cpu: cannot set up the cgroup {group}: {exc}") from exc
+        for pid in pids:
             self.groups[pid] = group
 
     def throttled(self) -> dict[int, tuple[int, int]]:
         """pid -> (CFS periods it ran in, periods in which it hit its quota), so far."""
         counts = {}
         for pid, group in self.groups.items():
+            if group.name.endswith("-rest"):
+                continue
             stat = dict(
                 line.split() for line in (group / "cpu.stat").read_text().splitlines()
             )
@@ -254,7 +274,7 @@ class CpuCaps:
 
     def remove(self) -> None:
         """Move what is left in the groups back to the root, and delete them."""
-        for group in self.groups.values():
+        for group in set(self.groups.values()):
             try:
                 for pid in (group / "cgroup.procs").read_text().split():
                     (self.root / "cgroup.procs").write_text(pid)
