@@ -59,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from cluster_nodes import (  # noqa: E402
     CpuCaps,
     Sampler,
     Server,
+    loop_thread_s,
     machine_busy_s,
     redis,
     register,
@@ -79,6 +81,11 @@ from cluster_nodes import (  # noqa: E402
 )
 
 from xmppd.storage.devservices import free_ports  # noqa: E402
+
+
+def _loop(pid: int, which: int) -> float:
+    """loop_thread_s(pid)[which], for a Sampler."""
+    return loop_thread_s(pid)[which]
 
 
 def run_one(
@@ -102,9 +109,11 @@ def run_one(
             throttled = caps.throttled()
         sampler = Sampler(pids)
         each = [Sampler([p]) for p in pids]  # per worker: against its quota
+        loop_ran = [Sampler([], partial(_loop, p, 0)) for p in pids]
+        loop_waited = [Sampler([], partial(_loop, p, 1)) for p in pids]
         redis = Sampler([redis_pid])
         machine = Sampler([], machine_busy_s)
-        for thread in (sampler, *each, redis, machine):
+        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine):
             thread.start()
         before = asyncio.run(scrape(data_dir, urls))
         chat = subprocess.run(
@@ -117,7 +126,7 @@ def run_one(
             capture_output=True, text=True,
         )
         after = asyncio.run(scrape(data_dir, urls))
-        for thread in (sampler, *each, redis, machine):
+        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine):
             thread.stop()
         if caps is not None:
             throttled = {
@@ -185,6 +194,17 @@ def run_one(
         # and with a quota, the CFS periods it ran in and those in which it hit it.
         "worker_login_cores": [
             round((w.at(login_end) - w.at(started)) / login_span, 2) for w in each
+        ],
+        # Each worker's event-loop thread over the logins, as fractions of the span:
+        # running, runnable but waiting for a core (the machine's limit), and the rest,
+        # asleep (waiting for work, i.e. for the clients, or for the GIL).
+        "loop_login_ran_waited_slept": [
+            [round(x, 2) for x in (ran, waited, 1 - ran - waited)]
+            for ran, waited in (
+                ((r.at(login_end) - r.at(started)) / login_span,
+                 (w.at(login_end) - w.at(started)) / login_span)
+                for r, w in zip(loop_ran, loop_waited, strict=True)
+            )
         ],
         "worker_cpu_quota": args.worker_cpu,
         "login_rate": args.login_rate,
@@ -278,6 +298,11 @@ def report(
         f"{one['machine_login_cores']} and {two['machine_login_cores']} of its "
         f"{os.cpu_count()}. Users per worker with 2: {two['logins_per_worker']}.",
     ]
+    lines.append(
+        f"- Each worker's event-loop thread over the logins (fractions of the time: ran / "
+        f"runnable but waiting for a core / asleep, waiting for clients or the GIL): 1 worker "
+        f"{one['loop_login_ran_waited_slept']}, 2 workers {two['loop_login_ran_waited_slept']}."
+    )
     if one["worker_cpu_quota"]:
         lines.append(_quota_line(one, two))
     if same is not None and other is not None:

@@ -54,6 +54,18 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def loop_thread_s(pid: int) -> tuple[float, float]:
+    """(CPU seconds, seconds runnable but waiting for a core) of process `pid`'s main
+    thread, xmppd's event loop, so far (from /proc/PID/task/PID/schedstat, in ns; 0s
+    once it is gone). Over a span, the rest of the wall time it slept: waiting for
+    work (epoll), for the GIL, or for nothing to do."""
+    try:
+        ran, waited = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[:2]
+    except OSError:
+        return 0.0, 0.0
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
 def machine_busy_s() -> float:
     """CPU seconds every core of the machine spent busy so far (every process's: this
     machine is shared), from /proc/stat."""
