@@ -237,9 +237,20 @@ def _quota_line(one: dict[str, Any], two: dict[str, Any]) -> str:
     else:
         runs = " and ".join(f"{r['workers']} worker(s)" for r in idle)
         full = any(r["machine_login_cores"] >= SATURATED * cores for r in idle)
+        # The kernel's spread: the worker with fewer users is done first and then idles
+        # while the other finishes (the login phase ends with the last user online).
+        uneven = [
+            r for r in idle if len(r["worker_login_cores"]) > 1
+            and min(r["logins_per_worker"]) < max(r["logins_per_worker"])
+            and r["worker_login_cores"].index(min(r["worker_login_cores"]))
+            == r["logins_per_worker"].index(min(r["logins_per_worker"]))
+        ]
         verdict = f"NOT saturated with {runs} (under {SATURATED:.0%} of the quota): " + (
             "the users logged in as fast as they were offered (--login-rate): offer more"
             if paced else
+            "the worker under its quota got fewer users (" + ", ".join(
+                str(r["logins_per_worker"]) for r in uneven
+            ) + "): done first, it may have idled while the other worked" if uneven else
             "the machine was full (other work), the workers waited for a core; run again "
             "at a quiet moment" if full else
             "the workers waited for work, so the generator set the pace"
