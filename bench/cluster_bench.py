@@ -34,12 +34,19 @@ where SO_REUSEPORT spreads them as the kernel hashes them: the logins/s of
 these runs against the `--workers 2` run say whether the spread matters.
 
 Caveats it prints: the load generator runs on the same cores as the
-workers (a 2-core machine cannot separate them), so login throughput with
-two workers is bounded by what the generator leaves them; the CPU per
-message is the steadier figure. Other work on the machine makes every
-figure noisy: run it at a quiet moment. Results: one JSON object per
-configuration in bench/results/cluster-<stamp>/results.jsonl, and the
-report as report.md there.
+workers, so login throughput with two workers is bounded by what the
+generator leaves them; the CPU per message is the steadier figure.
+`--worker-cpu 0.5` separates them: each worker runs in a cgroup of its own
+with a quota of half a core (bench/cluster_nodes.py CpuCaps; needs root),
+so one worker gets 0.5 core, two get 1, and the generator and Redis keep
+the rest of a 2-core machine (the bench's groups get 10x the default CPU
+weight, so other jobs on the machine yield to them); the report then gives
+each worker's CPU over the logins against its quota and says whether every
+worker was saturated (if not, the machine or the generator set the pace,
+not xmppd). Other work on the machine makes every figure noisy: run it at
+a quiet moment. Results: one JSON object per configuration in
+bench/results/cluster-<stamp>/results.jsonl, and the report as report.md
+there.
 """
 
 from __future__ import annotations
@@ -48,159 +55,37 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
-
-from xmppd.adminapi import admin_dir, read_token
-from xmppd.storage import devservices
-from xmppd.storage.devservices import free_ports
-
 BENCH = Path(__file__).resolve().parent
-DOMAIN = "bench.local"
-TICKS = os.sysconf("SC_CLK_TCK")
-SAMPLE_S = 0.05
-START_TIMEOUT_S = 60.0
+sys.path.insert(0, str(BENCH))
+
+from cluster_nodes import (  # noqa: E402
+    DOMAIN,
+    CpuCaps,
+    Sampler,
+    Server,
+    loop_thread_s,
+    machine_busy_s,
+    redis,
+    register,
+    scrape,
+    worker_pids,
+    write_config,
+)
+
+from xmppd.storage.devservices import free_ports  # noqa: E402
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def machine_busy_s() -> float:
-    """CPU seconds every core of the machine spent busy so far (every process's: this
-    machine is shared), from /proc/stat."""
-    with open("/proc/stat") as stat:
-        ticks = [int(v) for v in stat.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle, iowait
-    return (sum(ticks[:8]) - idle) / TICKS
-
-
-class Sampler(threading.Thread):
-    """(wall time, CPU seconds summed over `pids`, or what `measure` says) every
-    SAMPLE_S, until stopped."""
-
-    def __init__(self, pids: list[int], measure: Callable[[], float] | None = None) -> None:
-        super().__init__(daemon=True)
-        self.measure = measure or (lambda: sum(cpu_s(p) for p in pids))
-        self.samples: list[tuple[float, float]] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.samples.append((time.time(), self.measure()))
-            self.done.wait(SAMPLE_S)
-
-    def at(self, when: float) -> float:
-        """CPU seconds at wall time `when`, interpolated between samples."""
-        before = [s for s in self.samples if s[0] <= when]
-        after = [s for s in self.samples if s[0] >= when]
-        if not before:
-            return self.samples[0][1]
-        if not after:
-            return self.samples[-1][1]
-        (t0, c0), (t1, c1) = before[-1], after[0]
-        return c0 if t1 == t0 else c0 + (c1 - c0) * (when - t0) / (t1 - t0)
-
-
-def write_config(
-    workdir: Path, port: int, redis_url: str, iterations: int, node: str = "bench",
-    name: str = "xmppd.yml",
-) -> Path:
-    path = workdir / name
-    path.write_text(
-        f"""\
-hosts: [{DOMAIN}]
-data_dir: {workdir / "data"}
-log_level: info   # the supervisor says "workers: all N ready" at info
-listeners:
-  - {{type: starttls, address: 127.0.0.1, port: {port}, backlog: 4096}}
-limits:
-  max_connections_per_ip: 0
-  auth_timeout: 120.0
-auth:
-  mechanisms: [SCRAM-SHA-1, PLAIN]
-  scram_iterations: {iterations}
-admin: {{port: 0}}
-storage:
-  cache: {{backend: none}}   # shared by the workers: no in-process copy to go stale
-cluster:
-  redis_url: {redis_url}
-  node_name: {node}
-"""
-    )
-    return path
-
-
-def register(config: Path, users: int) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "xmppd.cli.ctl", "-c", str(config), "register-bulk", DOMAIN,
-         "--count", str(users)],
-        check=True, stdout=subprocess.DEVNULL,
-    )
-
-
-def worker_pids(data_dir: Path) -> list[tuple[int, str]]:
-    """(pid, admin URL) of the running workers, from their admin records."""
-    found = []
-    for record in admin_dir(data_dir).glob("*.json"):
-        fields = json.loads(record.read_text())
-        found.append((int(fields["pid"]), str(fields["url"])))
-    return sorted(found)
-
-
-async def scrape(data_dir: Path, urls: list[str]) -> dict[str, float]:
-    """The workers' /metrics, summed over workers: sample name -> value; and each
-    worker's count of logins as "xmppd_logins_total@N" (how the users were spread)."""
-    total: dict[str, float] = {}
-    headers = {"Authorization": f"Bearer {read_token(data_dir)}"}
-    async with aiohttp.ClientSession(headers=headers) as http:
-        for n, url in enumerate(urls):
-            async with http.get(url + "/metrics") as response:
-                text = await response.text()
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    key = sample.name + "".join(f"{{{v}}}" for v in sample.labels.values())
-                    total[key] = total.get(key, 0.0) + sample.value
-                    if key == "xmppd_logins_total":
-                        total[f"{key}@{n}"] = sample.value
-    return total
-
-
-def start(config: Path, workers: int) -> subprocess.Popen[str]:
-    """`xmppd --workers N`, once all its workers are ready."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "xmppd", "-c", str(config), "--workers", str(workers)],
-        stderr=subprocess.PIPE, text=True,
-    )
-    watchdog = threading.Timer(START_TIMEOUT_S, server.kill)  # never hang on a failed start
-    watchdog.start()
-    try:
-        assert server.stderr is not None
-        for line in server.stderr:
-            if f"workers: all {workers} ready" in line:
-                break
-        else:
-            raise SystemExit(f"xmppd --workers {workers} did not start")
-    finally:
-        watchdog.cancel()
-    threading.Thread(target=lambda: server.stderr.read() if server.stderr else None,
-                     daemon=True).start()
-    return server
+def _loop(pid: int, which: int) -> float:
+    """loop_thread_s(pid)[which], for a Sampler."""
+    return loop_thread_s(pid)[which]
 
 
 def run_one(
@@ -210,18 +95,26 @@ def run_one(
     """One run: `xmppd --workers N` (one config), or one single-worker node per config,
     each on its own port (user i on ports[i % len]; `pairs`: chatload's --pairs)."""
     data_dir = configs[0].parent / "data"
-    servers: list[subprocess.Popen[str]] = []
+    servers: list[Server] = []
+    caps = CpuCaps(args.worker_cpu) if args.worker_cpu else None
     try:
+        if caps is not None:
+            caps.favour([os.getpid(), redis_pid])  # and the generator, started below
         for config in configs:
-            servers.append(start(config, workers if len(configs) == 1 else 1))
+            servers.append(Server(config, workers if len(configs) == 1 else 1))
         found = worker_pids(data_dir)
         pids, urls = [p for p, _ in found], [u for _, u in found]
+        if caps is not None:
+            caps.apply(pids)
+            throttled = caps.throttled()
         sampler = Sampler(pids)
+        each = [Sampler([p]) for p in pids]  # per worker: against its quota
+        loop_ran = [Sampler([], partial(_loop, p, 0)) for p in pids]
+        loop_waited = [Sampler([], partial(_loop, p, 1)) for p in pids]
         redis = Sampler([redis_pid])
         machine = Sampler([], machine_busy_s)
-        sampler.start()
-        redis.start()
-        machine.start()
+        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine):
+            thread.start()
         before = asyncio.run(scrape(data_dir, urls))
         chat = subprocess.run(
             [sys.executable, str(BENCH / "chatload.py"),
@@ -233,17 +126,20 @@ def run_one(
             capture_output=True, text=True,
         )
         after = asyncio.run(scrape(data_dir, urls))
-        sampler.done.set()
-        redis.done.set()
-        machine.done.set()
-        sampler.join()
-        redis.join()
-        machine.join()
+        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine):
+            thread.stop()
+        if caps is not None:
+            throttled = {
+                pid: (periods - throttled[pid][0], hits - throttled[pid][1])
+                for pid, (periods, hits) in caps.throttled().items()
+            }
     finally:
         for server in servers:
-            server.send_signal(signal.SIGTERM)
+            server.terminate()
         for server in servers:
-            server.wait(60)
+            server.wait()
+        if caps is not None:
+            caps.remove()
     if not chat.stdout.strip():
         raise SystemExit(f"chatload wrote nothing:\n{chat.stderr[-3000:]}")
     load = json.loads(chat.stdout)
@@ -294,6 +190,25 @@ def run_one(
         "machine_login_cores": round(
             (machine.at(login_end) - machine.at(started)) / login_span, 2
         ),
+        # Each worker's share of a core over the login phase (against --worker-cpu),
+        # and with a quota, the CFS periods it ran in and those in which it hit it.
+        "worker_login_cores": [
+            round((w.at(login_end) - w.at(started)) / login_span, 2) for w in each
+        ],
+        # Each worker's event-loop thread over the logins, as fractions of the span:
+        # running, runnable but waiting for a core (the machine's limit), and the rest,
+        # asleep (waiting for work, i.e. for the clients, or for the GIL).
+        "loop_login_ran_waited_slept": [
+            [round(x, 2) for x in (ran, waited, 1 - ran - waited)]
+            for ran, waited in (
+                ((r.at(login_end) - r.at(started)) / login_span,
+                 (w.at(login_end) - w.at(started)) / login_span)
+                for r, w in zip(loop_ran, loop_waited, strict=True)
+            )
+        ],
+        "worker_cpu_quota": args.worker_cpu,
+        "login_rate": args.login_rate,
+        "throttled_periods": [list(throttled[p]) for p in pids] if caps is not None else None,
         "loadavg": open("/proc/loadavg").read().split()[:3],
     }
 
@@ -301,6 +216,51 @@ def run_one(
 def _cores(run: dict[str, Any]) -> str:
     """The generator's CPU over the login phase, in cores."""
     return f"{run['generator_login_cpu_s'] / run['login_s']:.2f}"
+
+
+SATURATED = 0.9
+"""A capped worker that used this fraction of its quota over the logins was CPU-bound."""
+
+
+def _quota_line(one: dict[str, Any], two: dict[str, Any]) -> str:
+    """With --worker-cpu: each worker's CPU over the logins against its quota, and
+    whether every worker was CPU-bound (else the generator set the pace)."""
+    quota = one["worker_cpu_quota"]
+    idle = [r for r in (one, two) if min(r["worker_login_cores"]) < SATURATED * quota]
+    paced = [r for r in idle if r["logins_per_s"] >= SATURATED * r["login_rate"]]
+    cores = os.cpu_count() or 1
+    if not idle:
+        verdict = (
+            f"every worker used at least {SATURATED:.0%} of its quota: the workers' CPU "
+            "set the login rate, so the ratio is xmppd's scaling"
+        )
+    else:
+        runs = " and ".join(f"{r['workers']} worker(s)" for r in idle)
+        full = any(r["machine_login_cores"] >= SATURATED * cores for r in idle)
+        # The kernel's spread: the worker with fewer users is done first and then idles
+        # while the other finishes (the login phase ends with the last user online).
+        uneven = [
+            r for r in idle if len(r["worker_login_cores"]) > 1
+            and min(r["logins_per_worker"]) < max(r["logins_per_worker"])
+            and r["worker_login_cores"].index(min(r["worker_login_cores"]))
+            == r["logins_per_worker"].index(min(r["logins_per_worker"]))
+        ]
+        verdict = f"NOT saturated with {runs} (under {SATURATED:.0%} of the quota): " + (
+            "the users logged in as fast as they were offered (--login-rate): offer more"
+            if paced else
+            "the worker under its quota got fewer users (" + ", ".join(
+                str(r["logins_per_worker"]) for r in uneven
+            ) + "): done first, it may have idled while the other worked" if uneven else
+            "the machine was full (other work), the workers waited for a core; run again "
+            "at a quiet moment" if full else
+            "the workers waited for work, so the generator set the pace"
+        )
+    return (
+        f"- CPU caps (--worker-cpu): each worker in its own cgroup, at most {quota} core. "
+        f"Over the logins each used {one['worker_login_cores']} (1 worker) and "
+        f"{two['worker_login_cores']} (2 workers) of a core; CFS periods throttled / run: "
+        f"{one['throttled_periods']} and {two['throttled_periods']}: {verdict}."
+    )
 
 
 def report(
@@ -349,6 +309,13 @@ def report(
         f"{one['machine_login_cores']} and {two['machine_login_cores']} of its "
         f"{os.cpu_count()}. Users per worker with 2: {two['logins_per_worker']}.",
     ]
+    lines.append(
+        f"- Each worker's event-loop thread over the logins (fractions of the time: ran / "
+        f"runnable but waiting for a core / asleep, waiting for clients or the GIL): 1 worker "
+        f"{one['loop_login_ran_waited_slept']}, 2 workers {two['loop_login_ran_waited_slept']}."
+    )
+    if one["worker_cpu_quota"]:
+        lines.append(_quota_line(one, two))
     if same is not None and other is not None:
         local2, cross2 = same["server_cpu_us_per_msg"], other["server_cpu_us_per_msg"]
         f_other = other["cross_fraction"]
@@ -403,39 +370,37 @@ def main() -> int:
     p.add_argument("--procs", type=int, default=1, help="chatload processes")
     p.add_argument("--iterations", type=int, default=4096, help="PBKDF2 rounds of the accounts")
     p.add_argument("--out", type=Path, default=None, help="results folder")
+    p.add_argument("--worker-cpu", type=float, default=None, metavar="CORES",
+                   help="cap each worker at CORES of CPU (its own cgroup; needs root):\n"
+                        "0.5 leaves the generator and Redis a core on a 2-core machine")
     p.add_argument("--no-placed", dest="placed", action="store_false",
                    help="skip the runs on two nodes with the users placed (~1 min less)")
     args = p.parse_args()
     out = args.out or BENCH / "results" / time.strftime("cluster-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    redis = devservices.redis_server().start()
-    try:
-        with tempfile.TemporaryDirectory(prefix="xmppd-cluster-bench-") as tmp:
-            port, port_a, port_b = free_ports(3)
-            url = devservices.redis_url(redis)
-            config = write_config(Path(tmp), port, url, args.iterations)
-            print(f"registering {args.users} users ...", file=sys.stderr)
-            register(config, args.users)
-            assert redis.proc is not None
-            results = []
-            for workers in (1, 2):
-                print(f"xmppd --workers {workers} ...", file=sys.stderr)
-                results.append(run_one(args, [config], [port], workers, redis.proc.pid))
+    with redis() as (url, redis_pid), \
+            tempfile.TemporaryDirectory(prefix="xmppd-cluster-bench-") as tmp:
+        port, port_a, port_b = free_ports(3)
+        config = write_config(Path(tmp), port, url, args.iterations)
+        print(f"registering {args.users} users ...", file=sys.stderr)
+        register(config, args.users)
+        results = []
+        for workers in (1, 2):
+            print(f"xmppd --workers {workers} ...", file=sys.stderr)
+            results.append(run_one(args, [config], [port], workers, redis_pid))
+            print(json.dumps(results[-1]), file=sys.stderr)
+        if args.placed:
+            nodes = [
+                write_config(Path(tmp), p, url, args.iterations, f"bench-{n}", f"{n}.yml")
+                for p, n in ((port_a, "a"), (port_b, "b"))
+            ]
+            for pairs in ("same", "other"):
+                print(f"two nodes, each on its own port, --pairs {pairs} ...",
+                      file=sys.stderr)
+                results.append(run_one(
+                    args, nodes, [port_a, port_b], 1, redis_pid, pairs
+                ))
                 print(json.dumps(results[-1]), file=sys.stderr)
-            if args.placed:
-                nodes = [
-                    write_config(Path(tmp), p, url, args.iterations, f"bench-{n}", f"{n}.yml")
-                    for p, n in ((port_a, "a"), (port_b, "b"))
-                ]
-                for pairs in ("same", "other"):
-                    print(f"two nodes, each on its own port, --pairs {pairs} ...",
-                          file=sys.stderr)
-                    results.append(run_one(
-                        args, nodes, [port_a, port_b], 1, redis.proc.pid, pairs
-                    ))
-                    print(json.dumps(results[-1]), file=sys.stderr)
-    finally:
-        redis.stop()
     with open(out / "results.jsonl", "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")

@@ -37,12 +37,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import ssl
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -54,50 +51,31 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from chatload import MARKER, Client, Plan  # noqa: E402
-from cluster_bench import (  # noqa: E402
+from cluster_nodes import (  # noqa: E402
     DOMAIN,
-    START_TIMEOUT_S,
     Sampler,
+    Server,
+    redis,
     register,
     scrape,
     worker_pids,
+    write_config,
 )
 
-from xmppd.storage import devservices  # noqa: E402
 from xmppd.storage.devservices import free_ports  # noqa: E402
 
 ROOM = f"bench@conference.{DOMAIN}"
 
 
-def write_config(workdir: Path, port: int, redis_url: str, iterations: int, n: int) -> Path:
-    path = workdir / "xmppd.yml"
-    path.write_text(
-        f"""\
-hosts: [{DOMAIN}]
-data_dir: {workdir / "data"}
-log_level: info   # the supervisor says "workers: all N ready" at info
-listeners:
-  - {{type: starttls, address: 127.0.0.1, port: {port}, backlog: 4096}}
-limits:
-  max_connections_per_ip: 0
-  auth_timeout: 120.0
-auth:
-  mechanisms: [SCRAM-SHA-1, PLAIN]
-  scram_iterations: {iterations}
-admin: {{port: 0}}
-storage:
-  cache: {{backend: none}}
-cluster:
-  redis_url: {redis_url}
-  node_name: bench
+def modules(n: int) -> str:
+    """The config's modules: MUC, room for `n` occupants."""
+    return f"""\
 modules:
   disco: {{}}
   roster: {{}}
   presence: {{}}
   muc: {{max_occupants: {n + 10}, max_history: 0}}
 """
-    )
-    return path
 
 
 class Occupant:
@@ -254,29 +232,8 @@ def run(
     args: argparse.Namespace, config: Path, port: int, redis_pid: int, out: Path
 ) -> dict[str, Any]:
     data_dir = config.parent / "data"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "xmppd", "-c", str(config), "--workers", "2"],
-        stderr=subprocess.PIPE, text=True,
-    )
-    watchdog = threading.Timer(START_TIMEOUT_S, server.kill)
-    watchdog.start()
+    server = Server(config, 2, out / "server.log")
     try:
-        assert server.stderr is not None
-        for line in server.stderr:
-            if "workers: all 2 ready" in line:
-                break
-        else:
-            raise SystemExit("xmppd --workers 2 did not start")
-        watchdog.cancel()
-        log = open(out / "server.log", "w")  # noqa: SIM115 (closed by the thread)
-
-        def keep_log() -> None:
-            with log:
-                for line in server.stderr or ():
-                    log.write(line)
-
-        keeper = threading.Thread(target=keep_log, daemon=True)
-        keeper.start()
         found = worker_pids(data_dir)
         urls = [u for _, u in found]
         workers, redis = Sampler([p for p, _ in found]), Sampler([redis_pid])
@@ -297,10 +254,7 @@ def run(
         workers.join()
         redis.join()
     finally:
-        watchdog.cancel()
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
-    keeper.join(10)
+        server.stop()
     logged = (out / "server.log").read_text()
     start, end = result["send_start_epoch"], result["drain_end_epoch"]
     cpu = workers.at(end) - workers.at(start)
@@ -380,19 +334,15 @@ def main() -> int:
     args = p.parse_args()
     out = args.out or BENCH / "results" / time.strftime("muc-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    redis = devservices.redis_server().start()
-    try:
-        with tempfile.TemporaryDirectory(prefix="xmppd-muc-bench-") as tmp:
-            port = free_ports(1)[0]
-            config = write_config(
-                Path(tmp), port, devservices.redis_url(redis), args.iterations, args.occupants
-            )
-            print(f"registering {args.occupants} users ...", file=sys.stderr)
-            register(config, args.occupants)
-            assert redis.proc is not None
-            result = run(args, config, port, redis.proc.pid, out)
-    finally:
-        redis.stop()
+    with redis() as (url, redis_pid), \
+            tempfile.TemporaryDirectory(prefix="xmppd-muc-bench-") as tmp:
+        port = free_ports(1)[0]
+        config = write_config(
+            Path(tmp), port, url, args.iterations, extra=modules(args.occupants)
+        )
+        print(f"registering {args.occupants} users ...", file=sys.stderr)
+        register(config, args.occupants)
+        result = run(args, config, port, redis_pid, out)
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     text = report(result, args)
     (out / "report.md").write_text(text)
