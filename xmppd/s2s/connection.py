@@ -169,14 +169,17 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
 
     def _ended(self, error: StreamError) -> None:
         log.info(
-            "s2s: %s stream %s %s (%s) ended: %s%s",
-            "outgoing" if self.outgoing else "incoming",
-            "to" if self.outgoing else "from",
-            self.remote,
-            self.peer,
+            "s2s: %s ended: %s%s",
+            self._named(self.remote),
             error.condition,
             f" ({error.text})" if error.text else "",
         )
+
+    def _named(self, domain: str) -> str:
+        """The stream, for the log: "outgoing stream to a.test (addr:port)", or
+        "incoming stream from" `domain`."""
+        direction = "outgoing stream to" if self.outgoing else "incoming stream from"
+        return f"{direction} {domain} ({self.peer})"
 
     # --- stream events ----------------------------------------------------------------
 
@@ -197,12 +200,7 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
             elif isinstance(event, s2s.Authenticated):
                 self._stop_auth_timer()
                 log.info(
-                    "s2s: %s stream %s %s (%s) authenticated with %s",
-                    "outgoing" if self.outgoing else "incoming",
-                    "to" if self.outgoing else "from",
-                    event.domain,
-                    self.peer,
-                    event.mechanism,
+                    "s2s: %s authenticated with %s", self._named(event.domain), event.mechanism
                 )
                 if not self.ready.done():
                     self.ready.set_result(None)
@@ -304,7 +302,7 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         remote = self.stream.remote or ""
         if der is None or not remote or not certificate_covers(der, remote):
             reason = f"its certificate is not valid for {remote}"
-            log.info("s2s: outgoing stream to %s (%s) refused: %s", remote, self.peer, reason)
+            log.info("s2s: %s refused: %s", self._named(remote), reason)
             if not self.ready.done():
                 self.ready.set_exception(ConnectionRefusedError(reason))
             self.close(StreamError("policy-violation", reason))
