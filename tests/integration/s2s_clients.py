@@ -113,3 +113,11 @@ async def signed_in(
 
 async def next_message(client: Peer, timeout: float = 20) -> slixmpp.Message:
     return await asyncio.wait_for(client.messages.get(), timeout)
+
+
+async def message_across(sender: Peer, receiver: Peer, to: str, body: str) -> None:
+    """`sender` writes `body` to `to` (a JID of `receiver`'s): it is `receiver`'s next
+    message, from `sender`'s full JID."""
+    sender.send_message(mto=slixmpp.JID(to), mbody=body, mtype="chat")
+    got = await next_message(receiver)
+    assert (got["body"], str(got["from"])) == (body, str(sender.boundjid))

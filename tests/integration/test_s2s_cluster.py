@@ -25,6 +25,7 @@ from tests.integration.clients import close
 from tests.integration.conftest import StartServer
 from tests.integration.s2s_clients import (
     Peer,
+    message_across,
     next_message,
     prosody_user,
     signed_in,
@@ -157,9 +158,7 @@ async def test_users_on_both_nodes_talk_with_prosody(federate: Federate) -> None
         # through the cluster directory (node B's inbox), to the full and the bare JID.
         session = fed.a.router.directory.get("carol@b.test", "phone")
         assert session is not None and isinstance(session.transport, RemoteTransport)
-        anna.send_message(mto="carol@b.test/phone", mbody="to node B", mtype="chat")
-        back = await next_message(carol)
-        assert (back["body"], str(back["from"])) == ("to node B", "anna@a.test/home")
+        await message_across(anna, carol, "carol@b.test/phone", "to node B")
         anna.send_message(mto="carol@b.test", mbody="bare, to node B", mtype="chat")
         assert (await next_message(carol))["body"] == "bare, to node B"
         # Each node has its own outgoing stream to a.test (no hop through another
@@ -215,9 +214,7 @@ async def test_any_node_vouches_for_a_dialback_key(tmp_path: Path, federate: Fed
     fed = await federate(xmppd_ca=make_ca(folder, "unknown CA"), secure_auth=False)
     logins = (fed.carol(), prosody_user(fed.prosody))
     async with signed_in(*logins, diagnose=fed.diagnose) as (carol, anna):
-        carol.send_message(mto="anna@a.test", mbody="vouched for by node A", mtype="chat")
-        got = await next_message(anna)
-        assert (got["body"], str(got["from"])) == ("vouched for by node A", "carol@b.test/phone")
+        await message_across(carol, anna, "anna@a.test", "vouched for by node A")
         assert _streams(fed.b) == [("out", "a.test", "dialback")]
         # Prosody knows b.test only at node A's port: it asked node A about the key.
         assert _streams(fed.a) == [("in", "a.test", "EXTERNAL")]

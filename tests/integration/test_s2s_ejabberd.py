@@ -27,7 +27,7 @@ from tests.integration.clients import close
 from tests.integration.conftest import StartServer
 from tests.integration.s2s_clients import (
     Peer,
-    next_message,
+    message_across,
     signed_in,
     subscribed,
     user_at,
@@ -169,12 +169,8 @@ def _mechanisms(server: Server) -> tuple[list[str | None], list[str | None]]:
 
 async def test_messages_both_ways(federation: Federation) -> None:
     async with federation.users() as (bob, carl):
-        bob.send_message(mto="carl@c.test", mbody="hello from b.test", mtype="chat")
-        got = await next_message(carl)
-        assert (got["body"], str(got["from"])) == ("hello from b.test", "bob@b.test/desk")
-        carl.send_message(mto="bob@b.test/desk", mbody="hello from c.test", mtype="chat")
-        back = await next_message(bob)
-        assert (back["body"], back["from"]) == ("hello from c.test", carl.boundjid)
+        await message_across(bob, carl, "carl@c.test", "hello from b.test")
+        await message_across(carl, bob, "bob@b.test/desk", "hello from c.test")
         # Certificates validated both ways: SASL EXTERNAL, not dialback, each way.
         assert _mechanisms(federation.xmppd) == (["EXTERNAL"], ["EXTERNAL"])
 
@@ -261,9 +257,7 @@ async def test_dialback_when_our_certificate_does_not_validate(
     folder.mkdir()
     federation = await federate(xmppd_ca=make_ca(folder, "unknown CA"))
     async with federation.users() as (bob, carl):
-        bob.send_message(mto="carl@c.test", mbody="via dialback", mtype="chat")
-        got = await next_message(carl)
-        assert (got["body"], str(got["from"])) == ("via dialback", "bob@b.test/desk")
+        await message_across(bob, carl, "carl@c.test", "via dialback")
         outgoing, _ = _mechanisms(federation.xmppd)
         # ejabberd answered our key type='valid' after checking it with b.test.
         assert outgoing == ["dialback"]
@@ -279,7 +273,5 @@ async def test_ejabberd_authenticates_by_dialback_when_its_certificate_does_not_
     server whose certificate it does not trust fails.)"""
     fed = await federate(trusted_ca=make_ca(tmp_path, "another CA"), accept_dialback=True)
     async with fed.users() as (bob, carl):
-        carl.send_message(mto="bob@b.test/desk", mbody="hello by dialback", mtype="chat")
-        got = await next_message(bob)
-        assert (got["body"], got["from"]) == ("hello by dialback", carl.boundjid)
+        await message_across(carl, bob, "bob@b.test/desk", "hello by dialback")
         assert _mechanisms(fed.xmppd)[1] == ["dialback"]

@@ -26,6 +26,7 @@ from tests.integration.clients import close, read_until
 from tests.integration.conftest import StartServer
 from tests.integration.s2s_clients import (
     Peer,
+    message_across,
     next_message,
     prosody_user,
     signed_in,
@@ -215,9 +216,7 @@ async def test_dialback_when_our_certificate_does_not_validate(
     folder.mkdir()
     federation = await federate(xmppd_ca=make_ca(folder, "unknown CA"), secure_auth=False)
     async with federation.users() as (bob, anna):
-        bob.send_message(mto="anna@a.test", mbody="via dialback", mtype="chat")
-        got = await next_message(anna)
-        assert (got["body"], str(got["from"])) == ("via dialback", "bob@b.test/desk")
+        await message_across(bob, anna, "anna@a.test", "via dialback")
         assert federation.xmppd.s2s is not None
         outgoing = [c for c in federation.xmppd.s2s.connections if c.outgoing]
         assert [c.stream.mechanism for c in outgoing] == ["dialback"]
@@ -466,9 +465,7 @@ async def test_blocking_a_remote_contact(federation: Federation) -> None:
         async with asyncio.timeout(20):
             while (await anna.available.get())["from"] != "bob@b.test/desk":
                 pass
-        anna.send_message(mto="bob@b.test", mbody="unblocked", mtype="chat")
-        got = await next_message(bob)
-        assert (got["body"], str(got["from"])) == ("unblocked", "anna@a.test/home")
+        await message_across(anna, bob, "bob@b.test", "unblocked")
 
 
 async def test_privacy_list_denying_a_remote_contact(federation: Federation) -> None:
@@ -496,9 +493,7 @@ async def test_privacy_list_denying_a_remote_contact(federation: Federation) -> 
         await _refused_in_order(anna, bob, "denied")
         # Declined (no default list): her messages arrive again.
         await privacy("<default/>")
-        anna.send_message(mto="bob@b.test", mbody="allowed again", mtype="chat")
-        got = await next_message(bob)
-        assert (got["body"], str(got["from"])) == ("allowed again", "anna@a.test/home")
+        await message_across(anna, bob, "bob@b.test", "allowed again")
 
 
 async def test_prosody_authenticates_by_dialback_when_its_certificate_does_not_validate(
@@ -516,16 +511,12 @@ async def test_prosody_authenticates_by_dialback_when_its_certificate_does_not_v
         accept_dialback=True,
     )
     async with fed.users() as (bob, anna):
-        anna.send_message(mto="bob@b.test/desk", mbody="hello by dialback", mtype="chat")
-        got = await next_message(bob)
-        assert (got["body"], str(got["from"])) == ("hello by dialback", "anna@a.test/home")
+        await message_across(anna, bob, "bob@b.test/desk", "hello by dialback")
         code, out, err = await xmppctl(fed.xmppd, "s2s")
         assert code == 0, err
         rows = [line.split("\t") for line in out.splitlines()]
         assert [r[:4] for r in rows] == [["in", "a.test", "b.test", "dialback"]]
-        bob.send_message(mto="anna@a.test/home", mbody="hello back", mtype="chat")
-        back = await next_message(anna)
-        assert (back["body"], str(back["from"])) == ("hello back", "bob@b.test/desk")
+        await message_across(bob, anna, "anna@a.test/home", "hello back")
 
 
 async def test_a_dialback_key_that_does_not_verify_is_refused(federate: Federate) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tests.integration.conftest import StartServer, write_config
-from tests.integration.s2s_clients import next_message, signed_in, subscribed, xmppd_user
+from tests.integration.s2s_clients import message_across, signed_in, subscribed, xmppd_user
 from tests.integration.s2s_peers import (
     CA,
     XMPPD_ADDRESS,
@@ -91,12 +91,8 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
     await d.accounts["d.test"].register("dora", "dora-secret")
     logins = (xmppd_user(b), xmppd_user(d, "dora@d.test/home", "dora-secret"))
     async with signed_in(*logins) as (bob, dora):
-        bob.send_message(mto="dora@d.test", mbody="hello d.test", mtype="chat")
-        got = await next_message(dora)
-        assert (got["body"], str(got["from"])) == ("hello d.test", "bob@b.test/desk")
-        dora.send_message(mto="bob@b.test/desk", mbody="hello b.test", mtype="chat")
-        back = await next_message(bob)
-        assert (back["body"], str(back["from"])) == ("hello b.test", "dora@d.test/home")
+        await message_across(bob, dora, "dora@d.test", "hello d.test")
+        await message_across(dora, bob, "bob@b.test/desk", "hello b.test")
         # One TCP connection: b.test opened it (direct TLS), d.test answered on it.
         assert streams(b) == [("out", "d.test", "EXTERNAL", "direct", True, 1, 1)]
         assert streams(d) == [("in", "b.test", "EXTERNAL", "direct", True, 1, 1)]
@@ -174,11 +170,7 @@ async def test_dialback_between_two_xmppd_servers_per_domain_policy(
         xmppd_user(d, "ddd@d.test/home", "secret"),
     )
     async with signed_in(*logins) as (bbb, ddd):
-        ddd.send_message(mto="bbb@b.test/desk", mbody="hello b.test", mtype="chat")
-        got = await next_message(bbb)
-        assert (got["body"], str(got["from"])) == ("hello b.test", "ddd@d.test/home")
-        bbb.send_message(mto="ddd@d.test/home", mbody="hello d.test", mtype="chat")
-        back = await next_message(ddd)
-        assert (back["body"], str(back["from"])) == ("hello d.test", "bbb@b.test/desk")
+        await message_across(ddd, bbb, "bbb@b.test/desk", "hello b.test")
+        await message_across(bbb, ddd, "ddd@d.test/home", "hello d.test")
         assert streams(b) == [("in", "d.test", "dialback", "direct", True, 1, 1)]
         assert streams(d) == [("out", "b.test", "dialback", "direct", True, 1, 1)]
