@@ -42,8 +42,10 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvloop
 
@@ -108,6 +110,62 @@ def write_config(folder: Path) -> Path:
         f"modules:\n{modules}"
     )
     return path
+
+
+@asynccontextmanager
+async def node(users: int) -> AsyncIterator[Server]:
+    """A node with the bench's config in a temporary folder, user1..user`users`
+    registered; stopped after the block."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(load_config(write_config(Path(tmp))))
+        await server.start()
+        try:
+            accounts = server.accounts[DOMAIN]
+            for n in range(1, users + 1):
+                await accounts.register(f"user{n}", f"pass{n}")
+            yield server
+        finally:
+            await server.stop()
+
+
+Sender = TypeVar("Sender")
+
+
+def chat_plan(senders: list[Sender], messages: int) -> list[tuple[Sender, bytes]]:
+    """`messages` chat messages, each from a random sender to another user's bare JID
+    (the same ones every run: a fixed seed)."""
+    users = len(senders)
+    rng = random.Random(1)
+    body = "x" * 64
+    plan = []
+    for i in range(messages):
+        a = rng.randrange(users)
+        b = rng.randrange(users - 1)
+        b += b >= a
+        plan.append((senders[a], (
+            f"<message type='chat' to='user{b + 1}@{DOMAIN}' id='{i}'>"
+            f"<body>chatload:{i}:{body}</body></message>"
+        ).encode()))
+    return plan
+
+
+async def cpu_per_message(
+    server: Server, count: int, repeat: int, ready: Callable[[], Callable[[], Awaitable[None]]]
+) -> list[float]:
+    """The process CPU microseconds per delivered message of `repeat` passes, after one
+    that warms caches and lists up. `ready()` makes a pass's `count` messages ready
+    outside the timing and returns what sends them, which is timed."""
+    results = []
+    for _ in range(repeat + 1):
+        send = ready()
+        delivered = server.router.ledger.delivered
+        start = time.process_time()
+        await send()
+        elapsed = time.process_time() - start
+        got = server.router.ledger.delivered - delivered
+        assert got == count, (got, count)
+        results.append(elapsed / got * 1e6)
+    return results[1:]
 
 
 async def until(predicate: Any, what: str) -> None:
@@ -271,50 +329,28 @@ def send_each(
 
 
 async def run_tls(args: argparse.Namespace) -> list[float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        server = Server(load_config(write_config(Path(tmp))))
-        await server.start()
-        try:
-            accounts = server.accounts[DOMAIN]
-            for n in range(1, args.users + 1):
-                await accounts.register(f"user{n}", f"pass{n}")
-            port = server.listening[0].port
-            ledger = server.router.ledger = WatchedLedger()
-            clients = [await tls_login(port, n) for n in range(1, args.users + 1)]
-            await until(
-                lambda: sum(1 for c in server.connections
-                            if c.session is not None and c.session.available) == args.users,
-                "presence",
-            )
-            await server.router.drain()
-            await asyncio.sleep(0.2)
-            rng = random.Random(1)
-            body = "x" * 64
-            plan = []
-            for i in range(args.messages):
-                a = rng.randrange(args.users)
-                b = rng.randrange(args.users - 1)
-                b += b >= a
-                plan.append((clients[a], (
-                    f"<message type='chat' to='user{b + 1}@{DOMAIN}' id='{i}'>"
-                    f"<body>chatload:{i}:{body}</body></message>"
-                ).encode()))
-            results = []
-            for _ in range(args.repeat + 1):  # the first pass warms caches and lists up
-                drain(clients)
-                reads = [(c.sock, c.record(data)) for c, data in plan]
-                delivered = server.router.ledger.delivered
-                start = time.process_time()
-                await send_each(reads, ledger)
-                elapsed = time.process_time() - start
-                got = server.router.ledger.delivered - delivered
-                assert got == len(plan), (got, len(plan))
-                results.append(elapsed / got * 1e6)
-            for c in clients:
-                c.sock.close()
-            return results[1:]
-        finally:
-            await server.stop()
+    async with node(args.users) as server:
+        port = server.listening[0].port
+        ledger = server.router.ledger = WatchedLedger()
+        clients = [await tls_login(port, n) for n in range(1, args.users + 1)]
+        await until(
+            lambda: sum(1 for c in server.connections
+                        if c.session is not None and c.session.available) == args.users,
+            "presence",
+        )
+        await server.router.drain()
+        await asyncio.sleep(0.2)
+        plan = chat_plan(clients, args.messages)
+
+        def ready() -> Callable[[], Awaitable[None]]:
+            drain(clients)
+            reads = [(c.sock, c.record(data)) for c, data in plan]
+            return lambda: send_each(reads, ledger)
+
+        results = await cpu_per_message(server, len(plan), args.repeat, ready)
+        for c in clients:
+            c.sock.close()
+        return results
 
 
 def feed(reads: list[tuple[C2SConnection, bytes]]) -> asyncio.Future[None]:
@@ -336,42 +372,19 @@ def feed(reads: list[tuple[C2SConnection, bytes]]) -> asyncio.Future[None]:
 
 
 async def run(args: argparse.Namespace) -> list[float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        server = Server(load_config(write_config(Path(tmp))))
-        await server.start()
-        try:
-            accounts = server.accounts[DOMAIN]
-            for n in range(1, args.users + 1):
-                await accounts.register(f"user{n}", f"pass{n}")
-            conns = [await login(server, n) for n in range(1, args.users + 1)]
-            await server.router.drain()
-            rng = random.Random(1)
-            body = "x" * 64
-            plan = []
-            for i in range(args.messages):
-                a = rng.randrange(args.users)
-                b = rng.randrange(args.users - 1)
-                b += b >= a
-                plan.append((conns[a], (
-                    f"<message type='chat' to='user{b + 1}@{DOMAIN}' id='{i}'>"
-                    f"<body>chatload:{i}:{body}</body></message>"
-                ).encode()))
-            results = []
-            for _ in range(args.repeat + 1):  # the first pass warms caches and lists up
-                delivered = server.router.ledger.delivered
-                reads = [
-                    (plan[i][0], b"".join(d for _, d in plan[i : i + args.batch]))
-                    for i in range(0, len(plan), args.batch)
-                ]
-                start = time.process_time()
-                await feed(reads)
-                elapsed = time.process_time() - start
-                got = server.router.ledger.delivered - delivered
-                assert got == len(plan), (got, len(plan))
-                results.append(elapsed / got * 1e6)
-            return results[1:]
-        finally:
-            await server.stop()
+    async with node(args.users) as server:
+        conns = [await login(server, n) for n in range(1, args.users + 1)]
+        await server.router.drain()
+        plan = chat_plan(conns, args.messages)
+
+        def ready() -> Callable[[], Awaitable[None]]:
+            reads = [
+                (plan[i][0], b"".join(d for _, d in plan[i : i + args.batch]))
+                for i in range(0, len(plan), args.batch)
+            ]
+            return lambda: feed(reads)
+
+        return await cpu_per_message(server, len(plan), args.repeat, ready)
 
 
 def main(argv: list[str] | None = None) -> int:

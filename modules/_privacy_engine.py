@@ -92,11 +92,12 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from lxml import etree
 
 from xmppd.jid import JID, InvalidJID
+from xmppd.modulehost import IqRequest, Module
 from xmppd.modules.roster import RosterModule
 from xmppd.storage.base import (
     UNCHANGED,
@@ -964,6 +965,38 @@ class PrivacyEngine:
             presence.set("from", other.jid)
             presence.set("to", session.jid)
             self.host.deliver(session, presence)
+
+
+class EngineModule(Module):
+    """What the privacy and the blocking module share: the host's one engine, the
+    get and set IQs of `namespace` to an account, and an account's rules removed
+    with it. A subclass answers the IQs."""
+
+    namespace: ClassVar[str]
+
+    def setup(self) -> None:
+        self.engine = PrivacyEngine.attach(self.host)
+        self.host.add_feature(self.namespace)
+        self.host.iq(self.namespace, "get", self.get, to="account")
+        self.host.iq(self.namespace, "set", self.set, to="account")
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def remove_user(self, vhost: str, username: str) -> bool:
+        return await self.engine.remove_user(f"{username}@{vhost}")
+
+    async def get(self, request: IqRequest) -> etree._Element | None:
+        raise NotImplementedError
+
+    async def set(self, request: IqRequest) -> etree._Element | None:
+        raise NotImplementedError
+
+
+def owner_only(request: IqRequest) -> None:
+    """Another account's rules are nobody's business: answer as for an unknown namespace."""
+    if not request.from_owner:
+        raise StanzaError("service-unavailable")
 
 
 def _wants_error(stanza: etree._Element) -> bool:

@@ -15,10 +15,10 @@ from dataclasses import replace
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field
 
-from xmppd.modulehost import IqRequest, Module
+from xmppd.modulehost import IqRequest
 from xmppd.stream.errors import StanzaError
 
-from ._privacy_engine import NS_BLOCKING, PrivacyData, PrivacyEngine, parse_value_jid
+from ._privacy_engine import NS_BLOCKING, EngineModule, PrivacyData, owner_only, parse_value_jid
 
 B = f"{{{NS_BLOCKING}}}"
 
@@ -28,31 +28,20 @@ class BlockingOptions(BaseModel):
     max_blocked: int = Field(1000, ge=1, description="JIDs in one user's blocklist")
 
 
-class Blocking(Module):
+class Blocking(EngineModule):
     name = "blocking"
+    namespace = NS_BLOCKING
     Options = BlockingOptions
 
-    def setup(self) -> None:
-        self.engine = PrivacyEngine.attach(self.host)
-        self.host.add_feature(NS_BLOCKING)
-        self.host.iq(NS_BLOCKING, "get", self.get, to="account")
-        self.host.iq(NS_BLOCKING, "set", self.set, to="account")
-
-    async def start(self) -> None:
-        await self.engine.start()
-
-    async def remove_user(self, vhost: str, username: str) -> bool:
-        return await self.engine.remove_user(f"{username}@{vhost}")
-
     async def get(self, request: IqRequest) -> etree._Element:
-        _owner_only(request)
+        owner_only(request)
         if request.payload.tag != f"{B}blocklist":
             raise StanzaError("bad-request", "expected <blocklist xmlns='urn:xmpp:blocking'/>")
         data = await self.engine.data(request.target)
         return _element("blocklist", data.blocklist)
 
     async def set(self, request: IqRequest) -> None:
-        _owner_only(request)
+        owner_only(request)
         options: BlockingOptions = self.options  # type: ignore[assignment]
         payload = request.payload
         if payload.tag == f"{B}block":
@@ -83,12 +72,6 @@ class Blocking(Module):
         else:
             raise StanzaError("bad-request", "expected <block/> or <unblock/>")
         return None
-
-
-def _owner_only(request: IqRequest) -> None:
-    """Another account's blocklist is nobody's business: answer as for an unknown namespace."""
-    if not request.from_owner:
-        raise StanzaError("service-unavailable")
 
 
 def _items(payload: etree._Element) -> list[str]:

@@ -13,18 +13,19 @@ from dataclasses import replace
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field
 
-from xmppd.modulehost import IqRequest, Module
+from xmppd.modulehost import IqRequest
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StanzaError
 
 from ._privacy_engine import (
     KINDS,
     NS_PRIVACY,
+    EngineModule,
     PrivacyData,
-    PrivacyEngine,
     PrivacyItem,
     check_list,
     make_item,
+    owner_only,
 )
 
 Q = f"{{{NS_PRIVACY}}}"
@@ -36,26 +37,15 @@ class PrivacyOptions(BaseModel):
     max_items: int = Field(250, ge=1, description="items per privacy list")
 
 
-class Privacy(Module):
+class Privacy(EngineModule):
     name = "privacy"
+    namespace = NS_PRIVACY
     Options = PrivacyOptions
-
-    def setup(self) -> None:
-        self.engine = PrivacyEngine.attach(self.host)
-        self.host.add_feature(NS_PRIVACY)
-        self.host.iq(NS_PRIVACY, "get", self.get, to="account")
-        self.host.iq(NS_PRIVACY, "set", self.set, to="account")
-
-    async def start(self) -> None:
-        await self.engine.start()
-
-    async def remove_user(self, vhost: str, username: str) -> bool:
-        return await self.engine.remove_user(f"{username}@{vhost}")
 
     # --- get ---------------------------------------------------------------------------------
 
     async def get(self, request: IqRequest) -> etree._Element:
-        _owner_only(request)
+        owner_only(request)
         children = _children(request.payload)
         data = await self.engine.data(request.target)
         query = etree.Element(f"{Q}query", nsmap={None: NS_PRIVACY})
@@ -84,7 +74,7 @@ class Privacy(Module):
     # --- set ---------------------------------------------------------------------------------
 
     async def set(self, request: IqRequest) -> None:
-        _owner_only(request)
+        owner_only(request)
         children = _children(request.payload)
         if len(children) != 1:
             raise StanzaError("bad-request", "one <active/>, <default/> or <list/> per request")
@@ -148,11 +138,6 @@ class Privacy(Module):
         push = etree.Element(f"{Q}query", nsmap={None: NS_PRIVACY})
         etree.SubElement(push, f"{Q}list").set("name", name)
         self.engine.push(bare, push)
-
-
-def _owner_only(request: IqRequest) -> None:
-    if not request.from_owner:
-        raise StanzaError("service-unavailable")
 
 
 def _children(payload: etree._Element) -> list[etree._Element]:

@@ -84,6 +84,12 @@ def check_key(key: str) -> None:
         raise TooLarge(f"key is over {MAX_KEY_BYTES} bytes")
 
 
+def check_blob_size(key: str, data: bytes, limit: int) -> None:
+    """Refuse a blob over the backend's `limit` (TooLarge), before anything is written."""
+    if len(data) > limit:
+        raise TooLarge(f"blob {key[:40]!r} is {len(data)} bytes, over {limit}")
+
+
 def check_item(name: str, attrs: Attrs) -> None:
     """Validate an item before writing it: same rules on every backend.
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from xmppd import logs, metrics, package_version
-from xmppd.adminroutes import add_routes
+from xmppd.adminroutes import add_routes, path_account
 from xmppd.cluster.directory import node_of
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import AccountDataRemains
@@ -333,17 +333,7 @@ class AdminAPI:
         return web.json_response({"result": result, "ended": ended})
 
     def _account(self, request: web.Request) -> JID:
-        """The account named in the path, one this node serves (else 404)."""
-        try:
-            jid = JID(request.match_info["jid"])
-        except InvalidJID:
-            jid = None
-        if jid is None or not jid.user or jid.resource or jid.domain not in self.server.accounts:
-            raise web.HTTPNotFound(
-                text=json.dumps({"error": "expected an account of this node as user@host"}),
-                content_type="application/json",
-            )
-        return jid
+        return path_account(request, self.server.accounts)
 
 
 def session_view(session: ClientSession, node: str | None) -> dict[str, object]:

@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Container
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
@@ -232,17 +232,21 @@ class AdminRoutes:
             ) from None
 
     def _account(self, request: web.Request) -> JID:
-        """The account named in the path, of a host this node serves (else 404)."""
-        try:
-            jid: JID | None = JID(request.match_info["jid"])
-        except InvalidJID:
-            jid = None
-        if jid is None or not jid.user or jid.resource or jid.domain not in self.server.accounts:
-            raise web.HTTPNotFound(
-                text=json.dumps({"error": "expected an account of this node as user@host"}),
-                content_type="application/json",
-            )
-        return jid
+        return path_account(request, self.server.accounts)
+
+
+def path_account(request: web.Request, hosts: Container[str]) -> JID:
+    """The account named in the path ({jid}), of one of `hosts` (else 404)."""
+    try:
+        jid: JID | None = JID(request.match_info["jid"])
+    except InvalidJID:
+        jid = None
+    if jid is None or not jid.user or jid.resource or jid.domain not in hosts:
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": "expected an account of this node as user@host"}),
+            content_type="application/json",
+        )
+    return jid
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -195,6 +195,12 @@ def _no_duplicates(values: list[Any], what: str) -> None:
         first[value] = i
 
 
+def _unique(value: list[Any], info: ValidationInfo) -> list[Any]:
+    """A list setting whose entries must all differ (a repeated one is a mistake)."""
+    _no_duplicates(value, info.field_name or "")
+    return value
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -269,17 +275,7 @@ class AuthConfig(BaseModel):
     allow_unencrypted: StrictBool = False  # SASL before TLS, never PLAIN: tests/debugging only
     proxy_auth: list[BareJID] = Field(default_factory=list)
 
-    @field_validator("mechanisms")
-    @classmethod
-    def _unique_mechanisms(cls, value: list[str]) -> list[str]:
-        _no_duplicates(value, "mechanisms")
-        return value
-
-    @field_validator("proxy_auth")
-    @classmethod
-    def _unique_proxies(cls, value: list[str]) -> list[str]:
-        _no_duplicates(value, "proxy_auth")
-        return value
+    _unique = field_validator("mechanisms", "proxy_auth")(_unique)
 
 
 class AdminConfig(BaseModel):
@@ -455,17 +451,7 @@ class Config(BaseModel):
             data = {k: ({} if k in _SECTIONS and v is None else v) for k, v in data.items()}
         return data
 
-    @field_validator("hosts")
-    @classmethod
-    def _unique_hosts(cls, value: list[str]) -> list[str]:
-        _no_duplicates(value, "hosts")
-        return value
-
-    @field_validator("admins")
-    @classmethod
-    def _unique_admins(cls, value: list[str]) -> list[str]:
-        _no_duplicates(value, "admins")
-        return value
+    _unique = field_validator("hosts", "admins")(_unique)
 
     @field_validator("data_dir")
     @classmethod

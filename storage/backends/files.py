@@ -32,7 +32,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..base import Blob, BlobBackend, BlobPage, ConditionFailed, StorageError, TooLarge, check_key
+from ..base import (
+    Blob,
+    BlobBackend,
+    BlobPage,
+    ConditionFailed,
+    StorageError,
+    check_blob_size,
+    check_key,
+)
 from ..config import FilesBlobsConfig
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.@-")
@@ -289,8 +297,7 @@ class FileBlobBackend(BlobBackend):
         if_match: str | None = None,
     ) -> str:
         check_key(key)
-        if len(data) > self.max_blob_bytes:
-            raise TooLarge(f"blob {key[:40]!r} is {len(data)} bytes, over {self.max_blob_bytes}")
+        check_blob_size(key, data, self.max_blob_bytes)
         data = bytes(data)
         async with self._lock(namespace, key):
             try:

@@ -23,8 +23,8 @@ from ..base import (
     Page,
     Put,
     Query,
-    TooLarge,
     Write,
+    check_blob_size,
     check_condition,
     check_item,
     check_key,
@@ -175,8 +175,7 @@ class MemoryBlobBackend(BlobBackend):
         if_match: str | None = None,
     ) -> str:
         check_key(key)
-        if len(data) > self.max_blob_bytes:
-            raise TooLarge(f"blob {key[:40]!r} is {len(data)} bytes, over {self.max_blob_bytes}")
+        check_blob_size(key, data, self.max_blob_bytes)
         self._check(namespace, key, if_none_match, if_match)
         self._data.setdefault(namespace, {})[key] = bytes(data)
         return _etag(data)

@@ -47,7 +47,16 @@ from typing import Any, Literal
 from botocore.exceptions import ClientError
 from botocore.handlers import add_expect_header
 
-from ..base import Blob, BlobBackend, BlobPage, ConditionFailed, StorageError, TooLarge, check_key
+from ..base import (
+    Blob,
+    BlobBackend,
+    BlobPage,
+    ConditionFailed,
+    StorageError,
+    TooLarge,
+    check_blob_size,
+    check_key,
+)
 from ..codec import decode_token, encode_token
 from ..config import S3BlobsConfig
 from ._aws import (
@@ -265,8 +274,7 @@ class S3BlobBackend(BlobBackend):
         object_key = self._object_key(namespace, key)
         if if_none_match and if_match is not None:
             raise ValueError("if_none_match and if_match exclude each other")
-        if len(data) > self.max_blob_bytes:
-            raise TooLarge(f"blob {key[:40]!r} is {len(data)} bytes, over {self.max_blob_bytes}")
+        check_blob_size(key, data, self.max_blob_bytes)
         conditions: dict[str, str] = {}
         if if_none_match:
             conditions["IfNoneMatch"] = "*"

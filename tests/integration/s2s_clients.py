@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
 
+import pytest
 import slixmpp
 
-from tests.integration.clients import Client, insecure_context
+from tests.integration.clients import Client, close, insecure_context
 from tests.integration.conftest import port_of
+from tests.integration.s2s_peers import Prosody
 from xmppd.server import Server
 
 
@@ -37,6 +42,24 @@ class Peer(Client):
             self.pushes.clear()
             await self.pushes.wait()
 
+    async def presence_from(self, bare: str) -> None:
+        """Wait for an available presence from `bare` (those from others go)."""
+        while (await self.available.get())["from"].bare != bare:
+            pass
+
+
+async def subscribed(asker: Peer, asked: Peer, timeout: float = 20) -> None:
+    """`asker` asks `asked` for a presence subscription, which slixmpp approves and asks
+    back (auto_authorize, auto_subscribe): wait until each server pushed the other's
+    roster item as 'both'."""
+    mine, theirs = asker.boundjid.bare, asked.boundjid.bare
+    asker.send_presence(pto=theirs, ptype="subscribe")
+    try:
+        await asyncio.wait_for(asker.subscription_both(theirs), timeout)
+        await asyncio.wait_for(asked.subscription_both(mine), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"no subscription: {asker.pushed}, {asked.pushed}") from None
+
 
 async def user_at(address: str, port: int, jid: str, password: str) -> Peer:
     """A user logged in (STARTTLS) at `address`:`port`, roster fetched, available."""
@@ -51,9 +74,50 @@ async def user_at(address: str, port: int, jid: str, password: str) -> Peer:
     return client
 
 
-async def xmppd_user(server: Server, jid: str, password: str) -> Peer:
+async def xmppd_user(
+    server: Server, jid: str = "bob@b.test/desk", password: str = "bob-secret"
+) -> Peer:
+    """A user of `server`, by default bob (whom the federation tests register)."""
     return await user_at("127.0.0.1", port_of(server, "starttls"), jid, password)
+
+
+async def prosody_user(
+    prosody: Prosody, jid: str = "anna@a.test/home", password: str = "anna-secret"
+) -> Peer:
+    """A user of `prosody`, by default anna (whom the tests' Prosody has)."""
+    return await user_at(prosody.address, prosody.c2s_port, jid, password)
+
+
+@asynccontextmanager
+async def signed_in(
+    *logins: Coroutine[Any, Any, Peer], diagnose: Callable[[], str] | None = None
+) -> AsyncIterator[tuple[Peer, ...]]:
+    """The users `logins` log in, one after the other; all are logged out after the
+    block, in that order, also when it or a later login fails. With `diagnose`, a
+    timeout in the block fails the test with what it returns (a peer server's log)."""
+    clients: list[Peer] = []
+    try:
+        for login in logins:
+            clients.append(await login)
+        yield tuple(clients)
+    except TimeoutError:
+        if diagnose is None:
+            raise
+        pytest.fail("timed out\n" + diagnose())
+    finally:
+        for login in logins[len(clients) :]:
+            login.close()  # never awaited (an earlier login failed): no warning for it
+        for client in clients:
+            await close(client)
 
 
 async def next_message(client: Peer, timeout: float = 20) -> slixmpp.Message:
     return await asyncio.wait_for(client.messages.get(), timeout)
+
+
+async def message_across(sender: Peer, receiver: Peer, to: str, body: str) -> None:
+    """`sender` writes `body` to `to` (a JID of `receiver`'s): it is `receiver`'s next
+    message, from `sender`'s full JID."""
+    sender.send_message(mto=slixmpp.JID(to), mbody=body, mtype="chat")
+    got = await next_message(receiver)
+    assert (got["body"], str(got["from"])) == (body, str(sender.boundjid))

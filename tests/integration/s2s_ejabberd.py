@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.integration.s2s_peers import CA, DNS_ADDRESS, answer, free_port, issue
+from tests.integration.s2s_peers import CA, DNS_ADDRESS, answer, free_port, issue, require
 
 ERL = "erl"
 EJABBERD_LIBS = "/usr/lib/x86_64-linux-gnu"  # ERL_LIBS of Debian's ejabberdctl
@@ -50,6 +50,17 @@ def can_run_ejabberd() -> str | None:
     if os.geteuid() != 0:
         return "a private /etc/hosts for ejabberd needs root (unshare --mount)"
     return None
+
+
+def require_ejabberd() -> None:
+    """Skip the calling test module when ejabberd cannot run here; fail it in CI."""
+    require(
+        ejabberd_installed(),
+        "ejabberd is not installed",
+        "CI needs ejabberd (apt-get install ejabberd) for the s2s tests",
+    )
+    why = can_run_ejabberd()
+    require(why is None, str(why), f"CI cannot run ejabberd for the s2s tests: {why}")
 
 
 class ThreadedDNS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,6 +39,25 @@ PLUGINS = Path(__file__).resolve().parent.parent / "fixtures" / "prosody"
 PROSODY_ADDRESS = "127.0.18.2"
 XMPPD_ADDRESS = "127.0.18.3"
 DNS_ADDRESS = "127.0.18.1"
+
+
+def require(available: bool, missing: str, ci_needs: str) -> None:
+    """Skip the calling test module when a peer cannot run here (`missing` says why);
+    in CI fail it instead (`ci_needs`): there the federation tests must run."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        raise RuntimeError(ci_needs)
+    pytest.skip(missing, allow_module_level=True)
+
+
+def require_prosody() -> None:
+    """Skip the calling test module without Prosody; fail it in CI."""
+    require(
+        Path(PROSODY).exists(),
+        "prosody is not installed",
+        "CI needs Prosody (apt-get install prosody) for the s2s tests",
+    )
 
 
 # --- certificates ----------------------------------------------------------------------
@@ -143,6 +164,37 @@ def issue(
     )
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+def xmppd_tls(
+    folder: Path,
+    ca: CA,
+    domain: str = "b.test",
+    *,
+    dns_names: list[str] | None = None,
+    xmpp_addrs: list[str] | None = None,
+) -> dict[str, str]:
+    """The `tls` section of an xmppd in a federation test: a certificate for `domain`
+    from `ca` (the names as `issue` takes them), made in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = issue(ca, folder, domain, dns_names=dns_names, xmpp_addrs=xmpp_addrs)
+    return {"cert": str(cert), "key": str(key)}
+
+
+def xmppd_s2s(
+    trusted: CA, listeners: list[dict[str, object]], dns_port: int | None = None, **more: object
+) -> dict[str, object]:
+    """The `s2s` section of an xmppd in a federation test: `listeners`, the peers'
+    certificates checked against `trusted`, 10 s to connect, the test
+    DNS server on `dns_port` as the only name server if given; `more`: other keys."""
+    section: dict[str, object] = {
+        "listeners": listeners,
+        "ca_file": str(trusted.path),
+        "connect_timeout": 10.0,
+    }
+    if dns_port is not None:
+        section["dns_servers"] = [f"{DNS_ADDRESS}:{dns_port}"]
+    return section | more
 
 
 def free_port(address: str) -> int:
@@ -263,7 +315,7 @@ async def start_prosody(
     *,
     domain: str = "a.test",
     address: str = PROSODY_ADDRESS,
-    users: dict[str, str],
+    users: dict[str, str] | None = None,
     peers: dict[str, tuple[int | str, ...]],
     secure_auth: bool = True,
     direct_tls: bool = False,
@@ -271,15 +323,16 @@ async def start_prosody(
     cert_ca: CA | None = None,
 ) -> Prosody:
     """Prosody serving `domain` on `address`, trusting `ca`, reaching each of `peers`
-    (domain -> (address, port[, direct TLS port])) there; its users registered with
-    prosodyctl. `direct_tls`: it also listens for direct TLS s2s (XEP-0368); `bidi`:
-    it loads mod_s2s_bidi (XEP-0288), which the other tests leave out; `cert_ca`: the CA
-    of its own certificate (default `ca`)."""
+    (domain -> (address, port[, direct TLS port])) there; its `users` (default: anna,
+    whom s2s_clients.prosody_user logs in) registered with prosodyctl. `direct_tls`: it
+    also listens for direct TLS s2s (XEP-0368); `bidi`: it loads mod_s2s_bidi (XEP-0288),
+    which the other tests leave out; `cert_ca`: the CA of its own certificate (default
+    `ca`)."""
     config, c2s_port, s2s_port, direct_port = write_prosody_config(
         folder, ca, domain, address, peers, secure_auth, direct_tls, bidi, cert_ca
     )
     ctl = shutil.which("prosodyctl") or PROSODYCTL
-    for user, password in users.items():
+    for user, password in (users or {"anna": "anna-secret"}).items():
         done = await asyncio.create_subprocess_exec(
             ctl,
             "--config",
@@ -343,6 +396,10 @@ class DNSServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         assert self.transport is not None
         self.transport.sendto(answer(self.records, data, self.queries), addr)
+
+    def close(self) -> None:
+        assert self.transport is not None
+        self.transport.close()
 
 
 def answer(

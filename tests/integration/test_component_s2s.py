@@ -11,7 +11,6 @@ xmppd accepts because it serves that domain for the component.
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,20 @@ from slixmpp import JID
 
 from tests.integration.clients import close
 from tests.integration.conftest import StartServer
+from tests.integration.s2s_clients import prosody_user
 from tests.integration.s2s_peers import (
-    PROSODY,
     PROSODY_ADDRESS,
     XMPPD_ADDRESS,
     free_port,
-    issue,
     make_ca,
+    require_prosody,
     start_prosody,
+    xmppd_s2s,
+    xmppd_tls,
 )
 from tests.integration.test_components import SECRET, gateway, next_message, stop
-from tests.integration.test_s2s_prosody import prosody_user
 
-if not Path(PROSODY).exists():
-    if os.environ.get("CI"):
-        raise RuntimeError("CI needs Prosody (apt-get install prosody) for the s2s tests")
-    pytest.skip("prosody is not installed", allow_module_level=True)
+require_prosody()
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,28 +42,23 @@ async def test_component_and_a_remote_user_exchange_messages_and_iq(
     tmp_path: Path, start_server: StartServer
 ) -> None:
     ca = make_ca(tmp_path)
-    own = tmp_path / "xmppd-cert"
-    own.mkdir()
     names = ["b.test", GATEWAY]
-    cert, key = issue(ca, own, "b.test", dns_names=names, xmpp_addrs=names)
     s2s_port = free_port(XMPPD_ADDRESS)
     prosody = await start_prosody(
         tmp_path / "prosody",
         ca,
-        users={"anna": "anna-secret"},
         peers={domain: (XMPPD_ADDRESS, s2s_port) for domain in names},
     )
     try:
         server = await start_server(
             users={},
             hosts=["b.test"],
-            tls={"cert": str(cert), "key": str(key)},
-            s2s={
-                "listeners": [{"address": XMPPD_ADDRESS, "port": s2s_port}],
-                "ca_file": str(ca.path),
-                "connect_timeout": 10.0,
-                "domains": {"a.test": {"host": PROSODY_ADDRESS, "port": prosody.s2s_port}},
-            },
+            tls=xmppd_tls(tmp_path / "xmppd-cert", ca, dns_names=names, xmpp_addrs=names),
+            s2s=xmppd_s2s(
+                ca,
+                [{"address": XMPPD_ADDRESS, "port": s2s_port}],
+                domains={"a.test": {"host": PROSODY_ADDRESS, "port": prosody.s2s_port}},
+            ),
             components={
                 "listeners": [{"address": "127.0.0.1", "port": 0}],
                 "domains": {GATEWAY: {"secret": SECRET}},

@@ -13,9 +13,9 @@ elsewhere the tests skip.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,26 +25,32 @@ from slixmpp.jid import JID
 
 from tests.integration.clients import close
 from tests.integration.conftest import StartServer
-from tests.integration.s2s_clients import Peer, next_message, user_at, xmppd_user
+from tests.integration.s2s_clients import (
+    Peer,
+    message_across,
+    signed_in,
+    subscribed,
+    user_at,
+    xmppd_user,
+)
 from tests.integration.s2s_ejabberd import (
     EJABBERD_ADDRESS,
     Ejabberd,
     ThreadedDNS,
-    can_run_ejabberd,
-    ejabberd_installed,
+    require_ejabberd,
     start_ejabberd,
 )
-from tests.integration.s2s_peers import CA, XMPPD_ADDRESS, free_port, issue, make_ca
+from tests.integration.s2s_peers import (
+    CA,
+    XMPPD_ADDRESS,
+    free_port,
+    make_ca,
+    xmppd_s2s,
+    xmppd_tls,
+)
 from xmppd.server import Server
 
-if not ejabberd_installed():
-    if os.environ.get("CI"):
-        raise RuntimeError("CI needs ejabberd (apt-get install ejabberd) for the s2s tests")
-    pytest.skip("ejabberd is not installed", allow_module_level=True)
-if (why := can_run_ejabberd()) is not None:
-    if os.environ.get("CI"):
-        raise RuntimeError(f"CI cannot run ejabberd for the s2s tests: {why}")
-    pytest.skip(why, allow_module_level=True)
+require_ejabberd()
 
 PASSWORDS = {"carl": "carl-secret", "cleo": "cleo-secret"}
 
@@ -95,6 +101,16 @@ class Federation:
     def ejabberd(self) -> Ejabberd:
         return self.peers.ejabberd
 
+    def users(self, user: str = "carl") -> AbstractAsyncContextManager[tuple[Peer, ...]]:
+        """bob (xmppd) and `user` (ejabberd) logged in for the block; a timeout in it
+        fails the test with ejabberd's log."""
+        return signed_in(
+            xmppd_user(self.xmppd), ejabberd_user(self.ejabberd, user), diagnose=self.diagnose
+        )
+
+    def diagnose(self) -> str:
+        return f"DNS queries: {self.peers.dns.queries}\nejabberd log:\n" + self.ejabberd.log[-6000:]
+
 
 Federate = Callable[..., Awaitable[Federation]]
 
@@ -110,22 +126,18 @@ async def federate(
         xmppd's certificate, default the one ejabberd trusts; `trusted_ca`: the CA xmppd
         trusts, default the one of ejabberd's certificate; `accept_dialback`: xmppd's
         s2s.accept_dialback."""
-        own = tmp_path / "xmppd-cert"
-        own.mkdir()
-        # dNSName only: ejabberd 23.01 (p1_xmpp 1.6.1) crashes on an XmppAddr in a
-        # peer's certificate (xmpp_stream_pkix:get_cert_domains, `binary ++ list`).
-        cert, key = issue(xmppd_ca or peers.ca, own, "b.test", xmpp_addrs=[])
         server = await start_server(
             users={},
             hosts=["b.test"],
-            tls={"cert": str(cert), "key": str(key)},
-            s2s={
-                "listeners": [{"address": XMPPD_ADDRESS, "port": peers.xmppd_port}],
-                "ca_file": str((trusted_ca or peers.ca).path),
-                "connect_timeout": 10.0,
-                "dns_servers": [f"127.0.18.1:{peers.dns.port}"],
-                "accept_dialback": accept_dialback,
-            },
+            # dNSName only: ejabberd 23.01 (p1_xmpp 1.6.1) crashes on an XmppAddr in a
+            # peer's certificate (xmpp_stream_pkix:get_cert_domains, `binary ++ list`).
+            tls=xmppd_tls(tmp_path / "xmppd-cert", xmppd_ca or peers.ca, xmpp_addrs=[]),
+            s2s=xmppd_s2s(
+                trusted_ca or peers.ca,
+                [{"address": XMPPD_ADDRESS, "port": peers.xmppd_port}],
+                peers.dns.port,
+                accept_dialback=accept_dialback,
+            ),
         )
         await server.accounts["b.test"].register("bob", "bob-secret")
         return Federation(peers, server)
@@ -145,10 +157,6 @@ async def ejabberd_user(peer: Ejabberd, user: str) -> Peer:
     return await user_at(peer.address, peer.c2s_port, jid, PASSWORDS[user])
 
 
-def _diagnose(fed: Federation) -> str:
-    return f"DNS queries: {fed.peers.dns.queries}\nejabberd log:\n" + fed.ejabberd.log[-6000:]
-
-
 def _mechanisms(server: Server) -> tuple[list[str | None], list[str | None]]:
     """How the s2s streams of `server` authenticated: (outgoing, incoming)."""
     assert server.s2s is not None
@@ -160,67 +168,33 @@ def _mechanisms(server: Server) -> tuple[list[str | None], list[str | None]]:
 
 
 async def test_messages_both_ways(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    carl = await ejabberd_user(federation.ejabberd, "carl")
-    try:
-        bob.send_message(mto="carl@c.test", mbody="hello from b.test", mtype="chat")
-        try:
-            got = await next_message(carl)
-        except TimeoutError:
-            pytest.fail("carl got nothing\n" + _diagnose(federation))
-        assert (got["body"], str(got["from"])) == ("hello from b.test", "bob@b.test/desk")
-        carl.send_message(mto="bob@b.test/desk", mbody="hello from c.test", mtype="chat")
-        try:
-            back = await next_message(bob)
-        except TimeoutError:
-            pytest.fail("bob got nothing\n" + _diagnose(federation))
-        assert (back["body"], back["from"]) == ("hello from c.test", carl.boundjid)
+    async with federation.users() as (bob, carl):
+        await message_across(bob, carl, "carl@c.test", "hello from b.test")
+        await message_across(carl, bob, "bob@b.test/desk", "hello from c.test")
         # Certificates validated both ways: SASL EXTERNAL, not dialback, each way.
         assert _mechanisms(federation.xmppd) == (["EXTERNAL"], ["EXTERNAL"])
-    finally:
-        await close(bob)
-        await close(carl)
-
-
-async def presence_from(client: Peer, bare: str) -> None:
-    while (await client.available.get())["from"].bare != bare:
-        pass
 
 
 async def test_presence_subscription_both_ways(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    cleo = await ejabberd_user(federation.ejabberd, "cleo")
-    try:
-        # From ejabberd's side this time; slixmpp approves and asks back.
-        cleo.send_presence(pto="bob@b.test", ptype="subscribe")
+    async with federation.users("cleo") as (bob, cleo):
         try:
-            await asyncio.wait_for(presence_from(cleo, "bob@b.test"), 20)
-            await asyncio.wait_for(presence_from(bob, "cleo@c.test"), 20)
-            await asyncio.wait_for(bob.subscription_both("cleo@c.test"), 20)
-            await asyncio.wait_for(cleo.subscription_both("bob@b.test"), 20)
-        except TimeoutError:
-            pytest.fail(
-                f"no presence or roster push across: bob sees {bob.pushed}, "
-                f"cleo sees {cleo.pushed}\n" + _diagnose(federation)
-            )
-        # Bob leaves: cleo is told, through the subscription ejabberd stored.
-        gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
-        cleo.add_event_handler("presence_unavailable", gone.put_nowait)
-        await close(bob)
-        left = await asyncio.wait_for(gone.get(), 20)
-        assert str(left["from"]) == "bob@b.test/desk"
-    finally:
-        # ejabberd outlives the test: cleo's side of the subscription goes.
-        cleo.send_presence(pto="bob@b.test", ptype="unsubscribed")
-        cleo.del_roster_item("bob@b.test")
-        await close(bob)
-        await close(cleo)
+            await subscribed(cleo, bob)  # from ejabberd's side this time
+            await asyncio.wait_for(cleo.presence_from("bob@b.test"), 20)
+            await asyncio.wait_for(bob.presence_from("cleo@c.test"), 20)
+            # Bob leaves: cleo is told, through the subscription ejabberd stored.
+            gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+            cleo.add_event_handler("presence_unavailable", gone.put_nowait)
+            await close(bob)
+            left = await asyncio.wait_for(gone.get(), 20)
+            assert str(left["from"]) == "bob@b.test/desk"
+        finally:
+            # ejabberd outlives the test: cleo's side of the subscription goes.
+            cleo.send_presence(pto="bob@b.test", ptype="unsubscribed")
+            cleo.del_roster_item("bob@b.test")
 
 
 async def test_vcard_and_disco_both_ways(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    carl = await ejabberd_user(federation.ejabberd, "carl")
-    try:
+    async with federation.users() as (bob, carl):
         for client, name in ((bob, "Bob of b.test"), (carl, "Carl of c.test")):
             vcard = client.plugin["xep_0054"].make_vcard()
             vcard["FN"] = name
@@ -234,7 +208,7 @@ async def test_vcard_and_disco_both_ways(federation: Federation) -> None:
                 JID("bob@b.test"), local=False, cached=False, timeout=20
             )
         except slixmpp.exceptions.IqTimeout:
-            pytest.fail("no vCard across\n" + _diagnose(federation))
+            pytest.fail("no vCard across\n" + federation.diagnose())
         assert theirs["vcard_temp"]["FN"] == "Carl of c.test"
         assert ours["vcard_temp"]["FN"] == "Bob of b.test"
 
@@ -247,16 +221,11 @@ async def test_vcard_and_disco_both_ways(federation: Federation) -> None:
             assert str(result["from"]) == domain
             features = {f.get("var") for f in result.xml.iter(f"{{{disco}}}feature")}
             assert feature in features, (domain, features)
-    finally:
-        await close(bob)
-        await close(carl)
 
 
 async def test_bounces(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    carl = await ejabberd_user(federation.ejabberd, "carl")
-    carl_errors: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
-    try:
+    async with federation.users() as (bob, carl):
+        carl_errors: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
         # To a domain that does not exist in the DNS both use: bounced by xmppd.
         message = bob.make_message(mto="someone@nowhere.test", mbody="anyone?", mtype="chat")
         message["id"] = "m1"
@@ -273,12 +242,9 @@ async def test_bounces(federation: Federation) -> None:
         try:
             back = await asyncio.wait_for(carl_errors.get(), 20)
         except TimeoutError:
-            pytest.fail("carl got no error\n" + _diagnose(federation))
+            pytest.fail("carl got no error\n" + federation.diagnose())
         assert (back["id"], str(back["from"])) == ("m2", "ghost@b.test")
         assert back["error"]["condition"] == "service-unavailable"
-    finally:
-        await close(bob)
-        await close(carl)
 
 
 async def test_dialback_when_our_certificate_does_not_validate(
@@ -290,21 +256,11 @@ async def test_dialback_when_our_certificate_does_not_validate(
     folder = tmp_path / "unknown-ca"
     folder.mkdir()
     federation = await federate(xmppd_ca=make_ca(folder, "unknown CA"))
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    carl = await ejabberd_user(federation.ejabberd, "carl")
-    try:
-        bob.send_message(mto="carl@c.test", mbody="via dialback", mtype="chat")
-        try:
-            got = await next_message(carl)
-        except TimeoutError:
-            pytest.fail("carl got nothing\n" + _diagnose(federation))
-        assert (got["body"], str(got["from"])) == ("via dialback", "bob@b.test/desk")
+    async with federation.users() as (bob, carl):
+        await message_across(bob, carl, "carl@c.test", "via dialback")
         outgoing, _ = _mechanisms(federation.xmppd)
         # ejabberd answered our key type='valid' after checking it with b.test.
         assert outgoing == ["dialback"]
-    finally:
-        await close(bob)
-        await close(carl)
 
 
 async def test_ejabberd_authenticates_by_dialback_when_its_certificate_does_not_validate(
@@ -316,16 +272,6 @@ async def test_ejabberd_authenticates_by_dialback_when_its_certificate_does_not_
     XEP-0288, so the answer cannot go back on that stream: xmppd's own stream to a
     server whose certificate it does not trust fails.)"""
     fed = await federate(trusted_ca=make_ca(tmp_path, "another CA"), accept_dialback=True)
-    bob = await xmppd_user(fed.xmppd, "bob@b.test/desk", "bob-secret")
-    carl = await ejabberd_user(fed.ejabberd, "carl")
-    try:
-        carl.send_message(mto="bob@b.test/desk", mbody="hello by dialback", mtype="chat")
-        try:
-            got = await next_message(bob)
-        except TimeoutError:
-            pytest.fail("bob got nothing\n" + _diagnose(fed))
-        assert (got["body"], got["from"]) == ("hello by dialback", carl.boundjid)
+    async with fed.users() as (bob, carl):
+        await message_across(carl, bob, "bob@b.test/desk", "hello by dialback")
         assert _mechanisms(fed.xmppd)[1] == ["dialback"]
-    finally:
-        await close(bob)
-        await close(carl)

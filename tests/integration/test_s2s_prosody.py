@@ -11,11 +11,11 @@ docs/s2s.md. In CI a missing Prosody fails; elsewhere the test skips.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,29 +24,35 @@ import slixmpp
 
 from tests.integration.clients import close, read_until
 from tests.integration.conftest import StartServer
-from tests.integration.s2s_clients import Peer, next_message, user_at, xmppd_user
+from tests.integration.s2s_clients import (
+    Peer,
+    message_across,
+    next_message,
+    prosody_user,
+    signed_in,
+    subscribed,
+    xmppd_user,
+)
 from tests.integration.s2s_peers import (
     CA,
-    PROSODY,
     PROSODY_ADDRESS,
     XMPPD_ADDRESS,
     DNSServer,
     Prosody,
     free_port,
-    issue,
     make_ca,
+    require_prosody,
     start_dns,
     start_prosody,
+    xmppd_s2s,
+    xmppd_tls,
 )
 from tests.integration.test_account_changes import xmppctl
 from tests.integration.test_s2s_bad_input import header, read_features, read_to_end
 from xmppd.metrics import exposition
 from xmppd.server import Server
 
-if not Path(PROSODY).exists():
-    if os.environ.get("CI"):
-        raise RuntimeError("CI needs Prosody (apt-get install prosody) for the s2s tests")
-    pytest.skip("prosody is not installed", allow_module_level=True)
+require_prosody()
 
 
 @dataclass
@@ -55,6 +61,14 @@ class Federation:
     prosody: Prosody
     xmppd: Server
     dns: DNSServer
+
+    def users(self) -> AbstractAsyncContextManager[tuple[Peer, ...]]:
+        """bob (xmppd) and anna (Prosody) logged in for the block; a timeout in it fails
+        the test with Prosody's log."""
+        return signed_in(xmppd_user(self.xmppd), prosody_user(self.prosody), diagnose=self.diagnose)
+
+    def diagnose(self) -> str:
+        return "prosody log:\n" + self.prosody.log[-6000:]
 
 
 Federate = Callable[..., Awaitable[Federation]]
@@ -85,9 +99,6 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
         Prosody's certificate, default the one xmppd trusts; `accept_dialback`: xmppd's
         s2s.accept_dialback."""
         ca = make_ca(tmp_path)
-        own = tmp_path / "xmppd-cert"
-        own.mkdir()
-        cert, key = issue(xmppd_ca or ca, own, "b.test")
         s2s_port = free_port(XMPPD_ADDRESS)
         listeners = [{"address": XMPPD_ADDRESS, "port": s2s_port}]
         target: tuple[int | str, ...] = (XMPPD_ADDRESS, s2s_port)
@@ -98,7 +109,6 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
         prosody = await start_prosody(
             tmp_path / "prosody",
             ca,
-            users={"anna": "anna-secret"},
             peers={"b.test": target},
             secure_auth=secure_auth,
             direct_tls=direct_tls,
@@ -120,23 +130,18 @@ async def federate(tmp_path: Path, start_server: StartServer) -> AsyncIterator[F
         fed.xmppd = await start_server(
             users={},
             hosts=["b.test"],
-            tls={"cert": str(cert), "key": str(key)},
-            s2s={
-                "listeners": listeners,
-                "ca_file": str(ca.path),  # Prosody's certificate is from the test CA
-                "connect_timeout": 10.0,
-                "dns_servers": [f"127.0.18.1:{dns.port}"],
-                "domains": domains,
-                "accept_dialback": accept_dialback,
-            },
+            tls=xmppd_tls(tmp_path / "xmppd-cert", xmppd_ca or ca),
+            # Prosody's certificate is from the test CA (unless `prosody_ca`)
+            s2s=xmppd_s2s(
+                ca, listeners, dns.port, domains=domains, accept_dialback=accept_dialback
+            ),
         )
         await fed.xmppd.accounts["b.test"].register("bob", "bob-secret")
         return fed
 
     yield start
     for fed in started:
-        assert fed.dns.transport is not None
-        fed.dns.transport.close()
+        fed.dns.close()
         await fed.prosody.stop()
 
 
@@ -145,30 +150,14 @@ async def federation(federate: Federate) -> Federation:
     return await federate()
 
 
-async def prosody_user(prosody: Prosody, jid: str, password: str) -> Peer:
-    return await user_at(prosody.address, prosody.c2s_port, jid, password)
-
-
-def _diagnose(fed: Federation) -> str:
-    return "prosody log:\n" + fed.prosody.log[-6000:]
-
-
 async def test_messages_both_ways(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    try:
+    async with federation.users() as (bob, anna):
         bob.send_message(mto="anna@a.test", mbody="hello from b.test", mtype="chat")
-        try:
-            got = await next_message(anna)
-        except TimeoutError:
-            pytest.fail("anna got nothing\n" + _diagnose(federation))
+        got = await next_message(anna)
         assert got["body"] == "hello from b.test"
         assert str(got["from"]) == "bob@b.test/desk"
         anna.send_message(mto="bob@b.test/desk", mbody="hello from a.test", mtype="chat")
-        try:
-            back = await next_message(bob)
-        except TimeoutError:
-            pytest.fail("bob got nothing\n" + _diagnose(federation))
+        back = await next_message(bob)
         assert back["body"] == "hello from a.test"
         assert str(back["from"]) == "anna@a.test/home"
         # One connection each way, reused: a second message opens none.
@@ -183,44 +172,19 @@ async def test_messages_both_ways(federation: Federation) -> None:
         for direction in ("in", "out"):
             line = f'xmppd_s2s_connections{{direction="{direction}",mechanism="EXTERNAL"}} 1.0'
             assert line in metrics
-    finally:
-        await close(bob)
-        await close(anna)
 
 
 async def test_presence_subscription_both_ways(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    try:
-        # slixmpp approves a request and asks back (auto_authorize, auto_subscribe).
-        bob.send_presence(pto="anna@a.test", ptype="subscribe")
-
-        async def presence_from(client: Peer, bare: str) -> None:
-            while True:
-                presence = await client.available.get()
-                if presence["from"].bare == bare:
-                    return
-
-        try:
-            await asyncio.wait_for(presence_from(bob, "anna@a.test"), 20)
-            await asyncio.wait_for(presence_from(anna, "bob@b.test"), 20)
-            await asyncio.wait_for(bob.subscription_both("anna@a.test"), 20)
-            await asyncio.wait_for(anna.subscription_both("bob@b.test"), 20)
-        except TimeoutError:
-            pytest.fail(
-                f"no presence or roster push across: bob sees "
-                f"{bob.pushed}, anna sees {anna.pushed}\n" + _diagnose(federation)
-            )
+    async with federation.users() as (bob, anna):
+        await subscribed(bob, anna)
+        await asyncio.wait_for(bob.presence_from("anna@a.test"), 20)
+        await asyncio.wait_for(anna.presence_from("bob@b.test"), 20)
         assert bob.pushed == {"anna@a.test": "both"}
         assert anna.pushed == {"bob@b.test": "both"}
-    finally:
-        await close(bob)
-        await close(anna)
 
 
 async def test_no_such_domain_bounces(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    try:
+    async with signed_in(xmppd_user(federation.xmppd)) as (bob,):
         message = bob.make_message(mto="someone@nowhere.test", mbody="anyone?", mtype="chat")
         message["id"] = "m1"
         message.send()
@@ -240,8 +204,6 @@ async def test_no_such_domain_bounces(federation: Federation) -> None:
         assert "nowhere.test does not exist" in error["error"]["text"]
         metrics = exposition(federation.xmppd).decode()
         assert 'xmppd_s2s_link_failures_total{condition="remote-server-not-found"} 1.0' in metrics
-    finally:
-        await close(bob)
 
 
 async def test_dialback_when_our_certificate_does_not_validate(
@@ -253,40 +215,19 @@ async def test_dialback_when_our_certificate_does_not_validate(
     folder = tmp_path / "unknown-ca"
     folder.mkdir()
     federation = await federate(xmppd_ca=make_ca(folder, "unknown CA"), secure_auth=False)
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    try:
-        bob.send_message(mto="anna@a.test", mbody="via dialback", mtype="chat")
-        try:
-            got = await next_message(anna)
-        except TimeoutError:
-            pytest.fail("anna got nothing\n" + _diagnose(federation))
-        assert (got["body"], str(got["from"])) == ("via dialback", "bob@b.test/desk")
+    async with federation.users() as (bob, anna):
+        await message_across(bob, anna, "anna@a.test", "via dialback")
         assert federation.xmppd.s2s is not None
         outgoing = [c for c in federation.xmppd.s2s.connections if c.outgoing]
         assert [c.stream.mechanism for c in outgoing] == ["dialback"]
         assert "Accepting SASL EXTERNAL identity from b.test" not in federation.prosody.log
-    finally:
-        await close(bob)
-        await close(anna)
-
-
-async def subscribe_both_ways(fed: Federation, bob: Peer, anna: Peer) -> None:
-    bob.send_presence(pto="anna@a.test", ptype="subscribe")
-    try:
-        await asyncio.wait_for(bob.subscription_both("anna@a.test"), 20)
-        await asyncio.wait_for(anna.subscription_both("bob@b.test"), 20)
-    except TimeoutError:
-        pytest.fail(f"no subscription: {bob.pushed}, {anna.pushed}\n" + _diagnose(fed))
 
 
 async def test_remote_contact_offline_message_probe_and_disco(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
-    anna.add_event_handler("presence_unavailable", gone.put_nowait)
-    try:
-        await subscribe_both_ways(federation, bob, anna)
+    async with federation.users() as (bob, anna):
+        gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+        anna.add_event_handler("presence_unavailable", gone.put_nowait)
+        await subscribed(bob, anna)
         await close(bob)
         # Bob's contact on a.test is told he left (the broadcast copies, bounce=False).
         left = await asyncio.wait_for(gone.get(), 20)
@@ -306,47 +247,34 @@ async def test_remote_contact_offline_message_probe_and_disco(federation: Federa
 
         while not anna.available.empty():
             anna.available.get_nowait()
-        bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-        stored = await next_message(bob)
-        assert (stored["body"], stored["from"].bare) == ("while you were away", "anna@a.test")
-        # Bob's initial presence probes anna on a.test (Prosody answers), and reaches her.
-        async with asyncio.timeout(20):
-            while (await bob.available.get())["from"].bare != "anna@a.test":
-                pass
-            while (await anna.available.get())["from"].bare != "bob@b.test":
-                pass
-    finally:
-        await close(bob)
-        await close(anna)
+        async with signed_in(xmppd_user(federation.xmppd)) as (bob,):
+            stored = await next_message(bob)
+            assert (stored["body"], stored["from"].bare) == ("while you were away", "anna@a.test")
+            # Bob's initial presence probes anna on a.test (Prosody answers), and reaches her.
+            async with asyncio.timeout(20):
+                while (await bob.available.get())["from"].bare != "anna@a.test":
+                    pass
+                while (await anna.available.get())["from"].bare != "bob@b.test":
+                    pass
 
 
 async def test_shutdown_tells_remote_contacts(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
-    anna.add_event_handler("presence_unavailable", gone.put_nowait)
-    try:
-        await subscribe_both_ways(federation, bob, anna)
+    async with federation.users() as (bob, anna):
+        gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+        anna.add_event_handler("presence_unavailable", gone.put_nowait)
+        await subscribed(bob, anna)
         # The node's s2s streams close only after its sessions ended: the unavailable
         # presence of each still reaches its remote contacts.
         await federation.xmppd.stop()
         left = await asyncio.wait_for(gone.get(), 20)
         assert str(left["from"]) == "bob@b.test/desk"
-    finally:
-        await close(bob)
-        await close(anna)
 
 
 async def test_srv_discovery(federate: Federate) -> None:
     federation = await federate(srv=True)
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    try:
+    async with federation.users() as (bob, anna):
         bob.send_message(mto="anna@a.test", mbody="found you", mtype="chat")
-        try:
-            got = await next_message(anna)
-        except TimeoutError:
-            pytest.fail("anna got nothing\n" + _diagnose(federation))
+        got = await next_message(anna)
         assert got["body"] == "found you"
         # The SRV record's target and port, its address from the same DNS server.
         queries = federation.dns.queries
@@ -357,22 +285,14 @@ async def test_srv_discovery(federate: Federate) -> None:
         assert queries[2:] == [("a.test", "A"), ("a.test", "AAAA")]
         assert federation.xmppd.s2s is not None
         assert [c.direct_tls for c in federation.xmppd.s2s.outgoing()] == [False]
-    finally:
-        await close(bob)
-        await close(anna)
 
 
 async def test_direct_tls_both_ways(federate: Federate) -> None:
     federation = await federate(srv=True, direct_tls=True)
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    try:
+    async with federation.users() as (bob, anna):
         bob.send_message(mto="anna@a.test", mbody="over direct TLS", mtype="chat")
         anna.send_message(mto="bob@b.test/desk", mbody="and back", mtype="chat")
-        try:
-            got, back = await next_message(anna), await next_message(bob)
-        except TimeoutError:
-            pytest.fail("no message across\n" + _diagnose(federation))
+        got, back = await next_message(anna), await next_message(bob)
         assert (got["body"], back["body"]) == ("over direct TLS", "and back")
         s2s = federation.xmppd.s2s
         assert s2s is not None
@@ -391,15 +311,10 @@ async def test_direct_tls_both_ways(federate: Federate) -> None:
             "EXTERNAL",
         )
         assert "Stream encrypted" in federation.prosody.log
-    finally:
-        await close(bob)
-        await close(anna)
 
 
 async def test_xmppctl_s2s_lists_the_live_streams(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    try:
+    async with federation.users() as (bob, anna):
         code, out, err = await xmppctl(federation.xmppd, "s2s")
         assert (code, out) == (0, ""), err  # no stream yet
         bob.send_message(mto="anna@a.test", mbody="one", mtype="chat")
@@ -422,9 +337,6 @@ async def test_xmppctl_s2s_lists_the_live_streams(federation: Federation) -> Non
 
         code, out, err = await xmppctl(federation.xmppd, "s2s", "elsewhere.test")
         assert (code, out) == (0, ""), err
-    finally:
-        await close(bob)
-        await close(anna)
 
 
 def _streams(server: Server) -> list[tuple[str, str, bool, int, int]]:
@@ -441,9 +353,7 @@ async def test_bidirectional_stream(federate: Federate, first: str) -> None:
     # XEP-0288: whoever opens the stream asks for bidi (Prosody's mod_s2s_bidi or
     # xmppd), the other offers it; the answer then comes back on the same stream.
     federation = await federate(bidi=True)
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    try:
+    async with federation.users() as (bob, anna):
         if first == "xmppd":
             bob.send_message(mto="anna@a.test", mbody="one stream", mtype="chat")
             got = await next_message(anna)
@@ -457,11 +367,6 @@ async def test_bidirectional_stream(federate: Federate, first: str) -> None:
         assert (got["body"], back["body"]) == ("one stream", "both ways")
         direction = "out" if first == "xmppd" else "in"
         assert _streams(federation.xmppd) == [(direction, "a.test", True, 1, 1)]
-    except TimeoutError:
-        pytest.fail("no message across\n" + _diagnose(federation))
-    finally:
-        await close(bob)
-        await close(anna)
 
 
 def _reconciles(ledger: dict[str, object]) -> bool:
@@ -482,10 +387,8 @@ def _reconciles(ledger: dict[str, object]) -> bool:
 
 
 async def test_the_ledger_counts_federated_messages(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    ledger = federation.xmppd.router.ledger
-    try:
+    async with federation.users() as (bob, anna):
+        ledger = federation.xmppd.router.ledger
         # Queued while the stream to a.test is set up, then handed to it.
         bob.send_message(mto="anna@a.test", mbody="one", mtype="chat")
         bob.send_message(mto="anna@a.test", mbody="two", mtype="chat")
@@ -504,9 +407,6 @@ async def test_the_ledger_counts_federated_messages(federation: Federation) -> N
         metrics = exposition(federation.xmppd).decode()
         assert "xmppd_messages_to_remote_total 2.0" in metrics
         assert "xmppd_messages_from_remote_total 1.0" in metrics
-    finally:
-        await close(bob)
-        await close(anna)
 
 
 PRIVACY = "jabber:iq:privacy"
@@ -541,13 +441,11 @@ async def _refused_in_order(anna: Peer, bob: Peer, status: str) -> None:
 
 
 async def test_blocking_a_remote_contact(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
-    anna.add_event_handler("presence_unavailable", gone.put_nowait)
-    bob.register_plugin("xep_0191")
-    try:
-        await subscribe_both_ways(federation, bob, anna)
+    async with federation.users() as (bob, anna):
+        gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+        anna.add_event_handler("presence_unavailable", gone.put_nowait)
+        bob.register_plugin("xep_0191")
+        await subscribed(bob, anna)
         # XEP-0191 3.3: blocking a contact who sees bob's presence sends them bob's
         # unavailable presence, across to a.test.
         await bob.plugin["xep_0191"].block(slixmpp.JID("anna@a.test"), timeout=10)
@@ -567,23 +465,14 @@ async def test_blocking_a_remote_contact(federation: Federation) -> None:
         async with asyncio.timeout(20):
             while (await anna.available.get())["from"] != "bob@b.test/desk":
                 pass
-        anna.send_message(mto="bob@b.test", mbody="unblocked", mtype="chat")
-        got = await next_message(bob)
-        assert (got["body"], str(got["from"])) == ("unblocked", "anna@a.test/home")
-    except TimeoutError:
-        pytest.fail("timed out\n" + _diagnose(federation))
-    finally:
-        await close(bob)
-        await close(anna)
+        await message_across(anna, bob, "bob@b.test", "unblocked")
 
 
 async def test_privacy_list_denying_a_remote_contact(federation: Federation) -> None:
-    bob = await xmppd_user(federation.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(federation.prosody, "anna@a.test/home", "anna-secret")
-    gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
-    anna.add_event_handler("presence_unavailable", gone.put_nowait)
-    try:
-        await subscribe_both_ways(federation, bob, anna)
+    async with federation.users() as (bob, anna):
+        gone: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+        anna.add_event_handler("presence_unavailable", gone.put_nowait)
+        await subscribed(bob, anna)
 
         async def privacy(inner: str) -> None:
             iq = bob.make_iq_set()
@@ -604,14 +493,7 @@ async def test_privacy_list_denying_a_remote_contact(federation: Federation) -> 
         await _refused_in_order(anna, bob, "denied")
         # Declined (no default list): her messages arrive again.
         await privacy("<default/>")
-        anna.send_message(mto="bob@b.test", mbody="allowed again", mtype="chat")
-        got = await next_message(bob)
-        assert (got["body"], str(got["from"])) == ("allowed again", "anna@a.test/home")
-    except TimeoutError:
-        pytest.fail("timed out\n" + _diagnose(federation))
-    finally:
-        await close(bob)
-        await close(anna)
+        await message_across(anna, bob, "bob@b.test", "allowed again")
 
 
 async def test_prosody_authenticates_by_dialback_when_its_certificate_does_not_validate(
@@ -628,28 +510,13 @@ async def test_prosody_authenticates_by_dialback_when_its_certificate_does_not_v
         bidi=True,
         accept_dialback=True,
     )
-    bob = await xmppd_user(fed.xmppd, "bob@b.test/desk", "bob-secret")
-    anna = await prosody_user(fed.prosody, "anna@a.test/home", "anna-secret")
-    try:
-        anna.send_message(mto="bob@b.test/desk", mbody="hello by dialback", mtype="chat")
-        try:
-            got = await next_message(bob)
-        except TimeoutError:
-            pytest.fail("bob got nothing\n" + _diagnose(fed))
-        assert (got["body"], str(got["from"])) == ("hello by dialback", "anna@a.test/home")
+    async with fed.users() as (bob, anna):
+        await message_across(anna, bob, "bob@b.test/desk", "hello by dialback")
         code, out, err = await xmppctl(fed.xmppd, "s2s")
         assert code == 0, err
         rows = [line.split("\t") for line in out.splitlines()]
         assert [r[:4] for r in rows] == [["in", "a.test", "b.test", "dialback"]]
-        bob.send_message(mto="anna@a.test/home", mbody="hello back", mtype="chat")
-        try:
-            back = await next_message(anna)
-        except TimeoutError:
-            pytest.fail("anna got nothing\n" + _diagnose(fed))
-        assert (back["body"], str(back["from"])) == ("hello back", "bob@b.test/desk")
-    finally:
-        await close(bob)
-        await close(anna)
+        await message_across(bob, anna, "anna@a.test/home", "hello back")
 
 
 async def test_a_dialback_key_that_does_not_verify_is_refused(federate: Federate) -> None:
@@ -657,7 +524,7 @@ async def test_a_dialback_key_that_does_not_verify_is_refused(federate: Federate
     a.test's authoritative server (Prosody), which says invalid; the peer gets
     db:result type='invalid' and <not-authorized/>, and its stanza reaches nobody."""
     fed = await federate(secure_auth=False, accept_dialback=True)
-    bob = await xmppd_user(fed.xmppd, "bob@b.test/desk", "bob-secret")
+    bob = await xmppd_user(fed.xmppd)
     assert fed.xmppd.s2s is not None
     reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, fed.xmppd.s2s.listening[0][1])
     try:

@@ -9,15 +9,19 @@ bidirectional (XEP-0288): both offer and ask for it.
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Mapping
 from pathlib import Path
 
-import pytest
-
-from tests.integration.clients import close
 from tests.integration.conftest import StartServer, write_config
-from tests.integration.s2s_clients import next_message, xmppd_user
-from tests.integration.s2s_peers import CA, XMPPD_ADDRESS, free_port, issue, make_ca
+from tests.integration.s2s_clients import message_across, signed_in, subscribed, xmppd_user
+from tests.integration.s2s_peers import (
+    CA,
+    XMPPD_ADDRESS,
+    free_port,
+    make_ca,
+    xmppd_s2s,
+    xmppd_tls,
+)
 from xmppd.config import load_config
 from xmppd.s2s.tlsaccept import TLSAcceptTransport
 from xmppd.server import Server
@@ -42,6 +46,26 @@ def streams(server: Server) -> list[tuple[str, str, str, str, bool, int, int]]:
     )
 
 
+async def serve(
+    start_server: StartServer,
+    folder: Path,
+    domain: str,
+    ca: CA,
+    listeners: list[dict[str, object]],
+    domains: Mapping[str, object],
+    cert_ca: CA | None = None,
+) -> Server:
+    """An xmppd serving `domain`, its data and its certificate (from `cert_ca`, default
+    `ca`) in `folder`, trusting `ca`, reaching the other domain as `domains` says."""
+    return await start_server(
+        users={},
+        hosts=[domain],
+        data_dir=str(folder / "data"),
+        tls=xmppd_tls(folder, cert_ca or ca, domain),
+        s2s=xmppd_s2s(ca, listeners, domains=domains),
+    )
+
+
 async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
     tmp_path: Path, start_server: StartServer
 ) -> None:
@@ -53,49 +77,22 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
     }
 
     async def start(domain: str, address: str, other: str, other_address: str) -> Server:
-        folder = tmp_path / domain
-        folder.mkdir()
-        cert, key = issue(ca, folder, domain)
-        server = await start_server(
-            users={},
-            hosts=[domain],
-            data_dir=str(folder / "data"),
-            tls={"cert": str(cert), "key": str(key)},
-            s2s={
-                "listeners": [
-                    {"address": address, "port": ports[(address, "starttls")]},
-                    {
-                        "address": address,
-                        "port": ports[(address, "direct")],
-                        "direct_tls": True,
-                    },
-                ],
-                "ca_file": str(ca.path),
-                "connect_timeout": 10.0,
-                "domains": {
-                    other: {
-                        "host": other_address,
-                        "port": ports[(other_address, "direct")],
-                        "direct_tls": True,
-                    }
-                },
-            },
-        )
-        return server
+        listeners = [
+            {"address": address, "port": ports[(address, "starttls")]},
+            {"address": address, "port": ports[(address, "direct")], "direct_tls": True},
+        ]
+        target = {"host": other_address, "port": ports[(other_address, "direct")]}
+        domains = {other: {**target, "direct_tls": True}}
+        return await serve(start_server, tmp_path / domain, domain, ca, listeners, domains)
 
     b = await start("b.test", XMPPD_ADDRESS, "d.test", OTHER_ADDRESS)
     d = await start("d.test", OTHER_ADDRESS, "b.test", XMPPD_ADDRESS)
     await b.accounts["b.test"].register("bob", "bob-secret")
     await d.accounts["d.test"].register("dora", "dora-secret")
-    bob = await xmppd_user(b, "bob@b.test/desk", "bob-secret")
-    dora = await xmppd_user(d, "dora@d.test/home", "dora-secret")
-    try:
-        bob.send_message(mto="dora@d.test", mbody="hello d.test", mtype="chat")
-        got = await next_message(dora)
-        assert (got["body"], str(got["from"])) == ("hello d.test", "bob@b.test/desk")
-        dora.send_message(mto="bob@b.test/desk", mbody="hello b.test", mtype="chat")
-        back = await next_message(bob)
-        assert (back["body"], str(back["from"])) == ("hello b.test", "dora@d.test/home")
+    logins = (xmppd_user(b), xmppd_user(d, "dora@d.test/home", "dora-secret"))
+    async with signed_in(*logins) as (bob, dora):
+        await message_across(bob, dora, "dora@d.test", "hello d.test")
+        await message_across(dora, bob, "bob@b.test/desk", "hello b.test")
         # One TCP connection: b.test opened it (direct TLS), d.test answered on it.
         assert streams(b) == [("out", "d.test", "EXTERNAL", "direct", True, 1, 1)]
         assert streams(d) == [("in", "b.test", "EXTERNAL", "direct", True, 1, 1)]
@@ -112,16 +109,8 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
             assert tls.server_hostname == "d.test"
 
         # Presence subscriptions both ways ride the same stream.
-        bob.send_presence(pto="dora@d.test", ptype="subscribe")
-        try:
-            await asyncio.wait_for(bob.subscription_both("dora@d.test"), 20)
-            await asyncio.wait_for(dora.subscription_both("bob@b.test"), 20)
-        except TimeoutError:
-            pytest.fail(f"no subscription: {bob.pushed}, {dora.pushed}")
+        await subscribed(bob, dora)
         assert len(streams(b)) == 1 and len(streams(d)) == 1
-    finally:
-        await close(bob)
-        await close(dora)
 
 
 async def test_workers_share_the_s2s_ports(tmp_path: Path) -> None:
@@ -162,45 +151,26 @@ async def test_dialback_between_two_xmppd_servers_per_domain_policy(
     async def start(
         domain: str, address: str, other: str, cert_ca: CA, policy: dict[str, object]
     ) -> Server:
-        folder = tmp_path / domain
-        folder.mkdir()
-        cert, key = issue(cert_ca, folder, domain)
         other_address = OTHER_ADDRESS if address == XMPPD_ADDRESS else XMPPD_ADDRESS
-        server = await start_server(
-            users={},
-            hosts=[domain],
-            data_dir=str(folder / "data"),
-            tls={"cert": str(cert), "key": str(key)},
-            s2s={
-                "listeners": [{"address": address, "port": ports[address], "direct_tls": True}],
-                "ca_file": str(ca.path),
-                "connect_timeout": 10.0,
-                "domains": {
-                    other: {
-                        "host": other_address,
-                        "port": ports[other_address],
-                        "direct_tls": True,
-                        **policy,
-                    }
-                },
-            },
+        listeners: list[dict[str, object]] = [
+            {"address": address, "port": ports[address], "direct_tls": True}
+        ]
+        target = {"host": other_address, "port": ports[other_address]}
+        domains = {other: {**target, "direct_tls": True, **policy}}
+        server = await serve(
+            start_server, tmp_path / domain, domain, ca, listeners, domains, cert_ca
         )
         await server.accounts[domain].register(domain[0] * 3, "secret")
         return server
 
     b = await start("b.test", XMPPD_ADDRESS, "d.test", ca, {"accept_dialback": True})
     d = await start("d.test", OTHER_ADDRESS, "b.test", other_ca, {})
-    bbb = await xmppd_user(b, "bbb@b.test/desk", "secret")
-    ddd = await xmppd_user(d, "ddd@d.test/home", "secret")
-    try:
-        ddd.send_message(mto="bbb@b.test/desk", mbody="hello b.test", mtype="chat")
-        got = await next_message(bbb)
-        assert (got["body"], str(got["from"])) == ("hello b.test", "ddd@d.test/home")
-        bbb.send_message(mto="ddd@d.test/home", mbody="hello d.test", mtype="chat")
-        back = await next_message(ddd)
-        assert (back["body"], str(back["from"])) == ("hello d.test", "bbb@b.test/desk")
+    logins = (
+        xmppd_user(b, "bbb@b.test/desk", "secret"),
+        xmppd_user(d, "ddd@d.test/home", "secret"),
+    )
+    async with signed_in(*logins) as (bbb, ddd):
+        await message_across(ddd, bbb, "bbb@b.test/desk", "hello b.test")
+        await message_across(bbb, ddd, "ddd@d.test/home", "hello d.test")
         assert streams(b) == [("in", "d.test", "dialback", "direct", True, 1, 1)]
         assert streams(d) == [("out", "b.test", "dialback", "direct", True, 1, 1)]
-    finally:
-        await close(bbb)
-        await close(ddd)

@@ -238,11 +238,7 @@ class Accounts:
         """hashlib name -> stored keys, for every hash the account has; None: no account.
 
         ValueError for a corrupt stored value."""
-        try:
-            name = normalize_username(username)
-        except InvalidUsername:
-            return None
-        item = await self._store.get(name)
+        item = await self._stored(username)
         if item is None:
             return None
         found: dict[str, ScramKeys] = {}
@@ -301,11 +297,7 @@ class Accounts:
 
     async def ban_of(self, username: str) -> Ban | None:
         """The account's ban, None when it has none (or there is no such account)."""
-        try:
-            name = normalize_username(username)
-        except InvalidUsername:
-            return None
-        item = await self._store.get(name)
+        item = await self._stored(username)
         since = item.attrs.get("banned") if item is not None else None
         if item is None or not isinstance(since, int):
             return None
@@ -313,11 +305,16 @@ class Accounts:
         return Ban(since, reason if isinstance(reason, str) else "")
 
     async def exists(self, username: str) -> bool:
+        return await self._stored(username) is not None
+
+    async def _stored(self, username: str) -> Item | None:
+        """The account's stored item; None when there is none (or the name is invalid,
+        so that no account can have it)."""
         try:
             name = normalize_username(username)
         except InvalidUsername:
-            return False
-        return await self._store.get(name) is not None
+            return None
+        return await self._store.get(name)
 
     async def list(
         self, page_token: str | None = None, limit: int = 1000
@@ -332,11 +329,7 @@ class Accounts:
         ValueError for an unsupported hash or a corrupt stored value.
         """
         attribute = KEY_ATTRIBUTES[hashlib_name(hash_name)]
-        try:
-            name = normalize_username(username)
-        except InvalidUsername:
-            return None
-        item = await self._store.get(name)
+        item = await self._stored(username)
         if item is None:
             return None
         value = item.attrs.get(attribute)

@@ -23,13 +23,14 @@ from pathlib import Path
 
 from lxml import etree
 
+from xmppd.admin import offline_modules
 from xmppd.auth.accounts import Accounts
 from xmppd.cli.ctl import Failure, _load, _progress, _served_host
 from xmppd.cli.nodes import Outcome, node_records
 from xmppd.config import Config
 from xmppd.storage.factory import open_storage
 from xmppd.xep227 import reader
-from xmppd.xep227.stores import Summary, export_user, import_users, loaded_modules
+from xmppd.xep227.stores import Summary, export_user, import_users
 
 LIST_PAGE = 1000
 
@@ -127,7 +128,7 @@ async def _export(cfg: Config, hosts: list[str], target: Path) -> Summary:
     partial = target.with_name(f".{target.name}.partial")
     storage = await open_storage(cfg.storage, cfg.data_dir)
     try:
-        async with loaded_modules(cfg, storage) as modules:
+        async with offline_modules(cfg, storage) as modules:
             names = {host: await _names(modules.accounts[host]) for host in hosts}
             # A new file, never one found there: an existing file keeps its mode and
             # owner, and a link leads elsewhere (both would get everyone's keys).

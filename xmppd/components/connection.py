@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from xmppd.stream import component
+from xmppd.stream.driver import StreamDriver
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
@@ -34,23 +35,17 @@ def _keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPCNT)
 
 
-class ComponentConnection(asyncio.Protocol):
+class ComponentConnection(StreamDriver[component.ComponentStream]):
     def __init__(self, service: ComponentService) -> None:
+        super().__init__(
+            component.ComponentStream(service.settings), service.config.max_stanza_bytes
+        )
         self.service = service
-        self.stream = component.ComponentStream(service.settings)
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
         self.since = 0.0  # wall-clock time of the handshake (xmppctl components)
-        self._auth_timer: asyncio.TimerHandle | None = None
-        self._flush_scheduled = False
         # Stanzas queued for the stream and not yet written (the flush comes in the next
         # loop iteration), with whether each may be bounced: if the connection is lost
         # before that write, connection_lost hands them back to be routed again.
         self._unwritten: list[tuple[etree._Element, bool]] = []
-        # What may wait in the transport for a component that does not read: 8 MiB with
-        # the default max_stanza_bytes, room for a burst (a presence broadcast to a
-        # gateway's many contacts) but not for a hung component's whole traffic.
-        self._max_backlog = 16 * service.config.max_stanza_bytes + 65536
 
     @property
     def domain(self) -> str | None:
@@ -60,35 +55,24 @@ class ComponentConnection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _keepalive(sock)
         self.service.connection_opened(self)
-        self._auth_timer = asyncio.get_running_loop().call_later(
-            self.service.config.auth_timeout, self._auth_timeout
-        )
+        self._start_auth_timer(self.service.config.auth_timeout, "send the handshake in time")
 
     def data_received(self, data: bytes) -> None:
         for event in self.stream.receive(data):
             if isinstance(event, component.StanzaReceived):
                 self.service.received(event.stanza)
             elif isinstance(event, component.Authenticated):
-                if self._auth_timer is not None:
-                    self._auth_timer.cancel()
-                    self._auth_timer = None
+                self._stop_auth_timer()
                 self.service.authenticated(self)
         self._flush()
 
-    def eof_received(self) -> bool:
-        return False
-
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._auth_timer is not None:
-            self._auth_timer.cancel()
-        self.transport = None
+        super().connection_lost(exc)
         self.service.connection_closed(self)
         unwritten, self._unwritten = self._unwritten, []
         if unwritten:
@@ -102,24 +86,12 @@ class ComponentConnection(asyncio.Protocol):
             return False
         self.stream.send(stanza)
         self._unwritten.append((stanza, bounce))
-        if not self._flush_scheduled:  # one write for what one loop iteration routed here
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._schedule_flush()
         return True
 
-    def close(self, error: StreamError | None = None) -> None:
-        if error is None:
-            self.stream.close()
-        else:
-            self.stream.fail(error)
-        self._flush()
+    # --- StreamDriver -----------------------------------------------------------------
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        transport = self.transport
-        if transport is None:
-            return
-        data = self.stream.output()
+    def _writing(self, data: bytes) -> None:
         # Written now: the messages' fate is the component's (the ledger's to_remote);
         # until here a lost connection bounces them instead (connection_lost).
         written = sum(
@@ -127,32 +99,13 @@ class ComponentConnection(asyncio.Protocol):
         )
         self.service.server.router.ledger.to_remote += written
         self._unwritten.clear()
-        hung = False
-        if data:
-            transport.write(data)
-            if transport.get_write_buffer_size() > self._max_backlog and not self.stream.closed:
-                # A component that stops reading must not make us buffer without bound;
-                # it would not read the stream error either: abort, so the domain is free
-                # now (close() would wait for the buffer to drain, holding it).
-                self.stream.fail(StreamError("policy-violation", "you are not reading your stream"))
-                hung = True
-        if self.stream.closed and not transport.is_closing():
-            error = self.stream.error
-            if error is not None and error.condition != "system-shutdown":
-                self.service.refused(error.condition)
-                log.info(
-                    "component stream for %s (%s) ended: %s%s",
-                    self.stream.domain or "?",
-                    self.peer,
-                    error.condition,
-                    f" ({error.text})" if error.text else "",
-                )
-            if hung:
-                transport.abort()
-            else:
-                transport.close()
 
-    def _auth_timeout(self) -> None:
-        self._auth_timer = None
-        if not self.stream.authenticated and not self.stream.closed:
-            self.close(StreamError("connection-timeout", "send the handshake in time"))
+    def _ended(self, error: StreamError) -> None:
+        self.service.refused(error.condition)
+        log.info(
+            "component stream for %s (%s) ended: %s%s",
+            self.stream.domain or "?",
+            self.peer,
+            error.condition,
+            f" ({error.text})" if error.text else "",
+        )

@@ -20,6 +20,7 @@ from xmppd.ratelimit import TokenBucket
 from xmppd.s2s.identity import certificate_covers
 from xmppd.s2s.tlsaccept import TLSAcceptLayer, TLSAcceptProtocol, TLSAcceptTransport
 from xmppd.stream import s2s
+from xmppd.stream.driver import StreamDriver
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("xmppd.s2s")
 
 
-class S2SConnection(asyncio.Protocol):
+class S2SConnection(StreamDriver[s2s.S2SStream]):
     def __init__(
         self,
         service: S2SService,
@@ -37,8 +38,8 @@ class S2SConnection(asyncio.Protocol):
         tls_context: ssl.SSLContext | None,
         direct_tls: bool = False,
     ) -> None:
+        super().__init__(stream, service.config.max_stanza_bytes)
         self.service = service
-        self.stream = stream
         self.outgoing = stream.outgoing
         # Outgoing STARTTLS (stdlib); None for incoming streams, whose TLS is the
         # service's pyOpenSSL layer (xmppd/s2s/tlsaccept.py: any client certificate).
@@ -47,8 +48,6 @@ class S2SConnection(asyncio.Protocol):
         # connection_made; incoming, started there over the plain TCP transport.
         self.direct_tls = direct_tls
         self.verdict: bool | None = None  # a db:verify stream: the authoritative server's answer
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
         self.last_active = 0.0  # loop time of the last byte in or out (idle timeout)
         self.since = 0.0  # wall-clock time the connection was made (xmppctl s2s)
         self.stanzas_in = 0
@@ -57,16 +56,10 @@ class S2SConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Its failure may come after the service stopped waiting (a timeout): not an error.
         self.ready.add_done_callback(_seen)
-        self._auth_timer: asyncio.TimerHandle | None = None
-        self._flush_scheduled = False
         self._before_tls: list[bytes] | None = None
         rate = service.config.max_bytes_per_second
         self._bucket = TokenBucket(rate, rate) if rate else None
         self._rate_pause: asyncio.TimerHandle | None = None  # reading stopped until then
-        # What may wait in the transport for a peer that does not read: 8.5 MiB with the
-        # default s2s.max_stanza_bytes, room for a burst (a presence broadcast to a
-        # domain's many contacts) but not for a hung peer's whole traffic.
-        self._max_backlog = 16 * service.config.max_stanza_bytes + 65536
 
     @property
     def remote(self) -> str:
@@ -90,11 +83,9 @@ class S2SConnection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        loop = asyncio.get_running_loop()
-        self.last_active = loop.time()
+        self.last_active = asyncio.get_running_loop().time()
         self.since = time.time()
         if not self.service.connection_opened(self, peer[0] if peer else "?"):
             self.stream.fail(
@@ -103,7 +94,7 @@ class S2SConnection(asyncio.Protocol):
             self._flush()
             return
         if not self.outgoing:
-            self._auth_timer = loop.call_later(self.service.config.auth_timeout, self._auth_timeout)
+            self._start_auth_timer(self.service.config.auth_timeout, "authenticate in time")
         if self.direct_tls and not self.outgoing:
             self._before_tls = []
             self._accept_tls()
@@ -131,20 +122,15 @@ class S2SConnection(asyncio.Protocol):
                 self.transport.pause_reading()
                 self._rate_pause = loop.call_later(delay, self._resume_reading)
 
-    def eof_received(self) -> bool:
-        return False
-
     def _resume_reading(self) -> None:
         self._rate_pause = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._auth_timer is not None:
-            self._auth_timer.cancel()
+        super().connection_lost(exc)
         if self._rate_pause is not None:
             self._rate_pause.cancel()
-        self.transport = None
         if not self.ready.done():
             if self.outgoing:  # awaited by the service, which then fails the link
                 self.ready.set_exception(ConnectionError(f"connection to {self.remote} lost"))
@@ -164,56 +150,36 @@ class S2SConnection(asyncio.Protocol):
             server.router.ledger.to_remote += 1  # its fate: the remote server's now
         self.stanzas_out += 1
         self.stream.send(stanza)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._schedule_flush()
         return True
-
-    def close(self, error: StreamError | None = None) -> None:
-        if error is None:
-            self.stream.close()
-        else:
-            self.stream.fail(error)
-        self._flush()
 
     def abort(self) -> None:
         """Cut the connection with no stream end (given up on while being set up)."""
         if self.transport is not None:
             self.transport.abort()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        transport = self.transport
-        if transport is None:
-            return
-        data = self.stream.output()
-        hung = False
+    # --- StreamDriver -----------------------------------------------------------------
+
+    def _writing(self, data: bytes) -> None:
         if data:
             self.last_active = asyncio.get_running_loop().time()
-            transport.write(data)
-            if transport.get_write_buffer_size() > self._max_backlog and not self.stream.closed:
-                # A peer that stops reading must not make us buffer what our users send
-                # it without bound; it would not read the stream error either: abort
-                # (close() would wait for a buffer that never drains).
-                self.stream.fail(StreamError("policy-violation", "you are not reading your stream"))
-                self.service.failures["policy-violation"] += 1
-                hung = True
-        if self.stream.closed and not transport.is_closing():
-            if self.stream.error is not None and self.stream.error.condition != "system-shutdown":
-                error = self.stream.error
-                log.info(
-                    "s2s: %s stream %s %s (%s) ended: %s%s",
-                    "outgoing" if self.outgoing else "incoming",
-                    "to" if self.outgoing else "from",
-                    self.remote,
-                    self.peer,
-                    error.condition,
-                    f" ({error.text})" if error.text else "",
-                )
-            if hung:
-                transport.abort()
-            else:
-                transport.close()
+
+    def _backlog_cut(self) -> None:
+        self.service.failures["policy-violation"] += 1
+
+    def _ended(self, error: StreamError) -> None:
+        log.info(
+            "s2s: %s ended: %s%s",
+            self._named(self.remote),
+            error.condition,
+            f" ({error.text})" if error.text else "",
+        )
+
+    def _named(self, domain: str) -> str:
+        """The stream, for the log: "outgoing stream to a.test (addr:port)", or
+        "incoming stream from" `domain`."""
+        direction = "outgoing stream to" if self.outgoing else "incoming stream from"
+        return f"{direction} {domain} ({self.peer})"
 
     # --- stream events ----------------------------------------------------------------
 
@@ -232,16 +198,9 @@ class S2SConnection(asyncio.Protocol):
                 else:
                     self._accept_tls()
             elif isinstance(event, s2s.Authenticated):
-                if self._auth_timer is not None:
-                    self._auth_timer.cancel()
-                    self._auth_timer = None
+                self._stop_auth_timer()
                 log.info(
-                    "s2s: %s stream %s %s (%s) authenticated with %s",
-                    "outgoing" if self.outgoing else "incoming",
-                    "to" if self.outgoing else "from",
-                    event.domain,
-                    self.peer,
-                    event.mechanism,
+                    "s2s: %s authenticated with %s", self._named(event.domain), event.mechanism
                 )
                 if not self.ready.done():
                     self.ready.set_result(None)
@@ -343,7 +302,7 @@ class S2SConnection(asyncio.Protocol):
         remote = self.stream.remote or ""
         if der is None or not remote or not certificate_covers(der, remote):
             reason = f"its certificate is not valid for {remote}"
-            log.info("s2s: outgoing stream to %s (%s) refused: %s", remote, self.peer, reason)
+            log.info("s2s: %s refused: %s", self._named(remote), reason)
             if not self.ready.done():
                 self.ready.set_exception(ConnectionRefusedError(reason))
             self.close(StreamError("policy-violation", reason))
@@ -351,11 +310,6 @@ class S2SConnection(asyncio.Protocol):
         self.stream.tls_started({remote})
         self._flush()
         return True
-
-    def _auth_timeout(self) -> None:
-        self._auth_timer = None
-        if not self.stream.authenticated and not self.stream.closed:
-            self.close(StreamError("connection-timeout", "authenticate in time"))
 
 
 class _CertificateNames:

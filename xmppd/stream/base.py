@@ -45,6 +45,11 @@ class StreamCore(Generic[EventT]):
     def closed(self) -> bool:
         raise NotImplementedError
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether the peer proved who it is (the driver's authentication timer asks)."""
+        raise NotImplementedError
+
     def _mark_closed(self) -> None:
         """Enter the subclass's closed phase."""
         raise NotImplementedError

@@ -15,14 +15,14 @@ reason), so the summary says exactly what was written.
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from lxml import etree
 
-from xmppd.auth.accounts import AccountExists, Accounts, InvalidPassword, InvalidUsername
+from xmppd.admin import offline_modules
+from xmppd.auth.accounts import AccountExists, InvalidPassword, InvalidUsername
 from xmppd.config import Config
 from xmppd.jid import JID
 from xmppd.modulehost import IqRequest, Module, ModuleHost
@@ -30,9 +30,8 @@ from xmppd.modules.blocking import Blocking
 from xmppd.modules.offline import PAGE, STORE, Offline, stamped
 from xmppd.modules.privacy import Privacy
 from xmppd.modules.private import Private
-from xmppd.modules.roster import RosterItem, RosterModule
+from xmppd.modules.roster import RosterItem, RosterModule, item_element
 from xmppd.modules.vcard import VCard
-from xmppd.router import Router
 from xmppd.sasl.scram import SCRAM_HASHES
 from xmppd.storage.base import Query, StorageError
 from xmppd.storage.factory import Storage
@@ -83,22 +82,6 @@ class Summary:
     @property
     def failed(self) -> int:
         return sum(c.failed for c in self.counts.values())
-
-
-@asynccontextmanager
-async def loaded_modules(cfg: Config, storage: Storage) -> AsyncIterator[ModuleHost]:
-    """The configuration's modules on `storage`, in this process, with no sessions."""
-    accounts = {h: Accounts.of(storage, h, cfg.auth.scram_iterations) for h in cfg.hosts}
-    router = Router(cfg.hosts, lambda h, u: accounts[h].exists(u))
-    modules = ModuleHost(router, storage, list(cfg.hosts))
-    modules.accounts = accounts
-    modules.load(cfg)
-    await modules.start()
-    try:
-        yield modules
-    finally:
-        await router.drain()
-        await modules.stop()
 
 
 def _request(bare: str, payload: etree._Element, type_: str) -> IqRequest:
@@ -302,7 +285,7 @@ async def import_users(
 ) -> Summary:
     """Write every user (see the module doc); the summary of what was written."""
     summary = Summary()
-    async with loaded_modules(cfg, storage) as modules:
+    async with offline_modules(cfg, storage) as modules:
         importer = _Importer(modules, summary)
         for user in users:
             await importer.user(user)
@@ -341,7 +324,7 @@ async def export_user(
                 presence.set("to", bare)
                 presence.set("type", "subscribe")
             if item.in_roster:
-                query.append(_item_element(item))
+                query.append(item_element(item))
         summary.counts["roster"].copied += len(query)
         if len(query):
             user.append(query)
@@ -382,21 +365,6 @@ async def export_user(
         if len(messages):
             user.append(messages)
     return user
-
-
-def _item_element(item: RosterItem) -> etree._Element:
-    element = etree.Element(f"{{{ROSTER}}}item", nsmap={None: ROSTER})
-    element.set("jid", item.jid)
-    if item.name:
-        element.set("name", item.name)
-    element.set("subscription", item.subscription)
-    if item.ask:
-        element.set("ask", "subscribe")
-    if item.approved:
-        element.set("approved", "true")
-    for group in item.groups:
-        etree.SubElement(element, f"{{{ROSTER}}}group").text = group
-    return element
 
 
 async def _private_query(modules: ModuleHost, host: str, name: str) -> etree._Element:
