@@ -739,14 +739,15 @@ class PrivacyEngine:
         self, stanza: etree._Element, origin: ClientSession
     ) -> bool | asyncio.Future[UserState]:
         state = self._states.get(origin.bare)
+        if state is not None:
+            active = origin.state.get(ACTIVE)
+            if active is None and state.data.default is None and not state.data.blocked:
+                return True  # no rules (most users): judged before reading the stanza
         to = stanza.get("to")
         if state is None and to is not None:
             return self._loaded(origin.bare)
         if state is None or to is None:
             return True  # to the user's own account; presence broadcasts are judged per contact
-        active = origin.state.get(ACTIVE)
-        if active is None and state.data.default is None and not state.data.blocked:
-            return True
         try:
             peer = JID(to)
         except InvalidJID:
@@ -772,16 +773,22 @@ class PrivacyEngine:
     ) -> bool | asyncio.Future[UserState]:
         if self._pass_all and _holds(self._pass_all, stanza):
             return True
+        owner = session.bare
+        state = self._states.get(owner)
+        if state is not None:
+            active = session.state.get(ACTIVE)
+            judge_owner = (
+                active is not None or state.data.default is not None or state.data.blocked
+            )
+            is_presence = stanza.tag == ns.C_PRESENCE
+            if not (judge_owner or is_presence):
+                return True  # no rules of the owner's, no presence: nothing to judge
         sender = stanza.get("from")
         if not sender:
             return True
-        owner = session.bare
-        state = self._states.get(owner)
         if state is None:
             return self._loaded(owner)
-        active = session.state.get(ACTIVE)
-        judge_owner = active is not None or state.data.default is not None or state.data.blocked
-        judge_sender = stanza.tag == ns.C_PRESENCE and not (
+        judge_sender = is_presence and not (
             self._pass_sender and _holds(self._pass_sender, stanza)
         )
         if not (judge_owner or judge_sender):

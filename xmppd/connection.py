@@ -36,11 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_READ_BUFFER = memoryview(bytearray(65536))
-"""Where every connection's reads land (BufferedProtocol). Each read is consumed
-by buffer_updated before the loop starts another, so one buffer serves all
-connections; TLS records go from it into the connection's TLS layer."""
-
 TLS_SHUTDOWN_SECONDS = 30.0
 """After our close_notify, how long the peer has to answer with its own (or close)
 before the TCP connection is cut; uvloop's SSL transport waited as long."""
@@ -49,7 +44,7 @@ PARSER_IDLE_SECONDS = 10.0
 """A stream that received nothing for this long (up to twice as long) frees its XML parser."""
 
 
-class C2SConnection(asyncio.BufferedProtocol):
+class C2SConnection(asyncio.Protocol):
     def __init__(self, server: Server, direct_tls: bool) -> None:
         self.server = server
         self.direct_tls = direct_tls
@@ -57,6 +52,7 @@ class C2SConnection(asyncio.BufferedProtocol):
         # one grep finds its story; random, so ids from several nodes do not clash.
         self.id = secrets.token_hex(4)
         self.transport: asyncio.Transport | None = None  # TCP; TLS is self._tls
+        self._loop: asyncio.AbstractEventLoop | None = None  # set at connection_made
         self._tls: TLSLayer | None = None
         self._closing = False  # our TLS close_notify is sent: the transport closes next
         self.ip = "?"
@@ -76,10 +72,13 @@ class C2SConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call,
+        # and a connection asks for the loop at every stanza it is sent.
+        self._loop = loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if peer else "?"
         # From TCP accept to bound (docs/config.md), the TLS handshake included.
-        self._auth_timer = asyncio.get_running_loop().call_later(
+        self._auth_timer = loop.call_later(
             self.server.config.limits.auth_timeout, self._auth_timeout
         )
         if self.direct_tls:
@@ -101,26 +100,27 @@ class C2SConnection(asyncio.BufferedProtocol):
         if self.direct_tls:
             self.stream.set_channel_bindings(self._channel_bindings())
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return _READ_BUFFER
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the socket: TLS records, or plaintext before STARTTLS.
 
-    def buffer_updated(self, nbytes: int) -> None:
+        A plain Protocol rather than a BufferedProtocol: uvloop reads every
+        connection into one loop-wide buffer either way and hands over a
+        `bytes` of what was read, so no connection holds a buffer of its own;
+        this way each read is one Python call instead of two (get_buffer and
+        buffer_updated) and no memoryview."""
         tls = self._tls
         if tls is None:
-            self.data_received(_READ_BUFFER[:nbytes].tobytes())
+            self._plaintext(data)
             return
         try:
-            if tls.ready:
-                data = tls.receive(_READ_BUFFER[:nbytes])
-            else:
-                data = self._handshake(tls, _READ_BUFFER[:nbytes])
+            plain = tls.receive(data) if tls.ready else self._handshake(tls, data)
         except ssl.SSLError as exc:
             self._tls_failed(exc)
             return
-        if data:
+        if plain:
             if not self._closing:  # after our close_notify, what comes is dropped
-                self.data_received(data)
-        elif data is None:
+                self._plaintext(plain)
+        elif plain is None:
             self._peer_closed(tls)
             return
         if tls.has_output():  # a handshake message or a key update's answer
@@ -137,7 +137,7 @@ class C2SConnection(asyncio.BufferedProtocol):
             transport.write(tls.shutdown())
         transport.close()
 
-    def data_received(self, data: bytes) -> None:
+    def _plaintext(self, data: bytes) -> None:
         """Plaintext from the client (decrypted when TLS is on)."""
         self._received = True
         self._handle(self.stream.receive(data))
@@ -170,10 +170,11 @@ class C2SConnection(asyncio.BufferedProtocol):
             # Closing, or the TCP connection is gone while the session's last
             # stanzas are still in the router: the router falls back.
             return False
-        if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+        tag = stanza.tag  # lxml builds a new string at every access: once here
+        if tag == ns.C_MESSAGE and stanza.get("type") != "error":
             self.server.router.ledger.delivered += 1
             self._queued_messages += 1
-        self.server.traffic.sent(stanza.tag)
+        self.server.traffic.sent(tag)
         self.stream.send(stanza)
         self._schedule_flush()
         return True
@@ -187,7 +188,7 @@ class C2SConnection(asyncio.BufferedProtocol):
         """Write at the end of this loop iteration: what is queued meanwhile leaves in one write."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
 
     def close(self, error: StreamError) -> None:
         self.stream.fail(error)
@@ -209,9 +210,10 @@ class C2SConnection(asyncio.BufferedProtocol):
         for event in events:
             if isinstance(event, c2s.StanzaReceived):
                 stanza = event.stanza
-                if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+                tag = stanza.tag
+                if tag == ns.C_MESSAGE and stanza.get("type") != "error":
                     self.server.router.ledger.received += 1
-                self.server.traffic.received(stanza.tag)
+                self.server.traffic.received(tag)
                 self.session.receive(stanza)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthRequested):
                 self.login.start(event)  # type: ignore[union-attr]
@@ -276,11 +278,11 @@ class C2SConnection(asyncio.BufferedProtocol):
             return
         self._closing = True
         transport.write(tls.shutdown())
-        self._shutdown_timer = asyncio.get_running_loop().call_later(
+        self._shutdown_timer = self._loop.call_later(  # type: ignore[union-attr]
             TLS_SHUTDOWN_SECONDS, transport.abort
         )
 
-    def _handshake(self, tls: TLSLayer, data: memoryview) -> bytes | None:
+    def _handshake(self, tls: TLSLayer, data: bytes) -> bytes | None:
         """Advance the TLS handshake with `data`; once it is complete, start (direct
         TLS) or restart (STARTTLS) the stream and return what application data came
         with the client's Finished (the restarted stream's header often does)."""

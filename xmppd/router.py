@@ -381,7 +381,7 @@ class Router:
             address = "full" if jid.resource else "bare"
         event = _EVENTS[(stanza.tag, address)]
         routed = Routed(stanza, jid, origin, bounce)
-        if jid.user and jid.bare in self._serial:
+        if self._serial and jid.user and jid.bare in self._serial:
             # Something for this user still waits on storage (a subscription
             # answer, say): this stanza goes after it, not ahead of it, and its
             # sender waits with it.
@@ -403,7 +403,7 @@ class Router:
         is answered with an error, so nothing vanishes in the gap between a
         stream closing and its session ending.
         """
-        if session.bare in self._serial and _SERIAL.get() != session.bare:
+        if self._serial and session.bare in self._serial and _SERIAL.get() != session.bare:
             # Something for this account waits (its privacy record, say): after it.
             self._deliver_later(None, 0, session, stanza)
             return True
