@@ -81,6 +81,57 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+COUNTS = ("user_s", "system_s", "wakeups", "preempted", "reads", "writes")
+"""Per worker process, from /proc: user and system CPU, voluntary context switches
+(each one the process slept and was woken: roughly its event loop's wake-ups) and
+involuntary ones, read and write syscalls (recv/send on sockets count)."""
+
+
+def proc_counts(pid: int) -> list[float]:
+    """The COUNTS of process `pid` so far (zeros once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        io = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    except OSError:
+        return [0.0] * len(COUNTS)
+    return [
+        int(stat[11]) / TICKS, int(stat[12]) / TICKS,
+        float(status["voluntary_ctxt_switches"]), float(status["nonvoluntary_ctxt_switches"]),
+        float(io["syscr"]), float(io["syscw"]),
+    ]
+
+
+class CountSampler(threading.Thread):
+    """The COUNTS summed over `pids`, at the start of the chat phase and at its end: read
+    every SAMPLE_S (the phase's bounds are known only once chatload returns), the nearest
+    sample at or after each bound is taken."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.samples: list[tuple[float, list[float]]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            counts = [proc_counts(p) for p in self.pids]
+            self.samples.append((time.time(), [sum(c) for c in zip(*counts, strict=True)]))
+            self.done.wait(SAMPLE_S)
+
+    def between(self, start: float, end: float, messages: int) -> dict[str, float]:
+        """Each count from `start` to `end`, per message (CPU in us)."""
+        first = next((c for t, c in self.samples if t >= start), self.samples[-1][1])
+        last = next((c for t, c in self.samples if t >= end), self.samples[-1][1])
+        scale = [1e6 if name.endswith("_s") else 1.0 for name in COUNTS]
+        return {
+            name: round(k * (b - a) / max(1, messages), 2)
+            for name, k, a, b in zip(COUNTS, scale, first, last, strict=True)
+        }
+
+
 def machine_busy_s() -> float:
     """CPU seconds every core of the machine spent busy so far (every process's: this
     machine is shared), from /proc/stat."""
@@ -219,6 +270,8 @@ def run_one(
         sampler = Sampler(pids)
         redis = Sampler([redis_pid])
         machine = Sampler([], machine_busy_s)
+        counts = CountSampler(pids)
+        counts.start()
         sampler.start()
         redis.start()
         machine.start()
@@ -236,6 +289,8 @@ def run_one(
         sampler.done.set()
         redis.done.set()
         machine.done.set()
+        counts.done.set()
+        counts.join()
         sampler.join()
         redis.join()
         machine.join()
@@ -285,6 +340,8 @@ def run_one(
         "redis_cpu_us_per_msg": round(
             1e6 * (redis.at(chat_end) - redis.at(send_start)) / delivered, 1
         ) if delivered else None,
+        # Per delivered message, workers summed: CPU (us), wake-ups, syscalls.
+        "per_msg": counts.between(send_start, chat_end, int(delivered)),
         "latency_ms": load["latency_ms"],
         "generator_cpu_s": load["generator_cpu_s"],
         "generator_login_cpu_s": load.get("generator_login_cpu_s"),
@@ -384,6 +441,17 @@ def report(
             f"{same['logins_per_s'] / one['logins_per_s']:.2f}x and "
             f"{other['logins_per_s'] / one['logins_per_s']:.2f}x one worker.",
         ]
+    lines += [
+        "",
+        "Per delivered message, the workers summed over the chat phase (from /proc):",
+        "",
+        "| run | user us | system us | wake-ups | preempted | read syscalls | write syscalls |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in (run for run in (one, two, same, other) if run is not None):
+        c = r["per_msg"]
+        name = f"placed, {r['pairs']}" if r["placed"] else f"{r['workers']} worker(s)"
+        lines.append(f"| {name} | " + " | ".join(str(c[k]) for k in COUNTS) + " |")
     lines += [
         "",
         "Caveat: chatload runs on the same cores as the workers, and other work on the "
