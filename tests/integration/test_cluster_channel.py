@@ -99,21 +99,3 @@ def test_a_redis_that_goes_away_fails_the_waiting_round_trip_and_the_next_reconn
         await channel.release()
 
     run(loop, main())
-
-
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_lazy_round_trip_completes_when_woken_and_on_its_own(
-    redis_service: LocalService, loop: str
-) -> None:
-    async def main() -> None:
-        channel = Channel(Redis.from_url(devservices.redis_url(redis_service)))
-        await channel.link()
-        woken = asyncio.create_task(channel.call([("INCR", "n")], lazy=True))
-        await asyncio.sleep(0)  # the task's first step: written, reading paused
-        channel.wake()
-        assert await asyncio.wait_for(woken, 5) == [1]
-        # Not woken: read after LAZY_READ.
-        assert await asyncio.wait_for(channel.call([("INCR", "n")], lazy=True), 5) == [2]
-        await channel.release()
-
-    run(loop, main())

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError
 
-from xmppd.cluster import channel
 from xmppd.cluster.channel import Link
 
 
@@ -52,10 +50,10 @@ def link() -> tuple[Link, Transport]:
     return made, transport
 
 
-def trip(made: Link, commands: list[tuple[Any, ...]], lazy: bool = False) -> list[Any]:
+def trip(made: Link, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Send `commands`; the list gets the replies (or the failure) once they come."""
     answers: list[Any] = []
-    made.send(commands, answers.append, lazy)
+    made.send(commands, answers.append)
     return answers
 
 
@@ -117,33 +115,3 @@ def test_unparsable_bytes_drop_the_connection() -> None:
     made.data_received(b"?what\r\n")
     assert made.closed
     assert isinstance(waiting[0], RedisConnectionError)
-
-
-async def test_a_lazy_round_trip_is_read_when_woken() -> None:
-    made, transport = link()
-    answers = trip(made, [("PING",)], lazy=True)
-    assert not transport.reading  # its reply waits in the socket: no wake-up for it
-    made.wake()
-    assert transport.reading
-    made.data_received(b"+PONG\r\n")
-    assert answers == [[b"PONG"]]
-
-
-async def test_a_lazy_round_trip_is_read_after_lazy_read_at_the_latest(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(channel, "LAZY_READ", 0.01)
-    made, transport = link()
-    trip(made, [("PING",)], lazy=True)
-    assert not transport.reading
-    resumed = asyncio.Event()
-    transport.resumed.append(resumed)
-    await asyncio.wait_for(resumed.wait(), 1.0)
-    assert transport.reading
-
-
-async def test_a_plain_round_trip_reads_at_once_after_a_lazy_one() -> None:
-    made, transport = link()
-    trip(made, [("PING",)], lazy=True)
-    trip(made, [("PING",)])
-    assert transport.reading

@@ -47,9 +47,6 @@ Command = Sequence[EncodableT]
 Done = Callable[[list[Any] | BaseException], None]
 """Called once per round trip: with its replies in order, or with why it failed."""
 
-LAZY_READ = 0.01
-"""Seconds a lazy round trip's replies may wait in the socket, unread, at the most."""
-
 _PENDING = object()
 """What the parser answers while a reply is incomplete (a reply may be None or False)."""
 
@@ -71,21 +68,14 @@ class Link(asyncio.Protocol):
         self._reader = hiredis.Reader(notEnoughData=_PENDING)
         self._transport: asyncio.Transport | None = None
         self._waiting: deque[_RoundTrip] = deque()
-        self._timer: asyncio.TimerHandle | None = None  # while reading waits (lazy)
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without deriving from it.
         self._transport = cast(asyncio.Transport, transport)
 
-    def send(self, commands: Sequence[Command], done: Done, lazy: bool = False) -> None:
-        """Write `commands` at once; `done` gets their replies (or the failure).
-
-        `lazy`: their replies are not waited for by themselves. The link stops reading
-        until `wake` (its owner has something else to send, so it is awake anyway)
-        or LAZY_READ has passed: the replies then wait in the socket instead of
-        waking this process when they come, one wake-up less per round trip. A
-        failure is noticed then too (the connection closed meanwhile)."""
+    def send(self, commands: Sequence[Command], done: Done) -> None:
+        """Write `commands` at once; `done` gets their replies (or the failure)."""
         if self.closed or self._transport is None:
             done(RedisConnectionError("the connection to Redis is closed"))
             return
@@ -93,21 +83,6 @@ class Link(asyncio.Protocol):
         packed = [hiredis.pack_command(tuple(c)) for c in commands]  # type: ignore[arg-type]
         self._waiting.append(_RoundTrip(len(commands), done))
         self._transport.write(b"".join(packed))
-        if lazy:
-            if self._timer is None:
-                self._transport.pause_reading()
-                self._timer = asyncio.get_running_loop().call_later(LAZY_READ, self.wake)
-        elif self._timer is not None:
-            self.wake()
-
-    def wake(self) -> None:
-        """Read again (the replies of lazy round trips), from the loop's next turn."""
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
-            if not self.closed and self._transport is not None:
-                self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -133,9 +108,6 @@ class Link(asyncio.Protocol):
     def close(self, why: BaseException) -> None:
         """Drop the connection; every round trip still waiting fails with `why`."""
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._transport is not None:
             self._transport.abort()
         waiting, self._waiting = self._waiting, deque()
@@ -181,7 +153,7 @@ async def connect(redis: Redis) -> Link:
     return link
 
 
-async def call(link: Link, commands: Sequence[Command], lazy: bool = False) -> list[Any]:
+async def call(link: Link, commands: Sequence[Command]) -> list[Any]:
     """`link.send`, awaited: the replies, or the failure raised. Cancelled while it
     waits: the connection is dropped (its reply would come to nobody)."""
     answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
@@ -194,7 +166,7 @@ async def call(link: Link, commands: Sequence[Command], lazy: bool = False) -> l
         else:
             answer.set_result(replies)
 
-    link.send(commands, done, lazy)
+    link.send(commands, done)
     try:
         return await answer
     except asyncio.CancelledError:
@@ -216,16 +188,11 @@ class Channel:
             link = self._link = await connect(self.redis)
         return link
 
-    async def call(self, commands: Sequence[Command], lazy: bool = False) -> list[Any]:
+    async def call(self, commands: Sequence[Command]) -> list[Any]:
         """Send `commands` in one round trip and return their answers in order (raw:
         bytes, ints, lists); an error Redis answered to one command is returned in
-        its place. `lazy`: see `Link.send`."""
-        return await call(await self.link(), commands, lazy)
-
-    def wake(self) -> None:
-        """Read the replies of a lazy round trip now (see `Link.send`)."""
-        if self._link is not None:
-            self._link.wake()
+        its place."""
+        return await call(await self.link(), commands)
 
     async def release(self) -> None:
         """Close the connection (the task that used it stops)."""

@@ -376,9 +376,6 @@ class Writer:
         self._ops.append(op)
         self._idle.clear()
         self._wake.set()
-        # The batch in flight was sent lazily: its answer is read now, so that this
-        # one goes without waiting (this node is awake anyway).
-        self._channel.wake()
 
     async def _run(self) -> None:
         failing = False  # logged once per outage, not every retry
@@ -472,9 +469,7 @@ class Writer:
         """The batch's answers, one per op: an op in a shared inbox entry gets the
         entry's."""
         commands, owners = self._commands(batch)
-        # Lazily: at ordinary rates its answer would wake this node once per forward;
-        # it is read when the next write is queued, or within channel.LAZY_READ.
-        answers = await self._channel.call(commands, lazy=True)
+        answers = await self._channel.call(commands)
         results: list[Any] = [None] * len(batch)
         for answer, ops in zip(answers, owners, strict=True):
             for n in ops:
