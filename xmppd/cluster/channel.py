@@ -3,11 +3,11 @@
 Why not redis-py's connection: its asyncio connection reads a reply through a
 StreamReader, a parser object and a future per read, with a timeout context
 and hooks around each command; at ordinary rates a stanza between nodes
-costs two round trips (the sender's FORWARD, the receiver's XREAD) and those
-were most of what a crossing cost in Python. Here the transport's
-`data_received` feeds `hiredis.Reader` and completes each round trip by
-calling its callback there, with every reply of that round trip (no task
-resumed, no future, unless the caller awaits `call`).
+costs two round trips (the sender's FORWARD, the receiver's XREAD). Here the
+transport's `data_received` feeds `hiredis.Reader` and completes each round
+trip by calling its callback there, with every reply of that round trip; the
+writer and the inbox await it through `call`: one future per round trip and
+their task resumed once, nothing more.
 
 The connection's settings come from the client the node made from
 `cluster.redis_url` (redis-py parses it): host and port, or a unix socket
