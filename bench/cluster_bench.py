@@ -68,6 +68,8 @@ sys.path.insert(0, str(BENCH))
 
 from cluster_nodes import (  # noqa: E402
     DOMAIN,
+    COUNTS,
+    CountSampler,
     CpuCaps,
     Sampler,
     Server,
@@ -113,7 +115,8 @@ def run_one(
         loop_waited = [Sampler([], partial(_loop, p, 1)) for p in pids]
         redis = Sampler([redis_pid])
         machine = Sampler([], machine_busy_s)
-        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine):
+        counts = CountSampler(pids)
+        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine, counts):
             thread.start()
         before = asyncio.run(scrape(data_dir, urls))
         chat = subprocess.run(
@@ -126,7 +129,7 @@ def run_one(
             capture_output=True, text=True,
         )
         after = asyncio.run(scrape(data_dir, urls))
-        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine):
+        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine, counts):
             thread.stop()
         if caps is not None:
             throttled = {
@@ -181,6 +184,8 @@ def run_one(
         "redis_cpu_us_per_msg": round(
             1e6 * (redis.at(chat_end) - redis.at(send_start)) / delivered, 1
         ) if delivered else None,
+        # Per delivered message, workers summed: CPU (us), wake-ups, syscalls.
+        "per_msg": counts.between(send_start, chat_end, int(delivered)),
         "latency_ms": load["latency_ms"],
         "generator_cpu_s": load["generator_cpu_s"],
         "generator_login_cpu_s": load.get("generator_login_cpu_s"),
@@ -351,6 +356,17 @@ def report(
             f"{same['logins_per_s'] / one['logins_per_s']:.2f}x and "
             f"{other['logins_per_s'] / one['logins_per_s']:.2f}x one worker.",
         ]
+    lines += [
+        "",
+        "Per delivered message, the workers summed over the chat phase (from /proc):",
+        "",
+        "| run | user us | system us | wake-ups | preempted | read syscalls | write syscalls |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in (run for run in (one, two, same, other) if run is not None):
+        c = r["per_msg"]
+        name = f"placed, {r['pairs']}" if r["placed"] else f"{r['workers']} worker(s)"
+        lines.append(f"| {name} | " + " | ".join(str(c[k]) for k in COUNTS) + " |")
     lines += [
         "",
         "Caveat: chatload runs on the same cores as the workers, and other work on the "

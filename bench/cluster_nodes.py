@@ -75,6 +75,61 @@ def machine_busy_s() -> float:
     return (sum(ticks[:8]) - idle) / TICKS
 
 
+COUNTS = ("user_s", "system_s", "wakeups", "preempted", "reads", "writes")
+"""Per worker process, from /proc: user and system CPU, voluntary context switches
+(each one the process slept and was woken: roughly its event loop's wake-ups) and
+involuntary ones, read and write syscalls (recv/send on sockets count)."""
+
+
+def proc_counts(pid: int) -> list[float]:
+    """The COUNTS of process `pid` so far (zeros once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        io = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    except OSError:
+        return [0.0] * len(COUNTS)
+    return [
+        int(stat[11]) / TICKS, int(stat[12]) / TICKS,
+        float(status["voluntary_ctxt_switches"]), float(status["nonvoluntary_ctxt_switches"]),
+        float(io["syscr"]), float(io["syscw"]),
+    ]
+
+
+class CountSampler(threading.Thread):
+    """The COUNTS summed over `pids`, at the start of the chat phase and at its end: read
+    every SAMPLE_S (the phase's bounds are known only once chatload returns), the nearest
+    sample at or after each bound is taken."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.samples: list[tuple[float, list[float]]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            counts = [proc_counts(p) for p in self.pids]
+            self.samples.append((time.time(), [sum(c) for c in zip(*counts, strict=True)]))
+            self.done.wait(SAMPLE_S)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+    def between(self, start: float, end: float, messages: int) -> dict[str, float]:
+        """Each count from `start` to `end`, per message (CPU in us)."""
+        first = next((c for t, c in self.samples if t >= start), self.samples[-1][1])
+        last = next((c for t, c in self.samples if t >= end), self.samples[-1][1])
+        scale = [1e6 if name.endswith("_s") else 1.0 for name in COUNTS]
+        return {
+            name: round(k * (b - a) / max(1, messages), 2)
+            for name, k, a, b in zip(COUNTS, scale, first, last, strict=True)
+        }
+
+
 class Sampler(threading.Thread):
     """(wall time, CPU seconds summed over `pids`, or what `measure` says) every
     SAMPLE_S, until stopped."""

@@ -1,67 +1,201 @@
-"""One connection kept by one task on the message path, used without redis-py's command machinery.
+"""The connection the message path talks to Redis on: xmppd's own protocol, hiredis' parser.
 
-Why: a command through redis-py (pipeline object, retry wrapper, each argument
-encoded in Python, response callbacks, observability hooks, the pool taken and
-given back) cost ~100 us of CPU per round trip here, against ~40 us for the same
-command packed by hiredis and read from the connection directly (an EVALSHA of
-FORWARD or an XREAD, one at a time against a local Redis). The writer and the
-inbox make about one round trip per stanza between nodes at ordinary rates, so
-they keep one connection of the client's pool and use its lower-level API:
-`send_packed_command` (connects when needed, and PINGs first once it has been
-idle for `health_check_interval`, as any command does) and `read_response`
-(the client's socket timeout applies; none is set by the cluster).
+Why not redis-py's connection: its asyncio connection reads a reply through a
+StreamReader, a parser object and a future per read, with a timeout context
+and hooks around each command; at ordinary rates a stanza between nodes
+costs two round trips (the sender's FORWARD, the receiver's XREAD). Here the
+transport's `data_received` feeds `hiredis.Reader` and completes each round
+trip by calling its callback there, with every reply of that round trip; the
+writer and the inbox await it through `call`: one future per round trip and
+their task resumed once, nothing more.
 
-Any failure other than Redis answering an error to one command drops the
-connection (its state is unknown: a reply may be half read) and reaches the
-caller, which retries as it did with the client (xmppd.cluster.writer,
-xmppd.cluster.inbox); the next call takes a fresh connection from the pool.
+The connection's settings come from the client the node made from
+`cluster.redis_url` (redis-py parses it): host and port, or a unix socket
+path; TLS with redis-py's context for rediss://; AUTH with the URL's user
+and password (or the client's credential provider); SELECT of its database.
+It speaks RESP2: replies keep the shapes the callers read (an XREAD is a
+list, a Lua `false` is None), and no boolean reply can be mistaken for
+"nothing parsed yet".
+
+Any failure other than Redis answering an error to one command (the peer
+closed, a write failed, a reply that does not parse, a caller that gave up
+waiting: a reply may be half read) drops the connection and fails every
+round trip still waiting on it; the callers retry as they did with the
+client (xmppd.cluster.writer, xmppd.cluster.inbox), and the next round trip
+connects again. An error reply (NOSCRIPT, OOM, READONLY, WRONGTYPE) is
+returned in its command's place as redis-py's exception for it, as a
+pipeline does with raise_on_error=False: never skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ResponseError
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.credentials import UsernamePasswordCredentialProvider
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import EncodableT
 
 Command = Sequence[EncodableT]
 
+Done = Callable[[list[Any] | BaseException], None]
+"""Called once per round trip: with its replies in order, or with why it failed."""
+
+_PENDING = object()
+"""What the parser answers while a reply is incomplete (a reply may be None or False)."""
+
+
+class _RoundTrip:
+    __slots__ = ("count", "replies", "done")
+
+    def __init__(self, count: int, done: Done) -> None:
+        self.count = count
+        self.replies: list[Any] = []
+        self.done = done
+
+
+class Link(asyncio.Protocol):
+    """One connection: round trips answered in the order they were sent (Redis
+    answers one client's commands in order)."""
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader(notEnoughData=_PENDING)
+        self._transport: asyncio.Transport | None = None
+        self._waiting: deque[_RoundTrip] = deque()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without deriving from it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def send(self, commands: Sequence[Command], done: Done) -> None:
+        """Write `commands` at once; `done` gets their replies (or the failure)."""
+        if self.closed or self._transport is None:
+            done(RedisConnectionError("the connection to Redis is closed"))
+            return
+        # The stub declares a 1-tuple; any number of arguments is packed.
+        packed = [hiredis.pack_command(tuple(c)) for c in commands]  # type: ignore[arg-type]
+        self._waiting.append(_RoundTrip(len(commands), done))
+        self._transport.write(b"".join(packed))
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiting = self._waiting
+        try:
+            while (reply := reader.gets()) is not _PENDING:
+                if not waiting:
+                    raise hiredis.ProtocolError("a reply nobody asked for")
+                if isinstance(reply, hiredis.ReplyError):
+                    reply = BaseParser.parse_error(str(reply))
+                trip = waiting[0]
+                trip.replies.append(reply)
+                if len(trip.replies) == trip.count:
+                    waiting.popleft()
+                    trip.done(trip.replies)
+        except hiredis.ProtocolError as exc:
+            self.close(RedisConnectionError(f"Redis sent what does not parse: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(RedisConnectionError(f"the connection to Redis was lost: {exc or 'closed'}"))
+
+    def close(self, why: BaseException) -> None:
+        """Drop the connection; every round trip still waiting fails with `why`."""
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+        waiting, self._waiting = self._waiting, deque()
+        for trip in waiting:
+            trip.done(why)
+
+
+async def connect(redis: Redis) -> Link:
+    """A Link with the settings of `redis` (its URL), authenticated and on its database."""
+    pool = redis.connection_pool
+    settings = pool.connection_class(**pool.connection_kwargs)
+    loop = asyncio.get_running_loop()
+    timeout = settings.socket_connect_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            if isinstance(settings, UnixDomainSocketConnection):
+                _, link = await loop.create_unix_connection(Link, settings.path)
+            else:
+                assert isinstance(settings, Connection)
+                ssl = settings.ssl_context.get() if isinstance(settings, SSLConnection) else None
+                _, link = await loop.create_connection(
+                    Link, settings.host, settings.port, ssl=ssl
+                )
+    except (OSError, TimeoutError) as exc:
+        raise RedisConnectionError(f"connecting to Redis failed: {exc or 'timed out'}") from exc
+    handshake: list[Command] = []
+    if settings.credential_provider or settings.username or settings.password:
+        provider = settings.credential_provider or UsernamePasswordCredentialProvider(
+            settings.username, settings.password
+        )
+        handshake.append(("AUTH", *await provider.get_credentials_async()))
+    if settings.db:
+        handshake.append(("SELECT", settings.db))
+    if handshake:
+        try:
+            replies = await call(link, handshake)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        except BaseException:
+            link.close(RedisConnectionError("the handshake with Redis failed"))
+            raise
+    return link
+
+
+async def call(link: Link, commands: Sequence[Command]) -> list[Any]:
+    """`link.send`, awaited: the replies, or the failure raised. Cancelled while it
+    waits: the connection is dropped (its reply would come to nobody)."""
+    answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+
+    def done(replies: list[Any] | BaseException) -> None:
+        if answer.done():
+            return
+        if isinstance(replies, BaseException):
+            answer.set_exception(replies)
+        else:
+            answer.set_result(replies)
+
+    link.send(commands, done)
+    try:
+        return await answer
+    except asyncio.CancelledError:
+        link.close(RedisConnectionError("a round trip to Redis was given up"))
+        raise
+
 
 class Channel:
+    """A Link made when first needed and made again after it failed: what the writer
+    and the inbox each keep."""
+
     def __init__(self, redis: Redis) -> None:
-        self.pool = redis.connection_pool
-        self._conn: AbstractConnection | None = None
+        self.redis = redis
+        self._link: Link | None = None
+
+    async def link(self) -> Link:
+        link = self._link
+        if link is None or link.closed:
+            link = self._link = await connect(self.redis)
+        return link
 
     async def call(self, commands: Sequence[Command]) -> list[Any]:
         """Send `commands` in one round trip and return their answers in order (raw:
         bytes, ints, lists); an error Redis answered to one command is returned in
-        its place, as a pipeline does with raise_on_error=False."""
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = await self.pool.get_connection()
-        try:
-            # The stub declares a 1-tuple; any number of arguments is packed.
-            packed = [hiredis.pack_command(tuple(c)) for c in commands]  # type: ignore[arg-type]
-            await conn.send_packed_command(packed)
-            results: list[Any] = []
-            for _ in commands:
-                try:
-                    results.append(await conn.read_response())
-                except ResponseError as error:
-                    results.append(error)
-            return results
-        except BaseException:
-            self._conn = None
-            await conn.disconnect(nowait=True)
-            await self.pool.release(conn)
-            raise
+        its place."""
+        return await call(await self.link(), commands)
 
     async def release(self) -> None:
-        """Give the connection back to the pool (the task stops)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self.pool.release(conn)
+        """Close the connection (the task that used it stops)."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.close(RedisConnectionError("the channel was released"))

@@ -1,0 +1,117 @@
+"""The cluster's own Redis connection (xmppd.cluster.channel.Link): replies, however the
+bytes arrive, complete each round trip in the order it was sent, with every reply in
+its command's place (an error reply as redis-py's exception, a nil as None); a lost
+connection or a reply nobody asked for fails what waits, never leaves it hanging; a
+lazy round trip is read when the link is woken or after LAZY_READ at the latest."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, OutOfMemoryError
+
+from xmppd.cluster.channel import Link
+
+
+class Transport(asyncio.Transport):
+    """What the link writes, and whether it reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.reading = True
+        self.aborted = False
+        self.resumed: list[asyncio.Event] = []  # set by the next resume_reading
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+        for event in self.resumed:
+            event.set()
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def link() -> tuple[Link, Transport]:
+    made = Link()
+    transport = Transport()
+    made.connection_made(transport)
+    return made, transport
+
+
+def trip(made: Link, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send `commands`; the list gets the replies (or the failure) once they come."""
+    answers: list[Any] = []
+    made.send(commands, answers.append)
+    return answers
+
+
+def test_round_trips_complete_in_order_whatever_the_chunks() -> None:
+    made, transport = link()
+    first = trip(made, [("GET", "a"), ("EVALSHA", "x", 0), ("GET", "b")])
+    second = trip(made, [("XREAD", "STREAMS", "s", "0-0")])
+    assert transport.written.startswith(b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n")
+    replies = (
+        b"$-1\r\n"  # nil: a reply, not "nothing parsed yet"
+        b"-NOSCRIPT No matching script.\r\n"
+        b":0\r\n"
+        b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    )
+    for n in range(len(replies)):  # one byte at a time: every cut is a cut somewhere
+        made.data_received(replies[n : n + 1])
+        if n < len(replies) - 1:
+            assert len(second) == 0
+    [answer] = first
+    assert answer[0] is None
+    assert isinstance(answer[1], NoScriptError)
+    assert answer[2] == 0
+    assert second == [[[[b"s", [[b"1-1", [b"f", b"v"]]]]]]]
+    assert not made.closed
+
+
+def test_an_error_reply_keeps_its_place() -> None:
+    made, _ = link()
+    answers = trip(made, [("SET", "a", "1"), ("EVALSHA", "f", 0), ("PING",)])
+    made.data_received(b"+OK\r\n-OOM command not allowed\r\n+PONG\r\n")
+    [[ok, oom, pong]] = answers
+    assert (ok, pong) == (b"OK", b"PONG")
+    assert isinstance(oom, OutOfMemoryError)  # a ResponseError, as redis-py makes it
+
+
+def test_a_lost_connection_fails_what_waits_and_what_comes_after() -> None:
+    made, transport = link()
+    waiting = trip(made, [("PING",), ("PING",)])
+    made.data_received(b"+PONG\r\n")  # half the round trip
+    made.connection_lost(ConnectionResetError())
+    assert made.closed and transport.aborted
+    assert isinstance(waiting[0], RedisConnectionError)
+    later = trip(made, [("PING",)])
+    assert isinstance(later[0], RedisConnectionError)
+
+
+def test_a_reply_nobody_asked_for_drops_the_connection() -> None:
+    made, transport = link()
+    answered = trip(made, [("PING",)])
+    waiting = trip(made, [("PING",)])
+    made.data_received(b"+PONG\r\n+PONG\r\n+PONG\r\n")
+    assert answered == [[b"PONG"]] and waiting == [[b"PONG"]]
+    assert made.closed and transport.aborted
+
+
+def test_unparsable_bytes_drop_the_connection() -> None:
+    made, _ = link()
+    waiting = trip(made, [("PING",)])
+    made.data_received(b"?what\r\n")
+    assert made.closed
+    assert isinstance(waiting[0], RedisConnectionError)
