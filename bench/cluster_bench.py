@@ -67,8 +67,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from cluster_nodes import (  # noqa: E402
-    DOMAIN,
     COUNTS,
+    DOMAIN,
     CountSampler,
     CpuCaps,
     Sampler,
@@ -116,7 +116,10 @@ def run_one(
         redis = Sampler([redis_pid])
         machine = Sampler([], machine_busy_s)
         counts = CountSampler(pids)
-        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine, counts):
+        threads: list[Sampler | CountSampler] = [
+            sampler, *each, *loop_ran, *loop_waited, redis, machine, counts
+        ]
+        for thread in threads:
             thread.start()
         before = asyncio.run(scrape(data_dir, urls))
         chat = subprocess.run(
@@ -129,7 +132,7 @@ def run_one(
             capture_output=True, text=True,
         )
         after = asyncio.run(scrape(data_dir, urls))
-        for thread in (sampler, *each, *loop_ran, *loop_waited, redis, machine, counts):
+        for thread in threads:
             thread.stop()
         if caps is not None:
             throttled = {
