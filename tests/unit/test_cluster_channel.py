@@ -1,8 +1,7 @@
 """The cluster's own Redis connection (xmppd.cluster.channel.Link): replies, however the
 bytes arrive, complete each round trip in the order it was sent, with every reply in
 its command's place (an error reply as redis-py's exception, a nil as None); a lost
-connection or a reply nobody asked for fails what waits, never leaves it hanging; a
-lazy round trip is read when the link is woken or after LAZY_READ at the latest."""
+connection or a reply nobody asked for fails what waits, never leaves it hanging."""
 
 from __future__ import annotations
 
@@ -16,28 +15,15 @@ from xmppd.cluster.channel import Link
 
 
 class Transport(asyncio.Transport):
-    """What the link writes, and whether it reads."""
+    """What the link writes, and whether it was cut."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written = b""
-        self.reading = True
         self.aborted = False
-        self.resumed: list[asyncio.Event] = []  # set by the next resume_reading
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += bytes(data)
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-        for event in self.resumed:
-            event.set()
-
-    def is_reading(self) -> bool:
-        return self.reading
 
     def abort(self) -> None:
         self.aborted = True

@@ -68,6 +68,12 @@ from xmppd.xml import ns
 log = logging.getLogger(__name__)
 
 BLOCK_MS = 1000
+READ_TIMEOUT = 2.0
+"""Seconds past BLOCK_MS a read may take before Redis counts as unreachable: a
+connection nobody answers on any more (a Redis hung, or gone behind a path that
+drops packets without a reset) raises nothing, and the reader would wait on it
+for good while the other nodes fill this inbox on a Redis that answers new
+connections. Then the connection is dropped and the next read connects again."""
 STOP_WAIT = 2.0
 """Seconds `pause` waits for the reader to notice it should stop, before cancelling it."""
 BATCH = 500
@@ -186,18 +192,22 @@ class Inbox:
             trim = self._trim_due()
             read = ("XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", self.key, last)
             try:
-                if trim:
-                    answers = await self._channel.call(
-                        [("XTRIM", self.key, "MINID", _after(last)), read]
-                    )
-                else:
-                    answers = await self._channel.call([read])
+                async with asyncio.timeout(BLOCK_MS / 1000 + READ_TIMEOUT):
+                    if trim:
+                        answers = await self._channel.call(
+                            [("XTRIM", self.key, "MINID", _after(last)), read]
+                        )
+                    else:
+                        answers = await self._channel.call([read])
                 for answer in answers:
                     if isinstance(answer, Exception):
                         raise answer
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 if not failing:
-                    log.error("cluster: reading the inbox failed (%s); retrying", exc)
+                    log.error(
+                        "cluster: reading the inbox failed (%s); retrying",
+                        exc or type(exc).__name__,
+                    )
                 failing = True
                 self.stats.failed("inbox")
                 await asyncio.sleep(RETRY_DELAY)
