@@ -33,11 +33,15 @@ class StreamCore(Generic[EventT]):
     """A sans-IO XML stream; `EventT` is the events its driver handles (StreamEnded
     among them)."""
 
-    def __init__(self, max_stanza_bytes: int, max_depth: int) -> None:
+    def __init__(
+        self, max_stanza_bytes: int, max_stanza_bytes_unauthenticated: int, max_depth: int
+    ) -> None:
+        """The subclass sets its phase first: the parser's limit depends on it."""
         self.error: StreamError | None = None  # the stream error we ended the stream with
         self._header_sent = False
         self._out: list[bytes] = []
-        self._parser = StreamParser(max_stanza_bytes, max_depth)
+        self._limits = (max_stanza_bytes, max_stanza_bytes_unauthenticated)
+        self._parser = StreamParser(self._stanza_limit(), max_depth)
 
     # --- what a subclass says -----------------------------------------------------------
 
@@ -54,9 +58,6 @@ class StreamCore(Generic[EventT]):
         """Enter the subclass's closed phase."""
         raise NotImplementedError
 
-    def _stanza_limit(self) -> int:
-        raise NotImplementedError
-
     def _send_header(self) -> None:
         raise NotImplementedError
 
@@ -65,6 +66,10 @@ class StreamCore(Generic[EventT]):
 
     def _on_element(self, el: etree._Element, events: list[EventT]) -> None:
         raise NotImplementedError
+
+    def _stanza_limit(self) -> int:
+        """A stranger gets the smaller limit until it has authenticated."""
+        return self._limits[0] if self.authenticated else self._limits[1]
 
     # --- driver API ------------------------------------------------------------------
 

@@ -87,7 +87,9 @@ class ComponentStream(StreamCore[Event]):
         self.phase = Phase.CONNECTED
         self.domain: str | None = None  # the domain named in the header (served once authenticated)
         self.stream_id = ""
-        super().__init__(self._stanza_limit(), settings.max_depth)
+        super().__init__(
+            settings.max_stanza_bytes, settings.max_stanza_bytes_unauthenticated, settings.max_depth
+        )
 
     def send(self, stanza: etree._Element) -> None:
         """Queue a 'jabber:client' stanza for the component (authenticated)."""
@@ -106,11 +108,6 @@ class ComponentStream(StreamCore[Event]):
 
     def _mark_closed(self) -> None:
         self.phase = Phase.CLOSED
-
-    def _stanza_limit(self) -> int:
-        if self.phase is Phase.AUTHENTICATED:
-            return self.settings.max_stanza_bytes
-        return self.settings.max_stanza_bytes_unauthenticated
 
     def _send_header(self) -> None:
         if not self.stream_id:

@@ -182,7 +182,9 @@ class S2SStream(StreamCore[Event]):
         # XEP-0288 agreed: stanzas go both ways on this stream once it is authenticated
         # (incoming: we may send to the peer's domain; outgoing: it may send to ours).
         self.bidi = False
-        super().__init__(self._stanza_limit(), settings.max_depth)
+        super().__init__(
+            settings.max_stanza_bytes, settings.max_stanza_bytes_unauthenticated, settings.max_depth
+        )
 
     # --- driver API ------------------------------------------------------------------
 
@@ -252,11 +254,6 @@ class S2SStream(StreamCore[Event]):
         return self.phase is Phase.AUTHENTICATED
 
     # --- stream header and features ----------------------------------------------------
-
-    def _stanza_limit(self) -> int:
-        if self.phase is Phase.AUTHENTICATED:
-            return self.settings.max_stanza_bytes
-        return self.settings.max_stanza_bytes_unauthenticated
 
     def _send_header(self) -> None:
         if not self.stream_id:
