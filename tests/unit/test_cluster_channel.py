@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError
 
-from xmppd.cluster.channel import Link
+from xmppd.cluster.channel import Channel, Link
 
 
 class Transport(asyncio.Transport):
@@ -101,3 +102,20 @@ def test_unparsable_bytes_drop_the_connection() -> None:
     made.data_received(b"?what\r\n")
     assert made.closed
     assert isinstance(waiting[0], RedisConnectionError)
+
+
+def test_no_commands_get_no_replies_at_once_and_the_next_round_trip_its_own() -> None:
+    made, transport = link()
+    empty = trip(made, [])
+    assert empty == [[]] and transport.written == b""
+    after = trip(made, [("PING",)])
+    made.data_received(b"+PONG\r\n")
+    assert after == [[b"PONG"]]
+    assert not made.closed
+
+
+async def test_a_channel_answers_no_commands_without_connecting() -> None:
+    channel = Channel(Redis.from_url("redis://127.0.0.1:1"))  # nothing listens there
+    async with asyncio.timeout(5):
+        assert await channel.call([]) == []
+    assert channel._link is None

@@ -75,7 +75,14 @@ class Link(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def send(self, commands: Sequence[Command], done: Done) -> None:
-        """Write `commands` at once; `done` gets their replies (or the failure)."""
+        """Write `commands` at once; `done` gets their replies (or the failure).
+
+        No commands: `done` gets no replies at once. Queued, a round trip that
+        waits for none would take the next round trip's replies as its own,
+        keep them, and leave every later one on the connection waiting."""
+        if not commands:
+            done([])
+            return
         if self.closed or self._transport is None:
             done(RedisConnectionError("the connection to Redis is closed"))
             return
@@ -191,7 +198,9 @@ class Channel:
     async def call(self, commands: Sequence[Command]) -> list[Any]:
         """Send `commands` in one round trip and return their answers in order (raw:
         bytes, ints, lists); an error Redis answered to one command is returned in
-        its place."""
+        its place. No commands: no answers, and no connection made for them."""
+        if not commands:
+            return []
         return await call(await self.link(), commands)
 
     async def release(self) -> None:
