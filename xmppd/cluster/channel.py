@@ -140,23 +140,23 @@ async def connect(redis: Redis) -> Link:
                 )
     except (OSError, TimeoutError) as exc:
         raise RedisConnectionError(f"connecting to Redis failed: {exc or 'timed out'}") from exc
-    handshake: list[Command] = []
-    if settings.credential_provider or settings.username or settings.password:
-        provider = settings.credential_provider or UsernamePasswordCredentialProvider(
-            settings.username, settings.password
-        )
-        handshake.append(("AUTH", *await provider.get_credentials_async()))
-    if settings.db:
-        handshake.append(("SELECT", settings.db))
-    if handshake:
-        try:
-            replies = await call(link, handshake)
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-        except BaseException:
-            link.close(RedisConnectionError("the handshake with Redis failed"))
-            raise
+    # From here the connection is open: every way out but a finished handshake closes
+    # it. A credential provider may wait (a token service) and the caller give up then.
+    try:
+        handshake: list[Command] = []
+        if settings.credential_provider or settings.username or settings.password:
+            provider = settings.credential_provider or UsernamePasswordCredentialProvider(
+                settings.username, settings.password
+            )
+            handshake.append(("AUTH", *await provider.get_credentials_async()))
+        if settings.db:
+            handshake.append(("SELECT", settings.db))
+        for reply in await call(link, handshake):
+            if isinstance(reply, Exception):
+                raise reply
+    except BaseException:
+        link.close(RedisConnectionError("the handshake with Redis failed or was given up"))
+        raise
     return link
 
 
