@@ -3,8 +3,9 @@ on the event loop the server runs (uvloop, whose transports are not asyncio's cl
 and on asyncio's: it takes cluster.redis_url's database and password, a wrong password
 fails the connection instead of leaving it half set up, and a Redis that goes away
 fails the round trip waiting on it at once (the caller retries) instead of leaving it
-waiting; the next round trip connects again. A connect given up while a credential
-provider makes it wait closes the connection it opened."""
+waiting; the next round trip connects again, once for all the round trips that come
+meanwhile. A connect given up while a credential provider makes it wait closes the
+connection it opened."""
 
 from __future__ import annotations
 
@@ -154,3 +155,18 @@ def test_a_connect_given_up_while_the_credentials_wait_closes_its_connection(
         assert made.closed
 
     run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_round_trips_that_come_while_it_connects_share_one_connection(
+    redis_service: LocalService, loop: str
+) -> None:
+    async def main() -> list[Any]:
+        channel = Channel(Redis.from_url(devservices.redis_url(redis_service)))
+        try:
+            return await asyncio.gather(*(channel.call([("CLIENT", "ID")]) for _ in range(3)))
+        finally:
+            await channel.release()
+
+    [[first], [second], [third]] = run(loop, main())
+    assert first == second == third

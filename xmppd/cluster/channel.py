@@ -188,12 +188,35 @@ class Channel:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._link: Link | None = None
+        self._connecting: asyncio.Task[Link] | None = None
 
     async def link(self) -> Link:
+        """The connection, made if there is none or it failed.
+
+        Callers that come while it is being made wait for that one attempt and
+        share its outcome, its failure too: each making its own would leave all
+        but the last open for nobody. A caller that gives up waiting does not end
+        the attempt for the others (the channel keeps what it makes)."""
         link = self._link
-        if link is None or link.closed:
+        if link is not None and not link.closed:
+            return link
+        connecting = self._connecting
+        if connecting is None:
+            connecting = self._connecting = asyncio.create_task(self._connect())
+            connecting.add_done_callback(self._connected)
+        return await asyncio.shield(connecting)
+
+    async def _connect(self) -> Link:
+        try:
             link = self._link = await connect(self.redis)
+        except asyncio.CancelledError:
+            # Only `release` cancels it: the callers waiting learn why from their call.
+            raise RedisConnectionError("the channel was released while it connected") from None
         return link
+
+    def _connected(self, attempt: asyncio.Task[Link]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
 
     async def call(self, commands: Sequence[Command]) -> list[Any]:
         """Send `commands` in one round trip and return their answers in order (raw:
@@ -204,7 +227,12 @@ class Channel:
         return await call(await self.link(), commands)
 
     async def release(self) -> None:
-        """Close the connection (the task that used it stops)."""
+        """Close the connection, or end the attempt to make it (the task that used it
+        stops)."""
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
         link, self._link = self._link, None
         if link is not None:
             link.close(RedisConnectionError("the channel was released"))
