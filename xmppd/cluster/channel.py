@@ -160,9 +160,16 @@ async def connect(redis: Redis) -> Link:
     return link
 
 
-async def call(link: Link, commands: Sequence[Command]) -> list[Any]:
-    """`link.send`, awaited: the replies, or the failure raised. Cancelled while it
-    waits: the connection is dropped (its reply would come to nobody)."""
+async def call(
+    link: Link, commands: Sequence[Command], drop_if_cancelled: bool = True
+) -> list[Any]:
+    """`link.send`, awaited: the replies, or the failure raised.
+
+    Cancelled while it waits: the connection is dropped, which is what a caller
+    whose cancellation means "Redis is too slow" (a timeout) wants. A caller
+    cancelled for its own reasons, with others waiting on the same connection,
+    passes `drop_if_cancelled=False`: its replies are still read, in order, and
+    thrown away."""
     answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
 
     def done(replies: list[Any] | BaseException) -> None:
@@ -177,7 +184,8 @@ async def call(link: Link, commands: Sequence[Command]) -> list[Any]:
     try:
         return await answer
     except asyncio.CancelledError:
-        link.close(RedisConnectionError("a round trip to Redis was given up"))
+        if drop_if_cancelled:
+            link.close(RedisConnectionError("a round trip to Redis was given up"))
         raise
 
 
@@ -218,17 +226,20 @@ class Channel:
         if self._connecting is attempt:
             self._connecting = None
 
-    async def call(self, commands: Sequence[Command]) -> list[Any]:
+    async def call(
+        self, commands: Sequence[Command], drop_if_cancelled: bool = True
+    ) -> list[Any]:
         """Send `commands` in one round trip and return their answers in order (raw:
         bytes, ints, lists); an error Redis answered to one command is returned in
-        its place. No commands: no answers, and no connection made for them."""
+        its place. No commands: no answers, and no connection made for them. For
+        `drop_if_cancelled`, see `call`."""
         if not commands:
             return []
-        return await call(await self.link(), commands)
+        return await call(await self.link(), commands, drop_if_cancelled)
 
     async def release(self) -> None:
-        """Close the connection, or end the attempt to make it (the task that used it
-        stops)."""
+        """Close the connection, or end the attempt to make it: the task that used it
+        stops, or wants a new one (the next call connects again)."""
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
             connecting.cancel()
