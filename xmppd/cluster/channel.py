@@ -19,12 +19,15 @@ list, a Lua `false` is None), and no boolean reply can be mistaken for
 
 Any failure other than Redis answering an error to one command (the peer
 closed, a write failed, a reply that does not parse, a caller that gave up
-waiting: a reply may be half read) drops the connection and fails every
-round trip still waiting on it; the callers retry as they did with the
+waiting: Redis may have stopped answering) drops the connection and fails
+every round trip still waiting on it; the callers retry as they did with the
 client (xmppd.cluster.writer, xmppd.cluster.inbox), and the next round trip
-connects again. An error reply (NOSCRIPT, OOM, READONLY, WRONGTYPE) is
-returned in its command's place as redis-py's exception for it, as a
-pipeline does with raise_on_error=False: never skipped.
+connects again. A caller whose giving up says nothing about Redis (the login
+throttle's, for a login whose client went away) can leave the connection
+open: its replies are read in turn and dropped. An error reply (NOSCRIPT,
+OOM, READONLY, WRONGTYPE) is returned in its command's place as redis-py's
+exception for it, as a pipeline does with raise_on_error=False: never
+skipped.
 """
 
 from __future__ import annotations
@@ -190,8 +193,8 @@ async def call(
 
 
 class Channel:
-    """A Link made when first needed and made again after it failed: what the writer
-    and the inbox each keep."""
+    """A Link made when first needed and made again after it failed: what the writer,
+    the inbox and the login throttle (xmppd.cluster.throttle) each keep."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
