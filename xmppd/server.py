@@ -194,9 +194,11 @@ class Server:
             # Nothing to flush when notices were lost: the directory ended the sessions
             # the other node knew of; see end_account_sessions.
             self.cluster.bus.subscribe(ACCOUNT_ENDED, self._account_ended, lambda: None)
-            self.throttle.counter = RedisFailureCounter(
+            shared = RedisFailureCounter(
                 self.cluster.redis, config.limits.auth_ban_seconds, self.throttle.counter
             )
+            self.throttle.counter = shared
+            undo.append(("the login throttle's Redis connection", shared.close))
         self.modules = ModuleHost(
             self.router,
             self.storage,
@@ -297,6 +299,8 @@ class Server:
             # is routed (to offline storage), which needs the modules still running.
             await self.cluster.stop()
             await self.router.drain()
+        if isinstance(self.throttle.counter, RedisFailureCounter):
+            await self.throttle.counter.close()  # no login is left to count
         await self.modules.stop()
         await self.storage.close()
         # One line a benchmark or an operator can reconcile with what clients saw.

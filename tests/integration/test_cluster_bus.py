@@ -379,4 +379,5 @@ async def test_the_throttle_falls_back_to_the_node_s_own_count_while_redis_fails
         assert await counter.failures("ip:1") == 0  # Redis restarted empty: its count
         await counter.clear("ip:1")
     finally:
+        await counter.close()
         await redis.aclose()

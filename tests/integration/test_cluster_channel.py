@@ -3,7 +3,9 @@ on the event loop the server runs (uvloop, whose transports are not asyncio's cl
 and on asyncio's: it takes cluster.redis_url's database and password, a wrong password
 fails the connection instead of leaving it half set up, and a Redis that goes away
 fails the round trip waiting on it at once (the caller retries) instead of leaving it
-waiting; the next round trip connects again."""
+waiting; the next round trip connects again, once for all the round trips that come
+meanwhile. A connect given up while a credential provider makes it wait closes the
+connection it opened."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import pytest
 import uvloop
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.credentials import CredentialProvider
 from redis.exceptions import AuthenticationError, RedisError
 
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
-from xmppd.cluster.channel import Channel
+from xmppd.cluster import channel as channel_module
+from xmppd.cluster.channel import Channel, Link, connect
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
 
@@ -99,3 +103,70 @@ def test_a_redis_that_goes_away_fails_the_waiting_round_trip_and_the_next_reconn
         await channel.release()
 
     run(loop, main())
+
+
+class WaitingProvider(CredentialProvider):
+    """Credentials from a service that does not answer (a token endpoint that hangs)."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    def get_credentials(self) -> tuple[str]:
+        raise AssertionError("the asyncio connection asks get_credentials_async")
+
+    async def get_credentials_async(self) -> tuple[str]:
+        self.asked.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+
+class SeenLink(Link):
+    """A Link that the test can wait on to be closed."""
+
+    made: list[SeenLink] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = asyncio.Event()
+        SeenLink.made.append(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.lost.set()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connect_given_up_while_the_credentials_wait_closes_its_connection(
+    redis_service: LocalService, loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(channel_module, "Link", SeenLink)
+    SeenLink.made = []
+
+    async def main() -> None:
+        provider = WaitingProvider()
+        redis = Redis.from_url(devservices.redis_url(redis_service), credential_provider=provider)
+        connecting = asyncio.create_task(connect(redis))
+        await provider.asked.wait()  # connected, the handshake waits for credentials
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        [made] = SeenLink.made
+        await asyncio.wait_for(made.lost.wait(), 5)
+        assert made.closed
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_round_trips_that_come_while_it_connects_share_one_connection(
+    redis_service: LocalService, loop: str
+) -> None:
+    async def main() -> list[Any]:
+        channel = Channel(Redis.from_url(devservices.redis_url(redis_service)))
+        try:
+            return await asyncio.gather(*(channel.call([("CLIENT", "ID")]) for _ in range(3)))
+        finally:
+            await channel.release()
+
+    [[first], [second], [third]] = run(loop, main())
+    assert first == second == third

@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError
 
-from xmppd.cluster.channel import Link
+from xmppd.cluster import channel as channel_module
+from xmppd.cluster.channel import Channel, Link
 
 
 class Transport(asyncio.Transport):
@@ -101,3 +104,109 @@ def test_unparsable_bytes_drop_the_connection() -> None:
     made.data_received(b"?what\r\n")
     assert made.closed
     assert isinstance(waiting[0], RedisConnectionError)
+
+
+def test_no_commands_get_no_replies_at_once_and_the_next_round_trip_its_own() -> None:
+    made, transport = link()
+    empty = trip(made, [])
+    assert empty == [[]] and transport.written == b""
+    after = trip(made, [("PING",)])
+    made.data_received(b"+PONG\r\n")
+    assert after == [[b"PONG"]]
+    assert not made.closed
+
+
+async def test_a_channel_answers_no_commands_without_connecting() -> None:
+    channel = Channel(Redis.from_url("redis://127.0.0.1:1"))  # nothing listens there
+    async with asyncio.timeout(5):
+        assert await channel.call([]) == []
+    assert channel._link is None
+
+
+class Connects:
+    """`connect` for Channel.link: counts the attempts; each waits until told how it ends."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.started = asyncio.Event()
+        self.outcome: asyncio.Future[Link] | None = None
+
+    async def __call__(self, redis: Redis) -> Link:
+        self.attempts += 1
+        self.outcome = asyncio.get_running_loop().create_future()
+        self.started.set()
+        return await self.outcome
+
+
+def channel_with(connects: Connects, monkeypatch: pytest.MonkeyPatch) -> Channel:
+    monkeypatch.setattr(channel_module, "connect", connects)
+    return Channel(Redis.from_url("redis://127.0.0.1:1"))
+
+
+async def test_callers_that_come_while_it_connects_share_one_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connects = Connects()
+    channel = channel_with(connects, monkeypatch)
+    first = asyncio.create_task(channel.link())
+    second = asyncio.create_task(channel.link())
+    await connects.started.wait()
+    assert connects.outcome is not None
+    made, _ = link()
+    connects.outcome.set_result(made)
+    async with asyncio.timeout(5):  # each caller with a connection of its own: one waits on
+        assert await first is made and await second is made
+    assert await channel.link() is made
+    assert connects.attempts == 1
+
+
+async def test_callers_that_come_while_it_connects_share_its_failure_then_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connects = Connects()
+    channel = channel_with(connects, monkeypatch)
+    callers = [asyncio.create_task(channel.link()) for _ in range(2)]
+    await connects.started.wait()
+    assert connects.outcome is not None
+    refused = RedisConnectionError("connecting to Redis failed: refused")
+    connects.outcome.set_exception(refused)
+    async with asyncio.timeout(5):
+        failures = await asyncio.gather(*callers, return_exceptions=True)
+    assert failures == [refused, refused] and connects.attempts == 1
+    connects.started.clear()
+    again = asyncio.create_task(channel.link())
+    await connects.started.wait()
+    assert connects.attempts == 2
+    await channel.release()
+    with pytest.raises(RedisConnectionError):
+        await again
+
+
+async def test_a_caller_that_gives_up_leaves_the_attempt_to_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connects = Connects()
+    channel = channel_with(connects, monkeypatch)
+    quitter = asyncio.create_task(channel.link())
+    patient = asyncio.create_task(channel.link())
+    await connects.started.wait()
+    quitter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await quitter
+    assert connects.outcome is not None and not connects.outcome.cancelled()
+    made, _ = link()
+    connects.outcome.set_result(made)
+    assert await patient is made and connects.attempts == 1
+
+
+async def test_releasing_while_it_connects_ends_the_attempt_and_fails_its_callers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connects = Connects()
+    channel = channel_with(connects, monkeypatch)
+    caller = asyncio.create_task(channel.link())
+    await connects.started.wait()
+    await channel.release()
+    assert connects.outcome is not None and connects.outcome.cancelled()
+    with pytest.raises(RedisConnectionError):
+        await caller

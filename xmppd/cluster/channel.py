@@ -19,12 +19,15 @@ list, a Lua `false` is None), and no boolean reply can be mistaken for
 
 Any failure other than Redis answering an error to one command (the peer
 closed, a write failed, a reply that does not parse, a caller that gave up
-waiting: a reply may be half read) drops the connection and fails every
-round trip still waiting on it; the callers retry as they did with the
+waiting: Redis may have stopped answering) drops the connection and fails
+every round trip still waiting on it; the callers retry as they did with the
 client (xmppd.cluster.writer, xmppd.cluster.inbox), and the next round trip
-connects again. An error reply (NOSCRIPT, OOM, READONLY, WRONGTYPE) is
-returned in its command's place as redis-py's exception for it, as a
-pipeline does with raise_on_error=False: never skipped.
+connects again. A caller whose giving up says nothing about Redis (the login
+throttle's, for a login whose client went away) can leave the connection
+open: its replies are read in turn and dropped. An error reply (NOSCRIPT,
+OOM, READONLY, WRONGTYPE) is returned in its command's place as redis-py's
+exception for it, as a pipeline does with raise_on_error=False: never
+skipped.
 """
 
 from __future__ import annotations
@@ -75,7 +78,14 @@ class Link(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def send(self, commands: Sequence[Command], done: Done) -> None:
-        """Write `commands` at once; `done` gets their replies (or the failure)."""
+        """Write `commands` at once; `done` gets their replies (or the failure).
+
+        No commands: `done` gets no replies at once. Queued, a round trip that
+        waits for none would take the next round trip's replies as its own,
+        keep them, and leave every later one on the connection waiting."""
+        if not commands:
+            done([])
+            return
         if self.closed or self._transport is None:
             done(RedisConnectionError("the connection to Redis is closed"))
             return
@@ -133,29 +143,36 @@ async def connect(redis: Redis) -> Link:
                 )
     except (OSError, TimeoutError) as exc:
         raise RedisConnectionError(f"connecting to Redis failed: {exc or 'timed out'}") from exc
-    handshake: list[Command] = []
-    if settings.credential_provider or settings.username or settings.password:
-        provider = settings.credential_provider or UsernamePasswordCredentialProvider(
-            settings.username, settings.password
-        )
-        handshake.append(("AUTH", *await provider.get_credentials_async()))
-    if settings.db:
-        handshake.append(("SELECT", settings.db))
-    if handshake:
-        try:
-            replies = await call(link, handshake)
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-        except BaseException:
-            link.close(RedisConnectionError("the handshake with Redis failed"))
-            raise
+    # From here the connection is open: every way out but a finished handshake closes
+    # it. A credential provider may wait (a token service) and the caller give up then.
+    try:
+        handshake: list[Command] = []
+        if settings.credential_provider or settings.username or settings.password:
+            provider = settings.credential_provider or UsernamePasswordCredentialProvider(
+                settings.username, settings.password
+            )
+            handshake.append(("AUTH", *await provider.get_credentials_async()))
+        if settings.db:
+            handshake.append(("SELECT", settings.db))
+        for reply in await call(link, handshake):
+            if isinstance(reply, Exception):
+                raise reply
+    except BaseException:
+        link.close(RedisConnectionError("the handshake with Redis failed or was given up"))
+        raise
     return link
 
 
-async def call(link: Link, commands: Sequence[Command]) -> list[Any]:
-    """`link.send`, awaited: the replies, or the failure raised. Cancelled while it
-    waits: the connection is dropped (its reply would come to nobody)."""
+async def call(
+    link: Link, commands: Sequence[Command], drop_if_cancelled: bool = True
+) -> list[Any]:
+    """`link.send`, awaited: the replies, or the failure raised.
+
+    Cancelled while it waits: the connection is dropped, which is what a caller
+    whose cancellation means "Redis is too slow" (a timeout) wants. A caller
+    cancelled for its own reasons, with others waiting on the same connection,
+    passes `drop_if_cancelled=False`: its replies are still read, in order, and
+    thrown away."""
     answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
 
     def done(replies: list[Any] | BaseException) -> None:
@@ -170,32 +187,66 @@ async def call(link: Link, commands: Sequence[Command]) -> list[Any]:
     try:
         return await answer
     except asyncio.CancelledError:
-        link.close(RedisConnectionError("a round trip to Redis was given up"))
+        if drop_if_cancelled:
+            link.close(RedisConnectionError("a round trip to Redis was given up"))
         raise
 
 
 class Channel:
-    """A Link made when first needed and made again after it failed: what the writer
-    and the inbox each keep."""
+    """A Link made when first needed and made again after it failed: what the writer,
+    the inbox and the login throttle (xmppd.cluster.throttle) each keep."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._link: Link | None = None
+        self._connecting: asyncio.Task[Link] | None = None
 
     async def link(self) -> Link:
+        """The connection, made if there is none or it failed.
+
+        Callers that come while it is being made wait for that one attempt and
+        share its outcome, its failure too: each making its own would leave all
+        but the last open for nobody. A caller that gives up waiting does not end
+        the attempt for the others (the channel keeps what it makes)."""
         link = self._link
-        if link is None or link.closed:
+        if link is not None and not link.closed:
+            return link
+        connecting = self._connecting
+        if connecting is None:
+            connecting = self._connecting = asyncio.create_task(self._connect())
+            connecting.add_done_callback(self._connected)
+        return await asyncio.shield(connecting)
+
+    async def _connect(self) -> Link:
+        try:
             link = self._link = await connect(self.redis)
+        except asyncio.CancelledError:
+            # Only `release` cancels it: the callers waiting learn why from their call.
+            raise RedisConnectionError("the channel was released while it connected") from None
         return link
 
-    async def call(self, commands: Sequence[Command]) -> list[Any]:
+    def _connected(self, attempt: asyncio.Task[Link]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+
+    async def call(
+        self, commands: Sequence[Command], drop_if_cancelled: bool = True
+    ) -> list[Any]:
         """Send `commands` in one round trip and return their answers in order (raw:
         bytes, ints, lists); an error Redis answered to one command is returned in
-        its place."""
-        return await call(await self.link(), commands)
+        its place. No commands: no answers, and no connection made for them. For
+        `drop_if_cancelled`, see `call`."""
+        if not commands:
+            return []
+        return await call(await self.link(), commands, drop_if_cancelled)
 
     async def release(self) -> None:
-        """Close the connection (the task that used it stops)."""
+        """Close the connection, or end the attempt to make it: the task that used it
+        stops, or wants a new one (the next call connects again)."""
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
         link, self._link = self._link, None
         if link is not None:
             link.close(RedisConnectionError("the channel was released"))
