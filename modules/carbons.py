@@ -118,7 +118,7 @@ class Carbons(Module):
         self.host.add_feature(CARBONS)
         self.host.iq(CARBONS, "set", self.toggle, to="both")
         # Lowest priority: a stanza another filter drops (blocking) is never copied.
-        self.host.filter("stanza/out", self.on_out, priority=-100)
+        self.host.filter("stanza/out", self.on_out, priority=-100, kinds=("message",))
         self.host.on("message/bare", self.strip_private, priority=HIGHEST)
         self.host.on("message/full", self.strip_private, priority=HIGHEST)
         self.host.on("message/delivered", self.on_delivered)

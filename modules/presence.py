@@ -198,7 +198,7 @@ class Presence(Module):
     requires = ("roster",)
 
     def setup(self) -> None:
-        self.host.filter("stanza/out", self._on_out, priority=-100)
+        self.host.filter("stanza/out", self._on_out, priority=-100, kinds=("presence",))
         for kind in ns.SUBSCRIPTION_TYPES:
             self.host.hook(f"presence/{kind}", self._make_inbound(kind))  # type: ignore[arg-type]
         self.host.hook("presence/probe", self._on_probe)

@@ -150,7 +150,7 @@ class RosterModule(Module):
         # Two changes to one roster can finish their writes in one order and
         # push in the other (two tasks, or two nodes): the client must end on
         # the newer item, so each session drops pushes older than one it had.
-        self.host.filter("stanza/in", _drop_stale_push)
+        self.host.filter("stanza/in", _drop_stale_push, kinds=("iq",))
         # Interested resources (RFC 6121 2.1.6): sessions that asked for the
         # roster, each with whether it uses versioning (gets 'ver' in pushes).
         self._listeners: list[ChangeCallback] = []

@@ -76,7 +76,9 @@ class VCard(Module):
         self.host.add_feature(VCARD)
         self.host.iq(VCARD, "get", self.get, to="account")
         self.host.iq(VCARD, "set", self.set, to="account")
-        self.host.filter("stanza/out", self._presence_out, FILTER_PRIORITY)
+        self.host.filter(
+            "stanza/out", self._presence_out, FILTER_PRIORITY, kinds=("presence",)
+        )
         self.host.hook("session/bound", self._bound)
         self.host.hook("session/closed", self._closed)
         # Another node changed a vCard: its avatar hash is read again when needed.

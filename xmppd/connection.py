@@ -123,7 +123,7 @@ class C2SConnection(asyncio.Protocol):
         elif plain is None:
             self._peer_closed(tls)
             return
-        if tls.has_output():  # a handshake message or a key update's answer
+        if tls.outgoing.pending:  # a handshake message or a key update's answer
             transport = self.transport
             if transport is not None and not transport.is_closing():
                 transport.write(tls.output())
@@ -140,8 +140,10 @@ class C2SConnection(asyncio.Protocol):
     def _plaintext(self, data: bytes) -> None:
         """Plaintext from the client (decrypted when TLS is on)."""
         self._received = True
-        self._handle(self.stream.receive(data))
-        self._flush()
+        stream = self.stream
+        self._handle(stream.receive(data))
+        if stream.has_output:  # most reads (a stanza routed) leave nothing for this stream
+            self._flush()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -176,7 +178,9 @@ class C2SConnection(asyncio.Protocol):
             self._queued_messages += 1
         self.server.traffic.sent(tag)
         self.stream.send(stanza)
-        self._schedule_flush()
+        if not self._flush_scheduled:  # _schedule_flush, inline: once per delivered stanza
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
         return True
 
     def _reply(self, element: etree._Element) -> None:
@@ -304,7 +308,7 @@ class C2SConnection(asyncio.Protocol):
         else:
             log.info("TLS error from %s: %s conn=%s", self.ip, exc, self.id)
         if self.transport is not None:
-            if tls is not None and tls.has_output():  # the alert that says why
+            if tls is not None and tls.outgoing.pending:  # the alert that says why
                 self.transport.write(tls.output())
             self.transport.abort()
 

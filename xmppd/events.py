@@ -31,6 +31,18 @@ HIGHEST = 1000
 DEFAULT = -1000
 """Priority of the router's own handlers: what happens when no module takes a stanza."""
 
+STANZA_KINDS = ("message", "presence", "iq")
+"""The kinds a stanza filter can be limited to (`kind_chain`)."""
+
+
+def kind_chain(event: str, kind: str) -> str:
+    """The event holding the filters of `event` ("stanza/out", "stanza/in") that see
+    stanzas of `kind`: a chat message walks only the filters that look at messages.
+
+    Every filter is also in `event` itself, the chain for a stanza of no known kind
+    (and the one that lists them all)."""
+    return f"{event}/{kind}"
+
 
 class Events:
     def __init__(self) -> None:

@@ -29,8 +29,9 @@ message/full, message/host and the same for presence and iq (a `Routed`),
 with the RFC 6121 rules as the router's handlers at the lowest priority;
 message/delivered (Routed), once per delivered message, recipients known.
 Filters (sync, `filter`; False drops, an awaitable waits): stanza/out (stanza,
-origin session), stanza/in (stanza, session), presence/self (stanza, session):
-a client's own broadcast presence as the router applies it.
+origin session), stanza/in (stanza, session), each for the stanza kinds it names
+(all by default), presence/self (stanza, session): a client's own broadcast
+presence as the router applies it.
 Non-stanza elements: `element`. Timers: `every`. Subdomains: `serve_domain`.
 IQs the server sends: `send_iq`. The other nodes of a cluster: `notify_cluster`
 and `on_cluster_notice` (a module that keeps per-user state in memory drops it
@@ -68,7 +69,7 @@ from xmppd.auth.accounts import InvalidUsername, normalize_username
 from xmppd.cluster.bus import Bus, Handler, LocalBus, Lost, Payload
 from xmppd.cluster.directory import node_of
 from xmppd.directory import LocalDirectory
-from xmppd.events import DEFAULT
+from xmppd.events import DEFAULT, STANZA_KINDS, kind_chain
 from xmppd.jid import JID
 from xmppd.ledger import MessageLedger
 from xmppd.router import Routed
@@ -380,7 +381,13 @@ class ModuleHost:
         if make in self.stream_features[phase]:
             self.stream_features[phase].remove(make)
 
-    def filter(self, event: str, handler: Filter, priority: int = 0) -> None:
+    def filter(
+        self,
+        event: str,
+        handler: Filter,
+        priority: int = 0,
+        kinds: Iterable[str] = STANZA_KINDS,
+    ) -> None:
         """Run a synchronous `handler` on the stanza path: True passes the stanza on,
         False drops it (the filter sends any error itself).
 
@@ -395,8 +402,20 @@ class ModuleHost:
         "presence/self" (stanza, session): a client's own broadcast presence
         (or the server's unavailable for a session that ends) as the router
         applies it, before the echo and before the "presence/broadcast" hooks.
+
+        `kinds` ("message", "presence", "iq"; "stanza/out" and "stanza/in" only):
+        the stanzas the filter is called for. A filter about presence alone says
+        so, and a chat message does not call it: the router walks one chain per
+        kind. Stanzas of no known kind (another namespace) meet every filter.
         """
+        kinds = tuple(kinds)
+        for kind in kinds:
+            if kind not in STANZA_KINDS:
+                raise ValueError(f"{kind!r} is not a stanza kind")
         self.events.on(event, handler, priority)
+        if event in ("stanza/out", "stanza/in"):
+            for kind in kinds:
+                self.events.on(kind_chain(event, kind), handler, priority)
 
     @property
     def filters_in(self) -> list[tuple[int, Filter]]:

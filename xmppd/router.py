@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from lxml import etree
 
 from xmppd.directory import LocalDirectory, SessionDirectory
-from xmppd.events import DEFAULT, Events
+from xmppd.events import DEFAULT, STANZA_KINDS, Events, kind_chain
 from xmppd.jid import JID, parse_jid
 from xmppd.ledger import MessageLedger
 from xmppd.pauses import PauseStats
@@ -146,9 +146,13 @@ class Router:
         self._chosen: list[ClientSession] = []
         self._tasks: set[asyncio.Future[object]] = set()
         self._serial: dict[str, deque[tuple[Callable[[], object], asyncio.Future[None]]]] = {}
-        # The filter chains on the stanza path, held so that no stanza looks them up.
+        # The filter chains on the stanza path, held so that no stanza looks them up:
+        # one per stanza kind (a chat message walks only the filters for messages),
+        # and all of them for a stanza of no known kind.
         self._out = self.events.chain("stanza/out")
         self._in = self.events.chain("stanza/in")
+        self._out_by_tag = self._kind_chains("stanza/out")
+        self._in_by_tag = self._kind_chains("stanza/in")
         self._delivered = self.events.chain("message/delivered")
         events = self.events
         events.on("message/full", self._message_full, DEFAULT)
@@ -203,6 +207,12 @@ class Router:
             raise ValueError(f"{domain} is already served")
         self.components[domain] = handler
 
+    def _kind_chains(self, event: str) -> dict[str, list[tuple[int, Callable[..., Any]]]]:
+        return {
+            f"{{{ns.CLIENT}}}{kind}": self.events.chain(kind_chain(event, kind))
+            for kind in STANZA_KINDS
+        }
+
     @property
     def routed(self) -> int:
         """Stanzas routed since start, of every kind, the server's own included (xmppctl
@@ -234,8 +244,25 @@ class Router:
         timed = not self._routed % ROUTE_SAMPLE
         started = time.perf_counter() if timed else 0.0
         previous, self._waits = self._waits, []
+        pending: Coroutine[object, None, None] | None = None
         try:
-            pending = self._route(stanza, origin, bounce)
+            # The "stanza/out" filters of the stanza's kind (a local client's stanzas
+            # only), then the routing event; in this frame, being run for every stanza.
+            if origin is not None and self._out:
+                chain = self._out_by_tag.get(stanza.tag, self._out)
+                for entry in chain:
+                    verdict = entry[1](stanza, origin)
+                    if verdict is True:
+                        continue
+                    if verdict is not False:
+                        pending = self._route_after(
+                            verdict, chain, chain.index(entry), stanza, origin, bounce
+                        )
+                    break
+                else:
+                    self._dispatch(stanza, origin, bounce)
+            else:
+                self._dispatch(stanza, origin, bounce)
             waits = self._waits
         finally:
             self._waits = previous
@@ -248,30 +275,18 @@ class Router:
         # A future, not a coroutine: a caller that does not wait loses nothing.
         return waits[0] if len(waits) == 1 else asyncio.gather(*waits)
 
-    def _route(
-        self, stanza: etree._Element, origin: ClientSession | None, bounce: bool
-    ) -> Coroutine[object, None, None] | None:
-        if origin is not None and self._out:
-            for entry in self._out:
-                verdict = entry[1](stanza, origin)
-                if verdict is True:
-                    continue
-                if verdict is False:
-                    return None
-                return self._route_after(verdict, self._out.index(entry), stanza, origin, bounce)
-        self._dispatch(stanza, origin, bounce)
-        return None
-
     async def _route_after(
         self,
         pending: Awaitable[object],
+        chain: list[tuple[int, Callable[..., Any]]],
         index: int,
         stanza: etree._Element,
         origin: ClientSession,
         bounce: bool,
     ) -> None:
-        """The "stanza/out" filter at `index` asked to wait: wait, then go on from it."""
-        if not await self._pass_after(self._out, index, pending, stanza, origin, origin):
+        """The "stanza/out" filter at `index` of `chain` asked to wait: wait, then go
+        on from it."""
+        if not await self._pass_after(chain, index, pending, stanza, origin, origin):
             return
         previous, self._waits = self._waits, []
         try:
@@ -408,12 +423,13 @@ class Router:
             self._deliver_later(None, 0, session, stanza)
             return True
         try:
-            for entry in self._in:
+            chain = self._in_by_tag.get(stanza.tag, self._in)
+            for entry in chain:
                 verdict = entry[1](stanza, session)
                 if verdict is True:
                     continue
                 if verdict is not False:
-                    self._deliver_later(verdict, self._in.index(entry), session, stanza)
+                    self._deliver_later(verdict, chain.index(entry), session, stanza)
                 return True
         except Exception:
             # A module's bug: this delivery cannot be judged, the others still go.
@@ -456,7 +472,8 @@ class Router:
         """The "stanza/in" filter at `index` asked to wait (or, with no `pending`,
         the account had something waiting): wait, then go on from that filter.
         `chosen`: the other sessions the rules gave the same message to."""
-        if not await self._pass_after(self._in, index, pending, stanza, session, None):
+        chain = self._in_by_tag.get(stanza.tag, self._in)  # the one `index` is in
+        if not await self._pass_after(chain, index, pending, stanza, session, None):
             return
         if self.directory.get(session.bare, session.resource) is not session:
             # It ended meanwhile. If another session chosen for the same message is
@@ -528,6 +545,9 @@ class Router:
         return True
 
     def _message_bare(self, routed: Routed) -> bool:
+        if self.directory.has(routed.to.bare):  # the usual case, without _to_account's frame
+            self._message_to_account(routed)
+            return True
         return self._to_account(routed, self._message_to_account, self._no_such_user)
 
     def _to_account(

@@ -133,7 +133,11 @@ class ClientSession:
         if self._backlog is not None:
             self._backlog.append(stanza)
             return
-        pending = self._route(stanza)
+        try:  # _route, inline: this runs for every stanza a client sends
+            pending = self.router.route(stanza, self)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("routing a stanza from %s failed", self.jid)
+            return
         if pending is not None:
             assert self.router is not None
             self._backlog = deque()

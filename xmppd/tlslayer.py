@@ -30,7 +30,7 @@ read out before returning, so one buffer serves all connections of the process."
 class TLSLayer:
     """One TLS connection's state: handshake, record decryption and encryption, close_notify."""
 
-    __slots__ = ("ssl_object", "_sslobj", "_incoming", "_outgoing", "ready")
+    __slots__ = ("ssl_object", "_sslobj", "_incoming", "outgoing", "ready")
 
     def __init__(
         self,
@@ -39,9 +39,11 @@ class TLSLayer:
         server_hostname: str | None = None,
     ) -> None:
         self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
+        # Ciphertext for the peer; the connection reads its `pending` after each read
+        # (a handshake message, a key update's answer to write) with no call of ours.
+        self.outgoing = ssl.MemoryBIO()
         self.ssl_object: ssl.SSLObject = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=server_side,
+            self._incoming, self.outgoing, server_side=server_side,
             server_hostname=server_hostname,
         )
         # The C object behind SSLObject: its read/write/pending without a Python frame each.
@@ -91,14 +93,11 @@ class TLSLayer:
     def encrypt(self, data: bytes) -> bytes:
         """`data` as TLS records, after whatever else was waiting to go out."""
         self._sslobj.write(data)
-        return self._outgoing.read()
-
-    def has_output(self) -> bool:
-        return self._outgoing.pending > 0
+        return self.outgoing.read()
 
     def output(self) -> bytes:
         """Bytes the TLS layer has for the peer (handshake, tickets, alerts, close_notify)."""
-        return self._outgoing.read()
+        return self.outgoing.read()
 
     def shutdown(self) -> bytes:
         """Our close_notify (after anything still waiting), to be written before the TCP close."""
@@ -106,4 +105,4 @@ class TLSLayer:
             self._sslobj.shutdown()
         except ssl.SSLError:
             pass  # want-read: the peer's close_notify is not awaited here
-        return self._outgoing.read()
+        return self.outgoing.read()

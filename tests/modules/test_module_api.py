@@ -396,3 +396,73 @@ async def test_a_filter_that_raises_for_one_recipient_spares_the_others() -> Non
     (error,) = replies  # the delivery that could not be judged is answered, not lost
     condition = f"{{{ns.CLIENT}}}error/{{{ns.STANZA_ERRORS}}}internal-server-error"
     assert error.get("id") == "m" and error.find(condition) is not None
+
+
+# --- filters limited to stanza kinds -------------------------------------------------------
+
+
+def recorder(seen: list[tuple[str, str]], name: str) -> Callable[..., bool]:
+    """A filter that notes which stanzas it was called for (by local name) and passes them."""
+
+    def check(stanza: etree._Element, session: TestSession) -> bool:
+        seen.append((name, etree.QName(stanza).localname))
+        return True
+
+    return check
+
+
+async def test_a_filter_for_some_kinds_is_called_only_for_those() -> None:
+    harness = await ModuleHarness({}).start()
+    seen: list[tuple[str, str]] = []
+    harness.host.filter("stanza/out", recorder(seen, "out-presence"), kinds=("presence",))
+    harness.host.filter("stanza/out", recorder(seen, "out-all"))
+    harness.host.filter("stanza/in", recorder(seen, "in-message-iq"), kinds=("message", "iq"))
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await harness.send(alice, "<message to='bob@localhost/b' type='chat'><body>x</body></message>")
+    await harness.send(alice, "<presence to='bob@localhost/b'/>")
+    await harness.send(alice, "<iq to='bob@localhost/b' type='get'><query xmlns='x:y'/></iq>")
+    assert [s.tag for s in bob.take()] == [ns.C_MESSAGE, ns.C_PRESENCE, ns.C_IQ]
+    assert seen == [
+        ("out-all", "message"), ("in-message-iq", "message"),
+        ("out-presence", "presence"), ("out-all", "presence"),
+        ("out-all", "iq"), ("in-message-iq", "iq"),
+    ]
+    assert len(harness.host.filters_out) == 2 and len(harness.host.filters_in) == 1
+
+
+@pytest.mark.parametrize("chain", ["stanza/out", "stanza/in"])
+async def test_a_wait_in_a_kind_chain_goes_on_from_the_same_filter(chain: str) -> None:
+    """The filter that asked to wait runs again after the wait, and the ones after it
+    in the message's own chain: not a filter at the same position among all kinds."""
+    harness = await ModuleHarness({}).start()
+    seen: list[tuple[str, str]] = []
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiter_calls: list[str] = []
+
+    def waits_once(stanza: etree._Element, session: TestSession) -> object:
+        waiter_calls.append(stanza.get("id") or "")
+        return True if gate.done() else gate
+
+    harness.host.filter(chain, recorder(seen, "presence-only"), 20, kinds=("presence",))
+    harness.host.filter(chain, waits_once, 10, kinds=("message",))
+    harness.host.filter(chain, recorder(seen, "after"), 0)
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    stanza = parse_stanza("<message to='bob@localhost/b' id='m'><body>x</body></message>")
+    stanza.set("from", alice.jid)
+    alice.receive(stanza)
+    await asyncio.sleep(0)
+    assert bob.take() == []
+    gate.set_result(None)
+    await harness.router.drain()
+    assert [s.get("id") for s in bob.take()] == ["m"]
+    assert waiter_calls == ["m", "m"]
+    assert seen == [("after", "message")]
+
+
+async def test_a_filter_for_an_unknown_kind_is_refused_and_not_registered() -> None:
+    harness = await ModuleHarness({}).start()
+    with pytest.raises(ValueError):
+        harness.host.filter("stanza/out", lambda stanza, session: True, kinds=("chat",))
+    assert harness.host.filters_out == []

@@ -195,6 +195,12 @@ class C2SStream:
             events.append(StreamEnded(exc))
         return events
 
+    @property
+    def has_output(self) -> bool:
+        """Bytes are queued for the peer: after a read, the connection writes only then
+        (a read that routed a stanza queued nothing here)."""
+        return bool(self._out)
+
     def output(self) -> bytes:
         """Bytes queued for the peer since the last call."""
         if not self._out:
