@@ -126,7 +126,7 @@ class LayerTLS(Forwarder, asyncio.BufferedProtocol):
             data = b""
         if data:
             self.frames(data)
-        if tls.has_output():
+        if tls.outgoing.pending:
             self.transport.write(tls.output())
 
     def write(self, data: bytes) -> None:
