@@ -350,6 +350,24 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user + ':***' if user else '***'}@{hostpart}"
 
 
+def _advertise(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise _problem(f"expected HOST:PORT (like 10.0.0.5:7400), got {json.dumps(value)}")
+    return value
+
+
+class LinkConfig(BaseModel):
+    """Where a cluster node listens for the direct stanza links of its peers
+    (xmppd.cluster.link)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: StrictBool = True  # false: stanzas between nodes go through Redis only
+    host: Annotated[StrictStr, AfterValidator(_address)] = "127.0.0.1"
+    port: StrictInt = Field(default=0, ge=0, le=65535)  # 0: the OS picks a free port
+
+
 class ClusterConfig(BaseModel):
     """Nodes that share their session table through Redis (xmppd.cluster).
 
@@ -364,6 +382,11 @@ class ClusterConfig(BaseModel):
     forward_wait: float = Field(default=5.0, gt=0, le=300)
     """Seconds a stanza for another node waits for an unreachable Redis before it is
     routed again on this node (offline storage, an error)."""
+    link: LinkConfig = Field(default_factory=LinkConfig)
+    link_advertise: Annotated[StrictStr, AfterValidator(_advertise)] | None = None
+    """HOST:PORT the other nodes dial for this node's link; None: the bound address."""
+    secret: StrictStr | None = Field(default=None, min_length=16)
+    """The key nodes prove to each other on a link; None: one Redis keeps (SET NX)."""
 
 
 def _is_loopback(address: str) -> bool:

@@ -119,7 +119,7 @@ class Inbox:
         self.key = schema.inbox_key(node)
         self.directory = directory
         self.sync = sync
-        self.reroute = reroute
+        self.items = ItemHandler(directory, stats, reroute)
         self._last = "0-0"  # the last entry handled
         self._trimmed = "0-0"  # the last entry trimmed from the stream
         self._untrimmed = 0  # entries handled since that trim
@@ -224,7 +224,7 @@ class Inbox:
     async def _handle_all(self, answer: Entries) -> None:
         """XREAD's answer, as `_entries` gives it."""
         for _, entries in answer:
-            split = [(entry_id, *_split(fields)) for entry_id, fields in entries]
+            split = [(entry_id, *split_fields(fields)) for entry_id, fields in entries]
             # The sessions of a reaped node leave this replica by an event that may
             # come after its orphans: drop them first, or the orphans would go back.
             orphans = {head[b"orphan"] for _, head, items in split if items and b"orphan" in head}
@@ -238,17 +238,29 @@ class Inbox:
                         if self.sync.behind(origin.decode(), int(seq)):
                             await self.sync.caught_up(origin.decode(), int(seq))
                     orphan = b"orphan" in head
-                    for item in items:
-                        try:
-                            self._handle(item, orphan)
-                        except Exception:
-                            log.exception(
-                                "cluster: an inbox entry failed (to %r)", item.get(b"to")
-                            )
+                    self.items.handle(items, orphan)
                 # Handled (or skipped) only now: a reader cancelled while it waits above
                 # must not have the entry trimmed.
                 self._last = entry_id.decode()
                 self._untrimmed += 1
+
+class ItemHandler:
+    """What a node does with the items other nodes send it, whichever way they came:
+    an inbox entry (Redis) or a link frame (xmppd.cluster.link). One place, so the
+    two paths cannot treat a stanza differently."""
+
+    def __init__(self, directory: ClusterDirectory, stats: ClusterStats, reroute: Reroute) -> None:
+        self.directory = directory
+        self.stats = stats
+        self.reroute = reroute
+
+    def handle(self, items: list[dict[bytes, bytes]], orphan: bool) -> None:
+        """`items` in order; one that fails is logged, the next ones still handled."""
+        for item in items:
+            try:
+                self._handle(item, orphan)
+            except Exception:
+                log.exception("cluster: a forwarded item failed (to %r)", item.get(b"to"))
 
     def _handle(self, fields: dict[bytes, bytes], orphan: bool) -> None:
         jid = fields[b"to"].decode()
@@ -280,6 +292,7 @@ class Inbox:
         self.reroute(stanza, int(fields.get(b"hops", b"1")))
 
 
+
 Entries = list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]
 """XREAD's answer: [(stream, [(entry id, [field, value, ...]), ...])]."""
 
@@ -287,7 +300,7 @@ ENTRY_FIELDS = frozenset((b"from", b"seq", b"orphan", b"wake"))
 """The fields of an entry as a whole; any other belongs to the item before it."""
 
 
-def _split(fields: list[bytes]) -> tuple[dict[bytes, bytes], list[dict[bytes, bytes]]]:
+def split_fields(fields: list[bytes]) -> tuple[dict[bytes, bytes], list[dict[bytes, bytes]]]:
     """An entry's fields: (those of the entry as a whole, its items in order). An item
     starts at each "to"; a field name repeats once per item, so the fields cannot be
     one dict."""
