@@ -350,10 +350,34 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user + ':***' if user else '***'}@{hostpart}"
 
 
+def split_advertised(value: str) -> tuple[str, int | None]:
+    """HOST, HOST:PORT or [IPv6]:PORT -> (host, port or None); ValueError if malformed."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") if sep and rest.startswith(":") else ""
+        if not host or not port:
+            raise ValueError(value)
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""  # a name, an IPv4 address, or a bare IPv6 address
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(value)
+    if not port:
+        return host, None
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(value)
+    return host, int(port)
+
+
 def _advertise(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise _problem(f"expected HOST:PORT (like 10.0.0.5:7400), got {json.dumps(value)}")
+    try:
+        split_advertised(value)
+    except ValueError:
+        raise _problem(
+            "expected HOST or HOST:PORT (like 10.0.0.5 or 10.0.0.5:7400; [IPv6]:PORT), "
+            f"got {json.dumps(value)}"
+        ) from None
     return value
 
 
@@ -384,7 +408,8 @@ class ClusterConfig(BaseModel):
     routed again on this node (offline storage, an error)."""
     link: LinkConfig = Field(default_factory=LinkConfig)
     link_advertise: Annotated[StrictStr, AfterValidator(_advertise)] | None = None
-    """HOST:PORT the other nodes dial for this node's link; None: the bound address."""
+    """HOST or HOST:PORT the other nodes dial for this node's link (without a port: the
+    bound one); None: the bound address."""
     secret: StrictStr | None = Field(default=None, min_length=16)
     """The key nodes prove to each other on a link; None: one Redis keeps (SET NX)."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -22,8 +23,10 @@ from tests.integration.test_cluster import (
     until,
 )
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
+from xmppd.cluster import link as link_module
 from xmppd.cluster import schema, wire
 from xmppd.cluster.link import UP
+from xmppd.cluster.writer import Op
 from xmppd.server import Server
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
@@ -215,5 +218,42 @@ async def test_a_node_that_is_not_live_refuses_and_the_sender_routes_again(
     assert await received(later, timeout=5) == "refused"  # stored offline on A
     assert bob.messages.empty()
     await close(later)
+    await close(alice)
+    await close(bob)
+
+
+async def test_past_the_unacked_bound_stanzas_go_through_redis_and_keep_their_order(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small bound on what may wait for B's acks: a burst goes partly over the link,
+    partly through Redis (slowed down), back and forth while the link is up. Each frame
+    after stanzas went through Redis is written once those are in Redis, and B reads its
+    inbox through before it handles the frame: B's client sees the burst in order."""
+    monkeypatch.setattr(link_module, "MAX_UNACKED", 2000)
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and b.cluster is not None
+    writer = a.cluster.writer
+    send = writer._send
+
+    async def slow(batch: list[Op]) -> list[Any]:
+        await asyncio.sleep(0.05)  # a slow Redis: the link would overtake it
+        return await send(batch)
+
+    monkeypatch.setattr(writer, "_send", slow)
+    peer = a.cluster.link._peers["node-b"]  # type: ignore[union-attr]
+    count, chunk = 400, 40
+    for start in range(0, count, chunk):
+        routed = a.cluster.stats.forwards_out + chunk
+        for n in range(start, start + chunk):
+            alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+        # The chunk routed, the link's part acknowledged: the next chunk starts on the
+        # link while this one's Redis part may still be on its way.
+        await until(lambda r=routed: a.cluster is not None and a.cluster.stats.forwards_out >= r)  # type: ignore[misc]
+        await until(lambda: peer.unacked_bytes == 0)
+    got = [await received(bob, 5.0) for _ in range(count)]
+    assert got == [str(n) for n in range(count)]
+    stats = b.cluster.stats
+    assert stats.link_stanzas_in > 0 and a.cluster.stats.link_fallbacks > 0  # both paths
+    assert stats.forwards_in - stats.link_stanzas_in > 0
     await close(alice)
     await close(bob)

@@ -61,7 +61,7 @@ from xmppd.cluster import schema
 from xmppd.cluster.channel import Channel
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.stats import ClusterStats
-from xmppd.cluster.sync import ReplicaSync
+from xmppd.cluster.sync import ORDER_WAIT, ReplicaSync
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
@@ -125,6 +125,8 @@ class Inbox:
         self._untrimmed = 0  # entries handled since that trim
         self._trim_by = 0.0  # when what is handled is trimmed at the latest (monotonic)
         self._stopping = False
+        self._progress = asyncio.Event()  # set (and replaced) when `_last` moves
+        self._received: dict[str, int] = {}  # node -> the number of its last item handled
         self._task: asyncio.Task[None] | None = None
         self._channel = Channel(redis)
 
@@ -239,10 +241,33 @@ class Inbox:
                             await self.sync.caught_up(origin.decode(), int(seq))
                     orphan = b"orphan" in head
                     self.items.handle(items, orphan)
+                    number = items[-1].get(b"rn")
+                    if origin is not None and number is not None and not orphan:
+                        self._received[origin.decode()] = int(number)
                 # Handled (or skipped) only now: a reader cancelled while it waits above
                 # must not have the entry trimmed.
                 self._last = entry_id.decode()
                 self._untrimmed += 1
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    def behind(self, node: str, number: int) -> bool:
+        """True if `node`'s item `number` (xmppd.cluster.writer numbers what it sends
+        each node through Redis) has not been handled here yet."""
+        return self._received.get(node, 0) < number
+
+    async def caught_up(self, node: str, number: int) -> None:
+        """Return once `node`'s items through Redis up to `number` are handled, or after
+        ORDER_WAIT (one refused or lost on the way never comes): a link frame sent after
+        them waits for them (xmppd.cluster.link, "Order")."""
+        try:
+            async with asyncio.timeout(ORDER_WAIT):
+                while self.behind(node, number):
+                    await self._progress.wait()
+        except TimeoutError:
+            log.warning("cluster: item %d of node %s through Redis did not arrive before a "
+                        "later one over the link; going on", number, node)
+            self._received[node] = max(number, self._received.get(node, 0))
 
 class ItemHandler:
     """What a node does with the items other nodes send it, whichever way they came:

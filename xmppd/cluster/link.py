@@ -33,10 +33,16 @@ repeated") holds for both:
 - A clean stop sends what is queued, waits DRAIN_WAIT for the acks, and
   sends what is not acknowledged through Redis.
 
-Order: the stanzas one node sends another take one path at a time, in
-order. Only when the path changes (the link comes up after stanzas went
-through Redis, or fails and what it held goes through Redis) may a stanza of
-the new path overtake one of the old still in the peer's inbox.
+Order: the stanzas one node sends another keep their order when they change
+path from Redis to the link. The writer numbers what it sends each node
+through Redis; a frame carries the number of the last one before its items
+(a frame ends where one went through Redis in between), and the receiver
+handles the frame once its inbox handled that one (`Inbox.caught_up`,
+bounded: one refused or lost on the way never comes). From the link to
+Redis nothing waits: a frame is written at once, and an item through Redis
+after it takes a Redis round trip more. When a link gives up, what it held
+goes through Redis after what went there meanwhile: only then may a stanza
+overtake an earlier one.
 """
 
 from __future__ import annotations
@@ -52,9 +58,10 @@ from lxml import etree
 from redis.typing import EncodableT
 
 from xmppd.cluster import wire
-from xmppd.cluster.inbox import ItemHandler, split_fields
+from xmppd.cluster.inbox import Inbox, ItemHandler, split_fields
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
+from xmppd.config import split_advertised
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +82,14 @@ DRAIN_WAIT = 2.0
 class Record:
     """One item on a link: a stanza (forwarded `hops` times before) or a stream end
     (`stanza` None), its fields as the inbox takes them, the sender's last table change
-    before it."""
+    before it, and what went through Redis before it."""
 
     stanza: etree._Element | None
     hops: int
     item: list[EncodableT]
     change: int
+    redis: int = 0
+    """The number of the last item sent to the same node through Redis before it."""
 
 
 @dataclass(slots=True)
@@ -99,7 +108,9 @@ class Link:
     through Redis (Writer.queue_item), `reroute(stanza, hops, avoid)` routes a
     stanza again here, `on_gone(node)` is called when a peer refused frames
     (Cluster.node_gone), `live()` says whether this node may still take stanzas
-    (its heartbeat has not lapsed). `serve(items)` once the modules are loaded."""
+    (its heartbeat has not lapsed), `redis_items(node)` is the number of the last item
+    sent to `node` through Redis (Writer.redis_items). `serve(inbox)` once the modules
+    are loaded."""
 
     def __init__(
         self, node: str, host: str, port: int, advertise: str | None, stats: ClusterStats,
@@ -119,6 +130,8 @@ class Link:
         )
         self.on_gone: Callable[[str], None] = lambda node: None
         self.live: Callable[[], bool] = lambda: False
+        self.redis_items: Callable[[str], int] = lambda node: 0
+        self.inbox: Inbox | None = None
         self.items: ItemHandler | None = None
         self.stopping = False
         self.addresses: dict[str, str] = {}  # peer -> the address it advertises
@@ -134,13 +147,16 @@ class Link:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: Inbound(self), self.host, self.port)
         bound = self._server.sockets[0].getsockname()
-        self.address = self.advertise or f"{bound[0]}:{bound[1]}"
+        host, port = split_advertised(self.advertise) if self.advertise else (bound[0], None)
+        host = f"[{host}]" if ":" in host else host
+        self.address = f"{host}:{port or bound[1]}"
         log.info("cluster: links from other nodes on %s:%d (advertised %s)",
                  bound[0], bound[1], self.address)
         return self.address
 
-    def serve(self, items: ItemHandler) -> None:
-        self.items = items
+    def serve(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+        self.items = inbox.items
 
     def accepting(self) -> bool:
         """Whether frames are handled now (else refused: the sender routes them again)."""
@@ -181,7 +197,7 @@ class Link:
         ):
             self.stats.link_fallbacks += 1
             return False
-        peer.queue(Record(stanza, hops, item, change))
+        peer.queue(Record(stanza, hops, item, change, self.redis_items(node)))
         return True
 
     def gone(self, node: str) -> None:
@@ -280,6 +296,7 @@ class Peer:
         self._queued: list[Record] = []
         self._conn: Outbound | None = None
         self._task: asyncio.Task[None] | None = None
+        self._sent = 0  # the last frame written on the current connection
 
     def queue(self, record: Record) -> None:
         """Sent with what else is queued for this peer in this turn of the loop."""
@@ -288,17 +305,21 @@ class Peer:
         self._queued.append(record)
 
     def flush(self) -> None:
-        """What was queued, as few frames as SPLIT_AT allows, in one write."""
+        """What was queued, as few frames as SPLIT_AT allows, in one write. A frame also
+        ends where items went through Redis in between: the next one waits for them."""
         queued, self._queued = self._queued, []
         if not queued:
             return
-        frames: list[bytes] = []
+        frames = 0
         start = 0
         while start < len(queued):
             fields: list[bytes] = []
             size = 0
             end = start
-            while end < len(queued) and (end == start or size < wire.SPLIT_AT):
+            redis = queued[start].redis
+            while end < len(queued) and (
+                end == start or (size < wire.SPLIT_AT and queued[end].redis == redis)
+            ):
                 for value in queued[end].item:
                     encoded = value if isinstance(value, bytes) else str(value).encode()
                     fields.append(encoded)
@@ -306,16 +327,25 @@ class Peer:
                 end += 1
             records = queued[start:end]
             self._seq += 1
-            frame = wire.data(self._seq, max(r.change for r in records), fields)
+            frame = wire.data(self._seq, max(r.change for r in records), fields, redis)
             self.held.append(Held(self._seq, frame, records))
             self.unacked_bytes += len(frame)
-            frames.append(frame)
+            frames += 1
             start = end
         stats = self.link.stats
-        stats.link_frames_out += len(frames)
+        stats.link_frames_out += frames
         stats.link_stanzas_out += len(queued)
-        if self.state == UP and self._conn is not None:
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Write what is held and not written on this connection, in one write."""
+        if self.state != UP or self._conn is None:
+            return
+        frames = [held.frame for held in self.held if held.seq > self._sent]
+        if frames:
             self._conn.write(b"".join(frames))
+            self._sent = self.held[-1].seq
+
 
     def dial(self) -> None:
         self.state = CONNECTING
@@ -344,8 +374,8 @@ class Peer:
         self._conn = conn
         self.state = UP
         self._acked(last)
-        if self.held:
-            conn.write(b"".join(held.frame for held in self.held))
+        self._sent = last
+        self._write_pending()
 
     def _failed(self) -> None:
         """No link in time: what it held goes through Redis, in order."""
@@ -466,7 +496,7 @@ class Inbound(asyncio.Protocol):
         self.last = 0  # the last frame handled
         self.acked = 0
         self.closed = False
-        self._backlog: deque[tuple[int, int, list[bytes]]] = deque()
+        self._backlog: deque[tuple[int, int, int, list[bytes]]] = deque()
         self._waiting: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -540,10 +570,12 @@ class Inbound(asyncio.Protocol):
                 self._write(wire.ack(wire.NACK, self.last))
                 self.acked = self.last
                 return
-            seq, change, fields = backlog[0]
-            assert self.peer is not None
-            if change and link.sync.behind(self.peer, change):
-                self._waiting = asyncio.create_task(self._wait(change))
+            seq, change, redis, fields = backlog[0]
+            assert self.peer is not None and link.inbox is not None
+            if (redis and link.inbox.behind(self.peer, redis)) or (
+                change and link.sync.behind(self.peer, change)
+            ):
+                self._waiting = asyncio.create_task(self._wait(redis, change))
                 break
             backlog.popleft()
             if seq <= self.last:
@@ -559,9 +591,14 @@ class Inbound(asyncio.Protocol):
             self._write(wire.ack(wire.ACK, self.last))
             self.acked = self.last
 
-    async def _wait(self, change: int) -> None:
-        assert self.peer is not None
-        await self.link.sync.caught_up(self.peer, change)
+    async def _wait(self, redis: int, change: int) -> None:
+        """A frame waits: for what its sender sent through Redis before it (up to item
+        `redis`), then for its sender's table changes up to `change`."""
+        assert self.peer is not None and self.link.inbox is not None
+        if redis:
+            await self.link.inbox.caught_up(self.peer, redis)
+        if change:
+            await self.link.sync.caught_up(self.peer, change)
         self._waiting = None
         self._process()
 

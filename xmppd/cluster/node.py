@@ -138,6 +138,7 @@ class Cluster:
         heartbeat = self.heartbeat
         link.live = lambda: time.monotonic() < heartbeat.alive_until()
         self.writer.link = link
+        link.redis_items = self.writer.redis_items
         heartbeat.link_address = await link.start(secret)
 
     def _fallback(self, node: str, record: Record) -> None:
@@ -152,7 +153,7 @@ class Cluster:
         if self.inbox is not None:
             self.inbox.start()
             if self.link is not None:
-                self.link.serve(self.inbox.items)
+                self.link.serve(self.inbox)
         lost, self._lost_before = self._lost_before, []
         self.sessions_lost(lost)  # the previous process's: the modules can tell contacts now
 

@@ -17,6 +17,7 @@ link or reflected back to the node that made it):
    this dialer's `incarnation` (0 if none): the dialer sends again only those after it.
 
 Then the dialer sends DATA frames (its sequence number, its last table change
+before them, the number of its last item to the acceptor through Redis
 before them, the items as an inbox entry has them) and the acceptor answers
 ACK (every frame up to this number is handled) or NACK (handled up to this
 number, the rest refused: this node is no longer live).
@@ -43,7 +44,7 @@ SPLIT_AT = 1024 * 1024
 """A sender closes a data frame once it holds this many bytes of items."""
 
 _LENGTH = struct.Struct("!I")
-_DATA = struct.Struct("!QQ")
+_DATA = struct.Struct("!QQQ")
 _SEQ = struct.Struct("!Q")
 
 
@@ -82,21 +83,23 @@ class FrameReader:
         return frames
 
 
-def data(seq: int, change: int, fields: Sequence[bytes]) -> bytes:
+def data(seq: int, change: int, fields: Sequence[bytes], redis: int = 0) -> bytes:
     """A DATA frame: link sequence number `seq`, the sender's last table change `change`
-    (0: none to wait for), the items' fields (name, value, name, value, ...)."""
-    parts = [_DATA.pack(seq, change)]
+    (0: none to wait for), the number of the last item the sender sent the receiver
+    through Redis before these (`redis`, 0: none; the receiver handles that one first),
+    the items' fields (name, value, name, value, ...)."""
+    parts = [_DATA.pack(seq, change, redis)]
     for value in fields:
         parts.append(_LENGTH.pack(len(value)))
         parts.append(value)
     return frame(DATA, b"".join(parts))
 
 
-def parse_data(body: bytes) -> tuple[int, int, list[bytes]]:
-    """(seq, change, fields) of a DATA frame's body."""
+def parse_data(body: bytes) -> tuple[int, int, int, list[bytes]]:
+    """(seq, change, redis, fields) of a DATA frame's body."""
     if len(body) < _DATA.size:
         raise WireError("a data frame too short")
-    seq, change = _DATA.unpack_from(body)
+    seq, change, redis = _DATA.unpack_from(body)
     fields: list[bytes] = []
     at, end = _DATA.size, len(body)
     while at < end:
@@ -110,7 +113,7 @@ def parse_data(body: bytes) -> tuple[int, int, list[bytes]]:
         at += length
     if len(fields) % 2:
         raise WireError("a data frame with a name without its value")
-    return seq, change, fields
+    return seq, change, redis, fields
 
 
 def ack(kind: bytes, seq: int) -> bytes:

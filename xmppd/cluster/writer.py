@@ -193,6 +193,11 @@ class Writer:
         # The number of the last table change queued (schema: "Order"); 0: none yet.
         self._seq = time.time_ns() // 1000
         self._last_change = 0
+        self._redis_items: dict[str, int] = {}  # node -> the number of its last Redis item
+
+    def redis_items(self, node: str) -> int:
+        """The number of the last item queued for `node` through Redis (0: none yet)."""
+        return self._redis_items.get(node, 0)
 
     @property
     def queued(self) -> int:
@@ -348,6 +353,11 @@ class Writer:
         """Send `item` (a stanza forwarded `hops` times before, or a stream end) to
         `node`'s inbox through Redis; `seq`: this node's last table change before it.
         Also where the link (xmppd.cluster.link) hands what it could not deliver."""
+        # Numbered per target node: a link frame that comes after it waits for it on the
+        # receiver (xmppd.cluster.link, "Order"). From the clock: above a previous
+        # process's numbers.
+        number = self._redis_items[node] = self._redis_items.get(node, self._seq) + 1
+        item = [*item, "rn", number]
         if stanza is None:
             self._put(Op(None, node=node, item=item))
             return
@@ -388,7 +398,9 @@ class Writer:
             "to", jid, "sid", sid, "end", error.condition, "text", error.text or ""
         ]
         self.stats.ends_out += 1
-        if self.link is None or not self.link.send(node, None, 0, item, 0):
+        # Over a link it may overtake this node's table writes (the bind that caused it):
+        # the receiver applies them first, as for a stanza (schema: "Order").
+        if self.link is None or not self.link.send(node, None, 0, item, self._last_change):
             self.queue_item(node, item)
 
     def _next(self) -> int:
