@@ -156,6 +156,8 @@ class Heartbeat:
         self.node = node
         self.on_links = on_links
         self.link_address: str | None = None  # published for the other nodes' links
+        self.link_secret: bytes | None = None  # the links' key, when it is kept in Redis
+        self.on_secret: Callable[[bytes], None] = lambda secret: None
         self._set_at = 0.0  # when this loop last set the alive key (monotonic)
         # Read when made, not at import: a test's node process shortens them.
         self.ttl = TTL
@@ -196,10 +198,10 @@ class Heartbeat:
 
     def alive_until(self) -> float:
         """Until when (monotonic) no other node can have found this node's alive key
-        expired, less a second for the clocks' drift: past it, this node may have been
-        reaped, and its links refuse stanzas (xmppd.cluster.link)."""
+        expired, less a tenth of the TTL for the clocks' drift: past it, this node may
+        have been reaped, and its links refuse stanzas (xmppd.cluster.link)."""
         set_at = max(self._set_at, self.keep_alive.set_at if self.keep_alive else 0.0)
-        return set_at + self.ttl - 1.0 if set_at else 0.0
+        return set_at + self.ttl * 0.9 if set_at else 0.0
 
     async def beat(self) -> None:
         """Say this node is alive; reap the nodes that stopped saying so."""
@@ -211,8 +213,18 @@ class Heartbeat:
             pipe.smembers(schema.NODES)
             if self.link_address is not None:
                 pipe.set(schema.link_key(self.node), self.link_address)
-            was_alive, _, _, members, *_ = await pipe.execute()
+            secret = self.link_secret
+            if secret is not None:
+                # Redis restarted empty forgot it: put it back, or take the one another
+                # node put first (links opened from then on use it).
+                pipe.set(schema.LINK_SECRET, secret, nx=True)
+                pipe.get(schema.LINK_SECRET)
+            answers = await pipe.execute()
+        was_alive, members = answers[0], answers[3]
         self._set_at = started
+        if secret is not None and isinstance(answers[-1], bytes) and answers[-1] != secret:
+            self.link_secret = answers[-1]
+            self.on_secret(answers[-1])
         if was_alive is None:
             # Our key had expired: another node may have reaped us meanwhile.
             self._expired()

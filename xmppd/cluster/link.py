@@ -16,8 +16,9 @@ repeated") holds for both:
   format and handshake: xmppd.cluster.wire). It is not encrypted.
 - The dialing node sends; the accepting node handles the items exactly as
   its inbox does (`ItemHandler`), after the sender's table changes before
-  them (`ReplicaSync.caught_up`), and acknowledges once per read. The
-  sender keeps every frame until it is acknowledged.
+  them (`ReplicaSync.caught_up`), and acknowledges what it handled at most
+  every ACK_DELAY (not per stanza). The sender keeps every frame until it
+  is acknowledged.
 - Link lost, the peer still live: the sender dials again; the handshake says
   which frame the peer handled last on that sender's incarnation, and only
   the rest is sent again (no duplicates while the peer process lives).
@@ -53,6 +54,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from lxml import etree
 from redis.typing import EncodableT
@@ -76,6 +78,11 @@ MAX_UNACKED = 8 * 1024 * 1024
 """Bytes sent to one peer and not acknowledged, past which stanzas go through Redis."""
 DRAIN_WAIT = 2.0
 """Seconds a clean stop waits for the peers to acknowledge what was sent."""
+ACK_DELAY = 0.005
+"""Seconds a receiver gathers what it handled before it acknowledges it: at steady
+rates most frames hold one stanza, and an ack per frame would cost each side a
+syscall and a wake-up per stanza. What is handled is recorded at once (a reconnect's
+handshake reports it), so the delay costs nothing but memory on the sender."""
 
 
 @dataclass(slots=True)
@@ -153,6 +160,12 @@ class Link:
         log.info("cluster: links from other nodes on %s:%d (advertised %s)",
                  bound[0], bound[1], self.address)
         return self.address
+
+    def use_secret(self, secret: bytes) -> None:
+        """The secret in Redis changed (Redis restarted empty, and another node stored
+        its own first): links opened from now on use it, open ones stay."""
+        log.warning("cluster: the link secret in Redis changed; using it for new links")
+        self.secret = secret
 
     def serve(self, inbox: Inbox) -> None:
         self.inbox = inbox
@@ -373,6 +386,7 @@ class Peer:
             return
         self._conn = conn
         self.state = UP
+        log.info("cluster: linked to node %s at %s", self.node, self.address)
         self._acked(last)
         self._sent = last
         self._write_pending()
@@ -436,9 +450,9 @@ class Outbound(asyncio.Protocol):
         self.welcomed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.handshake.hello())
+        # A stream transport (uvloop's is not a subclass of asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.handshake.hello())
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
@@ -483,7 +497,7 @@ class Outbound(asyncio.Protocol):
 
 class Inbound(asyncio.Protocol):
     """The accepting end of one link connection: authenticates the peer, handles its
-    frames in order, acknowledges once per read."""
+    frames in order, acknowledges at most every ACK_DELAY."""
 
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -499,10 +513,10 @@ class Inbound(asyncio.Protocol):
         self._backlog: deque[tuple[int, int, int, list[bytes]]] = deque()
         self._waiting: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's too: see Outbound
         peername = transport.get_extra_info("peername")
         self.address = f"{peername[0]}:{peername[1]}" if peername else "?"
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_WAIT, self._too_slow)
@@ -588,6 +602,14 @@ class Inbound(asyncio.Protocol):
             stats.link_stanzas_in += len(items)
         if self.last > self.acked and self.peer is not None:
             link.handled(self, self.peer, self.incarnation, self.last)
+            if self._ack_timer is None:
+                self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack)
+
+    def _ack(self) -> None:
+        """Acknowledge what was handled since the last ack: one ack for every read in
+        ACK_DELAY, not one per read (a syscall and a wake-up on each side)."""
+        self._ack_timer = None
+        if self.last > self.acked:
             self._write(wire.ack(wire.ACK, self.last))
             self.acked = self.last
 
@@ -605,8 +627,9 @@ class Inbound(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
         if self._waiting is not None:
             self._waiting.cancel()
         self.link.closed(self, self.peer)

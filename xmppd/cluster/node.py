@@ -140,6 +140,9 @@ class Cluster:
         self.writer.link = link
         link.redis_items = self.writer.redis_items
         heartbeat.link_address = await link.start(secret)
+        if self.secret is None:
+            heartbeat.link_secret = secret
+            heartbeat.on_secret = link.use_secret
 
     def _fallback(self, node: str, record: Record) -> None:
         """What a link could not deliver goes through Redis, as if it had never tried."""
