@@ -174,30 +174,41 @@ async def test_a_connection_without_the_secret_is_refused_and_delivers_nothing(
 
 
 async def test_a_link_cut_mid_traffic_loses_and_repeats_nothing(
-    redis_service: LocalService, start_server: StartServer
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The link is cut (from B's end, then from A's) while B has handled frames it has
+    not acknowledged yet: A dials again, B's handshake says what it handled, and A
+    sends only the rest."""
+    monkeypatch.setattr(link_module, "ACK_DELAY", 30.0)  # B handles, does not ack yet
     a, b, alice, bob = await pair(start_server, redis_service)
     assert a.cluster is not None and a.cluster.link is not None
     assert b.cluster is not None and b.cluster.link is not None
+    link_b = b.cluster.link
+
+    def unacked_on_b() -> bool:
+        inbound = link_b._inbound.get("node-a")
+        return inbound is not None and inbound.last > inbound.acked
+
     count = 300
     for n in range(count):
         alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
         if n in (100, 200):
-            # Cut from either end: B's side first, then A's.
-            await until(lambda: b.cluster is not None and b.cluster.stats.link_frames_in > 0)
+            await until(unacked_on_b)
             if n == 100:
-                inbound = b.cluster.link._inbound["node-a"]
+                inbound = link_b._inbound["node-a"]
                 assert inbound.transport is not None
                 inbound.transport.abort()
             else:
                 outbound = a.cluster.link._peers["node-b"]._conn
                 assert outbound is not None and outbound.transport is not None
                 outbound.transport.abort()
+                monkeypatch.setattr(link_module, "ACK_DELAY", 0.005)
     got = [await received(bob, 5.0) for _ in range(count)]
     assert sorted(got, key=int) == [str(n) for n in range(count)]  # all, each once
     with pytest.raises(TimeoutError):
         await received(bob, 0.3)  # and nothing twice
     assert a.cluster.stats.link_reconnects >= 1
+    assert a.cluster.stats.link_fallbacks == 0  # all over the link
     await close(alice)
     await close(bob)
 
