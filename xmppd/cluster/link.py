@@ -49,6 +49,7 @@ overtake an earlier one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -144,6 +145,7 @@ class Link:
         self.addresses: dict[str, str] = {}  # peer -> the address it advertises
         self._peers: dict[str, Peer] = {}
         self._inbound: dict[str, Inbound] = {}  # peer -> its current link to this node
+        self._accepted: set[Inbound] = set()  # every open connection to this node
         self._handled: dict[str, tuple[str, int]] = {}  # peer -> (incarnation, last seq)
         self._server: asyncio.Server | None = None
         self._acked = asyncio.Event()
@@ -263,11 +265,15 @@ class Link:
             for record in peer.close():
                 self.fallback(peer.node, record)
         self._peers.clear()
-        for inbound in list(self._inbound.values()):
-            inbound.close()
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        # Every connection, authenticated or not: the server's wait_closed waits for them.
+        for inbound in list(self._accepted):
+            inbound.close(graceful=True)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_WAIT):
+                    await self._server.wait_closed()
             self._server = None
 
     # --- receiving ---------------------------------------------------------------------
@@ -286,6 +292,7 @@ class Link:
         self._handled[peer] = (incarnation, seq)
 
     def closed(self, inbound: Inbound, peer: str | None) -> None:
+        self._accepted.discard(inbound)
         if peer is not None and self._inbound.get(peer) is inbound:
             del self._inbound[peer]
 
@@ -517,6 +524,10 @@ class Inbound(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's too: see Outbound
+        if self.link.stopping:
+            self.close()
+            return
+        self.link._accepted.add(self)
         peername = transport.get_extra_info("peername")
         self.address = f"{peername[0]}:{peername[1]}" if peername else "?"
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_WAIT, self._too_slow)
@@ -529,12 +540,20 @@ class Inbound(asyncio.Protocol):
         log.warning("cluster: refused a link from %s: %s", self.address, reason)
         self.close()
 
-    def close(self) -> None:
+    def close(self, graceful: bool = False) -> None:
+        """Stop handling frames. `graceful` (this node stops): acknowledge what was
+        handled first and let the write go out, or the sender would send it again."""
+        if graceful and self.peer is not None:
+            self._ack()
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
         if self.transport is not None:
-            self.transport.abort()
+            if graceful:
+                self.transport.close()
+            else:
+                self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -608,6 +627,8 @@ class Inbound(asyncio.Protocol):
     def _ack(self) -> None:
         """Acknowledge what was handled since the last ack: one ack for every read in
         ACK_DELAY, not one per read (a syscall and a wake-up on each side)."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
         self._ack_timer = None
         if self.last > self.acked:
             self._write(wire.ack(wire.ACK, self.last))
