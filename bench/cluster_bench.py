@@ -394,13 +394,17 @@ def main() -> int:
                         "0.5 leaves the generator and Redis a core on a 2-core machine")
     p.add_argument("--no-placed", dest="placed", action="store_false",
                    help="skip the runs on two nodes with the users placed (~1 min less)")
+    p.add_argument("--no-link", dest="link", action="store_false",
+                   help="cluster.link.enabled: false: stanzas between nodes through Redis\n"
+                        "only (the path before the direct links; A/B against them)")
     args = p.parse_args()
+    extra = "" if args.link else "  link: {enabled: false}\n"
     out = args.out or BENCH / "results" / time.strftime("cluster-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     with redis() as (url, redis_pid), \
             tempfile.TemporaryDirectory(prefix="xmppd-cluster-bench-") as tmp:
         port, port_a, port_b = free_ports(3)
-        config = write_config(Path(tmp), port, url, args.iterations)
+        config = write_config(Path(tmp), port, url, args.iterations, extra=extra)
         print(f"registering {args.users} users ...", file=sys.stderr)
         register(config, args.users)
         results = []
@@ -410,7 +414,9 @@ def main() -> int:
             print(json.dumps(results[-1]), file=sys.stderr)
         if args.placed:
             nodes = [
-                write_config(Path(tmp), p, url, args.iterations, f"bench-{n}", f"{n}.yml")
+                write_config(
+                    Path(tmp), p, url, args.iterations, f"bench-{n}", f"{n}.yml", extra
+                )
                 for p, n in ((port_a, "a"), (port_b, "b"))
             ]
             for pairs in ("same", "other"):

@@ -350,6 +350,48 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user + ':***' if user else '***'}@{hostpart}"
 
 
+def split_advertised(value: str) -> tuple[str, int | None]:
+    """HOST, HOST:PORT or [IPv6]:PORT -> (host, port or None); ValueError if malformed."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") if sep and rest.startswith(":") else ""
+        if not host or not port:
+            raise ValueError(value)
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""  # a name, an IPv4 address, or a bare IPv6 address
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(value)
+    if not port:
+        return host, None
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(value)
+    return host, int(port)
+
+
+def _advertise(value: str) -> str:
+    try:
+        split_advertised(value)
+    except ValueError:
+        raise _problem(
+            "expected HOST or HOST:PORT (like 10.0.0.5 or 10.0.0.5:7400; [IPv6]:PORT), "
+            f"got {json.dumps(value)}"
+        ) from None
+    return value
+
+
+class LinkConfig(BaseModel):
+    """Where a cluster node listens for the direct stanza links of its peers
+    (xmppd.cluster.link)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: StrictBool = True  # false: stanzas between nodes go through Redis only
+    host: Annotated[StrictStr, AfterValidator(_address)] = "127.0.0.1"
+    port: StrictInt = Field(default=0, ge=0, le=65535)  # 0: the OS picks a free port
+
+
 class ClusterConfig(BaseModel):
     """Nodes that share their session table through Redis (xmppd.cluster).
 
@@ -364,6 +406,12 @@ class ClusterConfig(BaseModel):
     forward_wait: float = Field(default=5.0, gt=0, le=300)
     """Seconds a stanza for another node waits for an unreachable Redis before it is
     routed again on this node (offline storage, an error)."""
+    link: LinkConfig = Field(default_factory=LinkConfig)
+    link_advertise: Annotated[StrictStr, AfterValidator(_advertise)] | None = None
+    """HOST or HOST:PORT the other nodes dial for this node's link (without a port: the
+    bound one); None: the bound address."""
+    secret: StrictStr | None = Field(default=None, min_length=16)
+    """The key nodes prove to each other on a link; None: one Redis keeps (SET NX)."""
 
 
 def _is_loopback(address: str) -> bool:

@@ -27,6 +27,7 @@ from xmppd.traffic import Traffic
 
 if TYPE_CHECKING:
     from xmppd.cluster import Cluster
+    from xmppd.cluster.stats import ClusterStats
     from xmppd.components.service import ComponentService
     from xmppd.s2s.service import S2SService
     from xmppd.server import Server
@@ -191,6 +192,7 @@ def _cluster(cluster: Cluster) -> Iterator[Metric]:
         "(sampled, one in 16; assumes the nodes' clocks agree).",
         stats.forward_latency,
     )
+    yield from _links(stats)
     yield GaugeMetricFamily(
         "xmppd_cluster_redis_up",
         "1 when every part of the node (writer, inbox, events, heartbeat) reaches Redis.",
@@ -216,6 +218,46 @@ def _cluster(cluster: Cluster) -> Iterator[Metric]:
         "Sessions of other nodes in this node's replica of the table.",
         value=cluster.directory.remote_count(),
     )
+
+
+def _links(stats: ClusterStats) -> Iterator[Metric]:
+    """The direct links between nodes (xmppd.cluster.link)."""
+    frames = CounterMetricFamily(
+        "xmppd_cluster_link_frames",
+        "Frames sent to (out) and handled from (in) other nodes over direct links.",
+        labels=["direction"],
+    )
+    frames.add_metric(["out"], stats.link_frames_out)
+    frames.add_metric(["in"], stats.link_frames_in)
+    yield frames
+    items = CounterMetricFamily(
+        "xmppd_cluster_link_stanzas",
+        "Stanzas and session ends sent to (out) and handled from (in) other nodes over "
+        "direct links.",
+        labels=["direction"],
+    )
+    items.add_metric(["out"], stats.link_stanzas_out)
+    items.add_metric(["in"], stats.link_stanzas_in)
+    yield items
+    events = CounterMetricFamily(
+        "xmppd_cluster_link_events",
+        "On the direct links: acks and refusals (nack) received; stanzas sent through "
+        "Redis instead (fallback: no link in time, Redis unhealthy, too much unacked); "
+        "stanzas routed again here (reroute: the peer died or refused); links dialed "
+        "again after one broke (reconnect); connections refused at the handshake "
+        "(auth_failure).",
+        labels=["event"],
+    )
+    for event, value in (
+        ("ack", stats.link_acks),
+        ("nack", stats.link_nacks),
+        ("fallback", stats.link_fallbacks),
+        ("reroute", stats.link_reroutes),
+        ("reconnect", stats.link_reconnects),
+        ("auth_failure", stats.link_auth_failures),
+    ):
+        events.add_metric([event], value)
+    yield events
 
 
 def _s2s(service: S2SService) -> Iterator[Metric]:

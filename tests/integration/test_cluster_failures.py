@@ -234,6 +234,8 @@ async def test_a_node_killed_under_load_loses_no_message(
     on_a = [await online(a, users, name, accounts[name]) for name in senders]
     for name in recipients:
         await reaches(on_a[0], name, accounts[name], f"probe-{name}")
+    # The load goes over the direct link (xmppd.cluster.link), as it does by default.
+    await a.logged("linked to node node-b", timeout=10)
 
     sending = True
 

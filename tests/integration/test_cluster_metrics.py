@@ -16,6 +16,7 @@ from tests.integration.test_cluster import (  # noqa: F401  (fixture)
     two_nodes,
     until,
 )
+from tests.integration.test_cluster_link import linked
 from tests.integration.test_message_load import scrape
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster.stats import LATENCY_SAMPLE
@@ -34,6 +35,7 @@ async def test_forwards_latency_and_redis_health_on_metrics(
     bob = await online(b, "bob@localhost/phone", "bob-secret")
     alice = await online(a, "alice@localhost/desk", "alice-secret")
     await until(seen_on(a, "bob@localhost/phone"))
+    await until(lambda: linked(a, b))
     for n in range(MESSAGES):
         alice.send_message(mto="bob@localhost/phone", mbody=f"m{n}", mtype="chat")
     for n in range(MESSAGES):
@@ -46,6 +48,15 @@ async def test_forwards_latency_and_redis_health_on_metrics(
     assert on_b["xmppd_cluster_forward_latency_seconds_count"] >= MESSAGES // LATENCY_SAMPLE
     assert 0 < on_b["xmppd_cluster_forward_latency_seconds_sum"] < MESSAGES  # seconds
     assert on_a["xmppd_routing_seconds_count"] >= MESSAGES // ROUTE_SAMPLE
+    # ... all over the direct link, acknowledged
+    assert on_a["xmppd_cluster_link_stanzas_total{out}"] >= MESSAGES
+    assert on_b["xmppd_cluster_link_stanzas_total{in}"] >= MESSAGES
+    assert on_b["xmppd_cluster_link_frames_total{in}"] >= 1
+    await until(lambda: a.cluster is not None and a.cluster.stats.link_acks > 0)
+    on_a = await scrape(a)
+    assert on_a["xmppd_cluster_link_events_total{ack}"] > 0
+    for event in ("nack", "fallback", "reroute", "auth_failure"):
+        assert on_a[f"xmppd_cluster_link_events_total{{{event}}}"] == 0
     for node in (on_a, on_b):
         assert node["xmppd_cluster_redis_up"] == 1
         assert node["xmppd_cluster_write_queue"] == 0

@@ -10,7 +10,7 @@ from lxml import etree
 from redis.asyncio import Redis
 
 from xmppd.cluster import schema
-from xmppd.cluster.inbox import _split
+from xmppd.cluster.inbox import split_fields
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.writer import PER_ENTRY, Op, Writer
 from xmppd.stream.errors import StreamError
@@ -39,7 +39,7 @@ def forwards(w: Writer) -> list[tuple[str, list[Any]]]:
 
 def split(fields: list[Any]) -> tuple[dict[bytes, bytes], list[dict[bytes, bytes]]]:
     """The entry as the inbox reads it back (Redis answers every value as bytes)."""
-    return _split([f if isinstance(f, bytes) else str(f).encode() for f in fields])
+    return split_fields([f if isinstance(f, bytes) else str(f).encode() for f in fields])
 
 
 def stanza_ids(fields: list[Any]) -> list[str]:

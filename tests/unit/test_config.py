@@ -20,6 +20,7 @@ from xmppd.config import (
     ListenerConfig,
     load_config,
     redact_url,
+    split_advertised,
     validate_section,
 )
 
@@ -655,6 +656,42 @@ def test_cluster_problems_name_their_line(tmp_path: Path) -> None:
         "x.yml:3: cluster.node_name: must be 1-64 letters, digits, '.', '_' or '-', starting "
         'with a letter or digit (it names Redis keys), got "a b"'
     ]
+
+
+def test_cluster_link_defaults_and_keys(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "cluster:\n  redis_url: redis://h\n")
+    assert cfg.cluster is not None
+    link = cfg.cluster.link
+    assert (link.enabled, link.host, link.port) == (True, "127.0.0.1", 0)
+    assert cfg.cluster.link_advertise is None and cfg.cluster.secret is None
+    cfg = load(
+        tmp_path,
+        "cluster:\n  redis_url: redis://h\n  link: {host: 0.0.0.0, port: 7400}\n"
+        "  link_advertise: 10.0.0.5\n  secret: sixteen-chars-or-more\n",
+    )
+    assert cfg.cluster is not None
+    assert (cfg.cluster.link.host, cfg.cluster.link.port) == ("0.0.0.0", 7400)
+    assert cfg.cluster.link_advertise == "10.0.0.5"
+    assert split_advertised("10.0.0.5") == ("10.0.0.5", None)
+    assert split_advertised("xmpp1.internal:7400") == ("xmpp1.internal", 7400)
+    assert split_advertised("[fd00::5]:7400") == ("fd00::5", 7400)
+    assert split_advertised("fd00::5") == ("fd00::5", None)
+
+
+def test_cluster_link_problems_name_their_line(tmp_path: Path) -> None:
+    assert problems(tmp_path, "cluster:\n  redis_url: redis://h\n  link:\n    port: 70000\n") == [
+        "x.yml:4: cluster.link.port: must be at most 65535, got 70000"
+    ]
+    assert problems(tmp_path, "cluster:\n  redis_url: redis://h\n  link: {host: nowhere}\n")[
+        0
+    ].startswith("x.yml:3: cluster.link.host: expected an IP address")
+    assert problems(tmp_path, "cluster:\n  redis_url: redis://h\n  link_advertise: h:99999\n") == [
+        "x.yml:3: cluster.link_advertise: expected HOST or HOST:PORT (like 10.0.0.5 or "
+        '10.0.0.5:7400; [IPv6]:PORT), got "h:99999"'
+    ]
+    assert problems(tmp_path, "cluster:\n  redis_url: redis://h\n  secret: short\n")[
+        0
+    ].startswith("x.yml:3: cluster.secret: ")
 
 
 def test_redact_url_hides_only_the_password() -> None:

@@ -79,6 +79,7 @@ class KeepAlive:
         self.wedged = wedged
         self.on_expired = on_expired
         self.ticked = time.monotonic()
+        self.set_at = 0.0  # when the thread last set the key (monotonic)
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,10 +128,12 @@ class KeepAlive:
                 if hung:
                     log.warning("cluster: the event loop runs again; heartbeating again")
                     hung = False
+                started = time.monotonic()
                 try:
                     was_alive = client.set(self.key, "1", ex=self.ttl, get=True)
                 except (RedisError, OSError):
                     continue  # the loop's own beat reports Redis' failures
+                self.set_at = started  # one float: read on the loop without a lock
                 if was_alive is None and self._loop is not None and not self._halt.is_set():
                     self._loop.call_soon_threadsafe(self.on_expired)
         finally:
@@ -147,9 +150,15 @@ class Heartbeat:
         on_lost: Callable[[list[schema.Entry]], None] = lambda entries: None,
         on_nodes: Callable[[frozenset[str]], None] = lambda nodes: None,
         url: str | None = None,
+        on_links: Callable[[dict[str, str]], None] = lambda addresses: None,
     ) -> None:
         self.redis = redis
         self.node = node
+        self.on_links = on_links
+        self.link_address: str | None = None  # published for the other nodes' links
+        self.link_secret: bytes | None = None  # the links' key, when it is kept in Redis
+        self.on_secret: Callable[[bytes], None] = lambda secret: None
+        self._set_at = 0.0  # when this loop last set the alive key (monotonic)
         # Read when made, not at import: a test's node process shortens them.
         self.ttl = TTL
         self.interval = INTERVAL
@@ -185,28 +194,58 @@ class Heartbeat:
         if self.keep_alive is not None:
             await self.keep_alive.stop()
         await self.reap(self.node)
-        await self.redis.delete(schema.alive_key(self.node))
+        await self.redis.delete(schema.alive_key(self.node), schema.link_key(self.node))
+
+    def alive_until(self) -> float:
+        """Until when (monotonic) no other node can have found this node's alive key
+        expired, less a tenth of the TTL for the clocks' drift: past it, this node may
+        have been reaped, and its links refuse stanzas (xmppd.cluster.link)."""
+        set_at = max(self._set_at, self.keep_alive.set_at if self.keep_alive else 0.0)
+        return set_at + self.ttl * 0.9 if set_at else 0.0
 
     async def beat(self) -> None:
         """Say this node is alive; reap the nodes that stopped saying so."""
+        started = time.monotonic()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(schema.alive_key(self.node), "1", ex=self.ttl, get=True)
             pipe.sadd(schema.NODES, self.node)
             pipe.delete(schema.gone_key(self.node))  # forwards to this node are taken again
             pipe.smembers(schema.NODES)
-            was_alive, _, _, members = await pipe.execute()
+            if self.link_address is not None:
+                pipe.set(schema.link_key(self.node), self.link_address)
+            secret = self.link_secret
+            if secret is not None:
+                # Redis restarted empty forgot it: put it back, or take the one another
+                # node put first (links opened from then on use it).
+                pipe.set(schema.LINK_SECRET, secret, nx=True)
+                pipe.get(schema.LINK_SECRET)
+            answers = await pipe.execute()
+        was_alive, members = answers[0], answers[3]
+        self._set_at = started
+        if secret is not None and isinstance(answers[-1], bytes) and answers[-1] != secret:
+            self.link_secret = answers[-1]
+            self.on_secret(answers[-1])
         if was_alive is None:
             # Our key had expired: another node may have reaped us meanwhile.
             self._expired()
         others = sorted(m.decode() for m in members if m.decode() != self.node)
         alive: list[int] = []
+        links: list[bytes | None] = []
         if others:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for other in others:
                     pipe.exists(schema.alive_key(other))
-                alive = await pipe.execute()
+                for other in others:
+                    pipe.get(schema.link_key(other))
+                answers = await pipe.execute()
+            alive, links = answers[: len(others)], answers[len(others) :]
         live = {other for other, exists in zip(others, alive, strict=True) if exists}
         self.on_nodes(frozenset({self.node, *live}))  # before the reaps: orphans go there
+        self.on_links({
+            other: address.decode()
+            for other, address in zip(others, links, strict=True)
+            if other in live and address is not None
+        })
         for other, exists in zip(others, alive, strict=True):
             if not exists:
                 log.warning("cluster: node %s missed its heartbeats; removing its sessions", other)

@@ -61,7 +61,7 @@ from xmppd.cluster import schema
 from xmppd.cluster.channel import Channel
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.stats import ClusterStats
-from xmppd.cluster.sync import ReplicaSync
+from xmppd.cluster.sync import ORDER_WAIT, ReplicaSync
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
@@ -119,12 +119,14 @@ class Inbox:
         self.key = schema.inbox_key(node)
         self.directory = directory
         self.sync = sync
-        self.reroute = reroute
+        self.items = ItemHandler(directory, stats, reroute)
         self._last = "0-0"  # the last entry handled
         self._trimmed = "0-0"  # the last entry trimmed from the stream
         self._untrimmed = 0  # entries handled since that trim
         self._trim_by = 0.0  # when what is handled is trimmed at the latest (monotonic)
         self._stopping = False
+        self._progress = asyncio.Event()  # set (and replaced) when `_last` moves
+        self._received: dict[str, int] = {}  # node -> the number of its last item handled
         self._task: asyncio.Task[None] | None = None
         self._channel = Channel(redis)
 
@@ -224,7 +226,7 @@ class Inbox:
     async def _handle_all(self, answer: Entries) -> None:
         """XREAD's answer, as `_entries` gives it."""
         for _, entries in answer:
-            split = [(entry_id, *_split(fields)) for entry_id, fields in entries]
+            split = [(entry_id, *split_fields(fields)) for entry_id, fields in entries]
             # The sessions of a reaped node leave this replica by an event that may
             # come after its orphans: drop them first, or the orphans would go back.
             orphans = {head[b"orphan"] for _, head, items in split if items and b"orphan" in head}
@@ -238,17 +240,52 @@ class Inbox:
                         if self.sync.behind(origin.decode(), int(seq)):
                             await self.sync.caught_up(origin.decode(), int(seq))
                     orphan = b"orphan" in head
-                    for item in items:
-                        try:
-                            self._handle(item, orphan)
-                        except Exception:
-                            log.exception(
-                                "cluster: an inbox entry failed (to %r)", item.get(b"to")
-                            )
+                    self.items.handle(items, orphan)
+                    number = items[-1].get(b"rn")
+                    if origin is not None and number is not None and not orphan:
+                        self._received[origin.decode()] = int(number)
                 # Handled (or skipped) only now: a reader cancelled while it waits above
                 # must not have the entry trimmed.
                 self._last = entry_id.decode()
                 self._untrimmed += 1
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    def behind(self, node: str, number: int) -> bool:
+        """True if `node`'s item `number` (xmppd.cluster.writer numbers what it sends
+        each node through Redis) has not been handled here yet."""
+        return self._received.get(node, 0) < number
+
+    async def caught_up(self, node: str, number: int) -> None:
+        """Return once `node`'s items through Redis up to `number` are handled, or after
+        ORDER_WAIT (one refused or lost on the way never comes): a link frame sent after
+        them waits for them (xmppd.cluster.link, "Order")."""
+        try:
+            async with asyncio.timeout(ORDER_WAIT):
+                while self.behind(node, number):
+                    await self._progress.wait()
+        except TimeoutError:
+            log.warning("cluster: item %d of node %s through Redis did not arrive before a "
+                        "later one over the link; going on", number, node)
+            self._received[node] = max(number, self._received.get(node, 0))
+
+class ItemHandler:
+    """What a node does with the items other nodes send it, whichever way they came:
+    an inbox entry (Redis) or a link frame (xmppd.cluster.link). One place, so the
+    two paths cannot treat a stanza differently."""
+
+    def __init__(self, directory: ClusterDirectory, stats: ClusterStats, reroute: Reroute) -> None:
+        self.directory = directory
+        self.stats = stats
+        self.reroute = reroute
+
+    def handle(self, items: list[dict[bytes, bytes]], orphan: bool) -> None:
+        """`items` in order; one that fails is logged, the next ones still handled."""
+        for item in items:
+            try:
+                self._handle(item, orphan)
+            except Exception:
+                log.exception("cluster: a forwarded item failed (to %r)", item.get(b"to"))
 
     def _handle(self, fields: dict[bytes, bytes], orphan: bool) -> None:
         jid = fields[b"to"].decode()
@@ -280,6 +317,7 @@ class Inbox:
         self.reroute(stanza, int(fields.get(b"hops", b"1")))
 
 
+
 Entries = list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]
 """XREAD's answer: [(stream, [(entry id, [field, value, ...]), ...])]."""
 
@@ -287,7 +325,7 @@ ENTRY_FIELDS = frozenset((b"from", b"seq", b"orphan", b"wake"))
 """The fields of an entry as a whole; any other belongs to the item before it."""
 
 
-def _split(fields: list[bytes]) -> tuple[dict[bytes, bytes], list[dict[bytes, bytes]]]:
+def split_fields(fields: list[bytes]) -> tuple[dict[bytes, bytes], list[dict[bytes, bytes]]]:
     """An entry's fields: (those of the entry as a whole, its items in order). An item
     starts at each "to"; a field name repeats once per item, so the fields cannot be
     one dict."""

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import time
 from collections.abc import Callable
 
 from lxml import etree
@@ -40,6 +42,7 @@ from xmppd.cluster.bus import RedisBus
 from xmppd.cluster.directory import ClusterDirectory, node_of
 from xmppd.cluster.heartbeat import TTL, Heartbeat
 from xmppd.cluster.inbox import Inbox
+from xmppd.cluster.link import Link, Record
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
 from xmppd.cluster.writer import Writer
@@ -71,11 +74,19 @@ class Cluster:
         self.directory = ClusterDirectory(self.node, self.writer)
         self.nodes: frozenset[str] = frozenset({self.node})
         self._nodes_listeners: list[Callable[[frozenset[str]], None]] = []
+        self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
+        self.secret = config.secret
+        self.link: Link | None = None
+        if config.link.enabled:
+            self.link = Link(
+                self.node, config.link.host, config.link.port, config.link_advertise,
+                self.stats, self.sync,
+            )
         self.heartbeat = Heartbeat(
             self.redis, self.node, self.rewrite_local, self.stats, self.sessions_lost,
             self._nodes_seen, config.redis_url,
+            self.link.peers_seen if self.link is not None else lambda addresses: None,
         )
-        self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.inbox: Inbox | None = None
         self._router: Router | None = None
         self.bus = RedisBus(self.redis, self.node)
@@ -94,6 +105,8 @@ class Cluster:
             # sessions in the table, which nobody would reap while this one beats,
             # and stanzas in its inbox (moved to the front of it, to route again).
             self._lost_before = await self.heartbeat.reap(self.node)
+            if self.link is not None:
+                await self._start_link(self.link)
             self.writer.start()
             await self.heartbeat.start()
             await self.sync.start()
@@ -108,15 +121,51 @@ class Cluster:
             ) from None
         log.info("cluster: node %s joined through Redis at %s", self.node, self.url)
 
+    async def _start_link(self, link: Link) -> None:
+        """Listen for the other nodes' links, with the cluster's secret (created by the
+        first node that needs it when the config gives none)."""
+        if self.secret is not None:
+            secret = self.secret.encode()
+        else:
+            await self.redis.set(schema.LINK_SECRET, secrets.token_bytes(32), nx=True)
+            stored = await self.redis.get(schema.LINK_SECRET)
+            if not isinstance(stored, bytes):
+                raise RedisError("the cluster's link secret vanished from Redis")
+            secret = stored
+        link.fallback = self._fallback
+        link.reroute = self.reroute
+        link.on_gone = self.node_gone
+        heartbeat = self.heartbeat
+        link.live = lambda: time.monotonic() < heartbeat.alive_until()
+        self.writer.link = link
+        link.redis_items = self.writer.redis_items
+        heartbeat.link_address = await link.start(secret)
+        if self.secret is None:
+            heartbeat.link_secret = secret
+            heartbeat.on_secret = link.use_secret
+
+    def _fallback(self, node: str, record: Record) -> None:
+        """What a link could not deliver goes through Redis, as if it had never tried."""
+        self.writer.queue_item(
+            node, record.item, record.stanza, record.hops, record.change or None
+        )
+
     def serve(self) -> None:
-        """Start reading the inbox (the modules that route what it holds are loaded)."""
+        """Start reading the inbox and the links (the modules that route what they hold
+        are loaded)."""
         if self.inbox is not None:
             self.inbox.start()
+            if self.link is not None:
+                self.link.serve(self.inbox)
         lost, self._lost_before = self._lost_before, []
         self.sessions_lost(lost)  # the previous process's: the modules can tell contacts now
 
     async def stop(self) -> None:
         """Leave the cluster: this node's sessions leave the table first."""
+        if self.link is not None:
+            # Links refuse from now (the senders route what they hold on their nodes);
+            # what this node sent and was not acknowledged goes through Redis.
+            await self.link.drain()
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT):
                 await self.writer.flush()
@@ -134,6 +183,8 @@ class Cluster:
             except (RedisError, OSError, TimeoutError) as exc:
                 # Left in the inbox: the next process of this name routes it again.
                 log.error("cluster: could not read the inbox a last time: %s", exc)
+        if self.link is not None:
+            await self.link.stop()
         await self.sync.stop()
         await self.bus.stop()
         await self.writer.stop()
@@ -154,6 +205,9 @@ class Cluster:
         if nodes == self.nodes:
             return
         log.info("cluster: live nodes: %s", " ".join(sorted(nodes)))
+        if self.link is not None:
+            for node in self.nodes - nodes:
+                self.link.gone(node)  # what it did not acknowledge is routed here
         self.nodes = nodes
         for listener in list(self._nodes_listeners):
             try:

@@ -13,6 +13,10 @@ Keys (a deployment owns its Redis database; pick one with the URL's /db):
 - `xmppd:node:<node>:sessions`: a set of the full JIDs a node wrote into the
   hashes, so that its sessions can be removed when it dies.
 - `xmppd:node:<node>:alive`: the node's heartbeat, a key with a TTL.
+- `xmppd:node:<node>:link`: HOST:PORT where the node takes links from the others
+  (xmppd.cluster.link), set with each heartbeat.
+- `xmppd:link:secret`: the key nodes prove to each other on a link, 32 random bytes
+  the first node sets (SET NX), unless the config gives one (cluster.secret).
 - `xmppd:nodes`: the set of node names that may still have sessions.
 - `xmppd:node:<node>:gone`: set when the node is reaped (for GONE_TTL
   seconds), cleared by its next heartbeat: while it is there, forwards to
@@ -62,6 +66,13 @@ def node_sessions_key(node: str) -> str:
 
 def alive_key(node: str) -> str:
     return f"{PREFIX}node:{node}:alive"
+
+
+def link_key(node: str) -> str:
+    return f"{PREFIX}node:{node}:link"
+
+
+LINK_SECRET = PREFIX + "link:secret"
 
 
 def gone_key(node: str) -> str:

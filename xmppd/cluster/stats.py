@@ -30,6 +30,16 @@ class ClusterStats:
         "reconnects",
         "redis_errors",
         "forward_latency",
+        "link_frames_out",
+        "link_stanzas_out",
+        "link_frames_in",
+        "link_stanzas_in",
+        "link_acks",
+        "link_nacks",
+        "link_fallbacks",
+        "link_reroutes",
+        "link_reconnects",
+        "link_auth_failures",
         "_down",
     )
 
@@ -45,6 +55,21 @@ class ClusterStats:
         self.reconnects = 0  # times a part of the node got Redis back after losing it
         self.redis_errors = 0  # failed Redis operations (each retry counts)
         self.forward_latency = PauseStats(LATENCY_BOUNDS)
+        # The direct links between nodes (xmppd.cluster.link): frames and the items
+        # (stanzas, stream ends) in them, each way; acks and refusals (nacks) received;
+        # items sent through Redis instead (no link, not live in time, too much unacked);
+        # items routed again here (their peer died or refused them); links made again
+        # after one was lost; connections refused at the handshake.
+        self.link_frames_out = 0
+        self.link_stanzas_out = 0
+        self.link_frames_in = 0
+        self.link_stanzas_in = 0
+        self.link_acks = 0
+        self.link_nacks = 0
+        self.link_fallbacks = 0
+        self.link_reroutes = 0
+        self.link_reconnects = 0
+        self.link_auth_failures = 0
         self._down: set[str] = set()  # the parts that cannot reach Redis now
 
     @property

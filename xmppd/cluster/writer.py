@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from lxml import etree
 from redis.asyncio import Redis
@@ -96,6 +96,16 @@ Fields = dict[FieldT, EncodableT]
 
 Reroute = Callable[[etree._Element, int, str | None], None]
 """Route a stanza again on this node: (stanza, hops so far, a node not to forward it to)."""
+
+
+class LinkSender(Protocol):
+    """The direct links to the other nodes (xmppd.cluster.link), tried before Redis."""
+
+    def send(
+        self, node: str, stanza: etree._Element | None, hops: int, item: list[EncodableT],
+        seq: int,
+    ) -> bool:
+        """Take `item` for `node` (False: send it through Redis instead)."""
 
 
 @dataclass(slots=True)
@@ -165,6 +175,7 @@ class Writer:
         self.on_cut_off: Callable[[bool], None] = lambda cut_off: None
         self.on_gone: Callable[[str], None] = lambda node: None
         self.on_refused: Callable[[str, str], None] = lambda node, jid: None
+        self.link: LinkSender | None = None
         self.hops = 0
         self.avoid: str | None = None
         self.cut_off = False
@@ -182,6 +193,11 @@ class Writer:
         # The number of the last table change queued (schema: "Order"); 0: none yet.
         self._seq = time.time_ns() // 1000
         self._last_change = 0
+        self._redis_items: dict[str, int] = {}  # node -> the number of its last Redis item
+
+    def redis_items(self, node: str) -> int:
+        """The number of the last item queued for `node` through Redis (0: none yet)."""
+        return self._redis_items.get(node, 0)
 
     @property
     def queued(self) -> int:
@@ -322,11 +338,31 @@ class Writer:
                 log.error("cluster: %d writes wait for Redis; refusing stanzas", MAX_PENDING)
             stats.forwards_refused += 1
             return False
-        hops += 1
-        item: list[EncodableT] = ["to", jid, "stanza", etree.tostring(stanza), "hops", hops]
+        item: list[EncodableT] = ["to", jid, "stanza", etree.tostring(stanza), "hops", hops + 1]
         stats.forwards_out += 1
         if not stats.forwards_out % LATENCY_SAMPLE:
             item += ["t", repr(time.time())]  # xmppd.cluster.stats: the forward latency
+        if self.link is None or not self.link.send(node, stanza, hops, item, self._last_change):
+            self.queue_item(node, item, stanza, hops, self._last_change)
+        return True
+
+    def queue_item(
+        self, node: str, item: list[EncodableT], stanza: etree._Element | None = None,
+        hops: int = 0, seq: int | None = None,
+    ) -> None:
+        """Send `item` (a stanza forwarded `hops` times before, or a stream end) to
+        `node`'s inbox through Redis; `seq`: this node's last table change before it.
+        Also where the link (xmppd.cluster.link) hands what it could not deliver."""
+        # Numbered per target node: a link frame that comes after it waits for it on the
+        # receiver (xmppd.cluster.link, "Order"). From the clock: above a previous
+        # process's numbers.
+        number = self._redis_items[node] = self._redis_items.get(node, self._seq) + 1
+        item = [*item, "rn", number]
+        if stanza is None:
+            self._put(Op(None, node=node, item=item))
+            return
+        stats = self.stats
+        jid = str(item[1])  # every item starts with its "to"
 
         def refused(answer: Any) -> None:
             if answer == schema.FORWARDED:
@@ -341,29 +377,31 @@ class Writer:
             else:
                 self.on_gone(node)
             if self.reroute is not None:
-                self.reroute(stanza, hops - 1, node)
+                self.reroute(stanza, hops, node)
 
         self._put(
             Op(
                 None,
                 refused,
                 stanza,
-                hops - 1,
+                hops,
                 time.monotonic() + self.forward_wait,
                 node,
                 item,
                 # The receiver applies this node's changes up to it before it hands this on.
-                self._last_change,
+                seq,
             )
         )
-        return True
 
     def terminate(self, node: str, jid: str, sid: str, error: StreamError) -> None:
         item: list[EncodableT] = [
             "to", jid, "sid", sid, "end", error.condition, "text", error.text or ""
         ]
         self.stats.ends_out += 1
-        self._put(Op(None, node=node, item=item))
+        # Over a link it may overtake this node's table writes (the bind that caused it):
+        # the receiver applies them first, as for a stanza (schema: "Order").
+        if self.link is None or not self.link.send(node, None, 0, item, self._last_change):
+            self.queue_item(node, item)
 
     def _next(self) -> int:
         self._seq += 1

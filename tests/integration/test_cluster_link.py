@@ -1,0 +1,270 @@
+"""The direct links between cluster nodes (xmppd.cluster.link): two nodes in this process
+on a real redis-server, real clients; stanzas between them go over a TCP link, not
+through Redis, with the guarantees the inbox stream gives (order, nothing lost or
+repeated when the link breaks, nothing taken from a peer that cannot authenticate)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.integration.clients import Client, close
+from tests.integration.conftest import StartServer
+from tests.integration.test_cluster import (
+    online,
+    received,
+    seen_on,
+    two_nodes,
+    until,
+)
+from tests.storage.services import service_factory  # noqa: F401  (fixture)
+from xmppd.cluster import link as link_module
+from xmppd.cluster import schema, wire
+from xmppd.cluster.link import UP
+from xmppd.cluster.writer import Op
+from xmppd.server import Server
+from xmppd.storage import devservices
+from xmppd.storage.devservices import LocalService
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def redis_service(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+) -> Iterator[LocalService]:
+    yield service_factory(devservices.redis_server)
+
+
+def linked(sender: Server, receiver: Server) -> bool:
+    assert sender.cluster is not None and sender.cluster.link is not None
+    assert receiver.cluster is not None
+    peer = sender.cluster.link._peers.get(receiver.cluster.node)
+    return peer is not None and peer.state == UP
+
+
+def link_port(node: Server) -> tuple[str, int]:
+    assert node.cluster is not None and node.cluster.link is not None
+    address = node.cluster.link.address
+    assert address is not None
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+async def inbox_length(redis: LocalService, node: str) -> int:
+    client = Redis.from_url(devservices.redis_url(redis))
+    try:
+        return int(await client.xlen(schema.inbox_key(node)))
+    finally:
+        await client.aclose()
+
+
+async def pair(
+    start_server: StartServer, redis: LocalService
+) -> tuple[Server, Server, Client, Client]:
+    """alice on A, bob on B, each seeing the other, the link from A to B up."""
+    a, b = await two_nodes(start_server, redis)
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    await until(lambda: linked(a, b))
+    return a, b, alice, bob
+
+
+async def test_a_cross_node_message_goes_over_the_link_not_through_redis(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and b.cluster is not None
+    before = b.cluster.stats.forwards_in
+    alice.send_message(mto="bob@localhost/phone", mbody="over the link", mtype="chat")
+    assert await received(bob) == "over the link"
+    stats = b.cluster.stats
+    assert stats.link_stanzas_in >= 1 and stats.link_frames_in >= 1
+    # Everything B took from A came over the link: none through its inbox stream.
+    assert stats.forwards_in - before == 1
+    assert a.cluster.stats.link_stanzas_out >= 1
+    await until(lambda: a.cluster is not None and a.cluster.stats.link_acks >= 1)
+    assert b.cluster.inbox is not None and b.cluster.inbox._last == "0-0"
+    assert await inbox_length(redis_service, "node-b") == 0
+    await close(alice)
+    await close(bob)
+
+
+async def test_messages_across_the_link_keep_their_order(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert b.cluster is not None
+    count = 200
+    for n in range(count):
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+    got = [await received(bob, 5.0) for _ in range(count)]
+    assert got == [str(n) for n in range(count)]
+    assert b.cluster.stats.link_stanzas_in >= count
+    assert b.cluster.inbox is not None and b.cluster.inbox._last == "0-0"
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_conflict_from_another_node_goes_over_the_link(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    a, b = await two_nodes(start_server, redis_service)
+    assert a.cluster is not None and b.cluster is not None
+    first = await online(b, "bob@localhost/phone", "bob-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    await until(lambda: linked(a, b))
+    second = await online(a, "bob@localhost/phone", "bob-secret")
+    await asyncio.wait_for(first.ended.wait(), 5)
+    assert first.stream_errors == ["conflict"]
+    assert b.cluster.stats.ends_in == 1
+    assert b.cluster.stats.link_stanzas_in >= 1
+    assert b.cluster.inbox is not None and b.cluster.inbox._last == "0-0"
+    await close(second)
+
+
+async def test_a_connection_without_the_secret_is_refused_and_delivers_nothing(
+    redis_service: LocalService, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert b.cluster is not None
+    host, port = link_port(b)
+    caplog.set_level(logging.WARNING, "xmppd.cluster.link")
+    stanza = b"<message xmlns='jabber:client' to='bob@localhost/phone'><body>x</body></message>"
+    fields = [b"to", b"bob@localhost/phone", b"stanza", stanza, b"hops", b"1"]
+
+    # 1. Data without a handshake.
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(wire.data(1, 0, fields))
+    assert await reader.read() == b""  # closed, nothing answered
+    writer.close()
+
+    # 2. A handshake with the wrong key: the proof does not verify.
+    dialer = wire.Dialer(b"not the cluster secret", "node-a", "node-b", "intruder")
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(dialer.hello())
+    frames = wire.FrameReader(wire.MAX_HELLO)
+    challenge: list[tuple[bytes, bytes]] = []
+    while not challenge:
+        chunk = await reader.read(4096)
+        assert chunk
+        challenge = frames.feed(chunk)
+    kind, body = challenge[0]
+    assert kind == wire.CHALLENGE
+    with pytest.raises(wire.WireError):
+        dialer.answer(kind, body)  # nor does B's answer, without the key
+    writer.write(wire.message(wire.PROOF, mac="00" * 32) + wire.data(1, 0, fields))
+    assert await reader.read() == b""  # no welcome: closed
+    writer.close()
+
+    await until(lambda: b.cluster is not None and b.cluster.stats.link_auth_failures == 2)
+    refusals = [r.getMessage() for r in caplog.records if "refused a link" in r.getMessage()]
+    assert len(refusals) == 2 and all(f"from {host}:" in line for line in refusals)
+    assert b.cluster.stats.link_stanzas_in == 0
+    with pytest.raises(TimeoutError):
+        await received(bob, 0.3)
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_link_cut_mid_traffic_loses_and_repeats_nothing(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link is cut (from B's end, then from A's) while B has handled frames it has
+    not acknowledged yet: A dials again, B's handshake says what it handled, and A
+    sends only the rest."""
+    monkeypatch.setattr(link_module, "ACK_DELAY", 30.0)  # B handles, does not ack yet
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and a.cluster.link is not None
+    assert b.cluster is not None and b.cluster.link is not None
+    link_b = b.cluster.link
+
+    def unacked_on_b() -> bool:
+        inbound = link_b._inbound.get("node-a")
+        return inbound is not None and inbound.last > inbound.acked
+
+    count = 300
+    for n in range(count):
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+        if n in (100, 200):
+            await until(unacked_on_b)
+            if n == 100:
+                inbound = link_b._inbound["node-a"]
+                assert inbound.transport is not None
+                inbound.transport.abort()
+            else:
+                outbound = a.cluster.link._peers["node-b"]._conn
+                assert outbound is not None and outbound.transport is not None
+                outbound.transport.abort()
+                monkeypatch.setattr(link_module, "ACK_DELAY", 0.005)
+    got = [await received(bob, 5.0) for _ in range(count)]
+    assert sorted(got, key=int) == [str(n) for n in range(count)]  # all, each once
+    with pytest.raises(TimeoutError):
+        await received(bob, 0.3)  # and nothing twice
+    assert a.cluster.stats.link_reconnects >= 1
+    assert a.cluster.stats.link_fallbacks == 0  # all over the link
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_node_that_is_not_live_refuses_and_the_sender_routes_again(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """B's heartbeat has lapsed (it may have been reaped): it refuses what comes over the
+    link, and A routes it again on its own side (here: offline storage)."""
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and b.cluster is not None and b.cluster.link is not None
+    b.cluster.link.live = lambda: False
+    alice.send_message(mto="bob@localhost/phone", mbody="refused", mtype="chat")
+    await until(lambda: a.cluster is not None and a.cluster.stats.link_nacks == 1)
+    assert a.cluster.stats.link_reroutes == 1
+    await a.router.drain()
+    later = await online(a, "bob@localhost/laptop", "bob-secret")
+    assert await received(later, timeout=5) == "refused"  # stored offline on A
+    assert bob.messages.empty()
+    await close(later)
+    await close(alice)
+    await close(bob)
+
+
+async def test_past_the_unacked_bound_stanzas_go_through_redis_and_keep_their_order(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small bound on what may wait for B's acks: a burst goes partly over the link,
+    partly through Redis (slowed down), back and forth while the link is up. Each frame
+    after stanzas went through Redis is written once those are in Redis, and B reads its
+    inbox through before it handles the frame: B's client sees the burst in order."""
+    monkeypatch.setattr(link_module, "MAX_UNACKED", 2000)
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and b.cluster is not None
+    writer = a.cluster.writer
+    send = writer._send
+
+    async def slow(batch: list[Op]) -> list[Any]:
+        await asyncio.sleep(0.05)  # a slow Redis: the link would overtake it
+        return await send(batch)
+
+    monkeypatch.setattr(writer, "_send", slow)
+    peer = a.cluster.link._peers["node-b"]  # type: ignore[union-attr]
+    count, chunk = 400, 40
+    for start in range(0, count, chunk):
+        routed = a.cluster.stats.forwards_out + chunk
+        for n in range(start, start + chunk):
+            alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+        # The chunk routed, the link's part acknowledged: the next chunk starts on the
+        # link while this one's Redis part may still be on its way.
+        await until(lambda r=routed: a.cluster is not None and a.cluster.stats.forwards_out >= r)  # type: ignore[misc]
+        await until(lambda: peer.unacked_bytes == 0)
+    got = [await received(bob, 5.0) for _ in range(count)]
+    assert got == [str(n) for n in range(count)]
+    stats = b.cluster.stats
+    assert stats.link_stanzas_in > 0 and a.cluster.stats.link_fallbacks > 0  # both paths
+    assert stats.forwards_in - stats.link_stanzas_in > 0
+    await close(alice)
+    await close(bob)

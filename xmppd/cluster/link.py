@@ -1,0 +1,657 @@
+"""Direct links between cluster nodes: stanzas to another node's sessions over TCP.
+
+Why: through Redis a crossing stanza costs two round trips (the sender's
+FORWARD, the receiver's XREAD): about twice the CPU of a local delivery
+(docs/bench.md). Over a link it is one write on the sender and one read on
+the receiver, and the acknowledgements go in batches. Redis keeps the
+session table, the heartbeats and the reaping; the inbox stream stays the
+fallback path, and every guarantee of docs/cluster.md ("What can be lost or
+repeated") holds for both:
+
+- Each node listens (cluster.link) and publishes the address its peers dial
+  (cluster.link_advertise, else the bound one) next to its heartbeat; the
+  peers learn it on their heartbeat and keep it (no Redis read per stanza).
+- A link is authenticated both ways by HMAC with the cluster secret
+  (cluster.secret, else 32 random bytes one node SET NX in Redis; the wire
+  format and handshake: xmppd.cluster.wire). It is not encrypted.
+- The dialing node sends; the accepting node handles the items exactly as
+  its inbox does (`ItemHandler`), after the sender's table changes before
+  them (`ReplicaSync.caught_up`), and acknowledges what it handled at most
+  every ACK_DELAY (not per stanza). The sender keeps every frame until it
+  is acknowledged.
+- Link lost, the peer still live: the sender dials again; the handshake says
+  which frame the peer handled last on that sender's incarnation, and only
+  the rest is sent again (no duplicates while the peer process lives).
+- Peer dead (not live in the heartbeat's list, or a forward to it refused:
+  `gone`): what it did not acknowledge is routed again here (other resources,
+  offline storage), at least once, as the reaper does with a dead node's
+  inbox. A peer that knows it is not live (its heartbeat lapsed past its TTL,
+  it stops, it is not serving yet) refuses frames (NACK): routed again here.
+- No link within CONNECT_WAIT (no address, refused, handshake failed), Redis
+  unhealthy on this node (the writer's forward_wait then decides: the
+  replica may be stale) or more than MAX_UNACKED bytes unacknowledged: the
+  stanza goes through Redis, which has its own bounds and refusals.
+- A clean stop sends what is queued, waits DRAIN_WAIT for the acks, and
+  sends what is not acknowledged through Redis.
+
+Order: the stanzas one node sends another keep their order when they change
+path from Redis to the link. The writer numbers what it sends each node
+through Redis; a frame carries the number of the last one before its items
+(a frame ends where one went through Redis in between), and the receiver
+handles the frame once its inbox handled that one (`Inbox.caught_up`,
+bounded: one refused or lost on the way never comes). From the link to
+Redis nothing waits: a frame is written at once, and an item through Redis
+after it takes a Redis round trip more. When a link gives up, what it held
+goes through Redis after what went there meanwhile: only then may a stanza
+overtake an earlier one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from lxml import etree
+from redis.typing import EncodableT
+
+from xmppd.cluster import wire
+from xmppd.cluster.inbox import Inbox, ItemHandler, split_fields
+from xmppd.cluster.stats import ClusterStats
+from xmppd.cluster.sync import ReplicaSync
+from xmppd.config import split_advertised
+
+log = logging.getLogger(__name__)
+
+CONNECT_WAIT = 2.0
+"""Seconds a link may take to connect and authenticate; what waited for it then goes
+through Redis."""
+HANDSHAKE_WAIT = 5.0
+"""Seconds an accepted connection has to authenticate before it is closed."""
+RETRY_DELAY = 1.0
+"""Seconds after a failed dial during which stanzas for that peer go through Redis."""
+MAX_UNACKED = 8 * 1024 * 1024
+"""Bytes sent to one peer and not acknowledged, past which stanzas go through Redis."""
+DRAIN_WAIT = 2.0
+"""Seconds a clean stop waits for the peers to acknowledge what was sent."""
+ACK_DELAY = 0.005
+"""Seconds a receiver gathers what it handled before it acknowledges it: at steady
+rates most frames hold one stanza, and an ack per frame would cost each side a
+syscall and a wake-up per stanza. What is handled is recorded at once (a reconnect's
+handshake reports it), so the delay costs nothing but memory on the sender."""
+
+
+@dataclass(slots=True)
+class Record:
+    """One item on a link: a stanza (forwarded `hops` times before) or a stream end
+    (`stanza` None), its fields as the inbox takes them, the sender's last table change
+    before it, and what went through Redis before it."""
+
+    stanza: etree._Element | None
+    hops: int
+    item: list[EncodableT]
+    change: int
+    redis: int = 0
+    """The number of the last item sent to the same node through Redis before it."""
+
+
+@dataclass(slots=True)
+class Held:
+    """A data frame sent (or to send) and not acknowledged yet."""
+
+    seq: int
+    frame: bytes
+    records: list[Record] = field(default_factory=list)
+
+
+class Link:
+    """This node's links: the listener for its peers' and one `Peer` per node it sends to.
+
+    Set by the cluster before `start`: `fallback(node, record)` sends a record
+    through Redis (Writer.queue_item), `reroute(stanza, hops, avoid)` routes a
+    stanza again here, `on_gone(node)` is called when a peer refused frames
+    (Cluster.node_gone), `live()` says whether this node may still take stanzas
+    (its heartbeat has not lapsed), `redis_items(node)` is the number of the last item
+    sent to `node` through Redis (Writer.redis_items). `serve(inbox)` once the modules
+    are loaded."""
+
+    def __init__(
+        self, node: str, host: str, port: int, advertise: str | None, stats: ClusterStats,
+        sync: ReplicaSync,
+    ) -> None:
+        self.node = node
+        self.host = host
+        self.port = port
+        self.advertise = advertise
+        self.stats = stats
+        self.sync = sync
+        self.secret = b""
+        self.address: str | None = None
+        self.fallback: Callable[[str, Record], None] = lambda node, record: None
+        self.reroute: Callable[[etree._Element, int, str | None], None] = (
+            lambda stanza, hops, avoid: None
+        )
+        self.on_gone: Callable[[str], None] = lambda node: None
+        self.live: Callable[[], bool] = lambda: False
+        self.redis_items: Callable[[str], int] = lambda node: 0
+        self.inbox: Inbox | None = None
+        self.items: ItemHandler | None = None
+        self.stopping = False
+        self.addresses: dict[str, str] = {}  # peer -> the address it advertises
+        self._peers: dict[str, Peer] = {}
+        self._inbound: dict[str, Inbound] = {}  # peer -> its current link to this node
+        self._accepted: set[Inbound] = set()  # every open connection to this node
+        self._handled: dict[str, tuple[str, int]] = {}  # peer -> (incarnation, last seq)
+        self._server: asyncio.Server | None = None
+        self._acked = asyncio.Event()
+
+    async def start(self, secret: bytes) -> str:
+        """Listen; returns the address to advertise."""
+        self.secret = secret
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: Inbound(self), self.host, self.port)
+        bound = self._server.sockets[0].getsockname()
+        host, port = split_advertised(self.advertise) if self.advertise else (bound[0], None)
+        host = f"[{host}]" if ":" in host else host
+        self.address = f"{host}:{port or bound[1]}"
+        log.info("cluster: links from other nodes on %s:%d (advertised %s)",
+                 bound[0], bound[1], self.address)
+        return self.address
+
+    def use_secret(self, secret: bytes) -> None:
+        """The secret in Redis changed (Redis restarted empty, and another node stored
+        its own first): links opened from now on use it, open ones stay."""
+        log.warning("cluster: the link secret in Redis changed; using it for new links")
+        self.secret = secret
+
+    def serve(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+        self.items = inbox.items
+
+    def accepting(self) -> bool:
+        """Whether frames are handled now (else refused: the sender routes them again)."""
+        return self.items is not None and not self.stopping and self.live()
+
+    # --- sending -----------------------------------------------------------------------
+
+    def peers_seen(self, addresses: dict[str, str]) -> None:
+        """The addresses the live peers advertise (each heartbeat): links are dialed
+        ahead of the first stanza."""
+        self.addresses.update(addresses)
+        for node in addresses:
+            self._peer(node)
+
+    def _peer(self, node: str) -> Peer | None:
+        """The peer `node`, dialed if it is not linked and may be dialed now."""
+        peer = self._peers.get(node)
+        if peer is None:
+            address = self.addresses.get(node)
+            if address is None or self.stopping or not self.secret:
+                return None
+            peer = self._peers[node] = Peer(self, node, address)
+        if peer.state == DOWN and time.monotonic() >= peer.retry_at:
+            peer.dial()
+        return peer
+
+    def send(
+        self, node: str, stanza: etree._Element | None, hops: int, item: list[EncodableT],
+        change: int,
+    ) -> bool:
+        """Take `item` for `node`; False: it goes through Redis (counted as a fallback)."""
+        peer = self._peer(node)
+        if (
+            peer is None
+            or peer.state == DOWN
+            or peer.unacked_bytes > MAX_UNACKED
+            or not self.stats.redis_up
+        ):
+            self.stats.link_fallbacks += 1
+            return False
+        peer.queue(Record(stanza, hops, item, change, self.redis_items(node)))
+        return True
+
+    def gone(self, node: str) -> None:
+        """`node` is dead or refused frames: what it did not acknowledge is routed
+        again here, at least once (it may have handled some before it died)."""
+        self.addresses.pop(node, None)
+        peer = self._peers.pop(node, None)
+        if peer is None:
+            return
+        for record in peer.close():
+            if record.stanza is not None:  # a stream end for a dead node is moot
+                self.stats.link_reroutes += 1
+                self.reroute(record.stanza, record.hops, node)
+
+    def refused(self, node: str) -> None:
+        """`node` refused frames (a NACK): as for a reaped node with FORWARD."""
+        self.stats.link_nacks += 1
+        log.warning("cluster: node %s refused stanzas on its link; routing them here", node)
+        self.gone(node)
+        self.on_gone(node)
+
+    def acked(self) -> None:
+        self._acked.set()
+
+    async def drain(self) -> None:
+        """A clean stop: refuse what peers send from now; send what is queued, wait up
+        to DRAIN_WAIT for the acks; what is not acknowledged goes through Redis."""
+        self.stopping = True
+        for peer in self._peers.values():
+            peer.flush()
+        try:
+            async with asyncio.timeout(DRAIN_WAIT):
+                while any(peer.held for peer in self._peers.values()):
+                    self._acked.clear()
+                    await self._acked.wait()
+        except TimeoutError:
+            pass
+        peers, self._peers = self._peers, {}
+        for node, peer in peers.items():
+            records = peer.close()
+            if records:
+                log.warning("cluster: %d stanzas for node %s not acknowledged at stop; sent "
+                            "through Redis", len(records), node)
+            for record in records:
+                self.fallback(node, record)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for peer in list(self._peers.values()):
+            for record in peer.close():
+                self.fallback(peer.node, record)
+        self._peers.clear()
+        if self._server is not None:
+            self._server.close()
+        # Every connection, authenticated or not: the server's wait_closed waits for them.
+        for inbound in list(self._accepted):
+            inbound.close(graceful=True)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_WAIT):
+                    await self._server.wait_closed()
+            self._server = None
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def accepted(self, inbound: Inbound, peer: str, incarnation: str) -> int:
+        """`peer` authenticated: the last frame handled from its `incarnation` (a newer
+        link from it replaces an older one, which stops handling at once)."""
+        old = self._inbound.get(peer)
+        if old is not None and old is not inbound:
+            old.close()
+        self._inbound[peer] = inbound
+        known, last = self._handled.get(peer, ("", 0))
+        return last if known == incarnation else 0
+
+    def handled(self, inbound: Inbound, peer: str, incarnation: str, seq: int) -> None:
+        self._handled[peer] = (incarnation, seq)
+
+    def closed(self, inbound: Inbound, peer: str | None) -> None:
+        self._accepted.discard(inbound)
+        if peer is not None and self._inbound.get(peer) is inbound:
+            del self._inbound[peer]
+
+
+CONNECTING, UP, DOWN = "connecting", "up", "down"
+
+
+class Peer:
+    """The link this node sends on to one other node, and what it holds for it."""
+
+    def __init__(self, link: Link, node: str, address: str) -> None:
+        self.link = link
+        self.node = node
+        self.address = address
+        self.incarnation = wire.nonce()  # the peer's sequence numbers start anew with it
+        self.state = DOWN
+        self.retry_at = 0.0
+        self.held: deque[Held] = deque()
+        self.unacked_bytes = 0
+        self._seq = 0
+        self._queued: list[Record] = []
+        self._conn: Outbound | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sent = 0  # the last frame written on the current connection
+
+    def queue(self, record: Record) -> None:
+        """Sent with what else is queued for this peer in this turn of the loop."""
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._queued.append(record)
+
+    def flush(self) -> None:
+        """What was queued, as few frames as SPLIT_AT allows, in one write. A frame also
+        ends where items went through Redis in between: the next one waits for them."""
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
+        frames = 0
+        start = 0
+        while start < len(queued):
+            fields: list[bytes] = []
+            size = 0
+            end = start
+            redis = queued[start].redis
+            while end < len(queued) and (
+                end == start or (size < wire.SPLIT_AT and queued[end].redis == redis)
+            ):
+                for value in queued[end].item:
+                    encoded = value if isinstance(value, bytes) else str(value).encode()
+                    fields.append(encoded)
+                    size += len(encoded)
+                end += 1
+            records = queued[start:end]
+            self._seq += 1
+            frame = wire.data(self._seq, max(r.change for r in records), fields, redis)
+            self.held.append(Held(self._seq, frame, records))
+            self.unacked_bytes += len(frame)
+            frames += 1
+            start = end
+        stats = self.link.stats
+        stats.link_frames_out += frames
+        stats.link_stanzas_out += len(queued)
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Write what is held and not written on this connection, in one write."""
+        if self.state != UP or self._conn is None:
+            return
+        frames = [held.frame for held in self.held if held.seq > self._sent]
+        if frames:
+            self._conn.write(b"".join(frames))
+            self._sent = self.held[-1].seq
+
+
+    def dial(self) -> None:
+        self.state = CONNECTING
+        self._task = asyncio.create_task(self._connect(), name=f"cluster-link-{self.node}")
+
+    async def _connect(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        handshake = wire.Dialer(self.link.secret, self.link.node, self.node, self.incarnation)
+        conn = Outbound(self, handshake)
+        try:
+            async with asyncio.timeout(CONNECT_WAIT):
+                await loop.create_connection(lambda: conn, host.strip("[]"), int(port))
+                last = await conn.welcomed
+        except (OSError, TimeoutError, wire.WireError, ValueError) as exc:
+            conn.close()
+            if self.link._peers.get(self.node) is not self:
+                return  # closed meanwhile
+            log.warning("cluster: no link to node %s at %s (%s); sending through Redis",
+                        self.node, self.address, exc or type(exc).__name__)
+            self._failed()
+            return
+        if self.link._peers.get(self.node) is not self:
+            conn.close()
+            return
+        self._conn = conn
+        self.state = UP
+        log.info("cluster: linked to node %s at %s", self.node, self.address)
+        self._acked(last)
+        self._sent = last
+        self._write_pending()
+
+    def _failed(self) -> None:
+        """No link in time: what it held goes through Redis, in order."""
+        self.state = DOWN
+        self.retry_at = time.monotonic() + RETRY_DELAY
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        for record in self._take():
+            self.link.stats.link_fallbacks += 1
+            self.link.fallback(self.node, record)
+
+    def _take(self) -> list[Record]:
+        """Everything held and queued, in order; the peer holds nothing after."""
+        self.flush()
+        records = [record for held in self.held for record in held.records]
+        self.held.clear()
+        self.unacked_bytes = 0
+        return records
+
+    def _acked(self, seq: int) -> None:
+        held = self.held
+        while held and held[0].seq <= seq:
+            self.unacked_bytes -= len(held.popleft().frame)
+        self.link.acked()
+
+    def lost(self, conn: Outbound) -> None:
+        """The link broke: dial again, the peer says what it handled."""
+        if conn is not self._conn:
+            return
+        self._conn = None
+        if self.link._peers.get(self.node) is not self or self.link.stopping:
+            return
+        log.warning("cluster: lost the link to node %s; dialing again", self.node)
+        self.link.stats.link_reconnects += 1
+        self.dial()
+
+    def close(self) -> list[Record]:
+        """Stop sending; returns what was not acknowledged, in order."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        conn, self._conn = self._conn, None
+        self.state = DOWN
+        records = self._take()
+        if conn is not None:
+            conn.close()
+        return records
+
+
+class Outbound(asyncio.Protocol):
+    """The dialing end of one link connection (sends data, reads acks)."""
+
+    def __init__(self, peer: Peer, handshake: wire.Dialer) -> None:
+        self.peer = peer
+        self.handshake = handshake
+        self.reader = wire.FrameReader(wire.MAX_HELLO)
+        self.transport: asyncio.Transport | None = None
+        self.welcomed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's is not a subclass of asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.handshake.hello())
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # what is unacknowledged is sent again or elsewhere
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for kind, body in self.reader.feed(data):
+                if not self.welcomed.done():
+                    answer = self.handshake.answer(kind, body)
+                    if answer is not None:
+                        self.write(answer)
+                    if self.handshake.last is not None:
+                        self.reader.limit = wire.MAX_FRAME
+                        self.welcomed.set_result(self.handshake.last)
+                elif kind == wire.ACK:
+                    self.peer.link.stats.link_acks += 1
+                    self.peer._acked(wire.parse_seq(body))
+                elif kind == wire.NACK:
+                    self.peer._acked(wire.parse_seq(body))
+                    self.peer.link.refused(self.peer.node)
+                    return
+                else:
+                    raise wire.WireError(f"a {kind!r} frame from the accepting node")
+        except wire.WireError as exc:
+            log.error("cluster: the link to node %s failed: %s", self.peer.node, exc)
+            if not self.welcomed.done():
+                self.welcomed.set_exception(exc)
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError("closed during the handshake"))
+            self.welcomed.exception()  # retrieved: the dialer logs it
+        self.transport = None
+        self.peer.lost(self)
+
+
+class Inbound(asyncio.Protocol):
+    """The accepting end of one link connection: authenticates the peer, handles its
+    frames in order, acknowledges at most every ACK_DELAY."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.handshake = wire.Acceptor(link.secret, link.node)
+        self.reader = wire.FrameReader(wire.MAX_HELLO)
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self.incarnation = ""
+        self.address = "?"
+        self.last = 0  # the last frame handled
+        self.acked = 0
+        self.closed = False
+        self._backlog: deque[tuple[int, int, int, list[bytes]]] = deque()
+        self._waiting: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's too: see Outbound
+        if self.link.stopping:
+            self.close()
+            return
+        self.link._accepted.add(self)
+        peername = transport.get_extra_info("peername")
+        self.address = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_WAIT, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._refuse(f"no handshake within {HANDSHAKE_WAIT:g} s")
+
+    def _refuse(self, reason: str) -> None:
+        self.link.stats.link_auth_failures += 1
+        log.warning("cluster: refused a link from %s: %s", self.address, reason)
+        self.close()
+
+    def close(self, graceful: bool = False) -> None:
+        """Stop handling frames. `graceful` (this node stops): acknowledge what was
+        handled first and let the write go out, or the sender would send it again."""
+        if graceful and self.peer is not None:
+            self._ack()
+        self.closed = True
+        for timer in (self._timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
+        if self.transport is not None:
+            if graceful:
+                self.transport.close()
+            else:
+                self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+            for kind, body in frames:
+                if self.peer is None:
+                    self._handshake(kind, body)
+                elif kind == wire.DATA:
+                    self._backlog.append(wire.parse_data(body))
+                else:
+                    raise wire.WireError(f"a {kind!r} frame from the dialing node")
+        except wire.WireError as exc:
+            if self.peer is None:
+                self._refuse(str(exc))
+            else:
+                log.error("cluster: the link from node %s failed: %s", self.peer, exc)
+                self.close()
+            return
+        self._process()
+
+    def _handshake(self, kind: bytes, body: bytes) -> None:
+        answer = self.handshake.answer(kind, body)
+        if answer is not None:
+            self._write(answer)
+        if self.handshake.peer is None:
+            return
+        assert self.handshake.incarnation is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self.peer, self.incarnation = self.handshake.peer, self.handshake.incarnation
+        self.reader.limit = wire.MAX_FRAME
+        self.last = self.acked = self.link.accepted(self, self.peer, self.incarnation)
+        self._write(self.handshake.welcome(self.last))
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _process(self) -> None:
+        """Handle the frames that came, in order, each once its sender's table changes
+        before it are applied here; then one ACK (or a NACK: not live)."""
+        link, stats, backlog = self.link, self.link.stats, self._backlog
+        assert self.peer is not None or not backlog
+        while backlog and not self.closed and self._waiting is None:
+            if not link.accepting():
+                backlog.clear()
+                self._write(wire.ack(wire.NACK, self.last))
+                self.acked = self.last
+                return
+            seq, change, redis, fields = backlog[0]
+            assert self.peer is not None and link.inbox is not None
+            if (redis and link.inbox.behind(self.peer, redis)) or (
+                change and link.sync.behind(self.peer, change)
+            ):
+                self._waiting = asyncio.create_task(self._wait(redis, change))
+                break
+            backlog.popleft()
+            if seq <= self.last:
+                continue  # sent again after a reconnect the handshake did not cover
+            _, items = split_fields(fields)
+            assert link.items is not None
+            link.items.handle(items, False)
+            self.last = seq
+            stats.link_frames_in += 1
+            stats.link_stanzas_in += len(items)
+        if self.last > self.acked and self.peer is not None:
+            link.handled(self, self.peer, self.incarnation, self.last)
+            if self._ack_timer is None:
+                self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack)
+
+    def _ack(self) -> None:
+        """Acknowledge what was handled since the last ack: one ack for every read in
+        ACK_DELAY, not one per read (a syscall and a wake-up on each side)."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+        self._ack_timer = None
+        if self.last > self.acked:
+            self._write(wire.ack(wire.ACK, self.last))
+            self.acked = self.last
+
+    async def _wait(self, redis: int, change: int) -> None:
+        """A frame waits: for what its sender sent through Redis before it (up to item
+        `redis`), then for its sender's table changes up to `change`."""
+        assert self.peer is not None and self.link.inbox is not None
+        if redis:
+            await self.link.inbox.caught_up(self.peer, redis)
+        if change:
+            await self.link.sync.caught_up(self.peer, change)
+        self._waiting = None
+        self._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        for timer in (self._timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()
+        self.link.closed(self, self.peer)
+
