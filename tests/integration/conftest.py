@@ -20,7 +20,9 @@ import yaml
 from tests.storage.services import (  # noqa: F401  (fixtures)
     memcached_ring,
     moto_service,
+    redis_service,
     seaweedfs_service,
+    service_factory,
 )
 from xmppd.config import load_config
 from xmppd.server import Server

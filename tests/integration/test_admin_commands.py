@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -30,7 +29,6 @@ from tests.integration.test_account_removal import (
 )
 from tests.integration.test_cluster import until
 from tests.integration.test_user_journey import MODULES as JOURNEY_MODULES
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.server import Server
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
@@ -438,12 +436,6 @@ async def test_a_cancelled_command_and_an_unknown_session_get_the_xeps_errors(
 
 # --- a cluster ------------------------------------------------------------------------
 
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
 
 
 async def test_commands_reach_users_on_another_node_of_a_cluster(

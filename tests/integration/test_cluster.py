@@ -11,7 +11,7 @@ import asyncio
 import sys
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
 import pytest
@@ -19,7 +19,6 @@ from redis.asyncio import Redis
 
 from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import StartServer
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import RemoteTransport, schema
 from xmppd.config import DEFAULT_MODULES
 from xmppd.modulehost import Module
@@ -33,12 +32,6 @@ pytestmark = pytest.mark.timeout(60)
 DELIVERY = 1.0
 """Seconds a cross-node message may take (the issue: within a second)."""
 
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
 
 
 async def two_nodes(start_server: StartServer, redis: LocalService) -> tuple[Server, Server]:

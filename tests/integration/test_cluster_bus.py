@@ -24,7 +24,6 @@ from tests.integration.test_account_changes import xmppctl
 from tests.integration.test_cluster import (
     online,
     received,
-    redis_service,  # noqa: F401  (fixture)
     seen_on,
     until,
 )
@@ -75,7 +74,7 @@ def notices(node: Server) -> int:
 
 
 async def test_a_block_set_through_one_node_applies_to_a_stanza_routed_by_the_other(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer
 ) -> None:
     """bob's messages are routed by node B, which judges them with alice's rules as it
@@ -106,7 +105,7 @@ async def test_a_block_set_through_one_node_applies_to_a_stanza_routed_by_the_ot
 
 
 async def test_a_privacy_list_set_through_one_node_applies_on_the_other(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer
 ) -> None:
     """alice's default list, set through node A, refuses carol's messages routed by B."""
@@ -146,7 +145,7 @@ async def roster_read_on(client: Client) -> Any:
 
 
 async def test_a_write_through_one_node_is_not_served_stale_by_the_other(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer
 ) -> None:
     """vCard (a blob), private XML and the roster (items): node B has each cached
@@ -183,7 +182,7 @@ async def test_a_write_through_one_node_is_not_served_stale_by_the_other(
 
 
 async def test_an_avatar_set_through_one_node_is_in_presence_sent_through_the_other(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
 ) -> None:
     """Node B stamps bob's presence with the avatar hash it holds; bob changes his
@@ -236,7 +235,7 @@ async def ended(client: Client) -> list[str]:
 
 
 async def test_xmppctl_unregister_through_one_node_ends_the_sessions_on_the_other(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer
 ) -> None:
     a, b = await nodes(start_server, redis_service)
@@ -252,7 +251,7 @@ async def test_xmppctl_unregister_through_one_node_ends_the_sessions_on_the_othe
 
 
 async def test_xmppctl_passwd_through_one_node_ends_the_sessions_on_the_other(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer
 ) -> None:
     a, b = await nodes(start_server, redis_service)
@@ -267,7 +266,7 @@ async def test_xmppctl_passwd_through_one_node_ends_the_sessions_on_the_other(
 
 
 async def test_failed_logins_on_one_node_count_on_the_other(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer
 ) -> None:
     limits = {"auth_failure_delay": 0.01, "auth_failures_before_ban": 3}
@@ -298,7 +297,7 @@ async def logout(client: Client, status: str) -> None:
 
 
 async def test_last_activity_across_nodes(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer
 ) -> None:
     """Online on another node is online; a logout recorded by one node is what the
@@ -331,7 +330,7 @@ async def test_last_activity_across_nodes(
 
 
 async def test_the_embedded_cache_is_invalidated_on_the_other_node_and_flushed_after_a_reconnect(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
 ) -> None:
     """The bus and two in-process caches, without servers: a write (a tombstone) on
     one is applied on the other; a node whose subscription broke forgets everything."""
@@ -360,7 +359,7 @@ async def test_the_embedded_cache_is_invalidated_on_the_other_node_and_flushed_a
 
 
 async def test_the_throttle_falls_back_to_the_node_s_own_count_while_redis_fails(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
 ) -> None:
     now = [0.0]
     redis = Redis.from_url(devservices.redis_url(redis_service))

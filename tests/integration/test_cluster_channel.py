@@ -10,7 +10,7 @@ connection it opened."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -20,7 +20,6 @@ from redis.asyncio import Redis
 from redis.credentials import CredentialProvider
 from redis.exceptions import AuthenticationError, RedisError
 
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import channel as channel_module
 from xmppd.cluster.channel import Channel, Link, connect
 from xmppd.storage import devservices
@@ -33,12 +32,6 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
 }
 
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
 
 
 def run(loop: str, coroutine: Coroutine[Any, Any, Any]) -> Any:

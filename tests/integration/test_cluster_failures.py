@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ import pytest
 
 from tests.integration.conftest import write_config
 from tests.integration.loadgen import Account, Connection, Plan, settled
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.auth.accounts import Accounts
 from xmppd.config import load_config
 from xmppd.storage import devservices
@@ -37,12 +36,6 @@ pytestmark = pytest.mark.timeout(120)
 
 HOST = "localhost"
 
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
 
 
 class Node:

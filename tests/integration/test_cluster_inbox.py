@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from lxml import etree
 from redis.asyncio import Redis
 
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.heartbeat import TTL
@@ -29,12 +28,6 @@ from xmppd.storage.devservices import LocalService
 
 pytestmark = pytest.mark.timeout(60)
 
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
 
 
 class Relay:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +21,6 @@ from tests.integration.test_cluster import (
     two_nodes,
     until,
 )
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import link as link_module
 from xmppd.cluster import schema, wire
 from xmppd.cluster.link import UP
@@ -33,12 +31,6 @@ from xmppd.storage.devservices import LocalService
 
 pytestmark = pytest.mark.timeout(60)
 
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
 
 
 def linked(sender: Server, receiver: Server) -> bool:

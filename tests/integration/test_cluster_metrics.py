@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from tests.integration.clients import close
 from tests.integration.conftest import StartServer
-from tests.integration.test_cluster import (  # noqa: F401  (fixture)
+from tests.integration.test_cluster import (
     online,
     received,
-    redis_service,
     seen_on,
     two_nodes,
     until,

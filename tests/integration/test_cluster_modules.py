@@ -21,14 +21,11 @@ from slixmpp.xmlstream import ET
 
 from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import USERS, StartServer
-from tests.integration.test_cluster import online, received, redis_service, seen_on, until
-from tests.storage.services import service_factory
+from tests.integration.test_cluster import online, received, seen_on, until
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.server import Server
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
-
-__all__ = ["redis_service", "service_factory"]  # fixtures, used by name
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +26,12 @@ from redis.asyncio import Redis
 from tests.integration.conftest import write_config
 from tests.integration.stallnode import INTERVAL, TTL, WEDGED
 from tests.integration.test_cluster_failures import Node
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import schema
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
 
 pytestmark = pytest.mark.timeout(90)
 
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
 
 
 class StallNode(Node):

@@ -8,13 +8,11 @@ and is asked again on a new one `RETRY_AFTER` seconds later."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
 
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.auth.throttle import MemoryFailureCounter
 from xmppd.cluster import throttle
 from xmppd.cluster.throttle import RETRY_AFTER, RedisFailureCounter, count_key
@@ -23,12 +21,6 @@ from xmppd.storage.devservices import LocalService
 
 pytestmark = pytest.mark.timeout(60)
 
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
 
 
 async def test_a_login_given_up_while_its_read_waits_leaves_the_others_theirs(

@@ -28,7 +28,6 @@ from slixmpp.exceptions import IqError
 
 from tests.integration.clients import Client, close, connect, read_until
 from tests.integration.conftest import StartServer, write_config
-from tests.integration.test_cluster import redis_service  # noqa: F401  (fixture)
 from tests.integration.test_workers import xmppctl
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.components.service import TABLE

@@ -26,16 +26,13 @@ from tests.integration.clients import HEADER, Client, RawClient, close, connect,
 from tests.integration.conftest import StartServer, port_of, unwritable_dir, write_config
 from tests.integration.test_account_changes import xmppctl
 from tests.integration.test_bad_input import plain_as
-from tests.integration.test_cluster import online, redis_service, seen_on, two_nodes, until
+from tests.integration.test_cluster import online, seen_on, two_nodes, until
 from tests.integration.test_cluster_modules import has_state
-from tests.storage.services import service_factory
 from xmppd.adminapi import read_token
 from xmppd.cli.ctl import main
 from xmppd.modules.roster import RosterModule
 from xmppd.server import Server
 from xmppd.storage.devservices import LocalService
-
-__all__ = ["redis_service", "service_factory"]  # fixtures, used by name
 
 WAIT = 10
 

@@ -23,7 +23,6 @@ from slixmpp.exceptions import IqError
 
 from tests.integration.clients import close, insecure_context
 from tests.integration.conftest import StartServer
-from tests.integration.test_cluster import redis_service  # noqa: F401  (fixture)
 from tests.integration.test_muc import MODULES, USERS, Chatter, chatter
 from tests.integration.test_sm_cluster import (
     NodeProcess,
@@ -166,7 +165,7 @@ async def test_a_room_carries_on_when_its_owner_node_stops(
 
 
 async def test_a_room_carries_on_when_its_owner_node_is_killed(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     node_process: Callable[..., Any],  # noqa: F811
     tmp_path: Path,

@@ -20,7 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.integration.conftest import StartServer, port_of
-from tests.integration.test_cluster import redis_service, until  # noqa: F401  (fixture)
+from tests.integration.test_cluster import until
 from tests.integration.test_cluster_modules import befriend
 from tests.integration.test_sm_cluster import (
     NodeProcess,
@@ -87,7 +87,7 @@ async def start(
 
 
 async def test_contacts_hear_a_killed_node_s_users_go(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     node_process: Callable[..., Any],  # noqa: F811
     tmp_path: Path,
@@ -114,7 +114,7 @@ async def test_contacts_hear_a_killed_node_s_users_go(
 
 
 async def test_a_resumable_session_is_announced_gone_at_its_timeout_not_at_the_reap(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     node_process: Callable[..., Any],  # noqa: F811
     tmp_path: Path,
@@ -156,7 +156,7 @@ async def test_a_resumable_session_is_announced_gone_at_its_timeout_not_at_the_r
 
 
 async def test_a_node_restarted_at_once_announces_its_previous_process_s_users_gone(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     node_process: Callable[..., Any],  # noqa: F811
     tmp_path: Path,
@@ -181,7 +181,7 @@ async def test_a_node_restarted_at_once_announces_its_previous_process_s_users_g
 
 
 async def test_entities_that_got_directed_presence_hear_a_killed_node_s_user_go(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     node_process: Callable[..., Any],  # noqa: F811
     tmp_path: Path,

@@ -17,8 +17,7 @@ from slixmpp.exceptions import IqError
 from tests.integration.clients import Client, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
 from tests.integration.test_account_removal import xmppctl, zeds_entries
-from tests.integration.test_cluster import redis_service, until
-from tests.storage.services import service_factory
+from tests.integration.test_cluster import until
 from xmppd.modules._pubsub_engine import PubSubService
 from xmppd.modules.pep import NOTIFY, Pep
 from xmppd.modules.pubsub import PubSub
@@ -27,8 +26,6 @@ from xmppd.server import Server
 from xmppd.storage import devservices
 from xmppd.storage.base import ItemStore
 from xmppd.storage.devservices import LocalService
-
-__all__ = ["redis_service", "service_factory"]  # fixtures, used by name
 
 MODULES = {"disco": {}, "caps": {}, "roster": {}, "presence": {}, "pep": {}}
 PLUGINS = ("xep_0030", "xep_0115", "xep_0060", "xep_0163", "xep_0084", "xep_0172")

@@ -23,13 +23,7 @@ from slixmpp.exceptions import IqError
 from tests.integration.clients import HEADER, Client, close, insecure_context, read_until
 from tests.integration.nodeproc import Node, login, register, write_yaml
 from tests.integration.test_cli_server import der_of, peer_certificate
-from tests.integration.test_workers import (  # noqa: F401  (redis_service: a fixture)
-    redis_service,
-    start_workers,
-    workers_config,
-    xmppctl,
-)
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
+from tests.integration.test_workers import start_workers, workers_config, xmppctl
 from xmppd.config import DEFAULT_MODULES
 from xmppd.modules.caps import Identity, verification_string
 from xmppd.storage.devservices import LocalService

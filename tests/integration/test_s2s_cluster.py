@@ -46,7 +46,7 @@ from tests.integration.s2s_peers import (
     xmppd_s2s,
     xmppd_tls,
 )
-from tests.integration.test_cluster import redis_service, until  # noqa: F401  (fixture)
+from tests.integration.test_cluster import until
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import RemoteTransport
 from xmppd.server import Server
@@ -88,7 +88,7 @@ Federate = Callable[..., Awaitable[ClusterFederation]]
 async def federate(
     tmp_path: Path,
     start_server: StartServer,
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
 ) -> AsyncIterator[Federate]:
     """Starts Prosody (a.test) and two xmppd nodes (b.test) federated; stops Prosody
     after the test (the nodes stop with the other servers of the test)."""

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from tests.integration.clients import HEADER, RawClient, insecure_context
 from tests.integration.conftest import USERS, StartServer
 from tests.integration.test_account_changes import xmppctl
-from tests.integration.test_cluster import redis_service, until  # noqa: F401  (fixture)
+from tests.integration.test_cluster import until
 from tests.integration.test_stream_management import (
     SASL,
     SM,
@@ -277,7 +277,7 @@ async def node_process() -> AsyncIterator[Callable[..., Any]]:
 
 
 async def test_resume_on_another_node_after_sigkill(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     node_process: Callable[..., Any],
     tmp_path: Path,
@@ -400,7 +400,7 @@ async def test_takeover_when_redis_lags_the_old_node(
 
 
 async def test_a_dead_node_s_waiting_session_times_out_on_another_node(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     node_process: Callable[..., Any],
     tmp_path: Path,

@@ -23,7 +23,7 @@ from lxml import etree
 
 from tests.integration.clients import HEADER, RawClient, insecure_context
 from tests.integration.conftest import StartServer, port_of
-from tests.integration.test_cluster import redis_service, until  # noqa: F401  (fixture)
+from tests.integration.test_cluster import until
 from tests.integration.test_sm_cluster import cluster
 from tests.integration.test_stream_management import SASL, SM, Stream, message, sm_module
 from tests.storage.services import service_factory, unavailable  # noqa: F401  (fixture)
@@ -169,7 +169,7 @@ class Receiver:
 
 
 async def test_drain_a_node_under_load_behind_haproxy(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     haproxy: Any,
     storage_section: dict[str, Any] | None,
@@ -273,7 +273,7 @@ async def lost_messages(
 
 
 async def test_scale_one_to_three_to_one_under_load_behind_haproxy(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     haproxy: Any,
     storage_section: dict[str, Any] | None,

@@ -23,7 +23,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.integration.conftest import StartServer, port_of
-from tests.integration.test_cluster import redis_service, until  # noqa: F401  (fixture)
+from tests.integration.test_cluster import until
 from tests.integration.test_sm_cluster import (
     RESUME_WITHIN,
     NodeProcess,
@@ -65,7 +65,7 @@ class TimedReceiver(Receiver):
 
 
 async def test_sigkill_a_node_under_load_behind_haproxy(
-    redis_service: LocalService,  # noqa: F811
+    redis_service: LocalService,
     start_server: StartServer,
     haproxy: Any,  # noqa: F811
     node_process: Callable[..., Any],  # noqa: F811

@@ -13,13 +13,9 @@ from slixmpp.xmlstream import ElementBase
 
 from tests.integration.clients import HEADER, Client, RawClient, close, insecure_context
 from tests.integration.conftest import StartServer, port_of
-from tests.integration.test_cluster import redis_service
-from tests.storage.services import service_factory
 from xmppd.server import Server
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
-
-__all__ = ["redis_service", "service_factory"]  # fixtures, used by name
 
 MODULES = {
     "disco": {},

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ import yaml
 from redis.asyncio import Redis
 
 from tests.integration.clients import Client, close, insecure_context
-from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.auth.accounts import Accounts
 from xmppd.cluster import schema
 from xmppd.cluster.schema import Entry
@@ -36,12 +34,6 @@ pytestmark = pytest.mark.timeout(90)
 
 USERS = 40
 
-
-@pytest.fixture
-def redis_service(
-    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
-) -> Iterator[LocalService]:
-    yield service_factory(devservices.redis_server)
 
 
 def workers_config(tmp_path: Path, redis: LocalService | None, **extra: object) -> Path:

@@ -160,6 +160,14 @@ def service_factory() -> Iterator[Callable[[Callable[[], LocalService]], LocalSe
             devservices.cleanup(service)
 
 
+@pytest.fixture
+def redis_service(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],
+) -> LocalService:
+    """A redis-server of the test's own: the cluster tests stop, pause and restart it."""
+    return service_factory(devservices.redis_server)
+
+
 FIXTURES = ("moto_service", "seaweedfs_service", "memcached_ring", "service_factory")
 
 
