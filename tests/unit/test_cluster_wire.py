@@ -88,6 +88,23 @@ def test_a_dialer_without_the_secret_is_refused() -> None:
     assert acceptor.peer is None
 
 
+@pytest.mark.parametrize("given", [r'"\u00e9t\u00e9"', r'"\ud800"'])
+def test_a_proof_whose_mac_is_not_ascii_text_is_a_refused_handshake(given: str) -> None:
+    """Not a TypeError out of hmac.compare_digest (a crash of the connection, not
+    counted as an authentication failure)."""
+    acceptor = wire.Acceptor(SECRET, "node-b")
+    (hello,) = wire.FrameReader().feed(wire.Dialer(SECRET, "node-a", "node-b", "i").hello())
+    assert acceptor.answer(*hello) is not None
+    with pytest.raises(wire.WireError, match="secret"):
+        acceptor.answer(wire.PROOF, f'{{"mac": {given}}}'.encode())
+    dialer = wire.Dialer(SECRET, "node-a", "node-b", "i")
+    challenge = wire.FrameReader().feed(
+        wire.frame(wire.CHALLENGE, f'{{"node": "node-b", "nonce": "n", "mac": {given}}}'.encode())
+    )
+    with pytest.raises(wire.WireError, match="secret"):
+        dialer.answer(*challenge[0])
+
+
 def test_the_acceptor_s_own_answer_reflected_back_is_no_proof() -> None:
     """The challenge's MAC, sent back as the proof: different label, refused."""
     dialer = wire.Dialer(SECRET, "node-a", "node-b", "inc-1")

@@ -187,7 +187,12 @@ class Link:
         """The addresses the live peers advertise (each heartbeat): links are dialed
         ahead of the first stanza."""
         self.addresses.update(addresses)
-        for node in addresses:
+        for node, address in addresses.items():
+            peer = self._peers.get(node)
+            if peer is not None and peer.address != address:
+                # It restarted on another port (port 0) within its TTL: dial the new one.
+                peer.address = address
+                peer.retry_at = 0.0
             self._peer(node)
 
     def _peer(self, node: str) -> Peer | None:
@@ -384,6 +389,9 @@ class Peer:
             async with asyncio.timeout(CONNECT_WAIT):
                 await loop.create_connection(lambda: conn, host.strip("[]"), int(port))
                 last = await conn.welcomed
+        except asyncio.CancelledError:
+            conn.close()  # closed (gone, drain, stop) while it dialed
+            raise
         except (OSError, TimeoutError, wire.WireError, ValueError) as exc:
             conn.close()
             if self.link._peers.get(self.node) is not self:

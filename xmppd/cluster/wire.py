@@ -141,6 +141,13 @@ def mac(secret: bytes, label: str, *parts: str) -> str:
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
+def same_mac(expected: str, given: str) -> bool:
+    """Whether the peer's `given` MAC (a str from its JSON) is `expected`, in constant
+    time: `hmac.compare_digest` raises TypeError on a str that is not ASCII, which would
+    escape as a crash of the connection instead of a refused handshake."""
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass"))
+
+
 def message(kind: bytes, **fields: Any) -> bytes:
     """A handshake frame (JSON body)."""
     return frame(kind, json.dumps(fields).encode())
@@ -184,7 +191,7 @@ class Dialer:
                 raise WireError(f"expected node {self.peer}, reached {fields['node']!r}")
             their = fields["nonce"]
             expected = mac(self.secret, "accept", self.node, self.peer, self.nonce, their)
-            if not hmac.compare_digest(expected, fields["mac"]):
+            if not same_mac(expected, fields["mac"]):
                 raise WireError("the peer does not know the cluster secret")
             self._their_nonce = their
             proof = mac(
@@ -228,7 +235,7 @@ class Acceptor:
             self.secret, "dial", hello["node"], self.node, hello["nonce"], self.nonce,
             hello["incarnation"],
         )
-        if not hmac.compare_digest(expected, fields["mac"]):
+        if not same_mac(expected, fields["mac"]):
             raise WireError(f"node {hello['node']!r} does not know the cluster secret")
         self.peer = hello["node"]
         self.incarnation = hello["incarnation"]
