@@ -205,6 +205,31 @@ async def test_a_link_cut_mid_traffic_loses_and_repeats_nothing(
     await close(bob)
 
 
+async def test_a_link_that_goes_silent_is_dialed_anew_and_loses_nothing(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B stops reading its end of the link, which stays open (a connection a NAT dropped
+    without a word looks the same to A): A's frames wait unacknowledged until
+    ACK_DEADLINE, then A dials again and sends them on the new connection."""
+    monkeypatch.setattr(link_module, "ACK_DEADLINE", 0.5)
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and b.cluster is not None and b.cluster.link is not None
+    alice.send_message(mto="bob@localhost/phone", mbody="before", mtype="chat")
+    assert await received(bob) == "before"
+    silent = b.cluster.link._inbound["node-a"]
+    assert silent.transport is not None
+    silent.transport.pause_reading()
+    for n in range(3):
+        alice.send_message(mto="bob@localhost/phone", mbody=f"silent {n}", mtype="chat")
+    got = [await received(bob, 5.0) for _ in range(3)]
+    assert got == [f"silent {n}" for n in range(3)]
+    assert a.cluster.stats.link_reconnects == 1
+    assert a.cluster.stats.link_fallbacks == 0  # over the new link, not through Redis
+    assert b.cluster.link._inbound["node-a"] is not silent
+    await close(alice)
+    await close(bob)
+
+
 async def test_a_node_that_is_not_live_refuses_and_the_sender_routes_again(
     redis_service: LocalService, start_server: StartServer
 ) -> None:

@@ -77,6 +77,14 @@ RETRY_DELAY = 1.0
 """Seconds after a failed dial during which stanzas for that peer go through Redis."""
 MAX_UNACKED = 8 * 1024 * 1024
 """Bytes sent to one peer and not acknowledged, past which stanzas go through Redis."""
+ACK_DEADLINE = 10.0
+"""Seconds the oldest frame written on a link may wait for its ack before the link is
+dialed anew (the handshake says what the peer handled; the rest is sent again). A
+connection a NAT or firewall dropped without a word, or a path between two nodes that
+both still reach Redis, raises nothing: the frames would wait for the kernel to give
+up retransmitting (~15 min), and every later stanza for that node behind them. A
+receiver may hold a frame for ORDER_WAIT (xmppd.cluster.sync) per wait, twice, plus
+ACK_DELAY: 10 s leaves a loaded node room, and a redial costs nothing repeated."""
 DRAIN_WAIT = 2.0
 """Seconds a clean stop waits for the peers to acknowledge what was sent."""
 ACK_DELAY = 0.05
@@ -326,6 +334,7 @@ class Peer:
         self._conn: Outbound | None = None
         self._task: asyncio.Task[None] | None = None
         self._sent = 0  # the last frame written on the current connection
+        self._watch: asyncio.TimerHandle | None = None  # ACK_DEADLINE on the oldest frame
 
     def queue(self, record: Record) -> None:
         """Sent with what else is queued for this peer in this turn of the loop."""
@@ -374,6 +383,35 @@ class Peer:
         if frames:
             self._conn.write(b"".join(frames))
             self._sent = self.held[-1].seq
+            if self._watch is None:
+                self._watch = asyncio.get_running_loop().call_later(
+                    ACK_DEADLINE, self._check_acks, self.held[0].seq
+                )
+
+    def _check_acks(self, oldest: int) -> None:
+        """ACK_DEADLINE after `oldest` was the oldest frame written: if it is still not
+        acknowledged, the connection is given up and dialed anew."""
+        self._watch = None
+        if not self.held or self.state != UP or self._conn is None:
+            return
+        if self.held[0].seq > oldest:  # acknowledged meanwhile: watch the oldest now
+            self._watch = asyncio.get_running_loop().call_later(
+                ACK_DEADLINE, self._check_acks, self.held[0].seq
+            )
+            return
+        log.warning(
+            "cluster: node %s acknowledged nothing on its link for %.0f s; dialing again",
+            self.node, ACK_DEADLINE,
+        )
+        conn, self._conn = self._conn, None
+        conn.close()
+        self.link.stats.link_reconnects += 1
+        self.dial()
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
 
     def dial(self) -> None:
@@ -412,6 +450,7 @@ class Peer:
 
     def _failed(self) -> None:
         """No link in time: what it held goes through Redis, in order."""
+        self._unwatch()
         self.state = DOWN
         self.retry_at = time.monotonic() + RETRY_DELAY
         if self._conn is not None:
@@ -440,6 +479,7 @@ class Peer:
         if conn is not self._conn:
             return
         self._conn = None
+        self._unwatch()
         if self.link._peers.get(self.node) is not self or self.link.stopping:
             return
         log.warning("cluster: lost the link to node %s; dialing again", self.node)
@@ -451,6 +491,7 @@ class Peer:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         conn, self._conn = self._conn, None
+        self._unwatch()
         self.state = DOWN
         records = self._take()
         if conn is not None:
