@@ -335,11 +335,13 @@ class Peer:
         self._task: asyncio.Task[None] | None = None
         self._sent = 0  # the last frame written on the current connection
         self._watch: asyncio.TimerHandle | None = None  # ACK_DEADLINE on the oldest frame
+        # Kept: get_running_loop() costs a getpid() per call, and `queue` runs per stanza.
+        self._loop = asyncio.get_running_loop()
 
     def queue(self, record: Record) -> None:
         """Sent with what else is queued for this peer in this turn of the loop."""
         if not self._queued:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
         self._queued.append(record)
 
     def flush(self) -> None:
@@ -384,7 +386,7 @@ class Peer:
             self._conn.write(b"".join(frames))
             self._sent = self.held[-1].seq
             if self._watch is None:
-                self._watch = asyncio.get_running_loop().call_later(
+                self._watch = self._loop.call_later(
                     ACK_DEADLINE, self._check_acks, self.held[0].seq
                 )
 
@@ -395,7 +397,7 @@ class Peer:
         if not self.held or self.state != UP or self._conn is None:
             return
         if self.held[0].seq > oldest:  # acknowledged meanwhile: watch the oldest now
-            self._watch = asyncio.get_running_loop().call_later(
+            self._watch = self._loop.call_later(
                 ACK_DEADLINE, self._check_acks, self.held[0].seq
             )
             return
