@@ -64,7 +64,11 @@ class Counting:
             self.done.set()
         return True
 
-    # The rest of xmppd.session.Transport: a fan-out never closes, pauses or drops.
+    # The rest of xmppd.session.Transport: a fan-out never closes, pauses or drops, and
+    # nothing comes from another node.
+    def send_serialized(self, data: bytes) -> None:
+        pass
+
     def close(self, error: StreamError) -> None:
         raise AssertionError(f"a fan-out closed a stream: {error}")
 

@@ -53,6 +53,9 @@ class StreamTransport:
         self.stream.send(stanza)
         return True
 
+    def send_serialized(self, data: bytes) -> None:
+        """Nothing here comes from another node."""
+
     def close(self, error: StreamError) -> None:
         self.stream.fail(error)
 

@@ -166,6 +166,10 @@ class SMTransport:
             self.module.ask_ack(sm)
         return True
 
+    def send_serialized(self, data: bytes) -> None:
+        """The queue keeps elements (resent on resumption, routed again, written to
+        Redis): the caller parses `data` and calls `send`."""
+
     def close(self, error: StreamError) -> None:
         sm = self.sm
         if error.text == TAKEOVER:

@@ -29,6 +29,13 @@ class Transport(Protocol):
         """Queue a stanza for the client without blocking; False if it cannot be
         taken any more (the stream is closing), so the router falls back."""
 
+    def send_serialized(self, data: bytes) -> bool | None:
+        """Queue a stanza another cluster node serialised (`etree.tostring`, in the
+        jabber:client namespace) as it is: a crossing is not parsed and serialised
+        again on its way to the client. None: this transport needs the element (it
+        keeps it, as stream management does), and the caller parses `data` and uses
+        `send`; False as for `send`."""
+
     def close(self, error: StreamError) -> None:
         """End the client's stream with `error` (conflict, system-shutdown, ...)."""
 
@@ -197,6 +204,12 @@ class ClientSession:
         """Hand a stanza to the transport; False if none can take it now."""
         transport = self.transport
         return transport is not None and transport.send(stanza)
+
+    def deliver_serialized(self, data: bytes) -> bool | None:
+        """`deliver` for a stanza another node serialised; None: parse it and `deliver`
+        (see Transport.send_serialized)."""
+        transport = self.transport
+        return False if transport is None else transport.send_serialized(data)
 
     def terminate(self, error: StreamError) -> None:
         """End the session's stream with a stream error."""

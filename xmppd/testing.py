@@ -44,6 +44,9 @@ class RecordingTransport:
         self.received.append(stanza)
         return True
 
+    def send_serialized(self, data: bytes) -> None:
+        """Kept as elements: the caller parses `data` and calls `send`."""
+
     def close(self, error: StreamError) -> None:
         self.terminated = error
 

@@ -25,6 +25,7 @@ from xmppd.cluster import link as link_module
 from xmppd.cluster import schema, wire
 from xmppd.cluster.link import UP
 from xmppd.cluster.writer import Op
+from xmppd.connection import C2SConnection
 from xmppd.server import Server
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
@@ -84,6 +85,39 @@ async def test_a_cross_node_message_goes_over_the_link_not_through_redis(
     await until(lambda: a.cluster is not None and a.cluster.stats.link_acks >= 1)
     assert b.cluster.inbox is not None and b.cluster.inbox._last == "0-0"
     assert await inbox_length(redis_service, "node-b") == 0
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_crossing_stanza_is_written_to_the_client_as_the_sender_serialised_it(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B writes the bytes A serialised to bob's stream as they are (not parsed and
+    serialised again), and counts them as it counts what it serialises itself: a chat
+    message as delivered, an error message not."""
+    a, b, alice, bob = await pair(start_server, redis_service)
+    written: list[bytes] = []
+    send_serialized = C2SConnection.send_serialized
+
+    def spy(self: C2SConnection, data: bytes) -> bool | None:
+        taken = send_serialized(self, data)
+        if taken:
+            written.append(data)
+        return taken
+
+    monkeypatch.setattr(C2SConnection, "send_serialized", spy)
+    delivered = b.router.ledger.delivered
+    body = 'h\u00e9llo <&> "x" \U0001f600'
+    alice.send_message(mto="bob@localhost/phone", mbody=body, mtype="chat")
+    message = await asyncio.wait_for(bob.messages.get(), 5)
+    assert message["body"] == body and message["from"] == "alice@localhost/desk"
+    assert len(written) == 1 and written[0].startswith(b'<message xmlns="jabber:client" ')
+    assert b.router.ledger.delivered == delivered + 1
+    alice.send_message(mto="bob@localhost/phone", mbody="an error", mtype="error")
+    message = await asyncio.wait_for(bob.messages.get(), 5)
+    assert message["type"] == "error" and message["body"] == "an error"
+    assert len(written) == 2
+    assert b.router.ledger.delivered == delivered + 1  # an error is not counted
     await close(alice)
     await close(bob)
 

@@ -84,6 +84,9 @@ class RemoteTransport:
             return False
         return self.outbox.forward(self.node, self.jid, stanza)
 
+    def send_serialized(self, data: bytes) -> None:
+        """A node forwards what it got from another only to its own sessions."""
+
     def close(self, error: StreamError) -> None:
         # Also once gone: the router ends the session a new bind replaced after the
         # replica dropped it; the node checks it still has that session.

@@ -304,9 +304,17 @@ class ItemHandler:
         if sent is not None:
             with contextlib.suppress(ValueError):  # a figure, never a reason to lose a stanza
                 stats.forward_latency.add(max(0.0, time.time() - float(sent)))
-        stanza = etree.fromstring(fields[b"stanza"], _PARSER)
-        if session is not None and session.deliver(stanza):
-            return
+        data = fields[b"stanza"]
+        if session is not None:
+            # As the sender serialised it, unparsed, where the transport takes bytes.
+            taken = session.deliver_serialized(data)
+            if taken:
+                return
+            stanza = etree.fromstring(data, _PARSER)
+            if taken is None and session.deliver(stanza):
+                return
+        else:
+            stanza = etree.fromstring(data, _PARSER)
         if (
             not orphan
             and stanza.tag == ns.C_MESSAGE
