@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 import pytest
@@ -85,6 +86,45 @@ async def test_a_cross_node_message_goes_over_the_link_not_through_redis(
     await until(lambda: a.cluster is not None and a.cluster.stats.link_acks >= 1)
     assert b.cluster.inbox is not None and b.cluster.inbox._last == "0-0"
     assert await inbox_length(redis_service, "node-b") == 0
+    await close(alice)
+    await close(bob)
+
+
+def link_family(sender: Server, receiver: Server) -> int:
+    """The address family of the socket `sender` sends to `receiver` on."""
+    assert sender.cluster is not None and sender.cluster.link is not None
+    assert receiver.cluster is not None
+    conn = sender.cluster.link._peers[receiver.cluster.node]._conn
+    assert conn is not None and conn.transport is not None
+    return int(conn.transport.get_extra_info("socket").family)
+
+
+async def test_nodes_on_one_host_link_over_a_unix_socket(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Two nodes in one kernel and network namespace (the workers of `--workers N`):
+    the link goes over B's abstract Unix socket, not TCP on loopback."""
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert link_family(a, b) == socket.AF_UNIX
+    alice.send_message(mto="bob@localhost/phone", mbody="next door", mtype="chat")
+    assert await received(bob) == "next door"
+    assert b.cluster is not None and b.cluster.stats.link_stanzas_in == 1
+    await close(alice)
+    await close(bob)
+
+
+async def test_nodes_on_different_hosts_link_over_tcp(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each node says it runs in a kernel of its own: B's Unix socket is not dialed
+    (another host's abstract name may exist here and be someone else's), TCP is."""
+    hosts = iter(["host-1", "host-2", "host-3"])
+    monkeypatch.setattr(link_module, "host_identity", lambda: next(hosts))
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert link_family(a, b) == socket.AF_INET
+    alice.send_message(mto="bob@localhost/phone", mbody="far away", mtype="chat")
+    assert await received(bob) == "far away"
+    assert b.cluster is not None and b.cluster.stats.link_stanzas_in == 1
     await close(alice)
     await close(bob)
 

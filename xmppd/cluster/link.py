@@ -11,6 +11,13 @@ repeated") holds for both:
 - Each node listens (cluster.link) and publishes the address its peers dial
   (cluster.link_advertise, else the bound one) next to its heartbeat; the
   peers learn it on their heartbeat and keep it (no Redis read per stanza).
+  On Linux it also listens on an abstract Unix socket and publishes its name
+  with the identity of its kernel and network namespace (`host_identity`):
+  a peer in the same one (the workers of `xmppd --workers N`) dials that
+  instead. A stanza's write and read cost the kernel less there than over
+  TCP on loopback (no TCP/IP processing, no acks of its own), and a crossing
+  between workers is mostly that (docs/bench.md, "Unix sockets between
+  workers").
 - A link is authenticated both ways by HMAC with the cluster secret
   (cluster.secret, else 32 random bytes one node SET NX in Redis; the wire
   format and handshake: xmppd.cluster.wire). It is not encrypted.
@@ -51,6 +58,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -121,6 +132,26 @@ class Held:
     records: list[Record] = field(default_factory=list)
 
 
+def host_identity() -> str | None:
+    """The kernel (its boot id) and network namespace this process runs in: the nodes
+    that share both reach each other's abstract Unix sockets (Linux; None elsewhere,
+    or if /proc does not say). Read once per node at start, from memory (procfs)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = boot.read().strip()
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None
+    return f"{boot_id}.{netns}"
+
+
+LOCAL = " local="
+"""What separates the TCP address from the local one in an advertised address:
+"HOST:PORT local=<host identity>/<abstract socket name>"."""
+
+
 class Link:
     """This node's links: the listener for its peers' and one `Peer` per node it sends to.
 
@@ -160,6 +191,8 @@ class Link:
         self._accepted: set[Inbound] = set()  # every open connection to this node
         self._handled: dict[str, tuple[str, int]] = {}  # peer -> (incarnation, last seq)
         self._server: asyncio.Server | None = None
+        self._local_server: asyncio.Server | None = None
+        self.host_id = host_identity()
         self._acked = asyncio.Event()
 
     async def start(self, secret: bytes) -> str:
@@ -173,7 +206,28 @@ class Link:
         self.address = f"{host}:{port or bound[1]}"
         log.info("cluster: links from other nodes on %s:%d (advertised %s)",
                  bound[0], bound[1], self.address)
-        return self.address
+        local = await self._listen_locally()
+        return self.address if local is None else f"{self.address}{LOCAL}{local}"
+
+    async def _listen_locally(self) -> str | None:
+        """Listen on an abstract Unix socket for the peers on this host; returns what
+        they need to dial it, or None (not Linux, or refused: they dial TCP)."""
+        if self.host_id is None:
+            return None
+        name = f"xmppd-link-{secrets.token_hex(8)}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind("\0" + name)
+            sock.setblocking(False)
+            self._local_server = await asyncio.get_running_loop().create_unix_server(
+                lambda: Inbound(self), sock=sock
+            )
+        except OSError as exc:
+            sock.close()
+            log.warning("cluster: no Unix socket for links from this host (%s); they "
+                        "come over TCP", exc)
+            return None
+        return f"{self.host_id}/{name}"
 
     def use_secret(self, secret: bytes) -> None:
         """The secret in Redis changed (Redis restarted empty, and another node stored
@@ -282,16 +336,17 @@ class Link:
             for record in peer.close():
                 self.fallback(peer.node, record)
         self._peers.clear()
-        if self._server is not None:
-            self._server.close()
+        servers = [server for server in (self._server, self._local_server) if server]
+        for server in servers:
+            server.close()
         # Every connection, authenticated or not: the server's wait_closed waits for them.
         for inbound in list(self._accepted):
             inbound.close(graceful=True)
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(DRAIN_WAIT):
-                    await self._server.wait_closed()
-            self._server = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_WAIT):
+                for server in servers:
+                    await server.wait_closed()
+        self._server = self._local_server = None
 
     # --- receiving ---------------------------------------------------------------------
 
@@ -421,13 +476,11 @@ class Peer:
         self._task = asyncio.create_task(self._connect(), name=f"cluster-link-{self.node}")
 
     async def _connect(self) -> None:
-        host, _, port = self.address.rpartition(":")
-        loop = asyncio.get_running_loop()
         handshake = wire.Dialer(self.link.secret, self.link.node, self.node, self.incarnation)
         conn = Outbound(self, handshake)
         try:
             async with asyncio.timeout(CONNECT_WAIT):
-                await loop.create_connection(lambda: conn, host.strip("[]"), int(port))
+                await self._open(conn)
                 last = await conn.welcomed
         except asyncio.CancelledError:
             conn.close()  # closed (gone, drain, stop) while it dialed
@@ -437,7 +490,7 @@ class Peer:
             if self.link._peers.get(self.node) is not self:
                 return  # closed meanwhile
             log.warning("cluster: no link to node %s at %s (%s); sending through Redis",
-                        self.node, self.address, exc or type(exc).__name__)
+                        self.node, conn.via or self.address, exc or type(exc).__name__)
             self._failed()
             return
         if self.link._peers.get(self.node) is not self:
@@ -445,10 +498,33 @@ class Peer:
             return
         self._conn = conn
         self.state = UP
-        log.info("cluster: linked to node %s at %s", self.node, self.address)
+        log.info("cluster: linked to node %s at %s", self.node, conn.via)
         self._acked(last)
         self._sent = last
         self._write_pending()
+
+    async def _open(self, conn: Outbound) -> None:
+        """Connect `conn`: to the peer's Unix socket when it runs in this kernel and
+        network namespace, else (or if that is refused: it restarted, say) over TCP."""
+        loop = asyncio.get_running_loop()
+        tcp, _, local = self.address.partition(LOCAL)
+        host_id, _, name = local.partition("/")
+        if name and host_id == self.link.host_id:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, "\0" + name)
+            except OSError as exc:
+                sock.close()
+                log.warning("cluster: the Unix socket of node %s refused (%s); dialing TCP",
+                            self.node, exc)
+            else:
+                conn.via = f"@{name} (Unix socket)"
+                await loop.create_unix_connection(lambda: conn, sock=sock)
+                return
+        host, _, port = tcp.rpartition(":")
+        conn.via = tcp
+        await loop.create_connection(lambda: conn, host.strip("[]"), int(port))
 
     def _failed(self) -> None:
         """No link in time: what it held goes through Redis, in order."""
@@ -510,6 +586,7 @@ class Outbound(asyncio.Protocol):
         self.reader = wire.FrameReader(wire.MAX_HELLO)
         self.transport: asyncio.Transport | None = None
         self.welcomed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.via = ""  # what it connected to, for the log
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not a subclass of asyncio.Transport).
@@ -584,7 +661,10 @@ class Inbound(asyncio.Protocol):
             return
         self.link._accepted.add(self)
         peername = transport.get_extra_info("peername")
-        self.address = f"{peername[0]}:{peername[1]}" if peername else "?"
+        if isinstance(peername, tuple):
+            self.address = f"{peername[0]}:{peername[1]}"
+        else:  # a Unix socket's peer has no name
+            self.address = "this host's Unix socket"
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_WAIT, self._too_slow)
 
     def _too_slow(self) -> None:

@@ -14,7 +14,9 @@ Keys (a deployment owns its Redis database; pick one with the URL's /db):
   hashes, so that its sessions can be removed when it dies.
 - `xmppd:node:<node>:alive`: the node's heartbeat, a key with a TTL.
 - `xmppd:node:<node>:link`: HOST:PORT where the node takes links from the others
-  (xmppd.cluster.link), set with each heartbeat.
+  (xmppd.cluster.link), set with each heartbeat; on Linux followed by
+  " local=<kernel and network namespace>/<abstract Unix socket name>" for the
+  nodes on the same host.
 - `xmppd:link:secret`: the key nodes prove to each other on a link, 32 random bytes
   the first node sets (SET NX), unless the config gives one (cluster.secret).
 - `xmppd:nodes`: the set of node names that may still have sessions.
