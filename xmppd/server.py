@@ -219,7 +219,7 @@ class Server:
             except ValueError as exc:  # a module serves that domain already
                 raise StartupError(f"components: {exc}") from None
         if self.cluster is not None:
-            self.cluster.serve()  # what the inbox holds may need the modules (offline)
+            await self.cluster.serve()  # what the inbox holds may need the modules (offline)
         log.info("modules: %s", ", ".join(self.modules.modules) or "none")
         loop = asyncio.get_running_loop()
         undo.append(("the listeners", self._close_listeners))

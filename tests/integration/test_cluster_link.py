@@ -24,7 +24,8 @@ from tests.integration.test_cluster import (
 )
 from xmppd.cluster import link as link_module
 from xmppd.cluster import schema, wire
-from xmppd.cluster.link import UP
+from xmppd.cluster.link import CONNECTING, UP
+from xmppd.cluster.node import Cluster
 from xmppd.cluster.writer import Op
 from xmppd.connection import C2SConnection
 from xmppd.server import Server
@@ -324,16 +325,15 @@ async def test_a_node_that_is_not_live_refuses_and_the_sender_routes_again(
     await close(bob)
 
 
-async def test_past_the_unacked_bound_stanzas_go_through_redis_and_keep_their_order(
+async def test_stanzas_through_redis_then_over_the_link_keep_their_order(
     redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A small bound on what may wait for B's acks: a burst goes partly over the link,
-    partly through Redis (slowed down), back and forth while the link is up. Each frame
-    after stanzas went through Redis is written once those are in Redis, and B reads its
-    inbox through before it handles the frame: B's client sees the burst in order."""
-    monkeypatch.setattr(link_module, "MAX_UNACKED", 2000)
+    """Each chunk of a burst goes half through Redis (the link down, and Redis slowed
+    down), half over the link dialed again: each frame carries the number of the last
+    item through Redis before it, and B reads its inbox through before it handles the
+    frame. B's client sees the burst in order."""
     a, b, alice, bob = await pair(start_server, redis_service)
-    assert a.cluster is not None and b.cluster is not None
+    assert a.cluster is not None and a.cluster.link is not None and b.cluster is not None
     writer = a.cluster.writer
     send = writer._send
 
@@ -342,20 +342,139 @@ async def test_past_the_unacked_bound_stanzas_go_through_redis_and_keep_their_or
         return await send(batch)
 
     monkeypatch.setattr(writer, "_send", slow)
-    peer = a.cluster.link._peers["node-b"]  # type: ignore[union-attr]
-    count, chunk = 400, 40
+    peer = a.cluster.link._peers["node-b"]
+    stats_a = a.cluster.stats
+    count, chunk = 200, 20
     for start in range(0, count, chunk):
-        routed = a.cluster.stats.forwards_out + chunk
-        for n in range(start, start + chunk):
-            alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
-        # The chunk routed, the link's part acknowledged: the next chunk starts on the
-        # link while this one's Redis part may still be on its way.
-        await until(lambda r=routed: a.cluster is not None and a.cluster.stats.forwards_out >= r)  # type: ignore[misc]
-        await until(lambda: peer.unacked_bytes == 0)
+        await until(lambda: peer.state == UP and peer.unacked_bytes == 0)
+        peer._failed()  # holds nothing: nothing goes through Redis yet
+        peer.retry_at = float("inf")
+        for half in (range(start, start + chunk // 2), range(start + chunk // 2, start + chunk)):
+            routed = stats_a.forwards_out + len(half)
+            for n in half:
+                alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+            await until(lambda r=routed: stats_a.forwards_out >= r)  # type: ignore[misc]
+            peer.retry_at = 0.0  # the second half dials again and goes over the link
     got = [await received(bob, 5.0) for _ in range(count)]
     assert got == [str(n) for n in range(count)]
     stats = b.cluster.stats
-    assert stats.link_stanzas_in > 0 and a.cluster.stats.link_fallbacks > 0  # both paths
+    assert stats.link_stanzas_in > 0 and stats_a.link_fallbacks > 0  # both paths
     assert stats.forwards_in - stats.link_stanzas_in > 0
     await close(alice)
     await close(bob)
+
+
+async def test_a_slow_receiver_past_the_unacked_bound_keeps_the_order(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reads nothing from its link for a moment (a busy node) while a burst for bob
+    crosses the bound on what may wait for its acks: the rest waits on A behind the
+    frames written, not through Redis (it would overtake them), and goes once B acks.
+    bob gets everything once, in order."""
+    monkeypatch.setattr(link_module, "MAX_UNACKED", 2000)
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and a.cluster.link is not None
+    assert b.cluster is not None and b.cluster.link is not None
+    peer = a.cluster.link._peers["node-b"]
+    slow = b.cluster.link._inbound["node-a"]
+    assert slow.transport is not None
+    slow.transport.pause_reading()
+    count = 100
+    routed = a.cluster.stats.forwards_out + count
+    for n in range(count):
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+    await until(lambda: a.cluster is not None and a.cluster.stats.forwards_out >= routed)
+    assert peer.unacked_bytes > 2000  # past the bound
+    await asyncio.sleep(0.3)  # what would have gone through Redis would be there now
+    assert peer.held[-1].seq > peer._sent  # the rest waits on A, not written to B
+    slow.transport.resume_reading()
+    got = [await received(bob, 5.0) for _ in range(count)]
+    assert got == [str(n) for n in range(count)]
+    with pytest.raises(TimeoutError):
+        await received(bob, 0.3)  # and nothing twice
+    assert a.cluster.stats.link_fallbacks == 0
+    assert b.cluster.stats.link_stanzas_in == count
+    await close(alice)
+    await close(bob)
+
+
+async def test_past_the_held_bound_the_link_gives_up_and_redis_keeps_the_order(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """B reads nothing from its link, and A holds more than it may for it: A gives the
+    link up, sends what it held through Redis, in order, then what comes after, and
+    dials again (the new link's frames wait for what went through Redis). bob gets
+    everything once, in order."""
+    monkeypatch.setattr(link_module, "MAX_UNACKED", 2000)
+    monkeypatch.setattr(link_module, "RETRY_DELAY", 0.1)
+    caplog.set_level(logging.WARNING, "xmppd.cluster.link")
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and a.cluster.link is not None
+    assert b.cluster is not None and b.cluster.link is not None
+    peer = a.cluster.link._peers["node-b"]
+    stuck = b.cluster.link._inbound["node-a"]
+    assert stuck.transport is not None
+    stuck.transport.pause_reading()  # for good: A's next link replaces it
+    stats_a = a.cluster.stats
+    count = 100
+    routed = stats_a.forwards_out + count // 2
+    for n in range(count // 2):
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+    await until(lambda: stats_a.forwards_out >= routed)
+    assert stats_a.link_fallbacks == 0 and peer.unacked_bytes > 2000
+    monkeypatch.setattr(link_module, "MAX_HELD", peer.unacked_bytes)  # past it with the next
+    for n in range(count // 2, count):
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+    got = [await received(bob, 5.0) for _ in range(count)]
+    assert got == [str(n) for n in range(count)]
+    with pytest.raises(TimeoutError):
+        await received(bob, 0.3)  # and nothing twice
+    assert any("has not acknowledged" in r.getMessage() for r in caplog.records)
+    stats = b.cluster.stats
+    assert stats.forwards_in - stats.link_stanzas_in > 0  # through Redis, some
+    await until(lambda: linked(a, b))  # and dialed again
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_node_not_serving_yet_takes_stanzas_through_its_inbox(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B is live (A sees it, its sessions, its link address) but does not serve yet (its
+    modules load; here its `serve` is held back while a client is on it already): a
+    message for bob and the end of bob's session (a newer login on A) are not refused
+    and routed again on A, as for a dead node, but reach bob once B serves."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(cluster={"redis_url": url, "node_name": "node-a"})
+    held_back: list[Cluster] = []
+
+    async def later(cluster: Cluster) -> None:
+        held_back.append(cluster)
+
+    real_serve = Cluster.serve
+    monkeypatch.setattr(Cluster, "serve", later)
+    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
+    monkeypatch.setattr(Cluster, "serve", real_serve)
+    assert a.cluster is not None and a.cluster.link is not None and held_back
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    link_a = a.cluster.link
+    await until(lambda: "node-b" in link_a._peers and link_a._peers["node-b"].state != CONNECTING)
+    alice.send_message(mto="bob@localhost/phone", mbody="early", mtype="chat")
+    await until(lambda: a.cluster is not None and a.cluster.stats.forwards_out >= 1)
+    newer = await online(a, "bob@localhost/phone", "bob-secret")  # ends bob's on B
+    await asyncio.sleep(0.3)
+    assert a.cluster.stats.link_nacks == 0 and a.cluster.stats.link_reroutes == 0
+    assert not bob.ended.is_set()
+    await real_serve(held_back[0])
+    assert await received(bob, 5.0) == "early"
+    await asyncio.wait_for(bob.ended.wait(), 5)
+    assert bob.stream_errors == ["conflict"]
+    with pytest.raises(TimeoutError):
+        await received(newer, 0.3)  # not stored offline on A
+    assert a.cluster.stats.link_nacks == 0 and a.cluster.stats.link_reroutes == 0
+    await until(lambda: linked(a, b))  # the link once B serves
+    await close(newer)
+    await close(alice)

@@ -18,6 +18,9 @@ repeated") holds for both:
   TCP on loopback (no TCP/IP processing, no acks of its own), and a crossing
   between workers is mostly that (docs/bench.md, "Unix sockets between
   workers").
+  It accepts links only once it serves (its modules loaded: `Link.start`
+  says why); until then a dial is refused, and its peers send through its
+  inbox, which holds what they send until it serves.
 - A link is authenticated both ways by HMAC with the cluster secret
   (cluster.secret, else 32 random bytes one node SET NX in Redis; the wire
   format and handshake: xmppd.cluster.wire). It is not encrypted.
@@ -33,30 +36,37 @@ repeated") holds for both:
   `gone`): what it did not acknowledge is routed again here (other resources,
   offline storage), at least once, as the reaper does with a dead node's
   inbox. A peer that knows it is not live (its heartbeat lapsed past its TTL,
-  it stops, it is not serving yet) refuses frames (NACK): routed again here.
-- No link within CONNECT_WAIT (no address, refused, handshake failed), Redis
-  unhealthy on this node (the writer's forward_wait then decides: the
-  replica may be stale) or more than MAX_UNACKED bytes unacknowledged: the
-  stanza goes through Redis, which has its own bounds and refusals.
+  or it stops) refuses frames (NACK): routed again here.
+- No link within CONNECT_WAIT (no address, refused, handshake failed) or
+  Redis unhealthy on this node (the writer's forward_wait then decides: the
+  replica may be stale): the stanza goes through Redis, which has its own
+  bounds and refusals.
+- A slow receiver: past MAX_UNACKED bytes written and not acknowledged, the
+  next frames wait on the sender for acks; past MAX_HELD bytes held, the
+  link is given up: what it held goes through Redis, in order, then what
+  comes, and it is dialed again after RETRY_DELAY.
 - A clean stop sends what is queued, waits DRAIN_WAIT for the acks, and
   sends what is not acknowledged through Redis.
 
-Order: the stanzas one node sends another keep their order when they change
-path from Redis to the link. The writer numbers what it sends each node
-through Redis; a frame carries the number of the last one before its items
-(a frame ends where one went through Redis in between), and the receiver
-handles the frame once its inbox handled that one (`Inbox.caught_up`,
-bounded: one refused or lost on the way never comes). From the link to
-Redis nothing waits: a frame is written at once, and an item through Redis
-after it takes a Redis round trip more. When a link gives up, what it held
-goes through Redis after what went there meanwhile: only then may a stanza
-overtake an earlier one.
+Order: the stanzas one node sends another keep their order whichever path
+each takes. From Redis to the link: the writer numbers what it sends each
+node through Redis; a frame carries the number of the last one before its
+items (a frame ends where one went through Redis in between), and the
+receiver handles the frame once its inbox handled that one
+(`Inbox.caught_up`, bounded: one refused or lost on the way never comes).
+From the link to Redis: a stanza takes Redis only when the link holds
+nothing (it is down, and what it held went through Redis first, in order),
+never past a frame still unacknowledged: a slow receiver makes the sender
+hold (MAX_HELD says why). One case is left: while Redis is unhealthy on
+this node a stanza goes to the writer even if frames wait on the link, and
+may overtake them if Redis answers again before the receiver handled them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -87,7 +97,20 @@ HANDSHAKE_WAIT = 5.0
 RETRY_DELAY = 1.0
 """Seconds after a failed dial during which stanzas for that peer go through Redis."""
 MAX_UNACKED = 8 * 1024 * 1024
-"""Bytes sent to one peer and not acknowledged, past which stanzas go through Redis."""
+"""Bytes written on a link and not acknowledged, past which the next frames wait on the
+sender for acks (a window: the receiver reads no more than this ahead of what it
+handled, and the sender's transport buffers no second copy of what it holds)."""
+MAX_HELD = 32 * 1024 * 1024
+"""Bytes of frames one peer may hold (written or waiting for the window), past which
+the link is given up: everything it held, then the stanza, goes through Redis in
+order, and the link is dialed again after RETRY_DELAY. Why not switch to Redis at
+MAX_UNACKED, as the link once did: a stanza through Redis overtakes the frames still
+waiting on the link, and a receiver that lags for a moment (a busy loop, a GC pause)
+would see its stanzas out of order. Holding keeps the order at the price of the
+sender's memory, bounded here per peer; a receiver 4 windows behind is not slow for a
+moment, and its inbox (bounded by INBOX_MAXLEN) takes such a backlog. Giving up
+costs what a lost link costs: what the receiver handled in its last ACK_DELAY may
+arrive twice."""
 ACK_DEADLINE = 10.0
 """Seconds the oldest frame written on a link may wait for its ack before the link is
 dialed anew (the handshake says what the peer handled; the rest is sent again). A
@@ -161,7 +184,8 @@ class Link:
     (Cluster.node_gone), `live()` says whether this node may still take stanzas
     (its heartbeat has not lapsed), `redis_items(node)` is the number of the last item
     sent to `node` through Redis (Writer.redis_items). `serve(inbox)` once the modules
-    are loaded."""
+    are loaded: only then does it accept links (`start` binds the port to advertise, but
+    does not listen)."""
 
     def __init__(
         self, node: str, host: str, port: int, advertise: str | None, stats: ClusterStats,
@@ -196,10 +220,19 @@ class Link:
         self._acked = asyncio.Event()
 
     async def start(self, secret: bytes) -> str:
-        """Listen; returns the address to advertise."""
+        """Bind the port (not listening yet: `serve`); returns the address to advertise.
+
+        Why not accept links before `serve`: the node is live (its heartbeat lists it,
+        the peers dial it) while its modules load, and a frame handled then could not be
+        routed (offline storage), while a NACK would make the sender route the stanzas
+        on its side and drop the session ends as for a dead node. A connection to a
+        bound port that does not listen is refused at once: the sender sends through
+        Redis, and the inbox, read from `serve` on, holds the items meanwhile."""
         self.secret = secret
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Inbound(self), self.host, self.port)
+        self._server = await loop.create_server(
+            lambda: Inbound(self), self.host, self.port, start_serving=False
+        )
         bound = self._server.sockets[0].getsockname()
         host, port = split_advertised(self.advertise) if self.advertise else (bound[0], None)
         host = f"[{host}]" if ":" in host else host
@@ -210,8 +243,9 @@ class Link:
         return self.address if local is None else f"{self.address}{LOCAL}{local}"
 
     async def _listen_locally(self) -> str | None:
-        """Listen on an abstract Unix socket for the peers on this host; returns what
-        they need to dial it, or None (not Linux, or refused: they dial TCP)."""
+        """Bind an abstract Unix socket for the peers on this host (listening from
+        `serve`, as the TCP port); returns what they need to dial it, or None (not
+        Linux, or refused: they dial TCP)."""
         if self.host_id is None:
             return None
         name = f"xmppd-link-{secrets.token_hex(8)}"
@@ -220,7 +254,7 @@ class Link:
             sock.bind("\0" + name)
             sock.setblocking(False)
             self._local_server = await asyncio.get_running_loop().create_unix_server(
-                lambda: Inbound(self), sock=sock
+                lambda: Inbound(self), sock=sock, start_serving=False
             )
         except OSError as exc:
             sock.close()
@@ -235,13 +269,21 @@ class Link:
         log.warning("cluster: the link secret in Redis changed; using it for new links")
         self.secret = secret
 
-    def serve(self, inbox: Inbox) -> None:
+    async def serve(self, inbox: Inbox) -> None:
+        """Accept links (after the inbox started: a frame waits for the items sent
+        through Redis before it, `Inbound._wait`)."""
         self.inbox = inbox
         self.items = inbox.items
+        if self._server is not None and not self.stopping:
+            await self._server.start_serving()
+            if self._local_server is not None:
+                await self._local_server.start_serving()
+            log.info("cluster: accepting links from other nodes")
 
     def accepting(self) -> bool:
-        """Whether frames are handled now (else refused: the sender routes them again)."""
-        return self.items is not None and not self.stopping and self.live()
+        """Whether frames are handled now (else refused: the sender routes them again).
+        Not serving yet, the node accepts no link at all (`start`)."""
+        return not self.stopping and self.live()
 
     # --- sending -----------------------------------------------------------------------
 
@@ -273,14 +315,19 @@ class Link:
         self, node: str, stanza: etree._Element | None, hops: int, item: list[EncodableT],
         change: int,
     ) -> bool:
-        """Take `item` for `node`; False: it goes through Redis (counted as a fallback)."""
+        """Take `item` for `node`; False: it goes through Redis (counted as a fallback).
+
+        Past MAX_HELD the link is given up first (what it held goes through Redis ahead
+        of `item`, in order); short of it, `item` waits on the link behind the frames
+        there, whatever their acks take (MAX_HELD says why)."""
         peer = self._peer(node)
-        if (
-            peer is None
-            or peer.state == DOWN
-            or peer.unacked_bytes > MAX_UNACKED
-            or not self.stats.redis_up
-        ):
+        if peer is not None and peer.unacked_bytes > MAX_HELD:
+            log.warning(
+                "cluster: node %s has not acknowledged %d bytes on its link; sending through "
+                "Redis", node, peer.unacked_bytes,
+            )
+            peer.give_up()
+        if peer is None or peer.state == DOWN or not self.stats.redis_up:
             self.stats.link_fallbacks += 1
             return False
         peer.queue(Record(stanza, hops, item, change, self.redis_items(node)))
@@ -389,6 +436,7 @@ class Peer:
         self._conn: Outbound | None = None
         self._task: asyncio.Task[None] | None = None
         self._sent = 0  # the last frame written on the current connection
+        self._in_flight = 0  # bytes written on it and not acknowledged (MAX_UNACKED)
         self._watch: asyncio.TimerHandle | None = None  # ACK_DEADLINE on the oldest frame
         # Kept: get_running_loop() costs a getpid() per call, and `queue` runs per stanza.
         self._loop = asyncio.get_running_loop()
@@ -433,13 +481,22 @@ class Peer:
         self._write_pending()
 
     def _write_pending(self) -> None:
-        """Write what is held and not written on this connection, in one write."""
-        if self.state != UP or self._conn is None:
+        """Write what is held and not written on this connection, in one write, as long
+        as less than MAX_UNACKED is written and not acknowledged: the rest waits for
+        the acks (each calls this again)."""
+        if self.state != UP or self._conn is None or not self.held:
             return
-        frames = [held.frame for held in self.held if held.seq > self._sent]
+        frames: list[bytes] = []
+        # Sequence numbers in `held` follow each other, and those up to `_sent` are
+        # written. A peer that restarted welcomes with a `_sent` below the first held.
+        for held in itertools.islice(self.held, max(0, self._sent + 1 - self.held[0].seq), None):
+            if self._in_flight >= MAX_UNACKED:
+                break
+            frames.append(held.frame)
+            self._in_flight += len(held.frame)
+            self._sent = held.seq
         if frames:
             self._conn.write(b"".join(frames))
-            self._sent = self.held[-1].seq
             if self._watch is None:
                 self._watch = self._loop.call_later(
                     ACK_DEADLINE, self._check_acks, self.held[0].seq
@@ -501,6 +558,7 @@ class Peer:
         log.info("cluster: linked to node %s at %s", self.node, conn.via)
         self._acked(last)
         self._sent = last
+        self._in_flight = 0
         self._write_pending()
 
     async def _open(self, conn: Outbound) -> None:
@@ -516,8 +574,9 @@ class Peer:
                 await loop.sock_connect(sock, "\0" + name)
             except OSError as exc:
                 sock.close()
-                log.warning("cluster: the Unix socket of node %s refused (%s); dialing TCP",
-                            self.node, exc)
+                # Not serving yet, or restarted: TCP says the same, and is logged.
+                log.debug("cluster: the Unix socket of node %s refused (%s); dialing TCP",
+                          self.node, exc)
             else:
                 conn.via = f"@{name} (Unix socket)"
                 await loop.create_unix_connection(lambda: conn, sock=sock)
@@ -526,8 +585,15 @@ class Peer:
         conn.via = tcp
         await loop.create_connection(lambda: conn, host.strip("[]"), int(port))
 
+    def give_up(self) -> None:
+        """The peer is too far behind (MAX_HELD): what is held goes through Redis, in
+        order, and the link is dialed again after RETRY_DELAY."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._failed()
+
     def _failed(self) -> None:
-        """No link in time: what it held goes through Redis, in order."""
+        """No link in time, or given up: what it held goes through Redis, in order."""
         self._unwatch()
         self.state = DOWN
         self.retry_at = time.monotonic() + RETRY_DELAY
@@ -543,13 +609,17 @@ class Peer:
         self.flush()
         records = [record for held in self.held for record in held.records]
         self.held.clear()
-        self.unacked_bytes = 0
+        self.unacked_bytes = self._in_flight = 0
         return records
 
     def _acked(self, seq: int) -> None:
+        """The peer handled every frame up to `seq`: they are freed."""
         held = self.held
         while held and held[0].seq <= seq:
-            self.unacked_bytes -= len(held.popleft().frame)
+            done = held.popleft()
+            self.unacked_bytes -= len(done.frame)
+            if done.seq <= self._sent:
+                self._in_flight -= len(done.frame)
         self.link.acked()
 
     def lost(self, conn: Outbound) -> None:
@@ -614,6 +684,7 @@ class Outbound(asyncio.Protocol):
                 elif kind == wire.ACK:
                     self.peer.link.stats.link_acks += 1
                     self.peer._acked(wire.parse_seq(body))
+                    self.peer._write_pending()  # what waited for the window
                 elif kind == wire.NACK:
                     self.peer._acked(wire.parse_seq(body))
                     self.peer.link.refused(self.peer.node)

@@ -3,12 +3,13 @@
 `Cluster` owns the parts (each in its own module, one job each) and their
 order: connect (a clear error if Redis is unreachable), then the
 heartbeat, the replica of the session table, the bus (xmppd.cluster.bus);
-the inbox is read once the modules are loaded (`serve`: what it holds may
-need offline storage). At stop: the writes and notices still queued, the
-inbox trimmed of what was handled, the node's own sessions removed from the
-table and the node marked gone (others stop routing here, and what they
-forward after is refused), the inbox read a last time, what that routed
-written, then the rest.
+the inbox is read, and the links from other nodes accepted, once the
+modules are loaded (`serve`: what they bring may need offline storage;
+until then the other nodes send through the inbox). At stop: the writes
+and notices still queued, the inbox trimmed of what was handled, the
+node's own sessions removed from the table and the node marked gone
+(others stop routing here, and what they forward after is refused), the
+inbox read a last time, what that routed written, then the rest.
 
 Whatever cannot reach the node it was forwarded to (that node was reaped,
 its inbox was full, Redis did not answer in time, the stanza passed the hop
@@ -150,13 +151,13 @@ class Cluster:
             node, record.item, record.stanza, record.hops, record.change or None
         )
 
-    def serve(self) -> None:
-        """Start reading the inbox and the links (the modules that route what they hold
-        are loaded)."""
+    async def serve(self) -> None:
+        """Start reading the inbox, then accept links (the modules that route what they
+        hold are loaded; until now the peers sent through Redis, and the inbox kept it)."""
         if self.inbox is not None:
             self.inbox.start()
             if self.link is not None:
-                self.link.serve(self.inbox)
+                await self.link.serve(self.inbox)
         lost, self._lost_before = self._lost_before, []
         self.sessions_lost(lost)  # the previous process's: the modules can tell contacts now
 
