@@ -14,10 +14,9 @@ repeated") holds for both:
   On Linux it also listens on an abstract Unix socket and publishes its name
   with the identity of its kernel and network namespace (`host_identity`):
   a peer in the same one (the workers of `xmppd --workers N`) dials that
-  instead. A stanza's write and read cost the kernel less there than over
-  TCP on loopback (no TCP/IP processing, no acks of its own), and a crossing
-  between workers is mostly that (docs/bench.md, "Unix sockets between
-  workers").
+  instead: a stanza's write and read cost the kernel less there than over
+  TCP on loopback (no TCP/IP processing, no acks of its own; docs/bench.md,
+  "Unix sockets and unparsed stanzas between workers").
   It accepts links only once it serves (its modules loaded: `Link.start`
   says why); until then a dial is refused, and its peers send through its
   inbox, which holds what they send until it serves.
