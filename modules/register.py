@@ -196,9 +196,9 @@ class Register(Module):
             await self._change_password(request.host, username, query)
             # As ejabberd and Prosody do: the account's other sessions end (the
             # password that opened them may be what leaked); the asker's stays.
-            bare, asker = f"{username}@{request.host}", str(request.sender)
+            vhost, asker = request.host, str(request.sender)
             request.after_reply.append(
-                lambda: self._end_sessions(bare, "the password was changed", keep=asker)
+                lambda: self._end_sessions(vhost, username, "the password was changed", asker)
             )
 
     async def _change_password(self, vhost: str, username: str, query: etree._Element) -> None:
@@ -233,7 +233,9 @@ class Register(Module):
         async def end_other_sessions() -> None:
             # Right after the account is deleted, before the modules delete its data:
             # another resource must not write a roster or vCard back in between.
-            self._end_sessions(bare, "the account was removed", keep=asker)
+            await self.host.end_account_sessions(
+                vhost, username, StreamError("not-authorized", "the account was removed"), asker
+            )
 
         try:
             removed = await self.host.remove_account(vhost, username, end_other_sessions)
@@ -248,12 +250,16 @@ class Register(Module):
             raise StanzaError("registration-required", "the account no longer exists")
         log.info("account %s removed in-band", bare)
         # XEP-0077 3.2: the result first, then the account's sessions end.
-        request.after_reply.append(lambda: self._end_sessions(bare, "the account was removed"))
+        request.after_reply.append(
+            lambda: self._end_sessions(vhost, username, "the account was removed")
+        )
 
-    def _end_sessions(self, bare: str, text: str, keep: str | None = None) -> None:
-        for session in self.host.sessions(bare):
-            if session.jid != keep:
-                session.terminate(StreamError("not-authorized", text))
+    def _end_sessions(self, vhost: str, username: str, text: str, keep: str | None = None) -> None:
+        """End the account's streams on every node, bound or still logging in (one that
+        authenticated with the old password may not have bound yet), but `keep`'s."""
+        self.host.spawn(self.host.end_account_sessions(
+            vhost, username, StreamError("not-authorized", text), keep
+        ))
 
     def _check_password(self, password: str) -> None:
         if len(password) < self.opts.min_password_length:

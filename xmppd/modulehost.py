@@ -302,7 +302,7 @@ class ModuleHost:
         # How the node ends every stream of an account, on every node of a cluster
         # (Server.end_account_sessions; set by the server): see end_account_sessions.
         self.account_streams_ender: (
-            Callable[[str, str, StreamError], Awaitable[int]] | None
+            Callable[[str, str, StreamError, str | None], Awaitable[int]] | None
         ) = None
         self.features: dict[Scope, set[str]] = {"server": set(), "account": set()}
         self.identities: list[tuple[str, str, str | None]] = []
@@ -625,16 +625,19 @@ class ModuleHost:
         """The bare JIDs with at least one bound session, on any node of a cluster."""
         return list(self.router.directory.accounts())
 
-    async def end_account_sessions(self, vhost: str, username: str, error: StreamError) -> int:
+    async def end_account_sessions(
+        self, vhost: str, username: str, error: StreamError, keep: str | None = None
+    ) -> int:
         """End every stream authenticated as the account with `error`, on every node of
-        a cluster, bound or not yet (a password change, an administrator's removal);
-        returns how many this node ended or asked others to end. Returns once the
-        presence work that started here has run, as `Server.end_account_sessions`
-        does. A host that runs without a node (the module test harness) ends the
-        account's bound sessions only, having no streams of its own."""
+        a cluster, bound or not yet (a password change, an administrator's removal),
+        but the session bound as the full JID `keep` (the one that asked); returns how
+        many this node ended or asked others to end. Returns once the presence work
+        that started here has run, as `Server.end_account_sessions` does. A host that
+        runs without a node (the module test harness) ends the account's bound
+        sessions only, having no streams of its own."""
         if self.account_streams_ender is not None:
-            return await self.account_streams_ender(vhost, username, error)
-        sessions = self.sessions(f"{username}@{vhost}")
+            return await self.account_streams_ender(vhost, username, error, keep)
+        sessions = [s for s in self.sessions(f"{username}@{vhost}") if s.jid != keep]
         for session in sessions:
             session.terminate(error)
         return len(sessions)

@@ -462,9 +462,12 @@ class Server:
     def session_ended(self, session: ClientSession) -> None:
         self.router.session_ended(session)
 
-    async def end_account_sessions(self, host: str, username: str, error: StreamError) -> int:
+    async def end_account_sessions(
+        self, host: str, username: str, error: StreamError, keep: str | None = None
+    ) -> int:
         """End every stream authenticated as the account (bound or not yet), or with its
-        credentials as another (auth.proxy_auth), with `error`.
+        credentials as another (auth.proxy_auth), with `error`; but the session bound
+        as the full JID `keep` (the one whose request this is: a password change).
 
         Each goes the way of any ended stream (router.session_ended: unavailable
         presence to contacts, "session/closed"); this returns once the work that
@@ -476,7 +479,7 @@ class Server:
         bound yet, or bound too recently for its replica (`_account_ended`).
         """
         bare = f"{username}@{host}"
-        sessions = self.router.directory.resources(bare)
+        sessions = [s for s in self.router.directory.resources(bare) if s.jid != keep]
         # Not bound yet, or bound as another account with this one's credentials (proxy).
         streams = [
             conn

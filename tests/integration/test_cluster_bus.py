@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from slixmpp import JID
+from slixmpp.xmlstream import ET
 
 from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import StartServer
@@ -263,6 +264,29 @@ async def test_xmppctl_passwd_through_one_node_ends_the_sessions_on_the_other(
     assert await ended(unknown) == ["not-authorized"]
     again = await connect(b, "carol@localhost/back", "carol-new")
     await close(again)
+
+
+async def test_an_in_band_password_change_on_one_node_ends_the_sessions_on_the_other(
+    redis_service: LocalService,
+    start_server: StartServer
+) -> None:
+    """XEP-0077 through node A: carol's sessions on B end, the one A's replica has not
+    caught up with too (the cluster bus reaches it), and the one that asked stays."""
+    a, b = await nodes(start_server, redis_service)
+    known, unknown = await sessions_a_does_not_know_yet(a, b, "carol")
+    asker = await online(a, "carol@localhost/asker", "carol-secret")
+    iq = asker.make_iq_set(ito="localhost")
+    iq.xml.append(ET.fromstring(
+        "<query xmlns='jabber:iq:register'>"
+        "<username>carol</username><password>carol-new-secret</password></query>"
+    ))
+    await iq.send(timeout=10)
+    assert await ended(known) == ["not-authorized"]
+    assert await ended(unknown) == ["not-authorized"]
+    assert not asker.ended.is_set()
+    again = await connect(b, "carol@localhost/back", "carol-new-secret")
+    await close(again)
+    await close(asker)
 
 
 async def test_failed_logins_on_one_node_count_on_the_other(

@@ -52,6 +52,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
+from xmppd.cluster.tasks import cancel_for_sure
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,7 @@ class RedisBus:
 
     async def stop(self) -> None:
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_for_sure(task)  # its pubsub read may swallow one cancel
         self._tasks = []
 
     # --- sending ---------------------------------------------------------------------

@@ -62,6 +62,7 @@ from xmppd.cluster.channel import Channel
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ORDER_WAIT, ReplicaSync
+from xmppd.cluster.tasks import cancel_for_sure
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
@@ -89,19 +90,6 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 
 Reroute = Callable[[etree._Element, int], None]
 """Route a stanza again on this node: (stanza, how many times it was forwarded)."""
-
-
-async def cancel_for_sure(task: asyncio.Task[None]) -> None:
-    """Cancel `task` and wait until it is done, cancelling again as long as it runs.
-
-    A cancellation can be swallowed on Python 3.11 when it lands as redis-py's read
-    completes (seen under load: a node's stop then hung for good stopping the inbox), and
-    the task goes on looping; asking again ends it at its next await."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.2)
-    if not task.cancelled():
-        task.exception()  # retrieved: a failure was logged where it happened
 
 
 class Inbox:

@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from xmppd.cluster import schema
-from xmppd.cluster.inbox import cancel_for_sure
+from xmppd.cluster.tasks import cancel_for_sure
 
 log = logging.getLogger(__name__)
 

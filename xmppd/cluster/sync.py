@@ -44,6 +44,7 @@ from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.schema import Entry
 from xmppd.cluster.stats import ClusterStats
+from xmppd.cluster.tasks import cancel_for_sure
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ class ReplicaSync:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_for_sure(self._task)  # its pubsub read may swallow one cancel
             self._task = None
 
     async def _subscribe(self) -> PubSub:
