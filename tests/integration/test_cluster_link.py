@@ -100,6 +100,16 @@ def link_family(sender: Server, receiver: Server) -> int:
     return int(conn.transport.get_extra_info("socket").family)
 
 
+def link_modes(sender: Server, receiver: Server) -> tuple[type, type]:
+    """How each end of the link from `sender` to `receiver` seals what it sends."""
+    assert sender.cluster is not None and sender.cluster.link is not None
+    assert receiver.cluster is not None and receiver.cluster.link is not None
+    conn = sender.cluster.link._peers[receiver.cluster.node]._conn
+    assert conn is not None
+    inbound = receiver.cluster.link._inbound[sender.cluster.node]
+    return type(conn.handshake.send), type(inbound.handshake.send)
+
+
 async def test_nodes_on_one_host_link_over_a_unix_socket(
     redis_service: LocalService, start_server: StartServer
 ) -> None:
@@ -107,6 +117,7 @@ async def test_nodes_on_one_host_link_over_a_unix_socket(
     the link goes over B's abstract Unix socket, not TCP on loopback."""
     a, b, alice, bob = await pair(start_server, redis_service)
     assert link_family(a, b) == socket.AF_UNIX
+    assert link_modes(a, b) == (wire.Clear, wire.Clear)  # no network path: in clear
     alice.send_message(mto="bob@localhost/phone", mbody="next door", mtype="chat")
     assert await received(bob) == "next door"
     assert b.cluster is not None and b.cluster.stats.link_stanzas_in == 1
@@ -123,9 +134,168 @@ async def test_nodes_on_different_hosts_link_over_tcp(
     monkeypatch.setattr(link_module, "host_identity", lambda: next(hosts))
     a, b, alice, bob = await pair(start_server, redis_service)
     assert link_family(a, b) == socket.AF_INET
+    assert link_modes(a, b) == (wire.Sealed, wire.Sealed)
     alice.send_message(mto="bob@localhost/phone", mbody="far away", mtype="chat")
     assert await received(bob) == "far away"
     assert b.cluster is not None and b.cluster.stats.link_stanzas_in == 1
+    await close(alice)
+    await close(bob)
+
+
+class Relay:
+    """The network between A and B: B advertises this TCP address, which passes each
+    connection on to B's link port, keeps what crosses either way, and, asked to,
+    flips one bit in the tag of the next DATA frame from A (someone on the path)."""
+
+    def __init__(self) -> None:
+        self.target: tuple[str, int] | None = None
+        self.ready = asyncio.Event()
+        self.crossed = bytearray()
+        self.connections = 0
+        self.tamper = False
+        self.tampered = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def to(self, node: Server) -> None:
+        """Relay to `node`'s link port (it advertises this relay's)."""
+        assert node.cluster is not None and node.cluster.link is not None
+        server = node.cluster.link._server
+        assert server is not None
+        self.target = server.sockets[0].getsockname()[:2]
+        self.ready.set()
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.ready.wait()
+        assert self.target is not None
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.connections += 1
+        for task in (self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False)):
+            self._tasks.add(asyncio.create_task(task))
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, from_dialer: bool
+    ) -> None:
+        frames = wire.FrameReader(wire.MAX_FRAME)
+        try:
+            while chunk := await reader.read(65536):
+                self.crossed += chunk
+                if from_dialer:  # frame by frame, to alter one
+                    chunk = b"".join(self._alter(kind, body) for kind, body in frames.feed(chunk))
+                writer.write(chunk)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def _alter(self, kind: bytes, body: bytes) -> bytes:
+        if kind == wire.DATA and self.tamper:
+            self.tamper = False
+            self.tampered += 1
+            body = body[:-1] + bytes([body[-1] ^ 0x01])
+        return wire.frame(kind, body)
+
+    async def close(self) -> None:
+        self.server.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+async def relayed_pair(
+    start_server: StartServer, redis: LocalService, relay: Relay
+) -> tuple[Server, Server, Client, Client]:
+    """As `pair`, on different hosts (TCP), A's link to B through `relay`."""
+    url = devservices.redis_url(redis)
+    port = await relay.start()
+    a = await start_server(cluster={"redis_url": url, "node_name": "node-a"})
+    b = await start_server(users={}, cluster={
+        "redis_url": url, "node_name": "node-b", "link_advertise": f"127.0.0.1:{port}",
+    })
+    relay.to(b)
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    await until(lambda: linked(a, b))
+    assert link_family(a, b) == socket.AF_INET and relay.connections >= 1
+    return a, b, alice, bob
+
+
+async def test_a_tcp_link_carries_no_stanza_in_clear(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What crosses the network between two hosts: the handshake (names, nonces, keys,
+    MACs), then sealed frames; no stanza, no JID, in either direction."""
+    hosts = iter(["host-1", "host-2", "host-3"])
+    monkeypatch.setattr(link_module, "host_identity", lambda: next(hosts))
+    relay = Relay()
+    a, b, alice, bob = await relayed_pair(start_server, redis_service, relay)
+    assert b.cluster is not None
+    body = "the plans for the heist at midnight"
+    for n in range(5):
+        alice.send_message(mto="bob@localhost/phone", mbody=f"{body} {n}", mtype="chat")
+    assert [await received(bob) for _ in range(5)] == [f"{body} {n}" for n in range(5)]
+    assert b.cluster.stats.link_stanzas_in == 5  # over the link, through the relay
+    crossed = bytes(relay.crossed)
+    assert len(crossed) > 5 * len(body)
+    for clear in (body.encode(), b"alice@localhost", b"bob@localhost", b"<message", b"stanza"):
+        assert clear not in crossed
+    await relay.close()
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_tampered_data_frame_closes_the_link_and_loses_or_repeats_nothing(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One bit flipped in a DATA frame on the way: B refuses it and closes the link
+    (handling nothing of it, nor after it), A dials again, B's handshake says what it
+    handled, and A sends the rest: bob gets every message once, in order."""
+    hosts = iter(["host-1", "host-2", "host-3"])
+    monkeypatch.setattr(link_module, "host_identity", lambda: next(hosts))
+    caplog.set_level(logging.WARNING, "xmppd.cluster.link")
+    relay = Relay()
+    a, b, alice, bob = await relayed_pair(start_server, redis_service, relay)
+    assert a.cluster is not None and b.cluster is not None
+    count = 60
+    for n in range(count):
+        if n in (20, 40):
+            relay.tamper = True
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+        await asyncio.sleep(0.005)
+    got = [await received(bob, 5.0) for _ in range(count)]
+    assert got == [str(n) for n in range(count)]
+    with pytest.raises(TimeoutError):
+        await received(bob, 0.3)  # and nothing twice
+    assert relay.tampered == 2
+    failures = [r.getMessage() for r in caplog.records if "does not authenticate" in r.getMessage()]
+    assert len(failures) == 2 and all("link from node node-a failed" in f for f in failures)
+    assert a.cluster.stats.link_reconnects == 2 and relay.connections == 3
+    assert a.cluster.stats.link_fallbacks == 0  # all over the link
+    assert b.cluster.stats.link_stanzas_in == count
+    await relay.close()
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_link_in_clear_over_tcp_is_refused(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """A dialer that knows the secret and asks for frames in clear over TCP (what someone
+    on the path would want a node to do): refused at its hello."""
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert b.cluster is not None
+    host, port = link_port(b)
+    assert b.cluster.link is not None
+    dialer = wire.Dialer(b.cluster.link.secret, "node-c", "node-b", "inc")
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(dialer.hello(sealed=False))
+    assert await reader.read() == b""  # no challenge: closed
+    writer.close()
+    await until(lambda: b.cluster is not None and b.cluster.stats.link_auth_failures == 1)
     await close(alice)
     await close(bob)
 

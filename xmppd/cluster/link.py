@@ -21,8 +21,12 @@ repeated") holds for both:
   says why); until then a dial is refused, and its peers send through its
   inbox, which holds what they send until it serves.
 - A link is authenticated both ways by HMAC with the cluster secret
-  (cluster.secret, else 32 random bytes one node SET NX in Redis; the wire
-  format and handshake: xmppd.cluster.wire). It is not encrypted.
+  (cluster.secret, else 32 random bytes one node SET NX in Redis), and over
+  TCP every frame after the handshake is encrypted and authenticated
+  (AES-256-GCM, keys fresh per connection from an X25519 exchange): a frame
+  that does not open closes the link, as a lost link (the wire format, the
+  handshake and why: xmppd.cluster.wire). Over the Unix socket frames go in
+  clear: no network path, the kernel is the only one between the nodes.
 - The dialing node sends; the accepting node handles the items exactly as
   its inbox does (`ItemHandler`), after the sender's table changes before
   them (`ReplicaSync.caught_up`), and acknowledges what it handled at most
@@ -495,7 +499,7 @@ class Peer:
             self._in_flight += len(held.frame)
             self._sent = held.seq
         if frames:
-            self._conn.write(b"".join(frames))
+            self._conn.write_frames(frames)
             if self._watch is None:
                 self._watch = self._loop.call_later(
                     ACK_DEADLINE, self._check_acks, self.held[0].seq
@@ -578,6 +582,7 @@ class Peer:
                           self.node, exc)
             else:
                 conn.via = f"@{name} (Unix socket)"
+                conn.sealed = False  # same kernel: no network path to read or alter
                 await loop.create_unix_connection(lambda: conn, sock=sock)
                 return
         host, _, port = tcp.rpartition(":")
@@ -656,15 +661,22 @@ class Outbound(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.welcomed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.via = ""  # what it connected to, for the log
+        self.sealed = True  # False: dialed an abstract Unix socket (`Peer._open`)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not a subclass of asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.handshake.hello())
+        self.transport.write(self.handshake.hello(self.sealed))
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def write_frames(self, frames: list[bytes]) -> None:
+        """Data frames, each sealed (one AEAD call per frame, whatever it holds), in one
+        write. Only once welcomed: the keys come with the handshake."""
+        seal = self.handshake.send.seal
+        self.write(b"".join([seal(frame) for frame in frames]))
 
     def close(self) -> None:
         if self.transport is not None:
@@ -673,14 +685,16 @@ class Outbound(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for kind, body in self.reader.feed(data):
-                if not self.welcomed.done():
+                if self.handshake.last is None:
                     answer = self.handshake.answer(kind, body)
                     if answer is not None:
                         self.write(answer)
-                    if self.handshake.last is not None:
+                    if self.handshake.last is not None and not self.welcomed.done():
                         self.reader.limit = wire.MAX_FRAME
                         self.welcomed.set_result(self.handshake.last)
-                elif kind == wire.ACK:
+                    continue
+                body = self.handshake.receive.open(kind, body)
+                if kind == wire.ACK:
                     self.peer.link.stats.link_acks += 1
                     self.peer._acked(wire.parse_seq(body))
                     self.peer._write_pending()  # what waited for the window
@@ -729,6 +743,10 @@ class Inbound(asyncio.Protocol):
         if self.link.stopping:
             self.close()
             return
+        # A frame in clear only on a Unix socket, from its family, not what the dialer
+        # says: on TCP the handshake is refused (no downgrade).
+        sock = transport.get_extra_info("socket")
+        self.handshake.clear = getattr(sock, "family", None) == socket.AF_UNIX
         self.link._accepted.add(self)
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple):
@@ -767,6 +785,7 @@ class Inbound(asyncio.Protocol):
                 if self.peer is None:
                     self._handshake(kind, body)
                 elif kind == wire.DATA:
+                    body = self.handshake.receive.open(kind, body)
                     self._backlog.append(wire.parse_data(body))
                 else:
                     raise wire.WireError(f"a {kind!r} frame from the dialing node")
@@ -805,7 +824,7 @@ class Inbound(asyncio.Protocol):
         while backlog and not self.closed and self._waiting is None:
             if not link.accepting():
                 backlog.clear()
-                self._write(wire.ack(wire.NACK, self.last))
+                self._write(self.handshake.send.seal(wire.ack(wire.NACK, self.last)))
                 self.acked = self.last
                 return
             seq, change, redis, fields = backlog[0]
@@ -836,7 +855,7 @@ class Inbound(asyncio.Protocol):
             self._ack_timer.cancel()
         self._ack_timer = None
         if self.last > self.acked:
-            self._write(wire.ack(wire.ACK, self.last))
+            self._write(self.handshake.send.seal(wire.ack(wire.ACK, self.last)))
             self.acked = self.last
 
     async def _wait(self, redis: int, change: int) -> None:
