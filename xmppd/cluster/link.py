@@ -264,6 +264,7 @@ class Link:
             log.warning("cluster: no Unix socket for links from this host (%s); they "
                         "come over TCP", exc)
             return None
+        log.info("cluster: links from nodes on this host on the Unix socket @%s", name)
         return f"{self.host_id}/{name}"
 
     def use_secret(self, secret: bytes) -> None:
