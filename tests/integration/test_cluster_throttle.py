@@ -8,6 +8,7 @@ and is asked again on a new one `RETRY_AFTER` seconds later."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from redis import Redis as SyncRedis
@@ -52,6 +53,38 @@ async def test_a_redis_that_lost_its_scripts_still_counts(redis_service: LocalSe
             admin.script_flush()
             assert await counter.record_failure("ip:1") == 2
             assert admin.pttl(count_key("ip:1")) > 59_000
+        assert counter._down_until is None
+    finally:
+        await counter.close()
+
+
+async def test_a_failure_counts_every_key_in_one_round_trip(
+    redis_service: LocalService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed login counts its address and its address with the account: both in one
+    round trip, each once, also when Redis lost its scripts between two failures."""
+    counter = RedisFailureCounter(
+        Redis.from_url(devservices.redis_url(redis_service)), 60.0, MemoryFailureCounter(60.0)
+    )
+    trips: list[int] = []
+    call = counter._channel.call
+
+    async def counted(commands: Any, **kwargs: Any) -> list[Any]:
+        trips.append(len(commands))
+        return await call(commands, **kwargs)
+
+    monkeypatch.setattr(counter._channel, "call", counted)
+    try:
+        await counter.record_failure("warm")  # the script loaded (a fresh Redis has not)
+        trips.clear()
+        assert await counter.record_failure("ip:1", "pair:1:alice") == 1
+        assert trips == [2]
+        assert await counter.record_failure("ip:1", "pair:1:bob") == 2
+        with SyncRedis.from_url(devservices.redis_url(redis_service)) as admin:
+            admin.script_flush()
+            assert await counter.record_failure("ip:1", "pair:1:alice") == 3
+            counts = [admin.get(count_key(key)) for key in ("ip:1", "pair:1:alice", "pair:1:bob")]
+        assert counts == [b"3", b"2", b"1"]  # each counted once, the flush notwithstanding
         assert counter._down_until is None
     finally:
         await counter.close()

@@ -32,6 +32,13 @@ async def test_counts_expire_a_lifetime_after_the_last_failure() -> None:
     assert await counter.failures("k") == 0
 
 
+async def test_one_failure_counts_every_key_given_and_returns_the_first() -> None:
+    counter = MemoryFailureCounter(10.0, Clock())
+    assert await counter.record_failure("ip", "pair-a") == 1
+    assert await counter.record_failure("ip", "pair-b") == 2
+    assert [await counter.failures(key) for key in ("ip", "pair-a", "pair-b")] == [2, 1, 1]
+
+
 async def test_expired_keys_are_dropped_and_memory_is_bounded() -> None:
     clock = Clock()
     counter = MemoryFailureCounter(10.0, clock, max_tracked=3)

@@ -39,8 +39,10 @@ class FailureCounter(Protocol):
     a client that moves between nodes keep its count.
     """
 
-    async def record_failure(self, key: str) -> int:
-        """Count one failure for `key`, restart its expiry, return the new count."""
+    async def record_failure(self, key: str, *more: str) -> int:
+        """Count one failure for `key` and for each of `more`, restart their expiry,
+        return `key`'s new count. One call for all (on a shared store one round trip:
+        a failed login counts its address and its address and account together)."""
         ...
 
     async def failures(self, key: str) -> int:
@@ -75,12 +77,16 @@ class MemoryFailureCounter:
         self.max_tracked = max_tracked
         self._entries: dict[str, tuple[int, float]] = {}  # key -> (count, expires at)
 
-    async def record_failure(self, key: str) -> int:
+    async def record_failure(self, key: str, *more: str) -> int:
         now = self.clock()
+        counts = [self._count(each, now) for each in (key, *more)]
+        self._drop_expired(now)
+        return counts[0]
+
+    def _count(self, key: str, now: float) -> int:
         entry = self._entries.pop(key, None)
         count = entry[0] + 1 if entry is not None and entry[1] > now else 1
         self._entries[key] = (count, now + self.lifetime)
-        self._drop_expired(now)
         return count
 
     async def failures(self, key: str) -> int:
@@ -183,8 +189,7 @@ class AuthThrottle:
         costs its owner a moment while a guesser slows down with every try.
         """
         address = address_key(ip)
-        count = await self.counter.record_failure(f"ip:{address}")
-        await self.counter.record_failure(f"pair:{address}:{account}")
+        count = await self.counter.record_failure(f"ip:{address}", f"pair:{address}:{account}")
         self.stats.failures += 1
         if count == self.failures_before_ban:
             self.stats.bans += 1

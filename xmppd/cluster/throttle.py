@@ -16,7 +16,9 @@ copied to Redis afterwards: an address keeps its local count on that node
 and starts from Redis' count elsewhere.
 
 Every login reads a count twice (`AuthThrottle.refused` before the password
-check, `admit` after it), so the counts go over a connection of their own
+check, `admit` after it), and a failed one records two counts (its address,
+its address with the account) in one round trip, so the counts go over a
+connection of their own
 (xmppd.cluster.channel), one round trip per call, instead of redis-py's
 command path: about a third of the CPU per read. Not the writer's or the
 inbox's connection: a round trip waits for every one sent before it on its
@@ -79,9 +81,10 @@ class RedisFailureCounter:
         self._record_sha = redis.register_script(RECORD).sha  # computed here, not asked
         self._down_until: float | None = None  # while set, Redis is not asked
 
-    async def record_failure(self, key: str) -> int:
+    async def record_failure(self, key: str, *more: str) -> int:
+        keys = [count_key(each) for each in (key, *more)]
         result = await self._call(
-            lambda: self._record(count_key(key)), lambda: self.fallback.record_failure(key)
+            lambda: self._record(keys), lambda: self.fallback.record_failure(key, *more)
         )
         return int(result)
 
@@ -104,13 +107,26 @@ class RedisFailureCounter:
         """Close the connection (the node stops)."""
         await self._channel.release()
 
-    async def _record(self, key: str) -> Any:
-        args = (1, key, self.lifetime_ms)
-        try:
-            return await self._ask(("EVALSHA", self._record_sha, *args))
-        except NoScriptError:
-            # Redis restarted empty or was flushed: EVAL runs the script and caches it.
-            return await self._ask(("EVAL", RECORD, *args))
+    async def _record(self, keys: list[str]) -> Any:
+        """The script once per key, all in one round trip; the first key's count."""
+        replies = await self._channel.call(
+            [("EVALSHA", self._record_sha, 1, key, self.lifetime_ms) for key in keys],
+            drop_if_cancelled=False,
+        )
+        missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # Redis restarted empty or was flushed: EVAL runs the script and caches it
+            # (only where it was missing: the others counted already).
+            again = await self._channel.call(
+                [("EVAL", RECORD, 1, keys[n], self.lifetime_ms) for n in missing],
+                drop_if_cancelled=False,
+            )
+            for n, reply in zip(missing, again, strict=True):
+                replies[n] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies[0]
 
     async def _ask(self, command: Command) -> Any:
         """One command, one round trip; an error reply is raised. A caller cancelled
