@@ -397,8 +397,15 @@ def main() -> int:
     p.add_argument("--no-link", dest="link", action="store_false",
                    help="cluster.link.enabled: false: stanzas between nodes through Redis\n"
                         "only (the path before the direct links; A/B against them)")
+    p.add_argument("--link-tcp", action="store_true",
+                   help="cluster.link.unix: false: the workers link over TCP, frames sealed,\n"
+                        "as nodes on different machines would (A/B against the Unix socket)")
     args = p.parse_args()
-    extra = "" if args.link else "  link: {enabled: false}\n"
+    extra = (
+        "  link: {enabled: false}\n" if not args.link
+        else "  link: {unix: false}\n" if args.link_tcp
+        else ""
+    )
     out = args.out or BENCH / "results" / time.strftime("cluster-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     with redis() as (url, redis_pid), \

@@ -390,6 +390,9 @@ class LinkConfig(BaseModel):
     enabled: StrictBool = True  # false: stanzas between nodes go through Redis only
     host: Annotated[StrictStr, AfterValidator(_address)] = "127.0.0.1"
     port: StrictInt = Field(default=0, ge=0, le=65535)  # 0: the OS picks a free port
+    # Linux: nodes in one kernel and network namespace link over an abstract Unix socket;
+    # false: over TCP (sealed) like nodes on other machines.
+    unix: StrictBool = True
 
 
 class ClusterConfig(BaseModel):

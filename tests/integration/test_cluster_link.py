@@ -60,10 +60,16 @@ async def inbox_length(redis: LocalService, node: str) -> int:
 
 
 async def pair(
-    start_server: StartServer, redis: LocalService
+    start_server: StartServer, redis: LocalService, link_a: dict[str, Any] | None = None
 ) -> tuple[Server, Server, Client, Client]:
-    """alice on A, bob on B, each seeing the other, the link from A to B up."""
-    a, b = await two_nodes(start_server, redis)
+    """alice on A, bob on B, each seeing the other, the link from A to B up; `link_a`:
+    A's cluster.link section."""
+    if link_a is None:
+        a, b = await two_nodes(start_server, redis)
+    else:
+        url = devservices.redis_url(redis)
+        a = await start_server(cluster={"redis_url": url, "node_name": "node-a", "link": link_a})
+        b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
     bob = await online(b, "bob@localhost/phone", "bob-secret")
     alice = await online(a, "alice@localhost/desk", "alice-secret")
     await until(seen_on(a, "bob@localhost/phone"))
@@ -110,33 +116,31 @@ def link_modes(sender: Server, receiver: Server) -> tuple[type, type]:
     return type(conn.handshake.send), type(inbound.handshake.send)
 
 
-async def test_nodes_on_one_host_link_over_a_unix_socket(
-    redis_service: LocalService, start_server: StartServer
+@pytest.mark.parametrize(
+    ("place", "family", "mode"),
+    [
+        ("one host", socket.AF_UNIX, wire.Clear),  # no network path: in clear
+        ("two hosts", socket.AF_INET, wire.Sealed),
+        ("unix off", socket.AF_INET, wire.Sealed),
+    ],
+)
+async def test_nodes_link_over_a_unix_socket_on_one_host_and_tcp_otherwise(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
+    place: str, family: int, mode: type,
 ) -> None:
-    """Two nodes in one kernel and network namespace (the workers of `--workers N`):
-    the link goes over B's abstract Unix socket, not TCP on loopback."""
-    a, b, alice, bob = await pair(start_server, redis_service)
-    assert link_family(a, b) == socket.AF_UNIX
-    assert link_modes(a, b) == (wire.Clear, wire.Clear)  # no network path: in clear
-    alice.send_message(mto="bob@localhost/phone", mbody="next door", mtype="chat")
-    assert await received(bob) == "next door"
-    assert b.cluster is not None and b.cluster.stats.link_stanzas_in == 1
-    await close(alice)
-    await close(bob)
-
-
-async def test_nodes_on_different_hosts_link_over_tcp(
-    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each node says it runs in a kernel of its own: B's Unix socket is not dialed
-    (another host's abstract name may exist here and be someone else's), TCP is."""
-    hosts = iter(["host-1", "host-2", "host-3"])
-    monkeypatch.setattr(link_module, "host_identity", lambda: next(hosts))
-    a, b, alice, bob = await pair(start_server, redis_service)
-    assert link_family(a, b) == socket.AF_INET
-    assert link_modes(a, b) == (wire.Sealed, wire.Sealed)
-    alice.send_message(mto="bob@localhost/phone", mbody="far away", mtype="chat")
-    assert await received(bob) == "far away"
+    """Two nodes in one kernel and network namespace (the workers of `--workers N`) link
+    over B's abstract Unix socket. Nodes that say they run in kernels of their own do not
+    dial it (another host's abstract name may exist here and be someone else's), nor
+    does a node with `cluster.link.unix: false`: TCP, sealed."""
+    if place == "two hosts":
+        hosts = iter(["host-1", "host-2", "host-3"])
+        monkeypatch.setattr(link_module, "host_identity", lambda: next(hosts))
+    link_a = {"unix": False} if place == "unix off" else None
+    a, b, alice, bob = await pair(start_server, redis_service, link_a)
+    assert link_family(a, b) == family
+    assert link_modes(a, b) == (mode, mode)
+    alice.send_message(mto="bob@localhost/phone", mbody=place, mtype="chat")
+    assert await received(bob) == place
     assert b.cluster is not None and b.cluster.stats.link_stanzas_in == 1
     await close(alice)
     await close(bob)

@@ -192,7 +192,7 @@ class Link:
 
     def __init__(
         self, node: str, host: str, port: int, advertise: str | None, stats: ClusterStats,
-        sync: ReplicaSync,
+        sync: ReplicaSync, unix: bool = True,
     ) -> None:
         self.node = node
         self.host = host
@@ -219,7 +219,8 @@ class Link:
         self._handled: dict[str, tuple[str, int]] = {}  # peer -> (incarnation, last seq)
         self._server: asyncio.Server | None = None
         self._local_server: asyncio.Server | None = None
-        self.host_id = host_identity()
+        # None: neither offer nor dial a Unix socket (cluster.link.unix false, not Linux).
+        self.host_id = host_identity() if unix else None
         self._acked = asyncio.Event()
 
     async def start(self, secret: bytes) -> str:

@@ -81,7 +81,7 @@ class Cluster:
         if config.link.enabled:
             self.link = Link(
                 self.node, config.link.host, config.link.port, config.link_advertise,
-                self.stats, self.sync,
+                self.stats, self.sync, config.link.unix,
             )
         self.heartbeat = Heartbeat(
             self.redis, self.node, self.rewrite_local, self.stats, self.sessions_lost,
