@@ -572,6 +572,61 @@ async def test_a_slow_receiver_past_the_unacked_bound_keeps_the_order(
     await close(bob)
 
 
+@pytest.mark.parametrize("first", ["inbox", "link"])
+async def test_a_link_given_up_while_its_frames_wait_unread_repeats_nothing(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, first: str,
+) -> None:
+    """B is busy for a moment (reads nothing from its link) and A, past the held bound,
+    gives the link up and sends everything through Redis, the frames B has not read yet
+    too. The old connection would deliver those frames a second time, before or after
+    their copies: B takes each frame once, from whichever path brings it first (`first`:
+    its inbox reads the copies before it reads its link again, or after), and bob gets
+    every message once, in order."""
+    monkeypatch.setattr(link_module, "MAX_UNACKED", 2000)
+    monkeypatch.setattr(link_module, "RETRY_DELAY", 5.0)  # no new link meanwhile
+    caplog.set_level(logging.WARNING, "xmppd.cluster.link")
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and a.cluster.link is not None
+    assert b.cluster is not None and b.cluster.link is not None and b.cluster.inbox is not None
+    peer = a.cluster.link._peers["node-b"]
+    slow = b.cluster.link._inbound["node-a"]
+    transport = slow.transport
+    assert transport is not None
+    inbox_held = asyncio.Event()
+    if first == "link":
+        handle_all = b.cluster.inbox._handle_all
+
+        async def held(answer: Any) -> None:
+            await inbox_held.wait()
+            await handle_all(answer)
+
+        monkeypatch.setattr(b.cluster.inbox, "_handle_all", held)
+    else:
+        inbox_held.set()
+    transport.pause_reading()
+    routed = a.cluster.stats.forwards_out + 50
+    for n in range(50):
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+    await until(lambda: a.cluster is not None and a.cluster.stats.forwards_out >= routed)
+    monkeypatch.setattr(link_module, "MAX_HELD", peer.unacked_bytes)
+    for n in range(50, 100):
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+    await until(lambda: any("has not acknowledged" in r.getMessage() for r in caplog.records))
+    await asyncio.sleep(0.3)
+    if not slow.closed:  # "inbox": the copies closed it (nothing more comes from it)
+        transport.resume_reading()  # B reads what the connection still holds
+    await asyncio.sleep(0.3)
+    inbox_held.set()
+    got = [await received(bob, 5.0) for _ in range(100)]
+    assert got == [str(n) for n in range(100)]
+    with pytest.raises(TimeoutError):
+        await received(bob, 1.0)  # and nothing twice
+    assert (b.cluster.stats.link_stanzas_in > 0) == (first == "link")
+    await close(alice)
+    await close(bob)
+
+
 async def test_past_the_held_bound_the_link_gives_up_and_redis_keeps_the_order(
     redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

@@ -310,3 +310,15 @@ def test_a_link_in_clear_only_on_a_unix_socket() -> None:
     dialer, acceptor = wire.Dialer(SECRET, "a", "b", "i"), wire.Acceptor(SECRET, "b", clear=True)
     handshake(dialer, acceptor)
     assert isinstance(acceptor.receive, wire.Sealed)
+
+
+def test_a_hello_with_a_lone_surrogate_is_refused_not_raised() -> None:
+    """A string JSON can carry but UTF-8 cannot: the handshake refuses it as any other
+    wrong answer (a WireError, logged and counted), no other exception escapes."""
+    acceptor = wire.Acceptor(SECRET, "node-b")
+    dialer = wire.Dialer(SECRET, "node-\ud800", "node-b", "incarnation")
+    (kind, body), = wire.FrameReader().feed(dialer.hello(True))
+    try:
+        acceptor.answer(kind, body)
+    except wire.WireError:
+        pass

@@ -42,6 +42,9 @@ handled), also when it comes back as an orphan.
 
 A stanza waits until the changes its sender's node made to the table before
 forwarding it are applied here (`ReplicaSync.caught_up`; schema, "Order").
+
+An item a direct link gave up on (xmppd.cluster.link) also names the link and the
+frame it was put in ("li", "ls"): skipped if the link handled that frame here.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ class Inbox:
         self._received: dict[str, int] = {}  # node -> the number of its last item handled
         self._task: asyncio.Task[None] | None = None
         self._channel = Channel(redis)
+        # Set with the links: True if an item a link gave up on was handled over it.
+        self.link_copy: Callable[[str, str, int], bool] | None = None
 
     def start(self) -> None:
         """Read from the first entry: what is there now is an earlier process's, moved
@@ -228,7 +233,10 @@ class Inbox:
                         if self.sync.behind(origin.decode(), int(seq)):
                             await self.sync.caught_up(origin.decode(), int(seq))
                     orphan = b"orphan" in head
-                    self.items.handle(items, orphan)
+                    todo = items
+                    if self.link_copy is not None and origin is not None and not orphan:
+                        todo = self._not_on_link(origin.decode(), items)
+                    self.items.handle(todo, orphan)
                     number = items[-1].get(b"rn")
                     if origin is not None and number is not None and not orphan:
                         self._received[origin.decode()] = int(number)
@@ -238,6 +246,17 @@ class Inbox:
                 self._untrimmed += 1
         self._progress.set()
         self._progress = asyncio.Event()
+
+    def _not_on_link(
+        self, node: str, items: list[dict[bytes, bytes]]
+    ) -> list[dict[bytes, bytes]]:
+        """`items` but those a link from `node` handled before giving them to Redis."""
+        assert self.link_copy is not None
+        return [
+            item for item in items
+            if b"ls" not in item
+            or not self.link_copy(node, item[b"li"].decode(), int(item[b"ls"]))
+        ]
 
     def behind(self, node: str, number: int) -> bool:
         """True if `node`'s item `number` (xmppd.cluster.writer numbers what it sends

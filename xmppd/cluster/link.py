@@ -111,9 +111,9 @@ MAX_UNACKED, as the link once did: a stanza through Redis overtakes the frames s
 waiting on the link, and a receiver that lags for a moment (a busy loop, a GC pause)
 would see its stanzas out of order. Holding keeps the order at the price of the
 sender's memory, bounded here per peer; a receiver 4 windows behind is not slow for a
-moment, and its inbox (bounded by INBOX_MAXLEN) takes such a backlog. Giving up
-costs what a lost link costs: what the receiver handled in its last ACK_DELAY may
-arrive twice."""
+moment, and its inbox (bounded by INBOX_MAXLEN) takes such a backlog. What it held
+carries its frame through Redis, and the receiver takes each frame once, whichever
+path brings it first (`Link.redis_copy`)."""
 ACK_DEADLINE = 10.0
 """Seconds the oldest frame written on a link may wait for its ack before the link is
 dialed anew (the handshake says what the peer handled; the rest is sent again). A
@@ -147,6 +147,11 @@ class Record:
     change: int
     redis: int = 0
     """The number of the last item sent to the same node through Redis before it."""
+    link: str = ""
+    frame: int = 0
+    """The link (the peer's incarnation) and frame it was put in; 0: none yet. Should it
+    go through Redis after all, they go with it: the receiver takes each frame once,
+    from whichever path brings it first (`Link.redis_copy`)."""
 
 
 @dataclass(slots=True)
@@ -412,6 +417,18 @@ class Link:
         known, last = self._handled.get(peer, ("", 0))
         return last if known == incarnation else 0
 
+    def redis_copy(self, peer: str, incarnation: str, seq: int) -> bool:
+        """An item `peer` put in frame `seq` of its link `incarnation`, then sent through
+        Redis when the link gave up (or it stopped): True if the link handled that frame
+        (the item is skipped). Why: the connection it gave up on may still hold the frame
+        unread here (a busy loop), and would deliver it again and out of order; it is
+        closed first, so from now on the inbox alone has these frames."""
+        inbound = self._inbound.get(peer)
+        if inbound is not None and inbound.incarnation == incarnation:
+            inbound.close()
+        known, last = self._handled.get(peer, ("", 0))
+        return known == incarnation and seq <= last
+
     def handled(self, inbound: Inbound, peer: str, incarnation: str, seq: int) -> None:
         self._handled[peer] = (incarnation, seq)
 
@@ -475,6 +492,8 @@ class Peer:
                 end += 1
             records = queued[start:end]
             self._seq += 1
+            for record in records:
+                record.link, record.frame = self.incarnation, self._seq
             frame = wire.data(self._seq, max(r.change for r in records), fields, redis)
             self.held.append(Held(self._seq, frame, records))
             self.unacked_bytes += len(frame)
@@ -577,6 +596,9 @@ class Peer:
             sock.setblocking(False)
             try:
                 await loop.sock_connect(sock, "\0" + name)
+            except asyncio.CancelledError:
+                sock.close()  # the dial was given up (CONNECT_WAIT, gone, stop)
+                raise
             except OSError as exc:
                 sock.close()
                 # Not serving yet, or restarted: TCP says the same, and is logged.
@@ -585,7 +607,11 @@ class Peer:
             else:
                 conn.via = f"@{name} (Unix socket)"
                 conn.sealed = False  # same kernel: no network path to read or alter
-                await loop.create_unix_connection(lambda: conn, sock=sock)
+                try:
+                    await loop.create_unix_connection(lambda: conn, sock=sock)
+                except BaseException:  # cancelled as above, or failed: not left open
+                    sock.close()
+                    raise
                 return
         host, _, port = tcp.rpartition(":")
         conn.via = tcp

@@ -146,10 +146,12 @@ class Cluster:
             heartbeat.on_secret = link.use_secret
 
     def _fallback(self, node: str, record: Record) -> None:
-        """What a link could not deliver goes through Redis, as if it had never tried."""
-        self.writer.queue_item(
-            node, record.item, record.stanza, record.hops, record.change or None
-        )
+        """What a link could not deliver goes through Redis, with the frame it was put in
+        (the receiver takes each frame once: `Link.redis_copy`)."""
+        item = record.item
+        if record.frame:
+            item = [*item, "li", record.link, "ls", record.frame]
+        self.writer.queue_item(node, item, record.stanza, record.hops, record.change or None)
 
     async def serve(self) -> None:
         """Start reading the inbox, then accept links (the modules that route what they
@@ -157,6 +159,7 @@ class Cluster:
         if self.inbox is not None:
             self.inbox.start()
             if self.link is not None:
+                self.inbox.link_copy = self.link.redis_copy
                 await self.link.serve(self.inbox)
         lost, self._lost_before = self._lost_before, []
         self.sessions_lost(lost)  # the previous process's: the modules can tell contacts now

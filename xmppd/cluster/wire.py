@@ -172,8 +172,13 @@ def mac(secret: bytes, label: str, *parts: str) -> str:
 
 
 def _prefixed(*parts: str | bytes) -> bytes:
-    """`parts` joined, each after its length: no two lists of parts give the same bytes."""
-    encoded = (part.encode() if isinstance(part, str) else part for part in parts)
+    """`parts` joined, each after its length: no two lists of parts give the same bytes.
+    A str from the peer's JSON may hold a lone surrogate: encoded as it is (its MAC
+    then fails), not raised as a crash of the connection before it is refused."""
+    encoded = (
+        part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part
+        for part in parts
+    )
     return b"".join(_LENGTH.pack(len(p)) + p for p in encoded)
 
 
