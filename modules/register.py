@@ -256,14 +256,12 @@ class Register(Module):
 
     def _end_sessions(self, vhost: str, username: str, text: str, keep: str | None = None) -> None:
         """End the account's streams on every node, bound or still logging in (one that
-        authenticated with the old password may not have bound yet), but `keep`'s. The
-        sessions this node knows end now, before the client's next stanza is routed (it
-        could write data back for a removed account); the rest as soon as may be."""
-        error = StreamError("not-authorized", text)
-        for session in self.host.sessions(f"{username}@{vhost}"):
-            if session.jid != keep:
-                session.terminate(error)
-        self.host.spawn(self.host.end_account_sessions(vhost, username, error, keep))
+        authenticated with the old password may not have bound yet), but `keep`'s. In a
+        task of its own, started at once: its first step, which ends the streams this
+        node has, runs before the loop reads any client again."""
+        self.host.spawn(self.host.end_account_sessions(
+            vhost, username, StreamError("not-authorized", text), keep
+        ))
 
     def _check_password(self, password: str) -> None:
         if len(password) < self.opts.min_password_length:
