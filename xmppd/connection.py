@@ -204,9 +204,7 @@ class C2SConnection(asyncio.Protocol):
             self._queued_messages += 1
         self.server.traffic.sent(tag)
         self.stream.send_bytes(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+        self._schedule_flush()
         return True
 
     def _reply(self, element: etree._Element) -> None:

@@ -312,16 +312,13 @@ class ItemHandler:
             with contextlib.suppress(ValueError):  # a figure, never a reason to lose a stanza
                 stats.forward_latency.add(max(0.0, time.time() - float(sent)))
         data = fields[b"stanza"]
-        if session is not None:
-            # As the sender serialised it, unparsed, where the transport takes bytes.
-            taken = session.deliver_serialized(data)
-            if taken:
-                return
-            stanza = etree.fromstring(data, _PARSER)
-            if taken is None and session.deliver(stanza):
-                return
-        else:
-            stanza = etree.fromstring(data, _PARSER)
+        # As the sender serialised it, unparsed, where the transport takes bytes.
+        taken = None if session is None else session.deliver_serialized(data)
+        if taken:
+            return
+        stanza = etree.fromstring(data, _PARSER)
+        if taken is None and session is not None and session.deliver(stanza):
+            return
         if (
             not orphan
             and stanza.tag == ns.C_MESSAGE
