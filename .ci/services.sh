@@ -5,7 +5,9 @@
 # peer servers ejabberd and prosody (the XEP-0227 imports of their real exports,
 # tests/integration/peers.py; Prosody is also the federation peer of
 # tests/integration/test_s2s_prosody.py), and the terminal client profanity with tmux
-# to drive it (tests/integration/test_profanity.py). Their packaged services are
+# to drive it (tests/integration/test_profanity.py), and libjemalloc2, the malloc the
+# `xmppd` command preloads when it is installed (xmppd/cli/allocator.py; its test
+# checks the real start). Their packaged services are
 # stopped after install: the tests run their own instances.
 # Only installs: the test fixtures start and stop their own instances on free ports
 # (tests/storage/services.py), so a packaged service that starts on its default port
@@ -23,6 +25,7 @@ xmppd_ci_install_services() {
     command -v profanity >/dev/null 2>&1 || missing+=(profanity)
     command -v tmux >/dev/null 2>&1 || missing+=(tmux)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    /sbin/ldconfig -p | grep -q 'libjemalloc[.]so[.]2 ' || missing+=(libjemalloc2)
     if ((${#missing[@]} == 0)); then
         return 0
     fi
@@ -37,6 +40,7 @@ xmppd_ci_install_services() {
         profanity tmux openssl; do
         command -v "$binary" >/dev/null 2>&1 || { echo "ci/services: $binary missing" >&2; return 1; }
     done
+    /sbin/ldconfig -p | grep -q 'libjemalloc[.]so[.]2 ' || { echo "ci/services: libjemalloc2 missing" >&2; return 1; }
     for service in ejabberd prosody; do
         $sudo service "$service" stop >/dev/null 2>&1 || true
     done

@@ -471,6 +471,8 @@ class Config(BaseModel):
         "info"
     )
     log: LogConfig = Field(default_factory=LogConfig)
+    # The C allocator (xmppd.cli.allocator): jemalloc if installed, or required, or never.
+    allocator: Literal["auto", "jemalloc", "system"] = "auto"
     listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

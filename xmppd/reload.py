@@ -17,6 +17,7 @@ from xmppd.config import Config, Loc, format_loc
 
 FIXED: dict[str, str] = {
     "data_dir": "the stores and the admin token live there",
+    "allocator": "the process's malloc is chosen when it starts",
     "listeners": "the client sockets are bound at start",
     "admin": "the admin API is bound at start",
     "storage": "the stores are opened at start",

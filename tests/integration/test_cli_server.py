@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
 import os
 import re
 import shutil
@@ -76,6 +77,31 @@ async def test_bad_config_names_file_line_and_key(tmp_path: Path) -> None:
     assert f"{bad}:5: listeners[0].port:" in text
     assert f"{bad}:6: " in text and "limtis" in text and "limits" in text  # suggestion
     assert "Traceback" not in text
+
+
+def _mapped(pid: int, library: str) -> bool:
+    """True if process `pid` has lib`library` mapped (its malloc, when preloaded)."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return any(f"/lib{library}." in line for line in maps)
+
+
+async def test_jemalloc_when_installed_in_the_same_process_or_the_system_malloc(
+    tmp_path: Path,
+) -> None:
+    assert ctypes.util.find_library("jemalloc"), "libjemalloc2 missing: .ci/services.sh installs it"
+    for setting, expected in (("auto", True), ("system", False)):
+        folder = tmp_path / setting
+        folder.mkdir()
+        proc, lines = await start_xmppd(write_config(folder, allocator=setting))
+        try:
+            # The pid the caller started (a service manager watches it) runs the server.
+            assert _mapped(proc.pid, "jemalloc") is expected
+            said = [line for line in lines if "memory allocator:" in line]
+            assert len(said) == 1
+            assert ("memory allocator: jemalloc" in said[0]) is expected
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
 
 
 async def run_xmppd(*argv: str, cwd: Path, **env: str) -> tuple[int, str, str]:

@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from redis.asyncio import Redis
 
+from xmppd.cli import allocator
 from xmppd.config import Config, redact_url
 from xmppd.storage.config import MemcachedCacheConfig
 from xmppd.storage.factory import describe_backend, open_blobs, open_cache, open_items
@@ -75,6 +76,19 @@ class Report:
     def _line(self, subject: str, level: str, text: str) -> None:
         self.out.write(f"{subject}: {level}: {text}\n")
         self.out.flush()
+
+
+def check_allocator(cfg: Config, report: Report) -> None:
+    """Which malloc `xmppd` will run on (xmppd.cli.allocator), before it is started."""
+    library = allocator.installed()
+    if cfg.allocator == "system":
+        report.ok("allocator", "the C library's malloc (allocator: system)")
+    elif library is not None:
+        report.ok("allocator", f"jemalloc ({library})")
+    elif cfg.allocator == "jemalloc":
+        report.error("allocator", f"{cfg.source.where(('allocator',))}: {allocator.MISSING}")
+    else:
+        report.ok("allocator", f"the C library's malloc ({allocator.MISSING})")
 
 
 # --------------------------------------------------------------------------- certificates
@@ -473,6 +487,7 @@ def run_checks(cfg: Config, out: TextIO, *, dns_server: str | None, with_dns: bo
     report = Report(out)
     check_certificates(cfg, report, datetime.datetime.now(datetime.UTC))
     asyncio.run(check_stores(cfg, report))
+    check_allocator(cfg, report)
     if resolver is not None:
         check_dns(cfg, report, resolver)
     return report

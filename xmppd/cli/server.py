@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import uvloop
 
 from xmppd import package_version
-from xmppd.cli import workers
+from xmppd.cli import allocator, workers
 from xmppd.config import (
     CONFIG_ENV,
     SYSTEM_CONFIG,
@@ -27,6 +29,7 @@ from xmppd.storage.base import StorageError
 from xmppd.tls import TLSError
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+log = logging.getLogger("xmppd")
 
 
 def _tune_malloc() -> None:
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"xmppd: {exc}", file=sys.stderr)
             return 1
-        print(f"xmppd: {why}", file=sys.stderr)
+        if not os.environ.get(allocator.REEXEC_MARK):  # said once, not again after the re-exec
+            print(f"xmppd: {why}", file=sys.stderr)
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -89,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             print("\n".join(problems), file=sys.stderr)
             print("xmppd: the configuration has errors; not starting", file=sys.stderr)
+            return 1
+    malloc = "jemalloc" if allocator.preloaded() else "the C library's malloc"
+    if argv is None:
+        # Run as the program. A caller passing its own arguments (a wrapper, a test)
+        # keeps the process it started.
+        try:
+            malloc = allocator.choose(config.allocator, config.source.where(("allocator",)))
+        except allocator.AllocatorError as exc:
+            print(f"xmppd: {exc}", file=sys.stderr)
             return 1
     node = None
     load = None
@@ -104,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xmppd: cannot open the log file {config.log.file}: {exc.strerror or exc}",
               file=sys.stderr)
         return 1
+    log.info("memory allocator: %s", malloc)
     if args.workers is not None:
         try:
             return asyncio.run(workers.Supervisor(path, config, args.workers, log_output).run())

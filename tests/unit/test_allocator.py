@@ -1,0 +1,65 @@
+"""xmppd.cli.allocator's choice, one function at a time (the real start with jemalloc
+preloaded is tests/integration/test_cli_server.py's)."""
+
+from __future__ import annotations
+
+import ctypes.util
+
+import pytest
+
+from xmppd.cli import allocator
+
+WHERE = "xmppd.yml:3"
+
+
+def test_preloaded_reads_this_process_maps() -> None:
+    assert allocator.preloaded("c")  # libc.so.6 is in every CPython process here
+    assert not allocator.preloaded("no-such-library-xmppd")
+
+
+def test_system_never_starts_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator.os, "execve", pytest.fail)
+    assert "allocator: system" in allocator.choose("system", WHERE)
+
+
+def test_a_preload_that_did_not_take_does_not_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator, "preloaded", lambda name="jemalloc": False)
+    monkeypatch.setattr(allocator.os, "execve", pytest.fail)
+    monkeypatch.setenv(allocator.REEXEC_MARK, "1")
+    assert "did not load" in allocator.choose("auto", WHERE)
+    with pytest.raises(allocator.AllocatorError, match=f"^{WHERE}: allocator: jemalloc: "):
+        allocator.choose("jemalloc", WHERE)
+
+
+def test_without_the_library_auto_says_how_and_jemalloc_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(allocator, "preloaded", lambda name="jemalloc": False)
+    monkeypatch.delenv(allocator.REEXEC_MARK, raising=False)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(allocator.os, "execve", pytest.fail)
+    assert "install libjemalloc2" in allocator.choose("auto", WHERE)
+    with pytest.raises(allocator.AllocatorError, match="apt install libjemalloc2"):
+        allocator.choose("jemalloc", WHERE)
+
+
+def test_the_second_start_has_the_library_preloaded_and_the_mark(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+        started.append((path, argv, env))
+        raise OSError("not this time")
+
+    monkeypatch.setattr(allocator, "preloaded", lambda name="jemalloc": False)
+    monkeypatch.delenv(allocator.REEXEC_MARK, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2")
+    monkeypatch.setattr(allocator.os, "execve", execve)
+    # A failed exec leaves the process as it is, and says why.
+    assert "cannot start again with jemalloc: not this time" in allocator.choose("auto", WHERE)
+    ((path, argv, env),) = started
+    assert path == allocator.sys.executable and argv == allocator.sys.orig_argv
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2 libother.so"
+    assert env[allocator.REEXEC_MARK] == "1"
