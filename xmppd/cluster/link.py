@@ -43,7 +43,8 @@ repeated") holds for both:
 - No link within CONNECT_WAIT (no address, refused, handshake failed) or
   Redis unhealthy on this node (the writer's forward_wait then decides: the
   replica may be stale): the stanza goes through Redis, which has its own
-  bounds and refusals.
+  bounds and refusals; in the second case only once the frames the link
+  holds for that node are acknowledged (`Peer.after_acks`, "Order" below).
 - A slow receiver: past MAX_UNACKED bytes written and not acknowledged, the
   next frames wait on the sender for acks; past MAX_HELD bytes held, the
   link is given up: what it held goes through Redis, in order, then what
@@ -60,9 +61,15 @@ receiver handles the frame once its inbox handled that one
 From the link to Redis: a stanza takes Redis only when the link holds
 nothing (it is down, and what it held went through Redis first, in order),
 never past a frame still unacknowledged: a slow receiver makes the sender
-hold (MAX_HELD says why). One case is left: while Redis is unhealthy on
-this node a stanza goes to the writer even if frames wait on the link, and
-may overtake them if Redis answers again before the receiver handled them.
+hold (MAX_HELD says why). Redis unhealthy on this node, a stanza for a
+node whose link holds frames waits on this side until they are
+acknowledged, and what comes for that node meanwhile waits behind it; then
+they go to the writer, in order. Should the link be given up, redialed in
+vain or stopped first, the frames' records go through Redis ahead of them.
+forward_wait counts from when each came, but they leave this side only
+with the acks (or the link's end): a receiver slow to handle the frames
+keeps them that long, one that acknowledges nothing at most ACK_DEADLINE
+(then the link is dialed again, or given up if that fails).
 """
 
 from __future__ import annotations
