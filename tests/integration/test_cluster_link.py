@@ -572,6 +572,61 @@ async def test_a_slow_receiver_past_the_unacked_bound_keeps_the_order(
     await close(bob)
 
 
+@pytest.mark.parametrize("end", ["acks", "give up"])
+async def test_a_stanza_while_redis_is_unhealthy_does_not_overtake_the_frames_held(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
+    end: str,
+) -> None:
+    """B reads nothing from its link for a moment, so A holds frames for bob, and Redis
+    hangs (SIGSTOP) long enough for A to count it unhealthy: the next message for bob
+    goes through Redis (A's replica may be stale: forward_wait decides). Redis answers
+    again before B reads its link: had the message gone to A's writer at once, it would
+    reach B's inbox, and bob, before the frames. It waits on A until B acknowledges
+    them (`end` "acks": B reads its link again), or until A gives the link up ("give
+    up": what it held goes through Redis first). bob gets everything once, in order."""
+    monkeypatch.setattr(link_module, "ACK_DEADLINE", 30.0)  # no new link meanwhile
+    monkeypatch.setattr(link_module, "RETRY_DELAY", 30.0)
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and a.cluster.link is not None
+    assert b.cluster is not None and b.cluster.link is not None
+    stats_a, stats_b, writer = a.cluster.stats, b.cluster.stats, a.cluster.writer
+    peer = a.cluster.link._peers["node-b"]
+    slow = b.cluster.link._inbound["node-a"]
+    assert slow.transport is not None
+    slow.transport.pause_reading()
+    count = 20
+    routed = stats_a.forwards_out + count
+    for n in range(count):
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+    await until(lambda: stats_a.forwards_out >= routed)
+    assert peer.held and stats_a.link_fallbacks == 0
+    redis_service.pause()
+    try:
+        await until(lambda: not stats_a.redis_up, timeout=10)
+        alice.send_message(mto="bob@localhost/phone", mbody="later", mtype="chat")
+        await until(lambda: stats_a.forwards_out > routed)
+    finally:
+        redis_service.resume()
+    await until(
+        lambda: stats_a.redis_up and stats_b.redis_up and not writer.queued, timeout=10
+    )
+    await asyncio.sleep(1.0)  # B's inbox has read what reached it through Redis
+    if end == "acks":
+        slow.transport.resume_reading()
+    else:
+        peer.give_up()
+    got = [await received(bob, 5.0) for _ in range(count + 1)]
+    assert got == [*(str(n) for n in range(count)), "later"]
+    with pytest.raises(TimeoutError):
+        await received(bob, 0.3)  # and nothing twice
+    over_link = count if end == "acks" else 0  # the frames over the link, or their copies
+    assert stats_b.link_stanzas_in == over_link
+    assert stats_b.forwards_in - stats_b.link_stanzas_in == count + 1 - over_link
+    assert stats_a.link_fallbacks == count + 1 - over_link
+    await close(alice)
+    await close(bob)
+
+
 @pytest.mark.parametrize("first", ["inbox", "link"])
 async def test_a_link_given_up_while_its_frames_wait_unread_repeats_nothing(
     redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,

@@ -43,7 +43,8 @@ repeated") holds for both:
 - No link within CONNECT_WAIT (no address, refused, handshake failed) or
   Redis unhealthy on this node (the writer's forward_wait then decides: the
   replica may be stale): the stanza goes through Redis, which has its own
-  bounds and refusals.
+  bounds and refusals; in the second case only once the frames the link
+  holds for that node are acknowledged (`Peer.after_acks`, "Order" below).
 - A slow receiver: past MAX_UNACKED bytes written and not acknowledged, the
   next frames wait on the sender for acks; past MAX_HELD bytes held, the
   link is given up: what it held goes through Redis, in order, then what
@@ -60,9 +61,15 @@ receiver handles the frame once its inbox handled that one
 From the link to Redis: a stanza takes Redis only when the link holds
 nothing (it is down, and what it held went through Redis first, in order),
 never past a frame still unacknowledged: a slow receiver makes the sender
-hold (MAX_HELD says why). One case is left: while Redis is unhealthy on
-this node a stanza goes to the writer even if frames wait on the link, and
-may overtake them if Redis answers again before the receiver handled them.
+hold (MAX_HELD says why). Redis unhealthy on this node, a stanza for a
+node whose link holds frames waits on this side until they are
+acknowledged, and what comes for that node meanwhile waits behind it; then
+they go to the writer, in order. Should the link be given up, redialed in
+vain or stopped first, the frames' records go through Redis ahead of them.
+forward_wait counts from when each came, but they leave this side only
+with the acks (or the link's end): a receiver slow to handle the frames
+keeps them that long, one that acknowledges nothing at most ACK_DEADLINE
+(then the link is dialed again, or given up if that fails).
 """
 
 from __future__ import annotations
@@ -152,6 +159,9 @@ class Record:
     """The link (the peer's incarnation) and frame it was put in; 0: none yet. Should it
     go through Redis after all, they go with it: the receiver takes each frame once,
     from whichever path brings it first (`Link.redis_copy`)."""
+    since: float = 0.0
+    """For Redis from the start, held until the link's frames are acknowledged
+    (`Peer.after_acks`): when it came (monotonic), from which forward_wait counts."""
 
 
 @dataclass(slots=True)
@@ -329,7 +339,9 @@ class Link:
 
         Past MAX_HELD the link is given up first (what it held goes through Redis ahead
         of `item`, in order); short of it, `item` waits on the link behind the frames
-        there, whatever their acks take (MAX_HELD says why)."""
+        there, whatever their acks take (MAX_HELD says why). Redis unhealthy here: it
+        goes through Redis (the writer's forward_wait decides), but not ahead of what
+        the link holds (`Peer.after_acks`)."""
         peer = self._peer(node)
         if peer is not None and peer.unacked_bytes > MAX_HELD:
             log.warning(
@@ -337,9 +349,11 @@ class Link:
                 "Redis", node, peer.unacked_bytes,
             )
             peer.give_up()
-        if peer is None or peer.state == DOWN or not self.stats.redis_up:
+        if peer is None or peer.state == DOWN:
             self.stats.link_fallbacks += 1
             return False
+        if not self.stats.redis_up or peer.later:
+            return peer.after_acks(Record(stanza, hops, item, change, since=time.monotonic()))
         peer.queue(Record(stanza, hops, item, change, self.redis_items(node)))
         return True
 
@@ -453,6 +467,8 @@ class Peer:
         self.retry_at = 0.0
         self.held: deque[Held] = deque()
         self.unacked_bytes = 0
+        # For Redis, once what is held is acknowledged (`after_acks`); in order.
+        self.later: list[Record] = []
         self._seq = 0
         self._queued: list[Record] = []
         self._conn: Outbound | None = None
@@ -462,6 +478,24 @@ class Peer:
         self._watch: asyncio.TimerHandle | None = None  # ACK_DEADLINE on the oldest frame
         # Kept: get_running_loop() costs a getpid() per call, and `queue` runs per stanza.
         self._loop = asyncio.get_running_loop()
+
+    def after_acks(self, record: Record) -> bool:
+        """`record` goes through Redis (Redis is unhealthy here: the writer's forward_wait
+        decides), but only once the peer acknowledged every frame held for it, and what
+        comes for the peer meanwhile follows it: through Redis at once, it could reach
+        the peer's inbox (Redis answers again) before the peer handled those frames, and
+        overtake them. False if nothing is held (nothing to overtake: Redis at once).
+
+        Why on this side, not the receiver's (the item naming the frame to wait for):
+        what the link holds may come through Redis too (given up), behind the item in
+        the inbox, which could then only wait out a bound and go on out of order; here
+        the frames' acks, or the records themselves if the link gives up, come first."""
+        self.flush()  # what was queued in this turn: in a frame, ahead of `record`
+        if not self.held:
+            self.link.stats.link_fallbacks += 1
+            return False
+        self.later.append(record)
+        return True
 
     def queue(self, record: Record) -> None:
         """Sent with what else is queued for this peer in this turn of the loop."""
@@ -637,10 +671,13 @@ class Peer:
             self.link.fallback(self.node, record)
 
     def _take(self) -> list[Record]:
-        """Everything held and queued, in order; the peer holds nothing after."""
+        """Everything held and queued, then what waited for their acks, in order; the
+        peer holds nothing after."""
         self.flush()
         records = [record for held in self.held for record in held.records]
+        records += self.later
         self.held.clear()
+        self.later = []
         self.unacked_bytes = self._in_flight = 0
         return records
 
@@ -652,6 +689,11 @@ class Peer:
             self.unacked_bytes -= len(done.frame)
             if done.seq <= self._sent:
                 self._in_flight -= len(done.frame)
+        if not held and self.later:
+            later, self.later = self.later, []
+            for record in later:  # nothing left to overtake: through Redis, in order
+                self.link.stats.link_fallbacks += 1
+                self.link.fallback(self.node, record)
         self.link.acked()
 
     def lost(self, conn: Outbound) -> None:

@@ -147,11 +147,14 @@ class Cluster:
 
     def _fallback(self, node: str, record: Record) -> None:
         """What a link could not deliver goes through Redis, with the frame it was put in
-        (the receiver takes each frame once: `Link.redis_copy`)."""
+        (the receiver takes each frame once: `Link.redis_copy`); what waited on the link
+        for Redis (`Peer.after_acks`) with the time it came, for forward_wait."""
         item = record.item
         if record.frame:
             item = [*item, "li", record.link, "ls", record.frame]
-        self.writer.queue_item(node, item, record.stanza, record.hops, record.change or None)
+        self.writer.queue_item(
+            node, item, record.stanza, record.hops, record.change or None, record.since or None
+        )
 
     async def serve(self) -> None:
         """Start reading the inbox, then accept links (the modules that route what they

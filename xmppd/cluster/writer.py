@@ -348,11 +348,13 @@ class Writer:
 
     def queue_item(
         self, node: str, item: list[EncodableT], stanza: etree._Element | None = None,
-        hops: int = 0, seq: int | None = None,
+        hops: int = 0, seq: int | None = None, since: float | None = None,
     ) -> None:
         """Send `item` (a stanza forwarded `hops` times before, or a stream end) to
         `node`'s inbox through Redis; `seq`: this node's last table change before it.
-        Also where the link (xmppd.cluster.link) hands what it could not deliver."""
+        Also where the link (xmppd.cluster.link) hands what it could not deliver, and
+        what waited on it for its frames' acks, `since` then (monotonic): forward_wait
+        counts from then."""
         # Numbered per target node: a link frame that comes after it waits for it on the
         # receiver (xmppd.cluster.link, "Order"). From the clock: above a previous
         # process's numbers.
@@ -385,7 +387,7 @@ class Writer:
                 refused,
                 stanza,
                 hops,
-                time.monotonic() + self.forward_wait,
+                (since or time.monotonic()) + self.forward_wait,
                 node,
                 item,
                 # The receiver applies this node's changes up to it before it hands this on.
