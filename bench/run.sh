@@ -26,6 +26,8 @@
 #                                      the harness samples the whole process tree, so a
 #                                      command that forks several worker processes is
 #                                      measured as one server (pin them with SERVER_CPU=0-1)
+#   XMPPD_ALLOCATOR=auto               xmppd's `allocator` (auto: jemalloc when installed;
+#                                      system: the C library's malloc, for an A/B)
 #   XMPPD_ENV=MALLOC_MMAP_THRESHOLD_=131072
 #                                      environment of xmppd: glibc then maps uvloop's 256 KiB
 #                                      per-connection TLS read buffer on its own, so only
@@ -130,6 +132,7 @@ import sys
 text = open(sys.argv[1]).read()
 for key, value in {"DOMAIN": "$DOMAIN", "WORKDIR": "$XWD", "PORT": "$XMPPD_PORT",
                    "CERT_DIR": "$XWD/cert", "ITERATIONS": "$XMPPD_ITERATIONS",
+                   "ALLOCATOR": "${XMPPD_ALLOCATOR:-auto}",
                    "MODULES": """${modules%$'\n'}"""}.items():
     text = text.replace(f"@{key}@", value)
 open(sys.argv[2], "w").write(text)
@@ -220,5 +223,9 @@ for step in "${PLAN[@]}"; do
     for s in $SERVERS; do run_one "$s" "${args[@]}"; done
 done
 echo "finished=$(date -Is)" >> "$OUT/env.txt"
+if [[ " $SERVERS " == *" xmppd "* ]] && [ -f "$XWD/log/stdout.log" ]; then  # as logged at start
+    echo "xmppd_allocator=$(sed -n 's/.*memory allocator: //p' "$XWD/log/stdout.log" | tail -1)" \
+        >> "$OUT/env.txt"
+fi
 "$PYTHON" "$BENCH/report.py" "$OUT"
 log "report: $OUT/report.md"
