@@ -45,6 +45,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from slixmpp.jid import JID, InvalidJID
 
 from xmppd.components.config import ComponentsConfig
+from xmppd.configfile import locate, not_found
 from xmppd.s2s.config import S2SConfig
 from xmppd.sasl.mechanisms import Mechanism
 from xmppd.storage.config import StorageConfig
@@ -845,27 +846,18 @@ def _kind(data: Any) -> str:
 
 # --------------------------------------------------------------------------- public API
 
-CONFIG_ENV = "XMPPD_CONFIG"
-SYSTEM_CONFIG = Path("/etc/xmppd/xmppd.yml")
-
-
 def find_config() -> tuple[Path, str]:
-    """The file `xmppd` and `xmppctl` use without -c: $XMPPD_CONFIG, else
-    /etc/xmppd/xmppd.yml; ConfigError when neither is there. With the file
-    comes a line saying where it came from, which both commands print.
+    """The file `xmppd` and `xmppctl` use without -c (xmppd.configfile.locate), with
+    the line saying where it came from, which both commands print; ConfigError when
+    there is none.
 
     Never the built-in defaults: they put data_dir under the current
     directory, so a command run from the wrong folder would silently work on
     a new, empty store there instead of the server's."""
-    named = os.environ.get(CONFIG_ENV)
-    if named:  # load_config reports it if it cannot be read
-        return Path(named), f"using the configuration {named} (from ${CONFIG_ENV})"
-    if SYSTEM_CONFIG.is_file():
-        return SYSTEM_CONFIG, f"using the configuration {SYSTEM_CONFIG}"
-    raise ConfigError(
-        [f"no configuration file: give -c FILE, set ${CONFIG_ENV}, or create {SYSTEM_CONFIG}"]
-    )
-
+    found = locate()
+    if found is None:
+        raise ConfigError([not_found()])
+    return found
 
 
 def load_config(path: Path | str | None) -> Config:

@@ -81,7 +81,7 @@ class Server:
         # (a test) set logging up itself.
         self.log_output = log_output
         self._reloading = asyncio.Lock()
-        self.ready = False  # start() is done: "xmppd ready" was logged
+        self.ready = False  # start() is done
         # SO_REUSEPORT on the client listeners: `xmppd --workers` runs several nodes
         # on the same ports and the kernel spreads connections over them.
         self.reuse_port = reuse_port
@@ -248,7 +248,6 @@ class Server:
         await self.admin.start()
         self.pauses.start()
         self.ready = True
-        log.info("xmppd ready")
 
     async def _stop_modules(self) -> None:
         """Undo a start: stop the modules set up (nothing if none was yet)."""
@@ -582,6 +581,8 @@ async def serve(
     gc.freeze()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop_requested.set)
+    # Only now: whoever waits for this line may stop the node at once, and cleanly.
+    log.info("xmppd ready")
     if on_ready is not None:
         on_ready()  # only now: a stop signal from here on is a clean stop
     await server.stop_requested.wait()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.integration.clients import HEADER, insecure_context, read_until
 from tests.integration.conftest import unwritable_dir, write_config
-from xmppd.config import SYSTEM_CONFIG
+from xmppd.configfile import SYSTEM_CONFIG
 from xmppd.tls import ensure_self_signed
 
 
@@ -92,13 +92,17 @@ async def test_jemalloc_when_installed_in_the_same_process_or_the_system_malloc(
     for setting, expected in (("auto", True), ("system", False)):
         folder = tmp_path / setting
         folder.mkdir()
-        proc, lines = await start_xmppd(write_config(folder, allocator=setting))
+        # allow_unencrypted: loading the file logs a warning, which must come once:
+        # the file is loaded only after the malloc is chosen (and the process started again).
+        config = write_config(folder, allocator=setting, auth={"allow_unencrypted": True})
+        proc, lines = await start_xmppd(config)
         try:
             # The pid the caller started (a service manager watches it) runs the server.
             assert _mapped(proc.pid, "jemalloc") is expected
             said = [line for line in lines if "memory allocator:" in line]
             assert len(said) == 1
             assert ("memory allocator: jemalloc" in said[0]) is expected
+            assert len([line for line in lines if "clients may authenticate before" in line]) == 1
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 15) == 0

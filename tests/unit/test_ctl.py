@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import unwritable_dir
-from xmppd import config as config_module
+from xmppd import configfile
 from xmppd.auth.accounts import Accounts
 from xmppd.cli import ctl
 from xmppd.cli.ctl import main
@@ -255,7 +255,7 @@ def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(
     assert out.endswith(f"\n{config}: OK (1 warning)\n")
     monkeypatch.delenv("XMPPD_CONFIG")
     system = tmp_path / "etc-xmppd.yml"
-    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", system)
+    monkeypatch.setattr(configfile, "SYSTEM_CONFIG", system)
     # Neither: a clear error, never built-in defaults with a data_dir under the cwd.
     assert run(capsys, monkeypatch, "list", "localhost") == (
         1,

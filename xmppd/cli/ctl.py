@@ -40,7 +40,8 @@ from xmppd.cli.nodes import (
     notify_account_change,
     remove_on_node,
 )
-from xmppd.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load_config
+from xmppd.config import Config, ConfigError, find_config, load_config
+from xmppd.configfile import CONFIG_ENV, SYSTEM_CONFIG
 from xmppd.modulehost import AccountDataRemains, validate_module_options
 from xmppd.server import StartupError, ensure_data_dir
 from xmppd.storage.base import StorageError
