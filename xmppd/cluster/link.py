@@ -66,10 +66,14 @@ node whose link holds frames waits on this side until they are
 acknowledged, and what comes for that node meanwhile waits behind it; then
 they go to the writer, in order. Should the link be given up, redialed in
 vain or stopped first, the frames' records go through Redis ahead of them.
-forward_wait counts from when each came, but they leave this side only
-with the acks (or the link's end): a receiver slow to handle the frames
-keeps them that long, one that acknowledges nothing at most ACK_DEADLINE
-(then the link is dialed again, or given up if that fails).
+They are bounded as the frames are: their bytes count toward MAX_HELD
+(past it the link is given up: the frames, then they, through Redis), and
+forward_wait counts from when each came: once the writer cuts Redis off
+(a stanza in it, or one of them, waited that long), it takes them in with
+what it holds and routes them all again here, in order, ahead of what
+comes next (`Link.release_waiting`). Short of both, a receiver that
+acknowledges nothing keeps them at most ACK_DEADLINE (then the link is
+dialed again, or given up if that fails).
 """
 
 from __future__ import annotations
