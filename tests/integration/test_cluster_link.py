@@ -24,7 +24,7 @@ from tests.integration.test_cluster import (
 )
 from xmppd.cluster import link as link_module
 from xmppd.cluster import schema, wire
-from xmppd.cluster.link import CONNECTING, UP
+from xmppd.cluster.link import CONNECTING, UP, Inbound
 from xmppd.cluster.node import Cluster
 from xmppd.cluster.writer import Op
 from xmppd.connection import C2SConnection
@@ -572,6 +572,23 @@ async def test_a_slow_receiver_past_the_unacked_bound_keeps_the_order(
     await close(bob)
 
 
+async def hold_frames(a: Server, b: Server, alice: Client, count: int) -> Inbound:
+    """B reads nothing from its link from A, and alice sends bob `count` messages: A
+    holds them in frames. Returns B's end of the link (to resume reading)."""
+    assert a.cluster is not None and a.cluster.link is not None
+    assert b.cluster is not None and b.cluster.link is not None
+    stats = a.cluster.stats
+    slow = b.cluster.link._inbound["node-a"]
+    assert slow.transport is not None
+    slow.transport.pause_reading()
+    routed = stats.forwards_out + count
+    for n in range(count):
+        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
+    await until(lambda: stats.forwards_out >= routed)
+    assert a.cluster.link._peers["node-b"].held and stats.link_fallbacks == 0
+    return slow
+
+
 @pytest.mark.parametrize("end", ["acks", "give up"])
 async def test_a_stanza_while_redis_is_unhealthy_does_not_overtake_the_frames_held(
     redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
@@ -583,7 +600,9 @@ async def test_a_stanza_while_redis_is_unhealthy_does_not_overtake_the_frames_he
     again before B reads its link: had the message gone to A's writer at once, it would
     reach B's inbox, and bob, before the frames. It waits on A until B acknowledges
     them (`end` "acks": B reads its link again), or until A gives the link up ("give
-    up": what it held goes through Redis first). bob gets everything once, in order."""
+    up": what it held goes through Redis first). One sent once Redis is healthy again
+    waits behind it (over the link it would overtake it). bob gets everything once, in
+    order."""
     monkeypatch.setattr(link_module, "ACK_DEADLINE", 30.0)  # no new link meanwhile
     monkeypatch.setattr(link_module, "RETRY_DELAY", 30.0)
     a, b, alice, bob = await pair(start_server, redis_service)
@@ -591,15 +610,10 @@ async def test_a_stanza_while_redis_is_unhealthy_does_not_overtake_the_frames_he
     assert b.cluster is not None and b.cluster.link is not None
     stats_a, stats_b, writer = a.cluster.stats, b.cluster.stats, a.cluster.writer
     peer = a.cluster.link._peers["node-b"]
-    slow = b.cluster.link._inbound["node-a"]
-    assert slow.transport is not None
-    slow.transport.pause_reading()
     count = 20
-    routed = stats_a.forwards_out + count
-    for n in range(count):
-        alice.send_message(mto="bob@localhost/phone", mbody=str(n), mtype="chat")
-    await until(lambda: stats_a.forwards_out >= routed)
-    assert peer.held and stats_a.link_fallbacks == 0
+    slow = await hold_frames(a, b, alice, count)
+    assert slow.transport is not None
+    routed = stats_a.forwards_out
     redis_service.pause()
     try:
         await until(lambda: not stats_a.redis_up, timeout=10)
@@ -611,18 +625,111 @@ async def test_a_stanza_while_redis_is_unhealthy_does_not_overtake_the_frames_he
         lambda: stats_a.redis_up and stats_b.redis_up and not writer.queued, timeout=10
     )
     await asyncio.sleep(1.0)  # B's inbox has read what reached it through Redis
+    alice.send_message(mto="bob@localhost/phone", mbody="after", mtype="chat")
+    await until(lambda: stats_a.forwards_out > routed + 1)
+    assert len(peer.later) == 2
     if end == "acks":
         slow.transport.resume_reading()
     else:
         peer.give_up()
-    got = [await received(bob, 5.0) for _ in range(count + 1)]
-    assert got == [*(str(n) for n in range(count)), "later"]
+    got = [await received(bob, 5.0) for _ in range(count + 2)]
+    assert got == [*(str(n) for n in range(count)), "later", "after"]
     with pytest.raises(TimeoutError):
         await received(bob, 0.3)  # and nothing twice
     over_link = count if end == "acks" else 0  # the frames over the link, or their copies
     assert stats_b.link_stanzas_in == over_link
-    assert stats_b.forwards_in - stats_b.link_stanzas_in == count + 1 - over_link
-    assert stats_a.link_fallbacks == count + 1 - over_link
+    assert stats_b.forwards_in - stats_b.link_stanzas_in == count + 2 - over_link
+    assert stats_a.link_fallbacks == count + 2 - over_link
+    await close(alice)
+    await close(bob)
+
+
+async def test_what_waits_for_the_acks_counts_toward_the_held_bound(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis unhealthy, what comes for a node whose link holds frames waits on the
+    sender behind them (the test above), and counts toward MAX_HELD with them: a
+    receiver that acknowledges nothing cannot make it grow without bound. Past it the
+    link is given up: the frames, then what waited, then what comes, through Redis.
+    bob gets everything once, in order."""
+    monkeypatch.setattr(link_module, "ACK_DEADLINE", 30.0)  # no new link meanwhile
+    monkeypatch.setattr(link_module, "RETRY_DELAY", 30.0)
+    a, b, alice, bob = await pair(start_server, redis_service)
+    assert a.cluster is not None and a.cluster.link is not None
+    assert b.cluster is not None
+    stats_a, stats_b = a.cluster.stats, b.cluster.stats
+    peer = a.cluster.link._peers["node-b"]
+    count, waiting = 20, 8
+    await hold_frames(a, b, alice, count)
+    # Room for a few of the messages below beside the frames, not for all of them.
+    monkeypatch.setattr(link_module, "MAX_HELD", peer.unacked_bytes + 3000)
+    body = "x" * 1000
+    routed = stats_a.forwards_out
+    redis_service.pause()
+    try:
+        await until(lambda: not stats_a.redis_up, timeout=10)
+        for n in range(waiting):
+            alice.send_message(mto="bob@localhost/phone", mbody=f"{n} {body}", mtype="chat")
+        await until(lambda: stats_a.forwards_out >= routed + waiting)
+        assert peer.state != UP and not peer.held and not peer.later  # given up
+    finally:
+        redis_service.resume()
+    got = [await received(bob, 10.0) for _ in range(count + waiting)]
+    assert got == [*(str(n) for n in range(count)), *(f"{n} {body}" for n in range(waiting))]
+    with pytest.raises(TimeoutError):
+        await received(bob, 0.3)  # and nothing twice
+    assert stats_b.link_stanzas_in == 0  # B read none of the frames: their copies
+    assert stats_a.link_fallbacks == count + waiting
+    await close(alice)
+    await close(bob)
+
+
+async def test_what_waits_for_the_acks_expires_with_the_writer_cut_off(
+    redis_service: LocalService, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis hangs past forward_wait: the writer cuts it off, and what the links keep
+    for it behind their frames (the tests above) is routed again here with what the
+    writer held (a message to offline storage), at once and ahead of what comes next
+    (routed here too, as for a session that is gone). Left waiting for the acks, it
+    would wait past forward_wait, and go to bob after what came next."""
+    monkeypatch.setattr(link_module, "ACK_DEADLINE", 30.0)  # no new link meanwhile
+    monkeypatch.setattr(link_module, "RETRY_DELAY", 30.0)
+    url = devservices.redis_url(redis_service)
+    a = await start_server(cluster={"redis_url": url, "node_name": "node-a", "forward_wait": 1})
+    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    await until(lambda: linked(a, b))
+    assert a.cluster is not None and a.cluster.link is not None
+    stats, writer = a.cluster.stats, a.cluster.writer
+    peer = a.cluster.link._peers["node-b"]
+    count = 20
+    slow = await hold_frames(a, b, alice, count)
+    assert slow.transport is not None
+    routed = stats.forwards_out
+    ledger = a.router.ledger
+    redis_service.pause()
+    try:
+        await until(lambda: not stats.redis_up, timeout=10)
+        alice.send_message(mto="bob@localhost/phone", mbody="later", mtype="chat")
+        await until(lambda: stats.forwards_out > routed)
+        assert peer.later
+        alice.send_presence(pstatus="busy")  # a write for the writer to fail on
+        await until(lambda: writer.cut_off, timeout=10)
+        assert not peer.later  # "later" was routed again with the writer's batch
+        await until(lambda: ledger.offline == 1, timeout=1)
+        alice.send_message(mto="bob@localhost/phone", mbody="next", mtype="chat")
+        await until(lambda: ledger.offline == 2, timeout=1)
+    finally:
+        redis_service.resume()
+    await until(lambda: not writer.cut_off, timeout=10)
+    slow.transport.resume_reading()
+    got = [await received(bob, 5.0) for _ in range(count)]
+    assert got == [str(n) for n in range(count)]
+    with pytest.raises(TimeoutError):
+        await received(bob, 0.5)  # "later" and "next" are offline, in that order
+    assert not peer.later and stats.forwards_refused == 1  # "later"; "next" stayed here
     await close(alice)
     await close(bob)
 

@@ -66,10 +66,14 @@ node whose link holds frames waits on this side until they are
 acknowledged, and what comes for that node meanwhile waits behind it; then
 they go to the writer, in order. Should the link be given up, redialed in
 vain or stopped first, the frames' records go through Redis ahead of them.
-forward_wait counts from when each came, but they leave this side only
-with the acks (or the link's end): a receiver slow to handle the frames
-keeps them that long, one that acknowledges nothing at most ACK_DEADLINE
-(then the link is dialed again, or given up if that fails).
+They are bounded as the frames are: their bytes count toward MAX_HELD
+(past it the link is given up: the frames, then they, through Redis), and
+forward_wait counts from when each came: once the writer cuts Redis off
+(a stanza in it, or one of them, waited that long), it takes them in with
+what it holds and routes them all again here, in order, ahead of what
+comes next (`Link.release_waiting`). Short of both, a receiver that
+acknowledges nothing keeps them at most ACK_DEADLINE (then the link is
+dialed again, or given up if that fails).
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ MAX_UNACKED = 8 * 1024 * 1024
 sender for acks (a window: the receiver reads no more than this ahead of what it
 handled, and the sender's transport buffers no second copy of what it holds)."""
 MAX_HELD = 32 * 1024 * 1024
-"""Bytes of frames one peer may hold (written or waiting for the window), past which
+"""Bytes of frames one peer may hold (written or waiting for the window), with the
+items waiting behind them for Redis (`Peer.after_acks`), past which
 the link is given up: everything it held, then the stanza, goes through Redis in
 order, and the link is dialed again after RETRY_DELAY. Why not switch to Redis at
 MAX_UNACKED, as the link once did: a stanza through Redis overtakes the frames still
@@ -341,12 +346,13 @@ class Link:
         of `item`, in order); short of it, `item` waits on the link behind the frames
         there, whatever their acks take (MAX_HELD says why). Redis unhealthy here: it
         goes through Redis (the writer's forward_wait decides), but not ahead of what
-        the link holds (`Peer.after_acks`)."""
+        the link holds (`Peer.after_acks`); what waits so counts toward MAX_HELD too."""
         peer = self._peer(node)
-        if peer is not None and peer.unacked_bytes > MAX_HELD:
+        if peer is not None and peer.unacked_bytes + peer.later_bytes > MAX_HELD:
             log.warning(
-                "cluster: node %s has not acknowledged %d bytes on its link; sending through "
-                "Redis", node, peer.unacked_bytes,
+                "cluster: node %s has not acknowledged %d bytes on its link (%d more wait "
+                "behind them); sending through Redis", node, peer.unacked_bytes,
+                peer.later_bytes,
             )
             peer.give_up()
         if peer is None or peer.state == DOWN:
@@ -356,6 +362,19 @@ class Link:
             return peer.after_acks(Record(stanza, hops, item, change, since=time.monotonic()))
         peer.queue(Record(stanza, hops, item, change, self.redis_items(node)))
         return True
+
+    def oldest_waiting(self) -> float | None:
+        """When the oldest record waiting for its link's acks came (`Peer.after_acks`,
+        monotonic); None: nothing waits."""
+        return min((peer.later[0].since for peer in self._peers.values() if peer.later),
+                   default=None)
+
+    def release_waiting(self) -> None:
+        """What waits for its link's acks goes to the writer now, each peer's in order
+        (the writer is about to cut Redis off: they expire with what it holds, and are
+        routed again here in order, ahead of what comes next)."""
+        for peer in self._peers.values():
+            peer.release_later()
 
     def gone(self, node: str) -> None:
         """`node` is dead or refused frames: what it did not acknowledge is routed
@@ -467,8 +486,10 @@ class Peer:
         self.retry_at = 0.0
         self.held: deque[Held] = deque()
         self.unacked_bytes = 0
-        # For Redis, once what is held is acknowledged (`after_acks`); in order.
+        # For Redis, once what is held is acknowledged (`after_acks`); in order, and
+        # the bytes of their items (with `unacked_bytes`, bounded by MAX_HELD).
         self.later: list[Record] = []
+        self.later_bytes = 0
         self._seq = 0
         self._queued: list[Record] = []
         self._conn: Outbound | None = None
@@ -495,7 +516,17 @@ class Peer:
             self.link.stats.link_fallbacks += 1
             return False
         self.later.append(record)
+        self.later_bytes += sum(
+            len(value) if isinstance(value, bytes) else len(str(value)) for value in record.item
+        )
         return True
+
+    def release_later(self) -> None:
+        """What waited for the acks goes to the writer, in order (`after_acks`)."""
+        later, self.later, self.later_bytes = self.later, [], 0
+        for record in later:
+            self.link.stats.link_fallbacks += 1
+            self.link.fallback(self.node, record)
 
     def queue(self, record: Record) -> None:
         """Sent with what else is queued for this peer in this turn of the loop."""
@@ -677,7 +708,7 @@ class Peer:
         records = [record for held in self.held for record in held.records]
         records += self.later
         self.held.clear()
-        self.later = []
+        self.later, self.later_bytes = [], 0
         self.unacked_bytes = self._in_flight = 0
         return records
 
@@ -690,10 +721,7 @@ class Peer:
             if done.seq <= self._sent:
                 self._in_flight -= len(done.frame)
         if not held and self.later:
-            later, self.later = self.later, []
-            for record in later:  # nothing left to overtake: through Redis, in order
-                self.link.stats.link_fallbacks += 1
-                self.link.fallback(self.node, record)
+            self.release_later()  # nothing left to overtake: through Redis, in order
         self.link.acked()
 
     def lost(self, conn: Outbound) -> None:

@@ -107,6 +107,12 @@ class LinkSender(Protocol):
     ) -> bool:
         """Take `item` for `node` (False: send it through Redis instead)."""
 
+    def oldest_waiting(self) -> float | None:
+        """When the oldest item the links keep for Redis came (monotonic); None: none."""
+
+    def release_waiting(self) -> None:
+        """Hand the items the links keep for Redis to `queue_item` now, in order."""
+
 
 @dataclass(slots=True)
 class Op:
@@ -461,10 +467,21 @@ class Writer:
     def _expire(self) -> None:
         """Once a stanza for another node has waited `forward_wait` for Redis: cut off
         (the other nodes' sessions count as gone until Redis answers), and route again
-        here every stanza still waiting (the other operations keep waiting, in order)."""
+        here every stanza still waiting (the other operations keep waiting, in order).
+
+        Also those the links keep for Redis until their frames are acknowledged
+        (xmppd.cluster.link, "Order"): they count toward the wait, and are taken into
+        the queue first, behind what it holds for their nodes. Left there, one would
+        wait past forward_wait, and reach its node after what is routed here meanwhile
+        (the cut makes a later stanza for its recipient stay here)."""
         now = time.monotonic()
-        if not any(op.stanza is not None and op.expires <= now for op in self._ops):
+        oldest = self.link.oldest_waiting() if self.link is not None else None
+        if not any(op.stanza is not None and op.expires <= now for op in self._ops) and (
+            oldest is None or oldest + self.forward_wait > now
+        ):
             return
+        if self.link is not None:
+            self.link.release_waiting()  # through queue_item: at the end of the queue
         expired = [op for op in self._ops if op.stanza is not None]
         self._ops = deque(op for op in self._ops if op.stanza is None)
         if not self._ops:
