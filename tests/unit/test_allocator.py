@@ -97,3 +97,12 @@ def test_the_second_start_has_the_library_preloaded_and_the_mark(
     path, argv, env = started[0]
     assert path == allocator.sys.executable and argv == allocator.sys.orig_argv
     assert env[allocator.REEXEC_MARK] == "1"
+
+
+def test_only_on_linux_and_an_inherited_preload_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.2.dylib")
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")  # LD_PRELOAD means nothing there
+    assert allocator.installed() is None
+    monkeypatch.setattr(allocator, "preloaded", lambda name=allocator.JEMALLOC: True)
+    # A worker started again after the file said `system`, with the old environment.
+    assert allocator.choose("system", WHERE) == "jemalloc (preloaded by LD_PRELOAD)"
