@@ -60,15 +60,15 @@ async def inbox_length(redis: LocalService, node: str) -> int:
 
 
 async def pair(
-    start_server: StartServer, redis: LocalService, link_a: dict[str, Any] | None = None
+    start_server: StartServer, redis: LocalService, **cluster_a: Any
 ) -> tuple[Server, Server, Client, Client]:
-    """alice on A, bob on B, each seeing the other, the link from A to B up; `link_a`:
-    A's cluster.link section."""
-    if link_a is None:
+    """alice on A, bob on B, each seeing the other, the link from A to B up; `cluster_a`:
+    more of A's cluster section (its `link`, `forward_wait`)."""
+    if not cluster_a:
         a, b = await two_nodes(start_server, redis)
     else:
         url = devservices.redis_url(redis)
-        a = await start_server(cluster={"redis_url": url, "node_name": "node-a", "link": link_a})
+        a = await start_server(cluster={"redis_url": url, "node_name": "node-a", **cluster_a})
         b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
     bob = await online(b, "bob@localhost/phone", "bob-secret")
     alice = await online(a, "alice@localhost/desk", "alice-secret")
@@ -135,8 +135,8 @@ async def test_nodes_link_over_a_unix_socket_on_one_host_and_tcp_otherwise(
     if place == "two hosts":
         hosts = iter(["host-1", "host-2", "host-3"])
         monkeypatch.setattr(link_module, "host_identity", lambda: next(hosts))
-    link_a = {"unix": False} if place == "unix off" else None
-    a, b, alice, bob = await pair(start_server, redis_service, link_a)
+    link_a = {"link": {"unix": False}} if place == "unix off" else {}
+    a, b, alice, bob = await pair(start_server, redis_service, **link_a)
     assert link_family(a, b) == family
     assert link_modes(a, b) == (mode, mode)
     alice.send_message(mto="bob@localhost/phone", mbody=place, mtype="chat")
@@ -694,13 +694,7 @@ async def test_what_waits_for_the_acks_expires_with_the_writer_cut_off(
     would wait past forward_wait, and go to bob after what came next."""
     monkeypatch.setattr(link_module, "ACK_DEADLINE", 30.0)  # no new link meanwhile
     monkeypatch.setattr(link_module, "RETRY_DELAY", 30.0)
-    url = devservices.redis_url(redis_service)
-    a = await start_server(cluster={"redis_url": url, "node_name": "node-a", "forward_wait": 1})
-    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
-    bob = await online(b, "bob@localhost/phone", "bob-secret")
-    alice = await online(a, "alice@localhost/desk", "alice-secret")
-    await until(seen_on(a, "bob@localhost/phone"))
-    await until(lambda: linked(a, b))
+    a, b, alice, bob = await pair(start_server, redis_service, forward_wait=1)
     assert a.cluster is not None and a.cluster.link is not None
     stats, writer = a.cluster.stats, a.cluster.writer
     peer = a.cluster.link._peers["node-b"]

@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     args = parser.parse_args(argv)
-    malloc = "jemalloc" if allocator.preloaded() else "the C library's malloc"
     found = locate() if args.config is None else (args.config, "")
     if argv is None and found is not None:
         # Run as the program. A caller passing its own arguments (a wrapper, a test)
@@ -49,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         except allocator.AllocatorError as exc:
             print(f"xmppd: {exc}", file=sys.stderr)
             return 1
+    else:
+        malloc = "jemalloc" if allocator.preloaded() else "the C library's malloc"
     from xmppd.cli.serve import run  # after the malloc is chosen: see the docstring
 
     return run(args, malloc)
