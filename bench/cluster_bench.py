@@ -400,6 +400,8 @@ def main() -> int:
     p.add_argument("--link-tcp", action="store_true",
                    help="cluster.link.unix: false: the workers link over TCP, frames sealed,\n"
                         "as nodes on different machines would (A/B against the Unix socket)")
+    p.add_argument("--batch-window-ms", type=float, default=None, metavar="MS",
+                   help="the nodes' batch_window_ms (default: the server's default)")
     args = p.parse_args()
     extra = (
         "  link: {enabled: false}\n" if not args.link
@@ -411,7 +413,10 @@ def main() -> int:
     with redis() as (url, redis_pid), \
             tempfile.TemporaryDirectory(prefix="xmppd-cluster-bench-") as tmp:
         port, port_a, port_b = free_ports(3)
-        config = write_config(Path(tmp), port, url, args.iterations, extra=extra)
+        config = write_config(
+            Path(tmp), port, url, args.iterations, extra=extra,
+            batch_window_ms=args.batch_window_ms,
+        )
         print(f"registering {args.users} users ...", file=sys.stderr)
         register(config, args.users)
         results = []
@@ -422,7 +427,8 @@ def main() -> int:
         if args.placed:
             nodes = [
                 write_config(
-                    Path(tmp), p, url, args.iterations, f"bench-{n}", f"{n}.yml", extra
+                    Path(tmp), p, url, args.iterations, f"bench-{n}", f"{n}.yml", extra,
+                    args.batch_window_ms,
                 )
                 for p, n in ((port_a, "a"), (port_b, "b"))
             ]

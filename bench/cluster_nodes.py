@@ -163,15 +163,17 @@ class Sampler(threading.Thread):
 
 def write_config(
     workdir: Path, port: int, redis_url: str, iterations: int, node: str = "bench",
-    name: str = "xmppd.yml", extra: str = "",
+    name: str = "xmppd.yml", extra: str = "", batch_window_ms: float | None = None,
 ) -> Path:
     """A cluster config for the workers: one STARTTLS listener on `port`, the embedded
     store in workdir/data shared by the workers with no cache (no in-process copy to
-    go stale), no connection limits; `extra` is appended (a modules section)."""
+    go stale), no connection limits; `extra` is appended (a modules section);
+    `batch_window_ms` None: the server's default."""
     path = workdir / name
+    window = "" if batch_window_ms is None else f"batch_window_ms: {batch_window_ms:g}\n"
     path.write_text(
         f"""\
-hosts: [{DOMAIN}]
+{window}hosts: [{DOMAIN}]
 data_dir: {workdir / "data"}
 log_level: info   # the supervisor says "workers: all N ready" at info
 listeners:

@@ -28,6 +28,8 @@
 #                                      measured as one server (pin them with SERVER_CPU=0-1)
 #   XMPPD_ALLOCATOR=auto               xmppd's `allocator` (auto: jemalloc when installed;
 #                                      system: the C library's malloc, for an A/B)
+#   XMPPD_BATCH_WINDOW_MS=10           xmppd's `batch_window_ms` (the server's default; 0:
+#                                      input handled as it comes, for an A/B)
 #   XMPPD_ENV=MALLOC_MMAP_THRESHOLD_=131072
 #                                      environment of xmppd: glibc then maps uvloop's 256 KiB
 #                                      per-connection TLS read buffer on its own, so only
@@ -133,6 +135,7 @@ text = open(sys.argv[1]).read()
 for key, value in {"DOMAIN": "$DOMAIN", "WORKDIR": "$XWD", "PORT": "$XMPPD_PORT",
                    "CERT_DIR": "$XWD/cert", "ITERATIONS": "$XMPPD_ITERATIONS",
                    "ALLOCATOR": "${XMPPD_ALLOCATOR:-auto}",
+                   "BATCH_WINDOW_MS": "${XMPPD_BATCH_WINDOW_MS:-10}",
                    "MODULES": """${modules%$'\n'}"""}.items():
     text = text.replace(f"@{key}@", value)
 open(sys.argv[2], "w").write(text)
@@ -205,6 +208,7 @@ log "bench $MODE: servers [$SERVERS], output $OUT, load $(cut -d' ' -f1-3 /proc/
     echo "mode=$MODE servers=$SERVERS started=$(date -Is) host_cores=$(nproc)"
     echo "python=$("$PYTHON" -V 2>&1) tsung=$(dpkg-query -W -f='${Version}' tsung 2>/dev/null)" \
          "ejabberd=$(dpkg-query -W -f='${Version}' ejabberd 2>/dev/null) prosody=$(dpkg-query -W -f='${Version}' prosody 2>/dev/null)"
+    echo "xmppd_batch_window_ms=${XMPPD_BATCH_WINDOW_MS:-10}"
     echo "xmppd_iterations=$XMPPD_ITERATIONS server_cpu=${SERVER_CPU:-0} tsung_cpu=${TSUNG_CPU:-1}"
     echo "xmppd_cmd=$XMPPD_CMD"
     echo "xmppd_modules=$(sed -n '/^modules:/,$p' "$XWD/xmppd.yml" 2>/dev/null | tail -n +2 | tr -d ' {}:' | tr '\n' ' ')"

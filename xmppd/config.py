@@ -474,6 +474,9 @@ class Config(BaseModel):
     log: LogConfig = Field(default_factory=LogConfig)
     # The C allocator (xmppd.cli.allocator): jemalloc if installed, or required, or never.
     allocator: Literal["auto", "jemalloc", "system"] = "auto"
+    # How long input may wait while the server is busy, to be handled in one turn of
+    # the event loop (xmppd.batchloop); 0: handled as it comes.
+    batch_window_ms: float = Field(default=10.0, ge=0, le=1000)
     listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

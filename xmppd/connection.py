@@ -18,10 +18,12 @@ import logging
 import secrets
 import ssl
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from xmppd import batchloop
 from xmppd.auth.login import StreamLogin
 from xmppd.modulehost import ElementRequest
 from xmppd.sasl.channel_binding import connection_channel_bindings
@@ -57,6 +59,7 @@ class C2SConnection(asyncio.Protocol):
         self.id = secrets.token_hex(4)
         self.transport: asyncio.Transport | None = None  # TCP; TLS is self._tls
         self._loop: asyncio.AbstractEventLoop | None = None  # set at connection_made
+        self._note_input: Callable[[], None] = batchloop.input_hook(None)
         self._tls: TLSLayer | None = None
         self._closing = False  # our TLS close_notify is sent: the transport closes next
         self.ip = "?"
@@ -79,6 +82,7 @@ class C2SConnection(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call,
         # and a connection asks for the loop at every stanza it is sent.
         self._loop = loop = asyncio.get_running_loop()
+        self._note_input = batchloop.input_hook(loop)
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if peer else "?"
         # From TCP accept to bound (docs/config.md), the TLS handshake included.
@@ -112,6 +116,7 @@ class C2SConnection(asyncio.Protocol):
         `bytes` of what was read, so no connection holds a buffer of its own;
         this way each read is one Python call instead of two (get_buffer and
         buffer_updated) and no memoryview."""
+        self._note_input()
         tls = self._tls
         if tls is None:
             self._plaintext(data)

@@ -19,6 +19,7 @@ from typing import Any
 from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter
+from xmppd.batchloop import BatchingLoop
 from xmppd.cluster import Cluster, ClusterUnavailable
 from xmppd.cluster.caches import share_memory_cache
 from xmppd.cluster.throttle import RedisFailureCounter
@@ -403,6 +404,9 @@ class Server:
             error = StreamError("host-gone", "this server no longer serves the host")
             for conn in [c for c in self.connections if c.stream.host in gone]:
                 conn.close(error)
+        loop = asyncio.get_running_loop()
+        if isinstance(loop, BatchingLoop):  # else a test's loop, which has no window
+            loop.set_window(new.batch_window_ms / 1000)
         if new.log_level != old.log_level:
             set_level(new.log_level)  # else a level set by xmppctl log-level stays
         if self.log_output is not None:

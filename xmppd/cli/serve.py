@@ -12,8 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import uvloop
-
+from xmppd.batchloop import BatchingLoop
 from xmppd.cli import workers
 from xmppd.config import Config, ConfigError, find_config, load_config
 from xmppd.logs import LogOutput
@@ -90,8 +89,9 @@ def run(args: argparse.Namespace, malloc: str) -> int:
     _tune_malloc()
     is_worker = args.worker is not None
     try:
-        # uvloop: its TLS transport keeps a small buffer per connection (see docs/architecture.md).
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        # uvloop (see docs/architecture.md), with a batch window (xmppd.batchloop).
+        window = config.batch_window_ms / 1000
+        with asyncio.Runner(loop_factory=lambda: BatchingLoop(window)) as runner:
             runner.run(
                 serve(
                     config,

@@ -95,6 +95,7 @@ from typing import cast
 from lxml import etree
 from redis.typing import EncodableT
 
+from xmppd import batchloop
 from xmppd.cluster import wire
 from xmppd.cluster.inbox import Inbox, ItemHandler, split_fields
 from xmppd.cluster.stats import ClusterStats
@@ -757,7 +758,9 @@ class Outbound(asyncio.Protocol):
         self.handshake = handshake
         self.reader = wire.FrameReader(wire.MAX_HELLO)
         self.transport: asyncio.Transport | None = None
-        self.welcomed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.welcomed: asyncio.Future[int] = loop.create_future()
+        self.note_input = batchloop.input_hook(loop)
         self.via = ""  # what it connected to, for the log
         self.sealed = True  # False: dialed an abstract Unix socket (`Peer._open`)
 
@@ -781,6 +784,7 @@ class Outbound(asyncio.Protocol):
             self.transport.abort()  # what is unacknowledged is sent again or elsewhere
 
     def data_received(self, data: bytes) -> None:
+        self.note_input()
         try:
             for kind, body in self.reader.feed(data):
                 if self.handshake.last is None:
@@ -835,6 +839,7 @@ class Inbound(asyncio.Protocol):
         self._waiting: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
+        self.note_input = batchloop.input_hook(asyncio.get_running_loop())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's too: see Outbound
@@ -877,6 +882,7 @@ class Inbound(asyncio.Protocol):
                 self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        self.note_input()
         try:
             frames = self.reader.feed(data)
             for kind, body in frames:
