@@ -56,6 +56,7 @@ async def test_a_busy_node_gathers_input_for_its_window_and_a_reload_changes_it(
     config = write_config(tmp_path, batch_window_ms=WINDOW_MS)
     await register(config, "localhost", {"alice": "secret", "bob": "secret"})
     node = await Node.start(config)
+    assert f"event loop: uvloop, batch window {WINDOW_MS} ms" in node.text()
     alice = bob = None
     try:
         alice = await login(node, "alice@localhost")

@@ -91,6 +91,7 @@ def run(args: argparse.Namespace, malloc: str) -> int:
     try:
         # uvloop (see docs/architecture.md), with a batch window (xmppd.batchloop).
         window = config.batch_window_ms / 1000
+        log.info("event loop: uvloop, batch window %g ms", config.batch_window_ms)
         with asyncio.Runner(loop_factory=lambda: BatchingLoop(window)) as runner:
             runner.run(
                 serve(
