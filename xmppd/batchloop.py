@@ -8,20 +8,28 @@ window took a chat message at 3000 msg/s over 1000 TLS clients from 85 to
 70 us of CPU, and a message crossing two cluster nodes at 1000 msg/s from
 286 to 147 us. Interrupt moderation on network cards makes the same trade.
 
-How: once input arrives (a protocol calls `note_input`), the loop handles it
-at once, then, when nothing else is queued, sleeps until `window` has passed
-since it last polled, and polls again: what arrived meanwhile is handled in
-one turn. Work already queued (callbacks, task steps, writes) always runs
-before the loop sleeps, so only new input (and timers due during the sleep)
-waits, at most `window`. A loop busy for longer than the window never sleeps,
-and a turn with no new input disarms it: an idle server blocks in the kernel
-as usual and handles its next input at once. A window of 0 turns this off.
+How: once input comes from more than one source (a protocol calls
+`note_input` with itself on each read; a cluster link's read carries many
+clients' stanzas and counts as several), the loop handles it at once, then,
+when nothing else is queued, sleeps until `window` has passed since it last
+polled, and polls again: what arrived meanwhile is handled in one turn.
+Callbacks queued through call_soon (task steps, flushes) run before the
+loop sleeps (uvloop's own, like a new connection's connection_made, are not
+seen and may wait like input), and one queued by another thread (a key
+derivation's or a store's result) ends the sleep, so what waits is input (a
+client's, or a reply from Redis or memcached), at most `window`, and timers
+due meanwhile. One client's round
+trips (a login, a ping on a quiet server) never arm it, a loop busy for
+longer than the window never sleeps, and a turn with no new input disarms
+it: the loop then blocks in the kernel as usual and handles its next input
+at once. A window of 0 turns this off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVarTuple
@@ -40,19 +48,21 @@ class BatchingLoop(uvloop.Loop):  # type: ignore[misc]  # uvloop's Loop is untyp
     def __init__(self, window: float) -> None:
         super().__init__()
         self.window = 0.0
-        self.input_seen = True  # input since the last turn; pinned True while the window is 0
         self.slept = 0.0
         self.last_sleep = (0.0, 0.0)
         self._armed = False
         self._queued = 0  # callbacks queued through call_soon, ever
         self._queued_at_turn = 0
         self._polled = 0.0  # when the loop last looked for input, roughly
+        self._source: object = None  # whose input came last
+        self._sources = 0  # changes of source since the last turn that slept or disarmed
+        self._woken = threading.Event()  # set by other threads' callbacks: ends a sleep
+        self._context = contextvars.Context()  # the turn's: not a copy of whoever armed it
         self.set_window(window)
 
     def set_window(self, window: float) -> None:
         """Change the window (a reload may): from the next input on."""
         self.window = window
-        self.input_seen = window <= 0
 
     def call_soon(
         self,
@@ -71,51 +81,75 @@ class BatchingLoop(uvloop.Loop):  # type: ignore[misc]  # uvloop's Loop is untyp
         *args: *_Ts,
         context: contextvars.Context | None = None,
     ) -> asyncio.Handle:
+        # A thread's result (a key derivation, a store's call) ends a sleep at once:
+        # only input waits for the window. Counted before the event is set, so a turn
+        # that clears the event and then finds the count unchanged cannot miss it.
+        handle = super().call_soon_threadsafe(callback, *args, context=context)
         self._queued += 1  # racing another thread's increment only costs one sleep's delay
-        return super().call_soon_threadsafe(callback, *args, context=context)
+        self._woken.set()
+        return handle
 
-    def note_input(self) -> None:
-        """A protocol read something: arm the turn if it is not armed."""
-        if self.input_seen:
-            return
-        self.input_seen = True
-        if not self._armed:
-            self._armed = True
-            self._polled = monotonic()  # the loop has just polled: it woke for this input
-            self._queued_at_turn = self._queued
-            super().call_soon(self._turn)
+    def note_input(self, source: object) -> None:
+        """A protocol read something; `source` is the protocol. The loop gathers only
+        while input comes from more than one source: one client's round trips (a
+        login, a ping) gain nothing from waiting and are never held."""
+        if source is not self._source:
+            self._source = source
+            self._sources += 1
+            if self._sources > 1 and not self._armed and self.window > 0:
+                self._arm()
+
+    def note_shared_input(self) -> None:
+        """A read that carries many clients' stanzas (a cluster link): counts as input
+        from several sources."""
+        self._source = None
+        self._sources += 2
+        if not self._armed and self.window > 0:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._armed = True
+        self._polled = monotonic()  # the loop has just polled: it woke for this input
+        self._queued_at_turn = self._queued
+        super().call_soon(self._turn, context=self._context)
 
     def _turn(self) -> None:
         """Runs once per loop iteration while armed, ahead of what the iteration's
         input queued; sleeps only when nothing was queued since its last run."""
+        self._woken.clear()
         if self._queued != self._queued_at_turn:
             self._queued_at_turn = self._queued
-            super().call_soon(self._turn)
+            super().call_soon(self._turn, context=self._context)
             return
-        if self.window <= 0 or not self.input_seen:
-            self._armed = False  # idle (or turned off): block in the kernel until input
+        sources, self._sources, self._source = self._sources, 0, None
+        if self.window <= 0 or sources < 2:
+            self._armed = False  # idle, one client, or off: block in the kernel until input
             return
-        self.input_seen = False
         now = monotonic()
         rest = self._polled + self.window - now
         if rest > 0:
-            time.sleep(rest)
+            self._woken.wait(rest)
             end = monotonic()
             self.slept += end - now
             self.last_sleep = (now, end)
             now = end
         self._polled = now
-        super().call_soon(self._turn)
+        super().call_soon(self._turn, context=self._context)
 
 
-def _no_batching() -> None:
+def _no_batching(source: object = None) -> None:
     pass
 
 
-def input_hook(loop: Any) -> Callable[[], None]:
-    """What a protocol calls on each read: the loop's `note_input`, or nothing on
-    another loop (tests run servers on asyncio's own)."""
+def input_hook(loop: Any) -> Callable[[object], None]:
+    """What a client's protocol calls on each read, with itself: the loop's
+    `note_input`, or nothing on another loop (tests run servers on asyncio's own)."""
     return loop.note_input if isinstance(loop, BatchingLoop) else _no_batching
+
+
+def shared_input_hook(loop: Any) -> Callable[[], None]:
+    """The same for a protocol whose reads carry many clients' stanzas (a cluster link)."""
+    return loop.note_shared_input if isinstance(loop, BatchingLoop) else _no_batching
 
 
 def sleep_overlap(loop: Any, since: float, until: float) -> float:

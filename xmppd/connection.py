@@ -59,7 +59,7 @@ class C2SConnection(asyncio.Protocol):
         self.id = secrets.token_hex(4)
         self.transport: asyncio.Transport | None = None  # TCP; TLS is self._tls
         self._loop: asyncio.AbstractEventLoop | None = None  # set at connection_made
-        self._note_input: Callable[[], None] = batchloop.input_hook(None)
+        self._note_input: Callable[[object], None] = batchloop.input_hook(None)
         self._tls: TLSLayer | None = None
         self._closing = False  # our TLS close_notify is sent: the transport closes next
         self.ip = "?"
@@ -116,7 +116,7 @@ class C2SConnection(asyncio.Protocol):
         `bytes` of what was read, so no connection holds a buffer of its own;
         this way each read is one Python call instead of two (get_buffer and
         buffer_updated) and no memoryview."""
-        self._note_input()
+        self._note_input(self)
         tls = self._tls
         if tls is None:
             self._plaintext(data)

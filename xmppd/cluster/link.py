@@ -758,9 +758,7 @@ class Outbound(asyncio.Protocol):
         self.handshake = handshake
         self.reader = wire.FrameReader(wire.MAX_HELLO)
         self.transport: asyncio.Transport | None = None
-        loop = asyncio.get_running_loop()
-        self.welcomed: asyncio.Future[int] = loop.create_future()
-        self.note_input = batchloop.input_hook(loop)
+        self.welcomed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.via = ""  # what it connected to, for the log
         self.sealed = True  # False: dialed an abstract Unix socket (`Peer._open`)
 
@@ -784,7 +782,6 @@ class Outbound(asyncio.Protocol):
             self.transport.abort()  # what is unacknowledged is sent again or elsewhere
 
     def data_received(self, data: bytes) -> None:
-        self.note_input()
         try:
             for kind, body in self.reader.feed(data):
                 if self.handshake.last is None:
@@ -839,7 +836,7 @@ class Inbound(asyncio.Protocol):
         self._waiting: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
-        self.note_input = batchloop.input_hook(asyncio.get_running_loop())
+        self.note_input = batchloop.shared_input_hook(asyncio.get_running_loop())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's too: see Outbound
