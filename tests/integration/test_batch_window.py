@@ -128,6 +128,7 @@ async def test_stanzas_from_another_node_gather_for_the_receiving_nodes_window(
                 except TimeoutError:
                     continue
 
+        await nodes[0].line(r"cluster: linked to node node-b")  # not through Redis
         # Node B's only input is its link: the first stanza over it arms B's window
         # (it may itself wait for one, if B must first hear a directory change from
         # Redis, which is input too), and the second waits for the window's end.
