@@ -18,11 +18,11 @@ loop sleeps (uvloop's own, like a new connection's connection_made, are not
 seen and may wait like input), and one queued by another thread (a key
 derivation's or a store's result) ends the sleep, so what waits is input (a
 client's, or a reply from Redis or memcached), at most `window`, and timers
-due meanwhile. One client's round
-trips (a login, a ping on a quiet server) never arm it, a loop busy for
-longer than the window never sleeps, and a turn with no new input disarms
-it: the loop then blocks in the kernel as usual and handles its next input
-at once. A window of 0 turns this off.
+due meanwhile. One client's round trips (a login, a ping on a quiet server)
+never arm it, a loop busy for longer than the window never sleeps, and a
+turn with no new input disarms it: the loop then blocks in the kernel as
+usual and handles its next input at once. A window of 0 turns this off; a
+reload sets `window` on the running loop.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class BatchingLoop(uvloop.Loop):  # type: ignore[misc]  # uvloop's Loop is untyp
 
     def __init__(self, window: float) -> None:
         super().__init__()
-        self.window = 0.0
+        self.window = window
         self.slept = 0.0
         self.last_sleep = (0.0, 0.0)
         self._armed = False
@@ -58,11 +58,6 @@ class BatchingLoop(uvloop.Loop):  # type: ignore[misc]  # uvloop's Loop is untyp
         self._sources = 0  # changes of source since the last turn that slept or disarmed
         self._woken = threading.Event()  # set by other threads' callbacks: ends a sleep
         self._context = contextvars.Context()  # the turn's: not a copy of whoever armed it
-        self.set_window(window)
-
-    def set_window(self, window: float) -> None:
-        """Change the window (a reload may): from the next input on."""
-        self.window = window
 
     def call_soon(
         self,

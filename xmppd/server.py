@@ -406,7 +406,7 @@ class Server:
                 conn.close(error)
         loop = asyncio.get_running_loop()
         if isinstance(loop, BatchingLoop):  # else a test's loop, which has no window
-            loop.set_window(new.batch_window_ms / 1000)
+            loop.window = new.batch_window_ms / 1000
         if new.log_level != old.log_level:
             set_level(new.log_level)  # else a level set by xmppctl log-level stays
         if self.log_output is not None:

@@ -247,7 +247,7 @@ def test_a_loop_busy_for_longer_than_the_window_does_not_sleep() -> None:
 def test_a_window_set_at_run_time_applies_from_the_next_input() -> None:
     async def main(loop: BatchingLoop) -> tuple[float, float]:
         (one, two), (s1, s2) = await readers_on(loop, 2)
-        loop.set_window(WINDOW)
+        loop.window = WINDOW
         await write_later([(0.0, s1, b"a"), (0.02, s2, b"x"), (0.12, s1, b"b")])
         await asyncio.sleep(WINDOW + 0.3)
         s1.close()
