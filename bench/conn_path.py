@@ -1,15 +1,19 @@
 """CPU per chat message of xmppd's own Python, connection layer included, no sockets.
 
-usage: python bench/conn_path.py [--users N] [--messages M] [--repeat R] [--batch B] [--tls]
+usage: python bench/conn_path.py [--users N] [--messages M] [--repeat R] [--batch B]
+                                 [--per-turn K] [--tls]
 
 A real node (`Server` with the bench's module set, SQLite in a temporary
 folder) and N real `C2SConnection`s on fake transports (direct TLS assumed,
 so no handshake): each logs in with SASL PLAIN, binds and sends initial
 presence as bench/chatload.py's users do. Then M chat messages, each from a
 random user to another one's bare JID, are handed to the sender's
-connection one read at a time (or B per read), and the event loop runs one
-iteration after each read, so the recipients' flushes run as on a server
-that is not saturated. Prints the process CPU time per message, best of R.
+connection one read at a time (or B per read), and the event loop (the
+server's own, with no window) runs one iteration after each read, so the
+recipients' flushes run as on a server that is not saturated; with
+--per-turn K, after every K reads from K senders, as on a busy server whose
+batch window gathered them. Prints the process CPU time per message, best
+of R.
 
 What it leaves out on purpose: TLS, the socket syscalls and uvloop's
 transports (the rest of the whole-process profile, docs/bench.md). What it
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import random
 import socket
 import ssl
@@ -47,8 +52,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import uvloop
-
+from xmppd.batchloop import BatchingLoop
 from xmppd.config import load_config
 from xmppd.connection import C2SConnection
 from xmppd.ledger import MessageLedger
@@ -353,19 +357,21 @@ async def run_tls(args: argparse.Namespace) -> list[float]:
         return results
 
 
-def feed(reads: list[tuple[C2SConnection, bytes]]) -> asyncio.Future[None]:
-    """Each read in a loop iteration of its own, as uvloop calls buffer_updated; the
-    flushes a read schedules run before the next read (call_soon is FIFO)."""
+def feed(reads: list[tuple[C2SConnection, bytes]], per_turn: int) -> asyncio.Future[None]:
+    """`per_turn` reads in each loop iteration, as uvloop hands a busy server the
+    reads of that many connections at once; the flushes they schedule run before
+    the next iteration's reads (call_soon is FIFO)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     it = iter(reads)
 
     def step() -> None:
-        for conn, data in it:
+        for conn, data in itertools.islice(it, per_turn):
             conn.data_received(data)
+        if it.__length_hint__():
             loop.call_soon(step)
-            return
-        done.set_result(None)
+        else:
+            done.set_result(None)
 
     loop.call_soon(step)
     return done
@@ -382,7 +388,7 @@ async def run(args: argparse.Namespace) -> list[float]:
                 (plan[i][0], b"".join(d for _, d in plan[i : i + args.batch]))
                 for i in range(0, len(plan), args.batch)
             ]
-            return lambda: feed(reads)
+            return lambda: feed(reads, args.per_turn)
 
         return await cpu_per_message(server, len(plan), args.repeat, ready)
 
@@ -393,9 +399,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=30000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="messages per read (default 1)")
+    parser.add_argument(
+        "--per-turn", type=int, default=1,
+        help="reads per loop iteration, from as many senders (default 1; a busy server's "
+        "batch window gathers dozens)",
+    )
     parser.add_argument("--tls", action="store_true", help="over loopback TLS (see above)")
     args = parser.parse_args(argv)
-    results = uvloop.run(run_tls(args) if args.tls else run(args))
+    # The server's own loop (xmppd.cli.serve), with no window: its call_soon is counted.
+    with asyncio.Runner(loop_factory=lambda: BatchingLoop(0.0)) as runner:
+        results = runner.run(run_tls(args) if args.tls else run(args))
     how = "over TLS" if args.tls else f"{args.batch} per read"
     sys.stdout.write(
         f"conn_path: {args.users} users, {args.messages} messages, {how}: "

@@ -154,9 +154,9 @@ class Carbons(Module):
             self.opted_in.pop(session.bare, None)
 
     def _interested(self, owner: str) -> list[ClientSession]:
-        # `opted_in` counts this node's sessions; in a cluster another node's may have.
-        if owner not in self.opted_in and not self.host.clustered:
-            return []
+        """The sessions of `owner` that want copies. The message path asks first, in
+        its own frame, whether any can (`owner in opted_in`, or clustered): most
+        users have none, and then cost one dict lookup."""
         return [s for s in self.host.available_sessions(owner) if s.state.get(self.name)]
 
     # --- eligibility -------------------------------------------------------------------
@@ -182,9 +182,12 @@ class Carbons(Module):
     # --- sent carbons ------------------------------------------------------------------
 
     def on_out(self, stanza: etree._Element, origin: ClientSession) -> bool:
-        if stanza.tag != ns.C_MESSAGE:
-            return True
         owner = origin.bare
+        # `opted_in` counts this node's sessions; in a cluster another node's may have.
+        if (owner not in self.opted_in and not self.host.clustered) or (
+            stanza.tag != ns.C_MESSAGE
+        ):
+            return True
         others = [s for s in self._interested(owner) if s is not origin]
         if not others:
             return True
@@ -218,6 +221,8 @@ class Carbons(Module):
         if routed.private:
             return
         owner = routed.to.bare
+        if owner not in self.opted_in and not self.host.clustered:
+            return
         interested = self._interested(owner)
         if not interested:
             return

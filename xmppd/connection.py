@@ -5,8 +5,9 @@ This is the application half: it runs TLS itself on a plain TCP transport
 connection switches in place), hands the login to `StreamLogin` (SASL,
 throttle, bind) and, once bound, is the `Transport` of its `ClientSession`:
 the router delivers to the session, the session writes here. Output is
-coalesced: stanzas delivered during one loop iteration leave in one write,
-encrypted with one call.
+coalesced: stanzas delivered during one loop turn leave in one write,
+encrypted with one call, and one callback (`xmppd.flushes`) writes every
+connection written to in the turn.
 
 Why TLS here and not in uvloop's SSL transport: see xmppd/tlslayer.py.
 """
@@ -69,6 +70,10 @@ class C2SConnection(asyncio.Protocol):
         self._auth_timer: asyncio.TimerHandle | None = None
         self._shutdown_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        self._flushes = server.flushes  # one callback per loop turn writes every connection
+        # Counted at every stanza in and out: kept here rather than looked up each time.
+        self._ledger = server.router.ledger
+        self._traffic = server.traffic
         self._queued_messages = 0  # message stanzas in the stream's output, not yet written
         self._max_backlog = 4 * server.config.limits.max_stanza_bytes + 65536
         self._counted = False
@@ -183,13 +188,13 @@ class C2SConnection(asyncio.Protocol):
             return False
         tag = stanza.tag  # lxml builds a new string at every access: once here
         if tag == ns.C_MESSAGE and stanza.get("type") != "error":
-            self.server.router.ledger.delivered += 1
+            self._ledger.delivered += 1
             self._queued_messages += 1
-        self.server.traffic.sent(tag)
+        self._traffic.sent(tag)
         self.stream.send(stanza)
         if not self._flush_scheduled:  # _schedule_flush, inline: once per delivered stanza
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+            self._flushes.add(self._flush, self._loop)  # type: ignore[arg-type]
         return True
 
     def send_serialized(self, data: bytes) -> bool | None:
@@ -205,9 +210,9 @@ class C2SConnection(asyncio.Protocol):
             return False
         # lxml escapes ">" in attribute values: the first one ends the start tag.
         if tag == ns.C_MESSAGE and _ERROR_TYPE not in data[: data.index(b">")]:
-            self.server.router.ledger.delivered += 1
+            self._ledger.delivered += 1
             self._queued_messages += 1
-        self.server.traffic.sent(tag)
+        self._traffic.sent(tag)
         self.stream.send_bytes(data)
         self._schedule_flush()
         return True
@@ -218,10 +223,10 @@ class C2SConnection(asyncio.Protocol):
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
-        """Write at the end of this loop iteration: what is queued meanwhile leaves in one write."""
+        """Write at the end of this loop turn: what is queued meanwhile leaves in one write."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+            self._flushes.add(self._flush, self._loop)  # type: ignore[arg-type]
 
     def close(self, error: StreamError) -> None:
         self.stream.fail(error)
@@ -245,8 +250,8 @@ class C2SConnection(asyncio.Protocol):
                 stanza = event.stanza
                 tag = stanza.tag
                 if tag == ns.C_MESSAGE and stanza.get("type") != "error":
-                    self.server.router.ledger.received += 1
-                self.server.traffic.received(tag)
+                    self._ledger.received += 1
+                self._traffic.received(tag)
                 self.session.receive(stanza)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthRequested):
                 self.login.start(event)  # type: ignore[union-attr]
@@ -284,7 +289,7 @@ class C2SConnection(asyncio.Protocol):
         if data:
             transport.write(data if tls is None else tls.encrypt(data))
             if self._queued_messages:
-                self.server.router.ledger.written += self._queued_messages
+                self._ledger.written += self._queued_messages
                 self._queued_messages = 0
             if transport.get_write_buffer_size() > self._max_backlog and not self.stream.closed:
                 # A client that stops reading must not make us buffer without bound.
@@ -447,7 +452,7 @@ class C2SConnection(asyncio.Protocol):
 
     def _lost_queued(self) -> None:
         """The connection went before queued messages reached its transport."""
-        self.server.router.ledger.drop("recipient-gone", self._queued_messages)
+        self._ledger.drop("recipient-gone", self._queued_messages)
         self._queued_messages = 0
 
     def _end_session(self) -> None:

@@ -26,6 +26,7 @@ from xmppd.cluster.throttle import RedisFailureCounter
 from xmppd.components.service import ComponentService
 from xmppd.config import Config, ConfigError, load_config
 from xmppd.connection import C2SConnection
+from xmppd.flushes import Flushes
 from xmppd.logs import LogOutput, set_level
 from xmppd.modulehost import ModuleHost, validate_module_options
 from xmppd.pauses import PauseMonitor
@@ -104,6 +105,7 @@ class Server:
         self.storage: Storage
         self.storage_stats = StorageStats()
         self.traffic = Traffic()  # stanzas by kind, connections, logins (xmppd.metrics)
+        self.flushes = Flushes()  # the client connections to write at the end of a loop turn
         self.tls: ServerTLS
         self.accounts: dict[str, Accounts]
         self.fake_salt_key: bytes

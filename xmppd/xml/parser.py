@@ -151,6 +151,7 @@ class StreamParser:
             self._resume()
         out: list[StreamOpened | StreamClosed | etree._Element] = []
         parser = self._parser
+        clean: bool | None = None  # whether the chunk ends cleanly, when asked
         for start in range(0, len(data), FEED_CHUNK):
             chunk = data[start : start + FEED_CHUNK]
             if self._in_prolog:
@@ -165,9 +166,10 @@ class StreamParser:
             started = self._take_events(out)
             # Between stanzas, a chunk that does not end cleanly leaves a start tag
             # libxml2 holds back with no event yet: it counts towards the next stanza.
-            held = self._depth <= 1 and not _ends_cleanly(chunk) and (
-                self._pending > 0 or bool(chunk.strip())
-            )
+            clean = None
+            if self._depth <= 1:
+                clean = _ends_cleanly(chunk)
+            held = clean is False and (self._pending > 0 or bool(chunk.strip()))
             if self._depth > 1 or held:
                 # The open stanza began in this chunk (count the chunk, an upper
                 # bound) or earlier (add the chunk to what it already had).
@@ -186,7 +188,12 @@ class StreamParser:
             root.text = None
         if out and self._header is None and isinstance(out[0], StreamOpened):
             self._header = _stand_in_header(out[0])
-        self._releasable = self._depth == 1 and _ends_cleanly(data)
+        if self._depth != 1:
+            self._releasable = False
+        elif clean is not None and len(data) <= FEED_CHUNK:
+            self._releasable = clean  # the usual read, one chunk: already asked
+        else:
+            self._releasable = _ends_cleanly(data)
         return out
 
     def _take_events(self, out: list[StreamOpened | StreamClosed | etree._Element]) -> bool:
