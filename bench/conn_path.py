@@ -364,11 +364,14 @@ def feed(reads: list[tuple[C2SConnection, bytes]], per_turn: int) -> asyncio.Fut
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     it = iter(reads)
+    left = len(reads)
 
     def step() -> None:
+        nonlocal left
         for conn, data in itertools.islice(it, per_turn):
             conn.data_received(data)
-        if it.__length_hint__():
+        left -= per_turn
+        if left > 0:
             loop.call_soon(step)
         else:
             done.set_result(None)
@@ -409,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     # The server's own loop (xmppd.cli.serve), with no window: its call_soon is counted.
     with asyncio.Runner(loop_factory=lambda: BatchingLoop(0.0)) as runner:
         results = runner.run(run_tls(args) if args.tls else run(args))
-    how = "over TLS" if args.tls else f"{args.batch} per read"
+    how = "over TLS" if args.tls else f"{args.batch} per read, {args.per_turn} reads per turn"
     sys.stdout.write(
         f"conn_path: {args.users} users, {args.messages} messages, {how}: "
         f"us CPU per message {' '.join(f'{r:.2f}' for r in results)} (best {min(results):.2f})\n"
