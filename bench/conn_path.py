@@ -335,6 +335,7 @@ def send_each(
 async def run_tls(args: argparse.Namespace) -> list[float]:
     async with node(args.users) as server:
         port = server.listening[0].port
+        # Before the clients connect: each connection keeps the ledger it found.
         ledger = server.router.ledger = WatchedLedger()
         clients = [await tls_login(port, n) for n in range(1, args.users + 1)]
         await until(
@@ -409,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tls", action="store_true", help="over loopback TLS (see above)")
     args = parser.parse_args(argv)
+    if args.per_turn < 1 or args.batch < 1:
+        parser.error("--per-turn and --batch take 1 or more")
     # The server's own loop (xmppd.cli.serve), with no window: its call_soon is counted.
     with asyncio.Runner(loop_factory=lambda: BatchingLoop(0.0)) as runner:
         results = runner.run(run_tls(args) if args.tls else run(args))

@@ -12,6 +12,7 @@ share one.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 
@@ -24,24 +25,39 @@ class Flushes:
     A callback asked for while the others run (a flush that ends a session and
     so routes its last presence) runs in the next turn's batch."""
 
-    __slots__ = ("_due",)
+    __slots__ = ("_due", "_context")
 
     def __init__(self) -> None:
         self._due: list[Callable[[], None]] = []
+        # The batch's own context, not a copy of whoever asked first: a flush that
+        # ends a session routes its last presence, which must not see another
+        # task's context variables (the router's per-account queue marker).
+        self._context = contextvars.Context()
 
     def add(self, flush: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
-        """Run `flush` once this turn's input is handled. The caller asks once per
-        turn (it keeps its own "scheduled" flag), so nothing is flushed twice."""
+        """Run `flush` once this turn's input is handled. Callers keep their own
+        "scheduled" flag, so a connection is rarely queued twice in a turn (and a
+        second flush of it then finds nothing to write)."""
         due = self._due
         if not due:
-            loop.call_soon(self._run)
+            loop.call_soon(self._run, context=self._context)
         due.append(flush)
 
     def _run(self) -> None:
+        """Run the flushes asked for so far; one asked for meanwhile starts a new batch."""
         due, self._due = self._due, []
-        for flush in due:
+        for position, flush in enumerate(due):
             try:
                 flush()
             except Exception:
                 # One connection's bug must not leave the others' output unwritten.
                 log.exception("flushing %r failed", flush)
+            except BaseException:
+                # Interrupted (KeyboardInterrupt): the connections not flushed yet still
+                # owe their output and will not ask again, so they go in the next batch.
+                rest = due[position + 1 :]
+                if rest:
+                    if not self._due:
+                        asyncio.get_running_loop().call_soon(self._run, context=self._context)
+                    self._due[:0] = rest
+                raise

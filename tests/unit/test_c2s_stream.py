@@ -9,6 +9,7 @@ import pytest
 from lxml import etree
 
 from xmppd.stream import c2s
+from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
 
 HEADER = (
@@ -274,6 +275,25 @@ def test_sasl_failures_end_the_stream_after_five() -> None:
         s.sasl_failure("not-authorized")
     assert s.closed
     assert stream_error(s.output()) == "policy-violation"
+
+
+def test_a_login_finishing_after_the_stream_ended_does_not_reopen_it() -> None:
+    """The credentials are checked in a task; the auth timeout may end the stream
+    meanwhile. The success that comes after must send nothing and leave it closed."""
+    s = secured()
+    s.receive(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+        + base64.b64encode(b"\0alice\0pw")
+        + b"</auth>"
+    )
+    s.fail(StreamError("connection-timeout", "authenticate in time"))
+    s.output()
+    s.sasl_success("alice")
+    assert s.closed and s.phase is c2s.Phase.CLOSED and s.username is None
+    assert s.output() == b""
+    assert s.receive(b"<message to='bob@localhost'><body>hi</body></message>") == []
+    s.send(etree.Element(ns.C_MESSAGE))
+    assert s.output() == b""
 
 
 def test_auth_with_bad_base64_and_unknown_mechanism() -> None:

@@ -7,6 +7,7 @@ many callbacks the flushes cost the loop as well as what ran and in which order.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -59,23 +60,60 @@ def test_one_callback_flushes_every_connection_of_a_turn_in_order() -> None:
 def test_a_flush_asked_for_while_the_batch_runs_goes_in_a_later_one() -> None:
     async def test(loop: CountingLoop) -> None:
         flushes, ran = Flushes(), []
-        batches: list[int] = []
 
         def first() -> None:
             ran.append("first")
-            batches.append(loop.scheduled)
-            flushes.add(second, loop)  # a flush that ends a session routes more output
-
-        def second() -> None:
-            ran.append("second")
-            batches.append(loop.scheduled)
+            loop.call_soon(ran.append, "queued meanwhile")
+            flushes.add(lambda: ran.append("second"), loop)  # a session's end routes more
 
         flushes.add(first, loop)
         await next_turns()
-        assert ran == ["first", "second"]
-        assert batches[1] > batches[0]  # a callback of its own: the first batch was over
+        # Behind what was queued meanwhile: a batch of its own, not the end of the first.
+        assert ran == ["first", "queued meanwhile", "second"]
 
     run(test)
+
+
+def test_flushes_run_in_a_context_of_their_own() -> None:
+    """Not in a copy of whoever asked first: a flush that ends a session routes its
+    last presence, which must not see that caller's context (the router's marker of
+    the account whose queue a task is working through)."""
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="none")
+
+    async def test(loop: CountingLoop) -> None:
+        flushes, seen = Flushes(), []
+
+        async def writer() -> None:
+            marker.set("alice's queue")
+            flushes.add(lambda: seen.append(marker.get()), loop)
+
+        await asyncio.ensure_future(writer())  # a task: its own context
+        flushes.add(lambda: seen.append(marker.get()), loop)
+        await next_turns()
+        assert seen == ["none", "none"]
+
+    run(test)
+
+
+def test_an_interrupted_batch_leaves_the_rest_for_the_next() -> None:
+    """A KeyboardInterrupt out of one flush: the connections behind it still owe
+    their output and will not ask again (their flag is set), so they are not dropped."""
+    loop = CountingLoop()
+    flushes, ran = Flushes(), []
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    try:
+        flushes.add(lambda: ran.append(1), loop)
+        flushes.add(interrupted, loop)
+        flushes.add(lambda: ran.append(3), loop)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(next_turns())
+        loop.run_until_complete(next_turns())
+        assert ran == [1, 3]
+    finally:
+        loop.close()
 
 
 def test_a_failing_flush_is_logged_and_the_others_still_run(

@@ -193,6 +193,8 @@ class StreamLogin:
             if ban is not None:
                 self._refuse_disabled(f"{name}@{host}", ban)
                 return
+        if self.stream.closed:
+            return  # it timed out (and was logged) while the checks above ran: no login
         self.stream.authcid = own.rsplit("@", 1)[0]  # whose ban or password change ends it
         self.stream.sasl_success(username, additional)
         jid = f"{username}@{host}"

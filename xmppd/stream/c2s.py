@@ -124,6 +124,7 @@ class Phase(Enum):
 # global: the check made for every stanza read uses this.
 _BOUND = Phase.BOUND
 
+
 @dataclass(slots=True)
 class StreamSettings:
     hosts: Collection[str]
@@ -150,7 +151,9 @@ class C2SStream:
     def __init__(self, settings: StreamSettings) -> None:
         self.settings = settings
         self.phase = Phase.SECURED if settings.direct_tls else Phase.CONNECTED
-        # phase is CLOSED: a plain attribute, as every stanza in and out asks it.
+        # The phase is CLOSED: a plain attribute, as every stanza in and out asks it.
+        # Once set it stays set: nothing done later (a login finishing after a
+        # timeout closed the stream) moves the phase on or reopens the stream.
         self.closed = False
         self.tls = settings.direct_tls
         self.channel_bindings: dict[str, bytes] = {}
@@ -222,6 +225,8 @@ class C2SStream:
 
     def tls_started(self, channel_bindings: dict[str, bytes]) -> None:
         """The TLS handshake finished: the client now restarts the stream."""
+        if self.closed:
+            return
         self.tls = True
         self.channel_bindings = channel_bindings
         self.phase = Phase.SECURED
@@ -235,6 +240,8 @@ class C2SStream:
         self._send_sasl("challenge", data)
 
     def sasl_success(self, username: str, additional: bytes | None = None) -> None:
+        if self.closed:  # timed out (or failed) while the credentials were checked
+            return
         self._send_sasl("success", additional)
         self._sasl_active = False
         self.settings.on_sasl_outcome(None)
@@ -260,6 +267,8 @@ class C2SStream:
                 )
 
     def bound(self, iq: etree._Element, full_jid: str) -> None:
+        if self.closed:
+            return
         result = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
         result.set("type", "result")
         result.set("id", iq.get("id", ""))
@@ -273,6 +282,8 @@ class C2SStream:
     def resumed(self, full_jid: str) -> None:
         """A session bound on an earlier stream now continues on this one (XEP-0198
         resumption): stanzas flow as after bind, with no bind result of its own."""
+        if self.closed:
+            return
         self.jid = full_jid
         self.bare_jid = full_jid.split("/", 1)[0]
         self.phase = Phase.BOUND

@@ -166,9 +166,7 @@ class StreamParser:
             started = self._take_events(out)
             # Between stanzas, a chunk that does not end cleanly leaves a start tag
             # libxml2 holds back with no event yet: it counts towards the next stanza.
-            clean = None
-            if self._depth <= 1:
-                clean = _ends_cleanly(chunk)
+            clean = _ends_cleanly(chunk) if self._depth <= 1 else None
             held = clean is False and (self._pending > 0 or bool(chunk.strip()))
             if self._depth > 1 or held:
                 # The open stanza began in this chunk (count the chunk, an upper
