@@ -84,6 +84,21 @@ def test_namespaces_survive_release_and_resume() -> None:
     assert message[0].tag == "{jabber:server:dialback}x"
 
 
+def test_a_read_that_ends_inside_a_tag_keeps_the_parser() -> None:
+    """libxml2 holds back an unfinished start tag with no event: releasing then would
+    lose it. Only a read that ends cleanly (one chunk or several) may release."""
+    p = parser()
+    p.feed(HEADER)
+    (first,) = p.feed(b"<message to='bob@localhost'><body>hi</body></message><mess")
+    assert first.get("to") == "bob@localhost"
+    assert not p.release()
+    (message,) = p.feed(b"age to='carol@localhost'/>")
+    assert message.get("to") == "carol@localhost"
+    body = b"x" * 10000  # a read of several 4 KiB chunks, ending with the end tag
+    p.feed(b"<message><body>" + body + b"</body></message>")
+    assert p.release()
+
+
 def test_restart_forgets_the_old_stream_declarations() -> None:
     p = parser()
     p.feed(HEADER)
