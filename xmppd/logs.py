@@ -10,13 +10,25 @@ file of the same name. JSON lines are for log shippers: the time, level,
 logger and message, plus the fields a line was given with `extra=` (the
 connection id `conn`, `jid`, `address`, `mechanism`, ...), so a shipper can
 index them without parsing the message.
+
+Lines are written by a thread of their own, never by the event loop: a
+write to a file on a busy disk, or to a standard error that journald is
+slow to read, can block for long, and a storm of logins or refused streams
+logs a line each. The loop only queues the record. Opening the file
+(at start, `reopen()`, a changed `log.file`) also happens on that thread, in
+order with the lines, so no line is written to a handler being replaced.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import queue
 import sys
+import threading
+import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +36,10 @@ from typing import Any, TextIO
 from xmppd.config import Config
 
 LEVELS = ("debug", "info", "warning", "error")
+CLOSE_WAIT = 5.0
+"""Seconds the process waits at exit for the lines still queued to be written."""
+
+log = logging.getLogger(__name__)
 
 _RECORD_FIELDS = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__
@@ -86,17 +102,73 @@ class ReopeningFileHandler(logging.StreamHandler[TextIO]):
         super().close()
 
 
+_Item = logging.LogRecord | Callable[[], None] | None
+"""What the writer thread takes: a record to write, a change of its handler to make
+in line with the records, or None to stop."""
+
+
+class _Enqueue(logging.Handler):
+    """The root logger's handler: hands each record to the writer thread. Its message
+    is made now, as its arguments may change once the caller goes on."""
+
+    def __init__(self, records: queue.SimpleQueue[_Item]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            record.msg = record.getMessage()
+            record.args = None
+            self.records.put(record)
+        except Exception:
+            self.handleError(record)
+
+
 class LogOutput:
-    """The root logger's one handler, made from the config and changed at run time."""
+    """The handler that writes, made from the config and changed at run time, and the
+    thread it writes on."""
 
     def __init__(self, config: Config, node: str | None = None) -> None:
         self.node = node
         self.handler: logging.Handler = self._handler(config)
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="xmppd-log", daemon=True)
+        self._writer.start()
         root = logging.getLogger()
         for old in list(root.handlers):
             root.removeHandler(old)
-        root.addHandler(self.handler)
+        root.addHandler(_Enqueue(self._queue))
         set_level(config.log_level)
+        atexit.register(self.close)
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._take(item)
+        # What came after the stop: lines the last changes logged (a file that could
+        # not be opened), or other threads' last words.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._take(item)
+
+    def _take(self, item: logging.LogRecord | Callable[[], None]) -> None:
+        try:
+            if isinstance(item, logging.LogRecord):
+                self.handler.handle(item)  # a failed write is reported by the handler
+            else:
+                item()
+        except Exception:  # the thread must outlive a failure, or logging stops
+            traceback.print_exc(file=sys.stderr)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread (at exit)."""
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join(CLOSE_WAIT)
+        self.handler.flush()
 
     def _handler(self, config: Config) -> logging.Handler:
         """A handler for the config's file and format; OSError if the file cannot be opened."""
@@ -128,20 +200,36 @@ class LogOutput:
         return None
 
     def apply(self, old: Config, new: Config) -> None:
-        """Take the new config's file and format (the level is `set_level`'s)."""
+        """Take the new config's file and format (the level is `set_level`'s), on the
+        writer thread: the lines queued before go to the old output."""
         if old.log == new.log:
             return
-        handler = self._handler(new)
-        root = logging.getLogger()
-        root.addHandler(handler)
-        root.removeHandler(self.handler)
-        self.handler.close()
-        self.handler = handler
+
+        def swap() -> None:
+            try:
+                handler = self._handler(new)
+            except OSError as exc:
+                log.error("logs: cannot open %s, still writing the old output: %s",
+                          new.log.file, exc.strerror or exc)
+                return
+            self.handler.close()
+            self.handler = handler
+
+        self._queue.put(swap)
 
     def reopen(self) -> None:
-        """SIGHUP: reopen the log file (nothing to do on standard error)."""
-        if isinstance(self.handler, ReopeningFileHandler):
-            self.handler.reopen()
+        """SIGHUP: reopen the log file (nothing to do on standard error), on the writer
+        thread; if it cannot be opened, the old one is kept and that is logged."""
+
+        def reopen() -> None:
+            if isinstance(self.handler, ReopeningFileHandler):
+                try:
+                    self.handler.reopen()
+                except OSError as exc:
+                    log.error("logs: cannot reopen the log file, still writing the old one: %s",
+                              exc)
+
+        self._queue.put(reopen)
 
 
 def set_level(level: str) -> None:

@@ -318,10 +318,7 @@ class Server:
             log.warning("SIGHUP ignored: the node is starting or stopping")
             return
         if self.log_output is not None:
-            try:
-                self.log_output.reopen()
-            except OSError as exc:
-                log.error("logs: cannot reopen the log file, still writing the old one: %s", exc)
+            self.log_output.reopen()
         self.router.spawn(self.reload())
 
     async def reload(self) -> ReloadResult:

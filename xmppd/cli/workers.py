@@ -233,10 +233,7 @@ class Supervisor:
 
     def _hangup(self) -> None:
         if self.log_output is not None:
-            try:
-                self.log_output.reopen()
-            except OSError as exc:
-                log.error("logs: cannot reopen the log file, still writing the old one: %s", exc)
+            self.log_output.reopen()
         self._signal_all(signal.SIGHUP)
 
     def _signal_all(self, sig: int) -> None:
