@@ -19,6 +19,12 @@ barrier, gives every worker the same start time, decides when the drain is
 over and merges the per-id accounts, so a message sent by one worker and
 received by another is reconciled exactly.
 
+With --sm every user enables stream management (XEP-0198) after binding, as
+mobile clients do, answers each of the server's <r/> with the number of
+stanzas it has received, and acknowledges everything before it closes (so
+nothing is left for the server to store offline): the server's CPU per
+message then includes its acknowledgement traffic and unacked queue.
+
 With --ports P1,P2,... (several nodes of a cluster, each on its own port)
 user i connects to the port numbered i modulo their count, and --pairs says
 whom each message goes to: `any` user, one on the `same` port as its
@@ -66,6 +72,8 @@ HEADER = (
     "xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>"
 )
 FEATURES = rb"</stream:features>|<stream:features/>"
+SM_NS = b"urn:xmpp:sm:3"
+SM_REQUEST = b"<r "  # the server's <r xmlns='urn:xmpp:sm:3'/>, however it quotes
 ID_ATTR = re.compile(rb"""\sid=['"]([^'"]*)['"]""")
 
 
@@ -120,6 +128,10 @@ class Client(asyncio.Protocol):
         self.online = False
         self.server_closed = False  # saw its </stream:stream>
         self.stream_error = False
+        # Stream management: stanzas received since <enabled/> (our h), None when off.
+        self.handled: int | None = None
+        self.acks = 0  # <a/> sent in answer to the server's <r/>
+        self.closing = False  # our </stream:stream> is sent
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol
@@ -185,8 +197,15 @@ class Client(asyncio.Protocol):
             self.send(b"<iq type='set' id='sess'>"
                       b"<session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>")
             await self._result(b"sess")
+        if plan.sm:
+            self.send(b"<enable xmlns='%s' resume='true'/>" % SM_NS)
+            if (await self.expect(rb"<enabled|<failed")).endswith(b"<failed"):
+                raise RuntimeError(f"user {self.index}: stream management refused")
+            self.handled = 0
         self.send(b"<presence/>")
         await self.expect(rb"<presence")  # our own, back (RFC 6121 4.2.2): we are available
+        if self.handled is not None:
+            self.handled += 1  # that presence; from now on only messages come
         self.online = True
         self.pattern = self.waiter = None
         rest, self.buf = bytes(self.buf), bytearray()
@@ -213,6 +232,8 @@ class Client(asyncio.Protocol):
                 break
             self._between(buf[pos:start])
             self.tally.message(buf[start:end], now)
+            if self.handled is not None:
+                self.handled += 1
             pos = end + 10
         else:
             self._between(buf[pos:])
@@ -225,6 +246,11 @@ class Client(asyncio.Protocol):
     def _between(self, text: bytes | bytearray) -> None:
         if not text:
             return
+        if self.handled is not None and not self.closing and SM_REQUEST in text:
+            # Text kept for the next read may hold the same <r/> again: a second
+            # answer is harmless, as h only counts what has come.
+            self.send(b"<a xmlns='%s' h='%d'/>" % (SM_NS, self.handled))
+            self.acks += 1
         if b"stream:error" in text:
             self.stream_error = True
         if STREAM_END in text:
@@ -236,7 +262,10 @@ class Client(asyncio.Protocol):
         """Send our close and read until the server's: how the stream ended."""
         if self.done.done():
             return "lost_before_close"
+        if self.handled is not None:
+            self.send(b"<a xmlns='%s' h='%d'/>" % (SM_NS, self.handled))
         self.send(STREAM_END)
+        self.closing = True  # nothing may follow our </stream:stream>, not even an <a/>
         try:
             await asyncio.wait_for(asyncio.shield(self.done), STEP_TIMEOUT_S)
         except TimeoutError:
@@ -267,6 +296,7 @@ class Plan:
     nonce: str  # tells this run's messages from a stale one (stored offline earlier)
     worker: int
     seed: int
+    sm: bool  # enable stream management and answer the server's ack requests
 
     def credentials(self, index: int) -> tuple[str, str]:
         return f"{self.user_prefix}{index}", f"{self.pass_prefix}{index}"
@@ -413,6 +443,7 @@ class Worker:
             "write_backlog_max_bytes": self.backlog_max,
             "cpu_send_s": round(self.cpu_send_s, 3), "cpu_s": round(_cpu_s(), 3),
             "login_errors": self.login_errors, "streams": streams,
+            "sm_acks": sum(c.acks for c in self.clients.values()),
         }
 
 
@@ -492,7 +523,7 @@ async def spawn(args: argparse.Namespace, nonce: str) -> list[Child]:
         plan = Plan(args.host, args.ports, args.pairs, args.domain, args.user_prefix,
                     args.pass_prefix,
                     block, args.arrival_rate * share, args.rate * share, args.duration,
-                    args.size, nonce, worker, args.seed * 1000 + worker)
+                    args.size, nonce, worker, args.seed * 1000 + worker, args.sm)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, SCRIPT, "--worker", json.dumps(plan.__dict__),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 30)
@@ -550,6 +581,7 @@ async def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         "barrier_timed_out": ready is None, "login_s": round(login_s, 2),
         "login_errors": _add(r["login_errors"] for r in results),
         "offered_rate": args.rate, "duration_s": args.duration, "procs": args.procs,
+        "sm": args.sm,
         "drain_s": None if drained is None else round(drained, 2),
         "drain_timed_out": bool(ready) and drained is None,
         "generator_cpu_s": round(_cpu_s() + _children_cpu_s(), 3),
@@ -615,6 +647,7 @@ def account(nonce: str, results: list[dict[str, Any]], epoch0: float,
         "worker_cpu_send_s": [r["cpu_send_s"] for r in results],
         "worker_cpu_s": [r["cpu_s"] for r in results],
         "streams": _add(r["streams"] for r in results),
+        "sm_acks": sum(r["sm_acks"] for r in results),
     }
 
 
@@ -652,7 +685,8 @@ def human(summary: dict[str, Any]) -> str:
         f"{lat.get('p99')}/{lat.get('max')}; drain {summary['drain_s']} s; generator lag max "
         f"{lag} ms, write backlog max {summary['write_backlog_max_bytes']} B, CPU in send "
         f"phase {summary['worker_cpu_send_s']} s; streams "
-        f"{summary['streams']}; {'EXACT' if summary['exact'] else 'NOT EXACT'}"
+        f"{summary['streams']}; stream management acks {summary['sm_acks']}; "
+        f"{'EXACT' if summary['exact'] else 'NOT EXACT'}"
     )
 
 
@@ -677,6 +711,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds for every user to be online (0: users/arrival-rate + 60)")
     p.add_argument("--procs", type=int, default=1, help="worker processes")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sm", action="store_true",
+                   help="enable stream management (XEP-0198) and answer ack requests")
     args = p.parse_args(argv)
     args.ports = [int(port) for port in args.ports.split(",")] if args.ports else [args.port]
     if args.pairs == "other" and len(args.ports) < 2:

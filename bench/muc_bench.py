@@ -118,7 +118,7 @@ async def run_load(
     plan = Plan(
         host="127.0.0.1", ports=[port], pairs="any", domain=DOMAIN, user_prefix="user",
         pass_prefix="pass", users=[], arrival_rate=0, rate=0, duration=0, size=0, nonce="",
-        worker=0, seed=0,
+        worker=0, seed=0, sm=False,
     )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False

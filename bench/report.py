@@ -185,7 +185,8 @@ EXACT_NOTE = (
     "for each other before sending and stay online, reading, until every id came back "
     "(or a drain timeout), then close and read until the server closes. So missing is "
     "what the server did not deliver, and the latency covers every message. Rates and "
-    "CPU are over its send phase; xmppd's own count is its ledger for the run."
+    "CPU are over its send phase; xmppd's own count is its ledger for the run. +SM: every "
+    "user enabled stream management (XEP-0198) and answered the server's ack requests."
 )
 
 
@@ -199,13 +200,14 @@ def exact_table(runs: list[Run]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in sorted((r for r in runs if r["scenario"] == "xchat"),
-                      key=lambda r: (_key(r), _order(r["label"]))):
+                      key=lambda r: (_key(r), bool(r.get("stream_management")),
+                                     _order(r["label"]))):
         lat = run.get("msg_latency_ms") or {}
         ledger = run.get("xmppd_ledger")
         own = f"{ledger['received']} / {ledger['written']} / {ledger['lost']}" if ledger else "-"
         rows.append(
-            f"| {run['label']} | {run['users']} | {run['rate']:g} | "
-            f"{_fmt(run.get('msg_rate_sent_per_s'), 0)} | "
+            f"| {run['label']}{' +SM' if run.get('stream_management') else ''} | "
+            f"{run['users']} | {run['rate']:g} | {_fmt(run.get('msg_rate_sent_per_s'), 0)} | "
             f"{_fmt(run.get('msg_rate_delivered_per_s'), 0)} | {run.get('msgs_sent')} | "
             f"{run.get('received_once')} | {run.get('duplicates')} | {run.get('missing')} | "
             f"{run.get('bounced')} | {_fmt(lat.get('p50'), 0)} / {_fmt(lat.get('p95'), 0)} / "

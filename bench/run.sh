@@ -8,7 +8,7 @@
 #   bench/run.sh my.plan   lines "SCENARIO USERS RATE [KNOB=VALUE...]"; SCENARIO is
 #                          login or chat (tsung), or xchat: bench/chatload.py, which
 #                          counts every message by id (bench/xchat.sh; knobs DURATION,
-#                          LOGIN_RATE, MSG_SIZE, PROCS, DRAIN_TIMEOUT)
+#                          LOGIN_RATE, MSG_SIZE, PROCS, DRAIN_TIMEOUT, SM)
 #
 # Output: bench/results/<stamp>-<mode>/ with results.jsonl (one JSON summary per
 # run, as the harness prints it plus "label"), report.md (tables, ratios, targets),
@@ -125,7 +125,7 @@ done
 XWD="$(peer_workdir xmppd 2>/dev/null || true)"
 if [[ " $SERVERS " == *" xmppd "* ]]; then
     modules=""
-    for m in ${XMPPD_MODULES:-disco ping version time roster presence carbons blocking privacy private vcard offline last}; do
+    for m in ${XMPPD_MODULES:-disco ping version time roster presence carbons blocking privacy private vcard offline last stream_management}; do
         [ -f "$PROJECT/modules/$m.py" ] && modules+="  $m: {}"$'\n'
     done
     mkdir -p "$XWD/data"

@@ -12,7 +12,9 @@
 #
 # Knobs: DURATION=20 (s of sending), LOGIN_RATE=200 (users/s), MSG_SIZE=64,
 # PROCS=1 (chatload worker processes; all on TSUNG_CPU, which may list several
-# cores), DRAIN_TIMEOUT=60, KEEP_SERVER=0, RESULTS_DIR.
+# cores), DRAIN_TIMEOUT=60, KEEP_SERVER=0, RESULTS_DIR, SM=1 (every user enables
+# stream management and answers the server's ack requests; xmppd then needs the
+# stream_management module: XMPPD_MODULES).
 set -euo pipefail
 BENCH="$(cd "$(dirname "$0")" && pwd)"
 HARNESS="$BENCH/harness"
@@ -47,7 +49,7 @@ taskset -c "$TSUNG_CPU" "$PYTHON" "$BENCH/chatload.py" --host "$HOST" --port "$P
     --domain "$DOMAIN" --user-prefix "$USER_PREFIX" --pass-prefix "$PASS_PREFIX" \
     --users "$USERS" --arrival-rate "${LOGIN_RATE:-200}" --rate "$RATE" \
     --duration "${DURATION:-20}" --size "${MSG_SIZE:-64}" --procs "${PROCS:-1}" \
-    --drain-timeout "${DRAIN_TIMEOUT:-60}" > "$RUN_DIR/chatload.json" 2> "$RUN_DIR/chatload.log" &
+    --drain-timeout "${DRAIN_TIMEOUT:-60}" ${SM:+--sm} > "$RUN_DIR/chatload.json" 2> "$RUN_DIR/chatload.log" &
 LOADGEN_PID=$!
 python3 "$HARNESS/samples.py" "$SPID" "$LOADGEN_PID" "$PORT" "$RUN_DIR/samples.csv" 0.5 &
 SAMPLER_PID=$!

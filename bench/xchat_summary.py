@@ -31,6 +31,7 @@ def summarize(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     res.update({
         "scenario": "xchat", "rate_unit": "msg/s", "load_generator": "bench/chatload.py",
         "procs": load["procs"], "users_online": load["users_online"],
+        "stream_management": load.get("sm", False),
         "msgs_sent": load["sent"],
         "msgs_received": load["received_once"] + load["duplicates"],
         "delivery_ratio": load["delivery_ratio"],

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import StartServer, port_of
+from xmppd.modules.stream_management import StreamManagement
 from xmppd.server import Server
 from xmppd.stream.errors import StreamError
 
@@ -34,13 +35,14 @@ def storage_section() -> None:
     return None
 
 
-async def chatload(server: Server, during: Any = None) -> dict[str, Any]:
-    """Run chatload against `server`; `during(server)` runs alongside it."""
+async def chatload(server: Server, during: Any = None, *extra: str) -> dict[str, Any]:
+    """Run chatload against `server` (with `extra` arguments); `during(server)` runs
+    alongside it."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(CHATLOAD), "--port", str(port_of(server, "starttls")),
         "--domain", "localhost", "--user-prefix", "cl", "--pass-prefix", "pw",
         "--users", str(len(USERS)), "--arrival-rate", "50", "--rate", "150",
-        "--duration", "3", "--drain-timeout", "3", "--procs", "2",
+        "--duration", "3", "--drain-timeout", "3", "--procs", "2", *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     side = asyncio.ensure_future(during(server)) if during else None
@@ -81,6 +83,23 @@ async def test_every_message_is_received_exactly_once(start_server: StartServer)
     assert summary["exact"] is True
     assert summary["latency_ms"]["n"] == summary["sent"]
     assert summary["streams"]["closed_cleanly"] == len(USERS)
+    assert server.router.ledger.snapshot()["received"] == summary["sent"]
+
+
+@pytest.mark.timeout(60)
+async def test_with_stream_management_every_request_is_answered(
+    start_server: StartServer,
+) -> None:
+    """--sm: the users enable XEP-0198, answer the server's <r/> and acknowledge all
+    before closing, so the server ends with nothing unacknowledged to route again."""
+    server = await start_server(users=USERS)
+    sm = server.modules.module(StreamManagement)
+    summary = await chatload(server, None, "--sm")
+    assert summary["exact"] is True
+    assert summary["streams"]["closed_cleanly"] == len(USERS)
+    assert sm.stats.enabled == len(USERS)
+    assert summary["sm_acks"] > 0
+    assert sm.stats.rerouted == 0  # every stanza delivered was acknowledged
     assert server.router.ledger.snapshot()["received"] == summary["sent"]
 
 

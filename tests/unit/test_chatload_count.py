@@ -71,7 +71,7 @@ def worker(n: int, sent: int, got: dict[str, int], **more: Any) -> dict[str, Any
         "worker": n, "sent_ns": [10_000_000 * (i + 1) for i in range(sent)], "got": got,
         "dups": {}, "bounced": [], "stale": 0, "foreign": 0, "unsendable": 0,
         "lag_ms": None, "write_backlog_max_bytes": 0, "cpu_send_s": 0.0, "cpu_s": 0.0,
-        "login_errors": {}, "streams": {},
+        "login_errors": {}, "streams": {}, "sm_acks": 0,
     }
     result.update(more)
     return result
