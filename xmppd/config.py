@@ -174,6 +174,16 @@ def _address(value: str) -> str:
         ) from None
 
 
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise _problem(
+            f"expected an address or network (like 10.0.0.5 or 10.0.0.0/24), got "
+            f"{json.dumps(value)}"
+        ) from None
+
+
 def _resolve(path: Path, info: ValidationInfo) -> Path:
     """Make a relative path absolute against the config file's folder (set by the loader)."""
     base = (info.context or {}).get("base_dir")
@@ -214,6 +224,24 @@ class ListenerConfig(BaseModel):
     address: Annotated[StrictStr, AfterValidator(_address)]
     port: StrictInt = Field(ge=0, le=65535)  # 0: the OS picks a free port (tests)
     backlog: StrictInt = Field(default=1024, ge=1)
+    # Every connection starts with a PROXY protocol header from a load balancer
+    # naming the client's address (xmppd.proxyproto); only from trusted_proxies.
+    proxy_protocol: StrictBool = False
+    trusted_proxies: list[Annotated[StrictStr, AfterValidator(_network)]] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"]
+    )
+
+    @model_validator(mode="after")
+    def _some_proxy(self) -> ListenerConfig:
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise _problem(
+                "proxy_protocol needs the balancers' addresses: nobody else may claim "
+                "to speak for a client", "trusted_proxies"
+            )
+        return self
+
+    def proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(net) for net in self.trusted_proxies]
 
 
 class TLSConfig(BaseModel):

@@ -52,9 +52,12 @@ PARSER_IDLE_SECONDS = 10.0
 
 
 class C2SConnection(asyncio.Protocol):
-    def __init__(self, server: Server, direct_tls: bool) -> None:
+    def __init__(self, server: Server, direct_tls: bool, client_ip: str | None = None) -> None:
+        """`client_ip`: the address a load balancer's PROXY header gave (xmppd.proxyproto),
+        used instead of the TCP peer's for limits, the login throttle and logs."""
         self.server = server
         self.direct_tls = direct_tls
+        self._client_ip = client_ip
         # In every log line about this connection (login, logout, refusal), so that
         # one grep finds its story; random, so ids from several nodes do not clash.
         self.id = secrets.token_hex(4)
@@ -89,7 +92,7 @@ class C2SConnection(asyncio.Protocol):
         self._loop = loop = asyncio.get_running_loop()
         self._note_input = batchloop.input_hook(loop)
         peer = transport.get_extra_info("peername")
-        self.ip = peer[0] if peer else "?"
+        self.ip = self._client_ip or (peer[0] if peer else "?")
         # From TCP accept to bound (docs/config.md), the TLS handshake included.
         self._auth_timer = loop.call_later(
             self.server.config.limits.auth_timeout, self._auth_timeout

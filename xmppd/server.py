@@ -24,12 +24,13 @@ from xmppd.cluster import Cluster, ClusterUnavailable
 from xmppd.cluster.caches import share_memory_cache
 from xmppd.cluster.throttle import RedisFailureCounter
 from xmppd.components.service import ComponentService
-from xmppd.config import Config, ConfigError, load_config
+from xmppd.config import Config, ConfigError, ListenerConfig, load_config
 from xmppd.connection import C2SConnection
 from xmppd.flushes import Flushes
 from xmppd.logs import LogOutput, set_level
 from xmppd.modulehost import ModuleHost, validate_module_options
 from xmppd.pauses import PauseMonitor
+from xmppd.proxyproto import ProxyHeaderReader
 from xmppd.reload import ReloadResult, describe_changes, refused_changes
 from xmppd.router import Router
 from xmppd.s2s.service import S2SService
@@ -229,7 +230,7 @@ class Server:
         for listener in config.listeners:
             direct = listener.type == "direct_tls"
             server = await loop.create_server(
-                lambda direct=direct: C2SConnection(self, direct),  # type: ignore[misc]
+                self._connection_factory(listener),
                 listener.address,
                 listener.port,
                 backlog=listener.backlog,  # TLS, direct or not, is the connection's own
@@ -241,7 +242,11 @@ class Server:
                 address, port = sock.getsockname()[:2]
                 self.listening.append(Listening(listener.type, address, port))
                 kind = "direct TLS (XEP-0368)" if direct else "STARTTLS"
-                log.info("listening: c2s %s on %s port %d", kind, address, port)
+                behind = (
+                    f", PROXY protocol from {', '.join(listener.trusted_proxies)}"
+                    if listener.proxy_protocol else ""
+                )
+                log.info("listening: c2s %s on %s port %d%s", kind, address, port, behind)
         if config.s2s is not None:
             self.s2s = S2SService(self, config.s2s)
             self.router.remote = self.s2s
@@ -436,6 +441,17 @@ class Server:
                 on_sasl_outcome=self.traffic.sasl_outcome,
             )
         return settings
+
+    def _connection_factory(self, listener: ListenerConfig) -> Callable[[], asyncio.Protocol]:
+        """What a listener accepts with: a client connection, or first the reader of a
+        load balancer's PROXY header, which then makes one with the client's address."""
+        direct = listener.type == "direct_tls"
+        if not listener.proxy_protocol:
+            return lambda: C2SConnection(self, direct)
+        trusted = listener.proxy_networks()
+        return lambda: ProxyHeaderReader(
+            trusted, lambda client: C2SConnection(self, direct, client)
+        )
 
     def connection_opened(self, conn: C2SConnection) -> bool:
         """Count the connection; False when its address is over the per-IP limit."""

@@ -378,6 +378,31 @@ def test_listener_type_and_port_range(tmp_path: Path) -> None:
     ]
 
 
+def test_proxy_protocol_needs_trusted_balancers(tmp_path: Path) -> None:
+    text = """\
+        listeners:
+          - type: direct_tls
+            address: 0.0.0.0
+            port: 5223
+            proxy_protocol: true
+            trusted_proxies: []
+          - type: starttls
+            address: 0.0.0.0
+            port: 5222
+            proxy_protocol: true
+            trusted_proxies: [10.0.0.0/24, balancer.example]
+        """
+    assert problems(tmp_path, text) == [
+        "x.yml:6: listeners[0].trusted_proxies: proxy_protocol needs the balancers' "
+        "addresses: nobody else may claim to speak for a client",
+        "x.yml:11: listeners[1].trusted_proxies[1]: expected an address or network (like "
+        '10.0.0.5 or 10.0.0.0/24), got "balancer.example"',
+    ]
+    listener = load(tmp_path, text.replace("[]", "[10.0.0.5]").replace(
+        ", balancer.example", "")).listeners[0]
+    assert [str(n) for n in listener.proxy_networks()] == ["10.0.0.5/32"]
+
+
 def test_two_listeners_on_one_socket(tmp_path: Path) -> None:
     text = """\
         listeners:
