@@ -102,10 +102,8 @@ def run(args: argparse.Namespace, malloc: str) -> int:
                     log_output=log_output,
                 )
             )
-    except (StartupError, TLSError, StorageError) as exc:
-        print(f"xmppd: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
+    except (StartupError, TLSError, StorageError, OSError) as exc:
+        log_output.close()  # the log lines before it come first: this is the last word
         print(f"xmppd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
