@@ -174,6 +174,10 @@ def _address(value: str) -> str:
         ) from None
 
 
+def _loopback(address: str) -> bool:
+    return address == "localhost" or ipaddress.ip_address(address).is_loopback
+
+
 def _network(value: str) -> str:
     try:
         return str(ipaddress.ip_network(value, strict=False))
@@ -559,6 +563,22 @@ class Config(BaseModel):
                 )
             seen[where] = i
         return value
+
+    @model_validator(mode="after")
+    def _unencrypted_only_on_loopback(self) -> Config:
+        """SASL before TLS sends a password's proof in the clear: only where nothing
+        crosses a network, so that the switch cannot open a server by mistake."""
+        if not self.auth.allow_unencrypted:
+            return self
+        for i, listener in enumerate(self.listeners):
+            if listener.type == "starttls" and not _loopback(listener.address):
+                raise _problem(
+                    f"SASL before TLS is allowed only while every starttls listener is on a "
+                    f"loopback address; listeners[{i}] is on {listener.address}",
+                    "auth",
+                    "allow_unencrypted",
+                )
+        return self
 
     @model_validator(mode="after")
     def _proxies_on_own_hosts(self) -> Config:

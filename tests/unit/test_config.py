@@ -403,6 +403,21 @@ def test_proxy_protocol_needs_trusted_balancers(tmp_path: Path) -> None:
     assert [str(n) for n in listener.proxy_networks()] == ["10.0.0.5/32"]
 
 
+def test_sasl_before_tls_only_on_loopback(tmp_path: Path) -> None:
+    text = """\
+        listeners:
+          - {type: starttls, address: 127.0.0.1, port: 5222}
+          - {type: starttls, address: 0.0.0.0, port: 5223}
+        auth:
+          allow_unencrypted: true
+        """
+    assert problems(tmp_path, text) == [
+        "x.yml:5: auth.allow_unencrypted: SASL before TLS is allowed only while every "
+        "starttls listener is on a loopback address; listeners[1] is on 0.0.0.0"
+    ]
+    assert load(tmp_path, text.replace("0.0.0.0", "\"::1\"")).auth.allow_unencrypted
+
+
 def test_two_listeners_on_one_socket(tmp_path: Path) -> None:
     text = """\
         listeners:
