@@ -47,6 +47,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,7 +86,9 @@ NOTICE = "muc"
 writes and drops its rooms; {"released": room JID}, sent by a node that let go of a
 room's lease (the new owner, waiting to claim it, tries again at once);
 {"release": room JID, "holder": node}, sent by an owner that waits for the lease:
-the holder lets go at once if it does not run the room."""
+the holder lets go at once if it does not run the room; {"forget": bare JID}, sent
+by the node where an account was removed: every node drops its affiliations and
+registered nicks from the rooms it runs."""
 
 
 def owner_of(room_jid: str, nodes: frozenset[str]) -> str:
@@ -95,6 +98,11 @@ def owner_of(room_jid: str, nodes: frozenset[str]) -> str:
     return max(
         nodes, key=lambda node: hashlib.sha256(f"{node}\0{room_jid}".encode()).digest()
     )
+
+
+def _names(state: dict[str, Any], bare: str) -> bool:
+    """Does a stored room's state give `bare` an affiliation or a registered nick?"""
+    return bare in state.get("affiliations", {}) or bare in state.get("registered", {})
 
 
 class MucOptions(BaseModel):
@@ -175,24 +183,44 @@ class Muc(Module):
             await self.live.flush()
 
     async def remove_user(self, vhost: str, username: str) -> bool:
-        """Drop the account's affiliations and registered nicks from every room of the
-        host, live and stored (an owner's rooms stay, without that owner)."""
+        """Drop the account's affiliations and registered nicks from every room of every
+        host's service (an account of one host may be an admin of another's rooms),
+        live and stored (an owner's rooms stay, without that owner). On a cluster the
+        other nodes are told to do the same in the rooms they run (`_notice`), whose
+        next write would otherwise put the affiliation back."""
         bare = f"{username}@{vhost}"
+        if self.host.clustered:
+            self.host.notify_cluster(NOTICE, {"forget": bare})
+        found = self._forget_live(bare)
+        for domain, service_host in self.services.items():
+            found = await self._forget_stored(bare, domain, service_host) or found
+        if self.host.clustered:
+            await self.host.cluster_notices_sent()
+        return found
+
+    def _forget_live(self, bare: str) -> bool:
+        """`Room.forget` in every room this node runs; each changed one is written."""
         found = False
         for room in list(self.rooms.values()):
-            if self.services[room.jid.split("@", 1)[1]] == vhost and room.forget(bare):
+            if room.forget(bare):
                 found = True
                 self._after(room)
-        domain = next(d for d, v in self.services.items() if v == vhost)
-        store = self.host.items(vhost, "muc_rooms")
+        return found
+
+    async def _forget_stored(self, bare: str, domain: str, service_host: str) -> bool:
+        """`Room.forget_stored` in every stored room of the service at `domain` that no
+        node runs here (a live one was done from memory, and is written from there)."""
+        found = False
+        store = self.host.items(service_host, "muc_rooms")
         token: str | None = None
         while True:
             page = await store.query(Query(limit=100, page_token=token))
             for item in page.items:
-                if bare not in str(item.attrs.get("state", "")):
+                # Decoded: the JSON spells a JID's non-ASCII letters as \u escapes.
+                if not _names(json.loads(str(item.attrs.get("state") or "{}")), bare):
                     continue
                 if f"{item.name}@{domain}" in self.rooms:
-                    continue  # live: done above, and written from there
+                    continue
 
                 def change(current: Item | None) -> dict[str, object] | Unchanged:
                     if current is None:
@@ -245,6 +273,9 @@ class Muc(Module):
             self._purge(room)
 
     def _notice(self, payload: dict[str, object]) -> None:
+        forget = payload.get("forget")
+        if isinstance(forget, str):  # an account removed on another node
+            self._forget_live(forget)
         leaving = payload.get("leaving")
         if isinstance(leaving, str) and leaving != self.host.node_name:
             self._leaving.add(leaving)

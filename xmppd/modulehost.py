@@ -102,6 +102,10 @@ removal which failed part way left behind, or nothing at all."""
 T = TypeVar("T")
 M = TypeVar("M", bound="Module")
 
+ACCOUNT_WORK_WAIT = 30.0
+"""Seconds an account's removal waits at most for the requests its sessions sent before
+it to finish (storage that hangs), before it deletes the data anyway."""
+
 
 @dataclass(slots=True)
 class IqRequest:
@@ -970,7 +974,13 @@ class ModuleHost:
         """Delete the account, then every module's data of it.
 
         The account goes first, so nothing new is stored for it meanwhile
-        (stanzas to it bounce, a login fails); `removed` runs right after that.
+        (stanzas to it bounce, a login fails); `removed` runs right after that
+        (it ends the account's streams). Then this node reads nothing more from
+        the account's sessions still bound here (the one that asked for the
+        removal: it ends after its answer) and waits for the work their stanzas
+        set off (`_settle`): a vCard or roster write a client sent right after
+        its <remove/> would otherwise land after its module deleted the data,
+        and a new account of the name would find it.
         Every module is asked even if one fails; then AccountDataRemains names
         the ones that failed, and calling this again (the account being gone
         already) finishes the job.
@@ -982,10 +992,33 @@ class ModuleHost:
         existed = await self.accounts[vhost].unregister(username)
         if existed and removed is not None:
             await removed()
+        await self._settle(f"{username}@{vhost}")
         found = await self.remove_user_data(vhost, username)
         if existed:
             return "account"
         return "leftovers" if found else "nothing"
+
+    async def _settle(self, bare: str) -> None:
+        """Stop reading the account's sessions of this node and wait (ACCOUNT_WORK_WAIT
+        at most) until nothing its stanzas set off runs any more, but the caller's
+        own task (the removal may be one of the account's requests). The sessions
+        stay held: the account is gone, and they end."""
+        for session in self.sessions(bare):
+            if node_of(session) is None:  # this node's: another node's ends there
+                session.hold_input()
+        me = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ACCOUNT_WORK_WAIT
+        while work := self.router.account_work(bare) - {me}:
+            left = deadline - loop.time()
+            if left <= 0:
+                log.error(
+                    "%s: %d requests still run after %g s; what they store once its"
+                    " data is deleted stays until `xmppctl unregister` runs again",
+                    bare, len(work), ACCOUNT_WORK_WAIT,
+                )
+                return
+            await asyncio.wait(work, timeout=left)
 
     async def remove_user_data(self, vhost: str, username: str) -> bool:
         """Run every module's `remove_user`; True if one found data, AccountDataRemains if

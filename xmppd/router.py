@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from lxml import etree
 
@@ -62,6 +62,8 @@ need the recipient's record and then the sender's. Past that it cannot judge
 
 _SERIAL: contextvars.ContextVar[str | None] = contextvars.ContextVar("serial", default=None)
 """The account whose queued routing jobs the current task runs (Router._run_serially)."""
+_ACTING: contextvars.ContextVar[str | None] = contextvars.ContextVar("acting", default=None)
+"""The local account whose stanza started the current task's work (Router.account_work)."""
 
 _KINDS = {ns.C_MESSAGE: "message", ns.C_PRESENCE: "presence", ns.C_IQ: "iq"}
 _EVENTS = {
@@ -69,6 +71,20 @@ _EVENTS = {
     for tag, kind in _KINDS.items()
     for address in ("bare", "full", "host")
 }
+
+
+def _task_context(acting: str | None) -> None:
+    """The context a routing task starts in (run inside its copy)."""
+    _SERIAL.set(None)
+    _ACTING.set(acting)
+
+
+class _Job(NamedTuple):
+    """A routing job queued for one account (Router._serially)."""
+
+    run: Callable[[], object]
+    done: asyncio.Future[None]
+    acting: str | None  # the account whose stanza queued it
 
 
 @dataclass(slots=True)
@@ -145,7 +161,11 @@ class Router:
         # The sessions the delivery rules chose for the message being delivered now.
         self._chosen: list[ClientSession] = []
         self._tasks: set[asyncio.Future[object]] = set()
-        self._serial: dict[str, deque[tuple[Callable[[], object], asyncio.Future[None]]]] = {}
+        self._serial: dict[str, deque[_Job]] = {}
+        # The local account whose stanza route() handles now (None outside, or for the
+        # server's own), and the work each account's stanzas started that is not done.
+        self._acting: str | None = None
+        self._work: dict[str, set[asyncio.Future[Any]]] = {}
         # The filter chains on the stanza path, held so that no stanza looks them up:
         # one per stanza kind (a chat message walks only the filters for messages),
         # and all of them for a stanza of no known kind.
@@ -244,6 +264,9 @@ class Router:
         timed = not self._routed % ROUTE_SAMPLE
         started = time.perf_counter() if timed else 0.0
         previous, self._waits = self._waits, []
+        acting = self._acting
+        if origin is not None:
+            self._acting = origin.bare
         pending: Coroutine[object, None, None] | None = None
         try:
             # The "stanza/out" filters of the stanza's kind (a local client's stanzas
@@ -266,10 +289,12 @@ class Router:
             waits = self._waits
         finally:
             self._waits = previous
+            self._acting = acting
         if timed:
             self.route_time.add(time.perf_counter() - started)
         if pending is not None:
-            waits.append(self.spawn(pending))
+            assert origin is not None  # only a client's stanza meets "stanza/out" filters
+            waits.append(self.spawn(pending, origin.bare))
         if not waits:
             return None
         # A future, not a coroutine: a caller that does not wait loses nothing.
@@ -664,20 +689,23 @@ class Router:
         answers in.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acting = self._acting or _ACTING.get()
+        if acting is not None:  # the job is the sender's work until it ran
+            self._track(acting, done)
         queue = self._serial.get(bare)
         if queue is None:
             queue = self._serial[bare] = deque()
-            self.spawn(self._run_serially(bare, queue))
-        queue.append((job, done))
+            # Nobody's work: it runs the jobs of every sender to `bare`.
+            self._spawn(self._run_serially(bare, queue), None)
+        queue.append(_Job(job, done, acting))
         return done
 
-    async def _run_serially(
-        self, bare: str, queue: deque[tuple[Callable[[], object], asyncio.Future[None]]]
-    ) -> None:
+    async def _run_serially(self, bare: str, queue: deque[_Job]) -> None:
         _SERIAL.set(bare)  # this task's context: what its jobs deliver to `bare` goes now
         try:
             while queue:
-                job, done = queue.popleft()
+                job, done, acting = queue.popleft()
+                _ACTING.set(acting)  # what the job starts is its sender's work
                 try:
                     pending = job()
                     if inspect.isawaitable(pending):
@@ -689,7 +717,7 @@ class Router:
                         done.set_result(None)
         finally:
             del self._serial[bare]
-            for _, done in queue:  # cancelled: whoever waits for these must not hang
+            for _, done, _ in queue:  # cancelled: whoever waits for these must not hang
                 if not done.done():
                     done.set_result(None)
 
@@ -764,20 +792,51 @@ class Router:
             self.ledger.bounced += 1
         self.route(error_from(stanza, exc))
 
-    def spawn(self, coro: Awaitable[object]) -> asyncio.Future[Any]:
-        """Run `coro` as a task the router tracks (drained at shutdown, errors logged)."""
+    def spawn(self, coro: Awaitable[object], account: str | None = None) -> asyncio.Future[Any]:
+        """Run `coro` as a task the router tracks (drained at shutdown, errors logged).
+
+        It is the work of `account` (`account_work`) when that is given, or when a
+        client's stanza of that account is being routed, or when the task that spawns
+        it is itself such work: whatever a client's stanza sets off counts, however
+        many tasks deep, so that an account's removal can wait for all of it."""
+        return self._spawn(coro, account or self._acting or _ACTING.get())
+
+    def _spawn(self, coro: Awaitable[object], acting: str | None) -> asyncio.Future[Any]:
         task: asyncio.Future[Any]
         if asyncio.iscoroutine(coro):
             # Not in the account queue's context (_SERIAL) of a job that starts it: what
             # the task delivers later must queue like anything else.
             context = contextvars.copy_context()
-            context.run(_SERIAL.set, None)
+            context.run(_task_context, acting)
             task = asyncio.get_running_loop().create_task(coro, context=context)
         else:
             task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        if acting is not None:
+            self._track(acting, task)
         return task
+
+    def _track(self, account: str, work: asyncio.Future[Any]) -> None:
+        tracked = self._work.get(account)
+        if tracked is None:
+            tracked = self._work[account] = set()
+        tracked.add(work)
+        work.add_done_callback(functools.partial(self._work_done, account))
+
+    def _work_done(self, account: str, work: asyncio.Future[Any]) -> None:
+        tracked = self._work.get(account)
+        if tracked is not None:
+            tracked.discard(work)
+            if not tracked:
+                del self._work[account]
+
+    def account_work(self, bare: str) -> frozenset[asyncio.Future[Any]]:
+        """What the stanzas of the local account `bare` set off that is not done yet
+        (handlers of its IQs, writes its presence started, its queued stanzas): an
+        account's removal waits for it, so that no write of the account lands after
+        its data was deleted."""
+        return frozenset(self._work.get(bare, ()))
 
     def _task_done(self, task: asyncio.Future[object]) -> None:
         self._tasks.discard(task)

@@ -64,7 +64,7 @@ class SessionRouter(Protocol):
         self, stanza: etree._Element, origin: ClientSession | None = None, *, bounce: bool = True
     ) -> Awaitable[object] | None: ...
 
-    def spawn(self, coro: Awaitable[object]) -> Awaitable[object]: ...
+    def spawn(self, coro: Awaitable[object], account: str | None = None) -> Awaitable[object]: ...
 
 
 class ClientSession:
@@ -149,7 +149,8 @@ class ClientSession:
             assert self.router is not None
             self._backlog = deque()
             self.hold_input()
-            self.router.spawn(self._run(pending))
+            # The account's work until its stanzas waiting here are routed.
+            self.router.spawn(self._run(pending), self.bare)
 
     def _route(self, stanza: etree._Element) -> Awaitable[object] | None:
         """Route one stanza of the client's. A module's bug that raises is logged:

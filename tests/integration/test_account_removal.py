@@ -8,14 +8,21 @@ the node runs, and with in-band removal (XEP-0077). A new zed registers and
 finds nothing: no offline message, no last activity, an empty roster, vCard,
 private storage, privacy lists and blocklist; and the stores themselves hold
 no item or blob of zed's. Both on the embedded and the cloud storage.
+
+jürgen (a name the stores escape) has rights in rooms and nodes of a second
+host and of another account (multi-user chat, pubsub, PEP): removed, no item
+or blob of any store names him any more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import quote
+from xml.etree import ElementTree as ET
 
 from slixmpp import JID
 from slixmpp.exceptions import IqError
@@ -227,4 +234,87 @@ async def test_in_band_removal_leaves_nothing_behind(start_server: StartServer) 
     await server.router.drain()
 
     await assert_zed_starts_empty(server, alice)
+    await close(alice)
+
+
+SHARED = {**MODULES, "muc": {}, "pep": {}, "pubsub": {}}
+PUBSUB, OWNER = "http://jabber.org/protocol/pubsub", "http://jabber.org/protocol/pubsub#owner"
+OPEN = (
+    "<configure><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'>"
+    "<value>http://jabber.org/protocol/pubsub#node_config</value></field>"
+    "<field var='pubsub#access_model'><value>open</value></field></x></configure>"
+)
+NICK = (
+    "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+    "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+    "<field var='muc#register_roomnick'><value>J</value></field></x></query>"
+)
+
+
+async def iq_set(client: Person, to: str, xml: str) -> None:
+    iq = client.make_iq_set(ito=JID(to))
+    iq.append(ET.fromstring(xml))
+    await iq.send(timeout=10)
+
+
+async def mentions(server: Server, bare: str) -> list[str]:
+    """Every item or blob whose name or attributes name `bare`, however encoded."""
+    items: ItemBackend = getattr(server.storage.items, "backend", server.storage.items)
+    blobs: BlobBackend = getattr(server.storage.blobs, "backend", server.storage.blobs)
+    spellings = (bare, quote(bare), json.dumps(bare)[1:-1], quote(bare.split("@")[0]) + "/")
+    found = []
+    for namespace in await items.namespaces():  # type: ignore[attr-defined]
+        page = await items.query(namespace, Query(limit=1000))
+        for item in page.items:
+            values = [v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+                      for v in item.attrs.values()]
+            text = " ".join([item.name, *values])
+            if any(s in text for s in spellings) or item.name == bare.split("@")[0]:
+                found.append(f"{namespace} {item.name}")
+    for namespace in await blobs.namespaces():  # type: ignore[attr-defined]
+        listing = await blobs.list(namespace)
+        found += [f"{namespace} {k}" for k in listing.keys if any(s in k for s in spellings)]
+    return found
+
+
+async def test_a_removed_account_keeps_no_rights_in_rooms_or_nodes_of_any_host(
+    start_server: StartServer,
+) -> None:
+    """jürgen@localhost is admin of a room and has a nick there, publisher of and
+    subscribed to a pubsub node, and the same on alice's PEP node, all at the second
+    host b.test or alice's: removed in-band, nothing in any store names him."""
+    server = await start_server(modules=SHARED, hosts=["localhost", "b.test"])
+    jurgen = "jürgen@localhost"
+    await server.accounts["localhost"].register("jürgen", PASSWORD)
+    alice = await person(server, "alice@localhost/desk", "alice-secret")
+    him = await person(server, f"{jurgen}/laptop", PASSWORD)
+    alice.register_plugin("xep_0045")
+    room = JID("den@conference.b.test")
+    await alice.plugin["xep_0045"].join_muc_wait(room, "Alice", timeout=10)
+    form = await alice.plugin["xep_0045"].get_room_config(room)
+    form.set_values({"muc#roomconfig_persistentroom": "1"})
+    await alice.plugin["xep_0045"].set_room_config(room, form)
+    await alice.plugin["xep_0045"].set_affiliation(room, "admin", jid=JID(jurgen))
+    await iq_set(him, str(room), NICK)
+    for service, node in (("pubsub.b.test", "news"), ("alice@localhost", "urn:test:news")):
+        create = f"<pubsub xmlns='{PUBSUB}'><create node='{node}'/>{OPEN}</pubsub>"
+        await iq_set(alice, service, create)
+        await iq_set(
+            alice, service,
+            f"<pubsub xmlns='{OWNER}'><affiliations node='{node}'>"
+            f"<affiliation jid='{jurgen}' affiliation='publisher'/></affiliations></pubsub>",
+        )
+        subscribe = f"<pubsub xmlns='{PUBSUB}'><subscribe node='{node}' jid='{jurgen}'/></pubsub>"
+        await iq_set(him, service, subscribe)
+    await server.router.drain()
+    await asyncio.sleep(0.5)  # the room is written in the background
+    before = await mentions(server, jurgen)
+    for store in ("muc_rooms", "pubsub", "pep"):
+        assert any(f"/{store} " in entry for entry in before), (store, before)
+
+    await him.plugin["xep_0077"].cancel_registration(timeout=10)
+    await asyncio.wait_for(him.ended.wait(), 10)
+    await server.router.drain()
+    await server.modules.modules["muc"].stop()  # type: ignore[attr-defined]  # written
+    assert await mentions(server, jurgen) == []
     await close(alice)

@@ -480,3 +480,35 @@ async def test_a_copy_whose_lease_another_node_took_stops_and_the_room_goes_on(
     assert room.bare in rooms
     assert await self_ping(alice, JID(f"{room}/Alice")) is None
     await close(alice)
+
+
+async def test_a_removed_account_loses_its_affiliation_in_a_room_another_node_runs(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """bob is removed on node a while his admin room runs on b: b forgets him too, so
+    that its next write of the room does not put him back in the stores."""
+    a, b = await two_nodes(start_server, devservices.redis_url(redis_service))
+    room = room_owned_by("muc-b", ("muc-a", "muc-b"))
+    alice = await chatter(a, "alice@localhost/desk")
+    await create(alice, room, "Alice", persistentroom="1")
+    await alice.muc.set_affiliation(room, "admin", jid=JID("bob@localhost"))
+    live = b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    assert live[str(room)].affiliation("bob@localhost") == "admin"
+
+    assert await a.modules.remove_account("localhost", "bob") == "account"
+    deadline = time.monotonic() + WAIT
+    while live[str(room)].affiliation("bob@localhost") != "none":
+        assert time.monotonic() < deadline, "node b still has bob as an admin"
+        await asyncio.sleep(0.05)
+    # b's next write of the room (a new member) leaves bob out.
+    await alice.muc.set_affiliation(room, "member", jid=JID("carol@localhost"))
+    stored = a.modules.items("localhost", "muc_rooms")
+    while True:
+        item = await stored.get(room.user)
+        state = str(item.attrs["state"]) if item is not None else ""
+        if "carol@localhost" in state:
+            break
+        assert time.monotonic() < deadline, "the room was not written"
+        await asyncio.sleep(0.05)
+    assert "bob@localhost" not in state
+    await close(alice)

@@ -9,7 +9,8 @@ import pytest
 
 from xmppd.modulehost import AccountDataRemains
 from xmppd.storage.base import Query, StorageError
-from xmppd.testing import ModuleHarness
+from xmppd.testing import ModuleHarness, parse_stanza
+from xmppd.xml import ns
 
 MODULES: dict[str, dict[str, Any] | None] = {
     name: {}
@@ -109,3 +110,49 @@ async def test_a_failure_part_way_is_reported_and_a_second_run_finishes(
     assert await harness.host.remove_account("localhost", "zed") == "nothing"
     assert await harness.host.remove_account("localhost", "no@such name") == "nothing"
     assert await entries(harness, "alice") == alices  # the neighbour keeps everything
+
+
+PIPELINED = (
+    "<vCard xmlns='vcard-temp'><FN>Written after the removal</FN></vCard>",
+    "<query xmlns='jabber:iq:roster'><item jid='carol@localhost'/></query>",
+    "<query xmlns='jabber:iq:private'><q xmlns='urn:test:late'/></query>",
+)
+
+
+async def test_writes_pipelined_after_an_in_band_removal_leave_nothing() -> None:
+    """A client sends <remove/> and, before the answer, a vCard, a roster item and
+    private XML: they were read before the removal, so they are done before the data
+    goes, never after it."""
+    harness = await ModuleHarness(MODULES).start()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    zed = await harness.login("zed@localhost/r")
+    for n, xml in enumerate(
+        ("<query xmlns='jabber:iq:register'><remove/></query>", *PIPELINED)
+    ):
+        stanza = parse_stanza(f"<iq type='set' id='p{n}'>{xml}</iq>")
+        stanza.set("from", zed.jid)
+        zed.receive(stanza)  # one read: every stanza is routed before the removal runs
+    await harness.router.drain()
+    answers = {s.get("id"): s.get("type") for s in zed.take() if s.tag == ns.C_IQ}
+    assert answers["p0"] == "result"
+    assert await entries(harness, "zed") == set()
+    assert zed.input_holds > 0  # nothing more is read from the removed account
+    assert zed.terminated is not None
+    assert not await harness.host.accounts["localhost"].exists("zed")
+
+
+async def test_an_administrators_removal_waits_for_the_sessions_writes() -> None:
+    """Removed by an administrator (xmppctl, the admin API) while two of its sessions
+    write: what they sent before is done first, and deleted with the rest."""
+    harness = await ModuleHarness(MODULES).start()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    sessions = [await harness.login(f"zed@localhost/{r}") for r in ("a", "b")]
+    for session in sessions:
+        for n, xml in enumerate(PIPELINED):
+            stanza = parse_stanza(f"<iq type='set' id='w{n}'>{xml}</iq>")
+            stanza.set("from", session.jid)
+            session.receive(stanza)
+    assert await harness.host.remove_account("localhost", "zed") == "account"
+    await harness.router.drain()
+    assert await entries(harness, "zed") == set()
+    assert all(session.input_holds > 0 for session in sessions)

@@ -11,6 +11,7 @@ across a restart of the module (the same stores, a new host).
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -886,6 +887,43 @@ async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> N
         assert "bob@localhost" not in str(item.attrs["state"])
         assert "carol@localhost" in str(item.attrs["state"])
     assert await muc.remove_user("localhost", "bob") is False  # nothing left
+
+
+async def test_a_removed_account_is_forgotten_by_other_hosts_rooms_whatever_its_name() -> None:
+    """jürgen@a.test, admin of rooms at conference.b.test (one live, one only stored)
+    and with a nick registered in one: removed, he is in none of them, though the
+    stored JSON spells his name with an escape."""
+    h = await ModuleHarness({"disco": {}, "muc": {}}, hosts=["a.test", "b.test"]).start()
+    jurgen, alice = "jürgen@a.test", h.session("alice@b.test/a")
+    rooms = ["live@conference.b.test", "stored@conference.b.test"]
+    for room in rooms:
+        await instant_room(h, alice, "Alice", room, persistentroom="1")
+        await admin_iq(h, alice, "set", f"<item affiliation='admin' jid='{jurgen}'/>", room)
+        await admin_iq(h, alice, "set", "<item affiliation='member' jid='carol@b.test'/>", room)
+    nick = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>J</value></field></x></query>"
+    )
+    reply = await h.iq(h.session(f"{jurgen}/j"), "set", nick, to=rooms[1])
+    assert reply.get("type") == "result"
+    await h.send(alice, f"<presence to='{rooms[1]}/Alice' type='unavailable'/>")
+    muc = h.host.module(Muc)
+    await muc.stop()
+    del muc.rooms[rooms[1]]  # as on a node where that room is not live
+    stored = await h.host.items("b.test", "muc_rooms").get("stored")
+    assert stored is not None and "j\\u00fcrgen" in str(stored.attrs["state"])
+
+    assert await muc.remove_user("a.test", "jürgen") is True
+    assert muc.rooms[rooms[0]].affiliation(jurgen) == "none"
+    await muc.stop()
+    for name in ("live", "stored"):
+        item = await h.host.items("b.test", "muc_rooms").get(name)
+        assert item is not None
+        state = json.loads(str(item.attrs["state"]))
+        assert jurgen not in state["affiliations"] and jurgen not in state["registered"]
+        assert "carol@b.test" in state["affiliations"]
+    assert await muc.remove_user("a.test", "jürgen") is False  # nothing left
 
 
 async def test_a_message_handled_twice_is_delivered_and_kept_once() -> None:
