@@ -20,7 +20,7 @@ import secrets
 import ssl
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from lxml import etree
 
@@ -86,7 +86,7 @@ class C2SConnection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = tcp = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call,
         # and a connection asks for the loop at every stanza it is sent.
         self._loop = loop = asyncio.get_running_loop()
@@ -97,7 +97,15 @@ class C2SConnection(asyncio.Protocol):
         self._auth_timer = loop.call_later(
             self.server.config.limits.auth_timeout, self._auth_timeout
         )
+        # Counted from accept, handshake included: connections that never finish theirs
+        # count towards the per-address limit too.
+        self._counted = self.server.connection_opened(self)
+        if self._counted:
+            _schedule_idle_sweep(self.server)
         if self.direct_tls:
+            if not self._counted:  # nothing to tell it on before TLS: the node logged why
+                tcp.abort()
+                return
             self._tls = TLSLayer(self.server.tls.context)  # the stream opens after the handshake
         else:
             self._open()
@@ -105,14 +113,12 @@ class C2SConnection(asyncio.Protocol):
     def _open(self) -> None:
         """The stream may begin: at accept, or after the handshake of direct TLS."""
         self.login = StreamLogin(self.server, self.stream, self.ip, self._flush, self.id)
-        if not self.server.connection_opened(self):
+        if not self._counted:
             self.stream.fail(
                 StreamError("policy-violation", "too many connections from your address")
             )
             self._flush()
             return
-        self._counted = True
-        _schedule_idle_sweep(self.server)
         if self.direct_tls:
             self.stream.set_channel_bindings(self._channel_bindings())
 

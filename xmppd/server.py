@@ -18,7 +18,7 @@ from typing import Any
 
 from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
-from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter
+from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter, address_key
 from xmppd.batchloop import BatchingLoop
 from xmppd.cluster import Cluster, ClusterUnavailable
 from xmppd.cluster.caches import share_memory_cache
@@ -454,24 +454,28 @@ class Server:
         )
 
     def connection_opened(self, conn: C2SConnection) -> bool:
-        """Count the connection; False when its address is over the per-IP limit."""
+        """Count the connection; False when its address is over the per-IP limit. IPv6
+        addresses count per /64, as the login throttle's do (`address_key`): one host
+        may use any address of its network."""
         limit = self.config.limits.max_connections_per_ip
-        if limit and self.per_ip[conn.ip] >= limit:
+        key = address_key(conn.ip)
+        if limit and self.per_ip[key] >= limit:
             log.warning(
                 "refused a connection from %s: %d connections already conn=%s",
                 conn.ip, limit, conn.id,
             )
             return False
-        self.per_ip[conn.ip] += 1
+        self.per_ip[key] += 1
         self.connections.add(conn)
         self.traffic.connections += 1
         return True
 
     def connection_closed(self, conn: C2SConnection) -> None:
         self.connections.discard(conn)
-        self.per_ip[conn.ip] -= 1
-        if self.per_ip[conn.ip] <= 0:
-            del self.per_ip[conn.ip]
+        key = address_key(conn.ip)
+        self.per_ip[key] -= 1
+        if self.per_ip[key] <= 0:
+            del self.per_ip[key]
 
     def session_started(self, session: ClientSession) -> None:
         if self.modules.has_hook("session/bound"):

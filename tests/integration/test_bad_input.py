@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import resource
+import ssl
 import time
 
 import pytest
@@ -12,7 +13,8 @@ from lxml import etree
 from slixmpp import JID
 
 from tests.integration.clients import HEADER, RawClient, close, connect
-from tests.integration.conftest import StartServer
+from tests.integration.conftest import StartServer, port_of
+from tests.integration.test_cluster import until
 from xmppd.server import Server
 
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -217,13 +219,26 @@ async def test_authenticated_connection_outlives_auth_timeout(start_server: Star
 
 
 async def test_connections_per_ip_limit(start_server: StartServer) -> None:
+    """Counted from accept: two connections that never start their TLS handshake fill
+    the limit of 2, so a third is refused at once on the direct TLS port (there is no
+    stream to say why before TLS) and with <policy-violation/> on the STARTTLS one."""
     server = await start_server(limits={"max_connections_per_ip": 2})
-    first = await RawClient.open(server)
-    second = await RawClient.open(server)
-    third = await RawClient.open(server)
+    silent = [
+        await asyncio.open_connection("127.0.0.1", port_of(server, "direct_tls"))
+        for _ in range(2)
+    ]
+    with pytest.raises((ConnectionError, ssl.SSLError)):
+        await RawClient.open(server)
+    third = await RawClient.open(server, direct_tls=False)
+    await third.send(HEADER)
     assert stream_error_of(await third.read_to_close()) == "policy-violation"
-    await first.close()
-    await second.close()
+    for _, writer in silent:
+        writer.close()
+    await until(lambda: not server.connections, timeout=10)
+    fourth = await RawClient.open(server)  # the count went down with them
+    await fourth.send(HEADER)
+    await fourth.read_until(b"</stream:features>")
+    await fourth.close()
 
 
 def plain_as(authzid: str, user: str, password: str) -> str:
