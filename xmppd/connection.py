@@ -258,7 +258,7 @@ class C2SConnection(asyncio.Protocol):
             if isinstance(event, c2s.StanzaReceived):
                 stanza = event.stanza
                 tag = stanza.tag
-                if tag == ns.C_MESSAGE and stanza.get("type") != "error":
+                if tag == ns.C_MESSAGE and event.type != "error":
                     self._ledger.received += 1
                 self._traffic.received(tag)
                 self.session.receive(stanza)  # type: ignore[union-attr]

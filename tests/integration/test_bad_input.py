@@ -38,23 +38,23 @@ def plain(user: str, password: str) -> str:
     return f"<auth xmlns='{SASL}' mechanism='PLAIN'>{token}</auth>"
 
 
-async def authenticated(server: Server) -> RawClient:
-    """alice on a raw stream, authenticated and restarted, no resource bound yet."""
+async def authenticated(server: Server, user: str = "alice") -> RawClient:
+    """`user` (alice) on a raw stream, authenticated and restarted, no resource bound yet."""
     raw = await RawClient.open(server)
     await raw.send(HEADER)
     await raw.read_until(b"</stream:features>")
-    await raw.send(plain("alice", "alice-secret"))
+    await raw.send(plain(user, f"{user}-secret"))
     await raw.read_until(b"<success")
     await raw.send(HEADER)
     await raw.read_until(b"</stream:features>")
     return raw
 
 
-async def logged_in(server: Server) -> RawClient:
-    raw = await authenticated(server)
+async def logged_in(server: Server, user: str = "alice", resource: str = "raw") -> RawClient:
+    raw = await authenticated(server, user)
     await raw.send(
         "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
-        "<resource>raw</resource></bind></iq>"
+        f"<resource>{resource}</resource></bind></iq>"
     )
     await raw.read_until(b"</iq>")
     return raw
@@ -315,3 +315,99 @@ async def test_a_refused_stream_is_logged_at_the_default_level(
     assert "127.0.0.1" in refused[0].getMessage()
     assert "invalid-namespace" in refused[0].getMessage()
     await raw.close()
+
+
+PING = "<ping xmlns='urn:xmpp:ping'/>"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+
+async def nothing_reached_bob_before(alice: RawClient, bob: RawClient) -> bytes:
+    """Alice sends bob a marker message; what bob read up to it is returned, and must
+    be that message alone (alice's stanzas reach bob in the order she sent them)."""
+    await alice.send("<message to='bob@localhost/b' id='marker'><body>after</body></message>")
+    got = await bob.read_until(b"</message>")
+    start = got.index(b"<message")
+    assert got[:start].strip() == b"", got
+    assert got.count(b"<message") == 1 and b"after" in got, got
+    return got[start:]
+
+
+@pytest.mark.parametrize(
+    ("stanza", "reply_id"),
+    [
+        (f"<iq to='bob@localhost/b' type='bogus' id='q1'>{PING}</iq>", "q1"),
+        (f"<iq to='bob@localhost/b' id='q2'>{PING}</iq>", "q2"),
+        (f"<iq to='localhost' type='bogus' id='q3'>{PING}</iq>", "q3"),
+        (f"<iq to='alice@localhost' id='q4'>{PING}</iq>", "q4"),
+        (f"<iq to='bob@localhost/b' type='get'>{PING}</iq>", ""),
+        (f"<iq to='localhost' type='get'>{PING}</iq>", ""),
+        ("<iq to='bob@localhost/b' type='get' id='q5'/>", "q5"),
+        (f"<iq to='bob@localhost/b' type='set' id='q6'>{PING}{PING}</iq>", "q6"),
+        (f"<iq to='localhost' type='get' id='q7'>{PING}{PING}</iq>", "q7"),
+    ],
+)
+async def test_a_malformed_iq_gets_bad_request_and_reaches_nobody(
+    server: Server, stanza: str, reply_id: str
+) -> None:
+    bob = await logged_in(server, "bob", "b")
+    alice = await logged_in(server)
+    await alice.send(stanza)
+    data = await alice.read_until(b"</iq>")
+    reply = etree.fromstring(data[data.index(b"<iq") :])
+    assert reply.get("type") == "error" and reply.get("id") == reply_id, data
+    assert reply.get("to") == "alice@localhost/raw"
+    error = reply.find("{jabber:client}error")
+    assert error is not None and error.get("type") == "modify", data
+    assert error.find(f"{{{STANZAS}}}bad-request") is not None, data
+    await nothing_reached_bob_before(alice, bob)
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_presence_of_unknown_type_gets_bad_request_and_reaches_nobody(
+    server: Server,
+) -> None:
+    bob = await logged_in(server, "bob", "b")
+    alice = await logged_in(server)
+    await alice.send("<presence to='bob@localhost/b' type='online' id='p1'/>")
+    data = await alice.read_until(b"</presence>")
+    reply = etree.fromstring(data[data.index(b"<presence") :])
+    assert reply.get("type") == "error" and reply.get("id") == "p1", data
+    error = reply.find("{jabber:client}error")
+    assert error is not None and error.get("type") == "modify", data
+    assert error.find(f"{{{STANZAS}}}bad-request") is not None, data
+    await nothing_reached_bob_before(alice, bob)
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_response_without_id_is_dropped_unanswered(server: Server) -> None:
+    """RFC 6120 8.2.3: a result is never answered, and one without an id answers no
+    request: it is neither delivered nor answered."""
+    bob = await logged_in(server, "bob", "b")
+    alice = await logged_in(server)
+    await alice.send("<iq to='bob@localhost/b' type='result'/>")
+    await nothing_reached_bob_before(alice, bob)
+    await alice.send(f"<iq to='localhost' type='get' id='after'>{PING}</iq>")
+    data = await alice.read_until(b"/>")  # the ping result is the first thing alice gets
+    assert data.lstrip().startswith(b"<iq") and b'id="after"' in data, data
+    assert b"error" not in data, data
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_message_of_unknown_type_is_delivered_as_normal(server: Server) -> None:
+    """RFC 6121 5.2.2: an unknown message type means 'normal' (xmppd.stream.stanzarules);
+    the ledger counts it as received and delivered, as any message."""
+    bob = await logged_in(server, "bob", "b")
+    alice = await logged_in(server)
+    before = server.router.ledger.snapshot()
+    await alice.send("<message to='bob@localhost/b' type='shout'><body>hey</body></message>")
+    data = await bob.read_until(b"</message>")
+    message = etree.fromstring(data[data.index(b"<message") :])
+    assert message.get("type") == "normal" and message.findtext("{jabber:client}body") == "hey"
+    after = server.router.ledger.snapshot()
+    assert after["received"] == before["received"] + 1  # type: ignore[operator]
+    assert after["delivered"] == before["delivered"] + 1  # type: ignore[operator]
+    await alice.close()
+    await bob.close()

@@ -80,9 +80,15 @@ class Setup:
         writer.write(header(sender))
         return reader, writer, await read_features(reader)
 
-    async def authenticated(self, domain: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def authenticated(
+        self, domain: str, bidi: bool = False
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream from `domain`, authenticated; with `bidi`, made bidirectional
+        (XEP-0288), so that what the server sends `domain` comes back on it."""
         reader, writer, features = await self.secured(domain, domain)
         assert b"<mechanism>EXTERNAL</mechanism>" in features
+        if bidi:
+            writer.write(b"<bidi xmlns='urn:xmpp:bidi'/>")
         writer.write(
             b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
         )
@@ -153,6 +159,44 @@ async def test_spoofed_from_is_a_stream_error(setup: Setup) -> None:
             b'"', b"'"
         )
         assert rest.endswith(b"</stream:stream>")
+        await nothing_more_for(client)
+        writer.close()
+    finally:
+        await close(client)
+
+
+@pytest.mark.parametrize(
+    ("stanza", "reply_id"),
+    [
+        (
+            "<iq from='anna@a.test/home' to='bob@b.test/desk' type='bogus' id='q1'>"
+            "<ping xmlns='urn:xmpp:ping'/></iq>",
+            "q1",
+        ),
+        (
+            "<iq from='anna@a.test/home' to='bob@b.test/desk' type='get'>"
+            "<ping xmlns='urn:xmpp:ping'/></iq>",
+            "",
+        ),
+        ("<iq from='anna@a.test/home' to='bob@b.test/desk' type='get' id='q2'/>", "q2"),
+        ("<presence from='anna@a.test/home' to='bob@b.test/desk' type='online' id='q3'/>", "q3"),
+    ],
+)
+async def test_a_malformed_stanza_gets_bad_request_and_reaches_nobody(
+    setup: Setup, stanza: str, reply_id: str
+) -> None:
+    """The stream stays up; the <bad-request/> goes back to the sender (on this stream,
+    which the peer made bidirectional), and bob gets nothing."""
+    client = await bob(setup.server)
+    try:
+        reader, writer = await setup.authenticated("a.test", bidi=True)
+        writer.write(stanza.encode())
+        kind = stanza[1 : stanza.index(" ")].encode()
+        data = (await read_until(reader, b"</" + kind + b">")).replace(b'"', b"'")
+        start = data.index(b"<" + kind)
+        assert f"id='{reply_id}'".encode() in data[start : data.index(b">", start)], data
+        assert b"type='error'" in data and b"to='anna@a.test/home'" in data, data
+        assert b"<error type='modify'><bad-request" in data, data
         await nothing_more_for(client)
         writer.close()
     finally:

@@ -327,3 +327,97 @@ def test_a_tls_handshake_on_the_starttls_port_is_named_as_such() -> None:
     error = events[-1].error
     assert error is not None and error.condition == "not-well-formed"
     assert "TLS handshake on a STARTTLS port" in (error.text or "")
+
+
+PING = b"<ping xmlns='urn:xmpp:ping'/>"
+STANZA_ERRORS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+
+@pytest.mark.parametrize(
+    ("stanza", "reply_id"),
+    [
+        # unknown or missing type, to a full JID, to the server, to the account
+        (b"<iq to='bob@localhost/b' type='bogus' id='q1'>" + PING + b"</iq>", "q1"),
+        (b"<iq to='localhost' type='bogus' id='q2'>" + PING + b"</iq>", "q2"),
+        (b"<iq to='alice@localhost' id='q3'>" + PING + b"</iq>", "q3"),
+        (b"<iq to='bob@localhost/b' id='q4'>" + PING + b"</iq>", "q4"),
+        # no id: the answer's id is empty (RFC 6120 8.2.3)
+        (b"<iq to='bob@localhost/b' type='get'>" + PING + b"</iq>", ""),
+        (b"<iq to='localhost' type='set'>" + PING + b"</iq>", ""),
+        # a get or set without exactly one payload
+        (b"<iq to='bob@localhost/b' type='get' id='q5'/>", "q5"),
+        (b"<iq to='localhost' type='set' id='q6'>" + PING + PING + b"</iq>", "q6"),
+    ],
+)
+def test_a_malformed_iq_is_answered_with_bad_request(stanza: bytes, reply_id: str) -> None:
+    s = bound()
+    assert s.receive(stanza) == []  # nothing routed
+    reply = etree.fromstring(s.output())
+    assert reply.tag == ns.C_IQ and reply.get("type") == "error"
+    assert reply.get("id") == reply_id
+    assert reply.get("to") == "alice@localhost/r1"
+    error = reply.find(ns.C_ERROR)
+    assert error is not None and error.get("type") == "modify"
+    assert error.find(f"{{{STANZA_ERRORS}}}bad-request") is not None
+    assert not s.closed
+
+
+@pytest.mark.parametrize(
+    "stanza",
+    [
+        b"<iq to='bob@localhost/b' type='result'/>",
+        b"<iq to='bob@localhost/b' type='error'><error type='cancel'/></iq>",
+    ],
+)
+def test_a_response_without_id_is_neither_routed_nor_answered(stanza: bytes) -> None:
+    """RFC 6120 8.2.3: a result or error is never answered; without an id it answers
+    nothing either."""
+    s = bound()
+    assert s.receive(stanza) == []
+    assert s.output() == b""
+    assert not s.closed
+
+
+def test_a_presence_of_unknown_type_is_answered_with_bad_request() -> None:
+    s = bound()
+    assert s.receive(b"<presence to='bob@localhost' type='subscribe-please' id='p1'/>") == []
+    reply = etree.fromstring(s.output())
+    assert reply.tag == ns.C_PRESENCE and reply.get("type") == "error"
+    assert reply.get("id") == "p1" and reply.get("from") == "bob@localhost"
+    error = reply.find(ns.C_ERROR)
+    assert error is not None and error.get("type") == "modify"
+    assert error.find(f"{{{STANZA_ERRORS}}}bad-request") is not None
+
+
+def test_a_message_of_unknown_type_is_routed_as_normal() -> None:
+    s = bound()
+    (event,) = s.receive(b"<message to='bob@localhost' type='shout'><body>hi</body></message>")
+    assert isinstance(event, c2s.StanzaReceived)
+    assert event.stanza.get("type") == event.type == "normal"
+    assert s.output() == b""
+
+
+@pytest.mark.parametrize(
+    "stanza",
+    [
+        b"<message to='bob@localhost' type='chat'><body>hi</body></message>",
+        b"<message to='bob@localhost'><body>hi</body></message>",
+        b"<message to='bob@localhost' type='error'><error type='cancel'/></message>",
+        b"<presence/>",
+        b"<presence type='unavailable'/>",
+        b"<presence to='bob@localhost' type='subscribe'/>",
+        b"<presence to='bob@localhost' type='probe'/>",
+        b"<iq to='localhost' type='get' id='v1'>" + PING + b"</iq>",
+        b"<iq to='bob@localhost/b' type='result' id='v2'/>",
+        b"<iq to='bob@localhost/b' type='result' id='v3'>" + PING + b"</iq>",
+        b"<iq to='bob@localhost/b' type='error' id='v4'><error type='cancel'/></iq>",
+    ],
+)
+def test_well_formed_stanzas_are_routed_unchanged(stanza: bytes) -> None:
+    s = bound()
+    (event,) = s.receive(stanza)
+    assert isinstance(event, c2s.StanzaReceived)
+    sent = etree.fromstring(stanza)
+    assert event.stanza.get("type") == event.type == sent.get("type")
+    assert len(event.stanza) == len(sent)
+    assert s.output() == b""

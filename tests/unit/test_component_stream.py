@@ -58,7 +58,10 @@ def test_stanzas_to_the_component_leave_in_its_namespace() -> None:
     stream.receive(HEADER)
     handshake(stream)
     stream.output()
-    events = stream.receive(b"<iq type='get' id='1' from='gw.example.org' to='example.org'/>")
+    events = stream.receive(
+        b"<iq type='get' id='1' from='gw.example.org' to='example.org'>"
+        b"<ping xmlns='urn:xmpp:ping'/></iq>"
+    )
     stream.send(events[0].stanza)  # type: ignore[union-attr]
     assert stream.output().startswith(b'<iq xmlns="jabber:component:accept"')
 
@@ -145,3 +148,56 @@ def test_nesting_past_the_limit_is_a_policy_violation() -> None:
     nested = b"<x>" * 20 + b"</x>" * 20
     stream.receive(b"<message from='gw.example.org' to='a@example.org'>" + nested + b"</message>")
     assert condition(stream) == "policy-violation"
+
+
+@pytest.mark.parametrize(
+    ("stanza", "reply"),
+    [
+        (
+            b"<iq type='bogus' id='q1' from='bot@gw.example.org' to='example.org'>"
+            b"<ping xmlns='urn:xmpp:ping'/></iq>",
+            b'<iq xmlns="jabber:component:accept" type="error" to="bot@gw.example.org"'
+            b' from="example.org" id="q1">',
+        ),
+        (
+            b"<iq type='get' from='bot@gw.example.org' to='example.org'>"
+            b"<ping xmlns='urn:xmpp:ping'/></iq>",
+            b'<iq xmlns="jabber:component:accept" type="error" to="bot@gw.example.org"'
+            b' from="example.org" id="">',
+        ),
+        (
+            b"<iq type='set' id='q2' from='bot@gw.example.org' to='example.org'/>",
+            b'<iq xmlns="jabber:component:accept" type="error" to="bot@gw.example.org"'
+            b' from="example.org" id="q2">',
+        ),
+        (
+            b"<presence type='here' from='bot@gw.example.org' to='alice@example.org'/>",
+            b'<presence xmlns="jabber:component:accept" type="error" to="bot@gw.example.org"'
+            b' from="alice@example.org">',
+        ),
+    ],
+)
+def test_a_malformed_stanza_is_answered_on_the_stream_and_not_routed(
+    stanza: bytes, reply: bytes
+) -> None:
+    stream = new_stream()
+    stream.receive(HEADER)
+    handshake(stream)
+    stream.output()
+    assert stream.receive(stanza) == []
+    out = stream.output()
+    assert out.startswith(reply), out
+    assert b'<bad-request xmlns="urn:ietf:params:xml:ns:xmpp-stanzas"/>' in out
+    assert b'<error type="modify">' in out
+    assert condition(stream) is None and not stream.closed
+
+
+def test_a_component_message_of_unknown_type_is_routed_as_normal() -> None:
+    stream = new_stream()
+    stream.receive(HEADER)
+    handshake(stream)
+    (event,) = stream.receive(
+        b"<message type='shout' from='bot@gw.example.org' to='alice@example.org'/>"
+    )
+    assert isinstance(event, component.StanzaReceived)
+    assert event.stanza.get("type") == "normal"

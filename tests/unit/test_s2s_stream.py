@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from lxml import etree
 
 from xmppd.stream import s2s
@@ -73,6 +74,55 @@ def test_stanza_checks_after_authentication() -> None:
         assert isinstance(events[-1], s2s.StreamEnded)
         assert events[-1].error is not None and events[-1].error.condition == condition
         assert not any(isinstance(e, s2s.StanzaReceived) for e in events)
+
+
+@pytest.mark.parametrize(
+    ("stanza", "reply_id"),
+    [
+        (
+            b"<iq type='bogus' id='q1' from='anna@a.test/x' to='bob@b.test/y'>"
+            b"<ping xmlns='urn:xmpp:ping'/></iq>",
+            "q1",
+        ),
+        (b"<iq from='anna@a.test/x' to='b.test' id='q2'><ping xmlns='urn:xmpp:ping'/></iq>", "q2"),
+        (b"<iq type='get' from='anna@a.test/x' to='b.test'><ping xmlns='urn:xmpp:ping'/></iq>", ""),
+        (b"<iq type='get' id='q3' from='anna@a.test/x' to='bob@b.test/y'/>", "q3"),
+        (
+            b"<presence type='online' id='q4' from='anna@a.test/x' to='bob@b.test'/>",
+            "q4",
+        ),
+    ],
+)
+def test_a_malformed_stanza_is_refused_with_bad_request(stanza: bytes, reply_id: str) -> None:
+    """Answered by a StanzaRefused the driver routes back: this stream is one-way."""
+    stream, _ = incoming_authenticated({"a.test"})
+    stream.receive(HEADER)
+    stream.output()
+    (event,) = stream.receive(stanza)
+    assert isinstance(event, s2s.StanzaRefused)
+    sent = etree.fromstring(stanza)
+    error = event.error
+    assert error.tag == "{jabber:client}" + sent.tag
+    assert error.get("type") == "error" and error.get("id") == reply_id
+    assert error.get("to") == sent.get("from") and error.get("from") == sent.get("to")
+    condition = error.find("{jabber:client}error")
+    assert condition is not None and condition.get("type") == "modify"
+    assert condition.find("{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request") is not None
+    assert stream.output() == b"" and not stream.closed
+
+
+def test_a_response_without_id_from_a_peer_is_dropped() -> None:
+    stream, _ = incoming_authenticated({"a.test"})
+    stream.receive(HEADER)
+    assert stream.receive(b"<iq type='result' from='anna@a.test/x' to='bob@b.test/y'/>") == []
+
+
+def test_a_message_of_unknown_type_from_a_peer_is_routed_as_normal() -> None:
+    stream, _ = incoming_authenticated({"a.test"})
+    stream.receive(HEADER)
+    (event,) = stream.receive(b"<message type='shout' from='anna@a.test' to='bob@b.test'/>")
+    assert isinstance(event, s2s.StanzaReceived)
+    assert event.stanza.get("type") == "normal"
 
 
 def test_stanzas_before_authentication_are_refused() -> None:

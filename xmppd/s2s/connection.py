@@ -188,6 +188,8 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
             if isinstance(event, s2s.StanzaReceived):
                 self.stanzas_in += 1
                 self.service.received(event.stanza)
+            elif isinstance(event, s2s.StanzaRefused):
+                self.service.refused(event.error)
             elif isinstance(event, s2s.TLSRequested):
                 assert self.transport is not None
                 self.transport.pause_reading()

@@ -422,6 +422,11 @@ class S2SService:
             self.server.router.ledger.from_remote += 1
         self.server.router.route(stanza)
 
+    def refused(self, error: etree._Element) -> None:
+        """The <bad-request/> for a malformed stanza a peer sent (its stream refused it):
+        routed back to the sender like any stanza for its domain."""
+        self.server.router.route(error)
+
     def outgoing(self) -> Iterator[S2SConnection]:
         return (c for c in self.connections if c.outgoing)
 

@@ -21,6 +21,7 @@ from lxml import etree
 
 from xmppd.sasl.mechanisms import offered_mechanisms
 from xmppd.stream.errors import StreamError, error_reply
+from xmppd.stream.stanzarules import ROUTABLE_TYPES, bad_request, refusal
 from xmppd.xml import ns
 from xmppd.xml.parser import StreamClosed, StreamOpened, StreamParser
 
@@ -31,7 +32,6 @@ _ABORT = f"{{{ns.SASL}}}abort"
 _BIND = f"{{{ns.BIND}}}bind"
 _SESSION = f"{{{ns.SESSION}}}session"
 _STREAM_TAG = f"{{{ns.STREAMS}}}stream"
-_IQ_TYPES = frozenset({"get", "set", "result", "error"})
 MAX_SASL_FAILURES_PER_STREAM = 5  # RFC 6120 section 6.4.5: "at least 2 and no more than 5"
 TLS_HANDSHAKE = b"\x16\x03"
 """How a TLS ClientHello record starts: a client that expected direct TLS (XEP-0368)
@@ -81,6 +81,9 @@ class StanzaReceived:
     """A stanza from the bound client, 'from' already stamped with its full JID."""
 
     stanza: etree._Element
+    # Its 'type' (None: absent), read once by the stream's checks: the driver's
+    # counts need it too, and an lxml attribute read is the costly part of a check.
+    type: str | None
 
 
 @dataclass(slots=True)
@@ -418,7 +421,7 @@ class C2SStream:
     def _on_element(self, el: etree._Element, events: list[Event]) -> None:
         tag = el.tag
         if tag in ns.STANZA_TAGS:
-            self._on_stanza(el, events)
+            self._on_stanza(el, tag, events)
         elif tag == _STARTTLS:
             if self.phase is not Phase.CONNECTED:
                 raise StreamError("policy-violation", "TLS is already established")
@@ -478,30 +481,47 @@ class C2SStream:
                 events.append(AuthAborted())
             self.sasl_failure("aborted")
 
-    def _on_stanza(self, el: etree._Element, events: list[Event]) -> None:
+    def _on_stanza(self, el: etree._Element, tag: str, events: list[Event]) -> None:
         if self.phase is _BOUND:
             claimed = el.get("from")
             if claimed is not None and claimed not in (self.jid, self.bare_jid):
                 raise StreamError("invalid-from", "'from' does not match the authenticated JID")
             el.set("from", self.jid)  # type: ignore[arg-type]
-            if el.tag == ns.C_IQ and self._is_session_setup(el, events):
+            # A chat message passes on the first test; see xmppd.stream.stanzarules.
+            type_ = el.get("type")
+            if type_ not in ROUTABLE_TYPES[tag]:
+                if self._refused(el, tag):
+                    return
+                type_ = el.get("type")  # a message's unknown type is 'normal' now
+            if tag == ns.C_IQ and self._is_session_setup(el, events):
                 return
-            events.append(StanzaReceived(el))
+            events.append(StanzaReceived(el, type_))
             return
-        if self.phase is Phase.SECURED and el.tag == ns.C_IQ and len(el) == 1:
+        if self.phase is Phase.SECURED and tag == ns.C_IQ and len(el) == 1:
             child_tag = el[0].tag
             if isinstance(child_tag, str) and child_tag[1:].split("}", 1)[0] in (
                 self.settings.preauth_iq_namespaces
             ):
                 events.append(PreAuthIQ(el))
                 return
-        if self.phase is Phase.AUTHENTICATED and el.tag == ns.C_IQ:
+        if self.phase is Phase.AUTHENTICATED and tag == ns.C_IQ:
             bind = el.find(_BIND)
             if el.get("type") == "set" and bind is not None:
                 resource = (bind.findtext(f"{{{ns.BIND}}}resource") or "").strip() or None
                 events.append(BindRequested(el, resource))
                 return
         raise StreamError("not-authorized", "authenticate and bind a resource first")
+
+    def _refused(self, stanza: etree._Element, tag: str) -> bool:
+        """Answer a malformed stanza with <bad-request/> here, on the client's own
+        stream (it goes nowhere else); True if it was one."""
+        text = refusal(stanza, tag)
+        if text is None:
+            return False
+        reply = bad_request(stanza, text)
+        if reply is not None:
+            self.send(reply)
+        return True
 
     def _is_session_setup(self, iq: etree._Element, events: list[Event]) -> bool:
         """Answer the legacy session iq and refuse a second bind, in the stream itself."""

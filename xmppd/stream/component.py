@@ -28,6 +28,7 @@ from lxml import etree
 from xmppd.jid import parse_jid
 from xmppd.stream.base import StreamCore, StreamEnded, attr, renamespace
 from xmppd.stream.errors import StanzaError, StreamError
+from xmppd.stream.stanzarules import ROUTABLE_TYPES, bad_request, refusal
 from xmppd.xml import ns
 from xmppd.xml.parser import StreamOpened
 
@@ -185,4 +186,15 @@ class ComponentStream(StreamCore[Event]):
             raise StreamError("improper-addressing", "malformed 'from' or 'to'") from None
         if sender_domain != self.domain:
             raise StreamError("invalid-from", f"'from' is not in {self.domain}")
-        events.append(StanzaReceived(renamespace(el, COMPONENT, ns.CLIENT)))
+        stanza = renamespace(el, COMPONENT, ns.CLIENT)
+        tag = stanza.tag
+        if stanza.get("type") not in ROUTABLE_TYPES[tag]:
+            text = refusal(stanza, tag)
+            if text is not None:
+                # Malformed (xmppd.stream.stanzarules): answered on this stream, which
+                # carries both ways, and routed nowhere.
+                error = bad_request(stanza, text)
+                if error is not None:
+                    self.send(error)
+                return
+        events.append(StanzaReceived(stanza))

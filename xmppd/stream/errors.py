@@ -112,8 +112,9 @@ def error_reply(
     by: str | None = None,
     app: etree._Element | None = None,
 ) -> etree._Element:
-    """The error answer to `stanza`: addresses swapped, same id, an <error/> child
-    (with `app`, an application-specific condition, after the text)."""
+    """The error answer to `stanza`: addresses swapped, same id (an IQ's always has
+    one), an <error/> child (with `app`, an application-specific condition, after
+    the text)."""
     tag = stanza.tag if isinstance(stanza.tag, str) else ns.C_MESSAGE
     reply = etree.Element(tag, nsmap={None: ns.CLIENT})
     reply.set("type", "error")
@@ -121,8 +122,13 @@ def error_reply(
         value = stanza.get(src)
         if value is not None:
             reply.set(dst, value)
-    if (sid := stanza.get("id")) is not None:
+    sid = stanza.get("id")
+    if sid is not None:
         reply.set("id", sid)
+    elif tag == ns.C_IQ:
+        # RFC 6120 8.2.3: an IQ response carries the request's id, empty when the
+        # request had none (a malformed one, answered with <bad-request/>).
+        reply.set("id", "")
     err = etree.SubElement(reply, ns.C_ERROR)
     err.set("type", type_ or STANZA_CONDITIONS[condition])
     if by:

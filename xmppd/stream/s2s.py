@@ -37,6 +37,7 @@ from lxml import etree
 from xmppd.jid import parse_jid
 from xmppd.stream.base import StreamCore, StreamEnded, attr, renamespace
 from xmppd.stream.errors import StanzaError, StreamError
+from xmppd.stream.stanzarules import ROUTABLE_TYPES, bad_request, refusal
 from xmppd.xml import ns
 from xmppd.xml.parser import StreamOpened
 
@@ -93,6 +94,15 @@ class StanzaReceived:
 
 
 @dataclass(slots=True)
+class StanzaRefused:
+    """Incoming only: the peer sent a malformed stanza (xmppd.stream.stanzarules); route
+    this <bad-request/> back to its sender. Our stream to the peer carries it: this one
+    may be one-way (RFC 6120 4.7.1)."""
+
+    error: etree._Element
+
+
+@dataclass(slots=True)
 class DialbackRequested:
     """Incoming: the peer asks to be `domain` by dialback (XEP-0220 2.1) with `key`;
     ask its authoritative server (db:verify), then call dialback_checked()."""
@@ -115,6 +125,7 @@ Event = (
     | Authenticated
     | AuthFailed
     | StanzaReceived
+    | StanzaRefused
     | DialbackRequested
     | DialbackVerified
     | StreamEnded
@@ -440,7 +451,16 @@ class S2SStream(StreamCore[Event]):
             raise StreamError("invalid-from", "'from' is not the authenticated domain")
         if to_domain not in self.settings.hosts:
             raise StreamError("host-unknown", "this server does not serve that domain")
-        events.append(StanzaReceived(to_client(el)))
+        stanza = to_client(el)
+        tag = stanza.tag
+        if stanza.get("type") not in ROUTABLE_TYPES[tag]:
+            text = refusal(stanza, tag)
+            if text is not None:
+                error = bad_request(stanza, text)
+                if error is not None:
+                    events.append(StanzaRefused(error))
+                return
+        events.append(StanzaReceived(stanza))
 
     def _outgoing_element(self, el: etree._Element, events: list[Event]) -> None:
         tag = el.tag
