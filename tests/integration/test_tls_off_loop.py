@@ -20,6 +20,10 @@ import pytest
 from OpenSSL import SSL
 
 from tests.integration.conftest import StartServer
+from tests.integration.s2s_clients import message_across, signed_in, xmppd_user
+from tests.integration.s2s_peers import XMPPD_ADDRESS, free_port, make_ca
+from tests.integration.test_s2s_xmppd import OTHER_ADDRESS, serve
+from xmppd.server import Server
 from xmppd.tls import ensure_self_signed
 
 SLOW_CALLS = [
@@ -71,3 +75,30 @@ async def test_a_reload_makes_the_new_tls_context_in_a_thread(
     assert f"certificate {cert} (renewed)" in result.changed
     assert on_loop == []
 
+
+async def test_federation_makes_its_tls_contexts_in_a_thread(
+    tmp_path: Path, start_server: StartServer, on_loop: list[str]
+) -> None:
+    """s2s starts while the node already serves its clients, and a first stream to a
+    peer needs the contexts for that peer's CAs: none is made on the loop."""
+    ca = make_ca(tmp_path)
+    ports = {address: free_port(address) for address in (XMPPD_ADDRESS, OTHER_ADDRESS)}
+
+    async def start(domain: str, address: str, other: str, other_address: str) -> Server:
+        listeners: list[dict[str, object]] = [
+            {"address": address, "port": ports[address], "direct_tls": True}
+        ]
+        target = {"host": other_address, "port": ports[other_address], "direct_tls": True}
+        return await serve(start_server, tmp_path / domain, domain, ca, listeners, {other: target})
+
+    b = await start("b.test", XMPPD_ADDRESS, "d.test", OTHER_ADDRESS)
+    d = await start("d.test", OTHER_ADDRESS, "b.test", XMPPD_ADDRESS)
+    await b.accounts["b.test"].register("bob", "bob-secret")
+    await d.accounts["d.test"].register("dora", "dora-secret")
+    logins = (xmppd_user(b), xmppd_user(d, "dora@d.test/home", "dora-secret"))
+    async with signed_in(*logins) as (bob, dora):
+        await message_across(bob, dora, "dora@d.test", "hello d.test")
+    assert b.s2s is not None
+    assert [c.stream.mechanism for c in b.s2s.connections] == ["EXTERNAL"]
+    # Each server's client TLS context is made on the loop at start, before it serves.
+    assert on_loop == ["load_cert_chain from xmppd.tls"] * 2
