@@ -6,8 +6,9 @@ the slow one (18 ms for its 144 CAs, measured). Made on the event loop as a
 stream first needed them, they held up every client of the node, and each
 new `ca_file` did it again. The set needed is known from the config
 (`s2s.ca_file` and each domain's), so `S2SService.start` makes them all at
-once in a thread and streams only look them up; a file that cannot be used
-stops the start instead of failing one peer's stream later.
+once in a thread and streams only look them up; a CA file that cannot be
+used stops the start with one line that names it (TLSError), instead of
+failing one peer's stream later.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from OpenSSL import SSL
 
 from xmppd.s2s.config import S2SConfig
 from xmppd.s2s.tlsaccept import server_context
+from xmppd.tls import TLSError
 
 ALPN = "xmpp-server"  # the ALPN protocol of direct TLS server streams (XEP-0368)
 
@@ -42,8 +44,16 @@ class S2SContexts:
 
 
 def make_contexts(config: S2SConfig, cert: Path, key: Path) -> S2SContexts:
-    """All of them, for our `cert` and `key` (blocking: call it in a thread)."""
+    """All of them, for our `cert` and `key` (blocking: call it in a thread). The
+    outgoing ones first: each CA file is read there first, and refused by name."""
     named = {p.ca_file for p in config.domains.values() if p.ca_file is not None}
+    # A domain without a ca_file of its own takes s2s.ca_file (None: the system's).
+    outgoing: set[Path | None] = {*named, config.ca_file}
+    connect = {
+        (ca_file, alpn): _client_context(cert, key, ca_file, alpn)
+        for ca_file in outgoing
+        for alpn in (False, True)
+    }
     # Incoming, OpenSSL judges a certificate the peer sends against every CA we trust
     # for any peer (which peer it is, we learn only from the stream header) without
     # failing the handshake (a peer we do not trust may still use dialback); its names
@@ -60,13 +70,6 @@ def make_contexts(config: S2SConfig, cert: Path, key: Path) -> S2SContexts:
         )
         for direct in (False, True)
     }
-    # A domain without a ca_file of its own takes s2s.ca_file (None: the system's).
-    outgoing: set[Path | None] = {*named, config.ca_file}
-    connect = {
-        (ca_file, alpn): _client_context(cert, key, ca_file, alpn)
-        for ca_file in outgoing
-        for alpn in (False, True)
-    }
     return S2SContexts(accept, connect, _verify_context(cert, key))
 
 
@@ -81,7 +84,13 @@ def _client_context(cert: Path, key: Path, ca_file: Path | None, alpn: bool) -> 
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     if ca_file is not None:
-        ctx.load_verify_locations(cafile=str(ca_file))
+        try:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or exc
+            raise TLSError(
+                f"s2s: CA file {ca_file}: no usable certificate in it ({reason})"
+            ) from None
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     ctx.load_cert_chain(cert, key)
