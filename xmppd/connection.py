@@ -65,6 +65,8 @@ class C2SConnection(asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop | None = None  # set at connection_made
         self._note_input: Callable[[object], None] = batchloop.input_hook(None)
         self._tls: TLSLayer | None = None
+        # The certificate self._tls presents, for channel binding (see _begin_tls).
+        self._cert_der = b""
         self._closing = False  # our TLS close_notify is sent: the transport closes next
         self.ip = "?"
         self.stream = c2s.C2SStream(server.stream_settings(direct_tls))
@@ -106,7 +108,7 @@ class C2SConnection(asyncio.Protocol):
             if not self._counted:  # nothing to tell it on before TLS: the node logged why
                 tcp.abort()
                 return
-            self._tls = TLSLayer(self.server.tls.context)  # the stream opens after the handshake
+            self._tls = self._begin_tls()  # the stream opens after the handshake
         else:
             self._open()
 
@@ -273,7 +275,7 @@ class C2SConnection(asyncio.Protocol):
             elif isinstance(event, c2s.TLSRequested):
                 # <proceed/> leaves in plaintext; every byte read after it is TLS.
                 self._flush()
-                self._tls = TLSLayer(self.server.tls.context)
+                self._tls = self._begin_tls()
             elif isinstance(event, c2s.PreAuthIQ):
                 self.server.router.spawn(self._preauth_iq(event.iq))
             elif isinstance(event, c2s.NonzaReceived):
@@ -472,10 +474,19 @@ class C2SConnection(asyncio.Protocol):
                 return  # stream management keeps it, waiting to be resumed
             self.server.session_ended(session)
 
+    def _begin_tls(self) -> TLSLayer:
+        """This connection's TLS, with the certificate it presents noted: a reload may
+        replace `server.tls` before the handshake ends, and tls-server-end-point must
+        be computed from the certificate this client is shown, not the renewed one
+        (else its SCRAM-*-PLUS fails)."""
+        server_tls = self.server.tls
+        self._cert_der = server_tls.cert_der
+        return TLSLayer(server_tls.context)
+
     def _channel_bindings(self) -> dict[str, bytes]:
         if self._tls is None:
             return {}
-        return connection_channel_bindings(self._tls.ssl_object, self.server.tls.cert_der)
+        return connection_channel_bindings(self._tls.ssl_object, self._cert_der)
 
     def _auth_timeout(self) -> None:
         self._auth_timer = None

@@ -43,9 +43,7 @@ from xmppd.stream.errors import StreamError
 from xmppd.tls import (
     ServerTLS,
     TLSError,
-    check_pair,
     ensure_self_signed,
-    reload_tls,
     server_tls,
 )
 from xmppd.traffic import Traffic
@@ -336,8 +334,8 @@ class Server:
         async with self._reloading:
             old = self.config
             try:
-                new, options, pair = await asyncio.to_thread(self._check_reload, old)
-                renewed = self._apply_reload(old, new, options, pair)
+                new, options, tls = await asyncio.to_thread(self._check_reload, old)
+                renewed = self._apply_reload(old, new, options, tls)
                 await self.modules.toggle(options)
                 self._settings.clear()  # the stream features of the modules now enabled
             except ConfigError as exc:
@@ -348,9 +346,10 @@ class Server:
             log.info("%s", result.summary())
             return result
 
-    def _check_reload(self, old: Config) -> tuple[Config, dict[str, Any], tuple[Path, Path]]:
-        """Load and check the file against the running node (in a thread: it reads files);
-        ConfigError lists every reason it cannot be applied."""
+    def _check_reload(self, old: Config) -> tuple[Config, dict[str, Any], ServerTLS]:
+        """Load and check the file against the running node, and make the new TLS
+        context whole (in a thread: it reads files and parses the key, which the loop
+        must not wait for); ConfigError lists every reason it cannot be applied."""
         if self.load is None:
             raise ConfigError(["this node was not started from a file: there is nothing to reload"])
         new = self.load()
@@ -373,21 +372,22 @@ class Server:
                 pair = ensure_self_signed(new.data_dir, list(new.hosts))
             else:
                 pair = new.tls.cert, new.tls.key
-            check_pair(*pair)
+            tls = server_tls(*pair, new.tls.min_version)
         except (TLSError, OSError) as exc:
             raise ConfigError([new.source.problem(("tls", "cert"), str(exc))]) from None
-        return new, options, pair
+        return new, options, tls
 
     def _apply_reload(
-        self, old: Config, new: Config, options: dict[str, Any], pair: tuple[Path, Path]
+        self, old: Config, new: Config, options: dict[str, Any], tls: ServerTLS
     ) -> list[str]:
         """Make the checked `new` config the node's; what changed that the config does
-        not show (a renewed certificate)."""
+        not show (a renewed certificate). Nothing here may fail or wait: the node is
+        changed all at once, in one turn of the loop."""
         before = self.tls.cert_der
-        try:
-            self.tls = reload_tls(self.tls, *pair, new.tls.min_version)
-        except TLSError as exc:  # the files changed again since they were checked
-            raise ConfigError([new.source.problem(("tls", "cert"), str(exc))]) from None
+        # New handshakes take the new context; a connection keeps the ServerTLS its
+        # handshake began with (C2SConnection._begin_tls), so its channel binding
+        # names the certificate it was shown.
+        self.tls = tls
         self.config = new
         self.modules.reconfigure(new, options)
         iterations = new.auth.scram_iterations
@@ -415,8 +415,9 @@ class Server:
             set_level(new.log_level)  # else a level set by xmppctl log-level stays
         if self.log_output is not None:
             self.log_output.apply(old, new)
-        if self.tls.cert_der != before and pair == (old.tls.cert, old.tls.key):
-            return [f"certificate {pair[0]} (renewed)"]
+        same_files = (new.tls.cert, new.tls.key) == (old.tls.cert, old.tls.key)
+        if tls.cert_der != before and same_files and new.tls.cert is not None:
+            return [f"certificate {tls.cert_path} (renewed)"]
         return []
 
     # --- what connections ask of the node ------------------------------------------------

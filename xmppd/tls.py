@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ServerTLS:
+    """The client TLS of a node: made whole (off the event loop) at start and by each
+    reload, then swapped in; a connection keeps the one its handshake began with."""
+
     context: ssl.SSLContext
     cert_path: Path
     cert_der: bytes  # what channel binding (tls-server-end-point) is computed from
@@ -31,32 +34,15 @@ class TLSError(Exception):
 
 
 def server_tls(cert: Path, key: Path, min_version: str = "1.2") -> ServerTLS:
-    """A server context for `cert` (PEM chain) and `key`; TLSError says what is wrong."""
+    """A server context for `cert` (PEM chain) and `key`; TLSError says what is wrong.
+    It reads files and parses keys (a few ms for RSA-4096): a running node calls it in
+    a thread."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _version(min_version)
     der = _load_pair(ctx, cert, key)
     ctx.set_alpn_protocols(["xmpp-client"])  # XEP-0368
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     return ServerTLS(ctx, cert, der)
-
-
-def check_pair(cert: Path, key: Path) -> bytes:
-    """The certificate's DER if the pair can be used, else TLSError (nothing live changes)."""
-    return _load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
-
-
-def reload_tls(current: ServerTLS, cert: Path, key: Path, min_version: str) -> ServerTLS:
-    """Put a new certificate, key and minimum version into the live context (new
-    handshakes get them).
-
-    The pair is first checked in a fresh context, so a bad file (TLSError)
-    leaves the live one as it was; listeners keep their context object, which
-    is why it is updated in place rather than replaced.
-    """
-    check_pair(cert, key)
-    der = _load_pair(current.context, cert, key)
-    current.context.minimum_version = _version(min_version)
-    return ServerTLS(current.context, cert, der)
 
 
 def _version(min_version: str) -> ssl.TLSVersion:

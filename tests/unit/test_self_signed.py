@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xmppd.tls import check_pair, ensure_self_signed
+from xmppd.tls import ensure_self_signed, server_tls
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,7 +22,7 @@ WORKERS = 8
 def _make(data_dir: str, start: multiprocessing.synchronize.Barrier) -> None:
     start.wait()
     cert, key = ensure_self_signed(Path(data_dir), ["localhost"])
-    check_pair(cert, key)  # raises in this process if its pair is torn
+    server_tls(cert, key)  # raises in this process if its pair is torn
 
 
 def test_workers_starting_at_once_share_one_whole_pair(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_workers_starting_at_once_share_one_whole_pair(tmp_path: Path) -> None:
             worker.join(30)
         assert [w.exitcode for w in workers] == [0] * WORKERS
         cert, key = ensure_self_signed(data_dir, ["localhost"])
-        check_pair(cert, key)
+        server_tls(cert, key)
         assert sorted(p.name for p in cert.parent.iterdir()) == [
             ".selfsigned.lock",
             "selfsigned.crt",

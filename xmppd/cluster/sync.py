@@ -11,7 +11,8 @@ only ever lost while this node's connection to Redis is broken, and every
 reconnect (redis-py reconnects the subscription by itself; we hook that)
 reads the whole table again, which holds the truth, before applying what
 comes next. So the replica is stale for at most the time the connection is
-down plus one table read: during that window this node may still route to
+down plus one table read and its replay (in slices, between which the
+node serves its clients: `ClusterDirectory.load`): during that window this node may still route to
 a resource that left (the stanza then reaches its old node, which no longer
 has it and routes it as any stanza for an absent resource: other resources
 or offline storage) or not know a resource that arrived (a message to the
@@ -147,7 +148,7 @@ class ReplicaSync:
     async def _load(self) -> None:
         self._reload = False
         seqs = await self.redis.hgetall(schema.SEQS)
-        self.directory.load(await read_table(self.redis))
+        await self.directory.load(await read_table(self.redis))  # in slices: see load
         for node, seq in seqs.items():
             self._advance(node.decode() if isinstance(node, bytes) else node, int(seq))
         self.loads += 1

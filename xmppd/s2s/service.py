@@ -25,7 +25,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import ssl
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,8 +38,8 @@ from OpenSSL import SSL
 from xmppd.jid import parse_jid
 from xmppd.s2s.config import S2SConfig
 from xmppd.s2s.connection import S2SConnection
+from xmppd.s2s.contexts import S2SContexts, make_contexts
 from xmppd.s2s.resolve import NoService, Resolver
-from xmppd.s2s.tlsaccept import server_context
 from xmppd.stream.errors import StanzaError, StreamError
 from xmppd.stream.s2s import DialbackRequested, S2SSettings, S2SStream
 from xmppd.xml import ns
@@ -49,8 +48,6 @@ if TYPE_CHECKING:
     from xmppd.server import Server
 
 log = logging.getLogger("xmppd.s2s")
-
-ALPN = "xmpp-server"  # the ALPN protocol of direct TLS server streams (XEP-0368)
 
 
 class _Served:
@@ -96,9 +93,7 @@ class S2SService:
         self._addresses: dict[S2SConnection, str] = {}
         self.listening: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
-        self._client_contexts: dict[tuple[Path | None, bool], ssl.SSLContext] = {}
-        self._accept_contexts: dict[bool, SSL.Context] = {}
-        self._verify_context: ssl.SSLContext | None = None
+        self._tls: S2SContexts  # set by start()
         self._sweep: asyncio.TimerHandle | None = None
         self._stopped = False
         # Outgoing streams that could not be set up, by bounce condition (/metrics).
@@ -109,7 +104,8 @@ class S2SService:
     async def start(self, cert: Path, key: Path, dialback_secret: bytes) -> None:
         """Listen; `dialback_secret` is shared by every node of a cluster (any of them
         may be asked to vouch for a key another sent)."""
-        self._cert = cert, key
+        # In a thread: the node already serves its clients (xmppd/s2s/contexts.py).
+        self._tls = await asyncio.to_thread(make_contexts, self.config, cert, key)
         secret = hashlib.sha256(dialback_secret).digest()
 
         def dialback_key(receiving: str, originating: str, stream_id: str) -> str:
@@ -118,8 +114,6 @@ class S2SService:
             return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
         self.settings.dialback_key = dialback_key
-        for direct in (False, True):
-            self._accept_contexts[direct] = self._make_server_context(alpn=direct)
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
             # Plain TCP either way: the connection runs TLS itself (xmppd/s2s/tlsaccept.py).
@@ -241,7 +235,7 @@ class S2SService:
             remote=link.remote,
             dialback=self.config.dialback_to(link.remote),
         )
-        context = self._client_context(link.remote)
+        context = self._tls.for_peer(self.config, link.remote)
         factory = functools.partial(S2SConnection, self, stream, context, direct_tls)
         loop = asyncio.get_running_loop()
         if direct_tls:
@@ -249,7 +243,7 @@ class S2SService:
                 factory,
                 address,
                 port,
-                ssl=self._client_context(link.remote, alpn=True),
+                ssl=self._tls.for_peer(self.config, link.remote, alpn=True),
                 server_hostname=link.remote,
                 ssl_handshake_timeout=self.config.connect_timeout,
             )
@@ -288,7 +282,7 @@ class S2SService:
         return S2SConnection(self, S2SStream(self.settings), None, direct_tls=direct_tls)
 
     def accept_context(self, direct_tls: bool) -> SSL.Context:
-        return self._accept_contexts[direct_tls]
+        return self._tls.accept[direct_tls]
 
     # --- incoming dialback (XEP-0220) ---------------------------------------------------
 
@@ -335,7 +329,7 @@ class S2SService:
             remote=request.domain,
             verify=(request.key, request.stream_id),
         )
-        context = self._verify_tls_context()
+        context = self._tls.verify
         factory = functools.partial(S2SConnection, self, stream, context, direct_tls)
         loop = asyncio.get_running_loop()
         if direct_tls:
@@ -351,19 +345,6 @@ class S2SService:
         if conn.verdict is None:
             raise ConnectionError(f"{request.domain} did not answer db:verify")
         return conn.verdict
-
-    def _verify_tls_context(self) -> ssl.SSLContext:
-        """TLS for db:verify streams: encrypted, the server not authenticated by its
-        certificate (dialback trusts DNS for that, XEP-0220 3; a peer that needs
-        dialback usually has no certificate we trust), ours presented."""
-        if self._verify_context is None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            ctx.load_cert_chain(*self._cert)
-            self._verify_context = ctx
-        return self._verify_context
 
     def connection_opened(self, conn: S2SConnection, address: str) -> bool:
         """Count the connection; False for an incoming one from an address that already
@@ -444,43 +425,3 @@ class S2SService:
                 conn.close()
         self._schedule_sweep()
 
-    # --- TLS ----------------------------------------------------------------------------
-
-    def _make_server_context(self, alpn: bool = False) -> SSL.Context:
-        """Incoming: our certificate, and the peer's asked for. OpenSSL judges a
-        certificate the peer sends against every CA we trust for any peer (which peer
-        it is, we learn only from the stream header) without failing the handshake
-        (a peer we do not trust may still use dialback); its names are checked after.
-        `alpn`: the direct TLS listeners' context, which selects 'xmpp-server' when the
-        peer offers it (XEP-0368; a peer that offers no ALPN is served too)."""
-        files = {p.ca_file for p in self.config.domains.values() if p.ca_file is not None}
-        if self.config.ca_file is not None:
-            files.add(self.config.ca_file)
-        return server_context(
-            *self._cert,
-            files,
-            system_cas=self.config.ca_file is None,
-            alpn=ALPN.encode() if alpn else None,
-        )
-
-    def _client_context(self, remote: str, alpn: bool = False) -> ssl.SSLContext:
-        """Outgoing: the peer's certificate must chain to its CAs (the domain's
-        `ca_file`, else `s2s.ca_file`, else the system's); we present ours for
-        SASL EXTERNAL. The name is checked by us (RFC 9525), not by OpenSSL.
-        `alpn`: for direct TLS, which offers 'xmpp-server' (XEP-0368)."""
-        ca_file = self.config.policy(remote).ca_file or self.config.ca_file
-        ctx = self._client_contexts.get((ca_file, alpn))
-        if ctx is None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            if alpn:
-                ctx.set_alpn_protocols([ALPN])
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            if ca_file is not None:
-                ctx.load_verify_locations(cafile=str(ca_file))
-            else:
-                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-            ctx.load_cert_chain(*self._cert)
-            self._client_contexts[(ca_file, alpn)] = ctx
-        return ctx

@@ -1,0 +1,104 @@
+"""A serving node loads no certificate, key or CA file on its event loop's thread.
+
+Each such load reads files and parses keys (a few ms for an RSA-4096 key, 18 ms
+for the system's 144 CAs): every client of the node waits that long. The
+calls that do it (Python's `ssl` and pyOpenSSL's) are wrapped here so that
+each call made from xmppd's code on the loop's thread is noted; the calls
+still do their work, and the servers are real.
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from OpenSSL import SSL
+
+from tests.integration.conftest import StartServer
+from tests.integration.s2s_clients import message_across, signed_in, xmppd_user
+from tests.integration.s2s_peers import XMPPD_ADDRESS, free_port, make_ca
+from tests.integration.test_s2s_xmppd import OTHER_ADDRESS, serve
+from xmppd.server import Server
+from xmppd.tls import ensure_self_signed
+
+SLOW_CALLS = [
+    (ssl.SSLContext, "load_cert_chain"),
+    (ssl.SSLContext, "load_verify_locations"),
+    (ssl.SSLContext, "load_default_certs"),
+    (SSL.Context, "use_certificate_chain_file"),
+    (SSL.Context, "use_privatekey_file"),
+    (SSL.Context, "load_verify_locations"),
+    (SSL.Context, "set_default_verify_paths"),
+]
+"""The methods that read a certificate, key or CA file (or the system's trust store)."""
+
+
+@pytest.fixture
+def on_loop(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Filled with "method from module" for each SLOW_CALLS call xmppd's code makes on
+    this thread, the one the test's event loop (and the servers) run on."""
+    loop_thread = threading.get_ident()
+    calls: list[str] = []
+    for cls, name in SLOW_CALLS:
+        real = getattr(cls, name)
+
+        def noted(
+            self: object, *args: object, _real: Any = real, _name: str = name, **kwargs: object
+        ) -> object:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if threading.get_ident() == loop_thread and caller.startswith("xmppd."):
+                calls.append(f"{_name} from {caller}")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, noted)
+    return calls
+
+
+async def test_a_reload_makes_the_new_tls_context_in_a_thread(
+    tmp_path: Path, start_server: StartServer, on_loop: list[str]
+) -> None:
+    first = ensure_self_signed(tmp_path / "first", ["localhost"])
+    second = ensure_self_signed(tmp_path / "second", ["localhost"])
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    shutil.copy(first[0], cert)
+    shutil.copy(first[1], key)
+    server = await start_server(tls={"cert": str(cert), "key": str(key)})
+    shutil.copy(second[0], cert)
+    shutil.copy(second[1], key)
+    on_loop.clear()  # what start did before it served (the client context) is not asked
+    result = await server.reload()
+    assert f"certificate {cert} (renewed)" in result.changed
+    assert on_loop == []
+
+
+async def test_federation_makes_its_tls_contexts_in_a_thread(
+    tmp_path: Path, start_server: StartServer, on_loop: list[str]
+) -> None:
+    """s2s starts while the node already serves its clients, and a first stream to a
+    peer needs the contexts for that peer's CAs: none is made on the loop."""
+    ca = make_ca(tmp_path)
+    ports = {address: free_port(address) for address in (XMPPD_ADDRESS, OTHER_ADDRESS)}
+
+    async def start(domain: str, address: str, other: str, other_address: str) -> Server:
+        listeners: list[dict[str, object]] = [
+            {"address": address, "port": ports[address], "direct_tls": True}
+        ]
+        target = {"host": other_address, "port": ports[other_address], "direct_tls": True}
+        return await serve(start_server, tmp_path / domain, domain, ca, listeners, {other: target})
+
+    b = await start("b.test", XMPPD_ADDRESS, "d.test", OTHER_ADDRESS)
+    d = await start("d.test", OTHER_ADDRESS, "b.test", XMPPD_ADDRESS)
+    await b.accounts["b.test"].register("bob", "bob-secret")
+    await d.accounts["d.test"].register("dora", "dora-secret")
+    logins = (xmppd_user(b), xmppd_user(d, "dora@d.test/home", "dora-secret"))
+    async with signed_in(*logins) as (bob, dora):
+        await message_across(bob, dora, "dora@d.test", "hello d.test")
+    assert b.s2s is not None
+    assert [c.stream.mechanism for c in b.s2s.connections] == ["EXTERNAL"]
+    # Each server's client TLS context is made on the loop at start, before it serves.
+    assert on_loop == ["load_cert_chain from xmppd.tls"] * 2

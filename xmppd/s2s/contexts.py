@@ -1,0 +1,109 @@
+"""Every TLS context federation uses, made together at start, in a thread.
+
+Making one reads files and parses keys: our certificate and key in each, and
+the CAs a peer's certificate must chain to, the system's trust store being
+the slow one (18 ms for its 144 CAs, measured). Made on the event loop as a
+stream first needed them, they held up every client of the node, and each
+new `ca_file` did it again. The set needed is known from the config
+(`s2s.ca_file` and each domain's), so `S2SService.start` makes them all at
+once in a thread and streams only look them up; a CA file that cannot be
+used stops the start with one line that names it (TLSError), instead of
+failing one peer's stream later.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from OpenSSL import SSL
+
+from xmppd.s2s.config import S2SConfig
+from xmppd.s2s.tlsaccept import server_context
+from xmppd.tls import TLSError
+
+ALPN = "xmpp-server"  # the ALPN protocol of direct TLS server streams (XEP-0368)
+
+
+@dataclass(frozen=True, slots=True)
+class S2SContexts:
+    """`accept`: incoming, by whether the listener is direct TLS. `connect`: outgoing,
+    by the CA file the peer's certificate must chain to (None: the system's) and by
+    whether ALPN is offered (direct TLS). `verify`: db:verify streams."""
+
+    accept: dict[bool, SSL.Context]
+    connect: dict[tuple[Path | None, bool], ssl.SSLContext]
+    verify: ssl.SSLContext
+
+    def for_peer(self, config: S2SConfig, remote: str, alpn: bool = False) -> ssl.SSLContext:
+        """The outgoing context for `remote`: its domain's `ca_file`, else `s2s.ca_file`,
+        else the system's CAs."""
+        ca_file = config.policy(remote).ca_file or config.ca_file
+        return self.connect[(ca_file, alpn)]
+
+
+def make_contexts(config: S2SConfig, cert: Path, key: Path) -> S2SContexts:
+    """All of them, for our `cert` and `key` (blocking: call it in a thread). The
+    outgoing ones first: each CA file is read there first, and refused by name."""
+    named = {p.ca_file for p in config.domains.values() if p.ca_file is not None}
+    # A domain without a ca_file of its own takes s2s.ca_file (None: the system's).
+    outgoing: set[Path | None] = {*named, config.ca_file}
+    connect = {
+        (ca_file, alpn): _client_context(cert, key, ca_file, alpn)
+        for ca_file in outgoing
+        for alpn in (False, True)
+    }
+    # Incoming, OpenSSL judges a certificate the peer sends against every CA we trust
+    # for any peer (which peer it is, we learn only from the stream header) without
+    # failing the handshake (a peer we do not trust may still use dialback); its names
+    # are checked after. The direct TLS listeners' context selects 'xmpp-server' when
+    # the peer offers it (XEP-0368; a peer that offers no ALPN is served too).
+    incoming = named | ({config.ca_file} if config.ca_file is not None else set())
+    accept = {
+        direct: server_context(
+            cert,
+            key,
+            incoming,
+            system_cas=config.ca_file is None,
+            alpn=ALPN.encode() if direct else None,
+        )
+        for direct in (False, True)
+    }
+    return S2SContexts(accept, connect, _verify_context(cert, key))
+
+
+def _client_context(cert: Path, key: Path, ca_file: Path | None, alpn: bool) -> ssl.SSLContext:
+    """Outgoing: the peer's certificate must chain to `ca_file` (None: the system's
+    CAs); we present ours for SASL EXTERNAL. The name is checked by us (RFC 9525),
+    not by OpenSSL. `alpn`: for direct TLS, which offers 'xmpp-server' (XEP-0368)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if alpn:
+        ctx.set_alpn_protocols([ALPN])
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or exc
+            raise TLSError(
+                f"s2s: CA file {ca_file}: no usable certificate in it ({reason})"
+            ) from None
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _verify_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS for db:verify streams: encrypted, the server not authenticated by its
+    certificate (dialback trusts DNS for that, XEP-0220 3; a peer that needs
+    dialback usually has no certificate we trust), ours presented."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(cert, key)
+    return ctx
