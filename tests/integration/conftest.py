@@ -9,6 +9,7 @@ fail in CI (tests/storage/services.py).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,6 +33,11 @@ from xmppd.storage.devservices import LocalService
 StartServer = Callable[..., Awaitable[Server]]
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+
+STOP_TIMEOUT = 30
+"""Seconds a server gets to stop in teardown. pytest-timeout bounds the test, not the
+teardown after it timed out: a stop that hangs (what may have made it time out) would
+stall the run instead of failing it."""
 
 
 def write_config(tmp_path: Path, **sections: Any) -> Path:
@@ -135,8 +141,17 @@ async def start_server(
         return server
 
     yield start
+    # Every server stopped even if another fails to (its ports and storage would leak
+    # into the tests after it); then what failed is raised.
+    failed: list[Exception] = []
     for server in servers:
-        await server.stop()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await server.stop()
+        except Exception as exc:
+            failed.append(exc)
+    if failed:
+        raise ExceptionGroup("servers that did not stop cleanly", failed)
 
 
 @pytest.fixture
