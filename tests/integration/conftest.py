@@ -24,6 +24,7 @@ from tests.storage.services import (  # noqa: F401  (fixtures)
     redis_service,
     seaweedfs_service,
     service_factory,
+    unavailable,
 )
 from xmppd.config import load_config
 from xmppd.server import Server
@@ -65,7 +66,8 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
 
 def unwritable_dir(tmp_path: Path) -> Path:
     """A folder this process cannot write in: a chmod 555 one, or (as root, who may
-    write there anyway) a kernel folder that refuses even root; else the test skips."""
+    write there anyway) a kernel folder that refuses even root; else the test skips
+    (fails in CI, which runs as root on a machine with /sys)."""
     candidates = [tmp_path / "read-only", Path("/sys/kernel")]
     candidates[0].mkdir()
     candidates[0].chmod(0o555)
@@ -75,7 +77,7 @@ def unwritable_dir(tmp_path: Path) -> Path:
         except OSError:
             return folder
         (folder / ".probe").unlink()
-    pytest.skip("no folder here refuses writes to this user")
+    unavailable("no folder here refuses writes to this user")
 
 
 @pytest.fixture(params=["embedded", "cloud"])
