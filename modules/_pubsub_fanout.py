@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from xmppd.modulehost import ModuleHost
-from xmppd.router import Routed
+from xmppd.modulehost import ModuleHost, Routed
 from xmppd.session import ClientSession
 
 FANOUT = "urn:xmppd:pubsub:fanout"

@@ -37,13 +37,12 @@ from urllib.parse import quote
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from xmppd.modulehost import IqRequest, Module, storage_call
+from xmppd.modulehost import IqRequest, Module, Routed, storage_call
 from xmppd.modules.caps import CAPS, DISCO_INFO, Identity, verification_string
 from xmppd.modules.disco import DISCO_ITEMS, Disco
 from xmppd.modules.private import Private
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.modules.vcard import VCard
-from xmppd.router import Routed
 from xmppd.session import ClientSession
 from xmppd.storage.base import Contended, Item, StorageError
 from xmppd.stream.errors import StanzaError

@@ -22,9 +22,8 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from xmppd.jid import JID, InvalidJID
-from xmppd.modulehost import Module, storage_call
+from xmppd.modulehost import Module, Routed, storage_call
 from xmppd.modules.roster import RosterModule
-from xmppd.router import Routed
 from xmppd.storage.base import Contended, Item, StorageError
 from xmppd.stream.errors import StanzaError, error_from, error_reply
 

@@ -9,6 +9,7 @@ fail in CI (tests/storage/services.py).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.storage.services import (  # noqa: F401  (fixtures)
     redis_service,
     seaweedfs_service,
     service_factory,
+    unavailable,
 )
 from xmppd.config import load_config
 from xmppd.server import Server
@@ -32,6 +34,11 @@ from xmppd.storage.devservices import LocalService
 StartServer = Callable[..., Awaitable[Server]]
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+
+STOP_TIMEOUT = 30
+"""Seconds a server gets to stop in teardown. pytest-timeout bounds the test, not the
+teardown after it timed out: a stop that hangs (what may have made it time out) would
+stall the run instead of failing it."""
 
 
 def write_config(tmp_path: Path, **sections: Any) -> Path:
@@ -59,7 +66,8 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
 
 def unwritable_dir(tmp_path: Path) -> Path:
     """A folder this process cannot write in: a chmod 555 one, or (as root, who may
-    write there anyway) a kernel folder that refuses even root; else the test skips."""
+    write there anyway) a kernel folder that refuses even root; else the test skips
+    (fails in CI, which runs as root on a machine with /sys)."""
     candidates = [tmp_path / "read-only", Path("/sys/kernel")]
     candidates[0].mkdir()
     candidates[0].chmod(0o555)
@@ -69,7 +77,7 @@ def unwritable_dir(tmp_path: Path) -> Path:
         except OSError:
             return folder
         (folder / ".probe").unlink()
-    pytest.skip("no folder here refuses writes to this user")
+    unavailable("no folder here refuses writes to this user")
 
 
 @pytest.fixture(params=["embedded", "cloud"])
@@ -135,8 +143,17 @@ async def start_server(
         return server
 
     yield start
+    # Every server stopped even if another fails to (its ports and storage would leak
+    # into the tests after it); then what failed is raised.
+    failed: list[Exception] = []
     for server in servers:
-        await server.stop()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await server.stop()
+        except Exception as exc:
+            failed.append(exc)
+    if failed:
+        raise ExceptionGroup("servers that did not stop cleanly", failed)
 
 
 @pytest.fixture

@@ -22,6 +22,10 @@ from xmppd.storage.factory import open_storage
 FILE_POLL = 0.02
 """Seconds between looks at a log file for a line not there yet (a file has no event)."""
 
+STOP_TIMEOUT = 15
+"""Seconds a node gets to exit after SIGTERM, then to close its stderr; past that it is
+killed: a teardown after a test timed out has no bound of its own (pytest-timeout)."""
+
 
 class Node:
     """One running xmppd; `lines` is every stderr line so far. With `log_file`, `line`
@@ -42,7 +46,11 @@ class Node:
             stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         node = cls(proc, log_file)
-        await node.line("xmppd ready", timeout=30)
+        try:
+            await node.line("xmppd ready", timeout=30)
+        except BaseException:
+            await node.kill()  # not left running (with its ports) after the test
+            raise
         found = re.findall(r"listening: c2s (STARTTLS|direct TLS).* port (\d+)", node.text())
         node.ports = {kind: int(port) for kind, port in found}
         return node
@@ -107,11 +115,24 @@ class Node:
         return mark
 
     async def stop(self) -> None:
+        """SIGTERM, then the node must exit with 0 within STOP_TIMEOUT; killed if not."""
+        try:
+            if self.proc.returncode is None:
+                self.proc.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    code = await self.proc.wait()
+                assert code == 0, f"xmppd exited with {code}:\n{self.text()[-3000:]}"
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self._reader
+        finally:
+            await self.kill()
+
+    async def kill(self) -> None:
+        """SIGKILL unless it has exited, and stop reading its stderr."""
         if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            code = await asyncio.wait_for(self.proc.wait(), 15)
-            assert code == 0, f"xmppd exited with {code}:\n{self.text()[-3000:]}"
-        await self._reader
+            self.proc.kill()
+            await self.proc.wait()
+        self._reader.cancel()
 
 
 def write_yaml(path: Path, config: dict[str, Any]) -> Path:

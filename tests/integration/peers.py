@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -233,6 +234,7 @@ def prosody_export(host: str, into: Path) -> Path:
         ["runuser", "-u", "prosody", "--", PROSODY, "--config", str(config), "-F"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a group of its own: runuser and Prosody killed together
     )
     try:
         _wait_port(port, server, folder / "prosody.log")
@@ -246,7 +248,17 @@ def prosody_export(host: str, into: Path) -> Path:
         _run("unshare", "--mount", "--propagation", "private", "sh", "-c", mount)
         shutil.copytree(folder / "out", into)
     finally:
-        server.terminate()
-        server.wait(STEP_TIMEOUT)
+        _stop(server)
         shutil.rmtree(folder, ignore_errors=True)
     return into
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (runuser passes it on to Prosody), then SIGKILL to its whole group if it
+    has not exited within STEP_TIMEOUT: a Prosody that hangs is not left running."""
+    server.terminate()
+    try:
+        server.wait(STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)  # runuser would not pass SIGKILL on
+        server.wait()

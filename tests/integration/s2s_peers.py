@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import shutil
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.storage.services import in_ci
 from xmppd.s2s.identity import ID_ON_XMPPADDR
 
 PROSODY = "/usr/bin/prosody"
@@ -46,7 +46,7 @@ def require(available: bool, missing: str, ci_needs: str) -> None:
     in CI fail it instead (`ci_needs`): there the federation tests must run."""
     if available:
         return
-    if os.environ.get("CI"):
+    if in_ci():
         raise RuntimeError(ci_needs)
     pytest.skip(missing, allow_module_level=True)
 

@@ -64,9 +64,9 @@ async def test_a_busy_node_gathers_input_for_its_window_and_a_reload_changes_it(
     users = {"alice": "secret", "bob": "secret", "carol": "secret"}
     await register(config, "localhost", users)
     node = await Node.start(config)
-    assert f"event loop: uvloop, batch window {WINDOW_MS} ms" in node.text()
     clients: list[Client] = []
-    try:
+    try:  # from here on the node is stopped whatever fails
+        assert f"event loop: uvloop, batch window {WINDOW_MS} ms" in node.text()
         for user in users:
             clients.append(await login(node, f"{user}@localhost"))
         alice, bob, carol = clients

@@ -78,8 +78,9 @@ async def test_sighup_applies_a_limit_and_a_certificate_to_new_connections_only(
     path = write_yaml(tmp_path / "xmppd.yml", config)
     await register(path, "localhost", {"alice": "alice-secret", "bob": "bob-secret"})
     node = await Node.start(path)
-    alice = await login(node.ports["STARTTLS"], "alice@localhost/desk", "alice-secret")
-    try:
+    alice: Client | None = None
+    try:  # from here on the node is stopped whatever fails
+        alice = await login(node.ports["STARTTLS"], "alice@localhost/desk", "alice-secret")
         assert await peer_certificate(node.ports["direct TLS"]) == der_of(first[0])
 
         shutil.copy(second[0], cert)  # a renewed certificate, and a smaller limit
@@ -102,7 +103,8 @@ async def test_sighup_applies_a_limit_and_a_certificate_to_new_connections_only(
         assert not alice.ended.is_set()
         assert await echo(alice, BIG) == BIG
     finally:
-        await close(alice)
+        if alice is not None:
+            await close(alice)
         await node.stop()
 
 
@@ -112,8 +114,9 @@ async def test_xmppctl_reload_adds_a_host_and_prints_each_nodes_answer(tmp_path:
     await register(path, "localhost", {"alice": "alice-secret"})
     node = await Node.start(path)
     port = node.ports["STARTTLS"]
-    alice = await login(port, "alice@localhost/desk", "alice-secret")
-    try:
+    alice: Client | None = None
+    try:  # from here on the node is stopped whatever fails
+        alice = await login(port, "alice@localhost/desk", "alice-secret")
         config["hosts"] = ["localhost", "example.net"]
         config["limits"].update(max_stanza_bytes=2048, max_stanza_bytes_unauthenticated=1024)
         write_yaml(path, config)
@@ -140,7 +143,8 @@ async def test_xmppctl_reload_adds_a_host_and_prints_each_nodes_answer(tmp_path:
         ]
         assert not alice.ended.is_set() and await echo(alice, BIG) == BIG
     finally:
-        await close(alice)
+        if alice is not None:
+            await close(alice)
         await node.stop()
 
 
@@ -312,8 +316,9 @@ async def test_a_reload_enables_and_disables_the_modules_that_allow_it(tmp_path:
     path = write_yaml(tmp_path / "xmppd.yml", config)
     await register(path, "localhost", {"alice": "alice-secret"})
     node = await Node.start(path)
-    alice = await login(node.ports["STARTTLS"], "alice@localhost/desk", "alice-secret")
-    try:
+    alice: Client | None = None
+    try:  # from here on the node is stopped whatever fails
+        alice = await login(node.ports["STARTTLS"], "alice@localhost/desk", "alice-secret")
         assert await answered(alice, PING) == "service-unavailable"
         assert await answered(alice, VERSION) == "result"
 
@@ -341,5 +346,6 @@ async def test_a_reload_enables_and_disables_the_modules_that_allow_it(tmp_path:
         )
         await node_info.send(timeout=10)  # IqError (item-not-found) for a stale hash
     finally:
-        await close(alice)
+        if alice is not None:
+            await close(alice)
         await node.stop()

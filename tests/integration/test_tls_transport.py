@@ -158,7 +158,7 @@ async def test_direct_tls_offers_alpn_and_channel_binding(server: Server) -> Non
     assert alice.tls.selected_alpn_protocol() == "xmpp-client"
     await alice.send(HEADER.encode())
     features = await alice.until(b"</stream:features>")
-    assert b"SCRAM-SHA-256-PLUS" in features or b"sasl-channel-binding" in features
+    assert b"SCRAM-SHA-256-PLUS" in features and b"sasl-channel-binding" in features
     alice.writer.close()
 
 

@@ -94,11 +94,12 @@ def test_a_dialer_without_the_secret_is_refused() -> None:
 @pytest.mark.parametrize("given", [r'"\u00e9t\u00e9"', r'"\ud800"'])
 def test_a_proof_whose_mac_is_not_ascii_text_is_a_refused_handshake(given: str) -> None:
     """Not a TypeError out of hmac.compare_digest (a crash of the connection, not
-    counted as an authentication failure)."""
+    counted as an authentication failure): a refusal, as a wrong MAC or, for a lone
+    surrogate, as text UTF-8 cannot encode."""
     acceptor = wire.Acceptor(SECRET, "node-b")
     (hello,) = wire.FrameReader().feed(wire.Dialer(SECRET, "node-a", "node-b", "i").hello())
     assert acceptor.answer(*hello) is not None
-    with pytest.raises(wire.WireError, match="secret"):
+    with pytest.raises(wire.WireError, match="secret|mac is not UTF-8"):
         acceptor.answer(wire.PROOF, f'{{"mac": {given}}}'.encode())
     dialer = wire.Dialer(SECRET, "node-a", "node-b", "i")
     challenge = wire.FrameReader().feed(
@@ -107,7 +108,7 @@ def test_a_proof_whose_mac_is_not_ascii_text_is_a_refused_handshake(given: str) 
             f'{{"node": "node-b", "nonce": "n", "key": "00", "mac": {given}}}'.encode(),
         )
     )
-    with pytest.raises(wire.WireError, match="secret"):
+    with pytest.raises(wire.WireError, match="secret|mac is not UTF-8"):
         dialer.answer(*challenge[0])
 
 
@@ -312,13 +313,21 @@ def test_a_link_in_clear_only_on_a_unix_socket() -> None:
     assert isinstance(acceptor.receive, wire.Sealed)
 
 
-def test_a_hello_with_a_lone_surrogate_is_refused_not_raised() -> None:
-    """A string JSON can carry but UTF-8 cannot: the handshake refuses it as any other
-    wrong answer (a WireError, logged and counted), no other exception escapes."""
+def test_a_node_name_utf8_cannot_encode_is_refused() -> None:
+    """A string JSON can carry but UTF-8 cannot (a lone surrogate) names no node: the
+    handshake refuses it as any other wrong answer (a WireError, logged and counted),
+    on either side, before a link to a peer of that name could open."""
     acceptor = wire.Acceptor(SECRET, "node-b")
     dialer = wire.Dialer(SECRET, "node-\ud800", "node-b", "incarnation")
-    (kind, body), = wire.FrameReader().feed(dialer.hello(True))
-    try:
-        acceptor.answer(kind, body)
-    except wire.WireError:
-        pass
+    with pytest.raises(wire.WireError, match="node is not UTF-8"):
+        acceptor.answer(*one_frame(dialer.hello(True)))
+    assert acceptor.peer is None
+
+    # The dialer checks the name the acceptor answers with in the same way.
+    dialer = wire.Dialer(SECRET, "node-a", "node-\ud800", "incarnation")
+    dialer.hello(True)
+    challenge = wire.message(
+        wire.CHALLENGE, node="node-\ud800", nonce=wire.nonce(), key="k", mac="m"
+    )
+    with pytest.raises(wire.WireError, match="node is not UTF-8"):
+        dialer.answer(*one_frame(challenge))

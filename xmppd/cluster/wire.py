@@ -173,12 +173,8 @@ def mac(secret: bytes, label: str, *parts: str) -> str:
 
 def _prefixed(*parts: str | bytes) -> bytes:
     """`parts` joined, each after its length: no two lists of parts give the same bytes.
-    A str from the peer's JSON may hold a lone surrogate: encoded as it is (its MAC
-    then fails), not raised as a crash of the connection before it is refused."""
-    encoded = (
-        part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part
-        for part in parts
-    )
+    A str from the peer is UTF-8 by then (`parse_message` refused any other)."""
+    encoded = (part.encode() if isinstance(part, str) else part for part in parts)
     return b"".join(_LENGTH.pack(len(p)) + p for p in encoded)
 
 
@@ -186,7 +182,7 @@ def same_mac(expected: str, given: str) -> bool:
     """Whether the peer's `given` MAC (a str from its JSON) is `expected`, in constant
     time: `hmac.compare_digest` raises TypeError on a str that is not ASCII, which would
     escape as a crash of the connection instead of a refused handshake."""
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass"))
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 def message(kind: bytes, **fields: Any) -> bytes:
@@ -195,7 +191,10 @@ def message(kind: bytes, **fields: Any) -> bytes:
 
 
 def parse_message(expected: bytes, kind: bytes, body: bytes, *keys: str) -> dict[str, Any]:
-    """A handshake frame's fields; WireError unless it is `expected` with string `keys`."""
+    """A handshake frame's fields; WireError unless it is `expected` with string `keys`
+    UTF-8 can encode: JSON carries a lone surrogate ("\\ud800") that no peer's name or
+    MAC holds, and that would otherwise pass as a name (a peer that is no node) or
+    escape as a UnicodeEncodeError instead of a refused handshake."""
     if kind != expected:
         raise WireError(f"expected a {expected!r} frame, got {kind!r}")
     try:
@@ -204,6 +203,11 @@ def parse_message(expected: bytes, kind: bytes, body: bytes, *keys: str) -> dict
         raise WireError("a handshake frame that is not JSON") from None
     if not isinstance(fields, dict) or not all(isinstance(fields.get(k), str) for k in keys):
         raise WireError(f"a handshake frame without {', '.join(keys)}")
+    try:
+        for key in keys:
+            fields[key].encode()
+    except UnicodeEncodeError:
+        raise WireError(f"a handshake frame whose {key} is not UTF-8") from None
     return fields
 
 
