@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import shutil
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -22,8 +20,8 @@ import pytest
 
 from tests.integration.clients import HEADER, insecure_context, read_until
 from tests.integration.conftest import StartServer, port_of
+from tests.integration.haproxy import Balancers
 from tests.integration.test_cluster import until
-from tests.storage.services import unavailable
 from xmppd.server import Server
 
 pytestmark = pytest.mark.timeout(90)
@@ -33,47 +31,16 @@ OWNER, STRANGER = "127.0.0.2", "127.0.0.3"
 Balancer = Callable[[int, str], Awaitable[int]]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def balancer(tmp_path: Path) -> AsyncIterator[Balancer]:
     """start(node port, "send-proxy-v2" or "send-proxy"): haproxy in front of it."""
-    if shutil.which("haproxy") is None:
-        unavailable("haproxy is not installed (.ci/services.sh installs it)")
-    started: list[asyncio.subprocess.Process] = []
+    balancers = Balancers(tmp_path)
 
     async def start(node: int, proxy: str) -> int:
-        port = free_port()
-        config = tmp_path / f"haproxy-{port}.cfg"
-        config.write_text(
-            "defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 60s\n"
-            "    timeout server 60s\n"
-            f"frontend xmpp\n    bind 127.0.0.1:{port}\n    default_backend node\n"
-            f"backend node\n    server n0 127.0.0.1:{node} {proxy}\n"
-        )
-        process = await asyncio.create_subprocess_exec(
-            "haproxy", "-db", "-f", str(config),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )
-        started.append(process)
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.close()
-                return port
+        return await balancers.start(f"    server n0 127.0.0.1:{node} {proxy}")
 
     yield start
-    for process in started:
-        process.kill()
-        await process.wait()
+    await balancers.stop()
 
 
 async def proxied_node(start_server: StartServer, **listener: object) -> Server:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import shutil
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from lxml import etree
 
 from tests.integration.clients import HEADER, RawClient, insecure_context
 from tests.integration.conftest import StartServer, port_of
+from tests.integration.haproxy import Balancers, free_port
 from tests.integration.test_cluster import until
 from tests.integration.test_sm_cluster import cluster
 from tests.integration.test_stream_management import SASL, SM, Stream, message, sm_module
@@ -38,52 +37,22 @@ PASSWORD = "secret-pass"
 MESSAGES_EACH = 60
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def haproxy(tmp_path: Path) -> AsyncIterator[Any]:
-    if shutil.which("haproxy") is None:
-        unavailable("haproxy is not installed (.ci/services.sh installs it)")
-    started: list[asyncio.subprocess.Process] = []
+    balancers = Balancers(tmp_path)
 
     async def start(ports: list[int]) -> int:
         """HAProxy in front of these direct TLS ports (a node may start there later)."""
-        port = free_port()
-        backends = "\n".join(
+        servers = "\n".join(
             f"    server n{i} 127.0.0.1:{node} check inter 100 fall 1 rise 1"
             for i, node in enumerate(ports)
         )
-        config = tmp_path / "haproxy.cfg"
-        config.write_text(
-            "defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 60s\n"
-            "    timeout server 60s\n    retries 3\n    option redispatch\n"
-            f"frontend xmpp\n    bind 127.0.0.1:{port}\n    default_backend nodes\n"
-            f"backend nodes\n    balance roundrobin\n{backends}\n"
+        return await balancers.start(
+            f"    balance roundrobin\n{servers}", "    retries 3\n    option redispatch\n"
         )
-        process = await asyncio.create_subprocess_exec(
-            "haproxy", "-db", "-f", str(config),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )
-        started.append(process)
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.close()
-                break
-        return port
 
     yield start
-    for process in started:
-        process.kill()
-        await process.wait()
+    await balancers.stop()
 
 
 async def login_at(port: int, user: str, resource: str | None = None) -> Stream:
