@@ -55,7 +55,8 @@ class Outbox:
             return
         waiting = deque([out[SLICE:]])
         self._waiting[room_jid] = waiting
-        self._senders[room_jid] = self.host.spawn(self._drain(room_jid, waiting))
+        # Nobody's work: it routes what every occupant sends after this.
+        self._senders[room_jid] = self.host.spawn_shared(self._drain(room_jid, waiting))
 
     async def sent(self, room_jid: str) -> None:
         """Return once what the room has sent so far is routed (a hand-over waits for it:

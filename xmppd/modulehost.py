@@ -676,8 +676,15 @@ class ModuleHost:
         self.router.bounce(stanza, condition, text)
 
     def spawn(self, work: Awaitable[T]) -> asyncio.Future[T]:
-        """Run `work` as a task the node tracks (waited for at shutdown, errors logged)."""
+        """Run `work` as a task the node tracks (waited for at shutdown, errors logged).
+        Started by an account's stanza, it is that account's work: its removal waits
+        for it (`Router.account_work`)."""
         return self.router.spawn(work)
+
+    def spawn_shared(self, work: Awaitable[T]) -> asyncio.Future[T]:
+        """`spawn` for work that serves many senders (a room's output queue): nobody's,
+        so that no account's removal waits on everyone else's traffic."""
+        return self.router.spawn_shared(work)
 
     async def user_exists(self, domain: str, user: str) -> bool:
         return await self.router.user_exists(domain, user)

@@ -62,8 +62,6 @@ need the recipient's record and then the sender's. Past that it cannot judge
 
 _SERIAL: contextvars.ContextVar[str | None] = contextvars.ContextVar("serial", default=None)
 """The account whose queued routing jobs the current task runs (Router._run_serially)."""
-_ACTING: contextvars.ContextVar[str | None] = contextvars.ContextVar("acting", default=None)
-"""The local account whose stanza started the current task's work (Router.account_work)."""
 
 _KINDS = {ns.C_MESSAGE: "message", ns.C_PRESENCE: "presence", ns.C_IQ: "iq"}
 _EVENTS = {
@@ -71,12 +69,6 @@ _EVENTS = {
     for tag, kind in _KINDS.items()
     for address in ("bare", "full", "host")
 }
-
-
-def _task_context(acting: str | None) -> None:
-    """The context a routing task starts in (run inside its copy)."""
-    _SERIAL.set(None)
-    _ACTING.set(acting)
 
 
 class _Job(NamedTuple):
@@ -166,6 +158,11 @@ class Router:
         # server's own), and the work each account's stanzas started that is not done.
         self._acting: str | None = None
         self._work: dict[str, set[asyncio.Future[Any]]] = {}
+        # The account each routing task works for now (a queue's runner: its job's
+        # sender). Looked up by the task, not inherited through contexts: a
+        # connection or a long-lived task made inside one account's work must not
+        # make everything it later does that account's.
+        self._working_for: dict[asyncio.Future[Any], str] = {}
         # The filter chains on the stanza path, held so that no stanza looks them up:
         # one per stanza kind (a chat message walks only the filters for messages),
         # and all of them for a stanza of no known kind.
@@ -689,7 +686,7 @@ class Router:
         answers in.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        acting = self._acting or _ACTING.get()
+        acting = self._acting or self._current_account()
         if acting is not None:  # the job is the sender's work until it ran
             self._track(acting, done)
         queue = self._serial.get(bare)
@@ -702,10 +699,15 @@ class Router:
 
     async def _run_serially(self, bare: str, queue: deque[_Job]) -> None:
         _SERIAL.set(bare)  # this task's context: what its jobs deliver to `bare` goes now
+        me = asyncio.current_task()
+        assert me is not None
         try:
             while queue:
                 job, done, acting = queue.popleft()
-                _ACTING.set(acting)  # what the job starts is its sender's work
+                if acting is None:
+                    self._working_for.pop(me, None)
+                else:
+                    self._working_for[me] = acting  # what the job starts is its sender's work
                 try:
                     pending = job()
                     if inspect.isawaitable(pending):
@@ -716,6 +718,7 @@ class Router:
                     if not done.done():
                         done.set_result(None)
         finally:
+            self._working_for.pop(me, None)
             del self._serial[bare]
             for _, done, _ in queue:  # cancelled: whoever waits for these must not hang
                 if not done.done():
@@ -797,9 +800,20 @@ class Router:
 
         It is the work of `account` (`account_work`) when that is given, or when a
         client's stanza of that account is being routed, or when the task that spawns
-        it is itself such work: whatever a client's stanza sets off counts, however
-        many tasks deep, so that an account's removal can wait for all of it."""
-        return self._spawn(coro, account or self._acting or _ACTING.get())
+        it is itself such work: whatever a client's stanza sets off through `spawn`
+        counts, however many tasks deep, so that an account's removal can wait for
+        all of it."""
+        return self._spawn(coro, account or self._acting or self._current_account())
+
+    def spawn_shared(self, coro: Awaitable[object]) -> asyncio.Future[Any]:
+        """`spawn` for work of nobody in particular, even when one account's stanza
+        starts it: a connection to a peer, a queue many senders feed. Counted as that
+        account's, it would keep the account's removal waiting for others' traffic."""
+        return self._spawn(coro, None)
+
+    def _current_account(self) -> str | None:
+        task = asyncio.current_task()
+        return None if task is None else self._working_for.get(task)
 
     def _spawn(self, coro: Awaitable[object], acting: str | None) -> asyncio.Future[Any]:
         task: asyncio.Future[Any]
@@ -807,13 +821,14 @@ class Router:
             # Not in the account queue's context (_SERIAL) of a job that starts it: what
             # the task delivers later must queue like anything else.
             context = contextvars.copy_context()
-            context.run(_task_context, acting)
+            context.run(_SERIAL.set, None)
             task = asyncio.get_running_loop().create_task(coro, context=context)
         else:
             task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         if acting is not None:
+            self._working_for[task] = acting
             self._track(acting, task)
         return task
 
@@ -825,6 +840,7 @@ class Router:
         work.add_done_callback(functools.partial(self._work_done, account))
 
     def _work_done(self, account: str, work: asyncio.Future[Any]) -> None:
+        self._working_for.pop(work, None)
         tracked = self._work.get(account)
         if tracked is not None:
             tracked.discard(work)

@@ -94,6 +94,9 @@ class S2SService:
         self.listening: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
         self._tls: S2SContexts  # set by start()
+        # Set once start() made the contexts: the router hands this service stanzas from
+        # before that (clients are served already), and their links wait for it.
+        self._started = asyncio.Event()
         self._sweep: asyncio.TimerHandle | None = None
         self._stopped = False
         # Outgoing streams that could not be set up, by bounce condition (/metrics).
@@ -106,6 +109,7 @@ class S2SService:
         may be asked to vouch for a key another sent)."""
         # In a thread: the node already serves its clients (xmppd/s2s/contexts.py).
         self._tls = await asyncio.to_thread(make_contexts, self.config, cert, key)
+        self._started.set()
         secret = hashlib.sha256(dialback_secret).digest()
 
         def dialback_key(receiving: str, originating: str, stream_id: str) -> str:
@@ -186,12 +190,13 @@ class S2SService:
         link.queue.append((stanza, bounce))
         if link.task is None:
             link.connection = None
-            link.task = self.server.router.spawn(self._connect(link))
+            link.task = self.server.router.spawn_shared(self._connect(link))
 
     async def _connect(self, link: Link) -> None:
         conn: S2SConnection | None = None
         try:
             async with asyncio.timeout(self.config.connect_timeout):
+                await self._started.wait()
                 problem: Exception = NoService(f"{link.remote}: nowhere to connect")
                 # SRV targets in order, each one's addresses in turn (RFC 6120 3.2.1).
                 for target in await self.resolver.targets(link.remote):
@@ -216,6 +221,13 @@ class S2SService:
         except (NoService, OSError, ConnectionError, dns.exception.DNSException) as exc:
             link.task = None
             self._fail(link, "remote-server-not-found", str(exc) or type(exc).__name__)
+            return
+        except Exception:
+            # A bug must not leave the link with a dead task: nothing would connect it
+            # again, and its queue would fill until every stanza to the domain bounced.
+            log.exception("s2s: connecting to %s failed", link.remote)
+            link.task = None
+            self._fail(link, "internal-server-error", "the connection failed")
             return
         link.task = None
         link.connection = conn
@@ -392,7 +404,7 @@ class S2SService:
             # The next stanza for that domain sets up a new connection.
             link.connection = None
             if link.queue and link.task is None:
-                link.task = self.server.router.spawn(self._connect(link))
+                link.task = self.server.router.spawn_shared(self._connect(link))
             elif not link.queue:
                 del self.links[(link.local, link.remote)]
 
