@@ -571,13 +571,20 @@ class Config(BaseModel):
         if not self.auth.allow_unencrypted:
             return self
         for i, listener in enumerate(self.listeners):
-            if listener.type == "starttls" and not _loopback(listener.address):
-                raise _problem(
-                    f"SASL before TLS is allowed only while every starttls listener is on a "
-                    f"loopback address; listeners[{i}] is on {listener.address}",
-                    "auth",
-                    "allow_unencrypted",
-                )
+            if listener.type != "starttls":
+                continue
+            if not _loopback(listener.address):
+                where = f"is on {listener.address}"
+            elif listener.proxy_protocol:
+                where = "takes clients from a load balancer (proxy_protocol)"
+            else:
+                continue
+            raise _problem(
+                f"SASL before TLS is allowed only while every starttls listener is on a "
+                f"loopback address with no load balancer in front; listeners[{i}] {where}",
+                "auth",
+                "allow_unencrypted",
+            )
         return self
 
     @model_validator(mode="after")

@@ -413,9 +413,18 @@ def test_sasl_before_tls_only_on_loopback(tmp_path: Path) -> None:
         """
     assert problems(tmp_path, text) == [
         "x.yml:5: auth.allow_unencrypted: SASL before TLS is allowed only while every "
-        "starttls listener is on a loopback address; listeners[1] is on 0.0.0.0"
+        "starttls listener is on a loopback address with no load balancer in front; "
+        "listeners[1] is on 0.0.0.0"
     ]
     assert load(tmp_path, text.replace("0.0.0.0", "\"::1\"")).auth.allow_unencrypted
+    # A balancer on the same machine can carry anyone's connection to a loopback port.
+    proxied = text.replace("address: 0.0.0.0, port: 5223", "address: 127.0.0.1, port: 5223, "
+                           "proxy_protocol: true")
+    assert problems(tmp_path, proxied) == [
+        "x.yml:5: auth.allow_unencrypted: SASL before TLS is allowed only while every "
+        "starttls listener is on a loopback address with no load balancer in front; "
+        "listeners[1] takes clients from a load balancer (proxy_protocol)"
+    ]
 
 
 def test_two_listeners_on_one_socket(tmp_path: Path) -> None:
