@@ -38,6 +38,11 @@ from xmppd.config import Config
 LEVELS = ("debug", "info", "warning", "error")
 CLOSE_WAIT = 5.0
 """Seconds the process waits at exit for the lines still queued to be written."""
+MAX_QUEUED = 100_000
+"""Lines waiting for the writer at most: while the output is stalled (a full pipe, a
+hung disk) and strangers make the node log (refused connections, failed logins), the
+queue must not grow the process without bound. Past it, lines are dropped and
+counted, and the writer says how many once it catches up."""
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +119,19 @@ class _Enqueue(logging.Handler):
     def __init__(self, records: queue.SimpleQueue[_Item]) -> None:
         super().__init__()
         self.records = records
+        # Lines put and not yet taken, and lines dropped over MAX_QUEUED. Updated from
+        # several threads without a lock: a race miscounts by a line, never blocks.
+        self.queued = 0
+        self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.queued >= MAX_QUEUED:
+            self.dropped += 1
+            return
         try:
             record.msg = record.getMessage()
             record.args = None
+            self.queued += 1
             self.records.put(record)
         except Exception:
             self.handleError(record)
@@ -137,7 +150,8 @@ class LogOutput:
         root = logging.getLogger()
         for old in list(root.handlers):
             root.removeHandler(old)
-        root.addHandler(_Enqueue(self._queue))
+        self._enqueue = _Enqueue(self._queue)
+        root.addHandler(self._enqueue)
         set_level(config.log_level)
         atexit.register(self.close)
 
@@ -157,11 +171,22 @@ class LogOutput:
     def _take(self, item: logging.LogRecord | Callable[[], None]) -> None:
         try:
             if isinstance(item, logging.LogRecord):
+                self._enqueue.queued -= 1
                 self.handler.handle(item)  # a failed write is reported by the handler
+                if self._enqueue.dropped and not self._enqueue.queued:
+                    self._say_dropped()
             else:
                 item()
         except Exception:  # the thread must outlive a failure, or logging stops
             traceback.print_exc(file=sys.stderr)
+
+    def _say_dropped(self) -> None:
+        dropped, self._enqueue.dropped = self._enqueue.dropped, 0
+        self.handler.handle(log.makeRecord(
+            log.name, logging.WARNING, __file__, 0,
+            "logs: %d lines dropped while the output did not keep up (over %d waiting)",
+            (dropped, MAX_QUEUED), None,
+        ))
 
     def close(self) -> None:
         """Write what is queued, then stop the thread (at exit)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from xmppd import logs
 from xmppd.config import load_config
 from xmppd.logs import LogOutput
 
@@ -86,3 +87,26 @@ def test_a_log_file_that_cannot_be_reopened_is_kept(
     text = (tmp_path / "moved.log").read_text()
     assert "before" in text and "after" in text
     assert "cannot reopen the log file, still writing the old one" in text
+
+
+@pytest.mark.timeout(30)
+def test_a_stalled_output_drops_lines_past_the_bound_and_says_how_many(
+    monkeypatch: pytest.MonkeyPatch, restore_root_logger: None
+) -> None:
+    """While the output does not keep up, the queue holds MAX_QUEUED lines at most (here
+    3): the rest are dropped, and counted in a line once the writer has caught up."""
+    monkeypatch.setattr(logs, "MAX_QUEUED", 3)
+    stream = SlowStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    output = LogOutput(load_config(None))
+    log = logging.getLogger("xmppd.test")
+    for n in range(10):
+        log.warning("line %d", n)
+    output.close()
+    lines = [line.split(": ", 1)[1] for line in stream.getvalue().splitlines()]
+    kept = len(lines) - 1  # 3 queued, and perhaps one the writer had already taken
+    assert kept in (3, 4), lines
+    assert lines[:kept] == [f"line {n}" for n in range(kept)]
+    assert lines[-1] == (
+        f"logs: {10 - kept} lines dropped while the output did not keep up (over 3 waiting)"
+    )
