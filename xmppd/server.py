@@ -33,6 +33,7 @@ from xmppd.pauses import PauseMonitor
 from xmppd.proxyproto import ProxyHeaderReader
 from xmppd.reload import ReloadResult, describe_changes, refused_changes
 from xmppd.router import Router
+from xmppd.s2s.contexts import S2SContexts
 from xmppd.s2s.service import S2SService
 from xmppd.session import ClientSession
 from xmppd.storage.base import ConditionFailed, ItemStore
@@ -327,15 +328,15 @@ class Server:
     async def reload(self) -> ReloadResult:
         """Read the configuration file again and apply it, all or nothing (xmppd.reload).
 
-        New connections see the change; existing sessions keep the stream settings
-        and certificate they started with, except that the streams of a host no
-        longer served end with <host-gone/>. One log line says what changed, or
-        why nothing did."""
+        New connections, client and federation, see the change; existing sessions
+        and s2s streams keep the stream settings and certificate they started with,
+        except that the streams of a host no longer served end with <host-gone/>.
+        One log line says what changed, or why nothing did."""
         async with self._reloading:
             old = self.config
             try:
-                new, options, tls = await asyncio.to_thread(self._check_reload, old)
-                renewed = self._apply_reload(old, new, options, tls)
+                new, options, tls, federation = await asyncio.to_thread(self._check_reload, old)
+                renewed = self._apply_reload(old, new, options, tls, federation)
                 await self.modules.toggle(options)
                 self._settings.clear()  # the stream features of the modules now enabled
             except ConfigError as exc:
@@ -346,10 +347,14 @@ class Server:
             log.info("%s", result.summary())
             return result
 
-    def _check_reload(self, old: Config) -> tuple[Config, dict[str, Any], ServerTLS]:
+    def _check_reload(
+        self, old: Config
+    ) -> tuple[Config, dict[str, Any], ServerTLS, S2SContexts | None]:
         """Load and check the file against the running node, and make the new TLS
-        context whole (in a thread: it reads files and parses the key, which the loop
-        must not wait for); ConfigError lists every reason it cannot be applied."""
+        contexts whole: the client's, and federation's when the certificate or key
+        changed, else None (in a thread: they read files and parse the key and CAs,
+        which the loop must not wait for); ConfigError lists every reason it cannot
+        be applied."""
         if self.load is None:
             raise ConfigError(["this node was not started from a file: there is nothing to reload"])
         new = self.load()
@@ -375,10 +380,23 @@ class Server:
             tls = server_tls(*pair, new.tls.min_version)
         except (TLSError, OSError) as exc:
             raise ConfigError([new.source.problem(("tls", "cert"), str(exc))]) from None
-        return new, options, tls
+        federation = None
+        if self.s2s is not None:  # the s2s section is the running one: a reload keeps it
+            try:
+                # Peers would refuse the old certificate once it expires: a renewal must
+                # reach new s2s streams too, or the reload applies nothing.
+                federation = self.s2s.renewed_contexts(*pair)
+            except TLSError as exc:
+                raise ConfigError([f"{new.source.where(('s2s',))}: {exc}"]) from None
+        return new, options, tls, federation
 
     def _apply_reload(
-        self, old: Config, new: Config, options: dict[str, Any], tls: ServerTLS
+        self,
+        old: Config,
+        new: Config,
+        options: dict[str, Any],
+        tls: ServerTLS,
+        federation: S2SContexts | None,
     ) -> list[str]:
         """Make the checked `new` config the node's; what changed that the config does
         not show (a renewed certificate). Nothing here may fail or wait: the node is
@@ -388,6 +406,9 @@ class Server:
         # handshake began with (C2SConnection._begin_tls), so its channel binding
         # names the certificate it was shown.
         self.tls = tls
+        if federation is not None:
+            assert self.s2s is not None  # made by _check_reload only with federation on
+            self.s2s.use_contexts(federation)  # s2s streams keep theirs the same way
         self.config = new
         self.modules.reconfigure(new, options)
         iterations = new.auth.scram_iterations

@@ -21,7 +21,9 @@ from OpenSSL import SSL
 
 from tests.integration.conftest import StartServer
 from tests.integration.s2s_clients import message_across, signed_in, xmppd_user
-from tests.integration.s2s_peers import XMPPD_ADDRESS, free_port, make_ca
+from tests.integration.s2s_peers import CA, XMPPD_ADDRESS, free_port, issue, make_ca
+from tests.integration.test_cli_server import der_of
+from tests.integration.test_s2s_renewal import s2s_certificate
 from tests.integration.test_s2s_xmppd import OTHER_ADDRESS, serve
 from xmppd.server import Server
 from xmppd.tls import ensure_self_signed
@@ -102,3 +104,35 @@ async def test_federation_makes_its_tls_contexts_in_a_thread(
     assert [c.stream.mechanism for c in b.s2s.connections] == ["EXTERNAL"]
     # Each server's client TLS context is made on the loop at start, before it serves.
     assert on_loop == ["load_cert_chain from xmppd.tls"] * 2
+
+
+async def test_a_renewal_makes_the_new_s2s_contexts_in_a_thread(
+    tmp_path: Path, start_server: StartServer, on_loop: list[str]
+) -> None:
+    """A reload that renews the certificate makes every s2s context again (the
+    system's trust store among them, no s2s.ca_file here) in its checking thread;
+    new s2s streams are then shown the new certificate."""
+    ca = make_ca(tmp_path)
+    port = free_port(XMPPD_ADDRESS)
+    folder = tmp_path / "b.test"
+    cert, key = issue_into(ca, folder)
+    server = await start_server(
+        users={},
+        hosts=["b.test"],
+        tls={"cert": str(cert), "key": str(key)},
+        s2s={"listeners": [{"address": XMPPD_ADDRESS, "port": port, "direct_tls": True}]},
+    )
+    renewed = issue_into(ca, tmp_path / "renewal")
+    shutil.copy(renewed[0], cert)
+    shutil.copy(renewed[1], key)
+    on_loop.clear()
+    result = await server.reload()
+    assert f"certificate {cert} (renewed)" in result.changed
+    assert on_loop == []
+    assert await s2s_certificate(ca, port, direct_tls=True) == der_of(cert)
+
+
+def issue_into(ca: CA, folder: Path) -> tuple[Path, Path]:
+    """A certificate and key for b.test from `ca`, written in `folder`."""
+    folder.mkdir(parents=True)
+    return issue(ca, folder, "b.test")

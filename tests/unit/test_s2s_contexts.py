@@ -1,15 +1,17 @@
-"""The TLS contexts federation makes at start: one per CA a peer may need, and a
-CA file that cannot be used refused by name (real files, real OpenSSL)."""
+"""The TLS contexts federation makes at start and on a renewal: one per CA a peer may
+need, a CA file or a pair that cannot be used refused by name, and what certificate
+and key they were made from (real files, real OpenSSL)."""
 
 from __future__ import annotations
 
+import shutil
 import ssl
 from pathlib import Path
 
 import pytest
 
 from xmppd.s2s.config import DomainPolicy, S2SConfig
-from xmppd.s2s.contexts import make_contexts
+from xmppd.s2s.contexts import make_contexts, pair_digest
 from xmppd.tls import TLSError, ensure_self_signed
 
 
@@ -46,3 +48,25 @@ def test_a_ca_file_without_certificates_is_refused_by_name(tmp_path: Path) -> No
     config = S2SConfig(domains={"d.test": DomainPolicy(ca_file=bad)})
     with pytest.raises(TLSError, match=f"s2s: CA file {bad}: no usable certificate in it"):
         make_contexts(config, cert, key)
+
+
+def test_they_record_the_pair_they_were_made_from(tmp_path: Path) -> None:
+    """What a reload compares to tell a renewal (new contents, same file names)."""
+    cert, key = ensure_self_signed(tmp_path / "ours", ["b.test"])
+    contexts = make_contexts(S2SConfig(), cert, key)
+    assert contexts.made_from == pair_digest(cert, key)
+    renewed = ensure_self_signed(tmp_path / "renewed", ["b.test"])
+    shutil.copy(renewed[0], cert)
+    assert pair_digest(cert, key) != contexts.made_from  # the certificate alone renewed
+    shutil.copy(renewed[1], key)
+    assert make_contexts(S2SConfig(), cert, key).made_from == pair_digest(*renewed)
+
+
+def test_a_pair_that_cannot_be_used_is_refused_by_name(tmp_path: Path) -> None:
+    """Checked by server_tls first, the pair may still change before these are made."""
+    cert, _ = ensure_self_signed(tmp_path / "ours", ["b.test"])
+    _, other_key = ensure_self_signed(tmp_path / "other", ["b.test"])
+    with pytest.raises(TLSError, match=f"s2s: cannot use certificate {cert} with key {other_key}"):
+        make_contexts(S2SConfig(), cert, other_key)
+    with pytest.raises(TLSError, match=f"s2s: cannot read {tmp_path / 'gone.pem'}"):
+        make_contexts(S2SConfig(), cert, tmp_path / "gone.pem")

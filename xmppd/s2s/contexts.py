@@ -1,4 +1,5 @@
-"""Every TLS context federation uses, made together at start, in a thread.
+"""Every TLS context federation uses, made together, in a thread: at start, and
+again by a reload that renews the certificate.
 
 Making one reads files and parses keys: our certificate and key in each, and
 the CAs a peer's certificate must chain to, the system's trust store being
@@ -8,11 +9,16 @@ new `ca_file` did it again. The set needed is known from the config
 (`s2s.ca_file` and each domain's), so `S2SService.start` makes them all at
 once in a thread and streams only look them up; a CA file that cannot be
 used stops the start with one line that names it (TLSError), instead of
-failing one peer's stream later.
+failing one peer's stream later. Each set records what certificate and key
+it was made from (`pair_digest`): a reload whose pair differs (certbot's
+renewal, the self-signed pair made again for new hosts) makes a whole new
+set in its checking thread, which the node swaps in with the client context;
+federation peers would refuse a certificate that expired.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +36,13 @@ ALPN = "xmpp-server"  # the ALPN protocol of direct TLS server streams (XEP-0368
 class S2SContexts:
     """`accept`: incoming, by whether the listener is direct TLS. `connect`: outgoing,
     by the CA file the peer's certificate must chain to (None: the system's) and by
-    whether ALPN is offered (direct TLS). `verify`: db:verify streams."""
+    whether ALPN is offered (direct TLS). `verify`: db:verify streams. `made_from`: the
+    `pair_digest` of our certificate and key as they were read for them."""
 
     accept: dict[bool, SSL.Context]
     connect: dict[tuple[Path | None, bool], ssl.SSLContext]
     verify: ssl.SSLContext
+    made_from: bytes
 
     def for_peer(self, config: S2SConfig, remote: str, alpn: bool = False) -> ssl.SSLContext:
         """The outgoing context for `remote`: its domain's `ca_file`, else `s2s.ca_file`,
@@ -43,9 +51,32 @@ class S2SContexts:
         return self.connect[(ca_file, alpn)]
 
 
+def pair_digest(cert: Path, key: Path) -> bytes:
+    """What the certificate and key files hold (SHA-256 of each): contexts made from
+    equal digests present the same certificate. TLSError if a file cannot be read."""
+    try:
+        cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
+    except OSError as exc:
+        raise TLSError(f"s2s: cannot read {exc.filename}: {exc.strerror or exc}") from None
+    return hashlib.sha256(cert_pem).digest() + hashlib.sha256(key_pem).digest()
+
+
 def make_contexts(config: S2SConfig, cert: Path, key: Path) -> S2SContexts:
-    """All of them, for our `cert` and `key` (blocking: call it in a thread). The
-    outgoing ones first: each CA file is read there first, and refused by name."""
+    """All of them, for our `cert` and `key` (blocking: call it in a thread); TLSError
+    names what cannot be used."""
+    # Read before the contexts are: a file replaced while they are made differs from
+    # this digest, so the next reload makes them again rather than keep a stale one.
+    made_from = pair_digest(cert, key)
+    try:
+        return _make_contexts(config, cert, key, made_from)
+    except (ssl.SSLError, SSL.Error, OSError, ValueError) as exc:
+        # The pair changed on disk after it was checked (server_tls), or is unusable.
+        raise TLSError(f"s2s: cannot use certificate {cert} with key {key}: {exc}") from None
+
+
+def _make_contexts(config: S2SConfig, cert: Path, key: Path, made_from: bytes) -> S2SContexts:
+    """`make_contexts`' work. The outgoing ones first: each CA file is read there
+    first, and refused by name."""
     named = {p.ca_file for p in config.domains.values() if p.ca_file is not None}
     # A domain without a ca_file of its own takes s2s.ca_file (None: the system's).
     outgoing: set[Path | None] = {*named, config.ca_file}
@@ -70,7 +101,7 @@ def make_contexts(config: S2SConfig, cert: Path, key: Path) -> S2SContexts:
         )
         for direct in (False, True)
     }
-    return S2SContexts(accept, connect, _verify_context(cert, key))
+    return S2SContexts(accept, connect, _verify_context(cert, key), made_from)
 
 
 def _client_context(cert: Path, key: Path, ca_file: Path | None, alpn: bool) -> ssl.SSLContext:

@@ -38,7 +38,7 @@ from OpenSSL import SSL
 from xmppd.jid import parse_jid
 from xmppd.s2s.config import S2SConfig
 from xmppd.s2s.connection import S2SConnection
-from xmppd.s2s.contexts import S2SContexts, make_contexts
+from xmppd.s2s.contexts import S2SContexts, make_contexts, pair_digest
 from xmppd.s2s.resolve import NoService, Resolver
 from xmppd.stream.errors import StanzaError, StreamError
 from xmppd.stream.s2s import DialbackRequested, S2SSettings, S2SStream
@@ -139,6 +139,21 @@ class S2SService:
                     port,
                 )
         self._schedule_sweep()
+
+    def renewed_contexts(self, cert: Path, key: Path) -> S2SContexts | None:
+        """For a reload, in its checking thread (blocking): the contexts for our `cert`
+        and `key`, or None when the running ones were made from what those files hold
+        now. TLSError if they cannot be made: the reload is refused."""
+        if pair_digest(cert, key) == self._tls.made_from:
+            return None
+        return make_contexts(self.config, cert, key)
+
+    def use_contexts(self, contexts: S2SContexts) -> None:
+        """Swap in what `renewed_contexts` made, on the loop. New streams present the new
+        certificate; a stream keeps the context its TLS began with (outgoing: the one
+        it was opened with, `_open`; incoming: the one its handshake started with,
+        `S2SConnection._accept_tls`), so links up before a renewal keep the old one."""
+        self._tls = contexts
 
     async def stop(self) -> None:
         self._stopped = True
