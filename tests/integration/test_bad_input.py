@@ -332,6 +332,24 @@ async def nothing_reached_bob_before(alice: RawClient, bob: RawClient) -> bytes:
     return got[start:]
 
 
+async def refused_as_bad_request(server: Server, stanza: str, kind: str, reply_id: str) -> None:
+    """alice sends `stanza` to bob: she gets a <bad-request/> of type modify to it (its
+    `kind`, its id `reply_id`), and bob gets nothing."""
+    bob = await logged_in(server, "bob", "b")
+    alice = await logged_in(server)
+    await alice.send(stanza)
+    data = await alice.read_until(f"</{kind}>".encode())
+    reply = etree.fromstring(data[data.index(f"<{kind}".encode()) :])
+    assert reply.get("type") == "error" and reply.get("id") == reply_id, data
+    assert reply.get("to") == "alice@localhost/raw"
+    error = reply.find("{jabber:client}error")
+    assert error is not None and error.get("type") == "modify", data
+    assert error.find(f"{{{STANZAS}}}bad-request") is not None, data
+    await nothing_reached_bob_before(alice, bob)
+    await alice.close()
+    await bob.close()
+
+
 @pytest.mark.parametrize(
     ("stanza", "reply_id"),
     [
@@ -349,36 +367,14 @@ async def nothing_reached_bob_before(alice: RawClient, bob: RawClient) -> bytes:
 async def test_a_malformed_iq_gets_bad_request_and_reaches_nobody(
     server: Server, stanza: str, reply_id: str
 ) -> None:
-    bob = await logged_in(server, "bob", "b")
-    alice = await logged_in(server)
-    await alice.send(stanza)
-    data = await alice.read_until(b"</iq>")
-    reply = etree.fromstring(data[data.index(b"<iq") :])
-    assert reply.get("type") == "error" and reply.get("id") == reply_id, data
-    assert reply.get("to") == "alice@localhost/raw"
-    error = reply.find("{jabber:client}error")
-    assert error is not None and error.get("type") == "modify", data
-    assert error.find(f"{{{STANZAS}}}bad-request") is not None, data
-    await nothing_reached_bob_before(alice, bob)
-    await alice.close()
-    await bob.close()
+    await refused_as_bad_request(server, stanza, "iq", reply_id)
 
 
 async def test_a_presence_of_unknown_type_gets_bad_request_and_reaches_nobody(
     server: Server,
 ) -> None:
-    bob = await logged_in(server, "bob", "b")
-    alice = await logged_in(server)
-    await alice.send("<presence to='bob@localhost/b' type='online' id='p1'/>")
-    data = await alice.read_until(b"</presence>")
-    reply = etree.fromstring(data[data.index(b"<presence") :])
-    assert reply.get("type") == "error" and reply.get("id") == "p1", data
-    error = reply.find("{jabber:client}error")
-    assert error is not None and error.get("type") == "modify", data
-    assert error.find(f"{{{STANZAS}}}bad-request") is not None, data
-    await nothing_reached_bob_before(alice, bob)
-    await alice.close()
-    await bob.close()
+    stanza = "<presence to='bob@localhost/b' type='online' id='p1'/>"
+    await refused_as_bad_request(server, stanza, "presence", "p1")
 
 
 async def test_a_response_without_id_is_dropped_unanswered(server: Server) -> None:

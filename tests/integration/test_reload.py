@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import re
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,12 @@ from slixmpp.exceptions import IqError
 
 from tests.integration.clients import HEADER, Client, close, insecure_context, read_until
 from tests.integration.nodeproc import Node, login, register, write_yaml
+from tests.integration.renewal import RenewablePair
 from tests.integration.test_cli_server import der_of, peer_certificate
 from tests.integration.test_workers import start_workers, workers_config, xmppctl
 from xmppd.config import DEFAULT_MODULES
 from xmppd.modules.caps import Identity, verification_string
 from xmppd.storage.devservices import LocalService
-from xmppd.tls import ensure_self_signed
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -69,32 +68,27 @@ async def refused_for_size(port: int, jid: str, password: str) -> list[str]:
 async def test_sighup_applies_a_limit_and_a_certificate_to_new_connections_only(
     tmp_path: Path,
 ) -> None:
-    first = ensure_self_signed(tmp_path / "first", ["localhost"])
-    second = ensure_self_signed(tmp_path / "second", ["localhost"])
-    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
-    shutil.copy(first[0], cert)
-    shutil.copy(first[1], key)
-    config = base_config(tmp_path, tls={"cert": str(cert), "key": str(key)})
+    pair = RenewablePair(tmp_path)
+    config = base_config(tmp_path, tls=pair.tls_section())
     path = write_yaml(tmp_path / "xmppd.yml", config)
     await register(path, "localhost", {"alice": "alice-secret", "bob": "bob-secret"})
     node = await Node.start(path)
     alice: Client | None = None
     try:  # from here on the node is stopped whatever fails
         alice = await login(node.ports["STARTTLS"], "alice@localhost/desk", "alice-secret")
-        assert await peer_certificate(node.ports["direct TLS"]) == der_of(first[0])
+        assert await peer_certificate(node.ports["direct TLS"]) == der_of(pair.first[0])
 
-        shutil.copy(second[0], cert)  # a renewed certificate, and a smaller limit
-        shutil.copy(second[1], key)
+        pair.renew()  # a renewed certificate, and a smaller limit
         config["limits"].update(max_stanza_bytes=2048, max_stanza_bytes_unauthenticated=1024)
         write_yaml(path, config)
         line = await node.line("reload", since=node.hangup())
         assert line.string.split(" ")[2] == "INFO"
         assert (
             "reloaded: changed limits.max_stanza_bytes, limits.max_stanza_bytes_unauthenticated, "
-            f"certificate {cert} (renewed)" in line.string
+            f"certificate {pair.cert} (renewed)" in line.string
         )
 
-        assert await peer_certificate(node.ports["direct TLS"]) == der_of(second[0])
+        assert await peer_certificate(node.ports["direct TLS"]) == der_of(pair.second[0])
         port = node.ports["STARTTLS"]
         assert await refused_for_size(port, "bob@localhost/r", "bob-secret") == [
             "policy-violation"

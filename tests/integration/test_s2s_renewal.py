@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import STOP_TIMEOUT, port_of, write_config
-from tests.integration.s2s_clients import message_across, signed_in, xmppd_user
+from tests.integration.s2s_clients import message_across, signed_in
 from tests.integration.s2s_peers import (
     CA,
     XMPPD_ADDRESS,
@@ -32,11 +32,10 @@ from tests.integration.s2s_peers import (
 )
 from tests.integration.test_cli_server import der_of, peer_certificate
 from tests.integration.test_cluster import until
+from tests.integration.test_s2s_xmppd import OTHER_ADDRESS, bob_and_dora, free_s2s_ports
 from xmppd.config import load_config
 from xmppd.s2s.tlsaccept import TLSAcceptTransport
 from xmppd.server import Server
-
-OTHER_ADDRESS = "127.0.18.5"  # d.test
 
 StartNode = Callable[..., Awaitable[Server]]
 
@@ -142,11 +141,7 @@ async def test_a_renewed_certificate_reaches_new_s2s_streams_both_ways(
     tmp_path: Path, start_node: StartNode
 ) -> None:
     ca = make_ca(tmp_path)
-    ports = {
-        (address, kind): free_port(address)
-        for address in (XMPPD_ADDRESS, OTHER_ADDRESS)
-        for kind in ("starttls", "direct")
-    }
+    ports = free_s2s_ports()
 
     async def start(domain: str, address: str, other: str, to_other: dict[str, object]) -> Server:
         listeners = [
@@ -166,13 +161,11 @@ async def test_a_renewed_certificate_reaches_new_s2s_streams_both_ways(
     b = await start("b.test", XMPPD_ADDRESS, "d.test", d_starttls)
     b_direct_tls = {"host": XMPPD_ADDRESS, "port": b_direct, "direct_tls": True}
     d = await start("d.test", OTHER_ADDRESS, "b.test", b_direct_tls)
-    await b.accounts["b.test"].register("bob", "bob-secret")
-    await d.accounts["d.test"].register("dora", "dora-secret")
+    logins = await bob_and_dora(b, d)
     cert, key = b.config.tls.cert, b.config.tls.key
     assert cert is not None and key is not None
     old = der_of(cert)
 
-    logins = (xmppd_user(b), xmppd_user(d, "dora@d.test/home", "dora-secret"))
     async with signed_in(*logins) as (bob, dora):
         await message_across(bob, dora, "dora@d.test/home", "before the renewal")
         assert presented_by_b(d) == [("in", "EXTERNAL", old)]

@@ -9,11 +9,18 @@ bidirectional (XEP-0288): both offer and ask for it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 from tests.integration.conftest import StartServer, write_config
-from tests.integration.s2s_clients import message_across, signed_in, subscribed, xmppd_user
+from tests.integration.s2s_clients import (
+    Peer,
+    message_across,
+    signed_in,
+    subscribed,
+    xmppd_user,
+)
 from tests.integration.s2s_peers import (
     CA,
     XMPPD_ADDRESS,
@@ -46,6 +53,22 @@ def streams(server: Server) -> list[tuple[str, str, str, str, bool, int, int]]:
     )
 
 
+def free_s2s_ports() -> dict[tuple[str, str], int]:
+    """A free s2s port of each kind ("starttls", "direct") on each node's address."""
+    return {
+        (address, kind): free_port(address)
+        for address in (XMPPD_ADDRESS, OTHER_ADDRESS)
+        for kind in ("starttls", "direct")
+    }
+
+
+async def bob_and_dora(b: Server, d: Server) -> tuple[Coroutine[Any, Any, Peer], ...]:
+    """bob@b.test and dora@d.test registered; their logins, for `signed_in`."""
+    await b.accounts["b.test"].register("bob", "bob-secret")
+    await d.accounts["d.test"].register("dora", "dora-secret")
+    return xmppd_user(b), xmppd_user(d, "dora@d.test/home", "dora-secret")
+
+
 async def serve(
     start_server: StartServer,
     folder: Path,
@@ -70,11 +93,7 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
     tmp_path: Path, start_server: StartServer
 ) -> None:
     ca = make_ca(tmp_path)
-    ports = {
-        (address, kind): free_port(address)
-        for address in (XMPPD_ADDRESS, OTHER_ADDRESS)
-        for kind in ("starttls", "direct")
-    }
+    ports = free_s2s_ports()
 
     async def start(domain: str, address: str, other: str, other_address: str) -> Server:
         listeners = [
@@ -87,10 +106,7 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
 
     b = await start("b.test", XMPPD_ADDRESS, "d.test", OTHER_ADDRESS)
     d = await start("d.test", OTHER_ADDRESS, "b.test", XMPPD_ADDRESS)
-    await b.accounts["b.test"].register("bob", "bob-secret")
-    await d.accounts["d.test"].register("dora", "dora-secret")
-    logins = (xmppd_user(b), xmppd_user(d, "dora@d.test/home", "dora-secret"))
-    async with signed_in(*logins) as (bob, dora):
+    async with signed_in(*await bob_and_dora(b, d)) as (bob, dora):
         await message_across(bob, dora, "dora@d.test", "hello d.test")
         await message_across(dora, bob, "bob@b.test/desk", "hello b.test")
         # One TCP connection: b.test opened it (direct TLS), d.test answered on it.

@@ -7,7 +7,6 @@ import base64
 import contextlib
 import hashlib
 import re
-import shutil
 import ssl
 from pathlib import Path
 
@@ -16,9 +15,9 @@ import scramp
 
 from tests.integration.clients import HEADER, RawClient, insecure_context
 from tests.integration.conftest import StartServer, port_of
+from tests.integration.renewal import RenewablePair
 from tests.integration.test_cli_server import der_of
 from xmppd.server import Server
-from xmppd.tls import ensure_self_signed
 
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 
@@ -178,24 +177,19 @@ async def test_plus_binds_to_the_certificate_of_the_handshake_across_a_renewal(
     """A renewal (reload) while a client's handshake is under way: the server binds to
     the certificate that client is shown, not to the new one; a client that connects
     after the reload is shown the new one and binds to it."""
-    first = ensure_self_signed(tmp_path / "first", ["localhost"])
-    second = ensure_self_signed(tmp_path / "second", ["localhost"])
-    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
-    shutil.copy(first[0], cert)
-    shutil.copy(first[1], key)
-    server = await start_server(tls={"cert": str(cert), "key": str(key)})
+    pair = RenewablePair(tmp_path)
+    server = await start_server(tls=pair.tls_section())
     before = await tls_begun(server, direct_tls)
 
-    shutil.copy(second[0], cert)  # certbot's renewal, then the operator's reload
-    shutil.copy(second[1], key)
+    pair.renew()  # certbot's renewal, then the operator's reload
     result = await server.reload()
     assert result.reloaded, result.problems
-    assert f"certificate {cert} (renewed)" in result.changed
+    assert f"certificate {pair.cert} (renewed)" in result.changed
     await tls_finished(before)
     after = await tls_begun(server, direct_tls)
     await tls_finished(after)
 
-    for raw, shown in ((before, first[0]), (after, second[0])):
+    for raw, shown in ((before, pair.first[0]), (after, pair.second[0])):
         # The client computes its binding data from the certificate it was shown.
         peer = raw.ssl_object().getpeercert(binary_form=True)
         assert peer == der_of(shown)

@@ -20,13 +20,13 @@ import pytest
 from OpenSSL import SSL
 
 from tests.integration.conftest import StartServer
-from tests.integration.s2s_clients import message_across, signed_in, xmppd_user
+from tests.integration.renewal import RenewablePair
+from tests.integration.s2s_clients import message_across, signed_in
 from tests.integration.s2s_peers import CA, XMPPD_ADDRESS, free_port, issue, make_ca
 from tests.integration.test_cli_server import der_of
 from tests.integration.test_s2s_renewal import s2s_certificate
-from tests.integration.test_s2s_xmppd import OTHER_ADDRESS, serve
+from tests.integration.test_s2s_xmppd import OTHER_ADDRESS, bob_and_dora, serve
 from xmppd.server import Server
-from xmppd.tls import ensure_self_signed
 
 SLOW_CALLS = [
     (ssl.SSLContext, "load_cert_chain"),
@@ -64,17 +64,12 @@ def on_loop(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 async def test_a_reload_makes_the_new_tls_context_in_a_thread(
     tmp_path: Path, start_server: StartServer, on_loop: list[str]
 ) -> None:
-    first = ensure_self_signed(tmp_path / "first", ["localhost"])
-    second = ensure_self_signed(tmp_path / "second", ["localhost"])
-    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
-    shutil.copy(first[0], cert)
-    shutil.copy(first[1], key)
-    server = await start_server(tls={"cert": str(cert), "key": str(key)})
-    shutil.copy(second[0], cert)
-    shutil.copy(second[1], key)
+    pair = RenewablePair(tmp_path)
+    server = await start_server(tls=pair.tls_section())
+    pair.renew()
     on_loop.clear()  # what start did before it served (the client context) is not asked
     result = await server.reload()
-    assert f"certificate {cert} (renewed)" in result.changed
+    assert f"certificate {pair.cert} (renewed)" in result.changed
     assert on_loop == []
 
 
@@ -95,10 +90,7 @@ async def test_federation_makes_its_tls_contexts_in_a_thread(
 
     b = await start("b.test", XMPPD_ADDRESS, "d.test", OTHER_ADDRESS)
     d = await start("d.test", OTHER_ADDRESS, "b.test", XMPPD_ADDRESS)
-    await b.accounts["b.test"].register("bob", "bob-secret")
-    await d.accounts["d.test"].register("dora", "dora-secret")
-    logins = (xmppd_user(b), xmppd_user(d, "dora@d.test/home", "dora-secret"))
-    async with signed_in(*logins) as (bob, dora):
+    async with signed_in(*await bob_and_dora(b, d)) as (bob, dora):
         await message_across(bob, dora, "dora@d.test", "hello d.test")
     assert b.s2s is not None
     assert [c.stream.mechanism for c in b.s2s.connections] == ["EXTERNAL"]
