@@ -22,15 +22,26 @@ HEADER = (
 EXTERNAL = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
 
 
-def incoming_authenticated(identities: set[str]) -> tuple[s2s.S2SStream, list[s2s.Event]]:
-    stream = s2s.S2SStream(SETTINGS)
-    stream.receive(HEADER)
+def incoming_authenticated(
+    identities: set[str], settings: s2s.S2SSettings = SETTINGS, header: bytes = HEADER
+) -> tuple[s2s.S2SStream, list[s2s.Event]]:
+    stream = s2s.S2SStream(settings)
+    stream.receive(header)
     events = stream.receive(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
     assert isinstance(events[0], s2s.TLSRequested)
     stream.tls_started(identities)
-    stream.receive(HEADER)
+    stream.receive(header)
     stream.output()
     return stream, stream.receive(EXTERNAL)
+
+
+def ended_with(events: list[s2s.Event]) -> str | None:
+    """The stream error condition `events` end with (None: the stream goes on)."""
+    last = events[-1] if events else None
+    if isinstance(last, s2s.StreamEnded) and last.error is not None:
+        assert not any(isinstance(e, s2s.StanzaReceived) for e in events)
+        return last.error.condition
+    return None
 
 
 def test_incoming_external_with_a_valid_certificate() -> None:
@@ -74,6 +85,42 @@ def test_stanza_checks_after_authentication() -> None:
         assert isinstance(events[-1], s2s.StreamEnded)
         assert events[-1].error is not None and events[-1].error.condition == condition
         assert not any(isinstance(e, s2s.StanzaReceived) for e in events)
+
+
+# b.test also serves a subdomain (a MUC service, a component): a peer reaches it over
+# a stream opened to it, never over one opened to b.test.
+SERVED = dataclasses.replace(SETTINGS, hosts={"b.test", "muc.b.test"})
+TO_MUC = HEADER.replace(b"to='b.test'", b"to='muc.b.test'")
+
+
+def test_stanzas_only_for_the_domain_the_stream_is_to() -> None:
+    stream, _ = incoming_authenticated({"a.test"}, SERVED)
+    stream.receive(HEADER)
+    stream.output()
+    events = stream.receive(b"<message from='anna@a.test' to='room@muc.b.test'/>")
+    assert ended_with(events) == "host-unknown"
+    assert b"this stream is to b.test, not to muc.b.test" in stream.output()
+    # The stream opened to the subdomain takes its stanzas, and only those.
+    stream, _ = incoming_authenticated({"a.test"}, SERVED, TO_MUC)
+    stream.receive(TO_MUC)
+    events = stream.receive(b"<message from='anna@a.test' to='room@muc.b.test'/>")
+    assert ended_with(events) is None and isinstance(events[0], s2s.StanzaReceived)
+    assert ended_with(stream.receive(b"<message from='anna@a.test' to='bob@b.test'/>")) == (
+        "host-unknown"
+    )
+
+
+def test_a_restart_cannot_move_the_stream_to_another_of_our_domains() -> None:
+    # After TLS, before authenticating.
+    stream = s2s.S2SStream(SERVED)
+    stream.receive(HEADER + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    stream.tls_started({"a.test"})
+    assert ended_with(stream.receive(TO_MUC)) == "host-unknown"
+    # After SASL EXTERNAL for b.test: the restarted header names muc.b.test.
+    stream, events = incoming_authenticated({"a.test"}, SERVED)
+    assert events == [s2s.Authenticated("a.test", "EXTERNAL")]
+    assert ended_with(stream.receive(TO_MUC)) == "host-unknown"
+    assert stream.local == "b.test"
 
 
 @pytest.mark.parametrize(
@@ -329,10 +376,12 @@ def test_bidi_is_neither_offered_nor_taken_when_off() -> None:
     assert isinstance(events[0], s2s.StreamEnded) and not stream.bidi
 
 
-def outgoing_bidi(offered: bool) -> tuple[s2s.S2SStream, bytes]:
+def outgoing_bidi(
+    offered: bool, settings: s2s.S2SSettings = BIDI
+) -> tuple[s2s.S2SStream, bytes]:
     """An outgoing stream up to EXTERNAL success and the restarted stream's features;
     what it sent after TLS."""
-    stream = s2s.S2SStream(BIDI, outgoing=True, local="b.test", remote="a.test")
+    stream = s2s.S2SStream(settings, outgoing=True, local="b.test", remote="a.test")
     stream.start()
     stream.receive(
         HEADER + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
@@ -366,6 +415,12 @@ def test_outgoing_asks_for_bidi_and_takes_the_peers_stanzas() -> None:
     assert events[0].error.condition == "invalid-from"
 
 
+def test_outgoing_bidi_takes_stanzas_only_for_our_domain_of_the_stream() -> None:
+    stream, _ = outgoing_bidi(offered=True, settings=dataclasses.replace(BIDI, hosts=SERVED.hosts))
+    events = stream.receive(b"<message from='anna@a.test' to='room@muc.b.test'/>")
+    assert ended_with(events) == "host-unknown"
+
+
 def test_outgoing_without_bidi_refuses_the_peers_stanzas() -> None:
     stream, sent = outgoing_bidi(offered=False)
     assert b"bidi" not in sent and not stream.bidi
@@ -374,12 +429,12 @@ def test_outgoing_without_bidi_refuses_the_peers_stanzas() -> None:
     assert events[0].error.condition == "unsupported-stanza-type"
 
 
-def dialback_stream(allowed: set[str]) -> tuple[s2s.S2SStream, bytes]:
+def dialback_stream(
+    allowed: set[str], base: s2s.S2SSettings = SETTINGS
+) -> tuple[s2s.S2SStream, bytes]:
     """An incoming stream from a.test after TLS with no valid certificate; dialback
     allowed for the domains in `allowed`; returns it and the features it offered."""
-    settings = dataclasses.replace(
-        SETTINGS, dialback_key=_key, accept_dialback=allowed.__contains__
-    )
+    settings = dataclasses.replace(base, dialback_key=_key, accept_dialback=allowed.__contains__)
     stream = s2s.S2SStream(settings)
     stream.receive(HEADER)
     stream.receive(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
@@ -413,6 +468,21 @@ def test_incoming_dialback_valid_authenticates() -> None:
     assert b"type=\"valid\"" in stream.output()
     received = stream.receive(b"<message from='anna@a.test/x' to='bob@b.test'/>")
     assert isinstance(received[0], s2s.StanzaReceived)
+
+
+def test_incoming_dialback_covers_only_the_pair_it_verified() -> None:
+    stream, _ = dialback_stream({"a.test"}, SERVED)
+    stream.receive(DB_RESULT)
+    assert stream.dialback_checked("a.test", True) == [s2s.Authenticated("a.test", "dialback")]
+    stream.output()
+    events = stream.receive(b"<message from='anna@a.test/x' to='room@muc.b.test'/>")
+    assert ended_with(events) == "host-unknown"
+    # No second pair on the same stream either (no piggybacking, XEP-0220 2.4 / 4.1).
+    stream, _ = dialback_stream({"a.test"}, SERVED)
+    stream.receive(DB_RESULT)
+    stream.dialback_checked("a.test", True)
+    piggyback = DB_RESULT.replace(b"to='b.test'", b"to='muc.b.test'")
+    assert ended_with(stream.receive(piggyback)) == "unsupported-stanza-type"
 
 
 def test_incoming_dialback_invalid_or_unanswered() -> None:

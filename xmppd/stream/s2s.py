@@ -8,8 +8,9 @@ route this stanza). It shares the restricted XML parser and its limits
 
 - An *incoming* stream (a peer connected to us) offers STARTTLS, then SASL
   EXTERNAL when the driver found the peer's certificate valid for the
-  domain the peer names (`tls_started(identities)`); after that it accepts
-  stanzas whose 'from' is that domain and whose 'to' is one of ours.
+  domain the peer names (`tls_started(identities)`), or dialback; after that
+  it accepts stanzas whose 'from' is that domain and whose 'to' is the
+  domain of ours its header named: the one domain pair it authenticated.
 - An *outgoing* stream (we connected) asks for STARTTLS, authenticates
   with SASL EXTERNAL, and then carries our stanzas; RFC 6120 streams are
   one-way, so a stanza the peer sends back on it is a stream error, unless
@@ -288,12 +289,18 @@ class S2SStream(StreamCore[Event]):
         if not self.outgoing:
             self.stream_id = secrets.token_urlsafe(12)
             to = (opened.attrs.get("to") or "").strip().lower()
-            if to in self.settings.hosts:
+            moved = bool(to) and self.local is not None and to != self.local
+            if self.local is None and to in self.settings.hosts:
                 self.local = to
             claimed = (opened.attrs.get("from") or "").strip().lower()
             if claimed and self.remote is None:
                 self.remote = claimed
             self._send_header()
+            if moved:
+                # The first header fixes our side of the domain pair: a restart (after
+                # TLS or SASL) to another of our domains would take the peer's
+                # authentication there.
+                raise StreamError("host-unknown", f"this stream is to {self.local}")
         if opened.tag != _STREAM_TAG:
             if opened.tag.endswith("}stream"):
                 raise StreamError("invalid-namespace", "the stream namespace must be " + ns.STREAMS)
@@ -449,6 +456,13 @@ class S2SStream(StreamCore[Event]):
             raise StreamError("improper-addressing", "malformed 'from' or 'to'") from None
         if sender_domain != self.authenticated_domain:
             raise StreamError("invalid-from", "'from' is not the authenticated domain")
+        if to_domain != self.local:
+            # RFC 6120 8.1.1.2, XEP-0220: only the domain pair authenticated on this
+            # stream (one per stream here, no piggybacking); a served subdomain is
+            # reached over a stream of its own, opened to it.
+            raise StreamError(
+                "host-unknown", f"this stream is to {self.local}, not to {to_domain}"
+            )
         if to_domain not in self.settings.hosts:
             raise StreamError("host-unknown", "this server does not serve that domain")
         stanza = to_client(el)
