@@ -46,6 +46,7 @@ from slixmpp.jid import JID, InvalidJID
 
 from xmppd.components.config import ComponentsConfig
 from xmppd.configfile import locate, not_found
+from xmppd.proxyoptions import ProxyProtocolOptions
 from xmppd.s2s.config import S2SConfig
 from xmppd.sasl.mechanisms import Mechanism
 from xmppd.storage.config import StorageConfig
@@ -178,16 +179,6 @@ def _loopback(address: str) -> bool:
     return address == "localhost" or ipaddress.ip_address(address).is_loopback
 
 
-def _network(value: str) -> str:
-    try:
-        return str(ipaddress.ip_network(value, strict=False))
-    except ValueError:
-        raise _problem(
-            f"expected an address or network (like 10.0.0.5 or 10.0.0.0/24), got "
-            f"{json.dumps(value)}"
-        ) from None
-
-
 def _resolve(path: Path, info: ValidationInfo) -> Path:
     """Make a relative path absolute against the config file's folder (set by the loader)."""
     base = (info.context or {}).get("base_dir")
@@ -219,7 +210,7 @@ def _unique(value: list[Any], info: ValidationInfo) -> list[Any]:
 # --------------------------------------------------------------------------- models
 
 
-class ListenerConfig(BaseModel):
+class ListenerConfig(ProxyProtocolOptions):
     """One listening socket for client connections."""
 
     model_config = ConfigDict(extra="forbid")
@@ -228,24 +219,6 @@ class ListenerConfig(BaseModel):
     address: Annotated[StrictStr, AfterValidator(_address)]
     port: StrictInt = Field(ge=0, le=65535)  # 0: the OS picks a free port (tests)
     backlog: StrictInt = Field(default=1024, ge=1)
-    # Every connection starts with a PROXY protocol header from a load balancer
-    # naming the client's address (xmppd.proxyproto); only from trusted_proxies.
-    proxy_protocol: StrictBool = False
-    trusted_proxies: list[Annotated[StrictStr, AfterValidator(_network)]] = Field(
-        default_factory=lambda: ["127.0.0.1/32", "::1/128"]
-    )
-
-    @model_validator(mode="after")
-    def _some_proxy(self) -> ListenerConfig:
-        if self.proxy_protocol and not self.trusted_proxies:
-            raise _problem(
-                "proxy_protocol needs the balancers' addresses: nobody else may claim "
-                "to speak for a client", "trusted_proxies"
-            )
-        return self
-
-    def proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        return [ipaddress.ip_network(net) for net in self.trusted_proxies]
 
 
 class TLSConfig(BaseModel):

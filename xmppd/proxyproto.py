@@ -4,7 +4,9 @@ A load balancer in front of a cluster connects to the nodes itself, so
 without this every client has the balancer's address: the login throttle
 would ban everybody for one stranger's wrong passwords, the per-address
 connection limit would count all clients as one, and logs would name the
-balancer. With `proxy_protocol: true` on a listener the balancer (haproxy
+balancer (an s2s listener's peer servers likewise: its per-address limit
+and logs; xmppd/proxyoptions.py has the options both kinds of listener
+share). With `proxy_protocol: true` on a listener the balancer (haproxy
 `send-proxy` or `send-proxy-v2`, nginx `proxy_protocol on`) sends one
 header before the client's bytes naming the client's address, and the node
 uses that address for everything.
@@ -17,7 +19,8 @@ own address.
 
 `ProxyHeaderReader` is the listener's protocol until the header is read;
 then it hands the transport, and whatever followed the header in the same
-read, to the real connection, so the stanza path pays nothing for it.
+read, to the real connection (or to the TLS layer an s2s connection put in
+front of itself), so the stanza path pays nothing for it.
 """
 
 from __future__ import annotations
@@ -160,7 +163,9 @@ class ProxyHeaderReader(asyncio.Protocol):
         connection.connection_made(self.transport)
         rest, self.buffer = self.buffer[length:], b""
         if rest and not self.transport.is_closing():
-            connection.data_received(rest)
+            # To whatever reads the transport now: connection_made may have put a layer
+            # of its own in front of the connection (an s2s direct TLS listener's).
+            self.transport.get_protocol().data_received(rest)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:

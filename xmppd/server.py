@@ -30,7 +30,6 @@ from xmppd.flushes import Flushes
 from xmppd.logs import LogOutput, set_level
 from xmppd.modulehost import ModuleHost, validate_module_options
 from xmppd.pauses import PauseMonitor
-from xmppd.proxyproto import ProxyHeaderReader
 from xmppd.reload import ReloadResult, describe_changes, refused_changes
 from xmppd.router import Router
 from xmppd.s2s.contexts import S2SContexts
@@ -468,12 +467,7 @@ class Server:
         """What a listener accepts with: a client connection, or first the reader of a
         load balancer's PROXY header, which then makes one with the client's address."""
         direct = listener.type == "direct_tls"
-        if not listener.proxy_protocol:
-            return lambda: C2SConnection(self, direct)
-        trusted = listener.proxy_networks()
-        return lambda: ProxyHeaderReader(
-            trusted, lambda client: C2SConnection(self, direct, client)
-        )
+        return listener.accepting(lambda client: C2SConnection(self, direct, client))
 
     def connection_opened(self, conn: C2SConnection) -> bool:
         """Count the connection; False when its address is over the per-IP limit. IPv6

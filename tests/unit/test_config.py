@@ -403,6 +403,37 @@ def test_proxy_protocol_needs_trusted_balancers(tmp_path: Path) -> None:
     assert [str(n) for n in listener.proxy_networks()] == ["10.0.0.5/32"]
 
 
+def test_s2s_listeners_take_the_proxy_protocol_options_with_the_same_rule(
+    tmp_path: Path,
+) -> None:
+    text = """\
+        s2s:
+          listeners:
+            - address: 0.0.0.0
+              port: 5269
+              proxy_protocol: true
+              trusted_proxies: []
+            - address: 0.0.0.0
+              port: 5270
+              direct_tls: true
+              proxy_protocol: true
+              trusted_proxies: [10.0.0.0/24, balancer.example]
+        """
+    assert problems(tmp_path, text) == [
+        "x.yml:6: s2s.listeners[0].trusted_proxies: proxy_protocol needs the balancers' "
+        "addresses: nobody else may claim to speak for a client",
+        "x.yml:11: s2s.listeners[1].trusted_proxies[1]: expected an address or network "
+        '(like 10.0.0.5 or 10.0.0.0/24), got "balancer.example"',
+    ]
+    s2s = load(tmp_path, text.replace("[]", "[10.0.0.5]").replace(", balancer.example", "")).s2s
+    assert s2s is not None
+    assert [str(n) for n in s2s.listeners[0].proxy_networks()] == ["10.0.0.5/32"]
+    assert s2s.listeners[1].proxy_protocol and s2s.listeners[1].direct_tls
+    # Off unless asked for, like a client listener's.
+    s2s = load(tmp_path, "s2s:\n  listeners: [{address: 0.0.0.0, port: 5269}]\n").s2s
+    assert s2s is not None and not s2s.listeners[0].proxy_protocol
+
+
 def test_sasl_before_tls_only_on_loopback(tmp_path: Path) -> None:
     text = """\
         listeners:

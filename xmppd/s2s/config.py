@@ -26,6 +26,8 @@ from pydantic import (
 )
 from slixmpp.jid import JID, InvalidJID
 
+from xmppd.proxyoptions import ProxyProtocolOptions
+
 
 def _address(value: str) -> str:
     try:
@@ -70,9 +72,10 @@ def _file(value: Path | None, info: ValidationInfo) -> Path | None:
 Seconds = Annotated[StrictFloat, Field(allow_inf_nan=False, gt=0)]
 
 
-class S2SListener(BaseModel):
+class S2SListener(ProxyProtocolOptions):
     """A socket where other servers connect: STARTTLS on it (RFC 6120), or TLS from the
-    first byte with `direct_tls` (XEP-0368, the `_xmpps-server` SRV record's port)."""
+    first byte with `direct_tls` (XEP-0368, the `_xmpps-server` SRV record's port);
+    behind a load balancer, with its PROXY header first (`proxy_protocol`)."""
 
     model_config = ConfigDict(extra="forbid")
 

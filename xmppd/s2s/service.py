@@ -120,9 +120,10 @@ class S2SService:
         self.settings.dialback_key = dialback_key
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
-            # Plain TCP either way: the connection runs TLS itself (xmppd/s2s/tlsaccept.py).
+            # Plain TCP either way: the connection runs TLS itself (xmppd/s2s/tlsaccept.py),
+            # after the balancer's PROXY header if there is one.
             server = await loop.create_server(
-                functools.partial(self._incoming, listener.direct_tls),
+                listener.accepting(functools.partial(self._incoming, listener.direct_tls)),
                 listener.address,
                 listener.port,
                 reuse_address=True,
@@ -133,10 +134,13 @@ class S2SService:
                 address, port = sock.getsockname()[:2]
                 self.listening.append((address, port))
                 log.info(
-                    "listening: s2s %s on %s port %d",
+                    "listening: s2s %s on %s port %d%s",
                     "direct TLS" if listener.direct_tls else "STARTTLS",
                     address,
                     port,
+                    f", PROXY protocol from {', '.join(listener.trusted_proxies)}"
+                    if listener.proxy_protocol
+                    else "",
                 )
         self._schedule_sweep()
 
@@ -305,8 +309,10 @@ class S2SService:
 
     # --- connections --------------------------------------------------------------------
 
-    def _incoming(self, direct_tls: bool) -> S2SConnection:
-        return S2SConnection(self, S2SStream(self.settings), None, direct_tls=direct_tls)
+    def _incoming(self, direct_tls: bool, client_ip: str | None) -> S2SConnection:
+        return S2SConnection(
+            self, S2SStream(self.settings), None, direct_tls=direct_tls, client_ip=client_ip
+        )
 
     def accept_context(self, direct_tls: bool) -> SSL.Context:
         return self._tls.accept[direct_tls]
