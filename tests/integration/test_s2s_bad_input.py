@@ -98,12 +98,14 @@ class Setup:
         return reader, writer
 
 
-async def make_setup(tmp_path: Path, start_server: StartServer, **s2s: object) -> Setup:
+async def make_setup(
+    tmp_path: Path, start_server: StartServer, hosts: tuple[str, ...] = ("b.test",), **s2s: object
+) -> Setup:
     ca = make_ca(tmp_path)
     cert, key = issue(ca, tmp_path, "b.test")
     server = await start_server(
         users={},
-        hosts=["b.test"],
+        hosts=list(hosts),
         tls={"cert": str(cert), "key": str(key)},
         s2s={
             "listeners": [{"address": XMPPD_ADDRESS, "port": 0}],
@@ -122,8 +124,8 @@ async def setup(tmp_path: Path, start_server: StartServer) -> Setup:
     return await make_setup(tmp_path, start_server)
 
 
-async def bob(server: Server) -> Client:
-    client = Client("bob@b.test/desk", "bob-secret")
+async def bob(server: Server, jid: str = "bob@b.test/desk", password: str = "bob-secret") -> Client:
+    client = Client(jid, password)
     client.ssl_context = insecure_context()
     client.enable_direct_tls = False
     client.enable_plaintext = False
@@ -135,7 +137,7 @@ async def bob(server: Server) -> Client:
 
 async def nothing_more_for(client: Client) -> None:
     """The client's next message is one it sends itself now: nothing came before it."""
-    client.send_message(mto="bob@b.test/desk", mbody="marker")
+    client.send_message(mto=client.boundjid, mbody="marker")
     got = await asyncio.wait_for(client.messages.get(), 10)
     assert got["body"] == "marker", f"delivered: {got}"
 
@@ -163,6 +165,32 @@ async def test_spoofed_from_is_a_stream_error(setup: Setup) -> None:
         writer.close()
     finally:
         await close(client)
+
+
+async def test_a_stanza_for_another_of_our_domains_ends_the_stream(
+    tmp_path: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node serves b.test and d.test; a.test's stream was opened to b.test, so
+    it carries the pair (a.test, b.test) only (RFC 6120 8.1.1.2): a stanza for d.test
+    on it ends it with <host-unknown/>, reaches nobody, and the end is logged."""
+    caplog.set_level(logging.INFO, logger="xmppd.s2s")
+    setup = await make_setup(tmp_path, start_server, hosts=("b.test", "d.test"))
+    await setup.server.accounts["d.test"].register("dora", "dora-secret")
+    dora = await bob(setup.server, "dora@d.test/home", "dora-secret")
+    try:
+        reader, writer = await setup.authenticated("a.test")
+        writer.write(message("anna@a.test/home", "not on this stream").replace(
+            b"bob@b.test/desk", b"dora@d.test/home"
+        ))
+        rest = (await read_to_end(reader)).replace(b'"', b"'")
+        assert b"<host-unknown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest, rest
+        assert b"this stream is to b.test, not to d.test" in rest, rest
+        await nothing_more_for(dora)
+        writer.close()
+    finally:
+        await close(dora)
+    ended = [r.getMessage() for r in caplog.records if "ended: host-unknown" in r.getMessage()]
+    assert any("incoming stream from a.test" in m for m in ended), ended
 
 
 @pytest.mark.parametrize(
