@@ -37,13 +37,13 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         stream: s2s.S2SStream,
         tls_context: ssl.SSLContext | None,
         direct_tls: bool = False,
-        client_ip: str | None = None,
+        proxied_ip: str | None = None,
     ) -> None:
-        """`client_ip`: incoming, the peer's address a load balancer's PROXY header gave
+        """`proxied_ip`: incoming, the peer's address a load balancer's PROXY header gave
         (xmppd.proxyproto), used instead of the TCP peer's (the balancer's) for
         `s2s.max_connections_per_address`, the logs and `xmppctl s2s`."""
         super().__init__(stream, service.config.max_stanza_bytes)
-        self.client_ip = client_ip
+        self._proxied_ip = proxied_ip
         self.service = service
         self.outgoing = stream.outgoing
         # Outgoing STARTTLS (stdlib); None for incoming streams, whose TLS is the
@@ -91,9 +91,9 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         address = peer[0] if peer else "?"
-        if self.client_ip is not None:
+        if self._proxied_ip is not None:
             # The balancer's own address:port would name every peer behind it alike.
-            address = self.peer = self.client_ip
+            address = self.peer = self._proxied_ip
         self.last_active = asyncio.get_running_loop().time()
         self.since = time.time()
         if not self.service.connection_opened(self, address):

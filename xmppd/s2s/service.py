@@ -309,9 +309,9 @@ class S2SService:
 
     # --- connections --------------------------------------------------------------------
 
-    def _incoming(self, direct_tls: bool, client_ip: str | None) -> S2SConnection:
+    def _incoming(self, direct_tls: bool, proxied_ip: str | None) -> S2SConnection:
         return S2SConnection(
-            self, S2SStream(self.settings), None, direct_tls=direct_tls, client_ip=client_ip
+            self, S2SStream(self.settings), None, direct_tls=direct_tls, proxied_ip=proxied_ip
         )
 
     def accept_context(self, direct_tls: bool) -> SSL.Context:
