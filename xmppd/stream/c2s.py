@@ -87,6 +87,15 @@ class StanzaReceived:
 
 
 @dataclass(slots=True)
+class StanzaAnswered:
+    """A stanza from the bound client that the stream answered itself (a <bad-request/>
+    refusal, the legacy session IQ, a second bind): it reaches no session, yet the
+    client counts it as sent, and so must stream management's h (XEP-0198)."""
+
+    stanza: etree._Element
+
+
+@dataclass(slots=True)
 class NonzaReceived:
     """A top-level element that is not a stanza (stream management, CSI, ...), after
     authentication; `bound` says whether a resource is bound yet."""
@@ -110,6 +119,7 @@ Event = (
     | BindRequested
     | PreAuthIQ
     | StanzaReceived
+    | StanzaAnswered
     | NonzaReceived
     | StreamEnded
 )
@@ -491,9 +501,11 @@ class C2SStream:
             type_ = el.get("type")
             if type_ not in ROUTABLE_TYPES[tag]:
                 if self._refused(el, tag):
+                    events.append(StanzaAnswered(el))
                     return
                 type_ = el.get("type")  # a message's unknown type is 'normal' now
-            if tag == ns.C_IQ and self._is_session_setup(el, events):
+            if tag == ns.C_IQ and self._is_session_setup(el):
+                events.append(StanzaAnswered(el))
                 return
             events.append(StanzaReceived(el, type_))
             return
@@ -523,7 +535,7 @@ class C2SStream:
             self.send(reply)
         return True
 
-    def _is_session_setup(self, iq: etree._Element, events: list[Event]) -> bool:
+    def _is_session_setup(self, iq: etree._Element) -> bool:
         """Answer the legacy session iq and refuse a second bind, in the stream itself."""
         if iq.get("type") != "set" or len(iq) != 1:
             return False
