@@ -268,6 +268,8 @@ class C2SConnection(asyncio.Protocol):
                 self.login.start(event)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthResponse):
                 self.login.respond(event.data)  # type: ignore[union-attr]
+            elif isinstance(event, c2s.AuthRefused):
+                self.login.refused(event.condition, event.mechanism)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthAborted):
                 self.login.abort()  # type: ignore[union-attr]
             elif isinstance(event, c2s.BindRequested):

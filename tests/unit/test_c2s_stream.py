@@ -98,7 +98,7 @@ def test_auth_before_starttls_is_refused_with_encryption_required() -> None:
     events = s.receive(
         b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>"
     )
-    assert events == []
+    assert events == [c2s.AuthRefused("encryption-required", "PLAIN")]  # for the log
     out = s.output()
     assert b"<encryption-required/>" in out and b"failure" in out
     assert not s.closed
@@ -303,10 +303,27 @@ def test_a_login_finishing_after_the_stream_ended_does_not_reopen_it() -> None:
 
 def test_auth_with_bad_base64_and_unknown_mechanism() -> None:
     s = secured()
-    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!!</auth>")
+    events = s.receive(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!!</auth>"
+    )
     assert b"<incorrect-encoding/>" in s.output()
-    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'>AA==</auth>")
+    assert events == [c2s.AuthRefused("incorrect-encoding", "PLAIN")]
+    events = s.receive(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'>AA==</auth>"
+    )
     assert b"<invalid-mechanism/>" in s.output()
+    assert events == [c2s.AuthRefused("invalid-mechanism", "DIGEST-MD5")]
+
+
+def test_responses_out_of_an_exchange_are_refused_as_events_for_the_log() -> None:
+    s = secured()
+    events = s.receive(b"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>AA==</response>")
+    assert b"<malformed-request/>" in s.output()
+    assert events == [c2s.AuthRefused("malformed-request", None)]
+    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'/>")
+    events = s.receive(b"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>!!</response>")
+    assert b"<incorrect-encoding/>" in s.output()
+    assert events == [c2s.AuthRefused("incorrect-encoding", None)]
 
 
 def test_a_second_bind_is_answered_by_the_stream() -> None:

@@ -54,6 +54,16 @@ class AuthRequested:
 
 
 @dataclass(slots=True)
+class AuthRefused:
+    """The stream refused a SASL element itself (no TLS yet, a mechanism it did not
+    offer, bad base64, a <response/> with no exchange under way): the <failure/> is
+    queued, and the login, which knows the peer's address, logs the refusal."""
+
+    condition: str
+    mechanism: str | None  # as the client named it; None: that of the exchange under way
+
+
+@dataclass(slots=True)
 class AuthResponse:
     data: bytes
 
@@ -114,6 +124,7 @@ class StreamEnded:
 Event = (
     TLSRequested
     | AuthRequested
+    | AuthRefused
     | AuthResponse
     | AuthAborted
     | BindRequested
@@ -457,10 +468,10 @@ class C2SStream:
                 return
             mechanism = el.get("mechanism", "")
             if not self.tls and not self.settings.allow_unencrypted:
-                self.sasl_failure("encryption-required", "negotiate TLS first")
+                self._refuse_sasl(events, "encryption-required", mechanism, "negotiate TLS first")
                 return
             if mechanism not in self.offered:
-                self.sasl_failure("invalid-mechanism")
+                self._refuse_sasl(events, "invalid-mechanism", mechanism)
                 return
             text = (el.text or "").strip()
             data: bytes | None
@@ -472,24 +483,34 @@ class C2SStream:
                 try:
                     data = base64.b64decode(text, validate=True)
                 except (binascii.Error, ValueError):
-                    self.sasl_failure("incorrect-encoding")
+                    self._refuse_sasl(events, "incorrect-encoding", mechanism)
                     return
             self._sasl_active = True
             events.append(AuthRequested(mechanism, data))
         elif el.tag == _RESPONSE:
             if not self._sasl_active:
-                self.sasl_failure("malformed-request", "no authentication in progress")
+                self._refuse_sasl(
+                    events, "malformed-request", None, "no authentication in progress"
+                )
                 return
             try:
                 decoded = base64.b64decode((el.text or "").strip(), validate=True)
             except (binascii.Error, ValueError):
-                self.sasl_failure("incorrect-encoding")
+                self._refuse_sasl(events, "incorrect-encoding", None)
                 return
             events.append(AuthResponse(decoded))
         else:
             if self._sasl_active:
                 events.append(AuthAborted())
             self.sasl_failure("aborted")
+
+    def _refuse_sasl(
+        self, events: list[Event], condition: str, mechanism: str | None, text: str | None = None
+    ) -> None:
+        """Refuse here, and say so in an event: a refused login is logged, and only the
+        connection knows the address to log."""
+        self.sasl_failure(condition, text)
+        events.append(AuthRefused(condition, mechanism))
 
     def _on_stanza(self, el: etree._Element, tag: str, events: list[Event]) -> None:
         if self.phase is _BOUND:
