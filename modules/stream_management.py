@@ -25,10 +25,12 @@ told, binds move, the queue is replayed); a drain hands sessions over; a
 sweep ends the sessions of dead nodes nobody resumed. docs/cluster.md says
 what that can lose or repeat.
 
-Known gap: the stream itself answers a legacy session IQ and a second bind
-(xmppd.stream.c2s); sent after <enable/>, they are counted by neither side
-of this module, so the client sees them as not handled (harmless: it would
-resend them on a resume).
+The client's h counts every stanza it sent after <enable/>, as the client
+does: those that reach the "stanza/out" filters, and those its stream
+answered itself ("stanza/answered": a <bad-request/> refusal, the legacy
+session IQ, a second bind). One stanza left out would leave the two counts
+one apart for good, and the client would send its newest stanza again at
+every resume, a duplicate XEP-0198 forbids.
 """
 
 from __future__ import annotations
@@ -230,6 +232,7 @@ class StreamManagement(Module):
         # Counting what the client sends comes before any filter may drop it or make it
         # wait (vcard's runs at 10000): at once, synchronously, as the client sent it.
         self.host.filter("stanza/out", self.count_in, priority=1_000_000)
+        self.host.on("stanza/answered", self.count_in)
         self.host.hook("session/closed", self.on_closed)
         self.host.hook("server/stopping", self.on_stopping)
         self.store: SMStore | None = None

@@ -268,6 +268,8 @@ class C2SConnection(asyncio.Protocol):
                 self.login.start(event)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthResponse):
                 self.login.respond(event.data)  # type: ignore[union-attr]
+            elif isinstance(event, c2s.AuthRefused):
+                self.login.refused(event.condition, event.mechanism)  # type: ignore[union-attr]
             elif isinstance(event, c2s.AuthAborted):
                 self.login.abort()  # type: ignore[union-attr]
             elif isinstance(event, c2s.BindRequested):
@@ -280,6 +282,9 @@ class C2SConnection(asyncio.Protocol):
                 self.server.router.spawn(self._preauth_iq(event.iq))
             elif isinstance(event, c2s.NonzaReceived):
                 self._element(event.element)
+            elif isinstance(event, c2s.StanzaAnswered):
+                assert self.session is not None  # the stream answers a bound client's only
+                self.server.modules.stanza_answered(event.stanza, self.session)
             # StreamEnded needs nothing here: _flush() closes a closed stream's transport.
 
     def _flush(self) -> None:

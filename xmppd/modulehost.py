@@ -22,8 +22,11 @@ Events a module can hook (async, `hook`; a True result stops the chain):
   server/stopping ()                 the node stops: listeners are closed, client
                                      streams not yet; modules and storage still run
   delivery/failure (stanza, session)  a session's transport could not take it
-A sync event (`on`; results ignored): modules/changed ()  a reload enabled or
-disabled modules, so the server's disco features may have changed.
+Sync events (`on`; results ignored): modules/changed ()  a reload enabled or
+disabled modules, so the server's disco features may have changed;
+stanza/answered (stanza, session)  a stanza a client sent that its stream
+answered itself (a <bad-request/> refusal, the legacy session IQ, a second
+bind): it reaches no filter nor the router, yet the client counted it as sent.
 Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
 message/full, message/host and the same for presence and iq (a `Routed`),
 with the RFC 6121 rules as the router's handlers at the lowest priority;
@@ -358,7 +361,10 @@ class ModuleHost:
         took it and nothing below runs (the default delivery included).
         `message/delivered` comes after a message was delivered, once, with
         `recipients` filled in. `modules/changed` (no arguments) comes after a reload
-        enabled or disabled modules.
+        enabled or disabled modules. `stanza/answered` (stanza, session) comes for a
+        stanza a local client sent that its stream answered itself, which no filter and
+        no routing event sees: a <bad-request/> refusal, the legacy session IQ, a second
+        bind (results ignored).
         """
         self.events.on(event, handler, priority)
 
@@ -462,6 +468,12 @@ class ModuleHost:
             return False
         entry[0](request)
         return True
+
+    def stanza_answered(self, stanza: etree._Element, session: ClientSession) -> None:
+        """A stanza of `session`'s client that its stream answered itself: tell the
+        "stanza/answered" handlers (stream management counts it in h). Fired here, off
+        the stanza path, as such stanzas are few: routed ones pay nothing for it."""
+        self.events.notify("stanza/answered", stanza, session)
 
     def share_state(self, key: str) -> None:
         """Declare `key` of `session.state` shared: the other nodes of a cluster need it

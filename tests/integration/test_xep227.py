@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -220,10 +222,15 @@ class FailureClient(Client):
 
 
 async def test_an_imported_sha1_account_refuses_sha512_cleanly_then_gains_it_at_a_plain_login(
-    tmp_path: Path, start_server: StartServer, storage_section: dict[str, Any] | None
+    tmp_path: Path,
+    start_server: StartServer,
+    storage_section: dict[str, Any] | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """SCRAM-SHA-512 first: <invalid-mechanism/> naming what works (no 'wrong password');
-    a PLAIN login (over TLS) then adds the SHA-256 and SHA-512 keys, and SHA-512 works."""
+    """SCRAM-SHA-512 first: <invalid-mechanism/> naming what works (no 'wrong password'),
+    logged as a failed login; a PLAIN login (over TLS) then adds the SHA-256 and SHA-512
+    keys, and SHA-512 works."""
+    caplog.set_level(logging.INFO, logger="xmppd.connection")
     export = sha1_only_export(tmp_path / "carol.xml", "localhost", "old pass", twice=True)
     server, _ = await import_then_start(
         tmp_path, start_server, storage_section, "localhost", export
@@ -236,6 +243,10 @@ async def test_an_imported_sha1_account_refuses_sha512_cleanly_then_gains_it_at_
     condition, text = client.failures[0]
     assert condition == "invalid-mechanism"
     assert "no SCRAM-SHA-512 credentials yet" in text and "SCRAM-SHA-1" in text
+    assert re.search(
+        r"failed login: 'carol@localhost' from 127\.0\.0\.1 with SCRAM-SHA-512: "
+        r"invalid-mechanism conn=", caplog.text
+    ), caplog.text
     await close(client)
     assert await server.accounts["localhost"].scram_keys("carol", "sha512") is None
 

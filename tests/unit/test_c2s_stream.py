@@ -76,6 +76,11 @@ def bound(resource: str = "r1") -> c2s.C2SStream:
     return s
 
 
+def answered(events: list[c2s.Event]) -> bool:
+    """The stream answered one stanza itself: no StanzaReceived, one StanzaAnswered."""
+    return len(events) == 1 and isinstance(events[0], c2s.StanzaAnswered)
+
+
 def test_starttls_required_and_no_mechanisms_before_tls() -> None:
     s = c2s.C2SStream(settings())
     assert s.receive(HEADER) == []
@@ -93,7 +98,7 @@ def test_auth_before_starttls_is_refused_with_encryption_required() -> None:
     events = s.receive(
         b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>"
     )
-    assert events == []
+    assert events == [c2s.AuthRefused("encryption-required", "PLAIN")]  # for the log
     out = s.output()
     assert b"<encryption-required/>" in out and b"failure" in out
     assert not s.closed
@@ -261,7 +266,7 @@ def test_session_iq_answered_by_the_stream() -> None:
     events = s.receive(
         b"<iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>"
     )
-    assert events == []
+    assert answered(events)  # not routed, but counted (XEP-0198 h)
     reply = etree.fromstring(s.output())
     assert reply.get("type") == "result" and reply.get("id") == "s1"
 
@@ -298,10 +303,38 @@ def test_a_login_finishing_after_the_stream_ended_does_not_reopen_it() -> None:
 
 def test_auth_with_bad_base64_and_unknown_mechanism() -> None:
     s = secured()
-    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!!</auth>")
+    events = s.receive(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!!</auth>"
+    )
     assert b"<incorrect-encoding/>" in s.output()
-    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'>AA==</auth>")
+    assert events == [c2s.AuthRefused("incorrect-encoding", "PLAIN")]
+    events = s.receive(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'>AA==</auth>"
+    )
     assert b"<invalid-mechanism/>" in s.output()
+    assert events == [c2s.AuthRefused("invalid-mechanism", "DIGEST-MD5")]
+
+
+def test_responses_out_of_an_exchange_are_refused_as_events_for_the_log() -> None:
+    s = secured()
+    events = s.receive(b"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>AA==</response>")
+    assert b"<malformed-request/>" in s.output()
+    assert events == [c2s.AuthRefused("malformed-request", None)]
+    s.receive(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'/>")
+    events = s.receive(b"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>!!</response>")
+    assert b"<incorrect-encoding/>" in s.output()
+    assert events == [c2s.AuthRefused("incorrect-encoding", None)]
+
+
+def test_a_second_bind_is_answered_by_the_stream() -> None:
+    s = bound()
+    events = s.receive(
+        b"<iq type='set' id='b2'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+    )
+    assert answered(events)
+    reply = etree.fromstring(s.output())
+    assert reply.get("type") == "error" and reply.get("id") == "b2"
+    assert b"not-allowed" in etree.tostring(reply)
 
 
 def test_stream_close_by_peer_is_answered() -> None:
@@ -351,7 +384,7 @@ STANZA_ERRORS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 )
 def test_a_malformed_iq_is_answered_with_bad_request(stanza: bytes, reply_id: str) -> None:
     s = bound()
-    assert s.receive(stanza) == []  # nothing routed
+    assert answered(s.receive(stanza))  # nothing routed
     reply = etree.fromstring(s.output())
     assert reply.tag == ns.C_IQ and reply.get("type") == "error"
     assert reply.get("id") == reply_id
@@ -373,14 +406,14 @@ def test_a_response_without_id_is_neither_routed_nor_answered(stanza: bytes) -> 
     """RFC 6120 8.2.3: a result or error is never answered; without an id it answers
     nothing either."""
     s = bound()
-    assert s.receive(stanza) == []
+    assert answered(s.receive(stanza))  # with silence, but the client counts it as sent
     assert s.output() == b""
     assert not s.closed
 
 
 def test_a_presence_of_unknown_type_is_answered_with_bad_request() -> None:
     s = bound()
-    assert s.receive(b"<presence to='bob@localhost' type='subscribe-please' id='p1'/>") == []
+    assert answered(s.receive(b"<presence to='bob@localhost' type='subscribe-please' id='p1'/>"))
     reply = etree.fromstring(s.output())
     assert reply.tag == ns.C_PRESENCE and reply.get("type") == "error"
     assert reply.get("id") == "p1" and reply.get("from") == "bob@localhost"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
     from xmppd.server import Server
 
 log = logging.getLogger("xmppd.connection")
+
+_MECHANISM_NAME = re.compile(r"[A-Z0-9_-]{1,20}")
+"""What a SASL mechanism name may be (RFC 4422 section 3.1)."""
 
 
 class StreamLogin:
@@ -65,6 +69,7 @@ class StreamLogin:
             self._auth_task = None
 
     def start(self, event: c2s.AuthRequested) -> None:
+        self._mechanism = event.mechanism  # for the log, should a response come out of turn
         if event.data is None:
             self.stream.sasl_challenge(b"")  # RFC 6120 6.4.2: ask for the initial response
             self._scram = None
@@ -76,6 +81,7 @@ class StreamLogin:
     def respond(self, data: bytes) -> None:
         if self._auth_task is not None and not self._auth_task.done():
             self._auth_task.cancel()
+            self._log_failed(None, "malformed-request")
             self.stream.sasl_failure("malformed-request", "wait for the server's challenge")
             return
         if self._pending_mechanism is not None:
@@ -84,7 +90,19 @@ class StreamLogin:
         elif self._scram is not None:
             self._auth_task = asyncio.ensure_future(self._auth_final(data))
         else:
+            self._log_failed(None, "malformed-request")
             self.stream.sasl_failure("malformed-request")
+
+    def refused(self, condition: str, mechanism: str | None) -> None:
+        """The stream refused a SASL element itself (c2s.AuthRefused): logged as any
+        failed login, with the mechanism the client named (None: the one under way)."""
+        if mechanism is not None:
+            # A name the server did not offer is the client's own text: quoted, cut short,
+            # so that it cannot write a line of its own into the log.
+            self._mechanism = (
+                mechanism if _MECHANISM_NAME.fullmatch(mechanism) else repr(mechanism[:40])
+            )
+        self._log_failed(None, condition)
 
     def abort(self) -> None:
         if self._auth_task is not None:
@@ -95,7 +113,6 @@ class StreamLogin:
     async def _auth_first(self, mechanism: str, data: bytes) -> None:
         server = self.node
         host = self.stream.host or ""
-        self._mechanism = mechanism
         try:
             if mechanism == "PLAIN":
                 authzid, username, password = parse_plain(data)
@@ -122,7 +139,7 @@ class StreamLogin:
             credentials = await server.accounts[host].credentials(username)
             keys = None if credentials is None else credentials.get(scram_hash_of(mechanism))
             if credentials is not None and keys is None:
-                self._refuse_missing_hash(mechanism, credentials)
+                self._refuse_missing_hash(username, mechanism, credentials)
                 return
             self.stream.sasl_challenge(scram.challenge(keys))
             self._scram = scram
@@ -241,7 +258,7 @@ class StreamLogin:
             "failed login: %s from %s with %s: %s conn=%s",
             repr(account) if account is not None else "(no user name)",
             self.ip,
-            self._mechanism,
+            self._mechanism or "(no mechanism)",
             condition,
             self.conn,
             extra={
@@ -269,7 +286,9 @@ class StreamLogin:
             "temporary-auth-failure", "too many failed logins from your address; try again later"
         )
 
-    def _refuse_missing_hash(self, mechanism: str, credentials: dict[str, ScramKeys]) -> None:
+    def _refuse_missing_hash(
+        self, username: str, mechanism: str, credentials: dict[str, ScramKeys]
+    ) -> None:
         """The account exists but has no keys for this mechanism's hash: an account
         imported from ejabberd or Prosody (XEP-0227) has SHA-1 keys only until a PLAIN
         login gives it the others.
@@ -283,6 +302,7 @@ class StreamLogin:
         usable = [
             m for m in self.stream.offered if m == "PLAIN" or scram_hash_of(m) in credentials
         ]
+        self._log_failed(f"{username}@{self.stream.host or ''}", "invalid-mechanism")
         self.stream.sasl_failure(
             "invalid-mechanism",
             f"this account has no {mechanism} credentials yet; it can use {', '.join(usable)}",

@@ -54,6 +54,16 @@ class AuthRequested:
 
 
 @dataclass(slots=True)
+class AuthRefused:
+    """The stream refused a SASL element itself (no TLS yet, a mechanism it did not
+    offer, bad base64, a <response/> with no exchange under way): the <failure/> is
+    queued, and the login, which knows the peer's address, logs the refusal."""
+
+    condition: str
+    mechanism: str | None  # as the client named it; None: that of the exchange under way
+
+
+@dataclass(slots=True)
 class AuthResponse:
     data: bytes
 
@@ -87,6 +97,15 @@ class StanzaReceived:
 
 
 @dataclass(slots=True)
+class StanzaAnswered:
+    """A stanza from the bound client that the stream answered itself (a <bad-request/>
+    refusal, the legacy session IQ, a second bind): it reaches no session, yet the
+    client counts it as sent, and so must stream management's h (XEP-0198)."""
+
+    stanza: etree._Element
+
+
+@dataclass(slots=True)
 class NonzaReceived:
     """A top-level element that is not a stanza (stream management, CSI, ...), after
     authentication; `bound` says whether a resource is bound yet."""
@@ -105,11 +124,13 @@ class StreamEnded:
 Event = (
     TLSRequested
     | AuthRequested
+    | AuthRefused
     | AuthResponse
     | AuthAborted
     | BindRequested
     | PreAuthIQ
     | StanzaReceived
+    | StanzaAnswered
     | NonzaReceived
     | StreamEnded
 )
@@ -447,10 +468,10 @@ class C2SStream:
                 return
             mechanism = el.get("mechanism", "")
             if not self.tls and not self.settings.allow_unencrypted:
-                self.sasl_failure("encryption-required", "negotiate TLS first")
+                self._refuse_sasl(events, "encryption-required", mechanism, "negotiate TLS first")
                 return
             if mechanism not in self.offered:
-                self.sasl_failure("invalid-mechanism")
+                self._refuse_sasl(events, "invalid-mechanism", mechanism)
                 return
             text = (el.text or "").strip()
             data: bytes | None
@@ -462,24 +483,34 @@ class C2SStream:
                 try:
                     data = base64.b64decode(text, validate=True)
                 except (binascii.Error, ValueError):
-                    self.sasl_failure("incorrect-encoding")
+                    self._refuse_sasl(events, "incorrect-encoding", mechanism)
                     return
             self._sasl_active = True
             events.append(AuthRequested(mechanism, data))
         elif el.tag == _RESPONSE:
             if not self._sasl_active:
-                self.sasl_failure("malformed-request", "no authentication in progress")
+                self._refuse_sasl(
+                    events, "malformed-request", None, "no authentication in progress"
+                )
                 return
             try:
                 decoded = base64.b64decode((el.text or "").strip(), validate=True)
             except (binascii.Error, ValueError):
-                self.sasl_failure("incorrect-encoding")
+                self._refuse_sasl(events, "incorrect-encoding", None)
                 return
             events.append(AuthResponse(decoded))
         else:
             if self._sasl_active:
                 events.append(AuthAborted())
             self.sasl_failure("aborted")
+
+    def _refuse_sasl(
+        self, events: list[Event], condition: str, mechanism: str | None, text: str | None = None
+    ) -> None:
+        """Refuse here, and say so in an event: a refused login is logged, and only the
+        connection knows the address to log."""
+        self.sasl_failure(condition, text)
+        events.append(AuthRefused(condition, mechanism))
 
     def _on_stanza(self, el: etree._Element, tag: str, events: list[Event]) -> None:
         if self.phase is _BOUND:
@@ -491,9 +522,11 @@ class C2SStream:
             type_ = el.get("type")
             if type_ not in ROUTABLE_TYPES[tag]:
                 if self._refused(el, tag):
+                    events.append(StanzaAnswered(el))
                     return
                 type_ = el.get("type")  # a message's unknown type is 'normal' now
-            if tag == ns.C_IQ and self._is_session_setup(el, events):
+            if tag == ns.C_IQ and self._is_session_setup(el):
+                events.append(StanzaAnswered(el))
                 return
             events.append(StanzaReceived(el, type_))
             return
@@ -523,7 +556,7 @@ class C2SStream:
             self.send(reply)
         return True
 
-    def _is_session_setup(self, iq: etree._Element, events: list[Event]) -> bool:
+    def _is_session_setup(self, iq: etree._Element) -> bool:
         """Answer the legacy session iq and refuse a second bind, in the stream itself."""
         if iq.get("type") != "set" or len(iq) != 1:
             return False

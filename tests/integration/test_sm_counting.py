@@ -1,0 +1,65 @@
+"""XEP-0198's h counts every stanza the client sent after <enable/>, over a real TLS
+stream: those the stream answers itself (a <bad-request/>, the legacy session IQ, a
+second bind) as well as those the router takes. One left out puts the client's count
+and the server's apart for good, and the client resends its newest stanza at every
+resume."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.integration.conftest import StartServer
+from tests.integration.test_stream_management import SM, Stream, detached, modules
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_h_counts_the_stanzas_the_stream_answers_itself(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(modules=modules(ack_every=100, ack_delay=30))
+    stream = await Stream.login(server, "alice")
+    await stream.enable()
+    answered = [
+        ("<iq type='bogus' id='bad'><ping xmlns='urn:xmpp:ping'/></iq>", "bad-request"),
+        ("<presence type='bogus' id='badp'/>", "bad-request"),
+        ("<iq type='set' id='sess'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>",
+         'id="sess"'),
+        ("<iq type='set' id='bind2'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+         "<resource>other</resource></bind></iq>", "not-allowed"),
+    ]
+    for sent, answer in answered:
+        await stream.send(sent)
+        await stream.next(answer)
+    assert await stream.ack_count() == len(answered)
+    # A routed stanza after them counts on from there: the two counts stay together.
+    await stream.send("<iq type='get' id='roster'><query xmlns='jabber:iq:roster'/></iq>")
+    await stream.next('id="roster"')
+    assert await stream.ack_count() == len(answered) + 1
+    await stream.close()
+
+
+async def test_a_resume_after_an_answered_stanza_reports_it_handled(
+    start_server: StartServer,
+) -> None:
+    """The symptom: <resumed h=''/> one short, and the client sends its last stanza
+    again, a duplicate."""
+    server = await start_server(modules=modules(ack_every=100, ack_delay=30))
+    stream = await Stream.login(server, "alice")
+    enabled = await stream.enable()
+    await stream.send("<iq type='get' id='roster'><query xmlns='jabber:iq:roster'/></iq>")
+    await stream.next('id="roster"')
+    await stream.send(
+        "<iq type='set' id='sess'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>"
+    )
+    await stream.next('id="sess"')
+    waiting = detached(server)
+    stream.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    again = await Stream.auth(server, "alice")
+    await again.send(f"<resume xmlns='{SM}' previd='{enabled.get('id')}' h='0'/>")
+    resumed = await again.next("resumed")
+    assert resumed.get("h") == "2"  # the roster get and the session IQ
+    await again.close()
