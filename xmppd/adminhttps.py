@@ -136,10 +136,10 @@ def _why(exc: BaseException) -> str:
         return exc.reason or str(exc)  # e.g. UNSUPPORTED_PROTOCOL for a TLS 1.1 client
     if isinstance(exc, TimeoutError):
         return f"not done in {HANDSHAKE_SECONDS:.0f} s"
-    if isinstance(exc, ConnectionError):
+    if isinstance(exc, ConnectionError) and not str(exc):
         # What a client that refused our certificate leaves (its alert ends the stream)
         return "the client closed the connection: does it trust the certificate?"
-    return str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__  # asyncio's handshake timeout says so itself
 
 
 def _bind(address: str, port: int) -> socket.socket:

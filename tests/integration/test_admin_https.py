@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ from tests.integration.renewal import RenewablePair
 from tests.integration.s2s_peers import issue, make_ca
 from tests.integration.test_account_changes import xmppctl
 from tests.integration.test_cli_server import der_of
+from tests.integration.test_cluster import until
 from tests.integration.test_workers import xmppctl as process_xmppctl
 from xmppd.adminapi import read_token
 from xmppd.server import Server
@@ -101,6 +103,23 @@ async def test_https_admin_api_refuses_plain_http_and_serves_xmppctl_verified(
         async with http.get(url, ssl=context, server_hostname="localhost") as response:
             assert response.status == 401
     assert "admin: refused GET /status from 127.0.0.1: no valid bearer token" in caplog.text
+
+
+async def test_https_admin_api_refuses_tls_before_1_2(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(admin={"tls": True})
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # else this OpenSSL would not offer 1.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSVersion.TLSv1_1 is
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", admin_port(server), ssl=context)
+    await until(lambda: "TLS handshake failed (UNSUPPORTED_PROTOCOL)" in caplog.text, 10)
+    assert "admin: refused 127.0.0.1 port" in caplog.text
 
 
 async def test_xmppctl_refuses_an_admin_certificate_its_ca_file_does_not_vouch_for(
