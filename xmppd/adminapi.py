@@ -3,7 +3,9 @@
 xmppctl changes accounts in the stores directly; a running node must then
 end the sessions of an account whose password changed or that was removed,
 which only the node itself can do. Each node serves this small API (aiohttp)
-on the loopback interface by default (config `admin`), and records its URL in
+on the loopback interface by default (config `admin`; off loopback HTTPS
+only, xmppd.adminhttps, so the token never crosses a network in clear), and
+records its URL (for HTTPS, also what xmppctl verifies it against) in
 `data_dir/admin/<pid>-<id>.json` (mode 0600, removed at a clean stop) so that
 xmppctl, given the same configuration, finds the nodes running on this
 machine (xmppd.cli.nodes). Every request needs `Authorization: Bearer
@@ -49,10 +51,12 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from xmppd import logs, metrics, package_version
+from xmppd.adminhttps import HTTPSListener
 from xmppd.adminroutes import add_routes, path_account
 from xmppd.cluster.directory import node_of
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import AccountDataRemains
+from xmppd.nodetls import NodeTLS
 from xmppd.session import ClientSession
 from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StreamError
@@ -128,9 +132,11 @@ class AdminAPI:
         self._token = b""
         self._record: Path | None = None
         self._runner: web.AppRunner | None = None
+        self._https: HTTPSListener | None = None
         self._started = time.monotonic()
 
-    async def start(self) -> None:
+    async def start(self, tls: NodeTLS) -> None:
+        """Serve on admin.address: plain HTTP, or HTTPS only with `tls.admin` (admin.tls)."""
         config = self.server.config
         self._token = ensure_token(config.data_dir).encode()
         app = web.Application(middlewares=[self._authenticate])
@@ -146,20 +152,40 @@ class AdminAPI:
         app.router.add_post("/log-level", self._log_level)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.admin.address, config.admin.port)
-        await site.start()
-        self.url = _url(self._runner.addresses[0])
+        record: dict[str, object] = {"pid": os.getpid(), "hosts": list(config.hosts)}
+        if tls.admin is None:
+            site = web.TCPSite(self._runner, config.admin.address, config.admin.port)
+            await site.start()
+            self.url = _url("http", self._runner.addresses[0])
+        else:
+            assert self._runner.server is not None  # made by setup()
+            self._https = HTTPSListener(self._runner.server, tls.admin)
+            bound = await self._https.start(config.admin.address, config.admin.port)
+            self.url = _url("https", bound)
+            # How xmppctl verifies this node (xmppd.cli.nodes): the first host is one the
+            # node's certificate is for; a self-signed one is its own CA.
+            ca_file = config.admin.ca_file or (tls.cert if tls.self_signed else None)
+            record["server_name"] = config.hosts[0]
+            record["ca_file"] = str(ca_file) if ca_file is not None else None
+        record["url"] = self.url
         self._record = admin_dir(config.data_dir) / (
             f"{os.getpid()}-{secrets.token_hex(4)}{RECORD_SUFFIX}"
         )
-        record = {"url": self.url, "pid": os.getpid(), "hosts": list(config.hosts)}
         _write_private(self._record, json.dumps(record) + "\n")
         log.info("admin: API on %s (recorded in %s)", self.url, self._record)
+
+    def use_tls(self, tls: NodeTLS) -> None:
+        """A reload's certificate, for the handshakes that begin from now on."""
+        if self._https is not None and tls.admin is not None:
+            self._https.use(tls.admin)
 
     async def stop(self) -> None:
         if self._record is not None:
             self._record.unlink(missing_ok=True)
             self._record = None
+        if self._https is not None:
+            await self._https.stop()
+            self._https = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -171,6 +197,10 @@ class AdminAPI:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         valid = hmac.compare_digest(given.strip().encode(), self._token)
         if scheme.lower() != "bearer" or not valid:
+            log.warning(
+                "admin: refused %s %s from %s: no valid bearer token",
+                request.method, request.path, request.remote,
+            )
             return web.json_response(
                 {"error": "a valid bearer token is required"},
                 status=401,
@@ -341,11 +371,11 @@ def session_view(session: ClientSession, node: str | None) -> dict[str, object]:
     return {"jid": session.jid, "node": node, "since": session.since, "address": session.address}
 
 
-def _url(address: object) -> str:
+def _url(scheme: str, address: object) -> str:
     """The URL for a bound socket address, a loopback one for a wildcard bind."""
     host, port = address[0], address[1]  # type: ignore[index]
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

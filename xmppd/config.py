@@ -292,6 +292,27 @@ class AdminConfig(BaseModel):
     address: Annotated[StrictStr, AfterValidator(_address)] = "127.0.0.1"
     port: StrictInt = Field(default=5290, ge=0, le=65535)  # 0: the OS picks a free port (tests)
     allow_remote: StrictBool = False  # a non-loopback address must be asked for explicitly
+    # HTTPS with the node's certificate (the tls section); None: exactly when the address
+    # is not loopback, where the bearer token would otherwise cross a network in clear.
+    tls: StrictBool | None = None
+    # The CAs xmppctl verifies the API's certificate against (None: the system's, or the
+    # self-signed certificate itself when the node uses the embedded default's).
+    ca_file: Path | None = None
+
+    @property
+    def https(self) -> bool:
+        """The API serves HTTPS only (xmppd.adminhttps), never plain HTTP."""
+        return self.tls if self.tls is not None else not _is_loopback(self.address)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve(value, info)
+        if info.context is not None and not path.is_file():
+            raise _problem(f"no such file: {path}")
+        return path
 
     @model_validator(mode="after")
     def _loopback_unless_allowed(self) -> AdminConfig:
@@ -301,6 +322,19 @@ class AdminConfig(BaseModel):
                 "and must not be reachable from other machines; set admin.allow_remote: true "
                 "if a firewall keeps it private",
                 "address",
+            )
+        if self.tls is False and not _is_loopback(self.address):
+            raise _problem(
+                f"{self.address} is not a loopback address: the API's bearer token would "
+                "cross the network in clear; a non-loopback admin API serves HTTPS only "
+                "(leave tls out, or set it to true)",
+                "tls",
+            )
+        if self.ca_file is not None and not self.https:
+            raise _problem(
+                "the admin API serves plain HTTP here (a loopback address without "
+                "tls: true), so no certificate is verified: remove ca_file or set tls: true",
+                "ca_file",
             )
         return self
 

@@ -29,6 +29,7 @@ from xmppd.connection import C2SConnection
 from xmppd.flushes import Flushes
 from xmppd.logs import LogOutput, set_level
 from xmppd.modulehost import ModuleHost, validate_module_options
+from xmppd.nodetls import NodeTLS, node_tls
 from xmppd.pauses import PauseMonitor
 from xmppd.reload import ReloadResult, describe_changes, refused_changes
 from xmppd.router import Router
@@ -40,12 +41,7 @@ from xmppd.storage.factory import Storage, open_storage
 from xmppd.storage.timing import StorageStats, instrument
 from xmppd.stream.c2s import StreamSettings
 from xmppd.stream.errors import StreamError
-from xmppd.tls import (
-    ServerTLS,
-    TLSError,
-    ensure_self_signed,
-    server_tls,
-)
+from xmppd.tls import ServerTLS, TLSError
 from xmppd.traffic import Traffic
 
 log = logging.getLogger("xmppd")
@@ -146,11 +142,11 @@ class Server:
         config = self.config
         log.info("xmppd starting: config %s, hosts %s", config.source.name, ", ".join(config.hosts))
         ensure_data_dir(config.data_dir)
-        if config.tls.cert is None or config.tls.key is None:
-            cert, key = ensure_self_signed(config.data_dir, list(config.hosts))
-        else:
-            cert, key = config.tls.cert, config.tls.key
-        self.tls = server_tls(cert, key, config.tls.min_version)
+        # Off the loop (xmppd.nodetls): the signal handlers and the start's log lines
+        # run on it meanwhile.
+        tls = await asyncio.to_thread(node_tls, config)
+        cert, key = tls.cert, tls.key
+        self.tls = tls.client
         log.info("tls: certificate %s, minimum TLS %s", cert, config.tls.min_version)
         if config.auth.allow_unencrypted:
             log.warning(
@@ -251,7 +247,7 @@ class Server:
             undo.append(("server-to-server", self.s2s.stop))
             await self.s2s.start(cert, key, await cluster_secret(self.storage, "s2s-dialback"))
         undo.append(("the admin API", self.admin.stop))
-        await self.admin.start()
+        await self.admin.start(tls)
         self.pauses.start()
         self.ready = True
 
@@ -348,12 +344,12 @@ class Server:
 
     def _check_reload(
         self, old: Config
-    ) -> tuple[Config, dict[str, Any], ServerTLS, S2SContexts | None]:
+    ) -> tuple[Config, dict[str, Any], NodeTLS, S2SContexts | None]:
         """Load and check the file against the running node, and make the new TLS
-        contexts whole: the client's, and federation's when the certificate or key
-        changed, else None (in a thread: they read files and parse the key and CAs,
-        which the loop must not wait for); ConfigError lists every reason it cannot
-        be applied."""
+        contexts whole: the client's, the admin API's when it serves HTTPS, and
+        federation's when the certificate or key changed, else None (in a thread:
+        they read files and parse the key and CAs, which the loop must not wait
+        for); ConfigError lists every reason it cannot be applied."""
         if self.load is None:
             raise ConfigError(["this node was not started from a file: there is nothing to reload"])
         new = self.load()
@@ -372,11 +368,7 @@ class Server:
         if problems:
             raise ConfigError(problems)
         try:
-            if new.tls.cert is None or new.tls.key is None:
-                pair = ensure_self_signed(new.data_dir, list(new.hosts))
-            else:
-                pair = new.tls.cert, new.tls.key
-            tls = server_tls(*pair, new.tls.min_version)
+            tls = node_tls(new)
         except (TLSError, OSError) as exc:
             raise ConfigError([new.source.problem(("tls", "cert"), str(exc))]) from None
         federation = None
@@ -384,7 +376,7 @@ class Server:
             try:
                 # Peers would refuse the old certificate once it expires: a renewal must
                 # reach new s2s streams too, or the reload applies nothing.
-                federation = self.s2s.renewed_contexts(*pair)
+                federation = self.s2s.renewed_contexts(tls.cert, tls.key)
             except TLSError as exc:
                 raise ConfigError([f"{new.source.where(('s2s',))}: {exc}"]) from None
         return new, options, tls, federation
@@ -394,7 +386,7 @@ class Server:
         old: Config,
         new: Config,
         options: dict[str, Any],
-        tls: ServerTLS,
+        tls: NodeTLS,
         federation: S2SContexts | None,
     ) -> list[str]:
         """Make the checked `new` config the node's; what changed that the config does
@@ -404,7 +396,8 @@ class Server:
         # New handshakes take the new context; a connection keeps the ServerTLS its
         # handshake began with (C2SConnection._begin_tls), so its channel binding
         # names the certificate it was shown.
-        self.tls = tls
+        self.tls = tls.client
+        self.admin.use_tls(tls)  # an HTTPS admin API shows the new certificate too
         if federation is not None:
             assert self.s2s is not None  # made by _check_reload only with federation on
             self.s2s.use_contexts(federation)  # s2s streams keep theirs the same way
@@ -436,8 +429,8 @@ class Server:
         if self.log_output is not None:
             self.log_output.apply(old, new)
         same_files = (new.tls.cert, new.tls.key) == (old.tls.cert, old.tls.key)
-        if tls.cert_der != before and same_files and new.tls.cert is not None:
-            return [f"certificate {tls.cert_path} (renewed)"]
+        if tls.client.cert_der != before and same_files and new.tls.cert is not None:
+            return [f"certificate {tls.cert} (renewed)"]
         return []
 
     # --- what connections ask of the node ------------------------------------------------

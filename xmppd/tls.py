@@ -33,14 +33,17 @@ class TLSError(Exception):
     """The certificate or key cannot be used; one line that names the file(s)."""
 
 
-def server_tls(cert: Path, key: Path, min_version: str = "1.2") -> ServerTLS:
+def server_tls(
+    cert: Path, key: Path, min_version: str = "1.2", alpn: str = "xmpp-client"
+) -> ServerTLS:
     """A server context for `cert` (PEM chain) and `key`; TLSError says what is wrong.
-    It reads files and parses keys (a few ms for RSA-4096): a running node calls it in
-    a thread."""
+    It reads files and parses keys (a few ms for RSA-4096): a node calls it in a
+    thread (xmppd.nodetls). `alpn` is XEP-0368's for clients, "http/1.1" for the
+    admin API."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _version(min_version)
     der = _load_pair(ctx, cert, key)
-    ctx.set_alpn_protocols(["xmpp-client"])  # XEP-0368
+    ctx.set_alpn_protocols([alpn])
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     return ServerTLS(ctx, cert, der)
 

@@ -1,10 +1,12 @@
-"""A serving node loads no certificate, key or CA file on its event loop's thread.
+"""A node loads no certificate, key or CA file on its event loop's thread, nor makes one.
 
 Each such load reads files and parses keys (a few ms for an RSA-4096 key, 18 ms
-for the system's 144 CAs): every client of the node waits that long. The
-calls that do it (Python's `ssl` and pyOpenSSL's) are wrapped here so that
-each call made from xmppd's code on the loop's thread is noted; the calls
-still do their work, and the servers are real.
+for the system's 144 CAs), and making the embedded default's self-signed pair
+generates a key: every client of the node waits that long, and at start the
+start's own log lines do. The calls that do it (Python's `ssl`, pyOpenSSL's and
+cryptography's) are wrapped here so that each call made from xmppd's code on
+the loop's thread is noted; the calls still do their work, and the servers are
+real.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
 from tests.integration.conftest import StartServer
@@ -36,8 +40,11 @@ SLOW_CALLS = [
     (SSL.Context, "use_privatekey_file"),
     (SSL.Context, "load_verify_locations"),
     (SSL.Context, "set_default_verify_paths"),
+    (x509, "load_pem_x509_certificate"),
+    (ec, "generate_private_key"),
 ]
-"""The methods that read a certificate, key or CA file (or the system's trust store)."""
+"""The methods that read a certificate, key or CA file (or the system's trust store),
+and the functions that read a certificate or make a key (the self-signed pair)."""
 
 
 @pytest.fixture
@@ -49,16 +56,39 @@ def on_loop(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     for cls, name in SLOW_CALLS:
         real = getattr(cls, name)
 
-        def noted(
-            self: object, *args: object, _real: Any = real, _name: str = name, **kwargs: object
-        ) -> object:
+        def noted(*args: object, _real: Any = real, _name: str = name, **kwargs: object) -> object:
             caller = sys._getframe(1).f_globals.get("__name__", "")
             if threading.get_ident() == loop_thread and caller.startswith("xmppd."):
                 calls.append(f"{_name} from {caller}")
-            return _real(self, *args, **kwargs)
+            return _real(*args, **kwargs)
 
         monkeypatch.setattr(cls, name, noted)
     return calls
+
+
+async def test_a_node_starts_without_making_or_loading_tls_on_its_loop(
+    start_server: StartServer, on_loop: list[str]
+) -> None:
+    """The embedded default's self-signed pair made and the client context loaded from
+    it, then on a second start the pair read again: all in a thread."""
+    server = await start_server()
+    assert server.tls.cert_path.name == "selfsigned.crt"
+    await server.stop()
+    await start_server(users={})  # the accounts are there already
+    assert on_loop == []
+
+
+async def test_an_https_admin_api_gets_its_context_in_a_thread(
+    tmp_path: Path, start_server: StartServer, on_loop: list[str]
+) -> None:
+    """At start and at a reload that renews the certificate (admin.tls)."""
+    pair = RenewablePair(tmp_path)
+    on_loop.clear()  # the test's own making of the pairs
+    server = await start_server(tls=pair.tls_section(), admin={"tls": True})
+    pair.renew()
+    result = await server.reload()
+    assert f"certificate {pair.cert} (renewed)" in result.changed
+    assert on_loop == []
 
 
 async def test_a_reload_makes_the_new_tls_context_in_a_thread(
@@ -94,8 +124,7 @@ async def test_federation_makes_its_tls_contexts_in_a_thread(
         await message_across(bob, dora, "dora@d.test", "hello d.test")
     assert b.s2s is not None
     assert [c.stream.mechanism for c in b.s2s.connections] == ["EXTERNAL"]
-    # Each server's client TLS context is made on the loop at start, before it serves.
-    assert on_loop == ["load_cert_chain from xmppd.tls"] * 2
+    assert on_loop == []
 
 
 async def test_a_renewal_makes_the_new_s2s_contexts_in_a_thread(

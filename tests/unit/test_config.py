@@ -704,6 +704,31 @@ def test_admin_api_is_loopback_unless_remote_is_allowed(tmp_path: Path) -> None:
     ]
 
 
+def test_admin_api_off_loopback_serves_https_only(tmp_path: Path) -> None:
+    """Its bearer token must not cross a network in clear: HTTPS is the default off
+    loopback and cannot be turned off there; on loopback it may be turned on."""
+    assert load(tmp_path, "").admin.https is False
+    remote = load(tmp_path, "admin: {address: 10.0.0.5, allow_remote: true}\n").admin
+    assert (remote.tls, remote.https) == (None, True)
+    assert load(tmp_path, "admin: {tls: true}\n").admin.https is True
+    assert problems(tmp_path, "admin: {address: 0.0.0.0, allow_remote: true, tls: false}\n") == [
+        "x.yml:1: admin.tls: 0.0.0.0 is not a loopback address: the API's bearer token "
+        "would cross the network in clear; a non-loopback admin API serves HTTPS only "
+        "(leave tls out, or set it to true)"
+    ]
+    (tmp_path / "ca.pem").write_text("not read here")
+    assert load(tmp_path, "admin: {tls: true, ca_file: ca.pem}\n").admin.ca_file == (
+        tmp_path / "ca.pem"
+    )
+    assert problems(tmp_path, "admin: {ca_file: ca.pem}\n") == [
+        "x.yml:1: admin.ca_file: the admin API serves plain HTTP here (a loopback address "
+        "without tls: true), so no certificate is verified: remove ca_file or set tls: true"
+    ]
+    assert problems(tmp_path, "admin: {tls: true, ca_file: nowhere.pem}\n") == [
+        f"x.yml:1: admin.ca_file: no such file: {tmp_path / 'nowhere.pem'}"
+    ]
+
+
 # --------------------------------------------------------------------------- cluster
 
 

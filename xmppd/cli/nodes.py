@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+from aiohttp.client import _RequestContextManager
 
 from xmppd.adminapi import RECORD_SUFFIX, admin_dir, read_token
 
@@ -35,8 +37,24 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeTrust:
+    """How the certificate of a node serving HTTPS is verified: the name it must be
+    for, and the CAs it must chain to (None: the system's). The node wrote both in its
+    record (xmppd.adminapi), which only the deployment's user can write: the one who
+    can read the token anyway."""
+
+    server_name: str | None
+    ca_file: str | None
+
+
 def node_records(data_dir: Path, outcome: Outcome) -> dict[Path, str]:
-    """Record file -> admin URL of the nodes running with this data_dir.
+    """Record file -> admin URL of the nodes running with this data_dir."""
+    return {record: url for record, (url, _) in _records(data_dir, outcome).items()}
+
+
+def _records(data_dir: Path, outcome: Outcome) -> dict[Path, tuple[str, NodeTrust]]:
+    """Record file -> admin URL and how to verify it, of the nodes running here.
 
     The admin token goes only to a URL whose port is held by the process that
     wrote the record: a node that died leaves its record behind, and another
@@ -46,11 +64,12 @@ def node_records(data_dir: Path, outcome: Outcome) -> dict[Path, str]:
     folder = admin_dir(data_dir)
     if not folder.is_dir():
         return {}
-    found: dict[Path, str] = {}
+    found: dict[Path, tuple[str, NodeTrust]] = {}
     for record in sorted(folder.glob(f"*{RECORD_SUFFIX}")):
         try:
             fields = json.loads(record.read_text(encoding="utf-8"))
             url, pid = str(fields["url"]), int(fields["pid"])
+            trust = NodeTrust(_optional(fields, "server_name"), _optional(fields, "ca_file"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             outcome.warnings.append(f"{record}: not a node record ({e}); delete it if unused")
             continue
@@ -64,8 +83,13 @@ def node_records(data_dir: Path, outcome: Outcome) -> dict[Path, str]:
                 f"{url} is not served by the node of {record} (pid {pid}): not contacted"
             )
             continue
-        found[record] = url
+        found[record] = url, trust
     return found
+
+
+def _optional(fields: dict[str, Any], name: str) -> str | None:
+    value = fields.get(name)
+    return None if value is None else str(value)
 
 
 def _alive(pid: int) -> bool:
@@ -113,10 +137,12 @@ class NodeRemovalFailed(Exception):
 @contextlib.asynccontextmanager
 async def _admin_client(
     data_dir: Path, outcome: Outcome, unread: str
-) -> AsyncIterator[tuple[dict[Path, str], aiohttp.ClientSession] | None]:
+) -> AsyncIterator[tuple[dict[Path, str], AdminHTTP] | None]:
     """The recorded nodes and an HTTP client carrying the admin token; None when no
     node is recorded or the token cannot be read (`unread` ends that warning)."""
-    nodes = node_records(data_dir, outcome)
+    records = _records(data_dir, outcome)
+    verified = await asyncio.to_thread(_verifiers, records, outcome)
+    nodes = {record: url for record, (url, _) in records.items() if record in verified}
     if not nodes:
         yield None
         return
@@ -131,8 +157,66 @@ async def _admin_client(
         return
     headers = {"Authorization": f"Bearer {token}"}
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
-        yield nodes, http
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        yield nodes, AdminHTTP(session, {_origin(nodes[r]): v for r, v in verified.items() if v})
+
+
+Verifier = tuple[ssl.SSLContext, str | None]
+"""The TLS context an https node is verified with, and the name its certificate must be for."""
+
+
+def _verifiers(
+    records: dict[Path, tuple[str, NodeTrust]], outcome: Outcome
+) -> dict[Path, Verifier | None]:
+    """Record -> how to verify its node (None: plain HTTP, a loopback node); a record
+    whose CA file cannot be read is a warning, and its node is not contacted. Blocking
+    (CA files, the system's trust store): called in a thread."""
+    verifiers: dict[Path, Verifier | None] = {}
+    for record, (url, trust) in records.items():
+        if urlsplit(url).scheme != "https":
+            verifiers[record] = None
+            continue
+        try:
+            context = ssl.create_default_context(cafile=trust.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            outcome.warnings.append(
+                f"cannot read the CA file {trust.ca_file} of {record} (admin.ca_file): "
+                f"{getattr(e, 'strerror', None) or e}; the node at {url} was not contacted"
+            )
+            continue
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        verifiers[record] = context, trust.server_name
+    return verifiers
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class AdminHTTP:
+    """xmppctl's HTTP client to the nodes: one aiohttp session carrying the token, and
+    for each node serving HTTPS the verification its record asks for (its CAs, its
+    name: the URL holds the address it listens on, which its certificate is not for)."""
+
+    def __init__(self, session: aiohttp.ClientSession, verifiers: dict[str, Verifier]) -> None:
+        self._session = session
+        self._verifiers = verifiers
+
+    def request(self, method: str, url: str, json: object = None) -> _RequestContextManager:
+        verifier = self._verifiers.get(_origin(url))
+        if verifier is None:
+            return self._session.request(method, url, json=json)
+        context, server_name = verifier
+        return self._session.request(
+            method, url, json=json, ssl=context, server_hostname=server_name
+        )
+
+    def get(self, url: str) -> _RequestContextManager:
+        return self.request("GET", url)
+
+    def post(self, url: str) -> _RequestContextManager:
+        return self.request("POST", url)
 
 
 async def remove_on_node(data_dir: Path, jid: str, outcome: Outcome) -> str | None:
@@ -181,7 +265,7 @@ async def notify_account_change(data_dir: Path, jid: str, change: str) -> Outcom
     return outcome
 
 
-async def _tell(http: aiohttp.ClientSession, url: str, record: Path, outcome: Outcome) -> None:
+async def _tell(http: AdminHTTP, url: str, record: Path, outcome: Outcome) -> None:
     node = url.split("/accounts/", 1)[0]
     try:
         async with http.post(url) as response:
@@ -337,7 +421,7 @@ async def drain_nodes(data_dir: Path, node: str | None) -> Outcome:
 
 
 async def _json(
-    http: aiohttp.ClientSession, method: str, url: str, request: object = None
+    http: AdminHTTP, method: str, url: str, request: object = None
 ) -> dict[str, Any]:
     """A node's JSON answer; ValueError for any status but 200 or a body not an object."""
     async with http.request(method, url, json=request) as response:
@@ -348,6 +432,13 @@ async def _json(
 
 
 def _did_not_answer(outcome: Outcome, url: str, record: object, error: Exception) -> None:
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        outcome.warnings.append(
+            f"the node at {url} was not trusted, its certificate did not verify "
+            f"({error.certificate_error}): it must chain to admin.ca_file (else the "
+            "system's CAs) and be for the first of hosts; the token was not sent"
+        )
+        return
     outcome.warnings.append(
         f"the node at {url} did not answer ({type(error).__name__}: {error}); "
         f"if it is not running, delete {record}"
