@@ -48,7 +48,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from xmppd.cluster import schema
+from xmppd.cluster import heartbeat, schema
 from xmppd.cluster.smstore import RETRY_DELAY, Change, SMStore
 from xmppd.modulehost import ElementRequest, Module
 from xmppd.session import ClientSession, Transport
@@ -116,7 +116,7 @@ class SMState:
     __slots__ = (
         "session", "id", "resumable", "max", "inner", "handled", "sent", "queue",
         "requested", "timer", "closed", "handed", "timed_out", "stored_sent",
-        "stored_acked", "change",
+        "stored_acked", "confirmed_sent", "change",
     )
 
     def __init__(self, session: ClientSession, inner: Transport | None, resumable: bool,
@@ -136,10 +136,13 @@ class SMState:
         # is that node's to deliver, never this one's to route again.
         self.handed = False
         self.timed_out = False  # ended because nobody resumed it in time
-        # What Redis holds (clustered): `sent` and the acked count at the last write;
-        # -1: unknown, the next write is whole.
+        # What the last write built (clustered): `sent` and the acked count then; -1:
+        # unknown, the next write is whole.
         self.stored_sent = -1
         self.stored_acked = -1
+        # `sent` as of the last write Redis confirmed: what a node that takes the session
+        # over finds (a write built may still be refused, or fail).
+        self.confirmed_sent = -1
         self.change: Callable[[bool], Change] | None = None  # this session's Redis write
 
 
@@ -210,6 +213,14 @@ def _failed(condition: str, h: int | None = None) -> etree._Element:
     return failed
 
 
+async def _routed(session: ClientSession) -> None:
+    """Return once every stanza the session's client sent has been routed."""
+    if session.busy:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        session.when_idle(lambda: None if done.done() else done.set_result(None))
+        await done
+
+
 class StreamManagement(Module):
     name = "stream_management"
     Options = SMOptions
@@ -242,8 +253,12 @@ class StreamManagement(Module):
     async def start(self) -> None:
         cluster = self.host.cluster
         if cluster is not None:
-            self.store = SMStore(cluster.redis, cluster.node)
-            self.store.start(self.lost)
+            # A record outlives its last write long enough for a dead owner to be reaped
+            # (a hung loop: the longest) and swept, so its queue is routed, not expired.
+            slack = (TTL_REFRESH + heartbeat.WEDGED + heartbeat.TTL + heartbeat.INTERVAL
+                     + 2 * self.options.orphan_sweep)
+            self.store = SMStore(cluster.redis, cluster.node, slack)
+            self.store.start(self.lost, self.written)
             # Records expire unless written: write every waiting or idle one again in time.
             self.host.every(TTL_REFRESH, self.refresh)
             self.host.every(self.options.orphan_sweep, self.sweep)
@@ -267,6 +282,7 @@ class StreamManagement(Module):
         last write appended, the ones acknowledged since trimmed (or all, `full`)."""
         acked = sm.sent - len(sm.queue)
         reset = full or sm.stored_sent < 0 or acked >= sm.stored_sent
+        expect = -1 if reset else sm.stored_sent
         if reset:
             trim, new = 0, list(sm.queue)
         else:
@@ -288,7 +304,13 @@ class StreamManagement(Module):
             reset=reset,
             trim=trim,
             append=[etree.tostring(stanza) for stanza in new],
+            expect=expect,
         )
+
+    def written(self, sm_id: str, sent: int) -> None:
+        sm = self.resumable.get(sm_id)
+        if sm is not None:
+            sm.confirmed_sent = sent
 
     def refresh(self) -> None:
         for sm in self.resumable.values():
@@ -382,11 +404,12 @@ class StreamManagement(Module):
             return
         sm.handed = True
         sm.session.available = False
-        # What this node queued after its last write to Redis, the new node does not
-        # have: routed again once the session here is gone (to the new node, else
-        # offline storage), so a live takeover loses nothing.
-        unstored = len(sm.queue) if sm.stored_sent < 0 else min(
-            len(sm.queue), sm.sent - sm.stored_sent
+        # What this node queued after the last write Redis confirmed, the new node does
+        # not have (a write under way when the claim ran is refused): routed again once
+        # the session here is gone (to the new node, else offline storage), so a live
+        # takeover loses nothing.
+        unstored = len(sm.queue) if sm.confirmed_sent < 0 else min(
+            len(sm.queue), sm.sent - sm.confirmed_sent
         )
         later = [sm.queue[i] for i in range(len(sm.queue) - unstored, len(sm.queue))]
         if sm.inner is not None:
@@ -582,7 +605,9 @@ class StreamManagement(Module):
             request.reply(_failed("unexpected-request"))
             return
         sm = self.resumable.get(previd)
-        if sm is None and self.store is not None and request.account is not None:
+        ended_here = previd in self.expired or previd in self.claiming
+        if (sm is None and not ended_here and self.store is not None
+                and request.account is not None):
             self.host.spawn(self._resume_remote(request, previd, request.account))
             return
         if sm is None or sm.closed or sm.handed or sm.session.bare != request.account:
@@ -761,6 +786,20 @@ class StreamManagement(Module):
 
     async def _hand_over(self, sessions: list[SMState]) -> bool:
         assert self.store is not None
+        # Nothing more is read from their clients, and what was read is routed, before
+        # the state is taken: a stanza handled after it would not be in the `h` the next
+        # node answers, and the client would send it again.
+        for sm in sessions:
+            if sm.inner is not None:
+                sm.inner.pause_input()
+        try:
+            async with asyncio.timeout(HANDOVER_WAIT):
+                for sm in sessions:
+                    await _routed(sm.session)
+        except TimeoutError:
+            self.log.warning("sm: stanzas of sessions being handed over still wait to be "
+                             "routed after %g s; their clients may send them again",
+                             HANDOVER_WAIT)
         for sm in sessions:
             self.save(sm)
         for sm in sessions:

@@ -30,6 +30,7 @@ from tests.integration.test_cluster import until
 from tests.integration.test_stream_management import (
     SASL,
     SM,
+    C,
     Stream,
     detached,
     message,
@@ -41,7 +42,7 @@ from tests.integration.test_stream_management import (
 )
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import smstore
-from xmppd.cluster.smstore import PREFIX
+from xmppd.cluster.smstore import PREFIX, QUEUE_PREFIX
 from xmppd.server import Server
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
@@ -137,6 +138,42 @@ async def test_drain_hands_sessions_over(
     assert sm_module(a).stats.handed_over == 1
     await bob.send(message("alice@localhost", "after the drain"))
     assert await messages(again, 1) == ["after the drain"]
+    await again.close()
+    await bob.close()
+
+
+async def test_what_a_client_sends_while_its_session_is_handed_over_is_sent_once(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """alice sends a message while her node drains and its state is on its way to
+    Redis: it must be either in the `h` the next node answers or not handled at all,
+    never handled but left out of that count (her client would send it again, and bob
+    would get it twice). The node stops reading her before it takes her state."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(b, "bob")
+    previd = (await alice.enable()).get("id", "")
+    await until(lambda: a.router.directory.get("bob@localhost", "phone") is not None)
+    store = sm_module(a).store
+    assert store is not None
+    real_flush = store.flush
+    said = message("bob@localhost/phone", "during the hand-over")
+
+    async def flush_while_alice_speaks() -> None:
+        await alice.send(said)
+        await asyncio.sleep(0.5)  # time for node A to read and route it, if it still reads
+        await real_flush()
+
+    store.flush = flush_while_alice_speaks  # type: ignore[method-assign]
+    await asyncio.wait_for(a.stop(), 20)
+    again = await resume_at(b, "alice", previd, 0)
+    h = int((await again.next("resumed")).get("h", "-1"))
+    if h == 0:
+        await again.send(said)  # not handled: her client sends it again, as XEP-0198 says
+    await bob.next("during the hand-over")
+    await roundtrip(bob)
+    assert not [el for el in bob.pending if b"during the hand-over" in etree.tostring(el)]
     await again.close()
     await bob.close()
 
@@ -562,5 +599,194 @@ async def test_a_resume_while_redis_hangs_is_answered_in_time_and_loses_nothing(
     await store.stop()
     await own.aclose()
     await check.aclose()
+    await again.close()
+    await bob.close()
+
+
+class HeldLink:
+    """A TCP forwarder to Redis for one node's store, whose traffic towards Redis can be
+    held: that node's writes then wait on the wire while other nodes' go through."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.open = asyncio.Event()
+        self.open.set()
+        self.sent = 0  # bytes from the node that reached the wire, held or not
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        for task in (self._pipe(reader, up_writer, held=True),
+                     self._pipe(up_reader, writer, held=False)):
+            running = asyncio.create_task(task)
+            self._tasks.add(running)
+            running.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    held: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if held:
+                    self.sent += len(data)
+                    await self.open.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_a_takeover_during_a_write_of_the_old_node_loses_nothing(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """Node A has written a message to its waiting session's record but Redis has not
+    run the write when node B's claim does: the write is refused, so the new node never
+    gets that message from Redis, and node A must route it again (to B's new session,
+    else offline storage), not count it as stored."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(b, "bob")
+    previd = (await alice.enable()).get("id", "")
+    await until(lambda: b.router.directory.get("alice@localhost", "phone") is not None)
+    module = sm_module(a)
+    assert module.store is not None
+    await module.store.stop()
+    link = HeldLink(("127.0.0.1", redis_service.port))
+    own = Redis.from_url(await link.start())
+    await own.script_load(smstore.SAVE)
+    store = smstore.SMStore(own, "node-a")
+    store.start(module.lost, module.written)
+    module.store = store
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    await store.flush()
+    sm = module.resumable[previd]
+    link.open.clear()
+    before = link.sent
+    await bob.send(message("alice@localhost/phone", "in a write Redis runs too late"))
+    await until(lambda: link.sent > before and sm.stored_sent == sm.sent == 1)
+    again = await resume_at(b, "alice", previd, 0)
+    await again.next("resumed")
+    await until(lambda: sm.handed)  # B's claim ran; A let the session go
+    link.open.set()
+    await store.flush()
+    delivered = await messages(again, 1) if not a.router.ledger.offline else []
+    assert delivered == ["in a write Redis runs too late"] or a.router.ledger.offline == 1
+    await store.stop()
+    await own.aclose()
+    await link.close()
+    await again.close()
+    await bob.close()
+
+
+async def stored_bodies(redis: Redis, queue: str) -> list[str]:
+    """The bodies of the messages in a session's queue in Redis."""
+    return [etree.fromstring(data).findtext(f"{C}body") or ""
+            for data in await redis.lrange(queue, 0, -1)]
+
+
+async def test_redis_refusing_or_losing_the_state_gets_it_written_whole(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """An error reply (OOM here) is no write: the state is written once Redis takes it
+    again, flush() waits for that. And a record Redis lost (a restart, a failover) is
+    written whole with the next change, not rebuilt from that change alone."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    previd = (await alice.enable()).get("id", "")
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    queue = QUEUE_PREFIX + previd
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", "1")
+    try:
+        await bob.send(message("alice@localhost/phone", "refused once"))
+        assert await messages(alice, 1) == ["refused once"]
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.5):
+                await store.flush()
+    finally:
+        await redis.config_set("maxmemory", "0")
+    async with asyncio.timeout(15):
+        await store.flush()
+    assert await stored_bodies(redis, queue) == ["refused once"]
+    await redis.delete(PREFIX + previd, queue)  # Redis lost the record
+    await bob.send(message("alice@localhost/phone", "after the loss"))
+    assert await messages(alice, 1) == ["after the loss"]
+    await store.flush()
+    assert await stored_bodies(redis, queue) == ["refused once", "after the loss"]
+    assert await redis.hget(PREFIX + previd, "sent") == b"2"
+    await redis.aclose()
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_dead_node_s_record_lives_until_the_sweep_takes_it(
+    redis_service: LocalService,
+) -> None:
+    """Nobody refreshes the record of a dead node's session: the sweep that first finds
+    it orphaned gives it its resume timeout and the slack again, so the sweep that takes
+    it, not the TTL, ends it."""
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    dead = smstore.SMStore(redis, "node-dead", ttl_slack=5)
+    change = smstore.Change(bare="alice@localhost", jid="alice@localhost/phone", sid="",
+                            handled=0, sent=1, max=100, presence=b"", reset=True, trim=0,
+                            append=[b"<message/>"], expect=-1)
+    dead.dirty("orphan-id", lambda _full: change)
+    dead.start(lambda _id: None)
+    await dead.flush()
+    await dead.stop()
+    assert 0 < await redis.ttl(PREFIX + "orphan-id") <= 105
+    await redis.expire(PREFIX + "orphan-id", 3)  # as if its last write were long ago
+    await redis.expire(QUEUE_PREFIX + "orphan-id", 3)
+    sweeper = smstore.SMStore(redis, "node-live", ttl_slack=60)
+    assert await sweeper.orphans() == []  # first seen orphaned
+    assert await redis.ttl(PREFIX + "orphan-id") > 150
+    assert await redis.ttl(QUEUE_PREFIX + "orphan-id") > 150
+    await redis.aclose()
+
+
+async def test_a_session_ended_here_is_not_resumed_from_a_record_not_yet_dropped(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """The session timed out on this node (its messages to offline storage) and the drop
+    of its record has not reached Redis: a <resume/> must fail, not claim the record
+    and deliver the messages a second time."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    previd = (await alice.enable("resume='true' max='1'")).get("id", "")
+    await bob.send(message("alice@localhost/phone", "once"))
+    assert await messages(alice, 1) == ["once"]
+    module = sm_module(a)
+    assert module.store is not None
+    await module.store.flush()
+    await module.store.stop()  # its drop will not reach Redis
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    await until(lambda: a.router.ledger.offline == 1, timeout=10)
+    again = await resume_at(a, "alice", previd, 0)
+    answer = await again.next(SM)
+    assert etree.QName(answer).localname == "failed", etree.tostring(answer)
+    assert answer.get("h") == "0"
     await again.close()
     await bob.close()

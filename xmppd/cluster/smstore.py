@@ -38,9 +38,14 @@ log = logging.getLogger(__name__)
 
 PREFIX = "xmppd:sm:"
 QUEUE_PREFIX = "xmppd:smq:"
-TTL_SLACK = 60
-"""Seconds a record outlives its resume timeout (refreshed at every write)."""
+TTL_SLACK = 60.0
+"""Seconds a record outlives its resume timeout past its last write, unless the store is
+given more: the owner's module gives enough for its refresh period, a dead owner's reap
+and two orphan sweeps, so that the sweep, not the TTL, ends a dead node's session."""
 RETRY_DELAY = 0.5
+RETRY_MAX = 5.0
+"""The longest wait between two tries while Redis fails: each failure doubles the wait
+from RETRY_DELAY, since every try rebuilds the batch of every session written whole."""
 SWEEP_PAGE = 500
 """Records looked at per SCAN page and per pipeline by an orphan sweep."""
 REDIS_WAIT = 5.0
@@ -53,21 +58,26 @@ once it answers again."""
 
 SAVE = """
 -- KEYS hash, list; ARGV node, bare, jid, handled, sent, max, presence, ttl, reset, trim,
--- sid, stanzas to append...
+-- sid, the 'sent' the record must hold for an incremental write, stanzas to append...
 local owner = redis.call('HGET', KEYS[1], 'node')
 if owner and owner ~= ARGV[1] then return 0 end
+if ARGV[9] ~= '1' and redis.call('HGET', KEYS[1], 'sent') ~= ARGV[12] then return 2 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'bare', ARGV[2], 'jid', ARGV[3],
            'handled', ARGV[4], 'sent', ARGV[5], 'max', ARGV[6], 'presence', ARGV[7],
            'sid', ARGV[11])
 if ARGV[9] == '1' then redis.call('DEL', KEYS[2]) end
 local trim = tonumber(ARGV[10])
 if trim > 0 then redis.call('LTRIM', KEYS[2], trim, -1) end
-for i = 12, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 13, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
 return 1
 """
-"""Write a session's change, unless another node owns it now (0: this node lost it)."""
+"""Write a session's change, unless another node owns it now (0: this node lost it). An
+incremental change (trim, append) applies only to the record it was computed against:
+if Redis lost it (restarted empty, failed over to a replica that lagged) or holds
+another count, 2, and the node writes the session whole instead of rebuilding a queue
+that misses what was unacknowledged before."""
 
 CLAIM = """
 -- KEYS hash, list, fence; ARGV node, bare, fence ttl
@@ -106,7 +116,7 @@ return false
 
 
 ORPHAN = """
--- KEYS hash, list, fence; ARGV now, the nodes set, node, fence ttl
+-- KEYS hash, list, fence; ARGV now, the nodes set, node, fence ttl, slack
 local owner = redis.call('HGET', KEYS[1], 'node')
 if not owner then return false end
 if redis.call('SISMEMBER', ARGV[2], owner) == 1 then
@@ -114,11 +124,14 @@ if redis.call('SISMEMBER', ARGV[2], owner) == 1 then
   return false
 end
 local since = redis.call('HGET', KEYS[1], 'orphaned')
+local max = tonumber(redis.call('HGET', KEYS[1], 'max') or '0')
 if not since then
   redis.call('HSET', KEYS[1], 'orphaned', ARGV[1])
+  local ttl = math.ceil(max + tonumber(ARGV[5]))
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
   return false
 end
-local max = tonumber(redis.call('HGET', KEYS[1], 'max') or '0')
 if tonumber(ARGV[1]) - tonumber(since) < max then return false end
 if redis.call('EXISTS', KEYS[3]) == 1 then return false end
 redis.call('SET', KEYS[3], 'gone:' .. owner, 'EX', ARGV[4])
@@ -131,7 +144,8 @@ return {jid, queue, presence, owner}
 """
 """A session whose node is gone (stopped, or reaped after its heartbeat stopped: no
 longer in the nodes set, so no replica routes to it any more) and that nobody resumed
-in its resume timeout, counted from when a sweep first saw it so: taken (made the
+in its resume timeout, counted from when a sweep first saw it so (which gives the
+record that long and the slack again to live: nobody refreshes it now): taken (made the
 sweeping node's, which drops it) for that node to route its queue and announce it gone
 if it was available (its last presence; its owner); nil while its node is a member or
 time is left, or if the fence says SETTLE ran first (the sweep gave up waiting)."""
@@ -151,6 +165,7 @@ class Change:
     reset: bool
     trim: int
     append: list[bytes]
+    expect: int  # not `reset`: the `sent` of the write this one follows
 
 
 @dataclass(slots=True)
@@ -195,9 +210,10 @@ def _claimed(previous: bytes | None, flat: list[bytes], queue: list[bytes]) -> C
 
 
 class SMStore:
-    def __init__(self, redis: Redis, node: str) -> None:
+    def __init__(self, redis: Redis, node: str, ttl_slack: float = TTL_SLACK) -> None:
         self.redis = redis
         self.node = node
+        self.ttl_slack = ttl_slack
         self._save = redis.register_script(SAVE)
         self._claim = redis.register_script(CLAIM)
         self._drop = redis.register_script(DROP)
@@ -211,6 +227,7 @@ class SMStore:
         self._dirty: dict[str, Callable[[bool], Change] | None] = {}
         self._full: set[str] = set()  # ids whose last batch failed: written whole next
         self._lost: Callable[[str], None] = lambda _id: None
+        self._written: Callable[[str, int], None] = lambda _id, _sent: None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -220,9 +237,15 @@ class SMStore:
         self.max_lag = 0.0
         self._first_dirty = 0.0
 
-    def start(self, lost: Callable[[str], None]) -> None:
-        """`lost(id)` is called when a write finds another node owns that session now."""
+    def start(
+        self, lost: Callable[[str], None],
+        written: Callable[[str, int], None] = lambda _id, _sent: None,
+    ) -> None:
+        """`lost(id)` is called when a write finds another node owns that session now;
+        `written(id, sent)` when Redis has its state up to `sent` stanzas sent (a batch
+        built is not a batch stored: only this says what a takeover will find)."""
         self._lost = lost
+        self._written = written
         self._task = asyncio.create_task(self._run(), name="sm-store")
 
     async def stop(self) -> None:
@@ -323,7 +346,7 @@ class SMStore:
             for sm_id in ids:
                 await self._orphan(
                     keys=[PREFIX + sm_id, QUEUE_PREFIX + sm_id, fence + sm_id],
-                    args=[now, schema.NODES, self.node, FENCE_TTL],
+                    args=[now, schema.NODES, self.node, FENCE_TTL, self.ttl_slack],
                     client=pipe,
                 )
             try:
@@ -339,59 +362,103 @@ class SMStore:
         ]
 
     async def _run(self) -> None:
-        failing = False
+        delay = 0.0  # while Redis fails: the wait before the next try
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._dirty:
+                if delay:
+                    await asyncio.sleep(delay)
+                    if not await self._answers():
+                        delay = min(delay * 2, RETRY_MAX)
+                        continue
                 started = self._first_dirty
                 batch, self._dirty = self._dirty, {}
                 try:
                     results = await self._send(batch)
                 except (RedisError, OSError) as exc:
-                    if not failing:
+                    if not delay:
                         log.error("sm: writing to Redis failed (%s); retrying", exc)
-                    failing = True
-                    # Put the batch back in front of what changed meanwhile; a change
-                    # made meanwhile supersedes the one retried (it is built anew), and
-                    # each is written whole, since Redis may have any part of the last.
-                    self._full.update(batch)
-                    self._dirty = {**batch, **self._dirty}
-                    await asyncio.sleep(RETRY_DELAY)
+                    self._again(batch)
+                    delay = min(delay * 2 or RETRY_DELAY, RETRY_MAX)
                     continue
-                failing = False
-                self._full.difference_update(batch)
+                refused = self._settle_batch(batch, results)
+                if refused:
+                    self._again(refused)
+                    delay = min(delay * 2 or RETRY_DELAY, RETRY_MAX)
+                    continue
+                delay = 0.0
                 self.batches += 1
                 self.lag = time.monotonic() - started
                 self.max_lag = max(self.max_lag, self.lag)
                 if self._dirty:
                     self._first_dirty = time.monotonic()
-                for sm_id, result in zip(batch, results, strict=True):
-                    if result == 0:
-                        self._lost(sm_id)
             self._idle.set()
 
-    async def _send(self, batch: dict[str, Callable[[bool], Change] | None]) -> list[object]:
+    def _again(self, batch: dict[str, Callable[[bool], Change] | None]) -> None:
+        """Put writes that did not land back in front of what changed meanwhile; a change
+        made meanwhile supersedes the one retried (it is built anew), and each is written
+        whole, since Redis may have any part of the last."""
+        self._full.update(batch)
+        self._dirty = {**batch, **self._dirty}
+
+    def _settle_batch(
+        self,
+        batch: dict[str, Callable[[bool], Change] | None],
+        results: list[tuple[Change | None, object]],
+    ) -> dict[str, Callable[[bool], Change] | None]:
+        """Act on each write's answer; the writes to try again (an error reply such as
+        OOM or READONLY is no write, and a record that is not the one an incremental
+        write expects, 2, is written whole)."""
+        refused: dict[str, Callable[[bool], Change] | None] = {}
+        for (sm_id, make), (change, result) in zip(batch.items(), results, strict=True):
+            if isinstance(result, Exception):
+                log.error("sm: a write to Redis was refused: %s; retrying", result)
+                refused[sm_id] = make
+            elif result == 2:
+                log.warning("sm: %s: Redis lost the record's last state; written whole", sm_id)
+                refused[sm_id] = make
+            else:
+                self._full.discard(sm_id)
+                if result == 0:
+                    self._lost(sm_id)
+                elif change is not None:
+                    self._written(sm_id, change.sent)
+        return refused
+
+    async def _answers(self) -> bool:
+        """Whether Redis answers again (a PING), before a failed batch is built anew."""
+        try:
+            async with asyncio.timeout(REDIS_WAIT):
+                await self.redis.ping()
+        except (RedisError, OSError):
+            return False
+        return True
+
+    async def _send(
+        self, batch: dict[str, Callable[[bool], Change] | None]
+    ) -> list[tuple[Change | None, object]]:
+        changes: list[Change | None] = []
         async with self.redis.pipeline(transaction=False) as pipe:
             for sm_id, make in batch.items():
                 keys = [PREFIX + sm_id, QUEUE_PREFIX + sm_id]
                 if make is None:
+                    changes.append(None)
                     await self._drop(keys=keys, args=[self.node], client=pipe)
                     continue
                 change = make(sm_id in self._full)
+                changes.append(change)
                 await self._save(
                     keys=keys,
                     args=[
                         self.node, change.bare, change.jid, change.handled, change.sent,
-                        change.max, change.presence, int(change.max) + TTL_SLACK,
-                        "1" if change.reset else "0", change.trim, change.sid, *change.append,
+                        change.max, change.presence, int(change.max + self.ttl_slack),
+                        "1" if change.reset else "0", change.trim, change.sid,
+                        change.expect, *change.append,
                     ],
                     client=pipe,
                 )
             # A batch that times out is retried whole, as one that failed (`_run`).
             async with asyncio.timeout(REDIS_WAIT):
                 results: list[object] = await pipe.execute(raise_on_error=False)
-        for value in results:
-            if isinstance(value, Exception):
-                log.error("sm: a write to Redis was refused: %s", value)
-        return results
+        return list(zip(changes, results, strict=True))
