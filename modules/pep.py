@@ -188,7 +188,7 @@ class Pep(Module):
                 presence = copy.deepcopy(session.presence)
                 for update in presence.findall(_X_UPDATE):
                     presence.remove(update)
-                self.host.route(presence, session)
+                self.host.resend(presence, session)
 
     def listen(self, listener: PublishListener) -> None:
         """Call `listener` after each item a client publishes to or retracts from its

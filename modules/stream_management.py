@@ -423,7 +423,7 @@ class StreamManagement(Module):
 
     def count_in(self, stanza: etree._Element, origin: ClientSession) -> bool:
         sm: SMState | None = origin.state.get(KEY)
-        if sm is not None:
+        if sm is not None and not self.host.resending:
             sm.handled = (sm.handled + 1) % COUNTER
             self.save(sm)
         return True
@@ -711,9 +711,7 @@ class StreamManagement(Module):
         if claimed.presence:
             # Available again, as it was: contacts saw it go when its old node let it go.
             # The client did not send this presence now: it does not count as handled.
-            handled = sm.handled
-            self.host.route(etree.fromstring(claimed.presence, _PARSER), session)
-            sm.handled = handled
+            self.host.resend(etree.fromstring(claimed.presence, _PARSER), session)
         self.save(sm)
         self.log.info("%s: resumed from node %s", session.jid, claimed.previous or "?")
         if self.stopping:

@@ -306,6 +306,7 @@ class ModuleHost:
         # The node's cluster membership (Redis), None for a node alone: for modules that
         # keep state every node must reach (stream management).
         self.cluster: Cluster | None = None
+        self.resending = False  # a stanza `resend` routes is in the filters now
         # How the node ends every stream of an account, on every node of a cluster
         # (Server.end_account_sessions; set by the server): see end_account_sessions.
         self.account_streams_ender: (
@@ -682,6 +683,17 @@ class ModuleHost:
         for a client and now lets go as that client's (`origin`). `bounce` False:
         see `Router.route`."""
         self.router.route(stanza, origin, bounce=bounce)
+
+    def resend(self, stanza: etree._Element, origin: ClientSession) -> None:
+        """Route again, as `origin`'s, a stanza its client sent earlier (its presence,
+        changed by the server): the "stanza/out" filters run as for the client's own,
+        but `resending` is True meanwhile, so that a filter that counts what the client
+        sent (XEP-0198's h) leaves it out; counted, the count runs ahead of the client's."""
+        self.resending = True
+        try:
+            self.router.route(stanza, origin)
+        finally:
+            self.resending = False
 
     def bounce(self, stanza: etree._Element, condition: str, text: str | None = None) -> None:
         """Answer `stanza` with a stanza error, unless it is itself an error."""

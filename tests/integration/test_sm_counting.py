@@ -7,6 +7,8 @@ resume."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 
 import pytest
 
@@ -63,3 +65,35 @@ async def test_a_resume_after_an_answered_stanza_reports_it_handled(
     resumed = await again.next("resumed")
     assert resumed.get("h") == "2"  # the roster get and the session IQ
     await again.close()
+
+
+async def test_a_presence_the_server_sends_again_for_the_client_is_not_counted(
+    start_server: StartServer,
+) -> None:
+    """A new XEP-0084 avatar makes the server send the client's presence again (its
+    vCard hash, to contacts at once). The client did not send that one: counted, h runs
+    one ahead of the client's count, which a client takes as acks for stanzas it never
+    sent."""
+    server = await start_server(modules=modules(ack_every=100, ack_delay=30))
+    stream = await Stream.login(server, "alice")
+    await stream.enable()
+    await stream.send("<presence/>")
+    await stream.next("<presence")
+    data = "urn:xmpp:avatar:data"
+    image = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(64))).decode()
+    avatar_id = hashlib.sha1(base64.b64decode(image)).hexdigest()
+    for id_, node, payload in (
+        ("data", data, f"<data xmlns='{data}'>{image}</data>"),
+        ("meta", "urn:xmpp:avatar:metadata",
+         "<metadata xmlns='urn:xmpp:avatar:metadata'>"
+         f"<info bytes='72' id='{avatar_id}' type='image/png'/></metadata>"),
+    ):
+        await stream.send(
+            f"<iq type='set' id='{id_}'><pubsub xmlns='http://jabber.org/protocol/pubsub'>"
+            f"<publish node='{node}'><item id='{avatar_id}'>{payload}</item></publish>"
+            "</pubsub></iq>"
+        )
+        await stream.next(f'id="{id_}"')
+    await stream.next("vcard-temp:x:update")  # its presence, sent again with the hash
+    assert await stream.ack_count() == 3  # the presence and the two publishes
+    await stream.close()
