@@ -50,7 +50,7 @@ from redis.exceptions import RedisError
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import Module
 from xmppd.modules._requests import SubscriptionRequests
-from xmppd.modules.roster import RosterItem, RosterModule, Subscription
+from xmppd.modules.roster import Roster, RosterItem, RosterModule, Subscription
 from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 
 PRE_APPROVAL = "urn:xmpp:features:pre-approval"
 MAX_DIRECTED = 1000  # directed-presence targets remembered per session
+ROSTER_RETRY = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+"""Seconds between reads of the roster a presence broadcast needs while storage fails."""
 # In each session's state bag: whether its availability went to its contacts,
 # and the entities it sent directed available presence to (RFC 6121 4.6).
 ANNOUNCED = "presence/announced"
@@ -323,8 +325,11 @@ class Presence(Module):
         try:
             before, after = await self.roster.modify(owner, contact, change)
         except (StanzaError, StorageError) as exc:
-            # Too many pending requests or storage down: the request is dropped.
-            self.log.warning("%s from %s to %s dropped: %s", kind, contact, owner, exc)
+            # Too many pending requests, or storage down: the sender learns it was not
+            # taken (else it waits, "pending out", for an answer that never comes).
+            condition = exc.condition if isinstance(exc, StanzaError) else "internal-server-error"
+            self.log.warning("%s from %s to %s refused: %s", kind, contact, owner, exc)
+            self.host.route(error_reply(stanza, condition), bounce=False)
             return
         if deliver:
             out = copy.deepcopy(stanza)
@@ -407,10 +412,8 @@ class Presence(Module):
                     presence.set("from", other.jid)
                     presence.set("to", origin.jid)
                     self.host.deliver(origin, presence)
-        try:
-            roster = await self.roster.get(owner)
-        except StorageError as exc:
-            self.log.error("presence of %s not broadcast: %s", origin.jid, exc)
+        roster = await self._roster(owner, "the presence of " + origin.jid)
+        if roster is None:
             return
         for item in roster.items.values():
             if item.subscription in ("from", "both"):
@@ -567,12 +570,29 @@ class Presence(Module):
     # --- helpers --------------------------------------------------------------------------
 
     async def _contacts(self, owner: str, subscriptions: tuple[str, ...]) -> set[str]:
-        try:
-            roster = await self.roster.get(owner)
-        except StorageError as exc:
-            self.log.error("roster of %s unavailable: %s", owner, exc)
+        roster = await self._roster(owner, f"the unavailable presence of {owner}")
+        if roster is None:
             return set()
         return {i.jid for i in roster.items.values() if i.subscription in subscriptions}
+
+    async def _roster(self, owner: str, what: str) -> Roster | None:
+        """The roster a broadcast goes by, read again while storage fails (for about a
+        minute, then None, logged): a broadcast given up at once would leave contacts
+        seeing the user online long after it left (or not at all), until its next
+        presence. The broadcast's order lock waits meanwhile, so what follows keeps
+        its place."""
+        for delay in ROSTER_RETRY:
+            try:
+                return await self.roster.get(owner)
+            except StorageError as exc:
+                self.log.warning("%s waits: its roster could not be read (%s); again in %g s",
+                                 what, exc, delay)
+                await asyncio.sleep(delay)
+        try:
+            return await self.roster.get(owner)
+        except StorageError as exc:
+            self.log.error("%s not sent: its roster could not be read: %s", what, exc)
+            return None
 
     def _send_copy(self, stanza: etree._Element, to: str) -> None:
         out = copy.deepcopy(stanza)

@@ -7,8 +7,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import pytest
 from lxml import etree
 
+from xmppd.modules import presence as presence_module
 from xmppd.modules.presence import inbound, outbound
 from xmppd.modules.roster import RosterItem, RosterModule
+from xmppd.storage.backends.memory import MemoryItemBackend
+from xmppd.storage.base import Item, StorageError
 from xmppd.testing import ModuleHarness, TestSession, without_echo
 
 R = "jabber:iq:roster"
@@ -579,9 +582,13 @@ async def test_full_roster_refuses_new_subscription(harness: ModuleHarness) -> N
     assert await roster_of(limited).item("carol@localhost", "alice@localhost") is None
     # pending requests from strangers are capped too
     carol = limited.session("carol@localhost/c", available=False)
-    await limited.send(carol, "<presence type='subscribe' to='bob@localhost'/>")
+    refused = await limited.send(carol, "<presence type='subscribe' to='bob@localhost'/>")
     bob = await roster_of(limited).get("bob@localhost")
     assert list(bob.items) == ["alice@localhost"]
+    # and the requester is told, not left waiting for an answer that never comes
+    (error,) = [p for p in refused if p.tag == P]
+    assert error.get("type") == "error" and error.get("from") == "bob@localhost"
+    assert error.find(f"{{jabber:client}}error/{{{STANZAS}}}resource-constraint") is not None
 
 
 async def test_account_removal_deletes_roster_and_ends_subscriptions(
@@ -757,3 +764,38 @@ async def test_broadcast_to_remote_contacts_is_reported_once_by_the_probe(
     assert presences(got) == [("error", "x@remote.example", "alice@localhost/a")]
     for xml in ("<presence><show>away</show></presence>", "<presence type='unavailable'/>"):
         assert without_echo(alice, await harness.send(alice, xml)) == []
+
+
+class RosterReadsFail(MemoryItemBackend):
+    """Roster reads fail `failures` times (a storage outage), then work again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        if self.failures and "roster" in namespace:
+            self.failures -= 1
+            raise StorageError("memory", "get", "disk on fire")
+        return await super().get(namespace, name)
+
+
+async def test_a_storage_outage_delays_the_unavailable_but_does_not_lose_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The roster the unavailable broadcast goes by cannot be read when alice leaves:
+    read again until it can, or bob sees her online until her next login."""
+    monkeypatch.setattr(presence_module, "ROSTER_RETRY", (0.01, 0.01, 0.01))
+    harness = ModuleHarness({"roster": {}, "presence": {}})
+    items = RosterReadsFail()
+    harness.storage.items = items
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    items.failures = 2
+    await harness.send(alice, "<presence type='unavailable'/>")
+    await harness.router.drain()
+    assert ("unavailable", "alice@localhost/a", "bob@localhost") in presences(bob.take())
+    assert items.failures == 0
