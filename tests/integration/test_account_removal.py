@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 from xml.etree import ElementTree as ET
 
+import yaml
 from slixmpp import JID
 from slixmpp.exceptions import IqError
 
@@ -191,6 +192,29 @@ async def test_xmppctl_unregister_leaves_nothing_behind(
     assert (code, out, err) == (0, "unregistered zed@localhost\n", "")
 
     node2 = await start_server(users={}, modules=MODULES)  # the same data
+    alice = await person(node2, "alice@localhost/desk", "alice-secret")
+    await assert_zed_starts_empty(node2, alice)
+    await close(alice)
+
+
+async def test_xmppctl_unregister_with_modules_turned_off_leaves_nothing_behind(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The operator turned vCards and offline messages off for a while: zed's vCard and
+    waiting messages still go with him, and are not there when they are turned on."""
+    server = await start_server(modules=MODULES)
+    alice = await fill_every_store(server)
+    await close(alice)
+    await server.stop()
+    config = yaml.safe_load((tmp_path / "xmppd.yml").read_text())
+    for name in ("vcard", "offline"):
+        del config["modules"][name]
+    (tmp_path / "off.yml").write_text(yaml.safe_dump(config))
+
+    code, out, err = await xmppctl("-c", str(tmp_path / "off.yml"), "unregister", "zed@localhost")
+    assert (code, out, err) == (0, "unregistered zed@localhost\n", "")
+
+    node2 = await start_server(users={}, modules=MODULES)  # both on again, the same data
     alice = await person(node2, "alice@localhost/desk", "alice-secret")
     await assert_zed_starts_empty(node2, alice)
     await close(alice)
