@@ -1142,3 +1142,25 @@ async def test_a_removed_account_leaves_no_trace_of_its_jid_in_its_rooms() -> No
     ids = [m.find(f"{{{OCCUPANT_ID}}}occupant-id").get("id") for m in history[:2]]
     assert new_id not in ids  # ...but the old messages no longer carry it
     assert await muc.remove_user("localhost", "bob") is False  # nothing left of the old one
+
+
+async def test_a_removed_account_is_forgotten_by_the_stored_rooms_with_the_module_off() -> None:
+    """bob created a persistent room and spoke there; multi-user chat is turned off
+    when he is removed: the stored room forgets him all the same (creator, the occupant
+    id of his messages), and keeps the messages."""
+    h, _ = await harness()
+    bob = h.session("bob@localhost/b")
+    await instant_room(h, bob, "Bob", persistentroom="1")
+    await say(h, bob, "kept")
+    old_id = h.host.module(Muc).rooms[ROOM].occupant_id("bob@localhost")
+    await h.host.stop()
+    off = await ModuleHarness({"disco": {}}, storage=h.storage).start()
+
+    assert await Muc.purge_user(off.host, "localhost", "bob") is True
+    item = await off.host.items("localhost", "muc_rooms").get("room")
+    assert item is not None and "bob@localhost" not in str(item.attrs)
+    blob = await off.host.blobs("localhost", "muc_history").get("room")
+    assert blob is not None
+    ((body, oid),) = history_ids(blob.data)
+    assert body == "kept" and oid and oid != old_id
+    assert await Muc.purge_user(off.host, "localhost", "bob") is False
