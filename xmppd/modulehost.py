@@ -74,6 +74,7 @@ from pydantic import BaseModel, ConfigDict
 from xmppd.auth.accounts import InvalidUsername, normalize_username
 from xmppd.cluster.bus import Bus, Handler, LocalBus, Lost, Payload
 from xmppd.cluster.directory import node_of
+from xmppd.cluster.settle import AccountSettling
 from xmppd.directory import LocalDirectory
 from xmppd.events import DEFAULT, STANZA_KINDS, kind_chain
 from xmppd.jid import JID
@@ -111,6 +112,9 @@ M = TypeVar("M", bound="Module")
 ACCOUNT_WORK_WAIT = 30.0
 """Seconds an account's removal waits at most for the requests its sessions sent before
 it to finish (storage that hangs), before it deletes the data anyway."""
+OTHER_NODES_WAIT = ACCOUNT_WORK_WAIT + 5.0
+"""Seconds it waits at most for the other nodes of a cluster to say they did the same
+(each waits ACCOUNT_WORK_WAIT at most, then answers)."""
 
 
 @dataclass(slots=True)
@@ -339,6 +343,10 @@ class ModuleHost:
         # Every module of this install, enabled or not (set by load()): an account's
         # removal deletes the stored data of the disabled ones too.
         self._installed: dict[str, type[Module]] = {}
+        # Other nodes' removals ask this one to settle their account here, and back.
+        self._settling = AccountSettling(
+            self.bus, lambda: self.node_name, self._settle, self.spawn_shared
+        )
         # Sessions may be replicas of other nodes' sessions (xmppd.cluster).
         self.clustered = not isinstance(router.directory, LocalDirectory)
         self._preauth_iq: dict[tuple[str, str], PreAuthHandler] = {}
@@ -1030,7 +1038,9 @@ class ModuleHost:
         removal: it ends after its answer) and waits for the work their stanzas
         set off (`_settle`): a vCard or roster write a client sent right after
         its <remove/> would otherwise land after its module deleted the data,
-        and a new account of the name would find it.
+        and a new account of the name would find it. Every other node of a
+        cluster is asked to do the same for the sessions it has, and answers
+        when it did (xmppd.cluster.settle).
         Every module is asked even if one fails; then AccountDataRemains names
         the ones that failed, and calling this again (the account being gone
         already) finishes the job.
@@ -1042,7 +1052,19 @@ class ModuleHost:
         existed = await self.accounts[vhost].unregister(username)
         if existed and removed is not None:
             await removed()
-        await self._settle(f"{username}@{vhost}")
+        bare = f"{username}@{vhost}"
+        # The other nodes settle meanwhile; this one in this task, which `_settle` must
+        # know as its own (the removal may be one of the account's requests).
+        elsewhere = asyncio.ensure_future(
+            self._settling.elsewhere(bare, self.cluster_nodes, OTHER_NODES_WAIT)
+        )
+        await self._settle(bare)
+        if late := await elsewhere:
+            log.error(
+                "%s: nodes %s did not say within %g s that the account's work there is"
+                " done; what it stores once its data is deleted stays until `xmppctl"
+                " unregister` runs again", bare, ", ".join(sorted(late)), OTHER_NODES_WAIT,
+            )
         found = await self.remove_user_data(vhost, username)
         if existed:
             return "account"
