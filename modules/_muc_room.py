@@ -282,8 +282,12 @@ class Room:
     @staticmethod
     def forget_history(data: bytes, secret: str, bare: str) -> bytes | None:
         """`history_json()` of a stored room with the occupant id of `bare` replaced
-        (see `forget`); None when none of its messages has it."""
+        (see `forget`); None when none of its messages has it. Read for every stored
+        room at each removal: the bytes are searched first, and only a history where
+        the account spoke is decoded (JSON leaves the id's base64 as it is)."""
         mine, replaced = occupant_id(secret, bare), _new_occupant_id()
+        if mine.encode() not in data:
+            return None
         entries = json.loads(data)
         changed = False
         for entry in entries:

@@ -142,7 +142,7 @@ async def forget_stored(
         if live(item.name) is not None:
             return False
         found = False
-        if _names(state, bare) or item.attrs.get("creator") == bare:
+        if _names(state, bare):
             found = (await rooms.modify(item.name, state_without, what="muc room")).written
 
         def history_without(blob: Blob | None) -> bytes | Unchanged:
