@@ -69,6 +69,32 @@ _GONE = frozenset({"gone", "recipient-unavailable", "redirect", "remote-server-n
                    "remote-server-timeout"})
 
 
+def occupant_id(secret: str, bare: str) -> str:
+    """XEP-0421's id of `bare` in the room whose secret is `secret`."""
+    digest = hmac.new(secret.encode(), bare.encode(), hashlib.sha256).digest()
+    return base64.b64encode(digest[:18]).decode()
+
+
+def _new_occupant_id() -> str:
+    """An id no account has: what a removed account's messages carry from then on (one
+    per room and removal, so that they still read as one occupant's)."""
+    return base64.b64encode(secrets.token_bytes(18)).decode()
+
+
+def _with_occupant_id(xml: str, old: str, new: str) -> str | None:
+    """The history message `xml` with its occupant id `new` in place of `old`; None if
+    it had not `old` (most messages: a substring test spares parsing them)."""
+    if f'id="{old}"' not in xml and f"id='{old}'" not in xml:
+        return None
+    message = etree.fromstring(xml)
+    changed = False
+    for element in message.iter(f"{{{OCCUPANT_ID}}}occupant-id"):
+        if element.get("id") == old:
+            element.set("id", new)
+            changed = True
+    return etree.tostring(message, encoding="unicode") if changed else None
+
+
 def _stamp(when: float) -> str:
     return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -208,18 +234,67 @@ class Room:
         return room
 
     def forget(self, bare: str) -> bool:
-        """The account is removed: its affiliation and registered nick go, so that a
-        new account of that name inherits nothing. True if there was something."""
+        """The account is removed: nothing the room keeps may name it any more, so that a
+        new account of that name inherits nothing (an affiliation, a registered nick,
+        the `creator` mark that counts against its rooms-per-user limit) and is not
+        taken for the old one: the occupant id on its messages in the history, the
+        same HMAC for the same JID, is replaced by one of its own (`forget_history`).
+        The last message ids it sent (their keys hold its full JID) go too.
+
+        The history's messages themselves stay, under the nick they were sent with:
+        XEP-0045's discussion history (7.2.15) is the room's record that every
+        occupant of the time already got, whose replies would lose their context,
+        and a nick is the room's name for a participant, not an address of the
+        account (the room puts no real JID in a message). True if there was
+        something."""
         found = self.affiliations.pop(bare, None) is not None
         found = self.registered.pop(bare, None) is not None or found
+        if self.creator == bare:
+            self.creator = ""
+            found = True
         self.persistent_changed = self.persistent_changed or found
+        mine = self.occupant_id(bare)
+        self._ids.pop(bare, None)
+        replaced = _new_occupant_id()
+        for n, entry in enumerate(self.history):
+            xml = _with_occupant_id(entry.xml, mine, replaced)
+            if xml is not None:
+                self.history[n] = HistoryEntry(entry.when, xml, len(xml))
+                self.history_changed = found = True
+        sent = [key for key in self.seen if key.startswith(f"{bare}/")]
+        if sent:
+            self.seen = deque((k for k in self.seen if k not in sent), maxlen=SEEN)
+            self._seen.difference_update(sent)
+            self.seen_changed = found = True
         return found
 
     @staticmethod
     def forget_stored(state: dict[str, Any], bare: str) -> bool:
-        """`forget` on a stored snapshot (a room not live here)."""
+        """`forget` on a stored snapshot (a room not live here), the history apart
+        (`forget_history`)."""
         found = state["affiliations"].pop(bare, None) is not None
-        return state.get("registered", {}).pop(bare, None) is not None or found
+        found = state.get("registered", {}).pop(bare, None) is not None or found
+        if state.get("creator") == bare:
+            state["creator"] = ""
+            found = True
+        return found
+
+    @staticmethod
+    def forget_history(data: bytes, secret: str, bare: str) -> bytes | None:
+        """`history_json()` of a stored room with the occupant id of `bare` replaced
+        (see `forget`); None when none of its messages has it. Read for every stored
+        room at each removal: the bytes are searched first, and only a history where
+        the account spoke is decoded (JSON leaves the id's base64 as it is)."""
+        mine, replaced = occupant_id(secret, bare), _new_occupant_id()
+        if mine.encode() not in data:
+            return None
+        entries = json.loads(data)
+        changed = False
+        for entry in entries:
+            xml = _with_occupant_id(entry[1], mine, replaced)
+            if xml is not None:
+                entry[1], changed = xml, True
+        return json.dumps(entries).encode() if changed else None
 
     # --- live state (what another node needs to run the room on with its occupants) -----
 
@@ -302,8 +377,7 @@ class Room:
         if found is None:
             if len(self._ids) > 4 * len(self.occupants) + 64:
                 self._ids.clear()  # ids of users long gone
-            digest = hmac.new(self.secret.encode(), bare.encode(), hashlib.sha256).digest()
-            found = self._ids[bare] = base64.b64encode(digest[:18]).decode()
+            found = self._ids[bare] = occupant_id(self.secret, bare)
         return found
 
     def _default_role(self, affiliation: str) -> str:

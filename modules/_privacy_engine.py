@@ -97,7 +97,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 from lxml import etree
 
 from xmppd.jid import JID, InvalidJID
-from xmppd.modulehost import IqRequest, Module
+from xmppd.modulehost import IqRequest, Module, ModuleHost
 from xmppd.modules.roster import RosterModule
 from xmppd.storage.base import (
     UNCHANGED,
@@ -112,7 +112,6 @@ from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
 
 if TYPE_CHECKING:
-    from xmppd.modulehost import ModuleHost
     from xmppd.session import ClientSession
 
 log = logging.getLogger("xmppd.modules.privacy")
@@ -992,6 +991,11 @@ class EngineModule(Module):
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         return await self.engine.remove_user(f"{username}@{vhost}")
+
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
+        """The one record privacy and blocking share (either may be off)."""
+        return await host.items(vhost, STORE).delete(f"{username}@{vhost}")
 
     async def get(self, request: IqRequest) -> etree._Element | None:
         raise NotImplementedError

@@ -206,6 +206,12 @@ Relation = Callable[[str, str], Awaitable[tuple[str, list[str]] | None]]
 the owner's roster, or None: what the presence and roster access models judge."""
 
 
+async def no_relation(owner: str, contact: str) -> None:
+    """The `Relation` of a service that judges no access, only deletes (an account's
+    removal with the module off, and no roster to ask)."""
+    return None
+
+
 def _q(name: str) -> str:
     return quote(name, safe="")
 

@@ -19,7 +19,7 @@ import time
 from lxml import etree
 
 from xmppd.jid import JID
-from xmppd.modulehost import IqRequest, Module
+from xmppd.modulehost import IqRequest, Module, ModuleHost
 from xmppd.modules.roster import RosterModule
 from xmppd.session import ClientSession
 from xmppd.storage.base import UNCHANGED, Contended, Item, StorageError, Unchanged
@@ -113,7 +113,11 @@ class Last(Module):
             raise
 
     async def remove_user(self, vhost: str, username: str) -> bool:
-        return await self.host.items(vhost, STORE).delete(username)
+        return await self.purge_user(self.host, vhost, username)
+
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
+        return await host.items(vhost, STORE).delete(username)
 
     async def record(self, bare: str, when: int, status: str) -> None:
         """Keep the latest logout; an older one (another node, a slow task) never wins.

@@ -53,7 +53,7 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.jid import JID
-from xmppd.modulehost import Module, Routed
+from xmppd.modulehost import Module, ModuleHost, Routed
 from xmppd.modules._muc_live import LiveRooms
 from xmppd.modules._muc_room import (
     MUC,
@@ -67,7 +67,7 @@ from xmppd.modules._muc_room import (
     Room,
 )
 from xmppd.modules._muc_send import Outbox
-from xmppd.storage.base import UNCHANGED, Item, Query, Unchanged
+from xmppd.storage.base import UNCHANGED, Blob, Item, Query, Unchanged
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
 
@@ -101,8 +101,69 @@ def owner_of(room_jid: str, nodes: frozenset[str]) -> str:
 
 
 def _names(state: dict[str, Any], bare: str) -> bool:
-    """Does a stored room's state give `bare` an affiliation or a registered nick?"""
-    return bare in state.get("affiliations", {}) or bare in state.get("registered", {})
+    """Does a stored room's state name `bare` (affiliation, registered nick, creator)?"""
+    return (
+        bare in state.get("affiliations", {})
+        or bare in state.get("registered", {})
+        or state.get("creator") == bare
+    )
+
+
+async def forget_stored(
+    host: ModuleHost,
+    vhost: str,
+    bare: str,
+    live: Callable[[str], Room | None],
+    after: Callable[[Room], None],
+) -> bool:
+    """`Room.forget` in every stored room of `vhost`'s service that does not run here
+    (`live`, by the room's local part: one that does was done from memory, and is
+    written from there): its state and its history. Every room's history is read,
+    since anyone may speak in an open room; the reads of a page of rooms go together.
+    Both writes are conditional on what was read, so that a message the room's node
+    stored meanwhile is not lost. A room loaded here meanwhile is forgotten in memory
+    too, and handed to `after` to be written."""
+    rooms, histories = host.items(vhost, "muc_rooms"), host.blobs(vhost, "muc_history")
+
+    def state_without(current: Item | None) -> dict[str, object] | Unchanged:
+        if current is None:
+            return UNCHANGED
+        state = json.loads(str(current.attrs["state"]))
+        if not Room.forget_stored(state, bare):
+            return UNCHANGED
+        attrs = {**current.attrs, "state": json.dumps(state)}
+        if attrs.get("creator") == bare:
+            attrs["creator"] = ""
+        return attrs
+
+    async def forget_in(item: Item) -> bool:
+        # Decoded: the JSON spells a JID's non-ASCII letters as \u escapes.
+        state = json.loads(str(item.attrs.get("state") or "{}"))
+        if live(item.name) is not None:
+            return False
+        found = False
+        if _names(state, bare):
+            found = (await rooms.modify(item.name, state_without, what="muc room")).written
+
+        def history_without(blob: Blob | None) -> bytes | Unchanged:
+            data = blob and Room.forget_history(blob.data, str(state.get("secret")), bare)
+            return data or UNCHANGED
+
+        if "secret" in state:
+            changed = await histories.modify(item.name, history_without, what="muc history")
+            found = changed.written or found
+        room = live(item.name)
+        if room is not None and room.forget(bare):  # loaded meanwhile
+            after(room)
+        return found
+
+    found = False
+    token: str | None = None
+    while True:
+        page = await rooms.query(Query(limit=100, page_token=token))
+        found = any(await asyncio.gather(*(forget_in(item) for item in page.items))) or found
+        if (token := page.next_token) is None:
+            return found
 
 
 class MucOptions(BaseModel):
@@ -183,19 +244,34 @@ class Muc(Module):
             await self.live.flush()
 
     async def remove_user(self, vhost: str, username: str) -> bool:
-        """Drop the account's affiliations and registered nicks from every room of every
-        host's service (an account of one host may be an admin of another's rooms),
-        live and stored (an owner's rooms stay, without that owner). On a cluster the
-        other nodes are told to do the same in the rooms they run (`_notice`), whose
-        next write would otherwise put the affiliation back."""
+        """`Room.forget` the account in every room of every host's service (an account
+        of one host may be an admin of another's rooms), live and stored (an owner's
+        rooms stay, without that owner). On a cluster the other nodes are told to do
+        the same in the rooms they run (`_notice`), whose next write would otherwise
+        put it back."""
         bare = f"{username}@{vhost}"
         if self.host.clustered:
             self.host.notify_cluster(NOTICE, {"forget": bare})
         found = self._forget_live(bare)
         for domain, service_host in self.services.items():
-            found = await self._forget_stored(bare, domain, service_host) or found
+
+            def live(local: str, domain: str = domain) -> Room | None:
+                return self.rooms.get(f"{local}@{domain}")
+
+            found = await forget_stored(self.host, service_host, bare, live, self._after) or found
         if self.host.clustered:
             await self.host.cluster_notices_sent()
+        return found
+
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
+        """`Room.forget` in the stored rooms of every host (no node runs a room with
+        the module off)."""
+        found = False
+        for service_host in host.hosts:
+            found = await forget_stored(
+                host, service_host, f"{username}@{vhost}", lambda _: None, lambda _: None
+            ) or found
         return found
 
     def _forget_live(self, bare: str) -> bool:
@@ -206,37 +282,6 @@ class Muc(Module):
                 found = True
                 self._after(room)
         return found
-
-    async def _forget_stored(self, bare: str, domain: str, service_host: str) -> bool:
-        """`Room.forget_stored` in every stored room of the service at `domain` that no
-        node runs here (a live one was done from memory, and is written from there)."""
-        found = False
-        store = self.host.items(service_host, "muc_rooms")
-        token: str | None = None
-        while True:
-            page = await store.query(Query(limit=100, page_token=token))
-            for item in page.items:
-                # Decoded: the JSON spells a JID's non-ASCII letters as \u escapes.
-                if not _names(json.loads(str(item.attrs.get("state") or "{}")), bare):
-                    continue
-                if f"{item.name}@{domain}" in self.rooms:
-                    continue
-
-                def change(current: Item | None) -> dict[str, object] | Unchanged:
-                    if current is None:
-                        return UNCHANGED
-                    state = json.loads(str(current.attrs["state"]))
-                    if not Room.forget_stored(state, bare):
-                        return UNCHANGED
-                    return {**current.attrs, "state": json.dumps(state)}
-
-                if (await store.modify(item.name, change, what="muc room")).written:
-                    found = True
-                live = self.rooms.get(f"{item.name}@{domain}")
-                if live is not None and live.forget(bare):  # loaded meanwhile
-                    self._after(live)
-            if (token := page.next_token) is None:
-                return found
 
     # --- the cluster: one owner per room --------------------------------------------------
 

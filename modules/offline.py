@@ -32,7 +32,7 @@ from typing import Literal
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field
 
-from xmppd.modulehost import Module
+from xmppd.modulehost import Module, ModuleHost
 from xmppd.session import ClientSession
 from xmppd.storage.base import (
     UNCHANGED,
@@ -247,11 +247,15 @@ class Offline(Module):
         """Delete the queue: index items, counter, then every blob under "<user>/" (those of
         an interrupted store too). This node's writers for the user are held off meanwhile;
         none start later, as the account is gone and messages to it bounce."""
-        items = self.host.items(vhost, STORE)
         async with self.locks.hold(f"{username}@{vhost}"):
-            found = await items.delete_prefix(f"{username}/")
-            found += await items.delete(username)
-            found += await self.host.blobs(vhost, STORE).delete_prefix(f"{username}/")
+            return await self.purge_user(self.host, vhost, username)
+
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
+        items = host.items(vhost, STORE)
+        found = await items.delete_prefix(f"{username}/")
+        found += await items.delete(username)
+        found += await host.blobs(vhost, STORE).delete_prefix(f"{username}/")
         return found > 0
 
     # --- delivering --------------------------------------------------------------------

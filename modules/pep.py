@@ -37,7 +37,7 @@ from urllib.parse import quote
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from xmppd.modulehost import IqRequest, Module, Routed, storage_call
+from xmppd.modulehost import IqRequest, Module, ModuleHost, Routed, storage_call
 from xmppd.modules.caps import CAPS, DISCO_INFO, Identity, verification_string
 from xmppd.modules.disco import DISCO_ITEMS, Disco
 from xmppd.modules.private import Private
@@ -51,7 +51,15 @@ from ._pep_avatar import CONVERSION, AvatarConversion
 from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
 from ._pep_bookmarks import BookmarksConversion
 from ._pubsub_cleanup import clear_deleted, finish_deletions
-from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
+from ._pubsub_engine import (
+    Event,
+    Limits,
+    Node,
+    PubSubService,
+    decode_node,
+    judge,
+    no_relation,
+)
 from ._pubsub_fanout import FAN_OUT_BATCH, FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
 from ._pubsub_protocol import FEATURES, RSM, PubSubProtocol, Request, event_message
@@ -580,20 +588,37 @@ class Pep(Module):
         subscribers' index entries of them (cleared here rather than in the background:
         nothing is left once this returns; a removal that failed part way left
         tombstones, which running it again clears)."""
-        bare = f"{username}@{vhost}"
-        found = False
-        for host in self.host.hosts:
-            found = await self.store(host).drop_subscriptions_of(bare) or found
-            found = await self.store(host).drop_affiliations_of(bare) or found
-        service = self.service(bare)
-        await finish_deletions(service, service.prefix)
-        for name in await service.node_names(self.limits.max_nodes):
-            deleted = await service.delete(None, name)
-            await clear_deleted(service, service.tombstone_key(deleted.node))
-            found = True
-        found = await self.host.items(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
-        found = await self.host.blobs(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
-        return found
+        return await _purge(self.host, self.limits, vhost, username)
+
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
+        return await _purge(host, _limits(PepOptions()), vhost, username)
+
+
+async def _purge(host: ModuleHost, limits: Limits, vhost: str, username: str) -> bool:
+    """`Pep.remove_user`, from storage alone: the module keeps nothing of an account in
+    memory that outlives its sessions, so the same runs with the module off."""
+    bare = f"{username}@{vhost}"
+    found = False
+
+    def service(vhost: str, prefix: str, owner: str | None = None) -> PubSubService:
+        return PubSubService(
+            host.items(vhost, "pep"), host.blobs(vhost, "pep"), prefix, limits, no_relation,
+            owner=owner,
+        )
+
+    for other in host.hosts:
+        found = await service(other, "").drop_subscriptions_of(bare) or found
+        found = await service(other, "").drop_affiliations_of(bare) or found
+    own = service(vhost, f"{username}/", bare)
+    await finish_deletions(own, own.prefix)
+    for name in await own.node_names(limits.max_nodes):
+        deleted = await own.delete(None, name)
+        await clear_deleted(own, own.tombstone_key(deleted.node))
+        found = True
+    found = await host.items(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
+    found = await host.blobs(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
+    return found
 
 
 MODULE = Pep

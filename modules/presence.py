@@ -48,7 +48,7 @@ from lxml import etree
 from redis.exceptions import RedisError
 
 from xmppd.jid import JID, InvalidJID
-from xmppd.modulehost import Module
+from xmppd.modulehost import Module, ModuleHost
 from xmppd.modules._requests import SubscriptionRequests
 from xmppd.modules.roster import Roster, RosterItem, RosterModule, Subscription
 from xmppd.storage.base import StorageError
@@ -564,8 +564,12 @@ class Presence(Module):
             self.host.spawn(self._forget_request(owner, removed))
 
     async def remove_user(self, vhost: str, username: str) -> bool:
+        return await self.purge_user(self.host, vhost, username)
+
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
         """The subscription requests kept for the account (RFC 6121 3.1.3)."""
-        return await self.requests.forget_all(vhost, username)
+        return await SubscriptionRequests(host).forget_all(vhost, username)
 
     # --- helpers --------------------------------------------------------------------------
 

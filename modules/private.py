@@ -16,11 +16,12 @@ from urllib.parse import quote
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from xmppd.modulehost import IqRequest, Module, storage_call
+from xmppd.modulehost import IqRequest, Module, ModuleHost, storage_call
 from xmppd.storage.base import MAX_KEY_BYTES, BlobStore
 from xmppd.stream.errors import StanzaError
 
 PRIVATE = "jabber:iq:private"
+STORE = "private"
 _QUERY = f"{{{PRIVATE}}}query"
 RESERVED_PREFIXES = ("jabber:", "http://jabber.org/")
 """XEP-0049 section 2.3: these namespaces (and 'vcard-temp') are reserved; refusing them with
@@ -130,11 +131,15 @@ class Private(Module):
         await self._store(vhost).put(_key(user, _namespace(element)), data)
 
     def _store(self, vhost: str) -> BlobStore:
-        return self.host.blobs(vhost, "private")
+        return self.host.blobs(vhost, STORE)
 
     async def remove_user(self, vhost: str, username: str) -> bool:
+        return await self.purge_user(self.host, vhost, username)
+
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
         """Delete every namespace the account stored (all under the prefix "<user>/")."""
-        return await self._store(vhost).delete_prefix(f"{username}/") > 0
+        return await host.blobs(vhost, STORE).delete_prefix(f"{username}/") > 0
 
 
 def _owner(request: IqRequest) -> str:

@@ -22,13 +22,21 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from xmppd.jid import JID, InvalidJID
-from xmppd.modulehost import Module, Routed, storage_call
+from xmppd.modulehost import Module, ModuleHost, Routed, storage_call
 from xmppd.modules.roster import RosterModule
 from xmppd.storage.base import Contended, Item, StorageError
 from xmppd.stream.errors import StanzaError, error_from, error_reply
 
 from ._pubsub_cleanup import clear_deleted, finish_deletions
-from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, encode_node
+from ._pubsub_engine import (
+    Event,
+    Limits,
+    Node,
+    PubSubService,
+    decode_node,
+    encode_node,
+    no_relation,
+)
 from ._pubsub_fanout import FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_EVENT, PUBSUB_OWNER, SUBSCRIBE_AUTHORIZATION
 from ._pubsub_protocol import FEATURES, RSM, PubSubProtocol, Request, event_message
@@ -327,23 +335,44 @@ class PubSub(Module):
         bare = f"{username}@{vhost}"
         found = False
         for domain in self.domains:
-            service = self.service(domain)
-            await finish_deletions(service)
-            found = await service.drop_subscriptions_of(bare) or found
-            for name in await service.node_names(self.limits.max_nodes):
-                node = await service.node(name)
-                if node is None or bare not in node.affiliations:
-                    continue
-                found = True
-                if node.owners == [bare]:
-                    deleted = await service.delete(None, name)
-                    await clear_deleted(service, service.tombstone_key(deleted.node))
-                else:
-                    await service.items.modify(
-                        service.node_key(name), lambda item, n=name: _without(n, item, bare),
-                        what="node",
-                    )
+            found = await _purge(self.service(domain), bare, self.limits) or found
         return found
+
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
+        """As `remove_user`, on the services at the default subdomain: with the module
+        off, its options (another subdomain) are not known any more."""
+        limits = _limits(PubSubOptions())
+        found = False
+        for other in host.hosts:
+            domain = f"{PubSubOptions().subdomain}.{other}"
+            service = PubSubService(
+                host.items(domain, "pubsub"), host.blobs(domain, "pubsub"), "", limits,
+                no_relation,
+            )
+            found = await _purge(service, f"{username}@{vhost}", limits) or found
+        return found
+
+
+async def _purge(service: PubSubService, bare: str, limits: Limits) -> bool:
+    """Drop `bare`'s subscriptions and affiliations on one service, and the nodes it
+    alone owned."""
+    await finish_deletions(service)
+    found = await service.drop_subscriptions_of(bare)
+    for name in await service.node_names(limits.max_nodes):
+        node = await service.node(name)
+        if node is None or bare not in node.affiliations:
+            continue
+        found = True
+        if node.owners == [bare]:
+            deleted = await service.delete(None, name)
+            await clear_deleted(service, service.tombstone_key(deleted.node))
+        else:
+            await service.items.modify(
+                service.node_key(name), lambda item, n=name: _without(n, item, bare),
+                what="node",
+            )
+    return found
 
 
 def _without(name: str, item: Item | None, bare: str) -> dict[str, str | bytes | int] | None:

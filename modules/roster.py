@@ -47,7 +47,7 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.jid import parse_jid
-from xmppd.modulehost import IqRequest, Module
+from xmppd.modulehost import IqRequest, Module, ModuleHost
 from xmppd.modules._decoded_cache import OFF_LOOP_BYTES, DecodedCache
 from xmppd.storage.base import (
     MAX_ITEM_BYTES,
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from xmppd.session import ClientSession
 
 ROSTER = "jabber:iq:roster"
+STORE = "roster"
 ROSTERVER = "urn:xmpp:features:rosterver"
 Q_QUERY = f"{{{ROSTER}}}query"
 Q_ITEM = f"{{{ROSTER}}}item"
@@ -233,7 +234,7 @@ class RosterModule(Module):
         change: Callable[[RosterItem | None], RosterItem | None],
     ) -> tuple[RosterItem | None, RosterItem | None]:
         """`update`, also returning the item as it was before the change won."""
-        store = self.host.items(_domain(owner_bare), "roster")
+        store = self.host.items(_domain(owner_bare), STORE)
         # What the attempt whose write won computed: (before, after, version)
         # and the roster it wrote, to keep decoded.
         outcome: tuple[RosterItem | None, RosterItem | None, str] = (None, None, "")
@@ -493,7 +494,7 @@ class RosterModule(Module):
         show a subscription to or from the removed account, and those that saw its
         presence get its available resources' unavailable (RFC 6121 2.5.2, 3.2.2)."""
         owner = f"{username}@{vhost}"
-        store = self.host.items(vhost, "roster")
+        store = self.host.items(vhost, STORE)
         stored = await self._stored(owner, await store.get(username))
         if stored.item is None:
             return False
@@ -508,8 +509,15 @@ class RosterModule(Module):
             self._end_subscriptions(owner, item)
         return True
 
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
+        """The roster alone: with the module off, no contact is told (no presence goes
+        out), and a local contact's roster keeps its item for the account as for a
+        contact of another server that went away."""
+        return await host.items(vhost, STORE).delete(username)
+
     async def _read(self, owner_bare: str) -> _Stored:
-        store = self.host.items(_domain(owner_bare), "roster")
+        store = self.host.items(_domain(owner_bare), STORE)
         return await self._stored(owner_bare, await store.get(_localpart(owner_bare)))
 
     async def _stored(self, owner_bare: str, stored: Item | None) -> _Stored:

@@ -25,7 +25,7 @@ from typing import Any
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from xmppd.modulehost import IqRequest, Module, storage_call
+from xmppd.modulehost import IqRequest, Module, ModuleHost, storage_call
 from xmppd.session import ClientSession
 from xmppd.storage.base import UNCHANGED, Blob, BlobStore, Contended, StorageError, Unchanged
 from xmppd.stream.errors import StanzaError
@@ -42,6 +42,7 @@ FILTER_PRIORITY = 10_000
 """Runs before every other "stanza/out" filter: they judge the presence as it
 goes out, hash included."""
 PHOTO_NOTICE = "vcard-photo"
+STORE = "vcard"
 """Cluster bus topic: {"bare": ...} whose vCard another node changed."""
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class VCard(Module):
             await self.host.cluster_notices_sent()
 
     def _store(self, vhost: str) -> BlobStore:
-        return self.host.blobs(vhost, "vcard")
+        return self.host.blobs(vhost, STORE)
 
     async def _write(self, store: BlobStore, key: str, data: bytes) -> None:
         """Replace the blob (empty data: delete it), last writer wins even across nodes.
@@ -221,9 +222,13 @@ class VCard(Module):
         """Delete the vCard (the avatar is its PHOTO: no other blob) and the cached hash."""
         bare = f"{username}@{vhost}"
         self._photo.pop(bare, None)
-        found = await self._store(vhost).delete(username)
+        found = await self.purge_user(self.host, vhost, username)
         self.host.notify_cluster(PHOTO_NOTICE, {"bare": bare})
         return found
+
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
+        return await host.blobs(vhost, STORE).delete(username)
 
 
 def photo_hash(vcard: etree._Element) -> str:

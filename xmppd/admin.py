@@ -19,7 +19,7 @@ async def remove_account(
     host: str,
     username: str,
 ) -> Removed:
-    """Delete the account, then every enabled module's data of it, from this process.
+    """Delete the account, then every module's data of it, from this process.
 
     The modules of `cfg` are loaded here, against the same storage the nodes
     use (writes go through its cache, so a shared cache such as memcached is
@@ -27,7 +27,9 @@ async def remove_account(
     `Module.remove_user` the in-band removal runs: roster (its contacts are
     sent unsubscribe/unsubscribed, which updates local contacts' rosters in
     storage), vCard, private XML, privacy lists and blocklist, offline
-    messages and their blobs, last activity.
+    messages and their blobs, last activity, PEP, pubsub, rooms. The modules
+    `cfg` leaves off have their stored data of the user deleted too
+    (`Module.purge_user`), without being started.
 
     xmppctl runs this only when no node is running: a running node removes
     the account itself (xmppd.adminapi), through its own cache.

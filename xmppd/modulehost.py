@@ -51,7 +51,9 @@ other keys stay on the session's own node. A node alone pays one set lookup per 
 Account removal is not an event but a method every module may override,
 `Module.remove_user`: the host calls each one in turn (`ModuleHost.remove_account`)
 and reports the ones that failed, so that a removal can neither half-happen
-silently nor skip a module whose hook raised.
+silently nor skip a module whose hook raised. The modules installed but not
+enabled have their stored data of the account deleted too, by the class method
+`Module.purge_user`, without being started.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import pkgutil
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -71,6 +74,7 @@ from pydantic import BaseModel, ConfigDict
 from xmppd.auth.accounts import InvalidUsername, normalize_username
 from xmppd.cluster.bus import Bus, Handler, LocalBus, Lost, Payload
 from xmppd.cluster.directory import node_of
+from xmppd.cluster.settle import AccountSettling
 from xmppd.directory import LocalDirectory
 from xmppd.events import DEFAULT, STANZA_KINDS, kind_chain
 from xmppd.jid import JID
@@ -108,6 +112,9 @@ M = TypeVar("M", bound="Module")
 ACCOUNT_WORK_WAIT = 30.0
 """Seconds an account's removal waits at most for the requests its sessions sent before
 it to finish (storage that hangs), before it deletes the data anyway."""
+OTHER_NODES_WAIT = ACCOUNT_WORK_WAIT + 5.0
+"""Seconds it waits at most for the other nodes of a cluster to say they did the same
+(each waits ACCOUNT_WORK_WAIT at most, then answers)."""
 
 
 @dataclass(slots=True)
@@ -225,6 +232,17 @@ class Module:
         """
         return False
 
+    @classmethod
+    async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
+        """Delete from storage what the module keeps for the account while the module
+        is NOT enabled: an operator who turned vCards off for a while must not leave
+        the removed account's vCard for a new account of the same name to find when
+        they turn it on again. Runs on the class, with no setup(), so with no hook,
+        route, timer or cluster notice (no node runs the module), and only with the
+        module's default options. Same contract as `remove_user` otherwise; a module
+        whose `remove_user` deletes stored data overrides this too (a test checks)."""
+        return False
+
 
 class Repeating:
     """A callback on a fixed period, on the running loop; `cancel()` stops it.
@@ -322,6 +340,13 @@ class ModuleHost:
         self._iq: dict[tuple[str, str, Scope], IqHandler] = {}
         self._shared: set[str] = set()
         self._registered: dict[str, _Registered] = {}  # module name -> what it registered
+        # Every module of this install, enabled or not (set by load()): an account's
+        # removal deletes the stored data of the disabled ones too.
+        self._installed: dict[str, type[Module]] = {}
+        # Other nodes' removals ask this one to settle their account here, and back.
+        self._settling = AccountSettling(
+            self.bus, lambda: self.node_name, self._settle, self.spawn_shared
+        )
         # Sessions may be replicas of other nodes' sessions (xmppd.cluster).
         self.clustered = not isinstance(router.directory, LocalDirectory)
         self._preauth_iq: dict[tuple[str, str], PreAuthHandler] = {}
@@ -835,6 +860,8 @@ class ModuleHost:
         """Instantiate and set up every module enabled in the config, each after the
         modules it requires."""
         self.config = config
+        # Imported here, at start, not on the loop at the first account removal.
+        self._installed = installed_modules()
         for name, options in validate_module_options(config).items():
             before = self._snapshot()
             module = module_class(name)(self, options)
@@ -1011,7 +1038,9 @@ class ModuleHost:
         removal: it ends after its answer) and waits for the work their stanzas
         set off (`_settle`): a vCard or roster write a client sent right after
         its <remove/> would otherwise land after its module deleted the data,
-        and a new account of the name would find it.
+        and a new account of the name would find it. Every other node of a
+        cluster is asked to do the same for the sessions it has, and answers
+        when it did (xmppd.cluster.settle).
         Every module is asked even if one fails; then AccountDataRemains names
         the ones that failed, and calling this again (the account being gone
         already) finishes the job.
@@ -1023,7 +1052,19 @@ class ModuleHost:
         existed = await self.accounts[vhost].unregister(username)
         if existed and removed is not None:
             await removed()
-        await self._settle(f"{username}@{vhost}")
+        bare = f"{username}@{vhost}"
+        # The other nodes settle meanwhile; this one in this task, which `_settle` must
+        # know as its own (the removal may be one of the account's requests).
+        elsewhere = asyncio.ensure_future(
+            self._settling.elsewhere(bare, self.cluster_nodes, OTHER_NODES_WAIT)
+        )
+        await self._settle(bare)
+        if late := await elsewhere:
+            log.error(
+                "%s: nodes %s did not say within %g s that the account's work there is"
+                " done; what it stores once its data is deleted stays until `xmppctl"
+                " unregister` runs again", bare, ", ".join(sorted(late)), OTHER_NODES_WAIT,
+            )
         found = await self.remove_user_data(vhost, username)
         if existed:
             return "account"
@@ -1052,16 +1093,25 @@ class ModuleHost:
             await asyncio.wait(work, timeout=left)
 
     async def remove_user_data(self, vhost: str, username: str) -> bool:
-        """Run every module's `remove_user`; True if one found data, AccountDataRemains if
-        one failed."""
+        """Run every enabled module's `remove_user`, then every other installed module's
+        `purge_user` (its data waits in storage for the day it is enabled again); True
+        if one found data, AccountDataRemains if one failed."""
         found = False
         failed: dict[str, str] = {}
-        for name, module in self.modules.items():
+
+        async def attempt(name: str, removal: Awaitable[bool]) -> None:
+            nonlocal found
             try:
-                found = await module.remove_user(vhost, username) or found
+                found = await removal or found
             except Exception as exc:
                 log.error("%s: data of %s@%s not deleted: %s", name, username, vhost, exc)
                 failed[name] = str(exc) or type(exc).__name__
+
+        for name, module in self.modules.items():
+            await attempt(name, module.remove_user(vhost, username))
+        for name, cls in self._installed.items():
+            if name not in self.modules:
+                await attempt(name, cls.purge_user(self, vhost, username))
         if failed:
             raise AccountDataRemains(f"{username}@{vhost}", failed)
         return found
@@ -1095,6 +1145,17 @@ def module_class(name: str) -> type[Module]:
     if not (isinstance(cls, type) and issubclass(cls, Module)):
         raise ImportError(f"xmppd.modules.{name} has no MODULE class")
     return cls
+
+
+def installed_modules() -> dict[str, type[Module]]:
+    """Every feature module of this install by name, enabled or not: the files of
+    xmppd.modules whose name has no leading underscore (those are helpers)."""
+    package = importlib.import_module("xmppd.modules")
+    return {
+        info.name: module_class(info.name)
+        for info in pkgutil.iter_modules(package.__path__)
+        if not info.name.startswith("_")
+    }
 
 
 def validate_module_options(config: Config) -> dict[str, BaseModel]:

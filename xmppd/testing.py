@@ -101,10 +101,13 @@ class ModuleHarness:
         modules: dict[str, dict[str, Any] | None],
         hosts: list[str] | None = None,
         users: set[str] | None = None,
+        storage: Storage | None = None,
     ) -> None:
+        """`storage`: another harness's, to run other modules over the same data (a
+        restart, a module turned off)."""
         hosts = hosts or ["localhost"]
         self.users = users if users is not None else set()  # bare JIDs that exist
-        self.storage = Storage(MemoryItemBackend(), MemoryBlobBackend(), NullCache())
+        self.storage = storage or Storage(MemoryItemBackend(), MemoryBlobBackend(), NullCache())
         self.router = Router(hosts, self._user_exists)
         self.host = ModuleHost(self.router, self.storage, hosts)
         self.host.accounts = {

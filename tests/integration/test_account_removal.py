@@ -21,9 +21,11 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 from xml.etree import ElementTree as ET
 
+import yaml
 from slixmpp import JID
 from slixmpp.exceptions import IqError
 
@@ -32,7 +34,9 @@ from tests.integration.conftest import StartServer
 from tests.integration.test_user_journey import MODULES, Person, sign_in, wait_for
 from tests.integration.test_vcard_private_register import IMAGE, Prefs
 from xmppd.server import Server
+from xmppd.storage import devservices
 from xmppd.storage.base import BlobBackend, ItemBackend, Query
+from xmppd.storage.devservices import LocalService
 
 PASSWORD = "zed-secret-1"
 LARGE = "z" * 100_000  # larger than a cache entry may be (64 KiB): read from the blob store
@@ -196,6 +200,29 @@ async def test_xmppctl_unregister_leaves_nothing_behind(
     await close(alice)
 
 
+async def test_xmppctl_unregister_with_modules_turned_off_leaves_nothing_behind(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The operator turned vCards and offline messages off for a while: zed's vCard and
+    waiting messages still go with him, and are not there when they are turned on."""
+    server = await start_server(modules=MODULES)
+    alice = await fill_every_store(server)
+    await close(alice)
+    await server.stop()
+    config = yaml.safe_load((tmp_path / "xmppd.yml").read_text())
+    for name in ("vcard", "offline"):
+        del config["modules"][name]
+    (tmp_path / "off.yml").write_text(yaml.safe_dump(config))
+
+    code, out, err = await xmppctl("-c", str(tmp_path / "off.yml"), "unregister", "zed@localhost")
+    assert (code, out, err) == (0, "unregistered zed@localhost\n", "")
+
+    node2 = await start_server(users={}, modules=MODULES)  # both on again, the same data
+    alice = await person(node2, "alice@localhost/desk", "alice-secret")
+    await assert_zed_starts_empty(node2, alice)
+    await close(alice)
+
+
 async def test_xmppctl_unregister_while_a_node_runs(
     start_server: StartServer, tmp_path: Path
 ) -> None:
@@ -318,3 +345,47 @@ async def test_a_removed_account_keeps_no_rights_in_rooms_or_nodes_of_any_host(
     await server.modules.modules["muc"].stop()  # type: ignore[attr-defined]  # written
     assert await mentions(server, jurgen) == []
     await close(alice)
+
+
+async def test_a_write_running_on_another_cluster_node_is_done_before_the_data_goes(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """zed, on node b, sets his vCard, whose write hangs there; node a removes him: a
+    waits until b's work for zed is done before the modules delete, so the vCard does
+    not land after the deletion for a new zed to find."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(modules=MODULES, cluster={"redis_url": url, "node_name": "rm-a"})
+    b = await start_server(
+        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "rm-b"}
+    )
+    for node in (a, b):
+        assert node.cluster is not None
+        while node.cluster.nodes != {"rm-a", "rm-b"}:
+            await node.cluster.heartbeat.beat()
+    await a.accounts["localhost"].register("zed", PASSWORD)
+    vcard = b.modules.modules["vcard"]
+    write, entered, gate = vcard._write, asyncio.Event(), asyncio.Event()  # type: ignore[attr-defined]
+
+    async def hanging_write(*args: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await write(*args)
+
+    vcard._write = hanging_write  # type: ignore[attr-defined]
+    zed = await person(b, "zed@localhost/laptop", PASSWORD)
+    card = zed.plugin["xep_0054"].make_vcard()
+    card["FN"] = "Zed"
+    publishing = asyncio.ensure_future(zed.plugin["xep_0054"].publish_vcard(card, timeout=30))
+    await asyncio.wait_for(entered.wait(), 10)
+
+    removal = asyncio.ensure_future(a.modules.remove_account("localhost", "zed"))
+    try:
+        await asyncio.sleep(1.0)
+        assert not removal.done(), "a deleted zed's data while b still wrote his vCard"
+    finally:
+        gate.set()
+    assert await asyncio.wait_for(removal, 30) == "account"
+    await asyncio.gather(publishing, return_exceptions=True)
+    await b.router.drain()
+    assert await zeds_entries(a) == {}
+    await close(zed)

@@ -512,3 +512,48 @@ async def test_a_removed_account_loses_its_affiliation_in_a_room_another_node_ru
         await asyncio.sleep(0.05)
     assert "bob@localhost" not in state
     await close(alice)
+
+
+async def test_a_removed_creator_leaves_no_jid_in_a_room_another_node_runs(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """bob, on node a, created a persistent room that b runs and spoke there; removed
+    on a, b forgets him as creator and gives his messages in the history an occupant
+    id that is not his any more, in memory, in Redis and in the stores; the messages
+    stay."""
+    a, b = await two_nodes(start_server, devservices.redis_url(redis_service))
+    room = room_owned_by("muc-b", ("muc-a", "muc-b"))
+    bob = await chatter(a, "bob@localhost/desk")
+    await create(bob, room, "Bob", persistentroom="1")
+    bob.send_message(mto=room, mbody="remember this", mtype="groupchat")
+    live = b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    deadline = time.monotonic() + WAIT
+    while not live[str(room)].history:
+        assert time.monotonic() < deadline, "the message did not reach the history"
+        await asyncio.sleep(0.05)
+    his = live[str(room)].occupant_id("bob@localhost")
+    assert live[str(room)].creator == "bob@localhost"
+
+    assert await a.modules.remove_account("localhost", "bob") == "account"
+    while live[str(room)].creator or his in live[str(room)].history[0].xml:
+        assert time.monotonic() < deadline, "node b still knows bob in the room"
+        await asyncio.sleep(0.05)
+    assert "remember this" in live[str(room)].history[0].xml
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    stored_item = a.modules.items("localhost", "muc_rooms")
+    stored_history = a.modules.blobs("localhost", "muc_history")
+    while True:
+        record = await redis.hgetall(f"xmppd:muc:room:{room}")
+        item = await stored_item.get(room.user)
+        blob = await stored_history.get(room.user)
+        kept = [
+            str(record.get(b"state", b"")), str(record.get(b"history", b"")),
+            str(item.attrs if item is not None else ""), str(blob.data if blob else ""),
+        ]
+        if blob is not None and not any("bob@localhost" in k or his in k for k in kept):
+            break
+        assert time.monotonic() < deadline, f"bob is still named: {kept}"
+        await asyncio.sleep(0.1)
+    assert "remember this" in kept[3]
+    await redis.aclose()
+    await close(bob)

@@ -3,13 +3,16 @@ part way is reported, and running the removal again finishes it."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from lxml import etree
 
-from xmppd.modulehost import AccountDataRemains
+from xmppd.modulehost import AccountDataRemains, Module, installed_modules
+from xmppd.modules._muc_room import MUC
 from xmppd.storage.base import Query, StorageError
-from xmppd.testing import ModuleHarness, parse_stanza
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 from xmppd.xml import ns
 
 MODULES: dict[str, dict[str, Any] | None] = {
@@ -156,3 +159,167 @@ async def test_an_administrators_removal_waits_for_the_sessions_writes() -> None
     await harness.router.drain()
     assert await entries(harness, "zed") == set()
     assert all(session.input_holds > 0 for session in sessions)
+
+
+# --- modules turned off when the account is removed ------------------------------------
+
+PUBSUB = "http://jabber.org/protocol/pubsub"
+MUC_OWNER = "http://jabber.org/protocol/muc#owner"
+MUC_ADMIN = "http://jabber.org/protocol/muc#admin"
+PERSISTENT = (
+    "<x xmlns='jabber:x:data' type='submit'><field var='muc#roomconfig_persistentroom'>"
+    "<value>1</value></field></x>"
+)
+
+
+async def _chat(harness: ModuleHarness, zed: TestSession) -> None:
+    """A room of alice's where zed is a member and one zed made, where he spoke."""
+    alice = harness.session("alice@localhost/a")
+    for owner, room in ((alice, "aliceroom"), (zed, "zedroom")):
+        jid = f"{room}@conference.localhost"
+        await harness.send(owner, f"<presence to='{jid}/n'><x xmlns='{MUC}'/></presence>")
+        configure = f"<query xmlns='{MUC_OWNER}'>{PERSISTENT}</query>"
+        reply = await harness.iq(owner, "set", configure, jid)
+        assert reply.get("type") == "result"
+    member = f"<query xmlns='{MUC_ADMIN}'><item affiliation='member' jid='zed@localhost'/></query>"
+    reply = await harness.iq(alice, "set", member, "aliceroom@conference.localhost")
+    assert reply.get("type") == "result"
+    await harness.send(
+        zed, "<message to='zedroom@conference.localhost' type='groupchat'><body>hi</body></message>"
+    )
+
+
+async def _pubsub(harness: ModuleHarness, zed: TestSession) -> None:
+    """A node zed owns, with an item, and a subscription to alice's node."""
+    alice = harness.session("alice@localhost/a")
+    for owner, node in ((zed, "zednode"), (alice, "alicenode")):
+        reply = await harness.iq(
+            owner, "set", f"<pubsub xmlns='{PUBSUB}'><create node='{node}'/></pubsub>",
+            "pubsub.localhost",
+        )
+        assert reply.get("type") == "result", etree.tostring(reply)
+    for payload in (
+        "<publish node='zednode'><item id='1'><x xmlns='urn:test'/></item></publish>",
+        "<subscribe node='alicenode' jid='zed@localhost'/>",
+    ):
+        reply = await harness.iq(zed, "set", f"<pubsub xmlns='{PUBSUB}'>{payload}</pubsub>",
+                                 "pubsub.localhost")
+        assert reply.get("type") == "result", etree.tostring(reply)
+
+
+async def _iqs(harness: ModuleHarness, zed: TestSession, *payloads: str) -> None:
+    for payload in payloads:
+        reply = await harness.iq(zed, "set", payload)
+        assert reply.get("type") == "result", etree.tostring(reply)
+
+
+async def _from_bob(harness: ModuleHarness, zed: TestSession, xml: str) -> None:
+    await harness.end_session(zed)
+    await harness.send(harness.session("bob@localhost/b"), xml)
+
+
+Scenario = Callable[[ModuleHarness, TestSession], Awaitable[None]]
+SCENARIOS: dict[str, Scenario] = {
+    "roster": lambda h, zed: _iqs(
+        h, zed, "<query xmlns='jabber:iq:roster'><item jid='carol@localhost'/></query>"
+    ),
+    "presence": lambda h, zed: _from_bob(
+        h, zed, "<presence to='zed@localhost' type='subscribe'/>"
+    ),
+    "offline": lambda h, zed: _from_bob(
+        h, zed, "<message to='zed@localhost'><body>x</body></message>"
+    ),
+    "last": lambda h, zed: h.end_session(zed),
+    "vcard": lambda h, zed: _iqs(h, zed, "<vCard xmlns='vcard-temp'><FN>Zed</FN></vCard>"),
+    "private": lambda h, zed: _iqs(
+        h, zed, "<query xmlns='jabber:iq:private'><p xmlns='urn:test:prefs'/></query>"
+    ),
+    "privacy": lambda h, zed: _iqs(
+        h, zed, f"<query xmlns='{PRIVACY}'><list name='l'><item action='deny' order='1'/></list>"
+        "</query>",
+    ),
+    "blocking": lambda h, zed: _iqs(
+        h, zed, "<block xmlns='urn:xmpp:blocking'><item jid='eve@localhost'/></block>"
+    ),
+    "pep": lambda h, zed: _iqs(
+        h, zed, f"<pubsub xmlns='{PUBSUB}'><publish node='urn:test:n'><item id='1'>"
+        "<x xmlns='urn:test:n'/></item></publish></pubsub>",
+    ),
+    "pubsub": _pubsub,
+    "muc": _chat,
+}
+"""How to give zed data in each module that keeps some per user."""
+NO_USER_DATA = {
+    "adhoc", "admin_commands", "caps", "carbons", "disco", "ping", "register",
+    "stream_management", "time", "version",
+}
+"""The modules that keep nothing per user in storage."""
+SHARED = {"privacy": {"privacy", "blocking"}, "blocking": {"privacy", "blocking"}}
+"""Modules that keep one record together: either deletes it, so both are turned off."""
+
+
+def test_every_installed_module_is_known_to_the_removal_tests() -> None:
+    """A new module is either in SCENARIOS (and purges its data with the module off,
+    which the test below checks) or declared to keep nothing per user."""
+    installed = installed_modules()
+    assert set(installed) == set(SCENARIOS) | NO_USER_DATA
+    for name in NO_USER_DATA:
+        assert installed[name].remove_user is Module.remove_user, name
+    for name in SCENARIOS:
+        assert installed[name].purge_user.__func__ is not Module.purge_user.__func__, name  # type: ignore[attr-defined]
+
+
+def _needs(name: str, installed: dict[str, type[Module]]) -> set[str]:
+    """`name` and every module it requires, through those."""
+    found = {name}
+    for needed in installed[name].requires:
+        found |= _needs(needed, installed)
+    return found
+
+
+async def _mentions(harness: ModuleHarness, bare: str) -> list[str]:
+    """Every item or blob whose name or content names `bare` (or its user's prefix),
+    but other users' rosters (a contact's roster keeps its item for a removed account
+    as for any contact that went away)."""
+    user = bare.split("@")[0]
+    found = []
+    items, blobs = harness.storage.items, harness.storage.blobs
+    for namespace in await items.namespaces():  # type: ignore[attr-defined]
+        page = await items.query(namespace, Query(limit=1000))
+        for item in page.items:
+            text = repr(item.attrs)
+            if _owned(item.name, user) or bare in item.name or (
+                bare in text and namespace != "localhost/roster"
+            ):
+                found.append(f"{namespace} {item.name}")
+    for namespace in await blobs.namespaces():  # type: ignore[attr-defined]
+        for key in (await blobs.list(namespace)).keys:
+            blob = await blobs.get(namespace, key)
+            if _owned(key, user) or bare in key or (blob and bare.encode() in blob.data):
+                found.append(f"{namespace} {key}")
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(SCENARIOS))
+async def test_the_data_of_a_module_turned_off_goes_with_the_account(module: str) -> None:
+    """zed has data in `module`; the operator turns it off; zed is removed (by every
+    module still on); a new zed finds nothing when the module is on again."""
+    installed = installed_modules()
+    on = {name: {} for name in _needs(module, installed) | {"disco"}}
+    before = await ModuleHarness(on).start()
+    await before.host.accounts["localhost"].register("zed", "zed-secret-1")
+    zed = await before.login("zed@localhost/r")
+    await SCENARIOS[module](before, zed)
+    await before.router.drain()
+    await before.host.stop()
+    assert await _mentions(before, "zed@localhost"), f"{module} stored nothing for zed"
+    alices = await entries(before, "alice")
+
+    gone = SHARED.get(module, {module})
+    off = {name: {} for name in installed if not gone & _needs(name, installed)}
+    after = await ModuleHarness(off, storage=before.storage).start()
+    assert await after.host.remove_account("localhost", "zed") == "account"
+    await after.router.drain()
+    await after.host.stop()
+    assert await _mentions(after, "zed@localhost") == []
+    assert await entries(after, "alice") == alices

@@ -1075,3 +1075,92 @@ async def test_a_big_rooms_output_keeps_the_rooms_one_order() -> None:
     assert len(presences(got)) == 301 + 1
     assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == [None, *bodies]
     assert got[-1].get("type") == "unavailable"
+
+
+def history_ids(data: bytes) -> list[tuple[str, str]]:
+    """(body, occupant id) of each message of a stored history."""
+    found: list[tuple[str, str]] = []
+    for _, xml in json.loads(data):
+        message = etree.fromstring(xml)
+        oid = message.find(f"{{{OCCUPANT_ID}}}occupant-id")
+        body = message.findtext(f"{{{ns.CLIENT}}}body") or ""
+        found.append((body, oid.get("id", "") if oid is not None else ""))
+    return found
+
+
+async def test_a_removed_account_leaves_no_trace_of_its_jid_in_its_rooms() -> None:
+    """bob created two persistent rooms (one live here, one only stored) and spoke in
+    both: removed, neither keeps him as creator (nor counts them against a new bob's
+    limit), and his messages stay in the history under his nick with an occupant id
+    that is not the one a new bob@localhost gets, still one for all of them."""
+    h, _ = await harness(max_rooms_per_user=2)
+    bob, alice = h.session("bob@localhost/b"), h.session("alice@localhost/a")
+    rooms = ["live@conference.localhost", "stored@conference.localhost"]
+    for room in rooms:
+        await instant_room(h, bob, "Bob", room, persistentroom="1")
+        await join(h, alice, "Alice", room)
+        for body in ("one", "two"):
+            await h.send(
+                bob, f"<message to='{room}' type='groupchat' id='{body}'><body>{body}</body>"
+                "</message>",
+            )
+        await say(h, alice, "hers", to=room)
+    muc = h.host.module(Muc)
+    await h.send(bob, f"<presence to='{rooms[1]}/Bob' type='unavailable'/>")
+    await h.send(alice, f"<presence to='{rooms[1]}/Alice' type='unavailable'/>")
+    await muc.stop()  # every write done
+    del muc.rooms[rooms[1]]  # as on a node where that room is not live
+    assert muc.rooms[rooms[0]].seen  # his last message ids, with his full JID
+    before: dict[str, list[tuple[str, str]]] = {}
+    for name in ("live", "stored"):
+        blob = await h.host.blobs("localhost", "muc_history").get(name)
+        assert blob is not None
+        before[name] = history_ids(blob.data)
+
+    assert await muc.remove_user("localhost", "bob") is True
+    live = muc.rooms[rooms[0]]
+    assert live.creator == "" and not [k for k in live.seen if k.startswith("bob@")]
+    await muc.stop()
+    assert await muc._stored_rooms_of("localhost", "bob@localhost") == set()
+    for name in ("live", "stored"):
+        item = await h.host.items("localhost", "muc_rooms").get(name)
+        assert item is not None and "bob@localhost" not in str(item.attrs)
+        blob = await h.host.blobs("localhost", "muc_history").get(name)
+        assert blob is not None and b"bob@localhost" not in blob.data
+        said = history_ids(blob.data)
+        assert [body for body, _ in said] == ["one", "two", "hers"]
+        (his,) = {oid for body, oid in said if body != "hers"}
+        (old_id,) = {oid for body, oid in before[name] if body != "hers"}
+        assert his and his != old_id and said[2] == before[name][2]  # alice's as it was
+    # A new bob@localhost is someone else: not the author of the old messages.
+    new_bob = h.session("bob@localhost/new")
+    got = await join(h, new_bob, "Bob", rooms[1])
+    history = [m for m in messages(got) if m.findtext(f"{{{ns.CLIENT}}}body")]
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in history] == ["one", "two", "hers"]
+    new_id = h.host.module(Muc).rooms[rooms[1]].occupant_id("bob@localhost")
+    assert new_id == before["stored"][0][1]  # XEP-0421: the same JID, the same id...
+    ids = [m.find(f"{{{OCCUPANT_ID}}}occupant-id").get("id") for m in history[:2]]
+    assert new_id not in ids  # ...but the old messages no longer carry it
+    assert await muc.remove_user("localhost", "bob") is False  # nothing left of the old one
+
+
+async def test_a_removed_account_is_forgotten_by_the_stored_rooms_with_the_module_off() -> None:
+    """bob created a persistent room and spoke there; multi-user chat is turned off
+    when he is removed: the stored room forgets him all the same (creator, the occupant
+    id of his messages), and keeps the messages."""
+    h, _ = await harness()
+    bob = h.session("bob@localhost/b")
+    await instant_room(h, bob, "Bob", persistentroom="1")
+    await say(h, bob, "kept")
+    old_id = h.host.module(Muc).rooms[ROOM].occupant_id("bob@localhost")
+    await h.host.stop()
+    off = await ModuleHarness({"disco": {}}, storage=h.storage).start()
+
+    assert await Muc.purge_user(off.host, "localhost", "bob") is True
+    item = await off.host.items("localhost", "muc_rooms").get("room")
+    assert item is not None and "bob@localhost" not in str(item.attrs)
+    blob = await off.host.blobs("localhost", "muc_history").get("room")
+    assert blob is not None
+    ((body, oid),) = history_ids(blob.data)
+    assert body == "kept" and oid and oid != old_id
+    assert await Muc.purge_user(off.host, "localhost", "bob") is False
