@@ -71,7 +71,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote
@@ -299,6 +299,7 @@ class PubSubService:
         limits: Limits,
         relation: Relation,
         owner: str | None = None,
+        node_defaults: Mapping[str, Config] | None = None,
     ) -> None:
         self.items = items
         self.blobs = blobs
@@ -306,12 +307,17 @@ class PubSubService:
         self.limits = limits
         self.relation = relation
         self.owner = owner
+        # Node name -> options a node of that name is made with, whoever makes it
+        # and however (PEP: the private bookmarks stay whitelisted when a client
+        # publishes to them without the publish-options XEP-0402 asks for).
+        self.node_defaults: Mapping[str, Config] = node_defaults or {}
 
     def at(self, prefix: str) -> PubSubService:
         """The service of another prefix in the same stores (the index and the
         tombstones of a PEP store name the nodes of every account in it)."""
         return PubSubService(
-            self.items, self.blobs, prefix, self.limits, self.relation, self.owner
+            self.items, self.blobs, prefix, self.limits, self.relation, self.owner,
+            self.node_defaults,
         )
 
     # --- keys -------------------------------------------------------------------------
@@ -550,6 +556,7 @@ class PubSubService:
 
     def new_node(self, name: str, creator: str) -> Node:
         config = default_config(self.limits.default_access_model, self.limits.default_max_items)
+        config.update(self.node_defaults.get(name, {}))
         return Node(name, config, {_bare(creator): "owner"}, [], None, secrets.token_hex(4))
 
     def check_name(self, name: str, what: str = "node names") -> None:
@@ -692,12 +699,15 @@ class PubSubService:
         wanted: Config,
         *,
         auto_create: bool,
-        preconditions: bool = True,
+        on_existing: Literal["check", "ignore", "apply"] = "check",
     ) -> Event:
         """Publish one item (XEP-0060 7.1), creating the node first when `auto_create`
-        (PEP, XEP-0163 3) with the publish-options as its configuration; on an
-        existing node the options are preconditions (unless not `preconditions`:
-        the server's own publishes, which must not fail on a client's choices)."""
+        (PEP, XEP-0163 3) with the publish-options as its configuration. On an
+        existing node the options are preconditions ("check", a client's publish);
+        the server's own publishes must not fail on a client's choices, so they
+        "ignore" them, or "apply" them in the publish's transaction when what is
+        published must not be seen more widely than they say (private data copied
+        into a node a client configured otherwise)."""
         self.check_name(name)
         if item is None:  # every node here persists items and delivers payloads
             raise pubsub_error("bad-request", "item-required", "publish one <item/>")
@@ -733,8 +743,10 @@ class PubSubService:
                 node.config = self._validated({**node.config, **wanted})
             else:
                 node = decode_node(name, current)
-                if preconditions:
+                if on_existing == "check":
                     check_preconditions(node.config, wanted)
+                elif on_existing == "apply":
+                    node.config = self._validated({**node.config, **wanted})
             await self._check_publisher(node, publisher)
             previous = [entry for entry in node.items if entry[0] == item_id]
             node.items = [entry for entry in node.items if entry[0] != item_id]

@@ -49,7 +49,7 @@ from xmppd.stream.errors import StanzaError
 
 from ._pep_avatar import CONVERSION, AvatarConversion
 from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
-from ._pep_bookmarks import BookmarksConversion
+from ._pep_bookmarks import PRIVATE_NODES, BookmarksConversion
 from ._pubsub_cleanup import clear_deleted, finish_deletions
 from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
 from ._pubsub_fanout import FAN_OUT_BATCH, FanOut, Recipient
@@ -197,14 +197,23 @@ class Pep(Module):
         self._listeners.append(listener)
 
     async def publish(
-        self, bare: str, name: str, item: etree._Element, options: dict[str, object] | None = None
+        self,
+        bare: str,
+        name: str,
+        item: etree._Element,
+        options: dict[str, object] | None = None,
+        *,
+        enforce: bool = False,
     ) -> Event:
         """Publish `item` to the account's node `name` as the account itself (made
-        with `options` when new), notifying as a client's publish does; listeners
-        are not called."""
+        with `options` when new; with `enforce`, an existing node is reconfigured
+        with them in the same transaction, so that private data never lands in a
+        node its owner's contacts may read), notifying as a client's publish does;
+        listeners are not called."""
         service = self.service(bare)
         event = await service.publish(
-            bare, name, item, dict(options or {}), auto_create=True, preconditions=False
+            bare, name, item, dict(options or {}), auto_create=True,
+            on_existing="apply" if enforce else "ignore",
         )
         await self._deliver(service, event)
         return event
@@ -233,6 +242,7 @@ class Pep(Module):
             self.limits,
             self._relation,
             owner=bare,
+            node_defaults=PRIVATE_NODES,
         )
 
     async def _relation(self, owner: str, contact: str) -> tuple[str, list[str]] | None:
