@@ -79,6 +79,7 @@ from urllib.parse import quote
 from lxml import etree
 
 from xmppd.storage.base import (
+    MAX_ITEM_BYTES,
     UNCHANGED,
     BlobStore,
     Item,
@@ -110,6 +111,18 @@ SUBSCRIPTION_CHANGES = TRANSACTION_DELETES // 2
 """An owner's subscription changes in one request: each writes a subscription and an index."""
 MIGRATE_BATCH = 80
 """Inline subscriptions of an earlier-format record moved out in one transaction."""
+MAX_ITEMS = 1000
+"""The most `max_items` a service may allow: a node's record lists every item id
+(with its blob key), and must fit one stored item (`_fit`)."""
+ITEMS_PAGE = 1000
+"""The most items one retrieval answers with, whatever it asks for; the rest come in
+XEP-0059 pages (XEP-0060 6.5.4: a service may truncate the items it returns)."""
+ITEMS_PAGE_BYTES = 256 * 1024
+"""The serialised items of one answer, at most (its first item whatever its size):
+what clients and servers commonly take in one stanza (Prosody's c2s limit is 256 KiB),
+and a bound on what one request holds and parses on the event loop."""
+ITEMS_READ = 25
+"""Item records read in one batch while a page fills (inline ones are up to 128 KiB)."""
 TOMBSTONES = "/d/"
 """Where deleted nodes wait for their subscriptions to be cleared (no prefix starts with "/")."""
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
@@ -392,15 +405,9 @@ class PubSubService:
         elements = []
         for item_id in wanted:
             record = found.get(self.item_key(node.name, item_id))
-            if record is None:
-                continue
-            data = record.attrs.get("x")
-            if not isinstance(data, bytes):
-                blob = await self.blobs.get(str(record.attrs.get("b", "")))
-                if blob is None:
-                    continue
-                data = blob.data
-            elements.append(parse_item(data))
+            data = None if record is None else await self._item_data(record)
+            if data is not None:
+                elements.append(parse_item(data))
         return elements
 
     async def last_item(self, node: Node) -> etree._Element | None:
@@ -753,6 +760,7 @@ class PubSubService:
             node.items.append([item_id, blob])
             node.last = data if len(data) <= LAST_INLINE_BYTES else None
             trimmed = _trim(node, self.limits)
+            trimmed += _fit(self.node_key(name), node)
             dropped[:] = [*(entry for entry in previous if entry[1]), *trimmed]
             writes: list[Write] = [self.items.put_op(self.item_key(name, item_id), record)]
             writes += self._deletes(name, trimmed)
@@ -815,16 +823,49 @@ class PubSubService:
 
     # --- retrieval -------------------------------------------------------------------------
 
-    async def get_items(
-        self, requester: str, name: str, ids: Sequence[str], max_items: int | None
-    ) -> tuple[Node, list[etree._Element]]:
-        """Items by id or the newest `max_items` (XEP-0060 6.5), newest last."""
+    async def readable(self, requester: str, name: str) -> Node:
+        """The node, if `requester` may read its items (XEP-0060 6.5.9 errors)."""
         node = await self.existing(name)
         await self.check_access(node, requester)
-        if ids:
-            return node, await self.item_elements(node, ids)
-        entries = node.items if max_items is None else node.items[-max_items:] if max_items else []
-        return node, await self.item_elements(node, [entry[0] for entry in entries])
+        return node
+
+    async def items_page(
+        self, node: Node, ids: Sequence[str], *, from_end: bool = False
+    ) -> list[etree._Element]:
+        """The stored <item/>s of `ids` (those that exist), in that order, as many as
+        one answer holds: at most `ITEMS_PAGE`, and `ITEMS_PAGE_BYTES` of them (the
+        first whatever its size), taken from the start of `ids` or, `from_end`, from
+        its end. Records are read `ITEMS_READ` at a time and reading stops when the
+        page is full, so that one request holds and parses a page, not a node
+        (10,000 items of up to 16 MB), however many requests run at once."""
+        blob_of = {entry[0]: entry[1] for entry in node.items}
+        wanted = [i for i in ids if i in blob_of]
+        if from_end:
+            wanted.reverse()
+        page: list[etree._Element] = []
+        size = 0
+        for start in range(0, len(wanted), ITEMS_READ):
+            chunk = wanted[start:start + ITEMS_READ]
+            keys = [self.item_key(node.name, item_id) for item_id in chunk]
+            found = await self.items.batch_get(keys)
+            for key in keys:
+                record = found.get(key)
+                data = None if record is None else await self._item_data(record)
+                if data is None:
+                    continue
+                if page and (len(page) >= ITEMS_PAGE or size + len(data) > ITEMS_PAGE_BYTES):
+                    return page[::-1] if from_end else page
+                size += len(data)
+                page.append(parse_item(data))
+        return page[::-1] if from_end else page
+
+    async def _item_data(self, record: Item) -> bytes | None:
+        """An item record's XML: inline, or its blob's (None: the blob is gone)."""
+        data = record.attrs.get("x")
+        if isinstance(data, bytes):
+            return data
+        blob = await self.blobs.get(str(record.attrs.get("b", "")))
+        return None if blob is None else blob.data
 
     # --- subscriptions ---------------------------------------------------------------------
 
@@ -1237,6 +1278,26 @@ def _count_of(counter: Item | None) -> int:
     """The number a node's count item holds (absent: 0)."""
     value = counter.attrs.get("n", 0) if counter is not None else 0
     return value if isinstance(value, int) else 0
+
+
+def _fit(key: str, node: Node) -> list[list[str]]:
+    """Drop the oldest items until the node's record fits a stored item
+    (`MAX_ITEM_BYTES`, as `check_item` counts it); the dropped entries. The record
+    lists every item id, and ids and blob keys of hundreds of bytes would let
+    max_items of them outgrow it: the node then keeps fewer items than max_items
+    rather than refusing every publish (with ids of up to 40 characters, 1000
+    items, the most max_items allows, fit)."""
+    size = len(key.encode()) + sum(
+        len(name.encode()) + (8 if isinstance(value, int) else len(
+            value if isinstance(value, bytes) else value.encode()))
+        for name, value in encode_node(node).items()
+    )
+    drop = 0
+    while size > MAX_ITEM_BYTES and drop < len(node.items) - 1:
+        size -= len(json.dumps(node.items[drop], separators=(",", ":")).encode()) + 1
+        drop += 1
+    dropped, node.items = node.items[:drop], node.items[drop:]
+    return dropped
 
 
 def _trim(node: Node, limits: Limits) -> list[list[str]]:

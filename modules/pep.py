@@ -51,7 +51,7 @@ from ._pep_avatar import CONVERSION, AvatarConversion
 from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
 from ._pep_bookmarks import PRIVATE_NODES, BookmarksConversion
 from ._pubsub_cleanup import clear_deleted, finish_deletions
-from ._pubsub_engine import Event, Limits, Node, PubSubService, decode_node, judge
+from ._pubsub_engine import MAX_ITEMS, Event, Limits, Node, PubSubService, decode_node, judge
 from ._pubsub_fanout import FAN_OUT_BATCH, FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_OWNER
 from ._pubsub_protocol import FEATURES, RSM, PubSubProtocol, Request, event_message
@@ -77,7 +77,7 @@ PEP node (only the account may); the conversions of XEP-0398 and XEP-0411 listen
 class PepOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_item_bytes: StrictInt = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
-    max_items: StrictInt = Field(default=256, ge=1, le=10_000)  # per node; 'max'
+    max_items: StrictInt = Field(default=256, ge=1, le=MAX_ITEMS)  # per node; 'max'
     max_nodes: StrictInt = Field(default=100, ge=1, le=10_000)  # per account
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
     max_subscribers: StrictInt = Field(default=100_000, ge=1, le=1_000_000)  # per node
