@@ -74,7 +74,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from lxml import etree
 
@@ -114,6 +114,8 @@ MIGRATE_BATCH = 80
 MAX_ITEMS = 1000
 """The most `max_items` a service may allow: a node's record lists every item id
 (with its blob key), and must fit one stored item (`_fit`)."""
+AFFILIATION_SCAN = 100
+"""Node records one query of a scan for a user's affiliations reads."""
 ITEMS_PAGE = 1000
 """The most items one retrieval answers with, whatever it asks for; the rest come in
 XEP-0059 pages (XEP-0060 6.5.4: a service may truncate the items it returns)."""
@@ -379,8 +381,6 @@ class PubSubService:
 
     async def node_names(self, limit: int = 1000) -> list[str]:
         """The service's nodes, by name (at most `limit`)."""
-        from urllib.parse import unquote
-
         start = f"{self.prefix}n/"
         names: list[str] = []
         token: str | None = None
@@ -392,6 +392,39 @@ class PubSubService:
             if (token := page.next_token) is None:
                 break
         return names[:limit]
+
+    async def affiliations_page(
+        self, bare: str, after: str | None, before: str | None, limit: int
+    ) -> list[tuple[str, str]]:
+        """(node, affiliation) of `bare`'s first `limit` affiliations after the node
+        `after` (None: from the start), or with `before` (not None) the last `limit`
+        before that node ("": the last page), in node key order. The node records
+        are scanned `AFFILIATION_SCAN` at a time, their affiliations taken from the
+        query's own items (no read per node), until the page is full: a service of
+        10,000 nodes is some queries, not 10,000 reads, and its every node is
+        reachable. The pubsub service keeps no per-user index of affiliations: its
+        creators' affiliations would need one, written with every creation and
+        deletion and bounded per user (an owner of 10,000 nodes outgrows an item),
+        for a request clients rarely make."""
+        start = f"{self.prefix}n/"
+        bound = before if before is not None else after
+        token = name_token(start + _q(bound)) if bound else None
+        found: list[tuple[str, str]] = []
+        while len(found) < limit:
+            page = await self.items.query(Query(
+                prefix=start, limit=AFFILIATION_SCAN, page_token=token,
+                descending=before is not None,
+            ))
+            for record in page.items:
+                affiliation = json.loads(str(record.attrs["a"])).get(bare)
+                if affiliation is not None:
+                    found.append((unquote(record.name[len(start):]), affiliation))
+                    if len(found) == limit:
+                        break
+            if (token := page.next_token) is None:
+                break
+            await asyncio.sleep(0)  # a store that answers without yielding holds no longer
+        return found[::-1] if before is not None else found
 
     async def item_elements(self, node: Node, ids: Sequence[str]) -> list[etree._Element]:
         """The stored <item/> elements of `ids` (those that exist), in that order."""

@@ -248,16 +248,28 @@ class PubSubProtocol:
     async def _affiliations(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
     ) -> etree._Element:
+        """The requester's affiliations (XEP-0060 5.7), a XEP-0059 page at a time
+        (`OWNER_PAGE` without <set/>), keyed by node name: a scan of the service's
+        node records in key order that stops when the page is full
+        (`PubSubService.affiliations_page`), so every node is reachable however many
+        the service has, and a request holds a page, not the service."""
         bare = request.requester.split("/", 1)[0]
         wanted = action.get("node")
         reply = _pubsub(PUBSUB)
         listing = etree.SubElement(reply, f"{_PS}affiliations")
-        names = [wanted] if wanted is not None else await request.service.node_names()
-        for name in names:
-            node = await request.service.node(name)
+        if wanted is not None:
+            node = await request.service.node(wanted)
             if node is not None and node.affiliation(bare) != "none":
-                entry = etree.SubElement(listing, f"{_PS}affiliation", node=name)
+                entry = etree.SubElement(listing, f"{_PS}affiliation", node=wanted)
                 entry.set("affiliation", node.affiliation(bare))
+            return reply
+        limit, after, before = _page_of(rest)
+        found = await request.service.affiliations_page(bare, after, before, limit)
+        for name, affiliation in found:
+            entry = etree.SubElement(listing, f"{_PS}affiliation", node=name)
+            entry.set("affiliation", affiliation)
+        if _option(rest, "set", RSM) is not None or len(found) == limit:
+            reply.append(_result_set([name for name, _ in found], None))
         return reply
 
     # --- owner use cases (XEP-0060 section 8) ---------------------------------------------
@@ -439,9 +451,11 @@ def _page_of(rest: list[etree._Element]) -> tuple[int, str | None, str | None]:
     return limit, page.findtext(f"{{{RSM}}}after"), before
 
 
-def _result_set(chosen: list[str], count: int, index: int | None = None) -> etree._Element:
-    """The <set/> of a page of an owner's list (XEP-0059 2.1): its first and last
-    JIDs (the keys to page on from) and how many the list has."""
+def _result_set(
+    chosen: list[str], count: int | None, index: int | None = None
+) -> etree._Element:
+    """The <set/> of a page of a list (XEP-0059 2.1): its first and last keys (JIDs,
+    node names: what to page on from) and how many the list has, when known."""
     answer = etree.Element(f"{{{RSM}}}set", nsmap={None: RSM})
     if chosen:
         first = etree.SubElement(answer, f"{{{RSM}}}first")
@@ -449,7 +463,8 @@ def _result_set(chosen: list[str], count: int, index: int | None = None) -> etre
         if index is not None:
             first.set("index", str(index))
         etree.SubElement(answer, f"{{{RSM}}}last").text = chosen[-1]
-    etree.SubElement(answer, f"{{{RSM}}}count").text = str(count)
+    if count is not None:
+        etree.SubElement(answer, f"{{{RSM}}}count").text = str(count)
     return answer
 
 

@@ -21,7 +21,7 @@ from xmppd.modules._pubsub_engine import (
     encode_subscription,
 )
 from xmppd.modules.pep import PepOptions
-from xmppd.modules.pubsub import PubSubOptions
+from xmppd.modules.pubsub import PubSub, PubSubOptions
 from xmppd.storage.base import Query
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
@@ -611,3 +611,43 @@ def test_max_items_beyond_what_a_node_record_holds_is_a_config_error(
     with pytest.raises(ValidationError, match="less than or equal to 1000"):
         options(max_items=1001)
     assert options(max_items=1000)
+
+
+async def test_affiliations_past_the_first_thousand_nodes_are_listed_in_pages() -> None:
+    """5.7: a user's affiliations on a service of more than 1,000 nodes: each one is
+    listed, a XEP-0059 page at a time (100 without <set/>), keyed by node name."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {}})
+    harness.users.update({"hamlet@localhost", "bernardo@localhost"})
+    await harness.start()
+    module = harness.host.modules["pubsub"]
+    assert isinstance(module, PubSub)
+    service = module.service(SERVICE)
+    for i in range(1100):
+        await service.create("hamlet@localhost", f"n{i:04}", None)
+    await service.set_affiliations("hamlet@localhost", "n1090", {"bernardo@localhost": "member"})
+    rsm = "http://jabber.org/protocol/rsm"
+
+    async def affiliations(session: TestSession, page: str | None) -> tuple[
+        list[tuple[str | None, str | None]], str | None
+    ]:
+        request = f"<pubsub xmlns='{PS}'><affiliations/>"
+        if page is not None:
+            request += f"<set xmlns='{rsm}'>{page}</set>"
+        reply = await ask(harness, session, "get", request + "</pubsub>")
+        assert reply.get("type") == "result", etree.tostring(reply)
+        found = [(a.get("node"), a.get("affiliation"))
+                 for a in reply.iter(f"{{{PS}}}affiliation")]
+        return found, reply.findtext(f".//{{{rsm}}}last")
+
+    bernardo = harness.session("bernardo@localhost/b")
+    assert await affiliations(bernardo, None) == ([("n1090", "member")], None)
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    first, last = await affiliations(hamlet, None)
+    assert len(first) == 100 and last == "n0099"
+    listed = list(first)
+    while last is not None:
+        page, last = await affiliations(hamlet, f"<max>400</max><after>{last}</after>")
+        listed += page
+    assert listed == [(f"n{i:04}", "owner") for i in range(1100)]
+    assert await affiliations(hamlet, "<max>2</max><before/>") == (
+        [("n1098", "owner"), ("n1099", "owner")], "n1099")
