@@ -11,7 +11,8 @@ nodes go with one prefix deletion; the pubsub service: ""), in one item
 store:
 
 * `<prefix>n/<node>`: the node record: configuration, affiliations, the
-  item ids in publish order, the last item itself when it is small
+  item ids in publish order (at most `MAX_ITEMS`, fewer when long ids would
+  outgrow one stored item: `_fit`), the last item itself when it is small
   (`LAST_INLINE_BYTES`), and the node's generation (a token new at each
   creation). Contacts' last items are
   what a login needs, and this record reads through the shared cache like
