@@ -38,6 +38,7 @@ from urllib.parse import quote
 
 from lxml import etree
 
+from xmppd.modules._pep_caps import CapsStore
 from xmppd.modules.caps import CAPS, DISCO_INFO, Identity, verification_string
 from xmppd.modules.pep import Pep
 from xmppd.modules.roster import RosterItem, _encode
@@ -127,8 +128,9 @@ async def run(
             await service.publish(name, node, item, {}, auto_create=True)
     features = [DISCO_INFO, f"{NICK}+notify", f"{AVATAR}+notify"]
     ver = verification_string([Identity("client", "pc", "bench")], features)
-    await harness.host.items("localhost", "caps").put(
-        f"sha-1/{quote(ver, safe='')}", {"f": json.dumps(features)}
+    await CapsStore().store(
+        harness.host.items("localhost", "caps"), "bench@localhost",
+        f"sha-1/{quote(ver, safe='')}", features,
     )
     counting = Counting(sqlite)
     harness.storage.items = (

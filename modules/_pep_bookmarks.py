@@ -21,6 +21,13 @@ No loops: each side tells only of its clients' writes (`Pep.listen`,
 `Private.listen`), and the conversion writes through the server APIs
 (`Pep.publish`, `Pep.retract`, `Private.store`), which tell nobody. A
 conversion that fails is logged; the client's own write stands.
+
+Private by default: the conversion publishes with `enforce`, so a bookmark node
+a client made readable by its contacts (published to without publish-options,
+or configured so) is made whitelist again in the transaction that copies the
+private bookmarks into it, as Prosody's mod_bookmarks reconfigures the node;
+and both nodes are made whitelist when a client creates them without options
+(`PRIVATE_NODES`).
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ LEGACY_OPTIONS: dict[str, object] = {  # XEP-0223 / XEP-0048 3.3
     f"{_PS}persist_items": True,
     f"{_PS}access_model": "whitelist",
 }
+PRIVATE_NODES: dict[str, dict[str, object]] = {NATIVE: NATIVE_OPTIONS, LEGACY: LEGACY_OPTIONS}
+"""What the bookmark nodes are made with, whoever makes them: a client that publishes
+without the publish-options XEP-0402 5.2 requires (MUST) would otherwise leave its
+bookmarks, room passwords included, readable by every contact (the PEP default
+access model is presence)."""
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +128,7 @@ class BookmarksConversion:
             extensions = have.find(f"{_N}extensions") if have is not None else None
             item = etree.Element(_PS_ITEM, id=jid)
             item.append(_native(room, extensions))
-            await self.pep.publish(owner, NATIVE, item, NATIVE_OPTIONS)
+            await self.pep.publish(owner, NATIVE, item, NATIVE_OPTIONS, enforce=True)
         for jid in current.keys() - wanted.keys():
             await self.pep.retract(owner, NATIVE, jid)
         if to_private:
@@ -168,7 +180,7 @@ class BookmarksConversion:
     async def _publish_legacy(self, owner: str, storage: etree._Element) -> None:
         item = etree.Element(_PS_ITEM, id="current")
         item.append(copy.deepcopy(storage))
-        await self.pep.publish(owner, LEGACY, item, LEGACY_OPTIONS)
+        await self.pep.publish(owner, LEGACY, item, LEGACY_OPTIONS, enforce=True)
 
 
 def _room_of(conference: etree._Element) -> Room:

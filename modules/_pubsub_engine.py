@@ -11,7 +11,8 @@ nodes go with one prefix deletion; the pubsub service: ""), in one item
 store:
 
 * `<prefix>n/<node>`: the node record: configuration, affiliations, the
-  item ids in publish order, the last item itself when it is small
+  item ids in publish order (at most `MAX_ITEMS`, fewer when long ids would
+  outgrow one stored item: `_fit`), the last item itself when it is small
   (`LAST_INLINE_BYTES`), and the node's generation (a token new at each
   creation). Contacts' last items are
   what a login needs, and this record reads through the shared cache like
@@ -71,14 +72,15 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from lxml import etree
 
 from xmppd.storage.base import (
+    MAX_ITEM_BYTES,
     UNCHANGED,
     BlobStore,
     Item,
@@ -110,6 +112,20 @@ SUBSCRIPTION_CHANGES = TRANSACTION_DELETES // 2
 """An owner's subscription changes in one request: each writes a subscription and an index."""
 MIGRATE_BATCH = 80
 """Inline subscriptions of an earlier-format record moved out in one transaction."""
+MAX_ITEMS = 1000
+"""The most `max_items` a service may allow: a node's record lists every item id
+(with its blob key), and must fit one stored item (`_fit`)."""
+AFFILIATION_SCAN = 100
+"""Node records one query of a scan for a user's affiliations reads."""
+ITEMS_PAGE = 1000
+"""The most items one retrieval answers with, whatever it asks for; the rest come in
+XEP-0059 pages (XEP-0060 6.5.4: a service may truncate the items it returns)."""
+ITEMS_PAGE_BYTES = 256 * 1024
+"""The serialised items of one answer, at most (its first item whatever its size):
+what clients and servers commonly take in one stanza (Prosody's c2s limit is 256 KiB),
+and a bound on what one request holds and parses on the event loop."""
+ITEMS_READ = 25
+"""Item records read in one batch while a page fills (inline ones are up to 128 KiB)."""
 TOMBSTONES = "/d/"
 """Where deleted nodes wait for their subscriptions to be cleared (no prefix starts with "/")."""
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
@@ -305,6 +321,7 @@ class PubSubService:
         limits: Limits,
         relation: Relation,
         owner: str | None = None,
+        node_defaults: Mapping[str, Config] | None = None,
     ) -> None:
         self.items = items
         self.blobs = blobs
@@ -312,12 +329,17 @@ class PubSubService:
         self.limits = limits
         self.relation = relation
         self.owner = owner
+        # Node name -> options a node of that name is made with, whoever makes it
+        # and however (PEP: the private bookmarks stay whitelisted when a client
+        # publishes to them without the publish-options XEP-0402 asks for).
+        self.node_defaults: Mapping[str, Config] = node_defaults or {}
 
     def at(self, prefix: str) -> PubSubService:
         """The service of another prefix in the same stores (the index and the
         tombstones of a PEP store name the nodes of every account in it)."""
         return PubSubService(
-            self.items, self.blobs, prefix, self.limits, self.relation, self.owner
+            self.items, self.blobs, prefix, self.limits, self.relation, self.owner,
+            self.node_defaults,
         )
 
     # --- keys -------------------------------------------------------------------------
@@ -366,8 +388,6 @@ class PubSubService:
 
     async def node_names(self, limit: int = 1000) -> list[str]:
         """The service's nodes, by name (at most `limit`)."""
-        from urllib.parse import unquote
-
         start = f"{self.prefix}n/"
         names: list[str] = []
         token: str | None = None
@@ -379,6 +399,39 @@ class PubSubService:
             if (token := page.next_token) is None:
                 break
         return names[:limit]
+
+    async def affiliations_page(
+        self, bare: str, after: str | None, before: str | None, limit: int
+    ) -> list[tuple[str, str]]:
+        """(node, affiliation) of `bare`'s first `limit` affiliations after the node
+        `after` (None: from the start), or with `before` (not None) the last `limit`
+        before that node ("": the last page), in node key order. The node records
+        are scanned `AFFILIATION_SCAN` at a time, their affiliations taken from the
+        query's own items (no read per node), until the page is full: a service of
+        10,000 nodes is some queries, not 10,000 reads, and its every node is
+        reachable. The pubsub service keeps no per-user index of affiliations: its
+        creators' affiliations would need one, written with every creation and
+        deletion and bounded per user (an owner of 10,000 nodes outgrows an item),
+        for a request clients rarely make."""
+        start = f"{self.prefix}n/"
+        bound = before if before is not None else after
+        token = name_token(start + _q(bound)) if bound else None
+        found: list[tuple[str, str]] = []
+        while len(found) < limit:
+            page = await self.items.query(Query(
+                prefix=start, limit=AFFILIATION_SCAN, page_token=token,
+                descending=before is not None,
+            ))
+            for record in page.items:
+                affiliation = json.loads(str(record.attrs["a"])).get(bare)
+                if affiliation is not None:
+                    found.append((unquote(record.name[len(start):]), affiliation))
+                    if len(found) == limit:
+                        break
+            if (token := page.next_token) is None:
+                break
+            await asyncio.sleep(0)  # a store that answers without yielding holds no longer
+        return found[::-1] if before is not None else found
 
     async def item_elements(self, node: Node, ids: Sequence[str]) -> list[etree._Element]:
         """The stored <item/> elements of `ids` (those that exist), in that order."""
@@ -392,15 +445,9 @@ class PubSubService:
         elements = []
         for item_id in wanted:
             record = found.get(self.item_key(node.name, item_id))
-            if record is None:
-                continue
-            data = record.attrs.get("x")
-            if not isinstance(data, bytes):
-                blob = await self.blobs.get(str(record.attrs.get("b", "")))
-                if blob is None:
-                    continue
-                data = blob.data
-            elements.append(parse_item(data))
+            data = None if record is None else await self._item_data(record)
+            if data is not None:
+                elements.append(parse_item(data))
         return elements
 
     async def last_item(self, node: Node) -> etree._Element | None:
@@ -556,6 +603,7 @@ class PubSubService:
 
     def new_node(self, name: str, creator: str) -> Node:
         config = default_config(self.limits.default_access_model, self.limits.default_max_items)
+        config.update(self.node_defaults.get(name, {}))
         return Node(name, config, {_bare(creator): "owner"}, [], None, secrets.token_hex(4))
 
     def check_name(self, name: str, what: str = "node names") -> None:
@@ -698,12 +746,15 @@ class PubSubService:
         wanted: Config,
         *,
         auto_create: bool,
-        preconditions: bool = True,
+        on_existing: Literal["check", "ignore", "apply"] = "check",
     ) -> Event:
         """Publish one item (XEP-0060 7.1), creating the node first when `auto_create`
-        (PEP, XEP-0163 3) with the publish-options as its configuration; on an
-        existing node the options are preconditions (unless not `preconditions`:
-        the server's own publishes, which must not fail on a client's choices)."""
+        (PEP, XEP-0163 3) with the publish-options as its configuration. On an
+        existing node the options are preconditions ("check", a client's publish);
+        the server's own publishes must not fail on a client's choices, so they
+        "ignore" them, or "apply" them in the publish's transaction when what is
+        published must not be seen more widely than they say (private data copied
+        into a node a client configured otherwise)."""
         self.check_name(name)
         if item is None:  # every node here persists items and delivers payloads
             raise pubsub_error("bad-request", "item-required", "publish one <item/>")
@@ -739,14 +790,17 @@ class PubSubService:
                 node.config = self._validated({**node.config, **wanted})
             else:
                 node = decode_node(name, current)
-                if preconditions:
+                if on_existing == "check":
                     check_preconditions(node.config, wanted)
+                elif on_existing == "apply":
+                    node.config = self._validated({**node.config, **wanted})
             await self._check_publisher(node, publisher)
             previous = [entry for entry in node.items if entry[0] == item_id]
             node.items = [entry for entry in node.items if entry[0] != item_id]
             node.items.append([item_id, blob])
             node.last = data if len(data) <= LAST_INLINE_BYTES else None
             trimmed = _trim(node, self.limits)
+            trimmed += _fit(self.node_key(name), node)
             dropped[:] = [*(entry for entry in previous if entry[1]), *trimmed]
             writes: list[Write] = [self.items.put_op(self.item_key(name, item_id), record)]
             writes += self._deletes(name, trimmed)
@@ -809,16 +863,49 @@ class PubSubService:
 
     # --- retrieval -------------------------------------------------------------------------
 
-    async def get_items(
-        self, requester: str, name: str, ids: Sequence[str], max_items: int | None
-    ) -> tuple[Node, list[etree._Element]]:
-        """Items by id or the newest `max_items` (XEP-0060 6.5), newest last."""
+    async def readable(self, requester: str, name: str) -> Node:
+        """The node, if `requester` may read its items (XEP-0060 6.5.9 errors)."""
         node = await self.existing(name)
         await self.check_access(node, requester)
-        if ids:
-            return node, await self.item_elements(node, ids)
-        entries = node.items if max_items is None else node.items[-max_items:] if max_items else []
-        return node, await self.item_elements(node, [entry[0] for entry in entries])
+        return node
+
+    async def items_page(
+        self, node: Node, ids: Sequence[str], *, from_end: bool = False
+    ) -> list[etree._Element]:
+        """The stored <item/>s of `ids` (those that exist), in that order, as many as
+        one answer holds: at most `ITEMS_PAGE`, and `ITEMS_PAGE_BYTES` of them (the
+        first whatever its size), taken from the start of `ids` or, `from_end`, from
+        its end. Records are read `ITEMS_READ` at a time and reading stops when the
+        page is full, so that one request holds and parses a page, not a node
+        (10,000 items of up to 16 MB), however many requests run at once."""
+        blob_of = {entry[0]: entry[1] for entry in node.items}
+        wanted = [i for i in ids if i in blob_of]
+        if from_end:
+            wanted.reverse()
+        page: list[etree._Element] = []
+        size = 0
+        for start in range(0, len(wanted), ITEMS_READ):
+            chunk = wanted[start:start + ITEMS_READ]
+            keys = [self.item_key(node.name, item_id) for item_id in chunk]
+            found = await self.items.batch_get(keys)
+            for key in keys:
+                record = found.get(key)
+                data = None if record is None else await self._item_data(record)
+                if data is None:
+                    continue
+                if page and (len(page) >= ITEMS_PAGE or size + len(data) > ITEMS_PAGE_BYTES):
+                    return page[::-1] if from_end else page
+                size += len(data)
+                page.append(parse_item(data))
+        return page[::-1] if from_end else page
+
+    async def _item_data(self, record: Item) -> bytes | None:
+        """An item record's XML: inline, or its blob's (None: the blob is gone)."""
+        data = record.attrs.get("x")
+        if isinstance(data, bytes):
+            return data
+        blob = await self.blobs.get(str(record.attrs.get("b", "")))
+        return None if blob is None else blob.data
 
     # --- subscriptions ---------------------------------------------------------------------
 
@@ -1231,6 +1318,26 @@ def _count_of(counter: Item | None) -> int:
     """The number a node's count item holds (absent: 0)."""
     value = counter.attrs.get("n", 0) if counter is not None else 0
     return value if isinstance(value, int) else 0
+
+
+def _fit(key: str, node: Node) -> list[list[str]]:
+    """Drop the oldest items until the node's record fits a stored item
+    (`MAX_ITEM_BYTES`, as `check_item` counts it); the dropped entries. The record
+    lists every item id, and ids and blob keys of hundreds of bytes would let
+    max_items of them outgrow it: the node then keeps fewer items than max_items
+    rather than refusing every publish (with ids of up to 40 characters, 1000
+    items, the most max_items allows, fit)."""
+    size = len(key.encode()) + sum(
+        len(name.encode()) + (8 if isinstance(value, int) else len(
+            value if isinstance(value, bytes) else value.encode()))
+        for name, value in encode_node(node).items()
+    )
+    drop = 0
+    while size > MAX_ITEM_BYTES and drop < len(node.items) - 1:
+        size -= len(json.dumps(node.items[drop], separators=(",", ":")).encode()) + 1
+        drop += 1
+    dropped, node.items = node.items[:drop], node.items[drop:]
+    return dropped
 
 
 def _trim(node: Node, limits: Limits) -> list[list[str]]:

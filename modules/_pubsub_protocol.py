@@ -18,7 +18,7 @@ from lxml import etree
 from xmppd.stream.errors import StanzaError
 
 from ._pubsub_cleanup import prune_index
-from ._pubsub_engine import AFFILIATIONS, Event, Node, PubSubService
+from ._pubsub_engine import AFFILIATIONS, ITEMS_PAGE, Event, Node, PubSubService
 from ._pubsub_forms import (
     DATA,
     PUBSUB,
@@ -183,6 +183,9 @@ class PubSubProtocol:
     async def _items(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
     ) -> etree._Element:
+        """Items by id, the newest `max_items` or all (XEP-0060 6.5), in pages: an
+        answer holds what `PubSubService.items_page` allows, with a XEP-0059 <set/>
+        when asked for one or when it holds fewer than were asked for (6.5.4)."""
         name = _node(action)
         ids = [i.get("id") or "" for i in action.findall(f"{_PS}item")]
         if any(not i for i in ids):
@@ -192,52 +195,22 @@ class PubSubProtocol:
             if not raw.isdigit():
                 raise StanzaError("bad-request", "max_items is a number")
             max_items = int(raw)
-        page = _option(rest, "set", RSM)
-        if page is not None and not ids:
-            return await self._items_page(request, name, max_items, page)
-        _node_, found = await request.service.get_items(request.requester, name, ids, max_items)
-        reply = _pubsub(PUBSUB)
-        items = etree.SubElement(reply, f"{_PS}items", node=name)
-        for item in found:
-            items.append(item)
-        return reply
-
-    async def _items_page(
-        self, request: Request, name: str, max_items: int | None, page: etree._Element
-    ) -> etree._Element:
-        """One page of a node's items, oldest first (XEP-0060 6.5.4, XEP-0059)."""
         service = request.service
-        node = await service.existing(name)
-        await service.check_access(node, request.requester)
-        ids = [entry[0] for entry in node.items]
-        if max_items is not None:
-            ids = ids[-max_items:] if max_items else []
-        limit_text = page.findtext(f"{{{RSM}}}max")
-        if limit_text is not None and not limit_text.strip().isdigit():
-            raise StanzaError("bad-request", "RSM max is a number")
-        limit = int(limit_text) if limit_text is not None else len(ids)
-        after, before = page.findtext(f"{{{RSM}}}after"), page.findtext(f"{{{RSM}}}before")
-        start, end = 0, len(ids)
-        for bound, is_after in ((after, True), (before, False)):
-            if bound:
-                if bound not in ids:
-                    raise StanzaError("item-not-found", "no such item to page from")
-                if is_after:
-                    start = ids.index(bound) + 1
-                else:
-                    end = ids.index(bound)
-        chosen = ids[start:end]
-        chosen = chosen[-limit:] if before is not None and limit else chosen[:limit]
+        node = await service.readable(request.requester, name)
         reply = _pubsub(PUBSUB)
         items = etree.SubElement(reply, f"{_PS}items", node=name)
-        for item in await service.item_elements(node, chosen):
-            items.append(item)
-        answer = etree.SubElement(reply, f"{{{RSM}}}set", nsmap={None: RSM})
-        if chosen:
-            first = etree.SubElement(answer, f"{{{RSM}}}first", index=str(ids.index(chosen[0])))
-            first.text = chosen[0]
-            etree.SubElement(answer, f"{{{RSM}}}last").text = chosen[-1]
-        etree.SubElement(answer, f"{{{RSM}}}count").text = str(len(ids))
+        if ids:
+            items.extend(await service.items_page(node, ids))
+            return reply
+        page = _option(rest, "set", RSM)
+        listed = [entry[0] for entry in node.items]
+        if max_items is not None:
+            listed = listed[-max_items:] if max_items else []
+        chosen, from_end = _chosen(listed, page, newest=max_items is not None)
+        found = await service.items_page(node, chosen, from_end=from_end) if chosen else []
+        items.extend(found)
+        if page is not None or len(found) < len(listed):
+            reply.append(_items_set([item.get("id") or "" for item in found], listed))
         return reply
 
     async def _create(
@@ -275,16 +248,28 @@ class PubSubProtocol:
     async def _affiliations(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
     ) -> etree._Element:
+        """The requester's affiliations (XEP-0060 5.7), a XEP-0059 page at a time
+        (`OWNER_PAGE` without <set/>), keyed by node name: a scan of the service's
+        node records in key order that stops when the page is full
+        (`PubSubService.affiliations_page`), so every node is reachable however many
+        the service has, and a request holds a page, not the service."""
         bare = request.requester.split("/", 1)[0]
         wanted = action.get("node")
         reply = _pubsub(PUBSUB)
         listing = etree.SubElement(reply, f"{_PS}affiliations")
-        names = [wanted] if wanted is not None else await request.service.node_names()
-        for name in names:
-            node = await request.service.node(name)
+        if wanted is not None:
+            node = await request.service.node(wanted)
             if node is not None and node.affiliation(bare) != "none":
-                entry = etree.SubElement(listing, f"{_PS}affiliation", node=name)
+                entry = etree.SubElement(listing, f"{_PS}affiliation", node=wanted)
                 entry.set("affiliation", node.affiliation(bare))
+            return reply
+        limit, after, before = _page_of(rest)
+        found = await request.service.affiliations_page(bare, after, before, limit)
+        for name, affiliation in found:
+            entry = etree.SubElement(listing, f"{_PS}affiliation", node=name)
+            entry.set("affiliation", affiliation)
+        if _option(rest, "set", RSM) is not None or len(found) == limit:
+            reply.append(_result_set([name for name, _ in found], None))
         return reply
 
     # --- owner use cases (XEP-0060 section 8) ---------------------------------------------
@@ -466,9 +451,11 @@ def _page_of(rest: list[etree._Element]) -> tuple[int, str | None, str | None]:
     return limit, page.findtext(f"{{{RSM}}}after"), before
 
 
-def _result_set(chosen: list[str], count: int, index: int | None = None) -> etree._Element:
-    """The <set/> of a page of an owner's list (XEP-0059 2.1): its first and last
-    JIDs (the keys to page on from) and how many the list has."""
+def _result_set(
+    chosen: list[str], count: int | None, index: int | None = None
+) -> etree._Element:
+    """The <set/> of a page of a list (XEP-0059 2.1): its first and last keys (JIDs,
+    node names: what to page on from) and how many the list has, when known."""
     answer = etree.Element(f"{{{RSM}}}set", nsmap={None: RSM})
     if chosen:
         first = etree.SubElement(answer, f"{{{RSM}}}first")
@@ -476,12 +463,53 @@ def _result_set(chosen: list[str], count: int, index: int | None = None) -> etre
         if index is not None:
             first.set("index", str(index))
         etree.SubElement(answer, f"{{{RSM}}}last").text = chosen[-1]
-    etree.SubElement(answer, f"{{{RSM}}}count").text = str(count)
+    if count is not None:
+        etree.SubElement(answer, f"{{{RSM}}}count").text = str(count)
     return answer
 
 
 def _bare_of(jid: str) -> str:
     return jid.split("/", 1)[0]
+
+
+def _chosen(
+    listed: list[str], page: etree._Element | None, *, newest: bool
+) -> tuple[list[str], bool]:
+    """The item ids a retrieval asks for out of `listed` (oldest first) and whether
+    the answer fills from their end: XEP-0059 <after/>, <before/> (empty: the last
+    page) and <max/> (at most `ITEMS_PAGE`) with a <set/>; without one, all of them,
+    the newest first to go in when `newest` (max_items asks for the newest)."""
+    if page is None:
+        return listed, newest
+    limit_text = page.findtext(f"{{{RSM}}}max")
+    if limit_text is not None and not limit_text.strip().isdigit():
+        raise StanzaError("bad-request", "RSM max is a number")
+    limit = min(int(limit_text), ITEMS_PAGE) if limit_text is not None else ITEMS_PAGE
+    after, before = page.findtext(f"{{{RSM}}}after"), page.findtext(f"{{{RSM}}}before")
+    start, end = 0, len(listed)
+    for bound, is_after in ((after, True), (before, False)):
+        if bound:
+            if bound not in listed:
+                raise StanzaError("item-not-found", "no such item to page from")
+            if is_after:
+                start = listed.index(bound) + 1
+            else:
+                end = listed.index(bound)
+    chosen = listed[start:end]
+    if before is not None:
+        return (chosen[-limit:] if limit else []), True
+    return chosen[:limit], False
+
+
+def _items_set(returned: list[str], listed: list[str]) -> etree._Element:
+    """The XEP-0059 <set/> of an answer holding `returned` out of `listed`."""
+    answer = etree.Element(f"{{{RSM}}}set", nsmap={None: RSM})
+    if returned:
+        first = etree.SubElement(answer, f"{{{RSM}}}first", index=str(listed.index(returned[0])))
+        first.text = returned[0]
+        etree.SubElement(answer, f"{{{RSM}}}last").text = returned[-1]
+    etree.SubElement(answer, f"{{{RSM}}}count").text = str(len(listed))
+    return answer
 
 
 def _pubsub(namespace: str) -> etree._Element:

@@ -19,17 +19,16 @@ modules/_pubsub_engine.py; this module adds what makes PEP personal:
 What each resource asked for (its "+notify" node names) is computed from its
 caps when its presence changes: a caps hash seen before (on any node: the
 verified disco#info is kept in the item store "caps", read through the
-shared cache) costs no round trip; a new one is asked of the client with
-disco#info and checked against the hash before it is kept. The names are
-kept in the session's shared state, so in a cluster the node where a
-contact publishes knows who wants it.
+shared cache, a bounded table: modules/_pep_caps.py) costs no round trip; a
+new one is asked of the client with disco#info and checked against the hash
+before it is kept. The names are kept in the session's shared state, so in
+a cluster the node where a contact publishes knows who wants it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import quote
@@ -49,9 +48,11 @@ from xmppd.stream.errors import StanzaError
 
 from ._pep_avatar import CONVERSION, AvatarConversion
 from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
-from ._pep_bookmarks import BookmarksConversion
+from ._pep_bookmarks import PRIVATE_NODES, BookmarksConversion
+from ._pep_caps import CapsStore
 from ._pubsub_cleanup import clear_deleted, finish_deletions
 from ._pubsub_engine import (
+    MAX_ITEMS,
     Event,
     Limits,
     Node,
@@ -85,7 +86,7 @@ PEP node (only the account may); the conversions of XEP-0398 and XEP-0411 listen
 class PepOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_item_bytes: StrictInt = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
-    max_items: StrictInt = Field(default=256, ge=1, le=10_000)  # per node; 'max'
+    max_items: StrictInt = Field(default=256, ge=1, le=MAX_ITEMS)  # per node; 'max'
     max_nodes: StrictInt = Field(default=100, ge=1, le=10_000)  # per account
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
     max_subscribers: StrictInt = Field(default=100_000, ge=1, le=1_000_000)  # per node
@@ -124,6 +125,7 @@ class Pep(Module):
         self.host.hook("presence/broadcast", self._on_presence, priority=-10)
         # Per caps (hash, ver) verified on this node, what the store said.
         self._caps: dict[str, list[str]] = {}
+        self._caps_store = CapsStore()  # bounded, per account and in all (_pep_caps.py)
         # disco#info questions under way: every one, and the first per caps hash.
         self._asks: set[asyncio.Future[list[str] | None]] = set()
         self._asking: dict[str, asyncio.Future[list[str] | None]] = {}
@@ -205,14 +207,23 @@ class Pep(Module):
         self._listeners.append(listener)
 
     async def publish(
-        self, bare: str, name: str, item: etree._Element, options: dict[str, object] | None = None
+        self,
+        bare: str,
+        name: str,
+        item: etree._Element,
+        options: dict[str, object] | None = None,
+        *,
+        enforce: bool = False,
     ) -> Event:
         """Publish `item` to the account's node `name` as the account itself (made
-        with `options` when new), notifying as a client's publish does; listeners
-        are not called."""
+        with `options` when new; with `enforce`, an existing node is reconfigured
+        with them in the same transaction, so that private data never lands in a
+        node its owner's contacts may read), notifying as a client's publish does;
+        listeners are not called."""
         service = self.service(bare)
         event = await service.publish(
-            bare, name, item, dict(options or {}), auto_create=True, preconditions=False
+            bare, name, item, dict(options or {}), auto_create=True,
+            on_existing="apply" if enforce else "ignore",
         )
         await self._deliver(service, event)
         return event
@@ -241,6 +252,7 @@ class Pep(Module):
             self.limits,
             self._relation,
             owner=bare,
+            node_defaults=PRIVATE_NODES,
         )
 
     async def _relation(self, owner: str, contact: str) -> tuple[str, list[str]] | None:
@@ -522,12 +534,11 @@ class Pep(Module):
 
     async def _read_caps(self, vhost: str, key: str) -> list[str] | None:
         try:
-            item = await self.host.items(vhost, "caps").get(key)
+            features = await CapsStore.read(self.host.items(vhost, "caps"), key)
         except StorageError:
             return None
-        if item is None:
+        if features is None:
             return None
-        features: list[str] = json.loads(str(item.attrs["f"]))
         if len(self._caps) >= MAX_CAPS_KEPT:
             self._caps.clear()
         self._caps[key] = features
@@ -563,9 +574,9 @@ class Pep(Module):
                 self._caps.clear()  # the store still has them
             self._caps[key] = features
             try:
-                await self.host.items(session.host, "caps").put(
-                    key, {"f": json.dumps(features, separators=(",", ":"))}
-                )
+                items = self.host.items(session.host, "caps")
+                if not await self._caps_store.store(items, session.bare, key, features):
+                    log.debug("caps %s of %s serve it unstored (its budget)", key, session.jid)
             except StorageError as exc:
                 log.warning("caps %s not stored: %s", key, exc)
         return features

@@ -29,6 +29,7 @@ from xmppd.stream.errors import StanzaError, error_from, error_reply
 
 from ._pubsub_cleanup import clear_deleted, finish_deletions
 from ._pubsub_engine import (
+    MAX_ITEMS,
     Event,
     Limits,
     Node,
@@ -56,8 +57,8 @@ class PubSubOptions(BaseModel):
     subdomain: StrictStr = Field(default="pubsub", pattern=r"^[a-z0-9-]{1,63}$")
     name: StrictStr = "Publish-Subscribe"
     max_item_bytes: StrictInt = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
-    max_items: StrictInt = Field(default=1000, ge=1, le=10_000)  # per node; 'max'
-    default_max_items: StrictInt = Field(default=10, ge=1, le=10_000)
+    max_items: StrictInt = Field(default=1000, ge=1, le=MAX_ITEMS)  # per node; 'max'
+    default_max_items: StrictInt = Field(default=10, ge=1, le=MAX_ITEMS)
     max_nodes: StrictInt = Field(default=10_000, ge=1, le=1_000_000)  # per service
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
     max_subscribers: StrictInt = Field(default=100_000, ge=1, le=1_000_000)  # per node

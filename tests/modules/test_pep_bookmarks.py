@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
-from tests.modules.test_pep import events, online
+from tests.modules.test_pep import befriend, error_of, events, online
 from xmppd.testing import ModuleHarness, TestSession
 
 PS = "http://jabber.org/protocol/pubsub"
@@ -170,3 +170,60 @@ async def test_legacy_pep_bookmarks_become_native_items_and_private(
     assert await native(harness, alice) == {
         "a@c.example": conference("name='A' autojoin='true'", "<nick>al</nick>")}
     assert rooms(await private(harness, alice)) == {"a@c.example": ("A", "true", "al")}
+
+
+async def contact_reads(harness: ModuleHarness, node: str) -> etree._Element:
+    """What bob, with a presence subscription to alice, gets asking for her `node`."""
+    bob = harness.session("bob@localhost/b")
+    return await harness.iq(bob, "get", f"<pubsub xmlns='{PS}'><items node='{node}'/></pubsub>",
+                            "alice@localhost")
+
+
+@pytest.fixture
+async def friends() -> ModuleHarness:
+    modules = {"roster": {}, "presence": {}, "pep": {}, "private": {}, "disco": {}}
+    harness = ModuleHarness(modules, users={"alice@localhost", "bob@localhost"})
+    await harness.start()
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    return harness
+
+
+@pytest.mark.parametrize("node", [NATIVE, LEGACY])
+async def test_private_bookmarks_never_land_in_a_node_contacts_read(
+    friends: ModuleHarness, node: str,
+) -> None:
+    """A bookmark node a client made readable by its contacts (published to without
+    the publish-options XEP-0402 5.2 requires, then configured so, or made before the
+    server enforced them) is made whitelist again when the conversion copies the
+    private bookmarks, room passwords included, into it."""
+    alice = friends.session("alice@localhost/a")
+    payload = (f"<conference xmlns='{NATIVE}'/>" if node == NATIVE
+               else f"<storage xmlns='{LEGACY}'/>")
+    await ok(friends, alice, "set", f"<pubsub xmlns='{PS}'><publish node='{node}'>"
+             f"<item id='x@c.example'>{payload}</item></publish></pubsub>")
+    await ok(friends, alice, "set",
+             f"<pubsub xmlns='{PS}#owner'><configure node='{node}'><x xmlns='jabber:x:data' "
+             f"type='submit'><field var='FORM_TYPE' type='hidden'><value>{PS}#node_config</value>"
+             "</field><field var='pubsub#access_model'><value>presence</value></field></x>"
+             "</configure></pubsub>")
+    assert (await contact_reads(friends, node)).get("type") == "result"
+    await ok(friends, alice, "set", f"<query xmlns='{PRIVATE}'><storage xmlns='{LEGACY}'>"
+             "<conference jid='secret@c.example'><password>pw</password></conference>"
+             "</storage></query>")
+    reply = await contact_reads(friends, node)
+    assert reply.get("type") == "error"
+    assert b"pw" not in etree.tostring(reply)
+    assert error_of(reply)[1:] == ("not-allowed", "closed-node")
+
+
+@pytest.mark.parametrize("node", [NATIVE, LEGACY])
+async def test_bookmark_nodes_made_without_options_are_whitelist(
+    friends: ModuleHarness, node: str,
+) -> None:
+    """A client's publish without publish-options makes the node private, not presence."""
+    alice = friends.session("alice@localhost/a")
+    payload = (f"<conference xmlns='{NATIVE}'><password>pw</password></conference>"
+               if node == NATIVE else f"<storage xmlns='{LEGACY}'/>")
+    await ok(friends, alice, "set", f"<pubsub xmlns='{PS}'><publish node='{node}'>"
+             f"<item id='x@c.example'>{payload}</item></publish></pubsub>")
+    assert error_of(await contact_reads(friends, node))[1:] == ("not-allowed", "closed-node")

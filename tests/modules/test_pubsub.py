@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 from lxml import etree
+from pydantic import BaseModel, ValidationError
 
 from tests.modules.test_pep import ERRORS, IQ, OWNER, PS, error_of, events, settle
 from xmppd.modules._pubsub_engine import (
@@ -19,6 +20,8 @@ from xmppd.modules._pubsub_engine import (
     Subscription,
     encode_subscription,
 )
+from xmppd.modules.pep import PepOptions
+from xmppd.modules.pubsub import PubSub, PubSubOptions
 from xmppd.storage.base import Query
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
@@ -526,3 +529,125 @@ async def test_an_entry_of_a_vanished_node_does_not_count_against_the_limit() ->
     assert (await ask(harness, bernardo, "set", sub.format(PS, "new"))).get("type") == "result"
     index = await service.items.get(service.index_key("bernardo@localhost"))
     assert json.loads(str(index.attrs["s"])) == [["", "new", "bernardo@localhost"]]
+
+
+async def test_a_large_node_is_answered_a_page_at_a_time() -> None:
+    """6.5.4: items beyond what one answer holds (256 KiB of them) are not read at
+    once: the answer has the first ones and a XEP-0059 <set/> to page on; max_items
+    gives the newest that fit; RSM pages are filled the same way."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {}})
+    harness.users.update({"hamlet@localhost"})
+    await harness.start()
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "big", **{"pubsub#max_items": "20"})
+    body = f"<blob xmlns='urn:b'>{'x' * 60_000}</blob>"  # each in the blob store
+    for i in range(10):
+        await ask(harness, hamlet, "set", publish("big", f"i{i}", body))
+    rsm = "http://jabber.org/protocol/rsm"
+
+    async def get(request: str) -> tuple[list[str | None], dict[str, str | None]]:
+        reply = await ask(harness, hamlet, "get", f"<pubsub xmlns='{PS}'>{request}</pubsub>")
+        assert reply.get("type") == "result", etree.tostring(reply)
+        found = reply.find(f".//{{{rsm}}}set")
+        assert found is not None, etree.tostring(reply)[:300]
+        first = found.find(f"{{{rsm}}}first")
+        return ids(reply), {
+            "index": None if first is None else first.get("index"),
+            "last": found.findtext(f"{{{rsm}}}last"),
+            "count": found.findtext(f"{{{rsm}}}count"),
+        }
+
+    got, page = await get("<items node='big'/>")
+    assert got == ["i0", "i1", "i2", "i3"]
+    assert page == {"index": "0", "last": "i3", "count": "10"}
+    got, page = await get(f"<items node='big'/><set xmlns='{rsm}'><after>i3</after></set>")
+    assert (got, page["index"]) == (["i4", "i5", "i6", "i7"], "4")
+    got, page = await get(f"<items node='big'/><set xmlns='{rsm}'><max>100000</max>"
+                          "<before/></set>")
+    assert (got, page["index"]) == (["i6", "i7", "i8", "i9"], "6")
+    got, page = await get("<items node='big' max_items='6'/>")
+    assert (got, page) == (["i6", "i7", "i8", "i9"], {"index": "2", "last": "i9", "count": "6"})
+    # By id: as many as fit, without a <set/> (the ids are the client's own list).
+    wanted = "".join(f"<item id='i{i}'/>" for i in range(10))
+    reply = await ask(harness, hamlet, "get",
+                      f"<pubsub xmlns='{PS}'><items node='big'>{wanted}</items></pubsub>")
+    assert ids(reply) == ["i0", "i1", "i2", "i3"]
+    # What fits in one answer comes whole, without a <set/>, as before.
+    reply = await ask(harness, hamlet, "get",
+                      f"<pubsub xmlns='{PS}'><items node='big' max_items='2'/></pubsub>")
+    assert ids(reply) == ["i8", "i9"] and reply.find(f".//{{{rsm}}}set") is None
+
+
+async def test_a_node_of_long_item_ids_keeps_what_its_record_holds() -> None:
+    """The node record lists every item id and blob key: with ids of hundreds of bytes,
+    max_items of them would outgrow a stored item (256 KiB) and every publish would
+    fail; the oldest go instead, and the node keeps fewer items than max_items."""
+    modules = {"roster": {}, "disco": {}, "pubsub": {"inline_item_bytes": 256}}
+    harness = ModuleHarness(modules)
+    harness.users.update({"hamlet@localhost"})
+    await harness.start()
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    node = "n" * 250
+    await create(harness, hamlet, node, **{"pubsub#max_items": "1000"})
+    body = f"<blob xmlns='urn:b'>{'x' * 300}</blob>"  # each in the blob store
+    for i in range(400):
+        reply = await ask(harness, hamlet, "set", publish(node, f"{i:04}" + "i" * 246, body))
+        assert reply.get("type") == "result", etree.tostring(reply)
+    rsm = "http://jabber.org/protocol/rsm"
+    reply = await ask(harness, hamlet, "get", f"<pubsub xmlns='{PS}'><items node='{node}'/>"
+                      f"<set xmlns='{rsm}'><max>1</max><before/></set></pubsub>")
+    kept = int(reply.findtext(f".//{{{rsm}}}count") or 0)
+    assert 250 < kept < 400
+    assert ids(reply) == ["0399" + "i" * 246]
+    # The oldest are gone, blobs included.
+    stored = await harness.host.blobs("pubsub.localhost", "pubsub").list(prefix="")
+    assert len(stored.keys) == kept
+
+
+@pytest.mark.parametrize("options", [PepOptions, PubSubOptions])
+def test_max_items_beyond_what_a_node_record_holds_is_a_config_error(
+    options: type[BaseModel],
+) -> None:
+    with pytest.raises(ValidationError, match="less than or equal to 1000"):
+        options(max_items=1001)
+    assert options(max_items=1000)
+
+
+async def test_affiliations_past_the_first_thousand_nodes_are_listed_in_pages() -> None:
+    """5.7: a user's affiliations on a service of more than 1,000 nodes: each one is
+    listed, a XEP-0059 page at a time (100 without <set/>), keyed by node name."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {}})
+    harness.users.update({"hamlet@localhost", "bernardo@localhost"})
+    await harness.start()
+    module = harness.host.modules["pubsub"]
+    assert isinstance(module, PubSub)
+    service = module.service(SERVICE)
+    for i in range(1100):
+        await service.create("hamlet@localhost", f"n{i:04}", None)
+    await service.set_affiliations("hamlet@localhost", "n1090", {"bernardo@localhost": "member"})
+    rsm = "http://jabber.org/protocol/rsm"
+
+    async def affiliations(session: TestSession, page: str | None) -> tuple[
+        list[tuple[str | None, str | None]], str | None
+    ]:
+        request = f"<pubsub xmlns='{PS}'><affiliations/>"
+        if page is not None:
+            request += f"<set xmlns='{rsm}'>{page}</set>"
+        reply = await ask(harness, session, "get", request + "</pubsub>")
+        assert reply.get("type") == "result", etree.tostring(reply)
+        found = [(a.get("node"), a.get("affiliation"))
+                 for a in reply.iter(f"{{{PS}}}affiliation")]
+        return found, reply.findtext(f".//{{{rsm}}}last")
+
+    bernardo = harness.session("bernardo@localhost/b")
+    assert await affiliations(bernardo, None) == ([("n1090", "member")], None)
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    first, last = await affiliations(hamlet, None)
+    assert len(first) == 100 and last == "n0099"
+    listed = list(first)
+    while last is not None:
+        page, last = await affiliations(hamlet, f"<max>400</max><after>{last}</after>")
+        listed += page
+    assert listed == [(f"n{i:04}", "owner") for i in range(1100)]
+    assert await affiliations(hamlet, "<max>2</max><before/>") == (
+        [("n1098", "owner"), ("n1099", "owner")], "n1099")
