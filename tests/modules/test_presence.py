@@ -553,8 +553,8 @@ async def test_roster_remove_ends_both_subscriptions(harness: ModuleHarness) -> 
 async def test_subscribe_to_missing_or_remote_contacts(harness: ModuleHarness) -> None:
     alice = await login(harness, "alice@localhost/a")
     got = await harness.send(alice, "<presence type='subscribe' to='nobody@localhost'/>")
-    # the server answers for the missing account: "unsubscribed", and the ask is gone
-    assert ("unsubscribed", "nobody@localhost", "alice@localhost") in presences(got)
+    # the server answers for the missing account: "unsubscribed" once, and the ask is gone
+    assert presences(got).count(("unsubscribed", "nobody@localhost", "alice@localhost")) == 1
     assert pushed(got) == [
         ("nobody@localhost", "none", "subscribe"),
         ("nobody@localhost", "none", None),
