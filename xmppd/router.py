@@ -62,6 +62,12 @@ WAITS_PER_FILTER = 2
 need the recipient's record and then the sender's. Past that it cannot judge
 (its store fails) and the stanza is refused rather than wait for ever."""
 
+WORK_PER_SENDER = 32
+"""How much of one account's work (tasks its stanzas started, jobs queued for them)
+may be in flight before a stanza a filter took waits for some of it
+(`Router._hold_if_busy`): room for a client's requests to overlap, a bound on what
+one client can make the server hold."""
+
 _SERIAL: contextvars.ContextVar[str | None] = contextvars.ContextVar("serial", default=None)
 """The account whose queued routing jobs the current task runs (Router._run_serially)."""
 
@@ -285,6 +291,8 @@ class Router:
                         pending = self._route_after(
                             verdict, chain, chain.index(entry), stanza, origin, bounce
                         )
+                    else:
+                        self._hold_if_busy(origin.bare)
                     break
                 else:
                     self._dispatch(stanza, origin, bounce)
@@ -303,6 +311,18 @@ class Router:
             return None
         # A future, not a coroutine: a caller that does not wait loses nothing.
         return waits[0] if len(waits) == 1 else asyncio.gather(*waits)
+
+    def _hold_if_busy(self, account: str) -> None:
+        """A "stanza/out" filter took the stanza: it may have started work for it that
+        the router does not queue itself (the presence module writes a subscription
+        request to the roster in a task). Past WORK_PER_SENDER pieces of the account's
+        work in flight, the stanza waits for one of them, so that a client sending
+        such requests faster than storage takes them is slowed (its connection not
+        read) instead of piling up tasks. A chat message passes its filters and never
+        comes here."""
+        work = self._work.get(account)
+        if work is not None and len(work) >= WORK_PER_SENDER and self._waits is not None:
+            self._waits.append(next(iter(work)))
 
     async def _route_after(
         self,
