@@ -15,10 +15,10 @@ Delivery to a session already bound on this node is synchronous, so a
 client's stanzas keep their order and the message path has no storage round
 trip. Anything that needs storage (is there such an account, store it
 offline) runs as a task, in order per recipient, and the sender's session
-waits for it: a client is slowed to what storage takes, not queued in memory. Domains served by a
-component inside the server (`serve_domain`) go to its handler; other
-addresses this node does not serve go to `remote`, the seam where cluster
-forwarding and s2s plug in.
+waits for it: a client is slowed to what storage takes, not queued in memory.
+Domains served by a component inside the server (`serve_domain`) go to its
+handler; other addresses this node does not serve go to `remote`, the seam
+where cluster forwarding and s2s plug in.
 """
 
 from __future__ import annotations
@@ -807,7 +807,6 @@ class Router:
                     _done_after(done, followups)
         finally:
             self._working_for.pop(me, None)
-            self._followups.pop(me, None)
             del self._serial[bare]
             for _, done, _ in queue:  # cancelled: whoever waits for these must not hang
                 if not done.done():
@@ -960,7 +959,8 @@ class Router:
 
 
 def _done_after(done: asyncio.Future[None], followups: list[asyncio.Future[None]]) -> None:
-    """Complete `done` once every one of `followups` is (at once if there are none)."""
+    """Complete a job's `done` once the jobs it queued (`followups`) are: its sender is
+    held until the whole chain ran, not just its first link."""
     if not followups:
         if not done.done():
             done.set_result(None)
