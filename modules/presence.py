@@ -284,16 +284,6 @@ class Presence(Module):
             self._send_available(owner, contact)  # RFC 6121 3.1.5
         elif was_from and not is_from:
             self._send_unavailable(owner, contact)  # RFC 6121 3.2.2
-        if kind == "subscribe":
-            await self._no_such_user(owner, contact)
-
-    async def _no_such_user(self, owner: str, contact: str) -> None:
-        """A request to a local account that does not exist is answered "unsubscribed" (8.5.1)."""
-        jid = JID(contact)
-        if self.host.serves(jid.domain) and not await self.host.user_exists(
-            jid.domain, jid.user
-        ):
-            self.host.route(_presence("unsubscribed", contact, owner))
 
     # --- what contacts send ----------------------------------------------------------------
 

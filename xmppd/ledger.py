@@ -32,8 +32,7 @@ Error messages (bounces, and clients' own error replies) are outside the
 ledger: an error is never answered, and a bounce is counted once, as the fate
 of the message it answers. Not counted yet, so the equation holds only
 without them: messages that privacy lists or blocking refuse (their filters
-answer the sender themselves), and messages to the server's own address
-that no module takes.
+answer the sender themselves).
 
 A message leaves the ledger without reaching anyone only under a `dropped`
 reason. Those in RULES are the protocol's own (a chat state nobody stores);
@@ -51,7 +50,9 @@ from __future__ import annotations
 from collections import Counter
 
 RULES = frozenset(
-    {"not-stored"}  # nobody online, and offline storage declines it (XEP-0160, XEP-0085)
+    # nobody online, and offline storage declines it (XEP-0160, XEP-0085); or a headline
+    # to a resource that is not there (RFC 6121 8.5.3.2.1: ignored)
+    {"not-stored"}
 )
 """Drop reasons the protocol mandates; anything else in `dropped` is a loss."""
 

@@ -14,10 +14,11 @@ tells who got it, once per message (received carbons).
 Delivery to a session already bound on this node is synchronous, so a
 client's stanzas keep their order and the message path has no storage round
 trip. Anything that needs storage (is there such an account, store it
-offline) runs as a task, in order per recipient. Domains served by a
-component inside the server (`serve_domain`) go to its handler; other
-addresses this node does not serve go to `remote`, the seam where cluster
-forwarding and s2s plug in.
+offline) runs as a task, in order per recipient, and the sender's session
+waits for it: a client is slowed to what storage takes, not queued in memory.
+Domains served by a component inside the server (`serve_domain`) go to its
+handler; other addresses this node does not serve go to `remote`, the seam
+where cluster forwarding and s2s plug in.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from xmppd.jid import JID, parse_jid
 from xmppd.ledger import MessageLedger
 from xmppd.pauses import PauseStats
 from xmppd.session import ClientSession
+from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StanzaError, StreamError, error_from, error_reply
 from xmppd.xml import ns
 
@@ -59,6 +61,12 @@ WAITS_PER_FILTER = 2
 """How often one filter may ask one stanza to wait: twice, as a privacy check may
 need the recipient's record and then the sender's. Past that it cannot judge
 (its store fails) and the stanza is refused rather than wait for ever."""
+
+WORK_PER_SENDER = 32
+"""How much of one account's work (tasks its stanzas started, jobs queued for them)
+may be in flight before a stanza a filter took waits for some of it
+(`Router._hold_if_busy`): room for a client's requests to overlap, a bound on what
+one client can make the server hold."""
 
 _SERIAL: contextvars.ContextVar[str | None] = contextvars.ContextVar("serial", default=None)
 """The account whose queued routing jobs the current task runs (Router._run_serially)."""
@@ -154,6 +162,9 @@ class Router:
         self._chosen: list[ClientSession] = []
         self._tasks: set[asyncio.Future[object]] = set()
         self._serial: dict[str, deque[_Job]] = {}
+        # A queue's runner -> the jobs the job it runs now queued (its completion waits
+        # for theirs: the offline copy a "does the account exist" check leads to).
+        self._followups: dict[asyncio.Future[Any], list[asyncio.Future[None]]] = {}
         # The local account whose stanza route() handles now (None outside, or for the
         # server's own), and the work each account's stanzas started that is not done.
         self._acting: str | None = None
@@ -174,10 +185,10 @@ class Router:
         events = self.events
         events.on("message/full", self._message_full, DEFAULT)
         events.on("message/bare", self._message_bare, DEFAULT)
-        events.on("message/host", self._to_host, DEFAULT)
+        events.on("message/host", self._message_host, DEFAULT)
         events.on("presence/full", self._presence_full, DEFAULT)
         events.on("presence/bare", self._presence_bare, DEFAULT)
-        events.on("presence/host", self._to_host, DEFAULT)
+        events.on("presence/host", self._presence_host, DEFAULT)
         events.on("iq/full", self._iq_full, DEFAULT)
         events.on("iq/bare", self._iq_unhandled, DEFAULT)
         events.on("iq/host", self._iq_unhandled, DEFAULT)
@@ -253,9 +264,11 @@ class Router:
 
         Returns None when the stanza went its way at once (the message path),
         else what it still waits for: a filter that needs storage first (a
-        privacy record loading). The sender's session waits for that before
+        privacy record loading), or storage work it queued (is there such an
+        account, store it offline). The sender's session waits for that before
         routing its next stanza (`ClientSession.receive`), so its stanzas keep
-        their order and its connection is not read meanwhile.
+        their order and its connection is not read meanwhile: a client writing
+        to offline users as fast as it can is slowed to what storage takes.
         """
         self._routed += 1
         timed = not self._routed % ROUTE_SAMPLE
@@ -278,6 +291,8 @@ class Router:
                         pending = self._route_after(
                             verdict, chain, chain.index(entry), stanza, origin, bounce
                         )
+                    else:
+                        self._hold_if_busy(origin.bare)
                     break
                 else:
                     self._dispatch(stanza, origin, bounce)
@@ -296,6 +311,18 @@ class Router:
             return None
         # A future, not a coroutine: a caller that does not wait loses nothing.
         return waits[0] if len(waits) == 1 else asyncio.gather(*waits)
+
+    def _hold_if_busy(self, account: str) -> None:
+        """A "stanza/out" filter took the stanza: it may have started work for it that
+        the router does not queue itself (the presence module writes a subscription
+        request to the roster in a task). Past WORK_PER_SENDER pieces of the account's
+        work in flight, the stanza waits for one of them, so that a client sending
+        such requests faster than storage takes them is slowed (its connection not
+        read) instead of piling up tasks. A chat message passes its filters and never
+        comes here."""
+        work = self._work.get(account)
+        if work is not None and len(work) >= WORK_PER_SENDER and self._waits is not None:
+            self._waits.append(next(iter(work)))
 
     async def _route_after(
         self,
@@ -421,10 +448,8 @@ class Router:
         if self._serial and jid.user and jid.bare in self._serial:
             # Something for this user still waits on storage (a subscription
             # answer, say): this stanza goes after it, not ahead of it, and its
-            # sender waits with it.
-            done = self._serially(jid.bare, lambda: self.events.fire(event, routed))
-            if self._waits is not None:
-                self._waits.append(done)
+            # sender waits with it (_serially).
+            self._serially(jid.bare, lambda: self.events.fire(event, routed))
         else:
             self.events.fire(event, routed)
 
@@ -474,14 +499,12 @@ class Router:
         stanza: etree._Element,
     ) -> None:
         """Queue the rest of a delivery behind what the account waits for; the stanza
-        being routed (and so its sender) waits for it too."""
+        being routed (and so its sender) waits for it too (_serially)."""
         chosen = [s for s in self._chosen if s is not session]
-        done = self._serially(
+        self._serially(
             session.bare,
             functools.partial(self._deliver_after, pending, index, session, stanza, chosen),
         )
-        if self._waits is not None:
-            self._waits.append(done)
 
     async def _deliver_after(
         self,
@@ -542,8 +565,17 @@ class Router:
 
     # --- the default handlers: RFC 6121 section 8 ----------------------------------------
 
-    def _to_host(self, routed: Routed) -> bool:
-        """A message or presence to the server's own domain that no module took: dropped."""
+    def _message_host(self, routed: Routed) -> bool:
+        """A message to the server's own domain that no module took: the sender learns
+        nobody here takes it (RFC 6120 8.3.3.19; Prosody answers every unhandled
+        stanza so), whatever its type but error, rather than have it vanish."""
+        self.bounce(routed.stanza, "service-unavailable")
+        return True
+
+    def _presence_host(self, routed: Routed) -> bool:
+        """Presence to the server's own domain that no module took: ignored, as presence
+        to an address that takes none is (RFC 6121 8.5.1); answering every directed
+        presence and probe some client sends its server would only be noise."""
         return True
 
     def _iq_unhandled(self, routed: Routed) -> bool:
@@ -562,6 +594,10 @@ class Router:
         type_ = stanza.get("type")
         if type_ == "groupchat":
             self.bounce(stanza, "service-unavailable")
+        elif type_ == "headline":
+            # RFC 6121 8.5.3.2.1: ignored (it was for that resource only; an error would
+            # tell the sender the resource is gone), as ejabberd does.
+            self.ledger.drop("not-stored")
         elif type_ != "error":
             self._message_bare(routed)  # as Prosody and ejabberd do
         return True
@@ -596,13 +632,56 @@ class Router:
         no_account: Callable[[Routed], None] | None,
     ) -> None:
         jid = routed.to
-        if await self.user_exists(jid.domain, jid.user):
+        try:
+            exists = await self.user_exists(jid.domain, jid.user)
+        except Exception as exc:
+            # Not known whether there is such an account: neither deliver nor say there
+            # is none. The stanza is answered, never dropped unseen.
+            if isinstance(exc, StorageError):
+                log.error("is there an account %s? storage failed: %s", jid.bare, exc)
+            else:
+                log.exception("is there an account %s? the lookup failed", jid.bare)
+            self._account_unknown(routed.stanza)
+            return
+        if exists:
             to_account(routed)
         elif no_account is not None:
             no_account(routed)
 
+    def _account_unknown(self, stanza: etree._Element) -> None:
+        """The account store did not answer for the recipient: a message gets
+        internal-server-error of type wait (as `storage_call` answers a module's storage
+        failure), so the sender may send it again; presence, which nobody answers, is
+        only logged. No retry here: the sender's client is the one to retry (type wait),
+        while this job holds up everything queued for the account."""
+        if stanza.tag == ns.C_PRESENCE:
+            return
+        self.reply_error(
+            stanza,
+            StanzaError("internal-server-error", "storage is unavailable, try again later", "wait"),
+        )
+
     def _no_such_user(self, routed: Routed) -> None:
         self.bounce(routed.stanza, "service-unavailable")
+
+    def _no_such_contact(self, routed: Routed) -> None:
+        """A subscription request or a probe to an account that does not exist is
+        answered "unsubscribed" (RFC 6121 8.5.1, 3.1.3, 4.3.2), whether a local user or
+        another server sent it, so the sender's roster stops waiting for an answer;
+        other presence to it is ignored."""
+        stanza = routed.stanza
+        sender = stanza.get("from")
+        if sender is None or stanza.get("type") not in ("subscribe", "probe"):
+            return
+        try:
+            contact = parse_jid(sender).bare
+        except StanzaError:
+            return
+        answer = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+        answer.set("type", "unsubscribed")
+        answer.set("from", routed.to.bare)
+        answer.set("to", contact)
+        self.route(answer)
 
     def _message_to_account(self, routed: Routed) -> None:
         """RFC 6121 8.5.2.1.1 / 8.5.2.2.1: the highest non-negative priority resources
@@ -647,8 +726,7 @@ class Router:
         return True
 
     def _presence_bare(self, routed: Routed) -> bool:
-        # Presence to no such user is silently ignored (RFC 6121 8.5.1).
-        return self._to_account(routed, self._presence_to_account, None)
+        return self._to_account(routed, self._presence_to_account, self._no_such_contact)
 
     def _presence_to_account(self, routed: Routed) -> None:
         stanza, bare = routed.stanza, routed.to.bare
@@ -684,11 +762,20 @@ class Router:
         account, store it offline, a subscription request, a privacy record)
         keeps the order the stanzas arrived in, whatever order the backend
         answers in.
+
+        The stanza being routed waits for the job (its sender's session stops
+        reading until it ran: backpressure instead of a queue per stanza in
+        memory); a job queued by another job makes that one's future wait for
+        it too, so the sender is held until the whole chain ran.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         acting = self._acting or self._current_account()
         if acting is not None:  # the job is the sender's work until it ran
             self._track(acting, done)
+        if self._waits is not None:
+            self._waits.append(done)
+        elif (runner := asyncio.current_task()) is not None and runner in self._followups:
+            self._followups[runner].append(done)
         queue = self._serial.get(bare)
         if queue is None:
             queue = self._serial[bare] = deque()
@@ -708,6 +795,7 @@ class Router:
                     self._working_for.pop(me, None)
                 else:
                     self._working_for[me] = acting  # what the job starts is its sender's work
+                followups = self._followups[me] = []
                 try:
                     pending = job()
                     if inspect.isawaitable(pending):
@@ -715,8 +803,8 @@ class Router:
                 except Exception:
                     log.exception("routing to %s failed", bare)
                 finally:
-                    if not done.done():
-                        done.set_result(None)
+                    del self._followups[me]
+                    _done_after(done, followups)
         finally:
             self._working_for.pop(me, None)
             del self._serial[bare]
@@ -869,3 +957,21 @@ class Router:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+
+def _done_after(done: asyncio.Future[None], followups: list[asyncio.Future[None]]) -> None:
+    """Complete a job's `done` once the jobs it queued (`followups`) are: its sender is
+    held until the whole chain ran, not just its first link."""
+    if not followups:
+        if not done.done():
+            done.set_result(None)
+        return
+    remaining = len(followups)
+
+    def one_done(_: asyncio.Future[None]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if not remaining and not done.done():
+            done.set_result(None)
+
+    for followup in followups:
+        followup.add_done_callback(one_done)

@@ -406,3 +406,51 @@ async def test_order_and_quota_on_sqlite_and_files(real_storage: Storage) -> Non
     bob = await login(harness, "bob@localhost/b")
     assert bodies(bob.take()) == [f"c{n}" for n in range(12)]
     assert await stored_count(harness) == 0
+
+
+class GatedSQLite(SQLiteItemBackend):
+    """SQLite whose writes wait until the test opens the gate: a store slower than the
+    client that writes to it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+
+    async def transact(self, writes: Sequence[Write]) -> None:
+        await self.gate.wait()
+        await super().transact(writes)
+
+
+async def test_a_sender_to_many_offline_users_is_slowed_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """A client writes to 200 offline users while the store is slow: its stanzas are
+    not each queued as storage work in memory, the router holds the client (stops
+    reading its connection) until the message before is stored; then every message
+    is stored, none bounced."""
+    items = await GatedSQLite.open(tmp_path / "items.sqlite3")
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    harness = ModuleHarness({"offline": {}})
+    harness.storage = harness.host.storage = storage
+    recipients = [f"u{n}@localhost" for n in range(200)]
+    harness.users.update(recipients)
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    for n, to in enumerate(recipients):
+        stanza = parse_stanza(chat(to, f"c{n}"))
+        stanza.set("from", alice.jid)
+        alice.receive(stanza)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert alice.input_holds == 1  # the connection is not read while the store is slow
+    assert len(harness.router.pending()) <= 2  # one message's work, not one per message
+    idle = asyncio.Event()
+    alice.when_idle(idle.set)
+    items.gate.set()
+    await idle.wait()
+    await harness.router.drain()
+    assert alice.input_holds == 0
+    assert alice.take() == []  # nothing bounced
+    for user in recipients:
+        assert await stored_count(harness, user.split("@")[0]) == 1
+    await storage.close()

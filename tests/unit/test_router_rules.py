@@ -13,9 +13,9 @@ offline storage, no roster, no IQ handlers). Every row runs twice, against an
 empty module host (what the server runs) and against a Router alone.
 
 Rows where the router departs from the RFC are strict xfails naming the section:
-a normal or headline message to a resource that is gone goes to the account's
-other resources, as Prosody and ejabberd do, where RFC 6121 8.5.3.2.1 says to
-ignore it or answer with an error.
+a normal message to a resource that is gone goes to the account's other
+resources, as Prosody and ejabberd do, where RFC 6121 8.5.3.2.1 says to ignore
+it or answer with an error.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import pytest
 from lxml import etree
 
+from xmppd.jid import JID
 from xmppd.router import Router
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
@@ -75,6 +76,7 @@ class Row:
     delivered: frozenset[str]  # the sessions that must get the stanza, each once
     error: str | None  # the condition of the error the sender gets back, None: no error
     error_optional: bool  # the RFC lets the server answer `error` or stay silent
+    unsubscribed: bool  # the sender gets presence "unsubscribed" from the recipient's bare JID
 
 
 def row(
@@ -87,6 +89,7 @@ def row(
     delivered: Collection[str] = (),
     error: str | None = None,
     error_optional: bool = False,
+    unsubscribed: bool = False,
     xfail: str | None = None,
 ) -> ParameterSet:
     if sender not in {s.jid for s in sessions}:
@@ -99,6 +102,7 @@ def row(
         frozenset(delivered),
         error,
         error_optional,
+        unsubscribed,
     )
     marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
     return pytest.param(case, id=name, marks=marks)
@@ -215,10 +219,9 @@ ROWS = [
         "the other resources"),
     row("headline-to-unbound-full-account-without-session-dropped",
         message(TOMB, "headline"), accounts=[JULIET]),
-    row("headline-to-unbound-full-other-resource-available", message(TOMB, "headline"),
-        sessions=[Bound(BALCONY)], error="service-unavailable", error_optional=True,
-        xfail="RFC 6121 8.5.3.2.1: a headline to an unbound full JID is ignored or "
-        "answered with an error; the router hands it to the other resources"),
+    # RFC 6121 8.5.3.2.1: a headline to an unbound full JID is ignored.
+    row("headline-to-unbound-full-other-resource-available-dropped", message(TOMB, "headline"),
+        sessions=[Bound(BALCONY)]),
     row("groupchat-to-unbound-full", message(TOMB, "groupchat"),
         sessions=[Bound(BALCONY)], error="service-unavailable"),
     # --- presence (RFC 6121 8.5.1, 8.5.2.1.2, 8.5.2.2.2, 8.5.3) -----------------------------
@@ -255,8 +258,17 @@ ROWS = [
     row("probe-to-bound-full-as-bare", presence(BALCONY, "probe"), sessions=[Bound(BALCONY)]),
     row("presence-to-unknown-account-ignored", presence(NOBODY)),
     row("presence-to-unknown-account-full-ignored", presence(f"{NOBODY}/x")),
-    row("subscribe-to-unknown-account-ignored", presence(NOBODY, "subscribe")),
-    row("probe-to-unknown-account-ignored", presence(NOBODY, "probe")),
+    # RFC 6121 8.5.1: a subscription request or a probe to no such account is ignored or
+    # answered "unsubscribed"; this server answers, other subscription types are ignored.
+    row("subscribe-to-unknown-account-unsubscribed", presence(NOBODY, "subscribe"),
+        unsubscribed=True),
+    row("subscribe-to-unknown-account-full-unsubscribed", presence(f"{NOBODY}/x", "subscribe"),
+        unsubscribed=True),
+    row("probe-to-unknown-account-unsubscribed", presence(NOBODY, "probe"), unsubscribed=True),
+    *[
+        row(f"{type_}-to-unknown-account-ignored", presence(NOBODY, type_))
+        for type_ in SUBSCRIPTIONS[1:]
+    ],
     # --- IQ (RFC 6121 8.5.1, 8.5.2.1.3, 8.5.3; RFC 6120 8.2.3) ------------------------------
     row("iq-get-to-bound-full", iq(BALCONY), sessions=[Bound(BALCONY), Bound(GARDEN)],
         delivered=[BALCONY]),
@@ -294,7 +306,16 @@ ROWS = [
     # --- to the server's domain (RFC 6120 10.5) ---------------------------------------------
     row("iq-get-to-server-unknown-namespace", iq(HOST), error="service-unavailable"),
     row("iq-result-to-server-dropped", iq(HOST, "result")),
-    row("chat-to-server-no-handler-ignored", message(HOST)),
+    # RFC 6120 8.3.3.19: what no module takes is refused, every message type but error.
+    row("chat-to-server-no-handler", message(HOST), error="service-unavailable"),
+    row("normal-to-server-no-handler", message(HOST, "normal"), error="service-unavailable"),
+    row("headline-to-server-no-handler", message(HOST, "headline"),
+        error="service-unavailable"),
+    row("groupchat-to-server-no-handler", message(HOST, "groupchat"),
+        error="service-unavailable"),
+    row("error-message-to-server-ignored", message(HOST, "error")),
+    row("presence-to-server-ignored", presence(HOST)),
+    row("probe-to-server-ignored", presence(HOST, "probe")),
     row("chat-to-server-resource", message(f"{HOST}/x"), error="service-unavailable"),
     row("iq-get-to-server-resource", iq(f"{HOST}/x"), error="service-unavailable"),
     row("presence-to-server-resource", presence(f"{HOST}/x"), error="service-unavailable"),
@@ -381,10 +402,41 @@ async def test_routing_rule(case: Row, router_kind: str) -> None:
         others = [s for s in received if not is_copy(s, stanza)]
         shown = [etree.tostring(s) for s in received]
         assert len(copies) == (1 if jid in case.delivered else 0), (jid, shown)
-        if jid != case.sender or case.error is None:
+        if jid == case.sender and case.unsubscribed:
+            assert [(s.tag, s.get("type"), s.get("from"), s.get("to")) for s in others] == [
+                (f"{{{CLIENT}}}presence", "unsubscribed", JID(stanza.get("to")).bare,
+                 JID(case.sender).bare)
+            ], shown
+        elif jid != case.sender or case.error is None:
             assert others == [], (jid, shown)
         elif case.error_optional and not others:
             continue
         else:
             assert len(others) == 1, (jid, shown)
             assert_error_reply(others[0], stanza, case.error)
+
+
+class RecordingRemote:
+    """The seam to other servers (s2s): what the router hands to remote domains."""
+
+    def __init__(self) -> None:
+        self.sent: list[etree._Element] = []
+
+    def route(self, stanza: etree._Element, bounce: bool = True) -> None:
+        self.sent.append(stanza)
+
+
+@pytest.mark.parametrize("type_", ["subscribe", "probe"])
+async def test_remote_subscribe_or_probe_to_unknown_account_is_answered(
+    type_: str, router_kind: str
+) -> None:
+    """A contact on another server gets the answer a local one gets (RFC 6121 8.5.1)."""
+    router = await make_router(router_kind, set())
+    remote = router.remote = RecordingRemote()
+    stanza = parse_stanza(presence(NOBODY, type_))
+    stanza.set("from", REMOTE)  # as the s2s stream delivers it: no local session
+    router.route(stanza)
+    await router.drain()
+    assert [(s.get("type"), s.get("from"), s.get("to")) for s in remote.sent] == [
+        ("unsubscribed", NOBODY, REMOTE)
+    ]
