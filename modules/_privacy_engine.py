@@ -58,7 +58,9 @@ the recipient, and runs the filter again (ModuleHost.filter).
   else is dropped silently. For presence sent in a local user's name (the
   presence module's broadcasts, answers to probes), the SENDER's
   presence-out rules too, since only the sender's lists know whether that
-  contact may see it.
+  contact may see it. A carbon (XEP-0280) comes from the user's own bare
+  JID but is judged by the message it forwards, as if the session had
+  received or sent that itself, so no copy carries what its rules refuse.
 * "message/offline", presence subscription and probe hooks: the user's
   default list and blocklist, so a blocked JID can neither fill the user's
   offline store nor ask for a subscription or a probe answer. (IQs to the
@@ -133,6 +135,10 @@ LOAD_TRIES = 3
 NOTICE = "privacy"
 """Cluster bus topic: {"bare": ...} whose record or roster another node changed."""
 ROSTER_TRIES = 3
+# A carbon's wrappers (XEP-0280) and the message each forwards (XEP-0297).
+CARBON_RECEIVED = "{urn:xmpp:carbons:2}received"
+CARBON_SENT = "{urn:xmpp:carbons:2}sent"
+FORWARDED_MESSAGE = f"{{urn:xmpp:forward:0}}forwarded/{ns.C_MESSAGE}"
 _PRESENCE_HOOKS = ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe")
 
 
@@ -797,6 +803,8 @@ class PrivacyEngine:
         except InvalidJID:
             return True
         if self._exempt(peer, owner):
+            if judge_owner and sender == owner and stanza.tag == ns.C_MESSAGE:
+                return self._carbon_allowed(stanza, owner, state, active)
             return True
         if judge_owner:
             verdict = decide(state.data, active, inbound_kind(stanza), peer, state.roster)
@@ -819,6 +827,33 @@ class PrivacyEngine:
             )
             if verdict is not Verdict.ALLOW:
                 return False  # presence: never an error
+        return True
+
+    def _carbon_allowed(
+        self, stanza: etree._Element, owner: str, state: UserState, active: str | None
+    ) -> bool:
+        """A carbon (XEP-0280) comes from the user's own bare JID, which no rule refuses,
+        yet carries a message exchanged with someone else: it is judged as that message
+        would be, had this session sent or received it itself, so that a copy never shows
+        what the rules keep out (a blocked contact's message that another resource, or a
+        filter still loading the rules, refused). Refused copies vanish silently: the
+        peer got its answer for the original."""
+        kind: Kind | None
+        for wrapper in stanza:
+            if wrapper.tag == CARBON_RECEIVED:
+                address, kind = "from", "message"
+            elif wrapper.tag == CARBON_SENT:
+                address, kind = "to", None
+            else:
+                continue
+            inner = wrapper.find(FORWARDED_MESSAGE)
+            try:
+                peer = JID(inner.get(address, "")) if inner is not None else None
+            except InvalidJID:
+                return False
+            if peer is None or not peer.domain or self._exempt(peer, owner):
+                return True
+            return decide(state.data, active, kind, peer, state.roster) is Verdict.ALLOW
         return True
 
     def _exempt(self, peer: JID, owner: str) -> bool:
