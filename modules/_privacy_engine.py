@@ -61,6 +61,10 @@ the recipient, and runs the filter again (ModuleHost.filter).
   contact may see it. A carbon (XEP-0280) comes from the user's own bare
   JID but is judged by the message it forwards, as if the session had
   received or sent that itself, so no copy carries what its rules refuse.
+* `presence_gate`: the presence module's own presences in a user's name
+  (broadcast copies, probes and their answers, unavailable) have no origin
+  session and skip "stanza/out"; the module asks the sender's rules before
+  routing each, which is the only check for a contact on another server.
 * "message/offline", presence subscription and probe hooks: the user's
   default list and blocklist, so a blocked JID can neither fill the user's
   offline store nor ask for a subscription or a probe answer. (IQs to the
@@ -87,6 +91,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import enum
+import functools
 import json
 import logging
 import secrets
@@ -442,6 +447,8 @@ class UserState:
 
 
 Policy = tuple[PrivacyData, str | None]
+Gate = Callable[[etree._Element], bool]
+"""May this presence, made by the server in a user's name, go where it is addressed?"""
 ENGINE_USERS = ("privacy", "blocking")  # the modules that share one engine per host
 
 
@@ -643,6 +650,59 @@ class PrivacyEngine:
             return None
         roster = await self.roster.get(bare)
         return {g for item in roster.items.values() for g in item.groups}
+
+    def presence_gate(self, sender: str) -> Gate | None | asyncio.Future[Gate | None]:
+        """Which presences the server may send in `sender`'s name (a full JID, or a bare
+        one: a session gone with its node, judged by the default list): the presence
+        module asks before routing its broadcast copies, probe answers and unavailables,
+        which no "stanza/out" filter sees (they have no origin session). None: all of
+        them, as for most users (no rules), at the cost of one lookup; a future when the
+        rules are not in memory yet."""
+        try:
+            jid = JID(sender)
+        except InvalidJID:
+            return None
+        state = self._states.get(jid.bare)
+        if state is None:
+            return self.host.spawn(self._gate_when_loaded(jid))
+        return self._gate(jid, state)
+
+    async def _gate_when_loaded(self, jid: JID) -> Gate | None:
+        try:
+            state = await self.state(jid.bare)
+        except Exception:
+            log.exception("cannot load the privacy record of %s: its presence stays here", jid)
+            return self._local_notifications
+        return self._gate(jid, state)
+
+    def _gate(self, jid: JID, state: UserState) -> Gate | None:
+        session = self.session(jid.full) if jid.resource else None
+        active = session.state.get(ACTIVE) if session is not None else None
+        if active is None and state.data.default is None and not state.data.blocked:
+            return None
+        return functools.partial(self._presence_allowed, jid.bare, state, active)
+
+    def _presence_allowed(
+        self, owner: str, state: UserState, active: str | None, presence: etree._Element
+    ) -> bool:
+        """Availability for a local user is judged at delivery, per resource (the
+        sender's rules in `_filter_in`); everything else here, by the address it goes to."""
+        if self._local_notifications(presence):
+            return True
+        try:
+            peer = JID(presence.get("to", ""))
+        except InvalidJID:
+            return True  # the router answers jid-malformed
+        if self._exempt(peer, owner):
+            return True
+        kind = outbound_kind(presence)
+        return decide(state.data, active, kind, peer, state.roster) is Verdict.ALLOW
+
+    def _local_notifications(self, presence: etree._Element) -> bool:
+        if not is_notification(presence):
+            return False
+        user, _, domain = presence.get("to", "").partition("/")[0].rpartition("@")
+        return bool(user) and domain in self.host.hosts
 
     # --- loading -------------------------------------------------------------------------
 
@@ -1031,6 +1091,10 @@ class EngineModule(Module):
     async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
         """The one record privacy and blocking share (either may be off)."""
         return await host.items(vhost, STORE).delete(f"{username}@{vhost}")
+
+    def presence_gate(self, sender: str) -> Gate | None | asyncio.Future[Gate | None]:
+        """See `PrivacyEngine.presence_gate`: for the presence module."""
+        return self.engine.presence_gate(sender)
 
     async def get(self, request: IqRequest) -> etree._Element | None:
         raise NotImplementedError

@@ -16,7 +16,13 @@ from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.backends.memory import MemoryItemBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import Attrs, ConditionFailed, Item, ItemBackend, StorageError
-from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
+from xmppd.testing import (
+    ModuleHarness,
+    RecordingRemote,
+    TestSession,
+    parse_stanza,
+    without_echo,
+)
 
 BLOCKING = "urn:xmpp:blocking"
 ERRORS = "urn:xmpp:blocking:errors"
@@ -581,3 +587,71 @@ async def test_a_record_changed_elsewhere_is_reloaded_at_the_next_login(
     bob = harness.session("bob@localhost/b")
     await harness.send(bob, chat("alice@localhost/a", "hello"))
     assert bodies(alice.take()) == ["hello"]
+
+
+# --- presence to contacts on other servers ---------------------------------------------------
+
+
+async def test_no_presence_reaches_a_blocked_contact_on_another_server() -> None:
+    """The server's own presence copies have no origin session, so no "stanza/out" filter:
+    they are judged against the blocklist before they leave for another server."""
+    harness = await make(roster={}, presence={})
+    roster = harness.host.modules["roster"]
+    assert isinstance(roster, RosterModule)
+    for contact in ("bob@example.net", "dora@example.net"):
+        await roster.update(
+            "alice@localhost", contact, lambda _, c=contact: RosterItem(jid=c, subscription="both")
+        )
+    remote = RecordingRemote()
+    harness.router.remote = remote
+    alice = await online(harness, "alice@localhost/a")
+    await harness.router.drain()
+    assert remote.take("bob@example.net") == [
+        ("alice@localhost/a", None),
+        ("alice@localhost/a", "probe"),
+    ]
+
+    await block(harness, alice, "bob@example.net")
+    await harness.router.drain()
+    assert remote.take("bob@example.net") == [("alice@localhost/a", "unavailable")]
+    remote.take("dora@example.net")
+    await harness.send(alice, "<presence><show>away</show></presence>")
+    await harness.send(alice, "<presence><show>dnd</show></presence>")
+    await harness.end_session(alice)
+    routed = list(remote.routed)
+    assert remote.take("bob@example.net") == []
+    remote.routed = routed  # a contact not blocked still sees every change
+    assert remote.take("dora@example.net") == [
+        ("alice@localhost/a", None),
+        ("alice@localhost/a", None),
+        ("alice@localhost/a", "unavailable"),
+    ]
+
+    # at the next login: no probe to bob, nor presence
+    alice = await online(harness, "alice@localhost/again")
+    await harness.router.drain()
+    assert remote.take("bob@example.net") == []
+
+
+async def test_a_lost_sessions_unavailable_waits_for_rules_not_loaded_here() -> None:
+    """A session of a node that died: the node that reaps it may hold no rules of the
+    user's; the unavailable it owes waits for them, and skips the blocked contact."""
+    harness = await make(roster={}, presence={})
+    roster = harness.host.modules["roster"]
+    assert isinstance(roster, RosterModule)
+    for contact in ("bob@example.net", "dora@example.net"):
+        await roster.update(
+            "alice@localhost", contact, lambda _, c=contact: RosterItem(jid=c, subscription="both")
+        )
+    alice = harness.session("alice@localhost/a")
+    await block(harness, alice, "bob@example.net")
+    harness.router.unbind(alice)
+    PrivacyEngine.attach(harness.host)._states.clear()  # this node never met alice
+    remote = RecordingRemote()
+    harness.router.remote = remote
+    await harness.host.fire("session/lost", "alice@localhost/a")
+    await harness.router.drain()
+    routed = list(remote.routed)
+    assert remote.take("bob@example.net") == []
+    remote.routed = routed
+    assert remote.take("dora@example.net") == [("alice@localhost/a", "unavailable")]

@@ -14,7 +14,13 @@ from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.backends.memory import MemoryItemBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import Attrs, ConditionFailed, Item, ItemBackend
-from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
+from xmppd.testing import (
+    ModuleHarness,
+    RecordingRemote,
+    TestSession,
+    parse_stanza,
+    without_echo,
+)
 
 PRIVACY = "jabber:iq:privacy"
 BLOCKING = "urn:xmpp:blocking"
@@ -784,3 +790,34 @@ async def test_a_load_that_hangs_refuses_the_held_stanzas_and_frees_their_sender
     assert bob.take() == []
     errors = [s for s in alice.take() if s.get("type") == "error"]
     assert [condition(e) for e in errors] == ["internal-server-error"]
+
+
+async def test_presence_out_items_hold_for_contacts_on_other_servers() -> None:
+    """Broadcast copies, probe answers and the unavailable at logout are made by the
+    server, with no origin session: a presence-out item still keeps them from a contact
+    on another server, whose own server judges nothing in alice's name."""
+    harness, roster = await roster_harness(presence={})
+    for contact in ("bob@example.net", "dora@example.net"):
+        await put_contact(roster, "alice@localhost", contact, "both")
+    remote = RecordingRemote()
+    harness.router.remote = remote
+    alice = harness.session("alice@localhost/a", available=False)
+    item = "<item type='jid' value='bob@example.net' action='deny' order='1'><presence-out/></item>"
+    await set_list(harness, alice, "quiet", item)
+    ok(await privacy(harness, alice, "set", "<default name='quiet'/>"))
+    await harness.send(alice, "<presence/>")
+    await harness.send(alice, "<presence><show>away</show></presence>")
+    probe = "<presence type='probe' from='bob@example.net/x' to='alice@localhost'/>"
+    harness.host.route(parse_stanza(probe))
+    await harness.router.drain()
+    await harness.end_session(alice)
+    sent = list(remote.routed)
+    # a probe is no presence notification: presence-out items leave it alone
+    assert remote.take("bob@example.net") == [("alice@localhost/a", "probe")]
+    remote.routed = sent
+    assert remote.take("dora@example.net") == [
+        ("alice@localhost/a", None),
+        ("alice@localhost/a", "probe"),
+        ("alice@localhost/a", None),
+        ("alice@localhost/a", "unavailable"),
+    ]
