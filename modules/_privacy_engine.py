@@ -140,6 +140,7 @@ LOAD_TRIES = 3
 NOTICE = "privacy"
 """Cluster bus topic: {"bare": ...} whose record or roster another node changed."""
 ROSTER_TRIES = 3
+EFFECTS_SLICE = 500  # roster entries judged per loop turn after a change of rules
 # A carbon's wrappers (XEP-0280) and the message each forwards (XEP-0297).
 CARBON_RECEIVED = "{urn:xmpp:carbons:2}received"
 CARBON_SENT = "{urn:xmpp:carbons:2}sent"
@@ -160,17 +161,6 @@ class PrivacyItem:
     value: str | None = None
     kinds: frozenset[Kind] = frozenset()  # empty: every stanza, both directions
     pattern: tuple[str, str, str] | None = field(default=None, compare=False)
-
-    def matches(self, peer: JID, roster: Mapping[str, RosterEntry]) -> bool:
-        if self.type is None:
-            return True
-        if self.type == "jid":
-            assert self.pattern is not None
-            return pattern_matches(self.pattern, peer)
-        entry = roster.get(peer.bare, NOT_IN_ROSTER)
-        if self.type == "subscription":
-            return entry.subscription == self.value
-        return self.value in entry.groups
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"order": self.order, "action": "allow" if self.allow else "deny"}
@@ -244,11 +234,24 @@ class PrivacyData:
     version: int = 0
     blocked: BlockSet = field(init=False, compare=False, repr=False)
     needs_roster: bool = field(init=False, compare=False, repr=False)  # group/subscription items
+    # (list name, kind) -> its items indexed, made at the first stanza that needs them
+    indexed: dict[tuple[str, Kind | None], IndexedList] = field(
+        init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocked", BlockSet(self.blocklist))
         needs = any(i.type in ("group", "subscription") for lst in self.lists.values() for i in lst)
         object.__setattr__(self, "needs_roster", needs)
+        object.__setattr__(self, "indexed", {})
+
+    def index(self, name: str, kind: Kind | None) -> IndexedList:
+        """List `name` as it applies to stanzas of `kind`, indexed (kept with this record)."""
+        key = (name, kind)
+        found = self.indexed.get(key)
+        if found is None:
+            found = self.indexed[key] = IndexedList(self.lists.get(name, ()), kind)
+        return found
 
     def same_content(self, other: PrivacyData) -> bool:
         return (self.lists, self.default, self.blocklist) == (
@@ -315,18 +318,6 @@ def jid_pattern(jid: JID) -> tuple[str, str, str]:
     return (jid.user, jid.domain, jid.resource)
 
 
-def pattern_matches(pattern: tuple[str, str, str], peer: JID) -> bool:
-    """XEP-0016 2.1 / XEP-0191 4: does the item JID `pattern` cover `peer`?"""
-    user, domain, resource = pattern
-    if user:
-        if peer.user != user or peer.domain != domain:
-            return False
-        return not resource or peer.resource == resource
-    if resource:
-        return peer.domain == domain and peer.resource == resource
-    return peer.domain == domain or peer.domain.endswith("." + domain)
-
-
 class BlockSet:
     """The blocklist indexed so a check costs a few set lookups, however long the list."""
 
@@ -367,6 +358,74 @@ class BlockSet:
         return False
 
 
+class IndexedList:
+    """A privacy list's items for one stanza kind, indexed by what they match, so that
+    judging a stanza costs a few dict lookups however long the list: the presence
+    broadcast and the presence effects of a change judge every contact in a roster.
+
+    The first item that matches wins (XEP-0016 2.2): each index keeps the first item
+    of every key, and `decide` takes the lowest order among the few that match."""
+
+    __slots__ = ("full", "bare", "domain_resource", "domain", "subscription", "group", "rest")
+
+    def __init__(self, items: Iterable[PrivacyItem], kind: Kind | None) -> None:
+        self.full: dict[tuple[str, str, str], PrivacyItem] = {}
+        self.bare: dict[tuple[str, str], PrivacyItem] = {}
+        self.domain_resource: dict[tuple[str, str], PrivacyItem] = {}
+        self.domain: dict[str, PrivacyItem] = {}
+        self.subscription: dict[str, PrivacyItem] = {}
+        self.group: dict[str, PrivacyItem] = {}
+        self.rest: PrivacyItem | None = None  # the first fall-through item
+        for item in items:  # in order: setdefault keeps the first of each key
+            if item.kinds and kind not in item.kinds:
+                continue
+            if item.type is None:
+                if self.rest is None:
+                    self.rest = item
+            elif item.type == "subscription":
+                self.subscription.setdefault(item.value or "", item)
+            elif item.type == "group":
+                self.group.setdefault(item.value or "", item)
+            else:
+                assert item.pattern is not None
+                user, domain, resource = item.pattern
+                if user and resource:
+                    self.full.setdefault((user, domain, resource), item)
+                elif user:
+                    self.bare.setdefault((user, domain), item)
+                elif resource:
+                    self.domain_resource.setdefault((domain, resource), item)
+                else:
+                    self.domain.setdefault(domain, item)
+
+    def first_match(self, peer: JID, roster: Mapping[str, RosterEntry]) -> PrivacyItem | None:
+        found = self.rest
+        if peer.user:
+            if peer.resource:
+                found = _earlier(found, self.full.get((peer.user, peer.domain, peer.resource)))
+            found = _earlier(found, self.bare.get((peer.user, peer.domain)))
+        if peer.resource and self.domain_resource:
+            found = _earlier(found, self.domain_resource.get((peer.domain, peer.resource)))
+        if self.domain:
+            labels = peer.domain.split(".")
+            for i in range(len(labels)):
+                found = _earlier(found, self.domain.get(".".join(labels[i:])))
+        if self.subscription or self.group:
+            entry = roster.get(peer.bare, NOT_IN_ROSTER)
+            found = _earlier(found, self.subscription.get(entry.subscription))
+            for group in entry.groups:
+                found = _earlier(found, self.group.get(group))
+        return found
+
+
+def _earlier(a: PrivacyItem | None, b: PrivacyItem | None) -> PrivacyItem | None:
+    if a is None:
+        return b
+    if b is None or a.order < b.order:
+        return a
+    return b
+
+
 @dataclass(frozen=True, slots=True)
 class RosterEntry:
     subscription: str = "none"
@@ -403,12 +462,10 @@ def decide(
     name = applied_list(data, active)
     if name is None:
         return Verdict.ALLOW
-    for item in data.lists.get(name, ()):
-        if item.kinds and kind not in item.kinds:
-            continue
-        if item.matches(peer, roster):
-            return Verdict.ALLOW if item.allow else Verdict.DENIED
-    return Verdict.ALLOW
+    item = data.index(name, kind).first_match(peer, roster)
+    if item is None or item.allow:
+        return Verdict.ALLOW
+    return Verdict.DENIED
 
 
 def is_notification(stanza: etree._Element) -> bool:
@@ -495,6 +552,10 @@ class PrivacyEngine:
         self._pass_all: list[etree._Element] = []  # our own errors and presences: no checks
         self._pass_sender: list[etree._Element] = []  # unavailable on block: skip sender rules
         self._last_bounced: etree._Element | None = None
+        # One lock per user whose presence effects are being applied (`_presence_effects`).
+        self._effects: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._started = False
         host.filter("stanza/out", self._filter_out, PRIORITY)
         host.filter("stanza/in", self._filter_in, PRIORITY)
@@ -996,12 +1057,25 @@ class PrivacyEngine:
 
     async def _presence_effects(self, bare: str, before: dict[ClientSession, Policy]) -> None:
         """Contacts who may no longer see a session get unavailable presence, those who may
-        again get its presence; the session likewise stops or starts seeing local contacts."""
+        again get its presence; the session likewise stops or starts seeing local contacts.
+
+        A roster of thousands times several sessions is judged in slices, the loop free
+        between them; the effects of one user's changes run one at a time, in order, so
+        that a block and the unblock right after it reach each contact in that order."""
+        lock = self._effects.get(bare)
+        if lock is None:
+            lock = self._effects[bare] = asyncio.Lock()
+        async with lock:
+            await self._apply_presence_effects(bare, before)
+
+    async def _apply_presence_effects(
+        self, bare: str, before: dict[ClientSession, Policy]
+    ) -> None:
         state = self._states.get(bare)
         if self.roster is None or state is None or not before:
             return
         changed = [
-            (s, old)
+            (s, old, s.state.get(ACTIVE))
             for s, old in before.items()
             if s.available
             and (old[0] is not state.data or old[1] != s.state.get(ACTIVE))
@@ -1014,9 +1088,15 @@ class PrivacyEngine:
         except Exception:
             log.exception("cannot read the roster of %s", bare)
             return
-        for session, (old_data, old_active) in changed:
-            new_data, new_active = state.data, session.state.get(ACTIVE)
+        judged = 0
+        for session, (old_data, old_active), new_active in changed:
+            new_data = state.data
             for contact, entry in view.items():
+                judged += 1
+                if judged % EFFECTS_SLICE == 0:
+                    await asyncio.sleep(0)
+                    if not session.available or self.session(session.jid) is not session:
+                        break  # gone meanwhile: its unavailable went by the new rules
                 if entry.subscription in ("from", "both"):
                     for target in self._contact_addresses(contact):
                         was = decide(old_data, old_active, "presence-out", target, view)
