@@ -152,6 +152,9 @@ class Router:
         self._waits: list[asyncio.Future[Any]] | None = None
         # The sessions the delivery rules chose for the message being delivered now.
         self._chosen: list[ClientSession] = []
+        # Deliveries a "stanza/in" filter refused on the spot: a message that every
+        # chosen session refused is not "message/delivered" (no carbon copies it).
+        self._refused = 0
         self._tasks: set[asyncio.Future[object]] = set()
         self._serial: dict[str, deque[_Job]] = {}
         # The local account whose stanza route() handles now (None outside, or for the
@@ -450,7 +453,9 @@ class Router:
                 verdict = entry[1](stanza, session)
                 if verdict is True:
                     continue
-                if verdict is not False:
+                if verdict is False:
+                    self._refused += 1
+                else:
                     self._deliver_later(verdict, chain.index(entry), session, stanza)
                 return True
         except Exception:
@@ -555,8 +560,9 @@ class Router:
         session = self.directory.get(jid.bare, jid.resource)
         if session is not None:
             routed.recipients.append(session)
+            refused = self._refused
             self.deliver(session, stanza)
-            if self._delivered:
+            if self._delivered and self._refused == refused:
                 self.events.notify("message/delivered", routed)
             return True
         type_ = stanza.get("type")
@@ -624,12 +630,15 @@ class Router:
             eligible = [s for s in eligible if s.priority == top]
         routed.recipients.extend(eligible)
         previous, self._chosen = self._chosen, eligible
+        taken = False  # by a session whose filters did not refuse it
         try:
             for session in eligible:
+                refused = self._refused
                 self.deliver(session, stanza)
+                taken = taken or self._refused == refused
         finally:
             self._chosen = previous
-        if self._delivered:
+        if self._delivered and taken:
             self.events.notify("message/delivered", routed)
 
     def _presence_full(self, routed: Routed) -> bool:

@@ -333,3 +333,23 @@ async def test_carbons_follow_the_receiving_sessions_active_list() -> None:
     assert two.take() == []
     [copy] = three.take()
     assert body(carbon(copy, "sent")) == "out"
+
+
+@pytest.mark.parametrize("to", ["alice@localhost", "alice@localhost/one"])
+async def test_no_carbon_of_a_message_every_chosen_resource_refused(to: str) -> None:
+    """alice/one, the resource chosen for bob's message, refuses it by its active list;
+    alice/two's rules would let bob in, but it gets no <received/> copy either: bob
+    was told the message did not arrive, and nothing else received it (XEP-0280 copies
+    what was delivered)."""
+    harness = await with_rules()
+    bob = harness.session("bob@localhost/b")
+    one = await enabled(harness, "alice@localhost/one", priority=5)
+    two = await enabled(harness, "alice@localhost/two", priority=0)
+    privacy = "<query xmlns='jabber:iq:privacy'>{}</query>"
+    items = "<item type='jid' value='bob@localhost' action='deny' order='1'><message/></item>"
+    await rule(harness, one, privacy.format(f"<list name='nobob'>{items}</list>"))
+    await rule(harness, one, privacy.format("<active name='nobob'/>"))
+    two.take()
+    replies = await harness.send(bob, msg(to, "refused"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert one.take() == [] and two.take() == []
