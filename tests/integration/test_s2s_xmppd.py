@@ -247,7 +247,7 @@ async def test_a_blocked_contact_on_the_other_server_sees_no_more_presence(
         assert await bobs_presence_up_to_a_message("away") == []
         await close(bob)
         async with asyncio.timeout(10):
-            while b.router.directory.has("bob@b.test"):
+            while b.router.directory.has("bob@b.test"):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         await b.router.drain()
         assert await bobs_presence_up_to_a_message("gone") == []
