@@ -58,7 +58,13 @@ the recipient, and runs the filter again (ModuleHost.filter).
   else is dropped silently. For presence sent in a local user's name (the
   presence module's broadcasts, answers to probes), the SENDER's
   presence-out rules too, since only the sender's lists know whether that
-  contact may see it.
+  contact may see it. A carbon (XEP-0280) comes from the user's own bare
+  JID but is judged by the message it forwards, as if the session had
+  received or sent that itself, so no copy carries what its rules refuse.
+* `presence_gate`: the presence module's own presences in a user's name
+  (broadcast copies, probes and their answers, unavailable) have no origin
+  session and skip "stanza/out"; the module asks the sender's rules before
+  routing each, which is the only check for a contact on another server.
 * "message/offline", presence subscription and probe hooks: the user's
   default list and blocklist, so a blocked JID can neither fill the user's
   offline store nor ask for a subscription or a probe answer. (IQs to the
@@ -85,6 +91,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import enum
+import functools
 import json
 import logging
 import secrets
@@ -133,6 +140,11 @@ LOAD_TRIES = 3
 NOTICE = "privacy"
 """Cluster bus topic: {"bare": ...} whose record or roster another node changed."""
 ROSTER_TRIES = 3
+EFFECTS_SLICE = 500  # roster entries judged per loop turn after a change of rules
+# A carbon's wrappers (XEP-0280) and the message each forwards (XEP-0297).
+CARBON_RECEIVED = "{urn:xmpp:carbons:2}received"
+CARBON_SENT = "{urn:xmpp:carbons:2}sent"
+FORWARDED_MESSAGE = f"{{urn:xmpp:forward:0}}forwarded/{ns.C_MESSAGE}"
 _PRESENCE_HOOKS = ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe")
 
 
@@ -149,17 +161,6 @@ class PrivacyItem:
     value: str | None = None
     kinds: frozenset[Kind] = frozenset()  # empty: every stanza, both directions
     pattern: tuple[str, str, str] | None = field(default=None, compare=False)
-
-    def matches(self, peer: JID, roster: Mapping[str, RosterEntry]) -> bool:
-        if self.type is None:
-            return True
-        if self.type == "jid":
-            assert self.pattern is not None
-            return pattern_matches(self.pattern, peer)
-        entry = roster.get(peer.bare, NOT_IN_ROSTER)
-        if self.type == "subscription":
-            return entry.subscription == self.value
-        return self.value in entry.groups
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"order": self.order, "action": "allow" if self.allow else "deny"}
@@ -233,11 +234,24 @@ class PrivacyData:
     version: int = 0
     blocked: BlockSet = field(init=False, compare=False, repr=False)
     needs_roster: bool = field(init=False, compare=False, repr=False)  # group/subscription items
+    # (list name, kind) -> its items indexed, made at the first stanza that needs them
+    indexed: dict[tuple[str, Kind | None], IndexedList] = field(
+        init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocked", BlockSet(self.blocklist))
         needs = any(i.type in ("group", "subscription") for lst in self.lists.values() for i in lst)
         object.__setattr__(self, "needs_roster", needs)
+        object.__setattr__(self, "indexed", {})
+
+    def index(self, name: str, kind: Kind | None) -> IndexedList:
+        """List `name` as it applies to stanzas of `kind`, indexed (kept with this record)."""
+        key = (name, kind)
+        found = self.indexed.get(key)
+        if found is None:
+            found = self.indexed[key] = IndexedList(self.lists.get(name, ()), kind)
+        return found
 
     def same_content(self, other: PrivacyData) -> bool:
         return (self.lists, self.default, self.blocklist) == (
@@ -304,18 +318,6 @@ def jid_pattern(jid: JID) -> tuple[str, str, str]:
     return (jid.user, jid.domain, jid.resource)
 
 
-def pattern_matches(pattern: tuple[str, str, str], peer: JID) -> bool:
-    """XEP-0016 2.1 / XEP-0191 4: does the item JID `pattern` cover `peer`?"""
-    user, domain, resource = pattern
-    if user:
-        if peer.user != user or peer.domain != domain:
-            return False
-        return not resource or peer.resource == resource
-    if resource:
-        return peer.domain == domain and peer.resource == resource
-    return peer.domain == domain or peer.domain.endswith("." + domain)
-
-
 class BlockSet:
     """The blocklist indexed so a check costs a few set lookups, however long the list."""
 
@@ -356,6 +358,74 @@ class BlockSet:
         return False
 
 
+class IndexedList:
+    """A privacy list's items for one stanza kind, indexed by what they match, so that
+    judging a stanza costs a few dict lookups however long the list: the presence
+    broadcast and the presence effects of a change judge every contact in a roster.
+
+    The first item that matches wins (XEP-0016 2.2): each index keeps the first item
+    of every key, and `decide` takes the lowest order among the few that match."""
+
+    __slots__ = ("full", "bare", "domain_resource", "domain", "subscription", "group", "rest")
+
+    def __init__(self, items: Iterable[PrivacyItem], kind: Kind | None) -> None:
+        self.full: dict[tuple[str, str, str], PrivacyItem] = {}
+        self.bare: dict[tuple[str, str], PrivacyItem] = {}
+        self.domain_resource: dict[tuple[str, str], PrivacyItem] = {}
+        self.domain: dict[str, PrivacyItem] = {}
+        self.subscription: dict[str, PrivacyItem] = {}
+        self.group: dict[str, PrivacyItem] = {}
+        self.rest: PrivacyItem | None = None  # the first fall-through item
+        for item in items:  # in order: setdefault keeps the first of each key
+            if item.kinds and kind not in item.kinds:
+                continue
+            if item.type is None:
+                if self.rest is None:
+                    self.rest = item
+            elif item.type == "subscription":
+                self.subscription.setdefault(item.value or "", item)
+            elif item.type == "group":
+                self.group.setdefault(item.value or "", item)
+            else:
+                assert item.pattern is not None
+                user, domain, resource = item.pattern
+                if user and resource:
+                    self.full.setdefault((user, domain, resource), item)
+                elif user:
+                    self.bare.setdefault((user, domain), item)
+                elif resource:
+                    self.domain_resource.setdefault((domain, resource), item)
+                else:
+                    self.domain.setdefault(domain, item)
+
+    def first_match(self, peer: JID, roster: Mapping[str, RosterEntry]) -> PrivacyItem | None:
+        found = self.rest
+        if peer.user:
+            if peer.resource:
+                found = _earlier(found, self.full.get((peer.user, peer.domain, peer.resource)))
+            found = _earlier(found, self.bare.get((peer.user, peer.domain)))
+        if peer.resource and self.domain_resource:
+            found = _earlier(found, self.domain_resource.get((peer.domain, peer.resource)))
+        if self.domain:
+            labels = peer.domain.split(".")
+            for i in range(len(labels)):
+                found = _earlier(found, self.domain.get(".".join(labels[i:])))
+        if self.subscription or self.group:
+            entry = roster.get(peer.bare, NOT_IN_ROSTER)
+            found = _earlier(found, self.subscription.get(entry.subscription))
+            for group in entry.groups:
+                found = _earlier(found, self.group.get(group))
+        return found
+
+
+def _earlier(a: PrivacyItem | None, b: PrivacyItem | None) -> PrivacyItem | None:
+    if a is None:
+        return b
+    if b is None or a.order < b.order:
+        return a
+    return b
+
+
 @dataclass(frozen=True, slots=True)
 class RosterEntry:
     subscription: str = "none"
@@ -392,12 +462,10 @@ def decide(
     name = applied_list(data, active)
     if name is None:
         return Verdict.ALLOW
-    for item in data.lists.get(name, ()):
-        if item.kinds and kind not in item.kinds:
-            continue
-        if item.matches(peer, roster):
-            return Verdict.ALLOW if item.allow else Verdict.DENIED
-    return Verdict.ALLOW
+    item = data.index(name, kind).first_match(peer, roster)
+    if item is None or item.allow:
+        return Verdict.ALLOW
+    return Verdict.DENIED
 
 
 def is_notification(stanza: etree._Element) -> bool:
@@ -436,6 +504,8 @@ class UserState:
 
 
 Policy = tuple[PrivacyData, str | None]
+Gate = Callable[[etree._Element], bool]
+"""May this presence, made by the server in a user's name, go where it is addressed?"""
 ENGINE_USERS = ("privacy", "blocking")  # the modules that share one engine per host
 
 
@@ -482,6 +552,10 @@ class PrivacyEngine:
         self._pass_all: list[etree._Element] = []  # our own errors and presences: no checks
         self._pass_sender: list[etree._Element] = []  # unavailable on block: skip sender rules
         self._last_bounced: etree._Element | None = None
+        # One lock per user whose presence effects are being applied (`_presence_effects`).
+        self._effects: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._started = False
         host.filter("stanza/out", self._filter_out, PRIORITY)
         host.filter("stanza/in", self._filter_in, PRIORITY)
@@ -637,6 +711,59 @@ class PrivacyEngine:
             return None
         roster = await self.roster.get(bare)
         return {g for item in roster.items.values() for g in item.groups}
+
+    def presence_gate(self, sender: str) -> Gate | None | asyncio.Future[Gate | None]:
+        """Which presences the server may send in `sender`'s name (a full JID, or a bare
+        one: a session gone with its node, judged by the default list): the presence
+        module asks before routing its broadcast copies, probe answers and unavailables,
+        which no "stanza/out" filter sees (they have no origin session). None: all of
+        them, as for most users (no rules), at the cost of one lookup; a future when the
+        rules are not in memory yet."""
+        try:
+            jid = JID(sender)
+        except InvalidJID:
+            return None
+        state = self._states.get(jid.bare)
+        if state is None:
+            return self.host.spawn(self._gate_when_loaded(jid))
+        return self._gate(jid, state)
+
+    async def _gate_when_loaded(self, jid: JID) -> Gate | None:
+        try:
+            state = await self.state(jid.bare)
+        except Exception:
+            log.exception("cannot load the privacy record of %s: its presence stays here", jid)
+            return self._local_notifications
+        return self._gate(jid, state)
+
+    def _gate(self, jid: JID, state: UserState) -> Gate | None:
+        session = self.session(jid.full) if jid.resource else None
+        active = session.state.get(ACTIVE) if session is not None else None
+        if active is None and state.data.default is None and not state.data.blocked:
+            return None
+        return functools.partial(self._presence_allowed, jid.bare, state, active)
+
+    def _presence_allowed(
+        self, owner: str, state: UserState, active: str | None, presence: etree._Element
+    ) -> bool:
+        """Availability for a local user is judged at delivery, per resource (the
+        sender's rules in `_filter_in`); everything else here, by the address it goes to."""
+        if self._local_notifications(presence):
+            return True
+        try:
+            peer = JID(presence.get("to", ""))
+        except InvalidJID:
+            return True  # the router answers jid-malformed
+        if self._exempt(peer, owner):
+            return True
+        kind = outbound_kind(presence)
+        return decide(state.data, active, kind, peer, state.roster) is Verdict.ALLOW
+
+    def _local_notifications(self, presence: etree._Element) -> bool:
+        if not is_notification(presence):
+            return False
+        user, _, domain = presence.get("to", "").partition("/")[0].rpartition("@")
+        return bool(user) and domain in self.host.hosts
 
     # --- loading -------------------------------------------------------------------------
 
@@ -797,6 +924,8 @@ class PrivacyEngine:
         except InvalidJID:
             return True
         if self._exempt(peer, owner):
+            if judge_owner and sender == owner and stanza.tag == ns.C_MESSAGE:
+                return self._carbon_allowed(stanza, owner, state, active)
             return True
         if judge_owner:
             verdict = decide(state.data, active, inbound_kind(stanza), peer, state.roster)
@@ -819,6 +948,33 @@ class PrivacyEngine:
             )
             if verdict is not Verdict.ALLOW:
                 return False  # presence: never an error
+        return True
+
+    def _carbon_allowed(
+        self, stanza: etree._Element, owner: str, state: UserState, active: str | None
+    ) -> bool:
+        """A carbon (XEP-0280) comes from the user's own bare JID, which no rule refuses,
+        yet carries a message exchanged with someone else: it is judged as that message
+        would be, had this session sent or received it itself, so that a copy never shows
+        what the rules keep out (a blocked contact's message that another resource, or a
+        filter still loading the rules, refused). Refused copies vanish silently: the
+        peer got its answer for the original."""
+        kind: Kind | None
+        for wrapper in stanza:
+            if wrapper.tag == CARBON_RECEIVED:
+                address, kind = "from", "message"
+            elif wrapper.tag == CARBON_SENT:
+                address, kind = "to", None
+            else:
+                continue
+            inner = wrapper.find(FORWARDED_MESSAGE)
+            try:
+                peer = JID(inner.get(address, "")) if inner is not None else None
+            except InvalidJID:
+                return False
+            if peer is None or not peer.domain or self._exempt(peer, owner):
+                return True
+            return decide(state.data, active, kind, peer, state.roster) is Verdict.ALLOW
         return True
 
     def _exempt(self, peer: JID, owner: str) -> bool:
@@ -901,12 +1057,25 @@ class PrivacyEngine:
 
     async def _presence_effects(self, bare: str, before: dict[ClientSession, Policy]) -> None:
         """Contacts who may no longer see a session get unavailable presence, those who may
-        again get its presence; the session likewise stops or starts seeing local contacts."""
+        again get its presence; the session likewise stops or starts seeing local contacts.
+
+        A roster of thousands times several sessions is judged in slices, the loop free
+        between them; the effects of one user's changes run one at a time, in order, so
+        that a block and the unblock right after it reach each contact in that order."""
+        lock = self._effects.get(bare)
+        if lock is None:
+            lock = self._effects[bare] = asyncio.Lock()
+        async with lock:
+            await self._apply_presence_effects(bare, before)
+
+    async def _apply_presence_effects(
+        self, bare: str, before: dict[ClientSession, Policy]
+    ) -> None:
         state = self._states.get(bare)
         if self.roster is None or state is None or not before:
             return
         changed = [
-            (s, old)
+            (s, old, s.state.get(ACTIVE))
             for s, old in before.items()
             if s.available
             and (old[0] is not state.data or old[1] != s.state.get(ACTIVE))
@@ -919,9 +1088,15 @@ class PrivacyEngine:
         except Exception:
             log.exception("cannot read the roster of %s", bare)
             return
-        for session, (old_data, old_active) in changed:
-            new_data, new_active = state.data, session.state.get(ACTIVE)
+        judged = 0
+        for session, (old_data, old_active), new_active in changed:
+            new_data = state.data
             for contact, entry in view.items():
+                judged += 1
+                if judged % EFFECTS_SLICE == 0:
+                    await asyncio.sleep(0)
+                    if not session.available or self.session(session.jid) is not session:
+                        break  # gone meanwhile: its unavailable went by the new rules
                 if entry.subscription in ("from", "both"):
                     for target in self._contact_addresses(contact):
                         was = decide(old_data, old_active, "presence-out", target, view)
@@ -996,6 +1171,10 @@ class EngineModule(Module):
     async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
         """The one record privacy and blocking share (either may be off)."""
         return await host.items(vhost, STORE).delete(f"{username}@{vhost}")
+
+    def presence_gate(self, sender: str) -> Gate | None | asyncio.Future[Gate | None]:
+        """See `PrivacyEngine.presence_gate`: for the presence module."""
+        return self.engine.presence_gate(sender)
 
     async def get(self, request: IqRequest) -> etree._Element | None:
         raise NotImplementedError

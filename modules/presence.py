@@ -33,6 +33,13 @@ delivers or drops the stanza as the tables say.
 * "presence/probe": answered with the last presence of each available
   resource when the prober is subscribed; otherwise silently ignored, and
   nothing when the user is offline (RFC 6121 4.3.2 allows either).
+
+Every presence the module makes in a user's name (broadcast copies, probes,
+probe answers, the unavailable at logout or for a lost session) is routed
+without an origin session, so no "stanza/out" filter sees it: the user's
+blocklist and privacy lists are asked first (`presence_gate` of the privacy
+or blocking module, when one is enabled), so that a blocked or denied contact
+on another server sees nothing. Local contacts are judged again at delivery.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ from redis.exceptions import RedisError
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import Module, ModuleHost
 from xmppd.modules._requests import SubscriptionRequests
+from xmppd.modules.blocking import Blocking
+from xmppd.modules.privacy import Privacy
 from xmppd.modules.roster import Roster, RosterItem, RosterModule, Subscription
 from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StanzaError, error_reply
@@ -74,6 +83,8 @@ DIRECTED_KEY = "xmppd:presence:directed:"
 DIRECTED_TTL = 7 * 86400
 
 Kind = Literal["subscribe", "subscribed", "unsubscribe", "unsubscribed"]
+Gate = Callable[[etree._Element], bool]
+"""The sender's privacy rules on one presence the server makes in its name (True: send it)."""
 
 
 # --- the state machine (RFC 6121 Appendix A) ------------------------------------------------
@@ -220,6 +231,11 @@ class Presence(Module):
     async def start(self) -> None:
         self.roster = self.host.module(RosterModule)
         self.roster.subscribe_changes(self._on_roster_change)
+        # The blocklist and privacy lists, whichever module holds them (they share one
+        # engine): asked before every presence made here in a user's name.
+        self.rules: Privacy | Blocking | None = self.host.find_module(
+            Privacy
+        ) or self.host.find_module(Blocking)
 
     # --- what the user sends ---------------------------------------------------------------
 
@@ -387,11 +403,8 @@ class Presence(Module):
             subscribers: set[str] = set()
             if announced:
                 subscribers = await self._contacts(owner, ("from", "both"))
-                for contact in subscribers:
-                    self._send_copy(stanza, contact)
-            for target in directed:
-                if JID(target).bare not in subscribers:
-                    self._send_copy(stanza, target)
+            others = [t for t in directed if JID(t).bare not in subscribers]
+            self._send_copies(stanza, [*subscribers, *others])
             return
         origin.state[ANNOUNCED] = True
         if initial:
@@ -405,13 +418,16 @@ class Presence(Module):
         roster = await self._roster(owner, "the presence of " + origin.jid)
         if roster is None:
             return
-        for item in roster.items.values():
-            if item.subscription in ("from", "both"):
-                self._send_copy(stanza, item.jid)
+        self._send_copies(
+            stanza, [i.jid for i in roster.items.values() if i.subscription in ("from", "both")]
+        )
         if initial:
-            for item in roster.items.values():
-                if item.subscription in ("to", "both"):
-                    self.host.route(_presence("probe", origin.jid, item.jid))
+            probes = [
+                _presence("probe", origin.jid, item.jid)
+                for item in roster.items.values()
+                if item.subscription in ("to", "both")
+            ]
+            self._send_as(origin.jid, probes, bounce=True)
             pending = [item.jid for item in roster.items.values() if item.pending_in]
             if pending:
                 await self._deliver_requests(origin, pending)
@@ -443,8 +459,7 @@ class Presence(Module):
         directed = session.state.pop(DIRECTED, set())
         if directed:
             self._save_directed(session)
-        for target in directed:
-            self.host.route(_presence("unavailable", session.jid, target), bounce=False)
+        self._send_as(session.jid, [_presence("unavailable", session.jid, t) for t in directed])
         return False
 
     async def _on_session_lost(self, jid: str) -> bool:
@@ -461,11 +476,8 @@ class Presence(Module):
             copied.set("to", session.jid)
             self.host.deliver(session, copied)
         subscribers = await self._contacts(owner, ("from", "both"))
-        for contact in subscribers:
-            self._send_copy(stanza, contact)
-        for target in await self._take_directed(jid):
-            if JID(target).bare not in subscribers:
-                self._send_copy(stanza, target)
+        directed = [t for t in await self._take_directed(jid) if JID(t).bare not in subscribers]
+        self._send_copies(stanza, [*subscribers, *directed])
         return False
 
     # --- directed presence in Redis (cluster) -------------------------------------------
@@ -588,10 +600,14 @@ class Presence(Module):
             self.log.error("%s not sent: its roster could not be read: %s", what, exc)
             return None
 
-    def _send_copy(self, stanza: etree._Element, to: str) -> None:
-        out = copy.deepcopy(stanza)
-        out.set("to", to)
-        self.host.route(out, bounce=False)
+    def _send_copies(self, stanza: etree._Element, targets: list[str]) -> None:
+        """A copy of `stanza` (a presence of the user's, 'from' set) to each of `targets`."""
+        copies = []
+        for to in targets:
+            out = copy.deepcopy(stanza)
+            out.set("to", to)
+            copies.append(out)
+        self._send_as(stanza.get("from", ""), copies)
 
     def _send_available(self, owner: str, to: str) -> None:
         """The last presence of each of the user's available resources, to `to`."""
@@ -600,11 +616,36 @@ class Presence(Module):
                 presence = copy.deepcopy(session.presence)
                 presence.set("from", session.jid)
                 presence.set("to", to)
-                self.host.route(presence, bounce=False)
+                self._send_as(session.jid, [presence])
 
     def _send_unavailable(self, owner: str, to: str) -> None:
         for session in self.host.available_sessions(owner):
-            self.host.route(_presence("unavailable", session.jid, to), bounce=False)
+            self._send_as(session.jid, [_presence("unavailable", session.jid, to)])
+
+    def _send_as(self, sender: str, presences: list[etree._Element], bounce: bool = False) -> None:
+        """Route presences the server makes in `sender`'s name. No "stanza/out" filter sees
+        them (they have no origin session) and a contact on another server meets no
+        "stanza/in" filter here, so the sender's blocklist and privacy lists are asked
+        first: else a blocked contact (XEP-0191 3.3) or one a presence-out item denies
+        (XEP-0016 2.11) would still see every change. `bounce`: see `Router.route`."""
+        gate = self.rules.presence_gate(sender) if self.rules is not None and presences else None
+        if isinstance(gate, asyncio.Future):
+            self.host.spawn(self._send_when_judged(gate, presences, bounce))
+        else:
+            self._send_judged(gate, presences, bounce)
+
+    async def _send_when_judged(
+        self, gate: asyncio.Future[Gate | None], presences: list[etree._Element], bounce: bool
+    ) -> None:
+        """`_send_as` once the sender's rules are loaded (a user this node had not met)."""
+        self._send_judged(await gate, presences, bounce)
+
+    def _send_judged(
+        self, gate: Gate | None, presences: list[etree._Element], bounce: bool
+    ) -> None:
+        for presence in presences:
+            if gate is None or gate(presence):
+                self.host.route(presence, bounce=bounce)
 
 
 def _answered(before: RosterItem | None, after: RosterItem | None) -> bool:

@@ -30,7 +30,8 @@ bind): it reaches no filter nor the router, yet the client counted it as sent.
 Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
 message/full, message/host and the same for presence and iq (a `Routed`),
 with the RFC 6121 rules as the router's handlers at the lowest priority;
-message/delivered (Routed), once per delivered message, recipients known.
+message/delivered (Routed), once per delivered message, recipients known (not
+for one that the "stanza/in" filters of every chosen session refused).
 Filters (sync, `filter`; False drops, an awaitable waits): stanza/out (stanza,
 origin session), stanza/in (stanza, session), each for the stanza kinds it names
 (all by default), presence/self (stanza, session): a client's own broadcast
@@ -386,7 +387,8 @@ class ModuleHost:
         `presence` and `iq`) get the `Routed` stanza; True means the handler
         took it and nothing below runs (the default delivery included).
         `message/delivered` comes after a message was delivered, once, with
-        `recipients` filled in. `modules/changed` (no arguments) comes after a reload
+        `recipients` filled in (not when every recipient's "stanza/in" filters
+        refused it). `modules/changed` (no arguments) comes after a reload
         enabled or disabled modules. `stanza/answered` (stanza, session) comes for a
         stanza a local client sent that its stream answered itself, which no filter and
         no routing event sees: a <bad-request/> refusal, the legacy session IQ, a second

@@ -160,6 +160,9 @@ class Router:
         self._waits: list[asyncio.Future[Any]] | None = None
         # The sessions the delivery rules chose for the message being delivered now.
         self._chosen: list[ClientSession] = []
+        # Deliveries a "stanza/in" filter refused on the spot: a message that every
+        # chosen session refused is not "message/delivered" (no carbon copies it).
+        self._refused = 0
         self._tasks: set[asyncio.Future[object]] = set()
         self._serial: dict[str, deque[_Job]] = {}
         # A queue's runner -> the jobs the job it runs now queued (its completion waits
@@ -475,7 +478,9 @@ class Router:
                 verdict = entry[1](stanza, session)
                 if verdict is True:
                     continue
-                if verdict is not False:
+                if verdict is False:
+                    self._refused += 1
+                else:
                     self._deliver_later(verdict, chain.index(entry), session, stanza)
                 return True
         except Exception:
@@ -587,8 +592,9 @@ class Router:
         session = self.directory.get(jid.bare, jid.resource)
         if session is not None:
             routed.recipients.append(session)
+            refused = self._refused
             self.deliver(session, stanza)
-            if self._delivered:
+            if self._delivered and self._refused == refused:
                 self.events.notify("message/delivered", routed)
             return True
         type_ = stanza.get("type")
@@ -703,12 +709,15 @@ class Router:
             eligible = [s for s in eligible if s.priority == top]
         routed.recipients.extend(eligible)
         previous, self._chosen = self._chosen, eligible
+        taken = False  # by a session whose filters did not refuse it
         try:
             for session in eligible:
+                refused = self._refused
                 self.deliver(session, stanza)
+                taken = taken or self._refused == refused
         finally:
             self._chosen = previous
-        if self._delivered:
+        if self._delivered and taken:
             self.events.notify("message/delivered", routed)
 
     def _presence_full(self, routed: Routed) -> bool:

@@ -60,6 +60,27 @@ class RecordingTransport:
         self.dropped = True
 
 
+class RecordingRemote:
+    """The router's seam for other servers (`Router.remote`: s2s), keeping what goes there."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.routed: list[etree._Element] = []
+
+    def route(self, stanza: etree._Element, bounce: bool = True) -> None:
+        self.routed.append(stanza)
+
+    def take(self, to: str) -> list[tuple[str | None, str | None]]:
+        """The (from, type) of each presence routed to `to`'s bare JID; forgets everything."""
+        routed, self.routed = self.routed, []
+        return [
+            (s.get("from"), s.get("type"))
+            for s in routed
+            if s.tag == ns.C_PRESENCE and s.get("to", "").partition("/")[0] == to
+        ]
+
+
 class TestSession(ClientSession):
     """A bound client session whose deliveries land in `received`."""
 

@@ -268,3 +268,50 @@ def _drain(client: Client) -> list[slixmpp.Presence]:
     while not queue.empty():
         got.append(queue.get_nowait())
     return got
+
+
+CARBONS = "urn:xmpp:carbons:2"
+
+
+async def with_carbons(client: Client) -> asyncio.Queue[str]:
+    """Carbons enabled for `client`; the queue gets the body of each <received/> copy."""
+    copies: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_copy(message: StanzaBase) -> None:
+        inner = message.xml.find(
+            f"{{{CARBONS}}}received/{{urn:xmpp:forward:0}}forwarded/{{jabber:client}}message"
+        )
+        copies.put_nowait(inner.findtext("{jabber:client}body") if inner is not None else "")
+
+    client.register_handler(
+        Callback("carbon", MatchXPath(f"{{jabber:client}}message/{{{CARBONS}}}received"), on_copy)
+    )
+    enable = client.make_iq_set()
+    enable.append(ET.fromstring(f"<enable xmlns='{CARBONS}'/>"))
+    await enable.send(timeout=10)
+    return copies
+
+
+async def test_no_carbon_of_a_blocked_contacts_message(start_server: StartServer) -> None:
+    """alice/desk (priority 5) blocks bob; alice/phone (priority 0) has carbons on. bob's
+    message is refused, and alice/phone gets no copy of it; carol's next message is
+    copied to alice/phone as usual."""
+    server = await start_server(users=PASSWORDS, modules={**MODULES, "carbons": {}})
+    desk = await online(server, "alice@localhost/desk")
+    desk.send_presence(ppriority=5)
+    phone = await online(server, "alice@localhost/phone")
+    copies = await with_carbons(phone)
+    bob = await online(server, "bob@localhost/laptop")
+    carol = await online(server, "carol@localhost/tablet")
+    await desk.plugin["xep_0191"].block(JID("bob@localhost"), timeout=10)
+    await settle(desk)
+
+    bob.send_message(mto=JID("alice@localhost"), mbody="let me in", mtype="chat")
+    assert error_of(await next_message(bob)) == ("service-unavailable", False)
+    carol.send_message(mto=JID("alice@localhost"), mbody="from carol", mtype="chat")
+    assert (await next_message(desk))["body"] == "from carol"
+    assert await asyncio.wait_for(copies.get(), 10) == "from carol"  # bob's came first, if any
+    await settle(phone)
+    assert copies.empty() and desk.messages.empty()
+    for client in (desk, phone, bob, carol):
+        await close(client)

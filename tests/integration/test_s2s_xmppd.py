@@ -9,10 +9,15 @@ bidirectional (XEP-0288): both offer and ask for it.
 
 from __future__ import annotations
 
+import asyncio
+import xml.etree.ElementTree as ET
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
+import slixmpp
+
+from tests.integration.clients import close
 from tests.integration.conftest import StartServer, write_config
 from tests.integration.s2s_clients import (
     Peer,
@@ -89,9 +94,9 @@ async def serve(
     )
 
 
-async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
-    tmp_path: Path, start_server: StartServer
-) -> None:
+async def direct_tls_pair(tmp_path: Path, start_server: StartServer) -> tuple[Server, Server]:
+    """b.test and d.test, each reaching the other over direct TLS (one bidirectional
+    stream between them once either sends)."""
     ca = make_ca(tmp_path)
     ports = free_s2s_ports()
 
@@ -106,6 +111,13 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
 
     b = await start("b.test", XMPPD_ADDRESS, "d.test", OTHER_ADDRESS)
     d = await start("d.test", OTHER_ADDRESS, "b.test", XMPPD_ADDRESS)
+    return b, d
+
+
+async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    b, d = await direct_tls_pair(tmp_path, start_server)
     async with signed_in(*await bob_and_dora(b, d)) as (bob, dora):
         await message_across(bob, dora, "dora@d.test", "hello d.test")
         await message_across(dora, bob, "bob@b.test/desk", "hello b.test")
@@ -190,3 +202,52 @@ async def test_dialback_between_two_xmppd_servers_per_domain_policy(
         await message_across(bbb, ddd, "ddd@d.test/home", "hello d.test")
         assert streams(b) == [("in", "d.test", "dialback", "direct", True, 1, 1)]
         assert streams(d) == [("out", "b.test", "dialback", "direct", True, 1, 1)]
+
+
+async def test_a_blocked_contact_on_the_other_server_sees_no_more_presence(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """bob@b.test blocks dora@d.test, his contact (subscription both): she is told he
+    went away (XEP-0191 3.3), and then sees none of his presence, neither his next
+    status nor his logout, though b.test makes those copies itself, with no client
+    stanza for its privacy filters to judge. carl@b.test's messages to dora, on the
+    same s2s stream, mark how far she has read."""
+    b, d = await direct_tls_pair(tmp_path, start_server)
+    await b.accounts["b.test"].register("carl", "carl-secret")
+    logins = (*await bob_and_dora(b, d), xmppd_user(b, "carl@b.test/desk", "carl-secret"))
+    async with signed_in(*logins) as (bob, dora, carl):
+        await subscribed(bob, dora)
+        seen: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+        dora.add_event_handler("presence", seen.put_nowait)
+
+        async def bobs_presence_up_to_a_message(body: str) -> list[str]:
+            """The type of each presence dora gets from bob before carl's `body`."""
+            await message_across(carl, dora, "dora@d.test/home", body)
+            got = []
+            while not seen.empty():
+                presence = seen.get_nowait()
+                if presence["from"].bare == "bob@b.test":
+                    got.append(presence["type"])
+            return got
+
+        bob.send_presence(pshow="chat")
+        await bob.get_roster()
+        await b.router.drain()
+        assert "chat" in await bobs_presence_up_to_a_message("before the block")
+
+        block = bob.make_iq_set()
+        block.append(
+            ET.fromstring("<block xmlns='urn:xmpp:blocking'><item jid='dora@d.test'/></block>")
+        )
+        await block.send(timeout=10)
+        assert await bobs_presence_up_to_a_message("blocked") == ["unavailable"]
+        bob.send_presence(pshow="away")
+        await bob.get_roster()  # a round trip: b.test has the presence
+        await b.router.drain()  # and routed its copies (after a roster read)
+        assert await bobs_presence_up_to_a_message("away") == []
+        await close(bob)
+        async with asyncio.timeout(10):
+            while b.router.directory.has("bob@b.test"):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await b.router.drain()
+        assert await bobs_presence_up_to_a_message("gone") == []

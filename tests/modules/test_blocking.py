@@ -11,12 +11,18 @@ import pytest
 from lxml import etree
 
 from xmppd.jid import JID
-from xmppd.modules._privacy_engine import BlockSet, PrivacyEngine, pattern_matches
+from xmppd.modules._privacy_engine import BlockSet, IndexedList, PrivacyEngine, make_item
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.backends.memory import MemoryItemBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import Attrs, ConditionFailed, Item, ItemBackend, StorageError
-from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
+from xmppd.testing import (
+    ModuleHarness,
+    RecordingRemote,
+    TestSession,
+    parse_stanza,
+    without_echo,
+)
 
 BLOCKING = "urn:xmpp:blocking"
 ERRORS = "urn:xmpp:blocking:errors"
@@ -289,22 +295,23 @@ async def test_full_jid_block_covers_only_that_resource(harness: ModuleHarness) 
 def test_jid_matching_rules() -> None:
     """XEP-0191 section 4 / XEP-0016 section 2.1, all four forms."""
 
-    def p(value: str) -> tuple[str, str, str]:
-        jid = JID(value)
-        return (jid.user, jid.domain, jid.resource)
+    def pattern_matches(value: str, peer: JID) -> bool:
+        """Does a privacy list item of type jid with `value` cover `peer`?"""
+        item = make_item(1, False, "jid", value)
+        return IndexedList([item], None).first_match(peer, {}) is item
 
     peer = JID("romeo@montague.net/orchard")
-    assert pattern_matches(p("romeo@montague.net/orchard"), peer)
-    assert not pattern_matches(p("romeo@montague.net/garden"), peer)
-    assert pattern_matches(p("romeo@montague.net"), peer)
-    assert not pattern_matches(p("juliet@montague.net"), peer)
-    assert pattern_matches(p("montague.net/orchard"), peer)
-    assert not pattern_matches(p("montague.net/garden"), peer)
-    assert pattern_matches(p("montague.net"), peer)
-    assert pattern_matches(p("net"), peer)  # "an address containing a subdomain"
-    assert not pattern_matches(p("tague.net"), peer)
-    assert pattern_matches(p("montague.net"), JID("chat.montague.net"))
-    assert not pattern_matches(p("romeo@montague.net"), JID("montague.net"))
+    assert pattern_matches("romeo@montague.net/orchard", peer)
+    assert not pattern_matches("romeo@montague.net/garden", peer)
+    assert pattern_matches("romeo@montague.net", peer)
+    assert not pattern_matches("juliet@montague.net", peer)
+    assert pattern_matches("montague.net/orchard", peer)
+    assert not pattern_matches("montague.net/garden", peer)
+    assert pattern_matches("montague.net", peer)
+    assert pattern_matches("net", peer)  # "an address containing a subdomain"
+    assert not pattern_matches("tague.net", peer)
+    assert pattern_matches("montague.net", JID("chat.montague.net"))
+    assert not pattern_matches("romeo@montague.net", JID("montague.net"))
     for value in (
         "romeo@montague.net/orchard",
         "romeo@montague.net",
@@ -312,7 +319,7 @@ def test_jid_matching_rules() -> None:
         "montague.net",
     ):
         assert BlockSet([value]).matches(peer)
-        assert BlockSet([value]).matches(peer) == pattern_matches(p(value), peer)
+        assert BlockSet([value]).matches(peer) == pattern_matches(value, peer)
     assert not BlockSet(["romeo@montague.net/garden", "tague.net", "x@montague.net"]).matches(peer)
     assert not BlockSet([]).matches(peer)
 
@@ -581,3 +588,71 @@ async def test_a_record_changed_elsewhere_is_reloaded_at_the_next_login(
     bob = harness.session("bob@localhost/b")
     await harness.send(bob, chat("alice@localhost/a", "hello"))
     assert bodies(alice.take()) == ["hello"]
+
+
+# --- presence to contacts on other servers ---------------------------------------------------
+
+
+async def test_no_presence_reaches_a_blocked_contact_on_another_server() -> None:
+    """The server's own presence copies have no origin session, so no "stanza/out" filter:
+    they are judged against the blocklist before they leave for another server."""
+    harness = await make(roster={}, presence={})
+    roster = harness.host.modules["roster"]
+    assert isinstance(roster, RosterModule)
+    for contact in ("bob@example.net", "dora@example.net"):
+        await roster.update(
+            "alice@localhost", contact, lambda _, c=contact: RosterItem(jid=c, subscription="both")
+        )
+    remote = RecordingRemote()
+    harness.router.remote = remote
+    alice = await online(harness, "alice@localhost/a")
+    await harness.router.drain()
+    assert remote.take("bob@example.net") == [
+        ("alice@localhost/a", None),
+        ("alice@localhost/a", "probe"),
+    ]
+
+    await block(harness, alice, "bob@example.net")
+    await harness.router.drain()
+    assert remote.take("bob@example.net") == [("alice@localhost/a", "unavailable")]
+    remote.take("dora@example.net")
+    await harness.send(alice, "<presence><show>away</show></presence>")
+    await harness.send(alice, "<presence><show>dnd</show></presence>")
+    await harness.end_session(alice)
+    routed = list(remote.routed)
+    assert remote.take("bob@example.net") == []
+    remote.routed = routed  # a contact not blocked still sees every change
+    assert remote.take("dora@example.net") == [
+        ("alice@localhost/a", None),
+        ("alice@localhost/a", None),
+        ("alice@localhost/a", "unavailable"),
+    ]
+
+    # at the next login: no probe to bob, nor presence
+    alice = await online(harness, "alice@localhost/again")
+    await harness.router.drain()
+    assert remote.take("bob@example.net") == []
+
+
+async def test_a_lost_sessions_unavailable_waits_for_rules_not_loaded_here() -> None:
+    """A session of a node that died: the node that reaps it may hold no rules of the
+    user's; the unavailable it owes waits for them, and skips the blocked contact."""
+    harness = await make(roster={}, presence={})
+    roster = harness.host.modules["roster"]
+    assert isinstance(roster, RosterModule)
+    for contact in ("bob@example.net", "dora@example.net"):
+        await roster.update(
+            "alice@localhost", contact, lambda _, c=contact: RosterItem(jid=c, subscription="both")
+        )
+    alice = harness.session("alice@localhost/a")
+    await block(harness, alice, "bob@example.net")
+    harness.router.unbind(alice)
+    PrivacyEngine.attach(harness.host)._states.clear()  # this node never met alice
+    remote = RecordingRemote()
+    harness.router.remote = remote
+    await harness.host.fire("session/lost", "alice@localhost/a")
+    await harness.router.drain()
+    routed = list(remote.routed)
+    assert remote.take("bob@example.net") == []
+    remote.routed = routed
+    assert remote.take("dora@example.net") == [("alice@localhost/a", "unavailable")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
+from xmppd.modules._privacy_engine import PrivacyEngine
 from xmppd.testing import ModuleHarness, TestSession, without_echo
 
 CARBONS = "urn:xmpp:carbons:2"
@@ -264,3 +265,91 @@ async def test_offline_messages_replayed_at_login_are_not_copied(harness: Module
     replayed = without_echo(bob, await harness.send(bob, "<presence/>"))
     assert [body(s) for s in replayed] == ["while away"]
     assert [s for s in neg.take() if s.tag == "{jabber:client}message"] == []
+
+
+# --- carbons and the owner's blocking and privacy rules -------------------------------------
+
+
+async def with_rules() -> ModuleHarness:
+    harness = ModuleHarness(
+        {"disco": {}, "carbons": {}, "offline": {}, "blocking": {}, "privacy": {}}
+    )
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    return await harness.start()
+
+
+async def rule(harness: ModuleHarness, session: TestSession, payload: str) -> None:
+    """A blocking or privacy IQ-set of `session`'s, answered with a result; pushes dropped."""
+    reply = await harness.iq(session, "set", payload)
+    assert reply.get("type") == "result", etree.tostring(reply)
+    session.take()
+
+
+BLOCK_BOB = "<block xmlns='urn:xmpp:blocking'><item jid='bob@localhost'/></block>"
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["rules-loaded", "rules-loading"])
+async def test_no_received_carbon_of_a_message_from_a_blocked_contact(loaded: bool) -> None:
+    """alice/one (top priority) blocks bob; alice/two has carbons on: bob's message is
+    refused, and no <received/> copy of it reaches alice/two, whether alice's rules are
+    in memory or the filter has to wait for them."""
+    harness = await with_rules()
+    bob = harness.session("bob@localhost/b")
+    one = await enabled(harness, "alice@localhost/one", priority=5)
+    two = await enabled(harness, "alice@localhost/two", priority=0)
+    await rule(harness, one, BLOCK_BOB)
+    two.take()
+    if not loaded:
+        PrivacyEngine.attach(harness.host)._states.clear()  # as if never loaded here
+    replies = await harness.send(bob, msg("alice@localhost", "blocked"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert one.take() == [] and two.take() == []
+    await harness.send(bob, msg("alice@localhost/one", "to one"))
+    assert one.take() == [] and two.take() == []
+
+
+async def test_carbons_follow_the_receiving_sessions_active_list() -> None:
+    """Active lists are per session (XEP-0016): a resource whose list refuses bob gets no
+    copy of the conversation with him, sent or received, while the others do."""
+    harness = await with_rules()
+    bob = harness.session("bob@localhost/b")
+    one = await enabled(harness, "alice@localhost/one", priority=5)
+    two = await enabled(harness, "alice@localhost/two", priority=0)
+    three = await enabled(harness, "alice@localhost/three", priority=0)
+    items = "<item type='jid' value='bob@localhost' action='deny' order='1'/>"
+    privacy = "<query xmlns='jabber:iq:privacy'>{}</query>"
+    await rule(harness, two, privacy.format(f"<list name='nobob'>{items}</list>"))
+    await rule(harness, two, privacy.format("<active name='nobob'/>"))
+    one.take(), three.take()
+
+    await harness.send(bob, msg("alice@localhost", "in"))
+    assert [body(s) for s in one.take()] == ["in"]
+    assert two.take() == []
+    [copy] = three.take()
+    assert body(carbon(copy, "received")) == "in"
+
+    assert await harness.send(one, msg("bob@localhost", "out")) == []
+    assert [body(s) for s in bob.take()] == ["out"]
+    assert two.take() == []
+    [copy] = three.take()
+    assert body(carbon(copy, "sent")) == "out"
+
+
+@pytest.mark.parametrize("to", ["alice@localhost", "alice@localhost/one"])
+async def test_no_carbon_of_a_message_every_chosen_resource_refused(to: str) -> None:
+    """alice/one, the resource chosen for bob's message, refuses it by its active list;
+    alice/two's rules would let bob in, but it gets no <received/> copy either: bob
+    was told the message did not arrive, and nothing else received it (XEP-0280 copies
+    what was delivered)."""
+    harness = await with_rules()
+    bob = harness.session("bob@localhost/b")
+    one = await enabled(harness, "alice@localhost/one", priority=5)
+    two = await enabled(harness, "alice@localhost/two", priority=0)
+    privacy = "<query xmlns='jabber:iq:privacy'>{}</query>"
+    items = "<item type='jid' value='bob@localhost' action='deny' order='1'><message/></item>"
+    await rule(harness, one, privacy.format(f"<list name='nobob'>{items}</list>"))
+    await rule(harness, one, privacy.format("<active name='nobob'/>"))
+    two.take()
+    replies = await harness.send(bob, msg(to, "refused"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert one.take() == [] and two.take() == []
