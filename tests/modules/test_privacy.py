@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -901,10 +900,11 @@ def test_indexed_lists_pick_the_first_matching_item_as_a_linear_scan_would() -> 
                 assert indexed.first_match(peer, roster) is expected, (ordered, kind, value)
 
 
-async def test_presence_effects_of_a_long_list_on_a_large_roster_are_quick() -> None:
+async def test_presence_effects_of_a_long_list_on_a_large_roster_come_in_slices() -> None:
     """1000 contacts and a 250-item list (the default maximum): activating it judges every
-    contact twice, on the loop; with the list indexed that takes milliseconds, not the
-    50-200 ms of scanning every item for every contact, and comes in slices."""
+    contact twice, in slices with the loop running between them, and the last item
+    still decides (the index keeps first-match order). How long it takes is measured,
+    not asserted here (docs/bench.md, "Privacy lists on a large roster")."""
     harness, roster = await roster_harness(presence={}, blocking={})
     for i in range(1000):
         await put_contact(roster, "alice@localhost", f"c{i}@example.net", "both")
@@ -933,10 +933,7 @@ async def test_presence_effects_of_a_long_list_on_a_large_roster_are_quick() -> 
     counter = asyncio.create_task(count_turns())
     await asyncio.sleep(0)  # the counter is waiting for its next turn
     turns = 0
-    started = time.thread_time()  # CPU time: other processes on the machine do not count
     await engine._presence_effects("alice@localhost", before)
-    took = time.thread_time() - started
     counter.cancel()
     assert remote.take("c999@example.net") == [("alice@localhost/a", "unavailable")]
-    assert took < 0.02, f"{took * 1000:.1f} ms"
     assert EFFECTS_SLICE <= 500 and turns >= 2  # the loop ran between the slices
