@@ -188,6 +188,17 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
     return path if path.is_absolute() else Path(base) / path
 
 
+def _existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A file the config names, made absolute. Only a loaded file is checked against the
+    disk: a model built in code (tests, tools) may name files that are created later."""
+    if value is None:
+        return None
+    path = _resolve(value, info)
+    if info.context is not None and not path.is_file():
+        raise _problem(f"no such file: {path}")
+    return path
+
+
 Domain = Annotated[StrictStr, AfterValidator(_domain)]
 BareJID = Annotated[StrictStr, AfterValidator(_bare_jid)]
 Seconds = Annotated[StrictFloat, Field(allow_inf_nan=False)]
@@ -231,14 +242,7 @@ class TLSConfig(BaseModel):
     @field_validator("cert", "key")
     @classmethod
     def _absolute(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        path = _resolve(value, info)
-        # Only a loaded file is checked against the disk: a model built in code
-        # (tests, tools) may name files that are created later.
-        if info.context is not None and not path.is_file():
-            raise _problem(f"no such file: {path}")
-        return path
+        return _existing_file(value, info)
 
     @model_validator(mode="after")
     def _pair(self) -> TLSConfig:
@@ -307,12 +311,7 @@ class AdminConfig(BaseModel):
     @field_validator("ca_file")
     @classmethod
     def _ca_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        path = _resolve(value, info)
-        if info.context is not None and not path.is_file():
-            raise _problem(f"no such file: {path}")
-        return path
+        return _existing_file(value, info)
 
     @model_validator(mode="after")
     def _loopback_unless_allowed(self) -> AdminConfig:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from tests.modules.slow_stores import GatedSQLite
 from xmppd.modules.offline import PAGE, Offline, decide
 from xmppd.router import Router
 from xmppd.storage.backends.files import FileBlobBackend
@@ -406,19 +407,6 @@ async def test_order_and_quota_on_sqlite_and_files(real_storage: Storage) -> Non
     bob = await login(harness, "bob@localhost/b")
     assert bodies(bob.take()) == [f"c{n}" for n in range(12)]
     assert await stored_count(harness) == 0
-
-
-class GatedSQLite(SQLiteItemBackend):
-    """SQLite whose writes wait until the test opens the gate: a store slower than the
-    client that writes to it."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.gate = asyncio.Event()
-
-    async def transact(self, writes: Sequence[Write]) -> None:
-        await self.gate.wait()
-        await super().transact(writes)
 
 
 async def test_a_sender_to_many_offline_users_is_slowed_and_loses_nothing(

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from tests.modules.slow_stores import GatedSQLite
 from xmppd.modules import presence as presence_module
 from xmppd.modules.presence import inbound, outbound
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.router import WORK_PER_SENDER
 from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryItemBackend
-from xmppd.storage.backends.sqlite import SQLiteItemBackend
-from xmppd.storage.base import Item, StorageError, Write
+from xmppd.storage.base import Item, StorageError
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
@@ -806,19 +806,6 @@ async def test_a_storage_outage_delays_the_unavailable_but_does_not_lose_it(
     await harness.router.drain()
     assert ("unavailable", "alice@localhost/a", "bob@localhost") in presences(bob.take())
     assert items.failures == 0
-
-
-class GatedSQLite(SQLiteItemBackend):
-    """SQLite whose writes wait until the test opens the gate: a store slower than the
-    client that writes to it."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.gate = asyncio.Event()
-
-    async def transact(self, writes: Sequence[Write]) -> None:
-        await self.gate.wait()
-        await super().transact(writes)
 
 
 async def test_a_sender_of_many_subscription_requests_is_slowed(tmp_path: Path) -> None:

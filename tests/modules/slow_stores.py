@@ -1,0 +1,23 @@
+"""Item stores slower than the client that writes to them, for the tests of backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+from xmppd.storage.backends.sqlite import SQLiteItemBackend
+from xmppd.storage.base import Write
+
+
+class GatedSQLite(SQLiteItemBackend):
+    """SQLite whose writes wait until the test opens the gate: a store slower than the
+    client that writes to it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+
+    async def transact(self, writes: Sequence[Write]) -> None:
+        await self.gate.wait()
+        await super().transact(writes)
