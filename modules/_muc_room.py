@@ -1173,16 +1173,28 @@ class Room:
         return self._destroy_all(element.get("jid"), element.findtext(f"{{{MUC_OWNER}}}reason"))
 
     def _destroy_all(self, venue: str | None, reason: str | None) -> Out:
+        destroy = etree.Element(f"{{{MUC_USER}}}destroy")
+        if venue:
+            destroy.set("jid", venue)
+        if reason:
+            etree.SubElement(destroy, f"{{{MUC_USER}}}reason").text = reason
+        return self._everyone_out(destroy=destroy)
+
+    def shut_down(self) -> Out:
+        """This copy of the room stops (its node lost the room's lease): each occupant
+        is told it is out, as at a service shutdown (332), and nobody else about it,
+        since everyone goes."""
+        return self._everyone_out(codes=["332"])
+
+    def _everyone_out(
+        self, destroy: etree._Element | None = None, codes: Iterable[str] = ()
+    ) -> Out:
         out: Out = []
         for occupant in list(self.occupants.values()):
-            destroy = etree.Element(f"{{{MUC_USER}}}destroy")
-            if venue:
-                destroy.set("jid", venue)
-            if reason:
-                etree.SubElement(destroy, f"{{{MUC_USER}}}reason").text = reason
-            out += self._sessions(
-                occupant, self._presence_of(occupant, occupant, unavailable=True, destroy=destroy)
-            )
+            out += self._sessions(occupant, self._presence_of(
+                occupant, occupant, unavailable=True, codes=codes,
+                destroy=None if destroy is None else _copy(destroy),  # each its own
+            ))
             del self.occupants[occupant.nick]
             self.touched.add(occupant.nick)
             for session in (occupant.jid, *occupant.others):
