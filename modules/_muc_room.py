@@ -35,6 +35,7 @@ from lxml import etree
 
 from xmppd.jid import JID, parse_jid
 from xmppd.modules._dataforms import Field, Submitted, form
+from xmppd.storage.base import MAX_ITEM_BYTES
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 
@@ -153,6 +154,10 @@ class Limits:
     max_message_bytes: int = 16384
     messages_per_second: float = 2.0  # per occupant, groupchat and private together
     message_burst: int = 10
+    max_affiliations: int = 1000  # JIDs with an affiliation or a registered nick, per room
+    # What the room's stored state may take (the stores' item limit, less the item's
+    # other attributes and their names).
+    max_state_bytes: int = MAX_ITEM_BYTES - 4096
 
 
 @dataclass(slots=True)
@@ -995,67 +1000,76 @@ class Room:
         return self.by_jid.get(sender.full), self.affiliation(sender.bare)
 
     def admin_set(self, stanza: etree._Element, query: etree._Element) -> Out:
-        """Role and affiliation changes, all or none (XEP-0045 9.x, 10.x)."""
+        """Role and affiliation changes, all or none (XEP-0045 9.x, 10.x): every item is
+        resolved and checked against the room as the items before it leave it (`_Plan`),
+        so that the batch as a whole is judged (a room keeps an owner after all of it)
+        and nothing is applied, announced or left unstored halfway."""
         actor, actor_affiliation = self._actor(stanza)
         items = list(query.iterchildren(f"{{{MUC_ADMIN}}}item"))
         if not items:
             raise StanzaError("bad-request", "no item")
-        changes: list[tuple[str, etree._Element]] = []
+        plan = _Plan(self)
+        changes: list[tuple[str, str, str, str | None]] = []  # kind, target, value, reason
         for item in items:
+            reason = item.findtext(f"{{{MUC_ADMIN}}}reason")
             if item.get("affiliation") is not None:
-                self._check_affiliation(item, actor_affiliation)
-                changes.append(("affiliation", item))
+                bare, affiliation = self._check_affiliation(item, actor_affiliation, plan)
+                plan.set_affiliation(bare, affiliation)
+                changes.append(("affiliation", bare, affiliation, reason))
             elif item.get("role") is not None:
-                self._check_role(item, actor, actor_affiliation)
-                changes.append(("role", item))
+                nick, role = self._check_role(item, actor, actor_affiliation, plan)
+                plan.set_role(nick, role)
+                changes.append(("role", nick, role, reason))
             else:
                 raise StanzaError("bad-request", "an item needs a role or an affiliation")
+        if "owner" not in plan.affiliations.values():
+            raise StanzaError("conflict", "a room keeps at least one owner")
+        self._check_room_for(plan.affiliations, self.registered)
         out: Out = []
         actor_nick = actor.nick if actor is not None else None
-        for kind, item in changes:
-            reason = item.findtext(f"{{{MUC_ADMIN}}}reason")
+        for kind, target, value, reason in changes:
             if kind == "role":
-                out += self._set_role(self.occupants[item.get("nick", "")], item.get("role", ""),
-                                      actor_nick, reason)
+                out += self._set_role(self.occupants[target], value, actor_nick, reason)
             else:
-                out += self._set_affiliation(self._affiliation_target(item),
-                                             item.get("affiliation", ""), actor_nick, reason)
+                out += self._set_affiliation(target, value, actor_nick, reason)
         return out
 
-    def _check_role(self, item: etree._Element, actor: Occupant | None, actor_aff: str) -> None:
+    def _check_role(
+        self, item: etree._Element, actor: Occupant | None, actor_aff: str, plan: _Plan
+    ) -> tuple[str, str]:
         role = item.get("role", "")
         if role not in ROLES:
             raise StanzaError("bad-request", "no such role")
         if actor is None or actor.role != "moderator":
             raise StanzaError("forbidden", "only moderators change roles")
-        target = self.occupants.get(item.get("nick", ""))
-        if target is None:
+        nick = item.get("nick", "")
+        current = plan.roles.get(nick)
+        if current is None:  # not in the room, or out by an item before this one
             raise StanzaError("item-not-found", "no such occupant")
-        target_aff = self.affiliation(target.jid.bare)
+        target_aff = plan.affiliations.get(self.occupants[nick].jid.bare, "none")
         if role == "moderator" and _RANK[actor_aff] < _RANK["admin"]:
             raise StanzaError("not-allowed", "only admins and owners grant moderation")
         if role in ("none", "visitor", "participant") and target_aff in ("admin", "owner"):
             # Nobody demotes or kicks an admin or owner through a role (9.1, 9.6).
             raise StanzaError("not-allowed", "that occupant's affiliation protects it")
-        if target.role == "moderator" and role != "moderator" and _RANK[actor_aff] < _RANK["admin"]:
+        if current == "moderator" and role != "moderator" and _RANK[actor_aff] < _RANK["admin"]:
             raise StanzaError("not-allowed", "only admins and owners revoke moderation")
+        return nick, role
 
-    def _check_affiliation(self, item: etree._Element, actor_aff: str) -> None:
+    def _check_affiliation(
+        self, item: etree._Element, actor_aff: str, plan: _Plan
+    ) -> tuple[str, str]:
         affiliation = item.get("affiliation", "")
         if affiliation not in AFFILIATIONS:
             raise StanzaError("bad-request", "no such affiliation")
         target = self._affiliation_target(item)
-        current = self.affiliation(target)
+        current = plan.affiliations.get(target, "none")
         if actor_aff == "owner":
-            if current == "owner" and affiliation != "owner":
-                owners = [j for j, a in self.affiliations.items() if a == "owner"]
-                if owners == [target]:
-                    raise StanzaError("conflict", "a room keeps at least one owner")
-            return
+            return target, affiliation
         if actor_aff == "admin":
             if affiliation in ("admin", "owner") or current in ("admin", "owner"):
                 raise StanzaError("not-allowed", "only owners change admins and owners")
-            return
+            return target, affiliation
         raise StanzaError("forbidden", "only admins and owners change affiliations")
 
     def _affiliation_target(self, item: etree._Element) -> str:
@@ -1066,6 +1080,21 @@ class Room:
         if occupant is None:
             raise StanzaError("bad-request", "an affiliation item needs a jid or a nick")
         return occupant.jid.bare
+
+    def _check_room_for(self, affiliations: dict[str, str], registered: dict[str, str]) -> None:
+        """Refuse a change that would leave the room more JIDs to keep than the service
+        allows, or a stored state over the size the stores take: everything named here
+        is kept in one stored item, and one over the size would fail to store after
+        the change was made and announced (resource-constraint, as XEP-0045 gives a
+        full registration). A change that does not grow the room passes."""
+        named = len(affiliations.keys() | registered.keys())
+        if named > self.limits.max_affiliations and named > len(
+            self.affiliations.keys() | self.registered.keys()
+        ):
+            raise StanzaError("resource-constraint", "this room keeps no more affiliations")
+        state = {**self.live_state(), "affiliations": affiliations, "registered": registered}
+        if len(json.dumps(state).encode()) > self.limits.max_state_bytes:
+            raise StanzaError("resource-constraint", "the room's state would be too large")
 
     def _set_role(self, target: Occupant, role: str, actor: str | None, reason: str | None) -> Out:
         if role == "none":
@@ -1240,6 +1269,39 @@ class Room:
                     "jid", f"{self.jid}/{nick}"
                 )
         return query
+
+
+class _Plan:
+    """The roles and affiliations of a room as a muc#admin batch's items leave them, one
+    after the other, before any of them is applied (`Room.admin_set`)."""
+
+    def __init__(self, room: Room) -> None:
+        self.room = room
+        self.affiliations = dict(room.affiliations)
+        self.roles = {nick: occupant.role for nick, occupant in room.occupants.items()}
+
+    def set_affiliation(self, bare: str, affiliation: str) -> None:
+        """As `Room._set_affiliation` does: an outcast's occupants leave, so do a
+        non-member's in a members-only room; the others get the affiliation's role."""
+        if affiliation == "none":
+            self.affiliations.pop(bare, None)
+        else:
+            self.affiliations[bare] = affiliation
+        removed = affiliation == "outcast" or (
+            affiliation == "none" and self.room.config.members_only
+        )
+        for nick, occupant in self.room.occupants.items():
+            if occupant.jid.bare == bare and nick in self.roles:
+                if removed:
+                    del self.roles[nick]
+                else:
+                    self.roles[nick] = self.room._default_role(affiliation)
+
+    def set_role(self, nick: str, role: str) -> None:
+        if role == "none":
+            del self.roles[nick]
+        else:
+            self.roles[nick] = role
 
 
 def _bool(var: str, label: str, value: bool) -> Field:

@@ -565,6 +565,49 @@ async def test_affiliation_rules() -> None:
     assert condition(reply) == "bad-request"
 
 
+async def test_an_admin_batch_is_judged_whole_and_applied_all_or_nothing() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice")
+    await admin_iq(h, alice, "set", "<item affiliation='owner' jid='bob@localhost'/>")
+    await join(h, bob, "Bob")
+    await join(h, carol, "Carol")
+    room = h.host.module(Muc).rooms[ROOM]
+    for session in (alice, bob, carol):
+        session.take()
+    # Each item alone leaves an owner; both together leave none.
+    reply = await admin_iq(
+        h, alice, "set",
+        "<item affiliation='member' jid='alice@localhost'/>"
+        "<item affiliation='admin' jid='bob@localhost'/>",
+    )
+    assert condition(reply) == "conflict"
+    assert room.affiliations == {"alice@localhost": "owner", "bob@localhost": "owner"}
+    # An item that fails after one that would have banned: nothing happens at all.
+    reply = await admin_iq(
+        h, alice, "set",
+        "<item affiliation='outcast' jid='carol@localhost'/><item nick='Carol' role='none'/>",
+    )
+    assert condition(reply) == "item-not-found"
+    # The same occupant kicked twice in one batch: an error, not a crash halfway.
+    reply = await admin_iq(
+        h, alice, "set", "<item nick='Carol' role='none'/><item nick='Carol' role='none'/>"
+    )
+    assert condition(reply) == "item-not-found"
+    assert "Carol" in room.occupants and room.affiliation("carol@localhost") == "none"
+    assert carol.take() == [] and bob.take() == []
+    # A batch that holds together is applied whole.
+    reply = await admin_iq(
+        h, alice, "set",
+        "<item affiliation='member' jid='alice@localhost'/><item nick='Carol' role='none'/>",
+    )
+    assert reply.get("type") == "result"
+    assert room.affiliations == {"alice@localhost": "member", "bob@localhost": "owner"}
+    (kicked,) = [p for p in carol.take() if p.get("type") == "unavailable"]
+    assert codes(kicked) == {"110", "307"}
+
+
 async def test_configuration_changes_are_announced_and_members_only_removes_others() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
