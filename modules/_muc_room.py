@@ -154,6 +154,7 @@ class Limits:
     max_message_bytes: int = 16384
     messages_per_second: float = 2.0  # per occupant, groupchat and private together
     message_burst: int = 10
+    max_presence_bytes: int = 4096  # an occupant's presence payload, kept for newcomers
     max_affiliations: int = 1000  # JIDs with an affiliation or a registered nick, per room
     # What the room's stored state may take (the stores' item limit, less the item's
     # other attributes and their names).
@@ -513,11 +514,23 @@ class Room:
             return []
         if occupant is None:
             return self._join(stanza, sender, nick, now)
+        # Each goes to every occupant, and its payload is kept for every newcomer: the
+        # same size and rate limits as a message.
+        self._admit(occupant, stanza, now)
         if nick != occupant.nick:
             return self._change_nick(occupant, nick)
-        occupant.presence, occupant.show = _presence_payload(stanza)
+        occupant.presence, occupant.show = self._presence_payload(stanza)
         self.touched.add(nick)
         return self._broadcast_presence(occupant)
+
+    def _presence_payload(self, stanza: etree._Element) -> tuple[list[etree._Element], str | None]:
+        """`_presence_payload`, refused over `max_presence_bytes`: the room keeps it
+        for as long as the occupant stays and sends it to every newcomer."""
+        kept, show = _presence_payload(stanza)
+        size = sum(len(etree.tostring(child)) for child in kept)
+        if size > self.limits.max_presence_bytes:
+            raise StanzaError("policy-violation", "the presence is too large")
+        return kept, show
 
     def _join(self, stanza: etree._Element, sender: JID, nick: str, now: float) -> Out:
         x = stanza.find(f"{{{MUC}}}x")
@@ -545,8 +558,9 @@ class Room:
         if taken is not None:
             raise StanzaError("conflict", "that nickname is in use")
         self._check_reserved(nick, sender.bare)
+        presence, show = self._presence_payload(stanza)
         occupant = Occupant(nick, sender, self._default_role(affiliation), seq=self._next())
-        occupant.presence, occupant.show = _presence_payload(stanza)
+        occupant.presence, occupant.show = presence, show
         out: Out = [self._shown(other, occupant) for other in self.occupants.values()]
         self.occupants[nick] = occupant
         self.by_jid[sender.full] = occupant
@@ -759,7 +773,9 @@ class Room:
         return message
 
     def _admit(self, sender: Occupant, stanza: etree._Element, now: float) -> None:
-        """The service's message size and per-occupant rate limits."""
+        """The service's message size and per-occupant rate limits: over everything an
+        occupant makes the room send to all (messages, presence updates, nick changes,
+        invitations)."""
         if len(etree.tostring(stanza)) > self.limits.max_message_bytes:
             raise StanzaError("policy-violation", "the message is too large")
         burst = float(self.limits.message_burst)

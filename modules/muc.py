@@ -177,6 +177,8 @@ class MucOptions(BaseModel):
     max_message_bytes: int = Field(16384, ge=256)
     messages_per_second: float = Field(2.0, gt=0)  # per occupant, sustained
     message_burst: int = Field(10, ge=1)
+    max_presence_bytes: int = Field(4096, ge=512)  # an occupant's presence payload
+    max_affiliations: int = Field(1000, ge=10)  # per room, registered nicks included
 
 
 class Muc(Module):
@@ -232,6 +234,8 @@ class Muc(Module):
         limits.max_message_bytes = options.max_message_bytes
         limits.messages_per_second = options.messages_per_second
         limits.message_burst = options.message_burst
+        limits.max_presence_bytes = options.max_presence_bytes
+        limits.max_affiliations = options.max_affiliations
 
     async def stop(self) -> None:
         """Write what is not written yet (history waits up to HISTORY_WRITE)."""

@@ -834,6 +834,36 @@ async def test_limits_rooms_per_user_message_size_and_rate() -> None:
     assert len(await say(h, alice, "a")) == 1
 
 
+async def test_presence_updates_and_nick_changes_have_the_message_limits() -> None:
+    h, clock = await harness(message_burst=2, messages_per_second=1.0, max_presence_bytes=512)
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    big = f"<status>{'x' * 600}</status>"
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/Bob'><x xmlns='{MUC}'/>{big}</presence>")
+    assert condition(refused) == "policy-violation"  # kept for every newcomer: not that
+    await join(h, bob, "Bob")
+    alice.take()
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/Bob'>{big}</presence>")
+    assert condition(refused) == "policy-violation"
+    clock.now += 2.0  # its token back
+    # An update and a nick change go to everyone: they spend the sender's tokens.
+    await h.send(bob, f"<presence to='{ROOM}/Bob'><show>away</show></presence>")
+    await h.send(bob, f"<presence to='{ROOM}/Robert'/>")
+    assert len(presences(alice.take())) == 3
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/Robert'><show>dnd</show></presence>")
+    assert condition(refused) == "resource-constraint"
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/Bobby'/>")
+    assert condition(refused) == "resource-constraint"
+    assert alice.take() == []
+    assert h.host.module(Muc).rooms[ROOM].occupants["Robert"].show == "away"
+    clock.now += 1.0
+    await h.send(bob, f"<presence to='{ROOM}/Robert'><show>dnd</show></presence>")
+    assert len(presences(alice.take())) == 1
+    # Leaving is never refused.
+    await h.send(bob, f"<presence to='{ROOM}/Robert' type='unavailable'/>")
+    assert "Robert" not in h.host.module(Muc).rooms[ROOM].occupants
+
+
 async def test_a_reload_changes_the_limits_of_rooms_already_live() -> None:
     h, _ = await harness()
     alice = h.session("alice@localhost/a")
