@@ -835,7 +835,7 @@ class Room:
         if stanza.get("id") is not None:
             template.set("id", stanza.get("id", ""))
         for child in stanza:
-            if child.tag != f"{{{OCCUPANT_ID}}}occupant-id":  # never trust a client's
+            if child.tag not in _NOT_IN_GROUPCHAT:
                 template.append(_copy(child))
         self._stamp_occupant_id(template, sender)
         if body is not None and self.history.maxlen:
@@ -1417,6 +1417,16 @@ def _status_of(stanza: etree._Element) -> str | None:
 # What a client's presence or private message may not carry into the room: the
 # join element, and an occupant id of its own making (XEP-0421: the room's only).
 _NOT_RELAYED = frozenset({f"{{{MUC}}}x", f"{{{MUC_USER}}}x", f"{{{OCCUPANT_ID}}}occupant-id"})
+
+
+# What a groupchat message may not carry into the room: an occupant id of the client's
+# making, and any delay (XEP-0203, legacy XEP-0091). A live message is not delayed, and
+# clients show a message by its delay's stamp whoever put it there: an occupant's
+# forged one (from the room, say) would pass a live message off as old history. The
+# room adds its own delay to history it sends on join.
+_NOT_IN_GROUPCHAT = frozenset({
+    f"{{{OCCUPANT_ID}}}occupant-id", f"{{{DELAY}}}delay", "{jabber:x:delay}x",
+})
 
 
 def _presence_payload(stanza: etree._Element) -> tuple[list[etree._Element], str | None]:

@@ -373,6 +373,30 @@ async def test_clients_cannot_forge_occupant_ids() -> None:
         assert oid.get("id") == h.host.module(Muc).rooms[ROOM].occupant_id("bob@localhost")
 
 
+async def test_a_live_groupchat_message_carries_no_delay_but_the_rooms_in_history() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    forged = (
+        f"<message to='{ROOM}' type='groupchat'><body>live</body>"
+        f"<delay xmlns='urn:xmpp:delay' from='{ROOM}' stamp='2001-01-01T00:00:00Z'/>"
+        f"<x xmlns='jabber:x:delay' from='{ROOM}' stamp='20010101T00:00:00'/></message>"
+    )
+    await h.send(bob, forged)
+    (heard,) = alice.take()
+    assert heard.findtext(f"{{{ns.CLIENT}}}body") == "live"
+    assert heard.find("{urn:xmpp:delay}delay") is None
+    assert heard.find("{jabber:x:delay}x") is None
+    # History on join: the room's own delay, with the time the room got it.
+    carol = h.session("carol@localhost/c")
+    (old,) = messages(await join(h, carol, "Carol"))[:1]
+    delays = old.findall("{urn:xmpp:delay}delay")
+    assert [d.get("from") for d in delays] == [ROOM]
+    assert not delays[0].get("stamp", "").startswith("2001")
+
+
 async def test_private_messages_between_occupants() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
