@@ -54,6 +54,7 @@ MUC_REQUEST = f"{MUC}#request"
 
 SID = "urn:xmpp:sid:0"
 SEEN = 200  # message ids a room remembers to drop a message handled twice
+INVITES = 100  # invitations a room remembers, for their declines
 
 ROLES = ("none", "visitor", "participant", "moderator")
 AFFILIATIONS = ("outcast", "none", "member", "admin", "owner")
@@ -212,6 +213,9 @@ class Room:
         self.seen_changed = False
         self._seq = 0  # the next occupant's `seq`
         self._ids: dict[str, str] = {}  # bare JID -> occupant id (an HMAC each time is dear)
+        # Invitations forwarded and not declined yet, oldest first: invitee's bare JID ->
+        # the inviter's full JID, where its decline goes (at most INVITES).
+        self.invited: dict[str, str] = {}
 
     # --- stored state -------------------------------------------------------------------
 
@@ -306,12 +310,13 @@ class Room:
 
     def live_state(self) -> dict[str, Any]:
         """`snapshot()` and what only a live room has (a temporary room is nowhere else)."""
-        return {**self.snapshot(), "locked": self.locked}
+        return {**self.snapshot(), "locked": self.locked, "invited": self.invited}
 
     @classmethod
     def restore_live(cls, jid: str, limits: Limits, state: dict[str, Any]) -> Room:
         room = cls.restore(jid, limits, state)
         room.locked = bool(state.get("locked"))
+        room.invited = dict(state.get("invited", {}))
         room.stored = room.config.persistent
         return room
 
@@ -666,9 +671,11 @@ class Room:
         holder = self.occupants.get(nick)
         if holder is not None and holder.jid.bare != bare:
             raise StanzaError("conflict", "that nickname is in use")
+        member = {bare: "member"} if self.affiliation(bare) == "none" else {}
+        self._check_room_for({**self.affiliations, **member}, {**self.registered, bare: nick})
         self.registered[bare] = nick
         self.persistent_changed = True
-        if self.affiliation(bare) == "none":
+        if member:
             return self._set_affiliation(bare, "member", None, None)
         return []
 
@@ -828,6 +835,7 @@ class Room:
         if subject is not None and body is None:
             if sender.role != "moderator" and not self.config.change_subject:
                 raise StanzaError("forbidden", "you may not change the subject")
+            self._check_room_for(subject=subject.text or "", subject_nick=sender.nick)
             self.subject = subject.text or ""
             self.subject_nick = sender.nick
             self.persistent_changed = True
@@ -880,7 +888,7 @@ class Room:
         if x is not None:
             invite = x.find(f"{{{MUC_USER}}}invite")
             if invite is not None:
-                return self._invite(stanza, invite)
+                return self._invite(stanza, invite, now)
             decline = x.find(f"{{{MUC_USER}}}decline")
             if decline is not None:
                 return self._decline(stanza, decline)
@@ -922,19 +930,25 @@ class Room:
             out += self._sessions(moderator, message)
         return out
 
-    def _invite(self, stanza: etree._Element, invite: etree._Element) -> Out:
+    def _invite(self, stanza: etree._Element, invite: etree._Element, now: float) -> Out:
         sender = self.by_jid.get(stanza.get("from", ""))
         if sender is None:
             raise StanzaError("not-acceptable", "only occupants may invite")
         invitee = parse_jid(invite.get("to", ""))
+        self._admit(sender, stanza, now)  # each makes the room send a message to anyone
         if self.config.members_only:
             rank = _RANK[self.affiliation(sender.jid.bare)]
             may = rank >= _RANK["admin"] or (self.config.allow_invites and rank >= _RANK["member"])
             if not may:
                 raise StanzaError("forbidden", "you may not invite to this members-only room")
             if self.affiliation(invitee.bare) == "none":
+                self._check_room_for({**self.affiliations, invitee.bare: "member"})
                 self.affiliations[invitee.bare] = "member"
                 self.persistent_changed = True
+        self.invited.pop(invitee.bare, None)
+        self.invited[invitee.bare] = str(sender.jid)
+        while len(self.invited) > INVITES:
+            del self.invited[next(iter(self.invited))]
         message = _stanza("message", self.jid, str(invitee))
         x = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
         forwarded = etree.SubElement(x, f"{{{MUC_USER}}}invite")
@@ -946,8 +960,13 @@ class Room:
         return [message]
 
     def _decline(self, stanza: etree._Element, decline: etree._Element) -> Out:
-        to = parse_jid(decline.get("to", ""))
-        message = _stanza("message", self.jid, str(to))
+        """An invitee declines (7.8.2): the room tells the inviter, once. Only to an
+        invitation it forwarded, and only to whoever sent that: the room sends
+        nothing to a JID of the decliner's choosing."""
+        inviter = self.invited.pop(parse_jid(stanza.get("from", "")).bare, None)
+        if inviter is None:
+            raise StanzaError("not-acceptable", "you have no invitation to decline")
+        message = _stanza("message", self.jid, inviter)
         x = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
         forwarded = etree.SubElement(x, f"{{{MUC_USER}}}decline")
         forwarded.set("from", parse_jid(stanza.get("from", "")).bare)
@@ -1097,18 +1116,27 @@ class Room:
             raise StanzaError("bad-request", "an affiliation item needs a jid or a nick")
         return occupant.jid.bare
 
-    def _check_room_for(self, affiliations: dict[str, str], registered: dict[str, str]) -> None:
+    def _check_room_for(
+        self,
+        affiliations: dict[str, str] | None = None,
+        registered: dict[str, str] | None = None,
+        **changed: Any,
+    ) -> None:
         """Refuse a change that would leave the room more JIDs to keep than the service
         allows, or a stored state over the size the stores take: everything named here
         is kept in one stored item, and one over the size would fail to store after
         the change was made and announced (resource-constraint, as XEP-0045 gives a
         full registration). A change that does not grow the room passes."""
+        affiliations = self.affiliations if affiliations is None else affiliations
+        registered = self.registered if registered is None else registered
         named = len(affiliations.keys() | registered.keys())
         if named > self.limits.max_affiliations and named > len(
             self.affiliations.keys() | self.registered.keys()
         ):
             raise StanzaError("resource-constraint", "this room keeps no more affiliations")
-        state = {**self.live_state(), "affiliations": affiliations, "registered": registered}
+        state = {
+            **self.snapshot(), "affiliations": affiliations, "registered": registered, **changed
+        }
         if len(json.dumps(state).encode()) > self.limits.max_state_bytes:
             raise StanzaError("resource-constraint", "the room's state would be too large")
 
@@ -1191,7 +1219,9 @@ class Room:
         if submitted is None:
             raise StanzaError("bad-request", "expected a configuration form")
         before = Config(**asdict(self.config))
-        self.config = _apply_form(self.config, submitted, self.limits)
+        config = _apply_form(self.config, submitted, self.limits)
+        self._check_room_for(config=asdict(config))
+        self.config = config
         self.history = deque(self.history, maxlen=self._history_cap())
         self.persistent_changed = True
         was_locked, self.locked = self.locked, False

@@ -692,13 +692,25 @@ async def test_mediated_invitations_and_declines() -> None:
     # Inviting to a members-only room made bob a member: he may join.
     assert codes(presences(await join(h, bob, "Bob"))[-1]) == {"110"}
     carol = h.session("carol@localhost/c")
-    await h.send(
-        carol,
-        f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><decline to='alice@localhost'>"
-        "<reason>busy</reason></decline></x></message>",
+    decline_to = (
+        f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><decline to='{{}}'>"
+        "<reason>busy</reason></decline></x></message>"
     )
-    (decline,) = alice.take()[-1:]
+    # Only an invitee declines, and only to whoever invited it (not to a JID it names).
+    (refused,) = await h.send(carol, decline_to.format("alice@localhost"))
+    assert condition(refused) == "not-acceptable"
+    alice.take()
+    await h.send(
+        alice, f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='carol@localhost'/></x>"
+        "</message>",
+    )
+    assert len(carol.take()) == 1  # the invitation
+    assert await h.send(carol, decline_to.format("dave@localhost")) == []
+    (decline,) = alice.take()
+    assert decline.get("to") == "alice@localhost/a"
     assert decline.find(f"{U}x/{U}decline").get("from") == "carol@localhost"
+    (refused,) = await h.send(carol, decline_to.format("alice@localhost"))  # once
+    assert condition(refused) == "not-acceptable"
     # A member may not invite to a members-only room unless the owner allows it.
     reply = await h.send(
         bob,
@@ -706,6 +718,54 @@ async def test_mediated_invitations_and_declines() -> None:
         "</message>",
     )
     assert condition(reply[0]) == "forbidden"
+
+
+async def test_affiliations_and_registrations_are_capped_and_invitations_rate_limited() -> None:
+    h, clock = await harness(max_affiliations=10, message_burst=2, messages_per_second=1.0)
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice")
+    room = h.host.module(Muc).rooms[ROOM]
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>{}</value></field></x></query>"
+    )
+    # In an open room anyone registers, and becomes a member: up to the cap.
+    for n in range(9):
+        user = h.session(f"user{n}@localhost/r")
+        reply = await h.iq(user, "set", nick_form.format(f"nick{n}"), to=ROOM)
+        assert reply.get("type") == "result", etree.tostring(reply)
+    late = h.session("late@localhost/r")
+    reply = await h.iq(late, "set", nick_form.format("late"), to=ROOM)
+    assert condition(reply) == "resource-constraint"
+    assert "late@localhost" not in room.registered | room.affiliations
+    # Nor by a ban, nor by an invitation to a members-only room.
+    reply = await admin_iq(h, alice, "set", "<item affiliation='outcast' jid='eve@localhost'/>")
+    assert condition(reply) == "resource-constraint"
+    reply = await admin_iq(h, alice, "set", "<item affiliation='none' jid='user0@localhost'/>")
+    assert reply.get("type") == "result"  # what does not grow the room passes
+    await owner_iq(h, alice, "set", submit(membersonly="1"))
+    alice.take()
+    invite = f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='{{}}'/></x></message>"
+    (refused,) = await h.send(alice, invite.format("carol@localhost"))
+    assert condition(refused) == "resource-constraint"
+    assert "carol@localhost" not in room.affiliations
+    # Invitations spend the inviter's message tokens (a member's: the room stays).
+    clock.now += 10
+    for _ in range(2):
+        assert await h.send(alice, invite.format("user1@localhost")) == []
+    (refused,) = await h.send(alice, invite.format("user1@localhost"))
+    assert condition(refused) == "resource-constraint"
+    # A change that would make the stored state too large to store is refused, and
+    # nothing of it is made.
+    room.limits.max_state_bytes = len(json.dumps(room.snapshot())) + 100
+    clock.now += 10
+    reply = await owner_iq(h, alice, "set", submit(roomdesc="d" * 200))
+    assert condition(reply) == "resource-constraint"
+    assert room.config.description == ""
+    (refused,) = await say(h, alice, subject="s" * 200)
+    assert condition(refused) == "resource-constraint"
+    assert room.subject == ""
 
 
 async def test_direct_invitations_pass_between_users() -> None:
