@@ -172,6 +172,7 @@ class MucOptions(BaseModel):
     subdomain: str = "conference"  # the service is <subdomain>.<host> for every host
     name: str = "Chatrooms"
     max_rooms_per_user: int = Field(10, ge=0)  # rooms a user created that still exist
+    allow_remote_creators: bool = False  # users of other servers may create rooms
     max_occupants: int = Field(200, ge=1)  # per room; a room's max users is at most this
     max_history: int = Field(50, ge=0)  # messages a room keeps for joins
     max_message_bytes: int = Field(16384, ge=256)
@@ -664,9 +665,16 @@ class Muc(Module):
             return None
         if not routed.to.resource:
             raise StanzaError("jid-malformed", "join with room@service/nickname")
-        creator = JID(stanza.get("from")).bare
-        mine = {r.jid.split("@", 1)[0] for r in self.rooms.values() if r.creator == creator}
+        sender = JID(stanza.get("from"))
         options: MucOptions = self.options  # type: ignore[assignment]
+        if not options.allow_remote_creators and not self.host.serves(sender.domain):
+            # A remote server's users are not limited by anything here (rooms per user
+            # counts bare JIDs, which it makes at will): by default they join rooms,
+            # they do not make them (Prosody's restrict_room_creation, ejabberd's
+            # access_create do the same).
+            raise StanzaError("not-allowed", "only users of this server create rooms")
+        creator = sender.bare
+        mine = {r.jid.split("@", 1)[0] for r in self.rooms.values() if r.creator == creator}
         if len(mine | (owned or set())) >= options.max_rooms_per_user:
             raise StanzaError("not-allowed", "you have created as many rooms as allowed")
         room = Room(room_jid, self.limits, creator)

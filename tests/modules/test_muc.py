@@ -948,6 +948,43 @@ async def test_presence_updates_and_nick_changes_have_the_message_limits() -> No
     assert "Robert" not in h.host.module(Muc).rooms[ROOM].occupants
 
 
+class RemoteServer:
+    """Stands for s2s: what the router sends to remote domains, kept."""
+
+    def __init__(self) -> None:
+        self.sent: list[etree._Element] = []
+
+    def route(self, stanza: etree._Element, bounce: bool = True) -> None:
+        self.sent.append(stanza)
+
+
+async def remote_join(h: ModuleHarness, jid: str, room: str) -> list[etree._Element]:
+    """A join as a remote server's user's would arrive over s2s; what went back."""
+    remote = h.router.remote = RemoteServer()
+    stanza = parse_stanza(f"<presence to='{room}/Remote'><x xmlns='{MUC}'/></presence>")
+    stanza.set("from", jid)
+    h.router.route(stanza)
+    await h.router.drain()
+    return remote.sent
+
+
+async def test_only_local_users_create_rooms_unless_allowed() -> None:
+    h, _ = await harness()
+    muc = h.host.module(Muc)
+    (refused,) = await remote_join(h, "mallory@remote.example/x", ROOM)
+    assert condition(refused) == "not-allowed"
+    assert ROOM not in muc.rooms
+    # They join rooms local users made.
+    await instant_room(h, h.session("alice@localhost/a"), "Alice")
+    joined = await remote_join(h, "mallory@remote.example/x", ROOM)
+    assert codes(presences(joined)[-1]) == {"110"}
+    assert "Remote" in muc.rooms[ROOM].occupants
+    h, _ = await harness(allow_remote_creators=True)
+    joined = await remote_join(h, "mallory@remote.example/x", ROOM)
+    assert codes(presences(joined)[-1]) == {"110", "201"}
+    assert h.host.module(Muc).rooms[ROOM].affiliation("mallory@remote.example") == "owner"
+
+
 async def test_a_reload_changes_the_limits_of_rooms_already_live() -> None:
     h, _ = await harness()
     alice = h.session("alice@localhost/a")
