@@ -688,6 +688,13 @@ class Muc(Module):
 
     def _dispatch(self, room: Room, routed: Routed) -> Out:
         stanza, nick, now = routed.stanza, routed.to.resource, self.clock()
+        fans_out = stanza.get("type") == "groupchat" or (
+            stanza.tag == ns.C_PRESENCE and stanza.get("type") in (None, "available")
+        )
+        if fans_out and self.outbox.busy(room.jid):
+            # What goes to every occupant waits until the room has sent what it owes
+            # (leaving, private messages and IQs pass).
+            raise StanzaError("resource-constraint", "the room is busy, try again", "wait")
         if stanza.tag == ns.C_PRESENCE:
             if not nick:
                 # An occupant's presence to the bare room is meant for its own nick

@@ -1271,6 +1271,40 @@ async def test_a_big_rooms_output_keeps_the_rooms_one_order() -> None:
     assert got[-1].get("type") == "unavailable"
 
 
+async def test_a_room_whose_output_backs_up_refuses_more_fan_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past MAX_BACKLOG stanzas waiting in its outbox a room refuses messages and
+    presence updates (resource-constraint, wait) instead of queueing without end;
+    a leave still passes, and once the outbox drains, messages pass again."""
+    monkeypatch.setattr(_muc_send, "SLICE", 16)
+    monkeypatch.setattr(_muc_send, "MAX_BACKLOG", 40)
+    h, _ = await harness()
+    sessions = await big_room(h, 30)
+    sent = [
+        (sessions[n], f"<message to='{ROOM}' type='groupchat'><body>m{n}</body></message>")
+        for n in range(3)
+    ] + [
+        (sessions[3], f"<presence to='{ROOM}/n3'><show>away</show></presence>"),
+        (sessions[4], f"<presence to='{ROOM}/n4' type='unavailable'/>"),
+    ]
+    for session, xml in sent:  # in one turn of the loop: nothing drains meanwhile
+        stanza = parse_stanza(xml)
+        stanza.set("from", session.jid)
+        session.receive(stanza)
+    await h.router.drain()
+    await h.host.module(Muc).outbox.all_sent()
+    bodies = [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(sessions[9].take())]
+    assert bodies == ["m0", "m1"]  # 14 + 30 waiting after the second: over 40
+    (refused,) = [s for s in sessions[2].take() if s.get("type") == "error"]
+    assert condition(refused) == "resource-constraint"
+    assert refused.find(f"{{{ns.CLIENT}}}error").get("type") == "wait"
+    (refused,) = [s for s in sessions[3].take() if s.get("type") == "error"]
+    assert condition(refused) == "resource-constraint"
+    assert "n4" not in h.host.module(Muc).rooms[ROOM].occupants  # leaving always passes
+    assert len(await say(h, sessions[2], "again")) == 1
+
+
 def history_ids(data: bytes) -> list[tuple[str, str]]:
     """(body, occupant id) of each message of a stored history."""
     found: list[tuple[str, str]] = []
