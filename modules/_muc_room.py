@@ -249,7 +249,8 @@ class Room:
         the `creator` mark that counts against its rooms-per-user limit) and is not
         taken for the old one: the occupant id on its messages in the history, the
         same HMAC for the same JID, is replaced by one of its own (`forget_history`).
-        The last message ids it sent (their keys hold its full JID) go too.
+        The last message ids it sent (their keys hold its full JID) go too, and the
+        invitations it sent or got (the room keeps them for their declines).
 
         The history's messages themselves stay, under the nick they were sent with:
         XEP-0045's discussion history (7.2.15) is the room's record that every
@@ -271,6 +272,10 @@ class Room:
             if xml is not None:
                 self.history[n] = HistoryEntry(entry.when, xml, len(xml))
                 self.history_changed = found = True
+        named = [k for k, inviter in self.invited.items() if bare in (k, inviter.split("/")[0])]
+        for invitee in named:
+            del self.invited[invitee]
+        found = found or bool(named)
         sent = [key for key in self.seen if key.startswith(f"{bare}/")]
         if sent:
             self.seen = deque((k for k in self.seen if k not in sent), maxlen=SEEN)

@@ -1071,9 +1071,15 @@ async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> N
     muc = h.host.module(Muc)
     await muc.stop()  # every write done
     del muc.rooms[stored]  # as on a node where that room is not live
+    await h.send(
+        alice, f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='bob@localhost'/></x>"
+        "</message>",
+    )
+    assert "bob@localhost" in muc.rooms[ROOM].invited
 
     assert await muc.remove_user("localhost", "bob") is True
     assert muc.rooms[ROOM].affiliation("bob@localhost") == "none"
+    assert muc.rooms[ROOM].invited == {}  # nor an invitation to decline
     await muc.stop()
     for name in ("room", "stored"):
         item = await h.host.items("localhost", "muc_rooms").get(name)
