@@ -1062,7 +1062,9 @@ class Room:
                 changes.append(("role", nick, role, reason))
             else:
                 raise StanzaError("bad-request", "an item needs a role or an affiliation")
-        if "owner" not in plan.affiliations.values():
+        owners = "owner" in plan.affiliations.values()
+        if not owners and "owner" in self.affiliations.values():
+            # (One whose owners' accounts were removed has none; its admins still act.)
             raise StanzaError("conflict", "a room keeps at least one owner")
         self._check_room_for(plan.affiliations, self.registered)
         out: Out = []

@@ -630,6 +630,11 @@ async def test_an_admin_batch_is_judged_whole_and_applied_all_or_nothing() -> No
     assert room.affiliations == {"alice@localhost": "member", "bob@localhost": "owner"}
     (kicked,) = [p for p in carol.take() if p.get("type") == "unavailable"]
     assert codes(kicked) == {"110", "307"}
+    # A room whose owners' accounts were removed has none: its admins still act.
+    await admin_iq(h, bob, "set", "<item affiliation='admin' jid='alice@localhost'/>")
+    await h.host.module(Muc).remove_user("localhost", "bob")
+    reply = await admin_iq(h, alice, "set", "<item affiliation='member' jid='dave@localhost'/>")
+    assert reply.get("type") == "result"
 
 
 async def test_configuration_changes_are_announced_and_members_only_removes_others() -> None:
