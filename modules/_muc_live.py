@@ -46,7 +46,11 @@ from xmppd.modules._muc_room import Room
 KEY = "xmppd:muc:room:"
 PUBLIC = "xmppd:muc:public:"
 TTL = 86400
-"""Seconds a record lives after its last write: a room nobody touched for a day."""
+"""Seconds a record lives after its holder last wrote or refreshed it (`keep`): what a
+killed node leaves behind goes a day after it died, whoever comes back to it or not."""
+REFRESHES = 4
+"""`keep` runs this many times per TTL: a record outlives a few refreshes lost to a Redis
+outage before its live room's lease could lapse."""
 REDIS_WAIT = 5.0
 RETRY_DELAY = 0.5
 _ALIVE_BEFORE, _ALIVE_AFTER = schema.alive_key("\0").split("\0")
@@ -90,6 +94,15 @@ return 1
 """
 """The room is gone (destroyed, a temporary room emptied, never created)."""
 
+KEEP = """
+-- KEYS record; ARGV node, ttl
+if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then return 0 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+"""The room this node runs lives on: its record's TTL starts again, if this node still
+holds the lease."""
+
 
 @dataclass
 class Claimed:
@@ -123,10 +136,11 @@ class LiveRooms:
         redis: Redis,
         node: str,
         nodes_of: Callable[[list[str]], dict[str, str | None]],
-        lost: Callable[[str], None],
+        lost: Callable[[str, Room], None],
     ) -> None:
-        """`nodes_of(full JIDs)`: the node each session is bound on; `lost(room)`: a
-        write was refused, another node holds the room's lease now."""
+        """`nodes_of(full JIDs)`: the node each session is bound on; `lost(room JID,
+        room)`: a write of that room was refused, another node holds its lease now
+        (the room may have been loaded again meanwhile: not that one)."""
         self.redis = redis
         self.node = node
         self.nodes_of = nodes_of
@@ -134,6 +148,7 @@ class LiveRooms:
         self._claim = redis.register_script(CLAIM)
         self._save = redis.register_script(SAVE)
         self._drop = redis.register_script(DROP)
+        self._keep = redis.register_script(KEEP)
         self._pending: list[_Change] = []
         self._last: dict[str, _Change] = {}  # room JID -> its change in _pending
         self._task: asyncio.Task[None] | None = None
@@ -168,6 +183,32 @@ class LiveRooms:
         change = self._change(room_jid, None)
         change.drop = True
         return self._done(change)
+
+    @staticmethod
+    def keep_every() -> float:
+        """Seconds between two `keep`s (read when the module starts: tests shorten TTL)."""
+        return TTL / REFRESHES
+
+    async def keep(self, room_jids: list[str]) -> list[str]:
+        """The rooms this node runs, quiet or not, keep their records (one round trip):
+        a record expires only when its node stopped refreshing it, that is died. (Not
+        PERSIST while leased: a killed node's records would then stay in Redis for
+        ever, and in the room directory.) Returns the rooms whose lease this node no
+        longer holds (the caller checks they are still the ones it ran)."""
+        if not room_jids:
+            return []
+        try:
+            async with asyncio.timeout(REDIS_WAIT):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for room_jid in room_jids:
+                        await self._keep(
+                            keys=[record_key(room_jid)], args=[self.node, TTL], client=pipe
+                        )
+                    kept = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.log.error("muc: could not refresh the live rooms in Redis (%s)", exc)
+            return []
+        return [room_jid for room_jid, held in zip(room_jids, kept, strict=True) if not held]
 
     async def flush(self) -> None:
         """Return once what was marked so far is written (or given up on)."""
@@ -247,7 +288,7 @@ class LiveRooms:
             if not written and change.room is not None and not change.release:
                 self.log.warning("muc: %s is run by another node now; letting go",
                                  change.room_jid)
-                self.lost(change.room_jid)
+                self.lost(change.room_jid, change.room)
 
     def _args(self, change: _Change) -> list[Any]:
         room_jid, room = change.room_jid, change.room

@@ -35,6 +35,7 @@ from lxml import etree
 
 from xmppd.jid import JID, parse_jid
 from xmppd.modules._dataforms import Field, Submitted, form
+from xmppd.storage.base import MAX_ITEM_BYTES
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 
@@ -53,6 +54,7 @@ MUC_REQUEST = f"{MUC}#request"
 
 SID = "urn:xmpp:sid:0"
 SEEN = 200  # message ids a room remembers to drop a message handled twice
+INVITES = 100  # invitations a room remembers, for their declines
 
 ROLES = ("none", "visitor", "participant", "moderator")
 AFFILIATIONS = ("outcast", "none", "member", "admin", "owner")
@@ -153,6 +155,11 @@ class Limits:
     max_message_bytes: int = 16384
     messages_per_second: float = 2.0  # per occupant, groupchat and private together
     message_burst: int = 10
+    max_presence_bytes: int = 4096  # an occupant's presence payload, kept for newcomers
+    max_affiliations: int = 1000  # JIDs with an affiliation or a registered nick, per room
+    # What the room's stored state may take (the stores' item limit, less the item's
+    # other attributes and their names).
+    max_state_bytes: int = MAX_ITEM_BYTES - 4096
 
 
 @dataclass(slots=True)
@@ -206,6 +213,9 @@ class Room:
         self.seen_changed = False
         self._seq = 0  # the next occupant's `seq`
         self._ids: dict[str, str] = {}  # bare JID -> occupant id (an HMAC each time is dear)
+        # Invitations forwarded and not declined yet, oldest first: invitee's bare JID ->
+        # the inviter's full JID, where its decline goes (at most INVITES).
+        self.invited: dict[str, str] = {}
 
     # --- stored state -------------------------------------------------------------------
 
@@ -239,7 +249,8 @@ class Room:
         the `creator` mark that counts against its rooms-per-user limit) and is not
         taken for the old one: the occupant id on its messages in the history, the
         same HMAC for the same JID, is replaced by one of its own (`forget_history`).
-        The last message ids it sent (their keys hold its full JID) go too.
+        The last message ids it sent (their keys hold its full JID) go too, and the
+        invitations it sent or got (the room keeps them for their declines).
 
         The history's messages themselves stay, under the nick they were sent with:
         XEP-0045's discussion history (7.2.15) is the room's record that every
@@ -261,6 +272,10 @@ class Room:
             if xml is not None:
                 self.history[n] = HistoryEntry(entry.when, xml, len(xml))
                 self.history_changed = found = True
+        named = [k for k, inviter in self.invited.items() if bare in (k, inviter.split("/")[0])]
+        for invitee in named:
+            del self.invited[invitee]
+        found = found or bool(named)
         sent = [key for key in self.seen if key.startswith(f"{bare}/")]
         if sent:
             self.seen = deque((k for k in self.seen if k not in sent), maxlen=SEEN)
@@ -300,12 +315,13 @@ class Room:
 
     def live_state(self) -> dict[str, Any]:
         """`snapshot()` and what only a live room has (a temporary room is nowhere else)."""
-        return {**self.snapshot(), "locked": self.locked}
+        return {**self.snapshot(), "locked": self.locked, "invited": self.invited}
 
     @classmethod
     def restore_live(cls, jid: str, limits: Limits, state: dict[str, Any]) -> Room:
         room = cls.restore(jid, limits, state)
         room.locked = bool(state.get("locked"))
+        room.invited = dict(state.get("invited", {}))
         room.stored = room.config.persistent
         return room
 
@@ -508,11 +524,23 @@ class Room:
             return []
         if occupant is None:
             return self._join(stanza, sender, nick, now)
+        # Each goes to every occupant, and its payload is kept for every newcomer: the
+        # same size and rate limits as a message.
+        self._admit(occupant, stanza, now)
         if nick != occupant.nick:
             return self._change_nick(occupant, nick)
-        occupant.presence, occupant.show = _presence_payload(stanza)
+        occupant.presence, occupant.show = self._presence_payload(stanza)
         self.touched.add(nick)
         return self._broadcast_presence(occupant)
+
+    def _presence_payload(self, stanza: etree._Element) -> tuple[list[etree._Element], str | None]:
+        """`_presence_payload`, refused over `max_presence_bytes`: the room keeps it
+        for as long as the occupant stays and sends it to every newcomer."""
+        kept, show = _presence_payload(stanza)
+        size = sum(len(etree.tostring(child)) for child in kept)
+        if size > self.limits.max_presence_bytes:
+            raise StanzaError("policy-violation", "the presence is too large")
+        return kept, show
 
     def _join(self, stanza: etree._Element, sender: JID, nick: str, now: float) -> Out:
         x = stanza.find(f"{{{MUC}}}x")
@@ -540,8 +568,9 @@ class Room:
         if taken is not None:
             raise StanzaError("conflict", "that nickname is in use")
         self._check_reserved(nick, sender.bare)
+        presence, show = self._presence_payload(stanza)
         occupant = Occupant(nick, sender, self._default_role(affiliation), seq=self._next())
-        occupant.presence, occupant.show = _presence_payload(stanza)
+        occupant.presence, occupant.show = presence, show
         out: Out = [self._shown(other, occupant) for other in self.occupants.values()]
         self.occupants[nick] = occupant
         self.by_jid[sender.full] = occupant
@@ -647,9 +676,11 @@ class Room:
         holder = self.occupants.get(nick)
         if holder is not None and holder.jid.bare != bare:
             raise StanzaError("conflict", "that nickname is in use")
+        member = {bare: "member"} if self.affiliation(bare) == "none" else {}
+        self._check_room_for({**self.affiliations, **member}, {**self.registered, bare: nick})
         self.registered[bare] = nick
         self.persistent_changed = True
-        if self.affiliation(bare) == "none":
+        if member:
             return self._set_affiliation(bare, "member", None, None)
         return []
 
@@ -754,7 +785,9 @@ class Room:
         return message
 
     def _admit(self, sender: Occupant, stanza: etree._Element, now: float) -> None:
-        """The service's message size and per-occupant rate limits."""
+        """The service's message size and per-occupant rate limits: over everything an
+        occupant makes the room send to all (messages, presence updates, nick changes,
+        invitations)."""
         if len(etree.tostring(stanza)) > self.limits.max_message_bytes:
             raise StanzaError("policy-violation", "the message is too large")
         burst = float(self.limits.message_burst)
@@ -807,6 +840,7 @@ class Room:
         if subject is not None and body is None:
             if sender.role != "moderator" and not self.config.change_subject:
                 raise StanzaError("forbidden", "you may not change the subject")
+            self._check_room_for(subject=subject.text or "", subject_nick=sender.nick)
             self.subject = subject.text or ""
             self.subject_nick = sender.nick
             self.persistent_changed = True
@@ -814,7 +848,7 @@ class Room:
         if stanza.get("id") is not None:
             template.set("id", stanza.get("id", ""))
         for child in stanza:
-            if child.tag != f"{{{OCCUPANT_ID}}}occupant-id":  # never trust a client's
+            if child.tag not in _NOT_IN_GROUPCHAT:
                 template.append(_copy(child))
         self._stamp_occupant_id(template, sender)
         if body is not None and self.history.maxlen:
@@ -859,7 +893,7 @@ class Room:
         if x is not None:
             invite = x.find(f"{{{MUC_USER}}}invite")
             if invite is not None:
-                return self._invite(stanza, invite)
+                return self._invite(stanza, invite, now)
             decline = x.find(f"{{{MUC_USER}}}decline")
             if decline is not None:
                 return self._decline(stanza, decline)
@@ -901,19 +935,25 @@ class Room:
             out += self._sessions(moderator, message)
         return out
 
-    def _invite(self, stanza: etree._Element, invite: etree._Element) -> Out:
+    def _invite(self, stanza: etree._Element, invite: etree._Element, now: float) -> Out:
         sender = self.by_jid.get(stanza.get("from", ""))
         if sender is None:
             raise StanzaError("not-acceptable", "only occupants may invite")
         invitee = parse_jid(invite.get("to", ""))
+        self._admit(sender, stanza, now)  # each makes the room send a message to anyone
         if self.config.members_only:
             rank = _RANK[self.affiliation(sender.jid.bare)]
             may = rank >= _RANK["admin"] or (self.config.allow_invites and rank >= _RANK["member"])
             if not may:
                 raise StanzaError("forbidden", "you may not invite to this members-only room")
             if self.affiliation(invitee.bare) == "none":
+                self._check_room_for({**self.affiliations, invitee.bare: "member"})
                 self.affiliations[invitee.bare] = "member"
                 self.persistent_changed = True
+        self.invited.pop(invitee.bare, None)
+        self.invited[invitee.bare] = str(sender.jid)
+        while len(self.invited) > INVITES:
+            del self.invited[next(iter(self.invited))]
         message = _stanza("message", self.jid, str(invitee))
         x = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
         forwarded = etree.SubElement(x, f"{{{MUC_USER}}}invite")
@@ -925,8 +965,13 @@ class Room:
         return [message]
 
     def _decline(self, stanza: etree._Element, decline: etree._Element) -> Out:
-        to = parse_jid(decline.get("to", ""))
-        message = _stanza("message", self.jid, str(to))
+        """An invitee declines (7.8.2): the room tells the inviter, once. Only to an
+        invitation it forwarded, and only to whoever sent that: the room sends
+        nothing to a JID of the decliner's choosing."""
+        inviter = self.invited.pop(parse_jid(stanza.get("from", "")).bare, None)
+        if inviter is None:
+            raise StanzaError("not-acceptable", "you have no invitation to decline")
+        message = _stanza("message", self.jid, inviter)
         x = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
         forwarded = etree.SubElement(x, f"{{{MUC_USER}}}decline")
         forwarded.set("from", parse_jid(stanza.get("from", "")).bare)
@@ -995,67 +1040,78 @@ class Room:
         return self.by_jid.get(sender.full), self.affiliation(sender.bare)
 
     def admin_set(self, stanza: etree._Element, query: etree._Element) -> Out:
-        """Role and affiliation changes, all or none (XEP-0045 9.x, 10.x)."""
+        """Role and affiliation changes, all or none (XEP-0045 9.x, 10.x): every item is
+        resolved and checked against the room as the items before it leave it (`_Plan`),
+        so that the batch as a whole is judged (a room keeps an owner after all of it)
+        and nothing is applied, announced or left unstored halfway."""
         actor, actor_affiliation = self._actor(stanza)
         items = list(query.iterchildren(f"{{{MUC_ADMIN}}}item"))
         if not items:
             raise StanzaError("bad-request", "no item")
-        changes: list[tuple[str, etree._Element]] = []
+        plan = _Plan(self)
+        changes: list[tuple[str, str, str, str | None]] = []  # kind, target, value, reason
         for item in items:
+            reason = item.findtext(f"{{{MUC_ADMIN}}}reason")
             if item.get("affiliation") is not None:
-                self._check_affiliation(item, actor_affiliation)
-                changes.append(("affiliation", item))
+                bare, affiliation = self._check_affiliation(item, actor_affiliation, plan)
+                plan.set_affiliation(bare, affiliation)
+                changes.append(("affiliation", bare, affiliation, reason))
             elif item.get("role") is not None:
-                self._check_role(item, actor, actor_affiliation)
-                changes.append(("role", item))
+                nick, role = self._check_role(item, actor, actor_affiliation, plan)
+                plan.set_role(nick, role)
+                changes.append(("role", nick, role, reason))
             else:
                 raise StanzaError("bad-request", "an item needs a role or an affiliation")
+        owners = "owner" in plan.affiliations.values()
+        if not owners and "owner" in self.affiliations.values():
+            # (One whose owners' accounts were removed has none; its admins still act.)
+            raise StanzaError("conflict", "a room keeps at least one owner")
+        self._check_room_for(plan.affiliations, self.registered)
         out: Out = []
         actor_nick = actor.nick if actor is not None else None
-        for kind, item in changes:
-            reason = item.findtext(f"{{{MUC_ADMIN}}}reason")
+        for kind, target, value, reason in changes:
             if kind == "role":
-                out += self._set_role(self.occupants[item.get("nick", "")], item.get("role", ""),
-                                      actor_nick, reason)
+                out += self._set_role(self.occupants[target], value, actor_nick, reason)
             else:
-                out += self._set_affiliation(self._affiliation_target(item),
-                                             item.get("affiliation", ""), actor_nick, reason)
+                out += self._set_affiliation(target, value, actor_nick, reason)
         return out
 
-    def _check_role(self, item: etree._Element, actor: Occupant | None, actor_aff: str) -> None:
+    def _check_role(
+        self, item: etree._Element, actor: Occupant | None, actor_aff: str, plan: _Plan
+    ) -> tuple[str, str]:
         role = item.get("role", "")
         if role not in ROLES:
             raise StanzaError("bad-request", "no such role")
         if actor is None or actor.role != "moderator":
             raise StanzaError("forbidden", "only moderators change roles")
-        target = self.occupants.get(item.get("nick", ""))
-        if target is None:
+        nick = item.get("nick", "")
+        current = plan.roles.get(nick)
+        if current is None:  # not in the room, or out by an item before this one
             raise StanzaError("item-not-found", "no such occupant")
-        target_aff = self.affiliation(target.jid.bare)
+        target_aff = plan.affiliations.get(self.occupants[nick].jid.bare, "none")
         if role == "moderator" and _RANK[actor_aff] < _RANK["admin"]:
             raise StanzaError("not-allowed", "only admins and owners grant moderation")
         if role in ("none", "visitor", "participant") and target_aff in ("admin", "owner"):
             # Nobody demotes or kicks an admin or owner through a role (9.1, 9.6).
             raise StanzaError("not-allowed", "that occupant's affiliation protects it")
-        if target.role == "moderator" and role != "moderator" and _RANK[actor_aff] < _RANK["admin"]:
+        if current == "moderator" and role != "moderator" and _RANK[actor_aff] < _RANK["admin"]:
             raise StanzaError("not-allowed", "only admins and owners revoke moderation")
+        return nick, role
 
-    def _check_affiliation(self, item: etree._Element, actor_aff: str) -> None:
+    def _check_affiliation(
+        self, item: etree._Element, actor_aff: str, plan: _Plan
+    ) -> tuple[str, str]:
         affiliation = item.get("affiliation", "")
         if affiliation not in AFFILIATIONS:
             raise StanzaError("bad-request", "no such affiliation")
         target = self._affiliation_target(item)
-        current = self.affiliation(target)
+        current = plan.affiliations.get(target, "none")
         if actor_aff == "owner":
-            if current == "owner" and affiliation != "owner":
-                owners = [j for j, a in self.affiliations.items() if a == "owner"]
-                if owners == [target]:
-                    raise StanzaError("conflict", "a room keeps at least one owner")
-            return
+            return target, affiliation
         if actor_aff == "admin":
             if affiliation in ("admin", "owner") or current in ("admin", "owner"):
                 raise StanzaError("not-allowed", "only owners change admins and owners")
-            return
+            return target, affiliation
         raise StanzaError("forbidden", "only admins and owners change affiliations")
 
     def _affiliation_target(self, item: etree._Element) -> str:
@@ -1066,6 +1122,30 @@ class Room:
         if occupant is None:
             raise StanzaError("bad-request", "an affiliation item needs a jid or a nick")
         return occupant.jid.bare
+
+    def _check_room_for(
+        self,
+        affiliations: dict[str, str] | None = None,
+        registered: dict[str, str] | None = None,
+        **changed: Any,
+    ) -> None:
+        """Refuse a change that would leave the room more JIDs to keep than the service
+        allows, or a stored state over the size the stores take: everything named here
+        is kept in one stored item, and one over the size would fail to store after
+        the change was made and announced (resource-constraint, as XEP-0045 gives a
+        full registration). A change that does not grow the room passes."""
+        affiliations = self.affiliations if affiliations is None else affiliations
+        registered = self.registered if registered is None else registered
+        named = len(affiliations.keys() | registered.keys())
+        if named > self.limits.max_affiliations and named > len(
+            self.affiliations.keys() | self.registered.keys()
+        ):
+            raise StanzaError("resource-constraint", "this room keeps no more affiliations")
+        state = {
+            **self.snapshot(), "affiliations": affiliations, "registered": registered, **changed
+        }
+        if len(json.dumps(state).encode()) > self.limits.max_state_bytes:
+            raise StanzaError("resource-constraint", "the room's state would be too large")
 
     def _set_role(self, target: Occupant, role: str, actor: str | None, reason: str | None) -> Out:
         if role == "none":
@@ -1146,7 +1226,9 @@ class Room:
         if submitted is None:
             raise StanzaError("bad-request", "expected a configuration form")
         before = Config(**asdict(self.config))
-        self.config = _apply_form(self.config, submitted, self.limits)
+        config = _apply_form(self.config, submitted, self.limits)
+        self._check_room_for(config=asdict(config))
+        self.config = config
         self.history = deque(self.history, maxlen=self._history_cap())
         self.persistent_changed = True
         was_locked, self.locked = self.locked, False
@@ -1173,16 +1255,28 @@ class Room:
         return self._destroy_all(element.get("jid"), element.findtext(f"{{{MUC_OWNER}}}reason"))
 
     def _destroy_all(self, venue: str | None, reason: str | None) -> Out:
+        destroy = etree.Element(f"{{{MUC_USER}}}destroy")
+        if venue:
+            destroy.set("jid", venue)
+        if reason:
+            etree.SubElement(destroy, f"{{{MUC_USER}}}reason").text = reason
+        return self._everyone_out(destroy=destroy)
+
+    def shut_down(self) -> Out:
+        """This copy of the room stops (its node lost the room's lease): each occupant
+        is told it is out, as at a service shutdown (332), and nobody else about it,
+        since everyone goes."""
+        return self._everyone_out(codes=["332"])
+
+    def _everyone_out(
+        self, destroy: etree._Element | None = None, codes: Iterable[str] = ()
+    ) -> Out:
         out: Out = []
         for occupant in list(self.occupants.values()):
-            destroy = etree.Element(f"{{{MUC_USER}}}destroy")
-            if venue:
-                destroy.set("jid", venue)
-            if reason:
-                etree.SubElement(destroy, f"{{{MUC_USER}}}reason").text = reason
-            out += self._sessions(
-                occupant, self._presence_of(occupant, occupant, unavailable=True, destroy=destroy)
-            )
+            out += self._sessions(occupant, self._presence_of(
+                occupant, occupant, unavailable=True, codes=codes,
+                destroy=None if destroy is None else _copy(destroy),  # each its own
+            ))
             del self.occupants[occupant.nick]
             self.touched.add(occupant.nick)
             for session in (occupant.jid, *occupant.others):
@@ -1228,6 +1322,39 @@ class Room:
                     "jid", f"{self.jid}/{nick}"
                 )
         return query
+
+
+class _Plan:
+    """The roles and affiliations of a room as a muc#admin batch's items leave them, one
+    after the other, before any of them is applied (`Room.admin_set`)."""
+
+    def __init__(self, room: Room) -> None:
+        self.room = room
+        self.affiliations = dict(room.affiliations)
+        self.roles = {nick: occupant.role for nick, occupant in room.occupants.items()}
+
+    def set_affiliation(self, bare: str, affiliation: str) -> None:
+        """As `Room._set_affiliation` does: an outcast's occupants leave, so do a
+        non-member's in a members-only room; the others get the affiliation's role."""
+        if affiliation == "none":
+            self.affiliations.pop(bare, None)
+        else:
+            self.affiliations[bare] = affiliation
+        removed = affiliation == "outcast" or (
+            affiliation == "none" and self.room.config.members_only
+        )
+        for nick, occupant in self.room.occupants.items():
+            if occupant.jid.bare == bare and nick in self.roles:
+                if removed:
+                    del self.roles[nick]
+                else:
+                    self.roles[nick] = self.room._default_role(affiliation)
+
+    def set_role(self, nick: str, role: str) -> None:
+        if role == "none":
+            del self.roles[nick]
+        else:
+            self.roles[nick] = role
 
 
 def _bool(var: str, label: str, value: bool) -> Field:
@@ -1327,6 +1454,16 @@ def _status_of(stanza: etree._Element) -> str | None:
 # What a client's presence or private message may not carry into the room: the
 # join element, and an occupant id of its own making (XEP-0421: the room's only).
 _NOT_RELAYED = frozenset({f"{{{MUC}}}x", f"{{{MUC_USER}}}x", f"{{{OCCUPANT_ID}}}occupant-id"})
+
+
+# What a groupchat message may not carry into the room: an occupant id of the client's
+# making, and any delay (XEP-0203, legacy XEP-0091). A live message is not delayed, and
+# clients show a message by its delay's stamp whoever put it there: an occupant's
+# forged one (from the room, say) would pass a live message off as old history. The
+# room adds its own delay to history it sends on join.
+_NOT_IN_GROUPCHAT = frozenset({
+    f"{{{OCCUPANT_ID}}}occupant-id", f"{{{DELAY}}}delay", "{jabber:x:delay}x",
+})
 
 
 def _presence_payload(stanza: etree._Element) -> tuple[list[etree._Element], str | None]:

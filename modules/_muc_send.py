@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 SLICE = 256
 """Stanzas routed between two turns of the event loop (pubsub's FAN_OUT_BATCH)."""
+MAX_BACKLOG = 100_000
+"""Stanzas a room may have waiting before it refuses what would add a fan-out
+(`Outbox.busy`): occupants' rate limits are each their own, and a thousand of them
+at their bursts would queue millions of copies."""
 
 
 class Outbox:
@@ -40,6 +44,7 @@ class Outbox:
         self.host = host
         self._waiting: dict[str, deque[Out]] = {}
         self._senders: dict[str, asyncio.Future[None]] = {}
+        self._backlog: dict[str, int] = {}  # room JID -> stanzas in its waiting outputs
         self.slices = 0  # slices routed after a turn of the loop (tests and bench count them)
 
     def send(self, room_jid: str, out: Out) -> None:
@@ -49,14 +54,21 @@ class Outbox:
         waiting = self._waiting.get(room_jid)
         if waiting is not None:
             waiting.append(out)
+            self._backlog[room_jid] += len(out)
             return
         self._route(out[:SLICE])
         if len(out) <= SLICE:
             return
         waiting = deque([out[SLICE:]])
         self._waiting[room_jid] = waiting
+        self._backlog[room_jid] = len(out) - SLICE
         # Nobody's work: it routes what every occupant sends after this.
         self._senders[room_jid] = self.host.spawn_shared(self._drain(room_jid, waiting))
+
+    def busy(self, room_jid: str) -> bool:
+        """Has the room more waiting than MAX_BACKLOG? (Then it takes nothing that
+        fans out until its outbox drains: backpressure, not a growing queue.)"""
+        return self._backlog.get(room_jid, 0) > MAX_BACKLOG
 
     async def sent(self, room_jid: str) -> None:
         """Return once what the room has sent so far is routed (a hand-over waits for it:
@@ -75,11 +87,14 @@ class Outbox:
                 for start in range(0, len(out), SLICE):
                     await asyncio.sleep(0)
                     self.slices += 1
-                    self._route(out[start:start + SLICE])
+                    chunk = out[start:start + SLICE]
+                    self._route(chunk)
+                    self._backlog[room_jid] -= len(chunk)
                 waiting.popleft()
         finally:
             del self._waiting[room_jid]
             del self._senders[room_jid]
+            del self._backlog[room_jid]
 
     def _route(self, out: Out) -> None:
         for sent in out:

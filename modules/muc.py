@@ -172,11 +172,14 @@ class MucOptions(BaseModel):
     subdomain: str = "conference"  # the service is <subdomain>.<host> for every host
     name: str = "Chatrooms"
     max_rooms_per_user: int = Field(10, ge=0)  # rooms a user created that still exist
+    allow_remote_creators: bool = False  # users of other servers may create rooms
     max_occupants: int = Field(200, ge=1)  # per room; a room's max users is at most this
     max_history: int = Field(50, ge=0)  # messages a room keeps for joins
     max_message_bytes: int = Field(16384, ge=256)
     messages_per_second: float = Field(2.0, gt=0)  # per occupant, sustained
     message_burst: int = Field(10, ge=1)
+    max_presence_bytes: int = Field(4096, ge=512)  # an occupant's presence payload
+    max_affiliations: int = Field(1000, ge=10)  # per room, registered nicks included
 
 
 class Muc(Module):
@@ -205,9 +208,12 @@ class Muc(Module):
         self.live: LiveRooms | None = None
         self._released: dict[str, asyncio.Event] = {}  # room -> wakes its claim
         self._handing: dict[str, asyncio.Future[None]] = {}  # rooms being handed over
+        self._dropping: dict[str, asyncio.Future[None]] = {}  # records being dropped
         redis, node = self.host.cluster_redis, self.host.node_name
         if redis is not None and node is not None:
             self.live = LiveRooms(redis, node, self._nodes_of, self._lost)
+            self._keeping: asyncio.Future[None] | None = None
+            self.host.every(self.live.keep_every(), self._keep_leases)
         for vhost in self.host.hosts:
             domain = f"{options.subdomain}.{vhost}"
             self.services[domain] = vhost
@@ -229,6 +235,8 @@ class Muc(Module):
         limits.max_message_bytes = options.max_message_bytes
         limits.messages_per_second = options.messages_per_second
         limits.message_burst = options.message_burst
+        limits.max_presence_bytes = options.max_presence_bytes
+        limits.max_affiliations = options.max_affiliations
 
     async def stop(self) -> None:
         """Write what is not written yet (history waits up to HISTORY_WRITE)."""
@@ -353,10 +361,39 @@ class Muc(Module):
                 self.log.info("muc: a session left %s with its node", room.jid)
                 self._apply(room, room.session_gone(jid))
 
-    def _lost(self, room_jid: str) -> None:
-        """Another node holds the room's lease now (this one was taken for dead): the
-        room here is stale; stanzas for it wait for the lease again."""
-        self.rooms.pop(room_jid, None)
+    def _keep_leases(self) -> None:
+        """Every room this node runs keeps its record in Redis, quiet ones too
+        (`LiveRooms.keep`); one refresh at a time."""
+        live = self.live
+        if live is None or (self._keeping is not None and not self._keeping.done()):
+            return
+        running = dict(self.rooms)
+
+        async def keep() -> None:
+            for room_jid in await live.keep(list(running)):
+                self._lost(room_jid, running[room_jid])
+
+        self._keeping = self.host.spawn_shared(keep())
+
+    def _lost(self, room_jid: str, room: Room) -> None:
+        """Another node holds the room's lease now (this one was taken for dead), or
+        nobody does: the room here is stale, and goes. Its occupants are told they are
+        out (332), never left believing they are in a room that no longer hears them,
+        and each session's leave goes to the room wherever it runs now (the node that
+        took it over has them as occupants): room and clients agree, and a client that
+        joins again gets a full join. Stanzas for the room wait for the lease again."""
+        if room_jid not in self.rooms or self.rooms[room_jid] is not room:
+            return  # gone already, or loaded again since
+        del self.rooms[room_jid]
+        sessions = [(jid, occupant.nick) for jid, occupant in room.by_jid.items()]
+        out = room.shut_down()
+        for jid, nick in sessions:
+            gone = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+            gone.set("type", "unavailable")
+            gone.set("from", jid)
+            gone.set("to", f"{room_jid}/{nick}")
+            out.append(gone)
+        self.outbox.send(room_jid, out)
 
     def _let_go(self) -> None:
         """Drop every live room this node does not own any more, after writing what it
@@ -453,6 +490,8 @@ class Muc(Module):
         try:
             if (pending := self._saving.get(room_jid)) is not None:
                 await asyncio.gather(pending[1], return_exceptions=True)  # a deletion, say
+            if (dropping := self._dropping.get(room_jid)) is not None:
+                await dropping
             record: dict[str, str] = {}
             if self.live is not None:
                 got = await self._claim(room_jid)
@@ -490,10 +529,30 @@ class Muc(Module):
             if self.live is not None:
                 self._purge(room)  # sessions that died with the node that ran it
                 self._after(room)
-        for routed in waiting:
-            self._to_room(room_jid, self.rooms.get(room_jid), routed, owned)
+        made = False
+        for n, routed in enumerate(waiting):
+            live = self.rooms.get(room_jid)
+            if live is None and made:
+                # It went (emptied, destroyed) while these waited: the rest load it
+                # again, claiming a lease once its record is dropped, as they would
+                # have had they come later.
+                for later in waiting[n:]:
+                    self._handle(later)
+                return
+            self._to_room(room_jid, live, routed, owned)
+            made = made or live is not None or room_jid in self.rooms
         if self.live is not None and room_jid not in self.rooms:
-            self.live.drop(room_jid)  # never made, or gone already: no record left behind
+            self._drop(room_jid)  # never made, or gone already: no record left behind
+
+    def _drop(self, room_jid: str) -> None:
+        """Drop the room's record; a load of that room waits for it (a claim that went
+        first would find the record, and lose it to the drop)."""
+        assert self.live is not None
+        dropping = self._dropping[room_jid] = self.live.drop(room_jid)
+        dropping.add_done_callback(
+            lambda done: self._dropping.pop(room_jid)
+            if self._dropping.get(room_jid) is done else None
+        )
 
     async def _claim(self, room_jid: str) -> dict[str, str] | None:
         """Take the room's lease, waiting while another live node runs the room (it lets
@@ -606,9 +665,16 @@ class Muc(Module):
             return None
         if not routed.to.resource:
             raise StanzaError("jid-malformed", "join with room@service/nickname")
-        creator = JID(stanza.get("from")).bare
-        mine = {r.jid.split("@", 1)[0] for r in self.rooms.values() if r.creator == creator}
+        sender = JID(stanza.get("from"))
         options: MucOptions = self.options  # type: ignore[assignment]
+        if not options.allow_remote_creators and not self.host.serves(sender.domain):
+            # A remote server's users are not limited by anything here (rooms per user
+            # counts bare JIDs, which it makes at will): by default they join rooms,
+            # they do not make them (Prosody's restrict_room_creation, ejabberd's
+            # access_create do the same).
+            raise StanzaError("not-allowed", "only users of this server create rooms")
+        creator = sender.bare
+        mine = {r.jid.split("@", 1)[0] for r in self.rooms.values() if r.creator == creator}
         if len(mine | (owned or set())) >= options.max_rooms_per_user:
             raise StanzaError("not-allowed", "you have created as many rooms as allowed")
         room = Room(room_jid, self.limits, creator)
@@ -622,6 +688,13 @@ class Muc(Module):
 
     def _dispatch(self, room: Room, routed: Routed) -> Out:
         stanza, nick, now = routed.stanza, routed.to.resource, self.clock()
+        fans_out = stanza.get("type") == "groupchat" or (
+            stanza.tag == ns.C_PRESENCE and stanza.get("type") in (None, "available")
+        )
+        if fans_out and self.outbox.busy(room.jid):
+            # What goes to every occupant waits until the room has sent what it owes
+            # (leaving, private messages and IQs pass).
+            raise StanzaError("resource-constraint", "the room is busy, try again", "wait")
         if stanza.tag == ns.C_PRESENCE:
             if not nick:
                 # An occupant's presence to the bare room is meant for its own nick
@@ -687,7 +760,7 @@ class Muc(Module):
             if jid in self.rooms and self.rooms[jid] is room:
                 del self.rooms[jid]
                 if self.live is not None:
-                    self.live.drop(jid)
+                    self._drop(jid)
             room.destroyed = True
             if room.stored or room.config.persistent:
                 self._save(room, at_once=True)  # deletes what was stored

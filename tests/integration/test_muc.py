@@ -210,14 +210,19 @@ async def test_invitations_mediated_and_direct_with_a_decline(start_server: Star
     assert invite["muc"]["invite"]["reason"] == "join us"
     await bob.muc.join_muc_wait(ROOM, "Bob", timeout=10)  # the invitation made him a member
 
-    # XEP-0249: the invitation goes from user to user; carol declines through the room.
+    # XEP-0249: the invitation goes from user to user.
     alice.plugin["xep_0249"].send_invitation(JID("carol@localhost/laptop"), ROOM, reason="too")
     assert (await asyncio.wait_for(direct.get(), 10))["groupchat_invite"]["jid"] == ROOM
+    # A mediated one carol declines through the room, which tells whoever invited her.
     # (slixmpp's groupchat_decline event fires only for components: a handler of our own.)
     declines: asyncio.Queue[Message] = asyncio.Queue()
     alice.register_handler(
         Callback("decline", StanzaPath("message/muc/decline"), declines.put_nowait)
     )
+    carol_invites: asyncio.Queue[Message] = asyncio.Queue()
+    carol.add_event_handler("groupchat_invite", carol_invites.put_nowait)
+    alice.muc.invite(ROOM, JID("carol@localhost"))
+    await asyncio.wait_for(carol_invites.get(), 10)
     carol.muc.decline(ROOM, JID("alice@localhost"), reason="busy")
     message = await asyncio.wait_for(declines.get(), 10)
     assert message["from"] == ROOM

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from slixmpp import JID, Iq
-from slixmpp.exceptions import IqError
+from slixmpp.exceptions import IqError, PresenceError
 
 from tests.integration.clients import close, insecure_context
 from tests.integration.conftest import StartServer
@@ -32,6 +32,7 @@ from tests.integration.test_sm_cluster import (
 from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import schema
 from xmppd.cluster.heartbeat import INTERVAL, TTL
+from xmppd.modules import _muc_live
 from xmppd.modules.muc import owner_of
 from xmppd.server import Server
 from xmppd.storage import devservices
@@ -471,15 +472,57 @@ async def test_a_copy_whose_lease_another_node_took_stops_and_the_room_goes_on(
         await redis.aclose()
     alice.send_message(mto=room, mbody="before", mtype="groupchat")
     assert (await alice.said())["body"] == "before"  # handled, then its write refused
+    shut = await alice.presence_of("Alice", "unavailable")  # told, not left believing
+    assert {110, 332} <= set(shut["muc"]["status_codes"])
     deadline = time.monotonic() + WAIT
     while room.bare in rooms:
         assert time.monotonic() < deadline, "the old copy went on"
         await asyncio.sleep(0.01)
+    # The room heard her leave too: she joins again, a full join.
+    await alice.muc.join_muc_wait(room, "Alice", timeout=WAIT)
     alice.send_message(mto=room, mbody="after", mtype="groupchat")
     assert (await alice.said())["body"] == "after"
     assert room.bare in rooms
     assert await self_ping(alice, JID(f"{room}/Alice")) is None
     await close(alice)
+
+
+async def test_a_quiet_room_keeps_its_lease_and_its_state(
+    redis_service: LocalService, start_server: StartServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records live TTL seconds (2 here, a day in production) after their last
+    refresh: a room where nobody says anything for longer keeps its lease, its
+    password and its occupant, and its next writes are taken."""
+    monkeypatch.setattr(_muc_live, "TTL", 2)
+    url = devservices.redis_url(redis_service)
+    a, b = await two_nodes(start_server, url)
+    room = next(
+        JID(jid) for n in range(1000)
+        if owner_of(jid := f"room{n}@conference.localhost", frozenset({"muc-a", "muc-b"}))
+        == "muc-b"
+    )
+    alice = await chatter(a, "alice@localhost/desk")
+    bob = await chatter(a, "bob@localhost/phone")
+    await create(alice, room, "Alice", passwordprotectedroom=True, roomsecret="sesame")
+    await asyncio.sleep(3 * _muc_live.TTL)  # quiet
+    redis = Redis.from_url(url)
+    try:
+        key = f"xmppd:muc:room:{room.bare}"
+        assert await redis.hget(key, "node") == b"muc-b"
+        assert await redis.ttl(key) > 0
+    finally:
+        await redis.aclose()
+    with pytest.raises(PresenceError) as refused:
+        await bob.muc.join_muc_wait(room, "Bob", timeout=WAIT)
+    assert refused.value.condition == "not-authorized"  # still password-protected
+    await bob.muc.join_muc_wait(room, "Bob", password="sesame", timeout=WAIT)
+    await alice.presence_of("Bob")
+    alice.send_message(mto=room, mbody="still here", mtype="groupchat")
+    assert (await bob.said())["body"] == "still here"
+    assert room.bare in b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    for client in (alice, bob):
+        await close(client)
 
 
 async def test_a_removed_account_loses_its_affiliation_in_a_room_another_node_runs(

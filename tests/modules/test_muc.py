@@ -373,6 +373,30 @@ async def test_clients_cannot_forge_occupant_ids() -> None:
         assert oid.get("id") == h.host.module(Muc).rooms[ROOM].occupant_id("bob@localhost")
 
 
+async def test_a_live_groupchat_message_carries_no_delay_but_the_rooms_in_history() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take()
+    forged = (
+        f"<message to='{ROOM}' type='groupchat'><body>live</body>"
+        f"<delay xmlns='urn:xmpp:delay' from='{ROOM}' stamp='2001-01-01T00:00:00Z'/>"
+        f"<x xmlns='jabber:x:delay' from='{ROOM}' stamp='20010101T00:00:00'/></message>"
+    )
+    await h.send(bob, forged)
+    (heard,) = alice.take()
+    assert heard.findtext(f"{{{ns.CLIENT}}}body") == "live"
+    assert heard.find("{urn:xmpp:delay}delay") is None
+    assert heard.find("{jabber:x:delay}x") is None
+    # History on join: the room's own delay, with the time the room got it.
+    carol = h.session("carol@localhost/c")
+    (old,) = messages(await join(h, carol, "Carol"))[:1]
+    delays = old.findall("{urn:xmpp:delay}delay")
+    assert [d.get("from") for d in delays] == [ROOM]
+    assert not delays[0].get("stamp", "").startswith("2001")
+
+
 async def test_private_messages_between_occupants() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
@@ -565,6 +589,54 @@ async def test_affiliation_rules() -> None:
     assert condition(reply) == "bad-request"
 
 
+async def test_an_admin_batch_is_judged_whole_and_applied_all_or_nothing() -> None:
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice")
+    await admin_iq(h, alice, "set", "<item affiliation='owner' jid='bob@localhost'/>")
+    await join(h, bob, "Bob")
+    await join(h, carol, "Carol")
+    room = h.host.module(Muc).rooms[ROOM]
+    for session in (alice, bob, carol):
+        session.take()
+    # Each item alone leaves an owner; both together leave none.
+    reply = await admin_iq(
+        h, alice, "set",
+        "<item affiliation='member' jid='alice@localhost'/>"
+        "<item affiliation='admin' jid='bob@localhost'/>",
+    )
+    assert condition(reply) == "conflict"
+    assert room.affiliations == {"alice@localhost": "owner", "bob@localhost": "owner"}
+    # An item that fails after one that would have banned: nothing happens at all.
+    reply = await admin_iq(
+        h, alice, "set",
+        "<item affiliation='outcast' jid='carol@localhost'/><item nick='Carol' role='none'/>",
+    )
+    assert condition(reply) == "item-not-found"
+    # The same occupant kicked twice in one batch: an error, not a crash halfway.
+    reply = await admin_iq(
+        h, alice, "set", "<item nick='Carol' role='none'/><item nick='Carol' role='none'/>"
+    )
+    assert condition(reply) == "item-not-found"
+    assert "Carol" in room.occupants and room.affiliation("carol@localhost") == "none"
+    assert carol.take() == [] and bob.take() == []
+    # A batch that holds together is applied whole.
+    reply = await admin_iq(
+        h, alice, "set",
+        "<item affiliation='member' jid='alice@localhost'/><item nick='Carol' role='none'/>",
+    )
+    assert reply.get("type") == "result"
+    assert room.affiliations == {"alice@localhost": "member", "bob@localhost": "owner"}
+    (kicked,) = [p for p in carol.take() if p.get("type") == "unavailable"]
+    assert codes(kicked) == {"110", "307"}
+    # A room whose owners' accounts were removed has none: its admins still act.
+    await admin_iq(h, bob, "set", "<item affiliation='admin' jid='alice@localhost'/>")
+    await h.host.module(Muc).remove_user("localhost", "bob")
+    reply = await admin_iq(h, alice, "set", "<item affiliation='member' jid='dave@localhost'/>")
+    assert reply.get("type") == "result"
+
+
 async def test_configuration_changes_are_announced_and_members_only_removes_others() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
@@ -625,13 +697,25 @@ async def test_mediated_invitations_and_declines() -> None:
     # Inviting to a members-only room made bob a member: he may join.
     assert codes(presences(await join(h, bob, "Bob"))[-1]) == {"110"}
     carol = h.session("carol@localhost/c")
-    await h.send(
-        carol,
-        f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><decline to='alice@localhost'>"
-        "<reason>busy</reason></decline></x></message>",
+    decline_to = (
+        f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><decline to='{{}}'>"
+        "<reason>busy</reason></decline></x></message>"
     )
-    (decline,) = alice.take()[-1:]
+    # Only an invitee declines, and only to whoever invited it (not to a JID it names).
+    (refused,) = await h.send(carol, decline_to.format("alice@localhost"))
+    assert condition(refused) == "not-acceptable"
+    alice.take()
+    await h.send(
+        alice, f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='carol@localhost'/></x>"
+        "</message>",
+    )
+    assert len(carol.take()) == 1  # the invitation
+    assert await h.send(carol, decline_to.format("dave@localhost")) == []
+    (decline,) = alice.take()
+    assert decline.get("to") == "alice@localhost/a"
     assert decline.find(f"{U}x/{U}decline").get("from") == "carol@localhost"
+    (refused,) = await h.send(carol, decline_to.format("alice@localhost"))  # once
+    assert condition(refused) == "not-acceptable"
     # A member may not invite to a members-only room unless the owner allows it.
     reply = await h.send(
         bob,
@@ -639,6 +723,54 @@ async def test_mediated_invitations_and_declines() -> None:
         "</message>",
     )
     assert condition(reply[0]) == "forbidden"
+
+
+async def test_affiliations_and_registrations_are_capped_and_invitations_rate_limited() -> None:
+    h, clock = await harness(max_affiliations=10, message_burst=2, messages_per_second=1.0)
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice")
+    room = h.host.module(Muc).rooms[ROOM]
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>{}</value></field></x></query>"
+    )
+    # In an open room anyone registers, and becomes a member: up to the cap.
+    for n in range(9):
+        user = h.session(f"user{n}@localhost/r")
+        reply = await h.iq(user, "set", nick_form.format(f"nick{n}"), to=ROOM)
+        assert reply.get("type") == "result", etree.tostring(reply)
+    late = h.session("late@localhost/r")
+    reply = await h.iq(late, "set", nick_form.format("late"), to=ROOM)
+    assert condition(reply) == "resource-constraint"
+    assert "late@localhost" not in room.registered | room.affiliations
+    # Nor by a ban, nor by an invitation to a members-only room.
+    reply = await admin_iq(h, alice, "set", "<item affiliation='outcast' jid='eve@localhost'/>")
+    assert condition(reply) == "resource-constraint"
+    reply = await admin_iq(h, alice, "set", "<item affiliation='none' jid='user0@localhost'/>")
+    assert reply.get("type") == "result"  # what does not grow the room passes
+    await owner_iq(h, alice, "set", submit(membersonly="1"))
+    alice.take()
+    invite = f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='{{}}'/></x></message>"
+    (refused,) = await h.send(alice, invite.format("carol@localhost"))
+    assert condition(refused) == "resource-constraint"
+    assert "carol@localhost" not in room.affiliations
+    # Invitations spend the inviter's message tokens (a member's: the room stays).
+    clock.now += 10
+    for _ in range(2):
+        assert await h.send(alice, invite.format("user1@localhost")) == []
+    (refused,) = await h.send(alice, invite.format("user1@localhost"))
+    assert condition(refused) == "resource-constraint"
+    # A change that would make the stored state too large to store is refused, and
+    # nothing of it is made.
+    room.limits.max_state_bytes = len(json.dumps(room.snapshot())) + 100
+    clock.now += 10
+    reply = await owner_iq(h, alice, "set", submit(roomdesc="d" * 200))
+    assert condition(reply) == "resource-constraint"
+    assert room.config.description == ""
+    (refused,) = await say(h, alice, subject="s" * 200)
+    assert condition(refused) == "resource-constraint"
+    assert room.subject == ""
 
 
 async def test_direct_invitations_pass_between_users() -> None:
@@ -791,6 +923,73 @@ async def test_limits_rooms_per_user_message_size_and_rate() -> None:
     assert len(await say(h, alice, "a")) == 1
 
 
+async def test_presence_updates_and_nick_changes_have_the_message_limits() -> None:
+    h, clock = await harness(message_burst=2, messages_per_second=1.0, max_presence_bytes=512)
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    big = f"<status>{'x' * 600}</status>"
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/Bob'><x xmlns='{MUC}'/>{big}</presence>")
+    assert condition(refused) == "policy-violation"  # kept for every newcomer: not that
+    await join(h, bob, "Bob")
+    alice.take()
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/Bob'>{big}</presence>")
+    assert condition(refused) == "policy-violation"
+    clock.now += 2.0  # its token back
+    # An update and a nick change go to everyone: they spend the sender's tokens.
+    await h.send(bob, f"<presence to='{ROOM}/Bob'><show>away</show></presence>")
+    await h.send(bob, f"<presence to='{ROOM}/Robert'/>")
+    assert len(presences(alice.take())) == 3
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/Robert'><show>dnd</show></presence>")
+    assert condition(refused) == "resource-constraint"
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/Bobby'/>")
+    assert condition(refused) == "resource-constraint"
+    assert alice.take() == []
+    assert h.host.module(Muc).rooms[ROOM].occupants["Robert"].show == "away"
+    clock.now += 1.0
+    await h.send(bob, f"<presence to='{ROOM}/Robert'><show>dnd</show></presence>")
+    assert len(presences(alice.take())) == 1
+    # Leaving is never refused.
+    await h.send(bob, f"<presence to='{ROOM}/Robert' type='unavailable'/>")
+    assert "Robert" not in h.host.module(Muc).rooms[ROOM].occupants
+
+
+class RemoteServer:
+    """Stands for s2s: what the router sends to remote domains, kept."""
+
+    def __init__(self) -> None:
+        self.sent: list[etree._Element] = []
+
+    def route(self, stanza: etree._Element, bounce: bool = True) -> None:
+        self.sent.append(stanza)
+
+
+async def remote_join(h: ModuleHarness, jid: str, room: str) -> list[etree._Element]:
+    """A join as a remote server's user's would arrive over s2s; what went back."""
+    remote = h.router.remote = RemoteServer()
+    stanza = parse_stanza(f"<presence to='{room}/Remote'><x xmlns='{MUC}'/></presence>")
+    stanza.set("from", jid)
+    h.router.route(stanza)
+    await h.router.drain()
+    return remote.sent
+
+
+async def test_only_local_users_create_rooms_unless_allowed() -> None:
+    h, _ = await harness()
+    muc = h.host.module(Muc)
+    (refused,) = await remote_join(h, "mallory@remote.example/x", ROOM)
+    assert condition(refused) == "not-allowed"
+    assert ROOM not in muc.rooms
+    # They join rooms local users made.
+    await instant_room(h, h.session("alice@localhost/a"), "Alice")
+    joined = await remote_join(h, "mallory@remote.example/x", ROOM)
+    assert codes(presences(joined)[-1]) == {"110"}
+    assert "Remote" in muc.rooms[ROOM].occupants
+    h, _ = await harness(allow_remote_creators=True)
+    joined = await remote_join(h, "mallory@remote.example/x", ROOM)
+    assert codes(presences(joined)[-1]) == {"110", "201"}
+    assert h.host.module(Muc).rooms[ROOM].affiliation("mallory@remote.example") == "owner"
+
+
 async def test_a_reload_changes_the_limits_of_rooms_already_live() -> None:
     h, _ = await harness()
     alice = h.session("alice@localhost/a")
@@ -877,9 +1076,15 @@ async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> N
     muc = h.host.module(Muc)
     await muc.stop()  # every write done
     del muc.rooms[stored]  # as on a node where that room is not live
+    await h.send(
+        alice, f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='bob@localhost'/></x>"
+        "</message>",
+    )
+    assert "bob@localhost" in muc.rooms[ROOM].invited
 
     assert await muc.remove_user("localhost", "bob") is True
     assert muc.rooms[ROOM].affiliation("bob@localhost") == "none"
+    assert muc.rooms[ROOM].invited == {}  # nor an invitation to decline
     await muc.stop()
     for name in ("room", "stored"):
         item = await h.host.items("localhost", "muc_rooms").get(name)
@@ -1075,6 +1280,40 @@ async def test_a_big_rooms_output_keeps_the_rooms_one_order() -> None:
     assert len(presences(got)) == 301 + 1
     assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == [None, *bodies]
     assert got[-1].get("type") == "unavailable"
+
+
+async def test_a_room_whose_output_backs_up_refuses_more_fan_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past MAX_BACKLOG stanzas waiting in its outbox a room refuses messages and
+    presence updates (resource-constraint, wait) instead of queueing without end;
+    a leave still passes, and once the outbox drains, messages pass again."""
+    monkeypatch.setattr(_muc_send, "SLICE", 16)
+    monkeypatch.setattr(_muc_send, "MAX_BACKLOG", 40)
+    h, _ = await harness()
+    sessions = await big_room(h, 30)
+    sent = [
+        (sessions[n], f"<message to='{ROOM}' type='groupchat'><body>m{n}</body></message>")
+        for n in range(3)
+    ] + [
+        (sessions[3], f"<presence to='{ROOM}/n3'><show>away</show></presence>"),
+        (sessions[4], f"<presence to='{ROOM}/n4' type='unavailable'/>"),
+    ]
+    for session, xml in sent:  # in one turn of the loop: nothing drains meanwhile
+        stanza = parse_stanza(xml)
+        stanza.set("from", session.jid)
+        session.receive(stanza)
+    await h.router.drain()
+    await h.host.module(Muc).outbox.all_sent()
+    bodies = [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(sessions[9].take())]
+    assert bodies == ["m0", "m1"]  # 14 + 30 waiting after the second: over 40
+    (refused,) = [s for s in sessions[2].take() if s.get("type") == "error"]
+    assert condition(refused) == "resource-constraint"
+    assert refused.find(f"{{{ns.CLIENT}}}error").get("type") == "wait"
+    (refused,) = [s for s in sessions[3].take() if s.get("type") == "error"]
+    assert condition(refused) == "resource-constraint"
+    assert "n4" not in h.host.module(Muc).rooms[ROOM].occupants  # leaving always passes
+    assert len(await say(h, sessions[2], "again")) == 1
 
 
 def history_ids(data: bytes) -> list[tuple[str, str]]:
