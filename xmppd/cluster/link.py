@@ -58,7 +58,9 @@ each takes. From Redis to the link: the writer numbers what it sends each
 node through Redis; a frame carries the number of the last one before its
 items (a frame ends where one went through Redis in between), and the
 receiver handles the frame once its inbox handled that one
-(`Inbox.caught_up`, bounded: one refused or lost on the way never comes).
+(`Inbox.caught_up`, bounded by ORDER_WAIT: one refused or lost on the way
+never comes; so one merely slow, the receiver's inbox more than ORDER_WAIT
+behind, is overtaken: out of order, not lost).
 From the link to Redis: a stanza takes Redis only when the link holds
 nothing (it is down, and what it held went through Redis first, in order),
 never past a frame still unacknowledged: a slow receiver makes the sender
