@@ -58,14 +58,14 @@ async def test_a_bare_jid_message_whose_resource_left_reaches_a_lower_priority_o
     await until(seen_on(b, "alice@localhost/laptop", priority=0))
     real_handle = ItemHandler.handle
 
-    def leave_first(handler: ItemHandler, items: list[dict[bytes, bytes]], orphan: bool) -> None:
+    def leave_first(handler: ItemHandler, items: list[dict[bytes, bytes]]) -> None:
         # The phone logs out between A's choice and B's handling.
         for item in items:
             if item.get(b"to") == b"alice@localhost/phone":
                 session = b.router.directory.get("alice@localhost", "phone")
                 if session is not None:
                     b.router.directory.remove(session)
-        real_handle(handler, items, orphan)
+        real_handle(handler, items)
 
     monkeypatch.setattr(ItemHandler, "handle", leave_first)
     bob.send_message(mto="alice@localhost", mbody="for alice", mtype="chat")

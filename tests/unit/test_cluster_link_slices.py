@@ -20,7 +20,7 @@ class Handled:
     def __init__(self) -> None:
         self.items: list[bytes] = []
 
-    def handle(self, items: list[dict[bytes, bytes]], orphan: bool) -> None:
+    def handle(self, items: list[dict[bytes, bytes]]) -> None:
         self.items += [item[b"stanza"] for item in items]
 
 

@@ -248,7 +248,7 @@ class Inbox:
                     todo = items
                     if self.link_copy is not None and origin is not None and not orphan:
                         todo = self._not_on_link(origin.decode(), items)
-                    self.items.handle(todo, orphan)
+                    self.items.handle(todo)
                     number = items[-1].get(b"rn")
                     if origin is not None and number is not None and not orphan:
                         self._received[origin.decode()] = int(number)
@@ -304,15 +304,15 @@ class ItemHandler:
         self.stats = stats
         self.reroute = reroute
 
-    def handle(self, items: list[dict[bytes, bytes]], orphan: bool) -> None:
+    def handle(self, items: list[dict[bytes, bytes]]) -> None:
         """`items` in order; one that fails is logged, the next ones still handled."""
         for item in items:
             try:
-                self._handle(item, orphan)
+                self._handle(item)
             except Exception:
                 log.exception("cluster: a forwarded item failed (to %r)", item.get(b"to"))
 
-    def _handle(self, fields: dict[bytes, bytes], orphan: bool) -> None:
+    def _handle(self, fields: dict[bytes, bytes]) -> None:
         jid = fields[b"to"].decode()
         bare, _, resource = jid.partition("/")
         session = self.directory.local.get(bare, resource)

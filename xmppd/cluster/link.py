@@ -963,7 +963,7 @@ class Inbound(asyncio.Protocol):
                 continue  # sent again after a reconnect the handshake did not cover
             _, items = split_fields(fields)
             assert link.items is not None
-            link.items.handle(items, False)
+            link.items.handle(items)
             handled += len(items)
             self.last = seq
             stats.link_frames_in += 1
