@@ -118,3 +118,77 @@ async def test_a_silent_connection_is_given_up_and_the_inbox_read_on_a_new_one(
             await inbox.pause()
             await redis.aclose()
             await direct.aclose()
+
+
+async def test_a_large_read_is_handled_in_slices_with_the_loop_turning_between(
+    redis_service: LocalService,
+) -> None:
+    """One XREAD may bring BATCH entries of up to 64 stanzas each: the reader lets the
+    event loop turn every YIELD_EVERY stanzas (the node's clients are served
+    meanwhile), and handles them in order."""
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    stats = ClusterStats()
+    directory = ClusterDirectory("node-a", Writer(redis, "node-a", stats, 5.0, TTL))
+    sync = ReplicaSync(redis, directory, lambda: None, stats)
+    bodies: list[str] = []
+    turns: list[int] = []  # how many stanzas were handled at each turn of the loop
+    done = asyncio.Event()
+    total = 20 * 64
+
+    def reroute(stanza: etree._Element, hops: int) -> None:
+        bodies.append(stanza.findtext("{jabber:client}body") or "")
+        if len(bodies) == total:
+            done.set()
+
+    async def watch() -> None:
+        while not done.is_set():
+            turns.append(len(bodies))
+            await asyncio.sleep(0)
+
+    key = schema.inbox_key("node-a")
+    for entry in range(20):  # as a sender's writer puts 64 stanzas in a row in one entry
+        fields: list[tuple[str, bytes | str | int]] = []
+        for n in range(64):
+            fields += item("bob@localhost/phone", str(entry * 64 + n)).items()
+        await redis.execute_command("XADD", key, "*", *(v for pair in fields for v in pair))
+    inbox = Inbox(redis, "node-a", directory, reroute, stats, sync)
+    watcher = asyncio.create_task(watch())
+    inbox.start()
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        await inbox.pause()
+        await watcher
+        await redis.aclose()
+    assert bodies == [str(n) for n in range(total)]
+    assert any(0 < handled < total for handled in turns)
+
+
+async def test_orphans_of_a_node_live_again_leave_its_sessions_in_the_replica(
+    redis_service: LocalService,
+) -> None:
+    """Orphans (moved here by a reap) drop their node's sessions from the replica first,
+    unless that node is live again (reaped while held up, it wrote its sessions back):
+    then its sessions are real, and walking the replica for them on every read is
+    wasted work on the event loop."""
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    stats = ClusterStats()
+    directory = ClusterDirectory("node-a", Writer(redis, "node-a", stats, 5.0, TTL))
+    directory.apply_set(schema.Entry("bob@localhost/phone", "node-b", 0, True, sid="s"))
+    sync = ReplicaSync(redis, directory, lambda: None, stats)
+    rerouted: asyncio.Queue[str] = asyncio.Queue()
+
+    def reroute(stanza: etree._Element, hops: int) -> None:
+        rerouted.put_nowait(stanza.findtext("{jabber:client}body") or "")
+
+    inbox = Inbox(redis, "node-a", directory, reroute, stats, sync)
+    inbox.is_live = lambda node: node == "node-b"
+    orphan = {**item("carol@localhost/pc", "orphan"), "orphan": "node-b"}
+    await redis.xadd(schema.inbox_key("node-a"), orphan)  # type: ignore[arg-type]
+    inbox.start()
+    try:
+        assert await asyncio.wait_for(rerouted.get(), 5) == "orphan"
+    finally:
+        await inbox.pause()
+        await redis.aclose()
+    assert directory.get("bob@localhost", "phone") is not None

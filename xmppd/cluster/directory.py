@@ -272,6 +272,17 @@ class ClusterDirectory:
             self.outbox.updated(session, entry)  # first: it raises for a value not JSON
             self._written[session] = entry
 
+    def taken_elsewhere(self, session: ClientSession) -> None:
+        """The table has `session`'s resource on another node (a newer login whose
+        request to end this one was lost while this node was reaped): end it, if it is
+        still the one bound here."""
+        if self.local.get(session.bare, session.resource) is session:
+            log.warning("cluster: %s is bound on another node now; ending it here",
+                        session.jid)
+            session.terminate(
+                StreamError("conflict", "replaced by a new connection on this resource")
+            )
+
     def sid_of(self, session: ClientSession) -> str | None:
         """The id of a session bound here; None for any other."""
         entry = self._written.get(session)

@@ -253,7 +253,8 @@ class Heartbeat:
 
     async def reap(self, node: str) -> list[schema.Entry]:
         """Remove `node`'s sessions; what its inbox still holds moves into this node's.
-        Returns the sessions removed (none if another node reaped it first)."""
+        Returns the sessions removed (none if another node reaped it first, or if its
+        alive key exists again: schema.REAP)."""
         moved, removed = await self._reap(
             keys=[
                 schema.node_sessions_key(node),
@@ -261,10 +262,11 @@ class Heartbeat:
                 schema.inbox_key(node),
                 schema.inbox_key(self.node),
                 schema.gone_key(node),
+                schema.alive_key(node),
             ],
             args=[
                 node, schema.SESSIONS_PREFIX, schema.EVENTS, schema.gone_event(node),
-                schema.GONE_TTL,
+                schema.GONE_TTL, "0" if node == self.node else "1",
             ],
         )
         if moved:

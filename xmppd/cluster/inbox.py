@@ -29,14 +29,15 @@ it, "orphan". An item is either a stanza ("stanza", with "hops": how many
 times it was forwarded) or a request to end that session's
 stream ("end", a <conflict/> from a newer login on another node, naming the
 session by its id: a newer session on the same resource is not ended). A
-stanza whose session is gone is routed again as if it had just arrived
-(`Router.route` without an origin: the stanza/out filters ran on the
-sender's node), unless it was a message to the bare JID and the account
-still has an available resource: each of those got its copy from the
-sender's node. An orphan is always routed again (its session was on the
-dead node; the account's other resources may be of lower priority and
-never got it): a bare-JID message may then reach a resource that also got
-its own copy. An entry without items, "wake", is what this node writes to its
+stanza whose session is gone (or that it did not take) is routed again as
+if it had just arrived (`Router.route` without an origin: the stanza/out
+filters ran on the sender's node), an orphan too. Also a message to the
+bare JID while the account has other available resources: the sender gave
+it only to the top-priority ones, so a resource of lower priority (or one
+that bound since) never got it, and dropping it here would lose it
+silently. A resource of the same top priority that got its own copy from
+the sender may get it twice (docs/cluster.md, "What can be lost or
+repeated"). An entry without items, "wake", is what this node writes to its
 own inbox to end its blocking read when it stops: skipped (and trimmed as
 handled), also when it comes back as an orphan.
 
@@ -67,7 +68,6 @@ from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ORDER_WAIT, ReplicaSync
 from xmppd.cluster.tasks import cancel_for_sure
 from xmppd.stream.errors import StreamError
-from xmppd.xml import ns
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ connections. Then the connection is dropped and the next read connects again."""
 STOP_WAIT = 2.0
 """Seconds `pause` waits for the reader to notice it should stop, before cancelling it."""
 BATCH = 500
+YIELD_EVERY = 500
+"""Stanzas handled in a row before the event loop gets a turn (a read may hold up to
+BATCH entries of up to 64 stanzas each: 32000 in one synchronous run otherwise)."""
 RETRY_DELAY = 0.5
 TRIM_EVERY = 200
 """Entries handled before they are trimmed from the stream (with the next read)..."""
@@ -122,6 +125,8 @@ class Inbox:
         self._channel = Channel(redis)
         # Set with the links: True if an item a link gave up on was handled over it.
         self.link_copy: Callable[[str, str, int], bool] | None = None
+        # Whether a node is live as this node last saw it (Cluster.nodes).
+        self.is_live: Callable[[str], bool] = lambda node: False
 
     def start(self) -> None:
         """Read from the first entry: what is there now is an earlier process's, moved
@@ -222,9 +227,16 @@ class Inbox:
             split = [(entry_id, *split_fields(fields)) for entry_id, fields in entries]
             # The sessions of a reaped node leave this replica by an event that may
             # come after its orphans: drop them first, or the orphans would go back.
-            orphans = {head[b"orphan"] for _, head, items in split if items and b"orphan" in head}
+            # Not those of a node live again (reaped while its loop was held up, it
+            # wrote its sessions back): a walk of the replica per read, for nothing.
+            orphans = {
+                head[b"orphan"].decode() for _, head, items in split
+                if items and b"orphan" in head
+            }
             for dead in orphans:
-                self.directory.apply_node_gone(dead.decode())
+                if not self.is_live(dead):
+                    self.directory.apply_node_gone(dead)
+            handled = 0  # stanzas since the loop last turned
             for entry_id, head, items in split:
                 # Without items: "wake", what `pause` writes to end a blocking XREAD.
                 if items:
@@ -236,7 +248,7 @@ class Inbox:
                     todo = items
                     if self.link_copy is not None and origin is not None and not orphan:
                         todo = self._not_on_link(origin.decode(), items)
-                    self.items.handle(todo, orphan)
+                    self.items.handle(todo)
                     number = items[-1].get(b"rn")
                     if origin is not None and number is not None and not orphan:
                         self._received[origin.decode()] = int(number)
@@ -244,6 +256,12 @@ class Inbox:
                 # must not have the entry trimmed.
                 self._last = entry_id.decode()
                 self._untrimmed += 1
+                handled += len(items)
+                if handled >= YIELD_EVERY:
+                    # A read holds up to BATCH x PER_ENTRY stanzas: the clients of this
+                    # node are served between slices of it, in order (one reader).
+                    handled = 0
+                    await asyncio.sleep(0)
         self._progress.set()
         self._progress = asyncio.Event()
 
@@ -286,15 +304,15 @@ class ItemHandler:
         self.stats = stats
         self.reroute = reroute
 
-    def handle(self, items: list[dict[bytes, bytes]], orphan: bool) -> None:
+    def handle(self, items: list[dict[bytes, bytes]]) -> None:
         """`items` in order; one that fails is logged, the next ones still handled."""
         for item in items:
             try:
-                self._handle(item, orphan)
+                self._handle(item)
             except Exception:
                 log.exception("cluster: a forwarded item failed (to %r)", item.get(b"to"))
 
-    def _handle(self, fields: dict[bytes, bytes], orphan: bool) -> None:
+    def _handle(self, fields: dict[bytes, bytes]) -> None:
         jid = fields[b"to"].decode()
         bare, _, resource = jid.partition("/")
         session = self.directory.local.get(bare, resource)
@@ -319,13 +337,9 @@ class ItemHandler:
         stanza = etree.fromstring(data, _PARSER)
         if taken is None and session is not None and session.deliver(stanza):
             return
-        if (
-            not orphan
-            and stanza.tag == ns.C_MESSAGE
-            and stanza.get("to") != jid
-            and self.directory.available(bare)
-        ):
-            return
+        # Not delivered: routed again by the rules of its "to" (a bare JID's: RFC 6121
+        # 8.5.2), whatever else is available. The sender chose this session among the
+        # top-priority ones; a lower one available elsewhere never got its copy.
         self.reroute(stanza, int(fields.get(b"hops", b"1")))
 
 

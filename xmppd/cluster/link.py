@@ -38,8 +38,9 @@ repeated") holds for both:
 - Peer dead (not live in the heartbeat's list, or a forward to it refused:
   `gone`): what it did not acknowledge is routed again here (other resources,
   offline storage), at least once, as the reaper does with a dead node's
-  inbox. A peer that knows it is not live (its heartbeat lapsed past its TTL,
-  or it stops) refuses frames (NACK): routed again here.
+  inbox; a stream end goes through Redis (the peer may still run). A peer
+  that knows it is not live (its heartbeat lapsed past its TTL, or it stops)
+  refuses frames (NACK): routed again here.
 - No link within CONNECT_WAIT (no address, refused, handshake failed) or
   Redis unhealthy on this node (the writer's forward_wait then decides: the
   replica may be stale): the stanza goes through Redis, which has its own
@@ -57,7 +58,9 @@ each takes. From Redis to the link: the writer numbers what it sends each
 node through Redis; a frame carries the number of the last one before its
 items (a frame ends where one went through Redis in between), and the
 receiver handles the frame once its inbox handled that one
-(`Inbox.caught_up`, bounded: one refused or lost on the way never comes).
+(`Inbox.caught_up`, bounded by ORDER_WAIT: one refused or lost on the way
+never comes; so one merely slow, the receiver's inbox more than ORDER_WAIT
+behind, is overtaken: out of order, not lost).
 From the link to Redis: a stanza takes Redis only when the link holds
 nothing (it is down, and what it held went through Redis first, in order),
 never past a frame still unacknowledged: a slow receiver makes the sender
@@ -137,6 +140,9 @@ receiver may hold a frame for ORDER_WAIT (xmppd.cluster.sync) per wait, twice, p
 ACK_DELAY: 10 s leaves a loaded node room, and a redial costs nothing repeated."""
 DRAIN_WAIT = 2.0
 """Seconds a clean stop waits for the peers to acknowledge what was sent."""
+YIELD_EVERY = 500
+"""Stanzas a receiver handles in one run before the event loop gets a turn (a backlog
+that waited for the sender's Redis items may hold thousands)."""
 ACK_DELAY = 0.05
 """Seconds a receiver gathers what it handled before it acknowledges it: at steady
 rates most frames hold one stanza, and an ack per frame would cost each side a
@@ -379,13 +385,20 @@ class Link:
 
     def gone(self, node: str) -> None:
         """`node` is dead or refused frames: what it did not acknowledge is routed
-        again here, at least once (it may have handled some before it died)."""
+        again here, at least once (it may have handled some before it died).
+
+        A stream end goes through Redis instead: a node that refused frames or left
+        the live set may still run (its heartbeat lapsed), and the session it names
+        would live on beside the newer one. Dead and reaped, FORWARD refuses it (its
+        sessions are gone anyway)."""
         self.addresses.pop(node, None)
         peer = self._peers.pop(node, None)
         if peer is None:
             return
         for record in peer.close():
-            if record.stanza is not None:  # a stream end for a dead node is moot
+            if record.stanza is None:
+                self.fallback(node, record)
+            else:
                 self.stats.link_reroutes += 1
                 self.reroute(record.stanza, record.hops, node)
 
@@ -834,6 +847,7 @@ class Inbound(asyncio.Protocol):
         self.closed = False
         self._backlog: deque[tuple[int, int, int, list[bytes]]] = deque()
         self._waiting: asyncio.Task[None] | None = None
+        self._resume: asyncio.Handle | None = None  # the rest of a long backlog, next turn
         self._timer: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self.note_input = batchloop.shared_input_hook(asyncio.get_running_loop())
@@ -880,6 +894,7 @@ class Inbound(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.note_input()
+        resuming = self._resume is not None
         try:
             frames = self.reader.feed(data)
             for kind, body in frames:
@@ -897,7 +912,8 @@ class Inbound(asyncio.Protocol):
                 log.error("cluster: the link from node %s failed: %s", self.peer, exc)
                 self.close()
             return
-        self._process()
+        if not resuming:  # else the scheduled run goes on with it, behind the backlog
+            self._process()
 
     def _handshake(self, kind: bytes, body: bytes) -> None:
         answer = self.handshake.answer(kind, body)
@@ -922,7 +938,14 @@ class Inbound(asyncio.Protocol):
         before it are applied here; then one ACK (or a NACK: not live)."""
         link, stats, backlog = self.link, self.link.stats, self._backlog
         assert self.peer is not None or not backlog
+        self._resume = None
+        handled = 0  # stanzas in this run
         while backlog and not self.closed and self._waiting is None:
+            if handled >= YIELD_EVERY:
+                # A backlog after a wait may hold thousands of frames: the rest in the
+                # next turn of the loop, in order (nothing else takes from the backlog).
+                self._resume = asyncio.get_running_loop().call_soon(self._process)
+                break
             if not link.accepting():
                 backlog.clear()
                 self._write(self.handshake.send.seal(wire.ack(wire.NACK, self.last)))
@@ -940,7 +963,8 @@ class Inbound(asyncio.Protocol):
                 continue  # sent again after a reconnect the handshake did not cover
             _, items = split_fields(fields)
             assert link.items is not None
-            link.items.handle(items, False)
+            link.items.handle(items)
+            handled += len(items)
             self.last = seq
             stats.link_frames_in += 1
             stats.link_stanzas_in += len(items)
@@ -978,5 +1002,7 @@ class Inbound(asyncio.Protocol):
                 timer.cancel()
         if self._waiting is not None:
             self._waiting.cancel()
+        if self._resume is not None:
+            self._resume.cancel()
         self.link.closed(self, self.peer)
 

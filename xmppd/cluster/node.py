@@ -102,6 +102,8 @@ class Cluster:
             self.writer.on_cut_off = self.cut
             self.writer.on_gone = self.node_gone
             self.writer.on_refused = self.directory.hold
+            self.writer.on_taken = self.directory.taken_elsewhere
+            self.writer.local_entries = self.directory.local_entries
             # A process that ran under this name before and died may have left
             # sessions in the table, which nobody would reap while this one beats,
             # and stanzas in its inbox (moved to the front of it, to route again).
@@ -115,6 +117,7 @@ class Cluster:
             self.inbox = Inbox(
                 self.redis, self.node, self.directory, self.reroute, self.stats, self.sync
             )
+            self.inbox.is_live = lambda node: node in self.nodes
         except (RedisError, OSError) as exc:
             await self.stop()
             raise ClusterUnavailable(
@@ -200,9 +203,7 @@ class Cluster:
     def rewrite_local(self) -> None:
         """Write every local session into the table again (Redis may have lost them),
         after listing this node again (forwards to it are refused until it is)."""
-        self.writer.listed()
-        for session, entry in self.directory.local_entries():
-            self.writer.updated(session, entry)
+        self.writer.rewrite(self.directory.local_entries())
 
     def on_nodes_changed(self, listener: Callable[[frozenset[str]], None]) -> None:
         """Call `listener(nodes)` whenever the set of live nodes this node sees changes."""

@@ -214,13 +214,15 @@ if (not current) or cjson.decode(current)['node'] == ARGV[4] then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
   redis.call('PUBLISH', ARGV[5], ARGV[6])
-else
-  redis.call('PUBLISH', ARGV[5], ARGV[8])
+  return false
 end
-return false
+redis.call('PUBLISH', ARGV[5], ARGV[8])
+return cjson.decode(current)['node']
 """
 """Write a local session's entry again (availability, priority; or after Redis lost it),
-unless another node has taken the resource since: that one is the newer login."""
+unless another node has taken the resource since: that one is the newer login, and the
+script returns its node (the writer then ends the local session: the request to end it
+may never have come, refused while this node was reaped); nil if written."""
 
 UNBIND = """
 -- KEYS[1] sessions hash, KEYS[2] node's set, KEYS[3] seqs; ARGV resource, node, full JID,
@@ -238,8 +240,9 @@ return false
 
 REAP = """
 -- KEYS[1] the node's set, KEYS[2] the nodes set, KEYS[3] the node's inbox, KEYS[4] the
--- reaper's inbox, KEYS[5] the node's gone key; ARGV node, sessions prefix, channel,
--- event, gone TTL
+-- reaper's inbox, KEYS[5] the node's gone key, KEYS[6] its alive key; ARGV node, sessions
+-- prefix, channel, event, gone TTL, '1' if a live node is left alone
+if ARGV[6] == '1' and redis.call('EXISTS', KEYS[6]) == 1 then return {0, {}} end
 local removed = {}
 for _, full in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local slash = string.find(full, '/', 1, true)
@@ -271,6 +274,10 @@ what its inbox still holds (forwarded to it, not handled) into the reaper's inbo
 marked 'orphan', to be routed again there. Returns how many entries moved, and the
 entries it removed (full JID, entry, ...): the reaper tells their contacts they left.
 Only one reaper gets them, however many reap at once (the node's set is gone after).
+Another node's reap does nothing if the node's alive key exists: the reaper saw it
+expired, but the node (its keep-alive thread) may have set it again since and written
+its sessions back, which a reap would remove without the node ever noticing. A node
+reaping itself (a clean stop, or its previous process at start) passes '0'.
 
 In one script, so that no forward lands between the two: FORWARD refuses once the
 node's gone mark is set."""

@@ -28,7 +28,9 @@ routed again here without forwarding (a message to the other resources on
 this node or offline storage, an IQ answered with an error), and a log line
 says how many. What queues meanwhile is bounded too: past `MAX_PENDING`
 operations, forwarding refuses stanzas (the router falls back: a message
-goes to offline storage).
+goes to offline storage), and table writes and stream ends are dropped;
+once Redis answers, the node's sessions are written again as they are then
+and those it no longer has unbound (`Writer._resync`).
 
 Hops: a stanza the inbox routes again (its session left) may be forwarded
 again, to where this node's replica says the session is now. Two replicas
@@ -63,7 +65,8 @@ from xmppd.stream.errors import StreamError
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000
-"""Operations queued while Redis does not answer, before stanzas are refused."""
+"""Operations queued while Redis does not answer, before stanzas are refused and table
+writes and stream ends dropped (`Writer._table`): the queue's bound, whatever the outage."""
 
 INBOX_MAXLEN = 100_000
 """Entries a node's inbox holds at most (its reader fell that far behind): a forward
@@ -158,6 +161,11 @@ class Writer:
     it there again, be refused again, store it again: a loop for as long as
     Redis refuses.
 
+    `on_taken(session)` when writing a local session again found its resource bound on
+    another node (a newer login, while this node was reaped or its heartbeat lapsed:
+    the request to end it may have been refused): the session ends with <conflict/>
+    if it is still bound here, or it would live on as a ghost the table does not have.
+
     `on_cut_off(True)` when a stanza has waited `forward_wait` for Redis: the
     directory then hides the other nodes' sessions, so that everything routes
     as if they were gone (offline storage, errors) instead of waiting in turn;
@@ -181,6 +189,7 @@ class Writer:
         self.on_cut_off: Callable[[bool], None] = lambda cut_off: None
         self.on_gone: Callable[[str], None] = lambda node: None
         self.on_refused: Callable[[str, str], None] = lambda node, jid: None
+        self.on_taken: Callable[[ClientSession], None] = lambda session: None
         self.link: LinkSender | None = None
         self.hops = 0
         self.avoid: str | None = None
@@ -196,6 +205,11 @@ class Writer:
         self._forward = redis.register_script(schema.FORWARD)
         self._channel = Channel(redis)
         self._refusing = False
+        self._gone_in_batch: set[str] = set()  # nodes found reaped in the batch answered
+        self._overflowed = False  # table writes were dropped: `_resync` once Redis answers
+        self._resyncing = False
+        # This node's sessions and their entries (ClusterDirectory.local_entries).
+        self.local_entries: Callable[[], list[tuple[ClientSession, Entry]]] = lambda: []
         # The number of the last table change queued (schema: "Order"); 0: none yet.
         self._seq = time.time_ns() // 1000
         self._last_change = 0
@@ -264,7 +278,7 @@ class Writer:
         value = entry.encode()
         seq = self._next()
         event = schema.set_event(entry, seq)
-        self._put(
+        self._table(
             Op(
                 _evalsha(
                     self._bind,
@@ -284,7 +298,12 @@ class Writer:
         value = entry.encode()
         seq = self._next()
         event = schema.set_event(entry, seq)
-        self._put(
+
+        def taken(owner: Any) -> None:
+            if owner:  # another node bound the resource since: the newer login wins
+                self.on_taken(session)
+
+        self._table(
             Op(
                 _evalsha(
                     self._update,
@@ -293,23 +312,25 @@ class Writer:
                         session.resource, value, session.jid, self.node, schema.EVENTS, event,
                         seq, schema.seq_event(self.node, seq),
                     ],
-                )
+                ),
+                taken,
             )
         )
 
     def unbound(self, session: ClientSession) -> None:
-        jid = session.jid
+        self._table(self._unbind_op(session.jid))
+
+    def _unbind_op(self, jid: str) -> Op:
+        bare, _, resource = jid.partition("/")
         seq = self._next()
-        self._put(
-            Op(
-                _evalsha(
-                    self._unbind,
-                    self._table_keys(session),
-                    [
-                        session.resource, self.node, jid, schema.EVENTS,
-                        schema.unbind_event(self.node, jid, seq), seq,
-                    ],
-                )
+        return Op(
+            _evalsha(
+                self._unbind,
+                [schema.sessions_key(bare), schema.node_sessions_key(self.node), schema.SEQS],
+                [
+                    resource, self.node, jid, schema.EVENTS,
+                    schema.unbind_event(self.node, jid, seq), seq,
+                ],
             )
         )
 
@@ -319,9 +340,16 @@ class Writer:
         forwards to a node marked gone are refused, and a listed node without its
         heartbeat key would be reaped."""
 
-        self._put(Op(("SET", schema.alive_key(self.node), "1", "EX", self.ttl)))
-        self._put(Op(("SADD", schema.NODES, self.node)))
-        self._put(Op(("DEL", schema.gone_key(self.node))))
+        self._table(Op(("SET", schema.alive_key(self.node), "1", "EX", self.ttl)))
+        self._table(Op(("SADD", schema.NODES, self.node)))
+        self._table(Op(("DEL", schema.gone_key(self.node))))
+
+    def rewrite(self, entries: list[tuple[ClientSession, Entry]]) -> None:
+        """Write every local session (`entries`) into the table again, after listing
+        this node again (forwards to it are refused until it is)."""
+        self.listed()
+        for session, entry in entries:
+            self.updated(session, entry)
 
     def forward(self, node: str, jid: str, stanza: etree._Element) -> bool:
         hops = self.hops
@@ -367,7 +395,7 @@ class Writer:
         number = self._redis_items[node] = self._redis_items.get(node, self._seq) + 1
         item = [*item, "rn", number]
         if stanza is None:
-            self._put(Op(None, node=node, item=item))
+            self._table(Op(None, node=node, item=item))
             return
         stats = self.stats
         jid = str(item[1])  # every item starts with its "to"
@@ -382,7 +410,10 @@ class Writer:
             elif answer == schema.INBOX_FULL:
                 log.error("cluster: the inbox of node %s is full; routing here", node)
                 self.on_refused(node, jid)
-            else:
+            elif node not in self._gone_in_batch:
+                # Once per batch: each call walks the replica (every op of a batch
+                # to a reaped node gets this answer).
+                self._gone_in_batch.add(node)
                 self.on_gone(node)
             if self.reroute is not None:
                 self.reroute(stanza, hops, node)
@@ -417,6 +448,45 @@ class Writer:
         return self._seq
 
     # --- the task ----------------------------------------------------------------------
+
+    def _table(self, op: Op) -> None:
+        """Queue a table write or a stream end, unless MAX_PENDING operations wait
+        already (Redis has not answered for long): then it is dropped, and once Redis
+        answers the table gets this node's sessions as they are then (`_resync`), so
+        memory stays bounded however long the outage and however many logins, logouts
+        and presence changes happen meanwhile. A stream end dropped so is lost: the
+        session it named ends when its node next writes it (UPDATE finds the resource
+        taken: `on_taken`)."""
+        if len(self._ops) < MAX_PENDING or self._resyncing:
+            self._put(op)
+            return
+        if not self._overflowed:
+            self._overflowed = True
+            log.error("cluster: %d writes wait for Redis; dropping table writes until it "
+                      "answers, then writing this node's sessions again", MAX_PENDING)
+
+    async def _resync(self) -> None:
+        """After table writes were dropped (`_table`): write every local session again,
+        and unbind those the table lists for this node that are not bound here any more
+        (their unbind was dropped). Queued behind what waits, which is older."""
+        self._overflowed = False
+        members = ("SMEMBERS", schema.node_sessions_key(self.node))
+        answer = (await self._channel.call([members]))[0]
+        if isinstance(answer, Exception):
+            raise answer
+        entries = self.local_entries()
+        self._resyncing = True
+        try:
+            self.rewrite(entries)
+            bound = {session.jid for session, _ in entries}
+            for member in answer:
+                jid = member.decode() if isinstance(member, bytes) else str(member)
+                if jid not in bound:
+                    self._put(self._unbind_op(jid))
+        finally:
+            self._resyncing = False
+        log.info("cluster: wrote %d sessions of this node to Redis again after dropped "
+                 "table writes", len(entries))
 
     def _put(self, op: Op) -> None:
         self._ops.append(op)
@@ -456,6 +526,13 @@ class Writer:
                     self._ops.popleft()
                 if self._refusing and len(self._ops) < MAX_PENDING:
                     self._refusing = False
+                self._gone_in_batch.clear()
+                if self._overflowed:
+                    try:
+                        async with asyncio.timeout(SEND_TIMEOUT):
+                            await self._resync()
+                    except (RedisError, OSError, TimeoutError):
+                        self._overflowed = True  # the next answered batch tries again
                 for op, value in zip(batch, results, strict=True):
                     # An error reply to a forward is a refusal: its stanza is routed again.
                     if op.on_result is not None and (
