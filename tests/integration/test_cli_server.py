@@ -79,6 +79,20 @@ async def test_bad_config_names_file_line_and_key(tmp_path: Path) -> None:
     assert "Traceback" not in text
 
 
+async def test_bad_module_option_stops_before_anything_starts(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    bad = tmp_path / "c2.yml"
+    bad.write_text(f"data_dir: {data}\nlimts: {{}}\nmodules:\n  roster: {{versionning: true}}\n")
+    code, _, err = await run_xmppd("-c", str(bad), cwd=tmp_path)
+    assert code == 1
+    assert err.splitlines() == [
+        f'{bad}:2: limts: unknown key "limts" (did you mean "limits"?)',
+        f'{bad}:4: modules.roster.versionning: unknown key "versionning"',
+        "xmppd: the configuration has errors; not starting",
+    ]
+    assert not data.exists()  # no store opened, no certificate made
+
+
 def _mapped(pid: int, library: str) -> bool:
     """True if process `pid` has lib`library` mapped (its malloc, when preloaded)."""
     maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
