@@ -32,6 +32,11 @@ AttrValue = str | int | bytes
 Attrs = Mapping[str, AttrValue]
 
 
+PRIVATE_DIR = 0o700
+"""The mode of the folders a store makes: they hold the accounts' keys and messages,
+for the service user alone."""
+
+
 class StorageError(Exception):
     """A backend failed; the message names backend, operation and cause."""
 

@@ -26,6 +26,7 @@ from xmppd.cluster.throttle import RedisFailureCounter
 from xmppd.components.service import ComponentService
 from xmppd.config import Config, ConfigError, ListenerConfig, load_config
 from xmppd.connection import C2SConnection
+from xmppd.fileaccess import open_to_others
 from xmppd.flushes import Flushes
 from xmppd.logs import LogOutput, set_level
 from xmppd.modulehost import ModuleHost, validate_module_options
@@ -36,7 +37,7 @@ from xmppd.router import Router
 from xmppd.s2s.contexts import S2SContexts
 from xmppd.s2s.service import S2SService
 from xmppd.session import ClientSession
-from xmppd.storage.base import ConditionFailed, ItemStore
+from xmppd.storage.base import PRIVATE_DIR, ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
 from xmppd.storage.timing import StorageStats, instrument
 from xmppd.stream.c2s import StreamSettings
@@ -142,6 +143,11 @@ class Server:
         config = self.config
         log.info("xmppd starting: config %s, hosts %s", config.source.name, ", ".join(config.hosts))
         ensure_data_dir(config.data_dir)
+        if open_to_others(config.data_dir):
+            log.warning(
+                "data_dir %s can be read by every local user (it holds the accounts' keys): "
+                "chmod -R o-rwx %s", config.data_dir, config.data_dir
+            )
         # Off the loop (xmppd.nodetls): the signal handlers and the start's log lines
         # run on it meanwhile.
         tls = await asyncio.to_thread(node_tls, config)
@@ -561,7 +567,7 @@ def ensure_data_dir(data_dir: Path) -> None:
     """Make data_dir and check that files can be written in it (StartupError), before
     a store, the certificate or the admin token fails there with a longer story."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=data_dir)
         os.close(fd)
         os.unlink(probe)

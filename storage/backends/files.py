@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..base import (
+    PRIVATE_DIR,
     Blob,
     BlobBackend,
     BlobPage,
@@ -118,7 +119,9 @@ class FileBlobBackend(BlobBackend):
         """Create the folder now, so a bad path fails at startup."""
         backend = cls(root, max_blob_bytes=max_blob_bytes)
         try:
-            await asyncio.to_thread(backend.root.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(
+                backend.root.mkdir, mode=PRIVATE_DIR, parents=True, exist_ok=True
+            )
         except OSError as exc:
             raise StorageError(cls.name, "open", f"{root}: {exc}") from exc
         return backend

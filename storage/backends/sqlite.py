@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..base import (
+    PRIVATE_DIR,
     Attrs,
     AttrValue,
     ConditionFailed,
@@ -134,7 +135,7 @@ class SQLiteItemBackend(ItemBackend):
         wait for on its busy timeout, so two nodes starting together on a fresh
         data_dir would see "database is locked": retry until the timeout.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         deadline = time.monotonic() + self._busy_timeout
         while True:
             try:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -91,6 +92,23 @@ async def test_bad_module_option_stops_before_anything_starts(tmp_path: Path) ->
         "xmppd: the configuration has errors; not starting",
     ]
     assert not data.exists()  # no store opened, no certificate made
+
+
+async def test_data_dir_and_stores_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The item store holds every account's SCRAM keys, blobs/ the offline messages."""
+    before = os.umask(0o022)  # the distribution default; xmppd inherits it
+    try:
+        proc, _ = await start_xmppd(write_config(tmp_path))
+    finally:
+        os.umask(before)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    data = tmp_path / "data"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "blobs").stat().st_mode) == 0o700
+    made = [p for p in data.rglob("*") if p.is_file()]
+    assert any(p.name == "items.sqlite3" for p in made)
+    assert [p for p in made if p.stat().st_mode & 0o007] == []
 
 
 def _mapped(pid: int, library: str) -> bool:

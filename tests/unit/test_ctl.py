@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -305,6 +307,38 @@ def test_check_validates_module_options(
     code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
     assert (code, out) == (1, "")
     assert err == f"xmppctl: {path}:3: modules.no_such_module: no such module\n"
+
+
+def test_stores_made_by_xmppctl_are_private(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even under a lax umask: the item store holds every account's SCRAM keys."""
+    before = os.umask(0o022)
+    try:
+        assert run(capsys, monkeypatch, "-c", str(config), "register", "a@localhost",
+                   stdin="pw\n")[0] == 0
+    finally:
+        os.umask(before)
+    data = config.parent / "data"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "blobs").stat().st_mode) == 0o700
+    for store in data.glob("items.sqlite3*"):
+        assert stat.S_IMODE(store.stat().st_mode) & 0o007 == 0, store
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_root_is_refused_on_a_data_dir_of_another_user(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = config.parent / "data"
+    data.mkdir()
+    os.chown(data, 65534, 65534)
+    code, out, err = run(capsys, monkeypatch, "-c", str(config), "register", "a@localhost",
+                         stdin="pw\n")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"xmppctl: data_dir {data} belongs to ")
+    assert "sudo -u" in err
+    assert list(data.iterdir()) == []  # nothing made as root
 
 
 # --------------------------------------------------------------------------- register-bulk

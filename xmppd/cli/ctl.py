@@ -42,6 +42,7 @@ from xmppd.cli.nodes import (
 )
 from xmppd.config import Config, ConfigError, find_config, load_config
 from xmppd.configfile import CONFIG_ENV, SYSTEM_CONFIG
+from xmppd.fileaccess import restrict_umask, root_on_foreign_dir
 from xmppd.modulehost import AccountDataRemains, validate_module_options
 from xmppd.server import StartupError, ensure_data_dir
 from xmppd.storage.base import StorageError
@@ -70,10 +71,15 @@ def _load(path: str | None) -> Config:
         if path is None:
             found, why = find_config()
             print(f"xmppctl: {why}", file=sys.stderr)
-            return load_config(found)
-        return load_config(Path(path))
+            cfg = load_config(found)
+        else:
+            cfg = load_config(Path(path))
     except ConfigError as e:
         raise Failure(*e.problems) from None
+    refused = root_on_foreign_dir(cfg.data_dir)
+    if refused is not None:
+        raise Failure(refused)
+    return cfg
 
 
 def _account_jid(cfg: Config, text: str) -> tuple[str, str]:
@@ -543,6 +549,7 @@ def _fail(*reasons: str, code: int = 1) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit code is 0 on success (argparse exits 2 on bad usage)."""
     args = _parser().parse_args(argv)
+    restrict_umask()  # what it writes in data_dir is as private as what the server writes
     try:
         return int(args.run(args))
     except Failure as e:
