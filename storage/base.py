@@ -47,6 +47,15 @@ class StorageError(Exception):
         self.cause = cause
 
 
+class NoStoreYet(StorageError):
+    """A store opened read-only (xmppctl check) is not there: the server makes it at
+    its first start, so this is no error, but the path may be mistyped."""
+
+    def __init__(self, backend: str, where: str) -> None:
+        super().__init__(backend, "open", f"no store at {where} yet")
+        self.where = where
+
+
 class ConditionFailed(Exception):
     """A conditional write lost: the item/blob exists, is absent, or has another version.
 

@@ -568,6 +568,18 @@ def ensure_data_dir(data_dir: Path) -> None:
     a store, the certificate or the admin token fails there with a longer story."""
     try:
         data_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(
+            f"data_dir {data_dir} is not writable: {exc.strerror or exc}"
+        ) from None
+    check_writable(data_dir)
+
+
+def check_writable(data_dir: Path) -> None:
+    """StartupError unless a file can be made in the existing `data_dir`: a probe,
+    removed at once (root may lack the right on a network file system, and a folder
+    may be mounted read-only, which its mode does not show)."""
+    try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=data_dir)
         os.close(fd)
         os.unlink(probe)

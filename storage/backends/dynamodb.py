@@ -131,15 +131,18 @@ class DynamoDBItemBackend(ItemBackend):
         self._caller = caller
 
     @classmethod
-    async def from_config(cls, cfg: DynamoDBItemsConfig) -> DynamoDBItemBackend:
-        """Connect, then create the table (cfg.create_table) or check that it exists, so a
-        wrong table name fails at startup rather than at the first login."""
+    async def from_config(
+        cls, cfg: DynamoDBItemsConfig, *, read_only: bool = False
+    ) -> DynamoDBItemBackend:
+        """Connect, then create the table (cfg.create_table, unless `read_only`) or check
+        that it exists, so a wrong table name fails at startup rather than at the first
+        login."""
         settings = ClientSettings.from_config(cfg)
         client = await open_client("dynamodb", settings)
         where = f"table {cfg.table} at {cfg.endpoint_url or 'AWS ' + cfg.region}"
         backend = cls(client, cfg.table, AwsCaller(cls.name, where, cfg.retries + 1))
         try:
-            if cfg.create_table:
+            if cfg.create_table and not read_only:
                 await backend.create_table()
             else:
                 await backend._describe_table()

@@ -167,8 +167,9 @@ class S3BlobBackend(BlobBackend):
         self.max_blob_bytes = max_blob_bytes
 
     @classmethod
-    async def from_config(cls, cfg: S3BlobsConfig) -> S3BlobBackend:
-        """Connect, then create the bucket (cfg.create_bucket) or check that it exists."""
+    async def from_config(cls, cfg: S3BlobsConfig, *, read_only: bool = False) -> S3BlobBackend:
+        """Connect, then create the bucket (cfg.create_bucket, unless `read_only`) or check
+        that it exists."""
         settings = ClientSettings.from_config(cfg)
         # S3-compatible servers on an IP or a single host name need path-style URLs.
         style = "path" if cfg.endpoint_url else "auto"
@@ -184,7 +185,7 @@ class S3BlobBackend(BlobBackend):
             client, cfg.bucket, AwsCaller(cls.name, where, cfg.retries + 1), cfg.max_blob_bytes
         )
         try:
-            if cfg.create_bucket:
+            if cfg.create_bucket and not read_only:
                 await backend.create_bucket(cfg.region)
             else:
                 await backend._call("open", partial(client.head_bucket, Bucket=cfg.bucket))

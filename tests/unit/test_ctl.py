@@ -195,9 +195,25 @@ def test_list_reads_every_page(
 def test_check(
     config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    data = config.parent / "data"
     code, out, err = run(capsys, monkeypatch, "-c", str(config), "check")
     assert (code, err) == (0, "")
-    data = config.parent / "data"
+    assert out.startswith(
+        "certificate: warning: tls.cert and tls.key are not set: the server will make a "
+        f"self-signed certificate in {data / 'tls'} at first start, which clients will not trust\n"
+        f"items: warning: no store at {data / 'items.sqlite3'} yet "
+        "(the server creates it at first start)\n"
+        f"blobs: warning: no store at {data / 'blobs'} yet (the server creates it at first start)\n"
+    )
+    assert out.endswith(f"\n{config}: OK (3 warnings)\n")
+    assert not data.exists()  # a mistyped data_dir stays visible: nothing is made
+
+    assert run(capsys, monkeypatch, "-c", str(config), "register", "a@localhost",
+               stdin="pw\n")[0] == 0
+    made = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+    code, out, err = run(capsys, monkeypatch, "-c", str(config), "check")
+    assert (code, err) == (0, "")
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == made  # nothing written
     assert out.startswith(
         "certificate: warning: tls.cert and tls.key are not set: the server will make a "
         f"self-signed certificate in {data / 'tls'} at first start, which clients will not trust\n"
@@ -217,8 +233,7 @@ def test_check_loads_the_certificate_and_opens_the_stores(
     code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
     assert (code, err) == (0, "")
     assert f"certificate {cert}: localhost: ok: covered by DNS:localhost\n" in out
-    assert out.endswith(f"\n{path}: OK (1 warning)\n")  # self-signed
-    assert (tmp_path / "data" / "items.sqlite3").exists()  # the store was opened
+    assert out.endswith(f"\n{path}: OK (3 warnings)\n")  # self-signed, no stores yet
 
     path.write_text(f"data_dir: data\ntls: {{cert: {key}, key: {cert}}}\n")
     code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
@@ -254,7 +269,7 @@ def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(
     monkeypatch.setenv("XMPPD_CONFIG", str(config))
     code, out, err = run(capsys, monkeypatch, "check")
     assert (code, err) == (0, f"xmppctl: using the configuration {config} (from $XMPPD_CONFIG)\n")
-    assert out.endswith(f"\n{config}: OK (1 warning)\n")
+    assert out.endswith(f"\n{config}: OK (3 warnings)\n")  # self-signed, no stores yet
     monkeypatch.delenv("XMPPD_CONFIG")
     system = tmp_path / "etc-xmppd.yml"
     monkeypatch.setattr(configfile, "SYSTEM_CONFIG", system)
@@ -268,7 +283,7 @@ def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(
     system.write_text(config.read_text())
     code, out, err = run(capsys, monkeypatch, "check")
     assert (code, err) == (0, f"xmppctl: using the configuration {system}\n")
-    assert out.endswith(f"\n{system}: OK (1 warning)\n")
+    assert out.endswith(f"\n{system}: OK (3 warnings)\n")
 
 
 def test_bad_config_exits_1_with_the_lines(

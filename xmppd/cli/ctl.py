@@ -43,8 +43,8 @@ from xmppd.cli.nodes import (
 from xmppd.config import Config, ConfigError, find_config, load_config
 from xmppd.configfile import CONFIG_ENV, SYSTEM_CONFIG
 from xmppd.fileaccess import restrict_umask, root_on_foreign_dir
-from xmppd.modulehost import AccountDataRemains, validate_module_options
-from xmppd.server import StartupError, ensure_data_dir
+from xmppd.modulehost import AccountDataRemains
+from xmppd.server import StartupError, check_writable
 from xmppd.storage.base import StorageError
 from xmppd.storage.factory import open_storage
 from xmppd.storage.migrate import migrate
@@ -150,17 +150,18 @@ def _progress(total: int | None, desc: str, unit: str) -> tqdm[Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Everything the server checks before it serves (the file, the module options,
-    data_dir written), then the certificate, each store and, with --dns, the DNS
-    records (xmppd.cli.checks): errors make the exit code 1, warnings do not."""
+    """Everything the server checks before it serves (the file with the module options,
+    data_dir writable), then the certificate, each store and, with --dns, the DNS
+    records (xmppd.cli.checks): errors make the exit code 1, warnings do not.
+
+    Makes nothing: a mistyped data_dir must show as a missing store, not become a
+    new empty one that then checks OK."""
     cfg = _load(args.config)
-    try:
-        validate_module_options(cfg)
-        ensure_data_dir(cfg.data_dir)
-    except ConfigError as e:
-        raise Failure(*e.problems) from None
-    except StartupError as e:
-        raise Failure(str(e)) from None
+    if cfg.data_dir.exists():
+        try:
+            check_writable(cfg.data_dir)
+        except StartupError as e:
+            raise Failure(str(e)) from None
     report = checks.run_checks(cfg, sys.stdout, dns_server=args.dns_server, with_dns=args.dns)
     if report.errors:
         raise Failure(f"{cfg.source.name}: {_count(report.errors, 'error')}")
