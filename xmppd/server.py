@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xmppd import package_version
 from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter, address_key
@@ -31,6 +32,7 @@ from xmppd.flushes import Flushes
 from xmppd.logs import LogOutput, set_level
 from xmppd.modulehost import ModuleHost, validate_module_options
 from xmppd.nodetls import NodeTLS, node_tls
+from xmppd.openfiles import SANE_HARD_LIMIT, OpenFiles, raise_open_files_limit
 from xmppd.pauses import PauseMonitor
 from xmppd.reload import ReloadResult, describe_changes, refused_changes
 from xmppd.router import Router
@@ -141,7 +143,11 @@ class Server:
     async def _start(self, undo: list[tuple[str, Callable[[], Awaitable[object]]]]) -> None:
         """`start`'s steps; each that started something appends how to stop it to `undo`."""
         config = self.config
-        log.info("xmppd starting: config %s, hosts %s", config.source.name, ", ".join(config.hosts))
+        log.info(
+            "xmppd %s starting: config %s, hosts %s",
+            package_version(), config.source.name, ", ".join(config.hosts),
+        )
+        log_open_files(raise_open_files_limit())
         ensure_data_dir(config.data_dir)
         if open_to_others(config.data_dir):
             log.warning(
@@ -557,6 +563,21 @@ class Server:
 
     async def _user_exists(self, host: str, username: str) -> bool:
         return await self.accounts[host].exists(username)
+
+
+def log_open_files(limits: OpenFiles) -> None:
+    """Say what the open-files limit allows: a low one fails accepts with no other line."""
+    raised = f"raised from {limits.before} to" if limits.soft != limits.before else "soft limit"
+    log.info(
+        "open files: %s %d (hard limit %d): about %d client connections",
+        raised, limits.soft, limits.hard, limits.clients,
+    )
+    if limits.hard < SANE_HARD_LIMIT:
+        log.warning(
+            "open files: the hard limit %d allows about %d client connections on this node; "
+            "raise it (systemd: LimitNOFILE=%d in the unit; else nofile in limits.conf)",
+            limits.hard, limits.clients, SANE_HARD_LIMIT * 16,
+        )
 
 
 class StartupError(Exception):

@@ -6,6 +6,7 @@ import asyncio
 import ctypes.util
 import os
 import re
+import resource
 import shutil
 import signal
 import stat
@@ -109,6 +110,36 @@ async def test_data_dir_and_stores_are_private_whatever_the_umask(tmp_path: Path
     made = [p for p in data.rglob("*") if p.is_file()]
     assert any(p.name == "items.sqlite3" for p in made)
     assert [p for p in made if p.stat().st_mode & 0o007] == []
+
+
+def _low_open_files() -> None:
+    """In the child: the soft limit most systems start a process with, a low hard one."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))
+
+
+async def test_the_version_and_the_open_files_limit_raised_at_start(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "xmppd", "-c", str(write_config(tmp_path)),
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_low_open_files,
+    )
+    lines: list[str] = []
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while not lines or "xmppd ready" not in lines[-1]:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "xmppd exited during startup:\n" + "".join(lines)
+                lines.append(line)
+        limits = await asyncio.to_thread(Path(f"/proc/{proc.pid}/limits").read_text)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
+    log = "".join(lines)
+    assert f"xmppd {version('xmppd')} starting: config " in log
+    assert "open files: raised from 1024 to 4096 (hard limit 4096): about 3996 client " in log
+    assert re.search(r"WARNING .*open files: the hard limit 4096 allows about 3996 client", log)
+    assert re.search(r"Max open files\s+4096\s+4096", limits)
 
 
 def _mapped(pid: int, library: str) -> bool:
