@@ -484,6 +484,12 @@ class Server:
             log.warning(
                 "refused a connection from %s: %d connections already conn=%s",
                 conn.ip, limit, conn.id,
+                extra={
+                    "event": "connection-refused",
+                    "address": conn.ip,
+                    "reason": "max_connections_per_ip",
+                    "conn": conn.id,
+                },
             )
             return False
         self.per_ip[key] += 1

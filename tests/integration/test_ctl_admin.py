@@ -93,11 +93,17 @@ async def test_ban_ends_the_session_refuses_the_login_and_unban_lets_it_in(
     # The right password is refused as a disabled account (RFC 6120 6.5.1), not as
     # wrong credentials; the account and its data stay.
     assert await failed_login(server, "alice@localhost", "alice-secret") == "account-disabled"
-    assert "refused the login of alice@localhost" in caplog.text
+    [refused] = [r for r in caplog.records if "refused the login of alice@" in r.getMessage()]
+    assert getattr(refused, "event", None) == "login-refused"
+    assert refused.getMessage().endswith(f" conn={getattr(refused, 'conn', None)}")
     assert await server.accounts["localhost"].exists("alice")
 
     code, out, err = await ctl(server, "unban", "alice@localhost")
     assert (code, out, err) == (0, "unbanned alice@localhost\n", "")
+    assert "admin: alice@localhost unbanned" in caplog.text
+    code, out, err = await ctl(server, "register", "carol@localhost", stdin="carol-secret\n")
+    assert (code, out, err) == (0, "registered carol@localhost\n", "")
+    assert "admin: carol@localhost registered" in caplog.text
     again = await connect(server, "alice@localhost/desk", "alice-secret")
     code, _, err = await ctl(server, "unban", "alice@localhost")
     assert code == 1 and "alice@localhost is not banned" in err

@@ -37,6 +37,7 @@ from xmppd.cli.nodes import (
     Outcome,
     drain_nodes,
     node_records,
+    note_account_change,
     notify_account_change,
     remove_on_node,
 )
@@ -187,6 +188,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     user, host = _account_jid(cfg, args.jid)  # a wrong host fails before asking for a password
     asyncio.run(_register(cfg, user, host, _read_password(args.password_file, sys.stdin)))
     print(f"registered {user}@{host}")
+    _report(asyncio.run(note_account_change(cfg.data_dir, f"{user}@{host}", "registered")))
     return 0
 
 

@@ -265,6 +265,13 @@ async def notify_account_change(data_dir: Path, jid: str, change: str) -> Outcom
     return outcome
 
 
+async def note_account_change(data_dir: Path, jid: str, change: str) -> Outcome:
+    """POST /accounts/{jid}/{change} ("registered", "unbanned") to every running node,
+    for its log; only a node that does not answer is reported (as a warning)."""
+    told = await notify_account_change(data_dir, jid, change)
+    return Outcome(warnings=told.warnings)
+
+
 async def _tell(http: AdminHTTP, url: str, record: Path, outcome: Outcome) -> None:
     node = url.split("/accounts/", 1)[0]
     try:
