@@ -21,6 +21,7 @@ from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter, address_key
 from xmppd.batchloop import BatchingLoop
+from xmppd.cli.nodes import other_nodes
 from xmppd.cluster import Cluster, ClusterUnavailable
 from xmppd.cluster.caches import share_memory_cache
 from xmppd.cluster.throttle import RedisFailureCounter
@@ -149,6 +150,8 @@ class Server:
         )
         log_open_files(raise_open_files_limit())
         ensure_data_dir(config.data_dir)
+        if config.cluster is None:
+            await refuse_a_second_node(config.data_dir)
         if open_to_others(config.data_dir):
             log.warning(
                 "data_dir %s can be read by every local user (it holds the accounts' keys): "
@@ -569,6 +572,20 @@ class Server:
 
     async def _user_exists(self, host: str, username: str) -> bool:
         return await self.accounts[host].exists(username)
+
+
+async def refuse_a_second_node(data_dir: Path) -> None:
+    """StartupError when another node already runs on `data_dir` and this one has no
+    cluster: each would keep its own sessions and caches, so users on one would look
+    offline to the other and read stale rosters, with no error anywhere."""
+    others = await asyncio.to_thread(other_nodes, data_dir)
+    if others:
+        pid, url = others[0]
+        raise StartupError(
+            f"another node runs on data_dir {data_dir} (pid {pid}, admin API {url}): two "
+            "nodes without a cluster section keep separate sessions and caches; stop it, "
+            "or make both nodes a cluster (docs/cluster.md)"
+        )
 
 
 def log_open_files(limits: OpenFiles) -> None:

@@ -112,6 +112,26 @@ async def test_data_dir_and_stores_are_private_whatever_the_umask(tmp_path: Path
     assert [p for p in made if p.stat().st_mode & 0o007] == []
 
 
+async def test_a_second_node_without_a_cluster_on_one_data_dir_is_refused(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path)  # every port 0: the second node could bind its own
+    first, _ = await start_xmppd(config)
+    try:
+        code, _, err = await run_xmppd("-c", str(config), cwd=tmp_path)
+        assert code == 1
+        last = err.splitlines()[-1]
+        assert last.startswith(
+            f"xmppd: another node runs on data_dir {tmp_path / 'data'} (pid {first.pid}, "
+            "admin API http://127.0.0.1:"
+        )
+        assert "Traceback" not in err
+        assert first.returncode is None  # the first one serves on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.wait(), 15) == 0
+
+
 def _low_open_files() -> None:
     """In the child: the soft limit most systems start a process with, a low hard one."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))
