@@ -52,6 +52,7 @@ from ..base import (
     BlobBackend,
     BlobPage,
     ConditionFailed,
+    NoStoreYet,
     StorageError,
     TooLarge,
     check_blob_size,
@@ -188,7 +189,12 @@ class S3BlobBackend(BlobBackend):
             if cfg.create_bucket and not read_only:
                 await backend.create_bucket(cfg.region)
             else:
-                await backend._call("open", partial(client.head_bucket, Bucket=cfg.bucket))
+                # Read-only, a bucket the server would create is only not there yet.
+                missing = (
+                    NoStoreYet(cls.name, f"bucket {cfg.bucket}") if cfg.create_bucket else None
+                )
+                head = partial(client.head_bucket, Bucket=cfg.bucket)
+                await backend._call("open", head, missing=missing)
         except BaseException:
             await client.close()
             raise
