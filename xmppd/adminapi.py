@@ -216,6 +216,7 @@ class AdminAPI:
             log.warning(
                 "admin: refused %s %s from %s: no valid bearer token",
                 request.method, request.path, request.remote,
+                extra={"event": "admin-refused", "address": request.remote, "reason": "token"},
             )
             return web.json_response(
                 {"error": "a valid bearer token is required"},
