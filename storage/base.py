@@ -32,6 +32,11 @@ AttrValue = str | int | bytes
 Attrs = Mapping[str, AttrValue]
 
 
+PRIVATE_DIR = 0o700
+"""The mode of the folders a store makes: they hold the accounts' keys and messages,
+for the service user alone."""
+
+
 class StorageError(Exception):
     """A backend failed; the message names backend, operation and cause."""
 
@@ -40,6 +45,15 @@ class StorageError(Exception):
         self.backend = backend
         self.operation = operation
         self.cause = cause
+
+
+class NoStoreYet(StorageError):
+    """A store opened read-only (xmppctl check) is not there: the server makes it at
+    its first start, so this is no error, but the path may be mistyped."""
+
+    def __init__(self, backend: str, where: str) -> None:
+        super().__init__(backend, "open", f"no store at {where} yet")
+        self.where = where
 
 
 class ConditionFailed(Exception):

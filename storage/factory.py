@@ -87,28 +87,29 @@ async def _close_all(parts: list[ItemBackend | BlobBackend | Cache]) -> None:
             log.exception("closing %s failed", type(part).__name__)
 
 
-async def open_items(cfg: ItemsConfig, data_dir: Path) -> ItemBackend:
-    """The configured item store alone (xmppctl check opens each part on its own)."""
+async def open_items(cfg: ItemsConfig, data_dir: Path, *, read_only: bool = False) -> ItemBackend:
+    """The configured item store alone (xmppctl check opens each part on its own,
+    `read_only`: making nothing, a missing store is NoStoreYet)."""
     if isinstance(cfg, SQLiteItemsConfig):
         from .backends.sqlite import SQLiteItemBackend
 
-        return await SQLiteItemBackend.from_config(cfg, data_dir)
+        return await SQLiteItemBackend.from_config(cfg, data_dir, read_only=read_only)
     assert isinstance(cfg, DynamoDBItemsConfig)
     from .backends.dynamodb import DynamoDBItemBackend
 
-    return await DynamoDBItemBackend.from_config(cfg)
+    return await DynamoDBItemBackend.from_config(cfg, read_only=read_only)
 
 
-async def open_blobs(cfg: BlobsConfig, data_dir: Path) -> BlobBackend:
-    """The configured blob store alone."""
+async def open_blobs(cfg: BlobsConfig, data_dir: Path, *, read_only: bool = False) -> BlobBackend:
+    """The configured blob store alone (`read_only` as for open_items)."""
     if isinstance(cfg, FilesBlobsConfig):
         from .backends.files import FileBlobBackend
 
-        return await FileBlobBackend.from_config(cfg, data_dir)
+        return await FileBlobBackend.from_config(cfg, data_dir, read_only=read_only)
     assert isinstance(cfg, S3BlobsConfig)
     from .backends.s3 import S3BlobBackend
 
-    return await S3BlobBackend.from_config(cfg)
+    return await S3BlobBackend.from_config(cfg, read_only=read_only)
 
 
 async def open_cache(cfg: CacheConfig) -> Cache:

@@ -10,7 +10,9 @@ records its URL (for HTTPS, also what xmppctl verifies it against) in
 xmppctl, given the same configuration, finds the nodes running on this
 machine (xmppd.cli.nodes). Every request needs `Authorization: Bearer
 <token>`, the token being made at first start in `data_dir/admin/token`
-(mode 0600): whoever can read it can already read the stores.
+(mode 0600): whoever can read it can already read the stores. A second token,
+`data_dir/admin/metrics-token`, is accepted for GET /metrics and GET /status
+only: a scraper given it can read counts, not end sessions or remove accounts.
 
 Endpoints:
   GET  /status                                  the node: version, pid, hosts, storage, counts
@@ -67,6 +69,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "token"
+METRICS_TOKEN_FILE = "metrics-token"
+READ_ONLY_PATHS = frozenset({"/metrics", "/status"})
+"""What the metrics token may GET: counts and the node's description, nothing of a user."""
 RECORD_SUFFIX = ".json"
 
 KICK_REASON = "ended by an administrator"
@@ -81,6 +86,9 @@ ACCOUNT_CHANGES = {
     "password-changed": ("not-authorized", "the password of this account was changed"),
     "removed": ("not-authorized", "the account was removed"),
 }
+ACCOUNT_NOTES = frozenset({"registered", "unbanned"})
+"""What xmppctl did to an account that ends no session, told to the running nodes only
+for their log: every change to an account an operator makes leaves a line there."""
 
 
 def admin_dir(data_dir: Path) -> Path:
@@ -88,22 +96,23 @@ def admin_dir(data_dir: Path) -> Path:
     return data_dir / "admin"
 
 
-def read_token(data_dir: Path) -> str:
-    """The deployment's admin token (OSError when it cannot be read)."""
-    return (admin_dir(data_dir) / TOKEN_FILE).read_text(encoding="ascii").strip()
+def read_token(data_dir: Path, name: str = TOKEN_FILE) -> str:
+    """The deployment's admin token, or its metrics token (OSError when it cannot be
+    read)."""
+    return (admin_dir(data_dir) / name).read_text(encoding="ascii").strip()
 
 
-def ensure_token(data_dir: Path) -> str:
-    """The admin token, made on first start (mode 0600).
+def ensure_token(data_dir: Path, name: str = TOKEN_FILE) -> str:
+    """The admin token (or the metrics token), made on first start (mode 0600).
 
     Written under a temporary name and linked into place, so two nodes
     starting at once agree on one token and no reader sees a partial file.
     """
     folder = admin_dir(data_dir)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = folder / TOKEN_FILE
+    path = folder / name
     if not path.exists():
-        temporary = folder / f".{TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        temporary = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
         _write_private(temporary, secrets.token_urlsafe(32) + "\n")
         try:
             os.link(temporary, path)
@@ -114,7 +123,7 @@ def ensure_token(data_dir: Path) -> str:
             temporary.unlink()
     elif path.stat().st_mode & 0o077:
         log.warning("admin: %s is readable by other users; chmod 600 it", path)
-    return read_token(data_dir)
+    return read_token(data_dir, name)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -130,6 +139,7 @@ class AdminAPI:
         self.server = server
         self.url = ""
         self._token = b""
+        self._metrics_token = b""  # GET of READ_ONLY_PATHS only
         self._record: Path | None = None
         self._runner: web.AppRunner | None = None
         self._https: HTTPSListener | None = None
@@ -139,6 +149,7 @@ class AdminAPI:
         """Serve on admin.address: plain HTTP, or HTTPS only with `tls.admin` (admin.tls)."""
         config = self.server.config
         self._token = ensure_token(config.data_dir).encode()
+        self._metrics_token = ensure_token(config.data_dir, METRICS_TOKEN_FILE).encode()
         app = web.Application(middlewares=[self._authenticate])
         add_routes(app, self.server)  # stats, announce, ban, user data: xmppd.adminroutes
         app.router.add_get("/status", self._status)
@@ -195,11 +206,17 @@ class AdminAPI:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        valid = hmac.compare_digest(given.strip().encode(), self._token)
+        presented = given.strip().encode()
+        valid = hmac.compare_digest(presented, self._token) or (
+            request.method == "GET"
+            and request.path in READ_ONLY_PATHS
+            and hmac.compare_digest(presented, self._metrics_token)
+        )
         if scheme.lower() != "bearer" or not valid:
             log.warning(
                 "admin: refused %s %s from %s: no valid bearer token",
                 request.method, request.path, request.remote,
+                extra={"event": "admin-refused", "address": request.remote, "reason": "token"},
             )
             return web.json_response(
                 {"error": "a valid bearer token is required"},
@@ -334,9 +351,12 @@ class AdminAPI:
     async def _account_changed(self, request: web.Request) -> web.Response:
         change = request.match_info["change"]
         condition = ACCOUNT_CHANGES.get(change)
-        if condition is None:
+        if condition is None and change not in ACCOUNT_NOTES:
             raise web.HTTPNotFound(text=f"unknown change {change!r}")
         jid = self._account(request)
+        if condition is None:
+            log.info("admin: %s %s", jid.bare, change)
+            return web.json_response({"ended": 0})
         ended = await self.server.end_account_sessions(
             jid.domain, jid.user, StreamError(*condition)
         )

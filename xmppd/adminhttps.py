@@ -102,7 +102,10 @@ class HTTPSListener:
         try:
             first = await _first_byte(loop, conn)
         except TimeoutError:
-            log.warning("admin: refused %s: nothing sent in %.0f s", peer, HANDSHAKE_SECONDS)
+            log.warning(
+                "admin: refused %s: nothing sent in %.0f s", peer, HANDSHAKE_SECONDS,
+                extra={"event": "admin-refused", "reason": "timeout"},
+            )
             conn.close()
             return
         except OSError:
@@ -115,7 +118,10 @@ class HTTPSListener:
             conn.close()  # connected and closed: nothing asked, nothing refused
             return
         if first[0] != TLS_HANDSHAKE:
-            log.warning("admin: refused plain HTTP from %s: the API serves HTTPS only", peer)
+            log.warning(
+                "admin: refused plain HTTP from %s: the API serves HTTPS only", peer,
+                extra={"event": "admin-refused", "reason": "plain-http"},
+            )
             _refuse_plain(conn)
             return
         try:
@@ -126,7 +132,10 @@ class HTTPSListener:
                 ssl_handshake_timeout=HANDSHAKE_SECONDS,
             )
         except (OSError, TimeoutError) as exc:
-            log.warning("admin: refused %s: TLS handshake failed (%s)", peer, _why(exc))
+            log.warning(
+                "admin: refused %s: TLS handshake failed (%s)", peer, _why(exc),
+                extra={"event": "admin-refused", "reason": "tls-handshake"},
+            )
             conn.close()
 
 

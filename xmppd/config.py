@@ -962,7 +962,9 @@ def _build(data: dict[str, Any], source: ConfigSource, problems: list[tuple[int,
     try:
         cfg = Config.model_validate(data, context={"base_dir": source.base_dir})
     except ValidationError as e:
-        raise _error(problems + _translate(e, Config, source, ())) from None
+        problems = problems + _translate(e, Config, source, ())
+        raise _error(problems + _module_problems(data.get("modules"), source)) from None
+    problems = problems + _module_problems(cfg.modules, source)
     if problems:
         raise _error(problems)
     cfg._source = source
@@ -973,6 +975,27 @@ def _build(data: dict[str, Any], source: ConfigSource, problems: list[tuple[int,
             source.where(("auth", "allow_unencrypted")),
         )
     return cfg
+
+
+def _module_problems(modules: Any, source: ConfigSource) -> list[tuple[int, str]]:
+    """The problems of the module options, with the line of each module for the order.
+
+    Checked here, with the rest of the file, so that one run lists every problem and
+    a bad option stops `xmppd` before it opens a store or loads a certificate. A
+    `modules` section that is not a mapping of mappings was reported by the core
+    model already; the module host is imported only now (it imports the modules)."""
+    if modules is None:
+        modules = _default_modules()
+    if not isinstance(modules, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, dict)) for k, v in modules.items()
+    ):
+        return []
+    from xmppd.modulehost import module_option_problems
+
+    return [
+        (source.line_of(("modules", name)) or 0, text)
+        for name, text in module_option_problems(modules, source)
+    ]
 
 
 def validate_section(model: type[M], data: Any, source: ConfigSource, path: Loc) -> M:

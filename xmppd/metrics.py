@@ -11,7 +11,12 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -20,6 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from xmppd import package_version
 from xmppd.pauses import PauseStats
 from xmppd.storage.timing import BOUNDS as TIMING_BOUNDS
 from xmppd.storage.timing import OpStats, StorageStats
@@ -58,6 +64,7 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
+        yield from _node(server)
         ledger = server.router.ledger
         for attr, (name, text) in MESSAGE_COUNTS.items():
             yield CounterMetricFamily(name, text, value=getattr(ledger, attr))
@@ -108,6 +115,24 @@ class ServerCollector(Collector):
             yield from _s2s(server.s2s)
         if server.components is not None:
             yield from _components(server.components)
+
+
+def _node(server: Server) -> Iterator[Metric]:
+    """What runs here: the version (a rolling upgrade shows node by node) and when the
+    certificate it serves expires (read again by each reload), for an alert before
+    clients refuse it."""
+    build = GaugeMetricFamily(
+        "xmppd_build_info", "Always 1; the version of xmppd this node runs.", labels=["version"]
+    )
+    build.add_metric([package_version()], 1)
+    yield build
+    expiry = GaugeMetricFamily(
+        "xmppd_tls_cert_not_after_seconds",
+        "When the certificate this node serves expires (Unix time).",
+        labels=["cert"],
+    )
+    expiry.add_metric([str(server.tls.cert_path)], server.tls.not_after)
+    yield expiry
 
 
 def _traffic(traffic: Traffic) -> Iterator[Metric]:
@@ -321,7 +346,10 @@ def _histogram(name: str, text: str, stats: PauseStats) -> HistogramMetricFamily
 
 
 def exposition(server: Server) -> bytes:
-    """The current metrics of `server`, in the text format."""
+    """The current metrics of `server`, in the text format, with the process' own
+    (process_*: memory, open files and their limit, CPU, start time; python_info)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(server))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
     return generate_latest(registry)

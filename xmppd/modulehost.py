@@ -96,7 +96,7 @@ if TYPE_CHECKING:
 
     from xmppd.auth.accounts import Accounts
     from xmppd.cluster import Cluster
-    from xmppd.config import Config
+    from xmppd.config import Config, ConfigSource
     from xmppd.router import Router
     from xmppd.session import ClientSession, Transport
     from xmppd.storage.factory import Storage
@@ -1161,32 +1161,45 @@ def installed_modules() -> dict[str, type[Module]]:
 
 
 def validate_module_options(config: Config) -> dict[str, BaseModel]:
-    """Check every enabled module exists and its options are valid, reporting all problems."""
+    """Each enabled module's options as its model, each after the modules it requires;
+    ConfigError with every problem (load_config found them already for a file)."""
     from xmppd.config import ConfigError, validate_section
 
-    options: dict[str, BaseModel] = {}
-    classes: dict[str, type[Module]] = {}
-    problems: list[str] = []
-    for name, raw in config.modules.items():
-        try:
-            cls = classes[name] = module_class(name)
-        except ImportError:
-            problems.append(config.source.problem(("modules", name), "no such module"))
-            continue
-        for needed in cls.requires:
-            if needed not in config.modules:
-                problems.append(
-                    config.source.problem(("modules", name), f"needs module {needed!r} enabled too")
-                )
-        try:
-            options[name] = validate_section(
-                cls.Options, raw or {}, config.source, ("modules", name)
-            )
-        except ConfigError as exc:
-            problems.extend(exc.problems)
+    problems = [text for _, text in module_option_problems(config.modules, config.source)]
     if problems:
         raise ConfigError(problems)
-    return {name: options[name] for name in dependency_order(classes)}
+    classes = {name: module_class(name) for name in config.modules}
+    return {
+        name: validate_section(
+            classes[name].Options, config.modules[name] or {}, config.source, ("modules", name)
+        )
+        for name in dependency_order(classes)
+    }
+
+
+def module_option_problems(
+    modules: dict[str, dict[str, Any] | None], source: ConfigSource
+) -> list[tuple[str, str]]:
+    """(module name, problem line) for every enabled module that does not exist,
+    lacks a module it requires, or has options its model refuses."""
+    from xmppd.config import ConfigError, validate_section
+
+    problems: list[tuple[str, str]] = []
+    for name, raw in modules.items():
+        try:
+            cls = module_class(name)
+        except ImportError:
+            problems.append((name, source.problem(("modules", name), "no such module")))
+            continue
+        for needed in cls.requires:
+            if needed not in modules:
+                why = f"needs module {needed!r} enabled too"
+                problems.append((name, source.problem(("modules", name), why)))
+        try:
+            validate_section(cls.Options, raw or {}, source, ("modules", name))
+        except ConfigError as exc:
+            problems.extend((name, line) for line in exc.problems)
+    return problems
 
 
 def dependency_order(classes: dict[str, type[Module]]) -> list[str]:

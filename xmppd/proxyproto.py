@@ -172,8 +172,11 @@ class ProxyHeaderReader(asyncio.Protocol):
             self.timer.cancel()
 
     def _refuse(self, why: str) -> None:
-        log.warning("refused a connection from %s on a PROXY protocol listener: %s",
-                    self.peer, why)
+        # No conn=: no client connection exists yet (it is made from the header).
+        log.warning(
+            "refused a connection from %s on a PROXY protocol listener: %s", self.peer, why,
+            extra={"event": "connection-refused", "address": self.peer, "reason": why},
+        )
         if self.transport is not None:
             self.transport.abort()
 

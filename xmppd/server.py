@@ -16,27 +16,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xmppd import package_version
 from xmppd.adminapi import AdminAPI
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter, address_key
 from xmppd.batchloop import BatchingLoop
+from xmppd.cli.nodes import other_nodes
 from xmppd.cluster import Cluster, ClusterUnavailable
 from xmppd.cluster.caches import share_memory_cache
 from xmppd.cluster.throttle import RedisFailureCounter
 from xmppd.components.service import ComponentService
 from xmppd.config import Config, ConfigError, ListenerConfig, load_config
 from xmppd.connection import C2SConnection
+from xmppd.fileaccess import open_to_others
 from xmppd.flushes import Flushes
 from xmppd.logs import LogOutput, set_level
 from xmppd.modulehost import ModuleHost, validate_module_options
 from xmppd.nodetls import NodeTLS, node_tls
+from xmppd.openfiles import SANE_HARD_LIMIT, OpenFiles, raise_open_files_limit
 from xmppd.pauses import PauseMonitor
 from xmppd.reload import ReloadResult, describe_changes, refused_changes
 from xmppd.router import Router
 from xmppd.s2s.contexts import S2SContexts
 from xmppd.s2s.service import S2SService
 from xmppd.session import ClientSession
-from xmppd.storage.base import ConditionFailed, ItemStore
+from xmppd.storage.base import PRIVATE_DIR, ConditionFailed, ItemStore
 from xmppd.storage.factory import Storage, open_storage
 from xmppd.storage.timing import StorageStats, instrument
 from xmppd.stream.c2s import StreamSettings
@@ -140,8 +144,19 @@ class Server:
     async def _start(self, undo: list[tuple[str, Callable[[], Awaitable[object]]]]) -> None:
         """`start`'s steps; each that started something appends how to stop it to `undo`."""
         config = self.config
-        log.info("xmppd starting: config %s, hosts %s", config.source.name, ", ".join(config.hosts))
+        log.info(
+            "xmppd %s starting: config %s, hosts %s",
+            package_version(), config.source.name, ", ".join(config.hosts),
+        )
+        log_open_files(raise_open_files_limit())
         ensure_data_dir(config.data_dir)
+        if config.cluster is None:
+            await refuse_a_second_node(config.data_dir)
+        if open_to_others(config.data_dir):
+            log.warning(
+                "data_dir %s can be read by every local user (it holds the accounts' keys): "
+                "chmod -R o-rwx %s", config.data_dir, config.data_dir
+            )
         # Off the loop (xmppd.nodetls): the signal handlers and the start's log lines
         # run on it meanwhile.
         tls = await asyncio.to_thread(node_tls, config)
@@ -472,6 +487,12 @@ class Server:
             log.warning(
                 "refused a connection from %s: %d connections already conn=%s",
                 conn.ip, limit, conn.id,
+                extra={
+                    "event": "connection-refused",
+                    "address": conn.ip,
+                    "reason": "max_connections_per_ip",
+                    "conn": conn.id,
+                },
             )
             return False
         self.per_ip[key] += 1
@@ -553,6 +574,35 @@ class Server:
         return await self.accounts[host].exists(username)
 
 
+async def refuse_a_second_node(data_dir: Path) -> None:
+    """StartupError when another node already runs on `data_dir` and this one has no
+    cluster: each would keep its own sessions and caches, so users on one would look
+    offline to the other and read stale rosters, with no error anywhere."""
+    others = await asyncio.to_thread(other_nodes, data_dir)
+    if others:
+        pid, url = others[0]
+        raise StartupError(
+            f"another node runs on data_dir {data_dir} (pid {pid}, admin API {url}): two "
+            "nodes without a cluster section keep separate sessions and caches; stop it, "
+            "or make both nodes a cluster (docs/cluster.md)"
+        )
+
+
+def log_open_files(limits: OpenFiles) -> None:
+    """Say what the open-files limit allows: a low one fails accepts with no other line."""
+    raised = f"raised from {limits.before} to" if limits.soft != limits.before else "soft limit"
+    log.info(
+        "open files: %s %d (hard limit %d): about %d client connections",
+        raised, limits.soft, limits.hard, limits.clients,
+    )
+    if limits.hard < SANE_HARD_LIMIT:
+        log.warning(
+            "open files: the hard limit %d allows about %d client connections on this node; "
+            "raise it (systemd: LimitNOFILE=%d in the unit; else nofile in limits.conf)",
+            limits.hard, limits.clients, SANE_HARD_LIMIT * 16,
+        )
+
+
 class StartupError(Exception):
     """The node cannot start; one line naming what to fix."""
 
@@ -561,7 +611,19 @@ def ensure_data_dir(data_dir: Path) -> None:
     """Make data_dir and check that files can be written in it (StartupError), before
     a store, the certificate or the admin token fails there with a longer story."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(
+            f"data_dir {data_dir} is not writable: {exc.strerror or exc}"
+        ) from None
+    check_writable(data_dir)
+
+
+def check_writable(data_dir: Path) -> None:
+    """StartupError unless a file can be made in the existing `data_dir`: a probe,
+    removed at once (root may lack the right on a network file system, and a folder
+    may be mounted read-only, which its mode does not show)."""
+    try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=data_dir)
         os.close(fd)
         os.unlink(probe)

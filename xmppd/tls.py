@@ -27,6 +27,9 @@ class ServerTLS:
     context: ssl.SSLContext
     cert_path: Path
     cert_der: bytes  # what channel binding (tls-server-end-point) is computed from
+    # When the certificate expires (Unix time): /metrics shows it, so an alert fires
+    # before clients refuse it, whatever renews it.
+    not_after: float
 
 
 class TLSError(Exception):
@@ -45,7 +48,8 @@ def server_tls(
     der = _load_pair(ctx, cert, key)
     ctx.set_alpn_protocols([alpn])
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    return ServerTLS(ctx, cert, der)
+    not_after = x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+    return ServerTLS(ctx, cert, der, not_after)
 
 
 def _version(min_version: str) -> ssl.TLSVersion:

@@ -56,6 +56,7 @@ from ..base import (
     Delete,
     Item,
     ItemBackend,
+    NoStoreYet,
     Page,
     Put,
     Query,
@@ -131,18 +132,21 @@ class DynamoDBItemBackend(ItemBackend):
         self._caller = caller
 
     @classmethod
-    async def from_config(cls, cfg: DynamoDBItemsConfig) -> DynamoDBItemBackend:
-        """Connect, then create the table (cfg.create_table) or check that it exists, so a
-        wrong table name fails at startup rather than at the first login."""
+    async def from_config(
+        cls, cfg: DynamoDBItemsConfig, *, read_only: bool = False
+    ) -> DynamoDBItemBackend:
+        """Connect, then create the table (cfg.create_table, unless `read_only`) or check
+        that it exists, so a wrong table name fails at startup rather than at the first
+        login."""
         settings = ClientSettings.from_config(cfg)
         client = await open_client("dynamodb", settings)
         where = f"table {cfg.table} at {cfg.endpoint_url or 'AWS ' + cfg.region}"
         backend = cls(client, cfg.table, AwsCaller(cls.name, where, cfg.retries + 1))
         try:
-            if cfg.create_table:
+            if cfg.create_table and not read_only:
                 await backend.create_table()
             else:
-                await backend._describe_table()
+                await backend._describe_table(made_at_start=cfg.create_table)
         except BaseException:
             await client.close()
             raise
@@ -153,9 +157,14 @@ class DynamoDBItemBackend(ItemBackend):
 
     # -- table management ------------------------------------------------------
 
-    async def _describe_table(self) -> dict[str, Any]:
+    async def _describe_table(self, made_at_start: bool = False) -> dict[str, Any]:
+        """The table's description; a missing one is NoStoreYet when the server would
+        create it (`made_at_start`, for xmppctl check), else an error saying so."""
+
         def classify(exc: ClientError) -> BaseException | None:
             if error_code(exc) == "ResourceNotFoundException":
+                if made_at_start:
+                    return NoStoreYet(self.name, f"table {self.table}")
                 return StorageError(
                     self.name, "open", f"table {self.table} does not exist (set create_table)"
                 )

@@ -33,10 +33,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..base import (
+    PRIVATE_DIR,
     Blob,
     BlobBackend,
     BlobPage,
     ConditionFailed,
+    NoStoreYet,
     StorageError,
     check_blob_size,
     check_key,
@@ -114,18 +116,31 @@ class FileBlobBackend(BlobBackend):
         )
 
     @classmethod
-    async def open(cls, root: Path, *, max_blob_bytes: int = 16 * 1024 * 1024) -> FileBlobBackend:
-        """Create the folder now, so a bad path fails at startup."""
+    async def open(
+        cls, root: Path, *, max_blob_bytes: int = 16 * 1024 * 1024, read_only: bool = False
+    ) -> FileBlobBackend:
+        """Create the folder now, so a bad path fails at startup; `read_only`: only
+        open a folder that exists (NoStoreYet if none)."""
         backend = cls(root, max_blob_bytes=max_blob_bytes)
+        if read_only:
+            if not await asyncio.to_thread(backend.root.is_dir):
+                raise NoStoreYet(cls.name, str(root))
+            return backend
         try:
-            await asyncio.to_thread(backend.root.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(
+                backend.root.mkdir, mode=PRIVATE_DIR, parents=True, exist_ok=True
+            )
         except OSError as exc:
             raise StorageError(cls.name, "open", f"{root}: {exc}") from exc
         return backend
 
     @classmethod
-    async def from_config(cls, cfg: FilesBlobsConfig, data_dir: Path) -> FileBlobBackend:
-        return await cls.open(data_dir / cfg.path, max_blob_bytes=cfg.max_blob_bytes)
+    async def from_config(
+        cls, cfg: FilesBlobsConfig, data_dir: Path, *, read_only: bool = False
+    ) -> FileBlobBackend:
+        return await cls.open(
+            data_dir / cfg.path, max_blob_bytes=cfg.max_blob_bytes, read_only=read_only
+        )
 
     def describe(self) -> str:
         return f"files {self.root}"

@@ -52,6 +52,7 @@ from ..base import (
     BlobBackend,
     BlobPage,
     ConditionFailed,
+    NoStoreYet,
     StorageError,
     TooLarge,
     check_blob_size,
@@ -167,8 +168,9 @@ class S3BlobBackend(BlobBackend):
         self.max_blob_bytes = max_blob_bytes
 
     @classmethod
-    async def from_config(cls, cfg: S3BlobsConfig) -> S3BlobBackend:
-        """Connect, then create the bucket (cfg.create_bucket) or check that it exists."""
+    async def from_config(cls, cfg: S3BlobsConfig, *, read_only: bool = False) -> S3BlobBackend:
+        """Connect, then create the bucket (cfg.create_bucket, unless `read_only`) or check
+        that it exists."""
         settings = ClientSettings.from_config(cfg)
         # S3-compatible servers on an IP or a single host name need path-style URLs.
         style = "path" if cfg.endpoint_url else "auto"
@@ -184,10 +186,15 @@ class S3BlobBackend(BlobBackend):
             client, cfg.bucket, AwsCaller(cls.name, where, cfg.retries + 1), cfg.max_blob_bytes
         )
         try:
-            if cfg.create_bucket:
+            if cfg.create_bucket and not read_only:
                 await backend.create_bucket(cfg.region)
             else:
-                await backend._call("open", partial(client.head_bucket, Bucket=cfg.bucket))
+                # Read-only, a bucket the server would create is only not there yet.
+                missing = (
+                    NoStoreYet(cls.name, f"bucket {cfg.bucket}") if cfg.create_bucket else None
+                )
+                head = partial(client.head_bucket, Bucket=cfg.bucket)
+                await backend._call("open", head, missing=missing)
         except BaseException:
             await client.close()
             raise

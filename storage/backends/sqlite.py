@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..base import (
+    PRIVATE_DIR,
     Attrs,
     AttrValue,
     ConditionFailed,
     Delete,
     Item,
     ItemBackend,
+    NoStoreYet,
     Page,
     Put,
     Query,
@@ -83,19 +85,26 @@ def prefix_upper_bound(prefix: str) -> str | None:
 class SQLiteItemBackend(ItemBackend):
     name = "sqlite"
 
-    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: Path, *, busy_timeout: float = 10.0, read_only: bool = False
+    ) -> None:
         self.path = Path(path)
         self._busy_timeout = busy_timeout
+        # Opened with mode=ro, nothing made nor set up: what xmppctl check reads.
+        self.read_only = read_only
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmppd-sqlite")
         self._turns = Turns(HANDED_OVER)
         self._conn: sqlite3.Connection | None = None  # used only on the worker thread
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path) -> SQLiteItemBackend:
+    async def open(cls, path: Path, *, read_only: bool = False) -> SQLiteItemBackend:
         """Open (creating if needed) and check the database now, so a bad path
-        fails at startup rather than at the first login."""
-        backend = cls(path)
+        fails at startup rather than at the first login; `read_only`: only open
+        a database that exists (NoStoreYet if none)."""
+        if read_only and not await asyncio.to_thread(path.exists):
+            raise NoStoreYet(cls.name, str(path))
+        backend = cls(path, read_only=read_only)
         try:
             await backend._run("open", lambda conn: None)
         except BaseException:
@@ -104,8 +113,10 @@ class SQLiteItemBackend(ItemBackend):
         return backend
 
     @classmethod
-    async def from_config(cls, cfg: SQLiteItemsConfig, data_dir: Path) -> SQLiteItemBackend:
-        return await cls.open(data_dir / cfg.path)
+    async def from_config(
+        cls, cfg: SQLiteItemsConfig, data_dir: Path, *, read_only: bool = False
+    ) -> SQLiteItemBackend:
+        return await cls.open(data_dir / cfg.path, read_only=read_only)
 
     def describe(self) -> str:
         return f"sqlite {self.path}"
@@ -134,7 +145,9 @@ class SQLiteItemBackend(ItemBackend):
         wait for on its busy timeout, so two nodes starting together on a fresh
         data_dir would see "database is locked": retry until the timeout.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.read_only:
+            return self._open_read_only()
+        self.path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         deadline = time.monotonic() + self._busy_timeout
         while True:
             try:
@@ -143,6 +156,28 @@ class SQLiteItemBackend(ItemBackend):
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)  # on the store's own worker thread, never the event loop
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """The database as it is: no WAL switch, no schema (a write each).
+
+        With no -wal file beside it no process has it open, and a read-only
+        connection would make the -wal and -shm files (it cannot remove them
+        again): so it is opened as immutable, which makes nothing. With one, a
+        server is using it, and its -wal and -shm files are read as they are."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        immutable = "" if wal.exists() else "&immutable=1"
+        uri = f"{self.path.absolute().as_uri()}?mode=ro{immutable}"
+        conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {version} is newer than this server's {SCHEMA_VERSION}"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _open_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)

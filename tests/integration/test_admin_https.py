@@ -88,6 +88,7 @@ async def test_https_admin_api_refuses_plain_http_and_serves_xmppctl_verified(
     assert answer.endswith(b"this admin API is served over HTTPS only: use https://\n")
     assert b'"version"' not in answer
     assert "admin: refused plain HTTP from 127.0.0.1 port" in caplog.text
+    assert admin_refusals(caplog) == ["plain-http"]
 
     code, out, err = await xmppctl(server, "status")
     assert (code, err) == (0, "")
@@ -103,6 +104,17 @@ async def test_https_admin_api_refuses_plain_http_and_serves_xmppctl_verified(
         async with http.get(url, ssl=context, server_hostname="localhost") as response:
             assert response.status == 401
     assert "admin: refused GET /status from 127.0.0.1: no valid bearer token" in caplog.text
+    assert admin_refusals(caplog) == ["plain-http", "token"]
+
+
+def admin_refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The reasons of the admin API's refusals logged so far, as a log shipper picks
+    them out (their `event`)."""
+    return [
+        getattr(r, "reason", "")
+        for r in caplog.records
+        if getattr(r, "event", None) == "admin-refused"
+    ]
 
 
 async def test_https_admin_api_refuses_tls_before_1_2(
@@ -120,6 +132,7 @@ async def test_https_admin_api_refuses_tls_before_1_2(
         await asyncio.open_connection("127.0.0.1", admin_port(server), ssl=context)
     await until(lambda: "TLS handshake failed (UNSUPPORTED_PROTOCOL)" in caplog.text, 10)
     assert "admin: refused 127.0.0.1 port" in caplog.text
+    assert admin_refusals(caplog) == ["tls-handshake"]
 
 
 async def test_xmppctl_refuses_an_admin_certificate_its_ca_file_does_not_vouch_for(

@@ -6,8 +6,10 @@ import asyncio
 import ctypes.util
 import os
 import re
+import resource
 import shutil
 import signal
+import stat
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -77,6 +79,87 @@ async def test_bad_config_names_file_line_and_key(tmp_path: Path) -> None:
     assert f"{bad}:5: listeners[0].port:" in text
     assert f"{bad}:6: " in text and "limtis" in text and "limits" in text  # suggestion
     assert "Traceback" not in text
+
+
+async def test_bad_module_option_stops_before_anything_starts(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    bad = tmp_path / "c2.yml"
+    bad.write_text(f"data_dir: {data}\nlimts: {{}}\nmodules:\n  roster: {{versionning: true}}\n")
+    code, _, err = await run_xmppd("-c", str(bad), cwd=tmp_path)
+    assert code == 1
+    assert err.splitlines() == [
+        f'{bad}:2: limts: unknown key "limts" (did you mean "limits"?)',
+        f'{bad}:4: modules.roster.versionning: unknown key "versionning"',
+        "xmppd: the configuration has errors; not starting",
+    ]
+    assert not data.exists()  # no store opened, no certificate made
+
+
+async def test_data_dir_and_stores_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The item store holds every account's SCRAM keys, blobs/ the offline messages."""
+    before = os.umask(0o022)  # the distribution default; xmppd inherits it
+    try:
+        proc, _ = await start_xmppd(write_config(tmp_path))
+    finally:
+        os.umask(before)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    data = tmp_path / "data"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "blobs").stat().st_mode) == 0o700
+    made = [p for p in data.rglob("*") if p.is_file()]
+    assert any(p.name == "items.sqlite3" for p in made)
+    assert [p for p in made if p.stat().st_mode & 0o007] == []
+
+
+async def test_a_second_node_without_a_cluster_on_one_data_dir_is_refused(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path)  # every port 0: the second node could bind its own
+    first, _ = await start_xmppd(config)
+    try:
+        code, _, err = await run_xmppd("-c", str(config), cwd=tmp_path)
+        assert code == 1
+        last = err.splitlines()[-1]
+        assert last.startswith(
+            f"xmppd: another node runs on data_dir {tmp_path / 'data'} (pid {first.pid}, "
+            "admin API http://127.0.0.1:"
+        )
+        assert "Traceback" not in err
+        assert first.returncode is None  # the first one serves on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.wait(), 15) == 0
+
+
+def _low_open_files() -> None:
+    """In the child: the soft limit most systems start a process with, a low hard one."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))
+
+
+async def test_the_version_and_the_open_files_limit_raised_at_start(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "xmppd", "-c", str(write_config(tmp_path)),
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_low_open_files,
+    )
+    lines: list[str] = []
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while not lines or "xmppd ready" not in lines[-1]:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "xmppd exited during startup:\n" + "".join(lines)
+                lines.append(line)
+        limits = await asyncio.to_thread(Path(f"/proc/{proc.pid}/limits").read_text)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
+    log = "".join(lines)
+    assert f"xmppd {version('xmppd')} starting: config " in log
+    assert "open files: raised from 1024 to 4096 (hard limit 4096): about 3996 client " in log
+    assert re.search(r"WARNING .*open files: the hard limit 4096 allows about 3996 client", log)
+    assert re.search(r"Max open files\s+4096\s+4096", limits)
 
 
 def _mapped(pid: int, library: str) -> bool:

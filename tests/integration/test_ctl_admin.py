@@ -13,6 +13,7 @@ import asyncio
 import io
 import logging
 import re
+import stat
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -93,11 +94,17 @@ async def test_ban_ends_the_session_refuses_the_login_and_unban_lets_it_in(
     # The right password is refused as a disabled account (RFC 6120 6.5.1), not as
     # wrong credentials; the account and its data stay.
     assert await failed_login(server, "alice@localhost", "alice-secret") == "account-disabled"
-    assert "refused the login of alice@localhost" in caplog.text
+    [refused] = [r for r in caplog.records if "refused the login of alice@" in r.getMessage()]
+    assert getattr(refused, "event", None) == "login-refused"
+    assert refused.getMessage().endswith(f" conn={getattr(refused, 'conn', None)}")
     assert await server.accounts["localhost"].exists("alice")
 
     code, out, err = await ctl(server, "unban", "alice@localhost")
     assert (code, out, err) == (0, "unbanned alice@localhost\n", "")
+    assert "admin: alice@localhost unbanned" in caplog.text
+    code, out, err = await ctl(server, "register", "carol@localhost", stdin="carol-secret\n")
+    assert (code, out, err) == (0, "registered carol@localhost\n", "")
+    assert "admin: carol@localhost registered" in caplog.text
     again = await connect(server, "alice@localhost/desk", "alice-secret")
     code, _, err = await ctl(server, "unban", "alice@localhost")
     assert code == 1 and "alice@localhost is not banned" in err
@@ -411,6 +418,33 @@ async def test_the_new_routes_need_the_token_and_the_api_is_on_loopback(server: 
             assert (await response.json())["error"] == "nobody@localhost does not exist"
     # /ban only ends the sessions: the ban itself is xmppctl's write to the account store
     assert await server.accounts["localhost"].ban_of("alice") is None
+
+
+async def test_the_metrics_token_reads_metrics_and_status_and_nothing_else(
+    server: Server,
+) -> None:
+    """What Prometheus is given: it may read counts, not end sessions or read rosters."""
+    path = server.config.data_dir / "admin" / "metrics-token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    metrics_token = read_token(server.config.data_dir, "metrics-token")
+    assert metrics_token != read_token(server.config.data_dir)
+    base, account = server.admin.url, f"{server.admin.url}/accounts/alice@localhost"
+    headers = {"Authorization": f"Bearer {metrics_token}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        for url in (f"{base}/metrics", f"{base}/status"):
+            async with http.get(url) as response:
+                assert response.status == 200, url
+        for method, url, body in [
+            ("GET", f"{base}/sessions", None),
+            ("GET", f"{base}/stats", None),
+            ("GET", f"{account}/roster", None),
+            ("POST", f"{base}/kick", {"jid": "alice@localhost"}),
+            ("POST", f"{account}/removed", None),
+            ("POST", f"{base}/reload", None),
+            ("POST", f"{base}/metrics", None),
+        ]:
+            async with http.request(method, url, json=body) as response:
+                assert response.status == 401, (method, url)
 
 
 async def test_a_vcard_that_is_not_unicode_text_is_a_clear_refusal(server: Server) -> None:

@@ -15,7 +15,7 @@ import pytest
 from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
 from xmppd.storage.backends.sqlite import HANDED_OVER, SQLiteItemBackend, prefix_upper_bound
-from xmppd.storage.base import ConditionFailed, Item, StorageError
+from xmppd.storage.base import ConditionFailed, Item, NoStoreYet, StorageError
 
 NS = "example.com/accounts"
 
@@ -37,6 +37,37 @@ async def test_sqlite_persists_and_uses_wal(tmp_path: Path) -> None:
         )
     finally:
         await again.close()
+
+
+async def test_sqlite_read_only_makes_nothing_and_reads_a_store_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "typo" / "items.sqlite3"
+    with pytest.raises(NoStoreYet, match="no store at"):
+        await SQLiteItemBackend.open(path, read_only=True)
+    assert not path.parent.exists()
+
+    writer = await SQLiteItemBackend.open(path)  # a running server: its -wal is there
+    await writer.put(NS, "alice", {"n": 1})
+    reader = await SQLiteItemBackend.open(path, read_only=True)
+    try:
+        assert (await reader.get(NS, "alice")) == Item("alice", {"n": 1}, 1)
+        with pytest.raises(StorageError, match="readonly"):
+            await reader.put(NS, "bob", {"n": 2})
+    finally:
+        await reader.close()
+        await writer.close()
+    stopped = sorted(p.name for p in path.parent.iterdir())
+    reader = await SQLiteItemBackend.open(path, read_only=True)  # the server stopped
+    try:
+        assert (await reader.get(NS, "alice")) == Item("alice", {"n": 1}, 1)
+    finally:
+        await reader.close()
+    assert sorted(p.name for p in path.parent.iterdir()) == stopped == ["items.sqlite3"]
+
+
+async def test_files_read_only_makes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(NoStoreYet, match="no store at"):
+        await FileBlobBackend.open(tmp_path / "typo" / "blobs", read_only=True)
+    assert os.listdir(tmp_path) == []
 
 
 async def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:

@@ -195,6 +195,25 @@ def test_all_problems_at_once_in_file_order(tmp_path: Path) -> None:
     assert str(err) == "a\nb" and err.problems == ["a", "b"]
 
 
+def test_module_options_are_checked_with_the_rest_of_the_file(tmp_path: Path) -> None:
+    """A bad module option is reported by the loader, with the core problems, not by
+    the module host after the stores are open."""
+    text = """\
+        limts: {}
+        modules:
+          roster: {versionning: true}
+          bogus: {}
+        """
+    assert problems(tmp_path, text) == [
+        'x.yml:1: limts: unknown key "limts" (did you mean "limits"?)',
+        'x.yml:3: modules.roster.versionning: unknown key "versionning"',
+        "x.yml:4: modules.bogus: no such module",
+    ]
+    assert problems(tmp_path, "modules:\n  roster: {versionning: true}\n") == [
+        'x.yml:2: modules.roster.versionning: unknown key "versionning"',
+    ]
+
+
 # --------------------------------------------------------------------------- unknown keys and types
 
 
@@ -611,8 +630,8 @@ def test_allow_unencrypted_warns(tmp_path: Path, caplog: pytest.LogCaptureFixtur
 
 
 def test_module_options_are_kept_raw(tmp_path: Path) -> None:
-    cfg = load(tmp_path, "modules:\n  ping:\n  version: {name: x, extra: [1]}\n")
-    assert cfg.modules == {"ping": None, "version": {"name": "x", "extra": [1]}}
+    cfg = load(tmp_path, "modules:\n  ping:\n  version: {name: x, show_os: true}\n")
+    assert cfg.modules == {"ping": None, "version": {"name": "x", "show_os": True}}
 
 
 class VersionOptions(BaseModel):
@@ -631,14 +650,17 @@ def test_validate_section_points_into_the_file(tmp_path: Path) -> None:
             show_oss: false
             ttl: 0
         """
-    cfg = load(tmp_path, text)
+    path = write(tmp_path, text)
+    fixed = write(tmp_path, text.replace("show_oss: false", "").replace("ttl: 0", ""), "ok.yml")
+    cfg = load_config(fixed)
+    with pytest.raises(ConfigError) as info:  # the loader checks the real module's options
+        load_config(path)
+    assert info.value.problems[0] == (
+        f'{path}:5: modules.version.show_oss: unknown key "show_oss" (did you mean "show_os"?)'
+    )
     with pytest.raises(ConfigError) as info:
-        validate_section(VersionOptions, cfg.modules["version"], cfg.source, ("modules", "version"))
-    assert info.value.problems == [
-        f'{tmp_path}/xmppd.yml:5: modules.version.show_oss: unknown key "show_oss" '
-        '(did you mean "show_os"?)',
-        f"{tmp_path}/xmppd.yml:6: modules.version.ttl: must be at least 1, got 0",
-    ]
+        validate_section(VersionOptions, {"ttl": 0}, cfg.source, ("modules", "version"))
+    assert info.value.problems == [f"{fixed}:3: modules.version.ttl: must be at least 1, got 0"]
     ok = validate_section(VersionOptions, {"name": "x"}, cfg.source, ("modules", "version"))
     assert ok == VersionOptions(name="x")
 

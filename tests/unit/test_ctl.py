@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -193,9 +195,25 @@ def test_list_reads_every_page(
 def test_check(
     config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    data = config.parent / "data"
     code, out, err = run(capsys, monkeypatch, "-c", str(config), "check")
     assert (code, err) == (0, "")
-    data = config.parent / "data"
+    assert out.startswith(
+        "certificate: warning: tls.cert and tls.key are not set: the server will make a "
+        f"self-signed certificate in {data / 'tls'} at first start, which clients will not trust\n"
+        f"items: warning: no store at {data / 'items.sqlite3'} yet "
+        "(the server creates it at first start)\n"
+        f"blobs: warning: no store at {data / 'blobs'} yet (the server creates it at first start)\n"
+    )
+    assert out.endswith(f"\n{config}: OK (3 warnings)\n")
+    assert not data.exists()  # a mistyped data_dir stays visible: nothing is made
+
+    assert run(capsys, monkeypatch, "-c", str(config), "register", "a@localhost",
+               stdin="pw\n")[0] == 0
+    made = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+    code, out, err = run(capsys, monkeypatch, "-c", str(config), "check")
+    assert (code, err) == (0, "")
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == made  # nothing written
     assert out.startswith(
         "certificate: warning: tls.cert and tls.key are not set: the server will make a "
         f"self-signed certificate in {data / 'tls'} at first start, which clients will not trust\n"
@@ -215,8 +233,7 @@ def test_check_loads_the_certificate_and_opens_the_stores(
     code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
     assert (code, err) == (0, "")
     assert f"certificate {cert}: localhost: ok: covered by DNS:localhost\n" in out
-    assert out.endswith(f"\n{path}: OK (1 warning)\n")  # self-signed
-    assert (tmp_path / "data" / "items.sqlite3").exists()  # the store was opened
+    assert out.endswith(f"\n{path}: OK (3 warnings)\n")  # self-signed, no stores yet
 
     path.write_text(f"data_dir: data\ntls: {{cert: {key}, key: {cert}}}\n")
     code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
@@ -252,7 +269,7 @@ def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(
     monkeypatch.setenv("XMPPD_CONFIG", str(config))
     code, out, err = run(capsys, monkeypatch, "check")
     assert (code, err) == (0, f"xmppctl: using the configuration {config} (from $XMPPD_CONFIG)\n")
-    assert out.endswith(f"\n{config}: OK (1 warning)\n")
+    assert out.endswith(f"\n{config}: OK (3 warnings)\n")  # self-signed, no stores yet
     monkeypatch.delenv("XMPPD_CONFIG")
     system = tmp_path / "etc-xmppd.yml"
     monkeypatch.setattr(configfile, "SYSTEM_CONFIG", system)
@@ -266,7 +283,7 @@ def test_without_c_the_file_is_xmppd_config_then_etc_and_is_named(
     system.write_text(config.read_text())
     code, out, err = run(capsys, monkeypatch, "check")
     assert (code, err) == (0, f"xmppctl: using the configuration {system}\n")
-    assert out.endswith(f"\n{system}: OK (1 warning)\n")
+    assert out.endswith(f"\n{system}: OK (3 warnings)\n")
 
 
 def test_bad_config_exits_1_with_the_lines(
@@ -305,6 +322,38 @@ def test_check_validates_module_options(
     code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
     assert (code, out) == (1, "")
     assert err == f"xmppctl: {path}:3: modules.no_such_module: no such module\n"
+
+
+def test_stores_made_by_xmppctl_are_private(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even under a lax umask: the item store holds every account's SCRAM keys."""
+    before = os.umask(0o022)
+    try:
+        assert run(capsys, monkeypatch, "-c", str(config), "register", "a@localhost",
+                   stdin="pw\n")[0] == 0
+    finally:
+        os.umask(before)
+    data = config.parent / "data"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "blobs").stat().st_mode) == 0o700
+    for store in data.glob("items.sqlite3*"):
+        assert stat.S_IMODE(store.stat().st_mode) & 0o007 == 0, store
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_root_is_refused_on_a_data_dir_of_another_user(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = config.parent / "data"
+    data.mkdir()
+    os.chown(data, 65534, 65534)
+    code, out, err = run(capsys, monkeypatch, "-c", str(config), "register", "a@localhost",
+                         stdin="pw\n")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"xmppctl: data_dir {data} belongs to ")
+    assert "sudo -u" in err
+    assert list(data.iterdir()) == []  # nothing made as root
 
 
 # --------------------------------------------------------------------------- register-bulk

@@ -152,7 +152,7 @@ def test_check_warns_before_the_certificate_expires_and_fails_after(
     end = (NOW + datetime.timedelta(days=10.5)).strftime("%Y-%m-%d %H:%M")
     assert f"certificate {pair[0]}: warning: expires on {end} UTC, in 10 days: renew it\n" in out
     assert (code, err) == (0, "")
-    assert out.endswith(f"{config}: OK (2 warnings)\n")  # expiry, self-signed
+    assert out.endswith(f"{config}: OK (4 warnings)\n")  # expiry, self-signed, 2 stores
 
     pair = make_pair(tmp_path / "old", cn="x", dns_names=["example.org"], days=-1)
     config = write(tmp_path, ["example.org"], pair)

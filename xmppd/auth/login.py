@@ -311,7 +311,17 @@ class StreamLogin:
         """RFC 6120 6.5.1 <account-disabled/>: the credentials were right, the account is
         banned (`xmppctl ban`). Only who knows the password learns it; the text gives
         the operator's reason."""
-        log.info("refused the login of %s from %s: the account is banned", account, self.ip)
+        log.info(
+            "refused the login of %s from %s: the account is banned conn=%s",
+            account, self.ip, self.conn,
+            extra={
+                "event": "login-refused",
+                "account": account,
+                "address": self.ip,
+                "reason": "account-banned",
+                "conn": self.conn,
+            },
+        )
         text = "this account is disabled" + (f": {ban.reason}" if ban.reason else "")
         self.stream.sasl_failure("account-disabled", text)
 

@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 
 from xmppd.cli import allocator
 from xmppd.config import Config, redact_url
+from xmppd.storage.base import NoStoreYet
 from xmppd.storage.config import MemcachedCacheConfig
 from xmppd.storage.factory import describe_backend, open_blobs, open_cache, open_items
 from xmppd.storage.memcached import parse_server
@@ -238,6 +239,9 @@ async def _probe(report: Report, subject: str, call: Callable[[], Awaitable[str]
     except TimeoutError:
         report.error(subject, f"no answer within {PROBE_TIMEOUT:g} s")
         return
+    except NoStoreYet as e:  # before a first start, or a mistyped path: say which
+        report.warning(subject, f"no store at {e.where} yet (the server creates it at first start)")
+        return
     except Exception as e:  # any failure of any backend is what the operator must see
         report.error(subject, str(e) or type(e).__name__)
         return
@@ -245,7 +249,7 @@ async def _probe(report: Report, subject: str, call: Callable[[], Awaitable[str]
 
 
 async def _read_items(cfg: Config) -> str:
-    backend = await open_items(cfg.storage.items, cfg.data_dir)
+    backend = await open_items(cfg.storage.items, cfg.data_dir, read_only=True)
     try:
         await backend.get(PROBE_NAMESPACE, "probe")
         return describe_backend(backend)
@@ -254,7 +258,7 @@ async def _read_items(cfg: Config) -> str:
 
 
 async def _read_blobs(cfg: Config) -> str:
-    backend = await open_blobs(cfg.storage.blobs, cfg.data_dir)
+    backend = await open_blobs(cfg.storage.blobs, cfg.data_dir, read_only=True)
     try:
         await backend.get(PROBE_NAMESPACE, "probe")
         return describe_backend(backend)

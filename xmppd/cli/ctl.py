@@ -37,13 +37,15 @@ from xmppd.cli.nodes import (
     Outcome,
     drain_nodes,
     node_records,
+    note_account_change,
     notify_account_change,
     remove_on_node,
 )
 from xmppd.config import Config, ConfigError, find_config, load_config
 from xmppd.configfile import CONFIG_ENV, SYSTEM_CONFIG
-from xmppd.modulehost import AccountDataRemains, validate_module_options
-from xmppd.server import StartupError, ensure_data_dir
+from xmppd.fileaccess import restrict_umask, root_on_foreign_dir
+from xmppd.modulehost import AccountDataRemains
+from xmppd.server import StartupError, check_writable
 from xmppd.storage.base import StorageError
 from xmppd.storage.factory import open_storage
 from xmppd.storage.migrate import migrate
@@ -70,10 +72,15 @@ def _load(path: str | None) -> Config:
         if path is None:
             found, why = find_config()
             print(f"xmppctl: {why}", file=sys.stderr)
-            return load_config(found)
-        return load_config(Path(path))
+            cfg = load_config(found)
+        else:
+            cfg = load_config(Path(path))
     except ConfigError as e:
         raise Failure(*e.problems) from None
+    refused = root_on_foreign_dir(cfg.data_dir)
+    if refused is not None:
+        raise Failure(refused)
+    return cfg
 
 
 def _account_jid(cfg: Config, text: str) -> tuple[str, str]:
@@ -144,17 +151,18 @@ def _progress(total: int | None, desc: str, unit: str) -> tqdm[Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Everything the server checks before it serves (the file, the module options,
-    data_dir written), then the certificate, each store and, with --dns, the DNS
-    records (xmppd.cli.checks): errors make the exit code 1, warnings do not."""
+    """Everything the server checks before it serves (the file with the module options,
+    data_dir writable), then the certificate, each store and, with --dns, the DNS
+    records (xmppd.cli.checks): errors make the exit code 1, warnings do not.
+
+    Makes nothing: a mistyped data_dir must show as a missing store, not become a
+    new empty one that then checks OK."""
     cfg = _load(args.config)
-    try:
-        validate_module_options(cfg)
-        ensure_data_dir(cfg.data_dir)
-    except ConfigError as e:
-        raise Failure(*e.problems) from None
-    except StartupError as e:
-        raise Failure(str(e)) from None
+    if cfg.data_dir.exists():
+        try:
+            check_writable(cfg.data_dir)
+        except StartupError as e:
+            raise Failure(str(e)) from None
     report = checks.run_checks(cfg, sys.stdout, dns_server=args.dns_server, with_dns=args.dns)
     if report.errors:
         raise Failure(f"{cfg.source.name}: {_count(report.errors, 'error')}")
@@ -180,6 +188,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     user, host = _account_jid(cfg, args.jid)  # a wrong host fails before asking for a password
     asyncio.run(_register(cfg, user, host, _read_password(args.password_file, sys.stdin)))
     print(f"registered {user}@{host}")
+    _report(asyncio.run(note_account_change(cfg.data_dir, f"{user}@{host}", "registered")))
     return 0
 
 
@@ -543,6 +552,7 @@ def _fail(*reasons: str, code: int = 1) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit code is 0 on success (argparse exits 2 on bad usage)."""
     args = _parser().parse_args(argv)
+    restrict_umask()  # what it writes in data_dir is as private as what the server writes
     try:
         return int(args.run(args))
     except Failure as e:

@@ -33,7 +33,7 @@ from xmppd.admin import offline_modules
 from xmppd.auth.accounts import AccountNotFound, Accounts
 from xmppd.cli.clusterview import ClusterUnreachable, cluster_nodes
 from xmppd.cli.ctl import LIST_PAGE, Failure, _account_jid, _load, _report, _served_host
-from xmppd.cli.nodes import NodeRefused, Outcome, ask_nodes
+from xmppd.cli.nodes import NodeRefused, Outcome, ask_nodes, note_account_change
 from xmppd.config import Config
 from xmppd.modulehost import ModuleHost
 from xmppd.storage.base import StorageError
@@ -385,6 +385,7 @@ def cmd_unban(args: argparse.Namespace) -> int:
     user, host = _account_jid(cfg, args.jid)
     asyncio.run(_unban(cfg, user, host))
     print(f"unbanned {user}@{host}")
+    _report(asyncio.run(note_account_change(cfg.data_dir, f"{user}@{host}", "unbanned")))
     return 0
 
 

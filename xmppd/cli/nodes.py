@@ -53,6 +53,21 @@ def node_records(data_dir: Path, outcome: Outcome) -> dict[Path, str]:
     return {record: url for record, (url, _) in _records(data_dir, outcome).items()}
 
 
+def other_nodes(data_dir: Path) -> list[tuple[int, str]]:
+    """(pid, admin URL) of the nodes of other processes running on `data_dir` now
+    (blocking: files and /proc). A starting node without a cluster asks: it would not
+    see their sessions nor they its."""
+    found = []
+    for record, (url, _) in _records(data_dir, Outcome()).items():
+        try:
+            pid = int(json.loads(record.read_text(encoding="utf-8"))["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # it stopped meanwhile
+        if pid != os.getpid():
+            found.append((pid, url))
+    return found
+
+
 def _records(data_dir: Path, outcome: Outcome) -> dict[Path, tuple[str, NodeTrust]]:
     """Record file -> admin URL and how to verify it, of the nodes running here.
 
@@ -263,6 +278,13 @@ async def notify_account_change(data_dir: Path, jid: str, change: str) -> Outcom
                 *(_tell(http, url + path, record, outcome) for record, url in nodes.items())
             )
     return outcome
+
+
+async def note_account_change(data_dir: Path, jid: str, change: str) -> Outcome:
+    """POST /accounts/{jid}/{change} ("registered", "unbanned") to every running node,
+    for its log; only a node that does not answer is reported (as a warning)."""
+    told = await notify_account_change(data_dir, jid, change)
+    return Outcome(warnings=told.warnings)
 
 
 async def _tell(http: AdminHTTP, url: str, record: Path, outcome: Outcome) -> None:

@@ -102,6 +102,11 @@ def run(args: argparse.Namespace, malloc: str) -> int:
                     log_output=log_output,
                 )
             )
+    except ConfigError as exc:  # load_config checked the file; a config made otherwise
+        log_output.close()
+        print(exc, file=sys.stderr)
+        print("xmppd: the configuration has errors; not starting", file=sys.stderr)
+        return 1
     except (StartupError, TLSError, StorageError, OSError) as exc:
         log_output.close()  # the log lines before it come first: this is the last word
         print(f"xmppd: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 from xmppd import package_version
 from xmppd.cli import allocator
 from xmppd.configfile import CONFIG_ENV, SYSTEM_CONFIG, locate
+from xmppd.fileaccess import restrict_umask
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     args = parser.parse_args(argv)
+    restrict_umask()  # before any file: the stores hold every account's keys
     found = locate() if args.config is None else (args.config, "")
     if argv is None and found is not None:
         # Run as the program. A caller passing its own arguments (a wrapper, a test)
