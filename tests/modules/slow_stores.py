@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import Write
@@ -14,8 +15,8 @@ class GatedSQLite(SQLiteItemBackend):
     """SQLite whose writes wait until the test opens the gate: a store slower than the
     client that writes to it."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, **options: Any) -> None:
+        super().__init__(path, **options)
         self.gate = asyncio.Event()
 
     async def transact(self, writes: Sequence[Write]) -> None:
