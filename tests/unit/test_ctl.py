@@ -696,3 +696,19 @@ def test_unregister_that_fails_part_way_says_so_and_a_second_run_finishes(
         "",
         "xmppctl: zed@localhost does not exist\n",
     )
+
+
+def test_a_reader_that_leaves_early_is_no_error(config: Path) -> None:
+    """`xmppctl status | head -3`: the reader closes the pipe before xmppctl is done
+    writing; that ends xmppctl quietly, as it ends any Unix tool, not with a
+    "Broken pipe" error under the lines the operator asked for."""
+    assert shutil.which("xmppctl")
+    command = subprocess.Popen(
+        ["xmppctl", "-c", str(config), "status"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert command.stdout is not None
+    command.stdout.close()  # before xmppctl writes its first line
+    _, errors = command.communicate(timeout=60)
+    assert errors == ""
+    assert command.returncode == 141  # 128 + SIGPIPE, as a shell reports a tool it ended

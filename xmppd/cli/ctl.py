@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import getpass
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -563,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"invalid password: {e}")
     except StorageError as e:
         return _fail(f"storage: {e}")
+    except BrokenPipeError:
+        # The reader of the output left (`xmppctl list | head`): nothing to report. Python
+        # would flush stdout again at exit and fail the same way: it goes nowhere now.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as e:  # a file or folder the configuration names
         where = f"{e.filename}: " if e.filename else ""
         return _fail(f"{where}{e.strerror or e}")
