@@ -555,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     restrict_umask()  # what it writes in data_dir is as private as what the server writes
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # a reader that left shows here, not in Python's flush at exit
+        return code
     except Failure as e:
         return _fail(*e.reasons)
     except InvalidUsername as e:
