@@ -223,6 +223,10 @@ class Presence(Module):
         self._order: weakref.WeakValueDictionary[ClientSession, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        # One lock per account whose roster a subscription changes now (`_roster_turn`).
+        self._roster_turns: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self.requests = SubscriptionRequests(self.host)
         # Sessions whose targets are being written to Redis -> changed again meanwhile
         # (one write at a time per session, so they land in the order of the changes).
@@ -280,7 +284,8 @@ class Presence(Module):
             return new
 
         try:
-            before, after = await self.roster.modify(owner, contact, change)
+            async with self._roster_turn(owner):
+                before, after = await self.roster.modify(owner, contact, change)
         except (StanzaError, StorageError) as exc:
             condition = exc.condition if isinstance(exc, StanzaError) else "internal-server-error"
             self.log.warning("%s from %s to %s not processed: %s", kind, owner, contact, exc)
@@ -300,6 +305,16 @@ class Presence(Module):
             self._send_available(owner, contact)  # RFC 6121 3.1.5
         elif was_from and not is_from:
             self._send_unavailable(owner, contact)  # RFC 6121 3.2.2
+
+    def _roster_turn(self, owner: str) -> asyncio.Lock:
+        """One subscription change of an account's roster at a time: every request and
+        answer rewrites the same roster item, so changes run at once conflict (past the
+        store's retries some fail, and the requests are refused) and may land out of
+        the order they were sent in."""
+        lock = self._roster_turns.get(owner)
+        if lock is None:
+            lock = self._roster_turns[owner] = asyncio.Lock()
+        return lock
 
     # --- what contacts send ----------------------------------------------------------------
 
@@ -329,7 +344,8 @@ class Presence(Module):
             return new
 
         try:
-            before, after = await self.roster.modify(owner, contact, change)
+            async with self._roster_turn(owner):
+                before, after = await self.roster.modify(owner, contact, change)
         except (StanzaError, StorageError) as exc:
             # Too many pending requests, or storage down: the sender learns it was not
             # taken (else it waits, "pending out", for an answer that never comes).

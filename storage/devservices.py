@@ -370,6 +370,11 @@ def seaweedfs(access_key: str = S3_ACCESS_KEY, secret_key: str = S3_SECRET_KEY) 
         binary,
         "mini",
         f"-dir={workdir / 'data'}",
+        # Each bucket written to takes volumes of its own, and the automatic limit
+        # (free disk / volume size) ran out at 75 buckets on the test machine: every
+        # put to a 76th bucket was a 500. Volumes are not preallocated, so a high count
+        # costs only what is written.
+        "-volume.max=10000",
         f"-ip={HOST}",
         f"-ip.bind={HOST}",
         *(f"-{flag}={port}" for flag, port in ports.items()),
