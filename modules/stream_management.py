@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import json
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -301,6 +302,7 @@ class StreamManagement(Module):
             sent=sm.sent,
             max=sm.max,
             presence=etree.tostring(session.presence) if session.presence is not None else b"",
+            state=json.dumps(self.host.shared_state(session), separators=(",", ":")).encode(),
             reset=reset,
             trim=trim,
             append=[etree.tostring(stanza) for stanza in new],
@@ -699,6 +701,10 @@ class StreamManagement(Module):
         sm.sent = claimed.sent
         sm.queue.extend(etree.fromstring(data, _PARSER) for data in claimed.queue)
         session.state[KEY] = sm
+        if claimed.state:
+            # Carbons on, the active privacy list, roster pushes: the session goes on as
+            # the client set it up on the old node, which it will not do again.
+            self.host.restore_state(session, json.loads(claimed.state))
         session.transport = SMTransport(sm, self)
         session.keep = lambda transport, clean: self.keep(sm, transport, clean)
         self.active.add(sm)

@@ -48,6 +48,8 @@ setup()) and changed with `set_state`: the session's node writes them with
 its directory entry and every other node's replica gets them. Their values
 must be JSON values (str, int, bool, lists, dicts; None removes the key);
 other keys stay on the session's own node. A node alone pays one set lookup per `set_state`.
+The shared keys also go with a session a client resumes on another node (stream
+management stores `shared_state` with it and calls `restore_state` there).
 
 Account removal is not an event but a method every module may override,
 `Module.remove_user`: the host calls each one in turn (`ModuleHost.remove_account`)
@@ -521,6 +523,19 @@ class ModuleHost:
             session.state[key] = value
         if key in self._shared:
             self.router.directory.state_changed(session, key)
+
+    def shared_state(self, session: ClientSession) -> dict[str, Any]:
+        """The shared keys of a local session's state: what must go with it when a
+        client resumes it on another node (stream management), as a replica has them."""
+        return {key: session.state[key] for key in self._shared if key in session.state}
+
+    def restore_state(self, session: ClientSession, state: dict[str, Any]) -> None:
+        """Give a session resumed from another node the shared state it had there
+        (carbons on, the active privacy list, roster pushes wanted). Keys no module of
+        this node declared shared are left out: their module is off here."""
+        for key, value in state.items():
+            if key in self._shared:
+                self.set_state(session, key, value)
 
     def every(self, seconds: float, callback: Callable[[], None]) -> Repeating:
         """Call `callback` every `seconds` (first after `seconds`) until it is cancelled

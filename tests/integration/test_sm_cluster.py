@@ -107,6 +107,47 @@ async def test_resume_on_another_node_while_the_first_lives(
     await bob.close()
 
 
+async def test_a_session_resumed_elsewhere_keeps_what_its_client_set_up(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """Carbons on and roster pushes asked for go with the session to the node that resumes
+    it: a client sets them up once per session, not again after <resumed/>."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    previd = (await alice.enable()).get("id", "")
+    await alice.send("<iq type='set' id='carbons'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
+    await alice.next('id="carbons"')
+    await roundtrip(alice)  # a roster get: roster pushes wanted
+    await alice.send("<presence/>")
+    await alice.next("<presence")
+    on_a = a.router.directory.get("alice@localhost", "phone")
+    assert on_a is not None
+    set_up = a.modules.shared_state(on_a)
+    assert set_up.get("carbons") is True and "roster/interested" in set_up
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    again = await resume_at(b, "alice", previd, 0)
+    await again.next("resumed")
+    on_b = b.router.directory.get("alice@localhost", "phone")
+    assert on_b is not None
+    assert b.modules.shared_state(on_b) == set_up
+    # What it is for: a message alice sends from another resource reaches the resumed
+    # one as a carbon, though that client never enabled carbons on node B.
+    bob = await Stream.login(b, "bob")
+    desktop = await Stream.login(b, "alice", "desktop")
+    await desktop.send(message("bob@localhost/phone", "from the desktop"))
+    await bob.next("from the desktop")
+    carbon = await again.next("urn:xmpp:carbons:2")
+    assert carbon.find("{urn:xmpp:carbons:2}sent") is not None
+    for stream in (again, bob, desktop):
+        await stream.close()
+
+
 async def test_drain_hands_sessions_over(
     redis_service: LocalService, start_server: StartServer  # noqa: F811
 ) -> None:
@@ -748,7 +789,8 @@ async def test_a_dead_node_s_record_lives_until_the_sweep_takes_it(
     redis = Redis.from_url(devservices.redis_url(redis_service))
     dead = smstore.SMStore(redis, "node-dead", ttl_slack=5)
     change = smstore.Change(bare="alice@localhost", jid="alice@localhost/phone", sid="",
-                            handled=0, sent=1, max=100, presence=b"", reset=True, trim=0,
+                            handled=0, sent=1, max=100, presence=b"", state=b"{}", reset=True,
+                            trim=0,
                             append=[b"<message/>"], expect=-1)
     dead.dirty("orphan-id", lambda _full: change)
     dead.start(lambda _id: None)

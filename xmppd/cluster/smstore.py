@@ -2,7 +2,8 @@
 
 Per resumable session (its SM id):
   xmppd:sm:<id>   hash: node (the owner), bare, jid, sid (the session's id on its
-                  node, Entry.sid), handled, sent, max, presence
+                  node, Entry.sid), handled, sent, max, presence, state (the
+                  session's shared state, JSON: carbons on, active privacy list...)
   xmppd:smq:<id>  list: the unacknowledged stanzas to the client, oldest first
 
 Writes are batched, as the cluster writer batches its own (xmppd.cluster.writer):
@@ -58,17 +59,18 @@ once it answers again."""
 
 SAVE = """
 -- KEYS hash, list; ARGV node, bare, jid, handled, sent, max, presence, ttl, reset, trim,
--- sid, the 'sent' the record must hold for an incremental write, stanzas to append...
+-- sid, the 'sent' the record must hold for an incremental write, state, stanzas to
+-- append...
 local owner = redis.call('HGET', KEYS[1], 'node')
 if owner and owner ~= ARGV[1] then return 0 end
 if ARGV[9] ~= '1' and redis.call('HGET', KEYS[1], 'sent') ~= ARGV[12] then return 2 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'bare', ARGV[2], 'jid', ARGV[3],
            'handled', ARGV[4], 'sent', ARGV[5], 'max', ARGV[6], 'presence', ARGV[7],
-           'sid', ARGV[11])
+           'sid', ARGV[11], 'state', ARGV[13])
 if ARGV[9] == '1' then redis.call('DEL', KEYS[2]) end
 local trim = tonumber(ARGV[10])
 if trim > 0 then redis.call('LTRIM', KEYS[2], trim, -1) end
-for i = 13, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 14, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
 return 1
@@ -162,6 +164,7 @@ class Change:
     sent: int
     max: float
     presence: bytes
+    state: bytes  # the shared session state (ModuleHost.shared_state), JSON
     reset: bool
     trim: int
     append: list[bytes]
@@ -179,6 +182,7 @@ class Claimed:
     sent: int
     max: float
     presence: bytes
+    state: bytes  # JSON; empty from a node older than the field
     queue: list[bytes]
 
 
@@ -205,6 +209,7 @@ def _claimed(previous: bytes | None, flat: list[bytes], queue: list[bytes]) -> C
         sent=int(fields["sent"]),
         max=float(fields["max"]),
         presence=fields.get("presence", b""),
+        state=fields.get("state", b""),
         queue=list(queue),
     )
 
@@ -454,7 +459,7 @@ class SMStore:
                         self.node, change.bare, change.jid, change.handled, change.sent,
                         change.max, change.presence, int(change.max + self.ttl_slack),
                         "1" if change.reset else "0", change.trim, change.sid,
-                        change.expect, *change.append,
+                        change.expect, change.state, *change.append,
                     ],
                     client=pipe,
                 )
