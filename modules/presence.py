@@ -30,6 +30,9 @@ delivers or drops the stanza as the tables say.
   on a cluster each session's directed-presence targets are kept in Redis
   (`xmppd:presence:directed:<full JID>`, written when the set changes, deleted
   when the session ends) for the reaping node to read.
+* "session/resumed": a session a client resumed here from another node takes
+  its directed-presence targets over from Redis (its old node ended its copy
+  without an unavailable), so they get one when it leaves.
 * "presence/probe": answered with the last presence of each available
   resource when the prober is subscribed; otherwise silently ignored, and
   nothing when the user is offline (RFC 6121 4.3.2 allows either).
@@ -218,6 +221,7 @@ class Presence(Module):
         self.host.hook("presence/broadcast", self._on_broadcast)
         self.host.hook("session/closed", self._on_session_closed)
         self.host.hook("session/lost", self._on_session_lost)
+        self.host.hook("session/resumed", self._on_session_resumed)
         self.host.add_stream_feature("bound", _pre_approval_feature)
         # One lock per session with a broadcast in hand: its broadcasts go out in order.
         self._order: weakref.WeakValueDictionary[ClientSession, asyncio.Lock] = (
@@ -494,6 +498,17 @@ class Presence(Module):
         subscribers = await self._contacts(owner, ("from", "both"))
         directed = [t for t in await self._take_directed(jid) if JID(t).bare not in subscribers]
         self._send_copies(stanza, [*subscribers, *directed])
+        return False
+
+    async def _on_session_resumed(self, session: ClientSession) -> bool:
+        """A session resumed from another node: the entities it sent directed presence
+        to there (kept in Redis by that node, which ended its copy silently) are its own
+        here, so that they get its unavailable presence when it leaves."""
+        targets = await self._take_directed(session.jid)
+        if targets:
+            directed = session.state.setdefault(DIRECTED, set())
+            directed.update(targets[: max(0, MAX_DIRECTED - len(directed))])
+            self._save_directed(session)
         return False
 
     # --- directed presence in Redis (cluster) -------------------------------------------

@@ -16,7 +16,9 @@ modules never learn that its stream changed. The core gives this module a few
 seams: `ClientSession.keep` (asked when a stream ends), `ElementRequest.attach`
 and `bind_resumed` (a new stream takes over a session), `Transport.drop`,
 `ModuleHost.end_session`, `ModuleHost.cluster` and the "server/stopping"
-event. It fires "session/detached" (session) when a session starts waiting.
+event. It fires "session/detached" (session) when a session starts waiting, and
+"session/resumed" (session) when it took a session over from another node, so that
+modules take over what that node kept of it elsewhere (presence: directed presences).
 
 Clustered, the state of every resumable session is also kept in Redis
 (xmppd.cluster.smstore, batched writes), so that any node can resume it: a
@@ -714,6 +716,8 @@ class StreamManagement(Module):
         if not self._resumed(sm, sm.inner, request, taken_over=True):
             return
         self.stats.resumed_elsewhere += 1
+        if self.host.has_hook("session/resumed"):
+            self.host.spawn(self.host.fire("session/resumed", session))
         if claimed.presence:
             # Available again, as it was: contacts saw it go when its old node let it go.
             # The client did not send this presence now: it does not count as handled.

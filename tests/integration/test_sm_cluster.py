@@ -148,6 +148,38 @@ async def test_a_session_resumed_elsewhere_keeps_what_its_client_set_up(
         await stream.close()
 
 
+async def test_who_got_directed_presence_hears_a_session_resumed_elsewhere_leave(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """Alice sends bob (not her contact) a directed presence from node A, and resumes her
+    session on node B: when she goes offline there, bob gets her unavailable (RFC 6121
+    4.6.3), as he would have from A."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    bob = await Stream.login(b, "bob")
+    alice = await Stream.login(a, "alice")
+    previd = (await alice.enable()).get("id", "")
+    await alice.send("<presence/>")
+    await alice.send("<presence to='bob@localhost/phone'/>")
+    assert (await bob.next("alice@localhost/phone")).get("type") is None
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    again = await resume_at(b, "alice", previd, 0)
+    await again.next("resumed")
+    on_b = b.router.directory.get("alice@localhost", "phone")
+    assert on_b is not None
+    await until(lambda: "bob@localhost/phone" in on_b.state.get("presence/directed", ()))
+    await again.send("<presence type='unavailable'/>")
+    gone = await bob.next("alice@localhost/phone")
+    assert gone.get("type") == "unavailable"
+    await again.close()
+    await bob.close()
+
+
 async def test_drain_hands_sessions_over(
     redis_service: LocalService, start_server: StartServer  # noqa: F811
 ) -> None:
