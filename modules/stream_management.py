@@ -696,6 +696,9 @@ class StreamManagement(Module):
             self.store.drop(previd)
             for data in claimed.queue:
                 self._unacked(etree.fromstring(data, _PARSER))
+            if claimed.presence and cluster is not None and claimed.previous:
+                # Its old node let it go without a word to its contacts: said here.
+                cluster.session_lost(claimed.jid, claimed.previous)
             return
         sm = SMState(session, session.transport, True, claimed.max)
         sm.id = previd

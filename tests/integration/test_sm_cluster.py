@@ -614,6 +614,39 @@ async def test_a_resume_whose_stream_ends_while_redis_answers_loses_nothing(
     await bob.close()
 
 
+async def test_a_resume_whose_stream_ends_tells_who_saw_the_session_available(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """As above, with alice available and a directed presence sent to bob from node A: her
+    old node let the session go silently, so node B, which ends it, sends bob her
+    unavailable (else he would see her online for good)."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    bob = await Stream.login(a, "bob")
+    previd = (await alice.enable()).get("id", "")
+    await alice.send("<presence/>")
+    await alice.send("<presence to='bob@localhost/phone'/>")
+    assert (await bob.next("alice@localhost/phone")).get("type") is None
+    waiting = detached(a)
+    alice.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    again = await Stream.auth(b, "alice")
+    redis_service.pause()  # the claim waits for Redis while the stream ends
+    try:
+        await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+        again.drop()
+        await until(lambda: not b.connections)
+    finally:
+        redis_service.resume()
+    gone = await bob.next("alice@localhost/phone")
+    assert gone.get("type") == "unavailable"
+    await bob.close()
+
+
 async def test_a_resume_while_redis_hangs_is_answered_in_time_and_loses_nothing(
     redis_service: LocalService, start_server: StartServer,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,

@@ -235,8 +235,7 @@ class Cluster:
         """`jid`, bound on `node`, ended with its node, not by its client: fire
         "session/lost" (the presence module sends the unavailable presence that node
         would have), unless the resource is bound again elsewhere (a newer login or
-        a resumption: its presence is the current one). Directed presences only the
-        dead node knew stay unanswered."""
+        a resumption: its presence is the current one)."""
         router = self._router
         if router is None:
             return
