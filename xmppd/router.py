@@ -79,6 +79,21 @@ _EVENTS = {
 }
 
 
+def _first_done(futures: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
+    """A future done as soon as one of `futures` is (any order: they are unrelated)."""
+    first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def finished(_: object) -> None:
+        if not first.done():
+            first.set_result(None)
+        for future in futures:
+            future.remove_done_callback(finished)
+
+    for future in futures:
+        future.add_done_callback(finished)
+    return first
+
+
 class _Job(NamedTuple):
     """A routing job queued for one account (Router._serially)."""
 
@@ -322,10 +337,18 @@ class Router:
         work in flight, the stanza waits for one of them, so that a client sending
         such requests faster than storage takes them is slowed (its connection not
         read) instead of piling up tasks. A chat message passes its filters and never
-        comes here."""
+        comes here.
+
+        It waits for the first of them to finish, never for the task routing it: that
+        is the sender's own queue of waiting stanzas (`ClientSession._run`), also the
+        account's work, which would wait for itself until SENDER_WAIT."""
         work = self._work.get(account)
-        if work is not None and len(work) >= WORK_PER_SENDER and self._waits is not None:
-            self._waits.append(next(iter(work)))
+        if work is None or len(work) < WORK_PER_SENDER or self._waits is None:
+            return
+        current = asyncio.current_task()
+        others = [piece for piece in work if piece is not current]
+        if others:
+            self._waits.append(_first_done(others))
 
     async def _route_after(
         self,
