@@ -115,6 +115,9 @@ MIGRATE_BATCH = 80
 MAX_ITEMS = 1000
 """The most `max_items` a service may allow: a node's record lists every item id
 (with its blob key), and must fit one stored item (`_fit`)."""
+MAX_AFFILIATIONS = 2000
+"""The most `max_affiliations` a service may allow: a node's record holds every
+affiliation beside its item ids (2,000 JIDs of 40 bytes are 100 KiB of its 256 KiB)."""
 AFFILIATION_SCAN = 100
 """Node records one query of a scan for a user's affiliations reads."""
 ITEMS_PAGE = 1000
@@ -141,6 +144,7 @@ class Limits:
     max_nodes: int = 100  # per PEP account, or per service
     max_subscriptions: int = 1000  # per subscribing account
     max_subscribers: int = 100_000  # per node (each an item of its own)
+    max_affiliations: int = 1000  # per node: all are kept in the node's record
     inline_item_bytes: int = 32 * 1024  # larger items go to the blob store
     default_max_items: int | str = 1
     default_access_model: str = "presence"
@@ -154,6 +158,7 @@ class Limits:
             max_nodes=options.max_nodes,
             max_subscriptions=options.max_subscriptions,
             max_subscribers=options.max_subscribers,
+            max_affiliations=options.max_affiliations,
             inline_item_bytes=options.inline_item_bytes,
             default_max_items=default_max_items,
             default_access_model=default_access_model,
@@ -1163,7 +1168,11 @@ class PubSubService:
     async def set_affiliations(self, requester: str, name: str, changes: dict[str, str]) -> None:
         """Owner changes affiliations (XEP-0060 8.9.2); the last owner cannot be removed.
         On PEP, each JID that gains or loses one has its `/a/` index written in the
-        same transaction (so at most `SUBSCRIPTION_CHANGES` changes a request)."""
+        same transaction (so at most `SUBSCRIPTION_CHANGES` changes a request).
+        A node keeps at most `max_affiliations` (its record holds them all, and is
+        read by every publish): a request that would leave more is refused whole,
+        with XEP-0060 8.9.2.4's <not-acceptable/>; one that does not grow a node
+        already over a lowered limit passes, so that owners can prune it."""
         if self.owner is not None and len(changes) > SUBSCRIPTION_CHANGES:
             raise StanzaError(
                 "not-acceptable", f"at most {SUBSCRIPTION_CHANGES} affiliation changes at once"
@@ -1175,6 +1184,7 @@ class PubSubService:
             node = decode_node(name, current)
             self._require_owner(node, requester)
             before = set(self._indexed(node.affiliations))
+            before_all = set(node.affiliations)
             for jid, affiliation in changes.items():
                 if affiliation == "none":
                     node.affiliations.pop(jid, None)
@@ -1182,6 +1192,9 @@ class PubSubService:
                     node.affiliations[jid] = affiliation
             if not node.owners:
                 raise StanzaError("not-acceptable", "a node needs an owner")
+            count, cap = len(node.affiliations), self.limits.max_affiliations
+            if count > cap and count > len(before_all):
+                raise StanzaError("not-acceptable", f"a node has at most {cap} affiliations")
             after = set(self._indexed(node.affiliations))
             writes: list[Write] = []
             for jid in sorted(before ^ after):

@@ -910,3 +910,26 @@ async def test_no_such_account(harness: ModuleHarness) -> None:
     items = f"<pubsub xmlns='{PS}'><items node='{NICK}'/></pubsub>"
     reply = await harness.iq(bob, "get", items, to="nobody@localhost")
     assert error_of(reply)[1] == "service-unavailable"
+
+
+async def test_affiliations_per_node_are_capped() -> None:
+    """A PEP node keeps at most `max_affiliations` (the account counted): a request
+    past it is refused whole, nothing indexed."""
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {"max_affiliations": 2}})
+    harness.users.update({"alice@localhost"})
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    assert (await harness.iq(alice, "set", publish_to("n"))).get("type") == "result"
+    request = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='bob@localhost' affiliation='member'/>"
+        "<affiliation jid='carol@localhost' affiliation='member'/>"
+        "</affiliations></pubsub>"
+    )
+    assert error_of(await harness.iq(alice, "set", request))[:2] == ("modify", "not-acceptable")
+    service = pep(harness).service("alice@localhost")
+    assert (await service.existing("n")).affiliations == {"alice@localhost": "owner"}
+    assert await harness.host.items("localhost", "pep").get(
+        service.affiliations_key("bob@localhost")) is None
+    one = request.replace("<affiliation jid='carol@localhost' affiliation='member'/>", "")
+    assert (await harness.iq(alice, "set", one)).get("type") == "result"

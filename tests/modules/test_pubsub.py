@@ -651,3 +651,47 @@ async def test_affiliations_past_the_first_thousand_nodes_are_listed_in_pages() 
     assert listed == [(f"n{i:04}", "owner") for i in range(1100)]
     assert await affiliations(hamlet, "<max>2</max><before/>") == (
         [("n1098", "owner"), ("n1099", "owner")], "n1099")
+
+
+def affiliations_set(node: str, changes: dict[str, str]) -> str:
+    entries = "".join(
+        f"<affiliation jid='{jid}' affiliation='{value}'/>" for jid, value in changes.items()
+    )
+    return f"<pubsub xmlns='{OWNER}'><affiliations node='{node}'>{entries}</affiliations></pubsub>"
+
+
+async def test_affiliations_per_node_are_capped_all_or_none() -> None:
+    """8.9.2: a node keeps at most `max_affiliations` (its owner counted); a request
+    that would leave more is refused with <not-acceptable/> and changes nothing, even
+    the changes of it that would fit; one that does not grow the node passes."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_affiliations": 3}})
+    harness.users.update({"hamlet@localhost", "bernardo@localhost"})
+    await harness.start()
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "n")
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    first = affiliations_set("n", {"a@localhost": "member"})
+    assert (await ask(harness, hamlet, "set", first)).get("type") == "result"
+    two_more = affiliations_set("n", {"b@localhost": "member", "c@localhost": "publisher"})
+    reply = await ask(harness, hamlet, "set", two_more)
+    assert error_of(reply)[:2] == ("modify", "not-acceptable")
+    assert (await service.existing("n")).affiliations == {
+        "hamlet@localhost": "owner", "a@localhost": "member"
+    }
+    # A swap keeps the count; then the one that fits.
+    swap = affiliations_set("n", {"a@localhost": "none", "b@localhost": "member"})
+    assert (await ask(harness, hamlet, "set", swap)).get("type") == "result"
+    third = affiliations_set("n", {"c@localhost": "publisher"})
+    assert (await ask(harness, hamlet, "set", third)).get("type") == "result"
+    assert error_of(await ask(harness, hamlet, "set", first))[1] == "not-acceptable"
+    assert sorted((await service.existing("n")).affiliations) == [
+        "b@localhost", "c@localhost", "hamlet@localhost"
+    ]
+
+
+@pytest.mark.parametrize("options", [PepOptions, PubSubOptions])
+def test_max_affiliations_is_validated(options: type[BaseModel]) -> None:
+    for wrong in (0, 2001, "10"):
+        with pytest.raises(ValidationError, match="max_affiliations"):
+            options(max_affiliations=wrong)
+    assert options(max_affiliations=2000)
