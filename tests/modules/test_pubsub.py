@@ -14,7 +14,16 @@ import pytest
 from lxml import etree
 from pydantic import BaseModel, ValidationError
 
-from tests.modules.test_pep import ERRORS, IQ, OWNER, PS, error_of, events, settle
+from tests.modules.test_pep import (
+    ERRORS,
+    IQ,
+    OWNER,
+    PS,
+    InterleavingItems,
+    error_of,
+    events,
+    settle,
+)
 from xmppd.modules._pubsub_engine import (
     PubSubService,
     Subscription,
@@ -22,7 +31,9 @@ from xmppd.modules._pubsub_engine import (
 )
 from xmppd.modules.pep import PepOptions
 from xmppd.modules.pubsub import PubSub, PubSubOptions
-from xmppd.storage.base import Query
+from xmppd.storage.backends.memory import MemoryItemBackend
+from xmppd.storage.base import Page, Query
+from xmppd.stream.errors import StanzaError
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
 SERVICE = "pubsub.localhost"
@@ -276,7 +287,8 @@ async def test_account_removal(harness: ModuleHarness) -> None:
     assert await module.remove_user("localhost", "hamlet") is True
     page = await harness.host.items(SERVICE, "pubsub").query(Query())
     names = [item.name for item in page.items]
-    assert names == ["n/theirs"]
+    assert names == ["n/theirs", "nodes"]
+    assert page.items[1].attrs == {"n": 1}  # the service's node count, one down
     node = page.items[0]
     assert "hamlet" not in str(node.attrs)  # neither affiliation nor subscription
     assert await module.remove_user("localhost", "hamlet") is False
@@ -695,3 +707,77 @@ def test_max_affiliations_is_validated(options: type[BaseModel]) -> None:
         with pytest.raises(ValidationError, match="max_affiliations"):
             options(max_affiliations=wrong)
     assert options(max_affiliations=2000)
+
+
+class NodeScans(MemoryItemBackend):
+    """Counts the node records that queries of the pubsub store hand back."""
+
+    records = 0
+
+    async def query(self, namespace: str, query: Query) -> Page:
+        page = await super().query(namespace, query)
+        if namespace.endswith("/pubsub"):
+            self.records += sum(item.name.startswith("n/") for item in page.items)
+        return page
+
+
+async def test_creating_a_node_reads_a_count_not_the_node_records() -> None:
+    """8.1: the service's nodes are counted in one item written with each creation
+    and deletion; a creation reads it, not `max_nodes` node records. A service whose
+    nodes predate the count counts them once, at its next creation."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_nodes": 5}})
+    harness.storage.items = store = NodeScans()
+    await harness.start()
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    for i in range(4):
+        await service.create("hamlet@localhost", f"n{i}", None)
+    store.records = 0
+    await service.create("hamlet@localhost", "n4", None)
+    with pytest.raises(StanzaError, match="max-nodes|at most 5 nodes"):
+        await service.create("hamlet@localhost", "n5", None)
+    assert store.records == 0
+    await service.delete("hamlet@localhost", "n0")
+    await service.create("hamlet@localhost", "n5", None)
+    assert (await service.items.get(service.node_count_key())).attrs == {"n": 5}
+    # Nodes stored before the count: counted once, then the count is kept.
+    await service.items.delete(service.node_count_key())
+    with pytest.raises(StanzaError, match="at most 5 nodes"):
+        await service.create("hamlet@localhost", "n6", None)
+    assert store.records == 5  # counted once, and the count kept: the next reads it
+    with pytest.raises(StanzaError, match="at most 5 nodes"):
+        await service.create("hamlet@localhost", "n6", None)
+    assert store.records == 5
+    await service.items.delete(service.node_count_key())
+    await service.delete("hamlet@localhost", "n1")  # no count: a mark
+    assert (await service.items.get(service.node_count_key())).attrs == {"u": 1}
+    await service.create("hamlet@localhost", "n6", None)
+    assert store.records == 9  # the creation counted the 4 left
+    assert (await service.items.get(service.node_count_key())).attrs == {"n": 5}
+    for name in await service.node_names():
+        await service.delete("hamlet@localhost", name)
+    assert await service.items.get(service.node_count_key()) is None
+
+
+async def test_two_cluster_nodes_creating_at_once_keep_the_node_limit() -> None:
+    """Two nodes of a cluster (two modules on one item store whose reads yield, as a
+    networked store's do) create eight nodes at once on a service of `max_nodes` 3:
+    the count's conditional write makes every loser read again, so three are made
+    and the other five are refused with max-nodes-exceeded."""
+    store = InterleavingItems()
+    services = []
+    for _ in range(2):
+        harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_nodes": 3}})
+        harness.storage.items = store
+        await harness.start()
+        services.append(harness.host.modules["pubsub"].service(SERVICE))  # type: ignore[attr-defined]
+    results = await asyncio.gather(
+        *(services[i % 2].create("hamlet@localhost", f"n{i}", None) for i in range(8)),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, StanzaError)]
+    assert len(refused) == 5, results
+    assert all(r.app is not None and r.app.tag == f"{{{ERRORS}}}max-nodes-exceeded"
+               for r in refused)
+    assert len(await services[0].node_names()) == 3
+    assert (await services[1].items.get(services[1].node_count_key())).attrs == {"n": 3}
+    assert store.lost > 0  # they did collide
