@@ -81,7 +81,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, unquote
@@ -963,6 +963,21 @@ class PubSubService:
                 size += len(data)
                 page.append(parse_item(data))
         return page[::-1] if from_end else page
+
+    async def item_pages(self, node: Node) -> AsyncIterator[list[etree._Element]]:
+        """Every item of `node`, oldest first, one `items_page` at a time: for the
+        server's own reading of a whole node (the bookmark conversion), which then
+        holds a page (256 KiB of items, or one), not the node (1,000 items of up
+        to 256 KiB)."""
+        ids = [entry[0] for entry in node.items]
+        position = {item_id: i for i, item_id in enumerate(ids)}
+        start = 0
+        while start < len(ids):
+            page = await self.items_page(node, ids[start:])
+            if not page:
+                return
+            yield page
+            start = position.get(page[-1].get("id") or "", len(ids)) + 1
 
     async def _item_data(self, record: Item) -> bytes | None:
         """An item record's XML: inline, or its blob's (None: the blob is gone)."""
