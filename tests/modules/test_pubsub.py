@@ -781,3 +781,42 @@ async def test_two_cluster_nodes_creating_at_once_keep_the_node_limit() -> None:
     assert len(await services[0].node_names()) == 3
     assert (await services[1].items.get(services[1].node_count_key())).attrs == {"n": 3}
     assert store.lost > 0  # they did collide
+
+
+class HeldScan(MemoryItemBackend):
+    """Holds the queries of the pubsub store's node records while `hold` is clear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.scanning = asyncio.Event()
+
+    async def query(self, namespace: str, query: Query) -> Page:
+        page = await super().query(namespace, query)
+        if namespace.endswith("/pubsub") and query.prefix == "n/" and not self.hold.is_set():
+            self.scanning.set()
+            await self.hold.wait()
+        return page
+
+
+async def test_a_deletion_while_the_nodes_are_counted_makes_the_creation_count_again() -> None:
+    """A service whose nodes predate the count: a creation counts the records, and
+    another cluster node deletes one of them before that creation writes. The
+    deletion's mark fails the creation's write, which counts again: the count is the
+    nodes there are, not one more."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_nodes": 5}})
+    harness.storage.items = store = HeldScan()
+    await harness.start()
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    for i in range(3):
+        await service.create("hamlet@localhost", f"n{i}", None)
+    await service.items.delete(service.node_count_key())  # as stored before the count
+    store.hold.clear()
+    creation = asyncio.create_task(service.create("hamlet@localhost", "new", None))
+    await store.scanning.wait()  # it has read the three records
+    await service.delete("hamlet@localhost", "n0")
+    store.hold.set()
+    await creation
+    assert sorted(await service.node_names()) == ["n1", "n2", "new"]
+    assert (await service.items.get(service.node_count_key())).attrs == {"n": 3}
