@@ -132,6 +132,9 @@ NODE_COUNT = "nodes"
 """The name, under a service's prefix, of its node count (no node key: those are "n/...")."""
 COUNT_SCAN = 100
 """Node records one query reads while a service's nodes are counted the one time."""
+AFFILIATIONS_BYTES = 128 * 1024
+"""A node's affiliations as its record holds them (JSON), at most: half the record, so
+that long JIDs under `max_affiliations` never crowd out its item ids (`_fit`)."""
 AFFILIATION_SCAN = 100
 """Node records one query of a scan for a user's affiliations reads."""
 ITEMS_PAGE = 1000
@@ -1270,6 +1273,10 @@ class PubSubService:
             count, cap = len(node.affiliations), self.limits.max_affiliations
             if count > cap and count > len(before_all):
                 raise StanzaError("not-acceptable", f"a node has at most {cap} affiliations")
+            size = len(json.dumps(node.affiliations, separators=(",", ":")).encode())
+            if size > AFFILIATIONS_BYTES and size > len(str(current.attrs["a"]).encode()):
+                raise StanzaError("not-acceptable",
+                                  f"a node's affiliations are at most {AFFILIATIONS_BYTES} bytes")
             after = set(self._indexed(node.affiliations))
             writes: list[Write] = []
             for jid in sorted(before ^ after):

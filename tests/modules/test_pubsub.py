@@ -820,3 +820,23 @@ async def test_a_deletion_while_the_nodes_are_counted_makes_the_creation_count_a
     await creation
     assert sorted(await service.node_names()) == ["n1", "n2", "new"]
     assert (await service.items.get(service.node_count_key())).attrs == {"n": 3}
+
+
+async def test_affiliations_of_long_jids_cannot_crowd_out_the_items() -> None:
+    """Under `max_affiliations`, JIDs of 1,000 bytes would fill the node's record
+    (and make every publish drop items to fit): past 128 KiB of them, a request that
+    adds more is refused, and nothing of it is kept."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_affiliations": 2000}})
+    await harness.start()
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    await service.create("hamlet@localhost", "n", None)
+
+    def jids(start: int, stop: int) -> dict[str, str]:
+        return {f"{i:04}{'x' * 1000}@localhost": "member" for i in range(start, stop)}
+
+    await service.set_affiliations("hamlet@localhost", "n", jids(0, 100))
+    with pytest.raises(StanzaError, match="at most 131072 bytes"):
+        await service.set_affiliations("hamlet@localhost", "n", jids(100, 140))
+    assert len((await service.existing("n")).affiliations) == 101
+    await service.set_affiliations("hamlet@localhost", "n", jids(100, 110))
+    assert len((await service.existing("n")).affiliations) == 111
