@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -120,16 +121,26 @@ class BookmarksConversion:
                     conference.findtext(f"{_L}nick"),
                     conference.findtext(f"{_L}password"),
                 )
-        current = await self._native_items(owner)
+        same: set[str] = set()
+        changed: set[str] = set()
+        stale: list[str] = []
+        async for jid, conference in self._native_conferences(owner):
+            if jid not in wanted:
+                stale.append(jid)
+            elif _room_of(conference) == wanted[jid]:
+                same.add(jid)
+            else:
+                changed.add(jid)
         for jid, room in wanted.items():
-            have = current.get(jid)
-            if have is not None and _room_of(have) == room:
+            if jid in same:
                 continue
+            # The item read again, alone, for its <extensions/> (XEP-0402 5.3.2).
+            have = await self._native_conference(owner, jid) if jid in changed else None
             extensions = have.find(f"{_N}extensions") if have is not None else None
             item = etree.Element(_PS_ITEM, id=jid)
             item.append(_native(room, extensions))
             await self.pep.publish(owner, NATIVE, item, NATIVE_OPTIONS, enforce=True)
-        for jid in current.keys() - wanted.keys():
+        for jid in stale:
             await self.pep.retract(owner, NATIVE, jid)
         if to_private:
             await self._private_store(owner, storage)
@@ -139,8 +150,15 @@ class BookmarksConversion:
     # --- XEP-0402 -> both XEP-0048 stores -------------------------------------------------
 
     async def _native_changed(self, owner: str) -> None:
+        """Both XEP-0048 stores rewritten from the XEP-0402 items, read a page at a
+        time. The <storage/> grows only to what one of the stores takes (the PEP
+        node's `max_item_bytes`, private storage's `max_bytes`): past both, neither
+        would store it, and the building stops there (the failure logged)."""
+        private = self.pep.host.find_module(Private)
         storage = etree.Element(f"{_L}storage", nsmap={None: LEGACY})
-        for jid, conference in (await self._native_items(owner)).items():
+        size = 0
+        limit = max(self.pep.limits.max_item_bytes, private.max_bytes if private else 0)
+        async for jid, conference in self._native_conferences(owner):
             name, autojoin, nick, password = _room_of(conference)
             legacy = etree.SubElement(storage, f"{_L}conference", jid=jid)
             if name is not None:
@@ -149,7 +167,11 @@ class BookmarksConversion:
             for tag, text in (("nick", nick), ("password", password)):
                 if text is not None:
                     etree.SubElement(legacy, f"{_L}{tag}").text = text
-        private = self.pep.host.find_module(Private)
+            size += len(etree.tostring(legacy))
+            if size > limit:
+                raise StanzaError(
+                    "resource-constraint", f"XEP-0048 bookmarks are at most {limit} bytes"
+                )
         stored = await private.load(owner, LEGACY) if private is not None else None
         if stored is not None:  # URL bookmarks: XEP-0402 has no place for them
             for url in stored.iterfind(f"{_L}storage/{_L}url"):
@@ -159,18 +181,29 @@ class BookmarksConversion:
 
     # --- reading and writing ---------------------------------------------------------------
 
-    async def _native_items(self, owner: str) -> dict[str, etree._Element]:
-        """Room JID -> <conference/> of the account's XEP-0402 items."""
+    async def _native_conferences(
+        self, owner: str
+    ) -> AsyncIterator[tuple[str, etree._Element]]:
+        """(room JID, <conference/>) of the account's XEP-0402 items, oldest first,
+        read a page at a time (`PubSubService.item_pages`): a node of 1,000 items
+        of up to 256 KiB (their <extensions/>) is never held at once."""
         service = self.pep.service(owner)
         node = await service.node(NATIVE)
         if node is None:
-            return {}
-        found: dict[str, etree._Element] = {}
-        for item in await service.item_elements(node, [entry[0] for entry in node.items]):
-            conference = item.find(f"{_N}conference")
-            if conference is not None and item.get("id"):
-                found[item.get("id") or ""] = conference
-        return found
+            return
+        async for page in service.item_pages(node):
+            for item in page:
+                conference = item.find(f"{_N}conference")
+                jid = item.get("id")
+                if conference is not None and jid:
+                    yield jid, conference
+
+    async def _native_conference(self, owner: str, jid: str) -> etree._Element | None:
+        """The <conference/> of the account's XEP-0402 item for `jid`, if any."""
+        service = self.pep.service(owner)
+        node = await service.node(NATIVE)
+        items = await service.item_elements(node, [jid]) if node is not None else []
+        return items[0].find(f"{_N}conference") if items else None
 
     async def _private_store(self, owner: str, storage: etree._Element) -> None:
         private = self.pep.host.find_module(Private)

@@ -31,6 +31,15 @@ store:
   (absent: none), written in the transaction of each subscription change,
   so that the count is exact, `max_subscribers` holds, and a publish to a
   node without subscribers queries none.
+* `<prefix>nodes`: how many nodes the service has, written in the transaction
+  of each creation and deletion, conditional on what was read, so that
+  creating a node reads one item, not every node record, and two cluster
+  nodes creating at once cannot pass `max_nodes` (one of them retries and
+  reads the other's count). Absent on a service without nodes, and on one
+  whose nodes predate it: its next creation counts the node records once
+  (`_count_nodes`) and writes it, conditional on the item as read; a deletion
+  before then writes a mark ("u") in its place, so that a creation counting
+  meanwhile counts again.
 * `<prefix>i/<node>/<item id>`: one published item: its XML when at most
   `inline_item_bytes`, else the key of a blob (blob store, same namespace
   name) holding it. Avatars' data nodes are the large ones.
@@ -72,7 +81,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, unquote
@@ -83,6 +92,7 @@ from xmppd.storage.base import (
     MAX_ITEM_BYTES,
     UNCHANGED,
     BlobStore,
+    ConditionFailed,
     Item,
     ItemStore,
     Query,
@@ -115,6 +125,16 @@ MIGRATE_BATCH = 80
 MAX_ITEMS = 1000
 """The most `max_items` a service may allow: a node's record lists every item id
 (with its blob key), and must fit one stored item (`_fit`)."""
+MAX_AFFILIATIONS = 2000
+"""The most `max_affiliations` a service may allow: a node's record holds every
+affiliation beside its item ids (2,000 JIDs of 40 bytes are 100 KiB of its 256 KiB)."""
+NODE_COUNT = "nodes"
+"""The name, under a service's prefix, of its node count (no node key: those are "n/...")."""
+COUNT_SCAN = 100
+"""Node records one query reads while a service's nodes are counted the one time."""
+AFFILIATIONS_BYTES = 128 * 1024
+"""A node's affiliations as its record holds them (JSON), at most: half the record, so
+that long JIDs under `max_affiliations` never crowd out its item ids (`_fit`)."""
 AFFILIATION_SCAN = 100
 """Node records one query of a scan for a user's affiliations reads."""
 ITEMS_PAGE = 1000
@@ -141,6 +161,7 @@ class Limits:
     max_nodes: int = 100  # per PEP account, or per service
     max_subscriptions: int = 1000  # per subscribing account
     max_subscribers: int = 100_000  # per node (each an item of its own)
+    max_affiliations: int = 1000  # per node: all are kept in the node's record
     inline_item_bytes: int = 32 * 1024  # larger items go to the blob store
     default_max_items: int | str = 1
     default_access_model: str = "presence"
@@ -154,6 +175,7 @@ class Limits:
             max_nodes=options.max_nodes,
             max_subscriptions=options.max_subscriptions,
             max_subscribers=options.max_subscribers,
+            max_affiliations=options.max_affiliations,
             inline_item_bytes=options.inline_item_bytes,
             default_max_items=default_max_items,
             default_access_model=default_access_model,
@@ -357,6 +379,9 @@ class PubSubService:
     @staticmethod
     def affiliations_key(bare: str) -> str:
         return f"/a/{_q(bare)}"
+
+    def node_count_key(self) -> str:
+        return f"{self.prefix}{NODE_COUNT}"
 
     def subscriptions_prefix(self, node: Node) -> str:
         return f"{self.prefix}s/{_q(node.name)}/{node.generation}/"
@@ -611,11 +636,58 @@ class PubSubService:
         if not name or len(_q(name)) > MAX_NAME_BYTES:
             raise StanzaError("not-acceptable", f"{what} are 1 to {MAX_NAME_BYTES} bytes escaped")
 
-    async def check_node_count(self) -> None:
-        names = await self.node_names(self.limits.max_nodes)
-        if len(names) >= self.limits.max_nodes:
+    async def _counted_creation(self) -> Write:
+        """The conditional write of the node count one up, for the transaction that
+        creates a node (so a rival creation or deletion makes it retry and read the
+        new count); `max-nodes-exceeded` when the service has its `max_nodes` already.
+        A count not kept yet is made by counting the records, conditional on the
+        count item as it was before (absent, or a deletion's mark): a deletion
+        meanwhile changes it, and the counting is done again."""
+        counter = await self.items.get(self.node_count_key())
+        known = counter is not None and "n" in counter.attrs
+        count = _count_of(counter) if known else await self._count_nodes()
+        if count >= self.limits.max_nodes:
+            if not known:  # kept, so that the next refusals read one item
+                try:
+                    await self.items.transact([self._node_count_put(counter, {"n": count})])
+                except ConditionFailed:
+                    pass  # a creation or deletion got there first: it keeps it
             raise pubsub_error("not-allowed", "max-nodes-exceeded",
                                f"at most {self.limits.max_nodes} nodes")
+        return self._node_count_put(counter, {"n": count + 1})
+
+    async def _counted_deletion(self) -> Write:
+        """The conditional write of the node count one down, for the transaction that
+        deletes a node, and its deletion with the last node (a service without nodes
+        keeps nothing; its next creation counts none with one query). While no count
+        is kept, a mark instead, so that a creation counting the records meanwhile
+        counts again."""
+        counter = await self.items.get(self.node_count_key())
+        if counter is None or "n" not in counter.attrs:
+            return self._node_count_put(counter, {"u": 1})
+        attrs = _count_attrs(_count_of(counter) - 1)
+        if attrs is None:
+            return self.items.delete_op(self.node_count_key(), if_version=counter.version)
+        return self._node_count_put(counter, attrs)
+
+    def _node_count_put(self, counter: Item | None, attrs: dict[str, int]) -> Write:
+        """The node count's write, conditional on `counter` as read."""
+        key = self.node_count_key()
+        if counter is None:
+            return self.items.put_op(key, attrs, if_absent=True)
+        return self.items.put_op(key, attrs, if_version=counter.version)
+
+    async def _count_nodes(self) -> int:
+        """The node records counted, `COUNT_SCAN` a query: only for a service whose
+        nodes were made before the count was kept, by its first creation since."""
+        start = f"{self.prefix}n/"
+        count = 0
+        token: str | None = None
+        while True:
+            page = await self.items.query(Query(prefix=start, limit=COUNT_SCAN, page_token=token))
+            count += len(page.items)
+            if (token := page.next_token) is None:
+                return count
 
     async def create(
         self, creator: str, name: str | None, form: etree._Element | None
@@ -627,17 +699,14 @@ class PubSubService:
         node = self.new_node(name, creator)
         if form is not None:
             node.config = self._validated(apply_form(node.config, form, self.limits.max_items))
-        await self.check_node_count()
-        await self.items.modify(
-            self.node_key(name), lambda current: self._create_change(current, node), what="node"
-        )
-        return node
 
-    @staticmethod
-    def _create_change(current: Item | None, node: Node) -> dict[str, Any]:
-        if current is not None:
-            raise StanzaError("conflict", "the node exists already")
-        return encode_node(node)
+        async def change(current: Item | None) -> WithWrites:
+            if current is not None:
+                raise StanzaError("conflict", "the node exists already")
+            return WithWrites(encode_node(node), [await self._counted_creation()])
+
+        await self.items.modify(self.node_key(name), change, what="node")
+        return node
 
     def _validated(self, config: Config) -> Config:
         """PEP (a service with an `owner`) offers no authorize model: the owner's
@@ -675,7 +744,7 @@ class PubSubService:
         entries."""
         deleted: list[Node] = []
 
-        def change(current: Item | None) -> WithWrites:
+        async def change(current: Item | None) -> WithWrites:
             if current is None:
                 raise StanzaError("item-not-found", "no such node")
             node = decode_node(name, current)
@@ -688,6 +757,7 @@ class PubSubService:
                 "a": json.dumps(self._indexed(node.affiliations), separators=(",", ":")),
             }
             writes: list[Write] = [self.items.put_op(self.tombstone_key(node), tombstone)]
+            writes.append(await self._counted_deletion())
             return WithWrites(None, [*writes, *self._deletes(name, node.items)])
 
         await self.items.modify(self.node_key(name), change, what="node")
@@ -777,15 +847,13 @@ class PubSubService:
         record: dict[str, str | bytes | int] = {"p": _bare(publisher), "t": int(time.time())}
         record["b" if blob else "x"] = blob or data
         dropped: list[list[str]] = []
-        created: list[bool] = []
 
         async def change(current: Item | None) -> WithWrites:
+            counted: list[Write] = []
             if current is None:
                 if not auto_create:
                     raise StanzaError("item-not-found", "no such node")
-                if not created:
-                    await self.check_node_count()
-                created[:] = [True]
+                counted.append(await self._counted_creation())
                 node = self.new_node(name, publisher)
                 node.config = self._validated({**node.config, **wanted})
             else:
@@ -803,7 +871,7 @@ class PubSubService:
             trimmed += _fit(self.node_key(name), node)
             dropped[:] = [*(entry for entry in previous if entry[1]), *trimmed]
             writes: list[Write] = [self.items.put_op(self.item_key(name, item_id), record)]
-            writes += self._deletes(name, trimmed)
+            writes += counted + self._deletes(name, trimmed)
             return WithWrites(encode_node(node), writes)
 
         try:
@@ -898,6 +966,21 @@ class PubSubService:
                 size += len(data)
                 page.append(parse_item(data))
         return page[::-1] if from_end else page
+
+    async def item_pages(self, node: Node) -> AsyncIterator[list[etree._Element]]:
+        """Every item of `node`, oldest first, one `items_page` at a time: for the
+        server's own reading of a whole node (the bookmark conversion), which then
+        holds a page (256 KiB of items, or one), not the node (1,000 items of up
+        to 256 KiB)."""
+        ids = [entry[0] for entry in node.items]
+        position = {item_id: i for i, item_id in enumerate(ids)}
+        start = 0
+        while start < len(ids):
+            page = await self.items_page(node, ids[start:])
+            if not page:
+                return
+            yield page
+            start = position.get(page[-1].get("id") or "", len(ids)) + 1
 
     async def _item_data(self, record: Item) -> bytes | None:
         """An item record's XML: inline, or its blob's (None: the blob is gone)."""
@@ -1163,7 +1246,11 @@ class PubSubService:
     async def set_affiliations(self, requester: str, name: str, changes: dict[str, str]) -> None:
         """Owner changes affiliations (XEP-0060 8.9.2); the last owner cannot be removed.
         On PEP, each JID that gains or loses one has its `/a/` index written in the
-        same transaction (so at most `SUBSCRIPTION_CHANGES` changes a request)."""
+        same transaction (so at most `SUBSCRIPTION_CHANGES` changes a request).
+        A node keeps at most `max_affiliations` (its record holds them all, and is
+        read by every publish): a request that would leave more is refused whole,
+        with XEP-0060 8.9.2.4's <not-acceptable/>; one that does not grow a node
+        already over a lowered limit passes, so that owners can prune it."""
         if self.owner is not None and len(changes) > SUBSCRIPTION_CHANGES:
             raise StanzaError(
                 "not-acceptable", f"at most {SUBSCRIPTION_CHANGES} affiliation changes at once"
@@ -1175,6 +1262,7 @@ class PubSubService:
             node = decode_node(name, current)
             self._require_owner(node, requester)
             before = set(self._indexed(node.affiliations))
+            before_all = set(node.affiliations)
             for jid, affiliation in changes.items():
                 if affiliation == "none":
                     node.affiliations.pop(jid, None)
@@ -1182,6 +1270,13 @@ class PubSubService:
                     node.affiliations[jid] = affiliation
             if not node.owners:
                 raise StanzaError("not-acceptable", "a node needs an owner")
+            count, cap = len(node.affiliations), self.limits.max_affiliations
+            if count > cap and count > len(before_all):
+                raise StanzaError("not-acceptable", f"a node has at most {cap} affiliations")
+            size = len(json.dumps(node.affiliations, separators=(",", ":")).encode())
+            if size > AFFILIATIONS_BYTES and size > len(str(current.attrs["a"]).encode()):
+                raise StanzaError("not-acceptable",
+                                  f"a node's affiliations are at most {AFFILIATIONS_BYTES} bytes")
             after = set(self._indexed(node.affiliations))
             writes: list[Write] = []
             for jid in sorted(before ^ after):
@@ -1310,7 +1405,8 @@ def judge(
 
 
 def _count_attrs(count: int) -> dict[str, int] | None:
-    """A node's count item as written: none at 0 (a node without subscribers has none)."""
+    """A count item as written: none at 0 (a node without subscribers, a service
+    without nodes, has none)."""
     return {"n": count} if count > 0 else None
 
 

@@ -52,6 +52,7 @@ from ._pep_bookmarks import PRIVATE_NODES, BookmarksConversion
 from ._pep_caps import CapsStore
 from ._pubsub_cleanup import clear_deleted, finish_deletions
 from ._pubsub_engine import (
+    MAX_AFFILIATIONS,
     MAX_ITEMS,
     Event,
     Limits,
@@ -90,6 +91,8 @@ class PepOptions(BaseModel):
     max_nodes: StrictInt = Field(default=100, ge=1, le=10_000)  # per account
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
     max_subscribers: StrictInt = Field(default=100_000, ge=1, le=1_000_000)  # per node
+    # per node, owner included; all in the node's record, which every publish reads
+    max_affiliations: StrictInt = Field(default=100, ge=1, le=MAX_AFFILIATIONS)
     inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
 
 

@@ -29,6 +29,7 @@ from xmppd.stream.errors import StanzaError, error_from, error_reply
 
 from ._pubsub_cleanup import clear_deleted, finish_deletions
 from ._pubsub_engine import (
+    MAX_AFFILIATIONS,
     MAX_ITEMS,
     Event,
     Limits,
@@ -62,6 +63,8 @@ class PubSubOptions(BaseModel):
     max_nodes: StrictInt = Field(default=10_000, ge=1, le=1_000_000)  # per service
     max_subscriptions: StrictInt = Field(default=1000, ge=1, le=100_000)  # per account
     max_subscribers: StrictInt = Field(default=100_000, ge=1, le=1_000_000)  # per node
+    # per node, owner included; all in the node's record, which every publish reads
+    max_affiliations: StrictInt = Field(default=1000, ge=1, le=MAX_AFFILIATIONS)
     inline_item_bytes: StrictInt = Field(default=32 * 1024, ge=256, le=128 * 1024)
 
 

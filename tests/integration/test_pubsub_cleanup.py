@@ -41,8 +41,9 @@ async def subscribed_nodes(client: object, service: JID) -> list[str]:
 
 async def test_an_owners_delete_clears_every_subscribers_list(start_server: StartServer) -> None:
     """A node with 61 subscribers (more than a batch) is deleted: once the clearing
-    the delete started is over, the service's store holds the remaining node only
-    (no subscription, count, index entry nor tombstone), and a subscriber at its
+    the delete started is over, the service's store holds the remaining node and
+    the node count only (no subscription, subscription count, index entry nor
+    tombstone), and a subscriber at its
     limit of one subscription may subscribe to another node."""
     server = await start_server(modules={**MODULES, "pubsub": {"max_subscriptions": 1}})
     alice = await online(server, "alice@localhost/desk", "alice-secret")
@@ -58,7 +59,7 @@ async def test_an_owners_delete_clears_every_subscribers_list(start_server: Star
 
     await pubsub.delete_node(SERVICE, "old", timeout=10)
     await server.router.drain()  # the clearing, spawned by the delete
-    assert await stored(server, PUBSUB_STORE) == ["n/new"]
+    assert await stored(server, PUBSUB_STORE) == ["n/new", "nodes"]  # "nodes": the count
     await bob.plugin["xep_0060"].subscribe(SERVICE, "new", timeout=10)
     assert await subscribed_nodes(bob, SERVICE) == ["new"]
     for client in (alice, bob):

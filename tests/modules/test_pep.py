@@ -17,8 +17,9 @@ from xmppd.modules.caps import Identity, verification_string
 from xmppd.modules.pep import Pep
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.backends.memory import MemoryItemBackend
-from xmppd.storage.base import ConditionFailed, Item, Query, Write
+from xmppd.storage.base import ConditionFailed, Item, Page, Query, Write
 from xmppd.storage.cache import TOMBSTONE_TTL, CachedItemBackend, MemoryCache
+from xmppd.stream.errors import StanzaError
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
 PS = "http://jabber.org/protocol/pubsub"
@@ -910,3 +911,59 @@ async def test_no_such_account(harness: ModuleHarness) -> None:
     items = f"<pubsub xmlns='{PS}'><items node='{NICK}'/></pubsub>"
     reply = await harness.iq(bob, "get", items, to="nobody@localhost")
     assert error_of(reply)[1] == "service-unavailable"
+
+
+async def test_affiliations_per_node_are_capped() -> None:
+    """A PEP node keeps at most `max_affiliations` (the account counted): a request
+    past it is refused whole, nothing indexed."""
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {"max_affiliations": 2}})
+    harness.users.update({"alice@localhost"})
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    assert (await harness.iq(alice, "set", publish_to("n"))).get("type") == "result"
+    request = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='bob@localhost' affiliation='member'/>"
+        "<affiliation jid='carol@localhost' affiliation='member'/>"
+        "</affiliations></pubsub>"
+    )
+    assert error_of(await harness.iq(alice, "set", request))[:2] == ("modify", "not-acceptable")
+    service = pep(harness).service("alice@localhost")
+    assert (await service.existing("n")).affiliations == {"alice@localhost": "owner"}
+    assert await harness.host.items("localhost", "pep").get(
+        service.affiliations_key("bob@localhost")) is None
+    one = request.replace("<affiliation jid='carol@localhost' affiliation='member'/>", "")
+    assert (await harness.iq(alice, "set", one)).get("type") == "result"
+
+
+class InterleavingQueries(InterleavingItems):
+    """`InterleavingItems` whose queries yield to the loop too."""
+
+    async def query(self, namespace: str, query: Query) -> Page:
+        page = await super().query(namespace, query)
+        await asyncio.sleep(0)
+        return page
+
+
+async def test_concurrent_first_publishes_keep_the_node_limit() -> None:
+    """Five first publishes at once, to five new nodes of an account allowed two (as
+    from clients on several cluster nodes): the node count's conditional write
+    makes the losers read it again, so two nodes are made and three refused."""
+    harness = ModuleHarness({"roster": {}, "presence": {}, "pep": {"max_nodes": 2}})
+    harness.storage.items = items = InterleavingQueries()
+    await harness.start()
+    service: PubSubService = pep(harness).service("alice@localhost")
+
+    def item() -> etree._Element:
+        return etree.fromstring(f"<item xmlns='{PS}' id='1'><a xmlns='x'/></item>")
+
+    results = await asyncio.gather(
+        *(service.publish("alice@localhost", f"n{i}", item(), {}, auto_create=True)
+          for i in range(5)),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, StanzaError)]
+    assert [r.condition for r in refused] == ["not-allowed"] * 3, results
+    assert len(await service.node_names()) == 2
+    assert (await service.items.get(service.node_count_key())).attrs == {"n": 2}
+    assert items.lost > 0

@@ -3,10 +3,16 @@ private XML storage and XEP-0048 in PEP, whichever a client writes, without sock
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 from lxml import etree
 
 from tests.modules.test_pep import befriend, error_of, events, online
+from xmppd.modules._pubsub_engine import ITEMS_READ
+from xmppd.modules.pep import Pep
+from xmppd.storage.backends.memory import MemoryItemBackend
+from xmppd.storage.base import Item
 from xmppd.testing import ModuleHarness, TestSession
 
 PS = "http://jabber.org/protocol/pubsub"
@@ -227,3 +233,82 @@ async def test_bookmark_nodes_made_without_options_are_whitelist(
     await ok(friends, alice, "set", f"<pubsub xmlns='{PS}'><publish node='{node}'>"
              f"<item id='x@c.example'>{payload}</item></publish></pubsub>")
     assert error_of(await contact_reads(friends, node))[1:] == ("not-allowed", "closed-node")
+
+
+class BatchSizes(MemoryItemBackend):
+    """Records how many item records of the PEP store each batch read asks for."""
+
+    largest = 0
+    total = 0
+
+    async def batch_get(self, namespace: str, names: Sequence[str]) -> dict[str, Item]:
+        if namespace.endswith("/pep"):
+            asked = sum("/i/" in name for name in names)
+            self.largest = max(self.largest, asked)
+            self.total += asked
+        return await super().batch_get(namespace, names)
+
+
+async def test_conversions_read_a_large_node_a_page_at_a_time() -> None:
+    """Sixty XEP-0402 bookmarks of 20 KiB each (their <extensions/>): both conversions
+    read them a page at a time, never the node at once, and still carry every room
+    and keep the extensions of a changed one."""
+    modules = {"roster": {}, "presence": {}, "pep": {}, "private": {}, "disco": {}}
+    harness = ModuleHarness(modules, users={"alice@localhost"})
+    harness.storage.items = store = BatchSizes()
+    await harness.start()
+    module = harness.host.modules["pep"]
+    assert isinstance(module, Pep)
+    big = f"<extensions><x xmlns='urn:e'>{'e' * 20_000}</x></extensions>"
+    for i in range(60):
+        item = etree.fromstring(f"<item xmlns='{PS}' id='r{i:02}@c.example'>"
+                                f"<conference xmlns='{NATIVE}' name='R{i}'>{big}</conference>"
+                                "</item>")
+        await module.publish("alice@localhost", NATIVE, item, {"pubsub#max_items": "max"})
+    alice = harness.session("alice@localhost/a")
+    store.largest = 0
+    await ok(harness, alice, "set", publish_native("new@c.example", "name='New'>"))
+    expected = {f"r{i:02}@c.example": (f"R{i}", "false", None) for i in range(60)}
+    expected["new@c.example"] = ("New", "false", None)
+    assert rooms(await private(harness, alice)) == expected
+    assert rooms(await legacy_pep(harness, alice)) == expected
+    assert 0 < store.largest <= ITEMS_READ
+    # Back: r00 renamed, new@ dropped, the rest the same.
+    store.largest = 0
+    conferences = "".join(f"<conference jid='r{i:02}@c.example' name='R{i}'/>"
+                          for i in range(1, 60))
+    await ok(harness, alice, "set", f"<query xmlns='{PRIVATE}'><storage xmlns='{LEGACY}'>"
+             f"<conference jid='r00@c.example' name='First'/>{conferences}</storage></query>")
+    assert 0 < store.largest <= ITEMS_READ
+    service = module.service("alice@localhost")
+    node = await service.existing(NATIVE)
+    assert sorted(entry[0] for entry in node.items) == sorted(
+        f"r{i:02}@c.example" for i in range(60))
+    (first,) = await service.item_elements(node, ["r00@c.example"])
+    assert first[0].get("name") == "First"
+    assert first.find(f"{{{NATIVE}}}conference/{{{NATIVE}}}extensions") is not None
+
+
+async def test_bookmarks_past_what_the_legacy_stores_take_stop_the_reading() -> None:
+    """XEP-0402 bookmarks whose XEP-0048 <storage/> neither store would take (over
+    both `max_item_bytes` and private `max_bytes`): the conversion stops reading at
+    that size, a page in, writes neither store, and the client's publish stands."""
+    modules = {"roster": {}, "presence": {}, "pep": {"max_item_bytes": 4096},
+               "private": {"max_bytes": 4096}, "disco": {}}
+    harness = ModuleHarness(modules, users={"alice@localhost"})
+    harness.storage.items = store = BatchSizes()
+    await harness.start()
+    module = harness.host.modules["pep"]
+    assert isinstance(module, Pep)
+    for i in range(200):
+        item = etree.fromstring(f"<item xmlns='{PS}' id='r{i:03}@c.example'>"
+                                f"<conference xmlns='{NATIVE}' name='{'n' * 1500}'/></item>")
+        await module.publish("alice@localhost", NATIVE, item, {"pubsub#max_items": "max"})
+    alice = harness.session("alice@localhost/a")
+    store.total = 0
+    await ok(harness, alice, "set", publish_native("new@c.example", "name='New'>"))
+    assert 0 < store.total < 200
+    reply = await harness.iq(alice, "get", f"<query xmlns='{PRIVATE}'><storage xmlns='{LEGACY}'/>"
+                             "</query>")
+    assert reply.find(f".//{{{LEGACY}}}storage/{{{LEGACY}}}conference") is None
+    assert await module.service("alice@localhost").node(LEGACY) is None

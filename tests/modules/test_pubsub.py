@@ -14,7 +14,16 @@ import pytest
 from lxml import etree
 from pydantic import BaseModel, ValidationError
 
-from tests.modules.test_pep import ERRORS, IQ, OWNER, PS, error_of, events, settle
+from tests.modules.test_pep import (
+    ERRORS,
+    IQ,
+    OWNER,
+    PS,
+    InterleavingItems,
+    error_of,
+    events,
+    settle,
+)
 from xmppd.modules._pubsub_engine import (
     PubSubService,
     Subscription,
@@ -22,7 +31,9 @@ from xmppd.modules._pubsub_engine import (
 )
 from xmppd.modules.pep import PepOptions
 from xmppd.modules.pubsub import PubSub, PubSubOptions
-from xmppd.storage.base import Query
+from xmppd.storage.backends.memory import MemoryItemBackend
+from xmppd.storage.base import Page, Query
+from xmppd.stream.errors import StanzaError
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
 SERVICE = "pubsub.localhost"
@@ -276,7 +287,8 @@ async def test_account_removal(harness: ModuleHarness) -> None:
     assert await module.remove_user("localhost", "hamlet") is True
     page = await harness.host.items(SERVICE, "pubsub").query(Query())
     names = [item.name for item in page.items]
-    assert names == ["n/theirs"]
+    assert names == ["n/theirs", "nodes"]
+    assert page.items[1].attrs == {"n": 1}  # the service's node count, one down
     node = page.items[0]
     assert "hamlet" not in str(node.attrs)  # neither affiliation nor subscription
     assert await module.remove_user("localhost", "hamlet") is False
@@ -651,3 +663,180 @@ async def test_affiliations_past_the_first_thousand_nodes_are_listed_in_pages() 
     assert listed == [(f"n{i:04}", "owner") for i in range(1100)]
     assert await affiliations(hamlet, "<max>2</max><before/>") == (
         [("n1098", "owner"), ("n1099", "owner")], "n1099")
+
+
+def affiliations_set(node: str, changes: dict[str, str]) -> str:
+    entries = "".join(
+        f"<affiliation jid='{jid}' affiliation='{value}'/>" for jid, value in changes.items()
+    )
+    return f"<pubsub xmlns='{OWNER}'><affiliations node='{node}'>{entries}</affiliations></pubsub>"
+
+
+async def test_affiliations_per_node_are_capped_all_or_none() -> None:
+    """8.9.2: a node keeps at most `max_affiliations` (its owner counted); a request
+    that would leave more is refused with <not-acceptable/> and changes nothing, even
+    the changes of it that would fit; one that does not grow the node passes."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_affiliations": 3}})
+    harness.users.update({"hamlet@localhost", "bernardo@localhost"})
+    await harness.start()
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "n")
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    first = affiliations_set("n", {"a@localhost": "member"})
+    assert (await ask(harness, hamlet, "set", first)).get("type") == "result"
+    two_more = affiliations_set("n", {"b@localhost": "member", "c@localhost": "publisher"})
+    reply = await ask(harness, hamlet, "set", two_more)
+    assert error_of(reply)[:2] == ("modify", "not-acceptable")
+    assert (await service.existing("n")).affiliations == {
+        "hamlet@localhost": "owner", "a@localhost": "member"
+    }
+    # A swap keeps the count; then the one that fits.
+    swap = affiliations_set("n", {"a@localhost": "none", "b@localhost": "member"})
+    assert (await ask(harness, hamlet, "set", swap)).get("type") == "result"
+    third = affiliations_set("n", {"c@localhost": "publisher"})
+    assert (await ask(harness, hamlet, "set", third)).get("type") == "result"
+    assert error_of(await ask(harness, hamlet, "set", first))[1] == "not-acceptable"
+    assert sorted((await service.existing("n")).affiliations) == [
+        "b@localhost", "c@localhost", "hamlet@localhost"
+    ]
+
+
+@pytest.mark.parametrize("options", [PepOptions, PubSubOptions])
+def test_max_affiliations_is_validated(options: type[BaseModel]) -> None:
+    for wrong in (0, 2001, "10"):
+        with pytest.raises(ValidationError, match="max_affiliations"):
+            options(max_affiliations=wrong)
+    assert options(max_affiliations=2000)
+
+
+class NodeScans(MemoryItemBackend):
+    """Counts the node records that queries of the pubsub store hand back."""
+
+    records = 0
+
+    async def query(self, namespace: str, query: Query) -> Page:
+        page = await super().query(namespace, query)
+        if namespace.endswith("/pubsub"):
+            self.records += sum(item.name.startswith("n/") for item in page.items)
+        return page
+
+
+async def test_creating_a_node_reads_a_count_not_the_node_records() -> None:
+    """8.1: the service's nodes are counted in one item written with each creation
+    and deletion; a creation reads it, not `max_nodes` node records. A service whose
+    nodes predate the count counts them once, at its next creation."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_nodes": 5}})
+    harness.storage.items = store = NodeScans()
+    await harness.start()
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    for i in range(4):
+        await service.create("hamlet@localhost", f"n{i}", None)
+    store.records = 0
+    await service.create("hamlet@localhost", "n4", None)
+    with pytest.raises(StanzaError, match="max-nodes|at most 5 nodes"):
+        await service.create("hamlet@localhost", "n5", None)
+    assert store.records == 0
+    await service.delete("hamlet@localhost", "n0")
+    await service.create("hamlet@localhost", "n5", None)
+    assert (await service.items.get(service.node_count_key())).attrs == {"n": 5}
+    # Nodes stored before the count: counted once, then the count is kept.
+    await service.items.delete(service.node_count_key())
+    with pytest.raises(StanzaError, match="at most 5 nodes"):
+        await service.create("hamlet@localhost", "n6", None)
+    assert store.records == 5  # counted once, and the count kept: the next reads it
+    with pytest.raises(StanzaError, match="at most 5 nodes"):
+        await service.create("hamlet@localhost", "n6", None)
+    assert store.records == 5
+    await service.items.delete(service.node_count_key())
+    await service.delete("hamlet@localhost", "n1")  # no count: a mark
+    assert (await service.items.get(service.node_count_key())).attrs == {"u": 1}
+    await service.create("hamlet@localhost", "n6", None)
+    assert store.records == 9  # the creation counted the 4 left
+    assert (await service.items.get(service.node_count_key())).attrs == {"n": 5}
+    for name in await service.node_names():
+        await service.delete("hamlet@localhost", name)
+    assert await service.items.get(service.node_count_key()) is None
+
+
+async def test_two_cluster_nodes_creating_at_once_keep_the_node_limit() -> None:
+    """Two nodes of a cluster (two modules on one item store whose reads yield, as a
+    networked store's do) create eight nodes at once on a service of `max_nodes` 3:
+    the count's conditional write makes every loser read again, so three are made
+    and the other five are refused with max-nodes-exceeded."""
+    store = InterleavingItems()
+    services = []
+    for _ in range(2):
+        harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_nodes": 3}})
+        harness.storage.items = store
+        await harness.start()
+        services.append(harness.host.modules["pubsub"].service(SERVICE))  # type: ignore[attr-defined]
+    results = await asyncio.gather(
+        *(services[i % 2].create("hamlet@localhost", f"n{i}", None) for i in range(8)),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, StanzaError)]
+    assert len(refused) == 5, results
+    assert all(r.app is not None and r.app.tag == f"{{{ERRORS}}}max-nodes-exceeded"
+               for r in refused)
+    assert len(await services[0].node_names()) == 3
+    assert (await services[1].items.get(services[1].node_count_key())).attrs == {"n": 3}
+    assert store.lost > 0  # they did collide
+
+
+class HeldScan(MemoryItemBackend):
+    """Holds the queries of the pubsub store's node records while `hold` is clear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.scanning = asyncio.Event()
+
+    async def query(self, namespace: str, query: Query) -> Page:
+        page = await super().query(namespace, query)
+        if namespace.endswith("/pubsub") and query.prefix == "n/" and not self.hold.is_set():
+            self.scanning.set()
+            await self.hold.wait()
+        return page
+
+
+async def test_a_deletion_while_the_nodes_are_counted_makes_the_creation_count_again() -> None:
+    """A service whose nodes predate the count: a creation counts the records, and
+    another cluster node deletes one of them before that creation writes. The
+    deletion's mark fails the creation's write, which counts again: the count is the
+    nodes there are, not one more."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_nodes": 5}})
+    harness.storage.items = store = HeldScan()
+    await harness.start()
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    for i in range(3):
+        await service.create("hamlet@localhost", f"n{i}", None)
+    await service.items.delete(service.node_count_key())  # as stored before the count
+    store.hold.clear()
+    creation = asyncio.create_task(service.create("hamlet@localhost", "new", None))
+    await store.scanning.wait()  # it has read the three records
+    await service.delete("hamlet@localhost", "n0")
+    store.hold.set()
+    await creation
+    assert sorted(await service.node_names()) == ["n1", "n2", "new"]
+    assert (await service.items.get(service.node_count_key())).attrs == {"n": 3}
+
+
+async def test_affiliations_of_long_jids_cannot_crowd_out_the_items() -> None:
+    """Under `max_affiliations`, JIDs of 1,000 bytes would fill the node's record
+    (and make every publish drop items to fit): past 128 KiB of them, a request that
+    adds more is refused, and nothing of it is kept."""
+    harness = ModuleHarness({"roster": {}, "disco": {}, "pubsub": {"max_affiliations": 2000}})
+    await harness.start()
+    service = harness.host.modules["pubsub"].service(SERVICE)  # type: ignore[attr-defined]
+    await service.create("hamlet@localhost", "n", None)
+
+    def jids(start: int, stop: int) -> dict[str, str]:
+        return {f"{i:04}{'x' * 1000}@localhost": "member" for i in range(start, stop)}
+
+    await service.set_affiliations("hamlet@localhost", "n", jids(0, 100))
+    with pytest.raises(StanzaError, match="at most 131072 bytes"):
+        await service.set_affiliations("hamlet@localhost", "n", jids(100, 140))
+    assert len((await service.existing("n")).affiliations) == 101
+    await service.set_affiliations("hamlet@localhost", "n", jids(100, 110))
+    assert len((await service.existing("n")).affiliations) == 111
