@@ -6,10 +6,19 @@ module applies them to the roster with conditional writes and then routes,
 delivers or drops the stanza as the tables say.
 
 * The user's own subscription presences are caught in the "stanza/out"
-  filter (synchronous), stamped with the user's bare JID and handled in a
-  task: roster change and push first, then routing.
+  filter (synchronous), stamped with the user's bare JID and queued: roster
+  change and push first, then routing.
 * Subscription presences addressed to a local user arrive through the
-  "presence/subscribe" ... hooks. A subscribe request not yet answered is
+  "presence/subscribe" ... hooks and are queued the same way.
+* Each account has one queue of subscription changes (modules/_queues.py),
+  worked by one task in the order they came: every change rewrites the
+  account's roster, so run at once they would conflict or land out of order.
+  A change its own client sent counts as that client's work until made, so the
+  router stops reading a client with WORK_PER_SENDER of them in flight
+  (`Router._hold_if_busy`); changes from contacts (other servers, other local
+  users) wait INBOUND_WAITING at most per account, and one more is refused
+  with a resource-constraint error (type wait) to its sender.
+* A subscribe request not yet answered is
   `pending_in` in the roster item, and the stanza itself is kept whole
   (modules/_requests.py: a <nick/>, a XEP-0379 <preauth/> survive) and
   delivered at each initial presence until the user answers it; it is
@@ -59,6 +68,7 @@ from redis.exceptions import RedisError
 
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import Module, ModuleHost
+from xmppd.modules._queues import AccountQueues
 from xmppd.modules._requests import SubscriptionRequests
 from xmppd.modules.blocking import Blocking
 from xmppd.modules.privacy import Privacy
@@ -72,6 +82,9 @@ if TYPE_CHECKING:
 
 PRE_APPROVAL = "urn:xmpp:features:pre-approval"
 MAX_DIRECTED = 1000  # directed-presence targets remembered per session
+INBOUND_WAITING = 100
+"""Subscription presences from contacts that may wait for one account's queue: a flood
+(from another server, which nothing holds back) is answered, not piled up."""
 ROSTER_RETRY = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 """Seconds between reads of the roster a presence broadcast needs while storage fails."""
 # In each session's state bag: whether its availability went to its contacts,
@@ -227,10 +240,10 @@ class Presence(Module):
         self._order: weakref.WeakValueDictionary[ClientSession, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
-        # One lock per account whose roster a subscription changes now (`_roster_turn`).
-        self._roster_turns: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        # The subscription changes of each account's roster, one at a time, in order;
+        # and how many of an account's come from contacts (bounded: INBOUND_WAITING).
+        self._changes = AccountQueues(self.host.spawn_shared, self.log)
+        self._inbound_waiting: dict[str, int] = {}
         self.requests = SubscriptionRequests(self.host)
         # Sessions whose targets are being written to Redis -> changed again meanwhile
         # (one write at a time per session, so they land in the order of the changes).
@@ -263,7 +276,14 @@ class Presence(Module):
                 not target.user and self.host.serves(target.domain)
             ):
                 return False  # no subscriptions to oneself or to this server
-            self.host.spawn(self._outbound(stanza, session, type_, target.bare))  # type: ignore[arg-type]
+            kind: Kind = type_  # type: ignore[assignment]
+            contact = target.bare
+            done = self._changes.add(
+                session.bare, lambda: self._outbound(stanza, session, kind, contact)
+            )
+            # The sender's work until made: past WORK_PER_SENDER pieces of it the router
+            # stops reading the sender (`Router._hold_if_busy`), so its queue stays short.
+            self.host.spawn(done)
             return False
         if target.bare != session.bare:
             directed = session.state.setdefault(DIRECTED, set())
@@ -288,8 +308,7 @@ class Presence(Module):
             return new
 
         try:
-            async with self._roster_turn(owner):
-                before, after = await self.roster.modify(owner, contact, change)
+            before, after = await self.roster.modify(owner, contact, change)
         except (StanzaError, StorageError) as exc:
             condition = exc.condition if isinstance(exc, StanzaError) else "internal-server-error"
             self.log.warning("%s from %s to %s not processed: %s", kind, owner, contact, exc)
@@ -310,26 +329,19 @@ class Presence(Module):
         elif was_from and not is_from:
             self._send_unavailable(owner, contact)  # RFC 6121 3.2.2
 
-    def _roster_turn(self, owner: str) -> asyncio.Lock:
-        """One subscription change of an account's roster at a time: every request and
-        answer rewrites the same roster item, so changes run at once conflict (past the
-        store's retries some fail, and the requests are refused) and may land out of
-        the order they were sent in."""
-        lock = self._roster_turns.get(owner)
-        if lock is None:
-            lock = self._roster_turns[owner] = asyncio.Lock()
-        return lock
-
     # --- what contacts send ----------------------------------------------------------------
 
     def _make_inbound(self, kind: Kind) -> Callable[[etree._Element, str], Awaitable[bool]]:
         async def handler(stanza: etree._Element, owner: str) -> bool:
-            await self._inbound(stanza, owner, kind)
+            self._queue_inbound(stanza, owner, kind)
             return True
 
         return handler
 
-    async def _inbound(self, stanza: etree._Element, owner: str, kind: Kind) -> None:
+    def _queue_inbound(self, stanza: etree._Element, owner: str, kind: Kind) -> None:
+        """Queue a contact's subscription presence for the account's roster, or refuse it
+        when INBOUND_WAITING already wait: resource-constraint (type wait) tells the
+        sender it was not taken and may be sent again."""
         sender = stanza.get("from")
         if sender is None:
             return
@@ -339,6 +351,26 @@ class Presence(Module):
             return
         if contact == owner:
             return
+        waiting = self._inbound_waiting.get(owner, 0)
+        if waiting >= INBOUND_WAITING:
+            self.log.warning(
+                "%s from %s to %s refused: %d subscription presences wait for that account",
+                kind, contact, owner, waiting,
+            )
+            error = error_reply(stanza, "resource-constraint", "too many subscription"
+                                " presences wait for this account, try again later")
+            self.host.route(error, bounce=False)
+            return
+        self._inbound_waiting[owner] = waiting + 1
+        done = self._changes.add(owner, lambda: self._inbound(stanza, owner, kind, contact))
+        done.add_done_callback(lambda _: self._inbound_made(owner))
+
+    def _inbound_made(self, owner: str) -> None:
+        waiting = self._inbound_waiting.pop(owner) - 1
+        if waiting:
+            self._inbound_waiting[owner] = waiting
+
+    async def _inbound(self, stanza: etree._Element, owner: str, kind: Kind, contact: str) -> None:
         deliver: bool = False
         reply: Kind | None = None
 
@@ -348,8 +380,7 @@ class Presence(Module):
             return new
 
         try:
-            async with self._roster_turn(owner):
-                before, after = await self.roster.modify(owner, contact, change)
+            before, after = await self.roster.modify(owner, contact, change)
         except (StanzaError, StorageError) as exc:
             # Too many pending requests, or storage down: the sender learns it was not
             # taken (else it waits, "pending out", for an answer that never comes).

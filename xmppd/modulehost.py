@@ -744,7 +744,11 @@ class ModuleHost:
     def spawn(self, work: Awaitable[T]) -> asyncio.Future[T]:
         """Run `work` as a task the node tracks (waited for at shutdown, errors logged).
         Started by an account's stanza, it is that account's work: its removal waits
-        for it (`Router.account_work`)."""
+        for it (`Router.account_work`), and with WORK_PER_SENDER pieces of it in
+        flight a stanza of the account that a "stanza/out" filter takes makes the
+        client wait for one (`Router._hold_if_busy`). A future (work queued
+        elsewhere, run by a task of its own) is tracked as it is, no task made: the
+        account's work until it is done."""
         return self.router.spawn(work)
 
     def spawn_shared(self, work: Awaitable[T]) -> asyncio.Future[T]:

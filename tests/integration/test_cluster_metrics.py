@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tests.integration.clients import close
 from tests.integration.conftest import StartServer
+from tests.integration.dashboard import exported, graphed, not_exported
 from tests.integration.test_cluster import (
     online,
     received,
@@ -61,6 +62,8 @@ async def test_forwards_latency_and_redis_health_on_metrics(
         assert node["xmppd_cluster_write_queue"] == 0
         assert node["xmppd_cluster_remote_sessions"] == 1
         assert node["xmppd_cluster_redis_reconnects_total"] == 0
+    # Every panel of the Grafana dashboard in docs/ graphs what a cluster node exports.
+    assert not_exported(await exported(a), graphed()) == {}
 
     # Redis goes away: the nodes say so; it comes back: up again, and the reconnects counted
     redis_service.stop()
