@@ -223,6 +223,32 @@ async def test_xmppctl_unregister_with_modules_turned_off_leaves_nothing_behind(
     await close(alice)
 
 
+async def test_xmppctl_unregister_with_the_roster_turned_off_takes_zed_from_rosters(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The operator turned the roster (and so presence) off: zed's roster still goes,
+    and alice's stored roster loses its item for zed, nobody being there to act on the
+    unsubscribe and unsubscribed she is sent."""
+    server = await start_server(modules=MODULES)
+    alice = await fill_every_store(server)
+    await close(alice)
+    await server.stop()
+    config = yaml.safe_load((tmp_path / "xmppd.yml").read_text())
+    for name in ("roster", "presence"):
+        del config["modules"][name]
+    (tmp_path / "off.yml").write_text(yaml.safe_dump(config))
+
+    code, out, err = await xmppctl("-c", str(tmp_path / "off.yml"), "unregister", "zed@localhost")
+    assert (code, out, err) == (0, "unregistered zed@localhost\n", "")
+
+    node2 = await start_server(users={}, modules=MODULES)  # the roster on again
+    roster = node2.modules.modules["roster"]
+    assert await roster.item("alice@localhost", "zed@localhost") is None  # type: ignore[attr-defined]
+    alice = await person(node2, "alice@localhost/desk", "alice-secret")
+    await assert_zed_starts_empty(node2, alice)
+    await close(alice)
+
+
 async def test_xmppctl_unregister_while_a_node_runs(
     start_server: StartServer, tmp_path: Path
 ) -> None:

@@ -11,8 +11,9 @@ from lxml import etree
 
 from xmppd.modulehost import AccountDataRemains, Module, installed_modules
 from xmppd.modules._muc_room import MUC
+from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.base import Query, StorageError
-from xmppd.testing import ModuleHarness, TestSession, parse_stanza
+from xmppd.testing import ModuleHarness, RecordingRemote, TestSession, parse_stanza
 from xmppd.xml import ns
 
 MODULES: dict[str, dict[str, Any] | None] = {
@@ -279,8 +280,8 @@ def _needs(name: str, installed: dict[str, type[Module]]) -> set[str]:
 
 async def _mentions(harness: ModuleHarness, bare: str) -> list[str]:
     """Every item or blob whose name or content names `bare` (or its user's prefix),
-    but other users' rosters (a contact's roster keeps its item for a removed account
-    as for any contact that went away)."""
+    but other users' rosters (with the presence module on, a contact's roster keeps its
+    item for a removed account, the subscription gone, for the contact to remove)."""
     user = bare.split("@")[0]
     found = []
     items, blobs = harness.storage.items, harness.storage.blobs
@@ -323,3 +324,61 @@ async def test_the_data_of_a_module_turned_off_goes_with_the_account(module: str
     await after.host.stop()
     assert await _mentions(after, "zed@localhost") == []
     assert await entries(after, "alice") == alices
+
+
+# --- the roster turned off: the contacts are told all the same ---------------------------
+
+
+async def _roster_item(harness: ModuleHarness, owner: str, contact: str, sub: str) -> None:
+    roster = harness.host.find_module(RosterModule)
+    assert roster is not None
+    await roster.update(owner, contact, lambda _: RosterItem(jid=contact, subscription=sub))  # type: ignore[arg-type]
+
+
+def _presences(stanzas: list[etree._Element]) -> set[tuple[str | None, str | None, str | None]]:
+    return {
+        (s.get("from"), s.get("to"), s.get("type")) for s in stanzas if s.tag == ns.C_PRESENCE
+    }
+
+
+async def test_with_the_roster_off_contacts_are_told_and_lose_their_item() -> None:
+    """zed shares presence both ways with alice (local), sees rob's and is seen by ann
+    (both remote); the roster and presence modules are turned off, zed is removed while
+    online: rob is sent unsubscribe, ann unsubscribed and zed's unavailable, over s2s,
+    as with the roster on; alice's client gets all three, and her stored roster loses
+    zed (no presence module acts on what she is sent) and keeps her other contact."""
+    on = await ModuleHarness({"roster": {}, "presence": {}}).start()
+    await on.host.accounts["localhost"].register("zed", "zed-secret-1")
+    for owner, contact, sub in (
+        ("zed@localhost", "alice@localhost", "both"),
+        ("zed@localhost", "rob@remote.example", "to"),
+        ("zed@localhost", "ann@remote.example", "from"),
+        ("alice@localhost", "zed@localhost", "both"),
+        ("alice@localhost", "carol@localhost", "to"),
+    ):
+        await _roster_item(on, owner, contact, sub)
+    await on.host.stop()
+
+    off = await ModuleHarness({"disco": {}}, storage=on.storage).start()
+    off.router.remote = remote = RecordingRemote()
+    zed = off.session("zed@localhost/z")
+    alice = off.session("alice@localhost/a")
+    assert await off.host.remove_account("localhost", "zed") == "account"
+    await off.router.drain()
+    assert _presences(remote.routed) == {
+        ("zed@localhost", "rob@remote.example", "unsubscribe"),
+        ("zed@localhost", "ann@remote.example", "unsubscribed"),
+        (zed.jid, "ann@remote.example", "unavailable"),
+    }
+    assert _presences(alice.take()) == {  # her client is told, as on a server of its own
+        ("zed@localhost", "alice@localhost", "unsubscribe"),
+        ("zed@localhost", "alice@localhost", "unsubscribed"),
+        (zed.jid, "alice@localhost", "unavailable"),
+    }
+    await off.host.stop()
+
+    again = await ModuleHarness({"roster": {}}, storage=on.storage).start()
+    roster = again.host.find_module(RosterModule)
+    assert roster is not None
+    assert list((await roster.get("alice@localhost")).items) == ["carol@localhost"]
+    assert (await roster.get("zed@localhost")).items == {}
