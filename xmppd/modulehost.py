@@ -116,6 +116,10 @@ it to finish (storage that hangs), before it deletes the data anyway."""
 OTHER_NODES_WAIT = ACCOUNT_WORK_WAIT + 5.0
 """Seconds it waits at most for the other nodes of a cluster to say they did the same
 (each waits ACCOUNT_WORK_WAIT at most, then answers)."""
+REDIS_PROBE_WAIT = 2.0
+"""Seconds a cluster node's account removal waits at most for Redis to answer a PING
+before it starts: one that cannot reach Redis is refused then, not after the other
+nodes' OTHER_NODES_WAIT."""
 
 
 @dataclass(slots=True)
@@ -277,6 +281,13 @@ class AccountDataRemains(Exception):
         super().__init__(f"data of {account} could not all be deleted ({details})")
         self.account = account
         self.failed = failed
+
+
+class ClusterUnreachable(Exception):
+    """An account's removal refused before it deleted anything: this node cannot reach
+    Redis, through which the other nodes end the account's sessions and settle its
+    work. The message names the account and the cause; the removal (`xmppctl
+    unregister`) runs whole once Redis answers."""
 
 
 @dataclass(slots=True)
@@ -1046,11 +1057,26 @@ class ModuleHost:
         Every module is asked even if one fails; then AccountDataRemains names
         the ones that failed, and calling this again (the account being gone
         already) finishes the job.
+        A cluster node that cannot reach Redis (no answer to a PING within
+        REDIS_PROBE_WAIT) refuses at once with ClusterUnreachable, before it
+        deletes anything: it could neither end the account's sessions on the
+        other nodes nor hear that their work is done, and would only wait
+        OTHER_NODES_WAIT for answers that cannot come.
         """
         try:
             username = normalize_username(username)  # the name modules store under
         except InvalidUsername:
             return "nothing"
+        if self.cluster is not None:
+            problem = await self.cluster.unreachable(REDIS_PROBE_WAIT)
+            if problem is not None:
+                log.error(
+                    "%s@%s not removed: %s; nothing was deleted (`xmppctl unregister`"
+                    " removes it once Redis answers)", username, vhost, problem,
+                )
+                raise ClusterUnreachable(
+                    f"{username}@{vhost} was not removed: {problem}; nothing was deleted"
+                )
         existed = await self.accounts[vhost].unregister(username)
         if existed and removed is not None:
             await removed()
