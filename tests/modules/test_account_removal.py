@@ -190,13 +190,14 @@ async def _chat(harness: ModuleHarness, zed: TestSession) -> None:
     )
 
 
-async def _pubsub(harness: ModuleHarness, zed: TestSession) -> None:
+async def _pubsub(
+    harness: ModuleHarness, zed: TestSession, service: str = "pubsub.localhost"
+) -> None:
     """A node zed owns, with an item, and a subscription to alice's node."""
     alice = harness.session("alice@localhost/a")
     for owner, node in ((zed, "zednode"), (alice, "alicenode")):
         reply = await harness.iq(
-            owner, "set", f"<pubsub xmlns='{PUBSUB}'><create node='{node}'/></pubsub>",
-            "pubsub.localhost",
+            owner, "set", f"<pubsub xmlns='{PUBSUB}'><create node='{node}'/></pubsub>", service
         )
         assert reply.get("type") == "result", etree.tostring(reply)
     for payload in (
@@ -204,7 +205,7 @@ async def _pubsub(harness: ModuleHarness, zed: TestSession) -> None:
         "<subscribe node='alicenode' jid='zed@localhost'/>",
     ):
         reply = await harness.iq(zed, "set", f"<pubsub xmlns='{PUBSUB}'>{payload}</pubsub>",
-                                 "pubsub.localhost")
+                                 service)
         assert reply.get("type") == "result", etree.tostring(reply)
 
 
@@ -382,3 +383,35 @@ async def test_with_the_roster_off_contacts_are_told_and_lose_their_item() -> No
     assert roster is not None
     assert list((await roster.get("alice@localhost")).items) == ["carol@localhost"]
     assert (await roster.get("zed@localhost")).items == {}
+
+
+async def test_with_pubsub_off_every_service_in_storage_is_cleaned() -> None:
+    """zed owns a node and is subscribed to alice's on the service at the default
+    subdomain and on one the operator had moved to ps.localhost (and b.test's); with
+    pubsub turned off, its options (the subdomain) gone, the removal finds every
+    service in storage and leaves nothing of zed's in any, alice's nodes kept."""
+    storage = None
+    for host, subdomain in (("localhost", "pubsub"), ("localhost", "ps"), ("b.test", "ps")):
+        on = await ModuleHarness(
+            {"disco": {}, "pubsub": {"subdomain": subdomain}}, hosts=["localhost", "b.test"],
+            storage=storage,
+        ).start()
+        storage = on.storage
+        if not await on.host.accounts["localhost"].exists("zed"):
+            await on.host.accounts["localhost"].register("zed", "zed-secret-1")
+        await _pubsub(on, on.session("zed@localhost/r"), f"{subdomain}.{host}")
+        await on.router.drain()
+        await on.host.stop()
+    assert on.storage is storage
+    namespaces = await storage.items.namespaces()  # type: ignore[attr-defined]
+    for service in ("pubsub.localhost", "ps.localhost", "ps.b.test"):
+        assert f"{service}/pubsub" in namespaces
+    alices = await _mentions(on, "alice@localhost")
+    assert len(alices) >= 3, alices  # her node on each service
+
+    off = await ModuleHarness({"disco": {}}, hosts=["localhost", "b.test"], storage=storage).start()
+    assert await off.host.remove_account("localhost", "zed") == "account"
+    await off.router.drain()
+    await off.host.stop()
+    assert await _mentions(off, "zed@localhost") == []
+    assert await _mentions(off, "alice@localhost") == alices
