@@ -415,3 +415,26 @@ async def test_with_pubsub_off_every_service_in_storage_is_cleaned() -> None:
     await off.host.stop()
     assert await _mentions(off, "zed@localhost") == []
     assert await _mentions(off, "alice@localhost") == alices
+
+
+async def test_with_the_roster_on_and_presence_off_local_contacts_lose_their_item() -> None:
+    """The roster module on but not presence: nothing acts on the unsubscribe alice is
+    sent, so the removal takes zed out of her roster itself, through the module: her
+    client, which asked for the roster, gets the push."""
+    harness = await ModuleHarness({"roster": {}}).start()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    await _roster_item(harness, "zed@localhost", "alice@localhost", "both")
+    await _roster_item(harness, "alice@localhost", "zed@localhost", "both")
+    alice = await harness.login("alice@localhost/a")
+    reply = await harness.iq(alice, "get", "<query xmlns='jabber:iq:roster'/>")
+    assert reply.get("type") == "result"
+    assert await harness.host.remove_account("localhost", "zed") == "account"
+    await harness.router.drain()
+    pushed = [
+        (item.get("jid"), item.get("subscription"))
+        for iq in alice.take() if iq.tag == ns.C_IQ and iq.get("type") == "set"
+        for item in iq.iter("{jabber:iq:roster}item")
+    ]
+    assert pushed == [("zed@localhost", "remove")]
+    roster = harness.host.find_module(RosterModule)
+    assert roster is not None and await roster.item("alice@localhost", "zed@localhost") is None
