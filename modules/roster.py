@@ -516,9 +516,9 @@ async def _remove_roster(
     unsubscribe, unsubscribed, and its available resources' unavailable), over s2s
     for a remote one. A local contact's roster is changed by the presence module
     acting on those stanzas (the subscription goes; the item stays, the contact's to
-    remove); with no presence module enabled (roster off, so presence off too) nothing
-    would act on them, and the account's item is removed from the contact's stored
-    roster here. Those rosters change before the account's own goes, so a removal
+    remove); with no presence module enabled (presence off, or the roster off and so
+    presence too) nothing would act on them, and the account's item is removed from
+    the contact's roster here. Those rosters change before the account's own goes, so a removal
     that fails part way (StorageError) finds the contacts again when it is run again.
     """
     owner = f"{username}@{vhost}"
