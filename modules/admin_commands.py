@@ -33,7 +33,7 @@ from xmppd.auth.accounts import (
     normalize_username,
 )
 from xmppd.jid import JID, InvalidJID
-from xmppd.modulehost import AccountDataRemains, Module
+from xmppd.modulehost import AccountDataRemains, ClusterUnreachable, Module
 from xmppd.modules._dataforms import Field, Submitted, form
 from xmppd.modules.adhoc import AdHoc, Command, Stage, Step, command_error
 from xmppd.storage.base import ConditionFailed, StorageError
@@ -128,6 +128,8 @@ class AdminCommands(Module):
         except AccountDataRemains as exc:
             self.log.error("%s; `xmppctl unregister %s` deletes the rest", exc, jid.bare)
             return "error", f"{jid.bare} was deleted, but not all of its data: {exc}"
+        except ClusterUnreachable as exc:  # logged; nothing deleted
+            return "error", f"{exc}: try again once the cluster's Redis answers"
         except StorageError as exc:
             raise _storage_error(exc) from None
         if removed == "nothing":

@@ -16,6 +16,7 @@ domain (namespace "pubsub.<host>/pubsub").
 
 from __future__ import annotations
 
+import re
 import secrets
 
 from lxml import etree
@@ -48,6 +49,7 @@ DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 MAX_DISCO_ITEMS = 1000  # nodes or items listed in one disco#items answer
 SERVICE_FEATURES = (*FEATURES, "access-authorize", "subscription-notifications")
 """PEP has no authorize model; this service has."""
+SUBDOMAIN = re.compile(r"^[a-z0-9-]{1,63}$")
 _X = f"{{{DATA}}}x"
 _FIELD = f"{{{DATA}}}field"
 _VALUE = f"{{{DATA}}}value"
@@ -55,7 +57,7 @@ _VALUE = f"{{{DATA}}}value"
 
 class PubSubOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    subdomain: StrictStr = Field(default="pubsub", pattern=r"^[a-z0-9-]{1,63}$")
+    subdomain: StrictStr = Field(default="pubsub", pattern=SUBDOMAIN.pattern)
     name: StrictStr = "Publish-Subscribe"
     max_item_bytes: StrictInt = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_items: StrictInt = Field(default=1000, ge=1, le=MAX_ITEMS)  # per node; 'max'
@@ -344,12 +346,12 @@ class PubSub(Module):
 
     @classmethod
     async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
-        """As `remove_user`, on the services at the default subdomain: with the module
-        off, its options (another subdomain) are not known any more."""
+        """As `remove_user`, on every service the item store holds data of under a host:
+        with the module off its options are gone, and with them the subdomain it
+        served at (not necessarily the default one)."""
         limits = _limits(PubSubOptions())
         found = False
-        for other in host.hosts:
-            domain = f"{PubSubOptions().subdomain}.{other}"
+        for domain in sorted(_services(await host.stored_domains("pubsub"), host.hosts)):
             service = PubSubService(
                 host.items(domain, "pubsub"), host.blobs(domain, "pubsub"), "", limits,
                 no_relation,
@@ -376,6 +378,17 @@ async def _purge(service: PubSubService, bare: str, limits: Limits) -> bool:
                 service.node_key(name), lambda item, n=name: _without(n, item, bare),
                 what="node",
             )
+    return found
+
+
+def _services(domains: list[str], hosts: list[str]) -> set[str]:
+    """The domains among `domains` that are a subdomain of one of `hosts` (one DNS label
+    below it, as the `subdomain` option allows): a pubsub service's."""
+    found = set()
+    for domain in domains:
+        label, _, parent = domain.partition(".")
+        if parent in hosts and SUBDOMAIN.match(label):
+            found.add(domain)
     return found
 
 

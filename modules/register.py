@@ -31,7 +31,13 @@ from xmppd.auth.accounts import (
 )
 from xmppd.config import Seconds
 from xmppd.jid import JID
-from xmppd.modulehost import AccountDataRemains, IqRequest, Module, PreAuthRequest
+from xmppd.modulehost import (
+    AccountDataRemains,
+    ClusterUnreachable,
+    IqRequest,
+    Module,
+    PreAuthRequest,
+)
 from xmppd.modules._register_limit import SharedRateLimit
 from xmppd.storage.base import ConditionFailed, StorageError
 from xmppd.stream.errors import StanzaError, StreamError
@@ -241,6 +247,12 @@ class Register(Module):
             removed = await self.host.remove_account(vhost, username, end_other_sessions)
         except StorageError as exc:  # the account itself could not be deleted
             raise _storage_error(exc) from None
+        except ClusterUnreachable as exc:  # logged; nothing deleted
+            raise StanzaError(
+                "internal-server-error",
+                "the account cannot be removed now (the cluster is unreachable), try again later",
+                "wait",
+            ) from exc
         except AccountDataRemains as exc:
             # The account is gone: the client is told so and its sessions end as
             # usual; what remains is the operator's to finish.

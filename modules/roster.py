@@ -387,30 +387,7 @@ class RosterModule(Module):
         )
         if before is None or not before.in_roster:
             raise StanzaError("item-not-found", "no such roster item")
-        self._end_subscriptions(owner, before)
-
-    def _end_subscriptions(self, owner: str, item: RosterItem) -> None:
-        """Cancel the subscriptions of a removed item both ways (RFC 6121 2.5.2, 3.2.2)."""
-        contact = item.jid
-        if item.subscription in ("to", "both") or item.ask:
-            self._send_subscription(owner, contact, "unsubscribe")
-        if item.subscription in ("from", "both") or item.pending_in:
-            self._send_subscription(owner, contact, "unsubscribed")
-        if item.subscription in ("from", "both"):
-            # The contact no longer may see the user's presence.
-            for session in self.host.available_sessions(owner):
-                presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
-                presence.set("type", "unavailable")
-                presence.set("from", session.jid)
-                presence.set("to", contact)
-                self.host.route(presence)
-
-    def _send_subscription(self, owner: str, contact: str, type_: str) -> None:
-        presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
-        presence.set("type", type_)
-        presence.set("from", owner)
-        presence.set("to", contact)
-        self.host.route(presence)
+        _end_subscriptions(self.host, owner, before)
 
     async def _write(
         self, owner: str, contact: str, change: Callable[[RosterItem | None], RosterItem | None]
@@ -465,9 +442,12 @@ class RosterModule(Module):
             old = item_element(before) if before is not None and shown_before else None
             if old is None or etree.tostring(old) != etree.tostring(element):
                 self._push(owner, element, version)
+        self._tell_listeners(owner, after, contact if after is None else None)
+
+    def _tell_listeners(self, owner: str, item: RosterItem | None, removed: str | None) -> None:
         for callback in self._listeners:
             try:
-                callback(owner, after, contact if after is None else None)
+                callback(owner, item, removed)
             except Exception:
                 self.log.exception("roster change listener %r failed", callback)
 
@@ -489,32 +469,16 @@ class RosterModule(Module):
             self.host.deliver(session, iq)
 
     async def remove_user(self, vhost: str, username: str) -> bool:
-        """Delete the roster and end the account's subscriptions as for a removed item:
-        contacts are sent unsubscribe/unsubscribed, so local contacts' rosters no longer
-        show a subscription to or from the removed account, and those that saw its
-        presence get its available resources' unavailable (RFC 6121 2.5.2, 3.2.2)."""
-        owner = f"{username}@{vhost}"
-        store = self.host.items(vhost, STORE)
-        stored = await self._stored(owner, await store.get(username))
-        if stored.item is None:
-            return False
-        await store.delete(username)
-        self._decoded.forget(owner)
-        for item in stored.items.values():
-            for callback in self._listeners:
-                try:
-                    callback(owner, None, item.jid)
-                except Exception:
-                    self.log.exception("roster change listener %r failed", callback)
-            self._end_subscriptions(owner, item)
-        return True
+        """Delete the roster and end the account's subscriptions as for a removed item
+        (`_remove_roster`); change listeners are told of each item that goes."""
+        return await _remove_roster(self.host, vhost, username, self)
 
     @classmethod
     async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
-        """The roster alone: with the module off, no contact is told (no presence goes
-        out), and a local contact's roster keeps its item for the account as for a
-        contact of another server that went away."""
-        return await host.items(vhost, STORE).delete(username)
+        """With the module off, the same as on (`_remove_roster`): the contacts are told,
+        and local contacts' rosters lose their item for the account, since no presence
+        module is there to act on what they are sent."""
+        return await _remove_roster(host, vhost, username, None)
 
     async def _read(self, owner_bare: str) -> _Stored:
         store = self.host.items(_domain(owner_bare), STORE)
@@ -538,6 +502,114 @@ class RosterModule(Module):
             items,
             len(raw),
         )
+
+
+# --- account removal ------------------------------------------------------------------------
+
+
+async def _remove_roster(
+    host: ModuleHost, vhost: str, username: str, live: RosterModule | None
+) -> bool:
+    """Delete the account's roster and tell its contacts, the module on (`live`) or off.
+
+    Each contact is sent what a removal of its item sends (RFC 6121 2.5.2, 3.2.2:
+    unsubscribe, unsubscribed, and its available resources' unavailable), over s2s
+    for a remote one. A local contact's roster is changed by the presence module
+    acting on those stanzas (the subscription goes; the item stays, the contact's to
+    remove); with no presence module enabled (presence off, or the roster off and so
+    presence too) nothing would act on them, and the account's item is removed from
+    the contact's roster here. Those rosters change before the account's own goes, so a removal
+    that fails part way (StorageError) finds the contacts again when it is run again.
+    """
+    owner = f"{username}@{vhost}"
+    store = host.items(vhost, STORE)
+    stored = await store.get(username)
+    if stored is None:
+        return False
+    if live is not None:
+        items = (await live._stored(owner, stored)).items
+    else:
+        items = await _items_of(stored)
+    if host.modules.get("presence") is None:
+        for contact in items:
+            if host.serves(_domain(contact)):
+                await _drop_contact_item(host, live, contact, owner)
+    await store.delete(username)
+    if live is not None:
+        live._decoded.forget(owner)
+    for item in items.values():
+        if live is not None:
+            live._tell_listeners(owner, None, item.jid)
+        _end_subscriptions(host, owner, item)
+    return True
+
+
+async def _drop_contact_item(
+    host: ModuleHost, live: RosterModule | None, contact: str, removed: str
+) -> None:
+    """Remove `removed` from `contact`'s roster: through the module when it is on (the
+    contact's interested resources get the push), else in storage alone."""
+    if live is not None:
+        await live.modify(contact, removed, lambda _: None)
+        return
+
+    async def edit(stored: Item | None) -> dict[str, Any] | Unchanged:
+        if stored is None:
+            return UNCHANGED
+        items = await _items_of(stored)
+        if removed not in items:
+            return UNCHANGED
+        rest = {jid: item for jid, item in items.items() if jid != removed}
+        epoch, counter = stored.attrs.get("epoch"), stored.attrs.get("n")
+        epoch = epoch if isinstance(epoch, str) and epoch else secrets.token_hex(4)
+        counter = (counter if isinstance(counter, int) else 0) + 1  # a new version
+        if _size(stored) >= OFF_LOOP_BYTES:
+            return await asyncio.to_thread(_encode, epoch, counter, rest)
+        return _encode(epoch, counter, rest)
+
+    await host.items(_domain(contact), STORE).modify(_localpart(contact), edit, what="roster")
+
+
+async def _items_of(stored: Item) -> dict[str, RosterItem]:
+    """The items of a stored roster, decoded without the module's cache (in a thread
+    when large)."""
+    raw = stored.attrs.get("items", b"")
+    if not isinstance(raw, bytes) or not raw:
+        return {}
+    if len(raw) >= OFF_LOOP_BYTES:
+        return await asyncio.to_thread(_decode_items, raw)
+    return _decode_items(raw)
+
+
+def _size(stored: Item) -> int:
+    """The compressed bytes of a stored roster: a large one is coded in a thread."""
+    raw = stored.attrs.get("items", b"")
+    return len(raw) if isinstance(raw, bytes) else 0
+
+
+def _end_subscriptions(host: ModuleHost, owner: str, item: RosterItem) -> None:
+    """Cancel the subscriptions of a removed item both ways (RFC 6121 2.5.2, 3.2.2)."""
+    contact = item.jid
+    if item.subscription in ("to", "both") or item.ask:
+        _send_subscription(host, owner, contact, "unsubscribe")
+    if item.subscription in ("from", "both") or item.pending_in:
+        _send_subscription(host, owner, contact, "unsubscribed")
+    if item.subscription in ("from", "both"):
+        # The contact no longer may see the user's presence.
+        for session in host.available_sessions(owner):
+            presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+            presence.set("type", "unavailable")
+            presence.set("from", session.jid)
+            presence.set("to", contact)
+            host.route(presence)
+
+
+def _send_subscription(host: ModuleHost, owner: str, contact: str, type_: str) -> None:
+    presence = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
+    presence.set("type", type_)
+    presence.set("from", owner)
+    presence.set("to", contact)
+    host.route(presence)
 
 
 # --- serialization ------------------------------------------------------------------------

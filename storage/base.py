@@ -26,7 +26,7 @@ import inspect
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 AttrValue = str | int | bytes
 Attrs = Mapping[str, AttrValue]
@@ -45,6 +45,14 @@ class StorageError(Exception):
         self.backend = backend
         self.operation = operation
         self.cause = cause
+
+
+@runtime_checkable
+class ListsNamespaces(Protocol):
+    """A backend that can name every namespace it holds something in: for migration,
+    and for an account's removal to find the data of services no module serves now."""
+
+    async def namespaces(self) -> list[str]: ...
 
 
 class NoStoreYet(StorageError):

@@ -28,9 +28,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
-from .base import BlobBackend, ItemBackend, Query, StorageError
+from .base import BlobBackend, ItemBackend, ListsNamespaces, Query, StorageError
 from .config import NoCacheConfig, StorageConfig
 from .factory import open_storage
 
@@ -41,11 +40,6 @@ because the stores cannot count without reading everything first."""
 ITEM_PAGE = 100
 BLOB_PAGE = 100
 BLOB_CONCURRENCY = 8
-
-
-@runtime_checkable
-class ListsNamespaces(Protocol):
-    async def namespaces(self) -> list[str]: ...
 
 
 def _raw(backend: ItemBackend | BlobBackend) -> ItemBackend | BlobBackend:

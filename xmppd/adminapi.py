@@ -57,7 +57,7 @@ from xmppd.adminhttps import HTTPSListener
 from xmppd.adminroutes import add_routes, path_account
 from xmppd.cluster.directory import node_of
 from xmppd.jid import JID, InvalidJID
-from xmppd.modulehost import AccountDataRemains
+from xmppd.modulehost import AccountDataRemains, ClusterUnreachable
 from xmppd.nodetls import NodeTLS
 from xmppd.session import ClientSession
 from xmppd.storage.base import StorageError
@@ -376,6 +376,8 @@ class AdminAPI:
 
         try:
             result = await self.server.modules.remove_account(jid.domain, jid.user, end_sessions)
+        except ClusterUnreachable as e:  # logged, naming the account and the cause
+            return web.json_response({"error": str(e), "ended": ended}, status=503)
         except (AccountDataRemains, StorageError) as e:
             log.error("admin: removing %s failed: %s", jid.bare, e)
             return web.json_response({"error": str(e), "ended": ended}, status=500)

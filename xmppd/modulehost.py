@@ -83,7 +83,7 @@ from xmppd.events import DEFAULT, STANZA_KINDS, kind_chain
 from xmppd.jid import JID
 from xmppd.ledger import MessageLedger
 from xmppd.router import Routed
-from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
+from xmppd.storage.base import BlobStore, ItemStore, ListsNamespaces, StorageError, TooLarge
 from xmppd.stream.errors import (
     StanzaError,
     StreamError,
@@ -118,6 +118,10 @@ it to finish (storage that hangs), before it deletes the data anyway."""
 OTHER_NODES_WAIT = ACCOUNT_WORK_WAIT + 5.0
 """Seconds it waits at most for the other nodes of a cluster to say they did the same
 (each waits ACCOUNT_WORK_WAIT at most, then answers)."""
+REDIS_PROBE_WAIT = 2.0
+"""Seconds a cluster node's account removal waits at most for Redis to answer a PING
+before it starts: one that cannot reach Redis is refused then, not after the other
+nodes' OTHER_NODES_WAIT."""
 
 
 @dataclass(slots=True)
@@ -279,6 +283,13 @@ class AccountDataRemains(Exception):
         super().__init__(f"data of {account} could not all be deleted ({details})")
         self.account = account
         self.failed = failed
+
+
+class ClusterUnreachable(Exception):
+    """An account's removal refused before it deleted anything: this node cannot reach
+    Redis, through which the other nodes end the account's sessions and settle its
+    work. The message names the account and the cause; the removal (`xmppctl
+    unregister`) runs whole once Redis answers."""
 
 
 @dataclass(slots=True)
@@ -661,6 +672,21 @@ class ModuleHost:
 
     def blobs(self, vhost: str, store: str) -> BlobStore:
         return BlobStore(self.storage.blobs, vhost, store)
+
+    async def stored_domains(self, store: str) -> list[str]:
+        """Every domain whose item store `store` holds items, from the backend's list of
+        namespaces: for an account's removal to reach the data of services no module
+        serves now (pubsub turned off, its subdomain forgotten with its options). Not
+        for serving: some backends read all they hold for it (DynamoDB scans its
+        table). StorageError if the backend cannot list its namespaces."""
+        backend = self.storage.items
+        backend = getattr(backend, "backend", backend)  # the store behind the cache
+        if not isinstance(backend, ListsNamespaces):
+            raise StorageError(
+                getattr(backend, "name", "items"), "namespaces", "the item store cannot list them"
+            )
+        suffix = f"/{store}"
+        return [ns[: -len(suffix)] for ns in await backend.namespaces() if ns.endswith(suffix)]
 
     # --- sessions, delivery and routing: modules go through these, never the router -----
 
@@ -1065,11 +1091,26 @@ class ModuleHost:
         Every module is asked even if one fails; then AccountDataRemains names
         the ones that failed, and calling this again (the account being gone
         already) finishes the job.
+        A cluster node that cannot reach Redis (no answer to a PING within
+        REDIS_PROBE_WAIT) refuses at once with ClusterUnreachable, before it
+        deletes anything: it could neither end the account's sessions on the
+        other nodes nor hear that their work is done, and would only wait
+        OTHER_NODES_WAIT for answers that cannot come.
         """
         try:
             username = normalize_username(username)  # the name modules store under
         except InvalidUsername:
             return "nothing"
+        if self.cluster is not None:
+            problem = await self.cluster.unreachable(REDIS_PROBE_WAIT)
+            if problem is not None:
+                log.error(
+                    "%s@%s not removed: %s; nothing was deleted (`xmppctl unregister`"
+                    " removes it once Redis answers)", username, vhost, problem,
+                )
+                raise ClusterUnreachable(
+                    f"{username}@{vhost} was not removed: {problem}; nothing was deleted"
+                )
         existed = await self.accounts[vhost].unregister(username)
         if existed and removed is not None:
             await removed()

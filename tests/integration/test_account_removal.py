@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import quote
 from xml.etree import ElementTree as ET
 
+import pytest
 import yaml
 from slixmpp import JID
 from slixmpp.exceptions import IqError
@@ -223,6 +224,32 @@ async def test_xmppctl_unregister_with_modules_turned_off_leaves_nothing_behind(
     await close(alice)
 
 
+async def test_xmppctl_unregister_with_the_roster_turned_off_takes_zed_from_rosters(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The operator turned the roster (and so presence) off: zed's roster still goes,
+    and alice's stored roster loses its item for zed, nobody being there to act on the
+    unsubscribe and unsubscribed she is sent."""
+    server = await start_server(modules=MODULES)
+    alice = await fill_every_store(server)
+    await close(alice)
+    await server.stop()
+    config = yaml.safe_load((tmp_path / "xmppd.yml").read_text())
+    for name in ("roster", "presence"):
+        del config["modules"][name]
+    (tmp_path / "off.yml").write_text(yaml.safe_dump(config))
+
+    code, out, err = await xmppctl("-c", str(tmp_path / "off.yml"), "unregister", "zed@localhost")
+    assert (code, out, err) == (0, "unregistered zed@localhost\n", "")
+
+    node2 = await start_server(users={}, modules=MODULES)  # the roster on again
+    roster = node2.modules.modules["roster"]
+    assert await roster.item("alice@localhost", "zed@localhost") is None  # type: ignore[attr-defined]
+    alice = await person(node2, "alice@localhost/desk", "alice-secret")
+    await assert_zed_starts_empty(node2, alice)
+    await close(alice)
+
+
 async def test_xmppctl_unregister_while_a_node_runs(
     start_server: StartServer, tmp_path: Path
 ) -> None:
@@ -388,4 +415,50 @@ async def test_a_write_running_on_another_cluster_node_is_done_before_the_data_g
     await asyncio.gather(publishing, return_exceptions=True)
     await b.router.drain()
     assert await zeds_entries(a) == {}
+    await close(zed)
+
+
+async def test_a_removal_on_a_cluster_cut_off_from_redis_is_refused_at_once(
+    redis_service: LocalService,
+    start_server: StartServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis hangs (SIGSTOP: no error, no answer): no node could end zed's sessions on
+    the others or hear that their work is done, so an in-band removal and `xmppctl
+    unregister` are refused at once (not after waiting for the other nodes' answers),
+    naming the account and the cause, and nothing is deleted; once Redis answers,
+    `xmppctl unregister` removes zed."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(modules=MODULES, cluster={"redis_url": url, "node_name": "cut-a"})
+    b = await start_server(
+        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "cut-b"}
+    )
+    for node in (a, b):
+        assert node.cluster is not None
+        while node.cluster.nodes != {"cut-a", "cut-b"}:
+            await node.cluster.heartbeat.beat()
+    await a.accounts["localhost"].register("zed", PASSWORD)
+    zed = await person(a, "zed@localhost/laptop", PASSWORD)
+    ctl = ("-c", str(tmp_path / "xmppd.yml"), "unregister", "zed@localhost")
+    redis_service.pause()
+    try:
+        with pytest.raises(IqError) as refused:  # not IqTimeout: an answer, and an error
+            await zed.plugin["xep_0077"].cancel_registration(timeout=20)
+        code, out, err = await xmppctl(*ctl)
+    finally:
+        redis_service.resume()
+    assert refused.value.condition == "internal-server-error"
+    assert "cluster is unreachable" in refused.value.text
+    assert code == 1, (out, err)
+    assert "zed@localhost was not removed: Redis at" in err, err
+    assert "run unregister again" in err
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(m.startswith("zed@localhost not removed: Redis at") for m in logged), logged
+    assert await a.accounts["localhost"].exists("zed")
+
+    code, out, err = await xmppctl(*ctl)
+    assert (code, err) == (0, ""), out
+    assert out.endswith("unregistered zed@localhost\n")
+    assert not await a.accounts["localhost"].exists("zed")
     await close(zed)

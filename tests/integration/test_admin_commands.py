@@ -475,3 +475,29 @@ async def test_commands_reach_users_on_another_node_of_a_cluster(
     await asyncio.wait_for(alice.ended.wait(), 10)
     assert alice.stream_errors == ["policy-violation"]
     await close(boss)
+
+
+async def test_delete_user_on_a_cluster_cut_off_from_redis_is_refused_with_a_note(
+    start_server: StartServer, redis_service: LocalService
+) -> None:
+    """Redis hangs: delete-user deletes nothing and says why at once, in an error note
+    naming the account and the cause (see test_account_removal for xmppctl and in-band)."""
+    url = devservices.redis_url(redis_service)
+    a = await start(start_server, cluster={"redis_url": url, "node_name": "node-a"})
+    await start_server(
+        users={}, modules=MODULES, admins=["boss@localhost"],
+        cluster={"redis_url": url, "node_name": "node-b"},
+    )
+    await until(lambda: a.cluster is not None and a.cluster.nodes == {"node-a", "node-b"})
+    boss = await login(a, "boss@localhost/console", "boss-secret")
+    redis_service.pause()
+    try:
+        done = await boss.submit("delete-user", {"accountjids": ["alice@localhost"]})
+    finally:
+        redis_service.resume()
+    [(kind, text)] = notes(done)
+    assert kind == "error"
+    assert text.startswith("alice@localhost was not removed: Redis at "), text
+    assert text.endswith("try again once the cluster's Redis answers")
+    assert await a.accounts["localhost"].exists("alice")
+    await close(boss)

@@ -11,8 +11,9 @@ from lxml import etree
 
 from xmppd.modulehost import AccountDataRemains, Module, installed_modules
 from xmppd.modules._muc_room import MUC
+from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.base import Query, StorageError
-from xmppd.testing import ModuleHarness, TestSession, parse_stanza
+from xmppd.testing import ModuleHarness, RecordingRemote, TestSession, parse_stanza
 from xmppd.xml import ns
 
 MODULES: dict[str, dict[str, Any] | None] = {
@@ -189,13 +190,14 @@ async def _chat(harness: ModuleHarness, zed: TestSession) -> None:
     )
 
 
-async def _pubsub(harness: ModuleHarness, zed: TestSession) -> None:
+async def _pubsub(
+    harness: ModuleHarness, zed: TestSession, service: str = "pubsub.localhost"
+) -> None:
     """A node zed owns, with an item, and a subscription to alice's node."""
     alice = harness.session("alice@localhost/a")
     for owner, node in ((zed, "zednode"), (alice, "alicenode")):
         reply = await harness.iq(
-            owner, "set", f"<pubsub xmlns='{PUBSUB}'><create node='{node}'/></pubsub>",
-            "pubsub.localhost",
+            owner, "set", f"<pubsub xmlns='{PUBSUB}'><create node='{node}'/></pubsub>", service
         )
         assert reply.get("type") == "result", etree.tostring(reply)
     for payload in (
@@ -203,7 +205,7 @@ async def _pubsub(harness: ModuleHarness, zed: TestSession) -> None:
         "<subscribe node='alicenode' jid='zed@localhost'/>",
     ):
         reply = await harness.iq(zed, "set", f"<pubsub xmlns='{PUBSUB}'>{payload}</pubsub>",
-                                 "pubsub.localhost")
+                                 service)
         assert reply.get("type") == "result", etree.tostring(reply)
 
 
@@ -279,8 +281,8 @@ def _needs(name: str, installed: dict[str, type[Module]]) -> set[str]:
 
 async def _mentions(harness: ModuleHarness, bare: str) -> list[str]:
     """Every item or blob whose name or content names `bare` (or its user's prefix),
-    but other users' rosters (a contact's roster keeps its item for a removed account
-    as for any contact that went away)."""
+    but other users' rosters (with the presence module on, a contact's roster keeps its
+    item for a removed account, the subscription gone, for the contact to remove)."""
     user = bare.split("@")[0]
     found = []
     items, blobs = harness.storage.items, harness.storage.blobs
@@ -323,3 +325,116 @@ async def test_the_data_of_a_module_turned_off_goes_with_the_account(module: str
     await after.host.stop()
     assert await _mentions(after, "zed@localhost") == []
     assert await entries(after, "alice") == alices
+
+
+# --- the roster turned off: the contacts are told all the same ---------------------------
+
+
+async def _roster_item(harness: ModuleHarness, owner: str, contact: str, sub: str) -> None:
+    roster = harness.host.find_module(RosterModule)
+    assert roster is not None
+    await roster.update(owner, contact, lambda _: RosterItem(jid=contact, subscription=sub))  # type: ignore[arg-type]
+
+
+def _presences(stanzas: list[etree._Element]) -> set[tuple[str | None, str | None, str | None]]:
+    return {
+        (s.get("from"), s.get("to"), s.get("type")) for s in stanzas if s.tag == ns.C_PRESENCE
+    }
+
+
+async def test_with_the_roster_off_contacts_are_told_and_lose_their_item() -> None:
+    """zed shares presence both ways with alice (local), sees rob's and is seen by ann
+    (both remote); the roster and presence modules are turned off, zed is removed while
+    online: rob is sent unsubscribe, ann unsubscribed and zed's unavailable, over s2s,
+    as with the roster on; alice's client gets all three, and her stored roster loses
+    zed (no presence module acts on what she is sent) and keeps her other contact."""
+    on = await ModuleHarness({"roster": {}, "presence": {}}).start()
+    await on.host.accounts["localhost"].register("zed", "zed-secret-1")
+    for owner, contact, sub in (
+        ("zed@localhost", "alice@localhost", "both"),
+        ("zed@localhost", "rob@remote.example", "to"),
+        ("zed@localhost", "ann@remote.example", "from"),
+        ("alice@localhost", "zed@localhost", "both"),
+        ("alice@localhost", "carol@localhost", "to"),
+    ):
+        await _roster_item(on, owner, contact, sub)
+    await on.host.stop()
+
+    off = await ModuleHarness({"disco": {}}, storage=on.storage).start()
+    off.router.remote = remote = RecordingRemote()
+    zed = off.session("zed@localhost/z")
+    alice = off.session("alice@localhost/a")
+    assert await off.host.remove_account("localhost", "zed") == "account"
+    await off.router.drain()
+    assert _presences(remote.routed) == {
+        ("zed@localhost", "rob@remote.example", "unsubscribe"),
+        ("zed@localhost", "ann@remote.example", "unsubscribed"),
+        (zed.jid, "ann@remote.example", "unavailable"),
+    }
+    assert _presences(alice.take()) == {  # her client is told, as on a server of its own
+        ("zed@localhost", "alice@localhost", "unsubscribe"),
+        ("zed@localhost", "alice@localhost", "unsubscribed"),
+        (zed.jid, "alice@localhost", "unavailable"),
+    }
+    await off.host.stop()
+
+    again = await ModuleHarness({"roster": {}}, storage=on.storage).start()
+    roster = again.host.find_module(RosterModule)
+    assert roster is not None
+    assert list((await roster.get("alice@localhost")).items) == ["carol@localhost"]
+    assert (await roster.get("zed@localhost")).items == {}
+
+
+async def test_with_pubsub_off_every_service_in_storage_is_cleaned() -> None:
+    """zed owns a node and is subscribed to alice's on the service at the default
+    subdomain and on one the operator had moved to ps.localhost (and b.test's); with
+    pubsub turned off, its options (the subdomain) gone, the removal finds every
+    service in storage and leaves nothing of zed's in any, alice's nodes kept."""
+    storage = None
+    for host, subdomain in (("localhost", "pubsub"), ("localhost", "ps"), ("b.test", "ps")):
+        on = await ModuleHarness(
+            {"disco": {}, "pubsub": {"subdomain": subdomain}}, hosts=["localhost", "b.test"],
+            storage=storage,
+        ).start()
+        storage = on.storage
+        if not await on.host.accounts["localhost"].exists("zed"):
+            await on.host.accounts["localhost"].register("zed", "zed-secret-1")
+        await _pubsub(on, on.session("zed@localhost/r"), f"{subdomain}.{host}")
+        await on.router.drain()
+        await on.host.stop()
+    assert on.storage is storage
+    namespaces = await storage.items.namespaces()  # type: ignore[attr-defined]
+    for service in ("pubsub.localhost", "ps.localhost", "ps.b.test"):
+        assert f"{service}/pubsub" in namespaces
+    alices = await _mentions(on, "alice@localhost")
+    assert len(alices) >= 3, alices  # her node on each service
+
+    off = await ModuleHarness({"disco": {}}, hosts=["localhost", "b.test"], storage=storage).start()
+    assert await off.host.remove_account("localhost", "zed") == "account"
+    await off.router.drain()
+    await off.host.stop()
+    assert await _mentions(off, "zed@localhost") == []
+    assert await _mentions(off, "alice@localhost") == alices
+
+
+async def test_with_the_roster_on_and_presence_off_local_contacts_lose_their_item() -> None:
+    """The roster module on but not presence: nothing acts on the unsubscribe alice is
+    sent, so the removal takes zed out of her roster itself, through the module: her
+    client, which asked for the roster, gets the push."""
+    harness = await ModuleHarness({"roster": {}}).start()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    await _roster_item(harness, "zed@localhost", "alice@localhost", "both")
+    await _roster_item(harness, "alice@localhost", "zed@localhost", "both")
+    alice = await harness.login("alice@localhost/a")
+    reply = await harness.iq(alice, "get", "<query xmlns='jabber:iq:roster'/>")
+    assert reply.get("type") == "result"
+    assert await harness.host.remove_account("localhost", "zed") == "account"
+    await harness.router.drain()
+    pushed = [
+        (item.get("jid"), item.get("subscription"))
+        for iq in alice.take() if iq.tag == ns.C_IQ and iq.get("type") == "set"
+        for item in iq.iter("{jabber:iq:roster}item")
+    ]
+    assert pushed == [("zed@localhost", "remove")]
+    roster = harness.host.find_module(RosterModule)
+    assert roster is not None and await roster.item("alice@localhost", "zed@localhost") is None

@@ -200,6 +200,18 @@ class Cluster:
         await self.writer.stop()
         await self.redis.aclose()
 
+    async def unreachable(self, wait: float) -> str | None:
+        """None if Redis answers a PING within `wait` seconds, else why not (naming the
+        URL): for work that must not start without the other nodes (a removal)."""
+        try:
+            async with asyncio.timeout(wait):
+                await self.redis.ping()
+        except TimeoutError:
+            return f"Redis at {self.url} did not answer within {wait:g} s"
+        except (RedisError, OSError) as exc:
+            return f"Redis at {self.url} cannot be reached ({exc})"
+        return None
+
     def rewrite_local(self) -> None:
         """Write every local session into the table again (Redis may have lost them),
         after listing this node again (forwards to it are refused until it is)."""
