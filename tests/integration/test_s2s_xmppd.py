@@ -15,6 +15,7 @@ from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import slixmpp
 
 from tests.integration.clients import close
@@ -34,7 +35,9 @@ from tests.integration.s2s_peers import (
     xmppd_s2s,
     xmppd_tls,
 )
+from tests.integration.test_cluster import until
 from xmppd.config import load_config
+from xmppd.s2s.connection import WORK_IN_FLIGHT
 from xmppd.s2s.tlsaccept import TLSAcceptTransport
 from xmppd.server import Server
 
@@ -251,3 +254,47 @@ async def test_a_blocked_contact_on_the_other_server_sees_no_more_presence(
                 await asyncio.sleep(0.02)
         await b.router.drain()
         assert await bobs_presence_up_to_a_message("gone") == []
+
+
+@pytest.mark.timeout(180)
+async def test_a_peer_faster_than_storage_is_not_read_until_storage_catches_up(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """bob@b.test writes 600 messages of 3 KB to 20 offline users of d.test while d.test's store
+    holds every write: d.test stops reading the stream once WORK_IN_FLIGHT of its
+    stanzas wait on storage (TCP slows b.test) instead of queueing them all in memory;
+    when the store goes on, every message is stored offline, none bounced."""
+    b, d = await direct_tls_pair(tmp_path, start_server)
+    await b.accounts["b.test"].register("bob", "bob-secret")
+    users = [f"u{n}" for n in range(20)]
+    for user in users:
+        await d.accounts["d.test"].register(user, "secret")
+    s2s = d.s2s
+    assert s2s is not None
+    async with signed_in(xmppd_user(b)) as (bob,):
+        bob.send_message(mto=slixmpp.JID("u0@d.test"), mbody="the stream is up")
+        await until(lambda: d.router.ledger.offline == 1, timeout=20)
+        [incoming] = [c for c in s2s.connections if c.stanzas_in]
+        gate = asyncio.Event()
+        items = d.storage.items
+        transact = items.transact
+
+        async def held(writes: Any) -> None:
+            await gate.wait()
+            await transact(writes)
+
+        items.transact = held  # type: ignore[method-assign]
+        body = "x" * 3000
+        try:
+            for n in range(30):
+                for user in users:
+                    bob.send_message(mto=slixmpp.JID(f"{user}@d.test"), mbody=f"{n} {body}")
+            await until(lambda: incoming.stanzas_in > WORK_IN_FLIGHT, timeout=20)
+            await asyncio.sleep(1)  # ample for 1.8 MB over loopback, were the stream read
+            # Each read of the stream may bring up to ~85 of these stanzas (256 KB).
+            assert incoming.stanzas_in < 400, "the peer's stream was read on"
+        finally:
+            gate.set()  # also on a failure: the servers stop only once their writes end
+        await until(lambda: d.router.ledger.offline == 601, timeout=90)
+        assert incoming.stanzas_in == 601
+        assert d.router.ledger.bounced == b.router.ledger.bounced == 0

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -28,6 +29,13 @@ if TYPE_CHECKING:
     from xmppd.s2s.service import S2SService
 
 log = logging.getLogger("xmppd.s2s")
+
+WORK_IN_FLIGHT = 64
+"""Stanzas of one stream whose routing still waits on storage (an account looked up,
+a message stored offline) before the stream is no longer read, until half of them are
+done: a peer that sends faster than storage takes its stanzas is slowed by TCP, not
+queued in memory. A client's stream does the same one stanza at a time (its order is
+its own); a peer's stanzas are many senders', ordered per recipient by the router."""
 
 
 class S2SConnection(StreamDriver[s2s.S2SStream]):
@@ -65,6 +73,8 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         rate = service.config.max_bytes_per_second
         self._bucket = TokenBucket(rate, rate) if rate else None
         self._rate_pause: asyncio.TimerHandle | None = None  # reading stopped until then
+        self._in_flight = 0  # stanzas whose routing waits on storage (WORK_IN_FLIGHT)
+        self._work_pause = False  # reading stopped until half of those are done
 
     @property
     def remote(self) -> str:
@@ -133,8 +143,29 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
 
     def _resume_reading(self) -> None:
         self._rate_pause = None
+        if self._work_pause:
+            return  # still waiting for storage: _work_done resumes
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def _wait_for(self, pending: Awaitable[object]) -> None:
+        """A stanza's routing waits on storage: past WORK_IN_FLIGHT such stanzas, stop
+        reading the peer."""
+        self._in_flight += 1
+        asyncio.ensure_future(pending).add_done_callback(self._work_done)
+        if self._in_flight >= WORK_IN_FLIGHT and not self._work_pause:
+            self._work_pause = True
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.pause_reading()
+
+    def _work_done(self, done: asyncio.Future[object]) -> None:
+        self._in_flight -= 1
+        if not done.cancelled():
+            done.exception()  # the router logged it; retrieved, so asyncio does not again
+        if self._work_pause and self._in_flight <= WORK_IN_FLIGHT // 2:
+            self._work_pause = False
+            if self._rate_pause is None:
+                self._resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -196,7 +227,9 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         for event in events:
             if isinstance(event, s2s.StanzaReceived):
                 self.stanzas_in += 1
-                self.service.received(event.stanza)
+                pending = self.service.received(event.stanza)
+                if pending is not None:
+                    self._wait_for(pending)
             elif isinstance(event, s2s.StanzaRefused):
                 self.service.refused(event.error)
             elif isinstance(event, s2s.TLSRequested):

@@ -26,7 +26,7 @@ import hashlib
 import hmac
 import logging
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -429,12 +429,14 @@ class S2SService:
             elif not link.queue:
                 del self.links[(link.local, link.remote)]
 
-    def received(self, stanza: etree._Element) -> None:
-        """A stanza from an authenticated peer, checked by its stream: route it here."""
+    def received(self, stanza: etree._Element) -> Awaitable[object] | None:
+        """A stanza from an authenticated peer, checked by its stream: route it here.
+        What its routing still waits for (storage), for the connection to stop reading
+        a peer faster than storage (`S2SConnection._wait_for`)."""
         self.server.traffic.received(stanza.tag)
         if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
             self.server.router.ledger.from_remote += 1
-        self.server.router.route(stanza)
+        return self.server.router.route(stanza)
 
     def refused(self, error: etree._Element) -> None:
         """The <bad-request/> for a malformed stanza a peer sent (its stream refused it):
