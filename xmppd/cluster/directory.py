@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from time import monotonic
+from types import MappingProxyType
 from typing import Protocol
 
 from lxml import etree
@@ -291,6 +292,13 @@ class ClusterDirectory:
     def local_entries(self) -> list[tuple[ClientSession, Entry]]:
         """Every session bound here and its entry (written again after Redis lost them)."""
         return list(self._written.items())
+
+    @property
+    def written(self) -> Mapping[ClientSession, Entry]:
+        """Every session bound here and its entry as last written, live and read-only:
+        the writer walks it in slices, yielding to the loop between them, and takes each
+        session's entry as it is when its turn comes (`Writer._resync`)."""
+        return MappingProxyType(self._written)
 
     # --- the replica: what the other nodes wrote ---------------------------------------
 

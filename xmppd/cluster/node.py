@@ -103,7 +103,7 @@ class Cluster:
             self.writer.on_gone = self.node_gone
             self.writer.on_refused = self.directory.hold
             self.writer.on_taken = self.directory.taken_elsewhere
-            self.writer.local_entries = self.directory.local_entries
+            self.writer.local = self.directory.written
             # A process that ran under this name before and died may have left
             # sessions in the table, which nobody would reap while this one beats,
             # and stanzas in its inbox (moved to the front of it, to route again).

@@ -29,8 +29,11 @@ this node or offline storage, an IQ answered with an error), and a log line
 says how many. What queues meanwhile is bounded too: past `MAX_PENDING`
 operations, forwarding refuses stanzas (the router falls back: a message
 goes to offline storage), and table writes and stream ends are dropped;
-once Redis answers, the node's sessions are written again as they are then
-and those it no longer has unbound (`Writer._resync`).
+once the queue is under the bound again, the node's sessions are written
+again as they are then and those it no longer has unbound (`Writer._resync`),
+once per overflow: that rewrite, one write per local session, does not count
+toward the bound, so the writes that come while it drains are not dropped and
+do not start another one.
 
 Hops: a stanza the inbox routes again (its session left) may be forwarded
 again, to where this node's replica says the session is now. Two replicas
@@ -42,10 +45,11 @@ again but handled here as for a session that is gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -93,6 +97,14 @@ answers nothing and raises nothing)."""
 
 RETRY_DELAY = 0.5
 
+RESYNC_MAX_DELAY = 30.0
+"""Seconds at most between two tries of a resync Redis did not answer (the pause starts
+at RETRY_DELAY and doubles)."""
+
+RESYNC_SLICE = 500
+"""Local sessions a resync encodes and queues per turn of the event loop (JSON of each
+entry: a node's whole set at once would hold the loop)."""
+
 
 Fields = dict[FieldT, EncodableT]
 """An inbox entry (xmppd.cluster.inbox reads it)."""
@@ -137,6 +149,11 @@ class Op:
     node: str | None = None
     item: list[EncodableT] | None = None
     seq: int | None = None
+    writes: str | None = None
+    """The session (full JID) a BIND or UPDATE writes into the table: a resync unbinds
+    it if it is no longer bound here when the resync runs."""
+    rewrite: bool = False
+    """Queued by a resync: not counted toward MAX_PENDING (`Writer._full`)."""
 
 
 class Writer:
@@ -206,10 +223,12 @@ class Writer:
         self._channel = Channel(redis)
         self._refusing = False
         self._gone_in_batch: set[str] = set()  # nodes found reaped in the batch answered
-        self._overflowed = False  # table writes were dropped: `_resync` once Redis answers
-        self._resyncing = False
-        # This node's sessions and their entries (ClusterDirectory.local_entries).
-        self.local_entries: Callable[[], list[tuple[ClientSession, Entry]]] = lambda: []
+        self._overflowed = False  # table writes were dropped: `_resync` when due
+        self._rewrites = 0  # ops of the last resync still queued (Op.rewrite)
+        self._resync_at = 0.0  # monotonic: when a resync Redis did not answer is tried again
+        self._resync_delay = RETRY_DELAY
+        # This node's sessions and their entries, live (ClusterDirectory.written).
+        self.local: Mapping[ClientSession, Entry] = {}
         # The number of the last table change queued (schema: "Order"); 0: none yet.
         self._seq = time.time_ns() // 1000
         self._last_change = 0
@@ -244,6 +263,7 @@ class Writer:
             await self._channel.release()
         stranded = [op for op in self._ops if op.stanza is not None]
         self._ops.clear()
+        self._rewrites = 0
         if not stranded:
             return
         log.error("cluster: stopping with %d stanzas for other nodes not sent to Redis; "
@@ -286,6 +306,7 @@ class Writer:
                     [session.resource, value, jid, schema.EVENTS, event, self.node, seq],
                 ),
                 conflict,
+                writes=jid,
             )
         )
 
@@ -295,6 +316,9 @@ class Writer:
 
         Encoded here, not in the task: shared state that JSON cannot encode raises
         in the module that set it (`ModuleHost.set_state`)."""
+        self._table(self._update_op(session, entry))
+
+    def _update_op(self, session: ClientSession, entry: Entry) -> Op:
         value = entry.encode()
         seq = self._next()
         event = schema.set_event(entry, seq)
@@ -303,18 +327,17 @@ class Writer:
             if owner:  # another node bound the resource since: the newer login wins
                 self.on_taken(session)
 
-        self._table(
-            Op(
-                _evalsha(
-                    self._update,
-                    self._table_keys(session),
-                    [
-                        session.resource, value, session.jid, self.node, schema.EVENTS, event,
-                        seq, schema.seq_event(self.node, seq),
-                    ],
-                ),
-                taken,
-            )
+        return Op(
+            _evalsha(
+                self._update,
+                self._table_keys(session),
+                [
+                    session.resource, value, session.jid, self.node, schema.EVENTS, event,
+                    seq, schema.seq_event(self.node, seq),
+                ],
+            ),
+            taken,
+            writes=session.jid,
         )
 
     def unbound(self, session: ClientSession) -> None:
@@ -339,10 +362,15 @@ class Writer:
         sessions written again: Redis restarted empty, or another node reaped this one):
         forwards to a node marked gone are refused, and a listed node without its
         heartbeat key would be reaped."""
+        for op in self._listed_ops():
+            self._table(op)
 
-        self._table(Op(("SET", schema.alive_key(self.node), "1", "EX", self.ttl)))
-        self._table(Op(("SADD", schema.NODES, self.node)))
-        self._table(Op(("DEL", schema.gone_key(self.node))))
+    def _listed_ops(self) -> list[Op]:
+        return [
+            Op(("SET", schema.alive_key(self.node), "1", "EX", self.ttl)),
+            Op(("SADD", schema.NODES, self.node)),
+            Op(("DEL", schema.gone_key(self.node))),
+        ]
 
     def rewrite(self, entries: list[tuple[ClientSession, Entry]]) -> None:
         """Write every local session (`entries`) into the table again, after listing
@@ -366,7 +394,7 @@ class Writer:
             )
             stats.forwards_refused += 1
             return False
-        if len(self._ops) >= MAX_PENDING:
+        if self._full():
             if not self._refusing:
                 self._refusing = True
                 log.error("cluster: %d writes wait for Redis; refusing stanzas", MAX_PENDING)
@@ -451,13 +479,13 @@ class Writer:
 
     def _table(self, op: Op) -> None:
         """Queue a table write or a stream end, unless MAX_PENDING operations wait
-        already (Redis has not answered for long): then it is dropped, and once Redis
-        answers the table gets this node's sessions as they are then (`_resync`), so
-        memory stays bounded however long the outage and however many logins, logouts
-        and presence changes happen meanwhile. A stream end dropped so is lost: the
-        session it named ends when its node next writes it (UPDATE finds the resource
-        taken: `on_taken`)."""
-        if len(self._ops) < MAX_PENDING or self._resyncing:
+        already (Redis has not answered for long): then it is dropped, and once the
+        queue is under the bound again the table gets this node's sessions as they are
+        then (`_resync`), so memory stays bounded however long the outage and however
+        many logins, logouts and presence changes happen meanwhile. A stream end
+        dropped so is lost: the session it named ends when its node next writes it
+        (UPDATE finds the resource taken: `on_taken`)."""
+        if not self._full():
             self._put(op)
             return
         if not self._overflowed:
@@ -465,40 +493,105 @@ class Writer:
             log.error("cluster: %d writes wait for Redis; dropping table writes until it "
                       "answers, then writing this node's sessions again", MAX_PENDING)
 
-    async def _resync(self) -> None:
-        """After table writes were dropped (`_table`): write every local session again,
-        and unbind those the table lists for this node that are not bound here any more
-        (their unbind was dropped). Queued behind what waits, which is older."""
-        self._overflowed = False
-        members = ("SMEMBERS", schema.node_sessions_key(self.node))
-        answer = (await self._channel.call([members]))[0]
-        if isinstance(answer, Exception):
-            raise answer
-        entries = self.local_entries()
-        self._resyncing = True
-        try:
-            self.rewrite(entries)
-            bound = {session.jid for session, _ in entries}
-            for member in answer:
-                jid = member.decode() if isinstance(member, bytes) else str(member)
-                if jid not in bound:
-                    self._put(self._unbind_op(jid))
-        finally:
-            self._resyncing = False
-        log.info("cluster: wrote %d sessions of this node to Redis again after dropped "
-                 "table writes", len(entries))
+    def _full(self) -> bool:
+        """Whether MAX_PENDING operations wait, not counting a resync's rewrite: that one
+        is bounded by the node's sessions, and counted it would make the writes that
+        come while it drains be dropped, and each drop call for another resync."""
+        return len(self._ops) - self._rewrites >= MAX_PENDING
 
-    def _put(self, op: Op) -> None:
+    def _resync_due(self) -> bool:
+        """Writes were dropped, the queue is under the bound again (a resync sooner
+        would see them dropped again), the previous resync's rewrite is written (one
+        rewrite queued at a time), and the pause after a failed try is over."""
+        return (
+            self._overflowed
+            and not self._rewrites
+            and not self._full()
+            and time.monotonic() >= self._resync_at
+        )
+
+    async def _resync(self) -> None:
+        """After table writes were dropped (`_table`): make the table hold this node's
+        sessions as they are now, whatever was dropped, and whatever still waits.
+
+        Unbinds every session that the table lists for this node, or that a queued BIND
+        or UPDATE is about to write (queued before its unbind was dropped: the table does
+        not list it yet), and that is not bound here any more; then writes every local
+        session again. All of it is queued behind what waits, which is older, so it is
+        applied last. Local sessions are taken in slices of RESYNC_SLICE, each with its
+        entry as it is at its turn: one that left meanwhile is skipped (its unbind was
+        queued, or dropped, which calls for another resync); the unbinds go before the
+        first pause, ahead of any login on those resources meanwhile.
+
+        If Redis does not answer the read, a warning says why, and `_run` tries again
+        after a pause that doubles up to RESYNC_MAX_DELAY, even with nothing else to
+        write."""
+        members = ("SMEMBERS", schema.node_sessions_key(self.node))
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT):
+                answer = (await self._channel.call([members]))[0]
+            if isinstance(answer, Exception):
+                raise answer
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._resync_at = time.monotonic() + self._resync_delay
+            log.warning(
+                "cluster: could not read this node's sessions from Redis to write them "
+                "again after dropped table writes (%s); retrying in %g s",
+                exc or type(exc).__name__, self._resync_delay,
+            )
+            self._resync_delay = min(self._resync_delay * 2, RESYNC_MAX_DELAY)
+            return
+        self._overflowed = False
+        self._resync_delay = RETRY_DELAY
+        local = self.local
+        sessions = list(local)
+        bound = {session.jid for session in sessions}
+        named = {m.decode() if isinstance(m, bytes) else str(m) for m in answer}
+        named.update(op.writes for op in self._ops if op.writes is not None)
+        stale = named - bound
+        for op in self._listed_ops():
+            self._put(op, rewrite=True)
+        for jid in stale:
+            self._put(self._unbind_op(jid), rewrite=True)
+        written = 0
+        for n, session in enumerate(sessions):
+            if n and not n % RESYNC_SLICE:
+                await asyncio.sleep(0)
+            entry = local.get(session)
+            if entry is not None:
+                self._put(self._update_op(session, entry), rewrite=True)
+                written += 1
+        log.info("cluster: wrote %d sessions of this node to Redis again after dropped "
+                 "table writes, and unbound %d it no longer has", written, len(stale))
+
+    def _put(self, op: Op, rewrite: bool = False) -> None:
+        if rewrite:
+            op.rewrite = True
+            self._rewrites += 1
         self._ops.append(op)
         self._idle.clear()
         self._wake.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or until something is queued."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        self._wake.clear()
 
     async def _run(self) -> None:
         failing = False  # logged once per outage, not every retry
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._ops:
+            while self._ops or self._overflowed:
+                if self._resync_due():
+                    await self._resync()
+                if not self._ops:
+                    # Only a failed resync waits (nothing else empties the queue while
+                    # writes are dropped): tried again after its pause.
+                    await self._pause(self._resync_at - time.monotonic())
+                    continue
                 batch = [self._ops[n] for n in range(min(BATCH, len(self._ops)))]
                 try:
                     async with asyncio.timeout(SEND_TIMEOUT):
@@ -523,16 +616,11 @@ class Writer:
                     log.info("cluster: Redis answers again; forwarding to other nodes again")
                     self.on_cut_off(False)
                 for _ in batch:
-                    self._ops.popleft()
-                if self._refusing and len(self._ops) < MAX_PENDING:
+                    if self._ops.popleft().rewrite:
+                        self._rewrites -= 1
+                if self._refusing and not self._full():
                     self._refusing = False
                 self._gone_in_batch.clear()
-                if self._overflowed:
-                    try:
-                        async with asyncio.timeout(SEND_TIMEOUT):
-                            await self._resync()
-                    except (RedisError, OSError, TimeoutError):
-                        self._overflowed = True  # the next answered batch tries again
                 for op, value in zip(batch, results, strict=True):
                     # An error reply to a forward is a refusal: its stanza is routed again.
                     if op.on_result is not None and (
