@@ -385,11 +385,34 @@ async def test_with_the_roster_off_contacts_are_told_and_lose_their_item() -> No
     assert (await roster.get("zed@localhost")).items == {}
 
 
-async def test_with_pubsub_off_every_service_in_storage_is_cleaned() -> None:
+def _no_listing(storage: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make listing the stores' namespaces fail: on DynamoDB it is a Scan of the whole
+    table, which no serving path (an in-band removal is one) may do."""
+
+    async def refuse() -> list[str]:
+        raise AssertionError("a serving path listed the store's namespaces")
+
+    for backend in (storage.items, storage.blobs):
+        monkeypatch.setattr(backend, "namespaces", refuse)
+
+
+async def _records(harness: ModuleHarness, vhost: str) -> list[str]:
+    page = await harness.host.items(vhost, "pubsub_services").query(Query(limit=100))
+    return [item.name for item in page.items]
+
+
+@pytest.mark.parametrize("at_removal", [None, "pubsub"])
+async def test_every_pubsub_service_it_served_is_cleaned(
+    monkeypatch: pytest.MonkeyPatch, at_removal: str | None
+) -> None:
     """zed owns a node and is subscribed to alice's on the service at the default
-    subdomain and on one the operator had moved to ps.localhost (and b.test's); with
-    pubsub turned off, its options (the subdomain) gone, the removal finds every
-    service in storage and leaves nothing of zed's in any, alice's nodes kept."""
+    subdomain and on one the operator had moved to ps.localhost (and b.test's); each
+    start noted its service domains under their host. With pubsub turned off, its
+    options (the subdomain) gone, or on at the default subdomain again, the removal
+    finds the services from those notes (and pubsub.localhost, whose note is gone
+    here as from before notes were kept, as the default) without listing the store,
+    and leaves nothing of zed's in any, alice's nodes and the notes (the server's,
+    not zed's) kept."""
     storage = None
     for host, subdomain in (("localhost", "pubsub"), ("localhost", "ps"), ("b.test", "ps")):
         on = await ModuleHarness(
@@ -403,18 +426,26 @@ async def test_with_pubsub_off_every_service_in_storage_is_cleaned() -> None:
         await on.router.drain()
         await on.host.stop()
     assert on.storage is storage
-    namespaces = await storage.items.namespaces()  # type: ignore[attr-defined]
-    for service in ("pubsub.localhost", "ps.localhost", "ps.b.test"):
-        assert f"{service}/pubsub" in namespaces
+    assert await _records(on, "localhost") == ["ps.localhost", "pubsub.localhost"]
+    assert await _records(on, "b.test") == ["ps.b.test", "pubsub.b.test"]
+    assert await on.host.items("localhost", "pubsub_services").delete("pubsub.localhost")
     alices = await _mentions(on, "alice@localhost")
     assert len(alices) >= 3, alices  # her node on each service
 
-    off = await ModuleHarness({"disco": {}}, hosts=["localhost", "b.test"], storage=storage).start()
-    assert await off.host.remove_account("localhost", "zed") == "account"
-    await off.router.drain()
+    modules: dict[str, dict[str, Any] | None] = {"disco": {}}
+    if at_removal is not None:
+        modules["pubsub"] = {"subdomain": at_removal}
+    off = await ModuleHarness(modules, hosts=["localhost", "b.test"], storage=storage).start()
+    with monkeypatch.context() as patched:
+        _no_listing(storage, patched)
+        assert await off.host.remove_account("localhost", "zed") == "account"
+        await off.router.drain()
     await off.host.stop()
     assert await _mentions(off, "zed@localhost") == []
     assert await _mentions(off, "alice@localhost") == alices
+    noted = ["ps.localhost"] if at_removal is None else ["ps.localhost", "pubsub.localhost"]
+    assert await _records(off, "localhost") == noted
+    assert await _records(off, "b.test") == ["ps.b.test", "pubsub.b.test"]
 
 
 async def test_with_the_roster_on_and_presence_off_local_contacts_lose_their_item() -> None:
