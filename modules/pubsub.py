@@ -379,22 +379,27 @@ async def _served(host: ModuleHost) -> set[str]:
 
 async def _purge(service: PubSubService, bare: str) -> bool:
     """Drop `bare`'s subscriptions and affiliations on one service, and the nodes it
-    alone owned."""
+    alone owned: every node, a page at a time (the service keeps no index of a user's
+    affiliations), however many `max_nodes` allows now."""
     await finish_deletions(service)
     found = await service.drop_subscriptions_of(bare)
-    for name in await service.node_names(service.limits.max_nodes):
-        node = await service.node(name)
-        if node is None or bare not in node.affiliations:
-            continue
-        found = True
-        if node.owners == [bare]:
-            deleted = await service.delete(None, name)
-            await clear_deleted(service, service.tombstone_key(deleted.node))
-        else:
-            await service.items.modify(
-                service.node_key(name), lambda item, n=name: _without(n, item, bare),
-                what="node",
-            )
+    async for page in service.node_pages():
+        for listed in page:
+            if bare not in listed.affiliations:
+                continue
+            node = await service.node(listed.name)  # as it is now, not as listed
+            if node is None or bare not in node.affiliations:
+                continue
+            found = True
+            if node.owners == [bare]:
+                deleted = await service.delete(None, node.name)
+                await clear_deleted(service, service.tombstone_key(deleted.node))
+            else:
+                await service.items.modify(
+                    service.node_key(node.name),
+                    lambda item, n=node.name: _without(n, item, bare),
+                    what="node",
+                )
     return found
 
 

@@ -10,6 +10,7 @@ import pytest
 from lxml import etree
 
 from xmppd.modulehost import AccountDataRemains, Module, installed_modules
+from xmppd.modules import _pubsub_engine
 from xmppd.modules._muc_room import MUC
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.base import Query, StorageError
@@ -446,6 +447,49 @@ async def test_every_pubsub_service_it_served_is_cleaned(
     noted = ["ps.localhost"] if at_removal is None else ["ps.localhost", "pubsub.localhost"]
     assert await _records(off, "localhost") == noted
     assert await _records(off, "b.test") == ["ps.b.test", "pubsub.b.test"]
+
+
+async def test_every_node_of_a_service_is_cleaned_past_max_nodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """alice made seven nodes; zed is a publisher of the last one and owns the one
+    before it, in name order. The operator lowers `max_nodes` to 2: zed's removal
+    still reaches every node, and alice's nodes stay. The walk reads two records a
+    query here, so it goes through several pages; with the module off (the default
+    `max_nodes` then, more than these nodes) the same paged walk runs."""
+    monkeypatch.setattr(_pubsub_engine, "AFFILIATION_SCAN", 2)
+    for on_at_removal in (True, False):
+        before = await ModuleHarness({"disco": {}, "pubsub": {}}).start()
+        await before.host.accounts["localhost"].register("zed", "zed-secret-1")
+        alice = before.session("alice@localhost/a")
+        zed = before.session("zed@localhost/r")
+        for creator, node in [(alice, f"n{i}") for i in range(6)] + [(zed, "n6"), (alice, "n7")]:
+            reply = await before.iq(
+                creator, "set", f"<pubsub xmlns='{PUBSUB}'><create node='{node}'/></pubsub>",
+                "pubsub.localhost",
+            )
+            assert reply.get("type") == "result", etree.tostring(reply)
+        publisher = (
+            f"<pubsub xmlns='{PUBSUB}#owner'><affiliations node='n7'>"
+            "<affiliation jid='zed@localhost' affiliation='publisher'/></affiliations></pubsub>"
+        )
+        reply = await before.iq(alice, "set", publisher, "pubsub.localhost")
+        assert reply.get("type") == "result", etree.tostring(reply)
+        await before.host.stop()
+        assert await _mentions(before, "zed@localhost")
+
+        modules: dict[str, dict[str, Any] | None] = {"disco": {}}
+        if on_at_removal:
+            modules["pubsub"] = {"max_nodes": 2}
+        after = await ModuleHarness(modules, storage=before.storage).start()
+        with monkeypatch.context() as patched:
+            _no_listing(before.storage, patched)
+            assert await after.host.remove_account("localhost", "zed") == "account"
+        await after.router.drain()
+        await after.host.stop()
+        assert await _mentions(after, "zed@localhost") == [], on_at_removal
+        nodes = await after.storage.items.query("pubsub.localhost/pubsub", Query(prefix="n/"))
+        assert [item.name for item in nodes.items] == [f"n/n{i}" for i in (0, 1, 2, 3, 4, 5, 7)]
 
 
 async def test_with_the_roster_on_and_presence_off_local_contacts_lose_their_item() -> None:
