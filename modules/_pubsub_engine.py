@@ -425,6 +425,25 @@ class PubSubService:
                 break
         return names[:limit]
 
+    async def node_pages(self) -> AsyncIterator[list[Node]]:
+        """Every node of the service, in name order, `AFFILIATION_SCAN` records a query,
+        decoded from the query's own items (no read per node): for a walk that must
+        reach them all whatever `max_nodes` says now (an account's removal), holding
+        one page, not the service. Nodes made or deleted meanwhile may or may not
+        show; the page token resumes after the last name either way."""
+        start = f"{self.prefix}n/"
+        token: str | None = None
+        while True:
+            page = await self.items.query(
+                Query(prefix=start, limit=AFFILIATION_SCAN, page_token=token)
+            )
+            nodes = [decode_node(unquote(item.name[len(start):]), item) for item in page.items]
+            if nodes:
+                yield nodes
+            if (token := page.next_token) is None:
+                return
+            await asyncio.sleep(0)  # a store that answers without yielding holds no longer
+
     async def affiliations_page(
         self, bare: str, after: str | None, before: str | None, limit: int
     ) -> list[tuple[str, str]]:

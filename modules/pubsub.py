@@ -11,7 +11,8 @@ submit the authorization form the service sent each owner in a message, and
 the subscriber is told the outcome (subscribed or none).
 
 The service's data is in the item and blob stores "pubsub" of its own
-domain (namespace "pubsub.<host>/pubsub").
+domain (namespace "pubsub.<host>/pubsub"); each domain served is noted under its
+host (modules/_pubsub_services.py), for an account's removal with the module off.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ._pubsub_engine import (
 from ._pubsub_fanout import FanOut, Recipient
 from ._pubsub_forms import DATA, PUBSUB, PUBSUB_EVENT, PUBSUB_OWNER, SUBSCRIBE_AUTHORIZATION
 from ._pubsub_protocol import FEATURES, RSM, PubSubProtocol, Request, event_message
+from ._pubsub_services import record_services, recorded_services
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
@@ -98,6 +100,10 @@ class PubSub(Module):
             self.host.serve_domain(domain, self._stanza, opts.name)
 
     async def start(self) -> None:
+        # Before the first stanza, and once for the node's life: neither the subdomain
+        # nor the hosts change by a reload while the module is on (fixed_options,
+        # hosts_fixed), so every domain this node may store data under is noted here.
+        await record_services(self.host, self.domains)
         self.roster = self.host.find_module(RosterModule)
         self.host.spawn(self._resume())
 
@@ -333,57 +339,74 @@ class PubSub(Module):
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Drop the account's subscriptions and affiliations on the service of every
-        host (an account of one may use another's); delete the nodes it alone owned,
-        with their items, their subscriptions and the subscribers' index entries of
-        them, cleared here rather than in the background, so that nothing is left
-        once this returns (a removal that failed part way left a tombstone, which
-        running it again clears)."""
+        host (an account of one may use another's), and on those the module served
+        before at another subdomain (`_served`: a move back would find them); delete
+        the nodes it alone owned, with their items, their subscriptions and the
+        subscribers' index entries of them, cleared here rather than in the
+        background, so that nothing is left once this returns (a removal that failed
+        part way left a tombstone, which running it again clears)."""
         bare = f"{username}@{vhost}"
         found = False
-        for domain in self.domains:
-            found = await _purge(self.service(domain), bare, self.limits) or found
+        for domain in sorted(set(self.domains) | await _served(self.host)):
+            found = await _purge(self.service(domain), bare) or found
         return found
 
     @classmethod
     async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
-        """As `remove_user`, on every service the item store holds data of under a host:
-        with the module off its options are gone, and with them the subdomain it
-        served at (not necessarily the default one)."""
+        """As `remove_user`, with the module off, its options (the subdomain) gone: on
+        every service it served (`_served`)."""
         limits = _limits(PubSubOptions())
         found = False
-        for domain in sorted(_services(await host.stored_domains("pubsub"), host.hosts)):
+        for domain in sorted(await _served(host)):
             service = PubSubService(
                 host.items(domain, "pubsub"), host.blobs(domain, "pubsub"), "", limits,
                 no_relation,
             )
-            found = await _purge(service, f"{username}@{vhost}", limits) or found
+            found = await _purge(service, f"{username}@{vhost}") or found
         return found
 
 
-async def _purge(service: PubSubService, bare: str, limits: Limits) -> bool:
+async def _served(host: ModuleHost) -> set[str]:
+    """The service domains the module served under the hosts of `host`: those it noted
+    when it served them, and the default `pubsub.<host>` (served before services were
+    noted). One query per host, never a listing of the whole store (on DynamoDB a Scan
+    of the table, which an in-band removal must not cost)."""
+    domains = {f"{PubSubOptions().subdomain}.{vhost}" for vhost in host.hosts}
+    for vhost in host.hosts:
+        domains |= _services(await recorded_services(host, vhost), [vhost])
+    return domains
+
+
+async def _purge(service: PubSubService, bare: str) -> bool:
     """Drop `bare`'s subscriptions and affiliations on one service, and the nodes it
-    alone owned."""
+    alone owned: every node, a page at a time (the service keeps no index of a user's
+    affiliations), however many `max_nodes` allows now."""
     await finish_deletions(service)
     found = await service.drop_subscriptions_of(bare)
-    for name in await service.node_names(limits.max_nodes):
-        node = await service.node(name)
-        if node is None or bare not in node.affiliations:
-            continue
-        found = True
-        if node.owners == [bare]:
-            deleted = await service.delete(None, name)
-            await clear_deleted(service, service.tombstone_key(deleted.node))
-        else:
-            await service.items.modify(
-                service.node_key(name), lambda item, n=name: _without(n, item, bare),
-                what="node",
-            )
+    async for page in service.node_pages():
+        for listed in page:
+            if bare not in listed.affiliations:
+                continue
+            node = await service.node(listed.name)  # as it is now, not as listed
+            if node is None or bare not in node.affiliations:
+                continue
+            found = True
+            if node.owners == [bare]:
+                deleted = await service.delete(None, node.name)
+                await clear_deleted(service, service.tombstone_key(deleted.node))
+            else:
+                await service.items.modify(
+                    service.node_key(node.name),
+                    lambda item, n=node.name: _without(n, item, bare),
+                    what="node",
+                )
     return found
 
 
 def _services(domains: list[str], hosts: list[str]) -> set[str]:
     """The domains among `domains` that are a subdomain of one of `hosts` (one DNS label
-    below it, as the `subdomain` option allows): a pubsub service's."""
+    below it, as the `subdomain` option allows): a pubsub service's. A record that is
+    not (written by hand) is left alone, never taken for a service."""
     found = set()
     for domain in domains:
         label, _, parent = domain.partition(".")

@@ -49,8 +49,8 @@ class StorageError(Exception):
 
 @runtime_checkable
 class ListsNamespaces(Protocol):
-    """A backend that can name every namespace it holds something in: for migration,
-    and for an account's removal to find the data of services no module serves now."""
+    """A backend that can name every namespace it holds something in: for migration and
+    tests, never for serving (DynamoDB scans its whole table for it)."""
 
     async def namespaces(self) -> list[str]: ...
 

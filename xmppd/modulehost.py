@@ -83,7 +83,7 @@ from xmppd.events import DEFAULT, STANZA_KINDS, kind_chain
 from xmppd.jid import JID
 from xmppd.ledger import MessageLedger
 from xmppd.router import Routed
-from xmppd.storage.base import BlobStore, ItemStore, ListsNamespaces, StorageError, TooLarge
+from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
 from xmppd.stream.errors import (
     StanzaError,
     StreamError,
@@ -672,21 +672,6 @@ class ModuleHost:
 
     def blobs(self, vhost: str, store: str) -> BlobStore:
         return BlobStore(self.storage.blobs, vhost, store)
-
-    async def stored_domains(self, store: str) -> list[str]:
-        """Every domain whose item store `store` holds items, from the backend's list of
-        namespaces: for an account's removal to reach the data of services no module
-        serves now (pubsub turned off, its subdomain forgotten with its options). Not
-        for serving: some backends read all they hold for it (DynamoDB scans its
-        table). StorageError if the backend cannot list its namespaces."""
-        backend = self.storage.items
-        backend = getattr(backend, "backend", backend)  # the store behind the cache
-        if not isinstance(backend, ListsNamespaces):
-            raise StorageError(
-                getattr(backend, "name", "items"), "namespaces", "the item store cannot list them"
-            )
-        suffix = f"/{store}"
-        return [ns[: -len(suffix)] for ns in await backend.namespaces() if ns.endswith(suffix)]
 
     # --- sessions, delivery and routing: modules go through these, never the router -----
 

@@ -10,6 +10,7 @@ import pytest
 from lxml import etree
 
 from xmppd.modulehost import AccountDataRemains, Module, installed_modules
+from xmppd.modules import _pubsub_engine
 from xmppd.modules._muc_room import MUC
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.storage.base import Query, StorageError
@@ -385,11 +386,34 @@ async def test_with_the_roster_off_contacts_are_told_and_lose_their_item() -> No
     assert (await roster.get("zed@localhost")).items == {}
 
 
-async def test_with_pubsub_off_every_service_in_storage_is_cleaned() -> None:
+def _no_listing(storage: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make listing the stores' namespaces fail: on DynamoDB it is a Scan of the whole
+    table, which no serving path (an in-band removal is one) may do."""
+
+    async def refuse() -> list[str]:
+        raise AssertionError("a serving path listed the store's namespaces")
+
+    for backend in (storage.items, storage.blobs):
+        monkeypatch.setattr(backend, "namespaces", refuse)
+
+
+async def _records(harness: ModuleHarness, vhost: str) -> list[str]:
+    page = await harness.host.items(vhost, "pubsub_services").query(Query(limit=100))
+    return [item.name for item in page.items]
+
+
+@pytest.mark.parametrize("at_removal", [None, "pubsub"])
+async def test_every_pubsub_service_it_served_is_cleaned(
+    monkeypatch: pytest.MonkeyPatch, at_removal: str | None
+) -> None:
     """zed owns a node and is subscribed to alice's on the service at the default
-    subdomain and on one the operator had moved to ps.localhost (and b.test's); with
-    pubsub turned off, its options (the subdomain) gone, the removal finds every
-    service in storage and leaves nothing of zed's in any, alice's nodes kept."""
+    subdomain and on one the operator had moved to ps.localhost (and b.test's); each
+    start noted its service domains under their host. With pubsub turned off, its
+    options (the subdomain) gone, or on at the default subdomain again, the removal
+    finds the services from those notes (and pubsub.localhost, whose note is gone
+    here as from before notes were kept, as the default) without listing the store,
+    and leaves nothing of zed's in any, alice's nodes and the notes (the server's,
+    not zed's) kept."""
     storage = None
     for host, subdomain in (("localhost", "pubsub"), ("localhost", "ps"), ("b.test", "ps")):
         on = await ModuleHarness(
@@ -403,18 +427,69 @@ async def test_with_pubsub_off_every_service_in_storage_is_cleaned() -> None:
         await on.router.drain()
         await on.host.stop()
     assert on.storage is storage
-    namespaces = await storage.items.namespaces()  # type: ignore[attr-defined]
-    for service in ("pubsub.localhost", "ps.localhost", "ps.b.test"):
-        assert f"{service}/pubsub" in namespaces
+    assert await _records(on, "localhost") == ["ps.localhost", "pubsub.localhost"]
+    assert await _records(on, "b.test") == ["ps.b.test", "pubsub.b.test"]
+    assert await on.host.items("localhost", "pubsub_services").delete("pubsub.localhost")
     alices = await _mentions(on, "alice@localhost")
     assert len(alices) >= 3, alices  # her node on each service
 
-    off = await ModuleHarness({"disco": {}}, hosts=["localhost", "b.test"], storage=storage).start()
-    assert await off.host.remove_account("localhost", "zed") == "account"
-    await off.router.drain()
+    modules: dict[str, dict[str, Any] | None] = {"disco": {}}
+    if at_removal is not None:
+        modules["pubsub"] = {"subdomain": at_removal}
+    off = await ModuleHarness(modules, hosts=["localhost", "b.test"], storage=storage).start()
+    with monkeypatch.context() as patched:
+        _no_listing(storage, patched)
+        assert await off.host.remove_account("localhost", "zed") == "account"
+        await off.router.drain()
     await off.host.stop()
     assert await _mentions(off, "zed@localhost") == []
     assert await _mentions(off, "alice@localhost") == alices
+    noted = ["ps.localhost"] if at_removal is None else ["ps.localhost", "pubsub.localhost"]
+    assert await _records(off, "localhost") == noted
+    assert await _records(off, "b.test") == ["ps.b.test", "pubsub.b.test"]
+
+
+async def test_every_node_of_a_service_is_cleaned_past_max_nodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """alice made seven nodes; zed is a publisher of the last one and owns the one
+    before it, in name order. The operator lowers `max_nodes` to 2: zed's removal
+    still reaches every node, and alice's nodes stay. The walk reads two records a
+    query here, so it goes through several pages; with the module off (the default
+    `max_nodes` then, more than these nodes) the same paged walk runs."""
+    monkeypatch.setattr(_pubsub_engine, "AFFILIATION_SCAN", 2)
+    for on_at_removal in (True, False):
+        before = await ModuleHarness({"disco": {}, "pubsub": {}}).start()
+        await before.host.accounts["localhost"].register("zed", "zed-secret-1")
+        alice = before.session("alice@localhost/a")
+        zed = before.session("zed@localhost/r")
+        for creator, node in [(alice, f"n{i}") for i in range(6)] + [(zed, "n6"), (alice, "n7")]:
+            reply = await before.iq(
+                creator, "set", f"<pubsub xmlns='{PUBSUB}'><create node='{node}'/></pubsub>",
+                "pubsub.localhost",
+            )
+            assert reply.get("type") == "result", etree.tostring(reply)
+        publisher = (
+            f"<pubsub xmlns='{PUBSUB}#owner'><affiliations node='n7'>"
+            "<affiliation jid='zed@localhost' affiliation='publisher'/></affiliations></pubsub>"
+        )
+        reply = await before.iq(alice, "set", publisher, "pubsub.localhost")
+        assert reply.get("type") == "result", etree.tostring(reply)
+        await before.host.stop()
+        assert await _mentions(before, "zed@localhost")
+
+        modules: dict[str, dict[str, Any] | None] = {"disco": {}}
+        if on_at_removal:
+            modules["pubsub"] = {"max_nodes": 2}
+        after = await ModuleHarness(modules, storage=before.storage).start()
+        with monkeypatch.context() as patched:
+            _no_listing(before.storage, patched)
+            assert await after.host.remove_account("localhost", "zed") == "account"
+        await after.router.drain()
+        await after.host.stop()
+        assert await _mentions(after, "zed@localhost") == [], on_at_removal
+        nodes = await after.storage.items.query("pubsub.localhost/pubsub", Query(prefix="n/"))
+        assert [item.name for item in nodes.items] == [f"n/n{i}" for i in (0, 1, 2, 3, 4, 5, 7)]
 
 
 async def test_with_the_roster_on_and_presence_off_local_contacts_lose_their_item() -> None:
