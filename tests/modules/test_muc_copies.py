@@ -36,6 +36,7 @@ from tests.modules.test_muc import (
     submit,
 )
 from tests.storage.services import dynamodb_config, moto_service  # noqa: F401  (fixture)
+from xmppd.modules._muc_room import Room
 from xmppd.modules._muc_store import GEN, unpack_history
 from xmppd.modules.muc import Muc
 from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
@@ -258,3 +259,32 @@ def item_of(presence: etree._Element) -> tuple[str | None, str | None]:
     found = presence.find(f"{U}x/{U}item")
     assert found is not None
     return found.get("affiliation"), found.get("role")
+
+
+async def test_a_room_stored_before_generations_loads_and_is_written_with_one(
+    nodes: Nodes,
+) -> None:
+    """An item without `gen` and a history blob that is a bare list (as stored before
+    generations were kept) load as generation 0; the load takes generation 1, and
+    the next writes carry it."""
+    h, clock = await nodes()
+    bob = h.session("bob@localhost/b")
+    room = Room(ROOM, h.host.module(Muc).limits, "alice@localhost")
+    room.affiliations["alice@localhost"] = "owner"
+    room.subject = "Old"
+    room.config.persistent = True
+    items = h.host.items("localhost", "muc_rooms")
+    await items.put("room", {"state": json.dumps(room.snapshot()), "public": 1,
+                             "creator": "alice@localhost"})
+    said = f"<message xmlns='{ns.CLIENT}' type='groupchat' from='{ROOM}/Alice'>" \
+        "<body>kept</body></message>"
+    await h.host.blobs("localhost", "muc_history").put(
+        "room", json.dumps([[clock.now - 10, said]]).encode()
+    )
+    got = await join(h, bob, "Bob")
+    assert got[-1].findtext(f"{{{ns.CLIENT}}}subject") == "Old"
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)[:-1]] == ["kept"]
+    await say(h, bob, "new")
+    await written(h)
+    state, gen, bodies = await stored(h)
+    assert (state["subject"], gen, bodies) == ("Old", 1, ["kept", "new"])
