@@ -9,7 +9,8 @@ One hash per room, `xmppd:muc:room:<room JID>`:
               xmppd.cluster.schema.alive_key), and every write is fenced by it
               (SAVE writes nothing for a node that does not hold it).
     state     Room.live_state() as JSON: configuration, affiliations, subject,
-              occupant-id secret, locked (a temporary room is nowhere else).
+              occupant-id secret, pending invitations, locked (a temporary
+              room is nowhere else).
     history   the discussion history as JSON (Room.history_json).
     seen      the ids of the last messages handled (Room.seen): a message a
               dead node's reaper routes again is dropped by the next owner.

@@ -14,7 +14,8 @@ never routes anything itself, so that:
   the previous owner kept in Redis).
 
 `persistent_changed` tells the host that something stored changed
-(configuration, affiliations, subject); `history_changed` that history did.
+(configuration, affiliations, subject, pending invitations); `history_changed`
+that history did.
 """
 
 from __future__ import annotations
@@ -203,6 +204,10 @@ class Room:
         self.persistent_changed = False
         self.history_changed = False
         self.stored = False  # the stores hold this room (the host sets it)
+        # The host's fencing of its writes (modules/_muc_store.py): the generation of
+        # this copy, and the etag of the history blob it last read or wrote.
+        self.gen = 0
+        self.history_etag: str | None = None
         # Nicks whose occupant changed (joined, left, renamed, role, presence, sessions)
         # since the host last took them: what its live copy (Redis, on a cluster) rewrites.
         self.touched: set[str] = set()
@@ -214,7 +219,9 @@ class Room:
         self._seq = 0  # the next occupant's `seq`
         self._ids: dict[str, str] = {}  # bare JID -> occupant id (an HMAC each time is dear)
         # Invitations forwarded and not declined yet, oldest first: invitee's bare JID ->
-        # the inviter's full JID, where its decline goes (at most INVITES).
+        # the inviter's full JID, where its decline goes (at most INVITES). Part of the
+        # stored state, changed with `persistent_changed`: a decline finds its
+        # invitation after a restart, an unloading or a move to another node.
         self.invited: dict[str, str] = {}
 
     # --- stored state -------------------------------------------------------------------
@@ -229,6 +236,7 @@ class Room:
             "secret": self.secret,
             "creator": self.creator,
             "registered": self.registered,
+            "invited": self.invited,  # a decline reaches the room wherever it runs next
         }
 
     @classmethod
@@ -239,6 +247,7 @@ class Room:
         room.subject = state["subject"]
         room.subject_nick = state["subject_nick"]
         room.registered = dict(state.get("registered", {}))
+        room.invited = dict(state.get("invited", {}))
         room.history = deque(maxlen=room._history_cap())
         room.stored = True
         return room
@@ -275,6 +284,7 @@ class Room:
         named = [k for k, inviter in self.invited.items() if bare in (k, inviter.split("/")[0])]
         for invitee in named:
             del self.invited[invitee]
+        self.persistent_changed = self.persistent_changed or bool(named)
         found = found or bool(named)
         sent = [key for key in self.seen if key.startswith(f"{bare}/")]
         if sent:
@@ -292,7 +302,11 @@ class Room:
         if state.get("creator") == bare:
             state["creator"] = ""
             found = True
-        return found
+        invited = state.get("invited", {})
+        named = [k for k, inviter in invited.items() if bare in (k, inviter.split("/")[0])]
+        for invitee in named:
+            del invited[invitee]
+        return found or bool(named)
 
     @staticmethod
     def forget_history(data: bytes, secret: str, bare: str) -> bytes | None:
@@ -315,13 +329,12 @@ class Room:
 
     def live_state(self) -> dict[str, Any]:
         """`snapshot()` and what only a live room has (a temporary room is nowhere else)."""
-        return {**self.snapshot(), "locked": self.locked, "invited": self.invited}
+        return {**self.snapshot(), "locked": self.locked}
 
     @classmethod
     def restore_live(cls, jid: str, limits: Limits, state: dict[str, Any]) -> Room:
         room = cls.restore(jid, limits, state)
         room.locked = bool(state.get("locked"))
-        room.invited = dict(state.get("invited", {}))
         room.stored = room.config.persistent
         return room
 
@@ -946,14 +959,18 @@ class Room:
             may = rank >= _RANK["admin"] or (self.config.allow_invites and rank >= _RANK["member"])
             if not may:
                 raise StanzaError("forbidden", "you may not invite to this members-only room")
-            if self.affiliation(invitee.bare) == "none":
-                self._check_room_for({**self.affiliations, invitee.bare: "member"})
-                self.affiliations[invitee.bare] = "member"
-                self.persistent_changed = True
-        self.invited.pop(invitee.bare, None)
-        self.invited[invitee.bare] = str(sender.jid)
-        while len(self.invited) > INVITES:
-            del self.invited[next(iter(self.invited))]
+        affiliations = self.affiliations
+        if self.config.members_only and self.affiliation(invitee.bare) == "none":
+            affiliations = {**self.affiliations, invitee.bare: "member"}
+        invited = {k: v for k, v in self.invited.items() if k != invitee.bare}
+        invited[invitee.bare] = str(sender.jid)
+        while len(invited) > INVITES:
+            del invited[next(iter(invited))]
+        # Kept with the room's state (stored, and in Redis on a cluster) at once, so a
+        # decline finds it on whichever node runs the room next.
+        self._check_room_for(affiliations, invited=invited)
+        self.affiliations, self.invited = affiliations, invited
+        self.persistent_changed = True
         message = _stanza("message", self.jid, str(invitee))
         x = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
         forwarded = etree.SubElement(x, f"{{{MUC_USER}}}invite")
@@ -971,6 +988,7 @@ class Room:
         inviter = self.invited.pop(parse_jid(stanza.get("from", "")).bare, None)
         if inviter is None:
             raise StanzaError("not-acceptable", "you have no invitation to decline")
+        self.persistent_changed = True
         message = _stanza("message", self.jid, inviter)
         x = etree.SubElement(message, f"{{{MUC_USER}}}x", nsmap={None: MUC_USER})
         forwarded = etree.SubElement(x, f"{{{MUC_USER}}}decline")

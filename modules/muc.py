@@ -4,16 +4,18 @@ This module is the room's host: it serves the service domain, finds or
 loads the room a stanza is for, hands the stanza to the room
 (modules/_muc_room.py, pure state transitions), routes what the room
 answers, and writes what the room marked changed. Rooms live in this
-node's memory while it runs; persistent ones are read from the stores the
-first time a stanza names them (stanzas for a room that is loading wait in
-order) and written back after each change.
+node's memory while they are in use; persistent ones are read from the
+stores the first time a stanza names them (stanzas for a room that is
+loading wait in order), written back after each change, and unloaded once
+nobody has been in them for `unload_after` seconds (`unload_idle`).
 
 Storage (per virtual host):
 - item store "muc_rooms": one item per persistent room, named by the
   room's local part: its configuration, affiliations, subject, creator and
   occupant-id secret as JSON, plus `public` and `creator` attributes so the
-  room directory and the rooms-per-user limit are one query each. Written
-  with `modify` (conditional on what was read).
+  room directory and the rooms-per-user limit are one query each, and `gen`,
+  the generation that fences its writes (modules/_muc_store.py: a copy of
+  the room older than the one that last wrote is refused).
 - blob store "muc_history": one blob per persistent room, the last
   `history_length` messages. A join reads nothing from storage (the room
   is in memory); the blob is read once when the room loads and written at
@@ -54,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.jid import JID
 from xmppd.modulehost import Module, ModuleHost, Routed
+from xmppd.modules import _muc_store
 from xmppd.modules._muc_live import LiveRooms
 from xmppd.modules._muc_room import (
     MUC,
@@ -67,6 +70,7 @@ from xmppd.modules._muc_room import (
     Room,
 )
 from xmppd.modules._muc_send import Outbox
+from xmppd.modules._muc_store import Stale, pack_history, unpack_history
 from xmppd.storage.base import UNCHANGED, Blob, Item, Query, Unchanged
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
@@ -74,6 +78,9 @@ from xmppd.xml import ns
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 HISTORY_WRITE = 1.0  # seconds between two writes of one room's history
+UNLOAD_SWEEP = 30.0
+"""Seconds between two looks for persistent rooms empty for `unload_after` seconds: a
+room is unloaded between `unload_after` and that plus UNLOAD_SWEEP after it emptied."""
 MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
 CLAIM_RETRY = 1.0  # seconds between two claims of a room another node still runs
 ASK_AFTER = 4.0
@@ -146,8 +153,11 @@ async def forget_stored(
             found = (await rooms.modify(item.name, state_without, what="muc room")).written
 
         def history_without(blob: Blob | None) -> bytes | Unchanged:
-            data = blob and Room.forget_history(blob.data, str(state.get("secret")), bare)
-            return data or UNCHANGED
+            if blob is None:
+                return UNCHANGED
+            gen, history = unpack_history(blob.data)
+            data = Room.forget_history(history, str(state.get("secret")), bare)
+            return UNCHANGED if data is None else pack_history(gen, data)
 
         if "secret" in state:
             changed = await histories.modify(item.name, history_without, what="muc history")
@@ -180,6 +190,9 @@ class MucOptions(BaseModel):
     message_burst: int = Field(10, ge=1)
     max_presence_bytes: int = Field(4096, ge=512)  # an occupant's presence payload
     max_affiliations: int = Field(1000, ge=10)  # per room, registered nicks included
+    # Seconds a persistent room with nobody in it stays in memory before it is unloaded
+    # (its state is in the stores; it loads again at its next stanza).
+    unload_after: float = Field(300.0, gt=0)
 
 
 class Muc(Module):
@@ -209,6 +222,8 @@ class Muc(Module):
         self._released: dict[str, asyncio.Event] = {}  # room -> wakes its claim
         self._handing: dict[str, asyncio.Future[None]] = {}  # rooms being handed over
         self._dropping: dict[str, asyncio.Future[None]] = {}  # records being dropped
+        self._empty_since: dict[str, float] = {}  # persistent room seen empty -> since when
+        self.host.every(UNLOAD_SWEEP, self.unload_idle)
         redis, node = self.host.cluster_redis, self.host.node_name
         if redis is not None and node is not None:
             self.live = LiveRooms(redis, node, self._nodes_of, self._lost)
@@ -283,12 +298,17 @@ class Muc(Module):
         return found
 
     def _forget_live(self, bare: str) -> bool:
-        """`Room.forget` in every room this node runs; each changed one is written."""
+        """`Room.forget` in every room this node runs, and in those unloaded whose write
+        is pending (it would put the account back); each changed one is written."""
         found = False
         for room in list(self.rooms.values()):
             if room.forget(bare):
                 found = True
                 self._after(room)
+        for room, _ in list(self._saving.values()):
+            if self.rooms.get(room.jid) is not room and not room.destroyed and room.forget(bare):
+                found = True
+                self._save(room, at_once=True)  # its writer picks the change up
         return found
 
     # --- the cluster: one owner per room --------------------------------------------------
@@ -377,17 +397,18 @@ class Muc(Module):
 
     def _lost(self, room_jid: str, room: Room) -> None:
         """Another node holds the room's lease now (this one was taken for dead), or
-        nobody does: the room here is stale, and goes. Its occupants are told they are
-        out (332), never left believing they are in a room that no longer hears them,
-        and each session's leave goes to the room wherever it runs now (the node that
-        took it over has them as occupants): room and clients agree, and a client that
-        joins again gets a full join. Stanzas for the room wait for the lease again."""
+        nobody does, or the stores hold a newer copy (`Stale`): the room here is stale,
+        and goes. Its occupants are told they are out (332), never left believing they
+        are in a room that no longer hears them, and on a cluster each session's leave
+        goes to the room wherever it runs now (the node that took it over has them as
+        occupants): room and clients agree, and a client that joins again gets a full
+        join. Stanzas for the room wait for the lease again."""
         if room_jid not in self.rooms or self.rooms[room_jid] is not room:
             return  # gone already, or loaded again since
         del self.rooms[room_jid]
         sessions = [(jid, occupant.nick) for jid, occupant in room.by_jid.items()]
         out = room.shut_down()
-        for jid, nick in sessions:
+        for jid, nick in sessions if self.live is not None else ():
             gone = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
             gone.set("type", "unavailable")
             gone.set("from", jid)
@@ -407,6 +428,31 @@ class Muc(Module):
                 self._save(room, at_once=True)
             self.log.info("muc: %s moves to node %s", room_jid, self.owner(room_jid))
             self._hand_over(room_jid, room)
+
+    def unload_idle(self) -> None:
+        """Unload the persistent rooms nobody has been in for `unload_after` seconds, so
+        that memory holds the rooms in use, not every room used since the start. Their
+        state is in the stores (what is not yet is written first); the next stanza for
+        one loads it again, after that write (and on a cluster, after its lease is let
+        go): `_load` waits for both. Synchronous, so no stanza is handled between the
+        look at a room and its unloading: a join either finds the room live and
+        occupied (kept) or finds it gone and loads it."""
+        options: MucOptions = self.options  # type: ignore[assignment]
+        now = self.clock()
+        for room_jid, room in list(self.rooms.items()):
+            if not (room.empty and room.config.persistent) or room.locked:
+                self._empty_since.pop(room_jid, None)
+                continue
+            if now - self._empty_since.setdefault(room_jid, now) < options.unload_after:
+                continue
+            del self.rooms[room_jid]
+            del self._empty_since[room_jid]
+            if room.history_changed or room.persistent_changed:
+                self._save(room, at_once=True)
+            self.log.debug("muc: %s unloaded, empty", room_jid)
+            self._hand_over(room_jid, room)
+        for gone in self._empty_since.keys() - self.rooms.keys():
+            del self._empty_since[gone]
 
     def _hand_over(self, room_jid: str, room: Room | None) -> None:
         """Let go of the room's lease once what this node wrote to the stores is there,
@@ -492,6 +538,9 @@ class Muc(Module):
                 await asyncio.gather(pending[1], return_exceptions=True)  # a deletion, say
             if (dropping := self._dropping.get(room_jid)) is not None:
                 await dropping
+            if (handing := self._handing.get(room_jid)) is not None:
+                # Unloaded: its lease let go first, lest the release come after the claim.
+                await asyncio.gather(handing, return_exceptions=True)
             record: dict[str, str] = {}
             if self.live is not None:
                 got = await self._claim(room_jid)
@@ -587,22 +636,29 @@ class Muc(Module):
         vhost = self._vhost(room_jid)
         local = room_jid.split("@", 1)[0]
         room: Room | None = None
-        if "state" in record:  # the node that ran it was killed, or it is temporary
-            room = Room.restore_live(room_jid, self.limits, json.loads(record["state"]))
+        item: Item | None = None
+        live = json.loads(record["state"]) if "state" in record else None
+        if live is None or live["config"]["persistent"]:
+            # This copy's generation: writes of any copy loaded before are refused.
+            item = await _muc_store.load(self.host.items(vhost, "muc_rooms"), local)
+        if live is not None:  # the node that ran it was killed, or it is temporary
+            room = Room.restore_live(room_jid, self.limits, live)
             room.persistent_changed = room.config.persistent
-        else:
-            item = await self.host.items(vhost, "muc_rooms").get(local)
-            if item is not None:
-                room = Room.restore(room_jid, self.limits, json.loads(item.attrs["state"]))
+            room.stored = item is not None
+        elif item is not None:
+            room = Room.restore(room_jid, self.limits, json.loads(str(item.attrs["state"])))
         if room is None:
             return None
+        if item is not None:
+            room.gen = _muc_store.gen_of(item)
         if "history" in record:
             room.load_history(record["history"].encode())
             room.history_changed = room.config.persistent
         elif room.config.persistent:
             blob = await self.host.blobs(vhost, "muc_history").get(local)
             if blob is not None:
-                room.load_history(blob.data)
+                room.load_history(unpack_history(blob.data)[1])
+                room.history_etag = blob.etag
         room.add_occupants(
             json.loads(value) for key, value in record.items() if key.startswith("o:")
         )
@@ -765,6 +821,8 @@ class Muc(Module):
             if room.stored or room.config.persistent:
                 self._save(room, at_once=True)  # deletes what was stored
             return
+        if not room.empty:
+            self._empty_since.pop(room.jid, None)
         if self.live is not None:
             self.live.changed(room, room.persistent_changed, room.history_changed)
         if room.persistent_changed and (room.config.persistent or room.stored):
@@ -798,6 +856,13 @@ class Muc(Module):
                 room.destroyed and room.stored
             ):
                 await self._write(room)
+        except Stale as exc:
+            # Another copy of the room (loaded since, on another node) wrote newer state:
+            # this copy is out of date, and its write is refused, not lost silently.
+            self.log.warning("muc: refused a stale write of %s (%s); dropping this copy",
+                             room.jid, exc)
+            room.persistent_changed = room.history_changed = room.stored = False
+            self._lost(room.jid, room)
         except Exception:
             self.log.exception("muc: could not store %s", room.jid)
         finally:
@@ -811,9 +876,8 @@ class Muc(Module):
         items, blobs = self.host.items(vhost, "muc_rooms"), self.host.blobs(vhost, "muc_history")
         if room.destroyed or not room.config.persistent:
             room.persistent_changed = room.history_changed = False
-            await items.modify(local, lambda _: None, what="muc room")
-            await blobs.delete(local)
-            room.stored = False
+            await _muc_store.delete(items, blobs, room, local)
+            room.stored, room.history_etag = False, None
             return
         if room.persistent_changed:
             room.persistent_changed = False
@@ -822,11 +886,11 @@ class Muc(Module):
                 "public": int(room.config.public),
                 "creator": room.creator,
             }
-            await items.modify(local, lambda _: attrs, what="muc room")
+            await _muc_store.write_state(items, blobs, room, local, attrs)
             room.stored = True
         if room.history_changed:
             room.history_changed = False
-            await blobs.put(local, room.history_json())
+            await _muc_store.write_history(blobs, room, local)
 
     # --- the service itself --------------------------------------------------------------
 

@@ -18,8 +18,10 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from slixmpp import JID, Iq
+from slixmpp import JID, Iq, Message
 from slixmpp.exceptions import IqError, PresenceError
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
 
 from tests.integration.clients import close, insecure_context
 from tests.integration.conftest import StartServer
@@ -281,12 +283,14 @@ def room_moving_to(node: str, before: frozenset[str], after: frozenset[str]) -> 
     )
 
 
-async def two_nodes(start_server: StartServer, url: str) -> tuple[Server, Server]:
+async def two_nodes(
+    start_server: StartServer, url: str, modules: dict[str, Any] = MODULES
+) -> tuple[Server, Server]:
     a = await start_server(
-        users=USERS, modules=MODULES, cluster={"redis_url": url, "node_name": "muc-a"}
+        users=USERS, modules=modules, cluster={"redis_url": url, "node_name": "muc-a"}
     )
     b = await start_server(
-        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "muc-b"}
+        users={}, modules=modules, cluster={"redis_url": url, "node_name": "muc-b"}
     )
     for node in (a, b):
         assert node.cluster is not None
@@ -600,3 +604,119 @@ async def test_a_removed_creator_leaves_no_jid_in_a_room_another_node_runs(
     assert "remember this" in kept[3]
     await redis.aclose()
     await close(bob)
+
+
+async def test_a_decline_right_after_the_room_moved_is_accepted(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """An invitation is written with the room's live state when it is made, so carol's
+    decline, sent right after the room moved to a node that joined, is accepted there
+    and reaches alice (it was refused when pending invitations moved only with the
+    room's next change of state)."""
+    url = devservices.redis_url(redis_service)
+    a, b = await two_nodes(start_server, url)
+    room = room_moving_to("muc-c", frozenset({"muc-a", "muc-b"}), frozenset(NODES))
+    alice = await chatter(a, "alice@localhost/desk")
+    carol = await chatter(a, "carol@localhost/laptop")
+    for client in (alice, carol):  # available: mediated invitations go to the bare JID
+        client.send_presence()
+        await client.plugin["xep_0199"].ping(JID("localhost"), timeout=WAIT)
+    declines: asyncio.Queue[Message] = asyncio.Queue()
+    alice.register_handler(
+        Callback("decline", StanzaPath("message/muc/decline"), declines.put_nowait)
+    )
+    invites: asyncio.Queue[Message] = asyncio.Queue()
+    carol.add_event_handler("groupchat_invite", invites.put_nowait)
+    await create(alice, room, "Alice", roomname="Temporary")
+    redis = Redis.from_url(url)
+    try:  # the configuration written, so the invitation does not ride along with it
+        deadline = time.monotonic() + WAIT
+        while b"Temporary" not in (await redis.hget(f"xmppd:muc:room:{room}", "state") or b""):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        await redis.aclose()
+    alice.muc.invite(room, JID("carol@localhost"))
+    await asyncio.wait_for(invites.get(), WAIT)
+
+    c = await start_server(
+        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "muc-c"}
+    )
+    for node in (a, b, c):
+        assert node.cluster is not None
+        while node.cluster.nodes != frozenset(NODES):
+            await node.cluster.heartbeat.beat()
+    assert room.bare not in b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    carol.muc.decline(room, JID("alice@localhost"), reason="busy")
+    message = await asyncio.wait_for(declines.get(), WAIT)
+    assert message["from"] == room
+    assert message["muc"]["decline"]["from"] == JID("carol@localhost")
+    assert message["muc"]["decline"]["reason"] == "busy"
+    assert room.bare in c.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    for client in (alice, carol):
+        await close(client)
+
+
+async def test_an_empty_persistent_room_is_unloaded_and_its_lease_let_go(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """Nobody in it for `unload_after`: the room leaves its node's memory, written and
+    its lease let go (no state left in Redis); a join right after loads it again on
+    its owner, whole, and the room runs on there."""
+    url = devservices.redis_url(redis_service)
+    modules = {**MODULES, "muc": {"unload_after": 0.01}}
+    a, b = await two_nodes(start_server, url, modules)
+    room = next(
+        JID(jid) for n in range(1000)
+        if owner_of(jid := f"room{n}@conference.localhost", frozenset({"muc-a", "muc-b"}))
+        == "muc-b"
+    )
+    muc = b.modules.modules["muc"]
+    alice = await chatter(a, "alice@localhost/desk")
+    await create(alice, room, "Alice", persistentroom=True, roomname="Kept")
+    alice.muc.set_subject(room, "Topic")
+    await asyncio.wait_for(alice.subjects.get(), WAIT)  # the join's (none)
+    await asyncio.wait_for(alice.subjects.get(), WAIT)
+    alice.send_message(mto=room, mbody="remember", mtype="groupchat")
+    assert (await alice.said())["body"] == "remember"
+    alice.muc.leave_muc(room, "Alice")
+    await alice.presence_of("Alice", "unavailable")
+    deadline = time.monotonic() + WAIT
+    while not muc.rooms[room.bare].empty:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    muc.unload_idle()  # type: ignore[attr-defined]
+    await asyncio.sleep(0.05)
+    muc.unload_idle()  # type: ignore[attr-defined]
+    assert room.bare not in muc.rooms  # type: ignore[attr-defined]
+
+    bob = await chatter(a, "bob@localhost/phone")  # joins at once: the room loads again
+    _own, subject, occupants, history = await bob.muc.join_muc_wait(room, "Bob", timeout=WAIT)
+    assert subject["subject"] == "Topic"
+    assert [m["body"] for m in history] == ["remember"]
+    assert [p["from"].resource for p in occupants] == ["Bob"]
+    assert (await bob.said())["body"] == "remember"  # the history, as a message too
+    bob.send_message(mto=room, mbody="back", mtype="groupchat")
+    assert (await bob.said())["body"] == "back"
+    assert muc.rooms[room.bare].config.name == "Kept"  # type: ignore[attr-defined]
+    assert await self_ping(bob, JID(f"{room}/Bob")) is None
+    redis = Redis.from_url(url)
+    try:
+        assert await redis.hget(f"xmppd:muc:room:{room.bare}", "node") == b"muc-b"
+        bob.muc.leave_muc(room, "Bob")
+        await bob.presence_of("Bob", "unavailable")
+        while not muc.rooms[room.bare].empty:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline + WAIT
+            await asyncio.sleep(0.01)
+        muc.unload_idle()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+        muc.unload_idle()  # type: ignore[attr-defined]
+        key = f"xmppd:muc:room:{room.bare}"
+        while await redis.hget(key, "node") != b"":  # let go, written first
+            assert time.monotonic() < deadline + WAIT, "the lease was not let go"
+            await asyncio.sleep(0.01)
+        assert not await redis.hexists(key, "state")
+    finally:
+        await redis.aclose()
+    for client in (alice, bob):
+        await close(client)

@@ -19,6 +19,7 @@ from lxml import etree
 
 from xmppd.modules import _muc_send
 from xmppd.modules._muc_room import MUC, MUC_ADMIN, MUC_OWNER, MUC_USER, OCCUPANT_ID, Room
+from xmppd.modules._muc_store import unpack_history
 from xmppd.modules.muc import Muc
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 from xmppd.xml import ns
@@ -1319,7 +1320,7 @@ async def test_a_room_whose_output_backs_up_refuses_more_fan_out(
 def history_ids(data: bytes) -> list[tuple[str, str]]:
     """(body, occupant id) of each message of a stored history."""
     found: list[tuple[str, str]] = []
-    for _, xml in json.loads(data):
+    for _, xml in json.loads(unpack_history(data)[1]):
         message = etree.fromstring(xml)
         oid = message.find(f"{{{OCCUPANT_ID}}}occupant-id")
         body = message.findtext(f"{{{ns.CLIENT}}}body") or ""
