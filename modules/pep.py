@@ -598,8 +598,9 @@ class Pep(Module):
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Delete the account's subscriptions to and affiliations with the nodes of the accounts of
-        every host, and its own nodes with their items, blobs and subscriptions, and the
-        subscribers' index entries of them (cleared here rather than in the background:
+        every host, and its own nodes (every one, whatever `max_nodes` says now) with their
+        items, blobs and subscriptions, and the subscribers' and affiliates' index entries
+        of them (cleared here rather than in the background:
         nothing is left once this returns; a removal that failed part way left
         tombstones, which running it again clears)."""
         return await _purge(self.host, self.limits, vhost, username)
@@ -626,10 +627,14 @@ async def _purge(host: ModuleHost, limits: Limits, vhost: str, username: str) ->
         found = await service(other, "").drop_affiliations_of(bare) or found
     own = service(vhost, f"{username}/", bare)
     await finish_deletions(own, own.prefix)
-    for name in await own.node_names(limits.max_nodes):
-        deleted = await own.delete(None, name)
-        await clear_deleted(own, own.tombstone_key(deleted.node))
-        found = True
+    # Every node, a page at a time, however many `max_nodes` allows now: the prefix
+    # deletion below takes the records of a node left out, but not its subscribers'
+    # `/u/` nor its affiliates' `/a/` entries, which only the deletion's clean-up finds.
+    async for page in own.node_pages():
+        for node in page:
+            deleted = await own.delete(None, node.name)
+            await clear_deleted(own, own.tombstone_key(deleted.node))
+            found = True
     found = await host.items(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
     found = await host.blobs(vhost, "pep").delete_prefix(f"{username}/") > 0 or found
     return found

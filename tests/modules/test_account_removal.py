@@ -3,6 +3,7 @@ part way is reported, and running the removal again finishes it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -490,6 +491,75 @@ async def test_every_node_of_a_service_is_cleaned_past_max_nodes(
         assert await _mentions(after, "zed@localhost") == [], on_at_removal
         nodes = await after.storage.items.query("pubsub.localhost/pubsub", Query(prefix="n/"))
         assert [item.name for item in nodes.items] == [f"n/n{i}" for i in (0, 1, 2, 3, 4, 5, 7)]
+
+
+async def _pep_records(harness: ModuleHarness) -> dict[str, dict[str, Any]]:
+    """Every record of localhost's PEP store, by name."""
+    page = await harness.storage.items.query("localhost/pep", Query(limit=1000))
+    return {item.name: dict(item.attrs) for item in page.items}
+
+
+async def test_every_pep_node_is_cleaned_past_max_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """zed made seven PEP nodes; alice subscribed to the first and the last, and zed
+    made her a member of the one before the last, so her `/u/` and `/a/` indexes name
+    his nodes. The operator lowers `max_nodes` to 2: zed's removal still deletes every
+    node with its clean-up, so neither index names any of them after it (the prefix
+    deletion alone would take the nodes past the limit but leave those entries). The
+    walk reads two records a query here, so it goes through several pages; with the
+    module off (the default `max_nodes` then) the same paged walk runs."""
+    monkeypatch.setattr(_pubsub_engine, "AFFILIATION_SCAN", 2)
+    pep_on: dict[str, dict[str, Any] | None] = {"roster": {}, "presence": {}, "pep": {}}
+    for on_at_removal in (True, False):
+        before = await ModuleHarness({**pep_on, "disco": {}}).start()
+        await before.host.accounts["localhost"].register("zed", "zed-secret-1")
+        zed = before.session("zed@localhost/r")
+        alice = before.session("alice@localhost/a")
+        open_ = (
+            f"<publish-options><x xmlns='jabber:x:data' type='submit'>"
+            f"<field var='FORM_TYPE' type='hidden'><value>{PUBSUB}#publish-options</value>"
+            "</field><field var='pubsub#access_model'><value>open</value></field>"
+            "</x></publish-options>"
+        )
+        await _iqs(before, zed, *(
+            f"<pubsub xmlns='{PUBSUB}'><publish node='n{i}'><item id='1'><x xmlns='urn:t'/>"
+            f"</item></publish>{open_}</pubsub>" for i in range(7)
+        ))
+        await _iqs(before, zed, (
+            f"<pubsub xmlns='{PUBSUB}#owner'><affiliations node='n5'>"
+            "<affiliation jid='alice@localhost' affiliation='member'/></affiliations></pubsub>"
+        ))
+        for node in ("n0", "n6"):
+            reply = await before.iq(
+                alice, "set",
+                f"<pubsub xmlns='{PUBSUB}'><subscribe node='{node}' jid='alice@localhost'/>"
+                "</pubsub>",
+                "zed@localhost",
+            )
+            assert reply.get("type") == "result", etree.tostring(reply)
+        await before.router.drain()
+        await before.host.stop()
+        indexes = {
+            name: json.loads(attrs["s"])
+            for name, attrs in (await _pep_records(before)).items() if name.startswith("/")
+        }
+        assert indexes == {
+            "/u/alice%40localhost": [
+                ["zed/", "n0", "alice@localhost"], ["zed/", "n6", "alice@localhost"]
+            ],
+            "/a/alice%40localhost": [["zed/", "n5"]],
+        }
+
+        modules: dict[str, dict[str, Any] | None] = {"disco": {}}
+        if on_at_removal:
+            modules |= {**pep_on, "pep": {"max_nodes": 2}}
+        after = await ModuleHarness(modules, storage=before.storage).start()
+        assert await after.host.remove_account("localhost", "zed") == "account"
+        await after.router.drain()
+        await after.host.stop()
+        assert await _mentions(after, "zed@localhost") == [], on_at_removal
+        # alice's indexes named only zed's nodes: emptied, they are gone, and so is
+        # every record of zed's nodes, their subscriptions and tombstones.
+        assert await _pep_records(after) == {}, on_at_removal
 
 
 async def test_with_the_roster_on_and_presence_off_local_contacts_lose_their_item() -> None:
