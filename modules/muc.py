@@ -539,7 +539,8 @@ class Muc(Module):
             if (dropping := self._dropping.get(room_jid)) is not None:
                 await dropping
             if (handing := self._handing.get(room_jid)) is not None:
-                # Unloaded: its lease let go first, lest the release come after the claim.
+                # Handed over (unloaded, or moved away and back as the node set flapped):
+                # its lease let go first, lest the queued release undo this claim.
                 await asyncio.gather(handing, return_exceptions=True)
             record: dict[str, str] = {}
             if self.live is not None:
