@@ -6,7 +6,7 @@ loads the room a stanza is for, hands the stanza to the room
 answers, and writes what the room marked changed. Rooms live in this
 node's memory while they are in use; persistent ones are read from the
 stores the first time a stanza names them (stanzas for a room that is
-loading wait in order), written back after each change, and unloaded once
+loading wait in order, up to MAX_WAITING of them), written back after each change, and unloaded once
 nobody has been in them for `unload_after` seconds (`unload_idle`).
 
 Storage (per virtual host):
@@ -82,6 +82,11 @@ UNLOAD_SWEEP = 30.0
 """Seconds between two looks for persistent rooms empty for `unload_after` seconds: a
 room is unloaded between `unload_after` and that plus UNLOAD_SWEEP after it emptied."""
 MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
+MAX_WAITING = 1000
+"""Stanzas one room may have waiting while it loads (its lease claimed, its state read):
+past that, each is answered resource-constraint (wait) at once, never queued without
+bound while Redis or the stores are slow (the outbox's MAX_BACKLOG does the same for
+what the room sends)."""
 CLAIM_RETRY = 1.0  # seconds between two claims of a room another node still runs
 ASK_AFTER = 4.0
 """Seconds a claim waits for the holder to let go at its heartbeat (every 3 s) before it
@@ -521,7 +526,16 @@ class Muc(Module):
             return
         waiting = self._loading.get(room_jid)
         if waiting is not None:
-            waiting.append(routed)
+            if len(waiting) < MAX_WAITING:
+                waiting.append(routed)
+            elif stanza.tag == ns.C_IQ and stanza.get("type") == "result":
+                # A result is never answered with an error (RFC 6120 8.2.3).
+                self.log.warning("muc: dropped an IQ result for %s, loading with %d "
+                                 "stanzas waiting", room_jid, len(waiting))
+            else:
+                self._error(stanza, StanzaError(
+                    "resource-constraint", "the room is loading, try again", "wait"
+                ), room_jid)
             return
         self._loading[room_jid] = [routed]
         self.host.spawn(self._load(room_jid, routed))
