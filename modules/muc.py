@@ -233,7 +233,9 @@ class Muc(Module):
         if redis is not None and node is not None:
             self.live = LiveRooms(redis, node, self._nodes_of, self._lost)
             self._keeping: asyncio.Future[None] | None = None
+            self._keep_again = False
             self.host.every(self.live.keep_every(), self._keep_leases)
+            self.host.on_cluster_lapse(self._keep_leases)
         for vhost in self.host.hosts:
             domain = f"{options.subdomain}.{vhost}"
             self.services[domain] = vhost
@@ -349,6 +351,7 @@ class Muc(Module):
         self._let_go()
         for room in list(self.rooms.values()):
             self._purge(room)
+        self._keep_leases()  # a node that went may have taken a room of ours meanwhile
 
     def _notice(self, payload: dict[str, object]) -> None:
         forget = payload.get("forget")
@@ -388,15 +391,26 @@ class Muc(Module):
 
     def _keep_leases(self) -> None:
         """Every room this node runs keeps its record in Redis, quiet ones too
-        (`LiveRooms.keep`); one refresh at a time."""
+        (`LiveRooms.keep`), and a room whose lease another node took goes (`_lost`).
+        Every TTL/4, and at once when the live nodes change or this node finds its
+        heartbeat had lapsed: the lease of a room may have been taken while this node
+        was taken for dead, and the room must not run on here, with an occupant list
+        that is no longer the room's, until its next write (a quiet room: hours). One
+        round at a time; one asked for meanwhile follows it."""
         live = self.live
-        if live is None or (self._keeping is not None and not self._keeping.done()):
+        if live is None:
             return
-        running = dict(self.rooms)
+        if self._keeping is not None and not self._keeping.done():
+            self._keep_again = True
+            return
 
         async def keep() -> None:
-            for room_jid in await live.keep(list(running)):
-                self._lost(room_jid, running[room_jid])
+            self._keep_again = True
+            while self._keep_again:
+                self._keep_again = False
+                running = dict(self.rooms)
+                for room_jid in await live.keep(list(running)):
+                    self._lost(room_jid, running[room_jid])
 
         self._keeping = self.host.spawn_shared(keep())
 

@@ -541,6 +541,48 @@ async def test_a_room_wanted_back_while_it_is_handed_over_keeps_its_lease(
     await close(alice)
 
 
+@pytest.mark.parametrize("how", ["heartbeat lapsed", "node set changed"])
+async def test_a_node_finds_at_once_that_it_lost_a_quiet_rooms_lease(
+    redis_service: LocalService, start_server: StartServer, how: str  # noqa: F811
+) -> None:
+    """b's lease of a quiet room was taken (by a, while b was taken for dead): b finds
+    out as soon as its heartbeat sees it had lapsed, or the live nodes change, not at
+    the room's next write or its refresh (every 6 hours): the room goes from b and
+    its occupant is told she is out (332), before anyone says anything."""
+    url = devservices.redis_url(redis_service)
+    a, b = await two_nodes(start_server, url)
+    room = next(
+        JID(jid) for n in range(1000)
+        if owner_of(jid := f"room{n}@conference.localhost", frozenset({"muc-a", "muc-b"}))
+        == owner_of(jid, frozenset(NODES)) == "muc-b"
+    )
+    alice = await chatter(a, "alice@localhost/desk")
+    await create(alice, room, "Alice", roomname="Quiet")
+    rooms = b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    assert room.bare in rooms
+    redis = Redis.from_url(url)
+    try:
+        await redis.hset(f"xmppd:muc:room:{room.bare}", "node", "muc-a")
+        if how == "heartbeat lapsed":
+            assert b.cluster is not None
+            await redis.delete(schema.alive_key("muc-b"))  # expired, b's loop stalled
+            await b.cluster.heartbeat.beat()
+        else:
+            c = await start_server(
+                users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "muc-c"}
+            )
+            for node in (b, c):
+                assert node.cluster is not None
+                while node.cluster.nodes != frozenset(NODES):
+                    await node.cluster.heartbeat.beat()
+    finally:
+        await redis.aclose()
+    shut = await alice.presence_of("Alice", "unavailable")
+    assert {110, 332} <= set(shut["muc"]["status_codes"])
+    assert room.bare not in rooms
+    await close(alice)
+
+
 async def test_a_quiet_room_keeps_its_lease_and_its_state(
     redis_service: LocalService, start_server: StartServer,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
