@@ -26,7 +26,8 @@ live public room (not locked), on whichever node it runs: the room directory.
 
 Writes are batched as the cluster writer's are: a room that changed is marked
 and the call returns; one task writes every marked room in one pipeline, and
-what changes meanwhile goes in the next.
+what changes meanwhile goes in the next. A batch that fails is written again, whole
+(the occupants and message ids it took from its rooms included), before what came since.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ class _Change:
     release: bool = False
     drop: bool = False
     done: list[asyncio.Future[None]] = field(default_factory=list)
+    # Taken from the room (Room.touched, Room.seen_changed) when the write is built, and
+    # kept here until it is written: a write that fails is tried again with them.
+    touched: set[str] = field(default_factory=set)
+    seen: bool = False
 
 
 def _text(value: bytes | str) -> str:
@@ -298,8 +303,9 @@ class LiveRooms:
         listed = ""
         name = ""
         if room is not None:
-            touched, room.touched = room.touched, set()
-            records = {nick: room.occupant_record(nick) for nick in touched}
+            change.touched |= room.touched
+            room.touched = set()
+            records = {nick: room.occupant_record(nick) for nick in change.touched}
             jids = [
                 jid for r in records.values() if r is not None for jid in (r["jid"], *r["others"])
             ]
@@ -318,8 +324,9 @@ class LiveRooms:
                     fields += ["state", json.dumps(room.live_state())]
                 if change.history:
                     fields += ["history", room.history_json().decode()]
-            if room.seen_changed:
-                room.seen_changed = False
+            change.seen |= room.seen_changed
+            room.seen_changed = False
+            if change.seen:
                 fields += ["seen", json.dumps(list(room.seen))]
             if change.state:
                 listed = "1" if room.config.public and not room.locked else "0"

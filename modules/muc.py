@@ -6,7 +6,7 @@ loads the room a stanza is for, hands the stanza to the room
 answers, and writes what the room marked changed. Rooms live in this
 node's memory while they are in use; persistent ones are read from the
 stores the first time a stanza names them (stanzas for a room that is
-loading wait in order), written back after each change, and unloaded once
+loading wait in order, up to MAX_WAITING of them), written back after each change, and unloaded once
 nobody has been in them for `unload_after` seconds (`unload_idle`).
 
 Storage (per virtual host):
@@ -82,6 +82,11 @@ UNLOAD_SWEEP = 30.0
 """Seconds between two looks for persistent rooms empty for `unload_after` seconds: a
 room is unloaded between `unload_after` and that plus UNLOAD_SWEEP after it emptied."""
 MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
+MAX_WAITING = 1000
+"""Stanzas one room may have waiting while it loads (its lease claimed, its state read):
+past that, each is answered resource-constraint (wait) at once, never queued without
+bound while Redis or the stores are slow (the outbox's MAX_BACKLOG does the same for
+what the room sends)."""
 CLAIM_RETRY = 1.0  # seconds between two claims of a room another node still runs
 ASK_AFTER = 4.0
 """Seconds a claim waits for the holder to let go at its heartbeat (every 3 s) before it
@@ -228,7 +233,9 @@ class Muc(Module):
         if redis is not None and node is not None:
             self.live = LiveRooms(redis, node, self._nodes_of, self._lost)
             self._keeping: asyncio.Future[None] | None = None
+            self._keep_again = False
             self.host.every(self.live.keep_every(), self._keep_leases)
+            self.host.on_cluster_lapse(self._keep_leases)
         for vhost in self.host.hosts:
             domain = f"{options.subdomain}.{vhost}"
             self.services[domain] = vhost
@@ -344,6 +351,7 @@ class Muc(Module):
         self._let_go()
         for room in list(self.rooms.values()):
             self._purge(room)
+        self._keep_leases()  # a node that went may have taken a room of ours meanwhile
 
     def _notice(self, payload: dict[str, object]) -> None:
         forget = payload.get("forget")
@@ -383,15 +391,26 @@ class Muc(Module):
 
     def _keep_leases(self) -> None:
         """Every room this node runs keeps its record in Redis, quiet ones too
-        (`LiveRooms.keep`); one refresh at a time."""
+        (`LiveRooms.keep`), and a room whose lease another node took goes (`_lost`).
+        Every TTL/4, and at once when the live nodes change or this node finds its
+        heartbeat had lapsed: the lease of a room may have been taken while this node
+        was taken for dead, and the room must not run on here, with an occupant list
+        that is no longer the room's, until its next write (a quiet room: hours). One
+        round at a time; one asked for meanwhile follows it."""
         live = self.live
-        if live is None or (self._keeping is not None and not self._keeping.done()):
+        if live is None:
             return
-        running = dict(self.rooms)
+        if self._keeping is not None and not self._keeping.done():
+            self._keep_again = True
+            return
 
         async def keep() -> None:
-            for room_jid in await live.keep(list(running)):
-                self._lost(room_jid, running[room_jid])
+            self._keep_again = True
+            while self._keep_again:
+                self._keep_again = False
+                running = dict(self.rooms)
+                for room_jid in await live.keep(list(running)):
+                    self._lost(room_jid, running[room_jid])
 
         self._keeping = self.host.spawn_shared(keep())
 
@@ -521,7 +540,16 @@ class Muc(Module):
             return
         waiting = self._loading.get(room_jid)
         if waiting is not None:
-            waiting.append(routed)
+            if len(waiting) < MAX_WAITING:
+                waiting.append(routed)
+            elif stanza.tag == ns.C_IQ and stanza.get("type") == "result":
+                # A result is never answered with an error (RFC 6120 8.2.3).
+                self.log.warning("muc: dropped an IQ result for %s, loading with %d "
+                                 "stanzas waiting", room_jid, len(waiting))
+            else:
+                self._error(stanza, StanzaError(
+                    "resource-constraint", "the room is loading, try again", "wait"
+                ), room_jid)
             return
         self._loading[room_jid] = [routed]
         self.host.spawn(self._load(room_jid, routed))
@@ -539,7 +567,8 @@ class Muc(Module):
             if (dropping := self._dropping.get(room_jid)) is not None:
                 await dropping
             if (handing := self._handing.get(room_jid)) is not None:
-                # Unloaded: its lease let go first, lest the release come after the claim.
+                # Handed over (unloaded, or moved away and back as the node set flapped):
+                # its lease let go first, lest the queued release undo this claim.
                 await asyncio.gather(handing, return_exceptions=True)
             record: dict[str, str] = {}
             if self.live is not None:

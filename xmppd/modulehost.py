@@ -632,6 +632,14 @@ class ModuleHost:
         if self.cluster is not None:
             self.cluster.on_nodes_changed(handler)
 
+    def on_cluster_lapse(self, handler: Callable[[], None]) -> None:
+        """Call `handler()` when this node finds its heartbeat had expired (its event
+        loop or Redis stalled past the heartbeat's TTL): the other nodes may have taken
+        it for dead meanwhile and taken over what it held (a lease), without its node
+        set changing in its own view. Synchronous, on the heartbeat's task."""
+        if self.cluster is not None:
+            self.cluster.on_lapsed(handler)
+
     def forward_to_node(self, node: str, stanza: etree._Element) -> bool:
         """Hand `stanza` to `node`'s router, as if it had arrived there without a
         sender session (through its inbox, in order with what this node forwards

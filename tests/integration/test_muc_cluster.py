@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 from redis.asyncio import Redis
 from slixmpp import JID, Iq, Message
 from slixmpp.exceptions import IqError, PresenceError
@@ -35,6 +36,7 @@ from tests.storage.services import service_factory  # noqa: F401  (fixture)
 from xmppd.cluster import schema
 from xmppd.cluster.heartbeat import INTERVAL, TTL
 from xmppd.modules import _muc_live
+from xmppd.modules._muc_send import SLICE
 from xmppd.modules.muc import owner_of
 from xmppd.server import Server
 from xmppd.storage import devservices
@@ -488,6 +490,96 @@ async def test_a_copy_whose_lease_another_node_took_stops_and_the_room_goes_on(
     assert (await alice.said())["body"] == "after"
     assert room.bare in rooms
     assert await self_ping(alice, JID(f"{room}/Alice")) is None
+    await close(alice)
+
+
+async def test_a_room_wanted_back_while_it_is_handed_over_keeps_its_lease(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """The node set flaps: b starts handing its room over, then owns it again, and a
+    stanza for the room reaches b before the release is written. The load waits for
+    the hand-over, then claims: b runs the room with the lease (a claim that went
+    first was undone by the release: the room's next write refused, its occupant
+    told she was out, and another node free to run it too)."""
+    url = devservices.redis_url(redis_service)
+    a, b = await two_nodes(start_server, url)
+    room = room_owned_by("muc-b", ("muc-a", "muc-b"))
+    alice = await chatter(a, "alice@localhost/desk")
+    await create(alice, room, "Alice", roomname="Flapping")
+    muc = b.modules.modules["muc"]
+    assert room.bare in muc.rooms  # type: ignore[attr-defined]
+
+    # One turn of b's loop: the room, busy sending (a big room's output, routed a
+    # slice at a time: the hand-over waits for it), moves away (b taken for leaving)
+    # and back, and a message for it arrives.
+    noise = [
+        etree.fromstring(f"<message xmlns='jabber:client' type='error' from='{room}'"
+                         f" to='localhost' id='{n}'/>")
+        for n in range(20 * SLICE)
+    ]
+    muc.outbox.send(room.bare, noise)  # type: ignore[attr-defined]
+    muc._leaving.add("muc-b")  # type: ignore[attr-defined]
+    muc._nodes_changed(b.cluster.nodes)  # type: ignore[attr-defined, union-attr]
+    assert room.bare not in muc.rooms  # type: ignore[attr-defined]
+    muc._leaving.discard("muc-b")  # type: ignore[attr-defined]
+    message = etree.fromstring(
+        f"<message xmlns='jabber:client' from='{alice.boundjid}' to='{room}'"
+        " type='groupchat' id='back'><body>back</body></message>"
+    )
+    b.router.route(message)
+
+    assert (await alice.said())["body"] == "back"
+    assert await self_ping(alice, JID(f"{room}/Alice")) is None  # still in, never told out
+    alice.send_message(mto=room, mbody="and on", mtype="groupchat")
+    assert (await alice.said())["body"] == "and on"
+    redis = Redis.from_url(url)
+    try:
+        assert await redis.hget(f"xmppd:muc:room:{room.bare}", "node") == b"muc-b"
+    finally:
+        await redis.aclose()
+    assert room.bare in muc.rooms  # type: ignore[attr-defined]
+    await close(alice)
+
+
+@pytest.mark.parametrize("how", ["heartbeat lapsed", "node set changed"])
+async def test_a_node_finds_at_once_that_it_lost_a_quiet_rooms_lease(
+    redis_service: LocalService, start_server: StartServer, how: str  # noqa: F811
+) -> None:
+    """b's lease of a quiet room was taken (by a, while b was taken for dead): b finds
+    out as soon as its heartbeat sees it had lapsed, or the live nodes change, not at
+    the room's next write or its refresh (every 6 hours): the room goes from b and
+    its occupant is told she is out (332), before anyone says anything."""
+    url = devservices.redis_url(redis_service)
+    a, b = await two_nodes(start_server, url)
+    room = next(
+        JID(jid) for n in range(1000)
+        if owner_of(jid := f"room{n}@conference.localhost", frozenset({"muc-a", "muc-b"}))
+        == owner_of(jid, frozenset(NODES)) == "muc-b"
+    )
+    alice = await chatter(a, "alice@localhost/desk")
+    await create(alice, room, "Alice", roomname="Quiet")
+    rooms = b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    assert room.bare in rooms
+    redis = Redis.from_url(url)
+    try:
+        await redis.hset(f"xmppd:muc:room:{room.bare}", "node", "muc-a")
+        if how == "heartbeat lapsed":
+            assert b.cluster is not None
+            await redis.delete(schema.alive_key("muc-b"))  # expired, b's loop stalled
+            await b.cluster.heartbeat.beat()
+        else:
+            c = await start_server(
+                users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "muc-c"}
+            )
+            for node in (b, c):
+                assert node.cluster is not None
+                while node.cluster.nodes != frozenset(NODES):
+                    await node.cluster.heartbeat.beat()
+    finally:
+        await redis.aclose()
+    shut = await alice.presence_of("Alice", "unavailable")
+    assert {110, 332} <= set(shut["muc"]["status_codes"])
+    assert room.bare not in rooms
     await close(alice)
 
 

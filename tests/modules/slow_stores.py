@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
-from xmppd.storage.base import Write
+from xmppd.storage.base import Item, Write
 
 
 class GatedSQLite(SQLiteItemBackend):
@@ -22,3 +22,17 @@ class GatedSQLite(SQLiteItemBackend):
     async def transact(self, writes: Sequence[Write]) -> None:
         await self.gate.wait()
         await super().transact(writes)
+
+
+class SlowReadSQLite(SQLiteItemBackend):
+    """SQLite whose reads wait until the test opens the gate (open at first): a store
+    slower than the stanzas that wait for what it holds."""
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        super().__init__(path, **options)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        await self.gate.wait()
+        return await super().get(namespace, name)

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from lxml import etree
 
+from tests.modules.slow_stores import SlowReadSQLite
 from xmppd.modules import _muc_send
+from xmppd.modules import muc as muc_module
 from xmppd.modules._muc_room import MUC, MUC_ADMIN, MUC_OWNER, MUC_USER, OCCUPANT_ID, Room
 from xmppd.modules._muc_store import unpack_history
 from xmppd.modules.muc import Muc
+from xmppd.storage.backends.files import FileBlobBackend
+from xmppd.storage.cache import NullCache
+from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 from xmppd.xml import ns
 
@@ -1404,3 +1410,39 @@ async def test_a_removed_account_is_forgotten_by_the_stored_rooms_with_the_modul
     ((body, oid),) = history_ids(blob.data)
     assert body == "kept" and oid and oid != old_id
     assert await Muc.purge_user(off.host, "localhost", "bob") is False
+
+
+async def test_stanzas_past_max_waiting_for_a_loading_room_get_a_wait_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a room loads (its stores slow), stanzas for it wait, up to MAX_WAITING:
+    the next is answered resource-constraint (wait) at once, not queued without bound;
+    those that waited are handled, in order, once the room has loaded."""
+    monkeypatch.setattr(muc_module, "MAX_WAITING", 3)
+    items = await SlowReadSQLite.open(tmp_path / "items.sqlite3")
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    h = await ModuleHarness({"disco": {}, "muc": {}}, storage=storage).start()
+    alice = h.session("alice@localhost/desk")
+    items.gate.clear()  # the room's load waits for the stores
+    for xml in (
+        f"<presence to='{ROOM}/Alice'/>",  # waits: creates the room once loaded
+        *(f"<message to='{ROOM}' type='groupchat' id='m{n}'><body>{n}</body></message>"
+          for n in range(1, 4)),
+    ):
+        stanza = parse_stanza(xml)
+        stanza.set("from", alice.jid)
+        alice.receive(stanza)
+    for _ in range(10):  # the stanzas routed; the room still loading
+        await asyncio.sleep(0)
+    refused = alice.take()
+    assert [(s.get("id"), condition(s)) for s in refused] == [("m3", "resource-constraint")]
+    error = refused[0].find(f"{{{ns.CLIENT}}}error")
+    assert error is not None and error.get("type") == "wait"
+
+    items.gate.set()
+    await h.router.drain()
+    got = alice.take()
+    assert [s.get("from") for s in presences(got)] == [f"{ROOM}/Alice"]
+    bodies = [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)]
+    assert [b for b in bodies if b is not None] == ["1", "2"]  # after the join's subject
+    await items.close()

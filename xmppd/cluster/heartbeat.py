@@ -21,7 +21,8 @@ resources, offline storage, an error for a request), and from the reap on
 forwards to the dead node are refused (its "gone" mark, schema.FORWARD) and routed again on
 the sender's node. A node stalled longer than TTL (a frozen process) is
 reaped as if dead; its next heartbeat writes its sessions back
-(`Cluster.rewrite_local`).
+(`Cluster.rewrite_local`) and tells the lapse's listeners (`Cluster.on_lapsed`:
+multi-user chat checks the leases of its rooms, which another node may have taken).
 
 A busy event loop is not a dead node: the alive key is also set every
 INTERVAL by a thread of the node's own (`KeepAlive`, its own Redis

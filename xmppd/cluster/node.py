@@ -75,6 +75,7 @@ class Cluster:
         self.directory = ClusterDirectory(self.node, self.writer)
         self.nodes: frozenset[str] = frozenset({self.node})
         self._nodes_listeners: list[Callable[[frozenset[str]], None]] = []
+        self._lapse_listeners: list[Callable[[], None]] = []
         self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
         self.secret = config.secret
         self.link: Link | None = None
@@ -84,7 +85,7 @@ class Cluster:
                 self.stats, self.sync, config.link.unix,
             )
         self.heartbeat = Heartbeat(
-            self.redis, self.node, self.rewrite_local, self.stats, self.sessions_lost,
+            self.redis, self.node, self._lapsed, self.stats, self.sessions_lost,
             self._nodes_seen, config.redis_url,
             self.link.peers_seen if self.link is not None else lambda addresses: None,
         )
@@ -216,6 +217,21 @@ class Cluster:
         """Write every local session into the table again (Redis may have lost them),
         after listing this node again (forwards to it are refused until it is)."""
         self.writer.rewrite(self.directory.local_entries())
+
+    def _lapsed(self) -> None:
+        """This node's heartbeat had expired: the other nodes may have taken it for dead
+        meanwhile, and taken over what it held (its sessions are written again; its
+        listeners look at what else they hold)."""
+        self.rewrite_local()
+        for listener in list(self._lapse_listeners):
+            try:
+                listener()
+            except Exception:  # a module's bug must not stop the heartbeat
+                log.exception("cluster: a listener of the heartbeat's lapse failed")
+
+    def on_lapsed(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` whenever this node finds its heartbeat had expired."""
+        self._lapse_listeners.append(listener)
 
     def on_nodes_changed(self, listener: Callable[[frozenset[str]], None]) -> None:
         """Call `listener(nodes)` whenever the set of live nodes this node sees changes."""

@@ -1,0 +1,103 @@
+"""The live rooms' writes to Redis (modules/_muc_live.py) against a real redis-server:
+what the next owner of a room reads after a failover must be there, Redis errors or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+from lxml import etree
+from redis.asyncio import Redis
+
+from tests.storage.services import redis_service, service_factory  # noqa: F401  (fixtures)
+from xmppd.modules import _muc_live
+from xmppd.modules._muc_live import LiveRooms, record_key
+from xmppd.modules._muc_room import Limits, Room
+from xmppd.storage import devservices
+from xmppd.storage.devservices import LocalService
+from xmppd.xml import ns
+
+ROOM = "room@conference.localhost"
+ALICE = "alice@localhost/desk"
+
+
+@pytest.fixture
+async def admin(redis_service: LocalService) -> AsyncIterator[Redis]:  # noqa: F811
+    """The test's own connection: it grants and takes back the node's rights."""
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    # The node connects as "muc", a user the test can deny a command (a real error
+    # reply from Redis, as an out-of-memory or read-only replica gives).
+    await redis.acl_setuser(
+        "muc", enabled=True, nopass=True, keys=["*"], channels=["*"], commands=["+@all"]
+    )
+    yield redis
+    await redis.aclose()
+
+
+class Refused(logging.Handler):
+    """Set once the live rooms' writer logs a write it will try again."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying" in record.getMessage():
+            self.seen.set()
+
+
+def stanza(xml: str) -> etree._Element:
+    return etree.fromstring(f"<wrap xmlns='{ns.CLIENT}'>{xml}</wrap>")[0]
+
+
+async def test_a_failed_write_is_retried_with_its_occupants_and_seen_ids(
+    redis_service: LocalService,  # noqa: F811
+    admin: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis refuses the first write of a join and a message (the script is denied),
+    then takes the retry: the occupant's record and the seen message ids are written
+    (the retry once found them cleared from the room, and wrote neither: the next
+    owner lost the occupant, and handled a re-routed message twice)."""
+    monkeypatch.setattr(_muc_live, "RETRY_DELAY", 0.05)
+    redis = Redis.from_url(devservices.redis_url(redis_service), username="muc", password="x")
+    lost: list[str] = []
+    live = LiveRooms(
+        redis, "node-a", lambda jids: dict.fromkeys(jids, "node-a"),
+        lambda jid, _room: lost.append(jid),
+    )
+    try:
+        assert (await live.claim(ROOM)).ok
+        room = Room(ROOM, Limits(), "alice@localhost")
+        room.presence(stanza(f"<presence from='{ALICE}' to='{ROOM}/Alice'/>"), "Alice", 0.0)
+        room.groupchat(
+            stanza(f"<message from='{ALICE}' to='{ROOM}' type='groupchat' id='m1'>"
+                   "<body>hi</body></message>"),
+            0.0,
+        )
+        assert room.touched and room.seen_changed
+
+        await admin.acl_setuser("muc", commands=["-evalsha"])
+        refused = Refused()
+        live.log.addHandler(refused)
+        try:
+            live.changed(room, state=True, history=True)
+            await refused.seen.wait()  # the first write refused
+        finally:
+            live.log.removeHandler(refused)
+        await admin.acl_setuser("muc", commands=["+evalsha"])
+        await live.flush()
+
+        written = await admin.hgetall(record_key(ROOM))
+        record = {k.decode(): v.decode() for k, v in written.items()}
+        assert record["node"] == "node-a"
+        assert json.loads(record["o:Alice"])["jid"] == ALICE
+        assert json.loads(record["seen"]) == [f"{ALICE}\0m1"]
+        assert "state" in record and "history" in record
+        assert lost == []
+    finally:
+        await redis.aclose()
