@@ -63,6 +63,28 @@ async def resume_at(server: Server, user: str, previd: str, h: int) -> Stream:
     return stream
 
 
+async def drop_and_wait(server: Server, stream: Stream) -> None:
+    """Lose `stream`'s connection; back once `server` keeps its session for resumption."""
+    waiting = detached(server)
+    stream.drop()
+    await asyncio.wait_for(waiting.get(), 10)
+
+
+async def drop_and_store(server: Server, stream: Stream) -> None:
+    """As `drop_and_wait`, and back once Redis has the session's state."""
+    await drop_and_wait(server, stream)
+    store = sm_module(server).store
+    assert store is not None
+    await store.flush()
+
+
+async def available_with_directed_presence(alice: Stream, bob: Stream) -> None:
+    """alice available, and a directed presence from her to bob (not her contact)."""
+    await alice.send("<presence/>")
+    await alice.send("<presence to='bob@localhost/phone'/>")
+    assert (await bob.next("alice@localhost/phone")).get("type") is None
+
+
 async def test_resume_on_another_node_while_the_first_lives(
     redis_service: LocalService, start_server: StartServer  # noqa: F811
 ) -> None:
@@ -79,9 +101,7 @@ async def test_resume_on_another_node_while_the_first_lives(
     assert await messages(alice, 3) == ["before 0", "before 1", "before 2"]
     await alice.send(f"<a xmlns='{SM}' h='2'/>")  # the presence echo and the first
     await alice.ack_count()
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
+    await drop_and_wait(a, alice)
     await bob.send(message("alice@localhost/phone", "while away"))
     store = sm_module(a).store
     assert store is not None
@@ -125,12 +145,7 @@ async def test_a_session_resumed_elsewhere_keeps_what_its_client_set_up(
     assert on_a is not None
     set_up = a.modules.shared_state(on_a)
     assert set_up.get("carbons") is True and "roster/interested" in set_up
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
-    store = sm_module(a).store
-    assert store is not None
-    await store.flush()
+    await drop_and_store(a, alice)
     again = await resume_at(b, "alice", previd, 0)
     await again.next("resumed")
     on_b = b.router.directory.get("alice@localhost", "phone")
@@ -159,15 +174,8 @@ async def test_who_got_directed_presence_hears_a_session_resumed_elsewhere_leave
     bob = await Stream.login(b, "bob")
     alice = await Stream.login(a, "alice")
     previd = (await alice.enable()).get("id", "")
-    await alice.send("<presence/>")
-    await alice.send("<presence to='bob@localhost/phone'/>")
-    assert (await bob.next("alice@localhost/phone")).get("type") is None
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
-    store = sm_module(a).store
-    assert store is not None
-    await store.flush()
+    await available_with_directed_presence(alice, bob)
+    await drop_and_store(a, alice)
     again = await resume_at(b, "alice", previd, 0)
     await again.next("resumed")
     on_b = b.router.directory.get("alice@localhost", "phone")
@@ -261,9 +269,7 @@ async def test_a_resume_that_a_drain_overtakes_is_handed_over_too(
     b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
     alice = await Stream.login(a, "alice")
     previd = (await alice.enable()).get("id", "")
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
+    await drop_and_wait(a, alice)
     bob = await Stream.login(b, "bob")
     await bob.enable()  # B has a session of its own to hand over when it drains
     await until(lambda: a.router.directory.get("bob@localhost", "phone") is not None)
@@ -492,9 +498,7 @@ async def test_takeover_when_redis_lags_the_old_node(
     await bob.send(message("alice@localhost/phone", "seen 1"))
     await bob.send(message("alice@localhost/phone", "seen 2"))
     assert await messages(alice, 2) == ["seen 1", "seen 2"]
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
+    await drop_and_wait(a, alice)
     await bob.send(message("alice@localhost/phone", "queued, never stored"))
     await until(lambda: len(sm_module(a).resumable[previd].queue) == 5)
     # Redis says 2 were sent (the echo, "stored"); the client has 4: two over.
@@ -596,12 +600,7 @@ async def test_a_resume_whose_stream_ends_while_redis_answers_loses_nothing(
     for n in range(3):
         await bob.send(message("alice@localhost/phone", f"unacked {n}"))
     assert len(await messages(alice, 3)) == 3
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
-    store = sm_module(a).store
-    assert store is not None
-    await store.flush()
+    await drop_and_store(a, alice)
     again = await Stream.auth(b, "alice")
     redis_service.pause()  # the claim waits for Redis while the stream ends
     try:
@@ -625,15 +624,8 @@ async def test_a_resume_whose_stream_ends_tells_who_saw_the_session_available(
     alice = await Stream.login(a, "alice")
     bob = await Stream.login(a, "bob")
     previd = (await alice.enable()).get("id", "")
-    await alice.send("<presence/>")
-    await alice.send("<presence to='bob@localhost/phone'/>")
-    assert (await bob.next("alice@localhost/phone")).get("type") is None
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
-    store = sm_module(a).store
-    assert store is not None
-    await store.flush()
+    await available_with_directed_presence(alice, bob)
+    await drop_and_store(a, alice)
     again = await Stream.auth(b, "alice")
     redis_service.pause()  # the claim waits for Redis while the stream ends
     try:
@@ -664,9 +656,7 @@ async def test_a_resume_while_redis_hangs_is_answered_in_time_and_loses_nothing(
     for n in range(3):
         await bob.send(message("alice@localhost/phone", f"unacked {n}"))
     assert len(await messages(alice, 3)) == 3
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
+    await drop_and_wait(a, alice)
     await sm_module(a).store.flush()  # type: ignore[union-attr]
     # B's store on a client of its own with a connection open and CLAIM loaded, as on a
     # node that has claimed before: the claim reaches Redis at once and waits there, to
@@ -777,9 +767,7 @@ async def test_a_takeover_during_a_write_of_the_old_node_loses_nothing(
     store = smstore.SMStore(own, "node-a")
     store.start(module.lost, module.written)
     module.store = store
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
+    await drop_and_wait(a, alice)
     await store.flush()
     sm = module.resumable[previd]
     link.open.clear()
@@ -887,9 +875,7 @@ async def test_a_session_ended_here_is_not_resumed_from_a_record_not_yet_dropped
     assert module.store is not None
     await module.store.flush()
     await module.store.stop()  # its drop will not reach Redis
-    waiting = detached(a)
-    alice.drop()
-    await asyncio.wait_for(waiting.get(), 10)
+    await drop_and_wait(a, alice)
     await until(lambda: a.router.ledger.offline == 1, timeout=10)
     again = await resume_at(a, "alice", previd, 0)
     answer = await again.next(SM)
