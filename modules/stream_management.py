@@ -387,7 +387,7 @@ class StreamManagement(Module):
                         if claimed.presence:  # their unavailable, said here
                             cluster.session_lost(claimed.jid, claimed.previous)
                     self.expired[sm_id] = (claimed.jid.partition("/")[0], claimed.handled)
-                    self.store.drop(sm_id)
+                    self.store.drop(sm_id, claimed.handled)
                     for data in claimed.queue:
                         self._unacked(etree.fromstring(data, _PARSER))
                 if self.store.uncertain:  # ids claimed again meanwhile: after that claim
@@ -635,6 +635,18 @@ class StreamManagement(Module):
         if self._resumed(sm, inner, request):
             self.stats.resumed += 1
 
+    async def _h_when_ended(self, previd: str, account: str) -> int | None:
+        """The h of `account`'s session `previd` if it ended for good on any node lately
+        (GONE_TTL): XEP-0198 asks for it in <failed/>, so that the client knows which of
+        its stanzas the server had, and sends again only the others."""
+        assert self.store is not None
+        try:
+            gone = await self.store.gone(previd)
+        except (RedisError, OSError) as exc:  # TimeoutError too
+            self.log.warning("sm: the h of ended session %s not read: Redis: %r", previd, exc)
+            return None
+        return gone[1] if gone is not None and gone[0] == account else None
+
     def _resumed(
         self, sm: SMState, inner: Transport, request: ElementRequest, taken_over: bool = False
     ) -> bool:
@@ -676,7 +688,7 @@ class StreamManagement(Module):
             self.claiming.discard(previd)
         if claimed is None:
             self.stats.resume_failed += 1
-            request.reply(_failed("item-not-found"))
+            request.reply(_failed("item-not-found", await self._h_when_ended(previd, account)))
             return
         cluster = self.host.cluster
         if cluster is not None and claimed.previous not in ("", cluster.node):
@@ -693,7 +705,7 @@ class StreamManagement(Module):
             # resumed (unacked messages routed again), or it would expire in Redis.
             self.stats.resume_failed += 1
             self.expired[previd] = (account, claimed.handled)
-            self.store.drop(previd)
+            self.store.drop(previd, claimed.handled)
             for data in claimed.queue:
                 self._unacked(etree.fromstring(data, _PARSER))
             if claimed.presence and cluster is not None and claimed.previous:
@@ -761,7 +773,7 @@ class StreamManagement(Module):
             while len(self.expired) > EXPIRED_REMEMBERED:
                 self.expired.popitem(last=False)
             if self.store is not None:
-                self.store.drop(sm.id)
+                self.store.drop(sm.id, sm.handled)
         queue, sm.queue = sm.queue, deque()
         for stanza in queue:
             self._unacked(stanza, sm.timed_out)

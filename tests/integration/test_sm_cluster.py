@@ -883,3 +883,33 @@ async def test_a_session_ended_here_is_not_resumed_from_a_record_not_yet_dropped
     assert answer.get("h") == "0"
     await again.close()
     await bob.close()
+
+
+async def test_a_late_resume_on_another_node_is_told_h(
+    redis_service: LocalService, start_server: StartServer  # noqa: F811
+) -> None:
+    """alice's session times out on node A after she sent it two stanzas; she comes back
+    with <resume/> on node B: <failed/> carries h (XEP-0198), so her client sends again
+    only what the server did not have. Someone else's <resume/> of that id learns nothing."""
+    a = await start_server(cluster=cluster(redis_service, "node-a"))
+    b = await start_server(users={}, cluster=cluster(redis_service, "node-b"))
+    alice = await Stream.login(a, "alice")
+    previd = (await alice.enable("resume='true' max='1'")).get("id", "")
+    await alice.send("<presence/>")
+    await alice.send(message("bob@localhost", "to bob, offline"))
+    await until(lambda: a.router.ledger.offline == 1, timeout=10)  # both handled
+    await drop_and_wait(a, alice)
+    await until(lambda: previd not in sm_module(a).resumable, timeout=10)  # timed out
+    assert sm_module(a).expired[previd] == ("alice@localhost", 2)
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    again = await resume_at(b, "alice", previd, 0)
+    answer = await again.next(SM)
+    assert etree.QName(answer).localname == "failed", etree.tostring(answer)
+    assert answer.get("h") == "2"
+    await again.close()
+    stranger = await resume_at(b, "bob", previd, 0)
+    answer = await stranger.next(SM)
+    assert etree.QName(answer).localname == "failed" and answer.get("h") is None
+    await stranger.close()

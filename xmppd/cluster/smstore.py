@@ -5,6 +5,8 @@ Per resumable session (its SM id):
                   node, Entry.sid), handled, sent, max, presence, state (the
                   session's shared state, JSON: carbons on, active privacy list...)
   xmppd:smq:<id>  list: the unacknowledged stanzas to the client, oldest first
+  xmppd:smgone:<id>  string, for GONE_TTL once the session ended for good: its
+                  account and h, so that any node answers a late <resume/> with h
 
 Writes are batched, as the cluster writer batches its own (xmppd.cluster.writer):
 a session whose state changed is marked dirty and returns at once; one task
@@ -52,6 +54,10 @@ SWEEP_PAGE = 500
 REDIS_WAIT = 5.0
 """Seconds a claim, a batch of writes or a step of a sweep waits for Redis: a hung Redis
 (no error, no answer) fails them then, as an unreachable one does."""
+GONE_PREFIX = "xmppd:smgone:"
+GONE_TTL = 3600
+"""Seconds a session that ended for good is remembered with its h: a client that comes
+back later with <resume/>, on any node, learns what the server had of its stanzas."""
 FENCE_PREFIX = "xmppd:smfence:"
 FENCE_TTL = 3600
 """Seconds a claim's fence outlives it: longer than Redis takes to run what it had queued
@@ -108,13 +114,20 @@ took it from, 'gone:' and the dead node a sweep took it from), for the node to e
 holds nothing of it. Only reads the record: run again, it answers the same."""
 
 DROP = """
--- KEYS hash, list; ARGV node
+-- KEYS hash, list, gone; ARGV node, h ('': the record's), gone ttl
 if redis.call('HGET', KEYS[1], 'node') == ARGV[1] then
+  local h = ARGV[2]
+  if h == '' then h = redis.call('HGET', KEYS[1], 'handled') or '' end
+  local bare = redis.call('HGET', KEYS[1], 'bare') or ''
   redis.call('DEL', KEYS[1], KEYS[2])
+  if h ~= '' and bare ~= '' then
+    redis.call('SET', KEYS[3], bare .. ' ' .. h, 'EX', ARGV[3])
+  end
 end
 return false
 """
-"""Forget a session that ended for good, unless another node owns it now."""
+"""Forget a session that ended for good, unless another node owns it now, and remember
+its account and h for a late <resume/> (GONE_TTL)."""
 
 
 ORPHAN = """
@@ -231,6 +244,7 @@ class SMStore:
         # only what changed since the last write); None: drop the record.
         self._dirty: dict[str, Callable[[bool], Change] | None] = {}
         self._full: set[str] = set()  # ids whose last batch failed: written whole next
+        self._gone_h: dict[str, int] = {}  # ids to drop -> the h they ended with
         self._lost: Callable[[str], None] = lambda _id: None
         self._written: Callable[[str, int], None] = lambda _id, _sent: None
         self._wake = asyncio.Event()
@@ -260,19 +274,33 @@ class SMStore:
 
     def dirty(self, sm_id: str, change: Callable[[bool], Change]) -> None:
         """Write this session's state with the next batch (never waits)."""
+        self._gone_h.pop(sm_id, None)
         if not self._dirty:
             self._first_dirty = time.monotonic()
         self._dirty[sm_id] = change
         self._idle.clear()
         self._wake.set()
 
-    def drop(self, sm_id: str) -> None:
-        """Forget the session's record with the next batch (it ended for good here)."""
+    def drop(self, sm_id: str, handled: int | None = None) -> None:
+        """Forget the session's record with the next batch (it ended for good here), and
+        remember its h (`handled`; None: the record's) for a late <resume/>."""
+        if handled is not None:
+            self._gone_h[sm_id] = handled
         if not self._dirty:
             self._first_dirty = time.monotonic()
         self._dirty[sm_id] = None
         self._idle.clear()
         self._wake.set()
+
+    async def gone(self, sm_id: str) -> tuple[str, int] | None:
+        """The account and h of a session that ended for good (DROP), if Redis still
+        remembers it; waits REDIS_WAIT seconds at most."""
+        async with asyncio.timeout(REDIS_WAIT):
+            raw = await self.redis.get(GONE_PREFIX + sm_id)
+        if raw is None:
+            return None
+        bare, _, h = (raw.decode() if isinstance(raw, bytes) else str(raw)).rpartition(" ")
+        return (bare, int(h)) if bare and h.isdigit() else None
 
     async def flush(self) -> None:
         """Wait until every change made so far is in Redis (drain, shutdown, tests)."""
@@ -425,6 +453,8 @@ class SMStore:
                 refused[sm_id] = make
             else:
                 self._full.discard(sm_id)
+                if make is None:
+                    self._gone_h.pop(sm_id, None)
                 if result == 0:
                     self._lost(sm_id)
                 elif change is not None:
@@ -449,7 +479,12 @@ class SMStore:
                 keys = [PREFIX + sm_id, QUEUE_PREFIX + sm_id]
                 if make is None:
                     changes.append(None)
-                    await self._drop(keys=keys, args=[self.node], client=pipe)
+                    handled = self._gone_h.get(sm_id)
+                    await self._drop(
+                        keys=[*keys, GONE_PREFIX + sm_id],
+                        args=[self.node, "" if handled is None else handled, GONE_TTL],
+                        client=pipe,
+                    )
                     continue
                 change = make(sm_id in self._full)
                 changes.append(change)
