@@ -641,11 +641,10 @@ class StreamManagement(Module):
         its stanzas the server had, and sends again only the others."""
         assert self.store is not None
         try:
-            gone = await self.store.gone(previd)
+            return await self.store.gone(previd, account)
         except (RedisError, OSError) as exc:  # TimeoutError too
             self.log.warning("sm: the h of ended session %s not read: Redis: %r", previd, exc)
             return None
-        return gone[1] if gone is not None and gone[0] == account else None
 
     def _resumed(
         self, sm: SMState, inner: Transport, request: ElementRequest, taken_over: bool = False

@@ -5,8 +5,9 @@ Per resumable session (its SM id):
                   node, Entry.sid), handled, sent, max, presence, state (the
                   session's shared state, JSON: carbons on, active privacy list...)
   xmppd:smq:<id>  list: the unacknowledged stanzas to the client, oldest first
-  xmppd:smgone:<id>  string, for GONE_TTL once the session ended for good: its
-                  account and h, so that any node answers a late <resume/> with h
+  xmppd:smgone:<id>  string, for GONE_TTL once the session ended for good: a digest
+                  of its account and its h, so that any node answers a late
+                  <resume/> with h (the digest: no JID stays behind a removal)
 
 Writes are batched, as the cluster writer batches its own (xmppd.cluster.writer):
 a session whose state changed is marked dirty and returns at once; one task
@@ -24,6 +25,7 @@ record to the node that resumes it, is atomic with reading it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -121,7 +123,7 @@ if redis.call('HGET', KEYS[1], 'node') == ARGV[1] then
   local bare = redis.call('HGET', KEYS[1], 'bare') or ''
   redis.call('DEL', KEYS[1], KEYS[2])
   if h ~= '' and bare ~= '' then
-    redis.call('SET', KEYS[3], bare .. ' ' .. h, 'EX', ARGV[3])
+    redis.call('SET', KEYS[3], redis.sha1hex(bare) .. ' ' .. h, 'EX', ARGV[3])
   end
 end
 return false
@@ -292,15 +294,17 @@ class SMStore:
         self._idle.clear()
         self._wake.set()
 
-    async def gone(self, sm_id: str) -> tuple[str, int] | None:
-        """The account and h of a session that ended for good (DROP), if Redis still
-        remembers it; waits REDIS_WAIT seconds at most."""
+    async def gone(self, sm_id: str, bare: str) -> int | None:
+        """The h of `bare`'s session `sm_id` if it ended for good (DROP) and Redis still
+        remembers it; None for another account's. Waits REDIS_WAIT seconds at most."""
         async with asyncio.timeout(REDIS_WAIT):
             raw = await self.redis.get(GONE_PREFIX + sm_id)
         if raw is None:
             return None
-        bare, _, h = (raw.decode() if isinstance(raw, bytes) else str(raw)).rpartition(" ")
-        return (bare, int(h)) if bare and h.isdigit() else None
+        digest, _, h = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(" ")
+        if digest != hashlib.sha1(bare.encode()).hexdigest() or not h.isdigit():
+            return None
+        return int(h)
 
     async def flush(self) -> None:
         """Wait until every change made so far is in Redis (drain, shutdown, tests)."""
