@@ -63,6 +63,19 @@ async def resume_at(server: Server, user: str, previd: str, h: int) -> Stream:
     return stream
 
 
+async def flushed_then_refused(a: Server, b: Server, user: str, previd: str) -> etree._Element:
+    """Once node `a` wrote what it has to Redis, `user`'s <resume/> of `previd` at node
+    `b`: its <failed/>."""
+    store = sm_module(a).store
+    assert store is not None
+    await store.flush()
+    again = await resume_at(b, user, previd, 0)
+    answer = await again.next(SM)
+    assert etree.QName(answer).localname == "failed", etree.tostring(answer)
+    await again.close()
+    return answer
+
+
 async def drop_and_wait(server: Server, stream: Stream) -> None:
     """Lose `stream`'s connection; back once `server` keeps its session for resumption."""
     waiting = detached(server)
@@ -575,14 +588,8 @@ async def test_a_session_ended_for_too_many_unacked_cannot_be_resumed_elsewhere(
     assert await alice.error() == "resource-constraint"
     await asyncio.wait_for(closed.wait(), 10)
     await until(lambda: a.router.ledger.offline == 4)
-    store = sm_module(a).store
-    assert store is not None
-    await store.flush()
-    again = await resume_at(b, "alice", previd, 0)
-    answer = await again.next(SM)
-    assert etree.QName(answer).localname == "failed", etree.tostring(answer)
+    await flushed_then_refused(a, b, "alice", previd)
     assert previd not in sm_module(a).resumable  # nor kept on A, ended
-    await again.close()
     await bob.close()
 
 
@@ -901,15 +908,5 @@ async def test_a_late_resume_on_another_node_is_told_h(
     await drop_and_wait(a, alice)
     await until(lambda: previd not in sm_module(a).resumable, timeout=10)  # timed out
     assert sm_module(a).expired[previd] == ("alice@localhost", 2)
-    store = sm_module(a).store
-    assert store is not None
-    await store.flush()
-    again = await resume_at(b, "alice", previd, 0)
-    answer = await again.next(SM)
-    assert etree.QName(answer).localname == "failed", etree.tostring(answer)
-    assert answer.get("h") == "2"
-    await again.close()
-    stranger = await resume_at(b, "bob", previd, 0)
-    answer = await stranger.next(SM)
-    assert etree.QName(answer).localname == "failed" and answer.get("h") is None
-    await stranger.close()
+    assert (await flushed_then_refused(a, b, "alice", previd)).get("h") == "2"
+    assert (await flushed_then_refused(a, b, "bob", previd)).get("h") is None
