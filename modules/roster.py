@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -486,22 +487,7 @@ class RosterModule(Module):
 
     async def _stored(self, owner_bare: str, stored: Item | None) -> _Stored:
         """The roster in `stored`, decoded only when the cache has not these bytes."""
-        if stored is None:
-            return _Stored(None, "", 0, {}, 0)
-        attrs = stored.attrs
-        raw = attrs.get("items", b"")
-        if not isinstance(raw, bytes):
-            raw = b""
-        items = await self._decoded.decode(owner_bare, raw) if raw else {}
-        epoch = attrs.get("epoch", "")
-        counter = attrs.get("n", 0)
-        return _Stored(
-            stored,
-            epoch if isinstance(epoch, str) else "",
-            counter if isinstance(counter, int) else 0,
-            items,
-            len(raw),
-        )
+        return await _read_stored(stored, functools.partial(self._decoded.decode, owner_bare))
 
 
 # --- account removal ------------------------------------------------------------------------
@@ -529,7 +515,7 @@ async def _remove_roster(
     if live is not None:
         items = (await live._stored(owner, stored)).items
     else:
-        items = await _items_of(stored)
+        items = (await _read_stored(stored, _decode_uncached)).items
     if host.modules.get("presence") is None:
         for contact in items:
             if host.serves(_domain(contact)):
@@ -554,37 +540,46 @@ async def _drop_contact_item(
         return
 
     async def edit(stored: Item | None) -> dict[str, Any] | Unchanged:
-        if stored is None:
+        roster = await _read_stored(stored, _decode_uncached)
+        if removed not in roster.items:
             return UNCHANGED
-        items = await _items_of(stored)
-        if removed not in items:
-            return UNCHANGED
-        rest = {jid: item for jid, item in items.items() if jid != removed}
-        epoch, counter = stored.attrs.get("epoch"), stored.attrs.get("n")
-        epoch = epoch if isinstance(epoch, str) and epoch else secrets.token_hex(4)
-        counter = (counter if isinstance(counter, int) else 0) + 1  # a new version
-        if _size(stored) >= OFF_LOOP_BYTES:
+        rest = {jid: item for jid, item in roster.items.items() if jid != removed}
+        epoch, counter = roster.epoch or secrets.token_hex(4), roster.counter + 1
+        if roster.size >= OFF_LOOP_BYTES:
             return await asyncio.to_thread(_encode, epoch, counter, rest)
         return _encode(epoch, counter, rest)
 
     await host.items(_domain(contact), STORE).modify(_localpart(contact), edit, what="roster")
 
 
-async def _items_of(stored: Item) -> dict[str, RosterItem]:
-    """The items of a stored roster, decoded without the module's cache (in a thread
-    when large)."""
-    raw = stored.attrs.get("items", b"")
-    if not isinstance(raw, bytes) or not raw:
-        return {}
+async def _read_stored(
+    stored: Item | None, decode: Callable[[bytes], Awaitable[dict[str, RosterItem]]]
+) -> _Stored:
+    """The roster in `stored`, its items decoded by `decode`: the module's cache, or
+    `_decode_uncached` where the module is off."""
+    if stored is None:
+        return _Stored(None, "", 0, {}, 0)
+    attrs = stored.attrs
+    raw = attrs.get("items", b"")
+    if not isinstance(raw, bytes):
+        raw = b""
+    items = await decode(raw) if raw else {}
+    epoch = attrs.get("epoch", "")
+    counter = attrs.get("n", 0)
+    return _Stored(
+        stored,
+        epoch if isinstance(epoch, str) else "",
+        counter if isinstance(counter, int) else 0,
+        items,
+        len(raw),
+    )
+
+
+async def _decode_uncached(raw: bytes) -> dict[str, RosterItem]:
+    """A stored roster's items with no cache (the module off): in a thread when large."""
     if len(raw) >= OFF_LOOP_BYTES:
         return await asyncio.to_thread(_decode_items, raw)
     return _decode_items(raw)
-
-
-def _size(stored: Item) -> int:
-    """The compressed bytes of a stored roster: a large one is coded in a thread."""
-    raw = stored.attrs.get("items", b"")
-    return len(raw) if isinstance(raw, bytes) else 0
 
 
 def _end_subscriptions(host: ModuleHost, owner: str, item: RosterItem) -> None:
