@@ -76,6 +76,21 @@ async def flushed_then_refused(a: Server, b: Server, user: str, previd: str) -> 
     return answer
 
 
+async def resume_cut_before_the_bind(
+    b: Server, redis_service: LocalService, previd: str
+) -> None:
+    """alice's <resume/> of `previd` at node `b`, whose stream ends while the claim waits
+    for Redis (paused meanwhile): `b` claims the session and finds no stream to bind."""
+    again = await Stream.auth(b, "alice")
+    redis_service.pause()
+    try:
+        await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+        again.drop()
+        await until(lambda: not b.connections)
+    finally:
+        redis_service.resume()
+
+
 async def drop_and_wait(server: Server, stream: Stream) -> None:
     """Lose `stream`'s connection; back once `server` keeps its session for resumption."""
     waiting = detached(server)
@@ -608,14 +623,7 @@ async def test_a_resume_whose_stream_ends_while_redis_answers_loses_nothing(
         await bob.send(message("alice@localhost/phone", f"unacked {n}"))
     assert len(await messages(alice, 3)) == 3
     await drop_and_store(a, alice)
-    again = await Stream.auth(b, "alice")
-    redis_service.pause()  # the claim waits for Redis while the stream ends
-    try:
-        await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
-        again.drop()
-        await until(lambda: not b.connections)
-    finally:
-        redis_service.resume()
+    await resume_cut_before_the_bind(b, redis_service, previd)
     await until(lambda: b.router.ledger.offline + a.router.ledger.offline == 3, timeout=10)
     await bob.close()
 
@@ -633,14 +641,7 @@ async def test_a_resume_whose_stream_ends_tells_who_saw_the_session_available(
     previd = (await alice.enable()).get("id", "")
     await available_with_directed_presence(alice, bob)
     await drop_and_store(a, alice)
-    again = await Stream.auth(b, "alice")
-    redis_service.pause()  # the claim waits for Redis while the stream ends
-    try:
-        await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
-        again.drop()
-        await until(lambda: not b.connections)
-    finally:
-        redis_service.resume()
+    await resume_cut_before_the_bind(b, redis_service, previd)
     gone = await bob.next("alice@localhost/phone")
     assert gone.get("type") == "unavailable"
     await bob.close()
