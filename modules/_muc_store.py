@@ -20,6 +20,7 @@ leftover can refuse its writes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from xmppd.modules._muc_room import Room
@@ -35,6 +36,7 @@ from xmppd.storage.base import (
     ItemEdit,
     ItemStore,
     Unchanged,
+    backoff,
 )
 
 GEN = "gen"
@@ -126,7 +128,9 @@ async def write_history(blobs: BlobStore, room: Room, local: str) -> None:
     this copy last read or wrote (`Room.history_etag`), so the usual write is one put;
     after a lost race the blob is read, and the write refused if it is newer."""
     data = pack_history(room.gen, room.history_json())
-    for _ in range(MODIFY_TRIES):
+    for lost in range(MODIFY_TRIES):
+        if lost:  # as the stores' own retries: two racing copies do not hammer the blob
+            await asyncio.sleep(backoff(lost - 1))
         try:
             if room.history_etag is None:
                 room.history_etag = await blobs.put(local, data, if_none_match=True)

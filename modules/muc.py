@@ -542,11 +542,7 @@ class Muc(Module):
         if waiting is not None:
             if len(waiting) < MAX_WAITING:
                 waiting.append(routed)
-            elif stanza.tag == ns.C_IQ and stanza.get("type") == "result":
-                # A result is never answered with an error (RFC 6120 8.2.3).
-                self.log.warning("muc: dropped an IQ result for %s, loading with %d "
-                                 "stanzas waiting", room_jid, len(waiting))
-            else:
+            else:  # (an IQ result or an error is never answered: `_error` drops it)
                 self._error(stanza, StanzaError(
                     "resource-constraint", "the room is loading, try again", "wait"
                 ), room_jid)
