@@ -200,6 +200,26 @@ async def test_spoofed_from_is_invalid_from(server: Server) -> None:
     await close(bob)
 
 
+async def test_a_restart_to_another_host_after_sasl_is_refused(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """alice@localhost's password must not open alice@other.test, a separate account
+    of the same server: the restart after SASL may not name another host."""
+    caplog.set_level("INFO", logger="xmppd")
+    server = await start_server(hosts=["localhost", "other.test"])
+    await server.accounts["other.test"].register("alice", "another-secret")
+    raw = await RawClient.open(server)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    await raw.send(plain("alice", "alice-secret"))  # alice@localhost's password
+    await raw.read_until(b"<success")
+    await raw.send(HEADER.replace("to='localhost'", "to='other.test'"))
+    assert stream_error_of(await raw.read_to_close()) == "host-unknown"
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert any("host-unknown" in r.getMessage() for r in refused), caplog.text
+    assert not server.router.directory.has("alice@other.test")
+
+
 async def test_idle_unauthenticated_connection_is_closed(start_server: StartServer) -> None:
     server = await start_server(limits={"auth_timeout": 0.5})
     raw = await RawClient.open(server)

@@ -120,6 +120,52 @@ def test_starttls_then_restart_offers_plus_and_xep0440() -> None:
     assert cb_types == ["tls-server-end-point"]
 
 
+OTHER_HEADER = HEADER.replace(b"to='localhost'", b"to='other.test'")
+
+
+@pytest.mark.parametrize("after", ["starttls", "sasl"])
+def test_a_restart_naming_another_host_is_host_unknown(after: str) -> None:
+    """Both hosts are served, but the stream stays with the first: SASL checked the
+    password against localhost's accounts, so a restart to other.test must not bind
+    alice@other.test."""
+    s = c2s.C2SStream(settings(hosts={"localhost", "other.test"}, direct_tls=after == "sasl"))
+    s.set_channel_bindings(CB)
+    s.receive(HEADER)
+    s.output()
+    if after == "starttls":
+        s.receive(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        s.output()
+        s.tls_started(CB)
+    else:
+        s.receive(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+            + base64.b64encode(b"\0alice\0pw")
+            + b"</auth>"
+        )
+        s.sasl_success("alice")
+        s.output()
+    s.receive(OTHER_HEADER)
+    assert stream_error(s.output()) == "host-unknown"
+    assert s.closed and s.host == "localhost"
+
+
+def test_a_restart_naming_the_same_host_goes_on() -> None:
+    s = c2s.C2SStream(settings(hosts={"localhost", "other.test"}, direct_tls=True))
+    s.set_channel_bindings(CB)
+    s.receive(OTHER_HEADER)
+    s.output()
+    s.receive(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+        + base64.b64encode(b"\0alice\0pw")
+        + b"</auth>"
+    )
+    s.sasl_success("alice")
+    s.output()
+    s.receive(OTHER_HEADER)
+    assert b"urn:ietf:params:xml:ns:xmpp-bind" in s.output()
+    assert not s.closed and s.host == "other.test"
+
+
 def test_no_plus_without_channel_binding() -> None:
     s = c2s.C2SStream(settings(direct_tls=True))
     s.receive(HEADER)

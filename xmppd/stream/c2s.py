@@ -360,7 +360,11 @@ class C2SStream:
     def _on_stream_open(self, opened: StreamOpened) -> None:
         self.stream_id = secrets.token_urlsafe(12)
         host = (opened.attrs.get("to") or "").strip().lower()
-        if host in self.settings.hosts:
+        # A restart (after STARTTLS or SASL) keeps the host of the first header: SASL
+        # checked the password against that host's accounts, so a restart naming
+        # another host would bind the same username there without its password.
+        moved = self.host is not None and host != self.host
+        if self.host is None and host in self.settings.hosts:
             self.host = host
         self._client_from = opened.attrs.get("from")
         self.lang = opened.attrs.get(ns.XML_LANG, self.lang)
@@ -379,6 +383,8 @@ class C2SStream:
             raise StreamError("unsupported-version", "this server speaks XMPP 1.0")
         if self.host is None:
             raise StreamError("host-unknown", "this server does not serve that domain")
+        if moved:
+            raise StreamError("host-unknown", f"this stream was opened for {self.host}")
         self.send(self._features())
 
     def _send_header(self) -> None:
