@@ -96,6 +96,17 @@ async def test_doctype_and_entity_bomb(server: Server) -> None:
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 20_000  # KB
 
 
+async def test_a_doctype_in_utf16_is_unsupported_encoding(server: Server) -> None:
+    """The DOCTYPE ban held for UTF-8 bytes only: the same stream in UTF-16 had its
+    entities expanded past the 10 KB limit before authentication."""
+    raw = await RawClient.open(server)
+    bomb = "<!DOCTYPE s [<!ENTITY a '" + "a" * 1000 + "'>]>" + HEADER[21:]
+    body = "&a;" * 400  # 400,000 characters once expanded, under 2 KB sent
+    stream = "<?xml version='1.0'?>" + bomb + f"<message><body>{body}</body></message>"
+    await raw.send(stream.encode("utf-16"))
+    assert stream_error_of(await raw.read_to_close()) == "unsupported-encoding"
+
+
 async def test_stanza_over_size_limit(server: Server) -> None:
     raw = await logged_in(server)
     limit = server.config.limits.max_stanza_bytes

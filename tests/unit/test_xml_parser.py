@@ -9,6 +9,7 @@ locked one, the oldest supported one and the newest one.
 from __future__ import annotations
 
 import lxml
+import pytest
 from lxml import etree
 
 from xmppd.stream.errors import StreamError
@@ -187,6 +188,24 @@ def test_a_doctype_after_a_declaration_split_across_reads_is_refused() -> None:
         assert exc.condition == "restricted-xml"
     else:
         raise AssertionError("a DOCTYPE was accepted")
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_stream_not_in_utf8_is_unsupported_encoding(codec: str) -> None:
+    """In UTF-16 a "<!DOCTYPE" is "<\\0!\\0...": the byte search for "<!" missed it and
+    libxml2, reading the BOM or guessing, expanded the entities past the size limit."""
+    bomb = "<!DOCTYPE s [<!ENTITY a 'aaaaaaaaaaaaaaaa'>]>" + HEADER[21:].decode()
+    with pytest.raises(StreamError) as raised:
+        parser().feed(("<?xml version='1.0'?>" + bomb + "<message>&a;</message>").encode(codec))
+    assert raised.value.condition == "unsupported-encoding"
+
+
+def test_the_stream_is_read_as_utf8_whatever_its_declaration_says() -> None:
+    p = parser()
+    p.feed(b"<?xml version='1.0' encoding='ISO-8859-1'?>" + HEADER[21:])
+    [message] = p.feed("<message><body>\u00e9</body></message>".encode())
+    assert isinstance(message, etree._Element)
+    assert message.findtext("{jabber:client}body") == "\u00e9"  # not Latin-1's "\u00c3\u00a9"
 
 
 def test_a_start_tag_too_long_to_finish_counts_against_the_stanza_limit() -> None:

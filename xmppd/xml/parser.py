@@ -84,6 +84,9 @@ class StreamParser:
             no_network=True,
             load_dtd=False,
             huge_tree=False,
+            # UTF-8 whatever the data says (RFC 6120 11.6): a stream sent in UTF-16
+            # would otherwise hide its "<!DOCTYPE" from _check_prolog's byte search.
+            encoding="utf-8",
         )
         self._root: etree._Element | None = None  # the stream root, once its start tag is parsed
         self._depth = 0
@@ -242,6 +245,8 @@ class StreamParser:
         Only up to the root's "<": what follows it in the same read is stanzas, where a
         CDATA section also starts with "<!" (libxml2 refuses a DOCTYPE there itself)."""
         data = self._prolog_tail + chunk
+        if b"\0" in data:  # no UTF-8 XML has one: UTF-16 or UTF-32 (whose "<" is "<\0")
+            raise StreamError("unsupported-encoding", "XMPP streams are UTF-8")
         at = data.find(b"<")
         while at != -1:
             mark = data[at + 1 : at + 2]
