@@ -402,8 +402,11 @@ class Muc(Module):
         Every TTL/4, and at once when the live nodes change or this node finds its
         heartbeat had lapsed: the lease of a room may have been taken while this node
         was taken for dead, and the room must not run on here, with an occupant list
-        that is no longer the room's, until its next write (a quiet room: hours). One
-        round at a time; one asked for meanwhile follows it."""
+        that is no longer the room's, until its next write (a quiet room: hours). A
+        room whose record Redis lost with everything else (restarted empty, flushed;
+        its heartbeat lapsed too) and that nobody claimed since is held again and
+        written back whole, its occupants left in it. One round at a time; one asked
+        for meanwhile follows it."""
         live = self.live
         if live is None:
             return
@@ -416,14 +419,20 @@ class Muc(Module):
             while self._keep_again:
                 self._keep_again = False
                 running = dict(self.rooms)
-                for room_jid in await live.keep(list(running)):
+                lost, again = await live.keep(running)
+                for room_jid in lost:
                     self._lost(room_jid, running[room_jid])
+                for room_jid, epoch in again.items():  # Redis came back empty
+                    if self.rooms.get(room_jid) is running[room_jid]:
+                        live.reclaimed(room_jid, running[room_jid], epoch)
 
         self._keeping = self.host.spawn_shared(keep())
 
     def _lost(self, room_jid: str, room: Room) -> None:
         """Another node holds the room's lease now (this one was taken for dead), or
-        nobody does, or the stores hold a newer copy (`Stale`): the room here is stale,
+        nobody does and Redis did not lose it (a record Redis lost with its data is
+        held again instead: `LiveRooms.reclaimed`), or the stores hold a newer copy
+        (`Stale`): the room here is stale,
         and goes. Its occupants are told they are out (332), never left believing they
         are in a room that no longer hears them, and on a cluster each session's leave
         goes to the room wherever it runs now (the node that took it over has them as
