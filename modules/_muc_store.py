@@ -176,19 +176,15 @@ async def delete(
 
 
 async def sweep(items: ItemStore, blobs: BlobStore, before: float) -> int:
-    """Delete the tombstones of rooms destroyed at `before` or earlier (and a history an
-    older copy wrote after the destroy), each conditional on what was read: a room
-    made again meanwhile stays. How many went."""
+    """Delete the tombstones of rooms destroyed at `before` or earlier, each conditional
+    on what was read (a room made again meanwhile stays), after a history an older
+    copy wrote after the destroy (older than the tombstone: while the tombstone is
+    there, a room made again writes past it). How many went."""
     swept = 0
     while True:
         page = await items.query(Query(order_by=GONE, limit=SWEEP_PAGE))
         old = [item for item in page.items if int(item.attrs[GONE]) <= before]
         for item in old:
-            try:
-                await items.delete(item.name, if_version=item.version)
-            except ConditionFailed:
-                continue  # written since: a room made again, or a newer tombstone
-            swept += 1
 
             def history(current: Blob | None, gen: int = gen_of(item)) -> bytes | None | Unchanged:
                 if current is None or unpack_history(current.data)[0] >= gen:
@@ -196,6 +192,11 @@ async def sweep(items: ItemStore, blobs: BlobStore, before: float) -> int:
                 return None
 
             await blobs.modify(item.name, history, what="muc history")
+            try:
+                await items.delete(item.name, if_version=item.version)
+            except ConditionFailed:
+                continue  # written since: a room made again, or a newer tombstone
+            swept += 1
         if not old or len(old) < len(page.items):
             return swept
 

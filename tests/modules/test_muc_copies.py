@@ -38,7 +38,7 @@ from tests.modules.test_muc import (
 )
 from tests.storage.services import dynamodb_config, moto_service  # noqa: F401  (fixture)
 from xmppd.modules._muc_room import MUC_OWNER, Room
-from xmppd.modules._muc_store import GEN, GONE, TOMBSTONE_KEEP, unpack_history
+from xmppd.modules._muc_store import GEN, GONE, TOMBSTONE_KEEP, pack_history, unpack_history
 from xmppd.modules.muc import Muc
 from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
 from xmppd.storage.backends.files import FileBlobBackend
@@ -427,12 +427,17 @@ async def test_a_tombstone_goes_once_no_copy_can_still_write(nodes: Nodes) -> No
     assert tombstone is not None and set(tombstone.attrs) == {GEN, GONE}
     assert await h.host.blobs("localhost", "muc_history").get("room") is None
 
+    # A history an older copy wrote after the destroy (at its own, older, generation).
+    histories = h.host.blobs("localhost", "muc_history")
+    await histories.put("room", pack_history(int(tombstone.attrs[GEN]) - 1, b"[]"))
+
     clock.now += TOMBSTONE_KEEP - 1
     assert await muc.sweep_tombstones() == 0
     assert await items.get("room") == tombstone
     clock.now += 1
     assert await muc.sweep_tombstones() == 1
     assert await items.get("room") is None
+    assert await histories.get("room") is None
     assert await items.get("kept") is not None
     got = await join(h, h.session("bob@localhost/b"), "Bob")
     assert "201" in codes(presences(got)[-1])  # a new room
