@@ -23,8 +23,9 @@ reason a node that takes over a room the stores do not hold yet (its live
 copy in Redis) first writes a tombstone past the copy it takes over from
 (`load`, `live`), then the room over it. A room created again under a
 destroyed name starts past the tombstone; a tombstone goes once
-TOMBSTONE_KEEP has passed (`sweep`), by when no copy's write can still be
-under way (the live rooms' leases in Redis last as long), and a room created
+TOMBSTONE_KEEP has passed (`sweep`), as long as a live room's lease in Redis
+lasts: only a copy whose write is still under way a day after the destroy
+could write the room back then. A room created
 with no tombstone left starts past any history the old one left
 (`write_state`), so no leftover can refuse its writes.
 """
