@@ -24,6 +24,17 @@ leaves all of it, at most one pipeline round trip behind the room.
 One hash per service, `xmppd:muc:public:<service>`: room JID -> name of every
 live public room (not locked), on whichever node it runs: the room directory.
 
+One string, `xmppd:muc:epoch`: a random token, set by the first claim after
+Redis started empty (or was flushed). A node keeps, for each lease, the
+epoch it held it under. Redis that comes back empty forgets every record:
+a lease this node held whose record is gone, under an epoch Redis no
+longer has, was lost with the data, not taken, and nobody claimed the room
+since (a claim would have made the record): the node holds it again, and
+writes the room's whole record back (`reclaimed`), instead of dropping a
+room its occupants are still in. A record gone under the same epoch was
+dropped or let expire by another node that ran the room: lost, as a record
+another node holds is.
+
 Writes are batched as the cluster writer's are: a room that changed is marked
 and the call returns; one task writes every marked room in one pipeline, and
 what changes meanwhile goes in the next. A batch that fails is written again, whole
@@ -35,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +59,7 @@ from xmppd.modules._muc_room import Room
 
 KEY = "xmppd:muc:room:"
 PUBLIC = "xmppd:muc:public:"
+EPOCH = "xmppd:muc:epoch"
 TTL = 86400
 """Seconds a record lives after its holder last wrote or refreshed it (`keep`): what a
 killed node leaves behind goes a day after it died, whoever comes back to it or not."""
@@ -58,33 +71,53 @@ RETRY_DELAY = 0.5
 _ALIVE_BEFORE, _ALIVE_AFTER = schema.alive_key("\0").split("\0")
 
 CLAIM = """
--- KEYS record; ARGV node, ttl, alive key prefix, alive key suffix
+-- KEYS record, epoch; ARGV node, ttl, alive key prefix, alive key suffix, new epoch
 local holder = redis.call('HGET', KEYS[1], 'node')
 if holder and holder ~= '' and holder ~= ARGV[1]
    and redis.call('EXISTS', ARGV[3] .. holder .. ARGV[4]) == 1 then
-  return {0, holder, {}}
+  return {0, holder, {}, ''}
 end
+redis.call('SET', KEYS[2], ARGV[5], 'NX')
 redis.call('HSET', KEYS[1], 'node', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return {1, holder or '', redis.call('HGETALL', KEYS[1])}
+return {1, holder or '', redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2])}
 """
 """Take the room's lease unless another live node holds it: {1, previous holder, the
-record} or {0, holder, {}}."""
+record, the epoch} or {0, holder, {}, ''}."""
+
+HOLD = """
+local holder = redis.call('HGET', KEYS[1], 'node')
+if holder == ARGV[1] then return 1 end
+if holder or ARGV[3] == '' then return 0 end
+local epoch = redis.call('GET', KEYS[2])
+if epoch == ARGV[3] then return 0 end
+if not epoch then
+  redis.call('SET', KEYS[2], ARGV[4])
+  epoch = ARGV[4]
+end
+redis.call('HSET', KEYS[1], 'node', ARGV[1])
+return epoch
+"""
+"""The start of SAVE and KEEP (KEYS record, epoch; ARGV node, ttl, the lease's epoch,
+a new epoch): 1 if this node holds the lease, 0 if it lost it, or the epoch it holds
+it again under, Redis having lost the record with its epoch (EPOCH)."""
 
 SAVE = """
--- KEYS record, public; ARGV node, ttl, release, room, list ('1', '0', ''), name, ndel,
--- fields to delete..., field, value, ...
-if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then return 0 end
-local ndel = tonumber(ARGV[7])
-for i = 8, 7 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
-for i = 8 + ndel, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[5] == '1' then redis.call('HSET', KEYS[2], ARGV[4], ARGV[6])
-elseif ARGV[5] == '0' then redis.call('HDEL', KEYS[2], ARGV[4]) end
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'node', '') end
+-- KEYS record, epoch, public; ARGV node, ttl, the lease's epoch, new epoch, release,
+-- room, list ('1', '0', ''), name, ndel, fields to delete..., field, value, ...
+local held = hold(KEYS, ARGV)
+if held == 0 then return 0 end
+local ndel = tonumber(ARGV[9])
+for i = 10, 9 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
+for i = 10 + ndel, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[7] == '1' then redis.call('HSET', KEYS[3], ARGV[6], ARGV[8])
+elseif ARGV[7] == '0' then redis.call('HDEL', KEYS[3], ARGV[6]) end
+if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'node', '') end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
+return held
 """
-"""Write what changed (and let go of the lease if asked), if this node holds it."""
+"""Write what changed (and let go of the lease if asked), if this node holds it (HOLD's
+answer)."""
 
 DROP = """
 -- KEYS record, public; ARGV node, room
@@ -97,13 +130,17 @@ return 1
 """The room is gone (destroyed, a temporary room emptied, never created)."""
 
 KEEP = """
--- KEYS record; ARGV node, ttl
-if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then return 0 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
+-- KEYS record, epoch; ARGV node, ttl, the lease's epoch, new epoch
+local held = hold(KEYS, ARGV)
+if held ~= 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return held
 """
 """The room this node runs lives on: its record's TTL starts again, if this node still
-holds the lease."""
+holds the lease (HOLD's answer)."""
+
+
+def _with_hold(script: str) -> str:
+    return f"local function hold(KEYS, ARGV)\n{HOLD}\nend\n{script}"
 
 
 @dataclass
@@ -152,9 +189,10 @@ class LiveRooms:
         self.nodes_of = nodes_of
         self.lost = lost
         self._claim = redis.register_script(CLAIM)
-        self._save = redis.register_script(SAVE)
+        self._save = redis.register_script(_with_hold(SAVE))
         self._drop = redis.register_script(DROP)
-        self._keep = redis.register_script(KEEP)
+        self._keep = redis.register_script(_with_hold(KEEP))
+        self._epochs: dict[str, str] = {}  # room JID -> the epoch its lease was taken under
         self._pending: list[_Change] = []
         self._last: dict[str, _Change] = {}  # room JID -> its change in _pending
         self._task: asyncio.Task[None] | None = None
@@ -163,11 +201,13 @@ class LiveRooms:
 
     async def claim(self, room_jid: str) -> Claimed:
         async with asyncio.timeout(REDIS_WAIT):
-            ok, holder, flat = await self._claim(
-                keys=[record_key(room_jid)],
-                args=[self.node, TTL, _ALIVE_BEFORE, _ALIVE_AFTER],
+            ok, holder, flat, epoch = await self._claim(
+                keys=[record_key(room_jid), EPOCH],
+                args=[self.node, TTL, _ALIVE_BEFORE, _ALIVE_AFTER, secrets.token_hex(8)],
             )
         record = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+        if ok:
+            self._epochs[room_jid] = _text(epoch)
         return Claimed(bool(ok), holder.decode() if isinstance(holder, bytes) else "", record)
 
     def changed(self, room: Room, state: bool, history: bool) -> None:
@@ -195,26 +235,50 @@ class LiveRooms:
         """Seconds between two `keep`s (read when the module starts: tests shorten TTL)."""
         return TTL / REFRESHES
 
-    async def keep(self, room_jids: list[str]) -> list[str]:
+    async def keep(self, rooms: dict[str, Room]) -> tuple[list[str], dict[str, str]]:
         """The rooms this node runs, quiet or not, keep their records (one round trip):
         a record expires only when its node stopped refreshing it, that is died. (Not
         PERSIST while leased: a killed node's records would then stay in Redis for
-        ever, and in the room directory.) Returns the rooms whose lease this node no
-        longer holds (the caller checks they are still the ones it ran)."""
-        if not room_jids:
-            return []
+        ever, and in the room directory.) A room whose record Redis lost with its
+        epoch is held again. Returns the rooms whose lease this node no longer holds,
+        and those it holds again, each with its epoch, to write back whole
+        (`reclaimed`; the caller checks they are still the ones it ran)."""
+        if not rooms:
+            return [], {}
         try:
             async with asyncio.timeout(REDIS_WAIT):
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for room_jid in room_jids:
+                    for room_jid in rooms:
                         await self._keep(
-                            keys=[record_key(room_jid)], args=[self.node, TTL], client=pipe
+                            keys=[record_key(room_jid), EPOCH],
+                            args=self._hold_args(room_jid, TTL),
+                            client=pipe,
                         )
                     kept = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self.log.error("muc: could not refresh the live rooms in Redis (%s)", exc)
-            return []
-        return [room_jid for room_jid, held in zip(room_jids, kept, strict=True) if not held]
+            return [], {}
+        lost = [room_jid for room_jid, held in zip(rooms, kept, strict=True) if not held]
+        again = {
+            room_jid: _text(held)
+            for room_jid, held in zip(rooms, kept, strict=True)
+            if held and held != 1
+        }
+        return lost, again
+
+    def reclaimed(self, room_jid: str, room: Room, epoch: str) -> None:
+        """Redis lost the room's record (it came back empty), and this node holds the
+        lease again, under `epoch`: the whole record is written again, as the next
+        owner needs it (state, history, every occupant, the last message ids)."""
+        self.log.warning("muc: Redis had lost %s; this node holds it again", room_jid)
+        self._epochs[room_jid] = epoch
+        room.touched |= set(room.occupants)
+        room.seen_changed = True
+        self.changed(room, state=True, history=True)
+
+    def _hold_args(self, room_jid: str, ttl: int) -> list[Any]:
+        """HOLD's arguments: node, ttl, the lease's epoch, a new epoch."""
+        return [self.node, ttl, self._epochs.get(room_jid, ""), secrets.token_hex(8)]
 
     async def flush(self) -> None:
         """Return once what was marked so far is written (or given up on)."""
@@ -283,18 +347,29 @@ class LiveRooms:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for change in batch:
                     room_jid = change.room_jid
-                    keys = [record_key(room_jid), PUBLIC + room_jid.split("@", 1)[1]]
+                    public = PUBLIC + room_jid.split("@", 1)[1]
                     if change.drop:
-                        await self._drop(keys=keys, args=[self.node, room_jid], client=pipe)
+                        await self._drop(
+                            keys=[record_key(room_jid), public], args=[self.node, room_jid],
+                            client=pipe,
+                        )
                     else:
-                        args = self._args(change)
-                        await self._save(keys=keys, args=args, client=pipe)
+                        await self._save(
+                            keys=[record_key(room_jid), EPOCH, public],
+                            args=self._args(change), client=pipe,
+                        )
                 results = await pipe.execute()
         for change, written in zip(batch, results, strict=True):
-            if not written and change.room is not None and not change.release:
+            if change.drop or change.release:
+                self._epochs.pop(change.room_jid, None)
+            if change.room is None or change.release or written == 1:
+                continue
+            if not written:
                 self.log.warning("muc: %s is run by another node now; letting go",
                                  change.room_jid)
                 self.lost(change.room_jid, change.room)
+            else:
+                self.reclaimed(change.room_jid, change.room, _text(written))
 
     def _args(self, change: _Change) -> list[Any]:
         room_jid, room = change.room_jid, change.room
@@ -332,4 +407,7 @@ class LiveRooms:
                 listed = "1" if room.config.public and not room.locked else "0"
                 name = room.config.name
         release = "1" if change.release else "0"
-        return [self.node, TTL, release, room_jid, listed, name, len(delete), *delete, *fields]
+        return [
+            *self._hold_args(room_jid, TTL), release, room_jid, listed, name, len(delete),
+            *delete, *fields,
+        ]

@@ -12,10 +12,22 @@ store's conditional put (`ItemStore.modify`: a version check on SQLite, a
 condition expression on DynamoDB) and on the blob store's etag. A write
 from an older copy is refused (`Stale`) and writes nothing.
 
-An item absent while the copy believes it stored means a newer copy
-destroyed the room: refused too. A room created again under the name of one
-destroyed starts past any history the old one left (`write_state`), so no
-leftover can refuse its writes.
+A destroyed room leaves a **tombstone**, not nothing: an item with no state,
+its attribute `gone` the time of the destroy, and a generation past every
+copy the destroy could have raced (`delete`). Without it a copy that never
+wrote the room (made persistent on a node whose first write was slow, and
+taken over meanwhile by a node that destroyed it) would find the name free
+and write the room back. A copy that believed it stored finds a tombstone
+(or nothing, before tombstones were kept) and is refused too. For the same
+reason a node that takes over a room the stores do not hold yet (its live
+copy in Redis) first writes a tombstone past the copy it takes over from
+(`load`, `live`), then the room over it. A room created again under a
+destroyed name starts past the tombstone; a tombstone goes once
+TOMBSTONE_KEEP has passed (`sweep`), as long as a live room's lease in Redis
+lasts: only a copy whose write is still under way a day after the destroy
+could write the room back then. A room created
+with no tombstone left starts past any history the old one left
+(`write_state`), so no leftover can refuse its writes.
 """
 
 from __future__ import annotations
@@ -35,11 +47,17 @@ from xmppd.storage.base import (
     Item,
     ItemEdit,
     ItemStore,
+    Query,
     Unchanged,
     backoff,
 )
 
 GEN = "gen"
+GONE = "gone"  # a tombstone's attribute: when the room was destroyed (epoch seconds)
+TOMBSTONE_KEEP = 86400.0
+"""Seconds a tombstone stays: as long as a live room's lease in Redis (_muc_live.TTL),
+past which no copy taken over can still be running, its writes under way."""
+SWEEP_PAGE = 100
 
 
 class Stale(Exception):
@@ -69,23 +87,46 @@ def unpack_history(data: bytes) -> tuple[int, bytes]:
     return int(decoded["gen"]), json.dumps(decoded["history"]).encode()
 
 
-async def load(items: ItemStore, local: str) -> Item | None:
-    """The room's item, its generation taken one further (written): every write of a
-    copy loaded before is refused from now on. None if the room is not stored."""
+def is_tombstone(item: Item) -> bool:
+    """Is the item a destroyed room's tombstone (a generation and no room)?"""
+    return GONE in item.attrs
 
-    def next_gen(current: Item | None) -> ItemEdit:
-        if current is None:
+
+def tombstone(gen: int, now: float) -> Attrs:
+    return {GEN: gen, GONE: int(now)}
+
+
+async def load(
+    items: ItemStore, blobs: BlobStore, local: str, live: bool, now: float
+) -> Item | None:
+    """The room's item, its generation taken one further (written): every write of a
+    copy loaded before is refused from now on. None if the room is not stored, or a
+    tombstone (`is_tombstone`): the generation a room made under that name starts
+    past. `live`: a copy ran the room (its record in Redis), which the stores may
+    not hold yet, that copy's first write still under way: a tombstone is written
+    past any generation that copy can have, so that its write is refused."""
+
+    async def next_gen(current: Item | None) -> ItemEdit:
+        if current is not None and not is_tombstone(current):
+            return {**current.attrs, GEN: gen_of(current) + 1}
+        if not live:
             return UNCHANGED
-        return {**current.attrs, GEN: gen_of(current) + 1}
+        # That copy's generation: past a tombstone, or past a leftover history
+        # (`write_state`) at most.
+        newest = gen_of(current) + 1 if current is not None else 0
+        leftover = await blobs.get(local)
+        if leftover is not None:
+            newest = max(newest, unpack_history(leftover.data)[0] + 1)
+        return tombstone(newest + 1, now)
 
     return (await items.modify(local, next_gen, what="muc room")).after
 
 
 def _check(room: Room, current: Item | None) -> None:
-    if current is None:
+    if current is None or is_tombstone(current):
         if room.stored:  # a newer copy destroyed it
             raise Stale(room.jid, None, room.gen)
-    elif gen_of(current) > room.gen:
+    if current is not None and gen_of(current) > room.gen:
         raise Stale(room.jid, gen_of(current), room.gen)
 
 
@@ -107,20 +148,58 @@ async def write_state(
     await items.modify(local, change, what="muc room")
 
 
-async def delete(items: ItemStore, blobs: BlobStore, room: Room, local: str) -> None:
-    """Delete the room's item and history unless a newer copy wrote them."""
+async def delete(
+    items: ItemStore, blobs: BlobStore, room: Room, local: str, now: float
+) -> None:
+    """Replace the room's item by a tombstone, and delete its history, unless a newer
+    copy wrote them. The tombstone's generation is past this copy's and past what
+    any older copy may have taken from the history blob (`write_state`): every
+    write of an older copy, queued or late, is refused, even one of a copy that
+    never wrote the room."""
+    blob = await blobs.get(local)  # read first: what an older copy read is no newer
+    leftover = unpack_history(blob.data)[0] if blob is not None else -1
+    fence = 0
 
     def change(current: Item | None) -> ItemEdit:
+        nonlocal fence
         _check(room, current)
-        return None
+        stored = gen_of(current) if current is not None else 0
+        fence = max(room.gen, leftover + 1, stored) + 1
+        return tombstone(fence, now)
 
     def history(current: Blob | None) -> bytes | None | Unchanged:
-        if current is not None and unpack_history(current.data)[0] > room.gen:
+        if current is not None and unpack_history(current.data)[0] >= fence:
             raise Stale(room.jid, unpack_history(current.data)[0], room.gen)
         return None
 
     await items.modify(local, change, what="muc room")
     await blobs.modify(local, history, what="muc history")
+
+
+async def sweep(items: ItemStore, blobs: BlobStore, before: float) -> int:
+    """Delete the tombstones of rooms destroyed at `before` or earlier, each conditional
+    on what was read (a room made again meanwhile stays), after a history an older
+    copy wrote after the destroy (older than the tombstone: while the tombstone is
+    there, a room made again writes past it). How many went."""
+    swept = 0
+    while True:
+        page = await items.query(Query(order_by=GONE, limit=SWEEP_PAGE))
+        old = [item for item in page.items if int(item.attrs[GONE]) <= before]
+        for item in old:
+
+            def history(current: Blob | None, gen: int = gen_of(item)) -> bytes | None | Unchanged:
+                if current is None or unpack_history(current.data)[0] >= gen:
+                    return UNCHANGED
+                return None
+
+            await blobs.modify(item.name, history, what="muc history")
+            try:
+                await items.delete(item.name, if_version=item.version)
+            except ConditionFailed:
+                continue  # written since: a room made again, or a newer tombstone
+            swept += 1
+        if not old or len(old) < len(page.items):
+            return swept
 
 
 async def write_history(blobs: BlobStore, room: Room, local: str) -> None:

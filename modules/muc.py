@@ -15,7 +15,9 @@ Storage (per virtual host):
   occupant-id secret as JSON, plus `public` and `creator` attributes so the
   room directory and the rooms-per-user limit are one query each, and `gen`,
   the generation that fences its writes (modules/_muc_store.py: a copy of
-  the room older than the one that last wrote is refused).
+  the room older than the one that last wrote is refused). A destroyed
+  room leaves a tombstone (`gen` and `gone`, no state) for a day, so that
+  no older copy's late write brings it back (`sweep_tombstones`).
 - blob store "muc_history": one blob per persistent room, the last
   `history_length` messages. A join reads nothing from storage (the room
   is in memory); the blob is read once when the room loads and written at
@@ -81,6 +83,9 @@ HISTORY_WRITE = 1.0  # seconds between two writes of one room's history
 UNLOAD_SWEEP = 30.0
 """Seconds between two looks for persistent rooms empty for `unload_after` seconds: a
 room is unloaded between `unload_after` and that plus UNLOAD_SWEEP after it emptied."""
+TOMBSTONE_SWEEP = 3600.0
+"""Seconds between two sweeps of the tombstones of rooms destroyed more than
+`_muc_store.TOMBSTONE_KEEP` seconds ago (each node sweeps; a delete is conditional)."""
 MAX_LISTED = 1000  # stored public rooms the directory (disco#items) lists
 MAX_WAITING = 1000
 """Stanzas one room may have waiting while it loads (its lease claimed, its state read):
@@ -229,6 +234,8 @@ class Muc(Module):
         self._dropping: dict[str, asyncio.Future[None]] = {}  # records being dropped
         self._empty_since: dict[str, float] = {}  # persistent room seen empty -> since when
         self.host.every(UNLOAD_SWEEP, self.unload_idle)
+        self._sweeping: asyncio.Future[int] | None = None
+        self.host.every(TOMBSTONE_SWEEP, self._sweep_soon)
         redis, node = self.host.cluster_redis, self.host.node_name
         if redis is not None and node is not None:
             self.live = LiveRooms(redis, node, self._nodes_of, self._lost)
@@ -395,8 +402,11 @@ class Muc(Module):
         Every TTL/4, and at once when the live nodes change or this node finds its
         heartbeat had lapsed: the lease of a room may have been taken while this node
         was taken for dead, and the room must not run on here, with an occupant list
-        that is no longer the room's, until its next write (a quiet room: hours). One
-        round at a time; one asked for meanwhile follows it."""
+        that is no longer the room's, until its next write (a quiet room: hours). A
+        room whose record Redis lost with everything else (restarted empty, flushed;
+        its heartbeat lapsed too) and that nobody claimed since is held again and
+        written back whole, its occupants left in it. One round at a time; one asked
+        for meanwhile follows it."""
         live = self.live
         if live is None:
             return
@@ -409,14 +419,20 @@ class Muc(Module):
             while self._keep_again:
                 self._keep_again = False
                 running = dict(self.rooms)
-                for room_jid in await live.keep(list(running)):
+                lost, again = await live.keep(running)
+                for room_jid in lost:
                     self._lost(room_jid, running[room_jid])
+                for room_jid, epoch in again.items():  # Redis came back empty
+                    if self.rooms.get(room_jid) is running[room_jid]:
+                        live.reclaimed(room_jid, running[room_jid], epoch)
 
         self._keeping = self.host.spawn_shared(keep())
 
     def _lost(self, room_jid: str, room: Room) -> None:
         """Another node holds the room's lease now (this one was taken for dead), or
-        nobody does, or the stores hold a newer copy (`Stale`): the room here is stale,
+        nobody does and Redis did not lose it (a record Redis lost with its data is
+        held again instead: `LiveRooms.reclaimed`), or the stores hold a newer copy
+        (`Stale`): the room here is stale,
         and goes. Its occupants are told they are out (332), never left believing they
         are in a room that no longer hears them, and on a cluster each session's leave
         goes to the room wherever it runs now (the node that took it over has them as
@@ -472,6 +488,26 @@ class Muc(Module):
             self._hand_over(room_jid, room)
         for gone in self._empty_since.keys() - self.rooms.keys():
             del self._empty_since[gone]
+
+    def _sweep_soon(self) -> None:
+        if self._sweeping is None or self._sweeping.done():
+            self._sweeping = self.host.spawn_shared(self.sweep_tombstones())
+
+    async def sweep_tombstones(self) -> int:
+        """Delete the tombstones of rooms destroyed TOMBSTONE_KEEP seconds ago or more
+        (`_muc_store.sweep`), lest the stores keep one for every name ever destroyed.
+        How many went."""
+        before = self.clock() - _muc_store.TOMBSTONE_KEEP
+        swept = 0
+        for vhost in set(self.services.values()):
+            items = self.host.items(vhost, "muc_rooms")
+            try:
+                swept += await _muc_store.sweep(
+                    items, self.host.blobs(vhost, "muc_history"), before
+                )
+            except Exception:  # the next sweep tries again
+                self.log.exception("muc: could not sweep the tombstones of %s", vhost)
+        return swept
 
     def _hand_over(self, room_jid: str, room: Room | None) -> None:
         """Let go of the room's lease once what this node wrote to the stores is there,
@@ -556,6 +592,7 @@ class Muc(Module):
         node alone, a persistent room from the stores."""
         room: Room | None = None
         owned: set[str] | None = None
+        past = 0  # the generation a room made now starts at (past a destroyed one's)
         claimed = self.live is None
         try:
             if (pending := self._saving.get(room_jid)) is not None:
@@ -571,7 +608,7 @@ class Muc(Module):
                 got = await self._claim(room_jid)
                 claimed, record = got is not None, got or {}
             if claimed:
-                room = await self._read(room_jid, record)
+                room, past = await self._read(room_jid, record)
                 if room is None and (
                     first.stanza.tag == ns.C_PRESENCE and first.stanza.get("type") is None
                 ):
@@ -613,7 +650,7 @@ class Muc(Module):
                 for later in waiting[n:]:
                     self._handle(later)
                 return
-            self._to_room(room_jid, live, routed, owned)
+            self._to_room(room_jid, live, routed, owned, past)
             made = made or live is not None or room_jid in self.rooms
         if self.live is not None and room_jid not in self.rooms:
             self._drop(room_jid)  # never made, or gone already: no record left behind
@@ -653,11 +690,14 @@ class Muc(Module):
             finally:
                 self._released.pop(room_jid, None)
 
-    async def _read(self, room_jid: str, record: dict[str, str]) -> Room | None:
+    async def _read(self, room_jid: str, record: dict[str, str]) -> tuple[Room | None, int]:
         """The room as Redis (`record`: a live room another node ran, occupants
-        included) and the stores have it; None if it does not exist. What Redis has
-        is newer than the stores (written within a round trip, the stores up to a
-        second late): what the stores lack is written there."""
+        included) and the stores have it, None if it does not exist; and the
+        generation a room made now under its name starts at (past the tombstone of
+        one destroyed). What Redis has is newer than the stores (written within a
+        round trip, the stores up to a second late): what the stores lack is written
+        there, over a tombstone that fences the writes of the copy it came from
+        (`_muc_store.load`)."""
         vhost = self._vhost(room_jid)
         local = room_jid.split("@", 1)[0]
         room: Room | None = None
@@ -665,15 +705,21 @@ class Muc(Module):
         live = json.loads(record["state"]) if "state" in record else None
         if live is None or live["config"]["persistent"]:
             # This copy's generation: writes of any copy loaded before are refused.
-            item = await _muc_store.load(self.host.items(vhost, "muc_rooms"), local)
+            item = await _muc_store.load(
+                self.host.items(vhost, "muc_rooms"), self.host.blobs(vhost, "muc_history"),
+                local, live is not None, self.clock(),
+            )
+        stored = item is not None and not _muc_store.is_tombstone(item)
         if live is not None:  # the node that ran it was killed, or it is temporary
             room = Room.restore_live(room_jid, self.limits, live)
             room.persistent_changed = room.config.persistent
-            room.stored = item is not None
-        elif item is not None:
+            room.stored = stored
+        elif item is not None and stored:
             room = Room.restore(room_jid, self.limits, json.loads(str(item.attrs["state"])))
+        if item is not None and room is None:
+            return None, _muc_store.gen_of(item) + 1
         if room is None:
-            return None
+            return None, 0
         if item is not None:
             room.gen = _muc_store.gen_of(item)
         if "history" in record:
@@ -689,7 +735,7 @@ class Muc(Module):
         )
         if "seen" in record:
             room.load_seen(json.loads(record["seen"]))
-        return room
+        return room, 0
 
     async def _stored_rooms_of(self, vhost: str, creator: str) -> set[str]:
         options: MucOptions = self.options  # type: ignore[assignment]
@@ -714,12 +760,17 @@ class Muc(Module):
         return self.services[room_jid.split("@", 1)[1]]
 
     def _to_room(
-        self, room_jid: str, room: Room | None, routed: Routed, owned: set[str] | None
+        self,
+        room_jid: str,
+        room: Room | None,
+        routed: Routed,
+        owned: set[str] | None,
+        past: int = 0,
     ) -> None:
         stanza = routed.stanza
         try:
             if room is None:
-                room = self._create(room_jid, routed, owned)
+                room = self._create(room_jid, routed, owned, past)
                 if room is None:
                     return
             out = self._dispatch(room, routed)
@@ -737,8 +788,11 @@ class Muc(Module):
         self.outbox.send(room.jid, out)
         self._after(room)
 
-    def _create(self, room_jid: str, routed: Routed, owned: set[str] | None) -> Room | None:
-        """A presence to a room that does not exist creates it (its sender the owner)."""
+    def _create(
+        self, room_jid: str, routed: Routed, owned: set[str] | None, past: int
+    ) -> Room | None:
+        """A presence to a room that does not exist creates it (its sender the owner),
+        at generation `past` (past the tombstone of a room of that name destroyed)."""
         stanza = routed.stanza
         if stanza.tag != ns.C_PRESENCE:
             raise StanzaError("item-not-found", "no such room")
@@ -759,6 +813,7 @@ class Muc(Module):
         if len(mine | (owned or set())) >= options.max_rooms_per_user:
             raise StanzaError("not-allowed", "you have created as many rooms as allowed")
         room = Room(room_jid, self.limits, creator)
+        room.gen = past
         room.affiliations[creator] = "owner"
         # A client that speaks MUC gets a locked room to configure (reserved room,
         # or an empty form: instant); a legacy join gets an instant room.
@@ -901,7 +956,7 @@ class Muc(Module):
         items, blobs = self.host.items(vhost, "muc_rooms"), self.host.blobs(vhost, "muc_history")
         if room.destroyed or not room.config.persistent:
             room.persistent_changed = room.history_changed = False
-            await _muc_store.delete(items, blobs, room, local)
+            await _muc_store.delete(items, blobs, room, local, self.clock())
             room.stored, room.history_etag = False, None
             return
         if room.persistent_changed:

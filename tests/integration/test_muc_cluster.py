@@ -812,3 +812,54 @@ async def test_an_empty_persistent_room_is_unloaded_and_its_lease_let_go(
         await redis.aclose()
     for client in (alice, bob):
         await close(client)
+
+
+@pytest.mark.parametrize("how", ["refresh", "message"])
+async def test_a_room_carries_on_when_redis_comes_back_empty(
+    redis_service: LocalService, start_server: StartServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch, how: str,
+) -> None:
+    """Redis restarted without its data (FLUSHALL here; both nodes' heartbeats written
+    again at once, as right after their next beats): the room's node finds the room's
+    record gone with the epoch it claimed it under, at its refresh of the leases (every
+    TTL/4: 0.5 s here) or at the room's next write (a message), and holds the room
+    again, writing its record back whole: its occupant stays in it, never told 332
+    (system shutdown), and talks on."""
+    if how == "refresh":
+        monkeypatch.setattr(_muc_live, "TTL", 2)
+    url = devservices.redis_url(redis_service)
+    a, b = await two_nodes(start_server, url)
+    room = room_owned_by("muc-b", ("muc-a", "muc-b"))
+    alice = await chatter(a, "alice@localhost/desk")
+    await create(alice, room, "Alice", roomname="Kept in memory")  # temporary: Redis alone
+    assert room.bare in b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    key = f"xmppd:muc:room:{room.bare}"
+    redis = Redis.from_url(url)
+    try:
+        assert await redis.hexists(key, "o:Alice")
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.flushall()
+            for node in ("muc-a", "muc-b"):  # lest a beat see the other node gone
+                pipe.set(schema.alive_key(node), "1", ex=TTL)
+                pipe.sadd(schema.NODES, node)
+            await pipe.execute()
+        if how == "message":
+            alice.send_message(mto=room, mbody="after the flush", mtype="groupchat")
+            assert (await alice.said())["body"] == "after the flush"
+        deadline = time.monotonic() + WAIT
+        while not await redis.hexists(key, "o:Alice"):
+            assert time.monotonic() < deadline, "the room's record was not written back"
+            await asyncio.sleep(0.01)
+        assert await redis.hget(key, "node") == b"muc-b"
+        assert await redis.hget(f"xmppd:muc:public:{room.domain}", room.bare) is not None
+    finally:
+        await redis.aclose()
+    assert await self_ping(alice, JID(f"{room}/Alice")) is None  # still an occupant
+    alice.send_message(mto=room, mbody="and on", mtype="groupchat")
+    assert (await alice.said())["body"] == "and on"
+    told: list[Any] = []
+    while not alice.room_presence.empty():
+        told.append(alice.room_presence.get_nowait())
+    assert not [p for p in told if p["type"] == "unavailable"], told
+    assert room.bare in b.modules.modules["muc"].rooms  # type: ignore[attr-defined]
+    await close(alice)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
-from xmppd.storage.base import Item, Write
+from xmppd.storage.base import Attrs, Item, Write
 
 
 class GatedSQLite(SQLiteItemBackend):
@@ -36,3 +36,23 @@ class SlowReadSQLite(SQLiteItemBackend):
     async def get(self, namespace: str, name: str) -> Item | None:
         await self.gate.wait()
         return await super().get(namespace, name)
+
+
+class HeldWritesSQLite(SQLiteItemBackend):
+    """SQLite whose puts and deletes wait until the test opens the gate (reads do not):
+    a write read-and-decided, then late to land (a node's store slow, its loop stalled)."""
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        super().__init__(path, **options)
+        self.gate = asyncio.Event()
+        self.held = asyncio.Event()  # set once a write waits at the gate
+
+    async def put(self, namespace: str, name: str, attrs: Attrs, **condition: Any) -> Item:
+        self.held.set()
+        await self.gate.wait()
+        return await super().put(namespace, name, attrs, **condition)
+
+    async def delete(self, namespace: str, name: str, **condition: Any) -> bool:
+        self.held.set()
+        await self.gate.wait()
+        return await super().delete(namespace, name, **condition)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from tests.modules.slow_stores import HeldWritesSQLite
 from tests.modules.test_muc import (
     MUC_USER,
     ROOM,
@@ -36,8 +37,8 @@ from tests.modules.test_muc import (
     submit,
 )
 from tests.storage.services import dynamodb_config, moto_service  # noqa: F401  (fixture)
-from xmppd.modules._muc_room import Room
-from xmppd.modules._muc_store import GEN, unpack_history
+from xmppd.modules._muc_room import MUC_OWNER, Room
+from xmppd.modules._muc_store import GEN, GONE, TOMBSTONE_KEEP, pack_history, unpack_history
 from xmppd.modules.muc import Muc
 from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
 from xmppd.storage.backends.files import FileBlobBackend
@@ -45,7 +46,7 @@ from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import ItemBackend
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
-from xmppd.testing import ModuleHarness, TestSession
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 from xmppd.xml import ns
 
 Nodes = Callable[..., Awaitable[tuple[ModuleHarness, Clock]]]
@@ -160,7 +161,8 @@ async def test_a_stale_copys_writes_are_refused_and_never_overwrite_newer_state(
     with caplog.at_level(logging.WARNING, "xmppd.modules.muc"):
         await say(c, alice_c, subject="back from the dead")
         await written(c)
-    assert await d.host.items("localhost", "muc_rooms").get("room") is None
+    tombstone = await d.host.items("localhost", "muc_rooms").get("room")
+    assert tombstone is not None and set(tombstone.attrs) == {GEN, GONE}  # no room
     assert caplog.text.count("refused a stale write of room@conference.localhost") == 3
 
 
@@ -288,3 +290,154 @@ async def test_a_room_stored_before_generations_loads_and_is_written_with_one(
     await written(h)
     state, gen, bodies = await stored(h)
     assert (state["subject"], gen, bodies) == ("Old", 1, ["kept", "new"])
+
+
+async def handed_over(a: ModuleHarness, b: ModuleHarness) -> None:
+    """Node b takes a's room over as a cluster node does after a's lease lapsed: from
+    the record a's live copy left in Redis (state, history, occupants; the module's
+    own `_read`, as its load does), the stores as they are; a's copy runs on, stale."""
+    room = a.host.module(Muc).rooms[ROOM]
+    record = {
+        "state": json.dumps(room.live_state()),
+        "history": room.history_json().decode(),
+        **{f"o:{nick}": json.dumps(room.occupant_record(nick)) for nick in room.occupants},
+    }
+    muc = b.host.module(Muc)
+    copy, _ = await muc._read(ROOM, record)
+    assert copy is not None
+    muc.rooms[ROOM] = copy
+    muc._after(copy)  # as the load does: what the stores lack is written
+    await written(b)
+
+
+Moved = tuple[ModuleHarness, ModuleHarness, HeldWritesSQLite, SQLiteItemBackend]
+
+
+@pytest.fixture
+async def moved_before_its_first_write(tmp_path: Path) -> AsyncIterator[Moved]:
+    """A room made persistent on node a, whose first write to the stores is slow to
+    land (held until the test opens `gate`), taken over by node b as after a's lease
+    lapsed: (a, b, a's held item store, b's item store)."""
+    held = await HeldWritesSQLite.open(tmp_path / "items.db")
+    shared = await SQLiteItemBackend.open(tmp_path / "items.db")
+    blobs_a = await FileBlobBackend.open(tmp_path / "blobs")
+    blobs_b = await FileBlobBackend.open(tmp_path / "blobs")
+    try:
+        a = await ModuleHarness(
+            {"disco": {}, "muc": {}}, storage=Storage(held, blobs_a, NullCache())
+        ).start()
+        b = await ModuleHarness(
+            {"disco": {}, "muc": {}}, storage=Storage(shared, blobs_b, NullCache())
+        ).start()
+        alice = a.session("alice@localhost/a")
+        await join(a, alice, "Alice")
+        # Not through `a.iq`, which waits for the write too.
+        configure = parse_stanza(
+            f"<iq type='set' id='c1' to='{ROOM}'><query xmlns='{MUC_OWNER}'>"
+            f"{submit(persistentroom='1', roomname='Old copy')}</query></iq>"
+        )
+        configure.set("from", alice.jid)
+        alice.receive(configure)
+        await held.held.wait()  # a's write decided, not landed
+        assert [r.get("type") for r in alice.take() if r.get("id") == "c1"] == ["result"]
+        assert await shared.get("localhost/muc_rooms", "room") is None
+        await handed_over(a, b)
+        yield a, b, held, shared
+    finally:
+        held.gate.set()
+        for backend in (held, shared, blobs_a, blobs_b):
+            await backend.close()
+
+
+async def test_a_destroyed_room_is_not_brought_back_by_an_older_copys_late_write(
+    moved_before_its_first_write: Moved, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The room is destroyed on b; a's write, landing afterwards, is refused: the room
+    is not back (it was, when the destroy of a room the stores never held left
+    nothing for the late write to fail against), and a new room of that name is made
+    and stored as any new room."""
+    a, b, held, shared = moved_before_its_first_write
+    alice_b = b.session("alice@localhost/a")
+    reply = await owner_iq(b, alice_b, "set", "<destroy/>")
+    assert reply.get("type") == "result", etree.tostring(reply)
+    await written(b)
+    assert ROOM not in b.host.module(Muc).rooms
+
+    with caplog.at_level(logging.WARNING, "xmppd.modules.muc"):
+        held.gate.set()  # a's write lands now
+        await written(a)
+    tombstone = await shared.get("localhost/muc_rooms", "room")
+    assert tombstone is not None and set(tombstone.attrs) == {GEN, GONE}, tombstone
+    assert "refused a stale write of room@conference.localhost" in caplog.text
+    assert ROOM not in a.host.module(Muc).rooms
+
+    # The name is free: a join makes a new room, stored past the destroyed one.
+    bob = b.session("bob@localhost/b")
+    got = await join(b, bob, "Bob")
+    assert "201" in codes(presences(got)[-1])
+    reply = await owner_iq(b, bob, "set", submit(persistentroom="1", roomname="New"))
+    assert reply.get("type") == "result", etree.tostring(reply)
+    await written(b)
+    item = await shared.get("localhost/muc_rooms", "room")
+    assert item is not None and int(item.attrs[GEN]) > int(tombstone.attrs[GEN])
+    assert json.loads(str(item.attrs["state"]))["config"]["name"] == "New"
+    assert json.loads(str(item.attrs["state"]))["creator"] == "bob@localhost"
+
+
+async def test_an_older_copys_late_first_write_never_overwrites_the_newer_copys(
+    moved_before_its_first_write: Moved, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The room changes on b, which stored it; a's first write, landing afterwards, is
+    refused (both copies were at generation 0, the stores holding neither when b
+    took over: a's write overwrote b's)."""
+    a, b, held, shared = moved_before_its_first_write
+    alice_b = b.session("alice@localhost/a")
+    reply = await owner_iq(b, alice_b, "set", submit(roomname="New copy"))
+    assert reply.get("type") == "result", etree.tostring(reply)
+    await written(b)
+
+    with caplog.at_level(logging.WARNING, "xmppd.modules.muc"):
+        held.gate.set()  # a's write lands now
+        await written(a)
+    item = await shared.get("localhost/muc_rooms", "room")
+    assert item is not None
+    assert json.loads(str(item.attrs["state"]))["config"]["name"] == "New copy"
+    assert "refused a stale write of room@conference.localhost" in caplog.text
+    assert ROOM not in a.host.module(Muc).rooms
+    assert ROOM in b.host.module(Muc).rooms
+
+
+async def test_a_tombstone_goes_once_no_copy_can_still_write(nodes: Nodes) -> None:
+    """A destroyed room's tombstone stays TOMBSTONE_KEEP seconds, then a sweep deletes
+    it (and nothing else: a stored room stays): the stores do not keep one for every
+    name ever destroyed. The name is free all along."""
+    h, clock = await nodes()
+    muc = h.host.module(Muc)
+    alice = h.session("alice@localhost/a")
+    await persistent_room(h, alice, roomname="Gone soon")
+    await say(h, alice, "words")
+    kept = "kept@conference.localhost"
+    await join(h, alice, "Alice", kept)
+    reply = await owner_iq(h, alice, "set", submit(persistentroom="1"), kept)
+    assert reply.get("type") == "result", etree.tostring(reply)
+    await owner_iq(h, alice, "set", "<destroy/>")
+    await written(h)
+    items = h.host.items("localhost", "muc_rooms")
+    tombstone = await items.get("room")
+    assert tombstone is not None and set(tombstone.attrs) == {GEN, GONE}
+    assert await h.host.blobs("localhost", "muc_history").get("room") is None
+
+    # A history an older copy wrote after the destroy (at its own, older, generation).
+    histories = h.host.blobs("localhost", "muc_history")
+    await histories.put("room", pack_history(int(tombstone.attrs[GEN]) - 1, b"[]"))
+
+    clock.now += TOMBSTONE_KEEP - 1
+    assert await muc.sweep_tombstones() == 0
+    assert await items.get("room") == tombstone
+    clock.now += 1
+    assert await muc.sweep_tombstones() == 1
+    assert await items.get("room") is None
+    assert await histories.get("room") is None
+    assert await items.get("kept") is not None
+    got = await join(h, h.session("bob@localhost/b"), "Bob")
+    assert "201" in codes(presences(got)[-1])  # a new room

@@ -101,3 +101,109 @@ async def test_a_failed_write_is_retried_with_its_occupants_and_seen_ids(
         assert lost == []
     finally:
         await redis.aclose()
+
+
+def occupied_room() -> Room:
+    """A room with Alice in it, who said something (occupant, history, seen ids)."""
+    room = Room(ROOM, Limits(), "alice@localhost")
+    room.presence(stanza(f"<presence from='{ALICE}' to='{ROOM}/Alice'/>"), "Alice", 0.0)
+    room.groupchat(
+        stanza(f"<message from='{ALICE}' to='{ROOM}' type='groupchat' id='m1'>"
+               "<body>hi</body></message>"),
+        0.0,
+    )
+    return room
+
+
+async def record_of(admin: Redis) -> dict[str, str]:
+    written = await admin.hgetall(record_key(ROOM))
+    return {k.decode(): v.decode() for k, v in written.items()}
+
+
+async def test_a_lease_redis_lost_with_its_data_is_held_again_and_written_back(
+    redis_service: LocalService, admin: Redis  # noqa: F811
+) -> None:
+    """Redis comes back empty (FLUSHALL, as a restart without persistence): the node
+    that runs the room, finding its record gone with the epoch it claimed it under,
+    holds the lease again and writes the whole record back, at its refresh (a
+    heartbeat's lapse) or at its next write, rather than take the room for lost
+    (every occupant told 332)."""
+    redis = Redis.from_url(devservices.redis_url(redis_service))
+    lost: list[str] = []
+    live = LiveRooms(
+        redis, "node-a", lambda jids: dict.fromkeys(jids, "node-a"),
+        lambda jid, _room: lost.append(jid),
+    )
+    try:
+        assert (await live.claim(ROOM)).ok
+        room = occupied_room()
+        live.changed(room, state=True, history=True)
+        await live.flush()
+        whole = await record_of(admin)
+        assert {"node", "state", "history", "seen", "o:Alice"} <= whole.keys()
+
+        await admin.flushall()
+        gone, again = await live.keep({ROOM: room})
+        assert gone == [] and ROOM in again
+        live.reclaimed(ROOM, room, again[ROOM])
+        await live.flush()
+        assert await record_of(admin) == whole
+        assert await admin.ttl(record_key(ROOM)) > 0
+
+        # At a write, as well: a message, and the record back whole (Alice too).
+        await admin.flushall()
+        room.groupchat(
+            stanza(f"<message from='{ALICE}' to='{ROOM}' type='groupchat' id='m2'>"
+                   "<body>still here</body></message>"),
+            0.0,
+        )
+        live.changed(room, state=False, history=True)
+        await live.flush()  # the write that found the record gone
+        await live.flush()  # the whole record, written again
+        record = await record_of(admin)
+        assert record["node"] == "node-a" and "o:Alice" in record and "state" in record
+        assert json.loads(record["seen"]) == [f"{ALICE}\0m1", f"{ALICE}\0m2"]
+        assert lost == []
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("how", ["claimed since the flush", "dropped by another node"])
+async def test_a_lease_another_node_took_is_still_lost_after_redis_lost_its_data(
+    redis_service: LocalService, admin: Redis, how: str  # noqa: F811
+) -> None:
+    """No split brain: a room another node claimed after Redis came back empty is given
+    up (its record names that node); so is one whose record another node dropped
+    without a flush (the epoch is the one the lease was taken under: nothing was lost,
+    the room moved)."""
+    url = devservices.redis_url(redis_service)
+    redis_a, redis_b = Redis.from_url(url), Redis.from_url(url)
+    lost: list[str] = []
+    a = LiveRooms(
+        redis_a, "node-a", lambda jids: dict.fromkeys(jids, "node-a"),
+        lambda jid, _room: lost.append(jid),
+    )
+    b = LiveRooms(redis_b, "node-b", lambda jids: {}, lambda jid, _room: None)
+    try:
+        assert (await a.claim(ROOM)).ok
+        room = occupied_room()
+        a.changed(room, state=True, history=True)
+        await a.flush()
+        if how == "claimed since the flush":
+            await admin.flushall()
+            assert (await b.claim(ROOM)).ok
+        else:  # node-a taken for dead (no alive key here): b ran the room, then dropped it
+            assert (await b.claim(ROOM)).ok
+            await b.drop(ROOM)
+            assert await admin.exists(record_key(ROOM)) == 0
+        assert await a.keep({ROOM: room}) == ([ROOM], {})
+        a.changed(room, state=False, history=True)
+        await a.flush()
+        assert lost == [ROOM]  # the write refused too
+        if how == "claimed since the flush":
+            assert (await record_of(admin))["node"] == "node-b"
+        else:
+            assert await admin.exists(record_key(ROOM)) == 0
+    finally:
+        await redis_a.aclose()
+        await redis_b.aclose()
