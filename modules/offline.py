@@ -172,6 +172,11 @@ class Offline(Module):
         data = stamped(stanza, vhost)
         try:
             async with self.locks.hold(bare):
+                if not await self.host.user_exists(vhost, user):
+                    # Removed since the router took it for existing (a session of it
+                    # still bound): stored now, the queue would outlive the account.
+                    self.host.bounce(stanza, "service-unavailable")
+                    return True
                 await self.store(vhost, user, data)
         except QuotaExceeded as exc:
             # XEP-0160 step 3: a full queue is <service-unavailable/>, the same
@@ -246,7 +251,7 @@ class Offline(Module):
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Delete the queue: index items, counter, then every blob under "<user>/" (those of
         an interrupted store too). This node's writers for the user are held off meanwhile;
-        none start later, as the account is gone and messages to it bounce."""
+        one that starts later finds the account gone and bounces its message."""
         async with self.locks.hold(f"{username}@{vhost}"):
             return await self.purge_user(self.host, vhost, username)
 

@@ -39,6 +39,7 @@ MODULES: dict[str, dict[str, Any] | None] = {
     )
 }
 PRIVACY = "jabber:iq:privacy"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 
 async def entries(harness: ModuleHarness, user: str) -> set[str]:
@@ -654,3 +655,24 @@ async def test_a_contact_s_change_after_the_removal_stores_nothing() -> None:
     assert await entries(harness, "zed") == set()
     assert remote.take(BOB) == [(ZED, "unsubscribed")]
     assert [s for s in zed.take() if s.tag == ns.C_PRESENCE] == []
+
+
+async def test_a_message_after_the_removal_is_bounced_not_stored() -> None:
+    """zed is removed while a session of his is still bound but not available (the
+    router then takes the account for existing, and the message for offline storage):
+    bob's message is answered service-unavailable, as one to no account (RFC 6121
+    8.5.1), and nothing is stored for a new account of the name to receive."""
+    harness = await ModuleHarness({"offline": {}}).start()
+    harness.router.remote = remote = RecordingRemote()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    await harness.login(f"{ZED}/r", available=False)
+    harness.users.discard(ZED)  # zed exists by his account alone, as on a server
+    assert await harness.host.remove_account("localhost", "zed") == "account"
+    message = parse_stanza(f"<message to='{ZED}' type='chat'><body>hi</body></message>")
+    message.set("from", f"{BOB}/x")
+    harness.router.route(message)
+    await harness.router.drain()
+    assert await entries(harness, "zed") == set()
+    errors = [s for s in remote.routed if s.tag == ns.C_MESSAGE and s.get("type") == "error"]
+    assert [e.get("to") for e in errors] == [f"{BOB}/x"]
+    assert errors[0].find(f"{{jabber:client}}error/{{{STANZAS}}}service-unavailable") is not None

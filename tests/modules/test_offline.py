@@ -261,7 +261,7 @@ async def test_two_nodes_sharing_storage_lose_nothing() -> None:
     storage = yielding_storage()
     nodes = []
     for _ in range(2):
-        harness = ModuleHarness({"offline": {"max_messages": 1000}})
+        harness = ModuleHarness({"offline": {"max_messages": 1000}}, users={"bob@localhost"})
         harness.storage = harness.host.storage = storage
         await harness.start()
         nodes.append(offline_module(harness))
