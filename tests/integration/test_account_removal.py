@@ -38,6 +38,7 @@ from xmppd.server import Server
 from xmppd.storage import devservices
 from xmppd.storage.base import BlobBackend, ItemBackend, Query
 from xmppd.storage.devservices import LocalService
+from xmppd.testing import parse_stanza
 
 PASSWORD = "zed-secret-1"
 LARGE = "z" * 100_000  # larger than a cache entry may be (64 KiB): read from the blob store
@@ -416,6 +417,54 @@ async def test_a_write_running_on_another_cluster_node_is_done_before_the_data_g
     await b.router.drain()
     assert await zeds_entries(a) == {}
     await close(zed)
+
+
+async def test_a_subscription_queued_on_another_cluster_node_is_not_left_behind(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """alice's subscription request to zed waits in zed's queue of subscription changes
+    on node b, its roster write hung there; node a removes zed. b's queued change is
+    zed's work, which a waits for before the modules delete: no roster and no kept
+    request of zed's is left for a new zed to inherit."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(modules=MODULES, cluster={"redis_url": url, "node_name": "sub-a"})
+    b = await start_server(
+        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "sub-b"}
+    )
+    for node in (a, b):
+        assert node.cluster is not None
+        while node.cluster.nodes != {"sub-a", "sub-b"}:
+            await node.cluster.heartbeat.beat()
+    await a.accounts["localhost"].register("zed", PASSWORD)
+    roster = b.modules.modules["roster"]
+    modify, entered, gate = roster.modify, asyncio.Event(), asyncio.Event()  # type: ignore[attr-defined]
+
+    async def hanging_modify(owner: str, contact: str, change: Any) -> Any:
+        if owner == "zed@localhost":
+            entered.set()
+            await gate.wait()
+        return await modify(owner, contact, change)
+
+    roster.modify = hanging_modify  # type: ignore[attr-defined]
+    request = parse_stanza("<presence type='subscribe' to='zed@localhost'/>")
+    request.set("from", "alice@localhost")
+    b.router.route(request)
+    await asyncio.wait_for(entered.wait(), 10)
+    unregistered = asyncio.Event()
+
+    async def removed() -> None:
+        unregistered.set()
+
+    removal = asyncio.ensure_future(a.modules.remove_account("localhost", "zed", removed))
+    await asyncio.wait_for(unregistered.wait(), 10)
+    if not b.router.account_work("zed@localhost"):
+        # Nothing of zed's under way on b for the removal to wait for: it finishes while
+        # the write hangs. (One that waits for the change would wait for a shut gate.)
+        await asyncio.wait_for(removal, 60)
+    gate.set()
+    assert await asyncio.wait_for(removal, 60) == "account"
+    await b.router.drain()
+    assert await zeds_entries(a) == {}
 
 
 async def test_a_removal_on_a_cluster_cut_off_from_redis_is_refused_at_once(
