@@ -170,6 +170,11 @@ class Offline(Module):
             return False  # the router answers service-unavailable
         user, _, vhost = bare.partition("@")
         data = stamped(stanza, vhost)
+        # The recipient's work while it is stored, whoever sent it: the account's
+        # removal waits for it on every node of a cluster (this node's lock is this
+        # node's alone), so the message never lands once the queue is deleted.
+        storing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.host.spawn(storing, bare)
         try:
             async with self.locks.hold(bare):
                 if not await self.host.user_exists(vhost, user):
@@ -189,6 +194,8 @@ class Offline(Module):
                 stanza, "internal-server-error", "the message could not be stored"
             )
             return True
+        finally:
+            storing.set_result(None)
         ledger.offline += 1
         # The user may have come online while we wrote: then deliver now.
         target = self._best_session(bare)
