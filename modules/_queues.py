@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple
 
 Job = Callable[[], Awaitable[None]]
-Spawn = Callable[[Coroutine[Any, Any, None]], asyncio.Future[Any]]
+Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Future[Any]]
 
 
 class _Queued(NamedTuple):
@@ -29,7 +29,9 @@ class _Queued(NamedTuple):
 class AccountQueues:
     """The queues of the accounts that have work waiting, each worked by one task.
 
-    `spawn` starts the worker (a task the node tracks: waited for at shutdown).
+    `spawn(work, account)` starts the worker as that account's work (`ModuleHost.spawn`):
+    a task the node waits for at shutdown, and the account's removal until the queue
+    is empty, so that no job of it writes once the account's data is deleted.
     """
 
     def __init__(self, spawn: Spawn, log: logging.Logger) -> None:
@@ -44,7 +46,7 @@ class AccountQueues:
         queue = self._queues.get(account)
         if queue is None:
             queue = self._queues[account] = deque()
-            self._spawn(self._work(account, queue))
+            self._spawn(self._work(account, queue), account)
         queue.append(_Queued(job, done))
         return done
 

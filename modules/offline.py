@@ -170,8 +170,18 @@ class Offline(Module):
             return False  # the router answers service-unavailable
         user, _, vhost = bare.partition("@")
         data = stamped(stanza, vhost)
+        # The recipient's work while it is stored, whoever sent it: the account's
+        # removal waits for it on every node of a cluster (this node's lock is this
+        # node's alone), so the message never lands once the queue is deleted.
+        storing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.host.spawn(storing, bare)
         try:
             async with self.locks.hold(bare):
+                if not await self.host.user_exists(vhost, user):
+                    # Removed since the router took it for existing (a session of it
+                    # still bound): stored now, the queue would outlive the account.
+                    self.host.bounce(stanza, "service-unavailable")
+                    return True
                 await self.store(vhost, user, data)
         except QuotaExceeded as exc:
             # XEP-0160 step 3: a full queue is <service-unavailable/>, the same
@@ -184,6 +194,8 @@ class Offline(Module):
                 stanza, "internal-server-error", "the message could not be stored"
             )
             return True
+        finally:
+            storing.set_result(None)
         ledger.offline += 1
         # The user may have come online while we wrote: then deliver now.
         target = self._best_session(bare)
@@ -246,7 +258,7 @@ class Offline(Module):
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Delete the queue: index items, counter, then every blob under "<user>/" (those of
         an interrupted store too). This node's writers for the user are held off meanwhile;
-        none start later, as the account is gone and messages to it bounce."""
+        one that starts later finds the account gone and bounces its message."""
         async with self.locks.hold(f"{username}@{vhost}"):
             return await self.purge_user(self.host, vhost, username)
 

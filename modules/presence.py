@@ -17,7 +17,13 @@ delivers or drops the stanza as the tables say.
   router stops reading a client with WORK_PER_SENDER of them in flight
   (`Router._hold_if_busy`); changes from contacts (other servers, other local
   users) wait INBOUND_WAITING at most per account, and one more is refused
-  with a resource-constraint error (type wait) to its sender.
+  with a resource-constraint error (type wait) to its sender. The queue's task
+  is the account's work (`ModuleHost.spawn(..., account)`), so the account's
+  removal waits until its queue is empty before the data goes; a contact's
+  change that runs once the account is gone writes nothing (a request is
+  answered "unsubscribed", as one to no account). The account's own changes
+  need no such check: its sessions are read no more once it is gone, and what
+  they sent before is made before the data goes.
 * A subscribe request not yet answered is
   `pending_in` in the roster item, and the stanza itself is kept whole
   (modules/_requests.py: a <nick/>, a XEP-0379 <preauth/> survive) and
@@ -242,7 +248,7 @@ class Presence(Module):
         )
         # The subscription changes of each account's roster, one at a time, in order;
         # and how many of an account's come from contacts (bounded: INBOUND_WAITING).
-        self._changes = AccountQueues(self.host.spawn_shared, self.log)
+        self._changes = AccountQueues(self.host.spawn, self.log)
         self._inbound_waiting: dict[str, int] = {}
         self.requests = SubscriptionRequests(self.host)
         # Sessions whose targets are being written to Redis -> changed again meanwhile
@@ -379,7 +385,11 @@ class Presence(Module):
             new, deliver, reply = inbound(kind, item, contact)
             return new
 
+        user, _, vhost = owner.partition("@")
         try:
+            if not await self.host.user_exists(vhost, user):
+                self._to_no_account(owner, kind, contact)
+                return
             before, after = await self.roster.modify(owner, contact, change)
         except (StanzaError, StorageError) as exc:
             # Too many pending requests, or storage down: the sender learns it was not
@@ -406,6 +416,16 @@ class Presence(Module):
             self._send_available(owner, contact)  # pre-approved: as if approved now
         elif was_from and not is_from:
             self._send_unavailable(owner, contact)  # RFC 6121 3.3.3
+
+    def _to_no_account(self, owner: str, kind: Kind, contact: str) -> None:
+        """A contact's change that waited while the account was removed: nothing is
+        written (the roster would come back after the removal deleted it, for a new
+        account of the name to inherit). Answered as the router answers a subscription
+        presence to no account (RFC 6121 3.1.3, 8.5.1): a request with "unsubscribed",
+        so the contact stops waiting; the other kinds are ignored."""
+        self.log.info("%s from %s to %s dropped: the account was removed", kind, contact, owner)
+        if kind == "subscribe":
+            self.host.route(_presence("unsubscribed", owner, contact))
 
     async def _on_probe(self, stanza: etree._Element, owner: str) -> bool:
         prober = stanza.get("from")

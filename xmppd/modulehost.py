@@ -760,15 +760,19 @@ class ModuleHost:
         """Answer `stanza` with a stanza error, unless it is itself an error."""
         self.router.bounce(stanza, condition, text)
 
-    def spawn(self, work: Awaitable[T]) -> asyncio.Future[T]:
+    def spawn(self, work: Awaitable[T], account: str | None = None) -> asyncio.Future[T]:
         """Run `work` as a task the node tracks (waited for at shutdown, errors logged).
         Started by an account's stanza, it is that account's work: its removal waits
         for it (`Router.account_work`), and with WORK_PER_SENDER pieces of it in
         flight a stanza of the account that a "stanza/out" filter takes makes the
         client wait for one (`Router._hold_if_busy`). A future (work queued
         elsewhere, run by a task of its own) is tracked as it is, no task made: the
-        account's work until it is done."""
-        return self.router.spawn(work)
+        account's work until it is done. `account` (a local bare JID) makes it that
+        account's work whoever's stanza started it: work that writes the account's
+        data for others (the presence module's queue of the subscription changes
+        contacts send it), which its removal must wait for, or the write would land
+        after the account's data was deleted."""
+        return self.router.spawn(work, account)
 
     def spawn_shared(self, work: Awaitable[T]) -> asyncio.Future[T]:
         """`spawn` for work that serves many senders (a room's output queue): nobody's,

@@ -142,7 +142,12 @@ class ModuleHarness:
         return self
 
     async def _user_exists(self, host: str, user: str) -> bool:
-        return f"{user}@{host}" in self.users
+        """One of `users`, or an account registered in the host's account store (as on a
+        server, where a removed account stops existing the moment it is deleted)."""
+        if f"{user}@{host}" in self.users:
+            return True
+        accounts = self.host.accounts.get(host)
+        return accounts is not None and await accounts.exists(user)
 
     def session(self, jid: str, available: bool = True) -> TestSession:
         session = TestSession(jid)

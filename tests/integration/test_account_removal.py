@@ -38,6 +38,7 @@ from xmppd.server import Server
 from xmppd.storage import devservices
 from xmppd.storage.base import BlobBackend, ItemBackend, Query
 from xmppd.storage.devservices import LocalService
+from xmppd.testing import parse_stanza
 
 PASSWORD = "zed-secret-1"
 LARGE = "z" * 100_000  # larger than a cache entry may be (64 KiB): read from the blob store
@@ -416,6 +417,92 @@ async def test_a_write_running_on_another_cluster_node_is_done_before_the_data_g
     await b.router.drain()
     assert await zeds_entries(a) == {}
     await close(zed)
+
+
+async def _two_nodes(
+    redis_service: LocalService, start_server: StartServer, prefix: str
+) -> tuple[Server, Server]:
+    """Nodes a and b of one cluster, each seeing the other, and zed registered."""
+    url = devservices.redis_url(redis_service)
+    names = {f"{prefix}-a", f"{prefix}-b"}
+    a = await start_server(modules=MODULES, cluster={"redis_url": url, "node_name": f"{prefix}-a"})
+    b = await start_server(
+        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": f"{prefix}-b"}
+    )
+    for node in (a, b):
+        assert node.cluster is not None
+        while node.cluster.nodes != names:
+            await node.cluster.heartbeat.beat()
+    await a.accounts["localhost"].register("zed", PASSWORD)
+    return a, b
+
+
+async def _remove_zed_while_b_hangs(a: Server, b: Server, gate: asyncio.Event) -> None:
+    """a removes zed while a write for him hangs on b until `gate` opens; then nothing
+    of zed's may be left. The gate opens once the account is deleted: at once if b
+    counts the hung write as zed's work (the removal waits for it; it would wait for a
+    shut gate), else only after the removal finished without it."""
+    unregistered = asyncio.Event()
+
+    async def removed() -> None:
+        unregistered.set()
+
+    removal = asyncio.ensure_future(a.modules.remove_account("localhost", "zed", removed))
+    await asyncio.wait_for(unregistered.wait(), 10)
+    if not b.router.account_work("zed@localhost"):
+        await asyncio.wait_for(removal, 60)
+    gate.set()
+    assert await asyncio.wait_for(removal, 60) == "account"
+    await b.router.drain()
+    assert await zeds_entries(a) == {}
+
+
+async def test_a_subscription_queued_on_another_cluster_node_is_not_left_behind(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """alice's subscription request to zed waits in zed's queue of subscription changes
+    on node b, its roster write hung there; node a removes zed. b's queued change is
+    zed's work, which a waits for before the modules delete: no roster and no kept
+    request of zed's is left for a new zed to inherit."""
+    a, b = await _two_nodes(redis_service, start_server, "sub")
+    roster = b.modules.modules["roster"]
+    modify, entered, gate = roster.modify, asyncio.Event(), asyncio.Event()  # type: ignore[attr-defined]
+
+    async def hanging_modify(owner: str, contact: str, change: Any) -> Any:
+        if owner == "zed@localhost":
+            entered.set()
+            await gate.wait()
+        return await modify(owner, contact, change)
+
+    roster.modify = hanging_modify  # type: ignore[attr-defined]
+    request = parse_stanza("<presence type='subscribe' to='zed@localhost'/>")
+    request.set("from", "alice@localhost")
+    b.router.route(request)
+    await asyncio.wait_for(entered.wait(), 10)
+    await _remove_zed_while_b_hangs(a, b, gate)
+
+
+async def test_an_offline_message_stored_on_another_cluster_node_is_not_left_behind(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """alice's message to zed (offline) is being stored on node b, the write hung there;
+    node a removes zed. b's store is zed's work, which a waits for before the modules
+    delete (b's lock on zed's queue is b's alone): no message is left for a new zed."""
+    a, b = await _two_nodes(redis_service, start_server, "off")
+    offline = b.modules.modules["offline"]
+    store, entered, gate = offline.store, asyncio.Event(), asyncio.Event()  # type: ignore[attr-defined]
+
+    async def hanging_store(vhost: str, user: str, data: bytes) -> None:
+        entered.set()
+        await gate.wait()
+        await store(vhost, user, data)
+
+    offline.store = hanging_store  # type: ignore[attr-defined]
+    message = parse_stanza("<message to='zed@localhost' type='chat'><body>hi</body></message>")
+    message.set("from", "alice@localhost/x")
+    b.router.route(message)
+    await asyncio.wait_for(entered.wait(), 10)
+    await _remove_zed_while_b_hangs(a, b, gate)
 
 
 async def test_a_removal_on_a_cluster_cut_off_from_redis_is_refused_at_once(

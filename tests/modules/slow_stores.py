@@ -12,15 +12,35 @@ from xmppd.storage.base import Attrs, Item, Write
 
 
 class GatedSQLite(SQLiteItemBackend):
-    """SQLite whose writes wait until the test opens the gate: a store slower than the
-    client that writes to it."""
+    """SQLite whose writes (puts and transactions; deletes pass) wait until the test
+    opens the gate: a store slower than the client that writes to it."""
 
     def __init__(self, path: Path, **options: Any) -> None:
         super().__init__(path, **options)
         self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()  # set when a write first waits at the shut gate
+
+    async def _pass(self) -> None:
+        if not self.gate.is_set():
+            self.waiting.set()
+        await self.gate.wait()
+
+    async def put(
+        self,
+        namespace: str,
+        name: str,
+        attrs: Attrs,
+        *,
+        if_absent: bool = False,
+        if_version: int | None = None,
+    ) -> Item:
+        await self._pass()
+        return await super().put(
+            namespace, name, attrs, if_absent=if_absent, if_version=if_version
+        )
 
     async def transact(self, writes: Sequence[Write]) -> None:
-        await self.gate.wait()
+        await self._pass()
         await super().transact(writes)
 
 

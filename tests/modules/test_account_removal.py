@@ -3,18 +3,24 @@ part way is reported, and running the removal again finishes it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from lxml import etree
 
+from tests.modules.slow_stores import GatedSQLite
 from xmppd.modulehost import AccountDataRemains, Module, installed_modules
 from xmppd.modules import _pubsub_engine
 from xmppd.modules._muc_room import MUC
 from xmppd.modules.roster import RosterItem, RosterModule
+from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.base import Query, StorageError
+from xmppd.storage.cache import NullCache
+from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, RecordingRemote, TestSession, parse_stanza
 from xmppd.xml import ns
 
@@ -33,6 +39,7 @@ MODULES: dict[str, dict[str, Any] | None] = {
     )
 }
 PRIVACY = "jabber:iq:privacy"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 
 async def entries(harness: ModuleHarness, user: str) -> set[str]:
@@ -583,3 +590,89 @@ async def test_with_the_roster_on_and_presence_off_local_contacts_lose_their_ite
     assert pushed == [("zed@localhost", "remove")]
     roster = harness.host.find_module(RosterModule)
     assert roster is not None and await roster.item("alice@localhost", "zed@localhost") is None
+
+
+# --- subscription presences from contacts, queued for the account ---------------------
+
+ZED = "zed@localhost"
+BOB = "bob@remote.example"
+
+
+def _from_contact(type_: str, sender: str = BOB) -> etree._Element:
+    stanza = parse_stanza(f"<presence type='{type_}' to='{ZED}'/>")
+    stanza.set("from", sender)
+    return stanza
+
+
+async def test_a_contact_s_change_under_way_is_made_before_the_data_goes(
+    tmp_path: Path,
+) -> None:
+    """bob (another server) asks zed for a subscription while zed's roster store is
+    slow; zed is removed while the change waits for its write. The change is made
+    before zed's data goes, or it would write the roster (and keep the request) after
+    the removal deleted them, for a new account of the name to inherit."""
+    items = await GatedSQLite.open(tmp_path / "items.sqlite3")
+    items.gate.set()
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    harness = await ModuleHarness({"roster": {}, "presence": {}}, storage=storage).start()
+    harness.router.remote = RecordingRemote()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    items.gate.clear()
+    harness.router.route(_from_contact("subscribe"))  # zed exists by its account alone
+    await items.waiting.wait()  # the change's roster write waits at the gate
+    unregistered = asyncio.Event()
+
+    async def removed() -> None:
+        unregistered.set()
+
+    removal = asyncio.ensure_future(harness.host.remove_account("localhost", "zed", removed))
+    await unregistered.wait()
+    if not harness.router.account_work(ZED):
+        # Nothing of zed's under way for the removal to wait for: it finishes while the
+        # change waits. (One that waits for the change would wait for a shut gate.)
+        await removal
+    items.gate.set()
+    assert await removal == "account"
+    await harness.router.drain()
+    assert await entries(harness, "zed") == set()
+
+
+async def test_a_contact_s_change_after_the_removal_stores_nothing() -> None:
+    """zed is removed while a session of his is still bound (on another node, or one
+    not ended yet: the router then takes the account for existing): bob's subscription
+    request that comes next is answered "unsubscribed" as one to no account (RFC 6121
+    3.1.3, 8.5.1), is not delivered, and stores nothing; his other subscription
+    presences are ignored."""
+    harness = await ModuleHarness({"roster": {}, "presence": {}}).start()
+    harness.router.remote = remote = RecordingRemote()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    zed = await harness.login(f"{ZED}/r")
+    harness.users.discard(ZED)  # zed exists by his account alone, as on a server
+    assert await harness.host.remove_account("localhost", "zed") == "account"
+    for type_ in ("subscribe", "subscribed", "unsubscribe", "unsubscribed"):
+        harness.router.route(_from_contact(type_))
+    await harness.router.drain()
+    assert await entries(harness, "zed") == set()
+    assert remote.take(BOB) == [(ZED, "unsubscribed")]
+    assert [s for s in zed.take() if s.tag == ns.C_PRESENCE] == []
+
+
+async def test_a_message_after_the_removal_is_bounced_not_stored() -> None:
+    """zed is removed while a session of his is still bound but not available (the
+    router then takes the account for existing, and the message for offline storage):
+    bob's message is answered service-unavailable, as one to no account (RFC 6121
+    8.5.1), and nothing is stored for a new account of the name to receive."""
+    harness = await ModuleHarness({"offline": {}}).start()
+    harness.router.remote = remote = RecordingRemote()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    await harness.login(f"{ZED}/r", available=False)
+    harness.users.discard(ZED)  # zed exists by his account alone, as on a server
+    assert await harness.host.remove_account("localhost", "zed") == "account"
+    message = parse_stanza(f"<message to='{ZED}' type='chat'><body>hi</body></message>")
+    message.set("from", f"{BOB}/x")
+    harness.router.route(message)
+    await harness.router.drain()
+    assert await entries(harness, "zed") == set()
+    errors = [s for s in remote.routed if s.tag == ns.C_MESSAGE and s.get("type") == "error"]
+    assert [e.get("to") for e in errors] == [f"{BOB}/x"]
+    assert errors[0].find(f"{{jabber:client}}error/{{{STANZAS}}}service-unavailable") is not None
