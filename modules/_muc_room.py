@@ -1112,6 +1112,12 @@ class Room:
         if role in ("none", "visitor", "participant") and target_aff in ("admin", "owner"):
             # Nobody demotes or kicks an admin or owner through a role (9.1, 9.6).
             raise StanzaError("not-allowed", "that occupant's affiliation protects it")
+        # A moderator of a lower affiliation (an admin made one of a participant) kicks
+        # or silences nobody whose affiliation is above its own (8.2, 8.4). 8.4 says "at
+        # or above"; equals are allowed, or a moderator with no affiliation could
+        # silence nobody at all.
+        if role in ("none", "visitor") and _RANK[target_aff] > _RANK[actor_aff]:
+            raise StanzaError("not-allowed", "that occupant's affiliation is above yours")
         if current == "moderator" and role != "moderator" and _RANK[actor_aff] < _RANK["admin"]:
             raise StanzaError("not-allowed", "only admins and owners revoke moderation")
         return nick, role

@@ -530,6 +530,31 @@ async def test_kick_voice_and_ban_with_status_codes() -> None:
     assert [i.get("jid") for i in banned.iter(f"{{{MUC_ADMIN}}}item")] == ["bob@localhost"]
 
 
+async def test_a_moderator_silences_or_kicks_nobody_above_its_affiliation() -> None:
+    """XEP-0045 8.2, 8.4: an admin made carol (no affiliation) a moderator; bob is a
+    member, dave has none."""
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol, dave = h.session("carol@localhost/c"), h.session("dave@localhost/d")
+    await instant_room(h, alice, "Alice")
+    await admin_iq(h, alice, "set", "<item affiliation='member' jid='bob@localhost'/>")
+    for session, nick in ((bob, "Bob"), (carol, "Carol"), (dave, "Dave")):
+        await join(h, session, nick)
+    await admin_iq(h, alice, "set", "<item nick='Carol' role='moderator'/>")
+    for stanza in ("<item nick='Bob' role='visitor'/>", "<item nick='Bob' role='none'/>"):
+        assert condition(await admin_iq(h, carol, "set", stanza)) == "not-allowed"
+    assert (await admin_iq(h, carol, "set", "<item nick='Dave' role='visitor'/>")).get(
+        "type"
+    ) == "result"
+    assert (await admin_iq(h, carol, "set", "<item nick='Dave' role='none'/>")).get(
+        "type"
+    ) == "result"
+    # The owner, above the member, still may.
+    assert (await admin_iq(h, alice, "set", "<item nick='Bob' role='visitor'/>")).get(
+        "type"
+    ) == "result"
+
+
 async def test_voice_request_and_approval() -> None:
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
