@@ -1484,9 +1484,12 @@ _NOT_RELAYED = frozenset({f"{{{MUC}}}x", f"{{{MUC_USER}}}x", f"{{{OCCUPANT_ID}}}
 # making, and any delay (XEP-0203, legacy XEP-0091). A live message is not delayed, and
 # clients show a message by its delay's stamp whoever put it there: an occupant's
 # forged one (from the room, say) would pass a live message off as old history. The
-# room adds its own delay to history it sends on join.
+# room adds its own delay to history it sends on join. Nor a muc#user <x/>: its status
+# codes and items are the room's to say (a forged 104 or 170 would announce a change
+# the room never made), as for presence (_NOT_RELAYED).
 _NOT_IN_GROUPCHAT = frozenset({
     f"{{{OCCUPANT_ID}}}occupant-id", f"{{{DELAY}}}delay", "{jabber:x:delay}x",
+    f"{{{MUC_USER}}}x",
 })
 
 

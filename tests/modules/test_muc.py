@@ -389,13 +389,15 @@ async def test_a_live_groupchat_message_carries_no_delay_but_the_rooms_in_histor
     forged = (
         f"<message to='{ROOM}' type='groupchat'><body>live</body>"
         f"<delay xmlns='urn:xmpp:delay' from='{ROOM}' stamp='2001-01-01T00:00:00Z'/>"
-        f"<x xmlns='jabber:x:delay' from='{ROOM}' stamp='20010101T00:00:00'/></message>"
+        f"<x xmlns='jabber:x:delay' from='{ROOM}' stamp='20010101T00:00:00'/>"
+        f"<x xmlns='{MUC_USER}'><status code='104'/></x></message>"
     )
     await h.send(bob, forged)
     (heard,) = alice.take()
     assert heard.findtext(f"{{{ns.CLIENT}}}body") == "live"
     assert heard.find("{urn:xmpp:delay}delay") is None
     assert heard.find("{jabber:x:delay}x") is None
+    assert heard.find(f"{U}x") is None  # no status code of the occupant's making
     # History on join: the room's own delay, with the time the room got it.
     carol = h.session("carol@localhost/c")
     (old,) = messages(await join(h, carol, "Carol"))[:1]
