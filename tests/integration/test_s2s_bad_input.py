@@ -100,14 +100,20 @@ class Setup:
 
 
 async def make_setup(
-    tmp_path: Path, start_server: StartServer, hosts: tuple[str, ...] = ("b.test",), **s2s: object
+    tmp_path: Path,
+    start_server: StartServer,
+    hosts: tuple[str, ...] = ("b.test",),
+    sections: dict[str, object] | None = None,
+    **s2s: object,
 ) -> Setup:
+    """b.test with its s2s listener; `sections`: more top-level config sections."""
     ca = make_ca(tmp_path)
     cert, key = issue(ca, tmp_path, "b.test")
     server = await start_server(
         users={},
         hosts=list(hosts),
         tls={"cert": str(cert), "key": str(key)},
+        **(sections or {}),
         s2s={
             "listeners": [{"address": XMPPD_ADDRESS, "port": 0}],
             "ca_file": str(ca.path),
@@ -317,6 +323,31 @@ async def test_chains_through_intermediate_cas_are_verified_per_domain(
         reader, writer, features = await setup.secured(domain, domain, issuer)
         assert (b"<mechanism>EXTERNAL</mechanism>" in features) is offered, (domain, issuer)
         writer.close()
+
+
+@pytest.mark.parametrize("claimed", ["b.test", "gateway.b.test", "b.test."])
+async def test_a_peer_claiming_one_of_our_domains_is_refused(
+    tmp_path: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture, claimed: str
+) -> None:
+    """No remote server speaks for a domain this node serves, a host or a component's:
+    a stream header naming one as 'from' ends the stream with <invalid-from/> at once,
+    before TLS and any certificate or dialback key, and the end is logged."""
+    caplog.set_level(logging.INFO, logger="xmppd.s2s")
+    components = {
+        "listeners": [{"address": "127.0.0.1", "port": 0}],
+        "domains": {"gateway.b.test": {"secret": "gateway-secret-0123456789"}},
+    }
+    setup = await make_setup(tmp_path, start_server, sections={"components": components})
+    reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, setup.port)
+    writer.write(header(claimed))
+    rest = (await read_to_end(reader)).replace(b'"', b"'")
+    assert b"<invalid-from xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest, rest
+    assert f"{claimed} is served here".encode() in rest, rest
+    assert b"starttls" not in rest
+    assert rest.endswith(b"</stream:stream>")
+    writer.close()
+    ended = [r.getMessage() for r in caplog.records if "ended: invalid-from" in r.getMessage()]
+    assert any(f"incoming stream from {claimed}" in m for m in ended), ended
 
 
 async def test_direct_tls_checks_the_certificate_for_the_domain_the_header_names(
