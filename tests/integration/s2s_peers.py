@@ -68,24 +68,29 @@ class CA:
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     path: Path  # the CA certificate, PEM
+    issuer: CA | None = None  # an intermediate CA's: the CA that signed it
 
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_ca(folder: Path, name: str = "xmppd test CA") -> CA:
+def make_ca(
+    folder: Path, name: str = "xmppd test CA", issuer: CA | None = None, path_length: int = 0
+) -> CA:
+    """A root CA, or with `issuer` an intermediate CA it signs (`issuer` then needs a
+    `path_length` of 1 or more)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
-        .issuer_name(_name(name))
+        .issuer_name(issuer.cert.subject if issuer is not None else _name(name))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -100,11 +105,11 @@ def make_ca(folder: Path, name: str = "xmppd test CA") -> CA:
             ),
             critical=True,
         )
-        .sign(key, hashes.SHA256())
+        .sign(issuer.key if issuer is not None else key, hashes.SHA256())
     )
     path = folder / f"{name.replace(' ', '-')}.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return CA(cert, key, path)
+    return CA(cert, key, path, issuer)
 
 
 def _utf8string(text: str) -> bytes:
@@ -123,7 +128,8 @@ def issue(
     common_name: str | None = None,
 ) -> tuple[Path, Path]:
     """A certificate and key (PEM files) signed by `ca`, naming `domain` as both a
-    dNSName and an XmppAddr unless told otherwise."""
+    dNSName and an XmppAddr unless told otherwise; the certificate file also holds
+    `ca`'s intermediate CAs, as a server presents them."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     names: list[x509.GeneralName] = [
@@ -154,7 +160,11 @@ def issue(
     cert = builder.sign(ca.key, hashes.SHA256())
     stem = common_name or domain
     cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    chain, above = [cert], ca
+    while above.issuer is not None:  # an intermediate: presented with the certificate
+        chain.append(above.cert)
+        above = above.issuer
+    cert_path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
     key_path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,

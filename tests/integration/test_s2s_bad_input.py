@@ -65,17 +65,18 @@ class Setup:
         return self.server.s2s.listening[0][1]
 
     async def secured(
-        self, sender: str, cert_domain: str
+        self, sender: str, cert_domain: str, issuer: CA | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
         """A stream from `sender` after STARTTLS, presenting a certificate for
-        `cert_domain`; returns the features the server offered then."""
+        `cert_domain` from `issuer` (default: the CA of `s2s.ca_file`); returns the
+        features the server offered then."""
         reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, self.port)
         writer.write(header(sender))
         await read_features(reader)
         writer.write(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
         await read_until(reader, b"<proceed")
         ctx = ssl.create_default_context(cafile=str(self.ca.path))
-        ctx.load_cert_chain(*issue(self.ca, self.folder, cert_domain))
+        ctx.load_cert_chain(*issue(issuer or self.ca, self.folder, cert_domain))
         await writer.start_tls(ctx, server_hostname="b.test")
         writer.write(header(sender))
         return reader, writer, await read_features(reader)
@@ -99,14 +100,20 @@ class Setup:
 
 
 async def make_setup(
-    tmp_path: Path, start_server: StartServer, hosts: tuple[str, ...] = ("b.test",), **s2s: object
+    tmp_path: Path,
+    start_server: StartServer,
+    hosts: tuple[str, ...] = ("b.test",),
+    sections: dict[str, object] | None = None,
+    **s2s: object,
 ) -> Setup:
+    """b.test with its s2s listener; `sections`: more top-level config sections."""
     ca = make_ca(tmp_path)
     cert, key = issue(ca, tmp_path, "b.test")
     server = await start_server(
         users={},
         hosts=list(hosts),
         tls={"cert": str(cert), "key": str(key)},
+        **(sections or {}),
         s2s={
             "listeners": [{"address": XMPPD_ADDRESS, "port": 0}],
             "ca_file": str(ca.path),
@@ -247,6 +254,100 @@ async def test_certificate_for_another_domain_is_refused(setup: Setup) -> None:
         writer.close()
     finally:
         await close(client)
+
+
+async def test_a_ca_of_one_domain_vouches_for_that_domain_only(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """a.test has a CA of its own (`s2s.domains."a.test".ca_file`); every other peer's
+    certificate chains to the CA of `s2s.ca_file`. OpenSSL takes a chain to either in
+    the handshake (the peer is named only after it): the stream must then offer
+    EXTERNAL only if the chain leads to a CA trusted for the domain its header names.
+    So a.test's CA cannot vouch for c.test, and the general CA not for a.test."""
+    own_ca = make_ca(tmp_path, "a.test CA")
+    setup = await make_setup(
+        tmp_path, start_server, domains={"a.test": {"ca_file": str(own_ca.path)}}
+    )
+    for claimed, issuer, offered in (
+        ("a.test", own_ca, True),
+        ("c.test", setup.ca, True),
+        ("c.test", own_ca, False),
+        ("a.test", setup.ca, False),
+        ("a.test.", setup.ca, False),  # the same domain, written with its root dot
+    ):
+        domain = claimed.rstrip(".")
+        reader, writer, features = await setup.secured(claimed, domain, issuer)
+        assert (b"<mechanism>EXTERNAL</mechanism>" in features) is offered, (claimed, issuer)
+        writer.close()
+    # A certificate for c.test from a.test's CA: EXTERNAL refused when tried anyway,
+    # and nothing it sends is delivered.
+    client = await bob(setup.server)
+    try:
+        reader, writer, _ = await setup.secured("c.test", "c.test", own_ca)
+        writer.write(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+        )
+        writer.write(message("carl@c.test/home", "vouched for by a.test's CA"))
+        rest = (await read_to_end(reader)).replace(b'"', b"'")
+        assert b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>" in rest
+        assert b"<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest
+        await nothing_more_for(client)
+        writer.close()
+    finally:
+        await close(client)
+
+
+async def test_chains_through_intermediate_cas_are_verified_per_domain(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """Peers present their certificate with an intermediate CA (as public CAs issue
+    them); only the roots are configured: the general one as `s2s.ca_file`, a.test's
+    own as its `ca_file`. The chain the peer sent is verified again for the domain
+    claimed, the intermediate with it: EXTERNAL for each domain through its own root,
+    not for c.test through a.test's."""
+    general = make_ca(tmp_path, "general root", path_length=1)
+    own = make_ca(tmp_path, "a.test root", path_length=1)
+    setup = await make_setup(
+        tmp_path,
+        start_server,
+        ca_file=str(general.path),
+        domains={"a.test": {"ca_file": str(own.path)}},
+    )
+    via_general = make_ca(tmp_path, "general intermediate", issuer=general)
+    via_own = make_ca(tmp_path, "a.test intermediate", issuer=own)
+    for domain, issuer, offered in (
+        ("a.test", via_own, True),
+        ("c.test", via_general, True),
+        ("c.test", via_own, False),
+    ):
+        reader, writer, features = await setup.secured(domain, domain, issuer)
+        assert (b"<mechanism>EXTERNAL</mechanism>" in features) is offered, (domain, issuer)
+        writer.close()
+
+
+@pytest.mark.parametrize("claimed", ["b.test", "gateway.b.test", "b.test."])
+async def test_a_peer_claiming_one_of_our_domains_is_refused(
+    tmp_path: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture, claimed: str
+) -> None:
+    """No remote server speaks for a domain this node serves, a host or a component's:
+    a stream header naming one as 'from' ends the stream with <invalid-from/> at once,
+    before TLS and any certificate or dialback key, and the end is logged."""
+    caplog.set_level(logging.INFO, logger="xmppd.s2s")
+    components = {
+        "listeners": [{"address": "127.0.0.1", "port": 0}],
+        "domains": {"gateway.b.test": {"secret": "gateway-secret-0123456789"}},
+    }
+    setup = await make_setup(tmp_path, start_server, sections={"components": components})
+    reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, setup.port)
+    writer.write(header(claimed))
+    rest = (await read_to_end(reader)).replace(b'"', b"'")
+    assert b"<invalid-from xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest, rest
+    assert f"{claimed} is served here".encode() in rest, rest
+    assert b"starttls" not in rest
+    assert rest.endswith(b"</stream:stream>")
+    writer.close()
+    ended = [r.getMessage() for r in caplog.records if "ended: invalid-from" in r.getMessage()]
+    assert any(f"incoming stream from {claimed}" in m for m in ended), ended
 
 
 async def test_direct_tls_checks_the_certificate_for_the_domain_the_header_names(

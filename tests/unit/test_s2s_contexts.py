@@ -31,6 +31,9 @@ def test_each_peer_gets_the_context_of_its_cas(tmp_path: Path) -> None:
         assert contexts.for_peer(config, other) is contexts.connect[(shared, False)]
     assert contexts.connect[(own, False)].verify_mode == ssl.CERT_REQUIRED
     assert contexts.verify.verify_mode == ssl.CERT_NONE  # db:verify: dialback trusts DNS
+    # Incoming chains are verified again against the CAs of the domain claimed: one
+    # store per CA file, none merged.
+    assert set(contexts.trust) == {shared, own}
 
 
 def test_without_a_ca_file_the_systems_cas(tmp_path: Path) -> None:
@@ -39,6 +42,7 @@ def test_without_a_ca_file_the_systems_cas(tmp_path: Path) -> None:
     assert set(contexts.connect) == {(None, False), (None, True)}
     system = ssl.create_default_context().cert_store_stats()
     assert contexts.for_peer(S2SConfig(), "d.test").cert_store_stats() == system
+    assert set(contexts.trust) == {None}
 
 
 def test_a_ca_file_without_certificates_is_refused_by_name(tmp_path: Path) -> None:

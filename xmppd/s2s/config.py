@@ -146,6 +146,12 @@ class S2SConfig(BaseModel):
     def policy(self, domain: str) -> DomainPolicy:
         return self.domains.get(domain) or _NO_POLICY
 
+    def ca_file_for(self, domain: str) -> Path | None:
+        """The CAs `domain`'s certificate must chain to, both ways: its own `ca_file`,
+        else `s2s.ca_file`, else (None) the system's; never another domain's. A trailing
+        dot names the same domain (as certificate names are matched, identity.py)."""
+        return self.policy(domain.rstrip(".")).ca_file or self.ca_file
+
     def dialback_to(self, domain: str) -> bool:
         allowed = self.policy(domain).dialback
         return self.dialback if allowed is None else allowed

@@ -12,10 +12,12 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
+from OpenSSL import crypto
 
 from xmppd.ratelimit import TokenBucket
 from xmppd.s2s.identity import certificate_covers
@@ -332,7 +334,8 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         outgoing, here, for the domain we connected to; incoming, by the stream, for the
         domain its header names (after a direct TLS handshake it has not come yet)."""
         if isinstance(transport, TLSAcceptTransport):  # incoming
-            self.stream.tls_started(_CertificateNames(transport.layer.peer_certificate()))
+            names = _CertificateNames(transport.layer.peer_chain(), self.service.vouches_for)
+            self.stream.tls_started(names)
             self._flush()
             return True
         ssl_object = transport.get_extra_info("ssl_object")
@@ -357,18 +360,29 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
 
 
 class _CertificateNames:
-    """The domains a peer's certificate is valid for (RFC 9525), asked one at a time."""
+    """The domains an incoming peer's certificate is valid for, asked one at a time:
+    named in it (RFC 9525), and its chain (validated in the handshake against every CA
+    we trust for any peer) leading to a CA trusted for that domain itself (`vouches`:
+    a partner's CA does not speak for other domains)."""
 
-    def __init__(self, der: bytes | None) -> None:
-        self.der = der
+    def __init__(
+        self,
+        chain: Sequence[crypto.X509],
+        vouches: Callable[[str, Sequence[crypto.X509]], bool],
+    ) -> None:
+        self.chain = chain
+        self.der = chain[0].to_cryptography().public_bytes(Encoding.DER) if chain else None
+        self.vouches = vouches
+        self._answers: dict[str, bool] = {}  # asked for the features, then for EXTERNAL
 
     def __contains__(self, domain: object) -> bool:
-        return (
-            self.der is not None
-            and isinstance(domain, str)
-            and bool(domain)
-            and certificate_covers(self.der, domain)
-        )
+        if self.der is None or not isinstance(domain, str) or not domain:
+            return False
+        answer = self._answers.get(domain)
+        if answer is None:
+            answer = certificate_covers(self.der, domain) and self.vouches(domain, self.chain)
+            self._answers[domain] = answer
+        return answer
 
 
 def _seen(future: asyncio.Future[None]) -> None:

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from xmppd.s2s.config import S2SConfig
 from xmppd.s2s.tlsaccept import server_context
+from xmppd.s2s.trust import chain_verifies, trust_store
 from xmppd.tls import TLSError
 
 ALPN = "xmpp-server"  # the ALPN protocol of direct TLS server streams (XEP-0368)
@@ -36,19 +38,27 @@ ALPN = "xmpp-server"  # the ALPN protocol of direct TLS server streams (XEP-0368
 class S2SContexts:
     """`accept`: incoming, by whether the listener is direct TLS. `connect`: outgoing,
     by the CA file the peer's certificate must chain to (None: the system's) and by
-    whether ALPN is offered (direct TLS). `verify`: db:verify streams. `made_from`: the
-    `pair_digest` of our certificate and key as they were read for them."""
+    whether ALPN is offered (direct TLS). `verify`: db:verify streams. `trust`: by
+    the same CA files, the stores an incoming peer's chain is verified against again
+    for the domain it claims (xmppd/s2s/trust.py). `made_from`: the `pair_digest` of
+    our certificate and key as they were read for them."""
 
     accept: dict[bool, SSL.Context]
     connect: dict[tuple[Path | None, bool], ssl.SSLContext]
     verify: ssl.SSLContext
+    trust: dict[Path | None, SSL.Context]
     made_from: bytes
 
     def for_peer(self, config: S2SConfig, remote: str, alpn: bool = False) -> ssl.SSLContext:
         """The outgoing context for `remote`: its domain's `ca_file`, else `s2s.ca_file`,
         else the system's CAs."""
-        ca_file = config.policy(remote).ca_file or config.ca_file
-        return self.connect[(ca_file, alpn)]
+        return self.connect[(config.ca_file_for(remote), alpn)]
+
+    def vouches_for(self, config: S2SConfig, domain: str, chain: Sequence[crypto.X509]) -> bool:
+        """Incoming: True if the peer's `chain` (its certificate first) leads to a CA
+        trusted for `domain` itself, by the rule of `for_peer`: a CA configured only for
+        another domain does not count."""
+        return chain_verifies(self.trust[config.ca_file_for(domain)], chain)
 
 
 def pair_digest(cert: Path, key: Path) -> bytes:
@@ -87,9 +97,10 @@ def _make_contexts(config: S2SConfig, cert: Path, key: Path, made_from: bytes) -
     }
     # Incoming, OpenSSL judges a certificate the peer sends against every CA we trust
     # for any peer (which peer it is, we learn only from the stream header) without
-    # failing the handshake (a peer we do not trust may still use dialback); its names
-    # are checked after. The direct TLS listeners' context selects 'xmpp-server' when
-    # the peer offers it (XEP-0368; a peer that offers no ALPN is served too).
+    # failing the handshake (a peer we do not trust may still use dialback); its names,
+    # and its chain against the claimed domain's own CAs (`trust`), are checked after.
+    # The direct TLS listeners' context selects 'xmpp-server' when the peer offers it
+    # (XEP-0368; a peer that offers no ALPN is served too).
     incoming = named | ({config.ca_file} if config.ca_file is not None else set())
     accept = {
         direct: server_context(
@@ -101,7 +112,8 @@ def _make_contexts(config: S2SConfig, cert: Path, key: Path, made_from: bytes) -
         )
         for direct in (False, True)
     }
-    return S2SContexts(accept, connect, _verify_context(cert, key), made_from)
+    trust = {ca_file: trust_store(ca_file) for ca_file in outgoing}
+    return S2SContexts(accept, connect, _verify_context(cert, key), trust, made_from)
 
 
 def _client_context(cert: Path, key: Path, ca_file: Path | None, alpn: bool) -> ssl.SSLContext:

@@ -26,14 +26,14 @@ import hashlib
 import hmac
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dns.exception
 from lxml import etree
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from xmppd.jid import parse_jid
 from xmppd.s2s.config import S2SConfig
@@ -316,6 +316,11 @@ class S2SService:
 
     def accept_context(self, direct_tls: bool) -> SSL.Context:
         return self._tls.accept[direct_tls]
+
+    def vouches_for(self, domain: str, chain: Sequence[crypto.X509]) -> bool:
+        """Incoming: whether the peer's validated `chain` leads to a CA trusted for
+        `domain` itself (xmppd/s2s/trust.py)."""
+        return self._tls.vouches_for(self.config, domain, chain)
 
     # --- incoming dialback (XEP-0220) ---------------------------------------------------
 

@@ -131,6 +131,15 @@ class TLSAcceptLayer:
             return None
         return cert.public_bytes(Encoding.DER)
 
+    def peer_chain(self) -> list[crypto.X509]:
+        """The peer's certificate, then the others it sent (a server is not given its
+        peer's certificate in that list); empty if it sent none or its chain did not
+        validate here. For verifying it again against one domain's CAs."""
+        cert = self.conn.get_peer_certificate()
+        if cert is None or not self.chain_valid:
+            return []
+        return [cert, *(self.conn.get_peer_cert_chain() or ())]
+
     def alpn(self) -> bytes | None:
         return self.conn.get_alpn_proto_negotiated() or None
 

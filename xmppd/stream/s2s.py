@@ -296,6 +296,10 @@ class S2SStream(StreamCore[Event]):
             if claimed and self.remote is None:
                 self.remote = claimed
             self._send_header()
+            if claimed.rstrip(".") in self.settings.hosts:
+                # No remote server speaks for a domain we serve (a component's included):
+                # whatever its certificate or dialback key, refused before either is tried.
+                raise StreamError("invalid-from", f"{claimed} is served here")
             if moved:
                 # The first header fixes our side of the domain pair: a restart (after
                 # TLS or SASL) to another of our domains would take the peer's
