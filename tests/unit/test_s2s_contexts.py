@@ -9,9 +9,11 @@ import ssl
 from pathlib import Path
 
 import pytest
+from OpenSSL import SSL
 
 from xmppd.s2s.config import DomainPolicy, S2SConfig
 from xmppd.s2s.contexts import make_contexts, pair_digest
+from xmppd.s2s.tlsaccept import TLSAcceptLayer
 from xmppd.tls import TLSError, ensure_self_signed
 
 
@@ -74,3 +76,52 @@ def test_a_pair_that_cannot_be_used_is_refused_by_name(tmp_path: Path) -> None:
         make_contexts(S2SConfig(), cert, other_key)
     with pytest.raises(TLSError, match=f"s2s: cannot read {tmp_path / 'gone.pem'}"):
         make_contexts(S2SConfig(), cert, tmp_path / "gone.pem")
+
+
+def _handshake(
+    client: ssl.SSLContext, layer: TLSAcceptLayer, session: ssl.SSLSession | None = None
+) -> ssl.SSLObject:
+    """A client handshake with an incoming layer over memory BIOs, both sides pumped
+    until done (and the server's TLS 1.3 tickets read)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client.wrap_bio(incoming, outgoing, server_hostname="b.test", session=session)
+    for _ in range(10):
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        if data := outgoing.read():
+            layer.handshake(data)
+        try:
+            incoming.write(layer.conn.bio_read(65536))
+        except SSL.WantReadError:
+            pass
+        if layer.ready:
+            try:
+                tls.do_handshake()
+                tls.read(1)  # takes the tickets a TLS 1.3 server sends after
+            except ssl.SSLWantReadError:
+                return tls
+    raise AssertionError("the handshake did not finish")
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_a_peer_that_tries_to_resume_gets_a_full_handshake(
+    tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    """A resumed session would skip the check of the peer's chain; and with no session
+    id context OpenSSL failed the handshake of every peer that tried (federation lost
+    with a reconnecting peer that keeps tickets)."""
+    cert, key = ensure_self_signed(tmp_path / "ours", ["b.test"])
+    peer_cert, peer_key = ensure_self_signed(tmp_path / "peer", ["a.test"])
+    accept = make_contexts(S2SConfig(ca_file=peer_cert), cert, key).accept[False]
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    client.maximum_version = version
+    client.load_cert_chain(peer_cert, peer_key)
+    first = _handshake(client, TLSAcceptLayer(accept))
+    layer = TLSAcceptLayer(accept)
+    again = _handshake(client, layer, first.session)
+    assert not again.session_reused
+    assert layer.chain_valid and layer.peer_chain()  # judged afresh

@@ -54,6 +54,12 @@ def server_context(
     if system_cas:
         ctx.set_default_verify_paths()
     ctx.set_verify(SSL.VERIFY_PEER, _record)
+    # No resumption: a resumed session skips the verify callback, and the verdict on
+    # the peer's chain (`chain_valid`) is made there. (With VERIFY_PEER and no session
+    # id context, OpenSSL failed every resumption attempt outright, both TLS 1.2 and
+    # 1.3: a peer reconnecting with a ticket could not federate.)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_options(SSL.OP_NO_TICKET)
     if alpn is not None:
         wanted = alpn
 
