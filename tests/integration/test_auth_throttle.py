@@ -27,6 +27,22 @@ def plain(user: str, password: str) -> str:
     return f"<auth xmlns='{SASL}' mechanism='PLAIN'>{token}</auth>"
 
 
+def failures(reply: bytes) -> list[str]:
+    """The SASL failure conditions in a reply, in order."""
+    return [m.decode() for m in re.findall(rb"<failure[^>]*><([a-z-]+)/>", reply)]
+
+
+async def outcome(raw: RawClient) -> bytes:
+    """What the server sent until the login's outcome (a success or a failure)."""
+    reply = b""
+    async with asyncio.timeout(10):
+        while b"<success" not in reply and b"</failure>" not in reply:
+            chunk = await raw.reader.read(65536)
+            assert chunk, reply  # the server must answer before it closes
+            reply += chunk
+    return reply
+
+
 class Guesser:
     """PLAIN attempts from one address, reconnecting when the server ends a stream
     after its per-stream limit of failures (RFC 6120 6.4.5)."""
@@ -51,12 +67,7 @@ class Guesser:
         """The outcome of one login as alice: "success" or the SASL failure condition."""
         raw = await self.open_stream()
         await raw.send(plain("alice", password))
-        reply = b""
-        async with asyncio.timeout(10):
-            while b"<success" not in reply and b"</failure>" not in reply:
-                chunk = await raw.reader.read(65536)
-                assert chunk, reply  # the server must answer before it closes
-                reply += chunk
+        reply = await outcome(raw)
         if b"<success" in reply:
             await self.close()
             return "success"
@@ -131,3 +142,32 @@ async def test_banned_address_logs_in_once_the_ban_expires(start_server: StartSe
     await asyncio.sleep(last_failure_answered + ban + 0.05 - time.monotonic())
     assert await stranger.attempt("alice-secret") == "success"
     assert server.throttle.stats == AuthStats(failures=3, bans=1, refusals=1)
+
+
+async def test_pipelined_auths_on_one_stream_check_no_password_in_parallel(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """30 PLAIN guesses in one write on one stream: the second <auth/> ends the first
+    exchange and each such one is a counted failure, so the stream ends after five,
+    logged, with not one password checked (each check would be a key derivation,
+    and all of them would have passed the ban check before one failure counted)."""
+    caplog.set_level(logging.INFO, logger="xmppd.connection")
+    server = await start_server(limits={"auth_failures_before_ban": 3, "auth_ban_seconds": 60})
+    raw = await RawClient.open(server, source=STRANGER)
+    await raw.send(HEADER)
+    await raw.read_until(b"</stream:features>")
+    guesses = [WRONG] * 29 + ["alice-secret"]
+    await raw.send("".join(plain("alice", guess) for guess in guesses))
+    reply = await raw.read_to_close()
+    await raw.close()
+    assert failures(reply) == ["aborted"] * 5 and b"<success" not in reply
+    assert b"<policy-violation" in reply
+    assert server.throttle.stats.failures == 0  # no check ran, so none failed
+    refused = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("failed login")
+    ]
+    assert len(refused) == 5 and all(f"from {STRANGER} " in m and ": aborted" in m for m in refused)
+
+    # The owner's address is another one: the stranger cost it nothing.
+    assert await Guesser(server, OWNER).attempt("alice-secret") == "success"
+

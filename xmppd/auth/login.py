@@ -69,6 +69,11 @@ class StreamLogin:
             self._auth_task = None
 
     def start(self, event: c2s.AuthRequested) -> None:
+        """A new exchange. The stream starts one only after the last one's outcome
+        (C2SStream refuses an <auth/> during an exchange), so a task still here is
+        one already given up; cancelled, it cannot answer the new exchange."""
+        if self._auth_task is not None:
+            self._auth_task.cancel()
         self._mechanism = event.mechanism  # for the log, should a response come out of turn
         if event.data is None:
             self.stream.sasl_challenge(b"")  # RFC 6120 6.4.2: ask for the initial response
