@@ -171,3 +171,47 @@ async def test_pipelined_auths_on_one_stream_check_no_password_in_parallel(
     # The owner's address is another one: the stranger cost it nothing.
     assert await Guesser(server, OWNER).attempt("alice-secret") == "success"
 
+
+async def test_parallel_streams_past_the_ban_get_the_same_answer_right_or_wrong(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One guess on each of eight streams, all in one turn of the server's event loop,
+    with one failure left before the ban: one password is checked, and every other
+    attempt gets the banned address's answer at once, the right password's the same
+    bytes as a wrong one's. The owner, from another address, logs in meanwhile."""
+    caplog.set_level(logging.INFO, logger="xmppd.auth.throttle")
+    server = await start_server(limits={"auth_failures_before_ban": 3, "auth_ban_seconds": 60})
+    stranger = Guesser(server, STRANGER)
+    for _ in range(2):  # another account's: a success for alice cannot forgive them
+        raw = await stranger.open_stream()
+        await raw.send(plain("bob", WRONG))
+        assert failures(await raw.read_until(b"</failure>")) == ["not-authorized"]
+    await stranger.close()
+
+    passwords = [WRONG, "alice-secret"] * 4
+    streams = []
+    for source in [STRANGER] * len(passwords) + [OWNER]:
+        raw = await RawClient.open(server, source=source)
+        await raw.send(HEADER)
+        await raw.read_until(b"</stream:features>")
+        streams.append(raw)
+    # Written without a wait between them: the node runs in this event loop, so all
+    # nine are in its sockets before it reads any, and it reads them in one turn.
+    for raw, password in zip(streams, [*passwords, "alice-secret"], strict=True):
+        raw.writer.write(plain("alice", password).encode())
+    replies = [await outcome(raw) for raw in streams]
+    for raw in streams:
+        await raw.close()
+
+    owner = replies.pop()
+    assert b"<success" in owner
+    banned = [reply for reply in replies if failures(reply) == ["temporary-auth-failure"]]
+    assert len(banned) == len(passwords) - 1, replies  # one password was checked
+    assert len(set(banned)) == 1  # the same bytes, for right and wrong passwords alike
+    assert {p for p, reply in zip(passwords, replies, strict=True) if reply in banned} == {
+        WRONG,
+        "alice-secret",
+    }
+    assert server.throttle.stats.failures <= 3
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(refusals) == len(passwords) - 1 and all(STRANGER in m for m in refusals)

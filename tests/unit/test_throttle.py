@@ -102,6 +102,35 @@ async def test_admit_refuses_once_banned_even_after_a_password_check() -> None:
     assert t.stats.refusals == 1
 
 
+async def test_checks_under_way_count_against_the_ban_before_they_fail() -> None:
+    """Attempts sent in parallel all pass `refused` before one failure is counted: the
+    checks under way are counted with the failures, per address, so that no more
+    start than the ban allows, and each one's slot is freed when it is counted."""
+    t = throttle(Clock(), before_ban=3)
+    await t.failed("192.0.2.7", "bob@example.org")
+    assert await t.reserve("192.0.2.7", "alice@example.org")
+    assert await t.reserve("192.0.2.7", "alice@example.org")
+    assert not await t.reserve("192.0.2.7", "alice@example.org")  # 1 failure + 2 under way
+    assert await t.reserve("192.0.2.8", "alice@example.org")  # other addresses unaffected
+    t.release("192.0.2.7")  # a right password: no failure counted, its slot free again
+    assert await t.reserve("192.0.2.7", "alice@example.org")
+    assert await t.failed("192.0.2.7", "alice@example.org") == 1.0
+    t.release("192.0.2.7")
+    assert not await t.reserve("192.0.2.7", "alice@example.org")  # 2 failures + 1 under way
+    assert t.stats == AuthStats(failures=2, bans=0, refusals=2)
+
+
+async def test_a_failure_counted_after_the_ban_is_answered_as_a_refusal() -> None:
+    """Checks that raced the ban (other nodes): a wrong password counted past it gets
+    None (answered as a refusal, as `admit` answers a right one), not a delay."""
+    t = throttle(Clock(), before_ban=2)
+    assert await t.failed("192.0.2.7", "alice@example.org") == 0.5
+    assert await t.failed("192.0.2.7", "alice@example.org") == 1.0  # this one bans
+    assert await t.failed("192.0.2.7", "alice@example.org") is None
+    assert not await t.admit("192.0.2.7", "alice@example.org")
+    assert t.stats == AuthStats(failures=3, bans=1, refusals=2)
+
+
 def test_address_key_groups_ipv6_by_64_and_unmaps_ipv4() -> None:
     assert address_key("192.0.2.7") == "192.0.2.7"
     assert address_key("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"

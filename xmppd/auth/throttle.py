@@ -8,7 +8,9 @@ mod_fail2ban does, the address that fails is slowed (the n-th failure from it
 is answered after n x `auth_failure_delay`) and, once it has failed
 `auth_failures_before_ban` times, refused without checking the password until
 `auth_ban_seconds` have passed since its last failure. An account under
-attack from some addresses stays open from every other one.
+attack from some addresses stays open from every other one. Checks under
+way count with the failures (`reserve`), so that guesses sent in parallel
+get no more checks than the ban allows.
 
 The counts live behind `FailureCounter` so that a store shared by the nodes
 of a cluster (Redis: INCR and EXPIRE) can replace the in-process one; each
@@ -162,6 +164,8 @@ class AuthThrottle:
         self.ban_seconds = ban_seconds
         self.failure_delay = failure_delay
         self.stats = AuthStats()
+        # Password checks under way per address key (this node's): see `reserve`.
+        self._checking: dict[str, int] = {}
 
     def reconfigure(
         self, failures_before_ban: int, ban_seconds: float, failure_delay: float
@@ -182,8 +186,46 @@ class AuthThrottle:
         self._refusal(address, account, conn)
         return True
 
-    async def failed(self, ip: str, account: str, conn: str = "-") -> float:
-        """Count a wrong credential; return how long to wait before saying so.
+    async def reserve(self, ip: str, account: str, conn: str = "-") -> bool:
+        """May a password check from `ip` start now? False (the refusal logged) when
+        the address is banned, or when as many of its checks are under way as it has
+        failures left before its ban. True: call `release(ip)` once the check's
+        failure, if it failed, is counted.
+
+        `refused` alone is read before any check in flight has counted its
+        failure, so attempts sent in parallel (many streams, one write each)
+        would all pass it and each cost a key derivation: counted this way
+        no more checks start from an address, on this node, than its ban
+        allows. No wait between the test and the reservation: two attempts
+        cannot both take the last one.
+        """
+        address = address_key(ip)
+        failures = await self.counter.failures(f"ip:{address}")
+        checking = self._checking.get(address, 0)
+        if failures + checking >= self.failures_before_ban:
+            why = "the address is banned"
+            if failures < self.failures_before_ban:
+                why = f"its {checking} logins under way would reach its ban"
+            self._refusal(address, account, conn, why)
+            return False
+        self._checking[address] = checking + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        """A check `reserve` let start is over (and its failure counted)."""
+        address = address_key(ip)
+        left = self._checking[address] - 1
+        if left:
+            self._checking[address] = left
+        else:
+            del self._checking[address]
+
+    async def failed(self, ip: str, account: str, conn: str = "-") -> float | None:
+        """Count a wrong credential; return how long to wait before saying so, or
+        None when the address was banned before this failure: the attempt is then
+        answered as a refusal (and logged as one), at once, exactly as a right
+        password is that `admit` refuses, so that neither the answer nor its time
+        tells a guesser whose checks raced the ban which password was right.
 
         The wait grows with the address's failures, so one mistyped password
         costs its owner a moment while a guesser slows down with every try.
@@ -191,6 +233,9 @@ class AuthThrottle:
         address = address_key(ip)
         count = await self.counter.record_failure(f"ip:{address}", f"pair:{address}:{account}")
         self.stats.failures += 1
+        if count > self.failures_before_ban:
+            self._refusal(address, account, conn)
+            return None
         if count == self.failures_before_ban:
             self.stats.bans += 1
             log.info(
@@ -207,9 +252,11 @@ class AuthThrottle:
     async def admit(self, ip: str, account: str, conn: str = "-") -> bool:
         """Authentication passed: may it succeed? False when `ip` got banned meanwhile.
 
-        Checking again here, after the password check, means that many attempts
-        started in parallel before the ban cannot tell a right guess from a
-        wrong one once the address is banned. On success, the pair's failures
+        Checking again here, after the password check, and answering a refusal
+        here as `failed` answers a wrong guess made after the ban, means that
+        attempts whose checks raced the ban (on other nodes of a cluster: each
+        node's `reserve` sees only its own checks) cannot tell a right guess
+        from a wrong one. On success, the pair's failures
         are forgotten, and the address's too when they were all this account's
         (its owner mistyped): an address that also failed for other accounts
         keeps its count, so that logging in to one's own account cannot reset
@@ -229,12 +276,15 @@ class AuthThrottle:
         await self.counter.clear(pair)
         return True
 
-    def _refusal(self, address: str, account: str, conn: str) -> None:
+    def _refusal(
+        self, address: str, account: str, conn: str, why: str = "the address is banned"
+    ) -> None:
         self.stats.refusals += 1
         log.info(
-            "refused a login for %r from %s: the address is banned conn=%s",
+            "refused a login for %r from %s: %s conn=%s",
             account,
             address,
+            why,
             conn,
             extra={"event": "login-refused", "address": address, "account": account, "conn": conn},
         )
