@@ -215,3 +215,25 @@ async def test_parallel_streams_past_the_ban_get_the_same_answer_right_or_wrong(
     assert server.throttle.stats.failures <= 3
     refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     assert len(refusals) == len(passwords) - 1 and all(STRANGER in m for m in refusals)
+
+
+async def test_users_behind_one_address_logging_in_at_once_are_all_served(
+    start_server: StartServer,
+) -> None:
+    """Six right passwords from one address (a NAT) in one turn of the server's loop,
+    with a ban after three failures: past three checks under way the others wait for a
+    turn, and each is then checked; none is refused for the checks of the others."""
+    server = await start_server(limits={"auth_failures_before_ban": 3, "auth_ban_seconds": 60})
+    streams = []
+    for _ in range(6):
+        raw = await RawClient.open(server, source=STRANGER)
+        await raw.send(HEADER)
+        await raw.read_until(b"</stream:features>")
+        streams.append(raw)
+    for raw in streams:  # no wait between them: all in the node's sockets at once
+        raw.writer.write(plain("alice", "alice-secret").encode())
+    replies = [await outcome(raw) for raw in streams]
+    for raw in streams:
+        await raw.close()
+    assert all(b"<success" in reply for reply in replies), replies
+    assert server.throttle.stats.refusals == 0

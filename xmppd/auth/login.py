@@ -319,9 +319,7 @@ class StreamLogin:
         )
 
     def _refuse_banned(self) -> None:
-        """Refuse an attempt from a banned address, without checking its credentials;
-        also one from an address with as many checks under way as it has failures left
-        before its ban (AuthThrottle.reserve), which would be banned if they all failed.
+        """Refuse an attempt from a banned address, without checking its credentials.
 
         `<temporary-auth-failure/>` (RFC 6120 6.5.12: retry later) says what
         is true: the refusal ends by itself. `<not-authorized/>` (6.5.10)

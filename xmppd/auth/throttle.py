@@ -19,6 +19,7 @@ call is one key, so the hot path of a clean login is one lookup.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -164,8 +165,10 @@ class AuthThrottle:
         self.ban_seconds = ban_seconds
         self.failure_delay = failure_delay
         self.stats = AuthStats()
-        # Password checks under way per address key (this node's): see `reserve`.
+        # Password checks under way per address key (this node's), and the attempts
+        # waiting for one of them to end: see `reserve`.
         self._checking: dict[str, int] = {}
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
 
     def reconfigure(
         self, failures_before_ban: int, ban_seconds: float, failure_delay: float
@@ -187,38 +190,56 @@ class AuthThrottle:
         return True
 
     async def reserve(self, ip: str, account: str, conn: str = "-") -> bool:
-        """May a password check from `ip` start now? False (the refusal logged) when
-        the address is banned, or when as many of its checks are under way as it has
-        failures left before its ban. True: call `release(ip)` once the check's
-        failure, if it failed, is counted.
+        """May a password check from `ip` start? False (the refusal logged) when the
+        address is banned. While as many of its checks are under way as it has
+        failures left before its ban, waits for one of them to end, then judges
+        again. True: call `release(ip)` once the check's failure, if it failed, is
+        counted.
 
         `refused` alone is read before any check in flight has counted its
         failure, so attempts sent in parallel (many streams, one write each)
-        would all pass it and each cost a key derivation: counted this way
-        no more checks start from an address, on this node, than its ban
-        allows. No wait between the test and the reservation: two attempts
-        cannot both take the last one.
+        would all pass it and each cost a key derivation: counted this way no
+        more checks run from an address, on this node, than its ban allows.
+        Waiting rather than refusing: users behind one address (a NAT) who log
+        in at the same moment are served a few milliseconds later, not turned
+        away; a guesser's waiting attempts are refused once its failures ban it
+        (its streams are bounded by the connections per address and the time to
+        authenticate). No wait between the test and the reservation: two
+        attempts cannot both take the last slot.
         """
         address = address_key(ip)
-        failures = await self.counter.failures(f"ip:{address}")
-        checking = self._checking.get(address, 0)
-        if failures + checking >= self.failures_before_ban:
-            why = "the address is banned"
-            if failures < self.failures_before_ban:
-                why = f"its {checking} logins under way would reach its ban"
-            self._refusal(address, account, conn, why)
-            return False
-        self._checking[address] = checking + 1
-        return True
+        while True:
+            failures = await self.counter.failures(f"ip:{address}")
+            if failures >= self.failures_before_ban:
+                self._refusal(address, account, conn)
+                return False
+            checking = self._checking.get(address, 0)
+            if failures + checking < self.failures_before_ban:
+                self._checking[address] = checking + 1
+                return True
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiting = self._waiting.setdefault(address, [])
+            waiting.append(turn)
+            try:
+                await turn
+            finally:
+                if turn.cancelled() and turn in waiting:  # given up: its stream ended
+                    waiting.remove(turn)
+                    if not waiting and self._waiting.get(address) is waiting:
+                        del self._waiting[address]
 
     def release(self, ip: str) -> None:
-        """A check `reserve` let start is over (and its failure counted)."""
+        """A check `reserve` let start is over (and its failure counted): the attempts
+        waiting for one judge again."""
         address = address_key(ip)
         left = self._checking[address] - 1
         if left:
             self._checking[address] = left
         else:
             del self._checking[address]
+        for turn in self._waiting.pop(address, ()):
+            if not turn.done():
+                turn.set_result(None)
 
     async def failed(self, ip: str, account: str, conn: str = "-") -> float | None:
         """Count a wrong credential; return how long to wait before saying so, or
@@ -276,15 +297,12 @@ class AuthThrottle:
         await self.counter.clear(pair)
         return True
 
-    def _refusal(
-        self, address: str, account: str, conn: str, why: str = "the address is banned"
-    ) -> None:
+    def _refusal(self, address: str, account: str, conn: str) -> None:
         self.stats.refusals += 1
         log.info(
-            "refused a login for %r from %s: %s conn=%s",
+            "refused a login for %r from %s: the address is banned conn=%s",
             account,
             address,
-            why,
             conn,
             extra={"event": "login-refused", "address": address, "account": account, "conn": conn},
         )
