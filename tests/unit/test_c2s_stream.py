@@ -328,6 +328,52 @@ def test_sasl_failures_end_the_stream_after_five() -> None:
     assert stream_error(s.output()) == "policy-violation"
 
 
+PLAIN_AUTH = (
+    b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+    + base64.b64encode(b"\0alice\0pw")
+    + b"</auth>"
+)
+
+
+def test_an_auth_during_an_exchange_aborts_it_unchecked_and_counts() -> None:
+    """<auth/>s pipelined in one write: the second ends the first exchange (whose
+    check the login drops) and starts none; each such one counts towards the
+    per-stream limit, unlike the client's own <abort/>."""
+    s = secured()
+    events = s.receive(PLAIN_AUTH * 2)
+    assert [type(e) for e in events] == [c2s.AuthRequested, c2s.AuthAborted, c2s.AuthRefused]
+    refused = events[2]
+    assert isinstance(refused, c2s.AuthRefused)
+    assert (refused.condition, refused.mechanism) == ("aborted", "PLAIN")
+    assert parse_out(s.output())[0][0].tag == f"{{{ns.SASL}}}aborted"
+    events = s.receive(PLAIN_AUTH * 8)  # 4 more pairs: the fifth counted failure ends it
+    assert sum(isinstance(e, c2s.AuthRequested) for e in events) == 4
+    assert s.closed
+    assert stream_error(s.output()) == "policy-violation"
+    s = secured()
+    for _ in range(5):  # the client's own <abort/> is not counted
+        s.receive(PLAIN_AUTH + b"<abort xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+    assert not s.closed
+
+
+def test_a_late_outcome_of_an_exchange_no_longer_under_way_is_ignored() -> None:
+    """A login task that outlived its exchange (aborted, or another one succeeded)
+    must neither authenticate the stream nor answer it."""
+    s = secured()
+    s.receive(PLAIN_AUTH + b"<abort xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+    s.output()
+    s.sasl_success("alice")
+    s.sasl_failure("not-authorized")
+    assert not s.authenticated and s.output() == b""
+    s.receive(PLAIN_AUTH)
+    s.sasl_success("alice")
+    s.receive(HEADER)
+    s.output()
+    s.sasl_failure("not-authorized")
+    s.sasl_success("mallory")
+    assert s.username == "alice" and s.output() == b""
+
+
 def test_a_login_finishing_after_the_stream_ended_does_not_reopen_it() -> None:
     """The credentials are checked in a task; the auth timeout may end the stream
     meanwhile. The success that comes after must send nothing and leave it closed."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from xmppd.auth.throttle import AuthStats, AuthThrottle, MemoryFailureCounter, address_key
 
 
@@ -100,6 +104,61 @@ async def test_admit_refuses_once_banned_even_after_a_password_check() -> None:
     await t.failed("192.0.2.7", "alice@example.org")
     assert not await t.admit("192.0.2.7", "alice@example.org")
     assert t.stats.refusals == 1
+
+
+async def test_checks_under_way_count_against_the_ban_before_they_fail() -> None:
+    """Attempts sent in parallel all pass `refused` before one failure is counted: the
+    checks under way are counted with the failures, per address, so that no more run
+    than the ban allows; one more waits for a check to end, then is judged again:
+    let through if that check passed, refused once failures ban the address."""
+    ip, alice = "192.0.2.7", "alice@example.org"
+    t = throttle(Clock(), before_ban=3)
+    await t.failed(ip, "bob@example.org")
+    assert await t.reserve(ip, alice)
+    assert await t.reserve(ip, alice)  # 1 failure + 2 under way: the ban's worth
+    third = asyncio.ensure_future(t.reserve(ip, alice))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not third.done()  # waits for a turn
+    assert await t.reserve("192.0.2.8", alice)  # other addresses unaffected
+    t.release(ip)  # a right password: no failure counted, a turn for the third
+    assert await third
+    fourth = asyncio.ensure_future(t.reserve(ip, alice))
+    assert await t.failed(ip, alice) == 1.0
+    t.release(ip)  # 2 failures + 1 under way: the fourth still waits
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not fourth.done()
+    assert await t.failed(ip, alice) == 1.5  # the third failed too: banned
+    t.release(ip)
+    assert not await fourth  # refused, as banned
+    assert t.stats == AuthStats(failures=3, bans=1, refusals=1)
+
+
+async def test_an_attempt_given_up_while_waiting_leaves_no_turn_behind() -> None:
+    ip, alice = "192.0.2.7", "alice@example.org"
+    t = throttle(Clock(), before_ban=1)
+    assert await t.reserve(ip, alice)
+    waiting = asyncio.ensure_future(t.reserve(ip, alice))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    waiting.cancel()  # its stream ended
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not t._waiting
+    t.release(ip)
+    assert not t._checking
+
+
+async def test_a_failure_counted_after_the_ban_is_answered_as_a_refusal() -> None:
+    """Checks that raced the ban (other nodes): a wrong password counted past it gets
+    None (answered as a refusal, as `admit` answers a right one), not a delay."""
+    t = throttle(Clock(), before_ban=2)
+    assert await t.failed("192.0.2.7", "alice@example.org") == 0.5
+    assert await t.failed("192.0.2.7", "alice@example.org") == 1.0  # this one bans
+    assert await t.failed("192.0.2.7", "alice@example.org") is None
+    assert not await t.admit("192.0.2.7", "alice@example.org")
+    assert t.stats == AuthStats(failures=3, bans=1, refusals=2)
 
 
 def test_address_key_groups_ipv6_by_64_and_unmaps_ipv4() -> None:

@@ -61,14 +61,23 @@ class StreamLogin:
         self._scram: ScramServer | None = None
         self._pending_mechanism: str | None = None  # <auth/> came without initial response
         self._auth_task: asyncio.Task[None] | None = None
+        # The last PLAIN password check: it runs to its end (and counts its failure)
+        # even when its exchange is given up, and the next check waits for it.
+        self._check: asyncio.Task[tuple[bool, float | None]] | None = None
 
     def cancel(self) -> None:
-        """The stream is gone: stop whatever exchange is in flight."""
+        """The stream is gone: stop whatever exchange is in flight (a password check
+        under way still ends and counts, see `_check_plain`)."""
         if self._auth_task is not None:
             self._auth_task.cancel()
             self._auth_task = None
 
     def start(self, event: c2s.AuthRequested) -> None:
+        """A new exchange. The stream starts one only after the last one's outcome
+        (C2SStream refuses an <auth/> during an exchange), so a task still here is
+        one already given up; cancelled, it cannot answer the new exchange."""
+        if self._auth_task is not None:
+            self._auth_task.cancel()
         self._mechanism = event.mechanism  # for the log, should a response come out of turn
         if event.data is None:
             self.stream.sasl_challenge(b"")  # RFC 6120 6.4.2: ask for the initial response
@@ -117,11 +126,16 @@ class StreamLogin:
             if mechanism == "PLAIN":
                 authzid, username, password = parse_plain(data)
                 username = _account_name(username)
-                if await server.throttle.refused(self.ip, f"{username}@{host}", self.conn):
+                account = f"{username}@{host}"
+                if self._check is not None and not self._check.done():
+                    await asyncio.wait([self._check])  # one check at a time per stream
+                if not await server.throttle.reserve(self.ip, account, self.conn):
                     self._refuse_banned()
                     return
-                if not await server.accounts[host].verify_plain(username, password):
-                    await self._auth_failed(username, "not-authorized")
+                self._check = asyncio.ensure_future(self._check_plain(host, username, password))
+                right, delay = await asyncio.shield(self._check)
+                if not right:
+                    await self._answer_wrong(account, delay)
                     return
                 await self._authorize(username, authzid, None)
                 return
@@ -151,6 +165,25 @@ class StreamLogin:
             self.stream.sasl_failure("temporary-auth-failure", "try again later")
         finally:
             self._output()
+
+    async def _check_plain(
+        self, host: str, username: str, password: str
+    ) -> tuple[bool, float | None]:
+        """The PLAIN password check that `AuthThrottle.reserve` let start: whether the
+        password is right, and for a wrong one what `AuthThrottle.failed` says.
+
+        A task of its own, shielded: an exchange given up (<abort/>, a closed
+        stream) does not stop the key derivation in the executor, so it must
+        not end the check either, or the derivation would be neither counted
+        nor bounded (a guess, then <abort/>, again and again).
+        """
+        throttle = self.node.throttle
+        try:
+            if await self.node.accounts[host].verify_plain(username, password):
+                return True, None
+            return False, await throttle.failed(self.ip, f"{username}@{host}", self.conn)
+        finally:
+            throttle.release(self.ip)
 
     async def _auth_final(self, data: bytes) -> None:
         scram, self._scram = self._scram, None
@@ -237,19 +270,33 @@ class StreamLogin:
         """Answer a failed attempt, after a wait that grows with its address's failures.
 
         Only <not-authorized/> waits: counted against the address and account
-        when the user name is known, the base delay uncounted when it is not
-        yet. Other conditions (a malformed message) are answered at once and
-        not counted, since they cost no password check.
+        when the user name is known (see `_answer_wrong`), the base delay
+        uncounted when it is not yet. Other conditions (a malformed message)
+        are answered at once and not counted, since they cost no password check.
         """
         account = f"{username}@{self.stream.host or ''}" if username is not None else None
+        if condition == "not-authorized" and account is not None:
+            delay = await self.node.throttle.failed(self.ip, account, self.conn)
+            await self._answer_wrong(account, delay, text)
+            return
         self._log_failed(account, condition)
         if condition == "not-authorized":
-            throttle = self.node.throttle
-            delay = throttle.failure_delay
-            if account is not None:
-                delay = await throttle.failed(self.ip, account, self.conn)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self.node.throttle.failure_delay)
         self.stream.sasl_failure(condition, text)
+
+    async def _answer_wrong(
+        self, account: str, delay: float | None, text: str | None = None
+    ) -> None:
+        """Answer wrong credentials that `AuthThrottle.failed` counted: <not-authorized/>
+        after `delay`, or, when the address was banned before they were counted (None;
+        the refusal is logged), as every attempt from a banned address is answered, at
+        once: a right password refused then gets the same answer at the same time."""
+        if delay is None:
+            self._refuse_banned()
+            return
+        self._log_failed(account, "not-authorized")
+        await asyncio.sleep(delay)
+        self.stream.sasl_failure("not-authorized", text)
 
     def _log_failed(self, account: str | None, condition: str) -> None:
         """One INFO line per failed login: the account as given (never the password),
@@ -341,7 +388,8 @@ class StreamLogin:
         session = ClientSession(full, transport, self.node.router)
         session.address = self.ip
         self.node.router.bind(session)
-        self._auth_task = None  # done: its Task and coroutine would stay with every session
+        # Done: their Tasks and coroutines would stay with every session.
+        self._auth_task = self._check = None
         self.stream.bound(event.iq, full)
         return session
 

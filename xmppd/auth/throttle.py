@@ -8,7 +8,9 @@ mod_fail2ban does, the address that fails is slowed (the n-th failure from it
 is answered after n x `auth_failure_delay`) and, once it has failed
 `auth_failures_before_ban` times, refused without checking the password until
 `auth_ban_seconds` have passed since its last failure. An account under
-attack from some addresses stays open from every other one.
+attack from some addresses stays open from every other one. Checks under
+way count with the failures (`reserve`), so that guesses sent in parallel
+get no more checks than the ban allows.
 
 The counts live behind `FailureCounter` so that a store shared by the nodes
 of a cluster (Redis: INCR and EXPIRE) can replace the in-process one; each
@@ -17,6 +19,7 @@ call is one key, so the hot path of a clean login is one lookup.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -162,6 +165,10 @@ class AuthThrottle:
         self.ban_seconds = ban_seconds
         self.failure_delay = failure_delay
         self.stats = AuthStats()
+        # Password checks under way per address key (this node's), and the attempts
+        # waiting for one of them to end: see `reserve`.
+        self._checking: dict[str, int] = {}
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
 
     def reconfigure(
         self, failures_before_ban: int, ban_seconds: float, failure_delay: float
@@ -182,8 +189,64 @@ class AuthThrottle:
         self._refusal(address, account, conn)
         return True
 
-    async def failed(self, ip: str, account: str, conn: str = "-") -> float:
-        """Count a wrong credential; return how long to wait before saying so.
+    async def reserve(self, ip: str, account: str, conn: str = "-") -> bool:
+        """May a password check from `ip` start? False (the refusal logged) when the
+        address is banned. While as many of its checks are under way as it has
+        failures left before its ban, waits for one of them to end, then judges
+        again. True: call `release(ip)` once the check's failure, if it failed, is
+        counted.
+
+        `refused` alone is read before any check in flight has counted its
+        failure, so attempts sent in parallel (many streams, one write each)
+        would all pass it and each cost a key derivation: counted this way no
+        more checks run from an address, on this node, than its ban allows.
+        Waiting rather than refusing: users behind one address (a NAT) who log
+        in at the same moment are served a few milliseconds later, not turned
+        away; a guesser's waiting attempts are refused once its failures ban it
+        (its streams are bounded by the connections per address and the time to
+        authenticate). No wait between the test and the reservation: two
+        attempts cannot both take the last slot.
+        """
+        address = address_key(ip)
+        while True:
+            failures = await self.counter.failures(f"ip:{address}")
+            if failures >= self.failures_before_ban:
+                self._refusal(address, account, conn)
+                return False
+            checking = self._checking.get(address, 0)
+            if failures + checking < self.failures_before_ban:
+                self._checking[address] = checking + 1
+                return True
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiting = self._waiting.setdefault(address, [])
+            waiting.append(turn)
+            try:
+                await turn
+            finally:
+                if turn.cancelled() and turn in waiting:  # given up: its stream ended
+                    waiting.remove(turn)
+                    if not waiting and self._waiting.get(address) is waiting:
+                        del self._waiting[address]
+
+    def release(self, ip: str) -> None:
+        """A check `reserve` let start is over (and its failure counted): the attempts
+        waiting for one judge again."""
+        address = address_key(ip)
+        left = self._checking[address] - 1
+        if left:
+            self._checking[address] = left
+        else:
+            del self._checking[address]
+        for turn in self._waiting.pop(address, ()):
+            if not turn.done():
+                turn.set_result(None)
+
+    async def failed(self, ip: str, account: str, conn: str = "-") -> float | None:
+        """Count a wrong credential; return how long to wait before saying so, or
+        None when the address was banned before this failure: the attempt is then
+        answered as a refusal (and logged as one), at once, exactly as a right
+        password is that `admit` refuses, so that neither the answer nor its time
+        tells a guesser whose checks raced the ban which password was right.
 
         The wait grows with the address's failures, so one mistyped password
         costs its owner a moment while a guesser slows down with every try.
@@ -191,6 +254,9 @@ class AuthThrottle:
         address = address_key(ip)
         count = await self.counter.record_failure(f"ip:{address}", f"pair:{address}:{account}")
         self.stats.failures += 1
+        if count > self.failures_before_ban:
+            self._refusal(address, account, conn)
+            return None
         if count == self.failures_before_ban:
             self.stats.bans += 1
             log.info(
@@ -207,9 +273,11 @@ class AuthThrottle:
     async def admit(self, ip: str, account: str, conn: str = "-") -> bool:
         """Authentication passed: may it succeed? False when `ip` got banned meanwhile.
 
-        Checking again here, after the password check, means that many attempts
-        started in parallel before the ban cannot tell a right guess from a
-        wrong one once the address is banned. On success, the pair's failures
+        Checking again here, after the password check, and answering a refusal
+        here as `failed` answers a wrong guess made after the ban, means that
+        attempts whose checks raced the ban (on other nodes of a cluster: each
+        node's `reserve` sees only its own checks) cannot tell a right guess
+        from a wrong one. On success, the pair's failures
         are forgotten, and the address's too when they were all this account's
         (its owner mistyped): an address that also failed for other accounts
         keeps its count, so that logging in to one's own account cannot reset

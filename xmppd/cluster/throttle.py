@@ -15,10 +15,10 @@ each slowed by a timeout. Counts made locally during an outage are not
 copied to Redis afterwards: an address keeps its local count on that node
 and starts from Redis' count elsewhere.
 
-Every login reads a count twice (`AuthThrottle.refused` before the password
-check, `admit` after it), and a failed one records two counts (its address,
-its address with the account) in one round trip, so the counts go over a
-connection of their own
+Every login reads a count twice (`AuthThrottle.reserve`, or `refused` for
+SCRAM, before the password check, `admit` after it), and a failed one
+records two counts (its address, its address with the account) in one
+round trip, so the counts go over a connection of their own
 (xmppd.cluster.channel), one round trip per call, instead of redis-py's
 command path: about a third of the CPU per read. Not the writer's or the
 inbox's connection: a round trip waits for every one sent before it on its

@@ -264,7 +264,10 @@ class C2SStream:
         self._send_sasl("challenge", data)
 
     def sasl_success(self, username: str, additional: bytes | None = None) -> None:
-        if self.closed:  # timed out (or failed) while the credentials were checked
+        """The exchange under way succeeded. Ignored when there is none: the stream
+        timed out, was aborted, failed or succeeded while the credentials were
+        checked, and a late outcome must not authenticate (or answer) it."""
+        if self.closed or not self._sasl_active:
             return
         self._send_sasl("success", additional)
         self._sasl_active = False
@@ -275,7 +278,15 @@ class C2SStream:
         self._parser.max_stanza_bytes = self.settings.max_stanza_bytes
 
     def sasl_failure(self, condition: str, text: str | None = None) -> None:
-        """Report a failed attempt; the client may try again on the same stream, a few times."""
+        """The exchange under way failed; the client may try again on the same stream,
+        a few times. Ignored when there is none, as a late `sasl_success` is."""
+        if self.closed or not self._sasl_active:
+            return
+        self._sasl_failed(condition, text)
+
+    def _sasl_failed(self, condition: str, text: str | None = None, counted: bool = True) -> None:
+        """Send a <failure/>, which ends the exchange under way, if any. Each counts
+        towards the per-stream limit but the answer to the client's own <abort/>."""
         failure = etree.Element(f"{{{ns.SASL}}}failure", nsmap={None: ns.SASL})
         etree.SubElement(failure, f"{{{ns.SASL}}}{condition}")
         if text:
@@ -283,7 +294,7 @@ class C2SStream:
         self.send(failure)
         self._sasl_active = False
         self.settings.on_sasl_outcome(condition)
-        if condition != "aborted":
+        if counted:
             self._sasl_failures += 1
             if self._sasl_failures >= MAX_SASL_FAILURES_PER_STREAM:
                 self.fail(
@@ -469,10 +480,17 @@ class C2SStream:
         if self.authenticated:
             raise StreamError("policy-violation", "already authenticated")
         if el.tag == _AUTH:
-            if self._sasl_active:
-                self.sasl_failure("aborted")
-                return
             mechanism = el.get("mechanism", "")
+            if self._sasl_active:
+                # One exchange at a time (RFC 6120 6.4: the client aborts one with
+                # <abort/>). A new <auth/> before the last one's outcome ends that
+                # exchange unanswered, is not checked, and counts as a failed attempt:
+                # else <auth/>s pipelined in one write would be free guesses in parallel.
+                events.append(AuthAborted())
+                self._refuse_sasl(
+                    events, "aborted", mechanism, "one authentication at a time: await its outcome"
+                )
+                return
             if not self.tls and not self.settings.allow_unencrypted:
                 self._refuse_sasl(events, "encryption-required", mechanism, "negotiate TLS first")
                 return
@@ -508,14 +526,14 @@ class C2SStream:
         else:
             if self._sasl_active:
                 events.append(AuthAborted())
-            self.sasl_failure("aborted")
+            self._sasl_failed("aborted", counted=False)
 
     def _refuse_sasl(
         self, events: list[Event], condition: str, mechanism: str | None, text: str | None = None
     ) -> None:
         """Refuse here, and say so in an event: a refused login is logged, and only the
         connection knows the address to log."""
-        self.sasl_failure(condition, text)
+        self._sasl_failed(condition, text)
         events.append(AuthRefused(condition, mechanism))
 
     def _on_stanza(self, el: etree._Element, tag: str, events: list[Event]) -> None:
