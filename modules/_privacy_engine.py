@@ -65,6 +65,9 @@ the recipient, and runs the filter again (ModuleHost.filter).
   (broadcast copies, probes and their answers, unavailable) have no origin
   session and skip "stanza/out"; the module asks the sender's rules before
   routing each, which is the only check for a contact on another server.
+* `event_gate`: PEP's events in a user's name (notifications, last items)
+  likewise have no origin session; PEP asks the account's rules (blocklist,
+  default list) for each recipient, from the state held here.
 * "message/offline", presence subscription and probe hooks: the user's
   default list and blocklist, so a blocked JID can neither fill the user's
   offline store nor ask for a subscription or a probe answer. (IQs to the
@@ -506,6 +509,8 @@ class UserState:
 Policy = tuple[PrivacyData, str | None]
 Gate = Callable[[etree._Element], bool]
 """May this presence, made by the server in a user's name, go where it is addressed?"""
+PeerGate = Callable[[str], bool]
+"""May the server send a user's PEP events to this JID?"""
 ENGINE_USERS = ("privacy", "blocking")  # the modules that share one engine per host
 
 
@@ -727,6 +732,44 @@ class PrivacyEngine:
         if state is None:
             return self.host.spawn(self._gate_when_loaded(jid))
         return self._gate(jid, state)
+
+    async def event_gate(self, bare: str) -> PeerGate | None:
+        """Which JIDs may get the PEP events (notifications, last items) the server sends
+        in `bare`'s name. They have no origin session, so no "stanza/out" filter sees
+        them, and "stanza/in" asks the sender's rules for presence only: without this a
+        contact the user blocked would still get every event (XEP-0163 4.3.3: not one to
+        a subscriber blocked from receiving any kind of stanza). The account's rules
+        judge, the blocklist and the default list (no session sends them), for every
+        kind the contact may be kept from receiving: stanzas of all kinds (an outbound
+        message obeys only those items) and presence-out. None: all may (no rules, most
+        users). Rules held here cost no read; others are loaded once. Rules that cannot
+        be read let only the user's own resources through: a fault never lifts a block."""
+        try:
+            state = await self.state(bare)
+        except Exception:
+            log.exception("cannot load the privacy record of %s: its events stay its own", bare)
+            return functools.partial(self._own_resource, bare)
+        if state.data.default is None and not state.data.blocked:
+            return None
+        return functools.partial(self._event_allowed, bare, state)
+
+    def _own_resource(self, owner: str, to: str) -> bool:
+        try:
+            return self._exempt(JID(to), owner)
+        except InvalidJID:
+            return False
+
+    def _event_allowed(self, owner: str, state: UserState, to: str) -> bool:
+        try:
+            peer = JID(to)
+        except InvalidJID:
+            return False
+        if self._exempt(peer, owner):
+            return True
+        return all(
+            decide(state.data, None, kind, peer, state.roster) is Verdict.ALLOW
+            for kind in (None, "presence-out")
+        )
 
     async def _gate_when_loaded(self, jid: JID) -> Gate | None:
         try:
@@ -1175,6 +1218,10 @@ class EngineModule(Module):
     def presence_gate(self, sender: str) -> Gate | None | asyncio.Future[Gate | None]:
         """See `PrivacyEngine.presence_gate`: for the presence module."""
         return self.engine.presence_gate(sender)
+
+    async def event_gate(self, bare: str) -> PeerGate | None:
+        """See `PrivacyEngine.event_gate`: for PEP."""
+        return await self.engine.event_gate(bare)
 
     async def get(self, request: IqRequest) -> etree._Element | None:
         raise NotImplementedError

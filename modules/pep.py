@@ -37,8 +37,10 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from xmppd.modulehost import IqRequest, Module, ModuleHost, Routed, storage_call
+from xmppd.modules.blocking import Blocking
 from xmppd.modules.caps import CAPS, DISCO_INFO, Identity, verification_string
 from xmppd.modules.disco import DISCO_ITEMS, Disco
+from xmppd.modules.privacy import Privacy
 from xmppd.modules.private import Private
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.modules.vcard import VCard
@@ -50,6 +52,7 @@ from ._pep_avatar import CONVERSION, AvatarConversion
 from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
 from ._pep_bookmarks import PRIVATE_NODES, BookmarksConversion
 from ._pep_caps import CapsStore
+from ._privacy_engine import PeerGate
 from ._pubsub_cleanup import clear_deleted, finish_deletions
 from ._pubsub_engine import (
     MAX_AFFILIATIONS,
@@ -151,6 +154,10 @@ class Pep(Module):
     async def start(self) -> None:
         self.roster = self.host.module(RosterModule)
         self.roster.subscribe_changes(self._on_roster_change)
+        # The blocklist and privacy lists, whichever module holds them (one engine).
+        self.rules: Privacy | Blocking | None = self.host.find_module(
+            Privacy
+        ) or self.host.find_module(Blocking)
         # Here, not in setup(): every module is set up by now, whatever the config's order.
         disco = self.host.find_module(Disco)
         if disco is not None:
@@ -329,8 +336,10 @@ class Pep(Module):
     async def _recipients(
         self, service: PubSubService, node: Node, owner: str
     ) -> list[Recipient]:
-        """The resources (and bare JIDs of explicit subscriptions) to notify, each once."""
+        """The resources (and bare JIDs of explicit subscriptions) to notify, each once:
+        none the owner's blocklist or privacy lists keep from it (`_gate`)."""
         wanted: dict[str, Recipient] = {}
+        gate = await self._gate(owner)
         for session in self.host.available_sessions(owner):
             if node.name in session.state.get(NOTIFY, ()):
                 wanted[session.jid] = Recipient(session.jid, session)
@@ -349,7 +358,7 @@ class Pep(Module):
                     continue
                 sessions = [
                     s for s in self.host.available_sessions(item.jid)
-                    if node.name in s.state.get(NOTIFY, ())
+                    if node.name in s.state.get(NOTIFY, ()) and (gate is None or gate(s.jid))
                 ]
                 relation = (item.subscription, list(item.groups))
                 if sessions and judge(node, item.jid, owner, [relation]) is None:
@@ -359,8 +368,15 @@ class Pep(Module):
             if s.state == "subscribed" and s.option("pubsub#deliver")
         ]
         for sub in await service.audience(node, subs):
-            wanted[sub.jid] = Recipient(sub.jid, include_body=sub.option("pubsub#include_body"))
+            if gate is None or gate(sub.jid):
+                wanted[sub.jid] = Recipient(sub.jid, include_body=sub.option("pubsub#include_body"))
         return list(wanted.values())
+
+    async def _gate(self, owner: str) -> PeerGate | None:
+        """Which JIDs the owner's blocklist and privacy lists let get its events, judged
+        here because the events, sent in the owner's name by no session, pass no
+        filter of the owner's (`PrivacyEngine.event_gate`); None: all of them."""
+        return None if self.rules is None else await self.rules.event_gate(owner)
 
     def _fanout_in(self, routed: Routed) -> bool:
         if not FanOut.is_fanout(routed):
@@ -369,6 +385,10 @@ class Pep(Module):
         return True
 
     async def _send_last(self, service: PubSubService, node: Node, to: str) -> None:
+        """The node's last item to `to`, unless the owner's rules keep it from `to`."""
+        gate = await self._gate(service.owner or "")
+        if gate is not None and not gate(to):
+            return
         item = await service.last_item(node)
         if item is not None:
             event = Event("items", node, item, item.get("id"))
