@@ -401,9 +401,10 @@ class Pep(Module):
     ) -> None:
         """The last item of each node `names` of each of `owners` that `session` may
         see: one batch read per virtual host (through the shared cache). `owners`
-        other than the session's account are ones it has a presence subscription
-        to, which is all the presence model asks: only the roster model reads the
-        owner's roster."""
+        other than the session's account come from ITS roster, which may still say
+        'to' where an owner revoked the subscription (an unsubscribed its server
+        never applied): the presence and roster models read each OWNER's roster
+        (once, all owners at once) before their nodes' items go."""
         names = list(names)
         by_vhost: dict[str, list[str]] = {}
         for owner in owners:
@@ -419,18 +420,27 @@ class Pep(Module):
             except StorageError as exc:
                 log.warning("last items for %s not sent: %s", session.jid, exc)
                 continue
-            for key, record in found.items():
-                owner, name = keys[key]
-                node = decode_node(name, record)
-                if node.config.get("pubsub#send_last_published_item") != "on_sub_and_presence":
-                    continue
-                service = self.service(owner)
-                if owner != session.bare and not await self._may_see(service, node, session.bare):
+            nodes = [(keys[key][0], decode_node(keys[key][1], record))
+                     for key, record in found.items()]
+            nodes = [
+                (owner, node) for owner, node in nodes
+                if node.config.get("pubsub#send_last_published_item") == "on_sub_and_presence"
+            ]
+            relations = await self._relations(
+                {owner for owner, node in nodes
+                 if owner != session.bare and _needs_relation(node, owner, session.bare)},
+                session.bare,
+            )
+            for owner, node in nodes:
+                relation = relations.get(owner)
+                if owner != session.bare and judge(
+                    node, session.bare, owner, [relation]
+                ) is not None:
                     continue
                 try:
-                    await self._send_last(service, node, session.jid)
+                    await self._send_last(self.service(owner), node, session.jid)
                 except StorageError as exc:
-                    log.warning("last item of %s %s not sent: %s", owner, name, exc)
+                    log.warning("last item of %s %s not sent: %s", owner, node.name, exc)
 
     async def _node_records(self, vhost: str, keys: list[str]) -> dict[str, Item]:
         """`batch_get` of node records, sharing the reads under way: the logins of a
@@ -461,13 +471,24 @@ class Pep(Module):
         if not read.cancelled():
             read.exception()  # retrieved: each waiter has it raised
 
-    @staticmethod
-    async def _may_see(service: PubSubService, node: Node, subscriber: str) -> bool:
-        """Access for a `subscriber` known to have a presence subscription to the owner."""
-        if judge(node, subscriber, service.owner, [("from", [])]) is None:
-            return True
-        roster_model = node.config.get("pubsub#access_model") == "roster"
-        return roster_model and await service.may_access(node, subscriber)
+    async def _relations(
+        self, owners: set[str], contact: str
+    ) -> dict[str, tuple[str, list[str]] | None]:
+        """`contact` in each of `owners`' rosters, read at once; one that cannot be
+        read counts as absent (its items are not sent)."""
+        ordered = sorted(owners)
+        read = await asyncio.gather(
+            *(self._relation(owner, contact) for owner in ordered), return_exceptions=True
+        )
+        relations: dict[str, tuple[str, list[str]] | None] = {}
+        for owner, relation in zip(ordered, read, strict=True):
+            if isinstance(relation, StorageError):
+                log.warning("last items of %s for %s not sent: %s", owner, contact, relation)
+                relation = None
+            elif isinstance(relation, BaseException):
+                raise relation
+            relations[owner] = relation
+        return relations
 
     # --- presence: what each resource wants --------------------------------------------------
 
@@ -628,6 +649,12 @@ class Pep(Module):
     @classmethod
     async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
         return await _purge(host, _limits(PepOptions()), vhost, username)
+
+
+def _needs_relation(node: Node, owner: str, contact: str) -> bool:
+    """Does the access model's verdict on `contact` rest on the owner's roster?"""
+    model = node.config.get("pubsub#access_model")
+    return model in ("presence", "roster") and judge(node, contact, owner, None) is not None
 
 
 async def _purge(host: ModuleHost, limits: Limits, vhost: str, username: str) -> bool:

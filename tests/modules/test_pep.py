@@ -1072,3 +1072,28 @@ async def test_the_owners_default_privacy_list_keeps_events_from_who_it_denies(
     ]
     again = [("alice@localhost", "bob@localhost/b", "item new Alice again")] if sent else []
     assert events(bob.take()) == again
+
+
+@pytest.mark.parametrize("alices_side", ["to", None])
+async def test_last_items_follow_the_owners_roster_not_the_contacts(
+    alices_side: str | None,
+) -> None:
+    """XEP-0060 4.5, XEP-0163 4: under the presence model only those the OWNER shares
+    presence with see the items. Alice revoked Bob's subscription (her item for him
+    'to'), or removed him, but Bob's roster still says 'both' (his server never
+    applied her unsubscribed): at login he gets no last item of hers. Carol's, next
+    in his roster, marks where Alice's would have come."""
+    harness = await with_rules()
+    carol = harness.session("carol@localhost/c")
+    await harness.iq(carol, "set", publish_nick("Carol"))
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("Alice"))
+    roster = harness.host.modules["roster"]
+    assert isinstance(roster, RosterModule)
+    await roster.update(
+        "alice@localhost", "bob@localhost",
+        lambda _: None if alices_side is None else RosterItem("bob@localhost", subscription="to"),
+    )
+    assert (await roster.item("bob@localhost", "alice@localhost")).subscription == "both"
+    bob = await online(harness, "bob@localhost/b", [NICK])
+    assert events(bob.take()) == [("carol@localhost", "bob@localhost/b", "item current Carol")]
