@@ -68,9 +68,12 @@ the recipient, and runs the filter again (ModuleHost.filter).
 * `event_gate`: PEP's events in a user's name (notifications, last items)
   likewise have no origin session; PEP asks the account's rules (blocklist,
   default list) for each recipient, from the state held here.
-* "message/offline", presence subscription and probe hooks: the user's
-  default list and blocklist, so a blocked JID can neither fill the user's
-  offline store nor ask for a subscription or a probe answer. (IQs to the
+* "message/offline", presence subscription-request and probe hooks: the
+  user's default list and blocklist, so a blocked JID can neither fill the
+  user's offline store nor ask for a subscription or a probe answer. Its
+  answers and cancellations still change the roster (the subscription
+  states are the servers', RFC 6121 3.1-3.3, and the two rosters would
+  drift apart); "stanza/in" keeps them from the user's resources. (IQs to the
   user's bare JID, which the server answers on the user's behalf, reach no
   filter or hook yet: see .coord/requests-privacy-blocking.md.)
 
@@ -148,7 +151,12 @@ EFFECTS_SLICE = 500  # roster entries judged per loop turn after a change of rul
 CARBON_RECEIVED = "{urn:xmpp:carbons:2}received"
 CARBON_SENT = "{urn:xmpp:carbons:2}sent"
 FORWARDED_MESSAGE = f"{{urn:xmpp:forward:0}}forwarded/{ns.C_MESSAGE}"
-_PRESENCE_HOOKS = ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe")
+_PRESENCE_HOOKS = ("subscribe", "probe")
+"""What a refused JID's presence may not do at all: ask. Its answers (subscribed, to
+the user's own request) and cancellations (unsubscribe, unsubscribed) still change
+the user's roster, as RFC 6121 3.1-3.3 say the server does: dropped here, they left
+the user's roster saying a subscription the contact had ended (and PEP, or a later
+unblock, going by it); their delivery passes "stanza/in", which refuses them."""
 
 
 # --- the model --------------------------------------------------------------------------
@@ -1067,7 +1075,7 @@ class PrivacyEngine:
         return True
 
     async def _presence_to_user(self, stanza: etree._Element, bare: str) -> bool:
-        """Subscription requests, answers and probes from a refused JID vanish silently."""
+        """Subscription requests and probes from a refused JID vanish silently."""
         return await self._judge_for_account(stanza, bare, None) is not Verdict.ALLOW
 
     async def _judge_for_account(
