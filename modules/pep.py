@@ -14,7 +14,12 @@ modules/_pubsub_engine.py; this module adds what makes PEP personal:
   affiliations); explicit XEP-0060 subscribers get them too;
 * the last item of each node a resource asked for comes when that resource
   becomes available (its own and its contacts' nodes) and when a contact
-  gains a presence subscription.
+  gains a presence subscription; the OWNER's roster says whether a contact
+  has one (the contact's may lag behind it);
+* nothing goes to a JID the owner's blocklist or privacy lists keep from
+  receiving its stanzas (XEP-0163 4.3.3): events have no origin session, so
+  no filter of the owner's sees them, and the privacy engine is asked for
+  each recipient (`PrivacyEngine.event_gate`).
 
 What each resource asked for (its "+notify" node names) is computed from its
 caps when its presence changes: a caps hash seen before (on any node: the
