@@ -65,9 +65,15 @@ the recipient, and runs the filter again (ModuleHost.filter).
   (broadcast copies, probes and their answers, unavailable) have no origin
   session and skip "stanza/out"; the module asks the sender's rules before
   routing each, which is the only check for a contact on another server.
-* "message/offline", presence subscription and probe hooks: the user's
-  default list and blocklist, so a blocked JID can neither fill the user's
-  offline store nor ask for a subscription or a probe answer. (IQs to the
+* `event_gate`: PEP's events in a user's name (notifications, last items)
+  likewise have no origin session; PEP asks the account's rules (blocklist,
+  default list) for each recipient, from the state held here.
+* "message/offline", presence subscription-request and probe hooks: the
+  user's default list and blocklist, so a blocked JID can neither fill the
+  user's offline store nor ask for a subscription or a probe answer. Its
+  answers and cancellations still change the roster (the subscription
+  states are the servers', RFC 6121 3.1-3.3, and the two rosters would
+  drift apart); "stanza/in" keeps them from the user's resources. (IQs to the
   user's bare JID, which the server answers on the user's behalf, reach no
   filter or hook yet: see .coord/requests-privacy-blocking.md.)
 
@@ -145,7 +151,12 @@ EFFECTS_SLICE = 500  # roster entries judged per loop turn after a change of rul
 CARBON_RECEIVED = "{urn:xmpp:carbons:2}received"
 CARBON_SENT = "{urn:xmpp:carbons:2}sent"
 FORWARDED_MESSAGE = f"{{urn:xmpp:forward:0}}forwarded/{ns.C_MESSAGE}"
-_PRESENCE_HOOKS = ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe")
+_PRESENCE_HOOKS = ("subscribe", "probe")
+"""What a refused JID's presence may not do at all: ask. Its answers (subscribed, to
+the user's own request) and cancellations (unsubscribe, unsubscribed) still change
+the user's roster, as RFC 6121 3.1-3.3 say the server does: dropped here, they left
+the user's roster saying a subscription the contact had ended (and PEP, or a later
+unblock, going by it); their delivery passes "stanza/in", which refuses them."""
 
 
 # --- the model --------------------------------------------------------------------------
@@ -506,6 +517,8 @@ class UserState:
 Policy = tuple[PrivacyData, str | None]
 Gate = Callable[[etree._Element], bool]
 """May this presence, made by the server in a user's name, go where it is addressed?"""
+PeerGate = Callable[[str], bool]
+"""May the server send a user's PEP events to this JID?"""
 ENGINE_USERS = ("privacy", "blocking")  # the modules that share one engine per host
 
 
@@ -727,6 +740,44 @@ class PrivacyEngine:
         if state is None:
             return self.host.spawn(self._gate_when_loaded(jid))
         return self._gate(jid, state)
+
+    async def event_gate(self, bare: str) -> PeerGate | None:
+        """Which JIDs may get the PEP events (notifications, last items) the server sends
+        in `bare`'s name. They have no origin session, so no "stanza/out" filter sees
+        them, and "stanza/in" asks the sender's rules for presence only: without this a
+        contact the user blocked would still get every event (XEP-0163 4.3.3: not one to
+        a subscriber blocked from receiving any kind of stanza). The account's rules
+        judge, the blocklist and the default list (no session sends them), for every
+        kind the contact may be kept from receiving: stanzas of all kinds (an outbound
+        message obeys only those items) and presence-out. None: all may (no rules, most
+        users). Rules held here cost no read; others are loaded once. Rules that cannot
+        be read let only the user's own resources through: a fault never lifts a block."""
+        try:
+            state = await self.state(bare)
+        except Exception:
+            log.exception("cannot load the privacy record of %s: its events stay its own", bare)
+            return functools.partial(self._own_resource, bare)
+        if state.data.default is None and not state.data.blocked:
+            return None
+        return functools.partial(self._event_allowed, bare, state)
+
+    def _own_resource(self, owner: str, to: str) -> bool:
+        try:
+            return self._exempt(JID(to), owner)
+        except InvalidJID:
+            return False
+
+    def _event_allowed(self, owner: str, state: UserState, to: str) -> bool:
+        try:
+            peer = JID(to)
+        except InvalidJID:
+            return False
+        if self._exempt(peer, owner):
+            return True
+        return all(
+            decide(state.data, None, kind, peer, state.roster) is Verdict.ALLOW
+            for kind in (None, "presence-out")
+        )
 
     async def _gate_when_loaded(self, jid: JID) -> Gate | None:
         try:
@@ -1024,7 +1075,7 @@ class PrivacyEngine:
         return True
 
     async def _presence_to_user(self, stanza: etree._Element, bare: str) -> bool:
-        """Subscription requests, answers and probes from a refused JID vanish silently."""
+        """Subscription requests and probes from a refused JID vanish silently."""
         return await self._judge_for_account(stanza, bare, None) is not Verdict.ALLOW
 
     async def _judge_for_account(
@@ -1175,6 +1226,10 @@ class EngineModule(Module):
     def presence_gate(self, sender: str) -> Gate | None | asyncio.Future[Gate | None]:
         """See `PrivacyEngine.presence_gate`: for the presence module."""
         return self.engine.presence_gate(sender)
+
+    async def event_gate(self, bare: str) -> PeerGate | None:
+        """See `PrivacyEngine.event_gate`: for PEP."""
+        return await self.engine.event_gate(bare)
 
     async def get(self, request: IqRequest) -> etree._Element | None:
         raise NotImplementedError

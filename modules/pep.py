@@ -14,7 +14,12 @@ modules/_pubsub_engine.py; this module adds what makes PEP personal:
   affiliations); explicit XEP-0060 subscribers get them too;
 * the last item of each node a resource asked for comes when that resource
   becomes available (its own and its contacts' nodes) and when a contact
-  gains a presence subscription.
+  gains a presence subscription; the OWNER's roster says whether a contact
+  has one (the contact's may lag behind it);
+* nothing goes to a JID the owner's blocklist or privacy lists keep from
+  receiving its stanzas (XEP-0163 4.3.3): events have no origin session, so
+  no filter of the owner's sees them, and the privacy engine is asked for
+  each recipient (`PrivacyEngine.event_gate`).
 
 What each resource asked for (its "+notify" node names) is computed from its
 caps when its presence changes: a caps hash seen before (on any node: the
@@ -37,8 +42,10 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from xmppd.modulehost import IqRequest, Module, ModuleHost, Routed, storage_call
+from xmppd.modules.blocking import Blocking
 from xmppd.modules.caps import CAPS, DISCO_INFO, Identity, verification_string
 from xmppd.modules.disco import DISCO_ITEMS, Disco
+from xmppd.modules.privacy import Privacy
 from xmppd.modules.private import Private
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.modules.vcard import VCard
@@ -50,6 +57,7 @@ from ._pep_avatar import CONVERSION, AvatarConversion
 from ._pep_bookmarks import FEATURES as BOOKMARK_FEATURES
 from ._pep_bookmarks import PRIVATE_NODES, BookmarksConversion
 from ._pep_caps import CapsStore
+from ._privacy_engine import PeerGate
 from ._pubsub_cleanup import clear_deleted, finish_deletions
 from ._pubsub_engine import (
     MAX_AFFILIATIONS,
@@ -151,6 +159,10 @@ class Pep(Module):
     async def start(self) -> None:
         self.roster = self.host.module(RosterModule)
         self.roster.subscribe_changes(self._on_roster_change)
+        # The blocklist and privacy lists, whichever module holds them (one engine).
+        self.rules: Privacy | Blocking | None = self.host.find_module(
+            Privacy
+        ) or self.host.find_module(Blocking)
         # Here, not in setup(): every module is set up by now, whatever the config's order.
         disco = self.host.find_module(Disco)
         if disco is not None:
@@ -329,8 +341,10 @@ class Pep(Module):
     async def _recipients(
         self, service: PubSubService, node: Node, owner: str
     ) -> list[Recipient]:
-        """The resources (and bare JIDs of explicit subscriptions) to notify, each once."""
+        """The resources (and bare JIDs of explicit subscriptions) to notify, each once:
+        none the owner's blocklist or privacy lists keep from it (`_gate`)."""
         wanted: dict[str, Recipient] = {}
+        gate = await self._gate(owner)
         for session in self.host.available_sessions(owner):
             if node.name in session.state.get(NOTIFY, ()):
                 wanted[session.jid] = Recipient(session.jid, session)
@@ -349,7 +363,7 @@ class Pep(Module):
                     continue
                 sessions = [
                     s for s in self.host.available_sessions(item.jid)
-                    if node.name in s.state.get(NOTIFY, ())
+                    if node.name in s.state.get(NOTIFY, ()) and (gate is None or gate(s.jid))
                 ]
                 relation = (item.subscription, list(item.groups))
                 if sessions and judge(node, item.jid, owner, [relation]) is None:
@@ -359,8 +373,15 @@ class Pep(Module):
             if s.state == "subscribed" and s.option("pubsub#deliver")
         ]
         for sub in await service.audience(node, subs):
-            wanted[sub.jid] = Recipient(sub.jid, include_body=sub.option("pubsub#include_body"))
+            if gate is None or gate(sub.jid):
+                wanted[sub.jid] = Recipient(sub.jid, include_body=sub.option("pubsub#include_body"))
         return list(wanted.values())
+
+    async def _gate(self, owner: str) -> PeerGate | None:
+        """Which JIDs the owner's blocklist and privacy lists let get its events, judged
+        here because the events, sent in the owner's name by no session, pass no
+        filter of the owner's (`PrivacyEngine.event_gate`); None: all of them."""
+        return None if self.rules is None else await self.rules.event_gate(owner)
 
     def _fanout_in(self, routed: Routed) -> bool:
         if not FanOut.is_fanout(routed):
@@ -369,6 +390,10 @@ class Pep(Module):
         return True
 
     async def _send_last(self, service: PubSubService, node: Node, to: str) -> None:
+        """The node's last item to `to`, unless the owner's rules keep it from `to`."""
+        gate = await self._gate(service.owner or "")
+        if gate is not None and not gate(to):
+            return
         item = await service.last_item(node)
         if item is not None:
             event = Event("items", node, item, item.get("id"))
@@ -381,9 +406,10 @@ class Pep(Module):
     ) -> None:
         """The last item of each node `names` of each of `owners` that `session` may
         see: one batch read per virtual host (through the shared cache). `owners`
-        other than the session's account are ones it has a presence subscription
-        to, which is all the presence model asks: only the roster model reads the
-        owner's roster."""
+        other than the session's account come from ITS roster, which may still say
+        'to' where an owner revoked the subscription (an unsubscribed its server
+        never applied): the presence and roster models read each OWNER's roster
+        (once, all owners at once) before their nodes' items go."""
         names = list(names)
         by_vhost: dict[str, list[str]] = {}
         for owner in owners:
@@ -399,18 +425,27 @@ class Pep(Module):
             except StorageError as exc:
                 log.warning("last items for %s not sent: %s", session.jid, exc)
                 continue
-            for key, record in found.items():
-                owner, name = keys[key]
-                node = decode_node(name, record)
-                if node.config.get("pubsub#send_last_published_item") != "on_sub_and_presence":
-                    continue
-                service = self.service(owner)
-                if owner != session.bare and not await self._may_see(service, node, session.bare):
+            nodes = [(keys[key][0], decode_node(keys[key][1], record))
+                     for key, record in found.items()]
+            nodes = [
+                (owner, node) for owner, node in nodes
+                if node.config.get("pubsub#send_last_published_item") == "on_sub_and_presence"
+            ]
+            relations = await self._relations(
+                {owner for owner, node in nodes
+                 if owner != session.bare and _needs_relation(node, owner, session.bare)},
+                session.bare,
+            )
+            for owner, node in nodes:
+                relation = relations.get(owner)
+                if owner != session.bare and judge(
+                    node, session.bare, owner, [relation]
+                ) is not None:
                     continue
                 try:
-                    await self._send_last(service, node, session.jid)
+                    await self._send_last(self.service(owner), node, session.jid)
                 except StorageError as exc:
-                    log.warning("last item of %s %s not sent: %s", owner, name, exc)
+                    log.warning("last item of %s %s not sent: %s", owner, node.name, exc)
 
     async def _node_records(self, vhost: str, keys: list[str]) -> dict[str, Item]:
         """`batch_get` of node records, sharing the reads under way: the logins of a
@@ -441,13 +476,24 @@ class Pep(Module):
         if not read.cancelled():
             read.exception()  # retrieved: each waiter has it raised
 
-    @staticmethod
-    async def _may_see(service: PubSubService, node: Node, subscriber: str) -> bool:
-        """Access for a `subscriber` known to have a presence subscription to the owner."""
-        if judge(node, subscriber, service.owner, [("from", [])]) is None:
-            return True
-        roster_model = node.config.get("pubsub#access_model") == "roster"
-        return roster_model and await service.may_access(node, subscriber)
+    async def _relations(
+        self, owners: set[str], contact: str
+    ) -> dict[str, tuple[str, list[str]] | None]:
+        """`contact` in each of `owners`' rosters, read at once; one that cannot be
+        read counts as absent (its items are not sent)."""
+        ordered = sorted(owners)
+        read = await asyncio.gather(
+            *(self._relation(owner, contact) for owner in ordered), return_exceptions=True
+        )
+        relations: dict[str, tuple[str, list[str]] | None] = {}
+        for owner, relation in zip(ordered, read, strict=True):
+            if isinstance(relation, StorageError):
+                log.warning("last items of %s for %s not sent: %s", owner, contact, relation)
+                relation = None
+            elif isinstance(relation, BaseException):
+                raise relation
+            relations[owner] = relation
+        return relations
 
     # --- presence: what each resource wants --------------------------------------------------
 
@@ -608,6 +654,12 @@ class Pep(Module):
     @classmethod
     async def purge_user(cls, host: ModuleHost, vhost: str, username: str) -> bool:
         return await _purge(host, _limits(PepOptions()), vhost, username)
+
+
+def _needs_relation(node: Node, owner: str, contact: str) -> bool:
+    """Does the access model's verdict on `contact` rest on the owner's roster?"""
+    model = node.config.get("pubsub#access_model")
+    return model in ("presence", "roster") and judge(node, contact, owner, None) is not None
 
 
 async def _purge(host: ModuleHost, limits: Limits, vhost: str, username: str) -> bool:

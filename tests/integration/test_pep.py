@@ -188,6 +188,33 @@ async def test_private_data_stays_private(start_server: StartServer) -> None:
         await close(client)
 
 
+async def test_a_blocked_contact_gets_no_events(start_server: StartServer) -> None:
+    """XEP-0163 4.3.3: Alice blocks Bob (XEP-0191, with slixmpp's plugin): he gets
+    her new nickname neither live nor at a later login. Carol's nickname, last in
+    Bob's roster, marks where Alice's last item would have come at that login;
+    Alice's nickname after the unblock, where the blocked one would have come live."""
+    users = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret"}
+    server = await start_server(users=users, modules={**MODULES, "blocking": {}})
+    await befriend(server, "alice@localhost", "bob@localhost")
+    await befriend(server, "bob@localhost", "carol@localhost")
+    carol = await online(server, "carol@localhost/c", "carol-secret")
+    await carol.plugin["xep_0172"].publish_nick("Carol", timeout=10)
+    desk = await online(server, "alice@localhost/desk", "alice-secret")
+    desk.register_plugin("xep_0191")
+    bob = await online(server, "bob@localhost/home", "bob-secret")
+    assert await next_of(bob.nicks) == ("carol@localhost", "Carol")
+    await desk.plugin["xep_0191"].block([JID("bob@localhost")], timeout=10)
+    await desk.plugin["xep_0172"].publish_nick("Hidden", timeout=10)
+    later = await online(server, "bob@localhost/later", "bob-secret")
+    assert await next_of(later.nicks) == ("carol@localhost", "Carol")
+    await desk.plugin["xep_0191"].unblock([JID("bob@localhost")], timeout=10)
+    await desk.plugin["xep_0172"].publish_nick("Shown", timeout=10)
+    for client in (bob, later):
+        assert await next_of(client.nicks) == ("alice@localhost", "Shown")
+    for client in (carol, desk, bob, later):
+        await close(client)
+
+
 def listen(client: PepClient) -> dict[str, asyncio.Queue[str]]:
     """Queues of the item ids published and retracted and the nodes deleted that
     `client` is told of."""

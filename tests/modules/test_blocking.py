@@ -469,6 +469,43 @@ async def test_subscription_request_from_blocked_contact_is_dropped() -> None:
     assert await roster.item("alice@localhost", "dave@localhost") is None
 
 
+async def test_a_blocked_contacts_cancellations_change_the_roster_unseen() -> None:
+    """Bob blocks Alice; she revokes his subscription to her (unsubscribed), then
+    cancels hers to him (unsubscribe). The subscription states are the servers'
+    (RFC 6121 3.2, 3.3): Bob's roster follows hers, else it would go on saying he
+    may see her (PEP's last items at his logins went by it). His resource sees
+    neither stanza: the send returns once the roster work it queued is done."""
+    harness, roster = await presence_harness()
+    bob = await online(harness, "bob@localhost/b")
+    alice = await online(harness, "alice@localhost/a")
+    await block(harness, bob, "alice@localhost")
+    bob.take()
+    await harness.send(alice, "<presence type='unsubscribed' to='bob@localhost'/>")
+    assert (await roster.item("alice@localhost", "bob@localhost")).subscription == "to"
+    assert (await roster.item("bob@localhost", "alice@localhost")).subscription == "from"
+    await harness.send(alice, "<presence type='unsubscribe' to='bob@localhost'/>")
+    assert (await roster.item("alice@localhost", "bob@localhost")).subscription == "none"
+    assert (await roster.item("bob@localhost", "alice@localhost")).subscription == "none"
+    assert presences(bob.take()) == []
+
+
+async def test_a_blocked_contacts_approval_of_the_users_request_is_kept_unseen() -> None:
+    """Bob asked Carol for her presence, then blocked her; her approval (subscribed)
+    answers his own request and changes his roster ('to'), as hers ('from'), but
+    neither it nor her presence reaches his resource while she is blocked."""
+    harness, roster = await presence_harness()
+    bob = await online(harness, "bob@localhost/b")
+    carol = await online(harness, "carol@localhost/c")
+    await harness.send(bob, "<presence type='subscribe' to='carol@localhost'/>")
+    await block(harness, bob, "carol@localhost")
+    bob.take()
+    await harness.send(carol, "<presence type='subscribed' to='bob@localhost'/>")
+    assert (await roster.item("carol@localhost", "bob@localhost")).subscription == "from"
+    bobs = await roster.item("bob@localhost", "carol@localhost")
+    assert (bobs.subscription, bobs.ask) == ("to", False)
+    assert presences(bob.take()) == []
+
+
 # --- concurrency and storage failures --------------------------------------------------------
 
 

@@ -967,3 +967,133 @@ async def test_concurrent_first_publishes_keep_the_node_limit() -> None:
     assert len(await service.node_names()) == 2
     assert (await service.items.get(service.node_count_key())).attrs == {"n": 2}
     assert items.lost > 0
+
+
+# --- XEP-0163 4.3.3: no events to a contact the owner blocked --------------------------------
+
+
+async def with_rules() -> ModuleHarness:
+    """Alice, Bob and Carol share presence each with each; blocking and privacy on."""
+    harness = ModuleHarness(
+        {"roster": {}, "presence": {}, "pep": {}, "disco": {}, "blocking": {}, "privacy": {}}
+    )
+    harness.users.update({"alice@localhost", "bob@localhost", "carol@localhost"})
+    await harness.start()
+    await befriend(harness, "alice@localhost", "bob@localhost")
+    await befriend(harness, "alice@localhost", "carol@localhost")
+    await befriend(harness, "bob@localhost", "carol@localhost")
+    return harness
+
+
+BLOCK_BOB = "<block xmlns='urn:xmpp:blocking'><item jid='bob@localhost'/></block>"
+
+
+async def test_a_blocked_contact_gets_no_events_live_at_login_or_subscribed() -> None:
+    """Alice blocks Bob (XEP-0191): his resources that asked for her nickname get
+    neither her new one nor, at login, the last one; nor does his explicit
+    subscription (XEP-0060). Carol's copies of the same fan-out, and of the same
+    login's last items, come after where Bob's would, and mark that they were sent."""
+    harness = await with_rules()
+    carol = harness.session("carol@localhost/c")
+    await harness.iq(carol, "set", publish_nick("Carol"))
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("Alice"))
+    bob_plain = harness.session("bob@localhost/p")  # no +notify: only the subscription
+    subscribe = subscription("subscribe", NICK, "bob@localhost/p")
+    assert (await ask(harness, bob_plain, "set", subscribe, to="alice@localhost")).get(
+        "type") == "result"
+    bob = await online(harness, "bob@localhost/b", [NICK])
+    carol_watching = await online(harness, "carol@localhost/w", [NICK])
+    await settle(harness)
+    for session in (bob_plain, bob, carol_watching):
+        session.take()
+    assert (await ask(harness, alice, "set", BLOCK_BOB)).get("type") == "result"
+    await harness.iq(alice, "set", publish_nick("Alice again", "new"))
+    await settle(harness)
+    assert events(carol_watching.take()) == [
+        ("alice@localhost", "carol@localhost/w", "item new Alice again")
+    ]
+    assert events(bob.take()) == []
+    assert events(bob_plain.take()) == []
+    # At login Bob's roster names Alice, then Carol: Carol's item comes after Alice's would.
+    bob_later = await online(harness, "bob@localhost/later", [NICK])
+    assert events(bob_later.take()) == [
+        ("carol@localhost", "bob@localhost/later", "item current Carol")
+    ]
+    # Unblocked, he gets them again.
+    unblock = "<unblock xmlns='urn:xmpp:blocking'><item jid='bob@localhost'/></unblock>"
+    assert (await ask(harness, alice, "set", unblock)).get("type") == "result"
+    await harness.iq(alice, "set", publish_nick("Alice three", "third"))
+    await settle(harness)
+    assert events(bob.take()) == [("alice@localhost", "bob@localhost/b", "item third Alice three")]
+    assert events(bob_plain.take()) == [
+        ("alice@localhost", "bob@localhost/p", "item third Alice three")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "sent"),
+    [
+        ("", False),  # every stanza: an outbound message too
+        ("<presence-out/>", False),  # XEP-0163 4.3.3: blocked from receiving any kind
+        ("<message/>", True),  # only messages FROM Bob: he is not kept from receiving
+    ],
+)
+async def test_the_owners_default_privacy_list_keeps_events_from_who_it_denies(
+    kinds: str, sent: bool
+) -> None:
+    """Alice's default privacy list (XEP-0016) denies Bob: live events and last items
+    reach him only when the item does not keep him from receiving anything of hers.
+    Carol's copies mark where Bob's would have come (see the test above)."""
+    harness = await with_rules()
+    carol = harness.session("carol@localhost/c")
+    await harness.iq(carol, "set", publish_nick("Carol"))
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("Alice"))
+    privacy = "<query xmlns='jabber:iq:privacy'>{}</query>"
+    deny = (
+        "<list name='l'><item type='jid' value='bob@localhost' action='deny' order='1'>"
+        f"{kinds}</item><item action='allow' order='2'/></list>"
+    )
+    assert (await ask(harness, alice, "set", privacy.format(deny))).get("type") == "result"
+    assert (await ask(harness, alice, "set", privacy.format("<default name='l'/>"))).get(
+        "type") == "result"
+    bob = await online(harness, "bob@localhost/b", [NICK])
+    alices = [("alice@localhost", "bob@localhost/b", "item current Alice")] if sent else []
+    assert events(bob.take()) == [
+        *alices, ("carol@localhost", "bob@localhost/b", "item current Carol")
+    ]
+    carol_watching = await online(harness, "carol@localhost/w", [NICK])
+    carol_watching.take()
+    await harness.iq(alice, "set", publish_nick("Alice again", "new"))
+    await settle(harness)
+    assert events(carol_watching.take()) == [
+        ("alice@localhost", "carol@localhost/w", "item new Alice again")
+    ]
+    again = [("alice@localhost", "bob@localhost/b", "item new Alice again")] if sent else []
+    assert events(bob.take()) == again
+
+
+@pytest.mark.parametrize("alices_side", ["to", None])
+async def test_last_items_follow_the_owners_roster_not_the_contacts(
+    alices_side: str | None,
+) -> None:
+    """XEP-0060 4.5, XEP-0163 4: under the presence model only those the OWNER shares
+    presence with see the items. Alice revoked Bob's subscription (her item for him
+    'to'), or removed him, but Bob's roster still says 'both' (his server never
+    applied her unsubscribed): at login he gets no last item of hers. Carol's, next
+    in his roster, marks where Alice's would have come."""
+    harness = await with_rules()
+    carol = harness.session("carol@localhost/c")
+    await harness.iq(carol, "set", publish_nick("Carol"))
+    alice = harness.session("alice@localhost/a")
+    await harness.iq(alice, "set", publish_nick("Alice"))
+    roster = harness.host.modules["roster"]
+    assert isinstance(roster, RosterModule)
+    await roster.update(
+        "alice@localhost", "bob@localhost",
+        lambda _: None if alices_side is None else RosterItem("bob@localhost", subscription="to"),
+    )
+    assert (await roster.item("bob@localhost", "alice@localhost")).subscription == "both"
+    bob = await online(harness, "bob@localhost/b", [NICK])
+    assert events(bob.take()) == [("carol@localhost", "bob@localhost/b", "item current Carol")]
