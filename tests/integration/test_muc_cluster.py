@@ -814,18 +814,20 @@ async def test_an_empty_persistent_room_is_unloaded_and_its_lease_let_go(
         await close(client)
 
 
-@pytest.mark.parametrize("how", ["refresh", "message"])
+@pytest.mark.parametrize("how", ["refresh", "message", "beat"])
 async def test_a_room_carries_on_when_redis_comes_back_empty(
     redis_service: LocalService, start_server: StartServer,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch, how: str,
 ) -> None:
-    """Redis restarted without its data (FLUSHALL here; both nodes' heartbeats written
-    again at once, as right after their next beats): the room's node finds the room's
+    """Redis restarted without its data (FLUSHALL here): the room's node finds the room's
     record gone with the epoch it claimed it under, at its refresh of the leases (every
     TTL/4: 0.5 s here) or at the room's next write (a message), and holds the room
     again, writing its record back whole: its occupant stays in it, never told 332
-    (system shutdown), and talks on."""
-    if how == "refresh":
+    (system shutdown), and talks on. With "beat" the room's node beats first after the
+    flush, when Redis lists no other node: the occupant's node, never reaped nor
+    stopped, is still taken as live (else its occupant would be taken out of the room
+    as gone with its node); with the others both heartbeats are written back at once."""
+    if how in ("refresh", "beat"):
         monkeypatch.setattr(_muc_live, "TTL", 2)
     url = devservices.redis_url(redis_service)
     a, b = await two_nodes(start_server, url)
@@ -839,10 +841,13 @@ async def test_a_room_carries_on_when_redis_comes_back_empty(
         assert await redis.hexists(key, "o:Alice")
         async with redis.pipeline(transaction=True) as pipe:
             pipe.flushall()
-            for node in ("muc-a", "muc-b"):  # lest a beat see the other node gone
+            for node in ("muc-a", "muc-b") if how != "beat" else ():
                 pipe.set(schema.alive_key(node), "1", ex=TTL)
                 pipe.sadd(schema.NODES, node)
             await pipe.execute()
+        if how == "beat":
+            await b.cluster.heartbeat.beat()  # before muc-a's: it lists muc-b alone
+            assert "muc-a" in b.cluster.nodes
         if how == "message":
             alice.send_message(mto=room, mbody="after the flush", mtype="groupchat")
             assert (await alice.said())["body"] == "after the flush"

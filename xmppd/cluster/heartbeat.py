@@ -169,6 +169,7 @@ class Heartbeat:
         self.stats = stats
         self._reap = redis.register_script(schema.REAP)
         self._task: asyncio.Task[None] | None = None
+        self._seen: dict[str, float] = {}  # another node -> when a beat last found it alive
         # `url`: Redis for the thread that keeps the node alive while its loop is busy.
         self.keep_alive = (
             None if url is None
@@ -241,6 +242,7 @@ class Heartbeat:
                 answers = await pipe.execute()
             alive, links = answers[: len(others)], answers[len(others) :]
         live = {other for other, exists in zip(others, alive, strict=True) if exists}
+        live |= await self._lost_by_redis(started, live, others)
         self.on_nodes(frozenset({self.node, *live}))  # before the reaps: orphans go there
         self.on_links({
             other: address.decode()
@@ -251,6 +253,36 @@ class Heartbeat:
             if not exists:
                 log.warning("cluster: node %s missed its heartbeats; removing its sessions", other)
                 self.on_lost(await self.reap(other))
+
+    async def _lost_by_redis(self, now: float, live: set[str], listed: list[str]) -> set[str]:
+        """Nodes alive at a beat less than a TTL ago that are no longer listed, yet were
+        never reaped nor stopped (either leaves their gone mark): Redis lost its data
+        (restarted empty, flushed, failed over to a replica that lagged). They are
+        taken as live until they have had a TTL to beat again: taken for gone at once,
+        every room this node runs would drop their occupants, and every stanza sent
+        to them unacknowledged would be routed again, for nodes that never stopped."""
+        for node in live:
+            self._seen[node] = now
+        for node, seen in list(self._seen.items()):
+            if node not in live and now - seen >= self.ttl:
+                del self._seen[node]
+        missing = [node for node in self._seen if node not in live and node not in listed]
+        if not missing:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node in missing:
+                pipe.exists(schema.gone_key(node))
+            marked = await pipe.execute()
+        kept = {node for node, gone in zip(missing, marked, strict=True) if not gone}
+        for node in set(missing) - kept:
+            del self._seen[node]
+        if kept:
+            log.warning(
+                "cluster: Redis no longer lists %s, which neither stopped nor was reaped"
+                " (did Redis lose its data?); taken as live while they write themselves"
+                " back", " ".join(sorted(kept)),
+            )
+        return kept
 
     async def reap(self, node: str) -> list[schema.Entry]:
         """Remove `node`'s sessions; what its inbox still holds moves into this node's.
