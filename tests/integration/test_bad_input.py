@@ -242,9 +242,13 @@ async def test_idle_unauthenticated_connection_is_closed(start_server: StartServ
 
 
 async def test_authenticated_connection_outlives_auth_timeout(start_server: StartServer) -> None:
-    server = await start_server(limits={"auth_timeout": 0.5})
+    # 2 s, not 0.5: the login (STARTTLS, SASL, bind) itself must fit in it, and took
+    # 0.08 s here on a quiet machine, 0.33 s on a busy one, more on a busier one
+    auth_timeout = 2.0
+    server = await start_server(limits={"auth_timeout": auth_timeout})
+    started = time.monotonic()  # before the accept
     client = await connect(server, "alice@localhost/a", "alice-secret")
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(started + auth_timeout + 0.5 - time.monotonic())  # past its timer
     assert not client.ended.is_set()
     await close(client)
 

@@ -13,6 +13,7 @@ import base64
 import itertools
 from typing import Any
 
+import pytest
 from lxml import etree
 
 from tests.integration.clients import HEADER, Client, RawClient, close, insecure_context
@@ -346,7 +347,9 @@ async def test_resume_takes_over_a_stream_not_yet_seen_dead(start_server: StartS
     await bob.close()
 
 
-async def test_timeout_then_failed_and_offline_storage(start_server: StartServer) -> None:
+async def test_timeout_then_failed_and_offline_storage(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server = await start_server(modules=modules(resume_timeout=0.3))
     alice = await Stream.login(server, "alice")
     bob = await Stream.login(server, "bob")
@@ -355,13 +358,30 @@ async def test_timeout_then_failed_and_offline_storage(start_server: StartServer
     await bob.next("hi")
     await bob.send(message("alice@localhost/phone", "sent, never acked"))
     await alice.next("never acked")
+    # The 0.3 s runs out while bob's two stanzas wait for the session; on a busy host it
+    # could end before the server had read them (and they met no waiting session). The
+    # timer still runs its 0.3 s; what it does then waits until bob's stanzas were read.
+    sm = sm_module(server)
+    bob_read = asyncio.Event()
+    timeout = sm._timeout
+
+    def timeout_once_bob_was_read(state: Any) -> None:
+        waited = asyncio.ensure_future(bob_read.wait())
+        waited.add_done_callback(lambda _: timeout(state))
+
+    monkeypatch.setattr(sm, "_timeout", timeout_once_bob_was_read)
     waiting = detached(server)
+    closed = await session_closed(server)
     alice.drop()
     await asyncio.wait_for(waiting.get(), 10)
-    closed = await session_closed(server)
     await bob.send(message("alice@localhost/phone", "queued"))
     await bob.send("<iq type='get' id='ask' to='alice@localhost/phone'>"
                    "<query xmlns='jabber:iq:version'/></iq>")
+    # answered after the server read (and routed, in order) what bob sent before it
+    await bob.send("<iq type='get' id='read' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert (await bob.next('id="read"')).get("type") == "result"
+    assert not closed.is_set()  # the session still waited for a resume
+    bob_read.set()
     await asyncio.wait_for(closed.wait(), 10)  # the timeout ended the session
     error = await bob.next('id="ask"')
     assert error.get("type") == "error"

@@ -156,15 +156,18 @@ async def test_elements_reach_their_module_before_bind_only_when_asked() -> None
 async def test_every_repeats_survives_a_failing_tick_and_stops_with_the_host() -> None:
     harness = await ModuleHarness({}).start()
     ticks: list[int] = []
+    third = asyncio.Event()
 
     def tick() -> None:
         ticks.append(len(ticks))
+        if len(ticks) == 3:
+            third.set()
         if len(ticks) == 1:
             raise RuntimeError("one bad tick")
 
     harness.host.every(0.01, tick)
-    await asyncio.sleep(0.2)
-    assert len(ticks) >= 3
+    # waited for, not slept on: a loop stalled for the 0.2 s once slept here ran one tick
+    await asyncio.wait_for(third.wait(), 10)
     await harness.host.stop()
     stopped_at = len(ticks)
     await asyncio.sleep(0.05)
