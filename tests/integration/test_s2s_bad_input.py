@@ -238,20 +238,28 @@ async def test_a_malformed_stanza_gets_bad_request_and_reaches_nobody(
         await close(client)
 
 
+async def external_refused(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sender: str, client: Client
+) -> None:
+    """EXTERNAL tried anyway on a stream that was not offered it, and a message sent
+    after: the SASL failure, the stream ended (not-authorized), nothing delivered."""
+    writer.write(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+    )
+    writer.write(message(sender, "sneaking in"))
+    rest = (await read_to_end(reader)).replace(b'"', b"'")
+    assert b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>" in rest
+    assert b"<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest
+    await nothing_more_for(client)
+    writer.close()
+
+
 async def test_certificate_for_another_domain_is_refused(setup: Setup) -> None:
     client = await bob(setup.server)
     try:
         reader, writer, features = await setup.secured("a.test", "evil.test")
         assert b"EXTERNAL" not in features  # not offered: the certificate names evil.test
-        writer.write(
-            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
-        )
-        writer.write(message("anna@a.test/home", "sneaking in"))
-        rest = (await read_to_end(reader)).replace(b'"', b"'")
-        assert b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>" in rest
-        assert b"<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest
-        await nothing_more_for(client)
-        writer.close()
+        await external_refused(reader, writer, "anna@a.test/home", client)
     finally:
         await close(client)
 
@@ -284,15 +292,7 @@ async def test_a_ca_of_one_domain_vouches_for_that_domain_only(
     client = await bob(setup.server)
     try:
         reader, writer, _ = await setup.secured("c.test", "c.test", own_ca)
-        writer.write(
-            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
-        )
-        writer.write(message("carl@c.test/home", "vouched for by a.test's CA"))
-        rest = (await read_to_end(reader)).replace(b'"', b"'")
-        assert b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>" in rest
-        assert b"<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest
-        await nothing_more_for(client)
-        writer.close()
+        await external_refused(reader, writer, "carl@c.test/home", client)
     finally:
         await close(client)
 

@@ -123,6 +123,17 @@ def test_starttls_then_restart_offers_plus_and_xep0440() -> None:
 OTHER_HEADER = HEADER.replace(b"to='localhost'", b"to='other.test'")
 
 
+def plain_login(s: c2s.C2SStream) -> None:
+    """alice logs in with PLAIN on a secured stream; the server's answers are read."""
+    s.receive(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+        + base64.b64encode(b"\0alice\0pw")
+        + b"</auth>"
+    )
+    s.sasl_success("alice")
+    s.output()
+
+
 @pytest.mark.parametrize("after", ["starttls", "sasl"])
 def test_a_restart_naming_another_host_is_host_unknown(after: str) -> None:
     """Both hosts are served, but the stream stays with the first: SASL checked the
@@ -137,13 +148,7 @@ def test_a_restart_naming_another_host_is_host_unknown(after: str) -> None:
         s.output()
         s.tls_started(CB)
     else:
-        s.receive(
-            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
-            + base64.b64encode(b"\0alice\0pw")
-            + b"</auth>"
-        )
-        s.sasl_success("alice")
-        s.output()
+        plain_login(s)
     s.receive(OTHER_HEADER)
     assert stream_error(s.output()) == "host-unknown"
     assert s.closed and s.host == "localhost"
@@ -154,13 +159,7 @@ def test_a_restart_naming_the_same_host_goes_on() -> None:
     s.set_channel_bindings(CB)
     s.receive(OTHER_HEADER)
     s.output()
-    s.receive(
-        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
-        + base64.b64encode(b"\0alice\0pw")
-        + b"</auth>"
-    )
-    s.sasl_success("alice")
-    s.output()
+    plain_login(s)
     s.receive(OTHER_HEADER)
     assert b"urn:ietf:params:xml:ns:xmpp-bind" in s.output()
     assert not s.closed and s.host == "other.test"
