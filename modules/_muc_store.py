@@ -180,12 +180,19 @@ async def sweep(items: ItemStore, blobs: BlobStore, before: float) -> int:
     """Delete the tombstones of rooms destroyed at `before` or earlier, each conditional
     on what was read (a room made again meanwhile stays), after a history an older
     copy wrote after the destroy (older than the tombstone: while the tombstone is
-    there, a room made again writes past it). How many went."""
+    there, a room made again writes past it). How many went.
+
+    One pass over the rooms in name order, SWEEP_PAGE at a time: a query sorted by
+    `gone` would be a scan and a sort in memory on DynamoDB at every page (capped
+    there at SORT_CAP items, past which it fails: docs/storage.md), and tombstones
+    are made by anyone who may destroy a room."""
     swept = 0
+    token: str | None = None
     while True:
-        page = await items.query(Query(order_by=GONE, limit=SWEEP_PAGE))
-        old = [item for item in page.items if int(item.attrs[GONE]) <= before]
-        for item in old:
+        page = await items.query(Query(limit=SWEEP_PAGE, page_token=token))
+        for item in page.items:
+            if not is_tombstone(item) or int(item.attrs[GONE]) > before:
+                continue
 
             def history(current: Blob | None, gen: int = gen_of(item)) -> bytes | None | Unchanged:
                 if current is None or unpack_history(current.data)[0] >= gen:
@@ -198,7 +205,7 @@ async def sweep(items: ItemStore, blobs: BlobStore, before: float) -> int:
             except ConditionFailed:
                 continue  # written since: a room made again, or a newer tombstone
             swept += 1
-        if not old or len(old) < len(page.items):
+        if (token := page.next_token) is None:
             return swept
 
 

@@ -143,7 +143,7 @@ async def forget_stored(
     rooms, histories = host.items(vhost, "muc_rooms"), host.blobs(vhost, "muc_history")
 
     def state_without(current: Item | None) -> dict[str, object] | Unchanged:
-        if current is None:
+        if current is None or _muc_store.is_tombstone(current):  # destroyed since read
             return UNCHANGED
         state = json.loads(str(current.attrs["state"]))
         if not Room.forget_stored(state, bare):
