@@ -154,13 +154,14 @@ def test_a_restart_naming_another_host_is_host_unknown(after: str) -> None:
     assert s.closed and s.host == "localhost"
 
 
-def test_a_restart_naming_the_same_host_goes_on() -> None:
+@pytest.mark.parametrize("restart", [OTHER_HEADER, OTHER_HEADER.replace(b" to='other.test'", b"")])
+def test_a_restart_naming_the_same_host_or_none_goes_on(restart: bytes) -> None:
     s = c2s.C2SStream(settings(hosts={"localhost", "other.test"}, direct_tls=True))
     s.set_channel_bindings(CB)
     s.receive(OTHER_HEADER)
     s.output()
     plain_login(s)
-    s.receive(OTHER_HEADER)
+    s.receive(restart)
     assert b"urn:ietf:params:xml:ns:xmpp-bind" in s.output()
     assert not s.closed and s.host == "other.test"
 

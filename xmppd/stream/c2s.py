@@ -373,8 +373,9 @@ class C2SStream:
         host = (opened.attrs.get("to") or "").strip().lower()
         # A restart (after STARTTLS or SASL) keeps the host of the first header: SASL
         # checked the password against that host's accounts, so a restart naming
-        # another host would bind the same username there without its password.
-        moved = self.host is not None and host != self.host
+        # another host would bind the same username there without its password. One
+        # naming none (RFC 6120 4.7.2: 'to' SHOULD be there) goes on with it.
+        moved = self.host is not None and host not in ("", self.host)
         if self.host is None and host in self.settings.hosts:
             self.host = host
         self._client_from = opened.attrs.get("from")
