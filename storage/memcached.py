@@ -186,14 +186,22 @@ class MemcachedCache(Cache):
         invalidated keys (`invalidated`) and fails, they are remembered for replay.
 
         Only the network call is under `timeout`: waiting for a free connection is
-        this process's own queue, and a busy node must not be marked down for it."""
+        this process's own queue, and a busy node must not be marked down for it.
+        Nor for this loop's own stall: a timeout that fires more than a timeout late
+        (the loop held up by a collection, or a host that did not run it) is a miss,
+        the node left up; a node that really hangs is marked down at the next call."""
         if node.down_until <= self._clock():
             async with node.gate:
                 if await self._usable(node):
+                    loop = asyncio.get_running_loop()
+                    started = loop.time()
                     try:
                         async with asyncio.timeout(self.timeout):
                             return await call(node.client)
-                    except (*_NODE_ERRORS, TimeoutError) as exc:
+                    except TimeoutError as exc:
+                        if loop.time() - started <= 2 * self.timeout:
+                            self._mark_down(node, exc)
+                    except _NODE_ERRORS as exc:
                         self._mark_down(node, exc)
         for key in invalidated:
             self._remember(node, key)

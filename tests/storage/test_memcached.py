@@ -330,3 +330,33 @@ async def _load_with_a_hung_node(trio: list[LocalService], db: Path) -> dict[str
         "in_flight": lowest_in_flight,
         "hung_node_marked_down": marked_down,
     }
+
+
+async def test_a_stall_of_this_loop_is_a_miss_not_a_node_down(
+    trio: list[LocalService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop held up for longer than the timeout during a call (a collection, a
+    starved host): the call's timeout fires late, which says nothing of the node. A
+    miss, the node left up; its next call is read as usual."""
+    cache = MemcachedCache(servers(trio), timeout=0.1, down_for=30)
+    key = KEYS[0]
+    name = cache.node_for(key)
+    client = cache._nodes[name].client
+    get = client.get
+
+    async def stalled_get(raw: bytes) -> bytes | None:
+        time.sleep(0.35)  # noqa: ASYNC251 (the point: the loop stalls mid-call)
+        return await get(raw)
+
+    try:
+        cache.timeout = AMPLE
+        await cache.set(key, b"kept", 60)
+        cache.timeout = 0.1
+        monkeypatch.setattr(client, "get", stalled_get)
+        assert await cache.get(key) is None  # timed out: a miss
+        assert not cache.is_down(name)
+        monkeypatch.setattr(client, "get", get)
+        cache.timeout = AMPLE
+        assert await cache.get(key) == b"kept"
+    finally:
+        await cache.close()
