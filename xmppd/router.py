@@ -587,9 +587,16 @@ class Router:
         elif stanza.tag == ns.C_IQ:
             sender = stanza.get("from") or ""
             self.events.fire("iq/bare", Routed(stanza, JID(JID(sender).bare), origin))
-        elif stanza.tag == ns.C_MESSAGE and origin is not None:
-            # RFC 6120 10.3.1: as if addressed to the sender's bare JID.
-            self.events.fire("message/bare", Routed(stanza, JID(origin.bare), origin))
+        elif stanza.tag == ns.C_MESSAGE:
+            # RFC 6120 10.3.1: as if addressed to the sender's bare JID. Routed again
+            # (stream management, another node: no origin), its stamped 'from' names
+            # the sender; dropped there, it would be neither delivered nor stored.
+            if origin is not None:
+                self.events.fire("message/bare", Routed(stanza, JID(origin.bare), origin))
+                return
+            sender = JID(JID(stanza.get("from") or "").bare)
+            if sender.user and sender.domain in self.hosts:
+                self.events.fire("message/bare", Routed(stanza, sender))
 
     # --- the default handlers: RFC 6121 section 8 ----------------------------------------
 

@@ -440,3 +440,35 @@ async def test_remote_subscribe_or_probe_to_unknown_account_is_answered(
     assert [(s.get("type"), s.get("from"), s.get("to")) for s in remote.sent] == [
         ("unsubscribed", NOBODY, REMOTE)
     ]
+
+
+@pytest.mark.parametrize("other_resource", [True, False])
+async def test_a_message_with_no_to_routed_again_reaches_its_account(
+    other_resource: bool, router_kind: str
+) -> None:
+    """A message the client sent with no 'to' (RFC 6120 10.3.1) was delivered to one of
+    its account's resources unchanged; routed again from there (stream management's
+    unacknowledged stanzas, a session gone on another node) it has no origin, and
+    went nowhere: now its stamped 'from' names the account, and it goes to another
+    resource or, with none, to offline storage."""
+    router = await make_router(router_kind, {JULIET})
+    stored: list[tuple[str, etree._Element]] = []
+
+    async def offline(stanza: etree._Element, bare: str) -> bool:
+        stored.append((bare, stanza))
+        return True
+
+    router.events.hook("message/offline", offline)
+    garden = TestSession(GARDEN)
+    if other_resource:
+        router.bind(garden)
+        garden.available = True
+    note = parse_stanza(message(None))
+    note.set("from", BALCONY)  # stamped when balcony sent it
+    router.route(note)
+    await router.drain()
+    if other_resource:
+        assert [is_copy(s, note) for s in garden.received] == [True]
+        assert stored == []
+    else:
+        assert [(bare, is_copy(s, note)) for bare, s in stored] == [(JULIET, True)]
