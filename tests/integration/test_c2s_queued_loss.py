@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from lxml import etree
 
 from tests.integration.conftest import StartServer
@@ -52,17 +53,24 @@ async def login(server: Server, resource: str) -> tuple[Stream, C2SConnection]:
     return stream, connection
 
 
-async def lose_with_a_message_queued(server: Server, connection: C2SConnection) -> None:
+async def lose_with_a_message_queued(
+    server: Server, connection: C2SConnection, serialized: bool = False
+) -> None:
     """Deliver IN_FLIGHT to `connection`'s session and lose the connection before the
     flush: abort first (connection_lost is queued), then route (the flush is queued
-    after it)."""
+    after it). `serialized`: handed over as bytes, as from another cluster node."""
     # A flush batch already queued (another write this turn: an SM <r/>) would run before
     # the loss: yield until it ran (one turn each, no timing), then do both in one step.
     while server.flushes._due:  # noqa: ASYNC110 - nothing signals a batch's end
         await asyncio.sleep(0)
     assert connection.transport is not None
     connection.transport.abort()
-    server.router.route(etree.fromstring(IN_FLIGHT))
+    if serialized:
+        assert connection.session is not None
+        message = etree.tostring(etree.fromstring(IN_FLIGHT))  # as the cluster's inbox has it
+        assert connection.session.deliver_serialized(message)
+    else:
+        server.router.route(etree.fromstring(IN_FLIGHT))
     assert connection._queued_messages  # delivered, not written yet
 
 
@@ -71,12 +79,15 @@ def changes(server: Server, before: dict[str, Any]) -> dict[str, object]:
     return {key: value for key, value in after.items() if value != before[key]}
 
 
-async def test_without_sm_it_goes_to_another_resource(start_server: StartServer) -> None:
+@pytest.mark.parametrize("serialized", [False, True], ids=["element", "serialized"])
+async def test_without_sm_it_goes_to_another_resource(
+    start_server: StartServer, serialized: bool
+) -> None:
     server = await start_server()
     desk, connection = await login(server, "desk")
     phone, _ = await login(server, "phone")
     before = server.router.ledger.snapshot()
-    await lose_with_a_message_queued(server, connection)
+    await lose_with_a_message_queued(server, connection, serialized)
     assert await messages(phone, 1) == ["in flight"]
     # delivered to desk, taken back, delivered and written to phone
     assert changes(server, before) == {"delivered": 2, "rerouted": 1, "written": 1}
