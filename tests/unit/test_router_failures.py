@@ -11,39 +11,29 @@ pipeline (`ClientSession._run`). Errors are never answered with errors.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable
 
 import pytest
 from lxml import etree
 
-from xmppd.events import kind_chain
+from xmppd.ledger import MessageLedger
+from xmppd.modulehost import Filter
 from xmppd.router import Router
-from xmppd.testing import TestSession, parse_stanza
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 from xmppd.xml import ns
 
-HOST = "localhost"
+
+async def node() -> tuple[ModuleHarness, TestSession, TestSession]:
+    """A real router and module host; the tests' filters are registered through the
+    module API, as a module's are."""
+    harness = await ModuleHarness({}).start()
+    return harness, harness.session("alice@localhost/phone"), harness.session("bob@localhost/desk")
 
 
-async def user_exists(user: str, host: str) -> bool:
-    return True
-
-
-def node() -> tuple[Router, TestSession, TestSession]:
-    router = Router([HOST], user_exists)
-    alice = TestSession("alice@localhost/phone")
-    bob = TestSession("bob@localhost/desk")
-    for session in (alice, bob):
-        session.router = router
-        router.bind(session)
-        session.available = True
-        router.directory.presence_changed(session)
-    return router, alice, bob
-
-
-def filters(router: Router, direction: str, kind: str, filter_: Callable[..., object]) -> None:
-    """Register `filter_` as a module does: on the generic chain and its kind's."""
-    router.events.on(f"stanza/{direction}", filter_)
-    router.events.on(kind_chain(f"stanza/{direction}", kind), filter_)
+def filters(
+    harness: ModuleHarness, direction: str, kind: str, filter_: Filter
+) -> None:
+    harness.host.filter(f"stanza/{direction}", filter_, kinds=(kind,))
 
 
 def send(alice: TestSession, xml: str) -> None:
@@ -64,7 +54,7 @@ def unchanged_but_bounced(router: Router, bounced: int) -> None:
     snapshot = router.ledger.snapshot()
     assert snapshot["bounced"] == bounced
     assert {k: v for k, v in snapshot.items() if k != "bounced"} == {
-        k: v for k, v in Router([HOST], user_exists).ledger.snapshot().items() if k != "bounced"
+        k: v for k, v in MessageLedger().snapshot().items() if k != "bounced"
     }
 
 
@@ -75,11 +65,12 @@ IQ = "<iq to='bob@localhost/desk' type='get' id='m1'><query xmlns='jabber:iq:ver
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("xml", [MESSAGE, IQ], ids=["message", "iq"])
 async def test_an_in_filter_that_raises_after_its_wait_answers_the_sender(xml: str) -> None:
-    router, alice, bob = node()
+    harness, alice, bob = await node()
+    router = harness.router
     record: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     asked: list[etree._Element] = []
 
-    def in_filter(stanza: etree._Element, session: object) -> object:
+    def in_filter(stanza: etree._Element, session: object) -> bool | Awaitable[object]:
         if stanza.get("type") == "error":
             return True
         if not asked:
@@ -88,7 +79,7 @@ async def test_an_in_filter_that_raises_after_its_wait_answers_the_sender(xml: s
         raise RuntimeError("a module's bug once the record loaded")
 
     kind = "message" if xml is MESSAGE else "iq"
-    filters(router, "in", kind, in_filter)
+    filters(harness, "in", kind, in_filter)
     send(alice, xml)
     assert asked  # it waits now
     record.set_result(None)
@@ -103,12 +94,13 @@ async def test_an_in_filter_that_raises_after_its_wait_answers_the_sender(xml: s
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("xml", [MESSAGE, IQ], ids=["message", "iq"])
 async def test_an_out_filter_that_raises_answers_the_sender(xml: str) -> None:
-    router, alice, bob = node()
+    harness, alice, bob = await node()
+    router = harness.router
 
-    def out_filter(stanza: etree._Element, origin: object) -> object:
+    def out_filter(stanza: etree._Element, origin: object) -> bool | Awaitable[object]:
         raise RuntimeError("a module's bug")
 
-    filters(router, "out", "message" if xml is MESSAGE else "iq", out_filter)
+    filters(harness, "out", "message" if xml is MESSAGE else "iq", out_filter)
     send(alice, xml)
     await router.drain()
     assert bob.received == []
@@ -119,12 +111,13 @@ async def test_an_out_filter_that_raises_answers_the_sender(xml: str) -> None:
 
 @pytest.mark.timeout(20)
 async def test_an_error_whose_routing_raises_is_not_answered() -> None:
-    router, alice, bob = node()
+    harness, alice, bob = await node()
+    router = harness.router
 
-    def out_filter(stanza: etree._Element, origin: object) -> object:
+    def out_filter(stanza: etree._Element, origin: object) -> bool | Awaitable[object]:
         raise RuntimeError("a module's bug")
 
-    filters(router, "out", "message", out_filter)
+    filters(harness, "out", "message", out_filter)
     send(alice, "<message to='bob@localhost/desk' type='error' id='e1'/>")
     await router.drain()
     assert alice.take() == [] and bob.received == []
@@ -136,10 +129,11 @@ async def test_stanzas_that_waited_in_the_pipeline_and_raise_are_answered() -> N
     """The first message waits for an out filter, then its routing event raises (the
     pipeline's wait fails: `_run`); the one queued behind it raises at once (`_route`);
     the third still goes through."""
-    router, alice, bob = node()
+    harness, alice, bob = await node()
+    router = harness.router
     record: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def out_filter(stanza: etree._Element, origin: object) -> object:
+    def out_filter(stanza: etree._Element, origin: object) -> bool | Awaitable[object]:
         return record if stanza.get("id") == "m1" and not record.done() else True
 
     def handler(routed: object) -> bool:
@@ -147,8 +141,8 @@ async def test_stanzas_that_waited_in_the_pipeline_and_raise_are_answered() -> N
             raise RuntimeError("a module's bug")
         return False
 
-    filters(router, "out", "message", out_filter)
-    router.events.on("message/full", handler, priority=100)
+    filters(harness, "out", "message", out_filter)
+    harness.host.on("message/full", handler, priority=100)
     for id_ in ("m1", "m2", "m3"):
         send(alice, MESSAGE.replace("m1", id_))
     assert alice.input_holds == 1  # m2 and m3 wait behind m1
