@@ -15,6 +15,7 @@ Why TLS here and not in uvloop's SSL transport: see xmppd/tlslayer.py.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 import ssl
@@ -46,6 +47,7 @@ before the TCP connection is cut; uvloop's SSL transport waited as long."""
 # What another node's bytes for a client start with (C2SConnection.send_serialized).
 _SERIALIZED_KIND = {b"<message": ns.C_MESSAGE, b"<presence": ns.C_PRESENCE, b"<iq": ns.C_IQ}
 _CLIENT_NS = f' xmlns="{ns.CLIENT}"'.encode()
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 _ERROR_TYPE = b' type="error"'
 PARSER_IDLE_SECONDS = 10.0
 """A stream that received nothing for this long (up to twice as long) frees its XML parser."""
@@ -79,7 +81,9 @@ class C2SConnection(asyncio.Protocol):
         # Counted at every stanza in and out: kept here rather than looked up each time.
         self._ledger = server.router.ledger
         self._traffic = server.traffic
-        self._queued_messages = 0  # message stanzas in the stream's output, not yet written
+        # The message stanzas in the stream's output, not yet written (the bytes of one
+        # another node serialised): routed again if the connection goes first.
+        self._queued_messages: list[etree._Element | bytes] = []
         self._max_backlog = 4 * server.config.limits.max_stanza_bytes + 65536
         self._counted = False
         self._ended = False
@@ -186,9 +190,10 @@ class C2SConnection(asyncio.Protocol):
         if self.stream.username is not None:  # it logged in (the stream may be closed now)
             self._log_logout(exc)
         self._end_session()
+        # Before the queued messages are routed again: none may come back here.
+        self.transport = None
         if self._queued_messages:
             self._lost_queued()
-        self.transport = None
 
     # --- Transport (of the bound session) --------------------------------------------
 
@@ -200,7 +205,7 @@ class C2SConnection(asyncio.Protocol):
         tag = stanza.tag  # lxml builds a new string at every access: once here
         if tag == ns.C_MESSAGE and stanza.get("type") != "error":
             self._ledger.delivered += 1
-            self._queued_messages += 1
+            self._queued_messages.append(stanza)
         self._traffic.sent(tag)
         self.stream.send(stanza)
         if not self._flush_scheduled:  # _schedule_flush, inline: once per delivered stanza
@@ -222,7 +227,7 @@ class C2SConnection(asyncio.Protocol):
         # lxml escapes ">" in attribute values: the first one ends the start tag.
         if tag == ns.C_MESSAGE and _ERROR_TYPE not in data[: data.index(b">")]:
             self._ledger.delivered += 1
-            self._queued_messages += 1
+            self._queued_messages.append(data)
         self._traffic.sent(tag)
         self.stream.send_bytes(data)
         self._schedule_flush()
@@ -305,8 +310,8 @@ class C2SConnection(asyncio.Protocol):
         if data:
             transport.write(data if tls is None else tls.encrypt(data))
             if self._queued_messages:
-                self._ledger.written += self._queued_messages
-                self._queued_messages = 0
+                self._ledger.written += len(self._queued_messages)
+                self._queued_messages.clear()
             if transport.get_write_buffer_size() > self._max_backlog and not self.stream.closed:
                 # A client that stops reading must not make us buffer without bound.
                 self.stream.fail(StreamError("policy-violation", "you are not reading your stream"))
@@ -467,9 +472,25 @@ class C2SConnection(asyncio.Protocol):
             self.transport.abort()
 
     def _lost_queued(self) -> None:
-        """The connection went before queued messages reached its transport."""
-        self._ledger.drop("recipient-gone", self._queued_messages)
-        self._queued_messages = 0
+        """The connection went before queued messages reached its transport.
+
+        A session transport that wraps this connection (stream management) kept
+        each of them when it handed it over: they are its to resend on resumption
+        or route again when the session ends, not lost. Otherwise the session has
+        just ended (`_end_session`): they are routed again as stream management
+        does with unacknowledged ones (`rerouted`: their delivery taken back), so
+        they reach the account's other resources or offline storage."""
+        queued, self._queued_messages = self._queued_messages, []
+        session = self.session
+        if session is not None and session.transport is not self:
+            return
+        router = self.server.router
+        for message in queued:
+            self._ledger.rerouted += 1
+            if isinstance(message, bytes):
+                router.route(etree.fromstring(message, _PARSER))
+            else:
+                router.route(copy.deepcopy(message))
 
     def _end_session(self) -> None:
         session = self.session

@@ -17,7 +17,8 @@ carbon copies (`copies`) and offline messages at login (`replayed`). A
 delivered message that a stream-managed session (XEP-0198) never acknowledged
 is routed again when that session ends (`rerouted`): it then meets a second
 fate (another resource, offline storage), so its first delivery is taken
-back out of the sum.
+back out of the sum. So is one delivered to a session whose connection
+dropped before it was written (C2SConnection._lost_queued).
 
 Federation (xmppd/s2s): `from_remote` counts the messages that arrived on an
 authenticated server-to-server stream (they then meet the same fates as a
@@ -36,8 +37,7 @@ answer the sender themselves).
 
 A message leaves the ledger without reaching anyone only under a `dropped`
 reason. Those in RULES are the protocol's own (a chat state nobody stores);
-any other, such as "recipient-gone" (its session ended between routing and
-writing), is a loss to find and fix.
+any other is a loss to find and fix.
 
 Plain integer attributes, not prometheus_client counters, because they are
 bumped on the message path: an attribute increment costs a few tens of

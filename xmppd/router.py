@@ -395,13 +395,19 @@ class Router:
                 waits[index] = waits.get(index, 0) + 1
             pending = None
             for position in range(index, len(chain)):
-                verdict = chain[position][1](stanza, subject)
+                try:
+                    verdict = chain[position][1](stanza, subject)
+                except Exception:
+                    # A module's bug, as in `deliver`: refused, not lost in _run_serially.
+                    log.exception("a filter failed on a %s after a wait", stanza.tag)
+                    self.refuse_unjudged(stanza, origin)
+                    return False
                 if verdict is True:
                     continue
                 if verdict is False:
                     return False
                 if waits.get(position, 0) >= WAITS_PER_FILTER:
-                    self._refuse_unjudged(stanza, origin)
+                    self.refuse_unjudged(stanza, origin)
                     return False
                 index, pending = position, verdict
                 break
@@ -422,14 +428,15 @@ class Router:
             return True
         except Exception as exc:
             log.error("a filter waited in vain (%s) for %s", exc or type(exc).__name__, stanza.tag)
-            self._refuse_unjudged(stanza, origin)
+            self.refuse_unjudged(stanza, origin)
             return False
 
-    def _refuse_unjudged(
+    def refuse_unjudged(
         self, stanza: etree._Element, origin: ClientSession | None = None
     ) -> None:
-        """A filter could not judge the stanza (its rules did not load): neither let
-        through what may be blocked nor lose it silently; presence is dropped.
+        """A filter could not judge the stanza (its rules did not load), or routing it
+        raised (a module's bug, `ClientSession.receive`): neither let through what may
+        be blocked nor lose it silently; presence is dropped.
 
         The error for a local sender (`origin`) goes straight to its session:
         through the filters it would meet the same unreadable rules."""
@@ -509,7 +516,7 @@ class Router:
         except Exception:
             # A module's bug: this delivery cannot be judged, the others still go.
             log.exception("a stanza/in filter failed delivering to %s", session.jid)
-            self._refuse_unjudged(stanza)
+            self.refuse_unjudged(stanza)
             return False
         if session.deliver(stanza):
             return True

@@ -66,6 +66,9 @@ class SessionRouter(Protocol):
 
     def spawn(self, coro: Awaitable[object], account: str | None = None) -> Awaitable[object]: ...
 
+    def refuse_unjudged(self, stanza: etree._Element, origin: ClientSession | None = None) -> None:
+        ...
+
 
 class ClientSession:
     """One bound resource of an account on this node.
@@ -143,26 +146,35 @@ class ClientSession:
         try:  # _route, inline: this runs for every stanza a client sends
             pending = self.router.route(stanza, self)  # type: ignore[union-attr]
         except Exception:
-            log.exception("routing a stanza from %s failed", self.jid)
+            self._failed(stanza)
             return
         if pending is not None:
             assert self.router is not None
             self._backlog = deque()
             self.hold_input()
             # The account's work until its stanzas waiting here are routed.
-            self.router.spawn(self._run(pending), self.bare)
+            self.router.spawn(self._run(pending, stanza), self.bare)
+
+    def _failed(self, stanza: etree._Element) -> None:
+        """Routing `stanza` raised (a module's bug): logged, and the client told with
+        <internal-server-error/>, straight to this session (the router counts the
+        bounce), as for a stanza a filter could not judge; nothing is lost unanswered.
+        It costs that stanza, never the client's connection or the ones behind it."""
+        log.exception("routing a stanza from %s failed", self.jid)
+        assert self.router is not None
+        self.router.refuse_unjudged(stanza, self)
 
     def _route(self, stanza: etree._Element) -> Awaitable[object] | None:
-        """Route one stanza of the client's. A module's bug that raises is logged:
-        it costs that stanza, never the client's connection or the ones behind it."""
+        """Route one stanza of the client's (a module's bug that raises: `_failed`)."""
         assert self.router is not None
         try:
             return self.router.route(stanza, self)
         except Exception:
-            log.exception("routing a stanza from %s failed", self.jid)
+            self._failed(stanza)
             return None
 
-    async def _run(self, pending: Awaitable[object]) -> None:
+    async def _run(self, pending: Awaitable[object], stanza: etree._Element) -> None:
+        """Route the stanzas queued behind `stanza`, whose routing returned `pending`."""
         assert self._backlog is not None
         waiting: Awaitable[object] | None = pending
         try:
@@ -175,10 +187,11 @@ class ClientSession:
                     # stanzas go on (each recipient's queue still keeps their order).
                     log.warning("%s: a stanza still waits after %g s", self.jid, SENDER_WAIT)
                 except Exception:
-                    log.exception("routing a stanza from %s failed", self.jid)
+                    self._failed(stanza)
                 waiting = None
                 while self._backlog and waiting is None:
-                    waiting = self._route(self._backlog.popleft())
+                    stanza = self._backlog.popleft()
+                    waiting = self._route(stanza)
         finally:
             self._backlog = None
             self.release_input()
