@@ -22,12 +22,14 @@ dropped before it was written (C2SConnection._lost_queued).
 
 Federation (xmppd/s2s): `from_remote` counts the messages that arrived on an
 authenticated server-to-server stream (they then meet the same fates as a
-client's), `to_remote` those handed to the stream of a remote domain (its
+client's), `to_remote` those written to the stream of a remote domain (its
 server answers for them from there, as a client does for a delivered one).
 External components (XEP-0114) count the same way: messages from one are
 `from_remote`, messages written to one are `to_remote`.
 A message waiting for a remote domain's stream to be set up is in neither
-yet; if the stream cannot be set up, or the node stops first, it bounces.
+yet; if the stream cannot be set up, or the node stops first, it bounces. So
+is one a stream took and lost with its connection before writing it: it waits
+for a new stream again (once: lost so a second time, it bounces).
 
 Error messages (bounces, and clients' own error replies) are outside the
 ledger: an error is never answered, and a bounce is counted once, as the fate
@@ -82,7 +84,7 @@ class MessageLedger:
         self.bounced = 0  # answered with an error stanza instead
         self.rerouted = 0  # delivered ones a session never acknowledged, routed again (SM)
         self.from_remote = 0  # received from a remote domain's server (s2s)
-        self.to_remote = 0  # handed to the stream of a remote domain's server (s2s)
+        self.to_remote = 0  # written to the stream of a remote domain's server (s2s)
         self.dropped: Counter[str] = Counter()  # reason -> count
 
     def drop(self, reason: str, count: int = 1) -> None:

@@ -37,7 +37,7 @@ from tests.integration.s2s_peers import (
 )
 from tests.integration.test_cluster import until
 from xmppd.config import load_config
-from xmppd.s2s.connection import WORK_IN_FLIGHT
+from xmppd.s2s.connection import WORK_IN_FLIGHT, Outgoing, S2SConnection
 from xmppd.s2s.tlsaccept import TLSAcceptTransport
 from xmppd.server import Server
 
@@ -142,6 +142,64 @@ async def test_two_xmppd_servers_over_one_direct_tls_bidirectional_stream(
         # Presence subscriptions both ways ride the same stream.
         await subscribed(bob, dora)
         assert len(streams(b)) == 1 and len(streams(d)) == 1
+
+
+def drop_as_they_take_a_stanza(monkeypatch: pytest.MonkeyPatch, server: Server, times: int) -> None:
+    """The next `times` streams of `server` that take a stanza lose their connection in
+    that loop iteration, before the stream writes it: a reset the peer never read."""
+    send = S2SConnection.send
+    left = times
+
+    def send_then_drop(conn: S2SConnection, item: Outgoing) -> bool:
+        nonlocal left
+        taken = send(conn, item)
+        if taken and conn.service is server.s2s and left:
+            left -= 1
+            assert conn.transport is not None
+            conn.transport.abort()
+        return taken
+
+    monkeypatch.setattr(S2SConnection, "send", send_then_drop)
+
+
+async def test_a_message_whose_connection_dropped_before_its_write_goes_on_a_new_one(
+    tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b.test's stream to d.test takes bob's message and the connection drops before the
+    write: d.test never saw it. It goes on a new connection, and is counted once."""
+    b, d = await direct_tls_pair(tmp_path, start_server)
+    async with signed_in(*await bob_and_dora(b, d)) as (bob, dora):
+        await message_across(bob, dora, "dora@d.test", "hello d.test")
+        assert b.s2s is not None
+        [first] = b.s2s.outgoing()
+        drop_as_they_take_a_stanza(monkeypatch, b, 1)
+        await message_across(bob, dora, "dora@d.test", "in flight")
+        [second] = b.s2s.outgoing()
+        assert second is not first and second.stanzas_out == 1
+        sent = b.router.ledger.snapshot()
+        assert (sent["received"], sent["to_remote"], sent["bounced"]) == (2, 2, 0)
+        assert d.router.ledger.from_remote == 2
+
+
+async def test_a_message_two_connections_dropped_before_its_write_bounces(
+    tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer whose connections all drop as they take a message does not keep it: given
+    back once, it bounces the second time, counted as bounced and never as sent."""
+    b, d = await direct_tls_pair(tmp_path, start_server)
+    async with signed_in(*await bob_and_dora(b, d)) as (bob, dora):
+        await message_across(bob, dora, "dora@d.test", "hello d.test")
+        assert b.s2s is not None
+        drop_as_they_take_a_stanza(monkeypatch, b, 2)
+        message = bob.make_message(mto=slixmpp.JID("dora@d.test"), mbody="dropped twice")
+        message["id"] = "m2"
+        message.send()
+        error = await asyncio.wait_for(bob.errors.get(), 20)
+        assert (error["id"], error["error"]["condition"]) == ("m2", "remote-server-timeout")
+        assert list(b.s2s.outgoing()) == [] and not b.s2s.links
+        sent = b.router.ledger.snapshot()
+        assert (sent["received"], sent["to_remote"], sent["bounced"]) == (2, 1, 1)
+        assert d.router.ledger.from_remote == 1
 
 
 async def test_workers_share_the_s2s_ports(tmp_path: Path) -> None:

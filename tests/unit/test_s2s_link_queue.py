@@ -1,4 +1,5 @@
-"""S2SService._send_queue: what waited for a link and the new stream does not take."""
+"""S2SService._send_queue: what waited for a link and the new stream does not take;
+_take_back: what a stream took and lost with its connection before writing it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from lxml import etree
 
 from xmppd.s2s.config import S2SConfig
+from xmppd.s2s.connection import Outgoing
 from xmppd.s2s.service import Link, S2SService
 from xmppd.xml import ns
 
@@ -28,10 +30,10 @@ class _Stream:
         self.room = room
         self.sent: list[str | None] = []
 
-    def send(self, stanza: etree._Element) -> bool:
+    def send(self, item: Outgoing) -> bool:
         if len(self.sent) >= self.room:
             return False
-        self.sent.append(stanza.get("id"))
+        self.sent.append(item.stanza.get("id"))
         return True
 
 
@@ -43,18 +45,45 @@ def _message(id_: str) -> etree._Element:
     return stanza
 
 
-def test_what_a_closing_stream_does_not_take_bounces() -> None:
-    router = _Router()
+def _service(router: _Router) -> S2SService:
     server: Any = SimpleNamespace(
         router=router, config=SimpleNamespace(limits=SimpleNamespace(max_xml_depth=64))
     )
-    service = S2SService(server, S2SConfig())
+    return S2SService(server, S2SConfig())
+
+
+def test_what_a_closing_stream_does_not_take_bounces() -> None:
+    router = _Router()
+    service = _service(router)
     link = Link("b.test", "a.test")
     for id_ in ("m1", "m2", "m3"):
-        link.queue.append((_message(id_), True))
-    link.queue.append((_message("broadcast"), False))  # bounce=False: never reported
+        link.queue.append(Outgoing(_message(id_), True))
+    link.queue.append(Outgoing(_message("broadcast"), False))  # bounce=False: never reported
     conn = _Stream(room=1)
     service._send_queue(link, conn)  # type: ignore[arg-type]
     assert conn.sent == ["m1"]
     assert router.bounced == [("m2", "remote-server-timeout"), ("m3", "remote-server-timeout")]
     assert not link.queue
+
+
+def test_what_a_lost_connection_never_wrote_goes_back_first_and_only_once() -> None:
+    """Ahead of what was routed after it, in order; one given back before bounces."""
+    router = _Router()
+    service = _service(router)
+    key = ("b.test", "a.test")
+    service.links[key] = Link(*key)
+    service.links[key].queue.append(Outgoing(_message("later"), True))
+    unwritten = [
+        Outgoing(_message("m1"), True),
+        Outgoing(_message("again"), True, requeued=True),
+        Outgoing(_message("copy"), False, requeued=True),  # bounce=False: never reported
+        Outgoing(_message("m2"), True),
+    ]
+    link = service._take_back(key, unwritten)
+    assert link is service.links[key]
+    assert [(i.stanza.get("id"), i.requeued) for i in link.queue] == [
+        ("m1", True),
+        ("m2", True),
+        ("later", False),
+    ]
+    assert router.bounced == [("again", "remote-server-timeout")]

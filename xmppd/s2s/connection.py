@@ -13,7 +13,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
@@ -38,6 +38,17 @@ a message stored offline) before the stream is no longer read, until half of the
 done: a peer that sends faster than storage takes its stanzas is slowed by TCP, not
 queued in memory. A client's stream does the same one stanza at a time (its order is
 its own); a peer's stanzas are many senders', ordered per recipient by the router."""
+
+
+class Outgoing(NamedTuple):
+    """A stanza for a remote domain, waiting in its link's queue or taken by a stream
+    and not yet written (xmppd/s2s/service.py)."""
+
+    stanza: etree._Element
+    bounce: bool  # False: answered with no error if it cannot go (a broadcast copy)
+    # Already given back once by a connection lost before writing it: it bounces the
+    # next time, so a peer that drops every connection cannot keep it forever.
+    requeued: bool = False
 
 
 class S2SConnection(StreamDriver[s2s.S2SStream]):
@@ -77,6 +88,10 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         self._rate_pause: asyncio.TimerHandle | None = None  # reading stopped until then
         self._in_flight = 0  # stanzas whose routing waits on storage (WORK_IN_FLIGHT)
         self._work_pause = False  # reading stopped until half of those are done
+        # Stanzas queued for the stream and not yet written (the flush comes later in the
+        # loop iteration): if the connection is lost before that write, the remote server
+        # never saw them, and connection_lost gives them back to the service.
+        self._unwritten: list[Outgoing] = []
 
     @property
     def remote(self) -> str:
@@ -178,20 +193,18 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
                 self.ready.set_exception(ConnectionError(f"connection to {self.remote} lost"))
             else:
                 self.ready.cancel()
-        self.service.connection_closed(self)
+        unwritten, self._unwritten = self._unwritten, []
+        self.service.connection_closed(self, unwritten)
 
     # --- sending ----------------------------------------------------------------------
 
-    def send(self, stanza: etree._Element) -> bool:
-        """Queue a stanza for the peer (outgoing, authenticated); False once closing."""
+    def send(self, item: Outgoing) -> bool:
+        """Queue a stanza for the peer (authenticated stream); False once closing. It
+        counts as sent once written (`_writing`)."""
         if self.stream.closed or self.transport is None or not self.stream.authenticated:
             return False
-        server = self.service.server
-        server.traffic.sent(stanza.tag)
-        if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
-            server.router.ledger.to_remote += 1  # its fate: the remote server's now
-        self.stanzas_out += 1
-        self.stream.send(stanza)
+        self.stream.send(item.stanza)
+        self._unwritten.append(item)
         self._schedule_flush()
         return True
 
@@ -205,6 +218,15 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
     def _writing(self, data: bytes) -> None:
         if data:
             self.last_active = asyncio.get_running_loop().time()
+        # Written now: the messages' fate is the remote server's (the ledger's to_remote);
+        # until here a lost connection gives them back instead (connection_lost).
+        server = self.service.server
+        for item in self._unwritten:
+            server.traffic.sent(item.stanza.tag)
+            if item.stanza.tag == ns.C_MESSAGE and item.stanza.get("type") != "error":
+                server.router.ledger.to_remote += 1
+        self.stanzas_out += len(self._unwritten)
+        self._unwritten.clear()
 
     def _backlog_cut(self) -> None:
         self.service.failures["policy-violation"] += 1

@@ -10,7 +10,8 @@ If it cannot be set up they are answered with <remote-server-timeout/>
 (took longer than `s2s.connect_timeout`) or <remote-server-not-found/>
 (anything else: no such domain, no route, a certificate that does not
 validate, authentication refused). A ready link is reused until it closes
-or stays idle for `s2s.idle_timeout`.
+or stays idle for `s2s.idle_timeout`; what its stream took but had not written
+when the connection was lost waits for the next one (once, `_take_back`).
 
 Incoming streams authenticate their peer's domain (xmppd/stream/s2s.py
 checks every stanza's 'from' against it) and hand stanzas to the router as
@@ -37,7 +38,7 @@ from OpenSSL import SSL, crypto
 
 from xmppd.jid import parse_jid
 from xmppd.s2s.config import S2SConfig
-from xmppd.s2s.connection import S2SConnection
+from xmppd.s2s.connection import Outgoing, S2SConnection
 from xmppd.s2s.contexts import S2SContexts, make_contexts, pair_digest
 from xmppd.s2s.resolve import NoService, Resolver
 from xmppd.stream.errors import StanzaError, StreamError
@@ -68,7 +69,7 @@ class Link:
 
     local: str
     remote: str
-    queue: deque[tuple[etree._Element, bool]] = field(default_factory=deque)
+    queue: deque[Outgoing] = field(default_factory=deque)
     connection: S2SConnection | None = None  # set once ready
     task: asyncio.Future[None] | None = None  # the connection being set up
 
@@ -198,7 +199,8 @@ class S2SService:
         link = self.links.get((local, remote))
         if link is None:
             link = self.links[(local, remote)] = Link(local, remote)
-        if link.connection is not None and link.connection.send(stanza):
+        item = Outgoing(stanza, bounce)
+        if link.connection is not None and link.connection.send(item):
             return
         if len(link.queue) >= self.config.max_queue:
             if bounce:
@@ -206,7 +208,7 @@ class S2SService:
                     stanza, "resource-constraint", f"too many stanzas waiting for {remote}"
                 )
             return
-        link.queue.append((stanza, bounce))
+        link.queue.append(item)
         if link.task is None:
             link.connection = None
             link.task = self.server.router.spawn_shared(self._connect(link))
@@ -291,10 +293,10 @@ class S2SService:
         """Send what waited for the link, in order. A stream that closes meanwhile takes
         no more: the rest bounce (never lost without a word, nor counted as sent)."""
         while link.queue:
-            stanza, bounce = link.queue.popleft()
-            if not conn.send(stanza) and bounce:
+            item = link.queue.popleft()
+            if not conn.send(item) and item.bounce:
                 self.server.router.bounce(
-                    stanza, "remote-server-timeout", f"the stream to {link.remote} closed"
+                    item.stanza, "remote-server-timeout", f"the stream to {link.remote} closed"
                 )
 
     def _fail(self, link: Link, condition: str, text: str) -> None:
@@ -303,9 +305,9 @@ class S2SService:
         if self.links.get((link.local, link.remote)) is link:
             del self.links[(link.local, link.remote)]
         while link.queue:
-            stanza, bounce = link.queue.popleft()
-            if bounce:
-                self.server.router.bounce(stanza, condition, text)
+            item = link.queue.popleft()
+            if item.bounce:
+                self.server.router.bounce(item.stanza, condition, text)
 
     # --- connections --------------------------------------------------------------------
 
@@ -416,7 +418,9 @@ class S2SService:
             link.connection = conn
             self._send_queue(link, conn)
 
-    def connection_closed(self, conn: S2SConnection) -> None:
+    def connection_closed(self, conn: S2SConnection, unwritten: list[Outgoing]) -> None:
+        """`unwritten`: the stanzas it took and lost with the connection before writing
+        them (`S2SConnection._unwritten`), in order."""
         self.connections.discard(conn)
         address = self._addresses.pop(conn, None)
         if address is not None:
@@ -425,14 +429,42 @@ class S2SService:
                 del self.per_address[address]
         stream = conn.stream
         remote = stream.remote if conn.outgoing else stream.authenticated_domain
-        link = self.links.get((stream.local or "", remote or ""))
+        key = (stream.local or "", remote or "")
+        link = self.links.get(key)
         if link is not None and link.connection is conn:
-            # The next stanza for that domain sets up a new connection.
-            link.connection = None
-            if link.queue and link.task is None:
+            link.connection = None  # the next stanza for that domain sets up a new one
+        if unwritten:
+            link = self._take_back(key, unwritten)
+        if link is not None and link.connection is None and link.task is None:
+            if link.queue:
                 link.task = self.server.router.spawn_shared(self._connect(link))
-            elif not link.queue:
-                del self.links[(link.local, link.remote)]
+            else:
+                del self.links[key]
+
+    def _take_back(self, key: tuple[str, str], unwritten: list[Outgoing]) -> Link | None:
+        """Stanzas a stream took but never wrote, its connection lost: the remote server
+        never saw them. They go back to the front of the link's queue, in order, for its
+        next stream, once: one given back before (or lost while the node stops) bounces
+        with <remote-server-timeout/>, so a peer that drops every connection as it takes
+        a stanza cannot keep it forever. Held already, and at most one loop iteration's
+        worth, they go back whatever `s2s.max_queue` says."""
+        again: list[Outgoing] = []
+        for item in unwritten:
+            if not item.requeued and not self._stopped:
+                again.append(item._replace(requeued=True))
+            elif item.bounce:
+                self.server.router.bounce(
+                    item.stanza, "remote-server-timeout", f"the stream to {key[1]} was lost"
+                )
+        if not again:
+            return self.links.get(key)
+        link = self.links.get(key)
+        if link is None:
+            link = self.links[key] = Link(*key)
+        link.queue.extendleft(reversed(again))
+        if link.connection is not None:  # a stream made meanwhile: routed stanzas use it
+            self._send_queue(link, link.connection)
+        return link
 
     def received(self, stanza: etree._Element) -> Awaitable[object] | None:
         """A stanza from an authenticated peer, checked by its stream: route it here.

@@ -83,7 +83,10 @@ class StreamDriver(asyncio.Protocol, Generic[StreamT]):
     def _flush(self) -> None:
         self._flush_scheduled = False
         transport = self.transport
-        if transport is None:
+        if transport is None or transport.is_closing():
+            # Lost or closing (connection_lost may come later, after a TLS layer's own):
+            # asyncio drops what is written to an aborted transport, so nothing is
+            # written, nor counted as written; the subclass's connection_lost sees it.
             return
         data = self.stream.output()
         self._writing(data)
