@@ -15,7 +15,6 @@ Why TLS here and not in uvloop's SSL transport: see xmppd/tlslayer.py.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import secrets
 import ssl
@@ -81,9 +80,10 @@ class C2SConnection(asyncio.Protocol):
         # Counted at every stanza in and out: kept here rather than looked up each time.
         self._ledger = server.router.ledger
         self._traffic = server.traffic
-        # The message stanzas in the stream's output, not yet written (the bytes of one
-        # another node serialised): routed again if the connection goes first.
-        self._queued_messages: list[etree._Element | bytes] = []
+        # The message stanzas in the stream's output, not yet written, as the bytes
+        # queued there (not the elements, which may go once serialised): routed again
+        # if the connection goes first.
+        self._queued_messages: list[bytes] = []
         self._max_backlog = 4 * server.config.limits.max_stanza_bytes + 65536
         self._counted = False
         self._ended = False
@@ -203,11 +203,12 @@ class C2SConnection(asyncio.Protocol):
             # stanzas are still in the router: the router falls back.
             return False
         tag = stanza.tag  # lxml builds a new string at every access: once here
+        data = etree.tostring(stanza)
         if tag == ns.C_MESSAGE and stanza.get("type") != "error":
             self._ledger.delivered += 1
-            self._queued_messages.append(stanza)
+            self._queued_messages.append(data)
         self._traffic.sent(tag)
-        self.stream.send(stanza)
+        self.stream.send_bytes(data)
         if not self._flush_scheduled:  # _schedule_flush, inline: once per delivered stanza
             self._flush_scheduled = True
             self._flushes.add(self._flush, self._loop)  # type: ignore[arg-type]
@@ -487,10 +488,7 @@ class C2SConnection(asyncio.Protocol):
         router = self.server.router
         for message in queued:
             self._ledger.rerouted += 1
-            if isinstance(message, bytes):
-                router.route(etree.fromstring(message, _PARSER))
-            else:
-                router.route(copy.deepcopy(message))
+            router.route(etree.fromstring(message, _PARSER))
 
     def _end_session(self) -> None:
         session = self.session
