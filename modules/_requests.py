@@ -23,11 +23,11 @@ from lxml import etree
 
 from xmppd.modulehost import ModuleHost
 from xmppd.storage.base import ItemStore
+from xmppd.xml.fragments import parse as parse_fragment
 
 STORE = "subscription-requests"
 MAX_REQUEST_BYTES = 4096
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
 def _name(owner_bare: str, contact_bare: str) -> str:
@@ -66,7 +66,7 @@ class SubscriptionRequests:
             if item.attrs.get("jid") != names[name] or not isinstance(data, bytes):
                 continue
             try:
-                requests[names[name]] = etree.fromstring(data, _PARSER)
+                requests[names[name]] = parse_fragment(data)
             except etree.XMLSyntaxError:
                 continue
         return requests

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from xmppd.modulehost import IqRequest, Module, ModuleHost, storage_call
 from xmppd.storage.base import MAX_KEY_BYTES, BlobStore
 from xmppd.stream.errors import StanzaError
+from xmppd.xml.fragments import parse as parse_fragment
 
 PRIVATE = "jabber:iq:private"
 STORE = "private"
@@ -34,7 +35,6 @@ Listener = Callable[[str, str, etree._Element], Awaitable[None]]
 """(bare JID, namespace, the stored <query/>) after a client's set was stored (the
 XEP-0402/XEP-0411 bookmarks conversion listens)."""
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
 class PrivateOptions(BaseModel):
@@ -77,7 +77,7 @@ class Private(Module):
         )
         if blob is not None:
             try:
-                return etree.fromstring(blob.data, _PARSER)
+                return parse_fragment(blob.data)
             except etree.XMLSyntaxError as exc:
                 log.error("stored private XML %s is corrupt: %s", blob.key, exc)
                 raise StanzaError("internal-server-error", "stored data unreadable") from None
@@ -109,7 +109,7 @@ class Private(Module):
         for key, data in blobs.items():
             await storage_call(store.put(key, data), "private XML")
         for namespace in by_namespace:
-            query = etree.fromstring(blobs[_key(user, namespace)], _PARSER)
+            query = parse_fragment(blobs[_key(user, namespace)])
             for listener in self._listeners:
                 await listener(request.target, namespace, query)
 
@@ -117,7 +117,7 @@ class Private(Module):
         """The stored <query/> of `namespace`, None when there is none."""
         user, vhost = bare.split("@", 1)
         blob = await self._store(vhost).get(_key(user, namespace))
-        return None if blob is None else etree.fromstring(blob.data, _PARSER)
+        return None if blob is None else parse_fragment(blob.data)
 
     async def store(self, bare: str, element: etree._Element) -> None:
         """Store `element` as its namespace's data, with a client's checks

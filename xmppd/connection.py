@@ -33,6 +33,7 @@ from xmppd.stream import c2s
 from xmppd.stream.errors import StreamError
 from xmppd.tlslayer import TLSLayer
 from xmppd.xml import ns
+from xmppd.xml.fragments import parse as parse_fragment
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -46,7 +47,6 @@ before the TCP connection is cut; uvloop's SSL transport waited as long."""
 # What another node's bytes for a client start with (C2SConnection.send_serialized).
 _SERIALIZED_KIND = {b"<message": ns.C_MESSAGE, b"<presence": ns.C_PRESENCE, b"<iq": ns.C_IQ}
 _CLIENT_NS = f' xmlns="{ns.CLIENT}"'.encode()
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 _ERROR_TYPE = b' type="error"'
 PARSER_IDLE_SECONDS = 10.0
 """A stream that received nothing for this long (up to twice as long) frees its XML parser."""
@@ -488,7 +488,7 @@ class C2SConnection(asyncio.Protocol):
         router = self.server.router
         for message in queued:
             self._ledger.rerouted += 1
-            router.route(etree.fromstring(message, _PARSER))
+            router.route(parse_fragment(message))
 
     def _end_session(self) -> None:
         session = self.session

@@ -22,12 +22,12 @@ from xmppd.modules.offline import Offline
 from xmppd.modules.roster import RosterItem, RosterModule, Subscription
 from xmppd.modules.vcard import VCard
 from xmppd.stream.errors import StanzaError
+from xmppd.xml.fragments import parse as parse_fragment
 
 M = TypeVar("M", bound=Module)
 
 SUBSCRIPTIONS: tuple[str, ...] = get_args(Subscription)
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
 class UserDataError(Exception):
@@ -119,7 +119,7 @@ async def vcard_set(modules: ModuleHost, bare: str, xml: str) -> None:
     vcard = _module(modules, VCard)
     await _account(modules, bare)
     try:
-        element = etree.fromstring(xml.encode(), _PARSER)
+        element = parse_fragment(xml.encode())
     except (etree.XMLSyntaxError, UnicodeEncodeError) as e:  # a lone surrogate: no text
         raise UserDataError(f"not well-formed XML: {e}") from None
     docinfo = element.getroottree().docinfo

@@ -32,6 +32,7 @@ from xmppd.cluster.schema import Entry
 from xmppd.directory import LocalDirectory
 from xmppd.session import ClientSession
 from xmppd.stream.errors import StreamError
+from xmppd.xml.fragments import parse as parse_fragment
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +415,6 @@ def _xml(presence: etree._Element | None) -> str | None:
     return etree.tostring(presence, encoding="unicode") if presence is not None else None
 
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
 def _parse(presence: str | None) -> etree._Element | None:
@@ -422,7 +422,7 @@ def _parse(presence: str | None) -> etree._Element | None:
     if presence is None:
         return None
     try:
-        return etree.fromstring(presence, _PARSER)
+        return parse_fragment(presence)
     except etree.XMLSyntaxError as exc:
         log.error("cluster: ignored an unparsable presence in the table (%s)", exc)
         return None

@@ -68,6 +68,7 @@ from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ORDER_WAIT, ReplicaSync
 from xmppd.cluster.tasks import cancel_for_sure
 from xmppd.stream.errors import StreamError
+from xmppd.xml.fragments import parse as parse_fragment
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ TRIM_INTERVAL = 1.0
 a second command per read (most reads return one or two entries), and what is handled
 but not trimmed yet is only routed twice if this node dies (at least once)."""
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 Reroute = Callable[[etree._Element, int], None]
 """Route a stanza again on this node: (stanza, how many times it was forwarded)."""
@@ -334,7 +334,7 @@ class ItemHandler:
         taken = None if session is None else session.deliver_serialized(data)
         if taken:
             return
-        stanza = etree.fromstring(data, _PARSER)
+        stanza = parse_fragment(data)
         if taken is None and session is not None and session.deliver(stanza):
             return
         # Not delivered: routed again by the rules of its "to" (a bare JID's: RFC 6121
