@@ -391,7 +391,12 @@ class Pep(Module):
 
     async def _send_last(self, service: PubSubService, node: Node, to: str) -> None:
         """The node's last item to `to`, unless the owner's rules keep it from `to`."""
-        gate = await self._gate(service.owner or "")
+        await self._send_last_past(await self._gate(service.owner or ""), service, node, to)
+
+    async def _send_last_past(
+        self, gate: PeerGate | None, service: PubSubService, node: Node, to: str
+    ) -> None:
+        """`_send_last` with the owner's `gate` already asked for."""
         if gate is not None and not gate(to):
             return
         item = await service.last_item(node)
@@ -436,14 +441,19 @@ class Pep(Module):
                  if owner != session.bare and _needs_relation(node, owner, session.bare)},
                 session.bare,
             )
+            nodes = [
+                (owner, node) for owner, node in nodes
+                if owner == session.bare
+                or judge(node, session.bare, owner, [relations.get(owner)]) is None
+            ]
+            # Each owner's rules asked for once, all at once, not once per node in turn.
+            gated = sorted({owner for owner, _ in nodes})
+            gates = dict(zip(gated, await asyncio.gather(*map(self._gate, gated)), strict=True))
             for owner, node in nodes:
-                relation = relations.get(owner)
-                if owner != session.bare and judge(
-                    node, session.bare, owner, [relation]
-                ) is not None:
-                    continue
                 try:
-                    await self._send_last(self.service(owner), node, session.jid)
+                    await self._send_last_past(
+                        gates[owner], self.service(owner), node, session.jid
+                    )
                 except StorageError as exc:
                     log.warning("last item of %s %s not sent: %s", owner, node.name, exc)
 
