@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from xmppd import package_version
-from xmppd.adminapi import AdminAPI
+from xmppd.adminapi import AdminAPI, WeakToken
 from xmppd.auth.accounts import Accounts
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter, address_key
 from xmppd.batchloop import BatchingLoop
@@ -262,7 +262,10 @@ class Server:
             undo.append(("server-to-server", self.s2s.stop))
             await self.s2s.start(cert, key, await cluster_secret(self.storage, "s2s-dialback"))
         undo.append(("the admin API", self.admin.stop))
-        await self.admin.start(tls)
+        try:
+            await self.admin.start(tls)
+        except WeakToken as exc:
+            raise StartupError(f"admin: {exc}") from None
         self.pauses.start()
         self.ready = True
 

@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import slixmpp
 
 from tests.integration.clients import Client, close, connect
-from tests.integration.conftest import StartServer
+from tests.integration.conftest import StartServer, write_config
 from xmppd.adminapi import read_token
-from xmppd.server import Server
+from xmppd.config import load_config
+from xmppd.server import Server, StartupError
 
 USERS = {"alice": "alice-secret", "carol": "carol-secret", "dave": "dave-secret"}
 MODULES = {"roster": {}, "presence": {}, "offline": {}}
@@ -135,3 +137,44 @@ async def test_admin_api_needs_the_token(server: Server, tmp_path: Path) -> None
             assert r.status == 404
     await server.stop()
     assert not list((server.config.data_dir / "admin").glob("*.json"))  # removed at clean stop
+
+
+async def test_a_token_file_too_short_to_be_a_secret_stops_the_start(tmp_path: Path) -> None:
+    """An operator's empty (or short) token file would let `Authorization: Bearer` with
+    nothing through: the node refuses to start and names the file."""
+    path = write_config(tmp_path)
+    admin = tmp_path / "data" / "admin"
+    admin.mkdir(parents=True, mode=0o700)
+    (admin / "token").write_text("\n")
+    (admin / "token").chmod(0o600)
+    server = Server(load_config(path))
+    with pytest.raises(StartupError, match=f"{admin / 'token'} holds 0 characters"):
+        await server.start()
+    for listener in server.listening:  # the start was undone: nothing accepts clients
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", listener.port)
+
+
+async def test_reasons_xml_cannot_carry_are_refused_before_anything_changes(
+    server: Server,
+) -> None:
+    """A kick or ban reason goes into the stream error that ends each session (and a
+    ban's into every later refused login): one with a control character is refused
+    with 400, and the session goes on, rather than a 500 halfway through."""
+    bob = await connect(server, "bob@localhost/desk", "bob-secret")
+    good = {"Authorization": f"Bearer {read_token(server.config.data_dir)}"}
+    async with aiohttp.ClientSession(headers=good) as http:
+        async with http.post(
+            f"{server.admin.url}/kick", json={"jid": "bob@localhost", "reason": "bye\x07"}
+        ) as response:
+            assert response.status == 400
+            assert "XML cannot carry" in (await response.json())["error"]
+        async with http.post(
+            f"{server.admin.url}/accounts/bob@localhost/ban", json={"reason": "\x00"}
+        ) as response:
+            assert response.status == 400
+    with pytest.raises(ValueError, match="XML cannot carry"):
+        await server.accounts["localhost"].ban("bob", "spam\x1b")
+    assert await server.accounts["localhost"].ban_of("bob") is None
+    assert not bob.ended.is_set()
+    await close(bob)

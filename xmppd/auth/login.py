@@ -26,6 +26,7 @@ from xmppd.session import ClientSession, Transport
 from xmppd.storage.base import StorageError
 from xmppd.stream import c2s
 from xmppd.stream.errors import StanzaError, error_from
+from xmppd.xml.text import xml_can_carry
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -369,7 +370,8 @@ class StreamLogin:
                 "conn": self.conn,
             },
         )
-        text = "this account is disabled" + (f": {ban.reason}" if ban.reason else "")
+        shown = ban.reason if xml_can_carry(ban.reason) else ""  # stored before it was checked
+        text = "this account is disabled" + (f": {shown}" if shown else "")
         self.stream.sasl_failure("account-disabled", text)
 
     def bind(self, event: c2s.BindRequested, transport: Transport) -> ClientSession | None:

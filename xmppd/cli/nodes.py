@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from aiohttp.client import _RequestContextManager
 
-from xmppd.adminapi import RECORD_SUFFIX, admin_dir, read_token
+from xmppd.adminapi import RECORD_SUFFIX, WeakToken, admin_dir, read_token
 
 REQUEST_TIMEOUT = 15.0
 """Seconds per node; a node waits up to 10 s for the sessions it ends to settle."""
@@ -168,6 +168,10 @@ async def _admin_client(
             f"cannot read the admin token {admin_dir(data_dir) / 'token'}: "
             f"{e.strerror or e}; {unread}"
         )
+        yield None
+        return
+    except WeakToken as e:
+        outcome.warnings.append(f"{e}; {unread}")
         yield None
         return
     headers = {"Authorization": f"Bearer {token}"}
