@@ -276,6 +276,13 @@ class LiveRooms:
         room.seen_changed = True
         self.changed(room, state=True, history=True)
 
+    def lost_lease(self, room_jid: str) -> None:
+        """The room's lease is not this node's any more (another node took it, or the
+        stores hold a newer copy) and its copy went: its epoch goes too, lest the
+        epochs of every room this node ever lost stay in memory. The caller knows
+        which copy went (a copy loaded since holds a lease of its own: not that one)."""
+        self._epochs.pop(room_jid, None)
+
     def _hold_args(self, room_jid: str, ttl: int) -> list[Any]:
         """HOLD's arguments: node, ttl, the lease's epoch, a new epoch."""
         return [self.node, ttl, self._epochs.get(room_jid, ""), secrets.token_hex(8)]

@@ -441,6 +441,8 @@ class Muc(Module):
         if room_jid not in self.rooms or self.rooms[room_jid] is not room:
             return  # gone already, or loaded again since
         del self.rooms[room_jid]
+        if self.live is not None:
+            self.live.lost_lease(room_jid)
         sessions = [(jid, occupant.nick) for jid, occupant in room.by_jid.items()]
         out = room.shut_down()
         for jid, nick in sessions if self.live is not None else ():
