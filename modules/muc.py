@@ -655,13 +655,15 @@ class Muc(Module):
             self._to_room(room_jid, live, routed, owned, past)
             made = made or live is not None or room_jid in self.rooms
         if self.live is not None and room_jid not in self.rooms:
-            self._drop(room_jid)  # never made, or gone already: no record left behind
+            # Never made, or gone already (dropped then): no record left behind.
+            self._drop(room_jid, ran=False)
 
-    def _drop(self, room_jid: str) -> None:
-        """Drop the room's record; a load of that room waits for it (a claim that went
-        first would find the record, and lose it to the drop)."""
+    def _drop(self, room_jid: str, ran: bool) -> None:
+        """Drop the room's record (`ran`: the room ran here, `LiveRooms.drop`); a load of
+        that room waits for it (a claim that went first would find the record, and lose
+        it to the drop)."""
         assert self.live is not None
-        dropping = self._dropping[room_jid] = self.live.drop(room_jid)
+        dropping = self._dropping[room_jid] = self.live.drop(room_jid, ran)
         dropping.add_done_callback(
             lambda done: self._dropping.pop(room_jid)
             if self._dropping.get(room_jid) is done else None
@@ -898,7 +900,7 @@ class Muc(Module):
             if jid in self.rooms and self.rooms[jid] is room:
                 del self.rooms[jid]
                 if self.live is not None:
-                    self._drop(jid)
+                    self._drop(jid, ran=True)
             room.destroyed = True
             if room.stored or room.config.persistent:
                 self._save(room, at_once=True)  # deletes what was stored
