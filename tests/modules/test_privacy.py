@@ -996,3 +996,23 @@ async def test_a_message_every_resource_refuses_is_bounced_once(loaded: bool) ->
     assert first.take() == [] and second.take() == []
     assert await harness.host.items("localhost", "offline").get("alice") is None
 
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["rules-loaded", "rules-loading"])
+async def test_the_top_resource_refusing_is_not_passed_on_to_a_lower_one(loaded: bool) -> None:
+    """alice/top (priority 5) alone is chosen for a message to alice's bare JID and its
+    active list refuses bob; alice/low (priority 1) would take it. The rules chose
+    alice/top and its list decides (docs/modules.md, as Prosody and ejabberd do): bob
+    gets <service-unavailable/>, and alice/low gets nothing."""
+    harness = await make()
+    top = harness.session("alice@localhost/top")
+    top.priority = 5
+    low = harness.session("alice@localhost/low")
+    low.priority = 1
+    bob = harness.session("bob@localhost/b")
+    await refusing(harness, top)
+    top.take(), low.take()
+    if not loaded:
+        PrivacyEngine.attach(harness.host)._states.clear()
+    replies = await harness.send(bob, chat("alice@localhost", "to the top"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert top.take() == [] and low.take() == []
