@@ -54,8 +54,10 @@ the recipient, and runs the filter again (ModuleHost.filter).
   refused it).
 * "stanza/in": stanzas about to reach a session. The recipient's rules
   (message / iq / presence-in; others only by items that cover everything):
-  refused messages and IQ get/set get <service-unavailable/>, everything
-  else is dropped silently. For presence sent in a local user's name (the
+  refused messages and IQ get/set get <service-unavailable/>
+  (`ModuleHost.refuse`: a message the delivery rules gave to several
+  resources only when none of them took it), everything else is dropped
+  silently. For presence sent in a local user's name (the
   presence module's broadcasts, answers to probes), the SENDER's
   presence-out rules too, since only the sender's lists know whether that
   contact may see it. A carbon (XEP-0280) comes from the user's own bare
@@ -564,7 +566,6 @@ class PrivacyEngine:
         self._roster_loading: dict[str, bool] = {}  # bare -> changed while loading
         self._pass_all: list[etree._Element] = []  # our own errors and presences: no checks
         self._pass_sender: list[etree._Element] = []  # unavailable on block: skip sender rules
-        self._last_bounced: etree._Element | None = None
         # One lock per user whose presence effects are being applied (`_presence_effects`).
         self._effects: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
@@ -981,7 +982,9 @@ class PrivacyEngine:
         if judge_owner:
             verdict = decide(state.data, active, inbound_kind(stanza), peer, state.roster)
             if verdict is not Verdict.ALLOW:
-                self._refuse_inbound(stanza)
+                if stanza.tag != ns.C_PRESENCE:  # XEP-0016 2.14: presence silently
+                    # For this session only: another one the rules chose may take it.
+                    self.host.refuse(stanza, "service-unavailable")
                 return False
         local_sender = bool(peer.user) and peer.domain in self.host.hosts
         if judge_sender and local_sender:
@@ -1035,11 +1038,8 @@ class PrivacyEngine:
         return peer.domain in self.host.hosts
 
     def _refuse_inbound(self, stanza: etree._Element) -> None:
-        """XEP-0016 2.14 / XEP-0191 3.3: presence silently, messages and IQ get/set with
-        <service-unavailable/>; one error per stanza even when several resources refuse it."""
-        if stanza.tag == ns.C_PRESENCE or stanza is self._last_bounced:
-            return
-        self._last_bounced = stanza
+        """XEP-0016 2.14 / XEP-0191 3.3: a message or an IQ get/set refused for the whole
+        account (no session judged it) gets <service-unavailable/>."""
         self.host.bounce(stanza, "service-unavailable")
 
     def _deliver_own(self, session: ClientSession, stanza: etree._Element) -> None:

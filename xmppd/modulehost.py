@@ -30,12 +30,15 @@ bind): it reaches no filter nor the router, yet the client counted it as sent.
 Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
 message/full, message/host and the same for presence and iq (a `Routed`),
 with the RFC 6121 rules as the router's handlers at the lowest priority;
-message/delivered (Routed), once per delivered message, recipients known (not
-for one that the "stanza/in" filters of every chosen session refused).
+message/delivered (Routed), once per delivered message, recipients known, once
+a chosen session's "stanza/in" filters let it through (after any wait they asked
+for; not for one that every chosen session's filters refused).
 Filters (sync, `filter`; False drops, an awaitable waits): stanza/out (stanza,
 origin session), stanza/in (stanza, session), each for the stanza kinds it names
 (all by default), presence/self (stanza, session): a client's own broadcast
-presence as the router applies it.
+presence as the router applies it. A stanza/in filter that drops a delivery the
+sender is owed an error for calls `refuse`, not `bounce`: a message given to
+several resources is answered only if none took it.
 Non-stanza elements: `element`. Timers: `every`. Subdomains: `serve_domain`.
 IQs the server sends: `send_iq`. The other nodes of a cluster: `notify_cluster`
 and `on_cluster_notice` (a module that keeps per-user state in memory drops it
@@ -759,6 +762,13 @@ class ModuleHost:
     def bounce(self, stanza: etree._Element, condition: str, text: str | None = None) -> None:
         """Answer `stanza` with a stanza error, unless it is itself an error."""
         self.router.bounce(stanza, condition, text)
+
+    def refuse(self, stanza: etree._Element, condition: str, text: str | None = None) -> None:
+        """What a "stanza/in" filter that drops a delivery calls when the sender is owed
+        an error (`condition`): for a message the delivery rules gave to several of the
+        recipient's sessions, the router answers only if none of them took it; anything
+        else is answered at once, as `bounce` does. See `Router.refuse`."""
+        self.router.refuse(stanza, condition, text)
 
     def spawn(self, work: Awaitable[T], account: str | None = None) -> asyncio.Future[T]:
         """Run `work` as a task the node tracks (waited for at shutdown, errors logged).

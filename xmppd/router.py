@@ -70,6 +70,9 @@ one client can make the server hold."""
 
 _SERIAL: contextvars.ContextVar[str | None] = contextvars.ContextVar("serial", default=None)
 """The account whose queued routing jobs the current task runs (Router._run_serially)."""
+_OUTCOME: contextvars.ContextVar[_Outcome | None] = contextvars.ContextVar("outcome", default=None)
+"""The message whose delivery to one chosen session the current task finishes after a
+filter's wait (Router._deliver_after): a refusal there counts against it (`Router.refuse`)."""
 
 _KINDS = {ns.C_MESSAGE: "message", ns.C_PRESENCE: "presence", ns.C_IQ: "iq"}
 _EVENTS = {
@@ -92,6 +95,24 @@ def _first_done(futures: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
     for future in futures:
         future.add_done_callback(finished)
     return first
+
+
+@dataclass(slots=True, eq=False)
+class _Outcome:
+    """What became of one message given to the sessions the delivery rules chose, when
+    that is not known at once: a "stanza/in" filter refused it for one of them
+    (`Router.refuse`), or a delivery waits for a filter (a record loading).
+
+    One session's refusal is answered only if no other chosen session took the message
+    (RFC 6121 8.5.2: delivered to one resource is delivered; the error would be false,
+    and a client that trusts it sends the message again), and "message/delivered"
+    comes only once one took it. `pending`: the deliveries still waiting, plus one for
+    the routing call itself until its loop over the sessions ends (`Router._give`)."""
+
+    routed: Routed
+    pending: int = 1
+    taken: bool = False
+    refusal: tuple[str, str | None] | None = None  # the first error owed, if none takes it
 
 
 class _Job(NamedTuple):
@@ -173,11 +194,15 @@ class Router:
         self._routed = 0
         # What the stanza route() is handling now waits for (see deliver), None outside.
         self._waits: list[asyncio.Future[Any]] | None = None
-        # The sessions the delivery rules chose for the message being delivered now.
+        # The sessions the delivery rules chose for the message being delivered now,
+        # that message, and what became of it when not known at once (`_give`).
         self._chosen: list[ClientSession] = []
-        # Deliveries a "stanza/in" filter refused on the spot: a message that every
-        # chosen session refused is not "message/delivered" (no carbon copies it).
-        self._refused = 0
+        self._delivering: Routed | None = None
+        self._outcome: _Outcome | None = None
+        # Deliveries not taken on the spot: a "stanza/in" filter refused them, failed on
+        # them or made them wait. A message that no chosen session took is not
+        # "message/delivered" (no carbon copies it).
+        self._untaken = 0
         self._tasks: set[asyncio.Future[object]] = set()
         self._serial: dict[str, deque[_Job]] = {}
         # A queue's runner -> the jobs the job it runs now queued (its completion waits
@@ -439,11 +464,13 @@ class Router:
         be blocked nor lose it silently; presence is dropped.
 
         The error for a local sender (`origin`) goes straight to its session:
-        through the filters it would meet the same unreadable rules."""
+        through the filters it would meet the same unreadable rules. One delivery of a
+        message among several chosen sessions is answered only if no other took it
+        (`refuse`)."""
         if stanza.tag == ns.C_PRESENCE:
             return
         if origin is None:
-            self.bounce(stanza, "internal-server-error", "try again later")
+            self.refuse(stanza, "internal-server-error", "try again later")
             return
         type_ = stanza.get("type")
         if type_ == "error" or (stanza.tag == ns.C_IQ and type_ not in ("get", "set")):
@@ -509,13 +536,14 @@ class Router:
                 if verdict is True:
                     continue
                 if verdict is False:
-                    self._refused += 1
+                    self._untaken += 1
                 else:
                     self._deliver_later(verdict, chain.index(entry), session, stanza)
                 return True
         except Exception:
             # A module's bug: this delivery cannot be judged, the others still go.
             log.exception("a stanza/in filter failed delivering to %s", session.jid)
+            self._untaken += 1
             self.refuse_unjudged(stanza)
             return False
         if session.deliver(stanza):
@@ -534,11 +562,18 @@ class Router:
         stanza: etree._Element,
     ) -> None:
         """Queue the rest of a delivery behind what the account waits for; the stanza
-        being routed (and so its sender) waits for it too (_serially)."""
+        being routed (and so its sender) waits for it too (_serially). A message the
+        delivery rules chose `session` for is not known to be taken until then."""
+        self._untaken += 1
         chosen = [s for s in self._chosen if s is not session]
+        outcome = self._outcome_of(stanza)
+        if outcome is not None:
+            outcome.pending += 1
         self._serially(
             session.bare,
-            functools.partial(self._deliver_after, pending, index, session, stanza, chosen),
+            functools.partial(
+                self._deliver_after, pending, index, session, stanza, chosen, outcome
+            ),
         )
 
     async def _deliver_after(
@@ -548,26 +583,85 @@ class Router:
         session: ClientSession,
         stanza: etree._Element,
         chosen: list[ClientSession],
+        outcome: _Outcome | None,
     ) -> None:
         """The "stanza/in" filter at `index` asked to wait (or, with no `pending`,
         the account had something waiting): wait, then go on from that filter.
-        `chosen`: the other sessions the rules gave the same message to."""
+        `chosen`: the other sessions the rules gave the same message to; `outcome`:
+        that message's, which this delivery settles its share of."""
         chain = self._in_by_tag.get(stanza.tag, self._in)  # the one `index` is in
-        if not await self._pass_after(chain, index, pending, stanza, session, None):
-            return
+        try:
+            token = _OUTCOME.set(outcome)  # what the filters refuse counts against it
+            try:
+                passed = await self._pass_after(chain, index, pending, stanza, session, None)
+            finally:
+                _OUTCOME.reset(token)
+            if passed and await self._deliver_judged(session, stanza, chosen):
+                if outcome is not None:
+                    outcome.taken = True
+        finally:
+            if outcome is not None:
+                self._share_settled(outcome)
+
+    async def _deliver_judged(
+        self, session: ClientSession, stanza: etree._Element, chosen: list[ClientSession]
+    ) -> bool:
+        """The filters let a waiting delivery through: hand it over, or, if `session`
+        is gone, route it on. False when it was left to another chosen session."""
         if self.directory.get(session.bare, session.resource) is not session:
             # It ended meanwhile. If another session chosen for the same message is
-            # still bound, that one has it; else a message is routed again as if it
-            # had just come (other resources, or offline storage), the rest as for
-            # any session that just ended.
+            # still bound, that one has it (or refused it); else a message is routed
+            # again as if it had just come (other resources, or offline storage), the
+            # rest as for any session that just ended.
             if stanza.tag != ns.C_MESSAGE:
                 await self._undelivered(stanza, session)
-            elif not any(self.directory.get(s.bare, s.resource) is s for s in chosen):
+            elif any(self.directory.get(s.bare, s.resource) is s for s in chosen):
+                return False
+            else:
                 self._route_again(stanza, session)
-            return
+            return True
         if not session.deliver(stanza):
             self.directory.remove(session)
             await self._undelivered(stanza, session)
+        return True
+
+    def _outcome_of(self, stanza: etree._Element) -> _Outcome | None:
+        """The outcome a delivery or refusal of `stanza` now counts against: that of the
+        message `_give` is handing to its chosen sessions (made at the first delivery
+        not taken on the spot), or that of the waiting delivery being finished."""
+        routed = self._delivering
+        if routed is not None and routed.stanza is stanza:
+            if self._outcome is None:
+                self._outcome = _Outcome(routed)
+            return self._outcome
+        outcome = _OUTCOME.get()
+        if outcome is not None and outcome.routed.stanza is stanza and outcome.pending:
+            return outcome
+        return None
+
+    def _share_settled(self, outcome: _Outcome) -> None:
+        """One of the deliveries (or the routing call) `outcome` waited for is done."""
+        outcome.pending -= 1
+        if outcome.pending:
+            return
+        if outcome.taken:
+            if self._delivered:
+                self.events.notify("message/delivered", outcome.routed)
+        elif outcome.refusal is not None:
+            self.bounce(outcome.routed.stanza, *outcome.refusal)
+
+    def refuse(self, stanza: etree._Element, condition: str, text: str | None = None) -> None:
+        """A "stanza/in" filter refuses to deliver `stanza` to one session, and its sender
+        is owed `condition` (privacy: <service-unavailable/>). For a message the
+        delivery rules gave to several sessions, the error goes only if none of them
+        took it (the first refusal's condition), once they all answered: a message that
+        reached one resource was delivered, and an error would make the sender's client
+        send it again. Anything else is answered at once (`bounce`)."""
+        outcome = self._outcome_of(stanza)
+        if outcome is None:
+            self.bounce(stanza, condition, text)
+        elif outcome.refusal is None:
+            outcome.refusal = (condition, text)
 
     def _route_again(self, stanza: etree._Element, session: ClientSession) -> None:
         """A message its chosen session could not take: the rules again, now without it."""
@@ -628,11 +722,7 @@ class Router:
         stanza, jid = routed.stanza, routed.to
         session = self.directory.get(jid.bare, jid.resource)
         if session is not None:
-            routed.recipients.append(session)
-            refused = self._refused
-            self.deliver(session, stanza)
-            if self._delivered and self._refused == refused:
-                self.events.notify("message/delivered", routed)
+            self._give(routed, [session])
             return True
         type_ = stanza.get("type")
         if type_ == "groupchat":
@@ -744,17 +834,30 @@ class Router:
         if type_ != "headline" and len(eligible) > 1:  # one resource: nothing to choose
             top = max(s.priority for s in eligible)
             eligible = [s for s in eligible if s.priority == top]
-        routed.recipients.extend(eligible)
-        previous, self._chosen = self._chosen, eligible
-        taken = False  # by a session whose filters did not refuse it
+        self._give(routed, eligible)
+
+    def _give(self, routed: Routed, chosen: list[ClientSession]) -> None:
+        """Deliver a message to the sessions the rules chose; "message/delivered" once
+        one took it. Whatever a "stanza/in" filter refuses or makes wait is counted
+        against the message's `_Outcome`, made only then: a message every session
+        takes at once (most) costs two counter reads per session."""
+        stanza = routed.stanza
+        routed.recipients.extend(chosen)
+        previous = self._chosen, self._delivering, self._outcome
+        self._chosen, self._delivering, self._outcome = chosen, routed, None
+        taken = False  # by a session whose filters let it through at once
         try:
-            for session in eligible:
-                refused = self._refused
+            for session in chosen:
+                untaken = self._untaken
                 self.deliver(session, stanza)
-                taken = taken or self._refused == refused
+                taken = taken or self._untaken == untaken
         finally:
-            self._chosen = previous
-        if self._delivered and taken:
+            outcome = self._outcome
+            self._chosen, self._delivering, self._outcome = previous
+            if outcome is not None:  # this call's share; the waiting ones settle theirs
+                outcome.taken = outcome.taken or taken
+                self._share_settled(outcome)
+        if outcome is None and taken and self._delivered:
             self.events.notify("message/delivered", routed)
 
     def _presence_full(self, routed: Routed) -> bool:
