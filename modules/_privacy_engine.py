@@ -543,6 +543,18 @@ def _holds(stack: list[etree._Element], stanza: etree._Element) -> bool:
     return any(s is stanza for s in stack)
 
 
+def _answered(stanza: etree._Element) -> bool:
+    """Whether a refused delivery owes its sender an error: not presence (XEP-0016 2.14),
+    nor a groupchat or headline message, as ejabberd and Prosody do. Rooms commonly
+    remove an occupant whose delivery bounces (the ghost clean-up XEP-0410 describes),
+    so a blocked participant would cost the user the room, and the room would learn of
+    the block; a headline is never answered (RFC 6121 drops one to an unavailable
+    resource silently, where a chat message bounces)."""
+    if stanza.tag == ns.C_PRESENCE:
+        return False
+    return stanza.tag != ns.C_MESSAGE or stanza.get("type") not in ("groupchat", "headline")
+
+
 class PrivacyEngine:
     """The in-memory rules of the users this node serves, and the filters and hooks using them."""
 
@@ -982,7 +994,7 @@ class PrivacyEngine:
         if judge_owner:
             verdict = decide(state.data, active, inbound_kind(stanza), peer, state.roster)
             if verdict is not Verdict.ALLOW:
-                if stanza.tag != ns.C_PRESENCE:  # XEP-0016 2.14: presence silently
+                if _answered(stanza):
                     # For this session only: another one the rules chose may take it.
                     self.host.refuse(stanza, "service-unavailable")
                 return False

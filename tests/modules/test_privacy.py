@@ -1016,3 +1016,21 @@ async def test_the_top_resource_refusing_is_not_passed_on_to_a_lower_one(loaded:
     replies = await harness.send(bob, chat("alice@localhost", "to the top"))
     assert [condition(r) for r in replies] == ["service-unavailable"]
     assert top.take() == [] and low.take() == []
+
+
+@pytest.mark.parametrize("kind", ["groupchat", "headline", "chat"])
+async def test_a_refused_groupchat_or_headline_is_dropped_without_an_answer(kind: str) -> None:
+    """alice's active list refuses everything from the room. A groupchat message from it
+    (and a headline) vanishes without an error, which could make the room remove her
+    and would tell it of the block; a chat message still gets <service-unavailable/>."""
+    harness = await make()
+    alice = harness.session("alice@localhost/a")
+    room = harness.session("bob@localhost/room")  # stands for the room's sender JID
+    ok(await set_list(harness, alice, "noroom",
+                      "<item type='jid' value='bob@localhost' action='deny' order='1'/>"))
+    ok(await privacy(harness, alice, "set", "<active name='noroom'/>"))
+    alice.take()
+    message = f"<message to='alice@localhost/a' type='{kind}'><body>hi</body></message>"
+    replies = await harness.send(room, message)
+    assert alice.take() == []
+    assert [condition(r) for r in replies] == ([] if kind != "chat" else ["service-unavailable"])
