@@ -1070,9 +1070,13 @@ class Muc(Module):
             if room is not None:
                 if room.occupant_of(jid) is not None:
                     self._apply(room, room.session_gone(jid))
-            elif self.host.clustered and self.owner(room_jid) != self.host.node_name:
-                # Run on another node: tell it as the client would have (a room that
-                # does not know the JID ignores it).
+            elif room_jid in self._loading or (
+                self.host.clustered and self.owner(room_jid) != self.host.node_name
+            ):
+                # Loading here (the session's join may wait in it: the leave goes
+                # behind it, lest the join make a ghost once loaded), or run on another
+                # node: tell it as the client would have (a room that does not know the
+                # JID ignores it).
                 gone = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
                 gone.set("type", "unavailable")
                 gone.set("from", jid)

@@ -1530,3 +1530,33 @@ async def test_a_leave_past_max_waiting_for_a_loading_room_is_kept_not_refused(
     assert list(h.host.module(Muc).rooms[ROOM].occupants) == ["Alice"]
     assert not h.host.module(Muc)._leaves  # nothing left waiting
     await items.close()
+
+
+async def test_a_session_that_ends_while_its_join_waits_for_the_room_is_no_ghost(
+    tmp_path: Path,
+) -> None:
+    """Bob's join waits for a room that is loading, and his session ends before it
+    loads: once loaded, the room does not keep him as an occupant nobody will ever
+    remove (a ghost the others would see), his leave is handled after his join."""
+    items = await SlowReadSQLite.open(tmp_path / "items.sqlite3")
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    h = await ModuleHarness({"disco": {}, "muc": {}}, storage=storage).start()
+    alice, bob = h.session("alice@localhost/desk"), h.session("bob@localhost/phone")
+    items.gate.clear()  # the room's load waits for the stores
+    for session, nick in ((alice, "Alice"), (bob, "Bob")):
+        stanza = parse_stanza(f"<presence to='{ROOM}/{nick}'/>")
+        stanza.set("from", session.jid)
+        session.receive(stanza)
+    for _ in range(10):  # the joins routed; the room still loading
+        await asyncio.sleep(0)
+    assert ROOM not in h.host.module(Muc).rooms
+    h.router.session_ended(bob)  # (no drain: it would wait for the room's load)
+    for _ in range(10):  # the session's end handled; the room still loading
+        await asyncio.sleep(0)
+    assert ROOM not in h.host.module(Muc).rooms
+    items.gate.set()
+    await h.router.drain()
+    assert list(h.host.module(Muc).rooms[ROOM].occupants) == ["Alice"]
+    seen = [p for p in presences(alice.take()) if p.get("from") == f"{ROOM}/Bob"]
+    assert [p.get("type") for p in seen] == [None, "unavailable"]  # joined, then left
+    await items.close()
