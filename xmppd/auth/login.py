@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from xmppd.auth.accounts import Ban, InvalidUsername, normalize_username
+from xmppd.auth.throttle import Check
 from xmppd.jid import JID, InvalidJID
 from xmppd.sasl import SASLFailure
 from xmppd.sasl.mechanisms import scram_hash_of
@@ -127,12 +128,13 @@ class StreamLogin:
                 authzid, username, password = parse_plain(data)
                 username = _account_name(username)
                 account = f"{username}@{host}"
-                if self._check is not None and not self._check.done():
-                    await asyncio.wait([self._check])  # one check at a time per stream
-                if not await server.throttle.reserve(self.ip, account, self.conn):
+                reserved = await self._reserve(account)
+                if reserved is None:
                     self._refuse_banned()
                     return
-                self._check = asyncio.ensure_future(self._check_plain(host, username, password))
+                self._check = asyncio.ensure_future(
+                    self._check_plain(host, username, password, reserved)
+                )
                 right, delay = await asyncio.shield(self._check)
                 if not right:
                     await self._answer_wrong(account, delay)
@@ -166,8 +168,15 @@ class StreamLogin:
         finally:
             self._output()
 
+    async def _reserve(self, account: str) -> Check | None:
+        """`AuthThrottle.reserve`, once this stream's last check is over (one check at a
+        time per stream): None when the address is banned (the refusal logged)."""
+        if self._check is not None and not self._check.done():
+            await asyncio.wait([self._check])
+        return await self.node.throttle.reserve(self.ip, account, self.conn)
+
     async def _check_plain(
-        self, host: str, username: str, password: str
+        self, host: str, username: str, password: str, reserved: Check
     ) -> tuple[bool, float | None]:
         """The PLAIN password check that `AuthThrottle.reserve` let start: whether the
         password is right, and for a wrong one what `AuthThrottle.failed` says.
@@ -183,7 +192,7 @@ class StreamLogin:
                 return True, None
             return False, await throttle.failed(self.ip, f"{username}@{host}", self.conn)
         finally:
-            throttle.release(self.ip)
+            await throttle.release(reserved)
 
     async def _auth_final(self, data: bytes) -> None:
         scram, self._scram = self._scram, None
