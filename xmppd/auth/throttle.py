@@ -327,8 +327,9 @@ class AuthThrottle:
 
         Checking again here, after the password check, and answering a refusal
         here as `failed` answers a wrong guess made after the ban, means that
-        attempts whose checks raced the ban (on other nodes of a cluster: each
-        node's `reserve` sees only its own checks) cannot tell a right guess
+        attempts whose checks raced the ban (a cluster's nodes taking checks on
+        their own counters while Redis fails, a check whose reservation expired
+        while it ran) cannot tell a right guess
         from a wrong one. On success, the pair's failures
         are forgotten, and the address's too when they were all this account's
         (its owner mistyped): an address that also failed for other accounts

@@ -28,10 +28,12 @@ no one here). While Redis fails the node's own counter takes the checks (per
 node then, as the failures are); a check Redis took that cannot be given
 back while it fails expires in Redis by itself.
 
-Every login reads a count twice (`AuthThrottle.reserve`, or `refused` for
-SCRAM, before the password check, `admit` after it), and a failed one
-records two counts (its address, its address with the account) in one
-round trip, so the counts go over a connection of their own
+Every login reads a count and takes a check before its password check
+(`AuthThrottle.reserve`: one script; SCRAM also reads the count with
+`refused` before its challenge), gives the check back after it, and reads
+the count again (`admit`) on success; a failed one records two counts (its
+address, its address with the account) in one round trip. So the counts go
+over a connection of their own
 (xmppd.cluster.channel), one round trip per call, instead of redis-py's
 command path: about a third of the CPU per read. Not the writer's or the
 inbox's connection: a round trip waits for every one sent before it on its
