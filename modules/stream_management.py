@@ -110,7 +110,6 @@ class Stats:
         self.rerouted = 0  # unacked messages routed again (offline storage, other resources)
         self.timeout_messages = 0  # of those, of sessions not resumed in time
         self.errored = 0  # unacked IQ requests answered with an error
-        self.clamped = 0  # acks one over what was sent (xmpp.js)
 
 
 class SMState:
@@ -475,10 +474,13 @@ class StreamManagement(Module):
             sm.timer = None
 
     def _acked(self, sm: SMState, h_attr: str | None, taken_over: bool = False) -> None:
-        """Drop what the client says it handled. An h one over what was sent (xmpp.js
-        0.14 does that) counts as all of it; more over than that ends the stream, except
-        for a session `taken_over` from Redis: its old node may have sent stanzas its last
-        write did not record (docs/cluster.md), which the client has; `sent` catches up."""
+        """Drop what the client says it handled. An h over what was sent ends the stream
+        (<undefined-condition/>, as Prosody does), except for a
+        session `taken_over` from Redis: its old node may have sent stanzas its last
+        write did not record (docs/cluster.md), which the client has; `sent` catches up.
+        No client is known to ack one too many: the one-over h this once let pass came
+        from the stream's own answers (legacy session IQ, <bad-request/>), which the
+        client counted and `sent` did not; they are counted now (c2s.StanzaAnswered)."""
         try:
             h = int(h_attr or "")
             if not 0 <= h < COUNTER:
@@ -495,13 +497,6 @@ class StreamManagement(Module):
                 self.log.info("%s: %d stanzas its old node sent were not in Redis yet",
                               sm.session.jid, new - len(sm.queue))
                 sm.sent += new - len(sm.queue)
-                new = len(sm.queue)
-            elif new == len(sm.queue) + 1:
-                self.stats.clamped += 1
-                self.log.warning(
-                    "%s acknowledged %d stanzas, one more than sent: taken as all of them",
-                    sm.session.jid, h,
-                )
                 new = len(sm.queue)
             else:
                 self._fail_stream(
@@ -861,7 +856,6 @@ class StreamManagement(Module):
              "storage unless the account has another resource).", stats.timeout_messages),
             ("errored", "Unacknowledged IQ requests of ended sessions answered with an error.",
              stats.errored),
-            ("clamped", "Acks one over what was sent, taken as all (xmpp.js).", stats.clamped),
         ):
             yield CounterMetricFamily(f"xmppd_sm_{name}", text, value=value)
         waiting = sum(1 for sm in self.active if sm.inner is None)

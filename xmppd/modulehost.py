@@ -26,7 +26,9 @@ Sync events (`on`; results ignored): modules/changed ()  a reload enabled or
 disabled modules, so the server's disco features may have changed;
 stanza/answered (stanza, session)  a stanza a client sent that its stream
 answered itself (a <bad-request/> refusal, the legacy session IQ, a second
-bind): it reaches no filter nor the router, yet the client counted it as sent.
+bind): it reaches no filter nor the router, yet the client counted it as sent;
+presence/broadcast (stanza, session, initial)  as the hook, but in the router's
+call, right after the echo: nothing for the account is routed in between.
 Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
 message/full, message/host and the same for presence and iq (a `Routed`),
 with the RFC 6121 rules as the router's handlers at the lowest priority;
@@ -408,7 +410,10 @@ class ModuleHost:
         enabled or disabled modules. `stanza/answered` (stanza, session) comes for a
         stanza a local client sent that its stream answered itself, which no filter and
         no routing event sees: a <bad-request/> refusal, the legacy session IQ, a second
-        bind (results ignored).
+        bind (results ignored). `presence/broadcast` (stanza, session, initial) comes
+        in the router's call right after a client's own presence was applied and
+        echoed, before the hook of that name (results ignored): what must happen
+        before anything else reaches the account starts there (`run_ahead`).
         """
         self.events.on(event, handler, priority)
 
@@ -783,6 +788,16 @@ class ModuleHost:
         contacts send it), which its removal must wait for, or the write would land
         after the account's data was deleted."""
         return self.router.spawn(work, account)
+
+    def run_ahead(self, bare: str, work: Callable[[], Awaitable[object]], wait: float) -> None:
+        """Run `work()` before any stanza routed to the local account `bare` from now on
+        reaches it (offline messages before new ones, XEP-0160): those wait behind it
+        in the account's serial queue, and what `work` delivers to the account goes
+        straight. Called from a sync handler, nothing can slip in between. The stanzas
+        wait at most `wait` seconds: then they go on, `work` keeps running and what it
+        delivers later follows them (logged), so a store that hangs delays the account
+        but neither holds it for good nor loses anything."""
+        self.router.ahead(bare, work, wait)
 
     def spawn_shared(self, work: Awaitable[T]) -> asyncio.Future[T]:
         """`spawn` for work that serves many senders (a room's output queue): nobody's,

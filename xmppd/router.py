@@ -904,7 +904,28 @@ class Router:
             self.bounce(stanza, "service-unavailable")
         return True
 
-    def _serially(self, bare: str, job: Callable[[], object]) -> asyncio.Future[None]:
+    def ahead(self, bare: str, work: Callable[[], Awaitable[object]], wait: float) -> None:
+        """Run `work()` before any stanza routed to the local account `bare` from now on
+        reaches it: as a job in the account's serial queue, so that those queue behind
+        it, while what `work` delivers to the account goes straight through (XEP-0160:
+        stored messages before new ones). The client whose stanza set it off is not
+        held for it. After `wait` seconds the queue goes on without it, as a store that
+        hangs must not hold the account's stanzas for good: `work` runs on, and what it
+        delivers then reaches the account after them (logged)."""
+        self._serially(bare, functools.partial(self._ahead, bare, work, wait), hold=False)
+
+    async def _ahead(self, bare: str, work: Callable[[], Awaitable[object]], wait: float) -> None:
+        task = self._spawn(work(), self._current_account(), serial=bare)
+        done, _ = await asyncio.wait((task,), timeout=wait)
+        if not done:
+            log.warning(
+                "%s: what had to reach it first still runs after %g s: the stanzas "
+                "for it go on, and what that delivers follows them", bare, wait,
+            )
+
+    def _serially(
+        self, bare: str, job: Callable[[], object], hold: bool = True
+    ) -> asyncio.Future[None]:
         """Run `job` after the jobs already queued for `bare`; the future is done when it ran.
 
         Whatever waits on storage for one recipient (is there such an
@@ -915,16 +936,18 @@ class Router:
         The stanza being routed waits for the job (its sender's session stops
         reading until it ran: backpressure instead of a queue per stanza in
         memory); a job queued by another job makes that one's future wait for
-        it too, so the sender is held until the whole chain ran.
+        it too, so the sender is held until the whole chain ran. With `hold` False
+        neither waits for it (`ahead`: work for the account, not the sender's stanza).
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         acting = self._acting or self._current_account()
         if acting is not None:  # the job is the sender's work until it ran
             self._track(acting, done)
-        if self._waits is not None:
-            self._waits.append(done)
-        elif (runner := asyncio.current_task()) is not None and runner in self._followups:
-            self._followups[runner].append(done)
+        if hold:
+            if self._waits is not None:
+                self._waits.append(done)
+            elif (runner := asyncio.current_task()) is not None and runner in self._followups:
+                self._followups[runner].append(done)
         queue = self._serial.get(bare)
         if queue is None:
             queue = self._serial[bare] = deque()
@@ -998,6 +1021,9 @@ class Router:
         for session in self.directory.resources(origin.bare):
             if session.available or session is origin:
                 self.deliver(session, stanza)
+        # Sync handlers first, in this call: what must come before anything else
+        # reaches the account (the offline module queues the stored messages ahead).
+        self.events.notify("presence/broadcast", stanza, origin, initial)
         if self.events.hooked("presence/broadcast"):
             self.spawn(self.events.fire_async("presence/broadcast", stanza, origin, initial))
 
@@ -1052,13 +1078,17 @@ class Router:
         task = asyncio.current_task()
         return None if task is None else self._working_for.get(task)
 
-    def _spawn(self, coro: Awaitable[object], acting: str | None) -> asyncio.Future[Any]:
+    def _spawn(
+        self, coro: Awaitable[object], acting: str | None, serial: str | None = None
+    ) -> asyncio.Future[Any]:
+        """`serial`: the account whose queue the task counts as running (`ahead`), so
+        that what it delivers there goes straight; None for any other task."""
         task: asyncio.Future[Any]
         if asyncio.iscoroutine(coro):
             # Not in the account queue's context (_SERIAL) of a job that starts it: what
             # the task delivers later must queue like anything else.
             context = contextvars.copy_context()
-            context.run(_SERIAL.set, None)
+            context.run(_SERIAL.set, serial)
             task = asyncio.get_running_loop().create_task(coro, context=context)
         else:
             task = asyncio.ensure_future(coro)
