@@ -9,7 +9,8 @@ new stream, authenticated as the same account, and gets the unacknowledged
 stanzas again; or until the resume timeout, when the session ends and what
 it never acknowledged is handled as for any session that ends: messages are
 routed again (another resource, else offline storage), IQ requests are
-answered with an error, the rest is dropped.
+answered with an error, the rest is dropped. Not routed again, as that would
+deliver them twice: copies made for that session only (`_copy_for_one`).
 
 The session is the node's `ClientSession` all along: the router and the other
 modules never learn that its stream changed. The core gives this module a few
@@ -75,6 +76,8 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 EXPIRED_REMEMBERED = 10_000
 """How many ended resumable sessions are remembered to answer a late <resume/> with
 <failed h=''/> (so the client learns which of its stanzas the server handled)."""
+CARBONS = frozenset({"{urn:xmpp:carbons:2}sent", "{urn:xmpp:carbons:2}received"})
+PUBSUB_EVENT = "{http://jabber.org/protocol/pubsub#event}event"
 
 
 class SMOptions(BaseModel):
@@ -147,6 +150,22 @@ class SMState:
         # over finds (a write built may still be refused, or fail).
         self.confirmed_sent = -1
         self.change: Callable[[bool], Change] | None = None  # this session's Redis write
+
+
+def _copy_for_one(stanza: etree._Element) -> bool:
+    """A message the server made for the session it went to, next to an original
+    delivered elsewhere: a carbon (XEP-0280, from the account's own bare JID; the
+    original went to its addressee) or a pubsub event notification to a full JID
+    (PEP's +notify: each interested resource gets its own). Routed again, it would
+    reach resources that have it already, the sender of the original among them, or
+    offline storage, which would replay it as a new message."""
+    to = stanza.get("to") or ""
+    for child in stanza:
+        if child.tag in CARBONS:
+            return stanza.get("from") == to.partition("/")[0]
+        if child.tag == PUBSUB_EVENT:
+            return "/" in to
+    return False
 
 
 class SMTransport:
@@ -778,8 +797,13 @@ class StreamManagement(Module):
             self._unacked(stanza, sm.timed_out)
 
     def _unacked(self, stanza: etree._Element, timed_out: bool = False) -> None:
+        """A stanza a session that ends never acknowledged: a message is routed again,
+        unless it is a copy of one delivered elsewhere, so that it reaches nobody twice;
+        an IQ request is answered with an error."""
         type_ = stanza.get("type")
         if stanza.tag == ns.C_MESSAGE and type_ not in ("error", "groupchat"):
+            if _copy_for_one(stanza):
+                return  # delivered: the ledger keeps that fate
             self.stats.rerouted += 1
             self.host.ledger.rerouted += 1  # its delivery is taken back; a new fate follows
             if timed_out:

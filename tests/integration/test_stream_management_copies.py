@@ -1,0 +1,136 @@
+"""Stream Management (XEP-0198): what a session that ends gives back, and what it must
+not.
+
+A session that ends with messages unacknowledged routes them again, so that none is
+lost; but a message that reaches the client (or offline storage) twice is a duplicate
+the protocol lets the server avoid: a carbon copy (the original was delivered).
+Raw streams over real TLS connections on a real server, as in test_stream_management.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from lxml import etree
+
+from tests.integration.conftest import StartServer
+from tests.integration.test_stream_management import (
+    Stream,
+    detached,
+    message,
+    modules,
+    roundtrip,
+    sm_module,
+)
+from xmppd.server import Server
+
+CARBONS = "urn:xmpp:carbons:2"
+C = "{jabber:client}"
+
+
+async def enable_carbons(stream: Stream) -> None:
+    await stream.send(f"<iq type='set' id='carbons'><enable xmlns='{CARBONS}'/></iq>")
+    await stream.next('id="carbons"')
+
+
+def sessions_closed(server: Server) -> asyncio.Queue[object]:
+    """Sessions as they end ("session/closed", after stream management's own hook)."""
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def on_closed(session: object) -> None:
+        queue.put_nowait(session)
+
+    server.modules.hook("session/closed", on_closed, priority=-100)
+    return queue
+
+
+async def time_out(server: Server, *streams: Stream) -> None:
+    """Drop the streams' connections and wait until their sessions, not resumed within
+    the (short) resume timeout, have ended."""
+    waiting = detached(server)
+    closed = sessions_closed(server)
+    for stream in streams:
+        stream.drop()
+    for _ in streams:
+        await asyncio.wait_for(waiting.get(), 10)
+    for _ in streams:
+        await asyncio.wait_for(closed.get(), 10)
+
+
+def mentioning(stream: Stream, text: str) -> list[str]:
+    """What the server sent `stream` so far (see `roundtrip`) that contains `text`."""
+    return [etree.tostring(el).decode() for el in stream.pending
+            if text in etree.tostring(el).decode()]
+
+
+async def offline_bodies(server: Server, user: str, until: str) -> list[str]:
+    """Log in as `user`, become available, and read the bodies of the messages offline
+    storage replays, up to the one whose body is `until` (stored last)."""
+    stream = await Stream.login(server, user, "later")
+    await stream.send("<presence/>")
+    got: list[str] = []
+    while not got or got[-1] != until:
+        el = await stream.next("<body>")
+        carbon = el.find(f"{{{CARBONS}}}sent") or el.find(f"{{{CARBONS}}}received")
+        got.append("CARBON" if carbon is not None else el.findtext(f"{C}body") or "")
+    await stream.close()
+    return got
+
+
+# --- carbon copies ----------------------------------------------------------------------
+
+
+async def test_an_unacked_sent_carbon_is_not_routed_back_to_its_sender(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(modules=modules(resume_timeout=0.3, ack_every=100, ack_delay=30))
+    phone = await Stream.login(server, "alice", "phone")
+    desk = await Stream.login(server, "alice", "desk")
+    bob = await Stream.login(server, "bob", "phone")
+    for stream in (phone, desk, bob):
+        await stream.send("<presence/>")
+    await enable_carbons(phone)
+    await enable_carbons(desk)
+    await phone.enable()
+    await desk.send(message("bob@localhost/phone", "from desk"))
+    await bob.next("from desk")
+    carbon = await phone.next("from desk")  # the sent carbon, never acked
+    assert carbon.find(f"{{{CARBONS}}}sent") is not None
+    await time_out(server, phone)
+    await roundtrip(desk)
+    assert mentioning(desk, "from desk") == []  # desk sent it: no copy of its own message
+    await roundtrip(bob)
+    assert mentioning(bob, "from desk") == []
+    assert sm_module(server).stats.rerouted == 0
+    await desk.close()
+    await bob.close()
+
+
+async def test_an_unacked_received_carbon_does_not_reach_offline_storage(
+    start_server: StartServer,
+) -> None:
+    """The other resource got the original and left: the next login finds the messages
+    stored for the account, and no carbon among them."""
+    server = await start_server(modules=modules(resume_timeout=0.3, ack_every=100, ack_delay=30))
+    phone = await Stream.login(server, "alice", "phone")
+    desk = await Stream.login(server, "alice", "desk")
+    bob = await Stream.login(server, "bob", "phone")
+    for stream in (phone, desk, bob):
+        await stream.send("<presence/>")
+    await enable_carbons(phone)
+    await enable_carbons(desk)
+    await phone.enable()
+    await desk.send(message("bob@localhost/phone", "from desk"))  # a sent carbon to phone
+    await bob.next("from desk")
+    await bob.send(message("alice@localhost/desk", "to desk"))  # a received carbon to phone
+    await desk.next("to desk")
+    await phone.next("from desk")
+    await phone.next("to desk")
+    closed = sessions_closed(server)
+    await desk.close()
+    await asyncio.wait_for(closed.get(), 10)
+    await time_out(server, phone)
+    await bob.send(message("alice@localhost", "stored"))  # nobody online: offline storage
+    await roundtrip(bob)
+    assert await offline_bodies(server, "alice", "stored") == ["stored"]
+    await bob.close()
