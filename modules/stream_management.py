@@ -10,7 +10,9 @@ stanzas again; or until the resume timeout, when the session ends and what
 it never acknowledged is handled as for any session that ends: messages are
 routed again (another resource, else offline storage), IQ requests are
 answered with an error, the rest is dropped. Not routed again, as that would
-deliver them twice: copies made for that session only (`_copy_for_one`).
+deliver them twice: copies made for that session only (`_copy_for_one`), and
+a message other sessions got in the same delivery while one of them has it
+(`Copies`).
 
 The session is the node's `ClientSession` all along: the router and the other
 modules never learn that its stream changed. The core gives this module a few
@@ -46,6 +48,7 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from lxml import etree
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -54,7 +57,7 @@ from redis.exceptions import RedisError
 
 from xmppd.cluster import heartbeat, schema
 from xmppd.cluster.smstore import RETRY_DELAY, Change, SMStore
-from xmppd.modulehost import ElementRequest, Module
+from xmppd.modulehost import ElementRequest, Module, SharedDelivery
 from xmppd.session import ClientSession, Transport
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
@@ -122,7 +125,7 @@ class SMState:
     __slots__ = (
         "session", "id", "resumable", "max", "inner", "handled", "sent", "queue",
         "requested", "timer", "closed", "handed", "timed_out", "stored_sent",
-        "stored_acked", "confirmed_sent", "change",
+        "stored_acked", "confirmed_sent", "change", "copies",
     )
 
     def __init__(self, session: ClientSession, inner: Transport | None, resumable: bool,
@@ -150,6 +153,28 @@ class SMState:
         # over finds (a write built may still be refused, or fail).
         self.confirmed_sent = -1
         self.change: Callable[[bool], Change] | None = None  # this session's Redis write
+        # Queued stanzas that other sessions were given too (one shared delivery), with
+        # what those know of it: only the last to give it back routes it again.
+        self.copies: dict[etree._Element, Copies] = {}
+
+
+class Copies:
+    """One message the delivery rules gave this node's SM sessions and others at once
+    (a message to a bare JID, equal top priorities: RFC 6121 8.5.2.1.1).
+
+    A session that ends with it unacknowledged routes it again only if no other
+    recipient has it: none acknowledged it, none is still holding it (unacked, or
+    waiting to be resumed: it decides when it ends), and none is without stream
+    management here (that one had it written to its stream, as far as the server can
+    know; a session of another node, its node decides). Otherwise every resource
+    that timed out would send it on again: to the others, which have it, or to
+    offline storage once per session."""
+
+    __slots__ = ("holders", "had")
+
+    def __init__(self, had: bool) -> None:
+        self.holders: set[SMState] = set()  # SM sessions of this node holding it unacked
+        self.had = had  # a recipient surely got it
 
 
 def _copy_for_one(stanza: etree._Element) -> bool:
@@ -186,6 +211,9 @@ class SMTransport:
             return False
         sm.queue.append(stanza)
         sm.sent += 1
+        shared = self.module.host.shared_delivery(stanza)
+        if shared is not None:
+            self.module.shares(sm, stanza, shared)
         self.module.save(sm)
         if len(sm.queue) > self.module.options.max_unacked:
             self.module.overflow(sm)
@@ -271,6 +299,8 @@ class StreamManagement(Module):
         self.store: SMStore | None = None
         self.claiming: set[str] = set()  # ids whose claim (a resume from Redis) is under way
         self._settling = False
+        # What this node's SM sessions know of each message they were given together.
+        self.shared: WeakKeyDictionary[SharedDelivery, Copies] = WeakKeyDictionary()
 
     async def start(self) -> None:
         cluster = self.host.cluster
@@ -440,9 +470,18 @@ class StreamManagement(Module):
         else:
             self.end(sm)
         for stanza in later:
-            self._unacked(stanza)
+            self._unacked(stanza, sm=sm)
 
     # --- counting and acks ----------------------------------------------------------
+
+    def shares(self, sm: SMState, stanza: etree._Element, shared: SharedDelivery) -> None:
+        """`stanza`, just queued for `sm`, went to other sessions too (one delivery)."""
+        copies = self.shared.get(shared)
+        if copies is None:
+            had = any(s.state.get(KEY) is None for s in shared.sessions)
+            copies = self.shared[shared] = Copies(had)
+        copies.holders.add(sm)
+        sm.copies[stanza] = copies
 
     def count_in(self, stanza: etree._Element, origin: ClientSession) -> bool:
         sm: SMState | None = origin.state.get(KEY)
@@ -531,8 +570,15 @@ class StreamManagement(Module):
                     ),
                 )
                 return
-        for _ in range(new):
-            sm.queue.popleft()
+        if sm.copies:
+            for _ in range(new):
+                copies = sm.copies.pop(sm.queue.popleft(), None)
+                if copies is not None:
+                    copies.had = True
+                    copies.holders.discard(sm)
+        else:
+            for _ in range(new):
+                sm.queue.popleft()
         if new:
             self.save(sm)
 
@@ -794,15 +840,24 @@ class StreamManagement(Module):
                 self.store.drop(sm.id, sm.handled)
         queue, sm.queue = sm.queue, deque()
         for stanza in queue:
-            self._unacked(stanza, sm.timed_out)
+            self._unacked(stanza, sm.timed_out, sm)
+        sm.copies.clear()
 
-    def _unacked(self, stanza: etree._Element, timed_out: bool = False) -> None:
-        """A stanza a session that ends never acknowledged: a message is routed again,
-        unless it is a copy of one delivered elsewhere, so that it reaches nobody twice;
-        an IQ request is answered with an error."""
+    def _unacked(
+        self, stanza: etree._Element, timed_out: bool = False, sm: SMState | None = None
+    ) -> None:
+        """A stanza a session that ends (`sm`, None: one read back from Redis) never
+        acknowledged: a message is routed again, unless it is a copy of one delivered
+        elsewhere or another recipient of the same delivery has it (`Copies`), so that
+        it reaches nobody twice; an IQ request is answered with an error."""
         type_ = stanza.get("type")
+        copies = None
+        if sm is not None and sm.copies:
+            copies = sm.copies.pop(stanza, None)
+            if copies is not None:
+                copies.holders.discard(sm)
         if stanza.tag == ns.C_MESSAGE and type_ not in ("error", "groupchat"):
-            if _copy_for_one(stanza):
+            if (copies is not None and (copies.had or copies.holders)) or _copy_for_one(stanza):
                 return  # delivered: the ledger keeps that fate
             self.stats.rerouted += 1
             self.host.ledger.rerouted += 1  # its delivery is taken back; a new fate follows

@@ -120,6 +120,24 @@ class Routed:
     private: bool = False
 
 
+class SharedDelivery:
+    """One message the delivery rules gave to several sessions at once (RFC 6121
+    8.5.2.1.1: equal top priority; a headline: every non-negative resource).
+
+    Each of those sessions is handed the same `stanza`. A module that may later take
+    one session's delivery back (stream management, for a message the client never
+    acknowledged) learns from this that the others have it too, so that it routes
+    the message again only if none of them does: `ModuleHost.shared_delivery`.
+    Weakly referable, so such a module can key what it learns by it.
+    """
+
+    __slots__ = ("stanza", "sessions", "__weakref__")
+
+    def __init__(self, stanza: etree._Element, sessions: list[ClientSession]) -> None:
+        self.stanza = stanza
+        self.sessions = sessions
+
+
 ComponentHandler = Callable[[Routed], None]
 
 class RemoteRoute(Protocol):
@@ -173,8 +191,8 @@ class Router:
         self._routed = 0
         # What the stanza route() is handling now waits for (see deliver), None outside.
         self._waits: list[asyncio.Future[Any]] | None = None
-        # The sessions the delivery rules chose for the message being delivered now.
-        self._chosen: list[ClientSession] = []
+        # The message being delivered now, when the delivery rules chose several sessions.
+        self.shared: SharedDelivery | None = None
         # Deliveries a "stanza/in" filter refused on the spot: a message that every
         # chosen session refused is not "message/delivered" (no carbon copies it).
         self._refused = 0
@@ -535,10 +553,10 @@ class Router:
     ) -> None:
         """Queue the rest of a delivery behind what the account waits for; the stanza
         being routed (and so its sender) waits for it too (_serially)."""
-        chosen = [s for s in self._chosen if s is not session]
+        shared = self.shared if self.shared is not None and self.shared.stanza is stanza else None
         self._serially(
             session.bare,
-            functools.partial(self._deliver_after, pending, index, session, stanza, chosen),
+            functools.partial(self._deliver_after, pending, index, session, stanza, shared),
         )
 
     async def _deliver_after(
@@ -547,11 +565,11 @@ class Router:
         index: int,
         session: ClientSession,
         stanza: etree._Element,
-        chosen: list[ClientSession],
+        shared: SharedDelivery | None,
     ) -> None:
         """The "stanza/in" filter at `index` asked to wait (or, with no `pending`,
         the account had something waiting): wait, then go on from that filter.
-        `chosen`: the other sessions the rules gave the same message to."""
+        `shared`: the delivery, when the rules gave the same message to other sessions."""
         chain = self._in_by_tag.get(stanza.tag, self._in)  # the one `index` is in
         if not await self._pass_after(chain, index, pending, stanza, session, None):
             return
@@ -560,12 +578,20 @@ class Router:
             # still bound, that one has it; else a message is routed again as if it
             # had just come (other resources, or offline storage), the rest as for
             # any session that just ended.
+            chosen = shared.sessions if shared is not None else ()
             if stanza.tag != ns.C_MESSAGE:
                 await self._undelivered(stanza, session)
-            elif not any(self.directory.get(s.bare, s.resource) is s for s in chosen):
+            elif not any(
+                s is not session and self.directory.get(s.bare, s.resource) is s for s in chosen
+            ):
                 self._route_again(stanza, session)
             return
-        if not session.deliver(stanza):
+        previous, self.shared = self.shared, shared
+        try:
+            delivered = session.deliver(stanza)
+        finally:
+            self.shared = previous
+        if not delivered:
             self.directory.remove(session)
             await self._undelivered(stanza, session)
 
@@ -745,7 +771,8 @@ class Router:
             top = max(s.priority for s in eligible)
             eligible = [s for s in eligible if s.priority == top]
         routed.recipients.extend(eligible)
-        previous, self._chosen = self._chosen, eligible
+        shared = SharedDelivery(stanza, eligible) if len(eligible) > 1 else None
+        previous, self.shared = self.shared, shared
         taken = False  # by a session whose filters did not refuse it
         try:
             for session in eligible:
@@ -753,7 +780,7 @@ class Router:
                 self.deliver(session, stanza)
                 taken = taken or self._refused == refused
         finally:
-            self._chosen = previous
+            self.shared = previous
         if self._delivered and taken:
             self.events.notify("message/delivered", routed)
 

@@ -3,7 +3,8 @@ not.
 
 A session that ends with messages unacknowledged routes them again, so that none is
 lost; but a message that reaches the client (or offline storage) twice is a duplicate
-the protocol lets the server avoid: a carbon copy (the original was delivered).
+the protocol lets the server avoid: a carbon copy (the original was delivered), or a
+message to the bare JID that other resources received in the same delivery.
 Raw streams over real TLS connections on a real server, as in test_stream_management.
 """
 
@@ -15,6 +16,7 @@ from lxml import etree
 
 from tests.integration.conftest import StartServer
 from tests.integration.test_stream_management import (
+    SM,
     Stream,
     detached,
     message,
@@ -131,6 +133,79 @@ async def test_an_unacked_received_carbon_does_not_reach_offline_storage(
     await asyncio.wait_for(closed.get(), 10)
     await time_out(server, phone)
     await bob.send(message("alice@localhost", "stored"))  # nobody online: offline storage
+    await roundtrip(bob)
+    assert await offline_bodies(server, "alice", "stored") == ["stored"]
+    await bob.close()
+
+
+# --- one message, several resources -------------------------------------------------------
+
+
+async def test_a_message_other_resources_received_is_not_delivered_to_them_again(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(modules=modules(resume_timeout=0.3, ack_every=100, ack_delay=30))
+    phone = await Stream.login(server, "alice", "phone")
+    desk = await Stream.login(server, "alice", "desk")  # no stream management
+    bob = await Stream.login(server, "bob", "phone")
+    for stream in (phone, desk, bob):
+        await stream.send("<presence/>")
+    await phone.enable()
+    await bob.send(message("alice@localhost", "to bare"))  # equal priorities: both get it
+    await phone.next("to bare")
+    await desk.next("to bare")
+    await time_out(server, phone)
+    await roundtrip(desk)
+    assert mentioning(desk, "to bare") == []
+    await desk.close()
+    await bob.close()
+
+
+async def test_sessions_that_all_time_out_store_a_shared_message_once(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(modules=modules(resume_timeout=0.3, ack_every=100, ack_delay=30))
+    phone = await Stream.login(server, "alice", "phone")
+    desk = await Stream.login(server, "alice", "desk")
+    bob = await Stream.login(server, "bob", "phone")
+    for stream in (phone, desk, bob):
+        await stream.send("<presence/>")
+    await phone.enable()
+    await desk.enable()
+    await bob.send(message("alice@localhost", "to bare"))
+    await phone.next("to bare")
+    await desk.next("to bare")
+    await time_out(server, phone, desk)  # neither acked it: the last to end stores it
+    await bob.send(message("alice@localhost", "stored"))
+    await roundtrip(bob)
+    assert await offline_bodies(server, "alice", "stored") == ["to bare", "stored"]
+    await bob.close()
+
+
+async def test_a_shared_message_one_session_acked_is_not_stored(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(modules=modules(resume_timeout=0.3, ack_every=100, ack_delay=30))
+    phone = await Stream.login(server, "alice", "phone")
+    desk = await Stream.login(server, "alice", "desk")
+    bob = await Stream.login(server, "bob", "phone")
+    for stream in (phone, desk, bob):
+        await stream.send("<presence/>")
+    await phone.enable()
+    await desk.enable()
+    await bob.send(message("alice@localhost", "to bare"))
+    await phone.next("to bare")
+    await desk.next("to bare")
+    # desk acknowledges everything it was sent since <enable/>, the message included
+    (desk_sm,) = [sm for sm in sm_module(server).active if sm.session.resource == "desk"]
+    await desk.send(f"<a xmlns='{SM}' h='{desk_sm.sent}'/>")
+    await desk.ack_count()  # a round trip: the <a/> was taken
+    assert not desk_sm.queue
+    closed = sessions_closed(server)
+    await desk.close()
+    await asyncio.wait_for(closed.get(), 10)
+    await time_out(server, phone)
+    await bob.send(message("alice@localhost", "stored"))
     await roundtrip(bob)
     assert await offline_bodies(server, "alice", "stored") == ["stored"]
     await bob.close()
