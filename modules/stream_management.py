@@ -125,7 +125,7 @@ class SMState:
     __slots__ = (
         "session", "id", "resumable", "max", "inner", "handled", "sent", "queue",
         "requested", "timer", "closed", "handed", "timed_out", "stored_sent",
-        "stored_acked", "confirmed_sent", "change", "copies",
+        "stored_acked", "confirmed_sent", "change", "copies", "resuming",
     )
 
     def __init__(self, session: ClientSession, inner: Transport | None, resumable: bool,
@@ -156,6 +156,9 @@ class SMState:
         # Queued stanzas that other sessions were given too (one shared delivery), with
         # what those know of it: only the last to give it back routes it again.
         self.copies: dict[etree._Element, Copies] = {}
+        # The <resume/> that takes the session over once its old stream's stanzas are
+        # routed (`StreamManagement._resume_when_routed`); a later one supersedes it.
+        self.resuming: ElementRequest | None = None
 
 
 class Copies:
@@ -689,10 +692,42 @@ class StreamManagement(Module):
         old = sm.inner
         sm.inner = None  # from now on the old stream (if any) ends without ending the session
         if old is not None:
+            # Nothing more is read from it: what it sent until now is all h counts.
             old.close(StreamError("conflict", "the session was resumed on another stream"))
         if sm.timer is not None:
             sm.timer.cancel()
             sm.timer = None
+        sm.resuming = request
+        if sm.session.busy:
+            # Stanzas the old stream sent still wait to be routed (behind one a filter
+            # made wait): counted only then. Answered now, h would leave them out, and
+            # the client would send them again, duplicates, its h behind ours for good.
+            self.host.spawn(self._resume_when_routed(sm, request))
+            return
+        self._attach(sm, request)
+
+    async def _resume_when_routed(self, sm: SMState, request: ElementRequest) -> None:
+        """Resume once the session's client stanzas are routed (HANDOVER_WAIT at most),
+        unless the session ended or a later <resume/> took over meanwhile."""
+        try:
+            async with asyncio.timeout(HANDOVER_WAIT):
+                await _routed(sm.session)
+        except TimeoutError:
+            self.log.warning("%s: its old stream's stanzas still wait to be routed after "
+                             "%g s; resumed, its client may send them again",
+                             sm.session.jid, HANDOVER_WAIT)
+        if sm.resuming is not request or sm.closed or sm.handed:
+            # A later <resume/> has it, or it ended meanwhile.
+            self.stats.resume_failed += 1
+            known = self.expired.get(sm.id)
+            request.reply(_failed("item-not-found", known[1] if known is not None else None))
+            return
+        self._attach(sm, request)
+
+    def _attach(self, sm: SMState, request: ElementRequest) -> None:
+        """Carry the session on the stream of `request`, a <resume/> accepted."""
+        assert request.attach is not None
+        sm.resuming = None
         inner = request.attach(sm.session)
         if inner is None:  # the new stream ended meanwhile: the session waits on
             sm.timer = asyncio.get_running_loop().call_later(sm.max, self._timeout, sm)

@@ -1,5 +1,5 @@
 """Stream Management (XEP-0198): what a session that ends gives back, and what it must
-not.
+not; and h on a resume that comes while the old stream's stanzas are still routed.
 
 A session that ends with messages unacknowledged routes them again, so that none is
 lost; but a message that reaches the client (or offline storage) twice is a duplicate
@@ -208,4 +208,88 @@ async def test_a_shared_message_one_session_acked_is_not_stored(
     await bob.send(message("alice@localhost", "stored"))
     await roundtrip(bob)
     assert await offline_bodies(server, "alice", "stored") == ["stored"]
+    await bob.close()
+
+
+# --- resuming while the old stream's stanzas are still on their way ------------------------
+
+
+async def test_resumed_h_counts_what_the_old_stream_still_had_queued(
+    start_server: StartServer,
+) -> None:
+    """The first message waits on a filter (a privacy record loading, say), the two
+    behind it in the session's pipeline; the client resumes on a new connection
+    meanwhile. <resumed h=''/> must count all three, or the client sends again the
+    ones it leaves out, which the server routes as well: duplicates."""
+    server = await start_server(modules=modules(ack_every=100, ack_delay=30))
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def slow(stanza: etree._Element, origin: object) -> bool | asyncio.Future[None]:
+        # Asked again once the wait is over, it lets the stanza pass.
+        return gate if not gate.done() and b"slow" in etree.tostring(stanza) else True
+
+    server.modules.filter("stanza/out", slow, priority=500)
+    alice = await Stream.login(server, "alice")
+    bob = await Stream.login(server, "bob")
+    await bob.send("<presence/>")
+    previd = (await alice.enable()).get("id")
+    sent = ["slow", "b1", "b2"]
+    # One write: the server reads the <r/> with them, though it reads no more from the
+    # connection while the first one waits. Only that one reached the filters so far.
+    await alice.send("".join(message("bob@localhost/phone", body) for body in sent)
+                     + f"<r xmlns='{SM}'/>")
+    assert (await alice.next("<a ")).get("h") == "1"
+    # The old connection is still open as far as the server knows (XEP-0198 5: the
+    # client's network changed); the client resumes on a new one.
+    again = await Stream.auth(server, "alice")
+    await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    assert await alice.error() == "conflict"  # the server took the <resume/>...
+    gate.set_result(None)  # ...before the first message could go on
+    resumed = await again.next("resumed")
+    h = int(resumed.get("h", "-1"))
+    assert h == len(sent)
+    for body in sent[h:]:  # a conforming client sends again what h leaves out
+        await again.send(message("bob@localhost/phone", body))
+    await again.send(message("bob@localhost/phone", "last"))
+    got = [(await bob.next("<body>")).findtext(f"{C}body") for _ in range(len(sent) + 1)]
+    assert got == [*sent, "last"]
+    assert await again.ack_count() == len(sent) + 1
+    await again.close()
+    await bob.close()
+
+
+async def test_a_later_resume_during_the_wait_takes_the_session(
+    start_server: StartServer,
+) -> None:
+    """Two <resume/>s of one session while its old stream's stanzas wait: the later one
+    gets it once they are routed, the earlier one <failed/>."""
+    server = await start_server(modules=modules(ack_every=100, ack_delay=30))
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def slow(stanza: etree._Element, origin: object) -> bool | asyncio.Future[None]:
+        return gate if not gate.done() and b"slow" in etree.tostring(stanza) else True
+
+    server.modules.filter("stanza/out", slow, priority=500)
+    alice = await Stream.login(server, "alice")
+    bob = await Stream.login(server, "bob")
+    previd = (await alice.enable()).get("id")
+    await alice.send(message("bob@localhost/phone", "slow") + message("bob@localhost/phone", "b1")
+                     + f"<r xmlns='{SM}'/>")
+    assert (await alice.next("<a ")).get("h") == "1"
+    first = await Stream.auth(server, "alice")
+    await first.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    assert await alice.error() == "conflict"
+    second = await Stream.auth(server, "alice")
+    # The <r/> (no session on this stream yet) is answered right after the <resume/>
+    # was taken: then both wait.
+    await second.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/><r xmlns='{SM}'/>")
+    assert (await second.next("failed"))[0].tag.endswith("unexpected-request")
+    gate.set_result(None)
+    assert (await first.next("failed"))[0].tag.endswith("item-not-found")
+    assert (await second.next("resumed")).get("h") == "2"
+    await second.send(message("bob@localhost/phone", "last"))
+    assert [(await bob.next("<body>")).findtext(f"{C}body") for _ in range(3)] == [
+        "slow", "b1", "last",
+    ]
+    await second.close()
     await bob.close()
