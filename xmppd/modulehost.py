@@ -87,7 +87,7 @@ from xmppd.directory import LocalDirectory
 from xmppd.events import DEFAULT, STANZA_KINDS, kind_chain
 from xmppd.jid import JID
 from xmppd.ledger import MessageLedger
-from xmppd.router import Routed
+from xmppd.router import Routed, SharedDelivery
 from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
 from xmppd.stream.errors import (
     StanzaError,
@@ -740,6 +740,15 @@ class ModuleHost:
     def deliver(self, session: ClientSession, stanza: etree._Element) -> bool:
         """Give a stanza to one session, through the "stanza/in" filters; see Router.deliver."""
         return self.router.deliver(session, stanza)
+
+    def shared_delivery(self, stanza: etree._Element) -> SharedDelivery | None:
+        """The delivery `stanza` is part of, while a transport is handed it, if the
+        delivery rules gave that message to other sessions too (a message to a bare JID
+        with two top-priority resources); None otherwise. A module that may take one
+        session's delivery back later (stream management) routes it again only if none
+        of the others still has it."""
+        shared = self.router.shared
+        return shared if shared is not None and shared.stanza is stanza else None
 
     def route(
         self,

@@ -141,6 +141,24 @@ class Routed:
     private: bool = False
 
 
+class SharedDelivery:
+    """One message the delivery rules gave to several sessions at once (RFC 6121
+    8.5.2.1.1: equal top priority; a headline: every non-negative resource).
+
+    Each of those sessions is handed the same `stanza`. A module that may later take
+    one session's delivery back (stream management, for a message the client never
+    acknowledged) learns from this that the others have it too, so that it routes
+    the message again only if none of them does: `ModuleHost.shared_delivery`.
+    Weakly referable, so such a module can key what it learns by it.
+    """
+
+    __slots__ = ("stanza", "sessions", "__weakref__")
+
+    def __init__(self, stanza: etree._Element, sessions: list[ClientSession]) -> None:
+        self.stanza = stanza
+        self.sessions = sessions
+
+
 ComponentHandler = Callable[[Routed], None]
 
 class RemoteRoute(Protocol):
@@ -194,9 +212,10 @@ class Router:
         self._routed = 0
         # What the stanza route() is handling now waits for (see deliver), None outside.
         self._waits: list[asyncio.Future[Any]] | None = None
-        # The sessions the delivery rules chose for the message being delivered now,
+        # The message being delivered now, when the delivery rules chose several
+        # sessions (stream management learns from it that the others have it too),
         # that message, and what became of it when not known at once (`_give`).
-        self._chosen: list[ClientSession] = []
+        self.shared: SharedDelivery | None = None
         self._delivering: Routed | None = None
         self._outcome: _Outcome | None = None
         # Deliveries not taken on the spot: a "stanza/in" filter refused them, failed on
@@ -565,14 +584,14 @@ class Router:
         being routed (and so its sender) waits for it too (_serially). A message the
         delivery rules chose `session` for is not known to be taken until then."""
         self._untaken += 1
-        chosen = [s for s in self._chosen if s is not session]
+        shared = self.shared if self.shared is not None and self.shared.stanza is stanza else None
         outcome = self._outcome_of(stanza)
         if outcome is not None:
             outcome.pending += 1
         self._serially(
             session.bare,
             functools.partial(
-                self._deliver_after, pending, index, session, stanza, chosen, outcome
+                self._deliver_after, pending, index, session, stanza, shared, outcome
             ),
         )
 
@@ -582,13 +601,13 @@ class Router:
         index: int,
         session: ClientSession,
         stanza: etree._Element,
-        chosen: list[ClientSession],
+        shared: SharedDelivery | None,
         outcome: _Outcome | None,
     ) -> None:
         """The "stanza/in" filter at `index` asked to wait (or, with no `pending`,
         the account had something waiting): wait, then go on from that filter.
-        `chosen`: the other sessions the rules gave the same message to; `outcome`:
-        that message's, which this delivery settles its share of."""
+        `shared`: the delivery, when the rules gave the same message to other sessions;
+        `outcome`: that message's, which this delivery settles its share of."""
         chain = self._in_by_tag.get(stanza.tag, self._in)  # the one `index` is in
         try:
             token = _OUTCOME.set(outcome)  # what the filters refuse counts against it
@@ -596,7 +615,7 @@ class Router:
                 passed = await self._pass_after(chain, index, pending, stanza, session, None)
             finally:
                 _OUTCOME.reset(token)
-            if passed and await self._deliver_judged(session, stanza, chosen):
+            if passed and await self._deliver_judged(session, stanza, shared):
                 if outcome is not None:
                     outcome.taken = True
         finally:
@@ -604,7 +623,7 @@ class Router:
                 self._share_settled(outcome)
 
     async def _deliver_judged(
-        self, session: ClientSession, stanza: etree._Element, chosen: list[ClientSession]
+        self, session: ClientSession, stanza: etree._Element, shared: SharedDelivery | None
     ) -> bool:
         """The filters let a waiting delivery through: hand it over, or, if `session`
         is gone, route it on. False when it was left to another chosen session."""
@@ -613,14 +632,22 @@ class Router:
             # still bound, that one has it (or refused it); else a message is routed
             # again as if it had just come (other resources, or offline storage), the
             # rest as for any session that just ended.
+            chosen = shared.sessions if shared is not None else ()
             if stanza.tag != ns.C_MESSAGE:
                 await self._undelivered(stanza, session)
-            elif any(self.directory.get(s.bare, s.resource) is s for s in chosen):
+            elif any(
+                s is not session and self.directory.get(s.bare, s.resource) is s for s in chosen
+            ):
                 return False
             else:
                 self._route_again(stanza, session)
             return True
-        if not session.deliver(stanza):
+        previous, self.shared = self.shared, shared
+        try:
+            delivered = session.deliver(stanza)
+        finally:
+            self.shared = previous
+        if not delivered:
             self.directory.remove(session)
             await self._undelivered(stanza, session)
         return True
@@ -843,8 +870,9 @@ class Router:
         takes at once (most) costs two counter reads per session."""
         stanza = routed.stanza
         routed.recipients.extend(chosen)
-        previous = self._chosen, self._delivering, self._outcome
-        self._chosen, self._delivering, self._outcome = chosen, routed, None
+        shared = SharedDelivery(stanza, chosen) if len(chosen) > 1 else None
+        previous = self.shared, self._delivering, self._outcome
+        self.shared, self._delivering, self._outcome = shared, routed, None
         taken = False  # by a session whose filters let it through at once
         try:
             for session in chosen:
@@ -853,7 +881,7 @@ class Router:
                 taken = taken or self._untaken == untaken
         finally:
             outcome = self._outcome
-            self._chosen, self._delivering, self._outcome = previous
+            self.shared, self._delivering, self._outcome = previous
             if outcome is not None:  # this call's share; the waiting ones settle theirs
                 outcome.taken = outcome.taken or taken
                 self._share_settled(outcome)
