@@ -19,6 +19,7 @@ from typing import Any
 from xmppd import package_version
 from xmppd.adminapi import AdminAPI, WeakToken
 from xmppd.auth.accounts import Accounts
+from xmppd.auth.privileged import without_account
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter, address_key
 from xmppd.batchloop import BatchingLoop
 from xmppd.cli.nodes import other_nodes
@@ -188,6 +189,8 @@ class Server:
             host: Accounts.of(self.storage, host, config.auth.scram_iterations)
             for host in config.hosts
         }
+        for line in await without_account(config, self._user_exists):
+            log.warning("%s", line)
         self.cluster = Cluster(config.cluster) if config.cluster is not None else None
         self.router = Router(
             config.hosts,
