@@ -32,7 +32,7 @@ from xmppd.connection import C2SConnection
 from xmppd.fileaccess import open_to_others
 from xmppd.flushes import Flushes
 from xmppd.logs import LogOutput, set_level
-from xmppd.modulehost import ModuleHost, validate_module_options
+from xmppd.modulehost import ACCOUNT_CHANGE_SETTLE, ModuleHost, validate_module_options
 from xmppd.nodetls import NodeTLS, node_tls
 from xmppd.openfiles import SANE_HARD_LIMIT, OpenFiles, raise_open_files_limit
 from xmppd.pauses import PauseMonitor
@@ -51,8 +51,6 @@ from xmppd.traffic import Traffic
 
 log = logging.getLogger("xmppd")
 
-ACCOUNT_CHANGE_SETTLE = 10.0
-"""Seconds end_account_sessions waits at most for the presence work it started."""
 ACCOUNT_ENDED = "account-ended"
 """The cluster bus topic of end_account_sessions."""
 
