@@ -371,7 +371,15 @@ class Server:
         for); ConfigError lists every reason it cannot be applied."""
         if self.load is None:
             raise ConfigError(["this node was not started from a file: there is nothing to reload"])
-        new = self.load()
+        try:
+            new = self.load()
+        except ConfigError:
+            raise
+        except Exception as exc:  # a loader's bug must not escape: the node keeps its config
+            log.exception("reading %s again failed", old.source.name)
+            raise ConfigError(
+                [f"{old.source.name}: cannot be read ({type(exc).__name__}: {exc})"]
+            ) from None
         problems = refused_changes(old, new)
         options: dict[str, Any] = {}
         try:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.config import (
     DEFAULT_MODULES,
+    MAX_YAML_VALUES,
     MECHANISMS,
     Config,
     ConfigError,
@@ -706,6 +707,37 @@ def test_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
     ]
     assert problems(tmp_path, text.replace("{port}", "52x23")) == [
         'x.yml:8: listeners[1].port: expected an integer, got "52x23"'
+    ]
+
+
+def test_yaml_aliases_that_loop_are_refused_with_file_and_line(tmp_path: Path) -> None:
+    assert problems(tmp_path, "hosts: [localhost]\nmodules: &m\n  roster: *m\n") == [
+        "x.yml:3: modules.roster: an alias refers to a node that contains it"
+    ]
+    assert problems(tmp_path, "hosts: &h [*h]\n") == [
+        "x.yml:1: hosts[0]: an alias refers to a node that contains it"
+    ]
+    # Through a merge key too (PyYAML would merge the mapping into itself).
+    assert problems(tmp_path, "admin: &a\n  port: 1\n  tls: {<<: *a}\n") == [
+        "x.yml:3: admin.tls: an alias refers to a node that contains it"
+    ]
+
+
+def test_yaml_aliases_that_multiply_are_refused_at_once(tmp_path: Path) -> None:
+    """Six levels of nine aliases ("billion laughs") are 531441 values: refused when
+    MAX_YAML_VALUES are walked, before pydantic would validate them all."""
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for name, alias in zip("bcdef", "abcde", strict=True):
+        levels.append(f"{name}: &{name} [{', '.join([f'*{alias}'] * 9)}]")
+    assert problems(tmp_path, "\n".join(levels) + "\n") == [
+        f"x.yml:6: f: the aliases expand to more than {MAX_YAML_VALUES} values; "
+        "write the values out instead"
+    ]
+
+
+def test_values_nested_too_deeply_are_refused(tmp_path: Path) -> None:
+    assert problems(tmp_path, "hosts: " + "[" * 5000 + "]" * 5000 + "\n") == [
+        "x.yml: values nested too deeply"
     ]
 
 
