@@ -31,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -44,7 +45,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 from slixmpp.jid import JID, InvalidJID
 
-from xmppd.components.config import ComponentsConfig
+from xmppd.components.config import ComponentsConfig, strong_secret
 from xmppd.configfile import locate, not_found
 from xmppd.proxyoptions import ProxyProtocolOptions
 from xmppd.s2s.config import S2SConfig
@@ -452,8 +453,14 @@ class ClusterConfig(BaseModel):
     link_advertise: Annotated[StrictStr, AfterValidator(_advertise)] | None = None
     """HOST or HOST:PORT the other nodes dial for this node's link (without a port: the
     bound one); None: the bound address."""
-    secret: StrictStr | None = Field(default=None, min_length=16)
+    # SecretStr, checked by strong_secret: never in a repr, a log line or an error message.
+    secret: SecretStr | None = None
     """The key nodes prove to each other on a link; None: one Redis keeps (SET NX)."""
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _strong(cls, value: object) -> object:
+        return None if value is None else strong_secret(value)
 
 
 def _is_loopback(address: str) -> bool:

@@ -848,9 +848,24 @@ def test_cluster_link_problems_name_their_line(tmp_path: Path) -> None:
         "x.yml:3: cluster.link_advertise: expected HOST or HOST:PORT (like 10.0.0.5 or "
         '10.0.0.5:7400; [IPv6]:PORT), got "h:99999"'
     ]
-    assert problems(tmp_path, "cluster:\n  redis_url: redis://h\n  secret: short\n")[
-        0
-    ].startswith("x.yml:3: cluster.secret: ")
+
+
+def test_cluster_secret_problems_never_show_the_secret(tmp_path: Path) -> None:
+    """A config error is printed and, on a reload, logged: like a component's secret."""
+    found = [
+        problems(tmp_path, f"cluster:\n  redis_url: redis://h\n  secret: {secret}\n")
+        for secret in ('"s3cr3t-short"', '" s3cr3t-with-a-space"', "12345678901234567890")
+    ]
+    assert found == [
+        ["x.yml:3: cluster.secret: too short: at least 16 characters (e.g. the output of "
+         "`openssl rand -hex 16`)"],
+        ["x.yml:3: cluster.secret: has leading or trailing spaces (a copy-paste slip?)"],
+        ["x.yml:3: cluster.secret: expected a string (quote it if it looks like a number)"],
+    ]
+    cfg = load(tmp_path, "cluster:\n  redis_url: redis://h\n  secret: sixteen-chars-or-more\n")
+    assert cfg.cluster is not None and cfg.cluster.secret is not None
+    assert cfg.cluster.secret.get_secret_value() == "sixteen-chars-or-more"
+    assert "sixteen-chars-or-more" not in repr(cfg)  # never in a log line or a dump
 
 
 def test_redact_url_hides_only_the_password() -> None:
