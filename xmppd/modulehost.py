@@ -127,6 +127,16 @@ REDIS_PROBE_WAIT = 2.0
 """Seconds a cluster node's account removal waits at most for Redis to answer a PING
 before it starts: one that cannot reach Redis is refused then, not after the other
 nodes' OTHER_NODES_WAIT."""
+ACCOUNT_CHANGE_SETTLE = 10.0
+"""Seconds ending an account's sessions (Server.end_account_sessions) waits at most for
+the presence work it started."""
+ACCOUNT_REMOVAL_WAITS = REDIS_PROBE_WAIT + ACCOUNT_CHANGE_SETTLE + max(
+    ACCOUNT_WORK_WAIT, OTHER_NODES_WAIT
+)
+"""Seconds remove_account may wait on purpose, one wait after the other: the PING, the
+`removed` step ending the account's sessions, then this node's work and the other
+nodes' (at once). Its storage work comes on top. Whoever waits for a removal (xmppctl)
+must wait longer, or it gives up on one that is going well."""
 
 
 @dataclass(slots=True)

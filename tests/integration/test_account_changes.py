@@ -20,6 +20,7 @@ import slixmpp
 from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import StartServer, write_config
 from xmppd.adminapi import read_token
+from xmppd.cli import ctl, nodes
 from xmppd.config import load_config
 from xmppd.server import Server, StartupError
 
@@ -112,6 +113,50 @@ async def test_unregister_ends_the_session_and_the_account_at_once(
     refused = await connect(server, "carol@localhost", "carol-secret", expect_failure=True)
     await close(refused)
     await close(alice)
+
+
+async def test_unregister_waiting_for_a_slow_node_says_so_and_never_removes_twice(
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The node's removal outlasts what xmppctl waits (cut to 1 s here; the real
+    REMOVAL_TIMEOUT outlasts every wait the node bounds): xmppctl says which node it
+    waits for, then fails saying the node may still be removing the account. It does
+    not remove it from the stores itself beside the node, nor ask another node."""
+    server = await start_with_users(start_server, "carol")
+    hold, entered, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    remove_user_data = server.modules.remove_user_data
+
+    async def slow_remove_user_data(vhost: str, username: str) -> bool:
+        entered.set()
+        await hold.wait()
+        try:
+            return await remove_user_data(vhost, username)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(server.modules, "remove_user_data", slow_remove_user_data)
+    monkeypatch.setattr(nodes, "REMOVAL_TIMEOUT", 1.0)
+    monkeypatch.setattr(nodes, "WAIT_NOTICE_AFTER", 0.0)
+    argv = ["-c", str(server.config.source.file), "unregister", "carol@localhost"]
+    url = server.admin.url
+    try:
+        code = await asyncio.to_thread(ctl.main, argv)  # its own loop: the node's runs on
+        out, err = capsys.readouterr()
+        assert (code, out) == (1, ""), err
+        assert err.splitlines() == [
+            f"xmppctl: waiting for the node at {url} to remove carol@localhost (up to 1 s)",
+            f"xmppctl: the node at {url} was asked to remove carol@localhost but did not "
+            "answer within 1 s; it may still be removing it: run unregister again to finish",
+        ]
+        assert entered.is_set() and not finished.is_set()  # the node's removal goes on
+    finally:
+        hold.set()
+    await asyncio.wait_for(finished.wait(), 10)
+    assert not await server.accounts["localhost"].exists("carol")
+    assert await asyncio.to_thread(ctl.main, argv) == 1
+    assert capsys.readouterr().err.endswith("\nxmppctl: carol@localhost does not exist\n")
 
 
 async def test_admin_api_needs_the_token(server: Server, tmp_path: Path) -> None:
