@@ -1065,13 +1065,14 @@ class PrivacyEngine:
     # --- hooks -------------------------------------------------------------------------------
 
     async def _message_offline(self, stanza: etree._Element, bare: str) -> bool:
-        """A refused message is not stored offline; the sender is told, as if online."""
+        """A refused message is not stored offline; the sender is told, as if online (a
+        groupchat or headline message is not: `_answered`)."""
         verdict = await self._judge_for_account(stanza, bare, "message")
         if verdict is Verdict.ALLOW:
             return False
         if verdict is None:  # rules unknown: neither store what may be blocked nor lose it
             self.host.bounce(stanza, "internal-server-error")
-        else:
+        elif _answered(stanza):
             self._refuse_inbound(stanza)
         return True
 

@@ -1114,9 +1114,12 @@ class Router:
         task: asyncio.Future[Any]
         if asyncio.iscoroutine(coro):
             # Not in the account queue's context (_SERIAL) of a job that starts it: what
-            # the task delivers later must queue like anything else.
+            # the task delivers later must queue like anything else; nor in the
+            # outcome of a delivery it was started from (_OUTCOME): a refusal it makes
+            # later is its own, not one more of that delivery's.
             context = contextvars.copy_context()
             context.run(_SERIAL.set, serial)
+            context.run(_OUTCOME.set, None)
             task = asyncio.get_running_loop().create_task(coro, context=context)
         else:
             task = asyncio.ensure_future(coro)

@@ -272,3 +272,36 @@ async def test_checks_are_taken_on_the_node_while_redis_fails(
         await node.release(back)
     finally:
         await counter.close()
+
+
+async def test_a_check_taken_in_redis_whose_answer_was_lost_is_given_back(
+    redis_service: LocalService,
+) -> None:
+    """The login is given up while its TAKE_CHECK is on the way (Redis holds it back:
+    CLIENT PAUSE WRITE): the script still runs once Redis goes on, and nobody will end
+    that check, which would hold one of the address's places for CHECK_LIFETIME. It
+    is given back on its own."""
+    url = devservices.redis_url(redis_service)
+    counter = RedisFailureCounter(Redis.from_url(url), 60.0, MemoryFailureCounter(60.0))
+    key = "ip:192.0.2.77"
+    _, warm_up = await counter.take_check("ip:192.0.2.78", 3)  # Redis knows the script
+    assert warm_up is not None
+    await counter.end_check(warm_up)
+    with SyncRedis.from_url(url) as admin:
+        admin.config_resetstat()
+        try:
+            admin.execute_command("CLIENT", "PAUSE", 400, "WRITE")  # scripts wait
+            taking = asyncio.ensure_future(counter.take_check(key, 3))
+            await asyncio.sleep(0.1)  # sent, held by the pause
+            taking.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await taking
+            for _ in range(100):  # the pause ends; the script, then the give-back, run
+                ran = admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+                if ran and admin.zcard(checks_key(key)) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert ran == 1  # the check was taken in Redis...
+            assert admin.zcard(checks_key(key)) == 0  # ...and given back
+        finally:
+            await counter.close()

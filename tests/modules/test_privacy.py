@@ -1034,3 +1034,27 @@ async def test_a_refused_groupchat_or_headline_is_dropped_without_an_answer(kind
     replies = await harness.send(room, message)
     assert alice.take() == []
     assert [condition(r) for r in replies] == ([] if kind != "chat" else ["service-unavailable"])
+
+
+@pytest.mark.parametrize("kind", ["headline", "chat"])
+async def test_a_refused_headline_for_an_account_with_no_resource_to_take_it_gets_no_error(
+    kind: str,
+) -> None:
+    """alice's default list refuses bob's messages, and she has no resource that takes
+    messages (priority -1): the account's rules judge bob's message there. A headline
+    vanishes without an answer, as it would at a resource (the error would tell bob of
+    the block); a chat message gets <service-unavailable/> and is not stored."""
+    harness = await make(offline={})
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    ok(await set_list(harness, alice, "nobob", NOBOB))
+    ok(await privacy(harness, alice, "set", "<default name='nobob'/>"))
+    alice.take()
+    alice.priority = -1  # not eligible: the message goes to the account's rules
+    replies = await harness.send(
+        bob, f"<message to='alice@localhost' type='{kind}'><body>news</body></message>"
+    )
+    expected = [] if kind == "headline" else ["service-unavailable"]
+    assert [condition(r) for r in replies] == expected
+    assert alice.take() == []
+    assert await harness.host.items("localhost", "offline").get("alice") is None

@@ -134,6 +134,7 @@ class RedisFailureCounter:
         self._record_script = redis.register_script(RECORD)
         self._take_script = redis.register_script(TAKE_CHECK)
         self._down_until: float | None = None  # while set, Redis is not asked
+        self._giving_back: set[asyncio.Task[None]] = set()  # checks whose answer was lost
 
     async def record_failure(self, key: str, *more: str) -> int:
         calls: list[list[EncodableT]] = [
@@ -173,8 +174,25 @@ class RedisFailureCounter:
         call: list[EncodableT] = [
             2, count_key(key), checks_key(key), limit, int(CHECK_LIFETIME * 1000), member
         ]
-        [(failures, taken)] = await self._scripts(self._take_script, [call])
+        try:
+            [(failures, taken)] = await self._scripts(self._take_script, [call])
+        except BaseException:
+            # The script may have run with its answer lost (the login given up as the
+            # reply came, a timeout): no caller will end that check, which would hold
+            # one of the address's places for CHECK_LIFETIME. Given back on its own.
+            task = asyncio.get_running_loop().create_task(self._give_back(key, member))
+            self._giving_back.add(task)
+            task.add_done_callback(self._giving_back.discard)
+            raise
         return int(failures), Check(key, member) if taken else None
+
+    async def _give_back(self, key: str, member: str) -> None:
+        """Remove a check whose taking may or may not have happened; best effort (it
+        expires in Redis by itself)."""
+        try:
+            await self._ask(("ZREM", checks_key(key), member))
+        except (RedisError, OSError, TimeoutError):
+            pass
 
     async def end_check(self, check: Check) -> None:
         member = check.member
@@ -187,6 +205,8 @@ class RedisFailureCounter:
 
     async def close(self) -> None:
         """Close the connection (the node stops)."""
+        for task in list(self._giving_back):
+            task.cancel()
         await self._channel.release()
 
     async def _scripts(self, script: AsyncScript, calls: list[list[EncodableT]]) -> list[Any]:
