@@ -36,9 +36,13 @@ delivers or drops the stanza as the tables say.
   contacts subscribed to the user; unavailable also goes to every entity
   that got directed presence from that session (section 4.6), including
   when the connection just drops. One session's broadcasts are handled in
-  the order it sent them. The copies to each contact are routed with
-  bounce=False: a remote domain that cannot be reached is reported once,
-  by the error answering the probe at initial presence, not at every change.
+  the order it sent them. The roster read of a broadcast (and of a probe
+  answer) is made again when a change that may have ended a contact's
+  subscription was stored meanwhile (`_current`): nothing of the user's
+  reaches a contact after the unavailable that change sent. The copies to
+  each contact are routed with bounce=False: a remote domain that cannot be
+  reached is reported once, by the error answering the probe at initial
+  presence, not at every change.
 * "session/lost": an available session whose cluster node died (the node
   that reaped it fires it) gets the unavailable its node owed, to contacts,
   the user's other resources and the entities it sent directed presence to:
@@ -67,7 +71,8 @@ import copy
 import json
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from lxml import etree
 from redis.exceptions import RedisError
@@ -105,6 +110,7 @@ DIRECTED_KEY = "xmppd:presence:directed:"
 DIRECTED_TTL = 7 * 86400
 
 Kind = Literal["subscribe", "subscribed", "unsubscribe", "unsubscribed"]
+T = TypeVar("T")
 Gate = Callable[[etree._Element], bool]
 """The sender's privacy rules on one presence the server makes in its name (True: send it)."""
 
@@ -251,6 +257,8 @@ class Presence(Module):
         self._changes = AccountQueues(self.host.spawn, self.log)
         self._inbound_waiting: dict[str, int] = {}
         self.requests = SubscriptionRequests(self.host)
+        # Accounts whose roster a broadcast or a probe answer is reading: `_current`.
+        self._reading: dict[str, _Reading] = {}
         # Sessions whose targets are being written to Redis -> changed again meanwhile
         # (one write at a time per session, so they land in the order of the changes).
         self._writing: dict[ClientSession, bool] = {}
@@ -437,7 +445,7 @@ class Presence(Module):
             return True
         if prober_bare != owner:
             try:
-                item = await self.roster.item(owner, prober_bare)
+                item = await self._current(owner, lambda: self.roster.item(owner, prober_bare))
             except StorageError as exc:
                 self.log.warning("probe from %s to %s dropped: %s", prober, owner, exc)
                 return True
@@ -486,7 +494,8 @@ class Presence(Module):
                     presence.set("from", other.jid)
                     presence.set("to", origin.jid)
                     self.host.deliver(origin, presence)
-        roster = await self._roster(owner, "the presence of " + origin.jid)
+        what = "the presence of " + origin.jid
+        roster = await self._current(owner, lambda: self._roster(owner, what))
         if roster is None:
             return
         self._send_copies(
@@ -643,7 +652,12 @@ class Presence(Module):
             self.log.warning("answered request from %s to %s not deleted: %s", contact, owner, exc)
 
     def _on_roster_change(self, owner: str, item: RosterItem | None, removed: str | None) -> None:
-        """A roster entry removed (roster remove, the account removed) takes its request along."""
+        """A roster entry removed (roster remove, the account removed) takes its request
+        along; a change that may have ended a contact's subscription to the user is
+        counted for the reads in flight of `_current`."""
+        reading = self._reading.get(owner)
+        if reading is not None and (item is None or item.subscription in ("none", "to")):
+            reading.changes += 1
         if item is None and removed is not None:
             self.host.spawn(self._forget_request(owner, removed))
 
@@ -656,6 +670,36 @@ class Presence(Module):
         return await SubscriptionRequests(host).forget_all(vhost, username)
 
     # --- helpers --------------------------------------------------------------------------
+
+    async def _current(self, owner: str, read: Callable[[], Awaitable[T]]) -> T:
+        """What `read()` gets from `owner`'s roster, for presence sent in the user's name
+        right after it (no await between) to the contacts it shows subscribed to the user.
+
+        A contact whose subscription ends (the user cancels it, the contact
+        unsubscribes, the item is removed) is sent an unavailable presence once the
+        change is stored (`_outbound`, `_inbound`, `RosterModule.remove`). A read that
+        began before that write and answers after it would send the user's presence
+        after that unavailable: the contact would see the user online, no longer
+        allowed to (RFC 6121 3.2.2, 4.4.2). So while a read of the account is in
+        flight, every change of its roster that may have ended such a subscription
+        (counted synchronously as it is stored: `_on_roster_change`) makes the read
+        run again. Cheaper than running broadcasts in the account's queue of
+        subscription changes: no wait behind changes that wait on storage or on a
+        flood of requests from other servers, one dict entry per account being read,
+        and a second read only in the rare case. Only this node's changes are seen:
+        one made on another node of a cluster still races."""
+        reading = self._reading.setdefault(owner, _Reading())
+        reading.readers += 1
+        try:
+            while True:
+                seen = reading.changes
+                result = await read()
+                if reading.changes == seen:
+                    return result
+        finally:
+            reading.readers -= 1
+            if not reading.readers:
+                del self._reading[owner]
 
     async def _contacts(self, owner: str, subscriptions: tuple[str, ...]) -> set[str]:
         roster = await self._roster(owner, f"the unavailable presence of {owner}")
@@ -728,6 +772,16 @@ class Presence(Module):
         for presence in presences:
             if gate is None or gate(presence):
                 self.host.route(presence, bounce=bounce)
+
+
+@dataclass(slots=True)
+class _Reading:
+    """An account whose roster `Presence._current` reads: how many such reads are in
+    flight, and how many changes that may have ended a subscription to the user
+    were stored since the first of them began."""
+
+    readers: int = 0
+    changes: int = 0
 
 
 def _answered(before: RosterItem | None, after: RosterItem | None) -> bool:

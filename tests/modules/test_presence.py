@@ -839,3 +839,87 @@ async def test_a_sender_of_many_subscription_requests_is_slowed(tmp_path: Path) 
         item = await roster_of(harness).item("alice@localhost", contact)
         assert item is not None and item.ask, contact  # written: the request is pending
     await storage.close()
+
+
+class FirstRosterReadAnswersLate(MemoryItemBackend):
+    """Once armed, the next roster read reads at once and answers when the test opens
+    the gate: a read that began before a write and returns after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.held = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        found = await super().get(namespace, name)
+        if self.armed and "roster" in namespace:
+            self.armed = False
+            self.held.set()
+            await self.gate.wait()
+        return found
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition()` holds (the test's timeout bounds it)."""
+    while not condition():  # noqa: ASYNC110 - nothing signals a delivery
+        await asyncio.sleep(0)
+
+
+async def late_read_harness() -> tuple[ModuleHarness, FirstRosterReadAnswersLate]:
+    harness = ModuleHarness({"roster": {}, "presence": {}})
+    items = FirstRosterReadAnswersLate()
+    harness.storage.items = items
+    harness.users.update({"alice@localhost", "bob@localhost", "carol@localhost"})
+    await harness.start()
+    return harness, items
+
+
+def sent_by(session: TestSession, stanza: str) -> None:
+    """`stanza` from `session`, without waiting for what it sets off."""
+    element = parse_stanza(stanza)
+    element.set("from", session.jid)
+    session.receive(element)
+
+
+async def test_a_broadcast_never_reaches_a_contact_after_its_cancellation() -> None:
+    """alice's new presence reads her roster (bob subscribed), she cancels bob's
+    subscription, the read answers: bob must not get her presence after the
+    unavailable the cancellation sent him (RFC 6121 3.2.2, 4.4.2); carol still does."""
+    harness, items = await late_read_harness()
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    carol = await login(harness, "carol@localhost/c")
+    await subscribe_both_ways(harness, alice, bob)
+    await subscribe_both_ways(harness, alice, carol)
+    items.armed = True
+    sent_by(alice, "<presence><show>away</show></presence>")
+    await items.held.wait()
+    sent_by(alice, "<presence type='unsubscribed' to='bob@localhost'/>")
+    await until(lambda: ("unavailable", "alice@localhost/a", "bob@localhost")
+                in presences(bob.received))
+    items.gate.set()
+    await harness.router.drain()
+    got = presences(bob.take())
+    assert ("unsubscribed", "alice@localhost", "bob@localhost") in got
+    assert [p for p in got if p[1] == alice.jid][-1][0] == "unavailable", got
+    assert presences(carol.take()) == [(None, alice.jid, "carol@localhost")]
+
+
+async def test_a_probe_is_not_answered_after_a_cancellation() -> None:
+    """bob probes alice, her roster is read (bob subscribed), she cancels his
+    subscription, the read answers: no presence of hers after that unavailable."""
+    harness, items = await late_read_harness()
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    items.armed = True
+    sent_by(bob, "<presence type='probe' to='alice@localhost'/>")
+    await items.held.wait()
+    sent_by(alice, "<presence type='unsubscribed' to='bob@localhost'/>")
+    await until(lambda: ("unavailable", "alice@localhost/a", "bob@localhost")
+                in presences(bob.received))
+    items.gate.set()
+    await harness.router.drain()
+    got = presences(bob.take())
+    assert [p for p in got if p[1] == alice.jid][-1][0] == "unavailable", got
