@@ -420,8 +420,11 @@ class Presence(Module):
             self.host.route(_presence(reply, owner, contact))
         was_from = before is not None and before.subscription in ("from", "both")
         is_from = after is not None and after.subscription in ("from", "both")
-        if is_from and not was_from:
-            self._send_available(owner, contact)  # pre-approved: as if approved now
+        if reply == "subscribed":
+            # Approved by the server, pre-approved (3.4) or subscribed already (3.1.3,
+            # a contact that lost its state): as after the user's own approval (3.1.5),
+            # else the contact sees the user offline until the next presence change.
+            self._send_available(owner, contact)
         elif was_from and not is_from:
             self._send_unavailable(owner, contact)  # RFC 6121 3.3.3
 

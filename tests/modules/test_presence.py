@@ -19,7 +19,7 @@ from xmppd.storage.backends.memory import MemoryItemBackend
 from xmppd.storage.base import Item, StorageError
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
-from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
+from xmppd.testing import ModuleHarness, RecordingRemote, TestSession, parse_stanza, without_echo
 
 R = "jabber:iq:roster"
 P = "{jabber:client}presence"
@@ -923,3 +923,40 @@ async def test_a_probe_is_not_answered_after_a_cancellation() -> None:
     await harness.router.drain()
     got = presences(bob.take())
     assert [p for p in got if p[1] == alice.jid][-1][0] == "unavailable", got
+
+
+async def test_a_request_answered_by_the_server_brings_the_presence(
+    harness: ModuleHarness,
+) -> None:
+    """bob already lets alice see his presence, her server lost that (her item is
+    "from"): her new request is answered "subscribed" by bob's server (RFC 6121
+    3.1.3), and his presence comes with it, as after an approval (3.1.5)."""
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    await roster_of(harness).update(
+        "alice@localhost", "bob@localhost", lambda _: RosterItem("", subscription="from")
+    )
+    alice.take()
+    got = presences(await harness.send(alice, "<presence type='subscribe' to='bob@localhost'/>"))
+    assert ("subscribed", "bob@localhost", "alice@localhost") in got
+    assert (None, "bob@localhost/b", "alice@localhost") in got
+    assert presences(bob.take()) == []  # no request to answer
+
+
+async def test_a_remote_request_answered_by_the_server_brings_the_presence(
+    harness: ModuleHarness,
+) -> None:
+    remote = harness.router.remote = RecordingRemote()
+    await roster_of(harness).update(
+        "bob@localhost", "x@remote.example", lambda _: RosterItem("", subscription="both")
+    )
+    await login(harness, "bob@localhost/b")
+    remote.take("x@remote.example")
+    stanza = parse_stanza("<presence type='subscribe' to='bob@localhost'/>")
+    stanza.set("from", "x@remote.example/r")
+    harness.router.route(stanza)
+    await harness.router.drain()
+    assert remote.take("x@remote.example") == [
+        ("bob@localhost", "subscribed"), ("bob@localhost/b", None)
+    ]
