@@ -24,6 +24,11 @@ delivers or drops the stanza as the tables say.
   answered "unsubscribed", as one to no account). The account's own changes
   need no such check: its sessions are read no more once it is gone, and what
   they sent before is made before the data goes.
+* An approval (the user's, pre-approval, or the server's automatic one) sends
+  the user's presence to the contact after the "subscribed" (RFC 6121 3.1.5):
+  at once to a remote contact; a local contact's queue probes for it once it
+  took the "subscribed" and pushed the change, so the presence does not
+  overtake them (`_send_on_approval`).
 * A subscribe request not yet answered is
   `pending_in` in the roster item, and the stanza itself is kept whole
   (modules/_requests.py: a <nick/>, a XEP-0379 <preauth/> survive) and
@@ -339,7 +344,7 @@ class Presence(Module):
         was_from = before is not None and before.subscription in ("from", "both")
         is_from = after is not None and after.subscription in ("from", "both")
         if is_from and not was_from:
-            self._send_available(owner, contact)  # RFC 6121 3.1.5
+            self._send_on_approval(owner, contact)  # RFC 6121 3.1.5
         elif was_from and not is_from:
             self._send_unavailable(owner, contact)  # RFC 6121 3.2.2
 
@@ -424,9 +429,14 @@ class Presence(Module):
             # Approved by the server, pre-approved (3.4) or subscribed already (3.1.3,
             # a contact that lost its state): as after the user's own approval (3.1.5),
             # else the contact sees the user offline until the next presence change.
-            self._send_available(owner, contact)
+            self._send_on_approval(owner, contact)
         elif was_from and not is_from:
             self._send_unavailable(owner, contact)  # RFC 6121 3.3.3
+        if kind == "subscribed" and _local_user(self.host, contact):
+            if after is not None and after.subscription in ("to", "both"):
+                # The approval of a local contact, taken: its presence now (3.1.6), in
+                # answer to a probe, after this "subscribed" and the push (`_send_on_approval`).
+                self._send_as(owner, [_presence("probe", owner, contact)])
 
     def _to_no_account(self, owner: str, kind: Kind, contact: str) -> None:
         """A contact's change that waited while the account was removed: nothing is
@@ -747,6 +757,18 @@ class Presence(Module):
                 presence.set("to", to)
                 self._send_as(session.jid, [presence])
 
+    def _send_on_approval(self, owner: str, contact: str) -> None:
+        """The user's presence to a contact now allowed to see it (RFC 6121 3.1.5).
+
+        It follows the "subscribed" the contact was just sent: a remote contact gets it
+        at once (its server keeps the order they came in). A local contact's
+        "subscribed" waits in the contact's queue of subscription changes, and a
+        presence sent now would reach the contact before it and before the roster
+        push (3.1.6 wants them first): so the contact's `_inbound` asks for the
+        presence with a probe once it has handled that "subscribed"."""
+        if not _local_user(self.host, contact):
+            self._send_available(owner, contact)
+
     def _send_unavailable(self, owner: str, to: str) -> None:
         for session in self.host.available_sessions(owner):
             self._send_as(session.jid, [_presence("unavailable", session.jid, to)])
@@ -792,6 +814,12 @@ def _answered(before: RosterItem | None, after: RosterItem | None) -> bool:
 
     An entry removed altogether is seen by `_on_roster_change`."""
     return before is not None and before.pending_in and after is not None and not after.pending_in
+
+
+def _local_user(host: ModuleHost, bare: str) -> bool:
+    """`bare` is an account of one of this server's virtual hosts."""
+    user, _, domain = bare.rpartition("@")
+    return bool(user) and host.serves(domain)
 
 
 def _presence(type_: str, from_: str, to: str) -> etree._Element:

@@ -960,3 +960,54 @@ async def test_a_remote_request_answered_by_the_server_brings_the_presence(
     assert remote.take("x@remote.example") == [
         ("bob@localhost", "subscribed"), ("bob@localhost/b", None)
     ]
+
+
+def in_order(stanzas: Sequence[etree._Element]) -> list[tuple[str, str | None, str | None]]:
+    """Each presence as ("presence", type, from) and each roster push as ("push", jid,
+    subscription), in the order they came."""
+    order: list[tuple[str, str | None, str | None]] = []
+    for stanza in stanzas:
+        if stanza.tag == P:
+            order.append(("presence", stanza.get("type"), stanza.get("from")))
+        order.extend(("push", jid, sub) for jid, sub, _ in pushed([stanza]))
+    return order
+
+
+@pytest.mark.parametrize("pre_approved", [False, True])
+async def test_a_local_approval_comes_before_the_contacts_presence(
+    harness: ModuleHarness, pre_approved: bool
+) -> None:
+    """RFC 6121 3.1.5/3.1.6: alice gets bob's "subscribed" and the push before bob's
+    presence (once), whether bob approves her request or had pre-approved it."""
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    if pre_approved:
+        await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+        got = await harness.send(alice, "<presence type='subscribe' to='bob@localhost'/>")
+    else:
+        await harness.send(alice, "<presence type='subscribe' to='bob@localhost'/>")
+        alice.take()
+        await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+        got = alice.take()
+    order = in_order(got)
+    assert order.count(("presence", None, "bob@localhost/b")) == 1
+    presence = order.index(("presence", None, "bob@localhost/b"))
+    assert order.index(("presence", "subscribed", "bob@localhost")) < presence, order
+    assert order.index(("push", "bob@localhost", "to")) < presence, order
+
+
+async def test_a_remote_contact_gets_the_presence_right_after_the_approval(
+    harness: ModuleHarness,
+) -> None:
+    """A remote contact's server has its own order: the presence follows at once."""
+    remote = harness.router.remote = RecordingRemote()
+    stanza = parse_stanza("<presence type='subscribe' to='alice@localhost'/>")
+    stanza.set("from", "x@remote.example/r")
+    harness.router.route(stanza)
+    await harness.router.drain()
+    alice = await login(harness, "alice@localhost/a")
+    remote.take("x@remote.example")
+    await harness.send(alice, "<presence type='subscribed' to='x@remote.example'/>")
+    assert remote.take("x@remote.example") == [
+        ("alice@localhost", "subscribed"), ("alice@localhost/a", None)
+    ]
