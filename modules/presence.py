@@ -41,10 +41,10 @@ delivers or drops the stanza as the tables say.
   contacts subscribed to the user; unavailable also goes to every entity
   that got directed presence from that session (section 4.6), including
   when the connection just drops. One session's broadcasts are handled in
-  the order it sent them. The roster read of a broadcast (and of a probe
-  answer) is made again when a change that may have ended a contact's
-  subscription was stored meanwhile (`_current`): nothing of the user's
-  reaches a contact after the unavailable that change sent. The copies to
+  the order it sent them. A broadcast (and a probe answer) leaves out the
+  contacts whose subscription a change stored during its roster read may
+  have ended (`_current`): nothing of the user's reaches a contact after the
+  unavailable that change sent. The copies to
   each contact are routed with bounce=False: a remote domain that cannot be
   reached is reported once, by the error answering the probe at initial
   presence, not at every change.
@@ -76,7 +76,7 @@ import copy
 import json
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from lxml import etree
@@ -458,11 +458,13 @@ class Presence(Module):
             return True
         if prober_bare != owner:
             try:
-                item = await self._current(owner, lambda: self.roster.item(owner, prober_bare))
+                item, ended = await self._current(
+                    owner, lambda: self.roster.item(owner, prober_bare)
+                )
             except StorageError as exc:
                 self.log.warning("probe from %s to %s dropped: %s", prober, owner, exc)
                 return True
-            if item is None or item.subscription not in ("from", "both"):
+            if item is None or item.subscription not in ("from", "both") or prober_bare in ended:
                 return True
         self._send_available(owner, prober)
         return True
@@ -508,11 +510,15 @@ class Presence(Module):
                     presence.set("to", origin.jid)
                     self.host.deliver(origin, presence)
         what = "the presence of " + origin.jid
-        roster = await self._current(owner, lambda: self._roster(owner, what))
+        roster, ended = await self._current(owner, lambda: self._roster(owner, what))
         if roster is None:
             return
         self._send_copies(
-            stanza, [i.jid for i in roster.items.values() if i.subscription in ("from", "both")]
+            stanza,
+            [
+                i.jid for i in roster.items.values()
+                if i.subscription in ("from", "both") and i.jid not in ended
+            ],
         )
         if initial:
             probes = [
@@ -670,7 +676,10 @@ class Presence(Module):
         counted for the reads in flight of `_current`."""
         reading = self._reading.get(owner)
         if reading is not None and (item is None or item.subscription in ("none", "to")):
-            reading.changes += 1
+            contact = item.jid if item is not None else removed
+            if contact is not None:
+                reading.changes += 1
+                reading.ended[contact] = reading.changes
         if item is None and removed is not None:
             self.host.spawn(self._forget_request(owner, removed))
 
@@ -684,9 +693,12 @@ class Presence(Module):
 
     # --- helpers --------------------------------------------------------------------------
 
-    async def _current(self, owner: str, read: Callable[[], Awaitable[T]]) -> T:
+    async def _current(
+        self, owner: str, read: Callable[[], Awaitable[T]]
+    ) -> tuple[T, frozenset[str]]:
         """What `read()` gets from `owner`'s roster, for presence sent in the user's name
-        right after it (no await between) to the contacts it shows subscribed to the user.
+        right after it (no await between) to the contacts it shows subscribed to the
+        user; and the contacts to leave out of those sends whatever it shows.
 
         A contact whose subscription ends (the user cancels it, the contact
         unsubscribes, the item is removed) is sent an unavailable presence once the
@@ -694,21 +706,19 @@ class Presence(Module):
         began before that write and answers after it would send the user's presence
         after that unavailable: the contact would see the user online, no longer
         allowed to (RFC 6121 3.2.2, 4.4.2). So while a read of the account is in
-        flight, every change of its roster that may have ended such a subscription
-        (counted synchronously as it is stored: `_on_roster_change`) makes the read
-        run again. Cheaper than running broadcasts in the account's queue of
-        subscription changes: no wait behind changes that wait on storage or on a
-        flood of requests from other servers, one dict entry per account being read,
-        and a second read only in the rare case. Only this node's changes are seen:
-        one made on another node of a cluster still races."""
+        flight, every contact whose item a change left without a subscription to the
+        user (none or to, or removed; noted synchronously as it is stored:
+        `_on_roster_change`) is left out of what that read's presence goes to: in
+        its new state it gets none anyway. One read, whatever the changes meanwhile
+        (reading again until none came could go on for as long as they come), one
+        dict entry per account being read. Only this node's changes are seen: one
+        made on another node of a cluster still races."""
         reading = self._reading.setdefault(owner, _Reading())
         reading.readers += 1
+        start = reading.changes
         try:
-            while True:
-                seen = reading.changes
-                result = await read()
-                if reading.changes == seen:
-                    return result
+            result = await read()
+            return result, frozenset(c for c, n in reading.ended.items() if n > start)
         finally:
             reading.readers -= 1
             if not reading.readers:
@@ -802,11 +812,13 @@ class Presence(Module):
 @dataclass(slots=True)
 class _Reading:
     """An account whose roster `Presence._current` reads: how many such reads are in
-    flight, and how many changes that may have ended a subscription to the user
-    were stored since the first of them began."""
+    flight, how many changes that may have ended a subscription to the user were
+    stored since the first of them began, and after which of them each contact's
+    last such change came."""
 
     readers: int = 0
     changes: int = 0
+    ended: dict[str, int] = field(default_factory=dict)  # contact -> `changes` after it
 
 
 def _answered(before: RosterItem | None, after: RosterItem | None) -> bool:

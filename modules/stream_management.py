@@ -166,17 +166,27 @@ class Copies:
 
     A session that ends with it unacknowledged routes it again only if no other
     recipient has it: none acknowledged it, none is still holding it (unacked, or
-    waiting to be resumed: it decides when it ends), and none is without stream
-    management here (that one had it written to its stream, as far as the server can
-    know; a session of another node, its node decides). Otherwise every resource
-    that timed out would send it on again: to the others, which have it, or to
-    offline storage once per session."""
+    waiting to be resumed: it decides when it ends), and none without stream
+    management here was handed it (that one had it written to its stream, as far as
+    the server can know; a session of another node, its node decides). Only the
+    sessions that took it count (`SharedDelivery.handed`, read when it matters): one
+    the rules chose whose own privacy list refused it, or that ended while its
+    delivery waited, never had it. Otherwise every resource that timed out would send
+    it on again: to the others, which have it, or to offline storage once per
+    session."""
 
-    __slots__ = ("holders", "had")
+    __slots__ = ("holders", "acked", "handed")
 
-    def __init__(self, had: bool) -> None:
+    def __init__(self, handed: list[ClientSession]) -> None:
         self.holders: set[SMState] = set()  # SM sessions of this node holding it unacked
-        self.had = had  # a recipient surely got it
+        self.acked = False  # a stream-managed recipient acknowledged it
+        self.handed = handed  # the sessions whose transport took it (the router's list)
+
+    @property
+    def had(self) -> bool:
+        """A recipient surely got it: acknowledged, or written to a stream without
+        stream management (or forwarded to another node, which decides there)."""
+        return self.acked or any(s.state.get(KEY) is None for s in self.handed)
 
 
 def _copy_for_one(stanza: etree._Element) -> bool:
@@ -480,8 +490,7 @@ class StreamManagement(Module):
         """`stanza`, just queued for `sm`, went to other sessions too (one delivery)."""
         copies = self.shared.get(shared)
         if copies is None:
-            had = any(s.state.get(KEY) is None for s in shared.sessions)
-            copies = self.shared[shared] = Copies(had)
+            copies = self.shared[shared] = Copies(shared.handed)
         copies.holders.add(sm)
         sm.copies[stanza] = copies
 
@@ -572,7 +581,7 @@ class StreamManagement(Module):
             for _ in range(new):
                 copies = sm.copies.pop(sm.queue.popleft(), None)
                 if copies is not None:
-                    copies.had = True
+                    copies.acked = True
                     copies.holders.discard(sm)
         else:
             for _ in range(new):

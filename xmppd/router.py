@@ -151,14 +151,17 @@ class SharedDelivery:
     one session's delivery back (stream management, for a message the client never
     acknowledged) learns from this that the others have it too, so that it routes
     the message again only if none of them does: `ModuleHost.shared_delivery`.
+    `handed`: those whose transport took it, as they take it; a chosen session whose
+    own filters refused it, or that ended while its delivery waited, never had it.
     Weakly referable, so such a module can key what it learns by it.
     """
 
-    __slots__ = ("stanza", "sessions", "__weakref__")
+    __slots__ = ("stanza", "sessions", "handed", "__weakref__")
 
     def __init__(self, stanza: etree._Element, sessions: list[ClientSession]) -> None:
         self.stanza = stanza
         self.sessions = sessions
+        self.handed: list[ClientSession] = []
 
 
 ComponentHandler = Callable[[Routed], None]
@@ -568,6 +571,9 @@ class Router:
             self.refuse_unjudged(stanza)
             return False
         if session.deliver(stanza):
+            shared = self.shared
+            if shared is not None and shared.stanza is stanza:
+                shared.handed.append(session)
             return True
         # Its transport is going: nothing more is routed to it (its end follows), so
         # the fallback below cannot choose it again.
@@ -649,6 +655,8 @@ class Router:
             delivered = session.deliver(stanza)
         finally:
             self.shared = previous
+        if delivered and shared is not None:
+            shared.handed.append(session)
         if not delivered:
             self.directory.remove(session)
             await self._undelivered(stanza, session)

@@ -293,3 +293,42 @@ async def test_a_later_resume_during_the_wait_takes_the_session(
     ]
     await second.close()
     await bob.close()
+
+
+async def test_a_shared_message_a_resource_without_sm_refused_is_not_lost(
+    start_server: StartServer,
+) -> None:
+    """alice/phone (stream management) and alice/desk (none) both get bob's message to
+    alice's bare JID, but desk's active privacy list refuses bob: desk never had it.
+    The phone then times out without acking it: it is routed again (offline storage
+    here), not taken for delivered because desk has no stream management."""
+    server = await start_server(modules=modules(resume_timeout=0.3, ack_every=100, ack_delay=30))
+    phone = await Stream.login(server, "alice", "phone")
+    desk = await Stream.login(server, "alice", "desk")
+    bob = await Stream.login(server, "bob", "phone")
+    privacy = "jabber:iq:privacy"
+    await desk.send(
+        f"<iq type='set' id='pl'><query xmlns='{privacy}'><list name='nobob'>"
+        "<item type='jid' value='bob@localhost' action='deny' order='1'><message/></item>"
+        "</list></query></iq>"
+    )
+    await desk.next('id="pl"')
+    await desk.send(
+        f"<iq type='set' id='act'><query xmlns='{privacy}'><active name='nobob'/></query></iq>"
+    )
+    await desk.next('id="act"')
+    for stream in (phone, desk, bob):
+        await stream.send("<presence/>")
+    await phone.enable()
+    await bob.send(message("alice@localhost", "to bare"))
+    await phone.next("to bare")  # never acked
+    await roundtrip(desk)
+    assert mentioning(desk, "to bare") == []
+    closed = sessions_closed(server)
+    await desk.close()
+    await asyncio.wait_for(closed.get(), 10)
+    await time_out(server, phone)
+    await bob.send(message("alice@localhost", "stored"))
+    await roundtrip(bob)
+    assert await offline_bodies(server, "alice", "stored") == ["to bare", "stored"]
+    await bob.close()

@@ -906,6 +906,50 @@ async def test_a_broadcast_never_reaches_a_contact_after_its_cancellation() -> N
     assert presences(carol.take()) == [(None, alice.jid, "carol@localhost")]
 
 
+class ChangedDuringEachRead(MemoryItemBackend):
+    """While `left` > 0, each roster read yields and lets `change()` run before it
+    answers: a roster change stored during every read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = 0
+        self.reads = 0
+        self.change: Callable[[], None] = lambda: None
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        found = await super().get(namespace, name)
+        if self.left and "roster" in namespace:
+            self.left -= 1
+            self.reads += 1
+            await asyncio.sleep(0)
+            self.change()
+        return found
+
+
+async def test_a_broadcast_reads_the_roster_once_however_many_changes_come_meanwhile() -> None:
+    """A roster change that may end a subscription lands during every roster read of
+    alice's broadcast (a client syncing its roster, a flood of requests from
+    strangers): the broadcast still reads once and goes out, leaving out only the
+    contact changed, rather than reading again for as long as changes come."""
+    harness = ModuleHarness({"roster": {}, "presence": {}})
+    items = ChangedDuringEachRead()
+    harness.storage.items = items
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    bob.take()
+    presence = harness.host.modules["presence"]
+    assert isinstance(presence, presence_module.Presence)
+    stranger = RosterItem("stranger@example.org", pending_in=True, in_roster=False)
+    items.change = lambda: presence._on_roster_change("alice@localhost", stranger, None)
+    items.left = 50
+    await harness.send(alice, "<presence><show>away</show></presence>")
+    assert items.reads == 1
+    assert presences(bob.take()) == [(None, alice.jid, "bob@localhost")]
+
+
 async def test_a_probe_is_not_answered_after_a_cancellation() -> None:
     """bob probes alice, her roster is read (bob subscribed), she cancels his
     subscription, the read answers: no presence of hers after that unavailable."""
