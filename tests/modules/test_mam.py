@@ -10,6 +10,7 @@ from lxml import etree
 from xmppd.modules._mam_store import STORE
 from xmppd.storage.base import Query
 from xmppd.testing import ModuleHarness, TestSession, without_echo
+from xmppd.xep227.stores import Summary, export_user
 
 MAM = "urn:xmpp:mam:2"
 SID = "urn:xmpp:sid:0"
@@ -420,6 +421,22 @@ async def test_account_removal_deletes_the_whole_archive() -> None:
     await harness.router.drain()
     assert await stored(harness, "zed") == 0
     assert await stored(harness, "bob") == 130  # bob's own record of the conversation stays
+
+
+async def test_an_export_counts_the_archive_as_skipped() -> None:
+    """XEP-0227 has no place for an archive: `xmppctl export` says what it left out."""
+    harness = await make()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    zed = harness.session("zed@localhost/z")
+    harness.session("bob@localhost/b")
+    for n in range(3):
+        await harness.send(zed, chat("bob@localhost", f"n{n}"))
+    await harness.router.drain()
+    summary = Summary()
+    user = await export_user(harness.host, "localhost", "zed", summary)
+    assert summary.counts["archive"].skipped == 3 and summary.counts["archive"].copied == 0
+    assert "archive: 0 copied, 3 skipped, 0 failed" in summary.lines()
+    assert MAM.encode() not in etree.tostring(user)
 
 
 @pytest.mark.parametrize("policy", ["sometimes", ""])
