@@ -24,12 +24,18 @@ Where each copy is taken, each once per message on a cluster:
 
 The writes of delivered messages run as tasks (the recipient's work, which an
 account removal waits for); one that fails is logged, the message having
-been delivered. The sender's copy is never stamped on what it sends.
+been delivered. The sender's copy is never stamped on what it sends. A local
+client with WRITES_PER_SENDER writes in flight (its own archive's and, for
+what it sent to local accounts, theirs) has its next message wait in the
+"stanza/out" filter until one is done: a client sending faster than storage
+takes its archive is slowed, not queued in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+from collections.abc import Awaitable
 from typing import Literal
 
 from lxml import etree
@@ -64,6 +70,9 @@ EXCLUDING = frozenset(
         f"{{{MAM}}}result",
     }
 )
+WRITES_PER_SENDER = 32
+"""Archive writes one local sender's messages may have in flight before its next
+message waits for one (as the router's WORK_PER_SENDER bounds other work)."""
 
 
 class MamOptions(BaseModel):
@@ -81,6 +90,8 @@ class Mam(Module):
 
     def setup(self) -> None:
         self._ids: dict[str, Ids] = {}  # virtual host -> its id key
+        # local sender's bare JID -> the archive writes its messages started
+        self._writes: dict[str, set[asyncio.Future[None]]] = {}
         for feature in (MAM, f"{MAM}#extended", SID):
             self.host.add_feature(feature, "account")
         self.host.iq(MAM, "set", self.query, to="account")
@@ -113,10 +124,17 @@ class Mam(Module):
                 wanted = True
         return wanted
 
-    def on_out(self, stanza: etree._Element, origin: ClientSession) -> bool:
-        """A local client sends a message: the sender's archive keeps it."""
+    def on_out(
+        self, stanza: etree._Element, origin: ClientSession
+    ) -> bool | Awaitable[None]:
+        """A local client sends a message: the sender's archive keeps it (once the
+        sender's earlier writes leave room)."""
         to = stanza.get("to")
-        if to is None or not self._archivable(stanza):
+        if not self._archivable(stanza):
+            return True
+        if len(self._writes.get(origin.bare, ())) >= WRITES_PER_SENDER:
+            return self._room(origin.bare)
+        if to is None:
             return True
         try:
             peer = JID(to)
@@ -129,8 +147,29 @@ class Mam(Module):
         if ids is not None:
             archive_id = ids.make(owner)
             data = etree.tostring(stanza)
-            self.host.spawn(self._write(owner, archive_id, peer.bare, to, data), owner)
+            self._spawn(self._write(owner, archive_id, peer.bare, to, data), owner, owner)
         return True
+
+    def _spawn(self, write: Awaitable[None], owner: str, sender: str | None) -> None:
+        """Run an archive write as the owner's work (its removal waits for it), counted
+        against the local `sender` whose message it archives."""
+        future = self.host.spawn(write, owner)
+        if sender is not None:
+            writes = self._writes.setdefault(sender, set())
+            writes.add(future)
+            future.add_done_callback(lambda done: self._written(sender, done))
+
+    def _written(self, sender: str, future: asyncio.Future[None]) -> None:
+        writes = self._writes.get(sender)
+        if writes is not None:
+            writes.discard(future)
+            if not writes:
+                del self._writes[sender]
+
+    async def _room(self, sender: str) -> None:
+        """Return once fewer than WRITES_PER_SENDER of `sender`'s writes are in flight."""
+        while len(writes := self._writes.get(sender, set())) >= WRITES_PER_SENDER:
+            await asyncio.wait(set(writes), return_when=asyncio.FIRST_COMPLETED)
 
     def on_incoming(self, routed: Routed) -> bool:
         """A message to a local account, before delivery: strip forged stanza-ids, and
@@ -176,7 +215,8 @@ class Mam(Module):
         archive_id = self._our_id(routed.stanza, owner)
         if archive_id is not None:
             peer, data = self._received(routed.stanza, owner)
-            self.host.spawn(self._write(owner, archive_id, *peer, data), owner)
+            sender = routed.origin.bare if routed.origin is not None else None
+            self._spawn(self._write(owner, archive_id, *peer, data), owner, sender)
 
     async def on_offline(self, stanza: etree._Element, bare: str) -> bool:
         archive_id = self._our_id(stanza, bare)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from lxml import etree
 
+from tests.modules.slow_stores import GatedSQLite
 from xmppd.modules._mam_store import STORE
+from xmppd.modules.mam import WRITES_PER_SENDER
+from xmppd.storage.backends.memory import MemoryBlobBackend
 from xmppd.storage.base import Query
-from xmppd.testing import ModuleHarness, TestSession, without_echo
+from xmppd.storage.cache import NullCache
+from xmppd.storage.factory import Storage
+from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
 from xmppd.xep227.stores import Summary, export_user
 
 MAM = "urn:xmpp:mam:2"
@@ -437,6 +443,33 @@ async def test_an_export_counts_the_archive_as_skipped() -> None:
     assert summary.counts["archive"].skipped == 3 and summary.counts["archive"].copied == 0
     assert "archive: 0 copied, 3 skipped, 0 failed" in summary.lines()
     assert MAM.encode() not in etree.tostring(user)
+
+
+async def test_a_sender_faster_than_the_archive_waits_for_its_writes(tmp_path: Path) -> None:
+    """Each message to a local account makes two writes (the sender's archive and the
+    recipient's): past WRITES_PER_SENDER in flight, the next message waits in the
+    sender's pipeline (its connection not read) until storage catches up; none is lost."""
+    items = GatedSQLite(tmp_path / "items.db")
+    items.gate.set()  # open while the module starts (its id key)
+    storage = Storage(items, MemoryBlobBackend(), NullCache())
+    harness = ModuleHarness({"disco": {}, "mam": {}}, storage=storage)
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    items.gate.clear()
+    count = WRITES_PER_SENDER // 2 + 4
+    for n in range(count):  # as the stream hands them over, without waiting
+        stanza = parse_stanza(chat("bob@localhost", f"w{n}"))
+        stanza.set("from", alice.jid)
+        alice.receive(stanza)
+    assert len(bob.take()) == WRITES_PER_SENDER // 2  # the rest wait behind the writes
+    assert alice.input_holds == 1
+    items.gate.set()
+    await harness.router.drain()
+    later = range(WRITES_PER_SENDER // 2, count)
+    assert [m.findtext(BODY) for m in bob.take()] == [f"w{n}" for n in later]
+    assert await stored(harness, "alice") == count and await stored(harness, "bob") == count
 
 
 @pytest.mark.parametrize("policy", ["sometimes", ""])
