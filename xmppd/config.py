@@ -482,6 +482,7 @@ DEFAULT_MODULES = (
     "privacy",
     "blocking",
     "carbons",
+    "mam",
     "register",
     "stream_management",
     "adhoc",
