@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from slixmpp import JID
+from slixmpp import JID, Message
 
 from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import StartServer
+from tests.integration.test_cluster import seen_on, two_nodes, until
 from xmppd.server import Server
+from xmppd.storage.devservices import LocalService
+from xmppd.testing import parse_stanza
 
 MODULES: dict[str, Any] = {
     "disco": {},
@@ -81,6 +84,52 @@ async def test_slixmpp_pages_through_the_archive(start_server: StartServer) -> N
     sent = [m async for m in alice.plugin["xep_0313"].iterate(with_jid=JID("bob@localhost"))]
     assert [m["mam_result"]["forwarded"]["stanza"]["body"] for m in sent] == [
         f"m{n}" for n in range(5)
+    ]
+    await close(alice)
+    await close(bob)
+
+
+async def next_message(c: Client) -> Message:
+    return await asyncio.wait_for(c.messages.get(), 10)
+
+
+async def test_a_message_crossing_cluster_nodes_is_archived_once_on_each_side(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """alice on node A, bob on node B: the node that routes a message archives it, for
+    both parties, once; B takes the stanza-id A stamped as one of the server's own."""
+    a, b = await two_nodes(start_server, redis_service)
+    bob = await client(b, "bob@localhost/phone", "bob-secret")
+    alice = await client(a, "alice@localhost/desk", "alice-secret")
+    for c in (alice, bob):
+        c.send_presence()
+    await until(seen_on(a, "bob@localhost/phone"))
+    await until(seen_on(b, "alice@localhost/desk"))
+    alice.send_message(mto=JID("bob@localhost"), mbody="across", mtype="chat")
+    there = await next_message(bob)
+    bob.send_message(mto=JID("alice@localhost"), mbody="and back", mtype="chat")
+    back = await next_message(alice)
+    assert (there["body"], back["body"]) == ("across", "and back")
+    await wait_archived(a, "bob", 2)
+    await wait_archived(a, "alice", 2)
+
+    # B routes again what A stamped (as it does with a stanza it could not deliver):
+    # the id is kept, bob gets it again with the same id, and his archive still has 2
+    again = parse_stanza(str(there))
+    b.router.route(again)
+    repeat = await next_message(bob)
+    assert repeat["stanza_id"]["id"] == there["stanza_id"]["id"]
+    for node in (a, b):
+        await node.router.drain()
+    assert await archived(a, "bob") == 2 and await archived(a, "alice") == 2
+
+    # queried on either node, the archive has the ids the recipients were given
+    bobs = [m async for m in bob.plugin["xep_0313"].iterate()]
+    assert [m["mam_result"]["id"] for m in bobs][0] == there["stanza_id"]["id"]
+    alices = [m async for m in alice.plugin["xep_0313"].iterate()]
+    assert [m["mam_result"]["id"] for m in alices][1] == back["stanza_id"]["id"]
+    assert [m["mam_result"]["forwarded"]["stanza"]["body"] for m in alices] == [
+        "across", "and back"
     ]
     await close(alice)
     await close(bob)
