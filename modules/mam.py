@@ -128,7 +128,12 @@ class Mam(Module):
         self, stanza: etree._Element, origin: ClientSession
     ) -> bool | Awaitable[None]:
         """A local client sends a message: the sender's archive keeps it (once the
-        sender's earlier writes leave room)."""
+        sender's earlier writes leave room). A <stanza-id/> by the sender's own
+        archive (a received message the client passes on) is removed: its archive
+        ids are its own business, as Prosody keeps them."""
+        for child in stanza.findall(STANZA_ID):
+            if child.get("by") == origin.bare:
+                stanza.remove(child)
         to = stanza.get("to")
         if not self._archivable(stanza):
             return True

@@ -15,7 +15,13 @@ from xmppd.storage.backends.memory import MemoryBlobBackend
 from xmppd.storage.base import Query
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
-from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
+from xmppd.testing import (
+    ModuleHarness,
+    RecordingRemote,
+    TestSession,
+    parse_stanza,
+    without_echo,
+)
 from xmppd.xep227.stores import Summary, export_user
 
 MAM = "urn:xmpp:mam:2"
@@ -228,6 +234,12 @@ async def test_forged_stanza_ids_are_stripped() -> None:
     [(_, real)] = [i for i in ids if i[0] == "alice@localhost"]
     assert len(ids) == 2
     assert (await query(harness, alice)).ids == [real]
+    # alice passes the message on to another server: her archive's id stays here
+    harness.router.remote = remote = RecordingRemote()
+    await harness.send(alice, chat("carol@elsewhere.example", "fwd", f"<stanza-id xmlns='{SID}'"
+                                   f" by='alice@localhost' id='{real}'/>"))
+    [passed_on] = remote.routed
+    assert stanza_ids(passed_on) == []
     # a bodyless message is not archived, and a forged id on it is stripped all the same
     await harness.send(bob, f"<message to='alice@localhost'>{forged}</message>")
     [bare] = alice.take()
