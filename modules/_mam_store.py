@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from xmppd.storage.base import (
     MAX_ITEM_BYTES,
+    Attrs,
     ConditionFailed,
     Item,
     ItemStore,
@@ -118,23 +119,25 @@ async def load_key(store: ItemStore) -> bytes:
     return key
 
 
+def item(
+    user: str, archive_id: str, with_bare: str, peer: str, stanza: bytes
+) -> tuple[str, Attrs]:
+    """The item (name, attributes) of one archived message; the same id again is the
+    same item (a message routed twice is archived once). TooLarge when it is over the
+    item limit (checked here: a batch with one such item would be refused whole)."""
+    name = f"{user}/{archive_id}"
+    attrs = {"with": with_bare, "peer": peer, "ts": timestamp_of(archive_id), "stanza": stanza}
+    size = len(name.encode()) + len(stanza) + len(with_bare.encode()) + len(peer.encode()) + 64
+    if size > MAX_ITEM_BYTES:
+        raise TooLarge(f"a message of {len(stanza)} bytes is over the item limit")
+    return name, attrs
+
+
 class Archive:
     """One host's archives: each account's is the prefix "<user>/"."""
 
     def __init__(self, store: ItemStore) -> None:
         self.store = store
-
-    async def add(
-        self, user: str, archive_id: str, with_bare: str, peer: str, stanza: bytes
-    ) -> None:
-        """Store one message; the same id again rewrites the same item (a message
-        routed twice is archived once). TooLarge when it is over the item limit."""
-        attrs = {"with": with_bare, "peer": peer, "ts": timestamp_of(archive_id), "stanza": stanza}
-        name = f"{user}/{archive_id}"
-        size = len(name) + len(stanza) + len(with_bare) + len(peer) + 64
-        if size > MAX_ITEM_BYTES:
-            raise TooLarge(f"a message of {len(stanza)} bytes is over the item limit")
-        await self.store.put(name, attrs)
 
     async def exists(self, user: str, archive_id: str) -> bool:
         return is_id(archive_id) and await self.store.get(f"{user}/{archive_id}") is not None

@@ -22,13 +22,14 @@ Where each copy is taken, each once per message on a cluster:
   its stanza-id, which carries a MAC (modules/_mam_store.py), and is written
   again under the same name: still once.
 
-The writes of delivered messages run as tasks (the recipient's work, which an
-account removal waits for); one that fails is logged, the message having
-been delivered. The sender's copy is never stamped on what it sends. A local
-client with WRITES_PER_SENDER writes in flight (its own archive's and, for
-what it sent to local accounts, theirs) has its next message wait in the
-"stanza/out" filter until one is done: a client sending faster than storage
-takes its archive is slowed, not queued in memory.
+Writes are queued and written in batches per host (modules/_mam_writer.py),
+each counted as the archive owner's work, which an account removal waits
+for; one that fails is logged, the message having been delivered. The
+sender's copy is never stamped on what it sends. A local client with
+WRITES_PER_SENDER writes in flight (its own archive's and, for what it sent
+to local accounts, theirs) has its next message wait in the "stanza/out"
+filter until one is done: a client sending faster than storage takes its
+archive is slowed, not queued in memory.
 """
 
 from __future__ import annotations
@@ -45,9 +46,19 @@ from xmppd.events import HIGHEST
 from xmppd.jid import JID, InvalidJID
 from xmppd.modulehost import IqRequest, Module, ModuleHost, Routed, storage_call
 from xmppd.modules import _mam_query as protocol
-from xmppd.modules._mam_store import KEY_STORE, STORE, Archive, Bounds, Entry, Ids, load_key
+from xmppd.modules._mam_store import (
+    KEY_STORE,
+    STORE,
+    Archive,
+    Bounds,
+    Entry,
+    Ids,
+    item,
+    load_key,
+)
+from xmppd.modules._mam_writer import Writer
 from xmppd.session import ClientSession
-from xmppd.storage.base import StorageError, TooLarge
+from xmppd.storage.base import TooLarge
 from xmppd.stream.errors import StanzaError
 from xmppd.xml import ns
 from xmppd.xml.fragments import parse as parse_fragment
@@ -90,6 +101,7 @@ class Mam(Module):
 
     def setup(self) -> None:
         self._ids: dict[str, Ids] = {}  # virtual host -> its id key
+        self._writers: dict[str, Writer] = {}  # virtual host -> its archive's writes
         # local sender's bare JID -> the archive writes its messages started
         self._writes: dict[str, set[asyncio.Future[None]]] = {}
         for feature in (MAM, f"{MAM}#extended", SID):
@@ -108,6 +120,7 @@ class Mam(Module):
     async def start(self) -> None:
         for vhost in self.host.hosts:
             self._ids[vhost] = Ids(await load_key(self.host.items(vhost, KEY_STORE)))
+            self._writers[vhost] = Writer(self.host.items(vhost, STORE), self.host.spawn_shared)
 
     # --- what is archived ----------------------------------------------------------------
 
@@ -152,13 +165,15 @@ class Mam(Module):
         if ids is not None:
             archive_id = ids.make(owner)
             data = etree.tostring(stanza)
-            self._spawn(self._write(owner, archive_id, peer.bare, to, data), owner, owner)
+            self._track(self._write(owner, archive_id, peer.bare, to, data), owner, owner)
         return True
 
-    def _spawn(self, write: Awaitable[None], owner: str, sender: str | None) -> None:
-        """Run an archive write as the owner's work (its removal waits for it), counted
+    def _track(self, future: asyncio.Future[None] | None, owner: str, sender: str | None) -> None:
+        """Count a queued write as the owner's work (its removal waits for it) and
         against the local `sender` whose message it archives."""
-        future = self.host.spawn(write, owner)
+        if future is None:
+            return
+        self.host.spawn(future, owner)
         if sender is not None:
             writes = self._writes.setdefault(sender, set())
             writes.add(future)
@@ -221,13 +236,15 @@ class Mam(Module):
         if archive_id is not None:
             peer, data = self._received(routed.stanza, owner)
             sender = routed.origin.bare if routed.origin is not None else None
-            self._spawn(self._write(owner, archive_id, *peer, data), owner, sender)
+            self._track(self._write(owner, archive_id, *peer, data), owner, sender)
 
     async def on_offline(self, stanza: etree._Element, bare: str) -> bool:
         archive_id = self._our_id(stanza, bare)
         if archive_id is not None:
             peer, data = self._received(stanza, bare)
-            await self._write(bare, archive_id, *peer, data)
+            written = self._write(bare, archive_id, *peer, data)
+            if written is not None:
+                await written
         return False  # offline storage goes on
 
     def _received(self, stanza: etree._Element, owner: str) -> tuple[tuple[str, str], bytes]:
@@ -244,18 +261,20 @@ class Mam(Module):
                 archived.remove(child)
         return (bare, sender), etree.tostring(archived)
 
-    async def _write(
+    def _write(
         self, owner: str, archive_id: str, with_bare: str, peer: str, data: bytes
-    ) -> None:
+    ) -> asyncio.Future[None] | None:
+        """Queue the archive item; None when the message cannot be archived (logged)."""
         user, _, vhost = owner.partition("@")
+        writer = self._writers.get(vhost)
+        if writer is None:
+            return None
         try:
-            await Archive(self.host.items(vhost, STORE)).add(
-                user, archive_id, with_bare, peer, data
-            )
+            name, attrs = item(user, archive_id, with_bare, peer, data)
         except TooLarge as exc:
             self.log.warning("message %s not archived for %s: %s", archive_id, owner, exc)
-        except StorageError as exc:
-            self.log.error("message %s not archived for %s: %s", archive_id, owner, exc)
+            return None
+        return writer.add(name, attrs)
 
     # --- queries ---------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,8 @@ from lxml import etree
 from tests.modules.slow_stores import GatedSQLite
 from xmppd.modules._mam_store import STORE
 from xmppd.modules.mam import WRITES_PER_SENDER
-from xmppd.storage.backends.memory import MemoryBlobBackend
-from xmppd.storage.base import Query
+from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
+from xmppd.storage.base import Attrs, Query, StorageError
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
 from xmppd.testing import (
@@ -482,6 +483,32 @@ async def test_a_sender_faster_than_the_archive_waits_for_its_writes(tmp_path: P
     later = range(WRITES_PER_SENDER // 2, count)
     assert [m.findtext(BODY) for m in bob.take()] == [f"w{n}" for n in later]
     assert await stored(harness, "alice") == count and await stored(harness, "bob") == count
+
+
+class FailingArchive(MemoryItemBackend):
+    """Memory items whose archive writes fail, as a store that is down."""
+
+    async def batch_put(self, namespace: str, items: Mapping[str, Attrs]) -> None:
+        if namespace.endswith("/mam"):
+            raise StorageError("memory", "batch_put", "down for the test")
+        await super().batch_put(namespace, items)
+
+
+async def test_an_archive_that_cannot_be_written_is_logged_and_delivery_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = Storage(FailingArchive(), MemoryBlobBackend(), NullCache())
+    harness = ModuleHarness({"disco": {}, "mam": {}}, storage=storage)
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    count = WRITES_PER_SENDER + 8  # past the bound: failed writes leave room too
+    for n in range(count):
+        await harness.send(alice, chat("bob@localhost", f"f{n}"))
+    assert len(bob.take()) == count
+    assert "messages not archived in localhost/mam: memory: batch_put failed" in caplog.text
+    assert await stored(harness, "bob") == 0
 
 
 @pytest.mark.parametrize("policy", ["sometimes", ""])
