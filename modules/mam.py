@@ -303,6 +303,8 @@ class Mam(Module):
         if asked.max is not None:
             limit = min(asked.max, limit)
         if asked.ids:
+            if len(asked.ids) > self.options.max_page:
+                raise StanzaError("bad-request", f"at most {self.options.max_page} ids a query")
             found = await storage_call(archive.get_many(user, asked.ids), "archive")
             missing = [i for i in asked.ids if i not in found]
             if missing:

@@ -423,6 +423,8 @@ async def test_max_is_capped_at_max_page() -> None:
     alice, ids = await conversation(harness, 5)
     page = await query(harness, alice, rsm(50))
     assert page.ids == ids[:3] and not page.complete
+    assert await error_of(harness, alice, form(ids=ids[:4])) == "bad-request"  # over max_page
+    assert (await query(harness, alice, form(ids=ids[:3]))).ids == ids[:3]
     assert (await query(harness, alice, rsm(3, after=ids[2]))).ids == ids[3:]
 
 
