@@ -6,8 +6,9 @@ trips for each of its messages (a SQLite transaction, a DynamoDB request):
 chat went at the rate of the store's latency. Queued here, the writes that
 come while a batch is being written go together in the next one
 (`ItemStore.batch_put`: one SQLite transaction; DynamoDB requests 16 at a
-time), written by one task per host that runs while there is something to
-write. Each write has a future, done when its batch is written or failed
+time), by a task that runs while there is something to write, and up to
+RUNNERS of them while a whole batch or more waits (a remote store's round
+trips overlap). Each write has a future, done when its batch is written or failed
 (logged; the caller has delivered the message already), which the module
 counts for its backpressure and as the account's work.
 """
@@ -23,12 +24,14 @@ from xmppd.storage.base import Attrs, ItemStore, StorageError
 
 BATCH = 100
 """Items per storage call at most."""
+RUNNERS = 4
+"""Batches written at once at most."""
 
 log = logging.getLogger(__name__)
 
 
 class Writer:
-    """Queues items for one item store and writes them in batches, in one task."""
+    """Queues items for one item store and writes them in batches."""
 
     def __init__(
         self, store: ItemStore, spawn: Callable[[Awaitable[None]], asyncio.Future[Any]]
@@ -37,7 +40,7 @@ class Writer:
         self._spawn = spawn
         self._queued: dict[str, Attrs] = {}  # the same name twice: written once, the last
         self._done: dict[str, asyncio.Future[None]] = {}
-        self._running = False
+        self._runners = 0
 
     def add(self, name: str, attrs: Attrs) -> asyncio.Future[None]:
         """Queue a write; the future is done once it was written (or failed, logged)."""
@@ -45,8 +48,10 @@ class Writer:
         done = self._done.get(name)
         if done is None:
             done = self._done[name] = asyncio.get_running_loop().create_future()
-        if not self._running:
-            self._running = True
+        if self._runners == 0 or (
+            self._runners < RUNNERS and len(self._queued) >= BATCH * self._runners
+        ):
+            self._runners += 1
             self._spawn(self._run())
         return done
 
@@ -69,4 +74,4 @@ class Writer:
                         if not future.done():
                             future.set_result(None)
         finally:
-            self._running = False
+            self._runners -= 1
