@@ -35,6 +35,15 @@ room its occupants are still in. A record gone under the same epoch was
 dropped or let expire by another node that ran the room: lost, as a record
 another node holds is.
 
+Another node may claim the room after the flush, run it, and drop it (a
+temporary room emptied, a room destroyed) before this node looks: the
+record gone, the epoch new, it would bring the room back. So for
+`reclaim_for()` seconds after the epoch was set (`xmppd:muc:reclaim`, the
+epoch with that TTL) a dropped room that ran leaves its record as a fence,
+`node` empty (a lease let go: lost to HOLD) and `dropped`, which expires
+with the window; past the window nothing is held again (every node that
+reaches Redis has refreshed its leases by then), so nothing needs a fence.
+
 Writes are batched as the cluster writer's are: a room that changed is marked
 and the call returns; one task writes every marked room in one pipeline, and
 what changes meanwhile goes in the next. A batch that fails is written again, whole
@@ -60,24 +69,40 @@ from xmppd.modules._muc_room import Room
 KEY = "xmppd:muc:room:"
 PUBLIC = "xmppd:muc:public:"
 EPOCH = "xmppd:muc:epoch"
+RECLAIM = "xmppd:muc:reclaim"
+"""The epoch, for `reclaim_for()` seconds after it was set: while it lasts, a lease Redis
+lost may be held again, and a room dropped leaves a fence (module docstring)."""
 TTL = 86400
 """Seconds a record lives after its holder last wrote or refreshed it (`keep`): what a
 killed node leaves behind goes a day after it died, whoever comes back to it or not."""
 REFRESHES = 4
 """`keep` runs this many times per TTL: a record outlives a few refreshes lost to a Redis
 outage before its live room's lease could lapse."""
+
+
+def reclaim_for() -> int:
+    """Seconds after Redis came back empty during which a node may hold again a lease
+    Redis lost: two refreshes (`keep`, every TTL/REFRESHES, and at once when the node's
+    heartbeat finds it had lapsed), so that a node that reaches Redis has found its
+    leases by then. (A function: tests shorten TTL.)"""
+    return max(1, TTL // 2)
+
+
 REDIS_WAIT = 5.0
 RETRY_DELAY = 0.5
 _ALIVE_BEFORE, _ALIVE_AFTER = schema.alive_key("\0").split("\0")
 
 CLAIM = """
--- KEYS record, epoch; ARGV node, ttl, alive key prefix, alive key suffix, new epoch
+-- KEYS record, epoch, reclaim; ARGV node, ttl, alive key prefix, alive key suffix,
+-- new epoch, reclaim window
 local holder = redis.call('HGET', KEYS[1], 'node')
 if holder and holder ~= '' and holder ~= ARGV[1]
    and redis.call('EXISTS', ARGV[3] .. holder .. ARGV[4]) == 1 then
   return {0, holder, {}, ''}
 end
-redis.call('SET', KEYS[2], ARGV[5], 'NX')
+if redis.call('SET', KEYS[2], ARGV[5], 'NX') then
+  redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
+end
 redis.call('HSET', KEYS[1], 'node', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {1, holder or '', redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2])}
@@ -93,26 +118,31 @@ local epoch = redis.call('GET', KEYS[2])
 if epoch == ARGV[3] then return 0 end
 if not epoch then
   redis.call('SET', KEYS[2], ARGV[4])
+  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])
   epoch = ARGV[4]
+elseif redis.call('GET', KEYS[3]) ~= epoch then
+  return 0
 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1])
 return epoch
 """
-"""The start of SAVE and KEEP (KEYS record, epoch; ARGV node, ttl, the lease's epoch,
-a new epoch): 1 if this node holds the lease, 0 if it lost it, or the epoch it holds
-it again under, Redis having lost the record with its epoch (EPOCH)."""
+"""The start of SAVE and KEEP (KEYS record, epoch, reclaim; ARGV node, ttl, the lease's
+epoch, a new epoch, the reclaim window): 1 if this node holds the lease, 0 if it lost
+it, or the epoch it holds it again under, Redis having lost the record with its epoch
+(EPOCH) less than the reclaim window ago (RECLAIM)."""
 
 SAVE = """
--- KEYS record, epoch, public; ARGV node, ttl, the lease's epoch, new epoch, release,
--- room, list ('1', '0', ''), name, ndel, fields to delete..., field, value, ...
+-- KEYS record, epoch, reclaim, public; ARGV node, ttl, the lease's epoch, new epoch,
+-- reclaim window, release, room, list ('1', '0', ''), name, ndel, fields to delete...,
+-- field, value, ...
 local held = hold(KEYS, ARGV)
 if held == 0 then return 0 end
-local ndel = tonumber(ARGV[9])
-for i = 10, 9 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
-for i = 10 + ndel, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[7] == '1' then redis.call('HSET', KEYS[3], ARGV[6], ARGV[8])
-elseif ARGV[7] == '0' then redis.call('HDEL', KEYS[3], ARGV[6]) end
-if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'node', '') end
+local ndel = tonumber(ARGV[10])
+for i = 11, 10 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
+for i = 11 + ndel, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[8] == '1' then redis.call('HSET', KEYS[4], ARGV[7], ARGV[9])
+elseif ARGV[8] == '0' then redis.call('HDEL', KEYS[4], ARGV[7]) end
+if ARGV[6] == '1' then redis.call('HSET', KEYS[1], 'node', '') end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return held
 """
@@ -120,17 +150,27 @@ return held
 answer)."""
 
 DROP = """
--- KEYS record, public; ARGV node, room
+-- KEYS record, public, reclaim; ARGV node, room, ran ('1': the room ran, '0': never made)
 local holder = redis.call('HGET', KEYS[1], 'node')
 if holder and holder ~= ARGV[1] then return 0 end
+local fence = ARGV[3] == '1' or redis.call('HEXISTS', KEYS[1], 'dropped') == 1
+local left = redis.call('PTTL', KEYS[3])
 redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[2], ARGV[2])
+if fence and left > 0 then
+  redis.call('HSET', KEYS[1], 'node', '', 'dropped', '1')
+  redis.call('PEXPIRE', KEYS[1], left)
+end
 return 1
 """
-"""The room is gone (destroyed, a temporary room emptied, never created)."""
+"""The room is gone (destroyed, a temporary room emptied, never created). While a lease
+Redis lost may still be held again (RECLAIM), a room that ran leaves its record as a
+fence: `node` empty (a lease let go, which HOLD does not take again) and `dropped`
+(kept by a claim, so that a later drop of a room never made there fences it too),
+until the window ends."""
 
 KEEP = """
--- KEYS record, epoch; ARGV node, ttl, the lease's epoch, new epoch
+-- KEYS record, epoch, reclaim; ARGV node, ttl, the lease's epoch, new epoch, reclaim window
 local held = hold(KEYS, ARGV)
 if held ~= 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return held
@@ -158,6 +198,7 @@ class _Change:
     history: bool = False
     release: bool = False
     drop: bool = False
+    ran: bool = False  # a drop of a room that ran here (DROP)
     done: list[asyncio.Future[None]] = field(default_factory=list)
     # Taken from the room (Room.touched, Room.seen_changed) when the write is built, and
     # kept here until it is written: a write that fails is tried again with them.
@@ -202,8 +243,11 @@ class LiveRooms:
     async def claim(self, room_jid: str) -> Claimed:
         async with asyncio.timeout(REDIS_WAIT):
             ok, holder, flat, epoch = await self._claim(
-                keys=[record_key(room_jid), EPOCH],
-                args=[self.node, TTL, _ALIVE_BEFORE, _ALIVE_AFTER, secrets.token_hex(8)],
+                keys=[record_key(room_jid), EPOCH, RECLAIM],
+                args=[
+                    self.node, TTL, _ALIVE_BEFORE, _ALIVE_AFTER, secrets.token_hex(8),
+                    reclaim_for(),
+                ],
             )
         record = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
         if ok:
@@ -224,10 +268,13 @@ class LiveRooms:
         change.release = True
         return self._done(change)
 
-    def drop(self, room_jid: str) -> asyncio.Future[None]:
-        """The room is gone: its record and its directory entry go."""
+    def drop(self, room_jid: str, ran: bool) -> asyncio.Future[None]:
+        """The room is gone: its record and its directory entry go. `ran`: the room ran
+        here (emptied, destroyed), not a name claimed for a stanza and never made: a
+        lease Redis lost is not taken again over it (DROP)."""
         change = self._change(room_jid, None)
         change.drop = True
+        change.ran = ran
         return self._done(change)
 
     @staticmethod
@@ -250,7 +297,7 @@ class LiveRooms:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for room_jid in rooms:
                         await self._keep(
-                            keys=[record_key(room_jid), EPOCH],
+                            keys=[record_key(room_jid), EPOCH, RECLAIM],
                             args=self._hold_args(room_jid, TTL),
                             client=pipe,
                         )
@@ -276,9 +323,19 @@ class LiveRooms:
         room.seen_changed = True
         self.changed(room, state=True, history=True)
 
+    def lost_lease(self, room_jid: str) -> None:
+        """The room's lease is not this node's any more (another node took it, or the
+        stores hold a newer copy) and its copy went: its epoch goes too, lest the
+        epochs of every room this node ever lost stay in memory. The caller knows
+        which copy went (a copy loaded since holds a lease of its own: not that one)."""
+        self._epochs.pop(room_jid, None)
+
     def _hold_args(self, room_jid: str, ttl: int) -> list[Any]:
-        """HOLD's arguments: node, ttl, the lease's epoch, a new epoch."""
-        return [self.node, ttl, self._epochs.get(room_jid, ""), secrets.token_hex(8)]
+        """HOLD's arguments: node, ttl, the lease's epoch, a new epoch, the reclaim
+        window."""
+        return [
+            self.node, ttl, self._epochs.get(room_jid, ""), secrets.token_hex(8), reclaim_for()
+        ]
 
     async def flush(self) -> None:
         """Return once what was marked so far is written (or given up on)."""
@@ -350,12 +407,13 @@ class LiveRooms:
                     public = PUBLIC + room_jid.split("@", 1)[1]
                     if change.drop:
                         await self._drop(
-                            keys=[record_key(room_jid), public], args=[self.node, room_jid],
+                            keys=[record_key(room_jid), public, RECLAIM],
+                            args=[self.node, room_jid, "1" if change.ran else "0"],
                             client=pipe,
                         )
                     else:
                         await self._save(
-                            keys=[record_key(room_jid), EPOCH, public],
+                            keys=[record_key(room_jid), EPOCH, RECLAIM, public],
                             args=self._args(change), client=pipe,
                         )
                 results = await pipe.execute()

@@ -54,8 +54,10 @@ the recipient, and runs the filter again (ModuleHost.filter).
   refused it).
 * "stanza/in": stanzas about to reach a session. The recipient's rules
   (message / iq / presence-in; others only by items that cover everything):
-  refused messages and IQ get/set get <service-unavailable/>, everything
-  else is dropped silently. For presence sent in a local user's name (the
+  refused messages and IQ get/set get <service-unavailable/>
+  (`ModuleHost.refuse`: a message the delivery rules gave to several
+  resources only when none of them took it), everything else is dropped
+  silently. For presence sent in a local user's name (the
   presence module's broadcasts, answers to probes), the SENDER's
   presence-out rules too, since only the sender's lists know whether that
   contact may see it. A carbon (XEP-0280) comes from the user's own bare
@@ -541,6 +543,18 @@ def _holds(stack: list[etree._Element], stanza: etree._Element) -> bool:
     return any(s is stanza for s in stack)
 
 
+def _answered(stanza: etree._Element) -> bool:
+    """Whether a refused delivery owes its sender an error: not presence (XEP-0016 2.14),
+    nor a groupchat or headline message, as ejabberd and Prosody do. Rooms commonly
+    remove an occupant whose delivery bounces (the ghost clean-up XEP-0410 describes),
+    so a blocked participant would cost the user the room, and the room would learn of
+    the block; a headline is never answered (RFC 6121 drops one to an unavailable
+    resource silently, where a chat message bounces)."""
+    if stanza.tag == ns.C_PRESENCE:
+        return False
+    return stanza.tag != ns.C_MESSAGE or stanza.get("type") not in ("groupchat", "headline")
+
+
 class PrivacyEngine:
     """The in-memory rules of the users this node serves, and the filters and hooks using them."""
 
@@ -564,7 +578,6 @@ class PrivacyEngine:
         self._roster_loading: dict[str, bool] = {}  # bare -> changed while loading
         self._pass_all: list[etree._Element] = []  # our own errors and presences: no checks
         self._pass_sender: list[etree._Element] = []  # unavailable on block: skip sender rules
-        self._last_bounced: etree._Element | None = None
         # One lock per user whose presence effects are being applied (`_presence_effects`).
         self._effects: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
@@ -981,7 +994,9 @@ class PrivacyEngine:
         if judge_owner:
             verdict = decide(state.data, active, inbound_kind(stanza), peer, state.roster)
             if verdict is not Verdict.ALLOW:
-                self._refuse_inbound(stanza)
+                if _answered(stanza):
+                    # For this session only: another one the rules chose may take it.
+                    self.host.refuse(stanza, "service-unavailable")
                 return False
         local_sender = bool(peer.user) and peer.domain in self.host.hosts
         if judge_sender and local_sender:
@@ -1035,11 +1050,8 @@ class PrivacyEngine:
         return peer.domain in self.host.hosts
 
     def _refuse_inbound(self, stanza: etree._Element) -> None:
-        """XEP-0016 2.14 / XEP-0191 3.3: presence silently, messages and IQ get/set with
-        <service-unavailable/>; one error per stanza even when several resources refuse it."""
-        if stanza.tag == ns.C_PRESENCE or stanza is self._last_bounced:
-            return
-        self._last_bounced = stanza
+        """XEP-0016 2.14 / XEP-0191 3.3: a message or an IQ get/set refused for the whole
+        account (no session judged it) gets <service-unavailable/>."""
         self.host.bounce(stanza, "service-unavailable")
 
     def _deliver_own(self, session: ClientSession, stanza: etree._Element) -> None:
@@ -1053,13 +1065,14 @@ class PrivacyEngine:
     # --- hooks -------------------------------------------------------------------------------
 
     async def _message_offline(self, stanza: etree._Element, bare: str) -> bool:
-        """A refused message is not stored offline; the sender is told, as if online."""
+        """A refused message is not stored offline; the sender is told, as if online (a
+        groupchat or headline message is not: `_answered`)."""
         verdict = await self._judge_for_account(stanza, bare, "message")
         if verdict is Verdict.ALLOW:
             return False
         if verdict is None:  # rules unknown: neither store what may be blocked nor lose it
             self.host.bounce(stanza, "internal-server-error")
-        else:
+        elif _answered(stanza):
             self._refuse_inbound(stanza)
         return True
 

@@ -81,7 +81,8 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, unquote
@@ -322,6 +323,13 @@ def decode_subscription(item: Item) -> Subscription:
     )
     options = json.loads(str(attrs["o"])) if "o" in attrs else {}
     return Subscription(str(attrs["j"]), str(attrs["i"]), state, options)
+
+
+def _page_full(page: list[etree._Element], size: int, data: bytes) -> bool:
+    """Whether an item of `data` would overfill a page already holding `page` (of `size`
+    serialised bytes): `ITEMS_PAGE` items or `ITEMS_PAGE_BYTES`, its first item
+    whatever its size."""
+    return bool(page) and (len(page) >= ITEMS_PAGE or size + len(data) > ITEMS_PAGE_BYTES)
 
 
 def parse_item(data: bytes) -> etree._Element:
@@ -960,46 +968,54 @@ class PubSubService:
         self, node: Node, ids: Sequence[str], *, from_end: bool = False
     ) -> list[etree._Element]:
         """The stored <item/>s of `ids` (those that exist), in that order, as many as
-        one answer holds: at most `ITEMS_PAGE`, and `ITEMS_PAGE_BYTES` of them (the
-        first whatever its size), taken from the start of `ids` or, `from_end`, from
-        its end. Records are read `ITEMS_READ` at a time and reading stops when the
-        page is full, so that one request holds and parses a page, not a node
-        (10,000 items of up to 16 MB), however many requests run at once."""
-        blob_of = {entry[0]: entry[1] for entry in node.items}
-        wanted = [i for i in ids if i in blob_of]
+        one answer holds (`_page_full`), taken from the start of `ids` or, `from_end`,
+        from its end. Reading stops when the page is full, so that one request holds
+        and parses a page, not a node (10,000 items of up to 16 MB), however many
+        requests run at once."""
+        listed = {entry[0] for entry in node.items}
+        wanted = [i for i in ids if i in listed]
         if from_end:
             wanted.reverse()
         page: list[etree._Element] = []
         size = 0
-        for start in range(0, len(wanted), ITEMS_READ):
-            chunk = wanted[start:start + ITEMS_READ]
-            keys = [self.item_key(node.name, item_id) for item_id in chunk]
-            found = await self.items.batch_get(keys)
-            for key in keys:
-                record = found.get(key)
-                data = None if record is None else await self._item_data(record)
-                if data is None:
-                    continue
-                if page and (len(page) >= ITEMS_PAGE or size + len(data) > ITEMS_PAGE_BYTES):
-                    return page[::-1] if from_end else page
+        async with aclosing(self._stored_items(node, wanted)) as stored:
+            async for data in stored:
+                if _page_full(page, size, data):
+                    break
                 size += len(data)
                 page.append(parse_item(data))
         return page[::-1] if from_end else page
 
     async def item_pages(self, node: Node) -> AsyncIterator[list[etree._Element]]:
-        """Every item of `node`, oldest first, one `items_page` at a time: for the
+        """Every item of `node`, oldest first, a page (`_page_full`) at a time: for the
         server's own reading of a whole node (the bookmark conversion), which then
         holds a page (256 KiB of items, or one), not the node (1,000 items of up
-        to 256 KiB)."""
-        ids = [entry[0] for entry in node.items]
-        position = {item_id: i for i, item_id in enumerate(ids)}
-        start = 0
-        while start < len(ids):
-            page = await self.items_page(node, ids[start:])
-            if not page:
-                return
+        to 256 KiB). One reading runs under all the pages, so a record read for a
+        page that was full already starts the next one rather than being read again."""
+        page: list[etree._Element] = []
+        size = 0
+        async with aclosing(self._stored_items(node, [entry[0] for entry in node.items])) as stored:
+            async for data in stored:
+                if _page_full(page, size, data):
+                    yield page
+                    page, size = [], 0
+                size += len(data)
+                page.append(parse_item(data))
+        if page:
             yield page
-            start = position.get(page[-1].get("id") or "", len(ids)) + 1
+
+    async def _stored_items(self, node: Node, ids: list[str]) -> AsyncGenerator[bytes, None]:
+        """The XML of the items `ids` of `node` that are still stored, in that order,
+        read `ITEMS_READ` records at a time, each batch only when the previous one
+        has been taken."""
+        for start in range(0, len(ids), ITEMS_READ):
+            keys = [self.item_key(node.name, item_id) for item_id in ids[start:start + ITEMS_READ]]
+            found = await self.items.batch_get(keys)
+            for key in keys:
+                record = found.get(key)
+                data = None if record is None else await self._item_data(record)
+                if data is not None:
+                    yield data
 
     async def _item_data(self, record: Item) -> bytes | None:
         """An item record's XML: inline, or its blob's (None: the blob is gone)."""

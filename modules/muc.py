@@ -6,7 +6,8 @@ loads the room a stanza is for, hands the stanza to the room
 answers, and writes what the room marked changed. Rooms live in this
 node's memory while they are in use; persistent ones are read from the
 stores the first time a stanza names them (stanzas for a room that is
-loading wait in order, up to MAX_WAITING of them), written back after each change, and unloaded once
+loading wait in order, up to MAX_WAITING of them, and leaves past that
+apart), written back after each change, and unloaded once
 nobody has been in them for `unload_after` seconds (`unload_idle`).
 
 Storage (per virtual host):
@@ -91,7 +92,8 @@ MAX_WAITING = 1000
 """Stanzas one room may have waiting while it loads (its lease claimed, its state read):
 past that, each is answered resource-constraint (wait) at once, never queued without
 bound while Redis or the stores are slow (the outbox's MAX_BACKLOG does the same for
-what the room sends)."""
+what the room sends). A leave (unavailable presence) is not: it waits apart, one per
+session (`_leave_later`), for up to MAX_WAITING sessions, more than a room holds."""
 CLAIM_RETRY = 1.0  # seconds between two claims of a room another node still runs
 ASK_AFTER = 4.0
 """Seconds a claim waits for the holder to let go at its heartbeat (every 3 s) before it
@@ -220,6 +222,8 @@ class Muc(Module):
         self.rooms: dict[str, Room] = {}  # room bare JID -> live room
         self.outbox = Outbox(self.host)  # each room's output, in slices, in order
         self._loading: dict[str, list[Routed]] = {}  # room bare JID -> stanzas waiting
+        # Room bare JID -> full JID -> its leave, come past MAX_WAITING (`_leave_later`).
+        self._leaves: dict[str, dict[str, Routed]] = {}
         self._saving: dict[str, tuple[Room, asyncio.Future[None]]] = {}
         self.services: dict[str, str] = {}  # service domain -> virtual host
         # Full JID -> the rooms it sent presence to while its session lives: where to
@@ -441,6 +445,8 @@ class Muc(Module):
         if room_jid not in self.rooms or self.rooms[room_jid] is not room:
             return  # gone already, or loaded again since
         del self.rooms[room_jid]
+        if self.live is not None:
+            self.live.lost_lease(room_jid)
         sessions = [(jid, occupant.nick) for jid, occupant in room.by_jid.items()]
         out = room.shut_down()
         for jid, nick in sessions if self.live is not None else ():
@@ -578,13 +584,36 @@ class Muc(Module):
         if waiting is not None:
             if len(waiting) < MAX_WAITING:
                 waiting.append(routed)
-            else:  # (an IQ result or an error is never answered: `_error` drops it)
+            elif not self._leave_later(room_jid, routed):
+                # (an IQ result or an error is never answered: `_error` drops it)
                 self._error(stanza, StanzaError(
                     "resource-constraint", "the room is loading, try again", "wait"
                 ), room_jid)
             return
         self._loading[room_jid] = [routed]
         self.host.spawn(self._load(room_jid, routed))
+
+    def _leave_later(self, room_jid: str, routed: Routed) -> bool:
+        """Keep a leave (unavailable presence) that came for a loading room past
+        MAX_WAITING, to be handled after the stanzas that wait (all sent before it): a
+        session must always be able to leave, never be refused and stay in the room
+        as a ghost. One per session (a later leave of the same session replaces it:
+        the room hears one), so what waits here is bounded by the sessions that leave,
+        and by MAX_WAITING of them. False: not a leave, or past that bound."""
+        stanza = routed.stanza
+        if stanza.tag != ns.C_PRESENCE or stanza.get("type") != "unavailable":
+            return False
+        leaves = self._leaves.setdefault(room_jid, {})
+        sender = stanza.get("from", "")
+        if sender not in leaves and len(leaves) >= MAX_WAITING:
+            return False
+        leaves[sender] = routed
+        return True
+
+    def _take_waiting(self, room_jid: str) -> list[Routed]:
+        """What waits for the room, in the order it is handled: the stanzas, then the
+        leaves that came past MAX_WAITING."""
+        return [*self._loading.pop(room_jid, []), *self._leaves.pop(room_jid, {}).values()]
 
     async def _load(self, room_jid: str, first: Routed) -> None:
         """Read the room before handling what waits for it: on a cluster, once this
@@ -616,14 +645,14 @@ class Muc(Module):
                     owned = await self._stored_rooms_of(self._vhost(room_jid), creator)
         except Exception:
             self.log.exception("muc: could not load %s", room_jid)
-            for routed in self._loading.pop(room_jid, []):
+            for routed in self._take_waiting(room_jid):
                 self._error(
                     routed.stanza, StanzaError("internal-server-error", "try again"), room_jid
                 )
             if claimed:
                 self._hand_over(room_jid, None)
             return
-        waiting = self._loading.pop(room_jid, [])
+        waiting = self._take_waiting(room_jid)
         owner = self.owner(room_jid) if self.host.clustered else None
         if owner not in (None, self.host.node_name) or not claimed:
             # The room moved while it loaded: to its new owner (here what cannot go).
@@ -653,13 +682,15 @@ class Muc(Module):
             self._to_room(room_jid, live, routed, owned, past)
             made = made or live is not None or room_jid in self.rooms
         if self.live is not None and room_jid not in self.rooms:
-            self._drop(room_jid)  # never made, or gone already: no record left behind
+            # Never made, or gone already (dropped then): no record left behind.
+            self._drop(room_jid, ran=False)
 
-    def _drop(self, room_jid: str) -> None:
-        """Drop the room's record; a load of that room waits for it (a claim that went
-        first would find the record, and lose it to the drop)."""
+    def _drop(self, room_jid: str, ran: bool) -> None:
+        """Drop the room's record (`ran`: the room ran here, `LiveRooms.drop`); a load of
+        that room waits for it (a claim that went first would find the record, and lose
+        it to the drop)."""
         assert self.live is not None
-        dropping = self._dropping[room_jid] = self.live.drop(room_jid)
+        dropping = self._dropping[room_jid] = self.live.drop(room_jid, ran)
         dropping.add_done_callback(
             lambda done: self._dropping.pop(room_jid)
             if self._dropping.get(room_jid) is done else None
@@ -896,7 +927,7 @@ class Muc(Module):
             if jid in self.rooms and self.rooms[jid] is room:
                 del self.rooms[jid]
                 if self.live is not None:
-                    self._drop(jid)
+                    self._drop(jid, ran=True)
             room.destroyed = True
             if room.stored or room.config.persistent:
                 self._save(room, at_once=True)  # deletes what was stored
@@ -1039,9 +1070,13 @@ class Muc(Module):
             if room is not None:
                 if room.occupant_of(jid) is not None:
                     self._apply(room, room.session_gone(jid))
-            elif self.host.clustered and self.owner(room_jid) != self.host.node_name:
-                # Run on another node: tell it as the client would have (a room that
-                # does not know the JID ignores it).
+            elif room_jid in self._loading or (
+                self.host.clustered and self.owner(room_jid) != self.host.node_name
+            ):
+                # Loading here (the session's join may wait in it: the leave goes
+                # behind it, lest the join make a ghost once loaded), or run on another
+                # node: tell it as the client would have (a room that does not know the
+                # JID ignores it).
                 gone = etree.Element(ns.C_PRESENCE, nsmap={None: ns.CLIENT})
                 gone.set("type", "unavailable")
                 gone.set("from", jid)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,6 +65,10 @@ class OfflineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_messages: int = Field(default=100, ge=1)
     max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    first_wait: float = Field(default=10.0, gt=0)
+    """Seconds new stanzas for a user who just came online wait behind the delivery of
+    the stored messages (stored first, XEP-0160); a store slower than that lets them go
+    on, and the stored messages follow (logged)."""
 
 
 class QuotaExceeded(Exception):
@@ -155,7 +160,7 @@ class Offline(Module):
         self._negative: set[ClientSession] = set()
         self.host.add_feature(FEATURE)
         self.host.hook("message/offline", self.on_offline)
-        self.host.hook("presence/broadcast", self.on_broadcast)
+        self.host.on("presence/broadcast", self.on_broadcast)
         self.host.hook("session/closed", self.on_closed)
 
     # --- storing -----------------------------------------------------------------------
@@ -272,21 +277,26 @@ class Offline(Module):
 
     # --- delivering --------------------------------------------------------------------
 
-    async def on_broadcast(
-        self, stanza: etree._Element, session: ClientSession, initial: bool
-    ) -> bool:
+    def on_broadcast(self, stanza: etree._Element, session: ClientSession, initial: bool) -> None:
+        """Sync, in the router's call: the delivery of the stored messages is queued
+        ahead of whatever comes for the account next, so that none overtakes them
+        (XEP-0160; RFC 6121 8.5.2). The async hook ran after other hooks and tasks,
+        and a message routed meanwhile reached the client before the stored ones."""
         if stanza.get("type") == "unavailable":
             self._negative.discard(session)
-            return False
+            return
         priority = _priority(stanza)
         was_negative = session in self._negative
         if priority < 0:
             self._negative.add(session)
-            return False
+            return
         self._negative.discard(session)
         if initial or was_negative:
-            self.host.spawn(self.deliver_stored(session))
-        return False  # never stop the chain: presence still goes to contacts
+            self.host.run_ahead(
+                session.bare,
+                functools.partial(self.deliver_stored, session),
+                self.options.first_wait,
+            )
 
     async def on_closed(self, session: ClientSession) -> bool:
         self._negative.discard(session)

@@ -10,6 +10,11 @@ deletes it, ends its other sessions on this node, deletes every module's data
 of it (`ModuleHost.remove_account`, the same removal `xmppctl unregister`
 runs), answers, and then ends the session that asked. Both use
 <not-authorized/> (XEP-0077 section 3.2).
+
+A name listed in `admins` or `auth.proxy_auth` is never registered in-band
+(xmppd/auth/privileged.py): its rights would go to whoever asked first. The
+refusal is <not-acceptable/>, worded like that of an invalid name so that it
+does not tell a stranger which names carry rights; the log says which key lists it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from xmppd.auth.accounts import (
     InvalidUsername,
     normalize_username,
 )
-from xmppd.config import Seconds
+from xmppd.auth.privileged import privileged_jids
+from xmppd.config import Seconds, format_loc
 from xmppd.jid import JID
 from xmppd.modulehost import (
     AccountDataRemains,
@@ -155,6 +161,7 @@ class Register(Module):
             username = normalize_username(username)
         except InvalidUsername:
             raise StanzaError("not-acceptable", "this user name is not allowed") from None
+        self._refuse_privileged(username, request)
         self._check_password(password)
         slot = await self.shared.reserve(request.ip)
         if slot is None:
@@ -176,6 +183,21 @@ class Register(Module):
             if not registered:  # only accounts made count against the address
                 await self.shared.release(slot)
         log.info("registered %s@%s from %s", username, request.host, request.ip)
+
+    def _refuse_privileged(self, username: str, request: PreAuthRequest) -> None:
+        """Refuse a name the config gives rights to (see the module doc), logged."""
+        config = self.host.config
+        if config is None:
+            return
+        jid = f"{username}@{request.host}"
+        loc = privileged_jids(config).get(jid)
+        if loc is None:
+            return
+        log.warning(
+            "in-band registration of %s from %s refused: %s (%s) lists it",
+            jid, request.ip, format_loc(loc), config.source.where(loc),
+        )
+        raise StanzaError("not-acceptable", "this user name is not allowed")
 
     # --- after authentication: the account's own registration -------------------------
 

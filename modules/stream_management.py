@@ -9,7 +9,10 @@ new stream, authenticated as the same account, and gets the unacknowledged
 stanzas again; or until the resume timeout, when the session ends and what
 it never acknowledged is handled as for any session that ends: messages are
 routed again (another resource, else offline storage), IQ requests are
-answered with an error, the rest is dropped.
+answered with an error, the rest is dropped. Not routed again, as that would
+deliver them twice: copies made for that session only (`_copy_for_one`), and
+a message other sessions got in the same delivery while one of them has it
+(`Copies`).
 
 The session is the node's `ClientSession` all along: the router and the other
 modules never learn that its stream changed. The core gives this module a few
@@ -45,6 +48,7 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from lxml import etree
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,7 +57,7 @@ from redis.exceptions import RedisError
 
 from xmppd.cluster import heartbeat, schema
 from xmppd.cluster.smstore import RETRY_DELAY, Change, SMStore
-from xmppd.modulehost import ElementRequest, Module
+from xmppd.modulehost import ElementRequest, Module, SharedDelivery
 from xmppd.session import ClientSession, Transport
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
@@ -75,6 +79,8 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 EXPIRED_REMEMBERED = 10_000
 """How many ended resumable sessions are remembered to answer a late <resume/> with
 <failed h=''/> (so the client learns which of its stanzas the server handled)."""
+CARBONS = frozenset({"{urn:xmpp:carbons:2}sent", "{urn:xmpp:carbons:2}received"})
+PUBSUB_EVENT = "{http://jabber.org/protocol/pubsub#event}event"
 
 
 class SMOptions(BaseModel):
@@ -110,7 +116,6 @@ class Stats:
         self.rerouted = 0  # unacked messages routed again (offline storage, other resources)
         self.timeout_messages = 0  # of those, of sessions not resumed in time
         self.errored = 0  # unacked IQ requests answered with an error
-        self.clamped = 0  # acks one over what was sent (xmpp.js)
 
 
 class SMState:
@@ -119,7 +124,7 @@ class SMState:
     __slots__ = (
         "session", "id", "resumable", "max", "inner", "handled", "sent", "queue",
         "requested", "timer", "closed", "handed", "timed_out", "stored_sent",
-        "stored_acked", "confirmed_sent", "change",
+        "stored_acked", "confirmed_sent", "change", "copies", "resuming",
     )
 
     def __init__(self, session: ClientSession, inner: Transport | None, resumable: bool,
@@ -147,6 +152,47 @@ class SMState:
         # over finds (a write built may still be refused, or fail).
         self.confirmed_sent = -1
         self.change: Callable[[bool], Change] | None = None  # this session's Redis write
+        # Queued stanzas that other sessions were given too (one shared delivery), with
+        # what those know of it: only the last to give it back routes it again.
+        self.copies: dict[etree._Element, Copies] = {}
+        # The <resume/> that takes the session over once its old stream's stanzas are
+        # routed (`StreamManagement._resume_when_routed`); a later one supersedes it.
+        self.resuming: ElementRequest | None = None
+
+
+class Copies:
+    """One message the delivery rules gave this node's SM sessions and others at once
+    (a message to a bare JID, equal top priorities: RFC 6121 8.5.2.1.1).
+
+    A session that ends with it unacknowledged routes it again only if no other
+    recipient has it: none acknowledged it, none is still holding it (unacked, or
+    waiting to be resumed: it decides when it ends), and none is without stream
+    management here (that one had it written to its stream, as far as the server can
+    know; a session of another node, its node decides). Otherwise every resource
+    that timed out would send it on again: to the others, which have it, or to
+    offline storage once per session."""
+
+    __slots__ = ("holders", "had")
+
+    def __init__(self, had: bool) -> None:
+        self.holders: set[SMState] = set()  # SM sessions of this node holding it unacked
+        self.had = had  # a recipient surely got it
+
+
+def _copy_for_one(stanza: etree._Element) -> bool:
+    """A message the server made for the session it went to, next to an original
+    delivered elsewhere: a carbon (XEP-0280, from the account's own bare JID; the
+    original went to its addressee) or a pubsub event notification to a full JID
+    (PEP's +notify: each interested resource gets its own). Routed again, it would
+    reach resources that have it already, the sender of the original among them, or
+    offline storage, which would replay it as a new message."""
+    to = stanza.get("to") or ""
+    for child in stanza:
+        if child.tag in CARBONS:
+            return stanza.get("from") == to.partition("/")[0]
+        if child.tag == PUBSUB_EVENT:
+            return "/" in to
+    return False
 
 
 class SMTransport:
@@ -167,6 +213,9 @@ class SMTransport:
             return False
         sm.queue.append(stanza)
         sm.sent += 1
+        shared = self.module.host.shared_delivery(stanza)
+        if shared is not None:
+            self.module.shares(sm, stanza, shared)
         self.module.save(sm)
         if len(sm.queue) > self.module.options.max_unacked:
             self.module.overflow(sm)
@@ -252,6 +301,8 @@ class StreamManagement(Module):
         self.store: SMStore | None = None
         self.claiming: set[str] = set()  # ids whose claim (a resume from Redis) is under way
         self._settling = False
+        # What this node's SM sessions know of each message they were given together.
+        self.shared: WeakKeyDictionary[SharedDelivery, Copies] = WeakKeyDictionary()
 
     async def start(self) -> None:
         cluster = self.host.cluster
@@ -421,9 +472,18 @@ class StreamManagement(Module):
         else:
             self.end(sm)
         for stanza in later:
-            self._unacked(stanza)
+            self._unacked(stanza, sm=sm)
 
     # --- counting and acks ----------------------------------------------------------
+
+    def shares(self, sm: SMState, stanza: etree._Element, shared: SharedDelivery) -> None:
+        """`stanza`, just queued for `sm`, went to other sessions too (one delivery)."""
+        copies = self.shared.get(shared)
+        if copies is None:
+            had = any(s.state.get(KEY) is None for s in shared.sessions)
+            copies = self.shared[shared] = Copies(had)
+        copies.holders.add(sm)
+        sm.copies[stanza] = copies
 
     def count_in(self, stanza: etree._Element, origin: ClientSession) -> bool:
         sm: SMState | None = origin.state.get(KEY)
@@ -475,10 +535,13 @@ class StreamManagement(Module):
             sm.timer = None
 
     def _acked(self, sm: SMState, h_attr: str | None, taken_over: bool = False) -> None:
-        """Drop what the client says it handled. An h one over what was sent (xmpp.js
-        0.14 does that) counts as all of it; more over than that ends the stream, except
-        for a session `taken_over` from Redis: its old node may have sent stanzas its last
-        write did not record (docs/cluster.md), which the client has; `sent` catches up."""
+        """Drop what the client says it handled. An h over what was sent ends the stream
+        (<undefined-condition/>, as Prosody does), except for a
+        session `taken_over` from Redis: its old node may have sent stanzas its last
+        write did not record (docs/cluster.md), which the client has; `sent` catches up.
+        No client is known to ack one too many: the one-over h this once let pass came
+        from the stream's own answers (legacy session IQ, <bad-request/>), which the
+        client counted and `sent` did not; they are counted now (c2s.StanzaAnswered)."""
         try:
             h = int(h_attr or "")
             if not 0 <= h < COUNTER:
@@ -496,13 +559,6 @@ class StreamManagement(Module):
                               sm.session.jid, new - len(sm.queue))
                 sm.sent += new - len(sm.queue)
                 new = len(sm.queue)
-            elif new == len(sm.queue) + 1:
-                self.stats.clamped += 1
-                self.log.warning(
-                    "%s acknowledged %d stanzas, one more than sent: taken as all of them",
-                    sm.session.jid, h,
-                )
-                new = len(sm.queue)
             else:
                 self._fail_stream(
                     sm,
@@ -512,8 +568,15 @@ class StreamManagement(Module):
                     ),
                 )
                 return
-        for _ in range(new):
-            sm.queue.popleft()
+        if sm.copies:
+            for _ in range(new):
+                copies = sm.copies.pop(sm.queue.popleft(), None)
+                if copies is not None:
+                    copies.had = True
+                    copies.holders.discard(sm)
+        else:
+            for _ in range(new):
+                sm.queue.popleft()
         if new:
             self.save(sm)
 
@@ -624,10 +687,42 @@ class StreamManagement(Module):
         old = sm.inner
         sm.inner = None  # from now on the old stream (if any) ends without ending the session
         if old is not None:
+            # Nothing more is read from it: what it sent until now is all h counts.
             old.close(StreamError("conflict", "the session was resumed on another stream"))
         if sm.timer is not None:
             sm.timer.cancel()
             sm.timer = None
+        sm.resuming = request
+        if sm.session.busy:
+            # Stanzas the old stream sent still wait to be routed (behind one a filter
+            # made wait): counted only then. Answered now, h would leave them out, and
+            # the client would send them again, duplicates, its h behind ours for good.
+            self.host.spawn(self._resume_when_routed(sm, request))
+            return
+        self._attach(sm, request)
+
+    async def _resume_when_routed(self, sm: SMState, request: ElementRequest) -> None:
+        """Resume once the session's client stanzas are routed (HANDOVER_WAIT at most),
+        unless the session ended or a later <resume/> took over meanwhile."""
+        try:
+            async with asyncio.timeout(HANDOVER_WAIT):
+                await _routed(sm.session)
+        except TimeoutError:
+            self.log.warning("%s: its old stream's stanzas still wait to be routed after "
+                             "%g s; resumed, its client may send them again",
+                             sm.session.jid, HANDOVER_WAIT)
+        if sm.resuming is not request or sm.closed or sm.handed:
+            # A later <resume/> has it, or it ended meanwhile.
+            self.stats.resume_failed += 1
+            known = self.expired.get(sm.id)
+            request.reply(_failed("item-not-found", known[1] if known is not None else None))
+            return
+        self._attach(sm, request)
+
+    def _attach(self, sm: SMState, request: ElementRequest) -> None:
+        """Carry the session on the stream of `request`, a <resume/> accepted."""
+        assert request.attach is not None
+        sm.resuming = None
         inner = request.attach(sm.session)
         if inner is None:  # the new stream ended meanwhile: the session waits on
             sm.timer = asyncio.get_running_loop().call_later(sm.max, self._timeout, sm)
@@ -775,11 +870,25 @@ class StreamManagement(Module):
                 self.store.drop(sm.id, sm.handled)
         queue, sm.queue = sm.queue, deque()
         for stanza in queue:
-            self._unacked(stanza, sm.timed_out)
+            self._unacked(stanza, sm.timed_out, sm)
+        sm.copies.clear()
 
-    def _unacked(self, stanza: etree._Element, timed_out: bool = False) -> None:
+    def _unacked(
+        self, stanza: etree._Element, timed_out: bool = False, sm: SMState | None = None
+    ) -> None:
+        """A stanza a session that ends (`sm`, None: one read back from Redis) never
+        acknowledged: a message is routed again, unless it is a copy of one delivered
+        elsewhere or another recipient of the same delivery has it (`Copies`), so that
+        it reaches nobody twice; an IQ request is answered with an error."""
         type_ = stanza.get("type")
+        copies = None
+        if sm is not None and sm.copies:
+            copies = sm.copies.pop(stanza, None)
+            if copies is not None:
+                copies.holders.discard(sm)
         if stanza.tag == ns.C_MESSAGE and type_ not in ("error", "groupchat"):
+            if (copies is not None and (copies.had or copies.holders)) or _copy_for_one(stanza):
+                return  # delivered: the ledger keeps that fate
             self.stats.rerouted += 1
             self.host.ledger.rerouted += 1  # its delivery is taken back; a new fate follows
             if timed_out:
@@ -861,7 +970,6 @@ class StreamManagement(Module):
              "storage unless the account has another resource).", stats.timeout_messages),
             ("errored", "Unacknowledged IQ requests of ended sessions answered with an error.",
              stats.errored),
-            ("clamped", "Acks one over what was sent, taken as all (xmpp.js).", stats.clamped),
         ):
             yield CounterMetricFamily(f"xmppd_sm_{name}", text, value=value)
         waiting = sum(1 for sm in self.active if sm.inner is None)

@@ -62,6 +62,7 @@ from xmppd.nodetls import NodeTLS
 from xmppd.session import ClientSession
 from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StreamError
+from xmppd.xml.text import xml_can_carry
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -96,10 +97,27 @@ def admin_dir(data_dir: Path) -> Path:
     return data_dir / "admin"
 
 
+MIN_TOKEN_LENGTH = 32
+"""Characters a token file must hold at least. An operator may write a token of their
+own (shared by the nodes of a cluster through a shared folder); an empty or short one
+would let `Authorization: Bearer` with nothing, or a guess, through."""
+
+
+class WeakToken(Exception):
+    """A token file holds fewer than MIN_TOKEN_LENGTH characters; names the file."""
+
+
 def read_token(data_dir: Path, name: str = TOKEN_FILE) -> str:
     """The deployment's admin token, or its metrics token (OSError when it cannot be
-    read)."""
-    return (admin_dir(data_dir) / name).read_text(encoding="ascii").strip()
+    read, WeakToken when it is too short to be a secret)."""
+    path = admin_dir(data_dir) / name
+    token = path.read_text(encoding="ascii").strip()
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise WeakToken(
+            f"{path} holds {len(token)} characters, fewer than the {MIN_TOKEN_LENGTH} of a "
+            "token: write a longer random one (or delete the file: the server makes one)"
+        )
+    return token
 
 
 def ensure_token(data_dir: Path, name: str = TOKEN_FILE) -> str:
@@ -207,10 +225,13 @@ class AdminAPI:
     ) -> web.StreamResponse:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         presented = given.strip().encode()
-        valid = hmac.compare_digest(presented, self._token) or (
-            request.method == "GET"
-            and request.path in READ_ONLY_PATHS
-            and hmac.compare_digest(presented, self._metrics_token)
+        valid = bool(presented) and (  # never an empty token, whatever a file holds
+            hmac.compare_digest(presented, self._token)
+            or (
+                request.method == "GET"
+                and request.path in READ_ONLY_PATHS
+                and hmac.compare_digest(presented, self._metrics_token)
+            )
         )
         if scheme.lower() != "bearer" or not valid:
             log.warning(
@@ -270,6 +291,8 @@ class AdminAPI:
             body = await request.json()
             jid = JID(str(body["jid"]))
             reason = str(body.get("reason") or KICK_REASON)
+            if not xml_can_carry(reason):  # the stream error that ends each session holds it
+                raise ValueError("the reason has characters XML cannot carry")
         except (ValueError, KeyError, TypeError, AttributeError, InvalidJID) as e:
             raise web.HTTPBadRequest(
                 text=json.dumps({"error": f'expected {{"jid": JID, "reason": TEXT}}: {e}'}),

@@ -41,6 +41,7 @@ from xmppd.jid import JID, InvalidJID
 from xmppd.storage.base import StorageError
 from xmppd.stream.errors import StreamError
 from xmppd.xml import ns
+from xmppd.xml.text import xml_can_carry
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -133,10 +134,8 @@ class AdminRoutes:
         subject = str(body.get("subject") or "")
         if host not in self.server.config.hosts or not text:
             raise _bad(f'expected {{"host": one of {list(self.server.config.hosts)}, "body"}}')
-        try:  # control characters, lone surrogates: refused before any session gets one
-            etree.Element("x").set("v", text + subject)
-        except ValueError:
-            raise _bad("the body or subject has characters XML cannot carry") from None
+        if not xml_can_carry(text + subject):  # refused before any session gets one
+            raise _bad("the body or subject has characters XML cannot carry")
         directory = self.server.router.directory
         targets = [
             session.jid
@@ -160,6 +159,8 @@ class AdminRoutes:
     async def ban(self, request: web.Request) -> web.Response:
         jid = self._account(request)
         reason = str((await _body(request)).get("reason") or "")
+        if not xml_can_carry(reason):  # the stream error that ends each session holds it
+            raise _bad("the reason has characters XML cannot carry")
         text = "this account was banned" + (f": {reason}" if reason else "")
         ended = await self.server.end_account_sessions(
             jid.domain, jid.user, StreamError("policy-violation", text)

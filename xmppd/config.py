@@ -31,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -44,7 +45,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 from slixmpp.jid import JID, InvalidJID
 
-from xmppd.components.config import ComponentsConfig
+from xmppd.components.config import ComponentsConfig, strong_secret
 from xmppd.configfile import locate, not_found
 from xmppd.proxyoptions import ProxyProtocolOptions
 from xmppd.s2s.config import S2SConfig
@@ -452,8 +453,14 @@ class ClusterConfig(BaseModel):
     link_advertise: Annotated[StrictStr, AfterValidator(_advertise)] | None = None
     """HOST or HOST:PORT the other nodes dial for this node's link (without a port: the
     bound one); None: the bound address."""
-    secret: StrictStr | None = Field(default=None, min_length=16)
+    # SecretStr, checked by strong_secret: never in a repr, a log line or an error message.
+    secret: SecretStr | None = None
     """The key nodes prove to each other on a link; None: one Redis keeps (SET NX)."""
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _strong(cls, value: object) -> object:
+        return None if value is None else strong_secret(value)
 
 
 def _is_loopback(address: str) -> bool:
@@ -831,50 +838,84 @@ def _error(problems: list[tuple[int, str]]) -> ConfigError:
 # --------------------------------------------------------------------------- YAML -> data + lines
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+MAX_YAML_VALUES = 100_000
+"""Values a file may hold once its aliases are expanded (a real config has hundreds).
+Aliases of aliases multiply ("billion laughs": nine levels of nine make 387 million),
+and each expanded value is walked here and validated later: past this the file is
+refused at once instead of taking minutes and gigabytes."""
 
 
-def _map_lines(
-    node: yaml.Node,
-    loc: Loc,
-    lines: dict[Loc, int],
-    dups: list[tuple[int, str]],
-    source_name: str,
-    merged: bool = False,
-) -> None:
-    """Record the line of every key and list item under `node`; report duplicate keys
-    (PyYAML silently keeps the last one, hiding the operator's mistake).
+class _LineMap:
+    """The line of every key and list item of a file, its duplicate keys, and its
+    aliases checked: an alias inside the node it names (a cycle), or aliases that
+    expand past MAX_YAML_VALUES, stop the load with ConfigError naming file and line."""
 
-    `merged`: `node` is merged in with "<<: *anchor", so keys written in the
-    mapping itself (already recorded) win over its keys."""
-    lines.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
+    def __init__(self, source_name: str, lines: dict[Loc, int], dups: list[tuple[int, str]]):
+        self.name = source_name
+        self.lines = lines
+        self.dups = dups
+        self.values = 0
+        self.open: set[int] = set()  # the nodes being walked: `node` and its parents
+
+    def walk(self, node: yaml.Node, loc: Loc, line: int, merged: bool = False) -> None:
+        """Record the line of every key and list item under `node` (at `line`); report
+        duplicate keys (PyYAML silently keeps the last one, hiding the operator's
+        mistake).
+
+        `merged`: `node` is merged in with "<<: *anchor", so keys written in the
+        mapping itself (already recorded) win over its keys."""
+        if id(node) in self.open:
+            raise ConfigError([f"{self.name}:{line}: {format_loc(loc) or 'the file'}: an alias "
+                               "refers to a node that contains it"])
+        self.values += 1
+        if self.values > MAX_YAML_VALUES:
+            top = loc[:1]  # the key written in the file: deeper, lines are the anchors'
+            raise ConfigError([
+                f"{self.name}:{self.lines.get(top, line)}: {format_loc(top) or 'the file'}: "
+                f"the aliases expand to more than {MAX_YAML_VALUES} values; write the "
+                "values out instead"
+            ])
+        self.lines.setdefault(loc, node.start_mark.line + 1)
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                self._mapping(node, loc, merged)
+            elif isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    self.lines.setdefault(loc + (i,), item.start_mark.line + 1)
+                    self.walk(item, loc + (i,), self.lines[loc + (i,)])
+        finally:
+            self.open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, loc: Loc, merged: bool) -> None:
         seen: dict[str, int] = {}
-        merges: list[yaml.Node] = []
+        merges: list[tuple[yaml.Node, int]] = []
         for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
             if key_node.tag == _MERGE_TAG:
-                merges.append(value_node)
+                merges.append((value_node, line))
                 continue
             if not isinstance(key_node, yaml.ScalarNode):
                 continue
-            key, line = str(key_node.value), key_node.start_mark.line + 1
-            if merged and loc + (key,) in lines:
+            key = str(key_node.value)
+            if merged and loc + (key,) in self.lines:
                 continue
             if key in seen:
                 where = format_loc(loc + (key,))
-                text = f"{source_name}:{line}: {where}: duplicate key (first on line {seen[key]})"
-                dups.append((line, text))
+                text = f"{self.name}:{line}: {where}: duplicate key (first on line {seen[key]})"
+                self.dups.append((line, text))
                 continue
             seen[key] = line
-            lines[loc + (key,)] = line
-            _map_lines(value_node, loc + (key,), lines, dups, source_name)
-        for value_node in merges:
+            self.lines[loc + (key,)] = line
+            self.walk(value_node, loc + (key,), line)
+        for value_node, line in merges:
             subs = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-            for sub in subs:  # duplicates inside were reported where the anchor is defined
-                _map_lines(sub, loc, lines, [], source_name, merged=True)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines.setdefault(loc + (i,), item.start_mark.line + 1)
-            _map_lines(item, loc + (i,), lines, dups, source_name)
+            dups, self.dups = self.dups, []  # reported where the anchor is defined
+            try:
+                for sub in subs:
+                    self.walk(sub, loc, line, merged=True)
+            finally:
+                self.dups = dups
 
 
 def _parse(
@@ -887,7 +928,7 @@ def _parse(
         if node is None:
             return None, None
         # Lines first: constructing rewrites merge ("<<") mappings in place.
-        _map_lines(node, (), lines, dups, name)
+        _LineMap(name, lines, dups).walk(node, (), node.start_mark.line + 1)
         return node, loader.construct_document(node)
     finally:
         loader.dispose()
@@ -947,6 +988,8 @@ def load_config(path: Path | str | None) -> Config:
         node, data = _parse(text, name, lines, dups)
     except yaml.YAMLError as e:
         raise ConfigError([_yaml_problem(name, e)]) from None
+    except RecursionError:  # PyYAML composes nested values by recursion
+        raise ConfigError([f"{name}: values nested too deeply"]) from None
     if node is None or data is None:  # an empty file (or only comments): all defaults
         data = {}
     elif not isinstance(data, dict):

@@ -289,8 +289,13 @@ class C2SConnection(asyncio.Protocol):
             elif isinstance(event, c2s.NonzaReceived):
                 self._element(event.element)
             elif isinstance(event, c2s.StanzaAnswered):
-                assert self.session is not None  # the stream answers a bound client's only
-                self.server.modules.stanza_answered(event.stanza, self.session)
+                session = self.session
+                assert session is not None  # the stream answers a bound client's only
+                self.server.modules.stanza_answered(event.stanza, session)
+                if event.reply is not None:
+                    # Through the session, as every stanza to the client: stream
+                    # management counts and keeps it (XEP-0198 h, resent after a resume).
+                    session.deliver(event.reply)
             # StreamEnded needs nothing here: _flush() closes a closed stream's transport.
 
     def _flush(self) -> None:

@@ -26,16 +26,21 @@ Sync events (`on`; results ignored): modules/changed ()  a reload enabled or
 disabled modules, so the server's disco features may have changed;
 stanza/answered (stanza, session)  a stanza a client sent that its stream
 answered itself (a <bad-request/> refusal, the legacy session IQ, a second
-bind): it reaches no filter nor the router, yet the client counted it as sent.
+bind): it reaches no filter nor the router, yet the client counted it as sent;
+presence/broadcast (stanza, session, initial)  as the hook, but in the router's
+call, right after the echo: nothing for the account is routed in between.
 Routing events (sync, `on`; True: taken, nothing below runs): message/bare,
 message/full, message/host and the same for presence and iq (a `Routed`),
 with the RFC 6121 rules as the router's handlers at the lowest priority;
-message/delivered (Routed), once per delivered message, recipients known (not
-for one that the "stanza/in" filters of every chosen session refused).
+message/delivered (Routed), once per delivered message, recipients known, once
+a chosen session's "stanza/in" filters let it through (after any wait they asked
+for; not for one that every chosen session's filters refused).
 Filters (sync, `filter`; False drops, an awaitable waits): stanza/out (stanza,
 origin session), stanza/in (stanza, session), each for the stanza kinds it names
 (all by default), presence/self (stanza, session): a client's own broadcast
-presence as the router applies it.
+presence as the router applies it. A stanza/in filter that drops a delivery the
+sender is owed an error for calls `refuse`, not `bounce`: a message given to
+several resources is answered only if none took it.
 Non-stanza elements: `element`. Timers: `every`. Subdomains: `serve_domain`.
 IQs the server sends: `send_iq`. The other nodes of a cluster: `notify_cluster`
 and `on_cluster_notice` (a module that keeps per-user state in memory drops it
@@ -82,7 +87,7 @@ from xmppd.directory import LocalDirectory
 from xmppd.events import DEFAULT, STANZA_KINDS, kind_chain
 from xmppd.jid import JID
 from xmppd.ledger import MessageLedger
-from xmppd.router import Routed
+from xmppd.router import Routed, SharedDelivery
 from xmppd.storage.base import BlobStore, ItemStore, StorageError, TooLarge
 from xmppd.stream.errors import (
     StanzaError,
@@ -122,6 +127,16 @@ REDIS_PROBE_WAIT = 2.0
 """Seconds a cluster node's account removal waits at most for Redis to answer a PING
 before it starts: one that cannot reach Redis is refused then, not after the other
 nodes' OTHER_NODES_WAIT."""
+ACCOUNT_CHANGE_SETTLE = 10.0
+"""Seconds ending an account's sessions (Server.end_account_sessions) waits at most for
+the presence work it started."""
+ACCOUNT_REMOVAL_WAITS = REDIS_PROBE_WAIT + ACCOUNT_CHANGE_SETTLE + max(
+    ACCOUNT_WORK_WAIT, OTHER_NODES_WAIT
+)
+"""Seconds remove_account may wait on purpose, one wait after the other: the PING, the
+`removed` step ending the account's sessions, then this node's work and the other
+nodes' (at once). Its storage work comes on top. Whoever waits for a removal (xmppctl)
+must wait longer, or it gives up on one that is going well."""
 
 
 @dataclass(slots=True)
@@ -405,7 +420,10 @@ class ModuleHost:
         enabled or disabled modules. `stanza/answered` (stanza, session) comes for a
         stanza a local client sent that its stream answered itself, which no filter and
         no routing event sees: a <bad-request/> refusal, the legacy session IQ, a second
-        bind (results ignored).
+        bind (results ignored). `presence/broadcast` (stanza, session, initial) comes
+        in the router's call right after a client's own presence was applied and
+        echoed, before the hook of that name (results ignored): what must happen
+        before anything else reaches the account starts there (`run_ahead`).
         """
         self.events.on(event, handler, priority)
 
@@ -733,6 +751,15 @@ class ModuleHost:
         """Give a stanza to one session, through the "stanza/in" filters; see Router.deliver."""
         return self.router.deliver(session, stanza)
 
+    def shared_delivery(self, stanza: etree._Element) -> SharedDelivery | None:
+        """The delivery `stanza` is part of, while a transport is handed it, if the
+        delivery rules gave that message to other sessions too (a message to a bare JID
+        with two top-priority resources); None otherwise. A module that may take one
+        session's delivery back later (stream management) routes it again only if none
+        of the others still has it."""
+        shared = self.router.shared
+        return shared if shared is not None and shared.stanza is stanza else None
+
     def route(
         self,
         stanza: etree._Element,
@@ -760,6 +787,13 @@ class ModuleHost:
         """Answer `stanza` with a stanza error, unless it is itself an error."""
         self.router.bounce(stanza, condition, text)
 
+    def refuse(self, stanza: etree._Element, condition: str, text: str | None = None) -> None:
+        """What a "stanza/in" filter that drops a delivery calls when the sender is owed
+        an error (`condition`): for a message the delivery rules gave to several of the
+        recipient's sessions, the router answers only if none of them took it; anything
+        else is answered at once, as `bounce` does. See `Router.refuse`."""
+        self.router.refuse(stanza, condition, text)
+
     def spawn(self, work: Awaitable[T], account: str | None = None) -> asyncio.Future[T]:
         """Run `work` as a task the node tracks (waited for at shutdown, errors logged).
         Started by an account's stanza, it is that account's work: its removal waits
@@ -773,6 +807,16 @@ class ModuleHost:
         contacts send it), which its removal must wait for, or the write would land
         after the account's data was deleted."""
         return self.router.spawn(work, account)
+
+    def run_ahead(self, bare: str, work: Callable[[], Awaitable[object]], wait: float) -> None:
+        """Run `work()` before any stanza routed to the local account `bare` from now on
+        reaches it (offline messages before new ones, XEP-0160): those wait behind it
+        in the account's serial queue, and what `work` delivers to the account goes
+        straight. Called from a sync handler, nothing can slip in between. The stanzas
+        wait at most `wait` seconds: then they go on, `work` keeps running and what it
+        delivers later follows them (logged), so a store that hangs delays the account
+        but neither holds it for good nor loses anything."""
+        self.router.ahead(bare, work, wait)
 
     def spawn_shared(self, work: Awaitable[T]) -> asyncio.Future[T]:
         """`spawn` for work that serves many senders (a room's output queue): nobody's,

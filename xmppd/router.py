@@ -70,6 +70,9 @@ one client can make the server hold."""
 
 _SERIAL: contextvars.ContextVar[str | None] = contextvars.ContextVar("serial", default=None)
 """The account whose queued routing jobs the current task runs (Router._run_serially)."""
+_OUTCOME: contextvars.ContextVar[_Outcome | None] = contextvars.ContextVar("outcome", default=None)
+"""The message whose delivery to one chosen session the current task finishes after a
+filter's wait (Router._deliver_after): a refusal there counts against it (`Router.refuse`)."""
 
 _KINDS = {ns.C_MESSAGE: "message", ns.C_PRESENCE: "presence", ns.C_IQ: "iq"}
 _EVENTS = {
@@ -92,6 +95,24 @@ def _first_done(futures: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
     for future in futures:
         future.add_done_callback(finished)
     return first
+
+
+@dataclass(slots=True, eq=False)
+class _Outcome:
+    """What became of one message given to the sessions the delivery rules chose, when
+    that is not known at once: a "stanza/in" filter refused it for one of them
+    (`Router.refuse`), or a delivery waits for a filter (a record loading).
+
+    One session's refusal is answered only if no other chosen session took the message
+    (RFC 6121 8.5.2: delivered to one resource is delivered; the error would be false,
+    and a client that trusts it sends the message again), and "message/delivered"
+    comes only once one took it. `pending`: the deliveries still waiting, plus one for
+    the routing call itself until its loop over the sessions ends (`Router._give`)."""
+
+    routed: Routed
+    pending: int = 1
+    taken: bool = False
+    refusal: tuple[str, str | None] | None = None  # the first error owed, if none takes it
 
 
 class _Job(NamedTuple):
@@ -118,6 +139,24 @@ class Routed:
     bounce: bool = True
     recipients: list[ClientSession] = field(default_factory=list)
     private: bool = False
+
+
+class SharedDelivery:
+    """One message the delivery rules gave to several sessions at once (RFC 6121
+    8.5.2.1.1: equal top priority; a headline: every non-negative resource).
+
+    Each of those sessions is handed the same `stanza`. A module that may later take
+    one session's delivery back (stream management, for a message the client never
+    acknowledged) learns from this that the others have it too, so that it routes
+    the message again only if none of them does: `ModuleHost.shared_delivery`.
+    Weakly referable, so such a module can key what it learns by it.
+    """
+
+    __slots__ = ("stanza", "sessions", "__weakref__")
+
+    def __init__(self, stanza: etree._Element, sessions: list[ClientSession]) -> None:
+        self.stanza = stanza
+        self.sessions = sessions
 
 
 ComponentHandler = Callable[[Routed], None]
@@ -173,11 +212,16 @@ class Router:
         self._routed = 0
         # What the stanza route() is handling now waits for (see deliver), None outside.
         self._waits: list[asyncio.Future[Any]] | None = None
-        # The sessions the delivery rules chose for the message being delivered now.
-        self._chosen: list[ClientSession] = []
-        # Deliveries a "stanza/in" filter refused on the spot: a message that every
-        # chosen session refused is not "message/delivered" (no carbon copies it).
-        self._refused = 0
+        # The message being delivered now, when the delivery rules chose several
+        # sessions (stream management learns from it that the others have it too),
+        # that message, and what became of it when not known at once (`_give`).
+        self.shared: SharedDelivery | None = None
+        self._delivering: Routed | None = None
+        self._outcome: _Outcome | None = None
+        # Deliveries not taken on the spot: a "stanza/in" filter refused them, failed on
+        # them or made them wait. A message that no chosen session took is not
+        # "message/delivered" (no carbon copies it).
+        self._untaken = 0
         self._tasks: set[asyncio.Future[object]] = set()
         self._serial: dict[str, deque[_Job]] = {}
         # A queue's runner -> the jobs the job it runs now queued (its completion waits
@@ -439,11 +483,13 @@ class Router:
         be blocked nor lose it silently; presence is dropped.
 
         The error for a local sender (`origin`) goes straight to its session:
-        through the filters it would meet the same unreadable rules."""
+        through the filters it would meet the same unreadable rules. One delivery of a
+        message among several chosen sessions is answered only if no other took it
+        (`refuse`)."""
         if stanza.tag == ns.C_PRESENCE:
             return
         if origin is None:
-            self.bounce(stanza, "internal-server-error", "try again later")
+            self.refuse(stanza, "internal-server-error", "try again later")
             return
         type_ = stanza.get("type")
         if type_ == "error" or (stanza.tag == ns.C_IQ and type_ not in ("get", "set")):
@@ -509,13 +555,14 @@ class Router:
                 if verdict is True:
                     continue
                 if verdict is False:
-                    self._refused += 1
+                    self._untaken += 1
                 else:
                     self._deliver_later(verdict, chain.index(entry), session, stanza)
                 return True
         except Exception:
             # A module's bug: this delivery cannot be judged, the others still go.
             log.exception("a stanza/in filter failed delivering to %s", session.jid)
+            self._untaken += 1
             self.refuse_unjudged(stanza)
             return False
         if session.deliver(stanza):
@@ -534,11 +581,18 @@ class Router:
         stanza: etree._Element,
     ) -> None:
         """Queue the rest of a delivery behind what the account waits for; the stanza
-        being routed (and so its sender) waits for it too (_serially)."""
-        chosen = [s for s in self._chosen if s is not session]
+        being routed (and so its sender) waits for it too (_serially). A message the
+        delivery rules chose `session` for is not known to be taken until then."""
+        self._untaken += 1
+        shared = self.shared if self.shared is not None and self.shared.stanza is stanza else None
+        outcome = self._outcome_of(stanza)
+        if outcome is not None:
+            outcome.pending += 1
         self._serially(
             session.bare,
-            functools.partial(self._deliver_after, pending, index, session, stanza, chosen),
+            functools.partial(
+                self._deliver_after, pending, index, session, stanza, shared, outcome
+            ),
         )
 
     async def _deliver_after(
@@ -547,27 +601,94 @@ class Router:
         index: int,
         session: ClientSession,
         stanza: etree._Element,
-        chosen: list[ClientSession],
+        shared: SharedDelivery | None,
+        outcome: _Outcome | None,
     ) -> None:
         """The "stanza/in" filter at `index` asked to wait (or, with no `pending`,
         the account had something waiting): wait, then go on from that filter.
-        `chosen`: the other sessions the rules gave the same message to."""
+        `shared`: the delivery, when the rules gave the same message to other sessions;
+        `outcome`: that message's, which this delivery settles its share of."""
         chain = self._in_by_tag.get(stanza.tag, self._in)  # the one `index` is in
-        if not await self._pass_after(chain, index, pending, stanza, session, None):
-            return
+        try:
+            token = _OUTCOME.set(outcome)  # what the filters refuse counts against it
+            try:
+                passed = await self._pass_after(chain, index, pending, stanza, session, None)
+            finally:
+                _OUTCOME.reset(token)
+            if passed and await self._deliver_judged(session, stanza, shared):
+                if outcome is not None:
+                    outcome.taken = True
+        finally:
+            if outcome is not None:
+                self._share_settled(outcome)
+
+    async def _deliver_judged(
+        self, session: ClientSession, stanza: etree._Element, shared: SharedDelivery | None
+    ) -> bool:
+        """The filters let a waiting delivery through: hand it over, or, if `session`
+        is gone, route it on. False when it was left to another chosen session."""
         if self.directory.get(session.bare, session.resource) is not session:
             # It ended meanwhile. If another session chosen for the same message is
-            # still bound, that one has it; else a message is routed again as if it
-            # had just come (other resources, or offline storage), the rest as for
-            # any session that just ended.
+            # still bound, that one has it (or refused it); else a message is routed
+            # again as if it had just come (other resources, or offline storage), the
+            # rest as for any session that just ended.
+            chosen = shared.sessions if shared is not None else ()
             if stanza.tag != ns.C_MESSAGE:
                 await self._undelivered(stanza, session)
-            elif not any(self.directory.get(s.bare, s.resource) is s for s in chosen):
+            elif any(
+                s is not session and self.directory.get(s.bare, s.resource) is s for s in chosen
+            ):
+                return False
+            else:
                 self._route_again(stanza, session)
-            return
-        if not session.deliver(stanza):
+            return True
+        previous, self.shared = self.shared, shared
+        try:
+            delivered = session.deliver(stanza)
+        finally:
+            self.shared = previous
+        if not delivered:
             self.directory.remove(session)
             await self._undelivered(stanza, session)
+        return True
+
+    def _outcome_of(self, stanza: etree._Element) -> _Outcome | None:
+        """The outcome a delivery or refusal of `stanza` now counts against: that of the
+        message `_give` is handing to its chosen sessions (made at the first delivery
+        not taken on the spot), or that of the waiting delivery being finished."""
+        routed = self._delivering
+        if routed is not None and routed.stanza is stanza:
+            if self._outcome is None:
+                self._outcome = _Outcome(routed)
+            return self._outcome
+        outcome = _OUTCOME.get()
+        if outcome is not None and outcome.routed.stanza is stanza and outcome.pending:
+            return outcome
+        return None
+
+    def _share_settled(self, outcome: _Outcome) -> None:
+        """One of the deliveries (or the routing call) `outcome` waited for is done."""
+        outcome.pending -= 1
+        if outcome.pending:
+            return
+        if outcome.taken:
+            if self._delivered:
+                self.events.notify("message/delivered", outcome.routed)
+        elif outcome.refusal is not None:
+            self.bounce(outcome.routed.stanza, *outcome.refusal)
+
+    def refuse(self, stanza: etree._Element, condition: str, text: str | None = None) -> None:
+        """A "stanza/in" filter refuses to deliver `stanza` to one session, and its sender
+        is owed `condition` (privacy: <service-unavailable/>). For a message the
+        delivery rules gave to several sessions, the error goes only if none of them
+        took it (the first refusal's condition), once they all answered: a message that
+        reached one resource was delivered, and an error would make the sender's client
+        send it again. Anything else is answered at once (`bounce`)."""
+        outcome = self._outcome_of(stanza)
+        if outcome is None:
+            self.bounce(stanza, condition, text)
+        elif outcome.refusal is None:
+            outcome.refusal = (condition, text)
 
     def _route_again(self, stanza: etree._Element, session: ClientSession) -> None:
         """A message its chosen session could not take: the rules again, now without it."""
@@ -628,11 +749,7 @@ class Router:
         stanza, jid = routed.stanza, routed.to
         session = self.directory.get(jid.bare, jid.resource)
         if session is not None:
-            routed.recipients.append(session)
-            refused = self._refused
-            self.deliver(session, stanza)
-            if self._delivered and self._refused == refused:
-                self.events.notify("message/delivered", routed)
+            self._give(routed, [session])
             return True
         type_ = stanza.get("type")
         if type_ == "groupchat":
@@ -744,17 +861,31 @@ class Router:
         if type_ != "headline" and len(eligible) > 1:  # one resource: nothing to choose
             top = max(s.priority for s in eligible)
             eligible = [s for s in eligible if s.priority == top]
-        routed.recipients.extend(eligible)
-        previous, self._chosen = self._chosen, eligible
-        taken = False  # by a session whose filters did not refuse it
+        self._give(routed, eligible)
+
+    def _give(self, routed: Routed, chosen: list[ClientSession]) -> None:
+        """Deliver a message to the sessions the rules chose; "message/delivered" once
+        one took it. Whatever a "stanza/in" filter refuses or makes wait is counted
+        against the message's `_Outcome`, made only then: a message every session
+        takes at once (most) costs two counter reads per session."""
+        stanza = routed.stanza
+        routed.recipients.extend(chosen)
+        shared = SharedDelivery(stanza, chosen) if len(chosen) > 1 else None
+        previous = self.shared, self._delivering, self._outcome
+        self.shared, self._delivering, self._outcome = shared, routed, None
+        taken = False  # by a session whose filters let it through at once
         try:
-            for session in eligible:
-                refused = self._refused
+            for session in chosen:
+                untaken = self._untaken
                 self.deliver(session, stanza)
-                taken = taken or self._refused == refused
+                taken = taken or self._untaken == untaken
         finally:
-            self._chosen = previous
-        if self._delivered and taken:
+            outcome = self._outcome
+            self.shared, self._delivering, self._outcome = previous
+            if outcome is not None:  # this call's share; the waiting ones settle theirs
+                outcome.taken = outcome.taken or taken
+                self._share_settled(outcome)
+        if outcome is None and taken and self._delivered:
             self.events.notify("message/delivered", routed)
 
     def _presence_full(self, routed: Routed) -> bool:
@@ -801,7 +932,28 @@ class Router:
             self.bounce(stanza, "service-unavailable")
         return True
 
-    def _serially(self, bare: str, job: Callable[[], object]) -> asyncio.Future[None]:
+    def ahead(self, bare: str, work: Callable[[], Awaitable[object]], wait: float) -> None:
+        """Run `work()` before any stanza routed to the local account `bare` from now on
+        reaches it: as a job in the account's serial queue, so that those queue behind
+        it, while what `work` delivers to the account goes straight through (XEP-0160:
+        stored messages before new ones). The client whose stanza set it off is not
+        held for it. After `wait` seconds the queue goes on without it, as a store that
+        hangs must not hold the account's stanzas for good: `work` runs on, and what it
+        delivers then reaches the account after them (logged)."""
+        self._serially(bare, functools.partial(self._ahead, bare, work, wait), hold=False)
+
+    async def _ahead(self, bare: str, work: Callable[[], Awaitable[object]], wait: float) -> None:
+        task = self._spawn(work(), self._current_account(), serial=bare)
+        done, _ = await asyncio.wait((task,), timeout=wait)
+        if not done:
+            log.warning(
+                "%s: what had to reach it first still runs after %g s: the stanzas "
+                "for it go on, and what that delivers follows them", bare, wait,
+            )
+
+    def _serially(
+        self, bare: str, job: Callable[[], object], hold: bool = True
+    ) -> asyncio.Future[None]:
         """Run `job` after the jobs already queued for `bare`; the future is done when it ran.
 
         Whatever waits on storage for one recipient (is there such an
@@ -812,16 +964,18 @@ class Router:
         The stanza being routed waits for the job (its sender's session stops
         reading until it ran: backpressure instead of a queue per stanza in
         memory); a job queued by another job makes that one's future wait for
-        it too, so the sender is held until the whole chain ran.
+        it too, so the sender is held until the whole chain ran. With `hold` False
+        neither waits for it (`ahead`: work for the account, not the sender's stanza).
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         acting = self._acting or self._current_account()
         if acting is not None:  # the job is the sender's work until it ran
             self._track(acting, done)
-        if self._waits is not None:
-            self._waits.append(done)
-        elif (runner := asyncio.current_task()) is not None and runner in self._followups:
-            self._followups[runner].append(done)
+        if hold:
+            if self._waits is not None:
+                self._waits.append(done)
+            elif (runner := asyncio.current_task()) is not None and runner in self._followups:
+                self._followups[runner].append(done)
         queue = self._serial.get(bare)
         if queue is None:
             queue = self._serial[bare] = deque()
@@ -895,6 +1049,9 @@ class Router:
         for session in self.directory.resources(origin.bare):
             if session.available or session is origin:
                 self.deliver(session, stanza)
+        # Sync handlers first, in this call: what must come before anything else
+        # reaches the account (the offline module queues the stored messages ahead).
+        self.events.notify("presence/broadcast", stanza, origin, initial)
         if self.events.hooked("presence/broadcast"):
             self.spawn(self.events.fire_async("presence/broadcast", stanza, origin, initial))
 
@@ -949,13 +1106,20 @@ class Router:
         task = asyncio.current_task()
         return None if task is None else self._working_for.get(task)
 
-    def _spawn(self, coro: Awaitable[object], acting: str | None) -> asyncio.Future[Any]:
+    def _spawn(
+        self, coro: Awaitable[object], acting: str | None, serial: str | None = None
+    ) -> asyncio.Future[Any]:
+        """`serial`: the account whose queue the task counts as running (`ahead`), so
+        that what it delivers there goes straight; None for any other task."""
         task: asyncio.Future[Any]
         if asyncio.iscoroutine(coro):
             # Not in the account queue's context (_SERIAL) of a job that starts it: what
-            # the task delivers later must queue like anything else.
+            # the task delivers later must queue like anything else; nor in the
+            # outcome of a delivery it was started from (_OUTCOME): a refusal it makes
+            # later is its own, not one more of that delivery's.
             context = contextvars.copy_context()
-            context.run(_SERIAL.set, None)
+            context.run(_SERIAL.set, serial)
+            context.run(_OUTCOME.set, None)
             task = asyncio.get_running_loop().create_task(coro, context=context)
         else:
             task = asyncio.ensure_future(coro)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from xmppd import package_version
-from xmppd.adminapi import AdminAPI
+from xmppd.adminapi import AdminAPI, WeakToken
 from xmppd.auth.accounts import Accounts
+from xmppd.auth.privileged import without_account
 from xmppd.auth.throttle import AuthThrottle, MemoryFailureCounter, address_key
 from xmppd.batchloop import BatchingLoop
 from xmppd.cli.nodes import other_nodes
@@ -31,7 +32,7 @@ from xmppd.connection import C2SConnection
 from xmppd.fileaccess import open_to_others
 from xmppd.flushes import Flushes
 from xmppd.logs import LogOutput, set_level
-from xmppd.modulehost import ModuleHost, validate_module_options
+from xmppd.modulehost import ACCOUNT_CHANGE_SETTLE, ModuleHost, validate_module_options
 from xmppd.nodetls import NodeTLS, node_tls
 from xmppd.openfiles import SANE_HARD_LIMIT, OpenFiles, raise_open_files_limit
 from xmppd.pauses import PauseMonitor
@@ -50,8 +51,6 @@ from xmppd.traffic import Traffic
 
 log = logging.getLogger("xmppd")
 
-ACCOUNT_CHANGE_SETTLE = 10.0
-"""Seconds end_account_sessions waits at most for the presence work it started."""
 ACCOUNT_ENDED = "account-ended"
 """The cluster bus topic of end_account_sessions."""
 
@@ -188,6 +187,8 @@ class Server:
             host: Accounts.of(self.storage, host, config.auth.scram_iterations)
             for host in config.hosts
         }
+        for line in await without_account(config, self._user_exists):
+            log.warning("%s", line)
         self.cluster = Cluster(config.cluster) if config.cluster is not None else None
         self.router = Router(
             config.hosts,
@@ -262,7 +263,10 @@ class Server:
             undo.append(("server-to-server", self.s2s.stop))
             await self.s2s.start(cert, key, await cluster_secret(self.storage, "s2s-dialback"))
         undo.append(("the admin API", self.admin.stop))
-        await self.admin.start(tls)
+        try:
+            await self.admin.start(tls)
+        except WeakToken as exc:
+            raise StartupError(f"admin: {exc}") from None
         self.pauses.start()
         self.ready = True
 
@@ -367,7 +371,15 @@ class Server:
         for); ConfigError lists every reason it cannot be applied."""
         if self.load is None:
             raise ConfigError(["this node was not started from a file: there is nothing to reload"])
-        new = self.load()
+        try:
+            new = self.load()
+        except ConfigError:
+            raise
+        except Exception as exc:  # a loader's bug must not escape: the node keeps its config
+            log.exception("reading %s again failed", old.source.name)
+            raise ConfigError(
+                [f"{old.source.name}: cannot be read ({type(exc).__name__}: {exc})"]
+            ) from None
         problems = refused_changes(old, new)
         options: dict[str, Any] = {}
         try:

@@ -23,6 +23,7 @@ from xmppd.modules.roster import RosterItem, RosterModule, Subscription
 from xmppd.modules.vcard import VCard
 from xmppd.stream.errors import StanzaError
 from xmppd.xml.fragments import parse as parse_fragment
+from xmppd.xml.text import xml_can_carry
 
 M = TypeVar("M", bound=Module)
 
@@ -172,10 +173,8 @@ def _xml_text(text: str, what: str) -> None:
     """Refuse what XML cannot carry (control characters, lone surrogates from a command
     line's undecodable bytes): a client's roster set cannot hold them, and stored they
     would make every later roster answer to the account fail."""
-    try:
-        etree.Element("x").set("v", text)
-    except ValueError:  # UnicodeEncodeError included
-        raise UserDataError(f"{what} has characters XML cannot carry") from None
+    if not xml_can_carry(text):
+        raise UserDataError(f"{what} has characters XML cannot carry")
 
 
 def _refused(error: StanzaError) -> UserDataError:

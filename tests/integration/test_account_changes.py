@@ -14,12 +14,15 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import slixmpp
 
 from tests.integration.clients import Client, close, connect
-from tests.integration.conftest import StartServer
+from tests.integration.conftest import StartServer, write_config
 from xmppd.adminapi import read_token
-from xmppd.server import Server
+from xmppd.cli import ctl, nodes
+from xmppd.config import load_config
+from xmppd.server import Server, StartupError
 
 USERS = {"alice": "alice-secret", "carol": "carol-secret", "dave": "dave-secret"}
 MODULES = {"roster": {}, "presence": {}, "offline": {}}
@@ -112,6 +115,50 @@ async def test_unregister_ends_the_session_and_the_account_at_once(
     await close(alice)
 
 
+async def test_unregister_waiting_for_a_slow_node_says_so_and_never_removes_twice(
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The node's removal outlasts what xmppctl waits (cut to 1 s here; the real
+    REMOVAL_TIMEOUT outlasts every wait the node bounds): xmppctl says which node it
+    waits for, then fails saying the node may still be removing the account. It does
+    not remove it from the stores itself beside the node, nor ask another node."""
+    server = await start_with_users(start_server, "carol")
+    hold, entered, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    remove_user_data = server.modules.remove_user_data
+
+    async def slow_remove_user_data(vhost: str, username: str) -> bool:
+        entered.set()
+        await hold.wait()
+        try:
+            return await remove_user_data(vhost, username)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(server.modules, "remove_user_data", slow_remove_user_data)
+    monkeypatch.setattr(nodes, "REMOVAL_TIMEOUT", 1.0)
+    monkeypatch.setattr(nodes, "WAIT_NOTICE_AFTER", 0.0)
+    argv = ["-c", str(server.config.source.file), "unregister", "carol@localhost"]
+    url = server.admin.url
+    try:
+        code = await asyncio.to_thread(ctl.main, argv)  # its own loop: the node's runs on
+        out, err = capsys.readouterr()
+        assert (code, out) == (1, ""), err
+        assert err.splitlines() == [
+            f"xmppctl: waiting for the node at {url} to remove carol@localhost (up to 1 s)",
+            f"xmppctl: the node at {url} was asked to remove carol@localhost but did not "
+            "answer within 1 s; it may still be removing it: run unregister again to finish",
+        ]
+        assert entered.is_set() and not finished.is_set()  # the node's removal goes on
+    finally:
+        hold.set()
+    await asyncio.wait_for(finished.wait(), 10)
+    assert not await server.accounts["localhost"].exists("carol")
+    assert await asyncio.to_thread(ctl.main, argv) == 1
+    assert capsys.readouterr().err.endswith("\nxmppctl: carol@localhost does not exist\n")
+
+
 async def test_admin_api_needs_the_token(server: Server, tmp_path: Path) -> None:
     url = server.admin.url
     token = read_token(server.config.data_dir)
@@ -135,3 +182,44 @@ async def test_admin_api_needs_the_token(server: Server, tmp_path: Path) -> None
             assert r.status == 404
     await server.stop()
     assert not list((server.config.data_dir / "admin").glob("*.json"))  # removed at clean stop
+
+
+async def test_a_token_file_too_short_to_be_a_secret_stops_the_start(tmp_path: Path) -> None:
+    """An operator's empty (or short) token file would let `Authorization: Bearer` with
+    nothing through: the node refuses to start and names the file."""
+    path = write_config(tmp_path)
+    admin = tmp_path / "data" / "admin"
+    admin.mkdir(parents=True, mode=0o700)
+    (admin / "token").write_text("\n")
+    (admin / "token").chmod(0o600)
+    server = Server(load_config(path))
+    with pytest.raises(StartupError, match=f"{admin / 'token'} holds 0 characters"):
+        await server.start()
+    for listener in server.listening:  # the start was undone: nothing accepts clients
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", listener.port)
+
+
+async def test_reasons_xml_cannot_carry_are_refused_before_anything_changes(
+    server: Server,
+) -> None:
+    """A kick or ban reason goes into the stream error that ends each session (and a
+    ban's into every later refused login): one with a control character is refused
+    with 400, and the session goes on, rather than a 500 halfway through."""
+    bob = await connect(server, "bob@localhost/desk", "bob-secret")
+    good = {"Authorization": f"Bearer {read_token(server.config.data_dir)}"}
+    async with aiohttp.ClientSession(headers=good) as http:
+        async with http.post(
+            f"{server.admin.url}/kick", json={"jid": "bob@localhost", "reason": "bye\x07"}
+        ) as response:
+            assert response.status == 400
+            assert "XML cannot carry" in (await response.json())["error"]
+        async with http.post(
+            f"{server.admin.url}/accounts/bob@localhost/ban", json={"reason": "\x00"}
+        ) as response:
+            assert response.status == 400
+    with pytest.raises(ValueError, match="XML cannot carry"):
+        await server.accounts["localhost"].ban("bob", "spam\x1b")
+    assert await server.accounts["localhost"].ban_of("bob") is None
+    assert not bob.ended.is_set()
+    await close(bob)

@@ -97,6 +97,31 @@ async def test_a_cross_node_message_goes_over_the_link_not_through_redis(
     await close(bob)
 
 
+async def test_nodes_with_a_configured_secret_prove_that_one(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """cluster.secret (kept as a SecretStr in the config) is the key both ends use;
+    none is made in Redis."""
+    secret = "0123456789abcdef-configured"
+    section = {"redis_url": devservices.redis_url(redis_service), "secret": secret}
+    a = await start_server(cluster={**section, "node_name": "node-a"})
+    b = await start_server(users={}, cluster={**section, "node_name": "node-b"})
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await until(seen_on(a, "bob@localhost/phone"))
+    await until(lambda: linked(a, b))
+    assert a.cluster is not None and a.cluster.link is not None
+    assert b.cluster is not None and b.cluster.link is not None
+    assert a.cluster.link.secret == b.cluster.link.secret == secret.encode()
+    client = Redis.from_url(devservices.redis_url(redis_service))
+    try:
+        assert await client.get(schema.LINK_SECRET) is None
+    finally:
+        await client.aclose()
+    await close(alice)
+    await close(bob)
+
+
 def link_family(sender: Server, receiver: Server) -> int:
     """The address family of the socket `sender` sends to `receiver` on."""
     assert sender.cluster is not None and sender.cluster.link is not None

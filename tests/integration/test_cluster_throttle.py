@@ -3,7 +3,10 @@ against a real redis-server: a login given up while its read waits leaves the
 connection and the other logins' reads alone (no outage declared for it); a Redis that
 lost its scripts still counts; a Redis that does not answer within the throttle's
 timeout has the attempt judged on the node's own count and its connection dropped,
-and is asked again on a new one `RETRY_AFTER` seconds later."""
+and is asked again on a new one `RETRY_AFTER` seconds later. The password checks under
+way are counted in Redis too: two nodes together run no more of an address's checks
+than it has failures left, a dead node's checks expire, and while Redis fails the
+checks are taken on the node."""
 
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from xmppd.auth.throttle import MemoryFailureCounter
+from xmppd.auth.throttle import AuthThrottle, Check, MemoryFailureCounter
 from xmppd.cluster import throttle
-from xmppd.cluster.throttle import RETRY_AFTER, RedisFailureCounter, count_key
+from xmppd.cluster.throttle import RETRY_AFTER, RedisFailureCounter, checks_key, count_key
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
 
@@ -135,3 +138,170 @@ async def test_a_redis_that_does_not_answer_is_judged_locally_then_asked_on_a_ne
         await counter.close()
         server.close()
         await server.wait_closed()
+
+
+def node_throttle(redis_service: LocalService, before_ban: int) -> AuthThrottle:
+    """What a node of a cluster makes: its own counter on the shared Redis."""
+    counter = RedisFailureCounter(
+        Redis.from_url(devservices.redis_url(redis_service)), 60.0, MemoryFailureCounter(60.0)
+    )
+    return AuthThrottle(counter, before_ban, 60.0, failure_delay=0.01)
+
+
+async def close_throttle(node: AuthThrottle) -> None:
+    assert isinstance(node.counter, RedisFailureCounter)
+    await node.counter.close()
+
+
+async def waits(attempt: asyncio.Future[Check | None]) -> bool:
+    """True when `attempt` is still waiting for a turn after a few rechecks."""
+    await asyncio.sleep(3 * throttle.RECHECK_AFTER)
+    return not attempt.done()
+
+
+async def test_two_nodes_run_no_more_checks_of_an_address_than_its_failures_left(
+    redis_service: LocalService,
+) -> None:
+    """One failure of three counted: the two nodes together take two checks, and the
+    attempts past those wait, on either node, whichever node ends a check; once the
+    checks' failures ban the address every waiting attempt is refused."""
+    a, b = node_throttle(redis_service, 3), node_throttle(redis_service, 3)
+    ip, alice = "192.0.2.7", "alice@example.org"
+    try:
+        assert await a.failed(ip, "bob@example.org") == 0.01
+        on_a = await a.reserve(ip, alice)
+        on_b = await b.reserve(ip, alice)
+        assert on_a is not None and on_b is not None
+        more = [asyncio.ensure_future(node.reserve(ip, alice)) for node in (a, b, a, b)]
+        assert all([await waits(attempt) for attempt in more])  # not one more check
+        assert await b.reserve("192.0.2.8", alice) is not None  # another address: free
+        assert await b.failed(ip, alice) == 0.02
+        await b.release(on_b)  # 2 failures + 1 check under way: still the ban's worth
+        assert all([await waits(attempt) for attempt in more])
+        assert await a.failed(ip, alice) is not None  # the third failure: banned
+        await a.release(on_a)
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(*more) == [None] * 4  # refused, on both nodes
+        assert a.stats.refusals + b.stats.refusals == 4
+        with SyncRedis.from_url(devservices.redis_url(redis_service)) as admin:
+            assert admin.zcard(checks_key(f"ip:{ip}")) == 0  # every check given back
+    finally:
+        await close_throttle(a)
+        await close_throttle(b)
+
+
+async def test_a_check_given_back_on_one_node_lets_an_attempt_waiting_on_the_other_in(
+    redis_service: LocalService,
+) -> None:
+    """Users behind one address (a NAT) logging in on two nodes at once: past the ban's
+    worth of checks they wait, and are checked as the others' checks end, not refused."""
+    a, b = node_throttle(redis_service, 1), node_throttle(redis_service, 1)
+    ip, alice = "192.0.2.7", "alice@example.org"
+    try:
+        first = await a.reserve(ip, alice)
+        assert first is not None
+        second = asyncio.ensure_future(b.reserve(ip, alice))
+        assert await waits(second)
+        await a.release(first)  # a right password: no failure
+        async with asyncio.timeout(10):
+            check = await second
+        assert check is not None
+        await b.release(check)
+        assert a.stats.refusals == b.stats.refusals == 0
+    finally:
+        await close_throttle(a)
+        await close_throttle(b)
+
+
+async def test_the_checks_of_a_node_that_died_mid_check_expire(
+    redis_service: LocalService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(throttle, "CHECK_LIFETIME", 0.5)
+    a, b = node_throttle(redis_service, 1), node_throttle(redis_service, 1)
+    ip, alice = "192.0.2.7", "alice@example.org"
+    try:
+        assert await a.reserve(ip, alice) is not None
+        await close_throttle(a)  # node A is gone, its check never given back
+        later = asyncio.ensure_future(b.reserve(ip, alice))
+        assert await waits(later)  # the check counts while it may still run...
+        async with asyncio.timeout(10):
+            check = await later  # ...and expires: the address is not locked out
+        assert check is not None
+        await b.release(check)
+    finally:
+        await close_throttle(b)
+
+
+async def test_checks_are_taken_on_the_node_while_redis_fails(
+    redis_service: LocalService,
+) -> None:
+    """Neither an open door nor a lockout: the node's own counter takes the checks,
+    with the node's own count of failures, while Redis fails; a check Redis took that
+    ends meanwhile is left to expire there, and judging goes back to Redis after."""
+    now = [0.0]
+    counter = RedisFailureCounter(
+        Redis.from_url(devservices.redis_url(redis_service)),
+        60.0,
+        MemoryFailureCounter(60.0),
+        clock=lambda: now[0],
+    )
+    node = AuthThrottle(counter, 2, 60.0, failure_delay=0.01)
+    ip, alice = "192.0.2.7", "alice@example.org"
+    try:
+        shared = await node.reserve(ip, alice)
+        assert shared is not None and shared.member is not None  # taken in Redis
+        redis_service.stop()
+        await node.release(shared)  # cannot be given back: no exception, no local change
+        assert counter._down_until is not None
+        local = await node.reserve(ip, alice)
+        assert local is not None and local.member is None  # taken on the node
+        other = await node.reserve(ip, alice)  # 2 under way: the ban's worth
+        assert other is not None
+        third = asyncio.ensure_future(node.reserve(ip, alice))
+        assert await waits(third)
+        assert await node.failed(ip, alice) == 0.01  # counted on the node
+        assert await node.failed(ip, alice) == 0.02  # banned on this node
+        await node.release(local)
+        await node.release(other)
+        async with asyncio.timeout(10):
+            assert await third is None
+        redis_service.start()
+        now[0] += RETRY_AFTER
+        back = await node.reserve(ip, alice)  # Redis restarted empty: its count, its check
+        assert back is not None and back.member is not None
+        await node.release(back)
+    finally:
+        await counter.close()
+
+
+async def test_a_check_taken_in_redis_whose_answer_was_lost_is_given_back(
+    redis_service: LocalService,
+) -> None:
+    """The login is given up while its TAKE_CHECK is on the way (Redis holds it back:
+    CLIENT PAUSE WRITE): the script still runs once Redis goes on, and nobody will end
+    that check, which would hold one of the address's places for CHECK_LIFETIME. It
+    is given back on its own."""
+    url = devservices.redis_url(redis_service)
+    counter = RedisFailureCounter(Redis.from_url(url), 60.0, MemoryFailureCounter(60.0))
+    key = "ip:192.0.2.77"
+    _, warm_up = await counter.take_check("ip:192.0.2.78", 3)  # Redis knows the script
+    assert warm_up is not None
+    await counter.end_check(warm_up)
+    with SyncRedis.from_url(url) as admin:
+        admin.config_resetstat()
+        try:
+            admin.execute_command("CLIENT", "PAUSE", 400, "WRITE")  # scripts wait
+            taking = asyncio.ensure_future(counter.take_check(key, 3))
+            await asyncio.sleep(0.1)  # sent, held by the pause
+            taking.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await taking
+            for _ in range(100):  # the pause ends; the script, then the give-back, run
+                ran = admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+                if ran and admin.zcard(checks_key(key)) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert ran == 1  # the check was taken in Redis...
+            assert admin.zcard(checks_key(key)) == 0  # ...and given back
+        finally:
+            await counter.close()

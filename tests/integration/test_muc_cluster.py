@@ -457,9 +457,9 @@ async def test_a_copy_whose_lease_another_node_took_stops_and_the_room_goes_on(
 ) -> None:
     """The room's lease taken by another node (as when the room's node, its event loop
     stalled past the heartbeat's TTL, was taken for dead): the old copy's next write
-    is refused and it stops; the room's next stanza waits for the lease, which the
-    node holding it lets go when asked (it does not run the room), and the room goes
-    on from Redis with its occupant."""
+    is refused and it stops (forgetting the lease's epoch); the room's next stanza
+    waits for the lease, which the node holding it lets go when asked (it does not run
+    the room), and the room goes on from Redis with its occupant."""
     url = devservices.redis_url(redis_service)
     a, b = await two_nodes(start_server, url)
     room = next(
@@ -484,6 +484,8 @@ async def test_a_copy_whose_lease_another_node_took_stops_and_the_room_goes_on(
     while room.bare in rooms:
         assert time.monotonic() < deadline, "the old copy went on"
         await asyncio.sleep(0.01)
+    live = b.modules.modules["muc"].live  # type: ignore[attr-defined]
+    assert room.bare not in live._epochs  # the lost lease's epoch went with the copy
     # The room heard her leave too: she joins again, a full join.
     await alice.muc.join_muc_wait(room, "Alice", timeout=WAIT)
     alice.send_message(mto=room, mbody="after", mtype="groupchat")
@@ -548,7 +550,8 @@ async def test_a_node_finds_at_once_that_it_lost_a_quiet_rooms_lease(
     """b's lease of a quiet room was taken (by a, while b was taken for dead): b finds
     out as soon as its heartbeat sees it had lapsed, or the live nodes change, not at
     the room's next write or its refresh (every 6 hours): the room goes from b and
-    its occupant is told she is out (332), before anyone says anything."""
+    its occupant is told she is out (332), before anyone says anything, and b forgets
+    the epoch it held the lease under."""
     url = devservices.redis_url(redis_service)
     a, b = await two_nodes(start_server, url)
     room = next(
@@ -580,6 +583,8 @@ async def test_a_node_finds_at_once_that_it_lost_a_quiet_rooms_lease(
     shut = await alice.presence_of("Alice", "unavailable")
     assert {110, 332} <= set(shut["muc"]["status_codes"])
     assert room.bare not in rooms
+    live = b.modules.modules["muc"].live  # type: ignore[attr-defined]
+    assert room.bare not in live._epochs  # nor the lost lease's epoch (kept for ever)
     await close(alice)
 
 

@@ -315,3 +315,51 @@ async def test_no_carbon_of_a_blocked_contacts_message(start_server: StartServer
     assert copies.empty() and desk.messages.empty()
     for client in (desk, phone, bob, carol):
         await close(client)
+
+
+async def test_a_message_one_resources_list_refuses_reaches_the_other_without_error(
+    start_server: StartServer,
+) -> None:
+    """alice/desk and alice/phone share the top priority, so both are given bob's message
+    to alice's bare JID; desk's active list refuses bob's messages, phone has no list.
+    phone gets it, desk does not, and bob gets no error: the message was delivered, and
+    an error would have his client send it again. alice/tablet (lower priority, carbons
+    on) gets a <received/> copy. When both refuse, bob gets one error."""
+    server = await start_server(users=PASSWORDS, modules={**MODULES, "carbons": {}})
+    desk = await online(server, "alice@localhost/desk")
+    desk.send_presence(ppriority=1)
+    phone = await online(server, "alice@localhost/phone")
+    phone.send_presence(ppriority=1)
+    tablet = await online(server, "alice@localhost/tablet")
+    copies = await with_carbons(tablet)
+    bob = await online(server, "bob@localhost/laptop")
+    await privacy_iq(
+        desk,
+        "set",
+        "<list name='no-bob'>"
+        "<item type='jid' value='bob@localhost' action='deny' order='1'><message/></item>"
+        "</list>",
+    )
+    await privacy_iq(desk, "set", "<active name='no-bob'/>")
+    await settle(desk)
+
+    bob.send_message(mto=JID("alice@localhost"), mbody="for whoever takes it", mtype="chat")
+    got = await next_message(phone)
+    assert (got["body"], str(got["from"])) == ("for whoever takes it", "bob@localhost/laptop")
+    assert await asyncio.wait_for(copies.get(), 10) == "for whoever takes it"
+    await settle(bob)  # an error would have come before this round trip's answer
+    assert bob.messages.empty()
+    await settle(desk)
+    assert desk.messages.empty()
+
+    await privacy_iq(phone, "set", "<active name='no-bob'/>")
+    bob.send_message(mto=JID("alice@localhost"), mbody="for nobody", mtype="chat")
+    assert error_of(await next_message(bob)) == ("service-unavailable", False)
+    await settle(bob)
+    assert bob.messages.empty()
+    for client in (desk, phone, tablet):
+        await settle(client)
+        assert client.messages.empty()
+    assert copies.empty()
+    for client in (desk, phone, tablet, bob):
+        await close(client)

@@ -2,7 +2,8 @@
 stream: those the stream answers itself (a <bad-request/>, the legacy session IQ, a
 second bind) as well as those the router takes. One left out puts the client's count
 and the server's apart for good, and the client resends its newest stanza at every
-resume."""
+resume. The other way round, the answers the stream gives are stanzas the server
+sent: counted and kept until acknowledged, as the client counts them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import hashlib
 import pytest
 
 from tests.integration.conftest import StartServer
-from tests.integration.test_stream_management import SM, Stream, detached, modules
+from tests.integration.test_stream_management import SM, Stream, detached, modules, sm_module
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,6 +42,56 @@ async def test_h_counts_the_stanzas_the_stream_answers_itself(
     await stream.next('id="roster"')
     assert await stream.ack_count() == len(answered) + 1
     await stream.close()
+
+
+ANSWERED = [
+    ("<iq type='bogus' id='bad'><ping xmlns='urn:xmpp:ping'/></iq>", "bad-request"),
+    ("<presence type='bogus' id='badp'/>", "bad-request"),
+    ("<iq type='set' id='sess'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>",
+     'id="sess"'),
+    ("<iq type='set' id='bind2'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+     "<resource>other</resource></bind></iq>", "not-allowed"),
+]
+"""Stanzas the stream answers itself, each with a part of its answer."""
+
+
+async def test_the_answers_the_stream_gives_count_as_sent(start_server: StartServer) -> None:
+    """The client acknowledges the answers it received: before, the server had not
+    counted them, took the ack as one for stanzas it never sent and ended the stream
+    with <undefined-condition/>."""
+    server = await start_server(modules=modules(ack_every=100, ack_delay=30))
+    stream = await Stream.login(server, "alice")
+    await stream.enable()
+    for sent, answer in ANSWERED:
+        await stream.send(sent)
+        await stream.next(answer)
+    (sm,) = sm_module(server).active
+    assert sm.sent == len(ANSWERED) and len(sm.queue) == len(ANSWERED)
+    await stream.send(f"<a xmlns='{SM}' h='{len(ANSWERED)}'/>")
+    assert await stream.ack_count() == len(ANSWERED)  # a round trip: the stream goes on
+    assert not sm.queue and not stream.closed
+    await stream.close()
+
+
+async def test_an_answer_not_acknowledged_is_sent_again_after_a_resume(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(modules=modules(ack_every=100, ack_delay=30))
+    stream = await Stream.login(server, "alice")
+    enabled = await stream.enable()
+    await stream.send(
+        "<iq type='set' id='sess'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>"
+    )
+    await stream.next('id="sess"')
+    waiting = detached(server)
+    stream.drop()  # as if the answer was lost with the connection
+    await asyncio.wait_for(waiting.get(), 10)
+    again = await Stream.auth(server, "alice")
+    await again.send(f"<resume xmlns='{SM}' previd='{enabled.get('id')}' h='0'/>")
+    assert (await again.next("resumed")).get("h") == "1"
+    result = await again.next('id="sess"')
+    assert result.get("type") == "result"
+    await again.close()
 
 
 async def test_a_resume_after_an_answered_stanza_reports_it_handled(

@@ -335,12 +335,14 @@ async def test_carbons_follow_the_receiving_sessions_active_list() -> None:
     assert body(carbon(copy, "sent")) == "out"
 
 
+@pytest.mark.parametrize("loaded", [True, False], ids=["rules-loaded", "rules-loading"])
 @pytest.mark.parametrize("to", ["alice@localhost", "alice@localhost/one"])
-async def test_no_carbon_of_a_message_every_chosen_resource_refused(to: str) -> None:
+async def test_no_carbon_of_a_message_every_chosen_resource_refused(to: str, loaded: bool) -> None:
     """alice/one, the resource chosen for bob's message, refuses it by its active list;
     alice/two's rules would let bob in, but it gets no <received/> copy either: bob
     was told the message did not arrive, and nothing else received it (XEP-0280 copies
-    what was delivered)."""
+    what was delivered). Also when alice/one's delivery has to wait for the rules to
+    load: the copies wait for its outcome."""
     harness = await with_rules()
     bob = harness.session("bob@localhost/b")
     one = await enabled(harness, "alice@localhost/one", priority=5)
@@ -350,6 +352,40 @@ async def test_no_carbon_of_a_message_every_chosen_resource_refused(to: str) -> 
     await rule(harness, one, privacy.format(f"<list name='nobob'>{items}</list>"))
     await rule(harness, one, privacy.format("<active name='nobob'/>"))
     two.take()
+    if not loaded:
+        PrivacyEngine.attach(harness.host)._states.clear()  # as if never loaded here
     replies = await harness.send(bob, msg(to, "refused"))
     assert [condition(r) for r in replies] == ["service-unavailable"]
     assert one.take() == [] and two.take() == []
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["rules-loaded", "rules-loading"])
+async def test_a_message_one_chosen_resource_refused_is_copied_from_the_one_that_took_it(
+    loaded: bool,
+) -> None:
+    """alice/one and alice/two share the top priority, so both are chosen for bob's
+    message to alice's bare JID; alice/one's active list refuses bob, alice/two takes
+    it. bob gets no error (the message arrived); alice/three (lower priority, carbons
+    on) gets a <received/> copy; alice/four (lower priority, carbons on, an active list
+    refusing bob) gets none, and its refusal of the copy tells bob nothing either;
+    alice/one gets neither the message nor a copy."""
+    harness = await with_rules()
+    bob = harness.session("bob@localhost/b")
+    one = await enabled(harness, "alice@localhost/one", priority=5)
+    two = await enabled(harness, "alice@localhost/two", priority=5)
+    three = await enabled(harness, "alice@localhost/three", priority=0)
+    four = await enabled(harness, "alice@localhost/four", priority=0)
+    privacy = "<query xmlns='jabber:iq:privacy'>{}</query>"
+    items = "<item type='jid' value='bob@localhost' action='deny' order='1'><message/></item>"
+    await rule(harness, one, privacy.format(f"<list name='nobob'>{items}</list>"))
+    await rule(harness, one, privacy.format("<active name='nobob'/>"))
+    await rule(harness, four, privacy.format("<active name='nobob'/>"))
+    for session in (two, three):
+        session.take()
+    if not loaded:
+        PrivacyEngine.attach(harness.host)._states.clear()  # as if never loaded here
+    assert await harness.send(bob, msg("alice@localhost", "in")) == []
+    assert one.take() == [] and four.take() == []
+    assert [body(s) for s in two.take()] == ["in"]
+    [copy] = three.take()
+    assert body(carbon(copy, "received")) == "in"

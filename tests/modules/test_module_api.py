@@ -396,9 +396,15 @@ async def test_a_filter_that_raises_for_one_recipient_spares_the_others() -> Non
     )
     assert [s.findtext(f"{{{ns.CLIENT}}}body") for s in garden.take()] == ["hi"]
     assert balcony.take() == []
+    # garden took it: delivered, so no error (romeo's client would send it again)
+    assert replies == []
+    replies = await harness.send(
+        romeo, "<message to='juliet@localhost/balcony' type='chat' id='n'><body/></message>"
+    )
+    assert balcony.take() == [] and garden.take() == []
     (error,) = replies  # the delivery that could not be judged is answered, not lost
     condition = f"{{{ns.CLIENT}}}error/{{{ns.STANZA_ERRORS}}}internal-server-error"
-    assert error.get("id") == "m" and error.find(condition) is not None
+    assert error.get("id") == "n" and error.find(condition) is not None
 
 
 # --- filters limited to stanza kinds -------------------------------------------------------

@@ -1475,3 +1475,88 @@ async def test_stanzas_past_max_waiting_for_a_loading_room_get_a_wait_error(
     bodies = [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)]
     assert [b for b in bodies if b is not None] == ["1", "2"]  # after the join's subject
     await items.close()
+
+
+async def test_a_leave_past_max_waiting_for_a_loading_room_is_kept_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob joins a room that is loading (its stores slow), then leaves, his leave past
+    MAX_WAITING: it is not refused (he would stay in the room, a ghost, believing he
+    left) but handled after what waited, as one leave per session however often he
+    says it. Anything else past MAX_WAITING is still refused, and so is a leave past
+    MAX_WAITING sessions leaving (more than a room holds)."""
+    monkeypatch.setattr(muc_module, "MAX_WAITING", 3)
+    items = await SlowReadSQLite.open(tmp_path / "items.sqlite3")
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    h = await ModuleHarness({"disco": {}, "muc": {}}, storage=storage).start()
+    alice, bob = h.session("alice@localhost/desk"), h.session("bob@localhost/phone")
+    others = [h.session(f"carol@localhost/{n}") for n in range(3)]
+    items.gate.clear()  # the room's load waits for the stores
+
+    def send(session: TestSession, xml: str) -> None:
+        stanza = parse_stanza(xml)
+        stanza.set("from", session.jid)
+        session.receive(stanza)
+
+    send(alice, f"<presence to='{ROOM}/Alice'/>")  # waits: creates the room once loaded
+    send(bob, f"<presence to='{ROOM}/Bob'/>")
+    send(alice, f"<message to='{ROOM}' type='groupchat' id='m1'><body>1</body></message>")
+    send(bob, f"<presence to='{ROOM}/Bob' type='unavailable'><status>bye</status></presence>")
+    send(bob, f"<message to='{ROOM}' type='groupchat' id='m2'><body>2</body></message>")
+    send(bob, f"<presence to='{ROOM}/Bob' type='unavailable'><status>gone</status></presence>")
+    for carol in others:  # not in the room: their leaves are nothing, but take places
+        send(carol, f"<presence to='{ROOM}/Carol' type='unavailable' id='{carol.jid}'/>")
+    for _ in range(10):  # the stanzas routed; the room still loading
+        await asyncio.sleep(0)
+    assert [(s.get("id"), condition(s)) for s in bob.take()] == [("m2", "resource-constraint")]
+    refused = [s for carol in others for s in carol.take()]
+    assert [(s.get("id"), condition(s)) for s in refused] == [
+        (others[2].jid, "resource-constraint")  # Bob and two others fill the places
+    ]
+
+    items.gate.set()
+    await h.router.drain()
+    got = bob.take()
+    assert not [s for s in got if s.get("type") == "error"]
+    bobs = [p for p in presences(got) if p.get("from") == f"{ROOM}/Bob"]
+    assert [(p.get("type"), "110" in codes(p)) for p in bobs] == [
+        (None, True), ("unavailable", True)
+    ]
+    assert bobs[1].findtext(f"{{{ns.CLIENT}}}status") == "gone"  # his last word
+    said = [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)]
+    assert "1" in said  # in the room when it was said, before his leave
+    seen = [p for p in presences(alice.take()) if p.get("from") == f"{ROOM}/Bob"]
+    assert [p.get("type") for p in seen] == [None, "unavailable"]
+    assert list(h.host.module(Muc).rooms[ROOM].occupants) == ["Alice"]
+    assert not h.host.module(Muc)._leaves  # nothing left waiting
+    await items.close()
+
+
+async def test_a_session_that_ends_while_its_join_waits_for_the_room_is_no_ghost(
+    tmp_path: Path,
+) -> None:
+    """Bob's join waits for a room that is loading, and his session ends before it
+    loads: once loaded, the room does not keep him as an occupant nobody will ever
+    remove (a ghost the others would see), his leave is handled after his join."""
+    items = await SlowReadSQLite.open(tmp_path / "items.sqlite3")
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    h = await ModuleHarness({"disco": {}, "muc": {}}, storage=storage).start()
+    alice, bob = h.session("alice@localhost/desk"), h.session("bob@localhost/phone")
+    items.gate.clear()  # the room's load waits for the stores
+    for session, nick in ((alice, "Alice"), (bob, "Bob")):
+        stanza = parse_stanza(f"<presence to='{ROOM}/{nick}'/>")
+        stanza.set("from", session.jid)
+        session.receive(stanza)
+    for _ in range(10):  # the joins routed; the room still loading
+        await asyncio.sleep(0)
+    assert ROOM not in h.host.module(Muc).rooms
+    h.router.session_ended(bob)  # (no drain: it would wait for the room's load)
+    for _ in range(10):  # the session's end handled; the room still loading
+        await asyncio.sleep(0)
+    assert ROOM not in h.host.module(Muc).rooms
+    items.gate.set()
+    await h.router.drain()
+    assert list(h.host.module(Muc).rooms[ROOM].occupants) == ["Alice"]
+    seen = [p for p in presences(alice.take()) if p.get("from") == f"{ROOM}/Bob"]
+    assert [p.get("type") for p in seen] == [None, "unavailable"]  # joined, then left
+    await items.close()

@@ -16,7 +16,7 @@ from xmppd.router import Router
 from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
-from xmppd.storage.base import BlobStore, ItemStore, StorageError, Write
+from xmppd.storage.base import BlobStore, ItemStore, Page, Query, StorageError, Write
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
@@ -370,6 +370,80 @@ async def test_message_stored_while_user_logs_in_is_delivered_at_once(
     assert await offline_module(harness).on_offline(stanza, "bob@localhost")
     await harness.router.drain()
     assert bodies(bob.take()) == ["late"]
+    assert await stored_count(harness) == 0
+
+
+class HeldReads(MemoryItemBackend):
+    """Memory items whose queries (the index a delivery of stored messages reads first)
+    wait while the test holds them: a store that answers a login's read only after
+    a new message for the user came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.held = asyncio.Event()  # set once a query waits at the shut gate
+
+    async def query(self, namespace: str, query: Query) -> Page:
+        if not self.gate.is_set():
+            self.held.set()
+            await self.gate.wait()
+        return await super().query(namespace, query)
+
+
+async def logging_in_while_reads_are_held(
+    options: dict[str, Any] | None = None,
+) -> tuple[ModuleHarness, HeldReads, TestSession, TestSession]:
+    """alice has sent bob three messages, stored; bob sends his initial presence and
+    the delivery of the stored ones waits for the store; then alice sends "new"."""
+    items = HeldReads()
+    harness = ModuleHarness(
+        {"disco": {}, "offline": options or {}},
+        storage=Storage(items, MemoryBlobBackend(), NullCache()),
+    )
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    for n in range(3):
+        assert await harness.send(alice, chat("bob@localhost", f"old{n}")) == []
+    items.gate.clear()
+    bob = harness.session("bob@localhost/phone", available=False)
+    presence = parse_stanza("<presence/>")
+    presence.set("from", bob.jid)
+    bob.receive(presence)
+    await items.held.wait()
+    new = parse_stanza(chat("bob@localhost", "new"))
+    new.set("from", alice.jid)
+    alice.receive(new)  # routed now: delivered, or queued behind the stored ones
+    return harness, items, alice, bob
+
+
+async def test_stored_messages_reach_the_client_before_a_new_one() -> None:
+    """XEP-0160, RFC 6121 8.5.2: the stored messages first. Before, their delivery
+    started from an async hook and read the store while a new message went straight
+    to the client, ahead of them."""
+    harness, items, _, bob = await logging_in_while_reads_are_held()
+    assert bodies(without_echo(bob, bob.take())) == []  # "new" waits behind them
+    items.gate.set()
+    await harness.router.drain()
+    assert bodies(bob.take()) == ["old0", "old1", "old2", "new"]
+    assert await stored_count(harness) == 0
+
+
+async def test_a_store_that_hangs_holds_new_messages_only_for_a_while(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past first_wait the new message goes on; the stored ones follow once the store
+    answers, each once, and the wait is logged."""
+    harness, items, alice, bob = await logging_in_while_reads_are_held({"first_wait": 0.05})
+    sent = asyncio.Event()
+    alice.when_idle(sent.set)  # alice waits with her message until it is delivered
+    await sent.wait()
+    assert bodies(without_echo(bob, bob.take())) == ["new"]
+    assert "still runs after" in caplog.text
+    items.gate.set()
+    await harness.router.drain()
+    assert bodies(bob.take()) == ["old0", "old1", "old2"]
     assert await stored_count(harness) == 0
 
 

@@ -251,8 +251,8 @@ class BatchSizes(MemoryItemBackend):
 
 async def test_conversions_read_a_large_node_a_page_at_a_time() -> None:
     """Sixty XEP-0402 bookmarks of 20 KiB each (their <extensions/>): both conversions
-    read them a page at a time, never the node at once, and still carry every room
-    and keep the extensions of a changed one."""
+    read them a page at a time, never the node at once, each record once, and still
+    carry every room and keep the extensions of a changed one."""
     modules = {"roster": {}, "presence": {}, "pep": {}, "private": {}, "disco": {}}
     harness = ModuleHarness(modules, users={"alice@localhost"})
     harness.storage.items = store = BatchSizes()
@@ -266,8 +266,9 @@ async def test_conversions_read_a_large_node_a_page_at_a_time() -> None:
                                 "</item>")
         await module.publish("alice@localhost", NATIVE, item, {"pubsub#max_items": "max"})
     alice = harness.session("alice@localhost/a")
-    store.largest = 0
+    store.largest = store.total = 0
     await ok(harness, alice, "set", publish_native("new@c.example", "name='New'>"))
+    assert store.total == 61  # each record read once, none again for the next page
     expected = {f"r{i:02}@c.example": (f"R{i}", "false", None) for i in range(60)}
     expected["new@c.example"] = ("New", "false", None)
     assert rooms(await private(harness, alice)) == expected

@@ -937,3 +937,124 @@ async def test_presence_effects_of_a_long_list_on_a_large_roster_come_in_slices(
     counter.cancel()
     assert remote.take("c999@example.net") == [("alice@localhost/a", "unavailable")]
     assert EFFECTS_SLICE <= 500 and turns >= 2  # the loop ran between the slices
+
+
+# --- a message to the bare JID, given to several resources ----------------------------------
+
+NOBOB = "<item type='jid' value='bob@localhost' action='deny' order='1'><message/></item>"
+
+
+async def refusing(harness: ModuleHarness, session: TestSession) -> None:
+    """Make `session`'s active list refuse bob's messages."""
+    ok(await set_list(harness, session, "nobob", NOBOB))
+    ok(await privacy(harness, session, "set", "<active name='nobob'/>"))
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["rules-loaded", "rules-loading"])
+@pytest.mark.parametrize("refuser", ["alice@localhost/a", "alice@localhost/b"])
+async def test_a_message_one_resource_refuses_and_another_takes_is_not_bounced(
+    refuser: str, loaded: bool
+) -> None:
+    """alice/a and alice/b share the top priority, so both are given bob's message to
+    alice's bare JID (RFC 6121 8.5.2.1.1). One's active list refuses bob: that one does
+    not get it, the other does, and bob gets no error, which would be false (his
+    client might send it again). Whichever session is asked first, and whether the
+    rules are in memory or the deliveries wait for them to load."""
+    harness = await make()
+    first = harness.session("alice@localhost/a")
+    second = harness.session("alice@localhost/b")
+    bob = harness.session("bob@localhost/b")
+    refuses, takes = (first, second) if refuser == first.jid else (second, first)
+    await refusing(harness, refuses)
+    first.take(), second.take()
+    if not loaded:
+        PrivacyEngine.attach(harness.host)._states.clear()  # as if never loaded here
+    assert await harness.send(bob, chat("alice@localhost", "hello")) == []
+    assert refuses.take() == []
+    assert bodies(takes.take()) == ["hello"]
+    # a headline goes to every non-negative resource (8.5.2.1.1): the same holds
+    headline = "<message to='alice@localhost' type='headline'><body>news</body></message>"
+    assert await harness.send(bob, headline) == []
+    assert refuses.take() == [] and bodies(takes.take()) == ["news"]
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["rules-loaded", "rules-loading"])
+async def test_a_message_every_resource_refuses_is_bounced_once(loaded: bool) -> None:
+    """Both top resources refuse bob: nobody took it, so bob is told, once
+    (XEP-0016: <service-unavailable/>), and it is not stored offline either."""
+    harness = await make(offline={})
+    first = harness.session("alice@localhost/a")
+    second = harness.session("alice@localhost/b")
+    bob = harness.session("bob@localhost/b")
+    await refusing(harness, first)
+    ok(await privacy(harness, second, "set", "<active name='nobob'/>"))
+    first.take(), second.take()
+    if not loaded:
+        PrivacyEngine.attach(harness.host)._states.clear()
+    replies = await harness.send(bob, chat("alice@localhost", "nobody"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert first.take() == [] and second.take() == []
+    assert await harness.host.items("localhost", "offline").get("alice") is None
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["rules-loaded", "rules-loading"])
+async def test_the_top_resource_refusing_is_not_passed_on_to_a_lower_one(loaded: bool) -> None:
+    """alice/top (priority 5) alone is chosen for a message to alice's bare JID and its
+    active list refuses bob; alice/low (priority 1) would take it. The rules chose
+    alice/top and its list decides (docs/modules.md, as Prosody and ejabberd do): bob
+    gets <service-unavailable/>, and alice/low gets nothing."""
+    harness = await make()
+    top = harness.session("alice@localhost/top")
+    top.priority = 5
+    low = harness.session("alice@localhost/low")
+    low.priority = 1
+    bob = harness.session("bob@localhost/b")
+    await refusing(harness, top)
+    top.take(), low.take()
+    if not loaded:
+        PrivacyEngine.attach(harness.host)._states.clear()
+    replies = await harness.send(bob, chat("alice@localhost", "to the top"))
+    assert [condition(r) for r in replies] == ["service-unavailable"]
+    assert top.take() == [] and low.take() == []
+
+
+@pytest.mark.parametrize("kind", ["groupchat", "headline", "chat"])
+async def test_a_refused_groupchat_or_headline_is_dropped_without_an_answer(kind: str) -> None:
+    """alice's active list refuses everything from the room. A groupchat message from it
+    (and a headline) vanishes without an error, which could make the room remove her
+    and would tell it of the block; a chat message still gets <service-unavailable/>."""
+    harness = await make()
+    alice = harness.session("alice@localhost/a")
+    room = harness.session("bob@localhost/room")  # stands for the room's sender JID
+    ok(await set_list(harness, alice, "noroom",
+                      "<item type='jid' value='bob@localhost' action='deny' order='1'/>"))
+    ok(await privacy(harness, alice, "set", "<active name='noroom'/>"))
+    alice.take()
+    message = f"<message to='alice@localhost/a' type='{kind}'><body>hi</body></message>"
+    replies = await harness.send(room, message)
+    assert alice.take() == []
+    assert [condition(r) for r in replies] == ([] if kind != "chat" else ["service-unavailable"])
+
+
+@pytest.mark.parametrize("kind", ["headline", "chat"])
+async def test_a_refused_headline_for_an_account_with_no_resource_to_take_it_gets_no_error(
+    kind: str,
+) -> None:
+    """alice's default list refuses bob's messages, and she has no resource that takes
+    messages (priority -1): the account's rules judge bob's message there. A headline
+    vanishes without an answer, as it would at a resource (the error would tell bob of
+    the block); a chat message gets <service-unavailable/> and is not stored."""
+    harness = await make(offline={})
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    ok(await set_list(harness, alice, "nobob", NOBOB))
+    ok(await privacy(harness, alice, "set", "<default name='nobob'/>"))
+    alice.take()
+    alice.priority = -1  # not eligible: the message goes to the account's rules
+    replies = await harness.send(
+        bob, f"<message to='alice@localhost' type='{kind}'><body>news</body></message>"
+    )
+    expected = [] if kind == "headline" else ["service-unavailable"]
+    assert [condition(r) for r in replies] == expected
+    assert alice.take() == []
+    assert await harness.host.items("localhost", "offline").get("alice") is None

@@ -13,6 +13,7 @@ from lxml import etree
 from redis.asyncio import Redis
 
 from xmppd.auth.accounts import Accounts
+from xmppd.config import Config
 from xmppd.modules._register_limit import SharedRateLimit
 from xmppd.modules.register import RateLimit
 from xmppd.storage.base import StorageError
@@ -117,6 +118,31 @@ async def test_bad_registrations_are_not_acceptable(payload: str) -> None:
     reply = await preauth(harness, "set", payload)
     assert condition(reply) == "not-acceptable"
     assert (await accounts(harness).list())[0] == []
+
+
+async def test_names_with_rights_are_never_registered(caplog: pytest.LogCaptureFixture) -> None:
+    """A listed admin or proxy_auth JID with no account is not the first stranger's."""
+    harness = ModuleHarness(
+        {"disco": {}, "register": {"allow_registration": True}, "adhoc": {}, "admin_commands": {}}
+    )
+    harness.config = Config.model_validate({
+        "hosts": ["localhost"],
+        "admins": ["boss@localhost"],
+        "auth": {"proxy_auth": ["proxy@localhost"]},
+        "modules": harness.config.modules,
+    })
+    await harness.start()
+    caplog.set_level(logging.WARNING, "xmppd.modules.register")
+    for name, key in (("Boss", "admins[0]"), ("proxy", "auth.proxy_auth[0]")):
+        reply = await preauth(harness, "set", fields(name, "stranger-pw"), ip="203.0.113.9")
+        assert condition(reply) == "not-acceptable"
+        text = reply.findtext(f"{{jabber:client}}error/{{{STANZAS}}}text")
+        assert text == "this user name is not allowed"  # not "reserved": no hint of rights
+        jid = f"{name.lower()}@localhost"
+        assert f"in-band registration of {jid} from 203.0.113.9 refused: {key} " in caplog.text
+    assert (await accounts(harness).list())[0] == []
+    reply = await preauth(harness, "set", fields("bossy", "stranger-pw"), ip="203.0.113.9")
+    assert reply.get("type") == "result"  # only the listed names
 
 
 async def test_removing_before_login_is_unexpected() -> None:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xmppd.config import (
     DEFAULT_MODULES,
+    MAX_YAML_VALUES,
     MECHANISMS,
     Config,
     ConfigError,
@@ -709,6 +710,37 @@ def test_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
     ]
 
 
+def test_yaml_aliases_that_loop_are_refused_with_file_and_line(tmp_path: Path) -> None:
+    assert problems(tmp_path, "hosts: [localhost]\nmodules: &m\n  roster: *m\n") == [
+        "x.yml:3: modules.roster: an alias refers to a node that contains it"
+    ]
+    assert problems(tmp_path, "hosts: &h [*h]\n") == [
+        "x.yml:1: hosts[0]: an alias refers to a node that contains it"
+    ]
+    # Through a merge key too (PyYAML would merge the mapping into itself).
+    assert problems(tmp_path, "admin: &a\n  port: 1\n  tls: {<<: *a}\n") == [
+        "x.yml:3: admin.tls: an alias refers to a node that contains it"
+    ]
+
+
+def test_yaml_aliases_that_multiply_are_refused_at_once(tmp_path: Path) -> None:
+    """Six levels of nine aliases ("billion laughs") are 531441 values: refused when
+    MAX_YAML_VALUES are walked, before pydantic would validate them all."""
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for name, alias in zip("bcdef", "abcde", strict=True):
+        levels.append(f"{name}: &{name} [{', '.join([f'*{alias}'] * 9)}]")
+    assert problems(tmp_path, "\n".join(levels) + "\n") == [
+        f"x.yml:6: f: the aliases expand to more than {MAX_YAML_VALUES} values; "
+        "write the values out instead"
+    ]
+
+
+def test_values_nested_too_deeply_are_refused(tmp_path: Path) -> None:
+    assert problems(tmp_path, "hosts: " + "[" * 5000 + "]" * 5000 + "\n") == [
+        "x.yml: values nested too deeply"
+    ]
+
+
 def test_admin_api_is_loopback_unless_remote_is_allowed(tmp_path: Path) -> None:
     cfg = load(tmp_path, "")
     assert (cfg.admin.address, cfg.admin.port, cfg.admin.allow_remote) == ("127.0.0.1", 5290, False)
@@ -816,9 +848,24 @@ def test_cluster_link_problems_name_their_line(tmp_path: Path) -> None:
         "x.yml:3: cluster.link_advertise: expected HOST or HOST:PORT (like 10.0.0.5 or "
         '10.0.0.5:7400; [IPv6]:PORT), got "h:99999"'
     ]
-    assert problems(tmp_path, "cluster:\n  redis_url: redis://h\n  secret: short\n")[
-        0
-    ].startswith("x.yml:3: cluster.secret: ")
+
+
+def test_cluster_secret_problems_never_show_the_secret(tmp_path: Path) -> None:
+    """A config error is printed and, on a reload, logged: like a component's secret."""
+    found = [
+        problems(tmp_path, f"cluster:\n  redis_url: redis://h\n  secret: {secret}\n")
+        for secret in ('"s3cr3t-short"', '" s3cr3t-with-a-space"', "12345678901234567890")
+    ]
+    assert found == [
+        ["x.yml:3: cluster.secret: too short: at least 16 characters (e.g. the output of "
+         "`openssl rand -hex 16`)"],
+        ["x.yml:3: cluster.secret: has leading or trailing spaces (a copy-paste slip?)"],
+        ["x.yml:3: cluster.secret: expected a string (quote it if it looks like a number)"],
+    ]
+    cfg = load(tmp_path, "cluster:\n  redis_url: redis://h\n  secret: sixteen-chars-or-more\n")
+    assert cfg.cluster is not None and cfg.cluster.secret is not None
+    assert cfg.cluster.secret.get_secret_value() == "sixteen-chars-or-more"
+    assert "sixteen-chars-or-more" not in repr(cfg)  # never in a log line or a dump
 
 
 def test_redact_url_hides_only_the_password() -> None:

@@ -224,6 +224,39 @@ def test_check(
     assert out.endswith(f"\n{config}: OK (1 warning)\n")
 
 
+def test_check_warns_of_admins_and_proxies_with_no_account(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "xmppd.yml"
+    path.write_text(
+        "data_dir: data\n"
+        "admins: [boss@localhost]\n"
+        "auth:\n"
+        "  proxy_auth: [proxy@localhost]\n"
+    )
+
+    def account_lines() -> list[str]:
+        code, out, err = run(capsys, monkeypatch, "-c", str(path), "check")
+        assert (code, err) == (0, "")
+        return [line for line in out.splitlines() if line.startswith("accounts:")]
+
+    boss = (
+        f"accounts: warning: {path}:2: admins[0]: boss@localhost has no account: "
+        "create it with `xmppctl register boss@localhost`"
+    )
+    proxy = (
+        f"accounts: warning: {path}:4: auth.proxy_auth[0]: proxy@localhost has no account: "
+        "create it with `xmppctl register proxy@localhost`"
+    )
+    assert account_lines() == [proxy, boss]  # before a first start: no store, no account
+    assert run(capsys, monkeypatch, "-c", str(path), "register", "boss@localhost",
+               stdin="pw\n")[0] == 0
+    assert account_lines() == [proxy]
+    assert run(capsys, monkeypatch, "-c", str(path), "register", "proxy@localhost",
+               stdin="pw\n")[0] == 0
+    assert account_lines() == []
+
+
 def test_check_loads_the_certificate_and_opens_the_stores(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

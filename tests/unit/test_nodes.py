@@ -31,7 +31,7 @@ async def failing_node(tmp_path: Path) -> AsyncIterator[Path]:
     port = runner.addresses[0][1]
     folder = admin_dir(tmp_path)
     folder.mkdir(parents=True)
-    (folder / "token").write_text("a-token\n")
+    (folder / "token").write_text("a-token-" + "x" * 32 + "\n")
     record = {"url": f"http://127.0.0.1:{port}", "pid": os.getpid(), "hosts": ["localhost"]}
     (folder / "1-node.json").write_text(json.dumps(record))
     try:

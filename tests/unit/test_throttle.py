@@ -114,31 +114,34 @@ async def test_checks_under_way_count_against_the_ban_before_they_fail() -> None
     ip, alice = "192.0.2.7", "alice@example.org"
     t = throttle(Clock(), before_ban=3)
     await t.failed(ip, "bob@example.org")
-    assert await t.reserve(ip, alice)
-    assert await t.reserve(ip, alice)  # 1 failure + 2 under way: the ban's worth
+    first = await t.reserve(ip, alice)
+    second = await t.reserve(ip, alice)  # 1 failure + 2 under way: the ban's worth
+    assert first is not None and second is not None
     third = asyncio.ensure_future(t.reserve(ip, alice))
     for _ in range(5):
         await asyncio.sleep(0)
     assert not third.done()  # waits for a turn
     assert await t.reserve("192.0.2.8", alice)  # other addresses unaffected
-    t.release(ip)  # a right password: no failure counted, a turn for the third
-    assert await third
+    await t.release(first)  # a right password: no failure counted, a turn for the third
+    third_check = await third
+    assert third_check is not None
     fourth = asyncio.ensure_future(t.reserve(ip, alice))
     assert await t.failed(ip, alice) == 1.0
-    t.release(ip)  # 2 failures + 1 under way: the fourth still waits
+    await t.release(second)  # 2 failures + 1 under way: the fourth still waits
     for _ in range(5):
         await asyncio.sleep(0)
     assert not fourth.done()
     assert await t.failed(ip, alice) == 1.5  # the third failed too: banned
-    t.release(ip)
-    assert not await fourth  # refused, as banned
+    await t.release(third_check)
+    assert await fourth is None  # refused, as banned
     assert t.stats == AuthStats(failures=3, bans=1, refusals=1)
 
 
 async def test_an_attempt_given_up_while_waiting_leaves_no_turn_behind() -> None:
     ip, alice = "192.0.2.7", "alice@example.org"
     t = throttle(Clock(), before_ban=1)
-    assert await t.reserve(ip, alice)
+    check = await t.reserve(ip, alice)
+    assert check is not None
     waiting = asyncio.ensure_future(t.reserve(ip, alice))
     for _ in range(5):
         await asyncio.sleep(0)
@@ -146,8 +149,8 @@ async def test_an_attempt_given_up_while_waiting_leaves_no_turn_behind() -> None
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert not t._waiting
-    t.release(ip)
-    assert not t._checking
+    await t.release(check)
+    assert await t.reserve(ip, alice) is not None  # the check given back: one is free
 
 
 async def test_a_failure_counted_after_the_ban_is_answered_as_a_refusal() -> None:

@@ -57,6 +57,7 @@ from xmppd.storage.base import (
     Unchanged,
 )
 from xmppd.storage.factory import Storage
+from xmppd.xml.text import xml_can_carry
 
 KEY_ATTRIBUTES = {name: f"scram_{name}" for name in SCRAM_HASHES.values()}
 """hashlib name -> item attribute; dict order (sha1 first) is the order PLAIN tries."""
@@ -221,11 +222,13 @@ class Accounts:
         verifies against them, and the hashes missing here are added at the next
         PLAIN login (`verify_plain`). A `ban` (from xmppd's own export) is written
         with the keys, so the account never exists unbanned. AccountExists,
-        InvalidUsername, ValueError (no keys).
+        InvalidUsername, ValueError (no keys, or a ban reason XML cannot carry).
         """
         name = normalize_username(username)
         if not keys:
             raise ValueError("no SCRAM keys")
+        if ban is not None:
+            _check_reason(ban.reason)
         attrs: dict[str, AttrValue] = {KEY_ATTRIBUTES[k.hash_name]: k.encode() for k in keys}
         if ban is not None:
             attrs.update({"banned": ban.since, "ban_reason": ban.reason})
@@ -258,13 +261,15 @@ class Accounts:
 
     async def ban(self, username: str, reason: str, since: int | None = None) -> Ban:
         """Ban the account (AccountNotFound); banning it again replaces the reason and time
-        (`since`, Unix seconds: now unless given, as by an import).
+        (`since`, Unix seconds: now unless given, as by an import). ValueError for a
+        reason XML cannot carry: each refused login sends it in its SASL failure.
 
         Only logins are refused here: the caller ends the account's sessions."""
         try:
             name = normalize_username(username)
         except InvalidUsername:
             raise AccountNotFound(username) from None
+        _check_reason(reason)
         ban = Ban(int(time.time()) if since is None else since, reason)
 
         def add_ban(item: Item | None) -> dict[str, AttrValue]:
@@ -388,3 +393,9 @@ class Accounts:
             log.warning("could not add %s keys for %s: %s", ", ".join(missing), name, e)
         else:
             log.info("added %s keys for %s at its PLAIN login", ", ".join(missing), name)
+
+
+def _check_reason(reason: str) -> None:
+    """ValueError for a ban reason XML cannot carry (control characters, lone surrogates)."""
+    if not xml_can_carry(reason):
+        raise ValueError("the ban reason has characters XML cannot carry")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from xmppd.auth.accounts import Ban, InvalidUsername, normalize_username
+from xmppd.auth.throttle import Check
 from xmppd.jid import JID, InvalidJID
 from xmppd.sasl import SASLFailure
 from xmppd.sasl.mechanisms import scram_hash_of
@@ -26,6 +27,7 @@ from xmppd.session import ClientSession, Transport
 from xmppd.storage.base import StorageError
 from xmppd.stream import c2s
 from xmppd.stream.errors import StanzaError, error_from
+from xmppd.xml.text import xml_can_carry
 
 if TYPE_CHECKING:
     from xmppd.server import Server
@@ -61,9 +63,10 @@ class StreamLogin:
         self._scram: ScramServer | None = None
         self._pending_mechanism: str | None = None  # <auth/> came without initial response
         self._auth_task: asyncio.Task[None] | None = None
-        # The last PLAIN password check: it runs to its end (and counts its failure)
-        # even when its exchange is given up, and the next check waits for it.
-        self._check: asyncio.Task[tuple[bool, float | None]] | None = None
+        # The last password check (PLAIN, or a SCRAM proof): it runs to its end (and
+        # counts its failure) even when its exchange is given up, and the next check
+        # waits for it.
+        self._check: asyncio.Task[object] | None = None
 
     def cancel(self) -> None:
         """The stream is gone: stop whatever exchange is in flight (a password check
@@ -127,13 +130,15 @@ class StreamLogin:
                 authzid, username, password = parse_plain(data)
                 username = _account_name(username)
                 account = f"{username}@{host}"
-                if self._check is not None and not self._check.done():
-                    await asyncio.wait([self._check])  # one check at a time per stream
-                if not await server.throttle.reserve(self.ip, account, self.conn):
+                reserved = await self._reserve(account)
+                if reserved is None:
                     self._refuse_banned()
                     return
-                self._check = asyncio.ensure_future(self._check_plain(host, username, password))
-                right, delay = await asyncio.shield(self._check)
+                plain = asyncio.ensure_future(
+                    self._check_plain(host, username, password, reserved)
+                )
+                self._check = plain
+                right, delay = await asyncio.shield(plain)
                 if not right:
                     await self._answer_wrong(account, delay)
                     return
@@ -166,8 +171,15 @@ class StreamLogin:
         finally:
             self._output()
 
+    async def _reserve(self, account: str) -> Check | None:
+        """`AuthThrottle.reserve`, once this stream's last check is over (one check at a
+        time per stream): None when the address is banned (the refusal logged)."""
+        if self._check is not None and not self._check.done():
+            await asyncio.wait([self._check])
+        return await self.node.throttle.reserve(self.ip, account, self.conn)
+
     async def _check_plain(
-        self, host: str, username: str, password: str
+        self, host: str, username: str, password: str, reserved: Check
     ) -> tuple[bool, float | None]:
         """The PLAIN password check that `AuthThrottle.reserve` let start: whether the
         password is right, and for a wrong one what `AuthThrottle.failed` says.
@@ -183,18 +195,48 @@ class StreamLogin:
                 return True, None
             return False, await throttle.failed(self.ip, f"{username}@{host}", self.conn)
         finally:
-            throttle.release(self.ip)
+            await throttle.release(reserved)
+
+    async def _check_scram(
+        self, scram: ScramServer, data: bytes, account: str, reserved: Check
+    ) -> tuple[bytes | SASLFailure, float | None]:
+        """The SCRAM proof check that `AuthThrottle.reserve` let start: the server-final
+        message, or the failure and, for wrong credentials, what `AuthThrottle.failed`
+        says. The check is a few HMACs, but each is a guess (the client derived the
+        key): reserved as a PLAIN check is, or proofs sent at once on many streams
+        would all be checked before one failure counted. Shielded, as a PLAIN check,
+        so that its failure counts and its reservation ends whatever its stream does.
+        """
+        throttle = self.node.throttle
+        try:
+            try:
+                return scram.finish(data), None
+            except SASLFailure as failure:
+                if failure.condition != "not-authorized":
+                    return failure, None  # malformed: no guess was checked
+                return failure, await throttle.failed(self.ip, account, self.conn)
+        finally:
+            await throttle.release(reserved)
 
     async def _auth_final(self, data: bytes) -> None:
         scram, self._scram = self._scram, None
         assert scram is not None and scram.authcid is not None
         username = _account_name(scram.authcid)
+        account = f"{username}@{self.stream.host or ''}"
         try:
-            server_final = scram.finish(data)
-        except SASLFailure as failure:
-            await self._auth_failed(username, failure.condition, failure.text)
-        else:
-            await self._authorize(username, scram.authzid, server_final)
+            reserved = await self._reserve(account)
+            if reserved is None:
+                self._refuse_banned()
+                return
+            proof = asyncio.ensure_future(self._check_scram(scram, data, account, reserved))
+            self._check = proof
+            verdict, delay = await asyncio.shield(proof)
+            if not isinstance(verdict, SASLFailure):
+                await self._authorize(username, scram.authzid, verdict)
+            elif verdict.condition == "not-authorized":
+                await self._answer_wrong(account, delay, verdict.text)
+            else:
+                await self._auth_failed(username, verdict.condition, verdict.text)
         finally:
             self._output()
 
@@ -369,7 +411,8 @@ class StreamLogin:
                 "conn": self.conn,
             },
         )
-        text = "this account is disabled" + (f": {ban.reason}" if ban.reason else "")
+        shown = ban.reason if xml_can_carry(ban.reason) else ""  # stored before it was checked
+        text = "this account is disabled" + (f": {shown}" if shown else "")
         self.stream.sasl_failure("account-disabled", text)
 
     def bind(self, event: c2s.BindRequested, transport: Transport) -> ClientSession | None:

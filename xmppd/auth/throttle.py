@@ -12,9 +12,12 @@ attack from some addresses stays open from every other one. Checks under
 way count with the failures (`reserve`), so that guesses sent in parallel
 get no more checks than the ban allows.
 
-The counts live behind `FailureCounter` so that a store shared by the nodes
-of a cluster (Redis: INCR and EXPIRE) can replace the in-process one; each
-call is one key, so the hot path of a clean login is one lookup.
+The counts, and the checks under way, live behind `FailureCounter` so that
+a store shared by the nodes of a cluster (Redis) can replace the in-process
+one: on a cluster the checks under way must be counted where the failures
+are, or each node would let an address run its failures left at once, N
+nodes N times as many. Each call is one address key, so the hot path of a
+clean login is one lookup per step.
 """
 
 from __future__ import annotations
@@ -35,12 +38,27 @@ MAX_TRACKED = 100_000
 addresses (an IPv6 attacker) may cost a ban, never unbounded memory."""
 
 
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A password check `FailureCounter.take_check` let start, to give back with
+    `end_check`. `member` names it in a shared store; None: counted in this process."""
+
+    key: str
+    member: str | None = None
+
+
 class FailureCounter(Protocol):
-    """Failure counts per key that expire a fixed time after the key's last failure.
+    """Failure counts per key that expire a fixed time after the key's last failure,
+    and the password checks under way per key.
 
     The only state the throttle keeps; an implementation on a shared store lets
-    a client that moves between nodes keep its count.
+    a client that moves between nodes keep its count, and counts the checks of
+    every node against the same failures left.
     """
+
+    recheck_after: float | None
+    """Seconds after which an attempt waiting for a check to end judges again; None
+    when every check is ended in this process (which wakes the waiting attempts)."""
 
     async def record_failure(self, key: str, *more: str) -> int:
         """Count one failure for `key` and for each of `more`, restart their expiry,
@@ -60,14 +78,29 @@ class FailureCounter(Protocol):
         """Failures counted from now on expire `lifetime` seconds after the key's last."""
         ...
 
+    async def take_check(self, key: str, limit: int) -> tuple[int, Check | None]:
+        """`key`'s failures, and a check taken for it when its failures plus its checks
+        under way stay below `limit`; None when they do not (or it failed `limit`
+        times). The test and the taking are one step: two callers cannot both take
+        the last check."""
+        ...
+
+    async def end_check(self, check: Check) -> None:
+        """A check `take_check` gave is over (its failure, if any, counted)."""
+        ...
+
 
 class MemoryFailureCounter:
     """A `FailureCounter` in this process's memory (one node, or per node).
 
     Every key has the same lifetime, so the dict's order (a key moves to the end
     when it fails) is also the order of expiry: expired keys are dropped from
-    the front, a few at a time, without ever scanning the live ones.
+    the front, a few at a time, without ever scanning the live ones. Checks
+    under way are counted per key until ended; they need no expiry, since this
+    process ends each one it started.
     """
+
+    recheck_after: float | None = None
 
     def __init__(
         self,
@@ -79,6 +112,7 @@ class MemoryFailureCounter:
         self.clock = clock
         self.max_tracked = max_tracked
         self._entries: dict[str, tuple[int, float]] = {}  # key -> (count, expires at)
+        self._checks: dict[str, int] = {}  # key -> checks under way
 
     async def record_failure(self, key: str, *more: str) -> int:
         now = self.clock()
@@ -93,6 +127,9 @@ class MemoryFailureCounter:
         return count
 
     async def failures(self, key: str) -> int:
+        return self._failures(key)
+
+    def _failures(self, key: str) -> int:
         entry = self._entries.get(key)
         if entry is None:
             return 0
@@ -103,6 +140,21 @@ class MemoryFailureCounter:
 
     async def clear(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    async def take_check(self, key: str, limit: int) -> tuple[int, Check | None]:
+        failures = self._failures(key)
+        checking = self._checks.get(key, 0)
+        if failures + checking >= limit:
+            return failures, None
+        self._checks[key] = checking + 1
+        return failures, Check(key)
+
+    async def end_check(self, check: Check) -> None:
+        left = self._checks[check.key] - 1
+        if left:
+            self._checks[check.key] = left
+        else:
+            del self._checks[check.key]
 
     def set_lifetime(self, lifetime: float) -> None:
         # A shorter lifetime breaks "dict order is expiry order" for a while: a key
@@ -165,9 +217,7 @@ class AuthThrottle:
         self.ban_seconds = ban_seconds
         self.failure_delay = failure_delay
         self.stats = AuthStats()
-        # Password checks under way per address key (this node's), and the attempts
-        # waiting for one of them to end: see `reserve`.
-        self._checking: dict[str, int] = {}
+        # The attempts waiting for a check of their address key to end: see `reserve`.
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
 
     def reconfigure(
@@ -189,57 +239,59 @@ class AuthThrottle:
         self._refusal(address, account, conn)
         return True
 
-    async def reserve(self, ip: str, account: str, conn: str = "-") -> bool:
-        """May a password check from `ip` start? False (the refusal logged) when the
+    async def reserve(self, ip: str, account: str, conn: str = "-") -> Check | None:
+        """May a password check from `ip` start? None (the refusal logged) when the
         address is banned. While as many of its checks are under way as it has
         failures left before its ban, waits for one of them to end, then judges
-        again. True: call `release(ip)` once the check's failure, if it failed, is
-        counted.
+        again. A `Check`: pass it to `release` once the check's failure, if it
+        failed, is counted.
 
         `refused` alone is read before any check in flight has counted its
         failure, so attempts sent in parallel (many streams, one write each)
-        would all pass it and each cost a key derivation: counted this way no
-        more checks run from an address, on this node, than its ban allows.
+        would all pass it and each cost a key derivation, or each get a guess:
+        counted this way no more checks run from an address than its ban
+        allows. On a cluster the counter counts the checks of every node
+        (xmppd.cluster.throttle); an attempt waiting for another node's check
+        learns of its end by judging again after `counter.recheck_after`.
         Waiting rather than refusing: users behind one address (a NAT) who log
         in at the same moment are served a few milliseconds later, not turned
         away; a guesser's waiting attempts are refused once its failures ban it
         (its streams are bounded by the connections per address and the time to
-        authenticate). No wait between the test and the reservation: two
-        attempts cannot both take the last slot.
+        authenticate). The counter tests and takes in one step: two attempts
+        cannot both take the last check.
         """
         address = address_key(ip)
+        key = f"ip:{address}"
         while True:
-            failures = await self.counter.failures(f"ip:{address}")
+            failures, check = await self.counter.take_check(key, self.failures_before_ban)
+            if check is not None:
+                return check
             if failures >= self.failures_before_ban:
                 self._refusal(address, account, conn)
-                return False
-            checking = self._checking.get(address, 0)
-            if failures + checking < self.failures_before_ban:
-                self._checking[address] = checking + 1
-                return True
+                return None
             turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            waiting = self._waiting.setdefault(address, [])
+            waiting = self._waiting.setdefault(key, [])
             waiting.append(turn)
             try:
-                await turn
+                # wait_for cancels the turn when the time is up or the attempt is given up
+                await asyncio.wait_for(turn, self.counter.recheck_after)
+            except TimeoutError:
+                pass  # a check on another node may have ended: judge again
             finally:
-                if turn.cancelled() and turn in waiting:  # given up: its stream ended
+                if turn.cancelled() and turn in waiting:
                     waiting.remove(turn)
-                    if not waiting and self._waiting.get(address) is waiting:
-                        del self._waiting[address]
+                    if not waiting and self._waiting.get(key) is waiting:
+                        del self._waiting[key]
 
-    def release(self, ip: str) -> None:
+    async def release(self, check: Check) -> None:
         """A check `reserve` let start is over (and its failure counted): the attempts
-        waiting for one judge again."""
-        address = address_key(ip)
-        left = self._checking[address] - 1
-        if left:
-            self._checking[address] = left
-        else:
-            del self._checking[address]
-        for turn in self._waiting.pop(address, ()):
-            if not turn.done():
-                turn.set_result(None)
+        of this node waiting for one judge again."""
+        try:
+            await self.counter.end_check(check)
+        finally:
+            for turn in self._waiting.pop(check.key, ()):
+                if not turn.done():
+                    turn.set_result(None)
 
     async def failed(self, ip: str, account: str, conn: str = "-") -> float | None:
         """Count a wrong credential; return how long to wait before saying so, or
@@ -275,8 +327,9 @@ class AuthThrottle:
 
         Checking again here, after the password check, and answering a refusal
         here as `failed` answers a wrong guess made after the ban, means that
-        attempts whose checks raced the ban (on other nodes of a cluster: each
-        node's `reserve` sees only its own checks) cannot tell a right guess
+        attempts whose checks raced the ban (a cluster's nodes taking checks on
+        their own counters while Redis fails, a check whose reservation expired
+        while it ran) cannot tell a right guess
         from a wrong one. On success, the pair's failures
         are forgotten, and the address's too when they were all this account's
         (its owner mistyped): an address that also failed for other accounts

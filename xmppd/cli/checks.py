@@ -31,9 +31,11 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from redis.asyncio import Redis
 
+from xmppd.auth.accounts import Accounts
+from xmppd.auth.privileged import privileged_jids, without_account
 from xmppd.cli import allocator
 from xmppd.config import Config, redact_url
-from xmppd.storage.base import NoStoreYet
+from xmppd.storage.base import ItemStore, NoStoreYet
 from xmppd.storage.config import MemcachedCacheConfig
 from xmppd.storage.factory import describe_backend, open_blobs, open_cache, open_items
 from xmppd.storage.memcached import parse_server
@@ -295,6 +297,37 @@ async def _redis(url: str) -> str:
         await redis.aclose()
 
 
+async def check_privileged_accounts(cfg: Config, report: Report) -> None:
+    """Warn about each `admins` or `auth.proxy_auth` JID with no account: until the
+    operator creates it, whoever else makes it gets its rights (xmppd.auth.privileged)."""
+    if not privileged_jids(cfg):
+        return
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            missing = await _privileged_without_account(cfg)
+    except Exception:  # the items probe above said why
+        return
+    for line in missing:
+        report.warning("accounts", line)
+
+
+async def _privileged_without_account(cfg: Config) -> list[str]:
+    try:
+        backend = await open_items(cfg.storage.items, cfg.data_dir, read_only=True)
+    except NoStoreYet:  # before a first start: no account exists yet
+        return await without_account(cfg, _no_account)
+    try:
+        return await without_account(
+            cfg, lambda host, user: Accounts(ItemStore(backend, host, "accounts")).exists(user)
+        )
+    finally:
+        await backend.close()
+
+
+async def _no_account(host: str, user: str) -> bool:
+    return False
+
+
 # --------------------------------------------------------------------------- DNS
 
 
@@ -491,6 +524,7 @@ def run_checks(cfg: Config, out: TextIO, *, dns_server: str | None, with_dns: bo
     report = Report(out)
     check_certificates(cfg, report, datetime.datetime.now(datetime.UTC))
     asyncio.run(check_stores(cfg, report))
+    asyncio.run(check_privileged_accounts(cfg, report))
     check_allocator(cfg, report)
     if resolver is not None:
         check_dns(cfg, report, resolver)

@@ -199,6 +199,11 @@ async def _tell_nodes(cfg: Config, jid: str, change: str) -> None:
     _report(await notify_account_change(cfg.data_dir, jid, change))
 
 
+def _say(line: str) -> None:
+    """A progress line, on stderr at once (stdout is the result a script reads)."""
+    print(f"xmppctl: {line}", file=sys.stderr, flush=True)
+
+
 def _report(outcome: Outcome) -> None:
     for line in outcome.done:
         print(line)
@@ -228,11 +233,12 @@ async def _unregister(cfg: Config, user: str, host: str) -> str:
     """Remove the account and its data; what to tell the operator.
 
     A running node does it when there is one, through its own cache (see
-    xmppd.adminapi); with none, this process removes it from the stores."""
+    xmppd.adminapi); only when no node could be reached does this process remove it
+    from the stores (xmppd.cli.nodes.remove_on_node)."""
     jid = f"{user}@{host}"
     outcome = Outcome()
     try:
-        removed = await remove_on_node(cfg.data_dir, jid, outcome)
+        removed = await remove_on_node(cfg.data_dir, jid, outcome, _say)
     except NodeRemovalFailed as e:
         raise Failure(f"{e}: run unregister again to finish") from None
     finally:

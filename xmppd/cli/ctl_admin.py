@@ -357,6 +357,8 @@ async def _ban(cfg: Config, user: str, host: str, reason: str) -> None:
         await Accounts.of(storage, host, cfg.auth.scram_iterations).ban(user, reason)
     except AccountNotFound:
         raise Failure(f"{jid} does not exist") from None
+    except ValueError as e:
+        raise Failure(f"{jid} not banned: {e}") from None
     finally:
         await storage.close()
     print(f"banned {jid}" + (f" ({reason})" if reason else ""))

@@ -26,6 +26,7 @@ from xmppd.cli.clusterview import ClusterUnreachable, cluster_nodes, cluster_ses
 from xmppd.cli.ctl import Failure, _load, _report, _served_host
 from xmppd.cli.nodes import Outcome, kick_on_nodes, node_sessions, node_statuses
 from xmppd.config import Config
+from xmppd.xml.text import xml_can_carry
 
 LOCAL = "-"
 """The node column of a node outside any cluster (it has no name)."""
@@ -110,6 +111,8 @@ def cmd_kick(args: argparse.Namespace) -> int:
     if not jid.local:
         raise Failure(f"expected USER@HOST or USER@HOST/RESOURCE, got {args.jid!r}")
     _served_host(cfg, str(jid.domain))
+    if args.reason and not xml_can_carry(args.reason):
+        raise Failure("the reason has characters XML cannot carry")
     outcome = Outcome()
     ended = asyncio.run(
         kick_on_nodes(cfg.data_dir, str(jid), args.reason, cfg.cluster is None, outcome)

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,18 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from aiohttp.client import _RequestContextManager
 
-from xmppd.adminapi import RECORD_SUFFIX, admin_dir, read_token
+from xmppd.adminapi import RECORD_SUFFIX, WeakToken, admin_dir, read_token
+from xmppd.modulehost import ACCOUNT_REMOVAL_WAITS
 
 REQUEST_TIMEOUT = 15.0
-"""Seconds per node; a node waits up to 10 s for the sessions it ends to settle."""
+"""Seconds per node (to connect, for a removal); a node waits up to 10 s for the sessions
+it ends to settle."""
+REMOVAL_TIMEOUT = ACCOUNT_REMOVAL_WAITS + REQUEST_TIMEOUT
+"""Seconds a node has to remove an account: every wait it bounds, and REQUEST_TIMEOUT
+more for its storage work. Giving up earlier would leave a removal that goes well
+running while xmppctl did the work again elsewhere."""
+WAIT_NOTICE_AFTER = 2.0
+"""Seconds after which xmppctl says that it waits for a node's removal."""
 
 
 @dataclass(slots=True)
@@ -146,7 +154,8 @@ def _listens(pid: int, port: int) -> bool:
 
 
 class NodeRemovalFailed(Exception):
-    """A running node removed the account but not all of its data (or not at all)."""
+    """A running node removed the account but not all of its data (or not at all), or
+    did not answer in time once asked (it may still be removing it)."""
 
 
 @contextlib.asynccontextmanager
@@ -168,6 +177,10 @@ async def _admin_client(
             f"cannot read the admin token {admin_dir(data_dir) / 'token'}: "
             f"{e.strerror or e}; {unread}"
         )
+        yield None
+        return
+    except WeakToken as e:
+        outcome.warnings.append(f"{e}; {unread}")
         yield None
         return
     headers = {"Authorization": f"Bearer {token}"}
@@ -218,40 +231,74 @@ class AdminHTTP:
         self._session = session
         self._verifiers = verifiers
 
-    def request(self, method: str, url: str, json: object = None) -> _RequestContextManager:
+    def request(
+        self,
+        method: str,
+        url: str,
+        json: object = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> _RequestContextManager:
+        """`timeout`: this request's, else the session's (REQUEST_TIMEOUT)."""
+        options: dict[str, Any] = {"json": json}
+        if timeout is not None:
+            options["timeout"] = timeout
         verifier = self._verifiers.get(_origin(url))
-        if verifier is None:
-            return self._session.request(method, url, json=json)
-        context, server_name = verifier
-        return self._session.request(
-            method, url, json=json, ssl=context, server_hostname=server_name
-        )
+        if verifier is not None:
+            options["ssl"], options["server_hostname"] = verifier
+        return self._session.request(method, url, **options)
 
     def get(self, url: str) -> _RequestContextManager:
         return self.request("GET", url)
 
-    def post(self, url: str) -> _RequestContextManager:
-        return self.request("POST", url)
+    def post(
+        self, url: str, timeout: aiohttp.ClientTimeout | None = None
+    ) -> _RequestContextManager:
+        return self.request("POST", url, timeout=timeout)
 
 
-async def remove_on_node(data_dir: Path, jid: str, outcome: Outcome) -> str | None:
+async def remove_on_node(
+    data_dir: Path, jid: str, outcome: Outcome, waiting: Callable[[str], None]
+) -> str | None:
     """Ask a running node to remove the account (POST /accounts/{jid}/remove), then
     tell the other nodes to end its sessions. The node's result ("account",
-    "leftovers", "nothing"), or None when no node answered: the caller removes it
-    from the stores itself. NodeRemovalFailed when the node tried and failed."""
+    "leftovers", "nothing"), or None when no node could be reached (none took the
+    request): the caller removes it from the stores itself.
+
+    A node that was sent the request has REMOVAL_TIMEOUT to answer (`waiting` gets a
+    line saying so once WAIT_NOTICE_AFTER passed); one that does not answer then, or
+    answers with an error, is NodeRemovalFailed: it may still be removing the account,
+    and a second removal (another node's, or xmppctl's from the stores, which bypasses
+    the node's cache) must not run beside it."""
     account = f"/accounts/{quote(jid, safe='@')}"
     unread = "removing the account from the stores directly"
+    timeout = aiohttp.ClientTimeout(total=REMOVAL_TIMEOUT, connect=REQUEST_TIMEOUT)
     async with _admin_client(data_dir, outcome, unread) as client:
         if client is None:
             return None
         nodes, http = client
         for record, url in nodes.items():
+            notice = asyncio.get_running_loop().call_later(
+                WAIT_NOTICE_AFTER,
+                waiting,
+                f"waiting for the node at {url} to remove {jid} (up to {REMOVAL_TIMEOUT:g} s)",
+            )
             try:
-                async with http.post(url + account + "/remove") as response:
+                async with http.post(url + account + "/remove", timeout) as response:
                     body = await response.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                _did_not_answer(outcome, url, record, e)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                _did_not_answer(outcome, url, record, e)  # not reached: nothing was asked
                 continue
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                why = (
+                    f"within {REMOVAL_TIMEOUT:g} s" if isinstance(e, TimeoutError)
+                    else f"({type(e).__name__}: {e})"
+                )
+                raise NodeRemovalFailed(
+                    f"the node at {url} was asked to remove {jid} but did not answer {why};"
+                    " it may still be removing it"
+                ) from None
+            finally:
+                notice.cancel()
             if response.status != 200 or not isinstance(body, dict):
                 error = body.get("error", body) if isinstance(body, dict) else body
                 raise NodeRemovalFailed(f"the node at {url}: {error}")

@@ -77,7 +77,7 @@ class Cluster:
         self._nodes_listeners: list[Callable[[frozenset[str]], None]] = []
         self._lapse_listeners: list[Callable[[], None]] = []
         self.sync = ReplicaSync(self.redis, self.directory, self.rewrite_local, self.stats)
-        self.secret = config.secret
+        self.secret = None if config.secret is None else config.secret.get_secret_value()
         self.link: Link | None = None
         if config.link.enabled:
             self.link = Link(

@@ -39,6 +39,22 @@ MIN_SECRET_CHARS = 16
 Seconds = Annotated[StrictFloat, Field(allow_inf_nan=False, gt=0)]
 
 
+def strong_secret(value: object) -> object:
+    """Check a shared secret before it becomes a SecretStr, in words that never show
+    it: pydantic's own errors would quote the value, and a config error is printed
+    and logged (on reload too)."""
+    if not isinstance(value, str):
+        raise ValueError("expected a string (quote it if it looks like a number)")
+    if value != value.strip():
+        raise ValueError("has leading or trailing spaces (a copy-paste slip?)")
+    if len(value) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"too short: at least {MIN_SECRET_CHARS} characters "
+            "(e.g. the output of `openssl rand -hex 16`)"
+        )
+    return value
+
+
 def _address(value: str) -> str:
     try:
         return str(ipaddress.ip_address(value))
@@ -65,19 +81,7 @@ class Component(BaseModel):
     name: StrictStr | None = None  # its name in the parent host's disco#items
     disco: StrictBool = True  # listed in disco#items of the host it is a subdomain of
 
-    @field_validator("secret", mode="before")
-    @classmethod
-    def _strong(cls, value: object) -> object:
-        if not isinstance(value, str):
-            raise ValueError("expected a string (quote it if it looks like a number)")
-        if value != value.strip():
-            raise ValueError("has leading or trailing spaces (a copy-paste slip?)")
-        if len(value) < MIN_SECRET_CHARS:
-            raise ValueError(
-                f"too short: at least {MIN_SECRET_CHARS} characters "
-                "(e.g. the output of `openssl rand -hex 16`)"
-            )
-        return value
+    _strong = field_validator("secret", mode="before")(strong_secret)
 
 
 def _default_listeners() -> list[ComponentListener]:

@@ -100,9 +100,16 @@ class StanzaReceived:
 class StanzaAnswered:
     """A stanza from the bound client that the stream answered itself (a <bad-request/>
     refusal, the legacy session IQ, a second bind): it reaches no session, yet the
-    client counts it as sent, and so must stream management's h (XEP-0198)."""
+    client counts it as sent, and so must stream management's h (XEP-0198).
+
+    `reply` (None: an IQ result or error without id, answered by silence) is not
+    written by the stream: the driver delivers it through the session, as every
+    other stanza to the client, so that stream management counts it in what it
+    sent and keeps it until acknowledged. Written here, the client would count one
+    stanza the server did not, and its <a h=''/> would run ahead of the server's."""
 
     stanza: etree._Element
+    reply: etree._Element | None
 
 
 @dataclass(slots=True)
@@ -546,13 +553,17 @@ class C2SStream:
             # A chat message passes on the first test; see xmppd.stream.stanzarules.
             type_ = el.get("type")
             if type_ not in ROUTABLE_TYPES[tag]:
-                if self._refused(el, tag):
-                    events.append(StanzaAnswered(el))
+                text = refusal(el, tag)
+                if text is not None:
+                    # Malformed: <bad-request/>, to the client alone (it goes nowhere else).
+                    events.append(StanzaAnswered(el, bad_request(el, text)))
                     return
                 type_ = el.get("type")  # a message's unknown type is 'normal' now
-            if tag == ns.C_IQ and self._is_session_setup(el):
-                events.append(StanzaAnswered(el))
-                return
+            if tag == ns.C_IQ and type_ == "set" and len(el) == 1:
+                reply = self._session_setup_reply(el)
+                if reply is not None:
+                    events.append(StanzaAnswered(el, reply))
+                    return
             events.append(StanzaReceived(el, type_))
             return
         if self.phase is Phase.SECURED and tag == ns.C_IQ and len(el) == 1:
@@ -570,32 +581,18 @@ class C2SStream:
                 return
         raise StreamError("not-authorized", "authenticate and bind a resource first")
 
-    def _refused(self, stanza: etree._Element, tag: str) -> bool:
-        """Answer a malformed stanza with <bad-request/> here, on the client's own
-        stream (it goes nowhere else); True if it was one."""
-        text = refusal(stanza, tag)
-        if text is None:
-            return False
-        reply = bad_request(stanza, text)
-        if reply is not None:
-            self.send(reply)
-        return True
-
-    def _is_session_setup(self, iq: etree._Element) -> bool:
-        """Answer the legacy session iq and refuse a second bind, in the stream itself."""
-        if iq.get("type") != "set" or len(iq) != 1:
-            return False
+    def _session_setup_reply(self, iq: etree._Element) -> etree._Element | None:
+        """The answer to the legacy session iq (a result) or to a second bind (refused),
+        which the stream gives itself; None for any other IQ set."""
         child = iq[0]
         if child.tag == _SESSION:
             reply = etree.Element(ns.C_IQ, nsmap={None: ns.CLIENT})
             reply.set("type", "result")
             reply.set("id", iq.get("id", ""))
-            self.send(reply)
-            return True
+            return reply
         if child.tag == _BIND:
-            self.send(error_reply(iq, "not-allowed", "a resource is already bound"))
-            return True
-        return False
+            return error_reply(iq, "not-allowed", "a resource is already bound")
+        return None
 
     def _send_sasl(self, name: str, data: bytes | None) -> None:
         el = etree.Element(f"{{{ns.SASL}}}{name}", nsmap={None: ns.SASL})
