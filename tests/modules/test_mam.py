@@ -241,6 +241,14 @@ async def test_forged_stanza_ids_are_stripped() -> None:
                                    f" by='alice@localhost' id='{real}'/>"))
     [passed_on] = remote.routed
     assert stanza_ids(passed_on) == []
+    # the same from another server (s2s hands it to the router with no local origin)
+    remote = parse_stanza(chat("alice@localhost", "from afar", forged))
+    remote.set("from", "mallory@evil.example/x")
+    harness.router.route(remote)
+    await harness.router.drain()
+    [afar] = alice.take()
+    assert [by for by, _ in stanza_ids(afar)] == ["room@muc.example.org", "alice@localhost"]
+    assert stanza_ids(afar)[1][1] != shaped
     # a bodyless message is not archived, and a forged id on it is stripped all the same
     await harness.send(bob, f"<message to='alice@localhost'>{forged}</message>")
     [bare] = alice.take()
