@@ -24,6 +24,11 @@ delivers or drops the stanza as the tables say.
   answered "unsubscribed", as one to no account). The account's own changes
   need no such check: its sessions are read no more once it is gone, and what
   they sent before is made before the data goes.
+* An approval (the user's, pre-approval, or the server's automatic one) sends
+  the user's presence to the contact after the "subscribed" (RFC 6121 3.1.5):
+  at once to a remote contact; a local contact's queue probes for it once it
+  took the "subscribed" and pushed the change, so the presence does not
+  overtake them (`_send_on_approval`).
 * A subscribe request not yet answered is
   `pending_in` in the roster item, and the stanza itself is kept whole
   (modules/_requests.py: a <nick/>, a XEP-0379 <preauth/> survive) and
@@ -36,9 +41,13 @@ delivers or drops the stanza as the tables say.
   contacts subscribed to the user; unavailable also goes to every entity
   that got directed presence from that session (section 4.6), including
   when the connection just drops. One session's broadcasts are handled in
-  the order it sent them. The copies to each contact are routed with
-  bounce=False: a remote domain that cannot be reached is reported once,
-  by the error answering the probe at initial presence, not at every change.
+  the order it sent them. The roster read of a broadcast (and of a probe
+  answer) is made again when a change that may have ended a contact's
+  subscription was stored meanwhile (`_current`): nothing of the user's
+  reaches a contact after the unavailable that change sent. The copies to
+  each contact are routed with bounce=False: a remote domain that cannot be
+  reached is reported once, by the error answering the probe at initial
+  presence, not at every change.
 * "session/lost": an available session whose cluster node died (the node
   that reaped it fires it) gets the unavailable its node owed, to contacts,
   the user's other resources and the entities it sent directed presence to:
@@ -67,7 +76,8 @@ import copy
 import json
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from lxml import etree
 from redis.exceptions import RedisError
@@ -105,6 +115,7 @@ DIRECTED_KEY = "xmppd:presence:directed:"
 DIRECTED_TTL = 7 * 86400
 
 Kind = Literal["subscribe", "subscribed", "unsubscribe", "unsubscribed"]
+T = TypeVar("T")
 Gate = Callable[[etree._Element], bool]
 """The sender's privacy rules on one presence the server makes in its name (True: send it)."""
 
@@ -251,6 +262,8 @@ class Presence(Module):
         self._changes = AccountQueues(self.host.spawn, self.log)
         self._inbound_waiting: dict[str, int] = {}
         self.requests = SubscriptionRequests(self.host)
+        # Accounts whose roster a broadcast or a probe answer is reading: `_current`.
+        self._reading: dict[str, _Reading] = {}
         # Sessions whose targets are being written to Redis -> changed again meanwhile
         # (one write at a time per session, so they land in the order of the changes).
         self._writing: dict[ClientSession, bool] = {}
@@ -331,7 +344,7 @@ class Presence(Module):
         was_from = before is not None and before.subscription in ("from", "both")
         is_from = after is not None and after.subscription in ("from", "both")
         if is_from and not was_from:
-            self._send_available(owner, contact)  # RFC 6121 3.1.5
+            self._send_on_approval(owner, contact)  # RFC 6121 3.1.5
         elif was_from and not is_from:
             self._send_unavailable(owner, contact)  # RFC 6121 3.2.2
 
@@ -412,10 +425,18 @@ class Presence(Module):
             self.host.route(_presence(reply, owner, contact))
         was_from = before is not None and before.subscription in ("from", "both")
         is_from = after is not None and after.subscription in ("from", "both")
-        if is_from and not was_from:
-            self._send_available(owner, contact)  # pre-approved: as if approved now
+        if reply == "subscribed":
+            # Approved by the server, pre-approved (3.4) or subscribed already (3.1.3,
+            # a contact that lost its state): as after the user's own approval (3.1.5),
+            # else the contact sees the user offline until the next presence change.
+            self._send_on_approval(owner, contact)
         elif was_from and not is_from:
             self._send_unavailable(owner, contact)  # RFC 6121 3.3.3
+        if kind == "subscribed" and _local_user(self.host, contact):
+            if after is not None and after.subscription in ("to", "both"):
+                # The approval of a local contact, taken: its presence now (3.1.6), in
+                # answer to a probe, after this "subscribed" and the push (`_send_on_approval`).
+                self._send_as(owner, [_presence("probe", owner, contact)])
 
     def _to_no_account(self, owner: str, kind: Kind, contact: str) -> None:
         """A contact's change that waited while the account was removed: nothing is
@@ -437,7 +458,7 @@ class Presence(Module):
             return True
         if prober_bare != owner:
             try:
-                item = await self.roster.item(owner, prober_bare)
+                item = await self._current(owner, lambda: self.roster.item(owner, prober_bare))
             except StorageError as exc:
                 self.log.warning("probe from %s to %s dropped: %s", prober, owner, exc)
                 return True
@@ -486,7 +507,8 @@ class Presence(Module):
                     presence.set("from", other.jid)
                     presence.set("to", origin.jid)
                     self.host.deliver(origin, presence)
-        roster = await self._roster(owner, "the presence of " + origin.jid)
+        what = "the presence of " + origin.jid
+        roster = await self._current(owner, lambda: self._roster(owner, what))
         if roster is None:
             return
         self._send_copies(
@@ -643,7 +665,12 @@ class Presence(Module):
             self.log.warning("answered request from %s to %s not deleted: %s", contact, owner, exc)
 
     def _on_roster_change(self, owner: str, item: RosterItem | None, removed: str | None) -> None:
-        """A roster entry removed (roster remove, the account removed) takes its request along."""
+        """A roster entry removed (roster remove, the account removed) takes its request
+        along; a change that may have ended a contact's subscription to the user is
+        counted for the reads in flight of `_current`."""
+        reading = self._reading.get(owner)
+        if reading is not None and (item is None or item.subscription in ("none", "to")):
+            reading.changes += 1
         if item is None and removed is not None:
             self.host.spawn(self._forget_request(owner, removed))
 
@@ -656,6 +683,36 @@ class Presence(Module):
         return await SubscriptionRequests(host).forget_all(vhost, username)
 
     # --- helpers --------------------------------------------------------------------------
+
+    async def _current(self, owner: str, read: Callable[[], Awaitable[T]]) -> T:
+        """What `read()` gets from `owner`'s roster, for presence sent in the user's name
+        right after it (no await between) to the contacts it shows subscribed to the user.
+
+        A contact whose subscription ends (the user cancels it, the contact
+        unsubscribes, the item is removed) is sent an unavailable presence once the
+        change is stored (`_outbound`, `_inbound`, `RosterModule.remove`). A read that
+        began before that write and answers after it would send the user's presence
+        after that unavailable: the contact would see the user online, no longer
+        allowed to (RFC 6121 3.2.2, 4.4.2). So while a read of the account is in
+        flight, every change of its roster that may have ended such a subscription
+        (counted synchronously as it is stored: `_on_roster_change`) makes the read
+        run again. Cheaper than running broadcasts in the account's queue of
+        subscription changes: no wait behind changes that wait on storage or on a
+        flood of requests from other servers, one dict entry per account being read,
+        and a second read only in the rare case. Only this node's changes are seen:
+        one made on another node of a cluster still races."""
+        reading = self._reading.setdefault(owner, _Reading())
+        reading.readers += 1
+        try:
+            while True:
+                seen = reading.changes
+                result = await read()
+                if reading.changes == seen:
+                    return result
+        finally:
+            reading.readers -= 1
+            if not reading.readers:
+                del self._reading[owner]
 
     async def _contacts(self, owner: str, subscriptions: tuple[str, ...]) -> set[str]:
         roster = await self._roster(owner, f"the unavailable presence of {owner}")
@@ -700,6 +757,18 @@ class Presence(Module):
                 presence.set("to", to)
                 self._send_as(session.jid, [presence])
 
+    def _send_on_approval(self, owner: str, contact: str) -> None:
+        """The user's presence to a contact now allowed to see it (RFC 6121 3.1.5).
+
+        It follows the "subscribed" the contact was just sent: a remote contact gets it
+        at once (its server keeps the order they came in). A local contact's
+        "subscribed" waits in the contact's queue of subscription changes, and a
+        presence sent now would reach the contact before it and before the roster
+        push (3.1.6 wants them first): so the contact's `_inbound` asks for the
+        presence with a probe once it has handled that "subscribed"."""
+        if not _local_user(self.host, contact):
+            self._send_available(owner, contact)
+
     def _send_unavailable(self, owner: str, to: str) -> None:
         for session in self.host.available_sessions(owner):
             self._send_as(session.jid, [_presence("unavailable", session.jid, to)])
@@ -730,11 +799,27 @@ class Presence(Module):
                 self.host.route(presence, bounce=bounce)
 
 
+@dataclass(slots=True)
+class _Reading:
+    """An account whose roster `Presence._current` reads: how many such reads are in
+    flight, and how many changes that may have ended a subscription to the user
+    were stored since the first of them began."""
+
+    readers: int = 0
+    changes: int = 0
+
+
 def _answered(before: RosterItem | None, after: RosterItem | None) -> bool:
     """A pending request was approved, denied or cancelled (the entry itself stays).
 
     An entry removed altogether is seen by `_on_roster_change`."""
     return before is not None and before.pending_in and after is not None and not after.pending_in
+
+
+def _local_user(host: ModuleHost, bare: str) -> bool:
+    """`bare` is an account of one of this server's virtual hosts."""
+    user, _, domain = bare.rpartition("@")
+    return bool(user) and host.serves(domain)
 
 
 def _presence(type_: str, from_: str, to: str) -> etree._Element:

@@ -22,8 +22,10 @@ another node changed is decoded again. Everything the API returns is a copy:
 a caller may change it without changing what the next read returns. Rosters
 over OFF_LOOP_BYTES compressed are decoded, copied and encoded in a thread.
 
-Pushes: two changes to one roster can finish their writes in one order and
-push in the other. A push's id carries the roster version it shows, and a
+Pushes: every stored change of a shown item, and a client's roster set that
+changed nothing (RFC 6121 2.1.6: each successful set is pushed, with the
+version it was read at). Two changes to one roster can finish their writes
+in one order and push in the other. A push's id carries the roster version it shows, and a
 session drops a push older than one it already had for the same contact.
 Two nodes pushing to a session on a third still race: each node only knows
 what it pushed itself.
@@ -233,8 +235,13 @@ class RosterModule(Module):
         owner_bare: str,
         contact_bare: str,
         change: Callable[[RosterItem | None], RosterItem | None],
+        push_unchanged: bool = False,
     ) -> tuple[RosterItem | None, RosterItem | None]:
-        """`update`, also returning the item as it was before the change won."""
+        """`update`, also returning the item as it was before the change won.
+
+        `push_unchanged`: a change that leaves a shown item as it was still pushes it,
+        with the version it was read at (a client's roster set: RFC 6121 2.1.6, 2.3.2
+        push every successful set to all interested resources, the sender too)."""
         store = self.host.items(_domain(owner_bare), STORE)
         # What the attempt whose write won computed: (before, after, version)
         # and the roster it wrote, to keep decoded.
@@ -248,7 +255,7 @@ class RosterModule(Module):
             after = change(before.copy() if before is not None else None)
             if after is not None:
                 after.jid = contact_bare
-            outcome, written = (before, after, ""), None
+            outcome, written = (before, after, stored.version), None
             if after == before:
                 return UNCHANGED
             counter = stored.counter + 1
@@ -272,6 +279,8 @@ class RosterModule(Module):
             if written is not None:
                 self._decoded.remember(owner_bare, *written)
             self._changed(owner_bare, contact_bare, before, after, version)
+        elif push_unchanged and after is not None and after.in_roster:
+            self._push(owner_bare, item_element(after), version)
         # `before` is the cache's own: the caller gets a copy to keep.
         return (None if before is None else before.copy()), after
 
@@ -345,7 +354,7 @@ class RosterModule(Module):
             item.in_roster = True
             return item
 
-        await self._write(owner, contact, set_item)
+        await self._write(owner, contact, set_item, push_unchanged=True)
         return None
 
     def check_contact(self, value: str | None, owner: str) -> str:
@@ -391,11 +400,15 @@ class RosterModule(Module):
         _end_subscriptions(self.host, owner, before)
 
     async def _write(
-        self, owner: str, contact: str, change: Callable[[RosterItem | None], RosterItem | None]
+        self,
+        owner: str,
+        contact: str,
+        change: Callable[[RosterItem | None], RosterItem | None],
+        push_unchanged: bool = False,
     ) -> tuple[RosterItem | None, RosterItem | None]:
         """`modify` for client requests: storage failures become stanza errors."""
         try:
-            return await self.modify(owner, contact, change)
+            return await self.modify(owner, contact, change, push_unchanged)
         except StorageError as exc:
             self.log.error("roster of %s: %s", owner, exc)
             raise StanzaError("internal-server-error", "the roster could not be stored") from None

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from lxml import etree
 
@@ -47,6 +47,8 @@ from xmppd.stream.errors import StanzaError, StreamError, error_from, error_repl
 from xmppd.xml import ns
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 ROUTE_SAMPLE = 64
 """One routed stanza in this many is timed (`Router.route_time`, /metrics): two clock
@@ -941,6 +943,18 @@ class Router:
         hangs must not hold the account's stanzas for good: `work` runs on, and what it
         delivers then reaches the account after them (logged)."""
         self._serially(bare, functools.partial(self._ahead, bare, work, wait), hold=False)
+
+    def behind(self, bare: str, job: Callable[[_T], object], arg: _T) -> bool:
+        """Queue `job(arg)` behind the routing jobs the local account `bare` has queued
+        here, and say True; False, queueing nothing, when it has none. For what reaches
+        the account without being routed here (a stanza another node forwarded,
+        xmppd.cluster.inbox): it must not overtake what `ahead` put first, nor what
+        waits on storage for the account. Nobody's stanza waits for the job. `arg`
+        rather than a closure: with no queue (most stanzas) none is built."""
+        if bare not in self._serial:
+            return False
+        self._serially(bare, functools.partial(job, arg), hold=False)
+        return True
 
     async def _ahead(self, bare: str, work: Callable[[], Awaitable[object]], wait: float) -> None:
         task = self._spawn(work(), self._current_account(), serial=bare)

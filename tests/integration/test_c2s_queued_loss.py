@@ -50,6 +50,9 @@ async def login(server: Server, resource: str) -> tuple[Stream, C2SConnection]:
     assert isinstance(connection, C2SConnection)
     await stream.send("<presence/>")
     await stream.next("<presence")
+    # The stored messages' delivery that the presence queued ahead of anything else
+    # for bob (XEP-0160) has run: a message routed now is delivered at once.
+    await server.router.drain()
     return stream, connection
 
 

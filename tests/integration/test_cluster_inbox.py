@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from xmppd.cluster import schema
 from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.heartbeat import TTL
-from xmppd.cluster.inbox import BLOCK_MS, READ_TIMEOUT, RETRY_DELAY, Inbox
+from xmppd.cluster.inbox import BLOCK_MS, READ_TIMEOUT, RETRY_DELAY, Inbox, Item
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
 from xmppd.cluster.writer import Writer
@@ -84,6 +84,11 @@ async def relay_to(service: LocalService) -> AsyncIterator[tuple[Relay, int]]:
         await asyncio.gather(*relay.tasks, return_exceptions=True)
 
 
+def nothing_queued(bare: str, job: object, item: Item) -> bool:
+    """`Router.behind` of a node with no routing job queued: each stanza goes straight."""
+    return False
+
+
 def item(to: str, body: str) -> dict[str, bytes | str | int]:
     """An inbox entry another node's writer would add: one stanza for `to`."""
     stanza = f"<message xmlns='jabber:client' to='{to}' type='chat'><body>{body}</body></message>"
@@ -104,7 +109,7 @@ async def test_a_silent_connection_is_given_up_and_the_inbox_read_on_a_new_one(
         def reroute(stanza: etree._Element, hops: int) -> None:
             rerouted.put_nowait(stanza.findtext("{jabber:client}body") or "")
 
-        inbox = Inbox(redis, "node-a", directory, reroute, stats, sync)
+        inbox = Inbox(redis, "node-a", directory, reroute, stats, sync, nothing_queued)
         key = schema.inbox_key("node-a")
         inbox.start()
         try:
@@ -151,7 +156,7 @@ async def test_a_large_read_is_handled_in_slices_with_the_loop_turning_between(
         for n in range(64):
             fields += item("bob@localhost/phone", str(entry * 64 + n)).items()
         await redis.execute_command("XADD", key, "*", *(v for pair in fields for v in pair))
-    inbox = Inbox(redis, "node-a", directory, reroute, stats, sync)
+    inbox = Inbox(redis, "node-a", directory, reroute, stats, sync, nothing_queued)
     watcher = asyncio.create_task(watch())
     inbox.start()
     try:
@@ -181,7 +186,7 @@ async def test_orphans_of_a_node_live_again_leave_its_sessions_in_the_replica(
     def reroute(stanza: etree._Element, hops: int) -> None:
         rerouted.put_nowait(stanza.findtext("{jabber:client}body") or "")
 
-    inbox = Inbox(redis, "node-a", directory, reroute, stats, sync)
+    inbox = Inbox(redis, "node-a", directory, reroute, stats, sync, nothing_queued)
     inbox.is_live = lambda node: node == "node-b"
     orphan = {**item("carol@localhost/pc", "orphan"), "orphan": "node-b"}
     await redis.xadd(schema.inbox_key("node-a"), orphan)  # type: ignore[arg-type]

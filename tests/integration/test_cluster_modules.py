@@ -22,10 +22,14 @@ from slixmpp.xmlstream import ET
 from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import USERS, StartServer
 from tests.integration.test_cluster import online, received, seen_on, until
+from xmppd.config import DEFAULT_MODULES
+from xmppd.modules.offline import STORE as OFFLINE_STORE
 from xmppd.modules.roster import RosterItem, RosterModule
 from xmppd.server import Server
 from xmppd.storage import devservices
+from xmppd.storage.base import ItemBackend, Page, Query
 from xmppd.storage.devservices import LocalService
+from xmppd.storage.timing import OpStats, TimedItemBackend
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -292,3 +296,87 @@ async def test_a_forwarded_stanza_waits_for_the_change_its_sender_made_before_it
     assert session.presence.findtext("{jabber:client}show") == "dnd"
     for client in (alice, bob):
         await close(client)
+
+
+class HeldOfflineReads(TimedItemBackend):
+    """A node's item store whose reads of the offline index wait while the test holds
+    them: a store that answers the delivery of a login's stored messages only after a
+    new message for the user came."""
+
+    def __init__(self, inner: ItemBackend) -> None:
+        super().__init__(inner, OpStats())
+        self.gate = asyncio.Event()
+        self.held = asyncio.Event()  # set once a read waits at the shut gate
+
+    async def query(self, namespace: str, query: Query) -> Page:
+        if namespace.endswith(f"/{OFFLINE_STORE}") and not self.gate.is_set():
+            self.held.set()
+            await self.gate.wait()
+        return await super().query(namespace, query)
+
+
+async def new_message_while_stored_ones_are_read(
+    start_server: StartServer, redis: LocalService
+) -> tuple[Server, Server, HeldOfflineReads, Client, Client]:
+    """Nodes A and B; bob, on B, has sent alice three messages, stored; alice logs in on
+    A, whose store holds the read of them; then bob sends "new", and A has it. A's
+    first_wait is longer than a test may run: the order may not depend on how fast
+    this machine is."""
+    url = devservices.redis_url(redis)
+    modules = {**{name: {} for name in DEFAULT_MODULES}, "offline": {"first_wait": 600}}
+    a = await start_server(cluster={"redis_url": url, "node_name": "node-a"}, modules=modules)
+    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
+    assert a.cluster is not None
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    for n in range(3):
+        bob.send_message(mto="alice@localhost", mbody=f"old{n}", mtype="chat")
+    await until(lambda: b.router.ledger.offline == 3, WAIT)
+    held = HeldOfflineReads(a.storage.items)
+    a.storage.items = held  # what the offline module reads from now (ModuleHost.items)
+    alice = await online(a, "alice@localhost/desk", "alice-secret")
+    await asyncio.wait_for(held.held.wait(), WAIT)  # her stored messages are being read
+    await until(seen_on(b, "alice@localhost/desk"), WAIT)
+    stats = a.cluster.stats
+    forwarded = stats.forwards_in
+    bob.send_message(mto="alice@localhost", mbody="new", mtype="chat")
+    # On A: handed to her session (the bug), or queued behind the stored ones.
+    await until(lambda: stats.forwards_in > forwarded, WAIT)
+    return a, b, held, alice, bob
+
+
+async def test_stored_messages_reach_the_client_before_one_from_another_node(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """XEP-0160, RFC 6121 8.5.2: the stored messages first, also when the new one comes
+    from a user on another node. Before, the node's inbox (or link) handed a forwarded
+    message straight to the session, ahead of the stored ones its store was still
+    reading."""
+    _, _, held, alice, bob = await new_message_while_stored_ones_are_read(
+        start_server, redis_service
+    )
+    held.gate.set()
+    assert [await received(alice, WAIT) for _ in range(4)] == ["old0", "old1", "old2", "new"]
+    await close(alice)
+    await close(bob)
+
+
+async def test_a_newer_login_elsewhere_ends_the_session_without_waiting_and_loses_nothing(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """The request to end a session (a newer login on its resource, on another node) does
+    not wait behind what is queued for the account: the old session ends while its
+    store still holds the stored messages, as on one node. The forwarded message queued
+    behind them finds the session gone and is routed again; the stored ones stay
+    stored: the newer session gets all four, once."""
+    _, b, held, alice, bob = await new_message_while_stored_ones_are_read(
+        start_server, redis_service
+    )
+    newer = await connect(b, "alice@localhost/desk", "alice-secret")
+    await asyncio.wait_for(alice.ended.wait(), WAIT)  # with the gate still shut
+    held.gate.set()
+    newer.send_presence()
+    assert sorted([await received(newer, WAIT) for _ in range(4)]) == [
+        "new", "old0", "old1", "old2"
+    ]
+    await close(newer)
+    await close(bob)

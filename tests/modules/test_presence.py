@@ -19,7 +19,7 @@ from xmppd.storage.backends.memory import MemoryItemBackend
 from xmppd.storage.base import Item, StorageError
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
-from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
+from xmppd.testing import ModuleHarness, RecordingRemote, TestSession, parse_stanza, without_echo
 
 R = "jabber:iq:roster"
 P = "{jabber:client}presence"
@@ -839,3 +839,175 @@ async def test_a_sender_of_many_subscription_requests_is_slowed(tmp_path: Path) 
         item = await roster_of(harness).item("alice@localhost", contact)
         assert item is not None and item.ask, contact  # written: the request is pending
     await storage.close()
+
+
+class FirstRosterReadAnswersLate(MemoryItemBackend):
+    """Once armed, the next roster read reads at once and answers when the test opens
+    the gate: a read that began before a write and returns after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.held = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        found = await super().get(namespace, name)
+        if self.armed and "roster" in namespace:
+            self.armed = False
+            self.held.set()
+            await self.gate.wait()
+        return found
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition()` holds (the test's timeout bounds it)."""
+    while not condition():  # noqa: ASYNC110 - nothing signals a delivery
+        await asyncio.sleep(0)
+
+
+async def late_read_harness() -> tuple[ModuleHarness, FirstRosterReadAnswersLate]:
+    harness = ModuleHarness({"roster": {}, "presence": {}})
+    items = FirstRosterReadAnswersLate()
+    harness.storage.items = items
+    harness.users.update({"alice@localhost", "bob@localhost", "carol@localhost"})
+    await harness.start()
+    return harness, items
+
+
+def sent_by(session: TestSession, stanza: str) -> None:
+    """`stanza` from `session`, without waiting for what it sets off."""
+    element = parse_stanza(stanza)
+    element.set("from", session.jid)
+    session.receive(element)
+
+
+async def test_a_broadcast_never_reaches_a_contact_after_its_cancellation() -> None:
+    """alice's new presence reads her roster (bob subscribed), she cancels bob's
+    subscription, the read answers: bob must not get her presence after the
+    unavailable the cancellation sent him (RFC 6121 3.2.2, 4.4.2); carol still does."""
+    harness, items = await late_read_harness()
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    carol = await login(harness, "carol@localhost/c")
+    await subscribe_both_ways(harness, alice, bob)
+    await subscribe_both_ways(harness, alice, carol)
+    items.armed = True
+    sent_by(alice, "<presence><show>away</show></presence>")
+    await items.held.wait()
+    sent_by(alice, "<presence type='unsubscribed' to='bob@localhost'/>")
+    await until(lambda: ("unavailable", "alice@localhost/a", "bob@localhost")
+                in presences(bob.received))
+    items.gate.set()
+    await harness.router.drain()
+    got = presences(bob.take())
+    assert ("unsubscribed", "alice@localhost", "bob@localhost") in got
+    assert [p for p in got if p[1] == alice.jid][-1][0] == "unavailable", got
+    assert presences(carol.take()) == [(None, alice.jid, "carol@localhost")]
+
+
+async def test_a_probe_is_not_answered_after_a_cancellation() -> None:
+    """bob probes alice, her roster is read (bob subscribed), she cancels his
+    subscription, the read answers: no presence of hers after that unavailable."""
+    harness, items = await late_read_harness()
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    items.armed = True
+    sent_by(bob, "<presence type='probe' to='alice@localhost'/>")
+    await items.held.wait()
+    sent_by(alice, "<presence type='unsubscribed' to='bob@localhost'/>")
+    await until(lambda: ("unavailable", "alice@localhost/a", "bob@localhost")
+                in presences(bob.received))
+    items.gate.set()
+    await harness.router.drain()
+    got = presences(bob.take())
+    assert [p for p in got if p[1] == alice.jid][-1][0] == "unavailable", got
+
+
+async def test_a_request_answered_by_the_server_brings_the_presence(
+    harness: ModuleHarness,
+) -> None:
+    """bob already lets alice see his presence, her server lost that (her item is
+    "from"): her new request is answered "subscribed" by bob's server (RFC 6121
+    3.1.3), and his presence comes with it, as after an approval (3.1.5)."""
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    await subscribe_both_ways(harness, alice, bob)
+    await roster_of(harness).update(
+        "alice@localhost", "bob@localhost", lambda _: RosterItem("", subscription="from")
+    )
+    alice.take()
+    got = presences(await harness.send(alice, "<presence type='subscribe' to='bob@localhost'/>"))
+    assert ("subscribed", "bob@localhost", "alice@localhost") in got
+    assert (None, "bob@localhost/b", "alice@localhost") in got
+    assert presences(bob.take()) == []  # no request to answer
+
+
+async def test_a_remote_request_answered_by_the_server_brings_the_presence(
+    harness: ModuleHarness,
+) -> None:
+    remote = harness.router.remote = RecordingRemote()
+    await roster_of(harness).update(
+        "bob@localhost", "x@remote.example", lambda _: RosterItem("", subscription="both")
+    )
+    await login(harness, "bob@localhost/b")
+    remote.take("x@remote.example")
+    stanza = parse_stanza("<presence type='subscribe' to='bob@localhost'/>")
+    stanza.set("from", "x@remote.example/r")
+    harness.router.route(stanza)
+    await harness.router.drain()
+    assert remote.take("x@remote.example") == [
+        ("bob@localhost", "subscribed"), ("bob@localhost/b", None)
+    ]
+
+
+def in_order(stanzas: Sequence[etree._Element]) -> list[tuple[str, str | None, str | None]]:
+    """Each presence as ("presence", type, from) and each roster push as ("push", jid,
+    subscription), in the order they came."""
+    order: list[tuple[str, str | None, str | None]] = []
+    for stanza in stanzas:
+        if stanza.tag == P:
+            order.append(("presence", stanza.get("type"), stanza.get("from")))
+        order.extend(("push", jid, sub) for jid, sub, _ in pushed([stanza]))
+    return order
+
+
+@pytest.mark.parametrize("pre_approved", [False, True])
+async def test_a_local_approval_comes_before_the_contacts_presence(
+    harness: ModuleHarness, pre_approved: bool
+) -> None:
+    """RFC 6121 3.1.5/3.1.6: alice gets bob's "subscribed" and the push before bob's
+    presence (once), whether bob approves her request or had pre-approved it."""
+    alice = await login(harness, "alice@localhost/a")
+    bob = await login(harness, "bob@localhost/b")
+    if pre_approved:
+        await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+        got = await harness.send(alice, "<presence type='subscribe' to='bob@localhost'/>")
+    else:
+        await harness.send(alice, "<presence type='subscribe' to='bob@localhost'/>")
+        alice.take()
+        await harness.send(bob, "<presence type='subscribed' to='alice@localhost'/>")
+        got = alice.take()
+    order = in_order(got)
+    assert order.count(("presence", None, "bob@localhost/b")) == 1
+    presence = order.index(("presence", None, "bob@localhost/b"))
+    assert order.index(("presence", "subscribed", "bob@localhost")) < presence, order
+    assert order.index(("push", "bob@localhost", "to")) < presence, order
+
+
+async def test_a_remote_contact_gets_the_presence_right_after_the_approval(
+    harness: ModuleHarness,
+) -> None:
+    """A remote contact's server has its own order: the presence follows at once."""
+    remote = harness.router.remote = RecordingRemote()
+    stanza = parse_stanza("<presence type='subscribe' to='alice@localhost'/>")
+    stanza.set("from", "x@remote.example/r")
+    harness.router.route(stanza)
+    await harness.router.drain()
+    alice = await login(harness, "alice@localhost/a")
+    remote.take("x@remote.example")
+    await harness.send(alice, "<presence type='subscribed' to='x@remote.example'/>")
+    assert remote.take("x@remote.example") == [
+        ("alice@localhost", "subscribed"), ("alice@localhost/a", None)
+    ]

@@ -150,6 +150,27 @@ async def test_pushes_go_to_interested_resources_only(harness: ModuleHarness) ->
     assert a3.take() == [] and len(pushes(a1.take())) == 1
 
 
+async def test_a_set_that_changes_nothing_is_still_pushed(harness: ModuleHarness) -> None:
+    """RFC 6121 2.1.6, 2.3.2: a successful set goes to every interested resource, the
+    sender too, whether or not it changed the item; with the version it is current at."""
+    a1 = harness.session("alice@localhost/one")
+    a2 = harness.session("alice@localhost/two")
+    await harness.iq(a1, "get", f"<query xmlns='{R}' ver=''/>")
+    await harness.iq(a2, "get", f"<query xmlns='{R}'/>")
+    item = "<item jid='bob@localhost' name='Bob'><group>Friends</group></item>"
+    await roster_set(harness, a1, item)
+    (first,) = pushes(a1.take())
+    a2.take()
+    reply = await roster_set(harness, a1, item)
+    assert reply.get("type") == "result"
+    (again,) = pushes(a1.take())
+    (other,) = pushes(a2.take())
+    expected = {"bob@localhost": {"jid": "bob@localhost", "name": "Bob",
+                                  "subscription": "none", "groups": ["Friends"]}}
+    assert items_of(again) == items_of(other) == expected
+    assert again.find(Q).get("ver") == first.find(Q).get("ver")  # nothing changed
+
+
 async def test_remove(harness: ModuleHarness) -> None:
     alice = harness.session("alice@localhost/a")
     await harness.iq(alice, "get", f"<query xmlns='{R}'/>")

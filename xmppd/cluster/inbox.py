@@ -41,6 +41,10 @@ repeated"). An entry without items, "wake", is what this node writes to its
 own inbox to end its blocking read when it stops: skipped (and trimmed as
 handled), also when it comes back as an orphan.
 
+A stanza for an account with routing jobs queued on this node (its stored messages
+being handed over at login) waits behind them, and the next ones for it with it; a
+request to end a session does not (`ItemHandler`).
+
 A stanza waits until the changes its sender's node made to the table before
 forwarding it are applied here (`ReplicaSync.caught_up`; schema, "Order").
 
@@ -96,6 +100,11 @@ but not trimmed yet is only routed twice if this node dies (at least once)."""
 
 Reroute = Callable[[etree._Element, int], None]
 """Route a stanza again on this node: (stanza, how many times it was forwarded)."""
+Item = dict[bytes, bytes]
+"""One item of an entry or a link frame: its fields (`split_fields`)."""
+Behind = Callable[[str, Callable[[Item], None], Item], bool]
+"""Queue `job(item)` behind the routing jobs a local account (bare JID) has queued on
+this node, True; False, queueing nothing, when it has none (`Router.behind`)."""
 
 
 class Inbox:
@@ -107,13 +116,14 @@ class Inbox:
         reroute: Reroute,
         stats: ClusterStats,
         sync: ReplicaSync,
+        behind: Behind,
     ) -> None:
         self.redis = redis
         self.stats = stats
         self.key = schema.inbox_key(node)
         self.directory = directory
         self.sync = sync
-        self.items = ItemHandler(directory, stats, reroute)
+        self.items = ItemHandler(directory, stats, reroute, behind)
         self._last = "0-0"  # the last entry handled
         self._trimmed = "0-0"  # the last entry trimmed from the stream
         self._untrimmed = 0  # entries handled since that trim
@@ -297,14 +307,28 @@ class Inbox:
 class ItemHandler:
     """What a node does with the items other nodes send it, whichever way they came:
     an inbox entry (Redis) or a link frame (xmppd.cluster.link). One place, so the
-    two paths cannot treat a stanza differently."""
+    two paths cannot treat a stanza differently.
 
-    def __init__(self, directory: ClusterDirectory, stats: ClusterStats, reroute: Reroute) -> None:
+    A stanza for an account with routing jobs queued on this node (the stored
+    messages handed over first at login, XEP-0160 and RFC 6121 8.5.2; a delivery
+    waiting for a privacy record) waits behind them, as one routed here would
+    (`Router.behind`): handed straight to the session it would overtake them. The
+    next ones for that account queue too while the queue lasts, so they keep their
+    order. A request to end a session does not wait: a newer login on the same
+    resource ends the old session at once, as `Router.bind` does on one node, rather
+    than leave two sessions on one full JID for as long as the store is slow; what
+    was queued for the old session finds it gone when its turn comes and is routed
+    again (to the newer session, or offline storage), not lost."""
+
+    def __init__(
+        self, directory: ClusterDirectory, stats: ClusterStats, reroute: Reroute, behind: Behind
+    ) -> None:
         self.directory = directory
         self.stats = stats
         self.reroute = reroute
+        self.behind = behind
 
-    def handle(self, items: list[dict[bytes, bytes]]) -> None:
+    def handle(self, items: list[Item]) -> None:
         """`items` in order; one that fails is logged, the next ones still handled."""
         for item in items:
             try:
@@ -312,13 +336,12 @@ class ItemHandler:
             except Exception:
                 log.exception("cluster: a forwarded item failed (to %r)", item.get(b"to"))
 
-    def _handle(self, fields: dict[bytes, bytes]) -> None:
-        jid = fields[b"to"].decode()
-        bare, _, resource = jid.partition("/")
-        session = self.directory.local.get(bare, resource)
+    def _handle(self, fields: Item) -> None:
+        bare, _, resource = fields[b"to"].decode().partition("/")
         end = fields.get(b"end")
         if end is not None:
             self.stats.ends_in += 1
+            session = self.directory.local.get(bare, resource)
             sid = fields.get(b"sid", b"").decode()
             if session is not None and self.directory.sid_of(session) == sid:
                 session.terminate(StreamError(end.decode(), fields[b"text"].decode() or None))
@@ -329,6 +352,18 @@ class ItemHandler:
         if sent is not None:
             with contextlib.suppress(ValueError):  # a figure, never a reason to lose a stanza
                 stats.forward_latency.add(max(0.0, time.time() - float(sent)))
+        if not self.behind(bare, self._deliver_queued, fields):
+            self._deliver(bare, resource, fields)
+
+    def _deliver_queued(self, fields: Item) -> None:
+        """`_deliver` when its turn in the account's queue comes: the session is looked
+        up only now, as it may have ended while the stanza waited."""
+        bare, _, resource = fields[b"to"].decode().partition("/")
+        self._deliver(bare, resource, fields)
+
+    def _deliver(self, bare: str, resource: str, fields: Item) -> None:
+        """Hand the stanza to the session bound on bare/resource, or route it again."""
+        session = self.directory.local.get(bare, resource)
         data = fields[b"stanza"]
         # As the sender serialised it, unparsed, where the transport takes bytes.
         taken = None if session is None else session.deliver_serialized(data)

@@ -116,7 +116,8 @@ class Cluster:
             await self.sync.start()
             await self.bus.start()
             self.inbox = Inbox(
-                self.redis, self.node, self.directory, self.reroute, self.stats, self.sync
+                self.redis, self.node, self.directory, self.reroute, self.stats, self.sync,
+                router.behind,
             )
             self.inbox.is_live = lambda node: node in self.nodes
         except (RedisError, OSError) as exc:
