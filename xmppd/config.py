@@ -489,6 +489,7 @@ DEFAULT_MODULES = (
     "privacy",
     "blocking",
     "carbons",
+    "mam",
     "register",
     "stream_management",
     "adhoc",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from xmppd.storage.base import Attrs, Item, Write
 
 
 class GatedSQLite(SQLiteItemBackend):
-    """SQLite whose writes (puts and transactions; deletes pass) wait until the test
+    """SQLite whose writes (puts, batches and transactions; deletes pass) wait until the test
     opens the gate: a store slower than the client that writes to it."""
 
     def __init__(self, path: Path, **options: Any) -> None:
@@ -42,6 +42,10 @@ class GatedSQLite(SQLiteItemBackend):
     async def transact(self, writes: Sequence[Write]) -> None:
         await self._pass()
         await super().transact(writes)
+
+    async def batch_put(self, namespace: str, items: Mapping[str, Attrs]) -> None:
+        await self._pass()
+        await super().batch_put(namespace, items)
 
 
 class SlowReadSQLite(SQLiteItemBackend):

@@ -258,6 +258,11 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "pubsub": _pubsub,
     "muc": _chat,
+    # a note to oneself: archived in zed's archive alone (a message to bob would be
+    # in bob's archive too, which is bob's and stays)
+    "mam": lambda h, zed: h.send(
+        zed, "<message to='zed@localhost' type='chat'><body>note</body></message>"
+    ),
 }
 """How to give zed data in each module that keeps some per user."""
 NO_USER_DATA = {

@@ -27,6 +27,7 @@ from xmppd.config import Config
 from xmppd.jid import JID
 from xmppd.modulehost import IqRequest, Module, ModuleHost
 from xmppd.modules.blocking import Blocking
+from xmppd.modules.mam import Mam
 from xmppd.modules.offline import PAGE, STORE, Offline, stamped
 from xmppd.modules.privacy import Privacy
 from xmppd.modules.private import Private
@@ -50,7 +51,9 @@ from xmppd.xep227.reader import (
 )
 from xmppd.xml import ns
 
-STORES = ("accounts", "roster", "vcard", "private", "privacy", "blocking", "offline")
+STORES = ("accounts", "roster", "vcard", "private", "privacy", "blocking", "offline", "archive")
+"""What the summary counts. "archive" (XEP-0313) is never exported: XEP-0227 has no
+place for it; an export counts each account's archived messages as skipped."""
 DELAY = "urn:xmpp:delay"
 
 M = TypeVar("M", bound=Module)
@@ -364,6 +367,9 @@ async def export_user(
         messages = await _offline_messages(modules, host, name, summary)
         if len(messages):
             user.append(messages)
+    mam = modules.find_module(Mam)
+    if mam is not None:
+        summary.counts["archive"].skipped += await mam.archived(host, name)
     return user
 
 

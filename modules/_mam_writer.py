@@ -1,0 +1,77 @@
+"""Archive writes of one host, batched: many messages, one storage call.
+
+Archiving every message writes two items (the sender's archive and the
+recipient's). One write per call made a busy client wait on storage round
+trips for each of its messages (a SQLite transaction, a DynamoDB request):
+chat went at the rate of the store's latency. Queued here, the writes that
+come while a batch is being written go together in the next one
+(`ItemStore.batch_put`: one SQLite transaction; DynamoDB requests 16 at a
+time), by a task that runs while there is something to write, and up to
+RUNNERS of them while a whole batch or more waits (a remote store's round
+trips overlap). Each write has a future, done when its batch is written or failed
+(logged; the caller has delivered the message already), which the module
+counts for its backpressure and as the account's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from xmppd.storage.base import Attrs, ItemStore, StorageError
+
+BATCH = 100
+"""Items per storage call at most."""
+RUNNERS = 4
+"""Batches written at once at most."""
+
+log = logging.getLogger(__name__)
+
+
+class Writer:
+    """Queues items for one item store and writes them in batches."""
+
+    def __init__(
+        self, store: ItemStore, spawn: Callable[[Awaitable[None]], asyncio.Future[Any]]
+    ) -> None:
+        self.store = store
+        self._spawn = spawn
+        self._queued: dict[str, Attrs] = {}  # the same name twice: written once, the last
+        self._done: dict[str, asyncio.Future[None]] = {}
+        self._runners = 0
+
+    def add(self, name: str, attrs: Attrs) -> asyncio.Future[None]:
+        """Queue a write; the future is done once it was written (or failed, logged)."""
+        self._queued[name] = attrs
+        done = self._done.get(name)
+        if done is None:
+            done = self._done[name] = asyncio.get_running_loop().create_future()
+        if self._runners == 0 or (
+            self._runners < RUNNERS and len(self._queued) >= BATCH * self._runners
+        ):
+            self._runners += 1
+            self._spawn(self._run())
+        return done
+
+    async def _run(self) -> None:
+        try:
+            while self._queued:
+                names = list(self._queued)[:BATCH]
+                batch = {name: self._queued.pop(name) for name in names}
+                waiting = [self._done.pop(name) for name in names]
+                try:
+                    await self.store.batch_put(batch)
+                except StorageError as exc:
+                    log.error("%d messages not archived in %s: %s", len(batch),
+                              self.store.namespace, exc)
+                except Exception:
+                    log.exception("%d messages not archived in %s", len(batch),
+                                  self.store.namespace)
+                finally:
+                    for future in waiting:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._runners -= 1
