@@ -489,7 +489,6 @@ DEFAULT_MODULES = (
     "privacy",
     "blocking",
     "carbons",
-    "mam",
     "register",
     "stream_management",
     "adhoc",

@@ -7,7 +7,6 @@ import base64
 import resource
 import ssl
 import time
-from typing import Any
 
 import pytest
 from lxml import etree
@@ -16,7 +15,6 @@ from slixmpp import JID
 from tests.integration.clients import HEADER, RawClient, close, connect
 from tests.integration.conftest import StartServer, port_of
 from tests.integration.test_cluster import until
-from xmppd.config import DEFAULT_MODULES
 from xmppd.server import Server
 
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -317,16 +315,8 @@ async def test_username_case_is_folded(server: Server) -> None:
     await close(client)
 
 
-async def test_client_that_stops_reading_is_disconnected(
-    start_server: StartServer, storage_section: dict[str, Any] | None
-) -> None:
-    sections: dict[str, Any] = {}
-    if storage_section is not None:
-        # The archive (mam) holds a flooding sender to the rate storage takes its two
-        # writes per message: on moto's DynamoDB (~240 writes a second) bob's flood
-        # never outgrows alice's backlog. The slow reader is what is tested here.
-        sections["modules"] = {name: {} for name in DEFAULT_MODULES if name != "mam"}
-    server = await start_server(limits={"max_stanza_bytes": 16384}, **sections)
+async def test_client_that_stops_reading_is_disconnected(start_server: StartServer) -> None:
+    server = await start_server(limits={"max_stanza_bytes": 16384})
     sleeper = await logged_in(server)  # alice/raw, never reads again
     bob = await connect(server, "bob@localhost/flood", "bob-secret")
     body = "x" * 10_000

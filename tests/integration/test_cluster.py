@@ -12,7 +12,7 @@ import sys
 import time
 import types
 from collections.abc import Awaitable, Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from redis.asyncio import Redis
@@ -34,10 +34,14 @@ DELIVERY = 1.0
 
 
 
-async def two_nodes(start_server: StartServer, redis: LocalService) -> tuple[Server, Server]:
+async def two_nodes(
+    start_server: StartServer, redis: LocalService, **sections: Any
+) -> tuple[Server, Server]:
     url = devservices.redis_url(redis)
-    a = await start_server(cluster={"redis_url": url, "node_name": "node-a"})
-    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
+    a = await start_server(cluster={"redis_url": url, "node_name": "node-a"}, **sections)
+    b = await start_server(
+        users={}, cluster={"redis_url": url, "node_name": "node-b"}, **sections
+    )
     return a, b
 
 

@@ -10,6 +10,7 @@ from slixmpp import JID, Message
 from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import StartServer
 from tests.integration.test_cluster import seen_on, two_nodes, until
+from xmppd.config import DEFAULT_MODULES
 from xmppd.server import Server
 from xmppd.storage.devservices import LocalService
 from xmppd.testing import parse_stanza
@@ -98,7 +99,8 @@ async def test_a_message_crossing_cluster_nodes_is_archived_once_on_each_side(
 ) -> None:
     """alice on node A, bob on node B: the node that routes a message archives it, for
     both parties, once; B takes the stanza-id A stamped as one of the server's own."""
-    a, b = await two_nodes(start_server, redis_service)
+    modules = {name: {} for name in DEFAULT_MODULES} | {"mam": {}}  # mam is opt-in
+    a, b = await two_nodes(start_server, redis_service, modules=modules)
     bob = await client(b, "bob@localhost/phone", "bob-secret")
     alice = await client(a, "alice@localhost/desk", "alice-secret")
     for c in (alice, bob):

@@ -23,7 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import StartServer, port_of
 from xmppd.adminapi import read_token
-from xmppd.config import DEFAULT_MODULES
 from xmppd.server import Server
 
 USERS = {f"load{n:02d}": f"secret-{n}" for n in range(40)}
@@ -70,16 +69,9 @@ async def scrape(server: Server) -> dict[str, float]:
 
 @pytest.mark.timeout(150)
 async def test_every_message_is_delivered_once_stored_offline_or_bounced(
-    start_server: StartServer, storage_section: dict[str, Any] | None
+    start_server: StartServer,
 ) -> None:
-    # The embedded default runs its default modules, the archive (mam) included: two
-    # writes per message. moto's DynamoDB, in the cloud run, takes about 240 writes a
-    # second whatever the concurrency: those 12,000 writes would take a minute there,
-    # which tests moto, not the delivery this test is about; that run leaves mam out.
-    sections: dict[str, Any] = {}
-    if storage_section is not None:
-        sections["modules"] = {name: {} for name in DEFAULT_MODULES if name != "mam"}
-    server = await start_server(users=USERS, **sections)
+    server = await start_server(users=USERS)
     result = await run_loadgen(port_of(server, "direct_tls"))
     await server.router.drain()
 
