@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from xmppd.storage.base import (
     MAX_ITEM_BYTES,
     Attrs,
-    ConditionFailed,
     Item,
     ItemStore,
     Query,
@@ -107,13 +106,7 @@ class Ids:
 async def load_key(store: ItemStore) -> bytes:
     """The host's id key, made by the first node that starts (a node that loses the
     race to write it reads the winner's): every node must check every id alike."""
-    item = await store.get(KEY_ITEM)
-    if item is None:
-        try:
-            item = await store.put(KEY_ITEM, {"key": secrets.token_bytes(32)}, if_absent=True)
-        except ConditionFailed:
-            item = await store.get(KEY_ITEM)
-    key = item.attrs.get("key") if item is not None else None
+    key = await store.random_once(KEY_ITEM, "key")
     if not isinstance(key, bytes) or len(key) < 16:
         raise RuntimeError(f"the archive id key in {store.namespace} is unreadable")
     return key

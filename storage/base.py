@@ -24,6 +24,7 @@ import asyncio
 import enum
 import inspect
 import random
+import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar, runtime_checkable
@@ -466,6 +467,18 @@ class ItemStore:
                 deleted += await self.delete(item.name)
             if (token := page.next_token) is None:
                 return deleted
+
+    async def random_once(self, name: str, attr: str) -> AttrValue | None:
+        """Item `name`'s `attr`, made of 32 random bytes by the first caller ever (one
+        that loses the race to write it reads the winner's): a secret every node of a
+        deployment must hold alike. None only if the item holds no such attribute."""
+        item = await self.get(name)
+        if item is None:
+            try:
+                item = await self.put(name, {attr: secrets.token_bytes(32)}, if_absent=True)
+            except ConditionFailed:
+                item = await self.get(name)
+        return item.attrs.get(attr) if item is not None else None
 
     async def modify(
         self,

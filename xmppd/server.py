@@ -7,7 +7,6 @@ import gc
 import json
 import logging
 import os
-import secrets
 import signal
 import tempfile
 from collections import Counter
@@ -41,7 +40,7 @@ from xmppd.router import Router
 from xmppd.s2s.contexts import S2SContexts
 from xmppd.s2s.service import S2SService
 from xmppd.session import ClientSession
-from xmppd.storage.base import PRIVATE_DIR, ConditionFailed, ItemStore
+from xmppd.storage.base import PRIVATE_DIR, ItemStore
 from xmppd.storage.factory import Storage, open_storage
 from xmppd.storage.timing import StorageStats, instrument
 from xmppd.stream.c2s import StreamSettings
@@ -651,15 +650,7 @@ async def cluster_secret(storage: Storage, name: str) -> bytes:
     SCRAM answers unknown users with a salt derived from it; were it per
     node, a user probed on two nodes would get two salts and be unmasked.
     """
-    store = ItemStore(storage.items, "_cluster", "secrets")
-    item = await store.get(name)
-    if item is None:
-        try:
-            item = await store.put(name, {"value": secrets.token_bytes(32)}, if_absent=True)
-        except ConditionFailed:
-            item = await store.get(name)
-            assert item is not None
-    value = item.attrs["value"]
+    value = await ItemStore(storage.items, "_cluster", "secrets").random_once(name, "value")
     assert isinstance(value, bytes)
     return value
 
