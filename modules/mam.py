@@ -141,11 +141,14 @@ class Mam(Module):
         self, stanza: etree._Element, origin: ClientSession
     ) -> bool | Awaitable[None]:
         """A local client sends a message: the sender's archive keeps it (once the
-        sender's earlier writes leave room). A <stanza-id/> by the sender's own
-        archive (a received message the client passes on) is removed: its archive
-        ids are its own business, as Prosody keeps them."""
+        sender's earlier writes leave room). Every <stanza-id/> 'by' one of our
+        hosts or accounts is removed (XEP-0359 section 5): a client stamps none
+        for us. One by its own archive (a received message it passes on) is its
+        own business; one by another account's, kept, would be taken for ours
+        where that account's messages arrive and archived under it, in place of
+        the message the id names."""
         for child in stanza.findall(STANZA_ID):
-            if child.get("by") == origin.bare:
+            if self._ours(child.get("by")):
                 stanza.remove(child)
         to = stanza.get("to")
         if not self._archivable(stanza):
@@ -213,14 +216,16 @@ class Mam(Module):
             by, value = child.get("by") or "", child.get("id") or ""
             if by == owner and kept is None and ids.ours(owner, value):
                 kept = value
-                continue
-            try:
-                ours = self.host.serves(JID(by).domain)
-            except InvalidJID:
-                ours = False
-            if ours:
+            elif self._ours(by):
                 stanza.remove(child)
         return kept
+
+    def _ours(self, by: str | None) -> bool:
+        """True if `by` names one of our hosts or an account on one."""
+        try:
+            return self.host.serves(JID(by or "").domain)
+        except InvalidJID:
+            return False
 
     def _our_id(self, stanza: etree._Element, owner: str) -> str | None:
         ids = self._ids.get(owner.rsplit("@", 1)[-1])

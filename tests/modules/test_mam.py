@@ -255,6 +255,39 @@ async def test_forged_stanza_ids_are_stripped() -> None:
     assert stanza_ids(bare) == [("room@muc.example.org", "theirs")]
 
 
+async def test_a_client_stamps_no_stanza_id_for_us() -> None:
+    """XEP-0359 section 5: only the entity named in 'by' stamps its ids. A client that
+    learnt an id of bob's archive and sends it back to bob must not have its message
+    archived under that id, in place of the message the id names."""
+    harness = await make()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await harness.send(alice, chat("bob@localhost", "original"))
+    [(_, bob_id)] = stanza_ids(bob.take()[0])
+    replayed = (
+        f"<stanza-id xmlns='{SID}' by='bob@localhost' id='{bob_id}'/>"
+        f"<stanza-id xmlns='{SID}' by='localhost' id='x1'/>"
+        f"<stanza-id xmlns='{SID}' by='room@muc.example.org' id='theirs'/>"
+    )
+    await harness.send(alice, chat("bob@localhost", "replayed", replayed))
+    [got] = bob.take()
+    [(by, new_id)] = [i for i in stanza_ids(got) if i[0] != "room@muc.example.org"]
+    assert by == "bob@localhost" and new_id != bob_id
+    await harness.router.drain()
+    archive = await query(harness, bob)
+    assert archive.bodies == ["original", "replayed"]
+    assert archive.ids == [bob_id, new_id]
+    # to another server, and in the sender's own archive: none of ours either
+    harness.router.remote = remote = RecordingRemote()
+    await harness.send(alice, chat("carol@elsewhere.example", "out", replayed))
+    [passed_on] = remote.routed
+    assert stanza_ids(passed_on) == [("room@muc.example.org", "theirs")]
+    await harness.router.drain()
+    sent = (await query(harness, alice)).messages
+    theirs = [("room@muc.example.org", "theirs")]
+    assert [stanza_ids(m) for m in sent] == [[], theirs, theirs]
+
+
 async def test_hints_and_types_that_are_not_archived() -> None:
     harness = await make()
     alice = harness.session("alice@localhost/a")
