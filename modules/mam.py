@@ -16,11 +16,13 @@ Where each copy is taken, each once per message on a cluster:
   (XEP-0359 section 5) and stamp a new one, by the recipient's bare JID,
   on the copy it will get; the message is archived under that id when it
   was delivered ("message/delivered", on the node that routes it, whichever
-  node the session is on) or is about to be stored offline ("message/offline",
-  after privacy). A message routed again (its session went: another
-  resource, offline storage, a cluster node that could not deliver) keeps
-  its stanza-id, which carries a MAC (modules/_mam_store.py), and is written
-  again under the same name: still once.
+  node the session is on) or stored offline ("message/stored", which the
+  offline module sends: a message it bounces, or that no offline module
+  takes, is not archived, its sender being told it did not arrive). A
+  message routed again (its session went: another resource, offline
+  storage, a cluster node that could not deliver) keeps its stanza-id,
+  which carries a MAC (modules/_mam_store.py), and is written again under
+  the same name: still once.
 
 Writes are queued and written in batches per host (modules/_mam_writer.py),
 each counted as the archive owner's work, which an account removal waits
@@ -114,8 +116,8 @@ class Mam(Module):
         self.host.on("message/bare", self.on_incoming, priority=HIGHEST - 1)
         self.host.on("message/full", self.on_incoming, priority=HIGHEST - 1)
         self.host.on("message/delivered", self.on_delivered)
-        # After privacy (which may refuse it), before offline storage.
-        self.host.hook("message/offline", self.on_offline, priority=100)
+        # Once offline storage kept it (privacy refused none of it, no bounce).
+        self.host.on("message/stored", self.on_stored)
 
     async def start(self) -> None:
         for vhost in self.host.hosts:
@@ -243,14 +245,14 @@ class Mam(Module):
             sender = routed.origin.bare if routed.origin is not None else None
             self._track(self._write(owner, archive_id, *peer, data), owner, sender)
 
-    async def on_offline(self, stanza: etree._Element, bare: str) -> bool:
+    def on_stored(self, stanza: etree._Element, bare: str) -> None:
+        """Offline storage kept a message for `bare`: so does its archive. Not before:
+        a message offline storage bounces (a full queue, no offline module) is one
+        its sender is told did not arrive, and its recipient must not read it."""
         archive_id = self._our_id(stanza, bare)
         if archive_id is not None:
             peer, data = self._received(stanza, bare)
-            written = self._write(bare, archive_id, *peer, data)
-            if written is not None:
-                await written
-        return False  # offline storage goes on
+            self._track(self._write(bare, archive_id, *peer, data), bare, None)
 
     def _received(self, stanza: etree._Element, owner: str) -> tuple[tuple[str, str], bytes]:
         """(the sender's bare and full JID, the message as archived: without the

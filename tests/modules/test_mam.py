@@ -197,6 +197,28 @@ async def test_an_offline_message_is_archived_with_the_id_it_is_delivered_with()
     assert stanza_ids(message) == [("bob@localhost", archived.ids[0])]
 
 
+async def test_a_message_bounced_for_want_of_offline_storage_is_not_archived() -> None:
+    """Its sender is told it did not arrive (service-unavailable): the recipient's archive
+    must not hold it either, whether offline storage is off or the queue is full."""
+    harness = await make(offline={"max_messages": 1})
+    alice = harness.session("alice@localhost/a")
+    assert await harness.send(alice, chat("bob@localhost", "kept")) == []
+    [bounced] = await harness.send(alice, chat("bob@localhost", "over the quota"))
+    assert condition(bounced) == "service-unavailable"
+    bob = harness.session("bob@localhost/b", available=False)
+    assert (await query(harness, bob)).bodies == ["kept"]
+    # with no offline module at all
+    harness = ModuleHarness({"disco": {}, "mam": {}})
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    [bounced] = await harness.send(alice, chat("bob@localhost", "nobody keeps it"))
+    assert condition(bounced) == "service-unavailable"
+    await harness.router.drain()
+    assert await stored(harness, "bob") == 0
+    assert await stored(harness, "alice") == 1  # what alice sent, bounced or not
+
+
 async def test_a_message_routed_again_keeps_its_id_and_is_archived_once() -> None:
     """What a cluster node that could not deliver (or stream management) routes again
     carries the stanza-id stamped the first time: kept, not taken for a forgery."""
