@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Awaitable
+from functools import partial
 from typing import Literal
 
 from lxml import etree
@@ -122,7 +123,11 @@ class Mam(Module):
     async def start(self) -> None:
         for vhost in self.host.hosts:
             self._ids[vhost] = Ids(await load_key(self.host.items(vhost, KEY_STORE)))
-            self._writers[vhost] = Writer(self.host.items(vhost, STORE), self.host.spawn_shared)
+            self._writers[vhost] = Writer(
+                self.host.items(vhost, STORE),
+                self.host.spawn_shared,
+                partial(self.host.user_exists, vhost),
+            )
 
     # --- what is archived ----------------------------------------------------------------
 

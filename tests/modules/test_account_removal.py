@@ -713,3 +713,20 @@ async def test_a_message_being_stored_offline_leaves_no_archive_behind(
     assert await removal == "account"
     await harness.router.drain()
     assert await entries(harness, "zed") == set()
+
+
+async def test_a_message_delivered_after_the_removal_leaves_no_archive_behind() -> None:
+    """zed is removed while a session of his is still bound (on another node, or one not
+    ended yet): a message delivered to it is not archived once his archive is gone."""
+    harness = await ModuleHarness({"offline": {}, "mam": {}}).start()
+    harness.router.remote = RecordingRemote()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    zed = await harness.login(f"{ZED}/r")
+    harness.users.discard(ZED)  # zed exists by his account alone, as on a server
+    assert await harness.host.remove_account("localhost", "zed") == "account"
+    message = parse_stanza(f"<message to='{ZED}' type='chat'><body>late</body></message>")
+    message.set("from", f"{BOB}/r")
+    harness.router.route(message)
+    await harness.router.drain()
+    assert [m.findtext("{jabber:client}body") for m in zed.take()] == ["late"]
+    assert await entries(harness, "zed") == set()
