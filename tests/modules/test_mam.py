@@ -433,7 +433,8 @@ async def test_errors() -> None:
     alice, ids = await conversation(harness, 2)
     assert await error_of(harness, alice, form(start="yesterday")) == "bad-request"
     assert await error_of(harness, alice, form(end="2024-01-01T00:00:00")) == "bad-request"
-    assert await error_of(harness, alice, form(colour="blue")) == "bad-request"
+    # XEP-0313 4.1.5: a field the server does not know is feature-not-implemented
+    assert await error_of(harness, alice, form(colour="blue")) == "feature-not-implemented"
     assert await error_of(harness, alice, form(with_="a@b@c")) == "bad-request"
     assert await error_of(harness, alice, rsm(max_=-1)) == "bad-request"
     unknown = "f" * len(ids[0])
@@ -442,6 +443,10 @@ async def test_errors() -> None:
     assert await error_of(harness, alice, rsm(2, after=unknown)) == "item-not-found"
     assert await error_of(harness, alice, rsm(2, before=unknown)) == "item-not-found"
     assert await error_of(harness, alice, form(ids=[ids[0], unknown])) == "item-not-found"
+    # 'ids' with other bounds, the epoch (0) as well as any other time
+    epoch = "1970-01-01T00:00:00Z"
+    assert await error_of(harness, alice, form(ids=[ids[0]], start=epoch)) == "bad-request"
+    assert await error_of(harness, alice, form(ids=[ids[0]], end=epoch)) == "bad-request"
     # an id of bob's archive is not one of alice's
     bob = harness.session("bob@localhost/b2")
     [bob_id, _] = (await query(harness, bob)).ids
@@ -466,8 +471,14 @@ async def test_the_query_form_and_metadata() -> None:
     reply = await harness.iq(alice, "get", f"<query xmlns='{MAM}'/>")
     x = reply.find(f"{{{MAM}}}query/{{jabber:x:data}}x")
     assert x is not None and x.get("type") == "form"
-    fields = {f.get("var") for f in x.iter("{jabber:x:data}field")}
-    assert fields == {"FORM_TYPE", "with", "start", "end", "before-id", "after-id", "ids"}
+    fields = {f.get("var"): f for f in x.iter("{jabber:x:data}field")}
+    assert set(fields) == {"FORM_TYPE", "with", "start", "end", "before-id", "after-id", "ids"}
+    # 'ids' is a list-multi open to any value, listing none (XEP-0313 4.1.5, XEP-0122)
+    assert fields["ids"].get("type") == "list-multi"
+    assert fields["ids"].find("{jabber:x:data}value") is None
+    validate = fields["ids"].find("{http://jabber.org/protocol/xdata-validate}validate")
+    assert validate is not None and validate.get("datatype") == "xs:string"
+    assert validate.find("{http://jabber.org/protocol/xdata-validate}open") is not None
     empty = await harness.iq(alice, "get", f"<metadata xmlns='{MAM}'/>")
     metadata = empty.find(f"{{{MAM}}}metadata")
     assert metadata is not None and len(metadata) == 0
