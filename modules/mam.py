@@ -175,7 +175,8 @@ class Mam(Module):
         if ids is not None:
             archive_id = ids.make(owner)
             data = etree.tostring(stanza)
-            self._track(self._write(owner, archive_id, peer.bare, to, data), owner, owner)
+            # The JIDs as a 'with' filter has them: the peer's, normalized (RFC 7622).
+            self._track(self._write(owner, archive_id, peer.bare, str(peer), data), owner, owner)
         return True
 
     def _track(self, future: asyncio.Future[None] | None, owner: str, sender: str | None) -> None:
@@ -260,11 +261,12 @@ class Mam(Module):
             self._track(self._write(bare, archive_id, *peer, data), bare, None)
 
     def _received(self, stanza: etree._Element, owner: str) -> tuple[tuple[str, str], bytes]:
-        """(the sender's bare and full JID, the message as archived: without the
-        stanza-id, which the result carries)."""
+        """(the sender's bare and full JID, normalized as a 'with' filter has them, and
+        the message as archived: without the stanza-id, which the result carries)."""
         sender = stanza.get("from") or ""
         try:
-            bare = JID(sender).bare
+            jid = JID(sender)
+            bare, sender = jid.bare, str(jid)
         except InvalidJID:
             bare = sender
         archived = copy.deepcopy(stanza)

@@ -428,6 +428,25 @@ async def test_filters() -> None:
     assert page.ids == ids[1:] and not page.complete
 
 
+async def test_a_full_jid_filter_matches_however_the_message_wrote_the_jid() -> None:
+    """'with' is normalized (RFC 7622) when the query is read: so must the JIDs the
+    archive keeps be, or a message written to 'Bob@LocalHost/B' is never found."""
+    harness = await make()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/B")
+    await harness.send(alice, chat("Bob@LocalHost/B", "to bob"))
+    stanza = parse_stanza(chat("alice@localhost", "from afar"))
+    stanza.set("from", "Carol@Elsewhere.Example/Phone")
+    harness.router.route(stanza)
+    await harness.router.drain()
+    bob.take()
+    alice.take()
+    assert (await query(harness, alice, form(with_="bob@localhost/B"))).bodies == ["to bob"]
+    assert (await query(harness, bob, form(with_="alice@localhost/a"))).bodies == ["to bob"]
+    carol = form(with_="carol@elsewhere.example/Phone")
+    assert (await query(harness, alice, carol)).bodies == ["from afar"]
+
+
 async def test_errors() -> None:
     harness = await make()
     alice, ids = await conversation(harness, 2)
