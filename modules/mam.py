@@ -173,7 +173,7 @@ class Mam(Module):
             return True  # to oneself: archived once, as received
         ids = self._ids.get(owner.partition("@")[2])
         if ids is not None:
-            archive_id = ids.make(owner)
+            archive_id = ids.make(owner, owner)
             data = etree.tostring(stanza)
             # The JIDs as a 'with' filter has them: the peer's, normalized (RFC 7622).
             self._track(self._write(owner, archive_id, peer.bare, str(peer), data), owner, owner)
@@ -212,7 +212,7 @@ class Mam(Module):
         kept = self._strip(stanza, owner, ids)
         if kept is None and self._archivable(stanza):
             element = etree.SubElement(stanza, STANZA_ID, nsmap={None: SID})
-            element.set("id", ids.make(owner))
+            element.set("id", ids.make(owner, _sender(stanza)))
             element.set("by", owner)
         return False
 
@@ -220,9 +220,10 @@ class Mam(Module):
         """Remove every <stanza-id/> 'by' one of our hosts or accounts that this server
         did not make for `owner` (XEP-0359 section 5); the id of the one it made."""
         kept: str | None = None
+        sender = _sender(stanza)
         for child in stanza.findall(STANZA_ID):
             by, value = child.get("by") or "", child.get("id") or ""
-            if by == owner and kept is None and ids.ours(owner, value):
+            if by == owner and kept is None and ids.ours(owner, sender, value):
                 kept = value
             elif self._ours(by):
                 stanza.remove(child)
@@ -237,9 +238,10 @@ class Mam(Module):
 
     def _our_id(self, stanza: etree._Element, owner: str) -> str | None:
         ids = self._ids.get(owner.rsplit("@", 1)[-1])
+        sender = _sender(stanza)
         for child in stanza.iterchildren(STANZA_ID):
             value = child.get("id") or ""
-            if ids is not None and child.get("by") == owner and ids.ours(owner, value):
+            if ids is not None and child.get("by") == owner and ids.ours(owner, sender, value):
                 return value
         return None
 
@@ -382,6 +384,14 @@ def _owner(request: IqRequest) -> tuple[str, str]:
         raise StanzaError("forbidden", "an archive is read by its owner only")
     user, _, vhost = request.target.partition("@")
     return user, vhost
+
+
+def _sender(stanza: etree._Element) -> str:
+    """The bare JID of the message's sender, as its archive id's MAC has it."""
+    try:
+        return JID(stanza.get("from") or "").bare
+    except InvalidJID:
+        return ""
 
 
 def _pair(entry: Entry | None) -> tuple[str, int] | None:

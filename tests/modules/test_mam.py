@@ -310,6 +310,40 @@ async def test_a_client_stamps_no_stanza_id_for_us() -> None:
     assert [stanza_ids(m) for m in sent] == [[], theirs, theirs]
 
 
+async def test_an_id_learnt_by_another_sender_is_not_ours_on_its_message() -> None:
+    """bob forwards alice's message to mallory on another server (XEP-0297: the
+    stanza-id inside the <forwarded/> goes with it); mallory sends it back to bob on a
+    message of hers. Her message is stamped an id of its own: it does not replace
+    alice's in bob's archive, although the id is one this server made for bob."""
+    harness = await make()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await harness.send(alice, chat("bob@localhost", "from alice"))
+    [original] = bob.take()
+    [(_, alice_id)] = stanza_ids(original)
+    harness.router.remote = remote = RecordingRemote()
+    forward = (
+        f"<message to='mallory@evil.example' type='chat'><body>look</body><forwarded "
+        f"xmlns='{FORWARD}'>{etree.tostring(original).decode()}</forwarded></message>"
+    )
+    await harness.send(bob, forward)
+    [passed_on] = remote.routed
+    assert f"id=\"{alice_id}\"".encode() in etree.tostring(passed_on)  # mallory has it
+    replay = parse_stanza(chat(
+        "bob@localhost", "from mallory",
+        f"<stanza-id xmlns='{SID}' by='bob@localhost' id='{alice_id}'/>",
+    ))
+    replay.set("from", "mallory@evil.example/x")
+    harness.router.route(replay)
+    await harness.router.drain()
+    [got] = bob.take()
+    [(by, mallory_id)] = stanza_ids(got)
+    assert by == "bob@localhost" and mallory_id != alice_id
+    archive = await query(harness, bob)
+    assert archive.bodies == ["from alice", "look", "from mallory"]
+    assert archive.ids[0] == alice_id and archive.ids[2] == mallory_id
+
+
 async def test_hints_and_types_that_are_not_archived() -> None:
     harness = await make()
     alice = harness.session("alice@localhost/a")
