@@ -375,6 +375,23 @@ async def test_hints_and_types_that_are_not_archived() -> None:
     assert (await query(harness, alice)).bodies == [None, "normal"]
 
 
+async def test_a_message_blocking_refuses_is_in_neither_archive_that_refused_it() -> None:
+    """XEP-0313 section 5.1: an archive holds what its owner would have received; and
+    a message the sender's own blocking drops (XEP-0191) never left."""
+    harness = await make(blocking={})
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    block = "<block xmlns='urn:xmpp:blocking'><item jid='alice@localhost'/></block>"
+    assert (await harness.iq(bob, "set", block)).get("type") == "result"
+    [refused] = await harness.send(alice, chat("bob@localhost", "to a blocker"))
+    assert condition(refused) == "service-unavailable"
+    [dropped] = await harness.send(bob, chat("alice@localhost", "to the blocked"))
+    assert condition(dropped) == "not-acceptable"
+    await harness.router.drain()
+    assert (await query(harness, bob)).bodies == []
+    assert (await query(harness, alice)).bodies == ["to a blocker"]  # what she sent
+
+
 async def test_the_never_policy_archives_nothing() -> None:
     harness = await make({"default_policy": "never"})
     alice = harness.session("alice@localhost/a")
