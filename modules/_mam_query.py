@@ -2,7 +2,8 @@
 
 Only parsing and XML building: which part of the archive a <query/> asks
 for, checked as far as it can be without storage (a date that does not
-parse, an unknown field, a bad JID: bad-request), and the <result/>
+parse, a bad JID: bad-request; a field we do not know:
+feature-not-implemented, as XEP-0313 section 4.1.5 requires), and the <result/>
 messages, the <fin/> and the query form. Whether a named id is in the
 archive is the module's to check (item-not-found).
 """
@@ -21,6 +22,7 @@ from xmppd.xml import ns
 
 MAM = "urn:xmpp:mam:2"
 RSM = "http://jabber.org/protocol/rsm"
+VALIDATE = "http://jabber.org/protocol/xdata-validate"
 FORWARD = "urn:xmpp:forward:0"
 DELAY = "urn:xmpp:delay"
 
@@ -55,7 +57,8 @@ def parse(query: etree._Element) -> Request:
     if rsm is not None:
         _rsm(request, rsm)
     request.flip = query.find(f"{{{MAM}}}flip-page") is not None
-    if request.ids and (request.after_ids or request.before_ids or request.start or request.end):
+    bounded = request.start is not None or request.end is not None
+    if request.ids and (request.after_ids or request.before_ids or bounded):
         raise StanzaError("bad-request", "'ids' cannot be combined with other bounds")
     return request
 
@@ -63,7 +66,7 @@ def parse(query: etree._Element) -> Request:
 def _form(request: Request, submitted: Submitted) -> None:
     unknown = sorted(set(submitted.values) - set(FIELDS))
     if unknown:
-        raise StanzaError("bad-request", f"unknown field {unknown[0]!r}")
+        raise StanzaError("feature-not-implemented", f"unknown field {unknown[0]!r}")
     if with_ := submitted.one("with"):
         try:
             jid = JID(with_)
@@ -158,22 +161,26 @@ def fin(
 
 
 def query_form() -> etree._Element:
-    """The form a client asks for with a query get (XEP-0313 section 5)."""
+    """The form a client asks for with a query get (XEP-0313 section 4.1.5): 'ids' is
+    a list-multi open to any value (XEP-0122 <open/>), listing no archive ids."""
     query = etree.Element(QUERY, nsmap={None: MAM})
-    query.append(
-        form(
-            "form",
-            MAM,
-            [
-                Field("with", "jid-single"),
-                Field("start", "text-single"),
-                Field("end", "text-single"),
-                Field("before-id", "text-single"),
-                Field("after-id", "text-single"),
-                Field("ids", "text-multi"),
-            ],
-        )
+    x = form(
+        "form",
+        MAM,
+        [
+            Field("with", "jid-single"),
+            Field("start", "text-single"),
+            Field("end", "text-single"),
+            Field("before-id", "text-single"),
+            Field("after-id", "text-single"),
+            Field("ids", "list-multi"),
+        ],
     )
+    ids = x[-1]
+    validate = etree.SubElement(ids, f"{{{VALIDATE}}}validate", nsmap={None: VALIDATE})
+    validate.set("datatype", "xs:string")
+    etree.SubElement(validate, f"{{{VALIDATE}}}open")
+    query.append(x)
     return query
 
 

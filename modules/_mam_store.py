@@ -9,12 +9,15 @@ timestamp (14 hex digits), then 8 random hex digits keep two messages of
 the same microsecond apart.
 
 The id ends with a MAC (16 hex digits, HMAC-SHA256 under a key kept per host
-in the item store "mam_key", of the owner and the rest of the id). The id is
-what XEP-0359 stamps on the recipient's copy (<stanza-id by='owner'/>): the
-MAC lets any node of a cluster tell one of ours (a message routed again:
-another resource, offline storage, a node that could not deliver) from one
-another entity forged (XEP-0359 section 5), with no lookup and no state, and
-a message routed again is archived again under the same name: once.
+in the item store "mam_key", of the owner, the sender's bare JID and the rest
+of the id). The id is what XEP-0359 stamps on the recipient's copy
+(<stanza-id by='owner'/>): the MAC lets any node of a cluster tell one of
+ours (a message routed again: another resource, offline storage, a node that
+could not deliver) from one another entity forged (XEP-0359 section 5), with
+no lookup and no state, and a message routed again is archived again under
+the same name: once. With the sender in the MAC, an id someone else learnt
+(a client's forward, a remote server) is not ours on their messages: it
+cannot put their message in the archive in place of the one it names.
 """
 
 from __future__ import annotations
@@ -87,19 +90,22 @@ class Ids:
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def make(self, owner: str, ts: int | None = None) -> str:
+    def make(self, owner: str, sender: str, ts: int | None = None) -> str:
+        """A new id in `owner`'s archive for a message from `sender` (a bare JID)."""
         stem = f"{now_us() if ts is None else ts:0{TS_DIGITS}x}{secrets.token_hex(4)}"
-        return stem + self._mac(owner, stem)
+        return stem + self._mac(owner, sender, stem)
 
-    def ours(self, owner: str, archive_id: str) -> bool:
-        """True if this server made `archive_id` for `owner`'s archive."""
+    def ours(self, owner: str, sender: str, archive_id: str) -> bool:
+        """True if this server made `archive_id` for `owner`'s archive, for a message
+        from `sender`."""
         if not is_id(archive_id):
             return False
         stem = archive_id[: TS_DIGITS + 8]
-        return hmac.compare_digest(archive_id[TS_DIGITS + 8 :], self._mac(owner, stem))
+        mac = self._mac(owner, sender, stem)
+        return hmac.compare_digest(archive_id[TS_DIGITS + 8 :], mac)
 
-    def _mac(self, owner: str, stem: str) -> str:
-        digest = hmac.new(self._key, f"{owner}\0{stem}".encode(), hashlib.sha256)
+    def _mac(self, owner: str, sender: str, stem: str) -> str:
+        digest = hmac.new(self._key, f"{owner}\0{sender}\0{stem}".encode(), hashlib.sha256)
         return digest.hexdigest()[:16]
 
 

@@ -11,6 +11,12 @@ RUNNERS of them while a whole batch or more waits (a remote store's round
 trips overlap). Each write has a future, done when its batch is written or failed
 (logged; the caller has delivered the message already), which the module
 counts for its backpressure and as the account's work.
+
+A batch is written only for the accounts that still exist, looked up once
+per account and batch: a message delivered to a session of an account
+being removed (still bound, on another node say) must not be archived
+once the removal deleted the archive. As the write is the account's work,
+a removal that began after the lookup waits for it, and deletes it.
 """
 
 from __future__ import annotations
@@ -34,10 +40,15 @@ class Writer:
     """Queues items for one item store and writes them in batches."""
 
     def __init__(
-        self, store: ItemStore, spawn: Callable[[Awaitable[None]], asyncio.Future[Any]]
+        self,
+        store: ItemStore,
+        spawn: Callable[[Awaitable[None]], asyncio.Future[Any]],
+        exists: Callable[[str], Awaitable[bool]],
     ) -> None:
+        """`exists(user)`: whether the account whose archive is "<user>/" exists."""
         self.store = store
         self._spawn = spawn
+        self._exists = exists
         self._queued: dict[str, Attrs] = {}  # the same name twice: written once, the last
         self._done: dict[str, asyncio.Future[None]] = {}
         self._runners = 0
@@ -62,7 +73,8 @@ class Writer:
                 batch = {name: self._queued.pop(name) for name in names}
                 waiting = [self._done.pop(name) for name in names]
                 try:
-                    await self.store.batch_put(batch)
+                    if kept := await self._of_accounts(batch):
+                        await self.store.batch_put(kept)
                 except StorageError as exc:
                     log.error("%d messages not archived in %s: %s", len(batch),
                               self.store.namespace, exc)
@@ -75,3 +87,15 @@ class Writer:
                             future.set_result(None)
         finally:
             self._runners -= 1
+
+    async def _of_accounts(self, batch: dict[str, Attrs]) -> dict[str, Attrs]:
+        """The items of `batch` whose account exists (the others are logged)."""
+        users = list({name.partition("/")[0] for name in batch})
+        found = await asyncio.gather(*(self._exists(user) for user in users))
+        gone = {user for user, exists in zip(users, found, strict=True) if not exists}
+        if not gone:
+            return batch
+        kept = {name: attrs for name, attrs in batch.items() if name.partition("/")[0] not in gone}
+        log.info("%d messages not archived in %s: no account %s", len(batch) - len(kept),
+                 self.store.namespace, ", ".join(sorted(gone)))
+        return kept

@@ -16,11 +16,13 @@ Where each copy is taken, each once per message on a cluster:
   (XEP-0359 section 5) and stamp a new one, by the recipient's bare JID,
   on the copy it will get; the message is archived under that id when it
   was delivered ("message/delivered", on the node that routes it, whichever
-  node the session is on) or is about to be stored offline ("message/offline",
-  after privacy). A message routed again (its session went: another
-  resource, offline storage, a cluster node that could not deliver) keeps
-  its stanza-id, which carries a MAC (modules/_mam_store.py), and is written
-  again under the same name: still once.
+  node the session is on) or stored offline ("message/stored", which the
+  offline module sends: a message it bounces, or that no offline module
+  takes, is not archived, its sender being told it did not arrive). A
+  message routed again (its session went: another resource, offline
+  storage, a cluster node that could not deliver) keeps its stanza-id,
+  which carries a MAC (modules/_mam_store.py), and is written again under
+  the same name: still once.
 
 Writes are queued and written in batches per host (modules/_mam_writer.py),
 each counted as the archive owner's work, which an account removal waits
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Awaitable
+from functools import partial
 from typing import Literal
 
 from lxml import etree
@@ -114,13 +117,17 @@ class Mam(Module):
         self.host.on("message/bare", self.on_incoming, priority=HIGHEST - 1)
         self.host.on("message/full", self.on_incoming, priority=HIGHEST - 1)
         self.host.on("message/delivered", self.on_delivered)
-        # After privacy (which may refuse it), before offline storage.
-        self.host.hook("message/offline", self.on_offline, priority=100)
+        # Once offline storage kept it (privacy refused none of it, no bounce).
+        self.host.on("message/stored", self.on_stored)
 
     async def start(self) -> None:
         for vhost in self.host.hosts:
             self._ids[vhost] = Ids(await load_key(self.host.items(vhost, KEY_STORE)))
-            self._writers[vhost] = Writer(self.host.items(vhost, STORE), self.host.spawn_shared)
+            self._writers[vhost] = Writer(
+                self.host.items(vhost, STORE),
+                self.host.spawn_shared,
+                partial(self.host.user_exists, vhost),
+            )
 
     # --- what is archived ----------------------------------------------------------------
 
@@ -141,11 +148,14 @@ class Mam(Module):
         self, stanza: etree._Element, origin: ClientSession
     ) -> bool | Awaitable[None]:
         """A local client sends a message: the sender's archive keeps it (once the
-        sender's earlier writes leave room). A <stanza-id/> by the sender's own
-        archive (a received message the client passes on) is removed: its archive
-        ids are its own business, as Prosody keeps them."""
+        sender's earlier writes leave room). Every <stanza-id/> 'by' one of our
+        hosts or accounts is removed (XEP-0359 section 5): a client stamps none
+        for us. One by its own archive (a received message it passes on) is its
+        own business; one by another account's, kept, would be taken for ours
+        where that account's messages arrive and archived under it, in place of
+        the message the id names."""
         for child in stanza.findall(STANZA_ID):
-            if child.get("by") == origin.bare:
+            if self._ours(child.get("by")):
                 stanza.remove(child)
         to = stanza.get("to")
         if not self._archivable(stanza):
@@ -163,9 +173,10 @@ class Mam(Module):
             return True  # to oneself: archived once, as received
         ids = self._ids.get(owner.partition("@")[2])
         if ids is not None:
-            archive_id = ids.make(owner)
+            archive_id = ids.make(owner, owner)
             data = etree.tostring(stanza)
-            self._track(self._write(owner, archive_id, peer.bare, to, data), owner, owner)
+            # The JIDs as a 'with' filter has them: the peer's, normalized (RFC 7622).
+            self._track(self._write(owner, archive_id, peer.bare, str(peer), data), owner, owner)
         return True
 
     def _track(self, future: asyncio.Future[None] | None, owner: str, sender: str | None) -> None:
@@ -201,7 +212,7 @@ class Mam(Module):
         kept = self._strip(stanza, owner, ids)
         if kept is None and self._archivable(stanza):
             element = etree.SubElement(stanza, STANZA_ID, nsmap={None: SID})
-            element.set("id", ids.make(owner))
+            element.set("id", ids.make(owner, _sender(stanza)))
             element.set("by", owner)
         return False
 
@@ -209,24 +220,28 @@ class Mam(Module):
         """Remove every <stanza-id/> 'by' one of our hosts or accounts that this server
         did not make for `owner` (XEP-0359 section 5); the id of the one it made."""
         kept: str | None = None
+        sender = _sender(stanza)
         for child in stanza.findall(STANZA_ID):
             by, value = child.get("by") or "", child.get("id") or ""
-            if by == owner and kept is None and ids.ours(owner, value):
+            if by == owner and kept is None and ids.ours(owner, sender, value):
                 kept = value
-                continue
-            try:
-                ours = self.host.serves(JID(by).domain)
-            except InvalidJID:
-                ours = False
-            if ours:
+            elif self._ours(by):
                 stanza.remove(child)
         return kept
 
+    def _ours(self, by: str | None) -> bool:
+        """True if `by` names one of our hosts or an account on one."""
+        try:
+            return self.host.serves(JID(by or "").domain)
+        except InvalidJID:
+            return False
+
     def _our_id(self, stanza: etree._Element, owner: str) -> str | None:
         ids = self._ids.get(owner.rsplit("@", 1)[-1])
+        sender = _sender(stanza)
         for child in stanza.iterchildren(STANZA_ID):
             value = child.get("id") or ""
-            if ids is not None and child.get("by") == owner and ids.ours(owner, value):
+            if ids is not None and child.get("by") == owner and ids.ours(owner, sender, value):
                 return value
         return None
 
@@ -238,21 +253,22 @@ class Mam(Module):
             sender = routed.origin.bare if routed.origin is not None else None
             self._track(self._write(owner, archive_id, *peer, data), owner, sender)
 
-    async def on_offline(self, stanza: etree._Element, bare: str) -> bool:
+    def on_stored(self, stanza: etree._Element, bare: str) -> None:
+        """Offline storage kept a message for `bare`: so does its archive. Not before:
+        a message offline storage bounces (a full queue, no offline module) is one
+        its sender is told did not arrive, and its recipient must not read it."""
         archive_id = self._our_id(stanza, bare)
         if archive_id is not None:
             peer, data = self._received(stanza, bare)
-            written = self._write(bare, archive_id, *peer, data)
-            if written is not None:
-                await written
-        return False  # offline storage goes on
+            self._track(self._write(bare, archive_id, *peer, data), bare, None)
 
     def _received(self, stanza: etree._Element, owner: str) -> tuple[tuple[str, str], bytes]:
-        """(the sender's bare and full JID, the message as archived: without the
-        stanza-id, which the result carries)."""
+        """(the sender's bare and full JID, normalized as a 'with' filter has them, and
+        the message as archived: without the stanza-id, which the result carries)."""
         sender = stanza.get("from") or ""
         try:
-            bare = JID(sender).bare
+            jid = JID(sender)
+            bare, sender = jid.bare, str(jid)
         except InvalidJID:
             bare = sender
         archived = copy.deepcopy(stanza)
@@ -368,6 +384,14 @@ def _owner(request: IqRequest) -> tuple[str, str]:
         raise StanzaError("forbidden", "an archive is read by its owner only")
     user, _, vhost = request.target.partition("@")
     return user, vhost
+
+
+def _sender(stanza: etree._Element) -> str:
+    """The bare JID of the message's sender, as its archive id's MAC has it."""
+    try:
+        return JID(stanza.get("from") or "").bare
+    except InvalidJID:
+        return ""
 
 
 def _pair(entry: Entry | None) -> tuple[str, int] | None:

@@ -202,6 +202,8 @@ class Offline(Module):
         finally:
             storing.set_result(None)
         ledger.offline += 1
+        # Kept for the account: the archive may keep it too (not one bounced above).
+        self.host.notify("message/stored", stanza, bare)
         # The user may have come online while we wrote: then deliver now.
         target = self._best_session(bare)
         if target is not None:

@@ -681,3 +681,52 @@ async def test_a_message_after_the_removal_is_bounced_not_stored() -> None:
     errors = [s for s in remote.routed if s.tag == ns.C_MESSAGE and s.get("type") == "error"]
     assert [e.get("to") for e in errors] == [f"{BOB}/x"]
     assert errors[0].find(f"{{jabber:client}}error/{{{STANZAS}}}service-unavailable") is not None
+
+
+async def test_a_message_being_stored_offline_leaves_no_archive_behind(
+    tmp_path: Path,
+) -> None:
+    """A message for zed (offline) waits for a slow store when zed is removed: the
+    removal waits for its offline copy and for its archive copy, or the archive
+    would keep a message of an account that is gone, for a new one of the name."""
+    items = await GatedSQLite.open(tmp_path / "items.sqlite3")
+    items.gate.set()
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    harness = await ModuleHarness({"offline": {}, "mam": {}}, storage=storage).start()
+    harness.router.remote = RecordingRemote()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    items.gate.clear()
+    message = parse_stanza(f"<message to='{ZED}' type='chat'><body>kept</body></message>")
+    message.set("from", f"{BOB}/r")
+    harness.router.route(message)
+    await items.waiting.wait()  # a write of the message waits at the gate
+    unregistered = asyncio.Event()
+
+    async def removed() -> None:
+        unregistered.set()
+
+    removal = asyncio.ensure_future(harness.host.remove_account("localhost", "zed", removed))
+    await unregistered.wait()
+    if not harness.router.account_work(ZED):
+        await removal  # nothing to wait for: the removal ends while the write waits
+    items.gate.set()
+    assert await removal == "account"
+    await harness.router.drain()
+    assert await entries(harness, "zed") == set()
+
+
+async def test_a_message_delivered_after_the_removal_leaves_no_archive_behind() -> None:
+    """zed is removed while a session of his is still bound (on another node, or one not
+    ended yet): a message delivered to it is not archived once his archive is gone."""
+    harness = await ModuleHarness({"offline": {}, "mam": {}}).start()
+    harness.router.remote = RecordingRemote()
+    await harness.host.accounts["localhost"].register("zed", "zed-secret-1")
+    zed = await harness.login(f"{ZED}/r")
+    harness.users.discard(ZED)  # zed exists by his account alone, as on a server
+    assert await harness.host.remove_account("localhost", "zed") == "account"
+    message = parse_stanza(f"<message to='{ZED}' type='chat'><body>late</body></message>")
+    message.set("from", f"{BOB}/r")
+    harness.router.route(message)
+    await harness.router.drain()
+    assert [m.findtext("{jabber:client}body") for m in zed.take()] == ["late"]
+    assert await entries(harness, "zed") == set()

@@ -197,6 +197,28 @@ async def test_an_offline_message_is_archived_with_the_id_it_is_delivered_with()
     assert stanza_ids(message) == [("bob@localhost", archived.ids[0])]
 
 
+async def test_a_message_bounced_for_want_of_offline_storage_is_not_archived() -> None:
+    """Its sender is told it did not arrive (service-unavailable): the recipient's archive
+    must not hold it either, whether offline storage is off or the queue is full."""
+    harness = await make(offline={"max_messages": 1})
+    alice = harness.session("alice@localhost/a")
+    assert await harness.send(alice, chat("bob@localhost", "kept")) == []
+    [bounced] = await harness.send(alice, chat("bob@localhost", "over the quota"))
+    assert condition(bounced) == "service-unavailable"
+    bob = harness.session("bob@localhost/b", available=False)
+    assert (await query(harness, bob)).bodies == ["kept"]
+    # with no offline module at all
+    harness = ModuleHarness({"disco": {}, "mam": {}})
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    await harness.start()
+    alice = harness.session("alice@localhost/a")
+    [bounced] = await harness.send(alice, chat("bob@localhost", "nobody keeps it"))
+    assert condition(bounced) == "service-unavailable"
+    await harness.router.drain()
+    assert await stored(harness, "bob") == 0
+    assert await stored(harness, "alice") == 1  # what alice sent, bounced or not
+
+
 async def test_a_message_routed_again_keeps_its_id_and_is_archived_once() -> None:
     """What a cluster node that could not deliver (or stream management) routes again
     carries the stanza-id stamped the first time: kept, not taken for a forgery."""
@@ -255,6 +277,73 @@ async def test_forged_stanza_ids_are_stripped() -> None:
     assert stanza_ids(bare) == [("room@muc.example.org", "theirs")]
 
 
+async def test_a_client_stamps_no_stanza_id_for_us() -> None:
+    """XEP-0359 section 5: only the entity named in 'by' stamps its ids. A client that
+    learnt an id of bob's archive and sends it back to bob must not have its message
+    archived under that id, in place of the message the id names."""
+    harness = await make()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await harness.send(alice, chat("bob@localhost", "original"))
+    [(_, bob_id)] = stanza_ids(bob.take()[0])
+    replayed = (
+        f"<stanza-id xmlns='{SID}' by='bob@localhost' id='{bob_id}'/>"
+        f"<stanza-id xmlns='{SID}' by='localhost' id='x1'/>"
+        f"<stanza-id xmlns='{SID}' by='room@muc.example.org' id='theirs'/>"
+    )
+    await harness.send(alice, chat("bob@localhost", "replayed", replayed))
+    [got] = bob.take()
+    [(by, new_id)] = [i for i in stanza_ids(got) if i[0] != "room@muc.example.org"]
+    assert by == "bob@localhost" and new_id != bob_id
+    await harness.router.drain()
+    archive = await query(harness, bob)
+    assert archive.bodies == ["original", "replayed"]
+    assert archive.ids == [bob_id, new_id]
+    # to another server, and in the sender's own archive: none of ours either
+    harness.router.remote = remote = RecordingRemote()
+    await harness.send(alice, chat("carol@elsewhere.example", "out", replayed))
+    [passed_on] = remote.routed
+    assert stanza_ids(passed_on) == [("room@muc.example.org", "theirs")]
+    await harness.router.drain()
+    sent = (await query(harness, alice)).messages
+    theirs = [("room@muc.example.org", "theirs")]
+    assert [stanza_ids(m) for m in sent] == [[], theirs, theirs]
+
+
+async def test_an_id_learnt_by_another_sender_is_not_ours_on_its_message() -> None:
+    """bob forwards alice's message to mallory on another server (XEP-0297: the
+    stanza-id inside the <forwarded/> goes with it); mallory sends it back to bob on a
+    message of hers. Her message is stamped an id of its own: it does not replace
+    alice's in bob's archive, although the id is one this server made for bob."""
+    harness = await make()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    await harness.send(alice, chat("bob@localhost", "from alice"))
+    [original] = bob.take()
+    [(_, alice_id)] = stanza_ids(original)
+    harness.router.remote = remote = RecordingRemote()
+    forward = (
+        f"<message to='mallory@evil.example' type='chat'><body>look</body><forwarded "
+        f"xmlns='{FORWARD}'>{etree.tostring(original).decode()}</forwarded></message>"
+    )
+    await harness.send(bob, forward)
+    [passed_on] = remote.routed
+    assert f"id=\"{alice_id}\"".encode() in etree.tostring(passed_on)  # mallory has it
+    replay = parse_stanza(chat(
+        "bob@localhost", "from mallory",
+        f"<stanza-id xmlns='{SID}' by='bob@localhost' id='{alice_id}'/>",
+    ))
+    replay.set("from", "mallory@evil.example/x")
+    harness.router.route(replay)
+    await harness.router.drain()
+    [got] = bob.take()
+    [(by, mallory_id)] = stanza_ids(got)
+    assert by == "bob@localhost" and mallory_id != alice_id
+    archive = await query(harness, bob)
+    assert archive.bodies == ["from alice", "look", "from mallory"]
+    assert archive.ids[0] == alice_id and archive.ids[2] == mallory_id
+
+
 async def test_hints_and_types_that_are_not_archived() -> None:
     harness = await make()
     alice = harness.session("alice@localhost/a")
@@ -284,6 +373,23 @@ async def test_hints_and_types_that_are_not_archived() -> None:
     assert await stored(harness, "alice") == 2
     assert await stored(harness, "bob") == 2
     assert (await query(harness, alice)).bodies == [None, "normal"]
+
+
+async def test_a_message_blocking_refuses_is_in_neither_archive_that_refused_it() -> None:
+    """XEP-0313 section 5.1: an archive holds what its owner would have received; and
+    a message the sender's own blocking drops (XEP-0191) never left."""
+    harness = await make(blocking={})
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/b")
+    block = "<block xmlns='urn:xmpp:blocking'><item jid='alice@localhost'/></block>"
+    assert (await harness.iq(bob, "set", block)).get("type") == "result"
+    [refused] = await harness.send(alice, chat("bob@localhost", "to a blocker"))
+    assert condition(refused) == "service-unavailable"
+    [dropped] = await harness.send(bob, chat("alice@localhost", "to the blocked"))
+    assert condition(dropped) == "not-acceptable"
+    await harness.router.drain()
+    assert (await query(harness, bob)).bodies == []
+    assert (await query(harness, alice)).bodies == ["to a blocker"]  # what she sent
 
 
 async def test_the_never_policy_archives_nothing() -> None:
@@ -373,12 +479,32 @@ async def test_filters() -> None:
     assert page.ids == ids[1:] and not page.complete
 
 
+async def test_a_full_jid_filter_matches_however_the_message_wrote_the_jid() -> None:
+    """'with' is normalized (RFC 7622) when the query is read: so must the JIDs the
+    archive keeps be, or a message written to 'Bob@LocalHost/B' is never found."""
+    harness = await make()
+    alice = harness.session("alice@localhost/a")
+    bob = harness.session("bob@localhost/B")
+    await harness.send(alice, chat("Bob@LocalHost/B", "to bob"))
+    stanza = parse_stanza(chat("alice@localhost", "from afar"))
+    stanza.set("from", "Carol@Elsewhere.Example/Phone")
+    harness.router.route(stanza)
+    await harness.router.drain()
+    bob.take()
+    alice.take()
+    assert (await query(harness, alice, form(with_="bob@localhost/B"))).bodies == ["to bob"]
+    assert (await query(harness, bob, form(with_="alice@localhost/a"))).bodies == ["to bob"]
+    carol = form(with_="carol@elsewhere.example/Phone")
+    assert (await query(harness, alice, carol)).bodies == ["from afar"]
+
+
 async def test_errors() -> None:
     harness = await make()
     alice, ids = await conversation(harness, 2)
     assert await error_of(harness, alice, form(start="yesterday")) == "bad-request"
     assert await error_of(harness, alice, form(end="2024-01-01T00:00:00")) == "bad-request"
-    assert await error_of(harness, alice, form(colour="blue")) == "bad-request"
+    # XEP-0313 4.1.5: a field the server does not know is feature-not-implemented
+    assert await error_of(harness, alice, form(colour="blue")) == "feature-not-implemented"
     assert await error_of(harness, alice, form(with_="a@b@c")) == "bad-request"
     assert await error_of(harness, alice, rsm(max_=-1)) == "bad-request"
     unknown = "f" * len(ids[0])
@@ -387,6 +513,10 @@ async def test_errors() -> None:
     assert await error_of(harness, alice, rsm(2, after=unknown)) == "item-not-found"
     assert await error_of(harness, alice, rsm(2, before=unknown)) == "item-not-found"
     assert await error_of(harness, alice, form(ids=[ids[0], unknown])) == "item-not-found"
+    # 'ids' with other bounds, the epoch (0) as well as any other time
+    epoch = "1970-01-01T00:00:00Z"
+    assert await error_of(harness, alice, form(ids=[ids[0]], start=epoch)) == "bad-request"
+    assert await error_of(harness, alice, form(ids=[ids[0]], end=epoch)) == "bad-request"
     # an id of bob's archive is not one of alice's
     bob = harness.session("bob@localhost/b2")
     [bob_id, _] = (await query(harness, bob)).ids
@@ -411,8 +541,14 @@ async def test_the_query_form_and_metadata() -> None:
     reply = await harness.iq(alice, "get", f"<query xmlns='{MAM}'/>")
     x = reply.find(f"{{{MAM}}}query/{{jabber:x:data}}x")
     assert x is not None and x.get("type") == "form"
-    fields = {f.get("var") for f in x.iter("{jabber:x:data}field")}
-    assert fields == {"FORM_TYPE", "with", "start", "end", "before-id", "after-id", "ids"}
+    fields = {f.get("var"): f for f in x.iter("{jabber:x:data}field")}
+    assert set(fields) == {"FORM_TYPE", "with", "start", "end", "before-id", "after-id", "ids"}
+    # 'ids' is a list-multi open to any value, listing none (XEP-0313 4.1.5, XEP-0122)
+    assert fields["ids"].get("type") == "list-multi"
+    assert fields["ids"].find("{jabber:x:data}value") is None
+    validate = fields["ids"].find("{http://jabber.org/protocol/xdata-validate}validate")
+    assert validate is not None and validate.get("datatype") == "xs:string"
+    assert validate.find("{http://jabber.org/protocol/xdata-validate}open") is not None
     empty = await harness.iq(alice, "get", f"<metadata xmlns='{MAM}'/>")
     metadata = empty.find(f"{{{MAM}}}metadata")
     assert metadata is not None and len(metadata) == 0

@@ -43,7 +43,10 @@ def writer_over(store: GatedStore) -> tuple[Writer, list[asyncio.Future[Any]]]:
         tasks.append(asyncio.ensure_future(work))
         return tasks[-1]
 
-    return Writer(store, spawn), tasks  # type: ignore[arg-type]
+    async def exists(user: str) -> bool:
+        return user != "gone"
+
+    return Writer(store, spawn, exists), tasks  # type: ignore[arg-type]
 
 
 async def test_writes_that_queue_meanwhile_go_in_batches_written_side_by_side() -> None:
@@ -75,3 +78,15 @@ async def test_the_same_item_queued_twice_is_written_once_with_the_last_attribut
     await asyncio.gather(blocker, once, *tasks)
     assert store.batches[1:] == [{"u/again": {"n": 2}}]
 
+
+
+async def test_items_of_an_account_that_is_gone_are_not_written() -> None:
+    store = GatedStore()
+    store.gate.set()
+    writer, tasks = writer_over(store)
+    kept, dropped = writer.add("u/1", {"n": 1}), writer.add("gone/2", {"n": 2})
+    await asyncio.gather(kept, dropped, *tasks)
+    assert store.batches == [{"u/1": {"n": 1}}]
+    alone = writer.add("gone/3", {"n": 3})
+    await asyncio.gather(alone, *tasks)
+    assert store.batches == [{"u/1": {"n": 1}}]  # an empty batch is no call at all
