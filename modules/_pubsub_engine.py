@@ -857,6 +857,9 @@ class PubSubService:
             raise pubsub_error("bad-request", "item-required", "publish one <item/>")
         item_id = item.get("id") or secrets.token_hex(8)
         self.check_name(item_id, "item ids")
+        # An <item/> has an id and, set by the service alone, a publisher (XEP-0060
+        # 7.1.2): one a publisher sent would reach every reader of the node as stored.
+        item.attrib.clear()
         item.set("id", item_id)
         payloads = [child for child in item if isinstance(child.tag, str)]
         if len(payloads) > 1 or (item.text or "").strip():

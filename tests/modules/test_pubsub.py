@@ -230,6 +230,34 @@ async def test_affiliations_let_others_publish(harness: ModuleHarness) -> None:
     assert error_of(await ask(harness, hamlet, "set", demote))[1] == "not-acceptable"
 
 
+async def test_a_publisher_cannot_forge_what_readers_see_of_an_item(
+    harness: ModuleHarness,
+) -> None:
+    """XEP-0060 7.1.2, 6.5: an <item/> carries an id and, set by the service alone, a
+    publisher. One that bernardo, a publisher of hamlet's node, sends with
+    publisher='hamlet@localhost' (or any other attribute) is stored without them, so
+    horatio, reading the node, is not told hamlet published it."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    horatio = harness.session("horatio@localhost/h")
+    await create(harness, hamlet, "n")
+    affiliations = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='bernardo@localhost' affiliation='publisher'/>"
+        "</affiliations></pubsub>"
+    )
+    assert (await ask(harness, hamlet, "set", affiliations)).get("type") == "result"
+    forged = (
+        f"<pubsub xmlns='{PS}'><publish node='n'><item id='f' publisher='hamlet@localhost'"
+        f" xmlns:e='urn:e' e:origin='hamlet'>{ENTRY}</item></publish></pubsub>"
+    )
+    assert (await ask(harness, bernardo, "set", forged)).get("type") == "result"
+    reply = await ask(harness, horatio, "get", f"<pubsub xmlns='{PS}'><items node='n'/></pubsub>")
+    (item,) = reply.iter(f"{{{PS}}}item")
+    assert dict(item.attrib) == {"id": "f"}
+    assert "".join(item.itertext()) == "Soliloquy"  # the payload itself is kept
+
+
 async def test_disco_lists_nodes_and_items(harness: ModuleHarness) -> None:
     """5.1 (service info), 5.2 (nodes), 5.3 (node info), 5.5 (items)."""
     hamlet = harness.session("hamlet@localhost/elsinore")
