@@ -23,7 +23,7 @@ import secrets
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from xmppd.jid import JID, InvalidJID
+from xmppd.jid import JID, InvalidJID, parse_jid
 from xmppd.modulehost import Module, ModuleHost, Routed, storage_call
 from xmppd.modules.roster import RosterModule
 from xmppd.storage.base import Contended, Item, StorageError
@@ -279,6 +279,7 @@ class PubSub(Module):
             allow = _field(form, "pubsub#allow")
             if not name or not jid or allow not in ("1", "true", "0", "false"):
                 raise StanzaError("bad-request", "the form needs the node, the JID and allow")
+            jid = str(parse_jid(jid))  # as the subscription's key names it
             service = self.service(domain)
             work = service.authorize(stanza.get("from") or "", name, jid, allow in ("1", "true"))
             try:

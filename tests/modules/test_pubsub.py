@@ -258,6 +258,48 @@ async def test_a_publisher_cannot_forge_what_readers_see_of_an_item(
     assert "".join(item.itertext()) == "Soliloquy"  # the payload itself is kept
 
 
+async def test_the_jids_an_owner_names_are_normalised_or_refused(
+    harness: ModuleHarness,
+) -> None:
+    """8.9.2, 8.8.2: the JIDs of an owner's affiliation and subscription changes are
+    prepared as the server prepares a requester's (RFC 7622), so that hamlet's ban
+    of 'Bernardo@LOCALHOST' bans bernardo; one that is no JID is jid-malformed and
+    the request changes nothing."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    await create(harness, hamlet, "n")
+    ban = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='Bernardo@LOCALHOST' affiliation='outcast'/>"
+        "</affiliations></pubsub>"
+    )
+    assert (await ask(harness, hamlet, "set", ban)).get("type") == "result"
+    sub = f"<pubsub xmlns='{PS}'><subscribe node='n' jid='bernardo@localhost'/></pubsub>"
+    assert error_of(await ask(harness, bernardo, "set", sub))[:2] == ("auth", "forbidden")
+    listing = f"<pubsub xmlns='{OWNER}'><affiliations node='n'/></pubsub>"
+    reply = await ask(harness, hamlet, "get", listing)
+    listed = {(a.get("jid"), a.get("affiliation")) for a in reply.iter(f"{{{OWNER}}}affiliation")}
+    assert listed == {("hamlet@localhost", "owner"), ("bernardo@localhost", "outcast")}
+    for bad in (
+        ban.replace("Bernardo@LOCALHOST", "horatio@localhost' affiliation='member'/>"
+                    "<affiliation jid='not a jid@@"),
+        f"<pubsub xmlns='{OWNER}'><subscriptions node='n'>"
+        "<subscription jid='horatio@localhost' subscription='subscribed'/>"
+        "<subscription jid='@@' subscription='subscribed'/></subscriptions></pubsub>",
+    ):
+        assert error_of(await ask(harness, hamlet, "set", bad))[:2] == ("modify", "jid-malformed")
+    assert {(a.get("jid"), a.get("affiliation"))
+            for a in (await ask(harness, hamlet, "get", listing)).iter(
+                f"{{{OWNER}}}affiliation")} == listed
+    subs = f"<pubsub xmlns='{OWNER}'><subscriptions node='n'/></pubsub>"
+    assert list((await ask(harness, hamlet, "get", subs)).iter(f"{{{OWNER}}}subscription")) == []
+    # A subscriber's own JID, as its client wrote it, is its JID.
+    horatio = harness.session("horatio@localhost/h")
+    sub = f"<pubsub xmlns='{PS}'><subscribe node='n' jid='Horatio@LocalHost/h'/></pubsub>"
+    reply = await ask(harness, horatio, "set", sub)
+    assert reply.find(f"{{{PS}}}pubsub/{{{PS}}}subscription").get("jid") == "horatio@localhost/h"
+
+
 async def test_disco_lists_nodes_and_items(harness: ModuleHarness) -> None:
     """5.1 (service info), 5.2 (nodes), 5.3 (node info), 5.5 (items)."""
     hamlet = harness.session("hamlet@localhost/elsinore")
