@@ -931,7 +931,9 @@ class PubSubService:
         raise StanzaError("forbidden", "you may not publish to this node")
 
     async def retract(self, requester: str, name: str, item_id: str) -> Event:
-        """Delete one item (XEP-0060 7.2); the node's new last item is read back."""
+        """Delete one item (XEP-0060 7.2); the node's new last item is read back.
+        Owners and publishers delete any item (4.1's MAY); a publish-only entity only
+        those it published (4.1: SHOULD), as its item record names it."""
         removed: list[list[str]] = []
 
         async def change(current: Item | None) -> WithWrites:
@@ -939,11 +941,15 @@ class PubSubService:
                 raise StanzaError("item-not-found", "no such node")
             node = decode_node(name, current)
             affiliation = node.affiliation(_bare(requester))
-            if affiliation not in ("owner", "publisher"):
+            if affiliation not in ("owner", "publisher", "publish-only"):
                 raise StanzaError("forbidden", "you may not retract from this node")
             removed[:] = [entry for entry in node.items if entry[0] == item_id]
             if not removed:
                 raise StanzaError("item-not-found", "no such item")
+            if affiliation == "publish-only":
+                record = await self.items.get(self.item_key(name, item_id))
+                if record is None or record.attrs.get("p") != _bare(requester):
+                    raise StanzaError("forbidden", "you may retract only your own items")
             was_last = node.items[-1][0] == item_id
             node.items = [entry for entry in node.items if entry[0] != item_id]
             if was_last:

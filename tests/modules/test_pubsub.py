@@ -300,6 +300,39 @@ async def test_the_jids_an_owner_names_are_normalised_or_refused(
     assert reply.find(f"{{{PS}}}pubsub/{{{PS}}}subscription").get("jid") == "horatio@localhost/h"
 
 
+async def test_a_publish_only_entity_retracts_its_own_items_alone(
+    harness: ModuleHarness,
+) -> None:
+    """4.1 (the affiliations' rights), 7.2: bernardo, publish-only on hamlet's node,
+    may delete the items he published, not hamlet's; horatio, a publisher, any item
+    (the MAY of 4.1's note)."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    horatio = harness.session("horatio@localhost/h")
+    await create(harness, hamlet, "n", **{"pubsub#max_items": "10"})
+    affiliations = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='bernardo@localhost' affiliation='publish-only'/>"
+        "<affiliation jid='horatio@localhost' affiliation='publisher'/>"
+        "</affiliations></pubsub>"
+    )
+    assert (await ask(harness, hamlet, "set", affiliations)).get("type") == "result"
+    for who, item_id in ((hamlet, "o1"), (bernardo, "b1"), (horatio, "h1"), (hamlet, "o2")):
+        assert (await ask(harness, who, "set", publish("n", item_id))).get("type") == "result"
+
+    def retract(item_id: str) -> str:
+        return f"<pubsub xmlns='{PS}'><retract node='n'><item id='{item_id}'/></retract></pubsub>"
+
+    assert error_of(await ask(harness, bernardo, "set", retract("o1")))[:2] == (
+        "auth", "forbidden")
+    assert error_of(await ask(harness, bernardo, "set", retract("h1")))[:2] == (
+        "auth", "forbidden")
+    assert (await ask(harness, bernardo, "set", retract("b1"))).get("type") == "result"
+    assert (await ask(harness, horatio, "set", retract("o2"))).get("type") == "result"
+    items = f"<pubsub xmlns='{PS}'><items node='n'/></pubsub>"
+    assert ids(await ask(harness, hamlet, "get", items)) == ["o1", "h1"]
+
+
 async def test_disco_lists_nodes_and_items(harness: ModuleHarness) -> None:
     """5.1 (service info), 5.2 (nodes), 5.3 (node info), 5.5 (items)."""
     hamlet = harness.session("hamlet@localhost/elsinore")
