@@ -433,6 +433,21 @@ class PubSubService:
                 break
         return names[:limit]
 
+    async def first_nodes(self, limit: int) -> list[Node]:
+        """The service's first `limit` nodes in name order, decoded from the query's own
+        items (no read per node): what a listing that judges each node reads."""
+        start = f"{self.prefix}n/"
+        found: list[Node] = []
+        token: str | None = None
+        while len(found) < limit:
+            page = await self.items.query(
+                Query(prefix=start, limit=min(1000, limit - len(found)), page_token=token)
+            )
+            found += [decode_node(unquote(item.name[len(start):]), item) for item in page.items]
+            if (token := page.next_token) is None:
+                break
+        return found[:limit]
+
     async def node_pages(self) -> AsyncIterator[list[Node]]:
         """Every node of the service, in name order, `AFFILIATION_SCAN` records a query,
         decoded from the query's own items (no read per node): for a walk that must

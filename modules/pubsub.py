@@ -39,6 +39,7 @@ from ._pubsub_engine import (
     PubSubService,
     decode_node,
     encode_node,
+    judge,
     no_relation,
 )
 from ._pubsub_fanout import FanOut, Recipient
@@ -220,12 +221,14 @@ class PubSub(Module):
     async def _disco_items(
         self, service: PubSubService, domain: str, requester: str, query: etree._Element
     ) -> etree._Element:
-        """The nodes (XEP-0060 5.2), or a node's item ids (5.5) for those who may read it."""
+        """The nodes (XEP-0060 5.2) but those closed to the requester, or a node's item
+        ids (5.5) for those who may read it."""
         name = query.get("node")
         answer = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
         if name is None:
-            for node_name in await service.node_names(MAX_DISCO_ITEMS):
-                etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=domain, node=node_name)
+            for node in await service.first_nodes(MAX_DISCO_ITEMS):
+                if not _closed(node, requester):
+                    etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=domain, node=node.name)
             return answer
         node = await service.existing(name)
         await service.check_access(node, requester)
@@ -422,6 +425,15 @@ def _without(name: str, item: Item | None, bare: str) -> dict[str, str | bytes |
     node = decode_node(name, item)
     node.affiliations.pop(bare, None)
     return encode_node(node)
+
+
+def _closed(node: Node, requester: str) -> bool:
+    """Whether `node` is kept out of `requester`'s disco#items: the access model refuses
+    it for good, with no roster to read (whitelist but for the JIDs it lets in, and an
+    outcast), as Prosody hides them. A presence or roster node is listed: judging it
+    would read an owner's roster per node listed; its items stay refused."""
+    refusal = judge(node, requester.split("/", 1)[0], None, None)
+    return refusal is not None and refusal.condition != "not-authorized"
 
 
 def _field(form: etree._Element, var: str) -> str | None:

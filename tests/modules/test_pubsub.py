@@ -360,6 +360,36 @@ async def test_disco_lists_nodes_and_items(harness: ModuleHarness) -> None:
     assert SERVICE in [i.get("jid") for i in reply.iter(f"{{{ITEMS}}}item")]
 
 
+async def test_disco_lists_no_node_the_access_model_closes_to_the_asker(
+    harness: ModuleHarness,
+) -> None:
+    """5.2: a whitelist node is listed to its owner and the JIDs it lets in, not to
+    others (its name is what its owner keeps private: a roster, a project); a node
+    that banned the asker (outcast) is not listed to it either. Open nodes are, and
+    so are those of the authorize model (one discovers them to ask)."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "open")
+    await create(harness, hamlet, "secret", **{"pubsub#access_model": "whitelist"})
+    await create(harness, hamlet, "vetted", **{"pubsub#access_model": "authorize"})
+    affiliations = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='{{}}'>"
+        "<affiliation jid='{}' affiliation='{}'/></affiliations></pubsub>"
+    )
+    for node, jid, affiliation in (
+        ("secret", "horatio@localhost", "member"), ("open", "bernardo@localhost", "outcast")
+    ):
+        reply = await ask(harness, hamlet, "set", affiliations.format(node, jid, affiliation))
+        assert reply.get("type") == "result"
+    listing = f"<query xmlns='{ITEMS}'/>"
+    for who, listed in (
+        ("hamlet@localhost/elsinore", ["open", "secret", "vetted"]),
+        ("horatio@localhost/h", ["open", "secret", "vetted"]),
+        ("bernardo@localhost/pda", ["vetted"]),
+    ):
+        reply = await ask(harness, harness.session(who), "get", listing)
+        assert [i.get("node") for i in reply.iter(f"{{{ITEMS}}}item")] == listed, who
+
+
 async def test_limits_and_unsupported(harness: ModuleHarness) -> None:
     hamlet = harness.session("hamlet@localhost/elsinore")
     for name in ("a", "b", "c"):
