@@ -1343,6 +1343,50 @@ class PubSubService:
             return WithWrites(encode_node(node), writes)
 
         await self.items.modify(self.node_key(name), change, what="node")
+        banned = [jid for jid, affiliation in changes.items() if affiliation == "outcast"]
+        if banned:
+            node = await self._migrated(name)
+            for bare in banned:
+                await self._end_subscriptions(node, bare)
+
+    async def _end_subscriptions(self, node: Node, bare: str) -> None:
+        """End every subscription of `bare` (its bare and full JIDs) to `node`, with its
+        index entries: an outcast may not be subscribed (XEP-0060 4.1). Each batch is
+        one transaction with the node's count, as an unsubscription is. One the ban
+        raced (a subscription that judged the node before it) stays, refused every
+        notification but the node's deletion and purge by `judge`."""
+        jids = [s.jid for s in await self.subscriptions_of_account(node, bare)]
+        for start in range(0, len(jids), SUBSCRIPTION_CHANGES):
+            batch = jids[start:start + SUBSCRIPTION_CHANGES]
+
+            async def change(counter: Item | None, batch: list[str] = batch) -> WithWrites:
+                found = await self.items.batch_get(
+                    [self.subscription_key(node, jid) for jid in batch]
+                )
+                writes: list[Write] = [
+                    self.items.delete_op(item.name, if_version=item.version)
+                    for item in found.values()
+                ]
+                writes += await self._index_without(bare, node.name, batch)
+                return WithWrites(_count_attrs(_count_of(counter) - len(found)), writes)
+
+            await self.items.modify(self.counter_key(node), change, what="node subscriptions")
+
+    async def _index_without(self, bare: str, name: str, jids: list[str]) -> list[Write]:
+        """The conditional write of `bare`'s index without its entries of this service's
+        node `name` for `jids` (one write, however many of its JIDs go)."""
+        key = self.index_key(bare)
+        current = await self.items.get(key)
+        if current is None:
+            return []
+        entries: list[list[str]] = json.loads(str(current.attrs["s"]))
+        kept = [e for e in entries if not (e[0] == self.prefix and e[1] == name and e[2] in jids)]
+        if len(kept) == len(entries):
+            return []
+        if not kept:
+            return [self.items.delete_op(key, if_version=current.version)]
+        attrs = {"s": json.dumps(kept, separators=(",", ":"))}
+        return [self.items.put_op(key, attrs, if_version=current.version)]
 
     def _indexed(self, affiliations: dict[str, str]) -> list[str]:
         """The JIDs of `affiliations` that the `/a/` index lists: on PEP, all but the

@@ -39,6 +39,7 @@ from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 SERVICE = "pubsub.localhost"
 INFO = "http://jabber.org/protocol/disco#info"
 ITEMS = "http://jabber.org/protocol/disco#items"
+RSM = "http://jabber.org/protocol/rsm"
 ENTRY = "<entry xmlns='http://www.w3.org/2005/Atom'><title>Soliloquy</title></entry>"
 
 
@@ -331,6 +332,40 @@ async def test_a_publish_only_entity_retracts_its_own_items_alone(
     assert (await ask(harness, horatio, "set", retract("o2"))).get("type") == "result"
     items = f"<pubsub xmlns='{PS}'><items node='n'/></pubsub>"
     assert ids(await ask(harness, hamlet, "get", items)) == ["o1", "h1"]
+
+
+async def test_an_outcast_loses_its_subscriptions(harness: ModuleHarness) -> None:
+    """4.1: an outcast may not be subscribed. bernardo subscribed with his bare and
+    his full JID before hamlet banned him: the ban ends both (his list and hamlet's
+    no longer show them, nor do they count), so not even the purge of the node
+    reaches him; horatio's subscription stays."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    horatio = harness.session("horatio@localhost/h")
+    await create(harness, hamlet, "n")
+    for who, jid in ((bernardo, "bernardo@localhost"), (bernardo, "bernardo@localhost/pda"),
+                     (horatio, "horatio@localhost")):
+        sub = f"<pubsub xmlns='{PS}'><subscribe node='n' jid='{jid}'/></pubsub>"
+        assert (await ask(harness, who, "set", sub)).get("type") == "result"
+    ban = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='bernardo@localhost' affiliation='outcast'/>"
+        "</affiliations></pubsub>"
+    )
+    assert (await ask(harness, hamlet, "set", ban)).get("type") == "result"
+    mine = await ask(harness, bernardo, "get", f"<pubsub xmlns='{PS}'><subscriptions/></pubsub>")
+    assert list(mine.iter(f"{{{PS}}}subscription")) == []
+    listing = await ask(
+        harness, hamlet, "get", f"<pubsub xmlns='{OWNER}'><subscriptions node='n'/></pubsub>"
+    )
+    assert [s.get("jid") for s in listing.iter(f"{{{OWNER}}}subscription")] == [
+        "horatio@localhost"]
+    assert listing.findtext(f".//{{{RSM}}}count") == "1"
+    bernardo.take()
+    assert (await ask(harness, hamlet, "set", f"<pubsub xmlns='{OWNER}'><purge node='n'/></pubsub>"
+                      )).get("type") == "result"
+    assert events(bernardo.take()) == []
+    assert events(horatio.take()) == [(SERVICE, "horatio@localhost", "purge")]
 
 
 async def test_disco_lists_nodes_and_items(harness: ModuleHarness) -> None:
