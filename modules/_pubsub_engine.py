@@ -433,20 +433,37 @@ class PubSubService:
                 break
         return names[:limit]
 
-    async def first_nodes(self, limit: int) -> list[Node]:
-        """The service's first `limit` nodes in name order, decoded from the query's own
-        items (no read per node): what a listing that judges each node reads."""
+    async def listed_nodes(self, bare: str, limit: int) -> list[str]:
+        """The names of the service's first `limit` nodes in name order but those its
+        access model closes to `bare` for good, with no roster to read (whitelist but
+        for those it lets in; a node that made `bare` an outcast): a disco#items
+        listing (XEP-0060 5.2), as Prosody hides them. Presence and roster nodes are
+        listed (judging them would read an owner's roster per node); their items stay
+        refused. The records come `AFFILIATION_SCAN` a query, the loop let run between
+        queries, and of each only the configuration is decoded, its affiliations only
+        when they name `bare`: a listing never parses 1,000 records' item lists."""
         start = f"{self.prefix}n/"
-        found: list[Node] = []
+        needle = json.dumps(bare)  # as the affiliations' JSON holds the JID, if it does
+        listed: list[str] = []
         token: str | None = None
-        while len(found) < limit:
+        read = 0
+        while read < limit:
             page = await self.items.query(
-                Query(prefix=start, limit=min(1000, limit - len(found)), page_token=token)
+                Query(prefix=start, limit=min(AFFILIATION_SCAN, limit - read), page_token=token)
             )
-            found += [decode_node(unquote(item.name[len(start):]), item) for item in page.items]
+            for record in page.items:
+                name = unquote(record.name[len(start):])
+                raw = str(record.attrs["a"])
+                affiliations = json.loads(raw) if needle in raw else {}
+                node = Node(name, json.loads(str(record.attrs["c"])), affiliations, [], None)
+                refusal = judge(node, bare, self.owner, None)
+                if refusal is None or refusal.condition == "not-authorized":
+                    listed.append(name)
+            read += len(page.items)
             if (token := page.next_token) is None:
                 break
-        return found[:limit]
+            await asyncio.sleep(0)  # a store that answers without yielding holds no longer
+        return listed
 
     async def node_pages(self) -> AsyncIterator[list[Node]]:
         """Every node of the service, in name order, `AFFILIATION_SCAN` records a query,

@@ -39,7 +39,6 @@ from ._pubsub_engine import (
     PubSubService,
     decode_node,
     encode_node,
-    judge,
     no_relation,
 )
 from ._pubsub_fanout import FanOut, Recipient
@@ -226,9 +225,9 @@ class PubSub(Module):
         name = query.get("node")
         answer = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
         if name is None:
-            for node in await service.first_nodes(MAX_DISCO_ITEMS):
-                if not _closed(node, requester):
-                    etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=domain, node=node.name)
+            bare = requester.split("/", 1)[0]
+            for node_name in await service.listed_nodes(bare, MAX_DISCO_ITEMS):
+                etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=domain, node=node_name)
             return answer
         node = await service.existing(name)
         await service.check_access(node, requester)
@@ -425,15 +424,6 @@ def _without(name: str, item: Item | None, bare: str) -> dict[str, str | bytes |
     node = decode_node(name, item)
     node.affiliations.pop(bare, None)
     return encode_node(node)
-
-
-def _closed(node: Node, requester: str) -> bool:
-    """Whether `node` is kept out of `requester`'s disco#items: the access model refuses
-    it for good, with no roster to read (whitelist but for the JIDs it lets in, and an
-    outcast), as Prosody hides them. A presence or roster node is listed: judging it
-    would read an owner's roster per node listed; its items stay refused."""
-    refusal = judge(node, requester.split("/", 1)[0], None, None)
-    return refusal is not None and refusal.condition != "not-authorized"
 
 
 def _field(form: etree._Element, var: str) -> str | None:
