@@ -401,7 +401,8 @@ async def test_disco_lists_no_node_the_access_model_closes_to_the_asker(
     """5.2: a whitelist node is listed to its owner and the JIDs it lets in, not to
     others (its name is what its owner keeps private: a roster, a project); a node
     that banned the asker (outcast) is not listed to it either. Open nodes are, and
-    so are those of the authorize model (one discovers them to ask)."""
+    so are those of the authorize model (one discovers them to ask). The listing
+    reads a node's affiliations only when they name the asker, as stored."""
     hamlet = harness.session("hamlet@localhost/elsinore")
     await create(harness, hamlet, "open")
     await create(harness, hamlet, "secret", **{"pubsub#access_model": "whitelist"})
@@ -411,7 +412,8 @@ async def test_disco_lists_no_node_the_access_model_closes_to_the_asker(
         "<affiliation jid='{}' affiliation='{}'/></affiliations></pubsub>"
     )
     for node, jid, affiliation in (
-        ("secret", "horatio@localhost", "member"), ("open", "bernardo@localhost", "outcast")
+        ("secret", "horatio@localhost", "member"), ("open", "bernardo@localhost", "outcast"),
+        ("secret", "jürgen@localhost", "member"), ("vetted", "jürgen@localhost", "outcast"),
     ):
         reply = await ask(harness, hamlet, "set", affiliations.format(node, jid, affiliation))
         assert reply.get("type") == "result"
@@ -420,6 +422,7 @@ async def test_disco_lists_no_node_the_access_model_closes_to_the_asker(
         ("hamlet@localhost/elsinore", ["open", "secret", "vetted"]),
         ("horatio@localhost/h", ["open", "secret", "vetted"]),
         ("bernardo@localhost/pda", ["vetted"]),
+        ("jürgen@localhost/j", ["open", "secret"]),  # a JID its record's JSON escapes
     ):
         reply = await ask(harness, harness.session(who), "get", listing)
         assert [i.get("node") for i in reply.iter(f"{{{ITEMS}}}item")] == listed, who
