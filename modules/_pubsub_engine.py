@@ -42,7 +42,8 @@ store:
   meanwhile counts again.
 * `<prefix>i/<node>/<item id>`: one published item: its XML when at most
   `inline_item_bytes`, else the key of a blob (blob store, same namespace
-  name) holding it. Avatars' data nodes are the large ones.
+  name) holding it, and its publisher's bare JID (whose items a publish-only
+  entity may retract). Avatars' data nodes are the large ones.
 * `/u/<bare JID>`: the nodes a user subscribed to, for the per-user
   subscription limit and so that an account's removal finds its
   subscriptions (no user prefix starts with "/"). An entry whose node is

@@ -5,7 +5,7 @@ any account of the virtual host may create nodes (and owns them), nodes
 default to the open access model and `default_max_items` items, and
 notifications go to the explicit subscribers the node's access model
 still admits. Disco#info describes the service and each node; disco#items
-lists the nodes, and a node's items. Nodes may use the authorize access
+lists the nodes not closed to the asker, and a node's items. Nodes may use the authorize access
 model (XEP-0060 6.1.6, 8.6): a subscription waits, pending, for an owner to
 submit the authorization form the service sent each owner in a message, and
 the subscriber is told the outcome (subscribed or none).
