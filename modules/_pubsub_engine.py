@@ -42,7 +42,8 @@ store:
   meanwhile counts again.
 * `<prefix>i/<node>/<item id>`: one published item: its XML when at most
   `inline_item_bytes`, else the key of a blob (blob store, same namespace
-  name) holding it. Avatars' data nodes are the large ones.
+  name) holding it, and its publisher's bare JID (whose items a publish-only
+  entity may retract). Avatars' data nodes are the large ones.
 * `/u/<bare JID>`: the nodes a user subscribed to, for the per-user
   subscription limit and so that an account's removal finds its
   subscriptions (no user prefix starts with "/"). An entry whose node is
@@ -432,6 +433,38 @@ class PubSubService:
             if (token := page.next_token) is None:
                 break
         return names[:limit]
+
+    async def listed_nodes(self, bare: str, limit: int) -> list[str]:
+        """The names of the service's first `limit` nodes in name order but those its
+        access model closes to `bare` for good, with no roster to read (whitelist but
+        for those it lets in; a node that made `bare` an outcast): a disco#items
+        listing (XEP-0060 5.2), as Prosody hides them. Presence and roster nodes are
+        listed (judging them would read an owner's roster per node); their items stay
+        refused. The records come `AFFILIATION_SCAN` a query, the loop let run between
+        queries, and of each only the configuration is decoded, its affiliations only
+        when they name `bare`: a listing never parses 1,000 records' item lists."""
+        start = f"{self.prefix}n/"
+        needle = json.dumps(bare)  # as the affiliations' JSON holds the JID, if it does
+        listed: list[str] = []
+        token: str | None = None
+        read = 0
+        while read < limit:
+            page = await self.items.query(
+                Query(prefix=start, limit=min(AFFILIATION_SCAN, limit - read), page_token=token)
+            )
+            for record in page.items:
+                name = unquote(record.name[len(start):])
+                raw = str(record.attrs["a"])
+                affiliations = json.loads(raw) if needle in raw else {}
+                node = Node(name, json.loads(str(record.attrs["c"])), affiliations, [], None)
+                refusal = judge(node, bare, self.owner, None)
+                if refusal is None or refusal.condition == "not-authorized":
+                    listed.append(name)
+            read += len(page.items)
+            if (token := page.next_token) is None:
+                break
+            await asyncio.sleep(0)  # a store that answers without yielding holds no longer
+        return listed
 
     async def node_pages(self) -> AsyncIterator[list[Node]]:
         """Every node of the service, in name order, `AFFILIATION_SCAN` records a query,
@@ -857,6 +890,9 @@ class PubSubService:
             raise pubsub_error("bad-request", "item-required", "publish one <item/>")
         item_id = item.get("id") or secrets.token_hex(8)
         self.check_name(item_id, "item ids")
+        # An <item/> has an id and, set by the service alone, a publisher (XEP-0060
+        # 7.1.2): one a publisher sent would reach every reader of the node as stored.
+        item.attrib.clear()
         item.set("id", item_id)
         payloads = [child for child in item if isinstance(child.tag, str)]
         if len(payloads) > 1 or (item.text or "").strip():
@@ -928,7 +964,9 @@ class PubSubService:
         raise StanzaError("forbidden", "you may not publish to this node")
 
     async def retract(self, requester: str, name: str, item_id: str) -> Event:
-        """Delete one item (XEP-0060 7.2); the node's new last item is read back."""
+        """Delete one item (XEP-0060 7.2); the node's new last item is read back.
+        Owners and publishers delete any item (4.1's MAY); a publish-only entity only
+        those it published (4.1: SHOULD), as its item record names it."""
         removed: list[list[str]] = []
 
         async def change(current: Item | None) -> WithWrites:
@@ -936,11 +974,15 @@ class PubSubService:
                 raise StanzaError("item-not-found", "no such node")
             node = decode_node(name, current)
             affiliation = node.affiliation(_bare(requester))
-            if affiliation not in ("owner", "publisher"):
+            if affiliation not in ("owner", "publisher", "publish-only"):
                 raise StanzaError("forbidden", "you may not retract from this node")
             removed[:] = [entry for entry in node.items if entry[0] == item_id]
             if not removed:
                 raise StanzaError("item-not-found", "no such item")
+            if affiliation == "publish-only":
+                record = await self.items.get(self.item_key(name, item_id))
+                if record is None or record.attrs.get("p") != _bare(requester):
+                    raise StanzaError("forbidden", "you may retract only your own items")
             was_last = node.items[-1][0] == item_id
             node.items = [entry for entry in node.items if entry[0] != item_id]
             if was_last:
@@ -1319,6 +1361,50 @@ class PubSubService:
             return WithWrites(encode_node(node), writes)
 
         await self.items.modify(self.node_key(name), change, what="node")
+        banned = [jid for jid, affiliation in changes.items() if affiliation == "outcast"]
+        if banned:
+            node = await self._migrated(name)
+            for bare in banned:
+                await self._end_subscriptions(node, bare)
+
+    async def _end_subscriptions(self, node: Node, bare: str) -> None:
+        """End every subscription of `bare` (its bare and full JIDs) to `node`, with its
+        index entries: an outcast may not be subscribed (XEP-0060 4.1). Each batch is
+        one transaction with the node's count, as an unsubscription is. One the ban
+        raced (a subscription that judged the node before it) stays, refused every
+        notification but the node's deletion and purge by `judge`."""
+        jids = [s.jid for s in await self.subscriptions_of_account(node, bare)]
+        for start in range(0, len(jids), SUBSCRIPTION_CHANGES):
+            batch = jids[start:start + SUBSCRIPTION_CHANGES]
+
+            async def change(counter: Item | None, batch: list[str] = batch) -> WithWrites:
+                found = await self.items.batch_get(
+                    [self.subscription_key(node, jid) for jid in batch]
+                )
+                writes: list[Write] = [
+                    self.items.delete_op(item.name, if_version=item.version)
+                    for item in found.values()
+                ]
+                writes += await self._index_without(bare, node.name, batch)
+                return WithWrites(_count_attrs(_count_of(counter) - len(found)), writes)
+
+            await self.items.modify(self.counter_key(node), change, what="node subscriptions")
+
+    async def _index_without(self, bare: str, name: str, jids: list[str]) -> list[Write]:
+        """The conditional write of `bare`'s index without its entries of this service's
+        node `name` for `jids` (one write, however many of its JIDs go)."""
+        key = self.index_key(bare)
+        current = await self.items.get(key)
+        if current is None:
+            return []
+        entries: list[list[str]] = json.loads(str(current.attrs["s"]))
+        kept = [e for e in entries if not (e[0] == self.prefix and e[1] == name and e[2] in jids)]
+        if len(kept) == len(entries):
+            return []
+        if not kept:
+            return [self.items.delete_op(key, if_version=current.version)]
+        attrs = {"s": json.dumps(kept, separators=(",", ":"))}
+        return [self.items.put_op(key, attrs, if_version=current.version)]
 
     def _indexed(self, affiliations: dict[str, str]) -> list[str]:
         """The JIDs of `affiliations` that the `/a/` index lists: on PEP, all but the

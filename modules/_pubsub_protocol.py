@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from xmppd.jid import parse_jid
 from xmppd.stream.errors import StanzaError
 
 from ._pubsub_cleanup import prune_index
@@ -128,9 +129,9 @@ class PubSubProtocol:
         self, request: Request, action: etree._Element, rest: list[etree._Element]
     ) -> etree._Element:
         name = _node(action)
-        jid = action.get("jid")
-        if not jid:
+        if not action.get("jid"):
             raise pubsub_error("bad-request", "invalid-jid", "subscribe needs a jid")
+        jid = _address(action.get("jid") or "")
         node, subid, state = await request.service.subscribe(request.requester, name, jid)
         if state == "pending":  # XEP-0060 6.1.6 (authorize): the owners are asked
             if self.ask_owners is not None:
@@ -173,11 +174,11 @@ class PubSubProtocol:
     async def _unsubscribe(
         self, request: Request, action: etree._Element, rest: list[etree._Element]
     ) -> None:
-        jid = action.get("jid")
-        if not jid:
+        if not action.get("jid"):
             raise pubsub_error("bad-request", "invalid-jid", "unsubscribe needs a jid")
         await request.service.unsubscribe(
-            request.requester, _node(action), jid, action.get("subid")
+            request.requester, _node(action), _address(action.get("jid") or ""),
+            action.get("subid"),
         )
 
     async def _items(
@@ -354,7 +355,7 @@ class PubSubProtocol:
             jid, affiliation = entry.get("jid"), entry.get("affiliation")
             if not jid or "/" in jid or affiliation not in AFFILIATIONS:
                 raise StanzaError("bad-request", "an affiliation needs a bare jid and a value")
-            changes[jid] = affiliation
+            changes[_address(jid)] = affiliation
         await request.service.set_affiliations(request.requester, _node(action), changes)
 
     async def _owner_subscriptions_set(
@@ -363,9 +364,9 @@ class PubSubProtocol:
         changes: dict[str, str] = {}
         for entry in action.findall(f"{_OWNER}subscription"):
             jid, state = entry.get("jid"), entry.get("subscription")
-            if not jid or state not in ("subscribed", "none") or jid in changes:
+            if not jid or state not in ("subscribed", "none") or _address(jid) in changes:
                 raise StanzaError("bad-request", "each subscription: a jid, subscribed or none")
-            changes[jid] = state
+            changes[_address(jid)] = state
         if len({_bare_of(jid) for jid in changes}) != len(changes):
             raise StanzaError("bad-request", "one change per account in a request")
         await request.service.set_subscriptions(request.requester, _node(action), changes)
@@ -520,7 +521,14 @@ def _jid(action: etree._Element) -> str:
     jid = action.get("jid")
     if not jid:
         raise pubsub_error("bad-request", "jid-required", "name the subscribed JID")
-    return jid
+    return _address(jid)
+
+
+def _address(jid: str) -> str:
+    """`jid` prepared (RFC 7622) as the server prepares a requester's: the engine
+    compares JIDs as strings, so an owner's ban of 'Bernardo@Host' must name the
+    bernardo@host who asks. jid-malformed when it is no JID."""
+    return str(parse_jid(jid))
 
 
 def _node(action: etree._Element) -> str:

@@ -5,7 +5,7 @@ any account of the virtual host may create nodes (and owns them), nodes
 default to the open access model and `default_max_items` items, and
 notifications go to the explicit subscribers the node's access model
 still admits. Disco#info describes the service and each node; disco#items
-lists the nodes, and a node's items. Nodes may use the authorize access
+lists the nodes not closed to the asker, and a node's items. Nodes may use the authorize access
 model (XEP-0060 6.1.6, 8.6): a subscription waits, pending, for an owner to
 submit the authorization form the service sent each owner in a message, and
 the subscriber is told the outcome (subscribed or none).
@@ -23,7 +23,7 @@ import secrets
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from xmppd.jid import JID, InvalidJID
+from xmppd.jid import JID, InvalidJID, parse_jid
 from xmppd.modulehost import Module, ModuleHost, Routed, storage_call
 from xmppd.modules.roster import RosterModule
 from xmppd.storage.base import Contended, Item, StorageError
@@ -220,11 +220,13 @@ class PubSub(Module):
     async def _disco_items(
         self, service: PubSubService, domain: str, requester: str, query: etree._Element
     ) -> etree._Element:
-        """The nodes (XEP-0060 5.2), or a node's item ids (5.5) for those who may read it."""
+        """The nodes (XEP-0060 5.2) but those closed to the requester, or a node's item
+        ids (5.5) for those who may read it."""
         name = query.get("node")
         answer = etree.Element(f"{{{DISCO_ITEMS}}}query", nsmap={None: DISCO_ITEMS})
         if name is None:
-            for node_name in await service.node_names(MAX_DISCO_ITEMS):
+            bare = requester.split("/", 1)[0]
+            for node_name in await service.listed_nodes(bare, MAX_DISCO_ITEMS):
                 etree.SubElement(answer, f"{{{DISCO_ITEMS}}}item", jid=domain, node=node_name)
             return answer
         node = await service.existing(name)
@@ -279,6 +281,7 @@ class PubSub(Module):
             allow = _field(form, "pubsub#allow")
             if not name or not jid or allow not in ("1", "true", "0", "false"):
                 raise StanzaError("bad-request", "the form needs the node, the JID and allow")
+            jid = str(parse_jid(jid))  # as the subscription's key names it
             service = self.service(domain)
             work = service.authorize(stanza.get("from") or "", name, jid, allow in ("1", "true"))
             try:

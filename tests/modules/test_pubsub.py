@@ -39,6 +39,7 @@ from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 SERVICE = "pubsub.localhost"
 INFO = "http://jabber.org/protocol/disco#info"
 ITEMS = "http://jabber.org/protocol/disco#items"
+RSM = "http://jabber.org/protocol/rsm"
 ENTRY = "<entry xmlns='http://www.w3.org/2005/Atom'><title>Soliloquy</title></entry>"
 
 
@@ -230,6 +231,143 @@ async def test_affiliations_let_others_publish(harness: ModuleHarness) -> None:
     assert error_of(await ask(harness, hamlet, "set", demote))[1] == "not-acceptable"
 
 
+async def test_a_publisher_cannot_forge_what_readers_see_of_an_item(
+    harness: ModuleHarness,
+) -> None:
+    """XEP-0060 7.1.2, 6.5: an <item/> carries an id and, set by the service alone, a
+    publisher. One that bernardo, a publisher of hamlet's node, sends with
+    publisher='hamlet@localhost' (or any other attribute) is stored without them, so
+    horatio, reading the node, is not told hamlet published it."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    horatio = harness.session("horatio@localhost/h")
+    await create(harness, hamlet, "n")
+    affiliations = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='bernardo@localhost' affiliation='publisher'/>"
+        "</affiliations></pubsub>"
+    )
+    assert (await ask(harness, hamlet, "set", affiliations)).get("type") == "result"
+    forged = (
+        f"<pubsub xmlns='{PS}'><publish node='n'><item id='f' publisher='hamlet@localhost'"
+        f" xmlns:e='urn:e' e:origin='hamlet'>{ENTRY}</item></publish></pubsub>"
+    )
+    assert (await ask(harness, bernardo, "set", forged)).get("type") == "result"
+    reply = await ask(harness, horatio, "get", f"<pubsub xmlns='{PS}'><items node='n'/></pubsub>")
+    (item,) = reply.iter(f"{{{PS}}}item")
+    assert dict(item.attrib) == {"id": "f"}
+    assert "".join(item.itertext()) == "Soliloquy"  # the payload itself is kept
+
+
+async def test_the_jids_an_owner_names_are_normalised_or_refused(
+    harness: ModuleHarness,
+) -> None:
+    """8.9.2, 8.8.2: the JIDs of an owner's affiliation and subscription changes are
+    prepared as the server prepares a requester's (RFC 7622), so that hamlet's ban
+    of 'Bernardo@LOCALHOST' bans bernardo; one that is no JID is jid-malformed and
+    the request changes nothing."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    await create(harness, hamlet, "n")
+    ban = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='Bernardo@LOCALHOST' affiliation='outcast'/>"
+        "</affiliations></pubsub>"
+    )
+    assert (await ask(harness, hamlet, "set", ban)).get("type") == "result"
+    sub = f"<pubsub xmlns='{PS}'><subscribe node='n' jid='bernardo@localhost'/></pubsub>"
+    assert error_of(await ask(harness, bernardo, "set", sub))[:2] == ("auth", "forbidden")
+    listing = f"<pubsub xmlns='{OWNER}'><affiliations node='n'/></pubsub>"
+    reply = await ask(harness, hamlet, "get", listing)
+    listed = {(a.get("jid"), a.get("affiliation")) for a in reply.iter(f"{{{OWNER}}}affiliation")}
+    assert listed == {("hamlet@localhost", "owner"), ("bernardo@localhost", "outcast")}
+    for bad in (
+        ban.replace("Bernardo@LOCALHOST", "horatio@localhost' affiliation='member'/>"
+                    "<affiliation jid='not a jid@@"),
+        f"<pubsub xmlns='{OWNER}'><subscriptions node='n'>"
+        "<subscription jid='horatio@localhost' subscription='subscribed'/>"
+        "<subscription jid='@@' subscription='subscribed'/></subscriptions></pubsub>",
+    ):
+        assert error_of(await ask(harness, hamlet, "set", bad))[:2] == ("modify", "jid-malformed")
+    assert {(a.get("jid"), a.get("affiliation"))
+            for a in (await ask(harness, hamlet, "get", listing)).iter(
+                f"{{{OWNER}}}affiliation")} == listed
+    subs = f"<pubsub xmlns='{OWNER}'><subscriptions node='n'/></pubsub>"
+    assert list((await ask(harness, hamlet, "get", subs)).iter(f"{{{OWNER}}}subscription")) == []
+    # A subscriber's own JID, as its client wrote it, is its JID.
+    horatio = harness.session("horatio@localhost/h")
+    sub = f"<pubsub xmlns='{PS}'><subscribe node='n' jid='Horatio@LocalHost/h'/></pubsub>"
+    reply = await ask(harness, horatio, "set", sub)
+    assert reply.find(f"{{{PS}}}pubsub/{{{PS}}}subscription").get("jid") == "horatio@localhost/h"
+
+
+async def test_a_publish_only_entity_retracts_its_own_items_alone(
+    harness: ModuleHarness,
+) -> None:
+    """4.1 (the affiliations' rights), 7.2: bernardo, publish-only on hamlet's node,
+    may delete the items he published, not hamlet's; horatio, a publisher, any item
+    (the MAY of 4.1's note)."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    horatio = harness.session("horatio@localhost/h")
+    await create(harness, hamlet, "n", **{"pubsub#max_items": "10"})
+    affiliations = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='bernardo@localhost' affiliation='publish-only'/>"
+        "<affiliation jid='horatio@localhost' affiliation='publisher'/>"
+        "</affiliations></pubsub>"
+    )
+    assert (await ask(harness, hamlet, "set", affiliations)).get("type") == "result"
+    for who, item_id in ((hamlet, "o1"), (bernardo, "b1"), (horatio, "h1"), (hamlet, "o2")):
+        assert (await ask(harness, who, "set", publish("n", item_id))).get("type") == "result"
+
+    def retract(item_id: str) -> str:
+        return f"<pubsub xmlns='{PS}'><retract node='n'><item id='{item_id}'/></retract></pubsub>"
+
+    assert error_of(await ask(harness, bernardo, "set", retract("o1")))[:2] == (
+        "auth", "forbidden")
+    assert error_of(await ask(harness, bernardo, "set", retract("h1")))[:2] == (
+        "auth", "forbidden")
+    assert (await ask(harness, bernardo, "set", retract("b1"))).get("type") == "result"
+    assert (await ask(harness, horatio, "set", retract("o2"))).get("type") == "result"
+    items = f"<pubsub xmlns='{PS}'><items node='n'/></pubsub>"
+    assert ids(await ask(harness, hamlet, "get", items)) == ["o1", "h1"]
+
+
+async def test_an_outcast_loses_its_subscriptions(harness: ModuleHarness) -> None:
+    """4.1: an outcast may not be subscribed. bernardo subscribed with his bare and
+    his full JID before hamlet banned him: the ban ends both (his list and hamlet's
+    no longer show them, nor do they count), so not even the purge of the node
+    reaches him; horatio's subscription stays."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    horatio = harness.session("horatio@localhost/h")
+    await create(harness, hamlet, "n")
+    for who, jid in ((bernardo, "bernardo@localhost"), (bernardo, "bernardo@localhost/pda"),
+                     (horatio, "horatio@localhost")):
+        sub = f"<pubsub xmlns='{PS}'><subscribe node='n' jid='{jid}'/></pubsub>"
+        assert (await ask(harness, who, "set", sub)).get("type") == "result"
+    ban = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='n'>"
+        "<affiliation jid='bernardo@localhost' affiliation='outcast'/>"
+        "</affiliations></pubsub>"
+    )
+    assert (await ask(harness, hamlet, "set", ban)).get("type") == "result"
+    mine = await ask(harness, bernardo, "get", f"<pubsub xmlns='{PS}'><subscriptions/></pubsub>")
+    assert list(mine.iter(f"{{{PS}}}subscription")) == []
+    listing = await ask(
+        harness, hamlet, "get", f"<pubsub xmlns='{OWNER}'><subscriptions node='n'/></pubsub>"
+    )
+    assert [s.get("jid") for s in listing.iter(f"{{{OWNER}}}subscription")] == [
+        "horatio@localhost"]
+    assert listing.findtext(f".//{{{RSM}}}count") == "1"
+    bernardo.take()
+    assert (await ask(harness, hamlet, "set", f"<pubsub xmlns='{OWNER}'><purge node='n'/></pubsub>"
+                      )).get("type") == "result"
+    assert events(bernardo.take()) == []
+    assert events(horatio.take()) == [(SERVICE, "horatio@localhost", "purge")]
+
+
 async def test_disco_lists_nodes_and_items(harness: ModuleHarness) -> None:
     """5.1 (service info), 5.2 (nodes), 5.3 (node info), 5.5 (items)."""
     hamlet = harness.session("hamlet@localhost/elsinore")
@@ -255,6 +393,39 @@ async def test_disco_lists_nodes_and_items(harness: ModuleHarness) -> None:
     # The server's own disco#items lists the service.
     reply = await harness.iq(hamlet, "get", f"<query xmlns='{ITEMS}'/>", to="localhost")
     assert SERVICE in [i.get("jid") for i in reply.iter(f"{{{ITEMS}}}item")]
+
+
+async def test_disco_lists_no_node_the_access_model_closes_to_the_asker(
+    harness: ModuleHarness,
+) -> None:
+    """5.2: a whitelist node is listed to its owner and the JIDs it lets in, not to
+    others (its name is what its owner keeps private: a roster, a project); a node
+    that banned the asker (outcast) is not listed to it either. Open nodes are, and
+    so are those of the authorize model (one discovers them to ask). The listing
+    reads a node's affiliations only when they name the asker, as stored."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    await create(harness, hamlet, "open")
+    await create(harness, hamlet, "secret", **{"pubsub#access_model": "whitelist"})
+    await create(harness, hamlet, "vetted", **{"pubsub#access_model": "authorize"})
+    affiliations = (
+        f"<pubsub xmlns='{OWNER}'><affiliations node='{{}}'>"
+        "<affiliation jid='{}' affiliation='{}'/></affiliations></pubsub>"
+    )
+    for node, jid, affiliation in (
+        ("secret", "horatio@localhost", "member"), ("open", "bernardo@localhost", "outcast"),
+        ("secret", "jürgen@localhost", "member"), ("vetted", "jürgen@localhost", "outcast"),
+    ):
+        reply = await ask(harness, hamlet, "set", affiliations.format(node, jid, affiliation))
+        assert reply.get("type") == "result"
+    listing = f"<query xmlns='{ITEMS}'/>"
+    for who, listed in (
+        ("hamlet@localhost/elsinore", ["open", "secret", "vetted"]),
+        ("horatio@localhost/h", ["open", "secret", "vetted"]),
+        ("bernardo@localhost/pda", ["vetted"]),
+        ("jürgen@localhost/j", ["open", "secret"]),  # a JID its record's JSON escapes
+    ):
+        reply = await ask(harness, harness.session(who), "get", listing)
+        assert [i.get("node") for i in reply.iter(f"{{{ITEMS}}}item")] == listed, who
 
 
 async def test_limits_and_unsupported(harness: ModuleHarness) -> None:

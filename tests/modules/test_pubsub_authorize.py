@@ -137,6 +137,25 @@ async def test_denied_subscription_is_gone(harness: ModuleHarness) -> None:
     assert [s.get("subscription") for s in mine.iter(f"{{{PS}}}subscription")] == ["subscribed"]
 
 
+async def test_an_answer_naming_the_subscriber_otherwise_cased_approves_it(
+    harness: ModuleHarness,
+) -> None:
+    """8.6.2: the owner's client wrote the subscriber's JID as 'Bernardo@LocalHost/pda'
+    (a JID is prepared before it is compared, RFC 7622): it is bernardo's pending
+    subscription that is approved, and bernardo is told."""
+    hamlet = harness.session("hamlet@localhost/elsinore")
+    bernardo = harness.session("bernardo@localhost/pda")
+    await create(harness, hamlet, "princely_musings", **{"pubsub#access_model": "authorize"})
+    await ask(harness, bernardo, "set", subscribe("bernardo@localhost/pda"))
+    form = await owner_form(harness, hamlet)
+    form["pubsub#subscriber_jid"] = "Bernardo@LocalHost/pda"
+    assert [m.get("type") for m in await harness.send(hamlet, answer(form, True))] == []
+    await settle(harness)
+    assert subscription_events(bernardo.take()) == [("bernardo@localhost/pda", "subscribed")]
+    mine = await ask(harness, bernardo, "get", f"<pubsub xmlns='{PS}'><subscriptions/></pubsub>")
+    assert [s.get("subscription") for s in mine.iter(f"{{{PS}}}subscription")] == ["subscribed"]
+
+
 async def test_authorize_is_advertised_by_the_service_not_pep(harness: ModuleHarness) -> None:
     hamlet = harness.session("hamlet@localhost/elsinore")
     info = "http://jabber.org/protocol/disco#info"
