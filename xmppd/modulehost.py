@@ -164,7 +164,12 @@ class PreAuthRequest:
     stanza: etree._Element
     payload: etree._Element
     host: str  # the virtual host the stream is for
-    ip: str  # the client's address, for rate limits
+    ip: str  # the client's address, for rate limits and log lines
+    # False on a STARTTLS listener before TLS: the stream passes such an IQ on so
+    # that its handler can refuse it in its own words (and log what was asked);
+    # a handler must never act on one that carries a secret.
+    encrypted: bool
+    conn: str = "-"  # the connection's id, which ends its log lines (`conn=ID`)
 
 
 @dataclass(slots=True)
@@ -923,7 +928,15 @@ class ModuleHost:
     def preauth_namespaces(self) -> frozenset[str]:
         return frozenset(namespace for namespace, _ in self._preauth_iq)
 
-    async def handle_preauth_iq(self, stanza: etree._Element, host: str, ip: str) -> etree._Element:
+    async def handle_preauth_iq(
+        self,
+        stanza: etree._Element,
+        host: str,
+        ip: str,
+        *,
+        encrypted: bool,
+        conn: str = "-",
+    ) -> etree._Element:
         """The reply to an IQ sent before authentication (never routed anywhere)."""
         payload = stanza[0]
         namespace = payload.tag[1:].split("}", 1)[0]
@@ -931,7 +944,9 @@ class ModuleHost:
         if handler is None:
             return error_reply(stanza, "service-unavailable")
         try:
-            result_payload = await handler(PreAuthRequest(stanza, payload, host, ip))
+            result_payload = await handler(
+                PreAuthRequest(stanza, payload, host, ip, encrypted, conn)
+            )
         except StanzaError as exc:
             return error_from(stanza, exc)
         except Exception:
