@@ -15,6 +15,12 @@ A name listed in `admins` or `auth.proxy_auth` is never registered in-band
 (xmppd/auth/privileged.py): its rights would go to whoever asked first. The
 refusal is <not-acceptable/>, worded like that of an invalid name so that it
 does not tell a stranger which names carry rights; the log says which key lists it.
+
+Every refused registration leaves one log line (`in-band registration of NAME from
+ADDRESS refused: REASON conn=ID`, INFO as a refused login; a reserved name at
+WARNING): an operator whose user cannot register sees why, and a stranger trying
+names shows. The name is logged as asked, quoted; the password never is. An IQ sent
+before TLS is answered too (`<policy-violation/>`), never acted on.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ _PASSWORD = f"{{{REGISTER}}}password"
 _REMOVE = f"{{{REGISTER}}}remove"
 
 log = logging.getLogger(__name__)
+
 
 
 class RegisterOptions(BaseModel):
@@ -140,7 +147,7 @@ class Register(Module):
 
     async def _preauth_get(self, request: PreAuthRequest) -> etree._Element:
         if not self.opts.allow_registration:
-            raise StanzaError("service-unavailable", "in-band registration is closed")
+            raise self._refused(request, None, "registration is disabled", _closed())
         query = _query()
         etree.SubElement(query, f"{{{REGISTER}}}instructions").text = self.opts.instructions
         etree.SubElement(query, _USERNAME)
@@ -148,44 +155,95 @@ class Register(Module):
         return query
 
     async def _preauth_set(self, request: PreAuthRequest) -> None:
+        query = request.payload
+        asked = (query.findtext(_USERNAME) or "").strip() if query.tag == _QUERY else ""
         if not self.opts.allow_registration:
-            raise StanzaError("service-unavailable", "in-band registration is closed")
-        query = _checked_query(request.payload)
+            raise self._refused(request, asked, "registration is disabled", _closed())
+        if not request.encrypted:
+            raise self._refused(request, asked, "no TLS", StanzaError(
+                "policy-violation", "start TLS first: registering sends a password"
+            ))
+        if query.tag != _QUERY:
+            raise self._refused(request, None, "malformed request", _malformed())
         if query.find(_REMOVE) is not None:
-            raise StanzaError("unexpected-request", "log in to remove your account")
-        username = (query.findtext(_USERNAME) or "").strip()
+            raise self._refused(request, asked, "<remove/> before login", StanzaError(
+                "unexpected-request", "log in to remove your account"
+            ))
         password = query.findtext(_PASSWORD) or ""
-        if not username or not password:
-            raise StanzaError("not-acceptable", "a user name and a password are required")
+        if not asked or not password:
+            reason = "no user name" if not asked else "no password"
+            raise self._refused(request, asked, reason, StanzaError(
+                "not-acceptable", "a user name and a password are required"
+            ))
         try:
-            username = normalize_username(username)
+            username = normalize_username(asked)
         except InvalidUsername:
-            raise StanzaError("not-acceptable", "this user name is not allowed") from None
+            raise self._refused(request, asked, "invalid user name", StanzaError(
+                "not-acceptable", "this user name is not allowed"
+            )) from None
         self._refuse_privileged(username, request)
-        self._check_password(password)
+        try:
+            self._check_password(password)
+        except StanzaError as exc:
+            raise self._refused(request, username, "password too short", exc) from None
         slot = await self.shared.reserve(request.ip)
         if slot is None:
             # XEP-0077 section 3.1.1: not-acceptable for "too many registrations".
-            raise StanzaError(
-                "not-acceptable", "too many registrations from your address, try later", "wait"
+            raise self._refused(
+                request,
+                username,
+                f"registration limit reached ({self.limit.limit} per "
+                f"{self.limit.window:g} s from the address)",
+                StanzaError(
+                    "not-acceptable", "too many registrations from your address, try later", "wait"
+                ),
             )
         registered = False
         try:
             await self.accounts[request.host].register(username, password)
             registered = True
         except AccountExists:
-            raise StanzaError("conflict", "this user name is taken") from None
-        except InvalidPassword as exc:
-            raise StanzaError("not-acceptable", str(exc)) from None
+            taken = StanzaError("conflict", "this user name is taken")
+            raise self._refused(request, username, "user name taken", taken) from None
+        except InvalidPassword as exc:  # its text never quotes the password
+            weak = StanzaError("not-acceptable", str(exc))
+            raise self._refused(request, username, f"password refused ({exc})", weak) from None
         except (StorageError, ConditionFailed) as exc:
-            raise _storage_error(exc) from None
+            log.error(
+                "in-band registration of %s from %s failed: account storage: %s conn=%s",
+                _shown(username, request.host), request.ip, exc, request.conn,
+            )
+            raise _unavailable() from None
         finally:
             if not registered:  # only accounts made count against the address
                 await self.shared.release(slot)
-        log.info("registered %s@%s from %s", username, request.host, request.ip)
+        log.info(
+            "registered %s@%s from %s conn=%s", username, request.host, request.ip, request.conn
+        )
+
+    def _refused(
+        self, request: PreAuthRequest, asked: str | None, reason: str, error: StanzaError
+    ) -> StanzaError:
+        """Log a refused registration, once, at INFO as a refused login is (the name as
+        asked, quoted: it is a stranger's input; never the password); returns `error`,
+        the answer, for the caller to raise."""
+        account = f"{asked}@{request.host}" if asked else None
+        log.info(
+            "in-band registration of %s from %s refused: %s conn=%s",
+            _shown(asked, request.host), request.ip, reason, request.conn,
+            extra={
+                "event": "register-refused",
+                "account": account,
+                "address": request.ip,
+                "reason": reason,
+                "conn": request.conn,
+            },
+        )
+        return error
 
     def _refuse_privileged(self, username: str, request: PreAuthRequest) -> None:
-        """Refuse a name the config gives rights to (see the module doc), logged."""
+        """Refuse a name the config gives rights to (see the module doc), logged at
+        WARNING: someone went for a name with rights, or its account is still missing."""
         config = self.host.config
         if config is None:
             return
@@ -194,8 +252,15 @@ class Register(Module):
         if loc is None:
             return
         log.warning(
-            "in-band registration of %s from %s refused: %s (%s) lists it",
-            jid, request.ip, format_loc(loc), config.source.where(loc),
+            "in-band registration of %s from %s refused: %s (%s) lists it conn=%s",
+            jid, request.ip, format_loc(loc), config.source.where(loc), request.conn,
+            extra={
+                "event": "register-refused",
+                "account": jid,
+                "address": request.ip,
+                "reason": "reserved name",
+                "conn": request.conn,
+            },
         )
         raise StanzaError("not-acceptable", "this user name is not allowed")
 
@@ -305,6 +370,12 @@ class Register(Module):
             )
 
 
+def _shown(asked: str | None, vhost: str) -> str:
+    """The user name as asked, for a log line: quoted with its control characters
+    escaped (repr), so that a hostile name cannot forge a line of its own."""
+    return f"{asked!r}@{vhost}" if asked else "(no user name)"
+
+
 def _own_user(request: IqRequest) -> str:
     """The user name of the account the request is about: the sender's, or forbidden."""
     sender = request.sender
@@ -330,8 +401,20 @@ def _same_user(given: str, username: str, vhost: str) -> bool:
 
 def _checked_query(payload: etree._Element) -> etree._Element:
     if payload.tag != _QUERY:
-        raise StanzaError("bad-request", "the payload must be <query xmlns='jabber:iq:register'/>")
+        raise _malformed()
     return payload
+
+
+def _closed() -> StanzaError:
+    return StanzaError("service-unavailable", "in-band registration is closed")
+
+
+def _malformed() -> StanzaError:
+    return StanzaError("bad-request", "the payload must be <query xmlns='jabber:iq:register'/>")
+
+
+def _unavailable() -> StanzaError:
+    return StanzaError("internal-server-error", "storage is unavailable, try again later", "wait")
 
 
 def _query() -> etree._Element:
@@ -344,7 +427,7 @@ def _stream_feature() -> etree._Element:
 
 def _storage_error(exc: Exception) -> StanzaError:
     log.error("account storage failed: %s", exc)
-    return StanzaError("internal-server-error", "storage is unavailable, try again later", "wait")
+    return _unavailable()
 
 
 MODULE = Register

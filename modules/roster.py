@@ -21,6 +21,13 @@ or a PEP access check on an unchanged roster decodes nothing, and a roster
 another node changed is decoded again. Everything the API returns is a copy:
 a caller may change it without changing what the next read returns. Rosters
 over OFF_LOOP_BYTES compressed are decoded, copied and encoded in a thread.
+The cache keeps each item as a `Row`, a tuple of strings and ints like its
+stored form, not as a RosterItem: the garbage collector stops tracking such
+tuples, so that a full collection does not walk every cached item (100,000
+by default). As RosterItems with their group lists, 90,000 cached items made
+the full collection that about every other decoding of a large roster set off
+take 16-23 ms on a node, holding the loop; as rows it takes 0.15-3.5 ms
+(docs/bench.md, "the cache out of the collector's way").
 
 Pushes: every stored change of a shown item, and a client's roster set that
 changed nothing (RFC 6121 2.1.6: each successful set is pushed, with the
@@ -84,6 +91,12 @@ EMPTY_VERSION = "0"  # the version of a roster that was never stored
 MAX_ROSTER_BYTES = MAX_ITEM_BYTES - 4096
 
 
+Row = tuple[str | None, str, int, tuple[str, ...]]
+"""A roster item as stored and cached: name, subscription code, flags (_ASK, ...),
+groups. Of atomic values only, so that the collector untracks it (see above)."""
+Rows = dict[str, Row]  # by contact bare JID
+
+
 @dataclass(slots=True)
 class RosterItem:
     jid: str  # contact bare JID
@@ -136,7 +149,7 @@ class RosterOptions(BaseModel):
     max_name_length: int = Field(256, ge=1, le=3071)  # item names and group names, characters
     max_groups: int = Field(64, ge=1, le=1000)  # groups per item
     # Decoded roster items kept in memory, summed over the cached rosters
-    # (~400 bytes each: 100,000 is ~40 MB); 0 turns the cache off.
+    # (~330 bytes each: 100,000 is ~33 MB); 0 turns the cache off.
     cache_items: int = Field(100_000, ge=0, le=10_000_000)
 
 
@@ -147,7 +160,7 @@ class _Stored:
     item: Item | None
     epoch: str
     counter: int
-    items: dict[str, RosterItem]  # shared with the cache: never changed, copied to hand out
+    rows: Rows  # shared with the cache: never changed
     size: int  # compressed bytes read: a large roster is encoded again in a thread
 
     @property
@@ -182,7 +195,7 @@ class RosterModule(Module):
         # Interested resources (RFC 6121 2.1.6): sessions that asked for the
         # roster, each with whether it uses versioning (gets 'ver' in pushes).
         self._listeners: list[ChangeCallback] = []
-        self._decoded = DecodedCache(_decode_items, _weight, self.opts.cache_items)
+        self._decoded = DecodedCache(_decode_rows, _weight, self.opts.cache_items)
 
     def reconfigure(self, options: BaseModel) -> None:
         super().reconfigure(options)
@@ -197,13 +210,13 @@ class RosterModule(Module):
     async def get(self, owner_bare: str) -> Roster:
         stored = await self._read(owner_bare)
         if stored.size >= OFF_LOOP_BYTES:
-            # Copying 11,000 items takes ~7 ms: in a thread, as decoding them.
-            return Roster(stored.version, await asyncio.to_thread(_copies, stored.items))
-        return Roster(stored.version, _copies(stored.items))
+            # Making 11,000 items takes ~7 ms: in a thread, as decoding them.
+            return Roster(stored.version, await asyncio.to_thread(_items, stored.rows))
+        return Roster(stored.version, _items(stored.rows))
 
     async def item(self, owner_bare: str, contact_bare: str) -> RosterItem | None:
-        found = (await self._read(owner_bare)).items.get(contact_bare)
-        return None if found is None else found.copy()
+        row = (await self._read(owner_bare)).rows.get(contact_bare)
+        return None if row is None else _item(contact_bare, row)
 
     async def update(
         self,
@@ -246,13 +259,14 @@ class RosterModule(Module):
         # What the attempt whose write won computed: (before, after, version)
         # and the roster it wrote, to keep decoded.
         outcome: tuple[RosterItem | None, RosterItem | None, str] = (None, None, "")
-        written: tuple[bytes, dict[str, RosterItem]] | None = None
+        written: tuple[bytes, Rows] | None = None
 
         async def edit(stored_item: Item | None) -> dict[str, Any] | Unchanged:
             nonlocal outcome, written
             stored = await self._stored(owner_bare, stored_item)
-            before = stored.items.get(contact_bare)
-            after = change(before.copy() if before is not None else None)
+            row = stored.rows.get(contact_bare)
+            before = None if row is None else _item(contact_bare, row)
+            after = change(None if row is None else _item(contact_bare, row))
             if after is not None:
                 after.jid = contact_bare
             outcome, written = (before, after, stored.version), None
@@ -260,12 +274,12 @@ class RosterModule(Module):
                 return UNCHANGED
             counter = stored.counter + 1
             epoch = stored.epoch or secrets.token_hex(4)
-            args = (stored.items, contact_bare, before, after, epoch, counter)
+            args = (stored.rows, contact_bare, before, after, epoch, counter)
             if stored.size >= OFF_LOOP_BYTES:
-                items, attrs = await asyncio.to_thread(self._rewrite, *args)
+                rows, attrs = await asyncio.to_thread(self._rewrite, *args)
             else:
-                items, attrs = self._rewrite(*args)
-            outcome, written = (before, after, f"{epoch}-{counter}"), (attrs["items"], items)
+                rows, attrs = self._rewrite(*args)
+            outcome, written = (before, after, f"{epoch}-{counter}"), (attrs["items"], rows)
             return attrs
 
         try:
@@ -281,30 +295,28 @@ class RosterModule(Module):
             self._changed(owner_bare, contact_bare, before, after, version)
         elif push_unchanged and after is not None and after.in_roster:
             self._push(owner_bare, item_element(after), version)
-        # `before` is the cache's own: the caller gets a copy to keep.
-        return (None if before is None else before.copy()), after
+        return before, after  # made for this call from rows: the caller's to keep
 
     def _rewrite(
         self,
-        items: dict[str, RosterItem],
+        rows: Rows,
         contact: str,
         before: RosterItem | None,
         after: RosterItem | None,
         epoch: str,
         counter: int,
-    ) -> tuple[dict[str, RosterItem], dict[str, Any]]:
+    ) -> tuple[Rows, dict[str, Any]]:
         """The roster with `after` in place of `before`, checked and encoded.
 
         Runs in a thread for a large roster, so it only reads the shared
-        `items`; the new roster holds a copy of `after`, which the caller of
-        `modify` gets and may change, so that the cache never shares it."""
-        items = dict(items)
+        `rows`, and makes new ones."""
+        rows = dict(rows)
         if after is None:
-            del items[contact]
+            del rows[contact]
         else:
-            items[contact] = after.copy()
-            self._check_limits(before, after, items)
-        return items, _encode(epoch, counter, items)
+            rows[contact] = _row(after)
+            self._check_limits(before, after, rows)
+        return rows, _encode(epoch, counter, rows)
 
     # --- IQ handlers ---------------------------------------------------------------------
 
@@ -426,15 +438,13 @@ class RosterModule(Module):
 
     # --- limits, pushes, listeners --------------------------------------------------------
 
-    def _check_limits(
-        self, before: RosterItem | None, after: RosterItem, items: dict[str, RosterItem]
-    ) -> None:
+    def _check_limits(self, before: RosterItem | None, after: RosterItem, rows: Rows) -> None:
         options = self.opts
         if after.in_roster and not (before is not None and before.in_roster):
-            if sum(1 for i in items.values() if i.in_roster) > options.max_items:
+            if sum(1 for r in rows.values() if not r[2] & _HIDDEN) > options.max_items:
                 raise RosterFull(f"the roster is full ({options.max_items} items)")
         if before is None and not after.in_roster:
-            if sum(1 for i in items.values() if not i.in_roster) > options.max_pending:
+            if sum(1 for r in rows.values() if r[2] & _HIDDEN) > options.max_pending:
                 raise RosterFull("too many pending subscription requests")
 
     def _changed(
@@ -526,20 +536,20 @@ async def _remove_roster(
     if stored is None:
         return False
     if live is not None:
-        items = (await live._stored(owner, stored)).items
+        rows = (await live._stored(owner, stored)).rows
     else:
-        items = (await _read_stored(stored, _decode_uncached)).items
+        rows = (await _read_stored(stored, _decode_uncached)).rows
     if host.modules.get("presence") is None:
-        for contact in items:
+        for contact in rows:
             if host.serves(_domain(contact)):
                 await _drop_contact_item(host, live, contact, owner)
     await store.delete(username)
     if live is not None:
         live._decoded.forget(owner)
-    for item in items.values():
+    for contact, row in rows.items():
         if live is not None:
-            live._tell_listeners(owner, None, item.jid)
-        _end_subscriptions(host, owner, item)
+            live._tell_listeners(owner, None, contact)
+        _end_subscriptions(host, owner, _item(contact, row))
     return True
 
 
@@ -554,9 +564,9 @@ async def _drop_contact_item(
 
     async def edit(stored: Item | None) -> dict[str, Any] | Unchanged:
         roster = await _read_stored(stored, _decode_uncached)
-        if removed not in roster.items:
+        if removed not in roster.rows:
             return UNCHANGED
-        rest = {jid: item for jid, item in roster.items.items() if jid != removed}
+        rest = {jid: row for jid, row in roster.rows.items() if jid != removed}
         epoch, counter = roster.epoch or secrets.token_hex(4), roster.counter + 1
         if roster.size >= OFF_LOOP_BYTES:
             return await asyncio.to_thread(_encode, epoch, counter, rest)
@@ -565,9 +575,7 @@ async def _drop_contact_item(
     await host.items(_domain(contact), STORE).modify(_localpart(contact), edit, what="roster")
 
 
-async def _read_stored(
-    stored: Item | None, decode: Callable[[bytes], Awaitable[dict[str, RosterItem]]]
-) -> _Stored:
+async def _read_stored(stored: Item | None, decode: Callable[[bytes], Awaitable[Rows]]) -> _Stored:
     """The roster in `stored`, its items decoded by `decode`: the module's cache, or
     `_decode_uncached` where the module is off."""
     if stored is None:
@@ -576,23 +584,23 @@ async def _read_stored(
     raw = attrs.get("items", b"")
     if not isinstance(raw, bytes):
         raw = b""
-    items = await decode(raw) if raw else {}
+    rows = await decode(raw) if raw else {}
     epoch = attrs.get("epoch", "")
     counter = attrs.get("n", 0)
     return _Stored(
         stored,
         epoch if isinstance(epoch, str) else "",
         counter if isinstance(counter, int) else 0,
-        items,
+        rows,
         len(raw),
     )
 
 
-async def _decode_uncached(raw: bytes) -> dict[str, RosterItem]:
-    """A stored roster's items with no cache (the module off): in a thread when large."""
+async def _decode_uncached(raw: bytes) -> Rows:
+    """A stored roster's rows with no cache (the module off): in a thread when large."""
     if len(raw) >= OFF_LOOP_BYTES:
-        return await asyncio.to_thread(_decode_items, raw)
-    return _decode_items(raw)
+        return await asyncio.to_thread(_decode_rows, raw)
+    return _decode_rows(raw)
 
 
 def _end_subscriptions(host: ModuleHost, owner: str, item: RosterItem) -> None:
@@ -661,50 +669,54 @@ def item_element(item: RosterItem) -> etree._Element:
     return element
 
 
-def _encode(epoch: str, counter: int, items: dict[str, RosterItem]) -> dict[str, Any]:
-    compact = {
-        item.jid: [
-            item.name,
-            _CODE_OF_SUB[item.subscription],
-            (_ASK if item.ask else 0)
-            | (_PENDING_IN if item.pending_in else 0)
-            | (_APPROVED if item.approved else 0)
-            | (0 if item.in_roster else _HIDDEN),
-            item.groups,
-        ]
-        for item in items.values()
-    }
-    data = zlib.compress(json.dumps(compact, separators=(",", ":")).encode(), 6)
+def _encode(epoch: str, counter: int, rows: Rows) -> dict[str, Any]:
+    data = zlib.compress(json.dumps(rows, separators=(",", ":")).encode(), 6)
     if len(data) > MAX_ROSTER_BYTES:
         raise RosterFull("the roster is too large to store")
     return {"epoch": epoch, "n": counter, "items": data}
 
 
-def _decode_items(raw: bytes) -> dict[str, RosterItem]:
-    compact = json.loads(zlib.decompress(raw))
+def _decode_rows(raw: bytes) -> Rows:
+    """The stored JSON's lists as tuples: the same values, untracked by the collector."""
     return {
-        jid: RosterItem(
-            jid=jid,
-            name=name,
-            subscription=_SUB_CODES[code],
-            ask=bool(flags & _ASK),
-            pending_in=bool(flags & _PENDING_IN),
-            approved=bool(flags & _APPROVED),
-            groups=list(groups),
-            in_roster=not flags & _HIDDEN,
-        )
-        for jid, (name, code, flags, groups) in compact.items()
+        jid: (name, code, flags, tuple(groups))
+        for jid, (name, code, flags, groups) in json.loads(zlib.decompress(raw)).items()
     }
 
 
-def _copies(items: dict[str, RosterItem]) -> dict[str, RosterItem]:
-    """The cache's items as a caller may keep and change them."""
-    return {jid: item.copy() for jid, item in items.items()}
+def _row(item: RosterItem) -> Row:
+    flags = (
+        (_ASK if item.ask else 0)
+        | (_PENDING_IN if item.pending_in else 0)
+        | (_APPROVED if item.approved else 0)
+        | (0 if item.in_roster else _HIDDEN)
+    )
+    return (item.name, _CODE_OF_SUB[item.subscription], flags, tuple(item.groups))
 
 
-def _weight(items: dict[str, RosterItem]) -> int:
+def _item(jid: str, row: Row) -> RosterItem:
+    """A RosterItem of its own, made from the shared `row`."""
+    name, code, flags, groups = row
+    return RosterItem(
+        jid=jid,
+        name=name,
+        subscription=_SUB_CODES[code],
+        ask=bool(flags & _ASK),
+        pending_in=bool(flags & _PENDING_IN),
+        approved=bool(flags & _APPROVED),
+        groups=list(groups),
+        in_roster=not flags & _HIDDEN,
+    )
+
+
+def _items(rows: Rows) -> dict[str, RosterItem]:
+    """The roster's items, as a caller may keep and change them."""
+    return {jid: _item(jid, row) for jid, row in rows.items()}
+
+
+def _weight(rows: Rows) -> int:
     """A decoded roster's share of `cache_items` (an empty one still takes a slot)."""
-    return len(items) + 1
+    return len(rows) + 1
 
 
 def _rosterver_feature() -> etree._Element:

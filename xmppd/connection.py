@@ -413,7 +413,9 @@ class C2SConnection(asyncio.Protocol):
         )
 
     async def _preauth_iq(self, iq: etree._Element) -> None:
-        reply = await self.server.modules.handle_preauth_iq(iq, self.stream.host or "", self.ip)
+        reply = await self.server.modules.handle_preauth_iq(
+            iq, self.stream.host or "", self.ip, encrypted=self.stream.tls, conn=self.id
+        )
         self.stream.send(reply)
         self._flush()
 

@@ -76,7 +76,7 @@ import pkgutil
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NoReturn, TypeVar
 
 from lxml import etree
 from prometheus_client.core import Metric
@@ -85,7 +85,7 @@ from pydantic import BaseModel, ConfigDict
 from xmppd.auth.accounts import InvalidUsername, normalize_username
 from xmppd.cluster.bus import Bus, Handler, LocalBus, Lost, Payload
 from xmppd.cluster.directory import node_of
-from xmppd.cluster.settle import AccountSettling
+from xmppd.cluster.settle import AccountSettling, RedisSilent
 from xmppd.directory import LocalDirectory
 from xmppd.events import DEFAULT, STANZA_KINDS, kind_chain
 from xmppd.jid import JID
@@ -134,12 +134,13 @@ ACCOUNT_CHANGE_SETTLE = 10.0
 """Seconds ending an account's sessions (Server.end_account_sessions) waits at most for
 the presence work it started."""
 ACCOUNT_REMOVAL_WAITS = REDIS_PROBE_WAIT + ACCOUNT_CHANGE_SETTLE + max(
-    ACCOUNT_WORK_WAIT, OTHER_NODES_WAIT
+    ACCOUNT_WORK_WAIT, OTHER_NODES_WAIT + REDIS_PROBE_WAIT
 )
 """Seconds remove_account may wait on purpose, one wait after the other: the PING, the
 `removed` step ending the account's sessions, then this node's work and the other
-nodes' (at once). Its storage work comes on top. Whoever waits for a removal (xmppctl)
-must wait longer, or it gives up on one that is going well."""
+nodes' (at once; a PING of Redis may end the latter, xmppd.cluster.settle). Its storage
+work comes on top. Whoever waits for a removal (xmppctl) must wait longer, or it gives
+up on one that is going well."""
 
 
 @dataclass(slots=True)
@@ -167,7 +168,12 @@ class PreAuthRequest:
     stanza: etree._Element
     payload: etree._Element
     host: str  # the virtual host the stream is for
-    ip: str  # the client's address, for rate limits
+    ip: str  # the client's address, for rate limits and log lines
+    # False on a STARTTLS listener before TLS: the stream passes such an IQ on so
+    # that its handler can refuse it in its own words (and log what was asked);
+    # a handler must never act on one that carries a secret.
+    encrypted: bool
+    conn: str = "-"  # the connection's id, which ends its log lines (`conn=ID`)
 
 
 @dataclass(slots=True)
@@ -303,6 +309,33 @@ class AccountDataRemains(Exception):
         self.failed = failed
 
 
+class RemovalUnconfirmed(AccountDataRemains):
+    """The account and its data are deleted, but the cluster's Redis stopped answering
+    (after the PING that let the removal start) before the other nodes said they had
+    ended the account's sessions and finished its work: a session there may stay open
+    until Redis answers again, and what it stores meanwhile stays. Running the removal
+    again once Redis answers deletes that (the account being gone: "leftovers")."""
+
+    def __init__(
+        self, account: str, problem: str, nodes: frozenset[str], failed: dict[str, str]
+    ) -> None:
+        super().__init__(account, failed)
+        which = (
+            f"node{'s' if len(nodes) > 1 else ''} {', '.join(sorted(nodes))}"
+            if nodes else "the other nodes"
+        )
+        text = (
+            f"{account} is deleted, but {problem} before {which} confirmed ending its"
+            " sessions and finishing its work there: a session of it may stay open until"
+            " Redis answers, and what it stores stays until the removal runs again"
+        )
+        if failed:
+            text += f"; and {self}"
+        self.args = (text,)
+        self.problem = problem
+        self.nodes = nodes
+
+
 class ClusterUnreachable(Exception):
     """An account's removal refused before it deleted anything: this node cannot reach
     Redis, through which the other nodes end the account's sessions and settle its
@@ -377,7 +410,7 @@ class ModuleHost:
         self._installed: dict[str, type[Module]] = {}
         # Other nodes' removals ask this one to settle their account here, and back.
         self._settling = AccountSettling(
-            self.bus, lambda: self.node_name, self._settle, self.spawn_shared
+            self.bus, lambda: self.node_name, self._settle, self.spawn_shared, self._redis_problem
         )
         # Sessions may be replicas of other nodes' sessions (xmppd.cluster).
         self.clustered = not isinstance(router.directory, LocalDirectory)
@@ -932,7 +965,15 @@ class ModuleHost:
     def preauth_namespaces(self) -> frozenset[str]:
         return frozenset(namespace for namespace, _ in self._preauth_iq)
 
-    async def handle_preauth_iq(self, stanza: etree._Element, host: str, ip: str) -> etree._Element:
+    async def handle_preauth_iq(
+        self,
+        stanza: etree._Element,
+        host: str,
+        ip: str,
+        *,
+        encrypted: bool,
+        conn: str = "-",
+    ) -> etree._Element:
         """The reply to an IQ sent before authentication (never routed anywhere)."""
         payload = stanza[0]
         namespace = payload.tag[1:].split("}", 1)[0]
@@ -940,7 +981,9 @@ class ModuleHost:
         if handler is None:
             return error_reply(stanza, "service-unavailable")
         try:
-            result_payload = await handler(PreAuthRequest(stanza, payload, host, ip))
+            result_payload = await handler(
+                PreAuthRequest(stanza, payload, host, ip, encrypted, conn)
+            )
         except StanzaError as exc:
             return error_from(stanza, exc)
         except Exception:
@@ -1145,14 +1188,18 @@ class ModuleHost:
         REDIS_PROBE_WAIT) refuses at once with ClusterUnreachable, before it
         deletes anything: it could neither end the account's sessions on the
         other nodes nor hear that their work is done, and would only wait
-        OTHER_NODES_WAIT for answers that cannot come.
+        OTHER_NODES_WAIT for answers that cannot come. When Redis stops
+        answering after that PING, the wait for the other nodes ends at its next
+        PING (xmppd.cluster.settle), the data is deleted all the same (the
+        stores do not need Redis, and the owner asked), and RemovalUnconfirmed
+        says what may remain.
         """
         try:
             username = normalize_username(username)  # the name modules store under
         except InvalidUsername:
             return "nothing"
         if self.cluster is not None:
-            problem = await self.cluster.unreachable(REDIS_PROBE_WAIT)
+            problem = await self._redis_problem()
             if problem is not None:
                 log.error(
                     "%s@%s not removed: %s; nothing was deleted (`xmppctl unregister`"
@@ -1171,7 +1218,11 @@ class ModuleHost:
             self._settling.elsewhere(bare, self.cluster_nodes, OTHER_NODES_WAIT)
         )
         await self._settle(bare)
-        if late := await elsewhere:
+        try:
+            late = await elsewhere
+        except RedisSilent as silent:
+            await self._remove_unconfirmed(vhost, username, silent)
+        if late:
             log.error(
                 "%s: nodes %s did not say within %g s that the account's work there is"
                 " done; what it stores once its data is deleted stays until `xmppctl"
@@ -1181,6 +1232,26 @@ class ModuleHost:
         if existed:
             return "account"
         return "leftovers" if found else "nothing"
+
+    async def _remove_unconfirmed(
+        self, vhost: str, username: str, silent: RedisSilent
+    ) -> NoReturn:
+        """Delete the data of an account whose other nodes cannot be heard (Redis went
+        silent during the removal), then raise RemovalUnconfirmed (for the caller to
+        report and log, as every AccountDataRemains)."""
+        try:
+            await self.remove_user_data(vhost, username)
+            failed: dict[str, str] = {}
+        except AccountDataRemains as exc:
+            failed = exc.failed
+        raise RemovalUnconfirmed(f"{username}@{vhost}", silent.problem, silent.nodes, failed)
+
+    async def _redis_problem(self) -> str | None:
+        """None when the cluster's Redis answers a PING within REDIS_PROBE_WAIT (or
+        there is no cluster), else why not, naming its URL."""
+        if self.cluster is None:
+            return None
+        return await self.cluster.unreachable(REDIS_PROBE_WAIT)
 
     async def _settle(self, bare: str) -> None:
         """Stop reading the account's sessions of this node and wait (ACCOUNT_WORK_WAIT

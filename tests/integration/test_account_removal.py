@@ -549,3 +549,67 @@ async def test_a_removal_on_a_cluster_cut_off_from_redis_is_refused_at_once(
     assert out.endswith("unregistered zed@localhost\n")
     assert not await a.accounts["localhost"].exists("zed")
     await close(zed)
+
+
+async def test_redis_going_silent_during_a_removal_fails_it_soon_saying_what_remains(
+    redis_service: LocalService,
+    start_server: StartServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis answers the PING that lets `xmppctl unregister` start, then hangs (SIGSTOP)
+    while the removing node waits for the other's answer, which cannot come: the
+    removal deletes the account and its data, and fails at its next PING of Redis
+    (not after the other nodes' 35 s), saying that it is deleted, naming Redis and the
+    node it could not hear, what may remain, and to run it again. Once Redis answers,
+    zed's session on that node ends and running it again leaves nothing of zed's."""
+    url = devservices.redis_url(redis_service)
+    a = await start_server(modules=MODULES, cluster={"redis_url": url, "node_name": "mute-a"})
+    b = await start_server(
+        users={}, modules=MODULES, cluster={"redis_url": url, "node_name": "mute-b"}
+    )
+    for node in (a, b):
+        assert node.cluster is not None
+        while node.cluster.nodes != {"mute-a", "mute-b"}:
+            await node.cluster.heartbeat.beat()
+    await a.accounts["localhost"].register("zed", PASSWORD)
+    zed = await person(b, "zed@localhost/laptop", PASSWORD)
+    ended = asyncio.Event()
+    zed.add_event_handler("disconnected", lambda _: ended.set())
+
+    silenced = False
+    for node in (a, b):  # xmppctl asks either one
+        cluster = node.cluster
+        assert cluster is not None
+
+        async def answered_then_silent(wait: float, ping: Any = cluster.unreachable) -> Any:
+            nonlocal silenced
+            problem = await ping(wait)
+            if not silenced:  # the first removal only
+                silenced = True
+                redis_service.pause()
+            return problem
+
+        cluster.unreachable = answered_then_silent  # type: ignore[method-assign]
+    ctl = ("-c", str(tmp_path / "xmppd.yml"), "unregister", "zed@localhost")
+    try:
+        code, out, err = await xmppctl(*ctl)
+    finally:
+        redis_service.resume()
+    assert code == 1, (out, err)
+    assert "zed@localhost is deleted, but Redis at redis://" in err, err
+    assert "did not answer within 2 s before node mute-" in err, err
+    assert "a session of it may stay open until Redis answers" in err, err
+    assert err.rstrip().endswith("run unregister again to finish"), err
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(
+        m.startswith("admin: removing zed@localhost failed: zed@localhost is deleted, but Redis")
+        for m in logged
+    ), logged
+    assert not await a.accounts["localhost"].exists("zed")
+
+    await asyncio.wait_for(ended.wait(), 30)  # the notice to end it went out with Redis back
+    code, out, err = await xmppctl(*ctl)
+    assert (code, err) == (0, "") or err == "xmppctl: zed@localhost does not exist\n", out
+    assert await zeds_entries(a) == {}
+    await close(zed)

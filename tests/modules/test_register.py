@@ -52,7 +52,7 @@ async def preauth(
     harness: ModuleHarness, type_: str, payload: str, ip: str = "192.0.2.1"
 ) -> etree._Element:
     stanza = parse_stanza(f"<iq type='{type_}' id='r1'>{payload}</iq>")
-    return await harness.host.handle_preauth_iq(stanza, "localhost", ip)
+    return await harness.host.handle_preauth_iq(stanza, "localhost", ip, encrypted=True)
 
 
 def stream_features(harness: ModuleHarness) -> list[str]:

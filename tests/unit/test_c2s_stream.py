@@ -108,6 +108,35 @@ def test_auth_before_starttls_is_refused_with_encryption_required() -> None:
     assert not s.closed
 
 
+REGISTER_FEATURE = "{http://jabber.org/features/iq-register}register"
+
+
+@pytest.mark.parametrize("allow_unencrypted", [False, True])
+def test_registration_before_tls_is_passed_on_marked_and_never_offered(
+    allow_unencrypted: bool,
+) -> None:
+    """Registration sends a password: its feature is offered over TLS only (even where
+    SASL may run in clear), and an IQ sent before TLS goes to its handler, which knows
+    from `tls` to refuse it (and logs who asked) instead of the stream ending."""
+    def stream(direct_tls: bool) -> c2s.C2SStream:
+        return c2s.C2SStream(settings(
+            direct_tls=direct_tls,
+            allow_unencrypted=allow_unencrypted,
+            preauth_features=lambda: [etree.Element(REGISTER_FEATURE)],
+            preauth_iq_namespaces=frozenset({"jabber:iq:register"}),
+        ))
+
+    offered = f"{{{ns.STREAMS}}}features/{REGISTER_FEATURE}"
+    s = stream(direct_tls=False)
+    s.receive(HEADER)
+    assert parse_out(s.output()).find(offered) is None
+    events = s.receive(b"<iq type='get' id='r'><query xmlns='jabber:iq:register'/></iq>")
+    assert [type(e) for e in events] == [c2s.PreAuthIQ] and not s.tls and not s.closed
+    s = stream(direct_tls=True)
+    s.receive(HEADER)
+    assert parse_out(s.output()).find(offered) is not None
+
+
 def test_starttls_then_restart_offers_plus_and_xep0440() -> None:
     s = c2s.C2SStream(settings())
     s.receive(HEADER)

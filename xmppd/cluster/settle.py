@@ -13,6 +13,12 @@ asker gives up after a bound and logs which nodes did not answer (their late
 writes stay until `xmppctl unregister` runs again, as for work that outlives
 the local wait). A node that leaves the cluster meanwhile is not waited for.
 Every answer also goes to every node; only the asker knows its request id.
+
+Answers travel through Redis: while some are missing, the asker checks each
+RECHECK that Redis still answers (`probe`), and gives up at once with
+RedisSilent when it does not. A Redis that fails or hangs after the removal
+began would otherwise hold it for the whole bound, waiting for answers that
+cannot come (nor, maybe, the question reach the other nodes).
 """
 
 from __future__ import annotations
@@ -33,6 +39,16 @@ RECHECK = 1.0
 that died answers never; it leaves the node set within the heartbeat TTL)."""
 
 
+class RedisSilent(Exception):
+    """Redis did not answer while the other nodes' answers were missing: `nodes` (those
+    still live and silent) cannot be heard, and may not have been asked."""
+
+    def __init__(self, problem: str, nodes: frozenset[str]) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.nodes = nodes
+
+
 class AccountSettling:
     """The asking side and the answering side, on one node."""
 
@@ -42,11 +58,14 @@ class AccountSettling:
         node: Callable[[], str | None],
         settle_here: Callable[[str], Awaitable[None]],
         spawn: Callable[[Awaitable[None]], object],
+        probe: Callable[[], Awaitable[str | None]],
     ) -> None:
         self._bus = bus
         self._node = node  # this node's name, once it joined the cluster
         self._settle_here = settle_here
         self._spawn = spawn
+        # None when Redis answers a PING in a short bound, else why not (naming it).
+        self._probe = probe
         self._waiting: dict[str, tuple[set[str], asyncio.Event]] = {}  # request -> answers
         bus.subscribe(SETTLE, self._asked, lambda: None)
         bus.subscribe(SETTLED, self._answered, lambda: None)
@@ -55,7 +74,8 @@ class AccountSettling:
         self, bare: str, nodes: Callable[[], frozenset[str]], timeout: float
     ) -> frozenset[str]:
         """Ask the other live nodes to settle `bare` and wait, `timeout` at most, for
-        those still live to answer; the ones that did not (empty: all did)."""
+        those still live to answer; the ones that did not (empty: all did).
+        RedisSilent as soon as answers are late and Redis does not answer either."""
         me = self._node()
         asked = nodes() - {me}
         if me is None or not asked:
@@ -76,7 +96,10 @@ class AccountSettling:
                 try:
                     await asyncio.wait_for(event.wait(), min(left, RECHECK))
                 except TimeoutError:
-                    pass
+                    problem = await self._probe()
+                    if problem is not None:
+                        missing = frozenset((asked & nodes()) - answered)
+                        raise RedisSilent(problem, missing) from None
             return frozenset()
         finally:
             del self._waiting[request]

@@ -81,7 +81,8 @@ class BindRequested:
 
 @dataclass(slots=True)
 class PreAuthIQ:
-    """An IQ before authentication in a namespace that allows it (in-band registration)."""
+    """An IQ before authentication in a namespace that allows it (in-band registration),
+    before TLS as well as after: the handler is told which (`C2SStream.tls`)."""
 
     iq: etree._Element
 
@@ -440,7 +441,7 @@ class C2SStream:
                 )
                 for name in self.offered:
                     etree.SubElement(mechs, f"{{{ns.SASL}}}mechanism").text = name
-            if self.tls or self.settings.allow_unencrypted:
+            if self.tls:  # registration sends a password: never offered in clear
                 for extra in self.settings.preauth_features():
                     features.append(extra)
             if self.channel_bindings and any(m.endswith("-PLUS") for m in self.offered):
@@ -566,7 +567,9 @@ class C2SStream:
                     return
             events.append(StanzaReceived(el, type_))
             return
-        if self.phase is Phase.SECURED and tag == ns.C_IQ and len(el) == 1:
+        # Before TLS too: the handler refuses it (PreAuthRequest.encrypted), and says
+        # why to the client and in the log, rather than this ending the stream.
+        if self.phase in (Phase.CONNECTED, Phase.SECURED) and tag == ns.C_IQ and len(el) == 1:
             child_tag = el[0].tag
             if isinstance(child_tag, str) and child_tag[1:].split("}", 1)[0] in (
                 self.settings.preauth_iq_namespaces
