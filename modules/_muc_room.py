@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import hashlib
 import hmac
 import json
 import secrets
+import unicodedata
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -96,6 +98,18 @@ def _with_occupant_id(xml: str, old: str, new: str) -> str | None:
             element.set("id", new)
             changed = True
     return etree.tostring(message, encoding="unicode") if changed else None
+
+
+@functools.lru_cache(maxsize=4096)
+def nick_key(nick: str) -> str:
+    """What a nick is compared by (XEP-0045 7.2.9: the nickname profile of RFC 8266):
+    compatibility forms and width (NFKC), case (Unicode default case folding) and
+    spaces (any kind, leading, trailing or repeated) folded. Two nicks with one key
+    read as one in a client: a newcomer may not take "alice", "\uff41lice" or
+    " Alice" beside "Alice" and pass for her. The nick itself is kept as written.
+    Memoised: every join compares against every occupant's."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
+    return " ".join(folded.split())
 
 
 def _stamp(when: float) -> str:
@@ -409,6 +423,14 @@ class Room:
             found = self._ids[bare] = occupant_id(self.secret, bare)
         return found
 
+    def _holder(self, nick: str) -> Occupant | None:
+        """The occupant that holds `nick` or a nick that reads as it (`nick_key`)."""
+        found = self.occupants.get(nick)
+        if found is None:
+            key = nick_key(nick)
+            found = next((o for n, o in self.occupants.items() if nick_key(n) == key), None)
+        return found
+
     def _default_role(self, affiliation: str) -> str:
         if affiliation in ("owner", "admin"):
             return "moderator"
@@ -564,7 +586,7 @@ class Room:
             raise StanzaError("forbidden", "you are banned from this room")
         if self.config.members_only and affiliation == "none":
             raise StanzaError("registration-required", "the room is members-only")
-        taken = self.occupants.get(nick)
+        taken = self._holder(nick)
         another_session = taken is not None and taken.jid.bare == sender.bare
         cap = self.limits.max_occupants
         if self.config.max_users:
@@ -634,8 +656,9 @@ class Room:
 
     def _check_reserved(self, nick: str, bare: str) -> None:
         """A nick registered with the room is its registrant's alone (7.10)."""
+        key = nick_key(nick)
         for owner, registered in self.registered.items():
-            if registered == nick and owner != bare:
+            if nick_key(registered) == key and owner != bare:
                 raise StanzaError("conflict", "that nickname is registered to someone else")
 
     # --- nickname registration (7.10, 7.12) --------------------------------------------
@@ -686,7 +709,7 @@ class Room:
         except StanzaError:
             raise StanzaError("not-acceptable", "that nickname is not allowed") from None
         self._check_reserved(nick, bare)
-        holder = self.occupants.get(nick)
+        holder = self._holder(nick)
         if holder is not None and holder.jid.bare != bare:
             raise StanzaError("conflict", "that nickname is in use")
         member = {bare: "member"} if self.affiliation(bare) == "none" else {}
@@ -710,7 +733,8 @@ class Room:
         return query
 
     def _change_nick(self, occupant: Occupant, nick: str) -> Out:
-        if nick in self.occupants:
+        holder = self._holder(nick)
+        if holder is not None and holder is not occupant:  # its own in another case is not
             raise StanzaError("conflict", "that nickname is in use")
         self._check_reserved(nick, occupant.jid.bare)
         out = self._broadcast_presence(

@@ -1560,3 +1560,37 @@ async def test_a_session_that_ends_while_its_join_waits_for_the_room_is_no_ghost
     seen = [p for p in presences(alice.take()) if p.get("from") == f"{ROOM}/Bob"]
     assert [p.get("type") for p in seen] == [None, "unavailable"]  # joined, then left
     await items.close()
+
+
+async def test_nicks_are_compared_as_the_nickname_profile_folds_them() -> None:
+    # XEP-0045 7.2.9 and RFC 8266: a nick that differs from another only by case, width
+    # or spacing is that nick. Else a newcomer takes "alice" beside "Alice" and passes
+    # for her in every client that shows the nick.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice")
+    for taken in ("alice", "ALICE", "\uff41lice", "Alice\u3000", " alice"):
+        (refused,) = await join(h, bob, taken)
+        assert condition(refused) == "conflict", taken
+    assert alice.take() == []
+    await join(h, bob, "Bob")
+    alice.take(), bob.take()
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/aLiCe'/>")
+    assert condition(refused) == "conflict"
+    # Her own nick is hers to write otherwise.
+    got = presences(await h.send(alice, f"<presence to='{ROOM}/alice'/>"))
+    assert [s.get("from") for s in got] == [f"{ROOM}/Alice", f"{ROOM}/alice"]
+    # A registered nick is reserved the same way, and nobody registers a taken one.
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>{}</value></field></x></query>"
+    )
+    assert condition(await h.iq(bob, "set", nick_form.format("ALICE"), to=ROOM)) == "conflict"
+    assert (await h.iq(bob, "set", nick_form.format("bobby"), to=ROOM)).get("type") == "result"
+    (refused,) = await join(h, carol, "Bobby")
+    assert condition(refused) == "conflict"
+    await join(h, carol, "Carol")
+    (refused,) = await h.send(carol, f"<presence to='{ROOM}/BOBBY'/>")
+    assert condition(refused) == "conflict"
