@@ -685,6 +685,10 @@ class Room:
             raise StanzaError("forbidden", "you are banned from this room")
         if self.config.members_only and affiliation == "none":
             raise StanzaError("registration-required", "only members register in this room")
+        if self.config.moderated and affiliation == "none":
+            # Registering makes a member, and a member of a moderated room has voice:
+            # a visitor would give itself what only a moderator grants (8.6, 7.13).
+            raise StanzaError("forbidden", "in a moderated room, only members register")
 
     def register(self, stanza: etree._Element, query: etree._Element) -> Out:
         """Register (or change) the sender's nick, which makes it a member; or

@@ -823,7 +823,7 @@ async def test_nickname_registration_reserves_the_nick_and_makes_a_member() -> N
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
     carol = h.session("carol@localhost/c")
-    await instant_room(h, alice, "Alice", moderatedroom="1")
+    await instant_room(h, alice, "Alice")
     await join(h, bob, "Bob")
     register = "<query xmlns='jabber:iq:register'/>"
     form = await h.iq(bob, "get", register, to=ROOM)
@@ -837,7 +837,6 @@ async def test_nickname_registration_reserves_the_nick_and_makes_a_member() -> N
     assert condition(await h.iq(bob, "set", nick_form.format("Alice"), to=ROOM)) == "conflict"
     got = await h.send(bob, f"<iq type='set' id='r' to='{ROOM}'>{nick_form.format('bobby')}</iq>")
     assert got[0].get("type") == "result"
-    # A member of a moderated room gets voice at once.
     assert item(got[1]).get("affiliation") == "member" and item(got[1]).get("role") == "participant"
     again = await h.iq(bob, "get", register, to=ROOM)
     assert again.findtext("{*}query/{*}username") == "bobby"
@@ -862,7 +861,7 @@ async def test_nickname_registration_reserves_the_nick_and_makes_a_member() -> N
     )
     assert removed[0].get("type") == "result"
     assert item(removed[1]).get("affiliation") == "none"
-    assert item(removed[1]).get("role") == "visitor"
+    assert item(removed[1]).get("role") == "participant"
     banned = h.session("eve@localhost/e")
     await admin_iq(h, alice, "set", "<item affiliation='outcast' jid='eve@localhost'/>")
     assert condition(await h.iq(banned, "get", register, to=ROOM)) == "forbidden"
@@ -1594,3 +1593,36 @@ async def test_nicks_are_compared_as_the_nickname_profile_folds_them() -> None:
     await join(h, carol, "Carol")
     (refused,) = await h.send(carol, f"<presence to='{ROOM}/BOBBY'/>")
     assert condition(refused) == "conflict"
+
+
+async def test_a_visitor_of_a_moderated_room_gets_no_voice_by_registering() -> None:
+    # Registering a nick makes its user a member, and a member of a moderated room
+    # has voice: a visitor who could register would give itself the voice only a
+    # moderator grants (8.6). Its members and admins register as anywhere else.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice", moderatedroom="1")
+    await join(h, bob, "Bob")
+    await join(h, carol, "Carol")
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>{}</value></field></x></query>"
+    )
+    register = "<query xmlns='jabber:iq:register'/>"
+    alice.take(), bob.take(), carol.take()
+    assert condition(await h.iq(bob, "get", register, to=ROOM)) == "forbidden"
+    assert condition(await h.iq(bob, "set", nick_form.format("bobby"), to=ROOM)) == "forbidden"
+    assert alice.take() == [] and carol.take() == []
+    (refused,) = await say(h, bob, "heard at last")
+    assert condition(refused) == "forbidden"
+    # Made a member by an admin, Carol has voice, and registers her nick.
+    await admin_iq(h, alice, "set", "<item affiliation='member' jid='carol@localhost'/>")
+    carol.take()
+    assert (await h.iq(carol, "set", nick_form.format("carol"), to=ROOM)).get("type") == "result"
+    reserved = await h.iq(
+        carol, "get",
+        "<query xmlns='http://jabber.org/protocol/disco#info' node='x-roomuser-item'/>", to=ROOM,
+    )
+    assert reserved.find("{*}query/{*}identity").get("name") == "carol"
