@@ -56,6 +56,7 @@ MUC_REGISTER = f"{MUC}#register"
 MUC_REQUEST = f"{MUC}#request"
 
 SID = "urn:xmpp:sid:0"
+RELAY_TAG = 12  # characters of the tag before a relayed IQ's own id (`Room._relay_tag`)
 SEEN = 200  # message ids a room remembers to drop a message handled twice
 INVITES = 100  # invitations a room remembers, for their declines
 
@@ -1029,7 +1030,10 @@ class Room:
         """An IQ between occupants (a vCard or a ping), relayed between their real JIDs
         under their nicks; a ping to one's own nick is answered here (XEP-0410: the
         caller answers when this returns []). Results and errors are relayed the
-        same way and never answered."""
+        same way and never answered: each to the session whose request it answers
+        (an occupant may be in the room from several), found from the tag the room
+        put before the request's id (`_relay_tag`); one that answers no request of
+        that occupant's sessions goes nowhere."""
         request = stanza.get("type") in ("get", "set")
         sender = self.by_jid.get(stanza.get("from", ""))
         if sender is None:
@@ -1045,8 +1049,26 @@ class Room:
             return []
         relayed = _copy(stanza)
         relayed.set("from", f"{self.jid}/{sender.nick}")
-        relayed.set("to", str(target.jid))
-        return [relayed]
+        if request:
+            id_ = stanza.get("id", "")
+            relayed.set("id", self._relay_tag(stanza.get("from", ""), id_) + id_)
+            relayed.set("to", str(target.jid))
+            return [relayed]
+        tag, id_ = stanza.get("id", "")[:RELAY_TAG], stanza.get("id", "")[RELAY_TAG:]
+        for session in (target.jid, *target.others):
+            if hmac.compare_digest(self._relay_tag(str(session), id_), tag):
+                relayed.set("id", id_)
+                relayed.set("to", str(session))
+                return [relayed]
+        return []
+
+    def _relay_tag(self, asker: str, id_: str) -> str:
+        """The tag before the id of a request `asker` (a full JID) relays to another
+        occupant: a keyed hash that only the room makes, so the answer finds the
+        session that asked, and that tells the one asked nothing of the asker's JID
+        (its occupant id's hash, with its own prefix, is of another input)."""
+        mac = hmac.new(self.secret.encode(), f"iq\0{asker}\0{id_}".encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()[:9]).decode()
 
     # --- administration (muc#admin) ------------------------------------------------------
 

@@ -875,22 +875,25 @@ async def test_iqs_between_occupants_are_relayed_under_their_nicks() -> None:
     alice.take()
     await h.send(bob, f"<iq type='get' id='v1' to='{ROOM}/Alice'><vCard xmlns='vcard-temp'/></iq>")
     (asked,) = alice.take()
-    assert (asked.get("from"), asked.get("to"), asked.get("id")) == (
-        f"{ROOM}/Bob", "alice@localhost/a", "v1"
-    )
+    assert (asked.get("from"), asked.get("to")) == (f"{ROOM}/Bob", "alice@localhost/a")
+    # Its id is Bob's behind the room's tag, which finds his client when she answers.
+    assert asked.get("id").endswith("v1") and asked.get("id") != "v1"
     assert asked.find("{vcard-temp}vCard") is not None
-    await h.send(alice, f"<iq type='result' id='v1' to='{ROOM}/Bob'><vCard xmlns='vcard-temp'>"
-                        "<FN>Alice</FN></vCard></iq>")
+    await h.send(alice, f"<iq type='result' id='{asked.get('id')}' to='{ROOM}/Bob'>"
+                        "<vCard xmlns='vcard-temp'><FN>Alice</FN></vCard></iq>")
     (answer,) = bob.take()
     assert (answer.get("from"), answer.get("type"), answer.get("id")) == (
         f"{ROOM}/Alice", "result", "v1"
     )
     assert answer.findtext("{vcard-temp}vCard/{vcard-temp}FN") == "Alice"
     # Errors are relayed too, and never answered.
-    await h.send(alice, f"<iq type='error' id='v2' to='{ROOM}/Bob'><error type='cancel'>"
-                        f"<item-not-found xmlns='{STANZAS}'/></error></iq>")
+    await h.send(bob, f"<iq type='get' id='v2' to='{ROOM}/Alice'><vCard xmlns='vcard-temp'/></iq>")
+    (asked,) = alice.take()
+    await h.send(alice, f"<iq type='error' id='{asked.get('id')}' to='{ROOM}/Bob'>"
+                        f"<error type='cancel'><item-not-found xmlns='{STANZAS}'/></error></iq>")
     (error,) = bob.take()
     assert error.get("from") == f"{ROOM}/Alice" and condition(error) == "item-not-found"
+    assert error.get("id") == "v2"
     assert alice.take() == []
     assert condition(await h.iq(bob, "get", "<vCard xmlns='vcard-temp'/>", to=f"{ROOM}/Nobody")) \
         == "item-not-found"
@@ -1626,3 +1629,37 @@ async def test_a_visitor_of_a_moderated_room_gets_no_voice_by_registering() -> N
         "<query xmlns='http://jabber.org/protocol/disco#info' node='x-roomuser-item'/>", to=ROOM,
     )
     assert reserved.find("{*}query/{*}identity").get("name") == "carol"
+
+
+async def test_an_answer_between_occupants_goes_to_the_client_that_asked() -> None:
+    # Bob is in the room from two clients under one nick; his phone asks Alice for her
+    # vCard. Her answer is the phone's, not his first client's, which never asked
+    # (and the phone would wait for it in vain).
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    phone = h.session("bob@localhost/phone")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    await join(h, phone, "Bob")
+    alice.take(), bob.take(), phone.take()
+    for asker, id_ in ((phone, "p1"), (bob, "b1"), (phone, "p2")):
+        await h.send(asker, f"<iq type='get' id='{id_}' to='{ROOM}/Alice'>"
+                            "<vCard xmlns='vcard-temp'/></iq>")
+    asked = alice.take()
+    assert [a.get("from") for a in asked] == [f"{ROOM}/Bob"] * 3
+    # Alice's client answers the second request with an error, the others with results,
+    # in another order.
+    for request in (asked[2], asked[0]):
+        await h.send(alice, f"<iq type='result' id='{request.get('id')}' to='{ROOM}/Bob'/>")
+    await h.send(alice, f"<iq type='error' id='{asked[1].get('id')}' to='{ROOM}/Bob'>"
+                        f"<error type='cancel'><item-not-found xmlns='{STANZAS}'/></error></iq>")
+    got_phone, got_bob = phone.take(), bob.take()
+    assert [(a.get("id"), a.get("type"), a.get("from")) for a in got_phone] == [
+        ("p2", "result", f"{ROOM}/Alice"), ("p1", "result", f"{ROOM}/Alice")
+    ]
+    assert [(a.get("id"), a.get("type")) for a in got_bob] == [("b1", "error")]
+    # An answer to no request of its own (a made-up id, or one Bob's other client's
+    # request had) reaches nobody.
+    await h.send(alice, f"<iq type='result' id='b1' to='{ROOM}/Bob'/>")
+    await h.send(alice, f"<iq type='result' id='{asked[0].get('id')[:-2]}b1' to='{ROOM}/Bob'/>")
+    assert phone.take() == [] and bob.take() == []
