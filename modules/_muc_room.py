@@ -412,7 +412,25 @@ class Room:
     # --- who is who -----------------------------------------------------------------------
 
     def affiliation(self, bare: str) -> str:
-        return self.affiliations.get(bare, "none")
+        """`bare`'s own affiliation; with none, outcast if its server's JID is banned
+        (a ban of a domain is a ban of every user of it, as in Prosody and ejabberd:
+        taken and answered, it must not let them in); else none."""
+        found = self.affiliations.get(bare)
+        if found is None:
+            domain = bare.rpartition("@")[2]
+            banned = domain != bare and self.affiliations.get(domain) == "outcast"
+            found = "outcast" if banned else "none"
+        return found
+
+    def _affected(
+        self, bare: str, affiliation: str, affiliations: dict[str, str]
+    ) -> list[Occupant]:
+        """The occupants that `bare`'s affiliation becoming `affiliation` (in
+        `affiliations`, the room's as they will be) applies to: that user's, and for a
+        ban of a domain every user of it without an affiliation of its own."""
+        return [o for o in self.occupants.values() if o.jid.bare == bare or (
+            affiliation == "outcast" and o.jid.domain == bare and o.jid.bare not in affiliations
+        )]
 
     def occupant_id(self, bare: str) -> str:
         """XEP-0421: the same for every session and nick of one user, here, and
@@ -1237,7 +1255,7 @@ class Room:
             self.affiliations[bare] = affiliation
         self.persistent_changed = True
         out: Out = []
-        for occupant in [o for o in self.occupants.values() if o.jid.bare == bare]:
+        for occupant in self._affected(bare, affiliation, self.affiliations):
             if affiliation == "outcast":
                 out += self._leave(occupant, None, codes=["301"], actor=actor, reason=reason)
             elif affiliation == "none" and self.config.members_only:
@@ -1417,12 +1435,12 @@ class _Plan:
         removed = affiliation == "outcast" or (
             affiliation == "none" and self.room.config.members_only
         )
-        for nick, occupant in self.room.occupants.items():
-            if occupant.jid.bare == bare and nick in self.roles:
+        for occupant in self.room._affected(bare, affiliation, self.affiliations):
+            if occupant.nick in self.roles:
                 if removed:
-                    del self.roles[nick]
+                    del self.roles[occupant.nick]
                 else:
-                    self.roles[nick] = self.room._default_role(affiliation)
+                    self.roles[occupant.nick] = self.room._default_role(affiliation)
 
     def set_role(self, nick: str, role: str) -> None:
         if role == "none":

@@ -1663,3 +1663,35 @@ async def test_an_answer_between_occupants_goes_to_the_client_that_asked() -> No
     await h.send(alice, f"<iq type='result' id='b1' to='{ROOM}/Bob'/>")
     await h.send(alice, f"<iq type='result' id='{asked[0].get('id')[:-2]}b1' to='{ROOM}/Bob'/>")
     assert phone.take() == [] and bob.take() == []
+
+
+async def test_banning_a_domain_bans_every_user_of_it() -> None:
+    # An outcast JID may be a server's (as Prosody and ejabberd take it): the ban was
+    # stored and answered with a result, yet its users stayed and joined on.
+    h, _ = await harness()
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice")
+    joined = await remote_join(h, "mallory@remote.example/x", ROOM)
+    assert codes(presences(joined)[-1]) == {"110"}
+    alice.take()
+    joined.clear()
+    reply, seen = await h.send(
+        alice, f"<iq type='set' id='b' to='{ROOM}'><query xmlns='{MUC_ADMIN}'>"
+        "<item affiliation='outcast' jid='remote.example'/></query></iq>"
+    )
+    assert reply.get("type") == "result"
+    assert seen.get("from") == f"{ROOM}/Remote" and codes(seen) == {"301"}
+    (out,) = joined
+    assert out.get("type") == "unavailable" and codes(out) == {"110", "301"}
+    for jid in ("mallory@remote.example/x", "eve@remote.example/y", "remote.example/z"):
+        (refused,) = await remote_join(h, jid, ROOM)
+        assert condition(refused) == "forbidden", jid
+    # An affiliation of the user's own comes first: a member of a banned server joins.
+    await admin_iq(h, alice, "set", "<item affiliation='member' jid='trusted@remote.example'/>")
+    joined = await remote_join(h, "trusted@remote.example/t", ROOM)
+    assert codes(presences(joined)[-1]) == {"110"}
+    # Lifting the ban lets the server's users in again.
+    await admin_iq(h, alice, "set", "<item affiliation='none' jid='remote.example'/>")
+    (refused,) = await remote_join(h, "eve@remote.example/y", ROOM)
+    # Refused for the nick (the member's), which a join is checked for after a ban.
+    assert condition(refused) == "conflict"
