@@ -1268,6 +1268,14 @@ class Room:
 
     # --- ownership (muc#owner) -----------------------------------------------------------
 
+    def require_configured(self, stanza: etree._Element) -> None:
+        """XEP-0045 10.1.2: a room its owner has not configured yet is the owner's alone,
+        to anyone else as if it did not exist (a join is refused so in `_join`): a
+        nick registered now would make a member of a room about to be members-only,
+        an invitation would call someone to a room nobody may enter."""
+        if self.locked and self._actor(stanza)[1] != "owner":
+            raise StanzaError("item-not-found", "the room is being created")
+
     def _require_owner(self, stanza: etree._Element) -> None:
         if self._actor(stanza)[1] != "owner":
             raise StanzaError("forbidden", "only owners may do that")

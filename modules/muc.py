@@ -862,6 +862,8 @@ class Muc(Module):
             # What goes to every occupant waits until the room has sent what it owes
             # (leaving, private messages and IQs pass).
             raise StanzaError("resource-constraint", "the room is busy, try again", "wait")
+        if stanza.tag != ns.C_PRESENCE:
+            room.require_configured(stanza)
         if stanza.tag == ns.C_PRESENCE:
             if not nick:
                 # An occupant's presence to the bare room is meant for its own nick

@@ -1695,3 +1695,40 @@ async def test_banning_a_domain_bans_every_user_of_it() -> None:
     (refused,) = await remote_join(h, "eve@remote.example/y", ROOM)
     # Refused for the nick (the member's), which a join is checked for after a ban.
     assert condition(refused) == "conflict"
+
+
+async def test_a_locked_room_is_nobody_elses_until_its_owner_configures_it() -> None:
+    # XEP-0045 10.1.2: until configured, the room is its owner's alone. A stranger who
+    # registered a nick meanwhile would be a member of the room the owner is making
+    # members-only; an invitation would go out from a room nobody may join yet.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await join(h, alice, "Alice")
+    alice.take()
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>bob</value></field></x></query>"
+    )
+    for type_, payload in (
+        ("set", nick_form),
+        ("get", "<query xmlns='jabber:iq:register'/>"),
+        ("get", "<query xmlns='http://jabber.org/protocol/disco#info'/>"),
+        ("get", "<query xmlns='http://jabber.org/protocol/disco#items'/>"),
+    ):
+        assert condition(await h.iq(bob, type_, payload, to=ROOM)) == "item-not-found", payload
+    (refused,) = await h.send(
+        bob, f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='carol@localhost'/></x>"
+        "</message>"
+    )
+    assert condition(refused) == "item-not-found"
+    assert alice.take() == [] and carol.take() == []
+    # Made members-only, the room has no member its owner did not make.
+    reply = await owner_iq(h, alice, "set", submit(membersonly="1"))
+    assert reply.get("type") == "result"
+    (refused,) = await join(h, bob, "Bob")
+    assert condition(refused) == "registration-required"
+    # Its owner had the room to itself all along.
+    assert (await h.iq(alice, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+                       to=ROOM)).get("type") == "result"
