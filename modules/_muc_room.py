@@ -621,7 +621,7 @@ class Room:
             return self._join_session(taken, sender, x, now)
         if taken is not None:
             raise StanzaError("conflict", "that nickname is in use")
-        self._check_reserved(nick, sender.bare)
+        self._check_nick(nick, sender.bare)
         presence, show = self._presence_payload(stanza)
         occupant = Occupant(nick, sender, self._default_role(affiliation), seq=self._next())
         occupant.presence, occupant.show = presence, show
@@ -673,9 +673,13 @@ class Room:
             goodbye.insert(0, _el(f"{{{ns.CLIENT}}}status", text=status))
         return [goodbye]
 
-    def _check_reserved(self, nick: str, bare: str) -> None:
-        """A nick registered with the room is its registrant's alone (7.10)."""
+    def _check_nick(self, nick: str, bare: str) -> None:
+        """A nick `bare` may take: not blank (RFC 8266 trims spaces, and an empty
+        nick is none: it would show as nobody) and not registered to someone else
+        (7.10: a registered nick is its registrant's alone)."""
         key = nick_key(nick)
+        if not key:
+            raise StanzaError("jid-malformed", "a nickname needs more than spaces")
         for owner, registered in self.registered.items():
             if nick_key(registered) == key and owner != bare:
                 raise StanzaError("conflict", "that nickname is registered to someone else")
@@ -731,7 +735,7 @@ class Room:
             nick = parse_jid(f"{self.jid}/{nick}").resource
         except StanzaError:
             raise StanzaError("not-acceptable", "that nickname is not allowed") from None
-        self._check_reserved(nick, bare)
+        self._check_nick(nick, bare)
         holder = self._holder(nick)
         if holder is not None and holder.jid.bare != bare:
             raise StanzaError("conflict", "that nickname is in use")
@@ -759,7 +763,7 @@ class Room:
         holder = self._holder(nick)
         if holder is not None and holder is not occupant:  # its own in another case is not
             raise StanzaError("conflict", "that nickname is in use")
-        self._check_reserved(nick, occupant.jid.bare)
+        self._check_nick(nick, occupant.jid.bare)
         out = self._broadcast_presence(
             occupant, unavailable=True, codes=["303"], item_extra={"nick": nick}
         )

@@ -1732,3 +1732,23 @@ async def test_a_locked_room_is_nobody_elses_until_its_owner_configures_it() -> 
     # Its owner had the room to itself all along.
     assert (await h.iq(alice, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>",
                        to=ROOM)).get("type") == "result"
+
+
+async def test_a_nick_of_nothing_but_spaces_is_refused() -> None:
+    # RFC 8266 trims a nickname's spaces, and an empty one is no nickname: a blank nick
+    # shows as nobody in a client, and every message from it as if from nowhere.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    for blank in (" ", "\u00a0", "\u3000 "):
+        (refused,) = await join(h, bob, blank)
+        assert condition(refused) == "jid-malformed", repr(blank)
+    (refused,) = await h.send(alice, f"<presence to='{ROOM}/ '/>")
+    assert condition(refused) == "jid-malformed"
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>\u00a0</value></field></x></query>"
+    )
+    assert condition(await h.iq(alice, "set", nick_form, to=ROOM)) == "not-acceptable"
+    assert list(h.host.module(Muc).rooms[ROOM].occupants) == ["Alice"]
