@@ -1752,3 +1752,23 @@ async def test_a_nick_of_nothing_but_spaces_is_refused() -> None:
     )
     assert condition(await h.iq(alice, "set", nick_form, to=ROOM)) == "not-acceptable"
     assert list(h.host.module(Muc).rooms[ROOM].occupants) == ["Alice"]
+
+
+async def test_a_room_whose_first_join_fails_is_not_left_behind() -> None:
+    # A join that makes a room and is then refused (here its presence is over the
+    # limit) left an empty room, locked for an owner who is not in it: nobody else
+    # could use the name again, and it counted against its creator's rooms for good.
+    h, _ = await harness(max_presence_bytes=512, max_rooms_per_user=2)
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    muc = h.host.module(Muc)
+    big = f"<status>{'x' * 600}</status>"
+    for name in ("room", "other", "third"):
+        (refused,) = await h.send(
+            alice, f"<presence to='{name}@conference.localhost/Alice'><x xmlns='{MUC}'/>{big}"
+            "</presence>"
+        )
+        assert condition(refused) == "policy-violation"
+    assert muc.rooms == {}
+    joined = await join(h, bob, "Bob")
+    assert codes(presences(joined)[-1]) == {"110", "201"}
+    await instant_room(h, alice, "Alice", "mine@conference.localhost")
