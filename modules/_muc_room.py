@@ -1078,7 +1078,8 @@ class Room:
             return [relayed]
         tag, id_ = stanza.get("id", "")[:RELAY_TAG], stanza.get("id", "")[RELAY_TAG:]
         for session in (target.jid, *target.others):
-            if hmac.compare_digest(self._relay_tag(str(session), id_), tag):
+            # As bytes: compare_digest refuses a str that is not ASCII, which an id may be.
+            if hmac.compare_digest(self._relay_tag(str(session), id_).encode(), tag.encode()):
                 relayed.set("id", id_)
                 relayed.set("to", str(session))
                 return [relayed]

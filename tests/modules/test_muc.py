@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -1631,7 +1632,9 @@ async def test_a_visitor_of_a_moderated_room_gets_no_voice_by_registering() -> N
     assert reserved.find("{*}query/{*}identity").get("name") == "carol"
 
 
-async def test_an_answer_between_occupants_goes_to_the_client_that_asked() -> None:
+async def test_an_answer_between_occupants_goes_to_the_client_that_asked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Bob is in the room from two clients under one nick; his phone asks Alice for her
     # vCard. Her answer is the phone's, not his first client's, which never asked
     # (and the phone would wait for it in vain).
@@ -1662,7 +1665,19 @@ async def test_an_answer_between_occupants_goes_to_the_client_that_asked() -> No
     # request had) reaches nobody.
     await h.send(alice, f"<iq type='result' id='b1' to='{ROOM}/Bob'/>")
     await h.send(alice, f"<iq type='result' id='{asked[0].get('id')[:-2]}b1' to='{ROOM}/Bob'/>")
+    # Nor one whose id is not ASCII (the tag is compared as bytes), result or error.
+    await h.send(alice, f"<iq type='result' id='\u00e9t\u00e9\u00e9t\u00e9\u00e9t\u00e9x' "
+                        f"to='{ROOM}/Bob'/>")
+    await h.send(alice, f"<iq type='error' id='\u00e9t\u00e9' to='{ROOM}/Bob'><error "
+                        f"type='cancel'><item-not-found xmlns='{STANZAS}'/></error></iq>")
     assert phone.take() == [] and bob.take() == []
+    # The room goes on relaying.
+    await h.send(phone, f"<iq type='get' id='p3' to='{ROOM}/Alice'>"
+                        "<ping xmlns='urn:xmpp:ping'/></iq>")
+    (asked,) = alice.take()
+    await h.send(alice, f"<iq type='result' id='{asked.get('id')}' to='{ROOM}/Bob'/>")
+    assert [a.get("id") for a in phone.take()] == ["p3"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_banning_a_domain_bans_every_user_of_it() -> None:
