@@ -1787,3 +1787,35 @@ async def test_a_room_whose_first_join_fails_is_not_left_behind() -> None:
     joined = await join(h, bob, "Bob")
     assert codes(presences(joined)[-1]) == {"110", "201"}
     await instant_room(h, alice, "Alice", "mine@conference.localhost")
+
+
+async def test_no_one_acts_beyond_the_xep_0045_tables() -> None:
+    # What the review checked (XEP-0045 5.2's tables): each refused, and nothing changed.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice")
+    await admin_iq(h, alice, "set", "<item affiliation='admin' jid='bob@localhost'/>"
+                                    "<item affiliation='member' jid='carol@localhost'/>")
+    await join(h, bob, "Bob")
+    await join(h, carol, "Carol")
+    room = h.host.module(Muc).rooms[ROOM]
+    before = dict(room.affiliations)
+    refusals = [
+        # A member grants no membership and bans nobody.
+        (carol, admin_iq, "<item affiliation='member' jid='dave@localhost'/>", "forbidden"),
+        (carol, admin_iq, "<item affiliation='outcast' jid='dave@localhost'/>", "forbidden"),
+        # An admin (a moderator) neither kicks, silences nor demotes the owner.
+        (bob, admin_iq, "<item nick='Alice' role='none'/>", "not-allowed"),
+        (bob, admin_iq, "<item nick='Alice' role='participant'/>", "not-allowed"),
+        (bob, admin_iq, "<item affiliation='admin' jid='alice@localhost'/>", "not-allowed"),
+        # Nor configures nor destroys the room: the owner's alone.
+        (bob, owner_iq, submit(membersonly="1"), "forbidden"),
+        (bob, owner_iq, "<destroy/>", "forbidden"),
+    ]
+    for who, kind, payload, expected in refusals:
+        assert condition(await kind(h, who, "set", payload)) == expected, payload
+    assert room.affiliations == before and not room.config.members_only
+    assert {nick: o.role for nick, o in room.occupants.items()} == {
+        "Alice": "moderator", "Bob": "moderator", "Carol": "participant"
+    }
