@@ -103,7 +103,8 @@ def _with_occupant_id(xml: str, old: str, new: str) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def nick_key(nick: str) -> str:
-    """What a nick is compared by (XEP-0045 7.2.9: the nickname profile of RFC 8266):
+    """What a nick is compared by, for XEP-0045's nick in use (7.2.9) and reserved
+    nick (7.10), as RFC 8266's nickname profile compares nicknames:
     compatibility forms and width (NFKC), case (Unicode default case folding) and
     spaces (any kind, leading, trailing or repeated) folded. Two nicks with one key
     read as one in a client: a newcomer may not take "alice", "\uff41lice" or

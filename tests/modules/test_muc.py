@@ -1566,9 +1566,9 @@ async def test_a_session_that_ends_while_its_join_waits_for_the_room_is_no_ghost
 
 
 async def test_nicks_are_compared_as_the_nickname_profile_folds_them() -> None:
-    # XEP-0045 7.2.9 and RFC 8266: a nick that differs from another only by case, width
-    # or spacing is that nick. Else a newcomer takes "alice" beside "Alice" and passes
-    # for her in every client that shows the nick.
+    # XEP-0045 7.2.9's nick in use, compared as RFC 8266 compares nicknames: one that
+    # differs from another only by case, width or spacing is that nick. Else a newcomer
+    # takes "alice" beside "Alice" and passes for her in every client that shows nicks.
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
     carol = h.session("carol@localhost/c")
