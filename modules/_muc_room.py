@@ -109,7 +109,7 @@ def nick_key(nick: str) -> str:
     spaces (any kind, leading, trailing or repeated) folded. Two nicks with one key
     read as one in a client: a newcomer may not take "alice", "\uff41lice" or
     " Alice" beside "Alice" and pass for her. The nick itself is kept as written.
-    Memoised: every join compares against every occupant's."""
+    Memoised: every join compares against every registered nick's."""
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
     return " ".join(folded.split())
 
@@ -211,6 +211,7 @@ class Room:
         self.affiliations: dict[str, str] = {}  # bare JID -> affiliation other than none
         self.registered: dict[str, str] = {}  # bare JID -> its registered nick (7.10)
         self.occupants: dict[str, Occupant] = {}  # nick -> occupant
+        self._keys: dict[str, Occupant] = {}  # nick_key(nick) -> occupant (`_holder`)
         self.by_jid: dict[str, Occupant] = {}  # real full JID -> occupant
         self.subject = ""
         self.subject_nick = ""
@@ -382,7 +383,7 @@ class Room:
             [parse_jid(other) for other in record["others"]], seq=int(record["seq"]),
         )
         self._seq = max(self._seq, occupant.seq + 1)
-        self.occupants[occupant.nick] = occupant
+        self._seat(occupant)
         for session in (occupant.jid, *occupant.others):
             self.by_jid[session.full] = occupant
 
@@ -413,9 +414,16 @@ class Room:
     # --- who is who -----------------------------------------------------------------------
 
     def affiliation(self, bare: str) -> str:
-        """`bare`'s own affiliation; with none, outcast if its server's JID is banned
-        (a ban of a domain is a ban of every user of it, as in Prosody and ejabberd:
-        taken and answered, it must not let them in); else none."""
+        """`bare`'s own affiliation (its server's ban apart: `_standing`)."""
+        return self.affiliations.get(bare, "none")
+
+    def _standing(self, bare: str) -> str:
+        """`affiliation`, or outcast for a user with none of its own whose server's JID
+        is banned: a ban of a domain is a ban of every user of it (as in Prosody and
+        ejabberd; taken and answered, it must not let them in). What admits a user or
+        not (a join, a registration, an invitation's membership); the ban removes such
+        users from the room (`_affected`), so the paths that show an occupant's
+        affiliation stay one lookup, a join into a big room makes one per occupant."""
         found = self.affiliations.get(bare)
         if found is None:
             domain = bare.rpartition("@")[2]
@@ -446,10 +454,19 @@ class Room:
     def _holder(self, nick: str) -> Occupant | None:
         """The occupant that holds `nick` or a nick that reads as it (`nick_key`)."""
         found = self.occupants.get(nick)
-        if found is None:
-            key = nick_key(nick)
-            found = next((o for n, o in self.occupants.items() if nick_key(n) == key), None)
-        return found
+        return found if found is not None else self._keys.get(nick_key(nick))
+
+    def _seat(self, occupant: Occupant) -> None:
+        """`occupant` in the room under its nick: found by it, and by its `nick_key`
+        (an index, so that a join into a big room looks up its nick, not every one)."""
+        self.occupants[occupant.nick] = occupant
+        self._keys[nick_key(occupant.nick)] = occupant
+
+    def _unseat(self, occupant: Occupant) -> None:
+        del self.occupants[occupant.nick]
+        key = nick_key(occupant.nick)
+        if self._keys.get(key) is occupant:  # (two of one key: restored from before)
+            del self._keys[key]
 
     def _default_role(self, affiliation: str) -> str:
         if affiliation in ("owner", "admin"):
@@ -599,7 +616,7 @@ class Room:
 
     def _join(self, stanza: etree._Element, sender: JID, nick: str, now: float) -> Out:
         x = stanza.find(f"{{{MUC}}}x")
-        affiliation = self.affiliation(sender.bare)
+        affiliation = self._standing(sender.bare)
         if self.locked and affiliation != "owner":
             raise StanzaError("item-not-found", "the room is being created")
         if affiliation == "outcast":
@@ -627,7 +644,7 @@ class Room:
         occupant = Occupant(nick, sender, self._default_role(affiliation), seq=self._next())
         occupant.presence, occupant.show = presence, show
         out: Out = [self._shown(other, occupant) for other in self.occupants.values()]
-        self.occupants[nick] = occupant
+        self._seat(occupant)
         self.by_jid[sender.full] = occupant
         self.touched.add(nick)
         codes = []
@@ -704,7 +721,7 @@ class Room:
         return query
 
     def _may_register(self, bare: str) -> None:
-        affiliation = self.affiliation(bare)
+        affiliation = self._standing(bare)
         if affiliation == "outcast":
             raise StanzaError("forbidden", "you are banned from this room")
         if self.config.members_only and affiliation == "none":
@@ -771,11 +788,11 @@ class Room:
         # 'role' in the 303 item is the occupant's current role, not none.
         for stanza in _built(out):
             stanza.find(f"{{{MUC_USER}}}x/{{{MUC_USER}}}item").set("role", occupant.role)
-        del self.occupants[occupant.nick]
+        self._unseat(occupant)
         self.touched.update((occupant.nick, nick))
         occupant.nick = nick
         occupant.seq = self._next()
-        self.occupants[nick] = occupant
+        self._seat(occupant)
         return out + self._broadcast_presence(occupant)
 
     def _leave(
@@ -786,7 +803,7 @@ class Room:
         actor: str | None = None,
         reason: str | None = None,
     ) -> Out:
-        del self.occupants[occupant.nick]
+        self._unseat(occupant)
         self.touched.add(occupant.nick)
         for session in (occupant.jid, *occupant.others):
             del self.by_jid[session.full]
@@ -1012,7 +1029,7 @@ class Room:
             if not may:
                 raise StanzaError("forbidden", "you may not invite to this members-only room")
         affiliations = self.affiliations
-        if self.config.members_only and self.affiliation(invitee.bare) == "none":
+        if self.config.members_only and self._standing(invitee.bare) == "none":
             affiliations = {**self.affiliations, invitee.bare: "member"}
         invited = {k: v for k, v in self.invited.items() if k != invitee.bare}
         invited[invitee.bare] = str(sender.jid)
@@ -1383,7 +1400,7 @@ class Room:
                 occupant, occupant, unavailable=True, codes=codes,
                 destroy=None if destroy is None else _copy(destroy),  # each its own
             ))
-            del self.occupants[occupant.nick]
+            self._unseat(occupant)
             self.touched.add(occupant.nick)
             for session in (occupant.jid, *occupant.others):
                 del self.by_jid[session.full]
