@@ -802,14 +802,15 @@ class Room:
         codes: Iterable[str] = (),
         actor: str | None = None,
         reason: str | None = None,
+        item_extra: dict[str, str] | None = None,
     ) -> Out:
         self._unseat(occupant)
         self.touched.add(occupant.nick)
         for session in (occupant.jid, *occupant.others):
             del self.by_jid[session.full]
         out = self._presence_to(
-            occupant, [*self.occupants.values(), occupant],
-            unavailable=True, codes=codes, actor=actor, reason=reason,
+            occupant, [*self.occupants.values(), occupant], unavailable=True, codes=codes,
+            actor=actor, reason=reason, item_extra=item_extra,
         )
         if status:
             for stanza in _built(out):
@@ -1279,8 +1280,9 @@ class Room:
         self.persistent_changed = True
         out: Out = []
         for occupant in self._affected(bare, affiliation, self.affiliations):
-            if affiliation == "outcast":
-                out += self._leave(occupant, None, codes=["301"], actor=actor, reason=reason)
+            if affiliation == "outcast":  # (its own, or its server's: say which it has now)
+                out += self._leave(occupant, None, codes=["301"], actor=actor, reason=reason,
+                                   item_extra={"affiliation": "outcast"})
             elif affiliation == "none" and self.config.members_only:
                 out += self._leave(occupant, None, codes=["321"], actor=actor, reason=reason)
             else:

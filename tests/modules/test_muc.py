@@ -1698,6 +1698,7 @@ async def test_banning_a_domain_bans_every_user_of_it() -> None:
     assert seen.get("from") == f"{ROOM}/Remote" and codes(seen) == {"301"}
     (out,) = joined
     assert out.get("type") == "unavailable" and codes(out) == {"110", "301"}
+    assert item(out).get("affiliation") == item(seen).get("affiliation") == "outcast"
     for jid in ("mallory@remote.example/x", "eve@remote.example/y", "remote.example/z"):
         (refused,) = await remote_join(h, jid, ROOM)
         assert condition(refused) == "forbidden", jid
