@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import hashlib
 import hmac
 import json
 import secrets
+import unicodedata
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -54,6 +56,7 @@ MUC_REGISTER = f"{MUC}#register"
 MUC_REQUEST = f"{MUC}#request"
 
 SID = "urn:xmpp:sid:0"
+RELAY_TAG = 12  # characters of the tag before a relayed IQ's own id (`Room._relay_tag`)
 SEEN = 200  # message ids a room remembers to drop a message handled twice
 INVITES = 100  # invitations a room remembers, for their declines
 
@@ -96,6 +99,19 @@ def _with_occupant_id(xml: str, old: str, new: str) -> str | None:
             element.set("id", new)
             changed = True
     return etree.tostring(message, encoding="unicode") if changed else None
+
+
+@functools.lru_cache(maxsize=4096)
+def nick_key(nick: str) -> str:
+    """What a nick is compared by, for XEP-0045's nick in use (7.2.9) and reserved
+    nick (7.10), as RFC 8266's nickname profile compares nicknames:
+    compatibility forms and width (NFKC), case (Unicode default case folding) and
+    spaces (any kind, leading, trailing or repeated) folded. Two nicks with one key
+    read as one in a client: a newcomer may not take "alice", "\uff41lice" or
+    " Alice" beside "Alice" and pass for her. The nick itself is kept as written.
+    Memoised: every join compares against every registered nick's."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
+    return " ".join(folded.split())
 
 
 def _stamp(when: float) -> str:
@@ -195,6 +211,7 @@ class Room:
         self.affiliations: dict[str, str] = {}  # bare JID -> affiliation other than none
         self.registered: dict[str, str] = {}  # bare JID -> its registered nick (7.10)
         self.occupants: dict[str, Occupant] = {}  # nick -> occupant
+        self._keys: dict[str, Occupant] = {}  # nick_key(nick) -> occupant (`_holder`)
         self.by_jid: dict[str, Occupant] = {}  # real full JID -> occupant
         self.subject = ""
         self.subject_nick = ""
@@ -366,7 +383,7 @@ class Room:
             [parse_jid(other) for other in record["others"]], seq=int(record["seq"]),
         )
         self._seq = max(self._seq, occupant.seq + 1)
-        self.occupants[occupant.nick] = occupant
+        self._seat(occupant)
         for session in (occupant.jid, *occupant.others):
             self.by_jid[session.full] = occupant
 
@@ -397,7 +414,32 @@ class Room:
     # --- who is who -----------------------------------------------------------------------
 
     def affiliation(self, bare: str) -> str:
+        """`bare`'s own affiliation (its server's ban apart: `_standing`)."""
         return self.affiliations.get(bare, "none")
+
+    def _standing(self, bare: str) -> str:
+        """`affiliation`, or outcast for a user with none of its own whose server's JID
+        is banned: a ban of a domain is a ban of every user of it (as in Prosody and
+        ejabberd; taken and answered, it must not let them in). What admits a user or
+        not (a join, a registration, an invitation's membership); the ban removes such
+        users from the room (`_affected`), so the paths that show an occupant's
+        affiliation stay one lookup, a join into a big room makes one per occupant."""
+        found = self.affiliations.get(bare)
+        if found is None:
+            domain = bare.rpartition("@")[2]
+            banned = domain != bare and self.affiliations.get(domain) == "outcast"
+            found = "outcast" if banned else "none"
+        return found
+
+    def _affected(
+        self, bare: str, affiliation: str, affiliations: dict[str, str]
+    ) -> list[Occupant]:
+        """The occupants that `bare`'s affiliation becoming `affiliation` (in
+        `affiliations`, the room's as they will be) applies to: that user's, and for a
+        ban of a domain every user of it without an affiliation of its own."""
+        return [o for o in self.occupants.values() if o.jid.bare == bare or (
+            affiliation == "outcast" and o.jid.domain == bare and o.jid.bare not in affiliations
+        )]
 
     def occupant_id(self, bare: str) -> str:
         """XEP-0421: the same for every session and nick of one user, here, and
@@ -408,6 +450,23 @@ class Room:
                 self._ids.clear()  # ids of users long gone
             found = self._ids[bare] = occupant_id(self.secret, bare)
         return found
+
+    def _holder(self, nick: str) -> Occupant | None:
+        """The occupant that holds `nick` or a nick that reads as it (`nick_key`)."""
+        found = self.occupants.get(nick)
+        return found if found is not None else self._keys.get(nick_key(nick))
+
+    def _seat(self, occupant: Occupant) -> None:
+        """`occupant` in the room under its nick: found by it, and by its `nick_key`
+        (an index, so that a join into a big room looks up its nick, not every one)."""
+        self.occupants[occupant.nick] = occupant
+        self._keys[nick_key(occupant.nick)] = occupant
+
+    def _unseat(self, occupant: Occupant) -> None:
+        del self.occupants[occupant.nick]
+        key = nick_key(occupant.nick)
+        if self._keys.get(key) is occupant:  # (two of one key: restored from before)
+            del self._keys[key]
 
     def _default_role(self, affiliation: str) -> str:
         if affiliation in ("owner", "admin"):
@@ -557,14 +616,14 @@ class Room:
 
     def _join(self, stanza: etree._Element, sender: JID, nick: str, now: float) -> Out:
         x = stanza.find(f"{{{MUC}}}x")
-        affiliation = self.affiliation(sender.bare)
+        affiliation = self._standing(sender.bare)
         if self.locked and affiliation != "owner":
             raise StanzaError("item-not-found", "the room is being created")
         if affiliation == "outcast":
             raise StanzaError("forbidden", "you are banned from this room")
         if self.config.members_only and affiliation == "none":
             raise StanzaError("registration-required", "the room is members-only")
-        taken = self.occupants.get(nick)
+        taken = self._holder(nick)
         another_session = taken is not None and taken.jid.bare == sender.bare
         cap = self.limits.max_occupants
         if self.config.max_users:
@@ -580,12 +639,12 @@ class Room:
             return self._join_session(taken, sender, x, now)
         if taken is not None:
             raise StanzaError("conflict", "that nickname is in use")
-        self._check_reserved(nick, sender.bare)
+        self._check_nick(nick, sender.bare)
         presence, show = self._presence_payload(stanza)
         occupant = Occupant(nick, sender, self._default_role(affiliation), seq=self._next())
         occupant.presence, occupant.show = presence, show
         out: Out = [self._shown(other, occupant) for other in self.occupants.values()]
-        self.occupants[nick] = occupant
+        self._seat(occupant)
         self.by_jid[sender.full] = occupant
         self.touched.add(nick)
         codes = []
@@ -632,10 +691,15 @@ class Room:
             goodbye.insert(0, _el(f"{{{ns.CLIENT}}}status", text=status))
         return [goodbye]
 
-    def _check_reserved(self, nick: str, bare: str) -> None:
-        """A nick registered with the room is its registrant's alone (7.10)."""
+    def _check_nick(self, nick: str, bare: str) -> None:
+        """A nick `bare` may take: not blank (RFC 8266 trims spaces, and an empty
+        nick is none: it would show as nobody) and not registered to someone else
+        (7.10: a registered nick is its registrant's alone)."""
+        key = nick_key(nick)
+        if not key:
+            raise StanzaError("jid-malformed", "a nickname needs more than spaces")
         for owner, registered in self.registered.items():
-            if registered == nick and owner != bare:
+            if nick_key(registered) == key and owner != bare:
                 raise StanzaError("conflict", "that nickname is registered to someone else")
 
     # --- nickname registration (7.10, 7.12) --------------------------------------------
@@ -657,11 +721,15 @@ class Room:
         return query
 
     def _may_register(self, bare: str) -> None:
-        affiliation = self.affiliation(bare)
+        affiliation = self._standing(bare)
         if affiliation == "outcast":
             raise StanzaError("forbidden", "you are banned from this room")
         if self.config.members_only and affiliation == "none":
             raise StanzaError("registration-required", "only members register in this room")
+        if self.config.moderated and affiliation == "none":
+            # Registering makes a member, and a member of a moderated room has voice:
+            # a visitor would give itself what only a moderator grants (8.6, 7.13).
+            raise StanzaError("forbidden", "in a moderated room, only members register")
 
     def register(self, stanza: etree._Element, query: etree._Element) -> Out:
         """Register (or change) the sender's nick, which makes it a member; or
@@ -685,8 +753,8 @@ class Room:
             nick = parse_jid(f"{self.jid}/{nick}").resource
         except StanzaError:
             raise StanzaError("not-acceptable", "that nickname is not allowed") from None
-        self._check_reserved(nick, bare)
-        holder = self.occupants.get(nick)
+        self._check_nick(nick, bare)
+        holder = self._holder(nick)
         if holder is not None and holder.jid.bare != bare:
             raise StanzaError("conflict", "that nickname is in use")
         member = {bare: "member"} if self.affiliation(bare) == "none" else {}
@@ -710,20 +778,21 @@ class Room:
         return query
 
     def _change_nick(self, occupant: Occupant, nick: str) -> Out:
-        if nick in self.occupants:
+        holder = self._holder(nick)
+        if holder is not None and holder is not occupant:  # its own in another case is not
             raise StanzaError("conflict", "that nickname is in use")
-        self._check_reserved(nick, occupant.jid.bare)
+        self._check_nick(nick, occupant.jid.bare)
         out = self._broadcast_presence(
             occupant, unavailable=True, codes=["303"], item_extra={"nick": nick}
         )
         # 'role' in the 303 item is the occupant's current role, not none.
         for stanza in _built(out):
             stanza.find(f"{{{MUC_USER}}}x/{{{MUC_USER}}}item").set("role", occupant.role)
-        del self.occupants[occupant.nick]
+        self._unseat(occupant)
         self.touched.update((occupant.nick, nick))
         occupant.nick = nick
         occupant.seq = self._next()
-        self.occupants[nick] = occupant
+        self._seat(occupant)
         return out + self._broadcast_presence(occupant)
 
     def _leave(
@@ -733,14 +802,15 @@ class Room:
         codes: Iterable[str] = (),
         actor: str | None = None,
         reason: str | None = None,
+        item_extra: dict[str, str] | None = None,
     ) -> Out:
-        del self.occupants[occupant.nick]
+        self._unseat(occupant)
         self.touched.add(occupant.nick)
         for session in (occupant.jid, *occupant.others):
             del self.by_jid[session.full]
         out = self._presence_to(
-            occupant, [*self.occupants.values(), occupant],
-            unavailable=True, codes=codes, actor=actor, reason=reason,
+            occupant, [*self.occupants.values(), occupant], unavailable=True, codes=codes,
+            actor=actor, reason=reason, item_extra=item_extra,
         )
         if status:
             for stanza in _built(out):
@@ -960,7 +1030,7 @@ class Room:
             if not may:
                 raise StanzaError("forbidden", "you may not invite to this members-only room")
         affiliations = self.affiliations
-        if self.config.members_only and self.affiliation(invitee.bare) == "none":
+        if self.config.members_only and self._standing(invitee.bare) == "none":
             affiliations = {**self.affiliations, invitee.bare: "member"}
         invited = {k: v for k, v in self.invited.items() if k != invitee.bare}
         invited[invitee.bare] = str(sender.jid)
@@ -1001,7 +1071,10 @@ class Room:
         """An IQ between occupants (a vCard or a ping), relayed between their real JIDs
         under their nicks; a ping to one's own nick is answered here (XEP-0410: the
         caller answers when this returns []). Results and errors are relayed the
-        same way and never answered."""
+        same way and never answered: each to the session whose request it answers
+        (an occupant may be in the room from several), found from the tag the room
+        put before the request's id (`_relay_tag`); one that answers no request of
+        that occupant's sessions goes nowhere."""
         request = stanza.get("type") in ("get", "set")
         sender = self.by_jid.get(stanza.get("from", ""))
         if sender is None:
@@ -1017,8 +1090,27 @@ class Room:
             return []
         relayed = _copy(stanza)
         relayed.set("from", f"{self.jid}/{sender.nick}")
-        relayed.set("to", str(target.jid))
-        return [relayed]
+        if request:
+            id_ = stanza.get("id", "")
+            relayed.set("id", self._relay_tag(stanza.get("from", ""), id_) + id_)
+            relayed.set("to", str(target.jid))
+            return [relayed]
+        tag, id_ = stanza.get("id", "")[:RELAY_TAG], stanza.get("id", "")[RELAY_TAG:]
+        for session in (target.jid, *target.others):
+            # As bytes: compare_digest refuses a str that is not ASCII, which an id may be.
+            if hmac.compare_digest(self._relay_tag(str(session), id_).encode(), tag.encode()):
+                relayed.set("id", id_)
+                relayed.set("to", str(session))
+                return [relayed]
+        return []
+
+    def _relay_tag(self, asker: str, id_: str) -> str:
+        """The tag before the id of a request `asker` (a full JID) relays to another
+        occupant: a keyed hash that only the room makes, so the answer finds the
+        session that asked, and that tells the one asked nothing of the asker's JID
+        (its occupant id's hash, with its own prefix, is of another input)."""
+        mac = hmac.new(self.secret.encode(), f"iq\0{asker}\0{id_}".encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()[:9]).decode()
 
     # --- administration (muc#admin) ------------------------------------------------------
 
@@ -1187,9 +1279,10 @@ class Room:
             self.affiliations[bare] = affiliation
         self.persistent_changed = True
         out: Out = []
-        for occupant in [o for o in self.occupants.values() if o.jid.bare == bare]:
-            if affiliation == "outcast":
-                out += self._leave(occupant, None, codes=["301"], actor=actor, reason=reason)
+        for occupant in self._affected(bare, affiliation, self.affiliations):
+            if affiliation == "outcast":  # (its own, or its server's: say which it has now)
+                out += self._leave(occupant, None, codes=["301"], actor=actor, reason=reason,
+                                   item_extra={"affiliation": "outcast"})
             elif affiliation == "none" and self.config.members_only:
                 out += self._leave(occupant, None, codes=["321"], actor=actor, reason=reason)
             else:
@@ -1199,6 +1292,14 @@ class Room:
         return out
 
     # --- ownership (muc#owner) -----------------------------------------------------------
+
+    def require_configured(self, stanza: etree._Element) -> None:
+        """XEP-0045 10.1.2: a room its owner has not configured yet is the owner's alone,
+        to anyone else as if it did not exist (a join is refused so in `_join`): a
+        nick registered now would make a member of a room about to be members-only,
+        an invitation would call someone to a room nobody may enter."""
+        if self.locked and self._actor(stanza)[1] != "owner":
+            raise StanzaError("item-not-found", "the room is being created")
 
     def _require_owner(self, stanza: etree._Element) -> None:
         if self._actor(stanza)[1] != "owner":
@@ -1301,7 +1402,7 @@ class Room:
                 occupant, occupant, unavailable=True, codes=codes,
                 destroy=None if destroy is None else _copy(destroy),  # each its own
             ))
-            del self.occupants[occupant.nick]
+            self._unseat(occupant)
             self.touched.add(occupant.nick)
             for session in (occupant.jid, *occupant.others):
                 del self.by_jid[session.full]
@@ -1367,12 +1468,12 @@ class _Plan:
         removed = affiliation == "outcast" or (
             affiliation == "none" and self.room.config.members_only
         )
-        for nick, occupant in self.room.occupants.items():
-            if occupant.jid.bare == bare and nick in self.roles:
+        for occupant in self.room._affected(bare, affiliation, self.affiliations):
+            if occupant.nick in self.roles:
                 if removed:
-                    del self.roles[nick]
+                    del self.roles[occupant.nick]
                 else:
-                    self.roles[nick] = self.room._default_role(affiliation)
+                    self.roles[occupant.nick] = self.room._default_role(affiliation)
 
     def set_role(self, nick: str, role: str) -> None:
         if role == "none":

@@ -799,6 +799,7 @@ class Muc(Module):
         past: int = 0,
     ) -> None:
         stanza = routed.stanza
+        made = room is None
         try:
             if room is None:
                 room = self._create(room_jid, routed, owned, past)
@@ -806,14 +807,25 @@ class Muc(Module):
                     return
             out = self._dispatch(room, routed)
         except StanzaError as exc:
+            self._unmake(room_jid, made)
             self._error(stanza, exc, room_jid)
             return
         except Exception:
             # A bug must cost this stanza only, not the ones queued behind it.
             self.log.exception("muc: %s to %s failed", stanza.tag, room_jid)
+            self._unmake(room_jid, made)
             self._error(stanza, StanzaError("internal-server-error"), room_jid)
             return
         self._apply(room, out)
+
+    def _unmake(self, room_jid: str, made: bool) -> None:
+        """The join that made the room was refused (a blank nick, a presence over the
+        limit): the room, empty and never written, goes, or it would stay locked for
+        an owner who is not in it, its name lost to everyone and counted against its
+        creator's rooms for good. (`_load`, which made it, lets go of its lease.)"""
+        room = self.rooms.get(room_jid)
+        if made and room is not None and room.empty:
+            del self.rooms[room_jid]
 
     def _apply(self, room: Room, out: Out) -> None:
         self.outbox.send(room.jid, out)
@@ -862,6 +874,8 @@ class Muc(Module):
             # What goes to every occupant waits until the room has sent what it owes
             # (leaving, private messages and IQs pass).
             raise StanzaError("resource-constraint", "the room is busy, try again", "wait")
+        if stanza.tag != ns.C_PRESENCE:
+            room.require_configured(stanza)
         if stanza.tag == ns.C_PRESENCE:
             if not nick:
                 # An occupant's presence to the bare room is meant for its own nick

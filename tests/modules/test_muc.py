@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -823,7 +824,7 @@ async def test_nickname_registration_reserves_the_nick_and_makes_a_member() -> N
     h, _ = await harness()
     alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
     carol = h.session("carol@localhost/c")
-    await instant_room(h, alice, "Alice", moderatedroom="1")
+    await instant_room(h, alice, "Alice")
     await join(h, bob, "Bob")
     register = "<query xmlns='jabber:iq:register'/>"
     form = await h.iq(bob, "get", register, to=ROOM)
@@ -837,7 +838,6 @@ async def test_nickname_registration_reserves_the_nick_and_makes_a_member() -> N
     assert condition(await h.iq(bob, "set", nick_form.format("Alice"), to=ROOM)) == "conflict"
     got = await h.send(bob, f"<iq type='set' id='r' to='{ROOM}'>{nick_form.format('bobby')}</iq>")
     assert got[0].get("type") == "result"
-    # A member of a moderated room gets voice at once.
     assert item(got[1]).get("affiliation") == "member" and item(got[1]).get("role") == "participant"
     again = await h.iq(bob, "get", register, to=ROOM)
     assert again.findtext("{*}query/{*}username") == "bobby"
@@ -862,7 +862,7 @@ async def test_nickname_registration_reserves_the_nick_and_makes_a_member() -> N
     )
     assert removed[0].get("type") == "result"
     assert item(removed[1]).get("affiliation") == "none"
-    assert item(removed[1]).get("role") == "visitor"
+    assert item(removed[1]).get("role") == "participant"
     banned = h.session("eve@localhost/e")
     await admin_iq(h, alice, "set", "<item affiliation='outcast' jid='eve@localhost'/>")
     assert condition(await h.iq(banned, "get", register, to=ROOM)) == "forbidden"
@@ -876,22 +876,25 @@ async def test_iqs_between_occupants_are_relayed_under_their_nicks() -> None:
     alice.take()
     await h.send(bob, f"<iq type='get' id='v1' to='{ROOM}/Alice'><vCard xmlns='vcard-temp'/></iq>")
     (asked,) = alice.take()
-    assert (asked.get("from"), asked.get("to"), asked.get("id")) == (
-        f"{ROOM}/Bob", "alice@localhost/a", "v1"
-    )
+    assert (asked.get("from"), asked.get("to")) == (f"{ROOM}/Bob", "alice@localhost/a")
+    # Its id is Bob's behind the room's tag, which finds his client when she answers.
+    assert asked.get("id").endswith("v1") and asked.get("id") != "v1"
     assert asked.find("{vcard-temp}vCard") is not None
-    await h.send(alice, f"<iq type='result' id='v1' to='{ROOM}/Bob'><vCard xmlns='vcard-temp'>"
-                        "<FN>Alice</FN></vCard></iq>")
+    await h.send(alice, f"<iq type='result' id='{asked.get('id')}' to='{ROOM}/Bob'>"
+                        "<vCard xmlns='vcard-temp'><FN>Alice</FN></vCard></iq>")
     (answer,) = bob.take()
     assert (answer.get("from"), answer.get("type"), answer.get("id")) == (
         f"{ROOM}/Alice", "result", "v1"
     )
     assert answer.findtext("{vcard-temp}vCard/{vcard-temp}FN") == "Alice"
     # Errors are relayed too, and never answered.
-    await h.send(alice, f"<iq type='error' id='v2' to='{ROOM}/Bob'><error type='cancel'>"
-                        f"<item-not-found xmlns='{STANZAS}'/></error></iq>")
+    await h.send(bob, f"<iq type='get' id='v2' to='{ROOM}/Alice'><vCard xmlns='vcard-temp'/></iq>")
+    (asked,) = alice.take()
+    await h.send(alice, f"<iq type='error' id='{asked.get('id')}' to='{ROOM}/Bob'>"
+                        f"<error type='cancel'><item-not-found xmlns='{STANZAS}'/></error></iq>")
     (error,) = bob.take()
     assert error.get("from") == f"{ROOM}/Alice" and condition(error) == "item-not-found"
+    assert error.get("id") == "v2"
     assert alice.take() == []
     assert condition(await h.iq(bob, "get", "<vCard xmlns='vcard-temp'/>", to=f"{ROOM}/Nobody")) \
         == "item-not-found"
@@ -1560,3 +1563,260 @@ async def test_a_session_that_ends_while_its_join_waits_for_the_room_is_no_ghost
     seen = [p for p in presences(alice.take()) if p.get("from") == f"{ROOM}/Bob"]
     assert [p.get("type") for p in seen] == [None, "unavailable"]  # joined, then left
     await items.close()
+
+
+async def test_nicks_are_compared_as_the_nickname_profile_folds_them() -> None:
+    # XEP-0045 7.2.9's nick in use, compared as RFC 8266 compares nicknames: one that
+    # differs from another only by case, width or spacing is that nick. Else a newcomer
+    # takes "alice" beside "Alice" and passes for her in every client that shows nicks.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice")
+    for taken in ("alice", "ALICE", "\uff41lice", "Alice\u3000", " alice"):
+        (refused,) = await join(h, bob, taken)
+        assert condition(refused) == "conflict", taken
+    assert alice.take() == []
+    await join(h, bob, "Bob")
+    alice.take(), bob.take()
+    (refused,) = await h.send(bob, f"<presence to='{ROOM}/aLiCe'/>")
+    assert condition(refused) == "conflict"
+    # Her own nick is hers to write otherwise.
+    got = presences(await h.send(alice, f"<presence to='{ROOM}/alice'/>"))
+    assert [s.get("from") for s in got] == [f"{ROOM}/Alice", f"{ROOM}/alice"]
+    # A registered nick is reserved the same way, and nobody registers a taken one.
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>{}</value></field></x></query>"
+    )
+    assert condition(await h.iq(bob, "set", nick_form.format("ALICE"), to=ROOM)) == "conflict"
+    assert (await h.iq(bob, "set", nick_form.format("bobby"), to=ROOM)).get("type") == "result"
+    (refused,) = await join(h, carol, "Bobby")
+    assert condition(refused) == "conflict"
+    await join(h, carol, "Carol")
+    (refused,) = await h.send(carol, f"<presence to='{ROOM}/BOBBY'/>")
+    assert condition(refused) == "conflict"
+
+
+async def test_a_visitor_of_a_moderated_room_gets_no_voice_by_registering() -> None:
+    # Registering a nick makes its user a member, and a member of a moderated room
+    # has voice: a visitor who could register would give itself the voice only a
+    # moderator grants (8.6). Its members and admins register as anywhere else.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice", moderatedroom="1")
+    await join(h, bob, "Bob")
+    await join(h, carol, "Carol")
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>{}</value></field></x></query>"
+    )
+    register = "<query xmlns='jabber:iq:register'/>"
+    alice.take(), bob.take(), carol.take()
+    assert condition(await h.iq(bob, "get", register, to=ROOM)) == "forbidden"
+    assert condition(await h.iq(bob, "set", nick_form.format("bobby"), to=ROOM)) == "forbidden"
+    assert alice.take() == [] and carol.take() == []
+    (refused,) = await say(h, bob, "heard at last")
+    assert condition(refused) == "forbidden"
+    # Made a member by an admin, Carol has voice, and registers her nick.
+    await admin_iq(h, alice, "set", "<item affiliation='member' jid='carol@localhost'/>")
+    carol.take()
+    assert (await h.iq(carol, "set", nick_form.format("carol"), to=ROOM)).get("type") == "result"
+    reserved = await h.iq(
+        carol, "get",
+        "<query xmlns='http://jabber.org/protocol/disco#info' node='x-roomuser-item'/>", to=ROOM,
+    )
+    assert reserved.find("{*}query/{*}identity").get("name") == "carol"
+
+
+async def test_an_answer_between_occupants_goes_to_the_client_that_asked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Bob is in the room from two clients under one nick; his phone asks Alice for her
+    # vCard. Her answer is the phone's, not his first client's, which never asked
+    # (and the phone would wait for it in vain).
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    phone = h.session("bob@localhost/phone")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    await join(h, phone, "Bob")
+    alice.take(), bob.take(), phone.take()
+    for asker, id_ in ((phone, "p1"), (bob, "b1"), (phone, "p2")):
+        await h.send(asker, f"<iq type='get' id='{id_}' to='{ROOM}/Alice'>"
+                            "<vCard xmlns='vcard-temp'/></iq>")
+    asked = alice.take()
+    assert [a.get("from") for a in asked] == [f"{ROOM}/Bob"] * 3
+    # Alice's client answers the second request with an error, the others with results,
+    # in another order.
+    for request in (asked[2], asked[0]):
+        await h.send(alice, f"<iq type='result' id='{request.get('id')}' to='{ROOM}/Bob'/>")
+    await h.send(alice, f"<iq type='error' id='{asked[1].get('id')}' to='{ROOM}/Bob'>"
+                        f"<error type='cancel'><item-not-found xmlns='{STANZAS}'/></error></iq>")
+    got_phone, got_bob = phone.take(), bob.take()
+    assert [(a.get("id"), a.get("type"), a.get("from")) for a in got_phone] == [
+        ("p2", "result", f"{ROOM}/Alice"), ("p1", "result", f"{ROOM}/Alice")
+    ]
+    assert [(a.get("id"), a.get("type")) for a in got_bob] == [("b1", "error")]
+    # An answer to no request of its own (a made-up id, or one Bob's other client's
+    # request had) reaches nobody.
+    await h.send(alice, f"<iq type='result' id='b1' to='{ROOM}/Bob'/>")
+    await h.send(alice, f"<iq type='result' id='{asked[0].get('id')[:-2]}b1' to='{ROOM}/Bob'/>")
+    # Nor one whose id is not ASCII (the tag is compared as bytes), result or error.
+    await h.send(alice, f"<iq type='result' id='\u00e9t\u00e9\u00e9t\u00e9\u00e9t\u00e9x' "
+                        f"to='{ROOM}/Bob'/>")
+    await h.send(alice, f"<iq type='error' id='\u00e9t\u00e9' to='{ROOM}/Bob'><error "
+                        f"type='cancel'><item-not-found xmlns='{STANZAS}'/></error></iq>")
+    assert phone.take() == [] and bob.take() == []
+    # The room goes on relaying.
+    await h.send(phone, f"<iq type='get' id='p3' to='{ROOM}/Alice'>"
+                        "<ping xmlns='urn:xmpp:ping'/></iq>")
+    (asked,) = alice.take()
+    await h.send(alice, f"<iq type='result' id='{asked.get('id')}' to='{ROOM}/Bob'/>")
+    assert [a.get("id") for a in phone.take()] == ["p3"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_banning_a_domain_bans_every_user_of_it() -> None:
+    # An outcast JID may be a server's (as Prosody and ejabberd take it): the ban was
+    # stored and answered with a result, yet its users stayed and joined on.
+    h, _ = await harness()
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice")
+    joined = await remote_join(h, "mallory@remote.example/x", ROOM)
+    assert codes(presences(joined)[-1]) == {"110"}
+    alice.take()
+    joined.clear()
+    reply, seen = await h.send(
+        alice, f"<iq type='set' id='b' to='{ROOM}'><query xmlns='{MUC_ADMIN}'>"
+        "<item affiliation='outcast' jid='remote.example'/></query></iq>"
+    )
+    assert reply.get("type") == "result"
+    assert seen.get("from") == f"{ROOM}/Remote" and codes(seen) == {"301"}
+    (out,) = joined
+    assert out.get("type") == "unavailable" and codes(out) == {"110", "301"}
+    assert item(out).get("affiliation") == item(seen).get("affiliation") == "outcast"
+    for jid in ("mallory@remote.example/x", "eve@remote.example/y", "remote.example/z"):
+        (refused,) = await remote_join(h, jid, ROOM)
+        assert condition(refused) == "forbidden", jid
+    # An affiliation of the user's own comes first: a member of a banned server joins.
+    await admin_iq(h, alice, "set", "<item affiliation='member' jid='trusted@remote.example'/>")
+    joined = await remote_join(h, "trusted@remote.example/t", ROOM)
+    assert codes(presences(joined)[-1]) == {"110"}
+    # Lifting the ban lets the server's users in again.
+    await admin_iq(h, alice, "set", "<item affiliation='none' jid='remote.example'/>")
+    (refused,) = await remote_join(h, "eve@remote.example/y", ROOM)
+    # Refused for the nick (the member's), which a join is checked for after a ban.
+    assert condition(refused) == "conflict"
+
+
+async def test_a_locked_room_is_nobody_elses_until_its_owner_configures_it() -> None:
+    # XEP-0045 10.1.2: until configured, the room is its owner's alone. A stranger who
+    # registered a nick meanwhile would be a member of the room the owner is making
+    # members-only; an invitation would go out from a room nobody may join yet.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await join(h, alice, "Alice")
+    alice.take()
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>bob</value></field></x></query>"
+    )
+    for type_, payload in (
+        ("set", nick_form),
+        ("get", "<query xmlns='jabber:iq:register'/>"),
+        ("get", "<query xmlns='http://jabber.org/protocol/disco#info'/>"),
+        ("get", "<query xmlns='http://jabber.org/protocol/disco#items'/>"),
+    ):
+        assert condition(await h.iq(bob, type_, payload, to=ROOM)) == "item-not-found", payload
+    (refused,) = await h.send(
+        bob, f"<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='carol@localhost'/></x>"
+        "</message>"
+    )
+    assert condition(refused) == "item-not-found"
+    assert alice.take() == [] and carol.take() == []
+    # Made members-only, the room has no member its owner did not make.
+    reply = await owner_iq(h, alice, "set", submit(membersonly="1"))
+    assert reply.get("type") == "result"
+    (refused,) = await join(h, bob, "Bob")
+    assert condition(refused) == "registration-required"
+    # Its owner had the room to itself all along.
+    assert (await h.iq(alice, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+                       to=ROOM)).get("type") == "result"
+
+
+async def test_a_nick_of_nothing_but_spaces_is_refused() -> None:
+    # RFC 8266 trims a nickname's spaces, and an empty one is no nickname: a blank nick
+    # shows as nobody in a client, and every message from it as if from nowhere.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    await instant_room(h, alice, "Alice")
+    for blank in (" ", "\u00a0", "\u3000 "):
+        (refused,) = await join(h, bob, blank)
+        assert condition(refused) == "jid-malformed", repr(blank)
+    (refused,) = await h.send(alice, f"<presence to='{ROOM}/ '/>")
+    assert condition(refused) == "jid-malformed"
+    nick_form = (
+        "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>"
+        "<field var='muc#register_roomnick'><value>\u00a0</value></field></x></query>"
+    )
+    assert condition(await h.iq(alice, "set", nick_form, to=ROOM)) == "not-acceptable"
+    assert list(h.host.module(Muc).rooms[ROOM].occupants) == ["Alice"]
+
+
+async def test_a_room_whose_first_join_fails_is_not_left_behind() -> None:
+    # A join that makes a room and is then refused (here its presence is over the
+    # limit) left an empty room, locked for an owner who is not in it: nobody else
+    # could use the name again, and it counted against its creator's rooms for good.
+    h, _ = await harness(max_presence_bytes=512, max_rooms_per_user=2)
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    muc = h.host.module(Muc)
+    big = f"<status>{'x' * 600}</status>"
+    for name in ("room", "other", "third"):
+        (refused,) = await h.send(
+            alice, f"<presence to='{name}@conference.localhost/Alice'><x xmlns='{MUC}'/>{big}"
+            "</presence>"
+        )
+        assert condition(refused) == "policy-violation"
+    assert muc.rooms == {}
+    joined = await join(h, bob, "Bob")
+    assert codes(presences(joined)[-1]) == {"110", "201"}
+    await instant_room(h, alice, "Alice", "mine@conference.localhost")
+
+
+async def test_no_one_acts_beyond_the_xep_0045_tables() -> None:
+    # What the review checked (XEP-0045 5.2's tables): each refused, and nothing changed.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, alice, "Alice")
+    await admin_iq(h, alice, "set", "<item affiliation='admin' jid='bob@localhost'/>"
+                                    "<item affiliation='member' jid='carol@localhost'/>")
+    await join(h, bob, "Bob")
+    await join(h, carol, "Carol")
+    room = h.host.module(Muc).rooms[ROOM]
+    before = dict(room.affiliations)
+    refusals = [
+        # A member grants no membership and bans nobody.
+        (carol, admin_iq, "<item affiliation='member' jid='dave@localhost'/>", "forbidden"),
+        (carol, admin_iq, "<item affiliation='outcast' jid='dave@localhost'/>", "forbidden"),
+        # An admin (a moderator) neither kicks, silences nor demotes the owner.
+        (bob, admin_iq, "<item nick='Alice' role='none'/>", "not-allowed"),
+        (bob, admin_iq, "<item nick='Alice' role='participant'/>", "not-allowed"),
+        (bob, admin_iq, "<item affiliation='admin' jid='alice@localhost'/>", "not-allowed"),
+        # Nor configures nor destroys the room: the owner's alone.
+        (bob, owner_iq, submit(membersonly="1"), "forbidden"),
+        (bob, owner_iq, "<destroy/>", "forbidden"),
+    ]
+    for who, kind, payload, expected in refusals:
+        assert condition(await kind(h, who, "set", payload)) == expected, payload
+    assert room.affiliations == before and not room.config.members_only
+    assert {nick: o.role for nick, o in room.occupants.items()} == {
+        "Alice": "moderator", "Bob": "moderator", "Carol": "participant"
+    }
