@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,17 @@ import pytest
 from lxml import etree
 
 from tests.modules.slow_stores import GatedSQLite
+from tests.storage.services import dynamodb_config, service_factory  # noqa: F401  (fixture)
 from xmppd.modules.offline import PAGE, Offline, decide
 from xmppd.router import Router
+from xmppd.storage import devservices
+from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
 from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import BlobStore, ItemStore, Page, Query, StorageError, Write
 from xmppd.storage.cache import NullCache
+from xmppd.storage.devservices import LocalService
 from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
 
@@ -445,6 +450,81 @@ async def test_a_store_that_hangs_holds_new_messages_only_for_a_while(
     await harness.router.drain()
     assert bodies(bob.take()) == ["old0", "old1", "old2"]
     assert await stored_count(harness) == 0
+
+
+async def started(storage: Storage, options: dict[str, Any]) -> ModuleHarness:
+    harness = ModuleHarness({"offline": options}, storage=storage)
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    return await harness.start()
+
+
+async def until(done: Callable[[], object], seconds: float = 30.0) -> None:
+    """Wait for `done()` to hold (what retries make true some time later)."""
+    async with asyncio.timeout(seconds):
+        while not done():  # noqa: ASYNC110 - nothing signals a retry's end
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.services
+async def test_a_delivery_an_outage_stopped_at_login_is_tried_again(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """bob logs in while the item store (moto's DynamoDB) hangs: the read of his stored
+    messages fails. Once it answers again he gets them in the same session, each once;
+    before, they waited for his next login, which may be days later."""
+    moto = service_factory(devservices.moto_server)
+    items = await DynamoDBItemBackend.from_config(
+        dynamodb_config(moto, create_table=True, timeout=0.5, retries=0)
+    )
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    try:
+        harness = await started(storage, {"retry_every": 0.2, "first_wait": 0.1})
+        alice = harness.session("alice@localhost/a")
+        for n in range(3):
+            assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+        moto.pause()
+        try:
+            bob = await login(harness, "bob@localhost/b")
+            assert bodies(bob.take()) == []
+        finally:
+            moto.resume()
+        await until(lambda: len(bob.received) >= 3)
+        await until(lambda: not offline_module(harness)._handed)
+        assert bodies(bob.take()) == ["m0", "m1", "m2"]
+        assert await stored_count(harness) == 0
+    finally:
+        await storage.close()
+
+
+async def test_a_removal_that_failed_is_retried_without_handing_the_messages_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The messages reach bob, then their removal fails: another process holds the
+    SQLite file's write lock. The removal is tried again while bob stays, and he is not
+    handed them again meanwhile; once the lock goes, they are removed. Before, they
+    stayed stored and came again at each login until one removal succeeded."""
+    path = tmp_path / "items.sqlite3"
+    items = SQLiteItemBackend(path, busy_timeout=0.2)
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        harness = await started(storage, {"retry_every": 0.1})
+        alice = harness.session("alice@localhost/a")
+        for n in range(3):
+            assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+        locker.execute("BEGIN IMMEDIATE")  # WAL: readers go on, writers get "locked"
+        bob = await login(harness, "bob@localhost/b")
+        await until(lambda: caplog.text.count("delivering offline messages") >= 3)
+        assert bodies(bob.received) == ["m0", "m1", "m2"]  # each once, however many tries
+        assert await stored_count(harness) == 3
+        locker.execute("ROLLBACK")
+        await until(lambda: not offline_module(harness)._handed)
+        assert await stored_count(harness) == 0
+        assert bodies(bob.take()) == ["m0", "m1", "m2"]
+    finally:
+        locker.close()
+        await storage.close()
 
 
 async def test_disco_advertises_msgoffline(harness: ModuleHarness) -> None:
