@@ -14,6 +14,9 @@ counter and the index item in one transaction conditional on the counter's
 version. Sequence numbers are therefore handed out in commit order, with no
 gaps a reader could see out of order, by any number of nodes at once; on
 this node a per-recipient lock keeps concurrent writers from even retrying.
+A retry first looks for the message in the index: the lost try may have been
+its own transaction, sent again by the backend after a timeout, whose first
+copy landed; appended again, the message would be delivered twice.
 Delivery reads the index in name order, hands each message to the session,
 and only then deletes index items and counter in one transaction (the blobs
 after): a node that dies in between delivers again, never loses. A delivery
@@ -234,15 +237,33 @@ class Offline(Module):
             await blobs.put(key, data, if_none_match=True)
         except TooLarge as exc:
             raise QuotaExceeded("the message is too large to store") from exc
+        tries = 0
+
+        async def append(counter: Item | None) -> WithWrites | Unchanged:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and await self._indexed(items, user, key):
+                # A lost try was no rival's: our own transaction, sent again by the
+                # backend after a timeout, lost to its first copy, which landed.
+                return UNCHANGED
+            return self._append(items, user, counter, key, len(data))
+
         try:
-            await items.modify(
-                user,
-                lambda counter: self._append(items, user, counter, key, len(data)),
-                what="offline queue",
-            )
+            await items.modify(user, append, what="offline queue")
         except BaseException:
             await self._drop_blob(blobs, key)
             raise
+
+    async def _indexed(self, items: ItemStore, user: str, key: str) -> bool:
+        """Whether `user`'s queue holds the message of blob `key` already (at most
+        `max_messages` index items: read only after a lost try)."""
+        token: str | None = None
+        while True:
+            page = await items.query(Query(prefix=f"{user}/", limit=PAGE, page_token=token))
+            if any(item.attrs.get("blob") == key for item in page.items):
+                return True
+            if (token := page.next_token) is None:
+                return False
 
     def _check_quota(self, counter: Item | None, size: int) -> None:
         if _int(counter, "count") + 1 > self.options.max_messages:

@@ -21,7 +21,7 @@ from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import BlobStore, ItemStore, Page, Query, StorageError, Write
-from xmppd.storage.cache import NullCache
+from xmppd.storage.cache import CachedItemBackend, MemoryCache, NullCache
 from xmppd.storage.devservices import LocalService
 from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
@@ -493,6 +493,47 @@ async def test_a_delivery_an_outage_stopped_at_login_is_tried_again(
         await until(lambda: not offline_module(harness)._handed)
         assert bodies(bob.take()) == ["m0", "m1", "m2"]
         assert await stored_count(harness) == 0
+    finally:
+        await storage.close()
+
+
+@pytest.mark.services
+async def test_a_retried_write_whose_first_try_landed_stores_the_message_once(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """moto's DynamoDB hangs while a message is queued for bob: the transaction times
+    out, the backend sends it again, and moto, running again, applies the first and
+    refuses the second (the counter moved). That refusal is no rival's write: the
+    message is in the queue once, and bob gets it once. Before, the queue got it again
+    under the next number, and bob got it twice."""
+    moto = service_factory(devservices.moto_server)
+    items = await DynamoDBItemBackend.from_config(
+        dynamodb_config(moto, create_table=True, timeout=2.0, retries=1)
+    )
+    cache = MemoryCache()
+    storage = Storage(
+        CachedItemBackend(items, cache), await FileBlobBackend.open(tmp_path / "blobs"), cache
+    )
+    try:
+        harness = await started(storage, {})
+        module = offline_module(harness)
+        assert await module.count("localhost", "bob") == 0  # the counter read, cached
+        stanza = parse_stanza(chat("bob@localhost", "once"))
+        stanza.set("from", "alice@localhost/a")
+        moto.pause()
+        try:
+            storing = asyncio.create_task(module.on_offline(stanza, "bob@localhost"))
+            # the first try times out at 2 s, the second is sent then: moto wakes
+            # between, so that it answers the second
+            await asyncio.sleep(3.0)
+        finally:
+            moto.resume()
+        assert await storing
+        await harness.router.drain()
+        assert await stored_count(harness) == 1
+        bob = await login(harness, "bob@localhost/b")
+        assert bodies(bob.take()) == ["once"]
     finally:
         await storage.close()
 
