@@ -345,10 +345,10 @@ class Offline(Module):
         """The timer: try again the deliveries a store failure stopped."""
         retry, self._retry = self._retry, set()
         for session in retry:
-            if self._bound(session):
-                self.host.spawn(self.deliver_stored(session), session.bare)
-            else:
+            if not self._bound(session):
                 self._handed.pop(session, None)  # its messages wait for its next login
+            elif session not in self._negative:  # else its next priority >= 0 delivers
+                self.host.spawn(self.deliver_stored(session), session.bare)
 
     async def deliver_stored(self, session: ClientSession) -> None:
         """Hand `session` every stored message, oldest first, then forget them; after a
