@@ -234,7 +234,10 @@ class Offline(Module):
         self._check_quota(await items.get(user), len(data))  # a full queue costs no upload
         key = f"{user}/{secrets.token_hex(16)}"
         try:
-            await blobs.put(key, data, if_none_match=True)
+            # Unconditional: the key is new (128 random bits). Conditional on its absence,
+            # a put the backend sent again after a timeout reported its own first copy,
+            # which had landed, as a rival: the message was bounced though stored.
+            await blobs.put(key, data)
         except TooLarge as exc:
             raise QuotaExceeded("the message is too large to store") from exc
         tries = 0

@@ -12,13 +12,18 @@ import pytest
 from lxml import etree
 
 from tests.modules.slow_stores import GatedSQLite
-from tests.storage.services import dynamodb_config, service_factory  # noqa: F401  (fixture)
+from tests.storage.services import (  # noqa: F401  (fixture)
+    dynamodb_config,
+    s3_config,
+    service_factory,
+)
 from xmppd.modules.offline import PAGE, Offline, decide
 from xmppd.router import Router
 from xmppd.storage import devservices
 from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
 from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
+from xmppd.storage.backends.s3 import S3BlobBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import BlobStore, ItemStore, Page, Query, StorageError, Write
 from xmppd.storage.cache import CachedItemBackend, MemoryCache, NullCache
@@ -531,6 +536,48 @@ async def test_a_retried_write_whose_first_try_landed_stores_the_message_once(
             moto.resume()
         assert await storing
         await harness.router.drain()
+        assert await stored_count(harness) == 1
+        bob = await login(harness, "bob@localhost/b")
+        assert bodies(bob.take()) == ["once"]
+    finally:
+        await storage.close()
+
+
+@pytest.mark.services
+async def test_a_blob_put_retried_after_its_first_try_landed_is_no_failure(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """moto's S3 hangs while a message for bob is written: the put times out, the
+    backend sends it again, and moto, running again, stores the first and answers the
+    second. The message is stored once and the sender told nothing. Before, the put was
+    conditional on the key being new, so the second try reported the first one's blob
+    as a rival's: the message was bounced with internal-server-error, its blob left."""
+    moto = service_factory(devservices.moto_server)
+    blobs = await S3BlobBackend.from_config(
+        s3_config(moto, create_bucket=True, timeout=2.0, retries=1)
+    )
+    storage = Storage(
+        await SQLiteItemBackend.open(tmp_path / "items.sqlite3"), blobs, NullCache()
+    )
+    try:
+        harness = await started(storage, {})
+        module = offline_module(harness)
+        refused: list[etree._Element] = []
+        harness.router.bounce = lambda stanza, *args: refused.append(stanza)  # type: ignore[method-assign]
+        stanza = parse_stanza(chat("bob@localhost", "once"))
+        stanza.set("from", "alice@localhost/a")
+        moto.pause()
+        try:
+            storing = asyncio.create_task(module.on_offline(stanza, "bob@localhost"))
+            # the first try times out at 2 s, the second is sent then: moto wakes
+            # between, so that it answers the second
+            await asyncio.sleep(3.0)
+        finally:
+            moto.resume()
+        assert await storing
+        await harness.router.drain()
+        assert refused == []
         assert await stored_count(harness) == 1
         bob = await login(harness, "bob@localhost/b")
         assert bodies(bob.take()) == ["once"]
