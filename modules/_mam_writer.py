@@ -10,10 +10,12 @@ time), by a task that runs while there is something to write, and up to
 RUNNERS of them while a whole batch or more waits (a remote store's round
 trips overlap). Each write has a future, done when its batch is written or failed
 (logged; the caller has delivered the message already), which the module
-counts for its backpressure and as the account's work.
+counts for its backpressure and as the account's work. A batch whose write
+fails is tried again after RETRY_WAITS, so that a short failure of the store
+loses nothing from the archive.
 
 A batch is written only for the accounts that still exist, looked up once
-per account and batch: a message delivered to a session of an account
+per account and batch (and try): a message delivered to a session of an account
 being removed (still bound, on another node say) must not be archived
 once the removal deleted the archive. As the write is the account's work,
 a removal that began after the lookup waits for it, and deletes it.
@@ -32,6 +34,11 @@ BATCH = 100
 """Items per storage call at most."""
 RUNNERS = 4
 """Batches written at once at most."""
+RETRY_WAITS = (0.5, 1.0, 2.0)
+"""Seconds before each new try of a batch whose write failed: a short failure of the
+store (its write lock held a moment, throttling past the backend's own retries) loses
+no message from the archive. The batch's writers wait meanwhile, so their clients are
+slowed as by a slow store; a longer outage loses the batch (logged as an error)."""
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +80,7 @@ class Writer:
                 batch = {name: self._queued.pop(name) for name in names}
                 waiting = [self._done.pop(name) for name in names]
                 try:
-                    if kept := await self._of_accounts(batch):
-                        await self.store.batch_put(kept)
-                except StorageError as exc:
-                    log.error("%d messages not archived in %s: %s", len(batch),
-                              self.store.namespace, exc)
-                except Exception:
-                    log.exception("%d messages not archived in %s", len(batch),
-                                  self.store.namespace)
+                    await self._put(batch)
                 finally:
                     for future in waiting:
                         if not future.done():
@@ -99,3 +99,23 @@ class Writer:
         log.info("%d messages not archived in %s: no account %s", len(batch) - len(kept),
                  self.store.namespace, ", ".join(sorted(gone)))
         return kept
+
+    async def _put(self, batch: dict[str, Attrs]) -> None:
+        """Write one batch, trying again after each of RETRY_WAITS; logged if it fails."""
+        for wait in (*RETRY_WAITS, None):
+            try:
+                if kept := await self._of_accounts(batch):
+                    await self.store.batch_put(kept)
+                return
+            except StorageError as exc:
+                if wait is None:
+                    log.error("%d messages not archived in %s: %s", len(batch),
+                              self.store.namespace, exc)
+                    return
+                log.warning("%d messages not archived in %s yet (tried again in %g s): %s",
+                            len(batch), self.store.namespace, wait, exc)
+            except Exception:
+                log.exception("%d messages not archived in %s", len(batch),
+                              self.store.namespace)
+                return
+            await asyncio.sleep(wait)

@@ -679,6 +679,10 @@ class PrivacyEngine:
             ) from None
         except StorageError:
             log.exception("cannot read or write the privacy record of %s", bare)
+            # A write that timed out may still land: the rules held here (and on the
+            # other nodes) may be the old ones now, so they are read again when needed.
+            self._forget(bare)
+            self.host.notify_cluster(NOTICE, {"bare": bare})
             raise StanzaError("internal-server-error", "privacy storage failed") from None
         old, new = outcome
         if not done.written:

@@ -8,12 +8,15 @@ logouts and dropped connections alike. It runs synchronously as the router
 applies the presence, and keeps the logout in memory until its write is
 stored: a query that arrives right after the unavailable presence (the
 user's last session gone, the write still in flight) answers from there
-instead of item-not-found or an older logout. Queries to a full JID are the
-client's business (idle time): the router delivers them to it.
+instead of item-not-found or an older logout. A write that storage fails is
+tried again after RETRY_WAITS (answered from memory meanwhile), so a short
+failure loses no logout. Queries to a full JID are the client's business
+(idle time): the router delivers them to it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from lxml import etree
@@ -28,6 +31,10 @@ from xmppd.xml import ns
 
 LAST = "jabber:iq:last"
 STORE = "last"
+RETRY_WAITS = (0.5, 1.0, 2.0)
+"""Seconds before each new try of a logout's write that storage failed: a short failure
+(a lock held a moment, throttling past the backend's own retries) loses no record; a
+longer one is logged, and the record keeps an older logout, or none."""
 
 
 class Last(Module):
@@ -101,16 +108,30 @@ class Last(Module):
         try:
             while True:
                 logout = self._writing[bare]
-                try:
-                    await self.record(bare, *logout)
-                except StorageError as exc:
-                    self.log.error("last activity of %s not stored: %s", bare, exc)
+                await self._record_retrying(bare, logout)
                 if self._writing.get(bare) is logout:
                     del self._writing[bare]
                     return
         except BaseException:
             self._writing.pop(bare, None)
             raise
+
+    async def _record_retrying(self, bare: str, logout: tuple[int, str]) -> None:
+        """`record` the logout, trying again after each of RETRY_WAITS while it is still
+        the latest (a newer one is written instead); logged if it is never stored."""
+        for wait in (*RETRY_WAITS, None):
+            try:
+                await self.record(bare, *logout)
+                return
+            except StorageError as exc:
+                if wait is None:
+                    self.log.error("last activity of %s not stored: %s", bare, exc)
+                    return
+                self.log.warning("last activity of %s not stored yet (tried again in %g s): %s",
+                                 bare, wait, exc)
+            await asyncio.sleep(wait)
+            if self._writing.get(bare) is not logout:
+                return
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         return await self.purge_user(self.host, vhost, username)

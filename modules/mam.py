@@ -26,7 +26,8 @@ Where each copy is taken, each once per message on a cluster:
 
 Writes are queued and written in batches per host (modules/_mam_writer.py),
 each counted as the archive owner's work, which an account removal waits
-for; one that fails is logged, the message having been delivered. The
+for; one that fails is tried again a few times (a short failure of the store
+loses nothing), then logged, the message having been delivered. The
 sender's copy is never stamped on what it sends. A local client with
 WRITES_PER_SENDER writes in flight (its own archive's and, for what it sent
 to local accounts, theirs) has its next message wait in the "stanza/out"

@@ -24,6 +24,9 @@ Storage (per virtual host):
   is in memory); the blob is read once when the room loads and written at
   most once per HISTORY_WRITE seconds while people talk, and at stop.
 
+A write that storage fails is tried again after RETRY_WAITS: a change an owner
+was told was made is not lost to a short failure of the store.
+
 On a cluster, each room has one live owner node: the live node with the
 highest rendezvous weight for the room's JID (`owner_of`), which every node
 computes alike from the heartbeats' node set. A stanza for a room that
@@ -74,13 +77,17 @@ from xmppd.modules._muc_room import (
 )
 from xmppd.modules._muc_send import Outbox
 from xmppd.modules._muc_store import Stale, pack_history, unpack_history
-from xmppd.storage.base import UNCHANGED, Blob, Item, Query, Unchanged
+from xmppd.storage.base import UNCHANGED, Blob, Item, Query, StorageError, Unchanged
 from xmppd.stream.errors import StanzaError, error_reply
 from xmppd.xml import ns
 
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 HISTORY_WRITE = 1.0  # seconds between two writes of one room's history
+RETRY_WAITS = (0.5, 1.0, 2.0)
+"""Seconds before each new try of a room's write that storage failed: a short failure
+loses no change an owner or admin was told was made; a longer one is logged, and the
+room's next change writes its whole state again."""
 UNLOAD_SWEEP = 30.0
 """Seconds between two looks for persistent rooms empty for `unload_after` seconds: a
 room is unloaded between `unload_after` and that plus UNLOAD_SWEEP after it emptied."""
@@ -977,10 +984,18 @@ class Muc(Module):
                 await asyncio.gather(before, return_exceptions=True)
             if not at_once:
                 await asyncio.sleep(HISTORY_WRITE)  # many messages, one write
+            waits = iter(RETRY_WAITS)
             while room.persistent_changed or room.history_changed or (
                 room.destroyed and room.stored
             ):
-                await self._write(room)
+                try:
+                    await self._write(room)
+                except StorageError as exc:
+                    if (wait := next(waits, None)) is None:
+                        raise
+                    self.log.warning("muc: could not store %s yet (tried again in %g s): %s",
+                                     room.jid, wait, exc)
+                    await asyncio.sleep(wait)
         except Stale as exc:
             # Another copy of the room (loaded since, on another node) wrote newer state:
             # this copy is out of date, and its write is refused, not lost silently.
@@ -1001,7 +1016,11 @@ class Muc(Module):
         items, blobs = self.host.items(vhost, "muc_rooms"), self.host.blobs(vhost, "muc_history")
         if room.destroyed or not room.config.persistent:
             room.persistent_changed = room.history_changed = False
-            await _muc_store.delete(items, blobs, room, local, self.clock())
+            try:
+                await _muc_store.delete(items, blobs, room, local, self.clock())
+            except StorageError:
+                room.persistent_changed = True  # still to delete: `_writer` tries again
+                raise
             room.stored, room.history_etag = False, None
             return
         if room.persistent_changed:
@@ -1011,11 +1030,19 @@ class Muc(Module):
                 "public": int(room.config.public),
                 "creator": room.creator,
             }
-            await _muc_store.write_state(items, blobs, room, local, attrs)
+            try:
+                await _muc_store.write_state(items, blobs, room, local, attrs)
+            except StorageError:
+                room.persistent_changed = True  # not written: `_writer` tries again
+                raise
             room.stored = True
         if room.history_changed:
             room.history_changed = False
-            await _muc_store.write_history(blobs, room, local)
+            try:
+                await _muc_store.write_history(blobs, room, local)
+            except StorageError:
+                room.history_changed = True
+                raise
 
     # --- the service itself --------------------------------------------------------------
 

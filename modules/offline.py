@@ -14,9 +14,16 @@ counter and the index item in one transaction conditional on the counter's
 version. Sequence numbers are therefore handed out in commit order, with no
 gaps a reader could see out of order, by any number of nodes at once; on
 this node a per-recipient lock keeps concurrent writers from even retrying.
+A retry first looks for the message in the index: the lost try may have been
+its own transaction, sent again by the backend after a timeout, whose first
+copy landed; appended again, the message would be delivered twice.
 Delivery reads the index in name order, hands each message to the session,
 and only then deletes index items and counter in one transaction (the blobs
-after): a node that dies in between delivers again, never loses.
+after): a node that dies in between delivers again, never loses. A delivery
+that a store failure stops is tried again every `retry_every` seconds while
+the session stays: a user who logged in during an outage gets the stored
+messages once the store is back, not at some later login. What a session was
+already handed (its removal failed) is not handed to it again, only removed.
 """
 
 from __future__ import annotations
@@ -69,6 +76,9 @@ class OfflineOptions(BaseModel):
     """Seconds new stanzas for a user who just came online wait behind the delivery of
     the stored messages (stored first, XEP-0160); a store slower than that lets them go
     on, and the stored messages follow (logged)."""
+    retry_every: float = Field(default=10.0, gt=0)
+    """Seconds between tries to deliver the stored messages whose delivery at login a
+    store failure stopped, while the session stays."""
 
 
 class QuotaExceeded(Exception):
@@ -152,12 +162,19 @@ class Offline(Module):
     name = "offline"
     Options = OfflineOptions
     options: OfflineOptions
+    fixed_options = ("retry_every",)  # the period of a timer started once
 
     def setup(self) -> None:
         self.locks = KeyedLocks()
         # Sessions whose last broadcast priority was negative: raising it to
         # >= 0 makes them eligible, like an initial presence (XEP-0160 step 5).
         self._negative: set[ClientSession] = set()
+        # Sessions whose delivery a store failure stopped: tried again by the timer.
+        self._retry: set[ClientSession] = set()
+        # Index items a session was handed whose removal has not succeeded yet: a
+        # delivery tried again removes them without handing them over twice.
+        self._handed: dict[ClientSession, set[str]] = {}
+        self.host.every(self.options.retry_every, self._retry_failed)
         self.host.add_feature(FEATURE)
         self.host.hook("message/offline", self.on_offline)
         self.host.on("presence/broadcast", self.on_broadcast)
@@ -217,18 +234,39 @@ class Offline(Module):
         self._check_quota(await items.get(user), len(data))  # a full queue costs no upload
         key = f"{user}/{secrets.token_hex(16)}"
         try:
-            await blobs.put(key, data, if_none_match=True)
+            # Unconditional: the key is new (128 random bits). Conditional on its absence,
+            # a put the backend sent again after a timeout reported its own first copy,
+            # which had landed, as a rival: the message was bounced though stored.
+            await blobs.put(key, data)
         except TooLarge as exc:
             raise QuotaExceeded("the message is too large to store") from exc
+        tries = 0
+
+        async def append(counter: Item | None) -> WithWrites | Unchanged:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and await self._indexed(items, user, key):
+                # A lost try was no rival's: our own transaction, sent again by the
+                # backend after a timeout, lost to its first copy, which landed.
+                return UNCHANGED
+            return self._append(items, user, counter, key, len(data))
+
         try:
-            await items.modify(
-                user,
-                lambda counter: self._append(items, user, counter, key, len(data)),
-                what="offline queue",
-            )
+            await items.modify(user, append, what="offline queue")
         except BaseException:
             await self._drop_blob(blobs, key)
             raise
+
+    async def _indexed(self, items: ItemStore, user: str, key: str) -> bool:
+        """Whether `user`'s queue holds the message of blob `key` already (at most
+        `max_messages` index items: read only after a lost try)."""
+        token: str | None = None
+        while True:
+            page = await items.query(Query(prefix=f"{user}/", limit=PAGE, page_token=token))
+            if any(item.attrs.get("blob") == key for item in page.items):
+                return True
+            if (token := page.next_token) is None:
+                return False
 
     def _check_quota(self, counter: Item | None, size: int) -> None:
         if _int(counter, "count") + 1 > self.options.max_messages:
@@ -302,24 +340,50 @@ class Offline(Module):
 
     async def on_closed(self, session: ClientSession) -> bool:
         self._negative.discard(session)
+        self._retry.discard(session)
+        self._handed.pop(session, None)
         return False
 
-    async def deliver_stored(self, session: ClientSession) -> None:
-        """Hand `session` every stored message, oldest first, then forget them."""
-        user, _, vhost = session.bare.partition("@")
-        try:
-            async with self.locks.hold(session.bare):
-                # The counter is one (cacheable) read; most logins find nothing stored.
-                if _int(await self.host.items(vhost, STORE).get(user), "count") == 0:
-                    return
-                while await self._deliver_page(session):
-                    pass
-        except (StorageError, ConditionFailed) as exc:
-            # What was not removed stays stored and comes at the next login.
-            self.log.error("delivering offline messages to %s failed: %s", session.jid, exc)
+    def _retry_failed(self) -> None:
+        """The timer: try again the deliveries a store failure stopped."""
+        retry, self._retry = self._retry, set()
+        for session in retry:
+            if not self._bound(session):
+                self._handed.pop(session, None)  # its messages wait for its next login
+            elif session not in self._negative:  # else its next priority >= 0 delivers
+                self.host.spawn(self.deliver_stored(session), session.bare)
 
-    async def _deliver_page(self, session: ClientSession) -> bool:
-        """Deliver and remove up to PAGE messages; False when done or the session left."""
+    async def deliver_stored(self, session: ClientSession) -> None:
+        """Hand `session` every stored message, oldest first, then forget them; after a
+        store failure, the timer tries again while the session stays."""
+        user, _, vhost = session.bare.partition("@")
+        async with self.locks.hold(session.bare):
+            handed = self._handed.setdefault(session, set())
+            try:
+                # The counter is one (cacheable) read; most logins find nothing stored.
+                if _int(await self.host.items(vhost, STORE).get(user), "count") > 0:
+                    while await self._deliver_page(session, handed):
+                        pass
+            except (StorageError, ConditionFailed) as exc:
+                # What was not removed stays stored: for this session a little later,
+                # or for the next login.
+                again = self._bound(session)
+                self.log.error(
+                    "delivering offline messages to %s failed (%s): %s", session.jid,
+                    f"tried again in {self.options.retry_every:g} s" if again
+                    else "they wait for the next login", exc,
+                )
+                if again:
+                    self._retry.add(session)
+                else:
+                    self._handed.pop(session, None)
+                return
+            self._handed.pop(session, None)
+
+    async def _deliver_page(self, session: ClientSession, handed: set[str]) -> bool:
+        """Deliver and remove up to PAGE messages; False when done or the session left.
+        Index items named in `handed` went to the session already: they are only
+        removed. Those handed over here join `handed` until their removal succeeds."""
         user, _, vhost = session.bare.partition("@")
         items = self.host.items(vhost, STORE)
         blobs = self.host.blobs(vhost, STORE)
@@ -327,16 +391,22 @@ class Offline(Module):
         if not page.items:
             return False
         keys = [str(item.attrs.get("blob", "")) for item in page.items]
-        found = await asyncio.gather(*(blobs.get(key) for key in keys if key))
+        wanted = [key for item, key in zip(page.items, keys, strict=True)
+                  if key and item.name not in handed]
+        found = await asyncio.gather(*(blobs.get(key) for key in wanted))
         data = {blob.key: blob.data for blob in found if blob is not None}
         if not self._bound(session):
             return False  # nothing of this page was handed over: all of it stays
         for item, key in zip(page.items, keys, strict=True):
+            if item.name in handed:
+                continue
+            handed.add(item.name)
             stanza = self._parse(data.get(key), item.name)
             if stanza is not None:
                 self.host.ledger.replayed += 1
                 self.host.deliver(session, stanza)
         await self._remove(items, user, page.items)
+        handed.difference_update(item.name for item in page.items)
         for key in keys:
             if key:
                 await self._drop_blob(blobs, key)

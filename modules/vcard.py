@@ -6,7 +6,8 @@ server, not the client, puts the SHA-1 of the vCard photo into the user's
 available presences: a client that just logged in need not download its own
 vCard to learn the hash, and contacts see avatar changes from any resource.
 The hash of each user with a session on this node is kept in memory (loaded
-at session/bound, updated on every vCard set), because the presence filter
+at session/bound, updated on every vCard set, read again after a set that
+storage failed, whose write may still land), because the presence filter
 must not wait for storage.
 """
 
@@ -137,9 +138,16 @@ class VCard(Module):
         if lock is None:
             lock = self._locks[bare] = asyncio.Lock()
         async with lock:  # this node's writers in arrival order: the cached hash ends up right
-            await storage_call(
-                self._write(self._store(vhost), bare.split("@", 1)[0], data), "vCard"
-            )
+            try:
+                await storage_call(
+                    self._write(self._store(vhost), bare.split("@", 1)[0], data), "vCard"
+                )
+            except StanzaError:
+                # A write that timed out may still land: the hash held here and on the
+                # other nodes is read again when next needed, not kept as it was.
+                self._photo.pop(bare, None)
+                self.host.notify_cluster(PHOTO_NOTICE, {"bare": bare})
+                raise
             if self.host.sessions(bare):
                 self._photo[bare] = photo
             self.host.notify_cluster(PHOTO_NOTICE, {"bare": bare})

@@ -11,7 +11,9 @@ store so hot reads skip the network, under three rules:
   (set-if-absent), which the tombstone makes fail, so a reader that fetched
   the old value just before the write cannot put it back into the cache;
 * the key is invalidated after a ConditionFailed too, so a retrying
-  read-modify-write sees the store, not the stale entry that made it lose.
+  read-modify-write sees the store, not the stale entry that made it lose;
+* a store read that took longer than FILL_WITHIN fills nothing: a write made
+  while it ran may have left a tombstone that is gone by the time it would fill.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ log = logging.getLogger(__name__)
 CACHE_SCHEMA = "x1"  # bump when the value encoding changes: old entries are then ignored
 MAX_KEY_LENGTH = 250  # memcached's limit
 TOMBSTONE_TTL = 5  # seconds; longer than a store read normally takes
+FILL_WITHIN = TOMBSTONE_TTL / 2
+"""Seconds a store read may take and still fill the cache. A write that lands while
+the read runs leaves a tombstone that refuses the read's (old) value for TOMBSTONE_TTL
+(memcached: at least TTL - 1, its clock ticks in whole seconds); a slower read (a hung
+store's retries, a stalled loop) would put the old value back once the tombstone is
+gone, for the whole cache ttl."""
 
 _TOMBSTONE = b"T"
 _ABSENT = b"-"
@@ -249,11 +257,19 @@ class _CacheUser:
 
     _WARN_EVERY = 60.0
 
-    def __init__(self, cache: Cache, ttl: int, max_value_bytes: int, scope: str) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        ttl: int,
+        max_value_bytes: int,
+        scope: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cache = cache
         self.scope = scope
         self.ttl = ttl
         self.max_value_bytes = max_value_bytes
+        self._clock = clock
         self._last_warning = -self._WARN_EVERY
 
     def _failed(self, operation: str, exc: Exception) -> None:
@@ -276,8 +292,9 @@ class _CacheUser:
             self._failed("get", exc)
             return {}
 
-    async def _fill(self, key: str, value: bytes) -> None:
-        if len(value) > self.max_value_bytes:
+    async def _fill(self, key: str, value: bytes, read_since: float) -> None:
+        """Cache what a store read begun at `read_since` (this wrapper's clock) found."""
+        if len(value) > self.max_value_bytes or self._clock() - read_since > FILL_WITHIN:
             return
         try:
             await self.cache.add(key, value, self.ttl)
@@ -303,8 +320,9 @@ class CachedItemBackend(_CacheUser, ItemBackend):
         ttl: int = 300,
         max_value_bytes: int = 65536,
         scope: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(cache, ttl, max_value_bytes, scope)
+        super().__init__(cache, ttl, max_value_bytes, scope, clock)
         self.backend = backend
         self.name = backend.name
 
@@ -325,9 +343,10 @@ class CachedItemBackend(_CacheUser, ItemBackend):
             hit, item = self._cached(name, raw)
             if hit:
                 return item
+        started = self._clock()
         item = await self.backend.get(namespace, name)
         if raw != _TOMBSTONE:
-            await self._fill(key, encode_item(item))
+            await self._fill(key, encode_item(item), started)
         return item
 
     async def batch_get(self, namespace: str, names: Sequence[str]) -> dict[str, Item]:
@@ -342,11 +361,12 @@ class CachedItemBackend(_CacheUser, ItemBackend):
             elif item is not None:
                 found[name] = item
         if missing:
+            started = self._clock()
             fetched = await self.backend.batch_get(namespace, missing)
             found.update(fetched)
             for name in missing:
                 if cached.get(keys[name]) != _TOMBSTONE:
-                    await self._fill(keys[name], encode_item(fetched.get(name)))
+                    await self._fill(keys[name], encode_item(fetched.get(name)), started)
         return found
 
     async def put(
@@ -402,8 +422,9 @@ class CachedBlobBackend(_CacheUser, BlobBackend):
         ttl: int = 300,
         max_value_bytes: int = 65536,
         scope: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(cache, ttl, max_value_bytes, scope)
+        super().__init__(cache, ttl, max_value_bytes, scope, clock)
         self.backend = backend
         self.name = backend.name
 
@@ -415,9 +436,10 @@ class CachedBlobBackend(_CacheUser, BlobBackend):
                 return decode_blob(key, raw)
             except ValueError as exc:
                 self._failed("decode", exc)
+        started = self._clock()
         blob = await self.backend.get(namespace, key)
         if raw != _TOMBSTONE and (blob is None or len(blob.data) < self.max_value_bytes):
-            await self._fill(ckey, encode_blob(blob))  # _fill checks the exact size
+            await self._fill(ckey, encode_blob(blob), started)  # _fill checks the exact size
         return blob
 
     async def put(

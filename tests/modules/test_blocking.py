@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from lxml import etree
 
+from tests.storage.services import dynamodb_config, service_factory  # noqa: F401  (fixture)
 from xmppd.jid import JID
 from xmppd.modules._privacy_engine import BlockSet, IndexedList, PrivacyEngine, make_item
 from xmppd.modules.roster import RosterItem, RosterModule
-from xmppd.storage.backends.memory import MemoryItemBackend
+from xmppd.storage import devservices
+from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
+from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import Attrs, ConditionFailed, Item, ItemBackend, StorageError
+from xmppd.storage.cache import CachedItemBackend, MemoryCache
+from xmppd.storage.devservices import LocalService
+from xmppd.storage.factory import Storage
 from xmppd.testing import (
     ModuleHarness,
     RecordingRemote,
@@ -582,6 +588,50 @@ async def test_storage_failure_is_an_error_not_a_silent_drop() -> None:
     assert condition(reply) == "internal-server-error"
     assert pushes(alice.take(), "block") == []
     assert await blocklist(harness, alice) == []
+
+
+@pytest.mark.services
+async def test_a_block_whose_write_timed_out_but_landed_is_what_applies(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+) -> None:
+    """moto's DynamoDB hangs while alice blocks bob: the write times out, alice gets an
+    error, and the write lands once moto runs again. What applies is then what the store
+    has: her blocklist reads bob, his messages are refused. Before, this node kept the
+    rules it held before the write, on which blocking again changed nothing (the store
+    had bob already): "blocked" for alice, while bob's messages still reached her."""
+    moto = service_factory(devservices.moto_server)
+    backend = await DynamoDBItemBackend.from_config(
+        dynamodb_config(moto, create_table=True, timeout=0.5, retries=0)
+    )
+    cache = MemoryCache()
+    storage = Storage(CachedItemBackend(backend, cache), MemoryBlobBackend(), cache, backend)
+    try:
+        harness = ModuleHarness({"blocking": {}}, storage=storage)
+        harness.users.update({"alice@localhost", "bob@localhost"})
+        await harness.start()
+        alice = await harness.login("alice@localhost/a")  # her rules (none) read and cached
+        bob = harness.session("bob@localhost/b")
+        moto.pause()  # the write's read is the cache's; the write itself hangs
+        try:
+            assert condition(await block(harness, alice, "bob@localhost")) == (
+                "internal-server-error"
+            )
+        finally:
+            moto.resume()
+        async with asyncio.timeout(30):
+            # moto applies the write when it runs again: nothing signals that
+            while await backend.get("localhost/privacy", "alice@localhost") is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert await blocklist(harness, alice) == ["bob@localhost"]
+        replies = await harness.send(bob, chat("alice@localhost/a"))
+        assert [condition(r) for r in replies] == ["service-unavailable"]
+        alice.take()
+        assert (await block(harness, alice, "bob@localhost")).get("type") == "result"
+        replies = await harness.send(bob, chat("alice@localhost/a"))
+        assert [condition(r) for r in replies] == ["service-unavailable"]
+        assert [s for s in alice.take() if s.tag == "{jabber:client}message"] == []
+    finally:
+        await storage.close()
 
 
 async def test_unreadable_rules_refuse_rather_than_deliver() -> None:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from lxml import etree
 
 from xmppd.modules.last import Last
 from xmppd.modules.roster import RosterItem, RosterModule, Subscription
+from xmppd.storage.backends.memory import MemoryBlobBackend
+from xmppd.storage.backends.sqlite import SQLiteItemBackend
+from xmppd.storage.cache import NullCache
+from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, parse_stanza
 
 LAST = "jabber:iq:last"
@@ -104,6 +110,39 @@ async def test_dropped_connection_is_recorded(harness: ModuleHarness) -> None:
     item = await harness.host.items("localhost", "last").get("alice")
     assert item is not None and item.attrs["status"] == ""
     assert abs(int(time.time()) - int(item.attrs["time"])) <= 1
+
+
+async def test_a_logout_whose_write_failed_a_moment_is_stored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the SQLite file's write lock when alice logs out: the write
+    of her logout fails ("database is locked"). Once the lock is gone, her last activity
+    is stored. Before, it was logged and lost: contacts read an older logout, or none."""
+    path = tmp_path / "items.sqlite3"
+    storage = Storage(
+        SQLiteItemBackend(path, busy_timeout=0.1), MemoryBlobBackend(), NullCache()
+    )
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        harness = ModuleHarness({"last": {}}, storage=storage)
+        harness.users.update({"alice@localhost"})
+        await harness.start()
+        alice = harness.session("alice@localhost/a", available=False)
+        await harness.send(alice, "<presence/>")
+        locker.execute("BEGIN IMMEDIATE")
+        stanza = parse_stanza("<presence type='unavailable'><status>away</status></presence>")
+        stanza.set("from", alice.jid)
+        alice.receive(stanza)  # not drained: the write waits for the lock
+        async with asyncio.timeout(30):
+            while "last activity of alice@localhost not stored" not in caplog.text:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        locker.execute("ROLLBACK")
+        await harness.router.drain()
+        item = await harness.host.items("localhost", "last").get("alice")
+        assert item is not None and item.attrs["status"] == "away"
+    finally:
+        locker.close()
+        await storage.close()
 
 
 async def test_contacts_need_a_subscription(harness: ModuleHarness) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,9 +12,11 @@ import pytest
 from lxml import etree
 
 from tests.modules.slow_stores import GatedSQLite
+from xmppd.modules import _mam_writer
 from xmppd.modules._mam_store import STORE
 from xmppd.modules.mam import WRITES_PER_SENDER
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
+from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import Attrs, Query, StorageError
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
@@ -641,8 +645,9 @@ class FailingArchive(MemoryItemBackend):
 
 
 async def test_an_archive_that_cannot_be_written_is_logged_and_delivery_goes_on(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_mam_writer, "RETRY_WAITS", (0.01, 0.01))
     storage = Storage(FailingArchive(), MemoryBlobBackend(), NullCache())
     harness = ModuleHarness({"disco": {}, "mam": {}}, storage=storage)
     harness.users.update({"alice@localhost", "bob@localhost"})
@@ -655,6 +660,39 @@ async def test_an_archive_that_cannot_be_written_is_logged_and_delivery_goes_on(
     assert len(bob.take()) == count
     assert "messages not archived in localhost/mam: memory: batch_put failed" in caplog.text
     assert await stored(harness, "bob") == 0
+
+
+async def test_an_archive_write_that_failed_a_moment_is_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the SQLite file's write lock while alice writes to bob: the
+    archive writes fail ("database is locked"). Once the lock is gone, both archives
+    hold the message. Before, a failed batch was logged and lost from both."""
+    path = tmp_path / "items.sqlite3"
+    storage = Storage(
+        SQLiteItemBackend(path, busy_timeout=0.1), MemoryBlobBackend(), NullCache()
+    )
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        harness = ModuleHarness({"disco": {}, "mam": {}}, storage=storage)
+        harness.users.update({"alice@localhost", "bob@localhost"})
+        await harness.start()
+        alice = harness.session("alice@localhost/a")
+        bob = harness.session("bob@localhost/b")
+        locker.execute("BEGIN IMMEDIATE")
+        stanza = parse_stanza(chat("bob@localhost", "kept"))
+        stanza.set("from", alice.jid)
+        alice.receive(stanza)  # not drained: the archive's writes wait for the lock
+        async with asyncio.timeout(30):
+            while "not archived in localhost/mam" not in caplog.text:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        locker.execute("ROLLBACK")
+        await harness.router.drain()
+        assert [m.findtext(BODY) for m in bob.take()] == ["kept"]
+        assert await stored(harness, "alice") == 1 and await stored(harness, "bob") == 1
+    finally:
+        locker.close()
+        await storage.close()
 
 
 @pytest.mark.parametrize("policy", ["sometimes", ""])

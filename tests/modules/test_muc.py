@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from xmppd.modules._muc_room import MUC, MUC_ADMIN, MUC_OWNER, MUC_USER, OCCUPAN
 from xmppd.modules._muc_store import unpack_history
 from xmppd.modules.muc import Muc
 from xmppd.storage.backends.files import FileBlobBackend
+from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
@@ -1100,6 +1102,43 @@ async def test_a_persistent_room_survives_a_restart_and_a_destroyed_one_does_not
     tombstone = await items.get("room")
     assert tombstone is not None and set(tombstone.attrs) == {"gen", "gone"}
     assert await again.host.blobs("localhost", "muc_history").get("room") is None
+
+
+async def test_a_room_change_whose_write_failed_a_moment_is_stored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the SQLite file's write lock when the owner makes bob a
+    member of a persistent room: the owner is told it is done, and the room's write
+    fails ("database is locked"). Once the lock is gone the change is stored, and a
+    restart keeps it. Before, the failure was logged and the change lost from the
+    stores, so the room came back without it."""
+    path = tmp_path / "items.sqlite3"
+    storage = Storage(
+        SQLiteItemBackend(path, busy_timeout=0.1),
+        await FileBlobBackend.open(tmp_path / "blobs"),
+        NullCache(),
+    )
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        h = await ModuleHarness({"disco": {}, "muc": {}}, storage=storage).start()
+        alice = h.session("alice@localhost/a")
+        await instant_room(h, alice, "Alice", persistentroom="1")
+        locker.execute("BEGIN IMMEDIATE")
+        made = asyncio.create_task(
+            admin_iq(h, alice, "set", "<item affiliation='member' jid='bob@localhost'/>")
+        )
+        async with asyncio.timeout(30):
+            while "could not store room@conference.localhost" not in caplog.text:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        locker.execute("ROLLBACK")
+        assert (await made).get("type") == "result"
+        await h.host.stop()
+        item = await h.host.items("localhost", "muc_rooms").get("room")
+        assert item is not None
+        assert "bob@localhost" in json.loads(str(item.attrs["state"]))["affiliations"]
+    finally:
+        locker.close()
+        await storage.close()
 
 
 async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,22 @@ import pytest
 from lxml import etree
 
 from tests.modules.slow_stores import GatedSQLite
+from tests.storage.services import (  # noqa: F401  (fixture)
+    dynamodb_config,
+    s3_config,
+    service_factory,
+)
 from xmppd.modules.offline import PAGE, Offline, decide
 from xmppd.router import Router
+from xmppd.storage import devservices
+from xmppd.storage.backends.dynamodb import DynamoDBItemBackend
 from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
+from xmppd.storage.backends.s3 import S3BlobBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
 from xmppd.storage.base import BlobStore, ItemStore, Page, Query, StorageError, Write
-from xmppd.storage.cache import NullCache
+from xmppd.storage.cache import CachedItemBackend, MemoryCache, NullCache
+from xmppd.storage.devservices import LocalService
 from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza, without_echo
 
@@ -445,6 +455,164 @@ async def test_a_store_that_hangs_holds_new_messages_only_for_a_while(
     await harness.router.drain()
     assert bodies(bob.take()) == ["old0", "old1", "old2"]
     assert await stored_count(harness) == 0
+
+
+async def started(storage: Storage, options: dict[str, Any]) -> ModuleHarness:
+    harness = ModuleHarness({"offline": options}, storage=storage)
+    harness.users.update({"alice@localhost", "bob@localhost"})
+    return await harness.start()
+
+
+async def until(done: Callable[[], object], seconds: float = 30.0) -> None:
+    """Wait for `done()` to hold (what retries make true some time later)."""
+    async with asyncio.timeout(seconds):
+        while not done():  # noqa: ASYNC110 - nothing signals a retry's end
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.services
+async def test_a_delivery_an_outage_stopped_at_login_is_tried_again(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """bob logs in while the item store (moto's DynamoDB) hangs: the read of his stored
+    messages fails. Once it answers again he gets them in the same session, each once;
+    before, they waited for his next login, which may be days later."""
+    moto = service_factory(devservices.moto_server)
+    items = await DynamoDBItemBackend.from_config(
+        dynamodb_config(moto, create_table=True, timeout=0.5, retries=0)
+    )
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    try:
+        harness = await started(storage, {"retry_every": 0.2, "first_wait": 0.1})
+        alice = harness.session("alice@localhost/a")
+        for n in range(3):
+            assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+        moto.pause()
+        try:
+            bob = await login(harness, "bob@localhost/b")
+            assert bodies(bob.take()) == []
+        finally:
+            moto.resume()
+        await until(lambda: len(bob.received) >= 3)
+        await until(lambda: not offline_module(harness)._handed)
+        assert bodies(bob.take()) == ["m0", "m1", "m2"]
+        assert await stored_count(harness) == 0
+    finally:
+        await storage.close()
+
+
+@pytest.mark.services
+async def test_a_retried_write_whose_first_try_landed_stores_the_message_once(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """moto's DynamoDB hangs while a message is queued for bob: the transaction times
+    out, the backend sends it again, and moto, running again, applies the first and
+    refuses the second (the counter moved). That refusal is no rival's write: the
+    message is in the queue once, and bob gets it once. Before, the queue got it again
+    under the next number, and bob got it twice."""
+    moto = service_factory(devservices.moto_server)
+    items = await DynamoDBItemBackend.from_config(
+        dynamodb_config(moto, create_table=True, timeout=2.0, retries=1)
+    )
+    cache = MemoryCache()
+    storage = Storage(
+        CachedItemBackend(items, cache), await FileBlobBackend.open(tmp_path / "blobs"), cache
+    )
+    try:
+        harness = await started(storage, {})
+        module = offline_module(harness)
+        assert await module.count("localhost", "bob") == 0  # the counter read, cached
+        stanza = parse_stanza(chat("bob@localhost", "once"))
+        stanza.set("from", "alice@localhost/a")
+        moto.pause()
+        try:
+            storing = asyncio.create_task(module.on_offline(stanza, "bob@localhost"))
+            # the first try times out at 2 s, the second is sent then: moto wakes
+            # between, so that it answers the second
+            await asyncio.sleep(3.0)
+        finally:
+            moto.resume()
+        assert await storing
+        await harness.router.drain()
+        assert await stored_count(harness) == 1
+        bob = await login(harness, "bob@localhost/b")
+        assert bodies(bob.take()) == ["once"]
+    finally:
+        await storage.close()
+
+
+@pytest.mark.services
+async def test_a_blob_put_retried_after_its_first_try_landed_is_no_failure(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """moto's S3 hangs while a message for bob is written: the put times out, the
+    backend sends it again, and moto, running again, stores the first and answers the
+    second. The message is stored once and the sender told nothing. Before, the put was
+    conditional on the key being new, so the second try reported the first one's blob
+    as a rival's: the message was bounced with internal-server-error, its blob left."""
+    moto = service_factory(devservices.moto_server)
+    blobs = await S3BlobBackend.from_config(
+        s3_config(moto, create_bucket=True, timeout=2.0, retries=1)
+    )
+    storage = Storage(
+        await SQLiteItemBackend.open(tmp_path / "items.sqlite3"), blobs, NullCache()
+    )
+    try:
+        harness = await started(storage, {})
+        module = offline_module(harness)
+        refused: list[etree._Element] = []
+        harness.router.bounce = lambda stanza, *args: refused.append(stanza)  # type: ignore[method-assign]
+        stanza = parse_stanza(chat("bob@localhost", "once"))
+        stanza.set("from", "alice@localhost/a")
+        moto.pause()
+        try:
+            storing = asyncio.create_task(module.on_offline(stanza, "bob@localhost"))
+            # the first try times out at 2 s, the second is sent then: moto wakes
+            # between, so that it answers the second
+            await asyncio.sleep(3.0)
+        finally:
+            moto.resume()
+        assert await storing
+        await harness.router.drain()
+        assert refused == []
+        assert await stored_count(harness) == 1
+        bob = await login(harness, "bob@localhost/b")
+        assert bodies(bob.take()) == ["once"]
+    finally:
+        await storage.close()
+
+
+async def test_a_removal_that_failed_is_retried_without_handing_the_messages_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The messages reach bob, then their removal fails: another process holds the
+    SQLite file's write lock. The removal is tried again while bob stays, and he is not
+    handed them again meanwhile; once the lock goes, they are removed. Before, they
+    stayed stored and came again at each login until one removal succeeded."""
+    path = tmp_path / "items.sqlite3"
+    items = SQLiteItemBackend(path, busy_timeout=0.2)
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        harness = await started(storage, {"retry_every": 0.1})
+        alice = harness.session("alice@localhost/a")
+        for n in range(3):
+            assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+        locker.execute("BEGIN IMMEDIATE")  # WAL: readers go on, writers get "locked"
+        bob = await login(harness, "bob@localhost/b")
+        await until(lambda: caplog.text.count("delivering offline messages") >= 3)
+        assert bodies(bob.received) == ["m0", "m1", "m2"]  # each once, however many tries
+        assert await stored_count(harness) == 3
+        locker.execute("ROLLBACK")
+        await until(lambda: not offline_module(harness)._handed)
+        assert await stored_count(harness) == 0
+        assert bodies(bob.take()) == ["m0", "m1", "m2"]
+    finally:
+        locker.close()
+        await storage.close()
 
 
 async def test_disco_advertises_msgoffline(harness: ModuleHarness) -> None:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from collections.abc import Callable
 
 import pytest
 from lxml import etree
 
-from xmppd.storage.backends.memory import MemoryBlobBackend
+from tests.storage.services import s3_config, service_factory  # noqa: F401  (fixture)
+from xmppd.storage import devservices
+from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
+from xmppd.storage.backends.s3 import S3BlobBackend
 from xmppd.storage.base import Blob, StorageError
+from xmppd.storage.cache import CachedBlobBackend, MemoryCache
+from xmppd.storage.devservices import LocalService
+from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
 
 VCARD = "vcard-temp"
@@ -167,6 +174,41 @@ async def test_storage_failure_is_an_error_and_changes_nothing(
     assert condition(reply) == "internal-server-error"
     monkeypatch.undo()
     assert await stored(harness) == before
+
+
+@pytest.mark.services
+async def test_a_vcard_whose_write_timed_out_but_landed_gives_its_hash(
+    service_factory: Callable[[Callable[[], LocalService]], LocalService],  # noqa: F811
+) -> None:
+    """moto's S3 hangs while alice sets a vCard with a photo: the write times out, she
+    gets an error, and the write lands once moto runs again. Her presences then carry
+    the stored photo's hash. Before, the node kept the hash it held before the write,
+    until all her sessions had ended."""
+    moto = service_factory(devservices.moto_server)
+    s3 = await S3BlobBackend.from_config(
+        s3_config(moto, create_bucket=True, timeout=0.5, retries=0)
+    )
+    cache = MemoryCache()
+    storage = Storage(MemoryItemBackend(), CachedBlobBackend(s3, cache), cache)
+    try:
+        harness = await ModuleHarness({"vcard": {}}, storage=storage).start()
+        alice = await bound(harness, "alice@localhost/a")  # no vCard: read and cached
+        bob = await bound(harness, "bob@localhost/b")
+        moto.pause()  # the write's read is the cache's; the write itself hangs
+        try:
+            reply = await harness.iq(alice, "set", vcard_xml("Alice", IMAGE))
+            assert condition(reply) == "internal-server-error"
+        finally:
+            moto.resume()
+        async with asyncio.timeout(30):
+            # moto applies the write when it runs again: nothing signals that
+            while await s3.get("localhost/vcard", "alice") is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await harness.send(alice, "<presence to='bob@localhost/b'/>")
+        (directed,) = bob.take()
+        assert photo_of(directed) == IMAGE_HASH
+    finally:
+        await storage.close()
 
 
 class SlowBlobs(MemoryBlobBackend):

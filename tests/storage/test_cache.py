@@ -283,6 +283,25 @@ async def test_reader_racing_a_writer_cannot_refill_old_value() -> None:
     assert await items.get(NS, "k") == Item("k", {"v": "new"}, 2)
 
 
+async def test_a_read_that_outlived_a_writers_tombstone_does_not_refill_the_old_value() -> None:
+    """The reader holds the old value while a writer commits and tombstones the key, and
+    answers only after the tombstone expired (a hung store's retries, a stalled loop):
+    the old value must not be cached for the whole ttl."""
+    clock = Clock()
+    store = CountingItems()
+    items = CachedItemBackend(store, MemoryCache(clock=clock), clock=clock)
+    await store.put(NS, "k", {"v": "old"})
+    gate = store.pause = asyncio.Event()
+    reader = asyncio.create_task(items.get(NS, "k"))
+    await store.read_done.wait()
+    store.pause = None
+    await items.put(NS, "k", {"v": "new"})
+    clock.now += TOMBSTONE_TTL + 1
+    gate.set()
+    assert await reader == Item("k", {"v": "old"}, 1)
+    assert await items.get(NS, "k") == Item("k", {"v": "new"}, 2)
+
+
 async def test_reads_after_a_write_fill_again_once_the_tombstone_expires() -> None:
     clock = Clock()
     store = CountingItems()

@@ -14,7 +14,7 @@ import uvloop
 
 from xmppd.storage import devservices
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
-from xmppd.storage.cache import CachedItemBackend
+from xmppd.storage.cache import TOMBSTONE_TTL, CachedItemBackend
 from xmppd.storage.devservices import LocalService
 from xmppd.storage.memcached import MemcachedCache, sync_client
 
@@ -243,6 +243,49 @@ async def test_missed_invalidations_are_replayed_when_a_node_returns(
     finally:
         trio[1].resume()
         await ring.close()
+
+
+class LateAnswers(SQLiteItemBackend):
+    """SQLite whose reads, while `late` is set, answer only once the test lets them:
+    the value is read at once, the answer comes late (a slow network, a stalled loop)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.late: asyncio.Event | None = None
+        self.read = asyncio.Event()
+
+    async def get(self, namespace: str, name: str) -> Any:
+        item = await super().get(namespace, name)
+        if self.late is not None:
+            self.read.set()
+            await self.late.wait()
+        return item
+
+
+async def test_a_read_slower_than_the_tombstone_does_not_cache_an_old_value(
+    trio: list[LocalService], tmp_path: Path
+) -> None:
+    """A reader gets the old value; a writer commits the new one and tombstones the key;
+    the reader's answer comes after the tombstone expired. Its fill must not put the
+    old value back in memcached, where every node would read it for the whole ttl."""
+    store = LateAnswers(tmp_path / "items.sqlite3")
+    ring = MemcachedCache(servers(trio), timeout=AMPLE)
+    items = CachedItemBackend(store, ring, ttl=300)
+    ns = "example.org/roster"
+    try:
+        await store.put(ns, "alice", {"v": "old"})
+        late = store.late = asyncio.Event()
+        reader = asyncio.create_task(items.get(ns, "alice"))
+        await store.read.wait()
+        store.late = None
+        await items.put(ns, "alice", {"v": "new"})
+        await asyncio.sleep(TOMBSTONE_TTL + 1.5)  # memcached's clock ticks in seconds
+        late.set()
+        assert (await reader).attrs == {"v": "old"}
+        assert (await items.get(ns, "alice")).attrs == {"v": "new"}  # type: ignore[union-attr]
+    finally:
+        await ring.close()
+        await store.close()
 
 
 def test_loop_keeps_running_under_load_while_a_node_hangs(
