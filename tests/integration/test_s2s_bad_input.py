@@ -713,3 +713,43 @@ async def test_a_peer_that_stops_reading_is_cut_off(
             await close(client)
     finally:
         peer.close()
+
+
+async def test_a_bidirectional_stream_carries_nothing_before_its_restart(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """XEP-0288 after SASL EXTERNAL: the peer restarts the stream on <success/> (RFC 6120
+    6.4.6) and reads our new stream header first. A stanza for its domain routed in
+    between waits (here in the link's queue, our own connection to a.test hanging on a
+    silent address) and leaves on the bidirectional stream after that header, instead of
+    arriving where the header must be (which a real peer takes for bad XML, losing the
+    stanza and the stream)."""
+    silent = FakePeer(None)
+    port = await silent.start()
+    setup = await make_setup(
+        tmp_path,
+        start_server,
+        domains={"a.test": {"host": PEER_ADDRESS, "port": port}},
+        connect_timeout=5.0,  # the node's stop waits for that connection attempt
+    )
+    client = await bob(setup.server)
+    try:
+        reader, writer, features = await setup.secured("a.test", "a.test")
+        assert b"urn:xmpp:features:bidi" in features
+        writer.write(b"<bidi xmlns='urn:xmpp:bidi'/>")
+        writer.write(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+        )
+        got = await read_until(reader, b"<success")
+        after_success = got[got.index(b"<success") :]
+        client.send_message(mto="anna@a.test/home", mbody="between", mtype="chat")
+        await nothing_more_for(client)  # bob's message was routed (his stanzas in order)
+        writer.write(header("a.test"))
+        rest = after_success + await read_until(reader, b"</message>")
+        assert b"<stream:stream" in rest, rest
+        assert rest.index(b"<stream:stream") < rest.index(b"<message"), rest
+        assert b"between" in rest
+        writer.close()
+    finally:
+        await close(client)
+        silent.close()

@@ -199,9 +199,10 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
     # --- sending ----------------------------------------------------------------------
 
     def send(self, item: Outgoing) -> bool:
-        """Queue a stanza for the peer (authenticated stream); False once closing. It
-        counts as sent once written (`_writing`)."""
-        if self.stream.closed or self.transport is None or not self.stream.authenticated:
+        """Queue a stanza for the peer; False unless the stream is ready for stanzas
+        (authenticated, restarted after SASL, not closing). It counts as sent once
+        written (`_writing`)."""
+        if self.transport is None or not self.stream.ready:
             return False
         self.stream.send(item.stanza)
         self._unwritten.append(item)
