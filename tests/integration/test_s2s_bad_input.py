@@ -753,3 +753,63 @@ async def test_a_bidirectional_stream_carries_nothing_before_its_restart(
     finally:
         await close(client)
         silent.close()
+
+
+class Authority:
+    """a.test's authoritative server as dialback finds it: takes the db:verify stream
+    and never answers, so the check lasts until something ends it."""
+
+    def __init__(self) -> None:
+        self.accepted = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, PEER_ADDRESS, 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.set()
+        try:
+            await reader.read()  # until xmppd closes it
+        except OSError:
+            pass
+        finally:
+            self.ended.set()
+            writer.close()
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_dialback_check_ends_with_the_stream_that_asked_for_it(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """XEP-0220: a db:result makes xmppd open a stream to the claimed domain's
+    authoritative server. A peer that sends one and hangs up at once must not leave that
+    stream behind (up to s2s.connect_timeout, here a minute): otherwise it can make the
+    node hold any number of connections to any domain while it holds none itself
+    (s2s.max_connections_per_address counts its open streams only)."""
+    authority = Authority()
+    port = await authority.start()
+    setup = await make_setup(
+        tmp_path,
+        start_server,
+        accept_dialback=True,
+        connect_timeout=60.0,
+        domains={"a.test": {"host": PEER_ADDRESS, "port": port}},
+    )
+    try:
+        # A certificate that is not a.test's: dialback is offered instead of EXTERNAL.
+        reader, writer, features = await setup.secured("a.test", "evil.test")
+        assert b"urn:xmpp:features:dialback" in features
+        writer.write(
+            b"<db:result xmlns:db='jabber:server:dialback' from='a.test' to='b.test'>"
+            b"k3y</db:result>"
+        )
+        await asyncio.wait_for(authority.accepted.wait(), 10)  # the check began
+        writer.close()
+        await asyncio.wait_for(authority.ended.wait(), 10)  # and ended with the stream
+    finally:
+        authority.close()

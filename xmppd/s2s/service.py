@@ -328,7 +328,8 @@ class S2SService:
 
     def check_dialback(self, conn: S2SConnection, request: DialbackRequested) -> None:
         """Ask the peer's authoritative server about the key its stream gave us (on a
-        stream of its own, in the background), then let the stream answer."""
+        stream of its own, in the background, for as long as the peer's stream lasts),
+        then let the stream answer."""
 
         async def check() -> None:
             verdict: bool | None = None
@@ -345,7 +346,9 @@ class S2SService:
             )
             conn.dialback_checked(request.domain, verdict)
 
-        self.server.router.spawn(check())
+        # Ends with the stream (S2SConnection.connection_lost): a peer that asks and hangs
+        # up must not leave us connecting to whatever domain it named.
+        conn.dialback_check = self.server.router.spawn(check())
 
     async def _verify_key(self, request: DialbackRequested) -> bool:
         """db:verify (XEP-0220 2.3) on a new stream to the authoritative server of
