@@ -342,12 +342,13 @@ async def test_a_peer_claiming_one_of_our_domains_is_refused(
     writer.write(header(claimed))
     rest = (await read_to_end(reader)).replace(b'"', b"'")
     assert b"<invalid-from xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest, rest
-    assert f"{claimed} is served here".encode() in rest, rest
+    domain = claimed.rstrip(".")  # as addresses are prepared (RFC 7622)
+    assert f"{domain} is served here".encode() in rest, rest
     assert b"starttls" not in rest
     assert rest.endswith(b"</stream:stream>")
     writer.close()
     ended = [r.getMessage() for r in caplog.records if "ended: invalid-from" in r.getMessage()]
-    assert any(f"incoming stream from {claimed}" in m for m in ended), ended
+    assert any(f"incoming stream from {domain}" in m for m in ended), ended
 
 
 async def test_direct_tls_checks_the_certificate_for_the_domain_the_header_names(
@@ -813,3 +814,27 @@ async def test_a_dialback_check_ends_with_the_stream_that_asked_for_it(
         await asyncio.wait_for(authority.ended.wait(), 10)  # and ended with the stream
     finally:
         authority.close()
+
+
+@pytest.mark.parametrize(
+    "claimed",
+    ["a.test&#10;xmppd.s2s: forged line", "anna@a.test", "a.test/desk", "a..test"],
+)
+async def test_a_header_from_that_is_not_a_domain_is_refused(
+    setup: Setup, caplog: pytest.LogCaptureFixture, claimed: str
+) -> None:
+    """The stream header's 'from' names the peer's domain (RFC 6120 4.7.1): anything
+    else ends the stream with <improper-addressing/> at once, before it is logged,
+    offered TLS, or looked up in DNS for dialback. A character reference survives XML
+    attribute normalisation, so without that a peer could write lines into our log."""
+    caplog.set_level(logging.INFO, logger="xmppd.s2s")
+    reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, setup.port)
+    writer.write(header(claimed))
+    rest = (await read_to_end(reader)).replace(b'"', b"'")
+    assert b"<improper-addressing xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest, rest
+    assert b"starttls" not in rest
+    assert rest.endswith(b"</stream:stream>")
+    writer.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "xmppd.s2s"]
+    assert any("ended: improper-addressing" in m for m in logged), logged
+    assert not any("\n" in m or "forged" in m for m in logged), logged

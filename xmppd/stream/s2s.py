@@ -302,11 +302,11 @@ class S2SStream(StreamCore[Event]):
             moved = bool(to) and self.local is not None and to != self.local
             if self.local is None and to in self.settings.hosts:
                 self.local = to
-            claimed = (opened.attrs.get("from") or "").strip().lower()
+            claimed = _header_domain(opened.attrs.get("from") or "")
             if claimed and self.remote is None:
                 self.remote = claimed
             self._send_header()
-            if claimed.rstrip(".") in self.settings.hosts:
+            if claimed in self.settings.hosts:
                 # No remote server speaks for a domain we serve (a component's included):
                 # whatever its certificate or dialback key, refused before either is tried.
                 raise StreamError("invalid-from", f"{claimed} is served here")
@@ -593,6 +593,25 @@ class S2SStream(StreamCore[Event]):
         elif self.authenticated_domain is not None and not self._ready:
             self._ready = True  # the features after the restart carry nothing we use yet
             events.append(Authenticated(self.authenticated_domain, self.mechanism))
+
+
+def _header_domain(value: str) -> str:
+    """The peer's domain as an incoming stream header's 'from' names it ("" if none),
+    prepared as stanza addresses are (RFC 7622: case, width, a trailing dot), so that
+    it compares with their domains. Anything but a bare domain is <improper-addressing/>
+    before it is used: a name logged, shown by `xmppctl s2s`, matched against
+    certificates and looked up in DNS for dialback (a character reference such as
+    &#10; survives XML's attribute normalisation)."""
+    value = value.strip()
+    if not value:
+        return ""
+    try:
+        jid = parse_jid(value)
+    except StanzaError:
+        jid = None
+    if jid is None or jid.user or jid.resource:
+        raise StreamError("improper-addressing", "the stream header's 'from' is not a domain")
+    return str(jid.domain)
 
 
 def to_client(stanza: etree._Element) -> etree._Element:
