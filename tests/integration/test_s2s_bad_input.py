@@ -838,3 +838,44 @@ async def test_a_header_from_that_is_not_a_domain_is_refused(
     logged = [r.getMessage() for r in caplog.records if r.name == "xmppd.s2s"]
     assert any("ended: improper-addressing" in m for m in logged), logged
     assert not any("\n" in m or "forged" in m for m in logged), logged
+
+
+async def test_a_bidirectional_stream_outlives_our_own_failed_connection(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """XEP-0288: a.test's bidirectional stream became the link for a.test while our own
+    connection there was still being set up (here to a silent address). That attempt
+    failing later must not drop the link: the next stanza still leaves on a.test's
+    stream, instead of starting another attempt that bounces it."""
+    silent = FakePeer(None)
+    port = await silent.start()
+    setup = await make_setup(
+        tmp_path,
+        start_server,
+        domains={"a.test": {"host": PEER_ADDRESS, "port": port}},
+        connect_timeout=2.0,
+    )
+    s2s = setup.server.s2s
+    assert s2s is not None
+    client = await bob(setup.server)
+    try:
+        client.send_message(mto="anna@a.test/home", mbody="first", mtype="chat")
+        await nothing_more_for(client)  # routed: waiting for our connection to a.test
+        reader, writer, _ = await setup.secured("a.test", "a.test")
+        writer.write(b"<bidi xmlns='urn:xmpp:bidi'/>")
+        writer.write(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+        )
+        await read_until(reader, b"<success")
+        writer.write(header("a.test"))
+        # The restarted stream's features, then the waiting message on a.test's stream.
+        assert b"first" in await read_until(reader, b"</message>")
+        # Our own attempt gives up (a poll on server state: nothing signals it).
+        while not s2s.failures["remote-server-timeout"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        client.send_message(mto="anna@a.test/home", mbody="second", mtype="chat")
+        assert b"second" in await read_until(reader, b"</message>")
+        writer.close()
+    finally:
+        await close(client)
+        silent.close()

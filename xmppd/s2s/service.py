@@ -302,7 +302,9 @@ class S2SService:
     def _fail(self, link: Link, condition: str, text: str) -> None:
         log.info("s2s: %s -> %s failed: %s: %s", link.local, link.remote, condition, text)
         self.failures[condition] += 1
-        if self.links.get((link.local, link.remote)) is link:
+        # A link the peer's bidirectional stream carries meanwhile (bidi_ready) stays:
+        # only our own attempt failed; connection_closed drops it with that stream.
+        if self.links.get((link.local, link.remote)) is link and link.connection is None:
             del self.links[(link.local, link.remote)]
         while link.queue:
             item = link.queue.popleft()
