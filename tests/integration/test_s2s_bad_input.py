@@ -879,3 +879,18 @@ async def test_a_bidirectional_stream_outlives_our_own_failed_connection(
     finally:
         await close(client)
         silent.close()
+
+
+async def test_a_stream_never_restarted_after_sasl_is_closed(setup: Setup) -> None:
+    """RFC 6120 6.4.6: on <success/> the peer must open a new stream. One that never does
+    has not finished the handshake and is ended with <connection-timeout/> after
+    s2s.auth_timeout, like one that never authenticates, not left open until
+    s2s.idle_timeout (ten minutes by default)."""
+    reader, writer, features = await setup.secured("a.test", "a.test")
+    assert b"<mechanism>EXTERNAL</mechanism>" in features
+    writer.write(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
+    rest = (await read_to_end(reader)).replace(b'"', b"'")
+    assert b"<success" in rest
+    assert b"<connection-timeout xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest, rest
+    assert rest.endswith(b"</stream:stream>")
+    writer.close()

@@ -234,6 +234,11 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         self.stanzas_out += len(self._unwritten)
         self._unwritten.clear()
 
+    def _established(self) -> bool:
+        # After SASL the peer must still restart the stream (RFC 6120 6.4.6): one that
+        # never does has not finished either, and is cut at s2s.auth_timeout too.
+        return self.stream.ready
+
     def _backlog_cut(self) -> None:
         self.service.failures["policy-violation"] += 1
 

@@ -51,7 +51,8 @@ class StreamCore(Generic[EventT]):
 
     @property
     def authenticated(self) -> bool:
-        """Whether the peer proved who it is (the driver's authentication timer asks)."""
+        """Whether the peer proved who it is (the larger stanza limit; the driver's
+        authentication timer, unless the driver says otherwise: `_established`)."""
         raise NotImplementedError
 
     def _mark_closed(self) -> None:
