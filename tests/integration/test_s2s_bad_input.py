@@ -342,12 +342,13 @@ async def test_a_peer_claiming_one_of_our_domains_is_refused(
     writer.write(header(claimed))
     rest = (await read_to_end(reader)).replace(b'"', b"'")
     assert b"<invalid-from xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest, rest
-    assert f"{claimed} is served here".encode() in rest, rest
+    domain = claimed.rstrip(".")  # as addresses are prepared (RFC 7622)
+    assert f"{domain} is served here".encode() in rest, rest
     assert b"starttls" not in rest
     assert rest.endswith(b"</stream:stream>")
     writer.close()
     ended = [r.getMessage() for r in caplog.records if "ended: invalid-from" in r.getMessage()]
-    assert any(f"incoming stream from {claimed}" in m for m in ended), ended
+    assert any(f"incoming stream from {domain}" in m for m in ended), ended
 
 
 async def test_direct_tls_checks_the_certificate_for_the_domain_the_header_names(
@@ -713,3 +714,183 @@ async def test_a_peer_that_stops_reading_is_cut_off(
             await close(client)
     finally:
         peer.close()
+
+
+async def test_a_bidirectional_stream_carries_nothing_before_its_restart(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """XEP-0288 after SASL EXTERNAL: the peer restarts the stream on <success/> (RFC 6120
+    6.4.6) and reads our new stream header first. A stanza for its domain routed in
+    between waits (here in the link's queue, our own connection to a.test hanging on a
+    silent address) and leaves on the bidirectional stream after that header, instead of
+    arriving where the header must be (which a real peer takes for bad XML, losing the
+    stanza and the stream)."""
+    silent = FakePeer(None)
+    port = await silent.start()
+    setup = await make_setup(
+        tmp_path,
+        start_server,
+        domains={"a.test": {"host": PEER_ADDRESS, "port": port}},
+        connect_timeout=5.0,  # the node's stop waits for that connection attempt
+    )
+    client = await bob(setup.server)
+    try:
+        reader, writer, features = await setup.secured("a.test", "a.test")
+        assert b"urn:xmpp:features:bidi" in features
+        writer.write(b"<bidi xmlns='urn:xmpp:bidi'/>")
+        writer.write(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+        )
+        got = await read_until(reader, b"<success")
+        after_success = got[got.index(b"<success") :]
+        client.send_message(mto="anna@a.test/home", mbody="between", mtype="chat")
+        await nothing_more_for(client)  # bob's message was routed (his stanzas in order)
+        writer.write(header("a.test"))
+        rest = after_success + await read_until(reader, b"</message>")
+        assert b"<stream:stream" in rest, rest
+        assert rest.index(b"<stream:stream") < rest.index(b"<message"), rest
+        assert b"between" in rest
+        writer.close()
+    finally:
+        await close(client)
+        silent.close()
+
+
+class Authority:
+    """a.test's authoritative server as dialback finds it: takes the db:verify stream
+    and never answers, so the check lasts until something ends it."""
+
+    def __init__(self) -> None:
+        self.accepted = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, PEER_ADDRESS, 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.set()
+        try:
+            await reader.read()  # until xmppd closes it
+        except OSError:
+            pass
+        finally:
+            self.ended.set()
+            writer.close()
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_dialback_check_ends_with_the_stream_that_asked_for_it(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """XEP-0220: a db:result makes xmppd open a stream to the claimed domain's
+    authoritative server. A peer that sends one and hangs up at once must not leave that
+    stream behind (up to s2s.connect_timeout, here a minute): otherwise it can make the
+    node hold any number of connections to any domain while it holds none itself
+    (s2s.max_connections_per_address counts its open streams only)."""
+    authority = Authority()
+    port = await authority.start()
+    setup = await make_setup(
+        tmp_path,
+        start_server,
+        accept_dialback=True,
+        connect_timeout=60.0,
+        domains={"a.test": {"host": PEER_ADDRESS, "port": port}},
+    )
+    try:
+        # A certificate that is not a.test's: dialback is offered instead of EXTERNAL.
+        reader, writer, features = await setup.secured("a.test", "evil.test")
+        assert b"urn:xmpp:features:dialback" in features
+        writer.write(
+            b"<db:result xmlns:db='jabber:server:dialback' from='a.test' to='b.test'>"
+            b"k3y</db:result>"
+        )
+        await asyncio.wait_for(authority.accepted.wait(), 10)  # the check began
+        writer.close()
+        await asyncio.wait_for(authority.ended.wait(), 10)  # and ended with the stream
+    finally:
+        authority.close()
+
+
+@pytest.mark.parametrize(
+    "claimed",
+    ["a.test&#10;xmppd.s2s: forged line", "anna@a.test", "a.test/desk", "a..test"],
+)
+async def test_a_header_from_that_is_not_a_domain_is_refused(
+    setup: Setup, caplog: pytest.LogCaptureFixture, claimed: str
+) -> None:
+    """The stream header's 'from' names the peer's domain (RFC 6120 4.7.1): anything
+    else ends the stream with <improper-addressing/> at once, before it is logged,
+    offered TLS, or looked up in DNS for dialback. A character reference survives XML
+    attribute normalisation, so without that a peer could write lines into our log."""
+    caplog.set_level(logging.INFO, logger="xmppd.s2s")
+    reader, writer = await asyncio.open_connection(XMPPD_ADDRESS, setup.port)
+    writer.write(header(claimed))
+    rest = (await read_to_end(reader)).replace(b'"', b"'")
+    assert b"<improper-addressing xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest, rest
+    assert b"starttls" not in rest
+    assert rest.endswith(b"</stream:stream>")
+    writer.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "xmppd.s2s"]
+    assert any("ended: improper-addressing" in m for m in logged), logged
+    assert not any("\n" in m or "forged" in m for m in logged), logged
+
+
+async def test_a_bidirectional_stream_outlives_our_own_failed_connection(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """XEP-0288: a.test's bidirectional stream became the link for a.test while our own
+    connection there was still being set up (here to a silent address). That attempt
+    failing later must not drop the link: the next stanza still leaves on a.test's
+    stream, instead of starting another attempt that bounces it."""
+    silent = FakePeer(None)
+    port = await silent.start()
+    setup = await make_setup(
+        tmp_path,
+        start_server,
+        domains={"a.test": {"host": PEER_ADDRESS, "port": port}},
+        connect_timeout=2.0,
+    )
+    s2s = setup.server.s2s
+    assert s2s is not None
+    client = await bob(setup.server)
+    try:
+        client.send_message(mto="anna@a.test/home", mbody="first", mtype="chat")
+        await nothing_more_for(client)  # routed: waiting for our connection to a.test
+        reader, writer, _ = await setup.secured("a.test", "a.test")
+        writer.write(b"<bidi xmlns='urn:xmpp:bidi'/>")
+        writer.write(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+        )
+        await read_until(reader, b"<success")
+        writer.write(header("a.test"))
+        # The restarted stream's features, then the waiting message on a.test's stream.
+        assert b"first" in await read_until(reader, b"</message>")
+        # Our own attempt gives up (a poll on server state: nothing signals it).
+        while not s2s.failures["remote-server-timeout"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        client.send_message(mto="anna@a.test/home", mbody="second", mtype="chat")
+        assert b"second" in await read_until(reader, b"</message>")
+        writer.close()
+    finally:
+        await close(client)
+        silent.close()
+
+
+async def test_a_stream_never_restarted_after_sasl_is_closed(setup: Setup) -> None:
+    """RFC 6120 6.4.6: on <success/> the peer must open a new stream. One that never does
+    has not finished the handshake and is ended with <connection-timeout/> after
+    s2s.auth_timeout, like one that never authenticates, not left open until
+    s2s.idle_timeout (ten minutes by default)."""
+    reader, writer, features = await setup.secured("a.test", "a.test")
+    assert b"<mechanism>EXTERNAL</mechanism>" in features
+    writer.write(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
+    rest = (await read_to_end(reader)).replace(b'"', b"'")
+    assert b"<success" in rest
+    assert b"<connection-timeout xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in rest, rest
+    assert rest.endswith(b"</stream:stream>")
+    writer.close()

@@ -74,6 +74,9 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         # connection_made; incoming, started there over the plain TCP transport.
         self.direct_tls = direct_tls
         self.verdict: bool | None = None  # a db:verify stream: the authoritative server's answer
+        # Incoming: the dialback check of the key the peer gave (S2SService.check_dialback),
+        # cancelled if the stream ends first.
+        self.dialback_check: asyncio.Future[object] | None = None
         self.last_active = 0.0  # loop time of the last byte in or out (idle timeout)
         self.since = 0.0  # wall-clock time the connection was made (xmppctl s2s)
         self.stanzas_in = 0
@@ -188,6 +191,8 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
         super().connection_lost(exc)
         if self._rate_pause is not None:
             self._rate_pause.cancel()
+        if self.dialback_check is not None:
+            self.dialback_check.cancel()
         if not self.ready.done():
             if self.outgoing:  # awaited by the service, which then fails the link
                 self.ready.set_exception(ConnectionError(f"connection to {self.remote} lost"))
@@ -199,9 +204,10 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
     # --- sending ----------------------------------------------------------------------
 
     def send(self, item: Outgoing) -> bool:
-        """Queue a stanza for the peer (authenticated stream); False once closing. It
-        counts as sent once written (`_writing`)."""
-        if self.stream.closed or self.transport is None or not self.stream.authenticated:
+        """Queue a stanza for the peer; False unless the stream is ready for stanzas
+        (authenticated, restarted after SASL, not closing). It counts as sent once
+        written (`_writing`)."""
+        if self.transport is None or not self.stream.ready:
             return False
         self.stream.send(item.stanza)
         self._unwritten.append(item)
@@ -227,6 +233,11 @@ class S2SConnection(StreamDriver[s2s.S2SStream]):
                 server.router.ledger.to_remote += 1
         self.stanzas_out += len(self._unwritten)
         self._unwritten.clear()
+
+    def _established(self) -> bool:
+        # After SASL the peer must still restart the stream (RFC 6120 6.4.6): one that
+        # never does has not finished either, and is cut at s2s.auth_timeout too.
+        return self.stream.ready
 
     def _backlog_cut(self) -> None:
         self.service.failures["policy-violation"] += 1

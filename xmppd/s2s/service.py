@@ -302,7 +302,9 @@ class S2SService:
     def _fail(self, link: Link, condition: str, text: str) -> None:
         log.info("s2s: %s -> %s failed: %s: %s", link.local, link.remote, condition, text)
         self.failures[condition] += 1
-        if self.links.get((link.local, link.remote)) is link:
+        # A link the peer's bidirectional stream carries meanwhile (bidi_ready) stays:
+        # only our own attempt failed; connection_closed drops it with that stream.
+        if self.links.get((link.local, link.remote)) is link and link.connection is None:
             del self.links[(link.local, link.remote)]
         while link.queue:
             item = link.queue.popleft()
@@ -328,7 +330,8 @@ class S2SService:
 
     def check_dialback(self, conn: S2SConnection, request: DialbackRequested) -> None:
         """Ask the peer's authoritative server about the key its stream gave us (on a
-        stream of its own, in the background), then let the stream answer."""
+        stream of its own, in the background, for as long as the peer's stream lasts),
+        then let the stream answer."""
 
         async def check() -> None:
             verdict: bool | None = None
@@ -345,7 +348,9 @@ class S2SService:
             )
             conn.dialback_checked(request.domain, verdict)
 
-        self.server.router.spawn(check())
+        # Ends with the stream (S2SConnection.connection_lost): a peer that asks and hangs
+        # up must not leave us connecting to whatever domain it named.
+        conn.dialback_check = self.server.router.spawn(check())
 
     async def _verify_key(self, request: DialbackRequested) -> bool:
         """db:verify (XEP-0220 2.3) on a new stream to the authoritative server of

@@ -51,7 +51,8 @@ class StreamCore(Generic[EventT]):
 
     @property
     def authenticated(self) -> bool:
-        """Whether the peer proved who it is (the driver's authentication timer asks)."""
+        """Whether the peer proved who it is (the larger stanza limit; the driver's
+        authentication timer, unless the driver says otherwise: `_established`)."""
         raise NotImplementedError
 
     def _mark_closed(self) -> None:
@@ -61,7 +62,9 @@ class StreamCore(Generic[EventT]):
     def _send_header(self) -> None:
         raise NotImplementedError
 
-    def _on_stream_open(self, opened: StreamOpened) -> None:
+    def _on_stream_open(self, opened: StreamOpened, events: list[EventT]) -> None:
+        """The peer's stream header (the first, or a restart's); `events` as for
+        `_on_element`."""
         raise NotImplementedError
 
     def _on_element(self, el: etree._Element, events: list[EventT]) -> None:
@@ -81,7 +84,7 @@ class StreamCore(Generic[EventT]):
         try:
             for item in self._parser.feed(data):
                 if isinstance(item, StreamOpened):
-                    self._on_stream_open(item)
+                    self._on_stream_open(item, events)
                 elif isinstance(item, StreamClosed):
                     self._close_out()
                     events.append(cast(EventT, StreamEnded(None)))

@@ -119,7 +119,7 @@ class ComponentStream(StreamCore[Event]):
         self._out.append(("<?xml version='1.0'?><stream:stream " + " ".join(attrs) + ">").encode())
         self._header_sent = True
 
-    def _on_stream_open(self, opened: StreamOpened) -> None:
+    def _on_stream_open(self, opened: StreamOpened, events: list[Event]) -> None:
         if self.phase is not Phase.CONNECTED:
             raise StreamError("bad-format", "the stream is already open")
         domain = (opened.attrs.get("to") or "").strip().lower()

@@ -65,6 +65,11 @@ class StreamDriver(asyncio.Protocol, Generic[StreamT]):
     def _ended(self, error: StreamError) -> None:
         """The stream ended with `error` (not a shutdown's); the transport closes next."""
 
+    def _established(self) -> bool:
+        """Whether the peer finished authenticating, which stops the authentication timer
+        (`_start_auth_timer`)."""
+        return self.stream.authenticated
+
     # --- sending ----------------------------------------------------------------------
 
     def close(self, error: StreamError | None = None) -> None:
@@ -125,5 +130,5 @@ class StreamDriver(asyncio.Protocol, Generic[StreamT]):
 
     def _auth_timeout(self, text: str) -> None:
         self._auth_timer = None
-        if not self.stream.authenticated and not self.stream.closed:
+        if not self._established() and not self.stream.closed:
             self.close(StreamError("connection-timeout", text))

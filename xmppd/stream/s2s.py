@@ -73,8 +73,10 @@ class TLSRequested:
 
 @dataclass(slots=True)
 class Authenticated:
-    """The peer's domain is authenticated: `domain` (incoming: the peer's; outgoing: the
-    remote domain we connected to, which may now be sent stanzas)."""
+    """The peer's domain is authenticated and the stream may carry stanzas: `domain`
+    (incoming: the peer's; outgoing: the remote domain we connected to). After SASL it
+    comes once the stream restarted (RFC 6120 6.4.6): a stanza sent between <success/>
+    and our new stream header would stand where the peer reads that header."""
 
     domain: str
     mechanism: str
@@ -186,7 +188,9 @@ class S2SStream(StreamCore[Event]):
         self.stream_id = ""
         self._identities: Container[str] = frozenset()
         self._offered_external = False
-        self._ready = False  # outgoing: authenticated and the restarted stream's features came
+        # Authenticated and, after SASL, restarted (outgoing: the new features came;
+        # incoming: our new header went out): stanzas may flow (`ready`).
+        self._ready = False
         self._dialback_sent = False
         self._dialback_offered = False  # outgoing: the peer's features listed dialback
         self._dialback_pending: str | None = None  # incoming: the domain being checked
@@ -217,8 +221,8 @@ class S2SStream(StreamCore[Event]):
             self._send_header()
 
     def send(self, stanza: etree._Element) -> None:
-        """Queue a 'jabber:client' stanza for the peer (outgoing, authenticated)."""
-        if self.phase is not Phase.CLOSED:
+        """Queue a 'jabber:client' stanza for the peer (`ready`)."""
+        if self.ready:
             self._out.append(etree.tostring(to_server(stanza)))
 
     @property
@@ -253,6 +257,7 @@ class S2SStream(StreamCore[Event]):
         self.authenticated_domain = domain
         self.mechanism = "dialback"
         self.phase = Phase.AUTHENTICATED
+        self._ready = True  # dialback does not restart the stream
         self._parser.max_stanza_bytes = self.settings.max_stanza_bytes
         events.append(Authenticated(domain, "dialback"))
         return events
@@ -264,6 +269,11 @@ class S2SStream(StreamCore[Event]):
     @property
     def authenticated(self) -> bool:
         return self.phase is Phase.AUTHENTICATED
+
+    @property
+    def ready(self) -> bool:
+        """Whether stanzas may be sent: authenticated, and restarted after SASL."""
+        return self._ready and self.phase is Phase.AUTHENTICATED
 
     # --- stream header and features ----------------------------------------------------
 
@@ -285,18 +295,18 @@ class S2SStream(StreamCore[Event]):
         self._out.append(("<?xml version='1.0'?><stream:stream " + " ".join(attrs) + ">").encode())
         self._header_sent = True
 
-    def _on_stream_open(self, opened: StreamOpened) -> None:
+    def _on_stream_open(self, opened: StreamOpened, events: list[Event]) -> None:
         if not self.outgoing:
             self.stream_id = secrets.token_urlsafe(12)
             to = (opened.attrs.get("to") or "").strip().lower()
             moved = bool(to) and self.local is not None and to != self.local
             if self.local is None and to in self.settings.hosts:
                 self.local = to
-            claimed = (opened.attrs.get("from") or "").strip().lower()
+            claimed = _header_domain(opened.attrs.get("from") or "")
             if claimed and self.remote is None:
                 self.remote = claimed
             self._send_header()
-            if claimed.rstrip(".") in self.settings.hosts:
+            if claimed in self.settings.hosts:
                 # No remote server speaks for a domain we serve (a component's included):
                 # whatever its certificate or dialback key, refused before either is tried.
                 raise StreamError("invalid-from", f"{claimed} is served here")
@@ -322,6 +332,11 @@ class S2SStream(StreamCore[Event]):
         if self.local is None:
             raise StreamError("host-unknown", "this server does not serve that domain")
         self._out.append(etree.tostring(self._features()))
+        if self.phase is Phase.AUTHENTICATED and not self._ready:
+            # The stream restarted after SASL and our new header went out: only now may
+            # stanzas follow it (RFC 6120 6.4.6).
+            self._ready = True
+            events.append(Authenticated(self.authenticated_domain or "", self.mechanism))
 
     def _features(self) -> etree._Element:
         features = etree.Element(_FEATURES, nsmap={"stream": ns.STREAMS})
@@ -386,7 +401,11 @@ class S2SStream(StreamCore[Event]):
             self._sasl_failure("not-authorized")
         success = etree.Element(_SUCCESS, nsmap={None: ns.SASL})
         self._out.append(etree.tostring(success))
-        self._authenticated(domain, "EXTERNAL", events)
+        # Authenticated is reported once the peer restarted the stream (_on_stream_open).
+        self.authenticated_domain = domain
+        self.mechanism = "EXTERNAL"
+        self.phase = Phase.AUTHENTICATED
+        self._restart()
 
     def _may_dialback(self, domain: str | None) -> bool:
         allowed = self.settings.accept_dialback
@@ -439,13 +458,6 @@ class S2SStream(StreamCore[Event]):
         self._out.append(etree.tostring(failure))
         # One attempt per stream: a peer whose certificate does not do cannot try another.
         raise StreamError("not-authorized", "SASL EXTERNAL failed")
-
-    def _authenticated(self, domain: str, mechanism: str, events: list[Event]) -> None:
-        self.authenticated_domain = domain
-        self.mechanism = mechanism
-        self.phase = Phase.AUTHENTICATED
-        self._restart()
-        events.append(Authenticated(domain, mechanism))
 
     def _on_stanza(self, el: etree._Element, events: list[Event]) -> None:
         if self.phase is not Phase.AUTHENTICATED:
@@ -581,6 +593,25 @@ class S2SStream(StreamCore[Event]):
         elif self.authenticated_domain is not None and not self._ready:
             self._ready = True  # the features after the restart carry nothing we use yet
             events.append(Authenticated(self.authenticated_domain, self.mechanism))
+
+
+def _header_domain(value: str) -> str:
+    """The peer's domain as an incoming stream header's 'from' names it ("" if none),
+    prepared as stanza addresses are (RFC 7622: case, width, a trailing dot), so that
+    it compares with their domains. Anything but a bare domain is <improper-addressing/>
+    before it is used: a name logged, shown by `xmppctl s2s`, matched against
+    certificates and looked up in DNS for dialback (a character reference such as
+    &#10; survives XML's attribute normalisation)."""
+    value = value.strip()
+    if not value:
+        return ""
+    try:
+        jid = parse_jid(value)
+    except StanzaError:
+        jid = None
+    if jid is None or jid.user or jid.resource:
+        raise StreamError("improper-addressing", "the stream header's 'from' is not a domain")
+    return str(jid.domain)
 
 
 def to_client(stanza: etree._Element) -> etree._Element:
