@@ -105,12 +105,13 @@ def _with_occupant_id(xml: str, old: str, new: str) -> str | None:
 def nick_key(nick: str) -> str:
     """What a nick is compared by, for XEP-0045's nick in use (7.2.9) and reserved
     nick (7.10), as RFC 8266's nickname profile compares nicknames:
-    compatibility forms and width (NFKC), case (Unicode default case folding) and
+    compatibility forms and width (NFKC), case (Unicode toLowerCase, RFC 8266
+    section 2.2, not case folding: "Straße" and "Strasse" stay two nicks) and
     spaces (any kind, leading, trailing or repeated) folded. Two nicks with one key
     read as one in a client: a newcomer may not take "alice", "\uff41lice" or
     " Alice" beside "Alice" and pass for her. The nick itself is kept as written.
     Memoised: every join compares against every registered nick's."""
-    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).lower())
     return " ".join(folded.split())
 
 
@@ -624,7 +625,12 @@ class Room:
         if self.config.members_only and affiliation == "none":
             raise StanzaError("registration-required", "the room is members-only")
         taken = self._holder(nick)
-        another_session = taken is not None and taken.jid.bare == sender.bare
+        # Another client of the same user joins its occupant only under the very nick:
+        # under a variant (`nick_key`) its own presence would come from a nick it did
+        # not ask for, and its next presence would rename the occupant for all.
+        another_session = (
+            taken is not None and taken.jid.bare == sender.bare and taken.nick == nick
+        )
         cap = self.limits.max_occupants
         if self.config.max_users:
             cap = min(cap, self.config.max_users)

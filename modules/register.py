@@ -146,6 +146,8 @@ class Register(Module):
     # --- before authentication: creating an account -------------------------------------
 
     async def _preauth_get(self, request: PreAuthRequest) -> etree._Element:
+        if not request.encrypted:
+            raise self._refused(request, None, "no TLS", _in_clear())
         if not self.opts.allow_registration:
             raise self._refused(request, None, "registration is disabled", _closed())
         query = _query()
@@ -157,12 +159,12 @@ class Register(Module):
     async def _preauth_set(self, request: PreAuthRequest) -> None:
         query = request.payload
         asked = (query.findtext(_USERNAME) or "").strip() if query.tag == _QUERY else ""
+        # Before anything else: a client in clear learns nothing, not even whether
+        # registration is open.
+        if not request.encrypted:
+            raise self._refused(request, asked, "no TLS", _in_clear())
         if not self.opts.allow_registration:
             raise self._refused(request, asked, "registration is disabled", _closed())
-        if not request.encrypted:
-            raise self._refused(request, asked, "no TLS", StanzaError(
-                "policy-violation", "start TLS first: registering sends a password"
-            ))
         if query.tag != _QUERY:
             raise self._refused(request, None, "malformed request", _malformed())
         if query.find(_REMOVE) is not None:
@@ -403,6 +405,10 @@ def _checked_query(payload: etree._Element) -> etree._Element:
     if payload.tag != _QUERY:
         raise _malformed()
     return payload
+
+
+def _in_clear() -> StanzaError:
+    return StanzaError("policy-violation", "start TLS first: registering sends a password")
 
 
 def _closed() -> StanzaError:

@@ -1604,6 +1604,38 @@ async def test_a_session_that_ends_while_its_join_waits_for_the_room_is_no_ghost
     await items.close()
 
 
+async def test_a_second_client_under_a_variant_of_the_users_nick_is_not_merged() -> None:
+    # Merged under "Bob", a phone that asked for "bob" would get its own presence from a
+    # nick it did not ask for (no 210), and its next presence to room/bob would rename
+    # the occupant for everyone. A variant is a conflict, as it is for anyone.
+    h, _ = await harness()
+    alice, bob = h.session("alice@localhost/a"), h.session("bob@localhost/b")
+    phone = h.session("bob@localhost/phone")
+    await instant_room(h, alice, "Alice")
+    await join(h, bob, "Bob")
+    alice.take(), bob.take()
+    (refused,) = await join(h, phone, "bob")
+    assert condition(refused) == "conflict"
+    assert alice.take() == [] and bob.take() == []
+    # Under the very nick it joins the occupant, and its updates rename nobody.
+    got = await join(h, phone, "Bob")
+    own = [p for p in presences(got) if "110" in codes(p)]
+    assert [p.get("from") for p in own] == [f"{ROOM}/Bob"]
+    await h.send(phone, f"<presence to='{ROOM}/Bob'><show>away</show></presence>")
+    assert not any("303" in codes(p) for p in presences(alice.take()))
+    assert set(h.host.module(Muc).rooms[ROOM].occupants) == {"Alice", "Bob"}
+
+
+async def test_nicks_rfc_8266_tells_apart_are_two_nicks() -> None:
+    # RFC 8266 2.2 maps case with toLowerCase(), not case folding: "Straße" and
+    # "Strasse" are two nicknames.
+    h, _ = await harness()
+    alice, carol = h.session("alice@localhost/a"), h.session("carol@localhost/c")
+    await instant_room(h, alice, "Straße")
+    got = await join(h, carol, "Strasse")
+    assert [p.get("type") for p in presences(got)] == [None, None]
+
+
 async def test_nicks_are_compared_as_the_nickname_profile_folds_them() -> None:
     # XEP-0045 7.2.9's nick in use, compared as RFC 8266 compares nicknames: one that
     # differs from another only by case, width or spacing is that nick. Else a newcomer

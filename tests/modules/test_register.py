@@ -49,10 +49,15 @@ def accounts(harness: ModuleHarness) -> Accounts:
 
 
 async def preauth(
-    harness: ModuleHarness, type_: str, payload: str, ip: str = "192.0.2.1"
+    harness: ModuleHarness,
+    type_: str,
+    payload: str,
+    ip: str = "192.0.2.1",
+    *,
+    encrypted: bool = True,
 ) -> etree._Element:
     stanza = parse_stanza(f"<iq type='{type_}' id='r1'>{payload}</iq>")
-    return await harness.host.handle_preauth_iq(stanza, "localhost", ip, encrypted=True)
+    return await harness.host.handle_preauth_iq(stanza, "localhost", ip, encrypted=encrypted)
 
 
 def stream_features(harness: ModuleHarness) -> list[str]:
@@ -69,6 +74,17 @@ async def test_closed_by_default() -> None:
     assert condition(reply) == "service-unavailable"
     reply = await preauth(harness, "set", fields("newbie", "long-enough"))
     assert condition(reply) == "service-unavailable"
+    assert not await accounts(harness).exists("newbie")
+
+
+@pytest.mark.parametrize("open_", [True, False])
+async def test_every_registration_iq_in_clear_is_a_policy_violation(open_: bool) -> None:
+    # Before TLS nothing is answered but policy-violation: not the form, and not
+    # whether registration is open at all.
+    harness = await start(allow_registration=open_)
+    for type_, payload in (("get", fields()), ("set", fields("newbie", "long-enough"))):
+        reply = await preauth(harness, type_, payload, encrypted=False)
+        assert condition(reply) == "policy-violation", (type_, etree.tostring(reply))
     assert not await accounts(harness).exists("newbie")
 
 
