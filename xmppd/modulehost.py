@@ -35,6 +35,9 @@ with the RFC 6121 rules as the router's handlers at the lowest priority;
 message/delivered (Routed), once per delivered message, recipients known, once
 a chosen session's "stanza/in" filters let it through (after any wait they asked
 for; not for one that every chosen session's filters refused).
+Module events (sync, `on`, sent with `notify`): message/stored (stanza, bare)
+once the offline module stored a message for the account (not when it bounced
+it: a full queue, a store that failed).
 Filters (sync, `filter`; False drops, an awaitable waits): stanza/out (stanza,
 origin session), stanza/in (stanza, session), each for the stanza kinds it names
 (all by default), presence/self (stanza, session): a client's own broadcast
@@ -612,6 +615,12 @@ class ModuleHost:
 
     def add_identity(self, category: str, type_: str, name: str | None = None) -> None:
         self.identities.append((category, type_, name))
+
+    def notify(self, event: str, *args: Any) -> None:
+        """Run the `on` handlers of a module's own event (offline storage's
+        "message/stored"): another module acts on what this one did, neither
+        importing the other. Results are ignored; a handler that raises is logged."""
+        self.events.notify(event, *args)
 
     def notify_cluster(self, topic: str, payload: Payload) -> None:
         """Tell every other node of the cluster (`on_cluster_notice`): a small JSON object,

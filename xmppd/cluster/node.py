@@ -46,6 +46,7 @@ from xmppd.cluster.inbox import Inbox
 from xmppd.cluster.link import Link, Record
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
+from xmppd.cluster.waiting import Waiting
 from xmppd.cluster.writer import Writer
 from xmppd.config import ClusterConfig, redact_url
 from xmppd.router import Router
@@ -73,6 +74,7 @@ class Cluster:
         self.stats = ClusterStats()
         self.writer = Writer(self.redis, self.node, self.stats, config.forward_wait, TTL)
         self.directory = ClusterDirectory(self.node, self.writer)
+        self.waiting = Waiting(self.writer, self.node)
         self.nodes: frozenset[str] = frozenset({self.node})
         self._nodes_listeners: list[Callable[[frozenset[str]], None]] = []
         self._lapse_listeners: list[Callable[[], None]] = []
@@ -117,7 +119,7 @@ class Cluster:
             await self.bus.start()
             self.inbox = Inbox(
                 self.redis, self.node, self.directory, self.reroute, self.stats, self.sync,
-                router.behind,
+                router.behind, self.waiting,
             )
             self.inbox.is_live = lambda node: node in self.nodes
         except (RedisError, OSError) as exc:

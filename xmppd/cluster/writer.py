@@ -470,6 +470,12 @@ class Writer:
         if self.link is None or not self.link.send(node, None, 0, item, self._last_change):
             self.queue_item(node, item)
 
+    def command(self, command: Command, on_result: Callable[[Any], None] | None = None) -> None:
+        """Queue one more write, in order with the rest; `on_result` gets Redis' answer
+        unless it is an error. Never dropped past MAX_PENDING, as a stanza is not: what
+        xmppd.cluster.waiting writes keeps a stanza that must not be lost."""
+        self._put(Op(command, on_result))
+
     def _next(self) -> int:
         self._seq += 1
         self._last_change = self._seq
