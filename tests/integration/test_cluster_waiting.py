@@ -7,6 +7,10 @@ messages (its store holds the read), so A queues it behind them. Then A dies: it
 stops beating, reading its inbox and taking frames, and does nothing more (the held
 read never answers there), and B reaps it, as a live node does a dead one's. The
 message must reach alice afterwards: from offline storage, after the stored ones.
+
+And at a clean stop: what the stopping node's last read of its inbox queues behind an
+account's jobs is routed before its writer stops, or kept on the node if it comes
+after (`Cluster.stop`).
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from tests.integration.clients import close
+from tests.integration.clients import Client, close
 from tests.integration.conftest import StartServer
-from tests.integration.test_cluster import online, received, until
+from tests.integration.test_cluster import online, received, seen_on, until
 from tests.integration.test_cluster_modules import WAIT, new_message_while_stored_ones_are_read
 from xmppd.cluster import schema
+from xmppd.cluster.directory import node_of
 from xmppd.cluster.tasks import cancel_for_sure
+from xmppd.modules.offline import STORE as OFFLINE_STORE
 from xmppd.server import Server
+from xmppd.storage import devservices
+from xmppd.storage.base import Item, ItemBackend
 from xmppd.storage.devservices import LocalService
+from xmppd.storage.timing import OpStats, TimedItemBackend
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,3 +100,95 @@ async def until_trimmed(redis: Redis, node: str) -> None:
         await asyncio.sleep(0.05)
     raise AssertionError(f"the inbox of {node} was not trimmed")
 
+
+class HeldOfflineWrites(TimedItemBackend):
+    """A node's item store whose reads of the offline counters wait while the test holds
+    them: storing a message offline waits for the store."""
+
+    def __init__(self, inner: ItemBackend) -> None:
+        super().__init__(inner, OpStats())
+        self.gate = asyncio.Event()
+        self.held = asyncio.Event()  # set once a read waits at the shut gate
+
+    async def get(self, namespace: str, name: str) -> Item | None:
+        if namespace.endswith(f"/{OFFLINE_STORE}") and not self.gate.is_set():
+            self.held.set()
+            await self.gate.wait()
+        return await super().get(namespace, name)
+
+
+async def forwarded_jobs_at_stop(
+    start_server: StartServer, redis: LocalService
+) -> tuple[Server, Server, HeldOfflineWrites, Client, asyncio.Task[None]]:
+    """Nodes A and B, no links (what B sends A waits in A's inbox). alice/desk is on A;
+    A stops reading its inbox, bob (on B) sends her "bare" to her bare JID, then
+    "full" to alice/desk, both left in A's inbox. alice logs in again on B as
+    alice/desk, priority -1 (a message to her bare JID is not for her). Then A stops:
+    its last read of the inbox routes "bare" to offline storage, whose write waits
+    (the store holds it), and queues "full" behind it (`Router.behind`); when "full"
+    has its turn, alice/desk is on B: it is forwarded there. Returns the stop, running."""
+    url = devservices.redis_url(redis)
+    section = {"redis_url": url, "link": {"enabled": False}}
+    a = await start_server(cluster={**section, "node_name": "node-a"})
+    b = await start_server(users={}, cluster={**section, "node_name": "node-b"})
+    assert a.cluster is not None and a.cluster.inbox is not None and b.cluster is not None
+    old = await online(a, "alice@localhost/desk", "alice-secret")
+    bob = await online(b, "bob@localhost/phone", "bob-secret")
+    await until(seen_on(b, "alice@localhost/desk"), WAIT)
+    await a.cluster.inbox.pause()
+    forwarded = b.cluster.stats.forwards_out
+    bob.send_message(mto="alice@localhost", mbody="bare", mtype="chat")
+    bob.send_message(mto="alice@localhost/desk", mbody="full", mtype="chat")
+    await until(lambda: b.cluster is not None and b.cluster.stats.forwards_out == forwarded + 2)
+    await b.cluster.writer.flush()
+    alice = await online(b, "alice@localhost/desk", "alice-secret", priority=-1)
+    await until(lambda: node_of_replica(a, "alice@localhost", "desk") == "node-b", WAIT)
+    held = HeldOfflineWrites(a.storage.items)
+    a.storage.items = held  # what the offline module stores with from now (ModuleHost.items)
+    stopping = asyncio.ensure_future(a.stop())
+    await asyncio.wait_for(held.held.wait(), WAIT)  # "bare" is being stored
+    old.abort()
+    await close(bob)
+    return a, b, held, alice, stopping
+
+
+def node_of_replica(node: Server, bare: str, resource: str) -> str | None:
+    """Where `node`'s replica has bare/resource bound on another node (None: nowhere)."""
+    assert node.cluster is not None
+    session = node.cluster.directory._remote.get(bare, {}).get(resource)
+    return None if session is None else node_of(session)
+
+
+async def test_a_forwarded_stanza_queued_at_stop_is_forwarded_before_the_writer_stops(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """Before, the stop read its inbox a last time, flushed and stopped its writer
+    without waiting for the jobs that read queued: "full", forwarded after the writer
+    stopped, was queued for a task that was gone, and lost. Now the stop waits for
+    them (at most FLUSH_TIMEOUT) before its writer's last flush."""
+    _, _, held, alice, stopping = await forwarded_jobs_at_stop(start_server, redis_service)
+    held.gate.set()
+    await asyncio.wait_for(stopping, 30)
+    assert await received(alice, WAIT) == "full"  # live, on B, not stored
+    await close(alice)
+
+
+async def test_what_routes_after_the_writer_stopped_stays_on_the_node(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """The store answers only once A's writer stopped (past the stop's wait): "full" is
+    routed after the writer is gone. Before, it was queued for the writer's task all the
+    same, and lost; now a stopped writer refuses it, and it is stored offline."""
+    a, b, held, alice, stopping = await forwarded_jobs_at_stop(start_server, redis_service)
+    assert a.cluster is not None
+    writer = a.cluster.writer
+    try:
+        await until(lambda: writer._task is None, 30)  # stopped
+    finally:
+        held.gate.set()
+    await asyncio.wait_for(stopping, 30)
+    later = await online(b, "alice@localhost/laptop", "alice-secret")
+    assert sorted([await received(later, WAIT) for _ in range(2)]) == ["bare", "full"]
+    assert alice.messages.empty()
+    await close(later)
+    await close(alice)
