@@ -22,6 +22,7 @@ from xmppd.cluster.heartbeat import TTL
 from xmppd.cluster.inbox import BLOCK_MS, READ_TIMEOUT, RETRY_DELAY, Inbox, Item
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
+from xmppd.cluster.waiting import Waiting
 from xmppd.cluster.writer import Writer
 from xmppd.storage import devservices
 from xmppd.storage.devservices import LocalService
@@ -102,14 +103,18 @@ async def test_a_silent_connection_is_given_up_and_the_inbox_read_on_a_new_one(
     async with relay_to(redis_service) as (relay, port):
         redis = Redis.from_url(f"redis://127.0.0.1:{port}", socket_connect_timeout=2)
         stats = ClusterStats()
-        directory = ClusterDirectory("node-a", Writer(redis, "node-a", stats, 5.0, TTL))
+        writer = Writer(redis, "node-a", stats, 5.0, TTL)
+        directory = ClusterDirectory("node-a", writer)
         sync = ReplicaSync(redis, directory, lambda: None, stats)
         rerouted: asyncio.Queue[str] = asyncio.Queue()
 
         def reroute(stanza: etree._Element, hops: int) -> None:
             rerouted.put_nowait(stanza.findtext("{jabber:client}body") or "")
 
-        inbox = Inbox(redis, "node-a", directory, reroute, stats, sync, nothing_queued)
+        inbox = Inbox(
+            redis, "node-a", directory, reroute, stats, sync, nothing_queued,
+            Waiting(writer, "node-a"),
+        )
         key = schema.inbox_key("node-a")
         inbox.start()
         try:
@@ -133,7 +138,8 @@ async def test_a_large_read_is_handled_in_slices_with_the_loop_turning_between(
     meanwhile), and handles them in order."""
     redis = Redis.from_url(devservices.redis_url(redis_service))
     stats = ClusterStats()
-    directory = ClusterDirectory("node-a", Writer(redis, "node-a", stats, 5.0, TTL))
+    writer = Writer(redis, "node-a", stats, 5.0, TTL)
+    directory = ClusterDirectory("node-a", writer)
     sync = ReplicaSync(redis, directory, lambda: None, stats)
     bodies: list[str] = []
     turns: list[int] = []  # how many stanzas were handled at each turn of the loop
@@ -156,7 +162,10 @@ async def test_a_large_read_is_handled_in_slices_with_the_loop_turning_between(
         for n in range(64):
             fields += item("bob@localhost/phone", str(entry * 64 + n)).items()
         await redis.execute_command("XADD", key, "*", *(v for pair in fields for v in pair))
-    inbox = Inbox(redis, "node-a", directory, reroute, stats, sync, nothing_queued)
+    inbox = Inbox(
+        redis, "node-a", directory, reroute, stats, sync, nothing_queued,
+        Waiting(writer, "node-a"),
+    )
     watcher = asyncio.create_task(watch())
     inbox.start()
     try:
@@ -178,7 +187,8 @@ async def test_orphans_of_a_node_live_again_leave_its_sessions_in_the_replica(
     wasted work on the event loop."""
     redis = Redis.from_url(devservices.redis_url(redis_service))
     stats = ClusterStats()
-    directory = ClusterDirectory("node-a", Writer(redis, "node-a", stats, 5.0, TTL))
+    writer = Writer(redis, "node-a", stats, 5.0, TTL)
+    directory = ClusterDirectory("node-a", writer)
     directory.apply_set(schema.Entry("bob@localhost/phone", "node-b", 0, True, sid="s"))
     sync = ReplicaSync(redis, directory, lambda: None, stats)
     rerouted: asyncio.Queue[str] = asyncio.Queue()
@@ -186,7 +196,10 @@ async def test_orphans_of_a_node_live_again_leave_its_sessions_in_the_replica(
     def reroute(stanza: etree._Element, hops: int) -> None:
         rerouted.put_nowait(stanza.findtext("{jabber:client}body") or "")
 
-    inbox = Inbox(redis, "node-a", directory, reroute, stats, sync, nothing_queued)
+    inbox = Inbox(
+        redis, "node-a", directory, reroute, stats, sync, nothing_queued,
+        Waiting(writer, "node-a"),
+    )
     inbox.is_live = lambda node: node == "node-b"
     orphan = {**item("carol@localhost/pc", "orphan"), "orphan": "node-b"}
     await redis.xadd(schema.inbox_key("node-a"), orphan)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from slixmpp.xmlstream import ET
 from tests.integration.clients import Client, close, connect
 from tests.integration.conftest import USERS, StartServer
 from tests.integration.test_cluster import online, received, seen_on, until
+from tests.integration.test_cluster_link import linked
 from xmppd.config import DEFAULT_MODULES
 from xmppd.modules.offline import STORE as OFFLINE_STORE
 from xmppd.modules.roster import RosterItem, RosterModule
@@ -316,16 +317,22 @@ class HeldOfflineReads(TimedItemBackend):
 
 
 async def new_message_while_stored_ones_are_read(
-    start_server: StartServer, redis: LocalService
+    start_server: StartServer, redis: LocalService, link: bool | None = None
 ) -> tuple[Server, Server, HeldOfflineReads, Client, Client]:
     """Nodes A and B; bob, on B, has sent alice three messages, stored; alice logs in on
     A, whose store holds the read of them; then bob sends "new", and A has it. A's
     first_wait is longer than a test may run: the order may not depend on how fast
-    this machine is."""
+    this machine is. `link`: None, whichever way B sends; True, over B's link to A
+    (up before "new" is sent); False, through A's inbox (no links)."""
     url = devservices.redis_url(redis)
     modules = {**{name: {} for name in DEFAULT_MODULES}, "offline": {"first_wait": 600}}
-    a = await start_server(cluster={"redis_url": url, "node_name": "node-a"}, modules=modules)
-    b = await start_server(users={}, cluster={"redis_url": url, "node_name": "node-b"})
+    links = {} if link is None else {"link": {"enabled": link}}
+    a = await start_server(
+        cluster={"redis_url": url, "node_name": "node-a", **links}, modules=modules
+    )
+    b = await start_server(
+        users={}, cluster={"redis_url": url, "node_name": "node-b", **links}
+    )
     assert a.cluster is not None
     bob = await online(b, "bob@localhost/phone", "bob-secret")
     for n in range(3):
@@ -336,6 +343,8 @@ async def new_message_while_stored_ones_are_read(
     alice = await online(a, "alice@localhost/desk", "alice-secret")
     await asyncio.wait_for(held.held.wait(), WAIT)  # her stored messages are being read
     await until(seen_on(b, "alice@localhost/desk"), WAIT)
+    if link:
+        await until(lambda: linked(b, a), WAIT)
     stats = a.cluster.stats
     forwarded = stats.forwards_in
     bob.send_message(mto="alice@localhost", mbody="new", mtype="chat")

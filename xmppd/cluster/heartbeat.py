@@ -285,7 +285,8 @@ class Heartbeat:
         return kept
 
     async def reap(self, node: str) -> list[schema.Entry]:
-        """Remove `node`'s sessions; what its inbox still holds moves into this node's.
+        """Remove `node`'s sessions; what its inbox and waiting stream still hold moves
+        into this node's inbox.
         Returns the sessions removed (none if another node reaped it first, or if its
         alive key exists again: schema.REAP)."""
         moved, removed = await self._reap(
@@ -296,6 +297,7 @@ class Heartbeat:
                 schema.inbox_key(self.node),
                 schema.gone_key(node),
                 schema.alive_key(node),
+                schema.waiting_key(node),
             ],
             args=[
                 node, schema.SESSIONS_PREFIX, schema.EVENTS, schema.gone_event(node),

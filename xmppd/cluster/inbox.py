@@ -43,7 +43,10 @@ handled), also when it comes back as an orphan.
 
 A stanza for an account with routing jobs queued on this node (its stored messages
 being handed over at login) waits behind them, and the next ones for it with it; a
-request to end a session does not (`ItemHandler`).
+request to end a session does not (`ItemHandler`). Such a stanza is copied to this
+node's waiting stream (xmppd.cluster.waiting), and its entry is not trimmed before
+that copy is written (or its turn came): trimmed, only this node's memory would hold
+it, and a kill would lose it. The reaper moves the waiting stream too.
 
 A stanza waits until the changes its sender's node made to the table before
 forwarding it are applied here (`ReplicaSync.caught_up`; schema, "Order").
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -71,6 +75,7 @@ from xmppd.cluster.directory import ClusterDirectory
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ORDER_WAIT, ReplicaSync
 from xmppd.cluster.tasks import cancel_for_sure
+from xmppd.cluster.waiting import Copy, Item, Waiting
 from xmppd.stream.errors import StreamError
 from xmppd.xml.fragments import parse as parse_fragment
 
@@ -100,8 +105,6 @@ but not trimmed yet is only routed twice if this node dies (at least once)."""
 
 Reroute = Callable[[etree._Element, int], None]
 """Route a stanza again on this node: (stanza, how many times it was forwarded)."""
-Item = dict[bytes, bytes]
-"""One item of an entry or a link frame: its fields (`split_fields`)."""
 Behind = Callable[[str, Callable[[Item], None], Item], bool]
 """Queue `job(item)` behind the routing jobs a local account (bare JID) has queued on
 this node, True; False, queueing nothing, when it has none (`Router.behind`)."""
@@ -117,15 +120,19 @@ class Inbox:
         stats: ClusterStats,
         sync: ReplicaSync,
         behind: Behind,
+        waiting: Waiting,
     ) -> None:
         self.redis = redis
         self.stats = stats
         self.key = schema.inbox_key(node)
         self.directory = directory
         self.sync = sync
-        self.items = ItemHandler(directory, stats, reroute, behind)
+        self.items = ItemHandler(directory, stats, reroute, behind, waiting)
         self._last = "0-0"  # the last entry handled
-        self._trimmed = "0-0"  # the last entry trimmed from the stream
+        self._trimmed = _after("0-0")  # the MINID of the last trim: what it kept
+        # Entries handled whose stanzas wait behind an account's jobs and are not in
+        # the waiting stream yet -> how many: trimmed only after (oldest first).
+        self._unsafe: dict[str, int] = {}
         self._untrimmed = 0  # entries handled since that trim
         self._trim_by = 0.0  # when what is handled is trimmed at the latest (monotonic)
         self._stopping = False
@@ -145,11 +152,12 @@ class Inbox:
 
     async def pause(self) -> None:
         """Stop reading and trim what was handled (a clean stop, before this node reaps
-        itself: that moves only what was not handled)."""
+        itself: that moves only what was not handled). Called again, trims what became
+        safe since (a stanza that waited had its turn: `Cluster.stop`)."""
         if self._task is not None:
             await self._stop_reader(self._task)
             self._task = None
-            await self._trim()
+        await self._trim()
 
     async def finish(self) -> None:
         """Route what is left (after this node reaped itself: no more comes)."""
@@ -164,21 +172,37 @@ class Inbox:
         await self._trim()
 
     async def _trim(self) -> None:
-        if self._trimmed != self._last:
-            last = self._last
-            await self.redis.xtrim(self.key, minid=_after(last), approximate=False)
-            self._trimmed_to(last)
+        minid = self._trim_point()
+        if minid != self._trimmed:
+            await self.redis.xtrim(self.key, minid=minid, approximate=False)
+            self._trimmed_to(minid)
 
-    def _trimmed_to(self, last: str) -> None:
-        """Called with the reader between two reads: `last` is all it handled."""
+    def _trim_point(self) -> str:
+        """The MINID of a trim now: past every entry handled, but not past one whose
+        waiting stanza's copy is not written yet (dicts keep their order: the oldest
+        entry comes first)."""
+        for entry_id in self._unsafe:
+            return entry_id
+        return _after(self._last)
+
+    def _trimmed_to(self, minid: str) -> None:
+        """Called with the reader between two reads: entries before `minid` are gone."""
         self._untrimmed = 0
-        self._trimmed = last
+        self._trimmed = minid
         self._trim_by = time.monotonic() + TRIM_INTERVAL
 
     def _trim_due(self) -> bool:
-        return self._trimmed != self._last and (
+        return self._trim_point() != self._trimmed and (
             self._untrimmed >= TRIM_EVERY or time.monotonic() >= self._trim_by
         )
+
+    def _safe(self, entry_id: str) -> None:
+        """One waiting stanza of `entry_id` is in the waiting stream (or had its turn)."""
+        left = self._unsafe[entry_id] - 1
+        if left:
+            self._unsafe[entry_id] = left
+        else:
+            del self._unsafe[entry_id]
 
     async def _stop_reader(self, task: asyncio.Task[None]) -> None:
         """End the reader between two reads: an entry of our own ends its blocking XREAD
@@ -200,12 +224,13 @@ class Inbox:
         while not self._stopping:
             last = self._last
             trim = self._trim_due()
+            minid = self._trim_point()
             read = ("XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", self.key, last)
             try:
                 async with asyncio.timeout(BLOCK_MS / 1000 + READ_TIMEOUT):
                     if trim:
                         answers = await self._channel.call(
-                            [("XTRIM", self.key, "MINID", _after(last)), read]
+                            [("XTRIM", self.key, "MINID", minid), read]
                         )
                     else:
                         answers = await self._channel.call([read])
@@ -223,7 +248,7 @@ class Inbox:
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             if trim:
-                self._trimmed_to(last)
+                self._trimmed_to(minid)
             if failing:
                 log.info("cluster: reading the inbox again from %s", last)
                 failing = False
@@ -258,7 +283,9 @@ class Inbox:
                     todo = items
                     if self.link_copy is not None and origin is not None and not orphan:
                         todo = self._not_on_link(origin.decode(), items)
-                    self.items.handle(todo)
+                    held = self.items.handle(todo)
+                    if held:
+                        self._hold(entry_id.decode(), held)
                     number = items[-1].get(b"rn")
                     if origin is not None and number is not None and not orphan:
                         self._received[origin.decode()] = int(number)
@@ -274,6 +301,13 @@ class Inbox:
                     await asyncio.sleep(0)
         self._progress.set()
         self._progress = asyncio.Event()
+
+    def _hold(self, entry_id: str, held: list[Copy]) -> None:
+        """`entry_id` is not trimmed before each of `held` is safe."""
+        self._unsafe[entry_id] = len(held)
+        safe = functools.partial(self._safe, entry_id)
+        for one in held:
+            one.on_safe = safe
 
     def _not_on_link(
         self, node: str, items: list[dict[bytes, bytes]]
@@ -314,29 +348,47 @@ class ItemHandler:
     waiting for a privacy record) waits behind them, as one routed here would
     (`Router.behind`): handed straight to the session it would overtake them. The
     next ones for that account queue too while the queue lasts, so they keep their
-    order. A request to end a session does not wait: a newer login on the same
-    resource ends the old session at once, as `Router.bind` does on one node, rather
-    than leave two sessions on one full JID for as long as the store is slow; what
-    was queued for the old session finds it gone when its turn comes and is routed
-    again (to the newer session, or offline storage), not lost."""
+    order. Each is copied to this node's waiting stream meanwhile (`Waiting.hold`;
+    `handle` returns the copies, which the inbox and the link wait for before they
+    let go of the entry or frame): a kill while it waits does not lose it. A request
+    to end a session does not wait: a newer login on the same resource ends the old
+    session at once, as `Router.bind` does on one node, rather than leave two
+    sessions on one full JID for as long as the store is slow; what was queued for
+    the old session finds it gone when its turn comes and is routed again (to the
+    newer session, or offline storage), not lost."""
 
     def __init__(
-        self, directory: ClusterDirectory, stats: ClusterStats, reroute: Reroute, behind: Behind
+        self, directory: ClusterDirectory, stats: ClusterStats, reroute: Reroute,
+        behind: Behind, waiting: Waiting,
     ) -> None:
         self.directory = directory
         self.stats = stats
         self.reroute = reroute
         self.behind = behind
+        self.waiting = waiting
+        # id(item) -> the copy of an item queued behind its account's jobs: `behind`
+        # takes one argument, and building a pair for each stanza would cost the many
+        # that do not wait.
+        self._held: dict[int, Copy] = {}
 
-    def handle(self, items: list[Item]) -> None:
-        """`items` in order; one that fails is logged, the next ones still handled."""
+    def handle(self, items: list[Item]) -> list[Copy] | None:
+        """`items` in order; one that fails is logged, the next ones still handled.
+        Returns the copies of those that wait behind their account's jobs (None: none
+        waits, the usual case)."""
+        held: list[Copy] | None = None
         for item in items:
             try:
-                self._handle(item)
+                copy = self._handle(item)
             except Exception:
                 log.exception("cluster: a forwarded item failed (to %r)", item.get(b"to"))
+                continue
+            if copy is not None:
+                if held is None:
+                    held = []
+                held.append(copy)
+        return held
 
-    def _handle(self, fields: Item) -> None:
+    def _handle(self, fields: Item) -> Copy | None:
         bare, _, resource = fields[b"to"].decode().partition("/")
         end = fields.get(b"end")
         if end is not None:
@@ -345,7 +397,7 @@ class ItemHandler:
             sid = fields.get(b"sid", b"").decode()
             if session is not None and self.directory.sid_of(session) == sid:
                 session.terminate(StreamError(end.decode(), fields[b"text"].decode() or None))
-            return
+            return None
         stats = self.stats
         stats.forwards_in += 1
         sent = fields.get(b"t")
@@ -354,12 +406,20 @@ class ItemHandler:
                 stats.forward_latency.add(max(0.0, time.time() - float(sent)))
         if not self.behind(bare, self._deliver_queued, fields):
             self._deliver(bare, resource, fields)
+            return None
+        copy = self._held[id(fields)] = self.waiting.hold(fields)
+        return copy
 
     def _deliver_queued(self, fields: Item) -> None:
         """`_deliver` when its turn in the account's queue comes: the session is looked
-        up only now, as it may have ended while the stanza waited."""
-        bare, _, resource = fields[b"to"].decode().partition("/")
-        self._deliver(bare, resource, fields)
+        up only now, as it may have ended while the stanza waited. Its copy goes once
+        it is delivered or routed again."""
+        copy = self._held.pop(id(fields))
+        try:
+            bare, _, resource = fields[b"to"].decode().partition("/")
+            self._deliver(bare, resource, fields)
+        finally:
+            self.waiting.release(copy)
 
     def _deliver(self, bare: str, resource: str, fields: Item) -> None:
         """Hand the stanza to the session bound on bare/resource, or route it again."""

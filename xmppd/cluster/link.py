@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -103,6 +104,7 @@ from xmppd.cluster import wire
 from xmppd.cluster.inbox import Inbox, ItemHandler, split_fields
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
+from xmppd.cluster.waiting import Copy
 from xmppd.config import split_advertised
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,9 @@ class Link:
         self._inbound: dict[str, Inbound] = {}  # peer -> its current link to this node
         self._accepted: set[Inbound] = set()  # every open connection to this node
         self._handled: dict[str, tuple[str, int]] = {}  # peer -> (incarnation, last seq)
+        # peer -> (incarnation, {frame: its stanzas that wait behind an account's jobs
+        # and are not in the waiting stream yet}): not acknowledged before (`hold`).
+        self._unsafe: dict[str, tuple[str, dict[int, int]]] = {}
         self._server: asyncio.Server | None = None
         self._local_server: asyncio.Server | None = None
         # None: neither offer nor dial a Unix socket (cluster.link.unix false, not Linux).
@@ -454,15 +459,56 @@ class Link:
 
     # --- receiving ---------------------------------------------------------------------
 
-    def accepted(self, inbound: Inbound, peer: str, incarnation: str) -> int:
-        """`peer` authenticated: the last frame handled from its `incarnation` (a newer
-        link from it replaces an older one, which stops handling at once)."""
+    def accepted(self, inbound: Inbound, peer: str, incarnation: str) -> tuple[int, int]:
+        """`peer` authenticated: the last frame handled from its `incarnation`, and the
+        last it may be told was (`acknowledgeable`): a newer link from it replaces an
+        older one, which stops handling at once."""
         old = self._inbound.get(peer)
         if old is not None and old is not inbound:
             old.close()
         self._inbound[peer] = inbound
         known, last = self._handled.get(peer, ("", 0))
-        return last if known == incarnation else 0
+        if known != incarnation:
+            return 0, 0
+        return last, self.acknowledgeable(peer, incarnation, last)
+
+    def hold(self, peer: str, incarnation: str, seq: int, held: list[Copy]) -> None:
+        """Frame `seq` brought stanzas that wait behind their accounts' jobs (`held`):
+        it is not acknowledged before each is in the waiting stream (or had its turn).
+        Acknowledged, only this node's memory would hold them, and a kill would lose
+        them (xmppd.cluster.waiting)."""
+        known = self._unsafe.get(peer)
+        if known is None or known[0] != incarnation:
+            known = self._unsafe[peer] = (incarnation, {})
+        known[1][seq] = len(held)
+        safe = functools.partial(self._safe, peer, incarnation, seq)
+        for one in held:
+            one.on_safe = safe
+
+    def _safe(self, peer: str, incarnation: str, seq: int) -> None:
+        known = self._unsafe.get(peer)
+        if known is None or known[0] != incarnation:
+            return  # the peer restarted since: its new frames count anew
+        frames = known[1]
+        frames[seq] -= 1
+        if frames[seq]:
+            return
+        del frames[seq]
+        if not frames:
+            del self._unsafe[peer]
+        inbound = self._inbound.get(peer)
+        if inbound is not None and inbound.incarnation == incarnation:
+            inbound.ack_soon()
+
+    def acknowledgeable(self, peer: str, incarnation: str, last: int) -> int:
+        """The last of the frames handled up to `last` that may be acknowledged: those
+        before the oldest whose waiting stanzas are not all safe (`hold`)."""
+        known = self._unsafe.get(peer)
+        if known is None or known[0] != incarnation:
+            return last
+        for seq in known[1]:  # in the order they were handled: the oldest first
+            return min(last, seq - 1)
+        return last
 
     def redis_copy(self, peer: str, incarnation: str, seq: int) -> bool:
         """An item `peer` put in frame `seq` of its link `incarnation`, then sent through
@@ -926,8 +972,10 @@ class Inbound(asyncio.Protocol):
             self._timer.cancel()
         self.peer, self.incarnation = self.handshake.peer, self.handshake.incarnation
         self.reader.limit = wire.MAX_FRAME
-        self.last = self.acked = self.link.accepted(self, self.peer, self.incarnation)
-        self._write(self.handshake.welcome(self.last))
+        # Told the last safe one: the peer sends again what follows, and what was handled
+        # already is skipped (`last`), but acknowledged only once safe.
+        self.last, self.acked = self.link.accepted(self, self.peer, self.incarnation)
+        self._write(self.handshake.welcome(self.acked))
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -948,8 +996,9 @@ class Inbound(asyncio.Protocol):
                 break
             if not link.accepting():
                 backlog.clear()
-                self._write(self.handshake.send.seal(wire.ack(wire.NACK, self.last)))
-                self.acked = self.last
+                assert self.peer is not None
+                self.acked = link.acknowledgeable(self.peer, self.incarnation, self.last)
+                self._write(self.handshake.send.seal(wire.ack(wire.NACK, self.acked)))
                 return
             seq, change, redis, fields = backlog[0]
             assert self.peer is not None and link.inbox is not None
@@ -963,7 +1012,9 @@ class Inbound(asyncio.Protocol):
                 continue  # sent again after a reconnect the handshake did not cover
             _, items = split_fields(fields)
             assert link.items is not None
-            link.items.handle(items)
+            held = link.items.handle(items)
+            if held:
+                link.hold(self.peer, self.incarnation, seq, held)
             handled += len(items)
             self.last = seq
             stats.link_frames_in += 1
@@ -975,13 +1026,21 @@ class Inbound(asyncio.Protocol):
 
     def _ack(self) -> None:
         """Acknowledge what was handled since the last ack: one ack for every read in
-        ACK_DELAY, not one per read (a syscall and a wake-up on each side)."""
+        ACK_DELAY, not one per read (a syscall and a wake-up on each side). Not past a
+        frame whose waiting stanzas are not safe yet (`Link.hold`)."""
         if self._ack_timer is not None:
             self._ack_timer.cancel()
         self._ack_timer = None
-        if self.last > self.acked:
-            self._write(self.handshake.send.seal(wire.ack(wire.ACK, self.last)))
-            self.acked = self.last
+        if self.last > self.acked and self.peer is not None:
+            safe = self.link.acknowledgeable(self.peer, self.incarnation, self.last)
+            if safe > self.acked:
+                self._write(self.handshake.send.seal(wire.ack(wire.ACK, safe)))
+                self.acked = safe
+
+    def ack_soon(self) -> None:
+        """A frame's waiting stanzas are safe now: acknowledge within ACK_DELAY."""
+        if self._ack_timer is None and not self.closed and self.last > self.acked:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack)
 
     async def _wait(self, redis: int, change: int) -> None:
         """A frame waits: for what its sender sent through Redis before it (up to item

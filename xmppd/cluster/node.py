@@ -5,11 +5,15 @@ order: connect (a clear error if Redis is unreachable), then the
 heartbeat, the replica of the session table, the bus (xmppd.cluster.bus);
 the inbox is read, and the links from other nodes accepted, once the
 modules are loaded (`serve`: what they bring may need offline storage;
-until then the other nodes send through the inbox). At stop: the writes
-and notices still queued, the inbox trimmed of what was handled, the
-node's own sessions removed from the table and the node marked gone
-(others stop routing here, and what they forward after is refused), the
-inbox read a last time, what that routed written, then the rest.
+until then the other nodes send through the inbox). At stop: the inbox's
+reader stopped, the routing in flight finished (forwarded stanzas that
+waited behind an account's jobs get their turn), the writes and notices
+still queued, the inbox trimmed of what was handled, the node's own
+sessions removed from the table and the node marked gone (others stop
+routing here, and what they forward after is refused), the inbox read a
+last time, what that routed finished and written, then the rest: the
+writer last, so that nothing routed meanwhile is queued for a writer that
+is gone.
 
 Whatever cannot reach the node it was forwarded to (that node was reaped,
 its inbox was full, Redis did not answer in time, the stanza passed the hop
@@ -46,6 +50,7 @@ from xmppd.cluster.inbox import Inbox
 from xmppd.cluster.link import Link, Record
 from xmppd.cluster.stats import ClusterStats
 from xmppd.cluster.sync import ReplicaSync
+from xmppd.cluster.waiting import Waiting
 from xmppd.cluster.writer import Writer
 from xmppd.config import ClusterConfig, redact_url
 from xmppd.router import Router
@@ -73,6 +78,7 @@ class Cluster:
         self.stats = ClusterStats()
         self.writer = Writer(self.redis, self.node, self.stats, config.forward_wait, TTL)
         self.directory = ClusterDirectory(self.node, self.writer)
+        self.waiting = Waiting(self.writer, self.node)
         self.nodes: frozenset[str] = frozenset({self.node})
         self._nodes_listeners: list[Callable[[frozenset[str]], None]] = []
         self._lapse_listeners: list[Callable[[], None]] = []
@@ -117,7 +123,7 @@ class Cluster:
             await self.bus.start()
             self.inbox = Inbox(
                 self.redis, self.node, self.directory, self.reroute, self.stats, self.sync,
-                router.behind,
+                router.behind, self.waiting,
             )
             self.inbox.is_live = lambda node: node in self.nodes
         except (RedisError, OSError) as exc:
@@ -173,17 +179,31 @@ class Cluster:
         self.sessions_lost(lost)  # the previous process's: the modules can tell contacts now
 
     async def stop(self) -> None:
-        """Leave the cluster: this node's sessions leave the table first."""
+        """Leave the cluster: this node's sessions leave the table first.
+
+        Every stanza is delivered, stored or handed to another node before the writer
+        stops: the forwarded ones that wait behind an account's queued jobs
+        (`Router.behind`) get their turn first (`_routed`), before this node marks
+        itself gone, and so do those the last read of the inbox queues, before the
+        writer's last flush; routing them may forward them again. Past the writer's
+        stop, a stanza for another node is refused (`Writer.stop`) and stays here."""
         if self.link is not None:
             # Links refuse from now (the senders route what they hold on their nodes);
             # what this node sent and was not acknowledged goes through Redis.
             await self.link.drain()
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT):
+                if self.inbox is not None:
+                    await self.inbox.pause()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.error("cluster: could not stop reading the inbox: %s", exc)
+        await self._routed()
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT):
                 await self.writer.flush()
                 await self.bus.flush()
                 if self.inbox is not None:
-                    await self.inbox.pause()
+                    await self.inbox.pause()  # trims what became safe meanwhile
                 await self.heartbeat.stop()
         except (RedisError, OSError, TimeoutError) as exc:
             log.error("cluster: could not remove this node's sessions from Redis: %s", exc)
@@ -191,16 +211,42 @@ class Cluster:
             try:
                 async with asyncio.timeout(FLUSH_TIMEOUT):
                     await self.inbox.finish()
-                    await self.writer.flush()
             except (RedisError, OSError, TimeoutError) as exc:
                 # Left in the inbox: the next process of this name routes it again.
                 log.error("cluster: could not read the inbox a last time: %s", exc)
+            await self._routed()
+            try:
+                async with asyncio.timeout(FLUSH_TIMEOUT):
+                    await self.writer.flush()
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.error("cluster: could not write what the inbox's last read routed: %s",
+                          exc)
         if self.link is not None:
             await self.link.stop()
         await self.sync.stop()
         await self.bus.stop()
         await self.writer.stop()
         await self.redis.aclose()
+
+    async def _routed(self) -> None:
+        """Wait, at most FLUSH_TIMEOUT, for the router's work in flight (and what it
+        starts): forwarded stanzas queued behind an account's jobs are routed then,
+        perhaps forwarded again, which needs the writer. Not `Router.drain`: a timeout
+        must leave the work running, not cancel it. Past the bound it goes on after
+        the writer stopped (logged): what it forwards then stays here."""
+        router = self._router
+        if router is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FLUSH_TIMEOUT
+        while pending := router.pending():
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning("cluster: %d routing tasks still run after %g s at stop; "
+                            "what they forward from now stays on this node",
+                            len(pending), FLUSH_TIMEOUT)
+                return
+            await asyncio.wait(pending, timeout=left)
 
     async def unreachable(self, wait: float) -> str | None:
         """None if Redis answers a PING within `wait` seconds, else why not (naming the

@@ -28,6 +28,9 @@ Keys (a deployment owns its Redis database; pick one with the URL's /db):
   in a row (xmppd.cluster.writer). It holds only what the node has not handled
   yet: the reader trims what it handled (xmppd.cluster.inbox), and the node
   that reaps a dead node moves what is left into its own inbox.
+- `xmppd:waiting:<node>`: a stream, copies of the forwarded stanzas that wait
+  in the node's memory behind an account's queued jobs, each deleted when its
+  turn came (xmppd.cluster.waiting); a reap moves them with the inbox.
 - `xmppd:events`: the pub/sub channel of table changes.
 - `xmppd:seqs`: a hash, node -> the sequence number of its last table change
   (see "Order" below).
@@ -95,6 +98,12 @@ awaits resumption); the stream management timeout does, if nobody resumes it."""
 
 def inbox_key(node: str) -> str:
     return f"{PREFIX}inbox:{node}"
+
+
+def waiting_key(node: str) -> str:
+    """The copies of the forwarded stanzas that wait in `node`'s memory behind an
+    account's queued jobs (xmppd.cluster.waiting): a reap moves them with its inbox."""
+    return f"{PREFIX}waiting:{node}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,8 +249,9 @@ return false
 
 REAP = """
 -- KEYS[1] the node's set, KEYS[2] the nodes set, KEYS[3] the node's inbox, KEYS[4] the
--- reaper's inbox, KEYS[5] the node's gone key, KEYS[6] its alive key; ARGV node, sessions
--- prefix, channel, event, gone TTL, '1' if a live node is left alone
+-- reaper's inbox, KEYS[5] the node's gone key, KEYS[6] its alive key, KEYS[7] its waiting
+-- stream; ARGV node, sessions prefix, channel, event, gone TTL, '1' if a live node is
+-- left alone
 if ARGV[6] == '1' and redis.call('EXISTS', KEYS[6]) == 1 then return {0, {}} end
 local removed = {}
 for _, full in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -258,20 +268,27 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[5], '1', 'EX', ARGV[5])
-local unhandled = redis.call('XRANGE', KEYS[3], '-', '+')
-redis.call('DEL', KEYS[3])
-for _, entry in ipairs(unhandled) do
-  local fields = entry[2]
-  table.insert(fields, 'orphan')
-  table.insert(fields, ARGV[1])
-  redis.call('XADD', KEYS[4], '*', unpack(fields))
+local moved = 0
+for _, key in ipairs({KEYS[7], KEYS[3]}) do
+  local unhandled = redis.call('XRANGE', key, '-', '+')
+  redis.call('DEL', key)
+  for _, entry in ipairs(unhandled) do
+    local fields = entry[2]
+    table.insert(fields, 'orphan')
+    table.insert(fields, ARGV[1])
+    redis.call('XADD', KEYS[4], '*', unpack(fields))
+  end
+  moved = moved + #unhandled
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
-return {#unhandled, removed}
+return {moved, removed}
 """
 """Remove every session of a node (stopped, or its heartbeat expired) and say so; move
-what its inbox still holds (forwarded to it, not handled) into the reaper's inbox,
-marked 'orphan', to be routed again there. Returns how many entries moved, and the
+what its waiting stream holds (stanzas it read and held in memory behind an
+account's queued jobs, xmppd.cluster.waiting), then what its inbox still holds
+(forwarded to it, not handled, or handled and not trimmed yet), into the reaper's
+inbox, marked 'orphan', to be routed again there (the waiting ones first: most
+came before what the inbox still holds). Returns how many entries moved, and the
 entries it removed (full JID, entry, ...): the reaper tells their contacts they left.
 Only one reaper gets them, however many reap at once (the node's set is gone after).
 Another node's reap does nothing if the node's alive key exists: the reaper saw it

@@ -211,6 +211,7 @@ class Writer:
         self.hops = 0
         self.avoid: str | None = None
         self.cut_off = False
+        self.stopped = False
         self._ops: deque[Op] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -255,7 +256,11 @@ class Writer:
         """End the task. Stanzas for other nodes it never got into Redis (it stops
         while Redis is unreachable) are routed again here, as when `forward_wait`
         expires: a message to offline storage, not away with the task. One in the
-        pipeline the cancel cut may have been added too: at least once."""
+        pipeline the cancel cut may have been added too: at least once. From now on a
+        stanza for another node is refused (`forward`), as when Redis is cut off: the
+        router keeps it here (offline storage, an error), instead of queueing it for a
+        task that is gone."""
+        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -384,7 +389,7 @@ class Writer:
         stats = self.stats
         if self.avoid == node:
             return False  # refused there already (counted then)
-        if self.cut_off:
+        if self.cut_off or self.stopped:
             stats.forwards_refused += 1
             return False
         if hops >= MAX_HOPS:
@@ -469,6 +474,12 @@ class Writer:
         # the receiver applies them first, as for a stanza (schema: "Order").
         if self.link is None or not self.link.send(node, None, 0, item, self._last_change):
             self.queue_item(node, item)
+
+    def command(self, command: Command, on_result: Callable[[Any], None] | None = None) -> None:
+        """Queue one more write, in order with the rest; `on_result` gets Redis' answer
+        unless it is an error. Never dropped past MAX_PENDING, as a stanza is not: what
+        xmppd.cluster.waiting writes keeps a stanza that must not be lost."""
+        self._put(Op(command, on_result))
 
     def _next(self) -> int:
         self._seq += 1
