@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -879,6 +880,45 @@ async def test_a_bidirectional_stream_outlives_our_own_failed_connection(
     finally:
         await close(client)
         silent.close()
+
+
+async def test_a_stanza_routed_before_the_restart_waits_for_the_bidi_stream(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """XEP-0288 is for a peer we cannot reach ourselves: our own connection to a.test is
+    refused at once. A stanza routed between <success/> and a.test's restart starts that
+    attempt, which fails before the restart; the stanza must wait for a.test's stream,
+    which becomes the link a moment later, not bounce."""
+    with socket.socket() as probe:
+        probe.bind((PEER_ADDRESS, 0))
+        refused = int(probe.getsockname()[1])  # nothing listens there once closed
+    setup = await make_setup(
+        tmp_path, start_server, domains={"a.test": {"host": PEER_ADDRESS, "port": refused}}
+    )
+    s2s = setup.server.s2s
+    assert s2s is not None
+    client = await bob(setup.server)
+    errors: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+    client.add_event_handler("message_error", errors.put_nowait)
+    try:
+        reader, writer, features = await setup.secured("a.test", "a.test")
+        assert b"urn:xmpp:features:bidi" in features
+        writer.write(b"<bidi xmlns='urn:xmpp:bidi'/>")
+        writer.write(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+        )
+        await read_until(reader, b"<success")
+        client.send_message(mto="anna@a.test/home", mbody="between", mtype="chat")
+        # Our own attempt is refused before the peer restarts (a poll on server state).
+        while not s2s.failures["remote-server-not-found"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        writer.write(header("a.test"))
+        got = await asyncio.wait_for(read_until(reader, b"</message>"), 5)
+        assert b"between" in got
+        assert errors.empty(), errors.get_nowait()["error"]
+        writer.close()
+    finally:
+        await close(client)
 
 
 async def test_a_stream_never_restarted_after_sasl_is_closed(setup: Setup) -> None:

@@ -302,6 +302,12 @@ class S2SService:
     def _fail(self, link: Link, condition: str, text: str) -> None:
         log.info("s2s: %s -> %s failed: %s: %s", link.local, link.remote, condition, text)
         self.failures[condition] += 1
+        if not self._stopped and self._restarting(link.local, link.remote):
+            # The peer's bidirectional stream becomes the link at its restart, one round
+            # trip away (bidi_ready sends the queue); a peer we cannot reach ourselves is
+            # what XEP-0288 is for. If that stream closes first, connection_closed tries
+            # again and bounces then; one that never restarts is cut at auth_timeout.
+            return
         # A link the peer's bidirectional stream carries meanwhile (bidi_ready) stays:
         # only our own attempt failed; connection_closed drops it with that stream.
         if self.links.get((link.local, link.remote)) is link and link.connection is None:
@@ -310,6 +316,20 @@ class S2SService:
             item = link.queue.popleft()
             if item.bounce:
                 self.server.router.bounce(item.stanza, condition, text)
+
+    def _restarting(self, local: str, remote: str) -> bool:
+        """Whether an incoming bidirectional stream from `remote` to `local` passed SASL
+        and waits for the peer's restart to carry our stanzas (only looked at when an
+        attempt of ours failed)."""
+        return any(
+            not conn.outgoing
+            and conn.stream.bidi
+            and conn.stream.authenticated
+            and not conn.stream.ready
+            and conn.stream.authenticated_domain == remote
+            and conn.stream.local == local
+            for conn in self.connections
+        )
 
     # --- connections --------------------------------------------------------------------
 
