@@ -173,6 +173,11 @@ async def delete(
         return None
 
     await items.modify(local, change, what="muc room")
+    # The tombstone is this copy's now: should the history's delete fail, a retry
+    # passes `_check` (the stores no longer hold the room, and the tombstone is at
+    # this copy's generation), writes it again past itself and deletes the history,
+    # rather than take it for a newer copy's destroy.
+    room.gen, room.stored = fence, False
     await blobs.modify(local, history, what="muc history")
 
 
