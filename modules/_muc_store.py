@@ -26,8 +26,10 @@ destroyed name starts past the tombstone; a tombstone goes once
 TOMBSTONE_KEEP has passed (`sweep`), as long as a live room's lease in Redis
 lasts: only a copy whose write is still under way a day after the destroy
 could write the room back then. A room created
-with no tombstone left starts past any history the old one left
-(`write_state`), so no leftover can refuse its writes.
+over a tombstone or nothing deletes any history blob left under its name (a
+destroy whose history delete failed for good, an older copy's late write)
+before its state is written, and starts past that history's generation
+(`write_state`), so no leftover can refuse its writes or reach its joiners.
 """
 
 from __future__ import annotations
@@ -135,14 +137,21 @@ async def write_state(
 ) -> None:
     """Write the room's item (`attrs` and its generation) unless a newer copy wrote."""
 
+    def drop_leftover(current: Blob | None) -> bytes | None | Unchanged:
+        if current is None:
+            return UNCHANGED
+        room.gen = max(room.gen, unpack_history(current.data)[0] + 1)
+        return None
+
     async def change(current: Item | None) -> ItemEdit:
         _check(room, current)
-        if current is None:
-            # Created: past the generation of a history a destroyed room of this name
-            # may have left (a blob deleted after its item, or not at all).
-            leftover = await blobs.get(local)
-            if leftover is not None:
-                room.gen = max(room.gen, unpack_history(leftover.data)[0] + 1)
+        if current is None or is_tombstone(current):
+            # Created (over nothing or a tombstone): a history blob under the name is
+            # a destroyed room's (its delete failed, or an older copy wrote it late;
+            # this room writes its history after its state). It goes, lest this room
+            # serve it to its joiners once loaded again; and this room starts past its
+            # generation, so that no copy that read it can refuse this room's writes.
+            await blobs.modify(local, drop_leftover, what="muc history")
         return {**attrs, GEN: room.gen}
 
     await items.modify(local, change, what="muc room")

@@ -1220,6 +1220,35 @@ async def test_a_room_made_temporary_then_persistent_again_is_stored(
     assert item is not None and "state" in item.attrs
 
 
+async def test_a_room_made_over_a_destroyed_rooms_leftover_history_never_shows_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """alice's persistent room is destroyed, and its history's delete fails with no
+    retry left: the history stays under the tombstone. carol makes a persistent room
+    of the same name; after a restart a joiner of carol's room is not served alice's
+    history: carol's room deleted the leftover before its state was written. Before,
+    the loaded room read the leftover blob as its own history."""
+    monkeypatch.setattr(muc_module, "RETRY_WAITS", ())
+    h, _ = await harness()
+    alice = await room_with_stored_history(h, monkeypatch)
+    history_delete_fails_once(h)
+    await owner_iq(h, alice, "set", "<destroy/>")
+    await written(h)
+    assert "could not store room@conference.localhost" in caplog.text
+    assert await h.host.blobs("localhost", "muc_history").get("room") is not None
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, carol, "Carol", persistentroom="1")
+    await h.host.stop()
+    again = ModuleHarness({"disco": {}, "muc": {}})
+    again.storage = again.host.storage = h.storage
+    await again.start()
+    got = await join(again, again.session("dave@localhost/d"), "Dave")
+    assert codes(presences(got)[-1]) == {"110"}  # a room loaded, not made
+    assert again.host.module(Muc).rooms[ROOM].affiliations["carol@localhost"] == "owner"
+    # no history, only the (empty) subject
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == [None]
+
+
 async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> None:
     h, _ = await harness()
     alice = h.session("alice@localhost/a")
