@@ -29,7 +29,9 @@ could write the room back then. A room created
 over a tombstone or nothing deletes any history blob left under its name (a
 destroy whose history delete failed for good, an older copy's late write)
 before its state is written, and starts past that history's generation
-(`write_state`), so no leftover can refuse its writes or reach its joiners.
+(`write_state`), so no leftover can refuse its writes or reach its joiners;
+a history an older copy writes later still is older than the generation the
+room was created at (`BORN`), and not loaded with it (`history_floor`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ from xmppd.storage.base import (
 
 GEN = "gen"
 GONE = "gone"  # a tombstone's attribute: when the room was destroyed (epoch seconds)
+BORN = "born"
+"""A room's attribute: the generation it was created at. A history blob older than that
+is not the room's own but a destroyed room's of the same name (`history_floor`)."""
 TOMBSTONE_KEEP = 86400.0
 """Seconds a tombstone stays: as long as a live room's lease in Redis (_muc_live.TTL),
 past which no copy taken over can still be running, its writes under way."""
@@ -87,6 +92,16 @@ def unpack_history(data: bytes) -> tuple[int, bytes]:
     if isinstance(decoded, list):
         return 0, data
     return int(decoded["gen"]), json.dumps(decoded["history"]).encode()
+
+
+def history_floor(item: Item | None) -> int:
+    """The oldest generation whose history blob belongs to the room `item` holds (the
+    item `load` returned): its birth for a stored room (0 if created before births
+    were kept); for a tombstone (a room the stores do not hold yet, which has written
+    no history) past every blob under the name, which `load` fenced past."""
+    if item is None:
+        return 0
+    return gen_of(item) if is_tombstone(item) else int(item.attrs.get(BORN, 0))
 
 
 def is_tombstone(item: Item) -> bool:
@@ -135,7 +150,8 @@ def _check(room: Room, current: Item | None) -> None:
 async def write_state(
     items: ItemStore, blobs: BlobStore, room: Room, local: str, attrs: Attrs
 ) -> None:
-    """Write the room's item (`attrs` and its generation) unless a newer copy wrote."""
+    """Write the room's item (`attrs`, its generation and the one it was created at)
+    unless a newer copy wrote."""
 
     def drop_leftover(current: Blob | None) -> bytes | None | Unchanged:
         if current is None:
@@ -152,7 +168,10 @@ async def write_state(
             # serve it to its joiners once loaded again; and this room starts past its
             # generation, so that no copy that read it can refuse this room's writes.
             await blobs.modify(local, drop_leftover, what="muc history")
-        return {**attrs, GEN: room.gen}
+            born = room.gen
+        else:
+            born = int(current.attrs.get(BORN, 0))
+        return {**attrs, GEN: room.gen, BORN: born}
 
     await items.modify(local, change, what="muc room")
 

@@ -1249,6 +1249,42 @@ async def test_a_room_made_over_a_destroyed_rooms_leftover_history_never_shows_i
     assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == [None]
 
 
+async def test_a_destroyed_rooms_history_written_late_never_shows_in_a_new_room(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """alice's persistent room is destroyed (history deleted); carol makes a persistent
+    room of the same name, which writes its state and no history yet. Then the history
+    blob of alice's room lands again (an older copy's write, late). After a restart a
+    joiner of carol's room is not served it: it is older than the generation carol's
+    room was created at. Before, the loaded room took any history blob as its own."""
+    h, _ = await harness()
+    alice = await room_with_stored_history(h, monkeypatch)
+    histories = h.host.blobs("localhost", "muc_history")
+    old = await histories.get("room")
+    assert old is not None
+    await owner_iq(h, alice, "set", "<destroy/>")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, carol, "Carol", persistentroom="1")
+    await written(h)
+    assert await histories.get("room") is None
+    await histories.put("room", old.data, if_none_match=True)  # the older copy's write
+    await h.host.stop()
+    again = ModuleHarness({"disco": {}, "muc": {}})
+    again.storage = again.host.storage = h.storage
+    await again.start()
+    dave = again.session("dave@localhost/d")
+    got = await join(again, dave, "Dave")
+    assert again.host.module(Muc).rooms[ROOM].affiliations["carol@localhost"] == "owner"
+    # no history, only the (empty) subject
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == [None]
+    assert "ignored a history of generation" in caplog.text
+    await say(again, dave, "mine")
+    await again.host.stop()
+    blob = await histories.get("room")  # carol's room's next write replaced it
+    assert blob is not None and unpack_history(blob.data)[0] > unpack_history(old.data)[0]
+    assert "remember me" not in blob.data.decode() and "mine" in blob.data.decode()
+
+
 async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> None:
     h, _ = await harness()
     alice = h.session("alice@localhost/a")
