@@ -26,8 +26,12 @@ destroyed name starts past the tombstone; a tombstone goes once
 TOMBSTONE_KEEP has passed (`sweep`), as long as a live room's lease in Redis
 lasts: only a copy whose write is still under way a day after the destroy
 could write the room back then. A room created
-with no tombstone left starts past any history the old one left
-(`write_state`), so no leftover can refuse its writes.
+over a tombstone or nothing deletes any history blob left under its name (a
+destroy whose history delete failed for good, an older copy's late write)
+before its state is written, and starts past that history's generation
+(`write_state`), so no leftover can refuse its writes or reach its joiners;
+a history an older copy writes later still is older than the generation the
+room was created at (`BORN`), and not loaded with it (`history_floor`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ from xmppd.storage.base import (
 
 GEN = "gen"
 GONE = "gone"  # a tombstone's attribute: when the room was destroyed (epoch seconds)
+BORN = "born"
+"""A room's attribute: the generation it was created at. A history blob older than that
+is not the room's own but a destroyed room's of the same name (`history_floor`)."""
 TOMBSTONE_KEEP = 86400.0
 """Seconds a tombstone stays: as long as a live room's lease in Redis (_muc_live.TTL),
 past which no copy taken over can still be running, its writes under way."""
@@ -85,6 +92,16 @@ def unpack_history(data: bytes) -> tuple[int, bytes]:
     if isinstance(decoded, list):
         return 0, data
     return int(decoded["gen"]), json.dumps(decoded["history"]).encode()
+
+
+def history_floor(item: Item | None) -> int:
+    """The oldest generation whose history blob belongs to the room `item` holds (the
+    item `load` returned): its birth for a stored room (0 if created before births
+    were kept); for a tombstone (a room the stores do not hold yet, which has written
+    no history) past every blob under the name, which `load` fenced past."""
+    if item is None:
+        return 0
+    return gen_of(item) if is_tombstone(item) else int(item.attrs.get(BORN, 0))
 
 
 def is_tombstone(item: Item) -> bool:
@@ -133,17 +150,28 @@ def _check(room: Room, current: Item | None) -> None:
 async def write_state(
     items: ItemStore, blobs: BlobStore, room: Room, local: str, attrs: Attrs
 ) -> None:
-    """Write the room's item (`attrs` and its generation) unless a newer copy wrote."""
+    """Write the room's item (`attrs`, its generation and the one it was created at)
+    unless a newer copy wrote."""
+
+    def drop_leftover(current: Blob | None) -> bytes | None | Unchanged:
+        if current is None:
+            return UNCHANGED
+        room.gen = max(room.gen, unpack_history(current.data)[0] + 1)
+        return None
 
     async def change(current: Item | None) -> ItemEdit:
         _check(room, current)
-        if current is None:
-            # Created: past the generation of a history a destroyed room of this name
-            # may have left (a blob deleted after its item, or not at all).
-            leftover = await blobs.get(local)
-            if leftover is not None:
-                room.gen = max(room.gen, unpack_history(leftover.data)[0] + 1)
-        return {**attrs, GEN: room.gen}
+        if current is None or is_tombstone(current):
+            # Created (over nothing or a tombstone): a history blob under the name is
+            # a destroyed room's (its delete failed, or an older copy wrote it late;
+            # this room writes its history after its state). It goes, lest this room
+            # serve it to its joiners once loaded again; and this room starts past its
+            # generation, so that no copy that read it can refuse this room's writes.
+            await blobs.modify(local, drop_leftover, what="muc history")
+            born = room.gen
+        else:
+            born = int(current.attrs.get(BORN, 0))
+        return {**attrs, GEN: room.gen, BORN: born}
 
     await items.modify(local, change, what="muc room")
 
@@ -173,6 +201,11 @@ async def delete(
         return None
 
     await items.modify(local, change, what="muc room")
+    # The tombstone is this copy's now: should the history's delete fail, a retry
+    # passes `_check` (the stores no longer hold the room, and the tombstone is at
+    # this copy's generation), writes it again past itself and deletes the history,
+    # rather than take it for a newer copy's destroy.
+    room.gen, room.stored = fence, False
     await blobs.modify(local, history, what="muc history")
 
 

@@ -16,7 +16,9 @@ Storage (per virtual host):
   occupant-id secret as JSON, plus `public` and `creator` attributes so the
   room directory and the rooms-per-user limit are one query each, and `gen`,
   the generation that fences its writes (modules/_muc_store.py: a copy of
-  the room older than the one that last wrote is refused). A destroyed
+  the room older than the one that last wrote is refused), and `born`, the
+  generation it was created at (a history blob older than that is a
+  destroyed room's, and not loaded). A destroyed
   room leaves a tombstone (`gen` and `gone`, no state) for a day, so that
   no older copy's late write brings it back (`sweep_tombstones`).
 - blob store "muc_history": one blob per persistent room, the last
@@ -766,7 +768,12 @@ class Muc(Module):
         elif room.config.persistent:
             blob = await self.host.blobs(vhost, "muc_history").get(local)
             if blob is not None:
-                room.load_history(unpack_history(blob.data)[1])
+                gen, history = unpack_history(blob.data)
+                if gen >= _muc_store.history_floor(item):
+                    room.load_history(history)
+                else:  # a destroyed room's, written late: this room's next write replaces it
+                    self.log.warning("muc: %s: ignored a history of generation %d, older than"
+                                     " the room (a destroyed room's of that name)", room_jid, gen)
                 room.history_etag = blob.etag
         room.add_occupants(
             json.loads(value) for key, value in record.items() if key.startswith("o:")

@@ -8,7 +8,10 @@ vCard to learn the hash, and contacts see avatar changes from any resource.
 The hash of each user with a session on this node is kept in memory (loaded
 at session/bound, updated on every vCard set, read again after a set that
 storage failed, whose write may still land), because the presence filter
-must not wait for storage.
+must not wait for storage. A load that fails keeps nothing: presences go
+without the server's hash for LOAD_RETRY_AFTER seconds (not waiting on a
+store that is down), then the next one loads again, so the hash comes back
+once the store does.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import binascii
 import copy
 import hashlib
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,6 +43,10 @@ _X_TAG = f"{{{X_UPDATE}}}x"
 _PHOTO_TAG = f"{{{X_UPDATE}}}photo"
 
 LOAD_TIMEOUT = 5.0  # seconds a presence waits for the hash before going out without one
+LOAD_RETRY_AFTER = 5.0
+"""Seconds after a failed load of a user's hash before a presence loads it again:
+meanwhile presences go without it at once, so a long outage costs one read (and
+no presence a wait) per user per LOAD_RETRY_AFTER."""
 FILTER_PRIORITY = 10_000
 """Runs before every other "stanza/out" filter: they judge the presence as it
 goes out, hash included."""
@@ -70,8 +78,12 @@ class VCard(Module):
 
     def setup(self) -> None:
         self.reconfigure(self.options)
-        # bare JID -> photo SHA-1 (hex), "" for "no photo", None when it could not be read
-        self._photo: dict[str, str | None] = {}
+        # bare JID -> photo SHA-1 (hex), "" for "no photo"; absent: to be loaded
+        self._photo: dict[str, str] = {}
+        # bare JID -> when (`clock`) its hash last failed to load: not tried again before
+        # LOAD_RETRY_AFTER has passed
+        self._failed: dict[str, float] = {}
+        self.clock: Callable[[], float] = time.monotonic  # tests move time on
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._listeners: list[Listener] = []
@@ -150,6 +162,7 @@ class VCard(Module):
                 raise
             if self.host.sessions(bare):
                 self._photo[bare] = photo
+                self._failed.pop(bare, None)
             self.host.notify_cluster(PHOTO_NOTICE, {"bare": bare})
             await self.host.cluster_notices_sent()
 
@@ -185,9 +198,13 @@ class VCard(Module):
         if stanza.tag != ns.C_PRESENCE or stanza.get("type") is not None:
             return True
         bare = session.bare
-        if bare not in self._photo:
+        photo = self._photo.get(bare)
+        if photo is None:
+            failed = self._failed.get(bare)
+            if failed is not None and self.clock() - failed < LOAD_RETRY_AFTER:
+                return True  # the store failed a moment ago: no hash, and no wait
             return self._loading_photo(session.host, bare)
-        stamp(stanza, self._photo[bare])
+        stamp(stanza, photo)
         return True
 
     def _loading_photo(self, vhost: str, bare: str) -> asyncio.Future[None]:
@@ -198,19 +215,23 @@ class VCard(Module):
         return loading
 
     async def _load(self, vhost: str, bare: str) -> None:
-        """Read the hash; None when the vCard cannot be read (presences then go
-        without one rather than wait again)."""
-        photo: str | None
+        """Read the hash. When the vCard cannot be read nothing is cached, only the
+        time of the failure: presences go without a hash, and after LOAD_RETRY_AFTER
+        the next one loads again (a cached "unknown" would stay until the user's
+        sessions all ended, long after the store is back)."""
         try:
             async with asyncio.timeout(LOAD_TIMEOUT):
                 blob = await self._store(vhost).get(bare.split("@", 1)[0])
             photo = "" if blob is None else photo_hash(_parse(blob))
         except (StorageError, TimeoutError, StanzaError) as exc:
             log.warning("avatar hash of %s unavailable: %s", bare, exc)
-            photo = None
+            if self.host.sessions(bare):
+                self._failed[bare] = self.clock()
+            return
         # A vCard set that finished meanwhile wrote a newer value: keep it.
-        if self._photo.get(bare) is None and self.host.sessions(bare):
+        if bare not in self._photo and self.host.sessions(bare):
             self._photo[bare] = photo
+            self._failed.pop(bare, None)
 
     # --- session and account events -----------------------------------------------------
 
@@ -218,18 +239,21 @@ class VCard(Module):
         self._photo.pop(str(notice["bare"]), None)
 
     async def _bound(self, session: ClientSession) -> None:
-        # Not awaited: a slow store must not hold up other modules' session/bound.
-        if self._photo.get(session.bare) is None:
+        # Not awaited: a slow store must not hold up other modules' session/bound. A new
+        # session loads even after a recent failure: logins are rare, presences are not.
+        if session.bare not in self._photo:
             self._loading_photo(session.host, session.bare)
 
     async def _closed(self, session: ClientSession) -> None:
         if not self.host.sessions(session.bare):
             self._photo.pop(session.bare, None)
+            self._failed.pop(session.bare, None)
 
     async def remove_user(self, vhost: str, username: str) -> bool:
         """Delete the vCard (the avatar is its PHOTO: no other blob) and the cached hash."""
         bare = f"{username}@{vhost}"
         self._photo.pop(bare, None)
+        self._failed.pop(bare, None)
         found = await self.purge_user(self.host, vhost, username)
         self.host.notify_cluster(PHOTO_NOTICE, {"bare": bare})
         return found

@@ -28,6 +28,7 @@ from xmppd.modules._muc_store import unpack_history
 from xmppd.modules.muc import Muc
 from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
+from xmppd.storage.base import StorageError
 from xmppd.storage.cache import NullCache
 from xmppd.storage.factory import Storage
 from xmppd.testing import ModuleHarness, TestSession, parse_stanza
@@ -1139,6 +1140,149 @@ async def test_a_room_change_whose_write_failed_a_moment_is_stored(
     finally:
         locker.close()
         await storage.close()
+
+
+async def written(h: ModuleHarness) -> None:
+    """Return once every write of the node's rooms is done."""
+    muc = h.host.module(Muc)
+    await h.router.drain()
+    while muc._saving:
+        await asyncio.gather(*(w for _, w in muc._saving.values()), return_exceptions=True)
+    await h.router.drain()  # what a write that was refused sent
+
+
+async def room_with_stored_history(
+    h: ModuleHarness, monkeypatch: pytest.MonkeyPatch
+) -> TestSession:
+    """alice's persistent room, its history ("remember me") written to the store."""
+    monkeypatch.setattr(muc_module, "HISTORY_WRITE", 0.0)
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice", persistentroom="1")
+    await say(h, alice, "remember me")
+    await written(h)
+    assert await h.host.blobs("localhost", "muc_history").get("room") is not None
+    return alice
+
+
+def history_delete_fails_once(h: ModuleHarness) -> None:
+    """The next delete of a history blob fails (a short failure of the blob store)."""
+    backend = h.storage.blobs
+    real_delete = backend.delete
+    failures = [StorageError("memory", "delete", "a short failure")]
+
+    async def delete(namespace: str, key: str, **kw: Any) -> bool:
+        if namespace.endswith("muc_history") and failures:
+            raise failures.pop()
+        return await real_delete(namespace, key, **kw)
+
+    backend.delete = delete  # type: ignore[method-assign]
+
+
+async def test_a_destroy_whose_history_delete_failed_once_deletes_it_on_the_retry(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A persistent room with stored history is destroyed: its tombstone is written,
+    then the history's delete fails once. The retry deletes the history and leaves the
+    tombstone. Before, the retry took this copy's own tombstone for a newer copy's
+    destroy ("refused a stale write ... dropping this copy") and the destroyed room's
+    history stayed in the store."""
+    monkeypatch.setattr(muc_module, "RETRY_WAITS", (0.0,))
+    h, _ = await harness()
+    alice = await room_with_stored_history(h, monkeypatch)
+    history_delete_fails_once(h)
+    reply = await owner_iq(h, alice, "set", "<destroy/>")
+    assert reply.get("type") == "result"
+    await written(h)
+    assert "could not store room@conference.localhost yet" in caplog.text  # it failed
+    assert "stale write" not in caplog.text
+    assert await h.host.blobs("localhost", "muc_history").get("room") is None
+    tombstone = await h.host.items("localhost", "muc_rooms").get("room")
+    assert tombstone is not None and set(tombstone.attrs) == {"gen", "gone"}
+
+
+async def test_a_room_made_temporary_then_persistent_again_is_stored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A persistent room made temporary leaves a tombstone (its item deleted, written
+    by this copy); made persistent again, the room is written over that tombstone.
+    Before, the tombstone's generation was past this copy's own, so the write was
+    refused as a newer copy's ("refused a stale write ... dropping this copy")."""
+    h, _ = await harness()
+    alice = h.session("alice@localhost/a")
+    await instant_room(h, alice, "Alice", persistentroom="1")
+    for persistent in ("0", "1"):
+        reply = await owner_iq(h, alice, "set", submit(persistentroom=persistent))
+        assert reply.get("type") == "result"
+        await written(h)
+    assert "stale write" not in caplog.text
+    assert h.host.module(Muc).rooms[ROOM].occupant_record("Alice") is not None  # not dropped
+    item = await h.host.items("localhost", "muc_rooms").get("room")
+    assert item is not None and "state" in item.attrs
+
+
+async def test_a_room_made_over_a_destroyed_rooms_leftover_history_never_shows_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """alice's persistent room is destroyed, and its history's delete fails with no
+    retry left: the history stays under the tombstone. carol makes a persistent room
+    of the same name; after a restart a joiner of carol's room is not served alice's
+    history: carol's room deleted the leftover before its state was written. Before,
+    the loaded room read the leftover blob as its own history."""
+    monkeypatch.setattr(muc_module, "RETRY_WAITS", ())
+    h, _ = await harness()
+    alice = await room_with_stored_history(h, monkeypatch)
+    history_delete_fails_once(h)
+    await owner_iq(h, alice, "set", "<destroy/>")
+    await written(h)
+    assert "could not store room@conference.localhost" in caplog.text
+    assert await h.host.blobs("localhost", "muc_history").get("room") is not None
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, carol, "Carol", persistentroom="1")
+    await h.host.stop()
+    again = ModuleHarness({"disco": {}, "muc": {}})
+    again.storage = again.host.storage = h.storage
+    await again.start()
+    got = await join(again, again.session("dave@localhost/d"), "Dave")
+    assert codes(presences(got)[-1]) == {"110"}  # a room loaded, not made
+    assert again.host.module(Muc).rooms[ROOM].affiliations["carol@localhost"] == "owner"
+    # no history, only the (empty) subject
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == [None]
+
+
+async def test_a_destroyed_rooms_history_written_late_never_shows_in_a_new_room(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """alice's persistent room is destroyed (history deleted); carol makes a persistent
+    room of the same name, which writes its state and no history yet. Then the history
+    blob of alice's room lands again (an older copy's write, late). After a restart a
+    joiner of carol's room is not served it: it is older than the generation carol's
+    room was created at. Before, the loaded room took any history blob as its own."""
+    h, _ = await harness()
+    alice = await room_with_stored_history(h, monkeypatch)
+    histories = h.host.blobs("localhost", "muc_history")
+    old = await histories.get("room")
+    assert old is not None
+    await owner_iq(h, alice, "set", "<destroy/>")
+    carol = h.session("carol@localhost/c")
+    await instant_room(h, carol, "Carol", persistentroom="1")
+    await written(h)
+    assert await histories.get("room") is None
+    await histories.put("room", old.data, if_none_match=True)  # the older copy's write
+    await h.host.stop()
+    again = ModuleHarness({"disco": {}, "muc": {}})
+    again.storage = again.host.storage = h.storage
+    await again.start()
+    dave = again.session("dave@localhost/d")
+    got = await join(again, dave, "Dave")
+    assert again.host.module(Muc).rooms[ROOM].affiliations["carol@localhost"] == "owner"
+    # no history, only the (empty) subject
+    assert [m.findtext(f"{{{ns.CLIENT}}}body") for m in messages(got)] == [None]
+    assert "ignored a history of generation" in caplog.text
+    await say(again, dave, "mine")
+    await again.host.stop()
+    blob = await histories.get("room")  # carol's room's next write replaced it
+    assert blob is not None and unpack_history(blob.data)[0] > unpack_history(old.data)[0]
+    assert "remember me" not in blob.data.decode() and "mine" in blob.data.decode()
 
 
 async def test_a_removed_account_keeps_no_affiliation_or_nick_in_any_room() -> None:

@@ -11,7 +11,6 @@ accepted on whichever node runs the room next.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
@@ -36,6 +35,7 @@ from tests.modules.test_muc import (
     presences,
     say,
     submit,
+    written,
 )
 from tests.storage.services import dynamodb_config, moto_service  # noqa: F401  (fixture)
 from xmppd.modules import _muc_store
@@ -81,15 +81,6 @@ async def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     yield node
     for backend in opened:
         await backend.close()
-
-
-async def written(h: ModuleHarness) -> None:
-    """Return once every write of the node's rooms is done."""
-    muc = h.host.module(Muc)
-    await h.router.drain()
-    while muc._saving:
-        await asyncio.gather(*(w for _, w in muc._saving.values()), return_exceptions=True)
-    await h.router.drain()  # what a write that was refused sent
 
 
 async def stored(h: ModuleHarness) -> tuple[dict[str, object], int, list[str]]:

@@ -11,6 +11,7 @@ import pytest
 from lxml import etree
 
 from tests.storage.services import s3_config, service_factory  # noqa: F401  (fixture)
+from xmppd.modules import vcard as vcard_module
 from xmppd.storage import devservices
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
 from xmppd.storage.backends.s3 import S3BlobBackend
@@ -408,3 +409,47 @@ async def test_account_removed_deletes_the_vcard(harness: ModuleHarness) -> None
     await harness.iq(alice, "set", vcard_xml("Alice"))
     await harness.host.remove_user_data("localhost", "alice")
     assert await stored(harness) is None
+
+
+async def test_the_avatar_hash_comes_back_after_a_failed_set_once_the_store_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """alice's vCard has a photo (hash H). During a store outage her vCard set fails,
+    which drops H (the write may still land), and her next presence cannot load it.
+    Presences in the next LOAD_RETRY_AFTER seconds go without the hash and without a
+    read of the store; once that has passed and the store is back (still holding H:
+    the write never landed), the next presence carries H again. Before, the failed
+    load left "unknown" cached, and her presences went without H until a new session
+    of hers bound."""
+    harness = await ModuleHarness({"vcard": {}}).start()
+    vcard = harness.host.modules["vcard"]
+    now = [1000.0]
+    vcard.clock = lambda: now[0]  # type: ignore[attr-defined]
+    alice = await bound(harness, "alice@localhost/a")
+    await harness.iq(alice, "set", vcard_xml("Alice", IMAGE))
+    bob = await bound(harness, "bob@localhost/b")
+    await harness.send(alice, "<presence to='bob@localhost/b'/>")
+    (presence,) = bob.take()
+    assert photo_of(presence) == IMAGE_HASH
+
+    reads: list[str] = []
+
+    async def broken(*args: object, **kwargs: object) -> Blob | None:
+        reads.append("failed")
+        raise StorageError("memory", "get", "unreachable")
+
+    monkeypatch.setattr(harness.storage.blobs, "get", broken)
+    monkeypatch.setattr(harness.storage.blobs, "put", broken)
+    reply = await harness.iq(alice, "set", vcard_xml("Alice 2", IMAGE))
+    assert condition(reply) == "internal-server-error"
+    reads.clear()
+    for _ in range(3):  # during the outage: one load, then no read and no wait
+        await harness.send(alice, "<presence to='bob@localhost/b'/>")
+        (presence,) = bob.take()
+        assert photo_of(presence) is None
+    assert reads == ["failed"]
+    monkeypatch.undo()  # the store is back, and holds H
+    now[0] += vcard_module.LOAD_RETRY_AFTER
+    await harness.send(alice, "<presence to='bob@localhost/b'/>")
+    (presence,) = bob.take()
+    assert photo_of(presence) == IMAGE_HASH
