@@ -23,7 +23,9 @@ after): a node that dies in between delivers again, never loses. A delivery
 that a store failure stops is tried again every `retry_every` seconds while
 the session stays: a user who logged in during an outage gets the stored
 messages once the store is back, not at some later login. What a session was
-already handed (its removal failed) is not handed to it again, only removed.
+already handed (its removal failed) is not handed to it again, only removed,
+even after it went unavailable and came back on the same stream: that is
+forgotten only when the session is unbound.
 """
 
 from __future__ import annotations
@@ -172,7 +174,8 @@ class Offline(Module):
         # Sessions whose delivery a store failure stopped: tried again by the timer.
         self._retry: set[ClientSession] = set()
         # Index items a session was handed whose removal has not succeeded yet: a
-        # delivery tried again removes them without handing them over twice.
+        # delivery tried again removes them without handing them over twice. Kept
+        # while the session is bound, available or not (on_closed forgets them).
         self._handed: dict[ClientSession, set[str]] = {}
         self.host.every(self.options.retry_every, self._retry_failed)
         self.host.add_feature(FEATURE)
@@ -348,10 +351,13 @@ class Offline(Module):
         """The timer: try again the deliveries a store failure stopped."""
         retry, self._retry = self._retry, set()
         for session in retry:
-            if not self._bound(session):
+            if not self.host.is_bound(session):
                 self._handed.pop(session, None)  # its messages wait for its next login
-            elif session not in self._negative:  # else its next priority >= 0 delivers
+            elif self._bound(session) and session not in self._negative:
                 self.host.spawn(self.deliver_stored(session), session.bare)
+            # Else away (unavailable) or of negative priority: its next available
+            # presence of priority >= 0 delivers, and `_handed` is kept for it, as the
+            # same session must not be handed again what it got before it went away.
 
     async def deliver_stored(self, session: ClientSession) -> None:
         """Hand `session` every stored message, oldest first, then forget them; after a
@@ -367,17 +373,20 @@ class Offline(Module):
             except (StorageError, ConditionFailed) as exc:
                 # What was not removed stays stored: for this session a little later,
                 # or for the next login.
-                again = self._bound(session)
-                self.log.error(
-                    "delivering offline messages to %s failed (%s): %s", session.jid,
-                    f"tried again in {self.options.retry_every:g} s" if again
-                    else "they wait for the next login", exc,
-                )
-                if again:
+                if self._bound(session):
                     self._retry.add(session)
+                    then = f"tried again in {self.options.retry_every:g} s"
+                elif self.host.is_bound(session):
+                    then = "tried again at its next available presence"  # `_handed` kept
                 else:
                     self._handed.pop(session, None)
+                    then = "they wait for the next login"
+                self.log.error(
+                    "delivering offline messages to %s failed (%s): %s", session.jid, then, exc
+                )
                 return
+            if handed and self.host.is_bound(session) and not self._bound(session):
+                return  # it went away mid-delivery: what it got may be stored still
             self._handed.pop(session, None)
 
     async def _deliver_page(self, session: ClientSession, handed: set[str]) -> bool:

@@ -615,6 +615,94 @@ async def test_a_removal_that_failed_is_retried_without_handing_the_messages_twi
         await storage.close()
 
 
+async def test_handed_messages_are_not_handed_again_after_away_and_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bob is handed m0..m2, their removal fails (another process holds the SQLite
+    file's write lock). His client sends unavailable, the retry timer runs, and he
+    comes back with an available presence on the same stream: the messages are only
+    removed, not handed to him again. Before, the timer took "unavailable" for "gone",
+    forgot what the session had been handed, and it got each message twice."""
+    path = tmp_path / "items.sqlite3"
+    items = SQLiteItemBackend(path, busy_timeout=0.2)
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        harness = await started(storage, {"retry_every": 0.1})
+        module = offline_module(harness)
+        alice = harness.session("alice@localhost/a")
+        for n in range(3):
+            assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+        locker.execute("BEGIN IMMEDIATE")  # WAL: readers go on, writers get "locked"
+        bob = await login(harness, "bob@localhost/b")
+        got = bob.take()
+        assert bodies(got) == ["m0", "m1", "m2"]
+        await until(lambda: "delivering offline messages" in caplog.text)
+        await harness.send(bob, "<presence type='unavailable'/>")
+        await until(lambda: not module._retry)  # the timer ran with bob away
+        locker.execute("ROLLBACK")
+        got += without_echo(bob, await harness.send(bob, "<presence/>"))
+        await harness.router.drain()
+        got += bob.take()
+        assert bodies(got) == ["m0", "m1", "m2"]
+        assert await stored_count(harness) == 0
+        assert not module._handed
+    finally:
+        locker.close()
+        await storage.close()
+
+
+class HeldReadsFailedRemovals(HeldReads):
+    """HeldReads whose transactions fail while `refuse` is set: a delivery's removal of
+    what it handed over fails, and the next try's read waits while the test holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse = False
+
+    async def transact(self, writes: Sequence[Write]) -> None:
+        if self.refuse:
+            raise StorageError("memory", "transact", "a short failure")
+        await super().transact(writes)
+
+
+async def test_handed_messages_are_not_handed_again_after_away_mid_retry() -> None:
+    """bob is handed m0..m2 and their removal fails. The timer's next try is reading
+    his queue when he sends unavailable: that try stops without handing him anything,
+    and when he comes back on the same stream the messages are only removed. Before,
+    the stopped try forgot what he had been handed, and he got each message twice."""
+    items = HeldReadsFailedRemovals()
+    harness = await started(
+        Storage(items, MemoryBlobBackend(), NullCache()), {"retry_every": 0.1}
+    )
+    module = offline_module(harness)
+    alice = harness.session("alice@localhost/a")
+    for n in range(3):
+        assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+    items.refuse = True
+    bob = await login(harness, "bob@localhost/b")
+    got = bob.take()
+    assert bodies(got) == ["m0", "m1", "m2"]
+    await until(lambda: module._retry)  # the removal failed
+    items.held.clear()
+    items.gate.clear()
+    await items.held.wait()  # the timer's try reads the queue
+    away = parse_stanza("<presence type='unavailable'/>")
+    away.set("from", bob.jid)
+    bob.receive(away)  # not `send`: that would wait for the held try, bob's work
+    await until(lambda: not bob.available)
+    items.refuse = False
+    items.gate.set()
+    await until(lambda: len(module.locks) == 0)  # that try has stopped
+    got += without_echo(bob, bob.take())
+    got += without_echo(bob, await harness.send(bob, "<presence/>"))
+    await harness.router.drain()
+    got += bob.take()
+    assert bodies(got) == ["m0", "m1", "m2"]
+    assert await stored_count(harness) == 0
+    assert not module._handed
+
+
 async def test_disco_advertises_msgoffline(harness: ModuleHarness) -> None:
     alice = harness.session("alice@localhost/a")
     reply = await harness.iq(alice, "get", f"<query xmlns='{DISCO_INFO}'/>", to="localhost")
