@@ -20,9 +20,12 @@ copy landed; appended again, the message would be delivered twice.
 Delivery reads the index in name order, hands each message to the session,
 and only then deletes index items and counter in one transaction (the blobs
 after): a node that dies in between delivers again, never loses. A delivery
-that a store failure stops is tried again every `retry_every` seconds while
-the session stays: a user who logged in during an outage gets the stored
-messages once the store is back, not at some later login. What a session was
+at login that a store failure stops is tried again at once after a short
+backoff while the new stanzas for the user wait behind it (`first_wait`),
+so that a blip does not let them overtake the stored messages; then every
+`retry_every` seconds while the session stays: a user who logged in during an
+outage gets the stored messages once the store is back, not at some later
+login. What a session was
 already handed (its removal failed) is not handed to it again, only removed,
 even after it went unavailable and came back on the same stream: that is
 forgotten only when the session is unbound.
@@ -66,6 +69,9 @@ FEATURE = "msgoffline"
 STORE = "offline"
 
 PAGE = 50  # messages per delivery round: one transaction deletes a page (DynamoDB allows 100)
+# Seconds between the tries of a login's delivery that a store failure stopped, while
+# new stanzas for the account wait behind it (first_wait); the last one repeats.
+BACKOFF = (0.25, 0.5, 1.0, 2.0)
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_blank_text=False)
 
@@ -80,7 +86,8 @@ class OfflineOptions(BaseModel):
     on, and the stored messages follow (logged)."""
     retry_every: float = Field(default=10.0, gt=0)
     """Seconds between tries to deliver the stored messages whose delivery at login a
-    store failure stopped, while the session stays."""
+    store failure stopped, while the session stays (once first_wait is over: until
+    then the delivery is tried again after BACKOFF, the new stanzas waiting)."""
 
 
 class QuotaExceeded(Exception):
@@ -337,7 +344,7 @@ class Offline(Module):
         if initial or was_negative:
             self.host.run_ahead(
                 session.bare,
-                functools.partial(self.deliver_stored, session),
+                functools.partial(self.deliver_stored, session, self.options.first_wait),
                 self.options.first_wait,
             )
 
@@ -359,9 +366,46 @@ class Offline(Module):
             # presence of priority >= 0 delivers, and `_handed` is kept for it, as the
             # same session must not be handed again what it got before it went away.
 
-    async def deliver_stored(self, session: ClientSession) -> None:
-        """Hand `session` every stored message, oldest first, then forget them; after a
-        store failure, the timer tries again while the session stays."""
+    async def deliver_stored(self, session: ClientSession, within: float = 0.0) -> None:
+        """Hand `session` every stored message, oldest first, then forget them.
+
+        After a store failure the delivery is tried again after BACKOFF while that
+        ends within `within` seconds of the call: at login (first_wait) the new
+        stanzas for the account wait behind it, and a short failure must not let them
+        overtake the stored messages. Then the timer tries again every retry_every
+        seconds while the session stays."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        pauses = iter(BACKOFF)
+        while (exc := await self._deliver_once(session)) is not None:
+            pause = next(pauses, BACKOFF[-1])
+            if not self._bound(session) or loop.time() + pause > deadline:
+                break
+            self.log.warning(
+                "delivering offline messages to %s failed (tried again in %g s): %s",
+                session.jid, pause, exc,
+            )
+            await asyncio.sleep(pause)
+        else:
+            return
+        # What was not removed stays stored: for this session a little later, or for
+        # the next login.
+        if self._bound(session):
+            self._retry.add(session)
+            then = f"tried again in {self.options.retry_every:g} s"
+        elif self.host.is_bound(session):
+            then = "tried again at its next available presence"  # `_handed` kept
+        else:
+            self._handed.pop(session, None)
+            then = "they wait for the next login"
+        self.log.error(
+            "delivering offline messages to %s failed (%s): %s", session.jid, then, exc
+        )
+
+    async def _deliver_once(
+        self, session: ClientSession
+    ) -> StorageError | ConditionFailed | None:
+        """One try of deliver_stored: the store failure that stopped it, or None."""
         user, _, vhost = session.bare.partition("@")
         async with self.locks.hold(session.bare):
             handed = self._handed.setdefault(session, set())
@@ -371,23 +415,11 @@ class Offline(Module):
                     while await self._deliver_page(session, handed):
                         pass
             except (StorageError, ConditionFailed) as exc:
-                # What was not removed stays stored: for this session a little later,
-                # or for the next login.
-                if self._bound(session):
-                    self._retry.add(session)
-                    then = f"tried again in {self.options.retry_every:g} s"
-                elif self.host.is_bound(session):
-                    then = "tried again at its next available presence"  # `_handed` kept
-                else:
-                    self._handed.pop(session, None)
-                    then = "they wait for the next login"
-                self.log.error(
-                    "delivering offline messages to %s failed (%s): %s", session.jid, then, exc
-                )
-                return
+                return exc
             if handed and self.host.is_bound(session) and not self._bound(session):
-                return  # it went away mid-delivery: what it got may be stored still
+                return None  # it went away mid-delivery: what it got may be stored still
             self._handed.pop(session, None)
+            return None
 
     async def _deliver_page(self, session: ClientSession, handed: set[str]) -> bool:
         """Deliver and remove up to PAGE messages; False when done or the session left.

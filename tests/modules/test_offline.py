@@ -597,7 +597,7 @@ async def test_a_removal_that_failed_is_retried_without_handing_the_messages_twi
     storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
     locker = sqlite3.connect(path, isolation_level=None)
     try:
-        harness = await started(storage, {"retry_every": 0.1})
+        harness = await started(storage, {"retry_every": 0.1, "first_wait": 0.1})
         alice = harness.session("alice@localhost/a")
         for n in range(3):
             assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
@@ -628,7 +628,7 @@ async def test_handed_messages_are_not_handed_again_after_away_and_back(
     storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
     locker = sqlite3.connect(path, isolation_level=None)
     try:
-        harness = await started(storage, {"retry_every": 0.1})
+        harness = await started(storage, {"retry_every": 0.1, "first_wait": 0.1})
         module = offline_module(harness)
         alice = harness.session("alice@localhost/a")
         for n in range(3):
@@ -673,7 +673,7 @@ async def test_handed_messages_are_not_handed_again_after_away_mid_retry() -> No
     the stopped try forgot what he had been handed, and he got each message twice."""
     items = HeldReadsFailedRemovals()
     harness = await started(
-        Storage(items, MemoryBlobBackend(), NullCache()), {"retry_every": 0.1}
+        Storage(items, MemoryBlobBackend(), NullCache()), {"retry_every": 0.1, "first_wait": 0.1}
     )
     module = offline_module(harness)
     alice = harness.session("alice@localhost/a")
@@ -701,6 +701,41 @@ async def test_handed_messages_are_not_handed_again_after_away_mid_retry() -> No
     assert bodies(got) == ["m0", "m1", "m2"]
     assert await stored_count(harness) == 0
     assert not module._handed
+
+
+class FailingQueries(MemoryItemBackend):
+    """Memory items whose reads of an offline queue fail `fails` times (a timeout or
+    two), then work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fails = 0
+
+    async def query(self, namespace: str, query: Query) -> Page:
+        if self.fails and namespace.endswith("offline"):
+            self.fails -= 1
+            raise StorageError("memory", "query", "ReadTimeoutError (a blip)")
+        return await super().query(namespace, query)
+
+
+async def test_a_failed_read_at_login_still_delivers_the_stored_messages_first() -> None:
+    """The first read of bob's queue at login fails (one timeout). The store answers
+    again well within first_wait, so alice's new message waits behind the stored ones
+    and reaches bob after them (XEP-0160, RFC 6121 8.5.2). Before, the login delivery
+    gave up at the first error and left the stored ones to the retry timer: the new
+    message overtook them."""
+    items = FailingQueries()
+    storage = Storage(items, MemoryBlobBackend(), NullCache())
+    harness = await started(storage, {"retry_every": 60.0, "first_wait": 10.0})
+    alice = harness.session("alice@localhost/a")
+    for n in range(3):
+        assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+    items.fails = 1
+    bob = await login(harness, "bob@localhost/b")
+    assert await harness.send(alice, chat("bob@localhost", "new")) == []
+    await harness.router.drain()
+    assert bodies(bob.take()) == ["m0", "m1", "m2", "new"]
+    assert await stored_count(harness) == 0
 
 
 async def test_disco_advertises_msgoffline(harness: ModuleHarness) -> None:
