@@ -6,17 +6,20 @@ Layout, per virtual host:
   XEP-0203 <delay/> stamped by this server, under a random key
   "<user>/<token>";
 * item store "offline": a counter item "<user>" (next sequence number, count,
-  bytes: the quota) and one index item "<user>/<seq:020d>" per message naming
-  its blob.
+  bytes: the quota; recent: the random tokens of the last RECENT blobs
+  appended) and one index item "<user>/<seq:020d>" per message naming its
+  blob.
 
 A message is accepted by writing its blob first and then committing the
 counter and the index item in one transaction conditional on the counter's
 version. Sequence numbers are therefore handed out in commit order, with no
 gaps a reader could see out of order, by any number of nodes at once; on
 this node a per-recipient lock keeps concurrent writers from even retrying.
-A retry first looks for the message in the index: the lost try may have been
-its own transaction, sent again by the backend after a timeout, whose first
-copy landed; appended again, the message would be delivered twice.
+A retry first looks for the message's blob among the counter's recent ones,
+then in the index: the lost try may have been its own transaction, sent again
+by the backend after a timeout, whose first copy landed; appended again, the
+message would be delivered twice, or, delivered and removed meanwhile by
+another node, leave an index item whose blob is gone.
 Delivery reads the index in name order, hands each message to the session,
 and only then deletes index items and counter in one transaction (the blobs
 after): a node that dies in between delivers again, never loses. A delivery
@@ -72,6 +75,9 @@ PAGE = 50  # messages per delivery round: one transaction deletes a page (Dynamo
 # Seconds between the tries of a login's delivery that a store failure stopped, while
 # new stanzas for the account wait behind it (first_wait); the last one repeats.
 BACKOFF = (0.25, 0.5, 1.0, 2.0)
+# Appended blobs the counter names (their random tokens, "recent"): a retried append
+# finds its own landed first copy there even once it was delivered and removed.
+RECENT = 16
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_blank_text=False)
 
@@ -140,6 +146,17 @@ def stamped(stanza: etree._Element, domain: str) -> bytes:
 def _int(item: Item | None, attr: str) -> int:
     value = item.attrs.get(attr, 0) if item is not None else 0
     return value if isinstance(value, int) else 0
+
+
+def _token(key: str) -> str:
+    """A blob key's random part, unique to one message ("<user>/<token>")."""
+    return key.rpartition("/")[2]
+
+
+def _recent(counter: Item | None) -> list[str]:
+    """The tokens of the last RECENT blobs appended to a queue, oldest first."""
+    value = counter.attrs.get("recent", "") if counter is not None else ""
+    return value.split() if isinstance(value, str) else []
 
 
 class KeyedLocks:
@@ -255,9 +272,12 @@ class Offline(Module):
         async def append(counter: Item | None) -> WithWrites | Unchanged:
             nonlocal tries
             tries += 1
-            if tries > 1 and await self._indexed(items, user, key):
+            if tries > 1 and (
+                _token(key) in _recent(counter) or await self._indexed(items, user, key)
+            ):
                 # A lost try was no rival's: our own transaction, sent again by the
-                # backend after a timeout, lost to its first copy, which landed.
+                # backend after a timeout, lost to its first copy, which landed (and
+                # may have been delivered and removed since: no longer in the index).
                 return UNCHANGED
             return self._append(items, user, counter, key, len(data))
 
@@ -269,7 +289,8 @@ class Offline(Module):
 
     async def _indexed(self, items: ItemStore, user: str, key: str) -> bool:
         """Whether `user`'s queue holds the message of blob `key` already (at most
-        `max_messages` index items: read only after a lost try)."""
+        `max_messages` index items: read only after a lost try whose blob the counter's
+        recent ones do not name: a rival's write, or more than RECENT appends since)."""
         token: str | None = None
         while True:
             page = await items.query(Query(prefix=f"{user}/", limit=PAGE, page_token=token))
@@ -294,6 +315,7 @@ class Offline(Module):
             "next": seq + 1,
             "count": _int(counter, "count") + 1,
             "bytes": _int(counter, "bytes") + size,
+            "recent": " ".join([*_recent(counter), _token(key)][-RECENT:]),
         }
         index = items.put_op(f"{user}/{seq:020d}", {"blob": key, "size": size}, if_absent=True)
         return WithWrites(attrs, [index])
@@ -478,7 +500,7 @@ class Offline(Module):
                 return WithWrites(None, deletes)
             size = sum(_int(item, "size") for item in present.values())
             attrs = {
-                "next": _int(counter, "next"),
+                **counter.attrs,  # "next" and "recent" as they are
                 "count": max(0, _int(counter, "count") - len(present)),
                 "bytes": max(0, _int(counter, "bytes") - size),
             }

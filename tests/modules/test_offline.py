@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,15 @@ from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
 from xmppd.storage.backends.s3 import S3BlobBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
-from xmppd.storage.base import BlobStore, ItemStore, Page, Query, StorageError, Write
+from xmppd.storage.base import (
+    BlobStore,
+    ConditionFailed,
+    ItemStore,
+    Page,
+    Query,
+    StorageError,
+    Write,
+)
 from xmppd.storage.cache import CachedItemBackend, MemoryCache, NullCache
 from xmppd.storage.devservices import LocalService
 from xmppd.storage.factory import Storage
@@ -736,6 +744,56 @@ async def test_a_failed_read_at_login_still_delivers_the_stored_messages_first()
     await harness.router.drain()
     assert bodies(bob.take()) == ["m0", "m1", "m2", "new"]
     assert await stored_count(harness) == 0
+
+
+class AnswerLost(MemoryItemBackend):
+    """Memory items where one transaction on bob's queue lands but its answer is lost,
+    and the backend's resend is refused (the counter moved): DynamoDB after a timeout.
+    `meanwhile` runs between the two: another node working on the same queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.meanwhile: Callable[[], Awaitable[None]] | None = None
+
+    async def transact(self, writes: Sequence[Write]) -> None:
+        await super().transact(writes)
+        if self.armed and any(w.name.startswith("bob/") for w in writes):
+            self.armed = False
+            if self.meanwhile is not None:
+                await self.meanwhile()
+            raise ConditionFailed("the resend lost to its own first copy")
+
+
+async def test_an_append_delivered_before_its_retry_is_not_appended_again() -> None:
+    """Node A stores a message for bob; its transaction lands, but A hears of it only
+    as a refused resend. Meanwhile bob logs in on node B, which delivers the message
+    and removes it (index item and blob). A's retry no longer finds it in the index,
+    yet must not append it again: that left an index item whose blob was gone, counted
+    against bob's quota and logged as "has no blob" at his next login."""
+    items = AnswerLost()
+    storage = Storage(items, MemoryBlobBackend(), NullCache())
+    node_a = await started(storage, {})
+    node_b = await started(storage, {})
+    got: list[etree._Element] = []
+
+    async def bob_logs_in_on_b() -> None:
+        bob = await login(node_b, "bob@localhost/b")
+        got.extend(bob.take())
+
+    items.meanwhile = bob_logs_in_on_b
+    items.armed = True
+    stanza = parse_stanza(chat("bob@localhost", "once"))
+    stanza.set("from", "alice@localhost/a")
+    assert await offline_module(node_a).on_offline(stanza, "bob@localhost")
+    assert bodies(got) == ["once"]
+    queue = node_a.host.items("localhost", "offline")
+    page = await queue.query(prefix="bob/", limit=100)
+    counter = await queue.get("bob")
+    blobs = await node_a.host.blobs("localhost", "offline").list("bob/")
+    assert page.items == [] and blobs.keys == []
+    assert counter is not None
+    assert [counter.attrs[a] for a in ("next", "count", "bytes")] == [1, 0, 0]
 
 
 async def test_disco_advertises_msgoffline(harness: ModuleHarness) -> None:
