@@ -6,24 +6,32 @@ Layout, per virtual host:
   XEP-0203 <delay/> stamped by this server, under a random key
   "<user>/<token>";
 * item store "offline": a counter item "<user>" (next sequence number, count,
-  bytes: the quota) and one index item "<user>/<seq:020d>" per message naming
-  its blob.
+  bytes: the quota; recent: the random tokens of the last RECENT blobs
+  appended) and one index item "<user>/<seq:020d>" per message naming its
+  blob.
 
 A message is accepted by writing its blob first and then committing the
 counter and the index item in one transaction conditional on the counter's
 version. Sequence numbers are therefore handed out in commit order, with no
 gaps a reader could see out of order, by any number of nodes at once; on
 this node a per-recipient lock keeps concurrent writers from even retrying.
-A retry first looks for the message in the index: the lost try may have been
-its own transaction, sent again by the backend after a timeout, whose first
-copy landed; appended again, the message would be delivered twice.
+A retry first looks for the message's blob among the counter's recent ones,
+then in the index: the lost try may have been its own transaction, sent again
+by the backend after a timeout, whose first copy landed; appended again, the
+message would be delivered twice, or, delivered and removed meanwhile by
+another node, leave an index item whose blob is gone.
 Delivery reads the index in name order, hands each message to the session,
 and only then deletes index items and counter in one transaction (the blobs
 after): a node that dies in between delivers again, never loses. A delivery
-that a store failure stops is tried again every `retry_every` seconds while
-the session stays: a user who logged in during an outage gets the stored
-messages once the store is back, not at some later login. What a session was
-already handed (its removal failed) is not handed to it again, only removed.
+at login that a store failure stops is tried again at once after a short
+backoff while the new stanzas for the user wait behind it (`first_wait`),
+so that a blip does not let them overtake the stored messages; then every
+`retry_every` seconds while the session stays: a user who logged in during an
+outage gets the stored messages once the store is back, not at some later
+login. What a session was
+already handed (its removal failed) is not handed to it again, only removed,
+even after it went unavailable and came back on the same stream: that is
+forgotten only when the session is unbound.
 """
 
 from __future__ import annotations
@@ -64,6 +72,12 @@ FEATURE = "msgoffline"
 STORE = "offline"
 
 PAGE = 50  # messages per delivery round: one transaction deletes a page (DynamoDB allows 100)
+# Seconds between the tries of a login's delivery that a store failure stopped, while
+# new stanzas for the account wait behind it (first_wait); the last one repeats.
+BACKOFF = (0.25, 0.5, 1.0, 2.0)
+# Appended blobs the counter names (their random tokens, "recent"): a retried append
+# finds its own landed first copy there even once it was delivered and removed.
+RECENT = 16
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_blank_text=False)
 
@@ -78,7 +92,8 @@ class OfflineOptions(BaseModel):
     on, and the stored messages follow (logged)."""
     retry_every: float = Field(default=10.0, gt=0)
     """Seconds between tries to deliver the stored messages whose delivery at login a
-    store failure stopped, while the session stays."""
+    store failure stopped, while the session stays (once first_wait is over: until
+    then the delivery is tried again after BACKOFF, the new stanzas waiting)."""
 
 
 class QuotaExceeded(Exception):
@@ -133,6 +148,17 @@ def _int(item: Item | None, attr: str) -> int:
     return value if isinstance(value, int) else 0
 
 
+def _token(key: str) -> str:
+    """A blob key's random part, unique to one message ("<user>/<token>")."""
+    return key.rpartition("/")[2]
+
+
+def _recent(counter: Item | None) -> list[str]:
+    """The tokens of the last RECENT blobs appended to a queue, oldest first."""
+    value = counter.attrs.get("recent", "") if counter is not None else ""
+    return value.split() if isinstance(value, str) else []
+
+
 class KeyedLocks:
     """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
 
@@ -172,7 +198,8 @@ class Offline(Module):
         # Sessions whose delivery a store failure stopped: tried again by the timer.
         self._retry: set[ClientSession] = set()
         # Index items a session was handed whose removal has not succeeded yet: a
-        # delivery tried again removes them without handing them over twice.
+        # delivery tried again removes them without handing them over twice. Kept
+        # while the session is bound, available or not (on_closed forgets them).
         self._handed: dict[ClientSession, set[str]] = {}
         self.host.every(self.options.retry_every, self._retry_failed)
         self.host.add_feature(FEATURE)
@@ -245,9 +272,12 @@ class Offline(Module):
         async def append(counter: Item | None) -> WithWrites | Unchanged:
             nonlocal tries
             tries += 1
-            if tries > 1 and await self._indexed(items, user, key):
+            if tries > 1 and (
+                _token(key) in _recent(counter) or await self._indexed(items, user, key)
+            ):
                 # A lost try was no rival's: our own transaction, sent again by the
-                # backend after a timeout, lost to its first copy, which landed.
+                # backend after a timeout, lost to its first copy, which landed (and
+                # may have been delivered and removed since: no longer in the index).
                 return UNCHANGED
             return self._append(items, user, counter, key, len(data))
 
@@ -259,7 +289,8 @@ class Offline(Module):
 
     async def _indexed(self, items: ItemStore, user: str, key: str) -> bool:
         """Whether `user`'s queue holds the message of blob `key` already (at most
-        `max_messages` index items: read only after a lost try)."""
+        `max_messages` index items: read only after a lost try whose blob the counter's
+        recent ones do not name: a rival's write, or more than RECENT appends since)."""
         token: str | None = None
         while True:
             page = await items.query(Query(prefix=f"{user}/", limit=PAGE, page_token=token))
@@ -284,6 +315,7 @@ class Offline(Module):
             "next": seq + 1,
             "count": _int(counter, "count") + 1,
             "bytes": _int(counter, "bytes") + size,
+            "recent": " ".join([*_recent(counter), _token(key)][-RECENT:]),
         }
         index = items.put_op(f"{user}/{seq:020d}", {"blob": key, "size": size}, if_absent=True)
         return WithWrites(attrs, [index])
@@ -334,7 +366,7 @@ class Offline(Module):
         if initial or was_negative:
             self.host.run_ahead(
                 session.bare,
-                functools.partial(self.deliver_stored, session),
+                functools.partial(self.deliver_stored, session, self.options.first_wait),
                 self.options.first_wait,
             )
 
@@ -348,14 +380,54 @@ class Offline(Module):
         """The timer: try again the deliveries a store failure stopped."""
         retry, self._retry = self._retry, set()
         for session in retry:
-            if not self._bound(session):
+            if not self.host.is_bound(session):
                 self._handed.pop(session, None)  # its messages wait for its next login
-            elif session not in self._negative:  # else its next priority >= 0 delivers
+            elif self._bound(session) and session not in self._negative:
                 self.host.spawn(self.deliver_stored(session), session.bare)
+            # Else away (unavailable) or of negative priority: its next available
+            # presence of priority >= 0 delivers, and `_handed` is kept for it, as the
+            # same session must not be handed again what it got before it went away.
 
-    async def deliver_stored(self, session: ClientSession) -> None:
-        """Hand `session` every stored message, oldest first, then forget them; after a
-        store failure, the timer tries again while the session stays."""
+    async def deliver_stored(self, session: ClientSession, within: float = 0.0) -> None:
+        """Hand `session` every stored message, oldest first, then forget them.
+
+        After a store failure the delivery is tried again after BACKOFF while that
+        ends within `within` seconds of the call: at login (first_wait) the new
+        stanzas for the account wait behind it, and a short failure must not let them
+        overtake the stored messages. Then the timer tries again every retry_every
+        seconds while the session stays."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        pauses = iter(BACKOFF)
+        while (exc := await self._deliver_once(session)) is not None:
+            pause = next(pauses, BACKOFF[-1])
+            if not self._bound(session) or loop.time() + pause > deadline:
+                break
+            self.log.warning(
+                "delivering offline messages to %s failed (tried again in %g s): %s",
+                session.jid, pause, exc,
+            )
+            await asyncio.sleep(pause)
+        else:
+            return
+        # What was not removed stays stored: for this session a little later, or for
+        # the next login.
+        if self._bound(session):
+            self._retry.add(session)
+            then = f"tried again in {self.options.retry_every:g} s"
+        elif self.host.is_bound(session):
+            then = "tried again at its next available presence"  # `_handed` kept
+        else:
+            self._handed.pop(session, None)
+            then = "they wait for the next login"
+        self.log.error(
+            "delivering offline messages to %s failed (%s): %s", session.jid, then, exc
+        )
+
+    async def _deliver_once(
+        self, session: ClientSession
+    ) -> StorageError | ConditionFailed | None:
+        """One try of deliver_stored: the store failure that stopped it, or None."""
         user, _, vhost = session.bare.partition("@")
         async with self.locks.hold(session.bare):
             handed = self._handed.setdefault(session, set())
@@ -365,20 +437,11 @@ class Offline(Module):
                     while await self._deliver_page(session, handed):
                         pass
             except (StorageError, ConditionFailed) as exc:
-                # What was not removed stays stored: for this session a little later,
-                # or for the next login.
-                again = self._bound(session)
-                self.log.error(
-                    "delivering offline messages to %s failed (%s): %s", session.jid,
-                    f"tried again in {self.options.retry_every:g} s" if again
-                    else "they wait for the next login", exc,
-                )
-                if again:
-                    self._retry.add(session)
-                else:
-                    self._handed.pop(session, None)
-                return
+                return exc
+            if handed and self.host.is_bound(session) and not self._bound(session):
+                return None  # it went away mid-delivery: what it got may be stored still
             self._handed.pop(session, None)
+            return None
 
     async def _deliver_page(self, session: ClientSession, handed: set[str]) -> bool:
         """Deliver and remove up to PAGE messages; False when done or the session left.
@@ -437,7 +500,7 @@ class Offline(Module):
                 return WithWrites(None, deletes)
             size = sum(_int(item, "size") for item in present.values())
             attrs = {
-                "next": _int(counter, "next"),
+                **counter.attrs,  # "next" and "recent" as they are
                 "count": max(0, _int(counter, "count") - len(present)),
                 "bytes": max(0, _int(counter, "bytes") - size),
             }

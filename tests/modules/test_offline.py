@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,15 @@ from xmppd.storage.backends.files import FileBlobBackend
 from xmppd.storage.backends.memory import MemoryBlobBackend, MemoryItemBackend
 from xmppd.storage.backends.s3 import S3BlobBackend
 from xmppd.storage.backends.sqlite import SQLiteItemBackend
-from xmppd.storage.base import BlobStore, ItemStore, Page, Query, StorageError, Write
+from xmppd.storage.base import (
+    BlobStore,
+    ConditionFailed,
+    ItemStore,
+    Page,
+    Query,
+    StorageError,
+    Write,
+)
 from xmppd.storage.cache import CachedItemBackend, MemoryCache, NullCache
 from xmppd.storage.devservices import LocalService
 from xmppd.storage.factory import Storage
@@ -597,7 +605,7 @@ async def test_a_removal_that_failed_is_retried_without_handing_the_messages_twi
     storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
     locker = sqlite3.connect(path, isolation_level=None)
     try:
-        harness = await started(storage, {"retry_every": 0.1})
+        harness = await started(storage, {"retry_every": 0.1, "first_wait": 0.1})
         alice = harness.session("alice@localhost/a")
         for n in range(3):
             assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
@@ -613,6 +621,179 @@ async def test_a_removal_that_failed_is_retried_without_handing_the_messages_twi
     finally:
         locker.close()
         await storage.close()
+
+
+async def test_handed_messages_are_not_handed_again_after_away_and_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bob is handed m0..m2, their removal fails (another process holds the SQLite
+    file's write lock). His client sends unavailable, the retry timer runs, and he
+    comes back with an available presence on the same stream: the messages are only
+    removed, not handed to him again. Before, the timer took "unavailable" for "gone",
+    forgot what the session had been handed, and it got each message twice."""
+    path = tmp_path / "items.sqlite3"
+    items = SQLiteItemBackend(path, busy_timeout=0.2)
+    storage = Storage(items, await FileBlobBackend.open(tmp_path / "blobs"), NullCache())
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        harness = await started(storage, {"retry_every": 0.1, "first_wait": 0.1})
+        module = offline_module(harness)
+        alice = harness.session("alice@localhost/a")
+        for n in range(3):
+            assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+        locker.execute("BEGIN IMMEDIATE")  # WAL: readers go on, writers get "locked"
+        bob = await login(harness, "bob@localhost/b")
+        got = bob.take()
+        assert bodies(got) == ["m0", "m1", "m2"]
+        await until(lambda: "delivering offline messages" in caplog.text)
+        await harness.send(bob, "<presence type='unavailable'/>")
+        await until(lambda: not module._retry)  # the timer ran with bob away
+        locker.execute("ROLLBACK")
+        got += without_echo(bob, await harness.send(bob, "<presence/>"))
+        await harness.router.drain()
+        got += bob.take()
+        assert bodies(got) == ["m0", "m1", "m2"]
+        assert await stored_count(harness) == 0
+        assert not module._handed
+    finally:
+        locker.close()
+        await storage.close()
+
+
+class HeldReadsFailedRemovals(HeldReads):
+    """HeldReads whose transactions fail while `refuse` is set: a delivery's removal of
+    what it handed over fails, and the next try's read waits while the test holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse = False
+
+    async def transact(self, writes: Sequence[Write]) -> None:
+        if self.refuse:
+            raise StorageError("memory", "transact", "a short failure")
+        await super().transact(writes)
+
+
+async def test_handed_messages_are_not_handed_again_after_away_mid_retry() -> None:
+    """bob is handed m0..m2 and their removal fails. The timer's next try is reading
+    his queue when he sends unavailable: that try stops without handing him anything,
+    and when he comes back on the same stream the messages are only removed. Before,
+    the stopped try forgot what he had been handed, and he got each message twice."""
+    items = HeldReadsFailedRemovals()
+    harness = await started(
+        Storage(items, MemoryBlobBackend(), NullCache()), {"retry_every": 0.1, "first_wait": 0.1}
+    )
+    module = offline_module(harness)
+    alice = harness.session("alice@localhost/a")
+    for n in range(3):
+        assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+    items.refuse = True
+    bob = await login(harness, "bob@localhost/b")
+    got = bob.take()
+    assert bodies(got) == ["m0", "m1", "m2"]
+    await until(lambda: module._retry)  # the removal failed
+    items.held.clear()
+    items.gate.clear()
+    await items.held.wait()  # the timer's try reads the queue
+    away = parse_stanza("<presence type='unavailable'/>")
+    away.set("from", bob.jid)
+    bob.receive(away)  # not `send`: that would wait for the held try, bob's work
+    await until(lambda: not bob.available)
+    items.refuse = False
+    items.gate.set()
+    await until(lambda: len(module.locks) == 0)  # that try has stopped
+    got += without_echo(bob, bob.take())
+    got += without_echo(bob, await harness.send(bob, "<presence/>"))
+    await harness.router.drain()
+    got += bob.take()
+    assert bodies(got) == ["m0", "m1", "m2"]
+    assert await stored_count(harness) == 0
+    assert not module._handed
+
+
+class FailingQueries(MemoryItemBackend):
+    """Memory items whose reads of an offline queue fail `fails` times (a timeout or
+    two), then work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fails = 0
+
+    async def query(self, namespace: str, query: Query) -> Page:
+        if self.fails and namespace.endswith("offline"):
+            self.fails -= 1
+            raise StorageError("memory", "query", "ReadTimeoutError (a blip)")
+        return await super().query(namespace, query)
+
+
+async def test_a_failed_read_at_login_still_delivers_the_stored_messages_first() -> None:
+    """The first read of bob's queue at login fails (one timeout). The store answers
+    again well within first_wait, so alice's new message waits behind the stored ones
+    and reaches bob after them (XEP-0160, RFC 6121 8.5.2). Before, the login delivery
+    gave up at the first error and left the stored ones to the retry timer: the new
+    message overtook them."""
+    items = FailingQueries()
+    storage = Storage(items, MemoryBlobBackend(), NullCache())
+    harness = await started(storage, {"retry_every": 60.0, "first_wait": 10.0})
+    alice = harness.session("alice@localhost/a")
+    for n in range(3):
+        assert await harness.send(alice, chat("bob@localhost", f"m{n}")) == []
+    items.fails = 1
+    bob = await login(harness, "bob@localhost/b")
+    assert await harness.send(alice, chat("bob@localhost", "new")) == []
+    await harness.router.drain()
+    assert bodies(bob.take()) == ["m0", "m1", "m2", "new"]
+    assert await stored_count(harness) == 0
+
+
+class AnswerLost(MemoryItemBackend):
+    """Memory items where one transaction on bob's queue lands but its answer is lost,
+    and the backend's resend is refused (the counter moved): DynamoDB after a timeout.
+    `meanwhile` runs between the two: another node working on the same queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.meanwhile: Callable[[], Awaitable[None]] | None = None
+
+    async def transact(self, writes: Sequence[Write]) -> None:
+        await super().transact(writes)
+        if self.armed and any(w.name.startswith("bob/") for w in writes):
+            self.armed = False
+            if self.meanwhile is not None:
+                await self.meanwhile()
+            raise ConditionFailed("the resend lost to its own first copy")
+
+
+async def test_an_append_delivered_before_its_retry_is_not_appended_again() -> None:
+    """Node A stores a message for bob; its transaction lands, but A hears of it only
+    as a refused resend. Meanwhile bob logs in on node B, which delivers the message
+    and removes it (index item and blob). A's retry no longer finds it in the index,
+    yet must not append it again: that left an index item whose blob was gone, counted
+    against bob's quota and logged as "has no blob" at his next login."""
+    items = AnswerLost()
+    storage = Storage(items, MemoryBlobBackend(), NullCache())
+    node_a = await started(storage, {})
+    node_b = await started(storage, {})
+    got: list[etree._Element] = []
+
+    async def bob_logs_in_on_b() -> None:
+        bob = await login(node_b, "bob@localhost/b")
+        got.extend(bob.take())
+
+    items.meanwhile = bob_logs_in_on_b
+    items.armed = True
+    stanza = parse_stanza(chat("bob@localhost", "once"))
+    stanza.set("from", "alice@localhost/a")
+    assert await offline_module(node_a).on_offline(stanza, "bob@localhost")
+    assert bodies(got) == ["once"]
+    queue = node_a.host.items("localhost", "offline")
+    page = await queue.query(prefix="bob/", limit=100)
+    counter = await queue.get("bob")
+    blobs = await node_a.host.blobs("localhost", "offline").list("bob/")
+    assert page.items == [] and blobs.keys == []
+    assert counter is not None
+    assert [counter.attrs[a] for a in ("next", "count", "bytes")] == [1, 0, 0]
 
 
 async def test_disco_advertises_msgoffline(harness: ModuleHarness) -> None:
