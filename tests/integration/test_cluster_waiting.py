@@ -192,3 +192,136 @@ async def test_what_routes_after_the_writer_stopped_stays_on_the_node(
     assert alice.messages.empty()
     await close(later)
     await close(alice)
+
+
+async def test_the_copy_is_not_deleted_before_the_stanza_routed_again_is_stored(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """"new" waits on A behind alice's stored messages (its copy in A's waiting
+    stream, its inbox entry trimmed). alice's session ends before its turn: at its
+    turn it is routed again, to offline storage, whose write takes a while (held
+    here). The copy is deleted at once (XDEL right after `reroute` returned), before
+    the store wrote it: A dies now, and nothing holds "new" any more."""
+    a, b, held, alice, bob = await new_message_while_stored_ones_are_read(
+        start_server, redis_service, False
+    )
+    assert a.cluster is not None and b.cluster is not None
+    redis = b.cluster.redis
+    waiting = schema.waiting_key("node-a")
+    writes = HeldOfflineWrites(held)
+    try:
+        await until_trimmed(redis, "node-a")  # "new"'s entry: gone from A's inbox
+        assert await redis.xlen(waiting) == 1  # its copy
+        alice.abort()
+        await until(lambda: not a.router.directory.has("alice@localhost"), WAIT)
+        a.storage.items = writes  # storing a message offline now waits
+        held.gate.set()  # the stored messages' read answers: "new" has its turn
+        await asyncio.wait_for(writes.held.wait(), WAIT)  # "new" is being stored
+        await a.cluster.writer.flush()
+        copies = await redis.xlen(waiting)  # 0: deleted while the store holds "new"
+        await die(a)  # A is killed while its store still writes "new"
+        await b.cluster.heartbeat.beat()  # B reaps A: moves A's inbox and waiting stream
+        later = await online(b, "alice@localhost/laptop", "alice-secret")
+        got = [await received(later, WAIT) for _ in range(3)]
+        assert got == ["old0", "old1", "old2"]
+        try:
+            got.append(await received(later, WAIT))
+        except TimeoutError:
+            pass
+        assert got == ["old0", "old1", "old2", "new"], (
+            f"lost: copies in A's waiting stream at the kill: {copies}; "
+            f"B stored {b.router.ledger.offline}"
+        )
+        await close(later)
+    finally:
+        writes.gate.set()
+        await close(bob)
+
+
+async def test_a_clean_stop_leaves_no_handled_entry_for_the_next_process(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """The stop's last read of A's inbox queues "full" behind "bare" (held on
+    storage): that entry is unsafe when `finish` trims, and nothing trims it after
+    its turn came. The stop is clean and "full" was delivered, yet A's inbox still
+    holds it: the next process named node-a routes it again."""
+    a, b, held, alice, stopping = await forwarded_jobs_at_stop(start_server, redis_service)
+    assert b.cluster is not None
+    held.gate.set()
+    await asyncio.wait_for(stopping, 30)
+    assert await received(alice, WAIT) == "full"  # live, on B
+    left = await b.cluster.redis.xrange(schema.inbox_key("node-a"))
+    # The next process named node-a routes what its inbox holds: "full" again.
+    url = devservices.redis_url(redis_service)
+    await start_server(
+        users={}, cluster={"redis_url": url, "node_name": "node-a", "link": {"enabled": False}}
+    )
+    again = None
+    try:
+        again = await received(alice, 5)
+    except TimeoutError:
+        pass
+    await close(alice)
+    assert left == [] and again is None, (
+        f"after a clean stop A's inbox held {len(left)} entries; "
+        f"the next node-a delivered {again!r} again"
+    )
+
+
+class SlowCopies:
+    """A's writer as the waiting stream sees it, answering only once `gate` is set: the
+    copy's XADD waits in the writer's queue (a backlog of writes ahead of it)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+
+    def command(self, command: object, on_result: object = None) -> None:
+        async def later() -> None:
+            await self.gate.wait()
+            self.inner.command(command, on_result)  # type: ignore[attr-defined]
+
+        asyncio.ensure_future(later())
+
+
+async def test_a_nack_at_stop_does_not_send_back_frames_already_handled(
+    redis_service: LocalService, start_server: StartServer
+) -> None:
+    """"new2" comes over the link while A holds it behind alice's stored messages and
+    its copy is not written yet (unsafe). A starts a clean stop (its links refuse from
+    now); "new3" comes and is refused with a NACK. The NACK names the last safe frame,
+    before "new2": B routes "new2" again (to offline storage) though A handled it and
+    delivers it live: alice gets it twice. Before the merge the NACK named the last
+    frame handled, and B routed only "new3" again."""
+    a, b, held, alice, bob = await new_message_while_stored_ones_are_read(
+        start_server, redis_service, True
+    )
+    assert a.cluster is not None and b.cluster is not None and a.cluster.link is not None
+    slow = SlowCopies(a.cluster.writer)
+    a.cluster.waiting.writer = slow  # type: ignore[assignment]
+    try:
+        forwarded = a.cluster.stats.forwards_in
+        bob.send_message(mto="alice@localhost", mbody="new2", mtype="chat")
+        await until(lambda: a.cluster.stats.forwards_in > forwarded, WAIT)
+        await a.cluster.link.drain()  # what Cluster.stop does first
+        bob.send_message(mto="alice@localhost", mbody="new3", mtype="chat")
+        await until(lambda: b.cluster.stats.link_nacks > 0, WAIT)
+        await until(lambda: b.router.ledger.offline > 3, WAIT)  # "new3" routed again
+        await asyncio.sleep(0.5)  # time for any other frame the NACK gave back
+        stored_on_b = b.router.ledger.offline - 3  # old0..2 before
+        slow.gate.set()
+        held.gate.set()
+        got = []
+        for _ in range(7):
+            try:
+                got.append(await received(alice, 3))
+            except TimeoutError:
+                break
+        assert got.count("new2") == 1 and stored_on_b == 1, (
+            f"alice got {got}; B routed {stored_on_b} stanzas again (offline) after the NACK"
+        )
+    finally:
+        slow.gate.set()
+        held.gate.set()
+        alice.abort()
+        await close(bob)

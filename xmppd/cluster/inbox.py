@@ -62,7 +62,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lxml import etree
@@ -103,8 +103,9 @@ a second command per read (most reads return one or two entries), and what is ha
 but not trimmed yet is only routed twice if this node dies (at least once)."""
 
 
-Reroute = Callable[[etree._Element, int], None]
-"""Route a stanza again on this node: (stanza, how many times it was forwarded)."""
+Reroute = Callable[[etree._Element, int], Awaitable[object] | None]
+"""Route a stanza again on this node: (stanza, how many times it was forwarded); what
+that routing still waits for (offline storage, say), as `Router.route` returns it."""
 Behind = Callable[[str, Callable[[Item], None], Item], bool]
 """Queue `job(item)` behind the routing jobs a local account (bare JID) has queued on
 this node, True; False, queueing nothing, when it has none (`Router.behind`)."""
@@ -415,27 +416,36 @@ class ItemHandler:
         up only now, as it may have ended while the stanza waited. Its copy goes once
         it is delivered or routed again."""
         copy = self._held.pop(id(fields))
+        routed: Awaitable[object] | None = None
         try:
             bare, _, resource = fields[b"to"].decode().partition("/")
-            self._deliver(bare, resource, fields)
+            routed = self._deliver(bare, resource, fields)
         finally:
-            self.waiting.release(copy)
+            if routed is None:
+                self.waiting.release(copy)
+            else:
+                # Routed again to work still under way (offline storage): the copy
+                # stays until that work is done, or a kill meanwhile would lose it.
+                asyncio.ensure_future(routed).add_done_callback(
+                    lambda _: self.waiting.release(copy)
+                )
 
-    def _deliver(self, bare: str, resource: str, fields: Item) -> None:
-        """Hand the stanza to the session bound on bare/resource, or route it again."""
+    def _deliver(self, bare: str, resource: str, fields: Item) -> Awaitable[object] | None:
+        """Hand the stanza to the session bound on bare/resource, or route it again;
+        what routing it again still waits for (None: nothing)."""
         session = self.directory.local.get(bare, resource)
         data = fields[b"stanza"]
         # As the sender serialised it, unparsed, where the transport takes bytes.
         taken = None if session is None else session.deliver_serialized(data)
         if taken:
-            return
+            return None
         stanza = parse_fragment(data)
         if taken is None and session is not None and session.deliver(stanza):
-            return
+            return None
         # Not delivered: routed again by the rules of its "to" (a bare JID's: RFC 6121
         # 8.5.2), whatever else is available. The sender chose this session among the
         # top-priority ones; a lower one available elsewhere never got its copy.
-        self.reroute(stanza, int(fields.get(b"hops", b"1")))
+        return self.reroute(stanza, int(fields.get(b"hops", b"1")))
 
 
 

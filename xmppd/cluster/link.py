@@ -92,7 +92,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -232,7 +232,7 @@ class Link:
         self.secret = b""
         self.address: str | None = None
         self.fallback: Callable[[str, Record], None] = lambda node, record: None
-        self.reroute: Callable[[etree._Element, int, str | None], None] = (
+        self.reroute: Callable[[etree._Element, int, str | None], Awaitable[object] | None] = (
             lambda stanza, hops, avoid: None
         )
         self.on_gone: Callable[[str], None] = lambda node: None
@@ -997,7 +997,14 @@ class Inbound(asyncio.Protocol):
             if not link.accepting():
                 backlog.clear()
                 assert self.peer is not None
-                self.acked = link.acknowledgeable(self.peer, self.incarnation, self.last)
+                # A clean stop (still live) routes what it handled, waiting stanzas
+                # included: the NACK names all of it, or the sender would route those
+                # again too. Not live (it may be reaped), only what is safe.
+                self.acked = (
+                    self.last
+                    if link.live()
+                    else link.acknowledgeable(self.peer, self.incarnation, self.last)
+                )
                 self._write(self.handshake.send.seal(wire.ack(wire.NACK, self.acked)))
                 return
             seq, change, redis, fields = backlog[0]

@@ -36,7 +36,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from lxml import etree
 from redis.asyncio import Redis
@@ -218,6 +218,9 @@ class Cluster:
             try:
                 async with asyncio.timeout(FLUSH_TIMEOUT):
                     await self.writer.flush()
+                    # What the last read queued had its turn: trimmed now, or the next
+                    # process of this name would route it a second time.
+                    await self.inbox.pause()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.error("cluster: could not write what the inbox's last read routed: %s",
                           exc)
@@ -335,20 +338,24 @@ class Cluster:
         if node != self.node:
             self._nodes_seen(self.nodes - {node})
 
-    def reroute(self, stanza: etree._Element, hops: int, avoid: str | None = None) -> None:
+    def reroute(
+        self, stanza: etree._Element, hops: int, avoid: str | None = None
+    ) -> Awaitable[object] | None:
         """Route `stanza` again here, as if it had just arrived without a sender
         session (the stanza/out filters ran on the node it came from): `hops` is how
         many times it was forwarded so far (the writer forwards it no more past
         writer.MAX_HOPS), `avoid` a node not to forward it to: a session there
         counts as gone (a message goes to the other resources or
-        offline storage, a request is answered with an error)."""
+        offline storage, a request is answered with an error). Returns what the
+        routing still waits for (`Router.route`)."""
         assert self._router is not None
         writer = self.writer
         saved = writer.hops, writer.avoid
         writer.hops, writer.avoid = hops, avoid
         try:
-            self._router.route(stanza)
+            return self._router.route(stanza)
         except Exception:
             log.exception("cluster: routing a %s again failed", etree.QName(stanza).localname)
+            return None
         finally:
             writer.hops, writer.avoid = saved

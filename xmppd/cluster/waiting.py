@@ -15,8 +15,9 @@ that write is answered (`Copy.on_safe`) or once its turn came. The node that
 reaps this one moves what the stream holds into its own inbox with what the
 inbox held (schema.REAP) and routes it again, as any orphan. When the
 stanza's turn comes (handed to its session, or routed again) its copy is
-deleted (XDEL, queued behind whatever routing it again queued in the writer:
-a kill in between routes it twice, never loses it).
+deleted (XDEL, once the work routing it again started is done, offline storage
+included, and queued behind whatever that routing queued in the writer: a kill in
+between routes it twice, never loses it).
 
 Only a stanza that waits costs a write: the usual one (no queue for its
 account) costs nothing here."""

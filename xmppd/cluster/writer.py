@@ -49,7 +49,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -109,8 +109,9 @@ entry: a node's whole set at once would hold the loop)."""
 Fields = dict[FieldT, EncodableT]
 """An inbox entry (xmppd.cluster.inbox reads it)."""
 
-Reroute = Callable[[etree._Element, int, str | None], None]
-"""Route a stanza again on this node: (stanza, hops so far, a node not to forward it to)."""
+Reroute = Callable[[etree._Element, int, str | None], Awaitable[object] | None]
+"""Route a stanza again on this node: (stanza, hops so far, a node not to forward it to);
+what that still waits for (`Router.route`), which the writer does not need."""
 
 
 class LinkSender(Protocol):
