@@ -26,6 +26,7 @@ from collections import deque
 
 from xmppd.modulehost import ModuleHost
 from xmppd.modules._muc_room import Out, materialize
+from xmppd.xml import ns
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,12 @@ class Outbox:
             del self._backlog[room_jid]
 
     def _route(self, out: Out) -> None:
+        ledger = self.host.ledger
         for sent in out:
             try:
-                self.host.route(materialize(sent))
+                stanza = materialize(sent)
+                if stanza.tag == ns.C_MESSAGE and stanza.get("type") != "error":
+                    ledger.from_service += 1  # made here: fan-out, subject, relayed PM
+                self.host.route(stanza)
             except Exception:  # one stanza's bug must not stop the room's outbox
                 log.exception("muc: routing a stanza failed")

@@ -952,6 +952,8 @@ class PrivacyEngine:
         if verdict is Verdict.ALLOW:
             return True
         if _wants_error(stanza):
+            if stanza.tag == ns.C_MESSAGE:
+                self.host.ledger.bounced += 1  # answered: the message's fate (ledger)
             error = error_reply(stanza, "not-acceptable", type_="cancel")
             if verdict is Verdict.BLOCKED:
                 etree.SubElement(
@@ -993,7 +995,10 @@ class PrivacyEngine:
             return True
         if self._exempt(peer, owner):
             if judge_owner and sender == owner and stanza.tag == ns.C_MESSAGE:
-                return self._carbon_allowed(stanza, owner, state, active)
+                if self._carbon_allowed(stanza, owner, state, active):
+                    return True
+                self.host.ledger.drop("refused")  # a copy counted by carbons, never shown
+                return False
             return True
         if judge_owner:
             verdict = decide(state.data, active, inbound_kind(stanza), peer, state.roster)

@@ -111,6 +111,7 @@ class FanOut:
         for count, (body, jid) in enumerate(recipients, 1):
             message = copy.deepcopy(templates[body])
             message.set("to", jid)
+            self.host.ledger.from_service += 1  # a notification the server makes (ledger)
             self.host.route(message, bounce=False)
             if count % FAN_OUT_BATCH == 0:
                 await asyncio.sleep(0)

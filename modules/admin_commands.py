@@ -231,6 +231,7 @@ class AdminCommands(Module):
         sent = 0
         for bare in self._online(step.host):
             for session in self.host.sessions(bare):
+                self.host.ledger.from_service += 1
                 self.host.route(_headline(step.host, session.jid, subject, text))
                 sent += 1
         self.log.info("admin %s sent an announcement to %d session(s)", step.sender.bare, sent)

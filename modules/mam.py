@@ -354,6 +354,7 @@ class Mam(Module):
             if message is None:
                 self.log.error("archived message %s of %s is unreadable", entry.id, owner)
                 continue
+            self.host.ledger.from_service += 1  # a message the server makes (ledger)
             self.host.deliver(
                 session,
                 protocol.result_message(

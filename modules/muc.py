@@ -830,6 +830,8 @@ class Muc(Module):
             self._unmake(room_jid, made)
             self._error(stanza, StanzaError("internal-server-error"), room_jid)
             return
+        if stanza.tag == ns.C_MESSAGE:
+            self.host.ledger.to_service += 1  # its fate: the room's (an error is not here)
         self._apply(room, out)
 
     def _unmake(self, room_jid: str, made: bool) -> None:
@@ -1157,6 +1159,8 @@ class Muc(Module):
         ):
             return
         reply = error_reply(stanza, exc.condition, exc.text, exc.type)
+        if stanza.tag == ns.C_MESSAGE:
+            self.host.ledger.bounced += 1
         if stanza.tag == ns.C_PRESENCE:
             # As XEP-0045's examples do: clients match a join error by it (never
             # echo the join's own <x/>, which may hold a password).

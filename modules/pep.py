@@ -403,6 +403,7 @@ class Pep(Module):
         if item is not None:
             event = Event("items", node, item, item.get("id"))
             payload = bool(node.config.get("pubsub#deliver_payloads", True))
+            self.host.ledger.from_service += 1
             self.host.route(event_message(service.owner or "", to, event, payload=payload),
                             bounce=False)
 

@@ -264,6 +264,7 @@ class PubSub(Module):
                 if label:
                     field.set("label", label)
                 etree.SubElement(field, _VALUE).text = value
+            self.host.ledger.from_service += 1
             self.host.route(message, bounce=False)
 
     async def _authorization(self, stanza: etree._Element, form: etree._Element,
@@ -297,6 +298,7 @@ class PubSub(Module):
         event = etree.SubElement(message, f"{{{PUBSUB_EVENT}}}event", nsmap={None: PUBSUB_EVENT})
         etree.SubElement(event, f"{{{PUBSUB_EVENT}}}subscription", node=name, jid=jid,
                          subscription=state)
+        self.host.ledger.from_service += 1
         self.host.route(message, bounce=False)
         if state == "subscribed":
             try:
@@ -336,6 +338,7 @@ class PubSub(Module):
             domain = service.items.namespace.rsplit("/", 1)[0]
             event = Event("items", node, item, item.get("id"))
             payload = bool(node.config.get("pubsub#deliver_payloads", True))
+            self.host.ledger.from_service += 1
             self.host.route(event_message(domain, to, event, payload=payload), bounce=False)
 
     # --- account removal -------------------------------------------------------------------

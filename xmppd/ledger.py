@@ -5,9 +5,9 @@ cannot tell by itself whether the server lost them, stored them offline,
 bounced them, or whether the load generator miscounted. These counts let it
 reconcile. Once the server is idle, for the messages clients sent:
 
-    received + from_remote
+    received + from_remote + from_service
         == delivered - copies - replayed - rerouted
-           + offline + bounced + to_remote + sum(dropped)
+           + offline + bounced + to_remote + to_service + sum(dropped)
 
 `delivered` counts messages handed to a client session, one per session
 (a message to a bare JID with two top-priority resources counts two, the one
@@ -31,11 +31,21 @@ yet; if the stream cannot be set up, or the node stops first, it bounces. So
 is one a stream took and lost with its connection before writing it: it waits
 for a new stream again (once: lost so a second time, it bounces).
 
+The server's own services count as a component does: `to_service` counts
+the messages a multi-user chat room took (its fate, as written to a
+component is), `from_service` those the server made: a room's messages to
+its occupants (each message fanned out, subjects, private messages relayed
+under a nick), PubSub and PEP notifications, archive query results
+(XEP-0313) and announcements. A message a room refuses is `bounced`.
+
 Error messages (bounces, and clients' own error replies) are outside the
 ledger: an error is never answered, and a bounce is counted once, as the fate
-of the message it answers. Not counted yet, so the equation holds only
-without them: messages that privacy lists or blocking refuse (their filters
-answer the sender themselves).
+of the message it answers. A message privacy lists or blocking refuse is
+`bounced` when its sender is answered (the sender's own rules, or the
+recipient's for a message that no other resource took), and a carbon copy the
+rules keep from a resource is dropped as "refused" (XEP-0016 and XEP-0191
+answer nothing for it). Not counted yet: a groupchat or headline message that
+every chosen resource's rules refuse silently.
 
 A message leaves the ledger without reaching anyone only under a `dropped`
 reason. Those in RULES are the protocol's own (a chat state nobody stores);
@@ -55,6 +65,9 @@ RULES = frozenset(
     # nobody online, and offline storage declines it (XEP-0160, XEP-0085); or a headline
     # to a resource that is not there (RFC 6121 8.5.3.2.1: ignored)
     {"not-stored"}
+    # a carbon copy that privacy lists or blocking keep from one resource: the protocol
+    # answers nothing for it (the original's sender got its answer)
+    | {"refused"}
 )
 """Drop reasons the protocol mandates; anything else in `dropped` is a loss."""
 
@@ -71,6 +84,8 @@ class MessageLedger:
         "rerouted",
         "from_remote",
         "to_remote",
+        "to_service",
+        "from_service",
         "dropped",
     )
 
@@ -85,6 +100,8 @@ class MessageLedger:
         self.rerouted = 0  # delivered ones a session never acknowledged, routed again (SM)
         self.from_remote = 0  # received from a remote domain's server (s2s)
         self.to_remote = 0  # written to the stream of a remote domain's server (s2s)
+        self.to_service = 0  # taken by one of the server's services (a MUC room)
+        self.from_service = 0  # made by the server: rooms, notifications, archive results
         self.dropped: Counter[str] = Counter()  # reason -> count
 
     def drop(self, reason: str, count: int = 1) -> None:
@@ -103,6 +120,8 @@ class MessageLedger:
             "rerouted": self.rerouted,
             "from_remote": self.from_remote,
             "to_remote": self.to_remote,
+            "to_service": self.to_service,
+            "from_service": self.from_service,
             "dropped": dict(self.dropped),
             "lost": sum(n for reason, n in self.dropped.items() if reason not in RULES),
         }

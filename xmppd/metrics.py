@@ -55,6 +55,11 @@ MESSAGE_COUNTS = {
     ),
     "from_remote": ("xmppd_messages_from_remote", "Messages received from remote servers."),
     "to_remote": ("xmppd_messages_to_remote", "Messages handed to a remote server's stream."),
+    "to_service": ("xmppd_messages_to_service", "Messages a service of the server took (MUC)."),
+    "from_service": (
+        "xmppd_messages_from_service",
+        "Messages the server made: rooms, notifications, archive results, announcements.",
+    ),
 }
 
 
