@@ -532,23 +532,28 @@ async def test_a_retried_write_whose_first_try_landed_stores_the_message_once(
         harness = await started(storage, {})
         module = offline_module(harness)
         assert await module.count("localhost", "bob") == 0  # the counter read, cached
-        stanza = parse_stanza(chat("bob@localhost", "once"))
-        stanza.set("from", "alice@localhost/a")
-        moto.pause()
-        try:
-            storing = asyncio.create_task(module.on_offline(stanza, "bob@localhost"))
-            # the first try times out at 2 s, the second is sent then: moto wakes
-            # between, so that it answers the second
-            await asyncio.sleep(3.0)
-        finally:
-            moto.resume()
-        assert await storing
+        assert await stored_across_a_retry(moto, module)
         await harness.router.drain()
         assert await stored_count(harness) == 1
         bob = await login(harness, "bob@localhost/b")
         assert bodies(bob.take()) == ["once"]
     finally:
         await storage.close()
+
+
+async def stored_across_a_retry(moto: LocalService, module: Offline) -> bool:
+    """Store a message for bob while moto hangs past the backend's first try (2 s): the
+    second is sent then, and moto, woken between, applies the first and answers the
+    second. What the offline module answered."""
+    stanza = parse_stanza(chat("bob@localhost", "once"))
+    stanza.set("from", "alice@localhost/a")
+    moto.pause()
+    try:
+        storing = asyncio.create_task(module.on_offline(stanza, "bob@localhost"))
+        await asyncio.sleep(3.0)
+    finally:
+        moto.resume()
+    return await storing
 
 
 @pytest.mark.services
@@ -573,17 +578,7 @@ async def test_a_blob_put_retried_after_its_first_try_landed_is_no_failure(
         module = offline_module(harness)
         refused: list[etree._Element] = []
         harness.router.bounce = lambda stanza, *args: refused.append(stanza)  # type: ignore[method-assign]
-        stanza = parse_stanza(chat("bob@localhost", "once"))
-        stanza.set("from", "alice@localhost/a")
-        moto.pause()
-        try:
-            storing = asyncio.create_task(module.on_offline(stanza, "bob@localhost"))
-            # the first try times out at 2 s, the second is sent then: moto wakes
-            # between, so that it answers the second
-            await asyncio.sleep(3.0)
-        finally:
-            moto.resume()
-        assert await storing
+        assert await stored_across_a_retry(moto, module)
         await harness.router.drain()
         assert refused == []
         assert await stored_count(harness) == 1
