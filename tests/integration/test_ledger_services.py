@@ -39,6 +39,13 @@ def delta(server: Server, before: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def assert_balanced(server: Server, before: dict[str, Any]) -> dict[str, Any]:
+    """The ledger's equation over what changed since `before`; the changes."""
+    d = delta(server, before)
+    assert d["received"] == fates(d), f"received {d['received']} != fates {fates(d)}: {d}"
+    return d
+
+
 async def settle(server: Server, *streams: Stream) -> None:
     await server.router.drain()
     for s in streams:
@@ -83,8 +90,7 @@ async def test_a_carbon_a_privacy_list_refuses_is_dropped_as_refused(
     )
     await one.next("<body>hi")
     await settle(server, alice, one, two)
-    d = delta(server, before)
-    assert d["received"] == fates(d), f"received {d['received']} != fates {fates(d)}: {d}"
+    assert_balanced(server, before)
 
 
 async def test_a_message_a_room_refuses_is_bounced(start_server: StartServer) -> None:
@@ -99,8 +105,7 @@ async def test_a_message_a_room_refuses_is_bounced(start_server: StartServer) ->
     error = await bob.next('id="g1"')
     assert error.get("type") == "error"
     await settle(server, alice, bob)
-    d = delta(server, before)
-    assert d["received"] == fates(d), f"received {d['received']} != fates {fates(d)}: {d}"
+    assert_balanced(server, before)
 
 
 async def test_a_rooms_fan_out_is_made_by_the_server(start_server: StartServer) -> None:
@@ -125,8 +130,7 @@ async def test_a_rooms_fan_out_is_made_by_the_server(start_server: StartServer) 
     for s in streams:
         await s.next("<body>all")
     await settle(server, *streams)
-    d = delta(server, before)
-    assert d["received"] == fates(d), f"received {d['received']} != fates {fates(d)}: {d}"
+    assert_balanced(server, before)
 
 
 async def test_archive_results_are_made_by_the_server(start_server: StartServer) -> None:
@@ -145,8 +149,7 @@ async def test_archive_results_are_made_by_the_server(start_server: StartServer)
     await bob.send("<iq type='set' id='q1'><query xmlns='urn:xmpp:mam:2' queryid='f1'/></iq>")
     await bob.next('id="q1"')
     await settle(server, alice, bob)
-    d = delta(server, before)
-    assert d["received"] == fates(d), f"received {d['received']} != fates {fates(d)}: {d}"
+    assert_balanced(server, before)
 
 
 async def test_a_message_the_senders_blocklist_refuses_is_bounced(
@@ -162,6 +165,5 @@ async def test_a_message_the_senders_blocklist_refuses_is_bounced(
     error = await bob.next('id="b1"')
     assert error.get("type") == "error"
     await settle(server, alice, bob)
-    d = delta(server, before)
+    d = assert_balanced(server, before)
     assert (d["received"], d["bounced"], d["lost"]) == (1, 1, 0), d
-    assert d["received"] == fates(d), f"received {d['received']} != fates {fates(d)}: {d}"
